@@ -1,10 +1,293 @@
 //! cxgate: a local caching gateway in front of the CX Social (Engagor) REST API.
 //!
 //! The binary in `src/main.rs` only parses the command line; everything it does is a
-//! function of this library, so the end-to-end tests drive exactly what users run.
+//! function of this library ([`start`], [`run`], [`demo::run`], [`sim::run_cli`]), so the
+//! end-to-end tests drive exactly what users run.
+//!
+//! A request goes: [`server`] (listener, HTTP/1.1 or HTTP/2) → [`proxy`] (the pipeline:
+//! target check, [`auth`], route from [`config`], [`cache`] and merging, [`budget`],
+//! [`token`], [`upstream`], link rewriting) → back, with [`metrics`] recorded on the way;
+//! [`admin`] serves the operator's endpoints. [`sim`] is the simulated CX Social API.
 #![forbid(unsafe_code)]
 
+pub mod admin;
+pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
 pub mod sim;
 pub mod token;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use config::Config;
+use proxy::Gateway;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Listen(#[source] std::io::Error),
+    #[error("upstream client: {0}")]
+    Client(#[from] upstream::ClientError),
+    #[error("token: {0}")]
+    Token(#[from] token::TokenError),
+    #[error("TLS: {0}")]
+    Tls(#[from] server::TlsError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A running gateway: its bound addresses and the handle to stop it.
+pub struct Running {
+    /// The client listener's bound address.
+    pub addr: SocketAddr,
+    /// The admin listener's bound address.
+    pub admin_addr: SocketAddr,
+    pub gateway: Gateway,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    refresher: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting and starts draining; [`Running::stopped`] waits for the end.
+    pub fn shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until both listeners have drained (bounded by `shutdown_grace`).
+    pub async fn stopped(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.refresher.abort();
+    }
+}
+
+/// The token module's view of `[token]`.
+pub fn token_settings(cfg: &Config) -> token::TokenSettings {
+    token::TokenSettings {
+        file: cfg.token.file.clone(),
+        access_token_env: cfg.token.access_token_env.clone(),
+        refresh_before: cfg.token.refresh_before,
+        oauth: cfg.token.oauth.as_ref().map(|o| token::OAuthSettings {
+            token_url: o.token_url.clone(),
+            client_id: o.client_id.clone(),
+            client_secret_env: o.client_secret_env.clone(),
+            method: match o.method {
+                config::OAuthMethod::Post => token::OAuthMethod::Post,
+                config::OAuthMethod::Get => token::OAuthMethod::Get,
+            },
+        }),
+    }
+}
+
+/// Starts the gateway: binds both listeners (port 0 picks a free one), loads the token,
+/// and serves until [`Running::shutdown`]. `config_path` is what reload re-reads.
+pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let started = Instant::now();
+    let listener = server::bind(cfg.server.listen)
+        .await
+        .map_err(StartError::Listen)?;
+    let admin_listener = server::bind(cfg.server.admin_listen)
+        .await
+        .map_err(StartError::Listen)?;
+    let addr = listener.local_addr().map_err(StartError::Listen)?;
+    let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
+    // With port 0 the default public base URL names a port nobody listens on: use the real one.
+    if cfg.server.public_base_url == format!("http://{}", cfg.server.listen) {
+        cfg.server.public_base_url = format!("http://{addr}");
+    }
+    cfg.server.listen = addr;
+    cfg.server.admin_listen = admin_addr;
+
+    let registry = metrics::new_registry();
+    let http = upstream::build_client(
+        cfg.upstream.ca_file.as_deref(),
+        cfg.upstream.connect_timeout,
+    )?;
+    let token = token::TokenManager::load(token_settings(&cfg), http.clone(), &registry).await?;
+    let refresher = token.spawn_refresher();
+    let parts = proxy::Parts {
+        http,
+        token,
+        cache: cache::Store::new(cfg.cache.max_bytes, &registry)?,
+        budget: budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
+        metrics: metrics::RequestMetrics::register(&registry)?,
+    };
+    let tls = match &cfg.server.tls {
+        Some(t) => Some(server::tls_acceptor(&t.cert_file, &t.key_file)?),
+        None => None,
+    };
+    let admin_token = match &cfg.server.admin_token_env {
+        Some(name) => match std::env::var(name) {
+            Ok(v) if !v.is_empty() => Some(token::Secret::new(v)),
+            _ => {
+                return Err(StartError::Refused(format!(
+                    "server.admin_token_env: ${name} is not set"
+                )))
+            }
+        },
+        None => None,
+    };
+    let grace = cfg.server.shutdown_grace;
+    let config = Arc::new(cfg);
+    let gateway = Gateway::new(config.clone(), parts);
+    let admin = Arc::new(admin::Admin {
+        gateway: gateway.clone(),
+        registry,
+        config_path,
+        admin_token,
+        started,
+    });
+
+    let (stop, stopped) = watch::channel(false);
+    let g = gateway.clone();
+    let client_task = tokio::spawn(server::serve(
+        listener,
+        tls,
+        move |req| {
+            let g = g.clone();
+            async move { g.handle(req).await }
+        },
+        stopped.clone(),
+        grace,
+    ));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        None,
+        move |req| admin.clone().handle(req),
+        stopped,
+        grace,
+    ));
+    tracing::info!(%addr, %admin_addr, upstream = %config.upstream.base_url, "cxgate serving");
+    Ok(Running {
+        addr,
+        admin_addr,
+        gateway,
+        stop,
+        tasks: vec![client_task, admin_task],
+        refresher,
+    })
+}
+
+/// Re-reads the config file and swaps it in; an invalid file changes nothing. Returns notes
+/// on settings that need a restart to take effect.
+pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec<String>> {
+    let Some(path) = path else {
+        return Err(vec![
+            "this gateway was started without a config file; nothing to reload".into(),
+        ]);
+    };
+    let next = config::load(path).map_err(|e| e.lines())?;
+    let current = gateway.state().config.clone();
+    let mut notes = Vec::new();
+    let s = &current.server;
+    if next.server.listen != s.listen && next.server.listen.port() != 0 {
+        notes.push("server.listen changes need a restart".to_string());
+    }
+    if next.server.admin_listen != s.admin_listen && next.server.admin_listen.port() != 0 {
+        notes.push("server.admin_listen changes need a restart".to_string());
+    }
+    if next.cache.max_bytes != current.cache.max_bytes {
+        notes.push("cache.max_bytes changes need a restart".to_string());
+    }
+    if next.upstream.base_url != current.upstream.base_url {
+        notes.push("upstream.base_url changes need a restart".to_string());
+    }
+    let mut next = next;
+    // Keep what only a restart can change, so the snapshot matches what is running.
+    next.server.listen = s.listen;
+    next.server.admin_listen = s.admin_listen;
+    next.server.public_base_url = if next.server.public_base_url.ends_with(":0") {
+        s.public_base_url.clone()
+    } else {
+        next.server.public_base_url
+    };
+    next.upstream = current.upstream.clone();
+    next.cache = current.cache.clone();
+    next.token = current.token.clone();
+    gateway.swap(Arc::new(next));
+    tracing::info!(path = %path.display(), ?notes, "configuration reloaded");
+    Ok(notes)
+}
+
+/// `cxgate run`: starts, then serves until SIGTERM or SIGINT; SIGHUP reloads.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), StartError> {
+    let running = start(cfg, config_path.clone()).await?;
+    wait_for_signals(&running, config_path.as_deref()).await;
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown();
+    running.stopped().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT; reloads on SIGHUP.
+pub async fn wait_for_signals(running: &Running, config_path: Option<&Path>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = term.recv() => return,
+                _ = hup.recv() => match reload(&running.gateway, config_path) {
+                    Ok(notes) => tracing::info!(?notes, "SIGHUP: reloaded"),
+                    Err(problems) => tracing::error!(?problems, "SIGHUP: config invalid; the running configuration stays"),
+                },
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (running, config_path);
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `cxgate token init`: writes the token file from the environment, or by exchanging an
+/// authorisation code at the configured OAuth endpoint.
+pub async fn token_init(
+    cfg: &Config,
+    code: Option<&str>,
+    redirect_uri: Option<&str>,
+) -> Result<PathBuf, StartError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let settings = token_settings(cfg);
+    match code {
+        None => Ok(token::init_from_env(&settings).await?),
+        Some(code) => {
+            let http = upstream::build_client(
+                cfg.upstream.ca_file.as_deref(),
+                cfg.upstream.connect_timeout,
+            )?;
+            Ok(token::init_from_code(&settings, http, code, redirect_uri).await?)
+        }
+    }
+}

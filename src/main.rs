@@ -1,1 +1,201 @@
-fn main() {}
+//! The `cxgate` command line: parse, set up logging, call the library. Nothing else.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cxgate",
+    version,
+    about = "A local caching gateway in front of the CX Social (Engagor) API"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    /// Log level (overrides RUST_LOG), e.g. "info" or "cxgate=debug".
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The simulated CX Social API and the gateway in front of it, with a demo key.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Run the gateway (production mode).
+    Run {
+        #[arg(long, env = "CXGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        #[arg(long, env = "CXGATE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the simulated CX Social API alone.
+    Sim(cxgate::sim::SimArgs),
+    /// Client keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// The OAuth token file.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Read a key on stdin, print the SHA-256 hex for clients[].key_sha256.
+    Hash,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Write the token file from CX_ACCESS_TOKEN (+ CX_REFRESH_TOKEN, CX_EXPIRES_IN), or
+    /// exchange an authorisation code.
+    Init {
+        #[arg(long, env = "CXGATE_CONFIG")]
+        config: PathBuf,
+        /// Authorisation code to exchange at the OAuth token endpoint.
+        #[arg(long)]
+        code: Option<String>,
+        /// The redirect URI the code was issued for, if the provider requires it.
+        #[arg(long)]
+        redirect_uri: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, cli.log_level.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cxgate: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => finish(cxgate::demo::run(listen, admin_listen).await),
+        Command::Run { config } => match cxgate::config::load(&config) {
+            Ok(cfg) => finish(cxgate::run(cfg, Some(config)).await),
+            Err(e) => invalid(&e),
+        },
+        Command::Check { config } => match cxgate::config::load(&config) {
+            Ok(cfg) => {
+                println!("{}: valid\n{}", config.display(), cfg.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => invalid(&e),
+        },
+        Command::Sim(args) => match cxgate::sim::run_cli(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cxgate sim: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Key {
+            command: KeyCommand::Hash,
+        } => {
+            let mut key = String::new();
+            if let Err(e) = std::io::stdin().read_to_string(&mut key) {
+                eprintln!("cxgate key hash: cannot read stdin: {e}");
+                return ExitCode::from(1);
+            }
+            let key = key.trim_end_matches(['\r', '\n']);
+            if key.is_empty() {
+                eprintln!("cxgate key hash: no key on stdin");
+                return ExitCode::from(2);
+            }
+            println!("{}", cxgate::auth::sha256_hex(key.as_bytes()));
+            ExitCode::SUCCESS
+        }
+        Command::Token {
+            command:
+                TokenCommand::Init {
+                    config,
+                    code,
+                    redirect_uri,
+                },
+        } => {
+            let cfg = match cxgate::config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => return invalid(&e),
+            };
+            match cxgate::token_init(&cfg, code.as_deref(), redirect_uri.as_deref()).await {
+                Ok(path) => {
+                    println!("token file written: {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("cxgate token init: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn invalid(e: &cxgate::config::ConfigError) -> ExitCode {
+    for line in e.lines() {
+        eprintln!("{line}");
+    }
+    ExitCode::from(2)
+}
+
+fn finish(result: Result<(), cxgate::StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(cxgate::StartError::Config(e)) => invalid(&e),
+        Err(e) => {
+            eprintln!("cxgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}

@@ -1,1 +1,213 @@
-//! Work in progress.
+//! The simulated CX Social (Engagor) API behind `cxgate sim` and `cxgate demo`: the upstream
+//! of the demo, the tests and the benchmarks, following `UPSTREAM.md`.
+//!
+//! It is an independent peer: it imports nothing of the gateway, so the gateway's tests
+//! really test it against an outsider. Invariants: generated data is a pure function of the
+//! ids (same id, same body); writes are kept in memory and show in later reads; every
+//! answer is in the CX Social envelope (the token endpoint answers plain OAuth JSON); no lock
+//! is held across an await, so the fast path costs a few brief std Mutex sections.
+//!
+//! Control endpoints (never counted, faulted or limited):
+//! - `GET /_sim/stats`: `requests_total`, `by_route` (`"METHOD /raw/path"`), `by_token`,
+//!   `rate_limited` (429s answered, forced ones too), `unauthorized` (API 401s, forced ones
+//!   too), `token_refreshes`, `token_grants` (authorisation codes), `refresh_reuse_rejected`,
+//!   `faults_injected` (requests that got at least one fault), `writes` (accepted POSTs to
+//!   the API), `in_flight`, `max_in_flight`. `POST /_sim/stats/reset` zeroes them.
+//! - `GET|POST|DELETE /_sim/faults`: read, replace or clear the fault set. Every field is
+//!   optional; the body replaces the whole set:
+//!
+//! ```json
+//! {"latency_ms": 50, "jitter_ms": 20,
+//!  "error_rate": 0.1, "error_status": 503,
+//!  "drop_rate": 0.05, "slow_body_ms": 1000,
+//!  "force_429": {"count": 3, "retry_after": 2},
+//!  "force_401": {"count": 1},
+//!  "token_endpoint_down": true,
+//!  "path_prefix": "/12345/"}
+//! ```
+//!
+//! Latency, errors, drops and slow bodies hit every matching request, the token endpoint
+//! included; forced 429/401 hit API calls only (the next `count` of them).
+//! - `POST /_sim/revoke`: revokes every access token (refresh tokens stay usable).
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let sim = cxgate::sim::spawn(listener, cxgate::sim::SimOptions::default()).await?;
+//! println!("GET {}/me?access_token=sim-token", sim.base_url());
+//! sim.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod api;
+mod control;
+mod data;
+mod faults;
+mod limit;
+mod oauth;
+mod page;
+mod reply;
+mod router;
+mod serve;
+mod stats;
+mod writes;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+pub use faults::{Faults, Force401, Force429};
+pub use limit::{RateLimit, RateLimitParseError};
+pub use reply::SimBody;
+pub use router::Dropped;
+pub use serve::{run_cli, spawn, SimHandle};
+
+/// Flags of `cxgate sim`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// Lifetime of access tokens (seed tokens count from start).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_ttl: Duration,
+    /// Rate limit per grant, as N/PERIOD (e.g. 1000/1h); unlimited when absent.
+    #[arg(long)]
+    pub rate_limit: Option<RateLimit>,
+    /// Access token valid from start (repeatable).
+    #[arg(long = "access-token", default_value = "sim-token")]
+    pub access_tokens: Vec<String>,
+    /// Refresh token valid from start, paired with the access token of the same position.
+    #[arg(long = "refresh-token", default_value = "sim-refresh")]
+    pub refresh_tokens: Vec<String>,
+    /// OAuth client id the token endpoint accepts.
+    #[arg(long, default_value = "sim-client")]
+    pub client_id: String,
+    /// OAuth client secret the token endpoint accepts.
+    #[arg(long, default_value = "sim-secret")]
+    pub client_secret: String,
+    /// One-use authorisation code for the authorization_code grant (repeatable).
+    #[arg(long = "auth-code", default_value = "sim-code")]
+    pub auth_codes: Vec<String>,
+    /// Added latency on every request.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub latency: Option<Duration>,
+    /// Random extra latency, up to this much.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub jitter: Option<Duration>,
+    /// Share (0..1) of requests answered with --error-status.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Status of injected errors.
+    #[arg(long, default_value_t = 503)]
+    pub error_status: u16,
+    /// Share (0..1) of requests whose connection is closed without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Dribble every body over this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub slow_body: Option<Duration>,
+    /// Make the token endpoint answer 503.
+    #[arg(long)]
+    pub token_endpoint_down: bool,
+    /// Restrict the faults to paths starting with this.
+    #[arg(long)]
+    pub fault_path_prefix: Option<String>,
+    /// Time the insights endpoints take.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub insights_latency: Duration,
+}
+
+impl SimArgs {
+    pub fn options(&self) -> SimOptions {
+        let ms = |d: Option<Duration>| d.map_or(0, |d| d.as_millis() as u64);
+        SimOptions {
+            token_ttl: self.token_ttl,
+            rate_limit: self.rate_limit,
+            access_tokens: self.access_tokens.clone(),
+            refresh_tokens: self.refresh_tokens.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            auth_codes: self.auth_codes.clone(),
+            faults: Faults {
+                latency_ms: ms(self.latency),
+                jitter_ms: ms(self.jitter),
+                error_rate: self.error_rate,
+                error_status: self.error_status,
+                drop_rate: self.drop_rate,
+                slow_body_ms: ms(self.slow_body),
+                force_429: None,
+                force_401: None,
+                token_endpoint_down: self.token_endpoint_down,
+                path_prefix: self.fault_path_prefix.clone(),
+            },
+            insights_latency: self.insights_latency,
+            ..SimOptions::default()
+        }
+    }
+}
+
+/// Everything the simulator is started with.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub token_ttl: Duration,
+    pub rate_limit: Option<RateLimit>,
+    pub access_tokens: Vec<String>,
+    pub refresh_tokens: Vec<String>,
+    pub client_id: String,
+    pub client_secret: String,
+    pub auth_codes: Vec<String>,
+    /// Faults in force from start (out-of-range values are brought into range).
+    pub faults: Faults,
+    pub insights_latency: Duration,
+    /// How long `shutdown` lets requests in flight finish before cutting them off.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            token_ttl: Duration::from_secs(3600),
+            rate_limit: None,
+            access_tokens: vec!["sim-token".into()],
+            refresh_tokens: vec!["sim-refresh".into()],
+            client_id: "sim-client".into(),
+            client_secret: "sim-secret".into(),
+            auth_codes: vec!["sim-code".into()],
+            faults: Faults::default(),
+            insights_latency: Duration::from_millis(200),
+            shutdown_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The shared state of one running simulator.
+pub(crate) struct Sim {
+    tokens: oauth::Tokens,
+    limiter: limit::Limiter,
+    faults: faults::FaultState,
+    stats: Arc<stats::Stats>,
+    writes: writes::Writes,
+    insights_latency: Duration,
+    local_addr: SocketAddr,
+}
+
+impl Sim {
+    fn new(opts: &SimOptions, local_addr: SocketAddr) -> Self {
+        Sim {
+            tokens: oauth::Tokens::new(opts, tokio::time::Instant::now()),
+            limiter: limit::Limiter::new(opts.rate_limit),
+            faults: faults::FaultState::new(opts.faults.clone()),
+            stats: Arc::new(stats::Stats::default()),
+            writes: writes::Writes::default(),
+            insights_latency: opts.insights_latency,
+            local_addr,
+        }
+    }
+}
+
+/// Locks a std Mutex, ignoring poisoning: every critical section here leaves its data
+/// consistent at each step (counters, map inserts), so a panic elsewhere cannot corrupt it.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

@@ -1,1 +1,238 @@
-//! Work in progress.
+//! The one upstream OAuth token: load it, share it, refresh it, persist it atomically.
+//!
+//! A [`TokenManager`] is loaded once from the token file (or a static token in an
+//! environment variable) and cloned into every request handler. `current()` hands out the
+//! token with a generation number; when the upstream answers 401 to that generation,
+//! `refresh_after_rejection(generation)` performs one refresh for all callers at once. A
+//! background refresher renews the token `refresh_before` ahead of expiry.
+//!
+//! Invariants: token text only ever lives in [`Secret`]; logs carry generations, never
+//! tokens; a refreshed token is on disk before it is used. This module knows nothing of the
+//! cache, the budget, the proxy or the config file: it takes plain [`TokenSettings`].
+//!
+//! ```no_run
+//! # async fn demo(settings: cxgate::token::TokenSettings, client: cxgate::upstream::HttpClient)
+//! # -> Result<(), cxgate::token::TokenError> {
+//! let registry = prometheus::Registry::new();
+//! let tokens = cxgate::token::TokenManager::load(settings, client, &registry).await?;
+//! let _refresher = tokens.spawn_refresher();
+//! let token = tokens.current()?; // send token.access.expose() upstream
+//! // ... the upstream said 401:
+//! let token = tokens.refresh_after_rejection(token.generation).await?;
+//! # let _ = token; Ok(()) }
+//! ```
+
+mod error;
+mod file;
+mod init;
+mod metrics;
+mod oauth;
+mod refresh;
+mod secret;
+#[cfg(test)]
+mod testutil;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+pub use error::TokenError;
+pub use init::{init_from_code, init_from_env};
+pub use secret::Secret;
+
+use crate::upstream::HttpClient;
+use metrics::ExpirySource;
+use refresh::{Inner, Source, State};
+
+/// Where the token comes from and how it is renewed (filled from `[token]`).
+#[derive(Debug, Clone)]
+pub struct TokenSettings {
+    /// The token file; takes precedence over `access_token_env` when both are set.
+    pub file: Option<PathBuf>,
+    /// The name of an environment variable holding a static, never refreshed token.
+    pub access_token_env: Option<String>,
+    /// Refresh this long before the token expires.
+    pub refresh_before: Duration,
+    /// Without it the token is never refreshed.
+    pub oauth: Option<OAuthSettings>,
+}
+
+/// The OAuth token endpoint (filled from `[token.oauth]`).
+#[derive(Debug, Clone)]
+pub struct OAuthSettings {
+    pub token_url: String,
+    pub client_id: String,
+    /// The name of the environment variable that holds the client secret.
+    pub client_secret_env: String,
+    pub method: OAuthMethod,
+}
+
+/// How grant parameters are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OAuthMethod {
+    /// RFC 6749: an `application/x-www-form-urlencoded` POST body.
+    #[default]
+    Post,
+    /// Query parameters on a GET, as CX Social's own examples do.
+    Get,
+}
+
+/// The token to use now, and its generation (to report a rejection of exactly it).
+#[derive(Debug, Clone)]
+pub struct Current {
+    pub access: Secret,
+    pub generation: u64,
+}
+
+/// The shared token holder. Clones share one state.
+#[derive(Clone)]
+pub struct TokenManager {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TokenManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenManager")
+            .field("generation", &self.inner.lock().generation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn env_lookup(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+impl TokenManager {
+    /// Loads the token and registers the token metrics on `registry`.
+    pub async fn load(
+        settings: TokenSettings,
+        client: HttpClient,
+        registry: &prometheus::Registry,
+    ) -> Result<TokenManager, TokenError> {
+        Self::load_with(settings, client, Some(registry), &env_lookup).await
+    }
+
+    /// `load` with the environment injected, so tests need not mutate the process's.
+    pub(crate) async fn load_with(
+        settings: TokenSettings,
+        client: HttpClient,
+        registry: Option<&prometheus::Registry>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<TokenManager, TokenError> {
+        let (source, record) = match (&settings.file, &settings.access_token_env) {
+            (Some(path), _) => (Source::File(path.clone()), file::read(path).await?),
+            (None, Some(name)) => {
+                let token =
+                    env(name).ok_or_else(|| TokenError::MissingEnv { name: name.clone() })?;
+                let record = file::TokenRecord {
+                    access: Secret::new(token),
+                    refresh: None,
+                    expires_at: None,
+                    scope: None,
+                };
+                (Source::Env, record)
+            }
+            (None, None) => return Err(TokenError::NoSource),
+        };
+        // A static token is never refreshed, so OAuth settings do not apply to it.
+        let oauth = match source {
+            Source::File(_) => settings.oauth,
+            Source::Env => None,
+        };
+        let client_secret = match &oauth {
+            Some(o) => Some(Secret::new(env(&o.client_secret_env).ok_or_else(|| {
+                TokenError::MissingEnv {
+                    name: o.client_secret_env.clone(),
+                }
+            })?)),
+            None => None,
+        };
+        let state = State::new(record, tokio::time::Instant::now());
+        let generation = state.generation;
+        let mut inner = Inner {
+            source,
+            refresh_before: settings.refresh_before,
+            oauth,
+            client_secret,
+            client,
+            state: Mutex::new(state),
+            metrics: None,
+        };
+        let mut registered = Ok(());
+        let inner = match registry {
+            // The expiry collector needs a link back to the state it reports on.
+            Some(registry) => Arc::new_cyclic(|weak| {
+                match metrics::register(registry, weak.clone()) {
+                    Ok(handles) => inner.metrics = Some(handles),
+                    Err(err) => registered = Err(err),
+                }
+                inner
+            }),
+            None => Arc::new(inner),
+        };
+        registered?;
+        tracing::info!(generation, "upstream token loaded");
+        Ok(TokenManager { inner })
+    }
+
+    /// The token to send now; Err when none is usable (expired and not renewed).
+    pub fn current(&self) -> Result<Current, TokenError> {
+        self.inner.current()
+    }
+
+    /// The upstream rejected `generation`: refresh once for every caller reporting it.
+    /// Callers holding an older generation get the newer token without a refresh.
+    pub async fn refresh_after_rejection(&self, generation: u64) -> Result<Current, TokenError> {
+        self.inner.refresh(generation, false).await
+    }
+
+    /// Starts the background refresher (ends at once for a static token).
+    pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(refresh::run(Arc::clone(&self.inner)))
+    }
+
+    /// Ok when a usable token is held and no re-authorisation is pending.
+    pub fn readiness(&self) -> Result<(), String> {
+        let state = self.inner.lock();
+        if state.reauth {
+            return Err(TokenError::InvalidGrant.to_string());
+        }
+        match refresh::current_of(&state) {
+            Ok(_) => Ok(()),
+            Err(err) => Err(match &state.last_failure {
+                Some((_, last)) => format!("{err}; last refresh attempt: {last}"),
+                None => err.to_string(),
+            }),
+        }
+    }
+
+    /// The token's state for `/admin/status`; holds no secret.
+    pub fn status_json(&self) -> serde_json::Value {
+        let seconds_left = self.inner.seconds_left();
+        let state = self.inner.lock();
+        json!({
+            "source": match self.inner.source { Source::File(_) => "file", Source::Env => "env" },
+            "generation": state.generation,
+            "expires_in_s": seconds_left.map(|s| s.floor() as i64),
+            "expires_at": state.record.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "last_refresh": state.last_refresh.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "refresh_failures": state.failures,
+            "needs_reauthorisation": state.reauth,
+            "refreshable": self.inner.refreshable(&state),
+            "saved": !state.unsaved,
+            "last_error": state.last_failure.as_ref().map(|(_, e)| e.to_string()),
+        })
+    }
+
+    /// Every token this gateway holds or just held, for redaction of upstream bodies.
+    pub fn secrets(&self) -> Vec<Secret> {
+        let state = self.inner.lock();
+        std::iter::once(state.record.access.clone())
+            .chain(state.record.refresh.clone())
+            .chain(state.previous.iter().cloned())
+            .collect()
+    }
+}

@@ -1,0 +1,191 @@
+//! Client keys, scopes and accounts (CONTRACT 3.2).
+//!
+//! Clients present a gateway key where their CX Social token used to be. Keys are stored
+//! only as SHA-256; a presented key is hashed once and compared against every configured
+//! hash in constant time, so neither the timing nor the order of clients leaks a match.
+
+use std::sync::Arc;
+
+use http::Method;
+
+use crate::config::{ClientConfig, Config, Priority};
+
+/// The name anonymous callers get in metrics and logs.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// A caller the gateway has recognised.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: Arc<str>,
+    pub read: bool,
+    pub write: bool,
+    pub accounts: Option<Arc<[u64]>>,
+    pub priority: Priority,
+}
+
+impl Client {
+    fn anonymous() -> Client {
+        Client {
+            name: Arc::from(ANONYMOUS),
+            read: true,
+            write: true,
+            accounts: None,
+            priority: Priority::Interactive,
+        }
+    }
+
+    fn from_config(c: &ClientConfig) -> Client {
+        Client {
+            name: Arc::from(c.name.as_str()),
+            read: c.read,
+            write: c.write,
+            accounts: c.accounts.as_ref().map(|a| Arc::from(a.as_slice())),
+            priority: c.priority,
+        }
+    }
+
+    /// Whether the method is inside this client's scopes.
+    pub fn may_use(&self, method: &Method) -> bool {
+        if method == Method::GET || method == Method::HEAD {
+            self.read
+        } else {
+            self.write
+        }
+    }
+
+    /// Whether this client may touch `account` (`None`: the path names no account).
+    pub fn may_see(&self, account: Option<u64>) -> bool {
+        match (&self.accounts, account) {
+            (None, _) | (Some(_), None) => true,
+            (Some(allowed), Some(id)) => allowed.contains(&id),
+        }
+    }
+}
+
+/// The configured clients, ready for lookups.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    entries: Vec<([u8; 32], Client)>,
+}
+
+/// Why a key was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Unknown,
+}
+
+impl Clients {
+    pub fn from_config(cfg: &Config) -> Clients {
+        Clients {
+            entries: cfg
+                .clients
+                .iter()
+                .map(|c| (c.key_sha256, Client::from_config(c)))
+                .collect(),
+        }
+    }
+
+    /// Anonymous mode: no clients configured.
+    pub fn is_open(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Finds the client for a presented key.
+    pub fn authenticate(&self, key: Option<&str>) -> Result<Client, AuthError> {
+        if self.is_open() {
+            return Ok(Client::anonymous());
+        }
+        let key = key.filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
+        let digest = sha256(key.as_bytes());
+        let mut found = None;
+        // Visit every entry, whatever matches, so the time taken does not depend on where
+        // (or whether) the key is in the list.
+        for (hash, client) in &self.entries {
+            if constant_time_eq(hash, &digest) {
+                found = Some(client);
+            }
+        }
+        found.cloned().ok_or(AuthError::Unknown)
+    }
+}
+
+/// The account a path addresses: its first segment when that segment is numeric.
+pub fn account_of(path: &str) -> Option<u64> {
+    let first = path.trim_start_matches('/').split('/').next()?;
+    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    first.parse().ok()
+}
+
+/// Hex SHA-256, as `cxgate key hash` prints and `clients[].key_sha256` stores.
+pub fn sha256_hex(data: &[u8]) -> String {
+    sha256(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clients() -> Clients {
+        let cfg = crate::config::parse(&format!(
+            "upstream.base_url=\"http://x\"\ntoken.file=\"t\"\n[[clients]]\nname=\"a\"\nkey_sha256=\"{}\"\naccounts=[7]\n\
+             [[clients]]\nname=\"b\"\nkey_sha256=\"{}\"\nscopes=[\"read\"]\n",
+            sha256_hex(b"key-a"),
+            sha256_hex(b"key-b")
+        ))
+        .unwrap();
+        Clients::from_config(&cfg)
+    }
+
+    #[test]
+    fn known_keys_find_their_client() {
+        let c = clients();
+        assert_eq!(&*c.authenticate(Some("key-a")).unwrap().name, "a");
+        assert_eq!(&*c.authenticate(Some("key-b")).unwrap().name, "b");
+        assert_eq!(
+            c.authenticate(Some("key-c")).unwrap_err(),
+            AuthError::Unknown
+        );
+        assert_eq!(c.authenticate(None).unwrap_err(), AuthError::Missing);
+        assert_eq!(c.authenticate(Some("")).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn scopes_and_accounts() {
+        let c = clients();
+        let a = c.authenticate(Some("key-a")).unwrap();
+        let b = c.authenticate(Some("key-b")).unwrap();
+        assert!(a.may_see(Some(7)) && !a.may_see(Some(8)) && a.may_see(None));
+        assert!(b.may_use(&Method::GET) && b.may_use(&Method::HEAD) && !b.may_use(&Method::POST));
+        assert!(!a.may_use(&Method::POST), "default scopes are read only");
+    }
+
+    #[test]
+    fn account_is_the_numeric_first_segment() {
+        assert_eq!(account_of("/12345/inbox/mentions"), Some(12345));
+        assert_eq!(account_of("/me/accounts"), None);
+        assert_eq!(account_of("/"), None);
+        assert_eq!(account_of("/12a/x"), None);
+    }
+
+    #[test]
+    fn hash_matches_the_documented_example() {
+        assert_eq!(
+            sha256_hex(b"password"),
+            "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+        );
+    }
+}

@@ -1,0 +1,238 @@
+//! The budget's whole state, kept under one mutex, and the admission decisions made on it.
+//!
+//! A request spends cells of two shares, its client's own (if it has one) and the global one,
+//! and must also pass the upstream's word. The decision is taken in at most two steps, each a
+//! single critical section with no `.await` inside:
+//! 1. `arrive`: refuse at once if any of the three would make it wait beyond its `max_wait`
+//!    (nothing is spent then); if its own share is free, reserve both shares now; otherwise
+//!    reserve only its own share's slot and come back then.
+//! 2. `cross` (only after waiting for its own share): reserve the global share. Other clients
+//!    may have filled the global queue meanwhile, so this can still refuse; the client's cells
+//!    are then given back if nothing was reserved after them. Only that case can burn cells.
+//!
+//! Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
+//! a slot booked ahead would leave every free cell before it unusable by other clients.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use super::gcra::{Gcra, Slot};
+use super::upstream::Upstream;
+use super::{BudgetSpec, Priority, Share, Which};
+
+pub(crate) struct Client {
+    pub(crate) share: Option<(Share, Gcra)>,
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) priority: Priority,
+}
+
+pub(crate) struct Ledger {
+    pub(crate) global: Gcra,
+    pub(crate) global_share: Share,
+    pub(crate) max_wait: Duration,
+    /// Cells of the global burst that batch clients may not take.
+    pub(crate) reserve_cells: u32,
+    pub(crate) clients: HashMap<String, Client>,
+    pub(crate) upstream: Upstream,
+    /// Refusals per client name, all budgets; and refusals by the global share alone.
+    pub(crate) rejections: HashMap<String, u64>,
+    pub(crate) global_rejections: u64,
+}
+
+/// A refusal: which budget said no, and in how many nanoseconds it could say yes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) which: Which,
+    pub(crate) wait: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Both shares are reserved: send at `global.at`.
+    Go { client: Option<Slot>, global: Slot },
+    /// Only the client's own share is reserved: come back at `client.at` and `cross`.
+    Queue { client: Slot },
+}
+
+impl Ledger {
+    pub(crate) fn new(spec: BudgetSpec) -> Self {
+        let clients = spec
+            .clients
+            .into_iter()
+            .map(|c| {
+                let share = c.share.map(|s| {
+                    let gcra = Gcra::new(&s);
+                    (s, gcra)
+                });
+                let client = Client {
+                    share,
+                    max_wait: c.max_wait,
+                    priority: c.priority,
+                };
+                (c.name, client)
+            })
+            .collect();
+        let global = Gcra::new(&spec.global);
+        Self {
+            reserve_cells: reserve_cells(global.burst(), spec.batch_reserve),
+            global,
+            global_share: spec.global,
+            max_wait: spec.max_wait,
+            clients,
+            upstream: Upstream::default(),
+            rejections: HashMap::new(),
+            global_rejections: 0,
+        }
+    }
+
+    /// A new configuration that keeps what was spent: the global TAT, each surviving client's
+    /// TAT, the upstream's pause and the refusal counts.
+    pub(crate) fn reconfigure(&mut self, spec: BudgetSpec) {
+        let mut next = Ledger::new(spec);
+        next.global = next.global.carry_over(&self.global);
+        for (name, client) in next.clients.iter_mut() {
+            let old = self.clients.get(name).and_then(|c| c.share.as_ref());
+            if let (Some((_, new)), Some((_, old))) = (client.share.as_mut(), old) {
+                *new = new.clone().carry_over(old);
+            }
+        }
+        next.upstream = std::mem::take(&mut self.upstream);
+        next.rejections = std::mem::take(&mut self.rejections);
+        next.global_rejections = self.global_rejections;
+        *self = next;
+    }
+
+    /// The longest wait `client` accepts, in nanoseconds, and the global cells it may not use.
+    fn terms(&self, client: &str) -> (u64, u32) {
+        let c = self.clients.get(client);
+        let max_wait = c.and_then(|c| c.max_wait).unwrap_or(self.max_wait);
+        let hold = match c.map(|c| c.priority) {
+            Some(Priority::Batch) => self.reserve_cells,
+            _ => 0,
+        };
+        (nanos(max_wait), hold)
+    }
+
+    /// Step 1, at arrival (see the module doc).
+    pub(crate) fn arrive(
+        &mut self,
+        client: &str,
+        cost: NonZeroU32,
+        now: u64,
+    ) -> Result<Step, Refusal> {
+        let (max_wait, hold) = self.terms(client);
+        if let Some(wait) = self.upstream.blocked(u64::from(cost.get()), now) {
+            return Err(Refusal {
+                which: Which::Upstream,
+                wait,
+            });
+        }
+        let own = self
+            .clients
+            .get_mut(client)
+            .and_then(|c| c.share.as_mut())
+            .map(|(_, gcra)| gcra);
+        let own_wait = own.as_ref().map_or(0, |g| g.wait(cost, 0, now));
+        // Waits only shrink with time while new reservations only add to them, so the global
+        // wait now is a lower bound on what the whole path can take: refusing on it is safe.
+        let global_wait = self.global.wait(cost, hold, now);
+        let needed = own_wait.max(global_wait);
+        if needed > max_wait {
+            let which = if own_wait >= global_wait {
+                Which::Client
+            } else {
+                Which::Global
+            };
+            return Err(Refusal {
+                which,
+                wait: needed,
+            });
+        }
+        let own_slot = own.map(|g| g.reserve(cost, 0, now));
+        match own_slot {
+            Some(slot) if slot.at > now => Ok(Step::Queue { client: slot }),
+            _ => {
+                self.upstream.spend(u64::from(cost.get()));
+                let global = self.global.reserve(cost, hold, now);
+                Ok(Step::Go {
+                    client: own_slot,
+                    global,
+                })
+            }
+        }
+    }
+
+    /// Step 2, once the client's own slot has come (see the module doc).
+    pub(crate) fn cross(
+        &mut self,
+        client: &str,
+        cost: NonZeroU32,
+        arrived: u64,
+        now: u64,
+    ) -> Result<Slot, Refusal> {
+        let (max_wait, hold) = self.terms(client);
+        if let Some(wait) = self.upstream.blocked(u64::from(cost.get()), now) {
+            return Err(Refusal {
+                which: Which::Upstream,
+                wait,
+            });
+        }
+        let left = max_wait.saturating_sub(now.saturating_sub(arrived));
+        let wait = self.global.wait(cost, hold, now);
+        if wait > left {
+            return Err(Refusal {
+                which: Which::Global,
+                wait,
+            });
+        }
+        self.upstream.spend(u64::from(cost.get()));
+        Ok(self.global.reserve(cost, hold, now))
+    }
+
+    /// Returns what a request reserved but never used (refused late, or dropped while waiting).
+    pub(crate) fn give_back(
+        &mut self,
+        client: &str,
+        own: Option<Slot>,
+        global: Option<Slot>,
+        upstream_cost: Option<u64>,
+    ) {
+        if let (Some(slot), Some((_, gcra))) = (
+            own,
+            self.clients.get_mut(client).and_then(|c| c.share.as_mut()),
+        ) {
+            gcra.give_back(slot);
+        }
+        if let Some(slot) = global {
+            self.global.give_back(slot);
+        }
+        if let Some(cost) = upstream_cost {
+            self.upstream.give_back(cost);
+        }
+    }
+
+    pub(crate) fn count_rejection(&mut self, client: &str, which: Which) {
+        *self.rejections.entry(client.to_owned()).or_default() += 1;
+        if which == Which::Global {
+            self.global_rejections += 1;
+        }
+    }
+}
+
+/// Whole cells of `burst` kept for interactive clients: `burst × reserve` rounded up, so any
+/// non-zero reserve protects at least one cell, but never the whole burst (batch clients must
+/// be able to make progress). A reserve outside 0..=1, or NaN, is clamped.
+pub(crate) fn reserve_cells(burst: u32, reserve: f64) -> u32 {
+    if reserve.is_nan() || reserve <= 0.0 {
+        return 0;
+    }
+    // The small epsilon keeps binary fractions such as 50 × 0.2 = 10.000…2 from rounding to 11.
+    let cells = (f64::from(burst) * reserve.min(1.0) - 1e-9).ceil();
+    // `cells` lies in 0..=burst, so the cast cannot truncate.
+    (cells as u32).min(burst.saturating_sub(1))
+}
+
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}

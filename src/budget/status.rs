@@ -1,0 +1,129 @@
+//! What the budget shows outside: the rate-limit response fields for one client, and the
+//! budget part of `/admin/status`.
+//!
+//! Both read the shares without spending (GCRA state is a timestamp, so "remaining now" is
+//! arithmetic). A client is shown the share that limits it: its own if it has one, else the
+//! global share as its priority sees it (a batch client does not see the interactive reserve).
+//! The upstream's word overrides both: while paused, nothing remains.
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use serde_json::{json, Value};
+
+use super::ledger::Ledger;
+use super::{headers, Budget, Priority, Share};
+
+/// One client's view of the share that limits it.
+struct View<'a> {
+    /// Policy name in the response fields: `"client"` for an own share, else `"global"`.
+    name: &'static str,
+    share: &'a Share,
+    available: u32,
+    next_cell: u64,
+}
+
+fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
+    let known = ledger.clients.get(client);
+    if let Some((share, gcra)) = known.and_then(|c| c.share.as_ref()) {
+        return View {
+            name: "client",
+            share,
+            available: gcra.available(0, now),
+            next_cell: gcra.next_cell(0, now),
+        };
+    }
+    let hold = match known.map(|c| c.priority) {
+        Some(Priority::Batch) => ledger.reserve_cells,
+        _ => 0,
+    };
+    View {
+        name: "global",
+        share: &ledger.global_share,
+        available: ledger.global.available(hold, now),
+        next_cell: ledger.global.next_cell(hold, now),
+    }
+}
+
+fn share_json(share: &Share, available: u32) -> Value {
+    json!({
+        "limit": share.limit.get(),
+        "period_s": share.period.as_secs_f64(),
+        "burst": share.burst.get(),
+        "remaining": available,
+    })
+}
+
+impl Budget {
+    /// `(RateLimit-Policy, RateLimit)` for `client` (syntax in `headers`). While the upstream
+    /// is paused `r` is 0 and `t` the pause; a smaller upstream allowance caps `r`.
+    pub fn headers(&self, client: &str) -> (HeaderValue, HeaderValue) {
+        let now = self.inner.clock.nanos();
+        let ledger = self.ledger();
+        let v = view(&ledger, client, now);
+        let mut remaining = v.available;
+        let mut next = v.next_cell;
+        if let Some(left) = ledger.upstream.allowance(now) {
+            remaining = remaining.min(u32::try_from(left).unwrap_or(u32::MAX));
+        }
+        if let Some(pause) = ledger.upstream.paused_for(now) {
+            remaining = 0;
+            next = next.max(pause);
+        }
+        (
+            headers::policy(v.name, v.share.limit.get(), v.share.period),
+            headers::state(v.name, remaining, Duration::from_nanos(next)),
+        )
+    }
+
+    /// The budget for `/admin/status`: the global share, each client (configured ones, and
+    /// any other name that was refused), and what the upstream last said.
+    pub fn status_json(&self) -> Value {
+        let now = self.inner.clock.nanos();
+        let ledger = self.ledger();
+        let mut global = share_json(&ledger.global_share, ledger.global.available(0, now));
+        global["rejections"] = json!(ledger.global_rejections);
+        global["max_wait_s"] = json!(ledger.max_wait.as_secs_f64());
+        global["batch_reserve_cells"] = json!(ledger.reserve_cells);
+
+        let mut names: Vec<&String> = ledger.clients.keys().collect();
+        names.extend(
+            ledger
+                .rejections
+                .keys()
+                .filter(|n| !ledger.clients.contains_key(*n)),
+        );
+        names.sort();
+        let clients: serde_json::Map<String, Value> = names
+            .into_iter()
+            .map(|name| {
+                let v = view(&ledger, name, now);
+                let known = ledger.clients.get(name);
+                let mut entry = share_json(v.share, v.available);
+                entry["budget"] = json!(v.name);
+                entry["priority"] = json!(match known.map(|c| c.priority) {
+                    Some(Priority::Batch) => "batch",
+                    _ => "interactive",
+                });
+                let max_wait = known.and_then(|c| c.max_wait).unwrap_or(ledger.max_wait);
+                entry["max_wait_s"] = json!(max_wait.as_secs_f64());
+                entry["rejections"] = json!(ledger.rejections.get(name).copied().unwrap_or(0));
+                (name.clone(), entry)
+            })
+            .collect();
+
+        let paused = ledger.upstream.paused_for(now).map(Duration::from_nanos);
+        let paused_until =
+            paused.map(|p| humantime::format_rfc3339_seconds(SystemTime::now() + p).to_string());
+        json!({
+            "global": global,
+            "clients": clients,
+            "upstream": {
+                "reported_remaining": ledger.upstream.reported(),
+                "allowance": ledger.upstream.allowance(now),
+                "paused_for_s": paused.map(|p| p.as_secs_f64()),
+                "paused_until": paused_until,
+            },
+        })
+    }
+}

@@ -1,0 +1,414 @@
+//! What the upstream says about its own limit, and the pause that follows from it.
+//!
+//! The local shares are a model of the upstream's limit; the upstream's own answers are the
+//! truth. A 429, or `X-RateLimit-Remaining: 0` with `X-RateLimit-Reset`, pauses all sending
+//! until then. A smaller `Remaining` than the local shares would allow becomes an allowance:
+//! that many cells until the reset, then the same pause. Invariants: a report only ever
+//! lengthens a pause (a late answer to an old request must not lift a fresh 429), and within
+//! one reset window the allowance only shrinks (answers may arrive out of order).
+//! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
+//! turned into that clock once, when they arrive.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, StatusCode};
+
+/// A 429 that says neither `Retry-After` nor `Reset`: we know the limit is spent now, not for
+/// how long, so the shortest pause that still stops a stampede of retries.
+const BLIND_PAUSE: Duration = Duration::from_secs(1);
+
+/// Upper bound on any pause, so one garbled header cannot silence the gateway for days.
+const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
+
+/// `X-RateLimit-Reset` values below this are read as seconds from now, not Unix time: as a
+/// Unix time they would be in 2001, never a future reset.
+const DELTA_RESET_BELOW: u64 = 1_000_000_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    left: u64,
+    reset: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Upstream {
+    pause_until: Option<u64>,
+    allowance: Option<Allowance>,
+    reported: Option<u64>,
+}
+
+impl Upstream {
+    /// The last `X-RateLimit-Remaining` seen, if any.
+    pub(crate) fn reported(&self) -> Option<u64> {
+        self.reported
+    }
+
+    /// Calls the upstream still allows before its reset, when it said fewer than we model.
+    pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
+        self.allowance.filter(|a| a.reset > now).map(|a| a.left)
+    }
+
+    /// Nanoseconds of pause left at `now`, if paused.
+    pub(crate) fn paused_for(&self, now: u64) -> Option<u64> {
+        self.pause_until
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
+    /// How long `cost` cells must wait for the upstream, or `None` if they may go now.
+    pub(crate) fn blocked(&mut self, cost: u64, now: u64) -> Option<u64> {
+        if let Some(wait) = self.paused_for(now) {
+            return Some(wait);
+        }
+        self.pause_until = None;
+        match self.allowance {
+            Some(a) if a.reset <= now => {
+                self.allowance = None;
+                None
+            }
+            Some(a) if a.left < cost => Some(a.reset - now),
+            _ => None,
+        }
+    }
+
+    /// Counts `cost` cells against the allowance; spending the last one starts the pause.
+    pub(crate) fn spend(&mut self, cost: u64) {
+        if let Some(a) = self.allowance.as_mut() {
+            a.left = a.left.saturating_sub(cost);
+            if a.left == 0 {
+                let reset = a.reset;
+                self.allowance = None;
+                self.pause_at_least(reset);
+            }
+        }
+    }
+
+    /// Returns cells of a request that never went, while the allowance they came from lasts.
+    pub(crate) fn give_back(&mut self, cost: u64) {
+        if let Some(a) = self.allowance.as_mut() {
+            a.left = a.left.saturating_add(cost);
+        }
+    }
+
+    /// Reads one upstream answer. `now` is the budget clock, `wall` the same moment in Unix
+    /// time, so `Reset` and HTTP dates can be placed on the budget clock.
+    pub(crate) fn observe(
+        &mut self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        now: u64,
+        wall: SystemTime,
+    ) {
+        let remaining = header_u64(headers, "x-ratelimit-remaining");
+        let reset = header_str(headers, "x-ratelimit-reset")
+            .and_then(|v| v.parse::<u64>().ok())
+            .and_then(|v| until_reset(v, wall))
+            .map(|d| at(now, d));
+        if remaining.is_some() {
+            self.reported = remaining;
+        }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry = header_str(headers, "retry-after").and_then(|v| retry_after(v, wall));
+            let until = match (retry, reset) {
+                (Some(d), _) => at(now, d),
+                (None, Some(reset)) => reset,
+                (None, None) => at(now, BLIND_PAUSE),
+            };
+            self.pause_at_least(until);
+            return;
+        }
+        match (remaining, reset) {
+            (Some(0), Some(reset)) => self.pause_at_least(reset),
+            (Some(left), Some(reset)) => {
+                let left = match self.allowance {
+                    Some(a) if a.reset == reset => a.left.min(left),
+                    _ => left,
+                };
+                self.allowance = Some(Allowance { left, reset });
+            }
+            // Without a reset time there is nothing to wait for: the local shares pace alone.
+            _ => {}
+        }
+    }
+
+    fn pause_at_least(&mut self, until: u64) {
+        self.pause_until = Some(self.pause_until.map_or(until, |p| p.max(until)));
+    }
+}
+
+/// `now + d` on the budget clock, with `d` capped at [`LONGEST_PAUSE`].
+fn at(now: u64, d: Duration) -> u64 {
+    let nanos = u64::try_from(d.min(LONGEST_PAUSE).as_nanos()).unwrap_or(u64::MAX);
+    now.saturating_add(nanos)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name)?.to_str().ok().map(str::trim)
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    header_str(headers, name)?.parse().ok()
+}
+
+/// Time from `wall` until a `Reset` value; `None` when it lies in the past.
+fn until_reset(value: u64, wall: SystemTime) -> Option<Duration> {
+    if value < DELTA_RESET_BELOW {
+        return Some(Duration::from_secs(value));
+    }
+    (UNIX_EPOCH + Duration::from_secs(value))
+        .duration_since(wall)
+        .ok()
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (IMF-fixdate); a date in the past is no
+/// wait at all.
+fn retry_after(value: &str, wall: SystemTime) -> Option<Duration> {
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = UNIX_EPOCH + Duration::from_secs(imf_fixdate(value)?);
+    Some(date.duration_since(wall).unwrap_or(Duration::ZERO))
+}
+
+/// Unix seconds of an IMF-fixdate such as `Sun, 06 Nov 1994 08:49:37 GMT` (RFC 9110 5.6.7),
+/// the form senders must use; the two obsolete forms are not read.
+fn imf_fixdate(value: &str) -> Option<u64> {
+    let mut parts = value.split_ascii_whitespace();
+    let (_weekday, day, month, year, clock, zone) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+    );
+    if zone != "GMT" || parts.next().is_some() {
+        return None;
+    }
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| *m == month)? as u64 + 1;
+    let day: u64 = day.parse().ok().filter(|d| (1..=31).contains(d))?;
+    let year: u64 = year.parse().ok().filter(|y| *y >= 1970)?;
+    let mut hms = clock.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if hms.next().is_some() || h > 23 || m > 59 || s > 60 {
+        return None;
+    }
+    Some(days_since_epoch(year, month, day) * 86_400 + h * 3600 + m * 60 + s)
+}
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (year >= 1970), counting years from
+/// March so the leap day falls at the end of the counted year.
+fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y / 400;
+    let year_of_era = y % 400;
+    let shifted_month = (month + 9) % 12;
+    let day_of_year = (153 * shifted_month + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    (era * 146_097 + day_of_era).saturating_sub(719_468)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const SEC: u64 = 1_000_000_000;
+
+    /// A fixed wall clock: 2024-01-01T00:00:00Z.
+    fn wall() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_704_067_200)
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            let value = HeaderValue::try_from(value.as_str()).expect("test header is ASCII");
+            map.insert(*name, value);
+        }
+        map
+    }
+
+    fn reset_in(secs: u64) -> (&'static str, String) {
+        ("x-ratelimit-reset", (1_704_067_200 + secs).to_string())
+    }
+
+    #[test]
+    fn reads_imf_fixdate() {
+        let got = imf_fixdate("Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            got,
+            Some(784_111_777),
+            "expected RFC 9110's example date, saw {got:?}"
+        );
+        let got = imf_fixdate("Thu, 29 Feb 2024 23:59:60 GMT");
+        assert_eq!(
+            got,
+            Some(1_709_251_200),
+            "expected a leap day with leap second, saw {got:?}"
+        );
+        for bad in [
+            "Sun, 06 Nov 1994 08:49:37 CET",
+            "06 Nov 1994",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(imf_fixdate(bad), None, "expected {bad:?} rejected");
+        }
+    }
+
+    #[test]
+    fn too_many_requests_pauses_for_retry_after() {
+        let mut up = Upstream::default();
+        let h = headers(&[("retry-after", "5".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 10 * SEC, wall());
+        assert_eq!(
+            up.paused_for(10 * SEC),
+            Some(5 * SEC),
+            "expected a 5 s pause"
+        );
+        assert_eq!(
+            up.blocked(1, 14 * SEC),
+            Some(SEC),
+            "expected 1 s left at 14 s"
+        );
+        assert_eq!(
+            up.blocked(1, 15 * SEC),
+            None,
+            "expected the pause over at 15 s"
+        );
+    }
+
+    #[test]
+    fn retry_after_as_http_date() {
+        let mut up = Upstream::default();
+        let h = headers(&[("retry-after", "Mon, 01 Jan 2024 00:00:30 GMT".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(30 * SEC),
+            "expected 30 s until the date"
+        );
+    }
+
+    #[test]
+    fn too_many_requests_without_retry_after_uses_reset_then_a_short_pause() {
+        let mut up = Upstream::default();
+        up.observe(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[reset_in(40)]),
+            0,
+            wall(),
+        );
+        assert_eq!(
+            up.paused_for(0),
+            Some(40 * SEC),
+            "expected the pause to the reset"
+        );
+        let mut up = Upstream::default();
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), 0, wall());
+        assert_eq!(up.paused_for(0), Some(SEC), "expected the blind 1 s pause");
+    }
+
+    #[test]
+    fn remaining_zero_with_reset_pauses() {
+        let mut up = Upstream::default();
+        let h = headers(&[("x-ratelimit-remaining", "0".into()), reset_in(60)]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(60 * SEC),
+            "expected a pause until the reset"
+        );
+        assert_eq!(up.reported(), Some(0), "expected the report kept");
+    }
+
+    #[test]
+    fn small_remaining_becomes_an_allowance() {
+        let mut up = Upstream::default();
+        let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(60)]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        assert_eq!(
+            up.blocked(3, 0),
+            Some(60 * SEC),
+            "expected cost 3 over an allowance of 2"
+        );
+        assert_eq!(up.blocked(1, 0), None, "expected the first call allowed");
+        up.spend(1);
+        assert_eq!(up.blocked(1, 0), None, "expected the second call allowed");
+        up.spend(1);
+        assert_eq!(
+            up.paused_for(0),
+            Some(60 * SEC),
+            "expected the pause after the last call"
+        );
+        assert_eq!(
+            up.blocked(1, 60 * SEC),
+            None,
+            "expected calls again at the reset"
+        );
+    }
+
+    #[test]
+    fn late_answers_neither_lift_a_pause_nor_raise_an_allowance() {
+        let mut up = Upstream::default();
+        let h = headers(&[("x-ratelimit-remaining", "3".into()), reset_in(60)]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        let older = headers(&[("x-ratelimit-remaining", "9".into()), reset_in(60)]);
+        up.observe(StatusCode::OK, &older, 0, wall());
+        assert_eq!(
+            up.allowance(0),
+            Some(3),
+            "expected the smaller count within one window"
+        );
+
+        up.observe(
+            StatusCode::TOO_MANY_REQUESTS,
+            &headers(&[("retry-after", "30".into())]),
+            0,
+            wall(),
+        );
+        let h = headers(&[("x-ratelimit-remaining", "50".into()), reset_in(5)]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(30 * SEC),
+            "expected the 429's pause to stand"
+        );
+    }
+
+    #[test]
+    fn small_reset_values_are_seconds_from_now_and_past_ones_are_ignored() {
+        let mut up = Upstream::default();
+        let h = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", "20".into()),
+        ]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(20 * SEC),
+            "expected Reset 20 read as 20 s ahead"
+        );
+        let mut up = Upstream::default();
+        let past = ("x-ratelimit-reset", "1704067100".to_string());
+        let h = headers(&[("x-ratelimit-remaining", "0".into()), past]);
+        up.observe(StatusCode::OK, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            None,
+            "expected a past reset to pause nothing"
+        );
+    }
+
+    #[test]
+    fn pauses_are_capped() {
+        let mut up = Upstream::default();
+        let h = headers(&[("retry-after", "99999999".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        let want = 24 * 3600 * SEC;
+        assert_eq!(up.paused_for(0), Some(want), "expected the 24 h cap");
+    }
+}

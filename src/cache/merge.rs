@@ -1,0 +1,327 @@
+//! Single flight: concurrent requests for one key share one execution of the fetch.
+//!
+//! The fetch runs in its own task, so it finishes even when every caller hangs up, and
+//! that task (not a caller) removes the key from the in-flight map, through a drop guard
+//! that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
+//! watch channel and all wake at once; a panicked fetch wakes them with `MergeError`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+
+/// Whether this caller started the shared fetch or joined one already running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// The shared fetch ended without a value: it panicked, or the runtime shut down under it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the shared upstream fetch ended without an answer")]
+pub struct MergeError;
+
+/// `None` until the fetch has produced its value.
+type Outcome<V> = Option<V>;
+type Flights<V> = Mutex<HashMap<String, watch::Receiver<Outcome<V>>>>;
+
+/// Merges concurrent fetches by key. Cheap to clone: clones share the in-flight map.
+pub struct Merger<V> {
+    flights: Arc<Flights<V>>,
+}
+
+impl<V> Clone for Merger<V> {
+    fn clone(&self) -> Self {
+        Merger {
+            flights: Arc::clone(&self.flights),
+        }
+    }
+}
+
+impl<V> Default for Merger<V> {
+    fn default() -> Self {
+        Merger {
+            flights: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, watch::Receiver<Outcome<V>>>> {
+    // The map is only touched by single insert/remove calls, which leave it consistent
+    // even if a panic (an allocation failure) poisoned the lock.
+    flights.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<V: Clone + Send + Sync + 'static> Merger<V> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `fetch` for `key` unless a fetch for `key` is already in flight, in which case
+    /// this waits for that one's value instead; `fetch` is then dropped unrun.
+    pub async fn run<F>(&self, key: String, fetch: F) -> Result<(V, Role), MergeError>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (mut outcome, role) = {
+            let mut flights = lock(&self.flights);
+            match flights.get(&key) {
+                Some(outcome) => (outcome.clone(), Role::Follower),
+                None => {
+                    let (sender, outcome) = watch::channel(None);
+                    flights.insert(key.clone(), outcome.clone());
+                    // Spawning under the lock is fine (it never blocks) and keeps the map
+                    // entry and its task one step: no caller can observe one without the other.
+                    let flight = Flight {
+                        flights: Arc::clone(&self.flights),
+                        key,
+                        sender,
+                    };
+                    tokio::spawn(flight.fly(fetch));
+                    (outcome, Role::Leader)
+                }
+            }
+        };
+        // Errs only if the sender is gone with the value still `None`: the task panicked.
+        let value = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| MergeError)?;
+        match &*value {
+            Some(v) => Ok((v.clone(), role)),
+            // wait_for only returns Ok for a value that passed `is_some`.
+            None => Err(MergeError),
+        }
+    }
+
+    /// Keys with a fetch in flight right now.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.flights).len()
+    }
+}
+
+impl<V> std::fmt::Debug for Merger<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merger")
+            .field("in_flight", &lock(&self.flights).len())
+            .finish()
+    }
+}
+
+/// One fetch in flight. Dropping it (after success, on panic, or when the runtime drops the
+/// task) frees the key; the sender goes with it, which wakes waiters of a failed fetch.
+struct Flight<V> {
+    flights: Arc<Flights<V>>,
+    key: String,
+    sender: watch::Sender<Outcome<V>>,
+}
+
+impl<V> Flight<V> {
+    async fn fly<F: Future<Output = V>>(self, fetch: F) {
+        let value = fetch.await;
+        self.sender.send_replace(Some(value));
+    }
+}
+
+impl<V> Drop for Flight<V> {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.flights);
+        // Only this flight inserts under its key while it is in the map, but check that the
+        // entry is ours anyway rather than trust that reasoning with another flight's key.
+        if flights
+            .get(&self.key)
+            .is_some_and(|outcome| outcome.same_channel(&self.sender.subscribe()))
+        {
+            flights.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// A fetch that counts its runs and answers `value` after 100 ms.
+    fn slow_fetch(
+        runs: &Arc<AtomicUsize>,
+        value: u32,
+    ) -> impl Future<Output = u32> + Send + 'static {
+        let runs = Arc::clone(runs);
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            value
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_thousand_callers_share_one_fetch() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut callers = Vec::new();
+        for i in 0..1000 {
+            let merger = merger.clone();
+            let fetch = slow_fetch(&runs, 7 + i);
+            callers.push(tokio::spawn(async move {
+                merger.run("GET /me".into(), fetch).await
+            }));
+        }
+        let mut leaders = 0;
+        for caller in callers {
+            let (value, role) = caller.await.expect("caller task").expect("merged fetch");
+            assert_eq!(
+                value, 7,
+                "every caller must get the leader's value: expected 7, saw {value}"
+            );
+            leaders += usize::from(role == Role::Leader);
+        }
+        let seen = runs.load(Ordering::SeqCst);
+        assert_eq!(
+            seen, 1,
+            "expected the fetch to run once, it ran {seen} times"
+        );
+        assert_eq!(leaders, 1, "expected exactly one leader, saw {leaders}");
+        assert_eq!(
+            merger.in_flight(),
+            0,
+            "expected no key in flight, saw {}",
+            merger.in_flight()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn different_keys_do_not_merge() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let a = merger.run("a".into(), slow_fetch(&runs, 1));
+        let b = merger.run("b".into(), slow_fetch(&runs, 2));
+        let (a, b) = tokio::join!(a, b);
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert_eq!(
+            (a, b),
+            ((1, Role::Leader), (2, Role::Leader)),
+            "expected two leaders with their own values"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "expected two fetches");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_leader_does_not_strand_followers() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let leader = {
+            let (merger, fetch) = (merger.clone(), slow_fetch(&runs, 42));
+            tokio::spawn(async move { merger.run("k".into(), fetch).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(
+            merger.in_flight(),
+            1,
+            "expected the leader's flight to be registered"
+        );
+        let follower = {
+            let (merger, fetch) = (merger.clone(), slow_fetch(&runs, 0));
+            tokio::spawn(async move { merger.run("k".into(), fetch).await })
+        };
+        tokio::time::advance(Duration::from_millis(10)).await;
+        leader.abort();
+        assert!(
+            leader.await.is_err_and(|e| e.is_cancelled()),
+            "expected the leader to be cancelled"
+        );
+        let seen = follower
+            .await
+            .expect("follower task")
+            .expect("merged fetch");
+        assert_eq!(
+            seen,
+            (42, Role::Follower),
+            "expected the leader's value as follower, saw {seen:?}"
+        );
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            1,
+            "expected one fetch despite the cancelled leader"
+        );
+        assert_eq!(
+            merger.in_flight(),
+            0,
+            "expected the key freed, {} in flight",
+            merger.in_flight()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_fetch_fails_every_waiter_and_frees_the_key() {
+        let merger = Merger::<u32>::new();
+        let mut callers = Vec::new();
+        for _ in 0..10 {
+            let merger = merger.clone();
+            callers.push(tokio::spawn(async move {
+                let fetch = async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    panic!("upstream exploded");
+                };
+                merger.run("k".into(), fetch).await
+            }));
+        }
+        for caller in callers {
+            let seen = caller.await.expect("caller task");
+            assert!(
+                seen.is_err(),
+                "expected MergeError after a panic, saw {seen:?}"
+            );
+        }
+        assert_eq!(
+            merger.in_flight(),
+            0,
+            "expected the key freed after the panic"
+        );
+        let runs = Arc::new(AtomicUsize::new(0));
+        let seen = merger
+            .run("k".into(), slow_fetch(&runs, 5))
+            .await
+            .expect("new leader");
+        assert_eq!(
+            seen,
+            (5, Role::Leader),
+            "expected a new leader after the panic, saw {seen:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fetch_finishes_when_every_caller_hangs_up() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let fetch = {
+            let (done, inner) = (Arc::clone(&done), slow_fetch(&runs, 1));
+            async move {
+                let v = inner.await;
+                done.fetch_add(1, Ordering::SeqCst);
+                v
+            }
+        };
+        let timed_out =
+            tokio::time::timeout(Duration::from_millis(10), merger.run("k".into(), fetch)).await;
+        assert!(
+            timed_out.is_err(),
+            "expected the only caller to give up, saw {timed_out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "expected the orphaned fetch to complete"
+        );
+        assert_eq!(
+            merger.in_flight(),
+            0,
+            "expected the key freed by the task itself"
+        );
+    }
+}

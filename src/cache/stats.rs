@@ -1,0 +1,51 @@
+//! The cache's size gauges, read from the cache itself at scrape time.
+//!
+//! A collector instead of gauges updated on every insert and removal: moka changes its
+//! counts in its own maintenance (evictions, expiries), where no code of ours runs, so only
+//! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true.
+
+use moka::future::Cache;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::IntGauge;
+
+use super::store::Slot;
+
+/// Registers as one collector exporting `cxgate_cache_entries` and `cxgate_cache_bytes`.
+pub(crate) struct Gauges {
+    entries: Cache<String, Slot>,
+    count: IntGauge,
+    bytes: IntGauge,
+}
+
+impl Gauges {
+    pub(crate) fn new(entries: Cache<String, Slot>) -> Result<Gauges, prometheus::Error> {
+        Ok(Gauges {
+            entries,
+            count: IntGauge::new("cxgate_cache_entries", "Entries held in the response cache")?,
+            bytes: IntGauge::new(
+                "cxgate_cache_bytes",
+                "Bytes of bodies, headers and overhead held in the response cache",
+            )?,
+        })
+    }
+}
+
+impl Collector for Gauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.count
+            .desc()
+            .into_iter()
+            .chain(self.bytes.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.count.set(as_gauge(self.entries.entry_count()));
+        self.bytes.set(as_gauge(self.entries.weighted_size()));
+        let mut families = self.count.collect();
+        families.extend(self.bytes.collect());
+        families
+    }
+}

@@ -1,0 +1,396 @@
+//! Unit tests of `Store`, kept beside it so store.rs stays one screenful of logic.
+
+use super::*;
+use bytes::Bytes;
+use http::header::{ACCEPT_LANGUAGE, VARY};
+use http::{HeaderValue, StatusCode};
+use prometheus::TextEncoder;
+
+const MIB: u64 = 1024 * 1024;
+
+fn store() -> (Store, Registry) {
+    let registry = Registry::new();
+    let store = Store::new(MIB, &registry).expect("a fresh registry accepts the cache metrics");
+    (store, registry)
+}
+
+fn response(body: &'static str, tags: &[&str]) -> CachedResponse {
+    CachedResponse {
+        status: StatusCode::OK,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(body.as_bytes()),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        stored_at: Instant::now(),
+        ttl: Duration::from_secs(10),
+        stale_while_revalidate: Duration::from_secs(5),
+        stale_if_error: Duration::from_secs(30),
+    }
+}
+
+fn varying(body: &'static str, vary: &'static str) -> CachedResponse {
+    let mut r = response(body, &[]);
+    r.headers.insert(VARY, HeaderValue::from_static(vary));
+    r
+}
+
+fn language(value: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(ACCEPT_LANGUAGE, HeaderValue::from_static(value));
+    h
+}
+
+/// The body served for `key`, or None on a miss.
+async fn body(store: &Store, key: &str, headers: &HeaderMap) -> Option<Bytes> {
+    store.get(key, headers).await.map(|r| r.body.clone())
+}
+
+/// The value of an unlabelled sample in the registry's text exposition.
+fn sample(registry: &Registry, name: &str) -> f64 {
+    let text = TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("text encoding");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("expected a sample {name} in:\n{text}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn insert_then_get_shares_the_body_and_counts_hits() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    assert!(
+        store.get("GET /me", &none).await.is_none(),
+        "expected a miss on an empty store"
+    );
+    let value = response("{\"id\":1}", &[]);
+    let body_ptr = value.body.as_ptr();
+    store.insert("GET /me".into(), &none, value).await;
+    let hit = store
+        .get("GET /me", &none)
+        .await
+        .expect("expected a hit after insert");
+    assert_eq!(
+        hit.body.as_ptr(),
+        body_ptr,
+        "a hit must share the stored body, not copy it"
+    );
+    let stats = store.stats_json();
+    assert_eq!(
+        (
+            stats["hits"].as_u64(),
+            stats["misses"].as_u64(),
+            stats["hit_ratio"].as_f64()
+        ),
+        (Some(1), Some(1), Some(0.5)),
+        "expected 1 hit, 1 miss, ratio 0.5; saw {stats}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_are_served_through_their_stale_windows_then_refused() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    store
+        .insert("GET /me".into(), &none, response("a", &[]))
+        .await;
+    // ttl 10 s, longer stale window 30 s: usable up to 40 s.
+    tokio::time::advance(Duration::from_secs(39)).await;
+    assert!(
+        body(&store, "GET /me", &none).await.is_some(),
+        "expected a stale hit at 39 s"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let seen = body(&store, "GET /me", &none).await;
+    assert_eq!(
+        seen, None,
+        "expected a miss past both stale windows, saw {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn vary_stores_one_variant_per_request_value() {
+    let (store, _registry) = store();
+    let key = "GET /me";
+    store
+        .insert(
+            key.into(),
+            &language("en"),
+            varying("english", "Accept-Language"),
+        )
+        .await;
+    store
+        .insert(
+            key.into(),
+            &language("nl"),
+            varying("dutch", "accept-language"),
+        )
+        .await;
+    for (lang, expected) in [("en", Some("english")), ("nl", Some("dutch")), ("fr", None)] {
+        let seen = body(&store, key, &language(lang)).await;
+        assert_eq!(
+            seen.as_deref(),
+            expected.map(str::as_bytes),
+            "Accept-Language {lang}: expected {expected:?}, saw {seen:?}"
+        );
+    }
+    let seen = body(&store, key, &HeaderMap::new()).await;
+    assert_eq!(
+        seen, None,
+        "a request without the header is its own variant, saw {seen:?}"
+    );
+
+    // The resource stops varying: the plain entry replaces the variants' marker.
+    store
+        .insert(key.into(), &language("en"), response("plain", &[]))
+        .await;
+    let seen = body(&store, key, &language("nl")).await;
+    assert_eq!(
+        seen.as_deref(),
+        Some(&b"plain"[..]),
+        "expected the plain entry for everyone, saw {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn vary_star_is_not_stored() {
+    let (store, _registry) = store();
+    store
+        .insert(
+            "GET /me".into(),
+            &HeaderMap::new(),
+            varying("x", "accept, *"),
+        )
+        .await;
+    let seen = body(&store, "GET /me", &HeaderMap::new()).await;
+    assert_eq!(
+        seen, None,
+        "a Vary: * response must not be stored, saw {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tag_invalidation_removes_exactly_the_tagged_entries() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    store
+        .insert("GET /a".into(), &none, response("a", &["x"]))
+        .await;
+    store
+        .insert("GET /b".into(), &none, response("b", &["x", "y"]))
+        .await;
+    store
+        .insert("GET /c".into(), &none, response("c", &["z"]))
+        .await;
+    store
+        .insert("GET /d".into(), &none, response("d", &[]))
+        .await;
+    let removed = store
+        .invalidate_tags(&["x".to_owned(), "nothing".to_owned()])
+        .await;
+    assert_eq!(removed, 2, "expected 2 entries invalidated, saw {removed}");
+    for (key, expected) in [
+        ("GET /a", false),
+        ("GET /b", false),
+        ("GET /c", true),
+        ("GET /d", true),
+    ] {
+        let seen = store.get(key, &none).await.is_some();
+        assert_eq!(
+            seen, expected,
+            "{key}: expected present={expected}, saw present={seen}"
+        );
+    }
+    store.run_pending_tasks().await;
+    let left = store.tag_registrations();
+    assert_eq!(
+        left, 1,
+        "expected only /c's registration left (b's `y` unregistered), saw {left}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalidation_overtaking_an_insert_still_holds() {
+    let (store, _registry) = store();
+    // Replays insert's steps with an invalidation between registering and storing.
+    let revoked = Revoked::default();
+    let tags = ["t".to_owned()];
+    lock(&store.inner.tags).register("GET /late", &tags, &revoked);
+    let removed = store.invalidate_tags(&tags).await;
+    assert_eq!(
+        removed, 1,
+        "expected the registered key counted, saw {removed}"
+    );
+    let slot = Slot::Response {
+        response: Arc::new(response("late", &["t"])),
+        revoked,
+    };
+    store.inner.entries.insert("GET /late".into(), slot).await;
+    let seen = body(&store, "GET /late", &HeaderMap::new()).await;
+    assert_eq!(
+        seen, None,
+        "an entry stored after its tag's invalidation must not be served, saw {seen:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn purge_path_removes_every_query_and_variant_of_one_path() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    store
+        .insert("GET /me".into(), &none, response("1", &[]))
+        .await;
+    store
+        .insert("GET /me?a=1".into(), &none, response("2", &[]))
+        .await;
+    store
+        .insert(
+            "GET /x".into(),
+            &language("en"),
+            varying("3", "accept-language"),
+        )
+        .await;
+    store
+        .insert("GET /x?q=1".into(), &none, response("4", &[]))
+        .await;
+    store
+        .insert("GET /me/accounts".into(), &none, response("5", &[]))
+        .await;
+    store
+        .insert("GET /mex".into(), &none, response("6", &[]))
+        .await;
+    let purged = store.purge_path("/me/").await;
+    assert_eq!(purged, 2, "purge /me: expected 2 removed, saw {purged}");
+    let purged = store.purge_path("/x").await;
+    assert_eq!(
+        purged, 2,
+        "purge /x: expected the variant and the query entry, saw {purged}"
+    );
+    for (key, headers, expected) in [
+        ("GET /me", &none, false),
+        ("GET /me?a=1", &none, false),
+        ("GET /x", &language("en"), false),
+        ("GET /me/accounts", &none, true),
+        ("GET /mex", &none, true),
+    ] {
+        let seen = store.get(key, headers).await.is_some();
+        assert_eq!(
+            seen, expected,
+            "{key}: expected present={expected}, saw present={seen}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn purge_all_empties_the_store_and_the_tag_index() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    for key in ["GET /a", "GET /b", "GET /c"] {
+        store.insert(key.into(), &none, response("x", &["t"])).await;
+    }
+    let purged = store.purge_all().await;
+    assert_eq!(purged, 3, "expected 3 purged, saw {purged}");
+    let seen = body(&store, "GET /a", &none).await;
+    assert_eq!(
+        seen, None,
+        "expected nothing served after purge_all, saw {seen:?}"
+    );
+    store.run_pending_tasks().await;
+    assert_eq!(
+        store.entry_count(),
+        0,
+        "expected 0 entries, saw {}",
+        store.entry_count()
+    );
+    assert_eq!(
+        store.tag_registrations(),
+        0,
+        "expected an empty tag index, saw {}",
+        store.tag_registrations()
+    );
+}
+
+#[tokio::test]
+async fn size_stays_within_max_bytes_and_evictions_are_counted() {
+    let registry = Registry::new();
+    let max = 64 * 1024;
+    let store = Store::new(max, &registry).expect("metrics register");
+    let chunk = Bytes::from(vec![b'x'; 1024]);
+    let none = HeaderMap::new();
+    for i in 0..(10 * max / 1024) {
+        let mut value = response("", &["t"]);
+        value.body = chunk.clone();
+        store.insert(format!("GET /item/{i}"), &none, value).await;
+    }
+    store.run_pending_tasks().await;
+    let bytes = store.weighted_bytes();
+    assert!(
+        bytes <= max,
+        "expected at most {max} bytes held, saw {bytes}"
+    );
+    assert!(
+        bytes > 0,
+        "expected the store to keep some entries, it holds {bytes} bytes"
+    );
+    let evictions = sample(&registry, "cxgate_cache_evictions_total");
+    assert!(
+        evictions > 0.0,
+        "expected size evictions counted, saw {evictions}"
+    );
+    let gauge_bytes = sample(&registry, "cxgate_cache_bytes");
+    let gauge_entries = sample(&registry, "cxgate_cache_entries");
+    assert_eq!(
+        gauge_bytes, bytes as f64,
+        "cxgate_cache_bytes: expected {bytes}, saw {gauge_bytes}"
+    );
+    let entries = store.entry_count() as f64;
+    assert_eq!(
+        gauge_entries, entries,
+        "cxgate_cache_entries: expected {entries}, saw {gauge_entries}"
+    );
+    let left = store.tag_registrations() as f64;
+    assert_eq!(
+        left, entries,
+        "expected the tag index to follow evictions: {entries} entries, {left} registrations"
+    );
+}
+
+#[tokio::test]
+async fn metrics_register_once_per_registry() {
+    let registry = Registry::new();
+    let _first = Store::new(MIB, &registry).expect("first registration");
+    assert!(
+        Store::new(MIB, &registry).is_err(),
+        "expected a duplicate registration to fail"
+    );
+    assert!(
+        Store::new(MIB, &registry).is_err(),
+        "expected the failed attempt to leave the first in place"
+    );
+    let names: Vec<String> = registry
+        .gather()
+        .iter()
+        .map(|f| f.name().to_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        3,
+        "expected the three cache metrics once each, saw {names:?}"
+    );
+}
+
+#[test]
+fn key_path_reads_the_path_of_any_key_shape() {
+    for (key, expected) in [
+        ("GET /me", Some("/me")),
+        ("GET /me?a=1", Some("/me")),
+        ("GET /me\naccept:x", Some("/me")),
+        ("GET /me?a=1\naccept", Some("/me")),
+        ("nonsense", None),
+    ] {
+        let seen = key_path(key);
+        assert_eq!(
+            seen, expected,
+            "key_path({key:?}): expected {expected:?}, saw {seen:?}"
+        );
+    }
+}

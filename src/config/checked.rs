@@ -1,0 +1,247 @@
+//! The checked configuration: what the rest of the gateway reads.
+//!
+//! Every value here has been parsed and cross-checked by `validate`, so the gateway never
+//! re-parses text or meets an impossible combination at run time.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::route::{PathTemplate, TagTemplate};
+
+/// The whole checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub token: TokenConfig,
+    pub cache: CacheConfig,
+    pub budget: BudgetConfig,
+    pub clients: Vec<ClientConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Without a trailing slash.
+    pub public_base_url: String,
+    pub max_body_bytes: u64,
+    pub max_concurrency: usize,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub admin_token_env: Option<String>,
+    pub allow_anonymous: bool,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Without a trailing slash, e.g. `https://api.engagor.com`.
+    pub base_url: String,
+    pub base_uri: http::Uri,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    pub file: Option<PathBuf>,
+    pub access_token_env: Option<String>,
+    pub refresh_before: Duration,
+    pub oauth: Option<OAuthConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OAuthMethod {
+    Post,
+    Get,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret_env: String,
+    pub method: OAuthMethod,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Local,
+    Redis,
+}
+
+/// A GCRA share: `limit` cells per `period`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub limit: NonZeroU32,
+    pub period: Duration,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Debug, Clone)]
+pub struct BudgetConfig {
+    pub global: Share,
+    pub max_wait: Duration,
+    pub batch_reserve: f64,
+    pub backend: Backend,
+    pub redis_url_env: Option<String>,
+    pub key_prefix: String,
+    pub replicas: NonZeroU32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    Interactive,
+    Batch,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    pub key_sha256: [u8; 32],
+    pub read: bool,
+    pub write: bool,
+    /// `None`: every account.
+    pub accounts: Option<Vec<u64>>,
+    pub priority: Priority,
+    pub share: Option<Share>,
+    pub max_wait: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The `match` text as written: the `route` label of every metric.
+    pub match_text: String,
+    /// `None` for `*`.
+    pub method: Option<http::Method>,
+    pub path: PathTemplate,
+    /// `Some` makes the route cacheable.
+    pub ttl: Option<Duration>,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub tags: Vec<TagTemplate>,
+    pub invalidates: Vec<TagTemplate>,
+    pub cost: NonZeroU32,
+}
+
+impl RouteConfig {
+    /// Whether this route applies to `method` (HEAD uses GET rules).
+    pub fn accepts(&self, method: &http::Method) -> bool {
+        match &self.method {
+            None => true,
+            Some(m) => m == method || (method == http::Method::HEAD && m == http::Method::GET),
+        }
+    }
+}
+
+impl Config {
+    /// The one-screen summary `cxgate check` prints.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write;
+        let s = &self.server;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "listeners: client {} ({}), admin {}",
+            s.listen,
+            if s.tls.is_some() {
+                "https, h2+http/1.1"
+            } else {
+                "http, h2c+http/1.1"
+            },
+            s.admin_listen
+        );
+        let _ = writeln!(out, "public base url: {}", s.public_base_url);
+        let _ = writeln!(
+            out,
+            "limits: max_body_bytes={} max_concurrency={} request_timeout={:?} shutdown_grace={:?}",
+            s.max_body_bytes, s.max_concurrency, s.request_timeout, s.shutdown_grace
+        );
+        let u = &self.upstream;
+        let _ = writeln!(
+            out,
+            "upstream: {} (connect_timeout={:?} timeout={:?})",
+            u.base_url, u.connect_timeout, u.timeout
+        );
+        let t = &self.token;
+        let source = match (&t.file, &t.access_token_env) {
+            (Some(f), _) => format!("file {}", f.display()),
+            (None, Some(e)) => format!("env ${e} (static)"),
+            (None, None) => "none".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "token: {source}, refresh_before={:?}, oauth={}",
+            t.refresh_before,
+            t.oauth
+                .as_ref()
+                .map_or("off".to_string(), |o| o.token_url.clone())
+        );
+        let _ = writeln!(out, "cache: max_bytes={}", self.cache.max_bytes);
+        let b = &self.budget;
+        let _ = writeln!(
+            out,
+            "budget: {}/{:?} burst {} max_wait={:?} batch_reserve={} backend={:?}",
+            b.global.limit, b.global.period, b.global.burst, b.max_wait, b.batch_reserve, b.backend
+        );
+        if self.clients.is_empty() {
+            let _ = writeln!(out, "clients: none (anonymous mode)");
+        } else {
+            let _ = writeln!(out, "clients ({}):", self.clients.len());
+        }
+        for c in &self.clients {
+            let scopes = match (c.read, c.write) {
+                (true, true) => "read,write",
+                (true, false) => "read",
+                (false, true) => "write",
+                (false, false) => "none",
+            };
+            let share = c.share.map_or("global only".to_string(), |sh| {
+                format!("{}/{:?} burst {}", sh.limit, sh.period, sh.burst)
+            });
+            let accounts = c
+                .accounts
+                .as_ref()
+                .map_or("all".to_string(), |a| format!("{a:?}"));
+            let _ = writeln!(
+                out,
+                "  {:<20} scopes={scopes} accounts={accounts} priority={:?} share={share}",
+                c.name, c.priority
+            );
+        }
+        let _ = writeln!(out, "routes ({}):", self.routes.len());
+        for r in &self.routes {
+            let ttl = r.ttl.map_or("not cached".to_string(), |t| {
+                format!(
+                    "ttl={t:?} swr={:?} sie={:?}",
+                    r.stale_while_revalidate, r.stale_if_error
+                )
+            });
+            let _ = writeln!(
+                out,
+                "  {:<60} {ttl} tags={} invalidates={} cost={}",
+                r.match_text,
+                r.tags.len(),
+                r.invalidates.len(),
+                r.cost
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,251 @@
+//! Configuration: the TOML file of CONTRACT section 2, in two layers.
+//!
+//! `raw` mirrors the file with serde (unknown keys rejected); `validate` turns it into the
+//! checked [`Config`] the gateway runs on, collecting every problem with its key path so
+//! `cxgate check` can print them all at once. This module imports nothing of the gateway.
+//!
+//! ```
+//! let cfg = cxgate::config::parse(r#"
+//!     upstream.base_url = "https://api.engagor.com"
+//!     token.access_token_env = "CX_ACCESS_TOKEN"
+//!     [[routes]]
+//!     match = "GET /me"
+//!     ttl = "10m"
+//! "#).unwrap();
+//! assert_eq!(cfg.routes[0].match_text, "GET /me");
+//! ```
+
+mod checked;
+mod raw;
+pub mod route;
+mod units;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+pub use checked::*;
+pub use route::Captures;
+pub use units::{parse_duration, parse_size};
+
+/// One problem in a config file, with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// E.g. `routes[3].tags[0]`, or `(file)` for syntax errors.
+    pub path: String,
+    /// What is wrong, and where possible what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} problem(s) in the configuration", .0.len())]
+    Invalid(Vec<Problem>),
+}
+
+impl ConfigError {
+    /// One line per problem, as `cxgate check` prints them.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            ConfigError::Read { .. } => vec![self.to_string()],
+            ConfigError::Invalid(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// Parses and validates config text.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+        let message = e.message().to_string();
+        let path = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                format!("(line {line})")
+            }
+            None => "(file)".to_string(),
+        };
+        ConfigError::Invalid(vec![Problem { path, message }])
+    })?;
+    validate::validate(raw).map_err(ConfigError::Invalid)
+}
+
+/// Reads, parses and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text)
+}
+
+impl Config {
+    /// The first route that matches, with its captures. `path` has no query.
+    pub fn find_route<'a>(
+        &'a self,
+        method: &http::Method,
+        path: &'a str,
+    ) -> Option<(usize, Captures<'a>)> {
+        self.routes.iter().enumerate().find_map(|(i, r)| {
+            if !r.accepts(method) {
+                return None;
+            }
+            r.path.matches(path).map(|caps| (i, caps))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "upstream.base_url = \"https://api.engagor.com\"\ntoken.file = \"/tmp/t.json\"\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => vec![],
+            Err(e) => e.lines(),
+        }
+    }
+
+    #[test]
+    fn shipped_configs_are_valid() {
+        for name in ["cxgate.toml", "demo.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("config")
+                .join(name);
+            if let Err(e) = load(&path) {
+                panic!("config/{name} should be valid, saw: {:?}", e.lines());
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let cfg = parse(BASE).expect("minimal config is valid");
+        assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.server.max_body_bytes, 1 << 20);
+        assert_eq!(cfg.cache.max_bytes, 256 << 20);
+        assert_eq!(cfg.budget.global.limit.get(), 1000);
+        assert_eq!(cfg.server.public_base_url, "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let p = problems(&format!("{BASE}[server]\nlisten_addr = \"x\"\n"));
+        assert_eq!(p.len(), 1, "one problem expected, saw {p:?}");
+        assert!(
+            p[0].contains("listen_addr"),
+            "should name the unknown key, saw {p:?}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            [server]
+            request_timeout = "soon"
+            max_body_bytes = "huge"
+            [budget]
+            limit = 100
+            period = "1h"
+            backend = "redis"
+            [[clients]]
+            name = "a"
+            limit = 200
+            period = "1h"
+            [[routes]]
+            match = "GET /{account_id}/inbox/mentions"
+            ttl = "15s"
+            tags = ["account:{acount_id}"]
+            [[routes]]
+            match = "POST /me"
+            ttl = "1m"
+            [[routes]]
+            match = "GET /{account_id}/inbox/mentions/"
+        "#;
+        let p = problems(text);
+        let expect = [
+            "server.request_timeout:",
+            "server.max_body_bytes:",
+            "upstream.base_url:",
+            "token:",
+            "budget.backend:",
+            "clients[0].key_sha256:",
+            "clients[0].limit:",
+            "routes[0].tags[0]: unknown placeholder {acount_id}",
+            "routes[1].ttl:",
+            "routes[2].match: duplicate",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "expected a line starting {e:?}, saw {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "unexpected extra problems: {p:#?}");
+    }
+
+    #[test]
+    fn duplicate_client_keys_and_zero_ttl_with_stale_are_rejected() {
+        let key = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let text = format!(
+            "{BASE}[[clients]]\nname=\"a\"\nkey_sha256=\"{key}\"\n[[clients]]\nname=\"b\"\nkey_sha256=\"{key}\"\n\
+             [[routes]]\nmatch=\"GET /me\"\nttl=\"0s\"\nstale_if_error=\"1h\"\n"
+        );
+        let p = problems(&text);
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("clients[1].key_sha256: same key")),
+            "saw {p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|l| l.starts_with("routes[0].ttl: a ttl of zero")),
+            "saw {p:?}"
+        );
+    }
+
+    #[test]
+    fn anonymous_mode_needs_loopback_or_consent() {
+        let p = problems(&format!("{BASE}[server]\nlisten = \"0.0.0.0:8080\"\n"));
+        assert!(p.iter().any(|l| l.starts_with("clients:")), "saw {p:?}");
+        let ok = problems(&format!(
+            "{BASE}[server]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n"
+        ));
+        assert!(ok.is_empty(), "saw {ok:?}");
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_head_uses_get_rules() {
+        let cfg = parse(&format!(
+            "{BASE}[[routes]]\nmatch=\"GET /me\"\nttl=\"1m\"\n[[routes]]\nmatch=\"* /{{account_id}}/x\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            cfg.find_route(&http::Method::HEAD, "/me/").map(|r| r.0),
+            Some(0)
+        );
+        assert_eq!(
+            cfg.find_route(&http::Method::POST, "/me").map(|r| r.0),
+            None
+        );
+        assert_eq!(
+            cfg.find_route(&http::Method::DELETE, "/12/x").map(|r| r.0),
+            Some(1)
+        );
+    }
+}

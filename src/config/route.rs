@@ -1,0 +1,292 @@
+//! Route templates: `METHOD /path/{capture}` compiled once, matched per request.
+//!
+//! A `{name}` segment captures exactly one path segment, other segments match literally,
+//! and a trailing slash never changes the match. Matching allocates nothing: captures are
+//! slices of the request path, kept in a small fixed array.
+
+use std::fmt;
+
+/// One segment of a compiled path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Capture(String),
+}
+
+/// A compiled `/path/{capture}` template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    segments: Vec<Segment>,
+}
+
+/// Most templates have two or three captures; eight is far above any CX Social path.
+pub const MAX_CAPTURES: usize = 8;
+
+/// The captures of one match, borrowed from the request path.
+#[derive(Debug, Default, Clone)]
+pub struct Captures<'a> {
+    names: [&'a str; MAX_CAPTURES],
+    values: [&'a str; MAX_CAPTURES],
+    len: usize,
+}
+
+impl<'a> Captures<'a> {
+    /// The value captured for `name`, if the template has it.
+    pub fn get(&self, name: &str) -> Option<&'a str> {
+        (0..self.len)
+            .find(|&i| self.names[i] == name)
+            .map(|i| self.values[i])
+    }
+
+    fn push(&mut self, name: &'a str, value: &'a str) {
+        if self.len < MAX_CAPTURES {
+            self.names[self.len] = name;
+            self.values[self.len] = value;
+            self.len += 1;
+        }
+    }
+}
+
+/// Why a template did not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("path must start with '/'")]
+    NotAbsolute,
+    #[error("empty path segment (\"//\")")]
+    EmptySegment,
+    #[error("bad placeholder {0:?}: use {{name}} for a whole segment")]
+    BadPlaceholder(String),
+    #[error("placeholder {{{0}}} appears twice")]
+    DuplicatePlaceholder(String),
+    #[error("more than {MAX_CAPTURES} placeholders")]
+    TooManyPlaceholders,
+    #[error("unknown placeholder {{{0}}}")]
+    UnknownPlaceholder(String),
+    #[error("unclosed '{{'")]
+    Unclosed,
+}
+
+impl PathTemplate {
+    /// Compiles a template such as `/{account_id}/inbox/mentions`.
+    pub fn parse(text: &str) -> Result<PathTemplate, TemplateError> {
+        let rest = text.strip_prefix('/').ok_or(TemplateError::NotAbsolute)?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            for part in rest.split('/') {
+                segments.push(parse_segment(part)?);
+            }
+        }
+        let captures: Vec<&String> = segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Capture(n) => Some(n),
+                Segment::Literal(_) => None,
+            })
+            .collect();
+        if captures.len() > MAX_CAPTURES {
+            return Err(TemplateError::TooManyPlaceholders);
+        }
+        for (i, name) in captures.iter().enumerate() {
+            if captures[..i].contains(name) {
+                return Err(TemplateError::DuplicatePlaceholder((*name).clone()));
+            }
+        }
+        Ok(PathTemplate { segments })
+    }
+
+    /// Whether the template captures `name`.
+    pub fn has_capture(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Capture(n) if n == name))
+    }
+
+    /// Matches a request path (no query). A trailing slash is ignored.
+    pub fn matches<'a>(&'a self, path: &'a str) -> Option<Captures<'a>> {
+        let rest = path.strip_prefix('/')?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let mut caps = Captures::default();
+        let mut parts = rest.split('/').filter(|_| !rest.is_empty());
+        for seg in &self.segments {
+            let part = parts.next()?;
+            match seg {
+                Segment::Literal(lit) => {
+                    if lit != part {
+                        return None;
+                    }
+                }
+                Segment::Capture(name) => {
+                    if part.is_empty() {
+                        return None;
+                    }
+                    caps.push(name, part);
+                }
+            }
+        }
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(caps)
+    }
+}
+
+fn parse_segment(part: &str) -> Result<Segment, TemplateError> {
+    if part.is_empty() {
+        return Err(TemplateError::EmptySegment);
+    }
+    if let Some(inner) = part.strip_prefix('{') {
+        let name = inner.strip_suffix('}').ok_or(TemplateError::Unclosed)?;
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(TemplateError::BadPlaceholder(part.to_string()));
+        }
+        return Ok(Segment::Capture(name.to_string()));
+    }
+    if part.contains('{') || part.contains('}') {
+        return Err(TemplateError::BadPlaceholder(part.to_string()));
+    }
+    Ok(Segment::Literal(part.to_string()))
+}
+
+impl fmt::Display for PathTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.segments.is_empty() {
+            return f.write_str("/");
+        }
+        for seg in &self.segments {
+            match seg {
+                Segment::Literal(l) => write!(f, "/{l}")?,
+                Segment::Capture(c) => write!(f, "/{{{c}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tag such as `contact:{account_id}/{service}/{service_id}`, filled from captures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTemplate {
+    parts: Vec<TagPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TagPart {
+    Text(String),
+    Capture(String),
+}
+
+impl TagTemplate {
+    /// Compiles a tag; every placeholder must be one of the route's captures.
+    pub fn parse(text: &str, route: &PathTemplate) -> Result<TagTemplate, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TagPart::Text(rest[..open].to_string()));
+            }
+            let after = &rest[open + 1..];
+            let close = after.find('}').ok_or(TemplateError::Unclosed)?;
+            let name = &after[..close];
+            if !route.has_capture(name) {
+                return Err(TemplateError::UnknownPlaceholder(name.to_string()));
+            }
+            parts.push(TagPart::Capture(name.to_string()));
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(TemplateError::BadPlaceholder(text.to_string()));
+        }
+        if !rest.is_empty() {
+            parts.push(TagPart::Text(rest.to_string()));
+        }
+        Ok(TagTemplate { parts })
+    }
+
+    /// The tag for one request.
+    pub fn fill(&self, caps: &Captures<'_>) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                TagPart::Text(t) => out.push_str(t),
+                TagPart::Capture(c) => out.push_str(caps.get(c).unwrap_or("")),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literal_and_capture_segments_match() {
+        let t = PathTemplate::parse("/{account_id}/inbox/contact/{service}/{service_id}").unwrap();
+        let caps = t
+            .matches("/12345/inbox/contact/twitter/99")
+            .expect("should match");
+        assert_eq!(caps.get("account_id"), Some("12345"));
+        assert_eq!(caps.get("service"), Some("twitter"));
+        assert_eq!(caps.get("service_id"), Some("99"));
+        assert!(
+            t.matches("/12345/inbox/contact/twitter").is_none(),
+            "too short"
+        );
+        assert!(
+            t.matches("/12345/inbox/contact/twitter/99/x").is_none(),
+            "too long"
+        );
+        assert!(
+            t.matches("/12345/outbox/contact/twitter/99").is_none(),
+            "literal differs"
+        );
+    }
+
+    #[test]
+    fn trailing_slash_never_changes_the_match() {
+        let t = PathTemplate::parse("/me").unwrap();
+        assert!(t.matches("/me").is_some());
+        assert!(t.matches("/me/").is_some());
+        assert!(t.matches("/me/accounts").is_none());
+        let root = PathTemplate::parse("/").unwrap();
+        assert!(root.matches("/").is_some());
+        assert!(root.matches("/me").is_none());
+        assert_eq!(root.to_string(), "/");
+    }
+
+    #[test]
+    fn empty_capture_does_not_match() {
+        let t = PathTemplate::parse("/{account_id}/settings").unwrap();
+        assert!(t.matches("//settings").is_none());
+    }
+
+    #[test]
+    fn bad_templates_are_rejected() {
+        assert_eq!(PathTemplate::parse("me"), Err(TemplateError::NotAbsolute));
+        assert_eq!(
+            PathTemplate::parse("/a//b"),
+            Err(TemplateError::EmptySegment)
+        );
+        assert!(matches!(
+            PathTemplate::parse("/x{id}"),
+            Err(TemplateError::BadPlaceholder(_))
+        ));
+        assert!(matches!(
+            PathTemplate::parse("/{id}/{id}"),
+            Err(TemplateError::DuplicatePlaceholder(_))
+        ));
+        assert_eq!(PathTemplate::parse("/{id"), Err(TemplateError::Unclosed));
+    }
+
+    #[test]
+    fn tags_fill_from_captures_and_reject_unknown_names() {
+        let t = PathTemplate::parse("/{account_id}/inbox/contact/{service}/{service_id}").unwrap();
+        let tag = TagTemplate::parse("contact:{account_id}/{service}/{service_id}", &t).unwrap();
+        let caps = t.matches("/1/inbox/contact/fb/2").unwrap();
+        assert_eq!(tag.fill(&caps), "contact:1/fb/2");
+        assert_eq!(
+            TagTemplate::parse("account:{acount_id}", &t),
+            Err(TemplateError::UnknownPlaceholder("acount_id".into()))
+        );
+    }
+}

@@ -1,0 +1,586 @@
+//! `validate`: from the file as written to the checked [`Config`], reporting every
+//! problem with its key path (`routes[3].tags[0]: unknown placeholder {acount_id}`).
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::checked::*;
+use super::raw::*;
+use super::route::{PathTemplate, TagTemplate};
+use super::units::{parse_duration, parse_size};
+use super::Problem;
+
+/// Collects problems as validation walks the file.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => parse_duration(v).unwrap_or_else(|e| {
+                self.add(path, e);
+                default
+            }),
+        }
+    }
+
+    fn size(&mut self, path: &str, value: Option<&RawSize>, default: u64) -> u64 {
+        match value {
+            None => default,
+            Some(RawSize::Bytes(n)) if *n >= 0 => *n as u64,
+            Some(RawSize::Bytes(n)) => {
+                self.add(path, format!("size must not be negative, got {n}"));
+                default
+            }
+            Some(RawSize::Text(t)) => parse_size(t).unwrap_or_else(|e| {
+                self.add(path, e);
+                default
+            }),
+        }
+    }
+
+    fn positive(&mut self, path: &str, value: Option<i64>, default: u32) -> NonZeroU32 {
+        let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
+        match value {
+            None => fallback,
+            Some(n) => match u32::try_from(n).ok().and_then(NonZeroU32::new) {
+                Some(v) => v,
+                None => {
+                    self.add(
+                        path,
+                        format!("must be a whole number from 1 to {}, got {n}", u32::MAX),
+                    );
+                    fallback
+                }
+            },
+        }
+    }
+
+    fn addr(&mut self, path: &str, value: Option<&String>, default: &str) -> SocketAddr {
+        let text = value.map_or(default, |v| v.as_str());
+        text.parse().unwrap_or_else(|_| {
+            self.add(
+                path,
+                format!("invalid socket address {text:?}; use e.g. \"127.0.0.1:8080\""),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn base_url(&mut self, path: &str, text: &str) -> Option<http::Uri> {
+        let trimmed = text.trim_end_matches('/');
+        match trimmed.parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some() =>
+            {
+                if uri.query().is_some() {
+                    self.add(path, "must not have a query string");
+                    return None;
+                }
+                Some(uri)
+            }
+            _ => {
+                self.add(
+                    path,
+                    format!("invalid URL {text:?}; use e.g. \"https://api.engagor.com\""),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Validates the whole file. `Err` carries every problem found, in file order.
+pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
+    let mut p = Problems::default();
+
+    let s = &raw.server;
+    let listen = p.addr("server.listen", s.listen.as_ref(), "127.0.0.1:8080");
+    let admin_listen = p.addr(
+        "server.admin_listen",
+        s.admin_listen.as_ref(),
+        "127.0.0.1:9090",
+    );
+    let public_base_url = s
+        .public_base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{listen}"));
+    p.base_url("server.public_base_url", &public_base_url);
+    let max_concurrency = match s.max_concurrency {
+        None => 1024,
+        Some(n) if n >= 1 => n as usize,
+        Some(n) => {
+            p.add(
+                "server.max_concurrency",
+                format!("must be at least 1, got {n}"),
+            );
+            1024
+        }
+    };
+    let tls = s.tls.as_ref().map(|t| {
+        if t.cert_file.is_none() {
+            p.add(
+                "server.tls.cert_file",
+                "required when [server.tls] is present",
+            );
+        }
+        if t.key_file.is_none() {
+            p.add(
+                "server.tls.key_file",
+                "required when [server.tls] is present",
+            );
+        }
+        TlsConfig {
+            cert_file: PathBuf::from(t.cert_file.clone().unwrap_or_default()),
+            key_file: PathBuf::from(t.key_file.clone().unwrap_or_default()),
+        }
+    });
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        public_base_url: public_base_url.trim_end_matches('/').to_string(),
+        max_body_bytes: p.size("server.max_body_bytes", s.max_body_bytes.as_ref(), 1 << 20),
+        max_concurrency,
+        request_timeout: p.duration(
+            "server.request_timeout",
+            s.request_timeout.as_ref(),
+            Duration::from_secs(30),
+        ),
+        shutdown_grace: p.duration(
+            "server.shutdown_grace",
+            s.shutdown_grace.as_ref(),
+            Duration::from_secs(10),
+        ),
+        admin_token_env: s.admin_token_env.clone(),
+        allow_anonymous: s.allow_anonymous.unwrap_or(false),
+        tls,
+    };
+    if server.request_timeout.is_zero() {
+        p.add("server.request_timeout", "must be greater than zero");
+    }
+
+    let u = &raw.upstream;
+    let (base_url, base_uri) = match &u.base_url {
+        None => {
+            p.add(
+                "upstream.base_url",
+                "required (e.g. \"https://api.engagor.com\")",
+            );
+            (String::new(), http::Uri::default())
+        }
+        Some(text) => match p.base_url("upstream.base_url", text) {
+            Some(uri) => (text.trim_end_matches('/').to_string(), uri),
+            None => (String::new(), http::Uri::default()),
+        },
+    };
+    let upstream = UpstreamConfig {
+        base_url,
+        base_uri,
+        connect_timeout: p.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_ref(),
+            Duration::from_secs(3),
+        ),
+        timeout: p.duration(
+            "upstream.timeout",
+            u.timeout.as_ref(),
+            Duration::from_secs(20),
+        ),
+        ca_file: u.ca_file.as_ref().map(PathBuf::from),
+    };
+
+    let t = &raw.token;
+    match (&t.file, &t.access_token_env) {
+        (None, None) => p.add(
+            "token",
+            "one token source is required: token.file or token.access_token_env",
+        ),
+        (Some(_), Some(_)) => p.add(
+            "token",
+            "token.file and token.access_token_env are exclusive: choose one",
+        ),
+        _ => {}
+    }
+    let oauth = t.oauth.as_ref().map(|o| {
+        let method = match o.method.as_deref() {
+            None | Some("post") => OAuthMethod::Post,
+            Some("get") => OAuthMethod::Get,
+            Some(other) => {
+                p.add(
+                    "token.oauth.method",
+                    format!("must be \"post\" or \"get\", got {other:?}"),
+                );
+                OAuthMethod::Post
+            }
+        };
+        let token_url = o
+            .token_url
+            .clone()
+            .unwrap_or_else(|| "https://app.engagor.com/oauth/access_token/".into());
+        p.base_url("token.oauth.token_url", &token_url);
+        if o.client_id.as_deref().is_none_or(str::is_empty) {
+            p.add("token.oauth.client_id", "required with [token.oauth]");
+        }
+        if o.client_secret_env.as_deref().is_none_or(str::is_empty) {
+            p.add(
+                "token.oauth.client_secret_env",
+                "required with [token.oauth] (the name of an environment variable)",
+            );
+        }
+        if t.file.is_none() {
+            p.add(
+                "token.oauth",
+                "refreshing needs token.file to keep the rotating refresh token",
+            );
+        }
+        OAuthConfig {
+            token_url,
+            client_id: o.client_id.clone().unwrap_or_default(),
+            client_secret_env: o.client_secret_env.clone().unwrap_or_default(),
+            method,
+        }
+    });
+    let token = TokenConfig {
+        file: t.file.as_ref().map(PathBuf::from),
+        access_token_env: t.access_token_env.clone(),
+        refresh_before: p.duration(
+            "token.refresh_before",
+            t.refresh_before.as_ref(),
+            Duration::from_secs(600),
+        ),
+        oauth,
+    };
+
+    let cache = CacheConfig {
+        max_bytes: p.size("cache.max_bytes", raw.cache.max_bytes.as_ref(), 256 << 20),
+    };
+
+    let b = &raw.budget;
+    let global = Share {
+        limit: p.positive("budget.limit", b.limit, 1000),
+        period: p.duration(
+            "budget.period",
+            b.period.as_ref(),
+            Duration::from_secs(3600),
+        ),
+        burst: p.positive("budget.burst", b.burst, 50),
+    };
+    if global.period.is_zero() {
+        p.add("budget.period", "must be greater than zero");
+    }
+    let batch_reserve = b.batch_reserve.unwrap_or(0.2);
+    if !(0.0..1.0).contains(&batch_reserve) {
+        p.add(
+            "budget.batch_reserve",
+            format!("must be at least 0 and below 1, got {batch_reserve}"),
+        );
+    }
+    let backend = match b.backend.as_deref() {
+        None | Some("local") => Backend::Local,
+        Some("redis") => {
+            p.add(
+                "budget.backend",
+                "\"redis\" is not available in this build yet; use \"local\"",
+            );
+            Backend::Redis
+        }
+        Some(other) => {
+            p.add(
+                "budget.backend",
+                format!("must be \"local\" or \"redis\", got {other:?}"),
+            );
+            Backend::Local
+        }
+    };
+    let budget = BudgetConfig {
+        global,
+        max_wait: p.duration(
+            "budget.max_wait",
+            b.max_wait.as_ref(),
+            Duration::from_secs(2),
+        ),
+        batch_reserve,
+        backend,
+        redis_url_env: b.redis_url_env.clone(),
+        key_prefix: b.key_prefix.clone().unwrap_or_else(|| "cxgate".into()),
+        replicas: p.positive("budget.replicas", b.replicas, 1),
+    };
+
+    let clients = raw
+        .clients
+        .iter()
+        .enumerate()
+        .map(|(i, c)| client(&mut p, i, c, &global))
+        .collect::<Vec<_>>();
+    for (i, c) in clients.iter().enumerate() {
+        if let Some(j) = clients[..i]
+            .iter()
+            .position(|o| o.key_sha256 == c.key_sha256 && c.key_sha256 != [0; 32])
+        {
+            p.add(
+                format!("clients[{i}].key_sha256"),
+                format!("same key as clients[{j}]"),
+            );
+        }
+        if let Some(j) = clients[..i].iter().position(|o| o.name == c.name) {
+            p.add(
+                format!("clients[{i}].name"),
+                format!("same name as clients[{j}]"),
+            );
+        }
+    }
+    if clients.is_empty() && !server.listen.ip().is_loopback() && !server.allow_anonymous {
+        p.add("clients", format!(
+            "no [[clients]]: anonymous mode is refused on non-loopback listen {} unless server.allow_anonymous = true",
+            server.listen
+        ));
+    }
+
+    let routes = raw
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| route(&mut p, i, r))
+        .collect::<Vec<_>>();
+    for (i, r) in routes.iter().enumerate() {
+        if routes[..i]
+            .iter()
+            .any(|o| o.method == r.method && o.path == r.path)
+        {
+            p.add(
+                format!("routes[{i}].match"),
+                format!("duplicate match {:?}", r.match_text),
+            );
+        }
+    }
+
+    if p.0.is_empty() {
+        Ok(Config {
+            server,
+            upstream,
+            token,
+            cache,
+            budget,
+            clients,
+            routes,
+        })
+    } else {
+        Err(p.0)
+    }
+}
+
+fn client(p: &mut Problems, i: usize, c: &RawClient, global: &Share) -> ClientConfig {
+    let at = |k: &str| format!("clients[{i}].{k}");
+    let name = c.name.clone().unwrap_or_else(|| format!("client{i}"));
+    let key_sha256 = match c.key_sha256.as_deref() {
+        None => {
+            p.add(
+                at("key_sha256"),
+                "required (print it with `cxgate key hash`)",
+            );
+            [0; 32]
+        }
+        Some(hex) => decode_sha256(hex).unwrap_or_else(|| {
+            p.add(
+                at("key_sha256"),
+                "must be 64 hex digits (the SHA-256 of the key)",
+            );
+            [0; 32]
+        }),
+    };
+    let (mut read, mut write) = (false, false);
+    match &c.scopes {
+        None => read = true,
+        Some(scopes) => {
+            for (k, s) in scopes.iter().enumerate() {
+                match s.as_str() {
+                    "read" => read = true,
+                    "write" => write = true,
+                    other => p.add(
+                        format!("clients[{i}].scopes[{k}]"),
+                        format!("unknown scope {other:?}; use \"read\" or \"write\""),
+                    ),
+                }
+            }
+        }
+    }
+    let accounts = c.accounts.as_ref().map(|ids| {
+        ids.iter()
+            .enumerate()
+            .filter_map(|(k, &id)| {
+                u64::try_from(id).ok().or_else(|| {
+                    p.add(
+                        format!("clients[{i}].accounts[{k}]"),
+                        "account ids are positive numbers",
+                    );
+                    None
+                })
+            })
+            .collect()
+    });
+    let priority = match c.priority.as_deref() {
+        None | Some("interactive") => Priority::Interactive,
+        Some("batch") => Priority::Batch,
+        Some(other) => {
+            p.add(
+                at("priority"),
+                format!("must be \"interactive\" or \"batch\", got {other:?}"),
+            );
+            Priority::Interactive
+        }
+    };
+    let share = if c.limit.is_some() || c.period.is_some() || c.burst.is_some() {
+        if c.limit.is_none() {
+            p.add(at("limit"), "required when period or burst is set");
+        }
+        let limit = p.positive(&at("limit"), c.limit, global.limit.get());
+        let period = p.duration(&at("period"), c.period.as_ref(), global.period);
+        let burst = p.positive(&at("burst"), c.burst, limit.get().min(global.burst.get()));
+        if period.is_zero() {
+            p.add(at("period"), "must be greater than zero");
+        } else if limit.get() as f64 / period.as_secs_f64()
+            > global.limit.get() as f64 / global.period.as_secs_f64()
+        {
+            p.add(
+                at("limit"),
+                format!(
+                    "share {}/{:?} is faster than the global budget {}/{:?}",
+                    limit, period, global.limit, global.period
+                ),
+            );
+        }
+        Some(Share {
+            limit,
+            period,
+            burst,
+        })
+    } else {
+        None
+    };
+    ClientConfig {
+        name,
+        key_sha256,
+        read,
+        write,
+        accounts,
+        priority,
+        share,
+        max_wait: c
+            .max_wait
+            .as_ref()
+            .map(|w| p.duration(&at("max_wait"), Some(w), Duration::ZERO)),
+    }
+}
+
+fn route(p: &mut Problems, i: usize, r: &RawRoute) -> Option<RouteConfig> {
+    let at = |k: &str| format!("routes[{i}].{k}");
+    let Some(text) = r.match_.as_deref() else {
+        p.add(at("match"), "required, e.g. \"GET /me\"");
+        return None;
+    };
+    let Some((method_text, path_text)) = text.trim().split_once(' ') else {
+        p.add(
+            at("match"),
+            format!("must be \"METHOD /path\", got {text:?}"),
+        );
+        return None;
+    };
+    let method = if method_text == "*" {
+        None
+    } else {
+        match http::Method::from_bytes(method_text.as_bytes()) {
+            Ok(m) if method_text.chars().all(|c| c.is_ascii_uppercase()) => Some(m),
+            _ => {
+                p.add(at("match"), format!("invalid method {method_text:?}"));
+                return None;
+            }
+        }
+    };
+    let path = match PathTemplate::parse(path_text.trim()) {
+        Ok(t) => t,
+        Err(e) => {
+            p.add(at("match"), e.to_string());
+            return None;
+        }
+    };
+    let ttl = r
+        .ttl
+        .as_ref()
+        .map(|v| p.duration(&at("ttl"), Some(v), Duration::ZERO));
+    let swr = p.duration(
+        &at("stale_while_revalidate"),
+        r.stale_while_revalidate.as_ref(),
+        Duration::ZERO,
+    );
+    let sie = p.duration(
+        &at("stale_if_error"),
+        r.stale_if_error.as_ref(),
+        Duration::ZERO,
+    );
+    if ttl.is_some()
+        && !matches!(method, Some(ref m) if m == http::Method::GET || m == http::Method::HEAD)
+    {
+        p.add(at("ttl"), "only GET and HEAD routes can be cached");
+    }
+    if ttl.is_none() && (r.stale_while_revalidate.is_some() || r.stale_if_error.is_some()) {
+        p.add(at("ttl"), "stale windows need a ttl");
+    }
+    if ttl == Some(Duration::ZERO) && (!swr.is_zero() || !sie.is_zero()) {
+        p.add(at("ttl"), "a ttl of zero cannot have stale windows");
+    }
+    if ttl.is_none() && r.tags.as_ref().is_some_and(|t| !t.is_empty()) {
+        p.add(at("tags"), "tags only apply to cached routes (set a ttl)");
+    }
+    let mut tags_of = |key: &str, list: &Option<Vec<String>>| -> Vec<TagTemplate> {
+        list.iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(k, tag)| match TagTemplate::parse(tag, &path) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    p.add(format!("routes[{i}].{key}[{k}]"), e.to_string());
+                    None
+                }
+            })
+            .collect()
+    };
+    let tags = tags_of("tags", &r.tags);
+    let invalidates = tags_of("invalidates", &r.invalidates);
+    let cost = p.positive(&at("cost"), r.cost, 1);
+    Some(RouteConfig {
+        match_text: format!("{} {}", method_text, path_text.trim()),
+        method,
+        path,
+        ttl,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+        tags,
+        invalidates,
+        cost,
+    })
+}
+
+fn decode_sha256(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.trim().as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}

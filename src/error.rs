@@ -1,0 +1,135 @@
+//! The gateway's own errors and the one place they become responses.
+//!
+//! Every failure on the request path ends as a [`GatewayError`]; [`GatewayError::response`]
+//! turns it into the CX Social error envelope with the right status, so existing clients
+//! parse gateway errors exactly like API errors, and nothing ever escapes to hyper.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+/// The response body type of the whole gateway: bodies are buffered `Bytes`, shared with
+/// the cache, never copied per hit.
+pub type Body = Full<Bytes>;
+
+/// Why the gateway answered instead of the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("rate limited: retry in {}s", retry_after_secs(*retry_after))]
+    RateLimited {
+        retry_after: Duration,
+        reason: &'static str,
+    },
+    #[error("upstream unreachable: {0}")]
+    UpstreamUnreachable(String),
+    #[error("upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("gateway overloaded: too many requests in flight")]
+    Overloaded,
+    #[error("no usable upstream token: {0}")]
+    TokenUnavailable(String),
+    #[error("request not answered within {0:?}")]
+    RequestTimeout(Duration),
+}
+
+/// `Retry-After` is whole seconds, rounded up, and at least 1 (0 would invite a hot loop).
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+impl GatewayError {
+    /// The HTTP status and the CX Social `error_type`.
+    pub fn kind(&self) -> (StatusCode, &'static str) {
+        match self {
+            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            GatewayError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            GatewayError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            GatewayError::UpstreamUnreachable(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream_unreachable")
+            }
+            GatewayError::UpstreamTimeout(_) | GatewayError::RequestTimeout(_) => {
+                (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+            }
+            GatewayError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            GatewayError::TokenUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
+            }
+        }
+    }
+
+    /// The envelope response. `X-Request-Id` and the like are added by the caller.
+    pub fn response(&self) -> Response<Body> {
+        let (status, kind) = self.kind();
+        let mut resp = envelope(status, kind, &self.to_string());
+        if let GatewayError::RateLimited { retry_after, .. } = self {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
+        }
+        if matches!(self, GatewayError::Unauthorized(_)) {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"cxgate\""),
+            );
+        }
+        resp
+    }
+}
+
+/// `{"meta":{"code":N,"error_type":"...","error_message":"..."}}` with status N.
+pub fn envelope(status: StatusCode, error_type: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "meta": { "code": status.as_u16(), "error_type": error_type, "error_message": message }
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn rate_limited_carries_retry_after_rounded_up() {
+        let e = GatewayError::RateLimited {
+            retry_after: Duration::from_millis(1200),
+            reason: "global",
+        };
+        let resp = e.response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["meta"]["code"], 429);
+        assert_eq!(v["meta"]["error_type"], "rate_limited");
+    }
+
+    #[test]
+    fn retry_after_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+        assert_eq!(retry_after_secs(Duration::from_millis(3001)), 4);
+    }
+}

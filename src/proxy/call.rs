@@ -1,0 +1,115 @@
+//! One upstream call on behalf of a request: budget, token, exchange, 401 replay, rewrite.
+//!
+//! A [`Call`] owns everything it needs, so the read path can run it in a spawned task that
+//! outlives the client that started it (merged waiters still need the answer).
+
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+
+use super::forward::{self, Fetched};
+use super::{Gateway, State};
+use crate::error::GatewayError;
+
+/// An upstream call, owned.
+pub struct Call {
+    pub state: Arc<State>,
+    pub route_label: Arc<str>,
+    pub method: Method,
+    pub url: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub request_id: HeaderValue,
+    pub client: Arc<str>,
+    pub cost: NonZeroU32,
+}
+
+impl Gateway {
+    /// Spends budget, then exchanges with the upstream using the held token. A token the
+    /// upstream refuses is refreshed once (merged with every request that saw the same
+    /// generation refused) and the request replayed once: the refused request was not
+    /// applied, so a replayed write is still a write forwarded once.
+    pub(super) async fn call(&self, call: &Call) -> Result<Fetched, GatewayError> {
+        let inner = &self.inner;
+        if let Err(rejected) = inner.budget.admit(&call.client, call.cost).await {
+            return Err(GatewayError::RateLimited {
+                retry_after: rejected.retry_after,
+                reason: rejected.budget.label(),
+            });
+        }
+        let token = inner
+            .token
+            .current()
+            .map_err(|e| GatewayError::TokenUnavailable(e.to_string()))?;
+        let out = forward::Outgoing {
+            method: &call.method,
+            url: &call.url,
+            client_headers: &call.headers,
+            body: call.body.clone(),
+            request_id: &call.request_id,
+        };
+        let mut fetched = self.exchange(call, &out, token.access.expose()).await?;
+        if fetched.status == StatusCode::UNAUTHORIZED {
+            if let Ok(fresh) = inner.token.refresh_after_rejection(token.generation).await {
+                if fresh.generation != token.generation {
+                    fetched = self.exchange(call, &out, fresh.access.expose()).await?;
+                }
+            }
+        }
+        let rewriter = &call.state.rewriter;
+        let secrets = inner.token.secrets();
+        let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
+        if let Some(body) = rewriter.rewrite_body(&fetched.body, &exposed) {
+            fetched.body = body;
+        }
+        if let Some(loc) = fetched
+            .headers
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+        {
+            if let Some(rewritten) = rewriter.rewrite_location(loc) {
+                match HeaderValue::try_from(rewritten) {
+                    Ok(v) => fetched.headers.insert(header::LOCATION, v),
+                    Err(_) => fetched.headers.remove(header::LOCATION),
+                };
+            }
+        }
+        Ok(fetched)
+    }
+
+    async fn exchange(
+        &self,
+        call: &Call,
+        out: &forward::Outgoing<'_>,
+        token: &str,
+    ) -> Result<Fetched, GatewayError> {
+        let inner = &self.inner;
+        let req = forward::build_request(out, token)?;
+        let started = Instant::now();
+        let result = forward::exchange(&inner.http, req, call.state.config.upstream.timeout).await;
+        let m = &inner.metrics;
+        let route = &*call.route_label;
+        m.upstream_duration
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+        let status = match &result {
+            Ok(f) => {
+                inner.budget.observe_upstream(f.status, &f.headers);
+                inner
+                    .last_upstream_status
+                    .store(f.status.as_u16(), Ordering::Relaxed);
+                f.status.as_str().to_string()
+            }
+            Err(GatewayError::UpstreamTimeout(_)) => "timeout".to_string(),
+            Err(_) => "error".to_string(),
+        };
+        m.upstream_requests
+            .with_label_values(&[route, &status])
+            .inc();
+        result
+    }
+}

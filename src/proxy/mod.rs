@@ -1,0 +1,425 @@
+//! The request pipeline: everything between a client's request and its answer.
+//!
+//! [`Gateway::handle`] is the outermost step and never fails: it assigns the request id,
+//! sheds load beyond `max_concurrency`, bounds the whole request by `request_timeout`, and
+//! turns every [`GatewayError`] into the CX Social envelope. [`Gateway::pipeline`] then runs
+//! the domain steps in their one order: check target → authenticate → route → authorise →
+//! read body → cache and merge → budget → token → upstream → rewrite.
+//!
+//! The steps are plain async code rather than tower layers: each needs the outcome of the
+//! one before (client, route, cache result), and one readable function beats a tower of
+//! generic types when reviewing the order.
+
+mod call;
+mod forward;
+mod read;
+mod reply;
+mod request;
+
+pub use forward::{strip_hop_by_hop, Fetched};
+pub use request::{check_path, check_target, client_key, strip_access_token};
+
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Method, Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+
+use crate::auth::{self, Clients};
+use crate::budget::Budget;
+use crate::cache::{Merger, Store};
+use crate::config::Config;
+use crate::error::{Body, GatewayError};
+use crate::metrics::RequestMetrics;
+use crate::token::TokenManager;
+use crate::upstream::rewrite::Rewriter;
+use crate::upstream::HttpClient;
+
+use call::Call;
+use reply::{Forward, CACHE_STATUS};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything that changes on reload, swapped as one snapshot.
+pub struct State {
+    pub config: Arc<Config>,
+    clients: Clients,
+    rewriter: Rewriter,
+    /// Authorities an absolute-form request target may name.
+    own_hosts: Vec<String>,
+}
+
+impl State {
+    pub fn new(config: Arc<Config>) -> State {
+        let clients = Clients::from_config(&config);
+        let rewriter = Rewriter::new(&config.upstream.base_url, &config.server.public_base_url);
+        let mut own_hosts = vec![config.server.listen.to_string()];
+        for url in [&config.server.public_base_url, &config.upstream.base_url] {
+            if let Some(a) = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.authority().cloned())
+            {
+                own_hosts.push(a.to_string());
+            }
+        }
+        State {
+            config,
+            clients,
+            rewriter,
+            own_hosts,
+        }
+    }
+}
+
+/// The parts the gateway is made of; built once at start.
+pub struct Parts {
+    pub http: HttpClient,
+    pub token: TokenManager,
+    pub cache: Store,
+    pub budget: Budget,
+    pub metrics: RequestMetrics,
+}
+
+/// The gateway: shared by every connection, cheap to clone.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: RwLock<Arc<State>>,
+    http: HttpClient,
+    token: TokenManager,
+    cache: Store,
+    merger: Merger<read::Shared>,
+    budget: Budget,
+    metrics: RequestMetrics,
+    in_flight: Arc<Semaphore>,
+    last_upstream_status: AtomicU16,
+}
+
+/// What a request turned out to be, for metrics and the access log.
+struct Outcome {
+    client: Arc<str>,
+    route: Arc<str>,
+    cache: &'static str,
+}
+
+impl Gateway {
+    pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
+        let permits = config.server.max_concurrency;
+        Gateway {
+            inner: Arc::new(Inner {
+                state: RwLock::new(Arc::new(State::new(config))),
+                http: parts.http,
+                token: parts.token,
+                cache: parts.cache,
+                merger: Merger::new(),
+                budget: parts.budget,
+                metrics: parts.metrics,
+                in_flight: Arc::new(Semaphore::new(permits)),
+                last_upstream_status: AtomicU16::new(0),
+            }),
+        }
+    }
+
+    /// The current configuration snapshot.
+    pub fn state(&self) -> Arc<State> {
+        // A poisoned lock only means a panic elsewhere while swapping an Arc; the Arc
+        // inside is still whole.
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new configuration; requests in flight finish on the old one.
+    pub fn swap(&self, config: Arc<Config>) {
+        self.inner.budget.reload(budget_spec(&config));
+        let next = Arc::new(State::new(config));
+        *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    pub fn token(&self) -> &TokenManager {
+        &self.inner.token
+    }
+
+    pub fn cache(&self) -> &Store {
+        &self.inner.cache
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.inner.budget
+    }
+
+    pub fn budget_status(&self) -> serde_json::Value {
+        self.inner.budget.status_json()
+    }
+
+    /// The upstream part of `/admin/status`.
+    pub fn upstream_status(&self) -> serde_json::Value {
+        let last = self.inner.last_upstream_status.load(Ordering::Relaxed);
+        let budget = self.inner.budget.status_json();
+        serde_json::json!({
+            "base_url": self.state().config.upstream.base_url,
+            "last_status": if last == 0 { serde_json::Value::Null } else { last.into() },
+            "reported_remaining": budget.pointer("/upstream/reported_remaining").cloned().unwrap_or_default(),
+            "paused_until": budget.pointer("/upstream/paused_until").cloned().unwrap_or_default(),
+            "paused_for_s": self.inner.budget.paused_for().map(|d| d.as_secs_f64()),
+            "merges_in_flight": self.inner.merger.in_flight(),
+        })
+    }
+
+    /// Answers one client request. Never fails: every error becomes an envelope response.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let request_id = request_id(req.headers());
+        let state = self.state();
+        let method = req.method().clone();
+        let mut outcome = Outcome {
+            client: Arc::from("-"),
+            route: Arc::from("other"),
+            cache: "none",
+        };
+        let timeout = state.config.server.request_timeout;
+
+        let mut resp = match self.inner.in_flight.clone().try_acquire_owned() {
+            Err(_) => GatewayError::Overloaded.response(),
+            Ok(_permit) => {
+                let work = self.pipeline(&state, req, &request_id, &mut outcome);
+                match tokio::time::timeout(timeout, work).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) => e.response(),
+                    Err(_) => GatewayError::RequestTimeout(timeout).response(),
+                }
+            }
+        };
+        let headers = resp.headers_mut();
+        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        if outcome.cache != "none" || resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
+            let (policy, current) = self.inner.budget.headers(&outcome.client);
+            let headers = resp.headers_mut();
+            headers.insert(HeaderName::from_static("ratelimit-policy"), policy);
+            headers.insert(HeaderName::from_static("ratelimit"), current);
+        }
+        if method == Method::HEAD {
+            *resp.body_mut() = Full::new(Bytes::new());
+        }
+
+        let status = resp.status();
+        let elapsed = started.elapsed();
+        let m = &self.inner.metrics;
+        m.requests
+            .with_label_values(&[
+                &*outcome.client,
+                &*outcome.route,
+                method.as_str(),
+                status.as_str(),
+                outcome.cache,
+            ])
+            .inc();
+        m.duration
+            .with_label_values(&[&*outcome.route, outcome.cache])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "cxgate::access",
+            request_id = request_id.to_str().unwrap_or("-"),
+            client = &*outcome.client,
+            route = &*outcome.route,
+            method = method.as_str(),
+            status = status.as_u16(),
+            cache = outcome.cache,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+        resp
+    }
+
+    /// The domain steps, in order.
+    async fn pipeline(
+        &self,
+        state: &Arc<State>,
+        req: Request<Incoming>,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, GatewayError> {
+        let cfg = &state.config;
+        let (parts, body) = req.into_parts();
+
+        // 1. Where the request may go: decided before anything else sees it.
+        let own: Vec<&str> = state.own_hosts.iter().map(String::as_str).collect();
+        check_target(&parts, &own)?;
+        let path = parts.uri.path();
+        let query = parts.uri.query();
+
+        // 2. Who is calling.
+        let key = client_key(&parts.headers, query);
+        let client = state
+            .clients
+            .authenticate(key.as_deref())
+            .map_err(|e| match e {
+                auth::AuthError::Missing => {
+                    GatewayError::Unauthorized("a gateway client key is required")
+                }
+                auth::AuthError::Unknown => {
+                    GatewayError::Unauthorized("unknown gateway client key")
+                }
+            })?;
+        outcome.client = client.name.clone();
+
+        // 3. Which route.
+        let route = cfg.find_route(&parts.method, path);
+        let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
+        if let Some((r, _)) = rule {
+            outcome.route = Arc::from(r.match_text.as_str());
+        }
+
+        // 4. May this client do this, here: before the cache, so a client never gets a
+        //    cached answer for an account it may not see.
+        if !client.may_use(&parts.method) {
+            return Err(GatewayError::Forbidden(format!(
+                "client {} may not use {}",
+                client.name, parts.method
+            )));
+        }
+        let account = rule
+            .and_then(|(_, caps)| caps.get("account_id"))
+            .and_then(|a| a.parse().ok())
+            .or_else(|| auth::account_of(path));
+        if !client.may_see(account) {
+            return Err(GatewayError::Forbidden(format!(
+                "client {} may not access account {}",
+                client.name,
+                account.unwrap_or_default()
+            )));
+        }
+
+        // 5. The body, bounded.
+        let body = read_body(
+            parts.headers.get(header::CONTENT_LENGTH),
+            body,
+            cfg.server.max_body_bytes,
+        )
+        .await?;
+
+        let call = Call {
+            state: state.clone(),
+            route_label: outcome.route.clone(),
+            method: parts.method.clone(),
+            url: upstream_url(cfg, path, query),
+            headers: parts.headers.clone(),
+            body,
+            request_id: request_id.clone(),
+            client: client.name.clone(),
+            cost: rule.map_or(std::num::NonZeroU32::MIN, |(r, _)| r.cost),
+        };
+
+        // 6. Reads: cache, merge, budget, token, upstream, rewrite.
+        if parts.method == Method::GET || parts.method == Method::HEAD {
+            return self.read(rule, path, query, call, outcome).await;
+        }
+
+        // 7. Writes: budget, token, upstream once; then invalidate before answering, so a
+        //    read right after the write never sees the old data.
+        outcome.cache = "bypass";
+        let fetched = self.call(&call).await?;
+        if fetched.status.is_success() {
+            if let Some((r, caps)) = rule.filter(|(r, _)| !r.invalidates.is_empty()) {
+                let tags: Vec<String> = r.invalidates.iter().map(|t| t.fill(caps)).collect();
+                self.inner.cache.invalidate_tags(&tags).await;
+            }
+        }
+        let mut resp = reply::from_parts(fetched.status, &fetched.headers, &fetched.body);
+        resp.headers_mut().insert(
+            CACHE_STATUS.clone(),
+            reply::forward_status(Forward::Bypass, fetched.status, false, false),
+        );
+        Ok(resp)
+    }
+}
+
+/// Reads the request body, refusing more than `limit` bytes (early, by Content-Length,
+/// when the client announces it).
+async fn read_body(
+    length: Option<&HeaderValue>,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, GatewayError> {
+    if let Some(len) = length {
+        let len: u64 = len
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or(GatewayError::BadRequest("invalid Content-Length"))?;
+        if len > limit {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+    }
+    Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                GatewayError::PayloadTooLarge { limit }
+            } else {
+                GatewayError::BadRequest("request body could not be read")
+            }
+        })
+}
+
+/// The budget's view of the configuration.
+pub fn budget_spec(cfg: &Config) -> crate::budget::BudgetSpec {
+    use crate::budget::{BudgetSpec, ClientSpec, Priority, Share};
+    let share = |s: &crate::config::Share| Share {
+        limit: s.limit,
+        period: s.period,
+        burst: s.burst,
+    };
+    BudgetSpec {
+        global: share(&cfg.budget.global),
+        max_wait: cfg.budget.max_wait,
+        batch_reserve: cfg.budget.batch_reserve,
+        clients: cfg
+            .clients
+            .iter()
+            .map(|c| ClientSpec {
+                name: c.name.clone(),
+                share: c.share.as_ref().map(share),
+                max_wait: c.max_wait,
+                priority: match c.priority {
+                    crate::config::Priority::Interactive => Priority::Interactive,
+                    crate::config::Priority::Batch => Priority::Batch,
+                },
+            })
+            .collect(),
+    }
+}
+
+/// `base_url` + path + the query without the client's `access_token`.
+pub fn upstream_url(cfg: &Config, path: &str, query: Option<&str>) -> String {
+    let base = &cfg.upstream.base_url;
+    match strip_access_token(query) {
+        Some(q) => format!("{base}{path}?{q}"),
+        None => format!("{base}{path}"),
+    }
+}
+
+/// The client's `X-Request-Id` if it is a sane token, else a fresh one.
+fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let ok =
+            v.len() <= 128 && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        if ok {
+            return v.clone();
+        }
+    }
+    let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
+    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}

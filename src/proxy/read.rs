@@ -1,0 +1,242 @@
+//! The read path (GET and HEAD): cache lookup, merging, stale answers.
+//!
+//! A fresh entry answers at once. A stale entry within stale-while-revalidate answers at
+//! once and starts one background refresh. Otherwise identical requests in flight share one
+//! upstream call (cacheable or not); its answer is stored if the route allows, and an entry
+//! within stale-if-error stands in when the call fails, times out or finds no budget.
+
+use std::sync::Arc;
+
+use http::{header, HeaderMap, Method, Response};
+use tokio::time::Instant;
+
+use super::call::Call;
+use super::forward::Fetched;
+use super::reply::{self, Forward, CACHE_STATUS};
+use super::{Gateway, Outcome};
+use crate::cache::{CachedResponse, Freshness, Role};
+use crate::config::{Captures, RouteConfig};
+use crate::error::{Body, GatewayError};
+
+/// What one merged upstream call produced, shared by every waiter.
+pub type Shared = Result<Arc<Answer>, Arc<GatewayError>>;
+
+/// An upstream answer and whether it was stored.
+#[derive(Debug)]
+pub struct Answer {
+    pub fetched: Fetched,
+    pub stored: bool,
+}
+
+/// The client's cache directives.
+#[derive(Debug, Default, Clone, Copy)]
+struct Directives {
+    no_cache: bool,
+    no_store: bool,
+}
+
+fn directives(headers: &HeaderMap) -> Directives {
+    let mut d = Directives::default();
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        for part in value.to_str().unwrap_or("").split(',') {
+            match part.trim().to_ascii_lowercase().as_str() {
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                _ => {}
+            }
+        }
+    }
+    if headers
+        .get(header::PRAGMA)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+    {
+        d.no_cache = true;
+    }
+    d
+}
+
+impl Gateway {
+    /// Answers a GET or HEAD. `call` is what goes upstream if it must.
+    pub(super) async fn read(
+        &self,
+        route: Option<(&RouteConfig, &Captures<'_>)>,
+        path: &str,
+        query: Option<&str>,
+        mut call: Call,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, GatewayError> {
+        let inner = &self.inner;
+        let d = directives(&call.headers);
+        // HEAD is answered from GET entries, so its upstream call is a GET too.
+        call.method = Method::GET;
+        let key = crate::cache::cache_key(&Method::GET, path, query);
+        let ttl = route.and_then(|(r, _)| r.ttl).filter(|_| !d.no_store);
+        let mut stale_fallback: Option<Arc<CachedResponse>> = None;
+
+        if ttl.is_some() && !d.no_cache {
+            if let Some(entry) = inner.cache.get(&key, &call.headers).await {
+                let now = Instant::now();
+                match entry.freshness(now) {
+                    Freshness::Fresh { remaining } => {
+                        outcome.cache = "hit";
+                        return Ok(reply::from_entry(&entry, entry.age(now), Ok(remaining)));
+                    }
+                    Freshness::Stale {
+                        past,
+                        revalidate: true,
+                        ..
+                    } => {
+                        outcome.cache = "stale";
+                        self.revalidate(key, route, call);
+                        return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
+                    }
+                    Freshness::Stale { if_error: true, .. } => stale_fallback = Some(entry),
+                    Freshness::Stale { .. } => {}
+                }
+            }
+        }
+
+        let fwd = match (ttl.is_some(), d.no_cache) {
+            (false, _) => Forward::Bypass,
+            (true, true) => Forward::Request,
+            (true, false) => Forward::Miss,
+        };
+        let merge_key = if d.no_store {
+            format!("no-store {key}")
+        } else {
+            key.clone()
+        };
+        let fetch = self.fetch_and_store(key, route, call);
+        let shared = inner.merger.run(merge_key, fetch).await;
+        let (value, role) = match shared {
+            Ok(v) => v,
+            Err(e) => (
+                Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string()))),
+                Role::Leader,
+            ),
+        };
+        let collapsed = role == Role::Follower;
+        if collapsed {
+            inner
+                .metrics
+                .coalesced
+                .with_label_values(&[&*outcome.route])
+                .inc();
+        }
+        let failed = match &value {
+            Ok(a) => a.fetched.status.is_server_error(),
+            Err(e) => matches!(
+                **e,
+                GatewayError::UpstreamUnreachable(_)
+                    | GatewayError::UpstreamTimeout(_)
+                    | GatewayError::RateLimited { .. }
+                    | GatewayError::TokenUnavailable(_)
+            ),
+        };
+        if failed {
+            if let Some(entry) = stale_fallback.filter(|e| e.freshness(Instant::now()).is_usable())
+            {
+                let now = Instant::now();
+                let past = entry.age(now).saturating_sub(entry.ttl);
+                outcome.cache = "stale";
+                return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
+            }
+        }
+        outcome.cache = reply::forward_label(fwd, collapsed);
+        let answer = value.map_err(|e| clone_error(&e))?;
+        let f = &answer.fetched;
+        let mut resp = reply::from_parts(f.status, &f.headers, &f.body);
+        let stored = answer.stored && !collapsed;
+        resp.headers_mut().insert(
+            CACHE_STATUS.clone(),
+            reply::forward_status(fwd, f.status, stored, collapsed),
+        );
+        Ok(resp)
+    }
+
+    /// Starts one background refresh for a stale entry (merged with any refresh already
+    /// running for the key); the client that found the stale entry does not wait for it.
+    fn revalidate(&self, key: String, route: Option<(&RouteConfig, &Captures<'_>)>, call: Call) {
+        let fetch = self.fetch_and_store(key.clone(), route, call);
+        let merger = self.inner.merger.clone();
+        tokio::spawn(async move {
+            let _ = merger.run(key, fetch).await;
+        });
+    }
+
+    /// The merged upstream call: fetch, then store a storable answer under `key`.
+    fn fetch_and_store(
+        &self,
+        key: String,
+        route: Option<(&RouteConfig, &Captures<'_>)>,
+        call: Call,
+    ) -> impl std::future::Future<Output = Shared> + Send + 'static {
+        let gateway = self.clone();
+        let rule = route.and_then(|(r, caps)| {
+            r.ttl.map(|ttl| {
+                let tags: Box<[String]> = r.tags.iter().map(|t| t.fill(caps)).collect();
+                (ttl, r.stale_while_revalidate, r.stale_if_error, tags)
+            })
+        });
+        let no_store = directives(&call.headers).no_store;
+        async move {
+            let fetched = gateway.call(&call).await.map_err(Arc::new)?;
+            let storable = fetched.status.is_success()
+                && !no_store
+                && !fetched.headers.contains_key(header::SET_COOKIE)
+                && !cache_control_forbids(&fetched.headers);
+            let stored = match rule {
+                Some((ttl, swr, sie, tags)) if storable => {
+                    let entry = CachedResponse {
+                        status: fetched.status,
+                        headers: fetched.headers.clone(),
+                        body: fetched.body.clone(),
+                        tags,
+                        stored_at: Instant::now(),
+                        ttl,
+                        stale_while_revalidate: swr,
+                        stale_if_error: sie,
+                    };
+                    gateway.inner.cache.insert(key, &call.headers, entry).await;
+                    true
+                }
+                _ => false,
+            };
+            Ok(Arc::new(Answer { fetched, stored }))
+        }
+    }
+}
+
+/// The upstream's own `Cache-Control: no-store` or `private` wins over the route's ttl.
+fn cache_control_forbids(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+        v.to_str().unwrap_or("").split(',').any(|p| {
+            matches!(
+                p.trim().to_ascii_lowercase().as_str(),
+                "no-store" | "private"
+            )
+        })
+    })
+}
+
+/// Every waiter gets its own copy of the shared error to turn into a response.
+fn clone_error(e: &GatewayError) -> GatewayError {
+    match e {
+        GatewayError::BadRequest(m) => GatewayError::BadRequest(m),
+        GatewayError::Unauthorized(m) => GatewayError::Unauthorized(m),
+        GatewayError::Forbidden(m) => GatewayError::Forbidden(m.clone()),
+        GatewayError::PayloadTooLarge { limit } => GatewayError::PayloadTooLarge { limit: *limit },
+        GatewayError::RateLimited {
+            retry_after,
+            reason,
+        } => GatewayError::RateLimited {
+            retry_after: *retry_after,
+            reason,
+        },
+        GatewayError::UpstreamUnreachable(m) => GatewayError::UpstreamUnreachable(m.clone()),
+        GatewayError::UpstreamTimeout(d) => GatewayError::UpstreamTimeout(*d),
+        GatewayError::Overloaded => GatewayError::Overloaded,
+        GatewayError::TokenUnavailable(m) => GatewayError::TokenUnavailable(m.clone()),
+        GatewayError::RequestTimeout(d) => GatewayError::RequestTimeout(*d),
+    }
+}

@@ -1,0 +1,106 @@
+//! Building client responses: from an upstream answer or a cache entry, with the
+//! `Cache-Status` (RFC 9211) and `Age` headers of CONTRACT 3.4.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::cache::CachedResponse;
+use crate::error::Body;
+
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How a fetched answer reached the client, for `Cache-Status` and the `cache` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// Cacheable route, nothing usable stored.
+    Miss,
+    /// The client asked to refetch (`Cache-Control: no-cache`).
+    Request,
+    /// The route is not cacheable (or the client said `no-store`).
+    Bypass,
+}
+
+/// `Cache-Status` for an answer that went upstream (or shared another request's call).
+pub fn forward_status(
+    fwd: Forward,
+    status: StatusCode,
+    stored: bool,
+    collapsed: bool,
+) -> HeaderValue {
+    let kind = match fwd {
+        Forward::Miss => "uri-miss",
+        Forward::Request => "request",
+        Forward::Bypass => "bypass",
+    };
+    let mut text = format!("cxgate; fwd={kind}; fwd-status={}", status.as_u16());
+    if stored {
+        text.push_str("; stored");
+    }
+    if collapsed {
+        text.push_str("; collapsed");
+    }
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("cxgate"))
+}
+
+/// The `cache` metric label for an answer that went upstream.
+pub fn forward_label(fwd: Forward, collapsed: bool) -> &'static str {
+    match (fwd, collapsed) {
+        (_, true) => "collapsed",
+        (Forward::Bypass, false) => "bypass",
+        _ => "miss",
+    }
+}
+
+/// A response from upstream status, headers and body; `x-ratelimit-*` stay inside (they
+/// describe the shared token, not this client).
+pub fn from_parts(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body.clone()));
+    *resp.status_mut() = status;
+    let out = resp.headers_mut();
+    out.reserve(headers.len() + 4);
+    for (name, value) in headers {
+        if !name.as_str().starts_with("x-ratelimit-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    resp
+}
+
+/// A hit: fresh (`remaining` left) or stale (`past` its ttl).
+pub fn from_entry(
+    entry: &CachedResponse,
+    age: Duration,
+    fresh_for: Result<Duration, Duration>,
+) -> Response<Body> {
+    let mut resp = from_parts(entry.status, &entry.headers, &entry.body);
+    let status = match fresh_for {
+        Ok(remaining) => format!("cxgate; hit; ttl={}", remaining.as_secs()),
+        Err(past) => format!("cxgate; hit; ttl=-{}; detail=stale", past.as_secs().max(1)),
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::try_from(status) {
+        h.insert(CACHE_STATUS.clone(), v);
+    }
+    h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_status_texts_follow_the_contract() {
+        let s = forward_status(Forward::Miss, StatusCode::OK, true, false);
+        assert_eq!(s, "cxgate; fwd=uri-miss; fwd-status=200; stored");
+        let s = forward_status(Forward::Miss, StatusCode::OK, false, true);
+        assert_eq!(s, "cxgate; fwd=uri-miss; fwd-status=200; collapsed");
+        let s = forward_status(Forward::Bypass, StatusCode::CREATED, false, false);
+        assert_eq!(s, "cxgate; fwd=bypass; fwd-status=201");
+        assert_eq!(forward_label(Forward::Bypass, false), "bypass");
+        assert_eq!(forward_label(Forward::Miss, true), "collapsed");
+    }
+}

@@ -1,0 +1,378 @@
+//! The CX Social endpoints: which path is which endpoint, and the answer of each once the
+//! caller is authenticated and within its rate limit.
+//!
+//! Invariants: a trailing slash never changes the endpoint; ids are bounded so derived ids
+//! cannot overflow; a write is stored before its answer is built, so the answer and every
+//! later read show it.
+
+use http::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+
+use super::data;
+use super::page::{paged, paged_list, Call, Page};
+use super::reply::{self, Reply};
+use super::stats::Counter;
+use super::Sim;
+
+/// Largest account or topic id accepted; keeps derived ids (`account * 1000`) in range.
+const MAX_ID: u64 = 999_999_999_999;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    Me,
+    Accounts,
+    Permissions,
+    ConnectedProfiles,
+    Settings(u64, String),
+    Mentions(u64),
+    Mention(u64, u64, String),
+    InboxAdd(u64),
+    Contact(u64, String, String),
+    PublisherAdd(u64),
+    Insights(u64, String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    Token,
+    Api(Endpoint),
+    NotFound,
+    BadRequest(&'static str),
+    WrongMethod(&'static str),
+}
+
+fn id(segment: &str) -> Option<u64> {
+    segment
+        .parse::<u64>()
+        .ok()
+        .filter(|n| (1..=MAX_ID).contains(n))
+}
+
+/// Names the endpoint of a request, or why there is none.
+pub(crate) fn classify(method: &Method, path: &str) -> Route {
+    let trimmed = path.strip_suffix('/').unwrap_or(path);
+    let segs: Vec<&str> = trimmed.split('/').skip(1).collect();
+    if segs.iter().any(|s| s.is_empty()) {
+        return Route::NotFound;
+    }
+    let (allow, endpoint) = match segs.as_slice() {
+        ["oauth", "access_token"] => {
+            return match *method {
+                Method::GET | Method::POST => Route::Token,
+                _ => Route::WrongMethod("GET, POST"),
+            }
+        }
+        ["me"] => ("GET", Endpoint::Me),
+        ["me", "accounts"] => ("GET", Endpoint::Accounts),
+        ["me", "permissions"] => ("GET", Endpoint::Permissions),
+        ["me", "connectedprofiles"] => ("GET", Endpoint::ConnectedProfiles),
+        [account, rest @ ..] => {
+            // 0 is never a valid id, so it marks an unreadable account until the shape is known.
+            let account = id(account).unwrap_or(0);
+            let Some(found) = account_endpoint(account, rest) else {
+                return Route::NotFound;
+            };
+            if account == 0 {
+                return Route::BadRequest("the account id must be a positive number");
+            }
+            match found {
+                Ok(found) => found,
+                Err(message) => return Route::BadRequest(message),
+            }
+        }
+        [] => return Route::NotFound,
+    };
+    let method_ok = match allow {
+        "GET" => matches!(*method, Method::GET | Method::HEAD),
+        "POST" => *method == Method::POST,
+        _ => matches!(*method, Method::GET | Method::HEAD | Method::POST),
+    };
+    if method_ok {
+        Route::Api(endpoint)
+    } else {
+        Route::WrongMethod(allow)
+    }
+}
+
+/// The endpoint below `/{account_id}`: `None` when no endpoint has this shape, an error
+/// when one has but a nested id is unreadable.
+fn account_endpoint(
+    account: u64,
+    rest: &[&str],
+) -> Option<Result<(&'static str, Endpoint), &'static str>> {
+    let found = match rest {
+        ["settings", kind @ ("topics" | "users" | "tags" | "teams")] => {
+            ("GET", Endpoint::Settings(account, kind.to_string()))
+        }
+        ["inbox", "mentions"] => ("GET", Endpoint::Mentions(account)),
+        ["inbox", "mention", topic, mention] => {
+            let Some(topic) = id(topic) else {
+                return Some(Err("the topic id must be a positive number"));
+            };
+            (
+                "GET, POST",
+                Endpoint::Mention(account, topic, mention.to_string()),
+            )
+        }
+        ["inbox", "add"] => ("POST", Endpoint::InboxAdd(account)),
+        ["inbox", "contact", service, sid] => (
+            "GET, POST",
+            Endpoint::Contact(account, service.to_string(), sid.to_string()),
+        ),
+        ["publisher", "add"] => ("POST", Endpoint::PublisherAdd(account)),
+        ["insights", metric @ ..] if !metric.is_empty() => {
+            ("GET", Endpoint::Insights(account, metric.join("/")))
+        }
+        _ => return None,
+    };
+    Some(Ok(found))
+}
+
+fn bad(message: &str) -> Reply {
+    reply::error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+/// Answers an authenticated, admitted API call.
+pub(crate) async fn serve(sim: &Sim, endpoint: Endpoint, post: bool, call: &Call<'_>) -> Reply {
+    let list = |items: Vec<Value>| match Page::parse(call) {
+        Ok(page) => reply::ok(paged(call, page, items)),
+        Err(message) => bad(&message),
+    };
+    match endpoint {
+        Endpoint::Me => reply::ok(data::me()),
+        Endpoint::Accounts => list(data::accounts()),
+        Endpoint::Permissions => reply::ok(data::permissions()),
+        Endpoint::ConnectedProfiles => list(data::connected_profiles()),
+        Endpoint::Settings(account, kind) => {
+            list(data::settings(account, &kind).unwrap_or_default())
+        }
+        Endpoint::Mentions(account) => mentions(sim, account, call),
+        Endpoint::Mention(account, topic, id) if post => {
+            update_mention(sim, account, topic, id, call)
+        }
+        Endpoint::Mention(account, topic, id) => match mention(sim, call.base, account, topic, &id)
+        {
+            Some(found) => reply::ok(found),
+            None => reply::error(StatusCode::NOT_FOUND, "not_found", "no such mention"),
+        },
+        Endpoint::InboxAdd(account) => add_message(sim, account, call),
+        Endpoint::Contact(account, service, sid) => contact(sim, account, service, sid, post, call),
+        Endpoint::PublisherAdd(account) => publisher_add(sim, account, call),
+        Endpoint::Insights(account, metric) => {
+            tokio::time::sleep(sim.insights_latency).await;
+            let time = |name: &str| call.query_param(name).and_then(|t| t.parse::<u64>().ok());
+            let to = time("date_to").unwrap_or(data::NEWEST);
+            let from = time("date_from").unwrap_or(to.saturating_sub(7 * 86_400));
+            reply::ok(data::insights(account, &metric, from, to))
+        }
+    }
+}
+
+/// A generated mention or one added through `inbox/add`, with stored updates applied.
+/// Added messages live under their own `custom-N` ids, so an unknown one is a 404.
+fn mention(sim: &Sim, base: &str, account: u64, topic: u64, id: &str) -> Option<Value> {
+    let key = (account, topic, id.to_owned());
+    let mut body = if id.starts_with("custom-") {
+        sim.writes.added(&key)?
+    } else {
+        data::mention(base, account, topic, id)
+    };
+    sim.writes.overlay_mention(&key, &mut body);
+    Some(body)
+}
+
+fn mentions(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
+    let page = match Page::parse(call) {
+        Ok(page) => page,
+        Err(message) => return bad(&message),
+    };
+    let topics: Option<Vec<u64>> = call
+        .query_param("topic_ids")
+        .filter(|t| !t.is_empty())
+        .map(|t| t.split(',').filter_map(|n| n.trim().parse().ok()).collect());
+    // Dates are honoured loosely: an unreadable bound is ignored, as a lenient API would.
+    let time = |name: &str| call.query_param(name).and_then(|t| t.parse::<u64>().ok());
+    let (from, to) = (time("date_from"), time("date_to"));
+    let ascending = call.query_param("sort").is_some_and(|s| s.contains("asc"));
+    let mut seqs: Vec<u64> = (0..data::MENTIONS)
+        .filter(|seq| {
+            let (topic, _) = data::mention_at(account, *seq);
+            let when = data::published_at(*seq);
+            topics.as_ref().is_none_or(|t| t.contains(&topic))
+                && from.is_none_or(|f| when >= f)
+                && to.is_none_or(|t| when <= t)
+        })
+        .collect();
+    if !ascending {
+        seqs.reverse();
+    }
+    let total = seqs.len() as u64;
+    let items = seqs[page.range(total)]
+        .iter()
+        .filter_map(|seq| {
+            let (topic, id) = data::mention_at(account, *seq);
+            mention(sim, call.base, account, topic, &id)
+        })
+        .collect();
+    reply::ok(paged_list(call, page, total, items))
+}
+
+fn update_mention(sim: &Sim, account: u64, topic: u64, id: String, call: &Call<'_>) -> Reply {
+    let Some(text) = call.param("updates") else {
+        return bad("the form field updates is required");
+    };
+    let updates: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return bad(&format!("updates is not JSON: {e}")),
+    };
+    if mention(sim, call.base, account, topic, &id).is_none() {
+        return reply::error(StatusCode::NOT_FOUND, "not_found", "no such mention");
+    }
+    if let Err(message) = sim
+        .writes
+        .update_mention((account, topic, id.clone()), &updates)
+    {
+        return bad(&message);
+    }
+    sim.stats.incr(Counter::Writes);
+    match mention(sim, call.base, account, topic, &id) {
+        Some(updated) => reply::ok(updated),
+        None => reply::error(StatusCode::NOT_FOUND, "not_found", "no such mention"),
+    }
+}
+
+/// Fields of a write other than the credential, in order.
+fn fields(call: &Call<'_>) -> Map<String, Value> {
+    call.form
+        .iter()
+        .filter(|(k, _)| k != "access_token")
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect()
+}
+
+fn add_message(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
+    let Some(content) = call.param("message").filter(|m| !m.is_empty()) else {
+        return bad("the form field message is required");
+    };
+    let topic = match call.param("topic_id") {
+        None => data::topic_ids(account)[0],
+        Some(t) => match id(t) {
+            Some(t) => t,
+            None => return bad("topic_id must be a positive number"),
+        },
+    };
+    let service = call.param("service").unwrap_or("custom").to_owned();
+    let author = call.param("author_name").map(str::to_owned);
+    let added = sim.writes.add_message(account, topic, |id| {
+        json!({
+            "id": id,
+            "unique_id": format!("{topic}_{id}"),
+            "message": {"content": content, "language": null, "sentiment": 0},
+            "source": {"service": service, "id": id, "url": null},
+            "topic": {"id": topic},
+            "status": "new",
+            "date": {"added": data::NEWEST, "published": data::NEWEST},
+            "tags": [],
+            "author": {"id": null, "name": author},
+            "assignment": null,
+            "notes": [],
+        })
+    });
+    sim.stats.incr(Counter::Writes);
+    reply::ok(added)
+}
+
+fn contact(
+    sim: &Sim,
+    account: u64,
+    service: String,
+    sid: String,
+    post: bool,
+    call: &Call<'_>,
+) -> Reply {
+    let key = (account, service, sid);
+    if post {
+        let (mut crm, mut custom) = (Map::new(), Map::new());
+        match call.param("updates").map(serde_json::from_str::<Value>) {
+            Some(Ok(Value::Object(updates))) => {
+                for (field, value) in updates {
+                    match (field.as_str(), value) {
+                        ("crm", Value::Object(more)) => crm.extend(more),
+                        ("custom_attributes", Value::Object(more)) => custom.extend(more),
+                        (_, value) => {
+                            crm.insert(field, value);
+                        }
+                    }
+                }
+            }
+            Some(_) => return bad("updates must be a JSON object"),
+            None => crm = fields(call),
+        }
+        if crm.is_empty() && custom.is_empty() {
+            return bad("nothing to update: send CRM fields or updates");
+        }
+        sim.writes.update_contact(key.clone(), crm, custom);
+        sim.stats.incr(Counter::Writes);
+    }
+    let mut body = data::contact(key.0, &key.1, &key.2);
+    sim.writes.overlay_contact(&key, &mut body);
+    reply::ok(body)
+}
+
+fn publisher_add(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
+    let fields = fields(call);
+    if fields.is_empty() {
+        return bad("a draft needs at least one field, such as message");
+    }
+    let id = sim.writes.next_id();
+    sim.stats.incr(Counter::Writes);
+    // Drafts wait for approval: the simulator, like the real API, never publishes them.
+    reply::ok(json!({
+        "id": format!("draft-{id}"),
+        "account_id": account,
+        "status": "awaiting_approval",
+        "fields": fields,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_paths() {
+        let get = Method::GET;
+        let cases = [
+            ("/me", Route::Api(Endpoint::Me)),
+            ("/me/", Route::Api(Endpoint::Me)),
+            ("/oauth/access_token/", Route::Token),
+            (
+                "/12345/inbox/mentions/",
+                Route::Api(Endpoint::Mentions(12345)),
+            ),
+            (
+                "/12345/inbox/mention/123451/77",
+                Route::Api(Endpoint::Mention(12345, 123451, "77".into())),
+            ),
+            (
+                "/1/insights/mentions/volume",
+                Route::Api(Endpoint::Insights(1, "mentions/volume".into())),
+            ),
+            (
+                "/abc/inbox/mentions",
+                Route::BadRequest("the account id must be a positive number"),
+            ),
+            ("/12345/nothing", Route::NotFound),
+            ("/", Route::NotFound),
+            ("/me//accounts", Route::NotFound),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(classify(&get, path), expected, "classifying {path}");
+        }
+        assert_eq!(
+            classify(&Method::GET, "/1/publisher/add"),
+            Route::WrongMethod("POST")
+        );
+        assert_eq!(classify(&Method::DELETE, "/me"), Route::WrongMethod("GET"));
+    }
+}

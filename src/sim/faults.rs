@@ -1,0 +1,298 @@
+//! Fault injection: the set of faults in force and the per-request decision drawn from it.
+//!
+//! Invariants: the set is replaced as a whole (flags at start, `POST /_sim/faults`,
+//! `SimHandle::set_faults`); forced counts (`force_429`, `force_401`) are consumed under the
+//! same brief lock that draws the decision, so N forced answers happen exactly N times even
+//! under concurrency. When no fault is set, a request pays one atomic load and nothing else.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::lock;
+
+/// The faults in force. Every field is optional in JSON; absent means "no such fault".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every matching request before it is answered.
+    pub latency_ms: u64,
+    /// A uniformly random extra delay in `0..=jitter_ms`.
+    pub jitter_ms: u64,
+    /// Share (0..1) of matching requests answered with `error_status`.
+    pub error_rate: f64,
+    /// Status of injected errors (a 5xx; 500, 502 and 503 are the usual ones).
+    pub error_status: u16,
+    /// Share (0..1) of matching requests whose connection is closed without an answer.
+    pub drop_rate: f64,
+    /// When non-zero, answers send their headers and then dribble the body over this time.
+    pub slow_body_ms: u64,
+    /// The next `count` API calls answer 429 with `Retry-After: retry_after`.
+    pub force_429: Option<Force429>,
+    /// The next `count` API calls answer 401 `invalid_token`.
+    pub force_401: Option<Force401>,
+    /// The OAuth token endpoint answers 503 while this is true.
+    pub token_endpoint_down: bool,
+    /// When set, only requests whose path starts with it are subject to the faults above
+    /// (except `token_endpoint_down`, which concerns one path anyway).
+    pub path_prefix: Option<String>,
+}
+
+/// See [`Faults::force_429`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Force429 {
+    pub count: u32,
+    #[serde(default = "one_second")]
+    pub retry_after: u64,
+}
+
+/// See [`Faults::force_401`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Force401 {
+    pub count: u32,
+}
+
+fn one_second() -> u64 {
+    1
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_rate: 0.0,
+            error_status: 503,
+            drop_rate: 0.0,
+            slow_body_ms: 0,
+            force_429: None,
+            force_401: None,
+            token_endpoint_down: false,
+            path_prefix: None,
+        }
+    }
+}
+
+impl Faults {
+    /// Checks the values a JSON body may get wrong; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, rate) in [
+            ("error_rate", self.error_rate),
+            ("drop_rate", self.drop_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be between 0 and 1, got {rate}"));
+            }
+        }
+        if !(500..=599).contains(&self.error_status) {
+            return Err(format!(
+                "error_status must be a 5xx status, got {}",
+                self.error_status
+            ));
+        }
+        Ok(())
+    }
+
+    /// Brings out-of-range values into range, for callers that cannot report an error.
+    pub fn normalised(mut self) -> Self {
+        // NaN fails every comparison, so it is mapped to "never" explicitly.
+        let clamp = |r: f64| if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) };
+        self.error_rate = clamp(self.error_rate);
+        self.drop_rate = clamp(self.drop_rate);
+        if !(500..=599).contains(&self.error_status) {
+            self.error_status = 503;
+        }
+        self
+    }
+
+    fn is_active(&self) -> bool {
+        *self
+            != Faults {
+                path_prefix: self.path_prefix.clone(),
+                error_status: self.error_status,
+                ..Faults::default()
+            }
+    }
+}
+
+/// What to do to one request. `Plan::default()` is "nothing".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub drop: bool,
+    pub delay: Duration,
+    pub error: Option<u16>,
+    pub slow_body: Duration,
+    pub force_401: bool,
+    pub force_429: Option<u64>,
+    pub token_down: bool,
+}
+
+impl Plan {
+    pub fn injects(&self) -> bool {
+        *self != Plan::default()
+    }
+}
+
+/// Which kind of request a plan is drawn for: forced 401/429 only hit API calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    Api,
+    TokenEndpoint,
+    Other,
+}
+
+/// The shared, replaceable fault set.
+pub(crate) struct FaultState {
+    active: AtomicBool,
+    faults: Mutex<Faults>,
+}
+
+impl FaultState {
+    pub fn new(faults: Faults) -> Self {
+        let state = FaultState {
+            active: AtomicBool::new(false),
+            faults: Mutex::new(Faults::default()),
+        };
+        state.set(faults);
+        state
+    }
+
+    pub fn set(&self, faults: Faults) {
+        let faults = faults.normalised();
+        let mut current = lock(&self.faults);
+        self.active.store(faults.is_active(), Ordering::Release);
+        *current = faults;
+    }
+
+    pub fn current(&self) -> Faults {
+        lock(&self.faults).clone()
+    }
+
+    /// Draws the decision for one request and consumes any forced answer it uses.
+    pub fn plan(&self, path: &str, target: Target) -> Plan {
+        if !self.active.load(Ordering::Acquire) {
+            return Plan::default();
+        }
+        let mut faults = lock(&self.faults);
+        let mut plan = Plan {
+            token_down: target == Target::TokenEndpoint && faults.token_endpoint_down,
+            ..Plan::default()
+        };
+        if let Some(prefix) = &faults.path_prefix {
+            if !path.starts_with(prefix.as_str()) {
+                return plan;
+            }
+        }
+        if faults.drop_rate > 0.0 && fastrand::f64() < faults.drop_rate {
+            plan.drop = true;
+            return plan;
+        }
+        let jitter = match faults.jitter_ms {
+            0 => 0,
+            j => fastrand::u64(0..=j),
+        };
+        plan.delay = Duration::from_millis(faults.latency_ms.saturating_add(jitter));
+        plan.slow_body = Duration::from_millis(faults.slow_body_ms);
+        if faults.error_rate > 0.0 && fastrand::f64() < faults.error_rate {
+            plan.error = Some(faults.error_status);
+            return plan;
+        }
+        if target != Target::Api {
+            return plan;
+        }
+        if let Some(force) = faults.force_401.as_mut().filter(|f| f.count > 0) {
+            force.count -= 1;
+            plan.force_401 = true;
+        } else if let Some(force) = faults.force_429.as_mut().filter(|f| f.count > 0) {
+            force.count -= 1;
+            plan.force_429 = Some(force.retry_after);
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_faults_means_empty_plan() {
+        let state = FaultState::new(Faults::default());
+        let plan = state.plan("/me", Target::Api);
+        assert!(!plan.injects(), "expected no fault, saw {plan:?}");
+    }
+
+    #[test]
+    fn forced_answers_are_consumed_exactly() {
+        let state = FaultState::new(Faults {
+            force_429: Some(Force429 {
+                count: 2,
+                retry_after: 7,
+            }),
+            ..Faults::default()
+        });
+        let seen: Vec<_> = (0..3)
+            .map(|_| state.plan("/me", Target::Api).force_429)
+            .collect();
+        assert_eq!(
+            seen,
+            vec![Some(7), Some(7), None],
+            "expected two forced 429s"
+        );
+        // The token endpoint never consumes a forced API answer.
+        state.set(Faults {
+            force_401: Some(Force401 { count: 1 }),
+            ..Faults::default()
+        });
+        assert!(
+            !state
+                .plan("/oauth/access_token", Target::TokenEndpoint)
+                .force_401
+        );
+        assert!(
+            state.plan("/me", Target::Api).force_401,
+            "expected forced 401"
+        );
+    }
+
+    #[test]
+    fn path_prefix_limits_faults() {
+        let state = FaultState::new(Faults {
+            error_rate: 1.0,
+            error_status: 502,
+            path_prefix: Some("/12345/".into()),
+            ..Faults::default()
+        });
+        assert_eq!(
+            state.plan("/me", Target::Api).error,
+            None,
+            "expected /me untouched"
+        );
+        assert_eq!(
+            state.plan("/12345/inbox/mentions", Target::Api).error,
+            Some(502)
+        );
+    }
+
+    #[test]
+    fn json_round_trip_and_validation() {
+        let f: Faults = serde_json::from_str(r#"{"drop_rate":0.5,"force_401":{"count":1}}"#)
+            .expect("valid fault JSON");
+        assert_eq!(f.error_status, 503, "expected default error_status 503");
+        assert!(f.validate().is_ok());
+        let bad = Faults {
+            error_rate: 2.0,
+            ..Faults::default()
+        };
+        assert!(
+            bad.validate().is_err(),
+            "expected error_rate 2.0 to be refused"
+        );
+        assert!(serde_json::from_str::<Faults>(r#"{"latency":5}"#).is_err());
+        assert_eq!(bad.normalised().error_rate, 1.0);
+    }
+}

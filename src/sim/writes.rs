@@ -1,0 +1,188 @@
+//! What clients wrote: mention updates, contact CRM changes, added messages and queued
+//! drafts, kept in memory so a later read shows the write (the gateway's invalidation is
+//! tested against this).
+//!
+//! Invariants: a stored write is an overlay on the generated body, applied on every read,
+//! so the generated data stays a pure function; everything sits behind one std Mutex held
+//! briefly, and the overlays are checked before they are stored, so reads never fail.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use serde_json::{Map, Value};
+
+use super::lock;
+
+type MentionKey = (u64, u64, String);
+type ContactKey = (u64, String, String);
+
+#[derive(Default)]
+struct Inner {
+    mentions: HashMap<MentionKey, Map<String, Value>>,
+    added: HashMap<MentionKey, Value>,
+    contacts: HashMap<ContactKey, Map<String, Value>>,
+    next_id: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Writes {
+    inner: Mutex<Inner>,
+}
+
+/// Fields a mention update may set; `note` appends to `notes` instead of replacing.
+const MENTION_FIELDS: [&str; 5] = ["tags", "status", "assignment", "note", "sentiment"];
+
+impl Writes {
+    /// Checks and stores a mention update (`updates` JSON object).
+    pub fn update_mention(&self, key: MentionKey, updates: &Value) -> Result<(), String> {
+        let fields = updates.as_object().ok_or("updates must be a JSON object")?;
+        if let Some(bad) = fields
+            .keys()
+            .find(|k| !MENTION_FIELDS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "updates may not set {bad:?}; allowed: {}",
+                MENTION_FIELDS.join(", ")
+            ));
+        }
+        if fields.get("tags").is_some_and(|t| !t.is_array()) {
+            return Err("updates.tags must be a list".into());
+        }
+        let mut inner = lock(&self.inner);
+        let overlay = inner.mentions.entry(key).or_default();
+        for (field, value) in fields {
+            if field == "note" {
+                let notes = overlay
+                    .entry("notes")
+                    .or_insert_with(|| Value::Array(Vec::new()));
+                if let Value::Array(list) = notes {
+                    list.push(value.clone());
+                }
+            } else {
+                overlay.insert(field.clone(), value.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a stored update to a mention body.
+    pub fn overlay_mention(&self, key: &MentionKey, mention: &mut Value) {
+        let inner = lock(&self.inner);
+        let Some(overlay) = inner.mentions.get(key) else {
+            return;
+        };
+        for (field, value) in overlay {
+            if field == "sentiment" {
+                mention["message"]["sentiment"] = value.clone();
+            } else {
+                mention[field] = value.clone();
+            }
+        }
+    }
+
+    /// Stores a message added through `inbox/add`; answers its id.
+    pub fn add_message(
+        &self,
+        account: u64,
+        topic: u64,
+        build: impl FnOnce(&str) -> Value,
+    ) -> Value {
+        let mut inner = lock(&self.inner);
+        inner.next_id += 1;
+        let id = format!("custom-{}", inner.next_id);
+        let message = build(&id);
+        inner.added.insert((account, topic, id), message.clone());
+        message
+    }
+
+    /// A message added through `inbox/add`, if that is what the id names.
+    pub fn added(&self, key: &MentionKey) -> Option<Value> {
+        lock(&self.inner).added.get(key).cloned()
+    }
+
+    /// A number for a new draft.
+    pub fn next_id(&self) -> u64 {
+        let mut inner = lock(&self.inner);
+        inner.next_id += 1;
+        inner.next_id
+    }
+
+    /// Merges CRM fields and custom attributes into a contact.
+    pub fn update_contact(
+        &self,
+        key: ContactKey,
+        crm: Map<String, Value>,
+        custom: Map<String, Value>,
+    ) {
+        let mut inner = lock(&self.inner);
+        let overlay = inner.contacts.entry(key).or_default();
+        let mut merge = |section: &str, fields: Map<String, Value>| {
+            if fields.is_empty() {
+                return;
+            }
+            let slot = overlay
+                .entry(section)
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(target) = slot {
+                target.extend(fields);
+            }
+        };
+        merge("crm", crm);
+        merge("custom_attributes", custom);
+    }
+
+    pub fn overlay_contact(&self, key: &ContactKey, contact: &mut Value) {
+        let inner = lock(&self.inner);
+        let Some(overlay) = inner.contacts.get(key) else {
+            return;
+        };
+        for (section, fields) in overlay {
+            if let (Value::Object(target), Value::Object(fields)) = (&mut contact[section], fields)
+            {
+                target.extend(fields.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn mention_updates_overlay_and_notes_append() {
+        let writes = Writes::default();
+        let key = (1, 11, "7".to_string());
+        let first = writes.update_mention(key.clone(), &json!({"status": "closed", "note": "a"}));
+        assert_eq!(first, Ok(()));
+        let second = writes.update_mention(key.clone(), &json!({"note": "b"}));
+        assert_eq!(second, Ok(()));
+        let mut m = json!({"status": "new", "notes": [], "message": {"sentiment": 0}});
+        writes.overlay_mention(&key, &mut m);
+        assert_eq!(m["status"], "closed", "expected status overlay, saw {m}");
+        assert_eq!(
+            m["notes"],
+            json!(["a", "b"]),
+            "expected notes appended, saw {m}"
+        );
+        let refused = writes.update_mention(key, &json!({"id": "x"}));
+        assert!(refused.is_err(), "expected unknown field refused");
+    }
+
+    #[test]
+    fn contact_updates_merge() {
+        let writes = Writes::default();
+        let key = (1, "twitter".to_string(), "42".to_string());
+        let mut crm = Map::new();
+        crm.insert("email".into(), json!("new@example.com"));
+        writes.update_contact(key.clone(), crm, Map::new());
+        let mut c = json!({"crm": {"email": "old", "phone": "1"}, "custom_attributes": {}});
+        writes.overlay_contact(&key, &mut c);
+        assert_eq!(
+            c["crm"],
+            json!({"email": "new@example.com", "phone": "1"}),
+            "saw {c}"
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! `TokenError`: everything that can go wrong holding, refreshing or storing the token.
+//!
+//! No variant carries token text: file parse errors keep only the position (serde_json's
+//! message may quote the input), and OAuth errors keep only the short RFC 6749 error code.
+//! The proxy maps any error from `TokenManager::current` to 503 `token_unavailable`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Why no token can be had, loaded, refreshed or stored.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("no token source configured: set token.file or token.access_token_env")]
+    NoSource,
+    #[error("token.file is required for this command")]
+    NoFile,
+    #[error("[token.oauth] is required for this command")]
+    NoOAuth,
+    #[error("environment variable {name} is not set or empty")]
+    MissingEnv { name: String },
+    #[error("environment variable {name} is not a whole number of seconds")]
+    BadEnvNumber { name: String },
+    #[error("cannot read token file {path}: {source}", path = path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {path} is not valid JSON of the expected shape (line {line}, column {column})", path = path.display())]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("token file {path} has an empty access_token", path = path.display())]
+    EmptyAccessToken { path: PathBuf },
+    #[error("token file {path}: expires_at is not an RFC 3339 time", path = path.display())]
+    BadExpiry { path: PathBuf },
+    #[error("cannot write token file {path}: {source}", path = path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the access token expired and no new one could be obtained")]
+    Expired,
+    #[error("the token cannot be refreshed: no [token.oauth] or no refresh token")]
+    NotRefreshable,
+    #[error("re-authorisation needed: refresh token refused (invalid_grant)")]
+    InvalidGrant,
+    #[error("token_url is not a valid http(s) URL")]
+    BadTokenUrl,
+    #[error("token endpoint unreachable: {0}")]
+    Http(#[source] hyper_util::client::legacy::Error),
+    #[error("token endpoint answer could not be read: {0}")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("token endpoint did not answer in time")]
+    Timeout,
+    #[error("token endpoint answered HTTP {status}{}", code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default())]
+    Rejected { status: u16, code: Option<String> },
+    #[error("token endpoint answer is not a token: {reason}")]
+    BadAnswer { reason: &'static str },
+    #[error("the refresh task ended without an outcome")]
+    RefreshAborted,
+    #[error("cannot register token metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
+    /// One refresh outcome shared by every caller that waited for it.
+    #[error(transparent)]
+    Shared(Arc<TokenError>),
+}
+
+impl TokenError {
+    /// True when the refresh token was refused and a person must authorise again.
+    pub fn needs_reauthorisation(&self) -> bool {
+        match self {
+            TokenError::InvalidGrant => true,
+            TokenError::Shared(inner) => inner.needs_reauthorisation(),
+            _ => false,
+        }
+    }
+}

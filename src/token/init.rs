@@ -1,0 +1,95 @@
+//! `cxgate token init`: write the token file a running gateway will load.
+//!
+//! Two ways in: the token values from the environment (for the "Authorise Myself" token
+//! of the developer portal, or tokens obtained elsewhere), or an authorisation code that is
+//! exchanged at the OAuth endpoint. Either way the file is written atomically with mode
+//! 0600, exactly as a refresh writes it, and a running gateway that needs
+//! re-authorisation picks the new file up by itself.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use super::error::TokenError;
+use super::file::{self, TokenRecord};
+use super::oauth::{self, Grant};
+use super::secret::Secret;
+use super::{env_lookup, TokenSettings};
+use crate::upstream::HttpClient;
+
+/// The access token to store.
+pub const ACCESS_TOKEN_VAR: &str = "CX_ACCESS_TOKEN";
+/// The refresh token to store (optional).
+pub const REFRESH_TOKEN_VAR: &str = "CX_REFRESH_TOKEN";
+/// Seconds until the access token expires (optional; unknown expiry when absent).
+pub const EXPIRES_IN_VAR: &str = "CX_EXPIRES_IN";
+
+/// Writes the token file from `CX_ACCESS_TOKEN`, `CX_REFRESH_TOKEN` and `CX_EXPIRES_IN`.
+pub async fn init_from_env(settings: &TokenSettings) -> Result<PathBuf, TokenError> {
+    init_from_lookup(settings, &env_lookup).await
+}
+
+pub(crate) async fn init_from_lookup(
+    settings: &TokenSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf, TokenError> {
+    let path = settings.file.clone().ok_or(TokenError::NoFile)?;
+    let access = env(ACCESS_TOKEN_VAR).ok_or_else(|| TokenError::MissingEnv {
+        name: ACCESS_TOKEN_VAR.to_string(),
+    })?;
+    let expires_in = match env(EXPIRES_IN_VAR) {
+        Some(text) => Some(
+            text.trim()
+                .parse::<u64>()
+                .map_err(|_| TokenError::BadEnvNumber {
+                    name: EXPIRES_IN_VAR.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let record = TokenRecord {
+        access: Secret::new(access),
+        refresh: env(REFRESH_TOKEN_VAR).map(Secret::new),
+        expires_at: expires_in.and_then(|s| SystemTime::now().checked_add(Duration::from_secs(s))),
+        scope: None,
+    };
+    file::persist(&path, &record).await?;
+    tracing::info!(path = %path.display(), "token file written");
+    Ok(path)
+}
+
+/// Exchanges an authorisation code at `[token.oauth]`'s endpoint and writes the token file.
+pub async fn init_from_code(
+    settings: &TokenSettings,
+    client: HttpClient,
+    code: &str,
+    redirect_uri: Option<&str>,
+) -> Result<PathBuf, TokenError> {
+    init_from_code_with(settings, &client, code, redirect_uri, &env_lookup).await
+}
+
+pub(crate) async fn init_from_code_with(
+    settings: &TokenSettings,
+    client: &HttpClient,
+    code: &str,
+    redirect_uri: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PathBuf, TokenError> {
+    let path = settings.file.clone().ok_or(TokenError::NoFile)?;
+    let oauth = settings.oauth.as_ref().ok_or(TokenError::NoOAuth)?;
+    let secret = env(&oauth.client_secret_env).ok_or_else(|| TokenError::MissingEnv {
+        name: oauth.client_secret_env.clone(),
+    })?;
+    let grant = Grant::Code { code, redirect_uri };
+    let granted = oauth::exchange(client, oauth, &Secret::new(secret), grant).await?;
+    let record = TokenRecord {
+        access: granted.access,
+        refresh: granted.refresh,
+        expires_at: granted
+            .expires_in
+            .and_then(|d| SystemTime::now().checked_add(d)),
+        scope: granted.scope,
+    };
+    file::persist(&path, &record).await?;
+    tracing::info!(path = %path.display(), "token file written from an authorisation code");
+    Ok(path)
+}

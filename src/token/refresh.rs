@@ -1,0 +1,444 @@
+//! The shared token state, the single-flight refresh and the background refresher.
+//!
+//! Invariants:
+//! - At most one refresh runs at a time. It runs in a spawned task that owns everything it
+//!   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
+//!   "the endpoint consumed the old refresh token" and "the new one is saved".
+//! - The new token is written to the token file before it is published in memory, so a
+//!   crash leaves a file whose refresh token is either the unused old one or the new one.
+//! - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
+//!   with the refresh token the first one is spending.
+//!
+//! The state sits behind a std `Mutex`: every critical section is a few field reads or
+//! writes and none spans an `.await`. A poisoned lock is recovered because no section can
+//! leave the fields half-updated (they are assigned after all fallible work is done).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::error::TokenError;
+use super::file::{self, TokenRecord};
+use super::metrics::{ExpirySource, TokenMetrics};
+use super::oauth::{self, Grant};
+use super::secret::Secret;
+use super::{Current, OAuthSettings};
+use crate::upstream::HttpClient;
+
+/// After a failed refresh, rejection-triggered refreshes reuse the failure for this long
+/// instead of calling the endpoint again: many 401s must not become many token calls.
+const FAILURE_COOLDOWN: Duration = Duration::from_secs(1);
+/// A freshly refreshed token is not refreshed again sooner than this, whatever its lifetime.
+const MIN_REFRESH_GAP: Duration = Duration::from_secs(1);
+/// The refresher re-reads its plan at least this often, so state changes made elsewhere
+/// (a 401-triggered refresh, a re-authorisation) are noticed without a wake-up channel.
+const IDLE_TICK: Duration = Duration::from_secs(60);
+/// How often an unrefreshable token's file is re-read to pick up `cxgate token init`.
+pub(crate) const FILE_POLL: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// Once the token has expired, clients get 503 until a refresh works: retry more eagerly.
+const BACKOFF_CAP_EXPIRED: Duration = Duration::from_secs(30);
+
+type Outcome = Result<(), Arc<TokenError>>;
+
+/// Where the token came from.
+pub(crate) enum Source {
+    File(PathBuf),
+    Env,
+}
+
+pub(crate) struct State {
+    pub record: TokenRecord,
+    /// `record.expires_at` on tokio's clock, which the tests can pause and advance.
+    pub expires: Option<Instant>,
+    /// When this token was obtained (loaded or refreshed).
+    pub obtained: Instant,
+    pub generation: u64,
+    /// The tokens just replaced: answers to requests sent with them may still arrive.
+    pub previous: Vec<Secret>,
+    pub last_refresh: Option<SystemTime>,
+    pub refreshed_at: Option<Instant>,
+    /// Consecutive failed refreshes.
+    pub failures: u64,
+    pub reauth: bool,
+    pub last_failure: Option<(Instant, Arc<TokenError>)>,
+    /// The newest token could not be written to the file.
+    pub unsaved: bool,
+    flight: Option<watch::Receiver<Option<Outcome>>>,
+}
+
+impl State {
+    pub fn new(record: TokenRecord, now: Instant) -> State {
+        let expires = record.expires_at.map(|at| to_instant(at, now));
+        State {
+            record,
+            expires,
+            obtained: now,
+            generation: 1,
+            previous: Vec::new(),
+            last_refresh: None,
+            refreshed_at: None,
+            failures: 0,
+            reauth: false,
+            last_failure: None,
+            unsaved: false,
+            flight: None,
+        }
+    }
+
+    /// Installs a new token as the next generation.
+    fn replace(&mut self, record: TokenRecord, expires: Option<Instant>, now: Instant) {
+        let old = std::mem::replace(&mut self.record, record);
+        self.previous = std::iter::once(old.access).chain(old.refresh).collect();
+        self.expires = expires;
+        self.obtained = now;
+        self.generation += 1;
+        self.failures = 0;
+        self.reauth = false;
+        self.last_failure = None;
+    }
+}
+
+/// Maps a wall-clock expiry onto tokio's clock as "now plus what is left".
+fn to_instant(at: SystemTime, now: Instant) -> Instant {
+    match at.duration_since(SystemTime::now()) {
+        Ok(left) => now.checked_add(left).unwrap_or(now),
+        Err(past) => now.checked_sub(past.duration()).unwrap_or(now),
+    }
+}
+
+pub(crate) struct Inner {
+    pub source: Source,
+    pub refresh_before: Duration,
+    pub oauth: Option<OAuthSettings>,
+    pub client_secret: Option<Secret>,
+    pub client: HttpClient,
+    pub state: Mutex<State>,
+    pub metrics: Option<TokenMetrics>,
+}
+
+impl ExpirySource for Inner {
+    fn seconds_left(&self) -> Option<f64> {
+        let expires = self.lock().expires?;
+        let now = Instant::now();
+        Some(if expires >= now {
+            (expires - now).as_secs_f64()
+        } else {
+            -(now - expires).as_secs_f64()
+        })
+    }
+}
+
+impl Inner {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a refresh can be attempted at all (OAuth configured and a refresh token).
+    pub fn refreshable(&self, state: &State) -> bool {
+        self.oauth.is_some() && self.client_secret.is_some() && state.record.refresh.is_some()
+    }
+
+    pub fn current(&self) -> Result<Current, TokenError> {
+        let state = self.lock();
+        current_of(&state)
+    }
+
+    /// Refreshes unless the token already moved past `seen`; see the module docs.
+    /// `force` skips the failure cooldown (the refresher keeps its own backoff).
+    pub async fn refresh(self: &Arc<Self>, seen: u64, force: bool) -> Result<Current, TokenError> {
+        let mut outcome = {
+            let mut state = self.lock();
+            if state.generation != seen {
+                return current_of(&state);
+            }
+            // A flight whose task died without an outcome (it panicked) is replaced.
+            match state.flight.as_ref().filter(|rx| rx.has_changed().is_ok()) {
+                Some(rx) => rx.clone(),
+                None => {
+                    if !self.refreshable(&state) {
+                        return Err(TokenError::NotRefreshable);
+                    }
+                    if state.reauth {
+                        return Err(TokenError::InvalidGrant);
+                    }
+                    if let Some((at, err)) = &state.last_failure {
+                        if !force && at.elapsed() < FAILURE_COOLDOWN {
+                            return Err(TokenError::Shared(Arc::clone(err)));
+                        }
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    state.flight = Some(rx.clone());
+                    let inner = Arc::clone(self);
+                    tokio::spawn(async move { inner.fly(tx).await });
+                    rx
+                }
+            }
+        };
+        let result = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| TokenError::RefreshAborted)?
+            .clone();
+        match result {
+            Some(Ok(())) => self.current(),
+            Some(Err(err)) => Err(TokenError::Shared(err)),
+            None => Err(TokenError::RefreshAborted),
+        }
+    }
+
+    async fn fly(self: Arc<Self>, tx: watch::Sender<Option<Outcome>>) {
+        let outcome = self.refresh_once().await.map_err(Arc::new);
+        {
+            let mut state = self.lock();
+            state.flight = None;
+            if let Err(err) = &outcome {
+                state.last_failure = Some((Instant::now(), Arc::clone(err)));
+            }
+        }
+        tx.send_replace(Some(outcome));
+    }
+
+    async fn refresh_once(&self) -> Result<(), TokenError> {
+        let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
+            return Err(TokenError::NotRefreshable);
+        };
+        let (spent, old, generation) = {
+            let state = self.lock();
+            let spent = state.record.refresh.clone();
+            (spent, state.record.clone(), state.generation)
+        };
+        let Some(spent) = spent else {
+            return Err(TokenError::NotRefreshable);
+        };
+        let granted = oauth::exchange(&self.client, oauth, secret, Grant::Refresh(&spent)).await;
+        let granted = match granted {
+            Ok(granted) => granted,
+            Err(err) => {
+                self.count(false);
+                let mut state = self.lock();
+                state.failures += 1;
+                if err.needs_reauthorisation() {
+                    state.reauth = true;
+                    error!(
+                        generation,
+                        "re-authorisation needed: the token endpoint refused the refresh token \
+                         (invalid_grant); authorise again and run `cxgate token init`"
+                    );
+                } else {
+                    warn!(generation, failures = state.failures, error = %err, "token refresh failed; will retry");
+                }
+                return Err(err);
+            }
+        };
+
+        let wall = SystemTime::now();
+        let now = Instant::now();
+        let record = TokenRecord {
+            access: granted.access,
+            // Without a new refresh token the endpoint does not rotate: keep the old one.
+            refresh: granted.refresh.or(Some(spent)),
+            expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
+            scope: granted.scope.or(old.scope),
+        };
+        let mut saved = true;
+        if let Source::File(path) = &self.source {
+            if let Err(err) = file::persist(path, &record).await {
+                // The endpoint already consumed the old refresh token, so dropping the new
+                // one would lose the credential for good: use it, and say loudly that a
+                // restart would need re-authorisation.
+                saved = false;
+                error!(generation, error = %err, "refreshed token could not be saved; a restart now needs re-authorisation");
+            }
+        }
+        let expires = granted.expires_in.and_then(|d| now.checked_add(d));
+        let new_generation = {
+            let mut state = self.lock();
+            state.replace(record, expires, now);
+            state.last_refresh = Some(wall);
+            state.refreshed_at = Some(now);
+            state.unsaved = !saved;
+            state.generation
+        };
+        self.count(true);
+        info!(
+            generation = new_generation,
+            expires_in_s = granted.expires_in.map(|d| d.as_secs()),
+            "access token refreshed"
+        );
+        Ok(())
+    }
+
+    fn count(&self, ok: bool) {
+        if let Some(metrics) = &self.metrics {
+            if ok {
+                metrics.ok.inc();
+            } else {
+                metrics.error.inc();
+            }
+        }
+    }
+
+    /// Adopts the token file's content if someone replaced it (`cxgate token init`).
+    pub async fn reload_if_changed(&self) {
+        let Source::File(path) = &self.source else {
+            return;
+        };
+        let record = match file::read(path).await {
+            Ok(record) => record,
+            Err(err) => {
+                warn!(error = %err, "token file could not be re-read");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut state = self.lock();
+        let same = record.access == state.record.access && record.refresh == state.record.refresh;
+        if same || state.flight.is_some() {
+            return;
+        }
+        let expires = record.expires_at.map(|at| to_instant(at, now));
+        state.replace(record, expires, now);
+        info!(
+            generation = state.generation,
+            "token file changed on disk; using its token"
+        );
+    }
+}
+
+pub(crate) fn current_of(state: &State) -> Result<Current, TokenError> {
+    if let Some(expires) = state.expires {
+        if Instant::now() >= expires {
+            return Err(if state.reauth {
+                TokenError::InvalidGrant
+            } else {
+                TokenError::Expired
+            });
+        }
+    }
+    Ok(Current {
+        access: state.record.access.clone(),
+        generation: state.generation,
+    })
+}
+
+enum Plan {
+    Stop,
+    Idle,
+    WatchFile,
+    RefreshAt { at: Instant, generation: u64 },
+}
+
+fn plan(inner: &Inner) -> Plan {
+    if matches!(inner.source, Source::Env) {
+        return Plan::Stop;
+    }
+    let state = inner.lock();
+    if state.reauth || !inner.refreshable(&state) {
+        return Plan::WatchFile;
+    }
+    let Some(expires) = state.expires else {
+        // No known expiry: only an upstream 401 can tell; refresh_after_rejection handles it.
+        return Plan::Idle;
+    };
+    // Refresh `refresh_before` ahead, but never more than half the token's lifetime ahead,
+    // or a short-lived token would be refreshed again the moment it arrives.
+    let lifetime = expires.saturating_duration_since(state.obtained);
+    let lead = inner.refresh_before.min(lifetime / 2);
+    let mut at = expires.checked_sub(lead).unwrap_or(expires);
+    if let Some(last) = state.refreshed_at {
+        at = at.max(last + MIN_REFRESH_GAP);
+    }
+    Plan::RefreshAt {
+        at,
+        generation: state.generation,
+    }
+}
+
+/// The delay before retry number `attempt` (1-based): exponential with equal jitter,
+/// capped, and while the token is still valid never more than half its remaining life.
+fn retry_delay(attempt: u32, remaining: Option<Duration>) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let cap = match remaining {
+        Some(left) if !left.is_zero() => BACKOFF_CAP.min((left / 2).max(BACKOFF_BASE)),
+        _ => BACKOFF_CAP_EXPIRED,
+    };
+    let full = exp.min(cap);
+    let half = full / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+/// The background refresher; ends only for a static token.
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut attempt: u32 = 0;
+    loop {
+        match plan(&inner) {
+            Plan::Stop => return,
+            Plan::Idle => tokio::time::sleep(IDLE_TICK).await,
+            Plan::WatchFile => {
+                tokio::time::sleep(FILE_POLL).await;
+                inner.reload_if_changed().await;
+            }
+            Plan::RefreshAt { at, generation } => {
+                let now = Instant::now();
+                if at > now {
+                    tokio::time::sleep_until(at.min(now + IDLE_TICK)).await;
+                    continue;
+                }
+                match inner.refresh(generation, true).await {
+                    Ok(_) => attempt = 0,
+                    Err(err) if err.needs_reauthorisation() => attempt = 0,
+                    Err(_) => {
+                        attempt = attempt.saturating_add(1);
+                        let remaining = inner
+                            .lock()
+                            .expires
+                            .map(|e| e.saturating_duration_since(Instant::now()));
+                        tokio::time::sleep(retry_delay(attempt, remaining)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_jittered_and_respects_the_caps() {
+        let long = Some(Duration::from_secs(3600));
+        for attempt in 1..=12u32 {
+            let full = BACKOFF_BASE
+                .saturating_mul(1 << (attempt - 1))
+                .min(BACKOFF_CAP);
+            for _ in 0..50 {
+                let d = retry_delay(attempt, long);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "attempt {attempt}: expected between {:?} and {full:?}, saw {d:?}",
+                    full / 2
+                );
+            }
+        }
+        let short = retry_delay(20, Some(Duration::from_secs(10)));
+        assert!(
+            short <= Duration::from_secs(5),
+            "expected at most half the remaining 10 s, saw {short:?}"
+        );
+        let expired = retry_delay(20, None);
+        assert!(
+            expired <= BACKOFF_CAP_EXPIRED,
+            "expected at most {BACKOFF_CAP_EXPIRED:?} once expired, saw {expired:?}"
+        );
+        let spread: std::collections::HashSet<u128> =
+            (0..20).map(|_| retry_delay(5, long).as_nanos()).collect();
+        assert!(spread.len() > 1, "expected jitter to vary the delay");
+    }
+}
