@@ -50,7 +50,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run the simulated CX Social API alone.
-    Sim(cxgate::sim::SimArgs),
+    Sim(Box<cxgate::sim::SimArgs>),
     /// Client keys.
     Key {
         #[command(subcommand)]
@@ -118,7 +118,7 @@ async fn dispatch(command: Command) -> ExitCode {
             }
             Err(e) => invalid(&e),
         },
-        Command::Sim(args) => match cxgate::sim::run_cli(args).await {
+        Command::Sim(args) => match cxgate::sim::run_cli(*args).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cxgate sim: {e}");

@@ -47,12 +47,19 @@ pub(crate) struct Refusal {
     pub(crate) wait: u64,
 }
 
+/// Cells reserved on the global share, and the upstream's alarm count when they were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Grant {
+    pub(crate) global: Slot,
+    alarms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Step {
-    /// Both shares are reserved: send at `global.at`.
-    Go { client: Option<Slot>, global: Slot },
-    /// Only the client's own share is reserved: come back at `client.at` and `cross`.
-    Queue { client: Slot },
+    /// Both shares are reserved: send at `grant.global.at`.
+    Go { own: Option<Slot>, grant: Grant },
+    /// Only the client's own share is reserved: come back at `own.at` and `cross`.
+    Queue { own: Slot },
 }
 
 impl Ledger {
@@ -122,12 +129,7 @@ impl Ledger {
         now: u64,
     ) -> Result<Step, Refusal> {
         let (max_wait, hold) = self.terms(client);
-        if let Some(wait) = self.upstream.blocked(u64::from(cost.get()), now) {
-            return Err(Refusal {
-                which: Which::Upstream,
-                wait,
-            });
-        }
+        self.upstream_allows(cost, now)?;
         let own = self
             .clients
             .get_mut(client)
@@ -149,17 +151,13 @@ impl Ledger {
                 wait: needed,
             });
         }
-        let own_slot = own.map(|g| g.reserve(cost, 0, now));
-        match own_slot {
-            Some(slot) if slot.at > now => Ok(Step::Queue { client: slot }),
-            _ => {
-                self.upstream.spend(u64::from(cost.get()));
-                let global = self.global.reserve(cost, hold, now);
-                Ok(Step::Go {
-                    client: own_slot,
-                    global,
-                })
-            }
+        let own = own.map(|g| g.reserve(cost, 0, now));
+        match own {
+            Some(own) if own.at > now => Ok(Step::Queue { own }),
+            _ => Ok(Step::Go {
+                own,
+                grant: self.grant(cost, hold, now),
+            }),
         }
     }
 
@@ -170,14 +168,9 @@ impl Ledger {
         cost: NonZeroU32,
         arrived: u64,
         now: u64,
-    ) -> Result<Slot, Refusal> {
+    ) -> Result<Grant, Refusal> {
         let (max_wait, hold) = self.terms(client);
-        if let Some(wait) = self.upstream.blocked(u64::from(cost.get()), now) {
-            return Err(Refusal {
-                which: Which::Upstream,
-                wait,
-            });
-        }
+        self.upstream_allows(cost, now)?;
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
         let wait = self.global.wait(cost, hold, now);
         if wait > left {
@@ -186,8 +179,42 @@ impl Ledger {
                 wait,
             });
         }
+        Ok(self.grant(cost, hold, now))
+    }
+
+    /// Last look when a granted slot comes: refuses if the upstream raised an alarm after the
+    /// grant and its pause still runs. Earlier alarms were seen at the grant, and pauses our own
+    /// counting started already include this request.
+    pub(crate) fn recheck(&self, grant: Grant, now: u64) -> Result<(), Refusal> {
+        if self.upstream.alarms() == grant.alarms {
+            return Ok(());
+        }
+        match self.upstream.paused_for(now) {
+            Some(wait) => Err(Refusal {
+                which: Which::Upstream,
+                wait,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn upstream_allows(&mut self, cost: NonZeroU32, now: u64) -> Result<(), Refusal> {
+        match self.upstream.blocked(u64::from(cost.get()), now) {
+            Some(wait) => Err(Refusal {
+                which: Which::Upstream,
+                wait,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Spends `cost` of the upstream's allowance and reserves the global slot.
+    fn grant(&mut self, cost: NonZeroU32, hold: u32, now: u64) -> Grant {
         self.upstream.spend(u64::from(cost.get()));
-        Ok(self.global.reserve(cost, hold, now))
+        Grant {
+            global: self.global.reserve(cost, hold, now),
+            alarms: self.upstream.alarms(),
+        }
     }
 
     /// Returns what a request reserved but never used (refused late, or dropped while waiting).

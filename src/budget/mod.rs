@@ -17,6 +17,12 @@
 //! The mutex is a `std` one because no critical section awaits; the budget is consulted once
 //! per upstream call, so one lock for all shares costs nothing measurable.
 //!
+//! What remains: cells are burnt only where giving them back could let a newcomer overlap a
+//! request already queued behind them (see `Gcra::give_back`): a request refused by the
+//! global queue after waiting for its own share, or dropped while waiting, with others
+//! reserved after it. A client's own cells count from when it joins the global queue, not
+//! from when it sends: the global share alone paces what the upstream sees.
+//!
 //! ```no_run
 //! # async fn demo(budget: cxgate::budget::Budget) {
 //! use std::num::NonZeroU32;
@@ -208,35 +214,26 @@ impl Budget {
             upstream: false,
         };
         let step = self.ledger().arrive(client, cost, arrived);
-        let go_at = match step.map_err(|r| self.refuse(client, r))? {
-            Step::Go {
-                client: own,
-                global,
-            } => {
+        let grant = match step.map_err(|r| self.refuse(client, r))? {
+            Step::Go { own, grant } => {
                 hold.own = own;
-                hold.global = Some(global);
-                hold.upstream = true;
-                global.at
+                grant
             }
-            Step::Queue { client: own } => {
+            Step::Queue { own } => {
                 hold.own = Some(own);
                 tokio::time::sleep_until(clock.instant(own.at)).await;
                 let crossed = self.ledger().cross(client, cost, arrived, clock.nanos());
-                let global = crossed.map_err(|r| self.refuse(client, r))?;
-                hold.global = Some(global);
-                hold.upstream = true;
-                global.at
+                crossed.map_err(|r| self.refuse(client, r))?
             }
         };
-        if go_at > clock.nanos() {
-            tokio::time::sleep_until(clock.instant(go_at)).await;
+        hold.global = Some(grant.global);
+        hold.upstream = true;
+        if grant.global.at > clock.nanos() {
+            tokio::time::sleep_until(clock.instant(grant.global.at)).await;
         }
-        // A 429 may have come back while this request slept on its slot.
         let now = clock.nanos();
-        if let Some(wait) = self.ledger().upstream.paused_for(now) {
-            let which = Which::Upstream;
-            return Err(self.refuse(client, ledger::Refusal { which, wait }));
-        }
+        let last_look = self.ledger().recheck(grant, now);
+        last_look.map_err(|r| self.refuse(client, r))?;
         hold.keep();
         let waited = Duration::from_nanos(now.saturating_sub(arrived));
         let metrics = &self.inner.metrics;

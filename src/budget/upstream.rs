@@ -35,12 +35,19 @@ pub(crate) struct Upstream {
     pause_until: Option<u64>,
     allowance: Option<Allowance>,
     reported: Option<u64>,
+    /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
+    /// our own counting starts are not alarms: the requests counted in are already allowed.
+    alarms: u64,
 }
 
 impl Upstream {
     /// The last `X-RateLimit-Remaining` seen, if any.
     pub(crate) fn reported(&self) -> Option<u64> {
         self.reported
+    }
+
+    pub(crate) fn alarms(&self) -> u64 {
+        self.alarms
     }
 
     /// Calls the upstream still allows before its reset, when it said fewer than we model.
@@ -114,11 +121,11 @@ impl Upstream {
                 (None, Some(reset)) => reset,
                 (None, None) => at(now, BLIND_PAUSE),
             };
-            self.pause_at_least(until);
+            self.alarm(until);
             return;
         }
         match (remaining, reset) {
-            (Some(0), Some(reset)) => self.pause_at_least(reset),
+            (Some(0), Some(reset)) => self.alarm(reset),
             (Some(left), Some(reset)) => {
                 let left = match self.allowance {
                     Some(a) if a.reset == reset => a.left.min(left),
@@ -129,6 +136,11 @@ impl Upstream {
             // Without a reset time there is nothing to wait for: the local shares pace alone.
             _ => {}
         }
+    }
+
+    fn alarm(&mut self, until: u64) {
+        self.alarms += 1;
+        self.pause_at_least(until);
     }
 
     fn pause_at_least(&mut self, until: u64) {

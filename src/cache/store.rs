@@ -263,6 +263,9 @@ impl Store {
             .count() as u64;
         // moka guarantees lookups never return an entry stored before this call.
         self.inner.entries.invalidate_all();
+        // invalidate_all is lazy: run the maintenance now so the eviction listener drops the
+        // purged keys from the tag index, and a later tag purge does not count them again.
+        self.inner.entries.run_pending_tasks().await;
         count
     }
 

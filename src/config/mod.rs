@@ -18,6 +18,7 @@
 mod checked;
 mod raw;
 pub mod route;
+mod schema;
 mod units;
 mod validate;
 
@@ -68,18 +69,104 @@ impl ConfigError {
 
 /// Parses and validates config text.
 pub fn parse(text: &str) -> Result<Config, ConfigError> {
-    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
-        let message = e.message().to_string();
+    let mut doc: toml::Table = toml::from_str(text).map_err(|e| {
         let path = match e.span() {
             Some(span) => {
-                let line = text[..span.start.min(text.len())].lines().count().max(1);
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
                 format!("(line {line})")
             }
             None => "(file)".to_string(),
         };
-        ConfigError::Invalid(vec![Problem { path, message }])
+        ConfigError::Invalid(vec![Problem {
+            path,
+            message: e.message().trim().to_string(),
+        }])
     })?;
-    validate::validate(raw).map_err(ConfigError::Invalid)
+    let mut problems = schema::strip_unknown(&mut doc);
+    let raw = raw::RawConfig {
+        server: section(&mut doc, "server", &mut problems),
+        upstream: section(&mut doc, "upstream", &mut problems),
+        token: section(&mut doc, "token", &mut problems),
+        cache: section(&mut doc, "cache", &mut problems),
+        budget: section(&mut doc, "budget", &mut problems),
+        clients: list(&mut doc, "clients", &mut problems),
+        routes: list(&mut doc, "routes", &mut problems),
+    };
+    match validate::validate(raw) {
+        Ok(cfg) if problems.is_empty() => Ok(cfg),
+        Ok(_) => Err(ConfigError::Invalid(problems)),
+        Err(more) => {
+            problems.extend(more);
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+/// Deserializes one table; on a type error, finds the key(s) at fault so the problem
+/// names its path (`budget.limit`) rather than only the section.
+fn table_of<T: serde::de::DeserializeOwned + Default>(
+    value: toml::Value,
+    at: &str,
+    problems: &mut Vec<Problem>,
+) -> T {
+    match T::deserialize(value.clone()) {
+        Ok(v) => v,
+        Err(whole) => {
+            let before = problems.len();
+            if let toml::Value::Table(table) = value {
+                for (key, item) in table {
+                    let mut one = toml::Table::new();
+                    one.insert(key.clone(), item);
+                    if let Err(e) = T::deserialize(toml::Value::Table(one)) {
+                        problems.push(Problem {
+                            path: format!("{at}.{key}"),
+                            message: e.message().trim().to_string(),
+                        });
+                    }
+                }
+            }
+            if problems.len() == before {
+                problems.push(Problem {
+                    path: at.to_string(),
+                    message: whole.message().trim().to_string(),
+                });
+            }
+            T::default()
+        }
+    }
+}
+
+fn section<T: serde::de::DeserializeOwned + Default>(
+    doc: &mut toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> T {
+    match doc.remove(name) {
+        None => T::default(),
+        Some(value) => table_of(value, name, problems),
+    }
+}
+
+fn list<T: serde::de::DeserializeOwned + Default>(
+    doc: &mut toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<T> {
+    match doc.remove(name) {
+        None => Vec::new(),
+        Some(toml::Value::Array(items)) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| table_of(item, &format!("{name}[{i}]"), problems))
+            .collect(),
+        Some(_) => {
+            problems.push(Problem {
+                path: name.to_string(),
+                message: format!("must be an array of tables ([[{name}]])"),
+            });
+            Vec::new()
+        }
+    }
 }
 
 /// Reads, parses and validates a config file.

@@ -35,12 +35,15 @@ impl Gateway {
     /// applied, so a replayed write is still a write forwarded once.
     pub(super) async fn call(&self, call: &Call) -> Result<Fetched, GatewayError> {
         let inner = &self.inner;
-        if let Err(rejected) = inner.budget.admit(&call.client, call.cost).await {
-            return Err(GatewayError::RateLimited {
-                retry_after: rejected.retry_after,
-                reason: rejected.budget.label(),
-            });
-        }
+        let budget_wait = match inner.budget.admit(&call.client, call.cost).await {
+            Ok(admitted) => admitted.waited,
+            Err(rejected) => {
+                return Err(GatewayError::RateLimited {
+                    retry_after: rejected.retry_after,
+                    reason: rejected.budget.label(),
+                })
+            }
+        };
         let token = inner
             .token
             .current()
@@ -52,6 +55,7 @@ impl Gateway {
             body: call.body.clone(),
             request_id: &call.request_id,
         };
+        let started = Instant::now();
         let mut fetched = self.exchange(call, &out, token.access.expose()).await?;
         if fetched.status == StatusCode::UNAUTHORIZED {
             if let Ok(fresh) = inner.token.refresh_after_rejection(token.generation).await {
@@ -60,6 +64,8 @@ impl Gateway {
                 }
             }
         }
+        fetched.upstream_time = started.elapsed();
+        fetched.budget_wait = budget_wait;
         let rewriter = &call.state.rewriter;
         let secrets = inner.token.secrets();
         let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();

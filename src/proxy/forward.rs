@@ -25,6 +25,10 @@ pub struct Fetched {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Time spent in upstream exchanges (both, when a 401 was replayed).
+    pub upstream_time: Duration,
+    /// Time spent waiting for budget before the first exchange.
+    pub budget_wait: Duration,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones
@@ -132,6 +136,8 @@ pub async fn exchange(
             status: parts.status,
             headers,
             body,
+            upstream_time: Duration::ZERO,
+            budget_wait: Duration::ZERO,
         })
     };
     match tokio::time::timeout(timeout, work).await {

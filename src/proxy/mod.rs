@@ -26,7 +26,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use tokio::sync::Semaphore;
 
 use crate::auth::{self, Clients};
@@ -108,6 +107,10 @@ struct Outcome {
     client: Arc<str>,
     route: Arc<str>,
     cache: &'static str,
+    /// Upstream exchange time of the call that answered (the leader's, when merged).
+    upstream: Option<std::time::Duration>,
+    /// Budget wait of that call.
+    budget_wait: Option<std::time::Duration>,
 }
 
 impl Gateway {
@@ -177,7 +180,11 @@ impl Gateway {
     }
 
     /// Answers one client request. Never fails: every error becomes an envelope response.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let state = self.state();
@@ -186,6 +193,8 @@ impl Gateway {
             client: Arc::from("-"),
             route: Arc::from("other"),
             cache: "none",
+            upstream: None,
+            budget_wait: None,
         };
         let timeout = state.config.server.request_timeout;
 
@@ -236,19 +245,25 @@ impl Gateway {
             status = status.as_u16(),
             cache = outcome.cache,
             duration_ms = elapsed.as_secs_f64() * 1000.0,
+            upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1000.0),
+            budget_wait_ms = outcome.budget_wait.map(|d| d.as_secs_f64() * 1000.0),
             "request"
         );
         resp
     }
 
     /// The domain steps, in order.
-    async fn pipeline(
+    async fn pipeline<B>(
         &self,
         state: &Arc<State>,
-        req: Request<Incoming>,
+        req: Request<B>,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
-    ) -> Result<Response<Body>, GatewayError> {
+    ) -> Result<Response<Body>, GatewayError>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let cfg = &state.config;
         let (parts, body) = req.into_parts();
 
@@ -329,6 +344,8 @@ impl Gateway {
         //    read right after the write never sees the old data.
         outcome.cache = "bypass";
         let fetched = self.call(&call).await?;
+        outcome.upstream = Some(fetched.upstream_time);
+        outcome.budget_wait = Some(fetched.budget_wait);
         if fetched.status.is_success() {
             if let Some((r, caps)) = rule.filter(|(r, _)| !r.invalidates.is_empty()) {
                 let tags: Vec<String> = r.invalidates.iter().map(|t| t.fill(caps)).collect();
@@ -346,11 +363,15 @@ impl Gateway {
 
 /// Reads the request body, refusing more than `limit` bytes (early, by Content-Length,
 /// when the client announces it).
-async fn read_body(
+async fn read_body<B>(
     length: Option<&HeaderValue>,
-    body: Incoming,
+    body: B,
     limit: u64,
-) -> Result<Bytes, GatewayError> {
+) -> Result<Bytes, GatewayError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Some(len) = length {
         let len: u64 = len
             .to_str()

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap, Method, Response};
+use http::{header, HeaderMap, Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::call::Call;
@@ -124,7 +124,11 @@ impl Gateway {
                 .inc();
         }
         let failed = match &value {
-            Ok(a) => a.fetched.status.is_server_error(),
+            // The upstream's 429 means no budget upstream: stale-if-error covers it too.
+            Ok(a) => {
+                a.fetched.status.is_server_error()
+                    || a.fetched.status == StatusCode::TOO_MANY_REQUESTS
+            }
             Err(e) => matches!(
                 **e,
                 GatewayError::UpstreamUnreachable(_)
@@ -145,6 +149,8 @@ impl Gateway {
         outcome.cache = reply::forward_label(fwd, collapsed);
         let answer = value.map_err(|e| clone_error(&e))?;
         let f = &answer.fetched;
+        outcome.upstream = Some(f.upstream_time);
+        outcome.budget_wait = Some(f.budget_wait);
         let mut resp = reply::from_parts(f.status, &f.headers, &f.body);
         let stored = answer.stored && !collapsed;
         resp.headers_mut().insert(
@@ -180,13 +186,16 @@ impl Gateway {
         });
         let no_store = directives(&call.headers).no_store;
         async move {
-            let fetched = gateway.call(&call).await.map_err(Arc::new)?;
+            let mut fetched = gateway.call(&call).await.map_err(Arc::new)?;
             let storable = fetched.status.is_success()
                 && !no_store
                 && !fetched.headers.contains_key(header::SET_COOKIE)
                 && !cache_control_forbids(&fetched.headers);
             let stored = match rule {
                 Some((ttl, swr, sie, tags)) if storable => {
+                    // The body may be a slice of a much larger read buffer; an exact copy
+                    // keeps a long-lived entry from pinning that buffer (once per miss).
+                    fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
                     let entry = CachedResponse {
                         status: fetched.status,
                         headers: fetched.headers.clone(),

@@ -196,7 +196,7 @@ fn mentions(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
     let ascending = call.query_param("sort").is_some_and(|s| s.contains("asc"));
     let mut seqs: Vec<u64> = (0..data::MENTIONS)
         .filter(|seq| {
-            let (topic, _) = data::mention_at(account, *seq);
+            let topic = data::topic_at(account, *seq);
             let when = data::published_at(*seq);
             topics.as_ref().is_none_or(|t| t.contains(&topic))
                 && from.is_none_or(|f| when >= f)

@@ -178,10 +178,14 @@ pub(crate) fn settings(account: u64, kind: &str) -> Option<Vec<Value>> {
     Some(list)
 }
 
+/// Topic of the mention at timeline position `seq`, without building its id.
+pub(crate) fn topic_at(account: u64, seq: u64) -> u64 {
+    topic_ids(account)[(seq % 3) as usize]
+}
+
 /// Topic and id of the mention at timeline position `seq` (0 = oldest).
 pub(crate) fn mention_at(account: u64, seq: u64) -> (u64, String) {
-    let topic = topic_ids(account)[(seq % 3) as usize];
-    (topic, format!("{account}{seq:06}"))
+    (topic_at(account, seq), format!("{account}{seq:06}"))
 }
 
 /// Publication time of a generated mention at position `seq`.

@@ -58,8 +58,6 @@ use std::time::Duration;
 
 pub use faults::{Faults, Force401, Force429};
 pub use limit::{RateLimit, RateLimitParseError};
-pub use reply::SimBody;
-pub use router::Dropped;
 pub use serve::{run_cli, spawn, SimHandle};
 
 /// Flags of `cxgate sim`.
@@ -96,13 +94,13 @@ pub struct SimArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub jitter: Option<Duration>,
     /// Share (0..1) of requests answered with --error-status.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     pub error_rate: f64,
-    /// Status of injected errors.
-    #[arg(long, default_value_t = 503)]
+    /// Status of injected errors (5xx).
+    #[arg(long, default_value_t = 503, value_parser = clap::value_parser!(u16).range(500..600))]
     pub error_status: u16,
     /// Share (0..1) of requests whose connection is closed without an answer.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
     pub drop_rate: f64,
     /// Dribble every body over this long.
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -144,6 +142,13 @@ impl SimArgs {
             insights_latency: self.insights_latency,
             ..SimOptions::default()
         }
+    }
+}
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
+        _ => Err(format!("expected a share between 0 and 1, got {text:?}")),
     }
 }
 
@@ -210,4 +215,66 @@ impl Sim {
 /// consistent at each step (counters, map inserts), so a panic elsewhere cannot corrupt it.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    #[test]
+    fn flags_become_options() {
+        let cli = Cli::try_parse_from(["sim"]).map(|c| c.sim.options());
+        let defaults = cli.expect("no flags is valid");
+        assert_eq!(defaults.access_tokens, ["sim-token"], "default seed token");
+        assert_eq!(defaults.rate_limit, None, "unlimited by default");
+        assert_eq!(defaults.faults, Faults::default(), "no faults by default");
+        let argv = [
+            "sim",
+            "--rate-limit",
+            "10/1s",
+            "--access-token",
+            "a",
+            "--access-token",
+            "b",
+            "--latency",
+            "20ms",
+            "--error-rate",
+            "0.5",
+            "--error-status",
+            "502",
+            "--token-ttl",
+            "5m",
+        ];
+        let opts = Cli::try_parse_from(argv).map(|c| c.sim.options());
+        let opts = opts.expect("valid flags");
+        assert_eq!(opts.access_tokens, ["a", "b"]);
+        assert_eq!(opts.token_ttl, Duration::from_secs(300));
+        let limit = RateLimit {
+            limit: 10,
+            period: Duration::from_secs(1),
+        };
+        assert_eq!(opts.rate_limit, Some(limit));
+        let seen = (
+            opts.faults.latency_ms,
+            opts.faults.error_rate,
+            opts.faults.error_status,
+        );
+        assert_eq!(seen, (20, 0.5, 502), "fault flags");
+        for bad in [
+            ["sim", "--error-rate", "1.5"],
+            ["sim", "--error-status", "404"],
+        ] {
+            assert!(
+                Cli::try_parse_from(bad).is_err(),
+                "expected {bad:?} refused"
+            );
+        }
+    }
 }

@@ -176,11 +176,11 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn dribbled_body_arrives_whole() {
         let reply = dribble(
             ok(json!({"n": "x".repeat(100)})),
-            Duration::from_millis(100),
+            Duration::from_millis(500),
         );
         let started = tokio::time::Instant::now();
         let expected_len = reply.body().size_hint().exact();
@@ -198,8 +198,8 @@ mod tests {
         let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         assert_eq!(value["response"]["n"].as_str().map(str::len), Some(100));
         assert!(
-            started.elapsed() >= Duration::from_millis(100),
-            "expected the body to take 100 ms, took {:?}",
+            started.elapsed() >= Duration::from_millis(500),
+            "expected the body to take 500 ms, took {:?}",
             started.elapsed()
         );
     }

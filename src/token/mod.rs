@@ -29,8 +29,9 @@ mod metrics;
 mod oauth;
 mod refresh;
 mod secret;
+mod state;
 #[cfg(test)]
-mod testutil;
+mod tests;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -45,7 +46,8 @@ pub use secret::Secret;
 
 use crate::upstream::HttpClient;
 use metrics::ExpirySource;
-use refresh::{Inner, Source, State};
+use refresh::Inner;
+use state::{Source, State};
 
 /// Where the token comes from and how it is renewed (filled from `[token]`).
 #[derive(Debug, Clone)]
@@ -122,8 +124,13 @@ impl TokenManager {
         registry: Option<&prometheus::Registry>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<TokenManager, TokenError> {
+        let mut stamp = None;
         let (source, record) = match (&settings.file, &settings.access_token_env) {
-            (Some(path), _) => (Source::File(path.clone()), file::read(path).await?),
+            (Some(path), _) => {
+                let (record, read) = file::read_stamped(path).await?;
+                stamp = Some(read);
+                (Source::File(path.clone()), record)
+            }
             (None, Some(name)) => {
                 let token =
                     env(name).ok_or_else(|| TokenError::MissingEnv { name: name.clone() })?;
@@ -150,7 +157,8 @@ impl TokenManager {
             })?)),
             None => None,
         };
-        let state = State::new(record, tokio::time::Instant::now());
+        let mut state = State::new(record, tokio::time::Instant::now());
+        state.file_stamp = stamp;
         let generation = state.generation;
         let mut inner = Inner {
             source,
@@ -200,7 +208,7 @@ impl TokenManager {
         if state.reauth {
             return Err(TokenError::InvalidGrant.to_string());
         }
-        match refresh::current_of(&state) {
+        match state::current_of(&state) {
             Ok(_) => Ok(()),
             Err(err) => Err(match &state.last_failure {
                 Some((_, last)) => format!("{err}; last refresh attempt: {last}"),

@@ -1,11 +1,13 @@
-//! The shared token state, the single-flight refresh and the background refresher.
+//! The single-flight refresh and the background refresher.
 //!
 //! Invariants:
 //! - At most one refresh runs at a time. It runs in a spawned task that owns everything it
 //!   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
 //!   "the endpoint consumed the old refresh token" and "the new one is saved".
-//! - The new token is written to the token file before it is published in memory, so a
-//!   crash leaves a file whose refresh token is either the unused old one or the new one.
+//! - The new token is written to the token file before it is published in memory. A crash
+//!   leaves the whole old file or the whole new one; only a crash in the few milliseconds
+//!   between the endpoint's answer and the rename leaves the old, already spent refresh
+//!   token, which no client of a rotate-once endpoint can avoid.
 //! - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
 //!   with the refresh token the first one is spending.
 //!
@@ -13,7 +15,6 @@
 //! writes and none spans an `.await`. A poisoned lock is recovered because no section can
 //! leave the fields half-updated (they are assigned after all fallible work is done).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +27,7 @@ use super::file::{self, TokenRecord};
 use super::metrics::{ExpirySource, TokenMetrics};
 use super::oauth::{self, Grant};
 use super::secret::Secret;
+use super::state::{current_of, to_instant, Outcome, Source, State};
 use super::{Current, OAuthSettings};
 use crate::upstream::HttpClient;
 
@@ -43,74 +45,6 @@ const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_CAP: Duration = Duration::from_secs(300);
 /// Once the token has expired, clients get 503 until a refresh works: retry more eagerly.
 const BACKOFF_CAP_EXPIRED: Duration = Duration::from_secs(30);
-
-type Outcome = Result<(), Arc<TokenError>>;
-
-/// Where the token came from.
-pub(crate) enum Source {
-    File(PathBuf),
-    Env,
-}
-
-pub(crate) struct State {
-    pub record: TokenRecord,
-    /// `record.expires_at` on tokio's clock, which the tests can pause and advance.
-    pub expires: Option<Instant>,
-    /// When this token was obtained (loaded or refreshed).
-    pub obtained: Instant,
-    pub generation: u64,
-    /// The tokens just replaced: answers to requests sent with them may still arrive.
-    pub previous: Vec<Secret>,
-    pub last_refresh: Option<SystemTime>,
-    pub refreshed_at: Option<Instant>,
-    /// Consecutive failed refreshes.
-    pub failures: u64,
-    pub reauth: bool,
-    pub last_failure: Option<(Instant, Arc<TokenError>)>,
-    /// The newest token could not be written to the file.
-    pub unsaved: bool,
-    flight: Option<watch::Receiver<Option<Outcome>>>,
-}
-
-impl State {
-    pub fn new(record: TokenRecord, now: Instant) -> State {
-        let expires = record.expires_at.map(|at| to_instant(at, now));
-        State {
-            record,
-            expires,
-            obtained: now,
-            generation: 1,
-            previous: Vec::new(),
-            last_refresh: None,
-            refreshed_at: None,
-            failures: 0,
-            reauth: false,
-            last_failure: None,
-            unsaved: false,
-            flight: None,
-        }
-    }
-
-    /// Installs a new token as the next generation.
-    fn replace(&mut self, record: TokenRecord, expires: Option<Instant>, now: Instant) {
-        let old = std::mem::replace(&mut self.record, record);
-        self.previous = std::iter::once(old.access).chain(old.refresh).collect();
-        self.expires = expires;
-        self.obtained = now;
-        self.generation += 1;
-        self.failures = 0;
-        self.reauth = false;
-        self.last_failure = None;
-    }
-}
-
-/// Maps a wall-clock expiry onto tokio's clock as "now plus what is left".
-fn to_instant(at: SystemTime, now: Instant) -> Instant {
-    match at.duration_since(SystemTime::now()) {
-        Ok(left) => now.checked_add(left).unwrap_or(now),
-        Err(past) => now.checked_sub(past.duration()).unwrap_or(now),
-    }
-}
 
 pub(crate) struct Inner {
     pub source: Source,
@@ -204,14 +138,19 @@ impl Inner {
         tx.send_replace(Some(outcome));
     }
 
+    /// One exchange: spend the refresh token, save the answer, then publish it.
     async fn refresh_once(&self) -> Result<(), TokenError> {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };
-        let (spent, old, generation) = {
+        let (spent, scope, generation) = {
             let state = self.lock();
-            let spent = state.record.refresh.clone();
-            (spent, state.record.clone(), state.generation)
+            let record = &state.record;
+            (
+                record.refresh.clone(),
+                record.scope.clone(),
+                state.generation,
+            )
         };
         let Some(spent) = spent else {
             return Err(TokenError::NotRefreshable);
@@ -231,7 +170,8 @@ impl Inner {
                          (invalid_grant); authorise again and run `cxgate token init`"
                     );
                 } else {
-                    warn!(generation, failures = state.failures, error = %err, "token refresh failed; will retry");
+                    let failures = state.failures;
+                    warn!(generation, failures, error = %err, "token refresh failed; will retry");
                 }
                 return Err(err);
             }
@@ -244,16 +184,23 @@ impl Inner {
             // Without a new refresh token the endpoint does not rotate: keep the old one.
             refresh: granted.refresh.or(Some(spent)),
             expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
-            scope: granted.scope.or(old.scope),
+            scope: granted.scope.or(scope),
         };
-        let mut saved = true;
+        let (mut saved, mut stamp) = (true, None);
         if let Source::File(path) = &self.source {
-            if let Err(err) = file::persist(path, &record).await {
-                // The endpoint already consumed the old refresh token, so dropping the new
-                // one would lose the credential for good: use it, and say loudly that a
-                // restart would need re-authorisation.
-                saved = false;
-                error!(generation, error = %err, "refreshed token could not be saved; a restart now needs re-authorisation");
+            match file::persist(path, &record).await {
+                Ok(written) => stamp = Some(written),
+                Err(err) => {
+                    // The endpoint already consumed the old refresh token, so dropping the
+                    // new one would lose the credential for good: use it, and say loudly
+                    // that a restart would need re-authorisation.
+                    saved = false;
+                    error!(
+                        generation,
+                        error = %err,
+                        "refreshed token could not be saved; a restart now needs re-authorisation"
+                    );
+                }
             }
         }
         let expires = granted.expires_in.and_then(|d| now.checked_add(d));
@@ -263,6 +210,9 @@ impl Inner {
             state.last_refresh = Some(wall);
             state.refreshed_at = Some(now);
             state.unsaved = !saved;
+            if saved {
+                state.file_stamp = stamp;
+            }
             state.generation
         };
         self.count(true);
@@ -285,12 +235,14 @@ impl Inner {
     }
 
     /// Adopts the token file's content if someone replaced it (`cxgate token init`).
+    /// Only a file that differs from what this process last loaded or saved counts: after
+    /// a failed save the file still holds an older token, which must not come back.
     pub async fn reload_if_changed(&self) {
         let Source::File(path) = &self.source else {
             return;
         };
-        let record = match file::read(path).await {
-            Ok(record) => record,
+        let (record, stamp) = match file::read_stamped(path).await {
+            Ok(read) => read,
             Err(err) => {
                 warn!(error = %err, "token file could not be re-read");
                 return;
@@ -298,8 +250,12 @@ impl Inner {
         };
         let now = Instant::now();
         let mut state = self.lock();
-        let same = record.access == state.record.access && record.refresh == state.record.refresh;
-        if same || state.flight.is_some() {
+        // During a refresh the file is about to change anyway; look again next time.
+        if state.file_stamp.as_ref() == Some(&stamp) || state.flight.is_some() {
+            return;
+        }
+        state.file_stamp = Some(stamp);
+        if record.access == state.record.access && record.refresh == state.record.refresh {
             return;
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
@@ -309,22 +265,6 @@ impl Inner {
             "token file changed on disk; using its token"
         );
     }
-}
-
-pub(crate) fn current_of(state: &State) -> Result<Current, TokenError> {
-    if let Some(expires) = state.expires {
-        if Instant::now() >= expires {
-            return Err(if state.reauth {
-                TokenError::InvalidGrant
-            } else {
-                TokenError::Expired
-            });
-        }
-    }
-    Ok(Current {
-        access: state.record.access.clone(),
-        generation: state.generation,
-    })
 }
 
 enum Plan {

@@ -271,3 +271,239 @@ fn json_escape(text: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: &str = "https://api.engagor.com";
+    const PUBLIC: &str = "http://127.0.0.1:8080";
+    const TOKEN: &str = "tok-4f9a1c2e77b0";
+
+    fn rewriter() -> Rewriter {
+        Rewriter::new("https://api.engagor.com/", "http://127.0.0.1:8080/")
+    }
+
+    fn rewritten(body: &str, secrets: &[&str]) -> String {
+        let out = rewriter().rewrite_body(&Bytes::from(body.to_string()), secrets);
+        let out = out.unwrap_or_else(|| panic!("expected a rewrite of {body}"));
+        String::from_utf8(out.to_vec()).expect("UTF-8 output")
+    }
+
+    fn link_of(body: &str, key: &str) -> String {
+        let value: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("expected valid JSON ({e}): {body}"));
+        value[key].as_str().unwrap_or_default().to_string()
+    }
+
+    #[test]
+    fn access_token_is_removed_wherever_it_sits() {
+        let cases = [
+            (
+                "/1/inbox/mentions?access_token=T&page_token=p2&limit=20",
+                "/1/inbox/mentions?page_token=p2&limit=20",
+            ),
+            (
+                "/1/inbox/mentions?page_token=p2&access_token=T&limit=20",
+                "/1/inbox/mentions?page_token=p2&limit=20",
+            ),
+            (
+                "/1/inbox/mentions?page_token=p2&limit=20&access_token=T",
+                "/1/inbox/mentions?page_token=p2&limit=20",
+            ),
+            ("/me?access_token=T", "/me"),
+            ("/me?access_token=T#top", "/me#top"),
+            ("/me?access%5Ftoken=T&x=1", "/me?x=1"),
+            ("/me", "/me"),
+            ("", ""),
+        ];
+        for (path, want) in cases {
+            let body = format!(r#"{{"next_url":"{UP}{path}","n":1}}"#);
+            let out = rewritten(&body, &[]);
+            assert_eq!(
+                link_of(&out, "next_url"),
+                format!("{PUBLIC}{want}"),
+                "for {path:?}"
+            );
+            assert_eq!(
+                link_of(&out, "n"),
+                "",
+                "expected other fields intact in {out}"
+            );
+        }
+    }
+
+    #[test]
+    fn php_escaped_slashes_are_matched_and_kept() {
+        let body = r#"{"paging":{"prev_url":null,"next_url":"https:\/\/api.engagor.com\/1\/inbox\/mentions?access_token=T&page_token=abc"}}"#;
+        let out = rewritten(body, &[]);
+        assert!(
+            out.contains(
+                r#""next_url":"http:\/\/127.0.0.1:8080\/1\/inbox\/mentions?page_token=abc""#
+            ),
+            "expected an escaped public link without the token, saw {out}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(
+            value["paging"]["next_url"], "http://127.0.0.1:8080/1/inbox/mentions?page_token=abc",
+            "expected the decoded link to point at the gateway"
+        );
+    }
+
+    #[test]
+    fn action_links_are_rewritten_and_other_hosts_left_alone() {
+        let body = format!(
+            r#"{{"action_links":[{{"type":"reply","link":"{UP}/9/publisher/add/?access_token=T&type=reply&id=1"}}],
+            "permalink":"https://twitter.com/x/status/1?access_token=keep",
+            "lookalike":"https://api.engagor.com.evil.example/x?access_token=keep",
+            "text":"see https://api.engagor.comedy.example"}}"#
+        );
+        let out = rewritten(&body, &[]);
+        let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(
+            value["action_links"][0]["link"],
+            format!("{PUBLIC}/9/publisher/add/?type=reply&id=1"),
+            "expected the action link moved to the gateway"
+        );
+        assert_eq!(
+            value["permalink"], "https://twitter.com/x/status/1?access_token=keep",
+            "expected other hosts untouched"
+        );
+        assert_eq!(
+            value["lookalike"], "https://api.engagor.com.evil.example/x?access_token=keep",
+            "expected a look-alike host untouched"
+        );
+        assert_eq!(
+            value["text"], "see https://api.engagor.comedy.example",
+            "expected text untouched"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_every_spelling() {
+        let slashy = "abc/def+ghi=jkl";
+        let body = format!(
+            r#"{{"echo":"{TOKEN}","debug":"Bearer {TOKEN}!","esc":"abc\/def+ghi=jkl","pct":"x?t=abc%2Fdef%2Bghi%3Djkl","short":"tiny"}}"#
+        );
+        let out = rewritten(&body, &[TOKEN, slashy, "tiny"]);
+        let value: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(value["echo"], "[redacted]", "expected a raw token redacted");
+        assert_eq!(
+            value["debug"], "Bearer [redacted]!",
+            "expected an embedded token redacted"
+        );
+        assert_eq!(
+            value["esc"], "[redacted]",
+            "expected a JSON-escaped token redacted"
+        );
+        assert_eq!(
+            value["pct"], "x?t=[redacted]",
+            "expected a percent-encoded token redacted"
+        );
+        assert_eq!(value["short"], "tiny", "expected too-short secrets ignored");
+    }
+
+    #[test]
+    fn a_token_in_another_parameter_of_a_link_is_redacted_too() {
+        let body = format!(r#"{{"next_url":"{UP}/me?token={TOKEN}&access_token={TOKEN}"}}"#);
+        let out = rewritten(&body, &[TOKEN]);
+        assert_eq!(
+            link_of(&out, "next_url"),
+            format!("{PUBLIC}/me?token=[redacted]"),
+            "in {out}"
+        );
+    }
+
+    #[test]
+    fn nothing_to_change_returns_none() {
+        let body = Bytes::from_static(
+            br#"{"meta":{"code":200},"response":{"id":1,"name":"https://example.com"}}"#,
+        );
+        assert!(
+            rewriter().rewrite_body(&body, &[TOKEN]).is_none(),
+            "expected None for a body without links or secrets"
+        );
+        assert!(
+            rewriter().rewrite_body(&Bytes::new(), &[TOKEN]).is_none(),
+            "expected None for empty"
+        );
+    }
+
+    #[test]
+    fn random_bodies_stay_valid_json_and_never_leak() {
+        let pieces = [
+            format!("{UP}/1/x?access_token={TOKEN}&a=1"),
+            format!("{UP}/1/x?a=1&access_token={TOKEN}"),
+            format!("{UP}?access_token={TOKEN}"),
+            UP.to_string(),
+            format!("prefix {TOKEN} suffix"),
+            "https://other.example/?access_token=zzz".to_string(),
+            "plain text with \"quotes\" and \\ backslashes / slashes".to_string(),
+            "h".to_string(),
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..300 {
+            let mut list = Vec::new();
+            for _ in 0..rng.usize(1..8) {
+                let piece = &pieces[rng.usize(..pieces.len())];
+                list.push(serde_json::Value::String(piece.clone()));
+            }
+            let value = serde_json::json!({"data": list, "n": round});
+            let mut text = value.to_string();
+            if rng.bool() {
+                text = text.replace('/', "\\/");
+            }
+            let body = Bytes::from(text.clone());
+            let out = rewriter().rewrite_body(&body, &[TOKEN]).unwrap_or(body);
+            let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&out);
+            assert!(
+                parsed.is_ok(),
+                "round {round}: expected valid JSON from {text}"
+            );
+            let out = String::from_utf8_lossy(&out);
+            assert!(
+                !out.contains(TOKEN),
+                "round {round}: expected no token in {out}"
+            );
+            assert!(
+                !out.contains("api.engagor.com"),
+                "round {round}: expected no upstream link in {out}"
+            );
+        }
+    }
+
+    #[test]
+    fn location_headers_are_rewritten() {
+        let r = rewriter();
+        assert_eq!(
+            r.rewrite_location(&format!("{UP}/me?access_token=T&x=1")),
+            Some(format!("{PUBLIC}/me?x=1")),
+            "expected an absolute upstream Location moved to the gateway"
+        );
+        assert_eq!(
+            r.rewrite_location(UP),
+            Some(PUBLIC.to_string()),
+            "expected the bare base moved"
+        );
+        assert_eq!(
+            r.rewrite_location("/me?access_token=T"),
+            Some("/me".to_string()),
+            "expected the token dropped from a relative Location"
+        );
+        assert_eq!(
+            r.rewrite_location("/me?x=1"),
+            None,
+            "expected an unchanged relative Location"
+        );
+        assert_eq!(
+            r.rewrite_location("https://app.engagor.com/oauth/authorize/"),
+            None,
+            "expected other hosts untouched"
+        );
+        assert_eq!(
+            r.rewrite_location("https://api.engagor.com.evil.example/"),
+            None,
+            "expected a look-alike host untouched"
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! Test helpers: a scratch directory and a tiny OAuth token endpoint on 127.0.0.1:0.
+//! A tiny OAuth token endpoint on 127.0.0.1:0 for the tests.
 //!
 //! The endpoint behaves like CX Social's: each refresh token works exactly once (a reused
 //! one gets 400 `invalid_grant`), answers may be enveloped, and failures can be queued.
@@ -7,7 +7,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use super::{OAuthMethod, OAuthSettings, TokenSettings};
+use crate::token::{OAuthMethod, OAuthSettings, TokenSettings};
 use crate::upstream::HttpClient;
 
 pub const CLIENT_ID: &str = "cid";
@@ -31,34 +31,8 @@ pub fn env(name: &str) -> Option<String> {
     (name == SECRET_ENV).then(|| CLIENT_SECRET.to_string())
 }
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "cxgate-token-test-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&path).expect("creating a scratch directory");
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn file(&self) -> PathBuf {
-        self.0.join("token.json")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// Decoded name/value pairs.
+pub type Params = Vec<(String, String)>;
 
 /// What the endpoint knows and has seen.
 #[derive(Default)]
@@ -73,8 +47,10 @@ pub struct Endpoint {
     pub envelope: bool,
     pub expires_in: u64,
     pub delay: Duration,
+    /// When each call arrived, on tokio's (possibly paused) clock.
+    pub arrivals: Vec<tokio::time::Instant>,
     /// (method, query parameters, body parameters) per call.
-    pub seen: Vec<(String, Vec<(String, String)>, Vec<(String, String)>)>,
+    pub seen: Vec<(String, Params, Params)>,
 }
 
 pub struct TokenServer {
@@ -161,6 +137,7 @@ async fn answer(
     let delay = {
         let mut ep = shared.lock().expect("endpoint state");
         ep.calls += 1;
+        ep.arrivals.push(tokio::time::Instant::now());
         ep.seen.push((method, query.clone(), form.clone()));
         ep.delay
     };

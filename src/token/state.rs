@@ -1,0 +1,107 @@
+//! The token state every handle shares: the token, its generation and what is known about
+//! refreshing it.
+//!
+//! Expiry is kept twice: as wall-clock time for the file and status, and on tokio's clock for
+//! every decision, so tests can pause and advance time. The generation grows by one each
+//! time a new token is installed (refresh or re-read file); a 401 is reported against the
+//! generation that earned it, so stale reports never cause a second refresh.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::error::TokenError;
+use super::file::{Stamp, TokenRecord};
+use super::secret::Secret;
+use super::Current;
+
+pub(crate) type Outcome = Result<(), Arc<TokenError>>;
+
+/// Where the token came from.
+pub(crate) enum Source {
+    File(PathBuf),
+    Env,
+}
+
+pub(crate) struct State {
+    pub record: TokenRecord,
+    /// `record.expires_at` on tokio's clock, which the tests can pause and advance.
+    pub expires: Option<Instant>,
+    /// When this token was obtained (loaded or refreshed).
+    pub obtained: Instant,
+    pub generation: u64,
+    /// The tokens just replaced: answers to requests sent with them may still arrive.
+    pub previous: Vec<Secret>,
+    pub last_refresh: Option<SystemTime>,
+    pub refreshed_at: Option<Instant>,
+    /// Consecutive failed refreshes.
+    pub failures: u64,
+    pub reauth: bool,
+    pub last_failure: Option<(Instant, Arc<TokenError>)>,
+    /// The newest token could not be written to the file.
+    pub unsaved: bool,
+    /// The stamp of the token file as this process last read or wrote it.
+    pub file_stamp: Option<Stamp>,
+    /// The refresh in progress, if any; its waiters share its outcome.
+    pub flight: Option<watch::Receiver<Option<Outcome>>>,
+}
+
+impl State {
+    pub fn new(record: TokenRecord, now: Instant) -> State {
+        let expires = record.expires_at.map(|at| to_instant(at, now));
+        State {
+            record,
+            expires,
+            obtained: now,
+            generation: 1,
+            previous: Vec::new(),
+            last_refresh: None,
+            refreshed_at: None,
+            failures: 0,
+            reauth: false,
+            last_failure: None,
+            unsaved: false,
+            file_stamp: None,
+            flight: None,
+        }
+    }
+
+    /// Installs a new token as the next generation.
+    pub fn replace(&mut self, record: TokenRecord, expires: Option<Instant>, now: Instant) {
+        let old = std::mem::replace(&mut self.record, record);
+        self.previous = std::iter::once(old.access).chain(old.refresh).collect();
+        self.expires = expires;
+        self.obtained = now;
+        self.generation += 1;
+        self.failures = 0;
+        self.reauth = false;
+        self.last_failure = None;
+    }
+}
+
+/// Maps a wall-clock expiry onto tokio's clock as "now plus what is left".
+pub(crate) fn to_instant(at: SystemTime, now: Instant) -> Instant {
+    match at.duration_since(SystemTime::now()) {
+        Ok(left) => now.checked_add(left).unwrap_or(now),
+        Err(past) => now.checked_sub(past.duration()).unwrap_or(now),
+    }
+}
+
+pub(crate) fn current_of(state: &State) -> Result<Current, TokenError> {
+    if let Some(expires) = state.expires {
+        if Instant::now() >= expires {
+            return Err(if state.reauth {
+                TokenError::InvalidGrant
+            } else {
+                TokenError::Expired
+            });
+        }
+    }
+    Ok(Current {
+        access: state.record.access.clone(),
+        generation: state.generation,
+    })
+}

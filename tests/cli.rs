@@ -1,0 +1,461 @@
+//! The real `cxgate` binary: `check`, `key hash`, `run` (refusals and graceful shutdown) and
+//! `demo`. Child processes are stopped by their PID, and killed by it if a test fails.
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use common::{ACCESS, KEY, REFRESH};
+use cxgate::sim::{Faults, SimOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
+
+/// A fresh private directory for one test's files.
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-cli-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn cxgate(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).expect("write stdin");
+    }
+    drop(input);
+    child.wait_with_output().expect("cxgate output")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A child `cxgate` that is killed (by its PID) if the test ends before it exits.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(args: &[&str], dir: &Path) -> Proc {
+        let log = dir.join("cxgate.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start cxgate");
+        Proc { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "expected kill -{name} to succeed");
+    }
+
+    /// Waits for the exit without blocking the runtime (the simulator may share it).
+    async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One GET with an optional bearer key; `Err` when no answer came within 10 s.
+async fn get(url: &str, key: Option<&str>) -> Result<(StatusCode, Bytes), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let mut req = Request::get(url);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body.to_bytes()))
+}
+
+/// Polls `url` until it answers `want`, the child exits, or `limit` passes.
+async fn wait_until_answers(proc: &mut Proc, url: &str, key: Option<&str>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("nothing yet");
+    while Instant::now() < deadline {
+        if let Some(status) = proc.exited() {
+            panic!(
+                "expected cxgate to keep running, it exited with {status}:\n{}",
+                proc.output()
+            );
+        }
+        match get(url, key).await {
+            Ok((StatusCode::OK, _)) => return,
+            Ok((status, body)) => last = format!("{status} {}", text(&body)),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "expected 200 from {url} within {limit:?}, last saw {last}; cxgate said:\n{}",
+        proc.output()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// check, key hash, refusals
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn check_accepts_the_shipped_production_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml");
+    let out = cxgate(
+        &["check", "--config", path.to_str().expect("utf-8 path")],
+        None,
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "expected exit 0, saw {}; stderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    for part in ["valid", "listeners:", "clients (3)", "routes ("] {
+        assert!(
+            stdout.contains(part),
+            "expected {part:?} in the summary, saw:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.lines().count() < 40,
+        "expected a one-screen summary, saw {} lines",
+        stdout.lines().count()
+    );
+}
+
+/// A config with three problems that serde accepts, so validation can see them all.
+const THREE_PROBLEMS: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "30 parsecs"
+
+[upstream]
+base_url = "http://127.0.0.1:1"
+
+[token]
+access_token_env = "CXGATE_TEST_NEVER_SET"
+
+[[routes]]
+match = "GET /{account_id}/inbox/mentions"
+ttl = "15s"
+tags = ["mentions:{acount_id}"]
+
+[[routes]]
+match = "GET /{account_id}/inbox/mentions"
+ttl = "15s"
+"#;
+
+fn check_text(config: &str) -> (Option<i32>, Vec<String>) {
+    let dir = temp_dir();
+    let path = dir.join("broken.toml");
+    std::fs::write(&path, config).expect("write config");
+    let out = cxgate(&["check", "--config", path.to_str().expect("utf-8")], None);
+    let _ = std::fs::remove_dir_all(&dir);
+    let lines = text(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    (out.status.code(), lines)
+}
+
+#[test]
+fn check_reports_every_problem_on_its_own_line_with_its_key_path() {
+    let (code, lines) = check_text(THREE_PROBLEMS);
+    assert_eq!(code, Some(2), "expected exit 2, saw {code:?}: {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        3,
+        "expected one line per problem (3), saw {lines:#?}"
+    );
+    for (prefix, detail) in [
+        ("server.request_timeout:", "parsecs"),
+        ("routes[0].tags[0]:", "{acount_id}"),
+        ("routes[1].match:", "duplicate"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(prefix) && l.contains(detail)),
+            "expected a line starting {prefix:?} mentioning {detail:?}, saw {lines:#?}"
+        );
+    }
+}
+
+#[test]
+fn check_refuses_an_unknown_key() {
+    let config = THREE_PROBLEMS.replace("[server]\n", "[server]\nlistn = \"x\"\n");
+    let (code, lines) = check_text(&config);
+    assert_eq!(code, Some(2), "expected exit 2, saw {code:?}: {lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains("listn")),
+        "expected the unknown key named, saw {lines:#?}"
+    );
+}
+
+#[test]
+fn check_reports_an_unknown_key_by_path_alongside_the_other_problems() {
+    let config = THREE_PROBLEMS.replace("[server]\n", "[server]\nlistn = \"x\"\n");
+    let (code, lines) = check_text(&config);
+    assert_eq!(code, Some(2), "expected exit 2, saw {code:?}: {lines:#?}");
+    assert_eq!(
+        lines.len(),
+        4,
+        "expected one line per problem (4), saw {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("server.listn")),
+        "expected a line naming the key path server.listn, saw {lines:#?}"
+    );
+}
+
+#[test]
+fn key_hash_prints_the_sha256_of_stdin() {
+    let expected = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+    for input in ["password", "password\n"] {
+        let out = cxgate(&["key", "hash"], Some(input));
+        assert_eq!(
+            (out.status.code(), text(&out.stdout).trim()),
+            (Some(0), expected),
+            "expected exit 0 and the hash for {input:?}; stderr: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn run_with_the_redis_backend_exits_2_with_a_clear_message() {
+    let dir = temp_dir();
+    let path = dir.join("redis.toml");
+    let config = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                  [upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
+                  [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n\
+                  [budget]\nbackend = \"redis\"\n";
+    std::fs::write(&path, config).expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().expect("utf-8")])
+        .env("CXGATE_TEST_TOKEN", "some-static-token")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    // A gateway that starts anyway would never exit: bound the wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("expected cxgate run to refuse the redis backend, it kept running");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().expect("output");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2, saw {}; stderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("budget.backend") && stderr.contains("redis"),
+        "expected a message naming budget.backend and redis, saw:\n{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// graceful shutdown and the demo
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_drains_the_request_in_flight_then_exits_0() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let sim = cxgate::sim::spawn(
+        listener,
+        SimOptions {
+            access_tokens: vec![ACCESS.into()],
+            refresh_tokens: vec![REFRESH.into()],
+            faults: Faults {
+                latency_ms: 1500,
+                path_prefix: Some("/me/permissions".into()),
+                ..Faults::default()
+            },
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .expect("start sim");
+    let dir = temp_dir();
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
+        .expect("token file");
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         request_timeout = \"10s\"\nshutdown_grace = \"5s\"\n\
+         [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\
+         [token]\nfile = \"{}\"\n{}",
+        sim.base_url(),
+        token_file.display(),
+        common::client_toml("test", KEY, "scopes = [\"read\"]")
+    );
+    let path = dir.join("cxgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut proc = Proc::spawn(&["run", "--config", path.to_str().expect("utf-8")], &dir);
+    let health = format!("http://127.0.0.1:{admin_port}/healthz");
+    wait_until_answers(&mut proc, &health, None, Duration::from_secs(10)).await;
+
+    let slow_url = format!("http://127.0.0.1:{port}/me/permissions");
+    let slow = tokio::spawn(async move { get(&slow_url, Some(KEY)).await });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sim.stats()["in_flight"].as_u64() != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "expected the slow request in flight upstream, saw {}",
+            sim.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proc.signal("TERM");
+
+    // Stop accepting first: new connections are refused while the old one drains.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut refused = false;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused && !slow.is_finished(),
+        "expected new connections refused while the request drains \
+         (refused: {refused}, request finished: {})",
+        slow.is_finished()
+    );
+
+    let answer = slow.await.expect("request task");
+    assert!(
+        matches!(answer, Ok((StatusCode::OK, _))),
+        "expected the in-flight request to complete with 200, saw {answer:?}; cxgate said:\n{}",
+        proc.output()
+    );
+    let status = proc.exit_within(Duration::from_secs(6)).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "expected exit 0 within the grace, saw {status:?}; cxgate said:\n{}",
+        proc.output()
+    );
+    for p in [port, admin_port] {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", p)).await;
+        assert!(
+            connect.is_err(),
+            "expected 127.0.0.1:{p} closed after shutdown, it accepted a connection"
+        );
+    }
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn demo_serves_me_with_the_demo_key_and_stops_on_sigint() {
+    let dir = temp_dir();
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let listen = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut proc = Proc::spawn(
+        &["demo", "--listen", &listen, "--admin-listen", &admin],
+        &dir,
+    );
+    let me = format!("http://{listen}/me");
+    wait_until_answers(&mut proc, &me, Some("demo-key"), Duration::from_secs(30)).await;
+    let printed = proc.output();
+    assert!(
+        printed.contains(&format!("http://{listen}")) && printed.contains("curl"),
+        "expected the gateway URL and curl lines printed, saw:\n{printed}"
+    );
+
+    proc.signal("INT");
+    let status = proc.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "expected exit 0 after SIGINT, saw {status:?}; cxgate said:\n{}",
+        proc.output()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,609 @@
+//! Test harness: the simulated CX Social API and a gateway in front of it, both on
+//! 127.0.0.1:0, started through the same library entry points the binary uses.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use cxgate::sim::{SimHandle, SimOptions};
+use cxgate::Running;
+
+pub const KEY: &str = "test-key";
+pub const ACCESS: &str = "sim-access-SECRET-0001";
+pub const REFRESH: &str = "sim-refresh-SECRET-0001";
+pub const SECRET_ENV: &str = "CXGATE_TEST_CLIENT_SECRET";
+pub const CLIENT_SECRET: &str = "sim-secret";
+
+/// A running simulator + gateway pair.
+pub struct Env {
+    pub sim: SimHandle,
+    pub gw: Running,
+    pub dir: PathBuf,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "expected JSON, saw {:?}: {e}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// The client-key lines for a config.
+pub fn client_toml(name: &str, key: &str, extra: &str) -> String {
+    format!(
+        "[[clients]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}\n",
+        cxgate::auth::sha256_hex(key.as_bytes())
+    )
+}
+
+/// The default test routes (a subset of the production table).
+pub const ROUTES: &str = r#"
+[[routes]]
+match = "GET /me"
+ttl = "10m"
+stale_while_revalidate = "1m"
+stale_if_error = "1h"
+tags = ["me"]
+
+[[routes]]
+match = "GET /me/accounts"
+ttl = "10m"
+tags = ["me", "accounts"]
+
+[[routes]]
+match = "GET /{account_id}/inbox/contact/{service}/{service_id}"
+ttl = "5m"
+stale_if_error = "30m"
+tags = ["account:{account_id}", "contact:{account_id}/{service}/{service_id}"]
+
+[[routes]]
+match = "POST /{account_id}/inbox/contact/{service}/{service_id}"
+invalidates = ["contact:{account_id}/{service}/{service_id}"]
+
+[[routes]]
+match = "GET /{account_id}/inbox/mentions"
+ttl = "15s"
+tags = ["mentions:{account_id}"]
+
+[[routes]]
+match = "POST /{account_id}/inbox/mention/{topic_id}/{id}"
+invalidates = ["mention:{account_id}/{topic_id}/{id}", "mentions:{account_id}"]
+"#;
+
+/// Starts a simulator with `sim` options and a gateway whose config is the base config
+/// (upstream, token file, listeners on port 0, the `test-key` client with read+write)
+/// followed by `extra` TOML (more sections; use `[[routes]]` etc.). Pass `ROUTES` in
+/// `extra` for the default route table.
+pub async fn start(sim: SimOptions, extra: &str) -> Env {
+    start_with(
+        sim,
+        &client_toml("test", KEY, "scopes = [\"read\", \"write\"]"),
+        extra,
+    )
+    .await
+}
+
+/// Like [`start`] but with the clients section given in full (empty for anonymous mode).
+pub async fn start_with(mut sim_opts: SimOptions, clients: &str, extra: &str) -> Env {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
+    if sim_opts.access_tokens == SimOptions::default().access_tokens {
+        sim_opts.access_tokens = vec![ACCESS.to_string()];
+        sim_opts.refresh_tokens = vec![REFRESH.to_string()];
+    }
+    sim_opts.client_secret = CLIENT_SECRET.to_string();
+    let ttl = sim_opts.token_ttl;
+    let access = sim_opts.access_tokens[0].clone();
+    let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let sim = cxgate::sim::spawn(listener, sim_opts)
+        .await
+        .expect("start sim");
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-test-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
+    let base = sim.base_url();
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n\
+         [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
+         [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
+         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+         {clients}\n{extra}\n",
+        token_file.display()
+    );
+    let cfg_path = dir.join("cxgate.toml");
+    std::fs::write(&cfg_path, &text).expect("write config");
+    let cfg = cxgate::config::load(&cfg_path)
+        .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
+    let gw = cxgate::start(cfg, Some(cfg_path))
+        .await
+        .expect("start gateway");
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    Env { sim, gw, dir, http }
+}
+
+impl Env {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.gw.admin_addr)
+    }
+
+    /// Sends a request to the gateway (no key is added: pass headers).
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(20), self.http.request(req))
+            .await
+            .expect("gateway answered within 20 s")
+            .expect("gateway request");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    /// GET through the gateway with the test key.
+    pub async fn get(&self, path: &str) -> Answer {
+        let auth = format!("Bearer {KEY}");
+        self.send(
+            Method::GET,
+            &self.url(path),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await
+    }
+
+    /// POST a form body through the gateway with the test key.
+    pub async fn post_form(&self, path: &str, body: &str) -> Answer {
+        let auth = format!("Bearer {KEY}");
+        self.send(
+            Method::POST,
+            &self.url(path),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    /// Requests the simulator received for "METHOD /path".
+    pub fn upstream_count(&self, route: &str) -> u64 {
+        self.sim.stats()["by_route"][route].as_u64().unwrap_or(0)
+    }
+
+    pub fn upstream_total(&self) -> u64 {
+        self.sim.stats()["requests_total"].as_u64().unwrap_or(0)
+    }
+
+    pub async fn metrics(&self) -> String {
+        let a = self
+            .send(Method::GET, &self.admin_url("/metrics"), &[], "")
+            .await;
+        String::from_utf8_lossy(&a.body).into_owned()
+    }
+
+    pub async fn stop(self) {
+        self.gw.shutdown();
+        self.gw.stopped().await;
+        self.sim.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Like [`start_with`], with `server_extra` lines added inside `[server]` and, when
+/// `upstream` is given, that base URL instead of the simulator's (the simulator still
+/// serves the token endpoint).
+pub async fn start_custom(
+    mut sim_opts: SimOptions,
+    server_extra: &str,
+    upstream: Option<&str>,
+    clients: &str,
+    extra: &str,
+) -> Env {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
+    if sim_opts.access_tokens == SimOptions::default().access_tokens {
+        sim_opts.access_tokens = vec![ACCESS.to_string()];
+        sim_opts.refresh_tokens = vec![REFRESH.to_string()];
+    }
+    sim_opts.client_secret = CLIENT_SECRET.to_string();
+    let ttl = sim_opts.token_ttl;
+    let access = sim_opts.access_tokens[0].clone();
+    let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let sim = cxgate::sim::spawn(listener, sim_opts)
+        .await
+        .expect("start sim");
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-test-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
+    let base = sim.base_url();
+    let upstream = upstream.map_or_else(|| base.clone(), str::to_string);
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n{server_extra}\n\
+         [upstream]\nbase_url = \"{upstream}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
+         [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
+         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+         {clients}\n{extra}\n",
+        token_file.display()
+    );
+    let cfg_path = dir.join("cxgate.toml");
+    std::fs::write(&cfg_path, &text).expect("write config");
+    let cfg = cxgate::config::load(&cfg_path)
+        .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
+    let gw = cxgate::start(cfg, Some(cfg_path))
+        .await
+        .expect("start gateway");
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    Env { sim, gw, dir, http }
+}
+
+/// A loopback port that was free a moment ago, for a child process that must be told its
+/// address in advance.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// What came back over a raw TCP exchange.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub bytes: Vec<u8>,
+    /// The peer neither answered in full nor closed within the deadline.
+    pub timed_out: bool,
+}
+
+impl RawAnswer {
+    fn head_end(&self) -> Option<usize> {
+        self.bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| i + 4)
+    }
+
+    /// The status code of the first response, if one came.
+    pub fn status(&self) -> Option<u16> {
+        let text = String::from_utf8_lossy(&self.bytes);
+        let line = text.lines().next()?;
+        line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
+    }
+
+    /// A response header (first match, case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let end = self.head_end()?;
+        let head = String::from_utf8_lossy(&self.bytes[..end]).into_owned();
+        head.lines().skip(1).find_map(|line| {
+            let (k, v) = line.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    }
+
+    /// The body of the first response (by Content-Length when given).
+    pub fn body(&self) -> Vec<u8> {
+        let Some(end) = self.head_end() else {
+            return Vec::new();
+        };
+        let rest = &self.bytes[end..];
+        match self
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            Some(len) => rest[..len.min(rest.len())].to_vec(),
+            None => rest.to_vec(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let body = self.body();
+        serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "expected a JSON body, saw {:?}: {e}",
+                String::from_utf8_lossy(&self.bytes)
+            )
+        })
+    }
+}
+
+/// Writes `request` as is to `addr` (no client normalises it) and reads until the peer
+/// has sent one whole response or closed, or 5 s pass.
+pub async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8]) -> RawAnswer {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the gateway");
+    // The peer may answer and close before reading everything; that is its right.
+    let _ = stream.write_all(request).await;
+    let mut answer = RawAnswer {
+        bytes: Vec::new(),
+        timed_out: false,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = answer.head_end() {
+            let len = answer
+                .header("content-length")
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|len| answer.bytes.len() >= end + len) {
+                return answer;
+            }
+        }
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => {
+                answer.timed_out = true;
+                return answer;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return answer,
+            Ok(Ok(n)) => answer.bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A budget no test or benchmark traffic reaches, for runs that are not about the budget.
+pub const BIG_BUDGET: &str = "[budget]\nlimit = 1000000\nperiod = \"1s\"\nburst = 100000\n";
+
+impl Env {
+    /// GET through the gateway with the given client key.
+    pub async fn get_as(&self, key: &str, path: &str) -> Answer {
+        let auth = format!("Bearer {key}");
+        self.send(
+            Method::GET,
+            &self.url(path),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await
+    }
+}
+
+/// Numbers of the budget load run (see [`budget_load_run`]).
+#[derive(Debug)]
+pub struct LoadReport {
+    pub clients: usize,
+    pub elapsed: Duration,
+    pub sent: u64,
+    /// Answers with status 200, per client, in client order.
+    pub admitted: Vec<u64>,
+    /// 429s the gateway answered itself, all clients.
+    pub gateway_429: u64,
+    /// 429s of the upstream passed through, as the clients saw them.
+    pub passed_429: u64,
+    /// Answers that were neither 200 nor 429.
+    pub other: u64,
+    /// What reached the simulator, and how many of those it refused with 429.
+    pub upstream_calls: u64,
+    pub upstream_429: u64,
+    pub limit: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+impl LoadReport {
+    /// What the budget may admit over the run: the burst plus the rate times the time.
+    pub fn allowance(&self) -> f64 {
+        f64::from(self.burst)
+            + f64::from(self.limit) / self.period.as_secs_f64() * self.elapsed.as_secs_f64()
+    }
+
+    pub fn print(&self) {
+        let admitted: u64 = self.admitted.iter().sum();
+        let secs = self.elapsed.as_secs_f64();
+        println!(
+            "budget load run: {} clients, budget {}/{:?} burst {}, simulator limit the same",
+            self.clients, self.limit, self.period, self.burst
+        );
+        println!(
+            "  elapsed {secs:.2} s, sent {} ({:.0}/s offered vs {:.1}/s budget)",
+            self.sent,
+            self.sent as f64 / secs,
+            f64::from(self.limit) / self.period.as_secs_f64()
+        );
+        println!(
+            "  upstream calls {} vs allowance {:.1} (burst + rate x elapsed); answered 200: {admitted}",
+            self.upstream_calls,
+            self.allowance()
+        );
+        println!(
+            "  upstream 429s seen by the simulator: {} (passed through to clients: {})",
+            self.upstream_429, self.passed_429
+        );
+        println!(
+            "  gateway 429s: {}, other statuses: {}",
+            self.gateway_429, self.other
+        );
+        let shares: Vec<String> = self
+            .admitted
+            .iter()
+            .map(|n| format!("{:.1}%", 100.0 * *n as f64 / admitted.max(1) as f64))
+            .collect();
+        let min = self.admitted.iter().min().copied().unwrap_or(0);
+        let max = self.admitted.iter().max().copied().unwrap_or(0);
+        println!("  admitted per client: min {min}, max {max}; shares {shares:?}");
+    }
+
+    /// What the run must show: never more upstream calls than the allowance, and no 429 from
+    /// the upstream (the gateway's model of the limit keeps it from ever being hit).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        // One cell of slack: the allowance is continuous, the calls are whole.
+        if self.upstream_calls as f64 > self.allowance() + 1.0 {
+            problems.push(format!(
+                "expected at most {:.1} upstream calls, saw {}",
+                self.allowance(),
+                self.upstream_calls
+            ));
+        }
+        if self.upstream_429 != 0 {
+            problems.push(format!(
+                "expected no upstream 429, saw {}",
+                self.upstream_429
+            ));
+        }
+        if self.other != 0 {
+            problems.push(format!(
+                "expected only 200 and 429 answers, saw {} others",
+                self.other
+            ));
+        }
+        problems
+    }
+}
+
+/// The budget load run: a simulator limited exactly like the budget, and `clients` gateway
+/// clients each sending one distinct uncached read every `tick` for `run` (fired without
+/// waiting for earlier answers, so the offered load does not drop when requests queue).
+/// Every request is awaited before the figures are taken, so the run ends by itself.
+pub async fn budget_load_run(clients: usize, tick: Duration, run: Duration) -> LoadReport {
+    use std::sync::Arc;
+
+    let (limit, period, burst) = (200u32, Duration::from_secs(10), 20u32);
+    let sim = SimOptions {
+        rate_limit: Some(
+            format!("{limit}/{}s", period.as_secs())
+                .parse()
+                .expect("valid simulator rate limit"),
+        ),
+        ..SimOptions::default()
+    };
+    let mut clients_toml = String::new();
+    for c in 0..clients {
+        clients_toml.push_str(&client_toml(
+            &format!("load-{c:02}"),
+            &format!("load-key-{c:02}"),
+            "",
+        ));
+    }
+    let budget = format!(
+        "[budget]\nlimit = {limit}\nperiod = \"{}s\"\nburst = {burst}\nmax_wait = \"1s\"\n{ROUTES}",
+        period.as_secs()
+    );
+    let env = Arc::new(start_with(sim, &clients_toml, &budget).await);
+    let base_calls = env.upstream_total();
+    let ticks = (run.as_nanos() / tick.as_nanos().max(1)) as u64;
+    let started = tokio::time::Instant::now();
+    let mut drivers = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let env = env.clone();
+        drivers.spawn(async move {
+            let key = format!("load-key-{c:02}");
+            let mut requests = tokio::task::JoinSet::new();
+            let mut every = tokio::time::interval(tick);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for i in 0..ticks {
+                every.tick().await;
+                let env = env.clone();
+                let key = key.clone();
+                requests.spawn(async move {
+                    let path = format!("/12345/inbox/contact/load{c}/{i}");
+                    env.get_as(&key, &path).await
+                });
+            }
+            // (200s, gateway 429s, passed-through 429s, others)
+            let mut counts = (0u64, 0u64, 0u64, 0u64);
+            while let Some(answer) = requests.join_next().await {
+                let a = answer.expect("load request task");
+                match a.status.as_u16() {
+                    200 => counts.0 += 1,
+                    429 if a.header("cache-status").contains("fwd-status=429") => counts.2 += 1,
+                    429 => counts.1 += 1,
+                    _ => counts.3 += 1,
+                }
+            }
+            (c, ticks, counts)
+        });
+    }
+    let mut admitted = vec![0u64; clients];
+    let (mut sent, mut gateway_429, mut passed_429, mut other) = (0, 0, 0, 0);
+    while let Some(done) = drivers.join_next().await {
+        let (c, n, counts) = done.expect("load client task");
+        sent += n;
+        admitted[c] = counts.0;
+        gateway_429 += counts.1;
+        passed_429 += counts.2;
+        other += counts.3;
+    }
+    let elapsed = started.elapsed();
+    let stats = env.sim.stats();
+    let report = LoadReport {
+        clients,
+        elapsed,
+        sent,
+        admitted,
+        gateway_429,
+        passed_429,
+        other,
+        upstream_calls: env.upstream_total() - base_calls,
+        upstream_429: stats["rate_limited"].as_u64().unwrap_or(0),
+        limit,
+        period,
+        burst,
+    };
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.stop().await,
+        Err(_) => panic!("every load task has ended, so no one else holds the environment"),
+    }
+    report
+}
