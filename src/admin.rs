@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::error::{envelope, Body};
 use crate::proxy::Gateway;
+use crate::replicas::Invalidation;
 use crate::token::Secret;
 
 /// What the admin endpoints read and act on.
@@ -118,13 +119,20 @@ impl Admin {
             }
         };
         let cache = self.gateway.cache();
+        // What the other replicas (if any) must drop too.
+        let shared;
         let purged = if spec.get("all") == Some(&Value::Bool(true)) {
+            shared = Invalidation::All;
             cache.purge_all().await
         } else if let Some(tags) = spec.get("tags").and_then(Value::as_array) {
             let tags: Option<Vec<String>> =
                 tags.iter().map(|t| t.as_str().map(String::from)).collect();
             match tags {
-                Some(tags) => cache.invalidate_tags(&tags).await,
+                Some(tags) => {
+                    let n = cache.invalidate_tags(&tags).await;
+                    shared = Invalidation::Tags(tags);
+                    n
+                }
                 None => {
                     return envelope(
                         StatusCode::BAD_REQUEST,
@@ -134,6 +142,7 @@ impl Admin {
                 }
             }
         } else if let Some(path) = spec.get("path").and_then(Value::as_str) {
+            shared = Invalidation::Path(path.to_string());
             cache.purge_path(path).await
         } else {
             return envelope(
@@ -143,6 +152,7 @@ impl Admin {
             );
         };
         tracing::info!(purged, "admin purge");
+        self.gateway.publish_invalidation(shared).await;
         json_response(StatusCode::OK, json!({ "purged": purged }))
     }
 

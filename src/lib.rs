@@ -17,8 +17,10 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod replicas;
 pub mod server;
 pub mod sim;
 pub mod token;
@@ -52,6 +54,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Refused(String),
+    #[error("budget.redis_url_env: {0}")]
+    Replicas(#[from] replicas::SetupError),
 }
 
 /// A running gateway: its bound addresses and the handle to stop it.
@@ -64,6 +68,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     refresher: JoinHandle<()>,
+    /// The shared Redis, with several replicas; its background tasks stop with the gateway.
+    replicas: Option<replicas::Redis>,
 }
 
 impl Running {
@@ -78,6 +84,9 @@ impl Running {
             let _ = task.await;
         }
         self.refresher.abort();
+        if let Some(redis) = &self.replicas {
+            redis.stop();
+        }
     }
 }
 
@@ -124,13 +133,32 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         cfg.upstream.ca_file.as_deref(),
         cfg.upstream.connect_timeout,
     )?;
+    // Several replicas share one budget, one token and their invalidations through Redis.
+    let redis = match (cfg.budget.backend, &cfg.budget.redis_url_env) {
+        (config::Backend::Redis, Some(url_env)) => {
+            Some(replicas::Redis::connect(url_env, &cfg.budget.key_prefix, &registry).await?)
+        }
+        _ => None,
+    };
     let token = token::TokenManager::load(token_settings(&cfg), http.clone(), &registry).await?;
+    if let Some(redis) = &redis {
+        token.share_through(redis.clone()).await;
+    }
     let refresher = token.spawn_refresher();
+    let budget = match &redis {
+        Some(redis) => budget::Budget::new_shared(
+            proxy::budget_spec(&cfg),
+            &registry,
+            redis.clone(),
+            cfg.budget.replicas,
+        )?,
+        None => budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
+    };
     let parts = proxy::Parts {
         http,
         token,
         cache: cache::Store::new(cfg.cache.max_bytes, &registry)?,
-        budget: budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
+        budget,
         metrics: metrics::RequestMetrics::register(&registry)?,
     };
     let tls = match &cfg.server.tls {
@@ -151,6 +179,10 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let grace = cfg.server.shutdown_grace;
     let config = Arc::new(cfg);
     let gateway = Gateway::new(config.clone(), parts);
+    if let Some(redis) = &redis {
+        gateway.share_invalidations(redis.clone());
+        redis.spawn_subscriber(apply_invalidations(gateway.cache().clone()));
+    }
     let admin = Arc::new(admin::Admin {
         gateway: gateway.clone(),
         registry,
@@ -186,6 +218,22 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stop,
         tasks: vec![client_task, admin_task],
         refresher,
+        replicas: redis,
+    })
+}
+
+/// How an invalidation published by another replica is applied to this one's cache.
+fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
+    Arc::new(move |what| {
+        let cache = cache.clone();
+        Box::pin(async move {
+            let dropped = match what {
+                replicas::Invalidation::Tags(tags) => cache.invalidate_tags(&tags).await,
+                replicas::Invalidation::Path(path) => cache.purge_path(&path).await,
+                replicas::Invalidation::All => cache.purge_all().await,
+            };
+            tracing::debug!(dropped, "invalidation from another replica applied");
+        })
     })
 }
 

@@ -87,7 +87,10 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, cli.log_level.as_deref());
+    let _logs = cxgate::logging::init(
+        matches!(cli.log_format, LogFormat::Json),
+        cli.log_level.as_deref(),
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -182,20 +185,5 @@ fn finish(result: Result<(), cxgate::StartError>) -> ExitCode {
             eprintln!("cxgate: {e}");
             ExitCode::from(1)
         }
-    }
-}
-
-fn init_logging(format: LogFormat, level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }

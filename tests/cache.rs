@@ -185,7 +185,9 @@ async fn burst(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cold_reads_make_one_upstream_call() {
     let env = common::start(SimOptions::default(), ROUTES).await;
-    env.sim.set_faults(latency(300));
+    // Long enough that the burst is in flight together even on a busy 2-core machine;
+    // a caller that still arrives after the answer is a hit, which the counts allow.
+    env.sim.set_faults(latency(1500));
     let senders = connections(&env, 1000).await;
     let answers = burst(&env, senders, "/me").await;
     let bad: Vec<_> = answers.iter().filter(|a| a.0 != StatusCode::OK).collect();
@@ -209,16 +211,18 @@ async fn a_thousand_cold_reads_make_one_upstream_call() {
         .iter()
         .filter(|a| a.1 == "cxgate; fwd=uri-miss; fwd-status=200; collapsed")
         .count();
-    let others: Vec<_> = answers
+    let hits = answers
         .iter()
-        .map(|a| &a.1)
-        .filter(|c| !c.ends_with("; stored") && !c.ends_with("; collapsed"))
-        .take(3)
-        .collect();
+        .filter(|a| a.1.starts_with("cxgate; hit"))
+        .count();
     assert_eq!(
-        (stored, collapsed),
+        (stored, collapsed + hits),
         (1, 999),
-        "expected 1 stored and 999 collapsed, saw {stored} and {collapsed}; others e.g. {others:?}"
+        "expected 1 stored and 999 collapsed or hits, saw {stored}, {collapsed} and {hits}"
+    );
+    assert!(
+        collapsed >= 900,
+        "expected nearly every caller to share the one call, saw {collapsed} collapsed"
     );
     let upstream = env.upstream_count("GET /me");
     assert_eq!(upstream, 1, "expected 1 upstream call, saw {upstream}");
@@ -226,8 +230,8 @@ async fn a_thousand_cold_reads_make_one_upstream_call() {
     let coalesced = metric(&text, r#"cxgate_coalesced_requests_total{route="GET /me"}"#);
     assert_eq!(
         coalesced,
-        Some(999.0),
-        "expected cxgate_coalesced_requests_total{{route=\"GET /me\"}} 999, saw {coalesced:?}"
+        Some(collapsed as f64),
+        "expected cxgate_coalesced_requests_total{{route=\"GET /me\"}} {collapsed}, saw {coalesced:?}"
     );
     env.stop().await;
 }

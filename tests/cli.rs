@@ -292,7 +292,7 @@ fn key_hash_prints_the_sha256_of_stdin() {
 }
 
 #[test]
-fn run_with_the_redis_backend_exits_2_with_a_clear_message() {
+fn run_with_the_redis_backend_but_no_redis_url_exits_2_with_a_clear_message() {
     let dir = temp_dir();
     let path = dir.join("redis.toml");
     let config = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
@@ -313,7 +313,9 @@ fn run_with_the_redis_backend_exits_2_with_a_clear_message() {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("expected cxgate run to refuse the redis backend, it kept running");
+            panic!(
+                "expected cxgate run to refuse the redis backend without a URL, it kept running"
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }

@@ -106,6 +106,17 @@ impl Gcra {
         self.burst
     }
 
+    /// The theoretical arrival time, for the shared backend's bookkeeping.
+    pub(crate) fn tat(&self) -> u64 {
+        self.tat
+    }
+
+    /// Takes a TAT decided elsewhere (the shared budget in Redis), so what this share shows
+    /// matches what every replica spent.
+    pub(crate) fn mirror(&mut self, tat: u64) {
+        self.tat = tat;
+    }
+
     /// Cells a caller may use when `hold` cells of the burst are kept back from it; at least
     /// one, so every caller can make progress.
     fn usable(&self, hold: u32) -> u32 {

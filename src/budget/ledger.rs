@@ -111,7 +111,7 @@ impl Ledger {
     }
 
     /// The longest wait `client` accepts, in nanoseconds, and the global cells it may not use.
-    fn terms(&self, client: &str) -> (u64, u32) {
+    pub(crate) fn terms(&self, client: &str) -> (u64, u32) {
         let c = self.clients.get(client);
         let max_wait = c.and_then(|c| c.max_wait).unwrap_or(self.max_wait);
         let hold = match c.map(|c| c.priority) {

@@ -36,6 +36,7 @@
 mod gcra;
 mod headers;
 mod ledger;
+mod redis;
 mod status;
 mod upstream;
 
@@ -136,6 +137,8 @@ struct Inner {
     clock: TokioClock,
     ledger: Mutex<Ledger>,
     metrics: Metrics,
+    /// `budget.backend = "redis"`: admissions go to the shared budget (see `redis`).
+    shared: Option<redis::Shared>,
 }
 
 struct Metrics {
@@ -189,6 +192,25 @@ impl Budget {
                 clock: TokioClock::new(),
                 ledger: Mutex::new(Ledger::new(spec)),
                 metrics: Metrics::register(registry)?,
+                shared: None,
+            }),
+        })
+    }
+
+    /// Like [`Budget::new`], with one budget shared by every replica through `redis`; while
+    /// Redis is unreachable this replica keeps `1 / replicas` of every share locally.
+    pub fn new_shared(
+        spec: BudgetSpec,
+        registry: &Registry,
+        redis: crate::replicas::Redis,
+        replicas: NonZeroU32,
+    ) -> Result<Budget, prometheus::Error> {
+        Ok(Budget {
+            inner: Arc::new(Inner {
+                clock: TokioClock::new(),
+                ledger: Mutex::new(Ledger::new(spec.clone())),
+                metrics: Metrics::register(registry)?,
+                shared: Some(redis::Shared::new(redis, replicas, spec)),
             }),
         })
     }
@@ -196,13 +218,24 @@ impl Budget {
     /// Applies a new configuration in place. What was spent stays spent (global and surviving
     /// clients' shares), and an upstream pause goes on, so a reload cannot open a burst.
     pub fn reload(&self, spec: BudgetSpec) {
-        self.ledger().reconfigure(spec);
+        match &self.inner.shared {
+            Some(shared) => shared.reconfigure(&mut self.ledger(), spec),
+            None => self.ledger().reconfigure(spec),
+        }
     }
 
     /// Waits for `cost` cells for one upstream call of `client`, or refuses at once when the
     /// wait would exceed the client's `max_wait` or the upstream has paused us. Dropping the
     /// future while it waits gives its cells back where nothing queued behind them.
     pub async fn admit(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+        match &self.inner.shared {
+            Some(shared) => self.admit_shared(shared, client, cost).await,
+            None => self.admit_local(client, cost).await,
+        }
+    }
+
+    /// [`Budget::admit`] on this process's own ledger.
+    async fn admit_local(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
         let arrived = clock.nanos();
         let mut hold = Hold {
@@ -247,6 +280,7 @@ impl Budget {
     /// Learns from one upstream answer (see `upstream` for the rules).
     pub fn observe_upstream(&self, status: StatusCode, headers: &HeaderMap) {
         self.observe_at(status, headers, SystemTime::now());
+        self.share_upstream_pause(self.inner.clock.nanos());
     }
 
     fn observe_at(&self, status: StatusCode, headers: &HeaderMap, wall: SystemTime) {

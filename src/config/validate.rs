@@ -289,10 +289,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let backend = match b.backend.as_deref() {
         None | Some("local") => Backend::Local,
         Some("redis") => {
-            p.add(
-                "budget.backend",
-                "\"redis\" is not available in this build yet; use \"local\"",
-            );
+            // The URL may hold a password, so it only ever comes from the environment.
+            if b.redis_url_env.as_deref().is_none_or(str::is_empty) {
+                p.add(
+                    "budget.backend",
+                    "\"redis\" needs budget.redis_url_env, the environment variable that \
+                     holds the Redis URL (e.g. CXGATE_REDIS_URL)",
+                );
+            }
             Backend::Redis
         }
         Some(other) => {
@@ -313,7 +317,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         batch_reserve,
         backend,
         redis_url_env: b.redis_url_env.clone(),
-        key_prefix: b.key_prefix.clone().unwrap_or_else(|| "cxgate".into()),
+        key_prefix: match b.key_prefix.as_deref() {
+            None => "cxgate".into(),
+            Some(k) if !k.is_empty() && !k.contains(char::is_whitespace) => k.to_string(),
+            Some(k) => {
+                p.add(
+                    "budget.key_prefix",
+                    format!("must be non-empty without spaces, got {k:?}"),
+                );
+                "cxgate".into()
+            }
+        },
         replicas: p.positive("budget.replicas", b.replicas, 1),
     };
 

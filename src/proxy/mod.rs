@@ -50,6 +50,11 @@ pub struct State {
     rewriter: Rewriter,
     /// Authorities an absolute-form request target may name.
     own_hosts: Vec<String>,
+    /// The `route` label of each route, built once so requests only clone an `Arc`.
+    labels: Vec<Arc<str>>,
+    /// The `route` label of unmatched requests, and the `client` label before auth.
+    other: Arc<str>,
+    nobody: Arc<str>,
 }
 
 impl State {
@@ -67,10 +72,17 @@ impl State {
             }
         }
         State {
-            config,
             clients,
             rewriter,
             own_hosts,
+            labels: config
+                .routes
+                .iter()
+                .map(|r| Arc::from(r.match_text.as_str()))
+                .collect(),
+            other: Arc::from("other"),
+            nobody: Arc::from("-"),
+            config,
         }
     }
 }
@@ -100,6 +112,8 @@ struct Inner {
     metrics: RequestMetrics,
     in_flight: Arc<Semaphore>,
     last_upstream_status: AtomicU16,
+    /// With several replicas: where purges and invalidations are published for the others.
+    replicas: std::sync::OnceLock<crate::replicas::Redis>,
 }
 
 /// What a request turned out to be, for metrics and the access log.
@@ -127,7 +141,20 @@ impl Gateway {
                 metrics: parts.metrics,
                 in_flight: Arc::new(Semaphore::new(permits)),
                 last_upstream_status: AtomicU16::new(0),
+                replicas: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Publishes every later purge and write invalidation to the other replicas.
+    pub fn share_invalidations(&self, redis: crate::replicas::Redis) {
+        let _ = self.inner.replicas.set(redis);
+    }
+
+    /// Tells the other replicas (if any) to drop what this one just dropped.
+    pub async fn publish_invalidation(&self, what: crate::replicas::Invalidation) {
+        if let Some(redis) = self.inner.replicas.get() {
+            redis.publish(what).await;
         }
     }
 
@@ -190,8 +217,8 @@ impl Gateway {
         let state = self.state();
         let method = req.method().clone();
         let mut outcome = Outcome {
-            client: Arc::from("-"),
-            route: Arc::from("other"),
+            client: state.nobody.clone(),
+            route: state.other.clone(),
             cache: "none",
             upstream: None,
             budget_wait: None,
@@ -268,8 +295,7 @@ impl Gateway {
         let (parts, body) = req.into_parts();
 
         // 1. Where the request may go: decided before anything else sees it.
-        let own: Vec<&str> = state.own_hosts.iter().map(String::as_str).collect();
-        check_target(&parts, &own)?;
+        check_target(&parts, &state.own_hosts)?;
         let path = parts.uri.path();
         let query = parts.uri.query();
 
@@ -291,8 +317,8 @@ impl Gateway {
         // 3. Which route.
         let route = cfg.find_route(&parts.method, path);
         let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
-        if let Some((r, _)) = rule {
-            outcome.route = Arc::from(r.match_text.as_str());
+        if let Some((i, _)) = &route {
+            outcome.route = state.labels[*i].clone();
         }
 
         // 4. May this client do this, here: before the cache, so a client never gets a
@@ -323,9 +349,10 @@ impl Gateway {
         )
         .await?;
 
-        let call = Call {
+        let route_label = outcome.route.clone();
+        let make_call = || Call {
             state: state.clone(),
-            route_label: outcome.route.clone(),
+            route_label,
             method: parts.method.clone(),
             url: upstream_url(cfg, path, query),
             headers: parts.headers.clone(),
@@ -335,11 +362,15 @@ impl Gateway {
             cost: rule.map_or(std::num::NonZeroU32::MIN, |(r, _)| r.cost),
         };
 
-        // 6. Reads: cache, merge, budget, token, upstream, rewrite.
+        // 6. Reads: cache, merge, budget, token, upstream, rewrite. The upstream call is
+        //    only put together on a miss: a hit copies nothing of the request.
         if parts.method == Method::GET || parts.method == Method::HEAD {
-            return self.read(rule, path, query, call, outcome).await;
+            return self
+                .read(rule, path, query, &parts.headers, make_call, outcome)
+                .await;
         }
 
+        let call = make_call();
         // 7. Writes: budget, token, upstream once; then invalidate before answering, so a
         //    read right after the write never sees the old data.
         outcome.cache = "bypass";
@@ -350,6 +381,8 @@ impl Gateway {
             if let Some((r, caps)) = rule.filter(|(r, _)| !r.invalidates.is_empty()) {
                 let tags: Vec<String> = r.invalidates.iter().map(|t| t.fill(caps)).collect();
                 self.inner.cache.invalidate_tags(&tags).await;
+                self.publish_invalidation(crate::replicas::Invalidation::Tags(tags))
+                    .await;
             }
         }
         let mut resp = reply::from_parts(fetched.status, &fetched.headers, &fetched.body);

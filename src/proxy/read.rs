@@ -62,19 +62,18 @@ impl Gateway {
         route: Option<(&RouteConfig, &Captures<'_>)>,
         path: &str,
         query: Option<&str>,
-        mut call: Call,
+        headers: &HeaderMap,
+        make_call: impl FnOnce() -> Call,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
-        let d = directives(&call.headers);
-        // HEAD is answered from GET entries, so its upstream call is a GET too.
-        call.method = Method::GET;
+        let d = directives(headers);
         let key = crate::cache::cache_key(&Method::GET, path, query);
         let ttl = route.and_then(|(r, _)| r.ttl).filter(|_| !d.no_store);
         let mut stale_fallback: Option<Arc<CachedResponse>> = None;
 
         if ttl.is_some() && !d.no_cache {
-            if let Some(entry) = inner.cache.get(&key, &call.headers).await {
+            if let Some(entry) = inner.cache.get(&key, headers).await {
                 let now = Instant::now();
                 match entry.freshness(now) {
                     Freshness::Fresh { remaining } => {
@@ -87,7 +86,7 @@ impl Gateway {
                         ..
                     } => {
                         outcome.cache = "stale";
-                        self.revalidate(key, route, call);
+                        self.revalidate(key, route, upstream_get(make_call));
                         return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
                     }
                     Freshness::Stale { if_error: true, .. } => stale_fallback = Some(entry),
@@ -106,7 +105,7 @@ impl Gateway {
         } else {
             key.clone()
         };
-        let fetch = self.fetch_and_store(key, route, call);
+        let fetch = self.fetch_and_store(key, route, upstream_get(make_call));
         let shared = inner.merger.run(merge_key, fetch).await;
         let (value, role) = match shared {
             Ok(v) => v,
@@ -198,7 +197,7 @@ impl Gateway {
                     fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
                     let entry = CachedResponse {
                         status: fetched.status,
-                        headers: fetched.headers.clone(),
+                        headers: reply::storable_headers(&fetched.headers),
                         body: fetched.body.clone(),
                         tags,
                         stored_at: Instant::now(),
@@ -214,6 +213,13 @@ impl Gateway {
             Ok(Arc::new(Answer { fetched, stored }))
         }
     }
+}
+
+/// The upstream call of a read: HEAD is answered from GET entries, so it goes up as a GET.
+fn upstream_get(make_call: impl FnOnce() -> Call) -> Call {
+    let mut call = make_call();
+    call.method = Method::GET;
+    call
 }
 
 /// The upstream's own `Cache-Control: no-store` or `private` wins over the route's ttl.

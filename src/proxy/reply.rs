@@ -69,23 +69,38 @@ pub fn from_parts(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Resp
     resp
 }
 
-/// A hit: fresh (`remaining` left) or stale (`past` its ttl).
+/// A hit: fresh (`remaining` left) or stale (`past` its ttl). Entries are stored with their
+/// headers already filtered, so a hit clones one `HeaderMap` (a few allocations, values
+/// shared) instead of rebuilding it header by header.
 pub fn from_entry(
     entry: &CachedResponse,
     age: Duration,
     fresh_for: Result<Duration, Duration>,
 ) -> Response<Body> {
-    let mut resp = from_parts(entry.status, &entry.headers, &entry.body);
+    let mut resp = Response::new(Full::new(entry.body.clone()));
+    *resp.status_mut() = entry.status;
+    let mut headers = entry.headers.clone();
     let status = match fresh_for {
         Ok(remaining) => format!("cxgate; hit; ttl={}", remaining.as_secs()),
         Err(past) => format!("cxgate; hit; ttl=-{}; detail=stale", past.as_secs().max(1)),
     };
-    let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::try_from(status) {
-        h.insert(CACHE_STATUS.clone(), v);
+        headers.insert(CACHE_STATUS.clone(), v);
     }
-    h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    *resp.headers_mut() = headers;
     resp
+}
+
+/// The headers worth storing with an entry: the upstream's, less its `x-ratelimit-*`.
+pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if !name.as_str().starts_with("x-ratelimit-") {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

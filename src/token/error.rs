@@ -62,6 +62,8 @@ pub enum TokenError {
     BadAnswer { reason: &'static str },
     #[error("the refresh task ended without an outcome")]
     RefreshAborted,
+    #[error("another replica's token refresh did not finish in time")]
+    SharedRefreshStalled,
     #[error("cannot register token metrics: {0}")]
     Metrics(#[source] prometheus::Error),
     /// One refresh outcome shared by every caller that waited for it.

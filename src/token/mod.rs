@@ -29,6 +29,7 @@ mod metrics;
 mod oauth;
 mod refresh;
 mod secret;
+mod shared;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -168,6 +169,7 @@ impl TokenManager {
             client,
             state: Mutex::new(state),
             metrics: None,
+            shared: std::sync::OnceLock::new(),
         };
         let mut registered = Ok(());
         let inner = match registry {
@@ -199,7 +201,30 @@ impl TokenManager {
 
     /// Starts the background refresher (ends at once for a static token).
     pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(refresh::run(Arc::clone(&self.inner)))
+        let inner = Arc::clone(&self.inner);
+        if inner.shared.get().is_none() {
+            return tokio::spawn(refresh::run(inner));
+        }
+        tokio::spawn(async move {
+            tokio::join!(refresh::run(inner.clone()), shared::watch(inner));
+        })
+    }
+
+    /// Shares the token with the other replicas through `redis` (CONTRACT 6; see `shared`):
+    /// adopts the stored token if it is newer than this replica's, or stores this one. Call
+    /// it before [`TokenManager::spawn_refresher`]. A static token is not shared.
+    pub async fn share_through(&self, redis: crate::replicas::Redis) {
+        if matches!(self.inner.source, Source::Env) {
+            return;
+        }
+        if self
+            .inner
+            .shared
+            .set(shared::SharedToken::new(redis))
+            .is_ok()
+        {
+            self.inner.reconcile().await;
+        }
     }
 
     /// Ok when a usable token is held and no re-authorisation is pending.

@@ -54,6 +54,8 @@ pub(crate) struct Inner {
     pub client: HttpClient,
     pub state: Mutex<State>,
     pub metrics: Option<TokenMetrics>,
+    /// Set when the token is shared with other replicas through Redis (see `shared`).
+    pub shared: std::sync::OnceLock<super::shared::SharedToken>,
 }
 
 impl ExpirySource for Inner {
@@ -138,8 +140,16 @@ impl Inner {
         tx.send_replace(Some(outcome));
     }
 
-    /// One exchange: spend the refresh token, save the answer, then publish it.
+    /// One refresh: through the other replicas' lock when the token is shared, else alone.
     async fn refresh_once(&self) -> Result<(), TokenError> {
+        match self.shared.get() {
+            Some(shared) => self.refresh_shared(shared).await,
+            None => self.refresh_local().await,
+        }
+    }
+
+    /// One exchange: spend the refresh token, save the answer, then publish it.
+    pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };

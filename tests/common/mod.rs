@@ -607,3 +607,271 @@ pub async fn budget_load_run(clients: usize, tick: Duration, run: Duration) -> L
     }
     report
 }
+
+/// Like [`start`] (the `test-key` client with read+write, `extra` appended), but with
+/// `token.refresh_before` set to `refresh_before` instead of the harness's one second.
+pub async fn start_refresh_before(
+    mut sim_opts: SimOptions,
+    refresh_before: &str,
+    extra: &str,
+) -> Env {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
+    if sim_opts.access_tokens == SimOptions::default().access_tokens {
+        sim_opts.access_tokens = vec![ACCESS.to_string()];
+        sim_opts.refresh_tokens = vec![REFRESH.to_string()];
+    }
+    sim_opts.client_secret = CLIENT_SECRET.to_string();
+    let ttl = sim_opts.token_ttl;
+    let access = sim_opts.access_tokens[0].clone();
+    let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let sim = cxgate::sim::spawn(listener, sim_opts)
+        .await
+        .expect("start sim");
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-test-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
+    let base = sim.base_url();
+    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n\
+         [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
+         [token]\nfile = \"{}\"\nrefresh_before = \"{refresh_before}\"\n\
+         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+         {clients}\n{extra}\n",
+        token_file.display()
+    );
+    let cfg_path = dir.join("cxgate.toml");
+    std::fs::write(&cfg_path, &text).expect("write config");
+    let cfg = cxgate::config::load(&cfg_path)
+        .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
+    let gw = cxgate::start(cfg, Some(cfg_path))
+        .await
+        .expect("start gateway");
+    let http = Client::builder(TokioExecutor::new()).build_http();
+    Env { sim, gw, dir, http }
+}
+
+/// One answer of the refresh-gap run; times count from the run's start.
+#[derive(Debug, Clone, Copy)]
+pub struct GapSample {
+    pub sent: Duration,
+    pub done: Duration,
+    pub status: u16,
+}
+
+impl GapSample {
+    pub fn latency(&self) -> Duration {
+        self.done.saturating_sub(self.sent)
+    }
+}
+
+/// Figures of the refresh-gap run (see [`refresh_gap_run`]).
+#[derive(Debug)]
+pub struct GapReport {
+    pub ttl: Duration,
+    pub loops: usize,
+    pub elapsed: Duration,
+    /// Every answer, ordered by completion.
+    pub samples: Vec<GapSample>,
+    /// When the gateway saved each new token to its file (just before it starts using it).
+    pub refreshes: Vec<Duration>,
+    /// What the simulator counted: refreshes granted, refresh tokens presented twice.
+    pub sim_refreshes: u64,
+    pub reuse_rejected: u64,
+}
+
+/// How far either side of a refresh counts as "around" it.
+pub const GAP_WINDOW: Duration = Duration::from_millis(500);
+
+impl GapReport {
+    pub fn non_200(&self) -> Vec<GapSample> {
+        self.samples
+            .iter()
+            .filter(|s| s.status != 200)
+            .copied()
+            .collect()
+    }
+
+    /// The longest time between consecutive successful answers whose later answer ends in
+    /// `within` (all of them when `None`), with when that gap ended.
+    pub fn longest_gap(&self, within: Option<(Duration, Duration)>) -> (Duration, Duration) {
+        let mut best = (Duration::ZERO, Duration::ZERO);
+        let mut previous: Option<Duration> = None;
+        for s in self.samples.iter().filter(|s| s.status == 200) {
+            let counted = within.is_none_or(|(from, to)| s.done >= from && s.done <= to);
+            if let Some(p) = previous {
+                let gap = s.done.saturating_sub(p);
+                if counted && gap > best.0 {
+                    best = (gap, s.done);
+                }
+            }
+            previous = Some(s.done);
+        }
+        best
+    }
+
+    /// Requests in flight at some point within `GAP_WINDOW` of `at`: how many, and the
+    /// longest latency among them.
+    pub fn around(&self, at: Duration) -> (usize, Duration) {
+        let from = at.saturating_sub(GAP_WINDOW);
+        let to = at + GAP_WINDOW;
+        let near: Vec<&GapSample> = self
+            .samples
+            .iter()
+            .filter(|s| s.done >= from && s.sent <= to)
+            .collect();
+        let max = near.iter().map(|s| s.latency()).max().unwrap_or_default();
+        (near.len(), max)
+    }
+
+    fn percentile(&self, p: f64) -> Duration {
+        let mut all: Vec<Duration> = self.samples.iter().map(GapSample::latency).collect();
+        all.sort();
+        match all.len() {
+            0 => Duration::ZERO,
+            n => all[((n as f64 - 1.0) * p).round() as usize],
+        }
+    }
+
+    pub fn print(&self) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "refresh gap run: token ttl {:?}, refresh_before 1s, {} loops of uncached GETs for {:.1} s",
+            self.ttl,
+            self.loops,
+            self.elapsed.as_secs_f64()
+        );
+        let failed = self.non_200();
+        println!(
+            "  answers {}, non-200 {} (goal 0){}",
+            self.samples.len(),
+            failed.len(),
+            match failed.first() {
+                Some(f) => format!(", first: {} at {:.3} s", f.status, f.done.as_secs_f64()),
+                None => String::new(),
+            }
+        );
+        println!(
+            "  refreshes: {} seen in the token file, {} granted by the simulator, {} refresh reuses rejected",
+            self.refreshes.len(),
+            self.sim_refreshes,
+            self.reuse_rejected
+        );
+        println!(
+            "  latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            ms(self.percentile(0.5)),
+            ms(self.percentile(0.99)),
+            ms(self.percentile(1.0))
+        );
+        let (gap, ended) = self.longest_gap(None);
+        println!(
+            "  longest gap between successful answers: {:.2} ms (ended at {:.3} s)",
+            ms(gap),
+            ended.as_secs_f64()
+        );
+        for (n, at) in self.refreshes.iter().enumerate() {
+            let (count, max) = self.around(*at);
+            let window = (at.saturating_sub(GAP_WINDOW), *at + GAP_WINDOW);
+            let (gap, _) = self.longest_gap(Some(window));
+            println!(
+                "  refresh {} at {:.3} s: {count} requests within ±{} ms, max latency {:.2} ms, longest gap {:.2} ms",
+                n + 1,
+                at.as_secs_f64(),
+                GAP_WINDOW.as_millis(),
+                ms(max),
+                ms(gap)
+            );
+        }
+    }
+}
+
+/// The refresh-gap run: a simulator issuing `ttl` tokens, the harness gateway (refresh one
+/// second ahead) and `loops` concurrent loops of uncached GETs for `run`, every answer's
+/// status and times recorded. A watcher notes each change of the token file.
+pub async fn refresh_gap_run(ttl: Duration, run: Duration, loops: usize) -> GapReport {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let sim = SimOptions {
+        token_ttl: ttl,
+        ..SimOptions::default()
+    };
+    let env = Arc::new(start(sim, BIG_BUDGET).await);
+    let token_file = env.dir.join("token.json");
+    let started = tokio::time::Instant::now();
+    let done = Arc::new(AtomicBool::new(false));
+
+    let watcher = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = std::fs::read(&token_file).unwrap_or_default();
+            let mut changes = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                // A read racing the rename sees the whole old file or the whole new one.
+                if let Ok(now) = std::fs::read(&token_file) {
+                    if now != last {
+                        changes.push(started.elapsed());
+                        last = now;
+                    }
+                }
+            }
+            changes
+        })
+    };
+
+    let mut drivers = tokio::task::JoinSet::new();
+    for l in 0..loops {
+        let env = env.clone();
+        drivers.spawn(async move {
+            let mut samples = Vec::new();
+            let mut i = 0u64;
+            while started.elapsed() < run {
+                // Paths repeat so the simulator's per-path counters stay small; each loop
+                // has its own, so no two requests in flight are ever merged.
+                let path = format!("/12345/inbox/contact/gap{l}/{}", i % 100);
+                let sent = started.elapsed();
+                let answer = env.get(&path).await;
+                samples.push(GapSample {
+                    sent,
+                    done: started.elapsed(),
+                    status: answer.status.as_u16(),
+                });
+                i += 1;
+            }
+            samples
+        });
+    }
+    let mut samples = Vec::new();
+    while let Some(loop_samples) = drivers.join_next().await {
+        samples.extend(loop_samples.expect("request loop"));
+    }
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    let refreshes = watcher.await.expect("token file watcher");
+    samples.sort_by_key(|s| s.done);
+    let stats = env.sim.stats();
+    let report = GapReport {
+        ttl,
+        loops,
+        elapsed,
+        samples,
+        refreshes,
+        sim_refreshes: stats["token_refreshes"].as_u64().unwrap_or(0),
+        reuse_rejected: stats["refresh_reuse_rejected"].as_u64().unwrap_or(0),
+    };
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.stop().await,
+        Err(_) => panic!("every request loop has ended, so no one else holds the environment"),
+    }
+    report
+}

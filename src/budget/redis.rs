@@ -1,0 +1,827 @@
+//! The budget every replica shares (`budget.backend = "redis"`, CONTRACT 6).
+//!
+//! Role: the same GCRA bookings as the local ledger, made by one Lua script in Redis so all
+//! replicas spend one global share and one share per client. Each admission is one atomic
+//! `EVALSHA` (reloaded when Redis has forgotten the script): it reads the upstream pause,
+//! books the client's slot and the global slot together, or refuses without booking when
+//! the wait would exceed `max_wait`. Nothing is ever read here and written back later, so
+//! no interleaving of replicas can admit more than a share allows. Times inside the script
+//! are microseconds of Redis's own clock (`TIME`), one clock for every replica; a replica
+//! only learns "wait this long", which it sleeps on its own clock.
+//!
+//! The local ledger stays the source of everything local: the upstream's word (a pause this
+//! replica saw is also pushed to Redis so the others stop too), the refusal counts, and a
+//! mirror of the shared state (the TATs the script returns) for the `RateLimit` headers and
+//! `/admin/status`.
+//!
+//! Losing Redis: the first failed call (or the health probe) switches this replica to its
+//! local ledger with every share divided by `budget.replicas`; it starts from the shared
+//! debt it last mirrored, so an outage cannot open a fresh burst. When Redis answers again
+//! the next admission goes back to the script, carrying the debt this replica ran up alone
+//! meanwhile, so the shared bucket learns what was spent while it was gone.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::Script;
+
+use super::gcra::quota;
+use super::ledger::{Ledger, Refusal};
+use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Which};
+use crate::replicas::Redis;
+
+/// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
+/// was booked after), `pause` (extend the shared upstream pause). KEYS: the global TAT, the
+/// client's TAT, the pause deadline. A TAT at or before now means a full bucket, so keys
+/// expire once they hold nothing but the past.
+const LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+
+local function load(key)
+  local v = tonumber(redis.call('GET', key))
+  if v == nil or v < now then return now end
+  return v
+end
+local function store(key, v)
+  redis.call('SET', key, string.format('%.0f', v), 'PX', math.floor((v - now) / 1000) + 1000)
+end
+local function earliest(tat, cost, interval, usable)
+  return tat - (usable - math.min(cost, usable)) * interval
+end
+
+local mode = ARGV[1]
+if mode == 'pause' then
+  local untl = now + tonumber(ARGV[2])
+  if untl > load(KEYS[3]) then store(KEYS[3], untl) end
+  return {0}
+end
+if mode == 'return' then
+  for i = 1, 2 do
+    local after, before = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
+      if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
+    end
+  end
+  return {0}
+end
+
+-- take: cost, global interval and usable cells, client interval and usable cells (0 = do
+-- not book the client), max wait, debt owed from a spell on the local fallback.
+local cost = tonumber(ARGV[2])
+local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_wait = tonumber(ARGV[7])
+local owed = tonumber(ARGV[8])
+if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
+
+local pause = tonumber(redis.call('GET', KEYS[3]))
+if pause ~= nil and pause > now then return {3, pause - now} end
+
+local g = load(KEYS[1])
+local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
+local c, cw = now, 0
+if cu > 0 then
+  c = load(KEYS[2])
+  cw = math.max(earliest(c, cost, ci, cu) - now, 0)
+end
+if math.max(gw, cw) > max_wait then
+  if cw >= gw then return {2, cw} end
+  return {1, gw}
+end
+local c_after = 0
+if cu > 0 then
+  c_after = math.max(c, now + cw) + cost * ci
+  store(KEYS[2], c_after)
+  if cw > 0 then return {4, cw, c, c_after, 0, 0, now} end
+end
+local g_after = math.max(g, now + gw) + cost * gi
+store(KEYS[1], g_after)
+return {0, gw, c, c_after, g, g_after, now}
+"#;
+
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LUA));
+
+/// The shared backend's state inside a [`Budget`].
+pub(crate) struct Shared {
+    redis: Redis,
+    replicas: NonZeroU32,
+    /// The configured spec; while on the fallback the ledger holds its divided form.
+    full: Mutex<BudgetSpec>,
+    /// On the local fallback. Flipped only under the ledger lock, together with the
+    /// ledger's reconfiguration, so both always agree.
+    local: AtomicBool,
+    /// The mirrored global TAT when the fallback began: debt already known to Redis.
+    base: AtomicU64,
+    /// The end of the last upstream pause pushed to Redis (budget clock), to push each once.
+    pushed_pause: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(redis: Redis, replicas: NonZeroU32, spec: BudgetSpec) -> Shared {
+        Shared {
+            redis,
+            replicas,
+            full: Mutex::new(spec),
+            local: AtomicBool::new(false),
+            base: AtomicU64::new(0),
+            pushed_pause: AtomicU64::new(0),
+        }
+    }
+
+    fn full(&self) -> BudgetSpec {
+        self.full
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn divided(&self) -> BudgetSpec {
+        divide(self.full(), self.replicas)
+    }
+
+    /// A new configuration (reload): the ledger takes the form that is in force.
+    pub(crate) fn reconfigure(&self, ledger: &mut Ledger, spec: BudgetSpec) {
+        *self.full.lock().unwrap_or_else(PoisonError::into_inner) = spec;
+        let in_force = if self.local.load(Ordering::Acquire) {
+            self.divided()
+        } else {
+            self.full()
+        };
+        ledger.reconfigure(in_force);
+    }
+
+    /// Leaves the fallback if it is in force: the ledger gets the full spec back, and the
+    /// debt this replica ran up alone (in shared microseconds) is returned for the script.
+    fn come_back(&self, ledger: &mut Ledger, now: u64) -> u64 {
+        if !self.local.load(Ordering::Acquire) {
+            return 0;
+        }
+        let known = self.base.load(Ordering::Acquire).max(now);
+        let alone = ledger.global.tat().saturating_sub(known);
+        ledger.reconfigure(self.full());
+        self.local.store(false, Ordering::Release);
+        tracing::info!("budget: back on the shared Redis budget");
+        alone / u64::from(self.replicas.get()) / 1000
+    }
+
+    /// Books on Redis. `None`: Redis failed or answered nonsense; the caller falls back.
+    async fn take(&self, ask: &Ask, book_own: bool, max_wait: u64, owed: u64) -> Option<Reply> {
+        let own = ask.own.filter(|_| book_own);
+        let keys = self.keys(&ask.client);
+        let args = [
+            ask.cost.to_string(),
+            ask.global.interval_us.to_string(),
+            ask.global.usable.to_string(),
+            own.map_or(0, |o| o.interval_us).to_string(),
+            own.map_or(0, |o| o.usable).to_string(),
+            (max_wait / 1000).to_string(),
+            owed.to_string(),
+        ];
+        let raw: Vec<i64> = self
+            .redis
+            .run("budget", |mut conn| async move {
+                let mut call = SCRIPT.prepare_invoke();
+                call.key(&keys[0]).key(&keys[1]).key(&keys[2]).arg("take");
+                for a in &args {
+                    call.arg(a);
+                }
+                call.invoke_async(&mut conn).await
+            })
+            .await
+            .ok()?;
+        let reply = Reply::parse(&raw);
+        if reply.is_none() {
+            tracing::error!(?raw, "budget: unexpected answer from the Redis script");
+        }
+        reply
+    }
+
+    fn keys(&self, client: &str) -> [String; 3] {
+        [
+            self.redis.key("budget:global"),
+            self.redis.key(&format!("budget:client:{client}")),
+            self.redis.key("budget:pause"),
+        ]
+    }
+
+    /// Gives back bookings nothing was booked after (best effort, in the background: it
+    /// runs from `Drop`, and a lost give-back only wastes cells, never exceeds a share).
+    fn give_back(&self, client: &str, own: Option<Booked>, global: Option<Booked>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys = self.keys(client);
+        let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
+        let [oa, ob] = pair(own);
+        let [ga, gb] = pair(global);
+        let redis = self.redis.clone();
+        runtime.spawn(async move {
+            let _ = redis
+                .run("budget", |mut conn| async move {
+                    SCRIPT
+                        .key(&keys[1])
+                        .key(&keys[0])
+                        .key(&keys[2])
+                        .arg("return")
+                        .arg(oa)
+                        .arg(ob)
+                        .arg(ga)
+                        .arg(gb)
+                        .invoke_async::<Vec<i64>>(&mut conn)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    /// Pushes an upstream pause this replica learnt to Redis, once per new deadline.
+    fn share_pause(&self, now: u64, paused_for: Option<u64>) {
+        let Some(left) = paused_for else {
+            return;
+        };
+        let until = now.saturating_add(left);
+        // Pauses are whole seconds or more; a millisecond of tolerance avoids re-pushing
+        // the same deadline seen through two answers.
+        if until <= self.pushed_pause.load(Ordering::Acquire) + 1_000_000 {
+            return;
+        }
+        self.pushed_pause.store(until, Ordering::Release);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys = self.keys("-");
+        let redis = self.redis.clone();
+        runtime.spawn(async move {
+            let _ = redis
+                .run("budget", |mut conn| async move {
+                    SCRIPT
+                        .key(&keys[0])
+                        .key(&keys[1])
+                        .key(&keys[2])
+                        .arg("pause")
+                        .arg(left / 1000)
+                        .invoke_async::<Vec<i64>>(&mut conn)
+                        .await
+                })
+                .await;
+        });
+    }
+}
+
+/// What one replica may spend alone: every share divided by the replica count (at least
+/// one cell of rate and of burst, so a replica can always make progress).
+fn divide(mut spec: BudgetSpec, replicas: NonZeroU32) -> BudgetSpec {
+    fn part(s: &Share, n: u32) -> Share {
+        Share {
+            limit: NonZeroU32::new(s.limit.get() / n).unwrap_or(NonZeroU32::MIN),
+            period: s.period,
+            burst: NonZeroU32::new(s.burst.get() / n).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+    let n = replicas.get();
+    spec.global = part(&spec.global, n);
+    spec.clients = spec
+        .clients
+        .into_iter()
+        .map(|c| ClientSpec {
+            share: c.share.as_ref().map(|s| part(s, n)),
+            ..c
+        })
+        .collect();
+    spec
+}
+
+/// A share as the script sees it: one cell every `interval_us`, `usable` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cells {
+    interval_us: u64,
+    usable: u32,
+}
+
+impl Cells {
+    /// The interval is rounded *up* to whole microseconds: a share may come out a hair
+    /// slower than configured, never faster.
+    fn of(share: &Share, hold: u32) -> Cells {
+        let q = quota(share);
+        let ns = q.replenish_interval().as_nanos();
+        Cells {
+            interval_us: u64::try_from(ns.div_ceil(1000)).unwrap_or(u64::MAX).max(1),
+            usable: q.burst_size().get().saturating_sub(hold).max(1),
+        }
+    }
+}
+
+/// One admission's terms, taken from the ledger in one critical section.
+struct Ask {
+    client: String,
+    cost: u32,
+    max_wait: u64,
+    global: Cells,
+    own: Option<Cells>,
+}
+
+impl Ask {
+    fn new(ledger: &Ledger, client: &str, cost: NonZeroU32) -> Ask {
+        let (max_wait, hold) = ledger.terms(client);
+        let own = ledger
+            .clients
+            .get(client)
+            .and_then(|c| c.share.as_ref())
+            .map(|(share, _)| Cells::of(share, 0));
+        Ask {
+            client: client.to_string(),
+            cost: cost.get(),
+            max_wait,
+            global: Cells::of(&ledger.global_share, hold),
+            own,
+        }
+    }
+}
+
+/// One booking on a Redis key: the TAT before and after it (script microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Booked {
+    before: i64,
+    after: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reply {
+    /// Both shares booked: go after `wait` µs.
+    Go {
+        wait: u64,
+        own: Option<Booked>,
+        global: Booked,
+        now: i64,
+    },
+    /// Only the client's share booked: come back after `wait` µs for the global one.
+    Queue {
+        wait: u64,
+        own: Booked,
+        now: i64,
+    },
+    Refused {
+        which: Which,
+        wait: u64,
+    },
+}
+
+impl Reply {
+    fn parse(raw: &[i64]) -> Option<Reply> {
+        let at = |i: usize| raw.get(i).copied();
+        let wait = u64::try_from(at(1)?).ok()?;
+        let booked = |i: usize| -> Option<Booked> {
+            Some(Booked {
+                before: at(i)?,
+                after: at(i + 1)?,
+            })
+        };
+        Some(match at(0)? {
+            0 => Reply::Go {
+                wait,
+                own: booked(2).filter(|b| b.after > 0),
+                global: booked(4)?,
+                now: at(6)?,
+            },
+            4 => Reply::Queue {
+                wait,
+                own: booked(2)?,
+                now: at(6)?,
+            },
+            1 => Reply::Refused {
+                which: Which::Global,
+                wait,
+            },
+            2 => Reply::Refused {
+                which: Which::Client,
+                wait,
+            },
+            3 => Reply::Refused {
+                which: Which::Upstream,
+                wait,
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// What a shared admission in progress holds; given back on drop unless admitted.
+struct Hold<'a> {
+    budget: &'a Budget,
+    shared: &'a Shared,
+    client: &'a str,
+    cost: u64,
+    own: Option<Booked>,
+    global: Option<Booked>,
+    /// Cells of the upstream's allowance spent in the local ledger.
+    spent: bool,
+}
+
+impl Hold<'_> {
+    fn keep(&mut self) {
+        self.own = None;
+        self.global = None;
+        self.spent = false;
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if self.own.is_some() || self.global.is_some() {
+            self.shared.give_back(self.client, self.own, self.global);
+        }
+        if self.spent {
+            self.budget.ledger().upstream.give_back(self.cost);
+        }
+    }
+}
+
+impl Budget {
+    /// Admission on the shared budget (see the module docs); falls back to the local ledger
+    /// whenever Redis is down or fails, so no request fails because of Redis.
+    pub(super) async fn admit_shared(
+        &self,
+        shared: &Shared,
+        client: &str,
+        cost: NonZeroU32,
+    ) -> Result<Admitted, Rejected> {
+        if !shared.redis.is_up() {
+            return self.admit_fallback(shared, client, cost).await;
+        }
+        let clock = self.inner.clock;
+        let arrived = clock.nanos();
+        let (ask, owed) = {
+            let mut ledger = self.ledger();
+            let owed = shared.come_back(&mut ledger, arrived);
+            let blocked = ledger.upstream.blocked(u64::from(cost.get()), arrived);
+            if let Some(wait) = blocked {
+                drop(ledger);
+                return Err(self.refuse_shared(client, Which::Upstream, wait));
+            }
+            (Ask::new(&ledger, client, cost), owed)
+        };
+        let mut hold = Hold {
+            budget: self,
+            shared,
+            client,
+            cost: u64::from(cost.get()),
+            own: None,
+            global: None,
+            spent: false,
+        };
+        let Some(mut reply) = shared.take(&ask, true, ask.max_wait, owed).await else {
+            return self.admit_fallback(shared, client, cost).await;
+        };
+        if let Reply::Queue { wait, own, now } = reply {
+            hold.own = Some(own);
+            self.mirror(client, now, None, Some(own.after));
+            tokio::time::sleep(Duration::from_micros(wait)).await;
+            let elapsed = clock.nanos().saturating_sub(arrived);
+            let left = ask.max_wait.saturating_sub(elapsed);
+            reply = match shared.take(&ask, false, left, 0).await {
+                Some(r) => r,
+                None => {
+                    // The client's cells stay booked in Redis: spent, not lost.
+                    hold.own = None;
+                    return self.admit_fallback(shared, client, cost).await;
+                }
+            };
+        }
+        let (wait, own, global, now) = match reply {
+            Reply::Go {
+                wait,
+                own,
+                global,
+                now,
+            } => (wait, own, global, now),
+            Reply::Refused { which, wait } => {
+                return Err(self.refuse_shared(client, which, wait.saturating_mul(1000)))
+            }
+            // A second booking never queues on the client share it did not book.
+            Reply::Queue { wait, .. } => {
+                return Err(self.refuse_shared(client, Which::Global, wait.saturating_mul(1000)))
+            }
+        };
+        hold.own = hold.own.or(own);
+        hold.global = Some(global);
+        let alarms = {
+            let mut ledger = self.ledger();
+            ledger.upstream.spend(hold.cost);
+            let now = clock.nanos();
+            shared.share_pause(now, ledger.upstream.paused_for(now));
+            ledger.upstream.alarms()
+        };
+        hold.spent = true;
+        self.mirror(client, now, Some(global.after), own.map(|o| o.after));
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_micros(wait)).await;
+        }
+        let now = clock.nanos();
+        let late_alarm = {
+            let ledger = self.ledger();
+            (ledger.upstream.alarms() != alarms)
+                .then(|| ledger.upstream.paused_for(now))
+                .flatten()
+        };
+        if let Some(pause) = late_alarm {
+            return Err(self.refuse_shared(client, Which::Upstream, pause));
+        }
+        hold.keep();
+        let waited = Duration::from_nanos(now.saturating_sub(arrived));
+        self.inner
+            .metrics
+            .wait
+            .with_label_values(&[client])
+            .observe(waited.as_secs_f64());
+        Ok(Admitted { waited })
+    }
+
+    /// Switches to the divided local ledger (once per outage) and admits there.
+    async fn admit_fallback(
+        &self,
+        shared: &Shared,
+        client: &str,
+        cost: NonZeroU32,
+    ) -> Result<Admitted, Rejected> {
+        {
+            let mut ledger = self.ledger();
+            if !shared.local.load(Ordering::Acquire) {
+                shared.base.store(ledger.global.tat(), Ordering::Release);
+                ledger.reconfigure(shared.divided());
+                shared.local.store(true, Ordering::Release);
+                tracing::warn!(
+                    replicas = shared.replicas.get(),
+                    "budget: Redis unreachable; admitting on this replica's local share \
+                     (limit / replicas) until it returns"
+                );
+            }
+        }
+        self.admit_local(client, cost).await
+    }
+
+    /// Copies the TATs the script returned into the local ledger, for headers and status.
+    fn mirror(&self, client: &str, redis_now: i64, global: Option<i64>, own: Option<i64>) {
+        let at = |tat: i64| -> u64 {
+            let ahead = u64::try_from(tat.saturating_sub(redis_now)).unwrap_or(0);
+            self.inner
+                .clock
+                .nanos()
+                .saturating_add(ahead.saturating_mul(1000))
+        };
+        let mut ledger = self.ledger();
+        if let Some(tat) = global {
+            let tat = at(tat);
+            ledger.global.mirror(tat);
+        }
+        if let Some(tat) = own {
+            let tat = at(tat);
+            if let Some((_, gcra)) = ledger
+                .clients
+                .get_mut(client)
+                .and_then(|c| c.share.as_mut())
+            {
+                gcra.mirror(tat);
+            }
+        }
+    }
+
+    fn refuse_shared(&self, client: &str, which: Which, wait: u64) -> Rejected {
+        self.refuse(client, Refusal { which, wait })
+    }
+
+    /// After the upstream spoke: a pause it started is pushed to the other replicas.
+    pub(super) fn share_upstream_pause(&self, now: u64) {
+        if let Some(shared) = &self.inner.shared {
+            let paused = self.ledger().upstream.paused_for(now);
+            shared.share_pause(now, paused);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{BudgetSpec, Priority};
+    use crate::replicas::testing::Server;
+
+    fn n(v: u32) -> NonZeroU32 {
+        NonZeroU32::new(v).expect("positive")
+    }
+
+    fn spec(limit: u32, period_ms: u64, burst: u32, max_wait_ms: u64) -> BudgetSpec {
+        BudgetSpec {
+            global: Share {
+                limit: n(limit),
+                period: Duration::from_millis(period_ms),
+                burst: n(burst),
+            },
+            max_wait: Duration::from_millis(max_wait_ms),
+            batch_reserve: 0.0,
+            clients: vec![ClientSpec {
+                name: "own".into(),
+                share: Some(Share {
+                    limit: n(limit / 2),
+                    period: Duration::from_millis(period_ms),
+                    burst: n(2),
+                }),
+                max_wait: None,
+                priority: Priority::Interactive,
+            }],
+        }
+    }
+
+    async fn shared_budget(server: &Server, spec: BudgetSpec, env: &str) -> (Budget, Redis) {
+        std::env::set_var(env, server.url());
+        let registry = prometheus::Registry::new();
+        let redis = Redis::connect(env, &format!("t{:08x}", fastrand::u32(..)), &registry)
+            .await
+            .expect("redis handle");
+        let budget = Budget::new_shared(spec, &registry, redis.clone(), n(3)).expect("budget");
+        (budget, redis)
+    }
+
+    /// Sends `count` admissions for `client` at once; returns each one's wait or refusal.
+    async fn burst(
+        budget: &Budget,
+        client: &'static str,
+        count: usize,
+    ) -> Vec<Result<Duration, Which>> {
+        let started = tokio::time::Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..count {
+            let b = budget.clone();
+            set.spawn(async move {
+                match b.admit(client, NonZeroU32::MIN).await {
+                    Ok(_) => Ok(started.elapsed()),
+                    Err(r) => Err(r.budget),
+                }
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            out.push(r.expect("admission task"));
+        }
+        out.sort_by_key(|r| r.map_or(Duration::MAX, |d| d));
+        out
+    }
+
+    #[test]
+    fn replies_parse_and_nonsense_is_refused() {
+        assert_eq!(
+            Reply::parse(&[1, 500]),
+            Some(Reply::Refused {
+                which: Which::Global,
+                wait: 500
+            }),
+            "expected a global refusal"
+        );
+        assert_eq!(
+            Reply::parse(&[0, 0, 5, 0, 10, 20, 7]),
+            Some(Reply::Go {
+                wait: 0,
+                own: None,
+                global: Booked {
+                    before: 10,
+                    after: 20
+                },
+                now: 7
+            }),
+            "expected a go without an own booking"
+        );
+        assert_eq!(
+            Reply::parse(&[9, 0]),
+            None,
+            "expected an unknown status refused"
+        );
+        assert_eq!(Reply::parse(&[0]), None, "expected a short reply refused");
+    }
+
+    #[test]
+    fn intervals_round_up_and_the_fallback_divides_every_share() {
+        let c = Cells::of(
+            &Share {
+                limit: n(3),
+                period: Duration::from_millis(1),
+                burst: n(5),
+            },
+            2,
+        );
+        assert_eq!(
+            c,
+            Cells {
+                interval_us: 334,
+                usable: 3
+            },
+            "expected 333.3 µs rounded up and 5 - 2 usable"
+        );
+        let divided = divide(spec(300, 1000, 30, 100), n(3));
+        assert_eq!(
+            (divided.global.limit.get(), divided.global.burst.get()),
+            (100, 10),
+            "expected 300/3 and 30/3"
+        );
+        let own = divided.clients[0].share.expect("own share kept");
+        assert_eq!(
+            (own.limit.get(), own.burst.get()),
+            (50, 1),
+            "expected 150/3 and at least one cell of burst"
+        );
+    }
+
+    /// The script books like the local GCRA: the burst at once, then one cell per interval,
+    /// refusals beyond `max_wait` that book nothing, and a client's own share limiting it
+    /// before the global one does.
+    #[tokio::test]
+    async fn script_books_like_the_local_ledger() {
+        let Some(server) = Server::start() else {
+            return;
+        };
+        // 10 per second, burst 4, wait up to 250 ms: four at once, two more 100 and 200 ms
+        // later, and the last two refused (they would wait 300 and 400 ms).
+        let (budget, redis) = shared_budget(&server, spec(10, 1000, 4, 250), "CXGATE_T_RB1").await;
+        let seen = burst(&budget, "other", 8).await;
+        assert!(redis.is_up(), "expected Redis to stay up");
+        let ms = Duration::from_millis;
+        let ok: Vec<Duration> = seen.iter().filter_map(|r| r.ok()).collect();
+        assert_eq!(ok.len(), 6, "expected 6 admitted, saw {seen:?}");
+        assert!(
+            ok[..4].iter().all(|w| *w < ms(50)),
+            "expected the burst of 4 at once, saw {seen:?}"
+        );
+        assert!(
+            ok[4] >= ms(80) && ok[4] < ms(180) && ok[5] >= ms(180) && ok[5] < ms(280),
+            "expected waits of about 100 and 200 ms, saw {seen:?}"
+        );
+        assert!(
+            seen[6..].iter().all(|r| *r == Err(Which::Global)),
+            "expected two global refusals, saw {seen:?}"
+        );
+
+        // Own share: 5 per second, burst 2. After a full refill: two at once, the third
+        // 200 ms later, the fourth refused by the client share (400 ms > 250 ms).
+        tokio::time::sleep(ms(1000)).await;
+        let own = burst(&budget, "own", 4).await;
+        let ok: Vec<Duration> = own.iter().filter_map(|r| r.ok()).collect();
+        assert_eq!(ok.len(), 3, "expected 3 own calls admitted, saw {own:?}");
+        assert!(
+            ok[2] >= ms(180),
+            "expected the third to wait for its own cell, saw {own:?}"
+        );
+        assert_eq!(
+            own[3],
+            Err(Which::Client),
+            "expected the client share to refuse"
+        );
+    }
+
+    /// With Redis gone every admission still gets an answer, on the divided share; when
+    /// Redis is back the shared script is used again.
+    #[tokio::test]
+    async fn losing_redis_falls_back_and_recovers() {
+        let Some(mut server) = Server::start() else {
+            return;
+        };
+        let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB2").await;
+        assert!(
+            budget.admit("other", NonZeroU32::MIN).await.is_ok(),
+            "expected a shared admission"
+        );
+        server.stop();
+        let mut admitted = 0;
+        for _ in 0..40 {
+            if budget.admit("other", NonZeroU32::MIN).await.is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!(!redis.is_up(), "expected Redis marked down");
+        assert!(
+            (9..=12).contains(&admitted),
+            "expected about the divided burst of 10, saw {admitted} of 40"
+        );
+        server.restart();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !redis.is_up() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            redis.is_up(),
+            "expected the probe to see Redis back within 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = budget.admit("other", NonZeroU32::MIN).await;
+        let local = budget
+            .inner
+            .shared
+            .as_ref()
+            .map(|s| s.local.load(Ordering::Acquire));
+        assert_eq!(
+            local,
+            Some(false),
+            "expected the shared budget in force again"
+        );
+        redis.stop();
+    }
+}

@@ -1,0 +1,414 @@
+//! The token shared by every replica (`budget.backend = "redis"`, CONTRACT 6).
+//!
+//! Role: the current token record lives in Redis (`<prefix>:token`: JSON with a version
+//! number and the token in the token file's own shape). A replica that must refresh takes
+//! the lock `<prefix>:token:lock` (SET NX PX with its own id, extended while the exchange is
+//! in flight, deleted only by a script that checks the id), writes the new record *before*
+//! letting go, and the others, waiting on the lock, pick the new record up instead of
+//! spending the refresh token a second time. A watcher polls the record every second, so a
+//! replica also adopts a token it did not wait for. Every adoption writes the replica's own
+//! token file first, so each replica can restart (or lose Redis) on a current credential.
+//!
+//! Invariants: one refresh token is spent once while Redis is reachable: the lock holder
+//! re-reads the record after locking (another replica may have just finished) and only then
+//! exchanges. A record is only replaced by the lock holder, or, when no lock is held, by a
+//! compare-and-set on its version (a replica offering a token it refreshed alone while
+//! Redis was away, or one written by `cxgate token init`).
+//!
+//! Losing Redis: the replica refreshes on its own from its own file, as a single gateway
+//! does, and offers the result when Redis returns. Replicas refreshing alone at the same
+//! time can still spend one refresh token twice (the loser needs the winner's token); once
+//! Redis is back the winner's offer reaches the loser through the watcher, which clears its
+//! re-authorisation state. Nothing can prevent that without a shared store, so it is logged.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime};
+
+use ::redis::Script;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::error::TokenError;
+use super::file::{self, TokenRecord};
+use super::refresh::Inner;
+use super::state::{to_instant, Source};
+use crate::replicas::{Redis, Unavailable};
+
+/// The lock lives this long unless its holder extends it, so a replica that dies mid-refresh
+/// blocks the others for at most this.
+const LOCK_TTL: Duration = Duration::from_secs(5);
+/// The holder extends the lock this often while its exchange is in flight.
+const LOCK_EXTEND_EVERY: Duration = Duration::from_millis(1500);
+/// How often a replica waiting for another's refresh looks at the record.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+/// A replica gives up waiting for another's refresh after this (its refresher retries).
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+/// How often the watcher compares the record with the replica's token.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// Replaces the record: as the lock holder (ARGV[2] = its id), or with no lock held when
+/// the stored version is still ARGV[3].
+static PUT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if ARGV[2] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+else
+  if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+  local cur = redis.call('GET', KEYS[1])
+  local v = 0
+  if cur then
+    local ok, d = pcall(cjson.decode, cur)
+    if ok and type(d) == 'table' then v = tonumber(d['version']) or 0 end
+  end
+  if v ~= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"#,
+    )
+});
+
+/// Extends the lock if (and only if) it is still ARGV[1]'s.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"#,
+    )
+});
+
+/// Deletes the lock if (and only if) it is still ARGV[1]'s.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// A record as stored in Redis.
+struct Stored {
+    version: u64,
+    record: TokenRecord,
+}
+
+/// The Redis side of a shared token; one per [`Inner`].
+pub(crate) struct SharedToken {
+    redis: Redis,
+    record_key: String,
+    lock_key: String,
+    /// The record version this replica's token came from or went to (0: none yet).
+    seen: AtomicU64,
+    /// This replica refreshed alone while Redis was away: offer its token when it returns.
+    unshared: AtomicBool,
+}
+
+impl SharedToken {
+    pub(crate) fn new(redis: Redis) -> SharedToken {
+        SharedToken {
+            record_key: redis.key("token"),
+            lock_key: redis.key("token:lock"),
+            redis,
+            seen: AtomicU64::new(0),
+            unshared: AtomicBool::new(false),
+        }
+    }
+
+    async fn read(&self) -> Result<Option<Stored>, Unavailable> {
+        let key = self.record_key.clone();
+        let text: Option<String> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("GET").arg(&key).query_async(&mut c).await
+            })
+            .await?;
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let parsed = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+            let version = v.get("version")?.as_u64()?;
+            let token = serde_json::to_vec(v.get("token")?).ok()?;
+            let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
+            Some(Stored { version, record })
+        });
+        if parsed.is_none() {
+            // Only the shape is logged: the text may hold a token.
+            warn!(key = %self.record_key, "shared token record is unreadable; it will be replaced");
+        }
+        Ok(parsed)
+    }
+
+    fn encode(&self, version: u64, record: &TokenRecord) -> Option<String> {
+        let token: Value = serde_json::from_slice(&file::encode(record).ok()?).ok()?;
+        Some(json!({"version": version, "by": self.redis.id(), "token": token}).to_string())
+    }
+
+    /// Writes `record` as `version`, as lock holder or by compare-and-set on `expected`.
+    async fn put(
+        &self,
+        version: u64,
+        record: &TokenRecord,
+        holder: bool,
+        expected: u64,
+    ) -> Result<bool, Unavailable> {
+        let Some(text) = self.encode(version, record) else {
+            return Ok(false);
+        };
+        let keys = [self.record_key.clone(), self.lock_key.clone()];
+        let owner = if holder { self.redis.id() } else { "" }.to_string();
+        let written: i64 = self
+            .redis
+            .run("token", |mut c| async move {
+                PUT.key(&keys[0])
+                    .key(&keys[1])
+                    .arg(&text)
+                    .arg(&owner)
+                    .arg(expected)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        if written == 1 {
+            self.seen.store(version, Ordering::Release);
+        }
+        Ok(written == 1)
+    }
+
+    async fn try_lock(&self) -> Result<bool, Unavailable> {
+        let (key, id) = (self.lock_key.clone(), self.redis.id().to_string());
+        let set: Option<String> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&id)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(LOCK_TTL))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Keeps the lock alive while the exchange runs; aborted when it ends.
+    fn spawn_keeper(&self) -> tokio::task::JoinHandle<()> {
+        let (redis, key) = (self.redis.clone(), self.lock_key.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOCK_EXTEND_EVERY).await;
+                let (k, id) = (key.clone(), redis.id().to_string());
+                let kept = redis
+                    .run("token", |mut c| async move {
+                        EXTEND
+                            .key(&k)
+                            .arg(&id)
+                            .arg(millis(LOCK_TTL))
+                            .invoke_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                if !matches!(kept, Ok(1)) {
+                    warn!(
+                        "token refresh lock could not be extended; another replica may refresh too"
+                    );
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn release(&self) {
+        let (key, id) = (self.lock_key.clone(), self.redis.id().to_string());
+        let _ = self
+            .redis
+            .run("token", |mut c| async move {
+                RELEASE.key(&key).arg(&id).invoke_async::<i64>(&mut c).await
+            })
+            .await;
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether `a` expires strictly later than `b` (a token without expiry is never later).
+fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a > b,
+        (Some(_), None) | (None, _) => false,
+    }
+}
+
+impl Inner {
+    /// A refresh when the token is shared (see the module docs).
+    pub(crate) async fn refresh_shared(&self, shared: &SharedToken) -> Result<(), TokenError> {
+        let started = Instant::now();
+        loop {
+            let (mine, expires) = self.mine();
+            match shared.read().await {
+                Err(_) => return self.refresh_alone(shared).await,
+                Ok(Some(st))
+                    if st.record.access != mine && !later(expires, st.record.expires_at) =>
+                {
+                    self.adopt(shared, st).await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+            }
+            match shared.try_lock().await {
+                Err(_) => return self.refresh_alone(shared).await,
+                Ok(true) => return self.refresh_holding_lock(shared).await,
+                Ok(false) => {}
+            }
+            if started.elapsed() > WAIT_LIMIT {
+                return Err(TokenError::SharedRefreshStalled);
+            }
+            tokio::time::sleep(WAIT_POLL).await;
+        }
+    }
+
+    fn mine(&self) -> (super::Secret, Option<SystemTime>) {
+        let state = self.lock();
+        (state.record.access.clone(), state.record.expires_at)
+    }
+
+    async fn refresh_holding_lock(&self, shared: &SharedToken) -> Result<(), TokenError> {
+        // Another replica may have written its record between our read and our lock.
+        let (mine, expires) = self.mine();
+        let version = match shared.read().await {
+            Ok(Some(st)) if st.record.access != mine && !later(expires, st.record.expires_at) => {
+                self.adopt(shared, st).await;
+                shared.release().await;
+                return Ok(());
+            }
+            Ok(st) => st.map(|s| s.version),
+            Err(_) => None,
+        };
+        let keeper = shared.spawn_keeper();
+        let result = self.refresh_local().await;
+        keeper.abort();
+        if result.is_ok() {
+            let record = self.lock().record.clone();
+            let next = version.unwrap_or(shared.seen.load(Ordering::Acquire)) + 1;
+            match shared.put(next, &record, true, 0).await {
+                Ok(true) => shared.unshared.store(false, Ordering::Release),
+                Ok(false) | Err(_) => {
+                    warn!("refreshed token could not be stored for the other replicas; offering it when possible");
+                    shared.unshared.store(true, Ordering::Release);
+                }
+            }
+        }
+        shared.release().await;
+        result
+    }
+
+    /// Redis is unreachable: refresh as a single gateway would, and remember to offer it.
+    async fn refresh_alone(&self, shared: &SharedToken) -> Result<(), TokenError> {
+        warn!("shared token store unreachable; refreshing from this replica's own token file");
+        let result = self.refresh_local().await;
+        if result.is_ok() {
+            shared.unshared.store(true, Ordering::Release);
+        }
+        result
+    }
+
+    /// Installs another replica's token: own token file first, then memory.
+    async fn adopt(&self, shared: &SharedToken, st: Stored) {
+        let mut stamp = None;
+        if let Source::File(path) = &self.source {
+            match file::persist(path, &st.record).await {
+                Ok(written) => stamp = Some(written),
+                Err(err) => {
+                    warn!(error = %err, "shared token could not be saved to this replica's token file")
+                }
+            }
+        }
+        let now = Instant::now();
+        let mut state = self.lock();
+        shared.seen.store(st.version, Ordering::Release);
+        if state.record.access == st.record.access {
+            return;
+        }
+        let expires = st.record.expires_at.map(|at| to_instant(at, now));
+        state.replace(st.record, expires, now);
+        state.refreshed_at = Some(now);
+        state.last_refresh = Some(SystemTime::now());
+        if let Some(stamp) = stamp {
+            state.file_stamp = Some(stamp);
+            state.unsaved = false;
+        }
+        info!(
+            generation = state.generation,
+            version = st.version,
+            "using the token another replica refreshed"
+        );
+    }
+
+    /// Brings this replica and the record together: adopts a newer record, or offers this
+    /// replica's token when the record is missing, older, or was missed while Redis was away.
+    pub(crate) async fn reconcile(&self) {
+        let Some(shared) = self.shared.get() else {
+            return;
+        };
+        // A refresh in flight settles the record itself.
+        if self.lock().flight.is_some() {
+            return;
+        }
+        let Ok(stored) = shared.read().await else {
+            return;
+        };
+        let (record, flying) = {
+            let state = self.lock();
+            (state.record.clone(), state.flight.is_some())
+        };
+        if flying {
+            return;
+        }
+        match stored {
+            None => {
+                if let Ok(true) = shared.put(1, &record, false, 0).await {
+                    shared.unshared.store(false, Ordering::Release);
+                    info!("shared token record created from this replica's token");
+                }
+            }
+            Some(st) if st.record.access == record.access => {
+                shared.seen.store(st.version, Ordering::Release);
+                shared.unshared.store(false, Ordering::Release);
+            }
+            Some(st) => {
+                let ours_newer = shared.unshared.load(Ordering::Acquire)
+                    || later(record.expires_at, st.record.expires_at);
+                if !ours_newer {
+                    self.adopt(shared, st).await;
+                } else if let Ok(true) =
+                    shared.put(st.version + 1, &record, false, st.version).await
+                {
+                    shared.unshared.store(false, Ordering::Release);
+                    info!(
+                        version = st.version + 1,
+                        "offered this replica's newer token to the other replicas"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The watcher: reconciles with the record every [`WATCH_EVERY`] while Redis is up.
+pub(crate) async fn watch(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let up = inner.shared.get().is_some_and(|s| s.redis.is_up());
+        if up {
+            inner.reconcile().await;
+        }
+    }
+}

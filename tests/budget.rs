@@ -1,0 +1,721 @@
+//! The budget end to end (CONTRACT 3.2, 3.5, 5): scopes, shares, the interactive reserve,
+//! queueing, the upstream's own limit, and the metrics that show it, all counted by what
+//! reached the simulator.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cxgate::sim::{Faults, Force429, SimOptions};
+use http::{Method, StatusCode};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use common::{client_toml, Answer, Env, BIG_BUDGET, ROUTES};
+
+const READER: &str = "reader-key";
+const ACCOUNT: &str = "account-key";
+const WRITER: &str = "writer-key";
+
+/// A distinct cacheable path per `n`, so every read is a miss.
+fn contact(n: usize) -> String {
+    format!("/12345/inbox/contact/twitter/{n}")
+}
+
+fn retry_after(a: &Answer) -> u64 {
+    a.header("retry-after").parse().unwrap_or_else(|_| {
+        panic!(
+            "expected an integer Retry-After, saw {:?}",
+            a.header("retry-after")
+        )
+    })
+}
+
+/// The gateway's own 429: envelope `rate_limited`, integer `Retry-After` of at least 1 and
+/// the client's budget fields. Returns the `Retry-After`.
+fn assert_gateway_429(a: &Answer, what: &str) -> u64 {
+    assert_eq!(
+        a.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{what}: expected 429, saw {} {:?}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let kind = a.json()["meta"]["error_type"].clone();
+    assert_eq!(
+        kind, "rate_limited",
+        "{what}: expected error_type rate_limited, saw {kind}"
+    );
+    let secs = retry_after(a);
+    assert!(secs >= 1, "{what}: expected Retry-After >= 1, saw {secs}");
+    for name in ["ratelimit-policy", "ratelimit"] {
+        assert!(
+            !a.header(name).is_empty(),
+            "{what}: expected a {name} header on the 429, saw {:?}",
+            a.headers
+        );
+    }
+    secs
+}
+
+fn assert_forbidden(a: &Answer, what: &str) {
+    assert_eq!(
+        a.status,
+        StatusCode::FORBIDDEN,
+        "{what}: expected 403, saw {} {:?}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let meta = a.json()["meta"].clone();
+    assert_eq!(
+        (meta["code"].clone(), meta["error_type"].clone()),
+        (403.into(), "forbidden".into()),
+        "{what}: expected the forbidden envelope, saw {meta}"
+    );
+}
+
+fn assert_ok(a: &Answer, what: &str) {
+    assert_eq!(
+        a.status,
+        StatusCode::OK,
+        "{what}: expected 200, saw {} {:?}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+}
+
+/// The value of the sample `name{labels...}` in a Prometheus text exposition, whatever the
+/// order of its labels.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (labelset, value) = match rest.strip_prefix('{') {
+            Some(inner) => inner.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let pairs: Vec<&str> = labelset.split(',').collect();
+        let all = labels
+            .iter()
+            .all(|(k, v)| pairs.contains(&format!("{k}=\"{v}\"").as_str()));
+        if all {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Sends one GET per path as `key`, all at once, and collects the answers in path order.
+async fn concurrent_gets(env: &Arc<Env>, key: &str, paths: Vec<String>) -> Vec<Answer> {
+    let mut set = JoinSet::new();
+    for (i, path) in paths.into_iter().enumerate() {
+        let env = env.clone();
+        let key = key.to_string();
+        set.spawn(async move { (i, env.get_as(&key, &path).await) });
+    }
+    let mut answers: Vec<(usize, Answer)> = Vec::new();
+    while let Some(done) = set.join_next().await {
+        answers.push(done.expect("request task"));
+    }
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, a)| a).collect()
+}
+
+fn statuses(answers: &[Answer]) -> (usize, usize, Vec<u16>) {
+    let ok = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
+    let limited = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    let other = answers
+        .iter()
+        .map(|a| a.status.as_u16())
+        .filter(|s| *s != 200 && *s != 429)
+        .collect();
+    (ok, limited, other)
+}
+
+async fn stop(env: Arc<Env>) {
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.stop().await,
+        Err(_) => panic!("a request task still holds the test environment"),
+    }
+}
+
+// 1. Scopes and accounts.
+#[tokio::test]
+async fn scopes_and_accounts_are_refused_before_the_upstream_and_the_cache() {
+    let clients = [
+        client_toml("reader", READER, "scopes = [\"read\"]"),
+        client_toml("account", ACCOUNT, "accounts = [12345]"),
+        client_toml("writer", WRITER, "scopes = [\"read\", \"write\"]"),
+    ]
+    .concat();
+    let env = common::start_with(
+        SimOptions::default(),
+        &clients,
+        &format!("{BIG_BUDGET}{ROUTES}"),
+    )
+    .await;
+    let before = env.upstream_total();
+    let auth = format!("Bearer {READER}");
+    let post = env
+        .send(
+            Method::POST,
+            &env.url("/12345/inbox/contact/twitter/1"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "name=Someone",
+        )
+        .await;
+    assert_forbidden(&post, "POST by a read-only client");
+    let seen = env.upstream_total() - before;
+    assert_eq!(
+        seen, 0,
+        "expected nothing upstream for a refused POST, saw {seen} calls"
+    );
+
+    let own = env.get_as(ACCOUNT, "/12345/inbox/mentions").await;
+    assert_ok(&own, "account client reading its own account");
+    let other = env.get_as(ACCOUNT, "/23456/inbox/mentions").await;
+    assert_forbidden(&other, "account client reading account 23456");
+    let seen = env.upstream_count("GET /23456/inbox/mentions");
+    assert_eq!(
+        seen, 0,
+        "expected the refused read to reach nothing, saw {seen} calls"
+    );
+
+    // Another client fills the cache; the restricted client still gets 403 for that entry.
+    let filled = env.get_as(WRITER, "/23456/inbox/mentions").await;
+    assert_ok(&filled, "unrestricted client reading account 23456");
+    let hit = env.get_as(WRITER, "/23456/inbox/mentions").await;
+    assert!(
+        hit.header("cache-status").starts_with("cxgate; hit;"),
+        "expected the entry cached, saw Cache-Status {:?}",
+        hit.header("cache-status")
+    );
+    let cached = env.get_as(ACCOUNT, "/23456/inbox/mentions").await;
+    assert_forbidden(
+        &cached,
+        "account client reading a cached entry of account 23456",
+    );
+    assert!(
+        cached.header("cache-status").is_empty() && cached.json().get("response").is_none(),
+        "expected no cached data in the 403, saw Cache-Status {:?} body {:?}",
+        cached.header("cache-status"),
+        String::from_utf8_lossy(&cached.body)
+    );
+    let seen = env.upstream_count("GET /23456/inbox/mentions");
+    assert_eq!(seen, 1, "expected one upstream call in all, saw {seen}");
+    env.stop().await;
+}
+
+// 2. A burst of distinct misses against a small budget that may not queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_beyond_the_budget_get_429_and_never_reach_the_upstream() {
+    let budget = "[budget]\nlimit = 5\nperiod = \"1h\"\nburst = 5\nmax_wait = \"0s\"\n";
+    let env = Arc::new(common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await);
+    let before = env.upstream_total();
+    let answers = concurrent_gets(&env, common::KEY, (0..100).map(contact).collect()).await;
+    let (ok, limited, other) = statuses(&answers);
+    let seen = env.upstream_total() - before;
+    assert_eq!(seen, 5, "expected exactly 5 upstream calls, saw {seen}");
+    assert_eq!(
+        (ok, limited, other),
+        (5, 95, vec![]),
+        "expected 5 x 200 and 95 x 429"
+    );
+    for a in answers.iter().filter(|a| a.status != StatusCode::OK) {
+        let secs = assert_gateway_429(a, "a miss beyond the budget");
+        // The next cell comes back one emission interval (1 h / 5 = 720 s) after the burst.
+        assert!(
+            (715..=720).contains(&secs),
+            "expected Retry-After of about 720 s (one cell of 5/1h), saw {secs}"
+        );
+        let policy = a.header("ratelimit-policy");
+        assert_eq!(
+            policy, "\"global\";q=5;w=3600",
+            "expected the global policy on a 429"
+        );
+        let state = a.header("ratelimit");
+        assert!(
+            state.starts_with("\"global\";r=0;t="),
+            "expected nothing remaining on a 429, saw RateLimit {state:?}"
+        );
+    }
+    stop(env).await;
+}
+
+// 3. Equal shares under overload get equal parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_equal_shares_under_overload_split_the_admitted_calls() {
+    let clients = [
+        client_toml("a", "key-a", "limit = 10\nperiod = \"1s\"\nburst = 2"),
+        client_toml("b", "key-b", "limit = 10\nperiod = \"1s\"\nburst = 2"),
+    ]
+    .concat();
+    let budget = "[budget]\nlimit = 20\nperiod = \"1s\"\nburst = 4\nmax_wait = \"100ms\"\n";
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{budget}{ROUTES}"),
+        )
+        .await,
+    );
+    let before = env.upstream_total();
+    let started = Instant::now();
+    // Each client offers 100 requests/s, ten times its share, for 2 s.
+    let mut drivers = JoinSet::new();
+    for (c, key) in ["key-a", "key-b"].into_iter().enumerate() {
+        let env = env.clone();
+        drivers.spawn(async move {
+            let mut requests = JoinSet::new();
+            let mut every = tokio::time::interval(Duration::from_millis(10));
+            for i in 0..200 {
+                every.tick().await;
+                let env = env.clone();
+                requests.spawn(async move {
+                    let path = format!("/12345/inbox/contact/share{c}/{i}");
+                    env.get_as(key, &path).await
+                });
+            }
+            let mut ok = 0u64;
+            while let Some(answer) = requests.join_next().await {
+                let answer = answer.expect("request task");
+                let status = answer.status;
+                let policy = answer.header("ratelimit-policy");
+                assert_eq!(
+                    policy, "\"client\";q=10;w=1",
+                    "expected the client's own share in RateLimit-Policy"
+                );
+                assert!(
+                    status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+                    "expected 200 or 429 under overload, saw {status}"
+                );
+                ok += u64::from(status == StatusCode::OK);
+            }
+            (c, ok)
+        });
+    }
+    let mut admitted = [0u64; 2];
+    while let Some(done) = drivers.join_next().await {
+        let (c, ok) = done.expect("client task");
+        admitted[c] = ok;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let total: u64 = admitted.iter().sum();
+    let upstream = env.upstream_total() - before;
+    assert_eq!(
+        upstream, total,
+        "expected every upstream call to be one 200, saw {upstream} calls for {total} x 200"
+    );
+    for (c, n) in admitted.iter().enumerate() {
+        assert!(
+            *n as f64 >= 0.45 * total as f64,
+            "expected client {c} to get at least 45% of {total} admitted calls, saw {n} ({admitted:?})"
+        );
+    }
+    // Global burst plus rate over the run, plus one cell of rounding.
+    let allowance = 4.0 + 20.0 * elapsed + 1.0;
+    assert!(
+        (total as f64) <= allowance && total >= 20,
+        "expected between 20 and {allowance:.1} admitted calls in {elapsed:.2} s, saw {total}"
+    );
+    stop(env).await;
+}
+
+// 4. The interactive reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_client_cannot_take_the_interactive_reserve() {
+    let clients = [
+        client_toml("batch", "batch-key", "priority = \"batch\""),
+        client_toml("interactive", "interactive-key", ""),
+    ]
+    .concat();
+    let budget = "[budget]\nlimit = 10\nperiod = \"1h\"\nburst = 10\nbatch_reserve = 0.5\nmax_wait = \"0s\"\n";
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{budget}{ROUTES}"),
+        )
+        .await,
+    );
+    let before = env.upstream_total();
+    let answers = concurrent_gets(&env, "batch-key", (0..20).map(contact).collect()).await;
+    let (ok, limited, other) = statuses(&answers);
+    assert!(
+        (1..=5).contains(&ok) && ok + limited == 20 && other.is_empty(),
+        "expected 1 to 5 of 20 batch reads through and the rest 429, saw {ok} x 200, {limited} x 429, others {other:?}"
+    );
+    let seen = env.upstream_total() - before;
+    assert_eq!(seen, ok as u64, "expected {ok} upstream calls, saw {seen}");
+    // The reserve (5 cells) is still there for an interactive client.
+    let mut through = 0;
+    for n in 100..106 {
+        let a = env.get_as("interactive-key", &contact(n)).await;
+        if a.status == StatusCode::OK {
+            through += 1;
+        } else {
+            assert_gateway_429(&a, "interactive read beyond the whole burst");
+        }
+    }
+    assert_eq!(
+        through,
+        10 - ok,
+        "expected the interactive client to get the {} cells the batch burst left, saw {through}",
+        10 - ok
+    );
+    stop(env).await;
+}
+
+// 5. Queued requests go at the budget's pace, in arrival order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_requests_are_paced_at_the_budget_rate_in_arrival_order() {
+    let budget = "[budget]\nlimit = 10\nperiod = \"1s\"\nburst = 1\nmax_wait = \"2s\"\n";
+    let env = Arc::new(common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await);
+    let before = env.upstream_total();
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..6 {
+        let env = env.clone();
+        set.spawn(async move {
+            // Staggered so the arrival order at the gateway is known.
+            tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
+            let a = env.get(&contact(i)).await;
+            (i, a.status, started.elapsed())
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(d) = set.join_next().await {
+        done.push(d.expect("request task"));
+    }
+    for (i, status, _) in &done {
+        assert_eq!(
+            *status,
+            StatusCode::OK,
+            "expected queued read {i} to succeed"
+        );
+    }
+    let seen = env.upstream_total() - before;
+    assert_eq!(seen, 6, "expected 6 upstream calls, saw {seen}");
+    done.sort_by_key(|(_, _, at)| *at);
+    let spread = done[5].2 - done[0].2;
+    assert!(
+        spread >= Duration::from_millis(450) && spread <= Duration::from_millis(1500),
+        "expected answers spread over 0.45..1.5 s (one every 100 ms), saw {spread:?}"
+    );
+    let order: Vec<usize> = done.iter().map(|(i, _, _)| *i).collect();
+    let inversions = order.windows(2).filter(|w| w[0] > w[1]).count();
+    assert!(
+        inversions <= 1,
+        "expected answers in arrival order (at most one swap), saw {order:?}"
+    );
+    stop(env).await;
+}
+
+// 6. A wait beyond max_wait is refused at once.
+#[tokio::test]
+async fn a_wait_beyond_max_wait_is_refused_at_once_with_the_wait_rounded_up() {
+    let budget = "[budget]\nlimit = 1\nperiod = \"10s\"\nburst = 1\nmax_wait = \"2s\"\n";
+    let env = common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await;
+    assert_ok(&env.get(&contact(1)).await, "first read");
+    let before = env.upstream_total();
+    let asked = Instant::now();
+    let refused = env.get(&contact(2)).await;
+    let took = asked.elapsed();
+    let secs = assert_gateway_429(&refused, "read that would wait ~10 s");
+    assert!(
+        took < Duration::from_millis(500),
+        "expected the refusal well under max_wait (2 s), saw it after {took:?}"
+    );
+    assert_eq!(
+        secs, 10,
+        "expected Retry-After 10 (a wait just under 10 s, rounded up), saw {secs}"
+    );
+    let seen = env.upstream_total() - before;
+    assert_eq!(
+        seen, 0,
+        "expected the refused read to reach nothing, saw {seen}"
+    );
+    env.stop().await;
+}
+
+/// Routes for the pause test: one entry that goes stale after 1 s but may stand in for
+/// errors for an hour, and the contact reads as plain misses.
+const PAUSE_ROUTES: &str = r#"
+[[routes]]
+match = "GET /me/accounts"
+ttl = "1s"
+stale_if_error = "1h"
+
+[[routes]]
+match = "GET /{account_id}/inbox/contact/{service}/{service_id}"
+ttl = "5m"
+"#;
+
+// 7. The upstream's 429 pauses all upstream traffic.
+#[tokio::test]
+async fn an_upstream_429_pauses_all_upstream_traffic_until_its_retry_after() {
+    let env = common::start(
+        SimOptions::default(),
+        &format!("{BIG_BUDGET}{PAUSE_ROUTES}"),
+    )
+    .await;
+    assert_ok(&env.get("/me/accounts").await, "first /me/accounts");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    env.sim.set_faults(Faults {
+        force_429: Some(Force429 {
+            count: 1,
+            retry_after: 2,
+        }),
+        ..Faults::default()
+    });
+    let before = env.upstream_total();
+    let first = env.get(&contact(1)).await;
+    let paused_at = Instant::now();
+    assert_eq!(
+        first.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the upstream's forced 429, saw {}",
+        first.status
+    );
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached, 1,
+        "expected the first read upstream, saw {reached}"
+    );
+
+    let stale = env.get("/me/accounts").await;
+    assert_ok(&stale, "/me/accounts during the pause");
+    assert!(
+        stale.header("cache-status").contains("detail=stale"),
+        "expected a stale answer during the pause, saw Cache-Status {:?}",
+        stale.header("cache-status")
+    );
+
+    let mut n = 2;
+    while paused_at.elapsed() < Duration::from_millis(1500) {
+        let a = env.get(&contact(n)).await;
+        let secs = assert_gateway_429(&a, "a miss during the upstream's pause");
+        let state = a.header("ratelimit");
+        assert!(
+            state.contains(";r=0;"),
+            "expected nothing remaining while paused, saw RateLimit {state:?}"
+        );
+        assert!(
+            secs <= 2,
+            "expected Retry-After at most the upstream's 2 s, saw {secs}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached,
+        1,
+        "expected nothing upstream during the pause ({} reads), saw {reached} calls",
+        n - 2
+    );
+
+    tokio::time::sleep_until(paused_at + Duration::from_millis(2100)).await;
+    assert_ok(&env.get(&contact(100)).await, "a read after the pause");
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached, 2,
+        "expected traffic to flow again, saw {reached} calls"
+    );
+    env.stop().await;
+}
+
+// 8. The upstream's own counter running out pauses the gateway until the reset.
+#[tokio::test]
+async fn upstream_remaining_zero_stops_sending_until_the_reset() {
+    let sim = SimOptions {
+        rate_limit: Some("3/2s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let env = common::start(sim, &format!("{BIG_BUDGET}{ROUTES}")).await;
+    let before = env.upstream_total();
+    let window = Instant::now();
+    for n in 0..3 {
+        assert_ok(
+            &env.get(&contact(n)).await,
+            "a read within the upstream's limit",
+        );
+    }
+    let refused = env.get(&contact(3)).await;
+    let secs = assert_gateway_429(&refused, "the read after X-RateLimit-Remaining: 0");
+    assert!(
+        secs <= 3,
+        "expected Retry-After within the 2 s window (+1 for whole-second Reset), saw {secs}"
+    );
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached, 3,
+        "expected the 4th read kept from the upstream, saw {reached} calls"
+    );
+
+    // Poll until the gateway sends again; nothing may reach the upstream before the reset.
+    let mut n = 4;
+    let resumed = loop {
+        let a = env.get(&contact(n)).await;
+        n += 1;
+        if a.status == StatusCode::OK {
+            break window.elapsed();
+        }
+        assert_gateway_429(&a, "a read while the upstream's counter is spent");
+        assert!(
+            window.elapsed() < Duration::from_secs(4),
+            "expected traffic again within 4 s of the window's start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        resumed >= Duration::from_millis(1900),
+        "expected no call before the reset (~2 s after the window opened), saw one at {resumed:?}"
+    );
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats["rate_limited"], 0,
+        "expected the simulator never to answer 429, saw {stats}"
+    );
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached, 4,
+        "expected 3 calls, the pause, then 1, saw {reached}"
+    );
+    env.stop().await;
+}
+
+// 9. The budget's metrics.
+#[tokio::test]
+async fn budget_metrics_move() {
+    let sim = SimOptions {
+        rate_limit: Some("50/1m".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let budget = "[budget]\nlimit = 3\nperiod = \"1h\"\nburst = 3\nmax_wait = \"0s\"\n";
+    let env = common::start(sim, &format!("{budget}{ROUTES}")).await;
+    assert_ok(&env.get(&contact(1)).await, "first read");
+    env.sim.set_faults(Faults {
+        force_429: Some(Force429 {
+            count: 1,
+            retry_after: 1,
+        }),
+        ..Faults::default()
+    });
+    let forced = env.get(&contact(2)).await;
+    assert_eq!(
+        forced.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the forced upstream 429, saw {}",
+        forced.status
+    );
+    assert_gateway_429(&env.get(&contact(3)).await, "read during the pause");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_ok(&env.get(&contact(4)).await, "read after the pause");
+    assert_gateway_429(&env.get(&contact(5)).await, "read beyond the global budget");
+
+    let text = env.metrics().await;
+    let show = |name: &str| -> Vec<&str> { text.lines().filter(|l| l.starts_with(name)).collect() };
+    for which in ["global", "upstream"] {
+        let seen = metric(
+            &text,
+            "cxgate_budget_rejections_total",
+            &[("client", "test"), ("budget", which)],
+        );
+        assert_eq!(
+            seen,
+            Some(1.0),
+            "expected one {which} rejection for client test, saw {:?}",
+            show("cxgate_budget_rejections_total")
+        );
+    }
+    let waits = metric(
+        &text,
+        "cxgate_budget_wait_seconds_count",
+        &[("client", "test")],
+    );
+    assert_eq!(
+        waits,
+        Some(3.0),
+        "expected 3 admitted calls observed in the wait histogram, saw {:?}",
+        show("cxgate_budget_wait_seconds_count")
+    );
+    let remaining = metric(&text, "cxgate_upstream_ratelimit_remaining", &[]);
+    assert_eq!(
+        remaining,
+        Some(48.0),
+        "expected the last X-RateLimit-Remaining (50 - 2 counted calls), saw {:?}",
+        show("cxgate_upstream_ratelimit_remaining")
+    );
+    let limited = metric(
+        &text,
+        "cxgate_requests_total",
+        &[("client", "test"), ("status", "429")],
+    );
+    assert!(
+        limited.is_some_and(|n| n >= 1.0),
+        "expected cxgate_requests_total with client=\"test\" and status 429, saw {:?}",
+        show("cxgate_requests_total")
+    );
+    env.stop().await;
+}
+
+// 10. Hits and merged followers spend nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_and_merged_reads_spend_no_budget() {
+    let budget = "[budget]\nlimit = 1\nperiod = \"1h\"\nburst = 1\nmax_wait = \"0s\"\n";
+    let env = Arc::new(common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await);
+    let path = contact(77);
+    let cold = concurrent_gets(&env, common::KEY, vec![path.clone(); 20]).await;
+    let (ok, _, _) = statuses(&cold);
+    assert_eq!(
+        ok,
+        20,
+        "expected 20 x 200 for one merged cold read, saw statuses {:?}",
+        cold.iter().map(|a| a.status.as_u16()).collect::<Vec<_>>()
+    );
+    let route = format!("GET {path}");
+    assert_eq!(
+        env.upstream_count(&route),
+        1,
+        "expected one upstream call for 20 identical reads"
+    );
+    let hits = concurrent_gets(&env, common::KEY, vec![path.clone(); 20]).await;
+    let (ok, _, _) = statuses(&hits);
+    assert_eq!(
+        ok, 20,
+        "expected 20 hits with 200 on a spent budget, saw {ok}"
+    );
+    assert_eq!(
+        env.upstream_count(&route),
+        1,
+        "expected hits to stay off the upstream"
+    );
+    // The one cell really is spent: a different miss is refused.
+    assert_gateway_429(
+        &env.get(&contact(78)).await,
+        "a new miss on the spent budget",
+    );
+    stop(env).await;
+}
+
+// The load run of benches/budget_load.rs, runnable without a bench target:
+// `cargo test --release --test budget -- --ignored load_run --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "about 20 s of load; run in release on purpose"]
+async fn load_run() {
+    let report =
+        common::budget_load_run(20, Duration::from_millis(100), Duration::from_secs(20)).await;
+    report.print();
+    let problems = report.problems();
+    assert!(problems.is_empty(), "budget load run: {problems:?}");
+}

@@ -1,0 +1,739 @@
+//! Reload: `POST /admin/reload` (in process) and SIGHUP (the real binary as a child) swap
+//! routes, clients, budgets and TTLs at once, never drop a request in flight, and refuse an
+//! invalid file with its problems while the running configuration stays.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+use common::{Answer, Env, ACCESS, BIG_BUDGET, KEY, REFRESH, ROUTES};
+use cxgate::sim::{Faults, SimOptions};
+
+const NEW_KEY: &str = "newcomer-key";
+
+/// Replaces the config file in one step, so a reload never reads half a file.
+fn write_config(path: &Path, text: &str) {
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, text).expect("write the new config");
+    std::fs::rename(&tmp, path).expect("move the new config in place");
+}
+
+fn config_path(env: &Env) -> PathBuf {
+    env.dir.join("cxgate.toml")
+}
+
+fn current_config(env: &Env) -> String {
+    std::fs::read_to_string(config_path(env)).expect("read the config the harness wrote")
+}
+
+/// `text` with `from` replaced by `to`, which must occur.
+fn edited(text: &str, from: &str, to: &str) -> String {
+    assert!(
+        text.contains(from),
+        "expected {from:?} in the config to edit, saw:\n{text}"
+    );
+    text.replacen(from, to, 1)
+}
+
+async fn admin_reload(env: &Env) -> Answer {
+    env.send(Method::POST, &env.admin_url("/admin/reload"), &[], "")
+        .await
+}
+
+fn assert_reloaded(answer: &Answer, what: &str) {
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "{what}: expected the reload accepted, saw {} {}",
+        answer.status,
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(
+        answer.json()["reloaded"],
+        true,
+        "{what}: expected {{\"reloaded\":true}}, saw {}",
+        String::from_utf8_lossy(&answer.body)
+    );
+}
+
+/// The `ttl=` of a hit's Cache-Status, in seconds.
+fn hit_ttl(answer: &Answer) -> Option<i64> {
+    let status = answer.header("cache-status");
+    if !status.contains("; hit") {
+        return None;
+    }
+    status
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("ttl="))
+        .and_then(|v| v.parse().ok())
+}
+
+const ACCOUNTS_TTL: &str = "match = \"GET /me/accounts\"\nttl = \"10m\"";
+
+#[tokio::test]
+async fn admin_reload_swaps_routes_clients_and_ttls() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+
+    // Before: /me/permissions is not cached, the newcomer is unknown, accounts live 10 min.
+    for _ in 0..2 {
+        let a = env.get("/me/permissions").await;
+        assert!(
+            a.status == StatusCode::OK
+                && a.header("cache-status").starts_with("cxgate; fwd=bypass"),
+            "before reload: expected /me/permissions bypassed, saw {a:?}"
+        );
+    }
+    let unknown = env.get_as(NEW_KEY, "/me").await;
+    assert_eq!(
+        unknown.status, 401,
+        "before reload: expected the newcomer refused, saw {unknown:?}"
+    );
+    env.get("/me/accounts?v=1").await;
+    let old_ttl = hit_ttl(&env.get("/me/accounts?v=1").await);
+    assert!(
+        old_ttl.is_some_and(|t| t > 300),
+        "before reload: expected a hit with ttl near 600, saw {old_ttl:?}"
+    );
+
+    let text = edited(
+        &current_config(&env),
+        ACCOUNTS_TTL,
+        "match = \"GET /me/accounts\"\nttl = \"2m\"",
+    );
+    let text = format!(
+        "{text}\n{}\n[[routes]]\nmatch = \"GET /me/permissions\"\nttl = \"1m\"\ntags = [\"me\"]\n",
+        common::client_toml("newcomer", NEW_KEY, "")
+    );
+    write_config(&config_path(&env), &text);
+    assert_reloaded(&admin_reload(&env).await, "valid file");
+
+    let welcome = env.get_as(NEW_KEY, "/me").await;
+    assert_eq!(
+        welcome.status, 200,
+        "after reload: expected the newcomer served, saw {welcome:?}"
+    );
+    let old = env.get("/me").await;
+    assert_eq!(
+        old.status, 200,
+        "after reload: expected the old client still served, saw {old:?}"
+    );
+    let first = env.get("/me/permissions?r=1").await;
+    let second = env.get("/me/permissions?r=1").await;
+    assert!(
+        first.header("cache-status").contains("stored") && hit_ttl(&second).is_some(),
+        "after reload: expected the new route stored then hit, saw {:?} then {:?}",
+        first.header("cache-status"),
+        second.header("cache-status")
+    );
+    env.get("/me/accounts?v=2").await;
+    let new_ttl = hit_ttl(&env.get("/me/accounts?v=2").await);
+    assert!(
+        new_ttl.is_some_and(|t| (1..=120).contains(&t)),
+        "after reload: expected a hit with ttl at most 120 (2m), saw {new_ttl:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn admin_reload_removes_a_client_and_tightens_the_budget() {
+    let other = common::client_toml("other", "other-key", "");
+    let clients = format!(
+        "{}{other}",
+        common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]")
+    );
+    let env = common::start_with(SimOptions::default(), &clients, ROUTES).await;
+    let a = env.get_as("other-key", "/me").await;
+    assert_eq!(
+        a.status, 200,
+        "before reload: expected the other client served, saw {a:?}"
+    );
+    for i in 0..3 {
+        let a = env.get(&format!("/me/permissions?before={i}")).await;
+        assert_eq!(
+            a.status, 200,
+            "before reload: expected uncached reads within budget, saw {a:?}"
+        );
+    }
+
+    let text = edited(&current_config(&env), &other, "");
+    let text = format!(
+        "{text}\n[budget]\nlimit = 1000\nperiod = \"1h\"\nburst = 1\nmax_wait = \"10ms\"\n"
+    );
+    write_config(&config_path(&env), &text);
+    assert_reloaded(
+        &admin_reload(&env).await,
+        "client removed, budget tightened",
+    );
+
+    let gone = env.get_as("other-key", "/me").await;
+    assert_eq!(
+        gone.status, 401,
+        "after reload: expected the removed client refused, saw {gone:?}"
+    );
+    let before = env.upstream_total();
+    let mut refused = 0;
+    for i in 0..3 {
+        let a = env.get(&format!("/me/permissions?after={i}")).await;
+        match a.status.as_u16() {
+            200 => {}
+            429 => {
+                refused += 1;
+                assert!(
+                    a.header("retry-after").parse::<u64>().is_ok_and(|s| s >= 1),
+                    "expected a Retry-After of whole seconds on the 429, saw {:?}",
+                    a.headers
+                );
+            }
+            other => panic!("after reload: expected 200 or 429, saw {other}: {a:?}"),
+        }
+    }
+    let calls = env.upstream_total() - before;
+    assert!(
+        refused >= 2 && calls <= 1,
+        "after reload with burst 1 (one call per 3.6 s): expected at least 2 of 3 refused and at \
+         most 1 upstream call, saw {refused} refused and {calls} calls"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_in_flight_finishes_on_the_old_configuration() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    env.sim.set_faults(Faults {
+        latency_ms: 1200,
+        path_prefix: Some("/me/permissions".into()),
+        ..Faults::default()
+    });
+    let slow = async {
+        let started = Instant::now();
+        (env.get("/me/permissions").await, started.elapsed())
+    };
+    let reload_midway = async {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while env.sim.stats()["in_flight"].as_u64() != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "expected the slow request in flight upstream, saw {}",
+                env.sim.stats()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The new file drops the client whose request is in flight.
+        let ours = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+        let text = edited(
+            &current_config(&env),
+            &ours,
+            &common::client_toml("successor", NEW_KEY, ""),
+        );
+        write_config(&config_path(&env), &text);
+        let reloaded = admin_reload(&env).await;
+        let refused = env.get("/me").await;
+        (reloaded, refused, env.sim.stats()["in_flight"].as_u64())
+    };
+    let ((answer, took), (reloaded, refused, in_flight)) = tokio::join!(slow, reload_midway);
+    assert_reloaded(&reloaded, "reload during a slow request");
+    assert_eq!(
+        in_flight,
+        Some(1),
+        "expected the slow request still in flight when the reload had finished"
+    );
+    assert_eq!(
+        refused.status, 401,
+        "expected the removed key refused right after the reload, saw {refused:?}"
+    );
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the request in flight during the reload to finish with 200, saw {answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1100),
+        "expected the request to have been slow (in flight across the reload), took {took:?}"
+    );
+    env.sim.set_faults(Faults::default());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_file_is_refused_with_its_problems_and_changes_nothing() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let broken = edited(&good, "[server]\n", "[server]\nlistn = \"x\"\n");
+    let broken = edited(
+        &broken,
+        ACCOUNTS_TTL,
+        "match = \"GET /me/accounts\"\nttl = \"2m\"",
+    );
+    let broken = format!(
+        "{broken}\n{}\n[[routes]]\nmatch = \"GET /{{account_id}}/settings/{{kind}}\"\nttl = \"1m\"\n\
+         tags = [\"settings:{{acount_id}}\"]\n",
+        common::client_toml("newcomer", NEW_KEY, "")
+    );
+    write_config(&config_path(&env), &broken);
+
+    let answer = admin_reload(&env).await;
+    let body = answer.json();
+    assert_eq!(
+        (answer.status.as_u16(), &body["meta"]["error_type"]),
+        (400, &Value::from("bad_request")),
+        "expected 400 bad_request for an invalid file, saw {} {body}",
+        answer.status
+    );
+    let problems: Vec<String> = body["problems"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        problems.len(),
+        2,
+        "expected exactly the two problems listed, saw {problems:#?}"
+    );
+    for (prefix, detail) in [
+        ("server.listn", "unknown key"),
+        ("routes[", "unknown placeholder {acount_id}"),
+    ] {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(prefix) && p.contains(detail)),
+            "expected a problem starting {prefix:?} saying {detail:?}, saw {problems:#?}"
+        );
+    }
+
+    // Nothing of the broken file took effect.
+    let newcomer = env.get_as(NEW_KEY, "/me").await;
+    assert_eq!(
+        newcomer.status, 401,
+        "expected the newcomer of the refused file still unknown, saw {newcomer:?}"
+    );
+    env.get("/me/accounts?v=3").await;
+    let ttl = hit_ttl(&env.get("/me/accounts?v=3").await);
+    assert!(
+        ttl.is_some_and(|t| t > 300),
+        "expected the old 10m ttl still in force, saw {ttl:?}"
+    );
+
+    // A missing file is refused the same way, naming the file.
+    std::fs::remove_file(config_path(&env)).expect("remove the config");
+    let answer = admin_reload(&env).await;
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    assert!(
+        answer.status == 400 && text.contains("cxgate.toml"),
+        "expected 400 naming the missing file, saw {} {text}",
+        answer.status
+    );
+    let still = env.get("/me").await;
+    assert_eq!(
+        still.status, 200,
+        "expected the gateway to keep serving after refused reloads, saw {still:?}"
+    );
+
+    // And a good file afterwards is taken.
+    write_config(&config_path(&env), &good);
+    assert_reloaded(&admin_reload(&env).await, "the original file again");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn reloading_under_load_drops_nothing() {
+    let extra = format!("{BIG_BUDGET}{ROUTES}");
+    let env = common::start(SimOptions::default(), &extra).await;
+    env.sim.set_faults(Faults {
+        latency_ms: 20,
+        path_prefix: Some("/me/permissions".into()),
+        ..Faults::default()
+    });
+    let a = current_config(&env);
+    let b = edited(
+        &a,
+        ACCOUNTS_TTL,
+        "match = \"GET /me/accounts\"\nttl = \"2m\"",
+    );
+    let b = format!("{b}\n{}", common::client_toml("newcomer", NEW_KEY, ""));
+    let path = config_path(&env);
+
+    let worker = |w: usize| {
+        let env = &env;
+        async move {
+            let mut bad = Vec::new();
+            for i in 0..25 {
+                let target = if i % 2 == 0 {
+                    format!("/me/permissions?w={w}&i={i}")
+                } else {
+                    "/me/accounts".to_string()
+                };
+                let answer = env.get(&target).await;
+                if answer.status != StatusCode::OK {
+                    bad.push(format!("{target}: {} {:?}", answer.status, answer.body));
+                }
+            }
+            bad
+        }
+    };
+    let reloads = async {
+        let mut failed = Vec::new();
+        for n in 0..20 {
+            write_config(&path, if n % 2 == 0 { &b } else { &a });
+            let answer = admin_reload(&env).await;
+            if answer.status != StatusCode::OK {
+                failed.push(format!("reload {n}: {}", answer.status));
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        failed
+    };
+    let started = Instant::now();
+    let (w0, w1, w2, w3, failed) =
+        tokio::join!(worker(0), worker(1), worker(2), worker(3), reloads);
+    let bad: Vec<String> = [w0, w1, w2, w3].concat();
+    assert!(
+        failed.is_empty(),
+        "expected all 20 reloads accepted, saw {failed:?}"
+    );
+    assert!(
+        bad.is_empty(),
+        "expected all 100 requests answered 200 across 20 reloads, saw {} others: {bad:?}",
+        bad.len()
+    );
+    println!("100 requests across 20 reloads in {:?}", started.elapsed());
+    env.sim.set_faults(Faults::default());
+    env.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGHUP: the real binary
+// ---------------------------------------------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
+
+/// A child `cxgate`, killed (by its PID) if the test ends before it exits.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(config: &Path, dir: &Path) -> Proc {
+        let log = dir.join("cxgate.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config", config.to_str().expect("utf-8 path")])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("start cxgate");
+        Proc { child, log }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "expected kill -{name} to succeed");
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One GET; `Err` when no answer came within 5 s.
+async fn get(url: &str, key: &str) -> Result<(StatusCode, String, Bytes), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = Request::get(url)
+        .header("authorization", format!("Bearer {key}"))
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let cache = resp
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, cache, body.to_bytes()))
+}
+
+/// Polls until `url` answers `want` for `key`, or fails after `limit`.
+async fn wait_for_status(proc: &mut Proc, url: &str, key: &str, want: StatusCode, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last = String::from("nothing yet");
+    while Instant::now() < deadline {
+        if let Some(status) = proc.exited() {
+            panic!(
+                "expected cxgate to keep running, it exited with {status}:\n{}",
+                proc.output()
+            );
+        }
+        match get(url, key).await {
+            Ok((status, _, _)) if status == want => return,
+            Ok((status, _, body)) => {
+                last = format!("{status} {}", String::from_utf8_lossy(&body));
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "expected {want} from {url} within {limit:?}, last saw {last}; cxgate said:\n{}",
+        proc.output()
+    );
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_real_binary_and_keeps_the_old_config_when_invalid() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind sim");
+    let sim = cxgate::sim::spawn(
+        listener,
+        SimOptions {
+            access_tokens: vec![ACCESS.into()],
+            refresh_tokens: vec![REFRESH.into()],
+            faults: Faults {
+                latency_ms: 1000,
+                path_prefix: Some("/me/connectedprofiles".into()),
+                ..Faults::default()
+            },
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .expect("start sim");
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-reload-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
+        .expect("token file");
+    let (port, admin_port) = (common::free_port(), common::free_port());
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         request_timeout = \"10s\"\nshutdown_grace = \"5s\"\n\
+         [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\
+         [token]\nfile = \"{}\"\n{}",
+        sim.base_url(),
+        token_file.display(),
+        common::client_toml("test", KEY, "scopes = [\"read\"]")
+    );
+    let path = dir.join("cxgate.toml");
+    write_config(&path, &base);
+    let mut proc = Proc::spawn(&path, &dir);
+    let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
+    wait_for_status(
+        &mut proc,
+        &url("/me"),
+        KEY,
+        StatusCode::OK,
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let before = get(&url("/me/permissions"), KEY).await;
+    assert!(
+        matches!(&before, Ok((StatusCode::OK, cache, _)) if cache.starts_with("cxgate; fwd=bypass")),
+        "before SIGHUP: expected /me/permissions bypassed, saw {before:?}"
+    );
+    let unknown = get(&url("/me"), NEW_KEY).await;
+    assert!(
+        matches!(&unknown, Ok((StatusCode::UNAUTHORIZED, _, _))),
+        "before SIGHUP: expected the newcomer refused, saw {unknown:?}"
+    );
+
+    // A slow request is in flight when the signal arrives.
+    let slow_url = url("/me/connectedprofiles");
+    let slow = tokio::spawn(async move { get(&slow_url, KEY).await });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while sim.stats()["in_flight"].as_u64() != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "expected the slow request in flight upstream, saw {}",
+            sim.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let valid = format!(
+        "{base}\n{}\n[[routes]]\nmatch = \"GET /me/permissions\"\nttl = \"1m\"\n",
+        common::client_toml("newcomer", NEW_KEY, "")
+    );
+    write_config(&path, &valid);
+    proc.signal("HUP");
+    wait_for_status(
+        &mut proc,
+        &url("/me"),
+        NEW_KEY,
+        StatusCode::OK,
+        Duration::from_secs(5),
+    )
+    .await;
+    let slow = slow.await.expect("slow request task");
+    assert!(
+        matches!(&slow, Ok((StatusCode::OK, _, _))),
+        "expected the request in flight during SIGHUP to finish with 200, saw {slow:?}"
+    );
+    let first = get(&url("/me/permissions?h=1"), KEY).await;
+    let second = get(&url("/me/permissions?h=1"), KEY).await;
+    assert!(
+        matches!(&first, Ok((_, c, _)) if c.contains("stored"))
+            && matches!(&second, Ok((_, c, _)) if c.contains("; hit")),
+        "after SIGHUP: expected the new route stored then hit, saw {first:?} then {second:?}"
+    );
+
+    // An invalid file: the process logs the problem, keeps running and keeps the config.
+    let broken = format!(
+        "{}\n[[clients]]\nname = \"keyless\"\n",
+        valid.replacen("[server]\n", "[server]\nlistn = \"x\"\n", 1)
+    );
+    write_config(&path, &broken);
+    proc.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !proc.output().contains("server.listn") {
+        assert!(
+            Instant::now() < deadline,
+            "expected the refused SIGHUP reload logged with its problems, log:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let log = proc.output();
+    assert!(
+        log.contains("clients[2].key_sha256"),
+        "expected every problem logged, not just the first; log:\n{log}"
+    );
+    assert!(
+        proc.exited().is_none(),
+        "expected cxgate to keep running after an invalid SIGHUP reload:\n{log}"
+    );
+    let still = get(&url("/me"), NEW_KEY).await;
+    assert!(
+        matches!(&still, Ok((StatusCode::OK, _, _))),
+        "expected the last good configuration still in force, saw {still:?}"
+    );
+
+    proc.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = proc.exited() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected cxgate to exit within 5 s of SIGTERM:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "expected exit 0 after SIGTERM, saw {status}:\n{}",
+        proc.output()
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes the harness config with `from` replaced by `to` and reloads it; returns the notes.
+async fn reload_with(env: &Env, from: &str, to: &str) -> String {
+    let text = edited(&current_config(env), from, to);
+    write_config(&config_path(env), &text);
+    let answer = admin_reload(env).await;
+    assert_reloaded(&answer, &format!("{to:?}"));
+    answer.json()["notes"].to_string()
+}
+
+// A setting a reload cannot apply must at least be named in the answer's notes, as the
+// listeners, the cache size and the upstream base are; otherwise the operator is told the
+// reload worked while the old value silently stays.
+
+#[tokio::test]
+#[ignore = "BUG: reload keeps the old max_concurrency (semaphore built once, src/proxy/mod.rs:142) and src/lib.rs reload() adds no note"]
+async fn a_reload_applies_or_notes_max_concurrency() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let notes = reload_with(
+        &env,
+        "request_timeout = \"5s\"\n",
+        "request_timeout = \"5s\"\nmax_concurrency = 1\n",
+    )
+    .await;
+    env.sim.set_faults(Faults {
+        latency_ms: 600,
+        path_prefix: Some("/me/permissions".into()),
+        ..Faults::default()
+    });
+    let (a, b) = tokio::join!(
+        env.get("/me/permissions?c=1"),
+        env.get("/me/permissions?c=2")
+    );
+    let statuses = [a.status.as_u16(), b.status.as_u16()];
+    assert!(
+        statuses.contains(&503) || notes.contains("max_concurrency"),
+        "expected max_concurrency = 1 applied (one of two concurrent requests refused with 503) \
+         or named in the notes; saw statuses {statuses:?} and notes {notes}"
+    );
+    env.sim.set_faults(Faults::default());
+    env.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "BUG: src/lib.rs:273 reload() keeps the old [upstream] timeouts (only base_url changes get a note)"]
+async fn a_reload_applies_or_notes_upstream_timeout() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let notes = reload_with(&env, "timeout = \"2s\"\n", "timeout = \"300ms\"\n").await;
+    env.sim.set_faults(Faults {
+        latency_ms: 800,
+        path_prefix: Some("/me/permissions".into()),
+        ..Faults::default()
+    });
+    let answer = env.get("/me/permissions").await;
+    assert!(
+        answer.status == 504 || notes.contains("upstream.timeout"),
+        "expected upstream.timeout = 300ms applied (504 for an 800 ms upstream) or named in the \
+         notes; saw {} and notes {notes}",
+        answer.status
+    );
+    env.sim.set_faults(Faults::default());
+    env.stop().await;
+}
