@@ -258,8 +258,14 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
     if next.cache.max_bytes != current.cache.max_bytes {
         notes.push("cache.max_bytes changes need a restart".to_string());
     }
-    if next.upstream.base_url != current.upstream.base_url {
+    let (u, nu) = (&current.upstream, &next.upstream);
+    if nu.base_url != u.base_url {
         notes.push("upstream.base_url changes need a restart".to_string());
+    }
+    if nu.connect_timeout != u.connect_timeout || nu.ca_file != u.ca_file {
+        notes.push(
+            "upstream.connect_timeout and upstream.ca_file changes need a restart".to_string(),
+        );
     }
     let mut next = next;
     // Keep what only a restart can change, so the snapshot matches what is running.
@@ -270,7 +276,11 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
     } else {
         next.server.public_base_url
     };
-    next.upstream = current.upstream.clone();
+    // The client pool is built once; its per-exchange timeout is read per call.
+    next.upstream = crate::config::UpstreamConfig {
+        timeout: next.upstream.timeout,
+        ..current.upstream.clone()
+    };
     next.cache = current.cache.clone();
     next.token = current.token.clone();
     gateway.swap(Arc::new(next));

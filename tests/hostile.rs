@@ -249,7 +249,7 @@ async fn content_length_with_chunked_never_runs_the_hidden_request() {
 /// What the issue asks for beyond the RFC: the ambiguous framing is refused outright, and
 /// nothing of it reaches the upstream.
 #[tokio::test]
-#[ignore = "BUG: a request with both Content-Length and Transfer-Encoding: chunked is forwarded upstream instead of refused with 400"]
+#[ignore = "NOT DONE: hyper resolves Content-Length + chunked itself (RFC 9112 6.1: drops the length, closes after answering) before the gateway sees the headers; refusing needs a pre-parser. The RFC path is tested above."]
 async fn content_length_with_chunked_is_refused_before_the_upstream() {
     let (env, before) = warmed().await;
     let cases = [
@@ -486,7 +486,6 @@ async fn crlf_in_the_query_never_becomes_an_upstream_header() {
 /// The gateway takes its key from `access_token` after percent-decoding the name, so it must
 /// also strip that parameter from the upstream query under every spelling that decodes to it.
 #[tokio::test]
-#[ignore = "BUG: strip_access_token (src/proxy/request.rs) compares raw names, so access%5Ftoken=<client key> is forwarded upstream"]
 async fn a_percent_encoded_access_token_name_is_never_forwarded() {
     let (base, seen, upstream) = recording_upstream().await;
     let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
@@ -631,18 +630,18 @@ async fn invalid_percent_encoding_and_nul_in_paths_get_400() {
     env.stop().await;
 }
 
-/// Bytes that are not UTF-8 are either refused or carried through untouched; they never
-/// crash the gateway or reach the upstream in another spelling.
+/// Bytes that are not UTF-8, raw or escaped (an overlong dot too), are refused before the
+/// upstream: each decoder downstream could read them another way.
 #[tokio::test]
-async fn invalid_utf8_in_paths_is_refused_or_passed_as_bytes() {
+async fn invalid_utf8_in_paths_is_refused() {
     let (env, _) = warmed().await;
-    let cases: [(&str, &[u8], &str); 4] = [
-        ("an escaped 0xff", b"/me/%ff", "GET /me/%ff"),
-        ("an escaped overlong dot", b"/me/%c0%ae", "GET /me/%c0%ae"),
-        ("a raw 0xff byte", b"/me/\xff", ""),
-        ("a raw lone continuation byte", b"/me/\x80x", ""),
+    let cases: [(&str, &[u8]); 4] = [
+        ("an escaped 0xff", b"/me/%ff"),
+        ("an escaped overlong dot", b"/me/%c0%ae"),
+        ("a raw 0xff byte", b"/me/\xff"),
+        ("a raw lone continuation byte", b"/me/\x80x"),
     ];
-    for (what, path, upstream_key) in cases {
+    for (what, path) in cases {
         let before = env.upstream_total();
         let mut bytes = b"GET ".to_vec();
         bytes.extend_from_slice(path);
@@ -653,28 +652,8 @@ async fn invalid_utf8_in_paths_is_refused_or_passed_as_bytes() {
             .as_bytes(),
         );
         let answer = common::raw_exchange(env.gw.addr, &bytes).await;
-        assert!(
-            !answer.timed_out,
-            "{what}: expected an answer or a close, the connection hung"
-        );
-        let passed = !upstream_key.is_empty() && env.upstream_count(upstream_key) >= 1;
-        if passed {
-            // Carried through: the upstream saw exactly these bytes, and its answer came back.
-            assert_eq!(
-                env.upstream_total(),
-                before + 1,
-                "{what}: expected one upstream request, saw {}",
-                env.sim.stats()["by_route"]
-            );
-            assert!(
-                answer.status().is_some_and(|s| s < 500),
-                "{what}: expected the upstream's answer passed back, saw {:?}",
-                shown(&answer.bytes)
-            );
-        } else {
-            assert_4xx_or_closed(&answer, what);
-            assert_nothing_upstream(&env, before, what);
-        }
+        assert_4xx_or_closed(&answer, what);
+        assert_nothing_upstream(&env, before, what);
         assert_still_serves(&env, what).await;
     }
     env.stop().await;
@@ -1050,7 +1029,6 @@ async fn h2_garbage_and_dot_segments_are_refused() {
 /// A client limited to some accounts must not reach another account by spelling its id
 /// with percent-escapes: the upstream decodes `/%39%39/...` to `/99/...`.
 #[tokio::test]
-#[ignore = "BUG: auth::account_of and may_see(None) let /%39%39%39/inbox/mentions through for a client limited to accounts = [12345]"]
 async fn an_escaped_account_id_does_not_escape_the_account_limit() {
     let (base, seen, upstream) = recording_upstream().await;
     let clients = common::client_toml("limited", KEY, "scopes = [\"read\"]\naccounts = [12345]");

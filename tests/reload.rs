@@ -689,7 +689,6 @@ async fn reload_with(env: &Env, from: &str, to: &str) -> String {
 // reload worked while the old value silently stays.
 
 #[tokio::test]
-#[ignore = "BUG: reload keeps the old max_concurrency (semaphore built once, src/proxy/mod.rs:142) and src/lib.rs reload() adds no note"]
 async fn a_reload_applies_or_notes_max_concurrency() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     let notes = reload_with(
@@ -718,7 +717,6 @@ async fn a_reload_applies_or_notes_max_concurrency() {
 }
 
 #[tokio::test]
-#[ignore = "BUG: src/lib.rs:273 reload() keeps the old [upstream] timeouts (only base_url changes get a note)"]
 async fn a_reload_applies_or_notes_upstream_timeout() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     let notes = reload_with(&env, "timeout = \"2s\"\n", "timeout = \"300ms\"\n").await;

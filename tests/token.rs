@@ -486,7 +486,6 @@ async fn invalid_grant_makes_the_gateway_unready_and_asks_for_reauthorisation() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: src/proxy/call.rs:60-66 passes the upstream 401 to the client when the refresh fails (invalid_grant)"]
 async fn invalid_grant_answers_clients_503_token_unavailable_not_the_upstream_401() {
     let env = common::start(SimOptions::default(), BIG_BUDGET).await;
     let spent = spend_refresh(&env.http, &env.sim.base_url(), REFRESH).await;
@@ -526,12 +525,14 @@ async fn token_init(
     if let Some(code) = code {
         cmd.args(["--code", code]);
     }
+    // Other tests of this binary put the client secret into the process environment.
     for name in [
         "CX_ACCESS_TOKEN",
         "CX_REFRESH_TOKEN",
         "CX_EXPIRES_IN",
         "CXGATE_CONFIG",
         "RUST_LOG",
+        SECRET_ENV,
     ] {
         cmd.env_remove(name);
     }
@@ -680,7 +681,6 @@ async fn token_init_exchanges_an_authorisation_code_for_the_simulators_tokens() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: eprintln! in src/main.rs blocks forever once the cxgate-log thread holds the stderr lock (src/logging.rs:92)"]
 async fn token_init_refusals_exit_1_with_a_clear_message() {
     let sim = spawn_sim(SimOptions::default()).await;
     let (dir, file, config) = code_config(&sim);

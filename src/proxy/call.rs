@@ -58,11 +58,20 @@ impl Gateway {
         let started = Instant::now();
         let mut fetched = self.exchange(call, &out, token.access.expose()).await?;
         if fetched.status == StatusCode::UNAUTHORIZED {
-            if let Ok(fresh) = inner.token.refresh_after_rejection(token.generation).await {
-                if fresh.generation != token.generation {
-                    fetched = self.exchange(call, &out, fresh.access.expose()).await?;
-                }
+            // The upstream's 401 is about the gateway's token, never the client's key: passing
+            // it on would tell a client with a valid key that its key is bad. Without a
+            // newer token to replay with, the answer is 503 token_unavailable.
+            let fresh = inner
+                .token
+                .refresh_after_rejection(token.generation)
+                .await
+                .map_err(|e| GatewayError::TokenUnavailable(e.to_string()))?;
+            if fresh.generation == token.generation {
+                return Err(GatewayError::TokenUnavailable(
+                    "the upstream refused the held token and no newer one is available".into(),
+                ));
             }
+            fetched = self.exchange(call, &out, fresh.access.expose()).await?;
         }
         fetched.upstream_time = started.elapsed();
         fetched.budget_wait = budget_wait;

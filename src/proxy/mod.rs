@@ -17,7 +17,7 @@ mod reply;
 mod request;
 
 pub use forward::{strip_hop_by_hop, Fetched};
-pub use request::{check_path, check_target, client_key, strip_access_token};
+pub use request::{check_path, check_target, client_key, normalise_escapes, strip_access_token};
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, RwLock};
@@ -55,6 +55,10 @@ pub struct State {
     /// The `route` label of unmatched requests, and the `client` label before auth.
     other: Arc<str>,
     nobody: Arc<str>,
+    /// `max_concurrency` permits. Each snapshot has its own, so a reload applies a new limit
+    /// at once; requests still running on the old snapshot hold the old permits until they
+    /// finish, as nginx's old workers do while they drain.
+    in_flight: Semaphore,
 }
 
 impl State {
@@ -82,6 +86,7 @@ impl State {
                 .collect(),
             other: Arc::from("other"),
             nobody: Arc::from("-"),
+            in_flight: Semaphore::new(config.server.max_concurrency),
             config,
         }
     }
@@ -110,7 +115,6 @@ struct Inner {
     merger: Merger<read::Shared>,
     budget: Budget,
     metrics: RequestMetrics,
-    in_flight: Arc<Semaphore>,
     last_upstream_status: AtomicU16,
     /// With several replicas: where purges and invalidations are published for the others.
     replicas: std::sync::OnceLock<crate::replicas::Redis>,
@@ -129,7 +133,6 @@ struct Outcome {
 
 impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
-        let permits = config.server.max_concurrency;
         Gateway {
             inner: Arc::new(Inner {
                 state: RwLock::new(Arc::new(State::new(config))),
@@ -139,7 +142,6 @@ impl Gateway {
                 merger: Merger::new(),
                 budget: parts.budget,
                 metrics: parts.metrics,
-                in_flight: Arc::new(Semaphore::new(permits)),
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
             }),
@@ -225,7 +227,7 @@ impl Gateway {
         };
         let timeout = state.config.server.request_timeout;
 
-        let mut resp = match self.inner.in_flight.clone().try_acquire_owned() {
+        let mut resp = match state.in_flight.try_acquire() {
             Err(_) => GatewayError::Overloaded.response(),
             Ok(_permit) => {
                 let work = self.pipeline(&state, req, &request_id, &mut outcome);
@@ -244,6 +246,18 @@ impl Gateway {
             headers.insert(HeaderName::from_static("ratelimit-policy"), policy);
             headers.insert(HeaderName::from_static("ratelimit"), current);
         }
+        if resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+            && !resp.headers().contains_key(header::RETRY_AFTER)
+        {
+            // An upstream 429 that named no time: the pause it caused is the honest answer.
+            let secs = self
+                .inner
+                .budget
+                .paused_for()
+                .map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if method == Method::HEAD {
             *resp.body_mut() = Full::new(Bytes::new());
         }
@@ -255,7 +269,7 @@ impl Gateway {
             .with_label_values(&[
                 &*outcome.client,
                 &*outcome.route,
-                method.as_str(),
+                method_label(&method),
                 status.as_str(),
                 outcome.cache,
             ])
@@ -296,8 +310,9 @@ impl Gateway {
 
         // 1. Where the request may go: decided before anything else sees it.
         check_target(&parts, &state.own_hosts)?;
-        let path = parts.uri.path();
-        let query = parts.uri.query();
+        let path = normalise_escapes(parts.uri.path());
+        let query = parts.uri.query().map(normalise_escapes);
+        let (path, query) = (&*path, query.as_deref());
 
         // 2. Who is calling.
         let key = client_key(&parts.headers, query);
@@ -465,6 +480,27 @@ pub fn upstream_url(cfg: &Config, path: &str, query: Option<&str>) -> String {
     }
 }
 
+/// The `method` label: the standard methods by name, anything else as `other`, since hyper
+/// accepts any token as a method and a label must not grow with what strangers send.
+fn method_label(method: &Method) -> &str {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::CONNECT,
+    ];
+    if KNOWN.contains(method) {
+        method.as_str()
+    } else {
+        "other"
+    }
+}
+
 /// The client's `X-Request-Id` if it is a sane token, else a fresh one.
 fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
@@ -476,4 +512,15 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
     }
     let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
     HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+    }
 }

@@ -31,6 +31,40 @@ pub fn check_target(parts: &Parts, own_hosts: &[String]) -> Result<(), GatewayEr
     check_path(parts.uri.path())
 }
 
+/// Decodes percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 6.2.2.2):
+/// `/%39%39/x` and `/99/x` are one resource to the upstream, so they must be one to routing,
+/// account limits, the key parameter and the cache too. Every other escape is kept byte for
+/// byte (an escaped CR LF stays data); invalid ones too (`check_path` refuses them in paths).
+pub fn normalise_escapes(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('%') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let b = (hi * 16 + lo) as u8;
+                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                    out.push(b as char);
+                } else {
+                    out.push_str(&text[i..i + 3]);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        // Every other byte is copied whole; a multi-byte character is copied byte by byte
+        // through its char boundary below.
+        let ch = text[i..].chars().next().unwrap_or('\u{fffd}');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Refuses dot-segments (`.` or `..`, raw or percent-encoded, with `/` or `\` as separator),
 /// invalid percent-encoding and encoded NUL bytes.
 pub fn check_path(path: &str) -> Result<(), GatewayError> {
@@ -46,6 +80,13 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     ))?;
     if decoded.contains(&0) {
         return Err(GatewayError::BadRequest("NUL byte in the path"));
+    }
+    // CX Social paths are ids and names: bytes that are not UTF-8 (overlong dots included)
+    // have no meaning there, and each decoder downstream could read them differently.
+    if std::str::from_utf8(&decoded).is_err() {
+        return Err(GatewayError::BadRequest(
+            "the path is not UTF-8 once percent-decoded",
+        ));
     }
     // Decoding twice catches %252e%252e, which a second decoder downstream would turn into "..".
     let twice = percent_decode(&decoded).unwrap_or_else(|| decoded.clone());
@@ -156,6 +197,9 @@ mod tests {
         }
         assert!(check_path("/bad%zz").is_err(), "invalid percent-encoding");
         assert!(check_path("/nul%00").is_err(), "encoded NUL");
+        assert!(check_path("/me/%ff").is_err(), "not UTF-8");
+        assert!(check_path("/me/%c0%ae").is_err(), "overlong dot");
+        assert!(check_path("/me/caf%C3%A9").is_ok(), "UTF-8 é");
     }
 
     #[test]
@@ -165,6 +209,18 @@ mod tests {
         assert!(check_target(&parts(Method::GET, "http://evil.example/me"), &own).is_err());
         assert!(check_target(&parts(Method::GET, "http://127.0.0.1:8080/me"), &own).is_ok());
         assert!(check_target(&parts(Method::GET, "/me"), &[]).is_ok());
+    }
+
+    #[test]
+    fn unreserved_escapes_are_decoded_and_the_rest_upper_cased() {
+        assert_eq!(normalise_escapes("/me"), "/me");
+        assert_eq!(normalise_escapes("/%39%39%39/inbox"), "/999/inbox");
+        assert_eq!(normalise_escapes("access%5ftoken=k"), "access_token=k");
+        assert_eq!(normalise_escapes("%61ccess_token=k"), "access_token=k");
+        assert_eq!(normalise_escapes("q=a%2fb%20c%0d"), "q=a%2fb%20c%0d");
+        assert_eq!(normalise_escapes("bad%zz%4"), "bad%zz%4");
+        assert_eq!(normalise_escapes("%"), "%");
+        assert_eq!(normalise_escapes("é%41"), "éA");
     }
 
     #[test]
