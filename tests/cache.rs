@@ -2,6 +2,7 @@
 //! purge, 5 metrics), driven through the gateway against the simulator.
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -932,4 +933,63 @@ async fn stale_if_error_covers_an_upstream_429() {
         "expected the stored body as the stale answer"
     );
     env.stop().await;
+}
+
+/// A read already in flight when a write invalidates its tags got its answer from before
+/// the write: it must not be stored, and a read sent after the write must not join it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
+    const MENTIONS: &str = "/12345/inbox/mentions";
+    let env = Arc::new(common::start(SimOptions::default(), ROUTES).await);
+    // The list answer is made at once and then dribbled for a second: the upstream's data
+    // is from before the write, the gateway only has it after.
+    env.sim.set_faults(Faults {
+        slow_body_ms: 1000,
+        path_prefix: Some(MENTIONS.into()),
+        ..Faults::default()
+    });
+    let early = tokio::spawn({
+        let env = Arc::clone(&env);
+        async move { env.get(MENTIONS).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while env.upstream_count(&format!("GET {MENTIONS}")) < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let write = env
+        .post_form(
+            "/12345/inbox/mention/1/m1",
+            "updates=%7B%22status%22%3A%22closed%22%7D",
+        )
+        .await;
+    assert_eq!(
+        write.status,
+        StatusCode::OK,
+        "write: expected 200, saw {}: {:?}",
+        write.status,
+        write.body
+    );
+    let late = env.get(MENTIONS).await;
+    let early = early.await.expect("early read");
+    assert_eq!(early.status, StatusCode::OK, "early read: {early:?}");
+    assert_eq!(
+        early.header("cache-status"),
+        "cxgate; fwd=uri-miss; fwd-status=200",
+        "expected the read that crossed the write answered but not stored"
+    );
+    assert!(
+        !late.header("cache-status").contains("collapsed"),
+        "expected the read after the write to make its own call, saw {:?}",
+        late.header("cache-status")
+    );
+    env.sim.set_faults(Faults::default());
+    let reads = env.upstream_count(&format!("GET {MENTIONS}"));
+    assert_eq!(
+        reads, 2,
+        "expected two upstream reads (one each side of the write), saw {reads}"
+    );
+    match Arc::try_unwrap(env) {
+        Ok(env) => env.stop().await,
+        Err(_) => panic!("expected the early read's task to have let go of the env"),
+    }
 }

@@ -100,6 +100,9 @@ struct Inner {
     tags: Arc<Mutex<TagIndex>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Bumped by every invalidation and purge. A response fetched across a bump may predate
+    /// the write that caused it, so [`Store::insert`] refuses it (see [`Store::epoch`]).
+    epoch: AtomicU64,
 }
 
 fn lock(tags: &Mutex<TagIndex>) -> MutexGuard<'_, TagIndex> {
@@ -144,6 +147,7 @@ impl Store {
                 tags,
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
+                epoch: AtomicU64::new(0),
             }),
         })
     }
@@ -176,20 +180,49 @@ impl Store {
         usable
     }
 
+    /// The invalidation epoch. Read it before asking the upstream and hand it to
+    /// [`Store::insert`]: an answer that was in flight while a write invalidated or a purge
+    /// ran is then never stored, since it may show the data from before the write.
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    fn bump_epoch(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// [`Store::insert_since`] from now: for values that were not fetched across a write.
+    pub async fn insert(
+        &self,
+        key: String,
+        req_headers: &HeaderMap,
+        value: CachedResponse,
+    ) -> bool {
+        self.insert_since(key, req_headers, value, self.epoch())
+            .await
+    }
+
     /// Stores `value` under primary key `key`, or under its variant when the response
-    /// carries `Vary`. Responses with `Vary: *`, and ones already past every window, are
-    /// not stored.
+    /// carries `Vary`, unless an invalidation ran since `epoch` (see [`Store::epoch`]); returns
+    /// whether it was stored. Responses with `Vary: *`, and ones already past every window,
+    /// are not stored.
     ///
     /// Dropping this future midway can leave a tag registration without a value; that only
     /// makes a later `invalidate_tags` count one key too many. Calling it from the merged
     /// fetch task, which no client can cancel, avoids even that.
-    pub async fn insert(&self, key: String, req_headers: &HeaderMap, value: CachedResponse) {
-        if !value.freshness(Instant::now()).is_usable() {
-            return;
+    pub async fn insert_since(
+        &self,
+        key: String,
+        req_headers: &HeaderMap,
+        value: CachedResponse,
+        epoch: u64,
+    ) -> bool {
+        if !value.freshness(Instant::now()).is_usable() || self.epoch() != epoch {
+            return false;
         }
         let entries = &self.inner.entries;
         let storage_key = match Vary::of(&value.headers) {
-            Vary::Any => return,
+            Vary::Any => return false,
             Vary::None => key,
             Vary::Headers(names) => {
                 let variant = variant_key(&key, &names, req_headers);
@@ -211,15 +244,13 @@ impl Store {
             response: Arc::new(value),
             revoked: revoked.clone(),
         };
-        if tagged {
-            entries.insert(storage_key.clone(), slot).await;
-            if revoked.is_set() {
-                // It was invalidated while on its way in; free its memory now.
-                entries.invalidate(&storage_key).await;
-            }
-        } else {
-            entries.insert(storage_key, slot).await;
+        entries.insert(storage_key.clone(), slot).await;
+        if revoked.is_set() || self.epoch() != epoch {
+            // It was invalidated, or a purge ran, while on its way in: drop it again.
+            entries.invalidate(&storage_key).await;
+            return false;
         }
+        true
     }
 
     /// Removes every entry carrying any of `tags`; returns how many keys were invalidated.
@@ -227,6 +258,7 @@ impl Store {
     pub async fn invalidate_tags(&self, tags: &[String]) -> u64 {
         // The flags are set under the lock, so from here on `get` refuses these entries
         // even before moka has removed them.
+        self.bump_epoch();
         let keys = lock(&self.inner.tags).revoke(tags);
         for key in &keys {
             self.inner.entries.invalidate(key).await;
@@ -236,6 +268,7 @@ impl Store {
 
     /// Removes every entry of `path` (normalised): any query, any variant.
     pub async fn purge_path(&self, path: &str) -> u64 {
+        self.bump_epoch();
         let path = normalize_path(path);
         let keys: Vec<Arc<String>> = self
             .inner
@@ -255,6 +288,7 @@ impl Store {
 
     /// Removes every entry; returns how many responses were stored.
     pub async fn purge_all(&self) -> u64 {
+        self.bump_epoch();
         let count = self
             .inner
             .entries

@@ -100,12 +100,15 @@ impl Gateway {
             (true, true) => Forward::Request,
             (true, false) => Forward::Miss,
         };
+        // The epoch in the merge key keeps a read that comes after a write from joining a
+        // call that was already in flight before it (its answer may predate the write).
+        let epoch = inner.cache.epoch();
         let merge_key = if d.no_store {
-            format!("no-store {key}")
+            format!("{epoch} no-store {key}")
         } else {
-            key.clone()
+            format!("{epoch} {key}")
         };
-        let fetch = self.fetch_and_store(key, route, upstream_get(make_call));
+        let fetch = self.fetch_and_store(key, epoch, route, upstream_get(make_call));
         let shared = inner.merger.run(merge_key, fetch).await;
         let (value, role) = match shared {
             Ok(v) => v,
@@ -162,17 +165,21 @@ impl Gateway {
     /// Starts one background refresh for a stale entry (merged with any refresh already
     /// running for the key); the client that found the stale entry does not wait for it.
     fn revalidate(&self, key: String, route: Option<(&RouteConfig, &Captures<'_>)>, call: Call) {
-        let fetch = self.fetch_and_store(key.clone(), route, call);
+        let epoch = self.inner.cache.epoch();
+        let merge_key = format!("{epoch} {key}");
+        let fetch = self.fetch_and_store(key, epoch, route, call);
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
-            let _ = merger.run(key, fetch).await;
+            let _ = merger.run(merge_key, fetch).await;
         });
     }
 
-    /// The merged upstream call: fetch, then store a storable answer under `key`.
+    /// The merged upstream call: fetch, then store a storable answer under `key` unless an
+    /// invalidation ran after `epoch` (read before the upstream was asked).
     fn fetch_and_store(
         &self,
         key: String,
+        epoch: u64,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
     ) -> impl std::future::Future<Output = Shared> + Send + 'static {
@@ -205,8 +212,11 @@ impl Gateway {
                         stale_while_revalidate: swr,
                         stale_if_error: sie,
                     };
-                    gateway.inner.cache.insert(key, &call.headers, entry).await;
-                    true
+                    gateway
+                        .inner
+                        .cache
+                        .insert_since(key, &call.headers, entry, epoch)
+                        .await
                 }
                 _ => false,
             };
