@@ -401,10 +401,13 @@ fn key_target(input: &str) -> Outcome {
     }
     // The secret may only show up if something other than the credential carries it.
     if key.contains(SECRET) {
-        let carried_elsewhere = query.is_some_and(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .any(|(k, v)| k != "access_token" && (k.contains(SECRET) || v.contains(SECRET)))
-        });
+        // The method and path are the client's own text, kept as they are.
+        let carried_elsewhere = method.as_str().contains(SECRET)
+            || path.contains(SECRET)
+            || query.is_some_and(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .any(|(k, v)| k != "access_token" && (k.contains(SECRET) || v.contains(SECRET)))
+            });
         if !carried_elsewhere {
             return Err(format!("the credential leaked into the key {key:?}"));
         }
@@ -573,12 +576,23 @@ fn rewrite_generate(rng: &mut fastrand::Rng) -> String {
     }
 }
 
+/// An upstream link standing on its own: at the start of the text or after a character
+/// that ends a word (an occurrence right after `/`, `=` or a letter is text inside the path
+/// or query of another link, which the rewriter rightly leaves as data).
 fn has_upstream_link(text: &str) -> bool {
     text.match_indices(UP).any(|(i, _)| {
-        matches!(
-            text.as_bytes().get(i + UP.len()),
-            None | Some(b'/' | b'?' | b'#')
-        )
+        let starts = text[..i].chars().next_back().is_none_or(|c| {
+            c.is_whitespace()
+                || matches!(
+                    c,
+                    '"' | '\'' | '<' | '>' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';' | '|'
+                )
+        });
+        starts
+            && matches!(
+                text.as_bytes().get(i + UP.len()),
+                None | Some(b'/' | b'?' | b'#')
+            )
     })
 }
 

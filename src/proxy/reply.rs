@@ -97,7 +97,12 @@ pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
         if !name.as_str().starts_with("x-ratelimit-") {
-            out.append(name.clone(), value.clone());
+            // hyper's header values are slices of the connection's read buffer: a clone
+            // would keep that whole buffer alive for as long as the entry lives.
+            let mut owned =
+                HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            owned.set_sensitive(value.is_sensitive());
+            out.append(name.clone(), owned);
         }
     }
     out
