@@ -993,3 +993,67 @@ async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
         Err(_) => panic!("expected the early read's task to have let go of the env"),
     }
 }
+
+/// Stale-if-error covers every way a refetch can fail, not only a 5xx: an upstream slower
+/// than `upstream.timeout`, a connection dropped without an answer, and a refetch the
+/// gateway's own budget refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals() {
+    let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
+    let first = env.get("/me/accounts").await;
+    assert_stored(&first, "/me/accounts, first read");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for (what, faults) in [
+        (
+            "an upstream slower than upstream.timeout (2 s)",
+            Faults {
+                latency_ms: 2500,
+                ..Faults::default()
+            },
+        ),
+        (
+            "a dropped connection",
+            Faults {
+                drop_rate: 1.0,
+                ..Faults::default()
+            },
+        ),
+    ] {
+        env.sim.set_faults(faults);
+        let stale = env.get("/me/accounts").await;
+        assert_stale(&stale, what);
+        assert_eq!(stale.body, first.body, "{what}: expected the stored body");
+    }
+    env.sim.set_faults(Faults::default());
+    env.stop().await;
+
+    // One cell of budget for the whole hour: the first read spends it.
+    let tiny = format!(
+        "[budget]\nlimit = 1\nperiod = \"1h\"\nburst = 1\nmax_wait = \"0s\"\n{SHORT_TTL_ROUTES}"
+    );
+    let env = common::start(SimOptions::default(), &tiny).await;
+    let first = env.get("/me/accounts").await;
+    assert_stored(&first, "/me/accounts, first read (the only budget)");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = env.get("/me/accounts").await;
+    assert_stale(&stale, "/me/accounts with the budget spent");
+    let cold = env.get("/me/connectedprofiles").await;
+    assert_eq!(
+        cold.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected 429 for a miss with the budget spent, saw {}: {:?}",
+        cold.status,
+        cold.body
+    );
+    assert!(
+        cold.headers.contains_key("retry-after"),
+        "expected Retry-After on the budget's 429"
+    );
+    let calls =
+        env.upstream_count("GET /me/accounts") + env.upstream_count("GET /me/connectedprofiles");
+    assert_eq!(
+        calls, 1,
+        "expected only the first read upstream, saw {calls}"
+    );
+    env.stop().await;
+}
