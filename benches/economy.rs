@@ -204,6 +204,9 @@ struct Service {
     deadline: Instant,
     sent: Arc<AtomicU64>,
     tallies: Tallies,
+    /// Contact ids read by any service: each costs at least one upstream call (its first
+    /// read), the floor under any cache.
+    contacts_seen: Arc<std::sync::Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl Service {
@@ -246,7 +249,12 @@ impl Service {
             self.call(Kind::Accounts, Method::GET, "/me/accounts", "")
                 .await;
             for _ in 0..READS_PER_JOB {
-                let path = format!("/12345/inbox/contact/twitter/{}", zipf.sample());
+                let id = zipf.sample();
+                self.contacts_seen
+                    .lock()
+                    .expect("contacts seen")
+                    .insert(id as u64);
+                let path = format!("/12345/inbox/contact/twitter/{id}");
                 self.call(Kind::ContactRead, Method::GET, &path, "").await;
                 if fastrand::f64() < CONTACT_WRITE_SHARE {
                     let form = format!("crm_note=seen+{}", fastrand::u32(..));
@@ -378,6 +386,7 @@ async fn run(args: Args) -> bool {
 
     let zipf = Arc::new(Zipf::new(args.ids, args.zipf));
     let sent = Arc::new(AtomicU64::new(0));
+    let contacts_seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut tasks = tokio::task::JoinSet::new();
@@ -389,6 +398,7 @@ async fn run(args: Args) -> bool {
             deadline,
             sent: sent.clone(),
             tallies: Tallies::new(),
+            contacts_seen: contacts_seen.clone(),
         };
         tasks.spawn(service().work(zipf.clone()));
         tasks.spawn(service().poll());
@@ -449,6 +459,19 @@ async fn run(args: Args) -> bool {
     println!(
         "  upstream calls: {upstream_calls} = {per_1000:.1} per 1,000 client requests \
          (background refreshes and writes included)"
+    );
+    let distinct = contacts_seen.lock().expect("contacts seen").len() as u64;
+    let floor = distinct
+        + tallies
+            .iter()
+            .filter(|(k, _)| k.label().starts_with("POST"))
+            .map(|(_, t)| t.requests)
+            .sum::<u64>()
+        + 2;
+    println!(
+        "  floor: {distinct} distinct contacts read; first reads + writes + /me + /me/accounts = \
+         {floor} calls, so at most {:.1}% can be answered without one in this run",
+        percent(total.requests.saturating_sub(floor), total.requests)
     );
     println!(
         "  upstream 429s: {upstream_429} (goal 0: {})",
