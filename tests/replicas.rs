@@ -655,3 +655,51 @@ fn redis_backend_config_is_checked() {
         "expected one problem naming budget.key_prefix, saw {spaced:?}"
     );
 }
+
+/// An upstream 429 seen by one replica pauses all of them (CONTRACT 3.5, shared through
+/// Redis): the others answer 429 with Retry-After and send the upstream nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_on_one_replica_pauses_them_all() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(3, SimOptions::default(), budget).await else {
+        return;
+    };
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_429: Some(cxgate::sim::Force429 {
+            count: 1,
+            retry_after: 5,
+        }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        first.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the upstream's forced 429 through replica 0, saw {}",
+        first.status
+    );
+    let before = c.upstream_total();
+    for replica in 1..3 {
+        let path = format!("/12345/inbox/contact/twitter/{}", 10 + replica);
+        let answer = c.get(replica, &path).await;
+        let retry_after: u64 = answer
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            answer.status == StatusCode::TOO_MANY_REQUESTS && (1..=5).contains(&retry_after),
+            "replica {replica}: expected 429 with Retry-After 1..=5 while the upstream pause \
+             holds, saw {} with Retry-After {retry_after}",
+            answer.status
+        );
+    }
+    assert_eq!(
+        c.upstream_total(),
+        before,
+        "expected nothing sent upstream by the paused replicas"
+    );
+    c.stop().await;
+}
