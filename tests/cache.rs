@@ -1049,6 +1049,11 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
         cold.headers.contains_key("retry-after"),
         "expected Retry-After on the budget's 429"
     );
+    assert_eq!(
+        cold.header("cache-status"),
+        "cxgate; fwd=uri-miss",
+        "expected Cache-Status on the gateway's own answer to a miss"
+    );
     let calls =
         env.upstream_count("GET /me/accounts") + env.upstream_count("GET /me/connectedprofiles");
     assert_eq!(
