@@ -585,7 +585,7 @@ fn has_upstream_link(text: &str) -> bool {
             c.is_whitespace()
                 || matches!(
                     c,
-                    '"' | '\'' | '<' | '>' | '(' | ')' | '[' | ']' | '{' | '}' | ',' | ';' | '|'
+                    '"' | '\'' | '<' | '>' | '(' | ')' | '[' | '{' | '}' | ',' | ';' | '|'
                 )
         });
         starts
@@ -632,7 +632,8 @@ fn rewrite_target(rewriter: &Rewriter, input: &str) -> Outcome {
         }
         // A link only counts when the input spelled it the way JSON encoders do (no \u
         // escapes of its characters); those are what the upstream sends.
-        let plain = !input.contains("\\u");
+        // Slashes half escaped (`https:/\/`) are not what encoders write either.
+        let plain = !input.contains("\\u") && !input.contains(":/\\/") && !input.contains(":\\//");
         if plain && all.iter().any(|s| has_upstream_link(s)) {
             return Err(format!("an upstream link survived in {text:?}"));
         }

@@ -111,49 +111,8 @@ pub async fn start(sim: SimOptions, extra: &str) -> Env {
 }
 
 /// Like [`start`] but with the clients section given in full (empty for anonymous mode).
-pub async fn start_with(mut sim_opts: SimOptions, clients: &str, extra: &str) -> Env {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
-    if sim_opts.access_tokens == SimOptions::default().access_tokens {
-        sim_opts.access_tokens = vec![ACCESS.to_string()];
-        sim_opts.refresh_tokens = vec![REFRESH.to_string()];
-    }
-    sim_opts.client_secret = CLIENT_SECRET.to_string();
-    let ttl = sim_opts.token_ttl;
-    let access = sim_opts.access_tokens[0].clone();
-    let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(listener, sim_opts)
-        .await
-        .expect("start sim");
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-test-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let token_file = dir.join("token.json");
-    cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
-    let base = sim.base_url();
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n\
-         [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
-         [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
-         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-         {clients}\n{extra}\n",
-        token_file.display()
-    );
-    let cfg_path = dir.join("cxgate.toml");
-    std::fs::write(&cfg_path, &text).expect("write config");
-    let cfg = cxgate::config::load(&cfg_path)
-        .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
-    let gw = cxgate::start(cfg, Some(cfg_path))
-        .await
-        .expect("start gateway");
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    Env { sim, gw, dir, http }
+pub async fn start_with(sim_opts: SimOptions, clients: &str, extra: &str) -> Env {
+    start_custom(sim_opts, "", None, clients, extra).await
 }
 
 impl Env {
@@ -248,9 +207,21 @@ impl Env {
 /// `upstream` is given, that base URL instead of the simulator's (the simulator still
 /// serves the token endpoint).
 pub async fn start_custom(
+    sim_opts: SimOptions,
+    server_extra: &str,
+    upstream: Option<&str>,
+    clients: &str,
+    extra: &str,
+) -> Env {
+    start_env(sim_opts, server_extra, upstream, "1s", clients, extra).await
+}
+
+/// The one way the harness starts a simulator and a gateway in front of it.
+async fn start_env(
     mut sim_opts: SimOptions,
     server_extra: &str,
     upstream: Option<&str>,
+    refresh_before: &str,
     clients: &str,
     extra: &str,
 ) -> Env {
@@ -283,7 +254,7 @@ pub async fn start_custom(
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n{server_extra}\n\
          [upstream]\nbase_url = \"{upstream}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
-         [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
+         [token]\nfile = \"{}\"\nrefresh_before = \"{refresh_before}\"\n\
          [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
          {clients}\n{extra}\n",
         token_file.display()
@@ -610,54 +581,9 @@ pub async fn budget_load_run(clients: usize, tick: Duration, run: Duration) -> L
 
 /// Like [`start`] (the `test-key` client with read+write, `extra` appended), but with
 /// `token.refresh_before` set to `refresh_before` instead of the harness's one second.
-pub async fn start_refresh_before(
-    mut sim_opts: SimOptions,
-    refresh_before: &str,
-    extra: &str,
-) -> Env {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
-    if sim_opts.access_tokens == SimOptions::default().access_tokens {
-        sim_opts.access_tokens = vec![ACCESS.to_string()];
-        sim_opts.refresh_tokens = vec![REFRESH.to_string()];
-    }
-    sim_opts.client_secret = CLIENT_SECRET.to_string();
-    let ttl = sim_opts.token_ttl;
-    let access = sim_opts.access_tokens[0].clone();
-    let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(listener, sim_opts)
-        .await
-        .expect("start sim");
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-test-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let token_file = dir.join("token.json");
-    cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
-    let base = sim.base_url();
+pub async fn start_refresh_before(sim_opts: SimOptions, refresh_before: &str, extra: &str) -> Env {
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"2s\"\n\
-         [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
-         [token]\nfile = \"{}\"\nrefresh_before = \"{refresh_before}\"\n\
-         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-         {clients}\n{extra}\n",
-        token_file.display()
-    );
-    let cfg_path = dir.join("cxgate.toml");
-    std::fs::write(&cfg_path, &text).expect("write config");
-    let cfg = cxgate::config::load(&cfg_path)
-        .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
-    let gw = cxgate::start(cfg, Some(cfg_path))
-        .await
-        .expect("start gateway");
-    let http = Client::builder(TokioExecutor::new()).build_http();
-    Env { sim, gw, dir, http }
+    start_env(sim_opts, "", None, refresh_before, &clients, extra).await
 }
 
 /// One answer of the refresh-gap run; times count from the run's start.
