@@ -576,17 +576,14 @@ fn rewrite_generate(rng: &mut fastrand::Rng) -> String {
     }
 }
 
-/// An upstream link standing on its own: at the start of the text or after a character
-/// that ends a word (an occurrence right after `/`, `=` or a letter is text inside the path
-/// or query of another link, which the rewriter rightly leaves as data).
+/// An upstream link standing on its own: at the start of the text or after whitespace or a
+/// character that opens or separates (an occurrence right after `/`, `=`, a letter or a
+/// closing bracket is text inside the path or query of another link, which the rewriter
+/// rightly leaves as data).
 fn has_upstream_link(text: &str) -> bool {
     text.match_indices(UP).any(|(i, _)| {
         let starts = text[..i].chars().next_back().is_none_or(|c| {
-            c.is_whitespace()
-                || matches!(
-                    c,
-                    '"' | '\'' | '<' | '>' | '(' | ')' | '[' | '{' | '}' | ',' | ';' | '|'
-                )
+            c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '(' | '[' | '{' | ',' | ';' | '|')
         });
         starts
             && matches!(
