@@ -1240,3 +1240,66 @@ async fn refresh_gap() {
         "expected no gap in service of 500 ms or more, saw {gap:?}"
     );
 }
+
+/// An upstream that echoes the token it was sent in response headers (as debugging
+/// proxies and some APIs' `Link` headers do): none of those headers reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_echoed_in_upstream_headers_never_reaches_the_client() {
+    use hyper::body::Incoming;
+    use hyper::Response;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the echoing upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let upstream = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|req: Request<Incoming>| {
+                let token = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("none")
+                    .to_string();
+                let resp = Response::builder()
+                    .header("content-type", "application/json")
+                    .header("x-echo-authorization", format!("Bearer {token}"))
+                    .header(
+                        "link",
+                        format!("<https://api.engagor.com/me?access_token={token}>; rel=self"),
+                    )
+                    .header("content-location", format!("/me?access_token={token}"))
+                    .header("x-kept", "yes")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
+                    )));
+                async move { Ok::<_, std::convert::Infallible>(resp.expect("response")) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\"]");
+    let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
+    let answer = env.get("/me/permissions").await;
+    assert_eq!(answer.status, 200, "expected 200, saw {answer:?}");
+    for (name, value) in &answer.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !value.contains(ACCESS),
+            "expected no header carrying the held token, saw {name}: {value}"
+        );
+    }
+    assert_eq!(
+        answer.header("x-kept"),
+        "yes",
+        "expected headers without the token passed on"
+    );
+    env.stop().await;
+    upstream.abort();
+}

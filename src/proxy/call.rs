@@ -93,6 +93,18 @@ impl Gateway {
                 };
             }
         }
+        // Any other header that carries a held token (an echoed Authorization, a `Link` or
+        // `Content-Location` with the token in its query) is dropped: rewriting arbitrary
+        // header syntax is guesswork, and a missing header is safer than a leaked token.
+        let leaking: Vec<header::HeaderName> = fetched
+            .headers
+            .iter()
+            .filter(|(_, v)| exposed.iter().any(|s| contains(v.as_bytes(), s.as_bytes())))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in leaking {
+            fetched.headers.remove(name);
+        }
         Ok(fetched)
     }
 
@@ -127,4 +139,8 @@ impl Gateway {
             .inc();
         result
     }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
