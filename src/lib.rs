@@ -267,6 +267,16 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
             "upstream.connect_timeout and upstream.ca_file changes need a restart".to_string(),
         );
     }
+    let (b, nb) = (&current.budget, &next.budget);
+    if nb.backend != b.backend
+        || nb.redis_url_env != b.redis_url_env
+        || nb.key_prefix != b.key_prefix
+    {
+        notes.push(
+            "budget.backend, budget.redis_url_env and budget.key_prefix changes need a restart"
+                .to_string(),
+        );
+    }
     let mut next = next;
     // Keep what only a restart can change, so the snapshot matches what is running.
     next.server.listen = s.listen;
@@ -283,6 +293,10 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
     };
     next.cache = current.cache.clone();
     next.token = current.token.clone();
+    // The Redis connection is made once at start; keep the snapshot true to it.
+    next.budget.backend = current.budget.backend;
+    next.budget.redis_url_env = current.budget.redis_url_env.clone();
+    next.budget.key_prefix = current.budget.key_prefix.clone();
     gateway.swap(Arc::new(next));
     tracing::info!(path = %path.display(), ?notes, "configuration reloaded");
     Ok(notes)

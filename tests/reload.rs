@@ -735,3 +735,19 @@ async fn a_reload_applies_or_notes_upstream_timeout() {
     env.sim.set_faults(Faults::default());
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_notes_budget_backend_settings_that_need_a_restart() {
+    let env = common::start(SimOptions::default(), BIG_BUDGET).await;
+    let notes = reload_with(
+        &env,
+        "burst = 100000\n",
+        "burst = 100000\nkey_prefix = \"other\"\n",
+    )
+    .await;
+    assert!(
+        notes.contains("budget.key_prefix"),
+        "expected a note that budget.key_prefix needs a restart, saw {notes}"
+    );
+    env.stop().await;
+}
