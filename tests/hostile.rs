@@ -490,7 +490,12 @@ async fn a_percent_encoded_access_token_name_is_never_forwarded() {
     let (base, seen, upstream) = recording_upstream().await;
     let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
     let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
-    for name in ["access%5Ftoken", "access%5ftoken", "%61ccess_token"] {
+    for name in [
+        "access%5Ftoken",
+        "access%5ftoken",
+        "%61ccess_token",
+        "%%361ccess_token",
+    ] {
         let target = format!("/me/permissions?{name}={KEY}&x=1");
         let answer = common::raw_exchange(
             env.gw.addr,

@@ -55,10 +55,6 @@ pub struct State {
     /// The `route` label of unmatched requests, and the `client` label before auth.
     other: Arc<str>,
     nobody: Arc<str>,
-    /// `max_concurrency` permits. Each snapshot has its own, so a reload applies a new limit
-    /// at once; requests still running on the old snapshot hold the old permits until they
-    /// finish, as nginx's old workers do while they drain.
-    in_flight: Semaphore,
 }
 
 impl State {
@@ -86,7 +82,6 @@ impl State {
                 .collect(),
             other: Arc::from("other"),
             nobody: Arc::from("-"),
-            in_flight: Semaphore::new(config.server.max_concurrency),
             config,
         }
     }
@@ -118,6 +113,9 @@ struct Inner {
     last_upstream_status: AtomicU16,
     /// With several replicas: where purges and invalidations are published for the others.
     replicas: std::sync::OnceLock<crate::replicas::Redis>,
+    /// `max_concurrency` permits, one set for the process: a reload resizes it rather than
+    /// making a new one, so repeated reloads never multiply the limit.
+    in_flight: Arc<Semaphore>,
 }
 
 /// What a request turned out to be, for metrics and the access log.
@@ -133,6 +131,7 @@ struct Outcome {
 
 impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
+        let permits = config.server.max_concurrency;
         Gateway {
             inner: Arc::new(Inner {
                 state: RwLock::new(Arc::new(State::new(config))),
@@ -144,6 +143,7 @@ impl Gateway {
                 metrics: parts.metrics,
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
+                in_flight: Arc::new(Semaphore::new(permits)),
             }),
         }
     }
@@ -173,6 +173,8 @@ impl Gateway {
 
     /// Swaps in a new configuration; requests in flight finish on the old one.
     pub fn swap(&self, config: Arc<Config>) {
+        let old = self.state().config.server.max_concurrency;
+        resize_permits(&self.inner.in_flight, old, config.server.max_concurrency);
         self.inner.budget.reload(budget_spec(&config));
         let next = Arc::new(State::new(config));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
@@ -227,7 +229,7 @@ impl Gateway {
         };
         let timeout = state.config.server.request_timeout;
 
-        let mut resp = match state.in_flight.try_acquire() {
+        let mut resp = match self.inner.in_flight.try_acquire() {
             Err(_) => GatewayError::Overloaded.response(),
             Ok(_permit) => {
                 let work = self.pipeline(&state, req, &request_id, &mut outcome);
@@ -323,8 +325,8 @@ impl Gateway {
 
         // 1. Where the request may go: decided before anything else sees it.
         check_target(&parts, &state.own_hosts)?;
-        let path = normalise_escapes(parts.uri.path());
-        let query = parts.uri.query().map(normalise_escapes);
+        let path = normalise_escapes(parts.uri.path(), true);
+        let query = parts.uri.query().map(|q| normalise_escapes(q, false));
         let (path, query) = (&*path, query.as_deref());
 
         // 2. Who is calling.
@@ -490,6 +492,28 @@ pub fn upstream_url(cfg: &Config, path: &str, query: Option<&str>) -> String {
     match strip_access_token(query) {
         Some(q) => format!("{base}{path}?{q}"),
         None => format!("{base}{path}"),
+    }
+}
+
+/// Moves the concurrency limit from `old` to `new` permits. Growing is immediate; shrinking
+/// forgets the free permits now and the rest as the requests holding them finish.
+fn resize_permits(permits: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        permits.add_permits(new - old);
+    } else if new < old {
+        let excess = old - new;
+        let forgotten = permits.forget_permits(excess);
+        let rest = u32::try_from(excess - forgotten).unwrap_or(u32::MAX);
+        if rest > 0 {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let permits = Arc::clone(permits);
+                runtime.spawn(async move {
+                    if let Ok(held) = permits.acquire_many_owned(rest).await {
+                        held.forget();
+                    }
+                });
+            }
+        }
     }
 }
 

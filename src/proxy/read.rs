@@ -109,6 +109,9 @@ impl Gateway {
             format!("{epoch} {key}")
         };
         let fetch = self.fetch_and_store(key, epoch, route, upstream_get(make_call));
+        // Labelled before waiting, so a request timeout while waiting still says how the
+        // cache took it.
+        outcome.cache = reply::forward_label(fwd, false);
         let shared = inner.merger.run(merge_key, fetch).await;
         let (value, role) = match shared {
             Ok(v) => v,

@@ -33,9 +33,11 @@ pub fn check_target(parts: &Parts, own_hosts: &[String]) -> Result<(), GatewayEr
 
 /// Decodes percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 6.2.2.2):
 /// `/%39%39/x` and `/99/x` are one resource to the upstream, so they must be one to routing,
-/// account limits, the key parameter and the cache too. Every other escape is kept byte for
-/// byte (an escaped CR LF stays data); invalid ones too (`check_path` refuses them in paths).
-pub fn normalise_escapes(text: &str) -> std::borrow::Cow<'_, str> {
+/// account limits, the key parameter and the cache too. Every other escape stays an escape:
+/// with `upper_case_kept` its hex is upper-cased (paths: `%c3%a9` and `%C3%A9` must give one
+/// cache key and one tag), otherwise it is kept byte for byte (queries, whose keys decode
+/// anyway). Invalid escapes are left as they are (`check_path` refuses them in paths).
+pub fn normalise_escapes(text: &str, upper_case_kept: bool) -> std::borrow::Cow<'_, str> {
     if !text.contains('%') {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -49,6 +51,10 @@ pub fn normalise_escapes(text: &str) -> std::borrow::Cow<'_, str> {
                 let b = (hi * 16 + lo) as u8;
                 if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
                     out.push(b as char);
+                } else if upper_case_kept {
+                    out.push('%');
+                    out.push(bytes[i + 1].to_ascii_uppercase() as char);
+                    out.push(bytes[i + 2].to_ascii_uppercase() as char);
                 } else {
                     out.push_str(&text[i..i + 3]);
                 }
@@ -141,14 +147,18 @@ pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<
 /// parameters keep their original bytes and order.
 pub fn strip_access_token(query: Option<&str>) -> Option<String> {
     let query = query?;
-    if !query.contains("access_token") {
+    if !query.contains("access_token") && !query.contains('%') && !query.contains('+') {
         return (!query.is_empty()).then(|| query.to_string());
     }
+    // Names are compared as `client_key` and the cache key read them (form-decoded), so no
+    // spelling that authenticates as the key can travel on.
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
-            let name = pair.split('=').next().unwrap_or("");
-            !pair.is_empty() && name != "access_token"
+            !pair.is_empty()
+                && form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .is_none_or(|(name, _)| name != "access_token")
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
@@ -213,14 +223,21 @@ mod tests {
 
     #[test]
     fn unreserved_escapes_are_decoded_and_the_rest_upper_cased() {
-        assert_eq!(normalise_escapes("/me"), "/me");
-        assert_eq!(normalise_escapes("/%39%39%39/inbox"), "/999/inbox");
-        assert_eq!(normalise_escapes("access%5ftoken=k"), "access_token=k");
-        assert_eq!(normalise_escapes("%61ccess_token=k"), "access_token=k");
-        assert_eq!(normalise_escapes("q=a%2fb%20c%0d"), "q=a%2fb%20c%0d");
-        assert_eq!(normalise_escapes("bad%zz%4"), "bad%zz%4");
-        assert_eq!(normalise_escapes("%"), "%");
-        assert_eq!(normalise_escapes("é%41"), "éA");
+        assert_eq!(normalise_escapes("/me", true), "/me");
+        assert_eq!(normalise_escapes("/%39%39%39/inbox", true), "/999/inbox");
+        assert_eq!(normalise_escapes("/caf%c3%a9/%2f", true), "/caf%C3%A9/%2F");
+        assert_eq!(
+            normalise_escapes("access%5ftoken=k", false),
+            "access_token=k"
+        );
+        assert_eq!(
+            normalise_escapes("%61ccess_token=k", false),
+            "access_token=k"
+        );
+        assert_eq!(normalise_escapes("q=a%2fb%20c%0d", false), "q=a%2fb%20c%0d");
+        assert_eq!(normalise_escapes("bad%zz%4", true), "bad%zz%4");
+        assert_eq!(normalise_escapes("%", true), "%");
+        assert_eq!(normalise_escapes("é%41", true), "éA");
     }
 
     #[test]
@@ -249,5 +266,15 @@ mod tests {
             Some("my_access_token=1".into())
         );
         assert_eq!(strip_access_token(None), None);
+        // Every spelling that form-decodes to the name goes, also one that normalising
+        // escapes once more would produce (`%%361` -> `%61`).
+        for q in [
+            "%61ccess_token=k&a=1",
+            "access%5Ftoken=k&a=1",
+            "%%361ccess_token=k&a=1",
+        ] {
+            let once = normalise_escapes(q, false);
+            assert_eq!(strip_access_token(Some(&once)), Some("a=1".into()), "{q}");
+        }
     }
 }
