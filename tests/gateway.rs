@@ -3,19 +3,16 @@
 //! Every gateway runs on 127.0.0.1:0 in front of the simulator (or a recording upstream).
 mod common;
 
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use common::{Answer, Env, RawAnswer, ACCESS, KEY, REFRESH, ROUTES};
+use common::{recording_upstream, Answer, Env, RawAnswer, ACCESS, KEY, REFRESH, ROUTES};
 use cxgate::sim::{Faults, SimOptions};
 
 fn bearer() -> String {
@@ -153,52 +150,6 @@ async fn a_query_key_is_accepted_and_never_forwarded() {
         stats["by_route"]
     );
     env.stop().await;
-}
-
-/// What a recording upstream saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    target: String,
-    headers: HeaderMap,
-}
-
-/// An upstream that records every request and answers 200 with hop-by-hop headers of its
-/// own (`Connection: x-bar`, `x-bar`, `Keep-Alive`) next to an end-to-end one.
-async fn recording_upstream() -> (String, Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the recording upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let log = log.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                log.lock().expect("log lock").push(Seen {
-                    target: req.uri().to_string(),
-                    headers: req.headers().clone(),
-                });
-                let resp = Response::builder()
-                    .header("content-type", "application/json")
-                    .header("connection", "x-bar")
-                    .header("x-bar", "upstream-hop")
-                    .header("keep-alive", "timeout=5")
-                    .header("x-end-to-end", "kept")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, Infallible>(resp.expect("static response")) }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (base, seen, task)
 }
 
 #[tokio::test]

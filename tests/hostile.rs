@@ -8,20 +8,17 @@
 //! cache hit and the upstream counter moves only if a hostile request got through.
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use common::{Env, RawAnswer, KEY, ROUTES};
+use common::{recording_upstream, Env, RawAnswer, KEY, ROUTES};
 use cxgate::sim::SimOptions;
 
 /// An HTTP/1.1 request with the test key and `Connection: close`; `extra` ends in CRLF.
@@ -374,47 +371,6 @@ async fn thousands_of_query_parameters_get_a_clean_answer() {
 // ---------------------------------------------------------------------------------------
 // CRLF injection and malformed heads
 // ---------------------------------------------------------------------------------------
-
-/// What a recording upstream saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    target: String,
-    headers: HeaderMap,
-}
-
-/// An upstream that records every request and answers 200 with a small JSON body.
-async fn recording_upstream() -> (String, Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the recording upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let log = log.clone();
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                log.lock().expect("log lock").push(Seen {
-                    target: req.uri().to_string(),
-                    headers: req.headers().clone(),
-                });
-                let resp = Response::builder()
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, Infallible>(resp.expect("static response")) }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (base, seen, task)
-}
 
 #[tokio::test]
 async fn crlf_in_the_query_never_becomes_an_upstream_header() {

@@ -801,3 +801,53 @@ pub async fn refresh_gap_run(ttl: Duration, run: Duration, loops: usize) -> GapR
     }
     report
 }
+
+/// What a recording upstream saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub target: String,
+    pub headers: HeaderMap,
+}
+
+/// An upstream that records every request and answers 200 with a small JSON body and
+/// hop-by-hop headers of its own (`Connection: x-bar`, `x-bar`, `Keep-Alive`) next to an end-to-end one.
+pub async fn recording_upstream() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the recording upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                log.lock().expect("log lock").push(Seen {
+                    target: req.uri().to_string(),
+                    headers: req.headers().clone(),
+                });
+                let resp = hyper::Response::builder()
+                    .header("content-type", "application/json")
+                    .header("connection", "x-bar")
+                    .header("x-bar", "upstream-hop")
+                    .header("keep-alive", "timeout=5")
+                    .header("x-end-to-end", "kept")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
+                    )));
+                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (base, seen, task)
+}
