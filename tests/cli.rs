@@ -4,7 +4,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use common::{ACCESS, KEY, REFRESH};
+use common::{Proc, ACCESS, KEY, REFRESH};
 use cxgate::sim::{Faults, SimOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
@@ -49,41 +49,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A child `cxgate` that is killed (by its PID) if the test ends before it exits.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
 impl Proc {
-    fn spawn(args: &[&str], dir: &Path) -> Proc {
-        let log = dir.join("cxgate.log");
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start cxgate");
-        Proc { child, log }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "expected kill -{name} to succeed");
-    }
-
     /// Waits for the exit without blocking the runtime (the simulator may share it).
     async fn exit_within(&mut self, limit: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + limit;
@@ -95,19 +61,6 @@ impl Proc {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }

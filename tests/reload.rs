@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use common::{Answer, Env, ACCESS, BIG_BUDGET, KEY, REFRESH, ROUTES};
+use common::{Answer, Env, Proc, ACCESS, BIG_BUDGET, KEY, REFRESH, ROUTES};
 use cxgate::sim::{Faults, SimOptions};
 
 const NEW_KEY: &str = "newcomer-key";
@@ -416,57 +415,6 @@ async fn reloading_under_load_drops_nothing() {
 // SIGHUP: the real binary
 // ---------------------------------------------------------------------------------------
 
-const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
-
-/// A child `cxgate`, killed (by its PID) if the test ends before it exits.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(config: &Path, dir: &Path) -> Proc {
-        let log = dir.join("cxgate.log");
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(BIN)
-            .args(["run", "--config", config.to_str().expect("utf-8 path")])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start cxgate");
-        Proc { child, log }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "expected kill -{name} to succeed");
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().expect("try_wait")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// One GET; `Err` when no answer came within 5 s.
 async fn get(url: &str, key: &str) -> Result<(StatusCode, String, Bytes), String> {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -560,7 +508,10 @@ async fn sighup_reloads_the_real_binary_and_keeps_the_old_config_when_invalid() 
     );
     let path = dir.join("cxgate.toml");
     write_config(&path, &base);
-    let mut proc = Proc::spawn(&path, &dir);
+    let mut proc = Proc::spawn(
+        &["run", "--config", path.to_str().expect("utf-8 path")],
+        &dir,
+    );
     let url = |p: &str| format!("http://127.0.0.1:{port}{p}");
     wait_for_status(
         &mut proc,
