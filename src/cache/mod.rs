@@ -46,7 +46,7 @@ mod store;
 mod tags;
 mod vary;
 
-pub use entry::{CachedResponse, Freshness};
+pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
 pub use key::{cache_key, normalize_path};
 pub use merge::{MergeError, Merger, Role};
 pub use store::Store;

@@ -4,7 +4,7 @@
 //! counts in its own maintenance (evictions, expiries), where no code of ours runs, so only
 //! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true.
 
-use moka::future::Cache;
+use moka::sync::Cache;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::IntGauge;
@@ -13,13 +13,13 @@ use super::store::Slot;
 
 /// Registers as one collector exporting `cxgate_cache_entries` and `cxgate_cache_bytes`.
 pub(crate) struct Gauges {
-    entries: Cache<String, Slot>,
+    entries: Cache<u64, Slot>,
     count: IntGauge,
     bytes: IntGauge,
 }
 
 impl Gauges {
-    pub(crate) fn new(entries: Cache<String, Slot>) -> Result<Gauges, prometheus::Error> {
+    pub(crate) fn new(entries: Cache<u64, Slot>) -> Result<Gauges, prometheus::Error> {
         Ok(Gauges {
             entries,
             count: IntGauge::new("cxgate_cache_entries", "Entries held in the response cache")?,

@@ -3,83 +3,94 @@
 //! Invariants: the weighted size never stays above `max_bytes` (moka evicts the least
 //! valuable entries first); an entry lives in moka for ttl + its longer stale window and
 //! `get` also refuses anything past that on tokio's clock; once `invalidate_tags`, `purge_*`
-//! return, no lookup yields an entry they removed. Hits share the stored `Arc`, never copy.
+//! return, no lookup yields an entry they removed. Hits share the stored block, never copy.
+//!
+//! moka is keyed by a 64-bit hash of the cache key, and each entry carries its full key:
+//! a lookup whose key differs from the stored one is a miss, so a collision costs one
+//! entry its place and never serves the wrong answer. Storing, invalidating and purging
+//! change the cache and the tag index under one lock and bump the invalidation epoch
+//! there, so an answer fetched before a write either lands before the write's invalidation
+//! (and is removed by it) or sees the bumped epoch and is not stored.
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use http::header::HeaderName;
 use http::HeaderMap;
-use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::sync::Cache;
 use moka::Expiry;
 use prometheus::{IntCounter, Registry};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::entry::CachedResponse;
+use super::entry::{CachedResponse, StoredResponse};
 use super::key::normalize_path;
 use super::stats::Gauges;
-use super::tags::{Revoked, TagIndex};
+use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
 
 /// An upper bound on any entry's life in moka, far above real ttls, so a configuration
 /// mistake cannot overflow moka's clock arithmetic.
 const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// What moka holds under a key.
+/// What moka holds under a key hash.
 #[derive(Clone)]
 pub(crate) enum Slot {
-    Response {
-        response: Arc<CachedResponse>,
-        revoked: Revoked,
-    },
+    Response(StoredResponse),
     /// Under the primary key of a varying resource: the request headers that select its
     /// variant. Kept in the same cache so it is bounded and purged with the variants.
-    Vary {
-        names: Arc<[HeaderName]>,
-        lifetime: Duration,
-    },
+    Vary(Arc<VaryMarker>),
+}
+
+pub(crate) struct VaryMarker {
+    key: Box<str>,
+    names: Arc<[HeaderName]>,
+    lifetime: Duration,
 }
 
 impl Slot {
+    fn key(&self) -> &str {
+        match self {
+            Slot::Response(r) => r.key(),
+            Slot::Vary(m) => &m.key,
+        }
+    }
+
     fn lifetime(&self) -> Duration {
         match self {
-            Slot::Response { response, .. } => response.lifetime(),
-            Slot::Vary { lifetime, .. } => *lifetime,
+            Slot::Response(r) => r.lifetime(),
+            Slot::Vary(m) => m.lifetime,
         }
         .min(MAX_LIFETIME)
     }
 
-    fn weight(&self, key: &str) -> u32 {
+    fn weight(&self) -> u32 {
         let own = match self {
-            Slot::Response { response, .. } => response.weight(),
-            Slot::Vary { names, .. } => {
-                let names: usize = names.iter().map(|n| n.as_str().len()).sum();
+            Slot::Response(r) => r.weight(),
+            Slot::Vary(m) => {
+                let names: usize = m.names.iter().map(|n| n.as_str().len()).sum();
                 u32::try_from(64 + names).unwrap_or(u32::MAX)
             }
         };
-        own.saturating_add(u32::try_from(key.len()).unwrap_or(u32::MAX))
+        own.saturating_add(u32::try_from(self.key().len()).unwrap_or(u32::MAX))
     }
 }
 
 /// Entries expire by their own lifetime, reset when a key is overwritten.
 struct Lifetime;
 
-impl Expiry<String, Slot> for Lifetime {
-    fn expire_after_create(
-        &self,
-        _: &String,
-        slot: &Slot,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
+impl Expiry<u64, Slot> for Lifetime {
+    fn expire_after_create(&self, _: &u64, slot: &Slot, _: std::time::Instant) -> Option<Duration> {
         Some(slot.lifetime())
     }
 
     fn expire_after_update(
         &self,
-        _: &String,
+        _: &u64,
         slot: &Slot,
         _: std::time::Instant,
         _: Option<Duration>,
@@ -95,9 +106,17 @@ pub struct Store {
 }
 
 struct Inner {
-    entries: Cache<String, Slot>,
-    /// Shared with the eviction listener, which unregisters whatever moka drops.
-    tags: Arc<Mutex<TagIndex>>,
+    entries: Cache<u64, Slot>,
+    /// Changed only together with `entries`, under this lock (see the module notes).
+    tags: Mutex<TagIndex>,
+    /// Entries moka dropped, queued by the eviction listener and forgotten by the index the
+    /// next time it is locked. The listener may run inside a cache call made under `tags`,
+    /// so it must not take that lock itself.
+    removed: Arc<Mutex<Vec<Removed>>>,
+    /// Keys and tags are hashed with one per-process random key.
+    hasher: RandomState,
+    /// Numbers each stored value, so the index tells a value from its replacement.
+    serial: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     /// Bumped by every invalidation and purge. A response fetched across a bump may predate
@@ -105,10 +124,10 @@ struct Inner {
     epoch: AtomicU64,
 }
 
-fn lock(tags: &Mutex<TagIndex>) -> MutexGuard<'_, TagIndex> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Index updates never panic midway (they only insert into and remove from maps), so a
     // poisoned lock still guards a consistent index.
-    tags.lock().unwrap_or_else(PoisonError::into_inner)
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Store {
@@ -118,19 +137,26 @@ impl Store {
             "cxgate_cache_evictions_total",
             "Cache entries evicted to stay within cache.max_bytes",
         )?;
-        let tags = Arc::new(Mutex::new(TagIndex::default()));
-        let listener_tags = Arc::clone(&tags);
+        let removed: Arc<Mutex<Vec<Removed>>> = Arc::default();
+        let listener_removed = Arc::clone(&removed);
         let listener_evictions = evictions.clone();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|key: &String, slot: &Slot| slot.weight(key))
+            .weigher(|_: &u64, slot: &Slot| slot.weight())
             .expire_after(Lifetime)
-            .eviction_listener(move |key: Arc<String>, slot: Slot, cause| {
+            .eviction_listener(move |key: Arc<u64>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
                     listener_evictions.inc();
                 }
-                if let Slot::Response { response, revoked } = &slot {
-                    lock(&listener_tags).unregister(&key, &response.tags, revoked);
+                if let Slot::Response(r) = &slot {
+                    let tags: Vec<u64> = r.tag_hashes().collect();
+                    if !tags.is_empty() {
+                        lock(&listener_removed).push(Removed {
+                            key: *key,
+                            serial: r.serial,
+                            tags,
+                        });
+                    }
                 }
             })
             .build();
@@ -144,7 +170,10 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 entries,
-                tags,
+                tags: Mutex::default(),
+                removed,
+                hasher: RandomState::new(),
+                serial: AtomicU64::new(0),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
@@ -152,23 +181,39 @@ impl Store {
         })
     }
 
+    fn hash(&self, text: &str) -> u64 {
+        self.inner.hasher.hash_one(text)
+    }
+
+    /// The tag index, after forgetting whatever moka dropped since it was last locked.
+    fn index(&self) -> MutexGuard<'_, TagIndex> {
+        let mut index = lock(&self.inner.tags);
+        let removed = std::mem::take(&mut *lock(&self.inner.removed));
+        for r in &removed {
+            index.unregister(r);
+        }
+        index
+    }
+
+    /// The slot stored for exactly `key` (not another key with the same hash).
+    fn lookup(&self, key: &str) -> Option<Slot> {
+        let slot = self.inner.entries.get(&self.hash(key))?;
+        (slot.key() == key).then_some(slot)
+    }
+
     /// The entry for primary key `key` that suits a request with `req_headers` (its `Vary`
     /// variant), if one is stored and still usable (fresh or within a stale window).
-    pub async fn get(&self, key: &str, req_headers: &HeaderMap) -> Option<Arc<CachedResponse>> {
-        let found = match self.inner.entries.get(key).await {
-            Some(Slot::Vary { names, .. }) => {
-                let variant = variant_key(key, &names, req_headers);
-                self.inner.entries.get(&variant).await
+    pub async fn get(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
+        let found = match self.lookup(key) {
+            Some(Slot::Vary(marker)) => {
+                let variant = variant_key(key, &marker.names, req_headers);
+                self.lookup(&variant)
             }
             other => other,
         };
         let now = Instant::now();
         let usable = match found {
-            Some(Slot::Response { response, revoked })
-                if !revoked.is_set() && response.freshness(now).is_usable() =>
-            {
-                Some(response)
-            }
+            Some(Slot::Response(r)) if r.freshness(now).is_usable() => Some(r),
             _ => None,
         };
         let counter = if usable.is_some() {
@@ -187,6 +232,7 @@ impl Store {
         self.inner.epoch.load(Ordering::Acquire)
     }
 
+    /// Called with the index locked, which orders it against every insert.
     fn bump_epoch(&self) {
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
     }
@@ -205,11 +251,7 @@ impl Store {
     /// Stores `value` under primary key `key`, or under its variant when the response
     /// carries `Vary`, unless an invalidation ran since `epoch` (see [`Store::epoch`]); returns
     /// whether it was stored. Responses with `Vary: *`, and ones already past every window,
-    /// are not stored.
-    ///
-    /// Dropping this future midway can leave a tag registration without a value; that only
-    /// makes a later `invalidate_tags` count one key too many. Calling it from the merged
-    /// fetch task, which no client can cancel, avoids even that.
+    /// are not stored. It never waits: the future is ready at its first poll.
     pub async fn insert_since(
         &self,
         key: String,
@@ -220,66 +262,68 @@ impl Store {
         if !value.freshness(Instant::now()).is_usable() || self.epoch() != epoch {
             return false;
         }
-        let entries = &self.inner.entries;
-        let storage_key = match Vary::of(&value.headers) {
+        let vary = match Vary::of(&value.headers) {
             Vary::Any => return false,
-            Vary::None => key,
-            Vary::Headers(names) => {
-                let variant = variant_key(&key, &names, req_headers);
-                let lifetime = value.lifetime();
-                // Overwrites a plain entry of a resource that started to vary.
-                entries.insert(key, Slot::Vary { names, lifetime }).await;
-                variant
-            }
+            Vary::None => None,
+            Vary::Headers(names) => Some(names),
         };
+        let storage_key = match &vary {
+            Some(names) => variant_key(&key, names, req_headers),
+            None => key.clone(),
+        };
+        let tags: Vec<u64> = value.tags.iter().map(|t| self.hash(t)).collect();
+        let serial = self.inner.serial.fetch_add(1, Ordering::Relaxed);
+        let Some(stored) = StoredResponse::pack(&storage_key, &value, &tags, serial) else {
+            return false;
+        };
+        let entries = &self.inner.entries;
 
-        let revoked = Revoked::default();
-        let tagged = !value.tags.is_empty();
-        // Register before inserting: an invalidation that runs in between then flags this
-        // value, and `get` refuses it even though it reaches moka after the invalidation.
-        if tagged {
-            lock(&self.inner.tags).register(&storage_key, &value.tags, &revoked);
-        }
-        let slot = Slot::Response {
-            response: Arc::new(value),
-            revoked: revoked.clone(),
-        };
-        entries.insert(storage_key.clone(), slot).await;
-        if revoked.is_set() || self.epoch() != epoch {
-            // It was invalidated, or a purge ran, while on its way in: drop it again.
-            entries.invalidate(&storage_key).await;
+        let mut index = self.index();
+        if self.epoch() != epoch {
             return false;
         }
+        if let Some(names) = vary {
+            // Overwrites a plain entry of a resource that started to vary.
+            let marker = VaryMarker {
+                key: key.as_str().into(),
+                names,
+                lifetime: value.lifetime(),
+            };
+            entries.insert(self.hash(&key), Slot::Vary(Arc::new(marker)));
+        }
+        let hash = self.hash(&storage_key);
+        entries.insert(hash, Slot::Response(stored));
+        index.register(hash, serial, tags.into_iter());
         true
     }
 
     /// Removes every entry carrying any of `tags`; returns how many keys were invalidated.
-    /// The effect is complete at the first poll, before the first `.await`.
+    /// The effect is complete when the future is first polled; it never waits.
     pub async fn invalidate_tags(&self, tags: &[String]) -> u64 {
-        // The flags are set under the lock, so from here on `get` refuses these entries
-        // even before moka has removed them.
+        let mut index = self.index();
         self.bump_epoch();
-        let keys = lock(&self.inner.tags).revoke(tags);
+        let keys = index.revoke(tags.iter().map(|t| self.hash(t)));
         for key in &keys {
-            self.inner.entries.invalidate(key).await;
+            self.inner.entries.invalidate(key);
         }
         keys.len() as u64
     }
 
     /// Removes every entry of `path` (normalised): any query, any variant.
     pub async fn purge_path(&self, path: &str) -> u64 {
+        let _index = self.index();
         self.bump_epoch();
         let path = normalize_path(path);
-        let keys: Vec<Arc<String>> = self
+        let keys: Vec<Arc<u64>> = self
             .inner
             .entries
             .iter()
-            .filter(|(key, _)| key_path(key) == Some(path))
+            .filter(|(_, slot)| key_path(slot.key()) == Some(path))
             .map(|(key, _)| key)
             .collect();
         let mut purged = 0;
         for key in keys {
-            if let Some(Slot::Response { .. }) = self.inner.entries.remove(key.as_str()).await {
+            if let Some(Slot::Response(_)) = self.inner.entries.remove(&*key) {
                 purged += 1;
             }
         }
@@ -288,18 +332,19 @@ impl Store {
 
     /// Removes every entry; returns how many responses were stored.
     pub async fn purge_all(&self) -> u64 {
+        let _index = self.index();
         self.bump_epoch();
         let count = self
             .inner
             .entries
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Response { .. }))
+            .filter(|(_, slot)| matches!(slot, Slot::Response(_)))
             .count() as u64;
         // moka guarantees lookups never return an entry stored before this call.
         self.inner.entries.invalidate_all();
-        // invalidate_all is lazy: run the maintenance now so the eviction listener drops the
-        // purged keys from the tag index, and a later tag purge does not count them again.
-        self.inner.entries.run_pending_tasks().await;
+        // invalidate_all is lazy: run the maintenance now so the eviction listener queues
+        // the purged keys for the tag index, and a later tag purge does not count them.
+        self.inner.entries.run_pending_tasks();
         count
     }
 
@@ -332,14 +377,16 @@ impl Store {
         })
     }
 
-    /// Runs moka's pending maintenance (evictions, counts); for tests and shutdown.
+    /// Runs moka's pending maintenance (evictions, counts) and lets the tag index forget
+    /// what it removed; for tests, benchmarks and shutdown.
     pub async fn run_pending_tasks(&self) {
-        self.inner.entries.run_pending_tasks().await;
+        self.inner.entries.run_pending_tasks();
+        drop(self.index());
     }
 
     #[cfg(test)]
     fn tag_registrations(&self) -> usize {
-        lock(&self.inner.tags).len()
+        self.index().len()
     }
 }
 

@@ -41,7 +41,7 @@ fn language(value: &'static str) -> HeaderMap {
 
 /// The body served for `key`, or None on a miss.
 async fn body(store: &Store, key: &str, headers: &HeaderMap) -> Option<Bytes> {
-    store.get(key, headers).await.map(|r| r.body.clone())
+    store.get(key, headers).await.map(|r| r.body())
 }
 
 /// The value of an unlabelled sample in the registry's text exposition.
@@ -62,17 +62,27 @@ async fn insert_then_get_shares_the_body_and_counts_hits() {
         store.get("GET /me", &none).await.is_none(),
         "expected a miss on an empty store"
     );
-    let value = response("{\"id\":1}", &[]);
-    let body_ptr = value.body.as_ptr();
+    let mut value = response("{\"id\":1}", &[]);
+    value
+        .headers
+        .insert(http::header::ETAG, HeaderValue::from_static("\"v1\""));
     store.insert("GET /me".into(), &none, value).await;
     let hit = store
         .get("GET /me", &none)
         .await
         .expect("expected a hit after insert");
+    let again = store.get("GET /me", &none).await.expect("a second hit");
+    assert_eq!(hit.body(), "{\"id\":1}", "expected the stored body back");
     assert_eq!(
-        hit.body.as_ptr(),
-        body_ptr,
-        "a hit must share the stored body, not copy it"
+        hit.body().as_ptr(),
+        again.body().as_ptr(),
+        "hits must share the stored body, not copy it"
+    );
+    let headers: Vec<_> = hit.headers().collect();
+    assert_eq!(
+        headers,
+        [(http::header::ETAG, HeaderValue::from_static("\"v1\""))],
+        "expected the stored header back"
     );
     let stats = store.stats_json();
     assert_eq!(
@@ -81,8 +91,8 @@ async fn insert_then_get_shares_the_body_and_counts_hits() {
             stats["misses"].as_u64(),
             stats["hit_ratio"].as_f64()
         ),
-        (Some(1), Some(1), Some(0.5)),
-        "expected 1 hit, 1 miss, ratio 0.5; saw {stats}"
+        (Some(2), Some(1), Some(2.0 / 3.0)),
+        "expected 2 hits, 1 miss, ratio 2/3; saw {stats}"
     );
 }
 
@@ -209,27 +219,38 @@ async fn tag_invalidation_removes_exactly_the_tagged_entries() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_invalidation_overtaking_an_insert_still_holds() {
+async fn an_answer_fetched_across_an_invalidation_is_not_stored() {
     let (store, _registry) = store();
-    // Replays insert's steps with an invalidation between registering and storing.
-    let revoked = Revoked::default();
-    let tags = ["t".to_owned()];
-    lock(&store.inner.tags).register("GET /late", &tags, &revoked);
-    let removed = store.invalidate_tags(&tags).await;
-    assert_eq!(
-        removed, 1,
-        "expected the registered key counted, saw {removed}"
+    let none = HeaderMap::new();
+    // The read asked the upstream at this epoch; a write's invalidation ran meanwhile.
+    let epoch = store.epoch();
+    store.invalidate_tags(&["t".to_owned()]).await;
+    let stored = store
+        .insert_since("GET /late".into(), &none, response("late", &["t"]), epoch)
+        .await;
+    assert!(
+        !stored,
+        "an answer that may predate the write must not be stored"
     );
-    let slot = Slot::Response {
-        response: Arc::new(response("late", &["t"])),
-        revoked,
-    };
-    store.inner.entries.insert("GET /late".into(), slot).await;
-    let seen = body(&store, "GET /late", &HeaderMap::new()).await;
-    assert_eq!(
-        seen, None,
-        "an entry stored after its tag's invalidation must not be served, saw {seen:?}"
-    );
+    let seen = body(&store, "GET /late", &none).await;
+    assert_eq!(seen, None, "expected a miss, saw {seen:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slot_under_another_keys_hash_is_never_served() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    // What a 64-bit hash collision would look like: key B's entry under key A's hash.
+    let packed =
+        StoredResponse::pack("GET /b", &response("b", &[]), &[], 0).expect("a small entry packs");
+    store
+        .inner
+        .entries
+        .insert(store.hash("GET /a"), Slot::Response(packed));
+    for key in ["GET /a", "GET /b"] {
+        let seen = body(&store, key, &none).await;
+        assert_eq!(seen, None, "{key}: expected a miss, saw {seen:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -14,7 +14,7 @@ use super::call::Call;
 use super::forward::Fetched;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
-use crate::cache::{CachedResponse, Freshness, Role};
+use crate::cache::{CachedResponse, Freshness, Role, StoredResponse};
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
 
@@ -70,7 +70,7 @@ impl Gateway {
         let d = directives(headers);
         let key = crate::cache::cache_key(&Method::GET, path, query);
         let ttl = route.and_then(|(r, _)| r.ttl).filter(|_| !d.no_store);
-        let mut stale_fallback: Option<Arc<CachedResponse>> = None;
+        let mut stale_fallback: Option<StoredResponse> = None;
 
         if ttl.is_some() && !d.no_cache {
             if let Some(entry) = inner.cache.get(&key, headers).await {
@@ -146,7 +146,7 @@ impl Gateway {
             if let Some(entry) = stale_fallback.filter(|e| e.freshness(Instant::now()).is_usable())
             {
                 let now = Instant::now();
-                let past = entry.age(now).saturating_sub(entry.ttl);
+                let past = entry.age(now).saturating_sub(entry.ttl());
                 outcome.cache = "stale";
                 return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
             }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::cache::CachedResponse;
+use crate::cache::StoredResponse;
 use crate::error::Body;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -69,17 +69,21 @@ pub fn from_parts(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Resp
     resp
 }
 
-/// A hit: fresh (`remaining` left) or stale (`past` its ttl). Entries are stored with their
-/// headers already filtered, so a hit clones one `HeaderMap` (a few allocations, values
-/// shared) instead of rebuilding it header by header.
+/// A hit: fresh (`remaining` left) or stale (`past` its ttl). Stored headers and body are
+/// slices of the entry's block, so a hit copies no header value and no body byte.
 pub fn from_entry(
-    entry: &CachedResponse,
+    entry: &StoredResponse,
     age: Duration,
     fresh_for: Result<Duration, Duration>,
 ) -> Response<Body> {
-    let mut resp = Response::new(Full::new(entry.body.clone()));
-    *resp.status_mut() = entry.status;
-    let mut headers = entry.headers.clone();
+    let mut resp = Response::new(Full::new(entry.body()));
+    *resp.status_mut() = entry.status();
+    // Room for what the gateway adds: Cache-Status, Age, X-Request-Id and the two
+    // rate-limit headers, so none of them grows the map.
+    let mut headers = HeaderMap::with_capacity(entry.header_count() + 5);
+    for (name, value) in entry.headers() {
+        headers.append(name, value);
+    }
     let status = match fresh_for {
         Ok(remaining) => format!("cxgate; hit; ttl={}", remaining.as_secs()),
         Err(past) => format!("cxgate; hit; ttl=-{}; detail=stale", past.as_secs().max(1)),
