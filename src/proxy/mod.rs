@@ -42,6 +42,8 @@ use call::Call;
 use reply::{Forward, CACHE_STATUS};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Everything that changes on reload, swapped as one snapshot.
 pub struct State {
@@ -241,7 +243,8 @@ impl Gateway {
             }
         };
         let headers = resp.headers_mut();
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+        // Moved, not cloned: the access log reads it back from the response.
+        headers.insert(X_REQUEST_ID.clone(), request_id);
         if !headers.contains_key(&CACHE_STATUS) {
             // The gateway answered for a forwarded request itself (a timeout, an unreachable
             // upstream, no budget): still say how the cache took it (CONTRACT 3.4).
@@ -258,8 +261,8 @@ impl Gateway {
         if outcome.cache != "none" || resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
             let (policy, current) = self.inner.budget.headers(&outcome.client);
             let headers = resp.headers_mut();
-            headers.insert(HeaderName::from_static("ratelimit-policy"), policy);
-            headers.insert(HeaderName::from_static("ratelimit"), current);
+            headers.insert(RATELIMIT_POLICY.clone(), policy);
+            headers.insert(RATELIMIT.clone(), current);
         }
         if resp.status() == http::StatusCode::TOO_MANY_REQUESTS
             && !resp.headers().contains_key(header::RETRY_AFTER)
@@ -294,7 +297,11 @@ impl Gateway {
             .observe(elapsed.as_secs_f64());
         tracing::info!(
             target: "cxgate::access",
-            request_id = request_id.to_str().unwrap_or("-"),
+            request_id = resp
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
             client = &*outcome.client,
             route = &*outcome.route,
             method = method.as_str(),
@@ -547,13 +554,38 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
-    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    fresh_request_id(fastrand::u64(..), fastrand::u32(..))
+}
+
+/// 24 lower-case hex digits (`high` then `low`, zero-padded), written on the stack: the
+/// only allocation is the header value's own.
+fn fresh_request_id(high: u64, low: u32) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 24];
+    let digits = (u128::from(high) << 32) | u128::from(low);
+    for (i, slot) in text.iter_mut().enumerate() {
+        let shift = 4 * (23 - i);
+        *slot = HEX[((digits >> shift) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
 mod label_tests {
     use super::*;
+
+    #[test]
+    fn fresh_request_ids_are_24_padded_hex_digits() {
+        let id = fresh_request_id(0xab, 0x1);
+        assert_eq!(id, "00000000000000ab00000001");
+        let id = fresh_request_id(u64::MAX, u32::MAX);
+        assert_eq!(id, "ffffffffffffffffffffffff");
+        let (high, low) = (0x0123_4567_89ab_cdef, 0xfedc_ba98);
+        assert_eq!(
+            fresh_request_id(high, low),
+            format!("{high:016x}{low:08x}").as_str()
+        );
+    }
 
     #[test]
     fn unknown_methods_share_one_label() {
