@@ -64,7 +64,7 @@ impl Gateway {
         query: Option<&str>,
         headers: &HeaderMap,
         make_call: impl FnOnce() -> Call,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
         let d = directives(headers);
@@ -125,7 +125,7 @@ impl Gateway {
             inner
                 .metrics
                 .coalesced
-                .with_label_values(&[&*outcome.route])
+                .with_label_values(&[outcome.route_label()])
                 .inc();
         }
         let failed = match &value {
