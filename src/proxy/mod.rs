@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, Client, Clients};
 use crate::budget::Budget;
 use crate::cache::{Merger, Store};
-use crate::config::Config;
+use crate::config::{Captures, Config, RouteConfig};
 use crate::error::{Body, GatewayError};
 use crate::metrics::{RequestKey, RequestLabels, RequestMetrics};
 use crate::token::TokenManager;
@@ -446,9 +446,19 @@ impl Gateway {
                 .await;
         }
 
-        let call = make_call();
-        // 7. Writes: budget, token, upstream once; then invalidate before answering, so a
-        //    read right after the write never sees the old data.
+        // 7. Writes. Boxed: the upstream call's future is several times the size of the rest
+        //    of the pipeline, and kept inline it would be copied along with every cache hit's.
+        Box::pin(self.write(make_call(), rule, outcome)).await
+    }
+
+    /// Budget, token, upstream once; then invalidate before answering, so a read right after
+    /// the write never sees the old data.
+    async fn write(
+        &self,
+        call: Call,
+        rule: Option<(&RouteConfig, &Captures<'_>)>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Body>, GatewayError> {
         outcome.cache = "bypass";
         let fetched = self.call(&call).await?;
         outcome.upstream = Some(fetched.upstream_time);
