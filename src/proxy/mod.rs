@@ -266,7 +266,9 @@ impl Gateway {
         let mut resp = match self.inner.in_flight.try_acquire() {
             Err(_) => GatewayError::Overloaded.response(),
             Ok(_permit) => {
-                let work = self.pipeline(&state, req, &request_id, &mut outcome);
+                // Pinned where it is made: the timeout then holds a pointer instead of a
+                // copy of the pipeline's state, which is kilobytes.
+                let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
                 match tokio::time::timeout(timeout, work).await {
                     Ok(Ok(resp)) => resp,
                     Ok(Err(e)) => e.response(),
