@@ -503,6 +503,10 @@ where
             return Err(GatewayError::PayloadTooLarge { limit });
         }
     }
+    if body.is_end_stream() {
+        // Nothing to read (a GET without a body, as most are): no collecting to set up.
+        return Ok(Bytes::new());
+    }
     Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
         .await
