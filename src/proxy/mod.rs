@@ -279,18 +279,17 @@ impl Gateway {
         let headers = resp.headers_mut();
         // Moved, not cloned: the access log reads it back from the response.
         headers.insert(X_REQUEST_ID.clone(), request_id);
-        if !headers.contains_key(&CACHE_STATUS) {
-            // The gateway answered for a forwarded request itself (a timeout, an unreachable
-            // upstream, no budget): still say how the cache took it (CONTRACT 3.4).
-            let fwd = match outcome.cache {
-                "miss" => Some("cxgate; fwd=uri-miss"),
-                "collapsed" => Some("cxgate; fwd=uri-miss; collapsed"),
-                "bypass" => Some("cxgate; fwd=bypass"),
-                _ => None,
-            };
-            if let Some(fwd) = fwd {
-                headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
-            }
+        // The gateway answered for a forwarded request itself (a timeout, an unreachable
+        // upstream, no budget): still say how the cache took it (CONTRACT 3.4). Hits always
+        // carry their own, so the header is only looked for when it could be missing.
+        let fwd = match outcome.cache {
+            "miss" => Some("cxgate; fwd=uri-miss"),
+            "collapsed" => Some("cxgate; fwd=uri-miss; collapsed"),
+            "bypass" => Some("cxgate; fwd=bypass"),
+            _ => None,
+        };
+        if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
+            headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
         }
         if outcome.cache != "none" || resp.status() == StatusCode::TOO_MANY_REQUESTS {
             let (policy, current) = self.inner.budget.headers(outcome.client_label());
