@@ -94,9 +94,7 @@ impl State {
             config,
         }
     }
-}
 
-impl State {
     /// The `route` label of a route index (`None`: unmatched), for an upstream call to own.
     fn route_label(&self, route: Option<usize>) -> Arc<str> {
         route.map_or_else(|| self.other.clone(), |i| self.labels[i].clone())
@@ -340,7 +338,7 @@ impl Gateway {
     fn record(&self, outcome: &Outcome<'_>, method: &Method, status: StatusCode, took: Duration) {
         let key = RequestKey {
             snapshot: outcome.state.id,
-            // 0 is `anonymous`, so nobody counts after every client.
+            // Ordinals start at 0 (`anonymous`): `-` gets a number no client can have.
             client: outcome.client.map_or(usize::MAX, |c| c.ordinal),
             route: outcome.route.unwrap_or(usize::MAX),
             method: method_index(method),
