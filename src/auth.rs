@@ -1,10 +1,17 @@
 //! Client keys, scopes and accounts (CONTRACT 3.2).
 //!
-//! Clients present a gateway key where their CX Social token used to be. Keys are stored
-//! only as SHA-256; a presented key is hashed once and compared against every configured
-//! hash in constant time, so neither the timing nor the order of clients leaks a match.
+//! Clients present a gateway key where their CX Social token used to be. The configuration
+//! holds keys only as SHA-256; a presented key is hashed once and compared against every
+//! configured hash in constant time, so neither the timing nor the order of clients leaks a
+//! match.
+//!
+//! Hashing on every request is the largest part of authenticating, so a key that matched is
+//! remembered with its client (one key per client, for the life of one configuration
+//! snapshot: a reload starts empty). Later requests compare the presented key against every
+//! remembered key, again in time that does not depend on which matched, and hash only when
+//! none does. Unknown keys are never remembered, so strangers cannot grow the memory.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::Method;
 
@@ -21,6 +28,10 @@ pub struct Client {
     pub write: bool,
     pub accounts: Option<Arc<[u64]>>,
     pub priority: Priority,
+    /// Its place among the callers of one configuration: 0 for anonymous, then the
+    /// configured clients in order. A small number, so per-request bookkeeping (metric
+    /// handles) can find it without hashing the name.
+    pub ordinal: usize,
 }
 
 impl Client {
@@ -31,16 +42,18 @@ impl Client {
             write: true,
             accounts: None,
             priority: Priority::Interactive,
+            ordinal: 0,
         }
     }
 
-    fn from_config(c: &ClientConfig) -> Client {
+    fn from_config(c: &ClientConfig, ordinal: usize) -> Client {
         Client {
             name: Arc::from(c.name.as_str()),
             read: c.read,
             write: c.write,
             accounts: c.accounts.as_ref().map(|a| Arc::from(a.as_slice())),
             priority: c.priority,
+            ordinal,
         }
     }
 
@@ -63,9 +76,29 @@ impl Client {
 }
 
 /// The configured clients, ready for lookups.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Clients {
-    entries: Vec<([u8; 32], Client)>,
+    entries: Vec<Entry>,
+    /// Who every caller is when no clients are configured; built once, lent to each request.
+    anonymous: Client,
+}
+
+/// One configured client.
+struct Entry {
+    hash: [u8; 32],
+    client: Client,
+    /// The key that was seen to hash to `hash`, once one has been.
+    proven: OnceLock<Box<[u8]>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The remembered key is a credential: say whether there is one, never what it is.
+        f.debug_struct("Entry")
+            .field("client", &self.client)
+            .field("proven", &self.proven.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a key was not accepted.
@@ -81,8 +114,14 @@ impl Clients {
             entries: cfg
                 .clients
                 .iter()
-                .map(|c| (c.key_sha256, Client::from_config(c)))
+                .enumerate()
+                .map(|(i, c)| Entry {
+                    hash: c.key_sha256,
+                    client: Client::from_config(c, i + 1),
+                    proven: OnceLock::new(),
+                })
                 .collect(),
+            anonymous: Client::anonymous(),
         }
     }
 
@@ -92,22 +131,45 @@ impl Clients {
     }
 
     /// Finds the client for a presented key.
-    pub fn authenticate(&self, key: Option<&str>) -> Result<Client, AuthError> {
+    pub fn authenticate(&self, key: Option<&str>) -> Result<&Client, AuthError> {
         if self.is_open() {
-            return Ok(Client::anonymous());
+            return Ok(&self.anonymous);
         }
         let key = key.filter(|k| !k.is_empty()).ok_or(AuthError::Missing)?;
+        if let Some(entry) = self.remembered(key.as_bytes()) {
+            return Ok(&entry.client);
+        }
         let digest = sha256(key.as_bytes());
         let mut found = None;
         // Visit every entry, whatever matches, so the time taken does not depend on where
         // (or whether) the key is in the list.
-        for (hash, client) in &self.entries {
-            if constant_time_eq(hash, &digest) {
-                found = Some(client);
+        for entry in &self.entries {
+            if constant_time_eq(&entry.hash, &digest) {
+                found = Some(entry);
             }
         }
-        found.cloned().ok_or(AuthError::Unknown)
+        let entry = found.ok_or(AuthError::Unknown)?;
+        // A race with another request proving the same key sets it once; either is the key.
+        let _ = entry.proven.set(key.as_bytes().into());
+        Ok(&entry.client)
     }
+
+    /// The entry whose remembered key is `key`, comparing against every remembered key in
+    /// time that does not depend on which (if any) matches.
+    fn remembered(&self, key: &[u8]) -> Option<&Entry> {
+        let mut found = None;
+        for entry in &self.entries {
+            if entry.proven.get().is_some_and(|k| same_secret(k, key)) {
+                found = Some(entry);
+            }
+        }
+        found
+    }
+}
+
+/// Byte equality in time that depends on the lengths only, not on where the bytes differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The account a path addresses: its first segment when that segment is numeric.
@@ -161,6 +223,34 @@ mod tests {
         );
         assert_eq!(c.authenticate(None).unwrap_err(), AuthError::Missing);
         assert_eq!(c.authenticate(Some("")).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn remembered_keys_still_find_only_their_client() {
+        let c = clients();
+        for _ in 0..2 {
+            assert_eq!(&*c.authenticate(Some("key-a")).unwrap().name, "a");
+            assert_eq!(&*c.authenticate(Some("key-b")).unwrap().name, "b");
+            for wrong in ["key-", "key-a ", "key-c", "KEY-A", "key-aa"] {
+                let seen = c.authenticate(Some(wrong));
+                assert_eq!(seen.unwrap_err(), AuthError::Unknown, "{wrong:?}");
+            }
+        }
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("key-a"), "a remembered key leaked: {debug}");
+        assert!(same_secret(b"k", b"k") && !same_secret(b"k", b"kk") && !same_secret(b"a", b"b"));
+    }
+
+    #[test]
+    fn ordinals_number_anonymous_then_the_configured_clients() {
+        let c = clients();
+        assert_eq!(c.authenticate(Some("key-a")).unwrap().ordinal, 1);
+        assert_eq!(c.authenticate(Some("key-b")).unwrap().ordinal, 2);
+        let cfg =
+            crate::config::parse("upstream.base_url=\"http://x\"\ntoken.file=\"t\"\n").unwrap();
+        let open = Clients::from_config(&cfg);
+        let anonymous = open.authenticate(None).unwrap();
+        assert_eq!((&*anonymous.name, anonymous.ordinal), (ANONYMOUS, 0));
     }
 
     #[test]

@@ -4,9 +4,13 @@
 //! budget, token register their own); nothing is global. Labels are bounded: `route` is a
 //! route's `match` text or `other`, `client` a configured name, never a raw path or key.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets from 50 µs (a cache hit) to 30 s (a slow upstream call at its timeout).
@@ -89,6 +93,133 @@ impl RequestMetrics {
     }
 }
 
+/// The label values of one answered request.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLabels<'a> {
+    pub client: &'a str,
+    pub route: &'a str,
+    pub method: &'a str,
+    pub status: http::StatusCode,
+    pub cache: &'static str,
+}
+
+/// The same labels as small numbers: positions in the tables of one configuration snapshot
+/// (client ordinal, route index, method index), so the handles of a request can be found
+/// without hashing label text under the metric vectors' shared lock.
+///
+/// The caller upholds two things: two keys of one snapshot are equal only if their labels
+/// are, and one snapshot always records to the same `RequestMetrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestKey {
+    /// Identifies the snapshot the numbers refer to (never 0); unique within the process.
+    pub snapshot: u64,
+    pub client: usize,
+    pub route: usize,
+    pub method: usize,
+    pub status: u16,
+    pub cache: &'static str,
+}
+
+/// The metrics one request records, resolved from their vectors.
+struct Handles {
+    requests: IntCounter,
+    duration: Histogram,
+}
+
+/// One thread's resolved handles, all for one snapshot. Per thread rather than shared, so
+/// finding them takes no lock and touches no cache line another core writes.
+#[derive(Default)]
+struct Resolved {
+    snapshot: u64,
+    handles: HashMap<RequestKey, Handles, BuildHasherDefault<KeyHasher>>,
+}
+
+/// A multiply-rotate hash (as rustc's FxHash) for [`RequestKey`]s: a handful of small
+/// numbers and a static label, none of it text a client chose, so SipHash's resistance to
+/// chosen collisions buys nothing here and would cost more than the rest of the lookup.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl KeyHasher {
+    fn add(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+thread_local! {
+    static RESOLVED: RefCell<Resolved> = RefCell::new(Resolved::default());
+}
+
+impl RequestMetrics {
+    /// Counts one answered request and observes its duration. The handles are resolved
+    /// once per thread, snapshot and label set (as many as the series themselves), and the
+    /// table starts over when a request of another snapshot (a reload) comes by.
+    pub fn record(&self, key: RequestKey, labels: &RequestLabels<'_>, seconds: f64) {
+        let recorded = RESOLVED.try_with(|resolved| {
+            let mut resolved = resolved.borrow_mut();
+            if resolved.snapshot != key.snapshot {
+                resolved.snapshot = key.snapshot;
+                resolved.handles.clear();
+            }
+            let handles = resolved
+                .handles
+                .entry(key)
+                .or_insert_with(|| self.resolve(labels));
+            handles.requests.inc();
+            handles.duration.observe(seconds);
+        });
+        if recorded.is_err() {
+            // The thread is shutting down and its table is gone: resolve this once.
+            let handles = self.resolve(labels);
+            handles.requests.inc();
+            handles.duration.observe(seconds);
+        }
+    }
+
+    fn resolve(&self, l: &RequestLabels<'_>) -> Handles {
+        Handles {
+            requests: self.requests.with_label_values(&[
+                l.client,
+                l.route,
+                l.method,
+                l.status.as_str(),
+                l.cache,
+            ]),
+            duration: self.duration.with_label_values(&[l.route, l.cache]),
+        }
+    }
+}
+
 /// A registry with the standard `process_*` metrics already on it.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();
@@ -114,4 +245,59 @@ pub fn render(registry: &Registry) -> Vec<u8> {
 /// A standalone histogram with the latency buckets (used in tests and benches).
 pub fn latency_histogram(name: &str) -> Result<Histogram, prometheus::Error> {
     Histogram::with_opts(HistogramOpts::new(name, name).buckets(LATENCY_BUCKETS.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(client: &str) -> RequestLabels<'_> {
+        RequestLabels {
+            client,
+            route: "/me",
+            method: "GET",
+            status: http::StatusCode::OK,
+            cache: "hit",
+        }
+    }
+
+    fn key(snapshot: u64, client: usize) -> RequestKey {
+        RequestKey {
+            snapshot,
+            client,
+            route: 0,
+            method: 0,
+            status: 200,
+            cache: "hit",
+        }
+    }
+
+    #[test]
+    fn recorded_requests_land_in_the_labelled_series() {
+        let m = RequestMetrics::register(&Registry::new()).unwrap();
+        m.record(key(1, 1), &labels("crm"), 0.001);
+        m.record(key(1, 1), &labels("crm"), 0.002);
+        m.record(key(1, 2), &labels("bi"), 0.003);
+        // A reload renumbers: the same numbers under another snapshot are another client.
+        m.record(key(2, 1), &labels("bi"), 0.004);
+        let count = |client| {
+            m.requests
+                .with_label_values(&[client, "/me", "GET", "200", "hit"])
+                .get()
+        };
+        assert_eq!((count("crm"), count("bi")), (2, 2));
+        let observed = m.duration.with_label_values(&["/me", "hit"]);
+        assert_eq!(observed.get_sample_count(), 4);
+        assert!((observed.get_sample_sum() - 0.010).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_key_hasher_tells_small_keys_apart() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let build = BuildHasherDefault::<KeyHasher>::default();
+        let a = build.hash_one(key(1, 1));
+        assert_eq!(a, build.hash_one(key(1, 1)));
+        assert_ne!(a, build.hash_one(key(1, 2)));
+        assert_ne!(a, build.hash_one(key(2, 1)));
+    }
 }

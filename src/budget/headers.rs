@@ -22,11 +22,75 @@ pub(crate) fn policy(name: &'static str, limit: u32, period: Duration) -> Header
 
 /// `"<name>";r=<remaining>;t=<seconds>`, with `t` rounded up so a client that waits that long
 /// finds the cell there.
+///
+/// Sent with every cache hit, so it is written on the stack rather than through `format!`.
 pub(crate) fn state(name: &'static str, remaining: u32, next: Duration) -> HeaderValue {
-    value(format!(
-        "\"{name}\";r={remaining};t={}",
-        whole_seconds(next)
-    ))
+    let seconds = whole_seconds(next);
+    let mut text = Text::default();
+    text.push(b"\"")
+        .push(name.as_bytes())
+        .push(b"\";r=")
+        .push_int(u64::from(remaining))
+        .push(b";t=")
+        .push_int(seconds);
+    match text.as_bytes() {
+        Some(bytes) => HeaderValue::from_bytes(bytes)
+            .unwrap_or_else(|_| HeaderValue::from_static("\"budget\"")),
+        // Only a policy name far longer than `client` or `global` could get here.
+        None => value(format!("\"{name}\";r={remaining};t={seconds}")),
+    }
+}
+
+/// Field text built on the stack: a quoted policy name and two integers fit in 64 bytes
+/// (`"global";r=4294967295;t=18446744073709551615` is 44).
+struct Text {
+    buf: [u8; 64],
+    len: usize,
+    /// Something did not fit; the text is then incomplete and must not be used.
+    overflowed: bool,
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text {
+            buf: [0; 64],
+            len: 0,
+            overflowed: false,
+        }
+    }
+}
+
+impl Text {
+    fn push(&mut self, bytes: &[u8]) -> &mut Self {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(slot) => {
+                slot.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.overflowed = true,
+        }
+        self
+    }
+
+    /// Appends `n` in decimal, as `Display` would write it.
+    fn push_int(&mut self, mut n: u64) -> &mut Self {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.push(&digits[start..])
+    }
+
+    /// The text written, unless something did not fit.
+    fn as_bytes(&self) -> Option<&[u8]> {
+        (!self.overflowed).then_some(&self.buf[..self.len])
+    }
 }
 
 /// Rounds up to whole seconds (`Retry-After` and the `t`/`w` parameters are all integers).
@@ -75,6 +139,29 @@ mod tests {
             got, "\"global\";r=50;t=0",
             "expected t=0 when full, saw {got:?}"
         );
+    }
+
+    #[test]
+    fn state_writes_integers_as_display_does() {
+        let cases = [
+            (0, Duration::ZERO),
+            (9, Duration::from_secs(10)),
+            (u32::MAX, Duration::from_secs(u64::MAX)),
+            (1_000_000, Duration::from_nanos(1)),
+        ];
+        for (remaining, next) in cases {
+            let got = state("global", remaining, next);
+            let want = format!("\"global\";r={remaining};t={}", whole_seconds(next));
+            assert_eq!(got, want.as_str(), "expected {want:?}, saw {got:?}");
+        }
+    }
+
+    #[test]
+    fn state_with_an_overlong_name_still_says_everything() {
+        let name = "a-policy-name-much-longer-than-any-the-budget-uses-for-its-shares";
+        let got = state(name, 3, Duration::from_secs(2));
+        let want = format!("\"{name}\";r=3;t=2");
+        assert_eq!(got, want.as_str(), "expected {want:?}, saw {got:?}");
     }
 
     #[test]

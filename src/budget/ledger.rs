@@ -17,12 +17,17 @@ use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use http::HeaderValue;
+
 use super::gcra::{Gcra, Slot};
+use super::headers;
 use super::upstream::Upstream;
 use super::{BudgetSpec, Priority, Share, Which};
 
 pub(crate) struct Client {
     pub(crate) share: Option<(Share, Gcra)>,
+    /// The `RateLimit-Policy` of the own share, built with it: it only changes on reload.
+    pub(crate) policy: Option<HeaderValue>,
     pub(crate) max_wait: Option<Duration>,
     pub(crate) priority: Priority,
 }
@@ -30,6 +35,8 @@ pub(crate) struct Client {
 pub(crate) struct Ledger {
     pub(crate) global: Gcra,
     pub(crate) global_share: Share,
+    /// The `RateLimit-Policy` of the global share, built with it (see `Client::policy`).
+    pub(crate) global_policy: HeaderValue,
     pub(crate) max_wait: Duration,
     /// Cells of the global burst that batch clients may not take.
     pub(crate) reserve_cells: u32,
@@ -73,6 +80,7 @@ impl Ledger {
                     (s, gcra)
                 });
                 let client = Client {
+                    policy: c.share.as_ref().map(|s| policy("client", s)),
                     share,
                     max_wait: c.max_wait,
                     priority: c.priority,
@@ -84,6 +92,7 @@ impl Ledger {
         Self {
             reserve_cells: reserve_cells(global.burst(), spec.batch_reserve),
             global,
+            global_policy: policy("global", &spec.global),
             global_share: spec.global,
             max_wait: spec.max_wait,
             clients,
@@ -258,6 +267,11 @@ pub(crate) fn reserve_cells(burst: u32, reserve: f64) -> u32 {
     let cells = (f64::from(burst) * reserve.min(1.0) - 1e-9).ceil();
     // `cells` lies in 0..=burst, so the cast cannot truncate.
     (cells as u32).min(burst.saturating_sub(1))
+}
+
+/// The `RateLimit-Policy` value of a share shown under `name`.
+fn policy(name: &'static str, share: &Share) -> HeaderValue {
+    headers::policy(name, share.limit.get(), share.period)
 }
 
 pub(crate) fn nanos(d: Duration) -> u64 {

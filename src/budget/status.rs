@@ -19,16 +19,20 @@ struct View<'a> {
     /// Policy name in the response fields: `"client"` for an own share, else `"global"`.
     name: &'static str,
     share: &'a Share,
+    /// `RateLimit-Policy` for `share` under `name`, prebuilt by the ledger.
+    policy: &'a HeaderValue,
     available: u32,
     next_cell: u64,
 }
 
 fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
     let known = ledger.clients.get(client);
-    if let Some((share, gcra)) = known.and_then(|c| c.share.as_ref()) {
+    let own = known.and_then(|c| c.share.as_ref().zip(c.policy.as_ref()));
+    if let Some(((share, gcra), policy)) = own {
         return View {
             name: "client",
             share,
+            policy,
             available: gcra.available(0, now),
             next_cell: gcra.next_cell(0, now),
         };
@@ -40,6 +44,7 @@ fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
     View {
         name: "global",
         share: &ledger.global_share,
+        policy: &ledger.global_policy,
         available: ledger.global.available(hold, now),
         next_cell: ledger.global.next_cell(hold, now),
     }
@@ -57,22 +62,28 @@ fn share_json(share: &Share, available: u32) -> Value {
 impl Budget {
     /// `(RateLimit-Policy, RateLimit)` for `client` (syntax in `headers`). While the upstream
     /// is paused `r` is 0 and `t` the pause; a smaller upstream allowance caps `r`.
+    ///
+    /// Called for every answer the cache took part in, hits included: the policy is the
+    /// ledger's prebuilt value and the live field is formatted after the lock is released.
     pub fn headers(&self, client: &str) -> (HeaderValue, HeaderValue) {
         let now = self.inner.clock.nanos();
-        let ledger = self.ledger();
-        let v = view(&ledger, client, now);
-        let mut remaining = v.available;
-        let mut next = v.next_cell;
-        if let Some(left) = ledger.upstream.allowance(now) {
-            remaining = remaining.min(u32::try_from(left).unwrap_or(u32::MAX));
-        }
-        if let Some(pause) = ledger.upstream.paused_for(now) {
-            remaining = 0;
-            next = next.max(pause);
-        }
+        let (name, policy, remaining, next) = {
+            let ledger = self.ledger();
+            let v = view(&ledger, client, now);
+            let mut remaining = v.available;
+            let mut next = v.next_cell;
+            if let Some(left) = ledger.upstream.allowance(now) {
+                remaining = remaining.min(u32::try_from(left).unwrap_or(u32::MAX));
+            }
+            if let Some(pause) = ledger.upstream.paused_for(now) {
+                remaining = 0;
+                next = next.max(pause);
+            }
+            (v.name, v.policy.clone(), remaining, next)
+        };
         (
-            headers::policy(v.name, v.share.limit.get(), v.share.period),
-            headers::state(v.name, remaining, Duration::from_nanos(next)),
+            policy,
+            headers::state(name, remaining, Duration::from_nanos(next)),
         )
     }
 

@@ -14,7 +14,10 @@ use std::collections::HashMap;
 /// The entries registered under one tag: key hash → serial.
 #[derive(Debug)]
 enum Members {
-    One { key: u64, serial: u64 },
+    One {
+        key: u64,
+        serial: u64,
+    },
     /// Boxed on purpose: it keeps every `One` (most tags) at 16 bytes instead of 48.
     #[allow(clippy::box_collection)]
     Many(Box<HashMap<u64, u64>>),

@@ -19,21 +19,21 @@ mod request;
 pub use forward::{strip_hop_by_hop, Fetched};
 pub use request::{check_path, check_target, client_key, normalise_escapes, strip_access_token};
 
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, Request, Response};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::sync::Semaphore;
 
-use crate::auth::{self, Clients};
+use crate::auth::{self, Client, Clients};
 use crate::budget::Budget;
 use crate::cache::{Merger, Store};
-use crate::config::Config;
+use crate::config::{Captures, Config, RouteConfig};
 use crate::error::{Body, GatewayError};
-use crate::metrics::RequestMetrics;
+use crate::metrics::{RequestKey, RequestLabels, RequestMetrics};
 use crate::token::TokenManager;
 use crate::upstream::rewrite::Rewriter;
 use crate::upstream::HttpClient;
@@ -42,19 +42,28 @@ use call::Call;
 use reply::{Forward, CACHE_STATUS};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The `client` label of requests that never got as far as authentication.
+const NOBODY: &str = "-";
+
+/// Numbers the snapshots, so per-thread tables know which snapshot their entries are for.
+static SNAPSHOTS: AtomicU64 = AtomicU64::new(1);
 
 /// Everything that changes on reload, swapped as one snapshot.
 pub struct State {
     pub config: Arc<Config>,
+    /// Unique within the process (never 0): what the metric handle tables are keyed by.
+    id: u64,
     clients: Clients,
     rewriter: Rewriter,
     /// Authorities an absolute-form request target may name.
     own_hosts: Vec<String>,
-    /// The `route` label of each route, built once so requests only clone an `Arc`.
+    /// The `route` label of each route, built once so upstream calls only clone an `Arc`.
     labels: Vec<Arc<str>>,
-    /// The `route` label of unmatched requests, and the `client` label before auth.
+    /// The `route` label of unmatched requests.
     other: Arc<str>,
-    nobody: Arc<str>,
 }
 
 impl State {
@@ -72,6 +81,7 @@ impl State {
             }
         }
         State {
+            id: SNAPSHOTS.fetch_add(1, Ordering::Relaxed),
             clients,
             rewriter,
             own_hosts,
@@ -81,9 +91,26 @@ impl State {
                 .map(|r| Arc::from(r.match_text.as_str()))
                 .collect(),
             other: Arc::from("other"),
-            nobody: Arc::from("-"),
             config,
         }
+    }
+
+    /// The `route` label of a route index (`None`: unmatched), for an upstream call to own.
+    fn route_label(&self, route: Option<usize>) -> Arc<str> {
+        route.map_or_else(|| self.other.clone(), |i| self.labels[i].clone())
+    }
+}
+
+impl Outcome<'_> {
+    /// The `client` label: the client's name, or `-` before authentication.
+    fn client_label(&self) -> &str {
+        self.client.map_or(NOBODY, |c| &c.name)
+    }
+
+    /// The `route` label: the route's `match` text, or `other`.
+    fn route_label(&self) -> &str {
+        self.route
+            .map_or(&*self.state.other, |i| &*self.state.labels[i])
     }
 }
 
@@ -118,10 +145,14 @@ struct Inner {
     in_flight: Arc<Semaphore>,
 }
 
-/// What a request turned out to be, for metrics and the access log.
-struct Outcome {
-    client: Arc<str>,
-    route: Arc<str>,
+/// What a request turned out to be, for metrics and the access log. Borrows from the
+/// snapshot the request runs on, so keeping track costs no reference counting.
+struct Outcome<'s> {
+    state: &'s State,
+    /// `None` until authenticated.
+    client: Option<&'s Client>,
+    /// The index of the matched route; `None`: no route matched.
+    route: Option<usize>,
     cache: &'static str,
     /// Upstream exchange time of the call that answered (the leader's, when merged).
     upstream: Option<std::time::Duration>,
@@ -221,8 +252,9 @@ impl Gateway {
         let state = self.state();
         let method = req.method().clone();
         let mut outcome = Outcome {
-            client: state.nobody.clone(),
-            route: state.other.clone(),
+            state: &state,
+            client: None,
+            route: None,
             cache: "none",
             upstream: None,
             budget_wait: None,
@@ -232,7 +264,9 @@ impl Gateway {
         let mut resp = match self.inner.in_flight.try_acquire() {
             Err(_) => GatewayError::Overloaded.response(),
             Ok(_permit) => {
-                let work = self.pipeline(&state, req, &request_id, &mut outcome);
+                // Pinned where it is made: the timeout then holds a pointer instead of a
+                // copy of the pipeline's state, which is kilobytes.
+                let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
                 match tokio::time::timeout(timeout, work).await {
                     Ok(Ok(resp)) => resp,
                     Ok(Err(e)) => e.response(),
@@ -241,27 +275,27 @@ impl Gateway {
             }
         };
         let headers = resp.headers_mut();
-        headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-        if !headers.contains_key(&CACHE_STATUS) {
-            // The gateway answered for a forwarded request itself (a timeout, an unreachable
-            // upstream, no budget): still say how the cache took it (CONTRACT 3.4).
-            let fwd = match outcome.cache {
-                "miss" => Some("cxgate; fwd=uri-miss"),
-                "collapsed" => Some("cxgate; fwd=uri-miss; collapsed"),
-                "bypass" => Some("cxgate; fwd=bypass"),
-                _ => None,
-            };
-            if let Some(fwd) = fwd {
-                headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
-            }
+        // Moved, not cloned: the access log reads it back from the response.
+        headers.insert(X_REQUEST_ID.clone(), request_id);
+        // The gateway answered for a forwarded request itself (a timeout, an unreachable
+        // upstream, no budget): still say how the cache took it (CONTRACT 3.4). Hits always
+        // carry their own, so the header is only looked for when it could be missing.
+        let fwd = match outcome.cache {
+            "miss" => Some("cxgate; fwd=uri-miss"),
+            "collapsed" => Some("cxgate; fwd=uri-miss; collapsed"),
+            "bypass" => Some("cxgate; fwd=bypass"),
+            _ => None,
+        };
+        if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
+            headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
         }
-        if outcome.cache != "none" || resp.status() == http::StatusCode::TOO_MANY_REQUESTS {
-            let (policy, current) = self.inner.budget.headers(&outcome.client);
+        if outcome.cache != "none" || resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            let (policy, current) = self.inner.budget.headers(outcome.client_label());
             let headers = resp.headers_mut();
-            headers.insert(HeaderName::from_static("ratelimit-policy"), policy);
-            headers.insert(HeaderName::from_static("ratelimit"), current);
+            headers.insert(RATELIMIT_POLICY.clone(), policy);
+            headers.insert(RATELIMIT.clone(), current);
         }
-        if resp.status() == http::StatusCode::TOO_MANY_REQUESTS
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS
             && !resp.headers().contains_key(header::RETRY_AFTER)
         {
             // An upstream 429 that named no time: the pause it caused is the honest answer.
@@ -279,24 +313,16 @@ impl Gateway {
 
         let status = resp.status();
         let elapsed = started.elapsed();
-        let m = &self.inner.metrics;
-        m.requests
-            .with_label_values(&[
-                &*outcome.client,
-                &*outcome.route,
-                method_label(&method),
-                status.as_str(),
-                outcome.cache,
-            ])
-            .inc();
-        m.duration
-            .with_label_values(&[&*outcome.route, outcome.cache])
-            .observe(elapsed.as_secs_f64());
+        self.record(&outcome, &method, status, elapsed);
         tracing::info!(
             target: "cxgate::access",
-            request_id = request_id.to_str().unwrap_or("-"),
-            client = &*outcome.client,
-            route = &*outcome.route,
+            request_id = resp
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            client = outcome.client_label(),
+            route = outcome.route_label(),
             method = method.as_str(),
             status = status.as_u16(),
             cache = outcome.cache,
@@ -308,13 +334,34 @@ impl Gateway {
         resp
     }
 
+    /// `cxgate_requests_total` and `cxgate_request_duration_seconds` for one request.
+    fn record(&self, outcome: &Outcome<'_>, method: &Method, status: StatusCode, took: Duration) {
+        let key = RequestKey {
+            snapshot: outcome.state.id,
+            // Ordinals start at 0 (`anonymous`): `-` gets a number no client can have.
+            client: outcome.client.map_or(usize::MAX, |c| c.ordinal),
+            route: outcome.route.unwrap_or(usize::MAX),
+            method: method_index(method),
+            status: status.as_u16(),
+            cache: outcome.cache,
+        };
+        let labels = RequestLabels {
+            client: outcome.client_label(),
+            route: outcome.route_label(),
+            method: method_label(method),
+            status,
+            cache: outcome.cache,
+        };
+        self.inner.metrics.record(key, &labels, took.as_secs_f64());
+    }
+
     /// The domain steps, in order.
-    async fn pipeline<B>(
+    async fn pipeline<'s, B>(
         &self,
-        state: &Arc<State>,
+        state: &'s Arc<State>,
         req: Request<B>,
         request_id: &HeaderValue,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'s>,
     ) -> Result<Response<Body>, GatewayError>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -342,14 +389,12 @@ impl Gateway {
                     GatewayError::Unauthorized("unknown gateway client key")
                 }
             })?;
-        outcome.client = client.name.clone();
+        outcome.client = Some(client);
 
         // 3. Which route.
         let route = cfg.find_route(&parts.method, path);
         let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
-        if let Some((i, _)) = &route {
-            outcome.route = state.labels[*i].clone();
-        }
+        outcome.route = route.as_ref().map(|(i, _)| *i);
 
         // 4. May this client do this, here: before the cache, so a client never gets a
         //    cached answer for an account it may not see.
@@ -379,10 +424,10 @@ impl Gateway {
         )
         .await?;
 
-        let route_label = outcome.route.clone();
+        let route_index = outcome.route;
         let make_call = || Call {
             state: state.clone(),
-            route_label,
+            route_label: state.route_label(route_index),
             method: parts.method.clone(),
             url: upstream_url(cfg, path, query),
             headers: parts.headers.clone(),
@@ -400,9 +445,19 @@ impl Gateway {
                 .await;
         }
 
-        let call = make_call();
-        // 7. Writes: budget, token, upstream once; then invalidate before answering, so a
-        //    read right after the write never sees the old data.
+        // 7. Writes. Boxed: the upstream call's future is several times the size of the rest
+        //    of the pipeline, and kept inline it would be copied along with every cache hit's.
+        Box::pin(self.write(make_call(), rule, outcome)).await
+    }
+
+    /// Budget, token, upstream once; then invalidate before answering, so a read right after
+    /// the write never sees the old data.
+    async fn write(
+        &self,
+        call: Call,
+        rule: Option<(&RouteConfig, &Captures<'_>)>,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Body>, GatewayError> {
         outcome.cache = "bypass";
         let fetched = self.call(&call).await?;
         outcome.upstream = Some(fetched.upstream_time);
@@ -444,6 +499,10 @@ where
         if len > limit {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
+    }
+    if body.is_end_stream() {
+        // Nothing to read (a GET without a body, as most are): no collecting to set up.
+        return Ok(Bytes::new());
     }
     Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .collect()
@@ -517,25 +576,36 @@ fn resize_permits(permits: &Arc<Semaphore>, old: usize, new: usize) {
     }
 }
 
+/// The methods the `method` label names; any other is `other`.
+const KNOWN_METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::CONNECT,
+];
+
 /// The `method` label: the standard methods by name, anything else as `other`, since hyper
 /// accepts any token as a method and a label must not grow with what strangers send.
 fn method_label(method: &Method) -> &str {
-    const KNOWN: [Method; 9] = [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::CONNECT,
-    ];
-    if KNOWN.contains(method) {
+    if KNOWN_METHODS.contains(method) {
         method.as_str()
     } else {
         "other"
     }
+}
+
+/// The `method` label as a number: its place in `KNOWN_METHODS`, or one past the end for
+/// `other`.
+fn method_index(method: &Method) -> usize {
+    KNOWN_METHODS
+        .iter()
+        .position(|m| m == method)
+        .unwrap_or(KNOWN_METHODS.len())
 }
 
 /// The client's `X-Request-Id` if it is a sane token, else a fresh one.
@@ -547,13 +617,38 @@ fn request_id(headers: &http::HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..));
-    HeaderValue::try_from(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    fresh_request_id(fastrand::u64(..), fastrand::u32(..))
+}
+
+/// 24 lower-case hex digits (`high` then `low`, zero-padded), written on the stack: the
+/// only allocation is the header value's own.
+fn fresh_request_id(high: u64, low: u32) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 24];
+    let digits = (u128::from(high) << 32) | u128::from(low);
+    for (i, slot) in text.iter_mut().enumerate() {
+        let shift = 4 * (23 - i);
+        *slot = HEX[((digits >> shift) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 #[cfg(test)]
 mod label_tests {
     use super::*;
+
+    #[test]
+    fn fresh_request_ids_are_24_padded_hex_digits() {
+        let id = fresh_request_id(0xab, 0x1);
+        assert_eq!(id, "00000000000000ab00000001");
+        let id = fresh_request_id(u64::MAX, u32::MAX);
+        assert_eq!(id, "ffffffffffffffffffffffff");
+        let (high, low) = (0x0123_4567_89ab_cdef, 0xfedc_ba98);
+        assert_eq!(
+            fresh_request_id(high, low),
+            format!("{high:016x}{low:08x}").as_str()
+        );
+    }
 
     #[test]
     fn unknown_methods_share_one_label() {

@@ -55,6 +55,16 @@ fn directives(headers: &HeaderMap) -> Directives {
     d
 }
 
+/// What the cache lookup of a read hands on to the upstream path.
+struct Upstream {
+    key: String,
+    directives: Directives,
+    /// The route has a ttl and the client did not say `no-store`.
+    cacheable: bool,
+    /// An entry past its ttl that stale-if-error still allows.
+    stale_fallback: Option<StoredResponse>,
+}
+
 impl Gateway {
     /// Answers a GET or HEAD. `call` is what goes upstream if it must.
     pub(super) async fn read(
@@ -64,7 +74,7 @@ impl Gateway {
         query: Option<&str>,
         headers: &HeaderMap,
         make_call: impl FnOnce() -> Call,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
         let d = directives(headers);
@@ -94,8 +104,34 @@ impl Gateway {
                 }
             }
         }
+        // Boxed: merging and the upstream call make a future several times the size of the
+        // lookup's, and kept inline it would be copied along with every hit's.
+        let upstream = Upstream {
+            key,
+            directives: d,
+            cacheable: ttl.is_some(),
+            stale_fallback,
+        };
+        Box::pin(self.read_upstream(route, upstream, make_call, outcome)).await
+    }
 
-        let fwd = match (ttl.is_some(), d.no_cache) {
+    /// The rest of a read that the cache could not answer fresh: one merged upstream call,
+    /// stored if allowed, with a stale entry standing in if the call fails.
+    async fn read_upstream(
+        &self,
+        route: Option<(&RouteConfig, &Captures<'_>)>,
+        upstream: Upstream,
+        make_call: impl FnOnce() -> Call,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Response<Body>, GatewayError> {
+        let inner = &self.inner;
+        let Upstream {
+            key,
+            directives: d,
+            cacheable,
+            stale_fallback,
+        } = upstream;
+        let fwd = match (cacheable, d.no_cache) {
             (false, _) => Forward::Bypass,
             (true, true) => Forward::Request,
             (true, false) => Forward::Miss,
@@ -125,7 +161,7 @@ impl Gateway {
             inner
                 .metrics
                 .coalesced
-                .with_label_values(&[&*outcome.route])
+                .with_label_values(&[outcome.route_label()])
                 .inc();
         }
         let failed = match &value {

@@ -5,6 +5,8 @@
 //! authentication, routing or the upstream see them. The client's credential is taken out
 //! of the header or the query so it can never be forwarded or become part of a cache key.
 
+use std::borrow::Cow;
+
 use http::request::Parts;
 use http::{header, HeaderMap, Method};
 
@@ -128,19 +130,19 @@ fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The client's gateway key: `Authorization: Bearer <key>`, else the `access_token` query
-/// parameter.
-pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<String> {
+/// parameter. Borrowed from the request unless the query parameter had to be decoded.
+pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<Cow<'a, str>> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let text = value.to_str().ok()?;
         let (scheme, rest) = text.split_once(' ')?;
         return scheme
             .eq_ignore_ascii_case("bearer")
-            .then(|| rest.trim().to_string());
+            .then(|| Cow::Borrowed(rest.trim()));
     }
     let query = query?;
     form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v.into_owned())
+        .map(|(_, v)| v)
 }
 
 /// The query without any `access_token` parameter, or `None` if nothing remains. The other
