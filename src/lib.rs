@@ -193,6 +193,8 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
 
     let (stop, stopped) = watch::channel(false);
     let g = gateway.clone();
+    let workers = server::Workers::per_core()
+        .map_err(|e| StartError::Refused(format!("cannot start connection threads: {e}")))?;
     let client_task = tokio::spawn(server::serve(
         listener,
         tls,
@@ -202,6 +204,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         },
         stopped.clone(),
         grace,
+        Some(Arc::new(workers)),
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -209,6 +212,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         move |req| admin.clone().handle(req),
         stopped,
         grace,
+        None,
     ));
     tracing::info!(%addr, %admin_addr, upstream = %config.upstream.base_url, "cxgate serving");
     Ok(Running {

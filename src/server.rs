@@ -1,7 +1,8 @@
 //! Listeners: accepting connections, TLS, HTTP/1.1 and HTTP/2, and graceful shutdown.
 //!
 //! Each listener runs one accept loop; each connection is served by hyper-util's auto
-//! builder (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN). On shutdown the accept loop
+//! builder (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), on one of the per-core
+//! [`Workers`] for the client listener. On shutdown the accept loop
 //! stops first, then every connection is told to finish its in-flight requests, and after
 //! `grace` whatever is left is dropped.
 
@@ -19,7 +20,7 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
@@ -82,13 +83,75 @@ fn builder() -> Builder<TokioExecutor> {
     b
 }
 
+/// Where connections are served: one single-threaded runtime per core, each on a thread of
+/// its own. A connection lives on one of them from accept to close, so its socket events,
+/// its timers and the tasks it spawns never cross threads; under cache hits that saves the
+/// multi-threaded scheduler's hand-offs between workers (issue #7, "tune the runtime").
+/// Dropping it stops the runtimes, cancelling whatever still runs there.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+    _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    /// `count` runtimes (at least one), or the reason a thread or runtime could not start.
+    pub fn start(count: usize) -> std::io::Result<Workers> {
+        let mut handles = Vec::new();
+        let mut stops = Vec::new();
+        for i in 0..count.max(1) {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let (ready, handle) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("cxgate-conn-{i}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(rt) => {
+                            let _ = ready.send(Ok(rt.handle().clone()));
+                            let _ = rt.block_on(stopped);
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                        }
+                    }
+                })?;
+            let handle = handle
+                .recv()
+                .map_err(|_| std::io::Error::other("connection thread ended at start"))??;
+            handles.push(handle);
+            stops.push(stop);
+        }
+        Ok(Workers {
+            handles,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            _stops: stops,
+        })
+    }
+
+    /// One per core, as the machine reports its parallelism.
+    pub fn per_core() -> std::io::Result<Workers> {
+        Workers::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The runtime for the next connection, in turn.
+    fn pick(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.handles[i % self.handles.len()]
+    }
+}
+
 /// Serves `listener` until `shutdown` turns true, then drains for at most `grace`.
+/// Connections run on `workers` when given, else on the calling runtime.
 pub async fn serve<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
+    workers: Option<Arc<Workers>>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
@@ -119,21 +182,20 @@ pub async fn serve<H, F>(
                 async move { Ok::<_, Infallible>(fut.await) }
             }
         });
-        match &tls {
-            None => {
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+        let runtime = workers.as_deref().map(Workers::pick);
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        let connection = move |stream: TcpStream| async move {
+            match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                }
+                Some(acceptor) => {
                     let tls =
                         match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
                             Ok(Ok(tls)) => tls,
@@ -145,6 +207,30 @@ pub async fn serve<H, F>(
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+            }
+        };
+        match runtime {
+            None => {
+                tokio::spawn(connection(stream));
+            }
+            Some(runtime) => {
+                // The socket moves to the worker's own reactor: it is registered there, so
+                // its readiness wakes that thread and no other.
+                let std_stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot hand the connection over");
+                        continue;
+                    }
+                };
+                runtime.spawn(async move {
+                    match TcpStream::from_std(std_stream) {
+                        Ok(stream) => connection(stream).await,
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot register the connection")
+                        }
                     }
                 });
             }
