@@ -129,10 +129,11 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     cfg.server.admin_listen = admin_addr;
 
     let registry = metrics::new_registry();
-    let http = upstream::build_client(
+    let connector = upstream::build_connector(
         cfg.upstream.ca_file.as_deref(),
         cfg.upstream.connect_timeout,
     )?;
+    let http = upstream::client_with(connector.clone());
     // Several replicas share one budget, one token and their invalidations through Redis.
     let redis = match (cfg.budget.backend, &cfg.budget.redis_url_env) {
         (config::Backend::Redis, Some(url_env)) => {
@@ -155,7 +156,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         None => budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
     };
     let parts = proxy::Parts {
-        http,
+        http: upstream::ThreadPools::new(connector),
         token,
         cache: cache::Store::new(cfg.cache.max_bytes, &registry)?,
         budget,

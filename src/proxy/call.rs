@@ -117,7 +117,8 @@ impl Gateway {
         let inner = &self.inner;
         let req = forward::build_request(out, token)?;
         let started = Instant::now();
-        let result = forward::exchange(&inner.http, req, call.state.config.upstream.timeout).await;
+        let http = inner.http.current();
+        let result = forward::exchange(&http, req, call.state.config.upstream.timeout).await;
         let m = &inner.metrics;
         let route = &*call.route_label;
         m.upstream_duration

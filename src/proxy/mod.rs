@@ -36,7 +36,7 @@ use crate::error::{Body, GatewayError};
 use crate::metrics::{RequestKey, RequestLabels, RequestMetrics};
 use crate::token::TokenManager;
 use crate::upstream::rewrite::Rewriter;
-use crate::upstream::HttpClient;
+use crate::upstream::ThreadPools;
 
 use call::Call;
 use reply::{Forward, CACHE_STATUS};
@@ -116,7 +116,8 @@ impl Outcome<'_> {
 
 /// The parts the gateway is made of; built once at start.
 pub struct Parts {
-    pub http: HttpClient,
+    /// Upstream connection pools, one per calling thread.
+    pub http: ThreadPools,
     pub token: TokenManager,
     pub cache: Store,
     pub budget: Budget,
@@ -131,7 +132,7 @@ pub struct Gateway {
 
 struct Inner {
     state: RwLock<Arc<State>>,
-    http: HttpClient,
+    http: ThreadPools,
     token: TokenManager,
     cache: Store,
     merger: Merger<read::Shared>,
