@@ -3,7 +3,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,16 +19,6 @@ use cxgate::sim::{Faults, SimOptions};
 const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
 
 /// A fresh private directory for one test's files.
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-cli-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 fn cxgate(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(BIN)
         .args(args)
@@ -167,7 +157,7 @@ ttl = "15s"
 "#;
 
 fn check_text(config: &str) -> (Option<i32>, Vec<String>) {
-    let dir = temp_dir();
+    let dir = common::temp_dir("cli");
     let path = dir.join("broken.toml");
     std::fs::write(&path, config).expect("write config");
     let out = cxgate(&["check", "--config", path.to_str().expect("utf-8")], None);
@@ -246,7 +236,7 @@ fn key_hash_prints_the_sha256_of_stdin() {
 
 #[test]
 fn run_with_the_redis_backend_but_no_redis_url_exits_2_with_a_clear_message() {
-    let dir = temp_dir();
+    let dir = common::temp_dir("cli");
     let path = dir.join("redis.toml");
     let config = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
                   [upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
@@ -293,25 +283,18 @@ fn run_with_the_redis_backend_but_no_redis_url_exits_2_with_a_clear_message() {
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_0() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(
-        listener,
-        SimOptions {
-            access_tokens: vec![ACCESS.into()],
-            refresh_tokens: vec![REFRESH.into()],
-            faults: Faults {
-                latency_ms: 1500,
-                path_prefix: Some("/me/permissions".into()),
-                ..Faults::default()
-            },
-            ..SimOptions::default()
+    let sim = common::spawn_sim(SimOptions {
+        access_tokens: vec![ACCESS.into()],
+        refresh_tokens: vec![REFRESH.into()],
+        faults: Faults {
+            latency_ms: 1500,
+            path_prefix: Some("/me/permissions".into()),
+            ..Faults::default()
         },
-    )
-    .await
-    .expect("start sim");
-    let dir = temp_dir();
+        ..SimOptions::default()
+    })
+    .await;
+    let dir = common::temp_dir("cli");
     let token_file = dir.join("token.json");
     cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
         .expect("token file");
@@ -388,7 +371,7 @@ async fn sigterm_drains_the_request_in_flight_then_exits_0() {
 
 #[tokio::test]
 async fn demo_serves_me_with_the_demo_key_and_stops_on_sigint() {
-    let dir = temp_dir();
+    let dir = common::temp_dir("cli");
     let (port, admin_port) = (common::free_port(), common::free_port());
     let listen = format!("127.0.0.1:{port}");
     let admin = format!("127.0.0.1:{admin_port}");

@@ -163,11 +163,7 @@ async fn http_get(http: &Http, url: &str) -> Result<(StatusCode, Bytes), String>
 async fn start_prometheus(http: &Http, target: std::net::SocketAddr) -> Prometheus {
     let mut last_problem = String::new();
     for _attempt in 0..3 {
-        let dir = std::env::temp_dir().join(format!(
-            "cxgate-prometheus-{}-{:016x}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
+        let dir = common::temp_dir("prometheus");
         std::fs::create_dir_all(dir.join("data")).expect("create the Prometheus temp dir");
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\

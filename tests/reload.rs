@@ -469,30 +469,18 @@ async fn wait_for_status(proc: &mut Proc, url: &str, key: &str, want: StatusCode
 
 #[tokio::test]
 async fn sighup_reloads_the_real_binary_and_keeps_the_old_config_when_invalid() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(
-        listener,
-        SimOptions {
-            access_tokens: vec![ACCESS.into()],
-            refresh_tokens: vec![REFRESH.into()],
-            faults: Faults {
-                latency_ms: 1000,
-                path_prefix: Some("/me/connectedprofiles".into()),
-                ..Faults::default()
-            },
-            ..SimOptions::default()
+    let sim = common::spawn_sim(SimOptions {
+        access_tokens: vec![ACCESS.into()],
+        refresh_tokens: vec![REFRESH.into()],
+        faults: Faults {
+            latency_ms: 1000,
+            path_prefix: Some("/me/connectedprofiles".into()),
+            ..Faults::default()
         },
-    )
-    .await
-    .expect("start sim");
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-reload-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+        ..SimOptions::default()
+    })
+    .await;
+    let dir = common::temp_dir("reload");
     let token_file = dir.join("token.json");
     cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
         .expect("token file");

@@ -134,22 +134,14 @@ async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster>
     sim.refresh_tokens = vec![REFRESH.to_string()];
     sim.client_secret = CLIENT_SECRET.to_string();
     let ttl = sim.token_ttl;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(listener, sim).await.expect("start sim");
+    let sim = common::spawn_sim(sim).await;
     let base = sim.base_url();
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..n {
-        let dir = std::env::temp_dir().join(format!(
-            "cxgate-replica-{}-{:016x}-{i}",
-            std::process::id(),
-            fastrand::u64(..)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
+        let dir = common::temp_dir(&format!("replica-{i}"));
         // Every replica starts from a copy of the same token file, as an operator would.
         let token_file = dir.join("token.json");
         cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, ttl).expect("token file");

@@ -167,12 +167,7 @@ async fn https_front(sim: SocketAddr) -> (SocketAddr, tokio::task::JoinHandle<()
 }
 
 async fn gateway_to(upstream: &str, ca_file: Option<&Path>) -> (cxgate::Running, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-tls-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::temp_dir("tls");
     let ca = ca_file.map_or(String::new(), |p| {
         format!("ca_file = \"{}\"\n", p.display())
     });
@@ -213,10 +208,7 @@ async fn an_https_upstream_is_trusted_through_ca_file_and_only_then() {
         access_tokens: vec![ACCESS.to_string()],
         ..SimOptions::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
-    let sim = cxgate::sim::spawn(listener, sim_opts)
-        .await
-        .expect("start sim");
+    let sim = common::spawn_sim(sim_opts).await;
     let (front, front_task) = https_front(sim.addr).await;
     let upstream = format!("https://localhost:{}", front.port());
 

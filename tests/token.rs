@@ -17,7 +17,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use common::{Answer, Env, ACCESS, BIG_BUDGET, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
+use common::{
+    spawn_sim, temp_dir, Answer, Env, ACCESS, BIG_BUDGET, CLIENT_SECRET, KEY, REFRESH, ROUTES,
+    SECRET_ENV,
+};
 use cxgate::sim::{Faults, Force401, Force429, SimOptions};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
@@ -133,29 +136,10 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-{tag}-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 /// The next distinct (uncached) contact path.
 fn contact(i: &mut u32) -> String {
     *i += 1;
     format!("/12345/inbox/contact/twitter/{i}")
-}
-
-async fn spawn_sim(opts: SimOptions) -> cxgate::sim::SimHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind simulator");
-    cxgate::sim::spawn(listener, opts)
-        .await
-        .expect("start simulator")
 }
 
 // ---------------------------------------------------------------------------------------

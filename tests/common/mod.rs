@@ -235,18 +235,8 @@ async fn start_env(
     let ttl = sim_opts.token_ttl;
     let access = sim_opts.access_tokens[0].clone();
     let refresh = sim_opts.refresh_tokens.first().cloned().unwrap_or_default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sim");
-    let sim = cxgate::sim::spawn(listener, sim_opts)
-        .await
-        .expect("start sim");
-    let dir = std::env::temp_dir().join(format!(
-        "cxgate-test-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sim = spawn_sim(sim_opts).await;
+    let dir = temp_dir("test");
     let token_file = dir.join("token.json");
     cxgate::demo::write_token_file(&token_file, &access, &refresh, ttl).expect("token file");
     let base = sim.base_url();
@@ -268,6 +258,28 @@ async fn start_env(
         .expect("start gateway");
     let http = Client::builder(TokioExecutor::new()).build_http();
     Env { sim, gw, dir, http }
+}
+
+/// A fresh directory under the system's temp dir, named for `tag` and this process, unique
+/// to this call.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "cxgate-{tag}-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The simulator on a free loopback port.
+pub async fn spawn_sim(opts: SimOptions) -> SimHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind simulator");
+    cxgate::sim::spawn(listener, opts)
+        .await
+        .expect("start simulator")
 }
 
 /// A loopback port that was free a moment ago, for a child process that must be told its
