@@ -13,8 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use common::{Proc, ACCESS, KEY, REFRESH};
-use cxgate::sim::{Faults, SimOptions};
+use common::{Proc, KEY};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cxgate");
 
@@ -283,33 +282,14 @@ fn run_with_the_redis_backend_but_no_redis_url_exits_2_with_a_clear_message() {
 
 #[tokio::test]
 async fn sigterm_drains_the_request_in_flight_then_exits_0() {
-    let sim = common::spawn_sim(SimOptions {
-        access_tokens: vec![ACCESS.into()],
-        refresh_tokens: vec![REFRESH.into()],
-        faults: Faults {
-            latency_ms: 1500,
-            path_prefix: Some("/me/permissions".into()),
-            ..Faults::default()
-        },
-        ..SimOptions::default()
-    })
-    .await;
-    let dir = common::temp_dir("cli");
-    let token_file = dir.join("token.json");
-    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
-        .expect("token file");
-    let (port, admin_port) = (common::free_port(), common::free_port());
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-         request_timeout = \"10s\"\nshutdown_grace = \"5s\"\n\
-         [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\
-         [token]\nfile = \"{}\"\n{}",
-        sim.base_url(),
-        token_file.display(),
-        common::client_toml("test", KEY, "scopes = [\"read\"]")
-    );
-    let path = dir.join("cxgate.toml");
-    std::fs::write(&path, config).expect("write config");
+    let common::BinarySetup {
+        sim,
+        dir,
+        config_path: path,
+        port,
+        admin_port,
+        ..
+    } = common::binary_setup("cli", "/me/permissions", 1500).await;
     let mut proc = Proc::spawn(&["run", "--config", path.to_str().expect("utf-8")], &dir);
     let health = format!("http://127.0.0.1:{admin_port}/healthz");
     wait_until_answers(&mut proc, &health, None, Duration::from_secs(10)).await;

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use common::{Answer, Env, Proc, ACCESS, BIG_BUDGET, KEY, REFRESH, ROUTES};
+use common::{Answer, Env, Proc, BIG_BUDGET, KEY, ROUTES};
 use cxgate::sim::{Faults, SimOptions};
 
 const NEW_KEY: &str = "newcomer-key";
@@ -469,33 +469,14 @@ async fn wait_for_status(proc: &mut Proc, url: &str, key: &str, want: StatusCode
 
 #[tokio::test]
 async fn sighup_reloads_the_real_binary_and_keeps_the_old_config_when_invalid() {
-    let sim = common::spawn_sim(SimOptions {
-        access_tokens: vec![ACCESS.into()],
-        refresh_tokens: vec![REFRESH.into()],
-        faults: Faults {
-            latency_ms: 1000,
-            path_prefix: Some("/me/connectedprofiles".into()),
-            ..Faults::default()
-        },
-        ..SimOptions::default()
-    })
-    .await;
-    let dir = common::temp_dir("reload");
-    let token_file = dir.join("token.json");
-    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
-        .expect("token file");
-    let (port, admin_port) = (common::free_port(), common::free_port());
-    let base = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-         request_timeout = \"10s\"\nshutdown_grace = \"5s\"\n\
-         [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\
-         [token]\nfile = \"{}\"\n{}",
-        sim.base_url(),
-        token_file.display(),
-        common::client_toml("test", KEY, "scopes = [\"read\"]")
-    );
-    let path = dir.join("cxgate.toml");
-    write_config(&path, &base);
+    let common::BinarySetup {
+        sim,
+        dir,
+        config: base,
+        config_path: path,
+        port,
+        ..
+    } = common::binary_setup("reload", "/me/connectedprofiles", 1000).await;
     let mut proc = Proc::spawn(
         &["run", "--config", path.to_str().expect("utf-8 path")],
         &dir,

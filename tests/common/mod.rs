@@ -282,6 +282,58 @@ pub async fn spawn_sim(opts: SimOptions) -> SimHandle {
         .expect("start simulator")
 }
 
+/// What the real binary needs to run in front of a simulator: the simulator (one path of it
+/// slow), a directory with a token file, the config text and its path, and the ports.
+pub struct BinarySetup {
+    pub sim: SimHandle,
+    pub dir: PathBuf,
+    pub config: String,
+    pub config_path: PathBuf,
+    pub port: u16,
+    pub admin_port: u16,
+}
+
+/// Sets up (without starting it) a `cxgate run` whose upstream is a simulator that answers
+/// `slow_path` after `latency_ms`, with one read-only client `test` keyed [`KEY`]. The
+/// config is written to `config_path` and its text kept, for tests that rewrite it.
+pub async fn binary_setup(tag: &str, slow_path: &str, latency_ms: u64) -> BinarySetup {
+    let sim = spawn_sim(SimOptions {
+        access_tokens: vec![ACCESS.into()],
+        refresh_tokens: vec![REFRESH.into()],
+        faults: cxgate::sim::Faults {
+            latency_ms,
+            path_prefix: Some(slow_path.into()),
+            ..cxgate::sim::Faults::default()
+        },
+        ..SimOptions::default()
+    })
+    .await;
+    let dir = temp_dir(tag);
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
+        .expect("token file");
+    let (port, admin_port) = (free_port(), free_port());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         request_timeout = \"10s\"\nshutdown_grace = \"5s\"\n\
+         [upstream]\nbase_url = \"{}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\
+         [token]\nfile = \"{}\"\n{}",
+        sim.base_url(),
+        token_file.display(),
+        client_toml("test", KEY, "scopes = [\"read\"]")
+    );
+    let config_path = dir.join("cxgate.toml");
+    std::fs::write(&config_path, &config).expect("write config");
+    BinarySetup {
+        sim,
+        dir,
+        config,
+        config_path,
+        port,
+        admin_port,
+    }
+}
+
 /// A loopback port that was free a moment ago, for a child process that must be told its
 /// address in advance.
 pub fn free_port() -> u16 {
