@@ -5,7 +5,6 @@
 //! Without `redis-server` on PATH only the local figure is measured (said loudly).
 
 use std::num::NonZeroU32;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -25,44 +24,17 @@ fn spec() -> BudgetSpec {
     }
 }
 
-/// Our own `redis-server`, killed by its process id when dropped.
-struct Server(Child);
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> Option<(Server, u16)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ok()?;
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let child = match child {
-        Ok(c) => Server(c),
-        Err(e) => {
-            eprintln!(
-                "\n*** redis-server not on PATH ({e}): measuring the local ledger only ***\n"
-            );
-            return None;
-        }
-    };
-    for _ in 0..150 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some((child, port));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("redis-server did not listen on {port}; measuring the local ledger only");
-    None
+/// Our own `redis-server` (stopped by its process id when dropped), or `None` after saying
+/// loudly why only the local ledger is measured.
+fn start_redis() -> Option<redis_server::RedisServer> {
+    redis_server::RedisServer::spawn()
+        .map_err(|e| {
+            eprintln!("\n*** redis-server unavailable ({e}): measuring the local ledger only ***\n")
+        })
+        .ok()
 }
 
 fn admission(c: &mut Criterion) {
@@ -80,11 +52,8 @@ fn admission(c: &mut Criterion) {
             .iter(|| async { local.admit("bench", NonZeroU32::MIN).await })
     });
 
-    if let Some((_server, port)) = start_redis() {
-        std::env::set_var(
-            "CXGATE_BENCH_REDIS_URL",
-            format!("redis://127.0.0.1:{port}/"),
-        );
+    if let Some(server) = start_redis() {
+        std::env::set_var("CXGATE_BENCH_REDIS_URL", server.url());
         let registry = prometheus::Registry::new();
         let shared = rt.block_on(async {
             let redis =

@@ -10,7 +10,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
+use common::redis_server::RedisServer;
 use common::{client_toml, Answer, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
 use cxgate::sim::{SimHandle, SimOptions};
 use cxgate::Running;
@@ -29,88 +29,13 @@ use cxgate::Running;
 /// One test at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A `redis-server` child on its own port.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    /// `None` (after a loud message) when `redis-server` is missing and `CI` is not `true`.
-    fn start() -> Option<RedisServer> {
-        let port = common::free_port();
-        match spawn_redis(port) {
-            Ok(child) => {
-                let server = RedisServer {
-                    port,
-                    child: Some(child),
-                };
-                server.wait_listening();
-                Some(server)
-            }
-            Err(e) if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!("expected redis-server on PATH under CI=true, saw: {e}")
-            }
-            Err(e) => {
-                eprintln!(
-                    "\n*** SKIPPED: redis-server is not on PATH ({e}); the replica tests did not run ***\n"
-                );
-                None
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn wait_listening(&self) {
-        for _ in 0..150 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("expected redis-server on port {} within 3 s", self.port);
-    }
-
-    /// Kills our child (by its process id).
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.child = Some(spawn_redis(self.port).expect("redis-server starts again"));
-        self.wait_listening();
-    }
-
-    /// A direct connection, to look at what the replicas stored.
-    async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .expect("redis url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to the test redis-server")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn spawn_redis(port: u16) -> std::io::Result<Child> {
-    Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+/// A direct connection to the test Redis, to look at what the replicas stored.
+async fn conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test redis-server")
 }
 
 /// A simulator, a Redis and `n` replicas in front of both.
@@ -125,7 +50,7 @@ struct Cluster {
 
 /// Starts the cluster; `budget` holds the `[budget]` lines other than the backend ones.
 async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster> {
-    let redis = RedisServer::start()?;
+    let redis = RedisServer::start_or_skip("the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
     let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
@@ -402,7 +327,7 @@ async fn rotating_tokens_are_refreshed_once_per_expiry() {
 
     // Every replica ends on the token Redis holds, in its own file too (allowing a
     // refresh that is in flight right now to land).
-    let mut redis = c.redis.conn().await;
+    let mut redis = conn(&c.redis).await;
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let record: Option<String> = redis::cmd("GET")
@@ -576,7 +501,7 @@ async fn replicas_keep_answering_without_redis_and_recover() {
         Err(_) => panic!("every load task has ended, so nothing else holds the cluster"),
     };
     // Back on the shared budget: an admission writes the global key again.
-    let mut redis = c.redis.conn().await;
+    let mut redis = conn(&c.redis).await;
     let _: () = redis::cmd("DEL")
         .arg(format!("{}:budget:global", c.prefix))
         .query_async(&mut redis)

@@ -605,7 +605,7 @@ impl Budget {
 mod tests {
     use super::*;
     use crate::budget::{BudgetSpec, Priority};
-    use crate::replicas::testing::Server;
+    use crate::replicas::testing::RedisServer as Server;
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("positive")
@@ -736,7 +736,7 @@ mod tests {
     /// before the global one does.
     #[tokio::test]
     async fn script_books_like_the_local_ledger() {
-        let Some(server) = Server::start() else {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
             return;
         };
         // 10 per second, burst 4, wait up to 250 ms: four at once, two more 100 and 200 ms
@@ -781,7 +781,7 @@ mod tests {
     /// Redis is back the shared script is used again.
     #[tokio::test]
     async fn losing_redis_falls_back_and_recovers() {
-        let Some(mut server) = Server::start() else {
+        let Some(mut server) = Server::start_or_skip("this Redis budget test") else {
             return;
         };
         let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB2").await;

@@ -13,6 +13,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use cxgate::sim::{SimHandle, SimOptions};
+
+pub mod redis_server;
 use cxgate::Running;
 
 pub const KEY: &str = "test-key";
