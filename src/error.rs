@@ -40,6 +40,12 @@ pub enum GatewayError {
     TokenUnavailable(String),
     #[error("request not answered within {0:?}")]
     RequestTimeout(Duration),
+    /// The client stopped sending its request body for longer than `server.body_timeout`.
+    #[error("request body paused for more than {0:?}")]
+    BodyTimeout(Duration),
+    /// Taking this body would pass `server.max_buffered_bytes`.
+    #[error("gateway overloaded: too many bytes of bodies held in memory")]
+    BuffersFull,
 }
 
 /// `Retry-After` is whole seconds, rounded up, and at least 1 (0 would invite a hot loop).
@@ -65,7 +71,10 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) | GatewayError::RequestTimeout(_) => {
                 (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
             }
-            GatewayError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            GatewayError::Overloaded | GatewayError::BuffersFull => {
+                (StatusCode::SERVICE_UNAVAILABLE, "overloaded")
+            }
+            GatewayError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             GatewayError::TokenUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
             }

@@ -206,6 +206,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stopped.clone(),
         grace,
         Some(Arc::new(workers)),
+        server::Limits::client(&config.server),
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -214,6 +215,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stopped,
         grace,
         None,
+        server::Limits::admin(&config.server),
     ));
     tracing::info!(%addr, %admin_addr, upstream = %config.upstream.base_url, "cxgate serving");
     Ok(Running {

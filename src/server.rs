@@ -5,6 +5,14 @@
 //! [`Workers`] for the client listener. On shutdown the accept loop
 //! stops first, then every connection is told to finish its in-flight requests, and after
 //! `grace` whatever is left is dropped.
+//!
+//! Connections that hold resources without using them are closed ([`Limits`]): each
+//! connection has a watchdog that closes it when it has not finished its first request head
+//! within `header_timeout` of accept (TLS handshake and HTTP/2 preface included), when a
+//! later HTTP/1.1 head has not ended within `header_timeout` of its first byte, or when no
+//! request has run for `idle_timeout`. At most `max_connections` are open per listener;
+//! more wait in the kernel's listen backlog, so the admin listener, which has a limit of
+//! its own, keeps answering whatever the client listener is sent.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,22 +22,245 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::Body;
 
-/// How long a client may take to send its request head, or to finish a TLS handshake.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head accepted over HTTP/1.1; beyond it hyper answers 431.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Connections the admin listener keeps open at once: its own limit, apart from the client
+/// listener's, so a flood of client connections never leaves `/healthz` unanswered.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// How long a connection may hold on without sending, and how many may be open.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From accept to the end of the first request head (TLS handshake included), and from
+    /// the first byte of a later HTTP/1.1 head to its end.
+    pub header_timeout: Duration,
+    /// With no request running for this long, the connection is closed.
+    pub idle_timeout: Duration,
+    /// Connections open at once on the listener.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The client listener's: `server.header_timeout`, `idle_timeout`, `max_connections`.
+    pub fn client(server: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            header_timeout: server.header_timeout,
+            idle_timeout: server.idle_timeout,
+            max_connections: server.max_connections,
+        }
+    }
+
+    /// The admin listener's: the same timeouts, and a small limit of its own.
+    pub fn admin(server: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            max_connections: ADMIN_MAX_CONNECTIONS.min(server.max_connections.max(16)),
+            ..Limits::client(server)
+        }
+    }
+}
+
+/// No time recorded.
+const NEVER: u64 = u64::MAX;
+
+/// What one connection's watchdog knows: whether a request is running, since when it has
+/// been idle, and since when a new head has been arriving. Times are milliseconds since
+/// accept.
+struct Watch {
+    accepted: tokio::time::Instant,
+    /// Requests whose answer is being made.
+    running: AtomicUsize,
+    /// Some request head has been read whole.
+    served: AtomicBool,
+    /// The client spoke HTTP/2 (its preface): frames such as PING are no new head.
+    h2: AtomicBool,
+    idle_since: AtomicU64,
+    head_since: AtomicU64,
+    changed: Notify,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch {
+            accepted: tokio::time::Instant::now(),
+            running: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NEVER),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.accepted.elapsed().as_millis() as u64
+    }
+
+    /// A request head has been read: no deadline while its answer is made.
+    fn begin(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
+        self.head_since.store(NEVER, Ordering::Release);
+        self.changed.notify_one();
+        Running(Arc::clone(self))
+    }
+
+    /// Bytes arrived: on an idle HTTP/1.1 connection that starts the next head's clock.
+    fn read_some(&self) {
+        if self.running.load(Ordering::Acquire) == 0
+            && self.served.load(Ordering::Acquire)
+            && !self.h2.load(Ordering::Relaxed)
+            && self.head_since.load(Ordering::Acquire) == NEVER
+        {
+            self.head_since.store(self.now_ms(), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// When the connection is to be closed if nothing changes; `None` while a request runs.
+    fn deadline(&self, limits: &Limits) -> Option<tokio::time::Instant> {
+        if self.running.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let at = |ms: u64, plus: Duration| {
+            Some(self.accepted + Duration::from_millis(ms).saturating_add(plus))
+        };
+        if !self.served.load(Ordering::Acquire) {
+            return at(0, limits.header_timeout);
+        }
+        match self.head_since.load(Ordering::Acquire) {
+            NEVER => at(self.idle_since.load(Ordering::Acquire), limits.idle_timeout),
+            since => at(since, limits.header_timeout),
+        }
+    }
+
+    /// Resolves when the connection has been silent, slow or idle for too long.
+    async fn expired(&self, limits: Limits) -> &'static str {
+        loop {
+            // `notify_one` keeps a wake-up for a waiter that is not waiting yet, so a change
+            // between reading the deadline and sleeping is never missed.
+            let changed = self.changed.notified();
+            match self.deadline(&limits) {
+                None => changed.await,
+                Some(deadline) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return if !self.served.load(Ordering::Acquire) {
+                            "no request head within header_timeout of accept"
+                        } else if self.head_since.load(Ordering::Acquire) != NEVER {
+                            "request head not finished within header_timeout"
+                        } else {
+                            "idle for idle_timeout"
+                        };
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = changed => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A request being answered; dropping it starts the connection's idle time.
+struct Running(Arc<Watch>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let w = &self.0;
+        if w.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            w.idle_since.store(w.now_ms(), Ordering::Release);
+            w.head_since.store(NEVER, Ordering::Release);
+            w.changed.notify_one();
+        }
+    }
+}
+
+/// A connection's byte stream, telling its [`Watch`] when bytes arrive.
+struct Watched<T> {
+    io: T,
+    watch: Arc<Watch>,
+    /// The first bytes have been looked at for the HTTP/2 preface.
+    seen_first: bool,
+}
+
+impl<T> Watched<T> {
+    fn new(io: T, watch: &Arc<Watch>) -> Watched<T> {
+        Watched {
+            io,
+            watch: Arc::clone(watch),
+            seen_first: false,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if !this.seen_first {
+                this.seen_first = true;
+                if buf.filled()[before..].starts_with(b"PRI ") {
+                    this.watch.h2.store(true, Ordering::Relaxed);
+                }
+            }
+            this.watch.read_some();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -70,9 +301,12 @@ pub fn tls_acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, Tl
 
 fn builder() -> Builder<TokioExecutor> {
     let mut b = Builder::new(TokioExecutor::new());
+    // hyper's own head timer starts as soon as a keep-alive connection waits for its next
+    // request, which would cut idle connections at `header_timeout`: each connection's
+    // watchdog keeps both clocks instead.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES)
         .keep_alive(true);
     b.http2()
@@ -148,7 +382,8 @@ impl Workers {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains for at most `grace`.
-/// Connections run on `workers` when given, else on the calling runtime.
+/// Connections run on `workers` when given, else on the calling runtime, and are held to
+/// `limits`.
 pub async fn serve<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
@@ -156,13 +391,25 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
     workers: Option<Arc<Workers>>,
+    limits: Limits,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let builder = Arc::new(builder());
     let graceful = GracefulShutdown::new();
+    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // A place first, then the connection: past `max_connections` new ones wait in the
+        // listen backlog rather than take descriptors the open ones and the admin need.
+        let place = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            place = Arc::clone(&open).acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+        };
         let accepted = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
@@ -179,11 +426,18 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let watch = Arc::new(Watch::new());
         let service = hyper::service::service_fn({
             let handler = handler.clone();
+            let watch = Arc::clone(&watch);
             move |req| {
+                let running = watch.begin();
                 let fut = handler(req);
-                async move { Ok::<_, Infallible>(fut.await) }
+                async move {
+                    let resp = fut.await;
+                    drop(running);
+                    Ok::<_, Infallible>(resp)
+                }
             }
         });
         let runtime = workers.as_deref().map(Workers::pick);
@@ -191,29 +445,36 @@ pub async fn serve<H, F>(
         let tls = tls.clone();
         let watcher = graceful.watcher();
         let connection = move |stream: TcpStream| async move {
-            match tls {
-                None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let served = async {
+                match tls {
+                    None => {
+                        let io = TokioIo::new(Watched::new(stream, &watch));
+                        let conn = builder.serve_connection_with_upgrades(io, service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
                     }
-                }
-                Some(acceptor) => {
-                    let tls =
-                        match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => {
+                    Some(acceptor) => {
+                        // The handshake runs on the watchdog's clock from accept.
+                        let tls = match acceptor.accept(stream).await {
+                            Ok(tls) => tls,
+                            Err(e) => {
                                 return tracing::debug!(%peer, error = %e, "TLS handshake failed")
                             }
-                            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
                         };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        let io = TokioIo::new(Watched::new(tls, &watch));
+                        let conn = builder.serve_connection_with_upgrades(io, service);
+                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                _ = served => {}
+                why = watch.expired(limits) => tracing::debug!(%peer, why, "connection closed"),
             }
+            drop(place);
         };
         match runtime {
             None => {

@@ -4,6 +4,10 @@
 //! that task (not a caller) removes the key from the in-flight map, through a drop guard
 //! that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
 //! watch channel and all wake at once; a panicked fetch wakes them with `MergeError`.
+//!
+//! [`Merger::run_while_wanted`] is the exception: its fetch is cancelled as soon as the
+//! last caller waiting for it has gone (for answers nobody else can use, such as reads that
+//! are not cached).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +29,50 @@ pub struct MergeError;
 
 /// `None` until the fetch has produced its value.
 type Outcome<V> = Option<V>;
-type Flights<V> = Mutex<HashMap<String, watch::Receiver<Outcome<V>>>>;
+type Flights<V> = Mutex<HashMap<String, Flying<V>>>;
+
+/// One fetch in flight as the map holds it.
+struct Flying<V> {
+    outcome: watch::Receiver<Outcome<V>>,
+    /// For a fetch that only runs while wanted: who still waits, and how to stop it.
+    wanted: Option<Arc<Wanted>>,
+}
+
+/// The callers still waiting for a fetch that runs only while wanted. Counted under the
+/// map's lock, so a caller can never join a fetch that is being cancelled.
+struct Wanted {
+    callers: std::sync::atomic::AtomicUsize,
+    task: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+/// A caller waiting for a fetch that runs only while wanted: the last one to go cancels it.
+struct Waiting<V> {
+    flights: Arc<Flights<V>>,
+    key: String,
+    outcome: watch::Receiver<Outcome<V>>,
+    wanted: Arc<Wanted>,
+}
+
+impl<V> Drop for Waiting<V> {
+    fn drop(&mut self) {
+        let mut flights = lock(&self.flights);
+        let left = self
+            .wanted
+            .callers
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if left == 1 {
+            if flights
+                .get(&self.key)
+                .is_some_and(|f| f.outcome.same_channel(&self.outcome))
+            {
+                flights.remove(&self.key);
+            }
+            if let Some(task) = self.wanted.task.get() {
+                task.abort();
+            }
+        }
+    }
+}
 
 /// Merges concurrent fetches by key. Cheap to clone: clones share the in-flight map.
 pub struct Merger<V> {
@@ -48,7 +95,7 @@ impl<V> Default for Merger<V> {
     }
 }
 
-fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, watch::Receiver<Outcome<V>>>> {
+fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, Flying<V>>> {
     // The map is only touched by single insert/remove calls, which leave it consistent
     // even if a panic (an allocation failure) poisoned the lock.
     flights.lock().unwrap_or_else(PoisonError::into_inner)
@@ -65,13 +112,66 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let (mut outcome, role) = {
+        self.run_as(key, fetch, false).await
+    }
+
+    /// Like [`Merger::run`], but the fetch is cancelled once every caller waiting for it
+    /// (this one and any that joined) has gone. Callers of `run` joining such a fetch count
+    /// as waiting for it too.
+    pub async fn run_while_wanted<F>(&self, key: String, fetch: F) -> Result<(V, Role), MergeError>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        self.run_as(key, fetch, true).await
+    }
+
+    async fn run_as<F>(
+        &self,
+        key: String,
+        fetch: F,
+        only_while_wanted: bool,
+    ) -> Result<(V, Role), MergeError>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let (mut outcome, role, _waiting) = {
             let mut flights = lock(&self.flights);
             match flights.get(&key) {
-                Some(outcome) => (outcome.clone(), Role::Follower),
+                Some(flying) => {
+                    let waiting = flying.wanted.as_ref().map(|wanted| {
+                        wanted
+                            .callers
+                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        Waiting {
+                            flights: Arc::clone(&self.flights),
+                            key: key.clone(),
+                            outcome: flying.outcome.clone(),
+                            wanted: Arc::clone(wanted),
+                        }
+                    });
+                    (flying.outcome.clone(), Role::Follower, waiting)
+                }
                 None => {
                     let (sender, outcome) = watch::channel(None);
-                    flights.insert(key.clone(), outcome.clone());
+                    let wanted = only_while_wanted.then(|| {
+                        Arc::new(Wanted {
+                            callers: std::sync::atomic::AtomicUsize::new(1),
+                            task: std::sync::OnceLock::new(),
+                        })
+                    });
+                    flights.insert(
+                        key.clone(),
+                        Flying {
+                            outcome: outcome.clone(),
+                            wanted: wanted.clone(),
+                        },
+                    );
+                    let waiting = wanted.as_ref().map(|wanted| Waiting {
+                        flights: Arc::clone(&self.flights),
+                        key: key.clone(),
+                        outcome: outcome.clone(),
+                        wanted: Arc::clone(wanted),
+                    });
                     // Spawning under the lock is fine (it never blocks) and keeps the map
                     // entry and its task one step: no caller can observe one without the other.
                     let flight = Flight {
@@ -79,8 +179,11 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
                         key,
                         sender,
                     };
-                    tokio::spawn(flight.fly(fetch));
-                    (outcome, Role::Leader)
+                    let task = tokio::spawn(flight.fly(fetch));
+                    if let Some(wanted) = &wanted {
+                        let _ = wanted.task.set(task.abort_handle());
+                    }
+                    (outcome, Role::Leader, waiting)
                 }
             }
         };
@@ -132,7 +235,7 @@ impl<V> Drop for Flight<V> {
         // entry is ours anyway rather than trust that reasoning with another flight's key.
         if flights
             .get(&self.key)
-            .is_some_and(|outcome| outcome.same_channel(&self.sender.subscribe()))
+            .is_some_and(|f| f.outcome.same_channel(&self.sender.subscribe()))
         {
             flights.remove(&self.key);
         }
@@ -291,6 +394,52 @@ mod tests {
             (5, Role::Leader),
             "expected a new leader after the panic, saw {seen:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fetch_run_while_wanted_stops_when_its_last_caller_hangs_up() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let fetch = |runs: &Arc<AtomicUsize>| {
+            let (done, inner) = (Arc::clone(&done), slow_fetch(runs, 1));
+            async move {
+                let v = inner.await;
+                done.fetch_add(1, Ordering::SeqCst);
+                v
+            }
+        };
+        let first = {
+            let (merger, fetch) = (merger.clone(), fetch(&runs));
+            tokio::spawn(async move { merger.run_while_wanted("k".into(), fetch).await })
+        };
+        tokio::task::yield_now().await;
+        let second = {
+            let (merger, fetch) = (merger.clone(), fetch(&runs));
+            tokio::spawn(async move { merger.run_while_wanted("k".into(), fetch).await })
+        };
+        tokio::time::advance(Duration::from_millis(10)).await;
+        first.abort();
+        let _ = first.await;
+        assert_eq!(
+            merger.in_flight(),
+            1,
+            "one caller left: the fetch must go on"
+        );
+        second.abort();
+        let _ = second.await;
+        assert_eq!(merger.in_flight(), 0, "nobody left: the key must be freed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "expected the abandoned fetch to be cancelled, it completed"
+        );
+        let again = merger
+            .run_while_wanted("k".into(), fetch(&runs))
+            .await
+            .expect("a new fetch");
+        assert_eq!(again, (1, Role::Leader), "expected a fresh leader");
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,6 +32,17 @@ pub struct ServerConfig {
     pub max_concurrency: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// From accept to the end of the first request head, and from the first byte of a
+    /// later head to its end: longer and the connection is closed.
+    pub header_timeout: Duration,
+    /// The longest pause between two pieces of a request body: longer is 408.
+    pub body_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Bytes of request and answer bodies held at once; a request past it gets 503.
+    pub max_buffered_bytes: u64,
     pub admin_token_env: Option<String>,
     pub allow_anonymous: bool,
     pub tls: Option<TlsConfig>,
@@ -172,6 +183,11 @@ impl Config {
             out,
             "limits: max_body_bytes={} max_concurrency={} request_timeout={:?} shutdown_grace={:?}",
             s.max_body_bytes, s.max_concurrency, s.request_timeout, s.shutdown_grace
+        );
+        let _ = writeln!(
+            out,
+            "connections: max_connections={} header_timeout={:?} body_timeout={:?} idle_timeout={:?} max_buffered_bytes={}",
+            s.max_connections, s.header_timeout, s.body_timeout, s.idle_timeout, s.max_buffered_bytes
         );
         let u = &self.upstream;
         let _ = writeln!(

@@ -51,6 +51,16 @@ pub struct RawServer {
     pub request_timeout: Option<String>,
     /// Drain time on SIGTERM/SIGINT.
     pub shutdown_grace: Option<String>,
+    /// A connection must finish its request head within this, counted from accept.
+    pub header_timeout: Option<String>,
+    /// The longest pause between two pieces of a request body before 408.
+    pub body_timeout: Option<String>,
+    /// Keep-alive connections idle longer than this are closed.
+    pub idle_timeout: Option<String>,
+    /// Client connections open at once; more wait in the listen backlog.
+    pub max_connections: Option<i64>,
+    /// All request and answer bodies held in memory at once; past it 503.
+    pub max_buffered_bytes: Option<RawSize>,
     /// Environment variable holding the admin bearer token.
     pub admin_token_env: Option<String>,
     /// Allow the anonymous mode on a non-loopback listener.

@@ -128,6 +128,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             1024
         }
     };
+    let max_connections = match s.max_connections {
+        None => 10_000,
+        Some(n) if n >= 1 => n as usize,
+        Some(n) => {
+            p.add(
+                "server.max_connections",
+                format!("must be at least 1, got {n}"),
+            );
+            10_000
+        }
+    };
     let tls = s.tls.as_ref().map(|t| {
         if t.cert_file.is_none() {
             p.add(
@@ -162,12 +173,51 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             s.shutdown_grace.as_ref(),
             Duration::from_secs(10),
         ),
+        header_timeout: p.duration(
+            "server.header_timeout",
+            s.header_timeout.as_ref(),
+            Duration::from_secs(10),
+        ),
+        body_timeout: p.duration(
+            "server.body_timeout",
+            s.body_timeout.as_ref(),
+            Duration::from_secs(10),
+        ),
+        idle_timeout: p.duration(
+            "server.idle_timeout",
+            s.idle_timeout.as_ref(),
+            Duration::from_secs(60),
+        ),
+        max_connections,
+        max_buffered_bytes: p.size(
+            "server.max_buffered_bytes",
+            s.max_buffered_bytes.as_ref(),
+            256 << 20,
+        ),
         admin_token_env: s.admin_token_env.clone(),
         allow_anonymous: s.allow_anonymous.unwrap_or(false),
         tls,
     };
     if server.request_timeout.is_zero() {
         p.add("server.request_timeout", "must be greater than zero");
+    }
+    for (path, value) in [
+        ("server.header_timeout", server.header_timeout),
+        ("server.body_timeout", server.body_timeout),
+        ("server.idle_timeout", server.idle_timeout),
+    ] {
+        if value.is_zero() {
+            p.add(path, "must be greater than zero");
+        }
+    }
+    if server.max_buffered_bytes < server.max_body_bytes {
+        p.add(
+            "server.max_buffered_bytes",
+            format!(
+                "must be at least server.max_body_bytes ({}), or no request with a full-size body could ever be read",
+                server.max_body_bytes
+            ),
+        );
     }
 
     let u = &raw.upstream;

@@ -118,7 +118,13 @@ impl Gateway {
         let req = forward::build_request(out, token)?;
         let started = Instant::now();
         let http = inner.http.current();
-        let result = forward::exchange(&http, req, call.state.config.upstream.timeout).await;
+        let result = forward::exchange(
+            &http,
+            req,
+            call.state.config.upstream.timeout,
+            &inner.buffers,
+        )
+        .await;
         let m = &inner.metrics;
         let route = &*call.route_label;
         m.upstream_duration

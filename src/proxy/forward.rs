@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 
 use crate::error::GatewayError;
 use crate::upstream::HttpClient;
@@ -29,6 +29,8 @@ pub struct Fetched {
     pub upstream_time: Duration,
     /// Time spent waiting for budget before the first exchange.
     pub budget_wait: Duration,
+    /// The body's bytes, held against `server.max_buffered_bytes` while the answer lives.
+    pub held: super::Held,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones
@@ -108,11 +110,13 @@ pub fn build_request(
     Ok(req)
 }
 
-/// Sends one request and reads the whole answer, within `timeout`.
+/// Sends one request and reads the whole answer, within `timeout`, holding its bytes
+/// against `buffers` (503 when they would pass `server.max_buffered_bytes`).
 pub async fn exchange(
     client: &HttpClient,
     req: Request<Full<Bytes>>,
     timeout: Duration,
+    buffers: &std::sync::Arc<super::Buffers>,
 ) -> Result<Fetched, GatewayError> {
     let work = async {
         let resp = client.request(req).await.map_err(|e| {
@@ -124,11 +128,27 @@ pub async fn exchange(
             GatewayError::UpstreamUnreachable(format!("{what}: {}", root_cause(&e)))
         })?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_UPSTREAM_BODY)
-            .collect()
+        // What the upstream announces is held before a byte is read: an answer that cannot
+        // fit is refused at once instead of after it has been read.
+        let announced = hyper::body::Body::size_hint(&body)
+            .lower()
+            .min(MAX_UPSTREAM_BODY as u64);
+        let held = buffers.hold(announced)?;
+        let limit = MAX_UPSTREAM_BODY as u64;
+        let body = super::buffers::collect(body, limit, None, &held, announced)
             .await
-            .map_err(|e| GatewayError::UpstreamUnreachable(format!("answer body failed: {e}")))?
-            .to_bytes();
+            .map_err(|e| match e {
+                super::buffers::CollectError::Full => GatewayError::BuffersFull,
+                super::buffers::CollectError::TooLarge => GatewayError::UpstreamUnreachable(
+                    format!("answer body failed: larger than {MAX_UPSTREAM_BODY} bytes"),
+                ),
+                super::buffers::CollectError::Paused => {
+                    GatewayError::UpstreamUnreachable("answer body stalled".into())
+                }
+                super::buffers::CollectError::Body(e) => {
+                    GatewayError::UpstreamUnreachable(format!("answer body failed: {e}"))
+                }
+            })?;
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
@@ -138,6 +158,7 @@ pub async fn exchange(
             body,
             upstream_time: Duration::ZERO,
             budget_wait: Duration::ZERO,
+            held,
         })
     };
     match tokio::time::timeout(timeout, work).await {

@@ -10,12 +10,14 @@
 //! one before (client, route, cache result), and one readable function beats a tower of
 //! generic types when reviewing the order.
 
+mod buffers;
 mod call;
 mod forward;
 mod read;
 mod reply;
 mod request;
 
+pub use buffers::{Buffers, Held};
 pub use forward::{strip_hop_by_hop, Fetched};
 pub use request::{check_path, check_target, client_key, normalise_escapes, strip_access_token};
 
@@ -25,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use tokio::sync::Semaphore;
 
 use crate::auth::{self, Client, Clients};
@@ -144,6 +146,8 @@ struct Inner {
     /// `max_concurrency` permits, one set for the process: a reload resizes it rather than
     /// making a new one, so repeated reloads never multiply the limit.
     in_flight: Arc<Semaphore>,
+    /// `server.max_buffered_bytes`: every body held in memory at once.
+    buffers: Arc<Buffers>,
 }
 
 /// What a request turned out to be, for metrics and the access log. Borrows from the
@@ -164,6 +168,7 @@ struct Outcome<'s> {
 impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
         let permits = config.server.max_concurrency;
+        let buffered = config.server.max_buffered_bytes;
         Gateway {
             inner: Arc::new(Inner {
                 state: RwLock::new(Arc::new(State::new(config))),
@@ -176,6 +181,7 @@ impl Gateway {
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
                 in_flight: Arc::new(Semaphore::new(permits)),
+                buffers: Buffers::new(buffered),
             }),
         }
     }
@@ -207,6 +213,9 @@ impl Gateway {
     pub fn swap(&self, config: Arc<Config>) {
         let old = self.state().config.server.max_concurrency;
         resize_permits(&self.inner.in_flight, old, config.server.max_concurrency);
+        self.inner
+            .buffers
+            .set_limit(config.server.max_buffered_bytes);
         self.inner.budget.reload(budget_spec(&config));
         let next = Arc::new(State::new(config));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
@@ -218,6 +227,11 @@ impl Gateway {
 
     pub fn cache(&self) -> &Store {
         &self.inner.cache
+    }
+
+    /// Bytes of request and answer bodies held in memory right now.
+    pub fn buffered_bytes(&self) -> u64 {
+        self.inner.buffers.held()
     }
 
     pub fn budget(&self) -> &Budget {
@@ -262,17 +276,15 @@ impl Gateway {
         };
         let timeout = state.config.server.request_timeout;
 
-        let mut resp = match self.inner.in_flight.try_acquire() {
-            Err(_) => GatewayError::Overloaded.response(),
-            Ok(_permit) => {
-                // Pinned where it is made: the timeout then holds a pointer instead of a
-                // copy of the pipeline's state, which is kilobytes.
-                let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
-                match tokio::time::timeout(timeout, work).await {
-                    Ok(Ok(resp)) => resp,
-                    Ok(Err(e)) => e.response(),
-                    Err(_) => GatewayError::RequestTimeout(timeout).response(),
-                }
+        // Pinned where it is made: the timeout then holds a pointer instead of a copy of
+        // the pipeline's state, which is kilobytes. The `max_concurrency` permit is taken
+        // inside, once the request body is in.
+        let mut resp = {
+            let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
+            match tokio::time::timeout(timeout, work).await {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(e)) => e.response(),
+                Err(_) => GatewayError::RequestTimeout(timeout).response(),
             }
         };
         let headers = resp.headers_mut();
@@ -417,13 +429,21 @@ impl Gateway {
             )));
         }
 
-        // 5. The body, bounded.
-        let body = read_body(
+        // 5. The body, bounded in size, in pauses and in what all bodies hold together.
+        let (body, _body_held) = read_body(
             parts.headers.get(header::CONTENT_LENGTH),
             body,
-            cfg.server.max_body_bytes,
+            &cfg.server,
+            &self.inner.buffers,
         )
         .await?;
+        // Only now a `max_concurrency` permit: a request whose body is still arriving waits
+        // on its client, not on the gateway, and must not crowd out requests that are ready.
+        let _permit = self
+            .inner
+            .in_flight
+            .try_acquire()
+            .map_err(|_| GatewayError::Overloaded)?;
 
         let route_index = outcome.route;
         let make_call = || Call {
@@ -480,17 +500,22 @@ impl Gateway {
     }
 }
 
-/// Reads the request body, refusing more than `limit` bytes (early, by Content-Length,
-/// when the client announces it).
+/// Reads the request body: at most `max_body_bytes` (refused early, by Content-Length,
+/// when the client announces it), with no pause longer than `body_timeout` between pieces
+/// (408), and held against `max_buffered_bytes` (503) for as long as the returned [`Held`]
+/// lives.
 async fn read_body<B>(
     length: Option<&HeaderValue>,
     body: B,
-    limit: u64,
-) -> Result<Bytes, GatewayError>
+    server: &crate::config::ServerConfig,
+    buffers: &Arc<Buffers>,
+) -> Result<(Bytes, Held), GatewayError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let limit = server.max_body_bytes;
+    let mut announced = 0;
     if let Some(len) = length {
         let len: u64 = len
             .to_str()
@@ -500,22 +525,23 @@ where
         if len > limit {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
+        announced = len;
     }
     if body.is_end_stream() {
         // Nothing to read (a GET without a body, as most are): no collecting to set up.
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), Held::default()));
     }
-    Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                GatewayError::PayloadTooLarge { limit }
-            } else {
-                GatewayError::BadRequest("request body could not be read")
-            }
-        })
+    let held = buffers.hold(announced)?;
+    let pause = server.body_timeout;
+    match buffers::collect(body, limit, Some(pause), &held, announced).await {
+        Ok(bytes) => Ok((bytes, held)),
+        Err(buffers::CollectError::TooLarge) => Err(GatewayError::PayloadTooLarge { limit }),
+        Err(buffers::CollectError::Paused) => Err(GatewayError::BodyTimeout(pause)),
+        Err(buffers::CollectError::Full) => Err(GatewayError::BuffersFull),
+        Err(buffers::CollectError::Body(_)) => {
+            Err(GatewayError::BadRequest("request body could not be read"))
+        }
+    }
 }
 
 /// The budget's view of the configuration.

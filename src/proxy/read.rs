@@ -148,7 +148,14 @@ impl Gateway {
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
-        let shared = inner.merger.run(merge_key, fetch).await;
+        // A read that will not be cached is of use to its callers only: once they have all
+        // hung up it is cancelled, budget and upstream connection with it. A cacheable one
+        // runs on to fill the cache for whoever asks next.
+        let shared = if cacheable {
+            inner.merger.run(merge_key, fetch).await
+        } else {
+            inner.merger.run_while_wanted(merge_key, fetch).await
+        };
         let (value, role) = match shared {
             Ok(v) => v,
             Err(e) => (
@@ -302,5 +309,7 @@ fn clone_error(e: &GatewayError) -> GatewayError {
         GatewayError::Overloaded => GatewayError::Overloaded,
         GatewayError::TokenUnavailable(m) => GatewayError::TokenUnavailable(m.clone()),
         GatewayError::RequestTimeout(d) => GatewayError::RequestTimeout(*d),
+        GatewayError::BodyTimeout(d) => GatewayError::BodyTimeout(*d),
+        GatewayError::BuffersFull => GatewayError::BuffersFull,
     }
 }

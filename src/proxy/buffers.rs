@@ -1,0 +1,197 @@
+//! The one bound on body bytes held in memory at once: `server.max_buffered_bytes`.
+//!
+//! Every request body being read and every upstream answer being collected holds its bytes
+//! here while it grows, and gives them back when the last part of the request or answer
+//! that owns it is dropped. A body that would take the total past the limit is refused
+//! (503 `overloaded`) instead of read, so a hostile upstream sending large answers, or many
+//! clients sending large bodies, cannot make the process grow without bound: without it,
+//! `max_concurrency` times the 64 MiB answer limit is what could be held.
+//!
+//! What it does not count: cache entries (`cache.max_bytes` bounds those) and answers
+//! already handed to a connection for writing (those go as fast as the client reads, and a
+//! client that stops reading is closed by `server.idle_timeout`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+
+use crate::error::GatewayError;
+
+/// The running total and its limit, shared by every request.
+#[derive(Debug)]
+pub struct Buffers {
+    held: AtomicU64,
+    limit: AtomicU64,
+}
+
+impl Buffers {
+    pub fn new(limit: u64) -> Arc<Buffers> {
+        Arc::new(Buffers {
+            held: AtomicU64::new(0),
+            limit: AtomicU64::new(limit),
+        })
+    }
+
+    /// A reload's new limit; what is held already stays held.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    /// Bytes held right now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` more, or refuses if that would pass the limit.
+    fn take(&self, bytes: u64) -> Result<(), GatewayError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let limit = self.limit.load(Ordering::Relaxed);
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|total| *total <= limit)
+            })
+            .map(|_| ())
+            .map_err(|_| GatewayError::BuffersFull)
+    }
+
+    /// A holding of `bytes` (possibly none yet), or 503 if the limit does not allow them.
+    pub fn hold(self: &Arc<Self>, bytes: u64) -> Result<Held, GatewayError> {
+        self.take(bytes)?;
+        Ok(Held {
+            inner: Some(Arc::new(Holding {
+                buffers: Arc::clone(self),
+                bytes: AtomicU64::new(bytes),
+            })),
+        })
+    }
+}
+
+/// Bytes held for one body; given back when the last clone is dropped. Clones share one
+/// holding, so an answer shared by merged callers is counted once.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    inner: Option<Arc<Holding>>,
+}
+
+#[derive(Debug)]
+struct Holding {
+    buffers: Arc<Buffers>,
+    bytes: AtomicU64,
+}
+
+impl Held {
+    /// Holds `more` bytes too, or 503 if the limit does not allow them.
+    pub fn grow(&self, more: u64) -> Result<(), GatewayError> {
+        match &self.inner {
+            None => Ok(()),
+            Some(h) => {
+                h.buffers.take(more)?;
+                h.bytes.fetch_add(more, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let bytes = *self.bytes.get_mut();
+        self.buffers.held.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Why [`collect`] stopped.
+pub enum CollectError {
+    /// More than the per-body limit.
+    TooLarge,
+    /// No piece arrived within the allowed pause.
+    Paused,
+    /// The limit of all bodies held at once.
+    Full,
+    /// The body itself failed (a reset stream, a broken chunk).
+    Body(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Reads `body` whole into one buffer, holding its bytes in `held` as they arrive beyond
+/// the `reserved` ones `held` was made with: at most `limit` bytes, and with no pause
+/// between pieces longer than `pause` (if given).
+pub async fn collect<B>(
+    body: B,
+    limit: u64,
+    pause: Option<std::time::Duration>,
+    held: &Held,
+    reserved: u64,
+) -> Result<Bytes, CollectError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    let mut covered = reserved;
+    loop {
+        let next = body.frame();
+        let frame = match pause {
+            Some(pause) => tokio::time::timeout(pause, next)
+                .await
+                .map_err(|_| CollectError::Paused)?,
+            None => next.await,
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| CollectError::Body(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let len = data.len() as u64;
+        total += len;
+        if total > limit {
+            return Err(CollectError::TooLarge);
+        }
+        if total > covered {
+            held.grow(total - covered).map_err(|_| CollectError::Full)?;
+            covered = total;
+        }
+        if !data.is_empty() {
+            pieces.push(data);
+        }
+    }
+    Ok(match pieces.len() {
+        0 => Bytes::new(),
+        1 => pieces.pop().unwrap_or_default(),
+        _ => {
+            let mut joined = BytesMut::with_capacity(total as usize);
+            for piece in pieces {
+                joined.extend_from_slice(&piece);
+            }
+            joined.freeze()
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holdings_past_the_limit_are_refused_and_dropping_gives_bytes_back() {
+        let buffers = Buffers::new(100);
+        let a = buffers.hold(60).expect("60 of 100");
+        assert!(
+            buffers.hold(41).is_err(),
+            "60 + 41 must pass a limit of 100"
+        );
+        let b = buffers.hold(40).expect("60 + 40 fits exactly");
+        assert!(b.grow(1).is_err(), "growing past the limit must be refused");
+        let shared = b.clone();
+        drop(b);
+        assert_eq!(buffers.held(), 100, "a clone keeps the holding");
+        drop(shared);
+        drop(a);
+        assert_eq!(buffers.held(), 0, "every byte given back");
+    }
+}
