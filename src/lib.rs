@@ -192,6 +192,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         started,
     });
 
+    let open = connections_gauge(&admin.registry)?;
     let (stop, stopped) = watch::channel(false);
     let g = gateway.clone();
     let workers = server::Workers::per_core()
@@ -206,7 +207,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stopped.clone(),
         grace,
         Some(Arc::new(workers)),
-        server::Limits::client(&config.server),
+        server::Limits::client(&config.server).counted(open.with_label_values(&["client"])),
     ));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -215,7 +216,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stopped,
         grace,
         None,
-        server::Limits::admin(&config.server),
+        server::Limits::admin(&config.server).counted(open.with_label_values(&["admin"])),
     ));
     tracing::info!(%addr, %admin_addr, upstream = %config.upstream.base_url, "cxgate serving");
     Ok(Running {
@@ -227,6 +228,29 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         refresher,
         replicas: redis,
     })
+}
+
+/// `cxgate_connections_open{listener}`: connections open now on each listener, both
+/// present from the first scrape.
+fn connections_gauge(
+    registry: &prometheus::Registry,
+) -> Result<prometheus::IntGaugeVec, StartError> {
+    let gauge = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "cxgate_connections_open",
+            "Connections open now, by listener (client, admin).",
+        ),
+        &["listener"],
+    )
+    .and_then(|g| {
+        registry.register(Box::new(g.clone()))?;
+        Ok(g)
+    })
+    .map_err(|e| StartError::Refused(format!("cannot register cxgate_connections_open: {e}")))?;
+    for listener in ["client", "admin"] {
+        gauge.with_label_values(&[listener]).set(0);
+    }
+    Ok(gauge)
 }
 
 /// How an invalidation published by another replica is applied to this one's cache.

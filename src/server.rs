@@ -46,7 +46,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const ADMIN_MAX_CONNECTIONS: usize = 256;
 
 /// How long a connection may hold on without sending, and how many may be open.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// From accept to the end of the first request head (TLS handshake included), and from
     /// the first byte of a later HTTP/1.1 head to its end.
@@ -55,6 +55,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Connections open at once on the listener.
     pub max_connections: usize,
+    /// Where the number of open connections is shown (`cxgate_connections_open`).
+    pub open: Option<prometheus::IntGauge>,
 }
 
 impl Limits {
@@ -64,6 +66,15 @@ impl Limits {
             header_timeout: server.header_timeout,
             idle_timeout: server.idle_timeout,
             max_connections: server.max_connections,
+            open: None,
+        }
+    }
+
+    /// The same limits, counting open connections in `gauge`.
+    pub fn counted(self, gauge: prometheus::IntGauge) -> Limits {
+        Limits {
+            open: Some(gauge),
+            ..self
         }
     }
 
@@ -174,6 +185,35 @@ impl Watch {
                     }
                 }
             }
+        }
+    }
+}
+
+/// One open connection, counted while it lives.
+struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    open: Option<prometheus::IntGauge>,
+}
+
+impl Place {
+    fn new(
+        permit: tokio::sync::OwnedSemaphorePermit,
+        open: &Option<prometheus::IntGauge>,
+    ) -> Place {
+        if let Some(g) = open {
+            g.inc();
+        }
+        Place {
+            _permit: permit,
+            open: open.clone(),
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(g) = &self.open {
+            g.dec();
         }
     }
 }
@@ -406,7 +446,7 @@ pub async fn serve<H, F>(
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
             place = Arc::clone(&open).acquire_owned() => match place {
-                Ok(place) => place,
+                Ok(permit) => permit,
                 Err(_) => break,
             },
         };
@@ -426,6 +466,7 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
+        let place = Place::new(place, &limits.open);
         let watch = Arc::new(Watch::new());
         let service = hyper::service::service_fn({
             let handler = handler.clone();
@@ -444,6 +485,7 @@ pub async fn serve<H, F>(
         let builder = builder.clone();
         let tls = tls.clone();
         let watcher = graceful.watcher();
+        let limits = limits.clone();
         let connection = move |stream: TcpStream| async move {
             let served = async {
                 match tls {
