@@ -621,3 +621,74 @@ async fn an_abandoned_uncached_read_is_cancelled_and_a_cached_one_fills_the_cach
     );
     env.stop().await;
 }
+
+#[test]
+fn the_connection_limits_are_configured_checked_and_summarised() {
+    let dir = common::temp_dir("conn-config");
+    let write = |name: &str, server: &str| {
+        let path = dir.join(name);
+        let text = format!(
+            "[server]\n{server}\n[upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
+             [token]\naccess_token_env = \"CX_ACCESS_TOKEN\"\n"
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    };
+    let defaults = cxgate::config::load(&write("defaults.toml", "")).expect("defaults load");
+    let summary = defaults.summary();
+    for part in [
+        "max_connections=10000",
+        "header_timeout=10s",
+        "body_timeout=10s",
+        "idle_timeout=60s",
+        "max_buffered_bytes=268435456",
+    ] {
+        assert!(
+            summary.contains(part),
+            "expected {part:?} in the summary, saw:\n{summary}"
+        );
+    }
+    let set = cxgate::config::load(&write(
+        "set.toml",
+        "header_timeout = \"2s\"\nbody_timeout = \"3s\"\nidle_timeout = \"4s\"\n\
+         max_connections = 50\nmax_buffered_bytes = \"8MiB\"",
+    ))
+    .expect("set values load");
+    let s = &set.server;
+    assert_eq!(
+        (
+            s.header_timeout,
+            s.body_timeout,
+            s.idle_timeout,
+            s.max_connections,
+            s.max_buffered_bytes
+        ),
+        (
+            Duration::from_secs(2),
+            Duration::from_secs(3),
+            Duration::from_secs(4),
+            50,
+            8 << 20
+        )
+    );
+    let bad = cxgate::config::load(&write(
+        "bad.toml",
+        "header_timeout = \"0s\"\nbody_timeout = \"0s\"\nidle_timeout = \"0s\"\n\
+         max_connections = 0\nmax_body_bytes = \"2MiB\"\nmax_buffered_bytes = \"1MiB\"",
+    ))
+    .expect_err("zero limits must be refused");
+    let lines = bad.lines().join("\n");
+    for key in [
+        "server.header_timeout",
+        "server.body_timeout",
+        "server.idle_timeout",
+        "server.max_connections",
+        "server.max_buffered_bytes",
+    ] {
+        assert!(
+            lines.contains(key),
+            "expected a problem for {key}, saw:\n{lines}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
