@@ -131,7 +131,11 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut body = std::pin::pin!(body);
-    let mut pieces: Vec<Bytes> = Vec::new();
+    // One piece is kept as it came (no copy: most bodies are one); from the second on they
+    // go into one buffer, sized up front when the length was announced, so a body is never
+    // held twice over while it is joined.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
     let mut total: u64 = 0;
     let mut covered = reserved;
     loop {
@@ -147,6 +151,9 @@ where
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if data.is_empty() {
+            continue;
+        }
         let len = data.len() as u64;
         total += len;
         if total > limit {
@@ -156,26 +163,79 @@ where
             held.grow(total - covered).map_err(|_| CollectError::Full)?;
             covered = total;
         }
-        if !data.is_empty() {
-            pieces.push(data);
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut buf = BytesMut::with_capacity(covered.max(total) as usize);
+                buf.extend_from_slice(&earlier);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
         }
     }
-    Ok(match pieces.len() {
-        0 => Bytes::new(),
-        1 => pieces.pop().unwrap_or_default(),
-        _ => {
-            let mut joined = BytesMut::with_capacity(total as usize);
-            for piece in pieces {
-                joined.extend_from_slice(&piece);
-            }
-            joined.freeze()
-        }
+    Ok(match (joined, first) {
+        (Some(buf), _) => buf.freeze(),
+        (None, Some(one)) => one,
+        (None, None) => Bytes::new(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body of the given pieces, one frame each.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl hyper::body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+
+    fn pieces(parts: &[&'static [u8]]) -> Pieces {
+        Pieces(parts.iter().map(|p| Bytes::from_static(p)).collect())
+    }
+
+    #[tokio::test]
+    async fn collect_joins_pieces_in_order_and_holds_what_arrived() {
+        let buffers = Buffers::new(100);
+        let held = buffers.hold(4).expect("4 announced");
+        let body = collect(pieces(&[b"ab", b"", b"cd", b"efg"]), 50, None, &held, 4)
+            .await
+            .ok()
+            .expect("a body within the limits");
+        assert_eq!(&body[..], b"abcdefg");
+        assert_eq!(buffers.held(), 7, "the announced 4 plus the 3 beyond them");
+        let one = collect(pieces(&[b"solo"]), 50, None, &held, 0)
+            .await
+            .ok()
+            .expect("one piece");
+        assert_eq!(&one[..], b"solo");
+        assert!(
+            matches!(
+                collect(pieces(&[b"0123456789"]), 5, None, &held, 0).await,
+                Err(CollectError::TooLarge)
+            ),
+            "more than the per-body limit must be refused"
+        );
+        let small = Buffers::new(3);
+        let tight = small.hold(0).expect("nothing yet");
+        assert!(
+            matches!(
+                collect(pieces(&[b"ab", b"cd"]), 50, None, &tight, 0).await,
+                Err(CollectError::Full)
+            ),
+            "passing max_buffered_bytes must be refused"
+        );
+    }
 
     #[test]
     fn holdings_past_the_limit_are_refused_and_dropping_gives_bytes_back() {
