@@ -692,3 +692,53 @@ fn the_connection_limits_are_configured_checked_and_summarised() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_client_hangs_up_still_completes_and_invalidates() {
+    const CONTACT: &str = "/12345/inbox/contact/twitter/111";
+    let sim = SimOptions {
+        faults: Faults {
+            latency_ms: 1200,
+            path_prefix: Some("/12345/inbox/contact".into()),
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let env = start(LIMITS, sim, None).await;
+    let first = env.get(CONTACT).await;
+    assert_eq!(first.status, 200, "priming the contact");
+    let hit = env.get(CONTACT).await;
+    assert!(
+        hit.header("cache-status").contains("hit"),
+        "expected the contact cached, saw {:?}",
+        hit.header("cache-status")
+    );
+    let mut s = connect(env.gw.addr).await;
+    let body = "email=x%40y.z";
+    s.write_all(
+        format!(
+            "POST {CONTACT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("send the write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let text = env.metrics().await;
+    let writes = metric(
+        &text,
+        "cxgate_upstream_requests_total{route=\"POST /{account_id}/inbox/contact/{service}/{service_id}\"",
+    );
+    assert_eq!(writes, 1.0, "the write must have run to its answer once");
+    let after = env.get(CONTACT).await;
+    assert!(
+        !after.header("cache-status").contains("hit"),
+        "the finished write must have invalidated the contact, saw {:?}",
+        after.header("cache-status")
+    );
+    env.stop().await;
+}

@@ -480,17 +480,29 @@ impl Gateway {
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         outcome.cache = "bypass";
-        let fetched = self.call(&call).await?;
-        outcome.upstream = Some(fetched.upstream_time);
-        outcome.budget_wait = Some(fetched.budget_wait);
-        if fetched.status.is_success() {
-            if let Some((r, caps)) = rule.filter(|(r, _)| !r.invalidates.is_empty()) {
-                let tags: Vec<String> = r.invalidates.iter().map(|t| t.fill(caps)).collect();
-                self.inner.cache.invalidate_tags(&tags).await;
-                self.publish_invalidation(crate::replicas::Invalidation::Tags(tags))
+        let tags: Vec<String> = rule
+            .map(|(r, caps)| r.invalidates.iter().map(|t| t.fill(caps)).collect())
+            .unwrap_or_default();
+        // A write runs to its end in a task of its own: once it may have reached the
+        // upstream, a client hanging up (or its request timing out) must not leave it half
+        // done, its invalidations unapplied and the cache serving what it replaced.
+        let gateway = self.clone();
+        let fetched = tokio::spawn(async move {
+            let fetched = gateway.call(&call).await?;
+            if fetched.status.is_success() && !tags.is_empty() {
+                gateway.inner.cache.invalidate_tags(&tags).await;
+                gateway
+                    .publish_invalidation(crate::replicas::Invalidation::Tags(tags))
                     .await;
             }
-        }
+            Ok::<_, GatewayError>(fetched)
+        })
+        .await
+        .map_err(|_| {
+            GatewayError::UpstreamUnreachable("the write ended without an answer".into())
+        })??;
+        outcome.upstream = Some(fetched.upstream_time);
+        outcome.budget_wait = Some(fetched.budget_wait);
         let mut resp = reply::from_parts(fetched.status, &fetched.headers, &fetched.body);
         resp.headers_mut().insert(
             CACHE_STATUS.clone(),
