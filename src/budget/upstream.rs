@@ -22,6 +22,9 @@ use http::HeaderMap;
 /// clients assume about a minute), then send one probe.
 const BLIND_PAUSE: Duration = Duration::from_secs(60);
 
+/// The window assumed until the upstream names its own: the real API's is an hour.
+const ASSUMED_WINDOW: Duration = Duration::from_secs(3600);
+
 /// Upper bound on any pause, so one garbled header cannot silence the gateway for days.
 const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 
@@ -96,12 +99,16 @@ impl Upstream {
         self.window = nanos(window.min(LONGEST_PAUSE));
     }
 
-    /// The longest pause allowed: the configured or the learned window, whichever is longer.
+    /// The longest pause allowed: the upstream's window. Once a `Reset` has shown it, the
+    /// longer of that and the configured period; until then the longer of the configured
+    /// period and an hour, the window the real API counts over.
     fn longest(&self) -> u64 {
-        match self.window.max(self.learned_window) {
-            0 => nanos(LONGEST_PAUSE),
-            w => w,
-        }
+        let floor = if self.learned_window > 0 {
+            self.learned_window
+        } else {
+            nanos(ASSUMED_WINDOW)
+        };
+        self.window.max(floor).min(nanos(LONGEST_PAUSE))
     }
 
     /// The blind pause (a minute, or the window if shorter), in nanoseconds.
@@ -216,9 +223,8 @@ impl Upstream {
         if let Some(limit) = header_u64(headers, "x-ratelimit-limit") {
             self.limit = Some(limit);
         }
-        let reset_in = header_str(headers, "x-ratelimit-reset")
-            .and_then(|v| v.parse::<u64>().ok())
-            .and_then(|v| until_reset(v, wall));
+        let reset_value = header_str(headers, "x-ratelimit-reset").and_then(|v| v.parse().ok());
+        let reset_in = reset_value.and_then(|v| until_reset(v, wall));
         if let Some(d) = reset_in {
             self.learned_window = self.learned_window.max(nanos(d.min(LONGEST_PAUSE)));
         }
@@ -228,6 +234,10 @@ impl Upstream {
         }
         if remaining.is_some() {
             self.reported = remaining;
+        }
+        if !limited && remaining == Some(0) && reset_value.is_some() && reset.is_none() {
+            // Nothing left, but the reset it names has passed: the window is new already.
+            return;
         }
         if limited || remaining == Some(0) {
             let retry = header_str(headers, "retry-after").and_then(|v| retry_after(v, wall));
@@ -564,8 +574,12 @@ mod tests {
         let mut up = Upstream::default();
         let h = headers(&[("retry-after", "99999999".into())]);
         up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
-        let want = 24 * 3600 * SEC;
-        assert_eq!(up.paused_for(0), Some(want), "expected the 24 h cap");
+        let want = 3600 * SEC;
+        assert_eq!(
+            up.paused_for(0),
+            Some(want),
+            "expected the assumed hourly window as the cap, not days"
+        );
     }
 
     #[test]
@@ -580,13 +594,18 @@ mod tests {
             "expected the 1 h window"
         );
         let mut up = Upstream::default();
-        up.set_window(Duration::from_secs(10));
+        up.set_window(Duration::from_secs(1));
+        let ok = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(10)]);
+        up.observe(StatusCode::OK, &ok, 0, wall());
         up.observe(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), 0, wall());
         assert_eq!(
             up.paused_for(0),
             Some(10 * SEC),
-            "expected the blind minute cut to a 10 s window"
+            "expected the blind minute cut to the 10 s window the upstream showed"
         );
+        let h = headers(&[("retry-after", "999999999".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(up.paused_for(0), Some(10 * SEC), "expected years cut to 10 s");
     }
 
     #[test]
