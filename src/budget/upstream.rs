@@ -605,7 +605,11 @@ mod tests {
         );
         let h = headers(&[("retry-after", "999999999".into())]);
         up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
-        assert_eq!(up.paused_for(0), Some(10 * SEC), "expected years cut to 10 s");
+        assert_eq!(
+            up.paused_for(0),
+            Some(10 * SEC),
+            "expected years cut to 10 s"
+        );
     }
 
     #[test]
