@@ -146,6 +146,17 @@ impl Drop for InFlight {
     }
 }
 
+/// How `/_sim/stats` names a token: `sha256:` and the first 12 hex digits of its SHA-256,
+/// enough to tell tokens apart and useless to a reader.
+pub fn token_hash(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = digest.as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,15 +198,4 @@ mod tests {
         drop(b);
         assert_eq!(stats.snapshot()["in_flight"], 0);
     }
-}
-
-/// How `/_sim/stats` names a token: `sha256:` and the first 12 hex digits of its SHA-256,
-/// enough to tell tokens apart and useless to a reader.
-pub fn token_hash(token: &str) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-    let hex: String = digest.as_ref()[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
 }
