@@ -65,6 +65,14 @@ impl Admin {
                     (Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
                     (Method::POST, "/admin/purge") => self.purge(req).await,
                     (Method::POST, "/admin/reload") => self.reload().await,
+                    (Method::POST, "/admin/budget/resume") => {
+                        let was_paused = self.gateway.resume_budget().await;
+                        tracing::warn!(was_paused, "admin: upstream pause ended by hand");
+                        json_response(
+                            StatusCode::OK,
+                            json!({"resumed": true, "was_paused": was_paused}),
+                        )
+                    }
                     _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
                 }
             }

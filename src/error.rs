@@ -101,10 +101,20 @@ impl GatewayError {
     }
 }
 
-/// `{"meta":{"code":N,"error_type":"...","error_message":"..."}}` with status N.
+/// `{"meta":{"code":N,"error_type":"...","error_message":"..."},"error":"...",
+/// "error_description":"..."}` with status N. The API's clients read the top-level `error`
+/// (and `error_description`), not `meta`; on a 429 `error` is the API's own
+/// `rate_limit_reached`, the word its clients test for, and otherwise the `error_type`.
 pub fn envelope(status: StatusCode, error_type: &str, message: &str) -> Response<Body> {
+    let error = if status == StatusCode::TOO_MANY_REQUESTS {
+        "rate_limit_reached"
+    } else {
+        error_type
+    };
     let body = serde_json::json!({
-        "meta": { "code": status.as_u16(), "error_type": error_type, "error_message": message }
+        "meta": { "code": status.as_u16(), "error_type": error_type, "error_message": message },
+        "error": error,
+        "error_description": message,
     });
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
@@ -133,6 +143,20 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["meta"]["code"], 429);
         assert_eq!(v["meta"]["error_type"], "rate_limited");
+        assert_eq!(
+            v["error"], "rate_limit_reached",
+            "expected the API's word, saw {v}"
+        );
+        assert_eq!(v["error_description"], v["meta"]["error_message"]);
+    }
+
+    #[tokio::test]
+    async fn top_level_error_is_the_error_type_below_429() {
+        let resp = GatewayError::Forbidden("account 7 not allowed".into()).response();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "forbidden", "saw {v}");
+        assert_eq!(v["error_description"], "account 7 not allowed", "saw {v}");
     }
 
     #[test]

@@ -752,9 +752,8 @@ impl Held {
 
     /// Every access token the simulator was sent (the client key aside, should it be there).
     fn note_sim(&mut self, sim: &cxgate::sim::SimHandle) {
-        if let Some(map) = sim.stats()["by_token"].as_object() {
-            self.0.extend(map.keys().filter(|k| *k != KEY).cloned());
-        }
+        self.0
+            .extend(sim.raw_tokens().into_iter().filter(|k| k != KEY));
     }
 
     /// Where in `text` any token appears, in any spelling.

@@ -89,6 +89,8 @@ impl Ledger {
             })
             .collect();
         let global = Gcra::new(&spec.global);
+        let mut upstream = Upstream::default();
+        upstream.set_window(spec.global.period);
         Self {
             reserve_cells: reserve_cells(global.burst(), spec.batch_reserve),
             global,
@@ -96,7 +98,7 @@ impl Ledger {
             global_share: spec.global,
             max_wait: spec.max_wait,
             clients,
-            upstream: Upstream::default(),
+            upstream,
             rejections: HashMap::new(),
             global_rejections: 0,
         }
@@ -114,6 +116,7 @@ impl Ledger {
             }
         }
         next.upstream = std::mem::take(&mut self.upstream);
+        next.upstream.set_window(next.global_share.period);
         next.rejections = std::mem::take(&mut self.rejections);
         next.global_rejections = self.global_rejections;
         *self = next;

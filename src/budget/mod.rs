@@ -277,16 +277,65 @@ impl Budget {
         Ok(Admitted { waited })
     }
 
-    /// Learns from one upstream answer (see `upstream` for the rules).
+    /// Learns from one upstream answer (see `upstream` for the rules); a 429 is the limit.
     pub fn observe_upstream(&self, status: StatusCode, headers: &HeaderMap) {
-        self.observe_at(status, headers, SystemTime::now());
+        let limited = status == StatusCode::TOO_MANY_REQUESTS;
+        self.observe_at(limited, headers, 0, SystemTime::now());
         self.share_upstream_pause(self.inner.clock.nanos());
     }
 
-    fn observe_at(&self, status: StatusCode, headers: &HeaderMap, wall: SystemTime) {
+    /// Learns from the answer to an admitted call of `cost` cells and ends that call's
+    /// flight. Returns whether the upstream said its limit is reached (a 429, or the real
+    /// API's 400 `rate_limit_reached`, see [`limit_reached`]): that answer is not the
+    /// client's fault and must not reach it as one.
+    pub fn observe_answer(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        cost: NonZeroU32,
+    ) -> bool {
+        let limited = limit_reached(status, body);
+        let cost = u64::from(cost.get());
+        let others = {
+            let mut ledger = self.ledger();
+            let others = ledger.upstream.in_flight().saturating_sub(cost);
+            ledger.upstream.done(cost);
+            others
+        };
+        self.observe_at(limited, headers, others, SystemTime::now());
+        let now = self.inner.clock.nanos();
+        self.share_upstream_pause(now);
+        self.share_upstream_answer(limited, headers, cost);
+        limited
+    }
+
+    /// Counts an upstream call that went without admission (the replay after a refused
+    /// token) against the upstream's allowance, before its answer is read.
+    pub fn spend_unadmitted(&self, cost: NonZeroU32) {
+        self.ledger().upstream.spend(u64::from(cost.get()));
+    }
+
+    /// An admitted call ended without an answer to read (refused token, unreachable
+    /// upstream): its cells leave the flight.
+    pub fn call_failed(&self, cost: NonZeroU32) {
+        let cost = u64::from(cost.get());
+        self.ledger().upstream.done(cost);
+        self.share_call_failed(cost);
+    }
+
+    /// Ends an upstream pause now, here and (with Redis) on every replica. Returns whether
+    /// one was running.
+    pub async fn resume(&self) -> bool {
+        let was = self.ledger().upstream.resume();
+        let shared = self.resume_shared().await;
+        was || shared
+    }
+
+    fn observe_at(&self, limited: bool, headers: &HeaderMap, others: u64, wall: SystemTime) {
         let now = self.inner.clock.nanos();
         let mut ledger = self.ledger();
-        ledger.upstream.observe(status, headers, now, wall);
+        ledger.upstream.read(limited, headers, others, now, wall);
         if let Some(remaining) = ledger.upstream.reported() {
             let gauge = i64::try_from(remaining).unwrap_or(i64::MAX);
             self.inner.metrics.upstream_remaining.set(gauge);
@@ -325,6 +374,27 @@ impl Budget {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
+}
+
+/// Whether an upstream answer says its rate limit is reached: a 429, or the real API's own
+/// form, HTTP 400 with a top-level `"error": "rate_limit_reached"` (the API's clients expect
+/// it may later adopt 429, so both count).
+pub fn limit_reached(status: StatusCode, body: &[u8]) -> bool {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return true;
+    }
+    if status != StatusCode::BAD_REQUEST || body.len() > 64 * 1024 {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Said<'a> {
+        #[serde(borrow, default)]
+        error: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Said<'_>>(body)
+        .ok()
+        .and_then(|s| s.error)
+        .is_some_and(|e| e == "rate_limit_reached")
 }
 
 /// What an `admit` in progress has reserved; given back on drop unless the request was

@@ -33,8 +33,11 @@ use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Which};
 use crate::replicas::Redis;
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
-/// was booked after), `pause` (extend the shared upstream pause). KEYS: the global TAT, the
-/// client's TAT, the pause deadline. A TAT at or before now means a full bucket, so keys
+/// was booked after), `pause` (extend the shared upstream pause), `seen` (an upstream
+/// answer: the cells it leaves, less every replica's calls in flight), `done` (a call ended
+/// without an answer), `resume` (end the pause by hand). KEYS: the global TAT, the client's
+/// TAT, the pause deadline, the upstream's allowance (cells left, expiring at its reset),
+/// the cells in flight on all replicas. A TAT at or before now means a full bucket, so keys
 /// expire once they hold nothing but the past.
 const LUA: &str = r#"
 local t = redis.call('TIME')
@@ -53,6 +56,33 @@ local function earliest(tat, cost, interval, usable)
 end
 
 local mode = ARGV[1]
+local function land(cost)
+  local n = (tonumber(redis.call('GET', KEYS[5])) or 0) - cost
+  if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
+  return math.max(n, 0)
+end
+if mode == 'seen' then
+  local inflight = land(tonumber(ARGV[2]))
+  local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+  if remaining < 0 then return {0} end
+  local left = math.max(remaining - inflight, 0)
+  local cur = tonumber(redis.call('GET', KEYS[4]))
+  local ttl = redis.call('PTTL', KEYS[4])
+  if cur ~= nil and ttl > 0 and (reset_ms == 0 or math.abs(ttl - reset_ms) < 1500) then
+    if left < cur then redis.call('SET', KEYS[4], left, 'KEEPTTL') end
+  else
+    if reset_ms <= 0 then reset_ms = tonumber(ARGV[5]) end
+    redis.call('SET', KEYS[4], left, 'PX', reset_ms)
+  end
+  return {0}
+end
+if mode == 'done' then
+  land(tonumber(ARGV[2]))
+  return {0}
+end
+if mode == 'resume' then
+  return {redis.call('DEL', KEYS[3], KEYS[4])}
+end
 if mode == 'pause' then
   local untl = now + tonumber(ARGV[2])
   if untl > load(KEYS[3]) then store(KEYS[3], untl) end
@@ -80,6 +110,12 @@ if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
 local pause = tonumber(redis.call('GET', KEYS[3]))
 if pause ~= nil and pause > now then return {3, pause - now} end
 
+local allow = tonumber(redis.call('GET', KEYS[4]))
+if allow ~= nil and allow < cost then
+  local ttl = redis.call('PTTL', KEYS[4])
+  if ttl > 0 then return {3, ttl * 1000} end
+end
+
 local g = load(KEYS[1])
 local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
 local c, cw = now, 0
@@ -99,6 +135,9 @@ if cu > 0 then
 end
 local g_after = math.max(g, now + gw) + cost * gi
 store(KEYS[1], g_after)
+if allow ~= nil then redis.call('DECRBY', KEYS[4], cost) end
+redis.call('INCRBY', KEYS[5], cost)
+redis.call('PEXPIRE', KEYS[5], 300000)
 return {0, gw, c, c_after, g, g_after, now}
 "#;
 
@@ -184,7 +223,10 @@ impl Shared {
             .redis
             .run("budget", |mut conn| async move {
                 let mut call = SCRIPT.prepare_invoke();
-                call.key(&keys[0]).key(&keys[1]).key(&keys[2]).arg("take");
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg("take");
                 for a in &args {
                     call.arg(a);
                 }
@@ -199,12 +241,39 @@ impl Shared {
         reply
     }
 
-    fn keys(&self, client: &str) -> [String; 3] {
+    fn keys(&self, client: &str) -> [String; 5] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
             self.redis.key("budget:pause"),
+            self.redis.key("budget:upstream_left"),
+            self.redis.key("budget:in_flight"),
         ]
+    }
+
+    /// Runs one of the script's bookkeeping modes in the background (best effort: it runs
+    /// on the answer path, and a lost one only leaves the shared allowance more cautious or
+    /// lets the next answer correct it).
+    fn tell(&self, args: Vec<String>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let keys = self.keys("-");
+        let redis = self.redis.clone();
+        runtime.spawn(async move {
+            let _ = redis
+                .run("budget", |mut conn| async move {
+                    let mut call = SCRIPT.prepare_invoke();
+                    for k in &keys {
+                        call.key(k);
+                    }
+                    for a in &args {
+                        call.arg(a);
+                    }
+                    call.invoke_async::<Vec<i64>>(&mut conn).await
+                })
+                .await;
+        });
     }
 
     /// Gives back bookings nothing was booked after (best effort, in the background: it
@@ -225,6 +294,8 @@ impl Shared {
                         .key(&keys[1])
                         .key(&keys[0])
                         .key(&keys[2])
+                        .key(&keys[3])
+                        .key(&keys[4])
                         .arg("return")
                         .arg(oa)
                         .arg(ob)
@@ -261,6 +332,8 @@ impl Shared {
                         .key(&keys[0])
                         .key(&keys[1])
                         .key(&keys[2])
+                        .key(&keys[3])
+                        .key(&keys[4])
                         .arg("pause")
                         .arg(left / 1000)
                         .invoke_async::<Vec<i64>>(&mut conn)
@@ -435,6 +508,9 @@ impl Drop for Hold<'_> {
         }
         if self.spent {
             self.budget.ledger().upstream.give_back(self.cost);
+            if self.global.is_some() {
+                self.shared.tell(vec!["done".into(), self.cost.to_string()]);
+            }
         }
     }
 }
@@ -592,6 +668,68 @@ impl Budget {
         self.refuse(client, Refusal { which, wait })
     }
 
+    /// After an upstream answer to a call of `cost` cells: the call leaves the shared
+    /// flight, and what the upstream says remains becomes the allowance of every replica.
+    pub(super) fn share_upstream_answer(
+        &self,
+        limited: bool,
+        headers: &http::HeaderMap,
+        cost: u64,
+    ) {
+        let Some(shared) = &self.inner.shared else {
+            return;
+        };
+        let now = self.inner.clock.nanos();
+        let (remaining, reset_ms, blind_ms) = {
+            let ledger = self.ledger();
+            let remaining = header_u64(headers, "x-ratelimit-remaining");
+            let remaining = if limited { Some(0) } else { remaining };
+            let reset_ms = headers
+                .contains_key("x-ratelimit-reset")
+                .then(|| ledger.upstream.reset(now))
+                .flatten()
+                .map_or(0, |r| (r - now).div_ceil(1_000_000));
+            let blind = ledger.upstream.blind().div_ceil(1_000_000);
+            (remaining, reset_ms, blind)
+        };
+        let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
+        shared.tell(vec![
+            "seen".into(),
+            cost.to_string(),
+            remaining.to_string(),
+            reset_ms.to_string(),
+            blind_ms.to_string(),
+        ]);
+    }
+
+    /// A call that ended without an answer leaves the shared flight.
+    pub(super) fn share_call_failed(&self, cost: u64) {
+        if let Some(shared) = &self.inner.shared {
+            shared.tell(vec!["done".into(), cost.to_string()]);
+        }
+    }
+
+    /// Ends the shared pause and allowance (`POST /admin/budget/resume`); whether Redis
+    /// held either.
+    pub(super) async fn resume_shared(&self) -> bool {
+        let Some(shared) = &self.inner.shared else {
+            return false;
+        };
+        shared.pushed_pause.store(0, Ordering::Release);
+        let keys = shared.keys("-");
+        let deleted: Result<Vec<i64>, _> = shared
+            .redis
+            .run("budget", |mut conn| async move {
+                let mut call = SCRIPT.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg("resume").invoke_async(&mut conn).await
+            })
+            .await;
+        deleted.is_ok_and(|d| d.first().is_some_and(|n| *n > 0))
+    }
+
     /// After the upstream spoke: a pause it started is pushed to the other replicas.
     pub(super) fn share_upstream_pause(&self, now: u64) {
         if let Some(shared) = &self.inner.shared {
@@ -599,6 +737,10 @@ impl Budget {
             shared.share_pause(now, paused);
         }
     }
+}
+
+fn header_u64(headers: &http::HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
 #[cfg(test)]

@@ -87,6 +87,46 @@ impl Budget {
         )
     }
 
+    /// `(X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset)` for `client`, the
+    /// API's own fields, so client code written for the API keeps its limit handling: the
+    /// tighter of the client's share and what the upstream has left, and the Unix second
+    /// when the client may next find a call free (the end of a pause while paused).
+    pub fn api_headers(&self, client: &str) -> [HeaderValue; 3] {
+        let now = self.inner.clock.nanos();
+        let (limit, remaining, next) = {
+            let ledger = self.ledger();
+            let v = view(&ledger, client, now);
+            let mut limit = u64::from(v.share.limit.get());
+            let mut remaining = u64::from(v.available);
+            let mut next = v.next_cell;
+            if let Some(upstream) = ledger.upstream.limit() {
+                limit = limit.min(upstream);
+            }
+            if let Some(left) = ledger.upstream.allowance(now) {
+                if left < remaining {
+                    remaining = left;
+                    if let Some(reset) = ledger.upstream.reset(now) {
+                        next = reset - now;
+                    }
+                }
+            }
+            if let Some(pause) = ledger.upstream.paused_for(now) {
+                remaining = 0;
+                next = next.max(pause);
+            }
+            (limit, remaining, next)
+        };
+        let wall = SystemTime::now() + Duration::from_nanos(next);
+        let reset = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, headers::whole_seconds);
+        [
+            HeaderValue::from(limit),
+            HeaderValue::from(remaining),
+            HeaderValue::from(reset),
+        ]
+    }
+
     /// The budget for `/admin/status`: the global share, each client (configured ones, and
     /// any other name that was refused), and what the upstream last said.
     pub fn status_json(&self) -> Value {

@@ -1,21 +1,29 @@
 //! What the upstream says about its own limit, and the pause that follows from it.
 //!
 //! The local shares are a model of the upstream's limit; the upstream's own answers are the
-//! truth. A 429, or `X-RateLimit-Remaining: 0` with `X-RateLimit-Reset`, pauses all sending
-//! until then. A smaller `Remaining` than the local shares would allow becomes an allowance:
-//! that many cells until the reset, then the same pause. Invariants: a report only ever
-//! lengthens a pause (a late answer to an old request must not lift a fresh 429), and within
-//! one reset window the allowance only shrinks (answers may arrive out of order).
+//! truth. The limit is reached when the upstream says so in any of its forms: a 429, the real
+//! API's 400 with `"error": "rate_limit_reached"`, or `X-RateLimit-Remaining: 0`. Each pauses
+//! all sending until `Retry-After` or `X-RateLimit-Reset`; with neither, until a minute has
+//! passed (never longer than the window), and then one probe goes alone: its answer lifts the
+//! pause or renews it. Every other `Remaining` becomes an allowance: that many cells until the
+//! reset, less the cells already in flight (the upstream may not have counted them yet), so
+//! the gateway never has more calls out than the upstream still accepts. Invariants: a report
+//! only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
+//! except the probe's own answer; within one reset window the allowance only shrinks (answers
+//! may arrive out of order); no pause is longer than the upstream's window.
 //! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
 //! turned into that clock once, when they arrive.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 
-/// A 429 that says neither `Retry-After` nor `Reset`: we know the limit is spent now, not for
-/// how long, so the shortest pause that still stops a stampede of retries.
-const BLIND_PAUSE: Duration = Duration::from_secs(1);
+/// The limit is spent but the upstream did not say for how long: wait this long (the public
+/// clients assume about a minute), then send one probe.
+const BLIND_PAUSE: Duration = Duration::from_secs(60);
+
+/// The window assumed until the upstream names its own: the real API's is an hour.
+const ASSUMED_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Upper bound on any pause, so one garbled header cannot silence the gateway for days.
 const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
@@ -24,10 +32,25 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 /// Unix time they would be in 2001, never a future reset.
 const DELTA_RESET_BELOW: u64 = 1_000_000_000;
 
+/// Two reset times closer than this name the same window: a `Reset` in whole seconds, read
+/// at different moments, lands on slightly different instants of the budget clock.
+const SAME_WINDOW: u64 = 1_500_000_000;
+
 #[derive(Debug, Clone, Copy)]
 struct Allowance {
     left: u64,
     reset: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Probe {
+    /// No blind pause.
+    #[default]
+    None,
+    /// A blind pause runs: when it ends, one call goes alone.
+    Due,
+    /// The probe is out; everyone else waits for its answer.
+    Out,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +58,17 @@ pub(crate) struct Upstream {
     pause_until: Option<u64>,
     allowance: Option<Allowance>,
     reported: Option<u64>,
+    /// The last `X-RateLimit-Limit` seen.
+    limit: Option<u64>,
+    /// The last reset time seen (budget clock), for the `X-RateLimit-Reset` clients get.
+    reset: Option<u64>,
+    /// The configured window (the global share's period), in nanoseconds; 0 = not set.
+    window: u64,
+    /// The longest time to a reset the upstream has named (capped), in nanoseconds.
+    learned_window: u64,
+    probe: Probe,
+    /// Cells admitted whose upstream answer has not been read yet.
+    in_flight: u64,
     /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
     /// our own counting starts are not alarms: the requests counted in are already allowed.
     alarms: u64,
@@ -46,13 +80,50 @@ impl Upstream {
         self.reported
     }
 
+    /// The last `X-RateLimit-Limit` seen, if any.
+    pub(crate) fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// The upstream's next reset on the budget clock, while it lies ahead of `now`.
+    pub(crate) fn reset(&self, now: u64) -> Option<u64> {
+        self.reset.filter(|r| *r > now)
+    }
+
     pub(crate) fn alarms(&self) -> u64 {
         self.alarms
+    }
+
+    /// Sets the window no pause may outlast: the period the upstream's limit is counted over.
+    pub(crate) fn set_window(&mut self, window: Duration) {
+        self.window = nanos(window.min(LONGEST_PAUSE));
+    }
+
+    /// The longest pause allowed: the upstream's window. Once a `Reset` has shown it, the
+    /// longer of that and the configured period; until then the longer of the configured
+    /// period and an hour, the window the real API counts over.
+    fn longest(&self) -> u64 {
+        let floor = if self.learned_window > 0 {
+            self.learned_window
+        } else {
+            nanos(ASSUMED_WINDOW)
+        };
+        self.window.max(floor).min(nanos(LONGEST_PAUSE))
+    }
+
+    /// The blind pause (a minute, or the window if shorter), in nanoseconds.
+    pub(crate) fn blind(&self) -> u64 {
+        nanos(BLIND_PAUSE).min(self.longest())
     }
 
     /// Calls the upstream still allows before its reset, when it said fewer than we model.
     pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
         self.allowance.filter(|a| a.reset > now).map(|a| a.left)
+    }
+
+    /// Cells admitted and not answered yet.
+    pub(crate) fn in_flight(&self) -> u64 {
+        self.in_flight
     }
 
     /// Nanoseconds of pause left at `now`, if paused.
@@ -62,12 +133,29 @@ impl Upstream {
             .map(|until| until - now)
     }
 
+    /// Ends any pause now (`POST /admin/budget/resume`): the operator's word. The allowance
+    /// goes too, as it would only start the same pause again.
+    pub(crate) fn resume(&mut self) -> bool {
+        let was = self.pause_until.is_some() || self.allowance.is_some_and(|a| a.left == 0);
+        self.pause_until = None;
+        self.allowance = None;
+        self.probe = Probe::None;
+        was
+    }
+
     /// How long `cost` cells must wait for the upstream, or `None` if they may go now.
     pub(crate) fn blocked(&mut self, cost: u64, now: u64) -> Option<u64> {
         if let Some(wait) = self.paused_for(now) {
             return Some(wait);
         }
         self.pause_until = None;
+        if self.probe == Probe::Due {
+            // This call is the probe; the others wait for its answer (or another minute,
+            // if it never gets one).
+            self.probe = Probe::Out;
+            self.pause_until = Some(at(now, BLIND_PAUSE, self.longest()));
+            return None;
+        }
         match self.allowance {
             Some(a) if a.reset <= now => {
                 self.allowance = None;
@@ -79,7 +167,9 @@ impl Upstream {
     }
 
     /// Counts `cost` cells against the allowance; spending the last one starts the pause.
+    /// The cells are in flight until [`Upstream::done`] or [`Upstream::give_back`].
     pub(crate) fn spend(&mut self, cost: u64) {
+        self.in_flight = self.in_flight.saturating_add(cost);
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_sub(cost);
             if a.left == 0 {
@@ -92,49 +182,106 @@ impl Upstream {
 
     /// Returns cells of a request that never went, while the allowance they came from lasts.
     pub(crate) fn give_back(&mut self, cost: u64) {
+        self.in_flight = self.in_flight.saturating_sub(cost);
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_add(cost);
         }
     }
 
-    /// Reads one upstream answer. `now` is the budget clock, `wall` the same moment in Unix
-    /// time, so `Reset` and HTTP dates can be placed on the budget clock.
+    /// An admitted call is over (answered, failed or abandoned): its cells leave the flight.
+    pub(crate) fn done(&mut self, cost: u64) {
+        self.in_flight = self.in_flight.saturating_sub(cost);
+    }
+
+    /// Reads one upstream answer (429 counts as the limit reached). `now` is the budget
+    /// clock, `wall` the same moment in Unix time, so `Reset` and HTTP dates can be placed
+    /// on the budget clock.
+    #[cfg(test)]
     pub(crate) fn observe(
         &mut self,
-        status: StatusCode,
+        status: http::StatusCode,
         headers: &HeaderMap,
         now: u64,
         wall: SystemTime,
     ) {
+        let limited = status == http::StatusCode::TOO_MANY_REQUESTS;
+        self.read(limited, headers, 0, now, wall);
+    }
+
+    /// Reads one upstream answer: `limited` when it said the limit is reached (in whatever
+    /// form), `others` the cells in flight besides the answered call's own.
+    pub(crate) fn read(
+        &mut self,
+        limited: bool,
+        headers: &HeaderMap,
+        others: u64,
+        now: u64,
+        wall: SystemTime,
+    ) {
+        let longest = self.longest();
         let remaining = header_u64(headers, "x-ratelimit-remaining");
-        let reset = header_str(headers, "x-ratelimit-reset")
-            .and_then(|v| v.parse::<u64>().ok())
-            .and_then(|v| until_reset(v, wall))
-            .map(|d| at(now, d));
+        if let Some(limit) = header_u64(headers, "x-ratelimit-limit") {
+            self.limit = Some(limit);
+        }
+        let reset_value = header_str(headers, "x-ratelimit-reset").and_then(|v| v.parse().ok());
+        let reset_in = reset_value.and_then(|v| until_reset(v, wall));
+        if let Some(d) = reset_in {
+            self.learned_window = self.learned_window.max(nanos(d.min(LONGEST_PAUSE)));
+        }
+        let reset = reset_in.map(|d| at(now, d, self.longest()));
+        if let Some(reset) = reset {
+            self.reset = Some(reset);
+        }
         if remaining.is_some() {
             self.reported = remaining;
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if !limited && remaining == Some(0) && reset_value.is_some() && reset.is_none() {
+            // Nothing left, but the reset it names has passed: the window is new already.
+            return;
+        }
+        if limited || remaining == Some(0) {
             let retry = header_str(headers, "retry-after").and_then(|v| retry_after(v, wall));
             let until = match (retry, reset) {
-                (Some(d), _) => at(now, d),
+                (Some(d), _) => at(now, d, longest),
                 (None, Some(reset)) => reset,
-                (None, None) => at(now, BLIND_PAUSE),
+                (None, None) => {
+                    self.probe = Probe::Due;
+                    at(now, BLIND_PAUSE, longest)
+                }
             };
+            if self.probe == Probe::Out {
+                // The probe itself was refused: a fresh pause, whatever the last one was.
+                self.probe = Probe::Due;
+                self.pause_until = None;
+            }
             self.alarm(until);
             return;
         }
-        match (remaining, reset) {
-            (Some(0), Some(reset)) => self.alarm(reset),
-            (Some(left), Some(reset)) => {
-                let left = match self.allowance {
-                    Some(a) if a.reset == reset => a.left.min(left),
-                    _ => left,
-                };
-                self.allowance = Some(Allowance { left, reset });
-            }
-            // Without a reset time there is nothing to wait for: the local shares pace alone.
-            _ => {}
+        if self.probe != Probe::None {
+            // Any answer that is not the limit means the upstream takes calls again.
+            self.probe = Probe::None;
+            self.pause_until = None;
+        }
+        let Some(remaining) = remaining else {
+            return;
+        };
+        let left = remaining.saturating_sub(others);
+        let live = self.allowance.filter(|a| a.reset > now);
+        let reset = match (reset, live) {
+            (Some(reset), _) => reset,
+            // The reset header is sometimes left out: the count still holds, in the window
+            // already known, or else for the time a client would assume.
+            (None, Some(a)) => a.reset,
+            (None, None) => at(now, BLIND_PAUSE, longest),
+        };
+        let left = match live {
+            Some(a) if a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
+            _ => left,
+        };
+        self.allowance = Some(Allowance { left, reset });
+        if left == 0 {
+            self.allowance = None;
+            self.pause_at_least(reset);
         }
     }
 
@@ -148,10 +295,13 @@ impl Upstream {
     }
 }
 
-/// `now + d` on the budget clock, with `d` capped at [`LONGEST_PAUSE`].
-fn at(now: u64, d: Duration) -> u64 {
-    let nanos = u64::try_from(d.min(LONGEST_PAUSE).as_nanos()).unwrap_or(u64::MAX);
-    now.saturating_add(nanos)
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `now + d` on the budget clock, with `d` capped at `longest` nanoseconds.
+fn at(now: u64, d: Duration, longest: u64) -> u64 {
+    now.saturating_add(nanos(d).min(longest))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -226,7 +376,7 @@ fn days_since_epoch(year: u64, month: u64, day: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
+    use http::{HeaderValue, StatusCode};
 
     const SEC: u64 = 1_000_000_000;
 
@@ -306,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn too_many_requests_without_retry_after_uses_reset_then_a_short_pause() {
+    fn too_many_requests_without_retry_after_uses_reset_then_a_minute() {
         let mut up = Upstream::default();
         up.observe(
             StatusCode::TOO_MANY_REQUESTS,
@@ -321,7 +471,11 @@ mod tests {
         );
         let mut up = Upstream::default();
         up.observe(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), 0, wall());
-        assert_eq!(up.paused_for(0), Some(SEC), "expected the blind 1 s pause");
+        assert_eq!(
+            up.paused_for(0),
+            Some(60 * SEC),
+            "expected the blind minute"
+        );
     }
 
     #[test]
@@ -420,7 +574,97 @@ mod tests {
         let mut up = Upstream::default();
         let h = headers(&[("retry-after", "99999999".into())]);
         up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
-        let want = 24 * 3600 * SEC;
-        assert_eq!(up.paused_for(0), Some(want), "expected the 24 h cap");
+        let want = 3600 * SEC;
+        assert_eq!(
+            up.paused_for(0),
+            Some(want),
+            "expected the assumed hourly window as the cap, not days"
+        );
+    }
+
+    #[test]
+    fn pauses_never_outlast_the_window() {
+        let mut up = Upstream::default();
+        up.set_window(Duration::from_secs(3600));
+        let h = headers(&[("retry-after", "999999999".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(3600 * SEC),
+            "expected the 1 h window"
+        );
+        let mut up = Upstream::default();
+        up.set_window(Duration::from_secs(1));
+        let ok = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(10)]);
+        up.observe(StatusCode::OK, &ok, 0, wall());
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new(), 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(10 * SEC),
+            "expected the blind minute cut to the 10 s window the upstream showed"
+        );
+        let h = headers(&[("retry-after", "999999999".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(10 * SEC),
+            "expected years cut to 10 s"
+        );
+    }
+
+    #[test]
+    fn a_blind_pause_ends_in_one_probe_whose_answer_decides() {
+        let mut up = Upstream::default();
+        up.read(true, &HeaderMap::new(), 0, 0, wall());
+        assert_eq!(up.blocked(1, 59 * SEC), Some(SEC), "expected the minute");
+        assert_eq!(up.blocked(1, 60 * SEC), None, "expected the probe to go");
+        assert!(
+            up.blocked(1, 60 * SEC).is_some(),
+            "expected everyone else held while the probe is out"
+        );
+        up.read(true, &HeaderMap::new(), 0, 61 * SEC, wall());
+        assert_eq!(
+            up.paused_for(61 * SEC),
+            Some(60 * SEC),
+            "expected a refused probe to start a fresh minute"
+        );
+        assert_eq!(up.blocked(1, 121 * SEC), None, "expected a second probe");
+        let ok = headers(&[("x-ratelimit-remaining", "50".into())]);
+        up.read(false, &ok, 0, 122 * SEC, wall());
+        assert_eq!(up.blocked(1, 122 * SEC), None, "expected the pause lifted");
+    }
+
+    #[test]
+    fn calls_in_flight_come_off_the_allowance() {
+        let mut up = Upstream::default();
+        for _ in 0..4 {
+            up.spend(1);
+        }
+        let h = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(60)]);
+        up.read(false, &h, 3, 0, wall());
+        assert_eq!(
+            up.allowance(0),
+            Some(2),
+            "expected 5 remaining less the 3 other calls in flight"
+        );
+        let h = headers(&[("x-ratelimit-remaining", "3".into()), reset_in(60)]);
+        up.read(false, &h, 3, 0, wall());
+        assert_eq!(up.allowance(0), None, "expected nothing left");
+        assert_eq!(
+            up.paused_for(0),
+            Some(60 * SEC),
+            "expected a pause to the reset when the calls out use up what remains"
+        );
+    }
+
+    #[test]
+    fn a_missing_reset_keeps_the_known_window() {
+        let mut up = Upstream::default();
+        let h = headers(&[("x-ratelimit-remaining", "9".into()), reset_in(30)]);
+        up.read(false, &h, 0, 0, wall());
+        let h = headers(&[("x-ratelimit-remaining", "4".into())]);
+        up.read(false, &h, 0, SEC, wall());
+        assert_eq!(up.allowance(SEC), Some(4), "expected the smaller count");
+        assert_eq!(up.blocked(5, SEC), Some(29 * SEC), "expected the old reset");
     }
 }

@@ -117,7 +117,8 @@ pub struct RawOAuth {
     pub client_id: Option<String>,
     /// Environment variable holding the client secret.
     pub client_secret_env: Option<String>,
-    /// "post" (RFC 6749 form) or "get" (query parameters).
+    /// "get" (query parameters, as every public CX Social client does; the default) or
+    /// "post" (RFC 6749 form).
     pub method: Option<String>,
 }
 

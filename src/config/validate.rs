@@ -264,14 +264,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     }
     let oauth = t.oauth.as_ref().map(|o| {
         let method = match o.method.as_deref() {
-            None | Some("post") => OAuthMethod::Post,
-            Some("get") => OAuthMethod::Get,
+            // Every public CX Social client asks for tokens with a GET.
+            Some("post") => OAuthMethod::Post,
+            None | Some("get") => OAuthMethod::Get,
             Some(other) => {
                 p.add(
                     "token.oauth.method",
                     format!("must be \"post\" or \"get\", got {other:?}"),
                 );
-                OAuthMethod::Post
+                OAuthMethod::Get
             }
         };
         let token_url = o

@@ -6,7 +6,7 @@
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -44,6 +44,12 @@ impl Gateway {
                 })
             }
         };
+        // From here the call is in flight for the budget until its answer is read.
+        let mut flight = Flight {
+            budget: &inner.budget,
+            cost: call.cost,
+            open: true,
+        };
         let token = inner
             .token
             .current()
@@ -58,6 +64,8 @@ impl Gateway {
         let started = Instant::now();
         let mut fetched = self.exchange(call, &out, token.access.expose()).await?;
         if fetched.status == StatusCode::UNAUTHORIZED {
+            // The refused call counted upstream; the replay is counted as it answers.
+            flight.land(&fetched);
             // The upstream's 401 is about the gateway's token, never the client's key: passing
             // it on would tell a client with a valid key that its key is bad. Without a
             // newer token to replay with, the answer is 503 token_unavailable.
@@ -75,6 +83,16 @@ impl Gateway {
         }
         fetched.upstream_time = started.elapsed();
         fetched.budget_wait = budget_wait;
+        if flight.land(&fetched) {
+            // The upstream's limit, in whatever form it said so, is no fault of the client:
+            // it gets the gateway's 429 with the pause as Retry-After (and a read may be
+            // served stale instead); the write was not applied, so it is refused, not lost.
+            let pause = inner.budget.paused_for().unwrap_or(Duration::from_secs(1));
+            return Err(GatewayError::RateLimited {
+                retry_after: pause,
+                reason: "upstream",
+            });
+        }
         let rewriter = &call.state.rewriter;
         let secrets = inner.token.secrets();
         let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
@@ -132,7 +150,6 @@ impl Gateway {
             .observe(started.elapsed().as_secs_f64());
         let status = match &result {
             Ok(f) => {
-                inner.budget.observe_upstream(f.status, &f.headers);
                 inner
                     .last_upstream_status
                     .store(f.status.as_u16(), Ordering::Relaxed);
@@ -145,6 +162,35 @@ impl Gateway {
             .with_label_values(&[route, &status])
             .inc();
         result
+    }
+}
+
+/// An admitted call's place in the budget's flight: left when its answer is read, or when
+/// it ends without one (dropped, refused token, unreachable upstream).
+struct Flight<'a> {
+    budget: &'a crate::budget::Budget,
+    cost: NonZeroU32,
+    open: bool,
+}
+
+impl Flight<'_> {
+    /// Reads the answer into the budget; true when it says the upstream's limit is reached.
+    /// A second answer (the replay after a 401) is read as a new call of the same cost.
+    fn land(&mut self, f: &Fetched) -> bool {
+        if !self.open {
+            self.budget.spend_unadmitted(self.cost);
+        }
+        self.open = false;
+        self.budget
+            .observe_answer(f.status, &f.headers, &f.body, self.cost)
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.budget.call_failed(self.cost);
+        }
     }
 }
 

@@ -46,6 +46,9 @@ use reply::{Forward, CACHE_STATUS};
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// The `client` label of requests that never got as far as authentication.
 const NOBODY: &str = "-";
@@ -242,6 +245,12 @@ impl Gateway {
         self.inner.budget.status_json()
     }
 
+    /// Ends an upstream pause by hand (`POST /admin/budget/resume`), on every replica that
+    /// shares the budget; whether one was running.
+    pub async fn resume_budget(&self) -> bool {
+        self.inner.budget.resume().await
+    }
+
     /// The upstream part of `/admin/status`.
     pub fn upstream_status(&self) -> serde_json::Value {
         let last = self.inner.last_upstream_status.load(Ordering::Relaxed);
@@ -307,6 +316,21 @@ impl Gateway {
             let headers = resp.headers_mut();
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), current);
+        }
+        if outcome.client.is_some() {
+            // The API's own fields, for client code written against the API (CONTRACT
+            // names them): on every answer to a known client, 429s included.
+            let [limit, remaining, reset] = self.inner.budget.api_headers(outcome.client_label());
+            let refused = resp.status() == StatusCode::TOO_MANY_REQUESTS;
+            let headers = resp.headers_mut();
+            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+            let remaining = if refused {
+                HeaderValue::from_static("0")
+            } else {
+                remaining
+            };
+            headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+            headers.insert(X_RATELIMIT_RESET.clone(), reset);
         }
         if resp.status() == StatusCode::TOO_MANY_REQUESTS
             && !resp.headers().contains_key(header::RETRY_AFTER)
@@ -388,6 +412,11 @@ impl Gateway {
         let path = normalise_escapes(parts.uri.path(), true);
         let query = parts.uri.query().map(|q| normalise_escapes(q, false));
         let (path, query) = (&*path, query.as_deref());
+        if is_sim_control(path) {
+            return Err(GatewayError::BadRequest(
+                "paths under /_sim/ are the simulator's controls and are never forwarded",
+            ));
+        }
 
         // 2. Who is calling.
         let key = client_key(&parts.headers, query);
@@ -645,6 +674,15 @@ fn method_index(method: &Method) -> usize {
         .iter()
         .position(|m| m == method)
         .unwrap_or(KNOWN_METHODS.len())
+}
+
+/// The simulator's control endpoints (`/_sim/...`): the real API has none, and a gateway in
+/// front of a simulator must not let clients reset its faults or read its stats. Empty
+/// segments are skipped (`//_sim/stats` reaches the same place), case is ignored.
+fn is_sim_control(path: &str) -> bool {
+    path.split('/')
+        .find(|seg| !seg.is_empty())
+        .is_some_and(|seg| seg.eq_ignore_ascii_case("_sim"))
 }
 
 /// The client's `X-Request-Id` if it is a sane token, else a fresh one.

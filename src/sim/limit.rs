@@ -95,12 +95,14 @@ pub(crate) struct Quota {
 pub(crate) enum Verdict {
     Unlimited,
     Allowed(Quota),
-    Limited(Quota),
+    /// Over the limit; the second field counts refusals in this window from 0.
+    Limited(Quota, u32),
 }
 
 struct Window {
     start: Instant,
     used: u32,
+    refused: u32,
 }
 
 pub(crate) struct Limiter {
@@ -125,20 +127,27 @@ impl Limiter {
         let window = windows.entry(lineage).or_insert(Window {
             start: now,
             used: 0,
+            refused: 0,
         });
         if now.duration_since(window.start) >= rule.period {
             *window = Window {
                 start: now,
                 used: 0,
+                refused: 0,
             };
         }
         let reset_in = (window.start + rule.period).saturating_duration_since(now);
         if window.used >= rule.limit {
-            return Verdict::Limited(Quota {
-                limit: rule.limit,
-                remaining: 0,
-                reset_in,
-            });
+            let nth = window.refused;
+            window.refused = window.refused.saturating_add(1);
+            return Verdict::Limited(
+                Quota {
+                    limit: rule.limit,
+                    remaining: 0,
+                    reset_in,
+                },
+                nth,
+            );
         }
         window.used += 1;
         Verdict::Allowed(Quota {
@@ -188,11 +197,14 @@ mod tests {
         let refused = limiter.check(1, t0 + Duration::from_secs(4));
         assert_eq!(
             refused,
-            Verdict::Limited(Quota {
-                limit: 2,
-                remaining: 0,
-                reset_in: Duration::from_secs(6)
-            }),
+            Verdict::Limited(
+                Quota {
+                    limit: 2,
+                    remaining: 0,
+                    reset_in: Duration::from_secs(6)
+                },
+                0
+            ),
             "expected third call refused with 6 s left"
         );
         // Another lineage has its own window.

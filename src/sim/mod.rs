@@ -59,6 +59,7 @@ use std::time::Duration;
 pub use faults::{Faults, Force401, Force429};
 pub use limit::{RateLimit, RateLimitParseError};
 pub use serve::{run_cli, spawn, SimHandle};
+pub use stats::token_hash;
 
 /// Flags of `cxgate sim`.
 #[derive(clap::Args, Debug, Clone)]
@@ -72,6 +73,10 @@ pub struct SimArgs {
     /// Rate limit per grant, as N/PERIOD (e.g. 1000/1h); unlimited when absent.
     #[arg(long)]
     pub rate_limit: Option<RateLimit>,
+    /// Status of over-limit answers: 400 (what the real API sends, with `"error":
+    /// "rate_limit_reached"`) or 429 (the convention, with Retry-After).
+    #[arg(long, default_value_t = 400, value_parser = parse_limit_status)]
+    pub rate_limit_status: u16,
     /// Access token valid from start (repeatable).
     #[arg(long = "access-token", default_value = "sim-token")]
     pub access_tokens: Vec<String>,
@@ -122,6 +127,7 @@ impl SimArgs {
         SimOptions {
             token_ttl: self.token_ttl,
             rate_limit: self.rate_limit,
+            rate_limit_status: self.rate_limit_status,
             access_tokens: self.access_tokens.clone(),
             refresh_tokens: self.refresh_tokens.clone(),
             client_id: self.client_id.clone(),
@@ -145,6 +151,14 @@ impl SimArgs {
     }
 }
 
+fn parse_limit_status(text: &str) -> Result<u16, String> {
+    match text {
+        "400" => Ok(400),
+        "429" => Ok(429),
+        _ => Err(format!("expected 400 or 429, got {text:?}")),
+    }
+}
+
 fn parse_share(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(share) if (0.0..=1.0).contains(&share) => Ok(share),
@@ -157,6 +171,8 @@ fn parse_share(text: &str) -> Result<f64, String> {
 pub struct SimOptions {
     pub token_ttl: Duration,
     pub rate_limit: Option<RateLimit>,
+    /// Over-limit answers: 400 `rate_limit_reached` like the real API, or 429.
+    pub rate_limit_status: u16,
     pub access_tokens: Vec<String>,
     pub refresh_tokens: Vec<String>,
     pub client_id: String,
@@ -174,6 +190,7 @@ impl Default for SimOptions {
         SimOptions {
             token_ttl: Duration::from_secs(3600),
             rate_limit: None,
+            rate_limit_status: 400,
             access_tokens: vec!["sim-token".into()],
             refresh_tokens: vec!["sim-refresh".into()],
             client_id: "sim-client".into(),
@@ -190,6 +207,7 @@ impl Default for SimOptions {
 pub(crate) struct Sim {
     tokens: oauth::Tokens,
     limiter: limit::Limiter,
+    limit_status: http::StatusCode,
     faults: faults::FaultState,
     stats: Arc<stats::Stats>,
     writes: writes::Writes,
@@ -202,6 +220,10 @@ impl Sim {
         Sim {
             tokens: oauth::Tokens::new(opts, tokio::time::Instant::now()),
             limiter: limit::Limiter::new(opts.rate_limit),
+            limit_status: http::StatusCode::from_u16(opts.rate_limit_status)
+                .ok()
+                .filter(|s| *s == http::StatusCode::TOO_MANY_REQUESTS)
+                .unwrap_or(http::StatusCode::BAD_REQUEST),
             faults: faults::FaultState::new(opts.faults.clone()),
             stats: Arc::new(stats::Stats::default()),
             writes: writes::Writes::default(),

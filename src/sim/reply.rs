@@ -142,15 +142,20 @@ pub(crate) fn ok(response: Value) -> Reply {
     )
 }
 
-/// An error answer in the CX Social envelope, with the same HTTP status.
+/// An error answer in the CX Social envelope, with the same HTTP status, and the top-level
+/// `error`/`error_description` the API's public clients read instead of `meta`.
 pub(crate) fn error(status: StatusCode, error_type: &str, message: &str) -> Reply {
     json(
         status,
-        &json!({"meta": {
-            "code": status.as_u16(),
-            "error_type": error_type,
-            "error_message": message,
-        }}),
+        &json!({
+            "meta": {
+                "code": status.as_u16(),
+                "error_type": error_type,
+                "error_message": message,
+            },
+            "error": error_type,
+            "error_description": message,
+        }),
     )
 }
 

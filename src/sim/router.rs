@@ -145,7 +145,7 @@ async fn api_call(
         sim.stats.incr(Counter::RateLimited);
         let mut r = reply::error(
             StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
+            "rate_limit_reached",
             "rate limit exceeded (injected fault)",
         );
         reply::set_header(&mut r, "retry-after", retry_after);
@@ -154,15 +154,31 @@ async fn api_call(
     let quota = match sim.limiter.check(lineage, now) {
         Verdict::Unlimited => None,
         Verdict::Allowed(quota) => Some(quota),
-        Verdict::Limited(quota) => {
+        Verdict::Limited(quota, nth) => {
             sim.stats.incr(Counter::RateLimited);
+            // The real API says 400 with a top-level `error`; the 429 convention adds
+            // Retry-After. Every other refusal leaves the reset header out, as the real
+            // API sometimes does (its clients then assume about a minute).
             let mut r = reply::error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "rate limit exceeded for this token",
+                sim.limit_status,
+                "rate_limit_reached",
+                "the rate limit is reached; it will reset within the hour",
             );
-            rate_headers(&mut r, quota);
-            reply::set_header(&mut r, "retry-after", whole_seconds(quota.reset_in).max(1));
+            reply::set_header(&mut r, "x-ratelimit-limit", quota.limit);
+            reply::set_header(&mut r, "x-ratelimit-remaining", 0);
+            if nth % 2 == 0 {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                reply::set_header(
+                    &mut r,
+                    "x-ratelimit-reset",
+                    whole_seconds(now + quota.reset_in),
+                );
+            }
+            if sim.limit_status == StatusCode::TOO_MANY_REQUESTS {
+                reply::set_header(&mut r, "retry-after", whole_seconds(quota.reset_in).max(1));
+            }
             return r;
         }
     };

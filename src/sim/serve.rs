@@ -41,6 +41,12 @@ impl SimHandle {
         self.sim.stats.snapshot()
     }
 
+    /// Every distinct access token the simulator was sent, raw: for in-process harnesses
+    /// that look for leaks (`/_sim/stats` shows only hashes).
+    pub fn raw_tokens(&self) -> Vec<String> {
+        self.sim.stats.raw_tokens()
+    }
+
     /// Zeroes the counters, like `POST /_sim/stats/reset`.
     pub fn reset_stats(&self) {
         self.sim.stats.reset();

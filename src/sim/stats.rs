@@ -45,6 +45,7 @@ pub(crate) struct Stats {
 struct Keyed {
     by_route: HashMap<String, u64>,
     by_token: HashMap<String, u64>,
+    raw_tokens: Vec<String>,
 }
 
 impl Stats {
@@ -71,15 +72,20 @@ impl Stats {
         *lock(&self.keyed).by_route.entry(key).or_insert(0) += 1;
     }
 
-    /// Counts one API request made with `token` (valid or not).
+    /// Counts one API request made with `token` (valid or not), under its short hash: the
+    /// stats are read over plain HTTP, and a token is a credential.
     pub fn token(&self, token: &str) {
         let mut keyed = lock(&self.keyed);
-        match keyed.by_token.get_mut(token) {
-            Some(n) => *n += 1,
-            None => {
-                keyed.by_token.insert(token.to_owned(), 1);
-            }
+        let name = token_hash(token);
+        *keyed.by_token.entry(name).or_insert(0) += 1;
+        if keyed.raw_tokens.len() < 1024 && !keyed.raw_tokens.iter().any(|t| t == token) {
+            keyed.raw_tokens.push(token.to_owned());
         }
+    }
+
+    /// Every distinct token seen (the first 1024), for in-process test harnesses only.
+    pub fn raw_tokens(&self) -> Vec<String> {
+        lock(&self.keyed).raw_tokens.clone()
     }
 
     /// Marks one request as in flight until the guard is dropped.
@@ -126,6 +132,7 @@ impl Stats {
         let mut keyed = lock(&self.keyed);
         keyed.by_route.clear();
         keyed.by_token.clear();
+        keyed.raw_tokens.clear();
     }
 }
 
@@ -137,6 +144,17 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// How `/_sim/stats` names a token: `sha256:` and the first 12 hex digits of its SHA-256,
+/// enough to tell tokens apart and useless to a reader.
+pub fn token_hash(token: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let hex: String = digest.as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
 }
 
 #[cfg(test)]
@@ -158,7 +176,12 @@ mod tests {
             snap["by_route"]["GET /me"], 2,
             "expected 2 GET /me, saw {snap}"
         );
-        assert_eq!(snap["by_token"]["t1"], 1, "expected 1 for t1, saw {snap}");
+        let t1 = token_hash("t1");
+        assert_eq!(snap["by_token"][&t1], 1, "expected 1 for t1, saw {snap}");
+        assert!(
+            !snap.to_string().contains("\"t1\""),
+            "expected no raw token, saw {snap}"
+        );
         assert_eq!(snap["rate_limited"], 1);
         assert_eq!(snap["in_flight"], 1, "expected 1 in flight, saw {snap}");
         assert_eq!(snap["max_in_flight"], 2, "expected max 2, saw {snap}");

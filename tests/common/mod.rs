@@ -14,6 +14,7 @@ use hyper_util::rt::TokioExecutor;
 
 use cxgate::sim::{SimHandle, SimOptions};
 
+pub mod overload;
 pub mod redis_server;
 use cxgate::Running;
 

@@ -175,6 +175,7 @@ async fn rate_limit_per_lineage_with_headers() {
     });
     let peer = start(SimOptions {
         rate_limit,
+        rate_limit_status: 429,
         ..SimOptions::default()
     })
     .await;
@@ -195,7 +196,7 @@ async fn rate_limit_per_lineage_with_headers() {
         );
     }
     let limited = peer.get("/me").await;
-    assert_error(&limited, 429, "rate_limited");
+    assert_error(&limited, 429, "rate_limit_reached");
     assert_eq!(
         limited.header("retry-after"),
         "1",
@@ -216,7 +217,7 @@ async fn rate_limit_per_lineage_with_headers() {
     assert_error(
         &peer.send(Method::GET, "/me", Some(access), None).await,
         429,
-        "rate_limited",
+        "rate_limit_reached",
     );
     tokio::time::sleep(Duration::from_millis(650)).await;
     assert_eq!(
@@ -229,6 +230,41 @@ async fn rate_limit_per_lineage_with_headers() {
         2,
         "saw {}",
         peer.sim.stats()
+    );
+    peer.sim.shutdown().await;
+}
+
+/// By default the simulator answers over the limit as the real API does: HTTP 400 with a
+/// top-level `"error": "rate_limit_reached"`, `X-RateLimit-Remaining: 0`, no Retry-After,
+/// and the reset header only on every other refusal.
+#[tokio::test]
+async fn over_the_limit_is_a_400_rate_limit_reached_by_default() {
+    let peer = start(SimOptions {
+        rate_limit: Some("1/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    })
+    .await;
+    assert_eq!(peer.get("/me").await.status, StatusCode::OK);
+    let mut resets = Vec::new();
+    for n in 0..4 {
+        let limited = peer.get("/me").await;
+        assert_error(&limited, 400, "rate_limit_reached");
+        assert_eq!(
+            limited.header("x-ratelimit-remaining"),
+            "0",
+            "refusal {n}: expected Remaining 0"
+        );
+        assert_eq!(
+            limited.header("retry-after"),
+            "",
+            "refusal {n}: expected no Retry-After from the real API's form"
+        );
+        resets.push(!limited.header("x-ratelimit-reset").is_empty());
+    }
+    assert_eq!(
+        resets,
+        [true, false, true, false],
+        "expected the reset header on every other refusal"
     );
     peer.sim.shutdown().await;
 }

@@ -110,6 +110,11 @@ pub fn assert_error(answer: &Answer, status: u16, error_type: &str) {
         body["meta"]["error_type"], error_type,
         "expected {error_type}, saw {body}"
     );
+    assert_eq!(
+        (&body["error"], &body["error_description"]),
+        (&body["meta"]["error_type"], &body["meta"]["error_message"]),
+        "expected the top-level error and error_description the API's clients read, saw {body}"
+    );
 }
 
 pub fn form(pairs: &[(&str, &str)]) -> String {

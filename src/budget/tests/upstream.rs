@@ -50,7 +50,7 @@ async fn a_small_remaining_allows_that_many_then_pauses_until_reset() {
     let mut h = HeaderMap::new();
     h.insert("x-ratelimit-remaining", HeaderValue::from_static("2"));
     h.insert("x-ratelimit-reset", HeaderValue::from_static("1800000060"));
-    b.observe_at(StatusCode::OK, &h, wall);
+    b.observe_at(false, &h, 0, wall);
     for i in 0..2 {
         assert!(
             b.admit("c", n(1)).await.is_ok(),

@@ -1,0 +1,50 @@
+//! The overload run at length: 20 services offering ten times the upstream's own limit for
+//! 60 s (set `OVERLOAD_SECS` for another length), against a simulator that counts its limit
+//! over fixed windows and answers over it with the real API's 400 `rate_limit_reached`;
+//! the gateway's own budget is twice the upstream's, so only the upstream's headers keep it
+//! under. Once in one process, once with three replicas sharing a `redis-server` it starts
+//! on a free loopback port (skipped without one). Prints upstream limit answers, client
+//! 429s and upstream calls per replica; exits 1 if the upstream ever said its limit is
+//! reached. Run: `cargo bench --bench overload`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::Duration;
+
+use common::overload::overload_run;
+use common::redis_server::RedisServer;
+
+fn main() {
+    let secs: u64 = std::env::var("OVERLOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    let run = Duration::from_secs(secs);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut failed = false;
+    let one = rt.block_on(overload_run(1, None, 20, run));
+    one.print();
+    for p in one.problems() {
+        println!("  PROBLEM: {p}");
+        failed = true;
+    }
+    match RedisServer::start_or_skip("the three-replica overload run") {
+        Some(redis) => {
+            let three = rt.block_on(overload_run(3, Some(&redis), 20, run));
+            three.print();
+            for p in three.problems() {
+                println!("  PROBLEM: {p}");
+                failed = true;
+            }
+        }
+        None => println!("three replicas: skipped (no redis-server)"),
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}

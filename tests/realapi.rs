@@ -1,0 +1,451 @@
+//! The gateway against the API as its public clients show it: the limit in every form the
+//! upstream says it (400 `rate_limit_reached`, 429, `X-RateLimit-Remaining: 0`), the API's
+//! own `X-RateLimit-*` fields and top-level `error` towards clients, the pause's bounds and
+//! its manual end, the simulator's controls kept out of reach, and the overload run.
+
+mod common;
+
+use std::time::Duration;
+
+use cxgate::sim::{Faults, Force429, SimOptions};
+use http::{Method, StatusCode};
+use tokio::time::Instant;
+
+use common::redis_server::RedisServer;
+use common::{Answer, Env, ACCESS, BIG_BUDGET, KEY, ROUTES};
+
+fn contact(n: usize) -> String {
+    format!("/12345/inbox/contact/twitter/{n}")
+}
+
+/// A call straight to the simulator with the gateway's own token, as another application
+/// sharing the token would make: it spends the same upstream limit behind the gateway's back.
+async fn behind_the_back(env: &Env, path: &str) -> Answer {
+    let url = format!("{}{path}", env.sim.base_url());
+    let auth = format!("Bearer {ACCESS}");
+    env.send(Method::GET, &url, &[("authorization", &auth)], "")
+        .await
+}
+
+fn assert_api_fields(a: &Answer, what: &str) -> (u64, u64, u64) {
+    let read = |name: &str| -> u64 {
+        a.header(name).parse().unwrap_or_else(|_| {
+            panic!(
+                "{what}: expected an integer {name}, saw {:?} in {:?}",
+                a.header(name),
+                a.headers
+            )
+        })
+    };
+    (
+        read("x-ratelimit-limit"),
+        read("x-ratelimit-remaining"),
+        read("x-ratelimit-reset"),
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
+/// The gateway's 429 in the API's dialect: top-level `error` `rate_limit_reached`, a
+/// Retry-After, and the API's fields with nothing remaining. Returns the Retry-After.
+fn assert_api_429(a: &Answer, what: &str) -> u64 {
+    assert_eq!(
+        a.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{what}: expected 429, saw {} {:?}",
+        a.status,
+        String::from_utf8_lossy(&a.body)
+    );
+    let body = a.json();
+    assert_eq!(
+        (&body["error"], &body["meta"]["error_type"]),
+        (&"rate_limit_reached".into(), &"rate_limited".into()),
+        "{what}: expected the API's top-level error and the gateway's type, saw {body}"
+    );
+    let (_, remaining, reset) = assert_api_fields(a, what);
+    assert_eq!(remaining, 0, "{what}: expected X-RateLimit-Remaining 0");
+    assert!(
+        reset >= unix_now(),
+        "{what}: expected a reset in the future, saw {reset}"
+    );
+    a.header("retry-after").parse().unwrap_or_else(|_| {
+        panic!(
+            "{what}: expected an integer Retry-After, saw {:?}",
+            a.headers
+        )
+    })
+}
+
+const PAUSE_ROUTES: &str = r#"
+[[routes]]
+match = "GET /me/accounts"
+ttl = "1s"
+stale_if_error = "1h"
+
+[[routes]]
+match = "GET /{account_id}/inbox/contact/{service}/{service_id}"
+ttl = "5m"
+"#;
+
+/// The real API's own over-limit answer (400, `"error": "rate_limit_reached"`) is the
+/// upstream's limit: the client gets the gateway's 429 with the true time, not the 400; the
+/// gateway sends nothing until the reset, serves stale meanwhile, and then sends again.
+#[tokio::test]
+async fn the_apis_400_rate_limit_reached_pauses_serves_stale_and_answers_429() {
+    let sim = SimOptions {
+        rate_limit: Some("4/3s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let env = common::start(sim, &format!("{BIG_BUDGET}{PAUSE_ROUTES}")).await;
+    let first = env.get("/me/accounts").await;
+    assert_eq!(first.status, 200, "expected the first read, saw {first:?}");
+    let window = Instant::now();
+    // Another user of the token spends the rest of the window and sees the API's 400.
+    for _ in 0..3 {
+        behind_the_back(&env, "/me").await;
+    }
+    let refused = behind_the_back(&env, "/me").await;
+    assert_eq!(
+        (refused.status, refused.json()["error"].clone()),
+        (StatusCode::BAD_REQUEST, "rate_limit_reached".into()),
+        "expected the simulator's real-API refusal, saw {refused:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let before = env.upstream_total();
+    let limited = env.get(&contact(1)).await;
+    let secs = assert_api_429(&limited, "the miss the upstream refused with 400");
+    assert!(
+        (1..=4).contains(&secs),
+        "expected Retry-After within the 3 s window (+1 for whole-second Reset), saw {secs}"
+    );
+    let stale = env.get("/me/accounts").await;
+    assert!(
+        stale.status == 200 && stale.header("cache-status").contains("detail=stale"),
+        "expected a stale answer while paused, saw {} {:?}",
+        stale.status,
+        stale.header("cache-status")
+    );
+    let mut n = 2;
+    while window.elapsed() < Duration::from_millis(2500) {
+        let a = env.get(&contact(n)).await;
+        assert_api_429(&a, "a miss during the pause");
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let reached = env.upstream_total() - before;
+    assert_eq!(
+        reached, 1,
+        "expected only the refused call upstream during the pause ({n} reads), saw {reached}"
+    );
+    let resumed = loop {
+        let a = env.get(&contact(1000 + n)).await;
+        n += 1;
+        if a.status == StatusCode::OK {
+            break window.elapsed();
+        }
+        assert!(
+            window.elapsed() < Duration::from_secs(6),
+            "expected traffic again after the 3 s window, still {} at {:?}",
+            a.status,
+            window.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        resumed >= Duration::from_millis(2900),
+        "expected no call before the reset, saw one at {resumed:?}"
+    );
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats["rate_limited"], 2,
+        "expected two refusals, the other user's and the gateway's one, saw {stats}"
+    );
+    env.stop().await;
+}
+
+/// A limit answer with neither Retry-After nor reset (the API sometimes leaves it out):
+/// the gateway waits the blind pause (a minute, cut to the window the upstream showed),
+/// then lets exactly one probe through while everyone else keeps waiting for its answer.
+#[tokio::test]
+async fn a_limit_answer_without_a_reset_waits_then_probes_with_one_call() {
+    let sim = SimOptions {
+        rate_limit: Some("3/3s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let env = common::start(
+        sim,
+        &format!("[budget]\nlimit = 1000\nperiod = \"1s\"\nburst = 100\n{ROUTES}"),
+    )
+    .await;
+    assert_eq!(env.get(&contact(0)).await.status, 200, "a first read");
+    let window = Instant::now();
+    behind_the_back(&env, "/me").await;
+    behind_the_back(&env, "/me").await;
+    // The first refusal of the window names the reset; the second does not.
+    let named = behind_the_back(&env, "/me").await;
+    assert!(
+        !named.header("x-ratelimit-reset").is_empty(),
+        "expected the first refusal with a reset"
+    );
+    let before = env.upstream_total();
+    let blind = env.get(&contact(1)).await;
+    let secs = assert_api_429(&blind, "the refusal that named no reset");
+    assert!(
+        secs <= 4,
+        "expected the blind pause cut to the 3 s window (+1 for whole-second Reset), saw \
+         Retry-After {secs}"
+    );
+    // Nothing upstream until the blind pause ends (about 3 s after the refusal).
+    while window.elapsed() < Duration::from_millis(2700) {
+        assert_api_429(&env.get(&contact(2)).await, "a miss in the blind pause");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        env.upstream_total() - before,
+        1,
+        "expected nothing upstream in the blind pause but the refused call"
+    );
+    // After it: ten reads at once; one goes as the probe, it succeeds (the window turned),
+    // and traffic flows again.
+    tokio::time::sleep_until(window + Duration::from_millis(4200)).await;
+    // The probe takes its time upstream, so all ten arrive while it is out.
+    env.sim.set_faults(Faults {
+        latency_ms: 500,
+        ..Faults::default()
+    });
+    let mut reads = tokio::task::JoinSet::new();
+    let env = std::sync::Arc::new(env);
+    for i in 0..10 {
+        let env = env.clone();
+        reads.spawn(async move { env.get(&contact(100 + i)).await.status });
+    }
+    let mut ok = 0;
+    while let Some(status) = reads.join_next().await {
+        ok += u32::from(status.expect("read task") == StatusCode::OK);
+    }
+    assert_eq!(ok, 1, "expected the probe alone answered, saw {ok} of 10");
+    let after = env.get(&contact(200)).await;
+    assert_eq!(
+        after.status, 200,
+        "expected traffic to flow after the probe"
+    );
+    let stats = env.sim.stats();
+    let probes: u64 = (100..110)
+        .map(|i| env.upstream_count(&format!("GET {}", contact(i))))
+        .sum();
+    assert_eq!(
+        probes, 1,
+        "expected one probe of the ten reads upstream, the others held, saw {probes}: {stats}"
+    );
+    assert_eq!(
+        stats["rate_limited"], 2,
+        "expected two refusals (the other user's and the gateway's one), saw {stats}"
+    );
+    match std::sync::Arc::try_unwrap(env) {
+        Ok(env) => env.stop().await,
+        Err(_) => panic!("the read tasks have ended"),
+    }
+}
+
+/// Every answer to a client with a key carries the API's own X-RateLimit-* fields for that
+/// client (the tighter of its share and the upstream's word): misses, hits, refusals, and
+/// errors the gateway makes; the upstream's own fields (about the shared token) never pass.
+#[tokio::test]
+async fn clients_get_the_apis_rate_limit_fields_on_every_answer() {
+    let sim = SimOptions {
+        rate_limit: Some("500/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let clients = format!(
+        "{}{}",
+        common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]\nlimit = 3\nperiod = \"1h\"\nburst = 3\nmax_wait = \"0s\""),
+        common::client_toml("other", "other-key", "scopes = [\"read\"]\naccounts = [1]"),
+    );
+    let env = common::start_with(
+        sim,
+        &clients,
+        &format!("[budget]\nlimit = 1000\nperiod = \"1h\"\nburst = 50\n{ROUTES}"),
+    )
+    .await;
+    let miss = env.get("/me").await;
+    assert_eq!(miss.status, 200, "a first read");
+    let (limit, remaining, _) = assert_api_fields(&miss, "a miss");
+    assert_eq!(
+        (limit, remaining),
+        (3, 2),
+        "expected the client's own share of 3 with one spent, not the upstream's 500/499"
+    );
+    let hit = env.get("/me").await;
+    assert!(hit.header("cache-status").contains("hit"), "expected a hit");
+    assert_eq!(
+        assert_api_fields(&hit, "a hit").1,
+        2,
+        "a hit spends nothing"
+    );
+    env.get(&contact(1)).await;
+    env.get(&contact(2)).await;
+    let refused = env.get(&contact(3)).await;
+    assert_api_429(&refused, "the client's own share spent");
+    let forbidden = env.get_as("other-key", "/12345/inbox/mentions").await;
+    assert_eq!(forbidden.status, 403, "expected the account refused");
+    assert_api_fields(&forbidden, "a 403 to a known client");
+    assert_eq!(
+        forbidden.json()["error"],
+        "forbidden",
+        "expected the top-level error on the gateway's own errors"
+    );
+    let unknown = env.get_as("nobody-key", "/me").await;
+    assert_eq!(
+        (unknown.status.as_u16(), unknown.json()["error"].clone()),
+        (401, "unauthorized".into()),
+        "expected the top-level error on a 401"
+    );
+    assert_eq!(
+        unknown.header("x-ratelimit-remaining"),
+        "",
+        "expected no budget fields for a caller without a valid key"
+    );
+    env.stop().await;
+}
+
+/// `/_sim/*` are the simulator's controls: the gateway refuses them in every spelling and
+/// the simulator never sees them.
+#[tokio::test]
+async fn the_simulators_controls_are_never_forwarded() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let auth = format!("Bearer {KEY}");
+    for (method, path) in [
+        (Method::GET, "/_sim/stats"),
+        (Method::POST, "/_sim/faults"),
+        (Method::POST, "/_sim/stats/reset"),
+        (Method::GET, "//_sim/stats"),
+        (Method::GET, "/%5Fsim/stats"),
+        (Method::GET, "/_SIM/stats"),
+        (Method::GET, "/_sim"),
+    ] {
+        let a = env
+            .send(
+                method.clone(),
+                &env.url(path),
+                &[("authorization", &auth)],
+                "{}",
+            )
+            .await;
+        assert!(
+            a.status == 400 || a.status == 404,
+            "{method} {path}: expected the gateway to refuse, saw {} {:?}",
+            a.status,
+            String::from_utf8_lossy(&a.body)
+        );
+        assert!(
+            a.json()["error"].is_string(),
+            "{method} {path}: expected the error envelope"
+        );
+    }
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats["requests_total"], 0,
+        "expected nothing to reach the simulator, saw {stats}"
+    );
+    // And its stats name tokens only by hash.
+    let text = stats.to_string();
+    assert!(
+        !text.contains(ACCESS),
+        "expected no raw token in the simulator's stats, saw {text}"
+    );
+    env.stop().await;
+}
+
+/// A Retry-After of years is cut to the upstream's window, and `POST /admin/budget/resume`
+/// ends a pause at once.
+#[tokio::test]
+async fn a_pause_is_cut_to_the_window_and_ends_by_hand() {
+    let sim = SimOptions {
+        rate_limit: Some("1000/20s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let env = common::start(sim, &format!("{BIG_BUDGET}{ROUTES}")).await;
+    assert_eq!(env.get(&contact(0)).await.status, 200, "a first read");
+    env.sim.set_faults(Faults {
+        force_429: Some(Force429 {
+            count: 1,
+            retry_after: 100 * 365 * 24 * 3600,
+        }),
+        ..Faults::default()
+    });
+    let refused = env.get(&contact(1)).await;
+    let secs = assert_api_429(&refused, "the upstream's 429 with a century's Retry-After");
+    assert!(
+        secs <= 21,
+        "expected the pause cut to the 20 s window the upstream showed (+1 for whole-second \
+         Reset), saw {secs}"
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await
+        .json();
+    let paused = status["upstream"]["paused_for_s"].as_f64().unwrap_or(0.0);
+    assert!(
+        paused > 10.0 && paused <= 21.0,
+        "expected about 20 s of pause in /admin/status, saw {status}"
+    );
+    let still = env.get(&contact(2)).await;
+    assert_api_429(&still, "a miss while paused");
+    let resumed = env
+        .send(
+            Method::POST,
+            &env.admin_url("/admin/budget/resume"),
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(
+        (resumed.status.as_u16(), resumed.json()["resumed"].clone()),
+        (200, true.into()),
+        "expected {{\"resumed\": true}}, saw {resumed:?}"
+    );
+    assert_eq!(
+        resumed.json()["was_paused"],
+        true,
+        "expected the pause to have been running"
+    );
+    let after = env.get(&contact(3)).await;
+    assert_eq!(
+        after.status, 200,
+        "expected traffic at once after the resume, saw {after:?}"
+    );
+    env.stop().await;
+}
+
+/// The overload run, short: 20 services at 10x the upstream's limit for 15 s through one
+/// gateway whose own budget is twice the upstream's: never an upstream limit answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_one_process_never_meets_the_upstreams_limit() {
+    let report = common::overload::overload_run(1, None, 20, Duration::from_secs(15)).await;
+    report.print();
+    let problems = report.problems();
+    assert!(problems.is_empty(), "overload run: {problems:?}");
+}
+
+/// The same with three replicas sharing the upstream's word through Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_three_replicas_never_meet_the_upstreams_limit() {
+    let Some(redis) = RedisServer::start_or_skip("the three-replica overload run") else {
+        return;
+    };
+    let report = common::overload::overload_run(3, Some(&redis), 20, Duration::from_secs(15)).await;
+    report.print();
+    let problems = report.problems();
+    assert!(problems.is_empty(), "overload run: {problems:?}");
+    assert!(
+        report.per_replica.iter().all(|n| *n > 0),
+        "expected every replica to call the upstream, saw {:?}",
+        report.per_replica
+    );
+}
