@@ -1062,3 +1062,112 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
     );
     env.stop().await;
 }
+
+/// An upstream that answers every request like a static web server: 200, a small JSON
+/// body and the headers nginx sends (`Server`, an old `Date`, `Accept-Ranges`, ...).
+async fn web_server_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
+                let resp = hyper::Response::builder()
+                    .header("server", "nginx/1.24.0 (Ubuntu)")
+                    .header("date", "Tue, 24 Nov 2026 09:00:00 GMT")
+                    .header("content-type", "application/json; charset=utf-8")
+                    .header("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT")
+                    .header("etag", "\"6743f1cb-2a\"")
+                    .header("accept-ranges", "bytes")
+                    .header("x-powered-by", "PHP/8.2")
+                    .header("content-language", "en")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
+                    )));
+                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    base
+}
+
+/// Every value of header `name` in an answer.
+fn all(a: &Answer, name: &str) -> Vec<String> {
+    a.headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn hits_keep_what_clients_read_and_regenerate_the_rest() {
+    let upstream = web_server_upstream().await;
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let env =
+        common::start_custom(SimOptions::default(), "", Some(&upstream), &clients, ROUTES).await;
+    let miss = env.get("/me").await;
+    assert_stored(&miss, "first GET /me");
+    let hit = env.get("/me").await;
+    assert_hit(&hit, "second GET /me");
+    assert_eq!(hit.body, miss.body, "the hit must carry the stored body");
+
+    // What a client or a revalidation reads comes back exactly as the upstream sent it.
+    for (name, value) in [
+        ("content-type", "application/json; charset=utf-8"),
+        ("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT"),
+        ("etag", "\"6743f1cb-2a\""),
+        ("content-language", "en"),
+    ] {
+        assert_eq!(
+            all(&hit, name),
+            [value],
+            "hit: expected {name} kept as the upstream sent it"
+        );
+    }
+    // What names the upstream's software or only held for one answer is not stored.
+    for name in ["server", "x-powered-by", "accept-ranges"] {
+        assert!(
+            all(&hit, name).is_empty(),
+            "hit: expected no {name}, saw {:?}",
+            all(&hit, name)
+        );
+    }
+    // Date and Content-Length are the gateway's own, written for this answer: one of each.
+    let dates = all(&hit, "date");
+    assert_eq!(dates.len(), 1, "hit: expected one Date, saw {dates:?}");
+    assert_ne!(
+        dates[0], "Tue, 24 Nov 2026 09:00:00 GMT",
+        "hit: expected a Date of this answer, not the upstream's"
+    );
+    let lengths = all(&hit, "content-length");
+    assert_eq!(
+        lengths,
+        [hit.body.len().to_string()],
+        "hit: expected one Content-Length matching the body"
+    );
+
+    // A HEAD answered from the entry still says how long the body is.
+    let auth = bearer();
+    let head = env
+        .send(
+            Method::HEAD,
+            &env.url("/me"),
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_hit(&head, "HEAD /me");
+    assert_eq!(
+        all(&head, "content-length"),
+        [miss.body.len().to_string()],
+        "HEAD hit: expected the GET body's Content-Length"
+    );
+    env.stop().await;
+}

@@ -20,6 +20,32 @@ use tokio::time::Instant;
 /// empty bodies from looking free.
 const ENTRY_OVERHEAD: usize = 256;
 
+/// Upstream headers an entry does not keep: each hit regenerates them or they describe the
+/// upstream's connection or software rather than the answer. `Date` and `Content-Length`
+/// are written by the gateway's HTTP server for every answer, `Age` by the gateway itself;
+/// `Connection`, `Keep-Alive` and `Transfer-Encoding` are per connection; `Server` and
+/// `X-Powered-By` name the upstream's software. `Accept-Ranges` is dropped too, except on a
+/// partial answer (206), the one status where a client reads it.
+const NOT_STORED: &[&str] = &[
+    "date",
+    "server",
+    "x-powered-by",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "age",
+];
+
+/// Whether a hit needs `name` from the upstream's answer (see [`NOT_STORED`]).
+fn stored_header(status: StatusCode, name: &HeaderName) -> bool {
+    let name = name.as_str();
+    if name == "accept-ranges" {
+        return status == StatusCode::PARTIAL_CONTENT;
+    }
+    !NOT_STORED.contains(&name)
+}
+
 /// One cached upstream answer, as the gateway builds it for [`crate::cache::Store::insert`].
 #[derive(Debug, Clone)]
 pub struct CachedResponse {
@@ -124,12 +150,19 @@ impl CachedResponse {
         self.timing().lifetime()
     }
 
-    /// The entry's cost against the store's byte bound: body, header names and values, tags
-    /// and a fixed overhead. Saturates at `u32::MAX`, which no single entry should reach.
+    /// The headers a stored entry keeps: all but the ones each answer regenerates.
+    pub fn stored_headers(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> + '_ {
+        self.headers
+            .iter()
+            .filter(|(name, _)| stored_header(self.status, name))
+    }
+
+    /// The entry's cost against the store's byte bound: body, stored header names and
+    /// values, tags and a fixed overhead. Saturates at `u32::MAX`, which no single entry
+    /// should reach.
     pub fn weight(&self) -> u32 {
         let headers: usize = self
-            .headers
-            .iter()
+            .stored_headers()
             .map(|(name, value)| name.as_str().len() + value.len())
             .sum();
         let tags: usize = self.tags.iter().map(String::len).sum();
@@ -144,13 +177,16 @@ impl CachedResponse {
 /// A stored entry. The block holds, in order: the key, one little-endian `u64` per tag
 /// hash, the headers as `name:value\n` lines (a name never holds `:` and a value never
 /// holds a line break, so the split is unambiguous), then the body.
+///
+/// Every field that can be derived from the block is (the tags' end, the header count, the
+/// weight): the struct is 80 bytes, held inline in moka's entry, and each of the 100,000s
+/// of entries pays for it.
 #[derive(Debug, Clone)]
 pub struct StoredResponse {
     block: Bytes,
     key_end: u32,
-    tags_end: u32,
     body_start: u32,
-    header_count: u16,
+    tag_count: u16,
     status: StatusCode,
     /// Told apart from a later value under the same key when the tag index forgets it.
     pub(crate) serial: u64,
@@ -158,7 +194,6 @@ pub struct StoredResponse {
     /// ttl and the stale windows in milliseconds: 12 bytes instead of 48 in every entry.
     /// Longer than 49 days saturates at 49 days.
     windows_ms: [u32; 3],
-    weight: u32,
 }
 
 fn millis(d: Duration) -> u32 {
@@ -175,10 +210,10 @@ impl StoredResponse {
         serial: u64,
     ) -> Option<StoredResponse> {
         let headers: usize = value
-            .headers
-            .iter()
+            .stored_headers()
             .map(|(n, v)| n.as_str().len() + v.len() + 2)
             .sum();
+        let tag_count = u16::try_from(tag_hashes.len()).ok()?;
         let size = key.len() + tag_hashes.len() * 8 + headers + value.body.len();
         let mut block = BytesMut::with_capacity(size);
         block.put_slice(key.as_bytes());
@@ -186,8 +221,7 @@ impl StoredResponse {
         for hash in tag_hashes {
             block.put_u64_le(*hash);
         }
-        let tags_end = u32::try_from(block.len()).ok()?;
-        for (name, v) in &value.headers {
+        for (name, v) in value.stored_headers() {
             block.put_slice(name.as_str().as_bytes());
             block.put_u8(b':');
             block.put_slice(v.as_bytes());
@@ -199,9 +233,8 @@ impl StoredResponse {
         Some(StoredResponse {
             block: block.freeze(),
             key_end,
-            tags_end,
             body_start,
-            header_count: u16::try_from(value.headers.len()).ok()?,
+            tag_count,
             status: value.status,
             serial,
             stored_at: value.stored_at,
@@ -210,7 +243,6 @@ impl StoredResponse {
                 millis(value.stale_while_revalidate),
                 millis(value.stale_if_error),
             ],
-            weight: value.weight(),
         })
     }
 
@@ -220,8 +252,13 @@ impl StoredResponse {
         std::str::from_utf8(&self.block[..self.key_end as usize]).unwrap_or("")
     }
 
+    /// Where the tag hashes end and the header lines start.
+    fn tags_end(&self) -> usize {
+        self.key_end as usize + usize::from(self.tag_count) * 8
+    }
+
     pub(crate) fn tag_hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.block[self.key_end as usize..self.tags_end as usize]
+        self.block[self.key_end as usize..self.tags_end()]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
     }
@@ -237,13 +274,14 @@ impl StoredResponse {
 
     /// How many headers [`StoredResponse::headers`] yields.
     pub fn header_count(&self) -> usize {
-        usize::from(self.header_count)
+        let lines = &self.block[self.tags_end()..self.body_start as usize];
+        lines.iter().filter(|b| **b == b'\n').count()
     }
 
     /// The stored headers; values share the block (no copy).
     pub fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-        let lines = &self.block[self.tags_end as usize..self.body_start as usize];
-        let base = self.tags_end as usize;
+        let base = self.tags_end();
+        let lines = &self.block[base..self.body_start as usize];
         lines
             .split_inclusive(|b| *b == b'\n')
             .scan(base, |at, line| {
@@ -289,9 +327,12 @@ impl StoredResponse {
         self.timing().lifetime()
     }
 
-    /// The weight of the [`CachedResponse`] it was packed from.
+    /// The entry's cost against the store's byte bound, from the block: the body, the
+    /// stored header lines, the tag hashes and a fixed overhead (the key is added by the
+    /// store). Close to [`CachedResponse::weight`] of the value it was packed from.
     pub fn weight(&self) -> u32 {
-        self.weight
+        let block = self.block.len() - self.key_end as usize;
+        u32::try_from(ENTRY_OVERHEAD.saturating_add(block)).unwrap_or(u32::MAX)
     }
 }
 
@@ -410,6 +451,62 @@ mod tests {
             seen,
             Duration::ZERO,
             "age before stored_at: expected 0, saw {seen:?}"
+        );
+    }
+
+    #[test]
+    fn an_entry_struct_stays_80_bytes() {
+        // moka holds it inline in every entry: a field more is 100,000s of 8 bytes.
+        let size = std::mem::size_of::<StoredResponse>();
+        assert!(size <= 80, "StoredResponse grew to {size} bytes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pack_keeps_what_a_hit_needs_and_drops_what_it_regenerates() {
+        let mut e = entry(1, 0, 0);
+        for (name, value) in [
+            ("server", "nginx/1.24.0"),
+            ("date", "Tue, 24 Nov 2026 09:00:00 GMT"),
+            ("content-type", "application/json"),
+            ("content-length", "2"),
+            ("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT"),
+            ("etag", "\"x\""),
+            ("accept-ranges", "bytes"),
+            ("x-powered-by", "PHP/8.2"),
+            ("keep-alive", "timeout=5"),
+            ("age", "3"),
+            ("cache-control", "max-age=60"),
+            ("vary", "Accept-Language"),
+        ] {
+            e.headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        let kept = |e: &CachedResponse| -> Vec<String> {
+            let stored = StoredResponse::pack("GET /x", e, &[1, 2], 0).expect("packs");
+            assert_eq!(stored.tag_hashes().collect::<Vec<_>>(), [1, 2]);
+            assert_eq!(stored.body(), e.body, "the body must survive packing");
+            let mut names: Vec<String> = stored.headers().map(|(n, _)| n.to_string()).collect();
+            assert_eq!(stored.header_count(), names.len(), "header_count");
+            names.sort();
+            names
+        };
+        let seen = kept(&e);
+        let expected = [
+            "cache-control",
+            "content-type",
+            "etag",
+            "last-modified",
+            "vary",
+        ];
+        assert_eq!(seen, expected, "headers kept for a 200");
+        // A partial answer keeps Accept-Ranges: there a client reads it.
+        e.status = StatusCode::PARTIAL_CONTENT;
+        let seen = kept(&e);
+        assert!(
+            seen.iter().any(|n| n == "accept-ranges"),
+            "expected Accept-Ranges kept on a 206, saw {seen:?}"
         );
     }
 
