@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use common::redis_server::RedisServer;
+use common::redis_server::{Kind, RedisServer};
 use common::{client_toml, Answer, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
 use cxgate::sim::{SimHandle, SimOptions};
 use cxgate::Running;
@@ -29,13 +29,25 @@ use cxgate::Running;
 /// One test at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A direct connection to the test Redis, to look at what the replicas stored.
-async fn conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
+/// A direct connection to the test Redis (TLS, ACL user or cluster as the replicas use it),
+/// to look at what the replicas stored.
+async fn conn(redis: &RedisServer) -> cxgate::replicas::Conn {
+    options(redis)
+        .open(&redis.url())
         .await
         .expect("connect to the test redis-server")
+}
+
+fn options(redis: &RedisServer) -> cxgate::replicas::Options {
+    cxgate::replicas::Options {
+        ca_file: redis.ca_file(),
+        cluster: redis.kind() == Kind::Cluster,
+    }
+}
+
+/// A key of the test deployment, as the replicas name it (one cluster hash slot).
+fn key(c: &Cluster, suffix: &str) -> String {
+    format!("{{{}}}:{suffix}", c.prefix)
 }
 
 /// A simulator, a Redis and `n` replicas in front of both.
@@ -49,8 +61,13 @@ struct Cluster {
 }
 
 /// Starts the cluster; `budget` holds the `[budget]` lines other than the backend ones.
-async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster> {
-    let redis = RedisServer::start_or_skip("the replica tests")?;
+async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
+    cluster_on(Kind::Plain, n, sim, budget).await
+}
+
+/// [`cluster`] on a Redis of `kind` (TLS, ACL user, Redis Cluster).
+async fn cluster_on(kind: Kind, n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster> {
+    let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
     let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
@@ -63,6 +80,10 @@ async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster>
     let base = sim.base_url();
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let mut redis_options = format!("redis_cluster = {}\n", kind == Kind::Cluster);
+    if let Some(ca) = redis.ca_file() {
+        redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
+    }
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..n {
@@ -75,7 +96,7 @@ async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster>
              [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
              [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
              [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n\
+             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
              {clients}\n{ROUTES}\n",
             token_file.display()
         );
@@ -169,11 +190,15 @@ impl Cluster {
 /// the budget allows over the run, and no less than 98 % of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget() {
+    shared_budget_suite(Kind::Plain).await;
+}
+
+async fn shared_budget_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let (limit, period_s, burst) = (200u32, 10u64, 20u32);
     let budget =
         format!("limit = {limit}\nperiod = \"{period_s}s\"\nburst = {burst}\nmax_wait = \"1s\"");
-    let Some(c) = cluster(3, SimOptions::default(), &budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), &budget).await else {
         return;
     };
     let c = Arc::new(c);
@@ -263,13 +288,17 @@ async fn futures_all(c: &Cluster, metric: &str) -> Vec<Option<f64>> {
 /// and every replica ends on the token Redis holds, in memory and in its own file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_tokens_are_refreshed_once_per_expiry() {
+    shared_token_suite(Kind::Plain).await;
+}
+
+async fn shared_token_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let sim = SimOptions {
         token_ttl: Duration::from_secs(3),
         ..SimOptions::default()
     };
     let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    let Some(c) = cluster(3, sim, budget).await else {
+    let Some(c) = cluster_on(kind, 3, sim, budget).await else {
         return;
     };
     let started = Instant::now();
@@ -331,7 +360,7 @@ async fn rotating_tokens_are_refreshed_once_per_expiry() {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let record: Option<String> = redis::cmd("GET")
-            .arg(format!("{}:token", c.prefix))
+            .arg(key(&c, "token"))
             .query_async(&mut redis)
             .await
             .expect("read the token record");
@@ -368,9 +397,13 @@ async fn rotating_tokens_are_refreshed_once_per_expiry() {
 /// A purge on one replica, and a write through another, reach every replica's cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_and_invalidations_reach_every_replica() {
+    invalidation_suite(Kind::Plain).await;
+}
+
+async fn invalidation_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    let Some(c) = cluster(3, SimOptions::default(), budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), budget).await else {
         return;
     };
     let contact = "/12345/inbox/contact/twitter/42";
@@ -425,9 +458,13 @@ async fn eventually_miss(c: &Cluster, replica: usize, path: &str) -> String {
 /// `cxgate_redis_up`, and goes back to the shared budget and channel when Redis returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_keep_answering_without_redis_and_recover() {
+    outage_suite(Kind::Plain).await;
+}
+
+async fn outage_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let budget = "limit = 3000\nperiod = \"10s\"\nburst = 300\nmax_wait = \"1s\"";
-    let Some(c) = cluster(3, SimOptions::default(), budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), budget).await else {
         return;
     };
     let c = Arc::new(tokio::sync::RwLock::new(c));
@@ -449,7 +486,9 @@ async fn replicas_keep_answering_without_redis_and_recover() {
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    c.write().await.redis.stop();
+    // On a cluster: the node that holds the deployment's slot (the others go on serving).
+    let slot_key = format!("{{{}}}:budget:global", c.read().await.prefix);
+    c.write().await.redis.stop_owner_of(&slot_key);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let down: Vec<Option<f64>> = futures_all(&*c.read().await, "cxgate_redis_up").await;
     // A purge while Redis is away is queued, and reaches the others once it is back.
@@ -503,7 +542,7 @@ async fn replicas_keep_answering_without_redis_and_recover() {
     // Back on the shared budget: an admission writes the global key again.
     let mut redis = conn(&c.redis).await;
     let _: () = redis::cmd("DEL")
-        .arg(format!("{}:budget:global", c.prefix))
+        .arg(key(&c, "budget:global"))
         .query_async(&mut redis)
         .await
         .expect("clear the budget key");
@@ -513,7 +552,7 @@ async fn replicas_keep_answering_without_redis_and_recover() {
         "expected an answer after recovery"
     );
     let key: Option<String> = redis::cmd("GET")
-        .arg(format!("{}:budget:global", c.prefix))
+        .arg(key(&c, "budget:global"))
         .query_async(&mut redis)
         .await
         .expect("read the budget key");
@@ -619,4 +658,67 @@ async fn an_upstream_429_on_one_replica_pauses_them_all() {
         "expected nothing sent upstream by the paused replicas"
     );
     c.stop().await;
+}
+
+/// The budget, token, invalidation and outage suites on a Redis as operators run it: TLS
+/// with a test CA (`budget.redis_ca_file`) and an ACL user whose password is in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_over_tls_with_an_acl_user() {
+    shared_budget_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_over_tls_with_an_acl_user() {
+    shared_token_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_over_tls_with_an_acl_user() {
+    invalidation_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_answering_without_redis_and_recover_over_tls_with_an_acl_user() {
+    outage_suite(Kind::Tls).await;
+}
+
+/// The same suites with an ACL user (`redis://user:password@host/`) over plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_with_an_acl_user() {
+    shared_budget_suite(Kind::Acl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_with_an_acl_user() {
+    shared_token_suite(Kind::Acl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_with_an_acl_user() {
+    invalidation_suite(Kind::Acl).await;
+}
+
+/// The same suites on a three-node Redis Cluster (`budget.redis_cluster = true`): every key
+/// in one hash slot, so the scripts run there unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_on_a_redis_cluster() {
+    shared_budget_suite(Kind::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_on_a_redis_cluster() {
+    shared_token_suite(Kind::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_on_a_redis_cluster() {
+    invalidation_suite(Kind::Cluster).await;
+}
+
+/// Killing the cluster node that holds the deployment's slot is a short outage: every
+/// replica falls back to its local share and answers, then returns to the shared budget
+/// and channel when the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_cluster_node_of_the_slot_falls_back_and_returns() {
+    outage_suite(Kind::Cluster).await;
 }
