@@ -777,3 +777,80 @@ where
 #[cfg(test)]
 #[path = "../tests/common/redis_server.rs"]
 pub(crate) mod testing;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_shown_without_user_or_password() {
+        let cases = [
+            ("redis://10.0.0.5:6379/0", "redis://10.0.0.5:6379/0"),
+            (
+                "redis://:s3cret@10.0.0.5:6379/0",
+                "redis://***@10.0.0.5:6379/0",
+            ),
+            (
+                "rediss://app:s3cret@redis.internal:6380/2",
+                "rediss://***@redis.internal:6380/2",
+            ),
+            // A raw '@' in the password: everything up to the last '@' is hidden.
+            ("redis://app:p@ss@host/", "redis://***@host/"),
+            (
+                "redis://app:pw@host:1?protocol=resp3#x",
+                "redis://***@host:1",
+            ),
+            (
+                "redis://u:a@n1:7000, redis://u:a@n2:7001",
+                "redis://***@n1:7000,redis://***@n2:7001",
+            ),
+            ("app:s3cret@host", "(unparsable URL)"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redacted_address(url), shown, "for {url:?}");
+        }
+    }
+
+    #[test]
+    fn pem_bodies_are_standard_base64() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar\xff"), "Zm9vYmFy/w==");
+    }
+
+    #[test]
+    fn every_key_carries_the_deployment_hash_tag() {
+        assert_eq!(
+            hash_tagged("cxgate", "budget:global"),
+            "{cxgate}:budget:global"
+        );
+        assert_eq!(hash_tagged("a", "token:lock"), "{a}:token:lock");
+    }
+
+    #[test]
+    fn a_ca_file_is_checked_at_start() {
+        let dir = std::env::temp_dir().join(format!("cxgate-ca-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let junk = dir.join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").expect("write");
+        let missing = dir.join("missing.pem");
+        for path in [junk, missing] {
+            let options = Options {
+                ca_file: Some(path.clone()),
+                cluster: false,
+            };
+            let err = options
+                .clients("rediss://127.0.0.1:1/")
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.contains("budget.redis_ca_file")),
+                "expected {path:?} refused naming budget.redis_ca_file, saw {err:?}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

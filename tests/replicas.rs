@@ -66,7 +66,18 @@ async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
 }
 
 /// [`cluster`] on a Redis of `kind` (TLS, ACL user, Redis Cluster).
-async fn cluster_on(kind: Kind, n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster> {
+async fn cluster_on(kind: Kind, n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
+    cluster_with(kind, n, sim, budget, true).await
+}
+
+/// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate).
+async fn cluster_with(
+    kind: Kind,
+    n: usize,
+    mut sim: SimOptions,
+    budget: &str,
+    trust_ca: bool,
+) -> Option<Cluster> {
     let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
@@ -81,7 +92,7 @@ async fn cluster_on(kind: Kind, n: usize, mut sim: SimOptions, budget: &str) -> 
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
     let mut redis_options = format!("redis_cluster = {}\n", kind == Kind::Cluster);
-    if let Some(ca) = redis.ca_file() {
+    if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
         redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
     }
     let mut replicas = Vec::new();
@@ -721,4 +732,105 @@ async fn purges_and_invalidations_reach_every_replica_on_a_redis_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_cluster_node_of_the_slot_falls_back_and_returns() {
     outage_suite(Kind::Cluster).await;
+}
+
+/// The ACL user and password in the URL never show: not in `/metrics`, not in
+/// `/admin/status`, not in the log of the real binary, which names the server with them
+/// masked. The replica is connected (TLS to the test CA, the ACL user), so they were used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_user_and_password_never_show_in_logs_metrics_or_status() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
+    let Some(c) = cluster_on(Kind::Tls, 1, SimOptions::default(), budget).await else {
+        return;
+    };
+    assert_eq!(
+        c.metric(0, "cxgate_redis_up").await,
+        Some(1.0),
+        "expected the replica connected over TLS as the ACL user"
+    );
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK, "expected /me");
+    let password = c.redis.password().to_string();
+    let user = common::redis_server::ACL_USER;
+    let metrics = c.admin(0, Method::GET, "/metrics", "").await;
+    let status = c.admin(0, Method::GET, "/admin/status", "").await;
+    for (what, answer) in [("/metrics", &metrics), ("/admin/status", &status)] {
+        let text = String::from_utf8_lossy(&answer.body);
+        assert_eq!(answer.status, StatusCode::OK, "expected {what} answered");
+        assert!(
+            !text.contains(&password) && !text.contains(user),
+            "expected neither the Redis password nor the user name in {what}, saw {text}"
+        );
+    }
+    // The real binary on the same configuration (its own ports): its log.
+    let path = c.dirs[0].join("cxgate.toml");
+    let mut proc = common::Proc::spawn(
+        &["run", "--config", path.to_str().expect("utf-8")],
+        &c.dirs[0],
+    );
+    let masked = format!("rediss://***@127.0.0.1:{}/", c.redis.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !proc.output().contains(&masked) && Instant::now() < deadline {
+        assert!(
+            proc.exited().is_none(),
+            "expected cxgate to keep running:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(proc);
+    let log = std::fs::read_to_string(c.dirs[0].join("cxgate.log")).unwrap_or_default();
+    assert!(
+        log.contains(&masked),
+        "expected the log to name the Redis server as {masked}, saw:\n{log}"
+    );
+    assert!(
+        !log.contains(&password) && !log.contains(user),
+        "expected neither the Redis password nor the user name in the log, saw:\n{log}"
+    );
+    c.stop().await;
+}
+
+/// A Redis whose certificate the replica cannot verify (here: the test CA not given) is
+/// treated as unreachable: the replica starts, answers on its local share and says so in
+/// `cxgate_redis_up`; it never falls back to an unverified connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
+    let Some(c) = cluster_with(Kind::Tls, 2, SimOptions::default(), budget, false).await else {
+        return;
+    };
+    for r in 0..2 {
+        let path = format!("/12345/inbox/contact/untrusted/{r}");
+        assert_eq!(
+            c.get(r, &path).await.status,
+            StatusCode::OK,
+            "expected replica {r} to answer on its local share"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let up = futures_all(&c, "cxgate_redis_up").await;
+    assert!(
+        up.iter().all(|v| *v == Some(0.0)),
+        "expected cxgate_redis_up 0 with an unverifiable certificate, saw {up:?}"
+    );
+    let errors = futures_all(&c, "cxgate_redis_errors_total").await;
+    assert!(
+        errors.iter().all(|v| v.unwrap_or(0.0) >= 1.0),
+        "expected the failed connections counted, saw {errors:?}"
+    );
+    // Nothing was written to Redis by either replica.
+    let mut redis = conn(&c.redis).await;
+    let token: Option<String> = redis::cmd("GET")
+        .arg(key(&c, "token"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the token record");
+    assert_eq!(
+        token, None,
+        "expected no token record written over an unverified link"
+    );
+    c.stop().await;
 }

@@ -28,6 +28,20 @@ pub enum Kind {
 
 /// The ACL user of [`Kind::Tls`] and [`Kind::Acl`].
 pub const ACL_USER: &str = "cxgate-app";
+/// What that user may run: what a replica sends, and no more.
+const ACL_COMMANDS: &[&str] = &[
+    "+ping",
+    "+get",
+    "+set",
+    "+del",
+    "+exists",
+    "+pexpire",
+    "+time",
+    "+evalsha",
+    "+script|load",
+    "+publish",
+    "+subscribe",
+];
 
 struct Node {
     port: u16,
@@ -202,7 +216,9 @@ impl RedisServer {
         }
         if matches!(self.kind, Kind::Tls | Kind::Acl) {
             let pass = format!(">{}", self.password);
-            cmd.args(["--user", ACL_USER, "on", &pass, "~*", "&*", "+@all"]);
+            // Exactly the rights the README lists for a deployment's user (any prefix).
+            cmd.args(["--user", ACL_USER, "on", &pass, "~{*}:*", "&{*}:*"]);
+            cmd.args(ACL_COMMANDS);
             cmd.args(["--user", "default", "off"]);
         }
         if self.kind == Kind::Cluster {
