@@ -5,11 +5,18 @@
 //! Redis. Every call is bounded by [`CALL_TIMEOUT`]; any failure marks Redis *down* at once,
 //! and while it is down no call is even attempted (callers get [`Unavailable::Down`] at no
 //! cost and use their local fallback), so losing Redis never adds a timeout to every request.
-//! A background probe pings it and marks it *up* again by itself. `cxgate_redis_up` shows the
-//! state; transitions are logged once each, not per request.
+//! A background probe (a short-lived write, so a read-only replica left behind by a failover
+//! counts as down) marks it *up* again by itself. `cxgate_redis_up` shows the state;
+//! transitions are logged once each, not per request.
+//!
+//! Reaching Redis: `redis://` or `rediss://` (rustls, the system's roots plus
+//! `budget.redis_ca_file`), an ACL user and password in the URL (shown only through
+//! [`redacted_address`]), one server or a Redis Cluster (`budget.redis_cluster`, seed nodes
+//! comma-separated). Every key carries the hash tag `{<prefix>}` ([`Redis::key`]), so a
+//! deployment's keys share one cluster slot and the multi-key scripts run there unchanged.
 //!
 //! Invalidations: each replica keeps its own in-memory cache, so a purge or a write's
-//! invalidation is published on `<prefix>:invalidate` and applied by every other replica.
+//! invalidation is published on `{<prefix>}:invalidate` and applied by every other replica.
 //! Pub/sub keeps nothing for a replica that is not listening, so after the subscription is
 //! lost and comes back the replica drops its whole cache: it cannot know what it missed, and
 //! a few extra upstream calls (paced by the budget) are better than serving deleted data.

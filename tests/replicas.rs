@@ -834,3 +834,125 @@ async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
     );
     c.stop().await;
 }
+
+/// `budget.redis_ca_file` and `budget.redis_cluster` are read (off by default), and a key
+/// prefix with braces, which would break the one-slot hash tag, is refused.
+#[test]
+fn redis_tls_and_cluster_settings_are_read_and_braces_refused() {
+    let base =
+        "[upstream]\nbase_url = \"https://api.engagor.com\"\n[token]\naccess_token_env = \"X\"\n\
+                [budget]\nbackend = \"redis\"\nredis_url_env = \"CXGATE_REDIS_URL\"\n";
+    let plain = cxgate::config::parse(base)
+        .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}", e.lines()));
+    assert_eq!(
+        (plain.budget.redis_ca_file, plain.budget.redis_cluster),
+        (None, false),
+        "expected no CA file and no cluster by default"
+    );
+    let set = cxgate::config::parse(&format!(
+        "{base}redis_ca_file = \"/etc/cxgate/redis-ca.pem\"\nredis_cluster = true\n"
+    ))
+    .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}", e.lines()));
+    assert_eq!(
+        (set.budget.redis_ca_file, set.budget.redis_cluster),
+        (Some(PathBuf::from("/etc/cxgate/redis-ca.pem")), true),
+        "expected the CA file and cluster mode read"
+    );
+    let braced = match cxgate::config::parse(&format!("{base}key_prefix = \"{{app}}\"\n")) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.lines(),
+    };
+    assert!(
+        braced.len() == 1 && braced[0].starts_with("budget.key_prefix:"),
+        "expected one problem naming budget.key_prefix, saw {braced:?}"
+    );
+}
+
+/// A Redis URL variable with several URLs is refused unless `budget.redis_cluster` is set
+/// (a typo there would otherwise silently use one node), naming the variable.
+#[tokio::test]
+async fn several_redis_urls_need_cluster_mode() {
+    std::env::set_var(
+        "CXGATE_TEST_SEVERAL_URLS",
+        "redis://127.0.0.1:1/,redis://127.0.0.1:2/",
+    );
+    let registry = prometheus::Registry::new();
+    let single = cxgate::replicas::Redis::connect("CXGATE_TEST_SEVERAL_URLS", "t", &registry).await;
+    let err = single.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("$CXGATE_TEST_SEVERAL_URLS") && err.contains("budget.redis_cluster"),
+        "expected the several URLs refused naming the variable and budget.redis_cluster, saw {err:?}"
+    );
+}
+
+/// A real failover: the primary holding the deployment's slot is killed and its replica is
+/// promoted by the cluster. Nothing is restarted; the replica answers every request
+/// throughout, on its local share while the slot has no primary, and returns to the shared
+/// budget once the cluster has promoted the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_is_a_short_outage() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 3000\nperiod = \"10s\"\nburst = 300\nmax_wait = \"1s\"";
+    let Some(mut c) = cluster_on(Kind::Cluster, 1, SimOptions::default(), budget).await else {
+        return;
+    };
+    let slot_key = key(&c, "budget:global");
+    c.redis
+        .add_replica_for(&slot_key)
+        .expect("a replica for the slot's primary");
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK, "expected /me");
+    c.redis.stop_owner_of(&slot_key);
+    let started = Instant::now();
+    let (mut went_down, mut came_back) = (None, None);
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(20) && came_back.is_none() {
+        let path = format!("/12345/inbox/contact/failover/{i}");
+        i += 1;
+        *statuses
+            .entry(c.get(0, &path).await.status.as_u16())
+            .or_insert(0u32) += 1;
+        let up = c.metric(0, "cxgate_redis_up").await;
+        if up == Some(0.0) && went_down.is_none() {
+            went_down = Some(started.elapsed());
+        }
+        if up == Some(1.0) && went_down.is_some() {
+            came_back = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "cluster failover: down at {went_down:?}, back at {came_back:?}, answers {statuses:?}"
+    );
+    assert!(
+        went_down.is_some(),
+        "expected cxgate_redis_up 0 while the slot had no primary"
+    );
+    assert!(
+        came_back.is_some(),
+        "expected cxgate_redis_up 1 within 20 s, once the replica was promoted"
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "expected every request answered 200 across the failover, saw {statuses:?}"
+    );
+    // Back on the shared budget, on the promoted node.
+    let mut redis = conn(&c.redis).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&slot_key)
+        .query_async(&mut redis)
+        .await
+        .expect("clear the budget key");
+    let _ = c.get(0, "/12345/inbox/contact/after-failover/1").await;
+    let booked: Option<String> = redis::cmd("GET")
+        .arg(&slot_key)
+        .query_async(&mut redis)
+        .await
+        .expect("read the budget key");
+    assert!(
+        booked.is_some(),
+        "expected the admission after the failover booked in Redis"
+    );
+    c.stop().await;
+}

@@ -173,6 +173,7 @@ impl RedisServer {
         let i = if self.kind == Kind::Cluster {
             self.owner_of(key)
                 .unwrap_or_else(|e| panic!("expected to find the node of {key:?}: {e}"))
+                .0
         } else {
             0
         };
@@ -272,8 +273,48 @@ impl RedisServer {
         ))
     }
 
-    /// The index of the node serving `key`'s slot, from `CLUSTER NODES`.
-    fn owner_of(&self, key: &str) -> io::Result<usize> {
+    /// Adds a fourth node as the replica of the primary serving `key`'s slot and waits
+    /// until it is in sync, so killing that primary is a failover (the replica promoted
+    /// after the 1 s node timeout), not an outage until a restart.
+    pub fn add_replica_for(&mut self, key: &str) -> io::Result<()> {
+        let (owner, id) = self.owner_of(key)?;
+        self.nodes.push(Node {
+            port: free_port()?,
+            bus: free_port()?,
+            child: None,
+        });
+        let i = self.nodes.len() - 1;
+        self.launch(i)?;
+        wait_listening(self.nodes[i].port)?;
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", self.nodes[i].port))
+            .arg(format!("127.0.0.1:{}", self.nodes[owner].port))
+            .args(["--cluster-slave", "--cluster-master-id", &id])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster add-node failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )));
+        }
+        let port = self.nodes[i].port;
+        for _ in 0..150 {
+            let info = cli(port, &["INFO", "replication"]).unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return self.wait_cluster_ok();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the added replica did not sync with its primary within 15 s",
+        ))
+    }
+
+    /// The index and node id of the primary serving `key`'s slot, from `CLUSTER NODES`.
+    fn owner_of(&self, key: &str) -> io::Result<(usize, String)> {
         let live = self
             .nodes
             .iter()
@@ -302,7 +343,7 @@ impl RedisServer {
                 .and_then(|a| a.rsplit(':').next())
                 .and_then(|p| p.parse::<u16>().ok());
             if let Some(i) = self.nodes.iter().position(|n| Some(n.port) == port) {
-                return Ok(i);
+                return Ok((i, fields[0].to_string()));
             }
         }
         Err(io::Error::other(format!("no primary serves slot {slot}")))
