@@ -1,7 +1,8 @@
 //! What sharing the budget through Redis costs one admission: the local ledger against the
 //! shared Lua script on a `redis-server` on loopback (started here on a free port, stopped
 //! by its process id). The budget is large enough that nothing ever waits, so the figures
-//! are the decision alone. Run: `cargo bench --bench redis_admission`.
+//! are the decision alone, on plain Redis, on TLS with an ACL user, and on a three-node
+//! Redis Cluster. Run: `cargo bench --bench redis_admission`.
 //! Without `redis-server` on PATH only the local figure is measured (said loudly).
 
 use std::num::NonZeroU32;
@@ -27,17 +28,20 @@ fn spec() -> BudgetSpec {
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
-/// Our own `redis-server` (stopped by its process id when dropped), or `None` after saying
-/// loudly why only the local ledger is measured.
-fn start_redis() -> Option<redis_server::RedisServer> {
-    redis_server::RedisServer::spawn()
+use redis_server::Kind;
+
+/// Our own `redis-server` of `kind` (stopped by its process id when dropped), or `None`
+/// after saying loudly why that figure is not measured.
+fn start_redis(kind: Kind) -> Option<redis_server::RedisServer> {
+    redis_server::RedisServer::spawn_kind(kind)
         .map_err(|e| {
-            eprintln!("\n*** redis-server unavailable ({e}): measuring the local ledger only ***\n")
+            eprintln!("\n*** redis-server ({kind:?}) unavailable ({e}): not measured ***\n")
         })
         .ok()
 }
 
 fn admission(c: &mut Criterion) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -52,18 +56,39 @@ fn admission(c: &mut Criterion) {
             .iter(|| async { local.admit("bench", NonZeroU32::MIN).await })
     });
 
-    if let Some(server) = start_redis() {
+    // Plain, then TLS with an ACL user (a test CA), then a three-node cluster: the same
+    // script, each on its own redis-server(s) started here.
+    let kinds = [
+        (Kind::Plain, "shared (Redis script, loopback)"),
+        (Kind::Tls, "shared (Redis script, loopback, TLS + ACL user)"),
+        (
+            Kind::Cluster,
+            "shared (Redis script, loopback, 3-node cluster)",
+        ),
+    ];
+    for (kind, name) in kinds {
+        let Some(server) = start_redis(kind) else {
+            continue;
+        };
         std::env::set_var("CXGATE_BENCH_REDIS_URL", server.url());
+        let options = cxgate::replicas::Options {
+            ca_file: server.ca_file(),
+            cluster: kind == Kind::Cluster,
+        };
         let registry = prometheus::Registry::new();
         let shared = rt.block_on(async {
-            let redis =
-                cxgate::replicas::Redis::connect("CXGATE_BENCH_REDIS_URL", "bench", &registry)
-                    .await
-                    .expect("redis handle");
+            let redis = cxgate::replicas::Redis::connect_with(
+                "CXGATE_BENCH_REDIS_URL",
+                "bench",
+                &options,
+                &registry,
+            )
+            .await
+            .expect("redis handle");
             assert!(redis.is_up(), "expected the bench's redis-server to answer");
             Budget::new_shared(spec(), &registry, redis, NonZeroU32::MIN).expect("budget")
         });
-        group.bench_function("shared (Redis script, loopback)", |b| {
+        group.bench_function(name, |b| {
             b.to_async(&rt)
                 .iter(|| async { shared.admit("bench", NonZeroU32::MIN).await })
         });

@@ -137,7 +137,12 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     // Several replicas share one budget, one token and their invalidations through Redis.
     let redis = match (cfg.budget.backend, &cfg.budget.redis_url_env) {
         (config::Backend::Redis, Some(url_env)) => {
-            Some(replicas::Redis::connect(url_env, &cfg.budget.key_prefix, &registry).await?)
+            let options = replicas::Options {
+                ca_file: cfg.budget.redis_ca_file.clone(),
+                cluster: cfg.budget.redis_cluster,
+            };
+            let prefix = &cfg.budget.key_prefix;
+            Some(replicas::Redis::connect_with(url_env, prefix, &options, &registry).await?)
         }
         _ => None,
     };
@@ -182,7 +187,9 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let gateway = Gateway::new(config.clone(), parts);
     if let Some(redis) = &redis {
         gateway.share_invalidations(redis.clone());
-        redis.spawn_subscriber(apply_invalidations(gateway.cache().clone()));
+        redis
+            .spawn_subscriber(apply_invalidations(gateway.cache().clone()))
+            .await;
     }
     let admin = Arc::new(admin::Admin {
         gateway: gateway.clone(),
@@ -308,6 +315,9 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
                 .to_string(),
         );
     }
+    if nb.redis_ca_file != b.redis_ca_file || nb.redis_cluster != b.redis_cluster {
+        notes.push("budget.redis_ca_file and budget.redis_cluster changes need a restart".into());
+    }
     let mut next = next;
     // Keep what only a restart can change, so the snapshot matches what is running.
     next.server.listen = s.listen;
@@ -328,6 +338,8 @@ pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec
     next.budget.backend = current.budget.backend;
     next.budget.redis_url_env = current.budget.redis_url_env.clone();
     next.budget.key_prefix = current.budget.key_prefix.clone();
+    next.budget.redis_ca_file = current.budget.redis_ca_file.clone();
+    next.budget.redis_cluster = current.budget.redis_cluster;
     gateway.swap(Arc::new(next));
     tracing::info!(path = %path.display(), ?notes, "configuration reloaded");
     Ok(notes)

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use common::redis_server::RedisServer;
+use common::redis_server::{Kind, RedisServer};
 use common::{client_toml, Answer, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
 use cxgate::sim::{SimHandle, SimOptions};
 use cxgate::Running;
@@ -29,13 +29,25 @@ use cxgate::Running;
 /// One test at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A direct connection to the test Redis, to look at what the replicas stored.
-async fn conn(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
+/// A direct connection to the test Redis (TLS, ACL user or cluster as the replicas use it),
+/// to look at what the replicas stored.
+async fn conn(redis: &RedisServer) -> cxgate::replicas::Conn {
+    options(redis)
+        .open(&redis.url())
         .await
         .expect("connect to the test redis-server")
+}
+
+fn options(redis: &RedisServer) -> cxgate::replicas::Options {
+    cxgate::replicas::Options {
+        ca_file: redis.ca_file(),
+        cluster: redis.kind() == Kind::Cluster,
+    }
+}
+
+/// A key of the test deployment, as the replicas name it (one cluster hash slot).
+fn key(c: &Cluster, suffix: &str) -> String {
+    format!("{{{}}}:{suffix}", c.prefix)
 }
 
 /// A simulator, a Redis and `n` replicas in front of both.
@@ -49,8 +61,24 @@ struct Cluster {
 }
 
 /// Starts the cluster; `budget` holds the `[budget]` lines other than the backend ones.
-async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster> {
-    let redis = RedisServer::start_or_skip("the replica tests")?;
+async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
+    cluster_on(Kind::Plain, n, sim, budget).await
+}
+
+/// [`cluster`] on a Redis of `kind` (TLS, ACL user, Redis Cluster).
+async fn cluster_on(kind: Kind, n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
+    cluster_with(kind, n, sim, budget, true).await
+}
+
+/// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate).
+async fn cluster_with(
+    kind: Kind,
+    n: usize,
+    mut sim: SimOptions,
+    budget: &str,
+    trust_ca: bool,
+) -> Option<Cluster> {
+    let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
     let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
@@ -63,6 +91,10 @@ async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster>
     let base = sim.base_url();
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let mut redis_options = format!("redis_cluster = {}\n", kind == Kind::Cluster);
+    if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
+        redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
+    }
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..n {
@@ -75,7 +107,7 @@ async fn cluster(n: usize, mut sim: SimOptions, budget: &str) -> Option<Cluster>
              [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
              [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
              [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n\
+             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
              {clients}\n{ROUTES}\n",
             token_file.display()
         );
@@ -169,11 +201,15 @@ impl Cluster {
 /// the budget allows over the run, and no less than 98 % of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_share_one_budget() {
+    shared_budget_suite(Kind::Plain).await;
+}
+
+async fn shared_budget_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let (limit, period_s, burst) = (200u32, 10u64, 20u32);
     let budget =
         format!("limit = {limit}\nperiod = \"{period_s}s\"\nburst = {burst}\nmax_wait = \"1s\"");
-    let Some(c) = cluster(3, SimOptions::default(), &budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), &budget).await else {
         return;
     };
     let c = Arc::new(c);
@@ -263,13 +299,17 @@ async fn futures_all(c: &Cluster, metric: &str) -> Vec<Option<f64>> {
 /// and every replica ends on the token Redis holds, in memory and in its own file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotating_tokens_are_refreshed_once_per_expiry() {
+    shared_token_suite(Kind::Plain).await;
+}
+
+async fn shared_token_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let sim = SimOptions {
         token_ttl: Duration::from_secs(3),
         ..SimOptions::default()
     };
     let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    let Some(c) = cluster(3, sim, budget).await else {
+    let Some(c) = cluster_on(kind, 3, sim, budget).await else {
         return;
     };
     let started = Instant::now();
@@ -331,7 +371,7 @@ async fn rotating_tokens_are_refreshed_once_per_expiry() {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let record: Option<String> = redis::cmd("GET")
-            .arg(format!("{}:token", c.prefix))
+            .arg(key(&c, "token"))
             .query_async(&mut redis)
             .await
             .expect("read the token record");
@@ -368,9 +408,13 @@ async fn rotating_tokens_are_refreshed_once_per_expiry() {
 /// A purge on one replica, and a write through another, reach every replica's cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_and_invalidations_reach_every_replica() {
+    invalidation_suite(Kind::Plain).await;
+}
+
+async fn invalidation_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    let Some(c) = cluster(3, SimOptions::default(), budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), budget).await else {
         return;
     };
     let contact = "/12345/inbox/contact/twitter/42";
@@ -425,9 +469,13 @@ async fn eventually_miss(c: &Cluster, replica: usize, path: &str) -> String {
 /// `cxgate_redis_up`, and goes back to the shared budget and channel when Redis returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_keep_answering_without_redis_and_recover() {
+    outage_suite(Kind::Plain).await;
+}
+
+async fn outage_suite(kind: Kind) {
     let _one = SERIAL.lock().await;
     let budget = "limit = 3000\nperiod = \"10s\"\nburst = 300\nmax_wait = \"1s\"";
-    let Some(c) = cluster(3, SimOptions::default(), budget).await else {
+    let Some(c) = cluster_on(kind, 3, SimOptions::default(), budget).await else {
         return;
     };
     let c = Arc::new(tokio::sync::RwLock::new(c));
@@ -449,7 +497,9 @@ async fn replicas_keep_answering_without_redis_and_recover() {
         });
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    c.write().await.redis.stop();
+    // On a cluster: the node that holds the deployment's slot (the others go on serving).
+    let slot_key = format!("{{{}}}:budget:global", c.read().await.prefix);
+    c.write().await.redis.stop_owner_of(&slot_key);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let down: Vec<Option<f64>> = futures_all(&*c.read().await, "cxgate_redis_up").await;
     // A purge while Redis is away is queued, and reaches the others once it is back.
@@ -503,7 +553,7 @@ async fn replicas_keep_answering_without_redis_and_recover() {
     // Back on the shared budget: an admission writes the global key again.
     let mut redis = conn(&c.redis).await;
     let _: () = redis::cmd("DEL")
-        .arg(format!("{}:budget:global", c.prefix))
+        .arg(key(&c, "budget:global"))
         .query_async(&mut redis)
         .await
         .expect("clear the budget key");
@@ -513,7 +563,7 @@ async fn replicas_keep_answering_without_redis_and_recover() {
         "expected an answer after recovery"
     );
     let key: Option<String> = redis::cmd("GET")
-        .arg(format!("{}:budget:global", c.prefix))
+        .arg(key(&c, "budget:global"))
         .query_async(&mut redis)
         .await
         .expect("read the budget key");
@@ -617,6 +667,292 @@ async fn an_upstream_429_on_one_replica_pauses_them_all() {
         c.upstream_total(),
         before,
         "expected nothing sent upstream by the paused replicas"
+    );
+    c.stop().await;
+}
+
+/// The budget, token, invalidation and outage suites on a Redis as operators run it: TLS
+/// with a test CA (`budget.redis_ca_file`) and an ACL user whose password is in the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_over_tls_with_an_acl_user() {
+    shared_budget_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_over_tls_with_an_acl_user() {
+    shared_token_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_over_tls_with_an_acl_user() {
+    invalidation_suite(Kind::Tls).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_answering_without_redis_and_recover_over_tls_with_an_acl_user() {
+    outage_suite(Kind::Tls).await;
+}
+
+/// The same suites with an ACL user (`redis://user:password@host/`) over plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_with_an_acl_user() {
+    shared_budget_suite(Kind::Acl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_with_an_acl_user() {
+    shared_token_suite(Kind::Acl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_with_an_acl_user() {
+    invalidation_suite(Kind::Acl).await;
+}
+
+/// The same suites on a three-node Redis Cluster (`budget.redis_cluster = true`): every key
+/// in one hash slot, so the scripts run there unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_budget_on_a_redis_cluster() {
+    shared_budget_suite(Kind::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_tokens_are_refreshed_once_per_expiry_on_a_redis_cluster() {
+    shared_token_suite(Kind::Cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_invalidations_reach_every_replica_on_a_redis_cluster() {
+    invalidation_suite(Kind::Cluster).await;
+}
+
+/// Killing the cluster node that holds the deployment's slot is a short outage: every
+/// replica falls back to its local share and answers, then returns to the shared budget
+/// and channel when the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_cluster_node_of_the_slot_falls_back_and_returns() {
+    outage_suite(Kind::Cluster).await;
+}
+
+/// The ACL user and password in the URL never show: not in `/metrics`, not in
+/// `/admin/status`, not in the log of the real binary, which names the server with them
+/// masked. The replica is connected (TLS to the test CA, the ACL user), so they were used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_user_and_password_never_show_in_logs_metrics_or_status() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
+    let Some(c) = cluster_on(Kind::Tls, 1, SimOptions::default(), budget).await else {
+        return;
+    };
+    assert_eq!(
+        c.metric(0, "cxgate_redis_up").await,
+        Some(1.0),
+        "expected the replica connected over TLS as the ACL user"
+    );
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK, "expected /me");
+    let password = c.redis.password().to_string();
+    let user = common::redis_server::ACL_USER;
+    let metrics = c.admin(0, Method::GET, "/metrics", "").await;
+    let status = c.admin(0, Method::GET, "/admin/status", "").await;
+    for (what, answer) in [("/metrics", &metrics), ("/admin/status", &status)] {
+        let text = String::from_utf8_lossy(&answer.body);
+        assert_eq!(answer.status, StatusCode::OK, "expected {what} answered");
+        assert!(
+            !text.contains(&password) && !text.contains(user),
+            "expected neither the Redis password nor the user name in {what}, saw {text}"
+        );
+    }
+    // The real binary on the same configuration (its own ports): its log.
+    let path = c.dirs[0].join("cxgate.toml");
+    let mut proc = common::Proc::spawn(
+        &["run", "--config", path.to_str().expect("utf-8")],
+        &c.dirs[0],
+    );
+    let masked = format!("rediss://***@127.0.0.1:{}/", c.redis.port);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !proc.output().contains(&masked) && Instant::now() < deadline {
+        assert!(
+            proc.exited().is_none(),
+            "expected cxgate to keep running:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(proc);
+    let log = std::fs::read_to_string(c.dirs[0].join("cxgate.log")).unwrap_or_default();
+    assert!(
+        log.contains(&masked),
+        "expected the log to name the Redis server as {masked}, saw:\n{log}"
+    );
+    assert!(
+        !log.contains(&password) && !log.contains(user),
+        "expected neither the Redis password nor the user name in the log, saw:\n{log}"
+    );
+    c.stop().await;
+}
+
+/// A Redis whose certificate the replica cannot verify (here: the test CA not given) is
+/// treated as unreachable: the replica starts, answers on its local share and says so in
+/// `cxgate_redis_up`; it never falls back to an unverified connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
+    let Some(c) = cluster_with(Kind::Tls, 2, SimOptions::default(), budget, false).await else {
+        return;
+    };
+    for r in 0..2 {
+        let path = format!("/12345/inbox/contact/untrusted/{r}");
+        assert_eq!(
+            c.get(r, &path).await.status,
+            StatusCode::OK,
+            "expected replica {r} to answer on its local share"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let up = futures_all(&c, "cxgate_redis_up").await;
+    assert!(
+        up.iter().all(|v| *v == Some(0.0)),
+        "expected cxgate_redis_up 0 with an unverifiable certificate, saw {up:?}"
+    );
+    let errors = futures_all(&c, "cxgate_redis_errors_total").await;
+    assert!(
+        errors.iter().all(|v| v.unwrap_or(0.0) >= 1.0),
+        "expected the failed connections counted, saw {errors:?}"
+    );
+    // Nothing was written to Redis by either replica.
+    let mut redis = conn(&c.redis).await;
+    let token: Option<String> = redis::cmd("GET")
+        .arg(key(&c, "token"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the token record");
+    assert_eq!(
+        token, None,
+        "expected no token record written over an unverified link"
+    );
+    c.stop().await;
+}
+
+/// `budget.redis_ca_file` and `budget.redis_cluster` are read (off by default), and a key
+/// prefix with braces, which would break the one-slot hash tag, is refused.
+#[test]
+fn redis_tls_and_cluster_settings_are_read_and_braces_refused() {
+    let base =
+        "[upstream]\nbase_url = \"https://api.engagor.com\"\n[token]\naccess_token_env = \"X\"\n\
+                [budget]\nbackend = \"redis\"\nredis_url_env = \"CXGATE_REDIS_URL\"\n";
+    let plain = cxgate::config::parse(base)
+        .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}", e.lines()));
+    assert_eq!(
+        (plain.budget.redis_ca_file, plain.budget.redis_cluster),
+        (None, false),
+        "expected no CA file and no cluster by default"
+    );
+    let set = cxgate::config::parse(&format!(
+        "{base}redis_ca_file = \"/etc/cxgate/redis-ca.pem\"\nredis_cluster = true\n"
+    ))
+    .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}", e.lines()));
+    assert_eq!(
+        (set.budget.redis_ca_file, set.budget.redis_cluster),
+        (Some(PathBuf::from("/etc/cxgate/redis-ca.pem")), true),
+        "expected the CA file and cluster mode read"
+    );
+    let braced = match cxgate::config::parse(&format!("{base}key_prefix = \"{{app}}\"\n")) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.lines(),
+    };
+    assert!(
+        braced.len() == 1 && braced[0].starts_with("budget.key_prefix:"),
+        "expected one problem naming budget.key_prefix, saw {braced:?}"
+    );
+}
+
+/// A Redis URL variable with several URLs is refused unless `budget.redis_cluster` is set
+/// (a typo there would otherwise silently use one node), naming the variable.
+#[tokio::test]
+async fn several_redis_urls_need_cluster_mode() {
+    std::env::set_var(
+        "CXGATE_TEST_SEVERAL_URLS",
+        "redis://127.0.0.1:1/,redis://127.0.0.1:2/",
+    );
+    let registry = prometheus::Registry::new();
+    let single = cxgate::replicas::Redis::connect("CXGATE_TEST_SEVERAL_URLS", "t", &registry).await;
+    let err = single.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("$CXGATE_TEST_SEVERAL_URLS") && err.contains("budget.redis_cluster"),
+        "expected the several URLs refused naming the variable and budget.redis_cluster, saw {err:?}"
+    );
+}
+
+/// A real failover: the primary holding the deployment's slot is killed and its replica is
+/// promoted by the cluster. Nothing is restarted; the replica answers every request
+/// throughout, on its local share while the slot has no primary, and returns to the shared
+/// budget once the cluster has promoted the replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_is_a_short_outage() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 3000\nperiod = \"10s\"\nburst = 300\nmax_wait = \"1s\"";
+    let Some(mut c) = cluster_on(Kind::Cluster, 1, SimOptions::default(), budget).await else {
+        return;
+    };
+    let slot_key = key(&c, "budget:global");
+    c.redis
+        .add_replica_for(&slot_key)
+        .expect("a replica for the slot's primary");
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK, "expected /me");
+    c.redis.stop_owner_of(&slot_key);
+    let started = Instant::now();
+    let (mut went_down, mut came_back) = (None, None);
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(20) && came_back.is_none() {
+        let path = format!("/12345/inbox/contact/failover/{i}");
+        i += 1;
+        *statuses
+            .entry(c.get(0, &path).await.status.as_u16())
+            .or_insert(0u32) += 1;
+        let up = c.metric(0, "cxgate_redis_up").await;
+        if up == Some(0.0) && went_down.is_none() {
+            went_down = Some(started.elapsed());
+        }
+        if up == Some(1.0) && went_down.is_some() {
+            came_back = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "cluster failover: down at {went_down:?}, back at {came_back:?}, answers {statuses:?}"
+    );
+    assert!(
+        went_down.is_some(),
+        "expected cxgate_redis_up 0 while the slot had no primary"
+    );
+    assert!(
+        came_back.is_some(),
+        "expected cxgate_redis_up 1 within 20 s, once the replica was promoted"
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "expected every request answered 200 across the failover, saw {statuses:?}"
+    );
+    // Back on the shared budget, on the promoted node.
+    let mut redis = conn(&c.redis).await;
+    let _: () = redis::cmd("DEL")
+        .arg(&slot_key)
+        .query_async(&mut redis)
+        .await
+        .expect("clear the budget key");
+    let _ = c.get(0, "/12345/inbox/contact/after-failover/1").await;
+    let booked: Option<String> = redis::cmd("GET")
+        .arg(&slot_key)
+        .query_async(&mut redis)
+        .await
+        .expect("read the budget key");
+    assert!(
+        booked.is_some(),
+        "expected the admission after the failover booked in Redis"
     );
     c.stop().await;
 }

@@ -966,4 +966,77 @@ mod tests {
         );
         redis.stop();
     }
+
+    /// A failover that leaves the address on a demoted primary (now a read-only replica
+    /// that still answers PING) is an outage, not a flicker: the replica stays on its local
+    /// share while the server refuses writes, and returns once it is a primary again.
+    #[tokio::test]
+    async fn a_demoted_primary_is_an_outage_until_it_is_promoted_again() {
+        let Some(server) = Server::start_or_skip("this Redis failover test") else {
+            return;
+        };
+        let Some(other) = Server::start_or_skip("this Redis failover test") else {
+            return;
+        };
+        let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB3").await;
+        assert!(
+            budget.admit("other", NonZeroU32::MIN).await.is_ok(),
+            "expected a shared admission"
+        );
+        let mut direct = ::redis::Client::open(server.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("direct connection");
+        let _: () = ::redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(other.port)
+            .query_async(&mut direct)
+            .await
+            .expect("demote the server to a replica");
+        // Over 1.5 s of admissions (several probe rounds) Redis must never look up again.
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let mut seen_up = 0;
+        let mut answered = 0;
+        while tokio::time::Instant::now() < until {
+            // Looked at before each admission: a probe that wrongly saw Redis back leaves
+            // it up until the next admission fails on it.
+            if redis.is_up() && answered > 0 {
+                seen_up += 1;
+            }
+            let _ = budget.admit("other", NonZeroU32::MIN).await;
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            seen_up, 0,
+            "expected Redis down the whole time it refused writes, saw it up {seen_up} of {answered} times"
+        );
+        let _: () = ::redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query_async(&mut direct)
+            .await
+            .expect("promote the server again");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !redis.is_up() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            redis.is_up(),
+            "expected Redis up within 3 s of the promotion"
+        );
+        let _ = budget.admit("other", NonZeroU32::MIN).await;
+        let local = budget
+            .inner
+            .shared
+            .as_ref()
+            .map(|s| s.local.load(Ordering::Acquire));
+        assert_eq!(
+            local,
+            Some(false),
+            "expected the shared budget in force again"
+        );
+        redis.stop();
+    }
 }

@@ -114,6 +114,10 @@ pub struct BudgetConfig {
     pub redis_url_env: Option<String>,
     pub key_prefix: String,
     pub replicas: NonZeroU32,
+    /// `budget.redis_ca_file`: roots for `rediss://` besides the system's.
+    pub redis_ca_file: Option<PathBuf>,
+    /// `budget.redis_cluster`: the URL variable names cluster seed nodes.
+    pub redis_cluster: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -152,6 +152,10 @@ pub struct RawBudget {
     pub key_prefix: Option<String>,
     /// Replica count, for the fallback share when Redis is unreachable.
     pub replicas: Option<i64>,
+    /// PEM roots trusted for `rediss://` besides the system's.
+    pub redis_ca_file: Option<String>,
+    /// The URL variable holds Redis Cluster seed nodes.
+    pub redis_cluster: Option<bool>,
 }
 
 /// `[[clients]]`

@@ -43,6 +43,8 @@ const BUDGET: &[&str] = &[
     "redis_url_env",
     "key_prefix",
     "replicas",
+    "redis_ca_file",
+    "redis_cluster",
 ];
 const CLIENT: &[&str] = &[
     "name",

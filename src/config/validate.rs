@@ -368,13 +368,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         batch_reserve,
         backend,
         redis_url_env: b.redis_url_env.clone(),
+        redis_ca_file: b.redis_ca_file.as_ref().map(PathBuf::from),
+        redis_cluster: b.redis_cluster.unwrap_or(false),
         key_prefix: match b.key_prefix.as_deref() {
             None => "cxgate".into(),
-            Some(k) if !k.is_empty() && !k.contains(char::is_whitespace) => k.to_string(),
+            // Braces would break the hash tag that keeps every key in one cluster slot.
+            Some(k)
+                if !k.is_empty() && !k.contains(char::is_whitespace) && !k.contains(['{', '}']) =>
+            {
+                k.to_string()
+            }
             Some(k) => {
                 p.add(
                     "budget.key_prefix",
-                    format!("must be non-empty without spaces, got {k:?}"),
+                    format!("must be non-empty without spaces or braces, got {k:?}"),
                 );
                 "cxgate".into()
             }
