@@ -439,6 +439,14 @@ pub async fn serve<H, F>(
     let builder = Arc::new(builder());
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    if let Some(fds) = descriptor_limit().filter(|fds| *fds < limits.max_connections as u64 + 128) {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            descriptor_limit = fds,
+            "the process may open fewer descriptors than max_connections needs: raise `ulimit -n` \
+             or lower server.max_connections, or accepts will fail before the limit is reached"
+        );
+    }
     loop {
         // A place first, then the connection: past `max_connections` new ones wait in the
         // listen backlog rather than take descriptors the open ones and the admin need.
@@ -555,9 +563,68 @@ pub async fn serve<H, F>(
     }
 }
 
+/// The process's soft limit on open descriptors, as `/proc/self/limits` says (Linux).
+fn descriptor_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
 /// Binds a listener, with a message that names the address.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_descriptor_limit_is_read_from_proc() {
+        if Path::new("/proc/self/limits").exists() {
+            let fds = descriptor_limit();
+            assert!(
+                fds.is_some_and(|n| n > 0),
+                "expected a soft descriptor limit from /proc/self/limits, saw {fds:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_keeps_both_clocks() {
+        let limits = Limits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(5),
+            max_connections: 1,
+            open: None,
+        };
+        let watch = Arc::new(Watch::new());
+        let start = tokio::time::Instant::now();
+        assert_eq!(
+            watch.deadline(&limits),
+            Some(start + Duration::from_secs(1)),
+            "before any request: header_timeout from accept"
+        );
+        let running = watch.begin();
+        assert_eq!(watch.deadline(&limits), None, "no deadline while a request runs");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        drop(running);
+        assert_eq!(
+            watch.deadline(&limits),
+            Some(start + Duration::from_secs(7)),
+            "idle: idle_timeout from the end of the last request"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        watch.read_some();
+        assert_eq!(
+            watch.deadline(&limits),
+            Some(start + Duration::from_secs(4)),
+            "a new head arriving: header_timeout from its first byte"
+        );
+        let why = watch.expired(limits).await;
+        assert_eq!(why, "request head not finished within header_timeout");
+        assert_eq!(tokio::time::Instant::now(), start + Duration::from_secs(4));
+    }
 }
