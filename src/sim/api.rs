@@ -9,6 +9,7 @@ use http::{Method, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::data;
+use super::extra::{self, Extra};
 use super::page::{paged, paged_list, Call, Page};
 use super::reply::{self, Reply};
 use super::stats::Counter;
@@ -30,6 +31,7 @@ pub(crate) enum Endpoint {
     Contact(u64, String, String),
     PublisherAdd(u64),
     Insights(u64, String),
+    Extra(u64, Extra),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,11 +84,9 @@ pub(crate) fn classify(method: &Method, path: &str) -> Route {
         }
         [] => return Route::NotFound,
     };
-    let method_ok = match allow {
-        "GET" => matches!(*method, Method::GET | Method::HEAD),
-        "POST" => *method == Method::POST,
-        _ => matches!(*method, Method::GET | Method::HEAD | Method::POST),
-    };
+    let method_ok = allow
+        .split(", ")
+        .any(|m| m == method.as_str() || (m == "GET" && *method == Method::HEAD));
     if method_ok {
         Route::Api(endpoint)
     } else {
@@ -100,17 +100,28 @@ fn account_endpoint(
     account: u64,
     rest: &[&str],
 ) -> Option<Result<(&'static str, Endpoint), &'static str>> {
+    if let Some((allow, found)) = extra::classify(rest) {
+        return Some(Ok((allow, Endpoint::Extra(account, found))));
+    }
     let found = match rest {
-        ["settings", kind @ ("topics" | "users" | "tags" | "teams")] => {
-            ("GET", Endpoint::Settings(account, kind.to_string()))
-        }
+        ["settings", kind @ ("topics"
+        | "users"
+        | "tags"
+        | "teams"
+        | "userroles"
+        | "canned_responses"
+        | "customattributes"
+        | "profilegroups"
+        | "publishing_guidelines"
+        | "businesshoursschedules"
+        | "history")] => ("GET", Endpoint::Settings(account, kind.to_string())),
         ["inbox", "mentions"] => ("GET", Endpoint::Mentions(account)),
         ["inbox", "mention", topic, mention] => {
             let Some(topic) = id(topic) else {
                 return Some(Err("the topic id must be a positive number"));
             };
             (
-                "GET, POST",
+                "GET, POST, DELETE",
                 Endpoint::Mention(account, topic, mention.to_string()),
             )
         }
@@ -119,7 +130,7 @@ fn account_endpoint(
             "GET, POST",
             Endpoint::Contact(account, service.to_string(), sid.to_string()),
         ),
-        ["publisher", "add"] => ("POST", Endpoint::PublisherAdd(account)),
+        ["publisher", "add"] => ("GET, POST", Endpoint::PublisherAdd(account)),
         ["insights", metric @ ..] if !metric.is_empty() => {
             ("GET", Endpoint::Insights(account, metric.join("/")))
         }
@@ -133,7 +144,13 @@ fn bad(message: &str) -> Reply {
 }
 
 /// Answers an authenticated, admitted API call.
-pub(crate) async fn serve(sim: &Sim, endpoint: Endpoint, post: bool, call: &Call<'_>) -> Reply {
+pub(crate) async fn serve(
+    sim: &Sim,
+    endpoint: Endpoint,
+    method: &Method,
+    call: &Call<'_>,
+) -> Reply {
+    let post = *method == Method::POST;
     let list = |items: Vec<Value>| match Page::parse(call) {
         Ok(page) => reply::ok(paged(call, page, items)),
         Err(message) => bad(&message),
@@ -150,6 +167,14 @@ pub(crate) async fn serve(sim: &Sim, endpoint: Endpoint, post: bool, call: &Call
         Endpoint::Mention(account, topic, id) if post => {
             update_mention(sim, account, topic, id, call)
         }
+        Endpoint::Mention(account, topic, id) if *method == Method::DELETE => {
+            if mention(sim, call.base, account, topic, &id).is_none() {
+                return reply::error(StatusCode::NOT_FOUND, "not_found", "no such mention");
+            }
+            sim.writes.delete_mention((account, topic, id));
+            sim.stats.incr(Counter::Writes);
+            reply::ok(json!(true))
+        }
         Endpoint::Mention(account, topic, id) => match mention(sim, call.base, account, topic, &id)
         {
             Some(found) => reply::ok(found),
@@ -157,7 +182,16 @@ pub(crate) async fn serve(sim: &Sim, endpoint: Endpoint, post: bool, call: &Call
         },
         Endpoint::InboxAdd(account) => add_message(sim, account, call),
         Endpoint::Contact(account, service, sid) => contact(sim, account, service, sid, post, call),
-        Endpoint::PublisherAdd(account) => publisher_add(sim, account, call),
+        Endpoint::PublisherAdd(account) if post => publisher_add(sim, account, call),
+        Endpoint::PublisherAdd(account) => {
+            extra::serve(sim, account, Extra::PublisherOptions, method, call)
+        }
+        Endpoint::Extra(account, found) => {
+            if found == Extra::Facets {
+                tokio::time::sleep(sim.insights_latency).await;
+            }
+            extra::serve(sim, account, found, method, call)
+        }
         Endpoint::Insights(account, metric) => {
             tokio::time::sleep(sim.insights_latency).await;
             let time = |name: &str| call.query_param(name).and_then(|t| t.parse::<u64>().ok());
@@ -172,6 +206,9 @@ pub(crate) async fn serve(sim: &Sim, endpoint: Endpoint, post: bool, call: &Call
 /// Added messages live under their own `custom-N` ids, so an unknown one is a 404.
 fn mention(sim: &Sim, base: &str, account: u64, topic: u64, id: &str) -> Option<Value> {
     let key = (account, topic, id.to_owned());
+    if sim.writes.mention_deleted(&key) {
+        return None;
+    }
     let mut body = if id.starts_with("custom-") {
         sim.writes.added(&key)?
     } else {
@@ -183,6 +220,7 @@ fn mention(sim: &Sim, base: &str, account: u64, topic: u64, id: &str) -> Option<
 
 fn mentions(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
     let page = match Page::parse(call) {
+        Ok(page) if page.limit > 100 => return bad("limit must be 1 to 100 for mentions"),
         Ok(page) => page,
         Err(message) => return bad(&message),
     };
@@ -191,7 +229,7 @@ fn mentions(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
         .filter(|t| !t.is_empty())
         .map(|t| t.split(',').filter_map(|n| n.trim().parse().ok()).collect());
     // Dates are honoured loosely: an unreadable bound is ignored, as a lenient API would.
-    let time = |name: &str| call.query_param(name).and_then(|t| t.parse::<u64>().ok());
+    let time = |name: &str| call.query_param(name).and_then(extra::parse_time);
     let (from, to) = (time("date_from"), time("date_to"));
     let ascending = call.query_param("sort").is_some_and(|s| s.contains("asc"));
     let mut seqs: Vec<u64> = (0..data::MENTIONS)
@@ -251,6 +289,17 @@ fn fields(call: &Call<'_>) -> Map<String, Value> {
 }
 
 fn add_message(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
+    if let Some(list) = call.param("mentions") {
+        let first_topic = data::topic_ids(account)[0];
+        return extra::add_many(sim, account, list, |m| {
+            let topic = m["topic_id"]
+                .as_u64()
+                .or_else(|| m["topic_id"].as_str().and_then(|t| t.parse().ok()))
+                .unwrap_or(first_topic);
+            let content = m["message"].as_str().unwrap_or_default();
+            (topic, added_body(topic, content, "custom", None))
+        });
+    }
     let Some(content) = call.param("message").filter(|m| !m.is_empty()) else {
         return bad("the form field message is required");
     };
@@ -264,22 +313,34 @@ fn add_message(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
     let service = call.param("service").unwrap_or("custom").to_owned();
     let author = call.param("author_name").map(str::to_owned);
     let added = sim.writes.add_message(account, topic, |id| {
-        json!({
-            "id": id,
-            "unique_id": format!("{topic}_{id}"),
-            "message": {"content": content, "language": null, "sentiment": 0},
-            "source": {"service": service, "id": id, "url": null},
-            "topic": {"id": topic},
-            "status": "new",
-            "date": {"added": data::NEWEST, "published": data::NEWEST},
-            "tags": [],
-            "author": {"id": null, "name": author},
-            "assignment": null,
-            "notes": [],
-        })
+        let mut body = added_body(topic, content, &service, author);
+        body["id"] = json!(id);
+        body["unique_id"] = json!(format!("{topic}_{id}"));
+        body["source"]["id"] = json!(id);
+        body
     });
     sim.stats.incr(Counter::Writes);
     reply::ok(added)
+}
+
+/// A message added through `inbox/add`, before it has an id.
+fn added_body(topic: u64, content: &str, service: &str, author: Option<String>) -> Value {
+    json!({
+        "message": {"content": content, "language": null, "sentiment": "neutral"},
+        "source": {"service": service, "id": null, "url": null, "category": "custom",
+                   "type": "post", "domain": null},
+        "topic": {"id": topic},
+        "status": "new",
+        "actions": [],
+        "timestamps": {"added": data::NEWEST, "published": data::NEWEST},
+        "date": {"added": data::NEWEST, "published": data::NEWEST},
+        "tags": [],
+        "author": {"id": null, "name": author},
+        "original_author": {"id": null, "name": null},
+        "assignment": {"user_ids": [], "team_ids": [], "comments": []},
+        "action_links": [],
+        "notes": [],
+    })
 }
 
 fn contact(
@@ -291,6 +352,9 @@ fn contact(
     call: &Call<'_>,
 ) -> Reply {
     let key = (account, service, sid);
+    if sim.writes.contact_deleted(&key) {
+        return reply::error(StatusCode::NOT_FOUND, "not_found", "no such contact");
+    }
     if post {
         let (mut crm, mut custom) = (Map::new(), Map::new());
         match call.param("updates").map(serde_json::from_str::<Value>) {
@@ -324,15 +388,22 @@ fn publisher_add(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
     if fields.is_empty() {
         return bad("a draft needs at least one field, such as message");
     }
-    let id = sim.writes.next_id();
+    let status = match call.param("status") {
+        None | Some("awaitingapproval") => "awaitingapproval",
+        Some("draft") => "draft",
+        Some(_) => return bad("status must be draft or awaitingapproval"),
+    };
     sim.stats.incr(Counter::Writes);
     // Drafts wait for approval: the simulator, like the real API, never publishes them.
-    reply::ok(json!({
-        "id": format!("draft-{id}"),
-        "account_id": account,
-        "status": "awaiting_approval",
-        "fields": fields,
-    }))
+    let draft = sim.writes.add_draft(account, |id| {
+        json!({
+            "id": format!("draft-{id}"),
+            "account_id": account,
+            "status": status,
+            "fields": fields,
+        })
+    });
+    reply::ok(draft)
 }
 
 #[cfg(test)]
@@ -370,8 +441,8 @@ mod tests {
             assert_eq!(classify(&get, path), expected, "classifying {path}");
         }
         assert_eq!(
-            classify(&Method::GET, "/1/publisher/add"),
-            Route::WrongMethod("POST")
+            classify(&Method::DELETE, "/1/publisher/add"),
+            Route::WrongMethod("GET, POST")
         );
         assert_eq!(classify(&Method::DELETE, "/me"), Route::WrongMethod("GET"));
     }

@@ -173,6 +173,22 @@ pub(crate) fn settings(account: u64, kind: &str) -> Option<Vec<Value>> {
                 json!({"id": account * 1000 + n, "name": format!("Team {n}"), "members": members})
             })
             .collect(),
+        "userroles"
+        | "canned_responses"
+        | "customattributes"
+        | "profilegroups"
+        | "publishing_guidelines"
+        | "businesshoursschedules"
+        | "history" => (1..=3)
+            .map(|n| {
+                let h = hash(&[kind, &acc, &n.to_string()]);
+                json!({
+                    "id": account * 100 + n,
+                    "name": format!("{} {n}", kind.trim_end_matches('s').replace('_', " ")),
+                    "description": pick(&SUBJECTS, h),
+                })
+            })
+            .collect(),
         _ => return None,
     };
     Some(list)
@@ -239,31 +255,48 @@ pub(crate) fn mention(base: &str, account: u64, topic_id: u64, id: &str) -> Valu
         .collect();
     let published = published(account, id);
     let unique_id = format!("{topic_id}_{id}");
-    let reply_link = format!(
-        "{base}/{account}/publisher/add/?in_reply_to={unique_id}&service={service}&topic_id={topic_id}"
-    );
+    let reply_link =
+        format!("{base}/{account}/publisher/add/?type=reply&topic_id={topic_id}&mention_id={id}");
+    let added = published + 30 + h % 90;
+    let sentiment = ["negative", "negative", "neutral", "positive", "positive"];
+    let (category, kind, domain) = match service {
+        "twitter" => ("social", "tweet", "twitter.com"),
+        "facebook" => ("social", "post", "facebook.com"),
+        "instagram" => ("social", "post", "instagram.com"),
+        "web" => ("news", "article", "blog.example.com"),
+        _ => ("social", "post", "example.com"),
+    };
     json!({
         "id": id,
         "unique_id": unique_id,
         "message": {
             "content": content,
             "language": pick(&LANGUAGES, h >> 4),
-            "sentiment": ((h >> 16) % 5) as i64 - 2,
+            "sentiment": sentiment[((h >> 16) % 5) as usize],
         },
-        "source": {"service": service, "id": source_id, "url": url},
+        "source": {
+            "service": service, "id": source_id, "url": url,
+            "category": category, "type": kind, "domain": domain,
+        },
         "topic": topic(topic_id),
         "project": project_of(topic_id),
         "status": pick(&STATUSES, h >> 36),
-        "permalink": format!("https://app.engagor.com/{account}/inbox/mention/{topic_id}/{id}"),
+        "permalink": format!("https://app.engagor.com/messages/{account}/permalink/{topic_id}/{id}/"),
         "action_links": [
-            {"type": "reply", "label": "Reply", "link": reply_link},
-            {"type": "update", "label": "Update", "link": format!("{base}/{account}/inbox/mention/{topic_id}/{id}")},
-            {"type": "view", "label": "View original", "link": url},
+            {"key": "reply", "type": "api", "name": "reply", "title": "Reply",
+             "link": reply_link, "http_method": "GET"},
+            {"key": "update", "type": "api", "name": "update", "title": "Update",
+             "link": format!("{base}/{account}/inbox/mention/{topic_id}/{id}"), "http_method": "POST"},
+            {"key": "view", "type": "web", "name": "view", "title": "View original",
+             "link": url, "http_method": "GET"},
         ],
-        "date": {"added": published + 30 + h % 90, "published": published},
+        "actions": [],
+        "timestamps": {"added": added, "published": published, "last_updated": added},
+        "date": {"added": added, "published": published},
         "tags": tags,
-        "author": author,
-        "assignment": null,
+        "author": author.clone(),
+        "original_author": author,
+        "assignment": {"user_ids": [], "team_ids": [], "comments": []},
         "notes": [],
     })
 }

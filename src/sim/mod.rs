@@ -42,6 +42,7 @@
 mod api;
 mod control;
 mod data;
+mod extra;
 mod faults;
 mod limit;
 mod oauth;

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -111,7 +111,7 @@ async fn api_call(
     path: &str,
     req: Request<Incoming>,
 ) -> Reply {
-    let post = req.method() == Method::POST;
+    let method = req.method().clone();
     let base = base_url(sim, &req);
     let bearer = bearer(req.headers());
     // The body is read before any refusal so a keep-alive connection stays usable.
@@ -189,7 +189,7 @@ async fn api_call(
         form,
         token: &token,
     };
-    let mut answer = api::serve(sim, endpoint, post, &call).await;
+    let mut answer = api::serve(sim, endpoint, &method, &call).await;
     if let Some(quota) = quota {
         rate_headers(&mut answer, quota);
     }

@@ -21,6 +21,10 @@ struct Inner {
     mentions: HashMap<MentionKey, Map<String, Value>>,
     added: HashMap<MentionKey, Value>,
     contacts: HashMap<ContactKey, Map<String, Value>>,
+    deleted_mentions: std::collections::HashSet<MentionKey>,
+    deleted_contacts: std::collections::HashSet<ContactKey>,
+    /// Publisher drafts by account, in the order they were queued.
+    drafts: HashMap<u64, Vec<Value>>,
     next_id: u64,
 }
 
@@ -29,20 +33,18 @@ pub(crate) struct Writes {
     inner: Mutex<Inner>,
 }
 
-/// Fields a mention update may set; `note` appends to `notes` instead of replacing.
-const MENTION_FIELDS: [&str; 5] = ["tags", "status", "assignment", "note", "sentiment"];
+/// Fields a mention update may not set (the clients send any other mention key); `note`
+/// appends to `notes` instead of replacing.
+const FIXED_FIELDS: [&str; 3] = ["id", "unique_id", "topic"];
 
 impl Writes {
     /// Checks and stores a mention update (`updates` JSON object).
     pub fn update_mention(&self, key: MentionKey, updates: &Value) -> Result<(), String> {
         let fields = updates.as_object().ok_or("updates must be a JSON object")?;
-        if let Some(bad) = fields
-            .keys()
-            .find(|k| !MENTION_FIELDS.contains(&k.as_str()))
-        {
+        if let Some(bad) = fields.keys().find(|k| FIXED_FIELDS.contains(&k.as_str())) {
             return Err(format!(
-                "updates may not set {bad:?}; allowed: {}",
-                MENTION_FIELDS.join(", ")
+                "updates may not set {bad:?}: {} are fixed",
+                FIXED_FIELDS.join(", ")
             ));
         }
         if fields.get("tags").is_some_and(|t| !t.is_array()) {
@@ -100,11 +102,64 @@ impl Writes {
         lock(&self.inner).added.get(key).cloned()
     }
 
-    /// A number for a new draft.
-    pub fn next_id(&self) -> u64 {
+    /// Deletes a mention: later reads answer 404 and lists leave it out.
+    pub fn delete_mention(&self, key: MentionKey) -> bool {
+        lock(&self.inner).deleted_mentions.insert(key)
+    }
+
+    pub fn mention_deleted(&self, key: &MentionKey) -> bool {
+        lock(&self.inner).deleted_mentions.contains(key)
+    }
+
+    /// Deletes a contact: later reads answer 404.
+    pub fn delete_contact(&self, key: ContactKey) -> bool {
+        lock(&self.inner).deleted_contacts.insert(key)
+    }
+
+    pub fn contact_deleted(&self, key: &ContactKey) -> bool {
+        lock(&self.inner).deleted_contacts.contains(key)
+    }
+
+    /// Queues a publisher draft of `account`; `build` gets its id.
+    pub fn add_draft(&self, account: u64, build: impl FnOnce(u64) -> Value) -> Value {
         let mut inner = lock(&self.inner);
         inner.next_id += 1;
-        inner.next_id
+        let draft = build(inner.next_id);
+        inner.drafts.entry(account).or_default().push(draft.clone());
+        draft
+    }
+
+    /// The drafts of `account`, oldest first.
+    pub fn drafts(&self, account: u64) -> Vec<Value> {
+        lock(&self.inner)
+            .drafts
+            .get(&account)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Replaces (`Some`) or removes (`None`) one draft; whether it existed.
+    pub fn change_draft(&self, account: u64, id: &str, with: Option<&Map<String, Value>>) -> bool {
+        let mut inner = lock(&self.inner);
+        let Some(list) = inner.drafts.get_mut(&account) else {
+            return false;
+        };
+        let Some(at) = list.iter().position(|d| d["id"] == id) else {
+            return false;
+        };
+        match with {
+            Some(fields) => {
+                for (k, v) in fields {
+                    if k != "id" {
+                        list[at][k] = v.clone();
+                    }
+                }
+            }
+            None => {
+                list.remove(at);
+            }
+        }
+        true
     }
 
     /// Merges CRM fields and custom attributes into a contact.

@@ -201,7 +201,7 @@ async fn writes_are_visible_to_later_reads() {
         .await
         .json();
     assert_eq!(
-        draft["response"]["status"], "awaiting_approval",
+        draft["response"]["status"], "awaitingapproval",
         "saw {draft}"
     );
     assert_eq!(peer.sim.stats()["writes"], 4, "saw {}", peer.sim.stats());

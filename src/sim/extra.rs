@@ -1,0 +1,316 @@
+//! The endpoints the public clients use beyond the first table: deleting mentions, contacts
+//! by their own id and the contact list, a mention's context, mailboxes and cases, the
+//! publisher's drafts, settings writes, insights facets and the read-only tools.
+//!
+//! Invariants: the same as `api` (stable generated data, writes stored before the answer is
+//! built). A contact's own id `N` names the contact with service `twitter` and service id
+//! `N`, so a write through either spelling shows in both.
+
+use http::{Method, StatusCode};
+use serde_json::{json, Map, Value};
+
+use super::data;
+use super::page::{paged, Call, Page};
+use super::reply::{self, Reply};
+use super::stats::Counter;
+use super::Sim;
+
+/// Mentions per page at most, and contacts per page at most, as the clients show.
+const MAX_MENTIONS_PAGE: u64 = 100;
+const MAX_CONTACTS_PAGE: u64 = 50;
+
+/// Messages one `inbox/add` may carry in its `mentions` array.
+const MAX_ADDED: usize = 500;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Extra {
+    ContactById(String),
+    Contacts,
+    Context(u64, String),
+    Mailboxes,
+    Cases,
+    PublisherOptions,
+    PublisherMentions,
+    PublisherMention(String),
+    SettingsWrite(String),
+    Facets,
+    Tool(String),
+}
+
+/// The endpoint below `/{account}` for `rest`, with the methods it takes.
+pub(crate) fn classify(rest: &[&str]) -> Option<(&'static str, Extra)> {
+    Some(match rest {
+        ["inbox", "contact", id] => ("GET, POST, DELETE", Extra::ContactById(id.to_string())),
+        ["inbox", "contacts"] => ("GET", Extra::Contacts),
+        ["inbox", "context", topic, id] => {
+            let topic = topic.parse().ok().filter(|t| *t > 0)?;
+            ("GET", Extra::Context(topic, id.to_string()))
+        }
+        ["inbox", "mailboxes"] => ("GET", Extra::Mailboxes),
+        ["inbox", "cases"] => ("GET", Extra::Cases),
+        ["publisher", "mentions"] => ("GET", Extra::PublisherMentions),
+        ["publisher", "mention", id] => {
+            ("GET, POST, DELETE", Extra::PublisherMention(id.to_string()))
+        }
+        ["settings", kind @ ("teams" | "profilegroups" | "businesshoursschedules")] => {
+            ("GET, POST, DELETE", Extra::SettingsWrite(kind.to_string()))
+        }
+        ["settings", "profilegroup"] => {
+            ("POST, DELETE", Extra::SettingsWrite("profilegroup".into()))
+        }
+        ["settings", kind @ ("team" | "user" | "profilegroup"), id] => {
+            ("POST, DELETE", Extra::SettingsWrite(format!("{kind}/{id}")))
+        }
+        ["insights", "facets"] => ("GET, POST", Extra::Facets),
+        [tool @ ("dashboards" | "tools" | "crisis" | "security" | "filter"), more @ ..]
+            if !more.is_empty() =>
+        {
+            ("GET", Extra::Tool(format!("{tool}/{}", more.join("/"))))
+        }
+        _ => return None,
+    })
+}
+
+fn bad(message: &str) -> Reply {
+    reply::error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn not_found(what: &str) -> Reply {
+    reply::error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no such {what}"),
+    )
+}
+
+/// A page whose `limit` may not pass `max`.
+fn page_within(call: &Call<'_>, max: u64) -> Result<Page, Reply> {
+    let page = Page::parse(call).map_err(|m| bad(&m))?;
+    if page.limit > max {
+        return Err(bad(&format!("limit must be 1 to {max}")));
+    }
+    Ok(page)
+}
+
+/// Answers one of the endpoints above.
+pub(crate) fn serve(
+    sim: &Sim,
+    account: u64,
+    extra: Extra,
+    method: &Method,
+    call: &Call<'_>,
+) -> Reply {
+    let list = |items: Vec<Value>, max: u64| match page_within(call, max) {
+        Ok(page) => reply::ok(paged(call, page, items)),
+        Err(r) => r,
+    };
+    match extra {
+        Extra::ContactById(id) => {
+            let key = (account, "twitter".to_string(), id);
+            if sim.writes.contact_deleted(&key) {
+                return not_found("contact");
+            }
+            if *method == Method::DELETE {
+                sim.writes.delete_contact(key);
+                sim.stats.incr(Counter::Writes);
+                return reply::ok(json!(true));
+            }
+            if *method == Method::POST {
+                match call.param("updates").map(serde_json::from_str::<Value>) {
+                    Some(Ok(Value::Object(updates))) => {
+                        sim.writes.update_contact(key.clone(), updates, Map::new());
+                        sim.stats.incr(Counter::Writes);
+                    }
+                    _ => return bad("the form field updates must be a JSON object"),
+                }
+            }
+            let mut body = data::contact(key.0, &key.1, &key.2);
+            sim.writes.overlay_contact(&key, &mut body);
+            reply::ok(body)
+        }
+        Extra::Contacts => {
+            let items = (1..=120u64)
+                .map(|n| {
+                    let key = (account, "twitter".to_string(), n.to_string());
+                    let mut body = data::contact(key.0, &key.1, &key.2);
+                    sim.writes.overlay_contact(&key, &mut body);
+                    body
+                })
+                .collect();
+            list(items, MAX_CONTACTS_PAGE)
+        }
+        Extra::Context(topic, id) => {
+            let h = data::hash(&["context", &account.to_string(), &id]);
+            let replies: Vec<Value> = (0..h % 3)
+                .map(|n| data::mention(call.base, account, topic, &format!("{id}{n}")))
+                .collect();
+            reply::ok(json!({
+                "mention": data::mention(call.base, account, topic, &id),
+                "context": replies,
+            }))
+        }
+        Extra::Mailboxes => list(
+            (1..=3u64)
+                .map(|n| json!({"id": account * 10 + n, "name": format!("Mailbox {n}")}))
+                .collect(),
+            MAX_MENTIONS_PAGE,
+        ),
+        Extra::Cases => list(
+            (1..=5u64)
+                .map(|n| json!({"id": account * 100 + n, "status": "open", "mentions": n}))
+                .collect(),
+            MAX_MENTIONS_PAGE,
+        ),
+        Extra::PublisherOptions => reply::ok(json!({
+            "services": data::connected_profiles(),
+            "types": ["reply", "post", "private_message"],
+            "statuses": ["draft", "awaitingapproval"],
+        })),
+        Extra::PublisherMentions => list(sim.writes.drafts(account), MAX_MENTIONS_PAGE),
+        Extra::PublisherMention(id) => {
+            if *method == Method::GET {
+                return match sim
+                    .writes
+                    .drafts(account)
+                    .into_iter()
+                    .find(|d| d["id"] == id)
+                {
+                    Some(d) => reply::ok(d),
+                    None => not_found("draft"),
+                };
+            }
+            let fields = fields(call);
+            let with = (*method == Method::POST).then_some(&fields);
+            if !sim.writes.change_draft(account, &id, with) {
+                return not_found("draft");
+            }
+            sim.stats.incr(Counter::Writes);
+            reply::ok(json!(true))
+        }
+        Extra::SettingsWrite(kind) if *method == Method::GET => {
+            list(data::settings(account, &kind).unwrap_or_default(), 200)
+        }
+        Extra::SettingsWrite(_) => {
+            sim.stats.incr(Counter::Writes);
+            reply::ok(json!(true))
+        }
+        Extra::Facets => {
+            let Some(defs) = call.param("facetdefinitions") else {
+                return bad("facetdefinitions is required");
+            };
+            let h = data::hash(&["facets", &account.to_string(), defs]);
+            reply::ok(json!([{
+                "keys": [{"name": "sentiment"}, {"name": "count"}],
+                "data": [["negative", h % 50], ["neutral", h % 70], ["positive", h % 90]],
+            }]))
+        }
+        Extra::Tool(name) => reply::ok(json!({"tool": name, "account_id": account, "data": []})),
+    }
+}
+
+/// Form fields of a write other than the credential.
+pub(crate) fn fields(call: &Call<'_>) -> Map<String, Value> {
+    call.form
+        .iter()
+        .filter(|(k, _)| k != "access_token")
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect()
+}
+
+/// `inbox/add` with a `mentions` array: each added, the answer a boolean.
+pub(crate) fn add_many(
+    sim: &Sim,
+    account: u64,
+    text: &str,
+    build: impl Fn(&Value) -> (u64, Value),
+) -> Reply {
+    let messages: Vec<Value> = match serde_json::from_str(text) {
+        Ok(Value::Array(list)) => list,
+        _ => return bad("mentions must be a JSON array"),
+    };
+    if messages.is_empty() || messages.len() > MAX_ADDED {
+        return bad(&format!("mentions must hold 1 to {MAX_ADDED} messages"));
+    }
+    for m in &messages {
+        let (topic, _) = build(m);
+        let body = build(m).1;
+        sim.writes.add_message(account, topic, |id| {
+            let mut body = body.clone();
+            body["id"] = json!(id);
+            body["unique_id"] = json!(format!("{topic}_{id}"));
+            body
+        });
+    }
+    sim.stats.incr(Counter::Writes);
+    reply::ok(json!(true))
+}
+
+/// Parses an ISO-8601 date (`2026-12-01`, `2026-12-01T10:00:00Z`, with an offset) or Unix
+/// seconds into Unix seconds.
+pub(crate) fn parse_time(text: &str) -> Option<u64> {
+    if let Ok(n) = text.parse::<u64>() {
+        return Some(n);
+    }
+    let (date, time) = text.split_once('T').unwrap_or((text, "00:00:00Z"));
+    let mut d = date.split('-').map(|p| p.parse::<u64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) || y < 1970 {
+        return None;
+    }
+    let (clock, offset) = match time.find(['Z', '+', '-']) {
+        Some(at) => (&time[..at], &time[at..]),
+        None => (time, "Z"),
+    };
+    let mut c = clock
+        .split(':')
+        .map(|p| p.split('.').next()?.parse::<u64>().ok());
+    let (hh, mm, ss) = (
+        c.next()??,
+        c.next().flatten().unwrap_or(0),
+        c.next().flatten().unwrap_or(0),
+    );
+    let shift: i64 = match offset {
+        "Z" | "" => 0,
+        o => {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            let digits: String = o[1..].chars().filter(char::is_ascii_digit).collect();
+            let (oh, om) = digits.split_at(digits.len().min(2));
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().unwrap_or(0) * 60)
+        }
+    };
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy / 400;
+    let yoe = yy % 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    let secs = (days * 86_400 + hh * 3600 + mm * 60 + ss) as i64 - shift;
+    u64::try_from(secs).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_iso_dates_and_unix_seconds() {
+        assert_eq!(parse_time("1764547200"), Some(1_764_547_200));
+        assert_eq!(parse_time("2025-12-01"), Some(1_764_547_200));
+        assert_eq!(parse_time("2025-12-01T01:00:00Z"), Some(1_764_550_800));
+        assert_eq!(parse_time("2025-12-01T02:00:00+01:00"), Some(1_764_550_800));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn classifies_the_extra_shapes() {
+        assert_eq!(
+            classify(&["inbox", "contact", "77"]),
+            Some(("GET, POST, DELETE", Extra::ContactById("77".into())))
+        );
+        assert_eq!(
+            classify(&["insights", "facets"]).map(|f| f.0),
+            Some("GET, POST")
+        );
+        assert_eq!(classify(&["tools"]), None);
+    }
+}
