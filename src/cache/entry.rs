@@ -23,11 +23,12 @@ use tokio::time::Instant;
 const ENTRY_OVERHEAD: usize = 256;
 
 /// Upstream headers an entry does not keep: each hit regenerates them or they describe the
-/// upstream's connection or software rather than the answer. `Date` and `Content-Length`
-/// are written by the gateway's HTTP server for every answer, `Age` by the gateway itself;
+/// upstream's connection or software rather than the answer. `Date` is written by the
+/// gateway's HTTP server for every answer, `Age` by the gateway itself;
 /// `Connection`, `Keep-Alive` and `Transfer-Encoding` are per connection; `Server` and
 /// `X-Powered-By` name the upstream's software. `Accept-Ranges` is dropped too, except on a
-/// partial answer (206), the one status where a client reads it.
+/// partial answer (206), the one status where a client reads it. `Content-Length` stays: a
+/// HEAD answered from the entry carries no body for the server to count.
 const NOT_STORED: &[&str] = &[
     "date",
     "server",
@@ -35,7 +36,6 @@ const NOT_STORED: &[&str] = &[
     "connection",
     "keep-alive",
     "transfer-encoding",
-    "content-length",
     "age",
 ];
 
@@ -609,6 +609,7 @@ mod tests {
         let seen = kept(&e);
         let expected = [
             "cache-control",
+            "content-length",
             "content-type",
             "etag",
             "last-modified",
