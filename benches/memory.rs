@@ -5,9 +5,10 @@
 //! 100,000 distinct ids are asked once each (127.0.0.1 only, a fixed number of requests);
 //! the gateway's `VmRSS` is read from `/proc/PID/status` before and after.
 //!
-//! Then, for `--hit-seconds` (default 5), the same ids are asked again: every answer is a
-//! hit, and the rate is printed, so an allocator or storage change can be checked for hit
-//! throughput in the same run. Compare two binaries by running this twice with `CXGATE_BIN`.
+//! Then, for `--hit-seconds` (default 5), hits: `wrk -t2 -c32` on one stored id when `wrk`
+//! is on PATH, else (`--no-wrk`) this process's own client over all the stored ids. The rate
+//! is printed, so an allocator or storage change can be checked for hit throughput in the
+//! same run. Compare two binaries by running this twice with `CXGATE_BIN`.
 //!
 //! Before that, an in-process breakdown: the same entries put straight into a
 //! [`cxgate::cache::Store`] under a counting allocator, with parts left out one at a time,
@@ -84,6 +85,7 @@ struct Args {
     hit_seconds: u64,
     concurrency: u64,
     breakdown: bool,
+    wrk: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -92,6 +94,7 @@ fn parse_args() -> Result<Args, String> {
         hit_seconds: 5,
         concurrency: 8,
         breakdown: true,
+        wrk: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -105,6 +108,7 @@ fn parse_args() -> Result<Args, String> {
             "--hit-seconds" => args.hit_seconds = number("--hit-seconds")?.min(60),
             "--concurrency" => args.concurrency = number("--concurrency")?.clamp(1, 64),
             "--no-breakdown" => args.breakdown = false,
+            "--no-wrk" => args.wrk = false,
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
             other => return Err(format!("unknown argument {other}")),
@@ -413,7 +417,7 @@ fn main() -> ExitCode {
         Err(problem) => {
             eprintln!(
                 "memory: {problem}\nusage: cargo bench --bench memory -- \
-                 [--entries N] [--hit-seconds S] [--concurrency C] [--no-breakdown]"
+                 [--entries N] [--hit-seconds S] [--concurrency C] [--no-breakdown] [--no-wrk]"
             );
             return ExitCode::from(2);
         }
@@ -440,7 +444,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, bin: PathBuf) -> bool {
     let live = if args.breakdown {
-        Some(breakdown(args.entries.min(20_000)).await)
+        Some(breakdown(args.entries).await)
     } else {
         None
     };
@@ -540,7 +544,47 @@ async fn run(args: Args, bin: PathBuf) -> bool {
     }
 
     let mut ok = failed == 0;
-    if args.hit_seconds > 0 {
+    if args.hit_seconds > 0 && args.wrk {
+        // wrk on one stored id: the gateway's hit path, not this process's client, is what
+        // limits the rate.
+        let url = format!("{base}/{ACCOUNT}/inbox/contact/twitter/1");
+        let out = Command::new("wrk")
+            .args(["-t2", "-c32", &format!("-d{}s", args.hit_seconds), "-H"])
+            .arg(format!("Authorization: Bearer {}", common::KEY))
+            .arg(&url)
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let rate = text
+                    .lines()
+                    .find(|l| l.starts_with("Requests/sec:"))
+                    .unwrap_or("Requests/sec: ?");
+                let errors = text
+                    .lines()
+                    .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let rss = rss_bytes(pid);
+                println!(
+                    "  hits (wrk -t2 -c32 -d{}s, one id): {rate} {errors}; RSS after {:.1} MiB \
+                     = {:.0} B per entry",
+                    args.hit_seconds,
+                    mib(rss),
+                    rss.saturating_sub(before) as f64 / args.entries as f64
+                );
+                ok &= errors.is_empty();
+            }
+            Ok(out) => {
+                eprintln!(
+                    "memory: wrk failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                ok = false;
+            }
+            Err(e) => println!("  (no wrk on PATH: {e}; pass --no-wrk for the built-in client)"),
+        }
+    } else if args.hit_seconds > 0 {
         let (done, hit_failed) = hits(
             &http,
             &base,

@@ -7,6 +7,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// jemalloc rather than the system allocator: with 100,000 cached entries it holds about
+/// 15% less resident memory (glibc keeps what the many short-lived buffers of upstream
+/// exchanges leave behind) at the same hit throughput; README "Memory per cached entry".
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "cxgate",

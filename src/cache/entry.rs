@@ -4,14 +4,16 @@
 //! revalidation within `stale_while_revalidate` and as a fallback within `stale_if_error`.
 //! Past both windows it is useless, and the store drops it (`lifetime` says when).
 //!
-//! [`StoredResponse`] keeps a whole entry in one allocation: its key, tag hashes, headers
-//! and body sit in one `Bytes` block, and the rest is a few plain fields. The store holds it
-//! inline in moka, a lookup clones it (one reference count), and a hit slices its headers
-//! and body out of the block without copying (memory per entry is an issue-#7 goal).
+//! [`StoredResponse`] keeps a whole entry in one allocation: its fields, key, tag hashes,
+//! the headers a hit needs and the body sit in one reference-counted block. The store holds
+//! the two-word handle inline in moka, a lookup clones it (one reference count), and a hit
+//! slices its headers and body out of the block without copying. README "Memory per cached
+//! entry" gives the measured cost per part.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
 
@@ -21,11 +23,12 @@ use tokio::time::Instant;
 const ENTRY_OVERHEAD: usize = 256;
 
 /// Upstream headers an entry does not keep: each hit regenerates them or they describe the
-/// upstream's connection or software rather than the answer. `Date` and `Content-Length`
-/// are written by the gateway's HTTP server for every answer, `Age` by the gateway itself;
+/// upstream's connection or software rather than the answer. `Date` is written by the
+/// gateway's HTTP server for every answer, `Age` by the gateway itself;
 /// `Connection`, `Keep-Alive` and `Transfer-Encoding` are per connection; `Server` and
 /// `X-Powered-By` name the upstream's software. `Accept-Ranges` is dropped too, except on a
-/// partial answer (206), the one status where a client reads it.
+/// partial answer (206), the one status where a client reads it. `Content-Length` stays: a
+/// HEAD answered from the entry carries no body for the server to count.
 const NOT_STORED: &[&str] = &[
     "date",
     "server",
@@ -33,7 +36,6 @@ const NOT_STORED: &[&str] = &[
     "connection",
     "keep-alive",
     "transfer-encoding",
-    "content-length",
     "age",
 ];
 
@@ -174,30 +176,64 @@ impl CachedResponse {
     }
 }
 
-/// A stored entry. The block holds, in order: the key, one little-endian `u64` per tag
-/// hash, the headers as `name:value\n` lines (a name never holds `:` and a value never
-/// holds a line break, so the split is unambiguous), then the body.
+/// A stored entry: one shared allocation (`Arc<[u8]>`), nothing else. The block holds, in
+/// order: a fixed [`META`]-byte header (serial, stored-at, the three windows, two offsets,
+/// the tag count and the status, little-endian), the key, one `u64` per tag hash, the
+/// headers as `name:value\n` lines (a name never holds `:` and a value never holds a line
+/// break, so the split is unambiguous), then the body.
 ///
-/// Every field that can be derived from the block is (the tags' end, the header count, the
-/// weight): the struct is 80 bytes, held inline in moka's entry, and each of the 100,000s
-/// of entries pays for it.
-#[derive(Debug, Clone)]
+/// moka keeps this handle inline in its entry, so the handle is two words: every field in
+/// the block rides in the allocation the body needs anyway (whose size class usually has
+/// room to spare), instead of in moka's entry and in the separate reference-count header a
+/// `Bytes` allocates. A hit wraps the block in one `Bytes` per call, and the body and
+/// header values are slices of it, never copies.
+#[derive(Clone)]
 pub struct StoredResponse {
-    block: Bytes,
-    key_end: u32,
-    body_start: u32,
-    tag_count: u16,
-    status: StatusCode,
-    /// Told apart from a later value under the same key when the tag index forgets it.
-    pub(crate) serial: u64,
-    stored_at: Instant,
-    /// ttl and the stale windows in milliseconds: 12 bytes instead of 48 in every entry.
-    /// Longer than 49 days saturates at 49 days.
-    windows_ms: [u32; 3],
+    block: Arc<[u8]>,
 }
+
+/// The block's fixed header: serial (8), stored-at (8), ttl, stale-while-revalidate and
+/// stale-if-error in milliseconds (3 x 4), key end (4), body start (4), tag count (2),
+/// status (2).
+const META: usize = 40;
+const AT_SERIAL: usize = 0;
+const AT_STORED: usize = 8;
+const AT_WINDOWS: usize = 16;
+const AT_KEY_END: usize = 28;
+const AT_BODY_START: usize = 32;
+const AT_TAG_COUNT: usize = 36;
+const AT_STATUS: usize = 38;
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The instant `stored_at` values are counted from, in nanoseconds (either side of it).
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn nanos(d: Duration) -> i64 {
+    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)
+}
+
+fn encode_instant(at: Instant) -> i64 {
+    let at = at.into_std();
+    match at.checked_duration_since(epoch()) {
+        Some(after) => nanos(after),
+        None => -nanos(epoch().saturating_duration_since(at)),
+    }
+}
+
+fn decode_instant(n: i64) -> Instant {
+    let offset = Duration::from_nanos(n.unsigned_abs());
+    let at = if n >= 0 {
+        epoch().checked_add(offset)
+    } else {
+        epoch().checked_sub(offset)
+    };
+    Instant::from_std(at.unwrap_or_else(epoch))
 }
 
 impl StoredResponse {
@@ -214,74 +250,114 @@ impl StoredResponse {
             .map(|(n, v)| n.as_str().len() + v.len() + 2)
             .sum();
         let tag_count = u16::try_from(tag_hashes.len()).ok()?;
-        let size = key.len() + tag_hashes.len() * 8 + headers + value.body.len();
-        let mut block = BytesMut::with_capacity(size);
-        block.put_slice(key.as_bytes());
-        let key_end = u32::try_from(block.len()).ok()?;
+        let size = META + key.len() + tag_hashes.len() * 8 + headers + value.body.len();
+        u32::try_from(size).ok()?;
+        let key_end = META + key.len();
+        let body_start = size - value.body.len();
+        // Filled in place: `collect` from an exact-size iterator allocates the `Arc` once,
+        // where building a `Vec` first would allocate and free a second block per insert.
+        let mut block: Arc<[u8]> = std::iter::repeat_n(0u8, size).collect();
+        let mut out: &mut [u8] = Arc::get_mut(&mut block)?;
+        out.put_u64_le(serial);
+        out.put_i64_le(encode_instant(value.stored_at));
+        for window in [
+            value.ttl,
+            value.stale_while_revalidate,
+            value.stale_if_error,
+        ] {
+            out.put_u32_le(millis(window));
+        }
+        out.put_u32_le(key_end as u32);
+        out.put_u32_le(body_start as u32);
+        out.put_u16_le(tag_count);
+        out.put_u16_le(value.status.as_u16());
+        out.put_slice(key.as_bytes());
         for hash in tag_hashes {
-            block.put_u64_le(*hash);
+            out.put_u64_le(*hash);
         }
         for (name, v) in value.stored_headers() {
-            block.put_slice(name.as_str().as_bytes());
-            block.put_u8(b':');
-            block.put_slice(v.as_bytes());
-            block.put_u8(b'\n');
+            out.put_slice(name.as_str().as_bytes());
+            out.put_u8(b':');
+            out.put_slice(v.as_bytes());
+            out.put_u8(b'\n');
         }
-        let body_start = u32::try_from(block.len()).ok()?;
-        block.put_slice(&value.body);
-        u32::try_from(block.len()).ok()?;
-        Some(StoredResponse {
-            block: block.freeze(),
-            key_end,
-            body_start,
-            tag_count,
-            status: value.status,
-            serial,
-            stored_at: value.stored_at,
-            windows_ms: [
-                millis(value.ttl),
-                millis(value.stale_while_revalidate),
-                millis(value.stale_if_error),
-            ],
-        })
+        out.put_slice(&value.body);
+        debug_assert!(out.is_empty(), "pack: {} bytes left unwritten", out.len());
+        Some(StoredResponse { block })
     }
 
-    /// The key it is stored under (a variant key for a varying resource).
-    pub fn key(&self) -> &str {
-        // The block starts with a `&str` copied in `pack`, so this never fails.
-        std::str::from_utf8(&self.block[..self.key_end as usize]).unwrap_or("")
+    fn u16_at(&self, at: usize) -> u16 {
+        u16::from_le_bytes(self.block[at..at + 2].try_into().unwrap_or_default())
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.block[at..at + 4].try_into().unwrap_or_default())
+    }
+
+    fn u64_at(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.block[at..at + 8].try_into().unwrap_or_default())
+    }
+
+    fn key_end(&self) -> usize {
+        self.u32_at(AT_KEY_END) as usize
+    }
+
+    fn body_start(&self) -> usize {
+        self.u32_at(AT_BODY_START) as usize
     }
 
     /// Where the tag hashes end and the header lines start.
     fn tags_end(&self) -> usize {
-        self.key_end as usize + usize::from(self.tag_count) * 8
+        self.key_end() + usize::from(self.u16_at(AT_TAG_COUNT)) * 8
+    }
+
+    /// Told apart from a later value under the same key when the tag index forgets it.
+    pub(crate) fn serial(&self) -> u64 {
+        self.u64_at(AT_SERIAL)
+    }
+
+    /// The key it is stored under (a variant key for a varying resource).
+    pub fn key(&self) -> &str {
+        // `pack` copied a `&str` there, so this never fails.
+        std::str::from_utf8(&self.block[META..self.key_end()]).unwrap_or("")
     }
 
     pub(crate) fn tag_hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.block[self.key_end as usize..self.tags_end()]
+        self.block[self.key_end()..self.tags_end()]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
     }
 
     pub fn status(&self) -> StatusCode {
-        self.status
+        // `pack` wrote a valid status there.
+        StatusCode::from_u16(self.u16_at(AT_STATUS)).unwrap_or(StatusCode::OK)
+    }
+
+    /// The block as `Bytes` (one small allocation, no copy), to slice answers out of.
+    fn shared(&self) -> Bytes {
+        Bytes::from_owner(ArcBlock(Arc::clone(&self.block)))
     }
 
     /// The body, sharing the block (no copy).
     pub fn body(&self) -> Bytes {
-        self.block.slice(self.body_start as usize..)
+        self.shared().slice(self.body_start()..)
     }
 
     /// How many headers [`StoredResponse::headers`] yields.
     pub fn header_count(&self) -> usize {
-        let lines = &self.block[self.tags_end()..self.body_start as usize];
+        let lines = &self.block[self.tags_end()..self.body_start()];
         lines.iter().filter(|b| **b == b'\n').count()
     }
 
     /// The stored headers; values share the block (no copy).
     pub fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         let base = self.tags_end();
-        let lines = &self.block[base..self.body_start as usize];
+        let lines = &self.block[base..self.body_start()];
+        let shared = if lines.is_empty() {
+            Bytes::new()
+        } else {
+            self.shared()
+        };
         lines
             .split_inclusive(|b| *b == b'\n')
             .scan(base, |at, line| {
@@ -292,7 +368,7 @@ impl StoredResponse {
             .filter_map(move |(start, line)| {
                 let colon = line.iter().position(|b| *b == b':')?;
                 let name = HeaderName::from_bytes(&line[..colon]).ok()?;
-                let value = self.block.slice(start + colon + 1..start + line.len() - 1);
+                let value = shared.slice(start + colon + 1..start + line.len() - 1);
                 // Checked when it was first received; checked again rather than trusted.
                 let value = HeaderValue::from_maybe_shared(value).ok()?;
                 Some((name, value))
@@ -300,14 +376,12 @@ impl StoredResponse {
     }
 
     pub fn timing(&self) -> Timing {
-        let [ttl, swr, sie] = self
-            .windows_ms
-            .map(|ms| Duration::from_millis(u64::from(ms)));
+        let ms = |i: usize| Duration::from_millis(u64::from(self.u32_at(AT_WINDOWS + 4 * i)));
         Timing {
-            stored_at: self.stored_at,
-            ttl,
-            stale_while_revalidate: swr,
-            stale_if_error: sie,
+            stored_at: decode_instant(self.u64_at(AT_STORED) as i64),
+            ttl: ms(0),
+            stale_while_revalidate: ms(1),
+            stale_if_error: ms(2),
         }
     }
 
@@ -331,8 +405,29 @@ impl StoredResponse {
     /// stored header lines, the tag hashes and a fixed overhead (the key is added by the
     /// store). Close to [`CachedResponse::weight`] of the value it was packed from.
     pub fn weight(&self) -> u32 {
-        let block = self.block.len() - self.key_end as usize;
-        u32::try_from(ENTRY_OVERHEAD.saturating_add(block)).unwrap_or(u32::MAX)
+        let rest = self.block.len() - self.key_end();
+        u32::try_from(ENTRY_OVERHEAD.saturating_add(rest)).unwrap_or(u32::MAX)
+    }
+}
+
+impl std::fmt::Debug for StoredResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredResponse")
+            .field("key", &self.key())
+            .field("status", &self.status())
+            .field("serial", &self.serial())
+            .field("timing", &self.timing())
+            .field("body_len", &(self.block.len() - self.body_start()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The block as a `Bytes` owner.
+struct ArcBlock(Arc<[u8]>);
+
+impl AsRef<[u8]> for ArcBlock {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -455,10 +550,29 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_struct_stays_80_bytes() {
+    fn an_entry_handle_stays_two_words() {
         // moka holds it inline in every entry: a field more is 100,000s of 8 bytes.
         let size = std::mem::size_of::<StoredResponse>();
-        assert!(size <= 80, "StoredResponse grew to {size} bytes");
+        assert!(size <= 16, "StoredResponse grew to {size} bytes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pack_keeps_timing_status_serial_and_key() {
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let mut e = entry(10, 5, 60);
+        e.status = StatusCode::NON_AUTHORITATIVE_INFORMATION;
+        let stored = StoredResponse::pack("GET /k?a=1", &e, &[7], 42).expect("packs");
+        assert_eq!(stored.key(), "GET /k?a=1");
+        assert_eq!(stored.serial(), 42);
+        assert_eq!(stored.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
+        assert_eq!(stored.timing(), e.timing(), "timing must survive packing");
+        assert_eq!(stored.age(before), Duration::ZERO);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(
+            stored.freshness(Instant::now()),
+            e.freshness(Instant::now())
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -495,6 +609,7 @@ mod tests {
         let seen = kept(&e);
         let expected = [
             "cache-control",
+            "content-length",
             "content-type",
             "etag",
             "last-modified",

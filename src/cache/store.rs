@@ -153,7 +153,7 @@ impl Store {
                     if !tags.is_empty() {
                         lock(&listener_removed).push(Removed {
                             key: *key,
-                            serial: r.serial,
+                            serial: r.serial(),
                             tags,
                         });
                     }

@@ -417,9 +417,8 @@ fn key_path_reads_the_path_of_any_key_shape() {
 }
 
 #[test]
-fn a_slot_is_no_larger_than_its_response() {
-    // moka keeps the slot inline in each entry, so the enum must not add a word to it.
+fn a_slot_stays_three_words() {
+    // moka keeps the slot inline in each entry: the response handle and a tag.
     let slot = std::mem::size_of::<Slot>();
-    let response = std::mem::size_of::<StoredResponse>();
-    assert_eq!(slot, response, "Slot is {slot} bytes, StoredResponse {response}");
+    assert!(slot <= 24, "Slot grew to {slot} bytes");
 }
