@@ -13,6 +13,7 @@
 mod call;
 mod forward;
 mod read;
+mod recent;
 mod reply;
 mod request;
 
@@ -144,6 +145,8 @@ struct Inner {
     /// `max_concurrency` permits, one set for the process: a reload resizes it rather than
     /// making a new one, so repeated reloads never multiply the limit.
     in_flight: Arc<Semaphore>,
+    /// The last error answers, for the status page.
+    recent_errors: recent::RecentErrors,
 }
 
 /// What a request turned out to be, for metrics and the access log. Borrows from the
@@ -164,6 +167,7 @@ struct Outcome<'s> {
 impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
         let permits = config.server.max_concurrency;
+        prime_metrics(&config, &parts.metrics, &parts.budget);
         Gateway {
             inner: Arc::new(Inner {
                 state: RwLock::new(Arc::new(State::new(config))),
@@ -176,6 +180,7 @@ impl Gateway {
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
                 in_flight: Arc::new(Semaphore::new(permits)),
+                recent_errors: recent::RecentErrors::default(),
             }),
         }
     }
@@ -208,6 +213,7 @@ impl Gateway {
         let old = self.state().config.server.max_concurrency;
         resize_permits(&self.inner.in_flight, old, config.server.max_concurrency);
         self.inner.budget.reload(budget_spec(&config));
+        prime_metrics(&config, &self.inner.metrics, &self.inner.budget);
         let next = Arc::new(State::new(config));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
@@ -222,6 +228,11 @@ impl Gateway {
 
     pub fn budget(&self) -> &Budget {
         &self.inner.budget
+    }
+
+    /// The last error answers, newest first, for `/admin/status`.
+    pub fn recent_errors(&self) -> serde_json::Value {
+        self.inner.recent_errors.json()
     }
 
     pub fn budget_status(&self) -> serde_json::Value {
@@ -262,16 +273,28 @@ impl Gateway {
         };
         let timeout = state.config.server.request_timeout;
 
+        // The gateway's own reason when it answered with an error, for the status page.
+        let mut failure: Option<String> = None;
         let mut resp = match self.inner.in_flight.try_acquire() {
-            Err(_) => GatewayError::Overloaded.response(),
+            Err(_) => {
+                failure = Some(GatewayError::Overloaded.to_string());
+                GatewayError::Overloaded.response()
+            }
             Ok(_permit) => {
                 // Pinned where it is made: the timeout then holds a pointer instead of a
                 // copy of the pipeline's state, which is kilobytes.
                 let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
                 match tokio::time::timeout(timeout, work).await {
                     Ok(Ok(resp)) => resp,
-                    Ok(Err(e)) => e.response(),
-                    Err(_) => GatewayError::RequestTimeout(timeout).response(),
+                    Ok(Err(e)) => {
+                        failure = Some(e.to_string());
+                        e.response()
+                    }
+                    Err(_) => {
+                        let e = GatewayError::RequestTimeout(timeout);
+                        failure = Some(e.to_string());
+                        e.response()
+                    }
                 }
             }
         };
@@ -315,6 +338,19 @@ impl Gateway {
         let status = resp.status();
         let elapsed = started.elapsed();
         self.record(&outcome, &method, status, elapsed);
+        // The upstream's own failures (5xx, 429) count as errors too; its 4xx are answers.
+        let failure = failure.or_else(|| {
+            (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| format!("upstream answered {status}"))
+        });
+        if let Some(message) = failure {
+            self.inner.recent_errors.record(
+                status.as_u16(),
+                outcome.client_label(),
+                outcome.route_label(),
+                message,
+            );
+        }
         tracing::info!(
             target: "cxgate::access",
             request_id = resp
@@ -516,6 +552,18 @@ where
                 GatewayError::BadRequest("request body could not be read")
             }
         })
+}
+
+/// Every configured route's and client's series at zero (anonymous when no client is
+/// configured), so each metric name is present from the first scrape.
+fn prime_metrics(cfg: &Config, metrics: &RequestMetrics, budget: &Budget) {
+    let clients: Vec<&str> = if cfg.clients.is_empty() {
+        vec![auth::ANONYMOUS]
+    } else {
+        cfg.clients.iter().map(|c| c.name.as_str()).collect()
+    };
+    metrics.prime(cfg, &clients);
+    budget.prime_metrics(&clients);
 }
 
 /// The budget's view of the configuration.
