@@ -1,8 +1,12 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/admin/*` (CONTRACT 4).
+//! The admin listener: the status page at `/`, `/metrics`, `/healthz`, `/readyz` and
+//! `/admin/*`.
 //!
 //! It runs on its own address so operators can firewall it separately from client
 //! traffic. With `server.admin_token_env` set, `/admin/*` needs that bearer token, while the
-//! probe and scrape endpoints stay open as Prometheus and orchestrators expect.
+//! probe and scrape endpoints stay open as Prometheus and orchestrators expect; the status
+//! page (`page`) is behind the token like `/admin/*`, since it shows the same.
+
+mod page;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub struct Admin {
     pub config_path: Option<PathBuf>,
     pub admin_token: Option<Secret>,
     pub started: Instant,
+    /// What the status page turns into rates.
+    pub rates: page::Rates,
 }
 
 impl Admin {
@@ -35,6 +41,16 @@ impl Admin {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let method = req.method().clone();
         match (method, path.as_str()) {
+            (Method::GET | Method::HEAD, "") => {
+                if !self.authorised(&req) {
+                    return envelope(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "admin token required",
+                    );
+                }
+                self.page()
+            }
             (Method::GET, "/metrics") => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
                     &self.registry,
@@ -94,7 +110,33 @@ impl Admin {
             "budget": self.gateway.budget_status(),
             "cache": self.gateway.cache().stats_json(),
             "upstream": self.gateway.upstream_status(),
+            "recent_errors": self.gateway.recent_errors(),
         })
+    }
+
+    /// The HTML status page.
+    fn page(&self) -> Response<Body> {
+        let html = page::render(
+            &self.status(),
+            &self.registry,
+            &self.rates,
+            self.started.elapsed(),
+        );
+        let mut resp = Response::new(Full::new(Bytes::from(html)));
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // Nothing on the page comes from elsewhere, and nothing may.
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+            ),
+        );
+        resp
     }
 
     async fn purge(&self, req: Request<Incoming>) -> Response<Body> {
