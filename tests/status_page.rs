@@ -240,6 +240,25 @@ async fn the_status_page_needs_the_admin_token_when_one_is_set() {
         "expected the page with the token"
     );
     assert!(
+        without.header("www-authenticate").starts_with("Basic "),
+        "expected a browser asked for the token as a password, saw {:?}",
+        without.header("www-authenticate")
+    );
+    // What a browser sends once given the token as the password: "admin:page-admin-token".
+    let basic = env
+        .send(
+            Method::GET,
+            &env.admin_url("/"),
+            &[("authorization", "Basic YWRtaW46cGFnZS1hZG1pbi10b2tlbg==")],
+            "",
+        )
+        .await;
+    assert_eq!(
+        basic.status,
+        StatusCode::OK,
+        "expected the page with the token as a Basic password"
+    );
+    assert!(
         with.header("content-type").starts_with("text/html"),
         "expected HTML, saw {:?}",
         with.header("content-type")
