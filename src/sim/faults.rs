@@ -316,7 +316,12 @@ mod tests {
             bad.validate().is_err(),
             "expected error_rate 2.0 to be refused"
         );
-        assert!(serde_json::from_str::<Faults>(r#"{"latency":5}"#).is_err());
+        // The flags' spellings are taken; a name that is neither is still refused.
+        assert!(serde_json::from_str::<Faults>(r#"{"latency_secs":5}"#).is_err());
+        let flags: Faults = serde_json::from_str(r#"{"latency":"2s","jitter_ms":"5ms"}"#)
+            .expect("the flags' spellings");
+        assert_eq!((flags.latency_ms, flags.jitter_ms), (2000, 5));
+        assert!(serde_json::from_str::<Faults>(r#"{"latency":"soon"}"#).is_err());
         assert_eq!(bad.normalised().error_rate, 1.0);
     }
 }
