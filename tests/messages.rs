@@ -284,3 +284,49 @@ async fn the_simulators_fault_json_takes_the_flags_names() {
     );
     sim.shutdown().await;
 }
+
+#[test]
+fn token_init_makes_the_token_files_private_directory() {
+    let dir = common::temp_dir("msg-init");
+    let token = dir.join("var/lib/cxgate/token.json");
+    let path = dir.join("cxgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nbase_url = \"https://api.engagor.com\"\n[token]\nfile = \"{}\"\n",
+            token.display()
+        ),
+    )
+    .expect("write config");
+    let out = cxgate(
+        &["token", "init", "--config", path.to_str().unwrap()],
+        &[
+            ("CX_ACCESS_TOKEN", "init-access"),
+            ("CX_EXPIRES_IN", "3600"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "expected token init to make the missing directory, saw {out:?}"
+    );
+    let record = std::fs::read_to_string(&token).expect("token file written");
+    assert!(
+        record.contains("init-access"),
+        "expected the token stored, saw {record}"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(token.parent().unwrap())
+            .expect("directory")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "expected a private directory, saw {mode:o}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
