@@ -214,6 +214,7 @@ async fn run_in(
     println!("  curl -i -H 'Authorization: Bearer {DEMO_KEY}' {gw}/me");
     println!("  curl -s -H 'Authorization: Bearer {DEMO_KEY}' '{gw}/12345/inbox/mentions?limit=2'");
     println!("  curl -s {admin}/admin/status");
+    println!("  and open {admin}/ in a browser: the status page");
     println!();
     println!("Ctrl-C stops both.");
     crate::wait_for_signals(&running, Some(&config_file)).await;
