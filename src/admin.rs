@@ -1,8 +1,12 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/admin/*` (CONTRACT 4).
+//! The admin listener: the status page at `/`, `/metrics`, `/healthz`, `/readyz` and
+//! `/admin/*`.
 //!
 //! It runs on its own address so operators can firewall it separately from client
 //! traffic. With `server.admin_token_env` set, `/admin/*` needs that bearer token, while the
-//! probe and scrape endpoints stay open as Prometheus and orchestrators expect.
+//! probe and scrape endpoints stay open as Prometheus and orchestrators expect; the status
+//! page (`page`) is behind the token like `/admin/*`, since it shows the same.
+
+mod page;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +31,8 @@ pub struct Admin {
     pub config_path: Option<PathBuf>,
     pub admin_token: Option<Secret>,
     pub started: Instant,
+    /// What the status page turns into rates.
+    pub rates: page::Rates,
 }
 
 impl Admin {
@@ -35,6 +41,23 @@ impl Admin {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let method = req.method().clone();
         match (method, path.as_str()) {
+            (Method::GET | Method::HEAD, "") => {
+                if !self.authorised(&req) {
+                    let mut resp = envelope(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "admin token required",
+                    );
+                    // A browser cannot send a bearer token from its address bar: it asks
+                    // for a password (the admin token) instead.
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"cxgate admin\", charset=\"UTF-8\""),
+                    );
+                    return resp;
+                }
+                self.page()
+            }
             (Method::GET, "/metrics") => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
                     &self.registry,
@@ -84,13 +107,8 @@ impl Admin {
         let Some(expected) = &self.admin_token else {
             return true;
         };
-        let presented = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let (a, b) = (presented.as_bytes(), expected.expose().as_bytes());
+        let presented = presented_token(req.headers()).unwrap_or_default();
+        let (a, b) = (presented.as_slice(), expected.expose().as_bytes());
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
@@ -102,7 +120,33 @@ impl Admin {
             "budget": self.gateway.budget_status(),
             "cache": self.gateway.cache().stats_json(),
             "upstream": self.gateway.upstream_status(),
+            "recent_errors": self.gateway.recent_errors(),
         })
+    }
+
+    /// The HTML status page.
+    fn page(&self) -> Response<Body> {
+        let html = page::render(
+            &self.status(),
+            &self.registry,
+            &self.rates,
+            self.started.elapsed(),
+        );
+        let mut resp = Response::new(Full::new(Bytes::from(html)));
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        // Nothing on the page comes from elsewhere, and nothing may.
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(
+                "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+            ),
+        );
+        resp
     }
 
     async fn purge(&self, req: Request<Incoming>) -> Response<Body> {
@@ -178,6 +222,52 @@ impl Admin {
     }
 }
 
+/// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with
+/// the token as the password (any user name), which is what a browser can send.
+fn presented_token(headers: &http::HeaderMap) -> Option<Vec<u8>> {
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    if let Some(token) = value.strip_prefix(b"Bearer ") {
+        return Some(token.to_vec());
+    }
+    let decoded = base64_decode(value.strip_prefix(b"Basic ")?)?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    Some(decoded[colon + 1..].to_vec())
+}
+
+/// Standard base64 (RFC 4648, with padding); `None` for anything else.
+fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
+    let text = text.trim_ascii();
+    if text.len() % 4 != 0 {
+        return None;
+    }
+    let sextet = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    for (i, quad) in text.chunks(4).enumerate() {
+        let last = i == text.len() / 4 - 1;
+        let pad = quad.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &quad[..4 - pad] {
+            n = n << 6 | sextet(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..4 - pad]);
+    }
+    Some(out)
+}
+
 fn json_response(status: StatusCode, body: Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
@@ -186,4 +276,43 @@ fn json_response(status: StatusCode, body: Value) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_decodes_what_browsers_send() {
+        assert_eq!(
+            base64_decode(b"YWRtaW46czNjcmV0").as_deref(),
+            Some(&b"admin:s3cret"[..])
+        );
+        assert_eq!(base64_decode(b"OnQ=").as_deref(), Some(&b":t"[..]));
+        assert_eq!(base64_decode(b"Og==").as_deref(), Some(&b":"[..]));
+        assert_eq!(base64_decode(b"Og=").as_deref(), None);
+        assert_eq!(base64_decode(b"O===").as_deref(), None);
+        assert_eq!(base64_decode(b"Og==Og==").as_deref(), None);
+    }
+
+    #[test]
+    fn the_token_comes_from_bearer_or_basic() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tok"),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some(&b"tok"[..]));
+        // "anyone:tok"
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic YW55b25lOnRvaw=="),
+        );
+        assert_eq!(presented_token(&h).as_deref(), Some(&b"tok"[..]));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic !!!!"),
+        );
+        assert_eq!(presented_token(&h), None);
+    }
 }

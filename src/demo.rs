@@ -3,7 +3,9 @@
 //!
 //! It needs no credentials: the simulator is started with a fresh random token pair, the
 //! token file lives in a private temporary directory that is removed on exit, and the
-//! OAuth client secret is the simulator's own. Ctrl-C stops both.
+//! OAuth client secret is the simulator's own. The gateway runs from a config file written
+//! into that directory (`cxgate.toml`, the embedded one with the simulator's address filled
+//! in), so `POST /admin/reload` and SIGHUP re-read it as in production. Ctrl-C stops both.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +24,48 @@ pub const DEMO_SECRET_ENV: &str = "CXGATE_DEMO_CLIENT_SECRET";
 /// How long the demo's access tokens live: short enough that a demo left running shows
 /// a refresh (`refresh_before` is 2 minutes), long enough not to get in the way.
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// The demo's config file text: the embedded `config/demo.toml` with the simulator's
+/// address, the token file and the listeners filled in.
+pub fn demo_config_text(
+    sim_base: &str,
+    token_file: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> Result<String, StartError> {
+    let not_toml = |e: &dyn std::fmt::Display| {
+        StartError::Refused(format!("the embedded demo config is not TOML: {e}"))
+    };
+    let mut doc: toml::Table = toml::from_str(DEMO_TOML).map_err(|e| not_toml(&e))?;
+    let base = sim_base.trim_end_matches('/').to_string();
+    let mut set = |section: &[&str], key: &str, value: String| {
+        let mut table = &mut doc;
+        for name in section {
+            table = table
+                .entry(name.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| not_toml(&format!("[{name}] is not a table")))?;
+        }
+        table.insert(key.to_string(), toml::Value::String(value));
+        Ok::<(), StartError>(())
+    };
+    set(&["upstream"], "base_url", base.clone())?;
+    set(
+        &["token", "oauth"],
+        "token_url",
+        format!("{base}/oauth/access_token/"),
+    )?;
+    set(&["token"], "file", token_file.display().to_string())?;
+    set(&["server"], "listen", listen.to_string())?;
+    set(&["server"], "admin_listen", admin.to_string())?;
+    set(&["server"], "public_base_url", format!("http://{listen}"))?;
+    let body = toml::to_string(&doc).map_err(|e| not_toml(&e))?;
+    Ok(format!(
+        "# Written by `cxgate demo` from its embedded config/demo.toml, with this run's\n\
+         # simulator, token file and listeners. Edit it and reload: POST /admin/reload or SIGHUP.\n\n{body}"
+    ))
+}
 
 /// The demo's gateway config, pointed at a running simulator and a token file.
 pub fn demo_config(
@@ -128,8 +172,23 @@ async fn run_in(
     let token_file = dir.join("token.json");
     write_token_file(&token_file, &access, &refresh, DEMO_TOKEN_TTL)
         .map_err(|e| StartError::Refused(format!("cannot write the demo token file: {e}")))?;
-    let cfg = demo_config(&sim.base_url(), &token_file, listen, admin_listen)?;
-    let running = match crate::start(cfg, None).await {
+    // Written to a file and loaded from it, so reload finds the file the demo runs from.
+    let config_file = dir.join("cxgate.toml");
+    let loaded =
+        demo_config_text(&sim.base_url(), &token_file, listen, admin_listen).and_then(|text| {
+            std::fs::write(&config_file, text).map_err(|e| {
+                StartError::Refused(format!("cannot write the demo config file: {e}"))
+            })?;
+            Ok(config::load(&config_file)?)
+        });
+    let cfg = match loaded {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            sim.shutdown().await;
+            return Err(e);
+        }
+    };
+    let running = match crate::start(cfg, Some(config_file.clone())).await {
         Ok(r) => r,
         Err(e) => {
             sim.shutdown().await;
@@ -140,7 +199,12 @@ async fn run_in(
     let admin = format!("http://{}", running.admin_addr);
     println!("cxgate demo is running.");
     println!("  gateway:   {gw}   (client key: {DEMO_KEY})");
-    println!("  admin:     {admin}   (/metrics /healthz /readyz /admin/status)");
+    println!("  admin:     {admin}   (status page at /; /metrics /healthz /readyz /admin/status)");
+    println!(
+        "  config:    {}   (edit, then: curl -X POST {admin}/admin/reload, or kill -HUP {})",
+        config_file.display(),
+        std::process::id()
+    );
     println!(
         "  simulated CX Social API: {}   (/_sim/stats)",
         sim.base_url()
@@ -150,9 +214,10 @@ async fn run_in(
     println!("  curl -i -H 'Authorization: Bearer {DEMO_KEY}' {gw}/me");
     println!("  curl -s -H 'Authorization: Bearer {DEMO_KEY}' '{gw}/12345/inbox/mentions?limit=2'");
     println!("  curl -s {admin}/admin/status");
+    println!("  and open {admin}/ in a browser: the status page");
     println!();
     println!("Ctrl-C stops both.");
-    crate::wait_for_signals(&running, None).await;
+    crate::wait_for_signals(&running, Some(&config_file)).await;
     println!("stopping...");
     running.shutdown();
     running.stopped().await;

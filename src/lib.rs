@@ -115,10 +115,10 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let started = Instant::now();
     let listener = server::bind(cfg.server.listen)
         .await
-        .map_err(StartError::Listen)?;
+        .map_err(|e| listen_error(e, "server.listen", "--listen"))?;
     let admin_listener = server::bind(cfg.server.admin_listen)
         .await
-        .map_err(StartError::Listen)?;
+        .map_err(|e| listen_error(e, "server.admin_listen", "--admin-listen"))?;
     let addr = listener.local_addr().map_err(StartError::Listen)?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
     // With port 0 the default public base URL names a port nobody listens on: use the real one.
@@ -197,6 +197,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         config_path,
         admin_token,
         started,
+        rates: Default::default(),
     });
 
     let open = connections_gauge(&admin.registry)?;
@@ -258,6 +259,25 @@ fn connections_gauge(
         gauge.with_label_values(&[listener]).set(0);
     }
     Ok(gauge)
+}
+
+/// A listener that cannot bind, with what to change: the config key (`cxgate run`) or the
+/// flag (`cxgate demo`) that names the address.
+fn listen_error(e: std::io::Error, key: &str, flag: &str) -> StartError {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "; another process holds that port: stop it, or pick another address with \
+             {key} in the config (or `cxgate demo {flag} ADDR`)"
+        ),
+        std::io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need privileges: pick a port above 1024".to_string()
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("; that address is not on this host: check {key}")
+        }
+        _ => String::new(),
+    };
+    StartError::Listen(std::io::Error::new(e.kind(), format!("{e}{hint}")))
 }
 
 /// How an invalidation published by another replica is applied to this one's cache.

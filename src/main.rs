@@ -41,8 +41,10 @@ enum LogFormat {
 enum Command {
     /// The simulated CX Social API and the gateway in front of it, with a demo key.
     Demo {
+        /// Address for client traffic (the gateway); pick another if 8080 is taken.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
+        /// Address for the status page, /metrics and /admin/*; pick another if 9090 is taken.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
     },
@@ -123,7 +125,22 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Check { config } => match cxgate::config::load(&config) {
             Ok(cfg) => {
-                println!("{}: valid\n{}", config.display(), cfg.summary());
+                let unset = cfg.unset_env();
+                if unset.is_empty() {
+                    println!("{}: valid", config.display());
+                } else {
+                    // The file is right; this environment is not ready to run it.
+                    println!(
+                        "{}: valid, but {} environment variable(s) it names are unset here \
+                         (`cxgate run` needs them):",
+                        config.display(),
+                        unset.len()
+                    );
+                    for (key, name) in &unset {
+                        println!("  {key}: ${name} is not set");
+                    }
+                }
+                println!("{}", cfg.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => invalid(&e),

@@ -220,6 +220,48 @@ impl RequestMetrics {
     }
 }
 
+/// The `cache` label values a route's answers can carry: a cacheable route answers from the
+/// cache (fresh or stale) or goes upstream (alone or merged); any other route passes by.
+const CACHEABLE_RESULTS: &[&str] = &["hit", "stale", "miss", "collapsed"];
+const PASSING_RESULTS: &[&str] = &["bypass"];
+
+impl RequestMetrics {
+    /// Creates, at zero, the series every configured route and client will fill, so the
+    /// first scrape already carries every name and `rate()` has a baseline to start from.
+    ///
+    /// For each client and route (and `other`, the unmatched requests): the route's method,
+    /// status 200 and each cache result the route can have; the upstream series of each
+    /// route with status 200. Other statuses appear when they happen, which is what an
+    /// alert on them expects (`increase()` of an absent series is no increase).
+    pub fn prime(&self, cfg: &crate::config::Config, clients: &[&str]) {
+        let routes = cfg
+            .routes
+            .iter()
+            .map(|r| {
+                let method = r.method.as_ref().map_or("GET", |m| m.as_str());
+                let results = if r.ttl.is_some() {
+                    CACHEABLE_RESULTS
+                } else {
+                    PASSING_RESULTS
+                };
+                (r.match_text.as_str(), method, results)
+            })
+            .chain(std::iter::once(("other", "GET", PASSING_RESULTS)));
+        for (route, method, results) in routes {
+            for cache in results {
+                for client in clients {
+                    self.requests
+                        .with_label_values(&[client, route, method, "200", cache]);
+                }
+                self.duration.with_label_values(&[route, cache]);
+            }
+            self.upstream_requests.with_label_values(&[route, "200"]);
+            self.upstream_duration.with_label_values(&[route]);
+            self.coalesced.with_label_values(&[route]);
+        }
+    }
+}
+
 /// A registry with the standard `process_*` metrics already on it.
 pub fn new_registry() -> Registry {
     let registry = Registry::new();

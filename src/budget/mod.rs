@@ -197,6 +197,18 @@ impl Budget {
         })
     }
 
+    /// Creates, at zero, each client's budget series (its wait histogram and a rejection
+    /// counter per budget), so dashboards and alerts see them from the first scrape.
+    pub fn prime_metrics(&self, clients: &[&str]) {
+        let m = &self.inner.metrics;
+        for client in clients {
+            m.wait.with_label_values(&[client]);
+            for which in [Which::Global, Which::Client, Which::Upstream] {
+                m.rejections.with_label_values(&[client, which.label()]);
+            }
+        }
+    }
+
     /// Like [`Budget::new`], with one budget shared by every replica through `redis`; while
     /// Redis is unreachable this replica keeps `1 / replicas` of every share locally.
     pub fn new_shared(

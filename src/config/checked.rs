@@ -166,6 +166,41 @@ impl RouteConfig {
 }
 
 impl Config {
+    /// The environment variables this configuration names that are unset or empty here,
+    /// each with the key that names it: `cxgate check` warns about them, since `cxgate run`
+    /// will need them.
+    pub fn unset_env(&self) -> Vec<(&'static str, &str)> {
+        let named = [
+            (
+                "server.admin_token_env",
+                self.server.admin_token_env.as_deref(),
+            ),
+            (
+                "token.access_token_env",
+                self.token.access_token_env.as_deref(),
+            ),
+            (
+                "token.oauth.client_secret_env",
+                self.token
+                    .oauth
+                    .as_ref()
+                    .map(|o| o.client_secret_env.as_str()),
+            ),
+            (
+                "budget.redis_url_env",
+                self.budget
+                    .redis_url_env
+                    .as_deref()
+                    .filter(|_| self.budget.backend == Backend::Redis),
+            ),
+        ];
+        named
+            .into_iter()
+            .filter_map(|(key, name)| Some((key, name?)))
+            .filter(|(_, name)| std::env::var_os(name).is_none_or(|v| v.is_empty()))
+            .collect()
+    }
+
     /// The one-screen summary `cxgate check` prints.
     pub fn summary(&self) -> String {
         use std::fmt::Write;
@@ -185,8 +220,11 @@ impl Config {
         let _ = writeln!(out, "public base url: {}", s.public_base_url);
         let _ = writeln!(
             out,
-            "limits: max_body_bytes={} max_concurrency={} request_timeout={:?} shutdown_grace={:?}",
-            s.max_body_bytes, s.max_concurrency, s.request_timeout, s.shutdown_grace
+            "limits: max_body_bytes={} max_concurrency={} request_timeout={} shutdown_grace={}",
+            s.max_body_bytes,
+            s.max_concurrency,
+            dur(s.request_timeout),
+            dur(s.shutdown_grace)
         );
         let _ = writeln!(
             out,
@@ -196,8 +234,10 @@ impl Config {
         let u = &self.upstream;
         let _ = writeln!(
             out,
-            "upstream: {} (connect_timeout={:?} timeout={:?})",
-            u.base_url, u.connect_timeout, u.timeout
+            "upstream: {} (connect_timeout={} timeout={})",
+            u.base_url,
+            dur(u.connect_timeout),
+            dur(u.timeout)
         );
         let t = &self.token;
         let source = match (&t.file, &t.access_token_env) {
@@ -207,8 +247,8 @@ impl Config {
         };
         let _ = writeln!(
             out,
-            "token: {source}, refresh_before={:?}, oauth={}",
-            t.refresh_before,
+            "token: {source}, refresh_before={}, oauth={}",
+            dur(t.refresh_before),
             t.oauth
                 .as_ref()
                 .map_or("off".to_string(), |o| o.token_url.clone())
@@ -217,8 +257,16 @@ impl Config {
         let b = &self.budget;
         let _ = writeln!(
             out,
-            "budget: {}/{:?} burst {} max_wait={:?} batch_reserve={} backend={:?}",
-            b.global.limit, b.global.period, b.global.burst, b.max_wait, b.batch_reserve, b.backend
+            "budget: {}/{} burst {} max_wait={} batch_reserve={} backend={}",
+            b.global.limit,
+            dur(b.global.period),
+            b.global.burst,
+            dur(b.max_wait),
+            b.batch_reserve,
+            match b.backend {
+                Backend::Local => "local",
+                Backend::Redis => "redis",
+            }
         );
         if self.clients.is_empty() {
             let _ = writeln!(out, "clients: none (anonymous mode)");
@@ -233,7 +281,7 @@ impl Config {
                 (false, false) => "none",
             };
             let share = c.share.map_or("global only".to_string(), |sh| {
-                format!("{}/{:?} burst {}", sh.limit, sh.period, sh.burst)
+                format!("{}/{} burst {}", sh.limit, dur(sh.period), sh.burst)
             });
             let accounts = c
                 .accounts
@@ -241,16 +289,22 @@ impl Config {
                 .map_or("all".to_string(), |a| format!("{a:?}"));
             let _ = writeln!(
                 out,
-                "  {:<20} scopes={scopes} accounts={accounts} priority={:?} share={share}",
-                c.name, c.priority
+                "  {:<20} scopes={scopes} accounts={accounts} priority={} share={share}",
+                c.name,
+                match c.priority {
+                    Priority::Interactive => "interactive",
+                    Priority::Batch => "batch",
+                }
             );
         }
         let _ = writeln!(out, "routes ({}):", self.routes.len());
         for r in &self.routes {
             let ttl = r.ttl.map_or("not cached".to_string(), |t| {
                 format!(
-                    "ttl={t:?} swr={:?} sie={:?}",
-                    r.stale_while_revalidate, r.stale_if_error
+                    "ttl={} swr={} sie={}",
+                    dur(t),
+                    dur(r.stale_while_revalidate),
+                    dur(r.stale_if_error)
                 )
             });
             let _ = writeln!(
@@ -264,4 +318,9 @@ impl Config {
         }
         out
     }
+}
+
+/// A duration as the file spells it (`10m`, `1h 30m`, `250ms`, `0s`).
+fn dur(d: std::time::Duration) -> String {
+    humantime::format_duration(d).to_string()
 }

@@ -120,7 +120,7 @@ fn table_of<T: serde::de::DeserializeOwned + Default>(
                     if let Err(e) = T::deserialize(toml::Value::Table(one)) {
                         problems.push(Problem {
                             path: format!("{at}.{key}"),
-                            message: e.message().trim().to_string(),
+                            message: plain_type_error(e.message().trim()),
                         });
                     }
                 }
@@ -128,7 +128,7 @@ fn table_of<T: serde::de::DeserializeOwned + Default>(
             if problems.len() == before {
                 problems.push(Problem {
                     path: at.to_string(),
-                    message: whole.message().trim().to_string(),
+                    message: plain_type_error(whole.message().trim()),
                 });
             }
             T::default()
@@ -175,7 +175,52 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    parse(&text)
+    parse(&text).map_err(|e| match e {
+        // A syntax error has no key path: name the file it is in, as compilers do.
+        ConfigError::Invalid(mut problems) => {
+            for p in &mut problems {
+                if let Some(line) = p
+                    .path
+                    .strip_prefix("(line ")
+                    .and_then(|l| l.strip_suffix(')'))
+                {
+                    p.path = format!("{}:{line}", path.display());
+                } else if p.path == "(file)" {
+                    p.path = path.display().to_string();
+                }
+            }
+            ConfigError::Invalid(problems)
+        }
+        other => other,
+    })
+}
+
+/// serde's `invalid type: string "lots", expected i64` in the words of the file:
+/// `expected a whole number, found the string "lots"`. Other messages pass unchanged.
+pub fn plain_type_error(message: &str) -> String {
+    let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|rest| rest.rsplit_once(", expected "))
+    else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "i8" | "i16" | "i32" | "i64" | "i128" | "u8" | "u16" | "u32" | "u64" | "u128" | "usize"
+        | "isize" => "a whole number",
+        "f32" | "f64" => "a number",
+        "a boolean" | "bool" => "true or false",
+        "a string" | "a borrowed string" | "string" => "a string in quotes",
+        "a sequence" => "a list in [brackets]",
+        other => other,
+    };
+    let found = match found.split_once(' ') {
+        Some(("string", value)) => format!("the string {value}"),
+        Some(("integer", value)) => format!("the number {value}"),
+        Some(("floating", value)) => format!("the number {}", value.trim_start_matches("point ")),
+        Some(("boolean", value)) => value.to_string(),
+        _ => found.to_string(),
+    };
+    format!("expected {expected}, found {found}")
 }
 
 impl Config {

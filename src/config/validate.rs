@@ -555,6 +555,17 @@ fn client(p: &mut Problems, i: usize, c: &RawClient, global: &Share) -> ClientCo
     }
 }
 
+/// The methods a route's `match` may name (besides `*`).
+const ROUTE_METHODS: [http::Method; 7] = [
+    http::Method::GET,
+    http::Method::HEAD,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::PATCH,
+    http::Method::DELETE,
+    http::Method::OPTIONS,
+];
+
 fn route(p: &mut Problems, i: usize, r: &RawRoute) -> Option<RouteConfig> {
     let at = |k: &str| format!("routes[{i}].{k}");
     let Some(text) = r.match_.as_deref() else {
@@ -571,10 +582,18 @@ fn route(p: &mut Problems, i: usize, r: &RawRoute) -> Option<RouteConfig> {
     let method = if method_text == "*" {
         None
     } else {
-        match http::Method::from_bytes(method_text.as_bytes()) {
-            Ok(m) if method_text.chars().all(|c| c.is_ascii_uppercase()) => Some(m),
-            _ => {
-                p.add(at("match"), format!("invalid method {method_text:?}"));
+        // Only the methods an HTTP API uses: a typo such as `FETCH` is named as such, not
+        // reported later as a method that cannot be cached.
+        match ROUTE_METHODS.iter().find(|m| m.as_str() == method_text) {
+            Some(m) => Some(m.clone()),
+            None => {
+                p.add(
+                    at("match"),
+                    format!(
+                        "unknown method {method_text:?}; use one of {} or *",
+                        ROUTE_METHODS.map(|m| m.to_string()).join(", ")
+                    ),
+                );
                 return None;
             }
         }
@@ -608,7 +627,9 @@ fn route(p: &mut Problems, i: usize, r: &RawRoute) -> Option<RouteConfig> {
     if ttl.is_none() && (r.stale_while_revalidate.is_some() || r.stale_if_error.is_some()) {
         p.add(at("ttl"), "stale windows need a ttl");
     }
-    if ttl == Some(Duration::ZERO) && (!swr.is_zero() || !sie.is_zero()) {
+    // A ttl that did not parse was reported already; its stand-in zero is no second problem.
+    let ttl_parsed = r.ttl.as_deref().is_none_or(|v| parse_duration(v).is_ok());
+    if ttl_parsed && ttl == Some(Duration::ZERO) && (!swr.is_zero() || !sie.is_zero()) {
         p.add(at("ttl"), "a ttl of zero cannot have stale windows");
     }
     if ttl.is_none() && r.tags.as_ref().is_some_and(|t| !t.is_empty()) {

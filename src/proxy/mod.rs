@@ -14,6 +14,7 @@ mod buffers;
 mod call;
 mod forward;
 mod read;
+mod recent;
 mod reply;
 mod request;
 
@@ -151,6 +152,8 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     /// `server.max_buffered_bytes`: every body held in memory at once.
     buffers: Arc<Buffers>,
+    /// The last error answers, for the status page.
+    recent_errors: recent::RecentErrors,
 }
 
 /// What a request turned out to be, for metrics and the access log. Borrows from the
@@ -172,6 +175,7 @@ impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
         let permits = config.server.max_concurrency;
         let buffered = config.server.max_buffered_bytes;
+        prime_metrics(&config, &parts.metrics, &parts.budget);
         Gateway {
             inner: Arc::new(Inner {
                 state: RwLock::new(Arc::new(State::new(config))),
@@ -185,6 +189,7 @@ impl Gateway {
                 replicas: std::sync::OnceLock::new(),
                 in_flight: Arc::new(Semaphore::new(permits)),
                 buffers: Buffers::new(buffered),
+                recent_errors: recent::RecentErrors::default(),
             }),
         }
     }
@@ -220,6 +225,7 @@ impl Gateway {
             .buffers
             .set_limit(config.server.max_buffered_bytes);
         self.inner.budget.reload(budget_spec(&config));
+        prime_metrics(&config, &self.inner.metrics, &self.inner.budget);
         let next = Arc::new(State::new(config));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
@@ -239,6 +245,11 @@ impl Gateway {
 
     pub fn budget(&self) -> &Budget {
         &self.inner.budget
+    }
+
+    /// The last error answers, newest first, for `/admin/status`.
+    pub fn recent_errors(&self) -> serde_json::Value {
+        self.inner.recent_errors.json()
     }
 
     pub fn budget_status(&self) -> serde_json::Value {
@@ -285,6 +296,8 @@ impl Gateway {
         };
         let timeout = state.config.server.request_timeout;
 
+        // The gateway's own reason when it answered with an error, for the status page.
+        let mut failure: Option<String> = None;
         // Pinned where it is made: the timeout then holds a pointer instead of a copy of
         // the pipeline's state, which is kilobytes. The `max_concurrency` permit is taken
         // inside, once the request body is in.
@@ -292,8 +305,15 @@ impl Gateway {
             let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
             match tokio::time::timeout(timeout, work).await {
                 Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => e.response(),
-                Err(_) => GatewayError::RequestTimeout(timeout).response(),
+                Ok(Err(e)) => {
+                    failure = Some(e.to_string());
+                    e.response()
+                }
+                Err(_) => {
+                    let e = GatewayError::RequestTimeout(timeout);
+                    failure = Some(e.to_string());
+                    e.response()
+                }
             }
         };
         let headers = resp.headers_mut();
@@ -351,6 +371,19 @@ impl Gateway {
         let status = resp.status();
         let elapsed = started.elapsed();
         self.record(&outcome, &method, status, elapsed);
+        // The upstream's own failures (5xx, 429) count as errors too; its 4xx are answers.
+        let failure = failure.or_else(|| {
+            (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
+                .then(|| format!("upstream answered {status}"))
+        });
+        if let Some(message) = failure {
+            self.inner.recent_errors.record(
+                status.as_u16(),
+                outcome.client_label(),
+                outcome.route_label(),
+                message,
+            );
+        }
         tracing::info!(
             target: "cxgate::access",
             request_id = resp
@@ -583,6 +616,18 @@ where
             Err(GatewayError::BadRequest("request body could not be read"))
         }
     }
+}
+
+/// Every configured route's and client's series at zero (anonymous when no client is
+/// configured), so each metric name is present from the first scrape.
+fn prime_metrics(cfg: &Config, metrics: &RequestMetrics, budget: &Budget) {
+    let clients: Vec<&str> = if cfg.clients.is_empty() {
+        vec![auth::ANONYMOUS]
+    } else {
+        cfg.clients.iter().map(|c| c.name.as_str()).collect()
+    };
+    metrics.prime(cfg, &clients);
+    budget.prime_metrics(&clients);
 }
 
 /// The budget's view of the configuration.

@@ -14,12 +14,18 @@ use serde::{Deserialize, Serialize};
 use super::lock;
 
 /// The faults in force. Every field is optional in JSON; absent means "no such fault".
+///
+/// The JSON also takes the flags' own names and spellings: `"latency": "500ms"` as
+/// `--latency 500ms` (and `jitter`, `slow_body`, `fault_path_prefix`); the `_ms` fields take
+/// a number of milliseconds or such a duration string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Added to every matching request before it is answered.
+    #[serde(alias = "latency", deserialize_with = "millis")]
     pub latency_ms: u64,
     /// A uniformly random extra delay in `0..=jitter_ms`.
+    #[serde(alias = "jitter", deserialize_with = "millis")]
     pub jitter_ms: u64,
     /// Share (0..1) of matching requests answered with `error_status`.
     pub error_rate: f64,
@@ -28,6 +34,7 @@ pub struct Faults {
     /// Share (0..1) of matching requests whose connection is closed without an answer.
     pub drop_rate: f64,
     /// When non-zero, answers send their headers and then dribble the body over this time.
+    #[serde(alias = "slow_body", deserialize_with = "millis")]
     pub slow_body_ms: u64,
     /// The next `count` API calls answer 429 with `Retry-After: retry_after`.
     pub force_429: Option<Force429>,
@@ -37,7 +44,24 @@ pub struct Faults {
     pub token_endpoint_down: bool,
     /// When set, only requests whose path starts with it are subject to the faults above
     /// (except `token_endpoint_down`, which concerns one path anyway).
+    #[serde(alias = "fault_path_prefix")]
     pub path_prefix: Option<String>,
+}
+
+/// Milliseconds as a number (`500`) or as a duration the flags take (`"500ms"`, `"2s"`).
+fn millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Millis {
+        Number(u64),
+        Text(String),
+    }
+    match Millis::deserialize(d)? {
+        Millis::Number(n) => Ok(n),
+        Millis::Text(t) => humantime::parse_duration(&t)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .map_err(|e| serde::de::Error::custom(format!("{t:?} is not a duration: {e}"))),
+    }
 }
 
 /// See [`Faults::force_429`].
@@ -292,7 +316,12 @@ mod tests {
             bad.validate().is_err(),
             "expected error_rate 2.0 to be refused"
         );
-        assert!(serde_json::from_str::<Faults>(r#"{"latency":5}"#).is_err());
+        // The flags' spellings are taken; a name that is neither is still refused.
+        assert!(serde_json::from_str::<Faults>(r#"{"latency_secs":5}"#).is_err());
+        let flags: Faults = serde_json::from_str(r#"{"latency":"2s","jitter_ms":"5ms"}"#)
+            .expect("the flags' spellings");
+        assert_eq!((flags.latency_ms, flags.jitter_ms), (2000, 5));
+        assert!(serde_json::from_str::<Faults>(r#"{"latency":"soon"}"#).is_err());
         assert_eq!(bad.normalised().error_rate, 1.0);
     }
 }

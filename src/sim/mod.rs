@@ -26,6 +26,10 @@
 //!  "path_prefix": "/12345/"}
 //! ```
 //!
+//! The flags' names and spellings work too: `{"latency": "500ms", "jitter": "20ms",
+//! "slow_body": "1s", "fault_path_prefix": "/12345/"}` is the same as `--latency 500ms
+//! --jitter 20ms --slow-body 1s --fault-path-prefix /12345/`.
+//!
 //! Latency, errors, drops and slow bodies hit every matching request, the token endpoint
 //! included; forced 429/401 hit API calls only (the next `count` of them).
 //! - `POST /_sim/revoke`: revokes every access token (refresh tokens stay usable).

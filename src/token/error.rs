@@ -20,7 +20,7 @@ pub enum TokenError {
     MissingEnv { name: String },
     #[error("environment variable {name} is not a whole number of seconds")]
     BadEnvNumber { name: String },
-    #[error("cannot read token file {path}: {source}", path = path.display())]
+    #[error("cannot read token file {path}: {source}{hint}", path = path.display(), hint = read_hint(source))]
     Read {
         path: PathBuf,
         #[source]
@@ -79,5 +79,20 @@ impl TokenError {
             TokenError::Shared(inner) => inner.needs_reauthorisation(),
             _ => false,
         }
+    }
+}
+
+/// What to do about a token file that cannot be read: a missing one is made once with
+/// `cxgate token init`.
+fn read_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "; create it once with `cxgate token init --config FILE` (from CX_ACCESS_TOKEN, \
+             or --code CODE to exchange an authorisation code)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            "; the gateway's user must be able to read and write it"
+        }
+        _ => "",
     }
 }

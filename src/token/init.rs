@@ -52,9 +52,32 @@ pub(crate) async fn init_from_lookup(
         expires_at: expires_in.and_then(|s| SystemTime::now().checked_add(Duration::from_secs(s))),
         scope: None,
     };
+    make_parent(&path)?;
     file::persist(&path, &record).await?;
     tracing::info!(path = %path.display(), "token file written");
     Ok(path)
+}
+
+/// Creates the token file's directory (private: mode 0700) when it does not exist yet, so
+/// the first `cxgate token init` needs no separate `mkdir`.
+fn make_parent(path: &std::path::Path) -> Result<(), TokenError> {
+    let Some(dir) = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+    else {
+        return Ok(());
+    };
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|source| TokenError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Exchanges an authorisation code at `[token.oauth]`'s endpoint and writes the token file.
@@ -79,6 +102,8 @@ pub(crate) async fn init_from_code_with(
     let secret = env(&oauth.client_secret_env).ok_or_else(|| TokenError::MissingEnv {
         name: oauth.client_secret_env.clone(),
     })?;
+    // Before the exchange: a single-use code must not be spent on a file that cannot be made.
+    make_parent(&path)?;
     let grant = Grant::Code { code, redirect_uri };
     let granted = oauth::exchange(client, oauth, &Secret::new(secret), grant).await?;
     let record = TokenRecord {

@@ -77,7 +77,16 @@ async fn faults_each_kind() {
         "temporarily_unavailable",
     );
     assert_error(&set(json!({"error_rate": 3})).await, 400, "invalid_request");
-    assert_error(&set(json!({"latency": 3})).await, 400, "invalid_request");
+    assert_error(
+        &set(json!({"latency_secs": 3})).await,
+        400,
+        "invalid_request",
+    );
+    assert_error(
+        &set(json!({"latency": "soon"})).await,
+        400,
+        "invalid_request",
+    );
     let cleared = peer
         .send(Method::DELETE, "/_sim/faults", None, None)
         .await
