@@ -608,7 +608,11 @@ mod tests {
             "before any request: header_timeout from accept"
         );
         let running = watch.begin();
-        assert_eq!(watch.deadline(&limits), None, "no deadline while a request runs");
+        assert_eq!(
+            watch.deadline(&limits),
+            None,
+            "no deadline while a request runs"
+        );
         tokio::time::advance(Duration::from_secs(2)).await;
         drop(running);
         assert_eq!(
