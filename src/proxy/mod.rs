@@ -3,8 +3,9 @@
 //! [`Gateway::handle`] is the outermost step and never fails: it assigns the request id,
 //! sheds load beyond `max_concurrency`, bounds the whole request by `request_timeout`, and
 //! turns every [`GatewayError`] into the CX Social envelope. [`Gateway::pipeline`] then runs
-//! the domain steps in their one order: check target → authenticate → route → authorise →
-//! read body → cache and merge → budget → token → upstream → rewrite.
+//! the domain steps in their one order: check target and account spelling → authenticate
+//! (reading a form body first when the key may be a field of it) → route → authorise → read
+//! body (key fields out) → cache and merge → budget → token → upstream → rewrite.
 //!
 //! The steps are plain async code rather than tower layers: each needs the outcome of the
 //! one before (client, route, cache result), and one readable function beats a tower of
