@@ -446,9 +446,19 @@ pub fn carries_key(text: &[u8], key: &str) -> bool {
     if key.len() < 8 {
         return false;
     }
+    if text.len() < key.len() {
+        return false;
+    }
+    if find_bytes(text, key.as_bytes(), 0).is_some() {
+        return true;
+    }
+    // Most keys are spelled the same encoded; only the others need a second look.
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"*-._".contains(b);
+    if key.as_bytes().iter().all(plain) {
+        return false;
+    }
     let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
-    find_bytes(text, key.as_bytes(), 0).is_some()
-        || (encoded != key && find_bytes(text, encoded.as_bytes(), 0).is_some())
+    find_bytes(text, encoded.as_bytes(), 0).is_some()
 }
 
 fn find_bytes(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
