@@ -172,13 +172,70 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The account a path addresses: its first segment when that segment is numeric.
-pub fn account_of(path: &str) -> Option<u64> {
-    let first = path.trim_start_matches('/').split('/').next()?;
-    if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
+/// Why an account segment was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotCanonical(pub &'static str);
+
+/// The account a path addresses: its first segment, read in exactly one way.
+///
+/// A first segment whose first letter or digit is a digit (after percent-decoding, and
+/// whatever non-alphanumeric bytes come before it: signs, spaces, tabs, zero-width
+/// characters) names an account, and must then be spelled canonically: ASCII digits, no
+/// leading zero, nothing else, within `u64`. Every other spelling of a number (`0123`,
+/// `+123`, `%2B123`, ` 123`, fullwidth or other Unicode digits, `123abc`, a number past
+/// `u64`) is refused, because the upstream or a route could read it as an account the
+/// caller was never authorised for. `Ok(None)`: the path names no account (`/me`).
+/// Percent-escapes must already be valid UTF-8 (the target check refuses the rest).
+pub fn account_of(path: &str) -> Result<Option<u64>, NotCanonical> {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let decoded = percent_decoded(first);
+    let Some(lead) = decoded.chars().find(|c| c.is_alphanumeric()) else {
+        return Ok(None);
+    };
+    if !lead.is_numeric() {
+        return Ok(None);
     }
-    first.parse().ok()
+    canonical_account(&decoded).map(Some)
+}
+
+/// `text` as an account id if it is the canonical spelling of one.
+pub fn canonical_account(text: &str) -> Result<u64, NotCanonical> {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return Err(NotCanonical(
+            "the account id must be written in plain ASCII digits (no sign, space, padding \
+             or other characters)",
+        ));
+    }
+    if bytes.len() > 1 && bytes[0] == b'0' {
+        return Err(NotCanonical("the account id must not have leading zeros"));
+    }
+    text.parse()
+        .map_err(|_| NotCanonical("the account id is too large"))
+}
+
+/// Percent-decodes a path segment for reading its account id. Invalid escapes and bytes
+/// that are not UTF-8 are kept as replacement characters: they are not digits.
+fn percent_decoded(segment: &str) -> std::borrow::Cow<'_, str> {
+    if !segment.contains('%') {
+        return std::borrow::Cow::Borrowed(segment);
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Hex SHA-256, as `cxgate key hash` prints and `clients[].key_sha256` stores.
@@ -264,11 +321,31 @@ mod tests {
     }
 
     #[test]
-    fn account_is_the_numeric_first_segment() {
-        assert_eq!(account_of("/12345/inbox/mentions"), Some(12345));
-        assert_eq!(account_of("/me/accounts"), None);
-        assert_eq!(account_of("/"), None);
-        assert_eq!(account_of("/12a/x"), None);
+    fn account_is_the_canonical_first_segment() {
+        assert_eq!(account_of("/12345/inbox/mentions"), Ok(Some(12345)));
+        assert_eq!(account_of("/0/x"), Ok(Some(0)));
+        assert_eq!(account_of("/me/accounts"), Ok(None));
+        assert_eq!(account_of("/"), Ok(None));
+        assert_eq!(account_of("/-/x"), Ok(None));
+        assert_eq!(account_of("/m%31/x"), Ok(None));
+        for bad in [
+            "/012345/x",
+            "/+12345/x",
+            "/%2B12345/x",
+            "/-12345/x",
+            "/%2012345/x",
+            "/%0912345/x",
+            "/12345%20/x",
+            "/12a/x",
+            "/12.0/x",
+            "/%EF%BC%91%EF%BC%92/x",
+            "/\u{0661}/x",
+            "/%E2%80%8B12/x",
+            "/99999999999999999999999/x",
+            "/12%/x",
+        ] {
+            assert!(account_of(bad).is_err(), "{bad} should be refused");
+        }
     }
 
     #[test]

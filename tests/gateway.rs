@@ -165,7 +165,7 @@ async fn hop_by_hop_headers_and_the_query_key_stay_on_their_side() {
     let request = format!(
         "GET /me/permissions?x=1&access_token={KEY} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
          Connection: x-foo, close\r\nx-foo: client-hop\r\nKeep-Alive: timeout=9\r\n\
-         x-e2e: yes\r\nX-Request-Id: rid-hop-1\r\n\r\n"
+         Accept-Language: nl\r\nx-e2e: yes\r\nX-Request-Id: rid-hop-1\r\n\r\n"
     );
     let answer = common::raw_exchange(env.gw.addr, request.as_bytes()).await;
     let text = String::from_utf8_lossy(&answer.bytes).into_owned();
@@ -201,10 +201,15 @@ async fn hop_by_hop_headers_and_the_query_key_stay_on_their_side() {
         "expected the client's Connection header not forwarded, saw {:?}",
         up.headers
     );
+    // End-to-end headers the API reads pass; any other stays behind (the allowlist).
     assert_eq!(
-        (header("x-e2e"), header("x-request-id")),
-        (Some("yes".into()), Some("rid-hop-1".into())),
-        "expected end-to-end headers and the request id forwarded, saw {:?}",
+        (
+            header("accept-language"),
+            header("x-e2e"),
+            header("x-request-id")
+        ),
+        (Some("nl".into()), None, Some("rid-hop-1".into())),
+        "expected allowlisted headers and the request id forwarded, others not, saw {:?}",
         up.headers
     );
     assert!(

@@ -1025,3 +1025,8 @@ async fn an_escaped_account_id_does_not_escape_the_account_limit() {
     env.stop().await;
     upstream.abort();
 }
+
+/// The request-level classes (account spellings, header allowlist, keys in bodies,
+/// compressed answers, `Vary` under merging, 401 storms, redaction, interim answers).
+#[path = "hostile/requests.rs"]
+mod requests;

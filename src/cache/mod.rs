@@ -50,3 +50,4 @@ pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
 pub use key::{cache_key, normalize_path};
 pub use merge::{MergeError, Merger, Role};
 pub use store::Store;
+pub use vary::Variant;

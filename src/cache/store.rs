@@ -276,6 +276,12 @@ impl Store {
         let Some(stored) = StoredResponse::pack(&storage_key, &value, &tags, serial) else {
             return false;
         };
+        // moka takes an entry heavier than the whole cache and drops it at once: it was never
+        // stored, and saying so keeps `Cache-Status` honest.
+        let capacity = self.inner.entries.policy().max_capacity();
+        if capacity.is_some_and(|max| u64::from(stored.weight()) > max) {
+            return false;
+        }
         let entries = &self.inner.entries;
 
         let mut index = self.index();

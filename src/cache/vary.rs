@@ -49,6 +49,39 @@ impl Vary {
     }
 }
 
+/// Which variant of an answer a request selects, for telling whether one answer made for
+/// one request may serve another (merged requests, in flight together).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Variant {
+    /// The answer has no `Vary`: it serves every request.
+    Any,
+    /// The varied request headers' values, as [`variant_key`] writes them.
+    Of(String),
+    /// `Vary: *` (or unparsable): it serves only the request it was made for.
+    Own,
+}
+
+impl Variant {
+    /// The variant of `response_headers`' answer that `request_headers` select.
+    pub fn of(response_headers: &HeaderMap, request_headers: &HeaderMap) -> Variant {
+        match Vary::of(response_headers) {
+            Vary::None => Variant::Any,
+            Vary::Any => Variant::Own,
+            Vary::Headers(names) => Variant::Of(variant_key("", &names, request_headers)),
+        }
+    }
+
+    /// Whether an answer made for a request selecting `self` also serves one selecting
+    /// `other`.
+    pub fn serves(&self, other: &Variant) -> bool {
+        match (self, other) {
+            (Variant::Any, _) => true,
+            (Variant::Of(a), Variant::Of(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
 /// The key of the variant that `request_headers` select: the primary key, then one line per
 /// varied header. Lines start with `\n`, which neither a path nor a header value can hold,
 /// so a variant key never collides with a primary key. An absent header is written without

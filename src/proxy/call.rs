@@ -80,6 +80,17 @@ impl Gateway {
                 ));
             }
             fetched = self.exchange(call, &out, fresh.access.expose()).await?;
+            if fetched.status == StatusCode::UNAUTHORIZED {
+                // A token fresh from a refresh was refused too: no second refresh now (the
+                // next one backs off), and the client with its valid key is told 503.
+                inner.token.refused(fresh.generation);
+                return Err(GatewayError::TokenUnavailable(
+                    "the upstream refused a freshly refreshed token too".into(),
+                ));
+            }
+            inner.token.accepted(fresh.generation);
+        } else {
+            inner.token.accepted(token.generation);
         }
         fetched.upstream_time = started.elapsed();
         fetched.budget_wait = budget_wait;

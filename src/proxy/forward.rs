@@ -64,6 +64,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The request headers the upstream may see (what the CX Social API reads). Everything
+/// else a client sends stays behind: cookies, method-override headers (`X-HTTP-Method-Override`
+/// and its kin, which would let a read-only client write), `X-Forwarded-*`, `Forwarded`,
+/// `Authorization` (the gateway puts the held token there), `Accept-Encoding` (the gateway
+/// must read the answer to rewrite and redact it) and anything unknown.
+const FORWARDED: &[HeaderName] = &[
+    header::ACCEPT,
+    header::ACCEPT_LANGUAGE,
+    header::CONTENT_TYPE,
+    header::USER_AGENT,
+];
+
+/// Conditional-request headers: forwarded on writes only. A read's answer is shared with
+/// every merged caller and stored for later ones, so it must not depend on one client's
+/// validators (a 304 made for one client is no answer for another).
+const CONDITIONAL: &[HeaderName] = &[
+    header::IF_MATCH,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
+
+/// Whether a client request header goes upstream (`shared`: the answer is a read's).
+/// `Content-Length` is written by the client library from the body it sends, and
+/// `X-Request-Id` is set by the gateway.
+pub(super) fn forwarded(name: &HeaderName, shared: bool) -> bool {
+    FORWARDED.contains(name) || (!shared && CONDITIONAL.contains(name))
+}
+
 /// What the upstream request is built from.
 pub struct Outgoing<'a> {
     pub method: &'a Method,
@@ -85,19 +115,25 @@ pub fn build_request(
         .body(Full::new(out.body.clone()))
         .map_err(|_| GatewayError::BadRequest("request target cannot be forwarded"))?;
     let headers = req.headers_mut();
+    let shared = out.method == Method::GET || out.method == Method::HEAD;
     for (name, value) in out.client_headers {
-        headers.append(name.clone(), value.clone());
+        if forwarded(name, shared) {
+            headers.append(name.clone(), value.clone());
+        }
     }
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(header::CONTENT_LENGTH);
-    // The client's conditional and range headers would make the upstream answer differently
-    // from what every other client sharing this answer asked for.
-    headers.remove(header::IF_NONE_MATCH);
-    headers.remove(header::IF_MODIFIED_SINCE);
-    headers.remove(header::RANGE);
-    headers.remove(header::ACCEPT_ENCODING);
+    // Hop-by-hop headers are not on the allowlist, but a `Connection` header may name one
+    // that is (`Connection: accept-language`): such a header describes the connection.
+    let named: Vec<HeaderName> = out
+        .client_headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
     headers.insert(
         HeaderName::from_static("x-request-id"),
         out.request_id.clone(),
@@ -149,9 +185,18 @@ pub async fn exchange(
                     GatewayError::UpstreamUnreachable(format!("answer body failed: {e}"))
                 }
             })?;
+        if parts.status.is_informational() {
+            // hyper hands on a 101 (and nothing else 1xx) as if final: no client asked to
+            // switch protocols, so this is no answer.
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "the upstream answered with an interim status {} and no final answer",
+                parts.status.as_u16()
+            )));
+        }
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
+        let body = decoded(&mut headers, body)?;
         Ok(Fetched {
             status: parts.status,
             headers,
@@ -165,6 +210,71 @@ pub async fn exchange(
         Ok(result) => result,
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
     }
+}
+
+/// The body without its `Content-Encoding`, so link rewriting and token redaction see (and
+/// the cache stores) what clients will read. gzip and deflate are decoded, bounded by
+/// [`MAX_UPSTREAM_BODY`] (a zip bomb is refused, not inflated); any other coding cannot be
+/// scanned, and an unscanned body is never passed on, so it is refused too.
+fn decoded(headers: &mut HeaderMap, body: Bytes) -> Result<Bytes, GatewayError> {
+    let codings: Vec<String> = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("\u{fffd}").to_ascii_lowercase())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|c| c.trim().to_string())
+                .collect::<Vec<_>>()
+        })
+        .filter(|c| !c.is_empty() && c != "identity")
+        .collect();
+    if codings.is_empty() {
+        headers.remove(header::CONTENT_ENCODING);
+        return Ok(body);
+    }
+    if codings.len() > 2 {
+        return Err(GatewayError::UpstreamUnreachable(
+            "the upstream answer is encoded more than twice".into(),
+        ));
+    }
+    let mut current = body;
+    // Codings are listed in the order they were applied: undo the last one first.
+    for coding in codings.iter().rev() {
+        current = inflate(coding, &current)?;
+    }
+    headers.remove(header::CONTENT_ENCODING);
+    Ok(current)
+}
+
+fn inflate(coding: &str, data: &[u8]) -> Result<Bytes, GatewayError> {
+    use std::io::Read;
+    let limit = MAX_UPSTREAM_BODY as u64;
+    let mut out = Vec::new();
+    let read = |reader: &mut dyn Read, out: &mut Vec<u8>| {
+        out.clear();
+        reader.take(limit + 1).read_to_end(out)
+    };
+    let result = match coding {
+        "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(data), &mut out),
+        // "deflate" is zlib-wrapped (RFC 9110), but some servers send raw deflate.
+        "deflate" => read(&mut flate2::read::ZlibDecoder::new(data), &mut out)
+            .or_else(|_| read(&mut flate2::read::DeflateDecoder::new(data), &mut out)),
+        other => {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "the upstream answer uses a content coding the gateway cannot read ({})",
+                other.chars().take(32).collect::<String>()
+            )))
+        }
+    };
+    result.map_err(|e| {
+        GatewayError::UpstreamUnreachable(format!("the upstream's {coding} body is corrupt: {e}"))
+    })?;
+    if out.len() as u64 > limit {
+        return Err(GatewayError::UpstreamUnreachable(format!(
+            "the upstream's {coding} body inflates past {MAX_UPSTREAM_BODY} bytes"
+        )));
+    }
+    Ok(Bytes::from(out))
 }
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -201,6 +311,10 @@ mod tests {
         client_headers.insert(header::AUTHORIZATION, "Bearer client-key".parse().unwrap());
         client_headers.insert(header::HOST, "gateway".parse().unwrap());
         client_headers.insert("x-app", "crm".parse().unwrap());
+        client_headers.insert(header::ACCEPT, "application/json".parse().unwrap());
+        client_headers.insert(header::COOKIE, "k=client-key".parse().unwrap());
+        client_headers.insert("x-http-method-override", "DELETE".parse().unwrap());
+        client_headers.insert(header::IF_NONE_MATCH, "\"v1\"".parse().unwrap());
         let rid = HeaderValue::from_static("rid-1");
         let out = Outgoing {
             method: &Method::GET,
@@ -216,7 +330,13 @@ mod tests {
             req.headers().get(header::HOST).is_none(),
             "Host comes from the upstream URL"
         );
-        assert_eq!(req.headers()["x-app"], "crm");
+        assert_eq!(req.headers()[header::ACCEPT], "application/json");
         assert_eq!(req.headers()["x-request-id"], "rid-1");
+        let names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["accept", "x-request-id", "authorization"],
+            "expected only allowlisted headers to go upstream on a read, saw {names:?}"
+        );
     }
 }

@@ -3,8 +3,9 @@
 //! [`Gateway::handle`] is the outermost step and never fails: it assigns the request id,
 //! sheds load beyond `max_concurrency`, bounds the whole request by `request_timeout`, and
 //! turns every [`GatewayError`] into the CX Social envelope. [`Gateway::pipeline`] then runs
-//! the domain steps in their one order: check target → authenticate → route → authorise →
-//! read body → cache and merge → budget → token → upstream → rewrite.
+//! the domain steps in their one order: check target and account spelling → authenticate
+//! (reading a form body first when the key may be a field of it) → route → authorise → read
+//! body (key fields out) → cache and merge → budget → token → upstream → rewrite.
 //!
 //! The steps are plain async code rather than tower layers: each needs the outcome of the
 //! one before (client, route, cache result), and one readable function beats a tower of
@@ -450,20 +451,55 @@ impl Gateway {
                 "paths under /_sim/ are the simulator's controls and are never forwarded",
             ));
         }
+        // The account the path names, in its one canonical spelling: authorisation, routing,
+        // the cache key and the upstream all read this same segment, so any other spelling
+        // of a number there is refused before anything looks at it.
+        let path_account = auth::account_of(path).map_err(|e| GatewayError::BadRequest(e.0))?;
 
-        // 2. Who is calling.
-        let key = client_key(&parts.headers, query);
-        let client = state
-            .clients
-            .authenticate(key.as_deref())
-            .map_err(|e| match e {
-                auth::AuthError::Missing => {
-                    GatewayError::Unauthorized("a gateway client key is required")
-                }
-                auth::AuthError::Unknown => {
-                    GatewayError::Unauthorized("unknown gateway client key")
-                }
-            })?;
+        // 2. Who is calling. The key may come in the header, the query or (as the API
+        //    allows) a form field of the body; a body is then read before authenticating.
+        let reads = parts.method == Method::GET || parts.method == Method::HEAD;
+        if reads && request::announces_body(&parts.headers) {
+            return Err(GatewayError::BadRequest(
+                "a GET or HEAD request must not carry a body",
+            ));
+        }
+        let header_key = client_key(&parts.headers, None);
+        let query_keys = query.map(request::query_keys).unwrap_or_default();
+        let mut body = Some(body);
+        let (mut early_body, mut early_keys) = (None, Vec::new());
+        // The bytes the body holds against `max_buffered_bytes`, until the request ends.
+        let mut _body_held = None;
+        if header_key.is_none()
+            && query_keys.is_empty()
+            && !reads
+            && request::may_carry_key(&parts.headers)
+        {
+            let (read, held) = read_body(
+                parts.headers.get(header::CONTENT_LENGTH),
+                body.take()
+                    .ok_or(GatewayError::BadRequest("request body read twice"))?,
+                &cfg.server,
+                &self.inner.buffers,
+            )
+            .await?;
+            _body_held = Some(held);
+            let read = request::take_body_keys(&parts.headers, read)?;
+            (early_body, early_keys) = (Some(read.body), read.keys);
+        }
+        let key = request::one_key(
+            header_key.as_deref(),
+            query_keys
+                .iter()
+                .map(|k| &**k)
+                .chain(early_keys.iter().map(String::as_str)),
+        )?;
+        let client = state.clients.authenticate(key).map_err(|e| match e {
+            auth::AuthError::Missing => {
+                GatewayError::Unauthorized("a gateway client key is required")
+            }
+            auth::AuthError::Unknown => GatewayError::Unauthorized("unknown gateway client key"),
+        })?;
         outcome.client = Some(client);
 
         // 3. Which route.
@@ -479,26 +515,46 @@ impl Gateway {
                 client.name, parts.method
             )));
         }
-        let account = rule
-            .and_then(|(_, caps)| caps.get("account_id"))
-            .and_then(|a| a.parse().ok())
-            .or_else(|| auth::account_of(path));
-        if !client.may_see(account) {
-            return Err(GatewayError::Forbidden(format!(
-                "client {} may not access account {}",
-                client.name,
-                account.unwrap_or_default()
-            )));
+        // A route may capture `{account_id}` elsewhere than the first segment: it is read
+        // by the same canonical rule, and both must be allowed.
+        let captured = match rule.and_then(|(_, caps)| caps.get("account_id")) {
+            Some(text) => {
+                Some(auth::canonical_account(text).map_err(|e| GatewayError::BadRequest(e.0))?)
+            }
+            None => None,
+        };
+        for account in [path_account, captured].into_iter().flatten() {
+            if !client.may_see(Some(account)) {
+                return Err(GatewayError::Forbidden(format!(
+                    "client {} may not access account {account}",
+                    client.name
+                )));
+            }
         }
 
-        // 5. The body, bounded in size, in pauses and in what all bodies hold together.
-        let (body, _body_held) = read_body(
-            parts.headers.get(header::CONTENT_LENGTH),
-            body,
-            &cfg.server,
-            &self.inner.buffers,
-        )
-        .await?;
+        // 5. The body, bounded, with any key field taken out (it must be the same key).
+        let body = match (early_body, body) {
+            (Some(read), _) => read,
+            (None, Some(body)) => {
+                let (read, held) = read_body(
+                    parts.headers.get(header::CONTENT_LENGTH),
+                    body,
+                    &cfg.server,
+                    &self.inner.buffers,
+                )
+                .await?;
+                _body_held = Some(held);
+                if reads && !read.is_empty() {
+                    return Err(GatewayError::BadRequest(
+                        "a GET or HEAD request must not carry a body",
+                    ));
+                }
+                let read = request::take_body_keys(&parts.headers, read)?;
+                request::one_key(key, read.keys.iter().map(String::as_str))?;
+                read.body
+            }
+            (None, None) => Bytes::new(),
+        };
         // Only now a `max_concurrency` permit: a request whose body is still arriving waits
         // on its client, not on the gateway, and must not crowd out requests that are ready.
         let _permit = self
@@ -506,6 +562,26 @@ impl Gateway {
             .in_flight
             .try_acquire()
             .map_err(|_| GatewayError::Overloaded)?;
+        // Last line of defence: the caller's key, in whatever spelling the parsers above did
+        // not know, never travels upstream.
+        let query = strip_access_token(query);
+        let query = query.as_deref();
+        if let Some(key) = key {
+            let in_headers = parts
+                .headers
+                .iter()
+                .filter(|(name, _)| forward::forwarded(name, reads))
+                .any(|(_, v)| request::carries_key(v.as_bytes(), key));
+            if in_headers
+                || request::carries_key(&body, key)
+                || query.is_some_and(|q| request::carries_key(q.as_bytes(), key))
+            {
+                return Err(GatewayError::BadRequest(
+                    "the gateway key may only be sent as the bearer token, the access_token \
+                     parameter or the access_token form field",
+                ));
+            }
+        }
 
         let route_index = outcome.route;
         let make_call = || Call {
@@ -514,7 +590,7 @@ impl Gateway {
             method: parts.method.clone(),
             url: upstream_url(cfg, path, query),
             headers: parts.headers.clone(),
-            body,
+            body: body.clone(),
             request_id: request_id.clone(),
             client: client.name.clone(),
             cost: rule.map_or(std::num::NonZeroU32::MIN, |(r, _)| r.cost),

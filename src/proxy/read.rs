@@ -14,7 +14,7 @@ use super::call::Call;
 use super::forward::Fetched;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
-use crate::cache::{CachedResponse, Freshness, Role, StoredResponse};
+use crate::cache::{CachedResponse, Freshness, Role, StoredResponse, Variant};
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
 
@@ -26,6 +26,9 @@ pub type Shared = Result<Arc<Answer>, Arc<GatewayError>>;
 pub struct Answer {
     pub fetched: Fetched,
     pub stored: bool,
+    /// The variant the leader's request selected (by the answer's `Vary`): a merged
+    /// follower that selects another is not served this answer.
+    pub variant: Variant,
 }
 
 /// The client's cache directives.
@@ -73,7 +76,7 @@ impl Gateway {
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
-        make_call: impl FnOnce() -> Call,
+        make_call: impl Fn() -> Call,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
@@ -96,7 +99,7 @@ impl Gateway {
                         ..
                     } => {
                         outcome.cache = "stale";
-                        self.revalidate(key, route, upstream_get(make_call));
+                        self.revalidate(key, route, upstream_get(&make_call));
                         return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
                     }
                     Freshness::Stale { if_error: true, .. } => stale_fallback = Some(entry),
@@ -112,7 +115,7 @@ impl Gateway {
             cacheable: ttl.is_some(),
             stale_fallback,
         };
-        Box::pin(self.read_upstream(route, upstream, make_call, outcome)).await
+        Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome)).await
     }
 
     /// The rest of a read that the cache could not answer fresh: one merged upstream call,
@@ -121,7 +124,8 @@ impl Gateway {
         &self,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         upstream: Upstream,
-        make_call: impl FnOnce() -> Call,
+        headers: &HeaderMap,
+        make_call: impl Fn() -> Call,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
@@ -144,18 +148,38 @@ impl Gateway {
         } else {
             format!("{epoch} {key}")
         };
-        let fetch = self.fetch_and_store(key, epoch, route, upstream_get(make_call));
+        let fetch = self.fetch_and_store(key.clone(), epoch, route, upstream_get(&make_call));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
         // A read that will not be cached is of use to its callers only: once they have all
         // hung up it is cancelled, budget and upstream connection with it. A cacheable one
         // runs on to fill the cache for whoever asks next.
-        let shared = if cacheable {
-            inner.merger.run(merge_key, fetch).await
+        let mut shared = if cacheable {
+            inner.merger.run(merge_key.clone(), fetch).await
         } else {
-            inner.merger.run_while_wanted(merge_key, fetch).await
+            inner
+                .merger
+                .run_while_wanted(merge_key.clone(), fetch)
+                .await
         };
+        // An answer that varies on a request header serves only the followers that sent
+        // what the leader sent: the others merge among themselves, by their own variant.
+        if let Ok((Ok(answer), Role::Follower)) = &shared {
+            let mine = Variant::of(&answer.fetched.headers, headers);
+            if !answer.variant.serves(&mine) {
+                let own = match &mine {
+                    Variant::Of(selected) => format!("{merge_key}\n{selected}"),
+                    _ => format!("{merge_key}\n* {}", fastrand::u64(..)),
+                };
+                let fetch = self.fetch_and_store(key, epoch, route, upstream_get(&make_call));
+                shared = if cacheable {
+                    inner.merger.run(own, fetch).await
+                } else {
+                    inner.merger.run_while_wanted(own, fetch).await
+                };
+            }
+        }
         let (value, role) = match shared {
             Ok(v) => v,
             Err(e) => (
@@ -266,13 +290,18 @@ impl Gateway {
                 }
                 _ => false,
             };
-            Ok(Arc::new(Answer { fetched, stored }))
+            let variant = Variant::of(&fetched.headers, &call.headers);
+            Ok(Arc::new(Answer {
+                fetched,
+                stored,
+                variant,
+            }))
         }
     }
 }
 
 /// The upstream call of a read: HEAD is answered from GET entries, so it goes up as a GET.
-fn upstream_get(make_call: impl FnOnce() -> Call) -> Call {
+fn upstream_get(make_call: &impl Fn() -> Call) -> Call {
     let mut call = make_call();
     call.method = Method::GET;
     call

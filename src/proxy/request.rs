@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, Method};
 
@@ -140,16 +141,345 @@ pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<
             .then(|| Cow::Borrowed(rest.trim()));
     }
     let query = query?;
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v)
+    query_keys(query).into_iter().next()
+}
+
+/// Every value of a key parameter in the query (see [`is_key_name`]).
+pub fn query_keys(query: &str) -> Vec<Cow<'_, str>> {
+    query
+        .split('&')
+        .filter(|pair| is_key_name(pair.split('=').next().unwrap_or_default().as_bytes()))
+        .filter_map(|pair| {
+            form_urlencoded::parse(pair.as_bytes())
+                .next()
+                .map(|(_, v)| v)
+        })
+        .collect()
+}
+
+/// Whether a form or query parameter name (as sent, still encoded) is the gateway key's
+/// `access_token`, in any spelling a server could read as it: percent- or plus-encoded
+/// (`access%5Ftoken`, also encoded twice), any letter case, and the names PHP (the
+/// upstream's language) folds into `access_token`: `access.token`, `access token`,
+/// `access[token`, ` access_token` and the array forms `access_token[]`, `access_token[x]`.
+pub fn is_key_name(raw: &[u8]) -> bool {
+    let once: String = form_urlencoded::parse(&[raw, b"=".as_slice()].concat())
+        .next()
+        .map(|(name, _)| name.into_owned())
+        .unwrap_or_default();
+    if php_name_is_key(&once) {
+        return true;
+    }
+    once.contains('%')
+        && percent_decode(once.as_bytes())
+            .map(|twice| php_name_is_key(&String::from_utf8_lossy(&twice)))
+            .unwrap_or(false)
+}
+
+/// PHP's reading of a parameter name: leading spaces dropped, an array suffix cut at its
+/// first `[`, and `.`, ` ` and a lone `[` turned into `_`.
+fn php_name_is_key(name: &str) -> bool {
+    let name = name.trim_start_matches(' ');
+    let name = match name.find('[') {
+        Some(open) if name[open..].contains(']') => &name[..open],
+        _ => name,
+    };
+    let folded: String = name
+        .chars()
+        .map(|c| if matches!(c, '.' | ' ' | '[') { '_' } else { c })
+        .collect();
+    folded.eq_ignore_ascii_case("access_token")
+}
+
+/// A request body with every gateway key field taken out, and the keys it carried.
+#[derive(Debug)]
+pub struct BodyKeys {
+    pub body: Bytes,
+    pub keys: Vec<String>,
+}
+
+/// Takes every `access_token` field (see [`is_key_name`]) out of a form-encoded or
+/// multipart body: the API reads the token from a form POST too, so a gateway key there is
+/// a client credential like one in the header, and must never travel on. Other content
+/// types are passed through; a compressed body cannot be scanned and is refused.
+pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, GatewayError> {
+    if body.is_empty() {
+        return Ok(BodyKeys {
+            body,
+            keys: Vec::new(),
+        });
+    }
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(GatewayError::BadRequest(
+            "compressed request bodies are not accepted (send the body without Content-Encoding)",
+        ));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match media.as_str() {
+        "application/x-www-form-urlencoded" => Ok(take_form_keys(body)),
+        "multipart/form-data" => {
+            let boundary = param(content_type, "boundary").ok_or(GatewayError::BadRequest(
+                "multipart body without a boundary",
+            ))?;
+            take_multipart_keys(body, boundary.as_bytes())
+        }
+        _ => Ok(BodyKeys {
+            body,
+            keys: Vec::new(),
+        }),
+    }
+}
+
+/// Whether a body of this request may carry a key field (so it is read before the caller
+/// is authenticated when no key came in the header or query).
+pub fn may_carry_key(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|m| m == "application/x-www-form-urlencoded" || m == "multipart/form-data")
+}
+
+fn take_form_keys(body: Bytes) -> BodyKeys {
+    let mut keys = Vec::new();
+    let mut kept: Vec<&[u8]> = Vec::new();
+    for pair in body.split(|&b| b == b'&') {
+        let name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+        if is_key_name(name) {
+            let value = pair.get(name.len() + 1..).unwrap_or_default();
+            let value = form_urlencoded::parse(&[b"k=".as_slice(), value].concat())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default();
+            keys.push(value);
+        } else {
+            kept.push(pair);
+        }
+    }
+    if keys.is_empty() {
+        return BodyKeys { body, keys };
+    }
+    BodyKeys {
+        body: Bytes::from(kept.join(&b'&')),
+        keys,
+    }
+}
+
+/// One `name=value` parameter of a header such as `Content-Type` or `Content-Disposition`,
+/// unquoted (backslash escapes undone). Parameter names compare case-insensitively.
+fn param(header_value: &str, wanted: &str) -> Option<String> {
+    let mut rest = header_value.split_once(';')?.1;
+    loop {
+        let (name, after) = rest.split_once('=')?;
+        let name = name.trim();
+        let after = after.trim_start();
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            let next = quoted[end..].split_once(';').map_or("", |(_, n)| n);
+            (value, next)
+        } else {
+            let (value, next) = after.split_once(';').unwrap_or((after, ""));
+            (value.trim().to_string(), next)
+        };
+        if name.eq_ignore_ascii_case(wanted) {
+            return Some(value);
+        }
+        if next.is_empty() {
+            return None;
+        }
+        rest = next;
+    }
+}
+
+/// The field name a multipart part's headers give it: `name`, or an RFC 5987 `name*`
+/// (`UTF-8''access%5Ftoken`), as raw bytes for [`is_key_name`].
+fn part_names(head: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(head);
+    let mut names = Vec::new();
+    for line in text.split("\r\n") {
+        let Some((field, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !field.trim().eq_ignore_ascii_case("content-disposition") {
+            continue;
+        }
+        if let Some(name) = param(value, "name") {
+            names.push(name);
+        }
+        if let Some(extended) = param(value, "name*") {
+            let encoded = extended.rsplit('\'').next().unwrap_or("");
+            names.push(encoded.to_string());
+        }
+    }
+    names
+}
+
+fn take_multipart_keys(body: Bytes, boundary: &[u8]) -> Result<BodyKeys, GatewayError> {
+    let unreadable = GatewayError::BadRequest("the multipart body could not be read");
+    if boundary.is_empty() {
+        return Err(unreadable);
+    }
+    let delimiter = [b"--".as_slice(), boundary].concat();
+    // Every place a delimiter line starts: at the very beginning, or after CRLF.
+    let mut starts = Vec::new();
+    let mut from = 0;
+    while let Some(at) = find_bytes(&body, &delimiter, from) {
+        if at == 0 || body[..at].ends_with(b"\r\n") {
+            starts.push(if at == 0 { 0 } else { at - 2 });
+        }
+        from = at + delimiter.len();
+    }
+    let Some((&last, _)) = starts.split_last() else {
+        return Err(unreadable);
+    };
+    let closing = last + if last == 0 { 0 } else { 2 } + delimiter.len();
+    if !body[closing..].starts_with(b"--") {
+        return Err(unreadable);
+    }
+    let mut keys = Vec::new();
+    let mut dropped: Vec<(usize, usize)> = Vec::new();
+    for pair in starts.windows(2) {
+        let (start, end) = (pair[0], pair[1]);
+        let part = &body[start..end];
+        let Some(head_end) = find_bytes(part, b"\r\n\r\n", 0) else {
+            return Err(unreadable);
+        };
+        let names = part_names(&part[..head_end]);
+        if names.iter().any(|n| is_key_name(n.as_bytes())) {
+            let value = &part[head_end + 4..];
+            keys.push(String::from_utf8_lossy(value).trim().to_string());
+            dropped.push((start, end));
+        }
+    }
+    if dropped.is_empty() {
+        return Ok(BodyKeys { body, keys });
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut copied = 0;
+    for (start, end) in dropped {
+        out.extend_from_slice(&body[copied..start]);
+        copied = end;
+    }
+    out.extend_from_slice(&body[copied..]);
+    // The first part began the body without a CRLF before its delimiter: a body that now
+    // starts with the CRLF of the next one must not.
+    let out = match out.strip_prefix(b"\r\n") {
+        Some(rest) if starts[0] == 0 => rest.to_vec(),
+        _ => out,
+    };
+    Ok(BodyKeys {
+        body: Bytes::from(out),
+        keys,
+    })
+}
+
+/// The one key a request presents: every place that carries one (`first`, then `more`)
+/// must carry the same, or the request is refused rather than guessing which counts.
+pub fn one_key<'k>(
+    first: Option<&'k str>,
+    more: impl Iterator<Item = &'k str>,
+) -> Result<Option<&'k str>, GatewayError> {
+    let mut key = first;
+    for other in more {
+        match key {
+            None => key = Some(other),
+            Some(k) if k == other => {}
+            Some(_) => {
+                return Err(GatewayError::BadRequest(
+                    "the request carries more than one gateway key",
+                ))
+            }
+        }
+    }
+    Ok(key)
+}
+
+/// Whether the head announces a body (a `Content-Length` other than 0, or any
+/// `Transfer-Encoding`).
+pub fn announces_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
+}
+
+/// Whether `key` (raw or percent-encoded) still appears in `text`: the last check that no
+/// spelling the parsers above do not know carries the caller's key upstream. Keys shorter
+/// than 8 bytes are not looked for (they would match ordinary text).
+pub fn carries_key(text: &[u8], key: &str) -> bool {
+    if key.len() < 8 {
+        return false;
+    }
+    if text.len() < key.len() {
+        return false;
+    }
+    if find_bytes(text, key.as_bytes(), 0).is_some() {
+        return true;
+    }
+    // Most keys are spelled the same encoded; only the others need a second look.
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"*-._".contains(b);
+    if key.as_bytes().iter().all(plain) {
+        return false;
+    }
+    let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
+    find_bytes(text, encoded.as_bytes(), 0).is_some()
+}
+
+fn find_bytes(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if needle.is_empty() || from > hay.len() {
+        return None;
+    }
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + from)
 }
 
 /// The query without any `access_token` parameter, or `None` if nothing remains. The other
 /// parameters keep their original bytes and order.
 pub fn strip_access_token(query: Option<&str>) -> Option<String> {
     let query = query?;
-    if !query.contains("access_token") && !query.contains('%') && !query.contains('+') {
+    let may_name_key = query
+        .as_bytes()
+        .windows(6)
+        .any(|w| w.eq_ignore_ascii_case(b"access"));
+    if !may_name_key && !query.contains('%') && !query.contains('+') {
         return (!query.is_empty()).then(|| query.to_string());
     }
     // Names are compared as `client_key` and the cache key read them (form-decoded), so no
@@ -157,10 +487,7 @@ pub fn strip_access_token(query: Option<&str>) -> Option<String> {
     let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| {
-            !pair.is_empty()
-                && form_urlencoded::parse(pair.as_bytes())
-                    .next()
-                    .is_none_or(|(name, _)| name != "access_token")
+            !pair.is_empty() && !is_key_name(pair.split('=').next().unwrap_or_default().as_bytes())
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("&"))
@@ -278,5 +605,82 @@ mod tests {
             let once = normalise_escapes(q, false);
             assert_eq!(strip_access_token(Some(&once)), Some("a=1".into()), "{q}");
         }
+    }
+
+    #[test]
+    fn every_spelling_of_the_key_name_is_the_key() {
+        for name in [
+            "access_token",
+            "ACCESS_TOKEN",
+            "access%5Ftoken",
+            "access%5ftoken",
+            "%61ccess_token",
+            "access%255Ftoken",
+            "access.token",
+            "access+token",
+            "access%20token",
+            "access[token",
+            "access_token[]",
+            "access_token[0]",
+            "+access_token",
+        ] {
+            assert!(
+                is_key_name(name.as_bytes()),
+                "{name} should be the key name"
+            );
+        }
+        for name in ["my_access_token", "access_tokens", "token", "access"] {
+            assert!(!is_key_name(name.as_bytes()), "{name} is another name");
+        }
+    }
+
+    fn form_headers(content_type: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, content_type.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn key_fields_are_taken_out_of_form_bodies() {
+        let h = form_headers("application/x-www-form-urlencoded");
+        let body = Bytes::from_static(b"updates=%7B%7D&access%5Ftoken=k%2B1&note=x");
+        let out = take_body_keys(&h, body).unwrap();
+        assert_eq!(out.keys, ["k+1"]);
+        assert_eq!(&out.body[..], b"updates=%7B%7D&note=x");
+        let plain = take_body_keys(&h, Bytes::from_static(b"a=1")).unwrap();
+        assert!(plain.keys.is_empty() && &plain.body[..] == b"a=1");
+    }
+
+    #[test]
+    fn key_parts_are_taken_out_of_multipart_bodies() {
+        let h = form_headers("multipart/form-data; boundary=\"XyZ\"");
+        let body = "--XyZ\r\nContent-Disposition: form-data; name=\"access_token\"\r\n\r\nkey-1\r\n\
+                    --XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n\
+                    --XyZ\r\ncontent-disposition: form-data; name*=UTF-8''access%5Ftoken\r\n\r\nkey-1\r\n\
+                    --XyZ--\r\n";
+        let out = take_body_keys(&h, Bytes::from(body)).unwrap();
+        assert_eq!(out.keys, ["key-1", "key-1"]);
+        let kept = String::from_utf8(out.body.to_vec()).unwrap();
+        assert_eq!(
+            kept,
+            "--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--XyZ--\r\n"
+        );
+        assert!(take_body_keys(&h, Bytes::from_static(b"garbage")).is_err());
+        let encoded = {
+            let mut h = h.clone();
+            h.insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+            h
+        };
+        assert!(take_body_keys(&encoded, Bytes::from_static(b"x")).is_err());
+    }
+
+    #[test]
+    fn one_key_per_request() {
+        assert_eq!(one_key(Some("a"), ["a"].into_iter()).unwrap(), Some("a"));
+        assert_eq!(one_key(None, ["b"].into_iter()).unwrap(), Some("b"));
+        assert!(one_key(Some("a"), ["b"].into_iter()).is_err());
+        assert!(carries_key(b"x=test-key-1", "test-key-1"));
+        assert!(carries_key(b"x=a%2Bbcdefgh", "a+bcdefgh"));
+        assert!(!carries_key(b"x=short", "short"));
     }
 }

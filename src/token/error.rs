@@ -60,6 +60,10 @@ pub enum TokenError {
     Rejected { status: u16, code: Option<String> },
     #[error("token endpoint answer is not a token: {reason}")]
     BadAnswer { reason: &'static str },
+    #[error(
+        "the upstream refuses freshly refreshed tokens too; the next refresh waits out a backoff"
+    )]
+    RefusedUpstream,
     #[error("the refresh task ended without an outcome")]
     RefreshAborted,
     #[error("another replica's token refresh did not finish in time")]

@@ -195,8 +195,49 @@ impl TokenManager {
 
     /// The upstream rejected `generation`: refresh once for every caller reporting it.
     /// Callers holding an older generation get the newer token without a refresh.
+    ///
+    /// When the generation refused was itself fresh from a refresh (the upstream refuses
+    /// new tokens too), refreshing on every request would only burn refresh grants: the
+    /// next refresh waits out a backoff (1 s, doubling to 5 min) and callers get
+    /// [`TokenError::RefusedUpstream`] until then.
     pub async fn refresh_after_rejection(&self, generation: u64) -> Result<Current, TokenError> {
+        {
+            let mut state = self.inner.lock();
+            if state.generation != generation {
+                return state::current_of(&state);
+            }
+            count_refusal(&mut state, generation);
+            if state.refused >= 2 {
+                let now = tokio::time::Instant::now();
+                match state.refused_retry_at {
+                    Some(at) if now < at => return Err(TokenError::RefusedUpstream),
+                    _ => state.refused_retry_at = Some(now + refusal_backoff(state.refused)),
+                }
+            }
+        }
         self.inner.refresh(generation, false).await
+    }
+
+    /// The upstream refused `generation` and no refresh is to follow now (the request
+    /// replayed with a fresh token was refused again).
+    pub fn refused(&self, generation: u64) {
+        let mut state = self.inner.lock();
+        if state.generation == generation {
+            count_refusal(&mut state, generation);
+            if state.refused >= 2 && state.refused_retry_at.is_none() {
+                let backoff = refusal_backoff(state.refused);
+                state.refused_retry_at = Some(tokio::time::Instant::now() + backoff);
+            }
+        }
+    }
+
+    /// The upstream accepted `generation`: refusals are over.
+    pub fn accepted(&self, generation: u64) {
+        let mut state = self.inner.lock();
+        if state.refused > 0 && state.generation == generation {
+            state.refused = 0;
+            state.refused_retry_at = None;
+        }
     }
 
     /// Starts the background refresher (ends at once for a static token).
@@ -260,12 +301,29 @@ impl TokenManager {
         })
     }
 
-    /// Every token this gateway holds or just held, for redaction of upstream bodies.
+    /// Every token this gateway holds or held since start, for redaction of upstream
+    /// bodies.
     pub fn secrets(&self) -> Vec<Secret> {
         let state = self.inner.lock();
         std::iter::once(state.record.access.clone())
             .chain(state.record.refresh.clone())
-            .chain(state.previous.iter().cloned())
+            .chain(state.held.iter().cloned())
             .collect()
     }
+}
+
+/// Counts one refused generation once, however many requests report it.
+fn count_refusal(state: &mut state::State, generation: u64) {
+    if state.refused_generation != generation {
+        state.refused_generation = generation;
+        state.refused = state.refused.saturating_add(1);
+        state.refused_retry_at = None;
+    }
+}
+
+/// How long refreshes wait after the `refused`-th consecutive refused generation (2 or
+/// more): 1 s, doubling, at most 5 minutes.
+fn refusal_backoff(refused: u32) -> std::time::Duration {
+    let doublings = refused.saturating_sub(2).min(9);
+    std::time::Duration::from_secs(1u64 << doublings).min(std::time::Duration::from_secs(300))
 }

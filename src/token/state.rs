@@ -35,6 +35,16 @@ pub(crate) struct State {
     pub generation: u64,
     /// The tokens just replaced: answers to requests sent with them may still arrive.
     pub previous: Vec<Secret>,
+    /// Every access and refresh token held since start (the current ones excepted), so an
+    /// upstream that echoes an old one is still redacted. Two per refresh: small.
+    pub held: Vec<Secret>,
+    /// Consecutive generations the upstream refused (401): 2 or more means a token fresh
+    /// from a refresh was refused too, and refreshes back off.
+    pub refused: u32,
+    /// The generation last counted in `refused`.
+    pub refused_generation: u64,
+    /// While refreshes back off: when the next one may run.
+    pub refused_retry_at: Option<Instant>,
     pub last_refresh: Option<SystemTime>,
     pub refreshed_at: Option<Instant>,
     /// Consecutive failed refreshes.
@@ -58,6 +68,10 @@ impl State {
             obtained: now,
             generation: 1,
             previous: Vec::new(),
+            held: Vec::new(),
+            refused: 0,
+            refused_generation: 0,
+            refused_retry_at: None,
             last_refresh: None,
             refreshed_at: None,
             failures: 0,
@@ -73,6 +87,11 @@ impl State {
     pub fn replace(&mut self, record: TokenRecord, expires: Option<Instant>, now: Instant) {
         let old = std::mem::replace(&mut self.record, record);
         self.previous = std::iter::once(old.access).chain(old.refresh).collect();
+        for secret in &self.previous {
+            if !self.held.contains(secret) {
+                self.held.push(secret.clone());
+            }
+        }
         self.expires = expires;
         self.obtained = now;
         self.generation += 1;

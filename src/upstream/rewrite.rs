@@ -185,6 +185,7 @@ fn is_access_token(param: &[u8]) -> bool {
 
 /// Replaces every spelling of every secret; `None` when none occurs.
 fn redact(body: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
+    let mut seen = std::collections::HashSet::new();
     let mut needles: Vec<Vec<u8>> = Vec::new();
     for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET_LEN) {
         let raw = secret.as_bytes().to_vec();
@@ -192,13 +193,16 @@ fn redact(body: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
         let json_slashes = escape_slashes(&json);
         let percent: String = form_urlencoded::byte_serialize(&raw).collect();
         for needle in [raw, json, json_slashes, percent.into_bytes()] {
-            if !needles.contains(&needle) {
+            if seen.insert(needle.clone()) {
                 needles.push(needle);
             }
         }
     }
     // Longest first, so a secret that contains another is replaced whole.
     needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+    if needles.len() > FEW_NEEDLES {
+        return redact_many(body, &needles);
+    }
     let mut current: Option<Vec<u8>> = None;
     for needle in &needles {
         let text = current.as_deref().unwrap_or(body);
@@ -207,6 +211,60 @@ fn redact(body: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
         }
     }
     current
+}
+
+/// Up to this many needles, one scan per needle is cheapest; beyond (every token held
+/// since start, after many refreshes) one scan with a prefix filter is.
+const FEW_NEEDLES: usize = 8;
+
+/// The first `MIN_SECRET_LEN` bytes of `at` as one word (`at` is at least that long).
+fn prefix_word(at: &[u8]) -> u64 {
+    let mut word = [0u8; MIN_SECRET_LEN];
+    word.copy_from_slice(&at[..MIN_SECRET_LEN]);
+    u64::from_le_bytes(word)
+}
+
+/// A bit of a 65,536-bit filter for a prefix word.
+fn filter_bit(word: u64) -> usize {
+    (word.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize
+}
+
+/// [`redact`] for many needles (sorted longest first, each at least `MIN_SECRET_LEN`
+/// long) in one pass: each position's first bytes are looked up in a bit filter, and only
+/// on a hit in the map of needles by prefix. Leftmost match first, the longest at a place.
+fn redact_many(body: &[u8], needles: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut by_prefix: std::collections::HashMap<u64, Vec<&[u8]>> =
+        std::collections::HashMap::new();
+    let mut filter = vec![0u64; 1024];
+    for needle in needles {
+        let word = prefix_word(needle);
+        by_prefix.entry(word).or_default().push(needle);
+        let bit = filter_bit(word);
+        filter[bit / 64] |= 1 << (bit % 64);
+    }
+    let mut out: Option<Vec<u8>> = None;
+    let (mut copied, mut i) = (0, 0);
+    while i + MIN_SECRET_LEN <= body.len() {
+        let word = prefix_word(&body[i..]);
+        let bit = filter_bit(word);
+        if filter[bit / 64] & (1 << (bit % 64)) != 0 {
+            let found = by_prefix
+                .get(&word)
+                .and_then(|c| c.iter().find(|n| body[i..].starts_with(n)));
+            if let Some(needle) = found {
+                let out = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
+                out.extend_from_slice(&body[copied..i]);
+                out.extend_from_slice(REDACTED);
+                i += needle.len();
+                copied = i;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    let mut out = out?;
+    out.extend_from_slice(&body[copied..]);
+    Some(out)
 }
 
 fn replace_all(text: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
@@ -505,5 +563,24 @@ mod tests {
             None,
             "expected a look-alike host untouched"
         );
+    }
+
+    #[test]
+    fn many_secrets_are_redacted_in_one_pass_like_a_few() {
+        let secrets: Vec<String> = (0..40).map(|i| format!("token-{i:04}-abcdefgh")).collect();
+        let exposed: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let body = format!(
+            r#"{{"a":"{}","b":"x{}y","c":"token-0003-abcdefg","d":"{}"}}"#,
+            secrets[0], secrets[39], "token-0007-abcdefgh"
+        );
+        let many = redact(body.as_bytes(), &exposed).expect("a redaction");
+        let text = String::from_utf8(many).expect("UTF-8");
+        assert_eq!(
+            text,
+            r#"{"a":"[redacted]","b":"x[redacted]y","c":"token-0003-abcdefg","d":"[redacted]"}"#
+        );
+        assert_eq!(redact(b"nothing here at all", &exposed), None);
+        let few = redact(body.as_bytes(), &exposed[..2]).expect("a redaction");
+        assert!(!String::from_utf8_lossy(&few).contains(&secrets[0]));
     }
 }
