@@ -490,6 +490,28 @@ async fn equivalent_queries_share_an_entry() {
 }
 
 #[tokio::test]
+async fn queries_that_differ_only_in_invalid_utf8_bytes_do_not_share_an_entry() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let base = "/12345/inbox/mentions";
+    let first = env.get(&format!("{base}?q=%ff")).await;
+    assert_stored(&first, "q=%ff");
+    // Each of these is a different byte string to the upstream; a lossy decode made all of
+    // them U+FFFD and answered them from the `%ff` entry.
+    for other in ["q=%fe", "q=%c0%af", "q=%ef%bf%bd"] {
+        let answer = env.get(&format!("{base}?{other}")).await;
+        assert_stored(&answer, other);
+    }
+    let again = env.get(&format!("{base}?q=%FF")).await;
+    assert_hit(&again, "q=%FF after q=%ff (the same byte)");
+    let upstream = env.upstream_count(&format!("GET {base}"));
+    assert_eq!(
+        upstream, 4,
+        "expected 4 upstream calls (one per distinct byte string), saw {upstream}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn a_trailing_slash_is_the_same_resource() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     let plain = env.get("/me").await;
