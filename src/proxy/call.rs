@@ -130,7 +130,7 @@ impl Gateway {
                 inner
                     .last_upstream_status
                     .store(f.status.as_u16(), Ordering::Relaxed);
-                f.status.as_str().to_string()
+                crate::metrics::status_label(&f.status).to_string()
             }
             Err(GatewayError::UpstreamTimeout(_)) => "timeout".to_string(),
             Err(_) => "error".to_string(),
