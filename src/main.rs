@@ -116,6 +116,17 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Check { config } => match cxgate::config::load(&config) {
             Ok(cfg) => {
+                // `check` refuses what `run` would refuse about the files the config names.
+                let (problems, warnings) = cxgate::reload::preflight(&cfg);
+                for warning in &warnings {
+                    eprintln!("warning: {warning}");
+                }
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    return ExitCode::from(2);
+                }
                 println!("{}: valid\n{}", config.display(), cfg.summary());
                 ExitCode::SUCCESS
             }
