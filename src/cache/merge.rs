@@ -4,6 +4,11 @@
 //! that task (not a caller) removes the key from the in-flight map, through a drop guard
 //! that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
 //! watch channel and all wake at once; a panicked fetch wakes them with `MergeError`.
+//!
+//! A follower is never worse off than alone: with [`Merger::run_patient`] it waits for the
+//! leader's fetch to get past its queue (report [`Progress::sent`]) at most its own
+//! patience, and gets its unrun fetch back when the leader is still queued, and beside the
+//! leader's value otherwise, so it can run the fetch on its own terms.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +30,37 @@ pub struct MergeError;
 
 /// `None` until the fetch has produced its value.
 type Outcome<V> = Option<V>;
-type Flights<V> = Mutex<HashMap<String, watch::Receiver<Outcome<V>>>>;
+/// A flight's value, and whether it got past its queue.
+type Watch<V> = (watch::Receiver<Outcome<V>>, watch::Receiver<bool>);
+type Flights<V> = Mutex<HashMap<String, Watch<V>>>;
+
+/// Handed to a fetch so it can say that it got past its queue (the budget let it through):
+/// followers waiting with a patience stop counting it from then on.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<watch::Sender<bool>>);
+
+impl Progress {
+    /// A handle that reports to nobody, for a fetch run outside any flight.
+    pub fn detached() -> Progress {
+        Progress(Arc::new(watch::channel(false).0))
+    }
+
+    /// The fetch is past its queue and on its way upstream.
+    pub fn sent(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// How a patient caller took part in a flight.
+#[derive(Debug)]
+pub enum Joined<V, B> {
+    /// It led: the value of its own fetch.
+    Led(V),
+    /// It followed: the leader's value, and its own fetch, unrun.
+    Followed(V, B),
+    /// The leader was still queued after the patience: its own fetch, unrun.
+    Impatient(B),
+}
 
 /// Merges concurrent fetches by key. Cheap to clone: clones share the in-flight map.
 pub struct Merger<V> {
@@ -48,7 +83,7 @@ impl<V> Default for Merger<V> {
     }
 }
 
-fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, watch::Receiver<Outcome<V>>>> {
+fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, Watch<V>>> {
     // The map is only touched by single insert/remove calls, which leave it consistent
     // even if a panic (an allocation failure) poisoned the lock.
     flights.lock().unwrap_or_else(PoisonError::into_inner)
@@ -65,40 +100,90 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let (mut outcome, role) = {
-            let mut flights = lock(&self.flights);
-            match flights.get(&key) {
-                Some(outcome) => (outcome.clone(), Role::Follower),
-                None => {
-                    let (sender, outcome) = watch::channel(None);
-                    flights.insert(key.clone(), outcome.clone());
-                    // Spawning under the lock is fine (it never blocks) and keeps the map
-                    // entry and its task one step: no caller can observe one without the other.
-                    let flight = Flight {
-                        flights: Arc::clone(&self.flights),
-                        key,
-                        sender,
-                    };
-                    tokio::spawn(flight.fly(fetch));
-                    (outcome, Role::Leader)
-                }
-            }
+        let mut build = Some(|_: Progress| fetch);
+        let (mut outcome, _, role) = self.join(key, &mut build);
+        Ok((wait(&mut outcome).await?, role))
+    }
+
+    /// Like [`Merger::run`], but `build` makes the fetch from a [`Progress`] it reports to,
+    /// and a follower waits at most `patience` for the leader to report [`Progress::sent`].
+    pub async fn run_patient<B, F>(
+        &self,
+        key: String,
+        build: B,
+        patience: std::time::Duration,
+    ) -> Result<Joined<V, B>, MergeError>
+    where
+        B: FnOnce(Progress) -> F,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut build = Some(build);
+        let (mut outcome, mut sent, role) = self.join(key, &mut build);
+        let Some(build) = build.filter(|_| role == Role::Follower) else {
+            return Ok(Joined::Led(wait(&mut outcome).await?));
         };
-        // Errs only if the sender is gone with the value still `None`: the task panicked.
-        let value = outcome
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| MergeError)?;
-        match &*value {
-            Some(v) => Ok((v.clone(), role)),
-            // wait_for only returns Ok for a value that passed `is_some`.
-            None => Err(MergeError),
+        // The wait also ends when the flight does, sent or not: its value is there to take.
+        let passed = async { sent.wait_for(|s| *s).await.map(|_| ()) };
+        let queued = tokio::time::timeout(patience, passed).await;
+        let done = outcome.borrow().is_some();
+        if queued.is_err() && !done {
+            return Ok(Joined::Impatient(build));
         }
+        Ok(Joined::Followed(wait(&mut outcome).await?, build))
+    }
+
+    /// Joins the flight for `key`, or registers one running the fetch `build` makes (taking
+    /// it out of `build`). Returns the flight's watches and this caller's role.
+    fn join<B, F>(
+        &self,
+        key: String,
+        build: &mut Option<B>,
+    ) -> (watch::Receiver<Outcome<V>>, watch::Receiver<bool>, Role)
+    where
+        B: FnOnce(Progress) -> F,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut flights = lock(&self.flights);
+        if let Some((outcome, sent)) = flights.get(&key) {
+            return (outcome.clone(), sent.clone(), Role::Follower);
+        }
+        let Some(build) = build.take() else {
+            // Only reachable by a caller passing None, which no caller in this module does.
+            let (_, outcome) = watch::channel(None);
+            let (_, sent) = watch::channel(false);
+            return (outcome, sent, Role::Leader);
+        };
+        let (sender, outcome) = watch::channel(None);
+        let (sent_tx, sent) = watch::channel(false);
+        flights.insert(key.clone(), (outcome.clone(), sent.clone()));
+        // Spawning under the lock is fine (it never blocks) and keeps the map entry and its
+        // task one step: no caller can observe one without the other.
+        let flight = Flight {
+            flights: Arc::clone(&self.flights),
+            key,
+            sender,
+        };
+        tokio::spawn(flight.fly(build(Progress(Arc::new(sent_tx)))));
+        (outcome, sent, Role::Leader)
     }
 
     /// Keys with a fetch in flight right now.
     pub fn in_flight(&self) -> usize {
         lock(&self.flights).len()
+    }
+}
+
+/// The flight's value; Err only if the sender is gone with the value still `None` (the
+/// task panicked or the runtime dropped it).
+async fn wait<V: Clone>(outcome: &mut watch::Receiver<Outcome<V>>) -> Result<V, MergeError> {
+    let value = outcome
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| MergeError)?;
+    match &*value {
+        Some(v) => Ok(v.clone()),
+        // wait_for only returns Ok for a value that passed `is_some`.
+        None => Err(MergeError),
     }
 }
 
@@ -132,7 +217,7 @@ impl<V> Drop for Flight<V> {
         // entry is ours anyway rather than trust that reasoning with another flight's key.
         if flights
             .get(&self.key)
-            .is_some_and(|outcome| outcome.same_channel(&self.sender.subscribe()))
+            .is_some_and(|(outcome, _)| outcome.same_channel(&self.sender.subscribe()))
         {
             flights.remove(&self.key);
         }

@@ -14,7 +14,7 @@ use super::call::Call;
 use super::forward::Fetched;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
-use crate::cache::{CachedResponse, Freshness, Role, StoredResponse};
+use crate::cache::{CachedResponse, Freshness, Joined, Progress, Role, StoredResponse};
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
 
@@ -144,13 +144,22 @@ impl Gateway {
         } else {
             format!("{epoch} {key}")
         };
-        let fetch = self.fetch_and_store(key, epoch, route, upstream_get(make_call));
+        let call = upstream_get(make_call);
+        // A follower's own terms: it waits behind another client's budget queue no longer
+        // than its own max_wait, and a leader's refusal is not its refusal.
+        let patience = max_wait_of(&call.state.config, &call.client);
+        let fetch = self.fetch_and_store(key, epoch, route, call);
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
-        let shared = inner.merger.run(merge_key, fetch).await;
+        let shared = inner.merger.run_patient(merge_key, fetch, patience).await;
         let (value, role) = match shared {
-            Ok(v) => v,
+            Ok(Joined::Led(v)) => (v, Role::Leader),
+            Ok(Joined::Followed(v, own)) if refused_by_budget(&v) => {
+                (own(Progress::detached()).await, Role::Leader)
+            }
+            Ok(Joined::Followed(v, _)) => (v, Role::Follower),
+            Ok(Joined::Impatient(own)) => (own(Progress::detached()).await, Role::Leader),
             Err(e) => (
                 Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string()))),
                 Role::Leader,
@@ -209,7 +218,9 @@ impl Gateway {
         let fetch = self.fetch_and_store(key, epoch, route, call);
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
-            let _ = merger.run(merge_key, fetch).await;
+            let _ = merger
+                .run_patient(merge_key, fetch, std::time::Duration::MAX)
+                .await;
         });
     }
 
@@ -221,7 +232,7 @@ impl Gateway {
         epoch: u64,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
-    ) -> impl std::future::Future<Output = Shared> + Send + 'static {
+    ) -> impl FnOnce(Progress) -> Fetch {
         let gateway = self.clone();
         let rule = route.and_then(|(r, caps)| {
             r.ttl.map(|ttl| {
@@ -230,38 +241,61 @@ impl Gateway {
             })
         });
         let no_store = directives(&call.headers).no_store;
-        async move {
-            let mut fetched = gateway.call(&call).await.map_err(Arc::new)?;
-            let storable = fetched.status.is_success()
-                && !no_store
-                && !fetched.headers.contains_key(header::SET_COOKIE)
-                && !cache_control_forbids(&fetched.headers);
-            let stored = match rule {
-                Some((ttl, swr, sie, tags)) if storable => {
-                    // The body may be a slice of a much larger read buffer; an exact copy
-                    // keeps a long-lived entry from pinning that buffer (once per miss).
-                    fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
-                    let entry = CachedResponse {
-                        status: fetched.status,
-                        headers: reply::storable_headers(&fetched.headers),
-                        body: fetched.body.clone(),
-                        tags,
-                        stored_at: Instant::now(),
-                        ttl,
-                        stale_while_revalidate: swr,
-                        stale_if_error: sie,
-                    };
-                    gateway
-                        .inner
-                        .cache
-                        .insert_since(key, &call.headers, entry, epoch)
-                        .await
-                }
-                _ => false,
-            };
-            Ok(Arc::new(Answer { fetched, stored }))
+        move |progress: Progress| -> Fetch {
+            Box::pin(async move {
+                let mut fetched = gateway
+                    .call_reporting(&call, &progress)
+                    .await
+                    .map_err(Arc::new)?;
+                let storable = fetched.status.is_success()
+                    && !no_store
+                    && !fetched.headers.contains_key(header::SET_COOKIE)
+                    && !cache_control_forbids(&fetched.headers);
+                let stored = match rule {
+                    Some((ttl, swr, sie, tags)) if storable => {
+                        // The body may be a slice of a much larger read buffer; an exact copy
+                        // keeps a long-lived entry from pinning that buffer (once per miss).
+                        fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
+                        let entry = CachedResponse {
+                            status: fetched.status,
+                            headers: reply::storable_headers(&fetched.headers),
+                            body: fetched.body.clone(),
+                            tags,
+                            stored_at: Instant::now(),
+                            ttl,
+                            stale_while_revalidate: swr,
+                            stale_if_error: sie,
+                        };
+                        gateway
+                            .inner
+                            .cache
+                            .insert_since(key, &call.headers, entry, epoch)
+                            .await
+                    }
+                    _ => false,
+                };
+                Ok(Arc::new(Answer { fetched, stored }))
+            })
         }
     }
+}
+
+/// The merged upstream call of a read, boxed so a follower can hold its own unrun.
+type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Shared> + Send>>;
+
+/// The longest `client` waits for budget: its own `max_wait`, else the global one.
+fn max_wait_of(config: &crate::config::Config, client: &str) -> std::time::Duration {
+    config
+        .clients
+        .iter()
+        .find(|c| c.name == client)
+        .and_then(|c| c.max_wait)
+        .unwrap_or(config.budget.max_wait)
+}
+
+/// The leader found no budget: its refusal says nothing of a follower's own terms.
+fn refused_by_budget(value: &Shared) -> bool {
+    matches!(value, Err(e) if matches!(**e, GatewayError::RateLimited { .. }))
 }
 
 /// The upstream call of a read: HEAD is answered from GET entries, so it goes up as a GET.
