@@ -1332,9 +1332,14 @@ async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {
     let path = dir.join("cxgate.toml");
     std::fs::write(&path, &text).expect("write config");
     let cfg = cxgate::config::load(&path).expect("valid config");
-    let started = tokio::time::timeout(Duration::from_secs(10), cxgate::start(cfg, Some(path)))
-        .await
-        .expect("expected start to return, not to block on the FIFO");
+    let started =
+        tokio::time::timeout(Duration::from_secs(10), cxgate::start(cfg, Some(path))).await;
+    let Ok(started) = started else {
+        // Release the reader blocked in open(2), or the runtime could never shut down.
+        let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("expected start to return, it blocked opening the FIFO token file");
+    };
     let _ = std::fs::remove_dir_all(&dir);
     match started {
         Ok(gw) => {

@@ -147,7 +147,7 @@ impl Gateway {
         let call = upstream_get(make_call);
         // A follower's own terms: it waits behind another client's budget queue no longer
         // than its own max_wait, and a leader's refusal is not its refusal.
-        let patience = max_wait_of(&call.state.config, &call.client);
+        let patience = max_wait_of(&call.state.config, &call.client).max(LEADER_GRACE);
         let fetch = self.fetch_and_store(key, epoch, route, call);
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
@@ -279,6 +279,11 @@ impl Gateway {
         }
     }
 }
+
+/// How long a follower always grants a leader to get through its budget, even with a
+/// `max_wait` of 0: the leader may not have reached the budget yet (it was scheduled an
+/// instant before), and a burst of identical reads must still make one call.
+const LEADER_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The merged upstream call of a read, boxed so a follower can hold its own unrun.
 type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Shared> + Send>>;
