@@ -163,7 +163,14 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
             key,
             sender,
         };
-        tokio::spawn(flight.fly(build(Progress(Arc::new(sent_tx)))));
+        let progress = Progress(Arc::new(sent_tx));
+        let fetch = build(progress.clone());
+        tokio::spawn(async move {
+            // Held until the value is out, so a follower never takes a fetch that dropped
+            // its handle for a flight that has ended.
+            let _held = progress;
+            flight.fly(fetch).await;
+        });
         (outcome, sent, Role::Leader)
     }
 
@@ -408,5 +415,88 @@ mod tests {
             0,
             "expected the key freed by the task itself"
         );
+    }
+
+    fn kind<V, B>(joined: &Joined<V, B>) -> &'static str {
+        match joined {
+            Joined::Led(_) => "Led",
+            Joined::Followed(..) => "Followed",
+            Joined::Impatient(_) => "Impatient",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patient_follower_gets_its_fetch_back_while_the_leader_is_queued() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                // Queued for 10 s before it would be let through: it never reports `sent`.
+                let build = |_: Progress| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    1
+                };
+                merger.run_patient("k".into(), build, Duration::MAX).await
+            })
+        };
+        tokio::task::yield_now().await;
+        let asked = tokio::time::Instant::now();
+        let build = |_: Progress| async { 2 };
+        let joined = merger
+            .run_patient("k".into(), build, Duration::from_secs(1))
+            .await
+            .expect("joined");
+        let waited = asked.elapsed();
+        let own = match joined {
+            Joined::Impatient(own) => own,
+            other => panic!(
+                "expected the follower's own fetch back, saw {}",
+                kind(&other)
+            ),
+        };
+        assert_eq!(
+            waited,
+            Duration::from_secs(1),
+            "expected the follower to wait exactly its patience, it waited {waited:?}"
+        );
+        assert_eq!(
+            own(Progress::detached()).await,
+            2,
+            "expected its own fetch to run"
+        );
+        let led = leader.await.expect("leader task").expect("leader");
+        assert!(
+            matches!(led, Joined::Led(1)),
+            "expected the leader to keep its own value, saw {}",
+            kind(&led)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_waits_for_a_leader_that_was_let_through() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                let build = |progress: Progress| async move {
+                    progress.sent();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    7
+                };
+                merger.run_patient("k".into(), build, Duration::MAX).await
+            })
+        };
+        tokio::task::yield_now().await;
+        let build = |_: Progress| async { 0 };
+        let joined = merger
+            .run_patient("k".into(), build, Duration::from_millis(10))
+            .await
+            .expect("joined");
+        assert!(
+            matches!(joined, Joined::Followed(7, _)),
+            "expected the leader's value once it was sent upstream, saw {}",
+            kind(&joined)
+        );
+        leader.await.expect("leader task").expect("leader");
     }
 }

@@ -71,23 +71,6 @@ return 1
     )
 });
 
-/// Takes the lock for ARGV[1] for ARGV[2] ms: 1 when taken, 0 when another holds it, -1
-/// when the lock found had no expiry or a longer one than any holder sets (a stray or
-/// tampered key that would block every refresh forever): it is then bounded to ARGV[2] ms.
-static LOCK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -1 or ttl > tonumber(ARGV[2]) then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return -1
-end
-return 0
-"#,
-    )
-});
-
 /// Extends the lock if (and only if) it is still ARGV[1]'s.
 static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -207,23 +190,57 @@ impl SharedToken {
 
     async fn try_lock(&self) -> Result<bool, Unavailable> {
         let (key, id) = (self.lock_key.clone(), self.redis.id().to_string());
-        let taken: i64 = self
+        let set: Option<String> = self
             .redis
             .run("token", |mut c| async move {
-                LOCK.key(&key)
+                ::redis::cmd("SET")
+                    .arg(&key)
                     .arg(&id)
+                    .arg("NX")
+                    .arg("PX")
                     .arg(millis(LOCK_TTL))
-                    .invoke_async(&mut c)
+                    .query_async(&mut c)
                     .await
             })
             .await?;
-        if taken == -1 {
+        if set.is_none() {
+            self.bound_lock().await;
+        }
+        Ok(set.is_some())
+    }
+
+    /// A lock with no expiry, or a longer one than any holder sets, is a stray or tampered
+    /// key that would block every refresh forever: it gets the holders' expiry. Setting it
+    /// on a real holder's lock is harmless (its keeper extends it the same way).
+    async fn bound_lock(&self) {
+        let key = self.lock_key.clone();
+        let ttl: Result<i64, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("PTTL").arg(&key).query_async(&mut c).await
+            })
+            .await;
+        let limit = i64::try_from(millis(LOCK_TTL)).unwrap_or(i64::MAX);
+        if !matches!(ttl, Ok(t) if t == -1 || t > limit) {
+            return;
+        }
+        let key = self.lock_key.clone();
+        let bounded: Result<i64, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(millis(LOCK_TTL))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        if matches!(bounded, Ok(1)) {
             warn!(
                 key = %self.lock_key,
                 "token refresh lock had no bounded expiry; it now expires like any holder's"
             );
         }
-        Ok(taken == 1)
     }
 
     /// Keeps the lock alive while the exchange runs; aborted when it ends.
