@@ -22,14 +22,14 @@ use serde_json::{json, Value};
 use crate::error::{envelope, Body};
 use crate::proxy::Gateway;
 use crate::replicas::Invalidation;
-use crate::token::Secret;
 
 /// What the admin endpoints read and act on.
 pub struct Admin {
     pub gateway: Gateway,
     pub registry: Registry,
     pub config_path: Option<PathBuf>,
-    pub admin_token: Option<Secret>,
+    /// The admin token in force (a reload may set, change or remove it).
+    pub live: Arc<crate::reload::Live>,
     pub started: Instant,
     /// What the status page turns into rates.
     pub rates: page::Rates,
@@ -104,7 +104,7 @@ impl Admin {
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {
-        let Some(expected) = &self.admin_token else {
+        let Some(expected) = self.live.admin_token() else {
             return true;
         };
         let presented = presented_token(req.headers()).unwrap_or_default();
@@ -209,7 +209,7 @@ impl Admin {
     }
 
     async fn reload(&self) -> Response<Body> {
-        match crate::reload(&self.gateway, self.config_path.as_deref()) {
+        match crate::reload::reload(&self.gateway, &self.live, self.config_path.as_deref()).await {
             Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
             Err(problems) => json_response(
                 StatusCode::BAD_REQUEST,

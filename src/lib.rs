@@ -14,12 +14,14 @@ pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod cache;
+pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod replicas;
 pub mod server;
 pub mod sim;
@@ -70,6 +72,8 @@ pub struct Running {
     refresher: JoinHandle<()>,
     /// The shared Redis, with several replicas; its background tasks stop with the gateway.
     replicas: Option<replicas::Redis>,
+    /// What a reload applies outside the config snapshot (admin token, certificate).
+    live: Arc<reload::Live>,
 }
 
 impl Running {
@@ -167,21 +171,13 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         budget,
         metrics: metrics::RequestMetrics::register(&registry)?,
     };
-    let tls = match &cfg.server.tls {
-        Some(t) => Some(server::tls_acceptor(&t.cert_file, &t.key_file)?),
+    let certs = match &cfg.server.tls {
+        Some(t) => Some(certs::Certs::load(&t.cert_file, &t.key_file)?),
         None => None,
     };
-    let admin_token = match &cfg.server.admin_token_env {
-        Some(name) => match std::env::var(name) {
-            Ok(v) if !v.is_empty() => Some(token::Secret::new(v)),
-            _ => {
-                return Err(StartError::Refused(format!(
-                    "server.admin_token_env: ${name} is not set"
-                )))
-            }
-        },
-        None => None,
-    };
+    let tls = certs.as_ref().map(certs::Certs::acceptor).transpose()?;
+    let admin_token = reload::admin_token(&cfg).map_err(StartError::Refused)?;
+    let live = reload::Live::new(admin_token, certs);
     let grace = cfg.server.shutdown_grace;
     let config = Arc::new(cfg);
     let gateway = Gateway::new(config.clone(), parts);
@@ -195,7 +191,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         gateway: gateway.clone(),
         registry,
         config_path,
-        admin_token,
+        live: live.clone(),
         started,
         rates: Default::default(),
     });
@@ -235,6 +231,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         tasks: vec![client_task, admin_task],
         refresher,
         replicas: redis,
+        live,
     })
 }
 
@@ -295,76 +292,6 @@ fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
     })
 }
 
-/// Re-reads the config file and swaps it in; an invalid file changes nothing. Returns notes
-/// on settings that need a restart to take effect.
-pub fn reload(gateway: &Gateway, path: Option<&Path>) -> Result<Vec<String>, Vec<String>> {
-    let Some(path) = path else {
-        return Err(vec![
-            "this gateway was started without a config file; nothing to reload".into(),
-        ]);
-    };
-    let next = config::load(path).map_err(|e| e.lines())?;
-    let current = gateway.state().config.clone();
-    let mut notes = Vec::new();
-    let s = &current.server;
-    if next.server.listen != s.listen && next.server.listen.port() != 0 {
-        notes.push("server.listen changes need a restart".to_string());
-    }
-    if next.server.admin_listen != s.admin_listen && next.server.admin_listen.port() != 0 {
-        notes.push("server.admin_listen changes need a restart".to_string());
-    }
-    if next.cache.max_bytes != current.cache.max_bytes {
-        notes.push("cache.max_bytes changes need a restart".to_string());
-    }
-    let (u, nu) = (&current.upstream, &next.upstream);
-    if nu.base_url != u.base_url {
-        notes.push("upstream.base_url changes need a restart".to_string());
-    }
-    if nu.connect_timeout != u.connect_timeout || nu.ca_file != u.ca_file {
-        notes.push(
-            "upstream.connect_timeout and upstream.ca_file changes need a restart".to_string(),
-        );
-    }
-    let (b, nb) = (&current.budget, &next.budget);
-    if nb.backend != b.backend
-        || nb.redis_url_env != b.redis_url_env
-        || nb.key_prefix != b.key_prefix
-    {
-        notes.push(
-            "budget.backend, budget.redis_url_env and budget.key_prefix changes need a restart"
-                .to_string(),
-        );
-    }
-    if nb.redis_ca_file != b.redis_ca_file || nb.redis_cluster != b.redis_cluster {
-        notes.push("budget.redis_ca_file and budget.redis_cluster changes need a restart".into());
-    }
-    let mut next = next;
-    // Keep what only a restart can change, so the snapshot matches what is running.
-    next.server.listen = s.listen;
-    next.server.admin_listen = s.admin_listen;
-    next.server.public_base_url = if next.server.public_base_url.ends_with(":0") {
-        s.public_base_url.clone()
-    } else {
-        next.server.public_base_url
-    };
-    // The client pool is built once; its per-exchange timeout is read per call.
-    next.upstream = crate::config::UpstreamConfig {
-        timeout: next.upstream.timeout,
-        ..current.upstream.clone()
-    };
-    next.cache = current.cache.clone();
-    next.token = current.token.clone();
-    // The Redis connection is made once at start; keep the snapshot true to it.
-    next.budget.backend = current.budget.backend;
-    next.budget.redis_url_env = current.budget.redis_url_env.clone();
-    next.budget.key_prefix = current.budget.key_prefix.clone();
-    next.budget.redis_ca_file = current.budget.redis_ca_file.clone();
-    next.budget.redis_cluster = current.budget.redis_cluster;
-    gateway.swap(Arc::new(next));
-    tracing::info!(path = %path.display(), ?notes, "configuration reloaded");
-    Ok(notes)
-}
-
 /// `cxgate run`: starts, then serves until SIGTERM or SIGINT; SIGHUP reloads.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), StartError> {
     let running = start(cfg, config_path.clone()).await?;
@@ -392,7 +319,7 @@ pub async fn wait_for_signals(running: &Running, config_path: Option<&Path>) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
-                _ = hup.recv() => match reload(&running.gateway, config_path) {
+                _ = hup.recv() => match reload::reload(&running.gateway, &running.live, config_path).await {
                     Ok(notes) => tracing::info!(?notes, "SIGHUP: reloaded"),
                     Err(problems) => tracing::error!(?problems, "SIGHUP: config invalid; the running configuration stays"),
                 },

@@ -125,6 +125,17 @@ async fn dispatch(command: Command) -> ExitCode {
         },
         Command::Check { config } => match cxgate::config::load(&config) {
             Ok(cfg) => {
+                // `check` refuses what `run` would refuse about the files the config names.
+                let (problems, warnings) = cxgate::reload::preflight(&cfg);
+                for warning in &warnings {
+                    eprintln!("warning: {warning}");
+                }
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    return ExitCode::from(2);
+                }
                 let unset = cfg.unset_env();
                 if unset.is_empty() {
                     println!("{}: valid", config.display());

@@ -212,7 +212,7 @@ impl RequestMetrics {
                 l.client,
                 l.route,
                 l.method,
-                l.status.as_str(),
+                status_label(&l.status),
                 l.cache,
             ]),
             duration: self.duration.with_label_values(&[l.route, l.cache]),
@@ -259,6 +259,17 @@ impl RequestMetrics {
             self.upstream_duration.with_label_values(&[route]);
             self.coalesced.with_label_values(&[route]);
         }
+    }
+}
+
+/// The `status` label of a status code: the code itself inside the range HTTP defines
+/// (100 to 599), `other` outside it. An upstream may answer with any three digits, and each
+/// new label value is a new series kept for the life of the process.
+pub fn status_label(status: &http::StatusCode) -> &str {
+    if (100..=599).contains(&status.as_u16()) {
+        status.as_str()
+    } else {
+        "other"
     }
 }
 

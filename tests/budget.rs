@@ -719,3 +719,64 @@ async fn load_run() {
     let problems = report.problems();
     assert!(problems.is_empty(), "budget load run: {problems:?}");
 }
+
+// A merged request keeps its own budget terms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_leader() {
+    let clients = format!(
+        "{}{}",
+        client_toml(
+            "batch",
+            READER,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"10s\"",
+        ),
+        client_toml(
+            "interactive",
+            ACCOUNT,
+            "scopes = [\"read\"]\nmax_wait = \"1s\""
+        ),
+    );
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{BIG_BUDGET}{ROUTES}"),
+        )
+        .await,
+    );
+    assert_ok(
+        &env.get_as(READER, &contact(1)).await,
+        "the batch client's first read",
+    );
+    // The batch client's share is spent: its next read queues for about 4 s.
+    let leader = {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let a = env.get_as(READER, &contact(2)).await;
+            (a, asked.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    let follower = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    assert_ok(&follower, "the interactive client's identical read");
+    assert!(
+        took < Duration::from_millis(2500),
+        "expected the interactive read answered within about its own max_wait (1 s), not \
+         after the batch client's ~4 s queue; it took {took:?}"
+    );
+    assert!(
+        !follower.header("cache-status").contains("collapsed"),
+        "expected the interactive read to lead its own call, saw Cache-Status {:?}",
+        follower.header("cache-status")
+    );
+    let (batch, waited) = leader.await.expect("leader task");
+    assert_ok(&batch, "the batch client's queued read");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "expected the batch read to have queued on its own share, it took {waited:?}"
+    );
+    stop(env).await;
+}

@@ -254,13 +254,14 @@ async fn uncacheable_gets_in_flight_together_are_merged_too() {
             "expected Cache-Status `cxgate; fwd=bypass; ...`, saw {cache:?}"
         );
     }
-    let collapsed = answers
+    // Not cacheable, so nothing was collapsed into a cache fill: they shared one answer.
+    let merged = answers
         .iter()
-        .filter(|a| a.1.ends_with("; collapsed"))
+        .filter(|a| a.1.ends_with("; detail=merged") && !a.1.contains("collapsed"))
         .count();
     assert_eq!(
-        collapsed, 49,
-        "expected 49 collapsed answers, saw {collapsed}"
+        merged, 49,
+        "expected 49 answers saying `detail=merged` (not `collapsed`), saw {merged}"
     );
     let upstream = env.upstream_count("GET /me/permissions");
     assert_eq!(
@@ -485,6 +486,28 @@ async fn equivalent_queries_share_an_entry() {
     assert_eq!(
         upstream, 2,
         "expected 2 upstream calls (limit 2 and 3), saw {upstream}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn queries_that_differ_only_in_invalid_utf8_bytes_do_not_share_an_entry() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let base = "/12345/inbox/mentions";
+    let first = env.get(&format!("{base}?q=%ff")).await;
+    assert_stored(&first, "q=%ff");
+    // Each of these is a different byte string to the upstream; a lossy decode made all of
+    // them U+FFFD and answered them from the `%ff` entry.
+    for other in ["q=%fe", "q=%c0%af", "q=%ef%bf%bd"] {
+        let answer = env.get(&format!("{base}?{other}")).await;
+        assert_stored(&answer, other);
+    }
+    let again = env.get(&format!("{base}?q=%FF")).await;
+    assert_hit(&again, "q=%FF after q=%ff (the same byte)");
+    let upstream = env.upstream_count(&format!("GET {base}"));
+    assert_eq!(
+        upstream, 4,
+        "expected 4 upstream calls (one per distinct byte string), saw {upstream}"
     );
     env.stop().await;
 }

@@ -377,3 +377,71 @@ async fn demo_serves_me_with_the_demo_key_and_stops_on_sigint() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---------------------------------------------------------------------------------------
+// check refuses what run refuses
+// ---------------------------------------------------------------------------------------
+
+const MINIMAL: &str = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                       [upstream]\nbase_url = \"http://127.0.0.1:1\"\n";
+
+#[test]
+fn check_refuses_a_missing_tls_certificate_as_run_does() {
+    let dir = common::temp_dir("cli-tls");
+    let missing = dir.join("no-such-cert.pem");
+    let config = MINIMAL.replace(
+        "[upstream]",
+        &format!(
+            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[upstream]",
+            missing.display(),
+            dir.join("no-such-key.pem").display()
+        ),
+    ) + "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let (code, lines) = check_text(&config);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(2), "expected exit 2, saw {code:?}: {lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("server.tls") && l.contains("no-such-cert.pem")),
+        "expected a line naming server.tls and the missing file, saw {lines:#?}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn check_refuses_a_fifo_token_file_and_warns_about_an_open_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::temp_dir("cli-token");
+    let fifo = dir.join("token.fifo");
+    let made = Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "expected mkfifo to make {}", fifo.display());
+    let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n", fifo.display());
+    let started = Instant::now();
+    let (code, lines) = check_text(&config);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "expected check to return without opening the FIFO"
+    );
+    assert!(
+        code == Some(2) && lines.iter().any(|l| l.contains("not a regular file")),
+        "expected exit 2 saying the token file is not a regular file, saw {code:?}: {lines:#?}"
+    );
+
+    let open = dir.join("token.json");
+    std::fs::write(&open, "{\"access_token\":\"a\",\"refresh_token\":\"r\"}").expect("token");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n", open.display());
+    let (code, lines) = check_text(&config);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        code == Some(0)
+            && lines
+                .iter()
+                .any(|l| l.starts_with("warning: token.file") && l.contains("644")),
+        "expected exit 0 with a warning naming mode 644, saw {code:?}: {lines:#?}"
+    );
+}

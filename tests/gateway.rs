@@ -709,3 +709,72 @@ async fn admin_probes_metrics_and_status() {
     }
     env.stop().await;
 }
+
+/// An upstream that answers every call with the status named by its `s` query parameter.
+async fn status_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the status upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let code = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.strip_prefix("s="))
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .unwrap_or(200);
+                let resp = hyper::Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(br#"{"meta":{"code":0}}"#)));
+                async move { Ok::<_, std::convert::Infallible>(resp.expect("status response")) }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (base, task)
+}
+
+#[tokio::test]
+async fn upstream_statuses_outside_the_http_range_share_one_metric_label() {
+    let (base, upstream) = status_upstream().await;
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
+    for code in (600..640).chain([200, 404, 999]) {
+        let answer = env.get(&format!("/me/permissions?s={code}")).await;
+        assert!(
+            answer.status.as_u16() >= 100,
+            "expected an answer for upstream status {code}, saw {}",
+            answer.status
+        );
+    }
+    let text = env.metrics().await;
+    for metric in ["cxgate_upstream_requests_total{", "cxgate_requests_total{"] {
+        let mut labels: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(metric))
+            .filter_map(|l| l.split("status=\"").nth(1)?.split('"').next())
+            .collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert!(
+            labels.contains(&"other"),
+            "{metric}: expected statuses outside 100-599 labelled `other`, saw {labels:?}"
+        );
+        assert!(
+            !labels
+                .iter()
+                .any(|l| l.starts_with('6') || l.starts_with('9')),
+            "{metric}: expected no label of a status outside 100-599, saw {labels:?}"
+        );
+    }
+    env.stop().await;
+    upstream.abort();
+}

@@ -671,3 +671,169 @@ async fn a_reload_notes_budget_backend_settings_that_need_a_restart() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_that_turns_on_the_admin_token_enforces_it() {
+    const ADMIN_ENV: &str = "CXGATE_TEST_RELOADED_ADMIN_TOKEN";
+    std::env::set_var(ADMIN_ENV, "reloaded-admin-secret");
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let status = |auth: Option<&'static str>| {
+        let env = &env;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                auth.map(|a| ("authorization", a)).into_iter().collect();
+            env.send(Method::GET, &env.admin_url("/admin/status"), &headers, "")
+                .await
+                .status
+        }
+    };
+    assert_eq!(
+        status(None).await,
+        200,
+        "expected /admin/status open before"
+    );
+
+    let notes = reload_with(
+        &env,
+        "request_timeout = \"5s\"\n",
+        &format!("request_timeout = \"5s\"\nadmin_token_env = \"{ADMIN_ENV}\"\n"),
+    )
+    .await;
+    assert!(
+        !notes.contains("admin_token"),
+        "expected the admin token applied, not noted, saw {notes}"
+    );
+    let open = status(None).await;
+    let wrong = status(Some("Bearer nope")).await;
+    let right = status(Some("Bearer reloaded-admin-secret")).await;
+    assert_eq!(
+        (open, wrong, right),
+        (
+            StatusCode::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::OK
+        ),
+        "expected the reloaded admin token enforced (401 without it, 401 wrong, 200 right)"
+    );
+
+    // A variable that is not set is refused, as at start, and the token in force stays.
+    let text = edited(
+        &current_config(&env),
+        ADMIN_ENV,
+        "CXGATE_TEST_ADMIN_TOKEN_NOBODY_SET",
+    );
+    write_config(&config_path(&env), &text);
+    let answer = env
+        .send(
+            Method::POST,
+            &env.admin_url("/admin/reload"),
+            &[("authorization", "Bearer reloaded-admin-secret")],
+            "",
+        )
+        .await;
+    let body = String::from_utf8_lossy(&answer.body).into_owned();
+    assert!(
+        answer.status == 400 && body.contains("admin_token_env"),
+        "expected 400 naming admin_token_env for an unset variable, saw {} {body}",
+        answer.status
+    );
+    assert_eq!(
+        status(Some("Bearer reloaded-admin-secret")).await,
+        200,
+        "expected the admin token in force to stay after the refused reload"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_names_every_token_and_server_setting_that_needs_a_restart() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let text = current_config(&env);
+    let text = edited(&text, "refresh_before = \"1s\"", "refresh_before = \"5m\"");
+    let text = edited(
+        &text,
+        "client_id = \"sim-client\"",
+        "client_id = \"other-client\"",
+    );
+    let text = edited(&text, "shutdown_grace = \"2s\"", "shutdown_grace = \"9s\"");
+    let text = edited(&text, "token.json", "token-moved.json");
+    write_config(&config_path(&env), &text);
+    let answer = admin_reload(&env).await;
+    assert_reloaded(&answer, "token and server settings changed");
+    let notes = answer.json()["notes"].to_string();
+    for key in [
+        "token.refresh_before",
+        "[token.oauth]",
+        "server.shutdown_grace",
+        "token.file",
+    ] {
+        assert!(
+            notes.contains(key),
+            "expected the notes to name {key} as needing a restart, saw {notes}"
+        );
+    }
+    let unchanged = admin_reload(&env).await;
+    let again = unchanged.json()["notes"].to_string();
+    assert!(
+        again.contains("token.file"),
+        "expected the same file reloaded again to still name what is not applied, saw {again}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_drops_entries_of_a_route_whose_ttl_or_tags_changed() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    for path in ["/me/accounts", "/me"] {
+        env.get(path).await;
+        let hit = env.get(path).await;
+        assert!(
+            hit_ttl(&hit).is_some(),
+            "before reload: expected {path} cached, saw {:?}",
+            hit.header("cache-status")
+        );
+    }
+    let text = edited(
+        &current_config(&env),
+        "match = \"GET /me/accounts\"\nttl = \"10m\"\ntags = [\"me\", \"accounts\"]",
+        "match = \"GET /me/accounts\"\nttl = \"2m\"\ntags = [\"profile\"]",
+    );
+    write_config(&config_path(&env), &text);
+    assert_reloaded(
+        &admin_reload(&env).await,
+        "new ttl and tags for /me/accounts",
+    );
+
+    let after = env.get("/me/accounts").await;
+    assert!(
+        after.header("cache-status").contains("stored"),
+        "expected the entry stored under the old ttl and tags dropped (a new miss), saw {:?}",
+        after.header("cache-status")
+    );
+    let ttl = hit_ttl(&env.get("/me/accounts").await);
+    assert!(
+        ttl.is_some_and(|t| t <= 120),
+        "expected the new 2m ttl on the new entry, saw {ttl:?}"
+    );
+    let untouched = env.get("/me").await;
+    assert!(
+        hit_ttl(&untouched).is_some(),
+        "expected /me (route unchanged) still a hit, saw {:?}",
+        untouched.header("cache-status")
+    );
+    let purged = env
+        .send(
+            Method::POST,
+            &env.admin_url("/admin/purge"),
+            &[("content-type", "application/json")],
+            r#"{"tags":["profile"]}"#,
+        )
+        .await;
+    assert_eq!(
+        purged.json()["purged"],
+        1,
+        "expected a purge by the new tag name to reach the /me/accounts entry, saw {:?}",
+        purged.body
+    );
+    env.stop().await;
+}

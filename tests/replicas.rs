@@ -961,3 +961,231 @@ async fn a_cluster_failover_is_a_short_outage() {
     );
     c.stop().await;
 }
+
+/// The token file of replica `i`, as JSON.
+fn token_file(c: &Cluster, i: usize) -> serde_json::Value {
+    let text = std::fs::read_to_string(c.dirs[i].join("token.json")).expect("token file");
+    serde_json::from_str(&text).expect("token file JSON")
+}
+
+async fn set_record(c: &Cluster, version: u64, token: serde_json::Value) {
+    let mut redis = conn(&c.redis).await;
+    let record = serde_json::json!({"version": version, "by": "operator", "token": token});
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token"))
+        .arg(record.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write the token record");
+}
+
+async fn record_access(c: &Cluster) -> String {
+    let mut redis = conn(&c.redis).await;
+    let text: String = redis::cmd("GET")
+        .arg(key(&c, "token"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the token record");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("record JSON");
+    v["token"]["access_token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Longer than the replicas' one-second watch of the record, twice over.
+const WATCHES: Duration = Duration::from_millis(2500);
+
+/// A tampered record is checked before it is adopted; a record without a refresh token
+/// never reaches a token file that has one; the previous file is kept beside the new one;
+/// and an operator's corrected record is not pushed back out by a replica holding the bad.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_token_record_is_checked_and_a_repair_sticks() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let good = token_file(&c, 0);
+    let far = "2099-01-01T00:00:00Z";
+
+    // No refresh token, a later expiry, a higher version: refused, files untouched.
+    set_record(
+        &c,
+        50,
+        serde_json::json!({"access_token": "no-refresh-access", "expires_at": far}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        let file = token_file(&c, i);
+        assert_eq!(
+            (
+                file["access_token"].as_str(),
+                file["refresh_token"].as_str()
+            ),
+            (Some(ACCESS), Some(REFRESH)),
+            "replica {i}: expected its token file kept (a record without a refresh token must \
+             not replace one that has it)"
+        );
+    }
+    // An access token with CR/LF in it cannot be sent: refused too.
+    set_record(
+        &c,
+        51,
+        serde_json::json!({"access_token": "bad\r\naccess", "refresh_token": "r", "expires_at": far}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some(ACCESS),
+        "expected a record with CR/LF in its access token refused"
+    );
+    let answer = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected replicas still serving"
+    );
+
+    // A well-formed record cannot be told from a real one, so it is adopted, and the
+    // previous file is kept beside the new one.
+    set_record(
+        &c,
+        60,
+        serde_json::json!({"access_token": "other-access", "refresh_token": "other-refresh", "expires_at": far}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        let prev = c.dirs[i].join("token.json.prev");
+        let text = std::fs::read_to_string(&prev).unwrap_or_default();
+        assert!(
+            token_file(&c, i)["access_token"] == "other-access" && text.contains(REFRESH),
+            "replica {i}: expected the record adopted and the previous file (with the real \
+             refresh token) kept as {}",
+            prev.display()
+        );
+    }
+
+    // The operator writes the real token back: every replica takes it, and none pushes the
+    // one with the later expiry over it again.
+    set_record(&c, 61, good.clone()).await;
+    tokio::time::sleep(WATCHES).await;
+    tokio::time::sleep(WATCHES).await;
+    let stored = record_access(&c).await;
+    assert_eq!(
+        stored, ACCESS,
+        "expected the operator's corrected record to stick, saw the record holding {stored:?}"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected the corrected token in its file"
+        );
+    }
+    let answer = c.get(1, "/me/permissions").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the repaired replicas to serve, saw {answer:?}"
+    );
+    c.stop().await;
+}
+
+/// Redis's own clock, in µs, as the budget script reads it.
+async fn redis_now_us(c: &Cluster) -> u64 {
+    let mut redis = conn(&c.redis).await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME")
+        .query_async(&mut redis)
+        .await
+        .expect("redis TIME");
+    secs * 1_000_000 + micros
+}
+
+/// Values read from Redis are bounded like the upstream's own: a pause or a budget state
+/// years ahead is cut back, and a refresh lock without expiry does not block refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_read_from_redis_are_bounded() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let ten_years_us: u64 = 10 * 365 * 24 * 3600 * 1_000_000;
+
+    let ahead = redis_now_us(&c).await + ten_years_us;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:pause"))
+        .arg(ahead.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write a pause ten years ahead");
+    let paused = c.get(0, "/12345/inbox/mentions?bounded=1").await;
+    let retry: u64 = paused.header("retry-after").parse().unwrap_or(u64::MAX);
+    assert!(
+        paused.status == StatusCode::TOO_MANY_REQUESTS && retry <= 24 * 3600,
+        "expected 429 with a Retry-After of at most a day for a pause years ahead, saw {} \
+         Retry-After {:?}",
+        paused.status,
+        paused.header("retry-after")
+    );
+    let () = redis::cmd("DEL")
+        .arg(key(&c, "budget:pause"))
+        .query_async(&mut redis)
+        .await
+        .expect("end the pause");
+
+    let ahead = redis_now_us(&c).await + ten_years_us;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:global"))
+        .arg(ahead.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write a budget state ten years ahead");
+    let first = c.get(1, "/12345/inbox/mentions?bounded=2").await;
+    let retry: u64 = first.header("retry-after").parse().unwrap_or(0);
+    assert!(
+        first.status == StatusCode::OK || retry <= 60,
+        "expected a budget state years ahead cut back to what the shares can book, saw {} \
+         Retry-After {:?}",
+        first.status,
+        first.header("retry-after")
+    );
+
+    let () = redis::cmd("DEL")
+        .arg(key(&c, "budget:global"))
+        .query_async(&mut redis)
+        .await
+        .expect("clear the budget state");
+
+    // A lock nobody will ever release: the next refresh must still happen.
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token:lock"))
+        .arg("ghost")
+        .query_async(&mut redis)
+        .await
+        .expect("write a lock without expiry");
+    let before = c.sim.stats()["token_refreshes"].as_u64().unwrap_or(0);
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_401: Some(cxgate::sim::Force401 { count: 1 }),
+        ..cxgate::sim::Faults::default()
+    });
+    let _ = c.get(0, "/me/permissions").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = c.sim.stats()["token_refreshes"].as_u64().unwrap_or(0);
+        if now > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected a refresh despite a lock without expiry, saw none in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.stop().await;
+}

@@ -2,7 +2,8 @@
 //! an upstream reached over https that is trusted only through `upstream.ca_file`.
 //!
 //! `tests/tls/` holds a test CA (`ca.pem`) and a leaf for `localhost` and 127.0.0.1
-//! (`cert.pem`, `key.pem`) that it signed; they exist only for these tests.
+//! (`cert.pem`, `key.pem`) that it signed; they exist only for these tests. A second CA
+//! (`renewed-ca.pem`) signed `renewed-cert.pem`/`renewed-key.pem`: the pair a renewal brings.
 
 mod common;
 
@@ -237,4 +238,94 @@ async fn an_https_upstream_is_trusted_through_ca_file_and_only_then() {
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir_a);
     let _ = std::fs::remove_dir_all(dir_b);
+}
+
+/// The end-entity certificate the gateway presents to a new connection.
+async fn served_certificate(addr: SocketAddr) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in ["ca.pem", "renewed-ca.pem"] {
+        for cert in CertificateDer::pem_file_iter(tls_file(ca)).expect("read a test CA") {
+            roots
+                .add(cert.expect("parse a test CA"))
+                .expect("add a test CA");
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("TLS handshake with the gateway");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+fn first_certificate(name: &str) -> Vec<u8> {
+    CertificateDer::pem_file_iter(tls_file(name))
+        .expect("read a test certificate")
+        .next()
+        .expect("one certificate")
+        .expect("parse a test certificate")
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_serves_the_renewed_certificate_and_keeps_the_old_one_when_the_new_is_bad() {
+    let dir = common::temp_dir("tls-renew");
+    let (cert, key) = (dir.join("served-cert.pem"), dir.join("served-key.pem"));
+    std::fs::copy(tls_file("cert.pem"), &cert).expect("copy cert.pem");
+    std::fs::copy(tls_file("key.pem"), &key).expect("copy key.pem");
+    let server = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\"]");
+    let env = common::start_custom(SimOptions::default(), &server, None, &clients, "").await;
+    let reload = || async {
+        env.send(http::Method::POST, &env.admin_url("/admin/reload"), &[], "")
+            .await
+    };
+    let before = served_certificate(env.gw.addr).await;
+    assert!(
+        before == first_certificate("cert.pem"),
+        "expected cert.pem served at start"
+    );
+
+    // The renewal lands in the same files, as certbot and cert-manager do it.
+    std::fs::copy(tls_file("renewed-cert.pem"), &cert).expect("renew the cert");
+    std::fs::copy(tls_file("renewed-key.pem"), &key).expect("renew the key");
+    let answer = reload().await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the reload accepted, saw {} {:?}",
+        answer.status,
+        answer.body
+    );
+    let after = served_certificate(env.gw.addr).await;
+    assert!(
+        after == first_certificate("renewed-cert.pem"),
+        "expected the renewed certificate served to a new connection after the reload"
+    );
+
+    // A key that does not match its certificate is refused, and the running pair stays.
+    std::fs::copy(tls_file("key.pem"), &key).expect("a mismatched key");
+    let answer = reload().await;
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    assert!(
+        answer.status == StatusCode::BAD_REQUEST && text.contains("server.tls"),
+        "expected 400 naming server.tls for a mismatched pair, saw {} {text}",
+        answer.status
+    );
+    let still = served_certificate(env.gw.addr).await;
+    assert!(
+        still == first_certificate("renewed-cert.pem"),
+        "expected the renewed certificate still served after the refused reload"
+    );
+    env.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

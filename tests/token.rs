@@ -1286,3 +1286,68 @@ async fn a_token_echoed_in_upstream_headers_never_reaches_the_client() {
     env.stop().await;
     upstream.abort();
 }
+
+#[tokio::test]
+async fn readyz_is_503_while_the_held_token_cannot_be_sent() {
+    let sim = SimOptions {
+        access_tokens: vec!["sim-access\r\nX-Injected: 1".to_string()],
+        refresh_tokens: vec![REFRESH.to_string()],
+        ..SimOptions::default()
+    };
+    let env = common::start(sim, ROUTES).await;
+    let ready = env
+        .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+        .await;
+    let text = String::from_utf8_lossy(&ready.body).into_owned();
+    assert!(
+        ready.status == 503 && text.contains("cannot be sent"),
+        "expected /readyz 503 saying the token cannot be sent, saw {} {text}",
+        ready.status
+    );
+    assert!(
+        !text.contains("X-Injected"),
+        "expected the token kept out of the reason, saw {text}"
+    );
+    env.stop().await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {
+    let dir = temp_dir("token-fifo");
+    let fifo = dir.join("token.json");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success(), "expected mkfifo to make {}", fifo.display());
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
+         [token]\nfile = \"{}\"\n{}",
+        fifo.display(),
+        common::client_toml("test", KEY, "")
+    );
+    let path = dir.join("cxgate.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let cfg = cxgate::config::load(&path).expect("valid config");
+    let started =
+        tokio::time::timeout(Duration::from_secs(10), cxgate::start(cfg, Some(path))).await;
+    let Ok(started) = started else {
+        // Release the reader blocked in open(2), or the runtime could never shut down.
+        let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("expected start to return, it blocked opening the FIFO token file");
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    match started {
+        Ok(gw) => {
+            gw.shutdown();
+            panic!("expected start refused for a FIFO token file, it started");
+        }
+        Err(e) => assert!(
+            e.to_string().contains("not a regular file"),
+            "expected the refusal to say the token file is not a regular file, saw {e}"
+        ),
+    }
+}

@@ -51,6 +51,17 @@ end
 local function store(key, v)
   redis.call('SET', key, string.format('%.0f', v), 'PX', math.floor((v - now) / 1000) + 1000)
 end
+-- A stored state further ahead than the configured shares can book (a full burst plus the
+-- longest wait) is not trusted (a stray or tampered key): it is cut back to that bound, as
+-- the upstream's own pauses are.
+local function bounded(key, span)
+  local v = load(key)
+  if v > now + span then
+    v = now + span
+    store(key, v)
+  end
+  return v
+end
 local function earliest(tat, cost, interval, usable)
   return tat - (usable - math.min(cost, usable)) * interval
 end
@@ -99,7 +110,8 @@ if mode == 'return' then
 end
 
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
--- not book the client), max wait, debt owed from a spell on the local fallback.
+-- not book the client), max wait, debt owed from a spell on the local fallback, and the
+-- longest pause a stored one may still have left (all in µs).
 local cost = tonumber(ARGV[2])
 local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -108,7 +120,14 @@ local owed = tonumber(ARGV[8])
 if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
 
 local pause = tonumber(redis.call('GET', KEYS[3]))
-if pause ~= nil and pause > now then return {3, pause - now} end
+if pause ~= nil and pause > now then
+  local longest = tonumber(ARGV[9])
+  if pause > now + longest then
+    pause = now + longest
+    store(KEYS[3], pause)
+  end
+  return {3, pause - now}
+end
 
 local allow = tonumber(redis.call('GET', KEYS[4]))
 if allow ~= nil and allow < cost then
@@ -116,11 +135,11 @@ if allow ~= nil and allow < cost then
   if ttl > 0 then return {3, ttl * 1000} end
 end
 
-local g = load(KEYS[1])
+local g = bounded(KEYS[1], gi * gu + max_wait + owed)
 local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
 local c, cw = now, 0
 if cu > 0 then
-  c = load(KEYS[2])
+  c = bounded(KEYS[2], ci * cu + max_wait)
   cw = math.max(earliest(c, cost, ci, cu) - now, 0)
 end
 if math.max(gw, cw) > max_wait then
@@ -218,6 +237,7 @@ impl Shared {
             own.map_or(0, |o| o.usable).to_string(),
             (max_wait / 1000).to_string(),
             owed.to_string(),
+            super::upstream::LONGEST_PAUSE.as_micros().to_string(),
         ];
         let raw: Vec<i64> = self
             .redis

@@ -46,8 +46,16 @@ pub fn cache_key(method: &Method, path: &str, query: Option<&str>) -> String {
         return key;
     };
 
-    let mut pairs: Vec<(_, _)> = form_urlencoded::parse(query.as_bytes())
-        .filter(|(name, _)| name != CREDENTIAL_PARAM)
+    // Decoded to bytes, not to text: a lossy UTF-8 decode would turn `%ff` and `%fe` into
+    // the same U+FFFD, and two queries the upstream reads differently would share one entry.
+    let mut pairs: Vec<(Vec<u8>, Vec<u8>)> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode_component(name), decode_component(value))
+        })
+        .filter(|(name, _)| name != CREDENTIAL_PARAM.as_bytes())
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -55,17 +63,44 @@ pub fn cache_key(method: &Method, path: &str, query: Option<&str>) -> String {
     key.push_str(method);
     key.push(' ');
     key.push_str(path);
-    if !pairs.is_empty() {
-        key.push('?');
-        // The suffix starts right after the '?', so it cannot be shorter than the string.
-        let start = key.len();
-        let mut serializer = form_urlencoded::Serializer::for_suffix(key, start);
-        for (name, value) in &pairs {
-            serializer.append_pair(name, value);
-        }
-        key = serializer.finish();
+    for (i, (name, value)) in pairs.iter().enumerate() {
+        key.push(if i == 0 { '?' } else { '&' });
+        key.extend(form_urlencoded::byte_serialize(name));
+        key.push('=');
+        key.extend(form_urlencoded::byte_serialize(value));
     }
     key
+}
+
+/// One `application/x-www-form-urlencoded` name or value as the raw bytes it stands for:
+/// `+` is a space, `%XX` one byte, and a `%` without two hex digits stays as it is (as the
+/// form decoder reads it).
+fn decode_component(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                bytes.get(i + 1).and_then(hex),
+                bytes.get(i + 2).and_then(hex),
+            ) {
+                (Some(high), Some(low)) => {
+                    out.push(high << 4 | low);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex(digit: &u8) -> Option<u8> {
+    (*digit as char).to_digit(16).map(|d| d as u8)
 }
 
 #[cfg(test)]
@@ -192,6 +227,28 @@ mod tests {
         assert_eq!(
             forward, "GET /x?b=0&id=1&id=2",
             "expected names sorted, values in order; saw {forward:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_values_keep_their_bytes() {
+        let ff = get("/x", Some("q=%ff"));
+        let fe = get("/x", Some("q=%fe"));
+        assert_ne!(
+            ff, fe,
+            "%ff and %fe are different bytes, both keys were {ff:?}"
+        );
+        assert_eq!(ff, "GET /x?q=%FF", "expected the byte kept, saw {ff:?}");
+        let overlong = get("/x", Some("q=%c0%af"));
+        let slash = get("/x", Some("q=%2f"));
+        assert_ne!(
+            overlong, slash,
+            "an overlong `/` is not `/`, both were {slash:?}"
+        );
+        let broken = get("/x", Some("q=%f"));
+        assert_eq!(
+            broken, "GET /x?q=%25f",
+            "a lone % stays a %, saw {broken:?}"
         );
     }
 }

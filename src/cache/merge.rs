@@ -5,13 +5,18 @@
 //! that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
 //! watch channel and all wake at once; a panicked fetch wakes them with `MergeError`.
 //!
-//! [`Merger::run_while_wanted`] is the exception: its fetch is cancelled as soon as the
-//! last caller waiting for it has gone (for answers nobody else can use, such as reads that
-//! are not cached).
+//! Two exceptions, each chosen by the caller. A fetch run "while wanted" is cancelled as
+//! soon as the last caller waiting for it has gone (answers nobody else can use, such as
+//! reads that are not cached). With [`Merger::run_patient`] a follower is never worse off
+//! than alone: it waits for the leader's fetch to get past its queue (report
+//! [`Progress::sent`]) at most its own patience, and gets its unrun fetch back when the
+//! leader is still queued, and beside the leader's value otherwise, so it can run the fetch
+//! on its own terms.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tokio::sync::watch;
 
@@ -34,6 +39,8 @@ type Flights<V> = Mutex<HashMap<String, Flying<V>>>;
 /// One fetch in flight as the map holds it.
 struct Flying<V> {
     outcome: watch::Receiver<Outcome<V>>,
+    /// Whether the fetch got past its queue.
+    sent: watch::Receiver<bool>,
     /// For a fetch that only runs while wanted: who still waits, and how to stop it.
     wanted: Option<Arc<Wanted>>,
 }
@@ -41,8 +48,8 @@ struct Flying<V> {
 /// The callers still waiting for a fetch that runs only while wanted. Counted under the
 /// map's lock, so a caller can never join a fetch that is being cancelled.
 struct Wanted {
-    callers: std::sync::atomic::AtomicUsize,
-    task: std::sync::OnceLock<tokio::task::AbortHandle>,
+    callers: AtomicUsize,
+    task: OnceLock<tokio::task::AbortHandle>,
 }
 
 /// A caller waiting for a fetch that runs only while wanted: the last one to go cancels it.
@@ -56,10 +63,7 @@ struct Waiting<V> {
 impl<V> Drop for Waiting<V> {
     fn drop(&mut self) {
         let mut flights = lock(&self.flights);
-        let left = self
-            .wanted
-            .callers
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let left = self.wanted.callers.fetch_sub(1, Ordering::AcqRel);
         if left == 1 {
             if flights
                 .get(&self.key)
@@ -72,6 +76,43 @@ impl<V> Drop for Waiting<V> {
             }
         }
     }
+}
+
+/// Handed to a fetch so it can say that it got past its queue (the budget let it through):
+/// followers waiting with a patience stop counting it from then on.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<watch::Sender<bool>>);
+
+impl Progress {
+    /// A handle that reports to nobody, for a fetch run outside any flight.
+    pub fn detached() -> Progress {
+        Progress(Arc::new(watch::channel(false).0))
+    }
+
+    /// The fetch is past its queue and on its way upstream.
+    pub fn sent(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// How a patient caller took part in a flight.
+#[derive(Debug)]
+pub enum Joined<V, B> {
+    /// It led: the value of its own fetch.
+    Led(V),
+    /// It followed: the leader's value, and its own fetch, unrun.
+    Followed(V, B),
+    /// The leader was still queued after the patience: its own fetch, unrun.
+    Impatient(B),
+}
+
+/// What joining a flight gives a caller: its watches, its role, and (for a fetch that runs
+/// only while wanted) the guard that counts it as waiting.
+struct Seat<V> {
+    outcome: watch::Receiver<Outcome<V>>,
+    sent: watch::Receiver<bool>,
+    role: Role,
+    _waiting: Option<Waiting<V>>,
 }
 
 /// Merges concurrent fetches by key. Cheap to clone: clones share the in-flight map.
@@ -112,7 +153,9 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        self.run_as(key, fetch, false).await
+        let mut build = Some(|_: Progress| fetch);
+        let mut seat = self.join(key, &mut build, false);
+        Ok((wait(&mut seat.outcome).await?, seat.role))
     }
 
     /// Like [`Merger::run`], but the fetch is cancelled once every caller waiting for it
@@ -122,86 +165,140 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        self.run_as(key, fetch, true).await
+        let mut build = Some(|_: Progress| fetch);
+        let mut seat = self.join(key, &mut build, true);
+        Ok((wait(&mut seat.outcome).await?, seat.role))
     }
 
-    async fn run_as<F>(
+    /// Like [`Merger::run`] (or [`Merger::run_while_wanted`] with `only_while_wanted`), but
+    /// `build` makes the fetch from a [`Progress`] it reports to, and a follower waits at
+    /// most `patience` for the leader to report [`Progress::sent`].
+    pub async fn run_patient<B, F>(
         &self,
         key: String,
-        fetch: F,
+        build: B,
+        patience: std::time::Duration,
         only_while_wanted: bool,
-    ) -> Result<(V, Role), MergeError>
+    ) -> Result<Joined<V, B>, MergeError>
     where
+        B: FnOnce(Progress) -> F,
         F: Future<Output = V> + Send + 'static,
     {
-        let (mut outcome, role, _waiting) = {
-            let mut flights = lock(&self.flights);
-            match flights.get(&key) {
-                Some(flying) => {
-                    let waiting = flying.wanted.as_ref().map(|wanted| {
-                        wanted
-                            .callers
-                            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                        Waiting {
-                            flights: Arc::clone(&self.flights),
-                            key: key.clone(),
-                            outcome: flying.outcome.clone(),
-                            wanted: Arc::clone(wanted),
-                        }
-                    });
-                    (flying.outcome.clone(), Role::Follower, waiting)
-                }
-                None => {
-                    let (sender, outcome) = watch::channel(None);
-                    let wanted = only_while_wanted.then(|| {
-                        Arc::new(Wanted {
-                            callers: std::sync::atomic::AtomicUsize::new(1),
-                            task: std::sync::OnceLock::new(),
-                        })
-                    });
-                    flights.insert(
-                        key.clone(),
-                        Flying {
-                            outcome: outcome.clone(),
-                            wanted: wanted.clone(),
-                        },
-                    );
-                    let waiting = wanted.as_ref().map(|wanted| Waiting {
-                        flights: Arc::clone(&self.flights),
-                        key: key.clone(),
-                        outcome: outcome.clone(),
-                        wanted: Arc::clone(wanted),
-                    });
-                    // Spawning under the lock is fine (it never blocks) and keeps the map
-                    // entry and its task one step: no caller can observe one without the other.
-                    let flight = Flight {
-                        flights: Arc::clone(&self.flights),
-                        key,
-                        sender,
-                    };
-                    let task = tokio::spawn(flight.fly(fetch));
-                    if let Some(wanted) = &wanted {
-                        let _ = wanted.task.set(task.abort_handle());
-                    }
-                    (outcome, Role::Leader, waiting)
-                }
-            }
+        let mut build = Some(build);
+        let mut seat = self.join(key, &mut build, only_while_wanted);
+        let Some(build) = build.filter(|_| seat.role == Role::Follower) else {
+            return Ok(Joined::Led(wait(&mut seat.outcome).await?));
         };
-        // Errs only if the sender is gone with the value still `None`: the task panicked.
-        let value = outcome
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| MergeError)?;
-        match &*value {
-            Some(v) => Ok((v.clone(), role)),
-            // wait_for only returns Ok for a value that passed `is_some`.
-            None => Err(MergeError),
+        // The wait also ends when the flight does, sent or not: its value is there to take.
+        let sent = &mut seat.sent;
+        let passed = async { sent.wait_for(|s| *s).await.map(|_| ()) };
+        let queued = tokio::time::timeout(patience, passed).await;
+        let done = seat.outcome.borrow().is_some();
+        if queued.is_err() && !done {
+            return Ok(Joined::Impatient(build));
+        }
+        Ok(Joined::Followed(wait(&mut seat.outcome).await?, build))
+    }
+
+    /// Joins the flight for `key`, or registers one running the fetch `build` makes (taking
+    /// it out of `build`).
+    fn join<B, F>(&self, key: String, build: &mut Option<B>, only_while_wanted: bool) -> Seat<V>
+    where
+        B: FnOnce(Progress) -> F,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut flights = lock(&self.flights);
+        if let Some(flying) = flights.get(&key) {
+            let waiting = flying.wanted.as_ref().map(|wanted| {
+                wanted.callers.fetch_add(1, Ordering::AcqRel);
+                Waiting {
+                    flights: Arc::clone(&self.flights),
+                    key: key.clone(),
+                    outcome: flying.outcome.clone(),
+                    wanted: Arc::clone(wanted),
+                }
+            });
+            return Seat {
+                outcome: flying.outcome.clone(),
+                sent: flying.sent.clone(),
+                role: Role::Follower,
+                _waiting: waiting,
+            };
+        }
+        let Some(build) = build.take() else {
+            // Only reachable by a caller passing None, which no caller in this module does.
+            return Seat {
+                outcome: watch::channel(None).1,
+                sent: watch::channel(false).1,
+                role: Role::Leader,
+                _waiting: None,
+            };
+        };
+        let (sender, outcome) = watch::channel(None);
+        let (sent_tx, sent) = watch::channel(false);
+        let wanted = only_while_wanted.then(|| {
+            Arc::new(Wanted {
+                callers: AtomicUsize::new(1),
+                task: OnceLock::new(),
+            })
+        });
+        flights.insert(
+            key.clone(),
+            Flying {
+                outcome: outcome.clone(),
+                sent: sent.clone(),
+                wanted: wanted.clone(),
+            },
+        );
+        let waiting = wanted.as_ref().map(|wanted| Waiting {
+            flights: Arc::clone(&self.flights),
+            key: key.clone(),
+            outcome: outcome.clone(),
+            wanted: Arc::clone(wanted),
+        });
+        // Spawning under the lock is fine (it never blocks) and keeps the map entry and its
+        // task one step: no caller can observe one without the other.
+        let flight = Flight {
+            flights: Arc::clone(&self.flights),
+            key,
+            sender,
+        };
+        let progress = Progress(Arc::new(sent_tx));
+        let fetch = build(progress.clone());
+        let task = tokio::spawn(async move {
+            // Held until the value is out, so a follower never takes a fetch that dropped
+            // its handle for a flight that has ended.
+            let _held = progress;
+            flight.fly(fetch).await;
+        });
+        if let Some(wanted) = &wanted {
+            let _ = wanted.task.set(task.abort_handle());
+        }
+        Seat {
+            outcome,
+            sent,
+            role: Role::Leader,
+            _waiting: waiting,
         }
     }
 
     /// Keys with a fetch in flight right now.
     pub fn in_flight(&self) -> usize {
         lock(&self.flights).len()
+    }
+}
+
+/// The flight's value; Err only if the sender is gone with the value still `None` (the
+/// task panicked or the runtime dropped it).
+async fn wait<V: Clone>(outcome: &mut watch::Receiver<Outcome<V>>) -> Result<V, MergeError> {
+    let value = outcome
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| MergeError)?;
+    match &*value {
+        Some(v) => Ok(v.clone()),
+        // wait_for only returns Ok for a value that passed `is_some`.
+        None => Err(MergeError),
     }
 }
 
@@ -472,5 +569,88 @@ mod tests {
             0,
             "expected the key freed by the task itself"
         );
+    }
+
+    fn kind<V, B>(joined: &Joined<V, B>) -> &'static str {
+        match joined {
+            Joined::Led(_) => "Led",
+            Joined::Followed(..) => "Followed",
+            Joined::Impatient(_) => "Impatient",
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patient_follower_gets_its_fetch_back_while_the_leader_is_queued() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                // Queued for 10 s before it would be let through: it never reports `sent`.
+                let build = |_: Progress| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    1
+                };
+                merger.run_patient("k".into(), build, Duration::MAX, false).await
+            })
+        };
+        tokio::task::yield_now().await;
+        let asked = tokio::time::Instant::now();
+        let build = |_: Progress| async { 2 };
+        let joined = merger
+            .run_patient("k".into(), build, Duration::from_secs(1), false)
+            .await
+            .expect("joined");
+        let waited = asked.elapsed();
+        let own = match joined {
+            Joined::Impatient(own) => own,
+            other => panic!(
+                "expected the follower's own fetch back, saw {}",
+                kind(&other)
+            ),
+        };
+        assert_eq!(
+            waited,
+            Duration::from_secs(1),
+            "expected the follower to wait exactly its patience, it waited {waited:?}"
+        );
+        assert_eq!(
+            own(Progress::detached()).await,
+            2,
+            "expected its own fetch to run"
+        );
+        let led = leader.await.expect("leader task").expect("leader");
+        assert!(
+            matches!(led, Joined::Led(1)),
+            "expected the leader to keep its own value, saw {}",
+            kind(&led)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_waits_for_a_leader_that_was_let_through() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                let build = |progress: Progress| async move {
+                    progress.sent();
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    7
+                };
+                merger.run_patient("k".into(), build, Duration::MAX, false).await
+            })
+        };
+        tokio::task::yield_now().await;
+        let build = |_: Progress| async { 0 };
+        let joined = merger
+            .run_patient("k".into(), build, Duration::from_millis(10), false)
+            .await
+            .expect("joined");
+        assert!(
+            matches!(joined, Joined::Followed(7, _)),
+            "expected the leader's value once it was sent upstream, saw {}",
+            kind(&joined)
+        );
+        leader.await.expect("leader task").expect("leader");
     }
 }

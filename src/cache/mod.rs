@@ -48,6 +48,6 @@ mod vary;
 
 pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
 pub use key::{cache_key, normalize_path};
-pub use merge::{MergeError, Merger, Role};
+pub use merge::{Joined, MergeError, Merger, Progress, Role};
 pub use store::Store;
 pub use vary::Variant;

@@ -336,6 +336,31 @@ impl Store {
         purged
     }
 
+    /// Removes every entry whose method and path (normalised, no query) `doomed` selects;
+    /// returns how many responses were removed. Used when a reload changes a route's rules.
+    pub async fn purge_where(&self, doomed: impl Fn(&str, &str) -> bool) -> u64 {
+        let _index = self.index();
+        self.bump_epoch();
+        let keys: Vec<Arc<u64>> = self
+            .inner
+            .entries
+            .iter()
+            .filter(|(_, slot)| {
+                let key = slot.key();
+                let method = key.split_once(' ').map_or("", |(m, _)| m);
+                key_path(key).is_some_and(|path| doomed(method, path))
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut purged = 0;
+        for key in keys {
+            if let Some(Slot::Response(_)) = self.inner.entries.remove(&*key) {
+                purged += 1;
+            }
+        }
+        purged
+    }
+
     /// Removes every entry; returns how many responses were stored.
     pub async fn purge_all(&self) -> u64 {
         let _index = self.index();

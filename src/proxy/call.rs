@@ -34,9 +34,23 @@ impl Gateway {
     /// generation refused) and the request replayed once: the refused request was not
     /// applied, so a replayed write is still a write forwarded once.
     pub(super) async fn call(&self, call: &Call) -> Result<Fetched, GatewayError> {
+        self.call_reporting(call, &crate::cache::Progress::detached())
+            .await
+    }
+
+    /// [`Gateway::call`], reporting to `progress` once the budget has let the call through,
+    /// so requests merged behind it know it is no longer queued.
+    pub(super) async fn call_reporting(
+        &self,
+        call: &Call,
+        progress: &crate::cache::Progress,
+    ) -> Result<Fetched, GatewayError> {
         let inner = &self.inner;
         let budget_wait = match inner.budget.admit(&call.client, call.cost).await {
-            Ok(admitted) => admitted.waited,
+            Ok(admitted) => {
+                progress.sent();
+                admitted.waited
+            }
             Err(rejected) => {
                 return Err(GatewayError::RateLimited {
                     retry_after: rejected.retry_after,
@@ -164,7 +178,7 @@ impl Gateway {
                 inner
                     .last_upstream_status
                     .store(f.status.as_u16(), Ordering::Relaxed);
-                f.status.as_str().to_string()
+                crate::metrics::status_label(&f.status).to_string()
             }
             Err(GatewayError::UpstreamTimeout(_)) => "timeout".to_string(),
             Err(_) => "error".to_string(),

@@ -14,7 +14,7 @@ use super::call::Call;
 use super::forward::Fetched;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
-use crate::cache::{CachedResponse, Freshness, Role, StoredResponse, Variant};
+use crate::cache::{CachedResponse, Freshness, Joined, Progress, Role, StoredResponse, Variant};
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
 
@@ -148,24 +148,25 @@ impl Gateway {
         } else {
             format!("{epoch} {key}")
         };
-        let fetch = self.fetch_and_store(key.clone(), epoch, route, upstream_get(&make_call));
+        let call = upstream_get(&make_call);
+        // A follower's own terms: it waits behind another client's budget queue no longer
+        // than its own max_wait, and a leader's refusal is not its refusal.
+        let patience = max_wait_of(&call.state.config, &call.client).max(LEADER_GRACE);
+        let fetch = self.fetch_and_store(key.clone(), epoch, route, call);
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
         // A read that will not be cached is of use to its callers only: once they have all
         // hung up it is cancelled, budget and upstream connection with it. A cacheable one
         // runs on to fill the cache for whoever asks next.
-        let mut shared = if cacheable {
-            inner.merger.run(merge_key.clone(), fetch).await
-        } else {
-            inner
-                .merger
-                .run_while_wanted(merge_key.clone(), fetch)
-                .await
-        };
+        let only_while_wanted = !cacheable;
+        let mut shared = inner
+            .merger
+            .run_patient(merge_key.clone(), fetch, patience, only_while_wanted)
+            .await;
         // An answer that varies on a request header serves only the followers that sent
         // what the leader sent: the others merge among themselves, by their own variant.
-        if let Ok((Ok(answer), Role::Follower)) = &shared {
+        if let Ok(Joined::Followed(Ok(answer), _)) = &shared {
             let mine = Variant::of(&answer.fetched.headers, headers);
             if !answer.variant.serves(&mine) {
                 let own = match &mine {
@@ -173,15 +174,19 @@ impl Gateway {
                     _ => format!("{merge_key}\n* {}", fastrand::u64(..)),
                 };
                 let fetch = self.fetch_and_store(key, epoch, route, upstream_get(&make_call));
-                shared = if cacheable {
-                    inner.merger.run(own, fetch).await
-                } else {
-                    inner.merger.run_while_wanted(own, fetch).await
-                };
+                shared = inner
+                    .merger
+                    .run_patient(own, fetch, patience, only_while_wanted)
+                    .await;
             }
         }
         let (value, role) = match shared {
-            Ok(v) => v,
+            Ok(Joined::Led(v)) => (v, Role::Leader),
+            Ok(Joined::Followed(v, own)) if refused_by_budget(&v) => {
+                (own(Progress::detached()).await, Role::Leader)
+            }
+            Ok(Joined::Followed(v, _)) => (v, Role::Follower),
+            Ok(Joined::Impatient(own)) => (own(Progress::detached()).await, Role::Leader),
             Err(e) => (
                 Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string()))),
                 Role::Leader,
@@ -240,7 +245,9 @@ impl Gateway {
         let fetch = self.fetch_and_store(key, epoch, route, call);
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
-            let _ = merger.run(merge_key, fetch).await;
+            let _ = merger
+                .run_patient(merge_key, fetch, std::time::Duration::MAX, false)
+                .await;
         });
     }
 
@@ -252,7 +259,7 @@ impl Gateway {
         epoch: u64,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
-    ) -> impl std::future::Future<Output = Shared> + Send + 'static {
+    ) -> impl FnOnce(Progress) -> Fetch {
         let gateway = self.clone();
         let rule = route.and_then(|(r, caps)| {
             r.ttl.map(|ttl| {
@@ -261,43 +268,71 @@ impl Gateway {
             })
         });
         let no_store = directives(&call.headers).no_store;
-        async move {
-            let mut fetched = gateway.call(&call).await.map_err(Arc::new)?;
-            let storable = fetched.status.is_success()
-                && !no_store
-                && !fetched.headers.contains_key(header::SET_COOKIE)
-                && !cache_control_forbids(&fetched.headers);
-            let stored = match rule {
-                Some((ttl, swr, sie, tags)) if storable => {
-                    // The body may be a slice of a much larger read buffer; an exact copy
-                    // keeps a long-lived entry from pinning that buffer (once per miss).
-                    fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
-                    let entry = CachedResponse {
-                        status: fetched.status,
-                        headers: reply::storable_headers(&fetched.headers),
-                        body: fetched.body.clone(),
-                        tags,
-                        stored_at: Instant::now(),
-                        ttl,
-                        stale_while_revalidate: swr,
-                        stale_if_error: sie,
-                    };
-                    gateway
-                        .inner
-                        .cache
-                        .insert_since(key, &call.headers, entry, epoch)
-                        .await
-                }
-                _ => false,
-            };
-            let variant = Variant::of(&fetched.headers, &call.headers);
-            Ok(Arc::new(Answer {
-                fetched,
-                stored,
-                variant,
-            }))
+        move |progress: Progress| -> Fetch {
+            Box::pin(async move {
+                let mut fetched = gateway
+                    .call_reporting(&call, &progress)
+                    .await
+                    .map_err(Arc::new)?;
+                let storable = fetched.status.is_success()
+                    && !no_store
+                    && !fetched.headers.contains_key(header::SET_COOKIE)
+                    && !cache_control_forbids(&fetched.headers);
+                let stored = match rule {
+                    Some((ttl, swr, sie, tags)) if storable => {
+                        // The body may be a slice of a much larger read buffer; an exact copy
+                        // keeps a long-lived entry from pinning that buffer (once per miss).
+                        fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
+                        let entry = CachedResponse {
+                            status: fetched.status,
+                            headers: reply::storable_headers(&fetched.headers),
+                            body: fetched.body.clone(),
+                            tags,
+                            stored_at: Instant::now(),
+                            ttl,
+                            stale_while_revalidate: swr,
+                            stale_if_error: sie,
+                        };
+                        gateway
+                            .inner
+                            .cache
+                            .insert_since(key, &call.headers, entry, epoch)
+                            .await
+                    }
+                    _ => false,
+                };
+                let variant = Variant::of(&fetched.headers, &call.headers);
+                Ok(Arc::new(Answer {
+                    fetched,
+                    stored,
+                    variant,
+                }))
+            })
         }
     }
+}
+
+/// How long a follower always grants a leader to get through its budget, even with a
+/// `max_wait` of 0: the leader may not have reached the budget yet (it was scheduled an
+/// instant before), and a burst of identical reads must still make one call.
+const LEADER_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The merged upstream call of a read, boxed so a follower can hold its own unrun.
+type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Shared> + Send>>;
+
+/// The longest `client` waits for budget: its own `max_wait`, else the global one.
+fn max_wait_of(config: &crate::config::Config, client: &str) -> std::time::Duration {
+    config
+        .clients
+        .iter()
+        .find(|c| c.name == client)
+        .and_then(|c| c.max_wait)
+        .unwrap_or(config.budget.max_wait)
+}
+
+/// The leader found no budget: its refusal says nothing of a follower's own terms.
+fn refused_by_budget(value: &Shared) -> bool {
+    matches!(value, Err(e) if matches!(**e, GatewayError::RateLimited { .. }))
 }
 
 /// The upstream call of a read: HEAD is answered from GET entries, so it goes up as a GET.

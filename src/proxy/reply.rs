@@ -39,8 +39,12 @@ pub fn forward_status(
     if stored {
         text.push_str("; stored");
     }
-    if collapsed {
-        text.push_str("; collapsed");
+    // `collapsed` (RFC 9211) says the request joined another one's cache fill. A route that
+    // is not cacheable has no fill to join: it shared one upstream answer, and says that.
+    match (collapsed, fwd) {
+        (true, Forward::Bypass) => text.push_str("; detail=merged"),
+        (true, _) => text.push_str("; collapsed"),
+        (false, _) => {}
     }
     HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("cxgate"))
 }
@@ -48,8 +52,8 @@ pub fn forward_status(
 /// The `cache` metric label for an answer that went upstream.
 pub fn forward_label(fwd: Forward, collapsed: bool) -> &'static str {
     match (fwd, collapsed) {
+        (Forward::Bypass, _) => "bypass",
         (_, true) => "collapsed",
-        (Forward::Bypass, false) => "bypass",
         _ => "miss",
     }
 }

@@ -32,6 +32,10 @@ pub enum TokenError {
         line: usize,
         column: usize,
     },
+    #[error("token file {path} is not a regular file", path = path.display())]
+    NotAFile { path: PathBuf },
+    #[error("the access token holds characters that cannot be sent upstream (spaces, CR, LF or other controls)")]
+    Unsendable,
     #[error("token file {path} has an empty access_token", path = path.display())]
     EmptyAccessToken { path: PathBuf },
     #[error("token file {path}: expires_at is not an RFC 3339 time", path = path.display())]
@@ -76,6 +80,11 @@ pub enum TokenError {
 }
 
 impl TokenError {
+    /// True when the token file does not exist (yet): `cxgate token init` writes it.
+    pub fn is_missing_file(&self) -> bool {
+        matches!(self, TokenError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
     /// True when the refresh token was refused and a person must authorise again.
     pub fn needs_reauthorisation(&self) -> bool {
         match self {

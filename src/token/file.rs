@@ -67,6 +67,19 @@ pub(crate) async fn read(path: &Path) -> Result<TokenRecord, TokenError> {
 
 /// Reads and decodes the token file, with the stamp of what was read.
 pub(crate) async fn read_stamped(path: &Path) -> Result<(TokenRecord, Stamp), TokenError> {
+    // Opening a FIFO blocks until a writer appears, and a device never ends: only a regular
+    // file is read.
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
     let bytes = tokio::fs::read(path)
         .await
         .map_err(|source| TokenError::Read {
@@ -74,6 +87,38 @@ pub(crate) async fn read_stamped(path: &Path) -> Result<(TokenRecord, Stamp), To
             source,
         })?;
     Ok((decode(&bytes, path)?, stamp(&bytes)))
+}
+
+/// Checks the token file without opening it: an error when it is missing or not a regular
+/// file, and a warning when other users may read it (as ssh warns about an open key file).
+pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
+    let meta = fs::metadata(path).map_err(|source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Ok(Some(format!(
+                "{} is readable by other users (mode {mode:03o}); it holds the refresh token: \
+                 chmod 600 it",
+                path.display()
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Whether `token` can travel upstream as is: visible ASCII only, as RFC 6750 tokens are.
+pub(crate) fn sendable(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<TokenRecord, TokenError> {
@@ -146,17 +191,42 @@ pub(crate) async fn persist(path: &Path, record: &TokenRecord) -> Result<Stamp, 
     let written = stamp(&bytes);
     let target = path.to_path_buf();
     // Blocking file calls belong on the blocking pool; fsync can take a while.
-    tokio::task::spawn_blocking(move || write_atomic(&target, &bytes))
-        .await
-        .map_err(|e| TokenError::Write {
-            path: path.to_path_buf(),
-            source: io::Error::other(e),
-        })?
-        .map_err(|source| TokenError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    tokio::task::spawn_blocking(move || {
+        keep_previous(&target, &bytes)?;
+        write_atomic(&target, &bytes)
+    })
+    .await
+    .map_err(|e| TokenError::Write {
+        path: path.to_path_buf(),
+        source: io::Error::other(e),
+    })?
+    .map_err(|source| TokenError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(written)
+}
+
+/// Where the token file's previous content is kept: `token.json` → `token.json.prev`.
+pub fn previous_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".prev");
+    path.with_file_name(name)
+}
+
+/// Saves what the file holds now beside it before it is replaced by `next`, so a bad token
+/// that reaches the file (from a tampered shared record, say) never destroys the only copy
+/// of the last refresh token. Written with the same atomic sequence and mode 0600.
+fn keep_previous(path: &Path, next: &[u8]) -> io::Result<()> {
+    let is_file = fs::metadata(path).is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Ok(());
+    }
+    let old = fs::read(path)?;
+    if old == next || old.is_empty() {
+        return Ok(());
+    }
+    write_atomic(&previous_path(path), &old)
 }
 
 /// The write sequence, one hook call before each step.

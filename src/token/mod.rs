@@ -42,6 +42,7 @@ use std::time::Duration;
 use serde_json::json;
 
 pub use error::TokenError;
+pub use file::inspect as inspect_file;
 pub use init::{init_from_code, init_from_env};
 pub use secret::Secret;
 
@@ -128,6 +129,9 @@ impl TokenManager {
         let mut stamp = None;
         let (source, record) = match (&settings.file, &settings.access_token_env) {
             (Some(path), _) => {
+                if let Ok(Some(warning)) = file::inspect(path) {
+                    tracing::warn!("token.file: {warning}");
+                }
                 let (record, read) = file::read_stamped(path).await?;
                 stamp = Some(read);
                 (Source::File(path.clone()), record)
@@ -275,6 +279,9 @@ impl TokenManager {
             return Err(TokenError::InvalidGrant.to_string());
         }
         match state::current_of(&state) {
+            Ok(current) if !file::sendable(current.access.expose()) => {
+                Err(TokenError::Unsendable.to_string())
+            }
             Ok(_) => Ok(()),
             Err(err) => Err(match &state.last_failure {
                 Some((_, last)) => format!("{err}; last refresh attempt: {last}"),

@@ -270,6 +270,12 @@ impl Inner {
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
+        // An operator's repair: the other replicas must get it, not undo it.
+        if let Some(shared) = self.shared.get() {
+            shared
+                .unshared
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         info!(
             generation = state.generation,
             "token file changed on disk; using its token"

@@ -104,8 +104,13 @@ pub(crate) struct SharedToken {
     lock_key: String,
     /// The record version this replica's token came from or went to (0: none yet).
     seen: AtomicU64,
-    /// This replica refreshed alone while Redis was away: offer its token when it returns.
-    unshared: AtomicBool,
+    /// This replica's token is one the others have not seen (refreshed alone while Redis
+    /// was away, or put in its token file by an operator): offer it.
+    pub(crate) unshared: AtomicBool,
+    /// The last record version refused, so a bad record is warned about once, not per poll.
+    refused: AtomicU64,
+    /// The record read last was unreadable (warned once per spell).
+    unreadable: AtomicBool,
 }
 
 impl SharedToken {
@@ -116,6 +121,8 @@ impl SharedToken {
             redis,
             seen: AtomicU64::new(0),
             unshared: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            unreadable: AtomicBool::new(false),
         }
     }
 
@@ -136,8 +143,10 @@ impl SharedToken {
             let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
             Some(Stored { version, record })
         });
-        if parsed.is_none() {
-            // Only the shape is logged: the text may hold a token.
+        // Only the shape is logged (the text may hold a token), once until a readable record
+        // is seen again: the watcher reads every second.
+        let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
+        if parsed.is_none() && !was_unreadable {
             warn!(key = %self.record_key, "shared token record is unreadable; it will be replaced");
         }
         Ok(parsed)
@@ -194,7 +203,44 @@ impl SharedToken {
                     .await
             })
             .await?;
+        if set.is_none() {
+            self.bound_lock().await;
+        }
         Ok(set.is_some())
+    }
+
+    /// A lock with no expiry, or a longer one than any holder sets, is a stray or tampered
+    /// key that would block every refresh forever: it gets the holders' expiry. Setting it
+    /// on a real holder's lock is harmless (its keeper extends it the same way).
+    async fn bound_lock(&self) {
+        let key = self.lock_key.clone();
+        let ttl: Result<i64, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("PTTL").arg(&key).query_async(&mut c).await
+            })
+            .await;
+        let limit = i64::try_from(millis(LOCK_TTL)).unwrap_or(i64::MAX);
+        if !matches!(ttl, Ok(t) if t == -1 || t > limit) {
+            return;
+        }
+        let key = self.lock_key.clone();
+        let bounded: Result<i64, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(millis(LOCK_TTL))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        if matches!(bounded, Ok(1)) {
+            warn!(
+                key = %self.lock_key,
+                "token refresh lock had no bounded expiry; it now expires like any holder's"
+            );
+        }
     }
 
     /// Keeps the lock alive while the exchange runs; aborted when it ends.
@@ -247,6 +293,28 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     }
 }
 
+/// Why a stored record must not replace `mine`, if it must not: a record anyone with
+/// access to Redis can write is checked like an answer from the token endpoint before it
+/// reaches this replica's memory and token file.
+fn refused(st: &Stored, mine: &TokenRecord, seen: u64) -> Option<&'static str> {
+    if !file::sendable(st.record.access.expose()) {
+        return Some("its access token cannot be sent upstream");
+    }
+    if mine.refresh.is_some()
+        && !st
+            .record
+            .refresh
+            .as_ref()
+            .is_some_and(|r| file::sendable(r.expose()))
+    {
+        return Some("it has no usable refresh token and this replica holds one");
+    }
+    if st.version <= seen && st.record.access != mine.access {
+        return Some("its version does not move forward");
+    }
+    None
+}
+
 impl Inner {
     /// A refresh when the token is shared (see the module docs).
     pub(crate) async fn refresh_shared(&self, shared: &SharedToken) -> Result<(), TokenError> {
@@ -258,8 +326,9 @@ impl Inner {
                 Ok(Some(st))
                     if st.record.access != mine && !later(expires, st.record.expires_at) =>
                 {
-                    self.adopt(shared, st).await;
-                    return Ok(());
+                    if self.adopt(shared, st).await {
+                        return Ok(());
+                    }
                 }
                 Ok(_) => {}
             }
@@ -285,9 +354,12 @@ impl Inner {
         let (mine, expires) = self.mine();
         let version = match shared.read().await {
             Ok(Some(st)) if st.record.access != mine && !later(expires, st.record.expires_at) => {
-                self.adopt(shared, st).await;
-                shared.release().await;
-                return Ok(());
+                let version = st.version;
+                if self.adopt(shared, st).await {
+                    shared.release().await;
+                    return Ok(());
+                }
+                Some(version)
             }
             Ok(st) => st.map(|s| s.version),
             Err(_) => None,
@@ -320,8 +392,19 @@ impl Inner {
         result
     }
 
-    /// Installs another replica's token: own token file first, then memory.
-    async fn adopt(&self, shared: &SharedToken, st: Stored) {
+    /// Installs another replica's token: own token file first, then memory. A record that
+    /// fails [`refused`] is left alone (and said so once per version).
+    async fn adopt(&self, shared: &SharedToken, st: Stored) -> bool {
+        let mine = self.lock().record.clone();
+        if let Some(reason) = refused(&st, &mine, shared.seen.load(Ordering::Acquire)) {
+            if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
+                warn!(
+                    version = st.version,
+                    reason, "shared token record not adopted"
+                );
+            }
+            return false;
+        }
         let mut stamp = None;
         if let Source::File(path) = &self.source {
             match file::persist(path, &st.record).await {
@@ -335,7 +418,7 @@ impl Inner {
         let mut state = self.lock();
         shared.seen.store(st.version, Ordering::Release);
         if state.record.access == st.record.access {
-            return;
+            return true;
         }
         let expires = st.record.expires_at.map(|at| to_instant(at, now));
         state.replace(st.record, expires, now);
@@ -350,6 +433,7 @@ impl Inner {
             version = st.version,
             "using the token another replica refreshed"
         );
+        true
     }
 
     /// Brings this replica and the record together: adopts a newer record, or offers this
@@ -384,8 +468,12 @@ impl Inner {
                 shared.unshared.store(false, Ordering::Release);
             }
             Some(st) => {
+                // Only a token the others have not seen is offered over the record. Comparing
+                // expiries is for the first meeting alone (a replica started on a fresh file):
+                // afterwards it would push a bad record back over an operator's repair.
+                let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
                 let ours_newer = shared.unshared.load(Ordering::Acquire)
-                    || later(record.expires_at, st.record.expires_at);
+                    || (first_meeting && later(record.expires_at, st.record.expires_at));
                 if !ours_newer {
                     self.adopt(shared, st).await;
                 } else if let Ok(true) =
