@@ -83,11 +83,11 @@ fn not_found(what: &str) -> Reply {
     )
 }
 
-/// A page whose `limit` may not pass `max`.
-fn page_within(call: &Call<'_>, max: u64) -> Result<Page, Reply> {
-    let page = Page::parse(call).map_err(|m| bad(&m))?;
+/// A page whose `limit` may not pass `max`, or why not.
+fn page_within(call: &Call<'_>, max: u64) -> Result<Page, String> {
+    let page = Page::parse(call)?;
     if page.limit > max {
-        return Err(bad(&format!("limit must be 1 to {max}")));
+        return Err(format!("limit must be 1 to {max}"));
     }
     Ok(page)
 }
@@ -102,7 +102,7 @@ pub(crate) fn serve(
 ) -> Reply {
     let list = |items: Vec<Value>, max: u64| match page_within(call, max) {
         Ok(page) => reply::ok(paged(call, page, items)),
-        Err(r) => r,
+        Err(message) => bad(&message),
     };
     match extra {
         Extra::ContactById(id) => {
