@@ -588,13 +588,18 @@ impl Drop for RemoveOnDrop {
 
 /// A request path for a route template of the production table, different per client so
 /// each client has its own misses and hits.
-fn path_for(template: &str, client: usize) -> String {
+fn path_for(method: &str, template: &str, client: usize) -> String {
     let kind = if template.contains("/insights/") {
         "volume"
+    } else if method != "GET" && template.ends_with("/settings/{kind}") {
+        "teams"
+    } else if method != "GET" {
+        "team"
     } else {
         "topics"
     };
     template
+        .replace("{contact_id}", &format!("{}", 100 + client))
         .replace("{account_id}", "12345")
         .replace("{kind}", kind)
         .replace("{service}", "twitter")
@@ -608,7 +613,9 @@ fn body_for(path: &str) -> &'static str {
     if path.contains("/inbox/mention/") {
         "updates=%7B%22status%22%3A%22closed%22%7D"
     } else if path.contains("/inbox/contact/") {
-        "email=ops%40example.com"
+        "updates=%7B%22email%22%3A%22ops%40example.com%22%7D"
+    } else if path.contains("/insights/facets") {
+        "facetdefinitions=sentiment"
     } else {
         "message=hello"
     }
@@ -671,7 +678,7 @@ async fn metrics_size_with_ten_clients() {
             let mut statuses = Vec::new();
             for template in &templates {
                 let (method, tpath) = template.split_once(' ').expect("METHOD /path");
-                let path = path_for(tpath, c);
+                let path = path_for(method, tpath, c);
                 for _ in 0..2 {
                     let a = if method == "GET" {
                         env.get_as(&key, &path).await

@@ -83,11 +83,11 @@ fn not_found(what: &str) -> Reply {
     )
 }
 
-/// A page whose `limit` may not pass `max`.
-fn page_within(call: &Call<'_>, max: u64) -> Result<Page, Reply> {
-    let page = Page::parse(call).map_err(|m| bad(&m))?;
+/// A page whose `limit` may not pass `max`, or why not.
+fn page_within(call: &Call<'_>, max: u64) -> Result<Page, String> {
+    let page = Page::parse(call)?;
     if page.limit > max {
-        return Err(bad(&format!("limit must be 1 to {max}")));
+        return Err(format!("limit must be 1 to {max}"));
     }
     Ok(page)
 }
@@ -102,7 +102,7 @@ pub(crate) fn serve(
 ) -> Reply {
     let list = |items: Vec<Value>, max: u64| match page_within(call, max) {
         Ok(page) => reply::ok(paged(call, page, items)),
-        Err(r) => r,
+        Err(message) => bad(&message),
     };
     match extra {
         Extra::ContactById(id) => {
@@ -168,24 +168,39 @@ pub(crate) fn serve(
         })),
         Extra::PublisherMentions => list(sim.writes.drafts(account), MAX_MENTIONS_PAGE),
         Extra::PublisherMention(id) => {
-            if *method == Method::GET {
-                return match sim
-                    .writes
-                    .drafts(account)
-                    .into_iter()
-                    .find(|d| d["id"] == id)
-                {
-                    Some(d) => reply::ok(d),
-                    None => not_found("draft"),
-                };
-            }
-            let fields = fields(call);
-            let with = (*method == Method::POST).then_some(&fields);
-            if !sim.writes.change_draft(account, &id, with) {
+            // Like mentions, any draft id has a stable generated body until it is written
+            // or deleted; a deleted one is gone.
+            let gone = (account, 0, format!("draft:{id}"));
+            if sim.writes.mention_deleted(&gone) {
                 return not_found("draft");
             }
-            sim.stats.incr(Counter::Writes);
-            reply::ok(json!(true))
+            let stored = sim
+                .writes
+                .drafts(account)
+                .into_iter()
+                .find(|d| d["id"] == id);
+            let draft = stored.clone().unwrap_or_else(|| {
+                json!({"id": id, "account_id": account, "status": "draft",
+                       "fields": {"message": data::hash(&["draft", &id]) % 1000}})
+            });
+            match *method {
+                Method::GET => reply::ok(draft),
+                Method::DELETE => {
+                    sim.writes.change_draft(account, &id, None);
+                    sim.writes.delete_mention(gone);
+                    sim.stats.incr(Counter::Writes);
+                    reply::ok(json!(true))
+                }
+                _ => {
+                    let fields = fields(call);
+                    if stored.is_none() {
+                        sim.writes.add_draft(account, |_| draft.clone());
+                    }
+                    sim.writes.change_draft(account, &id, Some(&fields));
+                    sim.stats.incr(Counter::Writes);
+                    reply::ok(json!(true))
+                }
+            }
         }
         Extra::SettingsWrite(kind) if *method == Method::GET => {
             list(data::settings(account, &kind).unwrap_or_default(), 200)
