@@ -972,7 +972,7 @@ async fn set_record(c: &Cluster, version: u64, token: serde_json::Value) {
     let mut redis = conn(&c.redis).await;
     let record = serde_json::json!({"version": version, "by": "operator", "token": token});
     let () = redis::cmd("SET")
-        .arg(key(&c, "token"))
+        .arg(key(c, "token"))
         .arg(record.to_string())
         .query_async(&mut redis)
         .await
@@ -982,7 +982,7 @@ async fn set_record(c: &Cluster, version: u64, token: serde_json::Value) {
 async fn record_access(c: &Cluster) -> String {
     let mut redis = conn(&c.redis).await;
     let text: String = redis::cmd("GET")
-        .arg(key(&c, "token"))
+        .arg(key(c, "token"))
         .query_async(&mut redis)
         .await
         .expect("read the token record");

@@ -590,7 +590,9 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(10)).await;
                     1
                 };
-                merger.run_patient("k".into(), build, Duration::MAX, false).await
+                merger
+                    .run_patient("k".into(), build, Duration::MAX, false)
+                    .await
             })
         };
         tokio::task::yield_now().await;
@@ -637,7 +639,9 @@ mod tests {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     7
                 };
-                merger.run_patient("k".into(), build, Duration::MAX, false).await
+                merger
+                    .run_patient("k".into(), build, Duration::MAX, false)
+                    .await
             })
         };
         tokio::task::yield_now().await;
