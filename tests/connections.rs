@@ -519,40 +519,73 @@ async fn answers_past_max_buffered_bytes_get_503_and_the_first_completes() {
     }
 }
 
+/// Opens a write announcing a 1 MiB body and sends `sent` bytes of it, then holds it.
+async fn announce_and_hold(addr: SocketAddr, sent: usize) -> tokio::net::TcpStream {
+    let mut holder = connect(addr).await;
+    holder
+        .write_all(
+            format!(
+                "POST /100/inbox/mention/1/2 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{}",
+                1 << 20,
+                "x".repeat(sent)
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send the holding head");
+    holder
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_bodies_past_max_buffered_bytes_get_503() {
+async fn request_bodies_hold_what_arrived_and_past_max_buffered_bytes_get_503() {
     let extra = format!(
         "{LIMITS}body_timeout = \"5s\"\nmax_body_bytes = \"1MiB\"\nmax_buffered_bytes = \"1536KiB\"\n"
     );
     let extra = extra.replacen("body_timeout = \"1s\"\n", "", 1);
     let env = start(&extra, SimOptions::default(), None).await;
     let addr = env.gw.addr;
-    // A body of 1 MiB announced and still arriving holds its megabyte.
-    let mut holder = connect(addr).await;
-    holder
-        .write_all(
-            format!(
-                "POST /100/inbox/mention/1/2 HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\
-                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\nx=1",
-                1 << 20
-            )
-            .as_bytes(),
-        )
-        .await
-        .expect("send the holding head");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let body = "y".repeat(700 << 10);
-    let second = env
-        .send(
-            Method::POST,
-            &env.url("/100/inbox/mention/1/3"),
-            &[
-                ("authorization", &format!("Bearer {KEY}")),
-                ("content-type", "application/x-www-form-urlencoded"),
-            ],
-            &body,
-        )
-        .await;
+    let send = |path: &'static str| {
+        let (env, body) = (&env, &body);
+        async move {
+            env.send(
+                Method::POST,
+                &env.url(path),
+                &[
+                    ("authorization", &format!("Bearer {KEY}")),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    // 1 MiB announced but only 3 bytes sent holds the 3 bytes, not the megabyte: the
+    // announced length is no claim on the pool, so a trickle cannot fill it.
+    let trickle = announce_and_hold(addr, 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = env.gw.gateway.buffered_bytes();
+    assert!(
+        held < 1024,
+        "1 MiB announced, 3 bytes sent: expected only what arrived held, saw {held} bytes"
+    );
+    let beside = send("/100/inbox/mention/1/3").await;
+    assert_ne!(
+        beside.status,
+        503,
+        "3 bytes held of 1.5 MiB: a 700 KiB body must be read, saw {} {:?}",
+        beside.status,
+        String::from_utf8_lossy(&beside.body)
+    );
+    drop(trickle);
+    // A body whose bytes have arrived holds them: 1 MiB less one byte sent and held.
+    let holder = announce_and_hold(addr, (1 << 20) - 1).await;
+    let until = Instant::now() + Duration::from_secs(5);
+    while env.gw.gateway.buffered_bytes() < (1 << 20) - 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = send("/100/inbox/mention/1/4").await;
     assert_eq!(
         second.status,
         503,

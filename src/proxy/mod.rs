@@ -652,8 +652,8 @@ impl Gateway {
 
 /// Reads the request body: at most `max_body_bytes` (refused early, by Content-Length,
 /// when the client announces it), with no pause longer than `body_timeout` between pieces
-/// (408), and held against `max_buffered_bytes` (503) for as long as the returned [`Held`]
-/// lives.
+/// (408), and its bytes held against `max_buffered_bytes` (503) as they arrive, for as long
+/// as the returned [`Held`] lives.
 async fn read_body<B>(
     length: Option<&HeaderValue>,
     body: B,
@@ -665,7 +665,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limit = server.max_body_bytes;
-    let mut announced = 0;
     if let Some(len) = length {
         let len: u64 = len
             .to_str()
@@ -675,15 +674,16 @@ where
         if len > limit {
             return Err(GatewayError::PayloadTooLarge { limit });
         }
-        announced = len;
     }
     if body.is_end_stream() {
         // Nothing to read (a GET without a body, as most are): no collecting to set up.
         return Ok((Bytes::new(), Held::default()));
     }
-    let held = buffers.hold(announced)?;
+    // Only the bytes that have arrived are held, never the announced length: a client that
+    // announces a large body and trickles it holds what it sent, not the pool.
+    let held = buffers.hold(0)?;
     let pause = server.body_timeout;
-    match buffers::collect(body, limit, Some(pause), &held, announced).await {
+    match buffers::collect(body, limit, Some(pause), &held, 0).await {
         Ok(bytes) => Ok((bytes, held)),
         Err(buffers::CollectError::TooLarge) => Err(GatewayError::PayloadTooLarge { limit }),
         Err(buffers::CollectError::Paused) => Err(GatewayError::BodyTimeout(pause)),
