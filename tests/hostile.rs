@@ -1030,3 +1030,61 @@ async fn an_escaped_account_id_does_not_escape_the_account_limit() {
 /// compressed answers, `Vary` under merging, 401 storms, redaction, interim answers).
 #[path = "hostile/requests.rs"]
 mod requests;
+
+/// An upstream answering every call 200 with nothing remaining and a reset thousands of
+/// years off (`X-RateLimit-Reset: 99999999999`).
+async fn far_reset_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the far-reset upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
+                let resp = hyper::Response::builder()
+                    .header("content-type", "application/json")
+                    .header("x-ratelimit-limit", "5000")
+                    .header("x-ratelimit-remaining", "0")
+                    .header("x-ratelimit-reset", "99999999999")
+                    .body(Full::new(Bytes::from_static(
+                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
+                    )));
+                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (base, task)
+}
+
+#[tokio::test]
+async fn a_far_off_rate_limit_reset_pauses_no_longer_than_the_window() {
+    let (base, upstream) = far_reset_upstream().await;
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
+    let first = env.get("/me/permissions").await;
+    assert_eq!(
+        first.status, 200,
+        "expected the first read served, saw {first:?}"
+    );
+    let paused = env.get("/me/permissions?n=2").await;
+    assert_eq!(
+        paused.status, 429,
+        "expected the read after Remaining 0 refused while paused, saw {paused:?}"
+    );
+    let secs: u64 = paused
+        .header("retry-after")
+        .parse()
+        .expect("an integer Retry-After");
+    assert!(
+        (1..=3600).contains(&secs),
+        "a reset in the year 5138 must pause at most the assumed hour, saw Retry-After {secs}"
+    );
+    env.stop().await;
+    upstream.abort();
+}

@@ -226,7 +226,13 @@ impl Upstream {
         let reset_value = header_str(headers, "x-ratelimit-reset").and_then(|v| v.parse().ok());
         let reset_in = reset_value.and_then(|v| until_reset(v, wall));
         if let Some(d) = reset_in {
-            self.learned_window = self.learned_window.max(nanos(d.min(LONGEST_PAUSE)));
+            // A reset further off than any window we know of (the configured one, else the
+            // real API's hour) is not a window: it would pause for that long.
+            let ceiling = self
+                .window
+                .max(nanos(ASSUMED_WINDOW))
+                .min(nanos(LONGEST_PAUSE));
+            self.learned_window = self.learned_window.max(nanos(d).min(ceiling));
         }
         let reset = reset_in.map(|d| at(now, d, self.longest()));
         if let Some(reset) = reset {
@@ -579,6 +585,17 @@ mod tests {
             up.paused_for(0),
             Some(want),
             "expected the assumed hourly window as the cap, not days"
+        );
+        let mut up = Upstream::default();
+        let far = headers(&[
+            ("x-ratelimit-remaining", "0".into()),
+            ("x-ratelimit-reset", "99999999999".into()),
+        ]);
+        up.observe(StatusCode::OK, &far, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(want),
+            "expected a reset in the year 5138 cut to the hour, not taught as a day's window"
         );
     }
 
