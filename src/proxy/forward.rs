@@ -196,7 +196,7 @@ pub async fn exchange(
         let mut headers = parts.headers;
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
-        let body = decoded(&mut headers, body)?;
+        let body = decoded(&mut headers, body, &held)?;
         Ok(Fetched {
             status: parts.status,
             headers,
@@ -215,8 +215,13 @@ pub async fn exchange(
 /// The body without its `Content-Encoding`, so link rewriting and token redaction see (and
 /// the cache stores) what clients will read. gzip and deflate are decoded, bounded by
 /// [`MAX_UPSTREAM_BODY`] (a zip bomb is refused, not inflated); any other coding cannot be
-/// scanned, and an unscanned body is never passed on, so it is refused too.
-fn decoded(headers: &mut HeaderMap, body: Bytes) -> Result<Bytes, GatewayError> {
+/// scanned, and an unscanned body is never passed on, so it is refused too. The decoded
+/// bytes are held in `held` against `max_buffered_bytes` as they are produced (503 past it).
+fn decoded(
+    headers: &mut HeaderMap,
+    body: Bytes,
+    held: &super::Held,
+) -> Result<Bytes, GatewayError> {
     let codings: Vec<String> = headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
@@ -240,19 +245,34 @@ fn decoded(headers: &mut HeaderMap, body: Bytes) -> Result<Bytes, GatewayError> 
     let mut current = body;
     // Codings are listed in the order they were applied: undo the last one first.
     for coding in codings.iter().rev() {
-        current = inflate(coding, &current)?;
+        current = inflate(coding, &current, held)?;
     }
     headers.remove(header::CONTENT_ENCODING);
     Ok(current)
 }
 
-fn inflate(coding: &str, data: &[u8]) -> Result<Bytes, GatewayError> {
+fn inflate(coding: &str, data: &[u8], held: &super::Held) -> Result<Bytes, GatewayError> {
     use std::io::Read;
     let limit = MAX_UPSTREAM_BODY as u64;
     let mut out = Vec::new();
-    let read = |reader: &mut dyn Read, out: &mut Vec<u8>| {
+    let mut full = false;
+    // Read a piece at a time, each held before it is kept, so many large decoded answers
+    // cannot pass `max_buffered_bytes` between them.
+    let mut read = |reader: &mut dyn Read, out: &mut Vec<u8>| -> std::io::Result<()> {
         out.clear();
-        reader.take(limit + 1).read_to_end(out)
+        let mut reader = reader.take(limit + 1);
+        let mut piece = vec![0u8; 64 << 10];
+        loop {
+            let n = reader.read(&mut piece)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if held.grow(n as u64).is_err() {
+                full = true;
+                return Err(std::io::Error::other("max_buffered_bytes"));
+            }
+            out.extend_from_slice(&piece[..n]);
+        }
     };
     let result = match coding {
         "gzip" | "x-gzip" => read(&mut flate2::read::MultiGzDecoder::new(data), &mut out),
@@ -266,6 +286,9 @@ fn inflate(coding: &str, data: &[u8]) -> Result<Bytes, GatewayError> {
             )))
         }
     };
+    if full {
+        return Err(GatewayError::BuffersFull);
+    }
     result.map_err(|e| {
         GatewayError::UpstreamUnreachable(format!("the upstream's {coding} body is corrupt: {e}"))
     })?;

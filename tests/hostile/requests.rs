@@ -984,3 +984,55 @@ async fn an_upstream_interim_answer_is_not_final() {
     env.stop().await;
     task.abort();
 }
+
+/// A decoded answer holds its decoded bytes against `max_buffered_bytes`: 3 MiB of zeros
+/// sent as a few KiB of gzip pass a 2 MiB pool and get 503, where a small one is served.
+#[tokio::test]
+async fn decoded_answers_count_against_max_buffered_bytes() {
+    let big = Arc::new(gzip(&vec![b'0'; 3 << 20]));
+    let script: Script = Arc::new(move |got: &Got| {
+        let body = match got.target.split('?').next().unwrap_or("") {
+            "/me/big" => big.to_vec(),
+            _ => gzip(br#"{"meta":{"code":200},"response":{"id":7}}"#),
+        };
+        Reply {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("content-encoding".into(), "gzip".into()),
+            ],
+            body,
+            delay: Duration::ZERO,
+        }
+    });
+    let (base, _seen, upstream) = scripted_upstream(script).await;
+    let clients = common::client_toml("limited", KEY, "scopes = [\"read\"]");
+    let env = common::start_custom(
+        SimOptions::default(),
+        "max_body_bytes = \"1MiB\"\nmax_buffered_bytes = \"2MiB\"\n",
+        Some(&base),
+        &clients,
+        &format!("{ROUTES}\n{}\n", common::BIG_BUDGET),
+    )
+    .await;
+    let small = env.get("/me").await;
+    assert_eq!(
+        small.status, 200,
+        "expected a small gzip answer served, saw {small:?}"
+    );
+    let big = env.get("/me/big").await;
+    assert_eq!(
+        big.status,
+        503,
+        "3 MiB decoded past a 2 MiB pool: expected 503 overloaded, saw {} {:?}",
+        big.status,
+        String::from_utf8_lossy(&big.body[..big.body.len().min(200)])
+    );
+    assert_eq!(
+        env.gw.gateway.buffered_bytes(),
+        0,
+        "every decoded byte given back"
+    );
+    env.stop().await;
+    upstream.abort();
+}
