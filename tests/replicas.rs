@@ -671,6 +671,45 @@ async fn an_upstream_429_on_one_replica_pauses_them_all() {
     c.stop().await;
 }
 
+/// An upstream 429 that names only `Retry-After` pauses every replica for that long and no
+/// longer: the shared "nothing left" marker ends with the pause, not a minute later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_bounds_the_shared_pause_on_every_replica() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_429: Some(cxgate::sim::Force429 {
+            count: 1,
+            retry_after: 1,
+        }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        first.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the upstream's forced 429 through replica 0, saw {}",
+        first.status
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for replica in 0..2 {
+        let path = format!("/12345/inbox/contact/twitter/{}", 20 + replica);
+        let answer = c.get(replica, &path).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {replica}: expected 200 once the upstream's Retry-After of 1 s has \
+             passed, saw {} with Retry-After {:?}",
+            answer.status,
+            answer.headers.get("retry-after")
+        );
+    }
+    c.stop().await;
+}
+
 /// The budget, token, invalidation and outage suites on a Redis as operators run it: TLS
 /// with a test CA (`budget.redis_ca_file`) and an ACL user whose password is in the URL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

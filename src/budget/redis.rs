@@ -710,7 +710,17 @@ impl Budget {
                 .flatten()
                 .map_or(0, |r| (r - now).div_ceil(1_000_000));
             let blind = ledger.upstream.blind().div_ceil(1_000_000);
-            (remaining, reset_ms, blind)
+            if remaining == Some(0) {
+                // "Stop" lasts exactly as long as the pause it started here (a Retry-After,
+                // else the reset, else the blind minute), never the assumed minute when the
+                // upstream named a shorter time; no pause here means the window is new.
+                let paused = ledger.upstream.paused_for(now);
+                let paused_ms = paused.map_or(0, |p| p.div_ceil(1_000_000));
+                let remaining = paused.map(|_| 0);
+                (remaining, paused_ms, blind)
+            } else {
+                (remaining, reset_ms, blind)
+            }
         };
         let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
         shared.tell(vec![
