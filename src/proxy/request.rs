@@ -439,26 +439,40 @@ pub fn announces_body(headers: &HeaderMap) -> bool {
             .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
 }
 
-/// Whether `key` (raw or percent-encoded) still appears in `text`: the last check that no
-/// spelling the parsers above do not know carries the caller's key upstream. Keys shorter
-/// than 8 bytes are not looked for (they would match ordinary text).
+/// Whether `key` still appears in `text`, each byte raw or percent-encoded (either hex
+/// case): the last check that no spelling the parsers above do not know carries the
+/// caller's key upstream. A configured key is matched whatever its length.
 pub fn carries_key(text: &[u8], key: &str) -> bool {
-    if key.len() < 8 {
+    let key = key.as_bytes();
+    if key.is_empty() {
         return false;
     }
-    if text.len() < key.len() {
-        return false;
-    }
-    if find_bytes(text, key.as_bytes(), 0).is_some() {
-        return true;
-    }
-    // Most keys are spelled the same encoded; only the others need a second look.
-    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"*-._".contains(b);
-    if key.as_bytes().iter().all(plain) {
-        return false;
-    }
-    let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
-    find_bytes(text, encoded.as_bytes(), 0).is_some()
+    let hex = |b: u8| (b as char).to_digit(16);
+    let unit = |at: usize| -> Option<(u8, usize)> {
+        let first = *text.get(at)?;
+        if first == b'%' {
+            let hi = text.get(at + 1).and_then(|&b| hex(b));
+            let lo = text.get(at + 2).and_then(|&b| hex(b));
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                return Some(((hi * 16 + lo) as u8, 3));
+            }
+        }
+        Some((first, 1))
+    };
+    let matches_at = |at: usize| {
+        let mut pos = at;
+        for &want in key {
+            match unit(pos) {
+                Some((b, len)) if b == want => pos += len,
+                Some(_) if text[pos] == want => pos += 1,
+                _ => return false,
+            }
+        }
+        true
+    };
+    (0..text.len())
+        .filter(|&i| text[i] == key[0] || text[i] == b'%')
+        .any(matches_at)
 }
 
 fn find_bytes(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
@@ -681,6 +695,7 @@ mod tests {
         assert!(one_key(Some("a"), ["b"].into_iter()).is_err());
         assert!(carries_key(b"x=test-key-1", "test-key-1"));
         assert!(carries_key(b"x=a%2Bbcdefgh", "a+bcdefgh"));
-        assert!(!carries_key(b"x=short", "short"));
+        assert!(carries_key(b"x=short", "short"));
+        assert!(carries_key(b"x=%6B%65y1", "key1"));
     }
 }
