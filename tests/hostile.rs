@@ -481,6 +481,35 @@ async fn a_short_key_in_an_unknown_spelling_is_never_forwarded() {
     upstream.abort();
 }
 
+/// Tomcat-style `..;`, encoded slashes and backslashes, raw backslashes and empty
+/// segments are refused before routing, and reach nothing.
+#[tokio::test]
+async fn path_parameter_dots_encoded_slashes_and_empty_segments_get_400() {
+    let (env, before) = warmed().await;
+    let cases: Vec<(&str, Vec<u8>)> = [
+        "/100/..;/200/echo",
+        "/_sim%2fstats",
+        "/%2F_sim/stats",
+        "/_sim%5cstats",
+        "/_sim\\stats",
+        "//evil/100/echo",
+    ]
+    .iter()
+    .map(|p| (*p, raw_request("GET", p, "")))
+    .collect();
+    for (what, bytes) in &cases {
+        let answer = common::raw_exchange(env.gw.addr, bytes).await;
+        assert_eq!(
+            answer.status(),
+            Some(400),
+            "{what}: saw {:?}",
+            shown(&answer.bytes)
+        );
+    }
+    refuse_all(&env, before, &cases).await;
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_percent_encoded_access_token_name_is_never_forwarded() {
     let (base, seen, upstream) = recording_upstream().await;

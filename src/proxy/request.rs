@@ -80,9 +80,20 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     if !path.starts_with('/') {
         return Err(GatewayError::BadRequest("request path must start with '/'"));
     }
+    // An empty segment (`//evil/...`) reads as an authority or a different route to some.
+    if path.contains("//") {
+        return Err(GatewayError::BadRequest(
+            "empty segments are not allowed in the path",
+        ));
+    }
     // Most paths have nothing to decode and no dot or backslash: nothing can hide there.
     if !path.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
         return Ok(());
+    }
+    if path.contains('\\') {
+        return Err(GatewayError::BadRequest(
+            "backslashes are not allowed in the path",
+        ));
     }
     let decoded = percent_decode(path.as_bytes()).ok_or(GatewayError::BadRequest(
         "invalid percent-encoding in the path",
@@ -99,9 +110,19 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     }
     // Decoding twice catches %252e%252e, which a second decoder downstream would turn into "..".
     let twice = percent_decode(&decoded).unwrap_or_else(|| decoded.clone());
+    for candidate in [path.as_bytes(), &decoded] {
+        let lower = candidate.to_ascii_lowercase();
+        if find_bytes(&lower, b"%2f", 0).is_some() || find_bytes(&lower, b"%5c", 0).is_some() {
+            return Err(GatewayError::BadRequest(
+                "encoded slashes or backslashes are not allowed in the path",
+            ));
+        }
+    }
     for candidate in [&decoded, &twice] {
+        // `..;x` is `..` to servers that cut path parameters (Tomcat and its kin).
         if candidate
             .split(|&b| b == b'/' || b == b'\\')
+            .map(|seg| seg.split(|&b| b == b';').next().unwrap_or_default())
             .any(|seg| seg == b".." || seg == b".")
         {
             return Err(GatewayError::BadRequest(
