@@ -510,6 +510,28 @@ async fn path_parameter_dots_encoded_slashes_and_empty_segments_get_400() {
     env.stop().await;
 }
 
+/// A method override in the query is refused for every client, in any case.
+#[tokio::test]
+async fn method_overrides_in_the_query_get_400() {
+    let (env, before) = warmed().await;
+    for target in [
+        "/me?_method=DELETE",
+        "/me?X-HTTP-Method-Override=DELETE",
+        "/me?x=1&x-http-method-override=delete",
+        "/me?_METHOD=PUT",
+    ] {
+        let answer = common::raw_exchange(env.gw.addr, &raw_request("GET", target, "")).await;
+        assert_eq!(
+            answer.status(),
+            Some(400),
+            "{target}: saw {:?}",
+            shown(&answer.bytes)
+        );
+    }
+    assert_nothing_upstream(&env, before, "method overrides");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_percent_encoded_access_token_name_is_never_forwarded() {
     let (base, seen, upstream) = recording_upstream().await;

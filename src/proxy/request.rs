@@ -496,6 +496,19 @@ pub fn carries_key(text: &[u8], key: &str) -> bool {
         .any(matches_at)
 }
 
+/// Whether the query asks for another method (`_method=DELETE`,
+/// `X-HTTP-Method-Override=...`, any case or encoding): some frameworks upstream obey it,
+/// which would turn a read into a write past the client's scopes.
+pub fn overrides_method(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
+        let name = name.trim().to_ascii_lowercase();
+        matches!(
+            name.as_str(),
+            "_method" | "x-http-method-override" | "x-http-method" | "x-method-override"
+        )
+    })
+}
+
 fn find_bytes(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if needle.is_empty() || from > hay.len() {
         return None;
