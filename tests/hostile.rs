@@ -441,6 +441,97 @@ async fn crlf_in_the_query_never_becomes_an_upstream_header() {
 
 /// The gateway takes its key from `access_token` after percent-decoding the name, so it must
 /// also strip that parameter from the upstream query under every spelling that decodes to it.
+/// A short key (4 bytes) under a name spelling the parsers do not know is still caught by
+/// the last check before forwarding: 400, and nothing reaches the upstream.
+#[tokio::test]
+async fn a_short_key_in_an_unknown_spelling_is_never_forwarded() {
+    let (base, seen, upstream) = recording_upstream().await;
+    let clients = common::client_toml("test", "k4x9", "scopes = [\"read\", \"write\"]");
+    let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
+    let plain = common::raw_exchange(
+        env.gw.addr,
+        b"GET /me/permissions?access_token=k4x9&x=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        plain.status(),
+        Some(200),
+        "expected the short key accepted, saw {:?}",
+        shown(&plain.bytes)
+    );
+    let before = seen.lock().expect("log lock").len();
+    let target = "/me/permissions?access_token=k4x9&x=1;access_token=%6B4x9";
+    let answer = common::raw_exchange(
+        env.gw.addr,
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        answer.status(),
+        Some(400),
+        "expected 400 for a second spelling of the key, saw {:?}",
+        shown(&answer.bytes)
+    );
+    assert_eq!(
+        seen.lock().expect("log lock").len(),
+        before,
+        "expected nothing forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
+/// Tomcat-style `..;`, encoded slashes and backslashes, raw backslashes and empty
+/// segments are refused before routing, and reach nothing.
+#[tokio::test]
+async fn path_parameter_dots_encoded_slashes_and_empty_segments_get_400() {
+    let (env, before) = warmed().await;
+    let cases: Vec<(&str, Vec<u8>)> = [
+        "/100/..;/200/echo",
+        "/_sim%2fstats",
+        "/%2F_sim/stats",
+        "/_sim%5cstats",
+        "/_sim\\stats",
+        "//evil/100/echo",
+    ]
+    .iter()
+    .map(|p| (*p, raw_request("GET", p, "")))
+    .collect();
+    for (what, bytes) in &cases {
+        let answer = common::raw_exchange(env.gw.addr, bytes).await;
+        assert_eq!(
+            answer.status(),
+            Some(400),
+            "{what}: saw {:?}",
+            shown(&answer.bytes)
+        );
+    }
+    refuse_all(&env, before, &cases).await;
+    env.stop().await;
+}
+
+/// A method override in the query is refused for every client, in any case.
+#[tokio::test]
+async fn method_overrides_in_the_query_get_400() {
+    let (env, before) = warmed().await;
+    for target in [
+        "/me?_method=DELETE",
+        "/me?X-HTTP-Method-Override=DELETE",
+        "/me?x=1&x-http-method-override=delete",
+        "/me?_METHOD=PUT",
+    ] {
+        let answer = common::raw_exchange(env.gw.addr, &raw_request("GET", target, "")).await;
+        assert_eq!(
+            answer.status(),
+            Some(400),
+            "{target}: saw {:?}",
+            shown(&answer.bytes)
+        );
+    }
+    assert_nothing_upstream(&env, before, "method overrides");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_percent_encoded_access_token_name_is_never_forwarded() {
     let (base, seen, upstream) = recording_upstream().await;

@@ -14,6 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use super::forward::{self, Fetched};
 use super::{Gateway, State};
 use crate::error::GatewayError;
+use crate::upstream::rewrite::carries_secret;
 
 /// An upstream call, owned.
 pub struct Call {
@@ -136,15 +137,25 @@ impl Gateway {
                 };
             }
         }
-        // Any other header that carries a held token (an echoed Authorization, a `Link` or
-        // `Content-Location` with the token in its query) is dropped: rewriting arbitrary
-        // header syntax is guesswork, and a missing header is safer than a leaked token.
-        let leaking: Vec<header::HeaderName> = fetched
-            .headers
-            .iter()
-            .filter(|(_, v)| exposed.iter().any(|s| contains(v.as_bytes(), s.as_bytes())))
-            .map(|(name, _)| name.clone())
-            .collect();
+        // Any other header that carries a held token in any spelling (an echoed
+        // Authorization, a `Link` or `Content-Location` with the token in its query), or
+        // is named after one, is dropped: rewriting arbitrary header syntax is guesswork,
+        // and a missing header is safer than a leaked token. Names arrive lower-cased.
+        let lowered: Vec<String> = exposed.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let lowered: Vec<&str> = lowered.iter().map(String::as_str).collect();
+        let leaking: Vec<header::HeaderName> =
+            fetched
+                .headers
+                .iter()
+                .filter(|(name, v)| {
+                    let (name, value) = (name.as_str().as_bytes(), v.as_bytes());
+                    exposed.iter().zip(&lowered).any(|(s, low)| {
+                        contains(value, s.as_bytes()) || contains(name, low.as_bytes())
+                    }) || carries_secret(value, &exposed)
+                        || carries_secret(name, &lowered)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
         for name in leaking {
             fetched.headers.remove(name);
         }

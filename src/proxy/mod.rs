@@ -564,6 +564,11 @@ impl Gateway {
             .map_err(|_| GatewayError::Overloaded)?;
         // Last line of defence: the caller's key, in whatever spelling the parsers above did
         // not know, never travels upstream.
+        if query.is_some_and(request::overrides_method) {
+            return Err(GatewayError::BadRequest(
+                "method overrides in the query are not allowed",
+            ));
+        }
         let query = strip_access_token(query);
         let query = query.as_deref();
         if let Some(key) = key {

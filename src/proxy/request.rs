@@ -80,9 +80,20 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     if !path.starts_with('/') {
         return Err(GatewayError::BadRequest("request path must start with '/'"));
     }
+    // An empty segment (`//evil/...`) reads as an authority or a different route to some.
+    if path.contains("//") {
+        return Err(GatewayError::BadRequest(
+            "empty segments are not allowed in the path",
+        ));
+    }
     // Most paths have nothing to decode and no dot or backslash: nothing can hide there.
     if !path.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
         return Ok(());
+    }
+    if path.contains('\\') {
+        return Err(GatewayError::BadRequest(
+            "backslashes are not allowed in the path",
+        ));
     }
     let decoded = percent_decode(path.as_bytes()).ok_or(GatewayError::BadRequest(
         "invalid percent-encoding in the path",
@@ -99,9 +110,19 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
     }
     // Decoding twice catches %252e%252e, which a second decoder downstream would turn into "..".
     let twice = percent_decode(&decoded).unwrap_or_else(|| decoded.clone());
+    for candidate in [path.as_bytes(), &decoded] {
+        let lower = candidate.to_ascii_lowercase();
+        if find_bytes(&lower, b"%2f", 0).is_some() || find_bytes(&lower, b"%5c", 0).is_some() {
+            return Err(GatewayError::BadRequest(
+                "encoded slashes or backslashes are not allowed in the path",
+            ));
+        }
+    }
     for candidate in [&decoded, &twice] {
+        // `..;x` is `..` to servers that cut path parameters (Tomcat and its kin).
         if candidate
             .split(|&b| b == b'/' || b == b'\\')
+            .map(|seg| seg.split(|&b| b == b';').next().unwrap_or_default())
             .any(|seg| seg == b".." || seg == b".")
         {
             return Err(GatewayError::BadRequest(
@@ -439,26 +460,53 @@ pub fn announces_body(headers: &HeaderMap) -> bool {
             .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
 }
 
-/// Whether `key` (raw or percent-encoded) still appears in `text`: the last check that no
-/// spelling the parsers above do not know carries the caller's key upstream. Keys shorter
-/// than 8 bytes are not looked for (they would match ordinary text).
+/// Whether `key` still appears in `text`, each byte raw or percent-encoded (either hex
+/// case): the last check that no spelling the parsers above do not know carries the
+/// caller's key upstream. A configured key is matched whatever its length.
 pub fn carries_key(text: &[u8], key: &str) -> bool {
-    if key.len() < 8 {
+    let key = key.as_bytes();
+    if key.is_empty() {
         return false;
     }
-    if text.len() < key.len() {
-        return false;
-    }
-    if find_bytes(text, key.as_bytes(), 0).is_some() {
-        return true;
-    }
-    // Most keys are spelled the same encoded; only the others need a second look.
-    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"*-._".contains(b);
-    if key.as_bytes().iter().all(plain) {
-        return false;
-    }
-    let encoded: String = form_urlencoded::byte_serialize(key.as_bytes()).collect();
-    find_bytes(text, encoded.as_bytes(), 0).is_some()
+    let hex = |b: u8| (b as char).to_digit(16);
+    let unit = |at: usize| -> Option<(u8, usize)> {
+        let first = *text.get(at)?;
+        if first == b'%' {
+            let hi = text.get(at + 1).and_then(|&b| hex(b));
+            let lo = text.get(at + 2).and_then(|&b| hex(b));
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                return Some(((hi * 16 + lo) as u8, 3));
+            }
+        }
+        Some((first, 1))
+    };
+    let matches_at = |at: usize| {
+        let mut pos = at;
+        for &want in key {
+            match unit(pos) {
+                Some((b, len)) if b == want => pos += len,
+                Some(_) if text[pos] == want => pos += 1,
+                _ => return false,
+            }
+        }
+        true
+    };
+    (0..text.len())
+        .filter(|&i| text[i] == key[0] || text[i] == b'%')
+        .any(matches_at)
+}
+
+/// Whether the query asks for another method (`_method=DELETE`,
+/// `X-HTTP-Method-Override=...`, any case or encoding): some frameworks upstream obey it,
+/// which would turn a read into a write past the client's scopes.
+pub fn overrides_method(query: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
+        let name = name.trim().to_ascii_lowercase();
+        matches!(
+            name.as_str(),
+            "_method" | "x-http-method-override" | "x-http-method" | "x-method-override"
+        )
+    })
 }
 
 fn find_bytes(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
@@ -681,6 +729,7 @@ mod tests {
         assert!(one_key(Some("a"), ["b"].into_iter()).is_err());
         assert!(carries_key(b"x=test-key-1", "test-key-1"));
         assert!(carries_key(b"x=a%2Bbcdefgh", "a+bcdefgh"));
-        assert!(!carries_key(b"x=short", "short"));
+        assert!(carries_key(b"x=short", "short"));
+        assert!(carries_key(b"x=%6B%65y1", "key1"));
     }
 }

@@ -183,82 +183,21 @@ fn is_access_token(param: &[u8]) -> bool {
             .is_some_and(|(key, _)| key.eq_ignore_ascii_case("access_token"))
 }
 
-/// Replaces every spelling of every secret; `None` when none occurs.
+/// Replaces every occurrence of every secret; `None` when none occurs. Each character of
+/// a secret may appear literally, percent-encoded (`%2f`, `%2F`, any case) or as a JSON
+/// escape (`\u002f`, `\/`, `\"`), mixed freely, so no spelling of a token gets through.
 fn redact(body: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
-    let mut seen = std::collections::HashSet::new();
-    let mut needles: Vec<Vec<u8>> = Vec::new();
-    for secret in secrets.iter().filter(|s| s.len() >= MIN_SECRET_LEN) {
-        let raw = secret.as_bytes().to_vec();
-        let json = json_escape(&raw);
-        let json_slashes = escape_slashes(&json);
-        let percent: String = form_urlencoded::byte_serialize(&raw).collect();
-        for needle in [raw, json, json_slashes, percent.into_bytes()] {
-            if seen.insert(needle.clone()) {
-                needles.push(needle);
-            }
-        }
-    }
-    // Longest first, so a secret that contains another is replaced whole.
-    needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-    if needles.len() > FEW_NEEDLES {
-        return redact_many(body, &needles);
-    }
-    let mut current: Option<Vec<u8>> = None;
-    for needle in &needles {
-        let text = current.as_deref().unwrap_or(body);
-        if let Some(replaced) = replace_all(text, needle, REDACTED) {
-            current = Some(replaced);
-        }
-    }
-    current
-}
-
-/// Up to this many needles, one scan per needle is cheapest; beyond (every token held
-/// since start, after many refreshes) one scan with a prefix filter is.
-const FEW_NEEDLES: usize = 8;
-
-/// The first `MIN_SECRET_LEN` bytes of `at` as one word (`at` is at least that long).
-fn prefix_word(at: &[u8]) -> u64 {
-    let mut word = [0u8; MIN_SECRET_LEN];
-    word.copy_from_slice(&at[..MIN_SECRET_LEN]);
-    u64::from_le_bytes(word)
-}
-
-/// A bit of a 65,536-bit filter for a prefix word.
-fn filter_bit(word: u64) -> usize {
-    (word.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48) as usize
-}
-
-/// [`redact`] for many needles (sorted longest first, each at least `MIN_SECRET_LEN`
-/// long) in one pass: each position's first bytes are looked up in a bit filter, and only
-/// on a hit in the map of needles by prefix. Leftmost match first, the longest at a place.
-fn redact_many(body: &[u8], needles: &[Vec<u8>]) -> Option<Vec<u8>> {
-    let mut by_prefix: std::collections::HashMap<u64, Vec<&[u8]>> =
-        std::collections::HashMap::new();
-    let mut filter = vec![0u64; 1024];
-    for needle in needles {
-        let word = prefix_word(needle);
-        by_prefix.entry(word).or_default().push(needle);
-        let bit = filter_bit(word);
-        filter[bit / 64] |= 1 << (bit % 64);
-    }
+    let matcher = Matcher::new(secrets);
     let mut out: Option<Vec<u8>> = None;
     let (mut copied, mut i) = (0, 0);
-    while i + MIN_SECRET_LEN <= body.len() {
-        let word = prefix_word(&body[i..]);
-        let bit = filter_bit(word);
-        if filter[bit / 64] & (1 << (bit % 64)) != 0 {
-            let found = by_prefix
-                .get(&word)
-                .and_then(|c| c.iter().find(|n| body[i..].starts_with(n)));
-            if let Some(needle) = found {
-                let out = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
-                out.extend_from_slice(&body[copied..i]);
-                out.extend_from_slice(REDACTED);
-                i += needle.len();
-                copied = i;
-                continue;
-            }
+    while i < body.len() {
+        if let Some(len) = matcher.match_at(body, i) {
+            let out = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
+            out.extend_from_slice(&body[copied..i]);
+            out.extend_from_slice(REDACTED);
+            i += len;
+            copied = i;
+            continue;
         }
         i += 1;
     }
@@ -267,21 +206,117 @@ fn redact_many(body: &[u8], needles: &[Vec<u8>]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn replace_all(text: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
-    let mut at = find(text, needle, 0)?;
-    let mut out = Vec::with_capacity(text.len());
-    let mut copied = 0;
-    loop {
-        out.extend_from_slice(&text[copied..at]);
-        out.extend_from_slice(with);
-        copied = at + needle.len();
-        match find(text, needle, copied) {
-            Some(next) => at = next,
-            None => break,
+/// Whether any spelling of any secret (as [`redact`] finds them) occurs in `text`.
+pub fn carries_secret(text: &[u8], secrets: &[&str]) -> bool {
+    let matcher = Matcher::new(secrets);
+    (0..text.len()).any(|i| matcher.match_at(text, i).is_some())
+}
+
+/// One character of the text at `at`, decoded: a literal byte, `%XX`, `\uXXXX` (ASCII
+/// only), or a JSON two-byte escape; the byte and how many text bytes it took.
+fn unit_at(text: &[u8], at: usize) -> Option<(u8, usize)> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let first = *text.get(at)?;
+    match first {
+        b'%' => {
+            let hi = hex(*text.get(at + 1)?);
+            let lo = text.get(at + 2).and_then(|&b| hex(b));
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                return Some(((hi * 16 + lo) as u8, 3));
+            }
+        }
+        b'\\' => match text.get(at + 1) {
+            Some(&b @ (b'/' | b'"' | b'\\')) => return Some((b, 2)),
+            Some(b'u') => {
+                let digits = text.get(at + 2..at + 6)?;
+                let value = digits
+                    .iter()
+                    .try_fold(0u32, |acc, &b| hex(b).map(|d| acc * 16 + d));
+                if let Some(value @ 0..=0x7f) = value {
+                    return Some((value as u8, 6));
+                }
+            }
+            _ => {}
+        },
+        _ => {}
+    }
+    Some((first, 1))
+}
+
+/// Finds secrets in any mix of spellings. Only positions whose byte can start one (a
+/// secret's first byte, `%` or `\\`) are decoded, and then only `MIN_SECRET_LEN`
+/// characters before a map lookup by that prefix, so the cost stays a small constant per
+/// byte however many tokens were held.
+struct Matcher<'s> {
+    starts: [bool; 256],
+    by_prefix: std::collections::HashMap<u64, Vec<&'s [u8]>>,
+}
+
+impl<'s> Matcher<'s> {
+    fn new(secrets: &[&'s str]) -> Matcher<'s> {
+        let mut starts = [false; 256];
+        let mut by_prefix: std::collections::HashMap<u64, Vec<&'s [u8]>> =
+            std::collections::HashMap::new();
+        let mut secrets: Vec<&[u8]> = secrets
+            .iter()
+            .map(|s| s.as_bytes())
+            .filter(|s| s.len() >= MIN_SECRET_LEN)
+            .collect();
+        // Longest first, so a secret that contains another is replaced whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        for secret in secrets {
+            starts[secret[0] as usize] = true;
+            by_prefix
+                .entry(prefix_word(secret))
+                .or_default()
+                .push(secret);
+        }
+        if !by_prefix.is_empty() {
+            starts[b'%' as usize] = true;
+            starts[b'\\' as usize] = true;
+        }
+        Matcher { starts, by_prefix }
+    }
+
+    /// The length of text a secret takes at `at`, if one starts there.
+    fn match_at(&self, text: &[u8], at: usize) -> Option<usize> {
+        if !self.starts[*text.get(at)? as usize] {
+            return None;
+        }
+        let mut word = [0u8; MIN_SECRET_LEN];
+        let mut pos = at;
+        for slot in &mut word {
+            let (b, len) = unit_at(text, pos)?;
+            *slot = b;
+            pos += len;
+        }
+        let candidates = self.by_prefix.get(&u64::from_le_bytes(word))?;
+        candidates
+            .iter()
+            .find_map(|secret| matches(text, at, secret))
+    }
+}
+
+/// The text length `secret` takes at `at`, each character literal or escaped.
+fn matches(text: &[u8], at: usize, secret: &[u8]) -> Option<usize> {
+    let mut pos = at;
+    for &want in secret {
+        match unit_at(text, pos)? {
+            (b, len) if b == want => pos += len,
+            // An escape that decodes to something else may still be the literal character.
+            _ if text[pos] == want => pos += 1,
+            _ => return None,
         }
     }
-    out.extend_from_slice(&text[copied..]);
-    Some(out)
+    Some(pos - at)
+}
+
+/// The first `MIN_SECRET_LEN` bytes of `at` as one word (`at` is at least that long).
+fn prefix_word(at: &[u8]) -> u64 {
+    let mut word = [0u8; MIN_SECRET_LEN];
+    word.copy_from_slice(&at[..MIN_SECRET_LEN]);
+    u64::from_le_bytes(word)
 }
 
 /// The first occurrence of `needle` at or after `from`. Whole blocks without the needle's

@@ -922,6 +922,51 @@ async fn every_token_held_since_start_is_redacted() {
     upstream.abort();
 }
 
+/// A held token spelled with mixed escapes (every character `%XX` in either hex case, one
+/// escaped character, `/` left raw, JSON `\uXXXX`) is redacted in bodies, and a header
+/// carrying it in its value, or named after it, is dropped.
+#[tokio::test]
+async fn a_token_in_any_mix_of_escapes_is_redacted() {
+    let every: String = ACCESS.bytes().map(|b| format!("%{b:02X}")).collect();
+    let lower = every.to_lowercase();
+    let one = format!("%{:02X}{}", ACCESS.as_bytes()[0], &ACCESS[1..]);
+    let json = format!("\\u{:04x}{}", ACCESS.as_bytes()[0], &ACCESS[1..]);
+    let body = format!(
+        r#"{{"meta":{{"code":200}},"response":{{"a":"{every}","b":"{lower}","c":"{one}","d":"{json}"}}}}"#
+    );
+    let header_name = ACCESS.to_ascii_lowercase();
+    let script: Script = Arc::new(move |_| {
+        let mut reply = Reply::json(&body);
+        reply.headers.push(("x-echo".into(), one.clone()));
+        reply.headers.push((header_name.clone(), "1".into()));
+        reply
+    });
+    let (base, _seen, upstream) = scripted_upstream(script).await;
+    let env = gateway(&base, "").await;
+    let answer = env.get("/me").await;
+    assert_eq!(answer.status, 200, "expected 200, saw {answer:?}");
+    let text = String::from_utf8_lossy(&answer.body).into_owned();
+    let value: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    for field in ["a", "b", "c", "d"] {
+        assert_eq!(
+            value["response"][field], "[redacted]",
+            "field {field} not redacted in {text}"
+        );
+    }
+    assert_eq!(
+        answer.header("x-echo"),
+        "",
+        "an escaped token header passed: {answer:?}"
+    );
+    assert_eq!(
+        answer.header(&ACCESS.to_ascii_lowercase()),
+        "",
+        "a header named after the token passed: {answer:?}"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
 // ---------------------------------------------------------------------------------------
 // Cache-Status of answers too big to store, and interim answers
 // ---------------------------------------------------------------------------------------
