@@ -451,3 +451,44 @@ fn check_refuses_a_fifo_token_file_and_warns_about_an_open_one() {
         "expected exit 0 with a warning naming mode 644, saw {code:?}: {lines:#?}"
     );
 }
+
+/// `check` loads the token file as `run` does, so a file `run` refuses fails the check too,
+/// and a file far larger than any token record is refused before it is read whole.
+#[test]
+fn check_refuses_every_token_file_run_refuses() {
+    let dir = common::temp_dir("cli-token-bad");
+    let path = dir.join("token.json");
+    let huge = format!("{}{{\"access_token\":\"a\"}}", " ".repeat(100 * 1024));
+    for (what, contents, says) in [
+        (
+            "empty access_token",
+            "{\"access_token\":\"\"}".to_string(),
+            "empty access_token",
+        ),
+        (
+            "malformed JSON",
+            "{\"access_token\":".to_string(),
+            "not valid JSON",
+        ),
+        (
+            "duplicate key",
+            "{\"access_token\":\"a\",\"access_token\":\"b\"}".to_string(),
+            "not valid JSON",
+        ),
+        (
+            "impossible date",
+            "{\"access_token\":\"a\",\"expires_at\":\"9999-99-99T00:00:00Z\"}".to_string(),
+            "expires_at",
+        ),
+        ("100 KiB of spaces", huge, "larger than"),
+    ] {
+        std::fs::write(&path, contents).expect("write the token file");
+        let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n", path.display());
+        let (code, lines) = check_text(&config);
+        assert!(
+            code == Some(2) && lines.iter().any(|l| l.contains(says)),
+            "{what}: expected exit 2 saying {says:?}, saw {code:?}: {lines:#?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

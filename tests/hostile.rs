@@ -368,6 +368,42 @@ async fn thousands_of_query_parameters_get_a_clean_answer() {
     env.stop().await;
 }
 
+/// The upstream (PHP) reads `a.b`, `a b` and `a_b` as one name, last one winning, so two
+/// queries that only swap such pairs ask different questions: the second must not be served
+/// the first one's answer. Repeating a query exactly still hits.
+#[tokio::test]
+async fn parameters_the_upstream_reads_as_one_name_keep_their_order_in_the_key() {
+    let (env, _) = warmed().await;
+    for (first, second) in [
+        ("a.b=1&a_b=2", "a_b=2&a.b=1"),
+        ("a+b=1&a_b=2", "a_b=2&a+b=1"),
+        ("a%00x=1&a=2", "a=2&a%00x=1"),
+    ] {
+        let path = |q: &str| format!("/12345/inbox/mentions?{q}");
+        let before = env.upstream_total();
+        let one = env.get(&path(first)).await;
+        assert_eq!(one.status, 200, "{first}: expected 200, saw {one:?}");
+        let again = env.get(&path(first)).await;
+        assert_eq!(
+            again.status, 200,
+            "{first} again: expected 200, saw {again:?}"
+        );
+        assert_eq!(
+            env.upstream_total(),
+            before + 1,
+            "{first}: expected the repeat served from the cache"
+        );
+        let two = env.get(&path(second)).await;
+        assert_eq!(two.status, 200, "{second}: expected 200, saw {two:?}");
+        assert_eq!(
+            env.upstream_total(),
+            before + 2,
+            "{second} after {first}: the upstream reads them differently, expected a miss"
+        );
+    }
+    env.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // CRLF injection and malformed heads
 // ---------------------------------------------------------------------------------------

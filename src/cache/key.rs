@@ -6,6 +6,8 @@
 
 use http::Method;
 
+use crate::proxy::php_name;
+
 /// The name of the query parameter that carries a client's credential; it identifies the
 /// caller, not the resource, so it must never split (or leak into) a cache key.
 const CREDENTIAL_PARAM: &str = "access_token";
@@ -24,7 +26,8 @@ pub fn normalize_path(path: &str) -> &str {
 /// The primary cache key of a request: `METHOD path[?canonical-query]`.
 ///
 /// The query is decoded and re-encoded, so `a=%41` and `a=A` are one key, and its pairs are
-/// ordered by name. The sort is stable: values of a repeated name keep their order, because
+/// ordered by the name the upstream reads (PHP folds `a.b`, `a b` and `a[]` into one name).
+/// The sort is stable: values of a repeated name keep their order, because
 /// the upstream may read them positionally (an array, or "last one wins"), and reordering
 /// them could serve one request the answer to another.
 pub fn cache_key(method: &Method, path: &str, query: Option<&str>) -> String {
@@ -57,7 +60,10 @@ pub fn cache_key(method: &Method, path: &str, query: Option<&str>) -> String {
         })
         .filter(|(name, _)| name != CREDENTIAL_PARAM.as_bytes())
         .collect();
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    // Sorted by the name as the upstream reads it (`a.b` and `a_b` are one PHP variable),
+    // stably, so pairs it reads as one name keep their order and so their meaning (the last
+    // one wins); each pair keeps its own bytes in the key.
+    pairs.sort_by_cached_key(|(name, _)| php_name(&String::from_utf8_lossy(name)));
 
     let mut key = String::with_capacity(method.len() + 2 + path.len() + query.len());
     key.push_str(method);
@@ -227,6 +233,28 @@ mod tests {
         assert_eq!(
             forward, "GET /x?b=0&id=1&id=2",
             "expected names sorted, values in order; saw {forward:?}"
+        );
+    }
+
+    #[test]
+    fn names_the_upstream_folds_together_keep_their_order() {
+        for (first, second) in [
+            ("a.b=1&a_b=2", "a_b=2&a.b=1"),
+            ("a+b=1&a_b=2", "a_b=2&a+b=1"),
+            ("a%00x=1&a=2", "a=2&a%00x=1"),
+            ("a[]=1&a=2", "a=2&a[]=1"),
+        ] {
+            let one = get("/x", Some(first));
+            let two = get("/x", Some(second));
+            assert_ne!(
+                one, two,
+                "{first:?} and {second:?} read differently upstream, both keys were {one:?}"
+            );
+        }
+        let sorted = get("/x", Some("z=0&a_b=2&a.b=1"));
+        assert_eq!(
+            sorted, "GET /x?a_b=2&a.b=1&z=0",
+            "expected folded names sorted, each pair's bytes kept; saw {sorted:?}"
         );
     }
 

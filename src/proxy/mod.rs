@@ -21,7 +21,9 @@ mod request;
 
 pub use buffers::{Buffers, Held};
 pub use forward::{strip_hop_by_hop, Fetched};
-pub use request::{check_path, check_target, client_key, normalise_escapes, strip_access_token};
+pub use request::{
+    check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
+};
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};

@@ -197,19 +197,23 @@ pub fn is_key_name(raw: &[u8]) -> bool {
             .unwrap_or(false)
 }
 
-/// PHP's reading of a parameter name: leading spaces dropped, an array suffix cut at its
-/// first `[`, and `.`, ` ` and a lone `[` turned into `_`.
 fn php_name_is_key(name: &str) -> bool {
+    php_name(name).eq_ignore_ascii_case("access_token")
+}
+
+/// PHP's reading of a (decoded) parameter name: cut at a NUL, leading spaces dropped, an
+/// array suffix cut at its first `[`, and `.`, ` ` and a lone `[` turned into `_`. Two
+/// names with one reading are one variable upstream.
+pub fn php_name(name: &str) -> String {
+    let name = name.split('\0').next().unwrap_or_default();
     let name = name.trim_start_matches(' ');
     let name = match name.find('[') {
         Some(open) if name[open..].contains(']') => &name[..open],
         _ => name,
     };
-    let folded: String = name
-        .chars()
+    name.chars()
         .map(|c| if matches!(c, '.' | ' ' | '[') { '_' } else { c })
-        .collect();
-    folded.eq_ignore_ascii_case("access_token")
+        .collect()
 }
 
 /// A request body with every gateway key field taken out, and the keys it carried.

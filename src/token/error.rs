@@ -34,6 +34,8 @@ pub enum TokenError {
     },
     #[error("token file {path} is not a regular file", path = path.display())]
     NotAFile { path: PathBuf },
+    #[error("token file {path} is larger than {limit} bytes; a token record is well under that", path = path.display(), limit = super::file::MAX_FILE_BYTES)]
+    TooLarge { path: PathBuf },
     #[error("the access token holds characters that cannot be sent upstream (spaces, CR, LF or other controls)")]
     Unsendable,
     #[error("token file {path} has an empty access_token", path = path.display())]

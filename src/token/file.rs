@@ -80,17 +80,43 @@ pub(crate) async fn read_stamped(path: &Path) -> Result<(TokenRecord, Stamp), To
             path: path.to_path_buf(),
         });
     }
-    let bytes = tokio::fs::read(path)
+    let owned = path.to_path_buf();
+    let bytes = tokio::task::spawn_blocking(move || read_capped(&owned))
         .await
-        .map_err(|source| TokenError::Read {
+        .map_err(|e| TokenError::Read {
             path: path.to_path_buf(),
-            source,
-        })?;
+            source: io::Error::other(e),
+        })??;
     Ok((decode(&bytes, path)?, stamp(&bytes)))
 }
 
-/// Checks the token file without opening it: an error when it is missing or not a regular
-/// file, and a warning when other users may read it (as ssh warns about an open key file).
+/// The most a token file may hold: a record is a few hundred bytes, so anything larger is
+/// not one, and is refused before it is read whole.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024;
+
+/// Reads at most [`MAX_FILE_BYTES`] (one more tells that the file is larger).
+fn read_capped(path: &Path) -> Result<Vec<u8>, TokenError> {
+    use std::io::Read;
+    let read_error = |source| TokenError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(TokenError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks the token file as `run` loads it: an error when it is missing, not a regular
+/// file, too large or not a record `run` accepts, and a warning when other users may read
+/// it (as ssh warns about an open key file).
 pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
     let meta = fs::metadata(path).map_err(|source| TokenError::Read {
         path: path.to_path_buf(),
@@ -101,6 +127,7 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
             path: path.to_path_buf(),
         });
     }
+    decode(&read_capped(path)?, path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
