@@ -187,8 +187,7 @@ pub struct NotCanonical(pub &'static str);
 /// caller was never authorised for. `Ok(None)`: the path names no account (`/me`).
 /// Percent-escapes must already be valid UTF-8 (the target check refuses the rest).
 pub fn account_of(path: &str) -> Result<Option<u64>, NotCanonical> {
-    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    let decoded = percent_decoded(first);
+    let decoded = first_segment(path);
     let Some(lead) = decoded.chars().find(|c| c.is_alphanumeric()) else {
         return Ok(None);
     };
@@ -196,6 +195,14 @@ pub fn account_of(path: &str) -> Result<Option<u64>, NotCanonical> {
         return Ok(None);
     }
     canonical_account(&decoded).map(Some)
+}
+
+/// The first segment of `path` as the upstream reads it: percent-decoded once (invalid
+/// escapes and bytes that are not UTF-8 become replacement characters). The account check
+/// and the refusal of the simulator's controls both read this one segment.
+pub fn first_segment(path: &str) -> std::borrow::Cow<'_, str> {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    percent_decoded(first)
 }
 
 /// `text` as an account id if it is the canonical spelling of one.

@@ -21,6 +21,9 @@ pub enum GatewayError {
     BadRequest(&'static str),
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A path the gateway never forwards (the simulator's controls, in any spelling).
+    #[error("{0}")]
+    NotFound(&'static str),
     #[error("{0}")]
     Forbidden(String),
     #[error("request body larger than {limit} bytes")]
@@ -61,6 +64,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             GatewayError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }

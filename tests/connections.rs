@@ -579,6 +579,12 @@ async fn request_bodies_hold_what_arrived_and_past_max_buffered_bytes_get_503() 
         String::from_utf8_lossy(&beside.body)
     );
     drop(trickle);
+    // The trickle's 3 bytes are the same client's: with them still held, that client's
+    // share (1 MiB here) would refuse the holder below before it held its megabyte.
+    let until = Instant::now() + Duration::from_secs(5);
+    while env.gw.gateway.buffered_bytes() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // A body whose bytes have arrived holds them: 1 MiB less one byte sent and held.
     let holder = announce_and_hold(addr, (1 << 20) - 1).await;
     let until = Instant::now() + Duration::from_secs(5);

@@ -1157,6 +1157,8 @@ async fn an_escaped_account_id_does_not_escape_the_account_limit() {
 /// compressed answers, `Vary` under merging, 401 storms, redaction, interim answers).
 #[path = "hostile/requests.rs"]
 mod requests;
+#[path = "hostile/wire.rs"]
+mod wire;
 
 /// An upstream answering every call 200 with nothing remaining and a reset thousands of
 /// years off (`X-RateLimit-Reset: 99999999999`).

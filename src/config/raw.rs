@@ -59,7 +59,8 @@ pub struct RawServer {
     pub idle_timeout: Option<String>,
     /// Client connections open at once; more wait in the listen backlog.
     pub max_connections: Option<i64>,
-    /// All request and answer bodies held in memory at once; past it 503.
+    /// All request and answer bodies held in memory at once; past it 503. One client key's
+    /// request bodies may hold at most half of it (or one `max_body_bytes` body if more).
     pub max_buffered_bytes: Option<RawSize>,
     /// Environment variable holding the admin bearer token.
     pub admin_token_env: Option<String>,

@@ -7,12 +7,21 @@
 //! clients sending large bodies, cannot make the process grow without bound: without it,
 //! `max_concurrency` times the 64 MiB answer limit is what could be held.
 //!
+//! Request bodies are also held per party: no one client key may hold more than half of
+//! the limit in request bodies at once, or one `max_body_bytes` body if that is more (503
+//! past it), so one client sending large or slow
+//! bodies cannot make every other client 503. Bodies read before the caller is known (a
+//! key sent as a form or JSON field) are one party of their own, so unauthenticated
+//! senders together also stay within half. Upstream answers belong to no party: merged
+//! callers share them.
+//!
 //! What it does not count: cache entries (`cache.max_bytes` bounds those) and answers
 //! already handed to a connection for writing (those go as fast as the client reads, and a
 //! client that stops reading is closed by `server.idle_timeout`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -24,6 +33,19 @@ use crate::error::GatewayError;
 pub struct Buffers {
     held: AtomicU64,
     limit: AtomicU64,
+    /// `server.max_body_bytes`: a party's share is never less than one full-size body.
+    body_limit: AtomicU64,
+    /// Request-body bytes held per party (see [`Party`]); parties holding nothing are absent.
+    /// A std mutex: it is held for a map update, never across an await.
+    parties: Mutex<HashMap<Party, u64>>,
+}
+
+/// Who request-body bytes are held for: a client (by its ordinal), or everyone whose key
+/// is not known yet because it comes in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Party {
+    Client(usize),
+    Unauthenticated,
 }
 
 impl Buffers {
@@ -31,6 +53,8 @@ impl Buffers {
         Arc::new(Buffers {
             held: AtomicU64::new(0),
             limit: AtomicU64::new(limit),
+            body_limit: AtomicU64::new(0),
+            parties: Mutex::default(),
         })
     }
 
@@ -44,27 +68,77 @@ impl Buffers {
         self.held.load(Ordering::Relaxed)
     }
 
-    /// Takes `bytes` more, or refuses if that would pass the limit.
-    fn take(&self, bytes: u64) -> Result<(), GatewayError> {
+    /// `server.max_body_bytes` (the least a party's share may be), at start and on reload.
+    pub fn set_body_limit(&self, max_body_bytes: u64) {
+        self.body_limit.store(max_body_bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes of request bodies one party may hold at once: half the limit, or one
+    /// full-size body if that is more.
+    pub fn share(&self) -> u64 {
+        (self.limit.load(Ordering::Relaxed) / 2).max(self.body_limit.load(Ordering::Relaxed))
+    }
+
+    /// Takes `bytes` more (for `party`, if any), or refuses if that would pass the limit
+    /// or the party's share.
+    fn take(&self, bytes: u64, party: Option<Party>) -> Result<(), GatewayError> {
         if bytes == 0 {
             return Ok(());
         }
         let limit = self.limit.load(Ordering::Relaxed);
-        self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(bytes).filter(|total| *total <= limit)
-            })
-            .map(|_| ())
-            .map_err(|_| GatewayError::BuffersFull)
+        let take_total = || {
+            self.held
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                    held.checked_add(bytes).filter(|total| *total <= limit)
+                })
+                .map(|_| ())
+                .map_err(|_| GatewayError::BuffersFull)
+        };
+        let Some(party) = party else {
+            return take_total();
+        };
+        let share = self.share();
+        let mut parties = self.parties.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = parties.get(&party).copied().unwrap_or(0);
+        if mine.checked_add(bytes).is_none_or(|m| m > share) {
+            return Err(GatewayError::BuffersFull);
+        }
+        take_total()?;
+        parties.insert(party, mine + bytes);
+        Ok(())
+    }
+
+    /// Gives back `bytes` held for `party`.
+    fn give_back(&self, bytes: u64, party: Option<Party>) {
+        self.held.fetch_sub(bytes, Ordering::AcqRel);
+        if let (Some(party), true) = (party, bytes > 0) {
+            let mut parties = self.parties.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(mine) = parties.get_mut(&party) {
+                *mine = mine.saturating_sub(bytes);
+                if *mine == 0 {
+                    parties.remove(&party);
+                }
+            }
+        }
     }
 
     /// A holding of `bytes` (possibly none yet), or 503 if the limit does not allow them.
     pub fn hold(self: &Arc<Self>, bytes: u64) -> Result<Held, GatewayError> {
-        self.take(bytes)?;
+        self.hold_as(bytes, None)
+    }
+
+    /// A holding of request-body bytes for `party`, within its share as well as the limit.
+    pub fn hold_for(self: &Arc<Self>, party: Party, bytes: u64) -> Result<Held, GatewayError> {
+        self.hold_as(bytes, Some(party))
+    }
+
+    fn hold_as(self: &Arc<Self>, bytes: u64, party: Option<Party>) -> Result<Held, GatewayError> {
+        self.take(bytes, party)?;
         Ok(Held {
             inner: Some(Arc::new(Holding {
                 buffers: Arc::clone(self),
                 bytes: AtomicU64::new(bytes),
+                party,
             })),
         })
     }
@@ -81,6 +155,7 @@ pub struct Held {
 struct Holding {
     buffers: Arc<Buffers>,
     bytes: AtomicU64,
+    party: Option<Party>,
 }
 
 impl Held {
@@ -89,7 +164,7 @@ impl Held {
         match &self.inner {
             None => Ok(()),
             Some(h) => {
-                h.buffers.take(more)?;
+                h.buffers.take(more, h.party)?;
                 h.bytes.fetch_add(more, Ordering::Relaxed);
                 Ok(())
             }
@@ -100,7 +175,7 @@ impl Held {
 impl Drop for Holding {
     fn drop(&mut self) {
         let bytes = *self.bytes.get_mut();
-        self.buffers.held.fetch_sub(bytes, Ordering::AcqRel);
+        self.buffers.give_back(bytes, self.party);
     }
 }
 
@@ -235,6 +310,27 @@ mod tests {
             ),
             "passing max_buffered_bytes must be refused"
         );
+    }
+
+    #[test]
+    fn one_party_holds_at_most_half_and_others_still_get_theirs() {
+        let buffers = Buffers::new(100);
+        let greedy = buffers.hold_for(Party::Client(1), 50).expect("half of 100");
+        assert!(
+            greedy.grow(1).is_err(),
+            "a party must not pass half the limit"
+        );
+        assert!(buffers.hold_for(Party::Client(1), 1).is_err());
+        let other = buffers
+            .hold_for(Party::Client(2), 40)
+            .expect("another party's share");
+        drop(greedy);
+        assert_eq!(buffers.held(), 40, "the party's bytes given back");
+        let again = buffers
+            .hold_for(Party::Client(1), 50)
+            .expect("its share again");
+        drop((other, again));
+        assert_eq!(buffers.held(), 0);
     }
 
     #[test]

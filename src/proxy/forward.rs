@@ -47,16 +47,21 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+/// The headers every `Connection` header names (RFC 9110 7.6.1), read from the bytes: a
+/// value that is not visible ASCII throughout (`Connection: accept-language, é`) still
+/// names the headers it lists.
+fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim_ascii()).ok())
+        .collect()
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in connection_named(headers) {
         headers.remove(name);
     }
     for name in HOP_BY_HOP {
@@ -76,10 +81,11 @@ const FORWARDED: &[HeaderName] = &[
     header::USER_AGENT,
 ];
 
-/// Conditional-request headers: forwarded on writes only. A read's answer is shared with
-/// every merged caller and stored for later ones, so it must not depend on one client's
-/// validators (a 304 made for one client is no answer for another).
-const CONDITIONAL: &[HeaderName] = &[
+/// Conditional-request headers: forwarded as they came. A cacheable read's call is made
+/// without them (the read path takes them out and answers them from the answer it got,
+/// see [`conditional`]): its answer is shared with every merged caller and stored for
+/// later ones, so it must not depend on one client's validators.
+pub(super) const CONDITIONAL: &[HeaderName] = &[
     header::IF_MATCH,
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
@@ -87,11 +93,55 @@ const CONDITIONAL: &[HeaderName] = &[
     header::IF_RANGE,
 ];
 
-/// Whether a client request header goes upstream (`shared`: the answer is a read's).
-/// `Content-Length` is written by the client library from the body it sends, and
-/// `X-Request-Id` is set by the gateway.
-pub(super) fn forwarded(name: &HeaderName, shared: bool) -> bool {
-    FORWARDED.contains(name) || (!shared && CONDITIONAL.contains(name))
+/// Whether a client request header goes upstream. `Content-Length` is written by the
+/// client library from the body it sends, and `X-Request-Id` is set by the gateway.
+pub(super) fn forwarded(name: &HeaderName) -> bool {
+    FORWARDED.contains(name) || CONDITIONAL.contains(name)
+}
+
+/// What a client's conditions make of a `200` the cache holds or a cacheable read got, as
+/// nginx and Varnish answer them: `If-None-Match` (weak comparison, `*` matches any)
+/// and, without it, `If-Modified-Since` equal to the answer's `Last-Modified` give `304`;
+/// an `If-Match` that names none of the answer's tags (strong comparison) gives `412`.
+/// `If-Unmodified-Since` and `If-Range` are not evaluated on such reads (the full answer
+/// is sent). `None`: answer as usual.
+pub(super) fn conditional(request: &HeaderMap, answer: &HeaderMap) -> Option<StatusCode> {
+    let etag = answer.get(header::ETAG).and_then(|v| v.to_str().ok());
+    let tags = |name: HeaderName| -> Option<Vec<String>> {
+        let values: Vec<String> = request
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|t| t.trim().to_string()))
+            .filter(|t| !t.is_empty())
+            .collect();
+        (!values.is_empty()).then_some(values)
+    };
+    if let Some(wanted) = tags(header::IF_MATCH) {
+        let strong = etag.filter(|e| !e.starts_with("W/"));
+        let any = wanted.iter().any(|t| t == "*") && etag.is_some();
+        if !any && !strong.is_some_and(|e| wanted.iter().any(|t| t == e)) {
+            return Some(StatusCode::PRECONDITION_FAILED);
+        }
+    }
+    if let Some(held) = tags(header::IF_NONE_MATCH) {
+        let weak = |t: &str| t.trim_start_matches("W/").to_string();
+        let matched = held.iter().any(|t| t == "*" && etag.is_some())
+            || etag.is_some_and(|e| held.iter().any(|t| weak(t) == weak(e)));
+        return matched.then_some(StatusCode::NOT_MODIFIED);
+    }
+    let since = request
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok());
+    let modified = answer
+        .get(header::LAST_MODIFIED)
+        .and_then(|v| v.to_str().ok());
+    match (since, modified) {
+        (Some(since), Some(modified)) if since.trim() == modified.trim() => {
+            Some(StatusCode::NOT_MODIFIED)
+        }
+        _ => None,
+    }
 }
 
 /// What the upstream request is built from.
@@ -115,23 +165,14 @@ pub fn build_request(
         .body(Full::new(out.body.clone()))
         .map_err(|_| GatewayError::BadRequest("request target cannot be forwarded"))?;
     let headers = req.headers_mut();
-    let shared = out.method == Method::GET || out.method == Method::HEAD;
     for (name, value) in out.client_headers {
-        if forwarded(name, shared) {
+        if forwarded(name) {
             headers.append(name.clone(), value.clone());
         }
     }
     // Hop-by-hop headers are not on the allowlist, but a `Connection` header may name one
     // that is (`Connection: accept-language`): such a header describes the connection.
-    let named: Vec<HeaderName> = out
-        .client_headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
+    for name in connection_named(out.client_headers) {
         headers.remove(name);
     }
     headers.insert(
@@ -194,9 +235,12 @@ pub async fn exchange(
             )));
         }
         let mut headers = parts.headers;
+        // Transfer codings are hop-by-hop, but what they did to the body is not: hyper
+        // undoes `chunked` only, so any other (`gzip`, `gzip, chunked`) is undone here.
+        let transfer = codings(&headers, header::TRANSFER_ENCODING);
         strip_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
-        let body = decoded(&mut headers, body, &held)?;
+        let body = decoded(&mut headers, transfer, body, &held)?;
         Ok(Fetched {
             status: parts.status,
             headers,
@@ -212,43 +256,89 @@ pub async fn exchange(
     }
 }
 
-/// The body without its `Content-Encoding`, so link rewriting and token redaction see (and
-/// the cache stores) what clients will read. gzip and deflate are decoded, bounded by
-/// [`MAX_UPSTREAM_BODY`] (a zip bomb is refused, not inflated); any other coding cannot be
-/// scanned, and an unscanned body is never passed on, so it is refused too. The decoded
-/// bytes are held in `held` against `max_buffered_bytes` as they are produced (503 past it).
-fn decoded(
-    headers: &mut HeaderMap,
-    body: Bytes,
-    held: &super::Held,
-) -> Result<Bytes, GatewayError> {
-    let codings: Vec<String> = headers
-        .get_all(header::CONTENT_ENCODING)
+/// Codings are applied at most this many times in all (transfer and content): enough for
+/// any real server, and a bound on the work a hostile one can ask for.
+const MAX_CODINGS: usize = 4;
+
+/// The codings a header lists, in the order they were applied, lower-cased; `identity`
+/// (no coding) and, for `Transfer-Encoding`, `chunked` (undone by hyper) are left out.
+fn codings(headers: &HeaderMap, name: HeaderName) -> Vec<String> {
+    headers
+        .get_all(&name)
         .iter()
         .map(|v| v.to_str().unwrap_or("\u{fffd}").to_ascii_lowercase())
         .flat_map(|v| {
             v.split(',')
-                .map(|c| c.trim().to_string())
+                .map(|c| c.split(';').next().unwrap_or("").trim().to_string())
                 .collect::<Vec<_>>()
         })
-        .filter(|c| !c.is_empty() && c != "identity")
-        .collect();
-    if codings.is_empty() {
-        headers.remove(header::CONTENT_ENCODING);
-        return Ok(body);
-    }
-    if codings.len() > 2 {
-        return Err(GatewayError::UpstreamUnreachable(
-            "the upstream answer is encoded more than twice".into(),
-        ));
+        .filter(|c| !c.is_empty() && c != "identity" && c != "chunked")
+        .collect()
+}
+
+/// The body as clients will read it, so link rewriting and token redaction see (and the
+/// cache stores) what they get. The rule: every coding listed is undone, last applied
+/// first: the transfer codings (`Transfer-Encoding` other than `chunked`) and then the
+/// content codings (`Content-Encoding`), at most [`MAX_CODINGS`] in all and each bounded
+/// by [`MAX_UPSTREAM_BODY`] (a zip bomb is refused, not inflated). A coding the gateway
+/// cannot decode (anything but gzip and deflate) is refused (502), and so is a body that
+/// still starts like gzip or zlib data once every listed coding is undone, whatever it
+/// was labelled (unlabelled, `identity`, or compressed more times than it says): such a
+/// body cannot be scanned, and an unscanned body is never passed on. The decoded bytes
+/// are held in `held` against `max_buffered_bytes` as they are produced (503 past it).
+fn decoded(
+    headers: &mut HeaderMap,
+    transfer: Vec<String>,
+    body: Bytes,
+    held: &super::Held,
+) -> Result<Bytes, GatewayError> {
+    let content = codings(headers, header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_ENCODING);
+    if transfer.len() + content.len() > MAX_CODINGS {
+        return Err(GatewayError::UpstreamUnreachable(format!(
+            "the upstream answer is encoded more than {MAX_CODINGS} times"
+        )));
     }
     let mut current = body;
-    // Codings are listed in the order they were applied: undo the last one first.
-    for coding in codings.iter().rev() {
+    // Transfer codings were applied last (on the wire), so they are undone first; within
+    // each list, the last one listed was applied last.
+    for coding in transfer.iter().rev().chain(content.iter().rev()) {
         current = inflate(coding, &current, held)?;
     }
-    headers.remove(header::CONTENT_ENCODING);
+    if looks_compressed(&current) {
+        return Err(GatewayError::UpstreamUnreachable(
+            "the upstream answer is still compressed after undoing the codings it lists, \
+             so it cannot be scanned"
+                .into(),
+        ));
+    }
     Ok(current)
+}
+
+/// Whether `data` starts like a gzip member (`1f 8b 08`) or a zlib stream (a deflate CMF
+/// byte whose header check passes and that inflates), the two formats a server sends
+/// compressed bodies in. Text and JSON never start like either: the zlib check is
+/// confirmed by inflating the first bytes, so a body that merely starts with `x^` passes.
+fn looks_compressed(data: &[u8]) -> bool {
+    use std::io::Read;
+    if data.starts_with(&[0x1f, 0x8b, 0x08]) {
+        return true;
+    }
+    let [cmf, flg, ..] = *data else {
+        return false;
+    };
+    let zlib_header = cmf & 0x0f == 8
+        && cmf >> 4 <= 7
+        && flg & 0x20 == 0
+        && (u16::from(cmf) << 8 | u16::from(flg)) % 31 == 0;
+    if !zlib_header {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    matches!(
+        flate2::read::ZlibDecoder::new(data).read(&mut probe),
+        Ok(n) if n > 0
+    )
 }
 
 fn inflate(coding: &str, data: &[u8], held: &super::Held) -> Result<Bytes, GatewayError> {
@@ -358,8 +448,43 @@ mod tests {
         let names: Vec<&str> = req.headers().keys().map(|n| n.as_str()).collect();
         assert_eq!(
             names,
-            ["accept", "x-request-id", "authorization"],
-            "expected only allowlisted headers to go upstream on a read, saw {names:?}"
+            ["accept", "if-none-match", "x-request-id", "authorization"],
+            "expected only allowlisted headers to go upstream, saw {names:?}"
         );
+    }
+
+    #[test]
+    fn conditions_are_answered_from_the_answers_validators() {
+        let mut answer = HeaderMap::new();
+        answer.insert(header::ETAG, "\"v1\"".parse().unwrap());
+        answer.insert(
+            header::LAST_MODIFIED,
+            "Tue, 01 Dec 2026 10:00:00 GMT".parse().unwrap(),
+        );
+        let ask = |name: HeaderName, value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(name, value.parse().unwrap());
+            conditional(&h, &answer)
+        };
+        let not_modified = Some(StatusCode::NOT_MODIFIED);
+        assert_eq!(ask(header::IF_NONE_MATCH, "\"v1\""), not_modified);
+        assert_eq!(ask(header::IF_NONE_MATCH, "W/\"v1\""), not_modified);
+        assert_eq!(ask(header::IF_NONE_MATCH, "\"v0\", \"v1\""), not_modified);
+        assert_eq!(ask(header::IF_NONE_MATCH, "*"), not_modified);
+        assert_eq!(ask(header::IF_NONE_MATCH, "\"v2\""), None);
+        assert_eq!(
+            ask(header::IF_MODIFIED_SINCE, "Tue, 01 Dec 2026 10:00:00 GMT"),
+            not_modified
+        );
+        assert_eq!(
+            ask(header::IF_MODIFIED_SINCE, "Mon, 30 Nov 2026 10:00:00 GMT"),
+            None
+        );
+        assert_eq!(ask(header::IF_MATCH, "\"v1\""), None);
+        assert_eq!(
+            ask(header::IF_MATCH, "\"v2\""),
+            Some(StatusCode::PRECONDITION_FAILED)
+        );
+        assert_eq!(conditional(&HeaderMap::new(), &answer), None);
     }
 }

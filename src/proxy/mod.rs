@@ -19,7 +19,7 @@ mod recent;
 mod reply;
 mod request;
 
-pub use buffers::{Buffers, Held};
+pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
@@ -177,7 +177,8 @@ struct Outcome<'s> {
 impl Gateway {
     pub fn new(config: Arc<Config>, parts: Parts) -> Gateway {
         let permits = config.server.max_concurrency;
-        let buffered = config.server.max_buffered_bytes;
+        let buffers = Buffers::new(config.server.max_buffered_bytes);
+        buffers.set_body_limit(config.server.max_body_bytes);
         prime_metrics(&config, &parts.metrics, &parts.budget);
         Gateway {
             inner: Arc::new(Inner {
@@ -191,7 +192,7 @@ impl Gateway {
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
                 in_flight: Arc::new(Semaphore::new(permits)),
-                buffers: Buffers::new(buffered),
+                buffers,
                 recent_errors: recent::RecentErrors::default(),
             }),
         }
@@ -227,6 +228,9 @@ impl Gateway {
         self.inner
             .buffers
             .set_limit(config.server.max_buffered_bytes);
+        self.inner
+            .buffers
+            .set_body_limit(config.server.max_body_bytes);
         self.inner.budget.reload(budget_spec(&config));
         prime_metrics(&config, &self.inner.metrics, &self.inner.budget);
         let next = Arc::new(State::new(config));
@@ -449,7 +453,7 @@ impl Gateway {
         let query = parts.uri.query().map(|q| normalise_escapes(q, false));
         let (path, query) = (&*path, query.as_deref());
         if is_sim_control(path) {
-            return Err(GatewayError::BadRequest(
+            return Err(GatewayError::NotFound(
                 "paths under /_sim/ are the simulator's controls and are never forwarded",
             ));
         }
@@ -483,6 +487,7 @@ impl Gateway {
                     .ok_or(GatewayError::BadRequest("request body read twice"))?,
                 &cfg.server,
                 &self.inner.buffers,
+                Party::Unauthenticated,
             )
             .await?;
             _body_held = Some(held);
@@ -543,6 +548,7 @@ impl Gateway {
                     body,
                     &cfg.server,
                     &self.inner.buffers,
+                    Party::Client(client.ordinal),
                 )
                 .await?;
                 _body_held = Some(held);
@@ -577,10 +583,11 @@ impl Gateway {
             let in_headers = parts
                 .headers
                 .iter()
-                .filter(|(name, _)| forward::forwarded(name, reads))
+                .filter(|(name, _)| forward::forwarded(name))
                 .any(|(_, v)| request::carries_key(v.as_bytes(), key));
             if in_headers
                 || request::carries_key(&body, key)
+                || request::json_carries_key(&parts.headers, &body, key)
                 || query.is_some_and(|q| request::carries_key(q.as_bytes(), key))
             {
                 return Err(GatewayError::BadRequest(
@@ -666,6 +673,7 @@ async fn read_body<B>(
     body: B,
     server: &crate::config::ServerConfig,
     buffers: &Arc<Buffers>,
+    party: Party,
 ) -> Result<(Bytes, Held), GatewayError>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -688,7 +696,7 @@ where
     }
     // Only the bytes that have arrived are held, never the announced length: a client that
     // announces a large body and trickles it holds what it sent, not the pool.
-    let held = buffers.hold(0)?;
+    let held = buffers.hold_for(party, 0)?;
     let pause = server.body_timeout;
     match buffers::collect(body, limit, Some(pause), &held, 0).await {
         Ok(bytes) => Ok((bytes, held)),
@@ -805,12 +813,19 @@ fn method_index(method: &Method) -> usize {
 }
 
 /// The simulator's control endpoints (`/_sim/...`): the real API has none, and a gateway in
-/// front of a simulator must not let clients reset its faults or read its stats. Empty
-/// segments are skipped (`//_sim/stats` reaches the same place), case is ignored.
+/// front of a simulator must not let clients reset its faults or read its stats. The first
+/// segment is read as the account check reads it ([`auth::first_segment`]), then in every
+/// way a server could still fold it into `_sim`: decoded once more, with trailing dots and
+/// surrounding spaces dropped (as Windows-style servers do), in any letter case. Empty
+/// segments and `;` path parameters never get here: the target check refuses them.
 fn is_sim_control(path: &str) -> bool {
-    path.split('/')
-        .find(|seg| !seg.is_empty())
-        .is_some_and(|seg| seg.eq_ignore_ascii_case("_sim"))
+    let once = auth::first_segment(path);
+    let twice = auth::first_segment(&once);
+    [&*once, &*twice].iter().any(|seg| {
+        seg.trim()
+            .trim_end_matches(['.', ' ', '\t'])
+            .eq_ignore_ascii_case("_sim")
+    })
 }
 
 /// The client's `X-Request-Id` if it is a sane token, else a fresh one.

@@ -11,7 +11,7 @@ use http::{header, HeaderMap, Method, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::call::Call;
-use super::forward::Fetched;
+use super::forward::{self, Fetched};
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
 use crate::cache::{CachedResponse, Freshness, Joined, Progress, Role, StoredResponse, Variant};
@@ -76,7 +76,7 @@ impl Gateway {
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
-        make_call: impl Fn() -> Call,
+        client_call: impl Fn() -> Call,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
         let inner = &self.inner;
@@ -84,6 +84,26 @@ impl Gateway {
         let key = crate::cache::cache_key(&Method::GET, path, query);
         let ttl = route.and_then(|(r, _)| r.ttl).filter(|_| !d.no_store);
         let mut stale_fallback: Option<StoredResponse> = None;
+        let cacheable = ttl.is_some();
+        // A cacheable read goes up without the client's conditions: its answer is stored
+        // and shared, so it must be the whole answer, and the conditions are answered here
+        // from it. An uncached read forwards them (and merges only with the same ones).
+        let make_call = || {
+            let mut call = client_call();
+            if cacheable {
+                for name in forward::CONDITIONAL {
+                    call.headers.remove(name);
+                }
+            }
+            call
+        };
+        let answered = |resp: Response<Body>| {
+            if cacheable {
+                answer_conditions(resp, headers)
+            } else {
+                resp
+            }
+        };
 
         if ttl.is_some() && !d.no_cache {
             if let Some(entry) = inner.cache.get(&key, headers).await {
@@ -91,7 +111,8 @@ impl Gateway {
                 match entry.freshness(now) {
                     Freshness::Fresh { remaining } => {
                         outcome.cache = "hit";
-                        return Ok(reply::from_entry(&entry, entry.age(now), Ok(remaining)));
+                        let resp = reply::from_entry(&entry, entry.age(now), Ok(remaining));
+                        return Ok(answered(resp));
                     }
                     Freshness::Stale {
                         past,
@@ -100,7 +121,8 @@ impl Gateway {
                     } => {
                         outcome.cache = "stale";
                         self.revalidate(key, route, upstream_get(&make_call));
-                        return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
+                        let resp = reply::from_entry(&entry, entry.age(now), Err(past));
+                        return Ok(answered(resp));
                     }
                     Freshness::Stale { if_error: true, .. } => stale_fallback = Some(entry),
                     Freshness::Stale { .. } => {}
@@ -115,7 +137,9 @@ impl Gateway {
             cacheable: ttl.is_some(),
             stale_fallback,
         };
-        Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome)).await
+        Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome))
+            .await
+            .map(answered)
     }
 
     /// The rest of a read that the cache could not answer fresh: one merged upstream call,
@@ -143,11 +167,23 @@ impl Gateway {
         // The epoch in the merge key keeps a read that comes after a write from joining a
         // call that was already in flight before it (its answer may predate the write).
         let epoch = inner.cache.epoch();
-        let merge_key = if d.no_store {
+        let mut merge_key = if d.no_store {
             format!("{epoch} no-store {key}")
         } else {
             format!("{epoch} {key}")
         };
+        // An uncached read carries its caller's conditions upstream: it shares its call only
+        // with readers that sent the same ones, so no one gets a 304 made for another.
+        if !cacheable {
+            for name in forward::CONDITIONAL {
+                for value in headers.get_all(name) {
+                    merge_key.push_str(&format!(
+                        "\n{name}: {}",
+                        String::from_utf8_lossy(value.as_bytes())
+                    ));
+                }
+            }
+        }
         let call = upstream_get(&make_call);
         // A follower's own terms: it waits behind another client's budget queue no longer
         // than its own max_wait, and a leader's refusal is not its refusal.
@@ -335,6 +371,37 @@ fn refused_by_budget(value: &Shared) -> bool {
     matches!(value, Err(e) if matches!(**e, GatewayError::RateLimited { .. }))
 }
 
+/// A cacheable read's `200` as the client's conditions make it: `304` with the answer's
+/// headers and no body, `412` in the error envelope, or unchanged.
+fn answer_conditions(resp: Response<Body>, request: &HeaderMap) -> Response<Body> {
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    match forward::conditional(request, resp.headers()) {
+        None => resp,
+        Some(StatusCode::NOT_MODIFIED) => {
+            let (mut parts, _) = resp.into_parts();
+            parts.status = StatusCode::NOT_MODIFIED;
+            parts.headers.remove(header::CONTENT_LENGTH);
+            parts.headers.remove(header::CONTENT_TYPE);
+            Response::from_parts(parts, Body::default())
+        }
+        Some(status) => {
+            let mut refused = crate::error::envelope(
+                status,
+                "precondition_failed",
+                "If-Match names none of the answer's entity tags",
+            );
+            if let Some(cache_status) = resp.headers().get(&CACHE_STATUS) {
+                refused
+                    .headers_mut()
+                    .insert(CACHE_STATUS.clone(), cache_status.clone());
+            }
+            refused
+        }
+    }
+}
+
 /// The upstream call of a read: HEAD is answered from GET entries, so it goes up as a GET.
 fn upstream_get(make_call: &impl Fn() -> Call) -> Call {
     let mut call = make_call();
@@ -359,6 +426,7 @@ fn clone_error(e: &GatewayError) -> GatewayError {
     match e {
         GatewayError::BadRequest(m) => GatewayError::BadRequest(m),
         GatewayError::Unauthorized(m) => GatewayError::Unauthorized(m),
+        GatewayError::NotFound(m) => GatewayError::NotFound(m),
         GatewayError::Forbidden(m) => GatewayError::Forbidden(m.clone()),
         GatewayError::PayloadTooLarge { limit } => GatewayError::PayloadTooLarge { limit: *limit },
         GatewayError::RateLimited {

@@ -86,8 +86,11 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
             "empty segments are not allowed in the path",
         ));
     }
-    // Most paths have nothing to decode and no dot or backslash: nothing can hide there.
-    if !path.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
+    // Most paths have nothing to decode and no dot, backslash or `;`: nothing can hide there.
+    if !path
+        .bytes()
+        .any(|b| matches!(b, b'%' | b'.' | b'\\' | b';'))
+    {
         return Ok(());
     }
     if path.contains('\\') {
@@ -108,8 +111,15 @@ pub fn check_path(path: &str) -> Result<(), GatewayError> {
             "the path is not UTF-8 once percent-decoded",
         ));
     }
+    // `;` starts a path parameter to some servers (`/_sim;x/stats` is `/_sim/stats` to
+    // them) and is plain text to others: no two readers agree on such a path.
     // Decoding twice catches %252e%252e, which a second decoder downstream would turn into "..".
     let twice = percent_decode(&decoded).unwrap_or_else(|| decoded.clone());
+    if decoded.contains(&b';') || twice.contains(&b';') {
+        return Err(GatewayError::BadRequest(
+            "path parameters (';') are not allowed in the path",
+        ));
+    }
     for candidate in [path.as_bytes(), &decoded] {
         let lower = candidate.to_ascii_lowercase();
         if find_bytes(&lower, b"%2f", 0).is_some() || find_bytes(&lower, b"%5c", 0).is_some() {
@@ -223,8 +233,8 @@ pub struct BodyKeys {
     pub keys: Vec<String>,
 }
 
-/// Takes every `access_token` field (see [`is_key_name`]) out of a form-encoded or
-/// multipart body: the API reads the token from a form POST too, so a gateway key there is
+/// Takes every `access_token` field (see [`is_key_name`]) out of a form-encoded, multipart
+/// or JSON body: the API reads the token from a form POST too, so a gateway key there is
 /// a client credential like one in the header, and must never travel on. Other content
 /// types are passed through; a compressed body cannot be scanned and is refused.
 pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, GatewayError> {
@@ -261,6 +271,7 @@ pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, Gate
             ))?;
             take_multipart_keys(body, boundary.as_bytes())
         }
+        m if is_json(m) => take_json_keys(body),
         _ => Ok(BodyKeys {
             body,
             keys: Vec::new(),
@@ -268,9 +279,74 @@ pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, Gate
     }
 }
 
-/// Whether a body of this request may carry a key field (so it is read before the caller
-/// is authenticated when no key came in the header or query).
-pub fn may_carry_key(headers: &HeaderMap) -> bool {
+/// `application/json` and the `+json` media types.
+fn is_json(media: &str) -> bool {
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+/// Takes every top-level `access_token` member out of a JSON object body. Member names are
+/// compared once unescaped, as the upstream's JSON decoder reads them
+/// (`"access\u005ftoken"` is `access_token`), by the same rule as form field names. A body
+/// that is not a JSON object is passed on as it is (the upstream cannot read a member from
+/// it either); the last check before forwarding still looks for the caller's key in it.
+fn take_json_keys(body: Bytes) -> Result<BodyKeys, GatewayError> {
+    let Ok(serde_json::Value::Object(mut members)) = serde_json::from_slice(&body) else {
+        return Ok(BodyKeys {
+            body,
+            keys: Vec::new(),
+        });
+    };
+    let named: Vec<String> = members
+        .keys()
+        .filter(|name| php_name_is_key(name))
+        .cloned()
+        .collect();
+    if named.is_empty() {
+        return Ok(BodyKeys {
+            body,
+            keys: Vec::new(),
+        });
+    }
+    let mut keys = Vec::new();
+    for name in named {
+        match members.remove(&name) {
+            Some(serde_json::Value::String(key)) => keys.push(key),
+            _ => {
+                return Err(GatewayError::BadRequest(
+                    "an access_token member of a JSON body must be a string",
+                ))
+            }
+        }
+    }
+    let body = serde_json::to_vec(&serde_json::Value::Object(members))
+        .map_err(|_| GatewayError::BadRequest("the JSON body cannot be written back"))?;
+    Ok(BodyKeys {
+        body: Bytes::from(body),
+        keys,
+    })
+}
+
+/// Whether a JSON body holds `key` in any string, member names included, once unescaped
+/// (`"\u0074est-key"`): what [`carries_key`] cannot see in the raw bytes.
+pub fn json_carries_key(headers: &HeaderMap, body: &[u8], key: &str) -> bool {
+    fn holds(value: &serde_json::Value, key: &str) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains(key),
+            serde_json::Value::Array(items) => items.iter().any(|v| holds(v, key)),
+            serde_json::Value::Object(members) => members
+                .iter()
+                .any(|(name, v)| name.contains(key) || holds(v, key)),
+            _ => false,
+        }
+    }
+    if key.is_empty() || !media_type(headers).is_some_and(|m| is_json(&m)) {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| holds(&v, key))
+}
+
+/// The request's media type, lower-cased, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -281,7 +357,14 @@ pub fn may_carry_key(headers: &HeaderMap) -> bool {
                 .trim()
                 .to_ascii_lowercase()
         })
-        .is_some_and(|m| m == "application/x-www-form-urlencoded" || m == "multipart/form-data")
+}
+
+/// Whether a body of this request may carry a key field (so it is read before the caller
+/// is authenticated when no key came in the header or query).
+pub fn may_carry_key(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|m| {
+        m == "application/x-www-form-urlencoded" || m == "multipart/form-data" || is_json(&m)
+    })
 }
 
 fn take_form_keys(body: Bytes) -> BodyKeys {
