@@ -215,12 +215,14 @@ async fn shared_budget_suite(kind: Kind) {
     let c = Arc::new(c);
     let before = c.upstream_total();
     let run = Duration::from_secs(8);
-    let tick = Duration::from_millis(15);
+    let tick = Duration::from_millis(30);
     let started = Instant::now();
     let mut drivers = tokio::task::JoinSet::new();
-    // Four senders per replica, each firing a distinct uncached read every tick without
-    // waiting for earlier answers: about 800 requests/s offered against a budget of 20/s.
-    for sender in 0..12usize {
+    // Two senders per replica, each firing a distinct uncached read every tick without
+    // waiting for earlier answers: about 200 requests/s offered against a budget of 20/s,
+    // ten times over, yet light enough that a busy machine does not starve the replicas'
+    // Redis calls past their bound (which would rightly fall back to local budgets).
+    for sender in 0..6usize {
         let c = c.clone();
         drivers.spawn(async move {
             let mut requests = tokio::task::JoinSet::new();
