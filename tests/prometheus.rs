@@ -591,9 +591,11 @@ impl Drop for RemoveOnDrop {
 fn path_for(method: &str, template: &str, client: usize) -> String {
     let kind = if template.contains("/insights/") {
         "volume"
+    } else if template.contains("/crisis/") {
+        "event"
     } else if method != "GET" && template.ends_with("/settings/{kind}") {
         "teams"
-    } else if method != "GET" {
+    } else if method != "GET" || template.ends_with("/settings/{kind}/{id}") {
         "team"
     } else {
         "topics"
@@ -605,7 +607,15 @@ fn path_for(method: &str, template: &str, client: usize) -> String {
         .replace("{service}", "twitter")
         .replace("{service_id}", &format!("c{client}"))
         .replace("{topic_id}", "1")
-        .replace("{id}", &format!("m{client}"))
+        .replace(
+            "{id}",
+            &if template.contains("/settings/") {
+                // A team of the generated account (account id x 1000 + 1).
+                "12345001".to_string()
+            } else {
+                format!("m{client}")
+            },
+        )
 }
 
 /// A form body each write endpoint of the simulator accepts.
@@ -615,7 +625,13 @@ fn body_for(path: &str) -> &'static str {
     } else if path.contains("/inbox/contact/") {
         "updates=%7B%22email%22%3A%22ops%40example.com%22%7D"
     } else if path.contains("/insights/facets") {
-        "facetdefinitions=sentiment"
+        "facetdefinitions=%5B%7B%22name%22%3A%22sentiment%22%7D%5D&topic_ids=123451"
+    } else if path.ends_with("/settings/teams") {
+        "team=%7B%22name%22%3A%22Ops%22%7D"
+    } else if path.contains("/settings/") {
+        "updates=%7B%22name%22%3A%22Ops%22%7D"
+    } else if path.contains("/crisis/") {
+        "id=123451&activate=1&crisis_name=drill"
     } else {
         "message=hello"
     }

@@ -449,3 +449,94 @@ async fn overload_three_replicas_never_meet_the_upstreams_limit() {
         report.per_replica
     );
 }
+
+/// With the budget shared through Redis, a replica only mirrors the shared state as of its
+/// own last admission. When the other replica has spent the rest, this one's refusal must
+/// still say what is really left for the client: nothing, in both the API's fields and the
+/// `RateLimit` field, until at least its Retry-After.
+#[tokio::test]
+async fn a_refusal_on_the_shared_budget_says_nothing_is_left() {
+    let Some(redis) = RedisServer::start_or_skip("the shared-budget refusal") else {
+        return;
+    };
+    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    let budget = format!(
+        "[budget]\nlimit = 4\nperiod = \"1h\"\nburst = 4\nmax_wait = \"0s\"\nbackend = \"redis\"\n\
+         redis_url_env = \"{url_env}\"\nkey_prefix = \"refusal{:08x}\"\nreplicas = 2\n",
+        fastrand::u32(..)
+    );
+    let env = common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await;
+    let cfg_path = env.dir.join("cxgate.toml");
+    let cfg = cxgate::config::load(&cfg_path).expect("the same config for the second replica");
+    let other = cxgate::start(cfg, Some(cfg_path))
+        .await
+        .expect("second replica starts");
+    let auth = format!("Bearer {KEY}");
+    let on = |addr: std::net::SocketAddr, n: usize| {
+        let (env, auth) = (&env, &auth);
+        async move {
+            let url = format!("http://{addr}{}", contact(n));
+            env.send(Method::GET, &url, &[("authorization", auth)], "")
+                .await
+        }
+    };
+
+    let first = on(other.addr, 1).await;
+    assert_eq!(first.status, 200, "expected the first call admitted");
+    let (_, left, _) = assert_api_fields(&first, "first call on the second replica");
+    assert_eq!(left, 3, "expected 3 of 4 left after one call");
+    assert!(
+        first.header("ratelimit").contains(";r=3;"),
+        "expected RateLimit r=3 after one call, saw {:?}",
+        first.header("ratelimit")
+    );
+    for n in 2..=4 {
+        let a = on(env.gw.addr, n).await;
+        assert_eq!(a.status, 200, "call {n} on the first replica: expected 200");
+    }
+    let refused = on(other.addr, 5).await;
+    let retry = assert_api_429(
+        &refused,
+        "the second replica, after the first spent the rest",
+    );
+    assert!(
+        retry > 60,
+        "expected a wait of about a cell (15 min), saw {retry} s"
+    );
+    let field = refused.header("ratelimit");
+    assert!(
+        field.contains(";r=0;"),
+        "expected RateLimit r=0 on the refusal, saw {field:?}"
+    );
+    let t: u64 = field
+        .rsplit("t=")
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("expected a t= in {field:?}"));
+    assert!(
+        t >= retry,
+        "expected RateLimit t={t} to be at least the Retry-After {retry}"
+    );
+    let (_, _, reset) = assert_api_fields(&refused, "the refusal");
+    assert!(
+        reset + 1 >= unix_now() + retry,
+        "expected X-RateLimit-Reset {reset} no earlier than Retry-After {retry} s from now"
+    );
+    // A cached answer on the same replica afterwards: the refusal told it the shared state.
+    let hit = on(other.addr, 1).await;
+    assert!(
+        hit.status == 200 && hit.header("cache-status").contains("hit"),
+        "expected a cache hit, saw {hit:?}"
+    );
+    let (_, left, _) = assert_api_fields(&hit, "a hit after the refusal");
+    assert_eq!(left, 0, "expected nothing left on a hit after the refusal");
+    assert!(
+        hit.header("ratelimit").contains(";r=0;"),
+        "expected RateLimit r=0 on a hit after the refusal, saw {:?}",
+        hit.header("ratelimit")
+    );
+    other.shutdown();
+    other.stopped().await;
+    env.stop().await;
+}

@@ -594,7 +594,8 @@ impl Budget {
                 now,
             } => (wait, own, global, now),
             Reply::Refused { which, wait } => {
-                return Err(self.refuse_shared(client, which, wait.saturating_mul(1000)))
+                self.mirror_refusal(client, &ask, which, wait);
+                return Err(self.refuse_shared(client, which, wait.saturating_mul(1000)));
             }
             // A second booking never queues on the client share it did not book.
             Reply::Queue { wait, .. } => {
@@ -681,6 +682,27 @@ impl Budget {
             {
                 gcra.mirror(tat);
             }
+        }
+    }
+
+    /// A refusal tells the share's state exactly: the script refuses when `cost` cells are
+    /// `wait` µs away, so the TAT is `wait` plus the rest of the burst ahead. Mirrored, the
+    /// answers this replica gives next say what is really left, not what its last own
+    /// admission saw (other replicas may have spent it since).
+    fn mirror_refusal(&self, client: &str, ask: &Ask, which: Which, wait: u64) {
+        let ahead = |cells: &Cells| -> i64 {
+            let rest = u64::from(cells.usable - ask.cost.min(cells.usable));
+            let ahead = wait.saturating_add(rest.saturating_mul(cells.interval_us));
+            i64::try_from(ahead).unwrap_or(i64::MAX)
+        };
+        match which {
+            Which::Global => self.mirror(client, 0, Some(ahead(&ask.global)), None),
+            Which::Client => {
+                if let Some(own) = &ask.own {
+                    self.mirror(client, 0, None, Some(ahead(own)));
+                }
+            }
+            Which::Upstream => {}
         }
     }
 

@@ -50,6 +50,10 @@ fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn share_json(share: &Share, available: u32) -> Value {
     json!({
         "limit": share.limit.get(),
@@ -65,7 +69,12 @@ impl Budget {
     ///
     /// Called for every answer the cache took part in, hits included: the policy is the
     /// ledger's prebuilt value and the live field is formatted after the lock is released.
-    pub fn headers(&self, client: &str) -> (HeaderValue, HeaderValue) {
+    ///
+    /// `refused` is set for an answer that refuses the client (a 429), with its
+    /// `Retry-After`: then `r` is 0 and `t` at least that, whatever the shares show. With a
+    /// shared budget the local view is only a mirror of the last admission here, and other
+    /// replicas may have spent what it still shows.
+    pub fn headers(&self, client: &str, refused: Option<Duration>) -> (HeaderValue, HeaderValue) {
         let now = self.inner.clock.nanos();
         let (name, policy, remaining, next) = {
             let ledger = self.ledger();
@@ -79,6 +88,10 @@ impl Budget {
                 remaining = 0;
                 next = next.max(pause);
             }
+            if let Some(wait) = refused {
+                remaining = 0;
+                next = next.max(nanos(wait));
+            }
             (v.name, v.policy.clone(), remaining, next)
         };
         (
@@ -90,8 +103,9 @@ impl Budget {
     /// `(X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset)` for `client`, the
     /// API's own fields, so client code written for the API keeps its limit handling: the
     /// tighter of the client's share and what the upstream has left, and the Unix second
-    /// when the client may next find a call free (the end of a pause while paused).
-    pub fn api_headers(&self, client: &str) -> [HeaderValue; 3] {
+    /// when the client may next find a call free (the end of a pause while paused). A
+    /// refusal (`refused`, as for `headers`) leaves 0 until at least its `Retry-After`.
+    pub fn api_headers(&self, client: &str, refused: Option<Duration>) -> [HeaderValue; 3] {
         let now = self.inner.clock.nanos();
         let (limit, remaining, next) = {
             let ledger = self.ledger();
@@ -113,6 +127,10 @@ impl Budget {
             if let Some(pause) = ledger.upstream.paused_for(now) {
                 remaining = 0;
                 next = next.max(pause);
+            }
+            if let Some(wait) = refused {
+                remaining = 0;
+                next = next.max(nanos(wait));
             }
             (limit, remaining, next)
         };

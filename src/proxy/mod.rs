@@ -338,24 +338,29 @@ impl Gateway {
         if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
             headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
         }
-        if outcome.cache != "none" || resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            let (policy, current) = self.inner.budget.headers(outcome.client_label());
+        // A 429 is a refusal: nothing is left for this client until its Retry-After, whatever
+        // the mirror of a shared budget last showed (another replica may have spent it).
+        let refused = (resp.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map_or(Duration::ZERO, Duration::from_secs)
+        });
+        if outcome.cache != "none" || refused.is_some() {
+            let (policy, current) = self.inner.budget.headers(outcome.client_label(), refused);
             let headers = resp.headers_mut();
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), current);
         }
         if outcome.client.is_some() {
-            // The API's own fields, for client code written against the API (CONTRACT
-            // names them): on every answer to a known client, 429s included.
-            let [limit, remaining, reset] = self.inner.budget.api_headers(outcome.client_label());
-            let refused = resp.status() == StatusCode::TOO_MANY_REQUESTS;
+            // The API's own fields, for client code written against the API: on every
+            // answer to a known client, 429s included.
+            let [limit, remaining, reset] = self
+                .inner
+                .budget
+                .api_headers(outcome.client_label(), refused);
             let headers = resp.headers_mut();
             headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
-            let remaining = if refused {
-                HeaderValue::from_static("0")
-            } else {
-                remaining
-            };
             headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
             headers.insert(X_RATELIMIT_RESET.clone(), reset);
         }

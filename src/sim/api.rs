@@ -110,6 +110,7 @@ fn account_endpoint(
         | "teams"
         | "userroles"
         | "canned_responses"
+        | "canned_responses_folders"
         | "customattributes"
         | "profilegroups"
         | "publishing_guidelines"
@@ -161,7 +162,7 @@ pub(crate) async fn serve(
         Endpoint::Permissions => reply::ok(data::permissions()),
         Endpoint::ConnectedProfiles => list(data::connected_profiles()),
         Endpoint::Settings(account, kind) => {
-            list(data::settings(account, &kind).unwrap_or_default())
+            list(sim.settings.list(account, &kind).unwrap_or_default())
         }
         Endpoint::Mentions(account) => mentions(sim, account, call),
         Endpoint::Mention(account, topic, id) if post => {
@@ -204,7 +205,7 @@ pub(crate) async fn serve(
 
 /// A generated mention or one added through `inbox/add`, with stored updates applied.
 /// Added messages live under their own `custom-N` ids, so an unknown one is a 404.
-fn mention(sim: &Sim, base: &str, account: u64, topic: u64, id: &str) -> Option<Value> {
+pub(crate) fn mention(sim: &Sim, base: &str, account: u64, topic: u64, id: &str) -> Option<Value> {
     let key = (account, topic, id.to_owned());
     if sim.writes.mention_deleted(&key) {
         return None;

@@ -175,6 +175,7 @@ pub(crate) fn settings(account: u64, kind: &str) -> Option<Vec<Value>> {
             .collect(),
         "userroles"
         | "canned_responses"
+        | "canned_responses_folders"
         | "customattributes"
         | "profilegroups"
         | "publishing_guidelines"

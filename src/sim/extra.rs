@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use super::data;
 use super::page::{paged, Call, Page};
 use super::reply::{self, Reply};
+use super::settings;
 use super::stats::Counter;
 use super::Sim;
 
@@ -32,7 +33,9 @@ pub(crate) enum Extra {
     PublisherOptions,
     PublisherMentions,
     PublisherMention(String),
-    SettingsWrite(String),
+    Settings(settings::Target),
+    Crisis(&'static str),
+    Audit,
     Facets,
     Tool(String),
 }
@@ -52,19 +55,17 @@ pub(crate) fn classify(rest: &[&str]) -> Option<(&'static str, Extra)> {
         ["publisher", "mention", id] => {
             ("GET, POST, DELETE", Extra::PublisherMention(id.to_string()))
         }
-        ["settings", kind @ ("teams" | "profilegroups" | "businesshoursschedules")] => {
-            ("GET, POST, DELETE", Extra::SettingsWrite(kind.to_string()))
+        ["settings", ..] => {
+            let (allow, target) = settings::classify(rest)?;
+            (allow, Extra::Settings(target))
         }
-        ["settings", "profilegroup"] => {
-            ("POST, DELETE", Extra::SettingsWrite("profilegroup".into()))
+        ["crisis", ..] => {
+            let (allow, which) = settings::classify_crisis(rest)?;
+            (allow, Extra::Crisis(which))
         }
-        ["settings", kind @ ("team" | "user" | "profilegroup"), id] => {
-            ("POST, DELETE", Extra::SettingsWrite(format!("{kind}/{id}")))
-        }
+        ["security", "audit"] => ("GET", Extra::Audit),
         ["insights", "facets"] => ("GET, POST", Extra::Facets),
-        [tool @ ("dashboards" | "tools" | "crisis" | "security" | "filter"), more @ ..]
-            if !more.is_empty() =>
-        {
+        [tool @ ("dashboards" | "tools" | "filter"), more @ ..] if !more.is_empty() => {
             ("GET", Extra::Tool(format!("{tool}/{}", more.join("/"))))
         }
         _ => return None,
@@ -202,25 +203,101 @@ pub(crate) fn serve(
                 }
             }
         }
-        Extra::SettingsWrite(kind) if *method == Method::GET => {
-            list(data::settings(account, &kind).unwrap_or_default(), 200)
-        }
-        Extra::SettingsWrite(_) => {
-            sim.stats.incr(Counter::Writes);
-            reply::ok(json!(true))
-        }
-        Extra::Facets => {
-            let Some(defs) = call.param("facetdefinitions") else {
-                return bad("facetdefinitions is required");
-            };
-            let h = data::hash(&["facets", &account.to_string(), defs]);
-            reply::ok(json!([{
-                "keys": [{"name": "sentiment"}, {"name": "count"}],
-                "data": [["negative", h % 50], ["neutral", h % 70], ["positive", h % 90]],
-            }]))
-        }
+        Extra::Settings(target) => settings::serve_settings(sim, account, target, method, call),
+        Extra::Crisis(which) => settings::serve_crisis(sim, account, which, call),
+        Extra::Audit => settings::serve_audit(sim, account, call),
+        Extra::Facets => facets(sim, account, call),
         Extra::Tool(name) => reply::ok(json!({"tool": name, "account_id": account, "data": []})),
     }
+}
+
+/// What a facet may count mentions by, and where a mention holds it.
+const FACET_FIELDS: [(&str, &str); 4] = [
+    ("sentiment", "/message/sentiment"),
+    ("language", "/message/language"),
+    ("service", "/source/service"),
+    ("topic", "/topic/id"),
+];
+
+/// `insights/facets` (GET or POST): `facetdefinitions` is a JSON array of facet
+/// definitions (`{"name": "sentiment"}`, `"type": "mentions"` the only type modelled), and
+/// each is answered by one facet item, `{"keys": [{"name": N}, {"name": "count"}], "data":
+/// [[value, count], ...]}`, counting the account's mentions in `topic_ids` (required, as for
+/// the API's mention facets) between `date_from` and `date_to`, exactly the mentions
+/// `inbox/mentions` lists for the same parameters (written and deleted ones included).
+fn facets(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
+    let Some(text) = call.param("facetdefinitions") else {
+        return bad("facetdefinitions is required");
+    };
+    let defs: Vec<Value> = match serde_json::from_str(text) {
+        Ok(Value::Array(defs)) if !defs.is_empty() && defs.len() <= 10 => defs,
+        _ => return bad("facetdefinitions must be a JSON array of 1 to 10 facet definitions"),
+    };
+    let mut pointers = Vec::new();
+    for def in &defs {
+        if def.get("type").is_some_and(|t| t != "mentions") {
+            return bad("only facets of type mentions are modelled");
+        }
+        let name = def["name"].as_str().unwrap_or_default();
+        let Some((_, pointer)) = FACET_FIELDS.iter().find(|(n, _)| *n == name) else {
+            let names: Vec<&str> = FACET_FIELDS.iter().map(|f| f.0).collect();
+            return bad(&format!(
+                "a facet definition needs a name, one of {}",
+                names.join(", ")
+            ));
+        };
+        pointers.push((name, *pointer));
+    }
+    let topics: Vec<u64> = match call.param("topic_ids").filter(|t| !t.is_empty()) {
+        None => return bad("topic_ids is required for facets of type mentions"),
+        Some(t) => match t.split(',').map(|n| n.trim().parse()).collect() {
+            Ok(topics) => topics,
+            Err(_) => return bad("topic_ids must be comma-separated numbers"),
+        },
+    };
+    let mut bounds = [None, None];
+    for (slot, name) in bounds.iter_mut().zip(["date_from", "date_to"]) {
+        if let Some(text) = call.param(name).filter(|t| !t.is_empty()) {
+            match parse_time(text) {
+                Some(t) => *slot = Some(t),
+                None => return bad(&format!("{name} must be an ISO-8601 date")),
+            }
+        }
+    }
+    let [from, to] = bounds;
+    let mentions: Vec<Value> = (0..data::MENTIONS)
+        .filter(|seq| {
+            let when = data::published_at(*seq);
+            topics.contains(&data::topic_at(account, *seq))
+                && from.is_none_or(|f| when >= f)
+                && to.is_none_or(|t| when <= t)
+        })
+        .filter_map(|seq| {
+            let (topic, id) = data::mention_at(account, seq);
+            super::api::mention(sim, call.base, account, topic, &id)
+        })
+        .collect();
+    let items: Vec<Value> = pointers
+        .iter()
+        .map(|(name, pointer)| {
+            let mut counts: Vec<(String, u64)> = Vec::new();
+            for m in &mentions {
+                let value = match m.pointer(pointer) {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Null) | None => "unknown".to_string(),
+                    Some(other) => other.to_string(),
+                };
+                match counts.iter_mut().find(|(v, _)| *v == value) {
+                    Some((_, n)) => *n += 1,
+                    None => counts.push((value, 1)),
+                }
+            }
+            counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let rows: Vec<Value> = counts.into_iter().map(|(v, n)| json!([v, n])).collect();
+            json!({"keys": [{"name": name}, {"name": "count"}], "data": rows})
+        })
+        .collect();
+    reply::ok(Value::Array(items))
 }
 
 /// Form fields of a write other than the credential.

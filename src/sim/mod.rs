@@ -54,6 +54,7 @@ mod page;
 mod reply;
 mod router;
 mod serve;
+mod settings;
 mod stats;
 mod writes;
 
@@ -216,6 +217,7 @@ pub(crate) struct Sim {
     faults: faults::FaultState,
     stats: Arc<stats::Stats>,
     writes: writes::Writes,
+    settings: settings::Store,
     insights_latency: Duration,
     local_addr: SocketAddr,
 }
@@ -232,6 +234,7 @@ impl Sim {
             faults: faults::FaultState::new(opts.faults.clone()),
             stats: Arc::new(stats::Stats::default()),
             writes: writes::Writes::default(),
+            settings: settings::Store::default(),
             insights_latency: opts.insights_latency,
             local_addr,
         }

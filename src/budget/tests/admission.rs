@@ -257,7 +257,7 @@ async fn a_late_global_refusal_gives_the_client_cell_back() {
         refused, want,
         "expected a refused at 1 s by the global queue"
     );
-    let (_, state) = b.headers("a");
+    let (_, state) = b.headers("a", None);
     assert_eq!(
         state, "\"client\";r=1;t=0",
         "expected a's cell given back, saw {state:?}"

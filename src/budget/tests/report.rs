@@ -16,7 +16,7 @@ async fn headers_show_the_callers_own_share() {
     let mut s = spec(share(1000, 3_600_000, 50), 0, clients);
     s.batch_reserve = 0.2;
     let b = budget(s);
-    let (policy, state) = b.headers("crm");
+    let (policy, state) = b.headers("crm", None);
     assert_eq!(
         policy, "\"client\";q=100;w=60",
         "expected crm's share, saw {policy:?}"
@@ -28,12 +28,12 @@ async fn headers_show_the_callers_own_share() {
     for _ in 0..3 {
         b.admit("crm", n(1)).await.expect("expected crm admitted");
     }
-    let (_, state) = b.headers("crm");
+    let (_, state) = b.headers("crm", None);
     assert_eq!(
         state, "\"client\";r=7;t=1",
         "expected 7 left, next in 0.6 s, saw {state:?}"
     );
-    let (policy, state) = b.headers("anonymous");
+    let (policy, state) = b.headers("anonymous", None);
     assert_eq!(
         policy, "\"global\";q=1000;w=3600",
         "expected the global policy, saw {policy:?}"
@@ -42,7 +42,7 @@ async fn headers_show_the_callers_own_share() {
         state, "\"global\";r=47;t=4",
         "expected 47 left, next in 3.6 s, saw {state:?}"
     );
-    let (_, state) = b.headers("bulk");
+    let (_, state) = b.headers("bulk", None);
     assert_eq!(
         state, "\"global\";r=37;t=4",
         "expected batch without the reserve, saw {state:?}"
@@ -51,7 +51,7 @@ async fn headers_show_the_callers_own_share() {
     let mut h = HeaderMap::new();
     h.insert("retry-after", HeaderValue::from_static("5"));
     b.observe_upstream(StatusCode::TOO_MANY_REQUESTS, &h);
-    let (_, state) = b.headers("crm");
+    let (_, state) = b.headers("crm", None);
     assert_eq!(
         state, "\"client\";r=0;t=5",
         "expected nothing left while paused, saw {state:?}"
