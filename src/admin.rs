@@ -56,7 +56,7 @@ impl Admin {
                     );
                     return resp;
                 }
-                self.page()
+                self.page().await
             }
             (Method::GET, "/metrics") => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
@@ -85,7 +85,9 @@ impl Admin {
                     );
                 }
                 match (method, p) {
-                    (Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
+                    (Method::GET, "/admin/status") => {
+                        json_response(StatusCode::OK, self.status().await)
+                    }
                     (Method::POST, "/admin/purge") => self.purge(req).await,
                     (Method::POST, "/admin/reload") => self.reload().await,
                     (Method::POST, "/admin/budget/resume") => {
@@ -112,22 +114,23 @@ impl Admin {
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
-    fn status(&self) -> Value {
+    async fn status(&self) -> Value {
+        let budget = self.gateway.budget_status().await;
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "token": self.gateway.token().status_json(),
-            "budget": self.gateway.budget_status(),
+            "upstream": self.gateway.upstream_status(&budget),
+            "budget": budget,
             "cache": self.gateway.cache().stats_json(),
-            "upstream": self.gateway.upstream_status(),
             "recent_errors": self.gateway.recent_errors(),
         })
     }
 
     /// The HTML status page.
-    fn page(&self) -> Response<Body> {
+    async fn page(&self) -> Response<Body> {
         let html = page::render(
-            &self.status(),
+            &self.status().await,
             &self.registry,
             &self.rates,
             self.started.elapsed(),

@@ -1228,3 +1228,92 @@ async fn values_read_from_redis_are_bounded() {
     }
     c.stop().await;
 }
+
+/// `POST /admin/budget/resume` on one replica ends the pause on every replica (the shared
+/// record and each replica's own copy), and `/admin/status` shows the pause in force on a
+/// replica that only holds it through Redis, with where it comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_one_replica_ends_the_pause_on_all_and_status_shows_it() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_429: Some(cxgate::sim::Force429 {
+            count: 1,
+            retry_after: 60,
+        }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        first.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the upstream's forced 429 through replica 0"
+    );
+    // Replica 1 holds the pause only through Redis; its status must say so.
+    let mut refused = StatusCode::OK;
+    for _ in 0..20 {
+        refused = c.get(1, "/12345/inbox/contact/twitter/2").await.status;
+        if refused == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        refused,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected replica 1 paused too"
+    );
+    let status = c.admin(1, Method::GET, "/admin/status", "").await.json();
+    let upstream = &status["budget"]["upstream"];
+    assert!(
+        upstream["paused_for_s"].as_f64().is_some_and(|s| s > 30.0)
+            && upstream["pause_source"] == "shared"
+            && status["upstream"]["paused_for_s"]
+                .as_f64()
+                .is_some_and(|s| s > 30.0),
+        "expected replica 1's status to show the shared pause in force, saw {status}"
+    );
+    let page = c.admin(1, Method::GET, "/", "").await;
+    let page = String::from_utf8_lossy(&page.body).into_owned();
+    assert!(
+        page.contains("held in Redis for every replica"),
+        "expected the status page to show the shared pause and its source"
+    );
+    let local = c.admin(0, Method::GET, "/admin/status", "").await.json();
+    assert_eq!(
+        local["budget"]["upstream"]["pause_source"], "local+shared",
+        "expected replica 0 to show its own pause, also held in Redis, saw {local}"
+    );
+
+    // The operator resumes on replica 1: replica 0, which saw the 429 itself, goes on too.
+    let resumed = c.admin(1, Method::POST, "/admin/budget/resume", "").await;
+    assert_eq!(
+        resumed.status,
+        StatusCode::OK,
+        "expected the resume accepted"
+    );
+    for replica in [0, 1] {
+        let path = format!("/12345/inbox/contact/twitter/{}", 30 + replica);
+        let answer = c.get(replica, &path).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {replica}: expected the pause ended everywhere by the resume, saw {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let status = c
+            .admin(replica, Method::GET, "/admin/status", "")
+            .await
+            .json();
+        assert!(
+            status["budget"]["upstream"]["paused_for_s"].is_null()
+                && status["budget"]["upstream"]["pause_source"].is_null(),
+            "replica {replica}: expected no pause in status after the resume, saw {status}"
+        );
+    }
+    c.stop().await;
+}

@@ -354,6 +354,31 @@ impl Budget {
         }
     }
 
+    /// [`Budget::status_json`] with the pause actually in force: this replica's own (an
+    /// upstream answer it read) or the shared one in Redis (learnt by another replica, or
+    /// the shared allowance run dry), whichever ends later, and `pause_source` saying which
+    /// (`"local"`, `"shared"`, `"local+shared"`, or null when none holds).
+    pub async fn status_now(&self) -> serde_json::Value {
+        let shared = self.shared_pause().await;
+        let mut status = self.status_json();
+        let local = self.paused_for();
+        let shared = shared
+            .map(|s| Duration::from_micros(s.pause_us.max(s.dry_us)))
+            .filter(|d| !d.is_zero());
+        let (in_force, source) = match (local, shared) {
+            (Some(l), Some(s)) => (Some(l.max(s)), Some("local+shared")),
+            (Some(l), None) => (Some(l), Some("local")),
+            (None, Some(s)) => (Some(s), Some("shared")),
+            (None, None) => (None, None),
+        };
+        let upstream = &mut status["upstream"];
+        upstream["paused_for_s"] = serde_json::json!(in_force.map(|p| p.as_secs_f64()));
+        upstream["paused_until"] = serde_json::json!(in_force
+            .map(|p| { humantime::format_rfc3339_seconds(SystemTime::now() + p).to_string() }));
+        upstream["pause_source"] = serde_json::json!(source);
+        status
+    }
+
     /// The upstream pause left, if any.
     pub fn paused_for(&self) -> Option<Duration> {
         let now = self.inner.clock.nanos();
