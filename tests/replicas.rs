@@ -1108,6 +1108,17 @@ async fn a_tampered_token_record_is_checked_and_a_repair_sticks() {
         );
     }
 
+    // The adopted token does not work upstream: every replica learns so on its next call
+    // (its refresh token is refused too), so it no longer outranks a record that expires
+    // sooner.
+    for i in 0..2 {
+        let answer = c.get(i, "/me/permissions").await;
+        assert_ne!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected the tampered token refused upstream"
+        );
+    }
     // The operator writes the real token back: every replica takes it, and none pushes the
     // one with the later expiry over it again.
     set_record(&c, 61, good.clone()).await;
@@ -1314,6 +1325,60 @@ async fn a_resume_on_one_replica_ends_the_pause_on_all_and_status_shows_it() {
                 && status["budget"]["upstream"]["pause_source"].is_null(),
             "replica {replica}: expected no pause in status after the resume, saw {status}"
         );
+    }
+    c.stop().await;
+}
+
+/// A record that has already expired, or expires sooner than the valid token a replica
+/// holds, is not adopted over it; nor is one whose version is beyond counting (u64::MAX),
+/// which no replica may count on from (no version wraps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let soon =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(120))
+            .to_string();
+    let far = "2099-01-01T00:00:00Z".to_string();
+    let cases = [
+        (
+            70,
+            "expired-access",
+            "2001-01-01T00:00:00Z".to_string(),
+            "already expired",
+        ),
+        (
+            71,
+            "sooner-access",
+            soon,
+            "expiring sooner than the held token",
+        ),
+        (u64::MAX, "max-access", far, "at version u64::MAX"),
+    ];
+    for (version, access, expires_at, what) in cases {
+        set_record(
+            &c,
+            version,
+            serde_json::json!({"access_token": access, "refresh_token": "other-refresh", "expires_at": expires_at}),
+        )
+        .await;
+        tokio::time::sleep(WATCHES).await;
+        for i in 0..2 {
+            assert_eq!(
+                token_file(&c, i)["access_token"].as_str(),
+                Some(ACCESS),
+                "replica {i}: expected a record {what} not adopted over the valid token"
+            );
+            let answer = c.get(i, "/me/permissions").await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "replica {i}: expected it to keep serving on its own token after a record {what}"
+            );
+        }
     }
     c.stop().await;
 }
