@@ -240,16 +240,36 @@ impl Budget {
     /// wait would exceed the client's `max_wait` or the upstream has paused us. Dropping the
     /// future while it waits gives its cells back where nothing queued behind them.
     pub async fn admit(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+        self.admit_within(client, cost, Duration::ZERO).await
+    }
+
+    /// [`Budget::admit`] for a caller that has `waited` already (behind another client's
+    /// merged call): every wait it does here uses only what is left of its `max_wait`, so
+    /// in all it waits at most `max_wait` from its arrival. `Admitted::waited` counts from
+    /// the arrival too.
+    pub async fn admit_within(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        waited: Duration,
+    ) -> Result<Admitted, Rejected> {
+        let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         match &self.inner.shared {
-            Some(shared) => self.admit_shared(shared, client, cost).await,
-            None => self.admit_local(client, cost).await,
+            Some(shared) => self.admit_shared(shared, client, cost, waited).await,
+            None => self.admit_local(client, cost, waited).await,
         }
     }
 
-    /// [`Budget::admit`] on this process's own ledger.
-    async fn admit_local(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+    /// [`Budget::admit_within`] on this process's own ledger.
+    async fn admit_local(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        waited: u64,
+    ) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
-        let arrived = clock.nanos();
+        let now = clock.nanos();
+        let arrived = now.saturating_sub(waited);
         let mut hold = Hold {
             budget: self,
             client,
@@ -258,7 +278,7 @@ impl Budget {
             global: None,
             upstream: false,
         };
-        let step = self.ledger().arrive(client, cost, arrived);
+        let step = self.ledger().arrive_since(client, cost, arrived, now);
         let grant = match step.map_err(|r| self.refuse(client, r))? {
             Step::Go { own, grant } => {
                 hold.own = own;

@@ -618,12 +618,13 @@ impl Budget {
         shared: &Shared,
         client: &str,
         cost: NonZeroU32,
+        waited: u64,
     ) -> Result<Admitted, Rejected> {
         if !shared.redis.is_up() {
-            return self.admit_fallback(shared, client, cost).await;
+            return self.admit_fallback(shared, client, cost, waited).await;
         }
         let clock = self.inner.clock;
-        let arrived = clock.nanos();
+        let arrived = clock.nanos().saturating_sub(waited);
         let held_here = {
             let ledger = self.ledger();
             ledger.upstream.paused_for(arrived).is_some()
@@ -656,8 +657,11 @@ impl Budget {
             global: None,
             spent: false,
         };
-        let Some(mut reply) = shared.take(&ask, true, ask.max_wait, owed).await else {
-            return self.admit_fallback(shared, client, cost).await;
+        let left = ask
+            .max_wait
+            .saturating_sub(clock.nanos().saturating_sub(arrived));
+        let Some(mut reply) = shared.take(&ask, true, left, owed).await else {
+            return self.admit_fallback(shared, client, cost, waited).await;
         };
         if let Reply::Queue { wait, own, now } = reply {
             hold.own = Some(own);
@@ -670,7 +674,7 @@ impl Budget {
                 None => {
                     // The client's cells stay booked in Redis: spent, not lost.
                     hold.own = None;
-                    return self.admit_fallback(shared, client, cost).await;
+                    return self.admit_fallback(shared, client, cost, waited).await;
                 }
             };
         }
@@ -729,6 +733,7 @@ impl Budget {
         shared: &Shared,
         client: &str,
         cost: NonZeroU32,
+        waited: u64,
     ) -> Result<Admitted, Rejected> {
         {
             let mut ledger = self.ledger();
@@ -743,7 +748,7 @@ impl Budget {
                 );
             }
         }
-        self.admit_local(client, cost).await
+        self.admit_local(client, cost, waited).await
     }
 
     /// Copies the TATs the script returned into the local ledger, for headers and status.
