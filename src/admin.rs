@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 use serde_json::{json, Value};
 
-use crate::error::{envelope, Body};
+use crate::error::{envelope, envelope_json, envelope_with, Body};
 use crate::proxy::Gateway;
 use crate::replicas::Invalidation;
 
@@ -56,7 +56,7 @@ impl Admin {
                     );
                     return resp;
                 }
-                self.page()
+                self.page().await
             }
             (Method::GET, "/metrics") => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
@@ -85,7 +85,9 @@ impl Admin {
                     );
                 }
                 match (method, p) {
-                    (Method::GET, "/admin/status") => json_response(StatusCode::OK, self.status()),
+                    (Method::GET, "/admin/status") => {
+                        json_response(StatusCode::OK, self.status().await)
+                    }
                     (Method::POST, "/admin/purge") => self.purge(req).await,
                     (Method::POST, "/admin/reload") => self.reload().await,
                     (Method::POST, "/admin/budget/resume") => {
@@ -112,22 +114,23 @@ impl Admin {
         a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
-    fn status(&self) -> Value {
+    async fn status(&self) -> Value {
+        let budget = self.gateway.budget_status().await;
         json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "token": self.gateway.token().status_json(),
-            "budget": self.gateway.budget_status(),
+            "upstream": self.gateway.upstream_status(&budget),
+            "budget": budget,
             "cache": self.gateway.cache().stats_json(),
-            "upstream": self.gateway.upstream_status(),
             "recent_errors": self.gateway.recent_errors(),
         })
     }
 
     /// The HTML status page.
-    fn page(&self) -> Response<Body> {
+    async fn page(&self) -> Response<Body> {
         let html = page::render(
-            &self.status(),
+            &self.status().await,
             &self.registry,
             &self.rates,
             self.started.elapsed(),
@@ -211,25 +214,34 @@ impl Admin {
     async fn reload(&self) -> Response<Body> {
         match crate::reload::reload(&self.gateway, &self.live, self.config_path.as_deref()).await {
             Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
-            Err(problems) => json_response(
-                StatusCode::BAD_REQUEST,
-                json!({
-                    "meta": {"code": 400, "error_type": "bad_request", "error_message": "configuration invalid; the running configuration stays"},
-                    "problems": problems,
-                }),
-            ),
+            Err(problems) => {
+                let mut body = envelope_json(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "configuration invalid; the running configuration stays",
+                );
+                body["problems"] = json!(problems);
+                envelope_with(StatusCode::BAD_REQUEST, body)
+            }
         }
     }
 }
 
 /// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with
-/// the token as the password (any user name), which is what a browser can send.
+/// the token as the password (any user name), which is what a browser can send. The scheme
+/// is matched in any case (`bearer`, `BEARER`), as RFC 9110 has it.
 fn presented_token(headers: &http::HeaderMap) -> Option<Vec<u8>> {
     let value = headers.get(header::AUTHORIZATION)?.as_bytes();
-    if let Some(token) = value.strip_prefix(b"Bearer ") {
-        return Some(token.to_vec());
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, rest) = (&value[..space], &value[space..]);
+    let credentials = rest.trim_ascii_start();
+    if scheme.eq_ignore_ascii_case(b"bearer") {
+        return Some(credentials.to_vec());
     }
-    let decoded = base64_decode(value.strip_prefix(b"Basic ")?)?;
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return None;
+    }
+    let decoded = base64_decode(credentials)?;
     let colon = decoded.iter().position(|&b| b == b':')?;
     Some(decoded[colon + 1..].to_vec())
 }
@@ -303,10 +315,24 @@ mod tests {
             HeaderValue::from_static("Bearer tok"),
         );
         assert_eq!(presented_token(&h).as_deref(), Some(&b"tok"[..]));
+        for spelling in ["bearer tok", "BEARER tok", "bEaReR  tok"] {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(spelling));
+            assert_eq!(
+                presented_token(&h).as_deref(),
+                Some(&b"tok"[..]),
+                "expected the scheme of {spelling:?} matched in any case"
+            );
+        }
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearertok"));
+        assert_eq!(
+            presented_token(&h),
+            None,
+            "expected no scheme without a space"
+        );
         // "anyone:tok"
         h.insert(
             header::AUTHORIZATION,
-            HeaderValue::from_static("Basic YW55b25lOnRvaw=="),
+            HeaderValue::from_static("basic YW55b25lOnRvaw=="),
         );
         assert_eq!(presented_token(&h).as_deref(), Some(&b"tok"[..]));
         h.insert(

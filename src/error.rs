@@ -110,16 +110,26 @@ impl GatewayError {
 /// (and `error_description`), not `meta`; on a 429 `error` is the API's own
 /// `rate_limit_reached`, the word its clients test for, and otherwise the `error_type`.
 pub fn envelope(status: StatusCode, error_type: &str, message: &str) -> Response<Body> {
+    envelope_with(status, envelope_json(status, error_type, message))
+}
+
+/// The envelope's JSON body alone, for answers that add fields of their own (a refused
+/// reload adds its `problems`).
+pub fn envelope_json(status: StatusCode, error_type: &str, message: &str) -> serde_json::Value {
     let error = if status == StatusCode::TOO_MANY_REQUESTS {
         "rate_limit_reached"
     } else {
         error_type
     };
-    let body = serde_json::json!({
+    serde_json::json!({
         "meta": { "code": status.as_u16(), "error_type": error_type, "error_message": message },
         "error": error,
         "error_description": message,
-    });
+    })
+}
+
+/// An error answer with `body` (an [`envelope_json`], perhaps with more fields).
+pub fn envelope_with(status: StatusCode, body: serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

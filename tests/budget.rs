@@ -780,3 +780,67 @@ async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_lea
     );
     stop(env).await;
 }
+
+// A merged follower's deadline counts from its arrival: after giving up on a queued
+// leader it does not start its own max_wait over for its own budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
+    let clients = format!(
+        "{}{}",
+        client_toml(
+            "batch",
+            READER,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"8s\"\nburst = 1\nmax_wait = \"20s\"",
+        ),
+        client_toml(
+            "interactive",
+            ACCOUNT,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"2s\""
+        ),
+    );
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{BIG_BUDGET}{ROUTES}"),
+        )
+        .await,
+    );
+    assert_ok(
+        &env.get_as(READER, &contact(1)).await,
+        "the batch client's first read",
+    );
+    // The batch client's next read queues for about 8 s and leads the flight for contact 2.
+    let leader = {
+        let env = env.clone();
+        tokio::spawn(async move { env.get_as(READER, &contact(2)).await })
+    };
+    // The interactive client spends its one cell: its next cell comes about 4 s later.
+    assert_ok(
+        &env.get_as(ACCOUNT, &contact(3)).await,
+        "the interactive client's first read",
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let asked = Instant::now();
+    let follower = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    // Alone it would be refused at once (its cell is ~4 s away, past its 2 s). Merged, it
+    // waits its 2 s on the leader; what is left of its max_wait then is nothing, so its own
+    // terms refuse it there, instead of queuing ~2 s more for its own cell.
+    assert_eq!(
+        follower.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the follower refused by its own terms once its max_wait was used up, saw {} \
+         after {took:?} (Cache-Status {:?})",
+        follower.status,
+        follower.header("cache-status")
+    );
+    assert!(
+        took < Duration::from_millis(3200),
+        "expected the follower answered within about its own max_wait of 2 s from its arrival, \
+         it took {took:?}"
+    );
+    leader.abort();
+    let _ = leader.await;
+    stop(env).await;
+}

@@ -837,3 +837,59 @@ async fn a_reload_drops_entries_of_a_route_whose_ttl_or_tags_changed() {
     );
     env.stop().await;
 }
+
+/// A refused reload answers in the gateway's error envelope (top-level `error` and
+/// `error_description`, as every other error), and admin auth matches the `Bearer` scheme in
+/// any case.
+#[tokio::test]
+async fn a_refused_reload_uses_the_envelope_and_the_bearer_scheme_is_case_insensitive() {
+    const ADMIN_ENV: &str = "CXGATE_TEST_CASE_ADMIN_TOKEN";
+    std::env::set_var(ADMIN_ENV, "case-admin-secret");
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    reload_with(
+        &env,
+        "request_timeout = \"5s\"\n",
+        &format!("request_timeout = \"5s\"\nadmin_token_env = \"{ADMIN_ENV}\"\n"),
+    )
+    .await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let auth = format!("{scheme} case-admin-secret");
+        let answer = env
+            .send(
+                Method::GET,
+                &env.admin_url("/admin/status"),
+                &[("authorization", auth.as_str())],
+                "",
+            )
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "expected {auth:?} accepted (the scheme is case-insensitive)"
+        );
+    }
+
+    write_config(&config_path(&env), "this is [not toml\n");
+    let answer = env
+        .send(
+            Method::POST,
+            &env.admin_url("/admin/reload"),
+            &[("authorization", "bearer case-admin-secret")],
+            "",
+        )
+        .await;
+    let body = answer.json();
+    assert_eq!(answer.status, 400, "expected the invalid file refused");
+    assert_eq!(
+        (body["error"].as_str(), body["meta"]["code"].as_u64()),
+        (Some("bad_request"), Some(400)),
+        "expected the error envelope, saw {body}"
+    );
+    assert!(
+        body["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty())
+            && body["problems"].as_array().is_some_and(|p| !p.is_empty()),
+        "expected an error_description and the problems, saw {body}"
+    );
+    env.stop().await;
+}

@@ -1110,6 +1110,17 @@ async fn a_tampered_token_record_is_checked_and_a_repair_sticks() {
         );
     }
 
+    // The adopted token does not work upstream: every replica learns so on its next call
+    // (its refresh token is refused too), so it no longer outranks a record that expires
+    // sooner.
+    for i in 0..2 {
+        let answer = c.get(i, "/me/permissions").await;
+        assert_ne!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected the tampered token refused upstream"
+        );
+    }
     // The operator writes the real token back: every replica takes it, and none pushes the
     // one with the later expiry over it again.
     set_record(&c, 61, good.clone()).await;
@@ -1227,6 +1238,149 @@ async fn values_read_from_redis_are_bounded() {
             "expected a refresh despite a lock without expiry, saw none in 15 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.stop().await;
+}
+
+/// `POST /admin/budget/resume` on one replica ends the pause on every replica (the shared
+/// record and each replica's own copy), and `/admin/status` shows the pause in force on a
+/// replica that only holds it through Redis, with where it comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_on_one_replica_ends_the_pause_on_all_and_status_shows_it() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_429: Some(cxgate::sim::Force429 {
+            count: 1,
+            retry_after: 60,
+        }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        first.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the upstream's forced 429 through replica 0"
+    );
+    // Replica 1 holds the pause only through Redis; its status must say so.
+    let mut refused = StatusCode::OK;
+    for _ in 0..20 {
+        refused = c.get(1, "/12345/inbox/contact/twitter/2").await.status;
+        if refused == StatusCode::TOO_MANY_REQUESTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        refused,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected replica 1 paused too"
+    );
+    let status = c.admin(1, Method::GET, "/admin/status", "").await.json();
+    let upstream = &status["budget"]["upstream"];
+    assert!(
+        upstream["paused_for_s"].as_f64().is_some_and(|s| s > 30.0)
+            && upstream["pause_source"] == "shared"
+            && status["upstream"]["paused_for_s"]
+                .as_f64()
+                .is_some_and(|s| s > 30.0),
+        "expected replica 1's status to show the shared pause in force, saw {status}"
+    );
+    let page = c.admin(1, Method::GET, "/", "").await;
+    let page = String::from_utf8_lossy(&page.body).into_owned();
+    assert!(
+        page.contains("held in Redis for every replica"),
+        "expected the status page to show the shared pause and its source"
+    );
+    let local = c.admin(0, Method::GET, "/admin/status", "").await.json();
+    assert_eq!(
+        local["budget"]["upstream"]["pause_source"], "local+shared",
+        "expected replica 0 to show its own pause, also held in Redis, saw {local}"
+    );
+
+    // The operator resumes on replica 1: replica 0, which saw the 429 itself, goes on too.
+    let resumed = c.admin(1, Method::POST, "/admin/budget/resume", "").await;
+    assert_eq!(
+        resumed.status,
+        StatusCode::OK,
+        "expected the resume accepted"
+    );
+    for replica in [0, 1] {
+        let path = format!("/12345/inbox/contact/twitter/{}", 30 + replica);
+        let answer = c.get(replica, &path).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {replica}: expected the pause ended everywhere by the resume, saw {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let status = c
+            .admin(replica, Method::GET, "/admin/status", "")
+            .await
+            .json();
+        assert!(
+            status["budget"]["upstream"]["paused_for_s"].is_null()
+                && status["budget"]["upstream"]["pause_source"].is_null(),
+            "replica {replica}: expected no pause in status after the resume, saw {status}"
+        );
+    }
+    c.stop().await;
+}
+
+/// A record that has already expired, or expires sooner than the valid token a replica
+/// holds, is not adopted over it; nor is one whose version is beyond counting (u64::MAX),
+/// which no replica may count on from (no version wraps).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let soon =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(120))
+            .to_string();
+    let far = "2099-01-01T00:00:00Z".to_string();
+    let cases = [
+        (
+            70,
+            "expired-access",
+            "2001-01-01T00:00:00Z".to_string(),
+            "already expired",
+        ),
+        (
+            71,
+            "sooner-access",
+            soon,
+            "expiring sooner than the held token",
+        ),
+        (u64::MAX, "max-access", far, "at version u64::MAX"),
+    ];
+    for (version, access, expires_at, what) in cases {
+        set_record(
+            &c,
+            version,
+            serde_json::json!({"access_token": access, "refresh_token": "other-refresh", "expires_at": expires_at}),
+        )
+        .await;
+        tokio::time::sleep(WATCHES).await;
+        for i in 0..2 {
+            assert_eq!(
+                token_file(&c, i)["access_token"].as_str(),
+                Some(ACCESS),
+                "replica {i}: expected a record {what} not adopted over the valid token"
+            );
+            let answer = c.get(i, "/me/permissions").await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "replica {i}: expected it to keep serving on its own token after a record {what}"
+            );
+        }
     }
     c.stop().await;
 }

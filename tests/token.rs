@@ -1311,6 +1311,44 @@ async fn readyz_is_503_while_the_held_token_cannot_be_sent() {
     env.stop().await;
 }
 
+/// `/readyz` and the request path use one test of a held token: a token with a space, a
+/// tab or a non-ASCII character makes `/readyz` not ready, and the request path refuses to
+/// send it too (503 `token_unavailable` in the envelope), rather than sending what
+/// readiness calls unusable.
+#[tokio::test]
+async fn readiness_and_the_request_path_agree_on_unsendable_tokens() {
+    for token in ["sim access", "sim\taccess", "sim-acc\u{e8}ss"] {
+        let sim = SimOptions {
+            access_tokens: vec![token.to_string()],
+            refresh_tokens: vec![REFRESH.to_string()],
+            ..SimOptions::default()
+        };
+        let env = common::start(sim, ROUTES).await;
+        let ready = env
+            .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+            .await;
+        assert_eq!(ready.status, 503, "{token:?}: expected /readyz not ready");
+        let before = env.sim.stats()["requests_total"].as_u64().unwrap_or(0);
+        let answer = env.get("/me/permissions").await;
+        let body = answer.json();
+        assert!(
+            answer.status == 503
+                && body["error"] == "token_unavailable"
+                && body["error_description"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("cannot be sent")),
+            "{token:?}: expected 503 token_unavailable like /readyz, saw {} {body}",
+            answer.status
+        );
+        let after = env.sim.stats()["requests_total"].as_u64().unwrap_or(0);
+        assert_eq!(
+            after, before,
+            "{token:?}: expected nothing sent upstream with a token /readyz calls unusable"
+        );
+        env.stop().await;
+    }
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {

@@ -174,9 +174,14 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         Some(s) if s > 0.0 => (
             "bad",
             format!(
-                "paused for {} (until {})",
+                "paused for {} (until {}), {}",
                 human_secs(s),
-                text(&upstream["paused_until"])
+                text(&upstream["paused_until"]),
+                match upstream["pause_source"].as_str() {
+                    Some("shared") => "held in Redis for every replica",
+                    Some("local+shared") => "seen here and held in Redis for every replica",
+                    _ => "seen by this replica",
+                }
             ),
         ),
         _ => ("ok", "none".to_string()),

@@ -3,7 +3,7 @@
 //! A request spends cells of two shares, its client's own (if it has one) and the global one,
 //! and must also pass the upstream's word. The decision is taken in at most two steps, each a
 //! single critical section with no `.await` inside:
-//! 1. `arrive`: refuse at once if any of the three would make it wait beyond its `max_wait`
+//! 1. `arrive_since`: refuse at once if any of the three would make it wait past its `max_wait`
 //!    (nothing is spent then); if its own share is free, reserve both shares now; otherwise
 //!    reserve only its own share's slot and come back then.
 //! 2. `cross` (only after waiting for its own share): reserve the global share. Other clients
@@ -133,14 +133,18 @@ impl Ledger {
         (nanos(max_wait), hold)
     }
 
-    /// Step 1, at arrival (see the module doc).
-    pub(crate) fn arrive(
+    /// Step 1, at arrival (see the module doc), for a caller that arrived at `arrived`: one
+    /// that waited elsewhere until `now` (behind a merged call) may wait only what is left
+    /// of its `max_wait`.
+    pub(crate) fn arrive_since(
         &mut self,
         client: &str,
         cost: NonZeroU32,
+        arrived: u64,
         now: u64,
     ) -> Result<Step, Refusal> {
         let (max_wait, hold) = self.terms(client);
+        let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
         self.upstream_allows(cost, now)?;
         let own = self
             .clients

@@ -240,16 +240,36 @@ impl Budget {
     /// wait would exceed the client's `max_wait` or the upstream has paused us. Dropping the
     /// future while it waits gives its cells back where nothing queued behind them.
     pub async fn admit(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+        self.admit_within(client, cost, Duration::ZERO).await
+    }
+
+    /// [`Budget::admit`] for a caller that has `waited` already (behind another client's
+    /// merged call): every wait it does here uses only what is left of its `max_wait`, so
+    /// in all it waits at most `max_wait` from its arrival. `Admitted::waited` counts from
+    /// the arrival too.
+    pub async fn admit_within(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        waited: Duration,
+    ) -> Result<Admitted, Rejected> {
+        let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         match &self.inner.shared {
-            Some(shared) => self.admit_shared(shared, client, cost).await,
-            None => self.admit_local(client, cost).await,
+            Some(shared) => self.admit_shared(shared, client, cost, waited).await,
+            None => self.admit_local(client, cost, waited).await,
         }
     }
 
-    /// [`Budget::admit`] on this process's own ledger.
-    async fn admit_local(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+    /// [`Budget::admit_within`] on this process's own ledger.
+    async fn admit_local(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        waited: u64,
+    ) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
-        let arrived = clock.nanos();
+        let now = clock.nanos();
+        let arrived = now.saturating_sub(waited);
         let mut hold = Hold {
             budget: self,
             client,
@@ -258,7 +278,7 @@ impl Budget {
             global: None,
             upstream: false,
         };
-        let step = self.ledger().arrive(client, cost, arrived);
+        let step = self.ledger().arrive_since(client, cost, arrived, now);
         let grant = match step.map_err(|r| self.refuse(client, r))? {
             Step::Go { own, grant } => {
                 hold.own = own;
@@ -352,6 +372,31 @@ impl Budget {
             let gauge = i64::try_from(remaining).unwrap_or(i64::MAX);
             self.inner.metrics.upstream_remaining.set(gauge);
         }
+    }
+
+    /// [`Budget::status_json`] with the pause actually in force: this replica's own (an
+    /// upstream answer it read) or the shared one in Redis (learnt by another replica, or
+    /// the shared allowance run dry), whichever ends later, and `pause_source` saying which
+    /// (`"local"`, `"shared"`, `"local+shared"`, or null when none holds).
+    pub async fn status_now(&self) -> serde_json::Value {
+        let shared = self.shared_pause().await;
+        let mut status = self.status_json();
+        let local = self.paused_for();
+        let shared = shared
+            .map(|s| Duration::from_micros(s.pause_us.max(s.dry_us)))
+            .filter(|d| !d.is_zero());
+        let (in_force, source) = match (local, shared) {
+            (Some(l), Some(s)) => (Some(l.max(s)), Some("local+shared")),
+            (Some(l), None) => (Some(l), Some("local")),
+            (None, Some(s)) => (Some(s), Some("shared")),
+            (None, None) => (None, None),
+        };
+        let upstream = &mut status["upstream"];
+        upstream["paused_for_s"] = serde_json::json!(in_force.map(|p| p.as_secs_f64()));
+        upstream["paused_until"] = serde_json::json!(in_force
+            .map(|p| { humantime::format_rfc3339_seconds(SystemTime::now() + p).to_string() }));
+        upstream["pause_source"] = serde_json::json!(source);
+        status
     }
 
     /// The upstream pause left, if any.

@@ -35,10 +35,13 @@ use crate::replicas::Redis;
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
 /// was booked after), `pause` (extend the shared upstream pause), `seen` (an upstream
 /// answer: the cells it leaves, less every replica's calls in flight), `done` (a call ended
-/// without an answer), `resume` (end the pause by hand). KEYS: the global TAT, the client's
-/// TAT, the pause deadline, the upstream's allowance (cells left, expiring at its reset),
-/// the cells in flight on all replicas. A TAT at or before now means a full bucket, so keys
-/// expire once they hold nothing but the past.
+/// without an answer), `resume` (end the pause by hand), `peek` (what pause and allowance
+/// are in force, for a paused replica and `/admin/status`). KEYS: the global TAT, the
+/// client's TAT, the pause deadline, the upstream's allowance (cells left, expiring at its
+/// reset), the cells in flight on all replicas, and the resume count (one more each time an
+/// operator ends the pause, so every replica can tell its own copy of a pause was ended).
+/// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
+/// the past.
 const LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -91,13 +94,35 @@ if mode == 'done' then
   land(tonumber(ARGV[2]))
   return {0}
 end
+-- The resume count; anything but a small whole number (a stray or tampered key) counts
+-- from 0 again, which every replica also takes as "resumed".
+local function resumes()
+  local e = tonumber(redis.call('GET', KEYS[6]))
+  if e == nil or e < 0 or e >= 1e15 or e ~= math.floor(e) then return 0 end
+  return e
+end
 if mode == 'resume' then
-  return {redis.call('DEL', KEYS[3], KEYS[4])}
+  local n = redis.call('DEL', KEYS[3], KEYS[4])
+  local e = resumes() + 1
+  redis.call('SET', KEYS[6], string.format('%.0f', e))
+  return {n, e}
 end
 if mode == 'pause' then
   local untl = now + tonumber(ARGV[2])
   if untl > load(KEYS[3]) then store(KEYS[3], untl) end
-  return {0}
+  return {0, resumes()}
+end
+if mode == 'peek' then
+  local longest = tonumber(ARGV[2])
+  local left, dry = 0, 0
+  local pause = tonumber(redis.call('GET', KEYS[3]))
+  if pause ~= nil and pause > now then left = math.min(pause - now, longest) end
+  local allow = tonumber(redis.call('GET', KEYS[4]))
+  if allow ~= nil and allow < 1 then
+    local ttl = redis.call('PTTL', KEYS[4])
+    if ttl > 0 then dry = math.min(ttl * 1000, longest) end
+  end
+  return {left, dry, resumes()}
 end
 if mode == 'return' then
   for i = 1, 2 do
@@ -175,6 +200,18 @@ pub(crate) struct Shared {
     base: AtomicU64,
     /// The end of the last upstream pause pushed to Redis (budget clock), to push each once.
     pushed_pause: AtomicU64,
+    /// The shared resume count this replica has acted on: a different count in Redis means
+    /// an operator ended the pause (on any replica), so this replica's copy of it ends too.
+    resumes_seen: std::sync::Arc<AtomicU64>,
+}
+
+/// The pause and the dry allowance Redis holds, as every replica sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SharedPause {
+    /// Microseconds of the shared upstream pause left (0: none).
+    pub(crate) pause_us: u64,
+    /// Microseconds until the shared allowance, now empty, renews (0: not empty).
+    pub(crate) dry_us: u64,
 }
 
 impl Shared {
@@ -186,6 +223,7 @@ impl Shared {
             local: AtomicBool::new(false),
             base: AtomicU64::new(0),
             pushed_pause: AtomicU64::new(0),
+            resumes_seen: std::sync::Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -261,14 +299,47 @@ impl Shared {
         reply
     }
 
-    fn keys(&self, client: &str) -> [String; 5] {
+    fn keys(&self, client: &str) -> [String; 6] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
             self.redis.key("budget:pause"),
             self.redis.key("budget:upstream_left"),
             self.redis.key("budget:in_flight"),
+            self.redis.key("budget:resumes"),
         ]
+    }
+
+    /// Reads the shared pause and allowance; `None` when Redis did not answer. When the
+    /// shared resume count moved since this replica last looked, an operator ended the pause
+    /// somewhere: `on_resumed` runs (ending this replica's own copy) before the answer.
+    async fn peek(&self, on_resumed: impl FnOnce()) -> Option<SharedPause> {
+        let keys = self.keys("-");
+        let longest = super::upstream::LONGEST_PAUSE.as_micros().to_string();
+        let raw: Vec<i64> = self
+            .redis
+            .run("budget", |mut conn| async move {
+                let mut call = SCRIPT.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg("peek").arg(longest).invoke_async(&mut conn).await
+            })
+            .await
+            .ok()?;
+        let [pause, dry, resumes] = raw[..] else {
+            tracing::error!(?raw, "budget: unexpected answer from the Redis script");
+            return None;
+        };
+        let resumes = u64::try_from(resumes).unwrap_or(0);
+        if self.resumes_seen.swap(resumes, Ordering::AcqRel) != resumes {
+            self.pushed_pause.store(0, Ordering::Release);
+            on_resumed();
+        }
+        Some(SharedPause {
+            pause_us: u64::try_from(pause).unwrap_or(0),
+            dry_us: u64::try_from(dry).unwrap_or(0),
+        })
     }
 
     /// Runs one of the script's bookkeeping modes in the background (best effort: it runs
@@ -316,6 +387,7 @@ impl Shared {
                         .key(&keys[2])
                         .key(&keys[3])
                         .key(&keys[4])
+                        .key(&keys[5])
                         .arg("return")
                         .arg(oa)
                         .arg(ob)
@@ -345,21 +417,24 @@ impl Shared {
         };
         let keys = self.keys("-");
         let redis = self.redis.clone();
+        let seen = self.resumes_seen.clone();
         runtime.spawn(async move {
-            let _ = redis
+            let answer = redis
                 .run("budget", |mut conn| async move {
-                    SCRIPT
-                        .key(&keys[0])
-                        .key(&keys[1])
-                        .key(&keys[2])
-                        .key(&keys[3])
-                        .key(&keys[4])
-                        .arg("pause")
+                    let mut call = SCRIPT.prepare_invoke();
+                    for k in &keys {
+                        call.key(k);
+                    }
+                    call.arg("pause")
                         .arg(left / 1000)
                         .invoke_async::<Vec<i64>>(&mut conn)
                         .await
                 })
                 .await;
+            // This pause is newer than every resume so far: none of them ends it.
+            if let Some(&resumes) = answer.ok().as_ref().and_then(|a| a.get(1)) {
+                seen.store(u64::try_from(resumes).unwrap_or(0), Ordering::Release);
+            }
         });
     }
 }
@@ -543,12 +618,26 @@ impl Budget {
         shared: &Shared,
         client: &str,
         cost: NonZeroU32,
+        waited: u64,
     ) -> Result<Admitted, Rejected> {
         if !shared.redis.is_up() {
-            return self.admit_fallback(shared, client, cost).await;
+            return self.admit_fallback(shared, client, cost, waited).await;
         }
         let clock = self.inner.clock;
-        let arrived = clock.nanos();
+        let arrived = clock.nanos().saturating_sub(waited);
+        let held_here = {
+            let ledger = self.ledger();
+            ledger.upstream.paused_for(arrived).is_some()
+                || ledger
+                    .upstream
+                    .allowance(arrived)
+                    .is_some_and(|left| left < u64::from(cost.get()))
+        };
+        if held_here {
+            // An operator may have ended the pause on another replica since this one
+            // learnt it: the shared resume count says so.
+            self.sync_resumes(shared).await;
+        }
         let (ask, owed) = {
             let mut ledger = self.ledger();
             let owed = shared.come_back(&mut ledger, arrived);
@@ -568,8 +657,11 @@ impl Budget {
             global: None,
             spent: false,
         };
-        let Some(mut reply) = shared.take(&ask, true, ask.max_wait, owed).await else {
-            return self.admit_fallback(shared, client, cost).await;
+        let left = ask
+            .max_wait
+            .saturating_sub(clock.nanos().saturating_sub(arrived));
+        let Some(mut reply) = shared.take(&ask, true, left, owed).await else {
+            return self.admit_fallback(shared, client, cost, waited).await;
         };
         if let Reply::Queue { wait, own, now } = reply {
             hold.own = Some(own);
@@ -582,7 +674,7 @@ impl Budget {
                 None => {
                     // The client's cells stay booked in Redis: spent, not lost.
                     hold.own = None;
-                    return self.admit_fallback(shared, client, cost).await;
+                    return self.admit_fallback(shared, client, cost, waited).await;
                 }
             };
         }
@@ -642,6 +734,7 @@ impl Budget {
         shared: &Shared,
         client: &str,
         cost: NonZeroU32,
+        waited: u64,
     ) -> Result<Admitted, Rejected> {
         {
             let mut ledger = self.ledger();
@@ -656,7 +749,7 @@ impl Budget {
                 );
             }
         }
-        self.admit_local(client, cost).await
+        self.admit_local(client, cost, waited).await
     }
 
     /// Copies the TATs the script returned into the local ledger, for headers and status.
@@ -761,8 +854,9 @@ impl Budget {
         }
     }
 
-    /// Ends the shared pause and allowance (`POST /admin/budget/resume`); whether Redis
-    /// held either.
+    /// Ends the shared pause and allowance (`POST /admin/budget/resume`) and counts the
+    /// resume, so every other replica ends its own copy of the pause at its next look;
+    /// whether Redis held either.
     pub(super) async fn resume_shared(&self) -> bool {
         let Some(shared) = &self.inner.shared else {
             return false;
@@ -779,7 +873,36 @@ impl Budget {
                 call.arg("resume").invoke_async(&mut conn).await
             })
             .await;
+        if let Some(&resumes) = deleted.as_ref().ok().and_then(|d| d.get(1)) {
+            // This replica has ended its own copy already.
+            let resumes = u64::try_from(resumes).unwrap_or(0);
+            shared.resumes_seen.store(resumes, Ordering::Release);
+        }
         deleted.is_ok_and(|d| d.first().is_some_and(|n| *n > 0))
+    }
+
+    /// Ends this replica's copy of the pause if an operator resumed since it last looked;
+    /// returns what Redis holds (`None`: not shared, or Redis did not answer).
+    async fn sync_resumes(&self, shared: &Shared) -> Option<SharedPause> {
+        if !shared.redis.is_up() {
+            return None;
+        }
+        shared
+            .peek(|| {
+                if self.ledger().upstream.resume() {
+                    tracing::warn!(
+                        "budget: upstream pause ended by an operator on another replica"
+                    );
+                }
+            })
+            .await
+    }
+
+    /// The shared pause in force (`/admin/status`), after ending this replica's copy of a
+    /// pause an operator resumed elsewhere. `None` without Redis.
+    pub(super) async fn shared_pause(&self) -> Option<SharedPause> {
+        let shared = self.inner.shared.as_ref()?;
+        self.sync_resumes(shared).await
     }
 
     /// After the upstream spoke: a pause it started is pushed to the other replicas.

@@ -79,19 +79,40 @@ impl<V> Drop for Waiting<V> {
 }
 
 /// Handed to a fetch so it can say that it got past its queue (the budget let it through):
-/// followers waiting with a patience stop counting it from then on.
+/// followers waiting with a patience stop counting it from then on. It also carries when
+/// the caller the fetch runs for arrived, so a caller that already waited on another's
+/// flight queues for its own budget only for what is left of its `max_wait`.
 #[derive(Debug, Clone)]
-pub struct Progress(Arc<watch::Sender<bool>>);
+pub struct Progress {
+    sent: Arc<watch::Sender<bool>>,
+    since: Option<tokio::time::Instant>,
+}
 
 impl Progress {
     /// A handle that reports to nobody, for a fetch run outside any flight.
     pub fn detached() -> Progress {
-        Progress(Arc::new(watch::channel(false).0))
+        Progress {
+            sent: Arc::new(watch::channel(false).0),
+            since: None,
+        }
+    }
+
+    /// The same handle, for a caller that arrived at `arrived`.
+    #[must_use]
+    pub fn since(mut self, arrived: tokio::time::Instant) -> Progress {
+        self.since = Some(arrived);
+        self
+    }
+
+    /// How long the caller has waited already (zero when not known).
+    pub fn waited(&self) -> std::time::Duration {
+        self.since
+            .map_or(std::time::Duration::ZERO, |at| at.elapsed())
     }
 
     /// The fetch is past its queue and on its way upstream.
     pub fn sent(&self) {
-        self.0.send_replace(true);
+        self.sent.send_replace(true);
     }
 }
 
@@ -263,7 +284,10 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
             key,
             sender,
         };
-        let progress = Progress(Arc::new(sent_tx));
+        let progress = Progress {
+            sent: Arc::new(sent_tx),
+            since: None,
+        };
         let fetch = build(progress.clone());
         let task = tokio::spawn(async move {
             // Held until the value is out, so a follower never takes a fetch that dropped

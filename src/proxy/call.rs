@@ -47,7 +47,13 @@ impl Gateway {
         progress: &crate::cache::Progress,
     ) -> Result<Fetched, GatewayError> {
         let inner = &self.inner;
-        let budget_wait = match inner.budget.admit(&call.client, call.cost).await {
+        // A caller that already waited on another client's merged call queues only for what
+        // is left of its own max_wait.
+        let budget_wait = match inner
+            .budget
+            .admit_within(&call.client, call.cost, progress.waited())
+            .await
+        {
             Ok(admitted) => {
                 progress.sent();
                 admitted.waited

@@ -179,8 +179,15 @@ pub fn build_request(
         HeaderName::from_static("x-request-id"),
         out.request_id.clone(),
     );
+    // The same test as `/readyz`: a token it calls unusable is never sent, whatever a
+    // header value would let through (spaces, tabs, non-ASCII).
+    if !crate::token::sendable(token) {
+        return Err(GatewayError::TokenUnavailable(
+            crate::token::TokenError::Unsendable.to_string(),
+        ));
+    }
     let mut auth = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
-        GatewayError::TokenUnavailable("held token is not a valid header value".into())
+        GatewayError::TokenUnavailable(crate::token::TokenError::Unsendable.to_string())
     })?;
     auth.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, auth);

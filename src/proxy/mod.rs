@@ -259,8 +259,9 @@ impl Gateway {
         self.inner.recent_errors.json()
     }
 
-    pub fn budget_status(&self) -> serde_json::Value {
-        self.inner.budget.status_json()
+    /// The budget part of `/admin/status`, with the pause in force wherever it is held.
+    pub async fn budget_status(&self) -> serde_json::Value {
+        self.inner.budget.status_now().await
     }
 
     /// Ends an upstream pause by hand (`POST /admin/budget/resume`), on every replica that
@@ -269,16 +270,16 @@ impl Gateway {
         self.inner.budget.resume().await
     }
 
-    /// The upstream part of `/admin/status`.
-    pub fn upstream_status(&self) -> serde_json::Value {
+    /// The upstream part of `/admin/status`; `budget` is [`Gateway::budget_status`].
+    pub fn upstream_status(&self, budget: &serde_json::Value) -> serde_json::Value {
         let last = self.inner.last_upstream_status.load(Ordering::Relaxed);
-        let budget = self.inner.budget.status_json();
         serde_json::json!({
             "base_url": self.state().config.upstream.base_url,
             "last_status": if last == 0 { serde_json::Value::Null } else { last.into() },
             "reported_remaining": budget.pointer("/upstream/reported_remaining").cloned().unwrap_or_default(),
             "paused_until": budget.pointer("/upstream/paused_until").cloned().unwrap_or_default(),
-            "paused_for_s": self.inner.budget.paused_for().map(|d| d.as_secs_f64()),
+            "paused_for_s": budget.pointer("/upstream/paused_for_s").cloned().unwrap_or_default(),
+            "pause_source": budget.pointer("/upstream/pause_source").cloned().unwrap_or_default(),
             "merges_in_flight": self.inner.merger.in_flight(),
         })
     }

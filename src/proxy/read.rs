@@ -186,9 +186,12 @@ impl Gateway {
         }
         let call = upstream_get(&make_call);
         // A follower's own terms: it waits behind another client's budget queue no longer
-        // than its own max_wait, and a leader's refusal is not its refusal.
+        // than its own max_wait, and a leader's refusal is not its refusal. Its deadline
+        // counts from its arrival: whatever it runs itself afterwards (its own call, or a
+        // flight of its own variant) waits only for the rest.
+        let arrived = tokio::time::Instant::now();
         let patience = max_wait_of(&call.state.config, &call.client).max(LEADER_GRACE);
-        let fetch = self.fetch_and_store(key.clone(), epoch, route, call);
+        let fetch = self.fetch_and_store(key.clone(), epoch, route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
@@ -209,15 +212,18 @@ impl Gateway {
                     Variant::Of(selected) => format!("{merge_key}\n{selected}"),
                     _ => format!("{merge_key}\n* {}", fastrand::u64(..)),
                 };
-                let fetch = self.fetch_and_store(key, epoch, route, upstream_get(&make_call));
+                let call = upstream_get(&make_call);
+                let fetch = self.fetch_and_store(key, epoch, route, call, Some(arrived));
+                let left = patience.saturating_sub(arrived.elapsed());
                 shared = inner
                     .merger
-                    .run_patient(own, fetch, patience, only_while_wanted)
+                    .run_patient(own, fetch, left, only_while_wanted)
                     .await;
             }
         }
         let (value, role) = match shared {
             Ok(Joined::Led(v)) => (v, Role::Leader),
+            // The fetches were made to count from this caller's arrival (above).
             Ok(Joined::Followed(v, own)) if refused_by_budget(&v) => {
                 (own(Progress::detached()).await, Role::Leader)
             }
@@ -278,7 +284,7 @@ impl Gateway {
     fn revalidate(&self, key: String, route: Option<(&RouteConfig, &Captures<'_>)>, call: Call) {
         let epoch = self.inner.cache.epoch();
         let merge_key = format!("{epoch} {key}");
-        let fetch = self.fetch_and_store(key, epoch, route, call);
+        let fetch = self.fetch_and_store(key, epoch, route, call, None);
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
             let _ = merger
@@ -288,13 +294,15 @@ impl Gateway {
     }
 
     /// The merged upstream call: fetch, then store a storable answer under `key` unless an
-    /// invalidation ran after `epoch` (read before the upstream was asked).
+    /// invalidation ran after `epoch` (read before the upstream was asked). `arrived`: when
+    /// the caller it runs for arrived, so its budget wait counts from then.
     fn fetch_and_store(
         &self,
         key: String,
         epoch: u64,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
+        arrived: Option<tokio::time::Instant>,
     ) -> impl FnOnce(Progress) -> Fetch {
         let gateway = self.clone();
         let rule = route.and_then(|(r, caps)| {
@@ -305,6 +313,10 @@ impl Gateway {
         });
         let no_store = directives(&call.headers).no_store;
         move |progress: Progress| -> Fetch {
+            let progress = match arrived {
+                Some(at) => progress.since(at),
+                None => progress,
+            };
             Box::pin(async move {
                 let mut fetched = gateway
                     .call_reporting(&call, &progress)

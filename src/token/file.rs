@@ -143,7 +143,10 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
     Ok(None)
 }
 
-/// Whether `token` can travel upstream as is: visible ASCII only, as RFC 6750 tokens are.
+/// Whether `token` can travel upstream as is: visible ASCII only, as RFC 6750 tokens are
+/// (no space, tab, CR, LF, other control or non-ASCII character). `/readyz`, token loading,
+/// the shared record's check and the `Authorization` header builder all use this one test,
+/// so readiness and the request path never disagree on a token.
 pub(crate) fn sendable(token: &str) -> bool {
     !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }

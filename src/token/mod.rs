@@ -43,6 +43,9 @@ use serde_json::json;
 
 pub use error::TokenError;
 pub use file::inspect as inspect_file;
+/// Whether a token can travel upstream in `Authorization` as is (visible ASCII only, as
+/// RFC 6750 tokens are): the one test readiness, token loading and the request path share.
+pub(crate) use file::sendable;
 pub use init::{init_from_code, init_from_env};
 pub use secret::Secret;
 
@@ -188,6 +191,13 @@ impl TokenManager {
             None => Arc::new(inner),
         };
         registered?;
+        if !file::sendable(inner.lock().record.access.expose()) {
+            tracing::warn!(
+                "the upstream token loaded holds characters that cannot be sent upstream \
+                 (spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
+                 answer 503 until a refresh or a corrected token file replaces it"
+            );
+        }
         tracing::info!(generation, "upstream token loaded");
         Ok(TokenManager { inner })
     }

@@ -155,7 +155,12 @@ pub(crate) fn interpret(status: StatusCode, body: &[u8]) -> Result<Granted, Toke
         _ => &value,
     };
     let access = match payload.get("access_token") {
-        Some(Value::String(s)) if !s.is_empty() => Secret::new(s.clone()),
+        Some(Value::String(s)) if super::file::sendable(s) => Secret::new(s.clone()),
+        Some(Value::String(s)) if !s.is_empty() => {
+            return Err(TokenError::BadAnswer {
+                reason: "access_token holds characters that cannot be sent upstream",
+            })
+        }
         _ => {
             return Err(TokenError::BadAnswer {
                 reason: "no access_token",
@@ -286,6 +291,17 @@ mod tests {
             matches!(got, Err(TokenError::Rejected { status: 401, .. })),
             "expected an enveloped 401 to be a rejection, saw {got:?}"
         );
+        for bad in [
+            &br#"{"access_token":"a b","expires_in":60}"#[..],
+            br#"{"access_token":"a\u0000b","expires_in":60}"#,
+            br#"{"access_token":"a\u00e8b","expires_in":60}"#,
+        ] {
+            let got = interpret(StatusCode::OK, bad);
+            assert!(
+                matches!(got, Err(TokenError::BadAnswer { .. })),
+                "expected an access token that cannot be sent refused, saw {got:?}"
+            );
+        }
         let got = interpret(StatusCode::OK, br#"{"token_type":"bearer"}"#);
         assert!(
             matches!(got, Err(TokenError::BadAnswer { .. })),

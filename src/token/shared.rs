@@ -47,6 +47,10 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
 /// How often the watcher compares the record with the replica's token.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// The highest record version: the write script compares versions as Lua numbers, exact
+/// up to 2^53, so a record beyond it (a tampered one; honest writers count up by one) is
+/// refused rather than counted on, and no version ever wraps.
+const MAX_VERSION: u64 = (1 << 53) - 1;
 
 /// Replaces the record: as the lock holder (ARGV[2] = its id), or with no lock held when
 /// the stored version is still ARGV[3].
@@ -293,10 +297,40 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     }
 }
 
+/// The version after `version`, if it can be counted (see [`MAX_VERSION`]).
+fn next_version(version: u64) -> Option<u64> {
+    version.checked_add(1).filter(|v| *v <= MAX_VERSION)
+}
+
+/// Whether the token this replica holds can be used: not expired, sendable, and neither
+/// refused by the upstream nor waiting for re-authorisation. Only then does it outrank a
+/// record that expires sooner (an operator's corrected record replaces a token that stopped
+/// working, whatever their expiries).
+fn usable(state: &super::state::State) -> bool {
+    !state.reauth
+        && state.refused == 0
+        && super::state::current_of(state).is_ok_and(|c| file::sendable(c.access.expose()))
+}
+
 /// Why a stored record must not replace `mine`, if it must not: a record anyone with
 /// access to Redis can write is checked like an answer from the token endpoint before it
-/// reaches this replica's memory and token file.
-fn refused(st: &Stored, mine: &TokenRecord, seen: u64) -> Option<&'static str> {
+/// reaches this replica's memory and token file. `mine_usable`: see [`usable`].
+fn refused(
+    st: &Stored,
+    mine: &TokenRecord,
+    mine_usable: bool,
+    seen: u64,
+    now: SystemTime,
+) -> Option<&'static str> {
+    if st.version > MAX_VERSION {
+        return Some("its version is beyond what a record can count");
+    }
+    if mine_usable && st.record.expires_at.is_some_and(|at| at <= now) {
+        return Some("it has already expired and this replica's token is valid");
+    }
+    if mine_usable && later(mine.expires_at, st.record.expires_at) {
+        return Some("it expires sooner than this replica's valid token");
+    }
     if !file::sendable(st.record.access.expose()) {
         return Some("its access token cannot be sent upstream");
     }
@@ -369,8 +403,12 @@ impl Inner {
         keeper.abort();
         if result.is_ok() {
             let record = self.lock().record.clone();
-            let next = version.unwrap_or(shared.seen.load(Ordering::Acquire)) + 1;
-            match shared.put(next, &record, true, 0).await {
+            let next = next_version(version.unwrap_or(shared.seen.load(Ordering::Acquire)));
+            let put = match next {
+                Some(next) => shared.put(next, &record, true, 0).await,
+                None => Ok(false),
+            };
+            match put {
                 Ok(true) => shared.unshared.store(false, Ordering::Release),
                 Ok(false) | Err(_) => {
                     warn!("refreshed token could not be stored for the other replicas; offering it when possible");
@@ -395,8 +433,12 @@ impl Inner {
     /// Installs another replica's token: own token file first, then memory. A record that
     /// fails [`refused`] is left alone (and said so once per version).
     async fn adopt(&self, shared: &SharedToken, st: Stored) -> bool {
-        let mine = self.lock().record.clone();
-        if let Some(reason) = refused(&st, &mine, shared.seen.load(Ordering::Acquire)) {
+        let (mine, mine_usable) = {
+            let state = self.lock();
+            (state.record.clone(), usable(&state))
+        };
+        let seen = shared.seen.load(Ordering::Acquire);
+        if let Some(reason) = refused(&st, &mine, mine_usable, seen, SystemTime::now()) {
             if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
                 warn!(
                     version = st.version,
@@ -463,6 +505,15 @@ impl Inner {
                     info!("shared token record created from this replica's token");
                 }
             }
+            Some(st) if st.version > MAX_VERSION => {
+                if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
+                    warn!(
+                        version = st.version,
+                        "shared token record not adopted: its version is beyond what a record \
+                         can count; write a corrected record (or delete it) to share tokens again"
+                    );
+                }
+            }
             Some(st) if st.record.access == record.access => {
                 shared.seen.store(st.version, Ordering::Release);
                 shared.unshared.store(false, Ordering::Release);
@@ -474,16 +525,17 @@ impl Inner {
                 let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
                 let ours_newer = shared.unshared.load(Ordering::Acquire)
                     || (first_meeting && later(record.expires_at, st.record.expires_at));
+                let next = next_version(st.version);
                 if !ours_newer {
                     self.adopt(shared, st).await;
-                } else if let Ok(true) =
-                    shared.put(st.version + 1, &record, false, st.version).await
-                {
-                    shared.unshared.store(false, Ordering::Release);
-                    info!(
-                        version = st.version + 1,
-                        "offered this replica's newer token to the other replicas"
-                    );
+                } else if let Some(next) = next {
+                    if let Ok(true) = shared.put(next, &record, false, st.version).await {
+                        shared.unshared.store(false, Ordering::Release);
+                        info!(
+                            version = next,
+                            "offered this replica's newer token to the other replicas"
+                        );
+                    }
                 }
             }
         }

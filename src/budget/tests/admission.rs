@@ -315,3 +315,34 @@ async fn cost_spends_that_many_cells() {
     );
     assert_eq!(global_left(&b), 0, "expected the burst spent");
 }
+
+/// A caller that already waited elsewhere (behind another client's merged call) waits here
+/// only for what is left of its max_wait: refused when its cell is further away than that,
+/// admitted when it comes within it, and never past its deadline from arrival.
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_waited_elsewhere_has_only_the_rest_of_its_max_wait() {
+    let clients = vec![client("ui", Some(share(1, 4000, 1)), Priority::Interactive)];
+    let b = budget(spec(share(1000, 1000, 1000), 2000, clients));
+    assert!(b.admit("ui", n(1)).await.is_ok(), "expected the first cell");
+    // The next cell is 4 s away; 2 s later it is 2 s away, which fits a fresh caller's 2 s
+    // max_wait but not one that has waited 1.5 s already.
+    tokio::time::advance(Duration::from_millis(2000)).await;
+    let refused = b
+        .admit_within("ui", n(1), Duration::from_millis(1500))
+        .await;
+    assert!(
+        matches!(refused, Err(ref r) if r.budget == Which::Client),
+        "expected a caller that waited 1.5 s already refused (2 s > the 0.5 s left), saw {refused:?}"
+    );
+    let started = tokio::time::Instant::now();
+    let admitted = b
+        .admit_within("ui", n(1), Duration::from_millis(0))
+        .await
+        .expect("a fresh caller waits the 2 s its max_wait allows");
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(2000),
+        "expected the fresh caller to wait exactly its 2 s"
+    );
+    assert_eq!(admitted.waited, Duration::from_millis(2000));
+}
