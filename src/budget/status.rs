@@ -114,7 +114,8 @@ impl Budget {
                 remaining = 0;
                 next = next.max(pause);
             }
-            (limit, remaining, next)
+            // Never more remaining than the limit shown beside it.
+            (limit, remaining.min(limit), next)
         };
         let wall = SystemTime::now() + Duration::from_nanos(next);
         let reset = wall
