@@ -40,6 +40,9 @@ impl Admin {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let method = req.method().clone();
+        if let Some(refused) = self.cross_site(&req, &path) {
+            return refused;
+        }
         match (method, path.as_str()) {
             (Method::GET | Method::HEAD, "") => {
                 if !self.authorised(&req) {
@@ -103,6 +106,33 @@ impl Admin {
             }
             _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
         }
+    }
+
+    /// Refuses what a web page elsewhere could make a browser send here (see
+    /// [`host_refused`] and [`post_refused`]); `None` for everything else.
+    fn cross_site(&self, req: &Request<Incoming>, path: &str) -> Option<Response<Body>> {
+        // Probes reveal nothing and are often sent by names of their own (a container's
+        // service name): they answer to any Host.
+        if matches!(path, "/healthz" | "/readyz") {
+            return None;
+        }
+        let state = self.gateway.state();
+        let names = &state.config.server.admin_hosts;
+        if let Some(why) = host_refused(req, names) {
+            tracing::warn!(why, "admin: request refused");
+            return Some(envelope(
+                StatusCode::MISDIRECTED_REQUEST,
+                "misdirected_request",
+                why,
+            ));
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            if let Some(why) = post_refused(req, path == "/admin/purge") {
+                tracing::warn!(why, "admin: request refused");
+                return Some(envelope(StatusCode::FORBIDDEN, "forbidden", why));
+            }
+        }
+        None
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {
@@ -227,6 +257,89 @@ impl Admin {
     }
 }
 
+/// The `Host` a request names (the `:authority` over HTTP/2), if any.
+fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        Some(v) => Some(v.to_str().unwrap_or("\u{0}")),
+        None => req.uri().authority().map(|a| a.as_str()),
+    }
+}
+
+/// Why a request's `Host` is not one of the admin listener's own names, against DNS
+/// rebinding: a page on a name its owner points at 127.0.0.1 reaches this listener with
+/// that name as its `Host`. Allowed are an IP address (v4, or v6 in brackets), `localhost`
+/// and the names in `server.admin_hosts`, with any port (a port mapping may change it, and
+/// a rebinding page cannot choose the name). A request without `Host` (HTTP/1.0) comes from
+/// no browser and passes.
+fn host_refused<B>(req: &Request<B>, names: &[String]) -> Option<&'static str> {
+    let authority = request_host(req)?;
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => {
+            let Some((inside, after)) = rest.split_once(']') else {
+                return Some("the Host header's IPv6 address is not closed by ']'");
+            };
+            if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+                return Some("the Host header's port is not a number");
+            }
+            return match inside.parse::<std::net::Ipv6Addr>() {
+                Ok(_) => None,
+                Err(_) => Some("the Host header names no IPv6 address in its brackets"),
+            };
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) if is_port(port) => host,
+            Some(_) => return Some("the Host header's port is not a number"),
+            None => authority,
+        },
+    };
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    if host.parse::<std::net::Ipv4Addr>().is_ok() || host == "localhost" || names.contains(&host) {
+        return None;
+    }
+    Some(
+        "the Host header is not an address of the admin listener (an IP address, localhost or \
+         a name in server.admin_hosts)",
+    )
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Why an admin `POST` looks like one a page elsewhere made a browser send (CSRF): a
+/// browser attaches remembered Basic credentials to it, and with no admin token none are
+/// needed. Refused are an `Origin` other than this listener's own (`http://` and the
+/// `Host`, `null` included), `Sec-Fetch-Site: cross-site` or `same-site`, and a
+/// `Content-Type` other than `application/json` (which no form or simple request can send);
+/// `json_body` endpoints must send that type.
+fn post_refused<B>(req: &Request<B>, json_body: bool) -> Option<&'static str> {
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let own = request_host(req).map(|h| format!("http://{h}"));
+        let same = own.is_some_and(|own| origin.as_bytes().eq_ignore_ascii_case(own.as_bytes()));
+        if !same {
+            return Some("cross-origin admin requests are refused (Origin is not this listener)");
+        }
+    }
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.as_bytes();
+        if site.eq_ignore_ascii_case(b"cross-site") || site.eq_ignore_ascii_case(b"same-site") {
+            return Some("cross-site admin requests are refused (Sec-Fetch-Site)");
+        }
+    }
+    let json = |v: &HeaderValue| {
+        let media = v.to_str().unwrap_or("").split(';').next().unwrap_or("");
+        media.trim().eq_ignore_ascii_case("application/json")
+    };
+    match headers.get(header::CONTENT_TYPE) {
+        Some(v) if !json(v) => {
+            Some("admin requests with a body must be Content-Type: application/json")
+        }
+        None if json_body => Some("this admin endpoint needs Content-Type: application/json"),
+        _ => None,
+    }
+}
+
 /// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with
 /// the token as the password (any user name), which is what a browser can send. The scheme
 /// is matched in any case (`bearer`, `BEARER`), as RFC 9110 has it.
@@ -305,6 +418,113 @@ mod tests {
         assert_eq!(base64_decode(b"Og=").as_deref(), None);
         assert_eq!(base64_decode(b"O===").as_deref(), None);
         assert_eq!(base64_decode(b"Og==Og==").as_deref(), None);
+    }
+
+    fn req(host: Option<&str>, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::post("/admin/purge");
+        if let Some(h) = host {
+            b = b.header(header::HOST, h);
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).expect("request")
+    }
+
+    #[test]
+    fn only_the_listeners_own_names_are_served() {
+        let names = vec!["gw.internal".to_string()];
+        for ok in [
+            None,
+            Some("127.0.0.1:9090"),
+            Some("10.1.2.3"),
+            Some("[::1]:9090"),
+            Some("localhost:9090"),
+            Some("LOCALHOST."),
+            Some("gw.internal:9090"),
+        ] {
+            assert_eq!(
+                host_refused(&req(ok, &[]), &names),
+                None,
+                "expected {ok:?} served"
+            );
+        }
+        for bad in [
+            "evil.example:9090",
+            "127.0.0.1.nip.io:9090",
+            "localhost.evil.example",
+            "127.0.0.1:x",
+            "[::1",
+            "[evil]:9090",
+            "gw.internal.evil:9090",
+            "",
+        ] {
+            assert!(
+                host_refused(&req(Some(bad), &[]), &names).is_some(),
+                "expected Host {bad:?} refused"
+            );
+        }
+    }
+
+    #[test]
+    fn posts_a_browser_could_send_cross_site_are_refused() {
+        let host = Some("127.0.0.1:9090");
+        let json = ("content-type", "application/json; charset=utf-8");
+        assert_eq!(post_refused(&req(host, &[json]), true), None);
+        assert_eq!(
+            post_refused(
+                &req(
+                    host,
+                    &[
+                        json,
+                        ("origin", "http://127.0.0.1:9090"),
+                        ("sec-fetch-site", "same-origin")
+                    ]
+                ),
+                true
+            ),
+            None
+        );
+        assert_eq!(
+            post_refused(&req(host, &[]), false),
+            None,
+            "a bodyless POST from curl"
+        );
+        for (what, headers, json_body) in [
+            (
+                "foreign origin",
+                vec![json, ("origin", "http://evil.example")],
+                true,
+            ),
+            ("null origin", vec![json, ("origin", "null")], true),
+            (
+                "https origin",
+                vec![json, ("origin", "https://127.0.0.1:9090")],
+                true,
+            ),
+            (
+                "cross-site",
+                vec![json, ("sec-fetch-site", "cross-site")],
+                true,
+            ),
+            (
+                "same-site",
+                vec![json, ("sec-fetch-site", "same-site")],
+                true,
+            ),
+            (
+                "form",
+                vec![("content-type", "application/x-www-form-urlencoded")],
+                false,
+            ),
+            ("text", vec![("content-type", "text/plain")], true),
+            ("no type", vec![], true),
+        ] {
+            assert!(
+                post_refused(&req(host, &headers), json_body).is_some(),
+                "expected a POST with {what} refused"
+            );
+        }
     }
 
     #[test]

@@ -132,7 +132,8 @@ impl Budget {
                 remaining = 0;
                 next = next.max(nanos(wait));
             }
-            (limit, remaining, next)
+            // Never more remaining than the limit shown beside it.
+            (limit, remaining.min(limit), next)
         };
         let wall = SystemTime::now() + Duration::from_nanos(next);
         let reset = wall

@@ -72,6 +72,8 @@ pub(crate) struct Upstream {
     /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
     /// our own counting starts are not alarms: the requests counted in are already allowed.
     alarms: u64,
+    /// Contradictory rate fields have been logged once.
+    warned_nonsense: bool,
 }
 
 impl Upstream {
@@ -219,11 +221,30 @@ impl Upstream {
         wall: SystemTime,
     ) {
         let longest = self.longest();
-        let remaining = header_u64(headers, "x-ratelimit-remaining");
-        if let Some(limit) = header_u64(headers, "x-ratelimit-limit") {
+        let mut remaining = header_u64(headers, "x-ratelimit-remaining");
+        let mut limit = header_u64(headers, "x-ratelimit-limit");
+        let mut reset_value: Option<u64> =
+            header_str(headers, "x-ratelimit-reset").and_then(|v| v.parse().ok());
+        // Numbers that cannot all be true (a limit of 0, more remaining than the limit) are
+        // neither obeyed nor shown to clients: the answer's rate fields are ignored as a set,
+        // with one warning for the process's life. A 429 and its Retry-After still count.
+        let nonsense = limit == Some(0)
+            || matches!((limit.or(self.limit), remaining), (Some(l), Some(r)) if r > l);
+        if nonsense {
+            if !self.warned_nonsense {
+                self.warned_nonsense = true;
+                tracing::warn!(
+                    limit = ?limit,
+                    remaining = ?remaining,
+                    "the upstream's X-RateLimit fields contradict each other (limit 0, or more \
+                     remaining than the limit): ignored, now and whenever they do"
+                );
+            }
+            (remaining, limit, reset_value) = (None, None, None);
+        }
+        if let Some(limit) = limit {
             self.limit = Some(limit);
         }
-        let reset_value = header_str(headers, "x-ratelimit-reset").and_then(|v| v.parse().ok());
         let reset_in = reset_value.and_then(|v| until_reset(v, wall));
         if let Some(d) = reset_in {
             // A reset further off than any window we know of (the configured one, else the
@@ -596,6 +617,57 @@ mod tests {
             up.paused_for(0),
             Some(want),
             "expected a reset in the year 5138 cut to the hour, not taught as a day's window"
+        );
+    }
+
+    #[test]
+    fn contradictory_rate_fields_are_ignored() {
+        let mut up = Upstream::default();
+        let zero = headers(&[
+            ("x-ratelimit-limit", "0".into()),
+            ("x-ratelimit-remaining", "5".into()),
+            reset_in(60),
+        ]);
+        up.observe(StatusCode::OK, &zero, 0, wall());
+        assert_eq!(
+            (up.limit(), up.reported(), up.allowance(0), up.reset(0)),
+            (None, None, None, None),
+            "expected a limit of 0 with 5 remaining ignored as a set"
+        );
+        let sane = headers(&[
+            ("x-ratelimit-limit", "100".into()),
+            ("x-ratelimit-remaining", "40".into()),
+            reset_in(60),
+        ]);
+        up.observe(StatusCode::OK, &sane, 0, wall());
+        assert_eq!((up.limit(), up.allowance(0)), (Some(100), Some(40)));
+        let over = headers(&[
+            ("x-ratelimit-limit", "100".into()),
+            ("x-ratelimit-remaining", "500".into()),
+        ]);
+        up.observe(StatusCode::OK, &over, 0, wall());
+        let over_known = headers(&[("x-ratelimit-remaining", "101".into())]);
+        up.observe(StatusCode::OK, &over_known, 0, wall());
+        assert_eq!(
+            (up.limit(), up.reported(), up.allowance(0)),
+            (Some(100), Some(40), Some(40)),
+            "expected more remaining than the limit (said or known) ignored"
+        );
+        let zero_left = headers(&[
+            ("x-ratelimit-limit", "0".into()),
+            ("x-ratelimit-remaining", "0".into()),
+            reset_in(600),
+        ]);
+        up.observe(StatusCode::OK, &zero_left, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            None,
+            "expected no pause from a limit of 0"
+        );
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &zero_left, 0, wall());
+        assert!(
+            up.paused_for(0).is_some(),
+            "expected a 429 to pause whatever its rate fields say"
         );
     }
 

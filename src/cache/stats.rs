@@ -2,7 +2,9 @@
 //!
 //! A collector instead of gauges updated on every insert and removal: moka changes its
 //! counts in its own maintenance (evictions, expiries), where no code of ours runs, so only
-//! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true.
+//! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true. moka's
+//! counts are lazy (an insert is counted only once its maintenance has run), so the scrape
+//! runs that maintenance first: what it reports is what is stored at that moment.
 
 use moka::sync::Cache;
 use prometheus::core::{Collector, Desc};
@@ -42,6 +44,7 @@ impl Collector for Gauges {
 
     fn collect(&self) -> Vec<MetricFamily> {
         let as_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.entries.run_pending_tasks();
         self.count.set(as_gauge(self.entries.entry_count()));
         self.bytes.set(as_gauge(self.entries.weighted_size()));
         let mut families = self.count.collect();

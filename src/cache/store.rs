@@ -379,13 +379,17 @@ impl Store {
         count
     }
 
-    /// Entries held (responses and `Vary` markers); moka updates it in its maintenance.
+    /// Entries held (responses and `Vary` markers) now. moka only counts in its maintenance,
+    /// so that runs first: an entry just stored is counted (a status read costs that).
     pub fn entry_count(&self) -> u64 {
+        self.inner.entries.run_pending_tasks();
         self.inner.entries.entry_count()
     }
 
-    /// Bytes charged against `max_bytes`; moka updates it in its maintenance.
+    /// Bytes charged against `max_bytes` now, after moka's maintenance as for
+    /// [`Store::entry_count`].
     pub fn weighted_bytes(&self) -> u64 {
+        self.inner.entries.run_pending_tasks();
         self.inner.entries.weighted_size()
     }
 

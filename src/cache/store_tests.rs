@@ -422,3 +422,36 @@ fn a_slot_stays_three_words() {
     let slot = std::mem::size_of::<Slot>();
     assert!(slot <= 24, "Slot grew to {slot} bytes");
 }
+
+/// moka counts an insert only in its maintenance: the gauges and the status must not read 0
+/// while entries are stored, waiting for a later lookup to run it.
+#[tokio::test(start_paused = true)]
+async fn counts_are_true_at_once_after_inserts() {
+    let (store, registry) = store();
+    let none = HeaderMap::new();
+    for key in ["GET /a", "GET /b"] {
+        store
+            .insert(key.into(), &none, response("xyz", &["t"]))
+            .await;
+    }
+    let stats = store.stats_json();
+    assert_eq!(
+        stats["entries"], 2,
+        "expected /admin/status to count 2 entries at once, saw {stats}"
+    );
+    assert!(
+        stats["bytes"].as_u64().is_some_and(|b| b > 0),
+        "expected bytes > 0 at once, saw {stats}"
+    );
+    let text = TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .expect("encode");
+    assert!(
+        text.lines().any(|l| l == "cxgate_cache_entries 2"),
+        "expected cxgate_cache_entries 2 at scrape time, saw:\n{text}"
+    );
+    assert!(
+        !text.lines().any(|l| l == "cxgate_cache_bytes 0"),
+        "expected cxgate_cache_bytes above 0 at scrape time, saw:\n{text}"
+    );
+}

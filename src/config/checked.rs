@@ -44,6 +44,9 @@ pub struct ServerConfig {
     /// Bytes of request and answer bodies held at once; a request past it gets 503.
     pub max_buffered_bytes: u64,
     pub admin_token_env: Option<String>,
+    /// Host names (lower case, no port) the admin listener answers to besides IP addresses
+    /// and `localhost`; any other `Host` is refused, against DNS rebinding.
+    pub admin_hosts: Vec<String>,
     pub allow_anonymous: bool,
     pub tls: Option<TlsConfig>,
 }
@@ -230,6 +233,14 @@ impl Config {
             out,
             "connections: max_connections={} header_timeout={:?} body_timeout={:?} idle_timeout={:?} max_buffered_bytes={}",
             s.max_connections, s.header_timeout, s.body_timeout, s.idle_timeout, s.max_buffered_bytes
+        );
+        let _ = writeln!(
+            out,
+            "admin hosts: IP addresses, localhost{}",
+            s.admin_hosts
+                .iter()
+                .map(|h| format!(", {h}"))
+                .collect::<String>()
         );
         let u = &self.upstream;
         let _ = writeln!(

@@ -64,6 +64,8 @@ pub struct RawServer {
     pub max_buffered_bytes: Option<RawSize>,
     /// Environment variable holding the admin bearer token.
     pub admin_token_env: Option<String>,
+    /// Host names the admin listener answers to, besides IP addresses and `localhost`.
+    pub admin_hosts: Option<Vec<String>>,
     /// Allow the anonymous mode on a non-loopback listener.
     pub allow_anonymous: Option<bool>,
     /// TLS for the client listener.

@@ -131,6 +131,76 @@ impl PathTemplate {
     }
 }
 
+impl PathTemplate {
+    /// Where a request path holds what this template captures as `name`, whether or not the
+    /// template matches the path: the rest of `path` from that segment on, when the
+    /// segments before it have the template's shape as the upstream would read them
+    /// ([`loosely_equal`]: case-folded, escapes decoded, `;` parameters and spaces off) and
+    /// whatever follows. `None` when `name` is the first segment or not captured, or the
+    /// path is shorter or shaped otherwise.
+    ///
+    /// Authorisation reads account ids here rather than from a route's captures: a path a
+    /// route does not match exactly (`/V2/9/data`, `/v2/9/data;x`, `/v2/9/Data`,
+    /// `/v2/9/data/x`, another method) still reaches the upstream, which reads the same
+    /// segment as the same account.
+    pub fn segment_from<'a>(&self, name: &str, path: &'a str) -> Option<&'a str> {
+        let index = self
+            .segments
+            .iter()
+            .position(|s| matches!(s, Segment::Capture(n) if n == name))?;
+        if index == 0 {
+            return None;
+        }
+        let mut rest = path.strip_prefix('/')?;
+        for seg in &self.segments[..index] {
+            let (part, after) = rest.split_once('/')?;
+            match seg {
+                Segment::Literal(lit) if !loosely_equal(part, lit) => return None,
+                _ => {}
+            }
+            rest = after;
+        }
+        if rest.is_empty() {
+            return None;
+        }
+        Some(&path[path.len() - rest.len() - 1..])
+    }
+}
+
+/// Whether a request path segment names the template literal `lit` as a lenient server
+/// would read it: percent-escapes decoded, anything from `;` on dropped, surrounding
+/// whitespace trimmed, letters compared without case.
+fn loosely_equal(part: &str, lit: &str) -> bool {
+    let decoded = percent_decode(part);
+    let text = decoded.split(';').next().unwrap_or("");
+    let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
+    text.eq_ignore_ascii_case(lit)
+}
+
+/// `%XX` escapes decoded (invalid ones kept as they are); bytes that are not UTF-8 become
+/// replacement characters, which match no literal.
+fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('%') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
 fn parse_segment(part: &str) -> Result<Segment, TemplateError> {
     if part.is_empty() {
         return Err(TemplateError::EmptySegment);
@@ -217,6 +287,37 @@ impl TagTemplate {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_account_segment_is_found_in_paths_the_route_does_not_match() {
+        let t = PathTemplate::parse("/v2/{account_id}/data").expect("template");
+        for path in [
+            "/v2/999/data",
+            "/V2/999/data",
+            "/v2/999/data;x",
+            "/v2/999/data%20",
+            "/v2/999/Data",
+            "/v2/999/data/x",
+            "/v2/999",
+            "/v2;p=1/999/data",
+            "/v%32/999/data",
+            "/%20v2/999/data",
+        ] {
+            let at = t.segment_from("account_id", path);
+            assert!(
+                at.is_some_and(|rest| rest.starts_with("/999")),
+                "expected {path} read at its second segment, saw {at:?}"
+            );
+        }
+        for path in ["/v3/999/data", "/v2", "/v2/", "/x/v2/999", "/v2x/999"] {
+            let at = t.segment_from("account_id", path);
+            assert_eq!(at, None, "expected {path} not shaped like the template");
+        }
+        let first = PathTemplate::parse("/{account_id}/inbox").expect("template");
+        assert_eq!(first.segment_from("account_id", "/1/inbox"), None);
+        let any = PathTemplate::parse("/{service}/x/{account_id}").expect("template");
+        assert_eq!(any.segment_from("account_id", "/abc/X/7"), Some("/7"));
+    }
+
     use super::*;
 
     #[test]

@@ -25,6 +25,7 @@ const SERVER: &[&str] = &[
     "max_connections",
     "max_buffered_bytes",
     "admin_token_env",
+    "admin_hosts",
     "allow_anonymous",
     "tls",
 ];

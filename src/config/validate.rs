@@ -195,6 +195,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             256 << 20,
         ),
         admin_token_env: s.admin_token_env.clone(),
+        admin_hosts: s
+            .admin_hosts
+            .iter()
+            .flatten()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
         allow_anonymous: s.allow_anonymous.unwrap_or(false),
         tls,
     };
@@ -208,6 +214,20 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     ] {
         if value.is_zero() {
             p.add(path, "must be greater than zero");
+        }
+    }
+    for host in &server.admin_hosts {
+        let name_like = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !host.starts_with('.');
+        if !name_like {
+            p.add(
+                "server.admin_hosts",
+                format!("{host:?} is not a host name (letters, digits, '-' and '.'; no scheme, port or path)"),
+            );
         }
     }
     if server.max_buffered_bytes < server.max_body_bytes {

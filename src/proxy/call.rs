@@ -131,18 +131,17 @@ impl Gateway {
         if let Some(body) = rewriter.rewrite_body(&fetched.body, &exposed) {
             fetched.body = body;
         }
-        if let Some(loc) = fetched
-            .headers
-            .get(header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-        {
-            if let Some(rewritten) = rewriter.rewrite_location(loc) {
-                match HeaderValue::try_from(rewritten) {
-                    Ok(v) => fetched.headers.insert(header::LOCATION, v),
-                    Err(_) => fetched.headers.remove(header::LOCATION),
-                };
-            }
-        }
+        // Headers that point somewhere: a client following one (paging by `Link`, say) must
+        // come back through the gateway and never see the real token in it.
+        rewrite_header(&mut fetched.headers, header::LOCATION, |v| {
+            rewriter.rewrite_location(v)
+        });
+        rewrite_header(&mut fetched.headers, header::CONTENT_LOCATION, |v| {
+            rewriter.rewrite_location(v)
+        });
+        rewrite_header(&mut fetched.headers, header::LINK, |v| {
+            rewriter.rewrite_link(v)
+        });
         // Any other header that carries a held token in any spelling (an echoed
         // Authorization, a `Link` or `Content-Location` with the token in its query), or
         // is named after one, is dropped: rewriting arbitrary header syntax is guesswork,
@@ -238,4 +237,31 @@ impl Drop for Flight<'_> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Rewrites every value of the header `name` with `rewrite` (`None`: unchanged). A value that
+/// is not text, or whose rewrite is no valid header value, is dropped rather than passed on
+/// unrewritten.
+fn rewrite_header(
+    headers: &mut http::HeaderMap,
+    name: header::HeaderName,
+    rewrite: impl Fn(&str) -> Option<String>,
+) {
+    if !headers.contains_key(&name) {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+    headers.remove(&name);
+    for value in values {
+        let kept = match value.to_str() {
+            Ok(text) => match rewrite(text) {
+                Some(rewritten) => HeaderValue::try_from(rewritten).ok(),
+                None => Some(value),
+            },
+            Err(_) => None,
+        };
+        if let Some(v) = kept {
+            headers.append(&name, v);
+        }
+    }
 }

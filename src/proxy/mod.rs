@@ -536,7 +536,18 @@ impl Gateway {
             }
             None => None,
         };
-        for account in [path_account, captured].into_iter().flatten() {
+        // Authorisation does not depend on route matching: wherever any route names
+        // `{account_id}` past the first segment, a path shaped like that route up to it
+        // (as the upstream reads paths, whatever method, whatever follows) names an account
+        // there, matched or not.
+        let mut shaped = Vec::new();
+        for r in &cfg.routes {
+            if let Some(rest) = r.path.segment_from("account_id", path) {
+                let account = auth::account_of(rest).map_err(|e| GatewayError::BadRequest(e.0))?;
+                shaped.extend(account);
+            }
+        }
+        for account in [path_account, captured].into_iter().flatten().chain(shaped) {
             if !client.may_see(Some(account)) {
                 return Err(GatewayError::Forbidden(format!(
                     "client {} may not access account {account}",
@@ -569,13 +580,10 @@ impl Gateway {
             }
             (None, None) => Bytes::new(),
         };
-        // Only now a `max_concurrency` permit: a request whose body is still arriving waits
-        // on its client, not on the gateway, and must not crowd out requests that are ready.
-        let _permit = self
-            .inner
-            .in_flight
-            .try_acquire()
-            .map_err(|_| GatewayError::Overloaded)?;
+        // No `max_concurrency` permit yet: a request whose body is still arriving waits on
+        // its client, not on the gateway, and a cache hit needs none at all. Only what goes
+        // upstream (a read the cache cannot answer, a write) takes one, so however many
+        // permits slow upstream calls hold, hits keep being served.
         // Last line of defence: the caller's key, in whatever spelling the parsers above did
         // not know, never travels upstream.
         if query.is_some_and(request::overrides_method) {
@@ -626,7 +634,17 @@ impl Gateway {
 
         // 7. Writes. Boxed: the upstream call's future is several times the size of the rest
         //    of the pipeline, and kept inline it would be copied along with every cache hit's.
+        let _permit = self.upstream_permit()?;
         Box::pin(self.write(make_call(), rule, outcome)).await
+    }
+
+    /// One of the `max_concurrency` permits, held by a request that goes upstream for as long
+    /// as it runs; 503 when none is free.
+    pub(super) fn upstream_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, GatewayError> {
+        self.inner
+            .in_flight
+            .try_acquire()
+            .map_err(|_| GatewayError::Overloaded)
     }
 
     /// Budget, token, upstream once; then invalidate before answering, so a read right after

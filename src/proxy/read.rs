@@ -152,6 +152,8 @@ impl Gateway {
         make_call: impl Fn() -> Call,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
+        // Only now a `max_concurrency` permit: hits above needed none.
+        let _permit = self.upstream_permit()?;
         let inner = &self.inner;
         let Upstream {
             key,
@@ -324,7 +326,7 @@ impl Gateway {
                     .map_err(Arc::new)?;
                 let storable = fetched.status.is_success()
                     && !no_store
-                    && !fetched.headers.contains_key(header::SET_COOKIE)
+                    && !sets_cookie(&fetched.headers)
                     && !cache_control_forbids(&fetched.headers);
                 let stored = match rule {
                     Some((ttl, swr, sie, tags)) if storable => {
@@ -419,6 +421,15 @@ fn upstream_get(make_call: &impl Fn() -> Call) -> Call {
     let mut call = make_call();
     call.method = Method::GET;
     call
+}
+
+/// The answer sets a cookie in any header of the family (`Set-Cookie`, the obsolete
+/// `Set-Cookie2`, or any other name starting so): a cookie is one client's, never stored
+/// to be served to everyone. Names arrive lower-cased.
+fn sets_cookie(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name.as_str().starts_with("set-cookie"))
 }
 
 /// The upstream's own `Cache-Control: no-store` or `private` wins over the route's ttl.

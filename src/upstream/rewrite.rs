@@ -90,6 +90,32 @@ impl Rewriter {
         String::from_utf8(out).ok()
     }
 
+    /// Rewrites a `Link` header (RFC 8288): every `<URI-reference>` in it is rewritten as a
+    /// `Location` is, parameters and the rest of the text stay. `None` when unchanged.
+    pub fn rewrite_link(&self, value: &str) -> Option<String> {
+        let mut out = String::with_capacity(value.len() + self.public.len());
+        let mut rest = value;
+        let mut changed = false;
+        while let Some(open) = rest.find('<') {
+            let Some(close) = rest[open..].find('>').map(|c| open + c) else {
+                break;
+            };
+            out.push_str(&rest[..=open]);
+            let target = &rest[open + 1..close];
+            match self.rewrite_location(target.trim()) {
+                Some(rewritten) => {
+                    out.push_str(&rewritten);
+                    changed = true;
+                }
+                None => out.push_str(target),
+            }
+            out.push('>');
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        changed.then_some(out)
+    }
+
     fn rewrite_links(&self, body: &[u8]) -> Option<Vec<u8>> {
         let prefix = &self.upstream[..self.shared_prefix];
         let mut out: Option<Vec<u8>> = None;
@@ -563,6 +589,36 @@ mod tests {
                 "round {round}: expected no upstream link in {out}"
             );
         }
+    }
+
+    #[test]
+    fn link_headers_are_rewritten() {
+        let r = Rewriter::new(UP, "http://gw:8080");
+        let link = format!(
+            "<{UP}/1/inbox/mentions?page=2&access_token=T>; rel=\"next\", \
+             <{UP}/1/inbox/mentions?page=0>; rel=\"prev\", <https://elsewhere.example/x>; rel=x"
+        );
+        assert_eq!(
+            r.rewrite_link(&link).as_deref(),
+            Some(
+                "<http://gw:8080/1/inbox/mentions?page=2>; rel=\"next\", \
+                 <http://gw:8080/1/inbox/mentions?page=0>; rel=\"prev\", \
+                 <https://elsewhere.example/x>; rel=x"
+            ),
+            "expected every upstream target moved to the gateway without its access_token"
+        );
+        assert_eq!(
+            r.rewrite_link("</me?access_token=T&a=1>; rel=self")
+                .as_deref(),
+            Some("</me?a=1>; rel=self"),
+            "expected the token dropped from a relative target"
+        );
+        assert_eq!(
+            r.rewrite_link("<https://elsewhere.example/x>; rel=x"),
+            None,
+            "expected other hosts' links left alone"
+        );
+        assert_eq!(r.rewrite_link("<unclosed"), None);
     }
 
     #[test]
