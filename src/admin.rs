@@ -120,6 +120,7 @@ impl Admin {
             "budget": self.gateway.budget_status(),
             "cache": self.gateway.cache().stats_json(),
             "upstream": self.gateway.upstream_status(),
+            "redis": self.gateway.redis_status(),
             "recent_errors": self.gateway.recent_errors(),
         })
     }
