@@ -1383,3 +1383,59 @@ async fn a_redis_user_without_channel_rights_is_not_counted_as_listening() {
     );
     c.stop().await;
 }
+
+/// After Redis restarts empty, versions start again. A replica whose own token the
+/// upstream refuses adopts the record another replica (or an operator) writes, whatever
+/// its version, rather than answering 503 until the version passes the one it saw last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_dead_token_adopts_a_record_of_a_lower_version() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(mut c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // Both replicas adopt a token the upstream does not know, at a high version.
+    set_record(
+        &c,
+        10,
+        serde_json::json!({"access_token": "stale-access", "refresh_token": "stale-refresh",
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some("stale-access"),
+            "replica {i}: expected the version-10 record adopted"
+        );
+    }
+    // Redis restarts empty; the working token comes back as version 2.
+    c.redis.stop();
+    c.redis.restart();
+    let mut good = token_file(&c, 0);
+    good["access_token"] = ACCESS.into();
+    good["refresh_token"] = REFRESH.into();
+    good["expires_at"] = "2099-01-01T00:00:00Z".into();
+    set_record(&c, 2, good).await;
+    for r in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = c.get(r, "/me").await;
+        while last.status != StatusCode::OK && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            last = c.get(r, "/me").await;
+        }
+        assert_eq!(
+            last.status,
+            StatusCode::OK,
+            "replica {r}: expected the version-2 record adopted once its own token was \
+             refused, saw {last:?}"
+        );
+        assert_eq!(
+            token_file(&c, r)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {r}: expected the working token in its file"
+        );
+    }
+    c.stop().await;
+}

@@ -285,6 +285,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether a record expiring at `theirs` is alive at `now` and expires later than a dead
+/// token expiring at `mine` (a record without expiry counts as later; a dead token without
+/// one is outlived by any live record).
+fn outlives(theirs: Option<SystemTime>, mine: Option<SystemTime>, now: SystemTime) -> bool {
+    match (theirs, mine) {
+        (Some(t), _) if t <= now => false,
+        (None, _) | (_, None) => true,
+        (Some(t), Some(m)) => t > m,
+    }
+}
+
 /// Whether `a` expires strictly later than `b` (a token without expiry is never later).
 fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     match (a, b) {
@@ -293,10 +304,32 @@ fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     }
 }
 
+/// Whether the token this replica holds can be used: not expired, sendable, and neither
+/// refused by the upstream nor waiting for re-authorisation. Only then does it outrank a
+/// record that expires sooner (an operator's corrected record replaces a token that stopped
+/// working, whatever their expiries).
+fn usable(state: &super::state::State) -> bool {
+    !state.reauth
+        && state.refused == 0
+        && super::state::current_of(state).is_ok_and(|c| file::sendable(c.access.expose()))
+}
+
 /// Why a stored record must not replace `mine`, if it must not: a record anyone with
 /// access to Redis can write is checked like an answer from the token endpoint before it
-/// reaches this replica's memory and token file.
-fn refused(st: &Stored, mine: &TokenRecord, seen: u64) -> Option<&'static str> {
+/// reaches this replica's memory and token file. `mine_usable`: see [`usable`]. The
+/// version rule only protects a usable token: after Redis restarts empty, versions start
+/// again, and a replica whose token is dead takes a live record that expires later than
+/// its own whatever its version, rather than answering 503 until the count passes its own.
+fn refused(
+    st: &Stored,
+    mine: &TokenRecord,
+    mine_usable: bool,
+    seen: u64,
+    now: SystemTime,
+) -> Option<&'static str> {
+    if !mine_usable && !outlives(st.record.expires_at, mine.expires_at, now) {
+        return Some("this replica's token is unusable, but the record's does not expire later");
+    }
     if !file::sendable(st.record.access.expose()) {
         return Some("its access token cannot be sent upstream");
     }
@@ -309,7 +342,7 @@ fn refused(st: &Stored, mine: &TokenRecord, seen: u64) -> Option<&'static str> {
     {
         return Some("it has no usable refresh token and this replica holds one");
     }
-    if st.version <= seen && st.record.access != mine.access {
+    if mine_usable && st.version <= seen && st.record.access != mine.access {
         return Some("its version does not move forward");
     }
     None
@@ -395,8 +428,12 @@ impl Inner {
     /// Installs another replica's token: own token file first, then memory. A record that
     /// fails [`refused`] is left alone (and said so once per version).
     async fn adopt(&self, shared: &SharedToken, st: Stored) -> bool {
-        let mine = self.lock().record.clone();
-        if let Some(reason) = refused(&st, &mine, shared.seen.load(Ordering::Acquire)) {
+        let (mine, mine_usable) = {
+            let state = self.lock();
+            (state.record.clone(), usable(&state))
+        };
+        let seen = shared.seen.load(Ordering::Acquire);
+        if let Some(reason) = refused(&st, &mine, mine_usable, seen, SystemTime::now()) {
             if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
                 warn!(
                     version = st.version,
@@ -457,6 +494,9 @@ impl Inner {
             return;
         }
         match stored {
+            // A dead token is not offered to an empty store: a replica that restarted with
+            // a live one would have to wait for the dead one to be replaced.
+            None if !usable(&self.lock()) => {}
             None => {
                 if let Ok(true) = shared.put(1, &record, false, 0).await {
                     shared.unshared.store(false, Ordering::Release);
