@@ -1,12 +1,13 @@
-//! Several replicas behind one load balancer (CONTRACT 6): the Redis connection they share,
+//! Several replicas behind one load balancer: the Redis connection they share,
 //! its health, and the channel that carries cache invalidations from one replica to all.
 //!
 //! Role: [`Redis`] is the one handle the budget, the token and the cache wiring use to reach
 //! Redis. Every call is bounded by [`CALL_TIMEOUT`]; any failure marks Redis *down* at once,
 //! and while it is down no call is even attempted (callers get [`Unavailable::Down`] at no
 //! cost and use their local fallback), so losing Redis never adds a timeout to every request.
-//! A background probe (a short-lived write, so a read-only replica left behind by a failover
-//! counts as down) marks it *up* again by itself. `cxgate_redis_up` shows the state;
+//! A background probe (a script's short-lived write and publication, so a read-only replica
+//! left behind by a failover, or a user refused scripts or channels, counts as down) marks
+//! it *up* again by itself. `cxgate_redis_up` shows the state;
 //! transitions are logged once each, not per request.
 //!
 //! Reaching Redis: `redis://` or `rediss://` (rustls, the system's roots plus
@@ -21,6 +22,11 @@
 //! lost and comes back the replica drops its whole cache: it cannot know what it missed, and
 //! a few extra upstream calls (paced by the budget) are better than serving deleted data.
 //! Publications that fail while Redis is down are kept (bounded) and sent when it returns.
+//! A subscription counts only once the replica's own message came back on it; until then
+//! `cxgate_redis_up` is 0, as while Redis is down.
+//!
+//! Errors: what Redis sends is shown by its category and code only ([`shown_error`]),
+//! since it may quote the arguments of the refused command.
 //!
 //! This module imports nothing of the gateway: the cache is reached through the callback
 //! given to [`Redis::spawn_subscriber`], so `budget`, `token` and `cache` stay independent.
@@ -775,8 +781,9 @@ impl Redis {
     /// Listens on the invalidation channel and hands every other replica's message to
     /// `apply`. Reconnects by itself; after a lost subscription it applies
     /// [`Invalidation::All`] (see the module docs). Returns once the first subscription is
-    /// made and heard or has failed (at most about two seconds): a replica that serves before it listens
-    /// would miss what the others publish meanwhile, and nothing would tell it so.
+    /// made and heard, or has failed (at most about two seconds): a replica that serves
+    /// before it listens would miss what the others publish meanwhile, and nothing would
+    /// tell it so.
     pub async fn spawn_subscriber(&self, apply: Apply) {
         let (ready, listening) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(subscribe(self.clone(), apply, ready));

@@ -1,4 +1,4 @@
-//! Several gateway replicas sharing one Redis (CONTRACT 6): one budget, one token, and
+//! Several gateway replicas sharing one Redis: one budget, one token, and
 //! invalidations that reach every replica; and what happens when Redis goes away.
 //!
 //! Each test starts its own `redis-server` on a free loopback port (nothing saved to disk)
@@ -623,7 +623,7 @@ fn redis_backend_config_is_checked() {
     );
 }
 
-/// An upstream 429 seen by one replica pauses all of them (CONTRACT 3.5, shared through
+/// An upstream 429 seen by one replica pauses all of them (shared through
 /// Redis): the others answer 429 with Retry-After and send the upstream nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_on_one_replica_pauses_them_all() {

@@ -1,4 +1,4 @@
-//! The token shared by every replica (`budget.backend = "redis"`, CONTRACT 6).
+//! The token shared by every replica (`budget.backend = "redis"`).
 //!
 //! Role: the current token record lives in Redis (`<prefix>:token`: JSON with a version
 //! number and the token in the token file's own shape). A replica that must refresh takes
