@@ -981,7 +981,7 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
                         tracing::warn!("ignoring an unreadable invalidation message");
                         continue;
                     };
-                    if message.from != redis.inner.id {
+                    if message.from != redis.inner.id && !is_check(&message.what) {
                         apply(message.what).await;
                     }
                 }
@@ -996,6 +996,12 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
         }
         tokio::time::sleep(RESUBSCRIBE_AFTER).await;
     }
+}
+
+/// The empty invalidation [`hear_own`] sends: nothing to apply (applying it would still
+/// count as an invalidation in the cache and keep fills in flight from being stored).
+fn is_check(what: &Invalidation) -> bool {
+    matches!(what, Invalidation::Tags(tags) if tags.is_empty())
 }
 
 /// Publishes an empty invalidation from this replica (a no-op for the others) until it
@@ -1030,7 +1036,9 @@ where
             if message.from == redis.inner.id {
                 return true;
             }
-            apply(message.what).await;
+            if !is_check(&message.what) {
+                apply(message.what).await;
+            }
         }
     }
     false
