@@ -153,6 +153,7 @@ impl Admin {
             "upstream": self.gateway.upstream_status(&budget),
             "budget": budget,
             "cache": self.gateway.cache().stats_json(),
+            "redis": self.gateway.redis_status(),
             "recent_errors": self.gateway.recent_errors(),
         })
     }

@@ -60,6 +60,18 @@ pub enum StartError {
     Replicas(#[from] replicas::SetupError),
 }
 
+impl StartError {
+    /// A setting is wrong (exit code 2, as for an invalid configuration), as opposed to a
+    /// failure while starting (exit code 1).
+    pub fn is_setting(&self) -> bool {
+        match self {
+            StartError::Config(_) => true,
+            StartError::Replicas(e) => e.is_setting(),
+            _ => false,
+        }
+    }
+}
+
 /// A running gateway: its bound addresses and the handle to stop it.
 pub struct Running {
     /// The client listener's bound address.

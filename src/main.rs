@@ -216,6 +216,11 @@ fn finish(result: Result<(), cxgate::StartError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(cxgate::StartError::Config(e)) => invalid(&e),
+        // A wrong Redis URL or CA file is an invalid configuration, as `check` says.
+        Err(e @ cxgate::StartError::Replicas(_)) if e.is_setting() => {
+            eprintln!("cxgate: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("cxgate: {e}");
             ExitCode::from(1)

@@ -70,6 +70,18 @@ pub fn preflight(cfg: &Config) -> (Vec<String>, Vec<String>) {
             problems.push(format!("upstream.ca_file: {e}"));
         }
     }
+    if let (crate::config::Backend::Redis, Some(url_env)) =
+        (cfg.budget.backend, &cfg.budget.redis_url_env)
+    {
+        let options = crate::replicas::Options {
+            ca_file: cfg.budget.redis_ca_file.clone(),
+            cluster: cfg.budget.redis_cluster,
+        };
+        let url = std::env::var(url_env).ok();
+        if let Err(e) = crate::replicas::check_settings(url_env, url.as_deref(), &options) {
+            problems.push(format!("budget: {e}"));
+        }
+    }
     if let Some(path) = &cfg.token.file {
         match crate::token::inspect_file(path) {
             Ok(Some(warning)) => warnings.push(format!("token.file: {warning}")),

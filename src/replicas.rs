@@ -1,12 +1,13 @@
-//! Several replicas behind one load balancer (CONTRACT 6): the Redis connection they share,
+//! Several replicas behind one load balancer: the Redis connection they share,
 //! its health, and the channel that carries cache invalidations from one replica to all.
 //!
 //! Role: [`Redis`] is the one handle the budget, the token and the cache wiring use to reach
 //! Redis. Every call is bounded by [`CALL_TIMEOUT`]; any failure marks Redis *down* at once,
 //! and while it is down no call is even attempted (callers get [`Unavailable::Down`] at no
 //! cost and use their local fallback), so losing Redis never adds a timeout to every request.
-//! A background probe (a short-lived write, so a read-only replica left behind by a failover
-//! counts as down) marks it *up* again by itself. `cxgate_redis_up` shows the state;
+//! A background probe (a script's short-lived write and publication, so a read-only replica
+//! left behind by a failover, or a user refused scripts or channels, counts as down) marks
+//! it *up* again by itself. `cxgate_redis_up` shows the state;
 //! transitions are logged once each, not per request.
 //!
 //! Reaching Redis: `redis://` or `rediss://` (rustls, the system's roots plus
@@ -21,6 +22,11 @@
 //! lost and comes back the replica drops its whole cache: it cannot know what it missed, and
 //! a few extra upstream calls (paced by the budget) are better than serving deleted data.
 //! Publications that fail while Redis is down are kept (bounded) and sent when it returns.
+//! A subscription counts only once the replica's own message came back on it; until then
+//! `cxgate_redis_up` is 0, as while Redis is down.
+//!
+//! Errors: what Redis sends is shown by its category and code only ([`shown_error`]),
+//! since it may quote the arguments of the refused command.
 //!
 //! This module imports nothing of the gateway: the cache is reached through the callback
 //! given to [`Redis::spawn_subscriber`], so `budget`, `token` and `cache` stay independent.
@@ -37,6 +43,21 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
+
+/// The health probe: a script (what every admission runs) that writes the probe key
+/// (KEYS[1], for ARGV[1] ms) and publishes to `{<prefix>}:probe` (ARGV[2], which no
+/// replica listens on) -- the rights the budget, the token and the invalidations need.
+/// A user refused any of them makes the probe fail, so Redis stays marked down instead of
+/// flapping between up (a plain SET works) and down (the next script or publication fails).
+static PROBE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+redis.call('PUBLISH', ARGV[2], '')
+return 1
+",
+    )
+});
 
 /// Bound on one Redis round trip. Redis answers in well under a millisecond on a healthy
 /// network; anything slower than this is treated as an outage rather than queued behind.
@@ -77,8 +98,65 @@ pub enum Unavailable {
     Down,
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("Redis: {0}")]
+    /// Shown by [`shown_error`] only: the text Redis (or a proxy in front of it) sends may
+    /// quote the command's arguments, which can hold the token record.
+    #[error("Redis: {}", shown_error(.0))]
     Command(#[source] redis::RedisError),
+}
+
+/// What may be shown of a Redis error (logs, `/admin/status`): its category and, for an
+/// error Redis sent, its code (`NOPERM`, `READONLY`, ...) from a fixed list, never the
+/// text after it. A server or a proxy can quote the command it refuses ("unknown command
+/// 'EVALSHA', with args beginning with: ..."), and a command's arguments can be the token
+/// record; a code that is not on the list is not shown either, since it too is the server's
+/// text. Errors made on this side (a refused connection, a TLS failure) are shown whole:
+/// they hold no argument.
+pub fn shown_error(err: &redis::RedisError) -> String {
+    use redis::ErrorKind;
+    const CODES: &[&str] = &[
+        "ERR",
+        "EXECABORT",
+        "LOADING",
+        "NOSCRIPT",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "CROSSSLOT",
+        "MASTERDOWN",
+        "READONLY",
+        "NOTBUSY",
+        "NOSUB",
+        "NOPERM",
+        "WRONGPASS",
+        "NOAUTH",
+        "OOM",
+        "BUSY",
+        "MISCONF",
+        "WRONGTYPE",
+        "NOREPLICAS",
+        "NOPROTO",
+    ];
+    match err.kind() {
+        ErrorKind::Io | ErrorKind::ClusterConnectionNotFound => err.to_string(),
+        kind => {
+            let code = err.code().filter(|c| CODES.contains(c));
+            let from_server = matches!(
+                kind,
+                ErrorKind::Server(_) | ErrorKind::Extension | ErrorKind::AuthenticationFailed
+            );
+            let category = match (kind, err.category()) {
+                (ErrorKind::Server(redis::ServerErrorKind::NoPerm), _) => "no permission",
+                (_, "") => "error",
+                (_, category) => category,
+            };
+            match code {
+                Some(code) => format!("{category} ({code})"),
+                None if from_server => format!("{category} (code not shown)"),
+                None => category.to_string(),
+            }
+        }
+    }
 }
 
 /// Why the Redis handle could not be built (a bad URL; an unreachable server is not an error).
@@ -102,6 +180,11 @@ pub enum SetupError {
     )]
     CaWithoutTls(String),
     #[error(
+        "${env} holds a URL starting {found:?}; accepted: redis:// (plain TCP) or rediss:// \
+         (TLS), e.g. redis://10.0.0.5:6379/0"
+    )]
+    Scheme { env: String, found: String },
+    #[error(
         "${0} holds several URLs (comma-separated), which only budget.redis_cluster = true \
          accepts"
     )]
@@ -119,10 +202,52 @@ impl SetupError {
                 source,
             },
             SetupError::CaWithoutTls(_) => SetupError::CaWithoutTls(url_env.to_string()),
+            SetupError::Scheme { found, .. } => SetupError::Scheme {
+                env: url_env.to_string(),
+                found,
+            },
             other => other,
         }
     }
+
+    /// A setting is wrong (the URL, the CA file), as opposed to a failure while starting:
+    /// `cxgate run` exits as for an invalid configuration.
+    pub fn is_setting(&self) -> bool {
+        !matches!(
+            self,
+            SetupError::Connection(_) | SetupError::Metrics(_) | SetupError::MissingEnv(_)
+        )
+    }
 }
+
+/// What `cxgate check` can tell of the Redis settings without connecting: the CA file,
+/// and the URL when `url` (the variable's value here) is given. The same checks as start.
+pub fn check_settings(
+    url_env: &str,
+    url: Option<&str>,
+    options: &Options,
+) -> Result<(), SetupError> {
+    options.certificates()?;
+    let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+        return Ok(());
+    };
+    let clients = options.clients(url).map_err(|e| e.in_env(url_env))?;
+    if !options.cluster && clients.len() != 1 {
+        return Err(SetupError::SeveralUrls(url_env.to_string()));
+    }
+    Ok(())
+}
+
+/// What `/admin/status` shows of the shared Redis.
+struct Health {
+    since: std::time::SystemTime,
+    last_error: Option<String>,
+    channel_error: Option<String>,
+}
+
+/// Every operation [`Redis::run`] and the probe count errors under, so each
+/// `cxgate_redis_errors_total` series is there (at 0) from the first scrape.
+const OPS: &[&str] = &["budget", "ping", "publish", "token"];
 
 /// Applies one invalidation received from another replica.
 pub type Apply =
@@ -142,6 +267,10 @@ struct Inner {
     /// Unique per process start: tells our own messages and locks from other replicas'.
     id: String,
     up: AtomicBool,
+    /// The invalidation channel is subscribed and carries messages (see [`subscribe`]).
+    listening: AtomicBool,
+    /// Since when Redis is up or down, and why it last failed (shown by [`Redis::status`]).
+    health: Mutex<Health>,
     gauge: IntGauge,
     errors: IntCounterVec,
     pending: Mutex<Vec<Invalidation>>,
@@ -174,6 +303,17 @@ impl Options {
         let certs = self.certificates()?;
         let mut clients = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            if !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                // Only the scheme is shown: the rest may hold a password.
+                let found = match url.split_once("://") {
+                    Some((scheme, _)) => format!("{scheme}://"),
+                    None => "(no scheme)".to_string(),
+                };
+                return Err(SetupError::Scheme {
+                    env: String::new(),
+                    found,
+                });
+            }
             let tls = url.starts_with("rediss://");
             let client = match &certs {
                 Some(certs) if tls => redis::Client::build_with_tls(url, certs.clone()),
@@ -456,6 +596,9 @@ impl Redis {
         )?;
         registry.register(Box::new(gauge.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        for op in OPS {
+            errors.with_label_values(&[op]);
+        }
         let redis = Redis {
             inner: Arc::new(Inner {
                 link,
@@ -469,6 +612,12 @@ impl Redis {
                 // Assumed up until the first call says otherwise, so the start-up probe
                 // below is an ordinary call.
                 up: AtomicBool::new(true),
+                listening: AtomicBool::new(true),
+                health: Mutex::new(Health {
+                    since: std::time::SystemTime::now(),
+                    last_error: None,
+                    channel_error: None,
+                }),
                 gauge,
                 errors,
                 pending: Mutex::new(Vec::new()),
@@ -518,6 +667,26 @@ impl Redis {
         self.inner.errors.with_label_values(&[op]).inc();
         self.inner.set_up(false, Some(&result));
         Err(result)
+    }
+
+    /// What `/admin/status` shows: reachable or not and since when, whether the
+    /// invalidation channel works, and the last error as [`shown_error`] shows it. The
+    /// address is not included: the masked form is in the start-up log line.
+    pub fn status(&self) -> serde_json::Value {
+        let health = self
+            .inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        serde_json::json!({
+            "backend": "redis",
+            "cluster": matches!(self.inner.link, Link::Cluster { .. }),
+            "reachable": self.is_up(),
+            "since": humantime::format_rfc3339_seconds(health.since).to_string(),
+            "invalidations_heard": self.inner.listening.load(Ordering::Acquire),
+            "channel_error": health.channel_error,
+            "last_error": health.last_error,
+        })
     }
 
     /// The Redis address as it may be shown: user name and password masked.
@@ -612,13 +781,14 @@ impl Redis {
     /// Listens on the invalidation channel and hands every other replica's message to
     /// `apply`. Reconnects by itself; after a lost subscription it applies
     /// [`Invalidation::All`] (see the module docs). Returns once the first subscription is
-    /// made or has failed (at most about a second): a replica that serves before it listens
-    /// would miss what the others publish meanwhile, and nothing would tell it so.
+    /// made and heard, or has failed (at most about two seconds): a replica that serves
+    /// before it listens would miss what the others publish meanwhile, and nothing would
+    /// tell it so.
     pub async fn spawn_subscriber(&self, apply: Apply) {
         let (ready, listening) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(subscribe(self.clone(), apply, ready));
         self.remember(task);
-        let _ = tokio::time::timeout(Duration::from_secs(2), listening).await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), listening).await;
     }
 
     fn remember(&self, task: JoinHandle<()>) {
@@ -645,7 +815,9 @@ impl Redis {
 
 impl Inner {
     /// A short-lived write of this replica's probe key, after making the cluster connection
-    /// if there is none yet. A write, not a PING: a server that a failover demoted to a
+    /// if there is none yet, made by a script that also publishes (see [`PROBE`]): what a
+    /// replica needs, so a user that may SET but not run scripts or publish is not "back"
+    /// after every probe only to fail the next admission. A write, not a PING: a server that a failover demoted to a
     /// replica still answers PING but refuses writes (READONLY), and marking it up would
     /// flip this replica between the shared and the local budget on every request. On a
     /// cluster the key's slot also picks the node that matters: the one holding this
@@ -666,12 +838,9 @@ impl Inner {
                 }
             }
         };
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(hash_tagged(&self.prefix, &format!("probe:{}", self.id)))
-            .arg(1)
-            .arg("PX")
-            .arg(10_000);
-        let answer = cmd.query_async::<redis::Value>(&mut conn);
+        let mut call = PROBE.key(hash_tagged(&self.prefix, &format!("probe:{}", self.id)));
+        call.arg(10_000).arg(hash_tagged(&self.prefix, "probe"));
+        let answer = call.invoke_async::<redis::Value>(&mut conn);
         match tokio::time::timeout(CALL_TIMEOUT, answer).await {
             Ok(answer) => answer.map(|_| ()).map_err(failed),
             Err(_) => Err(Unavailable::Timeout(CALL_TIMEOUT)),
@@ -680,7 +849,16 @@ impl Inner {
 
     fn set_up(&self, up: bool, why: Option<&Unavailable>) {
         let was = self.up.swap(up, Ordering::AcqRel);
-        self.gauge.set(i64::from(up));
+        self.show();
+        {
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            if was != up {
+                health.since = std::time::SystemTime::now();
+            }
+            if let Some(why) = why {
+                health.last_error = Some(why.to_string());
+            }
+        }
         match (was, up) {
             (true, false) => tracing::warn!(
                 error = why.map(|e| e.to_string()),
@@ -692,6 +870,32 @@ impl Inner {
             ),
             _ => {}
         }
+    }
+}
+
+impl Inner {
+    /// `cxgate_redis_up`: 1 only while calls succeed *and* the invalidation channel carries
+    /// messages; a replica that cannot hear the others' invalidations is not fully on Redis.
+    fn show(&self) {
+        let up = self.up.load(Ordering::Acquire) && self.listening.load(Ordering::Acquire);
+        self.gauge.set(i64::from(up));
+    }
+
+    /// Records whether the invalidation channel works; says so once per change.
+    fn set_listening(&self, listening: bool, why: Option<String>) {
+        let was = self.listening.swap(listening, Ordering::AcqRel);
+        self.show();
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        if was && !listening {
+            tracing::warn!(
+                error = why.as_deref(),
+                "invalidation channel unusable: this replica cannot hear the others' purges; \
+                 its cache is dropped when the channel works again (cxgate_redis_up 0 meanwhile)"
+            );
+        } else if !was && listening {
+            tracing::info!("invalidation channel works again");
+        }
+        health.channel_error = if listening { None } else { why };
     }
 }
 
@@ -724,7 +928,12 @@ async fn probe(inner: std::sync::Weak<Inner>) {
     }
 }
 
-/// The subscriber loop (see [`Redis::spawn_subscriber`]).
+/// The subscriber loop (see [`Redis::spawn_subscriber`]). A subscription counts only once
+/// this replica's own message came back on it ([`hear_own`]): a SUBSCRIBE that a user
+/// without rights on the channel is refused does not always show as an error, and a replica
+/// that believed it listens would serve what the others invalidated. Until it hears, the
+/// replica is on its own as when Redis is gone: `cxgate_redis_up` 0, one warning, and its
+/// cache dropped once the channel works.
 async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     let channel = redis.key("invalidate");
@@ -737,14 +946,26 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
         let connected = tokio::time::timeout(Duration::from_secs(1), async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
         })
         .await;
+        let heard = match connected {
+            Ok(Ok(mut messages)) => match hear_own(&redis, &channel, &mut messages, &apply).await {
+                true => Ok(messages),
+                false => Err(
+                    "subscribed, but this replica's own message did not come back \
+                              (does the Redis user lack rights on the channel?)"
+                        .to_string(),
+                ),
+            },
+            Ok(Err(err)) => Err(shown_error(&err)),
+            Err(_) => Err("no subscription within 1s".to_string()),
+        };
         if let Some(ready) = ready.take() {
             let _ = ready.send(());
         }
-        match connected {
-            Ok(Ok(pubsub)) => {
+        match heard {
+            Ok(mut messages) => {
                 if !first {
                     tracing::info!(
                         "invalidation channel back: dropping this replica's cache, since \
@@ -753,23 +974,74 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
                     apply(Invalidation::All).await;
                 }
                 first = false;
-                let mut messages = pubsub.into_on_message();
+                redis.inner.set_listening(true, None);
                 while let Some(msg) = next(&mut messages).await {
                     let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes())
                     else {
                         tracing::warn!("ignoring an unreadable invalidation message");
                         continue;
                     };
-                    if message.from != redis.inner.id {
+                    if message.from != redis.inner.id && !is_check(&message.what) {
                         apply(message.what).await;
                     }
                 }
-                tracing::warn!("invalidation channel lost; resubscribing");
+                redis
+                    .inner
+                    .set_listening(false, Some("subscription lost; resubscribing".to_string()));
             }
-            _ => first = false,
+            Err(why) => {
+                first = false;
+                redis.inner.set_listening(false, Some(why));
+            }
         }
         tokio::time::sleep(RESUBSCRIBE_AFTER).await;
     }
+}
+
+/// The empty invalidation [`hear_own`] sends: nothing to apply (applying it would still
+/// count as an invalidation in the cache and keep fills in flight from being stored).
+fn is_check(what: &Invalidation) -> bool {
+    matches!(what, Invalidation::Tags(tags) if tags.is_empty())
+}
+
+/// Publishes an empty invalidation from this replica (a no-op for the others) until it
+/// comes back on `messages`, for at most a second; applies the others' messages meanwhile.
+async fn hear_own<S>(redis: &Redis, channel: &str, messages: &mut S, apply: &Apply) -> bool
+where
+    S: futures_core::Stream<Item = redis::Msg> + Unpin,
+{
+    let own = Message {
+        from: redis.inner.id.clone(),
+        what: Invalidation::Tags(Vec::new()),
+    };
+    let Ok(text) = serde_json::to_string(&own) else {
+        return false;
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        if let Some(mut conn) = redis.inner.link.conn() {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(channel).arg(&text);
+            let sent = cmd.query_async::<i64>(&mut conn);
+            let _ = tokio::time::timeout(CALL_TIMEOUT, sent).await;
+        }
+        let window = tokio::time::Instant::now() + Duration::from_millis(250);
+        while let Ok(msg) = tokio::time::timeout_at(window, next(messages)).await {
+            let Some(msg) = msg else {
+                return false;
+            };
+            let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes()) else {
+                continue;
+            };
+            if message.from == redis.inner.id {
+                return true;
+            }
+            if !is_check(&message.what) {
+                apply(message.what).await;
+            }
+        }
+    }
+    false
 }
 
 /// The next item of a stream, without pulling in a stream-combinator crate.
@@ -859,5 +1131,218 @@ mod tests {
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fake Redis on a free loopback port: answers each command with `answer(words)`
+    /// (raw RESP). Stops when the test's runtime ends.
+    async fn fake_redis(answer: fn(&[String]) -> String) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    // Commands arrive as RESP arrays of bulk strings: "*n", then "$len", word.
+                    while let Ok(Some(head)) = lines.next_line().await {
+                        let n: usize = head.trim_start_matches('*').parse().unwrap_or(0);
+                        let mut words = Vec::new();
+                        for _ in 0..n {
+                            let _len = lines.next_line().await;
+                            match lines.next_line().await {
+                                Ok(Some(word)) => words.push(word),
+                                _ => return,
+                            }
+                        }
+                        if write.write_all(answer(&words).as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// The first command word, upper-cased.
+    fn verb(words: &[String]) -> String {
+        words
+            .first()
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default()
+    }
+
+    /// A Redis (or proxy) that may SET and PUBLISH but refuses scripts, quoting their
+    /// arguments in the error as Redis does for an unknown command.
+    fn refuses_scripts_quoting_args(words: &[String]) -> String {
+        match verb(words).as_str() {
+            "SET" | "CLIENT" | "SELECT" => "+OK\r\n".to_string(),
+            "PUBLISH" => ":0\r\n".to_string(),
+            _ => {
+                let args: Vec<String> = words[1..].iter().map(|w| format!("'{w}'")).collect();
+                format!(
+                    "-ERR unknown command '{}', with args beginning with: {}\r\n",
+                    words.first().map_or("", String::as_str),
+                    args.join(" ")
+                )
+            }
+        }
+    }
+
+    /// A Redis that runs every script and command it is sent (answers as if it did).
+    fn answers_everything(words: &[String]) -> String {
+        match verb(words).as_str() {
+            "EVALSHA" | "EVAL" | "PUBLISH" => ":1\r\n".to_string(),
+            "SCRIPT" => "$40\r\n0000000000000000000000000000000000000000\r\n".to_string(),
+            _ => "+OK\r\n".to_string(),
+        }
+    }
+
+    async fn connect_to(port: u16, registry: &Registry) -> Redis {
+        let env = format!("CXGATE_UNIT_REDIS_{port}");
+        std::env::set_var(&env, format!("redis://127.0.0.1:{port}/"));
+        Redis::connect(&env, &format!("u{port}"), registry)
+            .await
+            .expect("a valid URL")
+    }
+
+    fn gauge(registry: &Registry) -> Option<f64> {
+        registry
+            .gather()
+            .iter()
+            .find(|f| f.name() == "cxgate_redis_up")
+            .map(|f| f.get_metric()[0].get_gauge().get_value())
+    }
+
+    /// An error Redis sends can quote the command's arguments (a token record): neither the
+    /// warning, nor `/admin/status`, nor any error text shows them; the code is kept.
+    #[tokio::test]
+    async fn redis_error_text_never_shows_the_arguments_it_quotes() {
+        let port = fake_redis(refuses_scripts_quoting_args).await;
+        let registry = Registry::new();
+        let redis = connect_to(port, &registry).await;
+        let secret = "access-8f2c1d-SECRET";
+        // Sent even though the probe marked Redis down: the refusal must quote the secret.
+        redis.inner.up.store(true, Ordering::Release);
+        let err = redis
+            .run("token", |mut c| async move {
+                redis::cmd("EVALSHA")
+                    .arg("abc")
+                    .arg(1)
+                    .arg(format!("{{\"access_token\":\"{secret}\"}}"))
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .err();
+        // The probe's own refusal (its script call) is what the status shows.
+        let status = redis.status();
+        let last = status["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            last.contains("ERR") && !last.contains("EVALSHA") && !last.contains("with args"),
+            "expected the last error as its code only, saw {last:?}"
+        );
+        let shown = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            shown.contains("(ERR)") && !shown.contains(secret) && !shown.contains("with args"),
+            "expected the refusal shown by its code, no quoted argument, saw {shown:?}"
+        );
+        let last = redis.status()["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            !last.contains(secret),
+            "expected no secret in the status, saw {last:?}"
+        );
+        let direct = Unavailable::Command(redis::RedisError::from((
+            redis::ErrorKind::Extension,
+            "x",
+            format!("WHATEVER echoing {secret}"),
+        )))
+        .to_string();
+        assert!(
+            !direct.contains(secret) && !direct.contains("WHATEVER"),
+            "expected an unknown code and its text hidden, saw {direct:?}"
+        );
+        redis.stop();
+    }
+
+    /// A user that may SET but not run scripts: the probe runs a script as admissions do,
+    /// so Redis stays down (gauge 0) rather than "coming back" on every probe.
+    #[tokio::test]
+    async fn a_redis_that_refuses_scripts_is_down_not_flapping() {
+        let port = fake_redis(refuses_scripts_quoting_args).await;
+        let registry = Registry::new();
+        let redis = connect_to(port, &registry).await;
+        for _ in 0..6 {
+            assert!(
+                !redis.is_up() && gauge(&registry) == Some(0.0),
+                "expected Redis down and cxgate_redis_up 0 while scripts are refused, saw \
+                 up={} gauge={:?}",
+                redis.is_up(),
+                gauge(&registry)
+            );
+            tokio::time::sleep(PROBE_WHILE_DOWN).await;
+        }
+        redis.stop();
+    }
+
+    /// Every `cxgate_redis_errors_total` series is there from the first scrape, at 0, on a
+    /// Redis that answers everything (so no error has created one).
+    #[tokio::test]
+    async fn redis_error_series_are_on_the_first_scrape() {
+        let port = fake_redis(answers_everything).await;
+        let registry = Registry::new();
+        let redis = connect_to(port, &registry).await;
+        assert!(redis.is_up(), "expected the fake Redis to count as up");
+        let families = registry.gather();
+        let errors = families
+            .iter()
+            .find(|f| f.name() == "cxgate_redis_errors_total")
+            .expect("expected cxgate_redis_errors_total on the first scrape");
+        let ops: Vec<String> = errors
+            .get_metric()
+            .iter()
+            .filter(|m| m.get_counter().get_value() == 0.0)
+            .flat_map(|m| m.get_label().iter().map(|l| l.value().to_string()))
+            .collect();
+        for op in OPS {
+            assert!(
+                ops.iter().any(|o| o == op),
+                "expected op={op} at 0, saw {ops:?}"
+            );
+        }
+        redis.stop();
+    }
+
+    #[test]
+    fn a_url_of_another_scheme_is_named_with_what_is_accepted() {
+        let err = check_settings("U", Some("http://user:pw@host:6379/"), &Options::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("\"http://\"")
+                && err.contains("redis://")
+                && err.contains("rediss://")
+                && !err.contains("pw")
+                && !err.contains("holds a plain"),
+            "expected the scheme found and the accepted ones, saw {err:?}"
+        );
+        let missing = Options {
+            ca_file: Some("/nonexistent/cxgate-ca.pem".into()),
+            cluster: false,
+        };
+        assert!(
+            check_settings("U", None, &missing).is_err(),
+            "expected a missing CA file refused without a URL"
+        );
     }
 }

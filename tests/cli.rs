@@ -492,3 +492,60 @@ fn check_refuses_every_token_file_run_refuses() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Redis setting `run` refuses is refused by `check` too (a CA file that does not
+/// exist), and `run` exits 2 on a wrong Redis URL as on any invalid configuration, saying
+/// what it found and what it accepts.
+#[test]
+fn redis_settings_run_refuses_are_refused_by_check_and_exit_2() {
+    let dir = common::temp_dir("cli");
+    let base = "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                [upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
+                [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n\
+                [budget]\nbackend = \"redis\"\nredis_url_env = \"CXGATE_TEST_CLI_REDIS\"\n";
+    let missing_ca = format!(
+        "{base}redis_ca_file = \"{}\"\n",
+        dir.join("no-such-ca.pem").display()
+    );
+    let (code, lines) = check_text(&missing_ca);
+    assert!(
+        code == Some(2) && lines.iter().any(|l| l.contains("budget.redis_ca_file")),
+        "expected check to exit 2 naming budget.redis_ca_file, saw {code:?} {lines:?}"
+    );
+
+    let path = dir.join("http.toml");
+    std::fs::write(&path, base).expect("write config");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config", path.to_str().expect("utf-8")])
+        .env("CXGATE_TEST_TOKEN", "some-static-token")
+        .env("CXGATE_TEST_CLI_REDIS", "http://user:pw@127.0.0.1:6379/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("expected cxgate run to refuse an http:// Redis URL, it kept running");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().expect("output");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2, saw {}; stderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("\"http://\"")
+            && stderr.contains("rediss://")
+            && !stderr.contains("pw@")
+            && !stderr.contains("holds a plain"),
+        "expected the scheme found and the accepted ones named, no password, saw:\n{stderr}"
+    );
+}

@@ -185,3 +185,35 @@ async fn anonymous_mode_primes_the_anonymous_client() {
     );
     env.stop().await;
 }
+
+/// With the Redis backend, the Redis metrics are on the first scrape too: the gauge, and
+/// the error counter of every operation at 0 (no error has created a series yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_metrics_are_on_the_first_scrape() {
+    let Some(redis) = common::redis_server::RedisServer::start_or_skip("the first-scrape test")
+    else {
+        return;
+    };
+    let url_env = format!("CXGATE_TEST_FIRST_SCRAPE_REDIS_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    let budget = format!(
+        "[budget]\nlimit = 1000\nperiod = \"1s\"\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\n\
+         key_prefix = \"fs{:08x}\"\n{}",
+        fastrand::u32(..),
+        common::ROUTES
+    );
+    let clients = common::client_toml("crm", common::KEY, "scopes = [\"read\"]");
+    let env = common::start_with(SimOptions::default(), &clients, &budget).await;
+    let scrape = env.metrics().await;
+    for name in ["cxgate_redis_up", "cxgate_redis_errors_total"] {
+        assert!(
+            scrape.contains(&format!("# TYPE {name} ")),
+            "expected {name} on the first scrape with the redis backend; it is absent"
+        );
+    }
+    for op in ["budget", "token", "publish", "ping"] {
+        expect_zero(&scrape, "cxgate_redis_errors_total", &[("op", op)]);
+    }
+    env.stop().await;
+    drop(redis);
+}

@@ -1,4 +1,4 @@
-//! Several gateway replicas sharing one Redis (CONTRACT 6): one budget, one token, and
+//! Several gateway replicas sharing one Redis: one budget, one token, and
 //! invalidations that reach every replica; and what happens when Redis goes away.
 //!
 //! Each test starts its own `redis-server` on a free loopback port (nothing saved to disk)
@@ -41,7 +41,7 @@ async fn conn(redis: &RedisServer) -> cxgate::replicas::Conn {
 fn options(redis: &RedisServer) -> cxgate::replicas::Options {
     cxgate::replicas::Options {
         ca_file: redis.ca_file(),
-        cluster: redis.kind() == Kind::Cluster,
+        cluster: redis.kind().is_cluster(),
     }
 }
 
@@ -91,7 +91,7 @@ async fn cluster_with(
     let base = sim.base_url();
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
     let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
-    let mut redis_options = format!("redis_cluster = {}\n", kind == Kind::Cluster);
+    let mut redis_options = format!("redis_cluster = {}\n", kind.is_cluster());
     if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
         redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
     }
@@ -631,7 +631,7 @@ fn redis_backend_config_is_checked() {
     );
 }
 
-/// An upstream 429 seen by one replica pauses all of them (CONTRACT 3.5, shared through
+/// An upstream 429 seen by one replica pauses all of them (shared through
 /// Redis): the others answer 429 with Retry-After and send the upstream nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_429_on_one_replica_pauses_them_all() {
@@ -868,7 +868,7 @@ async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
         up.iter().all(|v| *v == Some(0.0)),
         "expected cxgate_redis_up 0 with an unverifiable certificate, saw {up:?}"
     );
-    let errors = futures_all(&c, "cxgate_redis_errors_total").await;
+    let errors = futures_all(&c, "cxgate_redis_errors_total{op=\"ping\"}").await;
     assert!(
         errors.iter().all(|v| v.unwrap_or(0.0) >= 1.0),
         "expected the failed connections counted, saw {errors:?}"
@@ -935,6 +935,52 @@ async fn several_redis_urls_need_cluster_mode() {
         err.contains("$CXGATE_TEST_SEVERAL_URLS") && err.contains("budget.redis_cluster"),
         "expected the several URLs refused naming the variable and budget.redis_cluster, saw {err:?}"
     );
+}
+
+/// The README's ACL line is enough for a cluster: replicas reaching a Redis Cluster as a
+/// user with exactly those rights (the cluster client also asks for the slot map) count
+/// Redis up, no node logs a refused command or key or channel, and the token and
+/// invalidation suites pass. (The budget suite's figures are timing figures; its script is
+/// run by every admission here too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_acl_rights_suffice_on_a_redis_cluster() {
+    {
+        let _one = SERIAL.lock().await;
+        let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+        let Some(c) = cluster_on(Kind::ClusterAcl, 2, SimOptions::default(), budget).await else {
+            return;
+        };
+        for r in 0..2 {
+            assert_eq!(c.get(r, "/me").await.status, StatusCode::OK);
+        }
+        let purged = c
+            .admin(0, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
+            .await;
+        assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+        for r in 0..2 {
+            let up = metric_becomes(&c, r, "cxgate_redis_up", 1.0, Duration::from_secs(5)).await;
+            assert_eq!(
+                up,
+                Some(1.0),
+                "replica {r}: expected Redis up as the ACL user"
+            );
+        }
+        let status = eventually_miss(&c, 1, "/me").await;
+        assert!(
+            !status.contains("hit"),
+            "expected the purge heard, saw {status:?}"
+        );
+        for port in c.redis.ports() {
+            let log = c.redis.acl_log(port);
+            assert!(
+                log.trim().is_empty(),
+                "expected no refusal in node {port}'s ACL LOG, saw:\n{log}"
+            );
+        }
+        c.stop().await;
+    }
+    shared_token_suite(Kind::ClusterAcl).await;
+    invalidation_suite(Kind::ClusterAcl).await;
 }
 
 /// A real failover: the primary holding the deployment's slot is killed and its replica is
@@ -1387,6 +1433,171 @@ async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
                 "replica {i}: expected it to keep serving on its own token after a record {what}"
             );
         }
+    }
+    c.stop().await;
+}
+
+/// One replica's `/metrics` value of `name` once it equals `want`, polled for at most
+/// `limit`; the last value seen otherwise.
+async fn metric_becomes(
+    c: &Cluster,
+    replica: usize,
+    name: &str,
+    want: f64,
+    limit: Duration,
+) -> Option<f64> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = c.metric(replica, name).await;
+        if seen == Some(want) || Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Redis user without rights on the invalidation channel: no replica counts Redis as
+/// up (the probe publishes as the invalidations do, and a subscription counts only once
+/// it carries the replica's own message), the gauge stays down rather than flapping,
+/// `/admin/status` says why, and once the rights are back every replica drops the cache
+/// it kept while it could not hear the others' purges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_user_without_channel_rights_is_not_counted_as_listening() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    for r in 0..2 {
+        assert_eq!(c.get(r, "/me").await.status, StatusCode::OK);
+        let again = c.get(r, "/me").await;
+        assert!(
+            again.header("cache-status").contains("hit"),
+            "expected replica {r} to hold /me"
+        );
+    }
+    let acl = |rule: &'static str| {
+        let redis = &c.redis;
+        async move {
+            let mut conn = conn(redis).await;
+            let () = redis::cmd("ACL")
+                .arg("SETUSER")
+                .arg("default")
+                .arg(rule)
+                .query_async(&mut conn)
+                .await
+                .expect("ACL SETUSER");
+        }
+    };
+    acl("resetchannels").await;
+    for r in 0..2 {
+        let up = metric_becomes(&c, r, "cxgate_redis_up", 0.0, Duration::from_secs(5)).await;
+        assert_eq!(
+            up,
+            Some(0.0),
+            "replica {r}: expected cxgate_redis_up 0 without channel rights"
+        );
+    }
+    // Down and staying down: no flapping between the probe and the refused publication.
+    let purged = c
+        .admin(0, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    for _ in 0..8 {
+        for r in 0..2 {
+            assert_eq!(
+                c.metric(r, "cxgate_redis_up").await,
+                Some(0.0),
+                "replica {r}: expected cxgate_redis_up to stay 0 while channel rights are missing"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let status = c.admin(1, Method::GET, "/admin/status", "").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).expect("status JSON");
+    let redis = &status["redis"];
+    assert!(
+        redis["backend"] == "redis"
+            && redis["reachable"] == false
+            && redis["invalidations_heard"] == false
+            && redis["last_error"].as_str().is_some_and(|e| !e.is_empty())
+            && redis["channel_error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty())
+            && redis["since"].is_string(),
+        "expected /admin/status to show Redis unreachable since a time, the channel unheard, \
+         and why, saw {redis}"
+    );
+    acl("allchannels").await;
+    for r in 0..2 {
+        let up = metric_becomes(&c, r, "cxgate_redis_up", 1.0, Duration::from_secs(5)).await;
+        assert_eq!(
+            up,
+            Some(1.0),
+            "replica {r}: expected cxgate_redis_up 1 once channel rights are back"
+        );
+    }
+    let status = eventually_miss(&c, 1, "/me").await;
+    assert!(
+        !status.contains("hit"),
+        "expected replica 1 to drop the /me it kept while it could not hear the purge, saw \
+         {status:?}"
+    );
+    c.stop().await;
+}
+
+/// After Redis restarts empty, versions start again. A replica whose own token the
+/// upstream refuses adopts the record another replica (or an operator) writes, whatever
+/// its version, rather than answering 503 until the version passes the one it saw last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_a_dead_token_adopts_a_record_of_a_lower_version() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(mut c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // Both replicas adopt a token the upstream does not know, at a high version.
+    set_record(
+        &c,
+        10,
+        serde_json::json!({"access_token": "stale-access", "refresh_token": "stale-refresh",
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some("stale-access"),
+            "replica {i}: expected the version-10 record adopted"
+        );
+    }
+    // Redis restarts empty; the working token comes back as version 2.
+    c.redis.stop();
+    c.redis.restart();
+    let mut good = token_file(&c, 0);
+    good["access_token"] = ACCESS.into();
+    good["refresh_token"] = REFRESH.into();
+    good["expires_at"] = "2099-01-01T00:00:00Z".into();
+    set_record(&c, 2, good).await;
+    for r in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = c.get(r, "/me").await;
+        while last.status != StatusCode::OK && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            last = c.get(r, "/me").await;
+        }
+        assert_eq!(
+            last.status,
+            StatusCode::OK,
+            "replica {r}: expected the version-2 record adopted once its own token was \
+             refused, saw {last:?}"
+        );
+        assert_eq!(
+            token_file(&c, r)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {r}: expected the working token in its file"
+        );
     }
     c.stop().await;
 }

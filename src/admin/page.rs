@@ -187,6 +187,7 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         _ => ("ok", "none".to_string()),
     };
     let errors = status["recent_errors"].as_array().map_or(0, Vec::len);
+    let redis = shared_redis(&status["redis"]);
     let cards = [
         (
             "Requests/s",
@@ -218,6 +219,7 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         ),
         ("Token expires", expires, refresh.1, refresh.0),
         ("Upstream pause", pause.1.clone(), String::new(), pause.0),
+        ("Shared Redis", redis.1, redis.2, redis.0),
         (
             "Recent errors",
             errors.to_string(),
@@ -237,6 +239,34 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         );
     }
     out.push_str("</div>");
+}
+
+/// The shared Redis card: class, state, and since when / why.
+fn shared_redis(redis: &Value) -> (&'static str, String, String) {
+    if redis["backend"] != "redis" {
+        return (
+            "",
+            "not used".to_string(),
+            "local budget (one replica)".to_string(),
+        );
+    }
+    let since = format!("since {}", text(&redis["since"]));
+    match (
+        redis["reachable"].as_bool(),
+        redis["invalidations_heard"].as_bool(),
+    ) {
+        (Some(true), Some(true)) => ("ok", "reachable".to_string(), since),
+        (Some(true), _) => (
+            "bad",
+            "invalidations not heard".to_string(),
+            text(&redis["channel_error"]),
+        ),
+        _ => (
+            "bad",
+            "unreachable: local fallback".to_string(),
+            format!("{since}; last error: {}", text(&redis["last_error"])),
+        ),
+    }
 }
 
 /// One row per client: its share of the budget and how much of it is in use.

@@ -203,6 +203,14 @@ impl Gateway {
         let _ = self.inner.replicas.set(redis);
     }
 
+    /// The shared Redis as `/admin/status` shows it (`{"backend": "local"}` without one).
+    pub fn redis_status(&self) -> serde_json::Value {
+        match self.inner.replicas.get() {
+            Some(redis) => redis.status(),
+            None => serde_json::json!({"backend": "local"}),
+        }
+    }
+
     /// Tells the other replicas (if any) to drop what this one just dropped.
     pub async fn publish_invalidation(&self, what: crate::replicas::Invalidation) {
         if let Some(redis) = self.inner.replicas.get() {

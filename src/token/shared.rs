@@ -1,4 +1,4 @@
-//! The token shared by every replica (`budget.backend = "redis"`, CONTRACT 6).
+//! The token shared by every replica (`budget.backend = "redis"`).
 //!
 //! Role: the current token record lives in Redis (`<prefix>:token`: JSON with a version
 //! number and the token in the token file's own shape). A replica that must refresh takes
@@ -289,6 +289,17 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Whether a record expiring at `theirs` is alive at `now` and expires later than a dead
+/// token expiring at `mine` (a record without expiry counts as later; a dead token without
+/// one is outlived by any live record).
+fn outlives(theirs: Option<SystemTime>, mine: Option<SystemTime>, now: SystemTime) -> bool {
+    match (theirs, mine) {
+        (Some(t), _) if t <= now => false,
+        (None, _) | (_, None) => true,
+        (Some(t), Some(m)) => t > m,
+    }
+}
+
 /// Whether `a` expires strictly later than `b` (a token without expiry is never later).
 fn later(a: Option<SystemTime>, b: Option<SystemTime>) -> bool {
     match (a, b) {
@@ -314,7 +325,10 @@ fn usable(state: &super::state::State) -> bool {
 
 /// Why a stored record must not replace `mine`, if it must not: a record anyone with
 /// access to Redis can write is checked like an answer from the token endpoint before it
-/// reaches this replica's memory and token file. `mine_usable`: see [`usable`].
+/// reaches this replica's memory and token file. `mine_usable`: see [`usable`]. The
+/// version rule only protects a usable token: after Redis restarts empty, versions start
+/// again, and a replica whose token is dead takes a live record that expires later than
+/// its own whatever its version, rather than answering 503 until the count passes its own.
 fn refused(
     st: &Stored,
     mine: &TokenRecord,
@@ -344,7 +358,15 @@ fn refused(
         return Some("it has no usable refresh token and this replica holds one");
     }
     if st.version <= seen && st.record.access != mine.access {
-        return Some("its version does not move forward");
+        if mine_usable {
+            return Some("its version does not move forward");
+        }
+        // After Redis restarts empty, versions start again: a replica whose token is dead
+        // takes a live record that outlives its own rather than answering 503 until the
+        // count passes its own.
+        if !outlives(st.record.expires_at, mine.expires_at, now) {
+            return Some("its version does not move forward and it does not outlive this replica's unusable token");
+        }
     }
     None
 }
@@ -499,6 +521,9 @@ impl Inner {
             return;
         }
         match stored {
+            // A dead token is not offered to an empty store: a replica that restarted with
+            // a live one would have to wait for the dead one to be replaced.
+            None if !usable(&self.lock()) => {}
             None => {
                 if let Ok(true) = shared.put(1, &record, false, 0).await {
                     shared.unshared.store(false, Ordering::Release);

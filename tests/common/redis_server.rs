@@ -24,6 +24,16 @@ pub enum Kind {
     Acl,
     /// Three primaries in one Redis Cluster, no TLS, no password.
     Cluster,
+    /// [`Kind::Cluster`] reached as the ACL user, with exactly the README's rights (the
+    /// `default` user stays on for `redis-cli --cluster create`; the replicas never use it).
+    ClusterAcl,
+}
+
+impl Kind {
+    /// Several nodes in one Redis Cluster.
+    pub fn is_cluster(self) -> bool {
+        matches!(self, Kind::Cluster | Kind::ClusterAcl)
+    }
 }
 
 /// The ACL user of [`Kind::Tls`] and [`Kind::Acl`].
@@ -44,6 +54,8 @@ const ACL_COMMANDS: &[&str] = &[
     "+script|load",
     "+publish",
     "+subscribe",
+    "+cluster|slots",
+    "+asking",
 ];
 
 struct Node {
@@ -72,7 +84,7 @@ impl RedisServer {
 
     /// Starts one of `kind` and waits until it serves.
     pub fn spawn_kind(kind: Kind) -> io::Result<RedisServer> {
-        let count = if kind == Kind::Cluster { 3 } else { 1 };
+        let count = if kind.is_cluster() { 3 } else { 1 };
         let mut nodes = Vec::new();
         for _ in 0..count {
             nodes.push(Node {
@@ -104,7 +116,7 @@ impl RedisServer {
         for node in &server.nodes {
             wait_listening(node.port)?;
         }
-        if kind == Kind::Cluster {
+        if kind.is_cluster() {
             server.create_cluster()?;
         }
         Ok(server)
@@ -143,13 +155,24 @@ impl RedisServer {
         let (scheme, user) = match self.kind {
             Kind::Plain | Kind::Cluster => ("redis", String::new()),
             Kind::Tls => ("rediss", format!("{ACL_USER}:{}@", self.password)),
-            Kind::Acl => ("redis", format!("{ACL_USER}:{}@", self.password)),
+            Kind::Acl | Kind::ClusterAcl => ("redis", format!("{ACL_USER}:{}@", self.password)),
         };
         self.nodes
             .iter()
             .map(|n| format!("{scheme}://{user}127.0.0.1:{}/", n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Every node's port.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// A node's `ACL LOG` (commands, keys and channels it refused), read as the `default`
+    /// user ([`Kind::Plain`], [`Kind::Cluster`], [`Kind::ClusterAcl`]).
+    pub fn acl_log(&self, port: u16) -> String {
+        cli(port, &["ACL", "LOG"]).unwrap_or_else(|e| format!("(redis-cli failed: {e})"))
     }
 
     /// The ACL user's password ([`Kind::Tls`], [`Kind::Acl`]).
@@ -173,7 +196,7 @@ impl RedisServer {
     /// Kills the one node that holds `key`'s slot (the server itself unless a cluster);
     /// returns its port.
     pub fn stop_owner_of(&mut self, key: &str) -> u16 {
-        let i = if self.kind == Kind::Cluster {
+        let i = if self.kind.is_cluster() {
             self.owner_of(key)
                 .unwrap_or_else(|e| panic!("expected to find the node of {key:?}: {e}"))
                 .0
@@ -194,7 +217,7 @@ impl RedisServer {
                     .unwrap_or_else(|e| panic!("redis-server after a restart: {e}"));
             }
         }
-        if self.kind == Kind::Cluster {
+        if self.kind.is_cluster() {
             self.wait_cluster_ok()
                 .unwrap_or_else(|e| panic!("redis cluster after a restart: {e}"));
         }
@@ -218,14 +241,16 @@ impl RedisServer {
                 cmd.args(["--port", &port]);
             }
         }
-        if matches!(self.kind, Kind::Tls | Kind::Acl) {
+        if matches!(self.kind, Kind::Tls | Kind::Acl | Kind::ClusterAcl) {
             let pass = format!(">{}", self.password);
             // Exactly the rights the README lists for a deployment's user (any prefix).
             cmd.args(["--user", ACL_USER, "on", &pass, "~{*}:*", "&{*}:*"]);
             cmd.args(ACL_COMMANDS);
+        }
+        if matches!(self.kind, Kind::Tls | Kind::Acl) {
             cmd.args(["--user", "default", "off"]);
         }
-        if self.kind == Kind::Cluster {
+        if self.kind.is_cluster() {
             let dir = self.dir.join(format!("node-{i}"));
             std::fs::create_dir_all(&dir)?;
             cmd.args([
