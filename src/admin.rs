@@ -96,6 +96,10 @@ impl Admin {
                             json!({"resumed": true, "was_paused": was_paused}),
                         )
                     }
+                    (_, "/admin/status") => wrong_method("GET"),
+                    (_, "/admin/purge" | "/admin/reload" | "/admin/budget/resume") => {
+                        wrong_method("POST")
+                    }
                     _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
                 }
             }
@@ -211,15 +215,37 @@ impl Admin {
     async fn reload(&self) -> Response<Body> {
         match crate::reload::reload(&self.gateway, &self.live, self.config_path.as_deref()).await {
             Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
-            Err(problems) => json_response(
-                StatusCode::BAD_REQUEST,
-                json!({
-                    "meta": {"code": 400, "error_type": "bad_request", "error_message": "configuration invalid; the running configuration stays"},
-                    "problems": problems,
-                }),
-            ),
+            Err(problems) => {
+                // As a failed SIGHUP reload logs it: an operator reads the log, not the answer.
+                tracing::error!(
+                    ?problems,
+                    "admin reload: config invalid; the running configuration stays"
+                );
+                let said = "configuration invalid; the running configuration stays";
+                json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({
+                        "meta": {"code": 400, "error_type": "bad_request", "error_message": said},
+                        "error": "bad_request",
+                        "error_description": said,
+                        "problems": problems,
+                    }),
+                )
+            }
         }
     }
+}
+
+/// 405 for an admin endpoint asked with another method, naming the one it takes.
+fn wrong_method(allow: &'static str) -> Response<Body> {
+    let mut resp = envelope(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this admin endpoint takes {allow} only"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 /// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with
