@@ -101,6 +101,10 @@ impl Admin {
                             json!({"resumed": true, "was_paused": was_paused}),
                         )
                     }
+                    (_, "/admin/status") => wrong_method("GET"),
+                    (_, "/admin/purge" | "/admin/reload" | "/admin/budget/resume") => {
+                        wrong_method("POST")
+                    }
                     _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
                 }
             }
@@ -246,6 +250,11 @@ impl Admin {
         match crate::reload::reload(&self.gateway, &self.live, self.config_path.as_deref()).await {
             Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
             Err(problems) => {
+                // As a failed SIGHUP reload logs it: an operator reads the log, not the answer.
+                tracing::error!(
+                    ?problems,
+                    "admin reload: config invalid; the running configuration stays"
+                );
                 let mut body = envelope_json(
                     StatusCode::BAD_REQUEST,
                     "bad_request",
@@ -339,6 +348,18 @@ fn post_refused<B>(req: &Request<B>, json_body: bool) -> Option<&'static str> {
         None if json_body => Some("this admin endpoint needs Content-Type: application/json"),
         _ => None,
     }
+}
+
+/// 405 for an admin endpoint asked with another method, naming the one it takes.
+fn wrong_method(allow: &'static str) -> Response<Body> {
+    let mut resp = envelope(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("this admin endpoint takes {allow} only"),
+    );
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 /// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with

@@ -7,6 +7,12 @@
 //! into that directory (`cxgate.toml`, the embedded one with the simulator's address filled
 //! in), so `POST /admin/reload` and SIGHUP re-read it as in production. Ctrl-C stops both.
 
+/// `println!` that never panics on a closed stdout (see [`crate::logging::say`]).
+macro_rules! println {
+    () => { crate::logging::say(format_args!("")) };
+    ($($arg:tt)*) => { crate::logging::say(format_args!($($arg)*)) };
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};

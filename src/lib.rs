@@ -183,6 +183,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         budget,
         metrics: metrics::RequestMetrics::register(&registry)?,
     };
+    let recent = parts.metrics.recent.clone();
     let certs = match &cfg.server.tls {
         Some(t) => Some(certs::Certs::load(&t.cert_file, &t.key_file)?),
         None => None,
@@ -205,7 +206,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         config_path,
         live: live.clone(),
         started,
-        rates: Default::default(),
+        rates: recent.into(),
     });
 
     let open = connections_gauge(&admin.registry)?;

@@ -134,3 +134,17 @@ pub fn init(json: bool, level: Option<&str>) -> LogGuard {
         _thread: thread,
     }
 }
+
+/// Prints one line on stdout. A closed stdout (`cxgate check ... | head -1`) is no error
+/// worth dying for: the line is dropped and the command ends with its normal code, where
+/// `println!` would panic.
+pub fn say(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+}
+
+/// As [`say`], on stderr.
+pub fn say_err(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stderr().lock();
+    let _ = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+}

@@ -14,6 +14,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// `println!` that never panics on a closed stdout (see `cxgate::logging::say`).
+macro_rules! println {
+    () => { cxgate::logging::say(format_args!("")) };
+    ($($arg:tt)*) => { cxgate::logging::say(format_args!($($arg)*)) };
+}
+
+/// `eprintln!` that never panics on a closed stderr.
+macro_rules! eprintln {
+    ($($arg:tt)*) => { cxgate::logging::say_err(format_args!($($arg)*)) };
+}
+
 #[derive(Parser)]
 #[command(
     name = "cxgate",
@@ -176,6 +187,15 @@ async fn dispatch(command: Command) -> ExitCode {
                 eprintln!("cxgate key hash: no key on stdin");
                 return ExitCode::from(2);
             }
+            if key.len() < SHORT_KEY {
+                // A short key is easy to guess, and the check that refuses a key left in a
+                // forwarded header or body meets it by chance (`1` is in most User-Agents).
+                eprintln!(
+                    "cxgate key hash: warning: this key is {} byte(s); use at least {SHORT_KEY} \
+                     random bytes (e.g. `head -c 24 /dev/urandom | base64`)",
+                    key.len()
+                );
+            }
             println!("{}", cxgate::auth::sha256_hex(key.as_bytes()));
             ExitCode::SUCCESS
         }
@@ -204,6 +224,9 @@ async fn dispatch(command: Command) -> ExitCode {
         }
     }
 }
+
+/// Keys shorter than this draw a warning from `cxgate key hash`.
+const SHORT_KEY: usize = 16;
 
 fn invalid(e: &cxgate::config::ConfigError) -> ExitCode {
     for line in e.lines() {

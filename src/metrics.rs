@@ -7,6 +7,9 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
@@ -27,6 +30,85 @@ pub struct RequestMetrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub coalesced: IntCounterVec,
+    /// Answered requests and upstream calls per second over the last minute, for the
+    /// status page.
+    pub recent: Arc<Recent>,
+}
+
+/// Answered requests and upstream calls, counted per second over the last minute.
+#[derive(Default)]
+pub struct Recent {
+    pub requests: PerSecond,
+    pub upstream: PerSecond,
+}
+
+/// Slots of [`PerSecond`]: the current second and the 59 before it.
+const SLOTS: u64 = 60;
+
+/// A ring of per-second counts: a true windowed rate (the count of the last minute over
+/// the time it covers), not an average since start or a decaying one. Each slot packs the
+/// second it counts (high 32 bits) and its count (low 32 bits) into one atomic, so adding is
+/// one compare-and-swap and a slot left over from a minute ago is never read as recent.
+pub struct PerSecond {
+    start: Instant,
+    slots: [AtomicU64; SLOTS as usize],
+}
+
+impl Default for PerSecond {
+    fn default() -> Self {
+        PerSecond {
+            start: Instant::now(),
+            slots: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+impl PerSecond {
+    /// Counts one event now.
+    pub fn add(&self) {
+        self.add_at(self.start.elapsed());
+    }
+
+    /// The events per second over the last minute (or since start, when younger).
+    pub fn per_second(&self) -> f64 {
+        self.per_second_at(self.start.elapsed())
+    }
+
+    fn add_at(&self, since_start: Duration) {
+        let second = since_start.as_secs() & 0xFFFF_FFFF;
+        let slot = &self.slots[(second % SLOTS) as usize];
+        let mut seen = slot.load(Ordering::Relaxed);
+        loop {
+            let next = if seen >> 32 == second {
+                seen.saturating_add(1)
+            } else {
+                (second << 32) | 1
+            };
+            match slot.compare_exchange_weak(seen, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => seen = now,
+            }
+        }
+    }
+
+    /// Sums the current second and the 59 before it: they cover the last 59 s plus the
+    /// part of this second gone by, which is what the sum is divided by.
+    fn per_second_at(&self, since_start: Duration) -> f64 {
+        let now = since_start.as_secs();
+        let first = now.saturating_sub(SLOTS - 1);
+        let count: u64 = (first..=now)
+            .map(|second| {
+                let v = self.slots[(second % SLOTS) as usize].load(Ordering::Relaxed);
+                if v >> 32 == second & 0xFFFF_FFFF {
+                    v & 0xFFFF_FFFF
+                } else {
+                    0
+                }
+            })
+            .sum();
+        let covered = since_start.as_secs_f64() - first as f64;
+        count as f64 / covered.max(0.001)
+    }
 }
 
 impl RequestMetrics {
@@ -89,6 +171,7 @@ impl RequestMetrics {
             upstream_requests,
             upstream_duration,
             coalesced,
+            recent: Arc::default(),
         })
     }
 }
@@ -185,6 +268,7 @@ impl RequestMetrics {
     /// once per thread, snapshot and label set (as many as the series themselves), and the
     /// table starts over when a request of another snapshot (a reload) comes by.
     pub fn record(&self, key: RequestKey, labels: &RequestLabels<'_>, seconds: f64) {
+        self.recent.requests.add();
         let recorded = RESOLVED.try_with(|resolved| {
             let mut resolved = resolved.borrow_mut();
             if resolved.snapshot != key.snapshot {
@@ -292,7 +376,29 @@ pub fn render(registry: &Registry) -> Vec<u8> {
     if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
         out.extend_from_slice(format!("# encode error: {e}\n").as_bytes());
     }
-    out
+    infinities_as_the_format_spells_them(out)
+}
+
+/// The encoder writes an infinite sample value as Rust prints it (`inf`); the text format
+/// spells it `+Inf` / `-Inf` (a token that never expires reports `+Inf`).
+fn infinities_as_the_format_spells_them(out: Vec<u8>) -> Vec<u8> {
+    if !out.windows(5).any(|w| w == b" inf\n" || w == b"-inf\n") {
+        return out;
+    }
+    let text = String::from_utf8_lossy(&out);
+    let mut fixed = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if let Some(head) = line.strip_suffix(" inf\n") {
+            fixed.push_str(head);
+            fixed.push_str(" +Inf\n");
+        } else if let Some(head) = line.strip_suffix(" -inf\n") {
+            fixed.push_str(head);
+            fixed.push_str(" -Inf\n");
+        } else {
+            fixed.push_str(line);
+        }
+    }
+    fixed.into_bytes()
 }
 
 /// A standalone histogram with the latency buckets (used in tests and benches).
@@ -303,6 +409,27 @@ pub fn latency_histogram(name: &str) -> Result<Histogram, prometheus::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_second_is_the_count_of_the_last_minute() {
+        let ring = PerSecond::default();
+        let at = Duration::from_secs;
+        for _ in 0..600 {
+            ring.add_at(at(0));
+        }
+        for _ in 0..30 {
+            ring.add_at(at(30));
+        }
+        // Young: everything since start over the time since start.
+        assert!((ring.per_second_at(at(40)) - 630.0 / 40.0).abs() < 1e-9);
+        // A minute on, the burst at second 0 is out of the window, however busy it was.
+        assert!((ring.per_second_at(at(70)) - 30.0 / 59.0).abs() < 1e-9);
+        // Quiet for a minute: zero, not a decaying remnant.
+        assert_eq!(ring.per_second_at(at(100)), 0.0);
+        // A slot reused a minute later counts afresh.
+        ring.add_at(at(90));
+        assert!((ring.per_second_at(at(100)) - 1.0 / 59.0).abs() < 1e-9);
+    }
 
     fn labels(client: &str) -> RequestLabels<'_> {
         RequestLabels {

@@ -86,7 +86,6 @@ pub fn preflight(cfg: &Config) -> (Vec<String>, Vec<String>) {
         match crate::token::inspect_file(path) {
             Ok(Some(warning)) => warnings.push(format!("token.file: {warning}")),
             Ok(None) => {}
-            Err(e) if e.is_missing_file() => {}
             Err(e) => problems.push(format!("token.file: {e}")),
         }
     }

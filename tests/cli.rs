@@ -107,7 +107,22 @@ async fn wait_until_answers(proc: &mut Proc, url: &str, key: Option<&str>, limit
 
 #[test]
 fn check_accepts_the_shipped_production_config() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml");
+    // The shipped file with its token file where this test can make one: as on a host
+    // where `cxgate token init` has run (check refuses a missing one, as run does).
+    let dir = common::temp_dir("cli-shipped");
+    let token = dir.join("token.json");
+    cxgate::demo::write_token_file(&token, "a", "r", Duration::from_secs(3600))
+        .expect("token file");
+    let shipped =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml"))
+            .expect("read shipped config");
+    assert!(shipped.contains("\"/var/lib/cxgate/token.json\""));
+    let path = dir.join("cxgate.toml");
+    std::fs::write(
+        &path,
+        shipped.replace("/var/lib/cxgate/token.json", token.to_str().expect("utf-8")),
+    )
+    .expect("write config");
     // With the variables the file names set, as on a host that is ready to run it (an unset
     // one adds a line per variable, which another test covers).
     let out = Command::new(BIN)

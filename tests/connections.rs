@@ -682,8 +682,8 @@ fn the_connection_limits_are_configured_checked_and_summarised() {
         "max_connections=10000",
         "header_timeout=10s",
         "body_timeout=10s",
-        "idle_timeout=60s",
-        "max_buffered_bytes=268435456",
+        "idle_timeout=1m",
+        "max_buffered_bytes=256MiB",
     ] {
         assert!(
             summary.contains(part),

@@ -19,6 +19,7 @@ const CONTRACT: &[&str] = &[
     "cxgate_budget_wait_seconds",
     "cxgate_budget_rejections_total",
     "cxgate_upstream_ratelimit_remaining",
+    "cxgate_upstream_limit_answers_total",
     "cxgate_token_expiry_seconds",
     "cxgate_token_refreshes_total",
     "cxgate_build_info",
@@ -129,6 +130,13 @@ async fn every_contract_metric_and_configured_series_is_on_the_first_scrape() {
         "cxgate_request_duration_seconds_count",
         &[("route", "GET /me"), ("cache", "hit")],
     );
+    for kind in ["429", "rate_limit_reached"] {
+        expect_zero(
+            &scrape,
+            "cxgate_upstream_limit_answers_total",
+            &[("kind", kind)],
+        );
+    }
 
     // A reload that adds a route and a client gives them their series at once.
     let path = env.dir.join("cxgate.toml");
@@ -216,4 +224,43 @@ async fn the_redis_metrics_are_on_the_first_scrape() {
     }
     env.stop().await;
     drop(redis);
+}
+
+/// A static token has no expiry: the gauge is there from the first scrape at +Inf (never
+/// expires), not absent, so panels and `< 300` alerts see a value.
+#[tokio::test]
+async fn a_token_without_expiry_reports_infinity_from_the_first_scrape() {
+    std::env::set_var("CXGATE_FIRST_SCRAPE_STATIC", "static-token");
+    let cfg = cxgate::config::parse(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"http://127.0.0.1:9\"\n\
+         [token]\naccess_token_env = \"CXGATE_FIRST_SCRAPE_STATIC\"\n",
+    )
+    .expect("valid config");
+    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .get(
+            format!("http://{}/metrics", gw.admin_addr)
+                .parse()
+                .expect("uri"),
+        )
+        .await
+        .expect("scrape");
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let scrape = String::from_utf8_lossy(&body);
+    let line = scrape
+        .lines()
+        .find(|l| l.starts_with("cxgate_token_expiry_seconds "));
+    assert_eq!(
+        line,
+        Some("cxgate_token_expiry_seconds +Inf"),
+        "expected the expiry gauge at +Inf for a token that never expires; scrape:\n{scrape}"
+    );
+    gw.shutdown();
+    gw.stopped().await;
 }

@@ -103,14 +103,18 @@ fn a_toml_syntax_error_names_the_file_and_line() {
 
 #[test]
 fn check_names_each_unset_environment_variable_and_summarises_in_the_files_spelling() {
+    // check refuses a missing token file as run does: this one exists.
+    let token = common::temp_dir("msg-env-token").join("token.json");
+    cxgate::demo::write_token_file(&token, "a", "r", std::time::Duration::from_secs(3600))
+        .expect("token file");
     let path = config(
         "msg-env",
-        "[upstream]
+        &"[upstream]
 base_url = \"https://api.engagor.com\"
 [server]
 admin_token_env = \"CXGATE_MSG_UNSET_ADMIN\"
 [token]
-file = \"/var/lib/cxgate/token.json\"
+file = \"TOKEN_FILE\"
 [token.oauth]
 token_url = \"https://app.engagor.com/oauth/access_token/\"
 client_id = \"abc\"
@@ -122,7 +126,8 @@ priority = \"batch\"
 [[routes]]
 match = \"GET /me\"
 ttl = \"10m\"
-",
+"
+        .replace("TOKEN_FILE", token.to_str().unwrap()),
     );
     let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
     let (stdout, _) = text(&out);
@@ -328,5 +333,494 @@ fn token_init_makes_the_token_files_private_directory() {
             "expected a private directory, saw {mode:o}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `check`'s problem lines (stderr) for a config body added to `BASE`.
+fn check_problems(tag: &str, extra: &str) -> (Option<i32>, Vec<String>) {
+    let path = config(tag, &format!("{BASE}{extra}"));
+    let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
+    let (_, err) = text(&out);
+    (out.status.code(), err.lines().map(str::to_string).collect())
+}
+
+fn has(lines: &[String], start: &str, contains: &str) -> bool {
+    lines
+        .iter()
+        .any(|l| l.starts_with(start) && l.contains(contains))
+}
+
+#[test]
+fn check_refuses_a_missing_token_file_as_run_does() {
+    let dir = common::temp_dir("msg-check-token");
+    let path = dir.join("cxgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nbase_url = \"https://api.engagor.com\"\n[token]\nfile = \"{}\"\n",
+            dir.join("absent.json").display()
+        ),
+    )
+    .expect("write config");
+    let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
+    let (stdout, err) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, saw {out:?}");
+    assert!(
+        err.contains("token.file")
+            && err.contains("absent.json")
+            && err.contains("cxgate token init --config"),
+        "expected the missing file named with the `cxgate token init` hint, saw:\n{err}"
+    );
+    assert!(
+        !stdout.contains("valid"),
+        "expected no \"valid\", saw:\n{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn check_refuses_what_could_never_work() {
+    // One listener port for both, a route matching a query string, a password in the URL.
+    let (code, lines) = check_problems(
+        "msg-never",
+        "[server]\nlisten = \"127.0.0.1:8181\"\nadmin_listen = \"127.0.0.1:8181\"\n\
+         [[routes]]\nmatch = \"GET /me?x=1\"\nttl = \"1m\"\n",
+    );
+    assert_eq!(code, Some(2), "expected exit 2, saw {lines:#?}");
+    assert!(
+        has(&lines, "server.admin_listen:", "server.listen"),
+        "expected the shared port refused naming both keys, saw {lines:#?}"
+    );
+    assert!(
+        has(&lines, "routes[0].match:", "paths only"),
+        "expected a route with a query refused, saw {lines:#?}"
+    );
+    assert_eq!(
+        lines.len(),
+        2,
+        "expected one line per problem, saw {lines:#?}"
+    );
+
+    let path = config(
+        "msg-userinfo",
+        "[upstream]\nbase_url = \"http://user:hunter2@127.0.0.1:1\"\n\
+         [token]\naccess_token_env = \"CXGATE_MSG_TEST_TOKEN\"\n",
+    );
+    let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
+    let (stdout, err) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, saw {out:?}");
+    assert!(
+        err.starts_with("upstream.base_url:") && err.contains("user or password"),
+        "expected credentials in base_url refused, saw:\n{err}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !err.contains("hunter2"),
+        "expected the password never printed, saw:\n{stdout}{err}"
+    );
+}
+
+#[test]
+fn one_line_per_real_problem_in_the_files_words() {
+    let key = "c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c";
+    let (code, lines) = check_problems(
+        "msg-types",
+        &format!(
+            "[server]\nmax_body_bytes = 1.5\n\
+             [[clients]]\nname = \"a\"\nkey_sha256 = \"{key}\"\nscopes = \"read\"\naccounts = [\"12345\"]\n"
+        ),
+    );
+    assert_eq!(code, Some(2), "expected exit 2, saw {lines:#?}");
+    assert!(
+        !lines.iter().any(|l| l.starts_with("clients[0].key_sha256")),
+        "expected no problem with the key that is present, saw {lines:#?}"
+    );
+    assert!(
+        has(&lines, "clients[0].scopes:", "list")
+            && has(&lines, "clients[0].accounts:", "whole number"),
+        "expected the two wrong types named, saw {lines:#?}"
+    );
+    assert!(
+        has(&lines, "server.max_body_bytes:", "2MiB")
+            && !lines
+                .iter()
+                .any(|l| l.contains("untagged") || l.contains("variant")),
+        "expected what a size may be said in the file's words, saw {lines:#?}"
+    );
+    assert_eq!(
+        lines.len(),
+        3,
+        "expected one line per problem, saw {lines:#?}"
+    );
+
+    // Periods in messages as the file spells them.
+    let (_, lines) = check_problems(
+        "msg-period",
+        &format!(
+            "[budget]\nlimit = 5000\nperiod = \"1h\"\n\
+             [[clients]]\nname = \"a\"\nkey_sha256 = \"{key}\"\nlimit = 100\nperiod = \"1m\"\n"
+        ),
+    );
+    assert!(
+        has(&lines, "clients[0].limit:", "100/1m") && has(&lines, "clients[0].limit:", "5000/1h"),
+        "expected the file's own spellings, saw {lines:#?}"
+    );
+
+    // A duplicate key names the key.
+    let path = config(
+        "msg-dup",
+        "[upstream]\nbase_url = \"https://api.engagor.com\"\nbase_url = \"https://x\"\n",
+    );
+    let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("duplicate key") && err.contains("base_url"),
+        "expected the duplicate key named, saw:\n{err}"
+    );
+}
+
+#[test]
+fn check_summary_spells_durations_and_sizes_compactly() {
+    let path = config(
+        "msg-spell",
+        &format!(
+            "{BASE}[server]\nrequest_timeout = \"2500ms\"\nidle_timeout = \"90s\"\nmax_body_bytes = \"2MiB\"\n\
+             [[routes]]\nmatch = \"GET /me\"\nttl = \"1d\"\n"
+        ),
+    );
+    let out = cxgate(
+        &["check", "--config", path.to_str().unwrap()],
+        &[("CXGATE_MSG_TEST_TOKEN", "t")],
+    );
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "expected valid, saw {out:?}");
+    for spelled in [
+        "request_timeout=2500ms",
+        "idle_timeout=90s",
+        "max_body_bytes=2MiB",
+        "ttl=1d",
+    ] {
+        assert!(
+            stdout.contains(spelled),
+            "expected {spelled:?} in the summary, saw:\n{stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains("2s 500ms") && !stdout.contains("1m 30s"),
+        "expected no spaced durations, saw:\n{stdout}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let path = config(
+        "msg-pipe",
+        &format!("{BASE}[[routes]]\nmatch = \"GET /me\"\nttl = \"1m\"\n"),
+    );
+    // The reader (`true`) is gone before cxgate writes: every write meets a closed pipe.
+    for args in [
+        format!("check --config '{}'", path.display()),
+        "key hash".to_string(),
+    ] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "( sleep 0.3; echo some-key-for-the-pipe-test | \"$0\" {args}; echo \"exit=$?\" >&2 ) | true"
+            ))
+            .arg(BIN)
+            .env("CXGATE_MSG_TEST_TOKEN", "t")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run sh");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && (err.contains("exit=0") || err.contains("exit=2")),
+            "expected `cxgate {args}` to end quietly on a closed stdout, saw:\n{err}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn token_init_with_a_used_code_says_the_code_was_refused() {
+    let sim = common::spawn_sim(cxgate::sim::SimOptions::default()).await;
+    let dir = common::temp_dir("msg-code");
+    let path = dir.join("cxgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[upstream]\nbase_url = \"{base}\"\n[token]\nfile = \"{}\"\n\
+             [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\n\
+             client_secret_env = \"CXGATE_MSG_CODE_SECRET\"\n",
+            dir.join("token.json").display(),
+            base = sim.base_url()
+        ),
+    )
+    .expect("write config");
+    let run = |code: &'static str| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            cxgate(
+                &[
+                    "token",
+                    "init",
+                    "--config",
+                    path.to_str().unwrap(),
+                    "--code",
+                    code,
+                ],
+                &[("CXGATE_MSG_CODE_SECRET", "sim-secret")],
+            )
+        })
+    };
+    let first = run("sim-code").await.expect("join");
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "expected the code exchanged, saw {first:?}"
+    );
+    let again = run("sim-code").await.expect("join");
+    let (_, err) = text(&again);
+    assert_eq!(
+        again.status.code(),
+        Some(1),
+        "expected a refusal, saw {again:?}"
+    );
+    assert!(
+        err.contains("authorisation code was refused")
+            && !err.contains("refresh token")
+            && err.contains("authorise again"),
+        "expected the used code named with what to do, saw:\n{err}"
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn admin_call(
+    method: http::Method,
+    url: &str,
+) -> (http::StatusCode, http::HeaderMap, serde_json::Value) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = http::Request::builder()
+        .method(method)
+        .uri(url)
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = client.request(req).await.expect("admin answers");
+    let (parts, body) = resp.into_parts();
+    let body = http_body_util::BodyExt::collect(body)
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn admin_wrong_methods_get_405_and_a_failed_reload_is_logged() {
+    let dir = common::temp_dir("msg-admin");
+    let token = dir.join("token.json");
+    cxgate::demo::write_token_file(&token, "a", "r", std::time::Duration::from_secs(3600))
+        .expect("token file");
+    let admin_port = common::free_port();
+    let path = dir.join("cxgate.toml");
+    let good = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+         [upstream]\nbase_url = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"\n",
+        token.display()
+    );
+    std::fs::write(&path, &good).expect("write config");
+    let proc = common::Proc::spawn(&["run", "--config", path.to_str().unwrap()], &dir);
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        if client
+            .get(format!("{admin}/healthz").parse().expect("uri"))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not start:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    for (method, endpoint, allow) in [
+        (http::Method::GET, "/admin/purge", "POST"),
+        (http::Method::GET, "/admin/reload", "POST"),
+        (http::Method::PUT, "/admin/budget/resume", "POST"),
+        (http::Method::POST, "/admin/status", "GET"),
+    ] {
+        let (status, headers, body) =
+            admin_call(method.clone(), &format!("{admin}{endpoint}")).await;
+        assert_eq!(
+            status,
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "expected 405 for {method} {endpoint}, saw {status} {body}"
+        );
+        assert_eq!(
+            headers
+                .get(http::header::ALLOW)
+                .and_then(|v| v.to_str().ok()),
+            Some(allow),
+            "expected Allow: {allow} for {endpoint}"
+        );
+        assert!(
+            body["error"] == "method_not_allowed" && body["error_description"].is_string(),
+            "expected the error envelope, saw {body}"
+        );
+    }
+    let (status, _, _) = admin_call(http::Method::GET, &format!("{admin}/admin/nothing")).await;
+    assert_eq!(
+        status,
+        http::StatusCode::NOT_FOUND,
+        "an unknown path stays 404"
+    );
+
+    std::fs::write(&path, format!("{good}[budget]\nlimit = \"lots\"\n")).expect("break config");
+    let (status, _, body) = admin_call(http::Method::POST, &format!("{admin}/admin/reload")).await;
+    assert_eq!(status, http::StatusCode::BAD_REQUEST, "saw {body}");
+    assert!(
+        body["error"] == "bad_request" && body["error_description"].is_string(),
+        "expected the error envelope on a refused reload, saw {body}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !proc.output().contains("config invalid") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected the refused reload in the log, saw:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let log = proc.output();
+    assert!(
+        log.contains("ERROR") && log.contains("budget.limit"),
+        "expected an ERROR line naming the problem, saw:\n{log}"
+    );
+    drop(proc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_shipped_example_keys_are_what_their_comments_say() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml"),
+    )
+    .expect("read config/cxgate.toml");
+    let lines: Vec<&str> = shipped.lines().collect();
+    let hashes: Vec<(usize, &str)> = lines
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| {
+            let hex = l.strip_prefix("key_sha256 = \"")?.strip_suffix('"')?;
+            Some((i, hex))
+        })
+        .collect();
+    assert!(!hashes.is_empty(), "expected example clients in the file");
+    let mut keys = Vec::new();
+    for (i, hex) in hashes {
+        let key = i
+            .checked_sub(1)
+            .and_then(|j| lines[j].strip_prefix("# example key: \""))
+            .and_then(|k| k.strip_suffix('"'))
+            .unwrap_or_else(|| panic!("expected `# example key: \"...\"` above line {}", i + 1));
+        assert_eq!(
+            cxgate::auth::sha256_hex(key.as_bytes()),
+            hex,
+            "expected line {} to be the hash of {key:?}",
+            i + 1
+        );
+        assert!(key.len() >= 16, "expected a long example key, saw {key:?}");
+        keys.push(key);
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), 3, "expected three distinct example keys");
+
+    let mut child = Command::new(BIN)
+        .args(["key", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run key hash");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"1\n").expect("write key");
+    }
+    let out = child.wait_with_output().expect("key hash");
+    let (stdout, err) = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "expected the hash printed, saw {out:?}"
+    );
+    assert_eq!(stdout.trim(), cxgate::auth::sha256_hex(b"1"));
+    assert!(
+        err.contains("warning") && err.contains("16"),
+        "expected a warning about a short key, saw:\n{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_held_token_that_cannot_be_sent_is_named_in_status_and_on_the_page() {
+    let dir = common::temp_dir("msg-unsendable");
+    let token = dir.join("token.json");
+    cxgate::demo::write_token_file(
+        &token,
+        "has a space",
+        "r",
+        std::time::Duration::from_secs(3600),
+    )
+    .expect("token file");
+    let cfg = cxgate::config::parse(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"http://127.0.0.1:9\"\n[token]\nfile = \"{}\"\n",
+        token.display()
+    ))
+    .expect("valid config");
+    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let admin = format!("http://{}", gw.admin_addr);
+    let (status, _, ready) = admin_call(http::Method::GET, &format!("{admin}/readyz")).await;
+    assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "saw {ready}");
+    let (_, _, body) = admin_call(http::Method::GET, &format!("{admin}/admin/status")).await;
+    let said = body["token"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("cannot be sent") && body["token"]["usable"] == false,
+        "expected the reason the token is unusable in /admin/status, saw {}",
+        body["token"]
+    );
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let resp = client
+        .get(format!("{admin}/").parse().expect("uri"))
+        .await
+        .expect("page");
+    let page = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.contains("not usable: the access token holds characters that cannot be sent"),
+        "expected the status page to say why the token is unusable"
+    );
+    assert!(
+        !page.contains("has a space"),
+        "the token itself is never shown"
+    );
+    gw.shutdown();
+    gw.stopped().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

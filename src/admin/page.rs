@@ -7,10 +7,11 @@
 //! refreshes itself with `<meta http-equiv="refresh">`; it holds only what the status JSON
 //! holds, which carries no secret.
 
-use std::collections::VecDeque;
 use std::fmt::Write;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::Recent;
 
 use prometheus::Registry;
 use serde_json::Value;
@@ -18,23 +19,20 @@ use serde_json::Value;
 /// How often the page reloads itself, in seconds.
 pub const REFRESH_SECS: u64 = 5;
 
-/// How far back the request and upstream rates look.
-const RATE_WINDOW: Duration = Duration::from_secs(60);
-
-/// Counter totals seen when the page was drawn, to turn them into rates.
+/// The per-second counts the request path keeps (requests answered, upstream calls), read
+/// into rates over the last minute; the totals come from the registry.
 #[derive(Default)]
 pub struct Rates {
-    samples: Mutex<VecDeque<Sample>>,
+    recent: Arc<Recent>,
 }
 
-#[derive(Clone, Copy)]
-struct Sample {
-    at: Instant,
-    requests: f64,
-    upstream: f64,
+impl From<Arc<Recent>> for Rates {
+    fn from(recent: Arc<Recent>) -> Self {
+        Rates { recent }
+    }
 }
 
-/// Requests and upstream calls per second, over the window.
+/// Requests and upstream calls: totals, and per second over the last minute.
 struct Now {
     requests: f64,
     upstream: f64,
@@ -43,43 +41,12 @@ struct Now {
 }
 
 impl Rates {
-    /// Takes a sample now and compares it with the oldest one within the window (or, on the
-    /// first view, with zero at start).
-    fn sample(&self, registry: &Registry, uptime: Duration) -> Now {
-        let now = Sample {
-            at: Instant::now(),
+    fn sample(&self, registry: &Registry) -> Now {
+        Now {
             requests: counter_sum(registry, "cxgate_requests_total"),
             upstream: counter_sum(registry, "cxgate_upstream_requests_total"),
-        };
-        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
-        while samples
-            .front()
-            .is_some_and(|s| now.at.duration_since(s.at) > RATE_WINDOW)
-        {
-            samples.pop_front();
-        }
-        let base = samples
-            .front()
-            .copied()
-            .filter(|s| now.at.duration_since(s.at) >= Duration::from_secs(1))
-            .unwrap_or(Sample {
-                at: now.at - uptime,
-                requests: 0.0,
-                upstream: 0.0,
-            });
-        // One sample a second is plenty, however many people watch.
-        if samples
-            .back()
-            .is_none_or(|s| now.at.duration_since(s.at) >= Duration::from_secs(1))
-        {
-            samples.push_back(now);
-        }
-        let secs = now.at.duration_since(base.at).as_secs_f64().max(0.001);
-        Now {
-            requests: now.requests,
-            upstream: now.upstream,
-            requests_per_s: (now.requests - base.requests) / secs,
-            upstream_per_s: (now.upstream - base.upstream) / secs,
+            requests_per_s: self.recent.requests.per_second(),
+            upstream_per_s: self.recent.upstream.per_second(),
         }
     }
 }
@@ -97,7 +64,7 @@ fn counter_sum(registry: &Registry, name: &str) -> f64 {
 
 /// The whole page for a `/admin/status` document.
 pub fn render(status: &Value, registry: &Registry, rates: &Rates, uptime: Duration) -> String {
-    let now = rates.sample(registry, uptime);
+    let now = rates.sample(registry);
     let mut out = String::with_capacity(16 * 1024);
     let version = text(&status["version"]);
     let _ = write!(
@@ -147,7 +114,11 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         Some(s) => format!("in {}", human_secs(s)),
         None => "never (static token)".to_string(),
     };
-    let refresh = if token["needs_reauthorisation"] == Value::Bool(true) {
+    let refresh = if token["usable"] == Value::Bool(false)
+        && token["needs_reauthorisation"] != Value::Bool(true)
+    {
+        ("bad", format!("not usable: {}", text(&token["last_error"])))
+    } else if token["needs_reauthorisation"] == Value::Bool(true) {
         (
             "bad",
             "needs re-authorisation (cxgate token init)".to_string(),

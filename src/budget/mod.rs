@@ -145,7 +145,13 @@ struct Metrics {
     wait: HistogramVec,
     rejections: IntCounterVec,
     upstream_remaining: IntGauge,
+    /// Upstream answers saying its limit is reached, by `kind` (`429`, `rate_limit_reached`).
+    limit_answers: IntCounterVec,
 }
+
+/// The `kind` labels of `cxgate_upstream_limit_answers_total`: a 429, or the real API's 400
+/// with `"error": "rate_limit_reached"`.
+pub const LIMIT_KINDS: [&str; 2] = ["429", "rate_limit_reached"];
 
 impl Metrics {
     fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
@@ -172,13 +178,26 @@ impl Metrics {
             "Last X-RateLimit-Remaining reported by the upstream (-1 while unknown).",
         )?;
         upstream_remaining.set(-1);
+        let limit_answers = IntCounterVec::new(
+            Opts::new(
+                "cxgate_upstream_limit_answers_total",
+                "Upstream answers saying its rate limit is reached, by kind (429, or the API's \
+                 400 rate_limit_reached); each starts an upstream pause.",
+            ),
+            &["kind"],
+        )?;
+        for kind in LIMIT_KINDS {
+            limit_answers.with_label_values(&[kind]);
+        }
         registry.register(Box::new(wait.clone()))?;
         registry.register(Box::new(rejections.clone()))?;
         registry.register(Box::new(upstream_remaining.clone()))?;
+        registry.register(Box::new(limit_answers.clone()))?;
         Ok(Self {
             wait,
             rejections,
             upstream_remaining,
+            limit_answers,
         })
     }
 }
@@ -312,6 +331,9 @@ impl Budget {
     /// Learns from one upstream answer (see `upstream` for the rules); a 429 is the limit.
     pub fn observe_upstream(&self, status: StatusCode, headers: &HeaderMap) {
         let limited = status == StatusCode::TOO_MANY_REQUESTS;
+        if limited {
+            self.count_limit_answer(status);
+        }
         self.observe_at(limited, headers, 0, SystemTime::now());
         self.share_upstream_pause(self.inner.clock.nanos());
     }
@@ -328,6 +350,9 @@ impl Budget {
         cost: NonZeroU32,
     ) -> bool {
         let limited = limit_reached(status, body);
+        if limited {
+            self.count_limit_answer(status);
+        }
         let cost = u64::from(cost.get());
         let others = {
             let mut ledger = self.ledger();
@@ -397,6 +422,19 @@ impl Budget {
             .map(|p| { humantime::format_rfc3339_seconds(SystemTime::now() + p).to_string() }));
         upstream["pause_source"] = serde_json::json!(source);
         status
+    }
+
+    fn count_limit_answer(&self, status: StatusCode) {
+        let kind = if status == StatusCode::TOO_MANY_REQUESTS {
+            LIMIT_KINDS[0]
+        } else {
+            LIMIT_KINDS[1]
+        };
+        self.inner
+            .metrics
+            .limit_answers
+            .with_label_values(&[kind])
+            .inc();
     }
 
     /// The upstream pause left, if any.

@@ -224,15 +224,19 @@ impl Config {
         let _ = writeln!(
             out,
             "limits: max_body_bytes={} max_concurrency={} request_timeout={} shutdown_grace={}",
-            s.max_body_bytes,
+            size(s.max_body_bytes),
             s.max_concurrency,
             dur(s.request_timeout),
             dur(s.shutdown_grace)
         );
         let _ = writeln!(
             out,
-            "connections: max_connections={} header_timeout={:?} body_timeout={:?} idle_timeout={:?} max_buffered_bytes={}",
-            s.max_connections, s.header_timeout, s.body_timeout, s.idle_timeout, s.max_buffered_bytes
+            "connections: max_connections={} header_timeout={} body_timeout={} idle_timeout={} max_buffered_bytes={}",
+            s.max_connections,
+            dur(s.header_timeout),
+            dur(s.body_timeout),
+            dur(s.idle_timeout),
+            size(s.max_buffered_bytes)
         );
         let _ = writeln!(
             out,
@@ -264,7 +268,7 @@ impl Config {
                 .as_ref()
                 .map_or("off".to_string(), |o| o.token_url.clone())
         );
-        let _ = writeln!(out, "cache: max_bytes={}", self.cache.max_bytes);
+        let _ = writeln!(out, "cache: max_bytes={}", size(self.cache.max_bytes));
         let b = &self.budget;
         let _ = writeln!(
             out,
@@ -331,7 +335,55 @@ impl Config {
     }
 }
 
-/// A duration as the file spells it (`10m`, `1h 30m`, `250ms`, `0s`).
-fn dur(d: std::time::Duration) -> String {
-    humantime::format_duration(d).to_string()
+/// A duration in one compact form the file accepts: the largest unit it is a whole number
+/// of (`1d`, `10m`, `90s`, `2500ms`, `0s`); never `2s 500ms`.
+pub(crate) fn dur(d: std::time::Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".to_string();
+    }
+    const S: u128 = 1_000_000_000;
+    for (unit, size) in [("d", 86_400 * S), ("h", 3_600 * S), ("m", 60 * S), ("s", S)] {
+        if ns % size == 0 {
+            return format!("{}{unit}", ns / size);
+        }
+    }
+    for (unit, size) in [("ms", 1_000_000), ("us", 1_000)] {
+        if ns % size == 0 {
+            return format!("{}{unit}", ns / size);
+        }
+    }
+    format!("{ns}ns")
+}
+
+/// A size in one compact form the file accepts: `2MiB`, `64KiB`, or plain bytes.
+pub(crate) fn size(bytes: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes != 0 && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
+#[cfg(test)]
+mod spelling_tests {
+    use super::{dur, size};
+    use std::time::Duration;
+
+    #[test]
+    fn compact_spellings() {
+        assert_eq!(dur(Duration::from_secs(86_400)), "1d");
+        assert_eq!(dur(Duration::from_millis(2_500)), "2500ms");
+        assert_eq!(dur(Duration::from_secs(90)), "90s");
+        assert_eq!(dur(Duration::from_secs(600)), "10m");
+        assert_eq!(dur(Duration::from_millis(250)), "250ms");
+        assert_eq!(dur(Duration::ZERO), "0s");
+        assert_eq!(size(2 << 20), "2MiB");
+        assert_eq!(size(1500), "1500");
+        for d in ["2500ms", "90s", "1d", "250ms"] {
+            let parsed = crate::config::parse_duration(d).expect("parses");
+            assert_eq!(dur(parsed), d, "round trip");
+        }
+    }
 }

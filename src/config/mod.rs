@@ -77,10 +77,19 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             }
             None => "(file)".to_string(),
         };
-        ConfigError::Invalid(vec![Problem {
-            path,
-            message: e.message().trim().to_string(),
-        }])
+        let mut message = e.message().trim().to_string();
+        // toml says only "duplicate key"; its span is the key, so name it.
+        if message == "duplicate key" {
+            if let Some(key) = e
+                .span()
+                .and_then(|s| text.get(s))
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && !k.contains('\n'))
+            {
+                message = format!("duplicate key `{key}`");
+            }
+        }
+        ConfigError::Invalid(vec![Problem { path, message }])
     })?;
     let mut problems = schema::strip_unknown(&mut doc);
     let raw = raw::RawConfig {
@@ -96,7 +105,10 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
         Ok(cfg) if problems.is_empty() => Ok(cfg),
         Ok(_) => Err(ConfigError::Invalid(problems)),
         Err(more) => {
-            problems.extend(more);
+            // A key whose value had the wrong type was reported already; validation sees
+            // it as absent, and "required" would be a second line for the same problem.
+            let seen: Vec<String> = problems.iter().map(|p| p.path.clone()).collect();
+            problems.extend(more.into_iter().filter(|p| !seen.contains(&p.path)));
             Err(ConfigError::Invalid(problems))
         }
     }
@@ -113,15 +125,19 @@ fn table_of<T: serde::de::DeserializeOwned + Default>(
         Ok(v) => v,
         Err(whole) => {
             let before = problems.len();
+            let mut rest = toml::Table::new();
             if let toml::Value::Table(table) = value {
                 for (key, item) in table {
                     let mut one = toml::Table::new();
-                    one.insert(key.clone(), item);
-                    if let Err(e) = T::deserialize(toml::Value::Table(one)) {
-                        problems.push(Problem {
+                    one.insert(key.clone(), item.clone());
+                    match T::deserialize(toml::Value::Table(one)) {
+                        Ok(_) => {
+                            rest.insert(key, item);
+                        }
+                        Err(e) => problems.push(Problem {
                             path: format!("{at}.{key}"),
                             message: plain_type_error(e.message().trim()),
-                        });
+                        }),
                     }
                 }
             }
@@ -131,7 +147,9 @@ fn table_of<T: serde::de::DeserializeOwned + Default>(
                     message: plain_type_error(whole.message().trim()),
                 });
             }
-            T::default()
+            // The keys that were right still count: a client with a wrong-typed `scopes`
+            // keeps its `key_sha256`, so nothing else is reported missing.
+            T::deserialize(toml::Value::Table(rest)).unwrap_or_default()
         }
     }
 }

@@ -88,6 +88,15 @@ impl Problems {
                     self.add(path, "must not have a query string");
                     return None;
                 }
+                if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+                    // It would be printed by check, logged and shown on the status page.
+                    self.add(
+                        path,
+                        "must not carry a user or password (user:password@): the OAuth token is \
+                         the only credential the gateway sends",
+                    );
+                    return None;
+                }
                 Some(uri)
             }
             _ => {
@@ -112,6 +121,21 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         s.admin_listen.as_ref(),
         "127.0.0.1:9090",
     );
+    // Two listeners on one port: `run` would fail to bind the second.
+    if listen.port() != 0
+        && listen.port() == admin_listen.port()
+        && (listen.ip() == admin_listen.ip()
+            || listen.ip().is_unspecified()
+            || admin_listen.ip().is_unspecified())
+    {
+        p.add(
+            "server.admin_listen",
+            format!(
+                "{admin_listen} takes the port of server.listen ({listen}); give the admin \
+                 listener a port of its own"
+            ),
+        );
+    }
     let public_base_url = s
         .public_base_url
         .clone()
@@ -413,7 +437,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .clients
         .iter()
         .enumerate()
-        .map(|(i, c)| client(&mut p, i, c, &global))
+        .map(|(i, c)| client(&mut p, i, c, &global, b.period.as_deref().unwrap_or("1h")))
         .collect::<Vec<_>>();
     for (i, c) in clients.iter().enumerate() {
         if let Some(j) = clients[..i]
@@ -472,7 +496,14 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     }
 }
 
-fn client(p: &mut Problems, i: usize, c: &RawClient, global: &Share) -> ClientConfig {
+/// `global_period` is the budget's period as the file spells it, for messages.
+fn client(
+    p: &mut Problems,
+    i: usize,
+    c: &RawClient,
+    global: &Share,
+    global_period: &str,
+) -> ClientConfig {
     let at = |k: &str| format!("clients[{i}].{k}");
     let name = c.name.clone().unwrap_or_else(|| format!("client{i}"));
     let key_sha256 = match c.key_sha256.as_deref() {
@@ -547,8 +578,11 @@ fn client(p: &mut Problems, i: usize, c: &RawClient, global: &Share) -> ClientCo
             p.add(
                 at("limit"),
                 format!(
-                    "share {}/{:?} is faster than the global budget {}/{:?}",
-                    limit, period, global.limit, global.period
+                    "share {}/{} is faster than the global budget {}/{}",
+                    limit,
+                    c.period.as_deref().unwrap_or(global_period),
+                    global.limit,
+                    global_period
                 ),
             );
         }
@@ -618,6 +652,16 @@ fn route(p: &mut Problems, i: usize, r: &RawRoute) -> Option<RouteConfig> {
             }
         }
     };
+    if path_text.contains('?') {
+        p.add(
+            at("match"),
+            format!(
+                "routes match paths only, not query strings: drop {:?}",
+                &path_text[path_text.find('?').unwrap_or(0)..]
+            ),
+        );
+        return None;
+    }
     let path = match PathTemplate::parse(path_text.trim()) {
         Ok(t) => t,
         Err(e) => {

@@ -202,6 +202,7 @@ impl Gateway {
         m.upstream_requests
             .with_label_values(&[route, &status])
             .inc();
+        m.recent.upstream.add();
         result
     }
 }

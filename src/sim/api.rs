@@ -189,12 +189,12 @@ pub(crate) async fn serve(
         }
         Endpoint::Extra(account, found) => {
             if found == Extra::Facets {
-                tokio::time::sleep(sim.insights_latency).await;
+                tokio::time::sleep(sim.insights_latency()).await;
             }
             extra::serve(sim, account, found, method, call)
         }
         Endpoint::Insights(account, metric) => {
-            tokio::time::sleep(sim.insights_latency).await;
+            tokio::time::sleep(sim.insights_latency()).await;
             let time = |name: &str| call.query_param(name).and_then(|t| t.parse::<u64>().ok());
             let to = time("date_to").unwrap_or(data::NEWEST);
             let from = time("date_from").unwrap_or(to.saturating_sub(7 * 86_400));

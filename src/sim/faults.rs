@@ -46,6 +46,28 @@ pub struct Faults {
     /// (except `token_endpoint_down`, which concerns one path anyway).
     #[serde(alias = "fault_path_prefix")]
     pub path_prefix: Option<String>,
+    /// When set, replaces `--insights-latency` for insights and facets calls.
+    #[serde(alias = "insights_latency", deserialize_with = "some_millis")]
+    pub insights_latency_ms: Option<u64>,
+}
+
+/// Every fault flag of `cxgate sim` (`--error-rate` is `error_rate`) with the field of the
+/// fault JSON it sets: the JSON takes both names. `force_429` and `force_401` have no flag;
+/// they take `{"count": N}` (and for 429 `"retry_after": SECONDS`, default 1).
+pub const FAULT_NAMES: &[(&str, &str)] = &[
+    ("latency", "latency_ms"),
+    ("jitter", "jitter_ms"),
+    ("error_rate", "error_rate"),
+    ("error_status", "error_status"),
+    ("drop_rate", "drop_rate"),
+    ("slow_body", "slow_body_ms"),
+    ("token_endpoint_down", "token_endpoint_down"),
+    ("fault_path_prefix", "path_prefix"),
+    ("insights_latency", "insights_latency_ms"),
+];
+
+fn some_millis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    millis(d).map(Some)
 }
 
 /// Milliseconds as a number (`500`) or as a duration the flags take (`"500ms"`, `"2s"`).
@@ -97,6 +119,7 @@ impl Default for Faults {
             force_401: None,
             token_endpoint_down: false,
             path_prefix: None,
+            insights_latency_ms: None,
         }
     }
 }
@@ -138,6 +161,8 @@ impl Faults {
             != Faults {
                 path_prefix: self.path_prefix.clone(),
                 error_status: self.error_status,
+                // Read where insights are answered, not per request.
+                insights_latency_ms: self.insights_latency_ms,
                 ..Faults::default()
             }
     }
@@ -242,6 +267,54 @@ impl FaultState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_fault_flag_is_a_json_name_too() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            sim: super::super::SimArgs,
+        }
+        let flags: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+            .collect();
+        for (flag, field) in FAULT_NAMES {
+            assert!(flags.iter().any(|f| f == flag), "no flag --{flag}");
+            for name in [flag, field] {
+                let value = match *field {
+                    "error_rate" | "drop_rate" => serde_json::json!(0.5),
+                    "error_status" => serde_json::json!(502),
+                    "token_endpoint_down" => serde_json::json!(true),
+                    "path_prefix" => serde_json::json!("/1/"),
+                    _ => serde_json::json!("250ms"),
+                };
+                let parsed: Result<Faults, _> =
+                    serde_json::from_value(serde_json::json!({ *name: value }));
+                let parsed = parsed.unwrap_or_else(|e| panic!("{name} refused: {e}"));
+                assert_ne!(parsed, Faults::default(), "{name} changed nothing");
+            }
+        }
+        // Every flag that is not about the simulator itself is a fault in the table.
+        let not_faults = [
+            "listen",
+            "token_ttl",
+            "rate_limit",
+            "rate_limit_status",
+            "access_token",
+            "refresh_token",
+            "client_id",
+            "client_secret",
+            "auth_code",
+        ];
+        for flag in &flags {
+            assert!(
+                not_faults.contains(&flag.as_str()) || FAULT_NAMES.iter().any(|(f, _)| f == flag),
+                "flag --{flag} is neither a fault in FAULT_NAMES nor a simulator setting"
+            );
+        }
+    }
 
     #[test]
     fn no_faults_means_empty_plan() {

@@ -62,7 +62,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-pub use faults::{Faults, Force401, Force429};
+pub use faults::{Faults, Force401, Force429, FAULT_NAMES};
 pub use limit::{RateLimit, RateLimitParseError};
 pub use serve::{run_cli, spawn, SimHandle};
 pub use stats::token_hash;
@@ -150,6 +150,7 @@ impl SimArgs {
                 force_401: None,
                 token_endpoint_down: self.token_endpoint_down,
                 path_prefix: self.fault_path_prefix.clone(),
+                insights_latency_ms: None,
             },
             insights_latency: self.insights_latency,
             ..SimOptions::default()
@@ -223,6 +224,14 @@ pub(crate) struct Sim {
 }
 
 impl Sim {
+    /// `--insights-latency`, unless the fault JSON set `insights_latency` since.
+    fn insights_latency(&self) -> Duration {
+        self.faults
+            .current()
+            .insights_latency_ms
+            .map_or(self.insights_latency, Duration::from_millis)
+    }
+
     fn new(opts: &SimOptions, local_addr: SocketAddr) -> Self {
         Sim {
             tokens: oauth::Tokens::new(opts, tokio::time::Instant::now()),

@@ -54,6 +54,14 @@ pub enum TokenError {
     NotRefreshable,
     #[error("re-authorisation needed: refresh token refused (invalid_grant)")]
     InvalidGrant,
+    /// `invalid_grant` to an authorisation code: it was used already, expired or was issued
+    /// for another client or redirect URI.
+    #[error(
+        "the authorisation code was refused (invalid_grant): a code works once and only for a \
+         few minutes; authorise again in the browser and run `cxgate token init --code` with \
+         the new code (and the same --redirect-uri it was issued for)"
+    )]
+    CodeRefused,
     #[error("token_url is not a valid http(s) URL")]
     BadTokenUrl,
     #[error("token endpoint unreachable: {0}")]

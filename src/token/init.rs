@@ -105,7 +105,13 @@ pub(crate) async fn init_from_code_with(
     // Before the exchange: a single-use code must not be spent on a file that cannot be made.
     make_parent(&path)?;
     let grant = Grant::Code { code, redirect_uri };
-    let granted = oauth::exchange(client, oauth, &Secret::new(secret), grant).await?;
+    let granted = oauth::exchange(client, oauth, &Secret::new(secret), grant)
+        .await
+        .map_err(|e| match e {
+            // The refused grant here is the code, not a refresh token.
+            TokenError::InvalidGrant => TokenError::CodeRefused,
+            other => other,
+        })?;
     let record = TokenRecord {
         access: granted.access,
         refresh: granted.refresh,

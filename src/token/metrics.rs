@@ -3,8 +3,10 @@
 //!
 //! The expiry gauge is computed at scrape time by a custom collector, so it is exact
 //! without a timer task. It holds only a `Weak` link to the token state, so the registry
-//! does not keep a dropped manager alive; with no known expiry (a static token) it exports
-//! no sample rather than a made-up number. Neither metric ever carries token text.
+//! does not keep a dropped manager alive. A token with no expiry (a static token, or a file
+//! without `expires_at`) exports `+Inf`: it never expires, and the series is there from the
+//! first scrape, so `cxgate_token_expiry_seconds < 300` stays false rather than absent.
+//! Neither metric ever carries token text.
 
 use std::sync::Weak;
 
@@ -36,9 +38,10 @@ impl<S: ExpirySource> Collector for ExpiryCollector<S> {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        match self.source.upgrade().and_then(|s| s.seconds_left()) {
-            Some(seconds) => {
-                self.gauge.set(seconds);
+        match self.source.upgrade() {
+            Some(source) => {
+                self.gauge
+                    .set(source.seconds_left().unwrap_or(f64::INFINITY));
                 self.gauge.collect()
             }
             None => Vec::new(),
@@ -53,7 +56,8 @@ pub(crate) fn register<S: ExpirySource + 'static>(
 ) -> Result<TokenMetrics, TokenError> {
     let gauge = Gauge::with_opts(Opts::new(
         "cxgate_token_expiry_seconds",
-        "Seconds until the upstream access token expires (negative once expired).",
+        "Seconds until the upstream access token expires (negative once expired, +Inf for a \
+         token without expiry).",
     ))
     .map_err(TokenError::Metrics)?;
     registry
@@ -101,7 +105,7 @@ mod tests {
     }
 
     #[test]
-    fn expiry_is_read_at_scrape_time_and_absent_when_unknown() {
+    fn expiry_is_read_at_scrape_time_and_infinite_when_unknown() {
         let registry = Registry::new();
         let known = Arc::new(Fixed(Some(42.0)));
         let metrics = register(&registry, Arc::downgrade(&known));
@@ -115,10 +119,10 @@ mod tests {
         let registry = Registry::new();
         let unknown = Arc::new(Fixed(None));
         let _metrics = register(&registry, Arc::downgrade(&unknown));
-        assert!(
-            gauge_values(&registry).is_empty(),
-            "expected no gauge sample without a known expiry, saw {:?}",
-            gauge_values(&registry)
+        assert_eq!(
+            gauge_values(&registry),
+            vec![f64::INFINITY],
+            "expected +Inf for a token that never expires"
         );
     }
 

@@ -303,6 +303,9 @@ impl TokenManager {
     /// The token's state for `/admin/status`; holds no secret.
     pub fn status_json(&self) -> serde_json::Value {
         let seconds_left = self.inner.seconds_left();
+        // The same reason `/readyz` gives, so a held token that cannot be sent (a space in
+        // it) is named here too, not only by a 503.
+        let unusable = self.readiness().err();
         let state = self.inner.lock();
         json!({
             "source": match self.inner.source { Source::File(_) => "file", Source::Env => "env" },
@@ -314,7 +317,8 @@ impl TokenManager {
             "needs_reauthorisation": state.reauth,
             "refreshable": self.inner.refreshable(&state),
             "saved": !state.unsaved,
-            "last_error": state.last_failure.as_ref().map(|(_, e)| e.to_string()),
+            "usable": unusable.is_none(),
+            "last_error": state.last_failure.as_ref().map(|(_, e)| e.to_string()).or(unusable),
         })
     }
 

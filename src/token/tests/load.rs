@@ -248,7 +248,14 @@ async fn token_init_exchanges_an_authorisation_code() {
     );
     let bad = init::init_from_code_with(&settings, &http, "wrong", None, &endpoint::env).await;
     assert!(
-        matches!(bad, Err(TokenError::InvalidGrant)),
-        "expected InvalidGrant, saw {bad:?}"
+        matches!(bad, Err(TokenError::CodeRefused)),
+        "expected the code named as refused, saw {bad:?}"
+    );
+    let said = bad.unwrap_err().to_string();
+    assert!(
+        said.contains("authorisation code was refused")
+            && !said.contains("refresh token")
+            && said.contains("cxgate token init --code"),
+        "expected the code, not a refresh token, named with what to do, saw {said}"
     );
 }
