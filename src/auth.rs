@@ -1,4 +1,4 @@
-//! Client keys, scopes and accounts (CONTRACT 3.2).
+//! Client keys, scopes and accounts.
 //!
 //! Clients present a gateway key where their CX Social token used to be. The configuration
 //! holds keys only as SHA-256; a presented key is hashed once and compared against every

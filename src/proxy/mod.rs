@@ -22,6 +22,7 @@ mod request;
 
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
+pub use leak::KeyScan;
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
 };
@@ -334,7 +335,7 @@ impl Gateway {
         // Moved, not cloned: the access log reads it back from the response.
         headers.insert(X_REQUEST_ID.clone(), request_id);
         // The gateway answered for a forwarded request itself (a timeout, an unreachable
-        // upstream, no budget): still say how the cache took it (CONTRACT 3.4). Hits always
+        // upstream, no budget): still say how the cache took it (see the README). Hits always
         // carry their own, so the header is only looked for when it could be missing.
         let fwd = match outcome.cache {
             "miss" => Some("cxgate; fwd=uri-miss"),
@@ -352,8 +353,8 @@ impl Gateway {
             headers.insert(RATELIMIT.clone(), current);
         }
         if outcome.client.is_some() {
-            // The API's own fields, for client code written against the API (CONTRACT
-            // names them): on every answer to a known client, 429s included.
+            // The API's own fields, for client code written against the API: on every
+            // answer to a known client, 429s included.
             let [limit, remaining, reset] = self.inner.budget.api_headers(outcome.client_label());
             let refused = resp.status() == StatusCode::TOO_MANY_REQUESTS;
             let headers = resp.headers_mut();

@@ -1,4 +1,4 @@
-//! What a client sent, checked before anything else happens (CONTRACT 3.1 and 3.3).
+//! What a client sent, checked before anything else happens.
 //!
 //! Requests that could reach somewhere other than `upstream.base_url` (absolute-form targets
 //! for other hosts, CONNECT, dot-segments raw or percent-encoded) are refused here, before
