@@ -105,7 +105,13 @@ async fn a_key_in_x_request_id_is_replaced_never_forwarded() {
 }
 
 /// One request that must be refused: what it shows, method, target, headers, body.
-type Case = (&'static str, Method, String, Vec<(&'static str, String)>, String);
+type Case = (
+    &'static str,
+    Method,
+    String,
+    Vec<(&'static str, String)>,
+    String,
+);
 
 /// Another client's key anywhere in what would be forwarded (query value, header, form,
 /// multipart, JSON string escaped or not, text body; raw or percent-encoded) is 400 and
