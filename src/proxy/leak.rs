@@ -19,9 +19,9 @@ use crate::auth::Clients;
 
 use super::request::carries_key;
 
-/// Shorter candidates are not hashed: every word of a value would be. A configured key
-/// shorter than this is found only when it is the caller's own.
-pub const MIN_KEY: usize = 8;
+/// Shorter candidates are not hashed (a key that short is guessed faster than found). A
+/// configured key shorter than this is found only when it is the caller's own.
+pub const MIN_KEY: usize = 4;
 /// Longer runs are not keys anyone types or generates.
 pub const MAX_KEY: usize = 256;
 /// Percent-decodings tried after the raw bytes.
@@ -93,14 +93,23 @@ fn tokens(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     text.split(|&b| !key_byte(b)).filter(|t| t.len() >= MIN_KEY)
 }
 
-/// The candidates one token offers: itself, and each piece between `=` runs (`note=KEY`,
-/// `a=KEY==`), with and without the `=` padding after it, and with the punctuation that
-/// ends a sentence or a list (`.`, `-`, `~`, `_`) trimmed off its ends.
+/// The candidates one token offers, each once: itself, and each piece between `=` runs
+/// (`note=KEY`, `a=KEY==`), with and without the `=` padding after it, and with the
+/// punctuation that ends a sentence or a list (`.`, `-`, `~`, `_`) trimmed off its ends.
 fn candidates(token: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let whole = (token.len() <= MAX_KEY).then_some(token);
-    let mut pieces = Vec::new();
-    let mut start = 0;
-    while start < token.len() && pieces.len() < MAX_PIECES {
+    let fits = |len: usize| (MIN_KEY..=MAX_KEY).contains(&len);
+    let whole = fits(token.len()).then_some(token);
+    // Most tokens are words with nothing to cut: no allocation for them.
+    let plain = !token.contains(&b'=') && trim_punctuation(token) == (0, token.len());
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    let mut add = |range: (usize, usize)| {
+        if fits(range.1 - range.0) && range != (0, token.len()) && !ranges.contains(&range) {
+            ranges.push(range);
+        }
+    };
+    let mut start = if plain { token.len() } else { 0 };
+    let mut pieces = 0;
+    while start < token.len() && pieces < MAX_PIECES {
         let end = token[start..]
             .iter()
             .position(|&b| b == b'=')
@@ -109,26 +118,24 @@ fn candidates(token: &[u8]) -> impl Iterator<Item = &[u8]> {
             .iter()
             .position(|&b| b != b'=')
             .map_or(token.len(), |p| end + p);
-        let piece = &token[start..end];
-        let trimmed = trim_punctuation(piece);
-        pieces.push(piece);
-        pieces.push(&token[start..padded]);
-        if trimmed.len() != piece.len() {
-            pieces.push(trimmed);
-        }
+        let (from, to) = trim_punctuation(&token[start..end]);
+        add((start, end));
+        add((start, padded));
+        add((start + from, start + to));
+        pieces += 1;
         start = padded.max(start + 1);
     }
     whole
         .into_iter()
-        .chain(pieces)
-        .filter(|c| (MIN_KEY..=MAX_KEY).contains(&c.len()))
+        .chain(ranges.into_iter().map(move |(from, to)| &token[from..to]))
 }
 
-fn trim_punctuation(piece: &[u8]) -> &[u8] {
+/// The range of `piece` left once the edge punctuation is trimmed.
+fn trim_punctuation(piece: &[u8]) -> (usize, usize) {
     let edge = |b: &u8| matches!(b, b'.' | b'-' | b'~' | b'_');
     let from = piece.iter().position(|b| !edge(b)).unwrap_or(piece.len());
     let to = piece.iter().rposition(|b| !edge(b)).map_or(from, |p| p + 1);
-    &piece[from..to]
+    (from, to)
 }
 
 /// One percent-decoding; an invalid escape stays as it is.
@@ -221,8 +228,22 @@ mod tests {
 
     #[test]
     fn candidates_stay_within_a_few_per_token() {
-        let token = "a=".repeat(100);
+        let token = "abcd=".repeat(100);
         assert!(candidates(token.as_bytes()).count() <= 3 * MAX_PIECES + 1);
+        let plain: Vec<&[u8]> = candidates(b"plainword").collect();
+        assert_eq!(plain, [b"plainword".as_slice()], "each candidate once");
+        let padded: Vec<&[u8]> = candidates(b"note=KEYKEY==").collect();
+        assert_eq!(
+            padded,
+            [
+                b"note=KEYKEY==".as_slice(),
+                b"note",
+                b"note=",
+                b"KEYKEY",
+                b"KEYKEY=="
+            ],
+            "the token, its pieces, with and without padding"
+        );
         let long = vec![b'a'; 10_000];
         assert_eq!(candidates(&long).count(), 0, "a run past MAX_KEY is no key");
     }

@@ -22,12 +22,17 @@ use cxgate::sim::SimOptions;
 /// Another client's key, as the README's recipe makes them (base64 of random bytes).
 const OTHER: &str = "b3RoZXIta2V5LWZvci1hbm90aGVyLWNsaWVudA==";
 
-/// The gateway in front of `base` with two clients: `KEY` (read and write) and `OTHER`.
-async fn two_clients(base: &str, extra: &str) -> Env {
+/// A third client's key, as short as some operators pick them.
+const SHORT: &str = "rwkey";
+
+/// The gateway in front of `base` with three clients: `KEY` (read and write), `OTHER` and
+/// `SHORT`.
+async fn keyed_gateway(base: &str, extra: &str) -> Env {
     let clients = format!(
-        "{}{}",
+        "{}{}{}",
         common::client_toml("mine", KEY, "scopes = [\"read\", \"write\"]"),
         common::client_toml("theirs", OTHER, "scopes = [\"read\"]"),
+        common::client_toml("short", SHORT, "scopes = [\"read\"]"),
     );
     common::start_custom(
         SimOptions::default(),
@@ -53,7 +58,7 @@ fn is_fresh_id(id: &str) -> bool {
 #[tokio::test]
 async fn a_key_in_x_request_id_is_replaced_never_forwarded() {
     let (base, seen, upstream) = scripted_upstream(ok_script()).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
     for id in [
         KEY.to_string(),
@@ -119,7 +124,7 @@ type Case = (
 #[tokio::test]
 async fn another_clients_key_is_never_forwarded() {
     let (base, seen, upstream) = scripted_upstream(ok_script()).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
     let path = "/me/permissions";
     let escaped = format!("\\u0062{}", &OTHER[1..]);
@@ -153,6 +158,20 @@ async fn another_clients_key_is_never_forwarded() {
             Method::GET,
             path.into(),
             vec![("accept", OTHER.to_string())],
+            String::new(),
+        ),
+        (
+            "a short key in Accept",
+            Method::GET,
+            path.into(),
+            vec![("accept", SHORT.to_string())],
+            String::new(),
+        ),
+        (
+            "a short key in a list",
+            Method::GET,
+            format!("{path}?ids=1,{SHORT},3"),
+            vec![],
             String::new(),
         ),
         (
@@ -227,7 +246,7 @@ async fn another_clients_key_is_never_forwarded() {
 #[tokio::test]
 async fn two_authorizations_are_refused() {
     let (base, seen, upstream) = scripted_upstream(ok_script()).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     let url = env.url("/me/permissions");
     let mine = format!("Bearer {KEY}");
     let theirs = format!("Bearer {OTHER}");
@@ -275,7 +294,7 @@ async fn two_authorizations_are_refused() {
 #[tokio::test]
 async fn folded_method_override_names_get_400() {
     let (base, seen, upstream) = scripted_upstream(ok_script()).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     for target in [
         "/me/permissions?_method[]=DELETE",
         "/me/permissions?_method[x]=DELETE",
@@ -379,7 +398,7 @@ async fn an_announced_answer_too_large_is_refused_before_reading() {
             .into_boxed_slice(),
         );
         let (base, count, upstream) = raw_upstream(head, Duration::from_secs(10)).await;
-        let env = two_clients(&base, "").await;
+        let env = keyed_gateway(&base, "").await;
         let started = Instant::now();
         let answer = env.get("/me/permissions").await;
         let took = started.elapsed();
@@ -408,7 +427,7 @@ async fn an_announced_answer_too_large_is_refused_before_reading() {
 #[tokio::test]
 async fn a_write_read_then_dropped_says_it_may_have_been_applied() {
     let (base, count, upstream) = raw_upstream(b"", Duration::ZERO).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
     let answer = env
         .send(
@@ -448,7 +467,7 @@ async fn a_write_read_then_dropped_says_it_may_have_been_applied() {
     env.stop().await;
     upstream.abort();
     let port = common::free_port();
-    let env = two_clients(&format!("http://127.0.0.1:{port}"), "").await;
+    let env = keyed_gateway(&format!("http://127.0.0.1:{port}"), "").await;
     let answer = env.post_form("/me/permissions", "note=hello").await;
     let text = answer.json()["error_description"]
         .as_str()
@@ -488,7 +507,7 @@ async fn gzip_under_empty_or_missing_labels_is_refused() {
         }
     });
     let (base, seen, upstream) = scripted_upstream(script).await;
-    let env = two_clients(&base, "").await;
+    let env = keyed_gateway(&base, "").await;
     for path in ["/me/empty", "/me/none", "/me/typed"] {
         let answer = env.get(path).await;
         assert_eq!(answer.status, 502, "{path}: expected 502, saw {answer:?}");
@@ -567,7 +586,7 @@ async fn tokens_in_layered_encodings_refuse_the_answer() {
     });
     let (base, seen, upstream) = scripted_upstream(script).await;
     let extra = "[[routes]]\nmatch = \"GET /me/{kind}\"\nttl = \"10m\"\n";
-    let env = two_clients(&base, extra).await;
+    let env = keyed_gateway(&base, extra).await;
     for (path, _) in &bodies {
         for round in 0..2 {
             let answer = env.get(path).await;
