@@ -159,9 +159,57 @@ fn rewrite(c: &mut Criterion) {
     });
 }
 
+/// What the key scan adds to a request: the forwarded headers of a browser-like client,
+/// a query and a 1 KB JSON body, checked against 20 configured clients (each of its values
+/// cut into tokens, hashed and looked up, and searched for the caller's own key).
+fn key_scan(c: &mut Criterion) {
+    let mut text = String::from("upstream.base_url=\"http://x\"\ntoken.file=\"t\"\n");
+    for i in 0..20 {
+        let key = format!("client-key-number-{i:02}-abcdefgh");
+        text.push_str(&format!(
+            "[[clients]]\nname=\"c{i}\"\nkey_sha256=\"{}\"\n",
+            cxgate::auth::sha256_hex(key.as_bytes())
+        ));
+    }
+    let cfg = cxgate::config::parse(&text).expect("config");
+    let clients = cxgate::auth::Clients::from_config(&cfg);
+    let own = "client-key-number-03-abcdefgh";
+    let headers: [&[u8]; 4] = [
+        b"Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0",
+        b"application/json, text/plain, */*",
+        b"en-GB,en;q=0.9,nl;q=0.8",
+        b"\"W/\\\"5f3c2a1b9e8d7c6b\\\"\"",
+    ];
+    let query = b"date_from=1700000000&date_to=1700086400&limit=50&filter=status%3Aopen";
+    let body: String = format!(
+        "{{\"items\":[{}]}}",
+        (0..20)
+            .map(|i| format!("{{\"id\":{i},\"text\":\"reply number {i} to the customer\"}}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let scan = cxgate::proxy::KeyScan::new(&clients, Some(own));
+    c.bench_function("key_scan/headers + query, no body", |b| {
+        b.iter(|| {
+            let found = headers.iter().any(|h| scan.in_value(black_box(h)))
+                || scan.in_value(black_box(query));
+            assert!(!found);
+        })
+    });
+    c.bench_function("key_scan/headers + query + 1 KB JSON body", |b| {
+        b.iter(|| {
+            let found = headers.iter().any(|h| scan.in_value(black_box(h)))
+                || scan.in_value(black_box(query))
+                || scan.in_value(black_box(body.as_bytes()))
+                || scan.in_json(black_box(body.as_bytes()));
+            assert!(!found);
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = route_and_key, hit_path, admission, rewrite
+    targets = route_and_key, hit_path, admission, rewrite, key_scan
 }
 criterion_main!(benches);

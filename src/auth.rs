@@ -1,4 +1,4 @@
-//! Client keys, scopes and accounts (CONTRACT 3.2).
+//! Client keys, scopes and accounts.
 //!
 //! Clients present a gateway key where their CX Social token used to be. The configuration
 //! holds keys only as SHA-256; a presented key is hashed once and compared against every
@@ -81,6 +81,8 @@ pub struct Clients {
     entries: Vec<Entry>,
     /// Who every caller is when no clients are configured; built once, lent to each request.
     anonymous: Client,
+    /// Every configured key hash, for finding any client's key where none belongs.
+    hashes: std::collections::HashSet<[u8; 32]>,
 }
 
 /// One configured client.
@@ -122,7 +124,15 @@ impl Clients {
                 })
                 .collect(),
             anonymous: Client::anonymous(),
+            hashes: cfg.clients.iter().map(|c| c.key_sha256).collect(),
         }
+    }
+
+    /// Whether `candidate` is some configured client's key. Not constant time: it answers
+    /// where a key must not be (a forwarded value), not who is calling, and only a digest
+    /// is compared.
+    pub fn is_some_key(&self, candidate: &[u8]) -> bool {
+        !self.hashes.is_empty() && self.hashes.contains(&sha256(candidate))
     }
 
     /// Anonymous mode: no clients configured.

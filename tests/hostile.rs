@@ -1153,6 +1153,9 @@ async fn an_escaped_account_id_does_not_escape_the_account_limit() {
     upstream.abort();
 }
 
+/// Keys and method overrides where none belongs; upstreams that misbehave around bodies.
+#[path = "hostile/keys.rs"]
+mod keys;
 /// The request-level classes (account spellings, header allowlist, keys in bodies,
 /// compressed answers, `Vary` under merging, 401 storms, redaction, interim answers).
 #[path = "hostile/requests.rs"]

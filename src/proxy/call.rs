@@ -14,6 +14,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use super::forward::{self, Fetched};
 use super::{Gateway, State};
 use crate::error::GatewayError;
+use crate::upstream::hidden::hides_secret;
 use crate::upstream::rewrite::carries_secret;
 
 /// An upstream call, owned.
@@ -131,6 +132,15 @@ impl Gateway {
         if let Some(body) = rewriter.rewrite_body(&fetched.body, &exposed) {
             fetched.body = body;
         }
+        // What redaction could not replace (a token under layers of escapes, or in UTF-16)
+        // must not reach a client or the cache: the whole answer is refused.
+        if hides_secret(&fetched.body, &exposed) {
+            return Err(GatewayError::UpstreamUnreachable(
+                "the upstream answer holds a token in an encoding the gateway cannot \
+                 redact (layered escapes or UTF-16/32), so it is refused"
+                    .into(),
+            ));
+        }
         // Headers that point somewhere: a client following one (paging by `Link`, say) must
         // come back through the gateway and never see the real token in it.
         rewrite_header(&mut fetched.headers, header::LOCATION, |v| {
@@ -156,7 +166,7 @@ impl Gateway {
                     let (name, value) = (name.as_str().as_bytes(), v.as_bytes());
                     exposed.iter().zip(&lowered).any(|(s, low)| {
                         contains(value, s.as_bytes()) || contains(name, low.as_bytes())
-                    }) || carries_secret(value, &exposed)
+                    }) || hides_secret(value, &exposed)
                         || carries_secret(name, &lowered)
                 })
                 .map(|(name, _)| name.clone())

@@ -202,10 +202,16 @@ pub async fn exchange(
     timeout: Duration,
     buffers: &std::sync::Arc<super::Buffers>,
 ) -> Result<Fetched, GatewayError> {
+    let write = !matches!(*req.method(), Method::GET | Method::HEAD);
     let work = async {
         let resp = client.request(req).await.map_err(|e| {
             let what = if e.is_connect() {
                 "connect failed"
+            } else if write {
+                // The connection was up, so the request (or part of it) went out: the
+                // upstream may have acted on it even though no answer came back.
+                "the connection failed after the request was sent, so the write may have \
+                 been applied upstream; do not retry it blindly"
             } else {
                 "connection failed"
             };
@@ -213,12 +219,16 @@ pub async fn exchange(
         })?;
         let (parts, body) = resp.into_parts();
         // What the upstream announces is held before a byte is read: an answer that cannot
-        // fit is refused at once instead of after it has been read.
-        let announced = hyper::body::Body::size_hint(&body)
-            .lower()
-            .min(MAX_UPSTREAM_BODY as u64);
+        // fit (in `max_buffered_bytes`: 503, or past the answer bound: 502) is refused at
+        // once instead of after it has been read.
+        let announced = hyper::body::Body::size_hint(&body).lower();
         let held = buffers.hold(announced)?;
         let limit = MAX_UPSTREAM_BODY as u64;
+        if announced > limit {
+            return Err(GatewayError::UpstreamUnreachable(format!(
+                "answer body refused: its Content-Length is larger than {MAX_UPSTREAM_BODY} bytes"
+            )));
+        }
         let body = super::buffers::collect(body, limit, None, &held, announced)
             .await
             .map_err(|e| match e {

@@ -14,6 +14,7 @@
 mod buffers;
 mod call;
 mod forward;
+mod leak;
 mod read;
 mod recent;
 mod reply;
@@ -21,6 +22,7 @@ mod request;
 
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
+pub use leak::KeyScan;
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
 };
@@ -299,8 +301,14 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let started = Instant::now();
-        let request_id = request_id(req.headers());
         let state = self.state();
+        let request_id = {
+            let key = client_key(req.headers(), req.uri().query());
+            request_id(
+                req.headers(),
+                &leak::KeyScan::new(&state.clients, key.as_deref()),
+            )
+        };
         let method = req.method().clone();
         let mut outcome = Outcome {
             state: &state,
@@ -336,7 +344,7 @@ impl Gateway {
         // Moved, not cloned: the access log reads it back from the response.
         headers.insert(X_REQUEST_ID.clone(), request_id);
         // The gateway answered for a forwarded request itself (a timeout, an unreachable
-        // upstream, no budget): still say how the cache took it (CONTRACT 3.4). Hits always
+        // upstream, no budget): still say how the cache took it (see the README). Hits always
         // carry their own, so the header is only looked for when it could be missing.
         let fwd = match outcome.cache {
             "miss" => Some("cxgate; fwd=uri-miss"),
@@ -484,6 +492,7 @@ impl Gateway {
                 "a GET or HEAD request must not carry a body",
             ));
         }
+        request::one_authorization(&parts.headers)?;
         let header_key = client_key(&parts.headers, None);
         let query_keys = query.map(request::query_keys).unwrap_or_default();
         let mut body = Some(body);
@@ -601,22 +610,22 @@ impl Gateway {
         }
         let query = strip_access_token(query);
         let query = query.as_deref();
-        if let Some(key) = key {
-            let in_headers = parts
-                .headers
-                .iter()
-                .filter(|(name, _)| forward::forwarded(name))
-                .any(|(_, v)| request::carries_key(v.as_bytes(), key));
-            if in_headers
-                || request::carries_key(&body, key)
-                || request::json_carries_key(&parts.headers, &body, key)
-                || query.is_some_and(|q| request::carries_key(q.as_bytes(), key))
-            {
-                return Err(GatewayError::BadRequest(
-                    "the gateway key may only be sent as the bearer token, the access_token \
-                     parameter or the access_token form field",
-                ));
-            }
+        // The caller's key and every other client's, wherever they are left.
+        let scan = leak::KeyScan::new(&state.clients, key);
+        let in_headers = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| forward::forwarded(name))
+            .any(|(_, v)| scan.in_value(v.as_bytes()));
+        if in_headers
+            || scan.in_value(&body)
+            || (request::is_json_body(&parts.headers) && scan.in_json(&body))
+            || query.is_some_and(|q| scan.in_value(q.as_bytes()))
+        {
+            return Err(GatewayError::BadRequest(
+                "a gateway key may only be sent as the bearer token, the access_token \
+                 parameter or the access_token form field, and only the caller's own",
+            ));
         }
 
         let route_index = outcome.route;
@@ -860,11 +869,14 @@ fn is_sim_control(path: &str) -> bool {
     })
 }
 
-/// The client's `X-Request-Id` if it is a sane token, else a fresh one.
-fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+/// The client's `X-Request-Id` if it is a sane token (1 to 128 visible ASCII characters,
+/// no space) holding no gateway key, else a fresh one: it is echoed, logged and forwarded.
+fn request_id(headers: &http::HeaderMap, scan: &leak::KeyScan<'_>) -> HeaderValue {
     if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let ok =
-            v.len() <= 128 && !v.is_empty() && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+        let ok = v.len() <= 128
+            && !v.is_empty()
+            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+            && !scan.in_value(v.as_bytes());
         if ok {
             return v.clone();
         }

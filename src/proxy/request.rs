@@ -1,4 +1,4 @@
-//! What a client sent, checked before anything else happens (CONTRACT 3.1 and 3.3).
+//! What a client sent, checked before anything else happens.
 //!
 //! Requests that could reach somewhere other than `upstream.base_url` (absolute-form targets
 //! for other hosts, CONNECT, dot-segments raw or percent-encoded) are refused here, before
@@ -165,6 +165,7 @@ fn percent_decode(input: &[u8]) -> Option<Vec<u8>> {
 /// parameter. Borrowed from the request unless the query parameter had to be decoded.
 pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<Cow<'a, str>> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
+        // Only the first is read here; `one_authorization` refuses a request with more.
         let text = value.to_str().ok()?;
         let (scheme, rest) = text.split_once(' ')?;
         return scheme
@@ -173,6 +174,22 @@ pub fn client_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<
     }
     let query = query?;
     query_keys(query).into_iter().next()
+}
+
+/// Refuses a request with more than one `Authorization` header: servers disagree on
+/// which counts (the first, the last, both joined), so none is guessed.
+pub fn one_authorization(headers: &HeaderMap) -> Result<(), GatewayError> {
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(GatewayError::BadRequest(
+            "the request carries more than one Authorization header",
+        ));
+    }
+    Ok(())
 }
 
 /// Every value of a key parameter in the query (see [`is_key_name`]).
@@ -194,21 +211,29 @@ pub fn query_keys(query: &str) -> Vec<Cow<'_, str>> {
 /// upstream's language) folds into `access_token`: `access.token`, `access token`,
 /// `access[token`, ` access_token` and the array forms `access_token[]`, `access_token[x]`.
 pub fn is_key_name(raw: &[u8]) -> bool {
+    reads_as_one_of(raw, &["access_token"])
+}
+
+/// Whether a parameter name, as sent (still encoded), is one of `names` to a server:
+/// form-decoded once or, if that leaves escapes, twice, then folded as PHP folds it
+/// ([`php_name`]) and compared in any letter case. The one reading both the key name and
+/// the method-override names go through.
+fn reads_as_one_of(raw: &[u8], names: &[&str]) -> bool {
     let once: String = form_urlencoded::parse(&[raw, b"=".as_slice()].concat())
         .next()
         .map(|(name, _)| name.into_owned())
         .unwrap_or_default();
-    if php_name_is_key(&once) {
+    let is_named = |decoded: &str| {
+        let folded = php_name(decoded);
+        names.iter().any(|n| folded.eq_ignore_ascii_case(n))
+    };
+    if is_named(&once) {
         return true;
     }
     once.contains('%')
         && percent_decode(once.as_bytes())
-            .map(|twice| php_name_is_key(&String::from_utf8_lossy(&twice)))
+            .map(|twice| is_named(&String::from_utf8_lossy(&twice)))
             .unwrap_or(false)
-}
-
-fn php_name_is_key(name: &str) -> bool {
-    php_name(name).eq_ignore_ascii_case("access_token")
 }
 
 /// PHP's reading of a (decoded) parameter name: cut at a NUL, leading spaces dropped, an
@@ -298,7 +323,7 @@ fn take_json_keys(body: Bytes) -> Result<BodyKeys, GatewayError> {
     };
     let named: Vec<String> = members
         .keys()
-        .filter(|name| php_name_is_key(name))
+        .filter(|name| php_name(name).eq_ignore_ascii_case("access_token"))
         .cloned()
         .collect();
     if named.is_empty() {
@@ -326,23 +351,9 @@ fn take_json_keys(body: Bytes) -> Result<BodyKeys, GatewayError> {
     })
 }
 
-/// Whether a JSON body holds `key` in any string, member names included, once unescaped
-/// (`"\u0074est-key"`): what [`carries_key`] cannot see in the raw bytes.
-pub fn json_carries_key(headers: &HeaderMap, body: &[u8], key: &str) -> bool {
-    fn holds(value: &serde_json::Value, key: &str) -> bool {
-        match value {
-            serde_json::Value::String(s) => s.contains(key),
-            serde_json::Value::Array(items) => items.iter().any(|v| holds(v, key)),
-            serde_json::Value::Object(members) => members
-                .iter()
-                .any(|(name, v)| name.contains(key) || holds(v, key)),
-            _ => false,
-        }
-    }
-    if key.is_empty() || !media_type(headers).is_some_and(|m| is_json(&m)) {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| holds(&v, key))
+/// Whether the request says its body is JSON (`application/json`, `application/*+json`).
+pub fn is_json_body(headers: &HeaderMap) -> bool {
+    media_type(headers).is_some_and(|m| is_json(&m))
 }
 
 /// The request's media type, lower-cased, without parameters.
@@ -583,16 +594,30 @@ pub fn carries_key(text: &[u8], key: &str) -> bool {
         .any(matches_at)
 }
 
+/// The query spellings of a method override: Laravel's and Symfony's `_method`, and the
+/// override headers as a query parameter, with hyphens or (as PHP's `$_SERVER` spells
+/// headers) underscores.
+const OVERRIDE_NAMES: &[&str] = &[
+    "_method",
+    "x-http-method-override",
+    "x_http_method_override",
+    "x-http-method",
+    "x_http_method",
+    "x-method-override",
+    "x_method_override",
+];
+
 /// Whether the query asks for another method (`_method=DELETE`,
-/// `X-HTTP-Method-Override=...`, any case or encoding): some frameworks upstream obey it,
-/// which would turn a read into a write past the client's scopes.
+/// `X-HTTP-Method-Override=...`): some frameworks upstream obey it, which would turn a
+/// read into a write past the client's scopes. Names are read exactly as the key name is
+/// ([`is_key_name`]): any case, percent-encoded once or twice, and PHP's folding
+/// (`_method[]`, `_method%00`, ` _method`, `.`/space for `_`).
 pub fn overrides_method(query: &str) -> bool {
-    form_urlencoded::parse(query.as_bytes()).any(|(name, _)| {
-        let name = name.trim().to_ascii_lowercase();
-        matches!(
-            name.as_str(),
-            "_method" | "x-http-method-override" | "x-http-method" | "x-method-override"
-        )
+    query.split('&').any(|pair| {
+        let name = pair.split('=').next().unwrap_or_default();
+        // PHP reads `_method ` as `_method_`, but servers that trim names read `_method`.
+        reads_as_one_of(name.as_bytes(), OVERRIDE_NAMES)
+            || reads_as_one_of(name.trim_end_matches(['+', ' ']).as_bytes(), OVERRIDE_NAMES)
     })
 }
 

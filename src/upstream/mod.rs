@@ -6,6 +6,7 @@
 //! thread ([`ThreadPools`]): client connections live on per-core runtimes, and a pooled
 //! upstream connection used from another runtime than its own costs a thread hop each way.
 
+pub mod hidden;
 pub mod rewrite;
 
 use std::collections::HashMap;

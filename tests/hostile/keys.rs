@@ -1,0 +1,611 @@
+//! Keys and method overrides where none belongs, and upstreams that misbehave around the
+//! body: each shown end to end against an upstream that records what reached it.
+//!
+//! Classes: any configured key (the caller's or another client's) in `X-Request-Id`, the
+//! query, forwarded headers and form, multipart, JSON or text bodies; two `Authorization`
+//! headers; method-override names in every spelling a server folds; an upstream announcing
+//! more than the gateway may buffer; an upstream that reads a write and hangs up; gzip
+//! bodies under every label that hides them.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::common::{self, Env, ACCESS, KEY, ROUTES};
+use super::requests::{gzip, ok_script, scripted_upstream, taken, Got, Reply, Script};
+use super::{raw_request, shown};
+use cxgate::sim::SimOptions;
+
+/// Another client's key, as the README's recipe makes them (base64 of random bytes).
+const OTHER: &str = "b3RoZXIta2V5LWZvci1hbm90aGVyLWNsaWVudA==";
+
+/// A third client's key, as short as some operators pick them.
+const SHORT: &str = "rwkey";
+
+/// The gateway in front of `base` with three clients: `KEY` (read and write), `OTHER` and
+/// `SHORT`.
+async fn keyed_gateway(base: &str, extra: &str) -> Env {
+    let clients = format!(
+        "{}{}{}",
+        common::client_toml("mine", KEY, "scopes = [\"read\", \"write\"]"),
+        common::client_toml("theirs", OTHER, "scopes = [\"read\"]"),
+        common::client_toml("short", SHORT, "scopes = [\"read\"]"),
+    );
+    common::start_custom(
+        SimOptions::default(),
+        "",
+        Some(base),
+        &clients,
+        &format!("{ROUTES}\n{}\n{extra}", common::BIG_BUDGET),
+    )
+    .await
+}
+
+fn percent_all(text: &str) -> String {
+    text.bytes().map(|b| format!("%{b:02X}")).collect()
+}
+
+fn is_fresh_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A client's `X-Request-Id` holding a key (its own or another's, raw or percent-encoded)
+/// is replaced by a fresh id: the key is never echoed, logged (the access log writes the
+/// answer's id) or forwarded. A plain id is kept.
+#[tokio::test]
+async fn a_key_in_x_request_id_is_replaced_never_forwarded() {
+    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    for id in [
+        KEY.to_string(),
+        format!("req:{KEY}"),
+        percent_all(KEY),
+        format!("req:{OTHER}"),
+        format!("req:{}", percent_all(OTHER)),
+    ] {
+        let answer = env
+            .send(
+                Method::GET,
+                &env.url("/me/permissions"),
+                &[("authorization", &auth), ("x-request-id", &id)],
+                "",
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{id}: expected 200, saw {answer:?}");
+        let echoed = answer.header("x-request-id").to_string();
+        assert!(
+            is_fresh_id(&echoed),
+            "{id}: expected a fresh id in place of the key, saw {echoed:?}"
+        );
+        let got = taken(&seen);
+        let sent: Vec<&str> = got
+            .iter()
+            .filter_map(|g| g.headers.get("x-request-id")?.to_str().ok())
+            .collect();
+        assert_eq!(
+            sent,
+            [echoed.as_str()],
+            "{id}: expected the fresh id upstream"
+        );
+    }
+    let answer = env
+        .send(
+            Method::GET,
+            &env.url("/me/permissions"),
+            &[("authorization", &auth), ("x-request-id", "job-42:step-7")],
+            "",
+        )
+        .await;
+    assert_eq!(
+        answer.header("x-request-id"),
+        "job-42:step-7",
+        "a plain id is kept"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
+/// One request that must be refused: what it shows, method, target, headers, body.
+type Case = (
+    &'static str,
+    Method,
+    String,
+    Vec<(&'static str, String)>,
+    String,
+);
+
+/// Another client's key anywhere in what would be forwarded (query value, header, form,
+/// multipart, JSON string escaped or not, text body; raw or percent-encoded) is 400 and
+/// reaches nothing; the same request without it passes.
+#[tokio::test]
+async fn another_clients_key_is_never_forwarded() {
+    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let path = "/me/permissions";
+    let escaped = format!("\\u0062{}", &OTHER[1..]);
+    let multipart = format!(
+        "--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n{OTHER}\r\n--XyZ--\r\n"
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "a query value",
+            Method::GET,
+            format!("{path}?q={OTHER}"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a percent-encoded query value",
+            Method::GET,
+            format!("{path}?q={}", percent_all(OTHER)),
+            vec![],
+            String::new(),
+        ),
+        (
+            "twice percent-encoded",
+            Method::GET,
+            format!("{path}?q={}", percent_all(OTHER).replace('%', "%25")),
+            vec![],
+            String::new(),
+        ),
+        (
+            "the Accept header",
+            Method::GET,
+            path.into(),
+            vec![("accept", OTHER.to_string())],
+            String::new(),
+        ),
+        (
+            "a short key in Accept",
+            Method::GET,
+            path.into(),
+            vec![("accept", SHORT.to_string())],
+            String::new(),
+        ),
+        (
+            "a short key in a list",
+            Method::GET,
+            format!("{path}?ids=1,{SHORT},3"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a form field",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "application/x-www-form-urlencoded".into())],
+            format!("note={OTHER}"),
+        ),
+        (
+            "a multipart field",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "multipart/form-data; boundary=XyZ".into())],
+            multipart,
+        ),
+        (
+            "an escaped JSON string",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "application/json".into())],
+            format!(r#"{{"a":{{"b":["{escaped}"]}}}}"#),
+        ),
+        (
+            "a text body",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "text/plain".into())],
+            format!("my colleague's key is {OTHER}."),
+        ),
+    ];
+    for (what, method, target, headers, body) in cases {
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let answer = env.send(method, &env.url(&target), &all, &body).await;
+        let got = taken(&seen);
+        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
+        assert_eq!(
+            answer.json()["error"],
+            "bad_request",
+            "{what}: expected the error envelope"
+        );
+        assert!(
+            got.is_empty(),
+            "{what}: expected nothing upstream, saw {} requests",
+            got.len()
+        );
+    }
+    let answer = env
+        .send(
+            Method::POST,
+            &env.url(path),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "note=b3RoZXIta2V5",
+        )
+        .await;
+    assert_eq!(answer.status, 200, "a harmless body passes, saw {answer:?}");
+    assert_eq!(
+        taken(&seen).len(),
+        1,
+        "expected the harmless write forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
+/// Two `Authorization` headers, even with one key, are 400; so are a header and an
+/// `access_token` with different keys.
+#[tokio::test]
+async fn two_authorizations_are_refused() {
+    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let env = keyed_gateway(&base, "").await;
+    let url = env.url("/me/permissions");
+    let mine = format!("Bearer {KEY}");
+    let theirs = format!("Bearer {OTHER}");
+    for (what, headers, target) in [
+        (
+            "two keys",
+            vec![
+                ("authorization", mine.as_str()),
+                ("authorization", theirs.as_str()),
+            ],
+            url.clone(),
+        ),
+        (
+            "one key twice",
+            vec![
+                ("authorization", mine.as_str()),
+                ("authorization", mine.as_str()),
+            ],
+            url.clone(),
+        ),
+        (
+            "theirs first",
+            vec![
+                ("authorization", theirs.as_str()),
+                ("authorization", mine.as_str()),
+            ],
+            url.clone(),
+        ),
+        (
+            "header and query",
+            vec![("authorization", mine.as_str())],
+            format!("{url}?access_token={}", OTHER.replace('=', "%3D")),
+        ),
+    ] {
+        let answer = env.send(Method::GET, &target, &headers, "").await;
+        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
+        assert!(taken(&seen).is_empty(), "{what}: expected nothing upstream");
+    }
+    env.stop().await;
+    upstream.abort();
+}
+
+/// Method-override names in every spelling PHP folds (arrays, NUL, `.` and space), any
+/// case, percent-encoded once or twice, with underscores for hyphens: 400, nothing sent.
+#[tokio::test]
+async fn folded_method_override_names_get_400() {
+    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let env = keyed_gateway(&base, "").await;
+    for target in [
+        "/me/permissions?_method[]=DELETE",
+        "/me/permissions?_method[x]=DELETE",
+        "/me/permissions?_method%00=DELETE",
+        "/me/permissions?_method%00x=DELETE",
+        "/me/permissions?%255Fmethod=DELETE",
+        "/me/permissions?%5Fmethod=DELETE",
+        "/me/permissions?+_method=DELETE",
+        "/me/permissions?x_http_method_override=DELETE",
+        "/me/permissions?X_HTTP_METHOD_OVERRIDE=DELETE",
+        "/me/permissions?x.http.method.override=DELETE",
+        "/me/permissions?x_method_override=PUT",
+        "/me/permissions?x-http-method=PUT",
+    ] {
+        let answer = common::raw_exchange(env.gw.addr, &raw_request("GET", target, "")).await;
+        assert_eq!(
+            answer.status(),
+            Some(400),
+            "{target}: saw {:?}",
+            shown(&answer.bytes)
+        );
+    }
+    assert!(taken(&seen).is_empty(), "expected no override forwarded");
+    let fine = common::raw_exchange(
+        env.gw.addr,
+        &raw_request("GET", "/me/permissions?my_method=x&method=y", ""),
+    )
+    .await;
+    assert_eq!(
+        fine.status(),
+        Some(200),
+        "other names pass: {:?}",
+        shown(&fine.bytes)
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
+/// An upstream on 127.0.0.1:0 speaking raw HTTP/1.1: it reads each request's head and
+/// `Content-Length` body, counts it, writes `answer` (nothing when empty), keeps the
+/// connection open for `hold`, then closes it.
+async fn raw_upstream(
+    answer: &'static [u8],
+    hold: Duration,
+) -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the raw upstream");
+    let base = format!("http://{}", listener.local_addr().expect("local addr"));
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                loop {
+                    if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                    match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                        Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                if !answer.is_empty() {
+                    let _ = stream.write_all(answer).await;
+                }
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    (base, count, task)
+}
+
+/// An upstream announcing more than `max_buffered_bytes` is refused with 503 `overloaded`
+/// by its `Content-Length`, before a byte of it is read; one announcing more than the
+/// answer bound (64 MiB) but less than the pool, with 502 at once.
+#[tokio::test]
+async fn an_announced_answer_too_large_is_refused_before_reading() {
+    for (length, status, kind) in [
+        (300u64 << 20, 503, "overloaded"),
+        (100u64 << 20, 502, "upstream_unreachable"),
+    ] {
+        let head: &'static [u8] = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"a\":"
+            )
+            .into_bytes()
+            .into_boxed_slice(),
+        );
+        let (base, count, upstream) = raw_upstream(head, Duration::from_secs(10)).await;
+        let env = keyed_gateway(&base, "").await;
+        let started = Instant::now();
+        let answer = env.get("/me/permissions").await;
+        let took = started.elapsed();
+        assert_eq!(
+            answer.status, status,
+            "{length} B: expected {status}, saw {answer:?}"
+        );
+        assert_eq!(answer.json()["error"], kind, "{length} B: expected {kind}");
+        assert!(
+            took < Duration::from_secs(5),
+            "{length} B: expected a refusal without waiting for the body, took {took:?}"
+        );
+        assert_eq!(
+            count.load(Ordering::SeqCst),
+            1,
+            "expected one upstream call"
+        );
+        env.stop().await;
+        upstream.abort();
+    }
+}
+
+/// An upstream that reads a write and hangs up without answering: 502 saying the write
+/// may have been applied, unlike a read on the same upstream ("connection failed") and an
+/// upstream nobody listens on ("connect failed").
+#[tokio::test]
+async fn a_write_read_then_dropped_says_it_may_have_been_applied() {
+    let (base, count, upstream) = raw_upstream(b"", Duration::ZERO).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let answer = env
+        .send(
+            Method::POST,
+            &env.url("/me/permissions"),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            "note=hello",
+        )
+        .await;
+    let description = answer.json()["error_description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(answer.status, 502, "expected 502, saw {answer:?}");
+    assert!(
+        description.contains("may have been applied upstream"),
+        "expected the write called possibly applied, saw {description:?}"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "expected the write sent once, not retried"
+    );
+    let read = env.get("/me/permissions").await;
+    let text = read.json()["error_description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(read.status, 502, "expected 502 for the read, saw {read:?}");
+    assert!(
+        text.contains("connection failed") && !text.contains("may have been applied"),
+        "expected a plain connection failure for a read, saw {text:?}"
+    );
+    env.stop().await;
+    upstream.abort();
+    let port = common::free_port();
+    let env = keyed_gateway(&format!("http://127.0.0.1:{port}"), "").await;
+    let answer = env.post_form("/me/permissions", "note=hello").await;
+    let text = answer.json()["error_description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        answer.status, 502,
+        "expected 502 with no upstream, saw {answer:?}"
+    );
+    assert!(
+        text.contains("connect failed") && !text.contains("may have been applied"),
+        "expected a connect failure, saw {text:?}"
+    );
+    env.stop().await;
+}
+
+/// gzip bodies under the labels that hide them: upstream answers with `Content-Encoding:
+/// ""`, with none, or typed `application/gzip` are 502 (they cannot be scanned); a gzip
+/// request body with `Content-Encoding: ""` is 400. Nothing of them reaches a client.
+#[tokio::test]
+async fn gzip_under_empty_or_missing_labels_is_refused() {
+    let script: Script = Arc::new(|got: &Got| {
+        let body = gzip(br#"{"meta":{"code":200},"response":{"secret":"x"}}"#);
+        let headers: Vec<(String, String)> = match got.target.split('?').next().unwrap_or("") {
+            "/me/empty" => vec![
+                ("content-type".into(), "application/json".into()),
+                ("content-encoding".into(), String::new()),
+            ],
+            "/me/typed" => vec![("content-type".into(), "application/gzip".into())],
+            _ => vec![("content-type".into(), "application/json".into())],
+        };
+        Reply {
+            status: 200,
+            headers,
+            body,
+            delay: Duration::ZERO,
+        }
+    });
+    let (base, seen, upstream) = scripted_upstream(script).await;
+    let env = keyed_gateway(&base, "").await;
+    for path in ["/me/empty", "/me/none", "/me/typed"] {
+        let answer = env.get(path).await;
+        assert_eq!(answer.status, 502, "{path}: expected 502, saw {answer:?}");
+        assert_eq!(answer.json()["error"], "upstream_unreachable", "{path}");
+    }
+    taken(&seen);
+    let auth = format!("Bearer {KEY}");
+    let body = gzip(b"note=hello");
+    let req = http::Request::builder()
+        .method(Method::POST)
+        .uri(env.url("/me/permissions"))
+        .header("authorization", &auth)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("content-encoding", "")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("request");
+    let resp = env.http.request(req).await.expect("gateway answered");
+    assert_eq!(
+        resp.status(),
+        400,
+        "expected a gzip request body labelled \"\" refused"
+    );
+    assert!(taken(&seen).is_empty(), "expected nothing upstream");
+    env.stop().await;
+    upstream.abort();
+}
+
+/// A held token in an encoding redaction cannot replace in place (UTF-16 by BOM or NUL
+/// pattern, `\u0025` + hex, percent-encoded JSON escapes, double percent-encoding) makes
+/// the answer 502: never passed on, never stored (the next read asks the upstream again).
+#[tokio::test]
+async fn tokens_in_layered_encodings_refuse_the_answer() {
+    let pct: String = ACCESS.bytes().map(|b| format!("%{b:02X}")).collect();
+    let utf16 = |text: &str, bom: bool| -> Vec<u8> {
+        let mut out = if bom { vec![0xff, 0xfe] } else { Vec::new() };
+        out.extend(text.encode_utf16().flat_map(|u| u.to_le_bytes()));
+        out
+    };
+    let plain = format!(r#"{{"meta":{{"code":200}},"response":{{"t":"{ACCESS}"}}}}"#);
+    let bodies: Vec<(&'static str, Vec<u8>)> = vec![
+        ("/me/utf16", utf16(&plain, true)),
+        ("/me/utf16nobom", utf16(&plain, false)),
+        (
+            "/me/jsonpct",
+            format!(r#"{{"t":"{}"}}"#, pct.replace('%', "\\u0025")).into_bytes(),
+        ),
+        (
+            "/me/pctjson",
+            format!(
+                r#"{{"t":"{}"}}"#,
+                ACCESS
+                    .bytes()
+                    .map(|b| format!("%5Cu00{b:02X}"))
+                    .collect::<String>()
+            )
+            .into_bytes(),
+        ),
+        (
+            "/me/double",
+            format!(r#"{{"t":"{}"}}"#, pct.replace('%', "%25")).into_bytes(),
+        ),
+    ];
+    let table = Arc::new(bodies.clone());
+    let script: Script = Arc::new(move |got: &Got| {
+        let path = got.target.split('?').next().unwrap_or("");
+        let body = table
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map_or_else(|| b"{}".to_vec(), |(_, b)| b.clone());
+        Reply {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body,
+            delay: Duration::ZERO,
+        }
+    });
+    let (base, seen, upstream) = scripted_upstream(script).await;
+    let extra = "[[routes]]\nmatch = \"GET /me/{kind}\"\nttl = \"10m\"\n";
+    let env = keyed_gateway(&base, extra).await;
+    for (path, _) in &bodies {
+        for round in 0..2 {
+            let answer = env.get(path).await;
+            assert_eq!(
+                answer.status, 502,
+                "{path} #{round}: expected 502, saw {answer:?}"
+            );
+            let text = String::from_utf8_lossy(&answer.body).replace('\0', "");
+            assert!(
+                !text.contains(ACCESS),
+                "{path}: the token reached the client"
+            );
+            assert_eq!(
+                taken(&seen).len(),
+                1,
+                "{path} #{round}: expected nothing stored"
+            );
+        }
+    }
+    env.stop().await;
+    upstream.abort();
+}
