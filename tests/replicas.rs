@@ -1382,3 +1382,54 @@ async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
     }
     c.stop().await;
 }
+
+/// A record holding a token no upstream would take (a 100 KB access token, a refresh token
+/// longer than any real one) is not adopted: every replica keeps its own token, its token
+/// file stays one a restart loads, and it stays ready and serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_token_record_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let far = "2099-01-01T00:00:00Z";
+    let cases = [
+        (
+            80,
+            serde_json::json!({"access_token": "a".repeat(100_000), "refresh_token": "other-refresh", "expires_at": far}),
+            "a 100 KB access token",
+        ),
+        (
+            81,
+            serde_json::json!({"access_token": "long-refresh-access", "refresh_token": "r".repeat(5_000), "expires_at": far}),
+            "a 5000-byte refresh token",
+        ),
+    ];
+    for (version, token, what) in cases {
+        set_record(&c, version, token).await;
+        tokio::time::sleep(WATCHES).await;
+        for i in 0..2 {
+            assert_eq!(
+                token_file(&c, i)["access_token"].as_str(),
+                Some(ACCESS),
+                "replica {i}: expected a record with {what} not adopted"
+            );
+            cxgate::token::inspect_file(&c.dirs[i].join("token.json"))
+                .expect("expected the token file to stay one a restart loads");
+            let ready = c.admin(i, Method::GET, "/readyz", "").await;
+            assert_eq!(
+                ready.status,
+                StatusCode::OK,
+                "replica {i}: expected ready on its own token after a record with {what}"
+            );
+            let answer = c.get(i, "/me/permissions").await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "replica {i}: expected to keep serving after a record with {what}"
+            );
+        }
+    }
+    c.stop().await;
+}

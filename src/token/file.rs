@@ -148,8 +148,15 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
 /// the shared record's check and the `Authorization` header builder all use this one test,
 /// so readiness and the request path never disagree on a token.
 pub(crate) fn sendable(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_BYTES
+        && token.bytes().all(|b| b.is_ascii_graphic())
 }
+
+/// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes
+/// (a signed one a few hundred); a longer one would push the upstream request's head past
+/// what servers take (431), so it is treated as unsendable wherever it comes from.
+pub const MAX_TOKEN_BYTES: usize = 4096;
 
 pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<TokenRecord, TokenError> {
     // serde_json's messages can quote the offending input, which here may be a token, so
@@ -189,6 +196,13 @@ pub(crate) fn encode(record: &TokenRecord) -> io::Result<Vec<u8>> {
     };
     let mut bytes = serde_json::to_vec_pretty(&raw).map_err(io::Error::other)?;
     bytes.push(b'\n');
+    // Never write a file that loading would refuse.
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::other(format!(
+            "the record would take {} bytes, more than a token file may hold ({MAX_FILE_BYTES})",
+            bytes.len()
+        )));
+    }
     Ok(bytes)
 }
 

@@ -193,8 +193,8 @@ impl TokenManager {
         registered?;
         if !file::sendable(inner.lock().record.access.expose()) {
             tracing::warn!(
-                "the upstream token loaded holds characters that cannot be sent upstream \
-                 (spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
+                "the upstream token loaded cannot be sent upstream (longer than 4096 bytes, \
+                 or holding spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
                  answer 503 until a refresh or a corrected token file replaces it"
             );
         }

@@ -141,12 +141,18 @@ impl SharedToken {
         let Some(text) = text else {
             return Ok(None);
         };
-        let parsed = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
-            let version = v.get("version")?.as_u64()?;
-            let token = serde_json::to_vec(v.get("token")?).ok()?;
-            let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
-            Some(Stored { version, record })
+        // A record larger than a token file may be is not one (and could not be written to
+        // this replica's file): it is unreadable, so it is never adopted.
+        let fits = text.len() as u64 <= file::MAX_FILE_BYTES;
+        let parsed = fits.then(|| {
+            serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+                let version = v.get("version")?.as_u64()?;
+                let token = serde_json::to_vec(v.get("token")?).ok()?;
+                let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
+                Some(Stored { version, record })
+            })
         });
+        let parsed = parsed.flatten();
         // Only the shape is logged (the text may hold a token), once until a readable record
         // is seen again: the watcher reads every second.
         let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
@@ -334,6 +340,14 @@ fn refused(
     if !file::sendable(st.record.access.expose()) {
         return Some("its access token cannot be sent upstream");
     }
+    if st
+        .record
+        .refresh
+        .as_ref()
+        .is_some_and(|r| !file::sendable(r.expose()))
+    {
+        return Some("its refresh token cannot be sent upstream");
+    }
     if mine.refresh.is_some()
         && !st
             .record
@@ -342,6 +356,9 @@ fn refused(
             .is_some_and(|r| file::sendable(r.expose()))
     {
         return Some("it has no usable refresh token and this replica holds one");
+    }
+    if file::encode(&st.record).is_err() {
+        return Some("it would not fit in a token file");
     }
     if st.version <= seen && st.record.access != mine.access {
         return Some("its version does not move forward");
