@@ -1396,3 +1396,45 @@ async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {
         ),
     }
 }
+
+/// An upstream that refuses even a token fresh from a refresh: every client gets 503, so
+/// `/readyz` is not ready and `/admin/status` says why (the refusals and the reason).
+#[tokio::test]
+async fn readyz_and_status_show_an_upstream_refusing_fresh_tokens() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    env.sim.set_faults(Faults {
+        force_401: Some(Force401 { count: 50 }),
+        ..Faults::default()
+    });
+    let answer = env.get("/12345/inbox/contact/twitter/1").await;
+    let body = answer.json();
+    assert!(
+        answer.status == 503
+            && body["error_description"]
+                .as_str()
+                .is_some_and(|d| d.contains("freshly refreshed")),
+        "expected 503 saying the upstream refuses a freshly refreshed token, saw {} {body}",
+        answer.status
+    );
+    let ready = env
+        .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+        .await;
+    let text = String::from_utf8_lossy(&ready.body).into_owned();
+    assert!(
+        ready.status == 503 && text.contains("freshly refreshed"),
+        "expected /readyz 503 while the upstream refuses fresh tokens, saw {} {text}",
+        ready.status
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let token = &status.json()["token"];
+    assert!(
+        token["upstream_refusals"].as_u64().is_some_and(|n| n >= 2)
+            && token["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("freshly refreshed")),
+        "expected /admin/status to show the refusals and why, saw {token}"
+    );
+    env.stop().await;
+}

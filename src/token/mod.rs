@@ -288,6 +288,11 @@ impl TokenManager {
         if state.reauth {
             return Err(TokenError::InvalidGrant.to_string());
         }
+        // A token the upstream refused although it was fresh from a refresh: every request
+        // answers 503 until a later refresh (after the backoff) is taken, so not ready.
+        if state.refused >= 2 {
+            return Err(TokenError::RefusedUpstream.to_string());
+        }
         match state::current_of(&state) {
             Ok(current) if !file::sendable(current.access.expose()) => {
                 Err(TokenError::Unsendable.to_string())
@@ -314,7 +319,12 @@ impl TokenManager {
             "needs_reauthorisation": state.reauth,
             "refreshable": self.inner.refreshable(&state),
             "saved": !state.unsaved,
-            "last_error": state.last_failure.as_ref().map(|(_, e)| e.to_string()),
+            "upstream_refusals": state.refused,
+            "last_error": match (&state.last_failure, state.refused >= 2) {
+                (_, true) => Some(TokenError::RefusedUpstream.to_string()),
+                (Some((_, e)), false) => Some(e.to_string()),
+                (None, false) => None,
+            },
         })
     }
 
