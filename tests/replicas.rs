@@ -662,6 +662,31 @@ async fn an_upstream_429_on_one_replica_pauses_them_all() {
              holds, saw {} with Retry-After {retry_after}",
             answer.status
         );
+        // Every field of the refusal tells the same story: nothing left until Retry-After.
+        let field = |name: &str| {
+            answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let reset: u64 = field("x-ratelimit-reset").parse().unwrap_or(0);
+        let current = field("ratelimit");
+        assert!(
+            field("x-ratelimit-remaining") == "0"
+                && reset + 1 >= now + retry_after
+                && reset <= now + retry_after + 1
+                && current.ends_with(&format!(";r=0;t={retry_after}")),
+            "replica {replica}: expected X-RateLimit-Remaining 0, X-RateLimit-Reset near now + \
+             {retry_after} (now {now}) and RateLimit r=0;t={retry_after}, saw remaining {:?}, \
+             reset {reset}, RateLimit {current:?}",
+            field("x-ratelimit-remaining")
+        );
     }
     assert_eq!(
         c.upstream_total(),
