@@ -1458,3 +1458,86 @@ async fn an_oversized_token_record_is_not_adopted() {
     }
     c.stop().await;
 }
+
+/// An operator's repair survives a restart: a dead (but not expired) record every replica
+/// adopted, then `cxgate token init` on one replica with no expiry, then a restart of that
+/// replica. The file written after the record wins at start and is stored for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_init_after_the_record_wins_at_restart() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(mut c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // A dead record, written now with a far expiry: both replicas take it.
+    let written_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let record = serde_json::json!({
+        "version": 90,
+        "by": "operator",
+        "written_at": written_at,
+        "token": {"access_token": "dead-access", "refresh_token": "dead-refresh", "expires_at": "2099-01-01T00:00:00Z"},
+    });
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token"))
+        .arg(record.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write the token record");
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some("dead-access"),
+        "expected the dead record adopted first (the setup of this test)"
+    );
+
+    // The operator repairs replica 0's file with `token init` (no expiry) and restarts it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let config = c.dirs[0].join("cxgate.toml");
+    let cfg = cxgate::config::load(&config).expect("config");
+    std::env::set_var("CX_ACCESS_TOKEN", ACCESS);
+    std::env::set_var("CX_REFRESH_TOKEN", REFRESH);
+    std::env::remove_var("CX_EXPIRES_IN");
+    cxgate::token_init(&cfg, None, None)
+        .await
+        .expect("token init writes the file");
+    std::env::remove_var("CX_ACCESS_TOKEN");
+    std::env::remove_var("CX_REFRESH_TOKEN");
+    let old = c.replicas.remove(0);
+    old.shutdown();
+    old.stopped().await;
+    let cfg = cxgate::config::load(&config).expect("config");
+    let restarted = cxgate::start(cfg, Some(config))
+        .await
+        .expect("replica restarts");
+    c.replicas.insert(0, restarted);
+    tokio::time::sleep(WATCHES).await;
+
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some(ACCESS),
+        "expected the repaired token file kept at restart, not replaced by the older record"
+    );
+    let stored: String = redis::cmd("GET")
+        .arg(key(&c, "token"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the token record");
+    let stored: serde_json::Value = serde_json::from_str(&stored).expect("record JSON");
+    assert_eq!(
+        stored["token"]["access_token"].as_str(),
+        Some(ACCESS),
+        "expected the repaired token stored for the other replicas, saw version {}",
+        stored["version"]
+    );
+    let answer = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the restarted replica to serve on the repaired token"
+    );
+    c.stop().await;
+}

@@ -147,6 +147,7 @@ impl TokenManager {
                     refresh: None,
                     expires_at: None,
                     scope: None,
+                    initialised_at: None,
                 };
                 (Source::Env, record)
             }

@@ -99,6 +99,8 @@ return 0
 struct Stored {
     version: u64,
     record: TokenRecord,
+    /// When the record was written (its `written_at`, Unix milliseconds), if it says.
+    written_at: Option<SystemTime>,
 }
 
 /// The Redis side of a shared token; one per [`Inner`].
@@ -149,7 +151,15 @@ impl SharedToken {
                 let version = v.get("version")?.as_u64()?;
                 let token = serde_json::to_vec(v.get("token")?).ok()?;
                 let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
-                Some(Stored { version, record })
+                let written_at = v
+                    .get("written_at")
+                    .and_then(Value::as_u64)
+                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+                Some(Stored {
+                    version,
+                    record,
+                    written_at,
+                })
             })
         });
         let parsed = parsed.flatten();
@@ -164,7 +174,13 @@ impl SharedToken {
 
     fn encode(&self, version: u64, record: &TokenRecord) -> Option<String> {
         let token: Value = serde_json::from_slice(&file::encode(record).ok()?).ok()?;
-        Some(json!({"version": version, "by": self.redis.id(), "token": token}).to_string())
+        let written_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Some(
+            json!({"version": version, "by": self.redis.id(), "written_at": written_at, "token": token})
+                .to_string(),
+        )
     }
 
     /// Writes `record` as `version`, as lock holder or by compare-and-set on `expected`.
@@ -539,9 +555,16 @@ impl Inner {
                 // Only a token the others have not seen is offered over the record. Comparing
                 // expiries is for the first meeting alone (a replica started on a fresh file):
                 // afterwards it would push a bad record back over an operator's repair.
+                // An operator's `cxgate token init` after the record was written is a repair:
+                // it wins whatever the expiries say (the record may hold a dead token).
                 let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
+                let repaired = matches!(
+                    (record.initialised_at, st.written_at),
+                    (Some(init), Some(written)) if init > written
+                );
                 let ours_newer = shared.unshared.load(Ordering::Acquire)
-                    || (first_meeting && later(record.expires_at, st.record.expires_at));
+                    || (first_meeting
+                        && (repaired || later(record.expires_at, st.record.expires_at)));
                 let next = next_version(st.version);
                 if !ours_newer {
                     self.adopt(shared, st).await;
