@@ -291,7 +291,7 @@ impl TokenManager {
         }
         // A token the upstream refused although it was fresh from a refresh: every request
         // answers 503 until a later refresh (after the backoff) is taken, so not ready.
-        if state.refused >= 2 {
+        if refusing_fresh_tokens(&state) {
             return Err(TokenError::RefusedUpstream.to_string());
         }
         match state::current_of(&state) {
@@ -321,7 +321,7 @@ impl TokenManager {
             "refreshable": self.inner.refreshable(&state),
             "saved": !state.unsaved,
             "upstream_refusals": state.refused,
-            "last_error": match (&state.last_failure, state.refused >= 2) {
+            "last_error": match (&state.last_failure, refusing_fresh_tokens(&state)) {
                 (_, true) => Some(TokenError::RefusedUpstream.to_string()),
                 (Some((_, e)), false) => Some(e.to_string()),
                 (None, false) => None,
@@ -338,6 +338,13 @@ impl TokenManager {
             .chain(state.held.iter().cloned())
             .collect()
     }
+}
+
+/// The token held now was refused by the upstream although it came fresh from a refresh
+/// (two generations in a row refused, the latest being the one held): requests answer 503
+/// until a later refresh, after the backoff, brings one the upstream takes.
+fn refusing_fresh_tokens(state: &state::State) -> bool {
+    state.refused >= 2 && state.refused_generation == state.generation
 }
 
 /// Counts one refused generation once, however many requests report it.
