@@ -1541,3 +1541,68 @@ async fn a_token_init_after_the_record_wins_at_restart() {
     );
     c.stop().await;
 }
+
+/// `/admin/status` and a resume report what is in force in Redis: a pause key holding
+/// garbage is no pause (a resume says it was not paused), and a shared allowance used up
+/// shows as allowance 0 with the shared pause, matching the 429s it causes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_resume_report_what_redis_holds_in_force() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(1, SimOptions::default(), budget).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:pause"))
+        .arg("not-a-number")
+        .query_async(&mut redis)
+        .await
+        .expect("write the pause key");
+    let ok = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        ok.status,
+        StatusCode::OK,
+        "expected a garbage pause key not to pause"
+    );
+    let resumed = c
+        .admin(0, Method::POST, "/admin/budget/resume", "")
+        .await
+        .json();
+    assert_eq!(
+        resumed["was_paused"], false,
+        "expected a resume over a garbage pause key to say no pause was in force, saw {resumed}"
+    );
+
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:upstream_left"))
+        .arg("0")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut redis)
+        .await
+        .expect("write the shared allowance");
+    let refused = c.get(0, "/12345/inbox/contact/twitter/2").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the used-up shared allowance to refuse"
+    );
+    let status = c.admin(0, Method::GET, "/admin/status", "").await.json();
+    let upstream = &status["budget"]["upstream"];
+    assert!(
+        upstream["allowance"] == 0
+            && upstream["pause_source"] == "shared"
+            && upstream["paused_for_s"].as_f64().is_some_and(|s| s > 20.0),
+        "expected status to show allowance 0 and the shared pause in force, saw {upstream}"
+    );
+    let resumed = c
+        .admin(0, Method::POST, "/admin/budget/resume", "")
+        .await
+        .json();
+    assert_eq!(
+        resumed["was_paused"], true,
+        "expected a resume over a used-up shared allowance to say it was paused, saw {resumed}"
+    );
+    c.stop().await;
+}
