@@ -1606,3 +1606,73 @@ async fn status_and_resume_report_what_redis_holds_in_force() {
     );
     c.stop().await;
 }
+
+/// A refresh token the token endpoint refused is presented once, not once per replica:
+/// the refusal is recorded in Redis under the refresh lock, and the next replica to take
+/// the lock needs re-authorisation without presenting it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_token_is_presented_once_across_replicas() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // One refresh spends REFRESH, so presenting it again is refused as a reuse.
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_401: Some(cxgate::sim::Force401 { count: 1 }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "expected the 401 replay to work"
+    );
+    tokio::time::sleep(WATCHES).await;
+    // A record both replicas take: a dead access token with the spent refresh token.
+    set_record(
+        &c,
+        100,
+        serde_json::json!({"access_token": "dead-access", "refresh_token": REFRESH, "expires_at": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some("dead-access"),
+            "replica {i}: expected the dead record adopted (the setup of this test)"
+        );
+    }
+    let reuse = || {
+        c.sim.stats()["refresh_reuse_rejected"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = reuse();
+    let (a, b) = tokio::join!(c.get(0, "/me/permissions"), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        c.get(1, "/me/permissions").await
+    });
+    assert!(
+        a.status != StatusCode::OK && b.status != StatusCode::OK,
+        "expected both refused on the dead token, saw {} and {}",
+        a.status,
+        b.status
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let presented = reuse() - before;
+    assert_eq!(
+        presented, 1,
+        "expected the refused refresh token presented once across both replicas, saw {presented}"
+    );
+    for i in 0..2 {
+        let status = c.admin(i, Method::GET, "/admin/status", "").await.json();
+        assert_eq!(
+            status["token"]["needs_reauthorisation"], true,
+            "replica {i}: expected re-authorisation needed, saw {}",
+            status["token"]
+        );
+    }
+    c.stop().await;
+}

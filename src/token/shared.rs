@@ -108,6 +108,9 @@ pub(crate) struct SharedToken {
     redis: Redis,
     record_key: String,
     lock_key: String,
+    /// `<prefix>:token:refused`: a digest of the last refresh token the token endpoint
+    /// refused, so no replica presents it again.
+    refused_key: String,
     /// The record version this replica's token came from or went to (0: none yet).
     seen: AtomicU64,
     /// This replica's token is one the others have not seen (refreshed alone while Redis
@@ -124,6 +127,7 @@ impl SharedToken {
         SharedToken {
             record_key: redis.key("token"),
             lock_key: redis.key("token:lock"),
+            refused_key: redis.key("token:refused"),
             redis,
             seen: AtomicU64::new(0),
             unshared: AtomicBool::new(false),
@@ -212,6 +216,36 @@ impl SharedToken {
             self.seen.store(version, Ordering::Release);
         }
         Ok(written == 1)
+    }
+
+    /// Whether the token endpoint already refused `refresh` (for any replica).
+    async fn was_refused(&self, refresh: &super::Secret) -> bool {
+        let key = self.refused_key.clone();
+        let stored: Result<Option<String>, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("GET").arg(&key).query_async(&mut c).await
+            })
+            .await;
+        matches!(stored, Ok(Some(d)) if d == digest(refresh))
+    }
+
+    /// Records that the token endpoint refused `refresh` (kept a day: a refused refresh
+    /// token never works again, and a new one replaces the record long before).
+    async fn mark_refused(&self, refresh: &super::Secret) {
+        let (key, value) = (self.refused_key.clone(), digest(refresh));
+        let _: Result<(), _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("EX")
+                    .arg(86_400)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
     }
 
     async fn try_lock(&self) -> Result<bool, Unavailable> {
@@ -305,6 +339,15 @@ impl SharedToken {
             })
             .await;
     }
+}
+
+/// A hex SHA-256 of a refresh token: enough to recognise it, nothing to present.
+fn digest(token: &super::Secret) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -431,9 +474,32 @@ impl Inner {
             Ok(st) => st.map(|s| s.version),
             Err(_) => None,
         };
+        // A refresh token another replica already had refused is not presented again: this
+        // replica needs re-authorisation as much as that one did.
+        let spent = self.lock().record.refresh.clone();
+        if let Some(spent) = &spent {
+            if shared.was_refused(spent).await {
+                {
+                    let mut state = self.lock();
+                    state.failures += 1;
+                    state.reauth = true;
+                }
+                warn!(
+                    "re-authorisation needed: another replica's refresh with this refresh token                      was refused (invalid_grant); authorise again and run `cxgate token init`"
+                );
+                shared.release().await;
+                return Err(TokenError::InvalidGrant);
+            }
+        }
         let keeper = shared.spawn_keeper();
         let result = self.refresh_local().await;
         keeper.abort();
+        if let (Err(err), Some(spent)) = (&result, &spent) {
+            // Recorded before the lock goes, so the next holder sees it.
+            if err.needs_reauthorisation() {
+                shared.mark_refused(spent).await;
+            }
+        }
         if result.is_ok() {
             let record = self.lock().record.clone();
             let next = next_version(version.unwrap_or(shared.seen.load(Ordering::Acquire)));
