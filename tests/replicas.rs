@@ -670,6 +670,31 @@ async fn an_upstream_429_on_one_replica_pauses_them_all() {
              holds, saw {} with Retry-After {retry_after}",
             answer.status
         );
+        // Every field of the refusal tells the same story: nothing left until Retry-After.
+        let field = |name: &str| {
+            answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let reset: u64 = field("x-ratelimit-reset").parse().unwrap_or(0);
+        let current = field("ratelimit");
+        assert!(
+            field("x-ratelimit-remaining") == "0"
+                && reset + 1 >= now + retry_after
+                && reset <= now + retry_after + 1
+                && current.ends_with(&format!(";r=0;t={retry_after}")),
+            "replica {replica}: expected X-RateLimit-Remaining 0, X-RateLimit-Reset near now + \
+             {retry_after} (now {now}) and RateLimit r=0;t={retry_after}, saw remaining {:?}, \
+             reset {reset}, RateLimit {current:?}",
+            field("x-ratelimit-remaining")
+        );
     }
     assert_eq!(
         c.upstream_total(),
@@ -1597,6 +1622,275 @@ async fn a_replica_with_a_dead_token_adopts_a_record_of_a_lower_version() {
             token_file(&c, r)["access_token"].as_str(),
             Some(ACCESS),
             "replica {r}: expected the working token in its file"
+        );
+    }
+    c.stop().await;
+}
+
+/// A record holding a token no upstream would take (a 100 KB access token, a refresh token
+/// longer than any real one) is not adopted: every replica keeps its own token, its token
+/// file stays one a restart loads, and it stays ready and serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_token_record_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let far = "2099-01-01T00:00:00Z";
+    let cases = [
+        (
+            80,
+            serde_json::json!({"access_token": "a".repeat(100_000), "refresh_token": "other-refresh", "expires_at": far}),
+            "a 100 KB access token",
+        ),
+        (
+            81,
+            serde_json::json!({"access_token": "long-refresh-access", "refresh_token": "r".repeat(5_000), "expires_at": far}),
+            "a 5000-byte refresh token",
+        ),
+    ];
+    for (version, token, what) in cases {
+        set_record(&c, version, token).await;
+        tokio::time::sleep(WATCHES).await;
+        for i in 0..2 {
+            assert_eq!(
+                token_file(&c, i)["access_token"].as_str(),
+                Some(ACCESS),
+                "replica {i}: expected a record with {what} not adopted"
+            );
+            cxgate::token::inspect_file(&c.dirs[i].join("token.json"))
+                .expect("expected the token file to stay one a restart loads");
+            let ready = c.admin(i, Method::GET, "/readyz", "").await;
+            assert_eq!(
+                ready.status,
+                StatusCode::OK,
+                "replica {i}: expected ready on its own token after a record with {what}"
+            );
+            let answer = c.get(i, "/me/permissions").await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "replica {i}: expected to keep serving after a record with {what}"
+            );
+        }
+    }
+    c.stop().await;
+}
+
+/// An operator's repair survives a restart: a dead (but not expired) record every replica
+/// adopted, then `cxgate token init` on one replica with no expiry, then a restart of that
+/// replica. The file written after the record wins at start and is stored for the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_init_after_the_record_wins_at_restart() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(mut c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // A dead record, written now with a far expiry: both replicas take it.
+    let written_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let record = serde_json::json!({
+        "version": 90,
+        "by": "operator",
+        "written_at": written_at,
+        "token": {"access_token": "dead-access", "refresh_token": "dead-refresh", "expires_at": "2099-01-01T00:00:00Z"},
+    });
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token"))
+        .arg(record.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write the token record");
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some("dead-access"),
+        "expected the dead record adopted first (the setup of this test)"
+    );
+
+    // The operator repairs replica 0's file with `token init` (no expiry) and restarts it.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let config = c.dirs[0].join("cxgate.toml");
+    let cfg = cxgate::config::load(&config).expect("config");
+    std::env::set_var("CX_ACCESS_TOKEN", ACCESS);
+    std::env::set_var("CX_REFRESH_TOKEN", REFRESH);
+    std::env::remove_var("CX_EXPIRES_IN");
+    cxgate::token_init(&cfg, None, None)
+        .await
+        .expect("token init writes the file");
+    std::env::remove_var("CX_ACCESS_TOKEN");
+    std::env::remove_var("CX_REFRESH_TOKEN");
+    let old = c.replicas.remove(0);
+    old.shutdown();
+    old.stopped().await;
+    let cfg = cxgate::config::load(&config).expect("config");
+    let restarted = cxgate::start(cfg, Some(config))
+        .await
+        .expect("replica restarts");
+    c.replicas.insert(0, restarted);
+    tokio::time::sleep(WATCHES).await;
+
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some(ACCESS),
+        "expected the repaired token file kept at restart, not replaced by the older record"
+    );
+    let stored: String = redis::cmd("GET")
+        .arg(key(&c, "token"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the token record");
+    let stored: serde_json::Value = serde_json::from_str(&stored).expect("record JSON");
+    assert_eq!(
+        stored["token"]["access_token"].as_str(),
+        Some(ACCESS),
+        "expected the repaired token stored for the other replicas, saw version {}",
+        stored["version"]
+    );
+    let answer = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the restarted replica to serve on the repaired token"
+    );
+    c.stop().await;
+}
+
+/// `/admin/status` and a resume report what is in force in Redis: a pause key holding
+/// garbage is no pause (a resume says it was not paused), and a shared allowance used up
+/// shows as allowance 0 with the shared pause, matching the 429s it causes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_resume_report_what_redis_holds_in_force() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"";
+    let Some(c) = cluster(1, SimOptions::default(), budget).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:pause"))
+        .arg("not-a-number")
+        .query_async(&mut redis)
+        .await
+        .expect("write the pause key");
+    let ok = c.get(0, "/12345/inbox/contact/twitter/1").await;
+    assert_eq!(
+        ok.status,
+        StatusCode::OK,
+        "expected a garbage pause key not to pause"
+    );
+    let resumed = c
+        .admin(0, Method::POST, "/admin/budget/resume", "")
+        .await
+        .json();
+    assert_eq!(
+        resumed["was_paused"], false,
+        "expected a resume over a garbage pause key to say no pause was in force, saw {resumed}"
+    );
+
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:upstream_left"))
+        .arg("0")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut redis)
+        .await
+        .expect("write the shared allowance");
+    let refused = c.get(0, "/12345/inbox/contact/twitter/2").await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the used-up shared allowance to refuse"
+    );
+    let status = c.admin(0, Method::GET, "/admin/status", "").await.json();
+    let upstream = &status["budget"]["upstream"];
+    assert!(
+        upstream["allowance"] == 0
+            && upstream["pause_source"] == "shared"
+            && upstream["paused_for_s"].as_f64().is_some_and(|s| s > 20.0),
+        "expected status to show allowance 0 and the shared pause in force, saw {upstream}"
+    );
+    let resumed = c
+        .admin(0, Method::POST, "/admin/budget/resume", "")
+        .await
+        .json();
+    assert_eq!(
+        resumed["was_paused"], true,
+        "expected a resume over a used-up shared allowance to say it was paused, saw {resumed}"
+    );
+    c.stop().await;
+}
+
+/// A refresh token the token endpoint refused is presented once, not once per replica:
+/// the refusal is recorded in Redis under the refresh lock, and the next replica to take
+/// the lock needs re-authorisation without presenting it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_refresh_token_is_presented_once_across_replicas() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    // One refresh spends REFRESH, so presenting it again is refused as a reuse.
+    c.sim.set_faults(cxgate::sim::Faults {
+        force_401: Some(cxgate::sim::Force401 { count: 1 }),
+        ..cxgate::sim::Faults::default()
+    });
+    let first = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "expected the 401 replay to work"
+    );
+    tokio::time::sleep(WATCHES).await;
+    // A record both replicas take: a dead access token with the spent refresh token.
+    set_record(
+        &c,
+        100,
+        serde_json::json!({"access_token": "dead-access", "refresh_token": REFRESH, "expires_at": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some("dead-access"),
+            "replica {i}: expected the dead record adopted (the setup of this test)"
+        );
+    }
+    let reuse = || {
+        c.sim.stats()["refresh_reuse_rejected"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = reuse();
+    let (a, b) = tokio::join!(c.get(0, "/me/permissions"), async {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        c.get(1, "/me/permissions").await
+    });
+    assert!(
+        a.status != StatusCode::OK && b.status != StatusCode::OK,
+        "expected both refused on the dead token, saw {} and {}",
+        a.status,
+        b.status
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let presented = reuse() - before;
+    assert_eq!(
+        presented, 1,
+        "expected the refused refresh token presented once across both replicas, saw {presented}"
+    );
+    for i in 0..2 {
+        let status = c.admin(i, Method::GET, "/admin/status", "").await.json();
+        assert_eq!(
+            status["token"]["needs_reauthorisation"], true,
+            "replica {i}: expected re-authorisation needed, saw {}",
+            status["token"]
         );
     }
     c.stop().await;

@@ -1317,7 +1317,14 @@ async fn readyz_is_503_while_the_held_token_cannot_be_sent() {
 /// readiness calls unusable.
 #[tokio::test]
 async fn readiness_and_the_request_path_agree_on_unsendable_tokens() {
-    for token in ["sim access", "sim\taccess", "sim-acc\u{e8}ss"] {
+    let long = "a".repeat(5_000);
+    for token in [
+        "sim access",
+        "sim\taccess",
+        "sim-acc\u{e8}ss",
+        long.as_str(),
+    ] {
+        let shown = &token[..token.len().min(40)];
         let sim = SimOptions {
             access_tokens: vec![token.to_string()],
             refresh_tokens: vec![REFRESH.to_string()],
@@ -1327,7 +1334,7 @@ async fn readiness_and_the_request_path_agree_on_unsendable_tokens() {
         let ready = env
             .send(Method::GET, &env.admin_url("/readyz"), &[], "")
             .await;
-        assert_eq!(ready.status, 503, "{token:?}: expected /readyz not ready");
+        assert_eq!(ready.status, 503, "{shown:?}: expected /readyz not ready");
         let before = env.sim.stats()["requests_total"].as_u64().unwrap_or(0);
         let answer = env.get("/me/permissions").await;
         let body = answer.json();
@@ -1337,13 +1344,13 @@ async fn readiness_and_the_request_path_agree_on_unsendable_tokens() {
                 && body["error_description"]
                     .as_str()
                     .is_some_and(|d| d.contains("cannot be sent")),
-            "{token:?}: expected 503 token_unavailable like /readyz, saw {} {body}",
+            "{shown:?}: expected 503 token_unavailable like /readyz, saw {} {body}",
             answer.status
         );
         let after = env.sim.stats()["requests_total"].as_u64().unwrap_or(0);
         assert_eq!(
             after, before,
-            "{token:?}: expected nothing sent upstream with a token /readyz calls unusable"
+            "{shown:?}: expected nothing sent upstream with a token /readyz calls unusable"
         );
         env.stop().await;
     }
@@ -1388,4 +1395,46 @@ async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {
             "expected the refusal to say the token file is not a regular file, saw {e}"
         ),
     }
+}
+
+/// An upstream that refuses even a token fresh from a refresh: every client gets 503, so
+/// `/readyz` is not ready and `/admin/status` says why (the refusals and the reason).
+#[tokio::test]
+async fn readyz_and_status_show_an_upstream_refusing_fresh_tokens() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    env.sim.set_faults(Faults {
+        force_401: Some(Force401 { count: 50 }),
+        ..Faults::default()
+    });
+    let answer = env.get("/12345/inbox/contact/twitter/1").await;
+    let body = answer.json();
+    assert!(
+        answer.status == 503
+            && body["error_description"]
+                .as_str()
+                .is_some_and(|d| d.contains("freshly refreshed")),
+        "expected 503 saying the upstream refuses a freshly refreshed token, saw {} {body}",
+        answer.status
+    );
+    let ready = env
+        .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+        .await;
+    let text = String::from_utf8_lossy(&ready.body).into_owned();
+    assert!(
+        ready.status == 503 && text.contains("freshly refreshed"),
+        "expected /readyz 503 while the upstream refuses fresh tokens, saw {} {text}",
+        ready.status
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let token = &status.json()["token"];
+    assert!(
+        token["upstream_refusals"].as_u64().is_some_and(|n| n >= 2)
+            && token["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("freshly refreshed")),
+        "expected /admin/status to show the refusals and why, saw {token}"
+    );
+    env.stop().await;
 }

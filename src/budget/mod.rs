@@ -406,6 +406,12 @@ impl Budget {
     pub async fn status_now(&self) -> serde_json::Value {
         let shared = self.shared_pause().await;
         let mut status = self.status_json();
+        // The allowance in force is the smaller of this replica's and the shared one.
+        let shared_allowance = shared.and_then(|s| s.allowance);
+        if let Some(a) = shared_allowance {
+            let local = status["upstream"]["allowance"].as_u64();
+            status["upstream"]["allowance"] = serde_json::json!(local.map_or(a, |l| l.min(a)));
+        }
         let local = self.paused_for();
         let shared = shared
             .map(|s| Duration::from_micros(s.pause_us.max(s.dry_us)))

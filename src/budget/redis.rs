@@ -102,7 +102,14 @@ local function resumes()
   return e
 end
 if mode == 'resume' then
-  local n = redis.call('DEL', KEYS[3], KEYS[4])
+  -- Whether a pause was in force: a pause ahead, or an allowance used up that has yet to
+  -- renew. Keys holding anything else (garbage, a pause past) are deleted all the same.
+  local n = 0
+  local pause = tonumber(redis.call('GET', KEYS[3]))
+  if pause ~= nil and pause > now then n = 1 end
+  local allow = tonumber(redis.call('GET', KEYS[4]))
+  if allow ~= nil and allow < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
+  redis.call('DEL', KEYS[3], KEYS[4])
   local e = resumes() + 1
   redis.call('SET', KEYS[6], string.format('%.0f', e))
   return {n, e}
@@ -118,11 +125,15 @@ if mode == 'peek' then
   local pause = tonumber(redis.call('GET', KEYS[3]))
   if pause ~= nil and pause > now then left = math.min(pause - now, longest) end
   local allow = tonumber(redis.call('GET', KEYS[4]))
-  if allow ~= nil and allow < 1 then
+  local shown = -1
+  if allow ~= nil then
     local ttl = redis.call('PTTL', KEYS[4])
-    if ttl > 0 then dry = math.min(ttl * 1000, longest) end
+    if ttl > 0 then
+      shown = math.max(math.floor(allow), 0)
+      if allow < 1 then dry = math.min(ttl * 1000, longest) end
+    end
   end
-  return {left, dry, resumes()}
+  return {left, dry, resumes(), shown}
 end
 if mode == 'return' then
   for i = 1, 2 do
@@ -212,6 +223,8 @@ pub(crate) struct SharedPause {
     pub(crate) pause_us: u64,
     /// Microseconds until the shared allowance, now empty, renews (0: not empty).
     pub(crate) dry_us: u64,
+    /// The shared allowance in force (calls the upstream still allows before its reset).
+    pub(crate) allowance: Option<u64>,
 }
 
 impl Shared {
@@ -327,7 +340,7 @@ impl Shared {
             })
             .await
             .ok()?;
-        let [pause, dry, resumes] = raw[..] else {
+        let [pause, dry, resumes, allowance] = raw[..] else {
             tracing::error!(?raw, "budget: unexpected answer from the Redis script");
             return None;
         };
@@ -339,6 +352,7 @@ impl Shared {
         Some(SharedPause {
             pause_us: u64::try_from(pause).unwrap_or(0),
             dry_us: u64::try_from(dry).unwrap_or(0),
+            allowance: u64::try_from(allowance).ok(),
         })
     }
 

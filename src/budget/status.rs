@@ -146,6 +146,31 @@ impl Budget {
         ]
     }
 
+    /// `(RateLimit-Policy, RateLimit, X-RateLimit-Reset)` for a refusal that tells `client`
+    /// to retry in `retry_after`: every field says the same thing (nothing remains until
+    /// then), whichever part of the budget refused, and wherever this replica learnt of it
+    /// (its own counting, the upstream, or another replica through Redis).
+    pub fn refusal_headers(
+        &self,
+        client: &str,
+        retry_after: Duration,
+    ) -> (HeaderValue, HeaderValue, HeaderValue) {
+        let now = self.inner.clock.nanos();
+        let (name, policy) = {
+            let ledger = self.ledger();
+            let v = view(&ledger, client, now);
+            (v.name, v.policy.clone())
+        };
+        let reset = (SystemTime::now() + retry_after)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, headers::whole_seconds);
+        (
+            policy,
+            headers::state(name, 0, retry_after),
+            HeaderValue::from(reset),
+        )
+    }
+
     /// The budget for `/admin/status`: the global share, each client (configured ones, and
     /// any other name that was refused), and what the upstream last said.
     pub fn status_json(&self) -> Value {

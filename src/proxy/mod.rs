@@ -355,43 +355,59 @@ impl Gateway {
         if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
             headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
         }
-        // A 429 is a refusal: nothing is left for this client until its Retry-After, whatever
-        // the mirror of a shared budget last showed (another replica may have spent it).
-        let refused = (resp.status() == StatusCode::TOO_MANY_REQUESTS).then(|| {
-            resp.headers()
+        let refused = resp.status() == StatusCode::TOO_MANY_REQUESTS;
+        // A refusal's Retry-After: the gateway's own (whole seconds), or the upstream's; an
+        // upstream 429 that named none gets the pause it caused.
+        let retry_after = refused.then(|| {
+            let named = resp
+                .headers()
                 .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-                .map_or(Duration::ZERO, Duration::from_secs)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            named.unwrap_or_else(|| {
+                self.inner
+                    .budget
+                    .paused_for()
+                    .map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64)
+            })
         });
-        if outcome.cache != "none" || refused.is_some() {
-            let (policy, current) = self.inner.budget.headers(outcome.client_label(), refused);
+        if let Some(secs) = retry_after {
+            if !resp.headers().contains_key(header::RETRY_AFTER) {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+        }
+        // Every rate-limit field of a refusal comes from its Retry-After: nothing remains
+        // until then, on this replica's view and on the upstream's.
+        let refusal = retry_after.map(|secs| {
+            self.inner
+                .budget
+                .refusal_headers(outcome.client_label(), Duration::from_secs(secs))
+        });
+        if outcome.cache != "none" || refused {
+            let (policy, current) = match &refusal {
+                Some((policy, current, _)) => (policy.clone(), current.clone()),
+                None => self.inner.budget.headers(outcome.client_label(), None),
+            };
             let headers = resp.headers_mut();
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), current);
         }
         if outcome.client.is_some() {
-            // The API's own fields, for client code written against the API: on every
-            // answer to a known client, 429s included.
+            // The API's own fields, for client code written against the API (named in the
+            // README): on every answer to a known client, 429s included.
             let [limit, remaining, reset] = self
                 .inner
                 .budget
-                .api_headers(outcome.client_label(), refused);
+                .api_headers(outcome.client_label(), None);
+            let (remaining, reset) = match &refusal {
+                Some((_, _, reset)) => (HeaderValue::from_static("0"), reset.clone()),
+                None => (remaining, reset),
+            };
             let headers = resp.headers_mut();
             headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
             headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
             headers.insert(X_RATELIMIT_RESET.clone(), reset);
-        }
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS
-            && !resp.headers().contains_key(header::RETRY_AFTER)
-        {
-            // An upstream 429 that named no time: the pause it caused is the honest answer.
-            let secs = self
-                .inner
-                .budget
-                .paused_for()
-                .map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if method == Method::HEAD {
             *resp.body_mut() = Full::new(Bytes::new());

@@ -36,7 +36,7 @@ pub enum TokenError {
     NotAFile { path: PathBuf },
     #[error("token file {path} is larger than {limit} bytes; a token record is well under that", path = path.display(), limit = super::file::MAX_FILE_BYTES)]
     TooLarge { path: PathBuf },
-    #[error("the access token holds characters that cannot be sent upstream (spaces, CR, LF or other controls)")]
+    #[error("the access token cannot be sent upstream (longer than {limit} bytes, or holding spaces, CR, LF or other controls)", limit = super::file::MAX_TOKEN_BYTES)]
     Unsendable,
     #[error("token file {path} has an empty access_token", path = path.display())]
     EmptyAccessToken { path: PathBuf },

@@ -25,6 +25,9 @@ pub(crate) struct TokenRecord {
     pub refresh: Option<Secret>,
     pub expires_at: Option<SystemTime>,
     pub scope: Option<String>,
+    /// When `cxgate token init` wrote this token (the file's `initialised_at`): an
+    /// operator's repair. A shared record written before it does not replace it at start.
+    pub initialised_at: Option<SystemTime>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +39,8 @@ struct RawIn {
     expires_at: Option<String>,
     #[serde(default)]
     scope: Option<String>,
+    #[serde(default)]
+    initialised_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -47,6 +52,8 @@ struct RawOut<'a> {
     expires_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     scope: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    initialised_at: Option<String>,
 }
 
 /// A SHA-256 of the file's bytes: tells whether someone else replaced the file without
@@ -148,8 +155,15 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
 /// the shared record's check and the `Authorization` header builder all use this one test,
 /// so readiness and the request path never disagree on a token.
 pub(crate) fn sendable(token: &str) -> bool {
-    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
+    !token.is_empty()
+        && token.len() <= MAX_TOKEN_BYTES
+        && token.bytes().all(|b| b.is_ascii_graphic())
 }
+
+/// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes
+/// (a signed one a few hundred); a longer one would push the upstream request's head past
+/// what servers take (431), so it is treated as unsendable wherever it comes from.
+pub const MAX_TOKEN_BYTES: usize = 4096;
 
 pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<TokenRecord, TokenError> {
     // serde_json's messages can quote the offending input, which here may be a token, so
@@ -175,6 +189,9 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<TokenRecord, TokenErro
         refresh: raw.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
         expires_at,
         scope: raw.scope,
+        // Only a hint for choosing between this file and a shared record at start: an
+        // unreadable one is as if absent, never a reason to refuse the token.
+        initialised_at: raw.initialised_at.as_deref().and_then(parse_time),
     })
 }
 
@@ -186,9 +203,19 @@ pub(crate) fn encode(record: &TokenRecord) -> io::Result<Vec<u8>> {
             .expires_at
             .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         scope: record.scope.as_deref(),
+        initialised_at: record
+            .initialised_at
+            .map(|t| humantime::format_rfc3339_millis(t).to_string()),
     };
     let mut bytes = serde_json::to_vec_pretty(&raw).map_err(io::Error::other)?;
     bytes.push(b'\n');
+    // Never write a file that loading would refuse.
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(io::Error::other(format!(
+            "the record would take {} bytes, more than a token file may hold ({MAX_FILE_BYTES})",
+            bytes.len()
+        )));
+    }
     Ok(bytes)
 }
 

@@ -51,6 +51,7 @@ pub(crate) async fn init_from_lookup(
         refresh: env(REFRESH_TOKEN_VAR).map(Secret::new),
         expires_at: expires_in.and_then(|s| SystemTime::now().checked_add(Duration::from_secs(s))),
         scope: None,
+        initialised_at: Some(SystemTime::now()),
     };
     make_parent(&path)?;
     file::persist(&path, &record).await?;
@@ -119,6 +120,7 @@ pub(crate) async fn init_from_code_with(
             .expires_in
             .and_then(|d| SystemTime::now().checked_add(d)),
         scope: granted.scope,
+        initialised_at: Some(SystemTime::now()),
     };
     file::persist(&path, &record).await?;
     tracing::info!(path = %path.display(), "token file written from an authorisation code");

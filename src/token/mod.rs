@@ -147,6 +147,7 @@ impl TokenManager {
                     refresh: None,
                     expires_at: None,
                     scope: None,
+                    initialised_at: None,
                 };
                 (Source::Env, record)
             }
@@ -193,8 +194,8 @@ impl TokenManager {
         registered?;
         if !file::sendable(inner.lock().record.access.expose()) {
             tracing::warn!(
-                "the upstream token loaded holds characters that cannot be sent upstream \
-                 (spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
+                "the upstream token loaded cannot be sent upstream (longer than 4096 bytes, \
+                 or holding spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
                  answer 503 until a refresh or a corrected token file replaces it"
             );
         }
@@ -288,6 +289,11 @@ impl TokenManager {
         if state.reauth {
             return Err(TokenError::InvalidGrant.to_string());
         }
+        // A token the upstream refused although it was fresh from a refresh: every request
+        // answers 503 until a later refresh (after the backoff) is taken, so not ready.
+        if refusing_fresh_tokens(&state) {
+            return Err(TokenError::RefusedUpstream.to_string());
+        }
         match state::current_of(&state) {
             Ok(current) if !file::sendable(current.access.expose()) => {
                 Err(TokenError::Unsendable.to_string())
@@ -318,7 +324,12 @@ impl TokenManager {
             "refreshable": self.inner.refreshable(&state),
             "saved": !state.unsaved,
             "usable": unusable.is_none(),
-            "last_error": state.last_failure.as_ref().map(|(_, e)| e.to_string()).or(unusable),
+            "upstream_refusals": state.refused,
+            "last_error": match (&state.last_failure, refusing_fresh_tokens(&state)) {
+                (_, true) => Some(TokenError::RefusedUpstream.to_string()),
+                (Some((_, e)), false) => Some(e.to_string()),
+                (None, false) => unusable,
+            },
         })
     }
 
@@ -331,6 +342,13 @@ impl TokenManager {
             .chain(state.held.iter().cloned())
             .collect()
     }
+}
+
+/// The token held now was refused by the upstream although it came fresh from a refresh
+/// (two generations in a row refused, the latest being the one held): requests answer 503
+/// until a later refresh, after the backoff, brings one the upstream takes.
+fn refusing_fresh_tokens(state: &state::State) -> bool {
+    state.refused >= 2 && state.refused_generation == state.generation
 }
 
 /// Counts one refused generation once, however many requests report it.

@@ -158,7 +158,7 @@ pub(crate) fn interpret(status: StatusCode, body: &[u8]) -> Result<Granted, Toke
         Some(Value::String(s)) if super::file::sendable(s) => Secret::new(s.clone()),
         Some(Value::String(s)) if !s.is_empty() => {
             return Err(TokenError::BadAnswer {
-                reason: "access_token holds characters that cannot be sent upstream",
+                reason: "access_token is too long or holds characters that cannot be sent upstream",
             })
         }
         _ => {

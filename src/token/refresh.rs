@@ -195,6 +195,7 @@ impl Inner {
             refresh: granted.refresh.or(Some(spent)),
             expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
             scope: granted.scope.or(scope),
+            initialised_at: None,
         };
         let (mut saved, mut stamp) = (true, None);
         if let Source::File(path) = &self.source {

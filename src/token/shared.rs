@@ -99,6 +99,8 @@ return 0
 struct Stored {
     version: u64,
     record: TokenRecord,
+    /// When the record was written (its `written_at`, Unix milliseconds), if it says.
+    written_at: Option<SystemTime>,
 }
 
 /// The Redis side of a shared token; one per [`Inner`].
@@ -106,6 +108,9 @@ pub(crate) struct SharedToken {
     redis: Redis,
     record_key: String,
     lock_key: String,
+    /// `<prefix>:token:refused`: a digest of the last refresh token the token endpoint
+    /// refused, so no replica presents it again.
+    refused_key: String,
     /// The record version this replica's token came from or went to (0: none yet).
     seen: AtomicU64,
     /// This replica's token is one the others have not seen (refreshed alone while Redis
@@ -122,6 +127,7 @@ impl SharedToken {
         SharedToken {
             record_key: redis.key("token"),
             lock_key: redis.key("token:lock"),
+            refused_key: redis.key("token:refused"),
             redis,
             seen: AtomicU64::new(0),
             unshared: AtomicBool::new(false),
@@ -141,12 +147,26 @@ impl SharedToken {
         let Some(text) = text else {
             return Ok(None);
         };
-        let parsed = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
-            let version = v.get("version")?.as_u64()?;
-            let token = serde_json::to_vec(v.get("token")?).ok()?;
-            let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
-            Some(Stored { version, record })
+        // A record larger than a token file may be is not one (and could not be written to
+        // this replica's file): it is unreadable, so it is never adopted.
+        let fits = text.len() as u64 <= file::MAX_FILE_BYTES;
+        let parsed = fits.then(|| {
+            serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+                let version = v.get("version")?.as_u64()?;
+                let token = serde_json::to_vec(v.get("token")?).ok()?;
+                let record = file::decode(&token, std::path::Path::new(&self.record_key)).ok()?;
+                let written_at = v
+                    .get("written_at")
+                    .and_then(Value::as_u64)
+                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+                Some(Stored {
+                    version,
+                    record,
+                    written_at,
+                })
+            })
         });
+        let parsed = parsed.flatten();
         // Only the shape is logged (the text may hold a token), once until a readable record
         // is seen again: the watcher reads every second.
         let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
@@ -158,7 +178,13 @@ impl SharedToken {
 
     fn encode(&self, version: u64, record: &TokenRecord) -> Option<String> {
         let token: Value = serde_json::from_slice(&file::encode(record).ok()?).ok()?;
-        Some(json!({"version": version, "by": self.redis.id(), "token": token}).to_string())
+        let written_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Some(
+            json!({"version": version, "by": self.redis.id(), "written_at": written_at, "token": token})
+                .to_string(),
+        )
     }
 
     /// Writes `record` as `version`, as lock holder or by compare-and-set on `expected`.
@@ -190,6 +216,36 @@ impl SharedToken {
             self.seen.store(version, Ordering::Release);
         }
         Ok(written == 1)
+    }
+
+    /// Whether the token endpoint already refused `refresh` (for any replica).
+    async fn was_refused(&self, refresh: &super::Secret) -> bool {
+        let key = self.refused_key.clone();
+        let stored: Result<Option<String>, _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("GET").arg(&key).query_async(&mut c).await
+            })
+            .await;
+        matches!(stored, Ok(Some(d)) if d == digest(refresh))
+    }
+
+    /// Records that the token endpoint refused `refresh` (kept a day: a refused refresh
+    /// token never works again, and a new one replaces the record long before).
+    async fn mark_refused(&self, refresh: &super::Secret) {
+        let (key, value) = (self.refused_key.clone(), digest(refresh));
+        let _: Result<(), _> = self
+            .redis
+            .run("token", |mut c| async move {
+                ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(&value)
+                    .arg("EX")
+                    .arg(86_400)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
     }
 
     async fn try_lock(&self) -> Result<bool, Unavailable> {
@@ -285,6 +341,15 @@ impl SharedToken {
     }
 }
 
+/// A hex SHA-256 of a refresh token: enough to recognise it, nothing to present.
+fn digest(token: &super::Secret) -> String {
+    ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -348,6 +413,14 @@ fn refused(
     if !file::sendable(st.record.access.expose()) {
         return Some("its access token cannot be sent upstream");
     }
+    if st
+        .record
+        .refresh
+        .as_ref()
+        .is_some_and(|r| !file::sendable(r.expose()))
+    {
+        return Some("its refresh token cannot be sent upstream");
+    }
     if mine.refresh.is_some()
         && !st
             .record
@@ -356,6 +429,9 @@ fn refused(
             .is_some_and(|r| file::sendable(r.expose()))
     {
         return Some("it has no usable refresh token and this replica holds one");
+    }
+    if file::encode(&st.record).is_err() {
+        return Some("it would not fit in a token file");
     }
     if st.version <= seen && st.record.access != mine.access {
         if mine_usable {
@@ -420,9 +496,32 @@ impl Inner {
             Ok(st) => st.map(|s| s.version),
             Err(_) => None,
         };
+        // A refresh token another replica already had refused is not presented again: this
+        // replica needs re-authorisation as much as that one did.
+        let spent = self.lock().record.refresh.clone();
+        if let Some(spent) = &spent {
+            if shared.was_refused(spent).await {
+                {
+                    let mut state = self.lock();
+                    state.failures += 1;
+                    state.reauth = true;
+                }
+                warn!(
+                    "re-authorisation needed: another replica's refresh with this refresh token                      was refused (invalid_grant); authorise again and run `cxgate token init`"
+                );
+                shared.release().await;
+                return Err(TokenError::InvalidGrant);
+            }
+        }
         let keeper = shared.spawn_keeper();
         let result = self.refresh_local().await;
         keeper.abort();
+        if let (Err(err), Some(spent)) = (&result, &spent) {
+            // Recorded before the lock goes, so the next holder sees it.
+            if err.needs_reauthorisation() {
+                shared.mark_refused(spent).await;
+            }
+        }
         if result.is_ok() {
             let record = self.lock().record.clone();
             let next = next_version(version.unwrap_or(shared.seen.load(Ordering::Acquire)));
@@ -547,9 +646,16 @@ impl Inner {
                 // Only a token the others have not seen is offered over the record. Comparing
                 // expiries is for the first meeting alone (a replica started on a fresh file):
                 // afterwards it would push a bad record back over an operator's repair.
+                // An operator's `cxgate token init` after the record was written is a repair:
+                // it wins whatever the expiries say (the record may hold a dead token).
                 let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
+                let repaired = matches!(
+                    (record.initialised_at, st.written_at),
+                    (Some(init), Some(written)) if init > written
+                );
                 let ours_newer = shared.unshared.load(Ordering::Acquire)
-                    || (first_meeting && later(record.expires_at, st.record.expires_at));
+                    || (first_meeting
+                        && (repaired || later(record.expires_at, st.record.expires_at)));
                 let next = next_version(st.version);
                 if !ours_newer {
                     self.adopt(shared, st).await;

@@ -35,6 +35,8 @@ pub enum ClientError {
         #[source]
         source: rustls::pki_types::pem::Error,
     },
+    #[error("ca_file {path} holds no PEM certificate")]
+    NoCertificate { path: String },
     #[error("ca_file {path}: certificate rejected: {source}")]
     CaCert {
         path: String,
@@ -108,6 +110,7 @@ pub fn build_connector(
             path: shown.clone(),
             source,
         })?;
+        let mut added = 0usize;
         for cert in certs {
             let cert = cert.map_err(|source| ClientError::CaFile {
                 path: shown.clone(),
@@ -117,6 +120,12 @@ pub fn build_connector(
                 path: shown.clone(),
                 source,
             })?;
+            added += 1;
+        }
+        // A file with no certificate in it (empty, a key, prose) trusts nothing more:
+        // the operator meant something else, so it is refused rather than ignored.
+        if added == 0 {
+            return Err(ClientError::NoCertificate { path: shown });
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
@@ -149,6 +158,30 @@ mod tests {
 
     fn pool_count(pools: &ThreadPools) -> usize {
         pools.pools.lock().map(|p| p.len()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = std::env::temp_dir().join(format!("cxgate-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        for (name, text) in [
+            ("empty.pem", ""),
+            ("prose.pem", "not a certificate at all\n"),
+            (
+                "key.pem",
+                "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIB6Y\n-----END PRIVATE KEY-----\n",
+            ),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write the ca file");
+            let got = build_connector(Some(&path), Duration::from_secs(1));
+            assert!(
+                matches!(got, Err(ClientError::NoCertificate { .. })),
+                "expected {name} refused as holding no certificate, saw {:?}",
+                got.err()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

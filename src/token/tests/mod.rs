@@ -27,6 +27,7 @@ pub(crate) fn write_token(
         refresh: refresh.map(|r| Secret::new(r.to_string())),
         expires_at: expires_in.map(|d| SystemTime::now() + d),
         scope: None,
+        initialised_at: None,
     };
     let bytes = file::encode(&record).expect("encoding a token");
     file::write_atomic(path, &bytes).expect("writing a token file");

@@ -17,6 +17,7 @@ fn record(access: &str, refresh: Option<&str>, expires_at: Option<u64>) -> Token
         refresh: refresh.map(|r| Secret::new(r.to_string())),
         expires_at: expires_at.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
         scope: Some("accounts_read".to_string()),
+        initialised_at: None,
     }
 }
 
