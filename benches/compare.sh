@@ -13,10 +13,19 @@
 # alternation; the table shows the medians over the rounds. Every process it started is
 # stopped by process id on exit.
 #
+# After those, the scenario sweep: one hot key at each of --sweep connection counts, 20,000
+# keys (--keys) warmed beforehand and read at random, and a 64 KB body, each against every
+# proxy in alternation, with per-round ratios to nginx. With --logs a second cxgate and a
+# second nginx log every request to a file (cxgate `server.access_log`, nginx `access_log`,
+# its default unbuffered combined format); the sweep and the hit table then show both, and
+# each ratio compares like with like (logging cxgate against logging nginx). Without --logs
+# no proxy logs requests. Varnish is measured when `varnishd` is installed (never with
+# --logs: its request log is a separate reader, varnishncsa, not the proxy).
+#
 # Usage: benches/compare.sh [--duration SECONDS] [--rounds N] [--connections N] [--threads N]
-#                           [--keep]
-# Needs Debian's nginx, varnish, wrk, plus curl and python3. CXGATE_BIN names a prebuilt
-# binary; without it the script runs `cargo build --release` first.
+#                           [--sweep "32 512 4096"] [--keys N] [--no-sweep] [--logs] [--keep]
+# Needs Debian's nginx, wrk, plus curl and python3 (varnish optional). CXGATE_BIN names a
+# prebuilt binary; without it the script runs `cargo build --release` first.
 set -euo pipefail
 
 DURATION=10        # seconds per hit run
@@ -26,11 +35,16 @@ THREADS=2
 OVERHEAD_DURATION=5  # seconds per single-connection uncached run
 BURST=200          # concurrent cold readers
 BODY_BYTES=1536
+BIG_BYTES=65536    # the large-body scenario
+SWEEP="32 512 4096"
+KEYS=20000
+SCENARIOS=1
+LOGS=0
 KEEP=0
 TOKEN="compare-token-$$"
 
 usage() {
-    sed -n '/^# Usage:/,/^# binary/p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '/^# Usage:/,/^# prebuilt binary/p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 while [ $# -gt 0 ]; do
@@ -39,6 +53,10 @@ while [ $# -gt 0 ]; do
         --rounds) ROUNDS="$2"; shift 2 ;;
         --connections) CONNECTIONS="$2"; shift 2 ;;
         --threads) THREADS="$2"; shift 2 ;;
+        --sweep) SWEEP="$2"; shift 2 ;;
+        --keys) KEYS="$2"; shift 2 ;;
+        --no-sweep) SCENARIOS=0; shift ;;
+        --logs) LOGS=1; shift ;;
         --keep) KEEP=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
@@ -47,11 +65,17 @@ done
 
 # Fail before starting anything when a tool is missing, and name the package that has it.
 missing=()
-for tool in nginx:nginx varnishd:varnish wrk:wrk curl:curl python3:python3; do
+for tool in nginx:nginx wrk:wrk curl:curl python3:python3; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool##*:}")
 done
-# Varnish compiles its VCL to C at start, so it needs a C compiler.
-command -v cc >/dev/null 2>&1 || missing+=("gcc")
+VARNISH=0
+if command -v varnishd >/dev/null 2>&1 && [ "$LOGS" = 0 ]; then
+    VARNISH=1
+    # Varnish compiles its VCL to C at start, so it needs a C compiler.
+    command -v cc >/dev/null 2>&1 || missing+=("gcc")
+elif [ "$LOGS" = 0 ]; then
+    echo "compare.sh: varnishd not found (apt-get install -y varnish): measuring without it" >&2
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "compare.sh: missing: ${missing[*]}" >&2
     echo "  install with: apt-get install -y ${missing[*]}" >&2
@@ -102,9 +126,10 @@ die() {
 }
 
 # Distinct free loopback ports: all sockets stay bound until every port is chosen.
-read -r P_ORIGIN P_SIM P_CXGATE P_ADMIN P_NGINX P_VARNISH < <(python3 - <<'EOF'
+read -r P_ORIGIN P_SIM P_CXGATE P_ADMIN P_NGINX P_VARNISH P_CXLOG P_ADMINLOG P_NGINXLOG \
+    < <(python3 - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(9)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*[s.getsockname()[1] for s in socks])
@@ -112,7 +137,8 @@ EOF
 )
 
 # ---------------------------------------------------------------- configs
-mkdir -p "$WORK/origin" "$WORK/nginx/cache" "$WORK/varnish" "$WORK/cxgate"
+mkdir -p "$WORK/origin/static/bench" "$WORK/nginx/cache" "$WORK/varnish" "$WORK/cxgate" \
+    "$WORK/nginxlog/cache" "$WORK/cxgatelog"
 
 # A 1.5 KB body in the CX Social envelope; no `$` or `'` so nginx can `return` it verbatim.
 BODY="$(python3 - "$BODY_BYTES" <<'EOF'
@@ -125,6 +151,15 @@ print(json.dumps(doc, separators=(",", ":")), end="")
 EOF
 )"
 [ "${#BODY}" -eq "$BODY_BYTES" ] || die "body is ${#BODY} bytes, expected $BODY_BYTES"
+# The large body is a file the origin serves; same envelope.
+python3 - "$BIG_BYTES" >"$WORK/origin/static/bench/big" <<'EOF'
+import json, sys
+size = int(sys.argv[1])
+doc = {"meta": {"code": 200}, "response": {"id": 2, "name": "Compare harness", "bio": ""}}
+base = len(json.dumps(doc, separators=(",", ":")))
+doc["response"]["bio"] = "y" * (size - base)
+print(json.dumps(doc, separators=(",", ":")), end="")
+EOF
 
 # As root, nginx workers would drop to an unprivileged user that cannot write the cache
 # directory inside our 0700 temporary directory.
@@ -142,9 +177,9 @@ events { worker_connections 8192; }
 EOF
 }
 nginx_http_common() {
-    local dir="$1"
+    local dir="$1" log="${2:-off}"
     cat <<EOF
-    access_log off;
+    access_log $log;
     client_body_temp_path $dir/body;
     proxy_temp_path $dir/proxy;
     fastcgi_temp_path $dir/fastcgi;
@@ -176,6 +211,13 @@ $(nginx_http_common "$WORK/origin")
         }
         # Never cached by any proxy: the uncached overhead.
         location = /bench/pass { return 200 '$BODY'; }
+        # The many-keys scenario: any key under here, cached by every proxy.
+        location /12345/inbox/contact/bench/ { return 200 '$BODY'; }
+        # The large-body scenario.
+        location = /bench/big {
+            default_type application/json;
+            root $WORK/origin/static;
+        }
         # Everything else is the simulator (the cold burst's 100 ms upstream).
         location / {
             proxy_pass http://sim;
@@ -186,18 +228,21 @@ $(nginx_http_common "$WORK/origin")
 }
 EOF
 
-cat >"$WORK/nginx/nginx.conf" <<EOF
-$(nginx_common "$WORK/nginx")
+# The caching nginx; the second one (--logs) logs every request to a file.
+nginx_proxy_conf() {
+    local dir="$1" port="$2" log="$3"
+    cat <<EOF
+$(nginx_common "$dir")
 http {
-$(nginx_http_common "$WORK/nginx")
-    proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=bench:16m max_size=256m
+$(nginx_http_common "$dir" "$log")
+    proxy_cache_path $dir/cache levels=1:2 keys_zone=bench:16m max_size=256m
                      inactive=2h use_temp_path=off;
     upstream origin {
         server 127.0.0.1:$P_ORIGIN;
         keepalive 64;
     }
     server {
-        listen 127.0.0.1:$P_NGINX;
+        listen 127.0.0.1:$port;
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         # The proxy holds the upstream credential, as cxgate does.
@@ -217,6 +262,10 @@ $(nginx_http_common "$WORK/nginx")
     }
 }
 EOF
+}
+nginx_proxy_conf "$WORK/nginx" "$P_NGINX" off >"$WORK/nginx/nginx.conf"
+nginx_proxy_conf "$WORK/nginxlog" "$P_NGINXLOG" "$WORK/nginxlog/access.log" \
+    >"$WORK/nginxlog/nginx.conf"
 
 cat >"$WORK/varnish/default.vcl" <<EOF
 vcl 4.1;
@@ -246,12 +295,15 @@ sub vcl_deliver {
 EOF
 
 # No [[clients]]: the anonymous mode on loopback, so wrk needs no key. A budget no run
-# reaches, so only caching is measured.
-cat >"$WORK/cxgate/cxgate.toml" <<EOF
+# reaches, so only caching is measured. The second one (--logs) logs every request to a file.
+cxgate_conf() {
+    local port="$1" admin="$2" log="$3"
+    cat <<EOF
 [server]
-listen = "127.0.0.1:$P_CXGATE"
-admin_listen = "127.0.0.1:$P_ADMIN"
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
 max_concurrency = 8192
+access_log = "$log"
 
 [upstream]
 base_url = "http://127.0.0.1:$P_ORIGIN"
@@ -269,9 +321,16 @@ match = "GET /bench/hit"
 ttl = "1h"
 
 [[routes]]
+match = "GET /bench/big"
+ttl = "1h"
+
+[[routes]]
 match = "GET /{account_id}/inbox/contact/{service}/{service_id}"
 ttl = "1h"
 EOF
+}
+cxgate_conf "$P_CXGATE" "$P_ADMIN" off >"$WORK/cxgate/cxgate.toml"
+cxgate_conf "$P_CXLOG" "$P_ADMINLOG" "$WORK/cxgatelog/access.log" >"$WORK/cxgatelog/cxgate.toml"
 
 # ---------------------------------------------------------------- start
 # Waits until URL answers (any HTTP status), or fails naming the log of the process.
@@ -297,7 +356,9 @@ PIDS+=($!); ORIGIN_PID=$!
 wait_up "origin nginx" "$ORIGIN_PID" "http://127.0.0.1:$P_ORIGIN/bench/direct" \
     "$WORK/origin/stderr.log"
 
-# Access logging off, as for nginx: both would pay for a line per request otherwise.
+declare -A URL PID LABEL REF
+# Access logging off (`server.access_log = "off"`, nginx `access_log off`): both would pay
+# for a line per request otherwise. The --logs pair below writes one to a file.
 CXGATE_COMPARE_TOKEN="$TOKEN" "$BIN" --log-level warn run --config "$WORK/cxgate/cxgate.toml" \
     >"$WORK/cxgate/stderr.log" 2>&1 &
 PIDS+=($!); CXGATE_PID=$!
@@ -308,24 +369,52 @@ nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" \
 PIDS+=($!); NGINX_PID=$!
 wait_up nginx "$NGINX_PID" "http://127.0.0.1:$P_NGINX/bench/pass" "$WORK/nginx/stderr.log"
 
-# -j none: no privilege separation, so the workdir may stay in our private temp directory.
-varnishd -F -j none -a "127.0.0.1:$P_VARNISH" -f "$WORK/varnish/default.vcl" \
-    -s malloc,256m -n "$WORK/varnish" >"$WORK/varnish/stderr.log" 2>&1 &
-PIDS+=($!); VARNISH_PID=$!
-wait_up varnish "$VARNISH_PID" "http://127.0.0.1:$P_VARNISH/bench/pass" \
-    "$WORK/varnish/stderr.log"
-
-declare -A URL PID LABEL
 URL[direct]="http://127.0.0.1:$P_ORIGIN"; PID[direct]=$ORIGIN_PID
 URL[cxgate]="http://127.0.0.1:$P_CXGATE"; PID[cxgate]=$CXGATE_PID
 URL[nginx]="http://127.0.0.1:$P_NGINX"; PID[nginx]=$NGINX_PID
-URL[varnish]="http://127.0.0.1:$P_VARNISH"; PID[varnish]=$VARNISH_PID
 LABEL[direct]="direct (nginx return 200)"
 LABEL[cxgate]="cxgate"
 LABEL[nginx]="nginx proxy_cache"
-LABEL[varnish]="varnish"
-PROXIES=(cxgate nginx varnish)
-TARGETS=(direct cxgate nginx varnish)
+# Each target's ratio is to the nginx that logs as it does.
+REF[direct]=nginx; REF[cxgate]=nginx; REF[nginx]=nginx; REF[varnish]=nginx
+PROXIES=(cxgate nginx)
+TARGETS=(direct cxgate nginx)
+
+if [ "$VARNISH" = 1 ]; then
+    # -j none: no privilege separation, so the workdir may stay in our private temp directory.
+    varnishd -F -j none -a "127.0.0.1:$P_VARNISH" -f "$WORK/varnish/default.vcl" \
+        -s malloc,256m -n "$WORK/varnish" >"$WORK/varnish/stderr.log" 2>&1 &
+    PIDS+=($!); VARNISH_PID=$!
+    wait_up varnish "$VARNISH_PID" "http://127.0.0.1:$P_VARNISH/bench/pass" \
+        "$WORK/varnish/stderr.log"
+    URL[varnish]="http://127.0.0.1:$P_VARNISH"; PID[varnish]=$VARNISH_PID
+    LABEL[varnish]="varnish"
+    PROXIES+=(varnish)
+    TARGETS+=(varnish)
+fi
+
+# The timed runs of the hit table and the sweep; the uncached and cold-burst runs keep to
+# the proxies that do not log.
+LOADED=("${PROXIES[@]}")
+if [ "$LOGS" = 1 ]; then
+    CXGATE_COMPARE_TOKEN="$TOKEN" "$BIN" --log-level warn run \
+        --config "$WORK/cxgatelog/cxgate.toml" >"$WORK/cxgatelog/stderr.log" 2>&1 &
+    PIDS+=($!); CXLOG_PID=$!
+    wait_up "cxgate (logs)" "$CXLOG_PID" "http://127.0.0.1:$P_ADMINLOG/healthz" \
+        "$WORK/cxgatelog/stderr.log"
+    nginx -p "$WORK/nginxlog" -c "$WORK/nginxlog/nginx.conf" \
+        -g "daemon off; pid $WORK/nginxlog/nginx.pid;" >"$WORK/nginxlog/stderr.log" 2>&1 &
+    PIDS+=($!); NGINXLOG_PID=$!
+    wait_up "nginx (logs)" "$NGINXLOG_PID" "http://127.0.0.1:$P_NGINXLOG/bench/pass" \
+        "$WORK/nginxlog/stderr.log"
+    URL[cxgate_log]="http://127.0.0.1:$P_CXLOG"; PID[cxgate_log]=$CXLOG_PID
+    URL[nginx_log]="http://127.0.0.1:$P_NGINXLOG"; PID[nginx_log]=$NGINXLOG_PID
+    LABEL[cxgate_log]="cxgate, access log file"
+    LABEL[nginx_log]="nginx, access_log file"
+    REF[cxgate_log]=nginx_log; REF[nginx_log]=nginx_log
+    LOADED+=(cxgate_log nginx_log)
+fi
+HIT_TARGETS=(direct "${LOADED[@]}")
 
 # ---------------------------------------------------------------- helpers
 # The process and all its descendants (nginx master + workers, varnish manager + child).
@@ -372,11 +461,13 @@ to_us() {
 
 # Runs wrk against a target, prints: req/s p50_us p99_us cpu_percent rss_kib errors.
 measure() {
-    local target="$1" path="$2" threads="$3" conns="$4" secs="$5" out t0 t1 c0 c1
+    local target="$1" path="$2" threads="$3" conns="$4" secs="$5" script="${6:-}"
+    local out t0 t1 c0 c1
     out="$WORK/wrk-$target.txt"
     c0="$(cpu_ticks "${PID[$target]}")"
     t0="$(date +%s.%N)"
-    wrk -t"$threads" -c"$conns" -d"${secs}s" --latency "${URL[$target]}$path" >"$out" 2>&1 ||
+    wrk -t"$threads" -c"$conns" -d"${secs}s" --latency ${script:+-s "$script"} \
+        "${URL[$target]}$path" >"$out" 2>&1 ||
         { cat "$out" >&2; die "wrk failed against $target"; }
     t1="$(date +%s.%N)"
     c1="$(cpu_ticks "${PID[$target]}")"
@@ -404,7 +495,7 @@ expect_hit() {
     curl -s -o /dev/null "${URL[$target]}$path"
     headers="$(curl -s -D - -o /dev/null "${URL[$target]}$path")"
     case "$target" in
-        cxgate) grep -qi '^cache-status: cxgate; hit' <<<"$headers" ;;
+        cxgate*) grep -qi '^cache-status: cxgate; hit' <<<"$headers" ;;
         *) grep -qi '^x-cache: HIT' <<<"$headers" ;;
     esac || { echo "$headers" >&2; die "$target does not answer $path from its cache"; }
 }
@@ -447,10 +538,10 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))
 EOF
 
 # ---------------------------------------------------------------- runs
-for p in "${PROXIES[@]}"; do
+for p in "${LOADED[@]}"; do
     expect_hit "$p" /bench/hit
 done
-for t in "${TARGETS[@]}"; do
+for t in "${HIT_TARGETS[@]}"; do
     hitpath=/bench/hit
     [ "$t" = direct ] && hitpath=/bench/direct
     # A short unrecorded run first: pools, caches and CPU frequency settle before round 1.
@@ -461,7 +552,7 @@ origin_fetches_before="$(wc -l <"$WORK/origin/hit.log")"
 declare -A RPS P50 P99 CPU RSS ERR OV50 OV99 OVERR B50 BMAX BCALLS BOK
 for round in $(seq "$ROUNDS"); do
     echo "round $round/$ROUNDS: cache hits, wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s" >&2
-    for t in "${TARGETS[@]}"; do
+    for t in "${HIT_TARGETS[@]}"; do
         hitpath=/bench/hit
         [ "$t" = direct ] && hitpath=/bench/direct
         read -r rps p50 p99 cpu rss err < <(measure "$t" "$hitpath" "$THREADS" "$CONNECTIONS" \
@@ -489,25 +580,24 @@ done
 origin_fetches=$(($(wc -l <"$WORK/origin/hit.log") - origin_fetches_before))
 
 # ---------------------------------------------------------------- table
-M_RPS_NGINX="$(median <<<"${RPS[nginx]}")"
 M_RPS_DIRECT="$(median <<<"${RPS[direct]}")"
 M_OV_DIRECT="$(median <<<"${OV50[direct]}")"
 
 echo
 echo "cxgate compare: $(nproc) cores, $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
-echo "$(nginx -v 2>&1 | sed 's/.*: //'), $(varnishd -V 2>&1 | head -1 | cut -d' ' -f1 | tr -d '()')," \
+echo "$(nginx -v 2>&1 | sed 's/.*: //')," \
     "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $("$BIN" --version)"
 echo "body $BODY_BYTES B JSON; medians of $ROUNDS rounds, targets in alternation"
 echo
 echo "cache hits: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s (CPU: % of one core; RSS of the process tree)"
 printf '%-26s %9s %9s %9s %6s %8s %8s %8s %6s\n' target "req/s" "p50 us" "p99 us" "CPU%" \
     "RSS MiB" "x nginx" "x direct" errors
-for t in "${TARGETS[@]}"; do
+for t in "${HIT_TARGETS[@]}"; do
     rps="$(median <<<"${RPS[$t]}")"
     printf '%-26s %9.0f %9.0f %9.0f %6.0f %8.1f %8.2f %8.2f %6s\n' "${LABEL[$t]}" "$rps" \
         "$(median <<<"${P50[$t]}")" "$(median <<<"${P99[$t]}")" "$(median <<<"${CPU[$t]}")" \
         "$(awk -v k="$(median <<<"${RSS[$t]}")" 'BEGIN {print k / 1024}')" \
-        "$(awk -v a="$rps" -v b="$M_RPS_NGINX" 'BEGIN {print a / b}')" \
+        "$(awk -v a="$rps" -v b="$(median <<<"${RPS[${REF[$t]}]}")" 'BEGIN {print a / b}')" \
         "$(awk -v a="$rps" -v b="$M_RPS_DIRECT" 'BEGIN {print a / b}')" \
         "$(tr ' ' '\n' <<<"${ERR[$t]}" | awk '{n += $1} END {print n + 0}')"
 done
@@ -531,3 +621,120 @@ for p in "${PROXIES[@]}"; do
         "$(tr ' ' '\n' <<<"${BMAX[$p]}" | sort -g | tail -1)" \
         "$(tr ' ' '\n' <<<"${BOK[$p]}" | awk '{n += $1} END {print n + 0}')/$((BURST * ROUNDS))"
 done
+
+# ---------------------------------------------------------------- scenario sweep
+[ "$SCENARIOS" = 1 ] || exit 0
+
+# Random keys: each wrk thread seeds its own generator, so threads read different keys.
+cat >"$WORK/keys.lua" <<EOF
+local n = $KEYS
+local threads = 0
+setup = function(thread)
+    thread:set("seed", threads)
+    threads = threads + 1
+end
+init = function(args)
+    math.randomseed(os.time() * 1000 + seed)
+end
+request = function()
+    return wrk.format("GET", "/12345/inbox/contact/bench/k" .. math.random(0, n - 1))
+end
+EOF
+
+# Fetches every key once over a few keep-alive connections; prints how many answered 200.
+cat >"$WORK/warm.py" <<'EOF'
+import http.client
+import sys
+import threading
+
+port, n, workers = int(sys.argv[1]), int(sys.argv[2]), 4
+ok = [0] * workers
+
+
+def run(w):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for k in range(w, n, workers):
+        conn.request("GET", f"/12345/inbox/contact/bench/k{k}")
+        resp = conn.getresponse()
+        resp.read()
+        ok[w] += resp.status == 200
+
+
+threads = [threading.Thread(target=run, args=(w,)) for w in range(workers)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(ok))
+EOF
+
+for p in "${LOADED[@]}"; do
+    warmed="$(python3 "$WORK/warm.py" "${URL[$p]##*:}" "$KEYS")"
+    [ "$warmed" = "$KEYS" ] || die "$p answered $warmed of $KEYS keys with 200 while warming"
+    expect_hit "$p" "/12345/inbox/contact/bench/k$((KEYS - 1))"
+    expect_hit "$p" /bench/big
+done
+
+SCENS=()
+declare -A S_PATH S_CONNS S_SCRIPT S_LABEL
+for c in $SWEEP; do
+    SCENS+=("hot$c"); S_PATH[hot$c]=/bench/hit; S_CONNS[hot$c]=$c; S_SCRIPT[hot$c]=""
+    S_LABEL[hot$c]="one hot key, $c connections"
+done
+SCENS+=(keys); S_PATH[keys]=/; S_CONNS[keys]=$CONNECTIONS; S_SCRIPT[keys]="$WORK/keys.lua"
+S_LABEL[keys]="$KEYS keys at random, $CONNECTIONS conns"
+SCENS+=(big); S_PATH[big]=/bench/big; S_CONNS[big]=$CONNECTIONS; S_SCRIPT[big]=""
+S_LABEL[big]="$((BIG_BYTES / 1024)) KB body, $CONNECTIONS connections"
+
+declare -A SR SP99 SE
+for round in $(seq "$ROUNDS"); do
+    for sc in "${SCENS[@]}"; do
+        echo "round $round/$ROUNDS: ${S_LABEL[$sc]}, wrk -t$THREADS -d${DURATION}s" >&2
+        for t in "${LOADED[@]}"; do
+            read -r rps _ p99 _ _ err < <(measure "$t" "${S_PATH[$sc]}" "$THREADS" \
+                "${S_CONNS[$sc]}" "$DURATION" "${S_SCRIPT[$sc]}")
+            echo "  $t: $rps req/s, p99 ${p99} us, errors $err" >&2
+            SR[$sc|$t]+="$rps "; SP99[$sc|$t]+="$p99 "; SE[$sc|$t]+="$err "
+        done
+    done
+done
+
+# Per-round ratios of two space-separated lists, in round order: "1.31,1.28,1.35".
+ratios() {
+    paste -d' ' <(tr ' ' '\n' <<<"$1" | grep -v '^$') <(tr ' ' '\n' <<<"$2" | grep -v '^$') |
+        awk '{printf "%s%.2f", (NR > 1 ? "," : ""), $1 / $2}'
+}
+
+# One table: cxgate against nginx, the two logging alike.
+pair_table() {
+    local title="$1" cx="$2" ng="$3" sc a b
+    echo
+    echo "$title: req/s medians of $ROUNDS rounds, wrk -t$THREADS -d${DURATION}s"
+    printf '%-36s %9s %9s %6s %-18s %9s %9s %6s\n' scenario cxgate nginx ratio "per round" \
+        "cx p99us" "ng p99us" errors
+    for sc in "${SCENS[@]}"; do
+        a="$(median <<<"${SR[$sc|$cx]}")"; b="$(median <<<"${SR[$sc|$ng]}")"
+        printf '%-36s %9.0f %9.0f %6.2f %-18s %9.0f %9.0f %6s\n' "${S_LABEL[$sc]}" "$a" "$b" \
+            "$(awk -v a="$a" -v b="$b" 'BEGIN {print a / b}')" \
+            "$(ratios "${SR[$sc|$cx]}" "${SR[$sc|$ng]}")" \
+            "$(median <<<"${SP99[$sc|$cx]}")" "$(median <<<"${SP99[$sc|$ng]}")" \
+            "$(tr ' ' '\n' <<<"${SE[$sc|$cx]} ${SE[$sc|$ng]}" | awk '{n += $1} END {print n + 0}')"
+    done
+}
+pair_table "scenarios, no access logs" cxgate nginx
+if [ "$LOGS" = 1 ]; then
+    pair_table "scenarios, both logging every request to a file" cxgate_log nginx_log
+    echo "access log lines: cxgate $(wc -l <"$WORK/cxgatelog/access.log")," \
+        "nginx $(wc -l <"$WORK/nginxlog/access.log");" \
+        "cxgate dropped $(curl -s "http://127.0.0.1:$P_ADMINLOG/metrics" |
+            awk '$1 == "cxgate_access_log_dropped_total" {print $2}')"
+fi
+if [ "$VARNISH" = 1 ]; then
+    echo
+    echo "varnish in the same runs (req/s, ratio to nginx):"
+    for sc in "${SCENS[@]}"; do
+        a="$(median <<<"${SR[$sc|varnish]}")"; b="$(median <<<"${SR[$sc|nginx]}")"
+        printf '%-36s %9.0f %6.2f\n' "${S_LABEL[$sc]}" "$a" \
+            "$(awk -v a="$a" -v b="$b" 'BEGIN {print a / b}')"
+    done
+fi

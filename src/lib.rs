@@ -10,6 +10,7 @@
 //! [`admin`] serves the operator's endpoints. [`sim`] is the simulated CX Social API.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod budget;
@@ -103,6 +104,10 @@ impl Running {
         if let Some(redis) = &self.replicas {
             redis.stop();
         }
+        // The lines of the last requests, before the process exits.
+        self.gateway
+            .access_log()
+            .flush(std::time::Duration::from_secs(2));
     }
 }
 
@@ -176,7 +181,18 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         )?,
         None => budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
     };
+    let access_log = access::AccessLog::open(
+        &effective_access_log(&cfg.server.access_log),
+        cfg.server.access_log_json,
+        &registry,
+    )
+    .map_err(|e| {
+        StartError::Refused(format!(
+            "server.access_log: cannot open the access log: {e}"
+        ))
+    })?;
     let parts = proxy::Parts {
+        access_log,
         http: upstream::ThreadPools::new(connector),
         token,
         cache: cache::Store::new(cfg.cache.max_bytes, &registry)?,
@@ -248,6 +264,17 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     })
 }
 
+/// On stderr the access lines keep to the log level like every other line (`info` shows
+/// them, `--log-level warn` hides them); a file gets every line, as the operator asked.
+fn effective_access_log(target: &access::Target) -> access::Target {
+    match target {
+        access::Target::Stderr if !tracing::enabled!(target: "cxgate::access", tracing::Level::INFO) => {
+            access::Target::Off
+        }
+        other => other.clone(),
+    }
+}
+
 /// `cxgate_connections_open{listener}`: connections open now on each listener, both
 /// present from the first scrape.
 fn connections_gauge(
@@ -316,14 +343,15 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), StartE
     Ok(())
 }
 
-/// Returns on SIGTERM or SIGINT; reloads on SIGHUP.
+/// Returns on SIGTERM or SIGINT; reloads on SIGHUP; reopens the access log on SIGUSR1.
 pub async fn wait_for_signals(running: &Running, config_path: Option<&Path>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut hup), Ok(mut usr1)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
         ) else {
             let _ = tokio::signal::ctrl_c().await;
             return;
@@ -332,6 +360,8 @@ pub async fn wait_for_signals(running: &Running, config_path: Option<&Path>) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return,
                 _ = term.recv() => return,
+                // logrotate renamed the file: write on to a new one by the configured name.
+                _ = usr1.recv() => running.gateway.access_log().reopen(),
                 _ = hup.recv() => match reload::reload(&running.gateway, &running.live, config_path).await {
                     Ok(notes) => tracing::info!(?notes, "SIGHUP: reloaded"),
                     Err(problems) => tracing::error!(?problems, "SIGHUP: config invalid; the running configuration stays"),

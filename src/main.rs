@@ -121,17 +121,22 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(dispatch(cli.command))
+    let json = matches!(cli.log_format, LogFormat::Json);
+    runtime.block_on(dispatch(cli.command, json))
 }
 
-async fn dispatch(command: Command) -> ExitCode {
+/// `json`: `--log-format json`, which the access log follows too.
+async fn dispatch(command: Command, json: bool) -> ExitCode {
     match command {
         Command::Demo {
             listen,
             admin_listen,
         } => finish(cxgate::demo::run(listen, admin_listen).await),
         Command::Run { config } => match cxgate::config::load(&config) {
-            Ok(cfg) => finish(cxgate::run(cfg, Some(config)).await),
+            Ok(mut cfg) => {
+                cfg.server.access_log_json = json;
+                finish(cxgate::run(cfg, Some(config)).await)
+            }
             Err(e) => invalid(&e),
         },
         Command::Check { config } => match cxgate::config::load(&config) {

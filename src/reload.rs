@@ -6,7 +6,8 @@
 //! and the value kept from the running config, so a setting is never ignored in silence.
 //! Everything else takes effect: routes, clients, budgets, timeouts, the admin token and
 //! the TLS certificate (re-read from its files, so a renewed certificate is served to new
-//! connections). Cache entries of a route whose ttl, stale windows or tags changed are
+//! connections). The access log's file is reopened by SIGUSR1, not by a reload; a new
+//! `server.access_log` needs a restart. Cache entries of a route whose ttl, stale windows or tags changed are
 //! dropped, so the new rules and tag names govern everything served after the reload.
 
 use std::path::Path;
@@ -80,6 +81,14 @@ pub fn preflight(cfg: &Config) -> (Vec<String>, Vec<String>) {
         let url = std::env::var(url_env).ok();
         if let Err(e) = crate::replicas::check_settings(url_env, url.as_deref(), &options) {
             problems.push(format!("budget: {e}"));
+        }
+    }
+    if let crate::config::AccessLogTarget::File(path) = &cfg.server.access_log {
+        if let Err(e) = crate::access::open_append(path) {
+            problems.push(format!(
+                "server.access_log: cannot open {} for appending: {e}",
+                path.display()
+            ));
         }
     }
     if let Some(path) = &cfg.token.file {
@@ -157,6 +166,7 @@ fn keep_restart_only(current: &Config, next: &mut Config) -> Vec<String> {
         "server.header_timeout" => server.header_timeout;
         "server.idle_timeout" => server.idle_timeout;
         "server.max_connections" => server.max_connections;
+        "server.access_log" => server.access_log;
         "upstream.base_url" => upstream.base_url;
         "upstream.connect_timeout" => upstream.connect_timeout;
         "upstream.ca_file" => upstream.ca_file;
@@ -174,6 +184,8 @@ fn keep_restart_only(current: &Config, next: &mut Config) -> Vec<String> {
         "budget.redis_ca_file" => budget.redis_ca_file;
         "budget.redis_cluster" => budget.redis_cluster;
     }
+    // Set from the command line, which a reload does not re-read.
+    next.server.access_log_json = current.server.access_log_json;
     // Derived from base_url, so kept with it.
     next.upstream.base_uri = current.upstream.base_uri.clone();
     // TLS on or off changes the listener; new files for a running TLS listener are applied.

@@ -49,6 +49,20 @@ pub struct ServerConfig {
     pub admin_hosts: Vec<String>,
     pub allow_anonymous: bool,
     pub tls: Option<TlsConfig>,
+    /// Where the one line per request goes.
+    pub access_log: AccessLogTarget,
+    /// Access lines as JSON: set from `--log-format`, never from the file.
+    pub access_log_json: bool,
+}
+
+/// `server.access_log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// With the other log lines, at their level (`info` shows it).
+    Stderr,
+    /// Appended to this file, reopened on SIGUSR1.
+    File(PathBuf),
+    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -246,6 +260,11 @@ impl Config {
                 .map(|h| format!(", {h}"))
                 .collect::<String>()
         );
+        let _ = match &s.access_log {
+            AccessLogTarget::Stderr => writeln!(out, "access log: stderr"),
+            AccessLogTarget::Off => writeln!(out, "access log: off"),
+            AccessLogTarget::File(path) => writeln!(out, "access log: {}", path.display()),
+        };
         let u = &self.upstream;
         let _ = writeln!(
             out,

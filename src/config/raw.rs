@@ -70,6 +70,8 @@ pub struct RawServer {
     pub allow_anonymous: Option<bool>,
     /// TLS for the client listener.
     pub tls: Option<RawTls>,
+    /// "stderr", a file path or "off".
+    pub access_log: Option<String>,
 }
 
 /// `[server.tls]`

@@ -28,6 +28,7 @@ const SERVER: &[&str] = &[
     "admin_hosts",
     "allow_anonymous",
     "tls",
+    "access_log",
 ];
 const TLS: &[&str] = &["cert_file", "key_file"];
 const UPSTREAM: &[&str] = &["base_url", "connect_timeout", "timeout", "ca_file"];

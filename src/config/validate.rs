@@ -227,6 +227,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             .collect(),
         allow_anonymous: s.allow_anonymous.unwrap_or(false),
         tls,
+        access_log: match s.access_log.as_deref() {
+            None | Some("stderr") => AccessLogTarget::Stderr,
+            Some("off") => AccessLogTarget::Off,
+            Some("") => {
+                p.add(
+                    "server.access_log",
+                    "must be \"stderr\", \"off\" or a file path, not empty",
+                );
+                AccessLogTarget::Off
+            }
+            Some(path) => AccessLogTarget::File(PathBuf::from(path)),
+        },
+        access_log_json: false,
     };
     if server.request_timeout.is_zero() {
         p.add("server.request_timeout", "must be greater than zero");

@@ -127,6 +127,8 @@ impl Outcome<'_> {
 
 /// The parts the gateway is made of; built once at start.
 pub struct Parts {
+    /// `server.access_log`, opened.
+    pub access_log: crate::access::AccessLog,
     /// Upstream connection pools, one per calling thread.
     pub http: ThreadPools,
     pub token: TokenManager,
@@ -142,6 +144,7 @@ pub struct Gateway {
 }
 
 struct Inner {
+    access_log: crate::access::AccessLog,
     state: RwLock<Arc<State>>,
     http: ThreadPools,
     token: TokenManager,
@@ -184,6 +187,7 @@ impl Gateway {
         prime_metrics(&config, &parts.metrics, &parts.budget);
         Gateway {
             inner: Arc::new(Inner {
+                access_log: parts.access_log,
                 state: RwLock::new(Arc::new(State::new(config))),
                 http: parts.http,
                 token: parts.token,
@@ -253,6 +257,11 @@ impl Gateway {
 
     pub fn cache(&self) -> &Store {
         &self.inner.cache
+    }
+
+    /// The access log, for SIGUSR1 and the flush at shutdown.
+    pub fn access_log(&self) -> &crate::access::AccessLog {
+        &self.inner.access_log
     }
 
     /// Bytes of request and answer bodies held in memory right now.
@@ -429,23 +438,22 @@ impl Gateway {
                 message,
             );
         }
-        tracing::info!(
-            target: "cxgate::access",
-            request_id = resp
-                .headers()
-                .get(&X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
-            client = outcome.client_label(),
-            route = outcome.route_label(),
-            method = method.as_str(),
-            status = status.as_u16(),
-            cache = outcome.cache,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            upstream_ms = outcome.upstream.map(|d| d.as_secs_f64() * 1000.0),
-            budget_wait_ms = outcome.budget_wait.map(|d| d.as_secs_f64() * 1000.0),
-            "request"
-        );
+        if self.inner.access_log.is_on() {
+            self.inner.access_log.log(&crate::access::Line {
+                request_id: resp
+                    .headers()
+                    .get(&X_REQUEST_ID)
+                    .map_or(b"-", |v| v.as_bytes()),
+                client: outcome.client_label(),
+                route: outcome.route_label(),
+                method: method.as_str(),
+                status: status.as_u16(),
+                cache: outcome.cache,
+                duration: elapsed,
+                upstream: outcome.upstream,
+                budget_wait: outcome.budget_wait,
+            });
+        }
         resp
     }
 
