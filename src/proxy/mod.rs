@@ -634,23 +634,28 @@ impl Gateway {
         }
         let query = strip_access_token(query);
         let query = query.as_deref();
-        // The caller's key and every other client's, wherever they are left.
-        let scan = leak::KeyScan::new(&state.clients, key);
-        let in_headers = parts
-            .headers
-            .iter()
-            .filter(|(name, _)| forward::forwarded(name))
-            .any(|(_, v)| scan.in_value(v.as_bytes()));
-        if in_headers
-            || scan.in_value(&body)
-            || (request::is_json_body(&parts.headers) && scan.in_json(&body))
-            || query.is_some_and(|q| scan.in_value(q.as_bytes()))
-        {
-            return Err(GatewayError::BadRequest(
-                "a gateway key may only be sent as the bearer token, the access_token \
-                 parameter or the access_token form field, and only the caller's own",
-            ));
-        }
+        // The caller's key and every other client's, wherever they are left, checked just
+        // before anything is forwarded: a cache hit forwards nothing and skips the scan (and
+        // a hit for a query holding a key cannot exist, since its miss was refused).
+        let leaks = || -> Result<(), GatewayError> {
+            let scan = leak::KeyScan::new(&state.clients, key);
+            let in_headers = parts
+                .headers
+                .iter()
+                .filter(|(name, _)| forward::forwarded(name))
+                .any(|(_, v)| scan.in_value(v.as_bytes()));
+            if in_headers
+                || scan.in_value(&body)
+                || (request::is_json_body(&parts.headers) && scan.in_json(&body))
+                || query.is_some_and(|q| scan.in_value(q.as_bytes()))
+            {
+                return Err(GatewayError::BadRequest(
+                    "a gateway key may only be sent as the bearer token, the access_token \
+                     parameter or the access_token form field, and only the caller's own",
+                ));
+            }
+            Ok(())
+        };
 
         let route_index = outcome.route;
         let make_call = || Call {
@@ -669,12 +674,13 @@ impl Gateway {
         //    only put together on a miss: a hit copies nothing of the request.
         if parts.method == Method::GET || parts.method == Method::HEAD {
             return self
-                .read(rule, path, query, &parts.headers, make_call, outcome)
+                .read(rule, path, query, &parts.headers, &leaks, make_call, outcome)
                 .await;
         }
 
         // 7. Writes. Boxed: the upstream call's future is several times the size of the rest
         //    of the pipeline, and kept inline it would be copied along with every cache hit's.
+        leaks()?;
         let _permit = self.upstream_permit()?;
         Box::pin(self.write(make_call(), rule, outcome)).await
     }

@@ -69,13 +69,15 @@ struct Upstream {
 }
 
 impl Gateway {
-    /// Answers a GET or HEAD. `call` is what goes upstream if it must.
+    /// Answers a GET or HEAD. `call` is what goes upstream if it must, once `leaks` (the
+    /// check that no gateway key would travel with it) has passed.
     pub(super) async fn read(
         &self,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
+        leaks: &(dyn Fn() -> Result<(), GatewayError> + Sync),
         client_call: impl Fn() -> Call,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
@@ -119,6 +121,8 @@ impl Gateway {
                         revalidate: true,
                         ..
                     } => {
+                        // The revalidation forwards this request's headers.
+                        leaks()?;
                         outcome.cache = "stale";
                         self.revalidate(key, route, upstream_get(&make_call));
                         let resp = reply::from_entry(&entry, entry.age(now), Err(past));
@@ -137,6 +141,7 @@ impl Gateway {
             cacheable: ttl.is_some(),
             stale_fallback,
         };
+        leaks()?;
         Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome))
             .await
             .map(answered)
