@@ -83,6 +83,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     refresher: JoinHandle<()>,
+    /// Removes cache entries past their life every few seconds.
+    sweeper: JoinHandle<()>,
     /// The shared Redis, with several replicas; its background tasks stop with the gateway.
     replicas: Option<replicas::Redis>,
     /// What a reload applies outside the config snapshot (admin token, certificate).
@@ -101,6 +103,7 @@ impl Running {
             let _ = task.await;
         }
         self.refresher.abort();
+        self.sweeper.abort();
         if let Some(redis) = &self.replicas {
             redis.stop();
         }
@@ -210,6 +213,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let grace = cfg.server.shutdown_grace;
     let config = Arc::new(cfg);
     let gateway = Gateway::new(config.clone(), parts);
+    let sweeper = gateway.cache().spawn_sweeper();
     if let Some(redis) = &redis {
         gateway.share_invalidations(redis.clone());
         redis
@@ -259,6 +263,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         stop,
         tasks: vec![client_task, admin_task],
         refresher,
+        sweeper,
         replicas: redis,
         live,
     })

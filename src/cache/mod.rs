@@ -38,6 +38,7 @@
 //! # }
 //! ```
 
+mod deadlines;
 mod entry;
 mod key;
 mod merge;

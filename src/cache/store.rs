@@ -1,9 +1,11 @@
 //! The bounded response store: a moka cache weighed in bytes, with tags, `Vary` and purges.
 //!
 //! Invariants: the weighted size never stays above `max_bytes` (moka evicts the least
-//! valuable entries first); an entry lives in moka for ttl + its longer stale window and
-//! `get` also refuses anything past that on tokio's clock; once `invalidate_tags`, `purge_*`
-//! return, no lookup yields an entry they removed. Hits share the stored block, never copy.
+//! valuable entries first); `get` refuses anything past ttl + its longer stale window on
+//! tokio's clock, and the store's own sweep (see [`Deadlines`]) removes such entries, in
+//! bounded steps, on inserts, from [`Store::spawn_sweeper`]'s task and in
+//! [`Store::run_pending_tasks`]; once `invalidate_tags`, `purge_*` return, no lookup yields
+//! an entry they removed. Hits share the stored block, never copy.
 //!
 //! moka is keyed by a 64-bit hash of the cache key, and each entry carries its full key:
 //! a lookup whose key differs from the stored one is a miss, so a collision costs one
@@ -22,20 +24,30 @@ use http::header::HeaderName;
 use http::HeaderMap;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
-use moka::Expiry;
 use prometheus::{IntCounter, Registry};
 use serde_json::json;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, StoredResponse};
 use super::key::normalize_path;
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
 
-/// An upper bound on any entry's life in moka, far above real ttls, so a configuration
-/// mistake cannot overflow moka's clock arithmetic.
+/// An upper bound on any entry's life, far above real ttls, so a configuration mistake
+/// cannot overflow the deadline arithmetic.
 const MAX_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Due entries an insert removes on its way (more than one, so the sweep outpaces inserts).
+const SWEEP_PER_INSERT: usize = 8;
+
+/// Due entries one step of a sweep removes before it lets go of the lock.
+const SWEEP_STEP: usize = 1024;
+
+/// How often [`Store::spawn_sweeper`]'s task looks for entries past their life.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What moka holds under a key hash.
 #[derive(Clone)]
@@ -49,7 +61,8 @@ pub(crate) enum Slot {
 pub(crate) struct VaryMarker {
     key: Box<str>,
     names: Arc<[HeaderName]>,
-    lifetime: Duration,
+    /// The end of the life of the variant it was stored with.
+    deadline: Instant,
 }
 
 impl Slot {
@@ -60,12 +73,14 @@ impl Slot {
         }
     }
 
-    fn lifetime(&self) -> Duration {
+    /// When the slot is of no use any more (past ttl and both stale windows).
+    fn deadline(&self) -> Instant {
         match self {
-            Slot::Response(r) => r.lifetime(),
-            Slot::Vary(m) => m.lifetime,
+            Slot::Response(r) => {
+                Deadlines::deadline(r.timing().stored_at, r.lifetime(), MAX_LIFETIME)
+            }
+            Slot::Vary(m) => m.deadline,
         }
-        .min(MAX_LIFETIME)
     }
 
     fn weight(&self) -> u32 {
@@ -80,25 +95,6 @@ impl Slot {
     }
 }
 
-/// Entries expire by their own lifetime, reset when a key is overwritten.
-struct Lifetime;
-
-impl Expiry<u64, Slot> for Lifetime {
-    fn expire_after_create(&self, _: &u64, slot: &Slot, _: std::time::Instant) -> Option<Duration> {
-        Some(slot.lifetime())
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &u64,
-        slot: &Slot,
-        _: std::time::Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(slot.lifetime())
-    }
-}
-
 /// The response cache. Cheap to clone: every clone is a handle on the same cache.
 #[derive(Clone)]
 pub struct Store {
@@ -108,20 +104,26 @@ pub struct Store {
 struct Inner {
     entries: Cache<u64, Slot>,
     /// Changed only together with `entries`, under this lock (see the module notes).
-    tags: Mutex<TagIndex>,
+    tags: Mutex<Locked>,
     /// Entries moka dropped, queued by the eviction listener and forgotten by the index the
     /// next time it is locked. The listener may run inside a cache call made under `tags`,
     /// so it must not take that lock itself.
     removed: Arc<Mutex<Vec<Removed>>>,
     /// Keys and tags are hashed with one per-process random key.
     hasher: RandomState,
-    /// Numbers each stored value, so the index tells a value from its replacement.
+    /// Numbers each stored value (kept in its block, shown by its `Debug`).
     serial: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     /// Bumped by every invalidation and purge. A response fetched across a bump may predate
     /// the write that caused it, so [`Store::insert`] refuses it (see [`Store::epoch`]).
     epoch: AtomicU64,
+}
+
+/// What the store's lock guards: the tag index and the queue of deadlines.
+struct Locked {
+    index: TagIndex,
+    deadlines: Deadlines,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,7 +145,6 @@ impl Store {
         let entries = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_: &u64, slot: &Slot| slot.weight())
-            .expire_after(Lifetime)
             .eviction_listener(move |key: Arc<u64>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
                     listener_evictions.inc();
@@ -151,11 +152,7 @@ impl Store {
                 if let Slot::Response(r) = &slot {
                     let tags: Vec<u64> = r.tag_hashes().collect();
                     if !tags.is_empty() {
-                        lock(&listener_removed).push(Removed {
-                            key: *key,
-                            serial: r.serial(),
-                            tags,
-                        });
+                        lock(&listener_removed).push(Removed { key: *key, tags });
                     }
                 }
             })
@@ -170,7 +167,10 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 entries,
-                tags: Mutex::default(),
+                tags: Mutex::new(Locked {
+                    index: TagIndex::default(),
+                    deadlines: Deadlines::new(Instant::now()),
+                }),
                 removed,
                 hasher: RandomState::new(),
                 serial: AtomicU64::new(0),
@@ -185,14 +185,79 @@ impl Store {
         self.inner.hasher.hash_one(text)
     }
 
-    /// The tag index, after forgetting whatever moka dropped since it was last locked.
-    fn index(&self) -> MutexGuard<'_, TagIndex> {
-        let mut index = lock(&self.inner.tags);
+    /// The tag index and deadlines, after the index forgot whatever moka dropped since it
+    /// was last locked. A removed entry's registrations stay when its key holds a newer
+    /// value: that value registered the tags again (its key's tags come from the same
+    /// route), and the lock orders that registration before this check.
+    fn index(&self) -> MutexGuard<'_, Locked> {
+        let mut locked = lock(&self.inner.tags);
         let removed = std::mem::take(&mut *lock(&self.inner.removed));
         for r in &removed {
-            index.unregister(r);
+            if !self.inner.entries.contains_key(&r.key) {
+                locked.index.unregister(r.key, &r.tags);
+            }
         }
-        index
+        locked
+    }
+
+    /// Removes up to `max` entries whose deadline has passed, with the lock held; returns
+    /// whether more may be due. Keys whose value was replaced are queued again at the new
+    /// value's deadline; keys no longer held are dropped.
+    fn sweep_step(&self, locked: &mut Locked, max: usize) -> bool {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        locked.deadlines.pop_due(now, max, &mut due);
+        for hash in &due {
+            let Some(slot) = self.inner.entries.get(hash) else {
+                continue;
+            };
+            let deadline = slot.deadline();
+            if deadline <= now {
+                self.inner.entries.invalidate(hash);
+            } else {
+                locked.deadlines.push(deadline, *hash);
+            }
+        }
+        // Entries evicted or purged before their deadline leave their key queued; once the
+        // queue holds twice the entries, drop those (amortised: the queue doubled since).
+        let held = usize::try_from(self.inner.entries.entry_count()).unwrap_or(usize::MAX);
+        if locked.deadlines.len() > held.saturating_mul(2).saturating_add(4096) {
+            let entries = &self.inner.entries;
+            locked.deadlines.retain(|hash| entries.contains_key(&hash));
+        }
+        due.len() == max
+    }
+
+    /// Removes every entry past its life, [`SWEEP_STEP`] at a time, letting go of the lock
+    /// between steps.
+    async fn sweep(&self) {
+        loop {
+            let more = {
+                let mut locked = self.index();
+                self.sweep_step(&mut locked, SWEEP_STEP)
+            };
+            if !more {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Starts the task that removes entries past their life every few seconds, so their
+    /// memory is returned even when nothing is inserted. It ends when the store is dropped.
+    pub fn spawn_sweeper(&self) -> JoinHandle<()> {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                Store { inner }.sweep().await;
+            }
+        })
     }
 
     /// The slot stored for exactly `key` (not another key with the same hash).
@@ -282,33 +347,50 @@ impl Store {
         if capacity.is_some_and(|max| u64::from(stored.weight()) > max) {
             return false;
         }
-        let entries = &self.inner.entries;
+        let deadline = Deadlines::deadline(value.stored_at, value.lifetime(), MAX_LIFETIME);
 
-        let mut index = self.index();
+        let mut locked = self.index();
         if self.epoch() != epoch {
             return false;
         }
+        self.sweep_step(&mut locked, SWEEP_PER_INSERT);
         if let Some(names) = vary {
             // Overwrites a plain entry of a resource that started to vary.
             let marker = VaryMarker {
                 key: key.as_str().into(),
                 names,
-                lifetime: value.lifetime(),
+                deadline,
             };
-            entries.insert(self.hash(&key), Slot::Vary(Arc::new(marker)));
+            self.put(&mut locked, self.hash(&key), Slot::Vary(Arc::new(marker)));
         }
         let hash = self.hash(&storage_key);
-        entries.insert(hash, Slot::Response(stored));
-        index.register(hash, serial, tags.into_iter());
+        self.put(&mut locked, hash, Slot::Response(stored));
+        locked.index.register(hash, tags.into_iter());
         true
+    }
+
+    /// Stores `slot` under `hash` and queues its deadline, with the lock held. A key already
+    /// held is queued already, at or before its old deadline (the sweep queues it again if
+    /// it lives on), so it is queued again only when the new value's life ends sooner.
+    fn put(&self, locked: &mut Locked, hash: u64, slot: Slot) {
+        let deadline = slot.deadline();
+        let queued = self
+            .inner
+            .entries
+            .get(&hash)
+            .is_some_and(|old| old.deadline() <= deadline);
+        self.inner.entries.insert(hash, slot);
+        if !queued {
+            locked.deadlines.push(deadline, hash);
+        }
     }
 
     /// Removes every entry carrying any of `tags`; returns how many keys were invalidated.
     /// The effect is complete when the future is first polled; it never waits.
     pub async fn invalidate_tags(&self, tags: &[String]) -> u64 {
-        let mut index = self.index();
+        let mut locked = self.index();
         self.bump_epoch();
-        let keys = index.revoke(tags.iter().map(|t| self.hash(t)));
+        let keys = locked.index.revoke(tags.iter().map(|t| self.hash(t)));
         for key in &keys {
             self.inner.entries.invalidate(key);
         }
@@ -327,10 +409,12 @@ impl Store {
             .filter(|(_, slot)| key_path(slot.key()) == Some(path))
             .map(|(key, _)| key)
             .collect();
+        let now = Instant::now();
         let mut purged = 0;
         for key in keys {
-            if let Some(Slot::Response(_)) = self.inner.entries.remove(&*key) {
-                purged += 1;
+            // One past its life (not swept yet) goes too but was not a stored answer.
+            if let Some(slot @ Slot::Response(_)) = self.inner.entries.remove(&*key) {
+                purged += u64::from(slot.deadline() > now);
             }
         }
         purged
@@ -352,10 +436,12 @@ impl Store {
             })
             .map(|(key, _)| key)
             .collect();
+        let now = Instant::now();
         let mut purged = 0;
         for key in keys {
-            if let Some(Slot::Response(_)) = self.inner.entries.remove(&*key) {
-                purged += 1;
+            // One past its life (not swept yet) goes too but was not a stored answer.
+            if let Some(slot @ Slot::Response(_)) = self.inner.entries.remove(&*key) {
+                purged += u64::from(slot.deadline() > now);
             }
         }
         purged
@@ -365,11 +451,12 @@ impl Store {
     pub async fn purge_all(&self) -> u64 {
         let _index = self.index();
         self.bump_epoch();
+        let now = Instant::now();
         let count = self
             .inner
             .entries
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Response(_)))
+            .filter(|(_, slot)| matches!(slot, Slot::Response(_)) && slot.deadline() > now)
             .count() as u64;
         // moka guarantees lookups never return an entry stored before this call.
         self.inner.entries.invalidate_all();
@@ -415,13 +502,14 @@ impl Store {
     /// Runs moka's pending maintenance (evictions, counts) and lets the tag index forget
     /// what it removed; for tests, benchmarks and shutdown.
     pub async fn run_pending_tasks(&self) {
+        self.sweep().await;
         self.inner.entries.run_pending_tasks();
         drop(self.index());
     }
 
     #[cfg(test)]
     fn tag_registrations(&self) -> usize {
-        self.index().len()
+        self.index().index.len()
     }
 }
 

@@ -118,6 +118,107 @@ async fn entries_are_served_through_their_stale_windows_then_refused() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn entries_past_their_life_leave_the_store_and_the_index() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    store
+        .insert("GET /old".into(), &none, response("a", &["t", "old"]))
+        .await;
+    store
+        .insert(
+            "GET /vary".into(),
+            &language("fr"),
+            varying("b", "accept-language"),
+        )
+        .await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    // Stored 30 s later: usable up to 70 s, while the first two end at 40 s.
+    store
+        .insert("GET /new".into(), &none, response("c", &["t"]))
+        .await;
+    store.run_pending_tasks().await;
+    assert_eq!(store.entry_count(), 4, "expected 4 slots before 40 s");
+    tokio::time::advance(Duration::from_secs(11)).await;
+    store.run_pending_tasks().await;
+    assert_eq!(
+        store.entry_count(),
+        1,
+        "expected only GET /new left past 40 s, saw {} slots",
+        store.entry_count()
+    );
+    assert_eq!(
+        store.tag_registrations(),
+        1,
+        "expected only GET /new's tag left, saw {}",
+        store.tag_registrations()
+    );
+    assert!(body(&store, "GET /new", &none).await.is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replaced_entry_lives_to_its_new_deadline() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    store
+        .insert("GET /me".into(), &none, response("a", &["t"]))
+        .await;
+    tokio::time::advance(Duration::from_secs(20)).await;
+    store
+        .insert("GET /me".into(), &none, response("b", &["t"]))
+        .await;
+    // The first value's deadline (40 s) passes; the second lives to 60 s.
+    tokio::time::advance(Duration::from_secs(25)).await;
+    store.run_pending_tasks().await;
+    let seen = body(&store, "GET /me", &none).await;
+    assert_eq!(
+        seen,
+        Some(Bytes::from_static(b"b")),
+        "expected the new value at 45 s"
+    );
+    assert_eq!(
+        store.tag_registrations(),
+        1,
+        "expected its tag still indexed"
+    );
+    tokio::time::advance(Duration::from_secs(16)).await;
+    store.run_pending_tasks().await;
+    assert_eq!(store.entry_count(), 0, "expected nothing left past 60 s");
+    assert_eq!(
+        store.tag_registrations(),
+        0,
+        "expected an empty index past 60 s"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_sweeper_removes_entries_without_any_insert() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    for i in 0..3000 {
+        store
+            .insert(format!("GET /item/{i}"), &none, response("x", &["t"]))
+            .await;
+    }
+    let sweeper = store.spawn_sweeper();
+    tokio::time::sleep(Duration::from_secs(39)).await;
+    store.inner.entries.run_pending_tasks();
+    assert_eq!(
+        store.entry_count(),
+        3000,
+        "expected every entry kept up to 39 s"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    store.inner.entries.run_pending_tasks();
+    assert_eq!(
+        store.entry_count(),
+        0,
+        "expected the sweeper to remove every entry past 40 s, saw {} left",
+        store.entry_count()
+    );
+    sweeper.abort();
+}
+
+#[tokio::test(start_paused = true)]
 async fn vary_stores_one_variant_per_request_value() {
     let (store, _registry) = store();
     let key = "GET /me";
