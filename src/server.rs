@@ -360,7 +360,7 @@ fn builder() -> Builder<TokioExecutor> {
 /// Where connections are served: one single-threaded runtime per core, each on a thread of
 /// its own. A connection lives on one of them from accept to close, so its socket events,
 /// its timers and the tasks it spawns never cross threads; under cache hits that saves the
-/// multi-threaded scheduler's hand-offs between workers (issue #7, "tune the runtime").
+/// multi-threaded scheduler's hand-offs between workers.
 /// Dropping it stops the runtimes, cancelling whatever still runs there.
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,

@@ -1,4 +1,4 @@
-//! The budget end to end (CONTRACT 3.2, 3.5, 5): scopes, shares, the interactive reserve,
+//! The budget end to end (README "Who may call", 3.5, 5): scopes, shares, the interactive reserve,
 //! queueing, the upstream's own limit, and the metrics that show it, all counted by what
 //! reached the simulator.
 mod common;

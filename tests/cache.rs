@@ -1,4 +1,4 @@
-//! End-to-end checks of the cache and request merging (CONTRACT 2 route rules, 3.4, 4
+//! End-to-end checks of the cache and request merging (README "Configuration" route rules, "Pointing a service at it", "The admin listener"
 //! purge, 5 metrics), driven through the gateway against the simulator.
 mod common;
 

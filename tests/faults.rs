@@ -1,6 +1,6 @@
 //! The gateway under the simulator's faults (issue 9, "Hardening", point 1), one table-driven
 //! run: for every fault, cold requests get the right status in the CX Social envelope
-//! (CONTRACT 3.6), a stale entry of a stale-if-error route stands in for a failing upstream,
+//! (README "Pointing a service at it"), a stale entry of a stale-if-error route stands in for a failing upstream,
 //! a fresh request works once the fault clears, and nothing leaks (simulator requests in
 //! flight, open descriptors and runtime tasks come back to where they were). The token
 //! endpoint down while the held token is still valid must not be seen by clients at all.

@@ -1,4 +1,4 @@
-//! End-to-end checks of the upstream token (CONTRACT 1 `token init`, 2 `[token]`, 3.7, 4
+//! End-to-end checks of the upstream token (README: `token init`, `[token]`, the token stays inside, the admin listener
 //! `/readyz`, 5 token metrics), driven through the gateway against the simulator: refresh
 //! after revocation, rotation over time, a failing token endpoint, `invalid_grant`, the
 //! `token init` command of the real binary, and that no token ever leaves the gateway.
@@ -487,7 +487,7 @@ async fn invalid_grant_answers_clients_503_token_unavailable_not_the_upstream_40
         let body = String::from_utf8_lossy(&a.body);
         assert!(
             a.status == 503 && body.contains("token_unavailable"),
-            "expected {what} to get 503 token_unavailable (CONTRACT 3.6; a 401 tells a client \
+            "expected {what} to get 503 token_unavailable (see the README; a 401 tells a client \
              with a valid key that its key is bad), saw {} {body}",
             a.status
         );
@@ -731,7 +731,7 @@ async fn token_init_refusals_exit_1_with_a_clear_message() {
 }
 
 // ---------------------------------------------------------------------------------------
-// The token stays inside (CONTRACT 3.7)
+// The token stays inside (README "Pointing a service at it")
 // ---------------------------------------------------------------------------------------
 
 /// Every token the gateway has held, gathered as it rotates.

@@ -1,4 +1,4 @@
-//! The budget every replica shares (`budget.backend = "redis"`, CONTRACT 6).
+//! The budget every replica shares (`budget.backend = "redis"`, README "Running several replicas").
 //!
 //! Role: the same GCRA bookings as the local ledger, made by one Lua script in Redis so all
 //! replicas spend one global share and one share per client. Each admission is one atomic

@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of CONTRACT section 2, in two layers.
+//! Configuration: the TOML file of README "Configuration", in two layers.
 //!
 //! `raw` mirrors the file with serde (unknown keys rejected); `validate` turns it into the
 //! checked [`Config`] the gateway runs on, collecting every problem with its key path so

@@ -1,4 +1,4 @@
-//! The configuration file as written: serde structs that mirror CONTRACT section 2.
+//! The configuration file as written: serde structs that mirror README "Configuration".
 //!
 //! Every struct denies unknown keys, so a typo is an error instead of a silently ignored
 //! setting. Durations and sizes stay strings here: `validate` parses them, so one run of

@@ -405,10 +405,8 @@ impl Gateway {
         if outcome.client.is_some() {
             // The API's own fields, for client code written against the API (named in the
             // README): on every answer to a known client, 429s included.
-            let [limit, remaining, reset] = self
-                .inner
-                .budget
-                .api_headers(outcome.client_label(), None);
+            let [limit, remaining, reset] =
+                self.inner.budget.api_headers(outcome.client_label(), None);
             let (remaining, reset) = match &refusal {
                 Some((_, _, reset)) => (HeaderValue::from_static("0"), reset.clone()),
                 None => (remaining, reset),
@@ -674,7 +672,17 @@ impl Gateway {
         //    only put together on a miss: a hit copies nothing of the request.
         if parts.method == Method::GET || parts.method == Method::HEAD {
             return self
-                .read(rule, path, query, &parts.headers, &leaks, make_call, outcome)
+                .read(
+                    rule,
+                    path,
+                    query,
+                    &parts.headers,
+                    read::ToForward {
+                        leaks: &leaks,
+                        call: make_call,
+                    },
+                    outcome,
+                )
                 .await;
         }
 

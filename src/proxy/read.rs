@@ -68,6 +68,13 @@ struct Upstream {
     stale_fallback: Option<StoredResponse>,
 }
 
+/// What a read sends upstream if the cache cannot answer it: `call` builds the request,
+/// once `leaks` (the check that no gateway key would travel with it) has passed.
+pub(super) struct ToForward<'a, F> {
+    pub leaks: &'a (dyn Fn() -> Result<(), GatewayError> + Sync),
+    pub call: F,
+}
+
 impl Gateway {
     /// Answers a GET or HEAD. `call` is what goes upstream if it must, once `leaks` (the
     /// check that no gateway key would travel with it) has passed.
@@ -77,10 +84,13 @@ impl Gateway {
         path: &str,
         query: Option<&str>,
         headers: &HeaderMap,
-        leaks: &(dyn Fn() -> Result<(), GatewayError> + Sync),
-        client_call: impl Fn() -> Call,
+        forward: ToForward<'_, impl Fn() -> Call>,
         outcome: &mut Outcome<'_>,
     ) -> Result<Response<Body>, GatewayError> {
+        let ToForward {
+            leaks,
+            call: client_call,
+        } = forward;
         let inner = &self.inner;
         let d = directives(headers);
         let key = crate::cache::cache_key(&Method::GET, path, query);

@@ -1,5 +1,5 @@
 //! Building client responses: from an upstream answer or a cache entry, with the
-//! `Cache-Status` (RFC 9211) and `Age` headers of CONTRACT 3.4.
+//! `Cache-Status` (RFC 9211) and `Age` headers of README "Pointing a service at it".
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! The simulated CX Social (Engagor) API behind `cxgate sim` and `cxgate demo`: the upstream
-//! of the demo, the tests and the benchmarks, following `UPSTREAM.md`.
+//! of the demo, the tests and the benchmarks, following what the public clients of the real API show (README "The simulator").
 //!
 //! It is an independent peer: it imports nothing of the gateway, so the gateway's tests
 //! really test it against an outsider. Invariants: generated data is a pure function of the

@@ -266,7 +266,7 @@ impl TokenManager {
         })
     }
 
-    /// Shares the token with the other replicas through `redis` (CONTRACT 6; see `shared`):
+    /// Shares the token with the other replicas through `redis` (README "Running several replicas"; see `shared`):
     /// adopts the stored token if it is newer than this replica's, or stores this one. Call
     /// it before [`TokenManager::spawn_refresher`]. A static token is not shared.
     pub async fn share_through(&self, redis: crate::replicas::Redis) {
