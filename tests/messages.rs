@@ -813,7 +813,7 @@ async fn a_held_token_that_cannot_be_sent_is_named_in_status_and_on_the_page() {
         .to_bytes();
     let page = String::from_utf8_lossy(&page);
     assert!(
-        page.contains("not usable: the access token holds characters that cannot be sent"),
+        page.contains("not usable: the access token cannot be sent upstream"),
         "expected the status page to say why the token is unusable"
     );
     assert!(
