@@ -212,7 +212,7 @@ pub fn account_of(path: &str) -> Result<Option<u64>, NotCanonical> {
 /// and the refusal of the simulator's controls both read this one segment.
 pub fn first_segment(path: &str) -> std::borrow::Cow<'_, str> {
     let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
-    percent_decoded(first)
+    crate::config::route::percent_decode(first)
 }
 
 /// `text` as an account id if it is the canonical spelling of one.
@@ -229,30 +229,6 @@ pub fn canonical_account(text: &str) -> Result<u64, NotCanonical> {
     }
     text.parse()
         .map_err(|_| NotCanonical("the account id is too large"))
-}
-
-/// Percent-decodes a path segment for reading its account id. Invalid escapes and bytes
-/// that are not UTF-8 are kept as replacement characters: they are not digits.
-fn percent_decoded(segment: &str) -> std::borrow::Cow<'_, str> {
-    if !segment.contains('%') {
-        return std::borrow::Cow::Borrowed(segment);
-    }
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Hex SHA-256, as `cxgate key hash` prints and `clients[].key_sha256` stores.

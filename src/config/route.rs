@@ -179,7 +179,7 @@ fn loosely_equal(part: &str, lit: &str) -> bool {
 
 /// `%XX` escapes decoded (invalid ones kept as they are); bytes that are not UTF-8 become
 /// replacement characters, which match no literal.
-fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn percent_decode(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains('%') {
         return std::borrow::Cow::Borrowed(text);
     }
