@@ -282,7 +282,21 @@ fn request_host<B>(req: &Request<B>) -> Option<&str> {
 /// a rebinding page cannot choose the name). A request without `Host` (HTTP/1.0) comes from
 /// no browser and passes.
 fn host_refused<B>(req: &Request<B>, names: &[String]) -> Option<&'static str> {
-    let authority = request_host(req)?;
+    // Two Host headers, or an absolute-form target naming another host than Host, are
+    // refused (RFC 9112 3.2): whichever one a check read, the other could name anything.
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Some("the request carries more than one Host header");
+    }
+    if let Some(target) = req.uri().authority() {
+        if let Some(reason) = authority_refused(target.as_str(), names) {
+            return Some(reason);
+        }
+    }
+    authority_refused(request_host(req)?, names)
+}
+
+/// [`host_refused`] for one authority (`host[:port]`).
+fn authority_refused(authority: &str, names: &[String]) -> Option<&'static str> {
     let host = match authority.strip_prefix('[') {
         Some(rest) => {
             let Some((inside, after)) = rest.split_once(']') else {
@@ -486,6 +500,19 @@ mod tests {
                 "expected Host {bad:?} refused"
             );
         }
+        let mut two = req(Some("localhost"), &[]);
+        two.headers_mut()
+            .append(header::HOST, HeaderValue::from_static("evil.example"));
+        assert!(
+            host_refused(&two, &names).is_some(),
+            "expected two Host headers refused"
+        );
+        let mut absolute = req(Some("localhost"), &[]);
+        *absolute.uri_mut() = "http://evil.example/admin/status".parse().expect("uri");
+        assert!(
+            host_refused(&absolute, &names).is_some(),
+            "expected an absolute-form target naming another host refused"
+        );
     }
 
     #[test]

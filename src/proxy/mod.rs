@@ -646,6 +646,9 @@ impl Gateway {
                 || scan.in_value(&body)
                 || (request::is_json_body(&parts.headers) && scan.in_json(&body))
                 || query.is_some_and(|q| scan.in_value(q.as_bytes()))
+                || path
+                    .split('/')
+                    .any(|segment| scan.in_value(segment.as_bytes()))
             {
                 return Err(GatewayError::BadRequest(
                     "a gateway key may only be sent as the bearer token, the access_token \

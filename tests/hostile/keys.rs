@@ -118,7 +118,8 @@ type Case = (
     String,
 );
 
-/// Another client's key anywhere in what would be forwarded (query value, header, form,
+/// Another client's key anywhere in what would be forwarded (path segment, query value,
+/// header, form,
 /// multipart, JSON string escaped or not, text body; raw or percent-encoded) is 400 and
 /// reaches nothing; the same request without it passes.
 #[tokio::test]
@@ -171,6 +172,20 @@ async fn another_clients_key_is_never_forwarded() {
             "a short key in a list",
             Method::GET,
             format!("{path}?ids=1,{SHORT},3"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a path segment",
+            Method::GET,
+            format!("{path}/{SHORT}"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a percent-encoded path segment",
+            Method::GET,
+            format!("/12345/x/{}", percent_all(OTHER)),
             vec![],
             String::new(),
         ),
