@@ -267,7 +267,12 @@ impl Upstream {
             return;
         }
         if limited || remaining == Some(0) {
-            let retry = header_str(headers, "retry-after").and_then(|v| retry_after(v, wall));
+            // A Retry-After of 0 or a date already past names no time to wait: obeyed, it
+            // would send every request into the refusal. The reset decides, else the blind
+            // minute and one probe.
+            let retry = header_str(headers, "retry-after")
+                .and_then(|v| retry_after(v, wall))
+                .filter(|d| !d.is_zero());
             let until = match (retry, reset) {
                 (Some(d), _) => at(now, d, longest),
                 (None, Some(reset)) => reset,
@@ -480,6 +485,20 @@ mod tests {
             Some(30 * SEC),
             "expected 30 s until the date"
         );
+    }
+
+    #[test]
+    fn a_retry_after_of_zero_or_past_still_pauses() {
+        for value in ["0", "Wed, 21 Oct 2015 07:28:00 GMT"] {
+            let mut up = Upstream::default();
+            let h = headers(&[("retry-after", value.into())]);
+            up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+            assert_eq!(
+                up.paused_for(0),
+                Some(nanos(BLIND_PAUSE)),
+                "Retry-After {value:?}: expected the blind minute, not no pause at all"
+            );
+        }
     }
 
     #[test]
