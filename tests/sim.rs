@@ -8,5 +8,7 @@ mod auth;
 mod control;
 #[path = "sim/data.rs"]
 mod data;
+#[path = "sim/fidelity.rs"]
+mod fidelity;
 #[path = "sim/support.rs"]
 mod support;

@@ -233,27 +233,45 @@ fn mentions(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
     let time = |name: &str| call.query_param(name).and_then(extra::parse_time);
     let (from, to) = (time("date_from"), time("date_to"));
     let ascending = call.query_param("sort").is_some_and(|s| s.contains("asc"));
-    let mut seqs: Vec<u64> = (0..data::MENTIONS)
-        .filter(|seq| {
-            let topic = data::topic_at(account, *seq);
-            let when = data::published_at(*seq);
-            topics.as_ref().is_none_or(|t| t.contains(&topic))
-                && from.is_none_or(|f| when >= f)
-                && to.is_none_or(|t| when <= t)
-        })
-        .collect();
+    let mut keys = listed(sim, account, topics.as_deref(), from, to);
     if !ascending {
-        seqs.reverse();
+        keys.reverse();
     }
-    let total = seqs.len() as u64;
-    let items = seqs[page.range(total)]
+    let total = keys.len() as u64;
+    let items = keys[page.range(total)]
         .iter()
-        .filter_map(|seq| {
-            let (topic, id) = data::mention_at(account, *seq);
-            mention(sim, call.base, account, topic, &id)
-        })
+        .filter_map(|(topic, id)| mention(sim, call.base, account, *topic, id))
         .collect();
     reply::ok(paged_list(call, page, total, items))
+}
+
+/// The `(topic, id)` of the mentions an inbox list shows, oldest first: the generated
+/// timeline, then the messages added through `inbox/add` (dated `NEWEST`, in the order they
+/// were added), without the deleted ones, so offset paging never skips an item.
+pub(crate) fn listed(
+    sim: &Sim,
+    account: u64,
+    topics: Option<&[u64]>,
+    from: Option<u64>,
+    to: Option<u64>,
+) -> Vec<(u64, String)> {
+    let wanted = |topic: u64, when: u64| {
+        topics.is_none_or(|t| t.contains(&topic))
+            && from.is_none_or(|f| when >= f)
+            && to.is_none_or(|t| when <= t)
+    };
+    let generated = (0..data::MENTIONS)
+        .filter(|seq| wanted(data::topic_at(account, *seq), data::published_at(*seq)))
+        .map(|seq| data::mention_at(account, seq));
+    let added = sim
+        .writes
+        .added_to(account)
+        .into_iter()
+        .filter(|(topic, _)| wanted(*topic, data::NEWEST));
+    generated
+        .chain(added)
+        .filter(|(topic, id)| !sim.writes.mention_deleted(&(account, *topic, id.clone())))
+        .collect()
 }
 
 fn update_mention(sim: &Sim, account: u64, topic: u64, id: String, call: &Call<'_>) -> Reply {
@@ -357,31 +375,48 @@ fn contact(
         return reply::error(StatusCode::NOT_FOUND, "not_found", "no such contact");
     }
     if post {
-        let (mut crm, mut custom) = (Map::new(), Map::new());
-        match call.param("updates").map(serde_json::from_str::<Value>) {
-            Some(Ok(Value::Object(updates))) => {
-                for (field, value) in updates {
-                    match (field.as_str(), value) {
-                        ("crm", Value::Object(more)) => crm.extend(more),
-                        ("custom_attributes", Value::Object(more)) => custom.extend(more),
-                        (_, value) => {
-                            crm.insert(field, value);
-                        }
-                    }
-                }
-            }
-            Some(_) => return bad("updates must be a JSON object"),
-            None => crm = fields(call),
+        if let Err(message) = update_contact(sim, &key, call) {
+            return bad(&message);
         }
-        if crm.is_empty() && custom.is_empty() {
-            return bad("nothing to update: send CRM fields or updates");
-        }
-        sim.writes.update_contact(key.clone(), crm, custom);
-        sim.stats.incr(Counter::Writes);
     }
     let mut body = data::contact(key.0, &key.1, &key.2);
     sim.writes.overlay_contact(&key, &mut body);
     reply::ok(body)
+}
+
+/// Stores a contact write. `updates` is shaped like a contact: its `crm` and
+/// `custom_attributes` objects merge into those sections, and any other key is taken as a
+/// CRM field; without `updates` the form fields are the CRM fields.
+pub(crate) fn update_contact(
+    sim: &Sim,
+    key: &(u64, String, String),
+    call: &Call<'_>,
+) -> Result<(), String> {
+    let (mut crm, mut custom) = (Map::new(), Map::new());
+    match call.param("updates").map(serde_json::from_str::<Value>) {
+        Some(Ok(Value::Object(updates))) => {
+            for (field, value) in updates {
+                match (field.as_str(), value) {
+                    ("crm", Value::Object(more)) => crm.extend(more),
+                    ("custom_attributes", Value::Object(more)) => custom.extend(more),
+                    ("crm" | "custom_attributes", _) => {
+                        return Err(format!("updates.{field} must be a JSON object"))
+                    }
+                    (_, value) => {
+                        crm.insert(field, value);
+                    }
+                }
+            }
+        }
+        Some(_) => return Err("updates must be a JSON object".into()),
+        None => crm = fields(call),
+    }
+    if crm.is_empty() && custom.is_empty() {
+        return Err("nothing to update: send CRM fields or updates".into());
+    }
+    sim.writes.update_contact(key.clone(), crm, custom);
+    sim.stats.incr(Counter::Writes);
+    Ok(())
 }
 
 fn publisher_add(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {

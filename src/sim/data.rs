@@ -102,6 +102,27 @@ fn topic(topic_id: u64) -> Value {
     json!({"id": topic_id, "name": format!("{} {}", pick(&TOPIC_WORDS, h), topic_id % 10)})
 }
 
+/// A topic as `/me/accounts` lists it: with the profiles it monitors and its search keywords.
+fn monitored_topic(topic_id: u64) -> Value {
+    let mut body = topic(topic_id);
+    let account = topic_id / 10;
+    let h = hash(&["keywords", &topic_id.to_string()]);
+    let profiles: Vec<Value> = ["twitter", "facebook"]
+        .iter()
+        .map(|service| {
+            json!({
+                "type": service,
+                "username": format!("sim{account}"),
+                "displayname": format!("Account {account} on {service}"),
+            })
+        })
+        .collect();
+    let word = pick(&TOPIC_WORDS, h).to_lowercase();
+    body["monitoredprofiles"] = Value::Array(profiles);
+    body["searchkeywords"] = json!([format!("sim {word}"), format!("#sim{account}")]);
+    body
+}
+
 /// Topics 1 and 2 belong to the account's first project, topic 3 to its second.
 fn project_of(topic_id: u64) -> Value {
     let account = topic_id / 10;
@@ -122,7 +143,7 @@ fn account(id: u64) -> Value {
             let own: Vec<Value> = topics
                 .iter()
                 .filter(|t| (**t % 10 <= 2) == (*n == 1))
-                .map(|t| topic(*t))
+                .map(|t| monitored_topic(*t))
                 .collect();
             project["topics"] = Value::Array(own);
             project
@@ -300,6 +321,12 @@ pub(crate) fn mention(base: &str, account: u64, topic_id: u64, id: &str) -> Valu
         "assignment": {"user_ids": [], "team_ids": [], "comments": []},
         "notes": [],
     })
+}
+
+/// The profile (service, service id) a contact's own id names: the id is
+/// `{service}_{service_id}`, and a bare id is a Twitter one.
+pub(crate) fn contact_profile(id: &str) -> (&str, &str) {
+    id.split_once('_').unwrap_or(("twitter", id))
 }
 
 /// A social profile with CRM fields and custom attributes.

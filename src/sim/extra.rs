@@ -3,8 +3,9 @@
 //! publisher's drafts, settings writes, insights facets and the read-only tools.
 //!
 //! Invariants: the same as `api` (stable generated data, writes stored before the answer is
-//! built). A contact's own id `N` names the contact with service `twitter` and service id
-//! `N`, so a write through either spelling shows in both.
+//! built). A contact's own id is `{service}_{service_id}` (a bare `N` reads as `twitter_N`),
+//! so a contact by its id, in the list and by its profile is one contact, and a write through
+//! either spelling shows in both.
 
 use http::{Method, StatusCode};
 use serde_json::{json, Map, Value};
@@ -107,7 +108,8 @@ pub(crate) fn serve(
     };
     match extra {
         Extra::ContactById(id) => {
-            let key = (account, "twitter".to_string(), id);
+            let (service, sid) = data::contact_profile(&id);
+            let key = (account, service.to_owned(), sid.to_owned());
             if sim.writes.contact_deleted(&key) {
                 return not_found("contact");
             }
@@ -117,12 +119,11 @@ pub(crate) fn serve(
                 return reply::ok(json!(true));
             }
             if *method == Method::POST {
-                match call.param("updates").map(serde_json::from_str::<Value>) {
-                    Some(Ok(Value::Object(updates))) => {
-                        sim.writes.update_contact(key.clone(), updates, Map::new());
-                        sim.stats.incr(Counter::Writes);
-                    }
-                    _ => return bad("the form field updates must be a JSON object"),
+                if call.param("updates").is_none() {
+                    return bad("the form field updates must be a JSON object");
+                }
+                if let Err(message) = super::api::update_contact(sim, &key, call) {
+                    return bad(&message);
                 }
             }
             let mut body = data::contact(key.0, &key.1, &key.2);
@@ -265,17 +266,9 @@ fn facets(sim: &Sim, account: u64, call: &Call<'_>) -> Reply {
         }
     }
     let [from, to] = bounds;
-    let mentions: Vec<Value> = (0..data::MENTIONS)
-        .filter(|seq| {
-            let when = data::published_at(*seq);
-            topics.contains(&data::topic_at(account, *seq))
-                && from.is_none_or(|f| when >= f)
-                && to.is_none_or(|t| when <= t)
-        })
-        .filter_map(|seq| {
-            let (topic, id) = data::mention_at(account, seq);
-            super::api::mention(sim, call.base, account, topic, &id)
-        })
+    let mentions: Vec<Value> = super::api::listed(sim, account, Some(topics.as_slice()), from, to)
+        .into_iter()
+        .filter_map(|(topic, id)| super::api::mention(sim, call.base, account, topic, &id))
         .collect();
     let items: Vec<Value> = pointers
         .iter()
@@ -324,12 +317,11 @@ pub(crate) fn add_many(
         return bad(&format!("mentions must hold 1 to {MAX_ADDED} messages"));
     }
     for m in &messages {
-        let (topic, _) = build(m);
-        let body = build(m).1;
+        let (topic, mut body) = build(m);
         sim.writes.add_message(account, topic, |id| {
-            let mut body = body.clone();
             body["id"] = json!(id);
             body["unique_id"] = json!(format!("{topic}_{id}"));
+            body["source"]["id"] = json!(id);
             body
         });
     }

@@ -20,6 +20,8 @@ type ContactKey = (u64, String, String);
 struct Inner {
     mentions: HashMap<MentionKey, Map<String, Value>>,
     added: HashMap<MentionKey, Value>,
+    /// The `(topic, id)` of each account's added messages, in the order they were added.
+    added_order: HashMap<u64, Vec<(u64, String)>>,
     contacts: HashMap<ContactKey, Map<String, Value>>,
     deleted_mentions: std::collections::HashSet<MentionKey>,
     deleted_contacts: std::collections::HashSet<ContactKey>,
@@ -93,8 +95,16 @@ impl Writes {
         inner.next_id += 1;
         let id = format!("custom-{}", inner.next_id);
         let message = build(&id);
+        let order = inner.added_order.entry(account).or_default();
+        order.push((topic, id.clone()));
         inner.added.insert((account, topic, id), message.clone());
         message
+    }
+
+    /// The `(topic, id)` of the messages added to `account`, oldest first.
+    pub fn added_to(&self, account: u64) -> Vec<(u64, String)> {
+        let inner = lock(&self.inner);
+        inner.added_order.get(&account).cloned().unwrap_or_default()
     }
 
     /// A message added through `inbox/add`, if that is what the id names.
