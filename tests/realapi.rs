@@ -314,6 +314,104 @@ async fn clients_get_the_apis_rate_limit_fields_on_every_answer() {
     env.stop().await;
 }
 
+/// The refusals the gateway makes before it has read who is calling (the request's target,
+/// its path, the simulator's controls, a body on a read, two keys) still carry the API's
+/// `X-RateLimit-*` fields when the caller presented a valid key, and the error envelope.
+#[tokio::test]
+async fn early_refusals_to_a_valid_key_carry_the_rate_limit_fields() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let auth = format!("Authorization: Bearer {KEY}\r\n");
+    let cases: [(&str, String, u16); 9] = [
+        (
+            "an account id with a leading zero",
+            format!("GET /012345/inbox/mentions HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+        (
+            "an account id in percent-escapes",
+            format!("GET /%31%32%33%34%35x/inbox/mentions HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+        (
+            "the simulator's stats",
+            format!("GET /_sim/stats HTTP/1.1\r\n{auth}"),
+            404,
+        ),
+        (
+            "a dot-dot segment",
+            format!("GET /12345/../me HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+        (
+            "an escaped dot segment",
+            format!("GET /me/%2e/accounts HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+        (
+            "a key in the query and a dot segment",
+            format!("GET /me/..?access_token={KEY} HTTP/1.1\r\n"),
+            400,
+        ),
+        (
+            "another host in the target",
+            format!("GET http://elsewhere.example/me HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+        (
+            "a read with a body",
+            format!("GET /me HTTP/1.1\r\n{auth}Content-Length: 2\r\n\r\n{{}}"),
+            400,
+        ),
+        (
+            "a second, different key",
+            format!("GET /me?access_token=other-key HTTP/1.1\r\n{auth}"),
+            400,
+        ),
+    ];
+    for (what, head, status) in cases {
+        let request = if head.ends_with("{}") {
+            head.replacen("HTTP/1.1\r\n", "HTTP/1.1\r\nHost: gw\r\n", 1)
+        } else {
+            format!("{head}Host: gw\r\nConnection: close\r\n\r\n")
+        };
+        let a = common::raw_exchange(env.gw.addr, request.as_bytes()).await;
+        assert_eq!(
+            a.status(),
+            Some(status),
+            "{what}: saw {:?}",
+            String::from_utf8_lossy(&a.bytes)
+        );
+        let body = a.json();
+        assert!(
+            body["error"].is_string() && body["error_description"].is_string(),
+            "{what}: expected the top-level error and error_description, saw {body}"
+        );
+        for name in [
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+        ] {
+            let value = a.header(name).unwrap_or_default();
+            assert!(
+                value.parse::<u64>().is_ok(),
+                "{what}: expected an integer {name}, saw {value:?} in {:?}",
+                String::from_utf8_lossy(&a.bytes)
+            );
+        }
+    }
+    let anonymous = common::raw_exchange(
+        env.gw.addr,
+        b"GET /12345/../me HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (anonymous.status(), anonymous.header("x-ratelimit-limit")),
+        (Some(400), None),
+        "expected no budget fields for a caller without a key"
+    );
+    env.stop().await;
+}
+
 /// `/_sim/*` are the simulator's controls: the gateway refuses them in every spelling and
 /// the simulator never sees them.
 #[tokio::test]

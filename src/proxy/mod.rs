@@ -311,12 +311,18 @@ impl Gateway {
     {
         let started = Instant::now();
         let state = self.state();
-        let request_id = {
+        // The client a valid key in the header or query names, read before the pipeline
+        // so that its refusals made before authentication (the target, the path, a body on
+        // a read) still carry that client's rate-limit fields. A key only in a form body is
+        // known once the body is read, so refusals before that carry none.
+        let (request_id, presented) = {
             let key = client_key(req.headers(), req.uri().query());
-            request_id(
+            let presented = state.clients.authenticate(key.as_deref()).ok();
+            let id = request_id(
                 req.headers(),
                 &leak::KeyScan::new(&state.clients, key.as_deref()),
-            )
+            );
+            (id, presented)
         };
         let method = req.method().clone();
         let mut outcome = Outcome {
@@ -402,11 +408,10 @@ impl Gateway {
             headers.insert(RATELIMIT_POLICY.clone(), policy);
             headers.insert(RATELIMIT.clone(), current);
         }
-        if outcome.client.is_some() {
+        if let Some(client) = outcome.client.or(presented) {
             // The API's own fields, for client code written against the API (named in the
             // README): on every answer to a known client, 429s included.
-            let [limit, remaining, reset] =
-                self.inner.budget.api_headers(outcome.client_label(), None);
+            let [limit, remaining, reset] = self.inner.budget.api_headers(&client.name, None);
             let (remaining, reset) = match &refusal {
                 Some((_, _, reset)) => (HeaderValue::from_static("0"), reset.clone()),
                 None => (remaining, reset),
