@@ -1438,3 +1438,83 @@ async fn readyz_and_status_show_an_upstream_refusing_fresh_tokens() {
     );
     env.stop().await;
 }
+
+/// A static token (`token.access_token_env`, never refreshed) that the upstream answers
+/// with 401 makes the gateway not ready, with the reason, for as long as the upstream
+/// refuses it; the first call with it that succeeds makes it ready again.
+#[tokio::test]
+async fn a_refused_static_token_is_not_ready_until_a_call_with_it_succeeds() {
+    const TOKEN_ENV: &str = "CXGATE_TEST_STATIC_REFUSED_TOKEN";
+    std::env::set_var(TOKEN_ENV, ACCESS);
+    let sim = spawn_sim(SimOptions {
+        access_tokens: vec![ACCESS.to_string()],
+        ..SimOptions::default()
+    })
+    .await;
+    let dir = temp_dir("static-refused");
+    let cfg = cxgate::config::parse(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{}\"\n[token]\naccess_token_env = \"{TOKEN_ENV}\"\n{}{ROUTES}",
+        sim.base_url(),
+        common::client_toml("test", KEY, "scopes = [\"read\"]"),
+    ))
+    .expect("valid config");
+    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let env = Env {
+        sim,
+        gw,
+        dir,
+        http: http_client(),
+    };
+    let readyz = || async {
+        let a = env
+            .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+            .await;
+        (a.status.as_u16(), a.json())
+    };
+    let contact = |n: u32| format!("/12345/inbox/contact/twitter/{n}");
+    assert_eq!(
+        env.get(&contact(1)).await.status,
+        200,
+        "a first call with the token"
+    );
+    assert_eq!(
+        readyz().await.0,
+        200,
+        "expected ready with a token the upstream takes"
+    );
+
+    env.sim.set_faults(Faults {
+        force_401: Some(Force401 { count: 2 }),
+        ..Faults::default()
+    });
+    for n in [2, 3] {
+        let refused = env.get(&contact(n)).await;
+        assert_eq!(
+            refused.status, 503,
+            "expected 503 while the token is refused, saw {refused:?}"
+        );
+        let (status, body) = readyz().await;
+        let reason = body["reason"].as_str().unwrap_or_default();
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (503, Some("not_ready")),
+            "expected not ready after the upstream refused the static token, saw {body}"
+        );
+        assert!(
+            reason.contains("refuses the held token") && reason.contains("cannot be refreshed"),
+            "expected the reason to name the refused token, saw {reason:?}"
+        );
+    }
+    assert_eq!(
+        env.get(&contact(4)).await.status,
+        200,
+        "expected the token taken again once the upstream stops refusing it"
+    );
+    let (status, body) = readyz().await;
+    assert_eq!(
+        status, 200,
+        "expected ready again after a call succeeded, saw {body}"
+    );
+    env.stop().await;
+}

@@ -78,6 +78,11 @@ pub enum TokenError {
         "the upstream refuses freshly refreshed tokens too; the next refresh waits out a backoff"
     )]
     RefusedUpstream,
+    #[error(
+        "the upstream refuses the held token and it cannot be refreshed (a static token, or no \
+         refresh token): replace it; ready again once a call with it succeeds"
+    )]
+    RefusedNotRefreshable,
     #[error("the refresh task ended without an outcome")]
     RefreshAborted,
     #[error("another replica's token refresh did not finish in time")]

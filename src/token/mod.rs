@@ -294,6 +294,14 @@ impl TokenManager {
         if refusing_fresh_tokens(&state) {
             return Err(TokenError::RefusedUpstream.to_string());
         }
+        // A token that cannot be refreshed (a static one) and that the upstream refused:
+        // every request answers 503 until a call with it succeeds (`accepted`), so not ready.
+        if state.refused > 0
+            && state.refused_generation == state.generation
+            && !self.inner.refreshable(&state)
+        {
+            return Err(TokenError::RefusedNotRefreshable.to_string());
+        }
         match state::current_of(&state) {
             Ok(current) if !file::sendable(current.access.expose()) => {
                 Err(TokenError::Unsendable.to_string())
