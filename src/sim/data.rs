@@ -71,8 +71,18 @@ pub(crate) fn me() -> Value {
     })
 }
 
+/// The scopes of every token the simulator issues, as `/me/permissions` lists them and the
+/// token endpoint's space-separated `scope` names them; the clients ask for `identify`.
+pub(crate) const SCOPES: [&str; 5] = [
+    "identify",
+    "accounts_read",
+    "accounts_write",
+    "socialprofiles",
+    "email",
+];
+
 pub(crate) fn permissions() -> Value {
-    json!(["accounts_read", "accounts_write", "socialprofiles", "email"])
+    json!(SCOPES)
 }
 
 pub(crate) fn connected_profiles() -> Vec<Value> {

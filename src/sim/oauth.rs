@@ -19,8 +19,6 @@ use super::lock;
 use super::reply::{self, Reply};
 use super::stats::{Counter, Stats};
 
-const SCOPE: &str = "accounts_read accounts_write socialprofiles email";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AuthError {
     Unknown,
@@ -261,7 +259,7 @@ pub(crate) fn token_endpoint(tokens: &Tokens, stats: &Stats, req: &GrantRequest)
                     "access_token": issued.access_token,
                     "expires_in": issued.expires_in,
                     "refresh_token": issued.refresh_token,
-                    "scope": SCOPE,
+                    "scope": super::data::SCOPES.join(" "),
                 }),
             )
         }

@@ -95,6 +95,11 @@ async fn oauth_grants_and_refresh_rotation() {
     for field in ["access_token", "expires_in", "refresh_token", "scope"] {
         assert!(!issued[field].is_null(), "expected {field} in {issued}");
     }
+    let scope = issued["scope"].as_str().unwrap_or_default();
+    assert!(
+        scope.split(' ').any(|s| s == "identify"),
+        "expected the space-separated scope to include identify, saw {scope:?}"
+    );
     let access = issued["access_token"].as_str().unwrap_or("");
     assert_eq!(
         peer.send(Method::GET, "/me", Some(access), None)

@@ -236,3 +236,14 @@ async fn topics_carry_monitored_profiles_and_search_keywords() {
         }
     }
 }
+
+#[tokio::test]
+async fn permissions_include_identify() {
+    let peer = start(SimOptions::default()).await;
+    let listed = peer.get("/me/permissions").await.json();
+    let scopes = listed["response"].as_array().cloned().unwrap_or_default();
+    assert!(
+        scopes.contains(&json!("identify")),
+        "expected the identify scope the clients ask for, saw {listed}"
+    );
+}
