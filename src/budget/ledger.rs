@@ -54,10 +54,12 @@ pub(crate) struct Refusal {
     pub(crate) wait: u64,
 }
 
-/// Cells reserved on the global share, and the upstream's alarm count when they were.
+/// Cells reserved on the global share, the call's sequence number in the upstream's
+/// flight, and the upstream's alarm count when they were.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub(crate) global: Slot,
+    pub(crate) seq: u64,
     alarms: u64,
 }
 
@@ -67,6 +69,9 @@ pub(crate) enum Step {
     Go { own: Option<Slot>, grant: Grant },
     /// Only the client's own share is reserved: come back at `own.at` and `cross`.
     Queue { own: Slot },
+    /// Nothing is known of what the upstream has left and the call sent to learn it is
+    /// out: nothing is reserved; come back when it is answered.
+    Learning,
 }
 
 impl Ledger {
@@ -146,6 +151,9 @@ impl Ledger {
         let (max_wait, hold) = self.terms(client);
         let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
         self.upstream_allows(cost, now)?;
+        if self.upstream.learning() {
+            return Ok(Step::Learning);
+        }
         let own = self
             .clients
             .get_mut(client)
@@ -177,16 +185,20 @@ impl Ledger {
         }
     }
 
-    /// Step 2, once the client's own slot has come (see the module doc).
+    /// Step 2, once the client's own slot has come (see the module doc); `None` while the
+    /// call sent to learn the upstream's count is out (come back when it is answered).
     pub(crate) fn cross(
         &mut self,
         client: &str,
         cost: NonZeroU32,
         arrived: u64,
         now: u64,
-    ) -> Result<Grant, Refusal> {
+    ) -> Result<Option<Grant>, Refusal> {
         let (max_wait, hold) = self.terms(client);
         self.upstream_allows(cost, now)?;
+        if self.upstream.learning() {
+            return Ok(None);
+        }
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
         let wait = self.global.wait(cost, hold, now);
         if wait > left {
@@ -195,7 +207,7 @@ impl Ledger {
                 wait,
             });
         }
-        Ok(self.grant(cost, hold, now))
+        Ok(Some(self.grant(cost, hold, now)))
     }
 
     /// Last look when a granted slot comes: refuses if the upstream raised an alarm after the
@@ -226,9 +238,10 @@ impl Ledger {
 
     /// Spends `cost` of the upstream's allowance and reserves the global slot.
     fn grant(&mut self, cost: NonZeroU32, hold: u32, now: u64) -> Grant {
-        self.upstream.spend(u64::from(cost.get()));
+        let seq = self.upstream.spend(u64::from(cost.get()));
         Grant {
             global: self.global.reserve(cost, hold, now),
+            seq,
             alarms: self.upstream.alarms(),
         }
     }
@@ -239,7 +252,7 @@ impl Ledger {
         client: &str,
         own: Option<Slot>,
         global: Option<Slot>,
-        upstream_cost: Option<u64>,
+        upstream_seq: Option<u64>,
     ) {
         if let (Some(slot), Some((_, gcra))) = (
             own,
@@ -250,8 +263,8 @@ impl Ledger {
         if let Some(slot) = global {
             self.global.give_back(slot);
         }
-        if let Some(cost) = upstream_cost {
-            self.upstream.give_back(cost);
+        if let Some(seq) = upstream_seq {
+            self.upstream.give_back(seq);
         }
     }
 
