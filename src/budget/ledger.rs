@@ -10,6 +10,9 @@
 //!    may have filled the global queue meanwhile, so this can still refuse; the client's cells
 //!    are then given back if nothing was reserved after them. Only that case can burn cells.
 //!
+//! Either step answers "come back later" while the one call sent to learn what the upstream
+//! has left is out (see `upstream`): nothing is reserved then, and the caller waits for it.
+//!
 //! Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
 //! a slot booked ahead would leave every free cell before it unusable by other clients.
 
