@@ -112,6 +112,13 @@ impl Ledger {
         }
     }
 
+    /// [`Ledger::new`] for a budget other replicas spend too.
+    pub(crate) fn shared(spec: BudgetSpec) -> Self {
+        let mut ledger = Ledger::new(spec);
+        ledger.upstream.set_shared();
+        ledger
+    }
+
     /// A new configuration that keeps what was spent: the global TAT, each surviving client's
     /// TAT, the upstream's pause and the refusal counts.
     pub(crate) fn reconfigure(&mut self, spec: BudgetSpec) {
@@ -154,9 +161,6 @@ impl Ledger {
         let (max_wait, hold) = self.terms(client);
         let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
         self.upstream_allows(cost, now)?;
-        if self.upstream.learning() {
-            return Ok(Step::Learning);
-        }
         let own = self
             .clients
             .get_mut(client)
@@ -177,6 +181,10 @@ impl Ledger {
                 which,
                 wait: needed,
             });
+        }
+        // Refused by a share first: its wait is the truer Retry-After.
+        if self.upstream.learning() {
+            return Ok(Step::Learning);
         }
         let own = own.map(|g| g.reserve(cost, 0, now));
         match own {
@@ -199,9 +207,6 @@ impl Ledger {
     ) -> Result<Option<Grant>, Refusal> {
         let (max_wait, hold) = self.terms(client);
         self.upstream_allows(cost, now)?;
-        if self.upstream.learning() {
-            return Ok(None);
-        }
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
         let wait = self.global.wait(cost, hold, now);
         if wait > left {
@@ -209,6 +214,9 @@ impl Ledger {
                 which: Which::Global,
                 wait,
             });
+        }
+        if self.upstream.learning() {
+            return Ok(None);
         }
         Ok(Some(self.grant(cost, hold, now)))
     }

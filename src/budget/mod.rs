@@ -122,8 +122,13 @@ pub struct Ticket {
 }
 
 /// What a refusal asks a caller to wait when the call sent to learn the upstream's count
-/// has not been answered within its `max_wait`.
+/// has not been answered in time.
 const LEARNING_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a caller always grants the call sent to learn the upstream's count, even with a
+/// `max_wait` of 0: refusing at once would turn away a cold start's burst that the shares
+/// allow, where the answer usually comes in milliseconds.
+const LEARNING_GRACE: Duration = Duration::from_secs(1);
 
 /// No budget within the request's `max_wait`: the proxy answers 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -257,7 +262,7 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
-                ledger: Mutex::new(Ledger::new(spec.clone())),
+                ledger: Mutex::new(Ledger::shared(spec.clone())),
                 metrics: Metrics::register(registry)?,
                 shared: Some(redis::Shared::new(redis, replicas, spec)),
                 landed: tokio::sync::Notify::new(),
@@ -381,7 +386,8 @@ impl Budget {
     }
 
     /// Waits for `landed` (an admitted call's flight ended) for what is left of the
-    /// client's `max_wait`; refuses when it does not come in time.
+    /// client's `max_wait`, or of [`LEARNING_GRACE`] if longer; refuses when it does not come
+    /// in time.
     async fn await_landing(
         &self,
         landed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
@@ -390,7 +396,8 @@ impl Budget {
     ) -> Result<(), Rejected> {
         let (max_wait, _) = self.ledger().terms(client);
         let waited = self.inner.clock.nanos().saturating_sub(arrived);
-        let left = Duration::from_nanos(max_wait.saturating_sub(waited));
+        let patience = max_wait.max(ledger::nanos(LEARNING_GRACE));
+        let left = Duration::from_nanos(patience.saturating_sub(waited));
         if tokio::time::timeout(left, landed).await.is_ok() {
             return Ok(());
         }

@@ -39,6 +39,10 @@ pub(super) const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 /// Unix time they would be in 2001, never a future reset.
 const DELTA_RESET_BELOW: u64 = 1_000_000_000;
 
+/// Two reset times closer than this name the same window: a `Reset` in whole seconds, read
+/// at different moments, lands on slightly different instants of the budget clock.
+const SAME_WINDOW: u64 = 1_500_000_000;
+
 #[derive(Debug, Clone, Copy)]
 struct Allowance {
     left: u64,
@@ -79,6 +83,10 @@ pub(crate) struct Upstream {
     /// An answer other than a limit answer has been read: what the upstream has left is
     /// known (or it does not say, and the shares alone pace the calls).
     learned: bool,
+    /// Other processes spend the same upstream limit (replicas through Redis): a report
+    /// here does not count their calls, so within one window it may only lower the
+    /// allowance.
+    shared: bool,
     /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
     /// our own counting starts are not alarms: the requests counted in are already allowed.
     alarms: u64,
@@ -137,6 +145,11 @@ impl Upstream {
     /// every other call waits for its answer.
     pub(crate) fn learning(&self) -> bool {
         !self.learned && !self.flying.is_empty()
+    }
+
+    /// Other processes spend the same upstream limit: see `shared`.
+    pub(crate) fn set_shared(&mut self) {
+        self.shared = true;
     }
 
     /// Takes what another replica learnt: the shared budget holds the upstream's report.
@@ -345,6 +358,10 @@ impl Upstream {
             // already known, or else for the time a client would assume.
             (None, Some(a)) => a.reset,
             (None, None) => at(now, BLIND_PAUSE, longest),
+        };
+        let left = match live {
+            Some(a) if self.shared && a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
+            _ => left,
         };
         self.applied = Some(sent);
         self.allowance = Some(Allowance { left, reset });
