@@ -10,6 +10,9 @@
 //!    may have filled the global queue meanwhile, so this can still refuse; the client's cells
 //!    are then given back if nothing was reserved after them. Only that case can burn cells.
 //!
+//! Either step answers "come back later" while the one call sent to learn what the upstream
+//! has left is out (see `upstream`): nothing is reserved then, and the caller waits for it.
+//!
 //! Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
 //! a slot booked ahead would leave every free cell before it unusable by other clients.
 
@@ -54,10 +57,12 @@ pub(crate) struct Refusal {
     pub(crate) wait: u64,
 }
 
-/// Cells reserved on the global share, and the upstream's alarm count when they were.
+/// Cells reserved on the global share, the call's sequence number in the upstream's
+/// flight, and the upstream's alarm count when they were.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Grant {
     pub(crate) global: Slot,
+    pub(crate) seq: u64,
     alarms: u64,
 }
 
@@ -67,6 +72,9 @@ pub(crate) enum Step {
     Go { own: Option<Slot>, grant: Grant },
     /// Only the client's own share is reserved: come back at `own.at` and `cross`.
     Queue { own: Slot },
+    /// Nothing is known of what the upstream has left and the call sent to learn it is
+    /// out: nothing is reserved; come back when it is answered.
+    Learning,
 }
 
 impl Ledger {
@@ -102,6 +110,13 @@ impl Ledger {
             rejections: HashMap::new(),
             global_rejections: 0,
         }
+    }
+
+    /// [`Ledger::new`] for a budget other replicas spend too.
+    pub(crate) fn shared(spec: BudgetSpec) -> Self {
+        let mut ledger = Ledger::new(spec);
+        ledger.upstream.set_shared();
+        ledger
     }
 
     /// A new configuration that keeps what was spent: the global TAT, each surviving client's
@@ -167,6 +182,10 @@ impl Ledger {
                 wait: needed,
             });
         }
+        // Refused by a share first: its wait is the truer Retry-After.
+        if self.upstream.learning() {
+            return Ok(Step::Learning);
+        }
         let own = own.map(|g| g.reserve(cost, 0, now));
         match own {
             Some(own) if own.at > now => Ok(Step::Queue { own }),
@@ -177,14 +196,15 @@ impl Ledger {
         }
     }
 
-    /// Step 2, once the client's own slot has come (see the module doc).
+    /// Step 2, once the client's own slot has come (see the module doc); `None` while the
+    /// call sent to learn the upstream's count is out (come back when it is answered).
     pub(crate) fn cross(
         &mut self,
         client: &str,
         cost: NonZeroU32,
         arrived: u64,
         now: u64,
-    ) -> Result<Grant, Refusal> {
+    ) -> Result<Option<Grant>, Refusal> {
         let (max_wait, hold) = self.terms(client);
         self.upstream_allows(cost, now)?;
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
@@ -195,7 +215,10 @@ impl Ledger {
                 wait,
             });
         }
-        Ok(self.grant(cost, hold, now))
+        if self.upstream.learning() {
+            return Ok(None);
+        }
+        Ok(Some(self.grant(cost, hold, now)))
     }
 
     /// Last look when a granted slot comes: refuses if the upstream raised an alarm after the
@@ -226,9 +249,10 @@ impl Ledger {
 
     /// Spends `cost` of the upstream's allowance and reserves the global slot.
     fn grant(&mut self, cost: NonZeroU32, hold: u32, now: u64) -> Grant {
-        self.upstream.spend(u64::from(cost.get()));
+        let seq = self.upstream.spend(u64::from(cost.get()));
         Grant {
             global: self.global.reserve(cost, hold, now),
+            seq,
             alarms: self.upstream.alarms(),
         }
     }
@@ -239,7 +263,7 @@ impl Ledger {
         client: &str,
         own: Option<Slot>,
         global: Option<Slot>,
-        upstream_cost: Option<u64>,
+        upstream_seq: Option<u64>,
     ) {
         if let (Some(slot), Some((_, gcra))) = (
             own,
@@ -250,8 +274,8 @@ impl Ledger {
         if let Some(slot) = global {
             self.global.give_back(slot);
         }
-        if let Some(cost) = upstream_cost {
-            self.upstream.give_back(cost);
+        if let Some(seq) = upstream_seq {
+            self.upstream.give_back(seq);
         }
     }
 

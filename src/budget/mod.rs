@@ -109,7 +109,26 @@ impl Which {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admitted {
     pub waited: Duration,
+    /// The call's place in the upstream's flight: hand it back with its answer.
+    pub ticket: Ticket,
 }
+
+/// One admitted upstream call: its sequence number (the order calls were sent in, which
+/// orders the upstream's reports) and its cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    seq: u64,
+    cost: NonZeroU32,
+}
+
+/// What a refusal asks a caller to wait when the call sent to learn the upstream's count
+/// has not been answered in time.
+const LEARNING_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a caller always grants the call sent to learn the upstream's count, even with a
+/// `max_wait` of 0: refusing at once would turn away a cold start's burst that the shares
+/// allow, where the answer usually comes in milliseconds.
+const LEARNING_GRACE: Duration = Duration::from_secs(1);
 
 /// No budget within the request's `max_wait`: the proxy answers 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -139,6 +158,9 @@ struct Inner {
     metrics: Metrics,
     /// `budget.backend = "redis"`: admissions go to the shared budget (see `redis`).
     shared: Option<redis::Shared>,
+    /// Wakes the calls waiting for the first answer that tells what the upstream has left:
+    /// notified whenever an admitted call's flight ends.
+    landed: tokio::sync::Notify,
 }
 
 struct Metrics {
@@ -212,6 +234,7 @@ impl Budget {
                 ledger: Mutex::new(Ledger::new(spec)),
                 metrics: Metrics::register(registry)?,
                 shared: None,
+                landed: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -239,9 +262,10 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
-                ledger: Mutex::new(Ledger::new(spec.clone())),
+                ledger: Mutex::new(Ledger::shared(spec.clone())),
                 metrics: Metrics::register(registry)?,
                 shared: Some(redis::Shared::new(redis, replicas, spec)),
+                landed: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -292,26 +316,32 @@ impl Budget {
         let mut hold = Hold {
             budget: self,
             client,
-            cost,
             own: None,
             global: None,
-            upstream: false,
+            upstream: None,
         };
-        let step = self.ledger().arrive_since(client, cost, arrived, now);
-        let grant = match step.map_err(|r| self.refuse(client, r))? {
-            Step::Go { own, grant } => {
-                hold.own = own;
-                grant
-            }
-            Step::Queue { own } => {
-                hold.own = Some(own);
-                tokio::time::sleep_until(clock.instant(own.at)).await;
-                let crossed = self.ledger().cross(client, cost, arrived, clock.nanos());
-                crossed.map_err(|r| self.refuse(client, r))?
+        let grant = loop {
+            let landed = self.inner.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            let step = self
+                .ledger()
+                .arrive_since(client, cost, arrived, clock.nanos());
+            match step.map_err(|r| self.refuse(client, r))? {
+                Step::Go { own, grant } => {
+                    hold.own = own;
+                    break grant;
+                }
+                Step::Queue { own } => {
+                    hold.own = Some(own);
+                    tokio::time::sleep_until(clock.instant(own.at)).await;
+                    break self.cross(client, cost, arrived).await?;
+                }
+                Step::Learning => self.await_landing(landed, client, arrived).await?,
             }
         };
         hold.global = Some(grant.global);
-        hold.upstream = true;
+        hold.upstream = Some(grant.seq);
         if grant.global.at > clock.nanos() {
             tokio::time::sleep_until(clock.instant(grant.global.at)).await;
         }
@@ -325,7 +355,57 @@ impl Budget {
             .wait
             .with_label_values(&[client])
             .observe(waited.as_secs_f64());
-        Ok(Admitted { waited })
+        Ok(Admitted {
+            waited,
+            ticket: Ticket {
+                seq: grant.seq,
+                cost,
+            },
+        })
+    }
+
+    /// Step 2 of a local admission, after the wait for the client's own share: waits (within
+    /// `max_wait`) while the call sent to learn the upstream's count is out.
+    async fn cross(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        arrived: u64,
+    ) -> Result<ledger::Grant, Rejected> {
+        loop {
+            let landed = self.inner.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            let now = self.inner.clock.nanos();
+            let crossed = self.ledger().cross(client, cost, arrived, now);
+            match crossed.map_err(|r| self.refuse(client, r))? {
+                Some(grant) => return Ok(grant),
+                None => self.await_landing(landed, client, arrived).await?,
+            }
+        }
+    }
+
+    /// Waits for `landed` (an admitted call's flight ended) for what is left of the
+    /// client's `max_wait`, or of [`LEARNING_GRACE`] if longer; refuses when it does not come
+    /// in time.
+    async fn await_landing(
+        &self,
+        landed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        client: &str,
+        arrived: u64,
+    ) -> Result<(), Rejected> {
+        let (max_wait, _) = self.ledger().terms(client);
+        let waited = self.inner.clock.nanos().saturating_sub(arrived);
+        let patience = max_wait.max(ledger::nanos(LEARNING_GRACE));
+        let left = Duration::from_nanos(patience.saturating_sub(waited));
+        if tokio::time::timeout(left, landed).await.is_ok() {
+            return Ok(());
+        }
+        let refusal = ledger::Refusal {
+            which: Which::Upstream,
+            wait: ledger::nanos(LEARNING_RETRY),
+        };
+        Err(self.refuse(client, refusal))
     }
 
     /// Learns from one upstream answer (see `upstream` for the rules); a 429 is the limit.
@@ -334,51 +414,47 @@ impl Budget {
         if limited {
             self.count_limit_answer(status);
         }
-        self.observe_at(limited, headers, 0, SystemTime::now());
+        self.observe_at(limited, headers, None, SystemTime::now());
+        self.inner.landed.notify_waiters();
         self.share_upstream_pause(self.inner.clock.nanos());
     }
 
-    /// Learns from the answer to an admitted call of `cost` cells and ends that call's
-    /// flight. Returns whether the upstream said its limit is reached (a 429, or the real
-    /// API's 400 `rate_limit_reached`, see [`limit_reached`]): that answer is not the
-    /// client's fault and must not reach it as one.
+    /// Learns from the answer to the admitted call `ticket` and ends that call's flight.
+    /// Returns whether the upstream said its limit is reached (a 429, or the real API's 400
+    /// `rate_limit_reached`, see [`limit_reached`]): that answer is not the client's fault
+    /// and must not reach it as one.
     pub fn observe_answer(
         &self,
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
-        cost: NonZeroU32,
+        ticket: Ticket,
     ) -> bool {
         let limited = limit_reached(status, body);
         if limited {
             self.count_limit_answer(status);
         }
-        let cost = u64::from(cost.get());
-        let others = {
-            let mut ledger = self.ledger();
-            let others = ledger.upstream.in_flight().saturating_sub(cost);
-            ledger.upstream.done(cost);
-            others
-        };
-        self.observe_at(limited, headers, others, SystemTime::now());
+        self.observe_at(limited, headers, Some(ticket.seq), SystemTime::now());
+        self.inner.landed.notify_waiters();
         let now = self.inner.clock.nanos();
         self.share_upstream_pause(now);
-        self.share_upstream_answer(limited, headers, cost);
+        self.share_upstream_answer(limited, headers, u64::from(ticket.cost.get()));
         limited
     }
 
     /// Counts an upstream call that went without admission (the replay after a refused
     /// token) against the upstream's allowance, before its answer is read.
-    pub fn spend_unadmitted(&self, cost: NonZeroU32) {
-        self.ledger().upstream.spend(u64::from(cost.get()));
+    pub fn spend_unadmitted(&self, cost: NonZeroU32) -> Ticket {
+        let seq = self.ledger().upstream.spend(u64::from(cost.get()));
+        Ticket { seq, cost }
     }
 
     /// An admitted call ended without an answer to read (refused token, unreachable
     /// upstream): its cells leave the flight.
-    pub fn call_failed(&self, cost: NonZeroU32) {
-        let cost = u64::from(cost.get());
-        self.ledger().upstream.done(cost);
-        self.share_call_failed(cost);
+    pub fn call_failed(&self, ticket: Ticket) {
+        self.ledger().upstream.done(ticket.seq);
+        self.inner.landed.notify_waiters();
+        self.share_call_failed(u64::from(ticket.cost.get()));
     }
 
     /// Ends an upstream pause now, here and (with Redis) on every replica. Returns whether
@@ -389,10 +465,10 @@ impl Budget {
         was || shared
     }
 
-    fn observe_at(&self, limited: bool, headers: &HeaderMap, others: u64, wall: SystemTime) {
+    fn observe_at(&self, limited: bool, headers: &HeaderMap, sent: Option<u64>, wall: SystemTime) {
         let now = self.inner.clock.nanos();
         let mut ledger = self.ledger();
-        ledger.upstream.read(limited, headers, others, now, wall);
+        ledger.upstream.read(limited, headers, sent, now, wall);
         if let Some(remaining) = ledger.upstream.reported() {
             let gauge = i64::try_from(remaining).unwrap_or(i64::MAX);
             self.inner.metrics.upstream_remaining.set(gauge);
@@ -503,28 +579,30 @@ pub fn limit_reached(status: StatusCode, body: &[u8]) -> bool {
 struct Hold<'a> {
     budget: &'a Budget,
     client: &'a str,
-    cost: NonZeroU32,
     own: Option<Slot>,
     global: Option<Slot>,
-    upstream: bool,
+    /// The sequence number of the upstream flight taken.
+    upstream: Option<u64>,
 }
 
 impl Hold<'_> {
     fn keep(&mut self) {
         self.own = None;
         self.global = None;
-        self.upstream = false;
+        self.upstream = None;
     }
 }
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        if self.own.is_none() && self.global.is_none() && !self.upstream {
+        if self.own.is_none() && self.global.is_none() && self.upstream.is_none() {
             return;
         }
-        let upstream = self.upstream.then_some(u64::from(self.cost.get()));
         self.budget
             .ledger()
-            .give_back(self.client, self.own, self.global, upstream);
+            .give_back(self.client, self.own, self.global, self.upstream);
+        if self.upstream.is_some() {
+            self.budget.inner.landed.notify_waiters();
+        }
     }
 }

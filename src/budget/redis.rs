@@ -29,7 +29,7 @@ use ::redis::Script;
 
 use super::gcra::quota;
 use super::ledger::{Ledger, Refusal};
-use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Which};
+use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Ticket, Which};
 use crate::replicas::Redis;
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
@@ -598,15 +598,15 @@ struct Hold<'a> {
     cost: u64,
     own: Option<Booked>,
     global: Option<Booked>,
-    /// Cells of the upstream's allowance spent in the local ledger.
-    spent: bool,
+    /// The call's sequence number in the local ledger's upstream flight, once spent there.
+    spent: Option<u64>,
 }
 
 impl Hold<'_> {
     fn keep(&mut self) {
         self.own = None;
         self.global = None;
-        self.spent = false;
+        self.spent = None;
     }
 }
 
@@ -615,8 +615,9 @@ impl Drop for Hold<'_> {
         if self.own.is_some() || self.global.is_some() {
             self.shared.give_back(self.client, self.own, self.global);
         }
-        if self.spent {
-            self.budget.ledger().upstream.give_back(self.cost);
+        if let Some(seq) = self.spent {
+            self.budget.ledger().upstream.give_back(seq);
+            self.budget.inner.landed.notify_waiters();
             if self.global.is_some() {
                 self.shared.tell(vec!["done".into(), self.cost.to_string()]);
             }
@@ -652,16 +653,6 @@ impl Budget {
             // learnt it: the shared resume count says so.
             self.sync_resumes(shared).await;
         }
-        let (ask, owed) = {
-            let mut ledger = self.ledger();
-            let owed = shared.come_back(&mut ledger, arrived);
-            let blocked = ledger.upstream.blocked(u64::from(cost.get()), arrived);
-            if let Some(wait) = blocked {
-                drop(ledger);
-                return Err(self.refuse_shared(client, Which::Upstream, wait));
-            }
-            (Ask::new(&ledger, client, cost), owed)
-        };
         let mut hold = Hold {
             budget: self,
             shared,
@@ -669,7 +660,41 @@ impl Budget {
             cost: u64::from(cost.get()),
             own: None,
             global: None,
-            spent: false,
+            spent: None,
+        };
+        // The upstream's flight is taken here, under the lock that checks it, so no two
+        // calls both go as the one sent to learn what the upstream has left.
+        let mut owed = 0;
+        let mut looked_shared = false;
+        let (ask, seq) = loop {
+            let landed = self.inner.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            {
+                let mut ledger = self.ledger();
+                owed += shared.come_back(&mut ledger, arrived);
+                let now = clock.nanos();
+                if let Some(wait) = ledger.upstream.blocked(hold.cost, now) {
+                    drop(ledger);
+                    return Err(self.refuse_shared(client, Which::Upstream, wait));
+                }
+                if !ledger.upstream.learning() {
+                    let seq = ledger.upstream.spend(hold.cost);
+                    hold.spent = Some(seq);
+                    break (Ask::new(&ledger, client, cost), seq);
+                }
+            }
+            // Another replica may have learnt the upstream's count already: the shared
+            // allowance is its report.
+            if !looked_shared {
+                looked_shared = true;
+                let pause = self.sync_resumes(shared).await;
+                if pause.is_some_and(|p| p.allowance.is_some()) {
+                    self.ledger().upstream.learn();
+                    continue;
+                }
+            }
+            self.await_landing(landed, client, arrived).await?;
         };
         let left = ask
             .max_wait
@@ -711,13 +736,11 @@ impl Budget {
         hold.own = hold.own.or(own);
         hold.global = Some(global);
         let alarms = {
-            let mut ledger = self.ledger();
-            ledger.upstream.spend(hold.cost);
+            let ledger = self.ledger();
             let now = clock.nanos();
             shared.share_pause(now, ledger.upstream.paused_for(now));
             ledger.upstream.alarms()
         };
-        hold.spent = true;
         self.mirror(client, now, Some(global.after), own.map(|o| o.after));
         if wait > 0 {
             tokio::time::sleep(Duration::from_micros(wait)).await;
@@ -739,7 +762,10 @@ impl Budget {
             .wait
             .with_label_values(&[client])
             .observe(waited.as_secs_f64());
-        Ok(Admitted { waited })
+        Ok(Admitted {
+            waited,
+            ticket: Ticket { seq, cost },
+        })
     }
 
     /// Switches to the divided local ledger (once per outage) and admits there.
@@ -971,6 +997,8 @@ mod tests {
             .await
             .expect("redis handle");
         let budget = Budget::new_shared(spec, &registry, redis.clone(), n(3)).expect("budget");
+        // One answer without rate fields: the shares alone pace what these tests send.
+        budget.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
         (budget, redis)
     }
 

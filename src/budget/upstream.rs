@@ -6,14 +6,21 @@
 //! all sending until `Retry-After` or `X-RateLimit-Reset`; with neither, until a minute has
 //! passed (never longer than the window), and then one probe goes alone: its answer lifts the
 //! pause or renews it. Every other `Remaining` becomes an allowance: that many cells until the
-//! reset, less the cells already in flight (the upstream may not have counted them yet), so
-//! the gateway never has more calls out than the upstream still accepts. Invariants: a report
-//! only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
-//! except the probe's own answer; within one reset window the allowance only shrinks (answers
-//! may arrive out of order); no pause is longer than the upstream's window.
+//! reset, less the cells sent after the answered call and still unanswered (the upstream had
+//! not counted them yet), so the gateway never has more calls out than the upstream accepts.
+//! Until the first answer that is not a limit answer, nothing is known of what the upstream
+//! has left (another process may have spent it): one call goes alone and its answer decides,
+//! as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
+//! Invariants: every admitted call takes a sequence number, and the report of the latest-sent
+//! call answered so far is the allowance (a report older than the one applied is ignored, so
+//! out-of-order answers never raise it, and a fresh one may); a report only ever lengthens a
+//! pause (a late answer to an old request must not lift a fresh one), except the probe's own
+//! answer; no pause is longer than the upstream's window. A reset passing does not make the
+//! count unknown again: the window that starts then is full, and the shares pace it.
 //! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
 //! turned into that clock once, when they arrive.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
@@ -67,8 +74,19 @@ pub(crate) struct Upstream {
     /// The longest time to a reset the upstream has named (capped), in nanoseconds.
     learned_window: u64,
     probe: Probe,
-    /// Cells admitted whose upstream answer has not been read yet.
-    in_flight: u64,
+    /// Calls admitted whose upstream answer has not been read yet: sequence number to cost.
+    flying: BTreeMap<u64, u64>,
+    /// The sequence number the next admitted call takes.
+    next_seq: u64,
+    /// The sequence number of the call whose report set the allowance in force.
+    applied: Option<u64>,
+    /// An answer other than a limit answer has been read: what the upstream has left is
+    /// known (or it does not say, and the shares alone pace the calls).
+    learned: bool,
+    /// Other processes spend the same upstream limit (replicas through Redis): a report
+    /// here does not count their calls, so within one window it may only lower the
+    /// allowance.
+    shared: bool,
     /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
     /// our own counting starts are not alarms: the requests counted in are already allowed.
     alarms: u64,
@@ -123,9 +141,20 @@ impl Upstream {
         self.allowance.filter(|a| a.reset > now).map(|a| a.left)
     }
 
-    /// Cells admitted and not answered yet.
-    pub(crate) fn in_flight(&self) -> u64 {
-        self.in_flight
+    /// Nothing is known yet of what the upstream has left and a call is out to find out:
+    /// every other call waits for its answer.
+    pub(crate) fn learning(&self) -> bool {
+        !self.learned && !self.flying.is_empty()
+    }
+
+    /// Other processes spend the same upstream limit: see `shared`.
+    pub(crate) fn set_shared(&mut self) {
+        self.shared = true;
+    }
+
+    /// Takes what another replica learnt: the shared budget holds the upstream's report.
+    pub(crate) fn learn(&mut self) {
+        self.learned = true;
     }
 
     /// Nanoseconds of pause left at `now`, if paused.
@@ -169,9 +198,12 @@ impl Upstream {
     }
 
     /// Counts `cost` cells against the allowance; spending the last one starts the pause.
-    /// The cells are in flight until [`Upstream::done`] or [`Upstream::give_back`].
-    pub(crate) fn spend(&mut self, cost: u64) {
-        self.in_flight = self.in_flight.saturating_add(cost);
+    /// Returns the call's sequence number: its cells are in flight until [`Upstream::read`],
+    /// [`Upstream::done`] or [`Upstream::give_back`] names it.
+    pub(crate) fn spend(&mut self, cost: u64) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.flying.insert(seq, cost);
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_sub(cost);
             if a.left == 0 {
@@ -180,19 +212,24 @@ impl Upstream {
                 self.pause_at_least(reset);
             }
         }
+        seq
     }
 
-    /// Returns cells of a request that never went, while the allowance they came from lasts.
-    pub(crate) fn give_back(&mut self, cost: u64) {
-        self.in_flight = self.in_flight.saturating_sub(cost);
+    /// Returns the cells of call `seq`, which never went, while the allowance they came
+    /// from lasts.
+    pub(crate) fn give_back(&mut self, seq: u64) {
+        let Some(cost) = self.flying.remove(&seq) else {
+            return;
+        };
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_add(cost);
         }
     }
 
-    /// An admitted call is over (answered, failed or abandoned): its cells leave the flight.
-    pub(crate) fn done(&mut self, cost: u64) {
-        self.in_flight = self.in_flight.saturating_sub(cost);
+    /// Call `seq` is over without an answer to read (failed or abandoned): it leaves the
+    /// flight.
+    pub(crate) fn done(&mut self, seq: u64) {
+        self.flying.remove(&seq);
     }
 
     /// Reads one upstream answer (429 counts as the limit reached). `now` is the budget
@@ -207,19 +244,29 @@ impl Upstream {
         wall: SystemTime,
     ) {
         let limited = status == http::StatusCode::TOO_MANY_REQUESTS;
-        self.read(limited, headers, 0, now, wall);
+        self.read(limited, headers, None, now, wall);
     }
 
     /// Reads one upstream answer: `limited` when it said the limit is reached (in whatever
-    /// form), `others` the cells in flight besides the answered call's own.
+    /// form); `sent` the answered call's sequence number, whose flight ends here (`None`: an
+    /// answer to no admitted call, read as sent just now).
     pub(crate) fn read(
         &mut self,
         limited: bool,
         headers: &HeaderMap,
-        others: u64,
+        sent: Option<u64>,
         now: u64,
         wall: SystemTime,
     ) {
+        if let Some(seq) = sent {
+            self.flying.remove(&seq);
+        }
+        let sent = sent.unwrap_or(self.next_seq);
+        // Only a report at least as fresh as the one applied may set the allowance.
+        let fresh = self.applied.is_none_or(|applied| sent >= applied);
+        if !limited {
+            self.learned = true;
+        }
         let longest = self.longest();
         let mut remaining = header_u64(headers, "x-ratelimit-remaining");
         let mut limit = header_u64(headers, "x-ratelimit-limit");
@@ -259,7 +306,7 @@ impl Upstream {
         if let Some(reset) = reset {
             self.reset = Some(reset);
         }
-        if remaining.is_some() {
+        if remaining.is_some() && fresh {
             self.reported = remaining;
         }
         if !limited && remaining == Some(0) && reset_value.is_some() && reset.is_none() {
@@ -294,10 +341,16 @@ impl Upstream {
             self.probe = Probe::None;
             self.pause_until = None;
         }
-        let Some(remaining) = remaining else {
+        let Some(remaining) = remaining.filter(|_| fresh) else {
             return;
         };
-        let left = remaining.saturating_sub(others);
+        // Calls sent after this one and not answered yet: the upstream had not counted them.
+        let after: u64 = self
+            .flying
+            .range(sent.saturating_add(1)..)
+            .map(|(_, c)| c)
+            .sum();
+        let left = remaining.saturating_sub(after);
         let live = self.allowance.filter(|a| a.reset > now);
         let reset = match (reset, live) {
             (Some(reset), _) => reset,
@@ -307,9 +360,10 @@ impl Upstream {
             (None, None) => at(now, BLIND_PAUSE, longest),
         };
         let left = match live {
-            Some(a) if a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
+            Some(a) if self.shared && a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
             _ => left,
         };
+        self.applied = Some(sent);
         self.allowance = Some(Allowance { left, reset });
         if left == 0 {
             self.allowance = None;
@@ -566,15 +620,31 @@ mod tests {
     #[test]
     fn late_answers_neither_lift_a_pause_nor_raise_an_allowance() {
         let mut up = Upstream::default();
-        let h = headers(&[("x-ratelimit-remaining", "3".into()), reset_in(60)]);
+        let h = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(60)]);
         up.observe(StatusCode::OK, &h, 0, wall());
-        let older = headers(&[("x-ratelimit-remaining", "9".into()), reset_in(60)]);
-        up.observe(StatusCode::OK, &older, 0, wall());
+        let (a, b, c) = (up.spend(1), up.spend(1), up.spend(1));
+        let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(60)]);
+        up.read(false, &h, Some(c), 0, wall());
         assert_eq!(
             up.allowance(0),
-            Some(3),
-            "expected the smaller count within one window"
+            Some(2),
+            "expected the latest-sent call's report"
         );
+        // The answer to `a`, sent before `c`, arrives late: it was counted before `b` and
+        // `c` were, so applied it would say 4 - 1 (b still out) = 3, one more than is left.
+        let older = headers(&[("x-ratelimit-remaining", "4".into()), reset_in(60)]);
+        up.read(false, &older, Some(a), 0, wall());
+        assert_eq!(
+            up.allowance(0),
+            Some(2),
+            "expected the report of an earlier-sent call ignored"
+        );
+        assert_eq!(
+            up.reported(),
+            Some(2),
+            "expected the gauge's report kept too"
+        );
+        up.done(b);
 
         up.observe(
             StatusCode::TOO_MANY_REQUESTS,
@@ -723,14 +793,14 @@ mod tests {
     #[test]
     fn a_blind_pause_ends_in_one_probe_whose_answer_decides() {
         let mut up = Upstream::default();
-        up.read(true, &HeaderMap::new(), 0, 0, wall());
+        up.read(true, &HeaderMap::new(), None, 0, wall());
         assert_eq!(up.blocked(1, 59 * SEC), Some(SEC), "expected the minute");
         assert_eq!(up.blocked(1, 60 * SEC), None, "expected the probe to go");
         assert!(
             up.blocked(1, 60 * SEC).is_some(),
             "expected everyone else held while the probe is out"
         );
-        up.read(true, &HeaderMap::new(), 0, 61 * SEC, wall());
+        up.read(true, &HeaderMap::new(), None, 61 * SEC, wall());
         assert_eq!(
             up.paused_for(61 * SEC),
             Some(60 * SEC),
@@ -738,25 +808,23 @@ mod tests {
         );
         assert_eq!(up.blocked(1, 121 * SEC), None, "expected a second probe");
         let ok = headers(&[("x-ratelimit-remaining", "50".into())]);
-        up.read(false, &ok, 0, 122 * SEC, wall());
+        up.read(false, &ok, None, 122 * SEC, wall());
         assert_eq!(up.blocked(1, 122 * SEC), None, "expected the pause lifted");
     }
 
     #[test]
-    fn calls_in_flight_come_off_the_allowance() {
+    fn calls_sent_later_and_still_out_come_off_the_allowance() {
         let mut up = Upstream::default();
-        for _ in 0..4 {
-            up.spend(1);
-        }
+        let seqs: Vec<u64> = (0..4).map(|_| up.spend(1)).collect();
         let h = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(60)]);
-        up.read(false, &h, 3, 0, wall());
+        up.read(false, &h, Some(seqs[0]), 0, wall());
         assert_eq!(
             up.allowance(0),
             Some(2),
-            "expected 5 remaining less the 3 other calls in flight"
+            "expected 5 remaining less the 3 calls sent after it and still out"
         );
-        let h = headers(&[("x-ratelimit-remaining", "3".into()), reset_in(60)]);
-        up.read(false, &h, 3, 0, wall());
+        let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(60)]);
+        up.read(false, &h, Some(seqs[1]), 0, wall());
         assert_eq!(up.allowance(0), None, "expected nothing left");
         assert_eq!(
             up.paused_for(0),
@@ -766,13 +834,85 @@ mod tests {
     }
 
     #[test]
+    fn a_constant_remaining_in_fresh_answers_never_pauses() {
+        let mut up = Upstream::default();
+        for i in 0..10 {
+            let now = i * SEC;
+            assert_eq!(up.blocked(1, now), None, "call {i}: expected it to go");
+            let seq = up.spend(1);
+            let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(30)]);
+            up.read(false, &h, Some(seq), now, wall());
+            assert_eq!(
+                up.allowance(now),
+                Some(2),
+                "call {i}: expected the fresh report's 2, not a local count down"
+            );
+        }
+    }
+
+    #[test]
+    fn a_real_countdown_is_obeyed_exactly() {
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        let h = |left: u64| headers(&[("x-ratelimit-remaining", left.to_string()), reset_in(60)]);
+        up.read(false, &h(3), Some(first), 0, wall());
+        let out: Vec<u64> = (0..3).map(|_| up.spend(1)).collect();
+        assert_eq!(
+            up.paused_for(0),
+            Some(60 * SEC),
+            "expected the three calls out to use up the 3 left"
+        );
+        // Answered in any order, what they say leaves nothing for a fourth call.
+        for (seq, left) in [(out[1], 1), (out[0], 2), (out[2], 0)] {
+            up.read(false, &h(left), Some(seq), 0, wall());
+            assert!(
+                up.blocked(1, 0).is_some(),
+                "after the answer saying {left}: expected no fourth call"
+            );
+        }
+        assert_eq!(
+            up.reported(),
+            Some(0),
+            "expected the last-sent call's 0 shown"
+        );
+    }
+
+    #[test]
+    fn until_a_first_answer_one_call_goes_alone() {
+        let mut up = Upstream::default();
+        assert!(!up.learning(), "expected the first call free to go");
+        let first = up.spend(1);
+        assert!(up.learning(), "expected the others held while it is out");
+        up.read(false, &HeaderMap::new(), Some(first), 0, wall());
+        up.spend(1);
+        assert!(
+            !up.learning(),
+            "expected an answer without rate fields to leave the pacing to the shares"
+        );
+
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        up.read(true, &HeaderMap::new(), Some(first), 0, wall());
+        up.spend(1);
+        assert!(
+            up.learning(),
+            "expected a limit answer to leave the count unknown: the next call goes alone"
+        );
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        up.done(first);
+        up.spend(1);
+        assert!(up.learning(), "expected a failed call to teach nothing");
+    }
+
+    #[test]
     fn a_missing_reset_keeps_the_known_window() {
         let mut up = Upstream::default();
         let h = headers(&[("x-ratelimit-remaining", "9".into()), reset_in(30)]);
-        up.read(false, &h, 0, 0, wall());
+        up.read(false, &h, None, 0, wall());
         let h = headers(&[("x-ratelimit-remaining", "4".into())]);
-        up.read(false, &h, 0, SEC, wall());
-        assert_eq!(up.allowance(SEC), Some(4), "expected the smaller count");
+        up.read(false, &h, None, SEC, wall());
+        assert_eq!(up.allowance(SEC), Some(4), "expected the fresher count");
         assert_eq!(up.blocked(5, SEC), Some(29 * SEC), "expected the old reset");
     }
 }

@@ -50,14 +50,14 @@ impl Gateway {
         let inner = &self.inner;
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
-        let budget_wait = match inner
+        let admitted = match inner
             .budget
             .admit_within(&call.client, call.cost, progress.waited())
             .await
         {
             Ok(admitted) => {
                 progress.sent();
-                admitted.waited
+                admitted
             }
             Err(rejected) => {
                 return Err(GatewayError::RateLimited {
@@ -70,7 +70,7 @@ impl Gateway {
         let mut flight = Flight {
             budget: &inner.budget,
             cost: call.cost,
-            open: true,
+            ticket: Some(admitted.ticket),
         };
         let token = inner
             .token
@@ -115,7 +115,7 @@ impl Gateway {
             inner.token.accepted(token.generation);
         }
         fetched.upstream_time = started.elapsed();
-        fetched.budget_wait = budget_wait;
+        fetched.budget_wait = admitted.waited;
         if flight.land(&fetched) {
             // The upstream's limit, in whatever form it said so, is no fault of the client:
             // it gets the gateway's 429 with the pause as Retry-After (and a read may be
@@ -222,26 +222,27 @@ impl Gateway {
 struct Flight<'a> {
     budget: &'a crate::budget::Budget,
     cost: NonZeroU32,
-    open: bool,
+    /// The call out now, until its answer is read.
+    ticket: Option<crate::budget::Ticket>,
 }
 
 impl Flight<'_> {
     /// Reads the answer into the budget; true when it says the upstream's limit is reached.
     /// A second answer (the replay after a 401) is read as a new call of the same cost.
     fn land(&mut self, f: &Fetched) -> bool {
-        if !self.open {
-            self.budget.spend_unadmitted(self.cost);
-        }
-        self.open = false;
+        let ticket = self
+            .ticket
+            .take()
+            .unwrap_or_else(|| self.budget.spend_unadmitted(self.cost));
         self.budget
-            .observe_answer(f.status, &f.headers, &f.body, self.cost)
+            .observe_answer(f.status, &f.headers, &f.body, ticket)
     }
 }
 
 impl Drop for Flight<'_> {
     fn drop(&mut self) {
-        if self.open {
-            self.budget.call_failed(self.cost);
+        if let Some(ticket) = self.ticket.take() {
+            self.budget.call_failed(ticket);
         }
     }
 }

@@ -43,8 +43,16 @@ pub(super) fn spec(global: Share, max_wait_ms: u64, clients: Vec<ClientSpec>) ->
     }
 }
 
+/// A budget whose upstream has answered once, without rate fields: the shares alone pace
+/// it (a fresh one sends its first call alone, see `upstream`).
 pub(super) fn budget(spec: BudgetSpec) -> Budget {
-    Budget::new(spec, &Registry::new()).expect("a fresh registry takes the metrics")
+    let b = Budget::new(spec, &Registry::new()).expect("a fresh registry takes the metrics");
+    answered_once(&b);
+    b
+}
+
+pub(super) fn answered_once(b: &Budget) {
+    b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
 }
 
 /// Global cells usable by an interactive caller right now.

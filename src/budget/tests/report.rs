@@ -72,6 +72,7 @@ async fn metrics_count_waits_and_refusals() {
     let registry = Registry::new();
     let b = Budget::new(spec(share(10, 1000, 1), 150, vec![]), &registry)
         .expect("a fresh registry takes the metrics");
+    answered_once(&b);
     assert_eq!(gauge(&registry), -1.0, "expected -1 before any report");
     b.admit("c", n(1))
         .await

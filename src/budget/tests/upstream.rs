@@ -1,4 +1,5 @@
-//! Following the upstream: 429 pauses, small allowances, alarms during a wait.
+//! Following the upstream: 429 pauses, small allowances, alarms during a wait, the first
+//! call sent alone, fresh reports.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -50,7 +51,7 @@ async fn a_small_remaining_allows_that_many_then_pauses_until_reset() {
     let mut h = HeaderMap::new();
     h.insert("x-ratelimit-remaining", HeaderValue::from_static("2"));
     h.insert("x-ratelimit-reset", HeaderValue::from_static("1800000060"));
-    b.observe_at(false, &h, 0, wall);
+    b.observe_at(false, &h, None, wall);
     for i in 0..2 {
         assert!(
             b.admit("c", n(1)).await.is_ok(),
@@ -106,4 +107,104 @@ async fn a_429_during_the_wait_refuses_the_sleeper() {
         got, want,
         "expected the sleeper refused at 1 s with 9 s of pause left"
     );
+}
+
+fn remaining(left: &'static str, reset: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-ratelimit-remaining", HeaderValue::from_static(left));
+    h.insert("x-ratelimit-reset", HeaderValue::from_static(reset));
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_start_sends_one_call_and_lets_its_answer_set_the_allowance() {
+    let b = Budget::new(spec(share(100, 1000, 100), 5000, vec![]), &Registry::new())
+        .expect("a fresh registry takes the metrics");
+    let first = b
+        .admit("c", n(1))
+        .await
+        .expect("expected the first call to go");
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..9 {
+        let b = b.clone();
+        burst.spawn(async move { b.admit("c", n(1)).await });
+    }
+    advance(Duration::from_secs(1)).await;
+    assert!(
+        burst.try_join_next().is_none(),
+        "expected the burst held while nothing is known of the upstream's count"
+    );
+    // The upstream had 2 calls left: the first used one.
+    let told = b.observe_answer(StatusCode::OK, &remaining("1", "60"), b"", first.ticket);
+    assert!(!told, "expected a 200 not read as the limit");
+    let mut admitted = 0;
+    while let Some(got) = burst.join_next().await {
+        match got.expect("admit task does not panic") {
+            Ok(_) => admitted += 1,
+            Err(r) => assert_eq!(r.budget, Which::Upstream, "expected the upstream's word"),
+        }
+    }
+    assert_eq!(
+        admitted, 1,
+        "expected one more call, for the one left, saw {admitted}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_answer_without_rate_fields_hands_the_pacing_to_the_shares() {
+    let b = Budget::new(spec(share(100, 1000, 5), 5000, vec![]), &Registry::new())
+        .expect("a fresh registry takes the metrics");
+    let first = b
+        .admit("c", n(1))
+        .await
+        .expect("expected the first call to go");
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.admit("c", n(1)).await }
+    });
+    tokio::task::yield_now().await;
+    b.observe_answer(StatusCode::OK, &HeaderMap::new(), b"", first.ticket);
+    let got = waiter.await.expect("admit task does not panic");
+    assert!(got.is_ok(), "expected the waiter to go, saw {got:?}");
+    for i in 0..3 {
+        assert!(
+            b.admit("c", n(1)).await.is_ok(),
+            "expected call {i} to go at once on the shares"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_answer_not_coming_refuses_within_max_wait() {
+    let b = Budget::new(spec(share(100, 1000, 100), 2000, vec![]), &Registry::new())
+        .expect("a fresh registry takes the metrics");
+    let _first = b
+        .admit("c", n(1))
+        .await
+        .expect("expected the first call to go");
+    let started = tokio::time::Instant::now();
+    let got = b.admit("c", n(1)).await;
+    assert_eq!(
+        got.map_err(|r| r.budget),
+        Err(Which::Upstream),
+        "expected a refusal once max_wait has passed"
+    );
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(2),
+        "expected the refusal at the 2 s max_wait"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_constant_remaining_keeps_calls_going() {
+    let b = budget(spec(share(100, 1000, 100), 0, vec![]));
+    for i in 0..10 {
+        let admitted = b.admit("c", n(1)).await;
+        let Ok(admitted) = admitted else {
+            panic!("call {i}: expected it to go, saw {admitted:?}");
+        };
+        b.observe_answer(StatusCode::OK, &remaining("2", "30"), b"", admitted.ticket);
+        advance(Duration::from_millis(100)).await;
+    }
 }
