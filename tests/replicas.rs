@@ -2319,3 +2319,36 @@ fn the_shared_cache_needs_redis() {
         (true, 64 << 10)
     );
 }
+
+/// A reload that changes a route's caching rules retires the shared entries (stored under
+/// the old rules) for every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_routes_retires_shared_entries() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK);
+    assert!(
+        shared_entry(&c, "/me").await.is_some(),
+        "expected /me shared"
+    );
+    let path = c.dirs[0].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let changed = text.replacen("ttl = \"10m\"", "ttl = \"9m\"", 1);
+    assert_ne!(changed, text, "expected the /me route's ttl in the file");
+    std::fs::write(&path, changed).expect("write config");
+    let reloaded = c.admin(0, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected the reload accepted"
+    );
+    let other = c.get(1, "/me").await;
+    assert!(
+        other.header("cache-status").contains("fwd=uri-miss"),
+        "expected the entry stored under the old rules not served, saw {:?}",
+        other.header("cache-status")
+    );
+    c.stop().await;
+}
