@@ -2240,6 +2240,7 @@ async fn without_redis_replicas_serve_from_memory_and_share_again_after() {
         "expected a miss delayed by one bounded Redis call at most, took {miss_took:?}"
     );
     let _ = hang.await;
+    println!("while Redis hung: memory hit {hit_took:?}, miss {miss_took:?}");
 
     c.redis.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;
