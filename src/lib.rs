@@ -215,6 +215,15 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let gateway = Gateway::new(config.clone(), parts);
     let sweeper = gateway.cache().spawn_sweeper();
     if let Some(redis) = &redis {
+        if config.cache.shared {
+            let tier = cache::SharedTier::new(
+                redis.clone(),
+                config.cache.shared_max_entry_bytes,
+                &registry,
+            )?;
+            gateway.cache().attach_shared(tier.clone());
+            redis.remove_before_publishing(remove_shared(tier));
+        }
         gateway.share_invalidations(redis.clone());
         redis
             .spawn_subscriber(apply_invalidations(gateway.cache().clone()))
@@ -333,6 +342,19 @@ fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
                 replicas::Invalidation::All => cache.purge_all().await,
             };
             tracing::debug!(dropped, "invalidation from another replica applied");
+        })
+    })
+}
+
+/// How a purge or write invalidation made on this replica reaches the shared cache tier:
+/// applied there before it is published to the others (queued with it while Redis is down).
+fn remove_shared(tier: cache::SharedTier) -> replicas::Remove {
+    Arc::new(move |what| {
+        let tier = tier.clone();
+        Box::pin(async move {
+            let removed = tier.invalidate(&what).await?;
+            tracing::debug!(removed, "invalidation applied to the shared cache tier");
+            Ok(())
         })
     })
 }

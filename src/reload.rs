@@ -132,6 +132,21 @@ pub async fn reload(
         .cache()
         .purge_where(|method, path| route_changed(&current, &next, method, path))
         .await;
+    // The shared tier cannot be searched by route: when any route's caching rules changed,
+    // every shared entry is retired (each replica then fetches and shares anew).
+    if let Some(tier) = gateway
+        .cache()
+        .shared()
+        .filter(|_| rules_changed(&current, &next))
+    {
+        if let Err(e) = tier.invalidate(&crate::replicas::Invalidation::All).await {
+            tracing::warn!(
+                error = %e,
+                "routes changed but the shared cache could not be purged: its entries keep \
+                 the old rules until they expire"
+            );
+        }
+    }
     tracing::info!(path = %path.display(), ?notes, dropped, "configuration reloaded");
     Ok(notes)
 }
@@ -176,6 +191,8 @@ fn keep_restart_only(current: &Config, next: &mut Config) -> Vec<String> {
         "[token.oauth]" => token.oauth;
         "[token]" => token;
         "cache.max_bytes" => cache.max_bytes;
+        "cache.shared" => cache.shared;
+        "cache.shared_max_entry_bytes" => cache.shared_max_entry_bytes;
         "[cache]" => cache;
         "budget.backend" => budget.backend;
         "budget.redis_url_env" => budget.redis_url_env;
@@ -194,6 +211,22 @@ fn keep_restart_only(current: &Config, next: &mut Config) -> Vec<String> {
         next.server.tls = current.server.tls.clone();
     }
     notes
+}
+
+/// Whether any route's caching rules (match, ttl, stale windows, tags) or their order changed.
+fn rules_changed(current: &Config, next: &Config) -> bool {
+    let rules = |cfg: &Config| -> Vec<String> {
+        cfg.routes
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}|{:?}|{:?}|{:?}|{:?}",
+                    r.match_text, r.ttl, r.stale_while_revalidate, r.stale_if_error, r.tags
+                )
+            })
+            .collect()
+    };
+    rules(current) != rules(next)
 }
 
 /// Whether an entry of `method path` was stored under rules the new config no longer has:

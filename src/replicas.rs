@@ -247,11 +247,20 @@ struct Health {
 
 /// Every operation [`Redis::run`] and the probe count errors under, so each
 /// `cxgate_redis_errors_total` series is there (at 0) from the first scrape.
-const OPS: &[&str] = &["budget", "ping", "publish", "token"];
+const OPS: &[&str] = &["budget", "cache", "ping", "publish", "token"];
 
 /// Applies one invalidation received from another replica.
 pub type Apply =
     Arc<dyn Fn(Invalidation) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Removes what an invalidation names from state kept in Redis itself (the shared cache
+/// tier), before it is published; an error keeps the invalidation queued like a failed
+/// publication, so it is applied there too once Redis is back.
+pub type Remove = Arc<
+    dyn Fn(Invalidation) -> Pin<Box<dyn Future<Output = Result<(), Unavailable>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// The shared Redis handle; clones share one connection and one health state.
 #[derive(Clone)]
@@ -274,6 +283,8 @@ struct Inner {
     gauge: IntGauge,
     errors: IntCounterVec,
     pending: Mutex<Vec<Invalidation>>,
+    /// Run before each publication (see [`Redis::remove_before_publishing`]).
+    remove: std::sync::OnceLock<Remove>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -621,6 +632,7 @@ impl Redis {
                 gauge,
                 errors,
                 pending: Mutex::new(Vec::new()),
+                remove: std::sync::OnceLock::new(),
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -723,7 +735,18 @@ impl Redis {
         }
     }
 
+    /// Has every later invalidation applied by `remove` before it is published, queued
+    /// with it while Redis is down (once; later calls are ignored).
+    pub fn remove_before_publishing(&self, remove: Remove) {
+        let _ = self.inner.remove.set(remove);
+    }
+
     async fn try_publish(&self, what: Invalidation) -> Result<(), Invalidation> {
+        if let Some(remove) = self.inner.remove.get() {
+            if remove(what.clone()).await.is_err() {
+                return Err(what);
+            }
+        }
         let message = Message {
             from: self.inner.id.clone(),
             what,

@@ -62,6 +62,16 @@ const FAMILIES: &[Family] = &[
         labels: &[],
     },
     Family {
+        name: "cxgate_cache_shared_lookups_total",
+        kind: Kind::Counter,
+        labels: &["result"],
+    },
+    Family {
+        name: "cxgate_cache_shared_writes_total",
+        kind: Kind::Counter,
+        labels: &["result"],
+    },
+    Family {
         name: "cxgate_coalesced_requests_total",
         kind: Kind::Counter,
         labels: &["route"],
@@ -113,7 +123,18 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
         &["hit", "stale", "miss", "collapsed", "bypass", "none"],
     ),
     ("budget", &["global", "client", "upstream"]),
-    ("result", &["ok", "error"]),
+    (
+        "result",
+        &[
+            "ok",
+            "error",
+            "hit",
+            "miss",
+            "stored",
+            "invalidated",
+            "too_large",
+        ],
+    ),
     ("kind", &["429", "rate_limit_reached"]),
 ];
 

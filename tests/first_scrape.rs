@@ -219,7 +219,7 @@ async fn the_redis_metrics_are_on_the_first_scrape() {
             "expected {name} on the first scrape with the redis backend; it is absent"
         );
     }
-    for op in ["budget", "token", "publish", "ping"] {
+    for op in ["budget", "cache", "token", "publish", "ping"] {
         expect_zero(&scrape, "cxgate_redis_errors_total", &[("op", op)]);
     }
     env.stop().await;

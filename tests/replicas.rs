@@ -67,16 +67,25 @@ async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
 
 /// [`cluster`] on a Redis of `kind` (TLS, ACL user, Redis Cluster).
 async fn cluster_on(kind: Kind, n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
-    cluster_with(kind, n, sim, budget, true).await
+    cluster_with(kind, n, sim, budget, true, "").await
 }
 
-/// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate).
+/// [`cluster`] with the shared cache tier on (`cache.shared = true`) and a budget that never
+/// refuses, so every upstream call the tests count is a cache decision.
+async fn shared_cluster(n: usize, sim: SimOptions) -> Option<Cluster> {
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    cluster_with(Kind::Plain, n, sim, budget, true, "shared = true").await
+}
+
+/// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate);
+/// `cache` holds the `[cache]` lines.
 async fn cluster_with(
     kind: Kind,
     n: usize,
     mut sim: SimOptions,
     budget: &str,
     trust_ca: bool,
+    cache: &str,
 ) -> Option<Cluster> {
     let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -107,6 +116,7 @@ async fn cluster_with(
              [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
              [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
              [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+             [cache]\n{cache}\n\
              [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
              {clients}\n{ROUTES}\n",
             token_file.display()
@@ -182,6 +192,20 @@ impl Cluster {
             .find(|l| l.starts_with(name))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    /// Stops replica `i` (drained, as on SIGTERM) and starts it again on the same file: its
+    /// memory cache starts empty.
+    async fn restart_replica(&mut self, i: usize) {
+        let old = self.replicas.remove(i);
+        old.shutdown();
+        old.stopped().await;
+        let path = self.dirs[i].join("cxgate.toml");
+        let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
+        let again = cxgate::start(cfg, Some(path))
+            .await
+            .expect("replica starts again");
+        self.replicas.insert(i, again);
     }
 
     fn upstream_total(&self) -> u64 {
@@ -876,7 +900,7 @@ async fn the_redis_user_and_password_never_show_in_logs_metrics_or_status() {
 async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
     let _one = SERIAL.lock().await;
     let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
-    let Some(c) = cluster_with(Kind::Tls, 2, SimOptions::default(), budget, false).await else {
+    let Some(c) = cluster_with(Kind::Tls, 2, SimOptions::default(), budget, false, "").await else {
         return;
     };
     for r in 0..2 {
@@ -1893,5 +1917,439 @@ async fn a_refused_refresh_token_is_presented_once_across_replicas() {
             status["token"]
         );
     }
+    c.stop().await;
+}
+
+/// Upstream calls for `method path` so far (the simulator counts raw paths; a trailing
+/// slash counts as the same path).
+fn calls(c: &Cluster, method_path: &str) -> u64 {
+    let stats = c.sim.stats();
+    let Some(by_route) = stats["by_route"].as_object() else {
+        return 0;
+    };
+    by_route
+        .iter()
+        .filter(|(k, _)| k.trim_end_matches('/') == method_path)
+        .map(|(_, v)| v.as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The shared tier's entry for `path` (a GET without query), as Redis holds it.
+async fn shared_entry(c: &Cluster, path: &str) -> Option<Vec<u8>> {
+    let mut redis = conn(&c.redis).await;
+    redis::cmd("GET")
+        .arg(key(c, &format!("cache:entry:GET {path}")))
+        .query_async(&mut redis)
+        .await
+        .expect("read the shared entry")
+}
+
+/// Polls a path on a replica until it no longer answers from its own memory's entry (a
+/// fetch, or another replica's newer answer through the shared tier); at most 1 s.
+async fn eventually_not_old(c: &Cluster, replica: usize, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = c
+            .get(replica, path)
+            .await
+            .header("cache-status")
+            .to_string();
+        let old = status.contains("hit") && !status.contains("detail=shared");
+        if !old || Instant::now() >= deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A read filled through one replica is a hit on another with no upstream call, from an
+/// entry in Redis that expires with its longest stale window and carries no token; a
+/// replica restarted with an empty memory answers from it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_filled_on_one_replica_is_a_hit_on_another_and_after_a_restart() {
+    let _one = SERIAL.lock().await;
+    let Some(mut c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let first = c.get(0, "/me").await;
+    assert_eq!(first.status, StatusCode::OK, "expected /me answered");
+    assert_eq!(
+        calls(&c, "GET /me"),
+        1,
+        "expected one upstream call for the fill"
+    );
+    let other = c.get(1, "/me").await;
+    assert_eq!(other.status, StatusCode::OK);
+    assert_eq!(
+        other.body, first.body,
+        "expected the same answer on replica 1"
+    );
+    assert!(
+        other.header("cache-status").contains("hit")
+            && other.header("cache-status").contains("detail=shared"),
+        "expected a shared hit on replica 1, saw {:?}",
+        other.header("cache-status")
+    );
+    assert_eq!(
+        calls(&c, "GET /me"),
+        1,
+        "expected no upstream call for replica 1"
+    );
+    // Now in replica 1's memory: a plain hit, no second lookup in Redis.
+    let again = c.get(1, "/me").await;
+    assert!(
+        again.header("cache-status").starts_with("cxgate; hit")
+            && !again.header("cache-status").contains("shared"),
+        "expected a memory hit, saw {:?}",
+        again.header("cache-status")
+    );
+    assert_eq!(
+        c.metric(1, "cxgate_cache_shared_lookups_total{result=\"hit\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        c.metric(0, "cxgate_cache_shared_writes_total{result=\"stored\"}")
+            .await,
+        Some(1.0)
+    );
+
+    let entry = shared_entry(&c, "/me")
+        .await
+        .expect("expected /me in the shared tier");
+    let text = String::from_utf8_lossy(&entry);
+    assert!(
+        !text.contains(ACCESS) && !text.contains(KEY),
+        "expected no upstream token and no client key in the shared entry"
+    );
+    let mut redis = conn(&c.redis).await;
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(key(&c, "cache:entry:GET /me"))
+        .query_async(&mut redis)
+        .await
+        .expect("PTTL");
+    // ttl 10m + the longer of 1m and 1h: 70 minutes from the fill.
+    let lifetime = 70 * 60 * 1000;
+    assert!(
+        (lifetime - 60_000..=lifetime).contains(&pttl),
+        "expected the Redis expiry at the end of the stale-if-error window, saw {pttl} ms"
+    );
+
+    c.restart_replica(0).await;
+    let warm = c.get(0, "/me").await;
+    assert_eq!(warm.status, StatusCode::OK);
+    assert!(
+        warm.header("cache-status").contains("detail=shared"),
+        "expected the restarted replica to answer from the shared tier, saw {:?}",
+        warm.header("cache-status")
+    );
+    let age: u64 = warm.header("age").parse().unwrap_or(u64::MAX);
+    assert!(
+        age < 60,
+        "expected the entry's own age (seconds since the fill), saw {age}"
+    );
+    assert_eq!(
+        calls(&c, "GET /me"),
+        1,
+        "expected no upstream call after the restart"
+    );
+    c.stop().await;
+}
+
+/// A write through one replica removes the entry from the other's memory and from the
+/// shared tier; purges by path, tag and all remove shared entries too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_and_purges_remove_shared_entries() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/42";
+    assert_eq!(c.get(0, contact).await.status, StatusCode::OK);
+    assert!(c
+        .get(1, contact)
+        .await
+        .header("cache-status")
+        .contains("shared"));
+    assert!(
+        shared_entry(&c, contact).await.is_some(),
+        "expected the contact shared"
+    );
+    let written = c.post(1, contact, "note=hello").await;
+    assert!(written.status.is_success(), "expected the write to succeed");
+    assert!(
+        shared_entry(&c, contact).await.is_none(),
+        "expected the write to remove the shared entry before it answered"
+    );
+    let before = calls(&c, &format!("GET {contact}"));
+    for r in 0..2 {
+        let status = eventually_not_old(&c, r, contact).await;
+        assert!(
+            status.contains("fwd=uri-miss") || status.contains("detail=shared"),
+            "expected replica {r} to drop {contact} after the write, saw {status:?}"
+        );
+    }
+    assert_eq!(
+        calls(&c, &format!("GET {contact}")),
+        before + 1,
+        "expected one replica to fetch anew and the other to take its answer from Redis"
+    );
+
+    for (purge, path) in [
+        (r#"{"path":"/me"}"#, "/me"),
+        (r#"{"tags":["accounts"]}"#, "/me/accounts"),
+        (r#"{"all":true}"#, "/me"),
+    ] {
+        assert_eq!(c.get(0, path).await.status, StatusCode::OK);
+        let before = calls(&c, &format!("GET {path}"));
+        assert!(c.get(1, path).await.header("cache-status").contains("hit"));
+        assert_eq!(
+            calls(&c, &format!("GET {path}")),
+            before,
+            "expected {path} shared"
+        );
+        let purged = c.admin(1, Method::POST, "/admin/purge", purge).await;
+        assert_eq!(purged.status, StatusCode::OK, "expected {purge} accepted");
+        if !purge.contains("all") {
+            // A full purge retires entries by generation; the others are deleted.
+            assert!(
+                shared_entry(&c, path).await.is_none(),
+                "expected {path} deleted"
+            );
+        }
+        for r in 0..2 {
+            let status = eventually_not_old(&c, r, path).await;
+            assert!(
+                status.contains("fwd=uri-miss") || status.contains("detail=shared"),
+                "expected replica {r} to drop {path} after {purge}, saw {status:?}"
+            );
+        }
+        assert_eq!(
+            calls(&c, &format!("GET {path}")),
+            before + 1,
+            "expected one fetch after {purge}, shared with the other replica"
+        );
+    }
+    c.stop().await;
+}
+
+/// An invalidation while a read is in flight on another replica keeps that read's answer
+/// (fetched before it) out of the shared tier: made through a replica, and as Redis holds it
+/// before the replica doing the read has heard of it (only the generations moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_fetched_across_an_invalidation_is_not_shared() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 1500;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let Some(c) = shared_cluster(2, sim).await else {
+        return;
+    };
+    let slow = "/12345/inbox/contact/slow/1";
+    let purge = r#"{"tags":["contact:12345/slow/1"]}"#;
+    let (read, purged) = tokio::join!(c.get(0, slow), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.admin(1, Method::POST, "/admin/purge", purge).await
+    });
+    assert_eq!(purged.status, StatusCode::OK);
+    assert_eq!(read.status, StatusCode::OK, "expected the read answered");
+    assert!(
+        shared_entry(&c, slow).await.is_none(),
+        "expected the answer fetched across the purge kept out of the shared tier"
+    );
+
+    // Another replica's invalidation that reached Redis, but not yet this replica's memory.
+    let slow = "/12345/inbox/contact/slow/2";
+    let mut redis = conn(&c.redis).await;
+    let generation = key(&c, "cache:gen:tag:contact:12345/slow/2");
+    let (read, ()) = tokio::join!(c.get(0, slow), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _: i64 = redis::cmd("INCRBY")
+            .arg(&generation)
+            .arg(1)
+            .query_async(&mut redis)
+            .await
+            .expect("bump the generation");
+    });
+    assert_eq!(read.status, StatusCode::OK, "expected the read answered");
+    assert!(
+        shared_entry(&c, slow).await.is_none(),
+        "expected the answer fetched across the bump kept out of the shared tier"
+    );
+    assert_eq!(
+        c.metric(
+            0,
+            "cxgate_cache_shared_writes_total{result=\"invalidated\"}"
+        )
+        .await,
+        Some(1.0),
+        "expected the write refused by the generation check"
+    );
+    let next = c.get(1, slow).await;
+    assert!(
+        next.header("cache-status").contains("fwd=uri-miss"),
+        "expected replica 1 to fetch anew, saw {:?}",
+        next.header("cache-status")
+    );
+    c.stop().await;
+}
+
+/// Redis slow or gone: each replica serves from its own memory (hits do not wait for
+/// Redis at all, misses go upstream), no client sees an error; once Redis is back the
+/// shared tier is used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_replicas_serve_from_memory_and_share_again_after() {
+    let _one = SERIAL.lock().await;
+    let Some(mut c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    for r in 0..2 {
+        assert_eq!(c.get(r, "/me").await.status, StatusCode::OK);
+    }
+    // A Redis that hangs for 3 s: a memory hit answers as if it were not there.
+    let mut blocker = conn(&c.redis).await;
+    let hang = tokio::spawn(async move {
+        let _: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(
+                "local s = tonumber(redis.call('TIME')[1]) \
+                 while tonumber(redis.call('TIME')[1]) - s < 3 do end return 1",
+            )
+            .arg(0)
+            .query_async(&mut blocker)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let hit = c.get(0, "/me").await;
+    let hit_took = started.elapsed();
+    assert!(hit.header("cache-status").starts_with("cxgate; hit"));
+    assert!(
+        hit_took < Duration::from_secs(1),
+        "expected a memory hit at once, took {hit_took:?}"
+    );
+    let started = Instant::now();
+    let miss = c.get(0, "/12345/inbox/contact/hang/1").await;
+    let miss_took = started.elapsed();
+    assert_eq!(
+        miss.status,
+        StatusCode::OK,
+        "expected a miss answered while Redis hangs"
+    );
+    assert!(
+        miss_took < Duration::from_secs(2),
+        "expected a miss delayed by one bounded Redis call at most, took {miss_took:?}"
+    );
+    let _ = hang.await;
+    println!("while Redis hung: memory hit {hit_took:?}, miss {miss_took:?}");
+
+    c.redis.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in 0..2 {
+        let a = c.get(r, "/me").await;
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "expected replica {r} to answer without Redis"
+        );
+        assert!(
+            a.header("cache-status").starts_with("cxgate; hit"),
+            "expected replica {r} to serve /me from memory, saw {:?}",
+            a.header("cache-status")
+        );
+        let path = format!("/12345/inbox/contact/gone/{r}");
+        assert_eq!(
+            c.get(r, &path).await.status,
+            StatusCode::OK,
+            "expected {path}"
+        );
+    }
+    assert!(
+        c.metric(0, "cxgate_cache_shared_lookups_total{result=\"error\"}")
+            .await
+            >= Some(1.0)
+    );
+
+    c.redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline
+        && futures_all(&c, "cxgate_redis_up")
+            .await
+            .iter()
+            .any(|v| *v != Some(1.0))
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let back = "/12345/inbox/contact/back/1";
+    assert_eq!(c.get(0, back).await.status, StatusCode::OK);
+    let shared = c.get(1, back).await;
+    assert!(
+        shared.header("cache-status").contains("detail=shared"),
+        "expected the shared tier used again once Redis is back, saw {:?}",
+        shared.header("cache-status")
+    );
+    assert_eq!(
+        calls(&c, &format!("GET {back}")),
+        1,
+        "expected one upstream call"
+    );
+    c.stop().await;
+}
+
+/// `cache.shared` needs the Redis backend, and is off by default.
+#[test]
+fn the_shared_cache_needs_redis() {
+    let base =
+        "[upstream]\nbase_url = \"https://api.engagor.com\"\n[token]\naccess_token_env = \"X\"\n";
+    let cfg = cxgate::config::parse(base).expect("a valid config");
+    assert!(!cfg.cache.shared, "expected the shared tier off by default");
+    let refused = match cxgate::config::parse(&format!("{base}[cache]\nshared = true\n")) {
+        Ok(_) => Vec::new(),
+        Err(e) => e.lines(),
+    };
+    assert!(
+        refused.len() == 1 && refused[0].starts_with("cache.shared:"),
+        "expected one problem naming cache.shared, saw {refused:?}"
+    );
+    let good = format!(
+        "{base}[cache]\nshared = true\nshared_max_entry_bytes = \"64KiB\"\n[budget]\nbackend = \"redis\"\nredis_url_env = \"U\"\n"
+    );
+    let cfg = cxgate::config::parse(&good)
+        .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}", e.lines()));
+    assert_eq!(
+        (cfg.cache.shared, cfg.cache.shared_max_entry_bytes),
+        (true, 64 << 10)
+    );
+}
+
+/// A reload that changes a route's caching rules retires the shared entries (stored under
+/// the old rules) for every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_routes_retires_shared_entries() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK);
+    assert!(
+        shared_entry(&c, "/me").await.is_some(),
+        "expected /me shared"
+    );
+    let path = c.dirs[0].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let changed = text.replacen("ttl = \"10m\"", "ttl = \"9m\"", 1);
+    assert_ne!(changed, text, "expected the /me route's ttl in the file");
+    std::fs::write(&path, changed).expect("write config");
+    let reloaded = c.admin(0, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected the reload accepted"
+    );
+    let other = c.get(1, "/me").await;
+    assert!(
+        other.header("cache-status").contains("fwd=uri-miss"),
+        "expected the entry stored under the old rules not served, saw {:?}",
+        other.header("cache-status")
+    );
     c.stop().await;
 }

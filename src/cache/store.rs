@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, StoredResponse};
 use super::key::normalize_path;
+use super::shared::{Generations, SharedTier};
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
@@ -118,6 +119,25 @@ struct Inner {
     /// Bumped by every invalidation and purge. A response fetched across a bump may predate
     /// the write that caused it, so [`Store::insert`] refuses it (see [`Store::epoch`]).
     epoch: AtomicU64,
+    /// With `cache.shared`: the tier in Redis behind this one (see [`Store::get_shared`]).
+    shared: std::sync::OnceLock<SharedTier>,
+}
+
+/// What a fetch carries from before it asked the upstream to where its answer is stored:
+/// the memory store's invalidation epoch and, with a shared tier, the generations its entry
+/// was looked up under. An invalidation on this replica (epoch) or any other (generations)
+/// since then keeps the answer out of the store it concerns.
+#[derive(Debug, Clone)]
+pub struct Since {
+    epoch: u64,
+    shared: Option<Generations>,
+}
+
+impl Since {
+    /// The memory store's epoch it carries (also what keys merged fetches).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// What the store's lock guards: the tag index and the queue of deadlines.
@@ -177,6 +197,7 @@ impl Store {
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 epoch: AtomicU64::new(0),
+                shared: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -266,9 +287,8 @@ impl Store {
         (slot.key() == key).then_some(slot)
     }
 
-    /// The entry for primary key `key` that suits a request with `req_headers` (its `Vary`
-    /// variant), if one is stored and still usable (fresh or within a stale window).
-    pub async fn get(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
+    /// The usable entry for primary key `key` that suits `req_headers` (its `Vary` variant).
+    fn find(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
         let found = match self.lookup(key) {
             Some(Slot::Vary(marker)) => {
                 let variant = variant_key(key, &marker.names, req_headers);
@@ -276,11 +296,16 @@ impl Store {
             }
             other => other,
         };
-        let now = Instant::now();
-        let usable = match found {
-            Some(Slot::Response(r)) if r.freshness(now).is_usable() => Some(r),
+        match found {
+            Some(Slot::Response(r)) if r.freshness(Instant::now()).is_usable() => Some(r),
             _ => None,
-        };
+        }
+    }
+
+    /// The entry for primary key `key` that suits a request with `req_headers` (its `Vary`
+    /// variant), if one is stored and still usable (fresh or within a stale window).
+    pub async fn get(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
+        let usable = self.find(key, req_headers);
         let counter = if usable.is_some() {
             &self.inner.hits
         } else {
@@ -295,6 +320,104 @@ impl Store {
     /// ran is then never stored, since it may show the data from before the write.
     pub fn epoch(&self) -> u64 {
         self.inner.epoch.load(Ordering::Acquire)
+    }
+
+    /// What a fetch starting now carries to [`Store::insert_fetched`]: the epoch alone (see
+    /// [`Store::get_shared`] for the shared tier's part).
+    pub fn since(&self) -> Since {
+        Since {
+            epoch: self.epoch(),
+            shared: None,
+        }
+    }
+
+    /// Puts the shared tier behind this store (once; later calls are ignored).
+    pub fn attach_shared(&self, tier: SharedTier) {
+        let _ = self.inner.shared.set(tier);
+    }
+
+    /// The shared tier, when one is attached.
+    pub fn shared(&self) -> Option<&SharedTier> {
+        self.inner.shared.get()
+    }
+
+    /// After memory had nothing fresh for `key`: the shared tier's entry for it, stored in
+    /// memory first, and what a fetch must carry if the entry does not do (its generations,
+    /// for the tags `tags` and the key's path). Without a tier, or with Redis unreachable,
+    /// no entry and the epoch alone: the answer is then stored in memory only. An entry of
+    /// another `Vary` variant than `req_headers` select is not used; nor is one that an
+    /// invalidation on this replica overtook while it was read.
+    pub async fn get_shared(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        tags: &[String],
+    ) -> (Option<StoredResponse>, Since) {
+        let mut since = self.since();
+        let Some(tier) = self.inner.shared.get() else {
+            return (None, since);
+        };
+        let Some((found, generations)) = tier.lookup(key, tags).await else {
+            return (None, since);
+        };
+        since.shared = Some(generations);
+        let Some(found) = found else {
+            return (None, since);
+        };
+        let selected = match Vary::of(&found.value.headers) {
+            Vary::Any => return (None, since),
+            Vary::None => key.to_string(),
+            Vary::Headers(names) => variant_key(key, &names, req_headers),
+        };
+        if selected != found.storage_key
+            || !self
+                .insert_since(key.to_string(), req_headers, found.value, since.epoch)
+                .await
+        {
+            return (None, since);
+        }
+        (self.find(key, req_headers), since)
+    }
+
+    /// `since` with the shared tier's generations read now, if it has none yet and a tier is
+    /// attached: for a fetch about to ask the upstream that no lookup preceded.
+    pub async fn with_generations(&self, since: Since, key: &str, tags: &[String]) -> Since {
+        match (self.inner.shared.get(), &since.shared) {
+            (Some(tier), None) => Since {
+                shared: tier.generations(key, tags).await,
+                ..since
+            },
+            _ => since,
+        }
+    }
+
+    /// Stores a fetched answer in memory as [`Store::insert_since`] does and, once stored
+    /// there, in the shared tier when `since` carries its generations (the write is refused
+    /// there if an invalidation on any replica moved them). Returns whether memory took it.
+    pub async fn insert_fetched(
+        &self,
+        key: String,
+        req_headers: &HeaderMap,
+        value: CachedResponse,
+        since: &Since,
+    ) -> bool {
+        let Some((tier, generations)) = self.inner.shared.get().zip(since.shared.as_ref()) else {
+            return self
+                .insert_since(key, req_headers, value, since.epoch)
+                .await;
+        };
+        let storage_key = match Vary::of(&value.headers) {
+            Vary::Headers(names) => variant_key(&key, &names, req_headers),
+            _ => key.clone(),
+        };
+        let shared = value.clone();
+        let stored = self
+            .insert_since(key.clone(), req_headers, value, since.epoch)
+            .await;
+        if stored {
+            tier.write(&key, &storage_key, &shared, generations).await;
+        }
+        stored
     }
 
     /// Called with the index locked, which orders it against every insert.
@@ -523,7 +646,7 @@ impl std::fmt::Debug for Store {
 }
 
 /// The path part of a stored key (`METHOD path[?query][\nvariant...]`).
-fn key_path(key: &str) -> Option<&str> {
+pub(super) fn key_path(key: &str) -> Option<&str> {
     let (_, rest) = key.split_once(' ')?;
     let end = rest.find(['?', '\n']).unwrap_or(rest.len());
     Some(&rest[..end])

@@ -106,6 +106,12 @@ pub struct OAuthConfig {
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub max_bytes: u64,
+    /// `cache.shared`: misses look in the replicas' Redis before the upstream, and answers
+    /// fetched are written there for every replica.
+    pub shared: bool,
+    /// `cache.shared_max_entry_bytes`: an entry larger than this (body, headers, key and
+    /// tags) stays in memory only.
+    pub shared_max_entry_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +293,19 @@ impl Config {
                 .as_ref()
                 .map_or("off".to_string(), |o| o.token_url.clone())
         );
-        let _ = writeln!(out, "cache: max_bytes={}", size(self.cache.max_bytes));
+        let _ = writeln!(
+            out,
+            "cache: max_bytes={} shared={}",
+            size(self.cache.max_bytes),
+            if self.cache.shared {
+                format!(
+                    "on (max_entry_bytes={})",
+                    size(self.cache.shared_max_entry_bytes)
+                )
+            } else {
+                "off".to_string()
+            }
+        );
         let b = &self.budget;
         let _ = writeln!(
             out,

@@ -133,6 +133,10 @@ pub struct RawOAuth {
 pub struct RawCache {
     /// Bound on cached bodies and headers.
     pub max_bytes: Option<RawSize>,
+    /// A second cache tier in the replicas' shared Redis.
+    pub shared: Option<bool>,
+    /// Bound on one entry written to the shared tier.
+    pub shared_max_entry_bytes: Option<RawSize>,
 }
 
 /// `[budget]`

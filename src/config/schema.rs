@@ -34,7 +34,7 @@ const TLS: &[&str] = &["cert_file", "key_file"];
 const UPSTREAM: &[&str] = &["base_url", "connect_timeout", "timeout", "ca_file"];
 const TOKEN: &[&str] = &["file", "access_token_env", "refresh_before", "oauth"];
 const OAUTH: &[&str] = &["token_url", "client_id", "client_secret_env", "method"];
-const CACHE: &[&str] = &["max_bytes"];
+const CACHE: &[&str] = &["max_bytes", "shared", "shared_max_entry_bytes"];
 const BUDGET: &[&str] = &[
     "limit",
     "period",

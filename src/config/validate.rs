@@ -372,7 +372,19 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
 
     let cache = CacheConfig {
         max_bytes: p.size("cache.max_bytes", raw.cache.max_bytes.as_ref(), 256 << 20),
+        shared: raw.cache.shared.unwrap_or(false),
+        shared_max_entry_bytes: p.size(
+            "cache.shared_max_entry_bytes",
+            raw.cache.shared_max_entry_bytes.as_ref(),
+            1 << 20,
+        ),
     };
+    if cache.shared_max_entry_bytes == 0 {
+        p.add(
+            "cache.shared_max_entry_bytes",
+            "must be above 0 (set cache.shared = false to keep entries out of Redis)",
+        );
+    }
 
     let b = &raw.budget;
     let global = Share {
@@ -415,6 +427,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             Backend::Local
         }
     };
+    if cache.shared && backend != Backend::Redis {
+        p.add(
+            "cache.shared",
+            "the shared cache lives in the replicas' Redis: it needs budget.backend = \"redis\"",
+        );
+    }
     let budget = BudgetConfig {
         global,
         max_wait: p.duration(

@@ -14,7 +14,9 @@ use super::call::Call;
 use super::forward::{self, Fetched};
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
-use crate::cache::{CachedResponse, Freshness, Joined, Progress, Role, StoredResponse, Variant};
+use crate::cache::{
+    CachedResponse, Freshness, Joined, Progress, Role, Since, StoredResponse, Variant,
+};
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
 
@@ -66,6 +68,8 @@ struct Upstream {
     cacheable: bool,
     /// An entry past its ttl that stale-if-error still allows.
     stale_fallback: Option<StoredResponse>,
+    /// What the shared tier's lookup found the fetch must carry, when one was made.
+    since: Option<Since>,
 }
 
 /// What a read sends upstream if the cache cannot answer it: `call` builds the request,
@@ -117,13 +121,29 @@ impl Gateway {
             }
         };
 
+        let mut since = None;
         if ttl.is_some() && !d.no_cache {
-            if let Some(entry) = inner.cache.get(&key, headers).await {
+            let mut found = inner.cache.get(&key, headers).await;
+            let mut shared_hit = false;
+            // Nothing fresh in memory: the shared tier may hold what another replica fetched.
+            if inner.cache.shared().is_some() && !found.as_ref().is_some_and(is_fresh) {
+                let tags = route_tags(route);
+                let (entry, looked_up) = inner.cache.get_shared(&key, headers, &tags).await;
+                if entry.is_some() {
+                    found = entry;
+                    shared_hit = true;
+                }
+                since = Some(looked_up);
+            }
+            if let Some(entry) = found {
                 let now = Instant::now();
                 match entry.freshness(now) {
                     Freshness::Fresh { remaining } => {
                         outcome.cache = "hit";
-                        let resp = reply::from_entry(&entry, entry.age(now), Ok(remaining));
+                        let mut resp = reply::from_entry(&entry, entry.age(now), Ok(remaining));
+                        if shared_hit {
+                            reply::mark_shared(&mut resp);
+                        }
                         return Ok(answered(resp));
                     }
                     Freshness::Stale {
@@ -134,7 +154,8 @@ impl Gateway {
                         // The revalidation forwards this request's headers.
                         leaks()?;
                         outcome.cache = "stale";
-                        self.revalidate(key, route, upstream_get(&make_call));
+                        let since = since.unwrap_or_else(|| inner.cache.since());
+                        self.revalidate(key, since, route, upstream_get(&make_call));
                         let resp = reply::from_entry(&entry, entry.age(now), Err(past));
                         return Ok(answered(resp));
                     }
@@ -150,6 +171,7 @@ impl Gateway {
             directives: d,
             cacheable: ttl.is_some(),
             stale_fallback,
+            since,
         };
         leaks()?;
         Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome))
@@ -175,6 +197,7 @@ impl Gateway {
             directives: d,
             cacheable,
             stale_fallback,
+            since,
         } = upstream;
         let fwd = match (cacheable, d.no_cache) {
             (false, _) => Forward::Bypass,
@@ -183,7 +206,8 @@ impl Gateway {
         };
         // The epoch in the merge key keeps a read that comes after a write from joining a
         // call that was already in flight before it (its answer may predate the write).
-        let epoch = inner.cache.epoch();
+        let since = since.unwrap_or_else(|| inner.cache.since());
+        let epoch = since.epoch();
         let mut merge_key = if d.no_store {
             format!("{epoch} no-store {key}")
         } else {
@@ -208,7 +232,7 @@ impl Gateway {
         // flight of its own variant) waits only for the rest.
         let arrived = tokio::time::Instant::now();
         let patience = max_wait_of(&call.state.config, &call.client).max(LEADER_GRACE);
-        let fetch = self.fetch_and_store(key.clone(), epoch, route, call, Some(arrived));
+        let fetch = self.fetch_and_store(key.clone(), since.clone(), route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
         outcome.cache = reply::forward_label(fwd, false);
@@ -230,7 +254,7 @@ impl Gateway {
                     _ => format!("{merge_key}\n* {}", fastrand::u64(..)),
                 };
                 let call = upstream_get(&make_call);
-                let fetch = self.fetch_and_store(key, epoch, route, call, Some(arrived));
+                let fetch = self.fetch_and_store(key, since, route, call, Some(arrived));
                 let left = patience.saturating_sub(arrived.elapsed());
                 shared = inner
                     .merger
@@ -298,10 +322,15 @@ impl Gateway {
 
     /// Starts one background refresh for a stale entry (merged with any refresh already
     /// running for the key); the client that found the stale entry does not wait for it.
-    fn revalidate(&self, key: String, route: Option<(&RouteConfig, &Captures<'_>)>, call: Call) {
-        let epoch = self.inner.cache.epoch();
-        let merge_key = format!("{epoch} {key}");
-        let fetch = self.fetch_and_store(key, epoch, route, call, None);
+    fn revalidate(
+        &self,
+        key: String,
+        since: Since,
+        route: Option<(&RouteConfig, &Captures<'_>)>,
+        call: Call,
+    ) {
+        let merge_key = format!("{} {key}", since.epoch());
+        let fetch = self.fetch_and_store(key, since, route, call, None);
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
             let _ = merger
@@ -311,12 +340,13 @@ impl Gateway {
     }
 
     /// The merged upstream call: fetch, then store a storable answer under `key` unless an
-    /// invalidation ran after `epoch` (read before the upstream was asked). `arrived`: when
-    /// the caller it runs for arrived, so its budget wait counts from then.
+    /// invalidation ran after `since` (taken before the upstream was asked; with a shared
+    /// tier, its generations are read first if `since` has none). `arrived`: when the caller
+    /// it runs for arrived, so its budget wait counts from then.
     fn fetch_and_store(
         &self,
         key: String,
-        epoch: u64,
+        since: Since,
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
         arrived: Option<tokio::time::Instant>,
@@ -335,6 +365,16 @@ impl Gateway {
                 None => progress,
             };
             Box::pin(async move {
+                let since = match &rule {
+                    Some((_, _, _, tags)) if !no_store => {
+                        gateway
+                            .inner
+                            .cache
+                            .with_generations(since, &key, tags)
+                            .await
+                    }
+                    _ => since,
+                };
                 let mut fetched = gateway
                     .call_reporting(&call, &progress)
                     .await
@@ -361,7 +401,7 @@ impl Gateway {
                         gateway
                             .inner
                             .cache
-                            .insert_since(key, &call.headers, entry, epoch)
+                            .insert_fetched(key, &call.headers, entry, &since)
                             .await
                     }
                     _ => false,
@@ -375,6 +415,18 @@ impl Gateway {
             })
         }
     }
+}
+
+/// Fresh now (not merely usable).
+fn is_fresh(entry: &StoredResponse) -> bool {
+    matches!(entry.freshness(Instant::now()), Freshness::Fresh { .. })
+}
+
+/// The route's tags for this request (its captures filled in).
+fn route_tags(route: Option<(&RouteConfig, &Captures<'_>)>) -> Vec<String> {
+    route.map_or_else(Vec::new, |(r, caps)| {
+        r.tags.iter().map(|t| t.fill(caps)).collect()
+    })
 }
 
 /// How long a follower always grants a leader to get through its budget, even with a

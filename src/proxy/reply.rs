@@ -100,6 +100,21 @@ pub fn from_entry(
     resp
 }
 
+/// Says in `Cache-Status` that a fresh hit came from the shared tier (another replica's
+/// fetch, or this one's before a restart): `cxgate; hit; ttl=N; detail=shared`.
+pub fn mark_shared(resp: &mut Response<Body>) {
+    let Some(status) = resp.headers().get(&CACHE_STATUS) else {
+        return;
+    };
+    let marked = format!(
+        "{}; detail=shared",
+        String::from_utf8_lossy(status.as_bytes())
+    );
+    if let Ok(v) = HeaderValue::try_from(marked) {
+        resp.headers_mut().insert(CACHE_STATUS.clone(), v);
+    }
+}
+
 /// The headers worth storing with an entry: the upstream's, less its `x-ratelimit-*`.
 pub fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len());

@@ -1,0 +1,553 @@
+//! The shared cache tier: entries in the replicas' Redis, behind each replica's memory store.
+//!
+//! A miss in memory reads Redis once (the entry and the generations that guard it, one
+//! `MGET`); an answer fetched upstream is written for every replica by a script that first
+//! checks those generations. Invalidations bump them, so a read in flight elsewhere across a
+//! write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
+//! and any failure means "memory only": the caller falls back, never waits longer.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use prometheus::{IntCounterVec, Opts, Registry};
+use tokio::time::Instant;
+
+use super::entry::CachedResponse;
+use super::key::normalize_path;
+use crate::replicas::{Invalidation, Redis, Unavailable};
+
+/// Stores an entry only when no generation it was looked up under has moved since
+/// (KEYS: the entry, the global generation, n group generations, n group sets; ARGV: the
+/// entry, its expiry in ms, then the expected generations in the same order), and records it
+/// in its groups' sets, which live at least as long as it does.
+static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = (#KEYS - 2) / 2
+for i = 0, n do
+  if (redis.call('GET', KEYS[2 + i]) or '0') ~= ARGV[3 + i] then return 0 end
+end
+local px = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
+for i = 1, n do
+  local set = KEYS[2 + n + i]
+  redis.call('SADD', set, KEYS[1])
+  if redis.call('PTTL', set) < px then redis.call('PEXPIRE', set, px) end
+end
+return 1
+",
+    )
+});
+
+/// Bumps each group's generation and deletes its entries (KEYS: generation and set, in
+/// pairs; ARGV[1]: how long a generation is kept, in ms); returns the entries deleted.
+static INVALIDATE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local removed = 0
+for i = 1, #KEYS, 2 do
+  redis.call('INCRBY', KEYS[i], 1)
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  for _, entry in ipairs(redis.call('SMEMBERS', KEYS[i + 1])) do
+    removed = removed + redis.call('DEL', entry)
+  end
+  redis.call('DEL', KEYS[i + 1])
+end
+return removed
+",
+    )
+});
+
+/// How long a group's generation outlives its last bump: far longer than any fetch takes,
+/// so no write looked up before the bump can see the generation vanish and pass.
+const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// Leads every stored entry; anything else under an entry key is not read.
+const MAGIC: &[u8; 4] = b"cxg1";
+
+/// The generations an entry was looked up under: the global one (bumped by a full purge) and
+/// one per group (each tag, and the entry's path). A write passes only while all still hold,
+/// so an answer fetched before an invalidation that ran meanwhile on any replica is not
+/// stored; one written before it is in the group's set, and the invalidation deletes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generations {
+    global: String,
+    groups: Vec<(String, String)>,
+}
+
+/// One entry read from the shared tier, as the memory store takes it.
+pub struct Found {
+    pub value: CachedResponse,
+    /// The key it was stored under: the primary key, or the variant its writer selected.
+    pub storage_key: String,
+}
+
+/// The shared tier of one replica. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedTier {
+    redis: Redis,
+    max_entry_bytes: usize,
+    lookups: IntCounterVec,
+    writes: IntCounterVec,
+}
+
+impl std::fmt::Debug for SharedTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedTier")
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The groups of an entry: its tags and its path, each a set and a generation in Redis.
+fn groups(key: &str, tags: &[String]) -> Vec<String> {
+    let mut groups: Vec<String> = tags.iter().map(|t| format!("tag:{t}")).collect();
+    if let Some(path) = super::store::key_path(key) {
+        groups.push(format!("path:{path}"));
+    }
+    groups
+}
+
+impl SharedTier {
+    /// The tier on `redis`, refusing entries over `max_entry_bytes` once encoded, with
+    /// `cxgate_cache_shared_lookups_total{result}` and `cxgate_cache_shared_writes_total{result}`
+    /// registered on `registry` (every result at 0).
+    pub fn new(
+        redis: Redis,
+        max_entry_bytes: u64,
+        registry: &Registry,
+    ) -> Result<SharedTier, prometheus::Error> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "cxgate_cache_shared_lookups_total",
+                "Memory misses looked up in the shared cache tier, by result (hit, miss, error).",
+            ),
+            &["result"],
+        )?;
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "cxgate_cache_shared_writes_total",
+                "Answers offered to the shared cache tier, by result (stored, invalidated, \
+                 too_large, error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(writes.clone()))?;
+        for result in ["hit", "miss", "error"] {
+            lookups.with_label_values(&[result]);
+        }
+        for result in ["stored", "invalidated", "too_large", "error"] {
+            writes.with_label_values(&[result]);
+        }
+        Ok(SharedTier {
+            redis,
+            max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
+            lookups,
+            writes,
+        })
+    }
+
+    fn entry_key(&self, key: &str) -> String {
+        self.redis.key(&format!("cache:entry:{key}"))
+    }
+
+    fn generation_key(&self, group: &str) -> String {
+        self.redis.key(&format!("cache:gen:{group}"))
+    }
+
+    fn set_key(&self, group: &str) -> String {
+        self.redis.key(&format!("cache:set:{group}"))
+    }
+
+    fn global_key(&self) -> String {
+        self.redis.key("cache:gen")
+    }
+
+    /// The entry under primary key `key` and the generations of its groups (`tags` and its
+    /// path), read at once. `None` when Redis is down, slow or refuses: memory only then.
+    pub async fn lookup(&self, key: &str, tags: &[String]) -> Option<(Option<Found>, Generations)> {
+        let Some((entry, generations)) = self.read(key, tags, true).await else {
+            self.lookups.with_label_values(&["error"]).inc();
+            return None;
+        };
+        let found = match entry.map(|e| decode(&e)) {
+            None => None,
+            Some(Ok((written_under, found))) => {
+                // Written before the last full purge: gone for every reader.
+                (written_under == generations.global).then_some(found)
+            }
+            Some(Err(why)) => {
+                tracing::warn!(why, "ignoring an unreadable shared cache entry");
+                None
+            }
+        };
+        let usable = found.filter(|f| f.value.freshness(Instant::now()).is_usable());
+        let result = if usable.is_some() { "hit" } else { "miss" };
+        self.lookups.with_label_values(&[result]).inc();
+        Some((usable, generations))
+    }
+
+    /// The generations alone, for a fetch that was not preceded by a lookup (a background
+    /// revalidation); `None` when Redis cannot say.
+    pub async fn generations(&self, key: &str, tags: &[String]) -> Option<Generations> {
+        self.read(key, tags, false).await.map(|(_, g)| g)
+    }
+
+    /// One `MGET`: the entry (when `with_entry`), the global generation and the groups'.
+    async fn read(
+        &self,
+        key: &str,
+        tags: &[String],
+        with_entry: bool,
+    ) -> Option<(Option<Vec<u8>>, Generations)> {
+        let groups = groups(key, tags);
+        let mut keys = Vec::with_capacity(groups.len() + 2);
+        if with_entry {
+            keys.push(self.entry_key(key));
+        }
+        keys.push(self.global_key());
+        keys.extend(groups.iter().map(|g| self.generation_key(g)));
+        let expected = keys.len();
+        let mut values = self
+            .redis
+            .run("cache", |mut c| async move {
+                redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                    .await
+            })
+            .await
+            .ok()
+            .filter(|v| v.len() == expected)?
+            .into_iter();
+        let entry = if with_entry {
+            values.next().flatten()
+        } else {
+            None
+        };
+        let text = |v: Option<Vec<u8>>| {
+            v.map_or_else(|| "0".to_string(), |b| String::from_utf8_lossy(&b).into())
+        };
+        let global = text(values.next().flatten());
+        let generations = Generations {
+            global,
+            groups: groups.into_iter().zip(values.map(text)).collect(),
+        };
+        Some((entry, generations))
+    }
+
+    /// Writes `value` (stored under `storage_key` for primary key `key`) for every replica,
+    /// unless a generation in `since` moved, its tags are not the ones looked up, or it is over
+    /// the bound. Its Redis expiry is the end of its longer stale window.
+    pub async fn write(
+        &self,
+        key: &str,
+        storage_key: &str,
+        value: &CachedResponse,
+        since: &Generations,
+    ) {
+        let expected = groups(key, &value.tags);
+        if expected.len() != since.groups.len()
+            || expected.iter().zip(&since.groups).any(|(g, (s, _))| g != s)
+        {
+            // The route's tags changed between the lookup and the answer (a reload).
+            self.writes.with_label_values(&["invalidated"]).inc();
+            return;
+        }
+        let Some(blob) = encode(storage_key, value, &since.global, self.max_entry_bytes) else {
+            self.writes.with_label_values(&["too_large"]).inc();
+            return;
+        };
+        let left = value
+            .lifetime()
+            .saturating_sub(value.age(Instant::now()))
+            .as_millis();
+        if left == 0 {
+            return;
+        }
+        let mut keys = vec![self.entry_key(key), self.global_key()];
+        keys.extend(since.groups.iter().map(|(g, _)| self.generation_key(g)));
+        keys.extend(since.groups.iter().map(|(g, _)| self.set_key(g)));
+        let mut args: Vec<Vec<u8>> = vec![blob, left.to_string().into_bytes()];
+        args.push(since.global.clone().into_bytes());
+        args.extend(since.groups.iter().map(|(_, gen)| gen.clone().into_bytes()));
+        let stored = self
+            .redis
+            .run("cache", |mut c| async move {
+                let mut call = WRITE.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                for a in &args {
+                    call.arg(a.as_slice());
+                }
+                call.invoke_async::<i64>(&mut c).await
+            })
+            .await;
+        let result = match stored {
+            Ok(1) => "stored",
+            Ok(_) => "invalidated",
+            Err(_) => "error",
+        };
+        self.writes.with_label_values(&[result]).inc();
+    }
+
+    /// Removes what `what` names from the shared tier: a tag's or a path's entries (bumping
+    /// their generations), or every entry (bumping the global generation, which retires
+    /// every entry written before it). Returns how many entries were deleted (0 for all).
+    pub async fn invalidate(&self, what: &Invalidation) -> Result<u64, Unavailable> {
+        let groups: Vec<String> = match what {
+            Invalidation::Tags(tags) => tags.iter().map(|t| format!("tag:{t}")).collect(),
+            Invalidation::Path(path) => vec![format!("path:{}", normalize_path(path))],
+            Invalidation::All => {
+                let global = self.global_key();
+                return self
+                    .redis
+                    .run("cache", |mut c| async move {
+                        redis::cmd("INCRBY")
+                            .arg(&global)
+                            .arg(1)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await
+                    .map(|_| 0);
+            }
+        };
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = groups
+            .iter()
+            .flat_map(|g| [self.generation_key(g), self.set_key(g)])
+            .collect();
+        let kept = GENERATION_KEPT.as_millis().to_string();
+        self.redis
+            .run("cache", |mut c| async move {
+                let mut call = INVALIDATE.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg(&kept).invoke_async::<u64>(&mut c).await
+            })
+            .await
+    }
+}
+
+/// Milliseconds since the Unix epoch of `at` (tokio's clock), by the wall clock now: what
+/// another replica can turn back into an age.
+fn wall_millis(at: Instant) -> i64 {
+    let age = Instant::now().saturating_duration_since(at);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.saturating_sub(age).as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The instant on tokio's clock that is as old as wall-clock `millis` is now; an entry
+/// stamped ahead of this replica's clock counts as just stored.
+fn local_instant(millis: i64) -> Instant {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let stamped = Duration::from_millis(u64::try_from(millis).unwrap_or(0));
+    let age = now.saturating_sub(stamped);
+    let here = Instant::now();
+    here.checked_sub(age).unwrap_or(here)
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// The entry as stored in Redis: [`MAGIC`], the global generation it was written under,
+/// stored-at (Unix ms), the three windows (ms), the status, then the storage key, the tags,
+/// the headers (each length-prefixed) and the body. What the memory entry keeps, nothing
+/// more: its headers are the stored ones, so no token or cookie is in it. `None` when it
+/// would exceed `max` bytes.
+fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -> Option<Vec<u8>> {
+    let headers: Vec<(&HeaderName, &HeaderValue)> = value.stored_headers().collect();
+    let size = 4
+        + 2
+        + global.len()
+        + 8
+        + 12
+        + 2
+        + 4
+        + storage_key.len()
+        + 2
+        + value.tags.iter().map(|t| 2 + t.len()).sum::<usize>()
+        + 2
+        + headers
+            .iter()
+            .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
+            .sum::<usize>()
+        + value.body.len();
+    if size > max {
+        return None;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.put_slice(MAGIC);
+    out.put_u16_le(u16::try_from(global.len()).ok()?);
+    out.put_slice(global.as_bytes());
+    out.put_i64_le(wall_millis(value.stored_at));
+    for window in [
+        value.ttl,
+        value.stale_while_revalidate,
+        value.stale_if_error,
+    ] {
+        out.put_u32_le(millis(window));
+    }
+    out.put_u16_le(value.status.as_u16());
+    out.put_u32_le(u32::try_from(storage_key.len()).ok()?);
+    out.put_slice(storage_key.as_bytes());
+    out.put_u16_le(u16::try_from(value.tags.len()).ok()?);
+    for tag in &value.tags {
+        out.put_u16_le(u16::try_from(tag.len()).ok()?);
+        out.put_slice(tag.as_bytes());
+    }
+    out.put_u16_le(u16::try_from(headers.len()).ok()?);
+    for (name, v) in headers {
+        out.put_u16_le(u16::try_from(name.as_str().len()).ok()?);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32_le(u32::try_from(v.len()).ok()?);
+        out.put_slice(v.as_bytes());
+    }
+    out.put_slice(&value.body);
+    Some(out)
+}
+
+/// Reads what [`encode`] wrote, checking every part (anyone who may write to Redis may write
+/// anything there): the global generation it was written under, and the entry.
+fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
+    let mut at = Bytes::copy_from_slice(blob);
+    let take = |at: &mut Bytes, n: usize| -> Result<Bytes, &'static str> {
+        if at.remaining() < n {
+            return Err("entry cut short");
+        }
+        Ok(at.split_to(n))
+    };
+    let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| "text that is not UTF-8");
+    if take(&mut at, 4)?.as_ref() != MAGIC {
+        return Err("not a cxgate entry");
+    }
+    let n = usize::from(take(&mut at, 2)?.get_u16_le());
+    let global = text(take(&mut at, n)?)?;
+    let stored_millis = take(&mut at, 8)?.get_i64_le();
+    let mut windows = take(&mut at, 12)?;
+    let mut window = || Duration::from_millis(u64::from(windows.get_u32_le()));
+    let (ttl, swr, sie) = (window(), window(), window());
+    let status =
+        StatusCode::from_u16(take(&mut at, 2)?.get_u16_le()).map_err(|_| "invalid status")?;
+    let n = take(&mut at, 4)?.get_u32_le() as usize;
+    let storage_key = text(take(&mut at, n)?)?;
+    let count = take(&mut at, 2)?.get_u16_le();
+    let mut tags = Vec::with_capacity(usize::from(count).min(64));
+    for _ in 0..count {
+        let n = usize::from(take(&mut at, 2)?.get_u16_le());
+        tags.push(text(take(&mut at, n)?)?);
+    }
+    let count = take(&mut at, 2)?.get_u16_le();
+    let mut headers = HeaderMap::with_capacity(usize::from(count).min(64));
+    for _ in 0..count {
+        let n = usize::from(take(&mut at, 2)?.get_u16_le());
+        let name = HeaderName::from_bytes(&take(&mut at, n)?).map_err(|_| "invalid header")?;
+        let n = take(&mut at, 4)?.get_u32_le() as usize;
+        let value =
+            HeaderValue::from_maybe_shared(take(&mut at, n)?).map_err(|_| "invalid header")?;
+        headers.append(name, value);
+    }
+    let value = CachedResponse {
+        status,
+        headers,
+        body: at,
+        tags: tags.into_boxed_slice(),
+        stored_at: local_instant(stored_millis),
+        ttl,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+    };
+    Ok((global, Found { value, storage_key }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> CachedResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert(
+            "date",
+            HeaderValue::from_static("Tue, 24 Nov 2026 09:00:00 GMT"),
+        );
+        CachedResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"{\"id\":1}"),
+            tags: vec!["me".to_owned(), "account:7".to_owned()].into_boxed_slice(),
+            stored_at: Instant::now(),
+            ttl: Duration::from_secs(600),
+            stale_while_revalidate: Duration::from_secs(60),
+            stale_if_error: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_survives_the_round_trip_with_its_age() {
+        let mut e = entry();
+        e.stored_at = Instant::now() - Duration::from_secs(30);
+        let blob = encode("GET /me", &e, "4", 1 << 20).expect("encodes");
+        let (global, found) = decode(&blob).expect("decodes");
+        assert_eq!(global, "4");
+        assert_eq!(found.storage_key, "GET /me");
+        let v = found.value;
+        assert_eq!((v.status, &v.body, &v.tags), (e.status, &e.body, &e.tags));
+        assert_eq!(
+            (v.ttl, v.stale_while_revalidate, v.stale_if_error),
+            (e.ttl, e.stale_while_revalidate, e.stale_if_error)
+        );
+        let age = v.age(Instant::now()).as_secs_f64();
+        assert!(
+            (29.0..32.0).contains(&age),
+            "expected the age to stay about 30 s, saw {age}"
+        );
+        assert_eq!(v.headers.get("content-type"), e.headers.get("content-type"));
+        assert!(
+            v.headers.get("date").is_none(),
+            "expected only the stored headers, saw {:?}",
+            v.headers
+        );
+    }
+
+    #[tokio::test]
+    async fn an_entry_over_the_bound_is_not_encoded() {
+        let e = entry();
+        let size = encode("GET /me", &e, "0", 1 << 20).expect("encodes").len();
+        assert!(
+            encode("GET /me", &e, "0", size).is_some(),
+            "exactly the bound fits"
+        );
+        assert!(
+            encode("GET /me", &e, "0", size - 1).is_none(),
+            "one byte over does not"
+        );
+    }
+
+    #[tokio::test]
+    async fn damaged_entries_are_refused_not_trusted() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        // Every cut before the body (the last 8 bytes) leaves a part unreadable.
+        for cut in [0, 3, 10, 40, blob.len() - 9] {
+            assert!(
+                decode(&blob[..cut]).is_err(),
+                "expected a cut at {cut} refused"
+            );
+        }
+        let mut wrong = blob.clone();
+        wrong[0] = b'x';
+        assert_eq!(decode(&wrong).err(), Some("not a cxgate entry"));
+    }
+}
