@@ -194,7 +194,13 @@ async fn run_in(
             return Err(e);
         }
     };
-    let running = match crate::start(cfg, Some(config_file.clone())).await {
+    let running = match crate::start(
+        cfg,
+        Some(config_file.clone()),
+        crate::Options { workers: true },
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             sim.shutdown().await;

@@ -132,9 +132,22 @@ pub fn token_settings(cfg: &Config) -> token::TokenSettings {
     }
 }
 
+/// How [`start`] runs the gateway, beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Serve client connections on per-core single-threaded runtimes of their own
+    /// ([`server::Workers`]), as `cxgate run` does. Off, they are served on the caller's
+    /// runtime: no extra threads, and a paused test clock governs them too.
+    pub workers: bool,
+}
+
 /// Starts the gateway: binds both listeners (port 0 picks a free one), loads the token,
 /// and serves until [`Running::shutdown`]. `config_path` is what reload re-reads.
-pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Running, StartError> {
+pub async fn start(
+    mut cfg: Config,
+    config_path: Option<PathBuf>,
+    options: Options,
+) -> Result<Running, StartError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let started = Instant::now();
     let listener = server::bind(cfg.server.listen)
@@ -232,8 +245,12 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
     let open = connections_gauge(&admin.registry)?;
     let (stop, stopped) = watch::channel(false);
     let g = gateway.clone();
-    let workers = server::Workers::per_core()
-        .map_err(|e| StartError::Refused(format!("cannot start connection threads: {e}")))?;
+    let workers = match options.workers {
+        true => Some(Arc::new(server::Workers::per_core().map_err(|e| {
+            StartError::Refused(format!("cannot start connection threads: {e}"))
+        })?)),
+        false => None,
+    };
     let client_task = tokio::spawn(server::serve(
         listener,
         tls,
@@ -243,7 +260,7 @@ pub async fn start(mut cfg: Config, config_path: Option<PathBuf>) -> Result<Runn
         },
         stopped.clone(),
         grace,
-        Some(Arc::new(workers)),
+        workers,
         server::Limits::client(&config.server).counted(open.with_label_values(&["client"])),
     ));
     let admin_task = tokio::spawn(server::serve(
@@ -339,7 +356,7 @@ fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
 
 /// `cxgate run`: starts, then serves until SIGTERM or SIGINT; SIGHUP reloads.
 pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> Result<(), StartError> {
-    let running = start(cfg, config_path.clone()).await?;
+    let running = start(cfg, config_path.clone(), Options { workers: true }).await?;
     wait_for_signals(&running, config_path.as_deref()).await;
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown();
