@@ -197,7 +197,10 @@ async fn run_in(
     let running = match crate::start(
         cfg,
         Some(config_file.clone()),
-        crate::Options { workers: true },
+        crate::Options {
+            workers: true,
+            secrets: None,
+        },
     )
     .await
     {
@@ -229,7 +232,7 @@ async fn run_in(
     println!("  and open {admin}/ in a browser: the status page");
     println!();
     println!("Ctrl-C stops both.");
-    crate::wait_for_signals(&running, Some(&config_file)).await;
+    crate::app::wait_for_signals(&running, Some(&config_file)).await;
     println!("stopping...");
     running.shutdown();
     running.stopped().await;
