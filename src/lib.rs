@@ -2,8 +2,8 @@
 //!
 //! The binary in `src/main.rs` only parses the command line; everything it does is a
 //! function of this library ([`start`], [`run`], [`demo::run`], [`sim::run_cli`]), so the
-//! end-to-end tests drive exactly what users run. README "Architecture" follows a request
-//! through the modules.
+//! end-to-end tests drive exactly what users run. A request goes [`server`] → [`proxy`]
+//! ([`auth`], [`cache`], [`budget`], [`token`], [`upstream`]) and back; [`app`] wires them.
 #![forbid(unsafe_code)]
 
 pub mod access;
