@@ -1,35 +1,8 @@
-//! Several replicas behind one load balancer: the Redis connection they share,
-//! its health, and the channel that carries cache invalidations from one replica to all.
-//!
-//! Role: [`Redis`] is the one handle the budget, the token and the cache wiring use to reach
-//! Redis. Every call is bounded by [`CALL_TIMEOUT`]; any failure marks Redis *down* at once,
-//! and while it is down no call is even attempted (callers get [`Unavailable::Down`] at no
-//! cost and use their local fallback), so losing Redis never adds a timeout to every request.
-//! A background probe (a script's short-lived write and publication, so a read-only replica
-//! left behind by a failover, or a user refused scripts or channels, counts as down) marks
-//! it *up* again by itself. `cxgate_redis_up` shows the state;
-//! transitions are logged once each, not per request.
-//!
-//! Reaching Redis: `redis://` or `rediss://` (rustls, the system's roots plus
-//! `budget.redis_ca_file`), an ACL user and password in the URL (shown only through
-//! [`redacted_address`]), one server or a Redis Cluster (`budget.redis_cluster`, seed nodes
-//! comma-separated). Every key carries the hash tag `{<prefix>}` ([`Redis::key`]), so a
-//! deployment's keys share one cluster slot and the multi-key scripts run there unchanged.
-//!
-//! Invalidations: each replica keeps its own in-memory cache, so a purge or a write's
-//! invalidation is published on `{<prefix>}:invalidate` and applied by every other replica.
-//! Pub/sub keeps nothing for a replica that is not listening, so after the subscription is
-//! lost and comes back the replica drops its whole cache: it cannot know what it missed, and
-//! a few extra upstream calls (paced by the budget) are better than serving deleted data.
-//! Publications that fail while Redis is down are kept (bounded) and sent when it returns.
-//! A subscription counts only once the replica's own message came back on it; until then
-//! `cxgate_redis_up` is 0, as while Redis is down.
-//!
-//! Errors: what Redis sends is shown by its category and code only ([`shown_error`]),
-//! since it may quote the arguments of the refused command.
-//!
-//! This module imports nothing of the gateway: the cache is reached through the callback
-//! given to [`Redis::spawn_subscriber`], so `budget`, `token` and `cache` stay independent.
+//! Several replicas behind one load balancer: the one Redis handle the budget, the token
+//! and the cache wiring share, its health (every call bounded, down at the first failure so
+//! losing Redis costs requests nothing), and the channel that carries cache invalidations.
+//! It imports nothing of the gateway; README "The Redis link, the shared token and
+//! invalidations, in detail" says how each part behaves.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -539,37 +512,43 @@ impl Link {
 }
 
 impl Redis {
-    /// Builds the handle from the URL in environment variable `url_env`, registers the
-    /// `cxgate_redis_*` metrics and starts the health probe. An unreachable server is not an
-    /// error: the replica starts on its local fallbacks and switches over when Redis answers.
+    /// Builds the handle from the URL in environment variable `url_env` as it is now,
+    /// registers the `cxgate_redis_*` metrics and starts the health probe: for callers
+    /// without a config (tools, tests). The gateway reads its secrets once at start and
+    /// calls [`Redis::connect_with`].
     pub async fn connect(
         url_env: &str,
         prefix: &str,
         registry: &Registry,
     ) -> Result<Redis, SetupError> {
-        Redis::connect_with(url_env, prefix, &Options::default(), registry).await
+        let secrets = crate::secrets::Secrets::from_vars([url_env]);
+        let url = secrets.get(url_env).map(|url| url.expose());
+        Redis::connect_with(url_env, url, prefix, &Options::default(), registry).await
     }
 
-    /// [`Redis::connect`] with TLS roots and cluster mode from `options`.
+    /// Builds the handle from `url`, the value of environment variable `url_env` (named in
+    /// errors), with TLS roots and cluster mode from `options`; registers the
+    /// `cxgate_redis_*` metrics and starts the health probe. An unreachable server is not an
+    /// error: the replica starts on its local fallbacks and switches over when Redis answers.
     pub async fn connect_with(
         url_env: &str,
+        url: Option<&str>,
         prefix: &str,
         options: &Options,
         registry: &Registry,
     ) -> Result<Redis, SetupError> {
-        let url = std::env::var(url_env)
-            .ok()
+        let url = url
             .filter(|v| !v.trim().is_empty())
             .ok_or_else(|| SetupError::MissingEnv(url_env.to_string()))?;
         let in_env = |e: SetupError| e.in_env(url_env);
         let link = if options.cluster {
             Link::Cluster {
-                client: Box::new(options.cluster_client(&url).map_err(in_env)?),
+                client: Box::new(options.cluster_client(url).map_err(in_env)?),
                 conn: Mutex::new(None),
-                seeds: options.clients(&url).map_err(in_env)?,
+                seeds: options.clients(url).map_err(in_env)?,
             }
         } else {
-            let mut clients = options.clients(&url).map_err(in_env)?;
+            let mut clients = options.clients(url).map_err(in_env)?;
             if clients.len() != 1 {
                 return Err(SetupError::SeveralUrls(url_env.to_string()));
             }
@@ -587,7 +566,7 @@ impl Redis {
                 .map_err(SetupError::Connection)?;
             Link::Single { client, conn }
         };
-        let address = redacted_address(&url);
+        let address = redacted_address(url);
         tracing::info!(
             redis = %address,
             cluster = options.cluster,

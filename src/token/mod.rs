@@ -1,20 +1,15 @@
-//! The one upstream OAuth token: load it, share it, refresh it, persist it atomically.
-//!
-//! A [`TokenManager`] is loaded once from the token file (or a static token in an
-//! environment variable) and cloned into every request handler. `current()` hands out the
-//! token with a generation number; when the upstream answers 401 to that generation,
-//! `refresh_after_rejection(generation)` performs one refresh for all callers at once. A
-//! background refresher renews the token `refresh_before` ahead of expiry.
-//!
-//! Invariants: token text only ever lives in [`Secret`]; logs carry generations, never
-//! tokens; a refreshed token is on disk before it is used. This module knows nothing of the
-//! cache, the budget, the proxy or the config file: it takes plain [`TokenSettings`].
+//! The one upstream OAuth token: loaded once, handed out with a generation so a 401 to that
+//! generation makes one refresh for all callers, renewed `refresh_before` ahead of expiry,
+//! and on disk before it is used. Token text only ever lives in [`Secret`] (logs carry
+//! generations); the module takes plain [`TokenSettings`] and values the caller read from
+//! the environment, and knows nothing of the cache, the budget, the proxy or the config.
 //!
 //! ```no_run
 //! # async fn demo(settings: cxgate::token::TokenSettings, client: cxgate::upstream::HttpClient)
 //! # -> Result<(), cxgate::token::TokenError> {
 //! let registry = prometheus::Registry::new();
-//! let tokens = cxgate::token::TokenManager::load(settings, client, &registry).await?;
+//! let secrets = |name: &str| (name == "CX_ACCESS_TOKEN").then(|| "token-text".to_string());
+//! let tokens = cxgate::token::TokenManager::load(settings, client, &registry, &secrets).await?;
 //! let _refresher = tokens.spawn_refresher();
 //! let token = tokens.current()?; // send token.access.expose() upstream
 //! // ... the upstream said 401:
@@ -46,7 +41,9 @@ pub use file::inspect as inspect_file;
 /// Whether a token can travel upstream in `Authorization` as is (visible ASCII only, as
 /// RFC 6750 tokens are): the one test readiness, token loading and the request path share.
 pub(crate) use file::sendable;
-pub use init::{init_from_code, init_from_env};
+pub use init::{
+    init_from_code, init_from_lookup, ACCESS_TOKEN_VAR, EXPIRES_IN_VAR, REFRESH_TOKEN_VAR,
+};
 pub use secret::Secret;
 
 use crate::upstream::HttpClient;
@@ -108,26 +105,28 @@ impl fmt::Debug for TokenManager {
     }
 }
 
-fn env_lookup(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
+/// Where the token module finds the values its settings name by environment variable
+/// (a static token, the OAuth client secret): read once by the caller, never here.
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl TokenManager {
-    /// Loads the token and registers the token metrics on `registry`.
+    /// Loads the token and registers the token metrics on `registry`; `secrets` has the
+    /// values of the variables `settings` names.
     pub async fn load(
         settings: TokenSettings,
         client: HttpClient,
         registry: &prometheus::Registry,
+        secrets: Lookup<'_>,
     ) -> Result<TokenManager, TokenError> {
-        Self::load_with(settings, client, Some(registry), &env_lookup).await
+        Self::load_with(settings, client, Some(registry), secrets).await
     }
 
-    /// `load` with the environment injected, so tests need not mutate the process's.
+    /// `load`, with the metrics registry optional for tests.
     pub(crate) async fn load_with(
         settings: TokenSettings,
         client: HttpClient,
         registry: Option<&prometheus::Registry>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: Lookup<'_>,
     ) -> Result<TokenManager, TokenError> {
         let mut stamp = None;
         let (source, record) = match (&settings.file, &settings.access_token_env) {
