@@ -202,7 +202,7 @@ impl Cluster {
         old.stopped().await;
         let path = self.dirs[i].join("cxgate.toml");
         let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
-        let again = cxgate::start(cfg, Some(path))
+        let again = cxgate::start(cfg, Some(path), cxgate::Options::with_workers())
             .await
             .expect("replica starts again");
         self.replicas.insert(i, again);

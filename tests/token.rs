@@ -1462,7 +1462,9 @@ async fn a_refused_static_token_is_not_ready_until_a_call_with_it_succeeds() {
         common::client_toml("test", KEY, "scopes = [\"read\"]"),
     ))
     .expect("valid config");
-    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let gw = cxgate::start(cfg, None, cxgate::Options::default())
+        .await
+        .expect("start gateway");
     let env = Env {
         sim,
         gw,
