@@ -2,8 +2,7 @@
 //! the whole hit path in process (no sockets), one admission decision, link rewriting of a
 //! 50 KB mentions page. Run: `cargo bench --bench micro`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -54,11 +53,11 @@ fn hit_path(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let env = rt.block_on(common::start(Default::default(), common::ROUTES));
+    let env = rt.block_on(support::start(Default::default(), support::ROUTES));
     let warm = rt.block_on(env.get("/me"));
     assert_eq!(warm.status, 200);
     let gateway = env.gw.gateway.clone();
-    let auth = format!("Bearer {}", common::KEY);
+    let auth = format!("Bearer {}", support::KEY);
     let request = || {
         Request::get("/me")
             .header("authorization", auth.as_str())

@@ -1089,34 +1089,18 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
 /// An upstream that answers every request like a static web server: 200, a small JSON
 /// body and the headers nginx sends (`Server`, an old `Date`, `Accept-Ranges`, ...).
 async fn web_server_upstream() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
-                let resp = hyper::Response::builder()
-                    .header("server", "nginx/1.24.0 (Ubuntu)")
-                    .header("date", "Tue, 24 Nov 2026 09:00:00 GMT")
-                    .header("content-type", "application/json; charset=utf-8")
-                    .header("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT")
-                    .header("etag", "\"6743f1cb-2a\"")
-                    .header("accept-ranges", "bytes")
-                    .header("x-powered-by", "PHP/8.2")
-                    .header("content-language", "en")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let mut reply = common::Reply::ok();
+    reply.headers.clear();
+    let reply = reply
+        .header("server", "nginx/1.24.0 (Ubuntu)")
+        .header("content-type", "application/json; charset=utf-8")
+        .header("date", "Tue, 24 Nov 2026 09:00:00 GMT")
+        .header("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT")
+        .header("etag", "\"6743f1cb-2a\"")
+        .header("accept-ranges", "bytes")
+        .header("x-powered-by", "PHP/8.2")
+        .header("content-language", "en");
+    let (base, _seen, _task) = common::static_upstream(reply).await;
     base
 }
 

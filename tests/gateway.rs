@@ -712,33 +712,15 @@ async fn admin_probes_metrics_and_status() {
 
 /// An upstream that answers every call with the status named by its `s` query parameter.
 async fn status_upstream() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the status upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let code = req
-                    .uri()
-                    .query()
-                    .and_then(|q| q.strip_prefix("s="))
-                    .and_then(|s| s.parse::<u16>().ok())
-                    .unwrap_or(200);
-                let resp = hyper::Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(br#"{"meta":{"code":0}}"#)));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("status response")) }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (base, _seen, task) = common::scripted_upstream(std::sync::Arc::new(|seen| {
+        let code = seen
+            .target
+            .split_once("?s=")
+            .and_then(|(_, s)| s.parse::<u16>().ok())
+            .unwrap_or(200);
+        common::Reply::json(r#"{"meta":{"code":0}}"#).status(code)
+    }))
+    .await;
     (base, task)
 }
 
