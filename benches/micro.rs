@@ -1,5 +1,6 @@
 //! Criterion micro-benchmarks of the per-request work: route matching, cache key building,
-//! the whole hit path in process (no sockets), one admission decision, link rewriting of a
+//! the whole hit path in process (no sockets), the uncached path (to the simulator on
+//! loopback), one admission decision, link rewriting of a
 //! 50 KB mentions page. Run: `cargo bench --bench micro`.
 
 mod support;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use http::{Method, Request};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 
 fn config() -> cxgate::config::Config {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml");
@@ -79,6 +80,36 @@ fn hit_path(c: &mut Criterion) {
     c.bench_function("hit_path/GET /me in process", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(gateway.handle(request()).await) })
+    });
+    rt.block_on(env.stop());
+}
+
+/// The uncached path in process: each request goes to the simulator on loopback through
+/// the calling thread's upstream pool, so the pool lookup is on it.
+fn uncached_path(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // No route matches /me/permissions: it is forwarded every time.
+    let env = rt.block_on(support::start(Default::default(), support::BIG_BUDGET));
+    let gateway = env.gw.gateway.clone();
+    let auth = format!("Bearer {}", support::KEY);
+    let request = || {
+        Request::get("/me/permissions")
+            .header("authorization", auth.as_str())
+            .header("host", "127.0.0.1:8080")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let resp = rt.block_on(gateway.handle(request()));
+    assert_eq!(resp.status(), 200, "the uncached request must be answered");
+    c.bench_function("uncached_path/GET /me/permissions in process", |b| {
+        b.to_async(&rt).iter(|| async {
+            let resp = gateway.handle(request()).await;
+            black_box(resp.into_body().collect().await.expect("body"))
+        })
     });
     rt.block_on(env.stop());
 }
@@ -209,6 +240,6 @@ fn key_scan(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = route_and_key, hit_path, admission, rewrite, key_scan
+    targets = route_and_key, hit_path, uncached_path, admission, rewrite, key_scan
 }
 criterion_main!(benches);

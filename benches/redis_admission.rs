@@ -71,7 +71,6 @@ fn admission(c: &mut Criterion) {
         let Some(server) = start_redis(kind) else {
             continue;
         };
-        std::env::set_var("CXGATE_BENCH_REDIS_URL", server.url());
         let options = cxgate::replicas::Options {
             ca_file: server.ca_file(),
             cluster: kind == Kind::Cluster,
@@ -80,6 +79,7 @@ fn admission(c: &mut Criterion) {
         let shared = rt.block_on(async {
             let redis = cxgate::replicas::Redis::connect_with(
                 "CXGATE_BENCH_REDIS_URL",
+                Some(&server.url()),
                 "bench",
                 &options,
                 &registry,

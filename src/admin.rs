@@ -29,7 +29,7 @@ pub struct Admin {
     pub registry: Registry,
     pub config_path: Option<PathBuf>,
     /// The admin token in force (a reload may set, change or remove it).
-    pub live: Arc<crate::reload::Live>,
+    pub live: Arc<crate::app::reload::Live>,
     pub started: Instant,
     /// What the status page turns into rates.
     pub rates: page::Rates,
@@ -247,7 +247,9 @@ impl Admin {
     }
 
     async fn reload(&self) -> Response<Body> {
-        match crate::reload::reload(&self.gateway, &self.live, self.config_path.as_deref()).await {
+        match crate::app::reload::reload(&self.gateway, &self.live, self.config_path.as_deref())
+            .await
+        {
             Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
             Err(problems) => {
                 // As a failed SIGHUP reload logs it: an operator reads the log, not the answer.

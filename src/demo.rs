@@ -194,7 +194,16 @@ async fn run_in(
             return Err(e);
         }
     };
-    let running = match crate::start(cfg, Some(config_file.clone())).await {
+    let running = match crate::start(
+        cfg,
+        Some(config_file.clone()),
+        crate::Options {
+            workers: true,
+            secrets: None,
+        },
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             sim.shutdown().await;
@@ -223,7 +232,7 @@ async fn run_in(
     println!("  and open {admin}/ in a browser: the status page");
     println!();
     println!("Ctrl-C stops both.");
-    crate::wait_for_signals(&running, Some(&config_file)).await;
+    crate::app::wait_for_signals(&running, Some(&config_file)).await;
     println!("stopping...");
     running.shutdown();
     running.stopped().await;

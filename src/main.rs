@@ -135,14 +135,16 @@ async fn dispatch(command: Command, json: bool) -> ExitCode {
         Command::Run { config } => match cxgate::config::load(&config) {
             Ok(mut cfg) => {
                 cfg.server.access_log_json = json;
-                finish(cxgate::run(cfg, Some(config)).await)
+                let secrets = cxgate::Secrets::from_env(&cfg);
+                finish(cxgate::run(cfg, Some(config), secrets).await)
             }
             Err(e) => invalid(&e),
         },
         Command::Check { config } => match cxgate::config::load(&config) {
             Ok(cfg) => {
                 // `check` refuses what `run` would refuse about the files the config names.
-                let (problems, warnings) = cxgate::reload::preflight(&cfg);
+                let secrets = cxgate::Secrets::from_env(&cfg);
+                let (problems, warnings) = cxgate::app::reload::preflight(&cfg, &secrets);
                 for warning in &warnings {
                     eprintln!("warning: {warning}");
                 }
@@ -152,7 +154,7 @@ async fn dispatch(command: Command, json: bool) -> ExitCode {
                     }
                     return ExitCode::from(2);
                 }
-                let unset = cfg.unset_env();
+                let unset = secrets.unset(&cfg);
                 if unset.is_empty() {
                     println!("{}: valid", config.display());
                 } else {

@@ -528,37 +528,43 @@ impl Link {
 }
 
 impl Redis {
-    /// Builds the handle from the URL in environment variable `url_env`, registers the
-    /// `cxgate_redis_*` metrics and starts the health probe. An unreachable server is not an
-    /// error: the replica starts on its local fallbacks and switches over when Redis answers.
+    /// Builds the handle from the URL in environment variable `url_env` as it is now,
+    /// registers the `cxgate_redis_*` metrics and starts the health probe: for callers
+    /// without a config (tools, tests). The gateway reads its secrets once at start and
+    /// calls [`Redis::connect_with`].
     pub async fn connect(
         url_env: &str,
         prefix: &str,
         registry: &Registry,
     ) -> Result<Redis, SetupError> {
-        Redis::connect_with(url_env, prefix, &Options::default(), registry).await
+        let secrets = crate::secrets::Secrets::from_vars([url_env]);
+        let url = secrets.get(url_env).map(|url| url.expose());
+        Redis::connect_with(url_env, url, prefix, &Options::default(), registry).await
     }
 
-    /// [`Redis::connect`] with TLS roots and cluster mode from `options`.
+    /// Builds the handle from `url`, the value of environment variable `url_env` (named in
+    /// errors), with TLS roots and cluster mode from `options`; registers the
+    /// `cxgate_redis_*` metrics and starts the health probe. An unreachable server is not an
+    /// error: the replica starts on its local fallbacks and switches over when Redis answers.
     pub async fn connect_with(
         url_env: &str,
+        url: Option<&str>,
         prefix: &str,
         options: &Options,
         registry: &Registry,
     ) -> Result<Redis, SetupError> {
-        let url = std::env::var(url_env)
-            .ok()
+        let url = url
             .filter(|v| !v.trim().is_empty())
             .ok_or_else(|| SetupError::MissingEnv(url_env.to_string()))?;
         let in_env = |e: SetupError| e.in_env(url_env);
         let link = if options.cluster {
             Link::Cluster {
-                client: Box::new(options.cluster_client(&url).map_err(in_env)?),
+                client: Box::new(options.cluster_client(url).map_err(in_env)?),
                 conn: Mutex::new(None),
-                seeds: options.clients(&url).map_err(in_env)?,
+                seeds: options.clients(url).map_err(in_env)?,
             }
         } else {
-            let mut clients = options.clients(&url).map_err(in_env)?;
+            let mut clients = options.clients(url).map_err(in_env)?;
             if clients.len() != 1 {
                 return Err(SetupError::SeveralUrls(url_env.to_string()));
             }
@@ -576,7 +582,7 @@ impl Redis {
                 .map_err(SetupError::Connection)?;
             Link::Single { client, conn }
         };
-        let address = redacted_address(&url);
+        let address = redacted_address(url);
         tracing::info!(
             redis = %address,
             cluster = options.cluster,

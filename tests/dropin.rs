@@ -845,7 +845,7 @@ async fn the_https_only_client_pages_through_the_tls_listener() {
     std::fs::write(&path, &text).expect("write config");
     let cfg = cxgate::config::load(&path)
         .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}\n{text}", e.lines()));
-    let gw = cxgate::start(cfg, Some(path))
+    let gw = cxgate::start(cfg, Some(path), cxgate::Options::default())
         .await
         .expect("gateway starts");
     let ca = dir.join("ca.pem");

@@ -237,7 +237,9 @@ async fn a_token_without_expiry_reports_infinity_from_the_first_scrape() {
          [token]\naccess_token_env = \"CXGATE_FIRST_SCRAPE_STATIC\"\n",
     )
     .expect("valid config");
-    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let gw = cxgate::start(cfg, None, cxgate::Options::default())
+        .await
+        .expect("start gateway");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Full<bytes::Bytes>>();
     let resp = client

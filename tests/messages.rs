@@ -790,7 +790,9 @@ async fn a_held_token_that_cannot_be_sent_is_named_in_status_and_on_the_page() {
         token.display()
     ))
     .expect("valid config");
-    let gw = cxgate::start(cfg, None).await.expect("start gateway");
+    let gw = cxgate::start(cfg, None, cxgate::Options::default())
+        .await
+        .expect("start gateway");
     let admin = format!("http://{}", gw.admin_addr);
     let (status, _, ready) = admin_call(http::Method::GET, &format!("{admin}/readyz")).await;
     assert_eq!(status, http::StatusCode::SERVICE_UNAVAILABLE, "saw {ready}");

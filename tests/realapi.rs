@@ -469,7 +469,7 @@ async fn a_refusal_on_the_shared_budget_says_nothing_is_left() {
     let env = common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await;
     let cfg_path = env.dir.join("cxgate.toml");
     let cfg = cxgate::config::load(&cfg_path).expect("the same config for the second replica");
-    let other = cxgate::start(cfg, Some(cfg_path))
+    let other = cxgate::start(cfg, Some(cfg_path), cxgate::Options::default())
         .await
         .expect("second replica starts");
     let auth = format!("Bearer {KEY}");

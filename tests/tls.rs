@@ -183,7 +183,9 @@ async fn gateway_to(upstream: &str, ca_file: Option<&Path>) -> (cxgate::Running,
     std::fs::write(&path, &text).expect("write config");
     let cfg = cxgate::config::load(&path)
         .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
-    let gw = cxgate::start(cfg, Some(path)).await.expect("start gateway");
+    let gw = cxgate::start(cfg, Some(path), cxgate::Options::default())
+        .await
+        .expect("start gateway");
     (gw, dir)
 }
 

@@ -1355,8 +1355,11 @@ async fn a_fifo_as_the_token_file_is_refused_at_start_instead_of_hanging() {
     let path = dir.join("cxgate.toml");
     std::fs::write(&path, &text).expect("write config");
     let cfg = cxgate::config::load(&path).expect("valid config");
-    let started =
-        tokio::time::timeout(Duration::from_secs(10), cxgate::start(cfg, Some(path))).await;
+    let started = tokio::time::timeout(
+        Duration::from_secs(10),
+        cxgate::start(cfg, Some(path), cxgate::Options::default()),
+    )
+    .await;
     let Ok(started) = started else {
         // Release the reader blocked in open(2), or the runtime could never shut down.
         let _ = std::fs::OpenOptions::new().write(true).open(&fifo);

@@ -65,7 +65,7 @@ pub enum AccessLogTarget {
     Off,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
@@ -81,7 +81,7 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenConfig {
     pub file: Option<PathBuf>,
     pub access_token_env: Option<String>,
@@ -95,7 +95,7 @@ pub enum OAuthMethod {
     Get,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthConfig {
     pub token_url: String,
     pub client_id: String,
@@ -103,7 +103,7 @@ pub struct OAuthConfig {
     pub method: OAuthMethod,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheConfig {
     pub max_bytes: u64,
 }
@@ -183,10 +183,9 @@ impl RouteConfig {
 }
 
 impl Config {
-    /// The environment variables this configuration names that are unset or empty here,
-    /// each with the key that names it: `cxgate check` warns about them, since `cxgate run`
-    /// will need them.
-    pub fn unset_env(&self) -> Vec<(&'static str, &str)> {
+    /// The environment variables this configuration names, each with the key that names
+    /// it: the secrets the gateway reads from its environment at start and reload.
+    pub fn env_names(&self) -> Vec<(&'static str, &str)> {
         let named = [
             (
                 "server.admin_token_env",
@@ -214,7 +213,6 @@ impl Config {
         named
             .into_iter()
             .filter_map(|(key, name)| Some((key, name?)))
-            .filter(|(_, name)| std::env::var_os(name).is_none_or(|v| v.is_empty()))
             .collect()
     }
 

@@ -27,6 +27,8 @@ use std::path::Path;
 
 pub use checked::*;
 pub use route::Captures;
+#[cfg(test)]
+pub(crate) use schema::TABLES;
 pub use units::{parse_duration, parse_size};
 
 /// One problem in a config file, with the key path it concerns.

@@ -69,6 +69,21 @@ const ROUTE: &[&str] = &[
     "cost",
 ];
 
+/// Every table by its key path, with its known keys (`clients` and `routes` are arrays of
+/// tables): what reload's test walks to prove each setting applied or noted.
+#[cfg(test)]
+pub(crate) const TABLES: &[(&str, &[&str])] = &[
+    ("server", SERVER),
+    ("server.tls", TLS),
+    ("upstream", UPSTREAM),
+    ("token", TOKEN),
+    ("token.oauth", OAUTH),
+    ("cache", CACHE),
+    ("budget", BUDGET),
+    ("clients", CLIENT),
+    ("routes", ROUTE),
+];
+
 /// Removes every unknown key from `doc`, returning one problem per key removed.
 pub fn strip_unknown(doc: &mut Table) -> Vec<Problem> {
     let mut problems = Vec::new();

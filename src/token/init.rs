@@ -13,7 +13,7 @@ use super::error::TokenError;
 use super::file::{self, TokenRecord};
 use super::oauth::{self, Grant};
 use super::secret::Secret;
-use super::{env_lookup, TokenSettings};
+use super::{Lookup, TokenSettings};
 use crate::upstream::HttpClient;
 
 /// The access token to store.
@@ -23,14 +23,11 @@ pub const REFRESH_TOKEN_VAR: &str = "CX_REFRESH_TOKEN";
 /// Seconds until the access token expires (optional; unknown expiry when absent).
 pub const EXPIRES_IN_VAR: &str = "CX_EXPIRES_IN";
 
-/// Writes the token file from `CX_ACCESS_TOKEN`, `CX_REFRESH_TOKEN` and `CX_EXPIRES_IN`.
-pub async fn init_from_env(settings: &TokenSettings) -> Result<PathBuf, TokenError> {
-    init_from_lookup(settings, &env_lookup).await
-}
-
-pub(crate) async fn init_from_lookup(
+/// Writes the token file from the values of `CX_ACCESS_TOKEN`, `CX_REFRESH_TOKEN` and
+/// `CX_EXPIRES_IN` that `env` holds.
+pub async fn init_from_lookup(
     settings: &TokenSettings,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: Lookup<'_>,
 ) -> Result<PathBuf, TokenError> {
     let path = settings.file.clone().ok_or(TokenError::NoFile)?;
     let access = env(ACCESS_TOKEN_VAR).ok_or_else(|| TokenError::MissingEnv {
@@ -87,8 +84,9 @@ pub async fn init_from_code(
     client: HttpClient,
     code: &str,
     redirect_uri: Option<&str>,
+    secrets: Lookup<'_>,
 ) -> Result<PathBuf, TokenError> {
-    init_from_code_with(settings, &client, code, redirect_uri, &env_lookup).await
+    init_from_code_with(settings, &client, code, redirect_uri, secrets).await
 }
 
 pub(crate) async fn init_from_code_with(
@@ -96,7 +94,7 @@ pub(crate) async fn init_from_code_with(
     client: &HttpClient,
     code: &str,
     redirect_uri: Option<&str>,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: Lookup<'_>,
 ) -> Result<PathBuf, TokenError> {
     let path = settings.file.clone().ok_or(TokenError::NoFile)?;
     let oauth = settings.oauth.as_ref().ok_or(TokenError::NoOAuth)?;

@@ -14,7 +14,8 @@
 //! # async fn demo(settings: cxgate::token::TokenSettings, client: cxgate::upstream::HttpClient)
 //! # -> Result<(), cxgate::token::TokenError> {
 //! let registry = prometheus::Registry::new();
-//! let tokens = cxgate::token::TokenManager::load(settings, client, &registry).await?;
+//! let secrets = |name: &str| (name == "CX_ACCESS_TOKEN").then(|| "token-text".to_string());
+//! let tokens = cxgate::token::TokenManager::load(settings, client, &registry, &secrets).await?;
 //! let _refresher = tokens.spawn_refresher();
 //! let token = tokens.current()?; // send token.access.expose() upstream
 //! // ... the upstream said 401:
@@ -46,7 +47,9 @@ pub use file::inspect as inspect_file;
 /// Whether a token can travel upstream in `Authorization` as is (visible ASCII only, as
 /// RFC 6750 tokens are): the one test readiness, token loading and the request path share.
 pub(crate) use file::sendable;
-pub use init::{init_from_code, init_from_env};
+pub use init::{
+    init_from_code, init_from_lookup, ACCESS_TOKEN_VAR, EXPIRES_IN_VAR, REFRESH_TOKEN_VAR,
+};
 pub use secret::Secret;
 
 use crate::upstream::HttpClient;
@@ -108,26 +111,28 @@ impl fmt::Debug for TokenManager {
     }
 }
 
-fn env_lookup(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
+/// Where the token module finds the values its settings name by environment variable
+/// (a static token, the OAuth client secret): read once by the caller, never here.
+pub type Lookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 impl TokenManager {
-    /// Loads the token and registers the token metrics on `registry`.
+    /// Loads the token and registers the token metrics on `registry`; `secrets` has the
+    /// values of the variables `settings` names.
     pub async fn load(
         settings: TokenSettings,
         client: HttpClient,
         registry: &prometheus::Registry,
+        secrets: Lookup<'_>,
     ) -> Result<TokenManager, TokenError> {
-        Self::load_with(settings, client, Some(registry), &env_lookup).await
+        Self::load_with(settings, client, Some(registry), secrets).await
     }
 
-    /// `load` with the environment injected, so tests need not mutate the process's.
+    /// `load`, with the metrics registry optional for tests.
     pub(crate) async fn load_with(
         settings: TokenSettings,
         client: HttpClient,
         registry: Option<&prometheus::Registry>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: Lookup<'_>,
     ) -> Result<TokenManager, TokenError> {
         let mut stamp = None;
         let (source, record) = match (&settings.file, &settings.access_token_env) {

@@ -9,10 +9,10 @@
 pub mod hidden;
 pub mod rewrite;
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
-use std::thread::ThreadId;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,27 +68,53 @@ pub fn client_with(connector: Connector) -> HttpClient {
 /// the runtime that opened them, so a thread that uses its own pool never waits for another
 /// thread to be woken for its reads and writes (`benches/overhead.rs` measured ~100 us per
 /// uncached request with one pool shared by the per-core runtimes).
+///
+/// Each thread keeps its pools in a thread-local list, so a call takes no lock: it finds
+/// this gateway's pool among the (one or few) gateways that thread has served.
 pub struct ThreadPools {
     connector: Connector,
-    pools: Mutex<HashMap<ThreadId, HttpClient>>,
+    /// Names this set of pools in every thread's list.
+    id: u64,
+    /// Alive while this set is: a thread drops the pools of sets that are gone.
+    alive: Arc<()>,
+    /// Pools made so far, over all threads.
+    made: AtomicUsize,
+}
+
+/// Tells sets of pools apart in the thread-local lists.
+static NEXT_POOLS_ID: AtomicU64 = AtomicU64::new(0);
+
+/// One thread's pools: which set each belongs to, whether that set is alive, the pool.
+type Pools = Vec<(u64, Weak<()>, HttpClient)>;
+
+thread_local! {
+    static POOLS: RefCell<Pools> = const { RefCell::new(Vec::new()) };
 }
 
 impl ThreadPools {
     pub fn new(connector: Connector) -> ThreadPools {
         ThreadPools {
             connector,
-            pools: Mutex::new(HashMap::new()),
+            id: NEXT_POOLS_ID.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
+            made: AtomicUsize::new(0),
         }
     }
 
-    /// The calling thread's pool, made on its first call. The map only grows with the
-    /// threads that ever call (the runtimes' workers), so it stays small.
+    /// The calling thread's pool, made on its first call. A thread's list only grows with
+    /// the gateways it serves, and loses the pools of gateways that have stopped.
     pub fn current(&self) -> HttpClient {
-        let mut pools = self.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        pools
-            .entry(std::thread::current().id())
-            .or_insert_with(|| client_with(self.connector.clone()))
-            .clone()
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            if let Some((_, _, client)) = pools.iter().find(|(id, _, _)| *id == self.id) {
+                return client.clone();
+            }
+            pools.retain(|(_, alive, _)| alive.strong_count() > 0);
+            let client = client_with(self.connector.clone());
+            self.made.fetch_add(1, Ordering::Relaxed);
+            pools.push((self.id, Arc::downgrade(&self.alive), client.clone()));
+            client
+        })
     }
 }
 
@@ -157,7 +183,7 @@ mod tests {
     use super::*;
 
     fn pool_count(pools: &ThreadPools) -> usize {
-        pools.pools.lock().map(|p| p.len()).unwrap_or_default()
+        pools.made.load(Ordering::Relaxed)
     }
 
     #[test]
@@ -206,6 +232,28 @@ mod tests {
             2,
             "expected a second pool for the second thread, saw {}",
             pool_count(&pools)
+        );
+    }
+
+    #[test]
+    fn two_gateways_on_one_thread_keep_their_pools_apart() {
+        let connector = build_connector(None, Duration::from_secs(1)).expect("a connector");
+        let first = ThreadPools::new(connector.clone());
+        let second = ThreadPools::new(connector.clone());
+        let _ = (first.current(), second.current(), first.current());
+        assert_eq!(
+            (pool_count(&first), pool_count(&second)),
+            (1, 1),
+            "expected one pool per gateway on this thread"
+        );
+        let alive_before = POOLS.with(|p| p.borrow().len());
+        drop(second);
+        let third = ThreadPools::new(connector);
+        let _ = third.current();
+        let alive_after = POOLS.with(|p| p.borrow().len());
+        assert_eq!(
+            alive_after, alive_before,
+            "expected the stopped gateway's pool dropped when a new one is made"
         );
     }
 }

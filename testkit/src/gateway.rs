@@ -245,7 +245,7 @@ async fn start_env(
     std::fs::write(&cfg_path, &text).expect("write config");
     let cfg = cxgate::config::load(&cfg_path)
         .unwrap_or_else(|e| panic!("test config invalid: {:?}\n{text}", e.lines()));
-    let gw = cxgate::start(cfg, Some(cfg_path))
+    let gw = cxgate::start(cfg, Some(cfg_path), cxgate::Options::default())
         .await
         .expect("start gateway");
     let http = Client::builder(TokioExecutor::new()).build_http();
