@@ -115,7 +115,7 @@ fn assert_stored(a: &Answer, what: &str) {
 
 /// Polls `done` every 20 ms for up to `limit`; true once it holds.
 async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     while start.elapsed() < limit {
         if done() {
             return true;
@@ -606,12 +606,12 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_a_failing_upstream() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     env.sim.set_faults(Faults {
         error_rate: 1.0,
         error_status: 503,
@@ -933,12 +933,12 @@ async fn error_answers_are_not_stored() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_an_upstream_429() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     env.sim.set_faults(Faults {
         force_429: Some(cxgate::sim::Force429 {
             count: 1,
@@ -1020,12 +1020,12 @@ async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
 /// Stale-if-error covers every way a refetch can fail, not only a 5xx: an upstream slower
 /// than `upstream.timeout`, a connection dropped without an answer, and a refetch the
 /// gateway's own budget refuses.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     for (what, faults) in [
         (
             "an upstream slower than upstream.timeout (2 s)",
@@ -1057,7 +1057,7 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
     let env = common::start(SimOptions::default(), &tiny).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read (the only budget)");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     let stale = env.get("/me/accounts").await;
     assert_stale(&stale, "/me/accounts with the budget spent");
     let cold = env.get("/me/connectedprofiles").await;
