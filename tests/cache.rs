@@ -183,11 +183,12 @@ async fn burst(
     answers
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_thousand_cold_reads_make_one_upstream_call() {
     let env = common::start(SimOptions::default(), ROUTES).await;
-    // Long enough that the burst is in flight together even on a busy 2-core machine;
-    // a caller that still arrives after the answer is a hit, which the counts allow.
+    // On the paused clock the upstream's 1.5 s pass only once every caller is waiting, so
+    // the burst is in flight together however busy the machine; a caller that still
+    // arrives after the answer is a hit, which the counts allow.
     env.sim.set_faults(latency(1500));
     let senders = connections(&env, 1000).await;
     let answers = burst(&env, senders, "/me").await;
@@ -237,7 +238,7 @@ async fn a_thousand_cold_reads_make_one_upstream_call() {
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn uncacheable_gets_in_flight_together_are_merged_too() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(latency(300));
