@@ -1,6 +1,6 @@
 //! The simulated CX Social API and a cxgate in front of it, both on 127.0.0.1:0, started
 //! through the same library entry points the binary uses, and the client that talks to
-//! them. Every suite starts its gateways here, so a change to how the binary starts
+//! them. Most suites start their gateways here, so a change to how the binary starts
 //! reaches the tests at once.
 
 use std::path::PathBuf;
