@@ -197,10 +197,7 @@ async fn run_in(
     let running = match crate::start(
         cfg,
         Some(config_file.clone()),
-        crate::Options {
-            workers: true,
-            secrets: None,
-        },
+        crate::Options::with_workers(),
     )
     .await
     {

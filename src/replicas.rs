@@ -1,35 +1,8 @@
-//! Several replicas behind one load balancer: the Redis connection they share,
-//! its health, and the channel that carries cache invalidations from one replica to all.
-//!
-//! Role: [`Redis`] is the one handle the budget, the token and the cache wiring use to reach
-//! Redis. Every call is bounded by [`CALL_TIMEOUT`]; any failure marks Redis *down* at once,
-//! and while it is down no call is even attempted (callers get [`Unavailable::Down`] at no
-//! cost and use their local fallback), so losing Redis never adds a timeout to every request.
-//! A background probe (a script's short-lived write and publication, so a read-only replica
-//! left behind by a failover, or a user refused scripts or channels, counts as down) marks
-//! it *up* again by itself. `cxgate_redis_up` shows the state;
-//! transitions are logged once each, not per request.
-//!
-//! Reaching Redis: `redis://` or `rediss://` (rustls, the system's roots plus
-//! `budget.redis_ca_file`), an ACL user and password in the URL (shown only through
-//! [`redacted_address`]), one server or a Redis Cluster (`budget.redis_cluster`, seed nodes
-//! comma-separated). Every key carries the hash tag `{<prefix>}` ([`Redis::key`]), so a
-//! deployment's keys share one cluster slot and the multi-key scripts run there unchanged.
-//!
-//! Invalidations: each replica keeps its own in-memory cache, so a purge or a write's
-//! invalidation is published on `{<prefix>}:invalidate` and applied by every other replica.
-//! Pub/sub keeps nothing for a replica that is not listening, so after the subscription is
-//! lost and comes back the replica drops its whole cache: it cannot know what it missed, and
-//! a few extra upstream calls (paced by the budget) are better than serving deleted data.
-//! Publications that fail while Redis is down are kept (bounded) and sent when it returns.
-//! A subscription counts only once the replica's own message came back on it; until then
-//! `cxgate_redis_up` is 0, as while Redis is down.
-//!
-//! Errors: what Redis sends is shown by its category and code only ([`shown_error`]),
-//! since it may quote the arguments of the refused command.
-//!
-//! This module imports nothing of the gateway: the cache is reached through the callback
-//! given to [`Redis::spawn_subscriber`], so `budget`, `token` and `cache` stay independent.
+//! Several replicas behind one load balancer: the one Redis handle the budget, the token
+//! and the cache wiring share, its health (every call bounded, down at the first failure so
+//! losing Redis costs requests nothing), and the channel that carries cache invalidations.
+//! It imports nothing of the gateway; README "The Redis link, the shared token and
+//! invalidations, in detail" says how each part behaves.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,18 +1,8 @@
-//! Listeners: accepting connections, TLS, HTTP/1.1 and HTTP/2, and graceful shutdown.
-//!
-//! Each listener runs one accept loop; each connection is served by hyper-util's auto
-//! builder (HTTP/1.1, or HTTP/2 by prior knowledge or ALPN), on one of the per-core
-//! [`Workers`] for the client listener. On shutdown the accept loop
-//! stops first, then every connection is told to finish its in-flight requests, and after
-//! `grace` whatever is left is dropped.
-//!
-//! Connections that hold resources without using them are closed ([`Limits`]): each
-//! connection has a watchdog that closes it when it has not finished its first request head
-//! within `header_timeout` of accept (TLS handshake and HTTP/2 preface included), when a
-//! later HTTP/1.1 head has not ended within `header_timeout` of its first byte, or when no
-//! request has run for `idle_timeout`. At most `max_connections` are open per listener;
-//! more wait in the kernel's listen backlog, so the admin listener, which has a limit of
-//! its own, keeps answering whatever the client listener is sent.
+//! Listeners: accepting connections, TLS, HTTP/1.1 and HTTP/2, and graceful shutdown (the
+//! accept loop stops, in-flight requests finish, after `grace` the rest is dropped). Each
+//! connection has a watchdog that closes it when it holds resources without using them
+//! ([`Limits`], README "Slow clients, idle connections and memory"); connections run on the
+//! per-core [`Workers`] when `start` asks for them, else on the caller's runtime.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -116,7 +116,7 @@ async fn cluster_with(
         let cfg = cxgate::config::load(&path)
             .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}\n{text}", e.lines()));
         replicas.push(
-            cxgate::start(cfg, Some(path), cxgate::Options::default())
+            cxgate::start(cfg, Some(path), cxgate::Options::with_workers())
                 .await
                 .expect("replica starts"),
         );
@@ -1729,7 +1729,7 @@ async fn a_token_init_after_the_record_wins_at_restart() {
     old.shutdown();
     old.stopped().await;
     let cfg = cxgate::config::load(&config).expect("config");
-    let restarted = cxgate::start(cfg, Some(config), cxgate::Options::default())
+    let restarted = cxgate::start(cfg, Some(config), cxgate::Options::with_workers())
         .await
         .expect("replica restarts");
     c.replicas.insert(0, restarted);

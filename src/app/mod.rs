@@ -126,6 +126,17 @@ pub struct Options {
     pub secrets: Option<Secrets>,
 }
 
+impl Options {
+    /// As `cxgate run` serves: on per-core connection runtimes, with the secrets read from
+    /// the environment at start.
+    pub fn with_workers() -> Options {
+        Options {
+            workers: true,
+            secrets: None,
+        }
+    }
+}
+
 /// Starts the gateway: binds both listeners (port 0 picks a free one), loads the token,
 /// and serves until [`Running::shutdown`]. `config_path` is what reload re-reads.
 pub async fn start(
@@ -352,8 +363,8 @@ pub async fn run(
     secrets: Secrets,
 ) -> Result<(), StartError> {
     let options = Options {
-        workers: true,
         secrets: Some(secrets),
+        ..Options::with_workers()
     };
     let running = start(cfg, config_path.clone(), options).await?;
     wait_for_signals(&running, config_path.as_deref()).await;

@@ -1,27 +1,7 @@
 //! The shared upstream budget: GCRA shares (global and per client), the interactive reserve,
-//! and the pause the upstream's own rate-limit answers impose.
-//!
-//! Only requests that must reach the upstream come here. [`Budget::admit`] either admits a
-//! request (perhaps after a wait, in arrival order) or refuses it at once with the wait it
-//! would have needed. Invariants: no interleaving of callers can admit more than a share
-//! allows (each decision is one critical section, never read-then-increment); a refusal
-//! spends nothing; a request never waits longer than its `max_wait`; while the upstream says
-//! it is exhausted nothing is admitted.
-//!
-//! Design. Each share is a GCRA state (one timestamp, see `gcra`). A request *reserves* the
-//! earliest slot on it and sleeps until then, so the queue is the order of reservations: FIFO
-//! by construction, a newcomer's wait is known exactly before it queues, and no lock is held
-//! across an `.await`. The two-step take (own share, then global) is in `ledger`. Batch
-//! clients see the global share with the last `batch_reserve` of its burst held back; both
-//! priorities read the same timestamp, so interactive spending shrinks what batch may take.
-//! The mutex is a `std` one because no critical section awaits; the budget is consulted once
-//! per upstream call, so one lock for all shares costs nothing measurable.
-//!
-//! What remains: cells are burnt only where giving them back could let a newcomer overlap a
-//! request already queued behind them (see `Gcra::give_back`): a request refused by the
-//! global queue after waiting for its own share, or dropped while waiting, with others
-//! reserved after it. A client's own cells count from when it joins the global queue, not
-//! from when it sends: the global share alone paces what the upstream sees.
+//! and the pause the upstream's own rate-limit answers impose. One budget for every caller,
+//! so no interleaving admits more than a share allows and nobody waits past `max_wait`;
+//! README "How the budget decides" has the invariants and the design.
 //!
 //! ```no_run
 //! # async fn demo(budget: cxgate::budget::Budget) {

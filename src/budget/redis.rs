@@ -1,24 +1,7 @@
-//! The budget every replica shares (`budget.backend = "redis"`, README "Running several replicas").
-//!
-//! Role: the same GCRA bookings as the local ledger, made by one Lua script in Redis so all
-//! replicas spend one global share and one share per client. Each admission is one atomic
-//! `EVALSHA` (reloaded when Redis has forgotten the script): it reads the upstream pause,
-//! books the client's slot and the global slot together, or refuses without booking when
-//! the wait would exceed `max_wait`. Nothing is ever read here and written back later, so
-//! no interleaving of replicas can admit more than a share allows. Times inside the script
-//! are microseconds of Redis's own clock (`TIME`), one clock for every replica; a replica
-//! only learns "wait this long", which it sleeps on its own clock.
-//!
-//! The local ledger stays the source of everything local: the upstream's word (a pause this
-//! replica saw is also pushed to Redis so the others stop too), the refusal counts, and a
-//! mirror of the shared state (the TATs the script returns) for the `RateLimit` headers and
-//! `/admin/status`.
-//!
-//! Losing Redis: the first failed call (or the health probe) switches this replica to its
-//! local ledger with every share divided by `budget.replicas`; it starts from the shared
-//! debt it last mirrored, so an outage cannot open a fresh burst. When Redis answers again
-//! the next admission goes back to the script, carrying the debt this replica ran up alone
-//! meanwhile, so the shared bucket learns what was spent while it was gone.
+//! The budget every replica shares (`budget.backend = "redis"`): the local ledger's GCRA
+//! bookings, made by one Lua script (`redis.lua`) in Redis so all replicas spend one global
+//! share and one per client, on Redis's clock. The fallback when Redis is slow or gone is in
+//! `fallback`; README "How the budget decides" and "Running several replicas" say more.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,10 +10,12 @@ use std::time::Duration;
 
 use ::redis::Script;
 
+mod fallback;
+
 use super::gcra::quota;
 use super::ledger::{Ledger, Refusal};
 use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Which};
-use crate::replicas::Redis;
+use crate::replicas::{Redis, Unavailable};
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
 /// was booked after), `pause` (extend the shared upstream pause), `seen` (an upstream
@@ -42,161 +27,31 @@ use crate::replicas::Redis;
 /// operator ends the pause, so every replica can tell its own copy of a pause was ended).
 /// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
 /// the past.
-const LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
-local function load(key)
-  local v = tonumber(redis.call('GET', key))
-  if v == nil or v < now then return now end
-  return v
-end
-local function store(key, v)
-  redis.call('SET', key, string.format('%.0f', v), 'PX', math.floor((v - now) / 1000) + 1000)
-end
--- A stored state further ahead than the configured shares can book (a full burst plus the
--- longest wait) is not trusted (a stray or tampered key): it is cut back to that bound, as
--- the upstream's own pauses are.
-local function bounded(key, span)
-  local v = load(key)
-  if v > now + span then
-    v = now + span
-    store(key, v)
-  end
-  return v
-end
-local function earliest(tat, cost, interval, usable)
-  return tat - (usable - math.min(cost, usable)) * interval
-end
-
-local mode = ARGV[1]
-local function land(cost)
-  local n = (tonumber(redis.call('GET', KEYS[5])) or 0) - cost
-  if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
-  return math.max(n, 0)
-end
-if mode == 'seen' then
-  local inflight = land(tonumber(ARGV[2]))
-  local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-  if remaining < 0 then return {0} end
-  local left = math.max(remaining - inflight, 0)
-  local cur = tonumber(redis.call('GET', KEYS[4]))
-  local ttl = redis.call('PTTL', KEYS[4])
-  if cur ~= nil and ttl > 0 and (reset_ms == 0 or math.abs(ttl - reset_ms) < 1500) then
-    if left < cur then redis.call('SET', KEYS[4], left, 'KEEPTTL') end
-  else
-    if reset_ms <= 0 then reset_ms = tonumber(ARGV[5]) end
-    redis.call('SET', KEYS[4], left, 'PX', reset_ms)
-  end
-  return {0}
-end
-if mode == 'done' then
-  land(tonumber(ARGV[2]))
-  return {0}
-end
--- The resume count; anything but a small whole number (a stray or tampered key) counts
--- from 0 again, which every replica also takes as "resumed".
-local function resumes()
-  local e = tonumber(redis.call('GET', KEYS[6]))
-  if e == nil or e < 0 or e >= 1e15 or e ~= math.floor(e) then return 0 end
-  return e
-end
-if mode == 'resume' then
-  -- Whether a pause was in force: a pause ahead, or an allowance used up that has yet to
-  -- renew. Keys holding anything else (garbage, a pause past) are deleted all the same.
-  local n = 0
-  local pause = tonumber(redis.call('GET', KEYS[3]))
-  if pause ~= nil and pause > now then n = 1 end
-  local allow = tonumber(redis.call('GET', KEYS[4]))
-  if allow ~= nil and allow < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
-  redis.call('DEL', KEYS[3], KEYS[4])
-  local e = resumes() + 1
-  redis.call('SET', KEYS[6], string.format('%.0f', e))
-  return {n, e}
-end
-if mode == 'pause' then
-  local untl = now + tonumber(ARGV[2])
-  if untl > load(KEYS[3]) then store(KEYS[3], untl) end
-  return {0, resumes()}
-end
-if mode == 'peek' then
-  local longest = tonumber(ARGV[2])
-  local left, dry = 0, 0
-  local pause = tonumber(redis.call('GET', KEYS[3]))
-  if pause ~= nil and pause > now then left = math.min(pause - now, longest) end
-  local allow = tonumber(redis.call('GET', KEYS[4]))
-  local shown = -1
-  if allow ~= nil then
-    local ttl = redis.call('PTTL', KEYS[4])
-    if ttl > 0 then
-      shown = math.max(math.floor(allow), 0)
-      if allow < 1 then dry = math.min(ttl * 1000, longest) end
-    end
-  end
-  return {left, dry, resumes(), shown}
-end
-if mode == 'return' then
-  for i = 1, 2 do
-    local after, before = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-    if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
-      if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
-    end
-  end
-  return {0}
-end
-
--- take: cost, global interval and usable cells, client interval and usable cells (0 = do
--- not book the client), max wait, debt owed from a spell on the local fallback, and the
--- longest pause a stored one may still have left (all in µs).
-local cost = tonumber(ARGV[2])
-local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
-local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_wait = tonumber(ARGV[7])
-local owed = tonumber(ARGV[8])
-if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
-
-local pause = tonumber(redis.call('GET', KEYS[3]))
-if pause ~= nil and pause > now then
-  local longest = tonumber(ARGV[9])
-  if pause > now + longest then
-    pause = now + longest
-    store(KEYS[3], pause)
-  end
-  return {3, pause - now}
-end
-
-local allow = tonumber(redis.call('GET', KEYS[4]))
-if allow ~= nil and allow < cost then
-  local ttl = redis.call('PTTL', KEYS[4])
-  if ttl > 0 then return {3, ttl * 1000} end
-end
-
-local g = bounded(KEYS[1], gi * gu + max_wait + owed)
-local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
-local c, cw = now, 0
-if cu > 0 then
-  c = bounded(KEYS[2], ci * cu + max_wait)
-  cw = math.max(earliest(c, cost, ci, cu) - now, 0)
-end
-if math.max(gw, cw) > max_wait then
-  if cw >= gw then return {2, cw} end
-  return {1, gw}
-end
-local c_after = 0
-if cu > 0 then
-  c_after = math.max(c, now + cw) + cost * ci
-  store(KEYS[2], c_after)
-  if cw > 0 then return {4, cw, c, c_after, 0, 0, now} end
-end
-local g_after = math.max(g, now + gw) + cost * gi
-store(KEYS[1], g_after)
-if allow ~= nil then redis.call('DECRBY', KEYS[4], cost) end
-redis.call('INCRBY', KEYS[5], cost)
-redis.call('PEXPIRE', KEYS[5], 300000)
-return {0, gw, c, c_after, g, g_after, now}
-"#;
+const LUA: &str = include_str!("redis.lua");
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LUA));
+
+/// Runs the script in `mode` on `keys` with `args`: the one place a call is marshalled.
+async fn run_script(
+    redis: &Redis,
+    keys: &[String],
+    mode: &str,
+    args: &[String],
+) -> Result<Vec<i64>, Unavailable> {
+    redis
+        .run("budget", |mut conn| async move {
+            let mut call = SCRIPT.prepare_invoke();
+            for key in keys {
+                call.key(key);
+            }
+            call.arg(mode);
+            for arg in args {
+                call.arg(arg);
+            }
+            call.invoke_async(&mut conn).await
+        })
+        .await
+}
 
 /// The shared backend's state inside a [`Budget`].
 pub(crate) struct Shared {
@@ -262,20 +117,6 @@ impl Shared {
         ledger.reconfigure(in_force);
     }
 
-    /// Leaves the fallback if it is in force: the ledger gets the full spec back, and the
-    /// debt this replica ran up alone (in shared microseconds) is returned for the script.
-    fn come_back(&self, ledger: &mut Ledger, now: u64) -> u64 {
-        if !self.local.load(Ordering::Acquire) {
-            return 0;
-        }
-        let known = self.base.load(Ordering::Acquire).max(now);
-        let alone = ledger.global.tat().saturating_sub(known);
-        ledger.reconfigure(self.full());
-        self.local.store(false, Ordering::Release);
-        tracing::info!("budget: back on the shared Redis budget");
-        alone / u64::from(self.replicas.get()) / 1000
-    }
-
     /// Books on Redis. `None`: Redis failed or answered nonsense; the caller falls back.
     async fn take(&self, ask: &Ask, book_own: bool, max_wait: u64, owed: u64) -> Option<Reply> {
         let own = ask.own.filter(|_| book_own);
@@ -290,21 +131,7 @@ impl Shared {
             owed.to_string(),
             super::upstream::LONGEST_PAUSE.as_micros().to_string(),
         ];
-        let raw: Vec<i64> = self
-            .redis
-            .run("budget", |mut conn| async move {
-                let mut call = SCRIPT.prepare_invoke();
-                for k in &keys {
-                    call.key(k);
-                }
-                call.arg("take");
-                for a in &args {
-                    call.arg(a);
-                }
-                call.invoke_async(&mut conn).await
-            })
-            .await
-            .ok()?;
+        let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
         if reply.is_none() {
             tracing::error!(?raw, "budget: unexpected answer from the Redis script");
@@ -329,15 +156,7 @@ impl Shared {
     async fn peek(&self, on_resumed: impl FnOnce()) -> Option<SharedPause> {
         let keys = self.keys("-");
         let longest = super::upstream::LONGEST_PAUSE.as_micros().to_string();
-        let raw: Vec<i64> = self
-            .redis
-            .run("budget", |mut conn| async move {
-                let mut call = SCRIPT.prepare_invoke();
-                for k in &keys {
-                    call.key(k);
-                }
-                call.arg("peek").arg(longest).invoke_async(&mut conn).await
-            })
+        let raw = run_script(&self.redis, &keys, "peek", &[longest])
             .await
             .ok()?;
         let [pause, dry, resumes, allowance] = raw[..] else {
@@ -359,25 +178,14 @@ impl Shared {
     /// Runs one of the script's bookkeeping modes in the background (best effort: it runs
     /// on the answer path, and a lost one only leaves the shared allowance more cautious or
     /// lets the next answer correct it).
-    fn tell(&self, args: Vec<String>) {
+    fn tell(&self, mode: &'static str, args: Vec<String>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let keys = self.keys("-");
         let redis = self.redis.clone();
         runtime.spawn(async move {
-            let _ = redis
-                .run("budget", |mut conn| async move {
-                    let mut call = SCRIPT.prepare_invoke();
-                    for k in &keys {
-                        call.key(k);
-                    }
-                    for a in &args {
-                        call.arg(a);
-                    }
-                    call.invoke_async::<Vec<i64>>(&mut conn).await
-                })
-                .await;
+            let _ = run_script(&redis, &keys, mode, &args).await;
         });
     }
 
@@ -387,30 +195,16 @@ impl Shared {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let keys = self.keys(client);
+        // `return` takes the client's TAT first and the global one second.
+        let [global_key, client_key, pause, left, in_flight, resumes] = self.keys(client);
+        let keys = [client_key, global_key, pause, left, in_flight, resumes];
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
+        let args = [oa, ob, ga, gb].map(|v| v.to_string());
         let redis = self.redis.clone();
         runtime.spawn(async move {
-            let _ = redis
-                .run("budget", |mut conn| async move {
-                    SCRIPT
-                        .key(&keys[1])
-                        .key(&keys[0])
-                        .key(&keys[2])
-                        .key(&keys[3])
-                        .key(&keys[4])
-                        .key(&keys[5])
-                        .arg("return")
-                        .arg(oa)
-                        .arg(ob)
-                        .arg(ga)
-                        .arg(gb)
-                        .invoke_async::<Vec<i64>>(&mut conn)
-                        .await
-                })
-                .await;
+            let _ = run_script(&redis, &keys, "return", &args).await;
         });
     }
 
@@ -433,18 +227,7 @@ impl Shared {
         let redis = self.redis.clone();
         let seen = self.resumes_seen.clone();
         runtime.spawn(async move {
-            let answer = redis
-                .run("budget", |mut conn| async move {
-                    let mut call = SCRIPT.prepare_invoke();
-                    for k in &keys {
-                        call.key(k);
-                    }
-                    call.arg("pause")
-                        .arg(left / 1000)
-                        .invoke_async::<Vec<i64>>(&mut conn)
-                        .await
-                })
-                .await;
+            let answer = run_script(&redis, &keys, "pause", &[(left / 1000).to_string()]).await;
             // This pause is newer than every resume so far: none of them ends it.
             if let Some(&resumes) = answer.ok().as_ref().and_then(|a| a.get(1)) {
                 seen.store(u64::try_from(resumes).unwrap_or(0), Ordering::Release);
@@ -618,7 +401,7 @@ impl Drop for Hold<'_> {
         if self.spent {
             self.budget.ledger().upstream.give_back(self.cost);
             if self.global.is_some() {
-                self.shared.tell(vec!["done".into(), self.cost.to_string()]);
+                self.shared.tell("done", vec![self.cost.to_string()]);
             }
         }
     }
@@ -742,30 +525,6 @@ impl Budget {
         Ok(Admitted { waited })
     }
 
-    /// Switches to the divided local ledger (once per outage) and admits there.
-    async fn admit_fallback(
-        &self,
-        shared: &Shared,
-        client: &str,
-        cost: NonZeroU32,
-        waited: u64,
-    ) -> Result<Admitted, Rejected> {
-        {
-            let mut ledger = self.ledger();
-            if !shared.local.load(Ordering::Acquire) {
-                shared.base.store(ledger.global.tat(), Ordering::Release);
-                ledger.reconfigure(shared.divided());
-                shared.local.store(true, Ordering::Release);
-                tracing::warn!(
-                    replicas = shared.replicas.get(),
-                    "budget: Redis unreachable; admitting on this replica's local share \
-                     (limit / replicas) until it returns"
-                );
-            }
-        }
-        self.admit_local(client, cost, waited).await
-    }
-
     /// Copies the TATs the script returned into the local ledger, for headers and status.
     fn mirror(&self, client: &str, redis_now: i64, global: Option<i64>, own: Option<i64>) {
         let at = |tat: i64| -> u64 {
@@ -852,19 +611,21 @@ impl Budget {
             }
         };
         let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
-        shared.tell(vec![
-            "seen".into(),
-            cost.to_string(),
-            remaining.to_string(),
-            reset_ms.to_string(),
-            blind_ms.to_string(),
-        ]);
+        shared.tell(
+            "seen",
+            vec![
+                cost.to_string(),
+                remaining.to_string(),
+                reset_ms.to_string(),
+                blind_ms.to_string(),
+            ],
+        );
     }
 
     /// A call that ended without an answer leaves the shared flight.
     pub(super) fn share_call_failed(&self, cost: u64) {
         if let Some(shared) = &self.inner.shared {
-            shared.tell(vec!["done".into(), cost.to_string()]);
+            shared.tell("done", vec![cost.to_string()]);
         }
     }
 
@@ -877,16 +638,7 @@ impl Budget {
         };
         shared.pushed_pause.store(0, Ordering::Release);
         let keys = shared.keys("-");
-        let deleted: Result<Vec<i64>, _> = shared
-            .redis
-            .run("budget", |mut conn| async move {
-                let mut call = SCRIPT.prepare_invoke();
-                for k in &keys {
-                    call.key(k);
-                }
-                call.arg("resume").invoke_async(&mut conn).await
-            })
-            .await;
+        let deleted = run_script(&shared.redis, &keys, "resume", &[]).await;
         if let Some(&resumes) = deleted.as_ref().ok().and_then(|d| d.get(1)) {
             // This replica has ended its own copy already.
             let resumes = u64::try_from(resumes).unwrap_or(0);

@@ -1,14 +1,8 @@
-//! The one upstream OAuth token: load it, share it, refresh it, persist it atomically.
-//!
-//! A [`TokenManager`] is loaded once from the token file (or a static token in an
-//! environment variable) and cloned into every request handler. `current()` hands out the
-//! token with a generation number; when the upstream answers 401 to that generation,
-//! `refresh_after_rejection(generation)` performs one refresh for all callers at once. A
-//! background refresher renews the token `refresh_before` ahead of expiry.
-//!
-//! Invariants: token text only ever lives in [`Secret`]; logs carry generations, never
-//! tokens; a refreshed token is on disk before it is used. This module knows nothing of the
-//! cache, the budget, the proxy or the config file: it takes plain [`TokenSettings`].
+//! The one upstream OAuth token: loaded once, handed out with a generation so a 401 to that
+//! generation makes one refresh for all callers, renewed `refresh_before` ahead of expiry,
+//! and on disk before it is used. Token text only ever lives in [`Secret`] (logs carry
+//! generations); the module takes plain [`TokenSettings`] and values the caller read from
+//! the environment, and knows nothing of the cache, the budget, the proxy or the config.
 //!
 //! ```no_run
 //! # async fn demo(settings: cxgate::token::TokenSettings, client: cxgate::upstream::HttpClient)

@@ -1,25 +1,7 @@
-//! The token shared by every replica (`budget.backend = "redis"`).
-//!
-//! Role: the current token record lives in Redis (`<prefix>:token`: JSON with a version
-//! number and the token in the token file's own shape). A replica that must refresh takes
-//! the lock `<prefix>:token:lock` (SET NX PX with its own id, extended while the exchange is
-//! in flight, deleted only by a script that checks the id), writes the new record *before*
-//! letting go, and the others, waiting on the lock, pick the new record up instead of
-//! spending the refresh token a second time. A watcher polls the record every second, so a
-//! replica also adopts a token it did not wait for. Every adoption writes the replica's own
-//! token file first, so each replica can restart (or lose Redis) on a current credential.
-//!
-//! Invariants: one refresh token is spent once while Redis is reachable: the lock holder
-//! re-reads the record after locking (another replica may have just finished) and only then
-//! exchanges. A record is only replaced by the lock holder, or, when no lock is held, by a
-//! compare-and-set on its version (a replica offering a token it refreshed alone while
-//! Redis was away, or one written by `cxgate token init`).
-//!
-//! Losing Redis: the replica refreshes on its own from its own file, as a single gateway
-//! does, and offers the result when Redis returns. Replicas refreshing alone at the same
-//! time can still spend one refresh token twice (the loser needs the winner's token); once
-//! Redis is back the winner's offer reaches the loser through the watcher, which clears its
-//! re-authorisation state. Nothing can prevent that without a shared store, so it is logged.
+//! The token shared by every replica (`budget.backend = "redis"`): one record in Redis,
+//! refreshed under a lock by one replica at a time, so a rotating refresh token is spent
+//! once while Redis is reachable. README "The Redis link, the shared token and
+//! invalidations, in detail" has the protocol and what losing Redis costs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};

@@ -183,7 +183,7 @@ pub async fn overload_run(
         let cfg = cxgate::config::load(&path)
             .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}\n{text}", e.lines()));
         gateways.push(
-            cxgate::start(cfg, Some(path), cxgate::Options::default())
+            cxgate::start(cfg, Some(path), cxgate::Options::with_workers())
                 .await
                 .expect("gateway starts"),
         );
