@@ -4,8 +4,7 @@
 //! Run: `cargo bench --bench budget_load` (the same run is the ignored test `load_run` in
 //! tests/budget.rs).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let report = rt.block_on(common::budget_load_run(
+    let report = rt.block_on(support::budget_load_run(
         20,
         Duration::from_millis(100),
         Duration::from_secs(20),

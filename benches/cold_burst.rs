@@ -1,8 +1,7 @@
 //! 200 concurrent cold reads of one key behind a 100 ms upstream: how many upstream
 //! calls, and when each caller got its answer. Run: `cargo bench --bench cold_burst`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,9 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let env = std::sync::Arc::new(
-            common::start(
+            support::start(
                 Default::default(),
-                &format!("{}{}", common::BIG_BUDGET, common::ROUTES),
+                &format!("{}{}", support::BIG_BUDGET, support::ROUTES),
             )
             .await,
         );

@@ -12,8 +12,7 @@
 //! `cargo bench --bench economy -- --duration 60`. `--help` lists the other knobs.
 //! Exits 1 when the upstream answered any 429 or a client saw an unexpected status.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -198,7 +197,7 @@ type Tallies = BTreeMap<Kind, Tally>;
 
 /// One client service: its key, account, and what it has seen.
 struct Service {
-    env: Arc<common::Env>,
+    env: Arc<support::Env>,
     auth: String,
     account: u64,
     deadline: Instant,
@@ -210,7 +209,13 @@ struct Service {
 }
 
 impl Service {
-    async fn call(&mut self, kind: Kind, method: Method, path: &str, form: &str) -> common::Answer {
+    async fn call(
+        &mut self,
+        kind: Kind,
+        method: Method,
+        path: &str,
+        form: &str,
+    ) -> support::Answer {
         let mut headers = vec![("authorization", self.auth.as_str())];
         if method == Method::POST {
             headers.push(("content-type", "application/x-www-form-urlencoded"));
@@ -352,7 +357,7 @@ async fn run(args: Args) -> bool {
     };
     let mut clients = String::new();
     for s in 0..args.services {
-        clients.push_str(&common::client_toml(
+        clients.push_str(&support::client_toml(
             &format!("service-{s:02}"),
             &format!("economy-key-{s:02}"),
             "scopes = [\"read\", \"write\"]",
@@ -365,7 +370,7 @@ async fn run(args: Args) -> bool {
         args.burst,
         routes_of_shipped_config()
     );
-    let env = Arc::new(common::start_with(sim, &clients, &budget).await);
+    let env = Arc::new(support::start_with(sim, &clients, &budget).await);
     let base_calls = env.upstream_total();
 
     println!(

@@ -19,8 +19,7 @@
 //! Run: `cargo build --release && cargo bench --bench memory`
 //! (`-- --entries N --hit-seconds S --concurrency C`; `CXGATE_BIN=path` for another binary).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
@@ -318,7 +317,7 @@ fn mib(bytes: u64) -> f64 {
 /// One GET of contact `id`; true on a 200 with the whole body.
 async fn get(http: &Http, base: &str, id: u64) -> bool {
     let req = Request::get(format!("{base}/{ACCOUNT}/inbox/contact/twitter/{id}"))
-        .header("authorization", format!("Bearer {}", common::KEY))
+        .header("authorization", format!("Bearer {}", support::KEY))
         .body(Full::new(Bytes::new()))
         .expect("request");
     let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(10), http.request(req)).await
@@ -449,14 +448,14 @@ async fn run(args: Args, bin: PathBuf) -> bool {
         None
     };
     let upstream = spawn_upstream().await;
-    let listen = common::free_port();
-    let admin = common::free_port();
-    let dir = common::temp_dir("memory");
+    let listen = support::free_port();
+    let admin = support::free_port();
+    let dir = support::temp_dir("memory");
     let token_file = dir.join("token.json");
     cxgate::demo::write_token_file(
         &token_file,
-        common::ACCESS,
-        common::REFRESH,
+        support::ACCESS,
+        support::REFRESH,
         Duration::from_secs(24 * 3600),
     )
     .expect("write the token file");
@@ -467,9 +466,9 @@ async fn run(args: Args, bin: PathBuf) -> bool {
          [token]\nfile = \"{}\"\n\
          [cache]\nmax_bytes = \"2GiB\"\n{}\n{}\n{}\n",
         token_file.display(),
-        common::client_toml("bench", common::KEY, "scopes = [\"read\"]"),
-        common::BIG_BUDGET,
-        common::ROUTES,
+        support::client_toml("bench", support::KEY, "scopes = [\"read\"]"),
+        support::BIG_BUDGET,
+        support::ROUTES,
     );
     let config_path = dir.join("cxgate.toml");
     std::fs::write(&config_path, config).expect("write the config");
@@ -550,7 +549,7 @@ async fn run(args: Args, bin: PathBuf) -> bool {
         let url = format!("{base}/{ACCOUNT}/inbox/contact/twitter/1");
         let out = Command::new("wrk")
             .args(["-t2", "-c32", &format!("-d{}s", args.hit_seconds), "-H"])
-            .arg(format!("Authorization: Bearer {}", common::KEY))
+            .arg(format!("Authorization: Bearer {}", support::KEY))
             .arg(&url)
             .output();
         match out {

@@ -3,8 +3,7 @@
 //! loopback), one admission decision, link rewriting of a
 //! 50 KB mentions page. Run: `cargo bench --bench micro`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -55,11 +54,11 @@ fn hit_path(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let env = rt.block_on(common::start(Default::default(), common::ROUTES));
+    let env = rt.block_on(support::start(Default::default(), support::ROUTES));
     let warm = rt.block_on(env.get("/me"));
     assert_eq!(warm.status, 200);
     let gateway = env.gw.gateway.clone();
-    let auth = format!("Bearer {}", common::KEY);
+    let auth = format!("Bearer {}", support::KEY);
     let request = || {
         Request::get("/me")
             .header("authorization", auth.as_str())
@@ -94,9 +93,9 @@ fn uncached_path(c: &mut Criterion) {
         .build()
         .expect("runtime");
     // No route matches /me/permissions: it is forwarded every time.
-    let env = rt.block_on(common::start(Default::default(), common::BIG_BUDGET));
+    let env = rt.block_on(support::start(Default::default(), support::BIG_BUDGET));
     let gateway = env.gw.gateway.clone();
-    let auth = format!("Bearer {}", common::KEY);
+    let auth = format!("Bearer {}", support::KEY);
     let request = || {
         Request::get("/me/permissions")
             .header("authorization", auth.as_str())

@@ -4,8 +4,7 @@
 //! alternating blocks of 100 so both see the same machine state; prints median and p99 of
 //! each and their difference. Run: `cargo bench --bench overhead`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 const N: usize = 1000;
 const BLOCK: usize = 100;
 
-async fn timed(env: &common::Env, url: &str, auth: &str) -> Duration {
+async fn timed(env: &support::Env, url: &str, auth: &str) -> Duration {
     let req = Request::get(url)
         .header("authorization", auth)
         .body(Full::new(Bytes::new()))
@@ -40,11 +39,11 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         // No route matches /me/permissions: it is forwarded uncached every time.
-        let env = common::start(Default::default(), common::BIG_BUDGET).await;
+        let env = support::start(Default::default(), support::BIG_BUDGET).await;
         let direct_url = format!("{}/me/permissions", env.sim.base_url());
         let gateway_url = env.url("/me/permissions");
-        let held = format!("Bearer {}", common::ACCESS);
-        let key = format!("Bearer {}", common::KEY);
+        let held = format!("Bearer {}", support::ACCESS);
+        let key = format!("Bearer {}", support::KEY);
         for _ in 0..200 {
             timed(&env, &direct_url, &held).await;
             timed(&env, &gateway_url, &key).await;

@@ -7,13 +7,12 @@
 //! 429s and upstream calls per replica; exits 1 if the upstream ever said its limit is
 //! reached. Run: `cargo bench --bench overload`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::overload::overload_run;
-use common::redis_server::RedisServer;
+use support::overload::overload_run;
+use support::redis_server::RedisServer;
 
 fn main() {
     let secs: u64 = std::env::var("OVERLOAD_SECS")

@@ -25,8 +25,9 @@ fn spec() -> BudgetSpec {
     }
 }
 
-#[path = "../tests/common/redis_server.rs"]
-mod redis_server;
+mod support;
+
+use support::redis_server;
 
 use redis_server::Kind;
 

@@ -49,8 +49,7 @@
 //! The config and the gateway's log stay in the temp directory named at the end when a
 //! check fails.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -541,7 +540,7 @@ async fn send(
 /// One request of `kind`, tallied.
 async fn one(shared: Arc<Shared>, http: Http, base: Arc<str>, kind: Kind) {
     let (method, path, body) = kind.request();
-    let auth = format!("Bearer {}", common::KEY);
+    let auth = format!("Bearer {}", support::KEY);
     let mut headers = vec![("authorization", auth.as_str())];
     if method == Method::POST {
         headers.push(("content-type", "application/x-www-form-urlencoded"));
@@ -768,9 +767,9 @@ async fn run(args: Args, bin: PathBuf) -> bool {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let sim_opts = SimOptions {
         token_ttl: TOKEN_TTL,
-        access_tokens: vec![common::ACCESS.to_string()],
-        refresh_tokens: vec![common::REFRESH.to_string()],
-        client_secret: common::CLIENT_SECRET.to_string(),
+        access_tokens: vec![support::ACCESS.to_string()],
+        refresh_tokens: vec![support::REFRESH.to_string()],
+        client_secret: support::CLIENT_SECRET.to_string(),
         ..SimOptions::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -791,7 +790,7 @@ async fn run(args: Args, bin: PathBuf) -> bool {
     let dir = std::env::temp_dir().join(format!("cxgate-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create the soak's temp dir");
     let token_file = dir.join("token.json");
-    cxgate::demo::write_token_file(&token_file, common::ACCESS, common::REFRESH, TOKEN_TTL)
+    cxgate::demo::write_token_file(&token_file, support::ACCESS, support::REFRESH, TOKEN_TTL)
         .expect("write the token file");
     let base = sim.base_url();
     let config = format!(
@@ -804,10 +803,10 @@ async fn run(args: Args, bin: PathBuf) -> bool {
          [cache]\nmax_bytes = \"{MAX_BYTES}\"\n\
          {}\n{}\n{}\n",
         token_file.display(),
-        common::SECRET_ENV,
-        common::client_toml("soak", common::KEY, "scopes = [\"read\", \"write\"]"),
-        common::BIG_BUDGET,
-        common::ROUTES,
+        support::SECRET_ENV,
+        support::client_toml("soak", support::KEY, "scopes = [\"read\", \"write\"]"),
+        support::BIG_BUDGET,
+        support::ROUTES,
     );
     let config_path = dir.join("cxgate.toml");
     std::fs::write(&config_path, &config).expect("write the soak config");
@@ -825,7 +824,7 @@ async fn run(args: Args, bin: PathBuf) -> bool {
     let child = Command::new(&bin)
         .args(["--log-level", "info", "run", "--config"])
         .arg(&config_path)
-        .env(common::SECRET_ENV, common::CLIENT_SECRET)
+        .env(support::SECRET_ENV, support::CLIENT_SECRET)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone().expect("clone the log handle"))
         .stderr(log_file)

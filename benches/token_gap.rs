@@ -8,8 +8,7 @@
 //! Run: `cargo bench --bench token_gap` (the same run is the ignored test `refresh_gap` in
 //! `tests/token.rs`).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+mod support;
 
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let report = rt.block_on(common::refresh_gap_run(
+    let report = rt.block_on(support::refresh_gap_run(
         Duration::from_secs(5),
         Duration::from_secs(16),
         4,

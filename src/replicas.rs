@@ -1054,11 +1054,6 @@ where
     std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
 }
 
-/// A `redis-server` child process for tests (shared with the integration tests).
-#[cfg(test)]
-#[path = "../tests/common/redis_server.rs"]
-pub(crate) mod testing;
-
 #[cfg(test)]
 mod tests {
     use super::*;

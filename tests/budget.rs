@@ -421,13 +421,13 @@ async fn queued_requests_are_paced_at_the_budget_rate_in_arrival_order() {
 }
 
 // 6. A wait beyond max_wait is refused at once.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_wait_beyond_max_wait_is_refused_at_once_with_the_wait_rounded_up() {
     let budget = "[budget]\nlimit = 1\nperiod = \"10s\"\nburst = 1\nmax_wait = \"2s\"\n";
     let env = common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await;
     assert_ok(&env.get(&contact(1)).await, "first read");
     let before = env.upstream_total();
-    let asked = Instant::now();
+    let asked = tokio::time::Instant::now();
     let refused = env.get(&contact(2)).await;
     let took = asked.elapsed();
     let secs = assert_gateway_429(&refused, "read that would wait ~10 s");

@@ -115,7 +115,7 @@ fn assert_stored(a: &Answer, what: &str) {
 
 /// Polls `done` every 20 ms for up to `limit`; true once it holds.
 async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     while start.elapsed() < limit {
         if done() {
             return true;
@@ -183,11 +183,12 @@ async fn burst(
     answers
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_thousand_cold_reads_make_one_upstream_call() {
     let env = common::start(SimOptions::default(), ROUTES).await;
-    // Long enough that the burst is in flight together even on a busy 2-core machine;
-    // a caller that still arrives after the answer is a hit, which the counts allow.
+    // On the paused clock the upstream's 1.5 s pass only once every caller is waiting, so
+    // the burst is in flight together however busy the machine; a caller that still
+    // arrives after the answer is a hit, which the counts allow.
     env.sim.set_faults(latency(1500));
     let senders = connections(&env, 1000).await;
     let answers = burst(&env, senders, "/me").await;
@@ -237,7 +238,7 @@ async fn a_thousand_cold_reads_make_one_upstream_call() {
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn uncacheable_gets_in_flight_together_are_merged_too() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(latency(300));
@@ -606,12 +607,12 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_a_failing_upstream() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     env.sim.set_faults(Faults {
         error_rate: 1.0,
         error_status: 503,
@@ -933,12 +934,12 @@ async fn error_answers_are_not_stored() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_an_upstream_429() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     env.sim.set_faults(Faults {
         force_429: Some(cxgate::sim::Force429 {
             count: 1,
@@ -1020,12 +1021,12 @@ async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
 /// Stale-if-error covers every way a refetch can fail, not only a 5xx: an upstream slower
 /// than `upstream.timeout`, a connection dropped without an answer, and a refetch the
 /// gateway's own budget refuses.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     for (what, faults) in [
         (
             "an upstream slower than upstream.timeout (2 s)",
@@ -1057,7 +1058,7 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
     let env = common::start(SimOptions::default(), &tiny).await;
     let first = env.get("/me/accounts").await;
     assert_stored(&first, "/me/accounts, first read (the only budget)");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::advance(Duration::from_millis(1100)).await;
     let stale = env.get("/me/accounts").await;
     assert_stale(&stale, "/me/accounts with the budget spent");
     let cold = env.get("/me/connectedprofiles").await;
@@ -1089,34 +1090,18 @@ async fn stale_if_error_covers_timeouts_dropped_connections_and_budget_refusals(
 /// An upstream that answers every request like a static web server: 200, a small JSON
 /// body and the headers nginx sends (`Server`, an old `Date`, `Accept-Ranges`, ...).
 async fn web_server_upstream() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
-                let resp = hyper::Response::builder()
-                    .header("server", "nginx/1.24.0 (Ubuntu)")
-                    .header("date", "Tue, 24 Nov 2026 09:00:00 GMT")
-                    .header("content-type", "application/json; charset=utf-8")
-                    .header("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT")
-                    .header("etag", "\"6743f1cb-2a\"")
-                    .header("accept-ranges", "bytes")
-                    .header("x-powered-by", "PHP/8.2")
-                    .header("content-language", "en")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let mut reply = common::Reply::ok();
+    reply.headers.clear();
+    let reply = reply
+        .header("server", "nginx/1.24.0 (Ubuntu)")
+        .header("content-type", "application/json; charset=utf-8")
+        .header("date", "Tue, 24 Nov 2026 09:00:00 GMT")
+        .header("last-modified", "Tue, 24 Nov 2026 09:14:03 GMT")
+        .header("etag", "\"6743f1cb-2a\"")
+        .header("accept-ranges", "bytes")
+        .header("x-powered-by", "PHP/8.2")
+        .header("content-language", "en");
+    let (base, _seen, _task) = common::static_upstream(reply).await;
     base
 }
 

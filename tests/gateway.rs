@@ -494,7 +494,7 @@ async fn an_upstream_that_went_away_gets_502() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_upstream_slower_than_the_timeout_gets_504() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(Faults {
@@ -502,7 +502,7 @@ async fn an_upstream_slower_than_the_timeout_gets_504() {
         path_prefix: Some("/me/permissions".into()),
         ..Faults::default()
     });
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let answer = env.get("/me/permissions").await;
     let took = started.elapsed();
     assert_envelope(
@@ -523,7 +523,7 @@ async fn an_upstream_slower_than_the_timeout_gets_504() {
 // 4. Overload
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn requests_beyond_max_concurrency_get_503_at_once() {
     let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
     let env = common::start_custom(
@@ -542,16 +542,16 @@ async fn requests_beyond_max_concurrency_get_503_at_once() {
     let slow_a = env.get("/me/permissions?n=1");
     let slow_b = env.get("/me/permissions?n=2");
     let third = async {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while env.sim.stats()["in_flight"].as_u64() != Some(2) {
             assert!(
-                Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "expected two slow requests in flight upstream, saw {}",
                 env.sim.stats()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let answer = env.get("/me").await;
         (answer, started.elapsed(), env.upstream_total())
     };
@@ -712,33 +712,15 @@ async fn admin_probes_metrics_and_status() {
 
 /// An upstream that answers every call with the status named by its `s` query parameter.
 async fn status_upstream() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the status upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let code = req
-                    .uri()
-                    .query()
-                    .and_then(|q| q.strip_prefix("s="))
-                    .and_then(|s| s.parse::<u16>().ok())
-                    .unwrap_or(200);
-                let resp = hyper::Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from_static(br#"{"meta":{"code":0}}"#)));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("status response")) }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (base, _seen, task) = common::scripted_upstream(std::sync::Arc::new(|seen| {
+        let code = seen
+            .target
+            .split_once("?s=")
+            .and_then(|(_, s)| s.parse::<u16>().ok())
+            .unwrap_or(200);
+        common::Reply::json(r#"{"meta":{"code":0}}"#).status(code)
+    }))
+    .await;
     (base, task)
 }
 

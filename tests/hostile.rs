@@ -1160,37 +1160,22 @@ mod keys;
 /// compressed answers, `Vary` under merging, 401 storms, redaction, interim answers).
 #[path = "hostile/requests.rs"]
 mod requests;
+/// The second outside attack: admin requests from other sites or rebound names, account
+/// ids no route matches exactly, `Set-Cookie2`, token-bearing links, permit hogging and
+/// contradictory rate fields.
+#[path = "hostile/second_attack.rs"]
+mod second_attack;
 #[path = "hostile/wire.rs"]
 mod wire;
 
 /// An upstream answering every call 200 with nothing remaining and a reset thousands of
 /// years off (`X-RateLimit-Reset: 99999999999`).
 async fn far_reset_upstream() -> (String, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the far-reset upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| {
-                let resp = hyper::Response::builder()
-                    .header("content-type", "application/json")
-                    .header("x-ratelimit-limit", "5000")
-                    .header("x-ratelimit-remaining", "0")
-                    .header("x-ratelimit-reset", "99999999999")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("static response")) }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let reply = common::Reply::ok()
+        .header("x-ratelimit-limit", "5000")
+        .header("x-ratelimit-remaining", "0")
+        .header("x-ratelimit-reset", "99999999999");
+    let (base, _seen, task) = common::static_upstream(reply).await;
     (base, task)
 }
 

@@ -1228,45 +1228,24 @@ async fn refresh_gap() {
 /// proxies and some APIs' `Link` headers do): none of those headers reaches the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_echoed_in_upstream_headers_never_reaches_the_client() {
-    use hyper::body::Incoming;
-    use hyper::Response;
-    use hyper_util::rt::TokioIo;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the echoing upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let upstream = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(|req: Request<Incoming>| {
-                let token = req
-                    .headers()
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("none")
-                    .to_string();
-                let resp = Response::builder()
-                    .header("content-type", "application/json")
-                    .header("x-echo-authorization", format!("Bearer {token}"))
-                    .header(
-                        "link",
-                        format!("<https://api.engagor.com/me?access_token={token}>; rel=self"),
-                    )
-                    .header("content-location", format!("/me?access_token={token}"))
-                    .header("x-kept", "yes")
-                    .body(Full::new(Bytes::from_static(
-                        br#"{"meta":{"code":200},"response":{"id":7}}"#,
-                    )));
-                async move { Ok::<_, std::convert::Infallible>(resp.expect("response")) }
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
+    let (base, _seen, upstream) = common::scripted_upstream(std::sync::Arc::new(|seen| {
+        let token = seen
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("none")
+            .to_string();
+        common::Reply::ok()
+            .header("x-echo-authorization", &format!("Bearer {token}"))
+            .header(
+                "link",
+                &format!("<https://api.engagor.com/me?access_token={token}>; rel=self"),
+            )
+            .header("content-location", &format!("/me?access_token={token}"))
+            .header("x-kept", "yes")
+    }))
+    .await;
     let clients = common::client_toml("test", KEY, "scopes = [\"read\"]");
     let env = common::start_custom(SimOptions::default(), "", Some(&base), &clients, "").await;
     let answer = env.get("/me/permissions").await;

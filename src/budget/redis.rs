@@ -714,7 +714,7 @@ fn header_u64(headers: &http::HeaderMap, name: &str) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::budget::{BudgetSpec, Priority};
-    use crate::replicas::testing::RedisServer as Server;
+    use cxgate_testkit::redis::RedisServer as Server;
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("positive")

@@ -15,7 +15,7 @@ use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::common::{self, Env, ACCESS, KEY, ROUTES};
-use super::requests::{gzip, ok_script, scripted_upstream, taken, Got, Reply, Script};
+use super::requests::{gzip, scripted_upstream, static_upstream, taken, Reply, Script, Seen};
 use super::{raw_request, shown};
 use cxgate::sim::SimOptions;
 
@@ -57,7 +57,7 @@ fn is_fresh_id(id: &str) -> bool {
 /// answer's id) or forwarded. A plain id is kept.
 #[tokio::test]
 async fn a_key_in_x_request_id_is_replaced_never_forwarded() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
     for id in [
@@ -124,7 +124,7 @@ type Case = (
 /// reaches nothing; the same request without it passes.
 #[tokio::test]
 async fn another_clients_key_is_never_forwarded() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
     let path = "/me/permissions";
@@ -260,7 +260,7 @@ async fn another_clients_key_is_never_forwarded() {
 /// `access_token` with different keys.
 #[tokio::test]
 async fn two_authorizations_are_refused() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = keyed_gateway(&base, "").await;
     let url = env.url("/me/permissions");
     let mine = format!("Bearer {KEY}");
@@ -308,7 +308,7 @@ async fn two_authorizations_are_refused() {
 /// case, percent-encoded once or twice, with underscores for hyphens: 400, nothing sent.
 #[tokio::test]
 async fn folded_method_override_names_get_400() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = keyed_gateway(&base, "").await;
     for target in [
         "/me/permissions?_method[]=DELETE",
@@ -504,7 +504,7 @@ async fn a_write_read_then_dropped_says_it_may_have_been_applied() {
 /// request body with `Content-Encoding: ""` is 400. Nothing of them reaches a client.
 #[tokio::test]
 async fn gzip_under_empty_or_missing_labels_is_refused() {
-    let script: Script = Arc::new(|got: &Got| {
+    let script: Script = Arc::new(|got: &Seen| {
         let body = gzip(br#"{"meta":{"code":200},"response":{"secret":"x"}}"#);
         let headers: Vec<(String, String)> = match got.target.split('?').next().unwrap_or("") {
             "/me/empty" => vec![
@@ -586,7 +586,7 @@ async fn tokens_in_layered_encodings_refuse_the_answer() {
         ),
     ];
     let table = Arc::new(bodies.clone());
-    let script: Script = Arc::new(move |got: &Got| {
+    let script: Script = Arc::new(move |got: &Seen| {
         let path = got.target.split('?').next().unwrap_or("");
         let body = table
             .iter()

@@ -10,109 +10,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 
 use super::common::{self, Env, ACCESS, KEY, REFRESH, ROUTES};
+pub(super) use super::common::{scripted_upstream, static_upstream, taken, Reply, Script, Seen};
 use cxgate::sim::SimOptions;
 
-/// One request as the upstream received it.
-#[derive(Debug, Clone)]
-pub struct Got {
-    pub method: String,
-    pub target: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// What the scripted upstream answers: status, headers, body, and a delay before it.
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub delay: Duration,
-}
-
-impl Reply {
-    pub(super) fn json(body: &str) -> Reply {
-        Reply {
-            status: 200,
-            headers: vec![("content-type".into(), "application/json".into())],
-            body: body.as_bytes().to_vec(),
-            delay: Duration::ZERO,
-        }
-    }
-}
-
-pub(super) type Script = Arc<dyn Fn(&Got) -> Reply + Send + Sync>;
-pub(super) type Log = Arc<Mutex<Vec<Got>>>;
 /// What a refused request is: a name, its headers and its body.
 type RefusedCase = (&'static str, Vec<(&'static str, String)>, String);
 
-/// An upstream on 127.0.0.1:0 that records each request (body included) and answers it
-/// with `script`.
-pub(super) async fn scripted_upstream(
-    script: Script,
-) -> (String, Log, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the scripted upstream");
-    let base = format!("http://{}", listener.local_addr().expect("local addr"));
-    let seen: Log = Arc::default();
-    let log = seen.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (log, script) = (log.clone(), script.clone());
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (log, script) = (log.clone(), script.clone());
-                async move {
-                    let (parts, body) = req.into_parts();
-                    let body = body
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let got = Got {
-                        method: parts.method.to_string(),
-                        target: parts.uri.to_string(),
-                        headers: parts.headers,
-                        body,
-                    };
-                    let reply = script(&got);
-                    log.lock().expect("log lock").push(got);
-                    tokio::time::sleep(reply.delay).await;
-                    let mut resp = hyper::Response::builder().status(reply.status);
-                    for (k, v) in &reply.headers {
-                        resp = resp.header(k, v);
-                    }
-                    let resp = resp
-                        .body(Full::new(Bytes::from(reply.body)))
-                        .expect("scripted response");
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                let _ = builder
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (base, seen, task)
-}
-
-pub(super) fn ok_script() -> Script {
-    Arc::new(|_| Reply::json(r#"{"meta":{"code":200},"response":{"id":7}}"#))
-}
-
-pub(super) fn taken(log: &Log) -> Vec<Got> {
-    std::mem::take(&mut *log.lock().expect("log lock"))
-}
-
-fn targets(got: &[Got]) -> Vec<String> {
+fn targets(got: &[Seen]) -> Vec<String> {
     got.iter()
         .map(|g| format!("{} {}", g.method, g.target))
         .collect()
@@ -190,7 +97,7 @@ fn account_spellings(id: &str) -> Vec<(String, String)> {
 /// the client may use and one it may not; nothing reaches the upstream.
 #[tokio::test]
 async fn account_ids_in_any_other_spelling_get_400_and_reach_nothing() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = gateway(&base, "").await;
     let auth = bearer();
     let own = env.get("/12345/inbox/mentions").await;
@@ -272,7 +179,7 @@ const UPSTREAM_MAY_SEE: &[&str] = &[
 /// allowlist stay behind, on reads and writes; the allowlisted ones arrive.
 #[tokio::test]
 async fn request_headers_outside_the_allowlist_stay_behind() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = gateway(&base, "").await;
     let auth = bearer();
     let hostile: Vec<(String, String)> = [
@@ -374,7 +281,7 @@ async fn request_headers_outside_the_allowlist_stay_behind() {
 /// and reaches nothing.
 #[tokio::test]
 async fn get_and_head_with_a_body_get_400() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = gateway(&base, "").await;
     let key_body = format!("access_token={KEY}");
     let cases: Vec<(String, String)> = vec![
@@ -507,7 +414,7 @@ fn key_bodies() -> Vec<(&'static str, String, String)> {
 /// that differs from the header's, or one hidden where no field parser looks, is 400.
 #[tokio::test]
 async fn gateway_keys_in_bodies_are_read_checked_and_removed() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = gateway(&base, "").await;
     let path = "/12345/inbox/mention/1/2";
     for (what, content_type, body) in key_bodies() {
@@ -672,7 +579,7 @@ async fn compressed_answers_are_scanned_or_refused() {
     let base_cell: Arc<Mutex<String>> = Arc::default();
     let cell = base_cell.clone();
     let bomb = Arc::new(gzip(&vec![0u8; 65 << 20]));
-    let script: Script = Arc::new(move |got: &Got| {
+    let script: Script = Arc::new(move |got: &Seen| {
         let base = cell.lock().expect("base").clone();
         let plain = format!(
             r#"{{"meta":{{"code":200}},"response":{{"t":"{ACCESS}","paging":{{"next_url":"{base}/me/accounts?page_token=2&access_token={ACCESS}"}}}}}}"#
@@ -756,7 +663,7 @@ async fn compressed_answers_are_scanned_or_refused() {
 /// that agree still share one call.
 #[tokio::test]
 async fn merged_requests_get_the_variant_of_their_own_headers() {
-    let script: Script = Arc::new(|got: &Got| {
+    let script: Script = Arc::new(|got: &Seen| {
         let lang = got
             .headers
             .get("accept-language")
@@ -873,7 +780,7 @@ async fn every_token_held_since_start_is_redacted() {
     let revoke_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let revoked: Arc<Mutex<Vec<String>>> = Arc::default();
     let (flag, list) = (revoke_next.clone(), revoked.clone());
-    let script: Script = Arc::new(move |got: &Got| {
+    let script: Script = Arc::new(move |got: &Seen| {
         let auth = got
             .headers
             .get("authorization")
@@ -1039,7 +946,7 @@ async fn an_upstream_interim_answer_is_not_final() {
 #[tokio::test]
 async fn decoded_answers_count_against_max_buffered_bytes() {
     let big = Arc::new(gzip(&vec![b'0'; 3 << 20]));
-    let script: Script = Arc::new(move |got: &Got| {
+    let script: Script = Arc::new(move |got: &Seen| {
         let body = match got.target.split('?').next().unwrap_or("") {
             "/me/big" => big.to_vec(),
             _ => gzip(br#"{"meta":{"code":200},"response":{"id":7}}"#),

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::common::{self, ACCESS, KEY, ROUTES};
 use super::requests::{
-    bearer, gateway, gzip, ok_script, scripted_upstream, taken, zlib, Got, Reply, Script,
+    bearer, gateway, gzip, scripted_upstream, static_upstream, taken, zlib, Reply, Script, Seen,
 };
 use cxgate::sim::SimOptions;
 
@@ -375,7 +375,7 @@ async fn headers_named_in_connection_stay_on_their_hop() {
 /// client's body is still read.
 #[tokio::test]
 async fn one_client_cannot_hold_every_buffered_byte() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let greedy_key = "greedy-key";
     let clients = format!(
         "{}{}",
@@ -469,7 +469,7 @@ async fn one_client_cannot_hold_every_buffered_byte() {
 /// forwarded.
 #[tokio::test]
 async fn escaped_key_members_in_json_bodies_are_the_key() {
-    let (base, seen, upstream) = scripted_upstream(ok_script()).await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = gateway(&base, "").await;
     let path = env.url("/12345/inbox/mention/1/2");
     let json = "application/json";
@@ -547,7 +547,7 @@ async fn escaped_key_members_in_json_bodies_are_the_key() {
 #[tokio::test]
 async fn conditional_requests_are_forwarded_or_answered_from_the_cache() {
     let lm = "Tue, 01 Dec 2026 10:00:00 GMT";
-    let script: Script = Arc::new(move |got: &Got| {
+    let script: Script = Arc::new(move |got: &Seen| {
         let matches = got
             .headers
             .get("if-none-match")

@@ -238,12 +238,12 @@ async fn h2c_insights_latency_and_shutdown() {
     assert!(refused.is_err(), "expected no listener after shutdown");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_is_prompt_and_lets_requests_finish() {
     let peer = start(SimOptions::default()).await;
     // An idle keep-alive connection must not hold shutdown up.
     assert_eq!(peer.get("/me").await.status, StatusCode::OK);
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     peer.sim.shutdown().await;
     let took = started.elapsed();
     assert!(

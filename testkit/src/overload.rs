@@ -2,8 +2,8 @@
 //! simulator that counts its limit over fixed windows (the real API's hourly window, scaled
 //! down to seconds) and answers over it with 400 `rate_limit_reached`. The gateway's own
 //! budget is set to twice the upstream's limit on purpose, so only what the upstream says
-//! in its headers can keep it under. Shared by `tests/realapi.rs` (short) and
-//! `benches/overload.rs` (60 s and more).
+//! in its headers can keep it under. Shared by the `realapi` suite (short) and
+//! the `overload` bench (60 s and more).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +14,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::redis_server::RedisServer;
-use super::{client_toml, ACCESS, CLIENT_SECRET, REFRESH, ROUTES, SECRET_ENV};
+use crate::gateway::{
+    client_toml, spawn_sim, temp_dir, ACCESS, CLIENT_SECRET, REFRESH, ROUTES, SECRET_ENV,
+};
+use crate::redis::RedisServer;
 use cxgate::sim::SimOptions;
 
 /// The upstream's limit: this many calls per window.
@@ -122,7 +124,7 @@ pub async fn overload_run(
 ) -> OverloadReport {
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
-    let sim = super::spawn_sim(SimOptions {
+    let sim = spawn_sim(SimOptions {
         rate_limit: Some(
             format!("{UPSTREAM_LIMIT}/{}s", WINDOW.as_secs())
                 .parse()
@@ -162,7 +164,7 @@ pub async fn overload_run(
     let mut gateways = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..replicas {
-        let dir = super::temp_dir(&format!("overload-{i}"));
+        let dir = temp_dir(&format!("overload-{i}"));
         let token_file = dir.join("token.json");
         cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
             .expect("token file");

@@ -6,7 +6,6 @@
 //!
 //! The upstream here is a small server of the test's own whose answers carry the headers
 //! under test; the simulator still serves the token endpoint.
-mod common;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioExecutor;
 
-use common::{Answer, Env, ACCESS, KEY};
+use super::common::{self, Answer, Env, ACCESS, KEY};
 use cxgate::sim::SimOptions;
 
 const LIMITED_KEY: &str = "limited-key";
