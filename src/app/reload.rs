@@ -426,6 +426,8 @@ ttl = "1m"
             ),
             one("token.oauth.method", Some(r#""get""#)),
             one("cache.max_bytes", Some("2000000")),
+            one("cache.shared", Some("true")),
+            one("cache.shared_max_entry_bytes", Some("2000000")),
             one("budget.limit", Some("200")),
             one("budget.period", Some(r#""2m""#)),
             one("budget.burst", Some("20")),
