@@ -965,6 +965,9 @@ async fn stale_if_error_covers_an_upstream_429() {
 async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
     const MENTIONS: &str = "/12345/inbox/mentions";
     let env = Arc::new(common::start(SimOptions::default(), ROUTES).await);
+    // One answer first, so the upstream's remaining count is known: until then a call goes
+    // alone, and the write would wait for the read instead of crossing it.
+    assert_eq!(env.get("/me").await.status, StatusCode::OK, "warm-up read");
     // The list answer is made at once and then dribbled for a second: the upstream's data
     // is from before the write, the gateway only has it after.
     env.sim.set_faults(Faults {
