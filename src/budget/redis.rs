@@ -33,7 +33,8 @@ use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Ticket, W
 use crate::replicas::Redis;
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
-/// was booked after), `pause` (extend the shared upstream pause), `seen` (an upstream
+/// was booked after), `refund` (the same for an admitted call that was not sent, which also
+/// leaves the flight and gives its cells back to the allowance), `pause` (extend the shared upstream pause), `seen` (an upstream
 /// answer: the cells it leaves, less every replica's calls in flight), `done` (a call ended
 /// without an answer), `resume` (end the pause by hand), `peek` (what pause and allowance
 /// are in force, for a paused replica and `/admin/status`). KEYS: the global TAT, the
@@ -135,11 +136,20 @@ if mode == 'peek' then
   end
   return {left, dry, resumes(), shown}
 end
-if mode == 'return' then
+if mode == 'return' or mode == 'refund' then
   for i = 1, 2 do
     local after, before = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
     if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
       if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
+    end
+  end
+  if mode == 'refund' then
+    -- An admitted call that was not sent: it leaves the flight, and the allowance it was
+    -- counted against (while that window lasts) gets its cells back.
+    local cost = tonumber(ARGV[6])
+    land(cost)
+    if tonumber(redis.call('GET', KEYS[4])) ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
+      redis.call('INCRBY', KEYS[4], cost)
     end
   end
   return {0}
@@ -384,6 +394,29 @@ impl Shared {
     /// Gives back bookings nothing was booked after (best effort, in the background: it
     /// runs from `Drop`, and a lost give-back only wastes cells, never exceeds a share).
     fn give_back(&self, client: &str, own: Option<Booked>, global: Option<Booked>) {
+        self.hand_back(client, own, global, None);
+    }
+
+    /// Gives back what an admitted call of `cost` booked, as [`Shared::give_back`] does, and
+    /// takes the call out of the shared flight and the shared allowance: it was not sent.
+    pub(super) fn refund(
+        &self,
+        client: &str,
+        own: Option<Booked>,
+        global: Booked,
+        cost: NonZeroU32,
+    ) {
+        self.hand_back(client, own, Some(global), Some(cost));
+    }
+
+    /// `return` (or, with the call's `cost`, `refund`) in the background.
+    fn hand_back(
+        &self,
+        client: &str,
+        own: Option<Booked>,
+        global: Option<Booked>,
+        cost: Option<NonZeroU32>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -391,6 +424,8 @@ impl Shared {
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
+        let mode = if cost.is_some() { "refund" } else { "return" };
+        let cost = cost.map_or(0, NonZeroU32::get);
         let redis = self.redis.clone();
         runtime.spawn(async move {
             let _ = redis
@@ -402,11 +437,12 @@ impl Shared {
                         .key(&keys[3])
                         .key(&keys[4])
                         .key(&keys[5])
-                        .arg("return")
+                        .arg(mode)
                         .arg(oa)
                         .arg(ob)
                         .arg(ga)
                         .arg(gb)
+                        .arg(cost)
                         .invoke_async::<Vec<i64>>(&mut conn)
                         .await
                 })
@@ -525,7 +561,7 @@ impl Ask {
 
 /// One booking on a Redis key: the TAT before and after it (script microseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Booked {
+pub(super) struct Booked {
     before: i64,
     after: i64,
 }
@@ -755,6 +791,10 @@ impl Budget {
         if let Some(pause) = late_alarm {
             return Err(self.refuse_shared(client, Which::Upstream, pause));
         }
+        let booked = super::Booked::Shared {
+            own: hold.own,
+            global,
+        };
         hold.keep();
         let waited = Duration::from_nanos(now.saturating_sub(arrived));
         self.inner
@@ -764,7 +804,7 @@ impl Budget {
             .observe(waited.as_secs_f64());
         Ok(Admitted {
             waited,
-            ticket: Ticket { seq, cost },
+            ticket: Ticket { seq, cost, booked },
         })
     }
 
