@@ -386,8 +386,9 @@ impl Gateway {
                     .map_err(Arc::new)?;
                 // While this call queued for budget, another request for the key (one whose
                 // client's terms let it go at once) may have filled the cache: its entry
-                // answers, and the cells go back unspent.
-                if rule.is_some() && !no_cache {
+                // answers, and the cells go back unspent (not for a client that said
+                // no-cache or no-store: the cache may not answer it).
+                if rule.is_some() && !no_cache && !no_store {
                     let found = gateway.inner.cache.get(&key, &call.headers).await;
                     let now = Instant::now();
                     if let Some(entry) =
