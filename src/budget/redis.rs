@@ -1176,6 +1176,45 @@ mod tests {
         );
     }
 
+    /// An admitted call that was not sent after all gives its cells back to the shared
+    /// bucket (the script's `refund`), so the next admission goes instead of being refused.
+    #[tokio::test]
+    async fn a_refunded_admission_gives_its_cells_back_in_redis() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        // 2 a minute, burst 2, no waiting: two at once, then nothing for half a minute.
+        let (budget, redis) =
+            shared_budget(&server, spec(2, 60_000, 2, 0), "CXGATE_T_RB_REFUND").await;
+        budget
+            .admit("other", n(1))
+            .await
+            .expect("the first admission");
+        let second = budget
+            .admit("other", n(1))
+            .await
+            .expect("the second admission");
+        let spent = budget.admit("other", n(1)).await;
+        assert!(
+            spent.is_err(),
+            "expected the spent bucket to refuse, saw {spent:?}"
+        );
+        budget.refund("other", second.ticket);
+        // The refund reaches Redis in the background; a refused admission books nothing,
+        // so asking again until it goes is safe.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match budget.admit("other", n(1)).await {
+                Ok(_) => break,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(refused) => panic!("expected the refunded cell to admit, saw {refused:?}"),
+            }
+        }
+        assert!(redis.is_up(), "expected Redis to stay up");
+    }
+
     /// With Redis gone every admission still gets an answer, on the divided share; when
     /// Redis is back the shared script is used again.
     #[tokio::test]
