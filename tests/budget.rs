@@ -844,3 +844,88 @@ async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
     let _ = leader.await;
     stop(env).await;
 }
+
+// A read queued for budget looks at the cache again once admitted: another client whose
+// terms let it go at once may have filled the key meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_read_answers_from_the_cache_another_client_filled_and_gives_its_cell_back() {
+    let clients = format!(
+        "{}{}",
+        client_toml(
+            "batch",
+            READER,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"10s\"",
+        ),
+        client_toml(
+            "interactive",
+            ACCOUNT,
+            "scopes = [\"read\"]\nmax_wait = \"0s\""
+        ),
+    );
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{BIG_BUDGET}{ROUTES}"),
+        )
+        .await,
+    );
+    assert_ok(
+        &env.get_as(READER, &contact(1)).await,
+        "the batch client's first read",
+    );
+    // The batch client's share is spent: its read of contact 2 queues for about 4 s.
+    let queued = {
+        let env = env.clone();
+        tokio::spawn(async move { env.get_as(READER, &contact(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The interactive client will not wait: it leads its own call and fills the cache.
+    let filler = env.get_as(ACCOUNT, &contact(2)).await;
+    assert_ok(&filler, "the interactive client's read");
+    let batch = queued.await.expect("queued task");
+    assert_ok(&batch, "the batch client's queued read");
+    let route = format!("GET {}", contact(2));
+    assert_eq!(
+        env.upstream_count(&route),
+        1,
+        "expected one upstream call for contact 2: the queued read must answer from the entry \
+         the interactive read stored"
+    );
+    assert!(
+        batch.header("cache-status").contains("hit"),
+        "expected the queued read answered as a hit, saw Cache-Status {:?}",
+        batch.header("cache-status")
+    );
+    let text = env.metrics().await;
+    let hits = metric(
+        &text,
+        "cxgate_requests_total",
+        &[
+            ("client", "batch"),
+            (
+                "route",
+                "GET /{account_id}/inbox/contact/{service}/{service_id}",
+            ),
+            ("status", "200"),
+            ("cache", "hit"),
+        ],
+    );
+    assert_eq!(
+        hits,
+        Some(1.0),
+        "expected the queued read counted as the batch client's hit"
+    );
+    // Its cell went back: the batch client's next miss goes at once, not ~4 s later.
+    let asked = Instant::now();
+    assert_ok(
+        &env.get_as(READER, &contact(3)).await,
+        "the batch client's read after the refund",
+    );
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "expected the refunded cell to let the next read go at once, it took {took:?}"
+    );
+    stop(env).await;
+}

@@ -99,6 +99,23 @@ pub struct Admitted {
 pub struct Ticket {
     seq: u64,
     cost: NonZeroU32,
+    /// The bookings the admission made, for [`Budget::refund`].
+    booked: Booked,
+}
+
+/// What an admission booked on the shares, so a call that is not sent after all can give
+/// its cells back where nothing was booked after them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Booked {
+    /// On this process's ledger.
+    Local { own: Option<Slot>, global: Slot },
+    /// In Redis, the budget every replica shares.
+    Shared {
+        own: Option<redis::Booked>,
+        global: redis::Booked,
+    },
+    /// Nothing to give back (the replay after a refused token).
+    Nothing,
 }
 
 /// What a refusal asks a caller to wait when the call sent to learn the upstream's count
@@ -328,6 +345,10 @@ impl Budget {
         let now = clock.nanos();
         let last_look = self.ledger().recheck(grant, now);
         last_look.map_err(|r| self.refuse(client, r))?;
+        let booked = Booked::Local {
+            own: hold.own,
+            global: grant.global,
+        };
         hold.keep();
         let waited = Duration::from_nanos(now.saturating_sub(arrived));
         let metrics = &self.inner.metrics;
@@ -340,6 +361,7 @@ impl Budget {
             ticket: Ticket {
                 seq: grant.seq,
                 cost,
+                booked,
             },
         })
     }
@@ -426,7 +448,32 @@ impl Budget {
     /// token) against the upstream's allowance, before its answer is read.
     pub fn spend_unadmitted(&self, cost: NonZeroU32) -> Ticket {
         let seq = self.ledger().upstream.spend(u64::from(cost.get()));
-        Ticket { seq, cost }
+        Ticket {
+            seq,
+            cost,
+            booked: Booked::Nothing,
+        }
+    }
+
+    /// An admitted call of `client` that was not sent after all (what it was to fetch was
+    /// found in the cache once its wait ended): its cells go back to the shares where
+    /// nothing was booked after them (the same rule as a cancelled wait), here and in Redis
+    /// when replicas share the budget, and it leaves the upstream's flight.
+    pub fn refund(&self, client: &str, ticket: Ticket) {
+        match ticket.booked {
+            Booked::Local { own, global } => {
+                self.ledger()
+                    .give_back(client, own, Some(global), Some(ticket.seq));
+            }
+            Booked::Shared { own, global } => {
+                self.ledger().upstream.give_back(ticket.seq);
+                if let Some(shared) = &self.inner.shared {
+                    shared.refund(client, own, global, ticket.cost);
+                }
+            }
+            Booked::Nothing => self.ledger().upstream.give_back(ticket.seq),
+        }
+        self.inner.landed.notify_waiters();
     }
 
     /// An admitted call ended without an answer to read (refused token, unreachable

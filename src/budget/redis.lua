@@ -90,11 +90,20 @@ if mode == 'peek' then
   end
   return {left, dry, resumes(), shown}
 end
-if mode == 'return' then
+if mode == 'return' or mode == 'refund' then
   for i = 1, 2 do
     local after, before = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
     if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
       if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
+    end
+  end
+  if mode == 'refund' then
+    -- An admitted call that was not sent: it leaves the flight, and the allowance it was
+    -- counted against (while that window lasts) gets its cells back.
+    local cost = tonumber(ARGV[6])
+    land(cost)
+    if tonumber(redis.call('GET', KEYS[4])) ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
+      redis.call('INCRBY', KEYS[4], cost)
     end
   end
   return {0}

@@ -18,7 +18,9 @@ use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Ticket, W
 use crate::replicas::{Redis, Unavailable};
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
-/// was booked after), `pause` (extend the shared upstream pause), `seen` (an upstream
+/// was booked after), `refund` (the same for an admitted call that was not sent, which also
+/// leaves the flight and gives its cells back to the allowance), `pause` (extend the shared
+/// upstream pause), `seen` (an upstream
 /// answer: the cells it leaves, less every replica's calls in flight), `done` (a call ended
 /// without an answer), `resume` (end the pause by hand), `peek` (what pause and allowance
 /// are in force, for a paused replica and `/admin/status`). KEYS: the global TAT, the
@@ -192,6 +194,29 @@ impl Shared {
     /// Gives back bookings nothing was booked after (best effort, in the background: it
     /// runs from `Drop`, and a lost give-back only wastes cells, never exceeds a share).
     fn give_back(&self, client: &str, own: Option<Booked>, global: Option<Booked>) {
+        self.hand_back(client, own, global, None);
+    }
+
+    /// Gives back what an admitted call of `cost` booked, as [`Shared::give_back`] does, and
+    /// takes the call out of the shared flight and the shared allowance: it was not sent.
+    pub(super) fn refund(
+        &self,
+        client: &str,
+        own: Option<Booked>,
+        global: Booked,
+        cost: NonZeroU32,
+    ) {
+        self.hand_back(client, own, Some(global), Some(cost));
+    }
+
+    /// `return` (or, with the call's `cost`, `refund`) in the background.
+    fn hand_back(
+        &self,
+        client: &str,
+        own: Option<Booked>,
+        global: Option<Booked>,
+        cost: Option<NonZeroU32>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -201,10 +226,12 @@ impl Shared {
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
-        let args = [oa, ob, ga, gb].map(|v| v.to_string());
+        let mode = if cost.is_some() { "refund" } else { "return" };
+        let cost = cost.map_or(0, NonZeroU32::get);
+        let args = [oa, ob, ga, gb, i64::from(cost)].map(|v| v.to_string());
         let redis = self.redis.clone();
         runtime.spawn(async move {
-            let _ = run_script(&redis, &keys, "return", &args).await;
+            let _ = run_script(&redis, &keys, mode, &args).await;
         });
     }
 
@@ -308,7 +335,7 @@ impl Ask {
 
 /// One booking on a Redis key: the TAT before and after it (script microseconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Booked {
+pub(super) struct Booked {
     before: i64,
     after: i64,
 }
@@ -538,6 +565,10 @@ impl Budget {
         if let Some(pause) = late_alarm {
             return Err(self.refuse_shared(client, Which::Upstream, pause));
         }
+        let booked = super::Booked::Shared {
+            own: hold.own,
+            global,
+        };
         hold.keep();
         let waited = Duration::from_nanos(now.saturating_sub(arrived));
         self.inner
@@ -547,7 +578,7 @@ impl Budget {
             .observe(waited.as_secs_f64());
         Ok(Admitted {
             waited,
-            ticket: Ticket { seq, cost },
+            ticket: Ticket { seq, cost, booked },
         })
     }
 
@@ -886,6 +917,45 @@ mod tests {
             Err(Which::Client),
             "expected the client share to refuse"
         );
+    }
+
+    /// An admitted call that was not sent after all gives its cells back to the shared
+    /// bucket (the script's `refund`), so the next admission goes instead of being refused.
+    #[tokio::test]
+    async fn a_refunded_admission_gives_its_cells_back_in_redis() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        // 2 a minute, burst 2, no waiting: two at once, then nothing for half a minute.
+        let (budget, redis) =
+            shared_budget(&server, spec(2, 60_000, 2, 0), "CXGATE_T_RB_REFUND").await;
+        budget
+            .admit("other", n(1))
+            .await
+            .expect("the first admission");
+        let second = budget
+            .admit("other", n(1))
+            .await
+            .expect("the second admission");
+        let spent = budget.admit("other", n(1)).await;
+        assert!(
+            spent.is_err(),
+            "expected the spent bucket to refuse, saw {spent:?}"
+        );
+        budget.refund("other", second.ticket);
+        // The refund reaches Redis in the background; a refused admission books nothing,
+        // so asking again until it goes is safe.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match budget.admit("other", n(1)).await {
+                Ok(_) => break,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(refused) => panic!("expected the refunded cell to admit, saw {refused:?}"),
+            }
+        }
+        assert!(redis.is_up(), "expected Redis to stay up");
     }
 
     /// With Redis gone every admission still gets an answer, on the divided share; when

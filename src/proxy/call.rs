@@ -36,36 +36,46 @@ impl Gateway {
     /// generation refused) and the request replayed once: the refused request was not
     /// applied, so a replayed write is still a write forwarded once.
     pub(super) async fn call(&self, call: &Call) -> Result<Fetched, GatewayError> {
-        self.call_reporting(call, &crate::cache::Progress::detached())
-            .await
+        let progress = crate::cache::Progress::detached();
+        let admitted = self.admit_reporting(call, &progress).await?;
+        self.send_admitted(call, admitted).await
     }
 
-    /// [`Gateway::call`], reporting to `progress` once the budget has let the call through,
-    /// so requests merged behind it know it is no longer queued.
-    pub(super) async fn call_reporting(
+    /// The budget's part of [`Gateway::call`]: waits for the call's cells, reporting to
+    /// `progress` once the budget has let it through, so requests merged behind it know it
+    /// is no longer queued. The cells are spent: send the call with
+    /// [`Gateway::send_admitted`], or give them back with `Budget::refund`.
+    pub(super) async fn admit_reporting(
         &self,
         call: &Call,
         progress: &crate::cache::Progress,
-    ) -> Result<Fetched, GatewayError> {
-        let inner = &self.inner;
+    ) -> Result<crate::budget::Admitted, GatewayError> {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
-        let admitted = match inner
+        match self
+            .inner
             .budget
             .admit_within(&call.client, call.cost, progress.waited())
             .await
         {
             Ok(admitted) => {
                 progress.sent();
-                admitted
+                Ok(admitted)
             }
-            Err(rejected) => {
-                return Err(GatewayError::RateLimited {
-                    retry_after: rejected.retry_after,
-                    reason: rejected.budget.label(),
-                })
-            }
-        };
+            Err(rejected) => Err(GatewayError::RateLimited {
+                retry_after: rejected.retry_after,
+                reason: rejected.budget.label(),
+            }),
+        }
+    }
+
+    /// The rest of [`Gateway::call`] once the budget has admitted it.
+    pub(super) async fn send_admitted(
+        &self,
+        call: &Call,
+        admitted: crate::budget::Admitted,
+    ) -> Result<Fetched, GatewayError> {
+        let inner = &self.inner;
         // From here the call is in flight for the budget until its answer is read.
         let mut flight = Flight {
             budget: &inner.budget,

@@ -31,6 +31,34 @@ pub struct Answer {
     /// The variant the leader's request selected (by the answer's `Vary`): a merged
     /// follower that selects another is not served this answer.
     pub variant: Variant,
+    /// A fresh entry found once the call's budget wait was over, in place of calling the
+    /// upstream: another request filled the cache meanwhile. Its callers answer a hit.
+    pub cached: Option<StoredResponse>,
+}
+
+impl Answer {
+    /// The answer `entry` gives a request with `request` headers, after `waited` for budget.
+    fn from_cache(
+        entry: StoredResponse,
+        waited: std::time::Duration,
+        request: &HeaderMap,
+    ) -> Answer {
+        let headers: HeaderMap = entry.headers().collect();
+        let variant = Variant::of(&headers, request);
+        Answer {
+            fetched: Fetched {
+                status: entry.status(),
+                headers,
+                body: entry.body(),
+                upstream_time: std::time::Duration::ZERO,
+                budget_wait: waited,
+                held: super::Held::default(),
+            },
+            stored: false,
+            variant,
+            cached: Some(entry),
+        }
+    }
 }
 
 /// The client's cache directives.
@@ -275,6 +303,23 @@ impl Gateway {
                 Role::Leader,
             ),
         };
+        if let Some(entry) = value.as_ref().ok().and_then(|a| a.cached.as_ref()) {
+            // The cache answered once the budget wait was over: a hit (stale only if it aged
+            // past its ttl in the instant since).
+            let now = Instant::now();
+            outcome.budget_wait = value.as_ref().ok().map(|a| a.fetched.budget_wait);
+            let fresh_for = match entry.freshness(now) {
+                Freshness::Fresh { remaining } => {
+                    outcome.cache = "hit";
+                    Ok(remaining)
+                }
+                Freshness::Stale { past, .. } => {
+                    outcome.cache = "stale";
+                    Err(past)
+                }
+            };
+            return Ok(reply::from_entry(entry, entry.age(now), fresh_for));
+        }
         let collapsed = role == Role::Follower;
         if collapsed {
             inner
@@ -358,13 +403,32 @@ impl Gateway {
                 (ttl, r.stale_while_revalidate, r.stale_if_error, tags)
             })
         });
-        let no_store = directives(&call.headers).no_store;
+        let Directives { no_cache, no_store } = directives(&call.headers);
         move |progress: Progress| -> Fetch {
             let progress = match arrived {
                 Some(at) => progress.since(at),
                 None => progress,
             };
             Box::pin(async move {
+                let admitted = gateway
+                    .admit_reporting(&call, &progress)
+                    .await
+                    .map_err(Arc::new)?;
+                // While this call queued for budget, another request for the key (one whose
+                // client's terms let it go at once) may have filled the cache: its entry
+                // answers, and the cells go back unspent (not for a client that said
+                // no-cache or no-store: the cache may not answer it).
+                if rule.is_some() && !no_cache && !no_store {
+                    let found = gateway.inner.cache.get(&key, &call.headers).await;
+                    let now = Instant::now();
+                    if let Some(entry) =
+                        found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                    {
+                        gateway.inner.budget.refund(&call.client, admitted.ticket);
+                        let answer = Answer::from_cache(entry, admitted.waited, &call.headers);
+                        return Ok(Arc::new(answer));
+                    }
+                }
                 let since = match &rule {
                     Some((_, _, _, tags)) if !no_store => {
                         gateway
@@ -376,7 +440,7 @@ impl Gateway {
                     _ => since,
                 };
                 let mut fetched = gateway
-                    .call_reporting(&call, &progress)
+                    .send_admitted(&call, admitted)
                     .await
                     .map_err(Arc::new)?;
                 let storable = fetched.status.is_success()
@@ -411,6 +475,7 @@ impl Gateway {
                     fetched,
                     stored,
                     variant,
+                    cached: None,
                 }))
             })
         }
