@@ -534,6 +534,14 @@ async fn requests_beyond_max_concurrency_get_503_at_once() {
         ROUTES,
     )
     .await;
+    // One answer first, so the upstream's remaining count is known: until then one call
+    // goes alone and the two slow ones could not be in flight together.
+    assert_eq!(
+        env.get("/me/accounts").await.status,
+        StatusCode::OK,
+        "warm-up read"
+    );
+    let warmed = env.upstream_total();
     env.sim.set_faults(Faults {
         latency_ms: 1200,
         path_prefix: Some("/me/permissions".into()),
@@ -553,7 +561,7 @@ async fn requests_beyond_max_concurrency_get_503_at_once() {
         }
         let started = tokio::time::Instant::now();
         let answer = env.get("/me").await;
-        (answer, started.elapsed(), env.upstream_total())
+        (answer, started.elapsed(), env.upstream_total() - warmed)
     };
     let (a, b, (over, took, upstream_then)) = tokio::join!(slow_a, slow_b, third);
     assert_envelope(&over, 503, "overloaded", "third concurrent request");
