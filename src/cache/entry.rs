@@ -6,7 +6,7 @@
 //!
 //! [`StoredResponse`] keeps a whole entry in one allocation: its fields, key, tag hashes,
 //! the headers a hit needs and the body sit in one reference-counted block. The store holds
-//! the two-word handle inline in moka, a lookup clones it (one reference count), and a hit
+//! the one-word handle inline in moka, a lookup clones it (one reference count), and a hit
 //! slices its headers and body out of the block without copying. README "Memory per cached
 //! entry" gives the measured cost per part.
 
