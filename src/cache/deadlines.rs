@@ -1,7 +1,7 @@
 //! When stored entries' lives end, so the store can remove them without a timer per entry.
 //!
 //! moka's per-entry expiry keeps timer-wheel nodes for every entry (about 50 bytes each);
-//! this keeps one key hash (8 bytes) in a bucket per second of deadline. A bucket is due
+//! this keeps one key hash (4 bytes) in a bucket per second of deadline. A bucket is due
 //! once its second has passed, and the store then checks each key against what it holds:
 //! an entry is removed only if it is really past its life, a newer value is re-queued at
 //! its own deadline, and a key no longer held is dropped. Time is tokio's clock, so the
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub(crate) struct Deadlines {
     origin: Instant,
-    buckets: BTreeMap<u64, Vec<u64>>,
+    buckets: BTreeMap<u64, Vec<u32>>,
     len: usize,
 }
 
@@ -36,7 +36,7 @@ impl Deadlines {
     }
 
     /// Queues `key`, whose entry is of no use from `deadline` on.
-    pub(crate) fn push(&mut self, deadline: Instant, key: u64) {
+    pub(crate) fn push(&mut self, deadline: Instant, key: u32) {
         let bucket = self.buckets.entry(self.second(deadline)).or_default();
         if bucket.len() == bucket.capacity() {
             // Grow by an eighth rather than doubling: the queue is part of every entry's
@@ -48,7 +48,7 @@ impl Deadlines {
     }
 
     /// Moves up to `max` keys whose bucket is due at `now` into `out`.
-    pub(crate) fn pop_due(&mut self, now: Instant, max: usize, out: &mut Vec<u64>) {
+    pub(crate) fn pop_due(&mut self, now: Instant, max: usize, out: &mut Vec<u32>) {
         let due = now.saturating_duration_since(self.origin).as_secs();
         while out.len() < max {
             let Some(mut first) = self.buckets.first_entry() else {
@@ -69,7 +69,7 @@ impl Deadlines {
 
     /// Keeps only the keys `held` accepts; for dropping the keys of entries that left the
     /// cache otherwise (evicted for size, invalidated, purged) before their deadline.
-    pub(crate) fn retain(&mut self, mut held: impl FnMut(u64) -> bool) {
+    pub(crate) fn retain(&mut self, mut held: impl FnMut(u32) -> bool) {
         self.buckets.retain(|_, bucket| {
             bucket.retain(|key| held(*key));
             bucket.shrink_to_fit();
@@ -106,7 +106,7 @@ mod tests {
         queue.pop_due(origin + Duration::from_millis(999), 10, &mut out);
         assert_eq!(
             out,
-            [] as [u64; 0],
+            [] as [u32; 0],
             "nothing is due before 1 s, saw {out:?}"
         );
         queue.pop_due(origin + Duration::from_secs(1), 10, &mut out);

@@ -6,16 +6,17 @@
 //!
 //! [`StoredResponse`] keeps a whole entry in one allocation: its fields, key, tag hashes,
 //! the headers a hit needs and the body sit in one reference-counted block. The store holds
-//! the two-word handle inline in moka, a lookup clones it (one reference count), and a hit
+//! the one-word handle inline in moka, a lookup clones it (one reference count), and a hit
 //! slices its headers and body out of the block without copying. README "Memory per cached
 //! entry" gives the measured cost per part.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::time::Instant;
+use triomphe::ThinArc;
 
 /// Bytes charged per entry on top of its body and headers: the struct itself, the header
 /// map's tables, the key and the store's bookkeeping. A guess, but it stops a flood of
@@ -176,20 +177,21 @@ impl CachedResponse {
     }
 }
 
-/// A stored entry: one shared allocation (`Arc<[u8]>`), nothing else. The block holds, in
-/// order: a fixed [`META`]-byte header (serial, stored-at, the three windows, two offsets,
-/// the tag count and the status, little-endian), the key, one `u64` per tag hash, the
-/// headers as `name:value\n` lines (a name never holds `:` and a value never holds a line
-/// break, so the split is unambiguous), then the body.
+/// A stored entry: one shared allocation (a `triomphe::ThinArc`), nothing else. The block
+/// holds, in order: a fixed [`META`]-byte header (serial, stored-at, the three windows, two
+/// offsets, the tag count and the status, little-endian), the key, one `u32` per tag hash,
+/// the headers as `name:value\n` lines (a name never holds `:` and a value never holds a
+/// line break, so the split is unambiguous), then the body.
 ///
-/// moka keeps this handle inline in its entry, so the handle is two words: every field in
-/// the block rides in the allocation the body needs anyway (whose size class usually has
-/// room to spare), instead of in moka's entry and in the separate reference-count header a
-/// `Bytes` allocates. A hit wraps the block in one `Bytes` per call, and the body and
-/// header values are slices of it, never copies.
+/// moka keeps this handle inline in its entry, so the handle is one word: the block's
+/// length sits in the allocation, next to its reference count, and with an 8-byte value
+/// moka's per-entry value node fits jemalloc's 32-byte size class instead of the 48-byte
+/// one. Every field in the block rides in the allocation the body needs anyway (whose size
+/// class usually has room to spare). A hit wraps the block in one `Bytes` per call, and the
+/// body and header values are slices of it, never copies.
 #[derive(Clone)]
 pub struct StoredResponse {
-    block: Arc<[u8]>,
+    block: ThinArc<(), u8>,
 }
 
 /// The block's fixed header: serial (8), stored-at (8), ttl, stale-while-revalidate and
@@ -203,6 +205,9 @@ const AT_KEY_END: usize = 28;
 const AT_BODY_START: usize = 32;
 const AT_TAG_COUNT: usize = 36;
 const AT_STATUS: usize = 38;
+
+/// The status field of a varying resource's marker (see [`StoredResponse::pack_vary_marker`]).
+const VARY_MARKER: u16 = 0;
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
@@ -242,60 +247,128 @@ impl StoredResponse {
     pub(crate) fn pack(
         key: &str,
         value: &CachedResponse,
-        tag_hashes: &[u64],
+        tag_hashes: &[u32],
         serial: u64,
     ) -> Option<StoredResponse> {
-        let headers: usize = value
-            .stored_headers()
-            .map(|(n, v)| n.as_str().len() + v.len() + 2)
-            .sum();
+        let lines = || {
+            value
+                .stored_headers()
+                .map(|(name, v)| (name.as_str().as_bytes(), v.as_bytes()))
+        };
+        let status = value.status.as_u16();
+        Self::pack_parts(
+            key,
+            status,
+            value.timing(),
+            tag_hashes,
+            lines,
+            &value.body,
+            serial,
+        )
+    }
+
+    /// Packs the marker kept under the primary key of a varying resource: `names`, the
+    /// request headers that select a variant, as header lines without values, and the
+    /// timing of the variant stored with it. Its status is 0, which no answer has.
+    pub(crate) fn pack_vary_marker(
+        key: &str,
+        names: &[HeaderName],
+        timing: Timing,
+        serial: u64,
+    ) -> Option<StoredResponse> {
+        let lines = || names.iter().map(|n| (n.as_str().as_bytes(), &b""[..]));
+        Self::pack_parts(key, VARY_MARKER, timing, &[], lines, &[], serial)
+    }
+
+    /// `lines` gives the header lines' names and values, once to size the block and once
+    /// to fill it.
+    fn pack_parts<'a, I: Iterator<Item = (&'a [u8], &'a [u8])>>(
+        key: &str,
+        status: u16,
+        timing: Timing,
+        tag_hashes: &[u32],
+        lines: impl Fn() -> I,
+        body: &[u8],
+        serial: u64,
+    ) -> Option<StoredResponse> {
+        let headers: usize = lines().map(|(n, v)| n.len() + v.len() + 2).sum();
         let tag_count = u16::try_from(tag_hashes.len()).ok()?;
-        let size = META + key.len() + tag_hashes.len() * 8 + headers + value.body.len();
+        let size = META + key.len() + tag_hashes.len() * 4 + headers + body.len();
         u32::try_from(size).ok()?;
         let key_end = META + key.len();
-        let body_start = size - value.body.len();
-        // Filled in place: `collect` from an exact-size iterator allocates the `Arc` once,
-        // where building a `Vec` first would allocate and free a second block per insert.
-        let mut block: Arc<[u8]> = std::iter::repeat_n(0u8, size).collect();
-        let mut out: &mut [u8] = Arc::get_mut(&mut block)?;
-        out.put_u64_le(serial);
-        out.put_i64_le(encode_instant(value.stored_at));
-        for window in [
-            value.ttl,
-            value.stale_while_revalidate,
-            value.stale_if_error,
-        ] {
-            out.put_u32_le(millis(window));
-        }
-        out.put_u32_le(key_end as u32);
-        out.put_u32_le(body_start as u32);
-        out.put_u16_le(tag_count);
-        out.put_u16_le(value.status.as_u16());
-        out.put_slice(key.as_bytes());
-        for hash in tag_hashes {
-            out.put_u64_le(*hash);
-        }
-        for (name, v) in value.stored_headers() {
-            out.put_slice(name.as_str().as_bytes());
-            out.put_u8(b':');
-            out.put_slice(v.as_bytes());
-            out.put_u8(b'\n');
-        }
-        out.put_slice(&value.body);
-        debug_assert!(out.is_empty(), "pack: {} bytes left unwritten", out.len());
+        let body_start = size - body.len();
+        // Filled in place: an exact-size iterator allocates the block once, where building a
+        // `Vec` first would allocate and free a second block per insert.
+        let mut block = ThinArc::from_header_and_iter((), std::iter::repeat_n(0u8, size));
+        block.with_arc_mut(|arc| {
+            let mut out: &mut [u8] = triomphe::Arc::get_mut(arc)?.slice_mut();
+            out.put_u64_le(serial);
+            out.put_i64_le(encode_instant(timing.stored_at));
+            for window in [
+                timing.ttl,
+                timing.stale_while_revalidate,
+                timing.stale_if_error,
+            ] {
+                out.put_u32_le(millis(window));
+            }
+            out.put_u32_le(key_end as u32);
+            out.put_u32_le(body_start as u32);
+            out.put_u16_le(tag_count);
+            out.put_u16_le(status);
+            out.put_slice(key.as_bytes());
+            for hash in tag_hashes {
+                out.put_u32_le(*hash);
+            }
+            for (name, v) in lines() {
+                out.put_slice(name);
+                out.put_u8(b':');
+                out.put_slice(v);
+                out.put_u8(b'\n');
+            }
+            out.put_slice(body);
+            debug_assert!(out.is_empty(), "pack: {} bytes left unwritten", out.len());
+            Some(())
+        })?;
         Some(StoredResponse { block })
     }
 
+    /// The whole block: fixed header, key, tag hashes, header lines, body.
+    fn bytes(&self) -> &[u8] {
+        &self.block.slice
+    }
+
+    /// Whether this is a varying resource's marker rather than an answer.
+    pub(crate) fn is_vary_marker(&self) -> bool {
+        self.u16_at(AT_STATUS) == VARY_MARKER
+    }
+
+    /// The request headers a marker names (sorted, unique, lowercase, as [`Vary`] gave
+    /// them); `None` for an answer.
+    ///
+    /// [`Vary`]: super::vary::Vary
+    pub(crate) fn vary_names(&self) -> Option<Vec<HeaderName>> {
+        if !self.is_vary_marker() {
+            return None;
+        }
+        let lines = &self.bytes()[self.tags_end()..self.body_start()];
+        let names = lines
+            .split(|b| *b == b'\n')
+            .filter_map(|line| line.strip_suffix(b":"))
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
+            .collect();
+        Some(names)
+    }
+
     fn u16_at(&self, at: usize) -> u16 {
-        u16::from_le_bytes(self.block[at..at + 2].try_into().unwrap_or_default())
+        u16::from_le_bytes(self.bytes()[at..at + 2].try_into().unwrap_or_default())
     }
 
     fn u32_at(&self, at: usize) -> u32 {
-        u32::from_le_bytes(self.block[at..at + 4].try_into().unwrap_or_default())
+        u32::from_le_bytes(self.bytes()[at..at + 4].try_into().unwrap_or_default())
     }
 
     fn u64_at(&self, at: usize) -> u64 {
-        u64::from_le_bytes(self.block[at..at + 8].try_into().unwrap_or_default())
+        u64::from_le_bytes(self.bytes()[at..at + 8].try_into().unwrap_or_default())
     }
 
     fn key_end(&self) -> usize {
@@ -308,7 +381,7 @@ impl StoredResponse {
 
     /// Where the tag hashes end and the header lines start.
     fn tags_end(&self) -> usize {
-        self.key_end() + usize::from(self.u16_at(AT_TAG_COUNT)) * 8
+        self.key_end() + usize::from(self.u16_at(AT_TAG_COUNT)) * 4
     }
 
     /// Told apart from a later value under the same key when the tag index forgets it.
@@ -319,13 +392,13 @@ impl StoredResponse {
     /// The key it is stored under (a variant key for a varying resource).
     pub fn key(&self) -> &str {
         // `pack` copied a `&str` there, so this never fails.
-        std::str::from_utf8(&self.block[META..self.key_end()]).unwrap_or("")
+        std::str::from_utf8(&self.bytes()[META..self.key_end()]).unwrap_or("")
     }
 
-    pub(crate) fn tag_hashes(&self) -> impl Iterator<Item = u64> + '_ {
-        self.block[self.key_end()..self.tags_end()]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+    pub(crate) fn tag_hashes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.bytes()[self.key_end()..self.tags_end()]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()))
     }
 
     pub fn status(&self) -> StatusCode {
@@ -335,7 +408,7 @@ impl StoredResponse {
 
     /// The block as `Bytes` (one small allocation, no copy), to slice answers out of.
     fn shared(&self) -> Bytes {
-        Bytes::from_owner(ArcBlock(Arc::clone(&self.block)))
+        Bytes::from_owner(ArcBlock(self.block.clone()))
     }
 
     /// The body, sharing the block (no copy).
@@ -345,14 +418,14 @@ impl StoredResponse {
 
     /// How many headers [`StoredResponse::headers`] yields.
     pub fn header_count(&self) -> usize {
-        let lines = &self.block[self.tags_end()..self.body_start()];
+        let lines = &self.bytes()[self.tags_end()..self.body_start()];
         lines.iter().filter(|b| **b == b'\n').count()
     }
 
     /// The stored headers; values share the block (no copy).
     pub fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
         let base = self.tags_end();
-        let lines = &self.block[base..self.body_start()];
+        let lines = &self.bytes()[base..self.body_start()];
         let shared = if lines.is_empty() {
             Bytes::new()
         } else {
@@ -405,7 +478,7 @@ impl StoredResponse {
     /// stored header lines, the tag hashes and a fixed overhead (the key is added by the
     /// store). Close to [`CachedResponse::weight`] of the value it was packed from.
     pub fn weight(&self) -> u32 {
-        let rest = self.block.len() - self.key_end();
+        let rest = self.bytes().len() - self.key_end();
         u32::try_from(ENTRY_OVERHEAD.saturating_add(rest)).unwrap_or(u32::MAX)
     }
 }
@@ -417,17 +490,17 @@ impl std::fmt::Debug for StoredResponse {
             .field("status", &self.status())
             .field("serial", &self.serial())
             .field("timing", &self.timing())
-            .field("body_len", &(self.block.len() - self.body_start()))
+            .field("body_len", &(self.bytes().len() - self.body_start()))
             .finish_non_exhaustive()
     }
 }
 
 /// The block as a `Bytes` owner.
-struct ArcBlock(Arc<[u8]>);
+struct ArcBlock(ThinArc<(), u8>);
 
 impl AsRef<[u8]> for ArcBlock {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.0.slice
     }
 }
 
@@ -550,10 +623,11 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_handle_stays_two_words() {
-        // moka holds it inline in every entry: a field more is 100,000s of 8 bytes.
+    fn an_entry_handle_stays_one_word() {
+        // moka holds it inline in every entry: a word more moves moka's value node from the
+        // 32-byte size class to the 48-byte one, 16 bytes per entry.
         let size = std::mem::size_of::<StoredResponse>();
-        assert!(size <= 16, "StoredResponse grew to {size} bytes");
+        assert!(size <= 8, "StoredResponse grew to {size} bytes");
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,13 +15,13 @@ use super::store::Slot;
 
 /// Registers as one collector exporting `cxgate_cache_entries` and `cxgate_cache_bytes`.
 pub(crate) struct Gauges {
-    entries: Cache<u64, Slot>,
+    entries: Cache<u32, Slot>,
     count: IntGauge,
     bytes: IntGauge,
 }
 
 impl Gauges {
-    pub(crate) fn new(entries: Cache<u64, Slot>) -> Result<Gauges, prometheus::Error> {
+    pub(crate) fn new(entries: Cache<u32, Slot>) -> Result<Gauges, prometheus::Error> {
         Ok(Gauges {
             entries,
             count: IntGauge::new("cxgate_cache_entries", "Entries held in the response cache")?,

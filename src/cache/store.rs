@@ -7,7 +7,7 @@
 //! [`Store::run_pending_tasks`]; once `invalidate_tags`, `purge_*` return, no lookup yields
 //! an entry they removed. Hits share the stored block, never copy.
 //!
-//! moka is keyed by a 64-bit hash of the cache key, and each entry carries its full key:
+//! moka is keyed by a 32-bit hash of the cache key, and each entry carries its full key:
 //! a lookup whose key differs from the stored one is a miss, so a collision costs one
 //! entry its place and never serves the wrong answer. Storing, invalidating and purging
 //! change the cache and the tag index under one lock and bump the invalidation epoch
@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use http::header::HeaderName;
 use http::HeaderMap;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
@@ -50,49 +49,32 @@ const SWEEP_STEP: usize = 1024;
 /// How often [`Store::spawn_sweeper`]'s task looks for entries past their life.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// What moka holds under a key hash.
+/// What moka holds under a key hash: one packed block, either an answer or, under the
+/// primary key of a varying resource, the marker naming the request headers that select its
+/// variant (kept in the same cache so it is bounded and purged with the variants). One
+/// word, like the block's handle: see [`StoredResponse`].
 #[derive(Clone)]
-pub(crate) enum Slot {
-    Response(StoredResponse),
-    /// Under the primary key of a varying resource: the request headers that select its
-    /// variant. Kept in the same cache so it is bounded and purged with the variants.
-    Vary(Arc<VaryMarker>),
-}
-
-pub(crate) struct VaryMarker {
-    key: Box<str>,
-    names: Arc<[HeaderName]>,
-    /// The end of the life of the variant it was stored with.
-    deadline: Instant,
-}
+pub(crate) struct Slot(StoredResponse);
 
 impl Slot {
     fn key(&self) -> &str {
-        match self {
-            Slot::Response(r) => r.key(),
-            Slot::Vary(m) => &m.key,
-        }
+        self.0.key()
     }
 
-    /// When the slot is of no use any more (past ttl and both stale windows).
+    /// The answer it holds; `None` for a `Vary` marker.
+    fn response(&self) -> Option<&StoredResponse> {
+        (!self.0.is_vary_marker()).then_some(&self.0)
+    }
+
+    /// When the slot is of no use any more (past ttl and both stale windows; a marker
+    /// carries the timing of the variant it was stored with).
     fn deadline(&self) -> Instant {
-        match self {
-            Slot::Response(r) => {
-                Deadlines::deadline(r.timing().stored_at, r.lifetime(), MAX_LIFETIME)
-            }
-            Slot::Vary(m) => m.deadline,
-        }
+        Deadlines::deadline(self.0.timing().stored_at, self.0.lifetime(), MAX_LIFETIME)
     }
 
     fn weight(&self) -> u32 {
-        let own = match self {
-            Slot::Response(r) => r.weight(),
-            Slot::Vary(m) => {
-                let names: usize = m.names.iter().map(|n| n.as_str().len()).sum();
-                u32::try_from(64 + names).unwrap_or(u32::MAX)
-            }
-        };
-        own.saturating_add(u32::try_from(self.key().len()).unwrap_or(u32::MAX))
+        let key = u32::try_from(self.key().len()).unwrap_or(u32::MAX);
+        self.0.weight().saturating_add(key)
     }
 }
 
@@ -103,7 +85,7 @@ pub struct Store {
 }
 
 struct Inner {
-    entries: Cache<u64, Slot>,
+    entries: Cache<u32, Slot>,
     /// Changed only together with `entries`, under this lock (see the module notes).
     tags: Mutex<Locked>,
     /// Entries moka dropped, queued by the eviction listener and forgotten by the index the
@@ -164,13 +146,13 @@ impl Store {
         let listener_evictions = evictions.clone();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &u64, slot: &Slot| slot.weight())
-            .eviction_listener(move |key: Arc<u64>, slot: Slot, cause| {
+            .weigher(|_: &u32, slot: &Slot| slot.weight())
+            .eviction_listener(move |key: Arc<u32>, slot: Slot, cause| {
                 if cause == RemovalCause::Size {
                     listener_evictions.inc();
                 }
-                if let Slot::Response(r) = &slot {
-                    let tags: Vec<u64> = r.tag_hashes().collect();
+                if let Some(r) = slot.response() {
+                    let tags: Vec<u32> = r.tag_hashes().collect();
                     if !tags.is_empty() {
                         lock(&listener_removed).push(Removed { key: *key, tags });
                     }
@@ -202,8 +184,14 @@ impl Store {
         })
     }
 
-    fn hash(&self, text: &str) -> u64 {
-        self.inner.hasher.hash_one(text)
+    /// Keys and tags as 32-bit hashes: every entry holds several (its moka key, a queued
+    /// deadline, its tag registrations), and half their width is about 20 bytes per entry.
+    /// A collision of keys costs one entry its place (the full key is compared on lookup);
+    /// one of tags makes an invalidation drop an entry too many. At a million entries about
+    /// a hundred pairs collide.
+    fn hash(&self, text: &str) -> u32 {
+        // The low half of a keyed 64-bit hash is as evenly spread as the whole.
+        self.inner.hasher.hash_one(text) as u32
     }
 
     /// The tag index and deadlines, after the index forgot whatever moka dropped since it
@@ -290,16 +278,16 @@ impl Store {
     /// The usable entry for primary key `key` that suits `req_headers` (its `Vary` variant).
     fn find(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
         let found = match self.lookup(key) {
-            Some(Slot::Vary(marker)) => {
-                let variant = variant_key(key, &marker.names, req_headers);
-                self.lookup(&variant)
-            }
-            other => other,
+            Some(slot) => match slot.0.vary_names() {
+                Some(names) => self.lookup(&variant_key(key, &names, req_headers)),
+                None => Some(slot),
+            },
+            None => None,
         };
-        match found {
-            Some(Slot::Response(r)) if r.freshness(Instant::now()).is_usable() => Some(r),
-            _ => None,
-        }
+        let now = Instant::now();
+        found
+            .and_then(|slot| slot.response().cloned())
+            .filter(|r| r.freshness(now).is_usable())
     }
 
     /// The entry for primary key `key` that suits a request with `req_headers` (its `Vary`
@@ -459,7 +447,7 @@ impl Store {
             Some(names) => variant_key(&key, names, req_headers),
             None => key.clone(),
         };
-        let tags: Vec<u64> = value.tags.iter().map(|t| self.hash(t)).collect();
+        let tags: Vec<u32> = value.tags.iter().map(|t| self.hash(t)).collect();
         let serial = self.inner.serial.fetch_add(1, Ordering::Relaxed);
         let Some(stored) = StoredResponse::pack(&storage_key, &value, &tags, serial) else {
             return false;
@@ -470,7 +458,6 @@ impl Store {
         if capacity.is_some_and(|max| u64::from(stored.weight()) > max) {
             return false;
         }
-        let deadline = Deadlines::deadline(value.stored_at, value.lifetime(), MAX_LIFETIME);
 
         let mut locked = self.index();
         if self.epoch() != epoch {
@@ -479,15 +466,15 @@ impl Store {
         self.sweep_step(&mut locked, SWEEP_PER_INSERT);
         if let Some(names) = vary {
             // Overwrites a plain entry of a resource that started to vary.
-            let marker = VaryMarker {
-                key: key.as_str().into(),
-                names,
-                deadline,
+            let Some(marker) =
+                StoredResponse::pack_vary_marker(&key, &names, value.timing(), serial)
+            else {
+                return false;
             };
-            self.put(&mut locked, self.hash(&key), Slot::Vary(Arc::new(marker)));
+            self.put(&mut locked, self.hash(&key), Slot(marker));
         }
         let hash = self.hash(&storage_key);
-        self.put(&mut locked, hash, Slot::Response(stored));
+        self.put(&mut locked, hash, Slot(stored));
         locked.index.register(hash, tags.into_iter());
         true
     }
@@ -495,7 +482,7 @@ impl Store {
     /// Stores `slot` under `hash` and queues its deadline, with the lock held. A key already
     /// held is queued already, at or before its old deadline (the sweep queues it again if
     /// it lives on), so it is queued again only when the new value's life ends sooner.
-    fn put(&self, locked: &mut Locked, hash: u64, slot: Slot) {
+    fn put(&self, locked: &mut Locked, hash: u32, slot: Slot) {
         let deadline = slot.deadline();
         let queued = self
             .inner
@@ -525,7 +512,7 @@ impl Store {
         let _index = self.index();
         self.bump_epoch();
         let path = normalize_path(path);
-        let keys: Vec<Arc<u64>> = self
+        let keys: Vec<Arc<u32>> = self
             .inner
             .entries
             .iter()
@@ -536,8 +523,8 @@ impl Store {
         let mut purged = 0;
         for key in keys {
             // One past its life (not swept yet) goes too but was not a stored answer.
-            if let Some(slot @ Slot::Response(_)) = self.inner.entries.remove(&*key) {
-                purged += u64::from(slot.deadline() > now);
+            if let Some(slot) = self.inner.entries.remove(&*key) {
+                purged += u64::from(slot.response().is_some() && slot.deadline() > now);
             }
         }
         purged
@@ -548,7 +535,7 @@ impl Store {
     pub async fn purge_where(&self, doomed: impl Fn(&str, &str) -> bool) -> u64 {
         let _index = self.index();
         self.bump_epoch();
-        let keys: Vec<Arc<u64>> = self
+        let keys: Vec<Arc<u32>> = self
             .inner
             .entries
             .iter()
@@ -563,8 +550,8 @@ impl Store {
         let mut purged = 0;
         for key in keys {
             // One past its life (not swept yet) goes too but was not a stored answer.
-            if let Some(slot @ Slot::Response(_)) = self.inner.entries.remove(&*key) {
-                purged += u64::from(slot.deadline() > now);
+            if let Some(slot) = self.inner.entries.remove(&*key) {
+                purged += u64::from(slot.response().is_some() && slot.deadline() > now);
             }
         }
         purged
@@ -579,7 +566,7 @@ impl Store {
             .inner
             .entries
             .iter()
-            .filter(|(_, slot)| matches!(slot, Slot::Response(_)) && slot.deadline() > now)
+            .filter(|(_, slot)| slot.response().is_some() && slot.deadline() > now)
             .count() as u64;
         // moka guarantees lookups never return an entry stored before this call.
         self.inner.entries.invalidate_all();

@@ -1,12 +1,12 @@
 //! The tag index: which stored keys carry which tag, so a write can drop them at once.
 //!
-//! Tags and keys are held as 64-bit hashes (a collision can only make an invalidation drop
-//! one entry too many, never keep one). The store changes the index and the cache together
+//! Tags and keys are held as the store's 32-bit hashes (a collision can only make an
+//! invalidation drop one entry too many, never keep one). The store changes the index and the cache together
 //! under one lock (see `Store`), and forgets a removed entry's registrations only when no
 //! newer value is held under its key, so the index needs no serials or flags of its own.
 //!
 //! Memory matters here (one registration per tag per entry): a tag that only one entry
-//! carries, such as a contact's own tag, is one 16-byte slot of a flat map; only tags that
+//! carries, such as a contact's own tag, is one 8-byte slot of a flat map; only tags that
 //! several entries share get a set of their own.
 
 use std::collections::{HashMap, HashSet};
@@ -15,20 +15,20 @@ use std::collections::{HashMap, HashSet};
 #[derive(Debug, Default)]
 pub(crate) struct TagIndex {
     /// Tags exactly one entry carries: tag → key.
-    single: HashMap<u64, u64>,
+    single: HashMap<u32, u32>,
     /// Tags two or more entries carry: tag → keys.
-    shared: HashMap<u64, HashSet<u64>>,
+    shared: HashMap<u32, HashSet<u32>>,
 }
 
 /// An entry that left the cache, to be forgotten by the index.
 #[derive(Debug)]
 pub(crate) struct Removed {
-    pub key: u64,
-    pub tags: Vec<u64>,
+    pub key: u32,
+    pub tags: Vec<u32>,
 }
 
 impl TagIndex {
-    pub(crate) fn register(&mut self, key: u64, tags: impl Iterator<Item = u64>) {
+    pub(crate) fn register(&mut self, key: u32, tags: impl Iterator<Item = u32>) {
         for tag in tags {
             if let Some(keys) = self.shared.get_mut(&tag) {
                 keys.insert(key);
@@ -45,7 +45,7 @@ impl TagIndex {
     }
 
     /// Forgets `key` under `tags`.
-    pub(crate) fn unregister(&mut self, key: u64, tags: &[u64]) {
+    pub(crate) fn unregister(&mut self, key: u32, tags: &[u32]) {
         for tag in tags {
             if self.single.get(tag) == Some(&key) {
                 self.single.remove(tag);
@@ -64,7 +64,7 @@ impl TagIndex {
 
     /// Forgets every key under `tags`; returns those keys, each once, so the caller can
     /// remove them from the cache.
-    pub(crate) fn revoke(&mut self, tags: impl Iterator<Item = u64>) -> Vec<u64> {
+    pub(crate) fn revoke(&mut self, tags: impl Iterator<Item = u32>) -> Vec<u32> {
         let mut revoked = Vec::new();
         for tag in tags {
             if let Some(key) = self.single.remove(&tag) {
