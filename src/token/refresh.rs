@@ -299,6 +299,14 @@ fn plan(inner: &Inner) -> Plan {
     if state.reauth || !inner.refreshable(&state) {
         return Plan::WatchFile;
     }
+    // A token no request can carry is worth nothing until it expires: replace it now. Only
+    // once: an upstream that grants unsendable tokens is not asked again every second.
+    if state.refreshed_at.is_none() && !super::file::sendable(state.record.access.expose()) {
+        return Plan::RefreshAt {
+            at: Instant::now(),
+            generation: state.generation,
+        };
+    }
     let Some(expires) = state.expires else {
         // No known expiry: only an upstream 401 can tell; refresh_after_rejection handles it.
         return Plan::Idle;

@@ -65,6 +65,30 @@ async fn the_refresher_renews_ahead_of_expiry() {
     refresher.abort();
 }
 
+/// A held token no request can carry (a tab in it) is refreshed at once, not at its expiry.
+#[tokio::test(start_paused = true)]
+async fn an_unsendable_token_is_refreshed_at_once() {
+    let dir = TempDir::new();
+    write_token(
+        &dir.file(),
+        "sim\ttoken",
+        Some("refresh-0"),
+        Some(60 * MINUTE),
+    );
+    let server = TokenServer::start("refresh-0", 3600).await;
+    let registry = prometheus::Registry::new();
+    let tokens = manager(server.settings(dir.file(), 10 * MINUTE), &registry).await;
+    let refresher = tokens.spawn_refresher();
+    eventually("a refresh in place of the unsendable token", || {
+        generation(&tokens) == 2
+    })
+    .await;
+    assert_eq!(server.state().calls, 1, "expected one refresh");
+    let current = tokens.current().expect("a usable token");
+    assert_eq!(current.access.expose(), "access-token-0001");
+    refresher.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn rotating_refresh_tokens_are_never_reused() {
     let dir = TempDir::new();
