@@ -9,7 +9,9 @@
 //!
 //! A key, for this search, is letters, digits and `- . _ ~ + / =` (`=` only as trailing
 //! padding), which the base64 keys the README suggests are. Values are read raw and
-//! percent-decoded up to [`MAX_LAYERS`] times; JSON bodies also once parsed, escapes undone.
+//! percent-decoded up to [`MAX_LAYERS`] times, each layer also with `+` read as a space
+//! the way form decoding does (`note=see+KEY+now`); JSON bodies also once parsed, escapes
+//! undone.
 //! The work is bounded: each byte of a value is hashed a small constant number of times per
 //! layer, and values are bounded by the body and head limits.
 
@@ -71,7 +73,11 @@ impl<'a> KeyScan<'a> {
         }
         let mut layer = Cow::Borrowed(text);
         for depth in 0..=MAX_LAYERS {
-            if tokens(&layer).any(|t| candidates(t).any(|c| self.clients.is_some_key(c))) {
+            if self.key_token_in(&layer) {
+                return true;
+            }
+            // `+` is a key byte and a form's space: read both ways.
+            if layer.contains(&b'+') && self.key_token_in(&plus_as_space(&layer)) {
                 return true;
             }
             if depth == MAX_LAYERS || !layer.contains(&b'%') {
@@ -81,6 +87,17 @@ impl<'a> KeyScan<'a> {
         }
         false
     }
+
+    fn key_token_in(&self, text: &[u8]) -> bool {
+        tokens(text).any(|t| candidates(t).any(|c| self.clients.is_some_key(c)))
+    }
+}
+
+/// `text` with each `+` a space, as form decoding reads it.
+fn plus_as_space(text: &[u8]) -> Vec<u8> {
+    text.iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect()
 }
 
 /// A byte a key may contain.
@@ -189,6 +206,9 @@ mod tests {
             format!("note={OTHER}&x=1"),
             format!("text/html, {OTHER}"),
             format!("see {OTHER}."),
+            format!("note=see+{OTHER}+now"),
+            format!("+{OTHER}+=1"),
+            format!("note=see+{}+now", OTHER.replace('=', "%3D")),
             format!("a=%{}", hex_all(OTHER)),
             format!("a=%25{}", hex_all(OTHER).replace('%', "%25")),
             encoded,

@@ -192,10 +192,15 @@ impl TokenManager {
         };
         registered?;
         if !file::sendable(inner.lock().record.access.expose()) {
+            let next = if inner.refreshable(&inner.lock()) {
+                "a refresh is tried at once"
+            } else {
+                "no refresh is possible (no OAuth or no refresh token); write a corrected token file"
+            };
             tracing::warn!(
                 "the upstream token loaded cannot be sent upstream (longer than 4096 bytes, \
                  or holding spaces, tabs, controls or non-ASCII): /readyz reports not ready and requests \
-                 answer 503 until a refresh or a corrected token file replaces it"
+                 answer 503 until a new token replaces it; {next}"
             );
         }
         tracing::info!(generation, "upstream token loaded");

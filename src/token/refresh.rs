@@ -295,9 +295,17 @@ fn plan(inner: &Inner) -> Plan {
     if matches!(inner.source, Source::Env) {
         return Plan::Stop;
     }
-    let state = inner.lock();
+    let mut state = inner.lock();
     if state.reauth || !inner.refreshable(&state) {
         return Plan::WatchFile;
+    }
+    // A token no request can carry is worth nothing until it expires: replace it now. Only
+    // once: an upstream that grants unsendable tokens is not asked again every second.
+    if state.refreshed_at.is_none() && !super::file::sendable(state.record.access.expose()) {
+        return Plan::RefreshAt {
+            at: Instant::now(),
+            generation: state.generation,
+        };
     }
     let Some(expires) = state.expires else {
         // No known expiry: only an upstream 401 can tell; refresh_after_rejection handles it.
@@ -307,6 +315,17 @@ fn plan(inner: &Inner) -> Plan {
     // or a short-lived token would be refreshed again the moment it arrives.
     let lifetime = expires.saturating_duration_since(state.obtained);
     let lead = inner.refresh_before.min(lifetime / 2);
+    if lead < inner.refresh_before && state.lead_warned != state.generation {
+        state.lead_warned = state.generation;
+        warn!(
+            generation = state.generation,
+            lifetime_s = lifetime.as_secs(),
+            refresh_before_s = inner.refresh_before.as_secs(),
+            lead_s = lead.as_secs(),
+            "token lives less than twice token.refresh_before: refreshed half its lifetime \
+             ahead instead, so a short-lived token is not refreshed the moment it arrives"
+        );
+    }
     let mut at = expires.checked_sub(lead).unwrap_or(expires);
     if let Some(last) = state.refreshed_at {
         at = at.max(last + MIN_REFRESH_GAP);

@@ -47,6 +47,8 @@ pub(crate) struct State {
     pub refused_retry_at: Option<Instant>,
     pub last_refresh: Option<SystemTime>,
     pub refreshed_at: Option<Instant>,
+    /// The generation last warned about refreshing earlier than `refresh_before` asks.
+    pub lead_warned: u64,
     /// Consecutive failed refreshes.
     pub failures: u64,
     pub reauth: bool,
@@ -74,6 +76,7 @@ impl State {
             refused_retry_at: None,
             last_refresh: None,
             refreshed_at: None,
+            lead_warned: 0,
             failures: 0,
             reauth: false,
             last_failure: None,

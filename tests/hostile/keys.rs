@@ -148,6 +148,27 @@ async fn another_clients_key_is_never_forwarded() {
             String::new(),
         ),
         (
+            "a query value with `+` for spaces",
+            Method::GET,
+            format!("{path}?note=see+{OTHER}+now"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a short key with `+` for spaces",
+            Method::GET,
+            format!("{path}?note=see+{SHORT}+now"),
+            vec![],
+            String::new(),
+        ),
+        (
+            "a query name with `+` for spaces",
+            Method::GET,
+            format!("{path}?+{OTHER}+=1"),
+            vec![],
+            String::new(),
+        ),
+        (
             "twice percent-encoded",
             Method::GET,
             format!("{path}?q={}", percent_all(OTHER).replace('%', "%25")),
@@ -195,6 +216,20 @@ async fn another_clients_key_is_never_forwarded() {
             path.into(),
             vec![("content-type", "application/x-www-form-urlencoded".into())],
             format!("note={OTHER}"),
+        ),
+        (
+            "a form value with `+` for spaces",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "application/x-www-form-urlencoded".into())],
+            format!("note=+{OTHER}+"),
+        ),
+        (
+            "a form name with `+` for spaces",
+            Method::POST,
+            path.into(),
+            vec![("content-type", "application/x-www-form-urlencoded".into())],
+            format!("+{OTHER}+=1"),
         ),
         (
             "a multipart field",

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+const SECOND: Duration = Duration::from_secs(1);
+
 use super::*;
 use crate::token::file;
 use crate::token::*;
@@ -62,6 +64,68 @@ async fn the_refresher_renews_ahead_of_expiry() {
         status["last_refresh"].is_string(),
         "expected a last_refresh time in {status}"
     );
+    refresher.abort();
+}
+
+/// A held token no request can carry (a tab in it) is refreshed at once, not at its expiry.
+#[tokio::test(start_paused = true)]
+async fn an_unsendable_token_is_refreshed_at_once() {
+    let dir = TempDir::new();
+    write_token(
+        &dir.file(),
+        "sim\ttoken",
+        Some("refresh-0"),
+        Some(60 * MINUTE),
+    );
+    let server = TokenServer::start("refresh-0", 3600).await;
+    let registry = prometheus::Registry::new();
+    let tokens = manager(server.settings(dir.file(), 10 * MINUTE), &registry).await;
+    let refresher = tokens.spawn_refresher();
+    eventually("a refresh in place of the unsendable token", || {
+        generation(&tokens) == 2
+    })
+    .await;
+    assert_eq!(server.state().calls, 1, "expected one refresh");
+    let current = tokens.current().expect("a usable token");
+    assert_eq!(current.access.expose(), "access-token-0001");
+    refresher.abort();
+}
+
+/// A token living less than twice `refresh_before` is refreshed half its lifetime ahead,
+/// and that is warned about once for the token, not on every look at the schedule.
+#[tokio::test(start_paused = true)]
+async fn a_shortened_lead_is_warned_once_per_token() {
+    let dir = TempDir::new();
+    write_token(
+        &dir.file(),
+        "access-0",
+        Some("refresh-0"),
+        Some(100 * SECOND),
+    );
+    let server = TokenServer::start("refresh-0", 100).await;
+    let registry = prometheus::Registry::new();
+    let tokens = manager(server.settings(dir.file(), 10 * MINUTE), &registry).await;
+    let refresher = tokens.spawn_refresher();
+    tokio::time::advance(40 * SECOND).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        server.state().calls,
+        0,
+        "expected no refresh before half the life"
+    );
+    assert_eq!(
+        tokens.inner.lock().lead_warned,
+        1,
+        "expected the first token warned"
+    );
+    eventually("a refresh at half the lifetime", || {
+        generation(&tokens) == 2
+    })
+    .await;
+    eventually("the new token warned", || {
+        tokens.inner.lock().lead_warned == 2
+    })
+    .await;
     refresher.abort();
 }
 
