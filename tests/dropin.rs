@@ -18,7 +18,12 @@ use common::{Answer, Env, ACCESS, BIG_BUDGET, KEY, REFRESH};
 
 /// The `[[routes]]` of `config/cxgate.toml`, as shipped.
 fn shipped_routes() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml");
+    routes_of("config/cxgate.toml")
+}
+
+/// The `[[routes]]` of a shipped config file.
+fn routes_of(file: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let text = std::fs::read_to_string(&path).expect("read the shipped config");
     let at = text
         .find("[[routes]]")
@@ -328,11 +333,11 @@ struct Client {
 
 impl Client {
     async fn start() -> Client {
-        let env = common::start(
-            SimOptions::default(),
-            &format!("{BIG_BUDGET}{}", shipped_routes()),
-        )
-        .await;
+        Client::over(shipped_routes()).await
+    }
+
+    async fn over(routes: String) -> Client {
+        let env = common::start(SimOptions::default(), &format!("{BIG_BUDGET}{routes}")).await;
         Client {
             env,
             auth: format!("Bearer {KEY}"),
@@ -380,6 +385,90 @@ impl Client {
         let a = self.call(method.clone(), path, form).await;
         assert_eq!(a.status, 200, "{method} {path}: expected 200, saw {a:?}");
         a.json()["response"].clone()
+    }
+}
+
+/// The demo's route table, too, drops what each write the public clients make changes: a
+/// contact written by its own id, a mention deleted, a message added, a team created.
+#[tokio::test]
+async fn the_demo_routes_invalidate_what_writes_change() {
+    for file in ["config/demo.toml", "config/cxgate.toml"] {
+        let c = Client::over(routes_of(file)).await;
+        let profile = "/12345/inbox/contact/twitter/42";
+        c.cached(profile).await;
+        let crm = enc(r#"{"crm":{"company":"X"}}"#);
+        c.write(
+            Method::POST,
+            "/12345/inbox/contact/twitter_42",
+            &format!("updates={crm}"),
+        )
+        .await;
+        let after = c.read(profile).await;
+        assert_eq!(
+            after["crm"]["company"], "X",
+            "{file}: expected the write by contact id in the profile read, saw {after}"
+        );
+        let by_id = "/12345/inbox/contact/twitter_42";
+        c.cached(by_id).await;
+        let crm = enc(r#"{"crm":{"company":"Y"}}"#);
+        c.write(Method::POST, profile, &format!("updates={crm}"))
+            .await;
+        let after = c.read(by_id).await;
+        assert_eq!(
+            after["crm"]["company"], "Y",
+            "{file}: expected the write by profile in the id read, saw {after}"
+        );
+
+        let list = "/12345/inbox/mentions?limit=5";
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["id"].as_str().map(str::to_string))
+                .collect()
+        };
+        let first = c.cached(list).await;
+        let victim = first["data"][0].clone();
+        let path = format!(
+            "/12345/inbox/mention/{}/{}",
+            victim["topic"]["id"]
+                .as_u64()
+                .or(victim["topic_id"].as_u64())
+                .expect("topic"),
+            victim["id"].as_str().expect("id")
+        );
+        c.write(Method::DELETE, &path, "").await;
+        let after = ids(&c.read(list).await);
+        assert!(
+            !after.contains(&victim["id"].as_str().unwrap_or("").to_string()),
+            "{file}: expected {path} gone from the list, saw {after:?}"
+        );
+
+        c.cached(list).await;
+        let added = enc(r#"[{"message":"fresh words"}]"#);
+        c.write(
+            Method::POST,
+            "/12345/inbox/add",
+            &format!("mentions={added}"),
+        )
+        .await;
+        let listed = c.read(list).await;
+        assert!(
+            listed.to_string().contains("fresh words"),
+            "{file}: expected the added message listed, saw {listed}"
+        );
+
+        let teams = "/12345/settings/teams";
+        c.cached(teams).await;
+        let team = enc(r#"{"name":"Night shift"}"#);
+        c.write(Method::POST, teams, &format!("team={team}")).await;
+        let after = c.read(teams).await;
+        assert!(
+            names(&after).contains(&"Night shift".to_string()),
+            "{file}: expected the new team listed, saw {after}"
+        );
+        c.env.stop().await;
     }
 }
 

@@ -119,13 +119,15 @@ async fn api_call(
         Ok(params) => params,
         Err(e) => return e.reply(),
     };
-    let from_query = || {
+    // As the API: the header, the query string, or a field of the form body.
+    let from_params = || {
         query
             .iter()
+            .chain(form.iter())
             .find(|(k, _)| k == "access_token")
             .map(|(_, v)| v.clone())
     };
-    let Some(token) = bearer.or_else(from_query) else {
+    let Some(token) = bearer.or_else(from_params) else {
         return unauthorized(
             sim,
             "no access token: send Authorization: Bearer or access_token",
@@ -242,21 +244,21 @@ type Pairs = Vec<(String, String)>;
 enum BodyError {
     #[error("the request body is larger than {MAX_BODY} bytes or broken")]
     TooLarge,
-    #[error("a JSON body must be an object")]
-    NotObject,
+    #[error("the API takes form bodies (application/x-www-form-urlencoded), not JSON")]
+    Json,
 }
 
 impl BodyError {
     fn reply(&self) -> Reply {
         let (status, kind) = match self {
             BodyError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            BodyError::NotObject => (StatusCode::BAD_REQUEST, "invalid_request"),
+            BodyError::Json => (StatusCode::BAD_REQUEST, "invalid_request"),
         };
         reply::error(status, kind, &self.to_string())
     }
 }
 
-/// The query pairs and the body's pairs (form or JSON object).
+/// The query pairs and the form body's pairs.
 async fn read_params(req: Request<Incoming>) -> Result<(Pairs, Pairs), BodyError> {
     let (parts, body) = req.into_parts();
     let query: Pairs = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
@@ -277,21 +279,13 @@ fn body_pairs(headers: &HeaderMap, bytes: &Bytes) -> Result<Pairs, BodyError> {
     let json = headers
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !json {
-        return Ok(form_urlencoded::parse(bytes).into_owned().collect());
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .is_some_and(|v| v == "application/json" || v.ends_with("+json"));
+    if json {
+        return Err(BodyError::Json);
     }
-    // A JSON object body is accepted as well: string fields as they are, others as JSON text.
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(serde_json::Value::Object(map)) => Ok(map
-            .into_iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => (k, s),
-                other => (k, other.to_string()),
-            })
-            .collect()),
-        _ => Err(BodyError::NotObject),
-    }
+    Ok(form_urlencoded::parse(bytes).into_owned().collect())
 }
 
 #[cfg(test)]

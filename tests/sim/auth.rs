@@ -273,3 +273,41 @@ async fn over_the_limit_is_a_400_rate_limit_reached_by_default() {
     );
     peer.sim.shutdown().await;
 }
+
+/// As the API: the token may be a field of a form body (a browser client sends it so), and
+/// a JSON body is refused with a 400, since the API takes form bodies only.
+#[tokio::test]
+async fn form_body_token_accepted_json_body_refused() {
+    let peer = start(SimOptions::default()).await;
+    let body = form(&[
+        ("access_token", "sim-token"),
+        ("mentions", r#"[{"message":"from a browser"}]"#),
+    ]);
+    let added = peer
+        .send(Method::POST, "/12345/inbox/add", None, Some(&body))
+        .await;
+    assert_eq!(
+        added.status,
+        StatusCode::OK,
+        "expected the form-body token to authenticate, saw {:?}",
+        String::from_utf8_lossy(&added.bytes)
+    );
+    let req = http::Request::post(format!("{}/12345/inbox/add", peer.sim.base_url()))
+        .header("authorization", "Bearer sim-token")
+        .header("content-type", "application/json; charset=utf-8")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            r#"{"message":"as JSON"}"#,
+        )))
+        .expect("request");
+    let resp = peer.http.request(req).await.expect("an answer");
+    let status = resp.status().as_u16();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body")
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    assert_eq!(status, 400, "expected a JSON body refused, saw {body}");
+    assert_eq!(body["error"], "invalid_request", "saw {body}");
+    assert_eq!(body["meta"]["code"], 400, "saw {body}");
+    peer.sim.shutdown().await;
+}
