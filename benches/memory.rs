@@ -248,13 +248,14 @@ async fn live_per_entry(n: u64, headers: bool, tags: bool, body: bool) -> f64 {
     }
     // Serve each once, as the gateway does: a hit's first use may allocate (bytes' shared
     // header), which belongs to the entry.
+    // Keys are hashed to 32 bits: at 100,000 entries about one pair collides, and the later
+    // one takes the earlier one's place (a miss, never a wrong answer).
     for id in 1..=n {
         let path = format!("/{ACCOUNT}/inbox/contact/twitter/{id}");
-        let hit = store
-            .get(&cache_key(&http::Method::GET, &path, None), &none)
-            .await
-            .expect("a stored entry");
-        drop(hit.body());
+        let key = cache_key(&http::Method::GET, &path, None);
+        if let Some(hit) = store.get(&key, &none).await {
+            drop(hit.body());
+        }
     }
     store.run_pending_tasks().await;
     let live = LIVE.load(Ordering::Relaxed).saturating_sub(before);
