@@ -461,7 +461,7 @@ impl Budget {
                     drop(ledger);
                     return Err(self.refuse_shared(client, Which::Upstream, wait));
                 }
-                if !ledger.upstream.learning() {
+                if !ledger.upstream.waits_for_landing(hold.cost, now) {
                     let seq = ledger.upstream.spend(hold.cost);
                     hold.spent = Some(seq);
                     break (Ask::new(&ledger, client, cost), seq);
