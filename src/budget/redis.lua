@@ -35,10 +35,20 @@ if mode == 'seen' then
   local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
   if remaining < 0 then return {0} end
   local left = math.max(remaining - inflight, 0)
+  -- The upstream itself said stop: the pause every replica obeys. A 0 reached only by
+  -- calls still out is no pause (see the take below).
+  if remaining == 0 and reset_ms > 0 then
+    local untl = now + reset_ms * 1000
+    if untl > load(KEYS[3]) then store(KEYS[3], untl) end
+  end
   local cur = tonumber(redis.call('GET', KEYS[4]))
   local ttl = redis.call('PTTL', KEYS[4])
   if cur ~= nil and ttl > 0 and (reset_ms == 0 or math.abs(ttl - reset_ms) < 1500) then
-    if left < cur then redis.call('SET', KEYS[4], left, 'KEEPTTL') end
+    -- Within a window a report only lowers the count, except a 0 our own calls reached:
+    -- once none is out, the upstream's word is the count again.
+    if left < cur or (cur < 1 and inflight == 0) then
+      redis.call('SET', KEYS[4], left, 'KEEPTTL')
+    end
   else
     if reset_ms <= 0 then reset_ms = tonumber(ARGV[5]) end
     redis.call('SET', KEYS[4], left, 'PX', reset_ms)
@@ -85,7 +95,8 @@ if mode == 'peek' then
     local ttl = redis.call('PTTL', KEYS[4])
     if ttl > 0 then
       shown = math.max(math.floor(allow), 0)
-      if allow < 1 then dry = math.min(ttl * 1000, longest) end
+      local out = tonumber(redis.call('GET', KEYS[5])) or 0
+      if allow < 1 and out <= 0 then dry = math.min(ttl * 1000, longest) end
     end
   end
   return {left, dry, resumes(), shown}
@@ -123,6 +134,10 @@ end
 local allow = tonumber(redis.call('GET', KEYS[4]))
 if allow ~= nil and allow < cost then
   local ttl = redis.call('PTTL', KEYS[4])
+  -- Used up by calls still out (on any replica): their answers say what is left, so ask
+  -- again in a second rather than at the reset.
+  local out = tonumber(redis.call('GET', KEYS[5])) or 0
+  if ttl > 0 and out > 0 then return {3, math.min(ttl * 1000, 1000000)} end
   if ttl > 0 then return {3, ttl * 1000} end
 end
 

@@ -888,6 +888,51 @@ mod tests {
         );
     }
 
+    /// An allowance the replicas' own calls out have used up is no shared pause: a refusal
+    /// asks back in a second, not at the reset an hour ahead.
+    #[tokio::test]
+    async fn an_allowance_used_up_by_calls_out_is_no_shared_pause() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let (budget, _redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB4").await;
+        let mut two = http::HeaderMap::new();
+        two.insert("x-ratelimit-remaining", http::HeaderValue::from_static("2"));
+        two.insert("x-ratelimit-reset", http::HeaderValue::from_static("3600"));
+        let first = budget
+            .admit("other", NonZeroU32::MIN)
+            .await
+            .expect("first call");
+        budget.observe_answer(http::StatusCode::OK, &two, b"", first.ticket);
+        let mut out = Vec::new();
+        for i in 0..2 {
+            let admitted = budget.admit("other", NonZeroU32::MIN).await;
+            out.push(admitted.unwrap_or_else(|e| panic!("expected call {i} of 2, saw {e:?}")));
+        }
+        let refused = budget
+            .admit("other", NonZeroU32::MIN)
+            .await
+            .expect_err("expected the third refused while two are out");
+        assert!(
+            refused.retry_after <= Duration::from_secs(1),
+            "expected a Retry-After of a second, saw {refused:?}"
+        );
+        let status = budget.status_now().await;
+        assert_eq!(
+            status["upstream"]["pause_source"],
+            serde_json::Value::Null,
+            "expected no pause in force, saw {status}"
+        );
+        for admitted in out {
+            budget.observe_answer(http::StatusCode::OK, &two, b"", admitted.ticket);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            budget.admit("other", NonZeroU32::MIN).await.is_ok(),
+            "expected calls again once the answers said 2 remain"
+        );
+    }
+
     /// With Redis gone every admission still gets an answer, on the divided share; when
     /// Redis is back the shared script is used again.
     #[tokio::test]
