@@ -17,7 +17,7 @@
 //! call answered so far is the allowance (a report older than the one applied is ignored, so
 //! out-of-order answers never raise it, and a fresh one may); a report only ever lengthens a
 //! pause (a late answer to an old request must not lift a fresh one), except the probe's own
-//! answer; no pause is longer than the upstream's window. A reset passing does not make the
+//! answer; no pause is longer than the upstream's window (the longest reset it has named). A reset passing does not make the
 //! count unknown again: the window that starts then is full, and the shares pace it.
 //! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
 //! turned into that clock once, when they arrive.
@@ -122,15 +122,15 @@ impl Upstream {
     }
 
     /// The longest pause allowed: the upstream's window. Once a `Reset` has shown it, the
-    /// longer of that and the configured period; until then the longer of the configured
-    /// period and an hour, the window the real API counts over.
+    /// longest reset named; until then the longer of the configured period and an hour,
+    /// the window the real API counts over.
     fn longest(&self) -> u64 {
-        let floor = if self.learned_window > 0 {
-            self.learned_window
-        } else {
-            nanos(ASSUMED_WINDOW)
-        };
-        self.window.max(floor).min(nanos(LONGEST_PAUSE))
+        if self.learned_window > 0 {
+            return self.learned_window.min(nanos(LONGEST_PAUSE));
+        }
+        self.window
+            .max(nanos(ASSUMED_WINDOW))
+            .min(nanos(LONGEST_PAUSE))
     }
 
     /// The blind pause (a minute, or the window if shorter), in nanoseconds.
@@ -312,10 +312,6 @@ impl Upstream {
         }
         if remaining.is_some() && fresh {
             self.reported = remaining;
-        }
-        if !limited && remaining == Some(0) && reset_value.is_some() && reset.is_none() {
-            // Nothing left, but the reset it names has passed: the window is new already.
-            return;
         }
         if limited || remaining == Some(0) {
             // A Retry-After of 0 or a date already past names no time to wait: obeyed, it
@@ -686,8 +682,13 @@ mod tests {
         up.observe(StatusCode::OK, &h, 0, wall());
         assert_eq!(
             up.paused_for(0),
-            None,
-            "expected a past reset to pause nothing"
+            Some(60 * SEC),
+            "expected Remaining 0 with a past reset to start the blind minute"
+        );
+        assert_eq!(up.blocked(1, 60 * SEC), None, "expected one probe after it");
+        assert!(
+            up.blocked(1, 60 * SEC).is_some(),
+            "expected the others held while the probe is out"
         );
     }
 
@@ -793,6 +794,27 @@ mod tests {
             up.paused_for(0),
             Some(10 * SEC),
             "expected years cut to 10 s"
+        );
+    }
+
+    #[test]
+    fn a_learnt_window_cuts_the_blind_minute_and_every_pause() {
+        let mut up = Upstream::default();
+        up.set_window(Duration::from_secs(3600));
+        let ok = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(20)]);
+        up.observe(StatusCode::OK, &ok, 0, wall());
+        up.read(true, &HeaderMap::new(), None, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(20 * SEC),
+            "expected a bare limit answer's blind minute cut to the 20 s window"
+        );
+        let h = headers(&[("retry-after", "3000".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(20 * SEC),
+            "expected Retry-After 3000 cut to the longest reset named"
         );
     }
 
