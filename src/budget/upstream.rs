@@ -124,7 +124,7 @@ impl Upstream {
     /// The longest pause allowed: the upstream's window. Once a `Reset` has shown it, the
     /// longest reset named; until then the longer of the configured period and an hour,
     /// the window the real API counts over.
-    fn longest(&self) -> u64 {
+    pub(crate) fn longest(&self) -> u64 {
         if self.learned_window > 0 {
             return self.learned_window.min(nanos(LONGEST_PAUSE));
         }
