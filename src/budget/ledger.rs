@@ -183,7 +183,7 @@ impl Ledger {
             });
         }
         // Refused by a share first: its wait is the truer Retry-After.
-        if self.upstream.learning() {
+        if self.upstream.waits_for_landing(u64::from(cost.get()), now) {
             return Ok(Step::Learning);
         }
         let own = own.map(|g| g.reserve(cost, 0, now));
@@ -215,7 +215,7 @@ impl Ledger {
                 wait,
             });
         }
-        if self.upstream.learning() {
+        if self.upstream.waits_for_landing(u64::from(cost.get()), now) {
             return Ok(None);
         }
         Ok(Some(self.grant(cost, hold, now)))

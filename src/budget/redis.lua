@@ -25,6 +25,18 @@ local function earliest(tat, cost, interval, usable)
 end
 
 local mode = ARGV[1]
+-- The shared allowance, if it holds a whole count; anything else (a stray or tampered key:
+-- "abc", "1e9", more digits than a count has) is absent, and deleted so the next report
+-- sets it afresh.
+local function allowance()
+  local raw = redis.call('GET', KEYS[4])
+  if not raw then return nil end
+  if not string.match(raw, '^%d+$') or #raw > 15 then
+    redis.call('DEL', KEYS[4])
+    return nil
+  end
+  return tonumber(raw)
+end
 local function land(cost)
   local n = (tonumber(redis.call('GET', KEYS[5])) or 0) - cost
   if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
@@ -35,10 +47,20 @@ if mode == 'seen' then
   local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
   if remaining < 0 then return {0} end
   local left = math.max(remaining - inflight, 0)
-  local cur = tonumber(redis.call('GET', KEYS[4]))
+  -- The upstream itself said stop: the pause every replica obeys. A 0 reached only by
+  -- calls still out is no pause (see the take below).
+  if remaining == 0 and reset_ms > 0 then
+    local untl = now + reset_ms * 1000
+    if untl > load(KEYS[3]) then store(KEYS[3], untl) end
+  end
+  local cur = allowance()
   local ttl = redis.call('PTTL', KEYS[4])
   if cur ~= nil and ttl > 0 and (reset_ms == 0 or math.abs(ttl - reset_ms) < 1500) then
-    if left < cur then redis.call('SET', KEYS[4], left, 'KEEPTTL') end
+    -- Within a window a report only lowers the count, except a 0 our own calls reached:
+    -- once none is out, the upstream's word is the count again.
+    if left < cur or (cur < 1 and inflight == 0) then
+      redis.call('SET', KEYS[4], left, 'KEEPTTL')
+    end
   else
     if reset_ms <= 0 then reset_ms = tonumber(ARGV[5]) end
     redis.call('SET', KEYS[4], left, 'PX', reset_ms)
@@ -62,7 +84,7 @@ if mode == 'resume' then
   local n = 0
   local pause = tonumber(redis.call('GET', KEYS[3]))
   if pause ~= nil and pause > now then n = 1 end
-  local allow = tonumber(redis.call('GET', KEYS[4]))
+  local allow = allowance()
   if allow ~= nil and allow < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
   redis.call('DEL', KEYS[3], KEYS[4])
   local e = resumes() + 1
@@ -79,13 +101,14 @@ if mode == 'peek' then
   local left, dry = 0, 0
   local pause = tonumber(redis.call('GET', KEYS[3]))
   if pause ~= nil and pause > now then left = math.min(pause - now, longest) end
-  local allow = tonumber(redis.call('GET', KEYS[4]))
+  local allow = allowance()
   local shown = -1
   if allow ~= nil then
     local ttl = redis.call('PTTL', KEYS[4])
     if ttl > 0 then
       shown = math.max(math.floor(allow), 0)
-      if allow < 1 then dry = math.min(ttl * 1000, longest) end
+      local out = tonumber(redis.call('GET', KEYS[5])) or 0
+      if allow < 1 and out <= 0 then dry = math.min(ttl * 1000, longest) end
     end
   end
   return {left, dry, resumes(), shown}
@@ -129,10 +152,14 @@ if pause ~= nil and pause > now then
   return {3, pause - now}
 end
 
-local allow = tonumber(redis.call('GET', KEYS[4]))
+local allow = allowance()
 if allow ~= nil and allow < cost then
   local ttl = redis.call('PTTL', KEYS[4])
-  if ttl > 0 then return {3, ttl * 1000} end
+  -- Used up by calls still out (on any replica): their answers say what is left, so ask
+  -- again in a second rather than at the reset.
+  local out = tonumber(redis.call('GET', KEYS[5])) or 0
+  if ttl > 0 and out > 0 then return {3, math.min(ttl * 1000, 1000000)} end
+  if ttl > 0 then return {3, math.min(ttl * 1000, tonumber(ARGV[9]))} end
 end
 
 local g = bounded(KEYS[1], gi * gu + max_wait + owed)

@@ -131,7 +131,7 @@ impl Shared {
             own.map_or(0, |o| o.usable).to_string(),
             (max_wait / 1000).to_string(),
             owed.to_string(),
-            super::upstream::LONGEST_PAUSE.as_micros().to_string(),
+            ask.longest_us.to_string(),
         ];
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
@@ -313,6 +313,9 @@ struct Ask {
     max_wait: u64,
     global: Cells,
     own: Option<Cells>,
+    /// The longest pause the upstream's window allows, in µs: no stored pause or expiry
+    /// read from Redis waits longer.
+    longest_us: u64,
 }
 
 impl Ask {
@@ -329,6 +332,7 @@ impl Ask {
             max_wait,
             global: Cells::of(&ledger.global_share, hold),
             own,
+            longest_us: ledger.upstream.longest() / 1000,
         }
     }
 }
@@ -488,7 +492,7 @@ impl Budget {
                     drop(ledger);
                     return Err(self.refuse_shared(client, Which::Upstream, wait));
                 }
-                if !ledger.upstream.learning() {
+                if !ledger.upstream.waits_for_landing(hold.cost, now) {
                     let seq = ledger.upstream.spend(hold.cost);
                     hold.spent = Some(seq);
                     break (Ask::new(&ledger, client, cost), seq);
@@ -956,6 +960,101 @@ mod tests {
             }
         }
         assert!(redis.is_up(), "expected Redis to stay up");
+    }
+
+    /// An allowance the replicas' own calls out have used up is no shared pause: a refusal
+    /// asks back in a second, not at the reset an hour ahead.
+    #[tokio::test]
+    async fn an_allowance_used_up_by_calls_out_is_no_shared_pause() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let (budget, _redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB4").await;
+        let mut two = http::HeaderMap::new();
+        two.insert("x-ratelimit-remaining", http::HeaderValue::from_static("2"));
+        two.insert("x-ratelimit-reset", http::HeaderValue::from_static("3600"));
+        let first = budget
+            .admit("other", NonZeroU32::MIN)
+            .await
+            .expect("first call");
+        budget.observe_answer(http::StatusCode::OK, &two, b"", first.ticket);
+        let mut out = Vec::new();
+        for i in 0..2 {
+            let admitted = budget.admit("other", NonZeroU32::MIN).await;
+            out.push(admitted.unwrap_or_else(|e| panic!("expected call {i} of 2, saw {e:?}")));
+        }
+        let refused = budget
+            .admit("other", NonZeroU32::MIN)
+            .await
+            .expect_err("expected the third refused while two are out");
+        assert!(
+            refused.retry_after <= Duration::from_secs(1),
+            "expected a Retry-After of a second, saw {refused:?}"
+        );
+        let status = budget.status_now().await;
+        assert_eq!(
+            status["upstream"]["pause_source"],
+            serde_json::Value::Null,
+            "expected no pause in force, saw {status}"
+        );
+        for admitted in out {
+            budget.observe_answer(http::StatusCode::OK, &two, b"", admitted.ticket);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            budget.admit("other", NonZeroU32::MIN).await.is_ok(),
+            "expected calls again once the answers said 2 remain"
+        );
+    }
+
+    /// A shared allowance that is no count (a stray or tampered key) is absent, never a
+    /// script error, and a count's expiry days ahead is no pause past the window.
+    #[tokio::test]
+    async fn a_junk_or_far_shared_allowance_is_bounded() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB5").await;
+        let key = redis.key("budget:upstream_left");
+        let put = |value: &'static str| {
+            let (redis, key) = (redis.clone(), key.clone());
+            async move {
+                redis
+                    .run("test", |mut conn| async move {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(value)
+                            .arg("PX")
+                            .arg(864_000_000u64)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    })
+                    .await
+                    .expect("SET the key");
+            }
+        };
+        for junk in ["1e9", "abc", "99999999999999999999"] {
+            put(junk).await;
+            let admitted = budget.admit("other", NonZeroU32::MIN).await;
+            assert!(
+                admitted.is_ok() && redis.is_up(),
+                "{junk:?}: expected an admission with Redis up, saw {admitted:?}"
+            );
+            if let Ok(admitted) = admitted {
+                budget.call_failed(admitted.ticket);
+            }
+        }
+        // The flight is empty again: the 0 below is a pause to the key's expiry, capped.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        put("0").await;
+        let refused = budget
+            .admit("other", NonZeroU32::MIN)
+            .await
+            .expect_err("expected a dry allowance to refuse");
+        assert!(
+            refused.retry_after <= Duration::from_secs(3600),
+            "expected at most the hour's window, not ten days: {refused:?}"
+        );
     }
 
     /// With Redis gone every admission still gets an answer, on the divided share; when

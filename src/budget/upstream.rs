@@ -8,6 +8,8 @@
 //! pause or renews it. Every other `Remaining` becomes an allowance: that many cells until the
 //! reset, less the cells sent after the answered call and still unanswered (the upstream had
 //! not counted them yet), so the gateway never has more calls out than the upstream accepts.
+//! An allowance our own calls out have used up is no pause: the next call waits for one of
+//! them to land (within its `max_wait`), as only the upstream's word starts a pause.
 //! Until the first answer that is not a limit answer, nothing is known of what the upstream
 //! has left (another process may have spent it): one call goes alone and its answer decides,
 //! as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
@@ -15,7 +17,7 @@
 //! call answered so far is the allowance (a report older than the one applied is ignored, so
 //! out-of-order answers never raise it, and a fresh one may); a report only ever lengthens a
 //! pause (a late answer to an old request must not lift a fresh one), except the probe's own
-//! answer; no pause is longer than the upstream's window. A reset passing does not make the
+//! answer; no pause is longer than the upstream's window (the longest reset it has named). A reset passing does not make the
 //! count unknown again: the window that starts then is full, and the shares pace it.
 //! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
 //! turned into that clock once, when they arrive.
@@ -120,15 +122,15 @@ impl Upstream {
     }
 
     /// The longest pause allowed: the upstream's window. Once a `Reset` has shown it, the
-    /// longer of that and the configured period; until then the longer of the configured
-    /// period and an hour, the window the real API counts over.
-    fn longest(&self) -> u64 {
-        let floor = if self.learned_window > 0 {
-            self.learned_window
-        } else {
-            nanos(ASSUMED_WINDOW)
-        };
-        self.window.max(floor).min(nanos(LONGEST_PAUSE))
+    /// longest reset named; until then the longer of the configured period and an hour,
+    /// the window the real API counts over.
+    pub(crate) fn longest(&self) -> u64 {
+        if self.learned_window > 0 {
+            return self.learned_window.min(nanos(LONGEST_PAUSE));
+        }
+        self.window
+            .max(nanos(ASSUMED_WINDOW))
+            .min(nanos(LONGEST_PAUSE))
     }
 
     /// The blind pause (a minute, or the window if shorter), in nanoseconds.
@@ -141,10 +143,14 @@ impl Upstream {
         self.allowance.filter(|a| a.reset > now).map(|a| a.left)
     }
 
-    /// Nothing is known yet of what the upstream has left and a call is out to find out:
-    /// every other call waits for its answer.
-    pub(crate) fn learning(&self) -> bool {
-        !self.learned && !self.flying.is_empty()
+    /// A call of `cost` must wait for one in flight to land: nothing is known yet of what
+    /// the upstream has left and a call is out to find out, or the calls out have used up
+    /// the allowance (their answers say what is left; the upstream never said stop).
+    pub(crate) fn waits_for_landing(&self, cost: u64, now: u64) -> bool {
+        if self.flying.is_empty() {
+            return false;
+        }
+        !self.learned || self.allowance(now).is_some_and(|left| left < cost)
     }
 
     /// Other processes spend the same upstream limit: see `shared`.
@@ -192,13 +198,16 @@ impl Upstream {
                 self.allowance = None;
                 None
             }
-            Some(a) if a.left < cost => Some(a.reset - now),
+            // Only what the upstream said is left (no call of ours out) is too little: wait
+            // for its reset. A count our own calls used up waits for their answers instead,
+            // and with none out (they failed unanswered) one call goes to ask.
+            Some(a) if a.left < cost && a.left > 0 && self.flying.is_empty() => Some(a.reset - now),
             _ => None,
         }
     }
 
-    /// Counts `cost` cells against the allowance; spending the last one starts the pause.
-    /// Returns the call's sequence number: its cells are in flight until [`Upstream::read`],
+    /// Counts `cost` cells against the allowance; spending the last one starts no pause (the
+    /// upstream has not said stop), later calls wait for these to land. Returns the call's sequence number: its cells are in flight until [`Upstream::read`],
     /// [`Upstream::done`] or [`Upstream::give_back`] names it.
     pub(crate) fn spend(&mut self, cost: u64) -> u64 {
         let seq = self.next_seq;
@@ -206,11 +215,6 @@ impl Upstream {
         self.flying.insert(seq, cost);
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_sub(cost);
-            if a.left == 0 {
-                let reset = a.reset;
-                self.allowance = None;
-                self.pause_at_least(reset);
-            }
         }
         seq
     }
@@ -309,10 +313,6 @@ impl Upstream {
         if remaining.is_some() && fresh {
             self.reported = remaining;
         }
-        if !limited && remaining == Some(0) && reset_value.is_some() && reset.is_none() {
-            // Nothing left, but the reset it names has passed: the window is new already.
-            return;
-        }
         if limited || remaining == Some(0) {
             // A Retry-After of 0 or a date already past names no time to wait: obeyed, it
             // would send every request into the refusal. The reset decides, else the blind
@@ -364,11 +364,8 @@ impl Upstream {
             _ => left,
         };
         self.applied = Some(sent);
+        // A `left` of 0 here is our own calls out, not the upstream's word: no pause.
         self.allowance = Some(Allowance { left, reset });
-        if left == 0 {
-            self.allowance = None;
-            self.pause_at_least(reset);
-        }
     }
 
     fn alarm(&mut self, until: u64) {
@@ -602,18 +599,23 @@ mod tests {
             "expected cost 3 over an allowance of 2"
         );
         assert_eq!(up.blocked(1, 0), None, "expected the first call allowed");
-        up.spend(1);
+        let first = up.spend(1);
         assert_eq!(up.blocked(1, 0), None, "expected the second call allowed");
-        up.spend(1);
+        let last = up.spend(1);
         assert_eq!(
             up.paused_for(0),
-            Some(60 * SEC),
-            "expected the pause after the last call"
-        );
-        assert_eq!(
-            up.blocked(1, 60 * SEC),
             None,
-            "expected calls again at the reset"
+            "expected no pause: the upstream never said stop"
+        );
+        assert!(
+            up.waits_for_landing(1, 0),
+            "expected a third call to wait for the calls out"
+        );
+        up.done(first);
+        up.done(last);
+        assert!(
+            !up.waits_for_landing(1, 0) && up.blocked(1, 0).is_none(),
+            "expected one call to go and ask once none is out"
         );
     }
 
@@ -680,8 +682,13 @@ mod tests {
         up.observe(StatusCode::OK, &h, 0, wall());
         assert_eq!(
             up.paused_for(0),
-            None,
-            "expected a past reset to pause nothing"
+            Some(60 * SEC),
+            "expected Remaining 0 with a past reset to start the blind minute"
+        );
+        assert_eq!(up.blocked(1, 60 * SEC), None, "expected one probe after it");
+        assert!(
+            up.blocked(1, 60 * SEC).is_some(),
+            "expected the others held while the probe is out"
         );
     }
 
@@ -791,6 +798,27 @@ mod tests {
     }
 
     #[test]
+    fn a_learnt_window_cuts_the_blind_minute_and_every_pause() {
+        let mut up = Upstream::default();
+        up.set_window(Duration::from_secs(3600));
+        let ok = headers(&[("x-ratelimit-remaining", "5".into()), reset_in(20)]);
+        up.observe(StatusCode::OK, &ok, 0, wall());
+        up.read(true, &HeaderMap::new(), None, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(20 * SEC),
+            "expected a bare limit answer's blind minute cut to the 20 s window"
+        );
+        let h = headers(&[("retry-after", "3000".into())]);
+        up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+        assert_eq!(
+            up.paused_for(0),
+            Some(20 * SEC),
+            "expected Retry-After 3000 cut to the longest reset named"
+        );
+    }
+
+    #[test]
     fn a_blind_pause_ends_in_one_probe_whose_answer_decides() {
         let mut up = Upstream::default();
         up.read(true, &HeaderMap::new(), None, 0, wall());
@@ -825,11 +853,11 @@ mod tests {
         );
         let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(60)]);
         up.read(false, &h, Some(seqs[1]), 0, wall());
-        assert_eq!(up.allowance(0), None, "expected nothing left");
+        assert_eq!(up.allowance(0), Some(0), "expected nothing left");
         assert_eq!(
-            up.paused_for(0),
-            Some(60 * SEC),
-            "expected a pause to the reset when the calls out use up what remains"
+            (up.paused_for(0), up.waits_for_landing(1, 0)),
+            (None, true),
+            "expected calls out using up what remains to hold the next call, not pause"
         );
     }
 
@@ -851,22 +879,45 @@ mod tests {
     }
 
     #[test]
+    fn calls_in_flight_using_up_a_constant_remaining_never_pause() {
+        // An upstream that always answers `Remaining: 2`, an hour from its reset, with three
+        // calls out at a time: the third waits for an answer, none ever pauses.
+        let mut up = Upstream::default();
+        let h = headers(&[("x-ratelimit-remaining", "2".into()), reset_in(3600)]);
+        let first = up.spend(1);
+        up.read(false, &h, Some(first), 0, wall());
+        for round in 0..5 {
+            let (a, b) = (up.spend(1), up.spend(1));
+            assert!(
+                up.blocked(1, 0).is_none() && up.waits_for_landing(1, 0),
+                "round {round}: expected a third call held for a landing, not refused"
+            );
+            up.read(false, &h, Some(a), 0, wall());
+            up.read(false, &h, Some(b), 0, wall());
+            assert_eq!(
+                (up.paused_for(0), up.alarms()),
+                (None, 0),
+                "round {round}: expected no pause, the upstream never said 0"
+            );
+        }
+    }
+
+    #[test]
     fn a_real_countdown_is_obeyed_exactly() {
         let mut up = Upstream::default();
         let first = up.spend(1);
         let h = |left: u64| headers(&[("x-ratelimit-remaining", left.to_string()), reset_in(60)]);
         up.read(false, &h(3), Some(first), 0, wall());
         let out: Vec<u64> = (0..3).map(|_| up.spend(1)).collect();
-        assert_eq!(
-            up.paused_for(0),
-            Some(60 * SEC),
+        assert!(
+            up.waits_for_landing(1, 0),
             "expected the three calls out to use up the 3 left"
         );
         // Answered in any order, what they say leaves nothing for a fourth call.
         for (seq, left) in [(out[1], 1), (out[0], 2), (out[2], 0)] {
             up.read(false, &h(left), Some(seq), 0, wall());
             assert!(
-                up.blocked(1, 0).is_some(),
+                up.blocked(1, 0).is_some() || up.waits_for_landing(1, 0),
                 "after the answer saying {left}: expected no fourth call"
             );
         }
@@ -880,13 +931,19 @@ mod tests {
     #[test]
     fn until_a_first_answer_one_call_goes_alone() {
         let mut up = Upstream::default();
-        assert!(!up.learning(), "expected the first call free to go");
+        assert!(
+            !up.waits_for_landing(1, 0),
+            "expected the first call free to go"
+        );
         let first = up.spend(1);
-        assert!(up.learning(), "expected the others held while it is out");
+        assert!(
+            up.waits_for_landing(1, 0),
+            "expected the others held while it is out"
+        );
         up.read(false, &HeaderMap::new(), Some(first), 0, wall());
         up.spend(1);
         assert!(
-            !up.learning(),
+            !up.waits_for_landing(1, 0),
             "expected an answer without rate fields to leave the pacing to the shares"
         );
 
@@ -895,14 +952,17 @@ mod tests {
         up.read(true, &HeaderMap::new(), Some(first), 0, wall());
         up.spend(1);
         assert!(
-            up.learning(),
+            up.waits_for_landing(1, 0),
             "expected a limit answer to leave the count unknown: the next call goes alone"
         );
         let mut up = Upstream::default();
         let first = up.spend(1);
         up.done(first);
         up.spend(1);
-        assert!(up.learning(), "expected a failed call to teach nothing");
+        assert!(
+            up.waits_for_landing(1, 0),
+            "expected a failed call to teach nothing"
+        );
     }
 
     #[test]

@@ -43,44 +43,46 @@ async fn too_many_requests_pauses_everything_for_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_small_remaining_allows_that_many_then_pauses_until_reset() {
+async fn a_small_remaining_used_up_by_calls_out_waits_for_them_never_pauses() {
     let registry = Registry::new();
     let b = Budget::new(spec(share(100, 1000, 100), 1000, vec![]), &registry)
         .expect("a fresh registry takes the metrics");
     let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let mut h = HeaderMap::new();
     h.insert("x-ratelimit-remaining", HeaderValue::from_static("2"));
-    h.insert("x-ratelimit-reset", HeaderValue::from_static("1800000060"));
+    h.insert("x-ratelimit-reset", HeaderValue::from_static("1800003600"));
     b.observe_at(false, &h, None, wall);
+    let mut out = Vec::new();
     for i in 0..2 {
-        assert!(
-            b.admit("c", n(1)).await.is_ok(),
-            "expected allowed call {i} of 2"
-        );
+        let admitted = b.admit("c", n(1)).await;
+        out.push(admitted.unwrap_or_else(|e| panic!("expected allowed call {i} of 2, saw {e:?}")));
     }
+    // The third waits its max_wait (1 s) for one of the two to land, then gets a short
+    // Retry-After: the upstream never said 0, so nothing pauses for the hour.
     let want = Err(Rejected {
-        retry_after: Duration::from_secs(60),
+        retry_after: Duration::from_secs(1),
         budget: Which::Upstream,
     });
     assert_eq!(
         b.admit("c", n(1)).await,
         want,
-        "expected a pause until the reset"
+        "expected a short refusal after waiting for a landing"
     );
-    assert_eq!(
-        b.paused_for(),
-        Some(Duration::from_secs(60)),
-        "expected 60 s of pause"
-    );
+    assert_eq!(b.paused_for(), None, "expected no pause");
     assert_eq!(
         gauge(&registry),
         2.0,
         "expected the gauge to show the report"
     );
-    advance(Duration::from_secs(60)).await;
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.admit("c", n(1)).await }
+    });
+    tokio::task::yield_now().await;
+    b.observe_answer(StatusCode::OK, &h, b"", out[0].ticket);
     assert!(
-        b.admit("c", n(1)).await.is_ok(),
-        "expected calls again after the reset"
+        waiter.await.expect("the waiter does not panic").is_ok(),
+        "expected the waiting call admitted once an answer said 2 remain"
     );
 }
 
