@@ -170,25 +170,35 @@ pub(crate) fn serve(
         })),
         Extra::PublisherMentions => list(sim.writes.drafts(account), MAX_MENTIONS_PAGE),
         Extra::PublisherMention(id) => {
-            // Only the drafts `publisher/mentions` lists exist: reads, writes and deletes of
-            // any other id are 404, as a deleted draft is.
-            let Some(draft) = sim
+            // Like mentions, any draft id has a stable generated body until it is written
+            // or deleted; a deleted one is gone.
+            let gone = (account, 0, format!("draft:{id}"));
+            if sim.writes.mention_deleted(&gone) {
+                return not_found("draft");
+            }
+            let stored = sim
                 .writes
                 .drafts(account)
                 .into_iter()
-                .find(|d| d["id"] == id)
-            else {
-                return not_found("draft");
-            };
+                .find(|d| d["id"] == id);
+            let draft = stored.clone().unwrap_or_else(|| {
+                json!({"id": id, "account_id": account, "status": "draft",
+                       "fields": {"message": data::hash(&["draft", &id]) % 1000}})
+            });
             match *method {
                 Method::GET => reply::ok(draft),
                 Method::DELETE => {
                     sim.writes.change_draft(account, &id, None);
+                    sim.writes.delete_mention(gone);
                     sim.stats.incr(Counter::Writes);
                     reply::ok(json!(true))
                 }
                 _ => {
-                    sim.writes.change_draft(account, &id, Some(&fields(call)));
+                    let fields = fields(call);
+                    if stored.is_none() {
+                        sim.writes.add_draft(account, |_| draft.clone());
+                    }
+                    sim.writes.change_draft(account, &id, Some(&fields));
                     sim.stats.incr(Counter::Writes);
                     reply::ok(json!(true))
                 }

@@ -251,39 +251,3 @@ async fn shutdown_is_prompt_and_lets_requests_finish() {
         "expected a prompt shutdown, took {took:?}"
     );
 }
-
-/// A draft exists only once queued: reads, writes and deletes of an id the drafts list does
-/// not have are 404, and a deleted draft is gone.
-#[tokio::test]
-async fn only_queued_drafts_exist() {
-    let peer = start(SimOptions::default()).await;
-    for method in [Method::GET, Method::POST, Method::DELETE] {
-        let a = peer
-            .send(
-                method.clone(),
-                "/12345/publisher/mention/999",
-                Some("sim-token"),
-                Some("message=hi"),
-            )
-            .await;
-        assert_error(&a, 404, "not_found");
-    }
-    let queued = peer
-        .send(
-            Method::POST,
-            "/12345/publisher/add",
-            Some("sim-token"),
-            Some("message=hi&status=draft"),
-        )
-        .await
-        .json();
-    let id = queued["response"]["id"].as_str().expect("the draft's id");
-    let path = format!("/12345/publisher/mention/{id}");
-    assert_eq!(peer.get(&path).await.json()["response"]["id"], id);
-    let deleted = peer
-        .send(Method::DELETE, &path, Some("sim-token"), None)
-        .await;
-    assert_eq!(deleted.status, StatusCode::OK, "expected the draft deleted");
-    assert_error(&peer.get(&path).await, 404, "not_found");
-    peer.sim.shutdown().await;
-}
