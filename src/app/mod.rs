@@ -228,13 +228,14 @@ pub async fn start(
     let config = Arc::new(cfg);
     let gateway = Gateway::new(config.clone(), parts);
     let sweeper = gateway.cache().spawn_sweeper();
+    let shared_metrics = cache::SharedMetrics::register(&registry)?;
     if let Some(redis) = &redis {
         if config.cache.shared {
             let tier = cache::SharedTier::new(
                 redis.clone(),
                 config.cache.shared_max_entry_bytes,
-                &registry,
-            )?;
+                shared_metrics,
+            );
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }

@@ -109,15 +109,18 @@ fn groups(key: &str, tags: &[String]) -> Vec<String> {
     groups
 }
 
-impl SharedTier {
-    /// The tier on `redis`, refusing entries over `max_entry_bytes` once encoded, with
-    /// `cxgate_cache_shared_lookups_total{result}` and `cxgate_cache_shared_writes_total{result}`
-    /// registered on `registry` (every result at 0).
-    pub fn new(
-        redis: Redis,
-        max_entry_bytes: u64,
-        registry: &Registry,
-    ) -> Result<SharedTier, prometheus::Error> {
+/// The shared tier's counters, `cxgate_cache_shared_lookups_total{result}` and
+/// `cxgate_cache_shared_writes_total{result}`: registered on every gateway, every result at 0,
+/// so a scrape and the dashboard see them whether the tier is on or not.
+#[derive(Clone)]
+pub struct SharedMetrics {
+    lookups: IntCounterVec,
+    writes: IntCounterVec,
+}
+
+impl SharedMetrics {
+    /// Registers both counters on `registry`.
+    pub fn register(registry: &Registry) -> Result<SharedMetrics, prometheus::Error> {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "cxgate_cache_shared_lookups_total",
@@ -141,12 +144,20 @@ impl SharedTier {
         for result in ["stored", "invalidated", "too_large", "error"] {
             writes.with_label_values(&[result]);
         }
-        Ok(SharedTier {
+        Ok(SharedMetrics { lookups, writes })
+    }
+}
+
+impl SharedTier {
+    /// The tier on `redis`, refusing entries over `max_entry_bytes` once encoded, counting
+    /// on `metrics`.
+    pub fn new(redis: Redis, max_entry_bytes: u64, metrics: SharedMetrics) -> SharedTier {
+        SharedTier {
             redis,
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
-            lookups,
-            writes,
-        })
+            lookups: metrics.lookups,
+            writes: metrics.writes,
+        }
     }
 
     fn entry_key(&self, key: &str) -> String {
