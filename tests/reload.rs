@@ -893,3 +893,114 @@ async fn a_refused_reload_uses_the_envelope_and_the_bearer_scheme_is_case_insens
     );
     env.stop().await;
 }
+
+/// The simulator's count of API calls made with `token`.
+fn calls_with(env: &Env, token: &str) -> u64 {
+    let name = format!(
+        "sha256:{}",
+        &cxgate::auth::sha256_hex(token.as_bytes())[..12]
+    );
+    env.sim.stats()["by_token"][name.as_str()]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+fn token_generation(status: &Answer) -> u64 {
+    status.json()["token"]["generation"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("expected token.generation in {:?}", status.json()))
+}
+
+/// A reload reads the token file again, as a restart would: an operator's new token is
+/// used at once, and a broken file is not taken (the held token stays, the notes say so).
+#[tokio::test]
+async fn a_reload_takes_a_rewritten_token_file_and_keeps_the_token_when_it_is_broken() {
+    const NEXT: &str = "sim-access-SECRET-0002";
+    let sim = SimOptions {
+        access_tokens: vec![common::ACCESS.into(), NEXT.into()],
+        refresh_tokens: vec![common::REFRESH.into(), "sim-refresh-SECRET-0002".into()],
+        ..SimOptions::default()
+    };
+    let env = common::start(sim, &format!("{BIG_BUDGET}{ROUTES}")).await;
+    let read = |n: u32| format!("/12345/inbox/contact/twitter/{n}");
+    assert_eq!(env.get(&read(1)).await.status, 200, "the first read");
+    assert_eq!(
+        calls_with(&env, common::ACCESS),
+        1,
+        "the first token at start"
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let before = token_generation(&status);
+
+    // What `cxgate token init` does: a new token in the file.
+    let token_file = env.dir.join("token.json");
+    cxgate::demo::write_token_file(
+        &token_file,
+        NEXT,
+        "sim-refresh-SECRET-0002",
+        Duration::from_secs(3600),
+    )
+    .expect("rewrite the token file");
+    let answer = admin_reload(&env).await;
+    assert_reloaded(&answer, "a reload after the token file was rewritten");
+    assert!(
+        !String::from_utf8_lossy(&answer.body).contains("token.file"),
+        "expected no note about a valid token file, saw {}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(
+        env.get(&read(2)).await.status,
+        200,
+        "a read after the reload"
+    );
+    assert_eq!(
+        (calls_with(&env, common::ACCESS), calls_with(&env, NEXT)),
+        (1, 1),
+        "expected the read after the reload sent with the token of the rewritten file"
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let adopted = token_generation(&status);
+    assert!(
+        adopted > before,
+        "expected a new token generation, saw {before} then {adopted}"
+    );
+
+    // A broken file is not taken: the token held stays, and the notes name token.file.
+    std::fs::write(&token_file, "{\"access_token\": ").expect("break the token file");
+    let answer = admin_reload(&env).await;
+    assert_reloaded(&answer, "a reload with a broken token file");
+    let notes = answer.json()["notes"].clone();
+    assert!(
+        notes.as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.starts_with("token.file:")))),
+        "expected a note naming token.file, saw {notes}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&answer.body).contains(NEXT),
+        "expected no token text in the reload's answer"
+    );
+    assert_eq!(
+        env.get(&read(3)).await.status,
+        200,
+        "a read after that reload"
+    );
+    assert_eq!(
+        calls_with(&env, NEXT),
+        2,
+        "expected the held token still in use after a broken token file"
+    );
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    assert_eq!(
+        token_generation(&status),
+        adopted,
+        "expected the token generation unchanged by a broken file"
+    );
+    env.stop().await;
+}

@@ -113,7 +113,7 @@ pub async fn reload(
     };
     let mut next = crate::config::load(path).map_err(|e| e.lines())?;
     let current = gateway.state().config.clone();
-    let notes = keep_restart_only(&current, &mut next);
+    let mut notes = keep_restart_only(&current, &mut next);
 
     // Everything that can fail is tried before anything is applied.
     let admin_token = admin_token(&next, &Secrets::from_env(&next)).map_err(|e| vec![e])?;
@@ -123,6 +123,25 @@ pub async fn reload(
             .map_err(|e| vec![format!("server.tls: {e}")])?;
     }
     *live.admin_token.write().unwrap_or_else(|e| e.into_inner()) = admin_token;
+
+    // The token file is read again as a restart would read it: an operator who rewrote it
+    // (`cxgate token init`) and reloads gets its token in use. One that cannot be read or
+    // decoded is not taken, and the token held stays; the rest of the reload applies.
+    match gateway.token().reread_file().await {
+        Ok(Some(generation)) => {
+            tracing::info!(
+                generation,
+                "reload: the token file changed; its token is in use"
+            );
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "reload: the token file is not usable; the held token stays");
+            notes.push(format!(
+                "token.file: {e}; not taken, the token held stays in use"
+            ));
+        }
+    }
 
     let next = Arc::new(next);
     gateway.swap(next.clone());

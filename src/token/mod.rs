@@ -259,6 +259,15 @@ impl TokenManager {
         }
     }
 
+    /// Reads the token file again and adopts its token when someone replaced it since this
+    /// process last read or wrote it (an operator's `cxgate token init`), as a restart
+    /// would; returns the new generation then, `None` when nothing changed (or a refresh
+    /// is rewriting the file right now). A file that cannot be read or decoded is an error
+    /// and the token held stays. Does nothing for a static token.
+    pub async fn reread_file(&self) -> Result<Option<u64>, TokenError> {
+        self.inner.reread_file().await
+    }
+
     /// Starts the background refresher (ends at once for a static token).
     pub fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
         let inner = Arc::clone(&self.inner);

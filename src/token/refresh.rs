@@ -245,29 +245,33 @@ impl Inner {
         }
     }
 
-    /// Adopts the token file's content if someone replaced it (`cxgate token init`).
-    /// Only a file that differs from what this process last loaded or saved counts: after
-    /// a failed save the file still holds an older token, which must not come back.
+    /// [`Inner::reread_file`] for the refresher's poll: a file that cannot be read or
+    /// decoded is logged, and the token held stays.
     pub async fn reload_if_changed(&self) {
+        if let Err(err) = self.reread_file().await {
+            warn!(error = %err, "token file could not be re-read");
+        }
+    }
+
+    /// Adopts the token file's content if someone replaced it (`cxgate token init`), as a
+    /// restart would load it; returns the new generation when it did. Only a file that
+    /// differs from what this process last loaded or saved counts: after a failed save the
+    /// file still holds an older token, which must not come back. A file that cannot be
+    /// read or decoded is an error, and the token held stays.
+    pub async fn reread_file(&self) -> Result<Option<u64>, TokenError> {
         let Source::File(path) = &self.source else {
-            return;
+            return Ok(None);
         };
-        let (record, stamp) = match file::read_stamped(path).await {
-            Ok(read) => read,
-            Err(err) => {
-                warn!(error = %err, "token file could not be re-read");
-                return;
-            }
-        };
+        let (record, stamp) = file::read_stamped(path).await?;
         let now = Instant::now();
         let mut state = self.lock();
         // During a refresh the file is about to change anyway; look again next time.
         if state.file_stamp.as_ref() == Some(&stamp) || state.flight.is_some() {
-            return;
+            return Ok(None);
         }
         state.file_stamp = Some(stamp);
         if record.access == state.record.access && record.refresh == state.record.refresh {
-            return;
+            return Ok(None);
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
@@ -281,6 +285,7 @@ impl Inner {
             generation = state.generation,
             "token file changed on disk; using its token"
         );
+        Ok(Some(state.generation))
     }
 }
 
