@@ -772,11 +772,20 @@ async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_lea
         "expected the interactive read to lead its own call, saw Cache-Status {:?}",
         follower.header("cache-status")
     );
+    // The batch read, still queued on its own share (about 4 s) when the interactive call
+    // went upstream, takes that call's answer instead of calling again.
     let (batch, waited) = leader.await.expect("leader task");
     assert_ok(&batch, "the batch client's queued read");
     assert!(
-        waited >= Duration::from_secs(2),
-        "expected the batch read to have queued on its own share, it took {waited:?}"
+        batch.header("cache-status").contains("collapsed") && waited < Duration::from_secs(3),
+        "expected the queued batch read answered with the interactive call (collapsed, \
+         before its ~4 s queue ended), saw Cache-Status {:?} after {waited:?}",
+        batch.header("cache-status")
+    );
+    assert_eq!(
+        env.upstream_count(&format!("GET {}", contact(2))),
+        1,
+        "expected one upstream call for contact 2"
     );
     stop(env).await;
 }
@@ -845,10 +854,10 @@ async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
     stop(env).await;
 }
 
-// A read queued for budget looks at the cache again once admitted: another client whose
-// terms let it go at once may have filled the key meanwhile.
+// A read queued for budget takes the answer of another client's identical call, one whose
+// terms let it go at once, and its queued cell goes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_queued_read_answers_from_the_cache_another_client_filled_and_gives_its_cell_back() {
+async fn a_queued_read_takes_the_call_another_client_made_and_gives_its_cell_back() {
     let clients = format!(
         "{}{}",
         client_toml(
@@ -870,6 +879,7 @@ async fn a_queued_read_answers_from_the_cache_another_client_filled_and_gives_it
         )
         .await,
     );
+    let start = Instant::now();
     assert_ok(
         &env.get_as(READER, &contact(1)).await,
         "the batch client's first read",
@@ -889,16 +899,16 @@ async fn a_queued_read_answers_from_the_cache_another_client_filled_and_gives_it
     assert_eq!(
         env.upstream_count(&route),
         1,
-        "expected one upstream call for contact 2: the queued read must answer from the entry \
-         the interactive read stored"
+        "expected one upstream call for contact 2: the queued read must take the answer of \
+         the interactive read's call"
     );
     assert!(
-        batch.header("cache-status").contains("hit"),
-        "expected the queued read answered as a hit, saw Cache-Status {:?}",
+        batch.header("cache-status").contains("collapsed"),
+        "expected the queued read answered as merged, saw Cache-Status {:?}",
         batch.header("cache-status")
     );
     let text = env.metrics().await;
-    let hits = metric(
+    let merged = metric(
         &text,
         "cxgate_requests_total",
         &[
@@ -908,24 +918,174 @@ async fn a_queued_read_answers_from_the_cache_another_client_filled_and_gives_it
                 "GET /{account_id}/inbox/contact/{service}/{service_id}",
             ),
             ("status", "200"),
-            ("cache", "hit"),
+            ("cache", "collapsed"),
         ],
     );
     assert_eq!(
-        hits,
+        merged,
         Some(1.0),
-        "expected the queued read counted as the batch client's hit"
+        "expected the queued read counted as the batch client's collapsed read"
     );
-    // Its cell went back: the batch client's next miss goes at once, not ~4 s later.
-    let asked = Instant::now();
+    // Its queued cell went back: the batch client's next miss takes the cell ~4 s after its
+    // first read, the one the queued read had reserved, not the one after it (~8 s).
     assert_ok(
         &env.get_as(READER, &contact(3)).await,
         "the batch client's read after the refund",
     );
-    let took = asked.elapsed();
+    let took = start.elapsed();
     assert!(
-        took < Duration::from_millis(2500),
-        "expected the refunded cell to let the next read go at once, it took {took:?}"
+        took < Duration::from_millis(6000),
+        "expected the given-back cell (about 4 s after the first read) to let the next read \
+         go, not the next one (about 8 s); it was answered {took:?} after the first read"
+    );
+    stop(env).await;
+}
+
+/// A batch client whose share is spent after one read (its next cell is `period` away,
+/// it waits up to 10 s) and an interactive client with `interactive` terms, in front of a
+/// budget no test reaches.
+async fn batch_and_interactive(period: &str, interactive: &str) -> Arc<Env> {
+    let clients = format!(
+        "{}{}",
+        client_toml(
+            "batch",
+            READER,
+            &format!(
+                "scopes = [\"read\"]\nlimit = 1\nperiod = \"{period}\"\nburst = 1\nmax_wait = \"10s\""
+            ),
+        ),
+        client_toml(
+            "interactive",
+            ACCOUNT,
+            &format!("scopes = [\"read\"]\n{interactive}")
+        ),
+    );
+    Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{BIG_BUDGET}{ROUTES}"),
+        )
+        .await,
+    )
+}
+
+/// The batch client reads `contact(1)` (its share is then spent) and then `contact(2)`,
+/// which queues for its next cell; returns that queued read's task once it is queued.
+async fn queue_a_batch_read(env: &Arc<Env>) -> tokio::task::JoinHandle<(Answer, Duration)> {
+    assert_ok(
+        &env.get_as(READER, &contact(1)).await,
+        "the batch client's first read",
+    );
+    let queued = {
+        let env = env.clone();
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let a = env.get_as(READER, &contact(2)).await;
+            (a, asked.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queued
+}
+
+// A merged follower whose max_wait is shorter than a quarter second waits its own max_wait
+// on a queued leader, not a fixed grace, and then leads its own call (on tokio's clock).
+#[tokio::test(start_paused = true)]
+async fn a_merged_follower_with_a_short_max_wait_leads_its_own_call_after_exactly_it() {
+    let env = batch_and_interactive("4s", "max_wait = \"100ms\"").await;
+    let queued = queue_a_batch_read(&env).await;
+    let asked = Instant::now();
+    let follower = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    assert_ok(&follower, "the interactive client's identical read");
+    assert!(
+        !follower.header("cache-status").contains("collapsed"),
+        "expected the interactive read to lead its own call, saw Cache-Status {:?}",
+        follower.header("cache-status")
+    );
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(150),
+        "expected the follower to wait its own max_wait (100 ms) on the queued leader and no \
+         more, it took {took:?}"
+    );
+    let (batch, _) = queued.await.expect("queued task");
+    assert_ok(&batch, "the batch client's queued read");
+    stop(env).await;
+}
+
+// The same follower whose own share is spent too: after its 100 ms it gets its own 429
+// with a true Retry-After, as alone it would have at once.
+#[tokio::test(start_paused = true)]
+async fn a_merged_follower_with_a_short_max_wait_gets_its_own_429_after_exactly_it() {
+    let env = batch_and_interactive(
+        "4s",
+        "limit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"100ms\"",
+    )
+    .await;
+    assert_ok(
+        &env.get_as(ACCOUNT, &contact(3)).await,
+        "the interactive client's first read",
+    );
+    let queued = queue_a_batch_read(&env).await;
+    let asked = Instant::now();
+    let follower = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    let secs = assert_gateway_429(&follower, "the interactive client's merged read");
+    assert!(
+        took < Duration::from_millis(150),
+        "expected the follower refused within its own max_wait (100 ms), it took {took:?}"
+    );
+    // Its next cell is about 4 s after its first read, 50 ms ago plus the 100 ms waited.
+    assert!(
+        (3..=4).contains(&secs),
+        "expected Retry-After to name its own next cell, about 4 s away, saw {secs}"
+    );
+    queued.abort();
+    let _ = queued.await;
+    stop(env).await;
+}
+
+// A read queued for budget while an identical call is on its way upstream takes that
+// call's answer instead of a second upstream call (on tokio's clock).
+#[tokio::test(start_paused = true)]
+async fn a_queued_read_takes_the_answer_of_an_identical_call_already_upstream() {
+    let env = batch_and_interactive("1s", "max_wait = \"0s\"").await;
+    // Only contact 2 is slow: its upstream call takes 1.5 s, past the batch client's wait.
+    env.sim.set_faults(Faults {
+        latency_ms: 1500,
+        path_prefix: Some(contact(2)),
+        ..Faults::default()
+    });
+    let queued = queue_a_batch_read(&env).await;
+    // The interactive client will not wait: it gives up on the queued batch read at once
+    // and its own call goes upstream now, while the batch read still waits (about 1 s).
+    let asked = Instant::now();
+    let interactive = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    assert_ok(&interactive, "the interactive client's read");
+    assert!(
+        took < Duration::from_millis(1600),
+        "expected the interactive read answered by its own call (1.5 s), it took {took:?}"
+    );
+    let (batch, waited) = queued.await.expect("queued task");
+    assert_ok(&batch, "the batch client's queued read");
+    let route = format!("GET {}", contact(2));
+    assert_eq!(
+        env.upstream_count(&route),
+        1,
+        "expected one upstream call for contact 2: the queued batch read must take the \
+         answer of the interactive client's call, in flight when its wait ended"
+    );
+    assert!(
+        batch.header("cache-status").contains("collapsed"),
+        "expected the batch read answered as merged, saw Cache-Status {:?}",
+        batch.header("cache-status")
+    );
+    assert!(
+        waited < Duration::from_millis(1700),
+        "expected the batch read answered with the interactive call (about 1.55 s after it \
+         asked), it took {waited:?}"
     );
     stop(env).await;
 }

@@ -293,10 +293,26 @@ impl Budget {
         cost: NonZeroU32,
         waited: Duration,
     ) -> Result<Admitted, Rejected> {
+        self.admit_noting(client, cost, waited, &|| {}).await
+    }
+
+    /// [`Budget::admit_within`] that calls `queued` when the budget makes the call wait (for
+    /// a share's next cell, or for the call sent to learn the upstream's count): until then
+    /// the admission is only being decided, which takes no time of anyone's `max_wait`.
+    pub async fn admit_noting(
+        &self,
+        client: &str,
+        cost: NonZeroU32,
+        waited: Duration,
+        queued: &(dyn Fn() + Sync),
+    ) -> Result<Admitted, Rejected> {
         let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         match &self.inner.shared {
-            Some(shared) => self.admit_shared(shared, client, cost, waited).await,
-            None => self.admit_local(client, cost, waited).await,
+            Some(shared) => {
+                self.admit_shared(shared, client, cost, waited, queued)
+                    .await
+            }
+            None => self.admit_local(client, cost, waited, queued).await,
         }
     }
 
@@ -306,6 +322,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
+        queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
         let now = clock.nanos();
@@ -331,15 +348,20 @@ impl Budget {
                 }
                 Step::Queue { own } => {
                     hold.own = Some(own);
+                    queued();
                     tokio::time::sleep_until(clock.instant(own.at)).await;
-                    break self.cross(client, cost, arrived).await?;
+                    break self.cross(client, cost, arrived, queued).await?;
                 }
-                Step::Learning => self.await_landing(landed, client, arrived).await?,
+                Step::Learning => {
+                    queued();
+                    self.await_landing(landed, client, arrived).await?;
+                }
             }
         };
         hold.global = Some(grant.global);
         hold.upstream = Some(grant.seq);
         if grant.global.at > clock.nanos() {
+            queued();
             tokio::time::sleep_until(clock.instant(grant.global.at)).await;
         }
         let now = clock.nanos();
@@ -373,6 +395,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         arrived: u64,
+        queued: &(dyn Fn() + Sync),
     ) -> Result<ledger::Grant, Rejected> {
         loop {
             let landed = self.inner.landed.notified();
@@ -382,7 +405,10 @@ impl Budget {
             let crossed = self.ledger().cross(client, cost, arrived, now);
             match crossed.map_err(|r| self.refuse(client, r))? {
                 Some(grant) => return Ok(grant),
-                None => self.await_landing(landed, client, arrived).await?,
+                None => {
+                    queued();
+                    self.await_landing(landed, client, arrived).await?;
+                }
             }
         }
     }

@@ -448,9 +448,12 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
+        queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
         if !shared.redis.is_up() {
-            return self.admit_fallback(shared, client, cost, waited).await;
+            return self
+                .admit_fallback(shared, client, cost, waited, queued)
+                .await;
         }
         let clock = self.inner.clock;
         let arrived = clock.nanos().saturating_sub(waited);
@@ -508,17 +511,21 @@ impl Budget {
                     continue;
                 }
             }
+            queued();
             self.await_landing(landed, client, arrived).await?;
         };
         let left = ask
             .max_wait
             .saturating_sub(clock.nanos().saturating_sub(arrived));
         let Some(mut reply) = shared.take(&ask, true, left, owed).await else {
-            return self.admit_fallback(shared, client, cost, waited).await;
+            return self
+                .admit_fallback(shared, client, cost, waited, queued)
+                .await;
         };
         if let Reply::Queue { wait, own, now } = reply {
             hold.own = Some(own);
             self.mirror(client, now, None, Some(own.after));
+            queued();
             tokio::time::sleep(Duration::from_micros(wait)).await;
             let elapsed = clock.nanos().saturating_sub(arrived);
             let left = ask.max_wait.saturating_sub(elapsed);
@@ -527,7 +534,9 @@ impl Budget {
                 None => {
                     // The client's cells stay booked in Redis: spent, not lost.
                     hold.own = None;
-                    return self.admit_fallback(shared, client, cost, waited).await;
+                    return self
+                        .admit_fallback(shared, client, cost, waited, queued)
+                        .await;
                 }
             };
         }
@@ -557,6 +566,7 @@ impl Budget {
         };
         self.mirror(client, now, Some(global.after), own.map(|o| o.after));
         if wait > 0 {
+            queued();
             tokio::time::sleep(Duration::from_micros(wait)).await;
         }
         let now = clock.nanos();

@@ -8,10 +8,15 @@
 //! Two exceptions, each chosen by the caller. A fetch run "while wanted" is cancelled as
 //! soon as the last caller waiting for it has gone (answers nobody else can use, such as
 //! reads that are not cached). With [`Merger::run_patient`] a follower is never worse off
-//! than alone: it waits for the leader's fetch to get past its queue (report
-//! [`Progress::sent`]) at most its own patience, and gets its unrun fetch back when the
-//! leader is still queued, and beside the leader's value otherwise, so it can run the fetch
-//! on its own terms.
+//! than alone: once the leader's budget has decided, it waits for the leader's fetch to get
+//! past its queue (report [`Progress::sent`]) at most its own patience, and gets its unrun
+//! fetch back when the leader is still queued, and beside the leader's value otherwise, so
+//! it can run the fetch on its own terms ([`Merger::run_own`]).
+//!
+//! The map holds, per key, the flight newcomers join: a flight on its way upstream takes
+//! the place of one still queued ([`Progress::take_place`]), and a flight that finds another
+//! of its key already on its way upstream, when its own queue ends or while it still
+//! waits ([`Progress::displaced`]), can take that one's value instead of calling again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,6 +37,17 @@ pub enum Role {
 #[error("the shared upstream fetch ended without an answer")]
 pub struct MergeError;
 
+/// Where a fetch is on its way upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Its budget has not decided yet (it may not even have been scheduled).
+    Deciding,
+    /// Its budget made it wait.
+    Queued,
+    /// Past its queue, on its way upstream.
+    Sent,
+}
+
 /// `None` until the fetch has produced its value.
 type Outcome<V> = Option<V>;
 type Flights<V> = Mutex<HashMap<String, Flying<V>>>;
@@ -39,10 +55,23 @@ type Flights<V> = Mutex<HashMap<String, Flying<V>>>;
 /// One fetch in flight as the map holds it.
 struct Flying<V> {
     outcome: watch::Receiver<Outcome<V>>,
-    /// Whether the fetch got past its queue.
-    sent: watch::Receiver<bool>,
+    stage: watch::Receiver<Stage>,
     /// For a fetch that only runs while wanted: who still waits, and how to stop it.
     wanted: Option<Arc<Wanted>>,
+    /// Set, to the flight already on its way upstream, when that one took this one's place
+    /// in the map: its value can be taken even after it has left the map.
+    displaced: Arc<watch::Sender<Option<Flying<V>>>>,
+}
+
+impl<V> Clone for Flying<V> {
+    fn clone(&self) -> Self {
+        Flying {
+            outcome: self.outcome.clone(),
+            stage: self.stage.clone(),
+            wanted: self.wanted.clone(),
+            displaced: Arc::clone(&self.displaced),
+        }
+    }
 }
 
 /// The callers still waiting for a fetch that runs only while wanted. Counted under the
@@ -78,28 +107,57 @@ impl<V> Drop for Waiting<V> {
     }
 }
 
-/// Handed to a fetch so it can say that it got past its queue (the budget let it through):
-/// followers waiting with a patience stop counting it from then on. It also carries when
-/// the caller the fetch runs for arrived, so a caller that already waited on another's
-/// flight queues for its own budget only for what is left of its `max_wait`.
-#[derive(Debug, Clone)]
-pub struct Progress {
-    sent: Arc<watch::Sender<bool>>,
-    since: Option<tokio::time::Instant>,
+/// Where a fetch stands in the map: its key and its own entry.
+struct Place<V> {
+    flights: Arc<Flights<V>>,
+    key: String,
+    own: Flying<V>,
 }
 
-impl Progress {
-    /// A handle that reports to nobody, for a fetch run outside any flight.
-    pub fn detached() -> Progress {
+/// Handed to a fetch so it can say where it is: queued by its budget, or past its queue
+/// (the budget let it through); followers waiting with a patience count only the queue. It
+/// also carries when the caller the fetch runs for arrived, so a caller that already waited
+/// on another's flight queues for its own budget only for what is left of its `max_wait`,
+/// and the fetch's place in the map, so it can stand there once sent or join another.
+pub struct Progress<V> {
+    stage: Arc<watch::Sender<Stage>>,
+    since: Option<tokio::time::Instant>,
+    place: Option<Arc<Place<V>>>,
+}
+
+impl<V> Clone for Progress<V> {
+    fn clone(&self) -> Self {
         Progress {
-            sent: Arc::new(watch::channel(false).0),
+            stage: Arc::clone(&self.stage),
+            since: self.since,
+            place: self.place.clone(),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Progress<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Progress")
+            .field("stage", &*self.stage.borrow())
+            .field("since", &self.since)
+            .field("key", &self.place.as_ref().map(|p| &p.key))
+            .finish()
+    }
+}
+
+impl<V> Progress<V> {
+    /// A handle that reports to nobody, for a fetch run outside any flight.
+    pub fn detached() -> Progress<V> {
+        Progress {
+            stage: Arc::new(watch::channel(Stage::Deciding).0),
             since: None,
+            place: None,
         }
     }
 
     /// The same handle, for a caller that arrived at `arrived`.
     #[must_use]
-    pub fn since(mut self, arrived: tokio::time::Instant) -> Progress {
+    pub fn since(mut self, arrived: tokio::time::Instant) -> Progress<V> {
         self.since = Some(arrived);
         self
     }
@@ -110,9 +168,100 @@ impl Progress {
             .map_or(std::time::Duration::ZERO, |at| at.elapsed())
     }
 
+    /// The fetch's budget made it wait: followers start counting their patience.
+    pub fn queued(&self) {
+        self.stage.send_if_modified(|stage| {
+            let was = *stage == Stage::Deciding;
+            if was {
+                *stage = Stage::Queued;
+            }
+            was
+        });
+    }
+
     /// The fetch is past its queue and on its way upstream.
     pub fn sent(&self) {
-        self.sent.send_replace(true);
+        self.stage.send_replace(Stage::Sent);
+    }
+}
+
+/// Another flight of the same key, already on its way upstream, that a fetch joined.
+pub struct Peer<V> {
+    outcome: watch::Receiver<Outcome<V>>,
+    _waiting: Option<Waiting<V>>,
+}
+
+impl<V: Clone> Peer<V> {
+    /// The peer's value (`MergeError` if it ended without one).
+    pub async fn value(mut self) -> Result<V, MergeError> {
+        wait(&mut self.outcome).await
+    }
+}
+
+impl<V> std::fmt::Debug for Peer<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").finish_non_exhaustive()
+    }
+}
+
+impl<V: Clone + Send + Sync + 'static> Progress<V> {
+    /// Once past its queue: when another flight of the key is already on its way upstream,
+    /// that one to join (this fetch need not call again); otherwise this flight takes the
+    /// key's place in the map (newcomers join it), displacing one still queued.
+    pub fn take_place(&self) -> Option<Peer<V>> {
+        let place = self.place.as_ref()?;
+        let mut flights = lock(&place.flights);
+        match flights.get(&place.key) {
+            Some(f) if f.outcome.same_channel(&place.own.outcome) => None,
+            Some(f) if *f.stage.borrow() == Stage::Sent => Some(peer(place, f)),
+            other => {
+                if let Some(queued) = other {
+                    queued.displaced.send_replace(Some(place.own.clone()));
+                }
+                flights.insert(place.key.clone(), place.own.clone());
+                None
+            }
+        }
+    }
+
+    /// Resolves, while this fetch still waits for its budget, once a flight of its key on
+    /// its way upstream has taken its place in the map: that one to join. Never resolves
+    /// for a fetch outside any flight.
+    pub async fn displaced(&self) -> Peer<V> {
+        let Some(place) = self.place.as_ref() else {
+            return std::future::pending().await;
+        };
+        let mut displaced = place.own.displaced.subscribe();
+        let by = match displaced.wait_for(Option::is_some).await {
+            Ok(by) => (*by).clone(),
+            // The sender lives in this very handle: it cannot be gone while this waits.
+            Err(_) => None,
+        };
+        match by {
+            Some(by) => {
+                // Counted as waiting under the map's lock, as every caller joining a flight.
+                let _flights = lock(&place.flights);
+                peer(place, &by)
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Joins `flying` (found under `place`'s key, with the map locked) as a waiting caller.
+fn peer<V>(place: &Place<V>, flying: &Flying<V>) -> Peer<V> {
+    let waiting = flying.wanted.as_ref().map(|wanted| {
+        wanted.callers.fetch_add(1, Ordering::AcqRel);
+        Waiting {
+            flights: Arc::clone(&place.flights),
+            key: place.key.clone(),
+            outcome: flying.outcome.clone(),
+            wanted: Arc::clone(wanted),
+        }
+    });
+    Peer {
+        outcome: flying.outcome.clone(),
+        _waiting: waiting,
     }
 }
 
@@ -131,7 +280,7 @@ pub enum Joined<V, B> {
 /// only while wanted) the guard that counts it as waiting.
 struct Seat<V> {
     outcome: watch::Receiver<Outcome<V>>,
-    sent: watch::Receiver<bool>,
+    stage: watch::Receiver<Stage>,
     role: Role,
     _waiting: Option<Waiting<V>>,
 }
@@ -174,7 +323,7 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let mut build = Some(|_: Progress| fetch);
+        let mut build = Some(|_: Progress<V>| fetch);
         let mut seat = self.join(key, &mut build, false);
         Ok((wait(&mut seat.outcome).await?, seat.role))
     }
@@ -186,14 +335,17 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let mut build = Some(|_: Progress| fetch);
+        let mut build = Some(|_: Progress<V>| fetch);
         let mut seat = self.join(key, &mut build, true);
         Ok((wait(&mut seat.outcome).await?, seat.role))
     }
 
     /// Like [`Merger::run`] (or [`Merger::run_while_wanted`] with `only_while_wanted`), but
     /// `build` makes the fetch from a [`Progress`] it reports to, and a follower waits at
-    /// most `patience` for the leader to report [`Progress::sent`].
+    /// most `patience` for the leader to report [`Progress::sent`], counted once the
+    /// leader's budget has decided: a leader not yet past that instant step (not even
+    /// scheduled, say) is waited for whatever the patience, so a burst of identical reads
+    /// makes one call even with a patience of zero.
     pub async fn run_patient<B, F>(
         &self,
         key: String,
@@ -202,30 +354,59 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
         only_while_wanted: bool,
     ) -> Result<Joined<V, B>, MergeError>
     where
-        B: FnOnce(Progress) -> F,
+        B: FnOnce(Progress<V>) -> F,
         F: Future<Output = V> + Send + 'static,
     {
+        let asked = tokio::time::Instant::now();
         let mut build = Some(build);
         let mut seat = self.join(key, &mut build, only_while_wanted);
         let Some(build) = build.filter(|_| seat.role == Role::Follower) else {
             return Ok(Joined::Led(wait(&mut seat.outcome).await?));
         };
-        // The wait also ends when the flight does, sent or not: its value is there to take.
-        let sent = &mut seat.sent;
-        let passed = async { sent.wait_for(|s| *s).await.map(|_| ()) };
-        let queued = tokio::time::timeout(patience, passed).await;
+        // Each wait also ends when the flight does, sent or not: its value is there to take.
+        let stage = &mut seat.stage;
+        let decided = stage.wait_for(|s| *s != Stage::Deciding).await.is_ok();
+        let queued = if decided {
+            let left = patience.saturating_sub(asked.elapsed());
+            let passed = async { stage.wait_for(|s| *s == Stage::Sent).await.map(|_| ()) };
+            tokio::time::timeout(left, passed).await.is_err()
+        } else {
+            false
+        };
         let done = seat.outcome.borrow().is_some();
-        if queued.is_err() && !done {
+        if queued && !done {
             return Ok(Joined::Impatient(build));
         }
         Ok(Joined::Followed(wait(&mut seat.outcome).await?, build))
+    }
+
+    /// Runs `build`'s fetch for `key` as a flight of its own, outside the map until it is
+    /// past its queue (it then takes the key's place, or joins a flight already sent: see
+    /// [`Progress::take_place`]): for a follower that gave up on a queued leader, or whose
+    /// leader's budget refused it. Like a leader's, the fetch runs on when the caller hangs
+    /// up, unless `only_while_wanted`.
+    pub async fn run_own<B, F>(
+        &self,
+        key: String,
+        build: B,
+        only_while_wanted: bool,
+    ) -> Result<V, MergeError>
+    where
+        B: FnOnce(Progress<V>) -> F,
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut seat = {
+            let mut flights = lock(&self.flights);
+            self.fly(&mut flights, key, build, only_while_wanted, false)
+        };
+        wait(&mut seat.outcome).await
     }
 
     /// Joins the flight for `key`, or registers one running the fetch `build` makes (taking
     /// it out of `build`).
     fn join<B, F>(&self, key: String, build: &mut Option<B>, only_while_wanted: bool) -> Seat<V>
     where
-        B: FnOnce(Progress) -> F,
+        B: FnOnce(Progress<V>) -> F,
         F: Future<Output = V> + Send + 'static,
     {
         let mut flights = lock(&self.flights);
@@ -241,7 +422,7 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
             });
             return Seat {
                 outcome: flying.outcome.clone(),
-                sent: flying.sent.clone(),
+                stage: flying.stage.clone(),
                 role: Role::Follower,
                 _waiting: waiting,
             };
@@ -250,43 +431,66 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
             // Only reachable by a caller passing None, which no caller in this module does.
             return Seat {
                 outcome: watch::channel(None).1,
-                sent: watch::channel(false).1,
+                stage: watch::channel(Stage::Deciding).1,
                 role: Role::Leader,
                 _waiting: None,
             };
         };
+        self.fly(&mut flights, key, build, only_while_wanted, true)
+    }
+
+    /// Spawns the flight running `build`'s fetch for `key`, in the map at once when
+    /// `listed`. Called with the map locked, so the entry and its task are one step.
+    fn fly<B, F>(
+        &self,
+        flights: &mut HashMap<String, Flying<V>>,
+        key: String,
+        build: B,
+        only_while_wanted: bool,
+        listed: bool,
+    ) -> Seat<V>
+    where
+        B: FnOnce(Progress<V>) -> F,
+        F: Future<Output = V> + Send + 'static,
+    {
         let (sender, outcome) = watch::channel(None);
-        let (sent_tx, sent) = watch::channel(false);
+        let (stage_tx, stage) = watch::channel(Stage::Deciding);
         let wanted = only_while_wanted.then(|| {
             Arc::new(Wanted {
                 callers: AtomicUsize::new(1),
                 task: OnceLock::new(),
             })
         });
-        flights.insert(
-            key.clone(),
-            Flying {
-                outcome: outcome.clone(),
-                sent: sent.clone(),
-                wanted: wanted.clone(),
-            },
-        );
+        let own = Flying {
+            outcome: outcome.clone(),
+            stage: stage.clone(),
+            wanted: wanted.clone(),
+            displaced: Arc::new(watch::channel(None).0),
+        };
+        if listed {
+            flights.insert(key.clone(), own.clone());
+        }
         let waiting = wanted.as_ref().map(|wanted| Waiting {
             flights: Arc::clone(&self.flights),
             key: key.clone(),
             outcome: outcome.clone(),
             wanted: Arc::clone(wanted),
         });
+        let progress = Progress {
+            stage: Arc::new(stage_tx),
+            since: None,
+            place: Some(Arc::new(Place {
+                flights: Arc::clone(&self.flights),
+                key: key.clone(),
+                own,
+            })),
+        };
         // Spawning under the lock is fine (it never blocks) and keeps the map entry and its
         // task one step: no caller can observe one without the other.
         let flight = Flight {
             flights: Arc::clone(&self.flights),
             key,
             sender,
-        };
-        let progress = Progress {
-            sent: Arc::new(sent_tx),
-            since: None,
         };
         let fetch = build(progress.clone());
         let task = tokio::spawn(async move {
@@ -300,7 +504,7 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
         }
         Seat {
             outcome,
-            sent,
+            stage,
             role: Role::Leader,
             _waiting: waiting,
         }
@@ -352,8 +556,8 @@ impl<V> Flight<V> {
 impl<V> Drop for Flight<V> {
     fn drop(&mut self) {
         let mut flights = lock(&self.flights);
-        // Only this flight inserts under its key while it is in the map, but check that the
-        // entry is ours anyway rather than trust that reasoning with another flight's key.
+        // The key's entry may be another flight's (one that took this one's place, or this
+        // one never stood there): only this flight's own entry is removed.
         if flights
             .get(&self.key)
             .is_some_and(|f| f.outcome.same_channel(&self.sender.subscribe()))
@@ -610,7 +814,8 @@ mod tests {
             let merger = merger.clone();
             tokio::spawn(async move {
                 // Queued for 10 s before it would be let through: it never reports `sent`.
-                let build = |_: Progress| async {
+                let build = |progress: Progress<u32>| async move {
+                    progress.queued();
                     tokio::time::sleep(Duration::from_secs(10)).await;
                     1
                 };
@@ -621,7 +826,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         let asked = tokio::time::Instant::now();
-        let build = |_: Progress| async { 2 };
+        let build = |_: Progress<u32>| async { 2 };
         let joined = merger
             .run_patient("k".into(), build, Duration::from_secs(1), false)
             .await
@@ -640,7 +845,7 @@ mod tests {
             "expected the follower to wait exactly its patience, it waited {waited:?}"
         );
         assert_eq!(
-            own(Progress::detached()).await,
+            own(Progress::<u32>::detached()).await,
             2,
             "expected its own fetch to run"
         );
@@ -658,7 +863,7 @@ mod tests {
         let leader = {
             let merger = merger.clone();
             tokio::spawn(async move {
-                let build = |progress: Progress| async move {
+                let build = |progress: Progress<u32>| async move {
                     progress.sent();
                     tokio::time::sleep(Duration::from_secs(5)).await;
                     7
@@ -669,7 +874,7 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        let build = |_: Progress| async { 0 };
+        let build = |_: Progress<u32>| async { 0 };
         let joined = merger
             .run_patient("k".into(), build, Duration::from_millis(10), false)
             .await
@@ -678,6 +883,131 @@ mod tests {
             matches!(joined, Joined::Followed(7, _)),
             "expected the leader's value once it was sent upstream, saw {}",
             kind(&joined)
+        );
+        leader.await.expect("leader task").expect("leader");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_with_no_patience_still_follows_a_leader_not_yet_scheduled() {
+        let merger = Merger::<u32>::new();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let build = |runs: &Arc<AtomicUsize>, value: u32| {
+            let runs = Arc::clone(runs);
+            move |progress: Progress<u32>| async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                progress.sent();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                value
+            }
+        };
+        // Both join before the leader's flight task has run at all: its budget has not
+        // decided yet, which takes none of the follower's patience.
+        let leader = merger.run_patient("k".into(), build(&runs, 1), Duration::MAX, false);
+        let follower = merger.run_patient("k".into(), build(&runs, 2), Duration::ZERO, false);
+        let (leader, follower) = tokio::join!(leader, follower);
+        let (leader, follower) = (leader.expect("leader"), follower.expect("follower"));
+        assert!(
+            matches!(follower, Joined::Followed(1, _)),
+            "expected the follower to take the leader's value, saw {}",
+            kind(&follower)
+        );
+        assert!(
+            matches!(leader, Joined::Led(1)),
+            "expected the leader's own value"
+        );
+        let seen = runs.load(Ordering::SeqCst);
+        assert_eq!(seen, 1, "expected one fetch, saw {seen}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_flight_displaced_by_a_sent_one_takes_its_value() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                let build = |progress: Progress<u32>| async move {
+                    progress.queued();
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(10)) => 1,
+                        peer = progress.displaced() => peer.value().await.unwrap_or(0),
+                    }
+                };
+                merger
+                    .run_patient("k".into(), build, Duration::MAX, false)
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let asked = tokio::time::Instant::now();
+        let own = |progress: Progress<u32>| async move {
+            progress.sent();
+            assert!(
+                progress.take_place().is_none(),
+                "expected the first flight sent to take the key's place, not to join"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            2
+        };
+        let own = {
+            let merger = merger.clone();
+            tokio::spawn(async move { merger.run_own("k".into(), own, false).await })
+        };
+        tokio::task::yield_now().await;
+        // A newcomer joins the flight on its way upstream, not the queued one.
+        let newcomer = merger
+            .run_patient("k".into(), |_| async { 3 }, Duration::ZERO, false)
+            .await
+            .expect("newcomer");
+        assert!(
+            matches!(newcomer, Joined::Followed(2, _)),
+            "expected a newcomer to follow the flight already sent, saw {}",
+            kind(&newcomer)
+        );
+        let led = leader.await.expect("leader task").expect("leader");
+        let waited = asked.elapsed();
+        assert!(
+            matches!(led, Joined::Led(2)),
+            "expected the queued flight to take the sent flight's value, saw {}",
+            kind(&led)
+        );
+        assert_eq!(
+            waited,
+            Duration::from_secs(1),
+            "expected the queued flight answered when the sent one was, after {waited:?}"
+        );
+        assert_eq!(own.await.expect("own task").expect("own"), 2);
+        assert_eq!(merger.in_flight(), 0, "expected every key freed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flight_let_through_after_another_joins_it() {
+        let merger = Merger::<u32>::new();
+        let leader = {
+            let merger = merger.clone();
+            tokio::spawn(async move {
+                let build = |progress: Progress<u32>| async move {
+                    progress.sent();
+                    assert!(progress.take_place().is_none(), "the leader stands already");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    7
+                };
+                merger
+                    .run_patient("k".into(), build, Duration::MAX, false)
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let own = |progress: Progress<u32>| async move {
+            progress.sent();
+            match progress.take_place() {
+                Some(peer) => peer.value().await.unwrap_or(0),
+                None => 8,
+            }
+        };
+        let value = merger.run_own("k".into(), own, false).await.expect("own");
+        assert_eq!(
+            value, 7,
+            "expected a flight let through after the leader to take the leader's value"
         );
         leader.await.expect("leader task").expect("leader");
     }

@@ -50,7 +50,7 @@ mod vary;
 
 pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
 pub use key::{cache_key, normalize_path};
-pub use merge::{Joined, MergeError, Merger, Progress, Role};
+pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
 pub use shared::{Generations, SharedMetrics, SharedTier};
 pub use store::{Since, Store};
 pub use vary::Variant;

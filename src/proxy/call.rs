@@ -36,7 +36,7 @@ impl Gateway {
     /// generation refused) and the request replayed once: the refused request was not
     /// applied, so a replayed write is still a write forwarded once.
     pub(super) async fn call(&self, call: &Call) -> Result<Fetched, GatewayError> {
-        let progress = crate::cache::Progress::detached();
+        let progress = crate::cache::Progress::<()>::detached();
         let admitted = self.admit_reporting(call, &progress).await?;
         self.send_admitted(call, admitted).await
     }
@@ -45,17 +45,18 @@ impl Gateway {
     /// `progress` once the budget has let it through, so requests merged behind it know it
     /// is no longer queued. The cells are spent: send the call with
     /// [`Gateway::send_admitted`], or give them back with `Budget::refund`.
-    pub(super) async fn admit_reporting(
+    pub(super) async fn admit_reporting<V: Send + Sync>(
         &self,
         call: &Call,
-        progress: &crate::cache::Progress,
+        progress: &crate::cache::Progress<V>,
     ) -> Result<crate::budget::Admitted, GatewayError> {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
+        let queued = || progress.queued();
         match self
             .inner
             .budget
-            .admit_within(&call.client, call.cost, progress.waited())
+            .admit_noting(&call.client, call.cost, progress.waited(), &queued)
             .await
         {
             Ok(admitted) => {

@@ -15,7 +15,7 @@ use super::forward::{self, Fetched};
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
 use crate::cache::{
-    CachedResponse, Freshness, Joined, Progress, Role, Since, StoredResponse, Variant,
+    CachedResponse, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse, Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
@@ -34,6 +34,9 @@ pub struct Answer {
     /// A fresh entry found once the call's budget wait was over, in place of calling the
     /// upstream: another request filled the cache meanwhile. Its callers answer a hit.
     pub cached: Option<StoredResponse>,
+    /// Another flight's answer, taken by a call that found that flight already on its way
+    /// upstream: its callers were merged, whatever role they had in their own flight.
+    pub merged: bool,
 }
 
 impl Answer {
@@ -57,6 +60,27 @@ impl Answer {
             stored: false,
             variant,
             cached: Some(entry),
+            merged: false,
+        }
+    }
+
+    /// `self`, as taken by a call of another flight that waited `waited` for budget.
+    fn merged(&self, waited: std::time::Duration) -> Answer {
+        let f = &self.fetched;
+        Answer {
+            fetched: Fetched {
+                status: f.status,
+                headers: f.headers.clone(),
+                body: f.body.clone(),
+                upstream_time: f.upstream_time,
+                budget_wait: waited,
+                // Clones share one holding: the bytes are counted once.
+                held: f.held.clone(),
+            },
+            stored: self.stored,
+            variant: self.variant.clone(),
+            cached: self.cached.clone(),
+            merged: true,
         }
     }
 }
@@ -259,7 +283,7 @@ impl Gateway {
         // counts from its arrival: whatever it runs itself afterwards (its own call, or a
         // flight of its own variant) waits only for the rest.
         let arrived = tokio::time::Instant::now();
-        let patience = max_wait_of(&call.state.config, &call.client).max(LEADER_GRACE);
+        let patience = max_wait_of(&call.state.config, &call.client);
         let fetch = self.fetch_and_store(key.clone(), since.clone(), route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
@@ -268,6 +292,7 @@ impl Gateway {
         // hung up it is cancelled, budget and upstream connection with it. A cacheable one
         // runs on to fill the cache for whoever asks next.
         let only_while_wanted = !cacheable;
+        let mut flight_key = merge_key.clone();
         let mut shared = inner
             .merger
             .run_patient(merge_key.clone(), fetch, patience, only_while_wanted)
@@ -284,24 +309,35 @@ impl Gateway {
                 let call = upstream_get(&make_call);
                 let fetch = self.fetch_and_store(key, since, route, call, Some(arrived));
                 let left = patience.saturating_sub(arrived.elapsed());
+                flight_key.clone_from(&own);
                 shared = inner
                     .merger
                     .run_patient(own, fetch, left, only_while_wanted)
                     .await;
             }
         }
+        let unreachable = |e: crate::cache::MergeError| -> Shared {
+            Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string())))
+        };
+        // A follower on its own terms runs its fetch as a flight of its own: once past its
+        // queue it stands in the map for its key (or joins a call already sent), so reads
+        // queued behind it take its answer instead of calling again. The fetches were made
+        // to count from this caller's arrival (above).
+        let own_terms = |own| async {
+            inner
+                .merger
+                .run_own(flight_key.clone(), own, only_while_wanted)
+                .await
+                .unwrap_or_else(unreachable)
+        };
         let (value, role) = match shared {
             Ok(Joined::Led(v)) => (v, Role::Leader),
-            // The fetches were made to count from this caller's arrival (above).
             Ok(Joined::Followed(v, own)) if refused_by_budget(&v) => {
-                (own(Progress::detached()).await, Role::Leader)
+                (own_terms(own).await, Role::Leader)
             }
             Ok(Joined::Followed(v, _)) => (v, Role::Follower),
-            Ok(Joined::Impatient(own)) => (own(Progress::detached()).await, Role::Leader),
-            Err(e) => (
-                Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string()))),
-                Role::Leader,
-            ),
+            Ok(Joined::Impatient(own)) => (own_terms(own).await, Role::Leader),
+            Err(e) => (unreachable(e), Role::Leader),
         };
         if let Some(entry) = value.as_ref().ok().and_then(|a| a.cached.as_ref()) {
             // The cache answered once the budget wait was over: a hit (stale only if it aged
@@ -320,7 +356,7 @@ impl Gateway {
             };
             return Ok(reply::from_entry(entry, entry.age(now), fresh_for));
         }
-        let collapsed = role == Role::Follower;
+        let collapsed = role == Role::Follower || value.as_ref().is_ok_and(|answer| answer.merged);
         if collapsed {
             inner
                 .metrics
@@ -395,7 +431,7 @@ impl Gateway {
         route: Option<(&RouteConfig, &Captures<'_>)>,
         call: Call,
         arrived: Option<tokio::time::Instant>,
-    ) -> impl FnOnce(Progress) -> Fetch {
+    ) -> impl FnOnce(Progress<Shared>) -> Fetch {
         let gateway = self.clone();
         let rule = route.and_then(|(r, caps)| {
             r.ttl.map(|ttl| {
@@ -404,31 +440,69 @@ impl Gateway {
             })
         });
         let Directives { no_cache, no_store } = directives(&call.headers);
-        move |progress: Progress| -> Fetch {
+        move |progress: Progress<Shared>| -> Fetch {
             let progress = match arrived {
                 Some(at) => progress.since(at),
                 None => progress,
             };
             Box::pin(async move {
-                let admitted = gateway
-                    .admit_reporting(&call, &progress)
-                    .await
-                    .map_err(Arc::new)?;
-                // While this call queued for budget, another request for the key (one whose
-                // client's terms let it go at once) may have filled the cache: its entry
-                // answers, and the cells go back unspent (not for a client that said
-                // no-cache or no-store: the cache may not answer it).
-                if rule.is_some() && !no_cache && !no_store {
-                    let found = gateway.inner.cache.get(&key, &call.headers).await;
-                    let now = Instant::now();
-                    if let Some(entry) =
-                        found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
-                    {
-                        gateway.inner.budget.refund(&call.client, admitted.ticket);
-                        let answer = Answer::from_cache(entry, admitted.waited, &call.headers);
-                        return Ok(Arc::new(answer));
+                // A peer is tried once: when it gives nothing this call can use (another
+                // variant, or it ended without a value), the call goes on its own terms.
+                let mut tried_peer = false;
+                let admitted = loop {
+                    let turn = if tried_peer {
+                        Turn::Admitted(gateway.admit_reporting(&call, &progress).await)
+                    } else {
+                        // While queued, a call of the same key that another client's terms
+                        // let go at once may take this flight's place: this one takes its
+                        // answer then, and its queued cells go back (or are burnt when
+                        // others queued behind them, as for any cancelled wait).
+                        tokio::select! {
+                            admitted = gateway.admit_reporting(&call, &progress) => {
+                                Turn::Admitted(admitted)
+                            }
+                            peer = progress.displaced() => Turn::Join(peer),
+                        }
+                    };
+                    let admitted = match turn {
+                        Turn::Admitted(admitted) => admitted.map_err(Arc::new)?,
+                        Turn::Join(peer) => {
+                            tried_peer = true;
+                            match peer_answer(peer, &call.headers, progress.waited()).await {
+                                Some(answer) => return answer,
+                                None => continue,
+                            }
+                        }
+                    };
+                    // While this call queued for budget, another request for the key (one
+                    // whose client's terms let it go at once) may have filled the cache: its
+                    // entry answers, and the cells go back unspent (not for a client that
+                    // said no-cache or no-store: the cache may not answer it).
+                    if rule.is_some() && !no_cache && !no_store {
+                        let found = gateway.inner.cache.get(&key, &call.headers).await;
+                        let now = Instant::now();
+                        if let Some(entry) =
+                            found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                        {
+                            gateway.inner.budget.refund(&call.client, admitted.ticket);
+                            let answer = Answer::from_cache(entry, admitted.waited, &call.headers);
+                            return Ok(Arc::new(answer));
+                        }
                     }
-                }
+                    // Or that request is still on its way upstream: its answer will do, and
+                    // the cells go back the same way.
+                    if tried_peer {
+                        break admitted;
+                    }
+                    let Some(peer) = progress.take_place() else {
+                        break admitted;
+                    };
+                    tried_peer = true;
+                    gateway.inner.budget.refund(&call.client, admitted.ticket);
+                    if let Some(answer) = peer_answer(peer, &call.headers, admitted.waited).await {
+                        return answer;
+                    }
+                };
                 let since = match &rule {
                     Some((_, _, _, tags)) if !no_store => {
                         gateway
@@ -476,6 +550,7 @@ impl Gateway {
                     stored,
                     variant,
                     cached: None,
+                    merged: false,
                 }))
             })
         }
@@ -494,10 +569,34 @@ fn route_tags(route: Option<(&RouteConfig, &Captures<'_>)>) -> Vec<String> {
     })
 }
 
-/// How long a follower always grants a leader to get through its budget, even with a
-/// `max_wait` of 0: the leader may not have reached the budget yet (it was scheduled an
-/// instant before), and a burst of identical reads must still make one call.
-const LEADER_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+/// Where a merged call's budget left it: admitted (or refused), or displaced by a call of
+/// its key already on its way upstream, whose answer it may take.
+enum Turn {
+    Admitted(Result<crate::budget::Admitted, GatewayError>),
+    Join(Peer<Shared>),
+}
+
+/// The answer of `peer` (another flight of the same key, sent upstream) for a request with
+/// `request` headers that waited `waited` for budget; `None` when it cannot serve it (its
+/// answer varies on a header this request sent otherwise) or it ended without a value.
+async fn peer_answer(
+    peer: Peer<Shared>,
+    request: &HeaderMap,
+    waited: std::time::Duration,
+) -> Option<Shared> {
+    match peer.value().await.ok()? {
+        Ok(answer) => {
+            let mine = Variant::of(&answer.fetched.headers, request);
+            answer
+                .variant
+                .serves(&mine)
+                .then(|| Ok(Arc::new(answer.merged(waited))))
+        }
+        // Its call was sent: what went wrong there (the upstream's limit, a timeout) would
+        // go wrong for this one too.
+        Err(e) => Some(Err(e)),
+    }
+}
 
 /// The merged upstream call of a read, boxed so a follower can hold its own unrun.
 type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Shared> + Send>>;

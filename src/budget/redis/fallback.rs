@@ -34,6 +34,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
+        queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
         {
             let mut ledger = self.ledger();
@@ -48,6 +49,6 @@ impl Budget {
                 );
             }
         }
-        self.admit_local(client, cost, waited).await
+        self.admit_local(client, cost, waited, queued).await
     }
 }
