@@ -134,7 +134,8 @@ end
 
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
 -- not book the client), max wait, debt owed from a spell on the local fallback, and the
--- longest pause a stored one may still have left (all in µs).
+-- longest pause a stored one may still have left (all in µs); then the upstream's learnt
+-- limit (0: none) and window (ms).
 local cost = tonumber(ARGV[2])
 local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -153,6 +154,15 @@ if pause ~= nil and pause > now then
 end
 
 local allow = allowance()
+local limit, window_ms = tonumber(ARGV[10]) or 0, tonumber(ARGV[11]) or 0
+if allow == nil and limit > 0 and window_ms > 0 then
+  -- The count's window ended (its key expired at the reset): the new one holds the learnt
+  -- limit less the calls still out on every replica, never what the shares alone allow,
+  -- until a report of the new window replaces it.
+  local out = tonumber(redis.call('GET', KEYS[5])) or 0
+  allow = math.max(limit - out, 0)
+  redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
+end
 if allow ~= nil and allow < cost then
   local ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask

@@ -132,6 +132,8 @@ impl Shared {
             (max_wait / 1000).to_string(),
             owed.to_string(),
             ask.longest_us.to_string(),
+            ask.limit.to_string(),
+            ask.window_ms.to_string(),
         ];
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
@@ -316,6 +318,10 @@ struct Ask {
     /// The longest pause the upstream's window allows, in µs: no stored pause or expiry
     /// read from Redis waits longer.
     longest_us: u64,
+    /// The upstream's learnt `X-RateLimit-Limit` (0: none) and window (ms, 0: none): what
+    /// a new window holds once the shared count's window has ended.
+    limit: u64,
+    window_ms: u64,
 }
 
 impl Ask {
@@ -333,6 +339,8 @@ impl Ask {
             global: Cells::of(&ledger.global_share, hold),
             own,
             longest_us: ledger.upstream.longest() / 1000,
+            limit: ledger.upstream.limit().unwrap_or(0),
+            window_ms: ledger.upstream.window_learnt().map_or(0, |w| w / 1_000_000),
         }
     }
 }
@@ -484,19 +492,35 @@ impl Budget {
             let landed = self.inner.landed.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
-            {
+            let probe_at = {
                 let mut ledger = self.ledger();
                 owed += shared.come_back(&mut ledger, arrived);
                 let now = clock.nanos();
-                if let Some(wait) = ledger.upstream.blocked(hold.cost, now) {
-                    drop(ledger);
-                    return Err(self.refuse_shared(client, Which::Upstream, wait));
+                let left = ledger
+                    .terms(client)
+                    .0
+                    .saturating_sub(now.saturating_sub(arrived));
+                // The blind pause's probe is due within this caller's wait: it waits for it.
+                let probe_at = match ledger.probe_within(left, now) {
+                    Some(super::ledger::Later::At(at)) => Some(at),
+                    _ => None,
+                };
+                if probe_at.is_none() {
+                    if let Some(wait) = ledger.upstream.blocked(hold.cost, now) {
+                        drop(ledger);
+                        return Err(self.refuse_shared(client, Which::Upstream, wait));
+                    }
+                    if !ledger.upstream.waits_for_landing(hold.cost, now) {
+                        let seq = ledger.upstream.spend(hold.cost);
+                        hold.spent = Some(seq);
+                        break (Ask::new(&ledger, client, cost), seq);
+                    }
                 }
-                if !ledger.upstream.waits_for_landing(hold.cost, now) {
-                    let seq = ledger.upstream.spend(hold.cost);
-                    hold.spent = Some(seq);
-                    break (Ask::new(&ledger, client, cost), seq);
-                }
+                probe_at
+            };
+            if let Some(at) = probe_at {
+                tokio::time::sleep_until(clock.instant(at)).await;
+                continue;
             }
             // Another replica may have learnt the upstream's count already: the shared
             // allowance is its report.
@@ -1004,6 +1028,61 @@ mod tests {
         assert!(
             budget.admit("other", NonZeroU32::MIN).await.is_ok(),
             "expected calls again once the answers said 2 remain"
+        );
+    }
+
+    /// Once the shared count's window has ended, the new window holds the learnt limit
+    /// less the calls still out on every replica, not what the shares allow: a replica
+    /// with nothing out of its own gets only what the other left.
+    #[tokio::test]
+    async fn a_new_shared_window_holds_the_learnt_limit_less_every_call_out() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        std::env::set_var("CXGATE_T_RB6", server.url());
+        let prefix = format!("t{:08x}", fastrand::u32(..));
+        let replica = |spec: BudgetSpec| {
+            let prefix = prefix.clone();
+            async move {
+                let registry = prometheus::Registry::new();
+                let redis = Redis::connect("CXGATE_T_RB6", &prefix, &registry)
+                    .await
+                    .expect("redis handle");
+                Budget::new_shared(spec, &registry, redis, n(2)).expect("budget")
+            }
+        };
+        let (a, b) = (
+            replica(spec(300, 1000, 30, 0)).await,
+            replica(spec(300, 1000, 30, 0)).await,
+        );
+        let mut told = http::HeaderMap::new();
+        told.insert("x-ratelimit-limit", http::HeaderValue::from_static("5"));
+        told.insert("x-ratelimit-remaining", http::HeaderValue::from_static("4"));
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("1"));
+        for budget in [&a, &b] {
+            budget.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+            let first = budget.admit("other", n(1)).await.expect("a first call");
+            budget.observe_answer(http::StatusCode::OK, &told, b"", first.ticket);
+        }
+        let _held = a.admit("other", n(1)).await.expect("a call left out");
+        // Both windows (the shared count's key and each ledger's) end after a second.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let mut kept = Vec::new();
+        for i in 0..2 {
+            let admitted = a.admit("other", n(1)).await;
+            kept.push(admitted.unwrap_or_else(|e| panic!("expected call {i} on a, saw {e:?}")));
+        }
+        let mut on_b = 0;
+        while on_b < 10 {
+            match b.admit("other", n(1)).await {
+                Ok(admitted) => kept.push(admitted),
+                Err(_) => break,
+            }
+            on_b += 1;
+        }
+        assert_eq!(
+            on_b, 2,
+            "expected b to get the limit of 5 less a's 3 calls out, not its own full 5"
         );
     }
 
