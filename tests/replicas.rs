@@ -466,7 +466,9 @@ async fn invalidation_suite(kind: Kind) {
         .admin(0, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
         .await;
     assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
-    let written = c.post(1, contact, "note=hello").await;
+    let written = c
+        .post(1, contact, "updates=%7B%22note%22%3A%22hello%22%7D")
+        .await;
     assert!(
         written.status.is_success(),
         "expected the write to succeed, saw {}",
@@ -2075,7 +2077,9 @@ async fn writes_and_purges_remove_shared_entries() {
         shared_entry(&c, contact).await.is_some(),
         "expected the contact shared"
     );
-    let written = c.post(1, contact, "note=hello").await;
+    let written = c
+        .post(1, contact, "updates=%7B%22note%22%3A%22hello%22%7D")
+        .await;
     assert!(written.status.is_success(), "expected the write to succeed");
     assert!(
         shared_entry(&c, contact).await.is_none(),
