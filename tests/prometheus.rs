@@ -608,7 +608,7 @@ fn path_for(method: &str, template: &str, client: usize) -> String {
         .replace("{kind}", kind)
         .replace("{service}", "twitter")
         .replace("{service_id}", &format!("c{client}"))
-        .replace("{topic_id}", "1")
+        .replace("{topic_id}", "123451")
         .replace(
             "{id}",
             &if template.contains("/settings/") {
