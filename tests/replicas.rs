@@ -657,6 +657,46 @@ fn redis_backend_config_is_checked() {
     );
 }
 
+/// At a cold start only one replica sends the call that learns what the upstream has left
+/// (a marker in Redis says whose it is); the others wait for its answer instead of each
+/// sending a call of their own blind, then go on the count it taught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_cold_start_one_replica_learns_the_count_for_all() {
+    let _one = SERIAL.lock().await;
+    let sim = SimOptions {
+        rate_limit: Some("100/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"5s\"";
+    let Some(c) = cluster(3, sim, budget).await else {
+        return;
+    };
+    // The learning call takes its time upstream, so the others all ask while it is out.
+    c.sim.set_faults(cxgate::sim::Faults {
+        latency_ms: 400,
+        ..cxgate::sim::Faults::default()
+    });
+    c.sim.reset_stats();
+    let (a, b, d) = tokio::join!(
+        c.get(0, "/12345/inbox/contact/twitter/1"),
+        c.get(1, "/12345/inbox/contact/twitter/2"),
+        c.get(2, "/12345/inbox/contact/twitter/3"),
+    );
+    let statuses = [a.status, b.status, d.status];
+    assert_eq!(
+        statuses,
+        [StatusCode::OK; 3],
+        "expected every replica to answer once the count was learnt"
+    );
+    let stats = c.sim.stats();
+    assert!(
+        matches!(stats["max_in_flight"].as_u64(), Some(1 | 2)),
+        "expected the learning call alone, then the other two (at most two out at once, not \
+         three blind first calls), saw {stats}"
+    );
+    c.stop().await;
+}
+
 /// An upstream 429 seen by one replica pauses all of them (shared through
 /// Redis): the others answer 429 with Retry-After and send the upstream nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,6 +232,12 @@ impl Upstream {
         self.shared = true;
     }
 
+    /// Whether an answer other than a limit answer has told what the upstream has left (or
+    /// that it does not say).
+    pub(crate) fn knows(&self) -> bool {
+        self.learned
+    }
+
     /// Takes what another replica learnt: the shared budget holds the upstream's report.
     pub(crate) fn learn(&mut self) {
         self.learned = true;
