@@ -262,7 +262,10 @@ impl Service {
                 let path = format!("/12345/inbox/contact/twitter/{id}");
                 self.call(Kind::ContactRead, Method::GET, &path, "").await;
                 if fastrand::f64() < CONTACT_WRITE_SHARE {
-                    let form = format!("crm_note=seen+{}", fastrand::u32(..));
+                    let form = format!(
+                        "updates=%7B%22note%22%3A%22seen+{}%22%7D",
+                        fastrand::u32(..)
+                    );
                     self.call(Kind::ContactWrite, Method::POST, &path, &form)
                         .await;
                 }

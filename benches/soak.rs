@@ -208,11 +208,11 @@ impl Kind {
             Kind::ContactWrite => (
                 Method::POST,
                 contact(fastrand::u64(0..HOT_CONTACTS)),
-                "email=ops%40example.com",
+                "updates=%7B%22email%22%3A%22ops%40example.com%22%7D",
             ),
             Kind::MentionWrite => (
                 Method::POST,
-                format!("/{WRITE_ACCOUNT}/inbox/mention/1/m1"),
+                format!("/{WRITE_ACCOUNT}/inbox/mention/{WRITE_ACCOUNT}1/m1"),
                 "updates=%7B%22status%22%3A%22closed%22%7D",
             ),
         }

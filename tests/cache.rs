@@ -357,7 +357,9 @@ async fn a_write_invalidates_exactly_its_tags() {
     );
     assert_hit(&env.get(CONTACT_A).await, "contact A, second read");
 
-    let write = env.post_form(CONTACT_A, "email=x%40y.z").await;
+    let write = env
+        .post_form(CONTACT_A, "updates=%7B%22email%22%3A%22x%40y.z%22%7D")
+        .await;
     assert_eq!(
         write.status,
         StatusCode::OK,
@@ -410,8 +412,9 @@ async fn the_byte_bound_holds_and_evicts() {
     let env = common::start(SimOptions::default(), &extra).await;
     let target = 10 * 65536;
     let (mut read, mut calls) = (0, 0u64);
-    'outer: for account in 1..=50u64 {
-        for page in 0..10u64 {
+    // The simulator's three accounts, 50 pages of 10 mentions each.
+    'outer: for account in [12345u64, 23456, 34567] {
+        for page in 0..50u64 {
             let path = format!(
                 "/{account}/inbox/mentions?limit=10&page_token=pt{}",
                 page * 10
@@ -443,7 +446,9 @@ async fn the_byte_bound_holds_and_evicts() {
                 break;
             }
             // moka settles its counts in maintenance, which traffic triggers.
-            let _ = env.get("/1/inbox/mentions?limit=10&page_token=pt0").await;
+            let _ = env
+                .get("/34567/inbox/mentions?limit=10&page_token=pt0")
+                .await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ok
@@ -985,7 +990,7 @@ async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
     }
     let write = env
         .post_form(
-            "/12345/inbox/mention/1/m1",
+            "/12345/inbox/mention/123451/m1",
             "updates=%7B%22status%22%3A%22closed%22%7D",
         )
         .await;

@@ -756,7 +756,7 @@ async fn a_write_whose_client_hangs_up_still_completes_and_invalidates() {
         hit.header("cache-status")
     );
     let mut s = connect(env.gw.addr).await;
-    let body = "email=x%40y.z";
+    let body = "updates=%7B%22email%22%3A%22x%40y.z%22%7D";
     s.write_all(
         format!(
             "POST {CONTACT} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {KEY}\r\n\

@@ -350,11 +350,11 @@ async fn run_traffic(env: &Arc<common::Env>) -> Vec<Seen> {
             let env = env.clone();
             tasks.spawn(async move { vec![get_seen(&env, "test", common::KEY, path).await] });
         }
-        // Four identical cold reads at once; the simulator holds /555/ for 100 ms, so one
+        // Four identical cold reads at once; the simulator holds /34567/ for 100 ms, so one
         // is a miss and the others are answered by its upstream call (collapsed).
         for _ in 0..4 {
             let env = env.clone();
-            let path = format!("/555/inbox/contact/twitter/burst{tick}");
+            let path = format!("/34567/inbox/contact/twitter/burst{tick}");
             tasks.spawn(async move { vec![get_seen(&env, "burst", common::KEY, &path).await] });
         }
         // A write that invalidates the contact, then a read of it (a miss again).
@@ -362,7 +362,9 @@ async fn run_traffic(env: &Arc<common::Env>) -> Vec<Seen> {
             let env = env.clone();
             tasks.spawn(async move {
                 let path = "/12345/inbox/contact/twitter/1";
-                let w = env.post_form(path, "email=ops%40example.com").await;
+                let w = env
+                    .post_form(path, "updates=%7B%22email%22%3A%22ops%40example.com%22%7D")
+                    .await;
                 let write = Seen {
                     who: "write",
                     status: w.status.as_u16(),
@@ -390,13 +392,13 @@ async fn dashboard_queries_return_data_from_a_real_prometheus() {
     }
     let started = Instant::now();
     // The simulator reports X-RateLimit-Remaining (a limit the run never reaches) and holds
-    // the /555/ reads long enough for identical requests to merge. The token file written
+    // the /34567/ reads long enough for identical requests to merge. The token file written
     // by the harness expires in an hour (the default token_ttl), so the expiry is known.
     let sim = SimOptions {
         rate_limit: Some("100000/1h".parse().expect("valid simulator rate limit")),
         faults: Faults {
             latency_ms: 100,
-            path_prefix: Some("/555/".into()),
+            path_prefix: Some("/34567/".into()),
             ..Faults::default()
         },
         ..SimOptions::default()
@@ -606,7 +608,7 @@ fn path_for(method: &str, template: &str, client: usize) -> String {
         .replace("{kind}", kind)
         .replace("{service}", "twitter")
         .replace("{service_id}", &format!("c{client}"))
-        .replace("{topic_id}", "1")
+        .replace("{topic_id}", "123451")
         .replace(
             "{id}",
             &if template.contains("/settings/") {

@@ -172,6 +172,8 @@ async fn the_apis_400_rate_limit_reached_pauses_serves_stale_and_answers_429() {
 /// A limit answer with neither Retry-After nor reset (the API sometimes leaves it out):
 /// the gateway waits the blind pause (a minute, cut to the window the upstream showed),
 /// then lets exactly one probe through while everyone else keeps waiting for its answer.
+/// With a `max_wait` of 0 no miss can wait for the probe: misses in the pause are 429, and
+/// those that arrive while the probe is out wait the one-second grace for its answer.
 #[tokio::test]
 async fn a_limit_answer_without_a_reset_waits_then_probes_with_one_call() {
     let sim = SimOptions {
@@ -180,7 +182,9 @@ async fn a_limit_answer_without_a_reset_waits_then_probes_with_one_call() {
     };
     let env = common::start(
         sim,
-        &format!("[budget]\nlimit = 1000\nperiod = \"1s\"\nburst = 100\n{ROUTES}"),
+        &format!(
+            "[budget]\nlimit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"0s\"\n{ROUTES}"
+        ),
     )
     .await;
     assert_eq!(env.get(&contact(0)).await.status, 200, "a first read");
@@ -214,9 +218,10 @@ async fn a_limit_answer_without_a_reset_waits_then_probes_with_one_call() {
     // After it: ten reads at once; one goes as the probe, it succeeds (the window turned),
     // and traffic flows again.
     tokio::time::sleep_until(window + Duration::from_millis(4200)).await;
-    // The probe takes its time upstream, so all ten arrive while it is out.
+    // The probe takes longer upstream than the others' one-second grace, so all ten arrive
+    // while it is out and nine give up before it lands.
     env.sim.set_faults(Faults {
-        latency_ms: 500,
+        latency_ms: 1500,
         ..Faults::default()
     });
     let mut reads = tokio::task::JoinSet::new();

@@ -466,7 +466,9 @@ async fn invalidation_suite(kind: Kind) {
         .admin(0, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
         .await;
     assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
-    let written = c.post(1, contact, "note=hello").await;
+    let written = c
+        .post(1, contact, "updates=%7B%22note%22%3A%22hello%22%7D")
+        .await;
     assert!(
         written.status.is_success(),
         "expected the write to succeed, saw {}",
@@ -653,6 +655,46 @@ fn redis_backend_config_is_checked() {
         spaced.len() == 1 && spaced[0].starts_with("budget.key_prefix:"),
         "expected one problem naming budget.key_prefix, saw {spaced:?}"
     );
+}
+
+/// At a cold start only one replica sends the call that learns what the upstream has left
+/// (a marker in Redis says whose it is); the others wait for its answer instead of each
+/// sending a call of their own blind, then go on the count it taught.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_a_cold_start_one_replica_learns_the_count_for_all() {
+    let _one = SERIAL.lock().await;
+    let sim = SimOptions {
+        rate_limit: Some("100/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100\nmax_wait = \"5s\"";
+    let Some(c) = cluster(3, sim, budget).await else {
+        return;
+    };
+    // The learning call takes its time upstream, so the others all ask while it is out.
+    c.sim.set_faults(cxgate::sim::Faults {
+        latency_ms: 400,
+        ..cxgate::sim::Faults::default()
+    });
+    c.sim.reset_stats();
+    let (a, b, d) = tokio::join!(
+        c.get(0, "/12345/inbox/contact/twitter/1"),
+        c.get(1, "/12345/inbox/contact/twitter/2"),
+        c.get(2, "/12345/inbox/contact/twitter/3"),
+    );
+    let statuses = [a.status, b.status, d.status];
+    assert_eq!(
+        statuses,
+        [StatusCode::OK; 3],
+        "expected every replica to answer once the count was learnt"
+    );
+    let stats = c.sim.stats();
+    assert!(
+        matches!(stats["max_in_flight"].as_u64(), Some(1 | 2)),
+        "expected the learning call alone, then the other two (at most two out at once, not \
+         three blind first calls), saw {stats}"
+    );
+    c.stop().await;
 }
 
 /// An upstream 429 seen by one replica pauses all of them (shared through
@@ -2075,7 +2117,9 @@ async fn writes_and_purges_remove_shared_entries() {
         shared_entry(&c, contact).await.is_some(),
         "expected the contact shared"
     );
-    let written = c.post(1, contact, "note=hello").await;
+    let written = c
+        .post(1, contact, "updates=%7B%22note%22%3A%22hello%22%7D")
+        .await;
     assert!(written.status.is_success(), "expected the write to succeed");
     assert!(
         shared_entry(&c, contact).await.is_none(),

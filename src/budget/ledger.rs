@@ -10,8 +10,10 @@
 //!    may have filled the global queue meanwhile, so this can still refuse; the client's cells
 //!    are then given back if nothing was reserved after them. Only that case can burn cells.
 //!
-//! Either step answers "come back later" while the one call sent to learn what the upstream
-//! has left is out (see `upstream`): nothing is reserved then, and the caller waits for it.
+//! Either step answers "come back later" while a call out decides what may go (the one sent
+//! to learn what the upstream has left, or the blind pause's probe, see `upstream`), or when
+//! the probe is due within the caller's `max_wait`: nothing is reserved then, and the caller
+//! waits for it.
 //!
 //! Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
 //! a slot booked ahead would leave every free cell before it unusable by other clients.
@@ -72,9 +74,27 @@ pub(crate) enum Step {
     Go { own: Option<Slot>, grant: Grant },
     /// Only the client's own share is reserved: come back at `own.at` and `cross`.
     Queue { own: Slot },
-    /// Nothing is known of what the upstream has left and the call sent to learn it is
-    /// out: nothing is reserved; come back when it is answered.
-    Learning,
+    /// Nothing is reserved; come back later (see [`Later`]).
+    Wait(Later),
+}
+
+/// Why an admission comes back later, with nothing reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Later {
+    /// A call out decides what may go next (the one sent to learn the upstream's count, the
+    /// blind pause's probe, or the calls that used up the allowance): come back when one
+    /// lands.
+    Landing,
+    /// The blind pause ends at this time, within the caller's `max_wait`: come back then,
+    /// when one call goes as the probe and the others wait for its answer.
+    At(u64),
+}
+
+/// Step 2's answer: the global share is reserved, or come back later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Crossed {
+    Go(Grant),
+    Wait(Later),
 }
 
 impl Ledger {
@@ -160,6 +180,9 @@ impl Ledger {
     ) -> Result<Step, Refusal> {
         let (max_wait, hold) = self.terms(client);
         let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
+        if let Some(later) = self.probe_within(max_wait, now) {
+            return Ok(Step::Wait(later));
+        }
         self.upstream_allows(cost, now)?;
         let own = self
             .clients
@@ -184,7 +207,7 @@ impl Ledger {
         }
         // Refused by a share first: its wait is the truer Retry-After.
         if self.upstream.waits_for_landing(u64::from(cost.get()), now) {
-            return Ok(Step::Learning);
+            return Ok(Step::Wait(Later::Landing));
         }
         let own = own.map(|g| g.reserve(cost, 0, now));
         match own {
@@ -196,18 +219,21 @@ impl Ledger {
         }
     }
 
-    /// Step 2, once the client's own slot has come (see the module doc); `None` while the
-    /// call sent to learn the upstream's count is out (come back when it is answered).
+    /// Step 2, once the client's own slot has come (see the module doc); `Wait` while a call
+    /// out decides what may go, or the blind pause's probe is due within the caller's wait.
     pub(crate) fn cross(
         &mut self,
         client: &str,
         cost: NonZeroU32,
         arrived: u64,
         now: u64,
-    ) -> Result<Option<Grant>, Refusal> {
+    ) -> Result<Crossed, Refusal> {
         let (max_wait, hold) = self.terms(client);
-        self.upstream_allows(cost, now)?;
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
+        if let Some(later) = self.probe_within(left, now) {
+            return Ok(Crossed::Wait(later));
+        }
+        self.upstream_allows(cost, now)?;
         let wait = self.global.wait(cost, hold, now);
         if wait > left {
             return Err(Refusal {
@@ -216,9 +242,19 @@ impl Ledger {
             });
         }
         if self.upstream.waits_for_landing(u64::from(cost.get()), now) {
-            return Ok(None);
+            return Ok(Crossed::Wait(Later::Landing));
         }
-        Ok(Some(self.grant(cost, hold, now)))
+        Ok(Crossed::Go(self.grant(cost, hold, now)))
+    }
+
+    /// `Later::At` the blind pause's end when its probe is due within `left` nanoseconds: a
+    /// caller that can wait that long waits for the probe (and then for its answer) rather
+    /// than being refused for the whole blind pause.
+    pub(crate) fn probe_within(&self, left: u64, now: u64) -> Option<Later> {
+        self.upstream
+            .probe_at(now)
+            .filter(|at| at - now <= left)
+            .map(Later::At)
     }
 
     /// Last look when a granted slot comes: refuses if the upstream raised an alarm after the

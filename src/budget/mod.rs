@@ -352,9 +352,9 @@ impl Budget {
                     tokio::time::sleep_until(clock.instant(own.at)).await;
                     break self.cross(client, cost, arrived, queued).await?;
                 }
-                Step::Learning => {
+                Step::Wait(later) => {
                     queued();
-                    self.await_landing(landed, client, arrived).await?;
+                    self.come_back(later, landed, client, arrived).await?
                 }
             }
         };
@@ -404,11 +404,29 @@ impl Budget {
             let now = self.inner.clock.nanos();
             let crossed = self.ledger().cross(client, cost, arrived, now);
             match crossed.map_err(|r| self.refuse(client, r))? {
-                Some(grant) => return Ok(grant),
-                None => {
+                ledger::Crossed::Go(grant) => return Ok(grant),
+                ledger::Crossed::Wait(later) => {
                     queued();
-                    self.await_landing(landed, client, arrived).await?;
+                    self.come_back(later, landed, client, arrived).await?
                 }
+            }
+        }
+    }
+
+    /// Waits as `later` says: for a landing (see [`Budget::await_landing`]), or until the
+    /// blind pause's end (the ledger only asks for that within the caller's `max_wait`).
+    async fn come_back(
+        &self,
+        later: ledger::Later,
+        landed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        client: &str,
+        arrived: u64,
+    ) -> Result<(), Rejected> {
+        match later {
+            ledger::Later::Landing => self.await_landing(landed, client, arrived).await,
+            ledger::Later::At(at) => {
+                tokio::time::sleep_until(self.inner.clock.instant(at)).await;
+                Ok(())
             }
         }
     }

@@ -42,8 +42,22 @@ local function land(cost)
   if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
   return math.max(n, 0)
 end
+if mode == 'learning' then
+  -- A replica that knows nothing of the upstream's count asks before it sends the call that
+  -- would learn it: the count is known (1), this replica sends that call (0: the marker is
+  -- its own for ARGV[2] ms, or until an answer or a failure), or another replica's is out
+  -- (2, and how long its marker lasts).
+  if allowance() ~= nil and redis.call('PTTL', KEYS[4]) > 0 then return {1} end
+  if redis.call('EXISTS', KEYS[8]) == 1 then return {1} end
+  if redis.call('SET', KEYS[7], '1', 'NX', 'PX', tonumber(ARGV[2])) then return {0} end
+  return {2, redis.call('PTTL', KEYS[7])}
+end
 if mode == 'seen' then
   local inflight = land(tonumber(ARGV[2]))
+  -- An answer ends any replica's learning call; one that is no limit answer teaches every
+  -- replica (even without a count: the shares pace then).
+  redis.call('DEL', KEYS[7])
+  if tonumber(ARGV[6]) == 1 then redis.call('SET', KEYS[8], '1', 'PX', 3600000) end
   local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
   if remaining < 0 then return {0} end
   local left = math.max(remaining - inflight, 0)
@@ -69,6 +83,8 @@ if mode == 'seen' then
 end
 if mode == 'done' then
   land(tonumber(ARGV[2]))
+  -- A call that failed teaches nothing: the next one learns, on whichever replica.
+  redis.call('DEL', KEYS[7])
   return {0}
 end
 -- The resume count; anything but a small whole number (a stray or tampered key) counts
@@ -134,7 +150,8 @@ end
 
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
 -- not book the client), max wait, debt owed from a spell on the local fallback, and the
--- longest pause a stored one may still have left (all in µs).
+-- longest pause a stored one may still have left (all in µs); then the upstream's learnt
+-- limit (0: none) and window (ms).
 local cost = tonumber(ARGV[2])
 local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -153,6 +170,15 @@ if pause ~= nil and pause > now then
 end
 
 local allow = allowance()
+local limit, window_ms = tonumber(ARGV[10]) or 0, tonumber(ARGV[11]) or 0
+if allow == nil and limit > 0 and window_ms > 0 then
+  -- The count's window ended (its key expired at the reset): the new one holds the learnt
+  -- limit less the calls still out on every replica, never what the shares alone allow,
+  -- until a report of the new window replaces it.
+  local out = tonumber(redis.call('GET', KEYS[5])) or 0
+  allow = math.max(limit - out, 0)
+  redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
+end
 if allow ~= nil and allow < cost then
   local ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask

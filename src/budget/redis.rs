@@ -23,15 +23,35 @@ use crate::replicas::{Redis, Unavailable};
 /// upstream pause), `seen` (an upstream
 /// answer: the cells it leaves, less every replica's calls in flight), `done` (a call ended
 /// without an answer), `resume` (end the pause by hand), `peek` (what pause and allowance
-/// are in force, for a paused replica and `/admin/status`). KEYS: the global TAT, the
-/// client's TAT, the pause deadline, the upstream's allowance (cells left, expiring at its
-/// reset), the cells in flight on all replicas, and the resume count (one more each time an
-/// operator ends the pause, so every replica can tell its own copy of a pause was ended).
+/// are in force, for a paused replica and `/admin/status`), `learning` (whether this
+/// replica is to send the one call that learns the upstream's count). KEYS: the global TAT,
+/// the client's TAT, the pause deadline, the upstream's allowance (cells left, expiring at
+/// its reset), the cells in flight on all replicas, the resume count (one more each time an
+/// operator ends the pause, so every replica can tell its own copy of a pause was ended),
+/// the marker of a replica's learning call out, and the mark that some replica learnt.
 /// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
 /// the past.
 const LUA: &str = include_str!("redis.lua");
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LUA));
+
+/// How long a replica's marker says its learning call is out, at most: past it (an answer
+/// lost, a replica gone) another replica may send one.
+const LEARNING_MARK: Duration = Duration::from_secs(5);
+
+/// How often a replica waiting for another's learning call asks Redis again.
+const LEARNING_POLL: Duration = Duration::from_millis(25);
+
+/// The shared budget's word to a replica that knows nothing of the upstream's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Learning {
+    /// Another replica learnt it: take the shared state as known.
+    Known,
+    /// This replica sends the call that learns it.
+    Mine,
+    /// Another replica's learning call is out: wait for its answer.
+    Other,
+}
 
 /// Runs the script in `mode` on `keys` with `args`: the one place a call is marshalled.
 async fn run_script(
@@ -132,6 +152,8 @@ impl Shared {
             (max_wait / 1000).to_string(),
             owed.to_string(),
             ask.longest_us.to_string(),
+            ask.limit.to_string(),
+            ask.window_ms.to_string(),
         ];
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
@@ -141,7 +163,7 @@ impl Shared {
         reply
     }
 
-    fn keys(&self, client: &str) -> [String; 6] {
+    fn keys(&self, client: &str) -> [String; 8] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
@@ -149,7 +171,28 @@ impl Shared {
             self.redis.key("budget:upstream_left"),
             self.redis.key("budget:in_flight"),
             self.redis.key("budget:resumes"),
+            self.redis.key("budget:learning"),
+            self.redis.key("budget:learned"),
         ]
+    }
+
+    /// Asks whether this replica is to send the call that learns the upstream's count (see
+    /// [`Learning`]); `None` when Redis did not answer (the replica then goes alone).
+    async fn learning(&self) -> Option<Learning> {
+        let keys = self.keys("-");
+        let mark = LEARNING_MARK.as_millis().to_string();
+        let raw = run_script(&self.redis, &keys, "learning", &[mark])
+            .await
+            .ok()?;
+        match raw.first() {
+            Some(0) => Some(Learning::Mine),
+            Some(1) => Some(Learning::Known),
+            Some(2) => Some(Learning::Other),
+            _ => {
+                tracing::error!(?raw, "budget: unexpected answer from the Redis script");
+                None
+            }
+        }
     }
 
     /// Reads the shared pause and allowance; `None` when Redis did not answer. When the
@@ -221,8 +264,11 @@ impl Shared {
             return;
         };
         // `return` takes the client's TAT first and the global one second.
-        let [global_key, client_key, pause, left, in_flight, resumes] = self.keys(client);
-        let keys = [client_key, global_key, pause, left, in_flight, resumes];
+        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned] =
+            self.keys(client);
+        let keys = [
+            client_key, global_key, pause, left, in_flight, resumes, learning, learned,
+        ];
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
@@ -316,6 +362,10 @@ struct Ask {
     /// The longest pause the upstream's window allows, in µs: no stored pause or expiry
     /// read from Redis waits longer.
     longest_us: u64,
+    /// The upstream's learnt `X-RateLimit-Limit` (0: none) and window (ms, 0: none): what
+    /// a new window holds once the shared count's window has ended.
+    limit: u64,
+    window_ms: u64,
 }
 
 impl Ask {
@@ -333,6 +383,8 @@ impl Ask {
             global: Cells::of(&ledger.global_share, hold),
             own,
             longest_us: ledger.upstream.longest() / 1000,
+            limit: ledger.upstream.limit().unwrap_or(0),
+            window_ms: ledger.upstream.window_learnt().map_or(0, |w| w / 1_000_000),
         }
     }
 }
@@ -432,9 +484,10 @@ impl Drop for Hold<'_> {
         if let Some(seq) = self.spent {
             self.budget.ledger().upstream.give_back(seq);
             self.budget.inner.landed.notify_waiters();
-            if self.global.is_some() {
-                self.shared.tell("done", vec![self.cost.to_string()]);
-            }
+            // Out of the shared flight if it was booked there, and either way no longer a
+            // learning call the other replicas wait for.
+            let booked = if self.global.is_some() { self.cost } else { 0 };
+            self.shared.tell("done", vec![booked.to_string()]);
         }
     }
 }
@@ -483,23 +536,55 @@ impl Budget {
         // calls both go as the one sent to learn what the upstream has left.
         let mut owed = 0;
         let mut looked_shared = false;
+        // Whether Redis said this replica sends the call that learns the upstream's count.
+        let mut claimed = false;
         let (ask, seq) = loop {
             let landed = self.inner.landed.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
-            {
+            let mut learn_first = false;
+            let probe_at = {
                 let mut ledger = self.ledger();
                 owed += shared.come_back(&mut ledger, arrived);
                 let now = clock.nanos();
-                if let Some(wait) = ledger.upstream.blocked(hold.cost, now) {
-                    drop(ledger);
-                    return Err(self.refuse_shared(client, Which::Upstream, wait));
+                let left = ledger
+                    .terms(client)
+                    .0
+                    .saturating_sub(now.saturating_sub(arrived));
+                // The blind pause's probe is due within this caller's wait: it waits for it.
+                let probe_at = match ledger.probe_within(left, now) {
+                    Some(super::ledger::Later::At(at)) => Some(at),
+                    _ => None,
+                };
+                if probe_at.is_none() {
+                    if let Some(wait) = ledger.upstream.blocked(hold.cost, now) {
+                        drop(ledger);
+                        return Err(self.refuse_shared(client, Which::Upstream, wait));
+                    }
+                    if !ledger.upstream.waits_for_landing(hold.cost, now) {
+                        // Nothing is known of the count and this call would go to learn
+                        // it: only one replica sends such a call at a time.
+                        learn_first = !claimed && !ledger.upstream.knows();
+                        if !learn_first {
+                            let seq = ledger.upstream.spend(hold.cost);
+                            hold.spent = Some(seq);
+                            break (Ask::new(&ledger, client, cost), seq);
+                        }
+                    }
                 }
-                if !ledger.upstream.waits_for_landing(hold.cost, now) {
-                    let seq = ledger.upstream.spend(hold.cost);
-                    hold.spent = Some(seq);
-                    break (Ask::new(&ledger, client, cost), seq);
+                probe_at
+            };
+            if learn_first {
+                match shared.learning().await {
+                    Some(Learning::Known) => self.ledger().upstream.learn(),
+                    Some(Learning::Other) => self.await_learning(client, arrived).await?,
+                    Some(Learning::Mine) | None => claimed = true,
                 }
+                continue;
+            }
+            if let Some(at) = probe_at {
+                tokio::time::sleep_until(clock.instant(at)).await;
+                continue;
             }
             // Another replica may have learnt the upstream's count already: the shared
             // allowance is its report.
@@ -596,6 +681,21 @@ impl Budget {
         })
     }
 
+    /// Waits a moment for another replica's learning call to be answered, within what is
+    /// left of the client's `max_wait` (at least the learning grace); refuses past it.
+    async fn await_learning(&self, client: &str, arrived: u64) -> Result<(), Rejected> {
+        let (max_wait, _) = self.ledger().terms(client);
+        let patience = max_wait.max(super::ledger::nanos(super::LEARNING_GRACE));
+        let waited = self.inner.clock.nanos().saturating_sub(arrived);
+        if waited >= patience {
+            let wait = super::ledger::nanos(super::LEARNING_RETRY);
+            return Err(self.refuse_shared(client, Which::Upstream, wait));
+        }
+        let left = Duration::from_nanos(patience - waited);
+        tokio::time::sleep(LEARNING_POLL.min(left)).await;
+        Ok(())
+    }
+
     /// Copies the TATs the script returned into the local ledger, for headers and status.
     fn mirror(&self, client: &str, redis_now: i64, global: Option<i64>, own: Option<i64>) {
         let at = |tat: i64| -> u64 {
@@ -689,6 +789,7 @@ impl Budget {
                 remaining.to_string(),
                 reset_ms.to_string(),
                 blind_ms.to_string(),
+                u8::from(!limited).to_string(),
             ],
         );
     }
@@ -1014,6 +1115,61 @@ mod tests {
         assert!(
             budget.admit("other", NonZeroU32::MIN).await.is_ok(),
             "expected calls again once the answers said 2 remain"
+        );
+    }
+
+    /// Once the shared count's window has ended, the new window holds the learnt limit
+    /// less the calls still out on every replica, not what the shares allow: a replica
+    /// with nothing out of its own gets only what the other left.
+    #[tokio::test]
+    async fn a_new_shared_window_holds_the_learnt_limit_less_every_call_out() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        std::env::set_var("CXGATE_T_RB6", server.url());
+        let prefix = format!("t{:08x}", fastrand::u32(..));
+        let replica = |spec: BudgetSpec| {
+            let prefix = prefix.clone();
+            async move {
+                let registry = prometheus::Registry::new();
+                let redis = Redis::connect("CXGATE_T_RB6", &prefix, &registry)
+                    .await
+                    .expect("redis handle");
+                Budget::new_shared(spec, &registry, redis, n(2)).expect("budget")
+            }
+        };
+        let (a, b) = (
+            replica(spec(300, 1000, 30, 0)).await,
+            replica(spec(300, 1000, 30, 0)).await,
+        );
+        let mut told = http::HeaderMap::new();
+        told.insert("x-ratelimit-limit", http::HeaderValue::from_static("5"));
+        told.insert("x-ratelimit-remaining", http::HeaderValue::from_static("4"));
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("1"));
+        for budget in [&a, &b] {
+            budget.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+            let first = budget.admit("other", n(1)).await.expect("a first call");
+            budget.observe_answer(http::StatusCode::OK, &told, b"", first.ticket);
+        }
+        let _held = a.admit("other", n(1)).await.expect("a call left out");
+        // Both windows (the shared count's key and each ledger's) end after a second.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        let mut kept = Vec::new();
+        for i in 0..2 {
+            let admitted = a.admit("other", n(1)).await;
+            kept.push(admitted.unwrap_or_else(|e| panic!("expected call {i} on a, saw {e:?}")));
+        }
+        let mut on_b = 0;
+        while on_b < 10 {
+            match b.admit("other", n(1)).await {
+                Ok(admitted) => kept.push(admitted),
+                Err(_) => break,
+            }
+            on_b += 1;
+        }
+        assert_eq!(
+            on_b, 2,
+            "expected b to get the limit of 5 less a's 3 calls out, not its own full 5"
         );
     }
 

@@ -14,11 +14,13 @@
 //! has left (another process may have spent it): one call goes alone and its answer decides,
 //! as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
 //! Invariants: every admitted call takes a sequence number, and the report of the latest-sent
-//! call answered so far is the allowance (a report older than the one applied is ignored, so
-//! out-of-order answers never raise it, and a fresh one may); a report only ever lengthens a
-//! pause (a late answer to an old request must not lift a fresh one), except the probe's own
-//! answer; no pause is longer than the upstream's window (the longest reset it has named). A reset passing does not make the
-//! count unknown again: the window that starts then is full, and the shares pace it.
+//! call answered so far is the allowance and the count shown (a report older than the newest
+//! read is ignored, so out-of-order answers never raise it, and a fresh one may); a report
+//! only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
+//! except the probe's own answer; while the probe is out the others wait for it; no pause is
+//! longer than the upstream's window (the longest reset it has named). A reset passing does
+//! not make the count unknown again: the window that starts then holds the learnt limit,
+//! less the calls still out, and no more, whatever the shares allow.
 //! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
 //! turned into that clock once, when they arrive.
 
@@ -56,10 +58,19 @@ enum Probe {
     /// No blind pause.
     #[default]
     None,
-    /// A blind pause runs: when it ends, one call goes alone.
+    /// A blind pause runs: when it ends, the next call sent goes alone.
     Due,
-    /// The probe is out; everyone else waits for its answer.
-    Out,
+    /// The probe (this sequence number) is out; everyone else waits for its answer, and if
+    /// it ends without one, the next call is the probe.
+    Out(u64),
+}
+
+/// Where a window the gateway assumed began: the allowance's reset passed at `at`, when
+/// `seq` was the next sequence number. Calls sent before it describe the window before.
+#[derive(Debug, Clone, Copy)]
+struct Rolled {
+    seq: u64,
+    at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -80,8 +91,11 @@ pub(crate) struct Upstream {
     flying: BTreeMap<u64, u64>,
     /// The sequence number the next admitted call takes.
     next_seq: u64,
-    /// The sequence number of the call whose report set the allowance in force.
-    applied: Option<u64>,
+    /// The sequence number of the latest-sent call whose `Remaining` was read: its report
+    /// is the one shown and the one the allowance follows; older ones are ignored.
+    newest: Option<u64>,
+    /// The last window this side assumed when the allowance's reset passed.
+    rolled: Option<Rolled>,
     /// An answer other than a limit answer has been read: what the upstream has left is
     /// known (or it does not say, and the shares alone pace the calls).
     learned: bool,
@@ -133,6 +147,12 @@ impl Upstream {
             .min(nanos(LONGEST_PAUSE))
     }
 
+    /// The window the upstream's resets have shown (the longest time to a reset named), in
+    /// nanoseconds, once one has.
+    pub(crate) fn window_learnt(&self) -> Option<u64> {
+        (self.learned_window > 0).then_some(self.learned_window)
+    }
+
     /// The blind pause (a minute, or the window if shorter), in nanoseconds.
     pub(crate) fn blind(&self) -> u64 {
         nanos(BLIND_PAUSE).min(self.longest())
@@ -140,13 +160,67 @@ impl Upstream {
 
     /// Calls the upstream still allows before its reset, when it said fewer than we model.
     pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
-        self.allowance.filter(|a| a.reset > now).map(|a| a.left)
+        self.current(now).map(|a| a.left)
+    }
+
+    /// The allowance in force at `now`. Once its reset has passed, a new window is full:
+    /// the learnt `X-RateLimit-Limit`, less the calls still out (the upstream may count
+    /// them in the new window), until the window after, one learnt window later. Never
+    /// the shares alone, which may be set above the upstream's limit. Without a learnt
+    /// limit the shares pace the new window.
+    fn current(&self, now: u64) -> Option<Allowance> {
+        let a = self.allowance?;
+        if a.reset > now {
+            return Some(a);
+        }
+        let limit = self.limit?;
+        let window = if self.learned_window > 0 {
+            self.learned_window
+        } else {
+            self.longest()
+        }
+        .max(1);
+        let windows = (now - a.reset) / window + 1;
+        let reset = a.reset.saturating_add(windows.saturating_mul(window));
+        let out: u64 = self.flying.values().sum();
+        Some(Allowance {
+            left: limit.saturating_sub(out),
+            reset,
+        })
+    }
+
+    /// Makes [`Upstream::current`] the allowance, remembering where an assumed window began.
+    fn roll(&mut self, now: u64) {
+        let Some(a) = self.allowance.filter(|a| a.reset <= now) else {
+            return;
+        };
+        self.rolled = Some(Rolled {
+            seq: self.next_seq,
+            at: a.reset,
+        });
+        self.allowance = self.current(now);
+        if let Some(next) = self.allowance {
+            self.reset = Some(next.reset);
+        }
+    }
+
+    /// When the blind pause ends and its probe may go, while it still runs at `now`.
+    pub(crate) fn probe_at(&self, now: u64) -> Option<u64> {
+        match self.probe {
+            Probe::Due => self.pause_until.filter(|until| *until > now),
+            _ => None,
+        }
     }
 
     /// A call of `cost` must wait for one in flight to land: nothing is known yet of what
     /// the upstream has left and a call is out to find out, or the calls out have used up
     /// the allowance (their answers say what is left; the upstream never said stop).
     pub(crate) fn waits_for_landing(&self, cost: u64, now: u64) -> bool {
+        if let Probe::Out(seq) = self.probe {
+            if self.flying.contains_key(&seq) {
+                return true;
+            }
+        }
         if self.flying.is_empty() {
             return false;
         }
@@ -156,6 +230,12 @@ impl Upstream {
     /// Other processes spend the same upstream limit: see `shared`.
     pub(crate) fn set_shared(&mut self) {
         self.shared = true;
+    }
+
+    /// Whether an answer other than a limit answer has told what the upstream has left (or
+    /// that it does not say).
+    pub(crate) fn knows(&self) -> bool {
+        self.learned
     }
 
     /// Takes what another replica learnt: the shared budget holds the upstream's report.
@@ -186,18 +266,10 @@ impl Upstream {
             return Some(wait);
         }
         self.pause_until = None;
-        if self.probe == Probe::Due {
-            // This call is the probe; the others wait for its answer (or another minute,
-            // if it never gets one).
-            self.probe = Probe::Out;
-            self.pause_until = Some(at(now, BLIND_PAUSE, self.longest()));
-            return None;
-        }
+        // With a probe due, the next call spent is the probe (see `spend`), and the others
+        // wait for its answer (`waits_for_landing`).
+        self.roll(now);
         match self.allowance {
-            Some(a) if a.reset <= now => {
-                self.allowance = None;
-                None
-            }
             // Only what the upstream said is left (no call of ours out) is too little: wait
             // for its reset. A count our own calls used up waits for their answers instead,
             // and with none out (they failed unanswered) one call goes to ask.
@@ -213,6 +285,9 @@ impl Upstream {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.flying.insert(seq, cost);
+        if self.probe == Probe::Due && self.pause_until.is_none() {
+            self.probe = Probe::Out(seq);
+        }
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_sub(cost);
         }
@@ -225,6 +300,7 @@ impl Upstream {
         let Some(cost) = self.flying.remove(&seq) else {
             return;
         };
+        self.probe_ended(seq);
         if let Some(a) = self.allowance.as_mut() {
             a.left = a.left.saturating_add(cost);
         }
@@ -234,6 +310,14 @@ impl Upstream {
     /// flight.
     pub(crate) fn done(&mut self, seq: u64) {
         self.flying.remove(&seq);
+        self.probe_ended(seq);
+    }
+
+    /// Call `seq` left the flight unanswered: if it was the probe, the next call is.
+    fn probe_ended(&mut self, seq: u64) {
+        if self.probe == Probe::Out(seq) {
+            self.probe = Probe::Due;
+        }
     }
 
     /// Reads one upstream answer (429 counts as the limit reached). `now` is the budget
@@ -266,8 +350,8 @@ impl Upstream {
             self.flying.remove(&seq);
         }
         let sent = sent.unwrap_or(self.next_seq);
-        // Only a report at least as fresh as the one applied may set the allowance.
-        let fresh = self.applied.is_none_or(|applied| sent >= applied);
+        // Only a report at least as fresh as the newest read may be shown or followed.
+        let fresh = self.newest.is_none_or(|newest| sent >= newest);
         if !limited {
             self.learned = true;
         }
@@ -307,11 +391,20 @@ impl Upstream {
             self.learned_window = self.learned_window.max(nanos(d).min(ceiling));
         }
         let reset = reset_in.map(|d| at(now, d, self.longest()));
+        // A call sent before an assumed window began, answered with no reset beyond that
+        // start, counted in the window before: its count says nothing of this one.
+        let earlier_window = self.rolled.is_some_and(|r| {
+            sent < r.seq && reset.is_none_or(|reset| reset <= r.at.saturating_add(SAME_WINDOW))
+        });
+        if earlier_window && !limited {
+            return;
+        }
         if let Some(reset) = reset {
             self.reset = Some(reset);
         }
         if remaining.is_some() && fresh {
             self.reported = remaining;
+            self.newest = Some(sent);
         }
         if limited || remaining == Some(0) {
             // A Retry-After of 0 or a date already past names no time to wait: obeyed, it
@@ -320,6 +413,7 @@ impl Upstream {
             let retry = header_str(headers, "retry-after")
                 .and_then(|v| retry_after(v, wall))
                 .filter(|d| !d.is_zero());
+            let probe_out = matches!(self.probe, Probe::Out(_));
             let until = match (retry, reset) {
                 (Some(d), _) => at(now, d, longest),
                 (None, Some(reset)) => reset,
@@ -328,7 +422,7 @@ impl Upstream {
                     at(now, BLIND_PAUSE, longest)
                 }
             };
-            if self.probe == Probe::Out {
+            if probe_out {
                 // The probe itself was refused: a fresh pause, whatever the last one was.
                 self.probe = Probe::Due;
                 self.pause_until = None;
@@ -351,7 +445,7 @@ impl Upstream {
             .map(|(_, c)| c)
             .sum();
         let left = remaining.saturating_sub(after);
-        let live = self.allowance.filter(|a| a.reset > now);
+        let live = self.current(now);
         let reset = match (reset, live) {
             (Some(reset), _) => reset,
             // The reset header is sometimes left out: the count still holds, in the window
@@ -363,7 +457,6 @@ impl Upstream {
             Some(a) if self.shared && a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
             _ => left,
         };
-        self.applied = Some(sent);
         // A `left` of 0 here is our own calls out, not the upstream's word: no pause.
         self.allowance = Some(Allowance { left, reset });
     }
@@ -686,9 +779,10 @@ mod tests {
             "expected Remaining 0 with a past reset to start the blind minute"
         );
         assert_eq!(up.blocked(1, 60 * SEC), None, "expected one probe after it");
+        up.spend(1);
         assert!(
-            up.blocked(1, 60 * SEC).is_some(),
-            "expected the others held while the probe is out"
+            up.waits_for_landing(1, 60 * SEC),
+            "expected the others to wait for the probe's answer"
         );
     }
 
@@ -823,21 +917,130 @@ mod tests {
         let mut up = Upstream::default();
         up.read(true, &HeaderMap::new(), None, 0, wall());
         assert_eq!(up.blocked(1, 59 * SEC), Some(SEC), "expected the minute");
-        assert_eq!(up.blocked(1, 60 * SEC), None, "expected the probe to go");
-        assert!(
-            up.blocked(1, 60 * SEC).is_some(),
-            "expected everyone else held while the probe is out"
+        assert_eq!(
+            up.probe_at(59 * SEC),
+            Some(60 * SEC),
+            "expected the probe due"
         );
-        up.read(true, &HeaderMap::new(), None, 61 * SEC, wall());
+        assert_eq!(up.blocked(1, 60 * SEC), None, "expected the probe to go");
+        let probe = up.spend(1);
+        assert!(
+            up.blocked(1, 60 * SEC).is_none() && up.waits_for_landing(1, 60 * SEC),
+            "expected everyone else waiting for the probe's answer, not refused"
+        );
+        up.read(true, &HeaderMap::new(), Some(probe), 61 * SEC, wall());
         assert_eq!(
             up.paused_for(61 * SEC),
             Some(60 * SEC),
             "expected a refused probe to start a fresh minute"
         );
         assert_eq!(up.blocked(1, 121 * SEC), None, "expected a second probe");
+        let probe = up.spend(1);
         let ok = headers(&[("x-ratelimit-remaining", "50".into())]);
-        up.read(false, &ok, None, 122 * SEC, wall());
-        assert_eq!(up.blocked(1, 122 * SEC), None, "expected the pause lifted");
+        up.read(false, &ok, Some(probe), 122 * SEC, wall());
+        assert!(
+            up.blocked(1, 122 * SEC).is_none() && !up.waits_for_landing(1, 122 * SEC),
+            "expected the pause lifted"
+        );
+    }
+
+    #[test]
+    fn a_probe_that_ends_unanswered_hands_the_probe_to_the_next_call() {
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        up.read(false, &HeaderMap::new(), Some(first), 0, wall());
+        up.read(true, &HeaderMap::new(), None, 0, wall());
+        assert_eq!(up.blocked(1, 60 * SEC), None, "expected the probe to go");
+        let probe = up.spend(1);
+        assert!(
+            up.waits_for_landing(1, 60 * SEC),
+            "expected the others held"
+        );
+        up.done(probe);
+        assert!(
+            !up.waits_for_landing(1, 60 * SEC),
+            "expected the next call free to go once the probe failed"
+        );
+        let next = up.spend(1);
+        assert!(
+            up.waits_for_landing(1, 60 * SEC),
+            "expected that call to be the probe the others wait for"
+        );
+        up.give_back(next);
+        assert!(
+            !up.waits_for_landing(1, 60 * SEC),
+            "expected a probe never sent to hand the probe on too"
+        );
+    }
+
+    #[test]
+    fn a_new_window_holds_the_learnt_limit_less_the_calls_still_out() {
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        let h = |left: u64, reset: u64| {
+            headers(&[
+                ("x-ratelimit-limit", "10".into()),
+                ("x-ratelimit-remaining", left.to_string()),
+                ("x-ratelimit-reset", reset.to_string()),
+            ])
+        };
+        up.read(false, &h(9, 10), Some(first), 0, wall());
+        let late: Vec<u64> = (0..3).map(|_| up.spend(1)).collect();
+        // The window resets with three calls still out.
+        let now = 10 * SEC;
+        assert_eq!(up.blocked(1, now), None, "expected calls in the new window");
+        assert_eq!(
+            up.allowance(now),
+            Some(7),
+            "expected the learnt limit of 10 less the 3 calls still out, not the shares"
+        );
+        let fresh: Vec<u64> = (0..7).map(|_| up.spend(1)).collect();
+        assert!(
+            up.waits_for_landing(1, now),
+            "expected an 11th call in the window held for a landing"
+        );
+        // A call sent before the window began lands saying what it left of the old one.
+        up.read(false, &h(0, 0), Some(late[0]), now, wall());
+        assert_eq!(
+            (up.paused_for(now), up.allowance(now)),
+            (None, Some(0)),
+            "expected the old window's 0 neither a pause nor a count of this one"
+        );
+        up.read(false, &h(3, 10), Some(fresh[6]), now, wall());
+        assert_eq!(
+            up.allowance(now),
+            Some(3),
+            "expected this window's report from its latest-sent call"
+        );
+        assert_eq!(
+            up.allowance(25 * SEC),
+            Some(2),
+            "expected the next window to hold the limit less the 8 calls still out"
+        );
+    }
+
+    #[test]
+    fn an_older_answer_never_overwrites_the_count_shown() {
+        let mut up = Upstream::default();
+        let (a, b) = (up.spend(1), up.spend(1));
+        let zero = headers(&[("x-ratelimit-remaining", "0".into()), reset_in(60)]);
+        up.read(true, &zero, Some(b), 0, wall());
+        let three = headers(&[("x-ratelimit-remaining", "3".into()), reset_in(60)]);
+        up.read(false, &three, Some(a), 0, wall());
+        assert_eq!(
+            up.reported(),
+            Some(0),
+            "expected the later-sent call's 0 shown, not the earlier one's 3"
+        );
+        let mut up = Upstream::default();
+        let (a, b) = (up.spend(1), up.spend(1));
+        up.read(false, &zero, Some(b), 0, wall());
+        up.read(false, &three, Some(a), 0, wall());
+        assert_eq!(
+            (up.reported(), up.allowance(0), up.paused_for(0)),
+            (Some(0), None, Some(60 * SEC)),
+            "expected a 200 saying 0 to win over an older 3 too, its pause kept, no allowance"
+        );
     }
 
     #[test]

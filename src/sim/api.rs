@@ -140,8 +140,64 @@ fn account_endpoint(
     Some(Ok(found))
 }
 
+impl Endpoint {
+    /// The account the endpoint lies under, if any.
+    fn account(&self) -> Option<u64> {
+        match self {
+            Endpoint::Me
+            | Endpoint::Accounts
+            | Endpoint::Permissions
+            | Endpoint::ConnectedProfiles => None,
+            Endpoint::Settings(a, _)
+            | Endpoint::Mentions(a)
+            | Endpoint::Mention(a, _, _)
+            | Endpoint::InboxAdd(a)
+            | Endpoint::Contact(a, _, _)
+            | Endpoint::PublisherAdd(a)
+            | Endpoint::Insights(a, _)
+            | Endpoint::Extra(a, _) => Some(*a),
+        }
+    }
+
+    /// The topic the endpoint's path names, if any.
+    fn topic(&self) -> Option<u64> {
+        match self {
+            Endpoint::Mention(_, topic, _) => Some(*topic),
+            Endpoint::Extra(_, Extra::Context(topic, _)) => Some(*topic),
+            _ => None,
+        }
+    }
+}
+
 fn bad(message: &str) -> Reply {
     reply::error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn not_found(what: &str) -> Reply {
+    reply::error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        &format!("no such {what}"),
+    )
+}
+
+/// A 404 for an account the sim user does not have, or a topic (in the path, `topic_ids`
+/// or `topic_id`) that is not one of the account's: the API answers those, it never
+/// invents data for them.
+fn unknown_ids(endpoint: &Endpoint, call: &Call<'_>) -> Option<Reply> {
+    let account = endpoint.account()?;
+    if !data::known_account(account) {
+        return Some(not_found("account"));
+    }
+    let listed = ["topic_ids", "topic_id"]
+        .into_iter()
+        .filter_map(|name| call.param(name))
+        .flat_map(|t| t.split(','))
+        .filter_map(|t| t.trim().parse::<u64>().ok());
+    let mut topics = endpoint.topic().into_iter().chain(listed);
+    topics
+        .any(|t| !data::known_topic(account, t))
+        .then(|| not_found("topic"))
 }
 
 /// Answers an authenticated, admitted API call.
@@ -151,6 +207,9 @@ pub(crate) async fn serve(
     method: &Method,
     call: &Call<'_>,
 ) -> Reply {
+    if let Some(refused) = unknown_ids(&endpoint, call) {
+        return refused;
+    }
     let post = *method == Method::POST;
     let list = |items: Vec<Value>| match Page::parse(call) {
         Ok(page) => reply::ok(paged(call, page, items)),
@@ -384,9 +443,10 @@ fn contact(
     reply::ok(body)
 }
 
-/// Stores a contact write. `updates` is shaped like a contact: its `crm` and
-/// `custom_attributes` objects merge into those sections, and any other key is taken as a
-/// CRM field; without `updates` the form fields are the CRM fields.
+/// Stores a contact write. `updates` (required, as the API requires it) is shaped like a
+/// contact: its `crm` and `custom_attributes` objects merge into those sections, and any
+/// other key is taken as a CRM field. Missing, not a JSON object, or with nothing in it,
+/// the write is refused.
 pub(crate) fn update_contact(
     sim: &Sim,
     key: &(u64, String, String),
@@ -394,6 +454,7 @@ pub(crate) fn update_contact(
 ) -> Result<(), String> {
     let (mut crm, mut custom) = (Map::new(), Map::new());
     match call.param("updates").map(serde_json::from_str::<Value>) {
+        None => return Err("the form field updates is required".into()),
         Some(Ok(Value::Object(updates))) => {
             for (field, value) in updates {
                 match (field.as_str(), value) {
@@ -409,7 +470,6 @@ pub(crate) fn update_contact(
             }
         }
         Some(_) => return Err("updates must be a JSON object".into()),
-        None => crm = fields(call),
     }
     if crm.is_empty() && custom.is_empty() {
         return Err("nothing to update: send CRM fields or updates".into());

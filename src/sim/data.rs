@@ -101,6 +101,17 @@ pub(crate) fn connected_profiles() -> Vec<Value> {
         .collect()
 }
 
+/// Whether `account` is one the sim user has: any other is a 404, as the API answers an
+/// account the token cannot see, never invented data.
+pub(crate) fn known_account(account: u64) -> bool {
+    ACCOUNTS.contains(&account)
+}
+
+/// Whether `topic` is one of `account`'s three topics.
+pub(crate) fn known_topic(account: u64, topic: u64) -> bool {
+    topic_ids(account).contains(&topic)
+}
+
 /// The three topics of an account: `account * 10 + 1 ..= + 3`.
 pub(crate) fn topic_ids(account: u64) -> [u64; 3] {
     let base = account.saturating_mul(10);

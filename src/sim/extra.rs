@@ -119,9 +119,6 @@ pub(crate) fn serve(
                 return reply::ok(json!(true));
             }
             if *method == Method::POST {
-                if call.param("updates").is_none() {
-                    return bad("the form field updates must be a JSON object");
-                }
                 if let Err(message) = super::api::update_contact(sim, &key, call) {
                     return bad(&message);
                 }
@@ -316,8 +313,14 @@ pub(crate) fn add_many(
     if messages.is_empty() || messages.len() > MAX_ADDED {
         return bad(&format!("mentions must hold 1 to {MAX_ADDED} messages"));
     }
-    for m in &messages {
-        let (topic, mut body) = build(m);
+    let built: Vec<(u64, Value)> = messages.iter().map(build).collect();
+    if built
+        .iter()
+        .any(|(topic, _)| !data::known_topic(account, *topic))
+    {
+        return not_found("topic");
+    }
+    for (topic, mut body) in built {
         sim.writes.add_message(account, topic, |id| {
             body["id"] = json!(id);
             body["unique_id"] = json!(format!("{topic}_{id}"));

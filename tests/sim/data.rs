@@ -160,7 +160,7 @@ async fn writes_are_visible_to_later_reads() {
     );
 
     let contact = "/12345/inbox/contact/twitter/42";
-    let crm = form(&[("email", "new@example.com")]);
+    let crm = form(&[("updates", r#"{"email":"new@example.com"}"#)]);
     assert_eq!(
         peer.send(Method::POST, contact, Some("sim-token"), Some(&crm))
             .await
@@ -250,4 +250,94 @@ async fn shutdown_is_prompt_and_lets_requests_finish() {
         took < Duration::from_millis(500),
         "expected a prompt shutdown, took {took:?}"
     );
+}
+
+/// An account the sim user does not have, or a topic that is not one of the account's, is a
+/// 404 in the API's envelope, as the real API answers; the simulator invents no data for it.
+#[tokio::test]
+async fn unknown_accounts_and_topics_are_404() {
+    let peer = start(SimOptions::default()).await;
+    for path in [
+        "/999/inbox/mentions",
+        "/1/inbox/contact/twitter/42",
+        "/555/settings/topics",
+        "/12346/insights/mentions/volume",
+        "/12345/inbox/mention/1/12345000042",
+        "/12345/inbox/mention/234561/12345000042",
+        "/12345/inbox/mentions?topic_ids=123452,999",
+        "/12345/inbox/context/7/12345000042",
+    ] {
+        let answer = peer.get(path).await;
+        assert_error(&answer, 404, "not_found");
+    }
+    let add = form(&[("message", "hello"), ("topic_id", "5")]);
+    let answer = peer
+        .send(
+            Method::POST,
+            "/12345/inbox/add",
+            Some("sim-token"),
+            Some(&add),
+        )
+        .await;
+    assert_error(&answer, 404, "not_found");
+    let many = form(&[(
+        "mentions",
+        r#"[{"message":"a","topic_id":123451},{"message":"b","topic_id":7}]"#,
+    )]);
+    let answer = peer
+        .send(
+            Method::POST,
+            "/12345/inbox/add",
+            Some("sim-token"),
+            Some(&many),
+        )
+        .await;
+    assert_error(&answer, 404, "not_found");
+    let listed = peer.get("/12345/inbox/mentions?limit=1").await.json();
+    assert_eq!(
+        listed["response"]["count"], 500,
+        "expected nothing added by a refused batch, saw {listed}"
+    );
+    for path in [
+        "/23456/inbox/mentions?topic_ids=234563",
+        "/34567/inbox/mention/345671/34567000001",
+    ] {
+        let answer = peer.get(path).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "{path}: saw {}",
+            answer.json()
+        );
+    }
+}
+
+/// A contact write without `updates`, or with one that is empty or not a JSON object, is
+/// a 400 in the envelope: the API requires the parameter.
+#[tokio::test]
+async fn a_contact_write_needs_updates() {
+    let peer = start(SimOptions::default()).await;
+    for contact in [
+        "/12345/inbox/contact/twitter/42",
+        "/12345/inbox/contact/twitter_42",
+    ] {
+        for body in [
+            form(&[("email", "new@example.com")]),
+            String::new(),
+            form(&[("updates", "")]),
+            form(&[("updates", "{}")]),
+            form(&[("updates", "[1]")]),
+            form(&[("updates", "{not json")]),
+        ] {
+            let answer = peer
+                .send(Method::POST, contact, Some("sim-token"), Some(&body))
+                .await;
+            assert_error(&answer, 400, "invalid_request");
+        }
+        let read = peer.get(contact).await.json();
+        assert_ne!(
+            read["response"]["crm"]["email"], "new@example.com",
+            "{contact}: expected no refused write stored, saw {read}"
+        );
+    }
 }

@@ -207,3 +207,28 @@ async fn status_reports_shares_and_upstream() {
         "expected an RFC 3339 time, saw {s}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_late_older_answer_never_overwrites_the_remaining_shown() {
+    let registry = Registry::new();
+    let b = Budget::new(spec(share(100, 1000, 100), 1000, vec![]), &registry)
+        .expect("a fresh registry takes the metrics");
+    answered_once(&b);
+    let earlier = b.admit("c", n(1)).await.expect("a first call");
+    let later = b.admit("c", n(1)).await.expect("a second call");
+    let mut zero = HeaderMap::new();
+    zero.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+    zero.insert("x-ratelimit-reset", HeaderValue::from_static("60"));
+    let body = br#"{"error":"rate_limit_reached"}"#;
+    b.observe_answer(StatusCode::BAD_REQUEST, &zero, body, later.ticket);
+    let mut three = HeaderMap::new();
+    three.insert("x-ratelimit-remaining", HeaderValue::from_static("3"));
+    three.insert("x-ratelimit-reset", HeaderValue::from_static("60"));
+    b.observe_answer(StatusCode::OK, &three, b"", earlier.ticket);
+    let shown = b.status_json()["upstream"]["reported_remaining"].clone();
+    assert_eq!(
+        (gauge(&registry), shown),
+        (0.0, serde_json::json!(0)),
+        "expected the later-sent call's 0 in the metric and /admin/status, not the older 3"
+    );
+}

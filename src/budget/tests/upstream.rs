@@ -210,3 +210,123 @@ async fn a_constant_remaining_keeps_calls_going() {
         advance(Duration::from_millis(100)).await;
     }
 }
+
+const LIMIT_BODY: &[u8] = br#"{"error":"rate_limit_reached"}"#;
+
+/// A budget whose upstream said stop without saying for how long, at 0: the blind pause
+/// runs to 60 s, when one probe goes.
+async fn blind_paused(max_wait_ms: u64) -> Budget {
+    let b = budget(spec(share(100, 1000, 100), max_wait_ms, vec![]));
+    let first = b.admit("c", n(1)).await.expect("a first call");
+    let limited = b.observe_answer(
+        StatusCode::BAD_REQUEST,
+        &HeaderMap::new(),
+        LIMIT_BODY,
+        first.ticket,
+    );
+    assert!(limited, "expected the API's 400 read as the limit");
+    b
+}
+
+fn two_waiting(b: &Budget) -> tokio::task::JoinSet<Result<Admitted, Rejected>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let b = b.clone();
+        set.spawn(async move { b.admit("c", n(1)).await });
+    }
+    set
+}
+
+#[tokio::test(start_paused = true)]
+async fn callers_whose_wait_covers_the_blind_probe_wait_for_it_and_are_served() {
+    let b = blind_paused(5000).await;
+    advance(Duration::from_secs(57)).await;
+    let started = tokio::time::Instant::now();
+    let mut set = two_waiting(&b);
+    let probe = set.join_next().await.expect("two tasks");
+    let probe = probe.expect("the admission does not panic");
+    let probe = probe.unwrap_or_else(|e| {
+        panic!("expected one caller, waiting 3 s of its 5, to go as the probe, saw {e:?}")
+    });
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(3),
+        "expected the probe to go when the blind minute ends"
+    );
+    let ok = remaining("50", "3600");
+    b.observe_answer(StatusCode::OK, &ok, b"", probe.ticket);
+    let other = set.join_next().await.expect("two tasks");
+    let other = other.expect("the admission does not panic");
+    assert!(
+        other.is_ok(),
+        "expected the other caller served once the probe's answer lifted the pause, saw {other:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_probe_refuses_its_waiters_with_the_new_pause() {
+    let b = blind_paused(5000).await;
+    advance(Duration::from_secs(58)).await;
+    let mut set = two_waiting(&b);
+    let probe = set.join_next().await.expect("two tasks");
+    let probe = probe.expect("the admission does not panic");
+    let probe = probe.unwrap_or_else(|e| panic!("expected a probe at 60 s, saw {e:?}"));
+    advance(Duration::from_millis(500)).await;
+    b.observe_answer(
+        StatusCode::BAD_REQUEST,
+        &HeaderMap::new(),
+        LIMIT_BODY,
+        probe.ticket,
+    );
+    let other = set.join_next().await.expect("two tasks");
+    let other = other.expect("the admission does not panic");
+    assert_eq!(
+        other,
+        Err(Rejected {
+            retry_after: Duration::from_secs(60),
+            budget: Which::Upstream,
+        }),
+        "expected the waiter refused with the fresh blind minute"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_whose_wait_ends_before_the_probe_is_refused_with_the_pause_left() {
+    let b = blind_paused(5000).await;
+    advance(Duration::from_secs(50)).await;
+    assert_eq!(
+        b.admit("c", n(1)).await,
+        Err(Rejected {
+            retry_after: Duration::from_secs(10),
+            budget: Which::Upstream,
+        }),
+        "expected a caller that cannot wait 10 s refused at once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_window_admits_no_more_than_the_learnt_limit() {
+    let b = budget(spec(share(100, 1000, 100), 0, vec![]));
+    let mut h = remaining("9", "10");
+    h.insert("x-ratelimit-limit", HeaderValue::from_static("10"));
+    let first = b.admit("c", n(1)).await.expect("a first call");
+    b.observe_answer(StatusCode::OK, &h, b"", first.ticket);
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        out.push(b.admit("c", n(1)).await.expect("a call in the window"));
+    }
+    advance(Duration::from_secs(10)).await;
+    let mut admitted = 0;
+    while admitted < 50 {
+        match b.admit("c", n(1)).await {
+            Ok(a) => out.push(a),
+            Err(_) => break,
+        }
+        admitted += 1;
+    }
+    assert_eq!(
+        admitted, 8,
+        "expected the new window to take the learnt limit of 10 less the 2 calls still out, \
+         whatever the shares allow"
+    );
+}
