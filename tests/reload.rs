@@ -572,6 +572,35 @@ async fn sighup_reloads_the_real_binary_and_keeps_the_old_config_when_invalid() 
         "expected the last good configuration still in force, saw {still:?}"
     );
 
+    // SIGHUP reads the token file again too: a rewritten one's token goes upstream next.
+    const REWRITTEN: &str = "sim-access-SECRET-REWRITTEN";
+    write_config(&path, &valid);
+    cxgate::demo::write_token_file(
+        &dir.join("token.json"),
+        REWRITTEN,
+        common::REFRESH,
+        Duration::from_secs(3600),
+    )
+    .expect("rewrite the token file");
+    proc.signal("HUP");
+    let name = format!(
+        "sha256:{}",
+        &cxgate::auth::sha256_hex(REWRITTEN.as_bytes())[..12]
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    while sim.stats()["by_token"][name.as_str()].as_u64().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "expected the rewritten token file's token sent upstream after SIGHUP, stats {}\n{}",
+            sim.stats(),
+            proc.output()
+        );
+        n += 1;
+        let _ = get(&url(&format!("/me/permissions?after-hup={n}")), KEY).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     proc.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(5);
     let status = loop {
