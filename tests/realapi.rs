@@ -101,7 +101,10 @@ async fn the_apis_400_rate_limit_reached_pauses_serves_stale_and_answers_429() {
         rate_limit: Some("4/3s".parse().expect("valid rate limit")),
         ..SimOptions::default()
     };
-    let env = common::start(sim, &format!("{BIG_BUDGET}{PAUSE_ROUTES}")).await;
+    // No miss may wait: the gateway's own refusal may name no reset (a blind pause), and a
+    // miss whose max_wait reached its probe would wait and be served instead of refused.
+    let budget = format!("{BIG_BUDGET}max_wait = \"0s\"\n{PAUSE_ROUTES}");
+    let env = common::start(sim, &budget).await;
     let first = env.get("/me/accounts").await;
     assert_eq!(first.status, 200, "expected the first read, saw {first:?}");
     let window = Instant::now();
