@@ -5,15 +5,19 @@
 # It starts an origin (nginx `return 200` with a 1.5 KB JSON body) and the release cxgate
 # under `valgrind --tool=callgrind`, caches the one hot key with a warm-up request, then for
 # each connection count runs `wrk -t2 -cN -dD` against it. Each wrk run is cut into three
-# callgrind dumps: the connect phase (first --ramp seconds), the steady window (until --tail
-# seconds before wrk ends) and the teardown (the rest, plus the connections closing). The
+# callgrind dumps: the connect phase (until every connection is open, at most --ramp
+# seconds), the steady window (until --tail seconds before wrk ends) and the teardown (the
+# rest, plus the connections closing). The
 # gateway's own `cxgate_requests_total` is scraped at the cuts, so the steady window is
 # counted in requests the gateway answered in it, and the whole run in requests wrk
 # completed. Prints one line per connection count and leaves the dumps for
 # `callgrind_annotate` in --out.
 #
+# With --rss it runs the binary natively instead and reports resident memory per idle
+# connection: N connections that each asked once for the hit and stay open.
+#
 # Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
-#                             [--conns "32 512 4096"] [--out DIR]
+#                             [--conns "32 512 4096"] [--out DIR] [--rss]
 # Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
 # target/release/cxgate; build it with `cargo build --release` first).
 set -euo pipefail
@@ -158,10 +162,8 @@ open_conns() {
     curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
         awk '/^cxgate_connections_open\{listener="client"\}/ {printf "%d\n", $NF}'
 }
-# Zeroes the counters, or dumps them as the next part and prints that part's total Ir.
-part=0
+# Dumps the counters since the last zero or dump as part $1 and prints its total Ir.
 dump() {
-    part=$((part + 1))
     callgrind_control -d "$1" "$CX" >/dev/null 2>&1
     local f
     f="$(ls -t "$OUT"/callgrind.out.* | head -1)"
@@ -232,9 +234,9 @@ for n in $CONNS; do
     rps="$(awk '/^Requests\/sec:/ {print $2}' "$OUT/wrk-$n.txt")"
     errors="$(awk '/Non-2xx/ {e += $NF} /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
         END {print e + 0}' "$OUT/wrk-$n.txt")"
-    awk -v n="$n" -v ramp="$ramp_took" -v reqs="$reqs" -v rps="$rps" -v a="$ir_ramp" -v b="$ir_steady" -v c="$ir_tail" \
-        -v s="$((s1 - s0))" -v e="$errors" 'BEGIN {
+    awk -v n="$n" -v ramp="$ramp_took" -v reqs="$reqs" -v rps="$rps" -v a="$ir_ramp" \
+        -v b="$ir_steady" -v c="$ir_tail" -v s="$((s1 - s0))" -v e="$errors" 'BEGIN {
         printf "%5d  %6d  %12d  %9s  %8.3g  %13.0f  %15d  %14.0f  %6d\n",
             n, ramp, reqs, rps, a + b + c, (a + b + c) / reqs, s, b / s, e }'
 done
-echo "dumps: $OUT (callgrind_annotate $OUT/c4096-steady.out)" >&2
+echo "dumps: $OUT (callgrind_annotate $OUT/c<N>-steady.out)" >&2
