@@ -24,7 +24,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::Body;
@@ -93,7 +93,6 @@ struct Watch {
     h2: AtomicBool,
     idle_since: AtomicU64,
     head_since: AtomicU64,
-    changed: Notify,
 }
 
 impl Watch {
@@ -105,7 +104,6 @@ impl Watch {
             h2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NEVER),
-            changed: Notify::new(),
         }
     }
 
@@ -118,7 +116,6 @@ impl Watch {
         self.running.fetch_add(1, Ordering::AcqRel);
         self.served.store(true, Ordering::Release);
         self.head_since.store(NEVER, Ordering::Release);
-        self.changed.notify_one();
         Running(Arc::clone(self))
     }
 
@@ -130,7 +127,6 @@ impl Watch {
             && self.head_since.load(Ordering::Acquire) == NEVER
         {
             self.head_since.store(self.now_ms(), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -152,29 +148,39 @@ impl Watch {
     }
 
     /// Resolves when the connection has been silent, slow or idle for too long.
+    ///
+    /// Nothing wakes the watchdog when a request begins or ends or a head starts: it sleeps
+    /// until the deadline it saw or `recheck`, whichever is sooner, and looks again. That
+    /// never oversleeps a deadline: one that a change after `now` sets is at least
+    /// `header_timeout` or `idle_timeout` after it (less the millisecond the times are
+    /// rounded to). So a connection costs a timer fire every `recheck` instead of a wake-up
+    /// and a new timer for each request, and closes at the same instant as before.
     async fn expired(&self, limits: Limits) -> &'static str {
+        let recheck = limits
+            .header_timeout
+            .min(limits.idle_timeout)
+            .saturating_sub(Duration::from_millis(1))
+            .max(Duration::from_millis(1));
+        let sleep = tokio::time::sleep(recheck);
+        tokio::pin!(sleep);
         loop {
-            // `notify_one` keeps a wake-up for a waiter that is not waiting yet, so a change
-            // between reading the deadline and sleeping is never missed.
-            let changed = self.changed.notified();
-            match self.deadline(&limits) {
-                None => changed.await,
-                Some(deadline) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return if !self.served.load(Ordering::Acquire) {
-                            "no request head within header_timeout of accept"
-                        } else if self.head_since.load(Ordering::Acquire) != NEVER {
-                            "request head not finished within header_timeout"
-                        } else {
-                            "idle for idle_timeout"
-                        };
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(deadline) => {}
-                        _ = changed => {}
-                    }
+            // `now` before the state: a change this reading misses happened after it.
+            let now = tokio::time::Instant::now();
+            let wake = match self.deadline(&limits) {
+                None => now + recheck,
+                Some(deadline) if now >= deadline => {
+                    return if !self.served.load(Ordering::Acquire) {
+                        "no request head within header_timeout of accept"
+                    } else if self.head_since.load(Ordering::Acquire) != NEVER {
+                        "request head not finished within header_timeout"
+                    } else {
+                        "idle for idle_timeout"
+                    };
                 }
-            }
+                Some(deadline) => deadline.min(now + recheck),
+            };
+            sleep.as_mut().reset(wake);
+            sleep.as_mut().await;
         }
     }
 }
@@ -217,7 +223,6 @@ impl Drop for Running {
         if w.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             w.idle_since.store(w.now_ms(), Ordering::Release);
             w.head_since.store(NEVER, Ordering::Release);
-            w.changed.notify_one();
         }
     }
 }
@@ -471,7 +476,10 @@ pub async fn serve<H, F>(
             let watch = Arc::clone(&watch);
             move |req| {
                 let running = watch.begin();
-                let fut = handler(req);
+                // Boxed: hyper keeps the slot for a connection's request future from accept
+                // to close, so unboxed every idle connection would hold the size of the
+                // gateway's future (kilobytes); boxed, it is held only while a request runs.
+                let fut = Box::pin(handler(req));
                 async move {
                     let resp = fut.await;
                     drop(running);
@@ -494,7 +502,9 @@ pub async fn serve<H, F>(
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
                     }
-                    Some(acceptor) => {
+                    // Boxed, so that the TLS session's state is no part of a plain
+                    // connection's task, which is sized for the larger of the two branches.
+                    Some(acceptor) => Box::pin(async {
                         // The handshake runs on the watchdog's clock from accept.
                         let tls = match acceptor.accept(stream).await {
                             Ok(tls) => tls,
@@ -507,10 +517,15 @@ pub async fn serve<H, F>(
                         if let Err(e) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
-                    }
+                    })
+                    .await,
                 }
             };
+            // `biased`: polled in this order rather than a random one, which would draw a
+            // random number on every poll of the connection; neither branch can starve the
+            // other, as each one's poll is cheap and the first ready one ends the connection.
             tokio::select! {
+                biased;
                 _ = served => {}
                 why = watch.expired(limits) => tracing::debug!(%peer, why, "connection closed"),
             }
@@ -580,6 +595,98 @@ mod tests {
                 "expected a soft descriptor limit from /proc/self/limits, saw {fds:?}"
             );
         }
+    }
+
+    /// A future that counts how often it is polled.
+    struct Polls<F> {
+        inner: Pin<Box<F>>,
+        count: Arc<AtomicUsize>,
+    }
+
+    impl<F: Future> Future for Polls<F> {
+        type Output = F::Output;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.count.fetch_add(1, Ordering::Relaxed);
+            self.inner.as_mut().poll(cx)
+        }
+    }
+
+    fn limits(header: u64, idle: u64) -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(header),
+            idle_timeout: Duration::from_secs(idle),
+            max_connections: 1,
+            open: None,
+        }
+    }
+
+    /// Polls the watchdog of `watch` in a task of its own, counting its wake-ups.
+    fn watchdog(
+        watch: &Arc<Watch>,
+        limits: Limits,
+    ) -> (tokio::task::JoinHandle<&'static str>, Arc<AtomicUsize>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let w = Arc::clone(watch);
+        let task = tokio::spawn(Polls {
+            inner: Box::pin(async move { w.expired(limits).await }),
+            count: Arc::clone(&count),
+        });
+        (task, count)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_on_a_kept_alive_connection_do_not_wake_its_watchdog() {
+        let watch = Arc::new(Watch::new());
+        let start = tokio::time::Instant::now();
+        let (task, polls) = watchdog(&watch, limits(1, 5));
+        tokio::task::yield_now().await;
+        let before = polls.load(Ordering::Relaxed);
+        // 1,000 requests, each a head arriving, its answer made, and the connection idle
+        // again, with the watchdog's task free to run between each step; the clock stands.
+        for _ in 0..1000 {
+            watch.read_some();
+            tokio::task::yield_now().await;
+            let running = watch.begin();
+            tokio::task::yield_now().await;
+            drop(running);
+            tokio::task::yield_now().await;
+        }
+        let during = polls.load(Ordering::Relaxed) - before;
+        assert!(
+            during == 0,
+            "expected no wake-up of the watchdog for 1,000 requests, saw {during} polls"
+        );
+        let why = task.await.expect("the watchdog task ran");
+        assert_eq!(why, "idle for idle_timeout");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start + Duration::from_secs(5),
+            "expected the close at idle_timeout after the last answer"
+        );
+        let total = polls.load(Ordering::Relaxed);
+        assert!(
+            total <= 10,
+            "expected a few timer wake-ups over 5 s of idle time, saw {total} polls"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_while_idle_is_cut_at_header_timeout_not_later() {
+        let watch = Arc::new(Watch::new());
+        let start = tokio::time::Instant::now();
+        drop(watch.begin());
+        let (task, _) = watchdog(&watch, limits(1, 5));
+        // Idle until 5 s; a head starts at 2.5 s and must be done by 3.5 s, which no
+        // wake-up announces to the watchdog.
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        watch.read_some();
+        let why = task.await.expect("the watchdog task ran");
+        assert_eq!(why, "request head not finished within header_timeout");
+        assert_eq!(
+            tokio::time::Instant::now(),
+            start + Duration::from_millis(3500),
+            "expected the close at header_timeout after the head's first byte"
+        );
     }
 
     #[tokio::test(start_paused = true)]

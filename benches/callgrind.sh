@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Instructions per cache hit as connections grow, counted by callgrind: numbers that do not
+# move with whatever else the machine runs, unlike req/s.
+#
+# It starts an origin (nginx `return 200` with a 1.5 KB JSON body) and the release cxgate
+# under `valgrind --tool=callgrind`, caches the one hot key with a warm-up request, then for
+# each connection count runs `wrk -t2 -cN -dD` against it. Each wrk run is cut into three
+# callgrind dumps: the connect phase (until every connection is open, at most --ramp
+# seconds), the steady window (until --tail seconds before wrk ends) and the teardown (the
+# rest, plus the connections closing). The
+# gateway's own `cxgate_requests_total` is scraped at the cuts, so the steady window is
+# counted in requests the gateway answered in it, and the whole run in requests wrk
+# completed. Prints one line per connection count and leaves the dumps for
+# `callgrind_annotate` in --out.
+#
+# With --rss it runs the binary natively instead and reports resident memory per idle
+# connection: N connections that each asked once for the hit and stay open.
+#
+# Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
+#                             [--conns "32 512 4096"] [--out DIR] [--rss]
+# Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
+# target/release/cxgate; build it with `cargo build --release` first).
+set -euo pipefail
+
+DURATION=45
+RAMP=20
+TAIL=3
+CONNS="32 512 4096"
+OUT=""
+RSS=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --duration) DURATION="$2"; shift 2 ;;
+        --ramp) RAMP="$2"; shift 2 ;;
+        --tail) TAIL="$2"; shift 2 ;;
+        --conns) CONNS="$2"; shift 2 ;;
+        --out) OUT="$2"; shift 2 ;;
+        --rss) RSS=1; shift ;;
+        -h|--help) sed -n '/^# Usage:/,/^# target/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "callgrind.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+[ "$DURATION" -gt $((RAMP + TAIL)) ] || { echo "callgrind.sh: --duration must exceed ramp + tail" >&2; exit 2; }
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+BIN="${CXGATE_BIN:-$ROOT/target/release/cxgate}"
+[ -x "$BIN" ] || { echo "callgrind.sh: no cxgate binary at $BIN" >&2; exit 2; }
+for tool in valgrind callgrind_control nginx wrk curl python3; do
+    command -v "$tool" >/dev/null || { echo "callgrind.sh: $tool not found" >&2; exit 2; }
+done
+# 4,096 connections need that many descriptors in wrk and in the gateway.
+ulimit -n "$(ulimit -Hn)"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/cxgate-callgrind.XXXXXX")"
+OUT="${OUT:-$WORK/out}"
+mkdir -p "$OUT" "$WORK/origin"
+PIDS=()
+cleanup() {
+    local status=$? i
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill -TERM "${PIDS[i]}" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "${PIDS[i]}" 2>/dev/null || true
+        wait "${PIDS[i]}" 2>/dev/null || true
+    done
+    rm -rf "$WORK/origin" "$WORK/cxgate.toml"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r P_ORIGIN P_CX P_ADMIN < <(python3 - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(3)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*[s.getsockname()[1] for s in socks])
+EOF
+)
+BODY="$(python3 - <<'EOF'
+import json
+doc = {"meta": {"code": 200}, "response": {"id": 1, "name": "Compare harness", "bio": ""}}
+doc["response"]["bio"] = "x" * (1536 - len(json.dumps(doc, separators=(",", ":"))))
+print(json.dumps(doc, separators=(",", ":")), end="")
+EOF
+)"
+NGINX_USER=""
+[ "$(id -u)" = 0 ] && NGINX_USER="user root;"
+cat >"$WORK/origin/nginx.conf" <<EOF
+$NGINX_USER
+worker_processes 1;
+error_log $WORK/origin/error.log warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/origin/body;
+    proxy_temp_path $WORK/origin/proxy;
+    fastcgi_temp_path $WORK/origin/fastcgi;
+    uwsgi_temp_path $WORK/origin/uwsgi;
+    scgi_temp_path $WORK/origin/scgi;
+    default_type application/json;
+    server {
+        listen 127.0.0.1:$P_ORIGIN;
+        location = /bench/hit { return 200 '$BODY'; }
+    }
+}
+EOF
+# The same gateway config as benches/compare.sh (no access log, a budget no run reaches),
+# but for header_timeout: under valgrind the gateway is some 50 times slower, and at 4,096
+# connections a connection can wait more than the default 10 s from accept to its first
+# read; closed, it would come back as a reconnect and measure accepts instead of hits.
+cat >"$WORK/cxgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$P_CX"
+admin_listen = "127.0.0.1:$P_ADMIN"
+max_concurrency = 8192
+access_log = "off"
+header_timeout = "60s"
+
+[upstream]
+base_url = "http://127.0.0.1:$P_ORIGIN"
+
+[token]
+access_token_env = "CXGATE_CALLGRIND_TOKEN"
+
+[budget]
+limit = 1000000
+period = "1s"
+burst = 100000
+
+[[routes]]
+match = "GET /bench/hit"
+ttl = "1h"
+EOF
+
+nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g "daemon off; pid $WORK/origin/nginx.pid;" \
+    >"$WORK/origin.log" 2>&1 &
+PIDS+=($!)
+# CALLGRIND_ARGS adds valgrind options, e.g. "--cache-sim=yes" for cache misses per request.
+read -ra EXTRA <<<"${CALLGRIND_ARGS:-}"
+RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${EXTRA[@]}")
+[ "$RSS" = 1 ] && RUNNER=()
+CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn run \
+    --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
+PIDS+=($!); CX=$!
+for _ in $(seq 600); do
+    curl -s -o /dev/null "http://127.0.0.1:$P_ADMIN/healthz" && break
+    kill -0 "$CX" 2>/dev/null || { cat "$WORK/cxgate.log" >&2; exit 1; }
+    sleep 0.2
+done
+# Warm-up: the first request fills the cache, the second must be a hit.
+curl -s -o /dev/null "http://127.0.0.1:$P_CX/bench/hit"
+curl -s -D - -o /dev/null "http://127.0.0.1:$P_CX/bench/hit" | grep -qi '^cache-status: cxgate; hit' ||
+    { echo "callgrind.sh: the warm-up request was not a hit" >&2; exit 1; }
+
+served() {
+    curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
+        awk '/^cxgate_requests_total\{/ {n += $NF} END {printf "%d\n", n}'
+}
+open_conns() {
+    curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
+        awk '/^cxgate_connections_open\{listener="client"\}/ {printf "%d\n", $NF}'
+}
+# Dumps the counters since the last zero or dump as part $1 and prints its total Ir.
+dump() {
+    callgrind_control -d "$1" "$CX" >/dev/null 2>&1
+    local f
+    f="$(ls -t "$OUT"/callgrind.out.* | head -1)"
+    mv "$f" "$OUT/$1.out"
+    awk '/^(summary|totals):/ {print $2; exit}' "$OUT/$1.out"
+}
+
+if [ "$RSS" = 1 ]; then
+    # Resident memory per open connection, from outside, on the binary run natively: each
+    # connection asks once for the hit and then stays open, idle, while VmRSS is read.
+    cat >"$WORK/idle.py" <<'EOF'
+import asyncio, sys
+port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+REQ = b"GET /bench/hit HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+def rss():
+    return next(l.split()[1] for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:"))
+async def one(gate):
+    async with gate:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(REQ)
+        head = await r.readuntil(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                      if l.lower().startswith(b"content-length:"))
+        await r.readexactly(length)
+        return w
+async def main():
+    before = rss()
+    gate = asyncio.Semaphore(256)
+    writers = await asyncio.gather(*[one(gate) for _ in range(n)])
+    await asyncio.sleep(1)
+    print(before, rss())
+    for w in writers:
+        w.close()
+    await asyncio.sleep(2)
+asyncio.run(main())
+EOF
+    echo "conns  rss_before_kib  rss_open_kib  bytes_per_connection"
+    for n in $CONNS; do
+        read -r before open < <(python3 "$WORK/idle.py" "$P_CX" "$n" "$CX")
+        awk -v n="$n" -v b="$before" -v o="$open" \
+            'BEGIN {printf "%5d  %14d  %12d  %20.0f\n", n, b, o, (o - b) * 1024 / n}'
+    done
+    exit 0
+fi
+
+echo "conns  ramp_s  wrk_requests  wrk_req/s  Ir_total  Ir/req(whole)  steady_requests  Ir/req(steady)  errors"
+for n in $CONNS; do
+    callgrind_control -z "$CX" >/dev/null 2>&1
+    wrk -t2 -c"$n" -d"${DURATION}s" --timeout 60s "http://127.0.0.1:$P_CX/bench/hit" \
+        >"$OUT/wrk-$n.txt" 2>&1 &
+    WRK=$!
+    # The connect phase ends when every connection is open (the listen queue overflows at
+    # 4,096 under valgrind, and the kernel's SYN retries spread the connects over seconds),
+    # or after --ramp seconds at most.
+    ramp_end=$((SECONDS + RAMP))
+    sleep 1
+    while [ "$SECONDS" -lt "$ramp_end" ] && [ "$(open_conns)" -lt "$n" ]; do sleep 0.5; done
+    ramp_took=$((SECONDS - ramp_end + RAMP))
+    ir_ramp="$(dump "c$n-ramp")"
+    s0="$(served)"
+    sleep $((DURATION - ramp_took - TAIL))
+    ir_steady="$(dump "c$n-steady")"
+    s1="$(served)"
+    wait "$WRK"
+    sleep 3  # the connections close
+    ir_tail="$(dump "c$n-tail")"
+    reqs="$(awk '/requests in/ {print $1}' "$OUT/wrk-$n.txt")"
+    rps="$(awk '/^Requests\/sec:/ {print $2}' "$OUT/wrk-$n.txt")"
+    errors="$(awk '/Non-2xx/ {e += $NF} /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
+        END {print e + 0}' "$OUT/wrk-$n.txt")"
+    awk -v n="$n" -v ramp="$ramp_took" -v reqs="$reqs" -v rps="$rps" -v a="$ir_ramp" \
+        -v b="$ir_steady" -v c="$ir_tail" -v s="$((s1 - s0))" -v e="$errors" 'BEGIN {
+        printf "%5d  %6d  %12d  %9s  %8.3g  %13.0f  %15d  %14.0f  %6d\n",
+            n, ramp, reqs, rps, a + b + c, (a + b + c) / reqs, s, b / s, e }'
+done
+echo "dumps: $OUT (callgrind_annotate $OUT/c<N>-steady.out)" >&2
