@@ -130,16 +130,15 @@ impl Balancer {
             let req = req
                 .body(Full::new(Bytes::from(form.to_string())))
                 .expect("request");
-            let resp = match tokio::time::timeout(Duration::from_secs(30), self.http.request(req))
-                .await
-            {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) if e.is_connect() => {
-                    self.tally.rerouted.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                _ => break,
-            };
+            let resp =
+                match tokio::time::timeout(Duration::from_secs(30), self.http.request(req)).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(e)) if e.is_connect() => {
+                        self.tally.rerouted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    _ => break,
+                };
             let status = resp.status().as_u16();
             let body = resp
                 .into_body()
@@ -186,7 +185,9 @@ impl Service {
         self.pause(0..2000).await;
         while Instant::now() < self.deadline {
             self.lb.send(&self.key, Method::GET, "/me", "").await;
-            self.lb.send(&self.key, Method::GET, "/me/accounts", "").await;
+            self.lb
+                .send(&self.key, Method::GET, "/me/accounts", "")
+                .await;
             for _ in 0..READS_PER_JOB {
                 let id = zipf.sample_with(&mut self.rng);
                 let path = format!("/12345/inbox/contact/twitter/{id}");
@@ -209,8 +210,7 @@ impl Service {
             let answer = self.lb.send(&self.key, Method::GET, &list, "").await;
             if let Some((200, body)) = answer {
                 if self.rng.f64() < MENTION_WRITE_SHARE {
-                    let json: serde_json::Value =
-                        serde_json::from_slice(&body).unwrap_or_default();
+                    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                     let newest = &json["response"]["data"][0];
                     if let (Some(topic), Some(id)) =
                         (newest["topic"]["id"].as_u64(), newest["id"].as_str())
@@ -280,10 +280,16 @@ impl Gateway {
             if matches!(http.request(req).await, Ok(r) if r.status() == 200) {
                 return;
             }
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > by {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                panic!("the gateway on port {} is not ready ({exited:?}):\n{log}", self.port);
+                panic!(
+                    "the gateway on port {} is not ready ({exited:?}):\n{log}",
+                    self.port
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -462,7 +468,10 @@ async fn cold_burst(
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..COLD_READS {
         let http = http.clone();
-        let url = format!("http://127.0.0.1:{}{path}", gateways[i % gateways.len()].port);
+        let url = format!(
+            "http://127.0.0.1:{}{path}",
+            gateways[i % gateways.len()].port
+        );
         tasks.spawn(async move {
             let req = Request::builder()
                 .uri(url)
@@ -551,7 +560,10 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
     let (mut one, dir_one) = start_gateways(&bin, 1, &sim, None, &http).await;
     let lb = Arc::new(Balancer {
         http: http.clone(),
-        addrs: one.iter().map(|g| format!("127.0.0.1:{}", g.port)).collect(),
+        addrs: one
+            .iter()
+            .map(|g| format!("127.0.0.1:{}", g.port))
+            .collect(),
         next: AtomicUsize::new(0),
         tally: Tally::default(),
     });
@@ -631,7 +643,15 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
     println!();
     println!(
         "{:<16} {:>7} {:>9} {:>11} {:>7} {:>7} {:>11} {:>9} {:>15}",
-        "setup", "seconds", "requests", "successful", "429s", "429 %", "other/none", "upstream", "upstream limit"
+        "setup",
+        "seconds",
+        "requests",
+        "successful",
+        "429s",
+        "429 %",
+        "other/none",
+        "upstream",
+        "upstream limit"
     );
     for r in &rows {
         let c = &r.counts;

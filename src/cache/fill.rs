@@ -224,8 +224,7 @@ impl Store {
                     return Fill::Alone;
                 };
                 if let Some(found) = found {
-                    if let Some(entry) = self.adopt(key, req_headers, found, since.epoch()).await
-                    {
+                    if let Some(entry) = self.adopt(key, req_headers, found, since.epoch()).await {
                         return Fill::Filled(entry);
                     }
                     if self.epoch() != since.epoch() {

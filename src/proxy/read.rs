@@ -439,11 +439,11 @@ impl Gateway {
                 None => progress,
             };
             let fetch = move |gateway: Gateway,
-                         call: Call,
-                         key: String,
-                         since: Since,
-                         rule: Option<Rule>,
-                         progress: Progress| async move {
+                              call: Call,
+                              key: String,
+                              since: Since,
+                              rule: Option<Rule>,
+                              progress: Progress| async move {
                 let admitted = gateway
                     .admit_reporting(&call, &progress)
                     .await
