@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use cxgate::sim::{Faults, RateLimit, SimOptions};
 use http::Method;
+use support::Zipf;
 use tokio::time::Instant;
 
 const USAGE: &str = "\
@@ -95,31 +96,6 @@ fn parse_args() -> Result<Args, String> {
         return Err("--services and --ids must be positive".into());
     }
     Ok(args)
-}
-
-/// Ranks 1..=n drawn with probability proportional to 1/rank^s.
-struct Zipf {
-    cumulative: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Self {
-        let mut total = 0.0;
-        let cumulative = (1..=n)
-            .map(|rank| {
-                total += 1.0 / (rank as f64).powf(s);
-                total
-            })
-            .collect();
-        Zipf { cumulative }
-    }
-
-    fn sample(&self) -> usize {
-        let total = self.cumulative.last().copied().unwrap_or(0.0);
-        let u = fastrand::f64() * total;
-        let i = self.cumulative.partition_point(|&c| c < u);
-        i.min(self.cumulative.len() - 1) + 1
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]

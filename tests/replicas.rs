@@ -2401,3 +2401,257 @@ async fn a_reload_that_changes_routes_retires_shared_entries() {
     );
     c.stop().await;
 }
+
+/// `n` reads of `path` sent at once, alternating over the replicas, each in its own task.
+fn spawn_reads(c: &Cluster, path: &str, n: usize) -> Vec<tokio::task::JoinHandle<Answer>> {
+    (0..n)
+        .map(|i| {
+            let http = c.http.clone();
+            let url = format!("http://{}{path}", c.replicas[i % c.replicas.len()].addr);
+            tokio::spawn(async move {
+                let req = Request::builder()
+                    .uri(url)
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                let resp = tokio::time::timeout(Duration::from_secs(10), http.request(req))
+                    .await
+                    .expect("expected an answer within 10 s")
+                    .expect("expected the replica to answer");
+                let (parts, body) = resp.into_parts();
+                Answer {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: body.collect().await.expect("body").to_bytes(),
+                }
+            })
+        })
+        .collect()
+}
+
+/// The answers of [`spawn_reads`], in order.
+async fn answers(reads: Vec<tokio::task::JoinHandle<Answer>>) -> Vec<Answer> {
+    let mut out = Vec::new();
+    for read in reads {
+        out.push(read.await.expect("read task"));
+    }
+    out
+}
+
+/// `n` concurrent reads of `path`, alternating over the replicas; their answers in order.
+async fn concurrent_reads(c: &Cluster, path: &str, n: usize) -> Vec<Answer> {
+    answers(spawn_reads(c, path, n)).await
+}
+
+/// Every key of the test deployment in Redis, with its value when it is a string.
+async fn deployment_keys(c: &Cluster) -> Vec<(String, Option<Vec<u8>>)> {
+    let mut redis = conn(&c.redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(key(c, "*"))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    let mut out = Vec::new();
+    for k in keys {
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&k)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or(None);
+        out.push((k, value));
+    }
+    out
+}
+
+/// A replica's Cache-Status that says it took another replica's fill from Redis.
+fn collapsed_into_shared(status: &str) -> bool {
+    status.contains("collapsed") && status.contains("detail=shared")
+}
+
+/// Identical cold misses in flight on two replicas make one upstream call: one replica
+/// takes the key's fill lock in Redis and fetches, the other waits for the entry it shares.
+/// While the fill runs, its lock (a cache key, the replica's id) holds no token or key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_misses_on_two_replicas_make_one_upstream_call() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 600;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let Some(c) = shared_cluster(2, sim).await else {
+        return;
+    };
+    let path = "/12345/inbox/contact/slow/7";
+    let lock = key(&c, &format!("cache:lock:GET {path}"));
+    let (answers, lock_seen) = tokio::join!(concurrent_reads(&c, path, 20), async {
+        let mut redis = conn(&c.redis).await;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        loop {
+            let held: Option<String> = redis::cmd("GET")
+                .arg(&lock)
+                .query_async(&mut redis)
+                .await
+                .expect("read the fill lock");
+            if held.is_some() || Instant::now() >= deadline {
+                return held;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let statuses: Vec<String> = answers
+        .iter()
+        .map(|a| a.header("cache-status").to_string())
+        .collect();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "expected read {i} answered, saw {} {:?}",
+            a.status,
+            a.body
+        );
+        assert_eq!(
+            a.body, answers[0].body,
+            "expected read {i} to see the same answer"
+        );
+    }
+    assert_eq!(
+        calls(&c, &format!("GET {path}")),
+        1,
+        "expected one upstream call for 20 reads over two replicas; Cache-Status: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().any(|s| collapsed_into_shared(s)),
+        "expected the waiting replica's reads collapsed into the shared fill, saw {statuses:?}"
+    );
+    let held = lock_seen.expect("expected the fill lock held while the fetch ran");
+    assert!(
+        !held.contains(ACCESS) && !held.contains(KEY) && !held.contains(REFRESH),
+        "expected no token or key in the lock's value, saw {held:?}"
+    );
+    // The shared token record holds the token by design; the cache's keys never do.
+    let cache_keys: Vec<_> = deployment_keys(&c)
+        .await
+        .into_iter()
+        .filter(|(k, _)| k.contains("}:cache:"))
+        .collect();
+    assert!(
+        cache_keys.iter().any(|(k, _)| k.contains("cache:entry:")),
+        "expected the shared entry among the cache keys, saw {cache_keys:?}"
+    );
+    for (k, value) in cache_keys {
+        let text = String::from_utf8_lossy(value.as_deref().unwrap_or_default()).into_owned();
+        for secret in [ACCESS, REFRESH, KEY] {
+            assert!(
+                !k.contains(secret) && !text.contains(secret),
+                "expected no token or client key in Redis key {k:?} or its value"
+            );
+        }
+        assert!(
+            !k.contains("cache:lock:"),
+            "expected the fill lock released once its answer was shared, saw {k:?}"
+        );
+    }
+    c.stop().await;
+}
+
+/// A replica that dies holding a fill lock (here: a lock left in Redis by a replica that
+/// never shares an answer nor releases it) holds the others back only until it expires:
+/// then one of them takes the fill over and the rest take its answer, with no client error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fill_holder_is_taken_over_when_its_lock_expires() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 300;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let Some(c) = shared_cluster(2, sim).await else {
+        return;
+    };
+    let path = "/12345/inbox/contact/slow/8";
+    let mut redis = conn(&c.redis).await;
+    let _: Option<String> = redis::cmd("SET")
+        .arg(key(&c, &format!("cache:lock:GET {path}")))
+        .arg("a-replica-that-died:0")
+        .arg("NX")
+        .arg("PX")
+        .arg(1500)
+        .query_async(&mut redis)
+        .await
+        .expect("leave a dead holder's lock");
+    let started = Instant::now();
+    let answers = concurrent_reads(&c, path, 20).await;
+    let took = started.elapsed();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "expected read {i} answered after the takeover, saw {} {:?}",
+            a.status,
+            a.body
+        );
+    }
+    let statuses: Vec<&str> = answers.iter().map(|a| a.header("cache-status")).collect();
+    assert_eq!(
+        calls(&c, &format!("GET {path}")),
+        1,
+        "expected one upstream call, by the replica that took the fill over; saw {statuses:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(1),
+        "expected the reads held back until the dead holder's lock expired, took {took:?}"
+    );
+    println!("20 reads behind a dead holder's 1.5 s lock answered after {took:?}");
+    c.stop().await;
+}
+
+/// Redis killed while one replica fetches and the other waits for its fill: the waiting
+/// replica fetches on its own (merging its own requests still), every read is answered,
+/// and the failed calls are counted in `cxgate_redis_errors_total{op="cache"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_lost_while_waiting_for_a_fill_means_fetching_alone() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 1500;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let Some(mut c) = shared_cluster(2, sim).await else {
+        return;
+    };
+    let path = "/12345/inbox/contact/slow/9";
+    let before: f64 = futures_all(&c, "cxgate_redis_errors_total{op=\"cache\"}")
+        .await
+        .iter()
+        .map(|v| v.unwrap_or(0.0))
+        .sum();
+    let reads = spawn_reads(&c, path, 20);
+    // Let both replicas get as far as the lock (one holds it, one polls), then kill Redis.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        reads.iter().all(|r| !r.is_finished()),
+        "expected the slow reads still in flight"
+    );
+    c.redis.stop();
+    let answers = answers(reads).await;
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(
+            a.status,
+            StatusCode::OK,
+            "expected read {i} answered without Redis, saw {} {:?}",
+            a.status,
+            a.body
+        );
+    }
+    let made = calls(&c, &format!("GET {path}"));
+    assert!(
+        (1..=2).contains(&made),
+        "expected at most one upstream call per replica, saw {made}"
+    );
+    let after: f64 = futures_all(&c, "cxgate_redis_errors_total{op=\"cache\"}")
+        .await
+        .iter()
+        .map(|v| v.unwrap_or(0.0))
+        .sum();
+    assert!(
+        after > before,
+        "expected the lost fill counted as a cache Redis error ({before} before, {after} after)"
+    );
+    c.stop().await;
+}

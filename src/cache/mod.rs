@@ -1,4 +1,5 @@
-//! The response cache: keys, freshness, the bounded store and single-flight merging.
+//! The response cache: keys, freshness, the bounded store, single-flight merging, and the
+//! shared tier with its fills merged across replicas.
 //!
 //! It knows nothing of routes or configuration: the proxy passes plain values in (ttl,
 //! tags, the byte bound). Invariants: keys never hold the `access_token` parameter; the
@@ -40,6 +41,7 @@
 
 mod deadlines;
 mod entry;
+mod fill;
 mod key;
 mod merge;
 mod shared;
@@ -49,6 +51,7 @@ mod tags;
 mod vary;
 
 pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
+pub use fill::{Fill, FillLock, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
 pub use shared::{Generations, SharedMetrics, SharedTier};

@@ -200,6 +200,44 @@ impl SharedTier {
         Some((usable, generations))
     }
 
+    /// The Redis handle, for the fill lock kept beside the entries (see `fill`).
+    pub(super) fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// In one `MGET`: the entry under primary key `key` if it is fresh and was written
+    /// since the last full purge, and whether the Redis key `lock` exists. Not counted as a
+    /// lookup: a replica waiting for another's fill polls with it. `None` when Redis cannot
+    /// say.
+    pub(super) async fn peek(&self, key: &str, lock: &str) -> Option<(Option<Found>, bool)> {
+        let keys = [self.entry_key(key), self.global_key(), lock.to_string()];
+        let values = self
+            .redis
+            .run("cache", |mut c| async move {
+                redis::cmd("MGET")
+                    .arg(&keys)
+                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                    .await
+            })
+            .await
+            .ok()
+            .filter(|v| v.len() == 3)?;
+        let mut values = values.into_iter();
+        let (entry, global, held) = (values.next()?, values.next()?, values.next()?);
+        let global = global.map_or_else(|| "0".to_string(), |b| String::from_utf8_lossy(&b).into());
+        let found = entry
+            .and_then(|e| decode(&e).ok())
+            .filter(|(written_under, _)| *written_under == global)
+            .map(|(_, found)| found)
+            .filter(|f| {
+                matches!(
+                    f.value.freshness(Instant::now()),
+                    super::entry::Freshness::Fresh { .. }
+                )
+            });
+        Some((found, held.is_some()))
+    }
+
     /// The generations alone, for a fetch that was not preceded by a lookup (a background
     /// revalidation); `None` when Redis cannot say.
     pub async fn generations(&self, key: &str, tags: &[String]) -> Option<Generations> {

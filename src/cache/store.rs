@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, StoredResponse};
 use super::key::normalize_path;
-use super::shared::{Generations, SharedTier};
+use super::shared::{Found, Generations, SharedTier};
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
@@ -119,6 +119,12 @@ impl Since {
     /// The memory store's epoch it carries (also what keys merged fetches).
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Whether the shared tier's generations were read for this fetch (its lookup reached
+    /// Redis): only then may the fetch be merged with other replicas' (see [`Store::fill_across`]).
+    pub fn looked_up_shared(&self) -> bool {
+        self.shared.is_some()
     }
 }
 
@@ -352,19 +358,33 @@ impl Store {
         let Some(found) = found else {
             return (None, since);
         };
+        let adopted = self.adopt(key, req_headers, found, since.epoch).await;
+        (adopted, since)
+    }
+
+    /// An entry read from the shared tier, stored in memory and found there again for a
+    /// request with `req_headers`: `None` when it is another `Vary` variant than those select,
+    /// or an invalidation on this replica ran since `epoch`.
+    pub(super) async fn adopt(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        found: Found,
+        epoch: u64,
+    ) -> Option<StoredResponse> {
         let selected = match Vary::of(&found.value.headers) {
-            Vary::Any => return (None, since),
+            Vary::Any => return None,
             Vary::None => key.to_string(),
             Vary::Headers(names) => variant_key(key, &names, req_headers),
         };
         if selected != found.storage_key
             || !self
-                .insert_since(key.to_string(), req_headers, found.value, since.epoch)
+                .insert_since(key.to_string(), req_headers, found.value, epoch)
                 .await
         {
-            return (None, since);
+            return None;
         }
-        (self.find(key, req_headers), since)
+        self.find(key, req_headers)
     }
 
     /// `since` with the shared tier's generations read now, if it has none yet and a tier is

@@ -15,7 +15,8 @@ use super::forward::{self, Fetched};
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
 use crate::cache::{
-    CachedResponse, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse, Variant,
+    CachedResponse, Fill, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse,
+    Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
@@ -37,6 +38,9 @@ pub struct Answer {
     /// Another flight's answer, taken by a call that found that flight already on its way
     /// upstream: its callers were merged, whatever role they had in their own flight.
     pub merged: bool,
+    /// `cached` is another replica's fill that this one waited for (merged across
+    /// replicas): its callers answer as collapsed into that fill.
+    pub filled_elsewhere: bool,
 }
 
 impl Answer {
@@ -61,6 +65,7 @@ impl Answer {
             variant,
             cached: Some(entry),
             merged: false,
+            filled_elsewhere: false,
         }
     }
 
@@ -81,6 +86,7 @@ impl Answer {
             variant: self.variant.clone(),
             cached: self.cached.clone(),
             merged: true,
+            filled_elsewhere: false,
         }
     }
 }
@@ -339,6 +345,31 @@ impl Gateway {
             Ok(Joined::Impatient(own)) => (own_terms(own).await, Role::Leader),
             Err(e) => (unreachable(e), Role::Leader),
         };
+        let elsewhere = value
+            .as_ref()
+            .ok()
+            .filter(|a| a.filled_elsewhere)
+            .and_then(|a| a.cached.as_ref());
+        if let Some(entry) = elsewhere {
+            // Collapsed into another replica's fill of this key, taken from the shared tier.
+            let now = Instant::now();
+            outcome.cache = reply::forward_label(fwd, true);
+            inner
+                .metrics
+                .coalesced
+                .with_label_values(&[outcome.route_label()])
+                .inc();
+            let fresh_for = match entry.freshness(now) {
+                Freshness::Fresh { remaining } => Ok(remaining),
+                Freshness::Stale { past, .. } => Err(past),
+            };
+            let mut resp = reply::from_entry(entry, entry.age(now), fresh_for);
+            resp.headers_mut().insert(
+                CACHE_STATUS.clone(),
+                reply::filled_elsewhere_status(entry.status()),
+            );
+            return Ok(resp);
+        }
         if let Some(entry) = value.as_ref().ok().and_then(|a| a.cached.as_ref()) {
             // The cache answered once the budget wait was over: a hit (stale only if it aged
             // past its ttl in the instant since).
@@ -445,7 +476,12 @@ impl Gateway {
                 Some(at) => progress.since(at),
                 None => progress,
             };
-            Box::pin(async move {
+            let fetch = move |gateway: Gateway,
+                              call: Call,
+                              key: String,
+                              since: Since,
+                              rule: Option<Rule>,
+                              progress: Progress<Shared>| async move {
                 // A peer is tried once: when it gives nothing this call can use (another
                 // variant, or it ended without a value), the call goes on its own terms.
                 let mut tried_peer = false;
@@ -551,10 +587,53 @@ impl Gateway {
                     variant,
                     cached: None,
                     merged: false,
+                    filled_elsewhere: false,
                 }))
+            };
+            Box::pin(async move {
+                // A miss that was looked up in the shared tier is merged with the same
+                // miss on the other replicas: one of them fetches, the others take its
+                // answer from Redis (see `cache::Fill`).
+                let mut lock = None;
+                if rule.is_some() && !no_cache && !no_store {
+                    let patience = fill_patience(&call.state.config, &call.client)
+                        .saturating_sub(progress.waited());
+                    let cache = &gateway.inner.cache;
+                    // Waiting for another replica's fill is no budget queue: this replica's
+                    // own callers merged behind this one wait for it too.
+                    let waiting = || progress.sent();
+                    match cache
+                        .fill_across(&key, &call.headers, &since, patience, waiting)
+                        .await
+                    {
+                        Fill::Filled(entry) => {
+                            let mut answer =
+                                Answer::from_cache(entry, progress.waited(), &call.headers);
+                            answer.filled_elsewhere = true;
+                            return Ok(Arc::new(answer));
+                        }
+                        Fill::Holder(held) => lock = Some(held),
+                        Fill::Alone => {}
+                    }
+                }
+                let result = fetch(gateway, call, key, since, rule, progress).await;
+                // After the answer went to the shared tier, so the waiting replicas find it.
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
+                result
             })
         }
     }
+}
+
+/// How long a miss waits for another replica's fill of its key: no longer than that fill
+/// can take (the holder's budget wait and upstream call, and the lock's expiry if the holder
+/// died), and never so long that its own call would no longer fit in the request timeout.
+fn fill_patience(config: &crate::config::Config, client: &str) -> std::time::Duration {
+    let upstream = config.upstream.timeout;
+    let longest = max_wait_of(config, client) + upstream + crate::cache::LOCK_TTL;
+    longest.min(config.server.request_timeout.saturating_sub(upstream))
 }
 
 /// Fresh now (not merely usable).
@@ -597,6 +676,14 @@ async fn peer_answer(
         Err(e) => Some(Err(e)),
     }
 }
+
+/// A cacheable route's rule for one request: ttl, the two stale windows, its tags.
+type Rule = (
+    std::time::Duration,
+    std::time::Duration,
+    std::time::Duration,
+    Box<[String]>,
+);
 
 /// The merged upstream call of a read, boxed so a follower can hold its own unrun.
 type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Shared> + Send>>;

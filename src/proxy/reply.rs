@@ -49,6 +49,17 @@ pub fn forward_status(
     HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("cxgate"))
 }
 
+/// `Cache-Status` for a miss collapsed into another replica's fill of the key, its answer
+/// taken from the shared tier: `cxgate; fwd=uri-miss; fwd-status=200; collapsed;
+/// detail=shared`.
+pub fn filled_elsewhere_status(status: StatusCode) -> HeaderValue {
+    let text = format!(
+        "cxgate; fwd=uri-miss; fwd-status={}; collapsed; detail=shared",
+        status.as_u16()
+    );
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static("cxgate"))
+}
+
 /// The `cache` metric label for an answer that went upstream.
 pub fn forward_label(fwd: Forward, collapsed: bool) -> &'static str {
     match (fwd, collapsed) {

@@ -1,6 +1,7 @@
 //! Load drivers shared by tests (short runs that assert) and benches (long runs that
 //! print): the budget load run, many clients over a budget that matches the simulator's
-//! limit, and the refresh-gap run, uncached reads across token refreshes.
+//! limit, and the refresh-gap run, uncached reads across token refreshes; and the Zipf
+//! spread the fleet workloads draw contact ids from.
 
 use std::time::Duration;
 
@@ -411,4 +412,39 @@ pub async fn refresh_gap_run(ttl: Duration, run: Duration, loops: usize) -> GapR
         Err(_) => panic!("every request loop has ended, so no one else holds the environment"),
     }
     report
+}
+
+/// Ranks 1..=n drawn with probability proportional to 1/rank^s: how a fleet's reads spread
+/// over contacts (a few hot, a long tail).
+pub struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    pub fn new(n: usize, s: f64) -> Self {
+        let mut total = 0.0;
+        let cumulative = (1..=n)
+            .map(|rank| {
+                total += 1.0 / (rank as f64).powf(s);
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    pub fn sample(&self) -> usize {
+        self.rank_at(fastrand::f64())
+    }
+
+    /// A rank drawn from `rng`, for a run that must repeat its requests.
+    pub fn sample_with(&self, rng: &mut fastrand::Rng) -> usize {
+        self.rank_at(rng.f64())
+    }
+
+    fn rank_at(&self, uniform: f64) -> usize {
+        let total = self.cumulative.last().copied().unwrap_or(0.0);
+        let u = uniform * total;
+        let i = self.cumulative.partition_point(|&c| c < u);
+        i.min(self.cumulative.len().saturating_sub(1)) + 1
+    }
 }
