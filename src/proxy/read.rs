@@ -15,8 +15,7 @@ use super::forward::{self, Fetched};
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::{Gateway, Outcome};
 use crate::cache::{
-    CachedResponse, Fill, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse,
-    Variant,
+    CachedResponse, Fill, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse, Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
