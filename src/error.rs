@@ -49,6 +49,9 @@ pub enum GatewayError {
     /// Taking this body would pass `server.max_buffered_bytes`.
     #[error("gateway overloaded: too many bytes of bodies held in memory")]
     BuffersFull,
+    /// The gateway's own parts were put together wrong; no request should ever see it.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 /// `Retry-After` is whole seconds, rounded up, and at least 1 (0 would invite a hot loop).
@@ -82,6 +85,7 @@ impl GatewayError {
             GatewayError::TokenUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
             }
+            GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
 
