@@ -532,8 +532,11 @@ impl Gateway {
             Ok::<_, GatewayError>(fetched)
         })
         .await
-        .map_err(|_| {
-            GatewayError::UpstreamUnreachable("the write ended without an answer".into())
+        .map_err(|e| {
+            GatewayError::from(crate::error::Unreachable::caused(
+                "the write ended without an answer",
+                e,
+            ))
         })??;
         outcome.set_upstream(fetched.upstream_time, fetched.budget_wait);
         let mut resp = reply::from_parts(fetched.status, &fetched.headers, &fetched.body);

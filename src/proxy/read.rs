@@ -300,7 +300,9 @@ impl Gateway {
             Ok(Joined::Followed(v, _)) => (v, Role::Follower),
             Ok(Joined::Impatient(own)) => (own(Progress::detached()).await, Role::Leader),
             Err(e) => (
-                Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string()))),
+                Err(Arc::new(GatewayError::from(
+                    crate::error::Unreachable::caused(e.to_string(), e),
+                ))),
                 Role::Leader,
             ),
         };
