@@ -281,7 +281,6 @@ impl Gateway {
         &self,
         state: &'s Arc<State>,
         req: Request<B>,
-        request_id: &HeaderValue,
         outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError>
     where
@@ -466,7 +465,7 @@ impl Gateway {
             url: upstream_url(cfg, path, query),
             headers: parts.headers.clone(),
             body: body.clone(),
-            request_id: request_id.clone(),
+            request_id: outcome.request_id(),
             client: client.name.clone(),
             cost: rule.map_or(std::num::NonZeroU32::MIN, |(r, _)| r.cost),
         };

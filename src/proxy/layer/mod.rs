@@ -27,19 +27,21 @@ mod timeout;
 
 pub use decorate::{CacheStatusLayer, HeadLayer, RateLimitLayer};
 pub use record::{AccessLogLayer, MetricsLayer};
-pub use request_id::{RequestId, RequestIdLayer};
+pub use request_id::RequestIdLayer;
 pub use rescue::{Failure, RescueLayer};
 pub use timeout::TimeoutLayer;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service, ServiceBuilder};
 
 use super::{Gateway, State};
@@ -77,27 +79,37 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let exchange = req.extensions().get::<Arc<Exchange>>().cloned();
-    let id = req.extensions_mut().remove::<RequestId>();
+    let exchange = req.extensions_mut().remove::<Arc<Exchange>>();
     Box::pin(async move {
         let ex = exchange.ok_or(GatewayError::Internal("the request has no exchange record"))?;
-        let id = match id {
-            Some(RequestId(id)) => id,
-            None => request_id::fresh(),
-        };
-        ex.gateway.pipeline(&ex.state, req, &id, &ex).await
+        ex.gateway.pipeline(&ex.state, req, &ex).await
     })
 }
 
 /// One request's shared record: the configuration snapshot it runs on (taken once, so a
 /// reload mid-request never mixes two) and what it turned out to be, which the pipeline
 /// fills in as it learns it and the layers read once it is answered or given up on.
+/// Plain atomics rather than a lock: each field is written by one step and read after.
 pub struct Exchange {
     pub(super) gateway: Gateway,
     pub(super) state: Arc<State>,
-    // A std mutex: only ever held for a copy in or out, never across an await.
-    outcome: Mutex<Outcome>,
+    /// The request id, from [`RequestIdLayer`] until the answer carries it.
+    request_id: Mutex<Option<HeaderValue>>,
+    /// Client ordinal, route index: `NONE` until known.
+    client: AtomicUsize,
+    route: AtomicUsize,
+    /// An index into [`CACHE_LABELS`].
+    cache: AtomicU8,
+    /// Nanoseconds; `NONE_NS` until known.
+    upstream: AtomicU64,
+    budget_wait: AtomicU64,
 }
+
+const NONE: usize = usize::MAX;
+const NONE_NS: u64 = u64::MAX;
+
+/// Every value of the `cache` label; the first is a request that never reached the cache.
+const CACHE_LABELS: [&str; 6] = ["none", "hit", "stale", "miss", "collapsed", "bypass"];
 
 /// What a request turned out to be, for metrics, the access log and the answer's headers.
 #[derive(Debug, Clone, Copy)]
@@ -116,52 +128,78 @@ pub(super) struct Outcome {
 /// The `client` label of requests that never got as far as authentication.
 const NOBODY: &str = "-";
 
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(NONE_NS - 1)
+}
+
 impl Exchange {
     fn new(gateway: Gateway) -> Exchange {
         Exchange {
             state: gateway.state(),
             gateway,
-            outcome: Mutex::new(Outcome {
-                client: None,
-                route: None,
-                cache: "none",
-                upstream: None,
-                budget_wait: None,
-            }),
+            request_id: Mutex::new(None),
+            client: AtomicUsize::new(NONE),
+            route: AtomicUsize::new(NONE),
+            cache: AtomicU8::new(0),
+            upstream: AtomicU64::new(NONE_NS),
+            budget_wait: AtomicU64::new(NONE_NS),
         }
-    }
-
-    fn update(&self, f: impl FnOnce(&mut Outcome)) {
-        // A poisoned lock only means a panic while copying plain values in; they are whole.
-        f(&mut self.outcome.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// A copy of what is known so far.
     pub(super) fn outcome(&self) -> Outcome {
-        *self.outcome.lock().unwrap_or_else(|e| e.into_inner())
+        let some = |n: usize| (n != NONE).then_some(n);
+        let time = |n: u64| (n != NONE_NS).then(|| Duration::from_nanos(n));
+        Outcome {
+            client: some(self.client.load(Relaxed)),
+            route: some(self.route.load(Relaxed)),
+            cache: CACHE_LABELS
+                .get(usize::from(self.cache.load(Relaxed)))
+                .copied()
+                .unwrap_or(CACHE_LABELS[0]),
+            upstream: time(self.upstream.load(Relaxed)),
+            budget_wait: time(self.budget_wait.load(Relaxed)),
+        }
+    }
+
+    /// The request id (a copy), for what goes upstream.
+    pub(super) fn request_id(&self) -> HeaderValue {
+        let id = self.request_id.lock().unwrap_or_else(|e| e.into_inner());
+        id.clone().unwrap_or_else(request_id::fresh)
+    }
+
+    fn set_request_id(&self, id: HeaderValue) {
+        *self.request_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    }
+
+    /// The request id, taken for the answer: moved, so a fresh id is never copied on a hit.
+    fn take_request_id(&self) -> Option<HeaderValue> {
+        self.request_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub(super) fn set_client(&self, client: &Client) {
-        self.update(|o| o.client = Some(client.ordinal));
+        self.client.store(client.ordinal, Relaxed);
     }
 
     pub(super) fn set_route(&self, route: Option<usize>) {
-        self.update(|o| o.route = route);
+        self.route.store(route.unwrap_or(NONE), Relaxed);
     }
 
     pub(super) fn set_cache(&self, cache: &'static str) {
-        self.update(|o| o.cache = cache);
+        let i = CACHE_LABELS.iter().position(|l| *l == cache).unwrap_or(0);
+        self.cache.store(i as u8, Relaxed);
     }
 
     pub(super) fn set_budget_wait(&self, wait: Option<Duration>) {
-        self.update(|o| o.budget_wait = wait);
+        self.budget_wait.store(wait.map_or(NONE_NS, nanos), Relaxed);
     }
 
     pub(super) fn set_upstream(&self, upstream: Duration, budget_wait: Duration) {
-        self.update(|o| {
-            o.upstream = Some(upstream);
-            o.budget_wait = Some(budget_wait);
-        });
+        self.upstream.store(nanos(upstream), Relaxed);
+        self.budget_wait.store(nanos(budget_wait), Relaxed);
     }
 
     /// The authenticated client, if any.

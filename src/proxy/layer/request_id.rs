@@ -1,22 +1,19 @@
 //! `X-Request-Id` on every answer: the client's own when it is a sane token holding no
 //! gateway key, else 24 fresh hex digits. The same id goes upstream (the pipeline reads it
-//! from the request's extensions) and into the access log (read back from the answer).
+//! from the request's [`Exchange`]) and into the access log (read back from the answer).
 
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
 use tower::Service;
 
-use super::{exchange_of, plain_layer, After, Finish};
+use super::{exchange_of, plain_layer, After, Exchange, Finish};
 use crate::error::Body;
 use crate::proxy::leak::KeyScan;
 use crate::proxy::request::client_key;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The request's id, for the pipeline to forward.
-#[derive(Clone, Debug)]
-pub struct RequestId(pub HeaderValue);
 
 plain_layer!(RequestIdLayer, RequestIds);
 
@@ -32,27 +29,24 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = match exchange_of(&req) {
-            Some(ex) => {
-                let key = client_key(req.headers(), req.uri().query());
-                request_id(
-                    req.headers(),
-                    &KeyScan::new(&ex.state.clients, key.as_deref()),
-                )
-            }
-            None => fresh(),
-        };
-        req.extensions_mut().insert(RequestId(id.clone()));
-        After::new(self.inner.call(req), Some(Echo(id)))
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let echo = exchange_of(&req).map(|ex| {
+            let key = client_key(req.headers(), req.uri().query());
+            let scan = KeyScan::new(&ex.state.clients, key.as_deref());
+            ex.set_request_id(request_id(req.headers(), &scan));
+            Echo(ex)
+        });
+        After::new(self.inner.call(req), echo)
     }
 }
 
-pub struct Echo(HeaderValue);
+pub struct Echo(Arc<Exchange>);
 
 impl Finish for Echo {
     fn finish(self, resp: &mut Response<Body>) {
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), self.0);
+        // Moved, not cloned: the access log reads it back from the answer.
+        let id = self.0.take_request_id().unwrap_or_else(fresh);
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), id);
     }
 }
 
