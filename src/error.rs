@@ -256,6 +256,30 @@ mod tests {
     }
 
     #[test]
+    fn an_unreachable_upstream_and_a_missing_token_keep_their_causes() {
+        use std::error::Error;
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = GatewayError::from(Unreachable::caused("connect failed: refused", refused));
+        assert_eq!(
+            e.to_string(),
+            "upstream unreachable: connect failed: refused"
+        );
+        let cause = e.source().and_then(|s| s.source()).map(|c| c.to_string());
+        assert_eq!(
+            cause.as_deref(),
+            Some("refused"),
+            "the I/O error is the cause"
+        );
+        let e = GatewayError::from(crate::token::TokenError::Expired);
+        assert!(
+            e.source()
+                .is_some_and(|s| s.to_string().starts_with("the access token expired")),
+            "expected the token error as the source of {e}"
+        );
+        assert_eq!(e.kind().0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
     fn retry_after_is_never_zero() {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);

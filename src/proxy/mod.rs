@@ -277,9 +277,9 @@ impl Gateway {
     }
 
     /// The domain steps, in order.
-    async fn pipeline<'s, B>(
+    async fn pipeline<B>(
         &self,
-        state: &'s Arc<State>,
+        state: &Arc<State>,
         req: Request<B>,
         outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError>

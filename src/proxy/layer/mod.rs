@@ -1,9 +1,7 @@
-//! What every client request goes through around the domain pipeline, as tower layers, so
-//! each cross-cutting concern is one small piece and their order is one list ([`stack`]).
-//! The layers share one per-request [`Exchange`] (the config snapshot and what the pipeline
-//! found out), kept in the request's extensions: a timeout that drops the pipeline mid-way
-//! still leaves the layers outside it knowing how far it got. Nothing here is boxed but the
-//! pipeline's own (large) future, once.
+//! What every client request goes through around the domain pipeline, as tower layers: each
+//! cross-cutting concern is one small piece, and [`stack`] lists them in order. They share a
+//! per-request [`Exchange`] in the request's extensions, so a timeout that drops the pipeline
+//! still leaves the layers outside it knowing how far it got. Only the pipeline is boxed.
 //!
 //! ```text
 //! ServiceBuilder::new()
@@ -337,3 +335,85 @@ macro_rules! plain_layer {
     };
 }
 pub(crate) use plain_layer;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    use tower::ServiceExt;
+
+    /// Sets its flag when dropped.
+    struct Flag(Arc<AtomicBool>);
+
+    impl Drop for Flag {
+        fn drop(&mut self) {
+            self.0.store(true, SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_past_its_deadline_is_dropped_and_answered_504_in_the_envelope() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&dropped);
+        let svc = ServiceBuilder::new()
+            .layer(RescueLayer)
+            .layer(TimeoutLayer)
+            .service_fn(move |_req: Request<()>| {
+                let guard = Flag(Arc::clone(&flag));
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<Result<Response<Body>, GatewayError>>().await
+                }
+            });
+        let started = tokio::time::Instant::now();
+        let Ok(resp) = svc.oneshot(Request::new(())).await;
+        assert_eq!(resp.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(30),
+            "expected the answer at the default timeout on the paused clock"
+        );
+        assert!(
+            dropped.load(SeqCst),
+            "the pipeline must be dropped at the deadline"
+        );
+        let failure = resp.extensions().get::<Failure>().map(|f| f.0.clone());
+        assert_eq!(
+            failure.as_deref(),
+            Some("request not answered within 30s"),
+            "the reason rides on the answer for the recent-errors list"
+        );
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        assert_eq!(v["error"], "upstream_timeout", "saw {v}");
+    }
+
+    #[tokio::test]
+    async fn answers_in_time_pass_through_untouched() {
+        let svc = ServiceBuilder::new()
+            .layer(RescueLayer)
+            .layer(HeadLayer)
+            .layer(TimeoutLayer)
+            .service_fn(|_req: Request<()>| async {
+                Ok::<_, GatewayError>(Response::new(Body::new(Bytes::from_static(b"hello"))))
+            });
+        let head = Request::head("/").body(()).unwrap_or_default();
+        let Ok(resp) = svc.clone().oneshot(head).await;
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        assert!(resp.extensions().get::<Failure>().is_none());
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        assert!(body.is_empty(), "a HEAD answer has no body, saw {body:?}");
+        let Ok(resp) = svc.oneshot(Request::new(())).await;
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        assert_eq!(&body[..], b"hello");
+    }
+}
