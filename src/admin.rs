@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use prometheus::Registry;
 use serde_json::{json, Value};
 
-use crate::error::{envelope, envelope_json, envelope_with, Body};
+use crate::error::{rescue, Body, Refusal};
 use crate::proxy::Gateway;
 use crate::replicas::Invalidation;
 
@@ -35,29 +35,83 @@ pub struct Admin {
     pub rates: page::Rates,
 }
 
+/// Why the admin listener refused a request. It is answered by the same rescue point as
+/// the client listener's errors ([`rescue`]), in the CX Social envelope.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No or the wrong admin token; `page`: for the status page, which a browser opens.
+    #[error("admin token required")]
+    Unauthorized { page: bool },
+    #[error("{0}")]
+    Misdirected(&'static str),
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("no such admin endpoint")]
+    NotFound,
+    /// An endpoint asked with another method than the one it takes.
+    #[error("this admin endpoint takes {0} only")]
+    WrongMethod(&'static str),
+    #[error("body unreadable or over 64 KiB")]
+    Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("invalid JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("{0}")]
+    BadPurge(&'static str),
+    #[error("configuration invalid; the running configuration stays")]
+    Reload { problems: Vec<String> },
+}
+
+impl Refusal for AdminError {
+    fn kind(&self) -> (StatusCode, &'static str) {
+        match self {
+            AdminError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AdminError::Misdirected(_) => (StatusCode::MISDIRECTED_REQUEST, "misdirected_request"),
+            AdminError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AdminError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::WrongMethod(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            AdminError::Unreadable(_)
+            | AdminError::Json(_)
+            | AdminError::BadPurge(_)
+            | AdminError::Reload { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+
+    fn complete(&self, headers: &mut http::HeaderMap, body: &mut Value) {
+        match self {
+            // A browser cannot send a bearer token from its address bar: it asks for a
+            // password (the admin token) instead.
+            AdminError::Unauthorized { page: true } => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"cxgate admin\", charset=\"UTF-8\""),
+                );
+            }
+            AdminError::WrongMethod(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            AdminError::Reload { problems } => body["problems"] = json!(problems),
+            _ => {}
+        }
+    }
+}
+
 impl Admin {
     /// Answers one admin request; never fails.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match self.answer(req).await {
+            Ok(resp) => resp,
+            Err(e) => rescue(&e),
+        }
+    }
+
+    async fn answer(&self, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
         let path = req.uri().path().trim_end_matches('/').to_string();
         let method = req.method().clone();
-        if let Some(refused) = self.cross_site(&req, &path) {
-            return refused;
-        }
-        match (method, path.as_str()) {
+        self.cross_site(&req, &path)?;
+        Ok(match (method, path.as_str()) {
             (Method::GET | Method::HEAD, "") => {
                 if !self.authorised(&req) {
-                    let mut resp = envelope(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "admin token required",
-                    );
-                    // A browser cannot send a bearer token from its address bar: it asks
-                    // for a password (the admin token) instead.
-                    resp.headers_mut().insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Basic realm=\"cxgate admin\", charset=\"UTF-8\""),
-                    );
-                    return resp;
+                    return Err(AdminError::Unauthorized { page: true });
                 }
                 self.page().await
             }
@@ -81,18 +135,14 @@ impl Admin {
             },
             (method, p) if p.starts_with("/admin") => {
                 if !self.authorised(&req) {
-                    return envelope(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "admin token required",
-                    );
+                    return Err(AdminError::Unauthorized { page: false });
                 }
                 match (method, p) {
                     (Method::GET, "/admin/status") => {
                         json_response(StatusCode::OK, self.status().await)
                     }
-                    (Method::POST, "/admin/purge") => self.purge(req).await,
-                    (Method::POST, "/admin/reload") => self.reload().await,
+                    (Method::POST, "/admin/purge") => self.purge(req).await?,
+                    (Method::POST, "/admin/reload") => self.reload().await?,
                     (Method::POST, "/admin/budget/resume") => {
                         let was_paused = self.gateway.resume_budget().await;
                         tracing::warn!(was_paused, "admin: upstream pause ended by hand");
@@ -101,42 +151,38 @@ impl Admin {
                             json!({"resumed": true, "was_paused": was_paused}),
                         )
                     }
-                    (_, "/admin/status") => wrong_method("GET"),
+                    (_, "/admin/status") => return Err(AdminError::WrongMethod("GET")),
                     (_, "/admin/purge" | "/admin/reload" | "/admin/budget/resume") => {
-                        wrong_method("POST")
+                        return Err(AdminError::WrongMethod("POST"))
                     }
-                    _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+                    _ => return Err(AdminError::NotFound),
                 }
             }
-            _ => envelope(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
-        }
+            _ => return Err(AdminError::NotFound),
+        })
     }
 
     /// Refuses what a web page elsewhere could make a browser send here (see
-    /// [`host_refused`] and [`post_refused`]); `None` for everything else.
-    fn cross_site(&self, req: &Request<Incoming>, path: &str) -> Option<Response<Body>> {
+    /// [`host_refused`] and [`post_refused`]).
+    fn cross_site(&self, req: &Request<Incoming>, path: &str) -> Result<(), AdminError> {
         // Probes reveal nothing and are often sent by names of their own (a container's
         // service name): they answer to any Host.
         if matches!(path, "/healthz" | "/readyz") {
-            return None;
+            return Ok(());
         }
         let state = self.gateway.state();
         let names = &state.config.server.admin_hosts;
         if let Some(why) = host_refused(req, names) {
             tracing::warn!(why, "admin: request refused");
-            return Some(envelope(
-                StatusCode::MISDIRECTED_REQUEST,
-                "misdirected_request",
-                why,
-            ));
+            return Err(AdminError::Misdirected(why));
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             if let Some(why) = post_refused(req, path == "/admin/purge") {
                 tracing::warn!(why, "admin: request refused");
-                return Some(envelope(StatusCode::FORBIDDEN, "forbidden", why));
+                return Err(AdminError::Forbidden(why));
             }
         }
-        None
+        Ok(())
     }
 
     fn authorised(&self, req: &Request<Incoming>) -> bool {
@@ -187,27 +233,13 @@ impl Admin {
         resp
     }
 
-    async fn purge(&self, req: Request<Incoming>) -> Response<Body> {
-        let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return envelope(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "body unreadable or over 64 KiB",
-                )
-            }
-        };
-        let spec: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                return envelope(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("invalid JSON: {e}"),
-                )
-            }
-        };
+    async fn purge(&self, req: Request<Incoming>) -> Result<Response<Body>, AdminError> {
+        let body = Limited::new(req.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(AdminError::Unreadable)?
+            .to_bytes();
+        let spec: Value = serde_json::from_slice(&body).map_err(AdminError::Json)?;
         let cache = self.gateway.cache();
         // What the other replicas (if any) must drop too.
         let shared;
@@ -223,47 +255,36 @@ impl Admin {
                     shared = Invalidation::Tags(tags);
                     n
                 }
-                None => {
-                    return envelope(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        "tags must be strings",
-                    )
-                }
+                None => return Err(AdminError::BadPurge("tags must be strings")),
             }
         } else if let Some(path) = spec.get("path").and_then(Value::as_str) {
             shared = Invalidation::Path(path.to_string());
             cache.purge_path(path).await
         } else {
-            return envelope(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
+            return Err(AdminError::BadPurge(
                 "expected {\"tags\":[...]}, {\"path\":\"/me\"} or {\"all\":true}",
-            );
+            ));
         };
         tracing::info!(purged, "admin purge");
         self.gateway.publish_invalidation(shared).await;
-        json_response(StatusCode::OK, json!({ "purged": purged }))
+        Ok(json_response(StatusCode::OK, json!({ "purged": purged })))
     }
 
-    async fn reload(&self) -> Response<Body> {
+    async fn reload(&self) -> Result<Response<Body>, AdminError> {
         match crate::app::reload::reload(&self.gateway, &self.live, self.config_path.as_deref())
             .await
         {
-            Ok(notes) => json_response(StatusCode::OK, json!({"reloaded": true, "notes": notes})),
+            Ok(notes) => Ok(json_response(
+                StatusCode::OK,
+                json!({"reloaded": true, "notes": notes}),
+            )),
             Err(problems) => {
                 // As a failed SIGHUP reload logs it: an operator reads the log, not the answer.
                 tracing::error!(
                     ?problems,
                     "admin reload: config invalid; the running configuration stays"
                 );
-                let mut body = envelope_json(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "configuration invalid; the running configuration stays",
-                );
-                body["problems"] = json!(problems);
-                envelope_with(StatusCode::BAD_REQUEST, body)
+                Err(AdminError::Reload { problems })
             }
         }
     }
@@ -364,18 +385,6 @@ fn post_refused<B>(req: &Request<B>, json_body: bool) -> Option<&'static str> {
         None if json_body => Some("this admin endpoint needs Content-Type: application/json"),
         _ => None,
     }
-}
-
-/// 405 for an admin endpoint asked with another method, naming the one it takes.
-fn wrong_method(allow: &'static str) -> Response<Body> {
-    let mut resp = envelope(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        &format!("this admin endpoint takes {allow} only"),
-    );
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    resp
 }
 
 /// The admin token a request presents: `Authorization: Bearer <token>`, or HTTP Basic with

@@ -140,6 +140,14 @@ impl Clients {
         self.entries.is_empty()
     }
 
+    /// The client with this ordinal ([`Client::ordinal`]: 0 is anonymous).
+    pub fn by_ordinal(&self, ordinal: usize) -> Option<&Client> {
+        match ordinal {
+            0 => Some(&self.anonymous),
+            n => self.entries.get(n - 1).map(|e| &e.client),
+        }
+    }
+
     /// Finds the client for a presented key.
     pub fn authenticate(&self, key: Option<&str>) -> Result<&Client, AuthError> {
         if self.is_open() {

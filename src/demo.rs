@@ -39,10 +39,10 @@ pub fn demo_config_text(
     listen: SocketAddr,
     admin: SocketAddr,
 ) -> Result<String, StartError> {
-    let not_toml = |e: &dyn std::fmt::Display| {
-        StartError::Refused(format!("the embedded demo config is not TOML: {e}"))
+    let not_toml = |e: Box<dyn std::error::Error + Send + Sync>| {
+        StartError::refused("the embedded demo config is not TOML", e)
     };
-    let mut doc: toml::Table = toml::from_str(DEMO_TOML).map_err(|e| not_toml(&e))?;
+    let mut doc: toml::Table = toml::from_str(DEMO_TOML).map_err(|e| not_toml(e.into()))?;
     let base = sim_base.trim_end_matches('/').to_string();
     let mut set = |section: &[&str], key: &str, value: String| {
         let mut table = &mut doc;
@@ -51,7 +51,7 @@ pub fn demo_config_text(
                 .entry(name.to_string())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()))
                 .as_table_mut()
-                .ok_or_else(|| not_toml(&format!("[{name}] is not a table")))?;
+                .ok_or_else(|| not_toml(format!("[{name}] is not a table").into()))?;
         }
         table.insert(key.to_string(), toml::Value::String(value));
         Ok::<(), StartError>(())
@@ -66,7 +66,7 @@ pub fn demo_config_text(
     set(&["server"], "listen", listen.to_string())?;
     set(&["server"], "admin_listen", admin.to_string())?;
     set(&["server"], "public_base_url", format!("http://{listen}"))?;
-    let body = toml::to_string(&doc).map_err(|e| not_toml(&e))?;
+    let body = toml::to_string(&doc).map_err(|e| not_toml(e.into()))?;
     Ok(format!(
         "# Written by `cxgate demo` from its embedded config/demo.toml, with this run's\n\
          # simulator, token file and listeners. Edit it and reload: POST /admin/reload or SIGHUP.\n\n{body}"
@@ -82,10 +82,9 @@ pub fn demo_config(
 ) -> Result<Config, StartError> {
     let mut cfg = config::parse(DEMO_TOML)?;
     cfg.upstream.base_url = sim_base.trim_end_matches('/').to_string();
-    cfg.upstream.base_uri =
-        cfg.upstream.base_url.parse().map_err(|_| {
-            StartError::Refused(format!("simulator address {sim_base} is not a URL"))
-        })?;
+    cfg.upstream.base_uri = cfg.upstream.base_url.parse().map_err(|e| {
+        StartError::refused(format!("simulator address {sim_base} is not a URL"), e)
+    })?;
     if let Some(oauth) = cfg.token.oauth.as_mut() {
         oauth.token_url = format!("{}/oauth/access_token/", cfg.upstream.base_url);
     }
@@ -146,7 +145,7 @@ fn private_temp_dir() -> std::io::Result<PathBuf> {
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), StartError> {
     let dir = private_temp_dir()
-        .map_err(|e| StartError::Refused(format!("cannot create a temporary directory: {e}")))?;
+        .map_err(|e| StartError::refused("cannot create a temporary directory", e))?;
     let result = run_in(&dir, listen, admin_listen).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -177,14 +176,13 @@ async fn run_in(
         .map_err(StartError::Listen)?;
     let token_file = dir.join("token.json");
     write_token_file(&token_file, &access, &refresh, DEMO_TOKEN_TTL)
-        .map_err(|e| StartError::Refused(format!("cannot write the demo token file: {e}")))?;
+        .map_err(|e| StartError::refused("cannot write the demo token file", e))?;
     // Written to a file and loaded from it, so reload finds the file the demo runs from.
     let config_file = dir.join("cxgate.toml");
     let loaded =
         demo_config_text(&sim.base_url(), &token_file, listen, admin_listen).and_then(|text| {
-            std::fs::write(&config_file, text).map_err(|e| {
-                StartError::Refused(format!("cannot write the demo config file: {e}"))
-            })?;
+            std::fs::write(&config_file, text)
+                .map_err(|e| StartError::refused("cannot write the demo config file", e))?;
             Ok(config::load(&config_file)?)
         });
     let cfg = match loaded {

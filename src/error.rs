@@ -4,10 +4,12 @@
 //! turns it into the CX Social error envelope with the right status, so existing clients
 //! parse gateway errors exactly like API errors, and nothing ever escapes to hyper.
 
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 /// The response body type of the whole gateway: bodies are buffered `Bytes`, shared with
@@ -34,13 +36,13 @@ pub enum GatewayError {
         reason: &'static str,
     },
     #[error("upstream unreachable: {0}")]
-    UpstreamUnreachable(String),
+    UpstreamUnreachable(#[source] Unreachable),
     #[error("upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
     #[error("gateway overloaded: too many requests in flight")]
     Overloaded,
     #[error("no usable upstream token: {0}")]
-    TokenUnavailable(String),
+    TokenUnavailable(#[source] Arc<crate::token::TokenError>),
     #[error("request not answered within {0:?}")]
     RequestTimeout(Duration),
     /// The client stopped sending its request body for longer than `server.body_timeout`.
@@ -49,6 +51,53 @@ pub enum GatewayError {
     /// Taking this body would pass `server.max_buffered_bytes`.
     #[error("gateway overloaded: too many bytes of bodies held in memory")]
     BuffersFull,
+    /// The gateway's own parts were put together wrong; no request should ever see it.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// Why no usable answer came from the upstream: what the gateway saw (the envelope's
+/// message) and, when there is one, the error underneath, kept as its `source`. Cheap to
+/// clone, since one merged call's failure is every waiter's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}")]
+pub struct Unreachable {
+    what: Cow<'static, str>,
+    #[source]
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Unreachable {
+    /// A failure seen by the gateway itself (a bad answer), with no error underneath.
+    pub fn new(what: impl Into<Cow<'static, str>>) -> Unreachable {
+        Unreachable {
+            what: what.into(),
+            cause: None,
+        }
+    }
+
+    /// A failure that `cause` (an I/O, HTTP or decoding error) made.
+    pub fn caused(
+        what: impl Into<Cow<'static, str>>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Unreachable {
+        Unreachable {
+            what: what.into(),
+            cause: Some(Arc::from(cause.into())),
+        }
+    }
+}
+
+impl From<Unreachable> for GatewayError {
+    fn from(e: Unreachable) -> GatewayError {
+        GatewayError::UpstreamUnreachable(e)
+    }
+}
+
+impl From<crate::token::TokenError> for GatewayError {
+    fn from(e: crate::token::TokenError) -> GatewayError {
+        GatewayError::TokenUnavailable(Arc::new(e))
+    }
 }
 
 /// `Retry-After` is whole seconds, rounded up, and at least 1 (0 would invite a hot loop).
@@ -58,6 +107,11 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 }
 
 impl GatewayError {
+    /// A 502 for a failure the gateway saw itself, with no error underneath.
+    pub fn unreachable(what: impl Into<Cow<'static, str>>) -> GatewayError {
+        GatewayError::UpstreamUnreachable(Unreachable::new(what))
+    }
+
     /// The HTTP status and the CX Social `error_type`.
     pub fn kind(&self) -> (StatusCode, &'static str) {
         match self {
@@ -82,27 +136,55 @@ impl GatewayError {
             GatewayError::TokenUnavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "token_unavailable")
             }
+            GatewayError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
 
     /// The envelope response. `X-Request-Id` and the like are added by the caller.
     pub fn response(&self) -> Response<Body> {
-        let (status, kind) = self.kind();
-        let mut resp = envelope(status, kind, &self.to_string());
+        rescue(self)
+    }
+}
+
+impl Refusal for GatewayError {
+    fn kind(&self) -> (StatusCode, &'static str) {
+        GatewayError::kind(self)
+    }
+
+    fn complete(&self, headers: &mut HeaderMap, _body: &mut serde_json::Value) {
         if let GatewayError::RateLimited { retry_after, .. } = self {
-            resp.headers_mut().insert(
+            headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after)),
             );
         }
         if matches!(self, GatewayError::Unauthorized(_)) {
-            resp.headers_mut().insert(
+            headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"cxgate\""),
             );
         }
-        resp
     }
+}
+
+/// An error a listener answers with itself, client and admin listener alike.
+pub trait Refusal: std::error::Error {
+    /// The HTTP status and the CX Social `error_type`.
+    fn kind(&self) -> (StatusCode, &'static str);
+    /// Headers and body fields of its own (`Retry-After`, `WWW-Authenticate`, `problems`).
+    fn complete(&self, _headers: &mut HeaderMap, _body: &mut serde_json::Value) {}
+}
+
+/// The one rescue point: the CX Social envelope for `e`, with its status, so every error
+/// either listener answers has the shape the API's clients parse.
+pub fn rescue(e: &dyn Refusal) -> Response<Body> {
+    let (status, kind) = e.kind();
+    let mut body = envelope_json(status, kind, &e.to_string());
+    let mut headers = HeaderMap::new();
+    e.complete(&mut headers, &mut body);
+    let mut resp = envelope_with(status, body);
+    resp.headers_mut().extend(headers);
+    resp
 }
 
 /// `{"meta":{"code":N,"error_type":"...","error_message":"..."},"error":"...",
@@ -171,6 +253,30 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "forbidden", "saw {v}");
         assert_eq!(v["error_description"], "account 7 not allowed", "saw {v}");
+    }
+
+    #[test]
+    fn an_unreachable_upstream_and_a_missing_token_keep_their_causes() {
+        use std::error::Error;
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = GatewayError::from(Unreachable::caused("connect failed: refused", refused));
+        assert_eq!(
+            e.to_string(),
+            "upstream unreachable: connect failed: refused"
+        );
+        let cause = e.source().and_then(|s| s.source()).map(|c| c.to_string());
+        assert_eq!(
+            cause.as_deref(),
+            Some("refused"),
+            "the I/O error is the cause"
+        );
+        let e = GatewayError::from(crate::token::TokenError::Expired);
+        assert!(
+            e.source()
+                .is_some_and(|s| s.to_string().starts_with("the access token expired")),
+            "expected the token error as the source of {e}"
+        );
+        assert_eq!(e.kind().0, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[test]

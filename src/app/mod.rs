@@ -37,13 +37,31 @@ pub enum StartError {
     Tls(#[from] server::TlsError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// `server.admin_token_env` names a variable that is not set (no error underneath).
     #[error("{0}")]
-    Refused(String),
+    AdminToken(String),
+    /// Something the start needs could not be done; `source` says why.
+    #[error("{what}: {source}")]
+    Refused {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("budget.redis_url_env: {0}")]
     Replicas(#[from] replicas::SetupError),
 }
 
 impl StartError {
+    /// `what` could not be done, because of `source`.
+    pub fn refused(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StartError {
+        StartError::Refused {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+
     /// A setting is wrong (exit code 2, as for an invalid configuration), as opposed to a
     /// failure while starting (exit code 1).
     pub fn is_setting(&self) -> bool {
@@ -203,11 +221,7 @@ pub async fn start(
         cfg.server.access_log_json,
         &registry,
     )
-    .map_err(|e| {
-        StartError::Refused(format!(
-            "server.access_log: cannot open the access log: {e}"
-        ))
-    })?;
+    .map_err(|e| StartError::refused("server.access_log: cannot open the access log", e))?;
     let parts = proxy::Parts {
         access_log,
         http: upstream::ThreadPools::new(connector),
@@ -222,7 +236,7 @@ pub async fn start(
         None => None,
     };
     let tls = certs.as_ref().map(certs::Certs::acceptor).transpose()?;
-    let admin_token = reload::admin_token(&cfg, &secrets).map_err(StartError::Refused)?;
+    let admin_token = reload::admin_token(&cfg, &secrets).map_err(StartError::AdminToken)?;
     let live = reload::Live::new(admin_token, certs);
     let grace = cfg.server.shutdown_grace;
     let config = Arc::new(cfg);
@@ -258,7 +272,7 @@ pub async fn start(
     let g = gateway.clone();
     let workers = match options.workers {
         true => Some(Arc::new(server::Workers::per_core().map_err(|e| {
-            StartError::Refused(format!("cannot start connection threads: {e}"))
+            StartError::refused("cannot start connection threads", e)
         })?)),
         false => None,
     };
@@ -324,7 +338,7 @@ fn connections_gauge(
         registry.register(Box::new(g.clone()))?;
         Ok(g)
     })
-    .map_err(|e| StartError::Refused(format!("cannot register cxgate_connections_open: {e}")))?;
+    .map_err(|e| StartError::refused("cannot register cxgate_connections_open", e))?;
     for listener in ["client", "admin"] {
         gauge.with_label_values(&[listener]).set(0);
     }

@@ -13,7 +13,8 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::forward::{self, Fetched};
 use super::{Gateway, State};
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Unreachable};
+use crate::token::TokenError;
 use crate::upstream::hidden::hides_secret;
 use crate::upstream::rewrite::carries_secret;
 
@@ -83,10 +84,7 @@ impl Gateway {
             cost: call.cost,
             ticket: Some(admitted.ticket),
         };
-        let token = inner
-            .token
-            .current()
-            .map_err(|e| GatewayError::TokenUnavailable(e.to_string()))?;
+        let token = inner.token.current().map_err(GatewayError::from)?;
         let out = forward::Outgoing {
             method: &call.method,
             url: &call.url,
@@ -106,20 +104,16 @@ impl Gateway {
                 .token
                 .refresh_after_rejection(token.generation)
                 .await
-                .map_err(|e| GatewayError::TokenUnavailable(e.to_string()))?;
+                .map_err(GatewayError::from)?;
             if fresh.generation == token.generation {
-                return Err(GatewayError::TokenUnavailable(
-                    "the upstream refused the held token and no newer one is available".into(),
-                ));
+                return Err(TokenError::RefusedNoNewer.into());
             }
             fetched = self.exchange(call, &out, fresh.access.expose()).await?;
             if fetched.status == StatusCode::UNAUTHORIZED {
                 // A token fresh from a refresh was refused too: no second refresh now (the
                 // next one backs off), and the client with its valid key is told 503.
                 inner.token.refused(fresh.generation);
-                return Err(GatewayError::TokenUnavailable(
-                    "the upstream refused a freshly refreshed token too".into(),
-                ));
+                return Err(TokenError::RefusedFresh.into());
             }
             inner.token.accepted(fresh.generation);
         } else {
@@ -146,11 +140,11 @@ impl Gateway {
         // What redaction could not replace (a token under layers of escapes, or in UTF-16)
         // must not reach a client or the cache: the whole answer is refused.
         if hides_secret(&fetched.body, &exposed) {
-            return Err(GatewayError::UpstreamUnreachable(
+            return Err(Unreachable::new(
                 "the upstream answer holds a token in an encoding the gateway cannot \
-                 redact (layered escapes or UTF-16/32), so it is refused"
-                    .into(),
-            ));
+                 redact (layered escapes or UTF-16/32), so it is refused",
+            )
+            .into());
         }
         // Headers that point somewhere: a client following one (paging by `Link`, say) must
         // come back through the gateway and never see the real token in it.

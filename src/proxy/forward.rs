@@ -13,7 +13,7 @@ use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, Unreachable};
 use crate::upstream::HttpClient;
 
 /// Upstream answers larger than this are refused rather than buffered without bound.
@@ -182,13 +182,10 @@ pub fn build_request(
     // The same test as `/readyz`: a token it calls unusable is never sent, whatever a
     // header value would let through (spaces, tabs, non-ASCII).
     if !crate::token::sendable(token) {
-        return Err(GatewayError::TokenUnavailable(
-            crate::token::TokenError::Unsendable.to_string(),
-        ));
+        return Err(crate::token::TokenError::Unsendable.into());
     }
-    let mut auth = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
-        GatewayError::TokenUnavailable(crate::token::TokenError::Unsendable.to_string())
-    })?;
+    let mut auth = HeaderValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| GatewayError::from(crate::token::TokenError::Unsendable))?;
     auth.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, auth);
     Ok(req)
@@ -215,7 +212,8 @@ pub async fn exchange(
             } else {
                 "connection failed"
             };
-            GatewayError::UpstreamUnreachable(format!("{what}: {}", root_cause(&e)))
+            let what = format!("{what}: {}", root_cause(&e));
+            GatewayError::from(Unreachable::caused(what, e))
         })?;
         let (parts, body) = resp.into_parts();
         // What the upstream announces is held before a byte is read: an answer that cannot
@@ -225,7 +223,7 @@ pub async fn exchange(
         let held = buffers.hold(announced)?;
         let limit = MAX_UPSTREAM_BODY as u64;
         if announced > limit {
-            return Err(GatewayError::UpstreamUnreachable(format!(
+            return Err(GatewayError::unreachable(format!(
                 "answer body refused: its Content-Length is larger than {MAX_UPSTREAM_BODY} bytes"
             )));
         }
@@ -233,20 +231,20 @@ pub async fn exchange(
             .await
             .map_err(|e| match e {
                 super::buffers::CollectError::Full => GatewayError::BuffersFull,
-                super::buffers::CollectError::TooLarge => GatewayError::UpstreamUnreachable(
-                    format!("answer body failed: larger than {MAX_UPSTREAM_BODY} bytes"),
-                ),
+                super::buffers::CollectError::TooLarge => GatewayError::unreachable(format!(
+                    "answer body failed: larger than {MAX_UPSTREAM_BODY} bytes"
+                )),
                 super::buffers::CollectError::Paused => {
-                    GatewayError::UpstreamUnreachable("answer body stalled".into())
+                    GatewayError::unreachable("answer body stalled")
                 }
                 super::buffers::CollectError::Body(e) => {
-                    GatewayError::UpstreamUnreachable(format!("answer body failed: {e}"))
+                    Unreachable::caused(format!("answer body failed: {e}"), e).into()
                 }
             })?;
         if parts.status.is_informational() {
             // hyper hands on a 101 (and nothing else 1xx) as if final: no client asked to
             // switch protocols, so this is no answer.
-            return Err(GatewayError::UpstreamUnreachable(format!(
+            return Err(GatewayError::unreachable(format!(
                 "the upstream answered with an interim status {} and no final answer",
                 parts.status.as_u16()
             )));
@@ -312,7 +310,7 @@ fn decoded(
     let content = codings(headers, header::CONTENT_ENCODING);
     headers.remove(header::CONTENT_ENCODING);
     if transfer.len() + content.len() > MAX_CODINGS {
-        return Err(GatewayError::UpstreamUnreachable(format!(
+        return Err(GatewayError::unreachable(format!(
             "the upstream answer is encoded more than {MAX_CODINGS} times"
         )));
     }
@@ -323,10 +321,9 @@ fn decoded(
         current = inflate(coding, &current, held)?;
     }
     if looks_compressed(&current) {
-        return Err(GatewayError::UpstreamUnreachable(
+        return Err(GatewayError::unreachable(
             "the upstream answer is still compressed after undoing the codings it lists, \
-             so it cannot be scanned"
-                .into(),
+             so it cannot be scanned",
         ));
     }
     Ok(current)
@@ -387,7 +384,7 @@ fn inflate(coding: &str, data: &[u8], held: &super::Held) -> Result<Bytes, Gatew
         "deflate" => read(&mut flate2::read::ZlibDecoder::new(data), &mut out)
             .or_else(|_| read(&mut flate2::read::DeflateDecoder::new(data), &mut out)),
         other => {
-            return Err(GatewayError::UpstreamUnreachable(format!(
+            return Err(GatewayError::unreachable(format!(
                 "the upstream answer uses a content coding the gateway cannot read ({})",
                 other.chars().take(32).collect::<String>()
             )))
@@ -397,10 +394,10 @@ fn inflate(coding: &str, data: &[u8], held: &super::Held) -> Result<Bytes, Gatew
         return Err(GatewayError::BuffersFull);
     }
     result.map_err(|e| {
-        GatewayError::UpstreamUnreachable(format!("the upstream's {coding} body is corrupt: {e}"))
+        Unreachable::caused(format!("the upstream's {coding} body is corrupt: {e}"), e)
     })?;
     if out.len() as u64 > limit {
-        return Err(GatewayError::UpstreamUnreachable(format!(
+        return Err(GatewayError::unreachable(format!(
             "the upstream's {coding} body inflates past {MAX_UPSTREAM_BODY} bytes"
         )));
     }

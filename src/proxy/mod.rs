@@ -1,19 +1,17 @@
 //! The request pipeline: everything between a client's request and its answer.
 //!
-//! [`Gateway::handle`] is the outermost step and never fails: it assigns the request id,
-//! sheds load beyond `max_concurrency`, bounds the whole request by `request_timeout`, and
-//! turns every [`GatewayError`] into the CX Social envelope. [`Gateway::pipeline`] then runs
-//! the domain steps in their one order: check target and account spelling → authenticate
-//! (reading a form body first when the key may be a field of it) → route → authorise → read
-//! body (key fields out) → cache and merge → budget → token → upstream → rewrite.
-//!
-//! The steps are plain async code rather than tower layers: each needs the outcome of the
-//! one before (client, route, cache result), and one readable function beats a tower of
-//! generic types when reviewing the order.
+//! [`Gateway::handle`] sends each request through the tower layers of [`layer`] (request id,
+//! timeout, the one rescue point for errors, rate-limit and cache headers, metrics, access
+//! log). Inside them [`Gateway::pipeline`] runs the domain steps as plain async code, since
+//! each needs the one before's result, in their one order: check target and account spelling
+//! → authenticate (reading a form body first when the key may be a field of it) → route →
+//! authorise → read body (key fields out) → cache and merge → budget → token → upstream →
+//! rewrite.
 
 mod buffers;
 mod call;
 mod forward;
+mod layer;
 mod leak;
 mod read;
 mod recent;
@@ -29,35 +27,24 @@ pub use request::{
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{header, HeaderValue, Method, Request, Response};
 use tokio::sync::Semaphore;
 
-use crate::auth::{self, Client, Clients};
+use crate::auth::{self, Clients};
 use crate::budget::Budget;
 use crate::cache::{Merger, Store};
 use crate::config::{Captures, Config, RouteConfig};
 use crate::error::{Body, GatewayError};
-use crate::metrics::{RequestKey, RequestLabels, RequestMetrics};
+use crate::metrics::RequestMetrics;
 use crate::token::TokenManager;
 use crate::upstream::rewrite::Rewriter;
 use crate::upstream::ThreadPools;
 
 use call::Call;
+use layer::Exchange;
 use reply::{Forward, CACHE_STATUS};
-
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-
-/// The `client` label of requests that never got as far as authentication.
-const NOBODY: &str = "-";
 
 /// Numbers the snapshots, so per-thread tables know which snapshot their entries are for.
 static SNAPSHOTS: AtomicU64 = AtomicU64::new(1);
@@ -112,19 +99,6 @@ impl State {
     }
 }
 
-impl Outcome<'_> {
-    /// The `client` label: the client's name, or `-` before authentication.
-    fn client_label(&self) -> &str {
-        self.client.map_or(NOBODY, |c| &c.name)
-    }
-
-    /// The `route` label: the route's `match` text, or `other`.
-    fn route_label(&self) -> &str {
-        self.route
-            .map_or(&*self.state.other, |i| &*self.state.labels[i])
-    }
-}
-
 /// The parts the gateway is made of; built once at start.
 pub struct Parts {
     /// `server.access_log`, opened.
@@ -162,21 +136,6 @@ struct Inner {
     buffers: Arc<Buffers>,
     /// The last error answers, for the status page.
     recent_errors: recent::RecentErrors,
-}
-
-/// What a request turned out to be, for metrics and the access log. Borrows from the
-/// snapshot the request runs on, so keeping track costs no reference counting.
-struct Outcome<'s> {
-    state: &'s State,
-    /// `None` until authenticated.
-    client: Option<&'s Client>,
-    /// The index of the matched route; `None`: no route matched.
-    route: Option<usize>,
-    cache: &'static str,
-    /// Upstream exchange time of the call that answered (the leader's, when merged).
-    upstream: Option<std::time::Duration>,
-    /// Budget wait of that call.
-    budget_wait: Option<std::time::Duration>,
 }
 
 impl Gateway {
@@ -303,191 +262,26 @@ impl Gateway {
         })
     }
 
-    /// Answers one client request. Never fails: every error becomes an envelope response.
+    /// Answers one client request through every layer of [`layer::stack`]. Never fails:
+    /// every error becomes an envelope response.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Body>
     where
-        B: hyper::body::Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let started = Instant::now();
-        let state = self.state();
-        // The client a valid key in the header or query names, read before the pipeline
-        // so that its refusals made before authentication (the target, the path, a body on
-        // a read) still carry that client's rate-limit fields. A key only in a form body is
-        // known once the body is read, so refusals before that carry none.
-        let (request_id, presented) = {
-            let key = client_key(req.headers(), req.uri().query());
-            let presented = state.clients.authenticate(key.as_deref()).ok();
-            let id = request_id(
-                req.headers(),
-                &leak::KeyScan::new(&state.clients, key.as_deref()),
-            );
-            (id, presented)
-        };
-        let method = req.method().clone();
-        let mut outcome = Outcome {
-            state: &state,
-            client: None,
-            route: None,
-            cache: "none",
-            upstream: None,
-            budget_wait: None,
-        };
-        let timeout = state.config.server.request_timeout;
-
-        // The gateway's own reason when it answered with an error, for the status page.
-        let mut failure: Option<String> = None;
-        // Pinned where it is made: the timeout then holds a pointer instead of a copy of
-        // the pipeline's state, which is kilobytes. The `max_concurrency` permit is taken
-        // inside, once the request body is in.
-        let mut resp = {
-            let work = std::pin::pin!(self.pipeline(&state, req, &request_id, &mut outcome));
-            match tokio::time::timeout(timeout, work).await {
-                Ok(Ok(resp)) => resp,
-                Ok(Err(e)) => {
-                    failure = Some(e.to_string());
-                    e.response()
-                }
-                Err(_) => {
-                    let e = GatewayError::RequestTimeout(timeout);
-                    failure = Some(e.to_string());
-                    e.response()
-                }
-            }
-        };
-        let headers = resp.headers_mut();
-        // Moved, not cloned: the access log reads it back from the response.
-        headers.insert(X_REQUEST_ID.clone(), request_id);
-        // The gateway answered for a forwarded request itself (a timeout, an unreachable
-        // upstream, no budget): still say how the cache took it (see the README). Hits always
-        // carry their own, so the header is only looked for when it could be missing.
-        let fwd = match outcome.cache {
-            "miss" => Some("cxgate; fwd=uri-miss"),
-            "collapsed" => Some("cxgate; fwd=uri-miss; collapsed"),
-            "bypass" => Some("cxgate; fwd=bypass"),
-            _ => None,
-        };
-        if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
-            headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
+        use tower::ServiceExt;
+        match layer::stack(self.clone()).oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
         }
-        let refused = resp.status() == StatusCode::TOO_MANY_REQUESTS;
-        // A refusal's Retry-After: the gateway's own (whole seconds), or the upstream's; an
-        // upstream 429 that named none gets the pause it caused.
-        let retry_after = refused.then(|| {
-            let named = resp
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            named.unwrap_or_else(|| {
-                self.inner
-                    .budget
-                    .paused_for()
-                    .map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64)
-            })
-        });
-        if let Some(secs) = retry_after {
-            if !resp.headers().contains_key(header::RETRY_AFTER) {
-                resp.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            }
-        }
-        // Every rate-limit field of a refusal comes from its Retry-After: nothing remains
-        // until then, on this replica's view and on the upstream's.
-        let refusal = retry_after.map(|secs| {
-            self.inner
-                .budget
-                .refusal_headers(outcome.client_label(), Duration::from_secs(secs))
-        });
-        if outcome.cache != "none" || refused {
-            let (policy, current) = match &refusal {
-                Some((policy, current, _)) => (policy.clone(), current.clone()),
-                None => self.inner.budget.headers(outcome.client_label(), None),
-            };
-            let headers = resp.headers_mut();
-            headers.insert(RATELIMIT_POLICY.clone(), policy);
-            headers.insert(RATELIMIT.clone(), current);
-        }
-        if let Some(client) = outcome.client.or(presented) {
-            // The API's own fields, for client code written against the API (named in the
-            // README): on every answer to a known client, 429s included.
-            let [limit, remaining, reset] = self.inner.budget.api_headers(&client.name, None);
-            let (remaining, reset) = match &refusal {
-                Some((_, _, reset)) => (HeaderValue::from_static("0"), reset.clone()),
-                None => (remaining, reset),
-            };
-            let headers = resp.headers_mut();
-            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
-            headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
-            headers.insert(X_RATELIMIT_RESET.clone(), reset);
-        }
-        if method == Method::HEAD {
-            *resp.body_mut() = Full::new(Bytes::new());
-        }
-
-        let status = resp.status();
-        let elapsed = started.elapsed();
-        self.record(&outcome, &method, status, elapsed);
-        // The upstream's own failures (5xx, 429) count as errors too; its 4xx are answers.
-        let failure = failure.or_else(|| {
-            (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
-                .then(|| format!("upstream answered {status}"))
-        });
-        if let Some(message) = failure {
-            self.inner.recent_errors.record(
-                status.as_u16(),
-                outcome.client_label(),
-                outcome.route_label(),
-                message,
-            );
-        }
-        if self.inner.access_log.is_on() {
-            self.inner.access_log.log(&crate::access::Line {
-                request_id: resp
-                    .headers()
-                    .get(&X_REQUEST_ID)
-                    .map_or(b"-", |v| v.as_bytes()),
-                client: outcome.client_label(),
-                route: outcome.route_label(),
-                method: method.as_str(),
-                status: status.as_u16(),
-                cache: outcome.cache,
-                duration: elapsed,
-                upstream: outcome.upstream,
-                budget_wait: outcome.budget_wait,
-            });
-        }
-        resp
-    }
-
-    /// `cxgate_requests_total` and `cxgate_request_duration_seconds` for one request.
-    fn record(&self, outcome: &Outcome<'_>, method: &Method, status: StatusCode, took: Duration) {
-        let key = RequestKey {
-            snapshot: outcome.state.id,
-            // Ordinals start at 0 (`anonymous`): `-` gets a number no client can have.
-            client: outcome.client.map_or(usize::MAX, |c| c.ordinal),
-            route: outcome.route.unwrap_or(usize::MAX),
-            method: method_index(method),
-            status: status.as_u16(),
-            cache: outcome.cache,
-        };
-        let labels = RequestLabels {
-            client: outcome.client_label(),
-            route: outcome.route_label(),
-            method: method_label(method),
-            status,
-            cache: outcome.cache,
-        };
-        self.inner.metrics.record(key, &labels, took.as_secs_f64());
     }
 
     /// The domain steps, in order.
-    async fn pipeline<'s, B>(
+    async fn pipeline<B>(
         &self,
-        state: &'s Arc<State>,
+        state: &Arc<State>,
         req: Request<B>,
-        request_id: &HeaderValue,
-        outcome: &mut Outcome<'s>,
+        outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -557,12 +351,13 @@ impl Gateway {
             }
             auth::AuthError::Unknown => GatewayError::Unauthorized("unknown gateway client key"),
         })?;
-        outcome.client = Some(client);
+        outcome.set_client(client);
 
         // 3. Which route.
         let route = cfg.find_route(&parts.method, path);
         let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
-        outcome.route = route.as_ref().map(|(i, _)| *i);
+        let route_index = route.as_ref().map(|(i, _)| *i);
+        outcome.set_route(route_index);
 
         // 4. May this client do this, here: before the cache, so a client never gets a
         //    cached answer for an account it may not see.
@@ -663,7 +458,6 @@ impl Gateway {
             Ok(())
         };
 
-        let route_index = outcome.route;
         let make_call = || Call {
             state: state.clone(),
             route_label: state.route_label(route_index),
@@ -671,7 +465,7 @@ impl Gateway {
             url: upstream_url(cfg, path, query),
             headers: parts.headers.clone(),
             body: body.clone(),
-            request_id: request_id.clone(),
+            request_id: outcome.request_id(),
             client: client.name.clone(),
             cost: rule.map_or(std::num::NonZeroU32::MIN, |(r, _)| r.cost),
         };
@@ -716,9 +510,9 @@ impl Gateway {
         &self,
         call: Call,
         rule: Option<(&RouteConfig, &Captures<'_>)>,
-        outcome: &mut Outcome<'_>,
+        outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError> {
-        outcome.cache = "bypass";
+        outcome.set_cache("bypass");
         let tags: Vec<String> = rule
             .map(|(r, caps)| r.invalidates.iter().map(|t| t.fill(caps)).collect())
             .unwrap_or_default();
@@ -737,11 +531,13 @@ impl Gateway {
             Ok::<_, GatewayError>(fetched)
         })
         .await
-        .map_err(|_| {
-            GatewayError::UpstreamUnreachable("the write ended without an answer".into())
+        .map_err(|e| {
+            GatewayError::from(crate::error::Unreachable::caused(
+                "the write ended without an answer",
+                e,
+            ))
         })??;
-        outcome.upstream = Some(fetched.upstream_time);
-        outcome.budget_wait = Some(fetched.budget_wait);
+        outcome.set_upstream(fetched.upstream_time, fetched.budget_wait);
         let mut resp = reply::from_parts(fetched.status, &fetched.headers, &fetched.body);
         resp.headers_mut().insert(
             CACHE_STATUS.clone(),
@@ -867,38 +663,6 @@ fn resize_permits(permits: &Arc<Semaphore>, old: usize, new: usize) {
     }
 }
 
-/// The methods the `method` label names; any other is `other`.
-const KNOWN_METHODS: [Method; 9] = [
-    Method::GET,
-    Method::HEAD,
-    Method::POST,
-    Method::PUT,
-    Method::PATCH,
-    Method::DELETE,
-    Method::OPTIONS,
-    Method::TRACE,
-    Method::CONNECT,
-];
-
-/// The `method` label: the standard methods by name, anything else as `other`, since hyper
-/// accepts any token as a method and a label must not grow with what strangers send.
-fn method_label(method: &Method) -> &str {
-    if KNOWN_METHODS.contains(method) {
-        method.as_str()
-    } else {
-        "other"
-    }
-}
-
-/// The `method` label as a number: its place in `KNOWN_METHODS`, or one past the end for
-/// `other`.
-fn method_index(method: &Method) -> usize {
-    KNOWN_METHODS
-        .iter()
-        .position(|m| m == method)
-        .unwrap_or(KNOWN_METHODS.len())
-}
-
 /// The simulator's control endpoints (`/_sim/...`): the real API has none, and a gateway in
 /// front of a simulator must not let clients reset its faults or read its stats. The first
 /// segment is read as the account check reads it ([`auth::first_segment`]), then in every
@@ -913,56 +677,4 @@ fn is_sim_control(path: &str) -> bool {
             .trim_end_matches(['.', ' ', '\t'])
             .eq_ignore_ascii_case("_sim")
     })
-}
-
-/// The client's `X-Request-Id` if it is a sane token (1 to 128 visible ASCII characters,
-/// no space) holding no gateway key, else a fresh one: it is echoed, logged and forwarded.
-fn request_id(headers: &http::HeaderMap, scan: &leak::KeyScan<'_>) -> HeaderValue {
-    if let Some(v) = headers.get(&X_REQUEST_ID) {
-        let ok = v.len() <= 128
-            && !v.is_empty()
-            && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-            && !scan.in_value(v.as_bytes());
-        if ok {
-            return v.clone();
-        }
-    }
-    fresh_request_id(fastrand::u64(..), fastrand::u32(..))
-}
-
-/// 24 lower-case hex digits (`high` then `low`, zero-padded), written on the stack: the
-/// only allocation is the header value's own.
-fn fresh_request_id(high: u64, low: u32) -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut text = [0u8; 24];
-    let digits = (u128::from(high) << 32) | u128::from(low);
-    for (i, slot) in text.iter_mut().enumerate() {
-        let shift = 4 * (23 - i);
-        *slot = HEX[((digits >> shift) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("-"))
-}
-
-#[cfg(test)]
-mod label_tests {
-    use super::*;
-
-    #[test]
-    fn fresh_request_ids_are_24_padded_hex_digits() {
-        let id = fresh_request_id(0xab, 0x1);
-        assert_eq!(id, "00000000000000ab00000001");
-        let id = fresh_request_id(u64::MAX, u32::MAX);
-        assert_eq!(id, "ffffffffffffffffffffffff");
-        let (high, low) = (0x0123_4567_89ab_cdef, 0xfedc_ba98);
-        assert_eq!(
-            fresh_request_id(high, low),
-            format!("{high:016x}{low:08x}").as_str()
-        );
-    }
-
-    #[test]
-    fn unknown_methods_share_one_label() {
-        assert_eq!(method_label(&Method::GET), "GET");
-        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
-    }
 }

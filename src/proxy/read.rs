@@ -12,8 +12,9 @@ use tokio::time::Instant;
 
 use super::call::Call;
 use super::forward::{self, Fetched};
+use super::layer::Exchange;
 use super::reply::{self, Forward, CACHE_STATUS};
-use super::{Gateway, Outcome};
+use super::Gateway;
 use crate::cache::{
     CachedResponse, Fill, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse, Variant,
 };
@@ -146,7 +147,7 @@ impl Gateway {
         query: Option<&str>,
         headers: &HeaderMap,
         forward: ToForward<'_, impl Fn() -> Call>,
-        outcome: &mut Outcome<'_>,
+        outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError> {
         let ToForward {
             leaks,
@@ -196,7 +197,7 @@ impl Gateway {
                 let now = Instant::now();
                 match entry.freshness(now) {
                     Freshness::Fresh { remaining } => {
-                        outcome.cache = "hit";
+                        outcome.set_cache("hit");
                         let mut resp = reply::from_entry(&entry, entry.age(now), Ok(remaining));
                         if shared_hit {
                             reply::mark_shared(&mut resp);
@@ -210,7 +211,7 @@ impl Gateway {
                     } => {
                         // The revalidation forwards this request's headers.
                         leaks()?;
-                        outcome.cache = "stale";
+                        outcome.set_cache("stale");
                         let since = since.unwrap_or_else(|| inner.cache.since());
                         self.revalidate(key, since, route, upstream_get(&make_call));
                         let resp = reply::from_entry(&entry, entry.age(now), Err(past));
@@ -244,7 +245,7 @@ impl Gateway {
         upstream: Upstream,
         headers: &HeaderMap,
         make_call: impl Fn() -> Call,
-        outcome: &mut Outcome<'_>,
+        outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError> {
         // Only now a `max_concurrency` permit: hits above needed none.
         let _permit = self.upstream_permit()?;
@@ -292,7 +293,7 @@ impl Gateway {
         let fetch = self.fetch_and_store(key.clone(), since.clone(), route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
-        outcome.cache = reply::forward_label(fwd, false);
+        outcome.set_cache(reply::forward_label(fwd, false));
         // A read that will not be cached is of use to its callers only: once they have all
         // hung up it is cancelled, budget and upstream connection with it. A cacheable one
         // runs on to fill the cache for whoever asks next.
@@ -322,7 +323,9 @@ impl Gateway {
             }
         }
         let unreachable = |e: crate::cache::MergeError| -> Shared {
-            Err(Arc::new(GatewayError::UpstreamUnreachable(e.to_string())))
+            Err(Arc::new(GatewayError::from(
+                crate::error::Unreachable::caused(e.to_string(), e),
+            )))
         };
         // A follower on its own terms runs its fetch as a flight of its own: once past its
         // queue it stands in the map for its key (or joins a call already sent), so reads
@@ -352,7 +355,7 @@ impl Gateway {
         if let Some(entry) = elsewhere {
             // Collapsed into another replica's fill of this key, taken from the shared tier.
             let now = Instant::now();
-            outcome.cache = reply::forward_label(fwd, true);
+            outcome.set_cache(reply::forward_label(fwd, true));
             inner
                 .metrics
                 .coalesced
@@ -373,14 +376,14 @@ impl Gateway {
             // The cache answered once the budget wait was over: a hit (stale only if it aged
             // past its ttl in the instant since).
             let now = Instant::now();
-            outcome.budget_wait = value.as_ref().ok().map(|a| a.fetched.budget_wait);
+            outcome.set_budget_wait(value.as_ref().ok().map(|a| a.fetched.budget_wait));
             let fresh_for = match entry.freshness(now) {
                 Freshness::Fresh { remaining } => {
-                    outcome.cache = "hit";
+                    outcome.set_cache("hit");
                     Ok(remaining)
                 }
                 Freshness::Stale { past, .. } => {
-                    outcome.cache = "stale";
+                    outcome.set_cache("stale");
                     Err(past)
                 }
             };
@@ -413,15 +416,14 @@ impl Gateway {
             {
                 let now = Instant::now();
                 let past = entry.age(now).saturating_sub(entry.ttl());
-                outcome.cache = "stale";
+                outcome.set_cache("stale");
                 return Ok(reply::from_entry(&entry, entry.age(now), Err(past)));
             }
         }
-        outcome.cache = reply::forward_label(fwd, collapsed);
+        outcome.set_cache(reply::forward_label(fwd, collapsed));
         let answer = value.map_err(|e| clone_error(&e))?;
         let f = &answer.fetched;
-        outcome.upstream = Some(f.upstream_time);
-        outcome.budget_wait = Some(f.budget_wait);
+        outcome.set_upstream(f.upstream_time, f.budget_wait);
         let mut resp = reply::from_parts(f.status, &f.headers, &f.body);
         let stored = answer.stored && !collapsed;
         resp.headers_mut().insert(
@@ -783,5 +785,6 @@ fn clone_error(e: &GatewayError) -> GatewayError {
         GatewayError::RequestTimeout(d) => GatewayError::RequestTimeout(*d),
         GatewayError::BodyTimeout(d) => GatewayError::BodyTimeout(*d),
         GatewayError::BuffersFull => GatewayError::BuffersFull,
+        GatewayError::Internal(m) => GatewayError::Internal(m),
     }
 }

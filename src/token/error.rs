@@ -50,6 +50,12 @@ pub enum TokenError {
     },
     #[error("the access token expired and no new one could be obtained")]
     Expired,
+    /// The upstream refused the token in force and no refresh has produced a newer one.
+    #[error("the upstream refused the held token and no newer one is available")]
+    RefusedNoNewer,
+    /// The upstream refused a token fresh from a refresh too.
+    #[error("the upstream refused a freshly refreshed token too")]
+    RefusedFresh,
     #[error("the token cannot be refreshed: no [token.oauth] or no refresh token")]
     NotRefreshable,
     #[error("re-authorisation needed: refresh token refused (invalid_grant)")]
