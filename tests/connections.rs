@@ -441,23 +441,35 @@ async fn big_upstream(size: usize, pause: Duration) -> (String, Arc<AtomicUsize>
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let count = Arc::clone(&count);
-            let service =
-                hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                // `/warm`: a small answer at once, so a test can let the gateway learn
+                // that the upstream names no limit before the big ones.
+                let size = if req.uri().path().ends_with("/warm") {
+                    2
+                } else {
+                    size
+                };
+                if size > 2 {
                     count.fetch_add(1, Ordering::SeqCst);
-                    let (tx, rx) = tokio::sync::mpsc::channel(2);
-                    tokio::spawn(async move {
-                        let first = 64 << 10;
-                        let _ = tx.send(Bytes::from(vec![b' '; first])).await;
-                        tokio::time::sleep(pause).await;
-                        let _ = tx.send(Bytes::from(vec![b' '; size - first])).await;
-                    });
-                    let resp = hyper::Response::builder()
-                        .header("content-type", "application/json")
-                        .header("content-length", size.to_string())
-                        .body(Dribble(rx))
-                        .expect("response");
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                }
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                tokio::spawn(async move {
+                    if size <= 2 {
+                        let _ = tx.send(Bytes::from_static(b"{}")).await;
+                        return;
+                    }
+                    let first = 64 << 10;
+                    let _ = tx.send(Bytes::from(vec![b' '; first])).await;
+                    tokio::time::sleep(pause).await;
+                    let _ = tx.send(Bytes::from(vec![b' '; size - first])).await;
                 });
+                let resp = hyper::Response::builder()
+                    .header("content-type", "application/json")
+                    .header("content-length", size.to_string())
+                    .body(Dribble(rx))
+                    .expect("response");
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
             tokio::spawn(async move {
                 let builder = hyper_util::server::conn::auto::Builder::new(
                     hyper_util::rt::TokioExecutor::new(),
@@ -476,6 +488,13 @@ async fn answers_past_max_buffered_bytes_get_503_and_the_first_completes() {
     let (base, seen) = big_upstream(4 << 20, Duration::from_millis(1500)).await;
     let extra = format!("{LIMITS}max_buffered_bytes = \"6MiB\"\n");
     let env = start(&extra, SimOptions::default(), Some(&base)).await;
+    // Until one answer has come back, a call goes alone (the upstream's count is unknown):
+    // the second big answer would wait for the first instead of meeting its held bytes.
+    assert_eq!(
+        env.get_as(KEY, "/big/warm").await.status,
+        200,
+        "warm-up read"
+    );
     let env = Arc::new(env);
     let first = {
         let env = Arc::clone(&env);
@@ -489,7 +508,16 @@ async fn answers_past_max_buffered_bytes_get_503_and_the_first_completes() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first answer's head (and its Content-Length) must have reached the gateway before
+    // the second is asked; on a busy machine that can take longer than any fixed pause.
+    while env.gw.gateway.buffered_bytes() < 4 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway never held the first answer's 4 MiB, holds {}",
+            env.gw.gateway.buffered_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let second = env.get_as(KEY, "/big/2").await;
     assert_eq!(
         second.status,
