@@ -325,14 +325,15 @@ impl Gateway {
             && !reads
             && request::may_carry_key(&parts.headers)
         {
-            let (read, held) = read_body(
+            // Boxed: only a write with its key in a form body comes here.
+            let (read, held) = Box::pin(read_body(
                 parts.headers.get(header::CONTENT_LENGTH),
                 body.take()
                     .ok_or(GatewayError::BadRequest("request body read twice"))?,
                 &cfg.server,
                 &self.inner.buffers,
                 Party::Unauthenticated,
-            )
+            ))
             .await?;
             _body_held = Some(held);
             let read = request::take_body_keys(&parts.headers, read)?;

@@ -186,7 +186,10 @@ impl Gateway {
             // Nothing fresh in memory: the shared tier may hold what another replica fetched.
             if inner.cache.shared().is_some() && !found.as_ref().is_some_and(is_fresh) {
                 let tags = route_tags(route);
-                let (entry, looked_up) = inner.cache.get_shared(&key, headers, &tags).await;
+                // Boxed: the shared tier's future is large and only this rare path needs it;
+                // inline it would make every hit's future (which the layers box) that size.
+                let (entry, looked_up) =
+                    Box::pin(inner.cache.get_shared(&key, headers, &tags)).await;
                 if entry.is_some() {
                     found = entry;
                     shared_hit = true;

@@ -83,13 +83,14 @@ where
         // read, 413, 503 overloaded) still carry that client's rate-limit fields. A key
         // only in a form body is known once the body is read, so refusals before that
         // carry none.
+        // Read by the request-id layer when it is in the stack, which reads the key anyway.
         let done = exchange_of(&req).map(|ex| {
-            let key = client_key(req.headers(), req.uri().query());
-            let presented = ex.state.clients.authenticate(key.as_deref()).ok();
-            RateLimitDone {
-                presented: presented.map(|c| c.ordinal),
-                ex,
-            }
+            let presented = ex.presented().unwrap_or_else(|| {
+                let key = client_key(req.headers(), req.uri().query());
+                let client = ex.state.clients.authenticate(key.as_deref()).ok();
+                client.map(|c| c.ordinal)
+            });
+            RateLimitDone { presented, ex }
         });
         After::new(self.inner.call(req), done)
     }
