@@ -343,6 +343,27 @@ async fn a_leader_that_hangs_up_strands_nobody() {
     env.stop().await;
 }
 
+/// `/admin/status` counts each request's lookup once: a miss that looks at the cache again
+/// once past its budget is still one miss.
+#[tokio::test]
+async fn status_counts_one_miss_and_one_hit_for_a_miss_and_a_hit() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    assert_stored(&env.get("/me").await, "/me, first read");
+    assert_hit(&env.get("/me").await, "/me, second read");
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await
+        .json();
+    let cache = &status["cache"];
+    assert_eq!(
+        (cache["hits"].as_u64(), cache["misses"].as_u64()),
+        (Some(1), Some(1)),
+        "expected 1 hit and 1 miss, saw {cache}"
+    );
+    assert_eq!(cache["hit_ratio"].as_f64(), Some(0.5), "saw {cache}");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_write_invalidates_exactly_its_tags() {
     let env = common::start(SimOptions::default(), ROUTES).await;

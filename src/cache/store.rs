@@ -309,6 +309,13 @@ impl Store {
         usable
     }
 
+    /// [`Store::get`] without counting a hit or a miss: a second look by a request whose
+    /// first lookup was counted (a miss that waited for budget looks again before calling),
+    /// so `/admin/status` counts each request once.
+    pub fn recheck(&self, key: &str, req_headers: &HeaderMap) -> Option<StoredResponse> {
+        self.find(key, req_headers)
+    }
+
     /// The invalidation epoch. Read it before asking the upstream and hand it to
     /// [`Store::insert`]: an answer that was in flight while a write invalidated or a purge
     /// ran is then never stored, since it may show the data from before the write.

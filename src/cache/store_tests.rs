@@ -96,6 +96,30 @@ async fn insert_then_get_shares_the_body_and_counts_hits() {
     );
 }
 
+#[tokio::test]
+async fn a_recheck_is_not_counted_again() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    assert!(store.get("GET /me", &none).await.is_none(), "a miss first");
+    assert!(
+        store.recheck("GET /me", &none).is_none(),
+        "the recheck misses too"
+    );
+    store
+        .insert("GET /me".into(), &none, response("{}", &[]))
+        .await;
+    assert!(
+        store.recheck("GET /me", &none).is_some(),
+        "a recheck finds the entry"
+    );
+    let stats = store.stats_json();
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(0), Some(1)),
+        "expected the one counted lookup alone; saw {stats}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn entries_are_served_through_their_stale_windows_then_refused() {
     let (store, _registry) = store();

@@ -519,7 +519,7 @@ impl Gateway {
                     // entry answers, and the cells go back unspent (not for a client that
                     // said no-cache or no-store: the cache may not answer it).
                     if rule.is_some() && !no_cache && !no_store {
-                        let found = gateway.inner.cache.get(&key, &call.headers).await;
+                        let found = gateway.inner.cache.recheck(&key, &call.headers);
                         let now = Instant::now();
                         if let Some(entry) =
                             found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
