@@ -998,6 +998,25 @@ async fn a_reload_takes_a_rewritten_token_file_and_keeps_the_token_when_it_is_br
         "expected a new token generation, saw {before} then {adopted}"
     );
 
+    // The same tokens with another expiry: the refresh schedule follows the file.
+    cxgate::demo::write_token_file(
+        &token_file,
+        NEXT,
+        "sim-refresh-SECRET-0002",
+        Duration::from_secs(1500),
+    )
+    .expect("rewrite the token file with another expiry");
+    let answer = admin_reload(&env).await;
+    assert_reloaded(&answer, "a reload after only the expiry changed");
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let rescheduled = token_generation(&status);
+    assert!(
+        rescheduled > adopted,
+        "expected the new expiry taken as a new generation, saw {adopted} then {rescheduled}"
+    );
+
     // A broken file is not taken: the token held stays, and the notes name token.file.
     std::fs::write(&token_file, "{\"access_token\": ").expect("break the token file");
     let answer = admin_reload(&env).await;
@@ -1028,7 +1047,7 @@ async fn a_reload_takes_a_rewritten_token_file_and_keeps_the_token_when_it_is_br
         .await;
     assert_eq!(
         token_generation(&status),
-        adopted,
+        rescheduled,
         "expected the token generation unchanged by a broken file"
     );
     env.stop().await;

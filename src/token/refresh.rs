@@ -270,7 +270,12 @@ impl Inner {
             return Ok(None);
         }
         state.file_stamp = Some(stamp);
-        if record.access == state.record.access && record.refresh == state.record.refresh {
+        // The same tokens with another expiry (`token init` run again with a new
+        // `CX_EXPIRES_IN`) change when the token must be refreshed: taken too.
+        if record.access == state.record.access
+            && record.refresh == state.record.refresh
+            && record.expires_at == state.record.expires_at
+        {
             return Ok(None);
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
