@@ -315,27 +315,30 @@ fn is_json(media: &str) -> bool {
 /// that is not a JSON object is passed on as it is (the upstream cannot read a member from
 /// it either); the last check before forwarding still looks for the caller's key in it.
 fn take_json_keys(body: Bytes) -> Result<BodyKeys, GatewayError> {
-    let Ok(serde_json::Value::Object(mut members)) = serde_json::from_slice(&body) else {
+    // Every member as written, repeated names included: a map keeps only the last of two
+    // `access_token` members, and the caller must be judged by all of them.
+    let Ok(Members(all)) = serde_json::from_slice::<Members>(&body) else {
         return Ok(BodyKeys {
             body,
             keys: Vec::new(),
         });
     };
-    let named: Vec<String> = members
-        .keys()
-        .filter(|name| php_name(name).eq_ignore_ascii_case("access_token"))
-        .cloned()
-        .collect();
-    if named.is_empty() {
+    let is_key = |name: &str| php_name(name).eq_ignore_ascii_case("access_token");
+    if !all.iter().any(|(name, _)| is_key(name)) {
         return Ok(BodyKeys {
             body,
             keys: Vec::new(),
         });
     }
     let mut keys = Vec::new();
-    for name in named {
-        match members.remove(&name) {
-            Some(serde_json::Value::String(key)) => keys.push(key),
+    let mut members = serde_json::Map::new();
+    for (name, value) in all {
+        if !is_key(&name) {
+            members.insert(name, value);
+            continue;
+        }
+        match value {
+            serde_json::Value::String(key) => keys.push(key),
             _ => {
                 return Err(GatewayError::BadRequest(
                     "an access_token member of a JSON body must be a string",
@@ -349,6 +352,32 @@ fn take_json_keys(body: Bytes) -> Result<BodyKeys, GatewayError> {
         body: Bytes::from(body),
         keys,
     })
+}
+
+/// A JSON object's members in order, a name that appears twice kept twice.
+struct Members(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Members, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut all = Vec::new();
+                while let Some(member) = map.next_entry::<String, serde_json::Value>()? {
+                    all.push(member);
+                }
+                Ok(Members(all))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Whether the request says its body is JSON (`application/json`, `application/*+json`).

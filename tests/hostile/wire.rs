@@ -517,6 +517,8 @@ async fn escaped_key_members_in_json_bodies_are_the_key() {
         r#"{"nested":{"k":["te\u0073t-key"]}}"#.to_string(),
         r#"{"te\u0073t-key":1}"#.to_string(),
         r#"{"access\u005ftoken":7}"#.to_string(),
+        // Two members of one name: a JSON map keeps the last, the caller is judged by both.
+        r#"{"access_token":"another-key","access_token":"test-key"}"#.to_string(),
     ];
     for body in &refused {
         let a = env
@@ -533,6 +535,12 @@ async fn escaped_key_members_in_json_bodies_are_the_key() {
             "{body}: expected the error envelope"
         );
     }
+    // Without a header, two keys in repeated members are two keys: 400, whichever is last.
+    let twice = r#"{"access_token":"another-key","access_token":"test-key"}"#;
+    let a = env
+        .send(Method::POST, &path, &[("content-type", json)], twice)
+        .await;
+    assert_eq!(a.status, 400, "{twice}: expected 400, saw {a:?}");
     assert!(
         taken(&seen).is_empty(),
         "expected none of the refused bodies upstream"
