@@ -152,7 +152,14 @@ impl Ledger {
         }
         next.upstream = std::mem::take(&mut self.upstream);
         next.upstream.set_window(next.global_share.period);
-        next.rejections = std::mem::take(&mut self.rejections);
+        // A client the new configuration removed is gone from the status with its count;
+        // names never configured (an anonymous caller) keep theirs.
+        let removed =
+            |name: &String| self.clients.contains_key(name) && !next.clients.contains_key(name);
+        next.rejections = std::mem::take(&mut self.rejections)
+            .into_iter()
+            .filter(|(name, _)| !removed(name))
+            .collect();
         next.global_rejections = self.global_rejections;
         *self = next;
     }

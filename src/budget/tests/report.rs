@@ -232,3 +232,30 @@ async fn a_late_older_answer_never_overwrites_the_remaining_shown() {
         "expected the later-sent call's 0 in the metric and /admin/status, not the older 3"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_removed_by_reload_leaves_the_status() {
+    let clients = vec![
+        client("crm", None, Priority::Interactive),
+        client("gone", Some(share(1, 3_600_000, 1)), Priority::Interactive),
+    ];
+    let b = budget(spec(share(1000, 3_600_000, 50), 0, clients.clone()));
+    let _spent = b.admit("gone", n(1)).await.expect("its one cell");
+    assert!(b.admit("gone", n(1)).await.is_err(), "its share is spent");
+    assert_eq!(
+        b.status_json()["clients"]["gone"]["rejections"],
+        1,
+        "the refusal shown before the reload"
+    );
+    b.reload(spec(share(1000, 3_600_000, 50), 0, clients[..1].to_vec()));
+    let s = b.status_json();
+    assert!(
+        s["clients"].get("gone").is_none(),
+        "expected the removed client gone from the status, saw {}",
+        s["clients"]
+    );
+    assert!(
+        s["clients"].get("crm").is_some(),
+        "expected crm kept, saw {s}"
+    );
+}
