@@ -1017,6 +1017,34 @@ async fn a_reload_takes_a_rewritten_token_file_and_keeps_the_token_when_it_is_br
         "expected the new expiry taken as a new generation, saw {adopted} then {rescheduled}"
     );
 
+    // A file others may read is taken with the warning start-up gives, in the answer too.
+    cxgate::demo::write_token_file(
+        &token_file,
+        NEXT,
+        "sim-refresh-SECRET-0002",
+        Duration::from_secs(1400),
+    )
+    .expect("rewrite the token file again");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644))
+            .expect("open the token file to others");
+        let answer = admin_reload(&env).await;
+        assert_reloaded(&answer, "a reload with a token file others may read");
+        let notes = answer.json()["notes"].clone();
+        assert!(
+            notes.as_array().is_some_and(|n| n.iter().any(|n| n
+                .as_str()
+                .is_some_and(|n| n.starts_with("token.file:") && n.contains("readable by other")))),
+            "expected a note that the token file is readable by others, saw {notes}"
+        );
+    }
+    let status = env
+        .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+        .await;
+    let rescheduled = token_generation(&status);
+
     // A broken file is not taken: the token held stays, and the notes name token.file.
     std::fs::write(&token_file, "{\"access_token\": ").expect("break the token file");
     let answer = admin_reload(&env).await;

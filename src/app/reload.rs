@@ -133,6 +133,19 @@ pub async fn reload(
                 generation,
                 "reload: the token file changed; its token is in use"
             );
+            // What start-up warns about, a reload says too, in its answer as well.
+            if let Some(path) = &current.token.file {
+                if let Ok(Some(warning)) = crate::token::inspect_file(path) {
+                    tracing::warn!("token.file: {warning}");
+                    notes.push(format!("token.file: {warning}; taken"));
+                }
+            }
+            if let Err(reason) = gateway.token().readiness() {
+                tracing::warn!("reload: the token taken from token.file is not usable: {reason}");
+                notes.push(format!(
+                    "token.file: the token taken is not usable: {reason}"
+                ));
+            }
         }
         Ok(None) => {}
         Err(e) => {
