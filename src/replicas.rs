@@ -32,6 +32,27 @@ return 1
     )
 });
 
+/// Extends a lock key (KEYS[1]) by ARGV[2] ms if, and only if, it still holds ARGV[1]: a
+/// holder never extends a lock that expired and another replica took.
+static EXTEND_LOCK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+",
+    )
+});
+
+/// Deletes a lock key (KEYS[1]) if, and only if, it still holds ARGV[1].
+static RELEASE_LOCK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+",
+    )
+});
+
 /// Bound on one Redis round trip. Redis answers in well under a millisecond on a healthy
 /// network; anything slower than this is treated as an outage rather than queued behind.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -640,6 +661,69 @@ impl Redis {
         self.inner.up.load(Ordering::Acquire)
     }
 
+    /// Takes the lock `key` with `value` for `ttl` (`SET NX PX`): true when taken, false when
+    /// another holds it.
+    pub async fn try_lock(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, Unavailable> {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        let set: Option<String> = self
+            .run(op, |mut c| async move {
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(&v)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lock_millis(ttl))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the lock `key` for `ttl` if it still holds `value`; false when it does not
+    /// (expired and maybe taken by another) or Redis cannot say.
+    pub async fn extend_lock(
+        &self,
+        op: &'static str,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> bool {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        let kept = self
+            .run(op, |mut c| async move {
+                EXTEND_LOCK
+                    .key(&k)
+                    .arg(&v)
+                    .arg(lock_millis(ttl))
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        matches!(kept, Ok(1))
+    }
+
+    /// Deletes the lock `key` if it still holds `value` (a lock that expired and was taken
+    /// by another stays theirs).
+    pub async fn release_lock(&self, op: &'static str, key: &str, value: &str) {
+        let (k, v) = (key.to_owned(), value.to_owned());
+        let _ = self
+            .run(op, |mut c| async move {
+                RELEASE_LOCK
+                    .key(&k)
+                    .arg(&v)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
     /// Runs one Redis exchange on the shared connection, bounded by [`CALL_TIMEOUT`]. Any
     /// failure marks Redis down; while it is down nothing is sent.
     pub async fn run<T, F, Fut>(&self, op: &'static str, exchange: F) -> Result<T, Unavailable>
@@ -1052,6 +1136,10 @@ where
     S: futures_core::Stream + Unpin,
 {
     std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+fn lock_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

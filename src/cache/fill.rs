@@ -28,26 +28,6 @@ const EXTEND_EVERY: Duration = Duration::from_millis(500);
 /// not per request: the requests waiting on one replica are merged there first).
 const POLL_EVERY: Duration = Duration::from_millis(10);
 
-/// Extends the lock if (and only if) it is still ARGV[1]'s.
-static EXTEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-",
-    )
-});
-
-/// Deletes the lock if (and only if) it is still ARGV[1]'s.
-static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-",
-    )
-});
-
 /// How a miss takes part in the replicas' fill of its key.
 #[derive(Debug)]
 pub enum Fill {
@@ -69,10 +49,6 @@ pub struct FillLock {
     released: bool,
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 impl SharedTier {
     fn lock_key(&self, key: &str) -> String {
         self.redis().key(&format!("cache:lock:{key}"))
@@ -84,21 +60,11 @@ impl SharedTier {
         let lock = self.lock_key(key);
         // The replica's id, and a random part that tells its fills of one key apart.
         let value = format!("{}:{:016x}", self.redis().id(), fastrand::u64(..));
-        let (k, v) = (lock.clone(), value.clone());
-        let set: Option<String> = self
+        if !self
             .redis()
-            .run("cache", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(&k)
-                    .arg(&v)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(LOCK_TTL))
-                    .query_async(&mut c)
-                    .await
-            })
-            .await?;
-        if set.is_none() {
+            .try_lock("cache", &lock, &value, LOCK_TTL)
+            .await?
+        {
             return Ok(None);
         }
         let keeper = tokio::spawn(keep(self.clone(), lock.clone(), value.clone()));
@@ -116,37 +82,16 @@ impl SharedTier {
 async fn keep(tier: SharedTier, lock: String, value: String) {
     loop {
         tokio::time::sleep(EXTEND_EVERY).await;
-        let (k, v) = (lock.clone(), value.clone());
-        let kept = tier
+        if !tier
             .redis()
-            .run("cache", |mut c| async move {
-                EXTEND
-                    .key(&k)
-                    .arg(&v)
-                    .arg(millis(LOCK_TTL))
-                    .invoke_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
-        if !matches!(kept, Ok(1)) {
+            .extend_lock("cache", &lock, &value, LOCK_TTL)
+            .await
+        {
             // Lost (Redis away, or it expired under a stalled holder): another replica may
             // fetch too, which costs one call and never a wrong answer.
             return;
         }
     }
-}
-
-async fn release(tier: &SharedTier, lock: String, value: String) {
-    let _ = tier
-        .redis()
-        .run("cache", |mut c| async move {
-            RELEASE
-                .key(&lock)
-                .arg(&value)
-                .invoke_async::<i64>(&mut c)
-                .await
-        })
-        .await;
 }
 
 impl FillLock {
@@ -155,7 +100,10 @@ impl FillLock {
     pub async fn release(mut self) {
         self.keeper.abort();
         self.released = true;
-        release(&self.tier, self.lock.clone(), self.value.clone()).await;
+        self.tier
+            .redis()
+            .release_lock("cache", &self.lock, &self.value)
+            .await;
     }
 }
 
@@ -169,7 +117,7 @@ impl Drop for FillLock {
         // others wait for its expiry.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (tier, lock, value) = (self.tier.clone(), self.lock.clone(), self.value.clone());
-            runtime.spawn(async move { release(&tier, lock, value).await });
+            runtime.spawn(async move { tier.redis().release_lock("cache", &lock, &value).await });
         }
     }
 }

@@ -57,26 +57,6 @@ return 1
     )
 });
 
-/// Extends the lock if (and only if) it is still ARGV[1]'s.
-static EXTEND: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"#,
-    )
-});
-
-/// Deletes the lock if (and only if) it is still ARGV[1]'s.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#,
-    )
-});
-
 /// A record as stored in Redis.
 struct Stored {
     version: u64,
@@ -231,24 +211,14 @@ impl SharedToken {
     }
 
     async fn try_lock(&self) -> Result<bool, Unavailable> {
-        let (key, id) = (self.lock_key.clone(), self.redis.id().to_string());
-        let set: Option<String> = self
+        let taken = self
             .redis
-            .run("token", |mut c| async move {
-                ::redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&id)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(millis(LOCK_TTL))
-                    .query_async(&mut c)
-                    .await
-            })
+            .try_lock("token", &self.lock_key, self.redis.id(), LOCK_TTL)
             .await?;
-        if set.is_none() {
+        if !taken {
             self.bound_lock().await;
         }
-        Ok(set.is_some())
+        Ok(taken)
     }
 
     /// A lock with no expiry, or a longer one than any holder sets, is a stray or tampered
@@ -291,18 +261,7 @@ impl SharedToken {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_EXTEND_EVERY).await;
-                let (k, id) = (key.clone(), redis.id().to_string());
-                let kept = redis
-                    .run("token", |mut c| async move {
-                        EXTEND
-                            .key(&k)
-                            .arg(&id)
-                            .arg(millis(LOCK_TTL))
-                            .invoke_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await;
-                if !matches!(kept, Ok(1)) {
+                if !redis.extend_lock("token", &key, redis.id(), LOCK_TTL).await {
                     warn!(
                         "token refresh lock could not be extended; another replica may refresh too"
                     );
@@ -313,12 +272,8 @@ impl SharedToken {
     }
 
     async fn release(&self) {
-        let (key, id) = (self.lock_key.clone(), self.redis.id().to_string());
-        let _ = self
-            .redis
-            .run("token", |mut c| async move {
-                RELEASE.key(&key).arg(&id).invoke_async::<i64>(&mut c).await
-            })
+        self.redis
+            .release_lock("token", &self.lock_key, self.redis.id())
             .await;
     }
 }
