@@ -1323,6 +1323,9 @@ async fn values_read_from_redis_are_bounded() {
         .query_async(&mut redis)
         .await
         .expect("write a pause ten years ahead");
+    // Before any request cuts it back, the status shows the pause as admission will cut it.
+    let status = c.admin(1, Method::GET, "/admin/status", "").await.json();
+    let shown = status["budget"]["upstream"]["paused_for_s"].as_f64();
     let paused = c.get(0, "/12345/inbox/mentions?bounded=1").await;
     let retry: u64 = paused.header("retry-after").parse().unwrap_or(u64::MAX);
     assert!(
@@ -1331,6 +1334,11 @@ async fn values_read_from_redis_are_bounded() {
          Retry-After {:?}",
         paused.status,
         paused.header("retry-after")
+    );
+    assert!(
+        shown.is_some_and(|s| (s - retry as f64).abs() <= 5.0),
+        "expected the status to show the pause the 429 says (Retry-After {retry}), saw {}",
+        status["budget"]["upstream"]
     );
     let () = redis::cmd("DEL")
         .arg(key(&c, "budget:pause"))

@@ -198,10 +198,11 @@ impl Shared {
     /// Reads the shared pause and allowance; `None` when Redis did not answer. When the
     /// shared resume count moved since this replica last looked, an operator ended the pause
     /// somewhere: `on_resumed` runs (ending this replica's own copy) before the answer.
-    async fn peek(&self, on_resumed: impl FnOnce()) -> Option<SharedPause> {
+    /// Pauses are cut to `longest_us`, the upstream's window, as admission cuts them, so
+    /// what is shown is what is enforced.
+    async fn peek(&self, longest_us: u64, on_resumed: impl FnOnce()) -> Option<SharedPause> {
         let keys = self.keys("-");
-        let longest = super::upstream::LONGEST_PAUSE.as_micros().to_string();
-        let raw = run_script(&self.redis, &keys, "peek", &[longest])
+        let raw = run_script(&self.redis, &keys, "peek", &[longest_us.to_string()])
             .await
             .ok()?;
         let [pause, dry, resumes, allowance] = raw[..] else {
@@ -825,8 +826,9 @@ impl Budget {
         if !shared.redis.is_up() {
             return None;
         }
+        let longest_us = self.ledger().upstream.longest() / 1000;
         shared
-            .peek(|| {
+            .peek(longest_us, || {
                 if self.ledger().upstream.resume() {
                     tracing::warn!(
                         "budget: upstream pause ended by an operator on another replica"

@@ -37,7 +37,7 @@ const BLIND_PAUSE: Duration = Duration::from_secs(60);
 const ASSUMED_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Upper bound on any pause, so one garbled header cannot silence the gateway for days.
-pub(super) const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
+const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 
 /// `X-RateLimit-Reset` values below this are read as seconds from now, not Unix time: as a
 /// Unix time they would be in 2001, never a future reset.
