@@ -210,21 +210,10 @@ impl SharedTier {
     /// lookup: a replica waiting for another's fill polls with it. `None` when Redis cannot
     /// say.
     pub(super) async fn peek(&self, key: &str, lock: &str) -> Option<(Option<Found>, bool)> {
-        let keys = [self.entry_key(key), self.global_key(), lock.to_string()];
-        let values = self
-            .redis
-            .run("cache", |mut c| async move {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
-                    .await
-            })
-            .await
-            .ok()
-            .filter(|v| v.len() == 3)?;
-        let mut values = values.into_iter();
+        let keys = vec![self.entry_key(key), self.global_key(), lock.to_string()];
+        let mut values = self.mget(keys).await?;
         let (entry, global, held) = (values.next()?, values.next()?, values.next()?);
-        let global = global.map_or_else(|| "0".to_string(), |b| String::from_utf8_lossy(&b).into());
+        let global = generation(global);
         let found = entry
             .and_then(|e| decode(&e).ok())
             .filter(|(written_under, _)| *written_under == global)
@@ -258,9 +247,25 @@ impl SharedTier {
         }
         keys.push(self.global_key());
         keys.extend(groups.iter().map(|g| self.generation_key(g)));
+        let mut values = self.mget(keys).await?;
+        let entry = if with_entry {
+            values.next().flatten()
+        } else {
+            None
+        };
+        let global = generation(values.next().flatten());
+        let generations = Generations {
+            global,
+            groups: groups.into_iter().zip(values.map(generation)).collect(),
+        };
+        Some((entry, generations))
+    }
+
+    /// One `MGET` of `keys`: their values in order, `None` when Redis cannot say (down,
+    /// slow, or an answer of the wrong length).
+    async fn mget(&self, keys: Vec<String>) -> Option<std::vec::IntoIter<Option<Vec<u8>>>> {
         let expected = keys.len();
-        let mut values = self
-            .redis
+        self.redis
             .run("cache", |mut c| async move {
                 redis::cmd("MGET")
                     .arg(&keys)
@@ -269,22 +274,8 @@ impl SharedTier {
             })
             .await
             .ok()
-            .filter(|v| v.len() == expected)?
-            .into_iter();
-        let entry = if with_entry {
-            values.next().flatten()
-        } else {
-            None
-        };
-        let text = |v: Option<Vec<u8>>| {
-            v.map_or_else(|| "0".to_string(), |b| String::from_utf8_lossy(&b).into())
-        };
-        let global = text(values.next().flatten());
-        let generations = Generations {
-            global,
-            groups: groups.into_iter().zip(values.map(text)).collect(),
-        };
-        Some((entry, generations))
+            .filter(|v| v.len() == expected)
+            .map(Vec::into_iter)
     }
 
     /// Writes `value` (stored under `storage_key` for primary key `key`) for every replica,
@@ -519,6 +510,11 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
         stale_if_error: sie,
     };
     Ok((global, Found { value, storage_key }))
+}
+
+/// A generation counter as read from Redis: a missing key is generation 0.
+fn generation(value: Option<Vec<u8>>) -> String {
+    value.map_or_else(|| "0".to_string(), |b| String::from_utf8_lossy(&b).into())
 }
 
 #[cfg(test)]
