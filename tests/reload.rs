@@ -1080,3 +1080,104 @@ async fn a_reload_takes_a_rewritten_token_file_and_keeps_the_token_when_it_is_br
     );
     env.stop().await;
 }
+
+/// A reload refuses what `cxgate run` would refuse, restart-only settings included: the
+/// answer must never be "restart to apply it" for a file the restart cannot start on.
+#[tokio::test]
+async fn a_reload_refuses_files_that_run_would_refuse() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let missing = env.dir.join("no-such-file.pem");
+    let missing = missing.display();
+    let cases = [
+        (
+            "server.tls",
+            format!("{good}\n[server.tls]\ncert_file = \"{missing}\"\nkey_file = \"{missing}\"\n"),
+        ),
+        (
+            "upstream.ca_file",
+            edited(
+                &good,
+                "timeout = \"2s\"\n",
+                &format!("timeout = \"2s\"\nca_file = \"{missing}\"\n"),
+            ),
+        ),
+        (
+            "server.access_log",
+            edited(
+                &good,
+                "[server]\n",
+                "[server]\naccess_log = \"/proc/no-such-dir/access.log\"\n",
+            ),
+        ),
+    ];
+    for (key, text) in cases {
+        // With it, a route change that would apply: it must not, as nothing of a refused
+        // file is.
+        let text = edited(
+            &text,
+            ACCOUNTS_TTL,
+            "match = \"GET /me/accounts\"\nttl = \"2m\"",
+        );
+        write_config(&config_path(&env), &text);
+        let answer = admin_reload(&env).await;
+        let body = answer.json();
+        let problems = body["problems"].to_string();
+        assert!(
+            answer.status == StatusCode::BAD_REQUEST && problems.contains(key),
+            "{key}: expected 400 naming the setting run would refuse, saw {} {body}",
+            answer.status
+        );
+        env.get("/me/accounts").await;
+        let ttl = hit_ttl(&env.get("/me/accounts").await);
+        assert!(
+            ttl.is_some_and(|t| t > 120),
+            "{key}: expected the old 10m ttl still in force after the refused reload, saw {ttl:?}"
+        );
+    }
+    write_config(&config_path(&env), &good);
+    assert_reloaded(&admin_reload(&env).await, "the good file again");
+    env.stop().await;
+}
+
+/// Cached bodies carry links rewritten to the public base URL: a reload that changes it
+/// drops them, so no client is sent to a base the config no longer names.
+#[tokio::test]
+async fn a_reload_that_changes_the_public_base_drops_answers_linking_the_old_one() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let with_base = |base: &str| {
+        edited(
+            &good,
+            "[server]\n",
+            &format!("[server]\npublic_base_url = \"{base}\"\n"),
+        )
+    };
+    let page = "/12345/inbox/mentions?limit=2&base=1";
+    write_config(&config_path(&env), &with_base("http://old-base.example:1"));
+    assert_reloaded(&admin_reload(&env).await, "a public base");
+    let first = env.get(page).await;
+    assert!(
+        String::from_utf8_lossy(&first.body).contains("old-base.example"),
+        "expected the page's links on the reloaded base, saw {}",
+        String::from_utf8_lossy(&first.body)
+    );
+    write_config(&config_path(&env), &with_base("http://new-base.example:2"));
+    let answer = admin_reload(&env).await;
+    assert_reloaded(&answer, "another public base");
+    let again = env.get(page).await;
+    let body = String::from_utf8_lossy(&again.body);
+    assert!(
+        !body.contains("old-base.example") && body.contains("new-base.example"),
+        "expected the page's links on the base now configured, saw Cache-Status {:?} and {body}",
+        again.header("cache-status")
+    );
+    assert!(
+        answer.json()["notes"]
+            .to_string()
+            .contains("server.public_base_url"),
+        "expected the notes to say the cached answers were dropped, saw {}",
+        answer.json()["notes"]
+    );
+    env.stop().await;
+}

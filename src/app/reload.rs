@@ -113,10 +113,22 @@ pub async fn reload(
     };
     let mut next = crate::config::load(path).map_err(|e| e.lines())?;
     let current = gateway.state().config.clone();
-    let mut notes = keep_restart_only(&current, &mut next);
+    let secrets = Secrets::from_env(&next);
 
-    // Everything that can fail is tried before anything is applied.
-    let admin_token = admin_token(&next, &Secrets::from_env(&next)).map_err(|e| vec![e])?;
+    // Everything that can fail is tried before anything is applied. A file `cxgate run`
+    // would refuse is refused here too, restart-only settings included: a reload must not
+    // answer "restart to apply it" for a file the restart cannot start on. A token file
+    // that cannot be read is the exception: the held token stays (see below).
+    let (problems, _) = preflight(&next, &secrets);
+    let problems: Vec<String> = problems
+        .into_iter()
+        .filter(|p| !p.starts_with("token.file:"))
+        .collect();
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let mut notes = keep_restart_only(&current, &mut next);
+    let admin_token = admin_token(&next, &secrets).map_err(|e| vec![e])?;
     if let (Some(certs), Some(tls)) = (&live.certs, &next.server.tls) {
         certs
             .reload(&tls.cert_file, &tls.key_file)
@@ -158,16 +170,29 @@ pub async fn reload(
 
     let next = Arc::new(next);
     gateway.swap(next.clone());
-    let dropped = gateway
-        .cache()
-        .purge_where(|method, path| route_changed(&current, &next, method, path))
-        .await;
+    // Cached bodies carry their links rewritten to the public base URL: a new base makes
+    // every entry wrong, so all go (and clients follow links to the base now configured).
+    let new_base = current.server.public_base_url != next.server.public_base_url;
+    let dropped = if new_base {
+        let dropped = gateway.cache().purge_all().await;
+        notes.push(format!(
+            "server.public_base_url changed: {dropped} cached answers dropped, as their \
+             links named the old base"
+        ));
+        dropped
+    } else {
+        gateway
+            .cache()
+            .purge_where(|method, path| route_changed(&current, &next, method, path))
+            .await
+    };
     // The shared tier cannot be searched by route: when any route's caching rules changed,
-    // every shared entry is retired (each replica then fetches and shares anew).
+    // or the base its links name, every shared entry is retired (each replica then fetches
+    // and shares anew).
     if let Some(tier) = gateway
         .cache()
         .shared()
-        .filter(|_| rules_changed(&current, &next))
+        .filter(|_| new_base || rules_changed(&current, &next))
     {
         if let Err(e) = tier.invalidate(&crate::replicas::Invalidation::All).await {
             tracing::warn!(
