@@ -1,14 +1,7 @@
 //! The access log: one line per request, to stderr or a file, written off the request path.
-//!
-//! A request formats its line into a buffer its thread reuses, then copies it into one
-//! shared batch under a lock held only for that copy. A single writer thread swaps the batch
-//! out and writes it in one system call, so a busy gateway pays one write per batch, not per
-//! request. The batch is bounded: when the disk is slower than the traffic, lines that do not
-//! fit are dropped and counted in `cxgate_access_log_dropped_total`; a request never waits on
-//! the disk. No line allocates once the buffers have grown to their working size.
-//!
-//! A file is opened for appending and reopened on [`AccessLog::reopen`] (SIGUSR1), so
-//! logrotate can rename it and signal, as it does for nginx.
+//! A request never waits on the disk: lines are batched for one writer thread, and when the
+//! disk is slower than the traffic the lines that do not fit are dropped and counted
+//! (`cxgate_access_log_dropped_total`). [`AccessLog`] says how the batch works.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -95,6 +88,16 @@ impl Shared {
 
 /// The handle requests log through; cheap to clone. The writer thread ends when the last
 /// handle is dropped, after writing what is pending.
+///
+/// A request formats its line into a buffer its thread reuses, then copies it into one
+/// shared batch under a lock held only for that copy. A single writer thread swaps the batch
+/// out and writes it in one system call, so a busy gateway pays one write per batch, not per
+/// request. The batch is bounded: when the disk is slower than the traffic, lines that do not
+/// fit are dropped and counted in `cxgate_access_log_dropped_total`. No line allocates once
+/// the buffers have grown to their working size.
+///
+/// A file is opened for appending and reopened on [`AccessLog::reopen`] (SIGUSR1), so
+/// logrotate can rename it and signal, as it does for nginx.
 #[derive(Clone)]
 pub struct AccessLog {
     shared: Option<Arc<Shared>>,

@@ -1,10 +1,6 @@
 //! The admin listener: the status page at `/`, `/metrics`, `/healthz`, `/readyz` and
-//! `/admin/*`.
-//!
-//! It runs on its own address so operators can firewall it separately from client
-//! traffic. With `server.admin_token_env` set, `/admin/*` needs that bearer token, while the
-//! probe and scrape endpoints stay open as Prometheus and orchestrators expect; the status
-//! page (`page`) is behind the token like `/admin/*`, since it shows the same.
+//! `/admin/*`. It runs on its own address so operators can firewall it separately from client
+//! traffic; `Admin::authorised` says which paths need the admin token.
 
 mod page;
 
@@ -185,6 +181,9 @@ impl Admin {
         Ok(())
     }
 
+    /// With `server.admin_token_env` set, `/admin/*` needs that bearer token, while the
+    /// probe and scrape endpoints stay open as Prometheus and orchestrators expect; the
+    /// status page (`page`) is behind the token like `/admin/*`, since it shows the same.
     fn authorised(&self, req: &Request<Incoming>) -> bool {
         let Some(expected) = self.live.admin_token() else {
             return true;

@@ -1,20 +1,21 @@
-//! The binary's global allocator: jemalloc, built with an 8-byte quantum. (Part of the
-//! binary, not the library: the library has no `unsafe` code.)
-//!
-//! jemalloc's size classes below 64 bytes are by default 16 bytes apart (16, 32, 48, 64), so
-//! a node of 24, 40 or 56 bytes (moka has several per entry) takes 8 bytes more than it asks;
-//! built with `--with-lg-quantum=3` (`JEMALLOC_SYS_WITH_LG_QUANTUM=3`, set for every build in
-//! `.cargo/config.toml`) it also has classes of 24, 40 and 56 bytes, 16 bytes less per cached
-//! entry measured (README "Memory per cached entry"). Those classes are only 8-byte aligned,
-//! which no Rust type minds (a type's size is a multiple of its alignment, so one aligned to
-//! 16 is never 24, 40 or 56 bytes long), but a hand-made `Layout` may be: [`Allocator`]
-//! rounds such a layout's size up to its alignment before jemalloc sees it, so it lands in a
-//! class whose blocks are aligned enough. With jemalloc's default 16-byte quantum the
-//! rounding changes nothing.
+//! The binary's global allocator: jemalloc, built with an 8-byte quantum, so the small nodes
+//! moka keeps per cached entry stop rounding up to the next 16-byte class (README "Memory per
+//! cached entry" has the measured saving). Part of the binary, not the library: the library
+//! has no `unsafe` code.
 
 use std::alloc::{GlobalAlloc, Layout};
 
-/// jemalloc (`tikv-jemallocator`), with layouts padded to their alignment (module notes).
+/// jemalloc (`tikv-jemallocator`), with layouts padded to their alignment.
+///
+/// jemalloc's size classes below 64 bytes are by default 16 bytes apart (16, 32, 48, 64), so
+/// a node of 24, 40 or 56 bytes (moka has several per entry) takes 8 bytes more than it asks;
+/// built with `--with-lg-quantum=3` (`JEMALLOC_SYS_WITH_LG_QUANTUM=3`, set for every build in
+/// `.cargo/config.toml`) it also has classes of 24, 40 and 56 bytes, 16 bytes less per cached
+/// entry measured. Those classes are only 8-byte aligned, which no Rust type minds (a type's
+/// size is a multiple of its alignment, so one aligned to 16 is never 24, 40 or 56 bytes
+/// long), but a hand-made `Layout` may be: this rounds such a layout's size up to its
+/// alignment before jemalloc sees it, so it lands in a class whose blocks are aligned enough.
+/// With jemalloc's default 16-byte quantum the rounding changes nothing.
 pub struct Allocator;
 
 /// The size jemalloc is asked for: `layout`'s, rounded up to its alignment when that is more

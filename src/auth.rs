@@ -1,15 +1,7 @@
-//! Client keys, scopes and accounts.
-//!
-//! Clients present a gateway key where their CX Social token used to be. The configuration
-//! holds keys only as SHA-256; a presented key is hashed once and compared against every
-//! configured hash in constant time, so neither the timing nor the order of clients leaks a
-//! match.
-//!
-//! Hashing on every request is the largest part of authenticating, so a key that matched is
-//! remembered with its client (one key per client, for the life of one configuration
-//! snapshot: a reload starts empty). Later requests compare the presented key against every
-//! remembered key, again in time that does not depend on which matched, and hash only when
-//! none does. Unknown keys are never remembered, so strangers cannot grow the memory.
+//! Client keys, scopes and accounts. Clients present a gateway key where their CX Social
+//! token used to be; the configuration holds keys only as SHA-256, and a match is found in
+//! time that leaks neither which client matched nor where. [`Clients::authenticate`] says how,
+//! and why a matched key is remembered.
 
 use std::sync::{Arc, OnceLock};
 
@@ -149,6 +141,14 @@ impl Clients {
     }
 
     /// Finds the client for a presented key.
+    ///
+    /// A presented key is hashed once and compared against every configured hash in constant
+    /// time, so neither the timing nor the order of clients leaks a match. Hashing on every
+    /// request is the largest part of authenticating, so a key that matched is remembered with
+    /// its client (one key per client, for the life of one configuration snapshot: a reload
+    /// starts empty). Later requests compare the presented key against every remembered key,
+    /// again in time that does not depend on which matched, and hash only when none does.
+    /// Unknown keys are never remembered, so strangers cannot grow the memory.
     pub fn authenticate(&self, key: Option<&str>) -> Result<&Client, AuthError> {
         if self.is_open() {
             return Ok(&self.anonymous);

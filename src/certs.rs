@@ -1,10 +1,6 @@
-//! The served TLS certificate, swappable while the listener runs.
-//!
-//! Certificates are renewed far more often than gateways are restarted, so the acceptor
-//! does not own a fixed chain: it asks a [`Certs`] resolver on every handshake, and a reload
-//! swaps the chain and key in that resolver. A new pair that cannot be read, or whose key
-//! does not match its certificate, is refused and the running pair stays. Connections
-//! already open keep the certificate they were made with.
+//! The served TLS certificate, swappable while the listener runs. Certificates are renewed
+//! far more often than gateways are restarted, so the acceptor does not own a fixed chain: it
+//! asks a [`Certs`] resolver on every handshake, and a reload swaps the chain and key in it.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -32,6 +28,10 @@ impl Certs {
     }
 
     /// Replaces the served pair with the one in these files; on error nothing changes.
+    ///
+    /// A new pair that cannot be read, or whose key does not match its certificate, is
+    /// refused and the running pair stays. Connections already open keep the certificate
+    /// they were made with.
     pub fn reload(&self, cert_file: &Path, key_file: &Path) -> Result<(), TlsError> {
         let pair = Arc::new(read_pair(cert_file, key_file)?);
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = pair;

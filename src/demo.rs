@@ -1,11 +1,6 @@
 //! `cxgate demo`: the simulated CX Social API on an ephemeral loopback port and the gateway
-//! in front of it, configured from the embedded `config/demo.toml`.
-//!
-//! It needs no credentials: the simulator is started with a fresh random token pair, the
-//! token file lives in a private temporary directory that is removed on exit, and the
-//! OAuth client secret is the simulator's own. The gateway runs from a config file written
-//! into that directory (`cxgate.toml`, the embedded one with the simulator's address filled
-//! in), so `POST /admin/reload` and SIGHUP re-read it as in production. Ctrl-C stops both.
+//! in front of it, configured from the embedded `config/demo.toml`. It needs no credentials
+//! and leaves nothing behind, yet runs the gateway as production does; [`run`] says how.
 
 /// `println!` that never panics on a closed stdout (see [`crate::logging::say`]).
 macro_rules! println {
@@ -142,7 +137,13 @@ fn private_temp_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Runs the demo until Ctrl-C or SIGTERM.
+/// Runs the demo until Ctrl-C or SIGTERM, which stops both.
+///
+/// The simulator is started with a fresh random token pair, the token file lives in a
+/// private temporary directory that is removed on exit, and the OAuth client secret is the
+/// simulator's own. The gateway runs from a config file written into that directory
+/// (`cxgate.toml`, the embedded one with the simulator's address filled in), so
+/// `POST /admin/reload` and SIGHUP re-read it as in production.
 pub async fn run(listen: SocketAddr, admin_listen: SocketAddr) -> Result<(), StartError> {
     let dir = private_temp_dir()
         .map_err(|e| StartError::refused("cannot create a temporary directory", e))?;

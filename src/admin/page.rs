@@ -1,11 +1,7 @@
 //! The HTML status page at the admin listener's `GET /`: the `/admin/status` document and a
-//! few rates from the registry, drawn for people.
-//!
-//! It is built from the same JSON `/admin/status` answers, section by section, so a field
-//! added there shows up here without a second list to keep in step. Invariants: every text
-//! is HTML-escaped; nothing is loaded from elsewhere (inline CSS, no script, no image); it
-//! refreshes itself with `<meta http-equiv="refresh">`; it holds only what the status JSON
-//! holds, which carries no secret.
+//! few rates from the registry, drawn for people. It is built from the same JSON, section by
+//! section, so a field added there shows up here without a second list to keep in step;
+//! [`render`] holds what the page promises.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -63,6 +59,10 @@ fn counter_sum(registry: &Registry, name: &str) -> f64 {
 }
 
 /// The whole page for a `/admin/status` document.
+///
+/// Invariants: every text is HTML-escaped; nothing is loaded from elsewhere (inline CSS, no
+/// script, no image); it refreshes itself with `<meta http-equiv="refresh">`; it holds only
+/// what the status JSON holds, which carries no secret.
 pub fn render(status: &Value, registry: &Registry, rates: &Rates, uptime: Duration) -> String {
     let now = rates.sample(registry);
     let mut out = String::with_capacity(16 * 1024);

@@ -1,11 +1,6 @@
-//! When stored entries' lives end, so the store can remove them without a timer per entry.
-//!
-//! moka's per-entry expiry keeps timer-wheel nodes for every entry (about 50 bytes each);
-//! this keeps one key hash (4 bytes) in a bucket per second of deadline. A bucket is due
-//! once its second has passed, and the store then checks each key against what it holds:
-//! an entry is removed only if it is really past its life, a newer value is re-queued at
-//! its own deadline, and a key no longer held is dropped. Time is tokio's clock, so the
-//! sweep follows a paused clock in tests.
+//! When stored entries' lives end, so the store can remove them without a timer per entry:
+//! moka's per-entry expiry keeps timer-wheel nodes for every entry (about 50 bytes each),
+//! where this keeps one key hash (4 bytes) in a bucket per second of deadline.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,6 +8,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Key hashes by the second (since `origin`, rounded up) at which their entry's life ends.
+///
+/// A bucket is due once its second has passed, and the store then checks each key against
+/// what it holds: an entry is removed only if it is really past its life, a newer value is
+/// re-queued at its own deadline, and a key no longer held is dropped. Time is tokio's
+/// clock, so the sweep follows a paused clock in tests.
 #[derive(Debug)]
 pub(crate) struct Deadlines {
     origin: Instant,

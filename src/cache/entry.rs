@@ -1,14 +1,7 @@
 //! A cached response: what the gateway hands the store, and the compact form it is kept in.
-//!
-//! An entry is fresh for `ttl` after `stored_at`, then stale: usable for background
-//! revalidation within `stale_while_revalidate` and as a fallback within `stale_if_error`.
-//! Past both windows it is useless, and the store drops it (`lifetime` says when).
-//!
-//! [`StoredResponse`] keeps a whole entry in one allocation: its fields, key, tag hashes,
-//! the headers a hit needs and the body sit in one reference-counted block. The store holds
-//! the one-word handle inline in moka, a lookup clones it (one reference count), and a hit
-//! slices its headers and body out of the block without copying. README "Memory per cached
-//! entry" gives the measured cost per part.
+//! Memory per entry is what bounds how much the cache holds, so the kept form is one shared
+//! block a hit slices without copying ([`StoredResponse`]); when an entry may be served is
+//! [`Freshness`].
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -65,6 +58,10 @@ pub struct CachedResponse {
 }
 
 /// How usable an entry is at one moment.
+///
+/// An entry is fresh for `ttl` after `stored_at`, then stale: usable for background
+/// revalidation within `stale_while_revalidate` and as a fallback within `stale_if_error`.
+/// Past both windows it is useless, and the store drops it (`lifetime` says when).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
     /// Serve as is; `remaining` is the time left before it turns stale.
@@ -188,7 +185,9 @@ impl CachedResponse {
 /// moka's per-entry value node fits jemalloc's 32-byte size class instead of the 48-byte
 /// one. Every field in the block rides in the allocation the body needs anyway (whose size
 /// class usually has room to spare). A hit wraps the block in one `Bytes` per call, and the
-/// body and header values are slices of it, never copies.
+/// body and header values are slices of it, never copies: the store holds the one-word
+/// handle inline in moka, and a lookup clones it (one reference count). README "Memory per
+/// cached entry" gives the measured cost per part.
 #[derive(Clone)]
 pub struct StoredResponse {
     block: ThinArc<(), u8>,

@@ -1,22 +1,6 @@
-//! Single flight: concurrent requests for one key share one execution of the fetch.
-//!
-//! The fetch runs in its own task, so it finishes even when every caller hangs up, and
-//! that task (not a caller) removes the key from the in-flight map, through a drop guard
-//! that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
-//! watch channel and all wake at once; a panicked fetch wakes them with `MergeError`.
-//!
-//! Two exceptions, each chosen by the caller. A fetch run "while wanted" is cancelled as
-//! soon as the last caller waiting for it has gone (answers nobody else can use, such as
-//! reads that are not cached). With [`Merger::run_patient`] a follower is never worse off
-//! than alone: once the leader's budget has decided, it waits for the leader's fetch to get
-//! past its queue (report [`Progress::sent`]) at most its own patience, and gets its unrun
-//! fetch back when the leader is still queued, and beside the leader's value otherwise, so
-//! it can run the fetch on its own terms ([`Merger::run_own`]).
-//!
-//! The map holds, per key, the flight newcomers join: a flight on its way upstream takes
-//! the place of one still queued ([`Progress::take_place`]), and a flight that finds another
-//! of its key already on its way upstream, when its own queue ends or while it still
-//! waits ([`Progress::displaced`]), can take that one's value instead of calling again.
+//! Single flight: concurrent requests for one key share one execution of the fetch, so a
+//! burst of identical misses makes one upstream call. No cancelled caller can leave a key
+//! locked, and a caller that joins is never worse off than alone: [`Merger`] says how.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -286,6 +270,25 @@ struct Seat<V> {
 }
 
 /// Merges concurrent fetches by key. Cheap to clone: clones share the in-flight map.
+///
+/// The fetch runs in its own task, so it finishes even when every caller hangs up, and
+/// that task (not a caller) removes the key from the in-flight map, through a drop guard
+/// that also runs on panic: no cancelled caller can leave a key locked. Waiters sleep on a
+/// watch channel and all wake at once; a panicked fetch wakes them with [`MergeError`].
+///
+/// Two exceptions, each chosen by the caller. A fetch run "while wanted"
+/// ([`Merger::run_while_wanted`]) is cancelled as soon as the last caller waiting for it has
+/// gone (answers nobody else can use, such as reads that are not cached). With
+/// [`Merger::run_patient`] a follower is never worse off than alone: once the leader's budget
+/// has decided, it waits for the leader's fetch to get past its queue (report
+/// [`Progress::sent`]) at most its own patience, and gets its unrun fetch back when the
+/// leader is still queued, and beside the leader's value otherwise, so it can run the fetch
+/// on its own terms ([`Merger::run_own`]).
+///
+/// The map holds, per key, the flight newcomers join: a flight on its way upstream takes
+/// the place of one still queued ([`Progress::take_place`]), and a flight that finds another
+/// of its key already on its way upstream, when its own queue ends or while it still
+/// waits ([`Progress::displaced`]), can take that one's value instead of calling again.
 pub struct Merger<V> {
     flights: Arc<Flights<V>>,
 }

@@ -1,10 +1,8 @@
 //! The response cache: keys, freshness, the bounded store, single-flight merging, and the
-//! shared tier with its fills merged across replicas.
-//!
-//! It knows nothing of routes or configuration: the proxy passes plain values in (ttl,
-//! tags, the byte bound). Invariants: keys never hold the `access_token` parameter; the
-//! store never holds more than its byte bound for long; once a tag invalidation or purge
-//! returns, no lookup sees what it removed; one fetch per key is in flight at a time.
+//! shared tier with its fills merged across replicas. It knows nothing of routes or config:
+//! the proxy passes plain values in (ttl, tags, the byte bound). Invariants: keys never hold
+//! `access_token`; the store keeps to its byte bound; once a tag invalidation or purge returns,
+//! no lookup sees what it removed; one fetch per key is in flight at a time.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -1,10 +1,6 @@
-//! The cache's size gauges, read from the cache itself at scrape time.
-//!
-//! A collector instead of gauges updated on every insert and removal: moka changes its
+//! The cache's size gauges, read from the cache itself at scrape time: moka changes its
 //! counts in its own maintenance (evictions, expiries), where no code of ours runs, so only
-//! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true. moka's
-//! counts are lazy (an insert is counted only once its maintenance has run), so the scrape
-//! runs that maintenance first: what it reports is what is stored at that moment.
+//! reading at scrape time keeps `cxgate_cache_entries` and `cxgate_cache_bytes` true.
 
 use moka::sync::Cache;
 use prometheus::core::{Collector, Desc};
@@ -14,6 +10,9 @@ use prometheus::IntGauge;
 use super::store::Slot;
 
 /// Registers as one collector exporting `cxgate_cache_entries` and `cxgate_cache_bytes`.
+///
+/// moka's counts are lazy (an insert is counted only once its maintenance has run), so the
+/// scrape runs that maintenance first: what it reports is what is stored at that moment.
 pub(crate) struct Gauges {
     entries: Cache<u32, Slot>,
     count: IntGauge,

@@ -1,18 +1,7 @@
 //! The bounded response store: a moka cache weighed in bytes, with tags, `Vary` and purges.
-//!
-//! Invariants: the weighted size never stays above `max_bytes` (moka evicts the least
-//! valuable entries first); `get` refuses anything past ttl + its longer stale window on
-//! tokio's clock, and the store's own sweep (see [`Deadlines`]) removes such entries, in
-//! bounded steps, on inserts, from [`Store::spawn_sweeper`]'s task and in
-//! [`Store::run_pending_tasks`]; once `invalidate_tags`, `purge_*` return, no lookup yields
-//! an entry they removed. Hits share the stored block, never copy.
-//!
-//! moka is keyed by a 32-bit hash of the cache key, and each entry carries its full key:
-//! a lookup whose key differs from the stored one is a miss, so a collision costs one
-//! entry its place and never serves the wrong answer. Storing, invalidating and purging
-//! change the cache and the tag index under one lock and bump the invalidation epoch
-//! there, so an answer fetched before a write either lands before the write's invalidation
-//! (and is removed by it) or sees the bumped epoch and is not stored.
+//! It is what makes hits cheap and invalidation exact: it never stays above its byte bound,
+//! never serves an entry past its life or one a write has invalidated, and never serves the
+//! wrong answer on a hash collision. [`Store`] says how each of those holds.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -79,6 +68,20 @@ impl Slot {
 }
 
 /// The response cache. Cheap to clone: every clone is a handle on the same cache.
+///
+/// Invariants: the weighted size never stays above `max_bytes` (moka evicts the least
+/// valuable entries first); `get` refuses anything past ttl + its longer stale window on
+/// tokio's clock, and the store's own sweep (see `Deadlines`) removes such entries, in
+/// bounded steps, on inserts, from [`Store::spawn_sweeper`]'s task and in
+/// [`Store::run_pending_tasks`]; once `invalidate_tags`, `purge_*` return, no lookup yields
+/// an entry they removed. Hits share the stored block, never copy.
+///
+/// moka is keyed by a 32-bit hash of the cache key, and each entry carries its full key:
+/// a lookup whose key differs from the stored one is a miss, so a collision costs one
+/// entry its place and never serves the wrong answer. Storing, invalidating and purging
+/// change the cache and the tag index under one lock and bump the invalidation epoch
+/// there, so an answer fetched before a write either lands before the write's invalidation
+/// (and is removed by it) or sees the bumped epoch and is not stored.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -86,7 +89,7 @@ pub struct Store {
 
 struct Inner {
     entries: Cache<u32, Slot>,
-    /// Changed only together with `entries`, under this lock (see the module notes).
+    /// Changed only together with `entries`, under this lock (see [`Store`]).
     tags: Mutex<Locked>,
     /// Entries moka dropped, queued by the eviction listener and forgotten by the index the
     /// next time it is locked. The listener may run inside a cache call made under `tags`,

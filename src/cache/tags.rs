@@ -1,17 +1,20 @@
-//! The tag index: which stored keys carry which tag, so a write can drop them at once.
-//!
-//! Tags and keys are held as the store's 32-bit hashes (a collision can only make an
-//! invalidation drop one entry too many, never keep one). The store changes the index and the cache together
-//! under one lock (see `Store`), and forgets a removed entry's registrations only when no
-//! newer value is held under its key, so the index needs no serials or flags of its own.
-//!
-//! Memory matters here (one registration per tag per entry): a tag that only one entry
-//! carries, such as a contact's own tag, is one 8-byte slot of a flat map; only tags that
-//! several entries share get a set of their own.
+//! The tag index: which stored keys carry which tag, so a write can drop them at once. It
+//! needs no serials or flags of its own, because the store changes it and the cache together
+//! under one lock, and it stays small, because there is one registration per tag per entry
+//! ([`TagIndex`]).
 
 use std::collections::{HashMap, HashSet};
 
 /// tag hash → the entries carrying it.
+///
+/// Tags and keys are held as the store's 32-bit hashes (a collision can only make an
+/// invalidation drop one entry too many, never keep one). The store changes the index and
+/// the cache together under one lock (see `Store`), and forgets a removed entry's
+/// registrations only when no newer value is held under its key.
+///
+/// Memory matters here (one registration per tag per entry): a tag that only one entry
+/// carries, such as a contact's own tag, is one 8-byte slot of a flat map; only tags that
+/// several entries share get a set of their own.
 #[derive(Debug, Default)]
 pub(crate) struct TagIndex {
     /// Tags exactly one entry carries: tag → key.

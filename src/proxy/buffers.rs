@@ -1,23 +1,7 @@
-//! The one bound on body bytes held in memory at once: `server.max_buffered_bytes`.
-//!
-//! Every request body being read and every upstream answer being collected holds its bytes
-//! here while it grows, and gives them back when the last part of the request or answer
-//! that owns it is dropped. A body that would take the total past the limit is refused
-//! (503 `overloaded`) instead of read, so a hostile upstream sending large answers, or many
-//! clients sending large bodies, cannot make the process grow without bound: without it,
-//! `max_concurrency` times the 64 MiB answer limit is what could be held.
-//!
-//! Request bodies are also held per party: no one client key may hold more than half of
-//! the limit in request bodies at once, or one `max_body_bytes` body if that is more (503
-//! past it), so one client sending large or slow
-//! bodies cannot make every other client 503. Bodies read before the caller is known (a
-//! key sent as a form or JSON field) are one party of their own, so unauthenticated
-//! senders together also stay within half. Upstream answers belong to no party: merged
-//! callers share them.
-//!
-//! What it does not count: cache entries (`cache.max_bytes` bounds those) and answers
-//! already handed to a connection for writing (those go as fast as the client reads, and a
-//! client that stops reading is closed by `server.idle_timeout`).
+//! The one bound on body bytes held in memory at once, `server.max_buffered_bytes`, so a
+//! hostile upstream sending large answers, or many clients sending large bodies, cannot make
+//! the process grow without bound; and each client's share of it, so one client sending large
+//! or slow bodies cannot make every other client 503. [`Buffers`] says what counts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +13,22 @@ use http_body_util::BodyExt;
 use crate::error::GatewayError;
 
 /// The running total and its limit, shared by every request.
+///
+/// Every request body being read and every upstream answer being collected holds its bytes
+/// here while it grows, and gives them back when the last part of the request or answer
+/// that owns it is dropped. A body that would take the total past the limit is refused
+/// (503 `overloaded`) instead of read: without it, `max_concurrency` times the 64 MiB answer
+/// limit is what could be held.
+///
+/// Request bodies are also held per party: no one client key may hold more than half of
+/// the limit in request bodies at once, or one `max_body_bytes` body if that is more (503
+/// past it). Bodies read before the caller is known (a key sent as a form or JSON field) are
+/// one party of their own, so unauthenticated senders together also stay within half.
+/// Upstream answers belong to no party: merged callers share them.
+///
+/// What it does not count: cache entries (`cache.max_bytes` bounds those) and answers
+/// already handed to a connection for writing (those go as fast as the client reads, and a
+/// client that stops reading is closed by `server.idle_timeout`).
 #[derive(Debug)]
 pub struct Buffers {
     held: AtomicU64,

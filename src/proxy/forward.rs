@@ -1,10 +1,6 @@
 //! One exchange with the upstream: the request as the upstream must see it, and its answer
-//! as the client may see it.
-//!
-//! Hop-by-hop headers go both ways; the client's credential never leaves; the held token
-//! goes in as a sensitive header. The answer is read whole (bounded), its links rewritten
-//! and its `X-RateLimit-*` headers kept for the budget, so what the cache stores and every
-//! client gets is already safe to hand out.
+//! as the client may see it. The client's credential never leaves, and the answer is read
+//! whole and bounded ([`build_request`], [`exchange`], [`Fetched`]).
 
 use std::time::Duration;
 
@@ -19,7 +15,9 @@ use crate::upstream::HttpClient;
 /// Upstream answers larger than this are refused rather than buffered without bound.
 pub const MAX_UPSTREAM_BODY: usize = 64 << 20;
 
-/// An upstream answer, read whole and filtered.
+/// An upstream answer, read whole (bounded) and filtered: its `X-RateLimit-*` headers are
+/// kept for the budget, and its links are rewritten before the cache or a client sees it,
+/// so what the cache stores and every client gets is already safe to hand out.
 #[derive(Debug, Clone)]
 pub struct Fetched {
     pub status: StatusCode,
@@ -154,7 +152,8 @@ pub struct Outgoing<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// Builds the upstream request with `token` injected.
+/// Builds the upstream request with `token` injected: hop-by-hop headers are dropped, the
+/// client's credential never leaves, and the held token goes in as a sensitive header.
 pub fn build_request(
     out: &Outgoing<'_>,
     token: &str,
@@ -192,7 +191,8 @@ pub fn build_request(
 }
 
 /// Sends one request and reads the whole answer, within `timeout`, holding its bytes
-/// against `buffers` (503 when they would pass `server.max_buffered_bytes`).
+/// against `buffers` (503 when they would pass `server.max_buffered_bytes`). The answer
+/// loses its hop-by-hop headers, as the request did.
 pub async fn exchange(
     client: &HttpClient,
     req: Request<Full<Bytes>>,

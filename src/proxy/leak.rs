@@ -1,19 +1,8 @@
 //! Gateway keys where none belongs: the last check before anything is forwarded or logged.
-//!
-//! One matcher reads every value that would leave the gateway (forwarded headers, the
-//! query, the body) and the client's `X-Request-Id` (echoed, logged and forwarded). The
-//! caller's own key is searched as a substring, each byte raw or percent-encoded, whatever
-//! its length. Every configured key (the caller's and all others', known only as SHA-256)
-//! is found by hashing: a value is cut into candidate tokens at the bytes a key cannot
-//! contain, and each candidate of [`MIN_KEY`] to [`MAX_KEY`] bytes is hashed and looked up.
-//!
-//! A key, for this search, is letters, digits and `- . _ ~ + / =` (`=` only as trailing
-//! padding), which the base64 keys the README suggests are. Values are read raw and
-//! percent-decoded up to [`MAX_LAYERS`] times, each layer also with `+` read as a space
-//! the way form decoding does (`note=see+KEY+now`); JSON bodies also once parsed, escapes
-//! undone.
-//! The work is bounded: each byte of a value is hashed a small constant number of times per
-//! layer, and values are bounded by the body and head limits.
+//! A client key that reached the upstream or a log line would be a credential handed out, so
+//! every value that would leave the gateway is searched for the caller's key and for every
+//! configured one, in any spelling a reader could decode; [`KeyScan`] says how, and why the
+//! work stays bounded.
 
 use std::borrow::Cow;
 
@@ -32,6 +21,20 @@ const MAX_LAYERS: usize = 2;
 const MAX_PIECES: usize = 16;
 
 /// Finds gateway keys in values about to be forwarded.
+///
+/// One matcher reads every value that would leave the gateway (forwarded headers, the
+/// query, the body) and the client's `X-Request-Id` (echoed, logged and forwarded). The
+/// caller's own key is searched as a substring, each byte raw or percent-encoded, whatever
+/// its length. Every configured key (the caller's and all others', known only as SHA-256)
+/// is found by hashing: a value is cut into candidate tokens at the bytes a key cannot
+/// contain, and each candidate of `MIN_KEY` to `MAX_KEY` bytes is hashed and looked up.
+///
+/// A key, for this search, is letters, digits and `- . _ ~ + / =` (`=` only as trailing
+/// padding), which the base64 keys the README suggests are. Values are read raw and
+/// percent-decoded up to `MAX_LAYERS` times, each layer also with `+` read as a space
+/// the way form decoding does (`note=see+KEY+now`); JSON bodies also once parsed, escapes
+/// undone. The work is bounded: each byte of a value is hashed a small constant number of
+/// times per layer, and values are bounded by the body and head limits.
 pub struct KeyScan<'a> {
     clients: &'a Clients,
     own: Option<&'a str>,

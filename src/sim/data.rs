@@ -1,10 +1,7 @@
 //! Generated, stable data: every body is a pure function of its ids (and of the base URL
 //! for absolute links), so the same id always gives the same body and tests can compare
-//! answers byte for byte.
-//!
-//! Invariants: no randomness and no clock; values are picked with a fixed FNV-1a hash of the
-//! ids. Mention `seq` numbers place mentions on a fixed timeline (newest at `NEWEST`), so
-//! list filters work on integers and only the page actually returned is built.
+//! answers byte for byte. There is no randomness and no clock: values are picked with a fixed
+//! hash of the ids ([`hash`]).
 
 use serde_json::{json, Value};
 
@@ -12,7 +9,9 @@ use serde_json::{json, Value};
 pub(crate) const ACCOUNTS: [u64; 3] = [12345, 23456, 34567];
 /// Mentions generated per account inbox.
 pub(crate) const MENTIONS: u64 = 500;
-/// Unix time of the newest generated mention (2026-01-01T00:00:00Z).
+/// Unix time of the newest generated mention (2026-01-01T00:00:00Z). Mention `seq` numbers
+/// place mentions on a fixed timeline ending here, so list filters work on integers and only
+/// the page actually returned is built.
 pub(crate) const NEWEST: u64 = 1_767_225_600;
 /// Seconds between two generated mentions.
 const STEP: u64 = 600;

@@ -1,11 +1,7 @@
 //! The endpoints the public clients use beyond the first table: deleting mentions, contacts
 //! by their own id and the contact list, a mention's context, mailboxes and cases, the
-//! publisher's drafts, settings writes, insights facets and the read-only tools.
-//!
-//! Invariants: the same as `api` (stable generated data, writes stored before the answer is
-//! built). A contact's own id is `{service}_{service_id}` (a bare `N` reads as `twitter_N`),
-//! so a contact by its id, in the list and by its profile is one contact, and a write through
-//! either spelling shows in both.
+//! publisher's drafts, settings writes, insights facets and the read-only tools. The
+//! invariants are the same as `api`'s; [`serve`] adds how contact ids are read.
 
 use http::{Method, StatusCode};
 use serde_json::{json, Map, Value};
@@ -95,6 +91,11 @@ fn page_within(call: &Call<'_>, max: u64) -> Result<Page, String> {
 }
 
 /// Answers one of the endpoints above.
+///
+/// Invariants: the same as `api` (stable generated data, writes stored before the answer is
+/// built). A contact's own id is `{service}_{service_id}` (a bare `N` reads as `twitter_N`),
+/// so a contact by its id, in the list and by its profile is one contact, and a write through
+/// either spelling shows in both.
 pub(crate) fn serve(
     sim: &Sim,
     account: u64,

@@ -1,38 +1,8 @@
 //! The simulated CX Social (Engagor) API behind `cxgate sim` and `cxgate demo`: the upstream
-//! of the demo, the tests and the benchmarks, following what the public clients of the real API show (README "The simulator").
-//!
-//! It is an independent peer: it imports nothing of the gateway, so the gateway's tests
-//! really test it against an outsider. Invariants: generated data is a pure function of the
-//! ids (same id, same body); writes are kept in memory and show in later reads; every
-//! answer is in the CX Social envelope (the token endpoint answers plain OAuth JSON); no lock
-//! is held across an await, so the fast path costs a few brief std Mutex sections.
-//!
-//! Control endpoints (never counted, faulted or limited):
-//! - `GET /_sim/stats`: `requests_total`, `by_route` (`"METHOD /raw/path"`), `by_token`,
-//!   `rate_limited` (429s answered, forced ones too), `unauthorized` (API 401s, forced ones
-//!   too), `token_refreshes`, `token_grants` (authorisation codes), `refresh_reuse_rejected`,
-//!   `faults_injected` (requests that got at least one fault), `writes` (accepted POSTs to
-//!   the API), `in_flight`, `max_in_flight`. `POST /_sim/stats/reset` zeroes them.
-//! - `GET|POST|DELETE /_sim/faults`: read, replace or clear the fault set. Every field is
-//!   optional; the body replaces the whole set:
-//!
-//! ```json
-//! {"latency_ms": 50, "jitter_ms": 20,
-//!  "error_rate": 0.1, "error_status": 503,
-//!  "drop_rate": 0.05, "slow_body_ms": 1000,
-//!  "force_429": {"count": 3, "retry_after": 2},
-//!  "force_401": {"count": 1},
-//!  "token_endpoint_down": true,
-//!  "path_prefix": "/12345/"}
-//! ```
-//!
-//! The flags' names and spellings work too: `{"latency": "500ms", "jitter": "20ms",
-//! "slow_body": "1s", "fault_path_prefix": "/12345/"}` is the same as `--latency 500ms
-//! --jitter 20ms --slow-body 1s --fault-path-prefix /12345/`.
-//!
-//! Latency, errors, drops and slow bodies hit every matching request, the token endpoint
-//! included; forced 429/401 hit API calls only (the next `count` of them).
-//! - `POST /_sim/revoke`: revokes every access token (refresh tokens stay usable).
+//! of the demo, the tests and the benchmarks, following what the public clients of the real
+//! API show. It imports nothing of the gateway, so the gateway's tests really test it against
+//! an independent outsider. README "The simulator" lists what it models and its control
+//! endpoints (`/_sim/stats`, `/_sim/faults`, `/_sim/revoke`).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
@@ -211,6 +181,11 @@ impl Default for SimOptions {
 }
 
 /// The shared state of one running simulator.
+///
+/// Invariants: generated data is a pure function of the ids (same id, same body); writes are
+/// kept in memory and show in later reads; every answer is in the CX Social envelope (the
+/// token endpoint answers plain OAuth JSON); no lock is held across an await, so the fast path
+/// costs a few brief std Mutex sections.
 pub(crate) struct Sim {
     tokens: oauth::Tokens,
     limiter: limit::Limiter,

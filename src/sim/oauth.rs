@@ -1,11 +1,7 @@
 //! OAuth 2.0 as CX Social does it: expiring access tokens, one-use authorisation codes and
-//! rotating one-use refresh tokens, plus the token endpoint that issues them.
-//!
-//! Invariants: every token belongs to a grant lineage (a seed token, or one authorisation
-//! code); a refresh keeps the lineage, so the rate limit follows the grant, not the token.
-//! A refresh token works once: its second use is refused with `invalid_grant`. A refresh does
-//! not revoke the previous access token; it lives until its own expiry. Revocation removes
-//! access tokens only. All state sits behind one std Mutex held briefly.
+//! rotating one-use refresh tokens, plus the token endpoint that issues them, so the
+//! gateway's refresh is tested against the rules that make it hard. [`Tokens`] holds the
+//! invariants.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -81,6 +77,13 @@ struct Inner {
     rng: fastrand::Rng,
 }
 
+/// Every token and code the simulator issued.
+///
+/// Invariants: every token belongs to a grant lineage (a seed token, or one authorisation
+/// code); a refresh keeps the lineage, so the rate limit follows the grant, not the token.
+/// A refresh token works once: its second use is refused with `invalid_grant`. A refresh does
+/// not revoke the previous access token; it lives until its own expiry. Revocation removes
+/// access tokens only. All state sits behind one std Mutex held briefly.
 pub(crate) struct Tokens {
     ttl: Duration,
     client_id: String,

@@ -1,10 +1,6 @@
 //! Accepting connections (HTTP/1.1 with keep-alive, and h2c) and stopping cleanly; the
-//! handle that tests and the demo hold on a running simulator.
-//!
-//! Invariants: one task per connection, all owned by the accept loop's `JoinSet`, so none
-//! outlives `shutdown`; shutdown stops accepting, asks every connection to finish (idle
-//! keep-alive ones close at once), waits at most `shutdown_grace`, then aborts the rest.
-//! Dropping the handle stops the simulator as well, so a failed test leaks nothing.
+//! handle that tests and the demo hold on a running simulator. No connection outlives the
+//! simulator, so a failed test leaks nothing ([`SimHandle`]).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -23,6 +19,11 @@ use super::faults::Faults;
 use super::{router, Sim, SimArgs, SimOptions};
 
 /// A running simulator.
+///
+/// Invariants: one task per connection, all owned by the accept loop's `JoinSet`, so none
+/// outlives [`SimHandle::shutdown`]; shutdown stops accepting, asks every connection to
+/// finish (idle keep-alive ones close at once), waits at most `shutdown_grace`, then aborts
+/// the rest. Dropping the handle stops the simulator as well.
 pub struct SimHandle {
     pub addr: SocketAddr,
     sim: Arc<Sim>,

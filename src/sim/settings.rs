@@ -1,12 +1,7 @@
 //! What clients change in an account beyond its messages: settings (teams, users, profile
 //! groups, business hours schedules), crisis plans, and the two logs those changes land in
-//! (`settings/history` and `security/audit`).
-//!
-//! Invariants: the generated lists of `data::settings` stay a pure function; a write is an
-//! overlay (changed items by id, deleted ids, created items in order) applied on every read,
-//! so a read after a write shows it and nothing else moves. Every settings write adds one
-//! `history_item` and one `settings_edited` audit event, as the real account logs do. All of
-//! it sits behind one std Mutex held briefly.
+//! (`settings/history` and `security/audit`), so the gateway's invalidation of them can be
+//! tested against reads that really change. [`Store`] holds the invariants.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -57,6 +52,13 @@ struct Inner {
     next_id: u64,
 }
 
+/// The settings writes of every account.
+///
+/// Invariants: the generated lists of `data::settings` stay a pure function; a write is an
+/// overlay (changed items by id, deleted ids, created items in order) applied on every read,
+/// so a read after a write shows it and nothing else moves. Every settings write adds one
+/// `history_item` and one `settings_edited` audit event, as the real account logs do. All of
+/// it sits behind one std Mutex held briefly.
 #[derive(Default)]
 pub(crate) struct Store {
     inner: Mutex<Inner>,

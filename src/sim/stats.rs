@@ -1,10 +1,6 @@
 //! Counters of what reached the simulator, read by tests and benchmarks as proof of what the
-//! gateway let through (`GET /_sim/stats`).
-//!
-//! Invariants: plain counters are atomics; the two keyed maps sit behind one std Mutex held
-//! only for a map update, never across an await. `in_flight` is a gauge maintained by the
-//! [`InFlight`] guard, so it stays right even when a connection dies mid-answer; a reset
-//! zeroes the counters but keeps the gauge and restarts `max_in_flight` from it.
+//! gateway let through (`GET /_sim/stats`). Counting must cost the traffic it counts next to
+//! nothing, so no counter waits on a lock held across an await ([`Stats`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +22,12 @@ pub(crate) enum Counter {
     Writes,
 }
 
+/// Everything `GET /_sim/stats` answers.
+///
+/// Invariants: plain counters are atomics; the two keyed maps sit behind one std Mutex held
+/// only for a map update, never across an await. `in_flight` is a gauge maintained by the
+/// [`InFlight`] guard, so it stays right even when a connection dies mid-answer; a reset
+/// zeroes the counters but keeps the gauge and restarts `max_in_flight` from it.
 #[derive(Default)]
 pub(crate) struct Stats {
     requests_total: AtomicU64,

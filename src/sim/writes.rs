@@ -1,10 +1,6 @@
 //! What clients wrote: mention updates, contact CRM changes, added messages and queued
 //! drafts, kept in memory so a later read shows the write (the gateway's invalidation is
-//! tested against this).
-//!
-//! Invariants: a stored write is an overlay on the generated body, applied on every read,
-//! so the generated data stays a pure function; everything sits behind one std Mutex held
-//! briefly, and the overlays are checked before they are stored, so reads never fail.
+//! tested against this). [`Writes`] holds the invariants.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,6 +26,11 @@ struct Inner {
     next_id: u64,
 }
 
+/// The writes of every account.
+///
+/// Invariants: a stored write is an overlay on the generated body, applied on every read,
+/// so the generated data stays a pure function; everything sits behind one std Mutex held
+/// briefly, and the overlays are checked before they are stored, so reads never fail.
 #[derive(Default)]
 pub(crate) struct Writes {
     inner: Mutex<Inner>,

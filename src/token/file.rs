@@ -1,12 +1,7 @@
 //! The token file: `{"access_token","refresh_token","expires_at","scope"}`, read at start and
-//! replaced atomically after every refresh.
-//!
-//! Refresh tokens rotate and work once, so the file is the only copy of the credential that
-//! survives a restart. The write sequence guarantees that a crash at any instant leaves
-//! either the whole old file or the whole new one: write a temp file in the same directory
-//! (same filesystem, so the rename is atomic), fsync it, rename it over the target, then
-//! fsync the directory so the rename itself is durable. The file is created with mode 0600.
-//! Each step runs through a hook so the tests can stop the sequence after any step.
+//! replaced atomically after every refresh. Refresh tokens rotate and work once, so the file
+//! is the only copy of the credential that survives a restart: a crash at any instant must
+//! leave the whole old file or the whole new one ([`persist`] says how).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -239,7 +234,13 @@ pub(crate) fn parse_time(text: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(text).ok()
 }
 
-/// Writes `record` to `path` atomically (see the module docs); returns the new stamp.
+/// Writes `record` to `path` atomically; returns the new stamp.
+///
+/// A crash at any instant leaves either the whole old file or the whole new one: write a
+/// temp file in the same directory (same filesystem, so the rename is atomic), fsync it,
+/// rename it over the target, then fsync the directory so the rename itself is durable.
+/// The file is created with mode 0600. Each step runs through a hook so the tests can stop
+/// the sequence after any step.
 pub(crate) async fn persist(path: &Path, record: &TokenRecord) -> Result<Stamp, TokenError> {
     let bytes = encode(record).map_err(|source| TokenError::Write {
         path: path.to_path_buf(),

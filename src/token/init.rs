@@ -1,10 +1,7 @@
-//! `cxgate token init`: write the token file a running gateway will load.
-//!
-//! Two ways in: the token values from the environment (for the "Authorise Myself" token
-//! of the developer portal, or tokens obtained elsewhere), or an authorisation code that is
-//! exchanged at the OAuth endpoint. Either way the file is written atomically with mode
-//! 0600, exactly as a refresh writes it, and a running gateway that needs
-//! re-authorisation picks the new file up by itself.
+//! `cxgate token init`: write the token file a running gateway will load, from the token
+//! values in the environment or from an authorisation code exchanged at the OAuth endpoint.
+//! Either way the file is written atomically with mode 0600, exactly as a refresh writes it,
+//! and a running gateway that needs re-authorisation picks the new file up by itself.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -24,7 +21,8 @@ pub const REFRESH_TOKEN_VAR: &str = "CX_REFRESH_TOKEN";
 pub const EXPIRES_IN_VAR: &str = "CX_EXPIRES_IN";
 
 /// Writes the token file from the values of `CX_ACCESS_TOKEN`, `CX_REFRESH_TOKEN` and
-/// `CX_EXPIRES_IN` that `env` holds.
+/// `CX_EXPIRES_IN` that `env` holds: for the "Authorise Myself" token of the developer
+/// portal, or tokens obtained elsewhere.
 pub async fn init_from_lookup(
     settings: &TokenSettings,
     env: Lookup<'_>,

@@ -1,12 +1,6 @@
 //! The token's two metrics: `cxgate_token_expiry_seconds` and
-//! `cxgate_token_refreshes_total{result}`.
-//!
-//! The expiry gauge is computed at scrape time by a custom collector, so it is exact
-//! without a timer task. It holds only a `Weak` link to the token state, so the registry
-//! does not keep a dropped manager alive. A token with no expiry (a static token, or a file
-//! without `expires_at`) exports `+Inf`: it never expires, and the series is there from the
-//! first scrape, so `cxgate_token_expiry_seconds < 300` stays false rather than absent.
-//! Neither metric ever carries token text.
+//! `cxgate_token_refreshes_total{result}`, so an alert can fire before the upstream token
+//! runs out. Neither metric ever carries token text.
 
 use std::sync::Weak;
 
@@ -50,6 +44,12 @@ impl<S: ExpirySource> Collector for ExpiryCollector<S> {
 }
 
 /// Registers both metrics on `registry`.
+///
+/// The expiry gauge is computed at scrape time by a custom collector, so it is exact
+/// without a timer task. It holds only a `Weak` link to the token state, so the registry
+/// does not keep a dropped manager alive. A token with no expiry (a static token, or a file
+/// without `expires_at`) exports `+Inf`: it never expires, and the series is there from the
+/// first scrape, so `cxgate_token_expiry_seconds < 300` stays false rather than absent.
 pub(crate) fn register<S: ExpirySource + 'static>(
     registry: &Registry,
     source: Weak<S>,

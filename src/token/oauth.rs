@@ -1,10 +1,7 @@
-//! Grant requests to the OAuth token endpoint (RFC 6749 sections 4.1.3 and 6).
-//!
-//! CX Social documents the parameters as GET query parameters; RFC 6749 says form POST.
-//! Both are built here from one parameter list. The answer may be plain RFC 6749 JSON or
-//! wrapped in the CX Social envelope (`{"meta":{..},"response":{..}}`), and errors may use
-//! RFC 6749's `error` or the envelope's `meta.error_type`: all four shapes are accepted.
-//! `invalid_grant` is its own error because it is the one a retry can never fix.
+//! Grant requests to the OAuth token endpoint (RFC 6749 sections 4.1.3 and 6). CX Social
+//! documents GET query parameters where RFC 6749 says form POST, and may answer in its own
+//! envelope or in plain RFC 6749 JSON, so this builds both request forms and reads every
+//! answer shape ([`build_request`], [`interpret`]).
 
 use std::time::Duration;
 
@@ -66,6 +63,8 @@ pub(crate) async fn exchange(
     interpret(status, &body)
 }
 
+/// The grant request, as GET query parameters or a form POST, from one parameter list: CX
+/// Social documents the parameters as GET query parameters; RFC 6749 says form POST.
 pub(crate) fn build_request(
     oauth: &OAuthSettings,
     client_secret: &Secret,
@@ -123,6 +122,11 @@ pub(crate) fn build_request(
 }
 
 /// Reads an answer of any accepted shape.
+///
+/// The answer may be plain RFC 6749 JSON or wrapped in the CX Social envelope
+/// (`{"meta":{..},"response":{..}}`), and errors may use RFC 6749's `error` or the
+/// envelope's `meta.error_type`: all four shapes are accepted. `invalid_grant` is its own
+/// error because it is the one a retry can never fix.
 pub(crate) fn interpret(status: StatusCode, body: &[u8]) -> Result<Granted, TokenError> {
     let value: Value = match serde_json::from_slice(body) {
         Ok(value) => value,

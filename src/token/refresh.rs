@@ -1,19 +1,6 @@
-//! The single-flight refresh and the background refresher.
-//!
-//! Invariants:
-//! - At most one refresh runs at a time. It runs in a spawned task that owns everything it
-//!   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
-//!   "the endpoint consumed the old refresh token" and "the new one is saved".
-//! - The new token is written to the token file before it is published in memory. A crash
-//!   leaves the whole old file or the whole new one; only a crash in the few milliseconds
-//!   between the endpoint's answer and the rename leaves the old, already spent refresh
-//!   token, which no client of a rotate-once endpoint can avoid.
-//! - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
-//!   with the refresh token the first one is spending.
-//!
-//! The state sits behind a std `Mutex`: every critical section is a few field reads or
-//! writes and none spans an `.await`. A poisoned lock is recovered because no section can
-//! leave the fields half-updated (they are assigned after all fallible work is done).
+//! The single-flight refresh and the background refresher. Refresh tokens rotate and work
+//! once, so one exchange at a time spends the refresh token, saves the answer to the token
+//! file, and only then publishes it; a caller that gives up cannot abort it halfway.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -71,6 +58,9 @@ impl ExpirySource for Inner {
 }
 
 impl Inner {
+    /// The state sits behind a std `Mutex`: every critical section is a few field reads or
+    /// writes and none spans an `.await`. A poisoned lock is recovered because no section can
+    /// leave the fields half-updated (they are assigned after all fallible work is done).
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -85,8 +75,17 @@ impl Inner {
         current_of(&state)
     }
 
-    /// Refreshes unless the token already moved past `seen`; see the module docs.
+    /// Refreshes unless the token already moved past `seen`.
     /// `force` skips the failure cooldown (the refresher keeps its own backoff).
+    ///
+    /// Invariants:
+    /// - At most one refresh runs at a time. It runs in a spawned task that owns everything it
+    ///   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
+    ///   "the endpoint consumed the old refresh token" and "the new one is saved".
+    /// - The new token is written to the token file before it is published in memory (see
+    ///   [`Inner::refresh_local`]).
+    /// - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
+    ///   with the refresh token the first one is spending.
     pub async fn refresh(self: &Arc<Self>, seen: u64, force: bool) -> Result<Current, TokenError> {
         let mut outcome = {
             let mut state = self.lock();
@@ -149,6 +148,10 @@ impl Inner {
     }
 
     /// One exchange: spend the refresh token, save the answer, then publish it.
+    ///
+    /// A crash leaves the whole old file or the whole new one; only a crash in the few
+    /// milliseconds between the endpoint's answer and the rename leaves the old, already
+    /// spent refresh token, which no client of a rotate-once endpoint can avoid.
     pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);

@@ -1,13 +1,6 @@
-//! `Secret`: the only type a token, refresh token or client secret ever lives in.
-//!
-//! Its `Debug` and `Display` print `[redacted]`, so a token cannot reach a log line, an error
-//! message or admin output by accident (`{:?}` on a struct holding one is safe). Reading the
-//! value takes a deliberate call to [`Secret::expose`], which is easy to find in review.
-//! There is no `Serialize`: the token file encodes an exposed copy explicitly.
-//!
-//! The text sits behind an `Arc<str>` so clones (one per proxied request) cost a reference
-//! count, not an allocation. Memory is not wiped on drop: doing that reliably needs either
-//! `unsafe` or another crate, and the process holds the live token in memory anyway.
+//! `Secret`: the only type a token, refresh token or client secret ever lives in, so a token
+//! cannot reach a log line, an error message or admin output by accident, and reading one is
+//! a deliberate call that is easy to find in review.
 
 use std::fmt;
 use std::sync::Arc;
@@ -16,6 +9,14 @@ use std::sync::Arc;
 pub const REDACTED: &str = "[redacted]";
 
 /// A secret string. Cheap to clone; never printed.
+///
+/// Its `Debug` and `Display` print `[redacted]` (`{:?}` on a struct holding one is safe).
+/// Reading the value takes a deliberate call to [`Secret::expose`]. There is no
+/// `Serialize`: the token file encodes an exposed copy explicitly.
+///
+/// The text sits behind an `Arc<str>` so clones (one per proxied request) cost a reference
+/// count, not an allocation. Memory is not wiped on drop: doing that reliably needs either
+/// `unsafe` or another crate, and the process holds the live token in memory anyway.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(Arc<str>);
 

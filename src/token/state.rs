@@ -1,10 +1,7 @@
 //! The token state every handle shares: the token, its generation and what is known about
-//! refreshing it.
-//!
-//! Expiry is kept twice: as wall-clock time for the file and status, and on tokio's clock for
-//! every decision, so tests can pause and advance time. The generation grows by one each
-//! time a new token is installed (refresh or re-read file); a 401 is reported against the
-//! generation that earned it, so stale reports never cause a second refresh.
+//! refreshing it. Decisions run on tokio's clock, so tests can pause and advance time, and a
+//! 401 is reported against the generation that earned it, so stale reports never cause a
+//! second refresh ([`State`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,12 +23,19 @@ pub(crate) enum Source {
     Env,
 }
 
+/// The token and what is known about refreshing it, behind the manager's lock.
+///
+/// Expiry is kept twice: as wall-clock time (`record.expires_at`) for the file and status,
+/// and on tokio's clock (`expires`) for every decision.
 pub(crate) struct State {
     pub record: TokenRecord,
     /// `record.expires_at` on tokio's clock, which the tests can pause and advance.
     pub expires: Option<Instant>,
     /// When this token was obtained (loaded or refreshed).
     pub obtained: Instant,
+    /// Grows by one each time a new token is installed (refresh or re-read file); a 401 is
+    /// reported against the generation that earned it, so stale reports never cause a
+    /// second refresh.
     pub generation: u64,
     /// The tokens just replaced: answers to requests sent with them may still arrive.
     pub previous: Vec<Secret>,

@@ -1,20 +1,20 @@
-//! Held tokens that in-place redaction cannot reach.
-//!
-//! Redaction replaces a token spelled with one layer of escapes (each character raw,
-//! percent-encoded or JSON-escaped, in any mix). A token under more layers (`\u0025` + hex,
-//! `%5Cu0052...`, `%252D`) or in a wide encoding (UTF-16 or UTF-32, by BOM or NUL bytes)
-//! cannot be replaced without rewriting the encoding around it, so such an answer is found
-//! here and refused: never passed on, never stored.
-//!
-//! The check decodes at most [`MAX_LAYERS`] layers, each one linear pass over the body,
-//! and stops as soon as a layer changes nothing (most bodies: one pass).
+//! Held tokens that in-place redaction cannot reach. A token under more layers of escapes
+//! than redaction reads, or in a wide encoding, cannot be replaced without rewriting the
+//! encoding around it, so such an answer is found here and refused: never passed on, never
+//! stored. [`hides_secret`] says which spellings count.
 
 use super::rewrite::carries_secret;
 
 /// Layers of escapes undone on top of the one that redaction already reads.
 const MAX_LAYERS: usize = 3;
 
-/// Whether `body` holds one of `secrets` in any layered decoding (see the module docs).
+/// Whether `body` holds one of `secrets` in any layered decoding.
+///
+/// Redaction replaces a token spelled with one layer of escapes (each character raw,
+/// percent-encoded or JSON-escaped, in any mix). This finds one under more layers
+/// (`\u0025` + hex, `%5Cu0052...`, `%252D`) or in a wide encoding (UTF-16 or UTF-32, by BOM
+/// or NUL bytes). It decodes at most `MAX_LAYERS` layers, each one linear pass over the body,
+/// and stops as soon as a layer changes nothing (most bodies: one pass).
 pub fn hides_secret(body: &[u8], secrets: &[&str]) -> bool {
     if secrets.is_empty() || body.is_empty() {
         return false;

@@ -1,10 +1,6 @@
-//! The pooled HTTP client to the CX Social API (and its OAuth endpoint).
-//!
-//! Keep-alive connections are pooled per host and reused, HTTP/1.1 or HTTP/2 as the
-//! server's ALPN says, over rustls with the ring provider. Roots are webpki's plus the
-//! system's, plus an optional `ca_file` for test upstreams. The gateway keeps one pool per
-//! thread ([`ThreadPools`]): client connections live on per-core runtimes, and a pooled
-//! upstream connection used from another runtime than its own costs a thread hop each way.
+//! The pooled HTTP client to the CX Social API (and its OAuth endpoint). Keep-alive
+//! connections are pooled per host and reused, over rustls, and the gateway keeps one pool
+//! per thread ([`ThreadPools`]), so requests reuse warm connections without a thread hop.
 
 pub mod hidden;
 pub mod rewrite;
@@ -49,6 +45,10 @@ pub enum ClientError {
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Builds the pooled client. `ca_file` adds trusted roots (PEM) to webpki's and the system's.
+///
+/// Keep-alive connections are pooled per host and reused, HTTP/1.1 or HTTP/2 as the
+/// server's ALPN says, over rustls with the ring provider; the optional `ca_file` is for
+/// test upstreams.
 pub fn build_client(
     ca_file: Option<&Path>,
     connect_timeout: Duration,
@@ -64,10 +64,12 @@ pub fn client_with(connector: Connector) -> HttpClient {
         .build(connector)
 }
 
-/// One upstream pool per thread that calls it. A pool's connections are served by tasks on
-/// the runtime that opened them, so a thread that uses its own pool never waits for another
-/// thread to be woken for its reads and writes (`benches/overhead.rs` measured ~100 us per
-/// uncached request with one pool shared by the per-core runtimes).
+/// One upstream pool per thread that calls it: client connections live on per-core runtimes,
+/// and a pooled upstream connection used from another runtime than its own costs a thread
+/// hop each way. A pool's connections are served by tasks on the runtime that opened them,
+/// so a thread that uses its own pool never waits for another thread to be woken for its
+/// reads and writes (`benches/overhead.rs` measured ~100 us per uncached request with one
+/// pool shared by the per-core runtimes).
 ///
 /// Each thread keeps its pools in a thread-local list, so a call takes no lock: it finds
 /// this gateway's pool among the (one or few) gateways that thread has served.

@@ -1,18 +1,7 @@
-//! Link rewriting and secret redaction of upstream answers.
-//!
-//! The upstream puts absolute links in its JSON (paging `next_url`/`prev_url`,
-//! `action_links`), sometimes with the caller's `access_token` in the query. Clients must
-//! follow them through the gateway and must never see the real token, so every link that
-//! starts with the upstream base is moved to the public base and loses its `access_token`
-//! parameter. PHP escapes slashes (`https:\/\/api.engagor.com\/...`), so both spellings are
-//! matched. As defence in depth, any remaining occurrence of a token (raw, JSON-escaped or
-//! percent-encoded) becomes `[redacted]`.
-//!
-//! This runs once per upstream answer (the cache stores the result), so it is a byte scan,
-//! not a JSON parse: a body with nothing to change costs a few `memchr`-style passes and no
-//! allocation. Output stays valid JSON: a link ends at the first byte that cannot be part
-//! of it inside a JSON string (a quote, whitespace, or a backslash other than `\/`), and
-//! only whole query parameters are removed, so no escape sequence is ever cut.
+//! Link rewriting and secret redaction of upstream answers. The upstream puts absolute links
+//! in its JSON, sometimes with the caller's `access_token` in the query; clients must follow
+//! them through the gateway and must never see the real token. It runs once per upstream
+//! answer (the cache stores the result), so it is a byte scan, not a JSON parse.
 
 use bytes::Bytes;
 
@@ -25,6 +14,10 @@ const MIN_SECRET_LEN: usize = 8;
 const BLOCK: usize = 64;
 
 /// Rewrites links from one upstream base to one public base.
+///
+/// Every link that starts with the upstream base (paging `next_url`/`prev_url`,
+/// `action_links`) is moved to the public base and loses its `access_token` parameter. PHP
+/// escapes slashes (`https:\/\/api.engagor.com\/...`), so both spellings are matched.
 #[derive(Debug, Clone)]
 pub struct Rewriter {
     upstream: Vec<u8>,
@@ -61,6 +54,13 @@ impl Rewriter {
     }
 
     /// Rewrites upstream links and redacts `secrets`; `None` when nothing changed.
+    ///
+    /// As defence in depth, any remaining occurrence of a token (raw, JSON-escaped or
+    /// percent-encoded) becomes `[redacted]`. A body with nothing to change costs a few
+    /// `memchr`-style passes and no allocation. Output stays valid JSON: a link ends at the
+    /// first byte that cannot be part of it inside a JSON string (a quote, whitespace, or a
+    /// backslash other than `\/`), and only whole query parameters are removed, so no escape
+    /// sequence is ever cut.
     pub fn rewrite_body(&self, body: &Bytes, secrets: &[&str]) -> Option<Bytes> {
         let linked = self.rewrite_links(body);
         let current: &[u8] = linked.as_deref().unwrap_or(body);
