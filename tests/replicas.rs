@@ -2663,3 +2663,131 @@ async fn redis_lost_while_waiting_for_a_fill_means_fetching_alone() {
     );
     c.stop().await;
 }
+
+/// Redis killed by its process id under load on three replicas with the shared cache tier,
+/// then started again on its port: no client sees an error, every replica shows the
+/// fallback (`cxgate_redis_up` 0, shared lookups counted as errors) and keeps answering from
+/// memory and the upstream, and within seconds of Redis returning a read filled through one
+/// replica is a shared hit on the next again. The load reads each new key on two replicas in
+/// turn, so it tells at every moment whether the shared tier is in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_tier_survives_redis_killed_under_load_and_returns() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(3, SimOptions::default()).await else {
+        return;
+    };
+    let c = Arc::new(tokio::sync::RwLock::new(c));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut load = tokio::task::JoinSet::new();
+    for sender in 0..3usize {
+        let (c, stop) = (c.clone(), stop.clone());
+        load.spawn(async move {
+            let mut statuses = std::collections::BTreeMap::new();
+            // When the second read of a new key, on the next replica, came from the tier.
+            let mut second_reads: Vec<(Duration, bool)> = Vec::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let fresh = format!("/12345/inbox/contact/killed{sender}/{i}");
+                let hot = format!("/12345/inbox/contact/hot/{}", i % 20);
+                let first = (sender + i as usize) % 3;
+                let second = (first + 1) % 3;
+                let c = c.read().await;
+                for (replica, path) in [(first, &fresh), (second, &fresh), (second, &hot)] {
+                    let a = c.get(replica, path).await;
+                    *statuses.entry(a.status.as_u16()).or_insert(0u64) += 1;
+                    if replica == second && path == &fresh {
+                        let shared = a.header("cache-status").contains("detail=shared");
+                        second_reads.push((t0.elapsed(), shared));
+                    }
+                }
+                drop(c);
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (statuses, second_reads)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let errors_before = futures_all(&*c.read().await, SHARED_ERRORS).await;
+    c.write().await.redis.stop();
+    let killed = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let down = futures_all(&*c.read().await, "cxgate_redis_up").await;
+    let errors_down = futures_all(&*c.read().await, SHARED_ERRORS).await;
+    c.write().await.redis.restart();
+    let restarted = t0.elapsed();
+    // Load on for a while after Redis is back, so the tier's return shows in the reads.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let up = futures_all(&*c.read().await, "cxgate_redis_up").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut second_reads = Vec::new();
+    while let Some(seen) = load.join_next().await {
+        let (s, r) = seen.expect("load task");
+        for (status, n) in s {
+            *statuses.entry(status).or_insert(0) += n;
+        }
+        second_reads.extend(r);
+    }
+    second_reads.sort_by_key(|(at, _)| *at);
+    let shared_before = second_reads.iter().filter(|(at, _)| *at < killed);
+    let back_at = second_reads
+        .iter()
+        .filter(|(at, shared)| *at > restarted && *shared)
+        .map(|(at, _)| *at - restarted)
+        .next();
+    let shared_last_second = second_reads
+        .iter()
+        .filter(|(at, _)| *at > restarted + Duration::from_secs(4))
+        .collect::<Vec<_>>();
+    println!(
+        "answers {statuses:?}; redis_up while down {down:?}, after {up:?}; shared-lookup \
+         errors {errors_before:?} -> {errors_down:?}; second reads {} before the kill, the \
+         tier back {back_at:?} after the restart",
+        shared_before.clone().count()
+    );
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![200],
+        "expected every read answered 200 across the outage, saw {statuses:?}"
+    );
+    assert!(
+        shared_before.clone().all(|(_, shared)| *shared),
+        "expected every second read a shared hit before the kill, saw {:?}",
+        shared_before.collect::<Vec<_>>()
+    );
+    assert!(
+        down.iter().all(|v| *v == Some(0.0)),
+        "expected cxgate_redis_up 0 on every replica while Redis is down, saw {down:?}"
+    );
+    assert!(
+        errors_down
+            .iter()
+            .zip(&errors_before)
+            .all(|(down, before)| down.unwrap_or(0.0) > before.unwrap_or(0.0)),
+        "expected shared lookups counted as errors on every replica while Redis is down, \
+         {errors_before:?} before, {errors_down:?} after"
+    );
+    assert!(
+        up.iter().all(|v| *v == Some(1.0)),
+        "expected cxgate_redis_up 1 on every replica within 5 s of Redis returning, saw {up:?}"
+    );
+    assert!(
+        back_at.is_some_and(|t| t < Duration::from_secs(4)),
+        "expected a second read to be a shared hit within 4 s of Redis returning, saw {back_at:?}"
+    );
+    assert!(
+        !shared_last_second.is_empty() && shared_last_second.iter().all(|(_, shared)| *shared),
+        "expected every second read a shared hit again from 4 s after the restart, saw \
+         {shared_last_second:?}"
+    );
+    let c = match Arc::try_unwrap(c) {
+        Ok(c) => c.into_inner(),
+        Err(_) => panic!("every load task has ended, so nothing else holds the cluster"),
+    };
+    c.stop().await;
+}
+
+/// Shared lookups Redis could not answer, on one replica.
+const SHARED_ERRORS: &str = "cxgate_cache_shared_lookups_total{result=\"error\"}";

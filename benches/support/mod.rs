@@ -7,4 +7,4 @@ pub use cxgate_testkit::gateway::*;
 pub use cxgate_testkit::http::*;
 pub use cxgate_testkit::load::*;
 pub use cxgate_testkit::upstream::*;
-pub use cxgate_testkit::{overload, redis as redis_server};
+pub use cxgate_testkit::{metrics, overload, redis as redis_server};

@@ -81,7 +81,8 @@ impl Slot {
 /// entry its place and never serves the wrong answer. Storing, invalidating and purging
 /// change the cache and the tag index under one lock and bump the invalidation epoch
 /// there, so an answer fetched before a write either lands before the write's invalidation
-/// (and is removed by it) or sees the bumped epoch and is not stored.
+/// (and is removed by it) or sees the bumped epoch and is not stored, unless every bump
+/// since named tags it does not carry (the invalidation would not have removed it either).
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -102,7 +103,8 @@ struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     /// Bumped by every invalidation and purge. A response fetched across a bump may predate
-    /// the write that caused it, so [`Store::insert`] refuses it (see [`Store::epoch`]).
+    /// the write that caused it, so [`Store::insert`] refuses it (see [`Store::epoch`])
+    /// unless the bumps since were all tag invalidations of other tags ([`Bumps`]).
     epoch: AtomicU64,
     /// With `cache.shared`: the tier in Redis behind this one (see [`Store::get_shared`]).
     shared: std::sync::OnceLock<SharedTier>,
@@ -131,10 +133,51 @@ impl Since {
     }
 }
 
-/// What the store's lock guards: the tag index and the queue of deadlines.
+/// What the store's lock guards: the tag index, the queue of deadlines and the last bumps.
 struct Locked {
     index: TagIndex,
     deadlines: Deadlines,
+    bumps: Bumps,
+}
+
+/// The epoch bumps kept to judge an answer fetched across them: with writes every second
+/// across a fleet, and fetches that wait for budget, most answers of a busy replica cross a
+/// bump that concerned another key; refusing them all threw the answer away (memory and the
+/// shared tier) and made the next read fetch it again.
+const BUMPS_KEPT: usize = 256;
+
+/// The last [`BUMPS_KEPT`] epoch bumps, oldest first: the epoch each made and the tag hashes
+/// it named, none for a purge (of a path, of changed routes, of all), which may remove any
+/// entry.
+#[derive(Default)]
+struct Bumps {
+    recent: std::collections::VecDeque<(u64, Box<[u32]>)>,
+}
+
+impl Bumps {
+    fn push(&mut self, epoch: u64, named: Box<[u32]>) {
+        if self.recent.len() == BUMPS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((epoch, named));
+    }
+
+    /// Whether an answer carrying `tags`, fetched at epoch `since`, may be stored at epoch
+    /// `now`: every bump between is still kept and was a tag invalidation naming none of
+    /// `tags`. (A 32-bit collision of tags refuses one answer too many, never one too few.)
+    fn spare(&self, since: u64, now: u64, tags: &[u32]) -> bool {
+        if since == now {
+            return true;
+        }
+        let mut next = since + 1;
+        for (epoch, named) in self.recent.iter().filter(|(e, _)| *e > since) {
+            if *epoch != next || named.is_empty() || named.iter().any(|t| tags.contains(t)) {
+                return false;
+            }
+            next += 1;
+        }
+        next == now + 1
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -181,6 +224,7 @@ impl Store {
                 tags: Mutex::new(Locked {
                     index: TagIndex::default(),
                     deadlines: Deadlines::new(Instant::now()),
+                    bumps: Bumps::default(),
                 }),
                 removed,
                 hasher: RandomState::new(),
@@ -438,9 +482,11 @@ impl Store {
         stored
     }
 
-    /// Called with the index locked, which orders it against every insert.
-    fn bump_epoch(&self) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+    /// Called with the index locked, which orders it against every insert; `named` holds the
+    /// tag hashes of a tag invalidation, none for a purge.
+    fn bump_epoch(&self, locked: &mut Locked, named: Box<[u32]>) {
+        let epoch = self.inner.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        locked.bumps.push(epoch, named);
     }
 
     /// [`Store::insert_since`] from now: for values that were not fetched across a write.
@@ -465,7 +511,7 @@ impl Store {
         value: CachedResponse,
         epoch: u64,
     ) -> bool {
-        if !value.freshness(Instant::now()).is_usable() || self.epoch() != epoch {
+        if !value.freshness(Instant::now()).is_usable() {
             return false;
         }
         let vary = match Vary::of(&value.headers) {
@@ -490,7 +536,7 @@ impl Store {
         }
 
         let mut locked = self.index();
-        if self.epoch() != epoch {
+        if !locked.bumps.spare(epoch, self.epoch(), &tags) {
             return false;
         }
         self.sweep_step(&mut locked, SWEEP_PER_INSERT);
@@ -529,8 +575,9 @@ impl Store {
     /// The effect is complete when the future is first polled; it never waits.
     pub async fn invalidate_tags(&self, tags: &[String]) -> u64 {
         let mut locked = self.index();
-        self.bump_epoch();
-        let keys = locked.index.revoke(tags.iter().map(|t| self.hash(t)));
+        let named: Box<[u32]> = tags.iter().map(|t| self.hash(t)).collect();
+        self.bump_epoch(&mut locked, named.clone());
+        let keys = locked.index.revoke(named.iter().copied());
         for key in &keys {
             self.inner.entries.invalidate(key);
         }
@@ -539,8 +586,8 @@ impl Store {
 
     /// Removes every entry of `path` (normalised): any query, any variant.
     pub async fn purge_path(&self, path: &str) -> u64 {
-        let _index = self.index();
-        self.bump_epoch();
+        let mut locked = self.index();
+        self.bump_epoch(&mut locked, Box::default());
         let path = normalize_path(path);
         let keys: Vec<Arc<u32>> = self
             .inner
@@ -563,8 +610,8 @@ impl Store {
     /// Removes every entry whose method and path (normalised, no query) `doomed` selects;
     /// returns how many responses were removed. Used when a reload changes a route's rules.
     pub async fn purge_where(&self, doomed: impl Fn(&str, &str) -> bool) -> u64 {
-        let _index = self.index();
-        self.bump_epoch();
+        let mut locked = self.index();
+        self.bump_epoch(&mut locked, Box::default());
         let keys: Vec<Arc<u32>> = self
             .inner
             .entries
@@ -589,8 +636,8 @@ impl Store {
 
     /// Removes every entry; returns how many responses were stored.
     pub async fn purge_all(&self) -> u64 {
-        let _index = self.index();
-        self.bump_epoch();
+        let mut locked = self.index();
+        self.bump_epoch(&mut locked, Box::default());
         let now = Instant::now();
         let count = self
             .inner

@@ -361,6 +361,59 @@ async fn an_answer_fetched_across_an_invalidation_is_not_stored() {
     assert_eq!(seen, None, "expected a miss, saw {seen:?}");
 }
 
+/// A write elsewhere (another contact, another account) while a read is in flight does not
+/// cost that read its answer: only an invalidation naming one of its tags, a purge, or more
+/// bumps than are kept keep it out.
+#[tokio::test(start_paused = true)]
+async fn an_answer_fetched_across_other_tags_invalidations_is_stored() {
+    let (store, _registry) = store();
+    let none = HeaderMap::new();
+    let epoch = store.epoch();
+    store.invalidate_tags(&["other".to_owned()]).await;
+    store
+        .invalidate_tags(&["more".to_owned(), "else".to_owned()])
+        .await;
+    let stored = store
+        .insert_since("GET /a".into(), &none, response("a", &["t"]), epoch)
+        .await;
+    assert!(
+        stored,
+        "expected an answer no invalidation concerned stored"
+    );
+    assert_eq!(
+        body(&store, "GET /a", &none).await.as_deref(),
+        Some(&b"a"[..])
+    );
+    // One of its tags among the bumps since: refused.
+    store.invalidate_tags(&["t2".to_owned()]).await;
+    let stored = store
+        .insert_since("GET /b".into(), &none, response("b", &["t", "t2"]), epoch)
+        .await;
+    assert!(
+        !stored,
+        "expected an answer fetched across its tag's invalidation refused"
+    );
+    // A purge of any path may remove anything: refused.
+    let epoch = store.epoch();
+    store.purge_path("/elsewhere").await;
+    let stored = store
+        .insert_since("GET /c".into(), &none, response("c", &["t"]), epoch)
+        .await;
+    assert!(!stored, "expected an answer fetched across a purge refused");
+    // More bumps than are kept: whether one named it is not known, so refused.
+    let epoch = store.epoch();
+    for i in 0..=BUMPS_KEPT {
+        store.invalidate_tags(&[format!("x{i}")]).await;
+    }
+    let stored = store
+        .insert_since("GET /d".into(), &none, response("d", &["t"]), epoch)
+        .await;
+    assert!(
+        !stored,
+        "expected an answer older than the kept bumps refused"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slot_under_another_keys_hash_is_never_served() {
     let (store, _registry) = store();

@@ -272,24 +272,8 @@ pub async fn overload_run(
     report.upstream_calls = stats["requests_total"].as_u64().unwrap_or(0);
     report.upstream_limit_answers = stats["rate_limited"].as_u64().unwrap_or(0);
     for g in &gateways {
-        let req = Request::builder()
-            .uri(format!("http://{}/metrics", g.admin_addr))
-            .body(Full::new(Bytes::new()))
-            .expect("request");
-        let text = match http.request(req).await {
-            Ok(resp) => resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let calls: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("cxgate_upstream_requests_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let text = crate::metrics::scrape(&http, &g.admin_addr.to_string()).await;
+        let calls = crate::metrics::sum(&text, "cxgate_upstream_requests_total");
         report.per_replica.push(calls as u64);
     }
     for g in gateways {
