@@ -5,13 +5,14 @@
 //! under. Once in one process, once with three replicas sharing a `redis-server` it starts
 //! on a free loopback port (skipped without one). Prints upstream limit answers, client
 //! 429s and upstream calls per replica; exits 1 if the upstream ever said its limit is
-//! reached. Run: `cargo bench --bench overload`.
+//! reached. Run: `cargo bench --bench overload`; `OVERLOAD_LIMIT`, `OVERLOAD_WINDOW_SECS`,
+//! `OVERLOAD_LATENCY_MS` and `OVERLOAD_JITTER_MS` set other simulator terms.
 
 mod support;
 
 use std::time::Duration;
 
-use support::overload::overload_run;
+use support::overload::{overload_run_with, Terms};
 use support::redis_server::RedisServer;
 
 fn main() {
@@ -20,13 +21,23 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let run = Duration::from_secs(secs);
+    let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    let mut terms = Terms::default();
+    if let Some(limit) = env("OVERLOAD_LIMIT") {
+        terms.limit = u32::try_from(limit).expect("OVERLOAD_LIMIT fits in u32");
+    }
+    if let Some(window) = env("OVERLOAD_WINDOW_SECS") {
+        terms.window = Duration::from_secs(window);
+    }
+    terms.latency_ms = env("OVERLOAD_LATENCY_MS").unwrap_or(terms.latency_ms);
+    terms.jitter_ms = env("OVERLOAD_JITTER_MS").unwrap_or(terms.jitter_ms);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     let mut failed = false;
-    let one = rt.block_on(overload_run(1, None, 20, run));
+    let one = rt.block_on(overload_run_with(1, None, 20, run, terms));
     one.print();
     for p in one.problems() {
         println!("  PROBLEM: {p}");
@@ -34,7 +45,7 @@ fn main() {
     }
     match RedisServer::start_or_skip("the three-replica overload run") {
         Some(redis) => {
-            let three = rt.block_on(overload_run(3, Some(&redis), 20, run));
+            let three = rt.block_on(overload_run_with(3, Some(&redis), 20, run, terms));
             three.print();
             for p in three.problems() {
                 println!("  PROBLEM: {p}");

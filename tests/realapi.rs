@@ -556,6 +556,47 @@ async fn overload_three_replicas_never_meet_the_upstreams_limit() {
     );
 }
 
+/// The outside tester's terms, scaled so several windows pass in a short run: 30 calls per
+/// 3 s window, a latency of 10 ms plus up to 250 ms of jitter (calls are counted and
+/// answered in another order than they were sent), 20 services at 10x, in one process or
+/// with replicas through one Redis.
+async fn jittered_overload(replicas: usize) {
+    let redis = match replicas {
+        1 => None,
+        _ => match RedisServer::start_or_skip("the jittered replica overload run") {
+            Some(redis) => Some(redis),
+            None => return,
+        },
+    };
+    let terms = common::overload::Terms {
+        limit: 30,
+        window: Duration::from_secs(3),
+        latency_ms: 10,
+        jitter_ms: 250,
+    };
+    let run = Duration::from_secs(10);
+    let report =
+        common::overload::overload_run_with(replicas, redis.as_ref(), 20, run, terms).await;
+    report.print();
+    let problems = report.problems();
+    assert!(problems.is_empty(), "{replicas} replicas: {problems:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_one_process_with_jitter_never_meets_the_upstreams_limit() {
+    jittered_overload(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_two_replicas_with_jitter_never_meet_the_upstreams_limit() {
+    jittered_overload(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_three_replicas_with_jitter_never_meet_the_upstreams_limit() {
+    jittered_overload(3).await;
+}
+
 /// With the budget shared through Redis, a replica only mirrors the shared state as of its
 /// own last admission. When the other replica has spent the rest, this one's refusal must
 /// still say what is really left for the client: nothing, in both the API's fields and the

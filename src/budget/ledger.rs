@@ -132,13 +132,6 @@ impl Ledger {
         }
     }
 
-    /// [`Ledger::new`] for a budget other replicas spend too.
-    pub(crate) fn shared(spec: BudgetSpec) -> Self {
-        let mut ledger = Ledger::new(spec);
-        ledger.upstream.set_shared();
-        ledger
-    }
-
     /// A new configuration that keeps what was spent: the global TAT, each surviving client's
     /// TAT, the upstream's pause and the refusal counts.
     pub(crate) fn reconfigure(&mut self, spec: BudgetSpec) {

@@ -113,6 +113,8 @@ enum Booked {
     Shared {
         own: Option<redis::Booked>,
         global: redis::Booked,
+        /// The one probe after a blind pause, which every replica's other calls wait for.
+        probe: bool,
     },
     /// Nothing to give back (the replay after a refused token).
     Nothing,
@@ -259,7 +261,7 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
-                ledger: Mutex::new(Ledger::shared(spec.clone())),
+                ledger: Mutex::new(Ledger::new(spec.clone())),
                 metrics: Metrics::register(registry)?,
                 shared: Some(redis::Shared::new(redis, replicas, spec)),
                 landed: tokio::sync::Notify::new(),
@@ -509,10 +511,10 @@ impl Budget {
                 self.ledger()
                     .give_back(client, own, Some(global), Some(ticket.seq));
             }
-            Booked::Shared { own, global } => {
+            Booked::Shared { own, global, probe } => {
                 self.ledger().upstream.give_back(ticket.seq);
                 if let Some(shared) = &self.inner.shared {
-                    shared.refund(client, own, global, ticket.cost);
+                    shared.refund(client, own, global, ticket.cost, probe);
                 }
             }
             Booked::Nothing => self.ledger().upstream.give_back(ticket.seq),
@@ -525,7 +527,8 @@ impl Budget {
     pub fn call_failed(&self, ticket: Ticket) {
         self.ledger().upstream.done(ticket.seq);
         self.inner.landed.notify_waiters();
-        self.share_call_failed(u64::from(ticket.cost.get()));
+        let probe = matches!(ticket.booked, Booked::Shared { probe: true, .. });
+        self.share_call_failed(u64::from(ticket.cost.get()), probe);
     }
 
     /// Ends an upstream pause now, here and (with Redis) on every replica. Returns whether

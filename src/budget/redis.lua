@@ -42,6 +42,14 @@ local function land(cost)
   if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
   return math.max(n, 0)
 end
+local function out()
+  return tonumber(redis.call('GET', KEYS[5])) or 0
+end
+-- The blind pause's probe: absent (none), 0 (due: the next call to go is the probe), or
+-- until when (µs) the probe taken is out, while every other call waits.
+local function probe_due(ttl_ms)
+  redis.call('SET', KEYS[9], '0', 'PX', math.max(ttl_ms, 0) + 3600000)
+end
 if mode == 'learning' then
   -- A replica that knows nothing of the upstream's count asks before it sends the call that
   -- would learn it: the count is known (1), this replica sends that call (0: the marker is
@@ -53,38 +61,73 @@ if mode == 'learning' then
   return {2, redis.call('PTTL', KEYS[7])}
 end
 if mode == 'seen' then
-  local inflight = land(tonumber(ARGV[2]))
+  land(tonumber(ARGV[2]))
   -- An answer ends any replica's learning call; one that is no limit answer teaches every
-  -- replica (even without a count: the shares pace then).
+  -- replica (even without a count: the shares pace then), with the limit and window it
+  -- showed, for a replica that has not seen them yet.
   redis.call('DEL', KEYS[7])
-  if tonumber(ARGV[6]) == 1 then redis.call('SET', KEYS[8], '1', 'PX', 3600000) end
+  local answered = tonumber(ARGV[6]) == 1
+  if answered then
+    local limit, window = tonumber(ARGV[8]) or 0, tonumber(ARGV[9]) or 0
+    if limit > 0 and window > 0 then
+      redis.call('SET', KEYS[8], limit .. ':' .. window, 'PX', 3600000)
+    elseif redis.call('EXISTS', KEYS[8]) == 0 then
+      redis.call('SET', KEYS[8], '1', 'PX', 3600000)
+    end
+  end
+  -- remaining: -1 when the answer had none; reset_ms: 0 when it named no reset, -1 when
+  -- the reset it named has passed (it was counted in a window already over).
   local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
-  if remaining < 0 then return {0} end
-  local left = math.max(remaining - inflight, 0)
+  -- A blind pause (a limit answer naming no time) ends in one probe across the replicas;
+  -- a refusal while one is due keeps it due; any other answer ends the probing.
+  if tonumber(ARGV[7]) == 1 then
+    probe_due(reset_ms)
+  elseif answered then
+    redis.call('DEL', KEYS[9])
+  elseif redis.call('EXISTS', KEYS[9]) == 1 then
+    probe_due(reset_ms)
+  end
+  if remaining < 0 or reset_ms < 0 then return {0} end
   -- The upstream itself said stop: the pause every replica obeys. A 0 reached only by
   -- calls still out is no pause (see the take below).
   if remaining == 0 and reset_ms > 0 then
     local untl = now + reset_ms * 1000
     if untl > load(KEYS[3]) then store(KEYS[3], untl) end
   end
+  -- KEYS[4] is the lowest Remaining reported in the upstream's window: calls are counted
+  -- in another order than they were sent and answered, so a higher report is older news.
+  -- What may go is that less every call out (KEYS[5]), those sent before the report too.
+  -- The key expires at the latest reset named for the window, never before.
   local cur = allowance()
   local ttl = redis.call('PTTL', KEYS[4])
-  if cur ~= nil and ttl > 0 and (reset_ms == 0 or math.abs(ttl - reset_ms) < 1500) then
-    -- Within a window a report only lowers the count, except a 0 our own calls reached:
-    -- once none is out, the upstream's word is the count again.
-    if left < cur or (cur < 1 and inflight == 0) then
-      redis.call('SET', KEYS[4], left, 'KEEPTTL')
+  if cur ~= nil and ttl > 0 then
+    if reset_ms == 0 or math.abs(ttl - reset_ms) < 1500 then
+      if remaining < cur then redis.call('SET', KEYS[4], remaining, 'KEEPTTL') end
+      if reset_ms > ttl then redis.call('PEXPIRE', KEYS[4], reset_ms) end
+      return {0}
     end
-  else
-    if reset_ms <= 0 then reset_ms = tonumber(ARGV[5]) end
-    redis.call('SET', KEYS[4], left, 'PX', reset_ms)
+    -- Counted in a window before the one in force: it says nothing of this one.
+    if reset_ms < ttl then return {0} end
   end
+  -- A window the replicas know nothing of yet: this report opens it.
+  if reset_ms == 0 then reset_ms = tonumber(ARGV[5]) end
+  redis.call('SET', KEYS[4], remaining, 'PX', reset_ms)
   return {0}
 end
 if mode == 'done' then
-  land(tonumber(ARGV[2]))
+  local cost = tonumber(ARGV[2])
+  land(cost)
   -- A call that failed teaches nothing: the next one learns, on whichever replica.
   redis.call('DEL', KEYS[7])
+  -- Sent (ARGV[3]), it may have been counted: it comes off the window's count.
+  local cur = allowance()
+  if tonumber(ARGV[3]) == 1 and cur ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
+    redis.call('SET', KEYS[4], math.max(cur - cost, 0), 'KEEPTTL')
+  end
+  -- The probe (ARGV[4]) ended unanswered: the next call is the probe.
+  if tonumber(ARGV[4]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
+    redis.call('SET', KEYS[9], '0', 'KEEPTTL')
+  end
   return {0}
 end
 -- The resume count; anything but a small whole number (a stray or tampered key) counts
@@ -101,8 +144,8 @@ if mode == 'resume' then
   local pause = tonumber(redis.call('GET', KEYS[3]))
   if pause ~= nil and pause > now then n = 1 end
   local allow = allowance()
-  if allow ~= nil and allow < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
-  redis.call('DEL', KEYS[3], KEYS[4])
+  if allow ~= nil and allow - out() < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[9])
   local e = resumes() + 1
   redis.call('SET', KEYS[6], string.format('%.0f', e))
   return {n, e}
@@ -122,9 +165,9 @@ if mode == 'peek' then
   if allow ~= nil then
     local ttl = redis.call('PTTL', KEYS[4])
     if ttl > 0 then
-      shown = math.max(math.floor(allow), 0)
-      local out = tonumber(redis.call('GET', KEYS[5])) or 0
-      if allow < 1 and out <= 0 then dry = math.min(ttl * 1000, longest) end
+      local o = out()
+      shown = math.max(math.floor(allow - o), 0)
+      if allow < 1 and o <= 0 then dry = math.min(ttl * 1000, longest) end
     end
   end
   return {left, dry, resumes(), shown}
@@ -137,12 +180,11 @@ if mode == 'return' or mode == 'refund' then
     end
   end
   if mode == 'refund' then
-    -- An admitted call that was not sent: it leaves the flight, and the allowance it was
-    -- counted against (while that window lasts) gets its cells back.
-    local cost = tonumber(ARGV[6])
-    land(cost)
-    if tonumber(redis.call('GET', KEYS[4])) ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
-      redis.call('INCRBY', KEYS[4], cost)
+    -- An admitted call that was not sent: it leaves the flight (what may go is the count
+    -- less the calls out), and if it was the probe, the next call is.
+    land(tonumber(ARGV[6]))
+    if tonumber(ARGV[7]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
+      redis.call('SET', KEYS[9], '0', 'KEEPTTL')
     end
   end
   return {0}
@@ -151,7 +193,7 @@ end
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
 -- not book the client), max wait, debt owed from a spell on the local fallback, and the
 -- longest pause a stored one may still have left (all in µs); then the upstream's learnt
--- limit (0: none) and window (ms).
+-- limit (0: none) and window (ms), and how long a probe may be out (µs).
 local cost = tonumber(ARGV[2])
 local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -169,22 +211,29 @@ if pause ~= nil and pause > now then
   return {3, pause - now}
 end
 
+local probe = tonumber(redis.call('GET', KEYS[9]))
+if probe ~= nil and probe > now then return {3, math.min(probe - now, 1000000)} end
+
 local allow = allowance()
 local limit, window_ms = tonumber(ARGV[10]) or 0, tonumber(ARGV[11]) or 0
+if limit == 0 then
+  -- Not learnt here yet: what another replica learnt.
+  local l, w = string.match(redis.call('GET', KEYS[8]) or '', '^(%d+):(%d+)$')
+  if l then limit, window_ms = tonumber(l), tonumber(w) end
+end
 if allow == nil and limit > 0 and window_ms > 0 then
   -- The count's window ended (its key expired at the reset): the new one holds the learnt
-  -- limit less the calls still out on every replica, never what the shares alone allow,
-  -- until a report of the new window replaces it.
-  local out = tonumber(redis.call('GET', KEYS[5])) or 0
-  allow = math.max(limit - out, 0)
+  -- limit (less the calls still out on every replica, as always), never what the shares
+  -- alone allow, until a report of the new window replaces it.
+  allow = limit
   redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
 end
-if allow ~= nil and allow < cost then
+local o = out()
+if allow ~= nil and allow - o < cost then
   local ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask
   -- again in a second rather than at the reset.
-  local out = tonumber(redis.call('GET', KEYS[5])) or 0
-  if ttl > 0 and out > 0 then return {3, math.min(ttl * 1000, 1000000)} end
+  if ttl > 0 and o > 0 then return {3, math.min(ttl * 1000, 1000000)} end
   if ttl > 0 then return {3, math.min(ttl * 1000, tonumber(ARGV[9]))} end
 end
 
@@ -207,7 +256,13 @@ if cu > 0 then
 end
 local g_after = math.max(g, now + gw) + cost * gi
 store(KEYS[1], g_after)
-if allow ~= nil then redis.call('DECRBY', KEYS[4], cost) end
 redis.call('INCRBY', KEYS[5], cost)
 redis.call('PEXPIRE', KEYS[5], 300000)
-return {0, gw, c, c_after, g, g_after, now}
+-- The probe due after a blind pause: this call is it, every other waits for its answer.
+local probing = 0
+if probe ~= nil then
+  local claim = tonumber(ARGV[12])
+  redis.call('SET', KEYS[9], string.format('%.0f', now + claim), 'PX', math.floor(claim / 1000) + 3600000)
+  probing = 1
+end
+return {0, gw, c, c_after, g, g_after, now, probing}

@@ -28,7 +28,8 @@ use crate::replicas::{Redis, Unavailable};
 /// the client's TAT, the pause deadline, the upstream's allowance (cells left, expiring at
 /// its reset), the cells in flight on all replicas, the resume count (one more each time an
 /// operator ends the pause, so every replica can tell its own copy of a pause was ended),
-/// the marker of a replica's learning call out, and the mark that some replica learnt.
+/// the marker of a replica's learning call out, the mark that some replica learnt (with
+/// the limit and window it learnt), and the blind pause's probe (due, or out until when).
 /// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
 /// the past.
 const LUA: &str = include_str!("redis.lua");
@@ -38,6 +39,10 @@ static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LUA));
 /// How long a replica's marker says its learning call is out, at most: past it (an answer
 /// lost, a replica gone) another replica may send one.
 const LEARNING_MARK: Duration = Duration::from_secs(5);
+
+/// How long the probe after a blind pause holds every replica's calls, at most: past it (an
+/// answer lost, a replica gone) the next call is the probe.
+const PROBE_MARK: Duration = Duration::from_secs(30);
 
 /// How often a replica waiting for another's learning call asks Redis again.
 const LEARNING_POLL: Duration = Duration::from_millis(25);
@@ -154,6 +159,7 @@ impl Shared {
             ask.longest_us.to_string(),
             ask.limit.to_string(),
             ask.window_ms.to_string(),
+            PROBE_MARK.as_micros().to_string(),
         ];
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
@@ -163,7 +169,7 @@ impl Shared {
         reply
     }
 
-    fn keys(&self, client: &str) -> [String; 8] {
+    fn keys(&self, client: &str) -> [String; 9] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
@@ -173,6 +179,7 @@ impl Shared {
             self.redis.key("budget:resumes"),
             self.redis.key("budget:learning"),
             self.redis.key("budget:learned"),
+            self.redis.key("budget:probe"),
         ]
     }
 
@@ -242,40 +249,43 @@ impl Shared {
     }
 
     /// Gives back what an admitted call of `cost` booked, as [`Shared::give_back`] does, and
-    /// takes the call out of the shared flight and the shared allowance: it was not sent.
+    /// takes the call out of the shared flight: it was not sent (if it was to be the probe
+    /// after a blind pause, the next call is).
     pub(super) fn refund(
         &self,
         client: &str,
         own: Option<Booked>,
         global: Booked,
         cost: NonZeroU32,
+        probe: bool,
     ) {
-        self.hand_back(client, own, Some(global), Some(cost));
+        self.hand_back(client, own, Some(global), Some((cost, probe)));
     }
 
-    /// `return` (or, with the call's `cost`, `refund`) in the background.
+    /// `return` (or, with the call's cost and whether it was the probe, `refund`) in the
+    /// background.
     fn hand_back(
         &self,
         client: &str,
         own: Option<Booked>,
         global: Option<Booked>,
-        cost: Option<NonZeroU32>,
+        refund: Option<(NonZeroU32, bool)>,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         // `return` takes the client's TAT first and the global one second.
-        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned] =
+        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned, probe] =
             self.keys(client);
         let keys = [
-            client_key, global_key, pause, left, in_flight, resumes, learning, learned,
+            client_key, global_key, pause, left, in_flight, resumes, learning, learned, probe,
         ];
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
-        let mode = if cost.is_some() { "refund" } else { "return" };
-        let cost = cost.map_or(0, NonZeroU32::get);
-        let args = [oa, ob, ga, gb, i64::from(cost)].map(|v| v.to_string());
+        let mode = if refund.is_some() { "refund" } else { "return" };
+        let (cost, probe) = refund.map_or((0, false), |(c, p)| (c.get(), p));
+        let args = [oa, ob, ga, gb, i64::from(cost), i64::from(probe)].map(|v| v.to_string());
         let redis = self.redis.clone();
         runtime.spawn(async move {
             let _ = run_script(&redis, &keys, mode, &args).await;
@@ -399,12 +409,14 @@ pub(super) struct Booked {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reply {
-    /// Both shares booked: go after `wait` µs.
+    /// Both shares booked: go after `wait` µs; `probe`: as the one probe after a blind
+    /// pause, which every replica's other calls wait for.
     Go {
         wait: u64,
         own: Option<Booked>,
         global: Booked,
         now: i64,
+        probe: bool,
     },
     /// Only the client's share booked: come back after `wait` µs for the global one.
     Queue {
@@ -434,6 +446,7 @@ impl Reply {
                 own: booked(2).filter(|b| b.after > 0),
                 global: booked(4)?,
                 now: at(6)?,
+                probe: at(7) == Some(1),
             },
             4 => Reply::Queue {
                 wait,
@@ -467,6 +480,8 @@ struct Hold<'a> {
     global: Option<Booked>,
     /// The call's sequence number in the local ledger's upstream flight, once spent there.
     spent: Option<u64>,
+    /// The shared budget made it the probe after a blind pause.
+    probe: bool,
 }
 
 impl Hold<'_> {
@@ -488,7 +503,9 @@ impl Drop for Hold<'_> {
             // Out of the shared flight if it was booked there, and either way no longer a
             // learning call the other replicas wait for.
             let booked = if self.global.is_some() { self.cost } else { 0 };
-            self.shared.tell("done", vec![booked.to_string()]);
+            let probe = u8::from(self.probe).to_string();
+            self.shared
+                .tell("done", vec![booked.to_string(), "0".into(), probe]);
         }
     }
 }
@@ -532,6 +549,7 @@ impl Budget {
             own: None,
             global: None,
             spent: None,
+            probe: false,
         };
         // The upstream's flight is taken here, under the lock that checks it, so no two
         // calls both go as the one sent to learn what the upstream has left.
@@ -632,7 +650,11 @@ impl Budget {
                 own,
                 global,
                 now,
-            } => (wait, own, global, now),
+                probe,
+            } => {
+                hold.probe = probe;
+                (wait, own, global, now)
+            }
             Reply::Refused { which, wait } => {
                 self.mirror_refusal(client, &ask, which, wait);
                 return Err(self.refuse_shared(client, which, wait.saturating_mul(1000)));
@@ -668,6 +690,7 @@ impl Budget {
         let booked = super::Booked::Shared {
             own: hold.own,
             global,
+            probe: hold.probe,
         };
         hold.keep();
         let waited = Duration::from_nanos(now.saturating_sub(arrived));
@@ -760,26 +783,37 @@ impl Budget {
             return;
         };
         let now = self.inner.clock.nanos();
-        let (remaining, reset_ms, blind_ms) = {
+        let wall = std::time::SystemTime::now();
+        let (remaining, reset_ms, blind_ms, blind, limit, window_ms) = {
             let ledger = self.ledger();
+            let up = &ledger.upstream;
             let remaining = header_u64(headers, "x-ratelimit-remaining");
             let remaining = if limited { Some(0) } else { remaining };
-            let reset_ms = headers
-                .contains_key("x-ratelimit-reset")
-                .then(|| ledger.upstream.reset(now))
-                .flatten()
-                .map_or(0, |r| (r - now).div_ceil(1_000_000));
-            let blind = ledger.upstream.blind().div_ceil(1_000_000);
+            // This answer's own reset, so a report of a window already over is told apart.
+            let reset_ms = match super::upstream::named_reset(headers, wall) {
+                None => 0,
+                Some(None) => -1,
+                Some(Some(d)) => {
+                    let d = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+                    i64::try_from(d.min(up.longest()).div_ceil(1_000_000)).unwrap_or(i64::MAX)
+                }
+            };
+            let blind_ms = up.blind().div_ceil(1_000_000);
+            // A limit answer that left this replica's probe due: a blind pause.
+            let blind = limited && up.probe_at(now).is_some();
+            let limit = up.limit().unwrap_or(0);
+            let window_ms = up.window_learnt().map_or(0, |w| w / 1_000_000);
             if remaining == Some(0) {
                 // "Stop" lasts exactly as long as the pause it started here (a Retry-After,
                 // else the reset, else the blind minute), never the assumed minute when the
                 // upstream named a shorter time; no pause here means the window is new.
-                let paused = ledger.upstream.paused_for(now);
+                let paused = up.paused_for(now);
                 let paused_ms = paused.map_or(0, |p| p.div_ceil(1_000_000));
                 let remaining = paused.map(|_| 0);
-                (remaining, paused_ms, blind)
+                let paused_ms = i64::try_from(paused_ms).unwrap_or(i64::MAX);
+                (remaining, paused_ms, blind_ms, blind, limit, window_ms)
             } else {
-                (remaining, reset_ms, blind)
+                (remaining, reset_ms, blind_ms, blind, limit, window_ms)
             }
         };
         let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
@@ -791,14 +825,19 @@ impl Budget {
                 reset_ms.to_string(),
                 blind_ms.to_string(),
                 u8::from(!limited).to_string(),
+                u8::from(blind).to_string(),
+                limit.to_string(),
+                window_ms.to_string(),
             ],
         );
     }
 
-    /// A call that ended without an answer leaves the shared flight.
-    pub(super) fn share_call_failed(&self, cost: u64) {
+    /// A call that ended without an answer leaves the shared flight, and the count (it may
+    /// have been counted); if it was the probe after a blind pause, the next call is.
+    pub(super) fn share_call_failed(&self, cost: u64, probe: bool) {
         if let Some(shared) = &self.inner.shared {
-            shared.tell("done", vec![cost.to_string()]);
+            let probe = u8::from(probe).to_string();
+            shared.tell("done", vec![cost.to_string(), "1".into(), probe]);
         }
     }
 
@@ -946,7 +985,8 @@ mod tests {
                     before: 10,
                     after: 20
                 },
-                now: 7
+                now: 7,
+                probe: false,
             }),
             "expected a go without an own booking"
         );
@@ -1173,6 +1213,146 @@ mod tests {
             on_b, 2,
             "expected b to get the limit of 5 less a's 3 calls out, not its own full 5"
         );
+    }
+
+    /// Replicas sharing one Redis (`prefix`), each with `spec`, counted as `replicas`.
+    async fn replicas(server: &Server, env: &str, spec: BudgetSpec, count: u32) -> Vec<Budget> {
+        std::env::set_var(env, server.url());
+        let prefix = format!("t{:08x}", fastrand::u32(..));
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let registry = prometheus::Registry::new();
+            let redis = Redis::connect(env, &prefix, &registry)
+                .await
+                .expect("redis handle");
+            out.push(Budget::new_shared(spec.clone(), &registry, redis, n(count)).expect("budget"));
+        }
+        out
+    }
+
+    /// Two and three replicas, 20 services calling as fast as they are let, an upstream of
+    /// 20 calls per 3 s window that counts and answers each call after up to 250 ms: over
+    /// several windows no call meets the upstream's limit, and the calls keep going.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_with_jittered_answers_never_meet_the_upstreams_limit() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        for count in [2, 3] {
+            let budgets = replicas(&server, "CXGATE_T_RB7", spec(40, 3000, 10, 500), count).await;
+            let upstream = std::sync::Arc::new(crate::budget::tests::Windowed::new(
+                20,
+                Duration::from_secs(3),
+                250,
+            ));
+            let admitted =
+                crate::budget::tests::drive(&budgets, &upstream, 20, Duration::from_secs(9)).await;
+            let over = upstream.over.load(Ordering::Relaxed);
+            assert_eq!(
+                over, 0,
+                "{count} replicas: expected no limit answer, saw {over} of {admitted} calls"
+            );
+            assert!(
+                admitted >= 20 * 3 * 6 / 10,
+                "{count} replicas: expected most of the 3 windows' 20 calls used, saw {admitted}"
+            );
+        }
+    }
+
+    /// A limit answer without a reset pauses every replica for the blind minute (here the
+    /// 2 s window the upstream showed); after it exactly one probe goes, on whichever
+    /// replica, and its answer renews the pause for all or lifts it for all.
+    #[tokio::test]
+    async fn after_a_blind_shared_pause_one_probe_goes_across_the_replicas() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let mut spec = spec(300, 2000, 30, 0);
+        spec.max_wait = Duration::from_millis(0);
+        let budgets = replicas(&server, "CXGATE_T_RB8", spec, 2).await;
+        let mut told = http::HeaderMap::new();
+        told.insert("x-ratelimit-limit", http::HeaderValue::from_static("50"));
+        told.insert(
+            "x-ratelimit-remaining",
+            http::HeaderValue::from_static("40"),
+        );
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("2"));
+        for b in &budgets {
+            b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+            let first = b.admit("other", n(1)).await.expect("a first call");
+            b.observe_answer(http::StatusCode::OK, &told, b"", first.ticket);
+        }
+        let limited = || {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-ratelimit-remaining", http::HeaderValue::from_static("0"));
+            h
+        };
+        let body: &[u8] = br#"{"error":"rate_limit_reached"}"#;
+        let call = budgets[0].admit("other", n(1)).await.expect("a call");
+        let said =
+            budgets[0].observe_answer(http::StatusCode::BAD_REQUEST, &limited(), body, call.ticket);
+        assert!(said, "expected the API's 400 read as the limit");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = budgets[1].admit("other", n(1)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(Rejected {
+                    budget: Which::Upstream,
+                    ..
+                })
+            ),
+            "expected the other replica paused too, saw {refused:?}"
+        );
+        for round in 0..2 {
+            tokio::time::sleep(Duration::from_millis(2300)).await;
+            // Everyone asks at once, three times on each replica.
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..6 {
+                let b = budgets[i % 2].clone();
+                set.spawn(async move { (i % 2, b.admit("other", n(1)).await) });
+            }
+            let mut probes = Vec::new();
+            while let Some(done) = set.join_next().await {
+                if let (i, Ok(admitted)) = done.expect("admission task") {
+                    probes.push((i, admitted));
+                }
+            }
+            assert_eq!(
+                probes.len(),
+                1,
+                "round {round}: expected exactly one probe across both replicas, saw {}",
+                probes.len()
+            );
+            let (i, probe) = probes.remove(0);
+            if round == 0 {
+                // Refused again: a fresh blind pause for both.
+                budgets[i].observe_answer(
+                    http::StatusCode::BAD_REQUEST,
+                    &limited(),
+                    body,
+                    probe.ticket,
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for (j, b) in budgets.iter().enumerate() {
+                    let refused = b.admit("other", n(1)).await;
+                    assert!(
+                        refused.is_err(),
+                        "replica {j}: expected the renewed pause, saw {refused:?}"
+                    );
+                }
+            } else {
+                budgets[i].observe_answer(http::StatusCode::OK, &told, b"", probe.ticket);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                for (j, b) in budgets.iter().enumerate() {
+                    let admitted = b.admit("other", n(1)).await;
+                    assert!(
+                        admitted.is_ok(),
+                        "replica {j}: expected the pause lifted, saw {admitted:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// A shared allowance that is no count (a stray or tampered key) is absent, never a

@@ -5,17 +5,23 @@
 //! API's 400 with `"error": "rate_limit_reached"`, or `X-RateLimit-Remaining: 0`. Each pauses
 //! all sending until `Retry-After` or `X-RateLimit-Reset`; with neither, until a minute has
 //! passed (never longer than the window), and then one probe goes alone: its answer lifts the
-//! pause or renews it. Every other `Remaining` becomes an allowance: that many cells until the
-//! reset, less the cells sent after the answered call and still unanswered (the upstream had
-//! not counted them yet), so the gateway never has more calls out than the upstream accepts.
+//! pause or renews it. Every other `Remaining` sets the window's count: never more calls
+//! out than the upstream's `Remaining` allows. Calls are counted upstream in another order
+//! than they were sent and answered, so the count is the lowest `Remaining` reported in the
+//! window, and what may go is that less every call still out, those sent before the report
+//! too (one already counted is subtracted twice only until it lands; as every call lands or
+//! fails, and every landing looks again, this never stalls).
 //! An allowance our own calls out have used up is no pause: the next call waits for one of
 //! them to land (within its `max_wait`), as only the upstream's word starts a pause.
 //! Until the first answer that is not a limit answer, nothing is known of what the upstream
 //! has left (another process may have spent it): one call goes alone and its answer decides,
 //! as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
-//! Invariants: every admitted call takes a sequence number, and the report of the latest-sent
-//! call answered so far is the allowance and the count shown (a report older than the newest
-//! read is ignored, so out-of-order answers never raise it, and a fresh one may); a report
+//! Invariants: every admitted call takes a sequence number; within a window a report only
+//! lowers the count, except one from a call sent while none other was out and answered
+//! before any later-sent call (it counts everything before it); a call that fails
+//! unanswered comes off the count (it may have been counted); the count shown is the
+//! latest-sent call's report; a window ends at the latest reset named for it, never
+//! before, and a report of an earlier window says nothing of the current one; a report
 //! only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
 //! except the probe's own answer; while the probe is out the others wait for it; no pause is
 //! longer than the upstream's window (the longest reset it has named). A reset passing does
@@ -47,9 +53,12 @@ const DELTA_RESET_BELOW: u64 = 1_000_000_000;
 /// at different moments, lands on slightly different instants of the budget clock.
 const SAME_WINDOW: u64 = 1_500_000_000;
 
+/// The upstream's count in one window: the lowest `Remaining` it reported for the window
+/// (less the calls that failed in it: they may have been counted), until `reset`. What may
+/// still go is that less every call out.
 #[derive(Debug, Clone, Copy)]
 struct Allowance {
-    left: u64,
+    low: u64,
     reset: u64,
 }
 
@@ -96,13 +105,11 @@ pub(crate) struct Upstream {
     newest: Option<u64>,
     /// The last window this side assumed when the allowance's reset passed.
     rolled: Option<Rolled>,
+    /// The last call sent while no other was out.
+    alone: Option<u64>,
     /// An answer other than a limit answer has been read: what the upstream has left is
     /// known (or it does not say, and the shares alone pace the calls).
     learned: bool,
-    /// Other processes spend the same upstream limit (replicas through Redis): a report
-    /// here does not count their calls, so within one window it may only lower the
-    /// allowance.
-    shared: bool,
     /// How many times the upstream itself said stop (429, or nothing remaining). Pauses that
     /// our own counting starts are not alarms: the requests counted in are already allowed.
     alarms: u64,
@@ -158,16 +165,23 @@ impl Upstream {
         nanos(BLIND_PAUSE).min(self.longest())
     }
 
-    /// Calls the upstream still allows before its reset, when it said fewer than we model.
+    /// Calls the upstream still allows before its reset: the lowest `Remaining` of the
+    /// window less every call out, those sent before the report too (the upstream may have
+    /// counted them after it).
     pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
-        self.current(now).map(|a| a.left)
+        self.current(now).map(|a| a.low.saturating_sub(self.out()))
     }
 
-    /// The allowance in force at `now`. Once its reset has passed, a new window is full:
-    /// the learnt `X-RateLimit-Limit`, less the calls still out (the upstream may count
-    /// them in the new window), until the window after, one learnt window later. Never
-    /// the shares alone, which may be set above the upstream's limit. Without a learnt
-    /// limit the shares pace the new window.
+    /// The cells of every call out.
+    fn out(&self) -> u64 {
+        self.flying.values().sum()
+    }
+
+    /// The count in force at `now`. Once its reset has passed, a new window is full: the
+    /// learnt `X-RateLimit-Limit` (less the calls still out, as always: the upstream may
+    /// count them in the new window), until the window after, one learnt window later.
+    /// Never the shares alone, which may be set above the upstream's limit. Without a
+    /// learnt limit the shares pace the new window.
     fn current(&self, now: u64) -> Option<Allowance> {
         let a = self.allowance?;
         if a.reset > now {
@@ -182,11 +196,7 @@ impl Upstream {
         .max(1);
         let windows = (now - a.reset) / window + 1;
         let reset = a.reset.saturating_add(windows.saturating_mul(window));
-        let out: u64 = self.flying.values().sum();
-        Some(Allowance {
-            left: limit.saturating_sub(out),
-            reset,
-        })
+        Some(Allowance { low: limit, reset })
     }
 
     /// Makes [`Upstream::current`] the allowance, remembering where an assumed window began.
@@ -227,11 +237,6 @@ impl Upstream {
         !self.learned || self.allowance(now).is_some_and(|left| left < cost)
     }
 
-    /// Other processes spend the same upstream limit: see `shared`.
-    pub(crate) fn set_shared(&mut self) {
-        self.shared = true;
-    }
-
     /// Whether an answer other than a limit answer has told what the upstream has left (or
     /// that it does not say).
     pub(crate) fn knows(&self) -> bool {
@@ -253,7 +258,8 @@ impl Upstream {
     /// Ends any pause now (`POST /admin/budget/resume`): the operator's word. The allowance
     /// goes too, as it would only start the same pause again.
     pub(crate) fn resume(&mut self) -> bool {
-        let was = self.pause_until.is_some() || self.allowance.is_some_and(|a| a.left == 0);
+        let out = self.out();
+        let was = self.pause_until.is_some() || self.allowance.is_some_and(|a| a.low <= out);
         self.pause_until = None;
         self.allowance = None;
         self.probe = Probe::None;
@@ -273,44 +279,45 @@ impl Upstream {
             // Only what the upstream said is left (no call of ours out) is too little: wait
             // for its reset. A count our own calls used up waits for their answers instead,
             // and with none out (they failed unanswered) one call goes to ask.
-            Some(a) if a.left < cost && a.left > 0 && self.flying.is_empty() => Some(a.reset - now),
+            Some(a) if a.low < cost && a.low > 0 && self.flying.is_empty() => Some(a.reset - now),
             _ => None,
         }
     }
 
-    /// Counts `cost` cells against the allowance; spending the last one starts no pause (the
-    /// upstream has not said stop), later calls wait for these to land. Returns the call's sequence number: its cells are in flight until [`Upstream::read`],
-    /// [`Upstream::done`] or [`Upstream::give_back`] names it.
+    /// Puts `cost` cells in flight, off the allowance until the call lands; spending the
+    /// last one starts no pause (the upstream has not said stop), later calls wait for these
+    /// to land. Returns the call's sequence number: its cells are in flight until
+    /// [`Upstream::read`], [`Upstream::done`] or [`Upstream::give_back`] names it.
     pub(crate) fn spend(&mut self, cost: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
+        if self.flying.is_empty() {
+            self.alone = Some(seq);
+        }
         self.flying.insert(seq, cost);
         if self.probe == Probe::Due && self.pause_until.is_none() {
             self.probe = Probe::Out(seq);
         }
-        if let Some(a) = self.allowance.as_mut() {
-            a.left = a.left.saturating_sub(cost);
-        }
         seq
     }
 
-    /// Returns the cells of call `seq`, which never went, while the allowance they came
-    /// from lasts.
+    /// Call `seq` never went: its cells leave the flight, back to the allowance.
     pub(crate) fn give_back(&mut self, seq: u64) {
+        if self.flying.remove(&seq).is_some() {
+            self.probe_ended(seq);
+        }
+    }
+
+    /// Call `seq` is over without an answer to read (failed or abandoned): it leaves the
+    /// flight, and the window's count loses its cells, as the upstream may have counted it.
+    pub(crate) fn done(&mut self, seq: u64) {
         let Some(cost) = self.flying.remove(&seq) else {
             return;
         };
         self.probe_ended(seq);
         if let Some(a) = self.allowance.as_mut() {
-            a.left = a.left.saturating_add(cost);
+            a.low = a.low.saturating_sub(cost);
         }
-    }
-
-    /// Call `seq` is over without an answer to read (failed or abandoned): it leaves the
-    /// flight.
-    pub(crate) fn done(&mut self, seq: u64) {
-        self.flying.remove(&seq);
-        self.probe_ended(seq);
     }
 
     /// Call `seq` left the flight unanswered: if it was the probe, the next call is.
@@ -349,6 +356,9 @@ impl Upstream {
         if let Some(seq) = sent {
             self.flying.remove(&seq);
         }
+        // Sent while no other call was out: every call before it had landed, so its report
+        // counts them all. (An answer to no admitted call was sent at no known time.)
+        let alone = sent.is_some_and(|seq| self.alone == Some(seq));
         let sent = sent.unwrap_or(self.next_seq);
         // Only a report at least as fresh as the newest read may be shown or followed.
         let fresh = self.newest.is_none_or(|newest| sent >= newest);
@@ -435,16 +445,9 @@ impl Upstream {
             self.probe = Probe::None;
             self.pause_until = None;
         }
-        let Some(remaining) = remaining.filter(|_| fresh) else {
+        let Some(remaining) = remaining else {
             return;
         };
-        // Calls sent after this one and not answered yet: the upstream had not counted them.
-        let after: u64 = self
-            .flying
-            .range(sent.saturating_add(1)..)
-            .map(|(_, c)| c)
-            .sum();
-        let left = remaining.saturating_sub(after);
         let live = self.current(now);
         let reset = match (reset, live) {
             (Some(reset), _) => reset,
@@ -453,12 +456,35 @@ impl Upstream {
             (None, Some(a)) => a.reset,
             (None, None) => at(now, BLIND_PAUSE, longest),
         };
-        let left = match live {
-            Some(a) if self.shared && a.reset.abs_diff(reset) < SAME_WINDOW => a.left.min(left),
-            _ => left,
+        // Within a window the count is the lowest report: calls are counted in another
+        // order than they were sent and answered, so a higher one is older news. The
+        // window ends at the latest reset named for it (a whole-second `Reset` read at
+        // different moments names it a little differently), never before.
+        let allowance = match live {
+            Some(a) if a.reset.abs_diff(reset) < SAME_WINDOW => {
+                // A call sent alone and answered before any later one knows the count.
+                let low = if alone && fresh {
+                    remaining
+                } else {
+                    a.low.min(remaining)
+                };
+                Allowance {
+                    low,
+                    reset: a.reset.max(reset),
+                }
+            }
+            // Counted in a window before the one in force: it says nothing of this one.
+            Some(a) if reset < a.reset => return,
+            // A window we know nothing of yet (or none): a report older than the newest
+            // read may not open it.
+            _ if !fresh => return,
+            _ => Allowance {
+                low: remaining,
+                reset,
+            },
         };
-        // A `left` of 0 here is our own calls out, not the upstream's word: no pause.
-        self.allowance = Some(Allowance { left, reset });
+        // What the calls out leave is not the upstream's word: no pause.
+        self.allowance = Some(allowance);
     }
 
     fn alarm(&mut self, until: u64) {
@@ -486,6 +512,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     header_str(headers, name)?.parse().ok()
+}
+
+/// The `X-RateLimit-Reset` an answer names, as the time from `wall` until it (`None` inside:
+/// it has passed); `None` when it names none.
+pub(crate) fn named_reset(headers: &HeaderMap, wall: SystemTime) -> Option<Option<Duration>> {
+    let value: u64 = header_str(headers, "x-ratelimit-reset")?.parse().ok()?;
+    Some(until_reset(value, wall).filter(|d| !d.is_zero()))
 }
 
 /// Time from `wall` until a `Reset` value; `None` when it lies in the past.
@@ -722,17 +755,17 @@ mod tests {
         up.read(false, &h, Some(c), 0, wall());
         assert_eq!(
             up.allowance(0),
-            Some(2),
-            "expected the latest-sent call's report"
+            Some(0),
+            "expected the latest-sent call's 2 less a and b, still out (maybe not counted)"
         );
         // The answer to `a`, sent before `c`, arrives late: it was counted before `b` and
-        // `c` were, so applied it would say 4 - 1 (b still out) = 3, one more than is left.
+        // `c` were, so its 4 is older news than c's 2.
         let older = headers(&[("x-ratelimit-remaining", "4".into()), reset_in(60)]);
         up.read(false, &older, Some(a), 0, wall());
         assert_eq!(
             up.allowance(0),
-            Some(2),
-            "expected the report of an earlier-sent call ignored"
+            Some(1),
+            "expected the lowest report, 2, less b still out: never the earlier-sent 4"
         );
         assert_eq!(
             up.reported(),
@@ -1003,19 +1036,28 @@ mod tests {
         up.read(false, &h(0, 0), Some(late[0]), now, wall());
         assert_eq!(
             (up.paused_for(now), up.allowance(now)),
-            (None, Some(0)),
-            "expected the old window's 0 neither a pause nor a count of this one"
+            (None, Some(1)),
+            "expected the old window's 0 neither a pause nor a count of this one, and the \
+             call it answered no longer out"
         );
         up.read(false, &h(3, 10), Some(fresh[6]), now, wall());
         assert_eq!(
             up.allowance(now),
-            Some(3),
-            "expected this window's report from its latest-sent call"
+            Some(0),
+            "expected this window's 3 less the 8 calls still out"
         );
         assert_eq!(
             up.allowance(25 * SEC),
             Some(2),
             "expected the next window to hold the limit less the 8 calls still out"
+        );
+        for seq in fresh[..6].iter().chain(&late[1..]) {
+            up.read(false, &h(3, 10), Some(*seq), now, wall());
+        }
+        assert_eq!(
+            up.allowance(now),
+            Some(3),
+            "expected this window's 3 once every call out has landed"
         );
     }
 
@@ -1166,6 +1208,91 @@ mod tests {
             up.waits_for_landing(1, 0),
             "expected a failed call to teach nothing"
         );
+    }
+
+    #[test]
+    fn a_call_counted_before_an_earlier_sent_one_never_lets_more_out_than_remain() {
+        let h = |left: u64| headers(&[("x-ratelimit-remaining", left.to_string()), reset_in(60)]);
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        up.read(false, &h(10), Some(first), 0, wall());
+        // The upstream counts b before a (9 left) and answers it while a is still out.
+        let (a, b) = (up.spend(1), up.spend(1));
+        up.read(false, &h(9), Some(b), 0, wall());
+        assert_eq!(
+            up.allowance(0),
+            Some(8),
+            "expected a, sent earlier but still out, off the 9 b left"
+        );
+        up.read(false, &h(8), Some(a), 0, wall());
+        assert_eq!(up.allowance(0), Some(8), "expected a's own count");
+
+        // Counted in the other order (b last, 8 left), b's answer lands last.
+        let mut up = Upstream::default();
+        let first = up.spend(1);
+        up.read(false, &h(10), Some(first), 0, wall());
+        let (a, b) = (up.spend(1), up.spend(1));
+        up.read(false, &h(9), Some(a), 0, wall());
+        up.read(false, &h(8), Some(b), 0, wall());
+        up.read(false, &h(9), None, 0, wall());
+        assert_eq!(
+            up.allowance(0),
+            Some(8),
+            "expected no report to raise the count above the lowest one of the window"
+        );
+    }
+
+    /// An upstream that counts each call some time after it is sent and answers some time
+    /// after that, in any order: no call ever goes past its limit, and none stalls (every
+    /// call it allows is sent, and once all have landed the count is the upstream's own).
+    #[test]
+    fn jittered_counting_and_answers_never_pass_the_limit_nor_stall() {
+        for seed in 0..300 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let limit = rng.u64(3..40);
+            let h = |left: u64| {
+                headers(&[
+                    ("x-ratelimit-limit", limit.to_string()),
+                    ("x-ratelimit-remaining", left.to_string()),
+                    reset_in(3600),
+                ])
+            };
+            let mut up = Upstream::default();
+            let (mut used, mut over) = (0, 0);
+            let (mut sent, mut counted): (Vec<u64>, Vec<(u64, u64)>) = (Vec::new(), Vec::new());
+            for _ in 0..10_000 {
+                match rng.u8(..3) {
+                    0 if up.blocked(1, 0).is_none() && !up.waits_for_landing(1, 0) => {
+                        sent.push(up.spend(1));
+                    }
+                    1 if !sent.is_empty() => {
+                        let seq = sent.swap_remove(rng.usize(..sent.len()));
+                        if used < limit {
+                            used += 1;
+                            counted.push((seq, limit - used));
+                        } else {
+                            over += 1;
+                            up.read(true, &h(0), Some(seq), 0, wall());
+                        }
+                    }
+                    2 if !counted.is_empty() => {
+                        let (seq, left) = counted.swap_remove(rng.usize(..counted.len()));
+                        up.read(false, &h(left), Some(seq), 0, wall());
+                    }
+                    _ => {}
+                }
+            }
+            assert_eq!(over, 0, "seed {seed}: expected no call past the limit");
+            assert!(
+                sent.is_empty() && counted.is_empty(),
+                "seed {seed}: expected every call landed"
+            );
+            assert_eq!(
+                (used, up.paused_for(0).is_some()),
+                (limit, true),
+                "seed {seed}: expected the whole limit used, then the upstream's 0 obeyed"
+            );
+        }
     }
 
     #[test]

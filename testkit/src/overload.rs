@@ -24,9 +24,31 @@ use cxgate::sim::SimOptions;
 pub const UPSTREAM_LIMIT: u32 = 60;
 pub const WINDOW: Duration = Duration::from_secs(6);
 
+/// The simulator's terms for one run: its limit per fixed window (whole seconds) and the
+/// latency (plus a random jitter up to `jitter_ms`) before it counts and answers each call.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    pub limit: u32,
+    pub window: Duration,
+    pub latency_ms: u64,
+    pub jitter_ms: u64,
+}
+
+impl Default for Terms {
+    fn default() -> Terms {
+        Terms {
+            limit: UPSTREAM_LIMIT,
+            window: WINDOW,
+            latency_ms: 20,
+            jitter_ms: 30,
+        }
+    }
+}
+
 /// What one overload run shows.
 #[derive(Debug)]
 pub struct OverloadReport {
+    pub terms: Terms,
     pub replicas: usize,
     pub services: usize,
     pub elapsed: Duration,
@@ -50,23 +72,25 @@ pub struct OverloadReport {
 impl OverloadReport {
     /// What the upstream allows over the run: its limit in every window begun.
     pub fn allowance(&self) -> u64 {
-        let windows = self.elapsed.as_secs_f64() / WINDOW.as_secs_f64();
-        u64::from(UPSTREAM_LIMIT) * (windows.ceil() as u64 + 1)
+        let windows = self.elapsed.as_secs_f64() / self.terms.window.as_secs_f64();
+        u64::from(self.terms.limit) * (windows.ceil() as u64 + 1)
     }
 
     pub fn print(&self) {
         let secs = self.elapsed.as_secs_f64();
+        let Terms { limit, window, .. } = self.terms;
+        let rate = f64::from(limit) / window.as_secs_f64();
         println!(
-            "overload run: {} replica(s), {} services, upstream {UPSTREAM_LIMIT}/{:?} (fixed \
-             windows, 400 rate_limit_reached over it), gateway budget 2x that",
-            self.replicas, self.services, WINDOW
+            "overload run: {} replica(s), {} services, upstream {limit}/{window:?} (fixed \
+             windows, 400 rate_limit_reached over it, latency {} ms + up to {} ms), gateway \
+             budget 2x that",
+            self.replicas, self.services, self.terms.latency_ms, self.terms.jitter_ms
         );
         println!(
-            "  elapsed {secs:.1} s, sent {} ({:.1}/s offered = {:.1}x the upstream's {:.1}/s)",
+            "  elapsed {secs:.1} s, sent {} ({:.1}/s offered = {:.1}x the upstream's {rate:.1}/s)",
             self.sent,
             self.sent as f64 / secs,
-            self.sent as f64 / secs / (f64::from(UPSTREAM_LIMIT) / WINDOW.as_secs_f64()),
-            f64::from(UPSTREAM_LIMIT) / WINDOW.as_secs_f64()
+            self.sent as f64 / secs / rate,
         );
         println!(
             "  upstream calls {} (allowance {}), upstream limit answers {}",
@@ -122,11 +146,22 @@ pub async fn overload_run(
     services: usize,
     run: Duration,
 ) -> OverloadReport {
+    overload_run_with(replicas, redis, services, run, Terms::default()).await
+}
+
+/// [`overload_run`] against a simulator on other `terms`.
+pub async fn overload_run_with(
+    replicas: usize,
+    redis: Option<&RedisServer>,
+    services: usize,
+    run: Duration,
+    terms: Terms,
+) -> OverloadReport {
     let _ = rustls::crypto::ring::default_provider().install_default();
     std::env::set_var(SECRET_ENV, CLIENT_SECRET);
     let sim = spawn_sim(SimOptions {
         rate_limit: Some(
-            format!("{UPSTREAM_LIMIT}/{}s", WINDOW.as_secs())
+            format!("{}/{}s", terms.limit, terms.window.as_secs())
                 .parse()
                 .expect("valid rate limit"),
         ),
@@ -134,8 +169,8 @@ pub async fn overload_run(
         refresh_tokens: vec![REFRESH.to_string()],
         client_secret: CLIENT_SECRET.to_string(),
         faults: cxgate::sim::Faults {
-            latency_ms: 20,
-            jitter_ms: 30,
+            latency_ms: terms.latency_ms,
+            jitter_ms: terms.jitter_ms,
             ..cxgate::sim::Faults::default()
         },
         ..SimOptions::default()
@@ -175,8 +210,8 @@ pub async fn overload_run(
              [budget]\nlimit = {}\nperiod = \"{}s\"\nburst = 10\nmax_wait = \"500ms\"\n{backend}\n\
              {clients}\n{ROUTES}\n",
             token_file.display(),
-            2 * UPSTREAM_LIMIT,
-            WINDOW.as_secs(),
+            2 * terms.limit,
+            terms.window.as_secs(),
         );
         let path = dir.join("cxgate.toml");
         std::fs::write(&path, &text).expect("write config");
@@ -191,7 +226,7 @@ pub async fn overload_run(
     }
     let addrs: Arc<Vec<_>> = Arc::new(gateways.iter().map(|g| g.addr).collect());
     let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let offered = 10.0 * f64::from(UPSTREAM_LIMIT) / WINDOW.as_secs_f64();
+    let offered = 10.0 * f64::from(terms.limit) / terms.window.as_secs_f64();
     let tick = Duration::from_secs_f64(services as f64 / offered);
     let ticks = (run.as_secs_f64() / tick.as_secs_f64()) as u64;
     let started = tokio::time::Instant::now();
@@ -238,6 +273,7 @@ pub async fn overload_run(
         });
     }
     let mut report = OverloadReport {
+        terms,
         replicas,
         services,
         elapsed: Duration::ZERO,

@@ -330,3 +330,29 @@ async fn a_new_window_admits_no_more_than_the_learnt_limit() {
          whatever the shares allow"
     );
 }
+
+/// 20 services against an upstream allowing 30 calls in each 10 s window, counting and
+/// answering every call after a random delay of up to 300 ms: for two simulated minutes
+/// no call meets its limit, and the calls keep going (most of what it allows is used).
+#[tokio::test(start_paused = true)]
+async fn jittered_answers_never_meet_the_upstreams_limit() {
+    let b = Budget::new(spec(share(60, 10_000, 10), 500, vec![]), &Registry::new())
+        .expect("a fresh registry takes the metrics");
+    let upstream = std::sync::Arc::new(Windowed::new(30, Duration::from_secs(10), 300));
+    let admitted = drive(
+        std::slice::from_ref(&b),
+        &upstream,
+        20,
+        Duration::from_secs(120),
+    )
+    .await;
+    let over = upstream.over.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        over, 0,
+        "expected no limit answer, saw {over} of {admitted} calls"
+    );
+    assert!(
+        admitted >= 30 * 12 * 8 / 10,
+        "expected most of the 12 windows' 30 calls used, saw {admitted}"
+    );
+}
