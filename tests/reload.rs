@@ -203,8 +203,11 @@ async fn admin_reload_removes_a_client_and_tightens_the_budget() {
     env.stop().await;
 }
 
-#[tokio::test]
+// Paused: the reload happens inside the slow request's 1.2 s however long it takes the
+// machine, so "still in flight when the reload had finished" is the gateway's doing.
+#[tokio::test(start_paused = true)]
 async fn a_request_in_flight_finishes_on_the_old_configuration() {
+    use tokio::time::Instant;
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(Faults {
         latency_ms: 1200,
