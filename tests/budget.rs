@@ -252,7 +252,7 @@ async fn concurrent_misses_beyond_the_budget_get_429_and_never_reach_the_upstrea
 }
 
 // 3. Equal shares under overload get equal parts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn two_equal_shares_under_overload_split_the_admitted_calls() {
     let clients = [
         client_toml("a", "key-a", "limit = 10\nperiod = \"1s\"\nburst = 2"),
@@ -376,7 +376,7 @@ async fn a_batch_client_cannot_take_the_interactive_reserve() {
 }
 
 // 5. Queued requests go at the budget's pace, in arrival order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn queued_requests_are_paced_at_the_budget_rate_in_arrival_order() {
     let budget = "[budget]\nlimit = 10\nperiod = \"1s\"\nburst = 1\nmax_wait = \"2s\"\n";
     let env = Arc::new(common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await);
@@ -406,6 +406,8 @@ async fn queued_requests_are_paced_at_the_budget_rate_in_arrival_order() {
     let seen = env.upstream_total() - before;
     assert_eq!(seen, 6, "expected 6 upstream calls, saw {seen}");
     done.sort_by_key(|(_, _, at)| *at);
+    // On the paused clock the answers leave on the budget's cells (one every 100 ms), so
+    // the spread is the pacing alone, not how busy the machine is.
     let spread = done[5].2 - done[0].2;
     assert!(
         spread >= Duration::from_millis(450) && spread <= Duration::from_millis(1500),
@@ -461,7 +463,7 @@ ttl = "5m"
 "#;
 
 // 7. The upstream's 429 pauses all upstream traffic.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_upstream_429_pauses_all_upstream_traffic_until_its_retry_after() {
     let env = common::start(
         SimOptions::default(),
@@ -535,7 +537,7 @@ async fn an_upstream_429_pauses_all_upstream_traffic_until_its_retry_after() {
 }
 
 // 8. The upstream's own counter running out pauses the gateway until the reset.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn upstream_remaining_zero_stops_sending_until_the_reset() {
     let sim = SimOptions {
         rate_limit: Some("3/2s".parse().expect("valid rate limit")),
@@ -595,7 +597,7 @@ async fn upstream_remaining_zero_stops_sending_until_the_reset() {
 }
 
 // 9. The budget's metrics.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn budget_metrics_move() {
     let sim = SimOptions {
         rate_limit: Some("50/1m".parse().expect("valid rate limit")),
@@ -721,7 +723,7 @@ async fn load_run() {
 }
 
 // A merged request keeps its own budget terms.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_leader() {
     let clients = format!(
         "{}{}",
@@ -792,7 +794,7 @@ async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_lea
 
 // A merged follower's deadline counts from its arrival: after giving up on a queued
 // leader it does not start its own max_wait over for its own budget.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
     let clients = format!(
         "{}{}",
@@ -856,7 +858,7 @@ async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
 
 // A read queued for budget takes the answer of another client's identical call, one whose
 // terms let it go at once, and its queued cell goes back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_queued_read_takes_the_call_another_client_made_and_gives_its_cell_back() {
     let clients = format!(
         "{}{}",

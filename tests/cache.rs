@@ -3,7 +3,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use cxgate::sim::{Faults, SimOptions};
@@ -284,7 +284,7 @@ async fn uncacheable_gets_in_flight_together_are_merged_too() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_leader_that_hangs_up_strands_nobody() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(latency(400));
@@ -311,6 +311,8 @@ async fn a_leader_that_hangs_up_strands_nobody() {
     );
     let sender = connections(&env, 1).await.pop().expect("one connection");
     let follower = tokio::spawn(read_on(sender, env.gw.addr.to_string(), "/me".into()));
+    // On the paused clock this pause ends only once the follower has got as far as it can
+    // (joined the leader's call, whose 400 ms are still to run), however busy the machine.
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(leader);
     let (status, cache, body) = follower.await.expect("follower task");
@@ -425,7 +427,7 @@ async fn a_failed_write_invalidates_nothing() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_byte_bound_holds_and_evicts() {
     let extra = format!(
         "[cache]\nmax_bytes = \"64KiB\"\n[budget]\nlimit = 100000\nperiod = \"1s\"\nburst = 10000\n{ROUTES}"
@@ -582,15 +584,16 @@ fn assert_stale(a: &Answer, what: &str) {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
     let first = env.get("/me").await;
     assert_stored(&first, "/me, first read");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    // The refresh is slow, so an answer that waited for it would show.
+    tokio::time::advance(Duration::from_millis(1100)).await;
+    // The refresh is slow, so an answer that waited for it would show: on the paused clock
+    // the stale answer takes no time at all unless it waited for the refresh's 500 ms.
     env.sim.set_faults(latency(500));
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let stale = env.get("/me").await;
     let waited = started.elapsed();
     assert_stale(&stale, "/me past its ttl");
@@ -987,7 +990,7 @@ async fn stale_if_error_covers_an_upstream_429() {
 
 /// A read already in flight when a write invalidates its tags got its answer from before
 /// the write: it must not be stored, and a read sent after the write must not join it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
     const MENTIONS: &str = "/12345/inbox/mentions";
     let env = Arc::new(common::start(SimOptions::default(), ROUTES).await);
@@ -1005,10 +1008,11 @@ async fn a_read_in_flight_across_a_write_is_neither_stored_nor_joined() {
         let env = Arc::clone(&env);
         async move { env.get(MENTIONS).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while env.upstream_count(&format!("GET {MENTIONS}")) < 1 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // On the paused clock the body's second of dribble waits until the write is done.
+    eventually(Duration::from_secs(5), || {
+        env.upstream_count(&format!("GET {MENTIONS}")) >= 1
+    })
+    .await;
     let write = env
         .post_form(
             "/12345/inbox/mention/123451/m1",

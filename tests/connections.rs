@@ -5,6 +5,8 @@
 //! hold together, and callers that hang up. Throughout each attack the admin listener and a
 //! cache hit for another client must stay answered. The limits are set small here
 //! (`header_timeout` 1s, `body_timeout` 1s, `idle_timeout` 3s) so the attacks end quickly.
+//! The gateway's timeouts are tokio timers, so the attacks run on tokio's paused clock:
+//! every wait below is virtual and ends only once the sockets have nothing left to say.
 
 mod common;
 
@@ -12,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::{client_toml, start_custom, Env, KEY, ROUTES};
@@ -20,6 +22,7 @@ use cxgate::sim::{Faults, SimOptions};
 use http::{Method, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 /// The other client's key: the one whose cache hits must keep coming during an attack.
 const OTHER: &str = "other-key";
@@ -96,7 +99,7 @@ async fn closed_within(
     limit: Duration,
 ) -> Option<Duration> {
     let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::from_std(since + limit);
+    let deadline = since + limit;
     loop {
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Err(_) => return None,
@@ -143,7 +146,7 @@ fn metric(text: &str, series: &str) -> f64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn silent_connections_and_slow_heads_are_closed_while_others_are_answered() {
     let env = start(LIMITS, SimOptions::default(), None).await;
     prime(&env).await;
@@ -199,7 +202,7 @@ async fn silent_connections_and_slow_heads_are_closed_while_others_are_answered(
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_idle_keep_alive_lasts_idle_timeout_not_header_timeout() {
     let env = start(LIMITS, SimOptions::default(), None).await;
     prime(&env).await;
@@ -238,7 +241,7 @@ async fn an_idle_keep_alive_lasts_idle_timeout_not_header_timeout() {
     env.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn connections_past_max_connections_wait_and_the_admin_listener_answers() {
     let extra = format!("{LIMITS}max_connections = 50\n");
     let env = start(&extra, SimOptions::default(), None).await;
@@ -310,7 +313,7 @@ async fn dribble_body(addr: SocketAddr, head: String, dribble: Duration) -> Opti
     read_response(&mut s, Duration::from_secs(6)).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn slow_http1_bodies_hold_no_permit_and_get_408_when_they_stop() {
     let extra = format!("{LIMITS}max_concurrency = 4\n");
     let env = start(&extra, SimOptions::default(), None).await;
@@ -366,7 +369,7 @@ impl hyper::body::Body for Dribble {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn slow_bodies_on_one_http2_connection_hold_no_permit() {
     let extra = format!("{LIMITS}max_concurrency = 4\n");
     let env = start(&extra, SimOptions::default(), None).await;
@@ -483,7 +486,7 @@ async fn big_upstream(size: usize, pause: Duration) -> (String, Arc<AtomicUsize>
     (base, seen)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn answers_past_max_buffered_bytes_get_503_and_the_first_completes() {
     let (base, seen) = big_upstream(4 << 20, Duration::from_millis(1500)).await;
     let extra = format!("{LIMITS}max_buffered_bytes = \"6MiB\"\n");
@@ -565,7 +568,7 @@ async fn announce_and_hold(addr: SocketAddr, sent: usize) -> tokio::net::TcpStre
     holder
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn request_bodies_hold_what_arrived_and_past_max_buffered_bytes_get_503() {
     let extra = format!(
         "{LIMITS}body_timeout = \"5s\"\nmax_body_bytes = \"1MiB\"\nmax_buffered_bytes = \"1536KiB\"\n"
@@ -650,7 +653,7 @@ async fn ask_and_hang_up(addr: SocketAddr, path: &str) {
     drop(s);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_abandoned_uncached_read_is_cancelled_and_a_cached_one_fills_the_cache() {
     let sim = SimOptions {
         faults: Faults {
@@ -763,7 +766,7 @@ fn the_connection_limits_are_configured_checked_and_summarised() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_write_whose_client_hangs_up_still_completes_and_invalidates() {
     const CONTACT: &str = "/12345/inbox/contact/twitter/111";
     let sim = SimOptions {

@@ -95,7 +95,7 @@ ttl = "5m"
 /// The real API's own over-limit answer (400, `"error": "rate_limit_reached"`) is the
 /// upstream's limit: the client gets the gateway's 429 with the true time, not the 400; the
 /// gateway sends nothing until the reset, serves stale meanwhile, and then sends again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_apis_400_rate_limit_reached_pauses_serves_stale_and_answers_429() {
     let sim = SimOptions {
         rate_limit: Some("4/3s".parse().expect("valid rate limit")),
@@ -177,7 +177,7 @@ async fn the_apis_400_rate_limit_reached_pauses_serves_stale_and_answers_429() {
 /// then lets exactly one probe through while everyone else keeps waiting for its answer.
 /// With a `max_wait` of 0 no miss can wait for the probe: misses in the pause are 429, and
 /// those that arrive while the probe is out wait the one-second grace for its answer.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_limit_answer_without_a_reset_waits_then_probes_with_one_call() {
     let sim = SimOptions {
         rate_limit: Some("3/3s".parse().expect("valid rate limit")),

@@ -203,8 +203,11 @@ async fn admin_reload_removes_a_client_and_tightens_the_budget() {
     env.stop().await;
 }
 
-#[tokio::test]
+// Paused: the reload happens inside the slow request's 1.2 s however long it takes the
+// machine, so "still in flight when the reload had finished" is the gateway's doing.
+#[tokio::test(start_paused = true)]
 async fn a_request_in_flight_finishes_on_the_old_configuration() {
+    use tokio::time::Instant;
     let env = common::start(SimOptions::default(), ROUTES).await;
     env.sim.set_faults(Faults {
         latency_ms: 1200,
@@ -637,7 +640,8 @@ async fn reload_with(env: &Env, from: &str, to: &str) -> String {
 // listeners, the cache size and the upstream base are; otherwise the operator is told the
 // reload worked while the old value silently stays.
 
-#[tokio::test]
+// Paused: both requests are in flight together before the upstream's 600 ms pass.
+#[tokio::test(start_paused = true)]
 async fn a_reload_applies_or_notes_max_concurrency() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     let notes = reload_with(
@@ -665,7 +669,7 @@ async fn a_reload_applies_or_notes_max_concurrency() {
     env.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_reload_applies_or_notes_upstream_timeout() {
     let env = common::start(SimOptions::default(), ROUTES).await;
     let notes = reload_with(&env, "timeout = \"2s\"\n", "timeout = \"300ms\"\n").await;

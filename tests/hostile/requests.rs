@@ -661,7 +661,9 @@ async fn compressed_answers_are_scanned_or_refused() {
 /// Requests in flight together that differ in a header the upstream varies on each get
 /// the answer made for their own headers (cached route and uncached alike), while those
 /// that agree still share one call.
-#[tokio::test]
+// Paused: the six requests are in flight together before the upstream's 400 ms pass,
+// however busy the machine.
+#[tokio::test(start_paused = true)]
 async fn merged_requests_get_the_variant_of_their_own_headers() {
     let script: Script = Arc::new(|got: &Seen| {
         let lang = got

@@ -103,7 +103,9 @@ async fn faults_each_kind() {
     peer.sim.shutdown().await;
 }
 
-#[tokio::test]
+// Paused: the five calls are in flight together before the 300 ms pass, however busy
+// the machine.
+#[tokio::test(start_paused = true)]
 async fn stats_count_routes_tokens_and_concurrency() {
     let peer = start(SimOptions::default()).await;
     peer.get("/me").await;
