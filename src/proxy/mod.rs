@@ -6,7 +6,8 @@
 //! each needs the one before's result, in their one order: check target and account spelling
 //! → authenticate (reading a form body first when the key may be a field of it) → route →
 //! authorise → read body (key fields out) → cache and merge → budget → token → upstream →
-//! rewrite.
+//! rewrite. A fresh hit takes the same steps as plain calls ([`Gateway::fresh_hit`]) and
+//! never enters it, so the layers wrap a small future.
 
 mod buffers;
 mod call;
