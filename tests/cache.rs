@@ -2,6 +2,7 @@
 //! purge, 5 metrics), driven through the gateway against the simulator.
 mod common;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -234,6 +235,52 @@ async fn a_thousand_cold_reads_make_one_upstream_call() {
         coalesced,
         Some(collapsed as f64),
         "expected cxgate_coalesced_requests_total{{route=\"GET /me\"}} {collapsed}, saw {coalesced:?}"
+    );
+    env.stop().await;
+}
+
+/// A fresh hit is answered in the innermost service's `call`, so the future every layer
+/// wraps (and that each connection holds per request) stays small and a hit copies little
+/// of it; the whole async pipeline in it would be kilobytes. Still one answer, counted once.
+#[tokio::test(start_paused = true)]
+async fn a_fresh_hit_is_a_small_future_answered_at_its_first_poll() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let filled = get_with(&env, "/me", &[]).await;
+    assert_eq!(filled.status, 200, "the first read fills the cache");
+    let auth = bearer();
+    let host = env.gw.addr.to_string();
+    let request = Request::get("/me")
+        .header("authorization", auth.as_str())
+        .header("host", host.as_str())
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let gateway = env.gw.gateway.clone();
+    let answer = gateway.handle(request);
+    let size = std::mem::size_of_val(&answer);
+    assert!(
+        size <= 1024,
+        "expected a hit's future of at most 1 KiB, saw {size} bytes"
+    );
+    let mut answer = std::pin::pin!(answer);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let std::task::Poll::Ready(resp) = answer.as_mut().poll(&mut cx) else {
+        panic!("expected a fresh hit to be answered at its first poll, it was pending");
+    };
+    let status = resp
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        status.starts_with("cxgate; hit; ttl="),
+        "expected a fresh hit, saw Cache-Status {status:?}"
+    );
+    let stats = gateway.cache().stats_json();
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(1), Some(1)),
+        "expected the fill counted as one miss and the hit as one hit, saw {stats}"
     );
     env.stop().await;
 }

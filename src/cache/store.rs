@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::deadlines::Deadlines;
-use super::entry::{CachedResponse, StoredResponse};
+use super::entry::{CachedResponse, Freshness, StoredResponse};
 use super::key::normalize_path;
 use super::shared::{Found, Generations, SharedTier};
 use super::stats::Gauges;
@@ -354,6 +354,23 @@ impl Store {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         usable
+    }
+
+    /// The entry [`Store::get`] would find, if it is still fresh at `now` (with how long it
+    /// stays so), counted as a hit; nothing is counted when there is none, as the caller
+    /// then looks again with `get`.
+    pub fn get_fresh(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        now: Instant,
+    ) -> Option<(StoredResponse, Duration)> {
+        let entry = self.find(key, req_headers)?;
+        let Freshness::Fresh { remaining } = entry.freshness(now) else {
+            return None;
+        };
+        self.inner.hits.fetch_add(1, Ordering::Relaxed);
+        Some((entry, remaining))
     }
 
     /// [`Store::get`] without counting a hit or a miss: a second look by a request whose

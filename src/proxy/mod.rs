@@ -6,7 +6,8 @@
 //! each needs the one before's result, in their one order: check target and account spelling
 //! → authenticate (reading a form body first when the key may be a field of it) → route →
 //! authorise → read body (key fields out) → cache and merge → budget → token → upstream →
-//! rewrite.
+//! rewrite. A fresh hit takes the same steps as plain calls ([`Gateway::fresh_hit`]) and
+//! never enters it, so the layers wrap a small future.
 
 mod buffers;
 mod call;
@@ -280,7 +281,8 @@ impl Gateway {
     async fn pipeline<B>(
         &self,
         state: &Arc<State>,
-        req: Request<B>,
+        parts: http::request::Parts,
+        body: B,
         outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError>
     where
@@ -288,22 +290,10 @@ impl Gateway {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let cfg = &state.config;
-        let (parts, body) = req.into_parts();
 
         // 1. Where the request may go: decided before anything else sees it.
-        check_target(&parts, &state.own_hosts)?;
-        let path = normalise_escapes(parts.uri.path(), true);
-        let query = parts.uri.query().map(|q| normalise_escapes(q, false));
-        let (path, query) = (&*path, query.as_deref());
-        if is_sim_control(path) {
-            return Err(GatewayError::NotFound(
-                "paths under /_sim/ are the simulator's controls and are never forwarded",
-            ));
-        }
-        // The account the path names, in its one canonical spelling: authorisation, routing,
-        // the cache key and the upstream all read this same segment, so any other spelling
-        // of a number there is refused before anything looks at it.
-        let path_account = auth::account_of(path).map_err(|e| GatewayError::BadRequest(e.0))?;
+        let target = target(&parts, state)?;
+        let (path, query, path_account) = (&*target.path, target.query.as_deref(), target.account);
 
         // 2. Who is calling. The key may come in the header, the query or (as the API
         //    allows) a form field of the body; a body is then read before authenticating.
@@ -346,55 +336,13 @@ impl Gateway {
                 .map(|k| &**k)
                 .chain(early_keys.iter().map(String::as_str)),
         )?;
-        let client = state.clients.authenticate(key).map_err(|e| match e {
-            auth::AuthError::Missing => {
-                GatewayError::Unauthorized("a gateway client key is required")
-            }
-            auth::AuthError::Unknown => GatewayError::Unauthorized("unknown gateway client key"),
-        })?;
+        let client = authenticate(state, key)?;
         outcome.set_client(client);
 
-        // 3. Which route.
-        let route = cfg.find_route(&parts.method, path);
+        // 3. Which route, and 4. may this client do this, here.
+        let route = authorise(cfg, client, &parts.method, path, path_account, outcome)?;
         let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
         let route_index = route.as_ref().map(|(i, _)| *i);
-        outcome.set_route(route_index);
-
-        // 4. May this client do this, here: before the cache, so a client never gets a
-        //    cached answer for an account it may not see.
-        if !client.may_use(&parts.method) {
-            return Err(GatewayError::Forbidden(format!(
-                "client {} may not use {}",
-                client.name, parts.method
-            )));
-        }
-        // A route may capture `{account_id}` elsewhere than the first segment: it is read
-        // by the same canonical rule, and both must be allowed.
-        let captured = match rule.and_then(|(_, caps)| caps.get("account_id")) {
-            Some(text) => {
-                Some(auth::canonical_account(text).map_err(|e| GatewayError::BadRequest(e.0))?)
-            }
-            None => None,
-        };
-        // Authorisation does not depend on route matching: wherever any route names
-        // `{account_id}` past the first segment, a path shaped like that route up to it
-        // (as the upstream reads paths, whatever method, whatever follows) names an account
-        // there, matched or not.
-        let mut shaped = Vec::new();
-        for r in &cfg.routes {
-            if let Some(rest) = r.path.segment_from("account_id", path) {
-                let account = auth::account_of(rest).map_err(|e| GatewayError::BadRequest(e.0))?;
-                shaped.extend(account);
-            }
-        }
-        for account in [path_account, captured].into_iter().flatten().chain(shaped) {
-            if !client.may_see(Some(account)) {
-                return Err(GatewayError::Forbidden(format!(
-                    "client {} may not access account {account}",
-                    client.name
-                )));
-            }
-        }
 
         // 5. The body, bounded, with any key field taken out (it must be the same key).
         let body = match (early_body, body) {
@@ -496,6 +444,41 @@ impl Gateway {
         Box::pin(self.write(make_call(), rule, outcome)).await
     }
 
+    /// A fresh hit, answered without entering the async pipeline: the steps of
+    /// [`Gateway::pipeline`] in its order, for a read whose body has ended (so is empty and
+    /// holds no key). `None` wherever a step would refuse, wait or go upstream: the pipeline
+    /// then runs them all, so each refusal is still made in one place.
+    fn fresh_hit(
+        &self,
+        state: &State,
+        parts: &http::request::Parts,
+        outcome: &Exchange,
+    ) -> Option<Response<Body>> {
+        if parts.method != Method::GET && parts.method != Method::HEAD {
+            return None;
+        }
+        let target = target(parts, state).ok()?;
+        let (path, query) = (&*target.path, target.query.as_deref());
+        if request::announces_body(&parts.headers)
+            || request::one_authorization(&parts.headers).is_err()
+        {
+            return None;
+        }
+        let header_key = client_key(&parts.headers, None);
+        let query_keys = query.map(request::query_keys).unwrap_or_default();
+        let key = request::one_key(header_key.as_deref(), query_keys.iter().map(|k| &**k)).ok()?;
+        let client = authenticate(state, key).ok()?;
+        outcome.set_client(client);
+        let cfg = &state.config;
+        let route = authorise(cfg, client, &parts.method, path, target.account, outcome).ok()?;
+        if query.is_some_and(request::overrides_method) {
+            return None;
+        }
+        let query = strip_access_token(query);
+        let rule = route.as_ref().map(|(i, caps)| (&cfg.routes[*i], caps));
+        self.fresh(rule, path, query.as_deref(), &parts.headers, outcome)
+    }
+
     /// One of the `max_concurrency` permits, held by a request that goes upstream for as long
     /// as it runs; 503 when none is free.
     pub(super) fn upstream_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, GatewayError> {
@@ -546,6 +529,91 @@ impl Gateway {
         );
         Ok(resp)
     }
+}
+
+/// Where a request may go (step 1): its path and query in their one spelling, and the
+/// account the path names.
+struct Target<'p> {
+    path: std::borrow::Cow<'p, str>,
+    query: Option<std::borrow::Cow<'p, str>>,
+    account: Option<u64>,
+}
+
+fn target<'p>(parts: &'p http::request::Parts, state: &State) -> Result<Target<'p>, GatewayError> {
+    check_target(parts, &state.own_hosts)?;
+    let path = normalise_escapes(parts.uri.path(), true);
+    let query = parts.uri.query().map(|q| normalise_escapes(q, false));
+    if is_sim_control(&path) {
+        return Err(GatewayError::NotFound(
+            "paths under /_sim/ are the simulator's controls and are never forwarded",
+        ));
+    }
+    // The account the path names, in its one canonical spelling: authorisation, routing,
+    // the cache key and the upstream all read this same segment, so any other spelling
+    // of a number there is refused before anything looks at it.
+    let account = auth::account_of(&path).map_err(|e| GatewayError::BadRequest(e.0))?;
+    Ok(Target {
+        path,
+        query,
+        account,
+    })
+}
+
+/// The client `key` names.
+fn authenticate<'s>(state: &'s State, key: Option<&str>) -> Result<&'s auth::Client, GatewayError> {
+    state.clients.authenticate(key).map_err(|e| match e {
+        auth::AuthError::Missing => GatewayError::Unauthorized("a gateway client key is required"),
+        auth::AuthError::Unknown => GatewayError::Unauthorized("unknown gateway client key"),
+    })
+}
+
+/// Steps 3 and 4: the route `path` matches (on `outcome` at once, so a refusal carries it),
+/// then whether `client` may do this, here: before the cache, so a client never gets a
+/// cached answer for an account it may not see.
+fn authorise<'a>(
+    cfg: &'a Config,
+    client: &auth::Client,
+    method: &Method,
+    path: &'a str,
+    path_account: Option<u64>,
+    outcome: &Exchange,
+) -> Result<Option<(usize, Captures<'a>)>, GatewayError> {
+    let route = cfg.find_route(method, path);
+    outcome.set_route(route.as_ref().map(|(i, _)| *i));
+    if !client.may_use(method) {
+        return Err(GatewayError::Forbidden(format!(
+            "client {} may not use {method}",
+            client.name
+        )));
+    }
+    // A route may capture `{account_id}` elsewhere than the first segment: it is read
+    // by the same canonical rule, and both must be allowed.
+    let captured = match route.as_ref().and_then(|(_, caps)| caps.get("account_id")) {
+        Some(text) => {
+            Some(auth::canonical_account(text).map_err(|e| GatewayError::BadRequest(e.0))?)
+        }
+        None => None,
+    };
+    // Authorisation does not depend on route matching: wherever any route names
+    // `{account_id}` past the first segment, a path shaped like that route up to it
+    // (as the upstream reads paths, whatever method, whatever follows) names an account
+    // there, matched or not.
+    let mut shaped = Vec::new();
+    for r in &cfg.routes {
+        if let Some(rest) = r.path.segment_from("account_id", path) {
+            let account = auth::account_of(rest).map_err(|e| GatewayError::BadRequest(e.0))?;
+            shaped.extend(account);
+        }
+    }
+    for account in [path_account, captured].into_iter().flatten().chain(shaped) {
+        if !client.may_see(Some(account)) {
+            return Err(GatewayError::Forbidden(format!(
+                "client {} may not access account {account}",
+                client.name
+            )));
+        }
+    }
+    Ok(route)
 }
 
 /// Reads the request body: at most `max_body_bytes` (refused early, by Content-Length,

@@ -200,12 +200,7 @@ impl Gateway {
                 let now = Instant::now();
                 match entry.freshness(now) {
                     Freshness::Fresh { remaining } => {
-                        outcome.set_cache("hit");
-                        let mut resp = reply::from_entry(&entry, entry.age(now), Ok(remaining));
-                        if shared_hit {
-                            reply::mark_shared(&mut resp);
-                        }
-                        return Ok(answered(resp));
+                        return Ok(hit(&entry, now, remaining, shared_hit, headers, outcome));
                     }
                     Freshness::Stale {
                         past,
@@ -238,6 +233,26 @@ impl Gateway {
         Box::pin(self.read_upstream(route, upstream, headers, make_call, outcome))
             .await
             .map(answered)
+    }
+
+    /// The answer of an entry in memory still fresh for this read, counted as a hit.
+    /// `None` (nothing counted) for anything else: [`Gateway::read`] then looks and counts.
+    pub(super) fn fresh(
+        &self,
+        route: Option<(&RouteConfig, &Captures<'_>)>,
+        path: &str,
+        query: Option<&str>,
+        headers: &HeaderMap,
+        outcome: &Exchange,
+    ) -> Option<Response<Body>> {
+        let d = directives(headers);
+        if route.and_then(|(r, _)| r.ttl).is_none() || d.no_store || d.no_cache {
+            return None;
+        }
+        let key = crate::cache::cache_key(&Method::GET, path, query);
+        let now = Instant::now();
+        let (entry, remaining) = self.inner.cache.get_fresh(&key, headers, now)?;
+        Some(hit(&entry, now, remaining, false, headers, outcome))
     }
 
     /// The rest of a read that the cache could not answer fresh: one merged upstream call,
@@ -638,6 +653,24 @@ fn fill_patience(config: &crate::config::Config, client: &str) -> std::time::Dur
     let upstream = config.upstream.timeout;
     let longest = max_wait_of(config, client) + upstream + crate::cache::LOCK_TTL;
     longest.min(config.server.request_timeout.saturating_sub(upstream))
+}
+
+/// A fresh entry's answer (`shared`: found in the shared tier), the client's conditions
+/// answered from it.
+fn hit(
+    entry: &StoredResponse,
+    now: Instant,
+    remaining: std::time::Duration,
+    shared: bool,
+    request: &HeaderMap,
+    outcome: &Exchange,
+) -> Response<Body> {
+    outcome.set_cache("hit");
+    let mut resp = reply::from_entry(entry, entry.age(now), Ok(remaining));
+    if shared {
+        reply::mark_shared(&mut resp);
+    }
+    answer_conditions(resp, request)
 }
 
 /// Fresh now (not merely usable).

@@ -93,17 +93,34 @@ pub fn from_entry(
 ) -> Response<Body> {
     let mut resp = Response::new(Full::new(entry.body()));
     *resp.status_mut() = entry.status();
-    // Room for what the gateway adds: Cache-Status, Age, X-Request-Id and the two
-    // rate-limit headers, so none of them grows the map.
-    let mut headers = HeaderMap::with_capacity(entry.header_count() + 5);
+    // Room for what the gateway adds: Cache-Status, Age, X-Request-Id, the two rate-limit
+    // headers and the API's three X-RateLimit-*, so none of them grows the map.
+    let mut headers = HeaderMap::with_capacity(entry.header_count() + 8);
     for (name, value) in entry.headers() {
         headers.append(name, value);
     }
-    let status = match fresh_for {
-        Ok(remaining) => format!("cxgate; hit; ttl={}", remaining.as_secs()),
-        Err(past) => format!("cxgate; hit; ttl=-{}; detail=stale", past.as_secs().max(1)),
+    // Written on the stack (the only allocation is the header value's own), as every hit
+    // writes one.
+    let mut secs = itoa::Buffer::new();
+    let mut text = [0u8; 64];
+    let parts: [&[u8]; 3] = match fresh_for {
+        Ok(remaining) => [
+            b"cxgate; hit; ttl=",
+            secs.format(remaining.as_secs()).as_bytes(),
+            b"",
+        ],
+        Err(past) => [
+            b"cxgate; hit; ttl=-",
+            secs.format(past.as_secs().max(1)).as_bytes(),
+            b"; detail=stale",
+        ],
     };
-    if let Ok(v) = HeaderValue::try_from(status) {
+    let mut len = 0;
+    for part in parts {
+        text[len..len + part.len()].copy_from_slice(part);
+        len += part.len();
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&text[..len]) {
         headers.insert(CACHE_STATUS.clone(), v);
     }
     headers.insert(header::AGE, HeaderValue::from(age.as_secs()));

@@ -68,19 +68,46 @@ where
         .service_fn(pipeline::<B>)
 }
 
-/// The domain pipeline as the innermost service. Not boxed: a heap allocation of its
-/// kilobytes per request cost a hit more (in instructions counted) than the layers' moves.
+/// The domain pipeline as the innermost service. A fresh hit is answered in `call`, so the
+/// future every layer wraps is small and is moved cheaply; anything else runs the async
+/// pipeline, boxed, which on those paths costs less than the copies of its kilobytes would.
 fn pipeline<B>(
     mut req: Request<B>,
-) -> impl Future<Output = Result<Response<Body>, GatewayError>> + Send
+) -> Answer<impl Future<Output = Result<Response<Body>, GatewayError>> + Send>
 where
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let exchange = req.extensions_mut().remove::<Arc<Exchange>>();
-    async move {
+    let (parts, body) = req.into_parts();
+    if let Some(ex) = exchange.as_ref().filter(|_| body.is_end_stream()) {
+        if let Some(resp) = ex.gateway.fresh_hit(&ex.state, &parts, ex) {
+            return Answer::Now(std::future::ready(Ok(resp)));
+        }
+    }
+    Answer::Later(Box::pin(async move {
         let ex = exchange.ok_or(GatewayError::Internal("the request has no exchange record"))?;
-        ex.gateway.pipeline(&ex.state, req, &ex).await
+        ex.gateway.pipeline(&ex.state, parts, body, &ex).await
+    }))
+}
+
+/// The pipeline's answer: made at once, or to come.
+pub enum Answer<F> {
+    Now(std::future::Ready<Result<Response<Body>, GatewayError>>),
+    Later(Pin<Box<F>>),
+}
+
+impl<F> Future for Answer<F>
+where
+    F: Future<Output = Result<Response<Body>, GatewayError>>,
+{
+    type Output = Result<Response<Body>, GatewayError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Now(ready) => Pin::new(ready).poll(cx),
+            Answer::Later(later) => later.as_mut().poll(cx),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Request;
+use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::{exchange_of, plain_layer};
@@ -32,9 +33,14 @@ where
         let limit = exchange_of(&req).map_or(Duration::from_secs(30), |ex| {
             ex.state.config.server.request_timeout
         });
+        let now = Instant::now();
         Timed {
             inner: Some(self.inner.call(req)),
-            sleep: tokio::time::sleep(limit),
+            sleep: None,
+            // As far as tokio's own timeout goes when the sum overflows: a year is never.
+            deadline: now
+                .checked_add(limit)
+                .unwrap_or_else(|| now + Duration::from_secs(365 * 86_400)),
             limit,
         }
     }
@@ -45,8 +51,11 @@ pin_project_lite::pin_project! {
         // Dropped as soon as the deadline passes, as tokio's own timeout drops its work.
         #[pin]
         inner: Option<F>,
+        // Made at the first poll that finds the work unfinished: an answer ready at once
+        // (a hit) never touches the timer.
         #[pin]
-        sleep: tokio::time::Sleep,
+        sleep: Option<Sleep>,
+        deadline: Instant,
         limit: Duration,
     }
 }
@@ -65,12 +74,16 @@ where
                 return Poll::Ready(out);
             }
         }
-        match this.sleep.poll(cx) {
-            Poll::Ready(()) => {
+        if this.sleep.is_none() {
+            this.sleep
+                .set(Some(tokio::time::sleep_until(*this.deadline)));
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Pending) => Poll::Pending,
+            _ => {
                 this.inner.set(None);
                 Poll::Ready(Err(GatewayError::RequestTimeout(*this.limit)))
             }
-            Poll::Pending => Poll::Pending,
         }
     }
 }
