@@ -1,4 +1,4 @@
-//! The gateway under the simulator's faults (issue 9, "Hardening", point 1), one table-driven
+//! The gateway under the simulator's faults, one table-driven
 //! run: for every fault, cold requests get the right status in the CX Social envelope
 //! (README "Pointing a service at it"), a stale entry of a stale-if-error route stands in for a failing upstream,
 //! a fresh request works once the fault clears, and nothing leaks (simulator requests in
