@@ -2728,3 +2728,41 @@ async fn a_tampered_token_record_that_fails_upstream_falls_back_to_the_working_t
     }
     c.stop().await;
 }
+
+/// A replica that never made a call before a tampered record reached it has no working
+/// token in memory: it goes back to the one its token file held before (`token.json.prev`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_call_falls_back_to_its_previous_token_file() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(1, SimOptions::default(), budget).await else {
+        return;
+    };
+    tokio::time::sleep(WATCHES).await;
+    let version = record_version(&c).await;
+    set_record(
+        &c,
+        version + 1,
+        serde_json::json!({"access_token": "made-up-access", "refresh_token": "made-up-refresh", "expires_at": "2099-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(
+        token_file(&c, 0)["access_token"].as_str(),
+        Some("made-up-access"),
+        "expected the tampered record adopted (the setup of this test)"
+    );
+    let answer = c.get(0, "/me/permissions").await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "expected the replica back on its previous token file's token, saw {answer:?}"
+    );
+    assert_eq!(
+        token_file(&c, 0)["refresh_token"].as_str(),
+        Some(REFRESH),
+        "expected the previous token restored to the file"
+    );
+    assert_eq!(record_access(&c).await, ACCESS, "expected it offered back");
+    c.stop().await;
+}
