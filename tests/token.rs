@@ -1505,3 +1505,145 @@ async fn a_refused_static_token_is_not_ready_until_a_call_with_it_succeeds() {
     );
     env.stop().await;
 }
+
+/// A token that cannot be refreshed (from `token.access_token_env`, or a token file with no
+/// `[token.oauth]`) that the upstream refuses, takes once, then refuses again: `/readyz`
+/// and `/admin/status` report the second refusal as they did the first.
+#[tokio::test]
+async fn an_unrefreshable_token_refused_again_after_a_success_is_not_ready_again() {
+    const TOKEN_ENV: &str = "CXGATE_TEST_STATIC_REFUSED_AGAIN_TOKEN";
+    std::env::set_var(TOKEN_ENV, ACCESS);
+    for from_file in [false, true] {
+        let sim = spawn_sim(SimOptions {
+            access_tokens: vec![ACCESS.to_string()],
+            ..SimOptions::default()
+        })
+        .await;
+        let dir = temp_dir("static-refused-again");
+        let token = if from_file {
+            let file = dir.join("token.json");
+            std::fs::write(&file, format!("{{\"access_token\":\"{ACCESS}\"}}\n"))
+                .expect("token file");
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod token file");
+            format!("file = \"{}\"", file.display())
+        } else {
+            format!("access_token_env = \"{TOKEN_ENV}\"")
+        };
+        let cfg = cxgate::config::parse(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nbase_url = \"{}\"\n[token]\n{token}\n{}{ROUTES}",
+            sim.base_url(),
+            common::client_toml("test", KEY, "scopes = [\"read\"]"),
+        ))
+        .expect("valid config");
+        let gw = cxgate::start(cfg, None, cxgate::Options::default())
+            .await
+            .expect("start gateway");
+        let env = Env {
+            sim,
+            gw,
+            dir,
+            http: http_client(),
+        };
+        let source = if from_file { "file" } else { "env" };
+        let mut n = 0;
+        for round in 1..=2 {
+            env.sim.set_faults(Faults {
+                force_401: Some(Force401 { count: 1 }),
+                ..Faults::default()
+            });
+            let refused = env.get(&contact(&mut n)).await;
+            assert_eq!(
+                refused.status, 503,
+                "{source}, refusal {round}: expected 503 while the token is refused"
+            );
+            let ready = env
+                .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+                .await;
+            let status = env
+                .send(Method::GET, &env.admin_url("/admin/status"), &[], "")
+                .await
+                .json();
+            assert!(
+                ready.status == 503
+                    && status["token"]["usable"] == false
+                    && status["token"]["upstream_refusals"].as_u64() >= Some(1),
+                "{source}, refusal {round}: expected not ready and the refusal in the status, \
+                 saw /readyz {} {} and {}",
+                ready.status,
+                String::from_utf8_lossy(&ready.body),
+                status["token"]
+            );
+            let taken = env.get(&contact(&mut n)).await;
+            assert_eq!(
+                taken.status, 200,
+                "{source}, round {round}: expected the token taken again"
+            );
+            let ready = env
+                .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+                .await;
+            assert_eq!(
+                ready.status, 200,
+                "{source}, round {round}: expected ready after a call succeeded"
+            );
+        }
+        env.stop().await;
+    }
+}
+
+/// With `[token.oauth]` and a valid refresh token, a token file whose access token cannot
+/// be sent is refreshed at once when a reload takes it, every time, as a restart would.
+#[tokio::test]
+async fn an_unsendable_token_taken_on_reload_is_refreshed_at_once_every_time() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let file = env.dir.join("token.json");
+    for (round, bad) in ["bad token", "bad\ttoken", "bad\r\ntoken"]
+        .iter()
+        .enumerate()
+    {
+        let held = read_token_file(&file).expect("token file");
+        let before = stat(&env.sim, "token_refreshes");
+        let text = serde_json::json!({
+            "access_token": bad,
+            "refresh_token": held.refresh,
+            "expires_at": humantime::format_rfc3339_seconds(held.expires_at).to_string(),
+        });
+        std::fs::write(&file, text.to_string()).expect("write token file");
+        let reload = env
+            .send(Method::POST, &env.admin_url("/admin/reload"), &[], "")
+            .await;
+        assert_eq!(
+            reload.status, 200,
+            "round {round}: expected the reload done"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut ready = 0;
+        while Instant::now() < deadline {
+            ready = env
+                .send(Method::GET, &env.admin_url("/readyz"), &[], "")
+                .await
+                .status
+                .as_u16();
+            if ready == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = stat(&env.sim, "token_refreshes");
+        assert!(
+            ready == 200 && after == before + 1,
+            "round {round}: expected one refresh at once and ready again within 5 s, saw \
+             /readyz {ready} and {} refreshes",
+            after - before
+        );
+        let answer = env
+            .get(&format!("/12345/inbox/contact/twitter/reload{round}"))
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "round {round}: expected requests served"
+        );
+    }
+    env.stop().await;
+}

@@ -177,6 +177,7 @@ impl TokenManager {
             state: Mutex::new(state),
             metrics: None,
             shared: std::sync::OnceLock::new(),
+            wake: tokio::sync::Notify::new(),
         };
         let mut registered = Ok(());
         let inner = match registry {
@@ -253,9 +254,18 @@ impl TokenManager {
     /// The upstream accepted `generation`: refusals are over.
     pub fn accepted(&self, generation: u64) {
         let mut state = self.inner.lock();
-        if state.refused > 0 && state.generation == generation {
+        if state.generation != generation {
+            return;
+        }
+        if state.refused > 0 {
             state.refused = 0;
+            // A later refusal of this same generation is a new one and counts again, or a
+            // token that cannot be refreshed would be refused with `/readyz` still ready.
+            state.refused_generation = 0;
             state.refused_retry_at = None;
+        }
+        if state.trusted_generation != generation || state.adopted {
+            state.trust();
         }
     }
 

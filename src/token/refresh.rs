@@ -43,6 +43,9 @@ pub(crate) struct Inner {
     pub metrics: Option<TokenMetrics>,
     /// Set when the token is shared with other replicas through Redis (see `shared`).
     pub shared: std::sync::OnceLock<super::shared::SharedToken>,
+    /// Wakes the refresher when a token is installed from elsewhere (a reload), so a token
+    /// that must be refreshed at once is not left until the refresher's next look.
+    pub wake: tokio::sync::Notify,
 }
 
 impl ExpirySource for Inner {
@@ -177,6 +180,7 @@ impl Inner {
                 state.failures += 1;
                 if err.needs_reauthorisation() {
                     state.reauth = true;
+                    state.bury(&spent);
                     error!(
                         generation,
                         "re-authorisation needed: the token endpoint refused the refresh token \
@@ -227,6 +231,7 @@ impl Inner {
             if saved {
                 state.file_stamp = stamp;
             }
+            state.trust();
             state.generation
         };
         self.count(true);
@@ -283,6 +288,10 @@ impl Inner {
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
+        // Taken as a restart would take it: a token that cannot be sent is refreshed at once,
+        // however recently the one before it was refreshed.
+        state.refreshed_at = None;
+        self.wake.notify_one();
         // An operator's repair: the other replicas must get it, not undo it.
         if let Some(shared) = self.shared.get() {
             shared
@@ -368,15 +377,19 @@ pub(crate) async fn run(inner: Arc<Inner>) {
     loop {
         match plan(&inner) {
             Plan::Stop => return,
-            Plan::Idle => tokio::time::sleep(IDLE_TICK).await,
+            Plan::Idle => {
+                nap(&inner, Instant::now() + IDLE_TICK).await;
+            }
             Plan::WatchFile => {
-                tokio::time::sleep(FILE_POLL).await;
-                inner.reload_if_changed().await;
+                // Woken, the file was just read again (a reload): plan afresh.
+                if !nap(&inner, Instant::now() + FILE_POLL).await {
+                    inner.reload_if_changed().await;
+                }
             }
             Plan::RefreshAt { at, generation } => {
                 let now = Instant::now();
                 if at > now {
-                    tokio::time::sleep_until(at.min(now + IDLE_TICK)).await;
+                    nap(&inner, at.min(now + IDLE_TICK)).await;
                     continue;
                 }
                 match inner.refresh(generation, true).await {
@@ -388,11 +401,20 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                             .lock()
                             .expires
                             .map(|e| e.saturating_duration_since(Instant::now()));
-                        tokio::time::sleep(retry_delay(attempt, remaining)).await;
+                        let delay = retry_delay(attempt, remaining);
+                        nap(&inner, Instant::now() + delay).await;
                     }
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `until` or until a new token is installed from elsewhere; true when woken.
+async fn nap(inner: &Inner, until: Instant) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep_until(until) => false,
+        () = inner.wake.notified() => true,
     }
 }
 

@@ -389,12 +389,9 @@ impl Inner {
     pub(crate) async fn refresh_shared(&self, shared: &SharedToken) -> Result<(), TokenError> {
         let started = Instant::now();
         loop {
-            let (mine, expires) = self.mine();
             match shared.read().await {
                 Err(_) => return self.refresh_alone(shared).await,
-                Ok(Some(st))
-                    if st.record.access != mine && !later(expires, st.record.expires_at) =>
-                {
+                Ok(Some(st)) if self.worth_adopting(&st) => {
                     if self.adopt(shared, st).await {
                         return Ok(());
                     }
@@ -413,16 +410,19 @@ impl Inner {
         }
     }
 
-    fn mine(&self) -> (super::Secret, Option<SystemTime>) {
+    /// Whether a record holds another token that may replace this replica's: one that
+    /// expires no sooner, or any when this replica's own came from the record and the
+    /// upstream has not taken it (a restored record expires sooner than a tampered one).
+    fn worth_adopting(&self, st: &Stored) -> bool {
         let state = self.lock();
-        (state.record.access.clone(), state.record.expires_at)
+        st.record.access != state.record.access
+            && (state.adopted || !later(state.record.expires_at, st.record.expires_at))
     }
 
     async fn refresh_holding_lock(&self, shared: &SharedToken) -> Result<(), TokenError> {
         // Another replica may have written its record between our read and our lock.
-        let (mine, expires) = self.mine();
         let version = match shared.read().await {
-            Ok(Some(st)) if st.record.access != mine && !later(expires, st.record.expires_at) => {
+            Ok(Some(st)) if self.worth_adopting(&st) => {
                 let version = st.version;
                 if self.adopt(shared, st).await {
                     shared.release().await;
@@ -438,6 +438,11 @@ impl Inner {
         let spent = self.lock().record.refresh.clone();
         if let Some(spent) = &spent {
             if shared.was_refused(spent).await {
+                self.lock().bury(spent);
+                if self.fall_back(shared, version).await {
+                    shared.release().await;
+                    return Ok(());
+                }
                 {
                     let mut state = self.lock();
                     state.failures += 1;
@@ -457,6 +462,10 @@ impl Inner {
             // Recorded before the lock goes, so the next holder sees it.
             if err.needs_reauthorisation() {
                 shared.mark_refused(spent).await;
+                if self.fall_back(shared, version).await {
+                    shared.release().await;
+                    return Ok(());
+                }
             }
         }
         if result.is_ok() {
@@ -488,12 +497,89 @@ impl Inner {
         result
     }
 
+    /// The token adopted from the shared record was refused upstream and so was its
+    /// refresh token: the record was bad (written by someone with access to Redis, not by
+    /// a replica). Goes back to the last pair this replica knew to work (in memory, else the
+    /// token file's `.prev`), restores it to the file, and offers it as the next version so
+    /// the other replicas recover too. Called holding the refresh lock; false when there
+    /// is nothing to go back to, or the token held was not adopted (a fallback that fails in
+    /// turn is a real re-authorisation).
+    async fn fall_back(&self, shared: &SharedToken, version: Option<u64>) -> bool {
+        let (rejected, trusted, dead) = {
+            let state = self.lock();
+            if !state.adopted {
+                return false;
+            }
+            (
+                state.record.access.clone(),
+                state.trusted.clone(),
+                state.dead.clone(),
+            )
+        };
+        let fits = |r: &TokenRecord| {
+            r.access != rejected
+                && file::sendable(r.access.expose())
+                && r.refresh
+                    .as_ref()
+                    .is_some_and(|t| file::sendable(t.expose()) && !dead.contains(t))
+        };
+        let Source::File(path) = &self.source else {
+            return false;
+        };
+        let record = match trusted.filter(|r| fits(r)) {
+            Some(record) => record,
+            None => match file::read_stamped(&file::previous_path(path)).await {
+                Ok((record, _)) if fits(&record) => record,
+                _ => return false,
+            },
+        };
+        let stamp = match file::persist(path, &record).await {
+            Ok(stamp) => Some(stamp),
+            Err(err) => {
+                warn!(error = %err, "restored token could not be saved to the token file");
+                None
+            }
+        };
+        let now = Instant::now();
+        let generation = {
+            let mut state = self.lock();
+            let expires = record.expires_at.map(|at| to_instant(at, now));
+            state.replace(record.clone(), expires, now);
+            state.refreshed_at = Some(now);
+            state.unsaved = stamp.is_none();
+            if stamp.is_some() {
+                state.file_stamp = stamp;
+            }
+            state.trust();
+            state.generation
+        };
+        let rejected_version = version.unwrap_or(shared.seen.load(Ordering::Acquire));
+        let put = match next_version(rejected_version) {
+            Some(next) => shared.put(next, &record, true, 0).await,
+            None => Ok(false),
+        };
+        let offered = matches!(put, Ok(true));
+        shared.unshared.store(!offered, Ordering::Release);
+        shared.refused.store(rejected_version, Ordering::Release);
+        warn!(
+            version = rejected_version,
+            generation,
+            offered,
+            "shared token record rejected: the upstream refused its token and the token \
+             endpoint its refresh token; back to this replica's last working token, offered \
+             to the other replicas"
+        );
+        true
+    }
+
     /// Installs another replica's token: own token file first, then memory. A record that
     /// fails [`refused`] is left alone (and said so once per version).
     async fn adopt(&self, shared: &SharedToken, st: Stored) -> bool {
         let (mine, mine_usable) = {
             let state = self.lock();
-            (state.record.clone(), usable(&state))
+            // A token taken from the record that the upstream has not accepted yet does not
+            // outrank a record expiring sooner: it may be the tampered one a replica replaced.
+            (state.record.clone(), usable(&state) && !state.adopted)
         };
         let seen = shared.seen.load(Ordering::Acquire);
         if let Some(reason) = refused(&st, &mine, mine_usable, seen, SystemTime::now()) {
@@ -522,6 +608,7 @@ impl Inner {
         }
         let expires = st.record.expires_at.map(|at| to_instant(at, now));
         state.replace(st.record, expires, now);
+        state.adopted = true;
         state.refreshed_at = Some(now);
         state.last_refresh = Some(SystemTime::now());
         if let Some(stamp) = stamp {

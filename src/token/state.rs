@@ -63,6 +63,15 @@ pub(crate) struct State {
     pub file_stamp: Option<Stamp>,
     /// The refresh in progress, if any; its waiters share its outcome.
     pub flight: Option<watch::Receiver<Option<Outcome>>>,
+    /// The last token pair known to work: one the upstream accepted, or one fresh from
+    /// this replica's own refresh. A shared record that turns out bad falls back to it.
+    pub trusted: Option<TokenRecord>,
+    /// The generation `trusted` was taken from (so a call accepted does not copy it again).
+    pub trusted_generation: u64,
+    /// The token held came from the shared record and the upstream has not accepted it yet.
+    pub adopted: bool,
+    /// Refresh tokens the token endpoint refused to this replica: never restored.
+    pub dead: Vec<Secret>,
 }
 
 impl State {
@@ -87,6 +96,10 @@ impl State {
             unsaved: false,
             file_stamp: None,
             flight: None,
+            trusted: None,
+            trusted_generation: 0,
+            adopted: false,
+            dead: Vec::new(),
         }
     }
 
@@ -105,6 +118,33 @@ impl State {
         self.failures = 0;
         self.reauth = false;
         self.last_failure = None;
+        self.adopted = false;
+    }
+
+    /// Trusts the token held now (the upstream took it, or the token endpoint just gave it).
+    pub fn trust(&mut self) {
+        if self.trusted_generation != self.generation {
+            self.trusted = Some(self.record.clone());
+            self.trusted_generation = self.generation;
+        }
+        self.adopted = false;
+    }
+
+    /// Remembers a refresh token the token endpoint refused (a few: one per incident).
+    pub fn bury(&mut self, refresh: &Secret) {
+        if !self.dead.contains(refresh) {
+            if self.dead.len() >= 8 {
+                self.dead.remove(0);
+            }
+            self.dead.push(refresh.clone());
+        }
+        if self
+            .trusted
+            .as_ref()
+            .is_some_and(|t| t.refresh.as_ref() == Some(refresh))
+        {
+            self.trusted = None;
+        }
     }
 }
 
