@@ -792,8 +792,8 @@ async fn a_merged_read_waits_no_longer_than_its_own_max_wait_behind_a_queued_lea
     stop(env).await;
 }
 
-// A merged follower's deadline counts from its arrival: after giving up on a queued
-// leader it does not start its own max_wait over for its own budget.
+// A merged follower behind a queued leader asks its own budget at once: it does not wait
+// on the leader first and then start its own max_wait over for its own budget.
 #[tokio::test(start_paused = true)]
 async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
     let clients = format!(
@@ -835,21 +835,21 @@ async fn a_merged_follower_waits_at_most_its_own_max_wait_in_all() {
     let asked = Instant::now();
     let follower = env.get_as(ACCOUNT, &contact(2)).await;
     let took = asked.elapsed();
-    // Alone it would be refused at once (its cell is ~4 s away, past its 2 s). Merged, it
-    // waits its 2 s on the leader; what is left of its max_wait then is nothing, so its own
-    // terms refuse it there, instead of queuing ~2 s more for its own cell.
+    // Alone it would be refused at once (its cell is ~4 s away, past its 2 s), and merged
+    // so it is: its own terms refuse it, neither after waiting on the leader nor after
+    // queuing for its own cell.
     assert_eq!(
         follower.status,
         StatusCode::TOO_MANY_REQUESTS,
-        "expected the follower refused by its own terms once its max_wait was used up, saw {} \
-         after {took:?} (Cache-Status {:?})",
+        "expected the follower refused by its own terms, saw {} after {took:?} \
+         (Cache-Status {:?})",
         follower.status,
         follower.header("cache-status")
     );
     assert!(
-        took < Duration::from_millis(3200),
-        "expected the follower answered within about its own max_wait of 2 s from its arrival, \
-         it took {took:?}"
+        took < Duration::from_secs(1),
+        "expected the follower refused at once, as alone, not after its max_wait of 2 s; it \
+         took {took:?}"
     );
     leader.abort();
     let _ = leader.await;
@@ -991,10 +991,10 @@ async fn queue_a_batch_read(env: &Arc<Env>) -> tokio::task::JoinHandle<(Answer, 
     queued
 }
 
-// A merged follower whose max_wait is shorter than a quarter second waits its own max_wait
-// on a queued leader, not a fixed grace, and then leads its own call (on tokio's clock).
+// A merged follower whose own budget lets it go at once does not wait on a queued leader,
+// not even its own short max_wait: it leads its own call at once (on tokio's clock).
 #[tokio::test(start_paused = true)]
-async fn a_merged_follower_with_a_short_max_wait_leads_its_own_call_after_exactly_it() {
+async fn a_merged_follower_with_a_short_max_wait_leads_its_own_call_at_once() {
     let env = batch_and_interactive("4s", "max_wait = \"100ms\"").await;
     let queued = queue_a_batch_read(&env).await;
     let asked = Instant::now();
@@ -1007,19 +1007,24 @@ async fn a_merged_follower_with_a_short_max_wait_leads_its_own_call_after_exactl
         follower.header("cache-status")
     );
     assert!(
-        took >= Duration::from_millis(100) && took < Duration::from_millis(150),
-        "expected the follower to wait its own max_wait (100 ms) on the queued leader and no \
-         more, it took {took:?}"
+        took < Duration::from_millis(100),
+        "expected the follower to lead at once, as alone, not after waiting its max_wait \
+         (100 ms) on the queued leader; it took {took:?}"
     );
     let (batch, _) = queued.await.expect("queued task");
     assert_ok(&batch, "the batch client's queued read");
+    assert_eq!(
+        env.upstream_count(&format!("GET {}", contact(2))),
+        1,
+        "expected the queued batch read to take the follower's call"
+    );
     stop(env).await;
 }
 
-// The same follower whose own share is spent too: after its 100 ms it gets its own 429
-// with a true Retry-After, as alone it would have at once.
+// The same follower whose own share is spent too: it gets its own 429 with a true
+// Retry-After at once, as alone.
 #[tokio::test(start_paused = true)]
-async fn a_merged_follower_with_a_short_max_wait_gets_its_own_429_after_exactly_it() {
+async fn a_merged_follower_with_a_short_max_wait_gets_its_own_429_at_once() {
     let env = batch_and_interactive(
         "4s",
         "limit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"100ms\"",
@@ -1035,10 +1040,11 @@ async fn a_merged_follower_with_a_short_max_wait_gets_its_own_429_after_exactly_
     let took = asked.elapsed();
     let secs = assert_gateway_429(&follower, "the interactive client's merged read");
     assert!(
-        took < Duration::from_millis(150),
-        "expected the follower refused within its own max_wait (100 ms), it took {took:?}"
+        took < Duration::from_millis(100),
+        "expected the follower refused at once, as alone, not after its max_wait (100 ms); it \
+         took {took:?}"
     );
-    // Its next cell is about 4 s after its first read, 50 ms ago plus the 100 ms waited.
+    // Its next cell is about 4 s after its first read, 50 ms ago.
     assert!(
         (3..=4).contains(&secs),
         "expected Retry-After to name its own next cell, about 4 s away, saw {secs}"
@@ -1090,4 +1096,106 @@ async fn a_queued_read_takes_the_answer_of_an_identical_call_already_upstream() 
          asked), it took {waited:?}"
     );
     stop(env).await;
+}
+
+/// A global budget of one cell a second (two at most), a client `delta` whose own share
+/// (one cell per 4 s) is spent after one read, an interactive `alpha` with the global share
+/// only and a hasty `eps`; the simulator answers in 200 ms.
+async fn a_leader_queued_on_its_own_share() -> Arc<Env> {
+    let clients = format!(
+        "{}{}{}",
+        client_toml("alpha", ACCOUNT, "scopes = [\"read\"]"),
+        client_toml(
+            "delta",
+            READER,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"5s\"",
+        ),
+        client_toml("eps", WRITER, "scopes = [\"read\"]\nmax_wait = \"100ms\""),
+    );
+    let budget = "[budget]\nlimit = 3600\nperiod = \"1h\"\nburst = 2\nmax_wait = \"2s\"\n";
+    let env = common::start_with(
+        SimOptions::default(),
+        &clients,
+        &format!("{budget}{ROUTES}"),
+    )
+    .await;
+    env.sim.set_faults(Faults {
+        latency_ms: 200,
+        ..Faults::default()
+    });
+    Arc::new(env)
+}
+
+/// delta queues ~4 s for `path` on its own share; 150 ms later alpha reads the same path,
+/// and from 300 ms on eps spends every global cell on other paths. Alone, alpha would find
+/// a global cell free at once: merged behind delta it must not do worse.
+async fn a_follower_behind_a_leader_queued_on_its_own_share(path: &str) {
+    let env = a_leader_queued_on_its_own_share().await;
+    assert_ok(&env.get_as(READER, &contact(1)).await, "delta's first read");
+    let leader = {
+        let (env, path) = (env.clone(), path.to_string());
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let a = env.get_as(READER, &path).await;
+            (a, asked.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let follower = {
+        let (env, path) = (env.clone(), path.to_string());
+        tokio::spawn(async move {
+            let asked = Instant::now();
+            let a = env.get_as(ACCOUNT, &path).await;
+            (a, asked.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut eps = Vec::new();
+    for n in 0..19 {
+        eps.push(env.get_as(WRITER, &contact(100 + n)).await.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (alpha, took) = follower.await.expect("follower task");
+    assert_ok(&alpha, "alpha's read, merged behind delta's queued one");
+    assert!(
+        took < Duration::from_secs(1),
+        "expected alpha answered by its own free cell at once (200 ms upstream), not after \
+         waiting on delta's queue; it took {took:?} (Cache-Status {:?})",
+        alpha.header("cache-status")
+    );
+    let (delta, waited) = leader.await.expect("leader task");
+    assert_ok(&delta, "delta's queued read");
+    // `collapsed` on a cached route, `detail=merged` on one that is not.
+    let status = delta.header("cache-status");
+    assert!(
+        (status.contains("collapsed") || status.contains("detail=merged"))
+            && waited < Duration::from_secs(1),
+        "expected delta's queued read answered with alpha's call (merged, long before its \
+         ~4 s queue ended), saw Cache-Status {:?} after {waited:?}",
+        delta.header("cache-status")
+    );
+    assert_eq!(
+        env.upstream_count(&format!("GET {path}")),
+        1,
+        "expected one upstream call for {path}"
+    );
+    let admitted = eps.iter().filter(|s| **s == StatusCode::OK).count();
+    assert!(
+        admitted >= 1,
+        "expected eps to take global cells meanwhile, saw statuses {eps:?}"
+    );
+    stop(env).await;
+}
+
+// A follower merged behind a leader queued on its own share asks its own budget at once,
+// as alone: it leads the call, and the queued leader takes its answer (on tokio's clock).
+#[tokio::test(start_paused = true)]
+async fn a_follower_behind_a_queued_leader_leads_at_once_on_a_cached_route() {
+    a_follower_behind_a_leader_queued_on_its_own_share(&contact(2)).await;
+}
+
+// The same on a route that is not cached: the read is merged only while wanted.
+#[tokio::test(start_paused = true)]
+async fn a_follower_behind_a_queued_leader_leads_at_once_on_an_uncached_route() {
+    a_follower_behind_a_leader_queued_on_its_own_share("/me/connectedprofiles").await;
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 
 use tokio::sync::watch;
 
@@ -35,6 +35,10 @@ enum Stage {
 /// `None` until the fetch has produced its value.
 type Outcome<V> = Option<V>;
 type Flights<V> = Mutex<HashMap<String, Flying<V>>>;
+/// Set to the flight a fetch may take the value of instead of waiting on for its budget.
+type Displaced<V> = watch::Sender<Option<Flying<V>>>;
+/// Flights of a key run beside the one standing in the map, on their callers' own terms.
+type Rivals<V> = Mutex<Vec<Weak<Displaced<V>>>>;
 
 /// One fetch in flight as the map holds it.
 struct Flying<V> {
@@ -44,7 +48,10 @@ struct Flying<V> {
     wanted: Option<Arc<Wanted>>,
     /// Set, to the flight already on its way upstream, when that one took this one's place
     /// in the map: its value can be taken even after it has left the map.
-    displaced: Arc<watch::Sender<Option<Flying<V>>>>,
+    displaced: Arc<Displaced<V>>,
+    /// Flights of the key that followers of this one, still queued, started on their own
+    /// terms: whichever gets past its queue first answers the others.
+    rivals: Arc<Rivals<V>>,
 }
 
 impl<V> Clone for Flying<V> {
@@ -54,8 +61,48 @@ impl<V> Clone for Flying<V> {
             stage: self.stage.clone(),
             wanted: self.wanted.clone(),
             displaced: Arc::clone(&self.displaced),
+            rivals: Arc::clone(&self.rivals),
         }
     }
+}
+
+impl<V> Flying<V> {
+    /// Makes `rival`, a flight of this one's key outside the map, take this one's value once
+    /// this one is past its queue (at once if it is): a follower that went its own way need
+    /// not spend its budget when the leader it left gets there first.
+    fn add_rival(&self, rival: &Flying<V>) {
+        let mut rivals = lock(&self.rivals);
+        // Read under the lock `sent` takes after setting the stage: a rival is either
+        // listed before the stage moves, or sees that it has.
+        if *self.stage.borrow() == Stage::Sent {
+            drop(rivals);
+            displace(&rival.displaced, self);
+        } else {
+            rivals.retain(|r| r.strong_count() > 0);
+            rivals.push(Arc::downgrade(&rival.displaced));
+        }
+    }
+
+    /// Hands `by`, a flight on its way upstream, to every rival of this one.
+    fn displace_rivals(&self, by: &Flying<V>) {
+        let rivals = std::mem::take(&mut *lock(&self.rivals));
+        for rival in rivals.iter().filter_map(Weak::upgrade) {
+            if !Arc::ptr_eq(&rival, &by.displaced) {
+                displace(&rival, by);
+            }
+        }
+    }
+}
+
+/// Points a fetch still waiting for its budget at `by`, unless it was pointed elsewhere.
+fn displace<V>(displaced: &Displaced<V>, by: &Flying<V>) {
+    displaced.send_if_modified(|d| {
+        let first = d.is_none();
+        if first {
+            *d = Some(by.clone());
+        }
+        first
+    });
 }
 
 /// The callers still waiting for a fetch that runs only while wanted. Counted under the
@@ -163,9 +210,13 @@ impl<V> Progress<V> {
         });
     }
 
-    /// The fetch is past its queue and on its way upstream.
+    /// The fetch is past its queue and on its way upstream: its rivals still queued take
+    /// its value.
     pub fn sent(&self) {
         self.stage.send_replace(Stage::Sent);
+        if let Some(place) = &self.place {
+            place.own.displace_rivals(&place.own);
+        }
     }
 }
 
@@ -201,6 +252,7 @@ impl<V: Clone + Send + Sync + 'static> Progress<V> {
             other => {
                 if let Some(queued) = other {
                     queued.displaced.send_replace(Some(place.own.clone()));
+                    queued.displace_rivals(&place.own);
                 }
                 flights.insert(place.key.clone(), place.own.clone());
                 None
@@ -209,8 +261,9 @@ impl<V: Clone + Send + Sync + 'static> Progress<V> {
     }
 
     /// Resolves, while this fetch still waits for its budget, once a flight of its key on
-    /// its way upstream has taken its place in the map: that one to join. Never resolves
-    /// for a fetch outside any flight.
+    /// its way upstream has taken its place in the map, or (for a flight of
+    /// [`Merger::run_own`]) once the flight it ran beside got past its queue: that one to
+    /// join. Never resolves for a fetch outside any flight.
     pub async fn displaced(&self) -> Peer<V> {
         let Some(place) = self.place.as_ref() else {
             return std::future::pending().await;
@@ -309,10 +362,10 @@ impl<V> Default for Merger<V> {
     }
 }
 
-fn lock<V>(flights: &Flights<V>) -> MutexGuard<'_, HashMap<String, Flying<V>>> {
-    // The map is only touched by single insert/remove calls, which leave it consistent
-    // even if a panic (an allocation failure) poisoned the lock.
-    flights.lock().unwrap_or_else(PoisonError::into_inner)
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The map and the rival lists are only touched by single insert, remove or push calls,
+    // which leave them consistent even if a panic (an allocation failure) poisoned a lock.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl<V: Clone + Send + Sync + 'static> Merger<V> {
@@ -386,8 +439,9 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     /// Runs `build`'s fetch for `key` as a flight of its own, outside the map until it is
     /// past its queue (it then takes the key's place, or joins a flight already sent: see
     /// [`Progress::take_place`]): for a follower that gave up on a queued leader, or whose
-    /// leader's budget refused it. Like a leader's, the fetch runs on when the caller hangs
-    /// up, unless `only_while_wanted`.
+    /// leader's budget refused it. The flight standing for the key, if it gets past its
+    /// queue first, displaces this one ([`Progress::displaced`]). Like a leader's, the fetch
+    /// runs on when the caller hangs up, unless `only_while_wanted`.
     pub async fn run_own<B, F>(
         &self,
         key: String,
@@ -443,7 +497,8 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     }
 
     /// Spawns the flight running `build`'s fetch for `key`, in the map at once when
-    /// `listed`. Called with the map locked, so the entry and its task are one step.
+    /// `listed`, else a rival of the flight standing there. Called with the map locked, so
+    /// the entry and its task are one step.
     fn fly<B, F>(
         &self,
         flights: &mut HashMap<String, Flying<V>>,
@@ -469,9 +524,12 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
             stage: stage.clone(),
             wanted: wanted.clone(),
             displaced: Arc::new(watch::channel(None).0),
+            rivals: Arc::default(),
         };
         if listed {
             flights.insert(key.clone(), own.clone());
+        } else if let Some(standing) = flights.get(&key) {
+            standing.add_rival(&own);
         }
         let waiting = wanted.as_ref().map(|wanted| Waiting {
             flights: Arc::clone(&self.flights),

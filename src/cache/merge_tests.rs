@@ -440,3 +440,167 @@ async fn a_flight_let_through_after_another_joins_it() {
     );
     leader.await.expect("leader task").expect("leader");
 }
+
+/// A fetch as the read path makes it: queued for `queue` by its own budget unless a flight
+/// of its key gets past its queue first (it then takes that one's value), then sent
+/// upstream for `call`, answering `value`. `spent` counts the fetches that went upstream.
+fn budgeted(
+    spent: &Arc<AtomicUsize>,
+    queue: Duration,
+    call: Duration,
+    value: u32,
+) -> impl FnOnce(Progress<u32>) -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
+    let spent = Arc::clone(spent);
+    move |progress: Progress<u32>| {
+        Box::pin(async move {
+            if !queue.is_zero() {
+                progress.queued();
+                tokio::select! {
+                    () = tokio::time::sleep(queue) => {}
+                    peer = progress.displaced() => return peer.value().await.unwrap_or(0),
+                }
+            }
+            progress.sent();
+            if let Some(peer) = progress.take_place() {
+                return peer.value().await.unwrap_or(0);
+            }
+            spent.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(call).await;
+            value
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_gone_its_own_way_takes_the_value_of_a_leader_let_through_first() {
+    let merger = Merger::<u32>::new();
+    let spent = Arc::new(AtomicUsize::new(0));
+    let secs = Duration::from_secs;
+    let leader = {
+        let (merger, build) = (merger.clone(), budgeted(&spent, secs(1), secs(1), 1));
+        tokio::spawn(async move {
+            merger
+                .run_patient("k".into(), build, Duration::MAX, false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let asked = tokio::time::Instant::now();
+    // With no patience it gets its fetch back at once, and its own budget would queue it
+    // 5 s: the leader, let through after 1 s, answers it instead.
+    let joined = merger
+        .run_patient(
+            "k".into(),
+            budgeted(&spent, secs(5), secs(1), 2),
+            Duration::ZERO,
+            false,
+        )
+        .await
+        .expect("joined");
+    let Joined::Impatient(own) = joined else {
+        panic!(
+            "expected the follower's own fetch back at once, saw {}",
+            kind(&joined)
+        );
+    };
+    assert_eq!(
+        asked.elapsed(),
+        Duration::ZERO,
+        "expected no wait on the queued leader"
+    );
+    let value = merger.run_own("k".into(), own, false).await.expect("own");
+    let waited = asked.elapsed();
+    assert_eq!(value, 1, "expected the leader's value, saw {value}");
+    assert_eq!(
+        waited,
+        secs(2),
+        "expected the answer when the leader's call ended (1 s queued, 1 s upstream), not \
+         after its own 5 s queue: it came after {waited:?}"
+    );
+    let calls = spent.load(Ordering::SeqCst);
+    assert_eq!(calls, 1, "expected one call upstream, saw {calls}");
+    let led = leader.await.expect("leader task").expect("leader");
+    assert!(
+        matches!(led, Joined::Led(1)),
+        "expected the leader's own value, saw {}",
+        kind(&led)
+    );
+    assert_eq!(merger.in_flight(), 0, "expected every key freed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_flight_past_its_queue_answers_the_queued_leader_and_every_rival() {
+    let merger = Merger::<u32>::new();
+    let spent = Arc::new(AtomicUsize::new(0));
+    let secs = Duration::from_secs;
+    let leader = {
+        let (merger, build) = (merger.clone(), budgeted(&spent, secs(10), secs(1), 1));
+        tokio::spawn(async move {
+            merger
+                .run_patient("k".into(), build, Duration::MAX, false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let asked = tokio::time::Instant::now();
+    // Two followers go their own way while the leader is queued: one is let through at
+    // once, the other would queue 5 s.
+    let rival = |queue: Duration, value: u32| {
+        let (merger, build) = (merger.clone(), budgeted(&spent, queue, secs(1), value));
+        tokio::spawn(async move { merger.run_own("k".into(), build, false).await })
+    };
+    let slow = rival(secs(5), 3);
+    tokio::task::yield_now().await;
+    let fast = rival(Duration::ZERO, 2);
+    let fast = fast.await.expect("fast task").expect("fast");
+    let slow = slow.await.expect("slow task").expect("slow");
+    let waited = asked.elapsed();
+    assert_eq!(
+        (fast, slow),
+        (2, 2),
+        "expected both rivals answered by the call let through"
+    );
+    assert_eq!(
+        waited,
+        secs(1),
+        "expected the slow rival answered with that call, after {waited:?}"
+    );
+    let led = leader.await.expect("leader task").expect("leader");
+    assert!(
+        matches!(led, Joined::Led(2)),
+        "expected the queued leader to take the call let through, saw {}",
+        kind(&led)
+    );
+    let calls = spent.load(Ordering::SeqCst);
+    assert_eq!(calls, 1, "expected one call upstream, saw {calls}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_flight_started_beside_one_already_let_through_takes_its_value_at_once() {
+    let merger = Merger::<u32>::new();
+    let spent = Arc::new(AtomicUsize::new(0));
+    let secs = Duration::from_secs;
+    let leader = {
+        let (merger, build) = (merger.clone(), budgeted(&spent, Duration::ZERO, secs(1), 1));
+        tokio::spawn(async move {
+            merger
+                .run_patient("k".into(), build, Duration::MAX, false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let asked = tokio::time::Instant::now();
+    let value = merger
+        .run_own("k".into(), budgeted(&spent, secs(5), secs(1), 2), false)
+        .await
+        .expect("own");
+    let waited = asked.elapsed();
+    assert_eq!(
+        (value, waited),
+        (1, secs(1)),
+        "expected the leader's value when its call ended"
+    );
+    leader.await.expect("leader task").expect("leader");
+    let calls = spent.load(Ordering::SeqCst);
+    assert_eq!(calls, 1, "expected one call upstream, saw {calls}");
+}

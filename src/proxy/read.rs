@@ -302,12 +302,13 @@ impl Gateway {
             }
         }
         let call = upstream_get(&make_call);
-        // A follower's own terms: it waits behind another client's budget queue no longer
-        // than its own max_wait, and a leader's refusal is not its refusal. Its deadline
-        // counts from its arrival: whatever it runs itself afterwards (its own call, or a
-        // flight of its own variant) waits only for the rest.
+        // A follower's own terms: behind a flight still queued for another client's budget
+        // it asks its own budget at once, as it would alone, and the first of the two past
+        // its queue answers both (see `Merger::run_own`); a leader's refusal is not its
+        // refusal. Its deadline counts from its arrival: whatever it runs itself afterwards
+        // (its own call, or a flight of its own variant) waits only for the rest.
         let arrived = tokio::time::Instant::now();
-        let patience = max_wait_of(&call.state.config, &call.client);
+        let patience = std::time::Duration::ZERO;
         let fetch = self.fetch_and_store(key.clone(), since.clone(), route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
@@ -332,11 +333,10 @@ impl Gateway {
                 };
                 let call = upstream_get(&make_call);
                 let fetch = self.fetch_and_store(key, since, route, call, Some(arrived));
-                let left = patience.saturating_sub(arrived.elapsed());
                 flight_key.clone_from(&own);
                 shared = inner
                     .merger
-                    .run_patient(own, fetch, left, only_while_wanted)
+                    .run_patient(own, fetch, patience, only_while_wanted)
                     .await;
             }
         }
@@ -694,7 +694,9 @@ enum Turn {
 
 /// The answer of `peer` (another flight of the same key, sent upstream) for a request with
 /// `request` headers that waited `waited` for budget; `None` when it cannot serve it (its
-/// answer varies on a header this request sent otherwise) or it ended without a value.
+/// answer varies on a header this request sent otherwise, or it was refused for budget:
+/// as for a merged follower, that is no refusal of this request) or it ended without a
+/// value.
 async fn peer_answer(
     peer: Peer<Shared>,
     request: &HeaderMap,
@@ -708,8 +710,11 @@ async fn peer_answer(
                 .serves(&mine)
                 .then(|| Ok(Arc::new(answer.merged(waited))))
         }
-        // Its call was sent: what went wrong there (the upstream's limit, a timeout) would
-        // go wrong for this one too.
+        // A peer waiting for another replica's fill counts as sent, and may still be refused
+        // by its own budget after; an upstream pause, this request's budget knows too.
+        Err(e) if matches!(*e, GatewayError::RateLimited { .. }) => None,
+        // Its call was sent: what went wrong there (a timeout, an unreachable upstream)
+        // would go wrong for this one too.
         Err(e) => Some(Err(e)),
     }
 }
