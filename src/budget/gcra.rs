@@ -1,16 +1,6 @@
 //! Cell-rate arithmetic (GCRA in its virtual-scheduling form) for one share, and the clock
-//! every share reads.
-//!
-//! governor's limiter answers one question: "take n cells now, or say when". The budget needs
-//! three more: *peek* (refuse a request on one share without spending the other), *reserve*
-//! a future slot (so a queue is simply the order of reservations, and a newcomer's wait is
-//! known exactly), and *give back* the cells of a request that never went. So the state, one
-//! theoretical arrival time (TAT), is kept here; the parameters come from governor's `Quota`,
-//! time from governor's `Clock` trait, and a test checks every decision against governor's
-//! own limiter. All times are nanoseconds since the clock's origin.
-//!
-//! Invariant: every call for a share happens under the budget's one mutex, so "look, then
-//! take" is a single step and concurrent callers cannot both see the last cell.
+//! every share reads. Kept here rather than in governor's limiter because the budget must
+//! peek, reserve ahead and give back, which governor does not offer; [`Gcra`] says how.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -74,6 +64,17 @@ pub(crate) struct Slot {
 }
 
 /// One share's GCRA state.
+///
+/// governor's limiter answers one question: "take n cells now, or say when". The budget needs
+/// three more: *peek* (refuse a request on one share without spending the other), *reserve*
+/// a future slot (so a queue is simply the order of reservations, and a newcomer's wait is
+/// known exactly), and *give back* the cells of a request that never went. So the state, one
+/// theoretical arrival time (TAT), is kept here; the parameters come from governor's `Quota`,
+/// time from governor's `Clock` trait, and a test checks every decision against governor's
+/// own limiter. All times are nanoseconds since the clock's origin.
+///
+/// Invariant: every call for a share happens under the budget's one mutex, so "look, then
+/// take" is a single step and concurrent callers cannot both see the last cell.
 #[derive(Debug, Clone)]
 pub(crate) struct Gcra {
     /// Emission interval: one cell returns every `t` ns.

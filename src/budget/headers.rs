@@ -1,13 +1,6 @@
 //! The `RateLimit-Policy` and `RateLimit` response fields (draft-ietf-httpapi-ratelimit-headers,
-//! revisions 08 to 11).
-//!
-//! Both are Structured Field Lists (RFC 9651) whose members are quoted policy names with
-//! parameters: the policy says `q` (quota units) per `w` (window, seconds); the live field says
-//! `r` (units remaining) and `t` (seconds until the quota restores). The older
-//! `RateLimit-Limit`/`-Remaining`/`-Reset` trio and the unquoted-token form of drafts 07 and
-//! earlier are not sent. A GCRA quota does not reset in one step: it returns one cell every
-//! `w / q` seconds, so `t` is the time until the next cell comes back (0 when the burst is
-//! full), which is exactly when a client that got `r=0` may try again.
+//! revisions 08 to 11), so clients can pace themselves by the share that limits them;
+//! [`policy`] and [`state`] say what each member means.
 
 use std::time::Duration;
 
@@ -15,6 +8,14 @@ use http::HeaderValue;
 
 /// `"<name>";q=<limit>;w=<period seconds>`. The window is rounded up to whole seconds, as
 /// `w` is an Integer, and is at least 1.
+///
+/// Both are Structured Field Lists (RFC 9651) whose members are quoted policy names with
+/// parameters: the policy says `q` (quota units) per `w` (window, seconds); the live field says
+/// `r` (units remaining) and `t` (seconds until the quota restores). The older
+/// `RateLimit-Limit`/`-Remaining`/`-Reset` trio and the unquoted-token form of drafts 07 and
+/// earlier are not sent. A GCRA quota does not reset in one step: it returns one cell every
+/// `w / q` seconds, so `t` is the time until the next cell comes back (0 when the burst is
+/// full), which is exactly when a client that got `r=0` may try again.
 pub(crate) fn policy(name: &'static str, limit: u32, period: Duration) -> HeaderValue {
     let window = whole_seconds(period).max(1);
     value(format!("\"{name}\";q={limit};w={window}"))

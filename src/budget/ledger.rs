@@ -1,22 +1,6 @@
-//! The budget's whole state, kept under one mutex, and the admission decisions made on it.
-//!
-//! A request spends cells of two shares, its client's own (if it has one) and the global one,
-//! and must also pass the upstream's word. The decision is taken in at most two steps, each a
-//! single critical section with no `.await` inside:
-//! 1. `arrive_since`: refuse at once if any of the three would make it wait past its `max_wait`
-//!    (nothing is spent then); if its own share is free, reserve both shares now; otherwise
-//!    reserve only its own share's slot and come back then.
-//! 2. `cross` (only after waiting for its own share): reserve the global share. Other clients
-//!    may have filled the global queue meanwhile, so this can still refuse; the client's cells
-//!    are then given back if nothing was reserved after them. Only that case can burn cells.
-//!
-//! Either step answers "come back later" while a call out decides what may go (the one sent
-//! to learn what the upstream has left, or the blind pause's probe, see `upstream`), or when
-//! the probe is due within the caller's `max_wait`: nothing is reserved then, and the caller
-//! waits for it.
-//!
-//! Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
-//! a slot booked ahead would leave every free cell before it unusable by other clients.
+//! The budget's whole state, kept under one mutex, and the admission decisions made on it:
+//! one lock, so no interleaving of callers admits more than a share allows. [`Ledger`] says
+//! how a decision is taken in at most two critical sections.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -37,6 +21,23 @@ pub(crate) struct Client {
     pub(crate) priority: Priority,
 }
 
+/// A request spends cells of two shares, its client's own (if it has one) and the global one,
+/// and must also pass the upstream's word. The decision is taken in at most two steps, each a
+/// single critical section with no `.await` inside:
+/// 1. `arrive_since`: refuse at once if any of the three would make it wait past its `max_wait`
+///    (nothing is spent then); if its own share is free, reserve both shares now; otherwise
+///    reserve only its own share's slot and come back then.
+/// 2. `cross` (only after waiting for its own share): reserve the global share. Other clients
+///    may have filled the global queue meanwhile, so this can still refuse; the client's cells
+///    are then given back if nothing was reserved after them. Only that case can burn cells.
+///
+/// Either step answers "come back later" while a call out decides what may go (the one sent
+/// to learn what the upstream has left, or the blind pause's probe, see `upstream`), or when
+/// the probe is due within the caller's `max_wait`: nothing is reserved then, and the caller
+/// waits for it.
+///
+/// Why not reserve the global slot at arrival for the later time? One TAT cannot hold a gap:
+/// a slot booked ahead would leave every free cell before it unusable by other clients.
 pub(crate) struct Ledger {
     pub(crate) global: Gcra,
     pub(crate) global_share: Share,

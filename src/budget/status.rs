@@ -1,10 +1,6 @@
 //! What the budget shows outside: the rate-limit response fields for one client, and the
-//! budget part of `/admin/status`.
-//!
-//! Both read the shares without spending (GCRA state is a timestamp, so "remaining now" is
-//! arithmetic). A client is shown the share that limits it: its own if it has one, else the
-//! global share as its priority sees it (a batch client does not see the interactive reserve).
-//! The upstream's word overrides both: while paused, nothing remains.
+//! budget part of `/admin/status`, read from the shares without spending; [`view`] says
+//! which share a client is shown.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,6 +21,10 @@ struct View<'a> {
     next_cell: u64,
 }
 
+/// Both read the shares without spending (GCRA state is a timestamp, so "remaining now" is
+/// arithmetic). A client is shown the share that limits it: its own if it has one, else the
+/// global share as its priority sees it (a batch client does not see the interactive reserve).
+/// The upstream's word overrides both: while paused, nothing remains.
 fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
     let known = ledger.clients.get(client);
     let own = known.and_then(|c| c.share.as_ref().zip(c.policy.as_ref()));

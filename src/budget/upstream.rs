@@ -1,34 +1,7 @@
-//! What the upstream says about its own limit, and the pause that follows from it.
-//!
-//! The local shares are a model of the upstream's limit; the upstream's own answers are the
-//! truth. The limit is reached when the upstream says so in any of its forms: a 429, the real
-//! API's 400 with `"error": "rate_limit_reached"`, or `X-RateLimit-Remaining: 0`. Each pauses
-//! all sending until `Retry-After` or `X-RateLimit-Reset`; with neither, until a minute has
-//! passed (never longer than the window), and then one probe goes alone: its answer lifts the
-//! pause or renews it. Every other `Remaining` sets the window's count: never more calls
-//! out than the upstream's `Remaining` allows. Calls are counted upstream in another order
-//! than they were sent and answered, so the count is the lowest `Remaining` reported in the
-//! window, and what may go is that less every call still out, those sent before the report
-//! too (one already counted is subtracted twice only until it lands; as every call lands or
-//! fails, and every landing looks again, this never stalls).
-//! An allowance our own calls out have used up is no pause: the next call waits for one of
-//! them to land (within its `max_wait`), as only the upstream's word starts a pause.
-//! Until the first answer that is not a limit answer, nothing is known of what the upstream
-//! has left (another process may have spent it): one call goes alone and its answer decides,
-//! as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
-//! Invariants: every admitted call takes a sequence number; within a window a report only
-//! lowers the count, except one from a call sent while none other was out and answered
-//! before any later-sent call (it counts everything before it); a call that fails
-//! unanswered comes off the count (it may have been counted); the count shown is the
-//! latest-sent call's report; a window ends at the latest reset named for it, never
-//! before, and a report of an earlier window says nothing of the current one; a report
-//! only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
-//! except the probe's own answer; while the probe is out the others wait for it; no pause is
-//! longer than the upstream's window (the longest reset it has named). A reset passing does
-//! not make the count unknown again: the window that starts then holds the learnt limit,
-//! less the calls still out, and no more, whatever the shares allow.
-//! Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
-//! turned into that clock once, when they arrive.
+//! What the upstream says about its own limit, and the pause that follows from it: the
+//! local shares are a model of the upstream's limit, its own answers are the truth. So the
+//! gateway never has more calls out than the upstream's `Remaining` allows, and stops when
+//! it says stop. [`Upstream`] has the rules and their invariants.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -82,6 +55,35 @@ struct Rolled {
     at: u64,
 }
 
+/// The local shares are a model of the upstream's limit; the upstream's own answers are the
+/// truth. The limit is reached when the upstream says so in any of its forms: a 429, the real
+/// API's 400 with `"error": "rate_limit_reached"`, or `X-RateLimit-Remaining: 0`. Each pauses
+/// all sending until `Retry-After` or `X-RateLimit-Reset`; with neither, until a minute has
+/// passed (never longer than the window), and then one probe goes alone: its answer lifts the
+/// pause or renews it. Every other `Remaining` sets the window's count: never more calls
+/// out than the upstream's `Remaining` allows. Calls are counted upstream in another order
+/// than they were sent and answered, so the count is the lowest `Remaining` reported in the
+/// window, and what may go is that less every call still out, those sent before the report
+/// too (one already counted is subtracted twice only until it lands; as every call lands or
+/// fails, and every landing looks again, this never stalls).
+/// An allowance our own calls out have used up is no pause: the next call waits for one of
+/// them to land (within its `max_wait`), as only the upstream's word starts a pause.
+/// Until the first answer that is not a limit answer, nothing is known of what the upstream
+/// has left (another process may have spent it): one call goes alone and its answer decides,
+/// as an allowance, or (no `Remaining` in it) by leaving the pacing to the shares.
+/// Invariants: every admitted call takes a sequence number; within a window a report only
+/// lowers the count, except one from a call sent while none other was out and answered
+/// before any later-sent call (it counts everything before it); a call that fails
+/// unanswered comes off the count (it may have been counted); the count shown is the
+/// latest-sent call's report; a window ends at the latest reset named for it, never
+/// before, and a report of an earlier window says nothing of the current one; a report
+/// only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
+/// except the probe's own answer; while the probe is out the others wait for it; no pause is
+/// longer than the upstream's window (the longest reset it has named). A reset passing does
+/// not make the count unknown again: the window that starts then holds the learnt limit,
+/// less the calls still out, and no more, whatever the shares allow.
+/// Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
+/// turned into that clock once, when they arrive.
 #[derive(Debug, Default)]
 pub(crate) struct Upstream {
     pause_until: Option<u64>,

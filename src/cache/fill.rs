@@ -1,13 +1,6 @@
 //! Fills merged across replicas: identical misses in flight on different replicas make one
-//! upstream call, as [`super::Merger`] makes one within a replica.
-//!
-//! The replica whose miss comes first takes a short lock per cache key in Redis (`SET NX
-//! PX`, extended while its fetch runs, deleted once its answer is in the shared tier); the
-//! others poll the shared entry until it appears, and take the lock over when it goes
-//! without one (the holder died and its lock expired, or its answer was not storable). Redis
-//! slow or gone, or a wait that runs out: the caller fetches alone, merged with its own
-//! replica's requests only. Lock keys are cache keys (which never hold a token); their
-//! values are replica ids.
+//! upstream call, as [`super::Merger`] makes one within a replica, so scaling out does not
+//! multiply cold fetches. [`FillLock`] says how the lock is taken, waited for and taken over.
 
 use std::time::Duration;
 
@@ -40,6 +33,14 @@ pub enum Fill {
 }
 
 /// The fill lock of one key, held by this replica; dropping it releases it too (in a task).
+///
+/// The replica whose miss comes first takes a short lock per cache key in Redis (`SET NX
+/// PX`, extended while its fetch runs, deleted once its answer is in the shared tier); the
+/// others poll the shared entry until it appears, and take the lock over when it goes
+/// without one (the holder died and its lock expired, or its answer was not storable). Redis
+/// slow or gone, or a wait that runs out: the caller fetches alone, merged with its own
+/// replica's requests only. Lock keys are cache keys (which never hold a token); their
+/// values are replica ids.
 #[derive(Debug)]
 pub struct FillLock {
     tier: SharedTier,

@@ -1,10 +1,6 @@
-//! The shared cache tier: entries in the replicas' Redis, behind each replica's memory store.
-//!
-//! A miss in memory reads Redis once (the entry and the generations that guard it, one
-//! `MGET`); an answer fetched upstream is written for every replica by a script that first
-//! checks those generations. Invalidations bump them, so a read in flight elsewhere across a
-//! write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
-//! and any failure means "memory only": the caller falls back, never waits longer.
+//! The shared cache tier: entries in the replicas' Redis, behind each replica's memory store,
+//! so an answer one replica fetched serves them all and a restarted replica starts warm.
+//! [`SharedTier`] says how reads, writes and invalidations stay exact.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +80,12 @@ pub struct Found {
 }
 
 /// The shared tier of one replica. Cheap to clone.
+///
+/// A miss in memory reads Redis once (the entry and the generations that guard it, one
+/// `MGET`); an answer fetched upstream is written for every replica by a script that first
+/// checks those generations. Invalidations bump them, so a read in flight elsewhere across a
+/// write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
+/// and any failure means "memory only": the caller falls back, never waits longer.
 #[derive(Clone)]
 pub struct SharedTier {
     redis: Redis,

@@ -1,13 +1,6 @@
-//! The request pipeline: everything between a client's request and its answer.
-//!
-//! [`Gateway::handle`] sends each request through the tower layers of [`layer`] (request id,
-//! timeout, the one rescue point for errors, rate-limit and cache headers, metrics, access
-//! log). Inside them [`Gateway::pipeline`] runs the domain steps as plain async code, since
-//! each needs the one before's result, in their one order: check target and account spelling
-//! → authenticate (reading a form body first when the key may be a field of it) → route →
-//! authorise → read body (key fields out) → cache and merge → budget → token → upstream →
-//! rewrite. A fresh hit takes the same steps as plain calls ([`Gateway::fresh_hit`]) and
-//! never enters it, so the layers wrap a small future.
+//! The request pipeline: everything between a client's request and its answer, in one
+//! place and one order. [`Gateway::handle`] sends each request through the tower layers of
+//! `layer` (the cross-cutting concerns) around `Gateway::pipeline` (the domain steps).
 
 mod buffers;
 mod call;
@@ -277,7 +270,12 @@ impl Gateway {
         }
     }
 
-    /// The domain steps, in order.
+    /// The domain steps, as plain async code since each needs the one before's result, in
+    /// their one order: check target and account spelling → authenticate (reading a form
+    /// body first when the key may be a field of it) → route → authorise → read body (key
+    /// fields out) → cache and merge → budget → token → upstream → rewrite. A fresh hit
+    /// takes the same steps as plain calls (`Gateway::fresh_hit`) and never enters it, so
+    /// the layers wrap a small future.
     async fn pipeline<B>(
         &self,
         state: &Arc<State>,
