@@ -501,6 +501,22 @@ impl Gateway {
                               since: Since,
                               rule: Option<Rule>,
                               progress: Progress<Shared>| async move {
+                // Between this read's lookup and its joining the map, a flight of the key may
+                // have ended and stored its answer: that entry answers, and no budget is
+                // asked (a spent budget must not refuse what the cache holds).
+                if rule.is_some() && !no_cache && !no_store {
+                    let now = Instant::now();
+                    if let Some(entry) = gateway
+                        .inner
+                        .cache
+                        .recheck(&key, &call.headers)
+                        .filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                    {
+                        let answer =
+                            Answer::from_cache(entry, std::time::Duration::ZERO, &call.headers);
+                        return Ok(Arc::new(answer));
+                    }
+                }
                 // A peer is tried once: when it gives nothing this call can use (another
                 // variant, or it ended without a value), the call goes on its own terms.
                 let mut tried_peer = false;
