@@ -789,6 +789,9 @@ async fn a_reload_names_every_token_and_server_setting_that_needs_a_restart() {
         "client_id = \"other-client\"",
     );
     let text = edited(&text, "shutdown_grace = \"2s\"", "shutdown_grace = \"9s\"");
+    // A file that exists, so the change is one a restart could start on.
+    std::fs::copy(env.dir.join("token.json"), env.dir.join("token-moved.json"))
+        .expect("copy the token file");
     let text = edited(&text, "token.json", "token-moved.json");
     write_config(&config_path(&env), &text);
     let answer = admin_reload(&env).await;
@@ -1183,5 +1186,40 @@ async fn a_reload_that_changes_the_public_base_drops_answers_linking_the_old_one
         "expected the notes to say the cached answers were dropped, saw {}",
         answer.json()["notes"]
     );
+    env.stop().await;
+}
+
+/// A reload refuses a new token file `run` could not start on, and a variable the file
+/// names that is not set, as `run` would; the running configuration stays.
+#[tokio::test]
+async fn a_reload_refuses_a_new_token_file_or_variable_run_would_refuse() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let cases = [
+        (
+            "token.file",
+            edited(&good, "token.json", "no-such-token.json"),
+        ),
+        (
+            "token.oauth.client_secret_env",
+            edited(
+                &good,
+                "client_secret_env = \"",
+                "client_secret_env = \"CXGATE_TEST_NEVER_SET_",
+            ),
+        ),
+    ];
+    for (key, text) in cases {
+        write_config(&config_path(&env), &text);
+        let answer = admin_reload(&env).await;
+        let body = answer.json();
+        assert!(
+            answer.status == StatusCode::BAD_REQUEST && body["problems"].to_string().contains(key),
+            "{key}: expected 400 naming it, saw {} {body}",
+            answer.status
+        );
+    }
+    write_config(&config_path(&env), &good);
+    assert_reloaded(&admin_reload(&env).await, "the good file again");
     env.stop().await;
 }

@@ -118,12 +118,22 @@ pub async fn reload(
     // Everything that can fail is tried before anything is applied. A file `cxgate run`
     // would refuse is refused here too, restart-only settings included: a reload must not
     // answer "restart to apply it" for a file the restart cannot start on. A token file
-    // that cannot be read is the exception: the held token stays (see below).
+    // that cannot be read is the exception while it is the running one: the held token
+    // stays (see below).
     let (problems, _) = preflight(&next, &secrets);
-    let problems: Vec<String> = problems
+    let same_file = next.token.file == current.token.file;
+    let mut problems: Vec<String> = problems
         .into_iter()
-        .filter(|p| !p.starts_with("token.file:"))
+        .filter(|p| !(same_file && p.starts_with("token.file:")))
         .collect();
+    // The variables the file names must be set, as `run` needs them: the environment a
+    // reload reads is the one a restart of this process would have.
+    problems.extend(
+        secrets
+            .unset(&next)
+            .into_iter()
+            .map(|(key, name)| format!("{key}: ${name} is not set")),
+    );
     if !problems.is_empty() {
         return Err(problems);
     }
