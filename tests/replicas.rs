@@ -2932,3 +2932,95 @@ async fn a_replica_without_a_call_falls_back_to_its_previous_token_file() {
     assert_eq!(record_access(&c).await, ACCESS, "expected it offered back");
     c.stop().await;
 }
+
+/// The tampered record's token reached the token file, and the gateway restarted before any
+/// request showed it bad: the file says its token came from the record unaccepted, so the
+/// restarted gateway still goes back to `token.json.prev` and its first request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_token_adopted_before_a_restart_still_falls_back_to_the_previous_file() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let tampered = [
+        serde_json::json!({"access_token": "made-up-access", "refresh_token": "made-up-refresh", "expires_at": "2099-01-01T00:00:00Z"}),
+        serde_json::json!({"access_token": "made-up-access", "refresh_token": "made-up-refresh"}),
+    ];
+    for token in tampered {
+        let Some(mut c) = cluster(1, SimOptions::default(), budget).await else {
+            return;
+        };
+        tokio::time::sleep(WATCHES).await;
+        let version = record_version(&c).await;
+        set_record(&c, version + 1, token.clone()).await;
+        assert!(
+            eventually(Duration::from_secs(10), || token_file(&c, 0)
+                ["access_token"]
+                == "made-up-access")
+            .await,
+            "{token}: expected the tampered record adopted (the setup of this test)"
+        );
+        c.restart_replica(0).await;
+        let answer = c.get(0, "/me/permissions").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "{token}: expected the restarted replica back on its previous token file's token, \
+             saw {answer:?}"
+        );
+        let file = token_file(&c, 0);
+        assert_eq!(
+            (
+                file["access_token"].as_str(),
+                file["refresh_token"].as_str()
+            ),
+            (Some(ACCESS), Some(REFRESH)),
+            "{token}: expected the previous token restored to the file"
+        );
+        let ready = c.admin(0, Method::GET, "/readyz", "").await;
+        assert_eq!(ready.status, StatusCode::OK, "{token}: saw {ready:?}");
+        assert_eq!(record_access(&c).await, ACCESS, "expected it offered back");
+        c.stop().await;
+    }
+}
+
+/// A token adopted from the record that the upstream then accepts loses its mark in the
+/// token file: after a restart it is a working token like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_token_accepted_upstream_is_unmarked_in_the_token_file() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let sim = SimOptions {
+        token_ttl: Duration::from_secs(8),
+        ..SimOptions::default()
+    };
+    let Some(c) = cluster(2, sim, budget).await else {
+        return;
+    };
+    // Both tokens live 8 s and are refreshed 1 s ahead: one replica refreshes, the other
+    // adopts its token from the record.
+    let answer = c.get(0, "/me/permissions").await;
+    assert_eq!(answer.status, StatusCode::OK, "a first call with the token");
+    let marked = |i: usize| {
+        let file = token_file(&c, i);
+        file["access_token"] != ACCESS && file["adopted_unconfirmed"] == true
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || marked(0) || marked(1)).await,
+        "expected a replica to adopt the other's refreshed token, marked: {} {}",
+        token_file(&c, 0),
+        token_file(&c, 1)
+    );
+    let i = usize::from(marked(1));
+    let adopted = token_file(&c, i)["access_token"].clone();
+    let answer = c.get(i, "/12345/inbox/contact/twitter/adopted").await;
+    assert_eq!(answer.status, StatusCode::OK, "saw {answer:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let file = token_file(&c, i);
+            file["access_token"] == adopted && file.get("adopted_unconfirmed").is_none()
+        })
+        .await,
+        "expected the mark gone once the upstream took the token: {}",
+        token_file(&c, i)
+    );
+    c.stop().await;
+}

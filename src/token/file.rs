@@ -23,6 +23,10 @@ pub(crate) struct TokenRecord {
     /// When `cxgate token init` wrote this token (the file's `initialised_at`): an
     /// operator's repair. A shared record written before it does not replace it at start.
     pub initialised_at: Option<SystemTime>,
+    /// The file was written from the shared record and the upstream has not accepted its
+    /// token since (the file's `adopted_unconfirmed`): after a restart a tampered record's
+    /// token, refused with its refresh token, still falls back to `.prev`.
+    pub adopted: bool,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +40,8 @@ struct RawIn {
     scope: Option<String>,
     #[serde(default)]
     initialised_at: Option<String>,
+    #[serde(default)]
+    adopted_unconfirmed: bool,
 }
 
 #[derive(Serialize)]
@@ -49,6 +55,8 @@ struct RawOut<'a> {
     scope: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     initialised_at: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    adopted_unconfirmed: bool,
 }
 
 /// A SHA-256 of the file's bytes: tells whether someone else replaced the file without
@@ -187,6 +195,7 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<TokenRecord, TokenErro
         // Only a hint for choosing between this file and a shared record at start: an
         // unreadable one is as if absent, never a reason to refuse the token.
         initialised_at: raw.initialised_at.as_deref().and_then(parse_time),
+        adopted: raw.adopted_unconfirmed,
     })
 }
 
@@ -201,6 +210,7 @@ pub(crate) fn encode(record: &TokenRecord) -> io::Result<Vec<u8>> {
         initialised_at: record
             .initialised_at
             .map(|t| humantime::format_rfc3339_millis(t).to_string()),
+        adopted_unconfirmed: record.adopted,
     };
     let mut bytes = serde_json::to_vec_pretty(&raw).map_err(io::Error::other)?;
     bytes.push(b'\n');

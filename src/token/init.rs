@@ -47,6 +47,7 @@ pub async fn init_from_lookup(
         expires_at: expires_in.and_then(|s| SystemTime::now().checked_add(Duration::from_secs(s))),
         scope: None,
         initialised_at: Some(SystemTime::now()),
+        adopted: false,
     };
     make_parent(&path)?;
     file::persist(&path, &record).await?;
@@ -117,6 +118,7 @@ pub(crate) async fn init_from_code_with(
             .and_then(|d| SystemTime::now().checked_add(d)),
         scope: granted.scope,
         initialised_at: Some(SystemTime::now()),
+        adopted: false,
     };
     file::persist(&path, &record).await?;
     tracing::info!(path = %path.display(), "token file written from an authorisation code");

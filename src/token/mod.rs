@@ -147,6 +147,7 @@ impl TokenManager {
                     expires_at: None,
                     scope: None,
                     initialised_at: None,
+                    adopted: false,
                 };
                 (Source::Env, record)
             }
@@ -267,6 +268,7 @@ impl TokenManager {
         if state.trusted_generation != generation || state.adopted {
             state.trust();
         }
+        self.inner.unmark_file(&mut state);
     }
 
     /// Reads the token file again and adopts its token when someone replaced it since this

@@ -203,6 +203,7 @@ impl Inner {
             expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
             scope: granted.scope.or(scope),
             initialised_at: None,
+            adopted: false,
         };
         let (mut saved, mut stamp) = (true, None);
         if let Source::File(path) = &self.source {
@@ -241,6 +242,48 @@ impl Inner {
             "access token refreshed"
         );
         Ok(())
+    }
+
+    /// The upstream accepted a token whose file still says it came from the shared record
+    /// unaccepted: rewrites the file without the mark, or a restart would take a working
+    /// token for a suspect one. The write holds the flight slot, so no refresh writes the
+    /// file meanwhile (a refresh asked for then gets the token held).
+    pub(crate) fn unmark_file(self: &Arc<Self>, state: &mut State) {
+        if !state.record.adopted || state.adopted || state.flight.is_some() {
+            return;
+        }
+        let Source::File(path) = &self.source else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (tx, rx) = watch::channel(None);
+        state.flight = Some(rx);
+        let (path, generation) = (path.clone(), state.generation);
+        let record = TokenRecord {
+            adopted: false,
+            ..state.record.clone()
+        };
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            let written = file::persist(&path, &record).await;
+            {
+                let mut state = inner.lock();
+                state.flight = None;
+                match written {
+                    Ok(stamp) if state.generation == generation => {
+                        state.record.adopted = false;
+                        state.file_stamp = Some(stamp);
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(generation, error = %err, "token file could not be rewritten")
+                    }
+                }
+            }
+            tx.send_replace(Some(Ok(())));
+        });
     }
 
     fn count(&self, ok: bool) {

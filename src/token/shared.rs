@@ -139,7 +139,12 @@ impl SharedToken {
     }
 
     fn encode(&self, version: u64, record: &TokenRecord) -> Option<String> {
-        let token: Value = serde_json::from_slice(&file::encode(record).ok()?).ok()?;
+        // The mark is this replica's note about its own file, never part of the record.
+        let unmarked = TokenRecord {
+            adopted: false,
+            ..record.clone()
+        };
+        let token: Value = serde_json::from_slice(&file::encode(&unmarked).ok()?).ok()?;
         let written_at = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -533,6 +538,10 @@ impl Inner {
                 _ => return false,
             },
         };
+        let record = TokenRecord {
+            adopted: false,
+            ..record
+        };
         let stamp = match file::persist(path, &record).await {
             Ok(stamp) => Some(stamp),
             Err(err) => {
@@ -591,9 +600,14 @@ impl Inner {
             }
             return false;
         }
+        // Marked in the file, so a restart before the upstream accepts it keeps the fallback.
+        let record = TokenRecord {
+            adopted: true,
+            ..st.record
+        };
         let mut stamp = None;
         if let Source::File(path) = &self.source {
-            match file::persist(path, &st.record).await {
+            match file::persist(path, &record).await {
                 Ok(written) => stamp = Some(written),
                 Err(err) => {
                     warn!(error = %err, "shared token could not be saved to this replica's token file")
@@ -603,12 +617,16 @@ impl Inner {
         let now = Instant::now();
         let mut state = self.lock();
         shared.seen.store(st.version, Ordering::Release);
-        if state.record.access == st.record.access {
+        if state.record.access == record.access {
+            // The file now holds the mark: the next acceptance upstream rewrites it.
+            if let Some(stamp) = stamp {
+                state.record.adopted = true;
+                state.file_stamp = Some(stamp);
+            }
             return true;
         }
-        let expires = st.record.expires_at.map(|at| to_instant(at, now));
-        state.replace(st.record, expires, now);
-        state.adopted = true;
+        let expires = record.expires_at.map(|at| to_instant(at, now));
+        state.replace(record, expires, now);
         state.refreshed_at = Some(now);
         state.last_refresh = Some(SystemTime::now());
         if let Some(stamp) = stamp {

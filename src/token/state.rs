@@ -68,7 +68,8 @@ pub(crate) struct State {
     pub trusted: Option<TokenRecord>,
     /// The generation `trusted` was taken from (so a call accepted does not copy it again).
     pub trusted_generation: u64,
-    /// The token held came from the shared record and the upstream has not accepted it yet.
+    /// The token held came from the shared record and the upstream has not accepted it yet
+    /// (the token file's mark, `record.adopted`, says so across a restart).
     pub adopted: bool,
     /// Refresh tokens the token endpoint refused to this replica: never restored.
     pub dead: Vec<Secret>,
@@ -77,6 +78,7 @@ pub(crate) struct State {
 impl State {
     pub fn new(record: TokenRecord, now: Instant) -> State {
         let expires = record.expires_at.map(|at| to_instant(at, now));
+        let adopted = record.adopted;
         State {
             record,
             expires,
@@ -98,7 +100,7 @@ impl State {
             flight: None,
             trusted: None,
             trusted_generation: 0,
-            adopted: false,
+            adopted,
             dead: Vec::new(),
         }
     }
@@ -118,10 +120,11 @@ impl State {
         self.failures = 0;
         self.reauth = false;
         self.last_failure = None;
-        self.adopted = false;
+        self.adopted = self.record.adopted;
     }
 
     /// Trusts the token held now (the upstream took it, or the token endpoint just gave it).
+    /// A mark in the token file stays until the file is rewritten without it.
     pub fn trust(&mut self) {
         if self.trusted_generation != self.generation {
             self.trusted = Some(self.record.clone());

@@ -28,6 +28,7 @@ pub(crate) fn write_token(
         expires_at: expires_in.map(|d| SystemTime::now() + d),
         scope: None,
         initialised_at: None,
+        adopted: false,
     };
     let bytes = file::encode(&record).expect("encoding a token");
     file::write_atomic(path, &bytes).expect("writing a token file");

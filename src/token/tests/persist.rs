@@ -18,6 +18,7 @@ fn record(access: &str, refresh: Option<&str>, expires_at: Option<u64>) -> Token
         expires_at: expires_at.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
         scope: Some("accounts_read".to_string()),
         initialised_at: None,
+        adopted: false,
     }
 }
 
@@ -51,6 +52,26 @@ fn a_record_survives_encode_and_decode() {
         text.contains("\"expires_at\": \"2030-03-17T17:46:40Z\""),
         "expected an RFC 3339 expiry in {text}"
     );
+}
+
+#[test]
+fn the_adopted_mark_is_written_only_when_set_and_read_back() {
+    let plain = record("acc-1", Some("ref-1"), None);
+    let text = String::from_utf8(encode(&plain).expect("encoding")).expect("UTF-8");
+    assert!(
+        !text.contains("adopted"),
+        "expected no mark on an unmarked record: {text}"
+    );
+    let marked = TokenRecord {
+        adopted: true,
+        ..plain
+    };
+    let bytes = encode(&marked).expect("encoding");
+    let back = decode(&bytes, Path::new("t.json")).expect("decoding what was encoded");
+    assert!(back.adopted, "expected the mark read back");
+    let old = br#"{"access_token": "acc-1", "refresh_token": "ref-1"}"#;
+    let back = decode(old, Path::new("t.json")).expect("decoding a file without the mark");
+    assert!(!back.adopted, "expected a file without the mark unmarked");
 }
 
 #[test]
