@@ -98,6 +98,9 @@ pub(crate) struct Upstream {
     /// The longest time to a reset the upstream has named (capped), in nanoseconds.
     learned_window: u64,
     probe: Probe,
+    /// The sequence number the next call took when the blind pause began: an answer to a
+    /// call sent before it (counted before the limit answer) cannot lift the pause.
+    blind_from: u64,
     /// Calls admitted whose upstream answer has not been read yet: sequence number to cost.
     flying: BTreeMap<u64, u64>,
     /// The sequence number the next admitted call takes.
@@ -431,19 +434,26 @@ impl Upstream {
                 (None, Some(reset)) => reset,
                 (None, None) => {
                     self.probe = Probe::Due;
+                    self.blind_from = self.next_seq;
                     at(now, BLIND_PAUSE, longest)
                 }
             };
             if probe_out {
                 // The probe itself was refused: a fresh pause, whatever the last one was.
                 self.probe = Probe::Due;
+                self.blind_from = self.next_seq;
                 self.pause_until = None;
             }
             self.alarm(until);
             return;
         }
         if self.probe != Probe::None {
-            // Any answer that is not the limit means the upstream takes calls again.
+            // An answer that is not the limit means the upstream takes calls again, if the
+            // call was sent after the limit answer's pause began (the probe): an older one,
+            // landing late, was counted before the limit was reached and says nothing now.
+            if sent < self.blind_from {
+                return;
+            }
             self.probe = Probe::None;
             self.pause_until = None;
         }

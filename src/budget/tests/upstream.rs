@@ -356,3 +356,38 @@ async fn jittered_answers_never_meet_the_upstreams_limit() {
         "expected most of the 12 windows' 30 calls used, saw {admitted}"
     );
 }
+
+/// An upstream that sends no reset: a `Remaining: 0` starts the blind pause, and an answer
+/// to a call sent before it, landing later with more left (counted earlier), must not lift
+/// it: only the probe's answer says the upstream takes calls again.
+#[tokio::test(start_paused = true)]
+async fn a_late_answer_to_an_older_call_does_not_lift_a_blind_pause() {
+    let b = budget(spec(share(100, 1000, 100), 1000, vec![]));
+    let only = |left: &'static str| {
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static(left));
+        h
+    };
+    let first = b.admit("c", n(1)).await.expect("the first call");
+    b.observe_answer(StatusCode::OK, &only("5"), b"", first.ticket);
+    let older = b.admit("c", n(1)).await.expect("an allowed call");
+    let newer = b.admit("c", n(1)).await.expect("another allowed call");
+    b.observe_answer(StatusCode::OK, &only("0"), b"", newer.ticket);
+    assert!(b.paused_for().is_some(), "expected Remaining 0 to pause");
+    b.observe_answer(StatusCode::OK, &only("1"), b"", older.ticket);
+    assert!(
+        b.paused_for().is_some(),
+        "expected the pause to hold after an older call's answer landed late"
+    );
+    let refused = b.admit("c", n(1)).await;
+    assert!(
+        matches!(
+            refused,
+            Err(Rejected {
+                budget: Which::Upstream,
+                ..
+            })
+        ),
+        "expected the next call refused by the upstream's pause, saw {refused:?}"
+    );
+}
