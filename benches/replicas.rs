@@ -142,14 +142,18 @@ struct Trace {
     fetched: HashMap<String, Vec<(Instant, usize, bool)>>,
     writes: Vec<(Instant, usize)>,
     invalidated: HashMap<String, Vec<Instant>>,
-    refused: Vec<(Instant, usize)>,
+    /// When, through which gateway, and for which read (`None` for a write).
+    refused: Vec<(Instant, usize, Option<String>)>,
 }
 
 /// Why a replica's call went upstream, judged by what the clients saw before it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Why {
-    /// No gateway had fetched the key before.
+    /// No gateway had fetched the key before, and no client had been refused it.
     new: u64,
+    /// No gateway had fetched the key before, but a client was refused it (429) earlier:
+    /// a read the cold minute's budget turned away, paid for now.
+    refused_before: u64,
     /// Its last fetch was answered but not stored (`Cache-Status` without `stored`).
     unstored: u64,
     /// A write invalidated it since its last fetch.
@@ -165,6 +169,12 @@ impl Trace {
     /// The calls `gateway` made in `[from, to)`, by why.
     fn why(&self, gateway: usize, from: Instant, to: Instant) -> Why {
         let mut why = Why::default();
+        let mut first_refused: HashMap<&str, Instant> = HashMap::new();
+        for (at, _, path) in &self.refused {
+            if let Some(path) = path {
+                first_refused.entry(path.as_str()).or_insert(*at);
+            }
+        }
         for (path, fetches) in &self.fetched {
             for (i, &(at, g, _)) in fetches.iter().enumerate() {
                 if g != gateway || at < from || at >= to {
@@ -172,7 +182,11 @@ impl Trace {
                 }
                 // Fetches are pushed as answers land, so the ones before are earlier.
                 let Some(&(last, _, stored)) = i.checked_sub(1).map(|j| &fetches[j]) else {
-                    why.new += 1;
+                    if first_refused.get(path.as_str()).is_some_and(|&t| t < at) {
+                        why.refused_before += 1;
+                    } else {
+                        why.new += 1;
+                    }
                     continue;
                 };
                 let written = self
@@ -287,7 +301,8 @@ impl Balancer {
                     self.tally.ok.fetch_add(1, Ordering::Relaxed)
                 }
                 429 => {
-                    self.trace().refused.push((now, gateway));
+                    let read = (method == Method::GET).then(|| path.to_string());
+                    self.trace().refused.push((now, gateway, read));
                     self.tally.client_429.fetch_add(1, Ordering::Relaxed)
                 }
                 other => {
@@ -729,7 +744,7 @@ fn main() -> ExitCode {
 /// The client 429s in `trace`, per gateway, in 10 s buckets from `from`.
 fn refusals_by_time(trace: &Trace, gateways: usize, from: Instant) -> Vec<Vec<u64>> {
     let mut buckets = vec![Vec::new(); gateways];
-    for &(at, g) in &trace.refused {
+    for &(at, g, _) in &trace.refused {
         let i = (at.saturating_duration_since(from).as_secs() / 10) as usize;
         if buckets[g].len() <= i {
             buckets[g].resize(i + 1, 0);
@@ -933,15 +948,17 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
         percent(warm_calls.saturating_sub(peer_mean), cold_calls)
     );
     println!(
-        "  why, as the clients saw each call in that window (reads: new key, after a write, \
-         its last fetch not stored, past its ttl, held in the shared tier; then writes):"
+        "  why, as the clients saw each call in that window (reads: new key, new but refused \
+         (429) earlier, after a write, its last fetch not stored, past its ttl, held in the \
+         shared tier; then writes):"
     );
     for (g, w) in why.iter().enumerate() {
         println!(
-            "    replica {g}{}: new {}, after a write {}, not stored {}, past ttl {}, in the \
-             shared tier {}, writes {}",
+            "    replica {g}{}: new {}, refused earlier {}, after a write {}, not stored {}, past \
+             ttl {}, in the shared tier {}, writes {}",
             if g == 0 { " (restarted)" } else { "" },
             w.new,
+            w.refused_before,
             w.written,
             w.unstored,
             w.expired,

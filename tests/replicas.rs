@@ -77,15 +77,34 @@ async fn shared_cluster(n: usize, sim: SimOptions) -> Option<Cluster> {
     cluster_with(Kind::Plain, n, sim, budget, true, "shared = true").await
 }
 
+/// [`shared_cluster`] with the route table `routes` in place of [`ROUTES`].
+async fn shared_cluster_routed(n: usize, sim: SimOptions, routes: &str) -> Option<Cluster> {
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    cluster_routed(Kind::Plain, n, sim, budget, true, "shared = true", routes).await
+}
+
 /// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate);
 /// `cache` holds the `[cache]` lines.
 async fn cluster_with(
+    kind: Kind,
+    n: usize,
+    sim: SimOptions,
+    budget: &str,
+    trust_ca: bool,
+    cache: &str,
+) -> Option<Cluster> {
+    cluster_routed(kind, n, sim, budget, trust_ca, cache, ROUTES).await
+}
+
+/// [`cluster_with`] with the route table `routes`.
+async fn cluster_routed(
     kind: Kind,
     n: usize,
     mut sim: SimOptions,
     budget: &str,
     trust_ca: bool,
     cache: &str,
+    routes: &str,
 ) -> Option<Cluster> {
     let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -118,7 +137,7 @@ async fn cluster_with(
              [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
              [cache]\n{cache}\n\
              [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
-             {clients}\n{ROUTES}\n",
+             {clients}\n{routes}\n",
             token_file.display()
         );
         let path = dir.join("cxgate.toml");
@@ -2580,6 +2599,110 @@ async fn identical_misses_on_two_replicas_make_one_upstream_call() {
             "expected the fill lock released once its answer was shared, saw {k:?}"
         );
     }
+    c.stop().await;
+}
+
+/// Short-lived routes for the expiry test: a contact past its ttl is fetched again (its
+/// stale-if-error window keeps the old answer meanwhile), `/me` past its ttl is answered
+/// stale and refreshed in the background.
+const SHORT_ROUTES: &str = r#"
+[[routes]]
+match = "GET /me"
+ttl = "3s"
+stale_while_revalidate = "30s"
+tags = ["me"]
+
+[[routes]]
+match = "GET /{account_id}/inbox/contact/{service}/{service_id}"
+ttl = "3s"
+stale_if_error = "30s"
+tags = ["contact:{account_id}/{service}/{service_id}"]
+"#;
+
+/// Polls `path` on `replica` until it answers a fresh hit (at most 5 s); its last
+/// `Cache-Status`.
+async fn eventually_fresh(c: &Cluster, replica: usize, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = c
+            .get(replica, path)
+            .await
+            .header("cache-status")
+            .to_string();
+        if (status.contains("hit") && !status.contains("stale")) || Instant::now() >= deadline {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Once every replica holds an entry (one fill, then shared hits), its expiry costs the
+/// fleet one upstream call, not one per replica: reads past the ttl on all of them at once
+/// merge into one refetch through the fill lock, and a stale-while-revalidate entry is
+/// refreshed once in the background for all. An entry a replica took from the shared tier
+/// keeps the age it had there, so its ttl ends when the shared entry's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_costs_the_fleet_one_call_not_one_per_replica() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    // Long enough for the replicas' reads past the ttl to overlap the refetch.
+    sim.faults.latency_ms = 300;
+    let Some(c) = shared_cluster_routed(3, sim, SHORT_ROUTES).await else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/77";
+    for path in ["/me", contact] {
+        assert_eq!(c.get(0, path).await.status, StatusCode::OK);
+    }
+    // A second later the other replicas take them from the shared tier, a second old.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for path in ["/me", contact] {
+        for r in 1..3 {
+            let hit = c.get(r, path).await;
+            let status = hit.header("cache-status").to_string();
+            let age: u64 = hit.header("age").parse().unwrap_or(0);
+            assert!(
+                status.contains("detail=shared") && age >= 1,
+                "expected replica {r} to take {path} from the shared tier with the age it had \
+                 there, saw {status:?}, Age {age}"
+            );
+        }
+    }
+    for path in ["GET /me", &format!("GET {contact}")] {
+        assert_eq!(calls(&c, path), 1, "expected one fill of {path}");
+    }
+    // Past the ttl on every replica: memory and the shared tier hold the same stale entry.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reads = spawn_reads(&c, contact, 12);
+    let refreshes = spawn_reads(&c, "/me", 12);
+    let (reads, refreshes) = (answers(reads).await, answers(refreshes).await);
+    for a in reads.iter().chain(&refreshes) {
+        assert_eq!(a.status, StatusCode::OK, "expected every read answered");
+    }
+    let stale: Vec<&str> = refreshes.iter().map(|a| a.header("cache-status")).collect();
+    assert!(
+        stale.iter().any(|s| s.contains("stale")),
+        "expected /me answered stale while it is refreshed, saw {stale:?}"
+    );
+    for r in 0..3 {
+        for path in ["/me", contact] {
+            let status = eventually_fresh(&c, r, path).await;
+            assert!(
+                status.contains("hit") && !status.contains("stale"),
+                "expected replica {r} to answer {path} fresh after the refetch, saw {status:?}"
+            );
+        }
+    }
+    assert_eq!(
+        calls(&c, &format!("GET {contact}")),
+        2,
+        "expected one refetch of the expired contact for the three replicas"
+    );
+    assert_eq!(
+        calls(&c, "GET /me"),
+        2,
+        "expected one background refresh of /me for the three replicas"
+    );
     c.stop().await;
 }
 
