@@ -2639,15 +2639,16 @@ async fn eventually_fresh(c: &Cluster, replica: usize, path: &str) -> String {
 /// Once every replica holds an entry (one fill, then shared hits), its expiry costs the
 /// fleet one upstream call, not one per replica: reads past the ttl on all of them at once
 /// merge into one refetch through the fill lock, and a stale-while-revalidate entry is
-/// refreshed once in the background for all. An entry a replica took from the shared tier
-/// keeps the age it had there, so its ttl ends when the shared entry's does.
+/// refreshed once in the background for all, with a replica just restarted among them too.
+/// An entry a replica took from the shared tier keeps the age it had there, so its ttl ends
+/// when the shared entry's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiry_costs_the_fleet_one_call_not_one_per_replica() {
     let _one = SERIAL.lock().await;
     let mut sim = SimOptions::default();
     // Long enough for the replicas' reads past the ttl to overlap the refetch.
     sim.faults.latency_ms = 300;
-    let Some(c) = shared_cluster_routed(3, sim, SHORT_ROUTES).await else {
+    let Some(mut c) = shared_cluster_routed(3, sim, SHORT_ROUTES).await else {
         return;
     };
     let contact = "/12345/inbox/contact/twitter/77";
@@ -2702,6 +2703,37 @@ async fn an_expiry_costs_the_fleet_one_call_not_one_per_replica() {
         calls(&c, "GET /me"),
         2,
         "expected one background refresh of /me for the three replicas"
+    );
+
+    // A replica restarted once both are past their ttl again starts with an empty memory:
+    // it sees the shared entries as old as they are (stale, not just stored), and its reads
+    // merge with the others' into one refetch and one refresh, as before.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    c.restart_replica(2).await;
+    let restarted = c.get(2, "/me").await;
+    assert!(
+        restarted.header("cache-status").contains("stale"),
+        "expected the restarted replica to answer /me stale from the shared tier, saw {:?}",
+        restarted.header("cache-status")
+    );
+    let reads = spawn_reads(&c, contact, 12);
+    let refreshes = spawn_reads(&c, "/me", 12);
+    for a in answers(reads).await.iter().chain(&answers(refreshes).await) {
+        assert_eq!(a.status, StatusCode::OK, "expected every read answered");
+    }
+    for r in 0..3 {
+        for path in ["/me", contact] {
+            let status = eventually_fresh(&c, r, path).await;
+            assert!(
+                status.contains("hit") && !status.contains("stale"),
+                "expected replica {r} to answer {path} fresh after the restart, saw {status:?}"
+            );
+        }
+    }
+    assert_eq!(
+        (calls(&c, &format!("GET {contact}")), calls(&c, "GET /me")),
+        (3, 3),
+        "expected one refetch and one refresh for the fleet with a restarted replica in it"
     );
     c.stop().await;
 }
