@@ -979,15 +979,15 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
             w.writes
         );
     }
-    // The same minute for the whole fleet: what the restarted replica's figure is a third
-    // of, and how much of it the cold minute's refusals left over.
+    // The same window for the whole fleet: what the restarted replica's figure is a third
+    // of, and how much of it earlier refusals (the cold minute's, mostly) left over.
     let fleet_warm = warm_calls + peer_calls.iter().sum::<u64>();
     let fleet_cold = cold.iter().sum::<u64>();
     let carried: u64 = why.iter().map(|w| w.refused_before).sum();
     println!(
         "  the fleet in that window: {fleet_warm} calls, {:.1}% of its cold period's \
-         {fleet_cold}; {carried} of them first fetches of reads refused in the cold period \
-         ({:.1}% of it); the restarted replica's share {:.1}% (a third: 33.3%)",
+         {fleet_cold}; {carried} of them first fetches of reads a client was refused \
+         earlier ({:.1}% of it); the restarted replica's share {:.1}% (a third: 33.3%)",
         percent(fleet_warm, fleet_cold),
         percent(carried, fleet_cold),
         percent(warm_calls, fleet_warm)
