@@ -909,6 +909,14 @@ async fn a_queued_read_takes_the_call_another_client_made_and_gives_its_cell_bac
         "expected the queued read answered as merged, saw Cache-Status {:?}",
         batch.header("cache-status")
     );
+    // Its answer shows the budget with that cell back: the next one about 4 s after the
+    // first read, not 8.
+    let (r, t) = rate_limit_state(&batch);
+    assert!(
+        r == 0 && t <= 4,
+        "expected RateLimit to show the returned cell (r=0, t at most 4), saw {:?}",
+        batch.header("ratelimit")
+    );
     let text = env.metrics().await;
     let merged = metric(
         &text,

@@ -179,7 +179,10 @@ impl Gateway {
         {
             let headers = std::mem::replace(&mut fetched.headers, headers);
             let body = std::mem::replace(&mut fetched.body, body);
-            fetched.neutral = Some(Box::new((headers, body)));
+            // Kept only for a shared tier to store.
+            if inner.cache.shared().is_some() {
+                fetched.neutral = Some(Box::new((headers, body)));
+            }
         }
         Ok(fetched)
     }
