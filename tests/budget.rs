@@ -909,6 +909,14 @@ async fn a_queued_read_takes_the_call_another_client_made_and_gives_its_cell_bac
         "expected the queued read answered as merged, saw Cache-Status {:?}",
         batch.header("cache-status")
     );
+    // Its answer shows the budget with that cell back: the next one about 4 s after the
+    // first read, not 8.
+    let (r, t) = rate_limit_state(&batch);
+    assert!(
+        r == 0 && t <= 4,
+        "expected RateLimit to show the returned cell (r=0, t at most 4), saw {:?}",
+        batch.header("ratelimit")
+    );
     let text = env.metrics().await;
     let merged = metric(
         &text,
@@ -1198,4 +1206,116 @@ async fn a_follower_behind_a_queued_leader_leads_at_once_on_a_cached_route() {
 #[tokio::test(start_paused = true)]
 async fn a_follower_behind_a_queued_leader_leads_at_once_on_an_uncached_route() {
     a_follower_behind_a_leader_queued_on_its_own_share("/me/connectedprofiles").await;
+}
+
+/// `(r, t)` of a `RateLimit` field (`"client";r=0;t=4`).
+fn rate_limit_state(a: &Answer) -> (u64, u64) {
+    let value = a.header("ratelimit");
+    let field = |name: &str| {
+        value
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("expected {name} in RateLimit, saw {value:?}"))
+    };
+    (field("r="), field("t="))
+}
+
+// With the budget shared through Redis (its state here a mirror of what Redis said last),
+// a read queued on its client's share that takes another client's call gives its booked
+// cell back, and its answer's rate-limit fields say so: the client's next cell one period
+// after its first read, not two. Real time: the shared budget asks a real Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_read_shows_its_returned_cell_on_a_budget_shared_through_redis() {
+    let Some(redis) =
+        common::redis_server::RedisServer::start_or_skip("the shared budget's rate-limit fields")
+    else {
+        return;
+    };
+    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    let clients = format!(
+        "{}{}",
+        client_toml(
+            "batch",
+            READER,
+            "scopes = [\"read\"]\nlimit = 1\nperiod = \"20s\"\nburst = 1\nmax_wait = \"30s\"",
+        ),
+        client_toml(
+            "interactive",
+            ACCOUNT,
+            "scopes = [\"read\"]\nmax_wait = \"0s\""
+        ),
+    );
+    let budget = format!(
+        "{BIG_BUDGET}backend = \"redis\"\nredis_url_env = \"{url_env}\"\n\
+         key_prefix = \"merged{:08x}\"\nreplicas = 1\n",
+        fastrand::u32(..)
+    );
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &clients,
+            &format!("{budget}{ROUTES}"),
+        )
+        .await,
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs();
+    assert_ok(
+        &env.get_as(READER, &contact(1)).await,
+        "the batch client's first read",
+    );
+    // Its share is spent: its read of contact 2 books the cell 20 s on and queues for it.
+    let queued = {
+        let env = env.clone();
+        tokio::spawn(async move { env.get_as(READER, &contact(2)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_ok(
+        &env.get_as(ACCOUNT, &contact(2)).await,
+        "the interactive client's read",
+    );
+    let batch = queued.await.expect("queued task");
+    assert_ok(&batch, "the batch client's queued read");
+    assert!(
+        batch.header("cache-status").contains("collapsed"),
+        "expected the queued read answered with the interactive call, saw Cache-Status {:?}",
+        batch.header("cache-status")
+    );
+    assert_eq!(
+        env.upstream_count(&format!("GET {}", contact(2))),
+        1,
+        "expected one upstream call for contact 2"
+    );
+    // Given back, the next cell is the one 20 s after the first read; still booked, it
+    // would be the one after (about 40 s).
+    let (r, t) = rate_limit_state(&batch);
+    assert!(
+        r == 0 && t <= 20,
+        "expected RateLimit to show the returned cell (r=0, t at most 20), saw {:?}",
+        batch.header("ratelimit")
+    );
+    let reset: u64 = batch
+        .header("x-ratelimit-reset")
+        .parse()
+        .unwrap_or(u64::MAX);
+    assert!(
+        batch.header("x-ratelimit-remaining") == "0" && reset <= started + 22,
+        "expected X-RateLimit-Reset about 20 s after the first read ({started}), saw \
+         remaining {:?} and reset {reset}",
+        batch.header("x-ratelimit-remaining")
+    );
+    // And so it stays: a hit afterwards shows the same budget.
+    let hit = env.get_as(READER, &contact(2)).await;
+    let (r, t) = rate_limit_state(&hit);
+    assert!(
+        hit.header("cache-status").starts_with("cxgate; hit") && r == 0 && t <= 20,
+        "expected a hit showing the returned cell, saw Cache-Status {:?} and RateLimit {:?}",
+        hit.header("cache-status"),
+        hit.header("ratelimit")
+    );
+    stop(env).await;
 }

@@ -2148,6 +2148,160 @@ async fn a_read_filled_on_one_replica_is_a_hit_on_another_and_after_a_restart() 
     c.stop().await;
 }
 
+/// The shared tier's entries, as Redis holds them: key and value.
+async fn shared_entries(c: &Cluster) -> Vec<(String, Vec<u8>)> {
+    let mut redis = conn(&c.redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(key(c, "cache:entry:*"))
+        .query_async(&mut redis)
+        .await
+        .expect("list the shared entries");
+    let mut entries = Vec::new();
+    for k in keys {
+        let value: Vec<u8> = redis::cmd("GET")
+            .arg(&k)
+            .query_async(&mut redis)
+            .await
+            .expect("read a shared entry");
+        entries.push((k, value));
+    }
+    entries
+}
+
+/// Every `from` in `bytes` replaced by `to`.
+fn replaced(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let (from, to) = (from.as_bytes(), to.as_bytes());
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(from) {
+            out.extend_from_slice(to);
+            i += from.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Replicas with different public bases (here each derives its own from its listen
+/// address) share entries all the same: the tier keeps a page's links at the upstream's
+/// base, and each replica moves them to its own as it takes the entry, so a page filled
+/// through one is served by the other with its own links and no upstream call. An entry of
+/// the format before, which held the writer's links, is passed over, never served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_with_different_public_bases_share_pages_with_their_own_links() {
+    let _one = SERIAL.lock().await;
+    let Some(mut c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let page = "/12345/inbox/mentions?limit=2";
+    let base = |c: &Cluster, i: usize| format!("http://{}", c.replicas[i].addr);
+    let next = |a: &Answer| {
+        a.json()["response"]["paging"]["next_url"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let (base0, base1) = (base(&c, 0), base(&c, 1));
+    assert_ne!(base0, base1, "expected the replicas on bases of their own");
+    let first = c.get(0, page).await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "expected the page through replica 0"
+    );
+    let link0 = next(&first);
+    assert!(
+        link0.starts_with(&format!("{base0}/12345/inbox/mentions?")),
+        "expected replica 0's paging link on its own base {base0}, saw {link0:?}"
+    );
+
+    let other = c.get(1, page).await;
+    assert_eq!(
+        other.status,
+        StatusCode::OK,
+        "expected the page through replica 1"
+    );
+    assert!(
+        other.header("cache-status").contains("detail=shared"),
+        "expected replica 1 to answer from the shared tier, saw {:?}",
+        other.header("cache-status")
+    );
+    assert_eq!(
+        next(&other),
+        link0.replacen(&base0, &base1, 1),
+        "expected replica 1's paging link on its own base {base1}, the rest as replica 0's"
+    );
+    assert_eq!(
+        calls(&c, "GET /12345/inbox/mentions"),
+        1,
+        "expected one upstream call for both replicas"
+    );
+    let again = c.get(1, page).await;
+    assert!(
+        again.header("cache-status").starts_with("cxgate; hit")
+            && !again.header("cache-status").contains("shared")
+            && again.body == other.body,
+        "expected the same page from replica 1's memory, saw {:?}",
+        again.header("cache-status")
+    );
+
+    // What Redis holds names neither replica's base: the upstream's, with no token.
+    let entries = shared_entries(&c).await;
+    let (entry_key, entry) = entries
+        .iter()
+        .find(|(k, _)| k.contains("/12345/inbox/mentions"))
+        .expect("expected the page in the shared tier");
+    let text = String::from_utf8_lossy(entry);
+    let upstream = c.sim.base_url();
+    assert!(
+        text.contains(&format!("{upstream}/12345/inbox/mentions?"))
+            && !text.contains(&base0)
+            && !text.contains(&base1)
+            && !text.contains(ACCESS)
+            && !text.contains("access_token"),
+        "expected the shared entry's links on the upstream's base without a token, saw {text}"
+    );
+
+    // An entry of the format before: replica 0's links, under the old marker.
+    let old = replaced(&replaced(entry, "cxg2", "cxg1"), &upstream, &base0);
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(entry_key)
+        .arg(old)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .expect("write an entry of the old format");
+    c.restart_replica(1).await;
+    let base1 = base(&c, 1);
+    let fresh = c.get(1, page).await;
+    assert_eq!(
+        fresh.status,
+        StatusCode::OK,
+        "expected the page after the restart"
+    );
+    assert!(
+        fresh.header("cache-status").contains("fwd=uri-miss"),
+        "expected the old entry passed over (a miss), saw {:?}",
+        fresh.header("cache-status")
+    );
+    assert!(
+        next(&fresh).starts_with(&format!("{base1}/")),
+        "expected the restarted replica's own links, saw {:?}",
+        next(&fresh)
+    );
+    assert_eq!(
+        calls(&c, "GET /12345/inbox/mentions"),
+        2,
+        "expected the miss to go upstream"
+    );
+    c.stop().await;
+}
+
 /// A write through one replica removes the entry from the other's memory and from the
 /// shared tier; purges by path, tag and all remove shared entries too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

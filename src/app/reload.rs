@@ -197,12 +197,13 @@ pub async fn reload(
             .await
     };
     // The shared tier cannot be searched by route: when any route's caching rules changed,
-    // or the base its links name, every shared entry is retired (each replica then fetches
-    // and shares anew).
+    // every shared entry is retired (each replica then fetches and shares anew). A new base
+    // leaves it be: its entries name the upstream's base, and each replica moves their
+    // links to its own as it takes them.
     if let Some(tier) = gateway
         .cache()
         .shared()
-        .filter(|_| new_base || rules_changed(&current, &next))
+        .filter(|_| rules_changed(&current, &next))
     {
         if let Err(e) = tier.invalidate(&crate::replicas::Invalidation::All).await {
             tracing::warn!(

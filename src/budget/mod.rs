@@ -513,6 +513,7 @@ impl Budget {
             }
             Booked::Shared { own, global, probe } => {
                 self.ledger().upstream.give_back(ticket.seq);
+                self.unmirror(client, own, Some(global));
                 if let Some(shared) = &self.inner.shared {
                     shared.refund(client, own, global, ticket.cost, probe);
                 }

@@ -405,6 +405,10 @@ impl Ask {
 pub(super) struct Booked {
     before: i64,
     after: i64,
+    /// The TAT this replica's ledger took when it mirrored the booking (budget clock), 0
+    /// when it did not: giving the booking back restores the mirror too, while it still
+    /// shows this booking last.
+    mirrored: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -438,6 +442,7 @@ impl Reply {
             Some(Booked {
                 before: at(i)?,
                 after: at(i + 1)?,
+                mirrored: 0,
             })
         };
         Some(match at(0)? {
@@ -495,6 +500,7 @@ impl Hold<'_> {
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         if self.own.is_some() || self.global.is_some() {
+            self.budget.unmirror(self.client, self.own, self.global);
             self.shared.give_back(self.client, self.own, self.global);
         }
         if let Some(seq) = self.spent {
@@ -627,8 +633,11 @@ impl Budget {
                 .await;
         };
         if let Reply::Queue { wait, own, now } = reply {
-            hold.own = Some(own);
-            self.mirror(client, now, None, Some(own.after));
+            let (_, mirrored) = self.mirror(client, now, None, Some(own.after));
+            hold.own = Some(Booked {
+                mirrored: mirrored.unwrap_or(0),
+                ..own
+            });
             queued();
             tokio::time::sleep(Duration::from_micros(wait)).await;
             let elapsed = clock.nanos().saturating_sub(arrived);
@@ -664,7 +673,18 @@ impl Budget {
                 return Err(self.refuse_shared(client, Which::Global, wait.saturating_mul(1000)))
             }
         };
-        hold.own = hold.own.or(own);
+        let (mirrored_global, mirrored_own) =
+            self.mirror(client, now, Some(global.after), own.map(|o| o.after));
+        let global = Booked {
+            mirrored: mirrored_global.unwrap_or(0),
+            ..global
+        };
+        if let Some(own) = own {
+            hold.own = Some(Booked {
+                mirrored: mirrored_own.unwrap_or(0),
+                ..own
+            });
+        }
         hold.global = Some(global);
         let alarms = {
             let ledger = self.ledger();
@@ -672,7 +692,6 @@ impl Budget {
             shared.share_pause(now, ledger.upstream.paused_for(now));
             ledger.upstream.alarms()
         };
-        self.mirror(client, now, Some(global.after), own.map(|o| o.after));
         if wait > 0 {
             queued();
             tokio::time::sleep(Duration::from_micros(wait)).await;
@@ -720,8 +739,15 @@ impl Budget {
         Ok(())
     }
 
-    /// Copies the TATs the script returned into the local ledger, for headers and status.
-    fn mirror(&self, client: &str, redis_now: i64, global: Option<i64>, own: Option<i64>) {
+    /// Copies the TATs the script returned into the local ledger, for headers and status;
+    /// returns the global and own TATs the ledger took (`None` for a share not mirrored).
+    fn mirror(
+        &self,
+        client: &str,
+        redis_now: i64,
+        global: Option<i64>,
+        own: Option<i64>,
+    ) -> (Option<u64>, Option<u64>) {
         let at = |tat: i64| -> u64 {
             let ahead = u64::try_from(tat.saturating_sub(redis_now)).unwrap_or(0);
             self.inner
@@ -730,18 +756,45 @@ impl Budget {
                 .saturating_add(ahead.saturating_mul(1000))
         };
         let mut ledger = self.ledger();
-        if let Some(tat) = global {
+        let global = global.map(|tat| {
             let tat = at(tat);
             ledger.global.mirror(tat);
-        }
-        if let Some(tat) = own {
+            tat
+        });
+        let own = own.and_then(|tat| {
             let tat = at(tat);
+            let (_, gcra) = ledger
+                .clients
+                .get_mut(client)
+                .and_then(|c| c.share.as_mut())?;
+            gcra.mirror(tat);
+            Some(tat)
+        });
+        (global, own)
+    }
+
+    /// Gives bookings back in the local mirror as the script gives them back in Redis (only
+    /// while nothing was mirrored after them), at once: the answer that goes out next, such
+    /// as a read served by another's call after its own cells were booked, shows the client's
+    /// budget with them returned, not spent.
+    pub(super) fn unmirror(&self, client: &str, own: Option<Booked>, global: Option<Booked>) {
+        let back = |gcra: &mut super::gcra::Gcra, b: Booked| {
+            if b.mirrored > 0 && gcra.tat() == b.mirrored {
+                let span = u64::try_from(b.after.saturating_sub(b.before)).unwrap_or(0);
+                gcra.mirror(b.mirrored.saturating_sub(span.saturating_mul(1000)));
+            }
+        };
+        let mut ledger = self.ledger();
+        if let Some(b) = global {
+            back(&mut ledger.global, b);
+        }
+        if let Some(b) = own {
             if let Some((_, gcra)) = ledger
                 .clients
                 .get_mut(client)
                 .and_then(|c| c.share.as_mut())
             {
-                gcra.mirror(tat);
+                back(gcra, b);
             }
         }
     }
@@ -757,7 +810,9 @@ impl Budget {
             i64::try_from(ahead).unwrap_or(i64::MAX)
         };
         match which {
-            Which::Global => self.mirror(client, 0, Some(ahead(&ask.global)), None),
+            Which::Global => {
+                self.mirror(client, 0, Some(ahead(&ask.global)), None);
+            }
             Which::Client => {
                 if let Some(own) = &ask.own {
                     self.mirror(client, 0, None, Some(ahead(own)));
@@ -983,7 +1038,8 @@ mod tests {
                 own: None,
                 global: Booked {
                     before: 10,
-                    after: 20
+                    after: 20,
+                    mirrored: 0,
                 },
                 now: 7,
                 probe: false,
@@ -1113,6 +1169,41 @@ mod tests {
             }
         }
         assert!(redis.is_up(), "expected Redis to stay up");
+    }
+
+    /// A refund shows in this replica's rate-limit fields at once: the local mirror of the
+    /// shares gets the cells back as the script does in Redis, not at the next admission.
+    #[tokio::test]
+    async fn a_refund_shows_in_the_rate_limit_fields_at_once() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let (budget, _redis) =
+            shared_budget(&server, spec(2, 60_000, 2, 0), "CXGATE_T_RB_REFUND_FIELDS").await;
+        let remaining = |budget: &Budget| -> String {
+            let (_, current) = budget.headers("other", None);
+            let text = current.to_str().unwrap_or("").to_string();
+            text.split(';')
+                .find_map(|p| p.strip_prefix("r="))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let _first = budget
+            .admit("other", n(1))
+            .await
+            .expect("the first admission");
+        assert_eq!(remaining(&budget), "1", "expected one cell left after one");
+        let second = budget
+            .admit("other", n(1))
+            .await
+            .expect("the second admission");
+        assert_eq!(remaining(&budget), "0", "expected none left after two");
+        budget.refund("other", second.ticket);
+        assert_eq!(
+            remaining(&budget),
+            "1",
+            "expected the refunded cell shown back at once"
+        );
     }
 
     /// An allowance the replicas' own calls out have used up is no shared pause: a refusal

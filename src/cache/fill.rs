@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::entry::StoredResponse;
-use super::shared::SharedTier;
+use super::shared::{Localize, SharedTier};
 use super::store::{Since, Store};
 
 /// A lock lives this long unless its holder extends it, so a replica that dies mid-fetch
@@ -128,7 +128,8 @@ impl Store {
     /// the replicas' fill lock, or waits (at most `patience`, calling `waiting` once when it
     /// starts) for the replica holding it to share its answer, taking the lock over if that
     /// replica goes without sharing one. [`Fill::Alone`] when `since` has no generations
-    /// (no shared lookup was made, or Redis could not answer it).
+    /// (no shared lookup was made, or Redis could not answer it). An entry taken from the
+    /// tier is made this replica's by `local`.
     pub async fn fill_across(
         &self,
         key: &str,
@@ -136,6 +137,7 @@ impl Store {
         since: &Since,
         patience: Duration,
         waiting: impl FnOnce(),
+        local: &dyn Localize,
     ) -> Fill {
         let Some(tier) = self.shared().filter(|_| since.looked_up_shared()) else {
             return Fill::Alone;
@@ -150,8 +152,9 @@ impl Store {
                     // The holder before may have shared its answer between this replica's
                     // lookup and now: one more look saves a second call.
                     if let Some((Some(found), _)) = tier.peek(key, &lock_key).await {
-                        if let Some(entry) =
-                            self.adopt(key, req_headers, found, since.epoch()).await
+                        if let Some(entry) = self
+                            .adopt(key, req_headers, found, since.epoch(), local)
+                            .await
                         {
                             lock.release().await;
                             return Fill::Filled(entry);
@@ -173,7 +176,10 @@ impl Store {
                     return Fill::Alone;
                 };
                 if let Some(found) = found {
-                    if let Some(entry) = self.adopt(key, req_headers, found, since.epoch()).await {
+                    if let Some(entry) = self
+                        .adopt(key, req_headers, found, since.epoch(), local)
+                        .await
+                    {
                         return Fill::Filled(entry);
                     }
                     if self.epoch() != since.epoch() {

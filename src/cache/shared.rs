@@ -59,8 +59,25 @@ return removed
 /// so no write looked up before the bump can see the generation vanish and pass.
 const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 
-/// Leads every stored entry; anything else under an entry key is not read.
-const MAGIC: &[u8; 4] = b"cxg1";
+/// Leads every stored entry; anything else under an entry key is not read. The digit is
+/// the format: `cxg2` entries hold the neutral form (see [`Localize`]).
+const MAGIC: &[u8; 4] = b"cxg2";
+
+/// Led the entries of the first format, whose links named the writing replica's own base:
+/// they are passed over (a miss, overwritten by the next fill), never served.
+const OLD_MAGIC: &[u8; 4] = b"cxg1";
+
+/// Why [`decode`] refuses an entry of the first format.
+const OLD_FORMAT: &str = "an entry of an older format";
+
+/// How a replica takes an entry from the shared tier into its own form. Replicas may have
+/// different public bases, so the tier keeps every answer in one form none of them serves
+/// (its links at the upstream's own base), and each replica moves them to its base once,
+/// as the entry enters its memory, so memory hits cost what they cost without the tier.
+pub trait Localize: Sync {
+    /// `headers` and `body` as this replica serves them; `None` when they stay as they are.
+    fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)>;
+}
 
 /// The generations an entry was looked up under: the global one (bumped by a full purge) and
 /// one per group (each tag, and the entry's path). A write passes only while all still hold,
@@ -191,6 +208,10 @@ impl SharedTier {
                 // Written before the last full purge: gone for every reader.
                 (written_under == generations.global).then_some(found)
             }
+            Some(Err(OLD_FORMAT)) => {
+                tracing::debug!(key, "passing over a shared cache entry of an older format");
+                None
+            }
             Some(Err(why)) => {
                 tracing::warn!(why, "ignoring an unreadable shared cache entry");
                 None
@@ -280,7 +301,8 @@ impl SharedTier {
             .map(Vec::into_iter)
     }
 
-    /// Writes `value` (stored under `storage_key` for primary key `key`) for every replica,
+    /// Writes `value` (stored under `storage_key` for primary key `key`, in the neutral form
+    /// every replica localizes: see [`Localize`]) for every replica,
     /// unless a generation in `since` moved, its tags are not the ones looked up, or it is over
     /// the bound. Its Redis expiry is the end of its longer stale window.
     pub async fn write(
@@ -407,8 +429,8 @@ fn millis(d: Duration) -> u32 {
 /// The entry as stored in Redis: [`MAGIC`], the global generation it was written under,
 /// stored-at (Unix ms), the three windows (ms), the status, then the storage key, the tags,
 /// the headers (each length-prefixed) and the body. What the memory entry keeps, nothing
-/// more: its headers are the stored ones, so no token or cookie is in it. `None` when it
-/// would exceed `max` bytes.
+/// more, in the neutral form ([`Localize`]): its headers are the stored ones, so no token
+/// or cookie is in it. `None` when it would exceed `max` bytes.
 fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -> Option<Vec<u8>> {
     let headers: Vec<(&HeaderName, &HeaderValue)> = value.stored_headers().collect();
     let size = 4
@@ -472,8 +494,10 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
         Ok(at.split_to(n))
     };
     let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| "text that is not UTF-8");
-    if take(&mut at, 4)?.as_ref() != MAGIC {
-        return Err("not a cxgate entry");
+    match take(&mut at, 4)?.as_ref() {
+        magic if magic == MAGIC => {}
+        magic if magic == OLD_MAGIC => return Err(OLD_FORMAT),
+        _ => return Err("not a cxgate entry"),
     }
     let n = usize::from(take(&mut at, 2)?.get_u16_le());
     let global = text(take(&mut at, n)?)?;
@@ -596,5 +620,12 @@ mod tests {
         let mut wrong = blob.clone();
         wrong[0] = b'x';
         assert_eq!(decode(&wrong).err(), Some("not a cxgate entry"));
+    }
+
+    #[tokio::test]
+    async fn an_entry_of_the_older_format_is_told_apart_and_not_read() {
+        let mut old = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        old[..4].copy_from_slice(OLD_MAGIC);
+        assert_eq!(decode(&old).err(), Some(OLD_FORMAT));
     }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::HeaderMap;
 use moka::notification::RemovalCause;
 use moka::sync::Cache;
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, Freshness, StoredResponse};
 use super::key::normalize_path;
-use super::shared::{Found, Generations, SharedTier};
+use super::shared::{Found, Generations, Localize, SharedTier};
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
@@ -407,16 +408,18 @@ impl Store {
     }
 
     /// After memory had nothing fresh for `key`: the shared tier's entry for it, stored in
-    /// memory first, and what a fetch must carry if the entry does not do (its generations,
-    /// for the tags `tags` and the key's path). Without a tier, or with Redis unreachable,
-    /// no entry and the epoch alone: the answer is then stored in memory only. An entry of
-    /// another `Vary` variant than `req_headers` select is not used; nor is one that an
-    /// invalidation on this replica overtook while it was read.
+    /// memory first (in this replica's form, made by `local`), and what a fetch must carry
+    /// if the entry does not do (its generations, for the tags `tags` and the key's path).
+    /// Without a tier, or with Redis unreachable, no entry and the epoch alone: the answer is
+    /// then stored in memory only. An entry of another `Vary` variant than `req_headers`
+    /// select is not used; nor is one that an invalidation on this replica overtook while it
+    /// was read.
     pub async fn get_shared(
         &self,
         key: &str,
         req_headers: &HeaderMap,
         tags: &[String],
+        local: &dyn Localize,
     ) -> (Option<StoredResponse>, Since) {
         let mut since = self.since();
         let Some(tier) = self.inner.shared.get() else {
@@ -429,29 +432,40 @@ impl Store {
         let Some(found) = found else {
             return (None, since);
         };
-        let adopted = self.adopt(key, req_headers, found, since.epoch).await;
+        let adopted = self
+            .adopt(key, req_headers, found, since.epoch, local)
+            .await;
         (adopted, since)
     }
 
-    /// An entry read from the shared tier, stored in memory and found there again for a
-    /// request with `req_headers`: `None` when it is another `Vary` variant than those select,
-    /// or an invalidation on this replica ran since `epoch`.
+    /// An entry read from the shared tier, made this replica's by `local`, stored in memory
+    /// (weighed as it is kept) and found there again for a request with `req_headers`: `None`
+    /// when it is another `Vary` variant than those select, or an invalidation on this
+    /// replica ran since `epoch`.
     pub(super) async fn adopt(
         &self,
         key: &str,
         req_headers: &HeaderMap,
         found: Found,
         epoch: u64,
+        local: &dyn Localize,
     ) -> Option<StoredResponse> {
         let selected = match Vary::of(&found.value.headers) {
             Vary::Any => return None,
             Vary::None => key.to_string(),
             Vary::Headers(names) => variant_key(key, &names, req_headers),
         };
-        if selected != found.storage_key
-            || !self
-                .insert_since(key.to_string(), req_headers, found.value, epoch)
-                .await
+        if selected != found.storage_key {
+            return None;
+        }
+        let mut value = found.value;
+        if let Some((headers, body)) = local.localize(&value.headers, &value.body) {
+            value.headers = headers;
+            value.body = body;
+        }
+        if !self
+            .insert_since(key.to_string(), req_headers, value, epoch)
+            .await
         {
             return None;
         }
@@ -472,12 +486,15 @@ impl Store {
 
     /// Stores a fetched answer in memory as [`Store::insert_since`] does and, once stored
     /// there, in the shared tier when `since` carries its generations (the write is refused
-    /// there if an invalidation on any replica moved them). Returns whether memory took it.
+    /// there if an invalidation on any replica moved them). `neutral`: the answer's headers
+    /// and body in the form the tier keeps, when they differ from `value`'s (this replica's
+    /// own form; see [`Localize`]). Returns whether memory took it.
     pub async fn insert_fetched(
         &self,
         key: String,
         req_headers: &HeaderMap,
         value: CachedResponse,
+        neutral: Option<(HeaderMap, Bytes)>,
         since: &Since,
     ) -> bool {
         let Some((tier, generations)) = self.inner.shared.get().zip(since.shared.as_ref()) else {
@@ -489,7 +506,11 @@ impl Store {
             Vary::Headers(names) => variant_key(&key, &names, req_headers),
             _ => key.clone(),
         };
-        let shared = value.clone();
+        let mut shared = value.clone();
+        if let Some((headers, body)) = neutral {
+            shared.headers = headers;
+            shared.body = body;
+        }
         let stored = self
             .insert_since(key.clone(), req_headers, value, since.epoch)
             .await;

@@ -131,10 +131,13 @@ impl Gateway {
                 reason: "upstream",
             });
         }
-        let rewriter = &call.state.rewriter;
+        // First the form every replica shares (links kept at the upstream's base, without
+        // `access_token`; tokens redacted), then this replica's own (links at its public
+        // base), made from it the way a replica makes an entry from the shared tier its own.
+        let neutral = &call.state.neutral;
         let secrets = inner.token.secrets();
         let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
-        if let Some(body) = rewriter.rewrite_body(&fetched.body, &exposed) {
+        if let Some(body) = neutral.rewrite_body(&fetched.body, &exposed) {
             fetched.body = body;
         }
         // What redaction could not replace (a token under layers of escapes, or in UTF-16)
@@ -146,17 +149,7 @@ impl Gateway {
             )
             .into());
         }
-        // Headers that point somewhere: a client following one (paging by `Link`, say) must
-        // come back through the gateway and never see the real token in it.
-        rewrite_header(&mut fetched.headers, header::LOCATION, |v| {
-            rewriter.rewrite_location(v)
-        });
-        rewrite_header(&mut fetched.headers, header::CONTENT_LOCATION, |v| {
-            rewriter.rewrite_location(v)
-        });
-        rewrite_header(&mut fetched.headers, header::LINK, |v| {
-            rewriter.rewrite_link(v)
-        });
+        neutral.rewrite_headers(&mut fetched.headers);
         // Any other header that carries a held token in any spelling (an echoed
         // Authorization, a `Link` or `Content-Location` with the token in its query), or
         // is named after one, is dropped: rewriting arbitrary header syntax is guesswork,
@@ -178,6 +171,18 @@ impl Gateway {
                 .collect();
         for name in leaking {
             fetched.headers.remove(name);
+        }
+        if let Some((headers, body)) = call
+            .state
+            .rewriter
+            .localize(&fetched.headers, &fetched.body)
+        {
+            let headers = std::mem::replace(&mut fetched.headers, headers);
+            let body = std::mem::replace(&mut fetched.body, body);
+            // Kept only for a shared tier to store.
+            if inner.cache.shared().is_some() {
+                fetched.neutral = Some(Box::new((headers, body)));
+            }
         }
         Ok(fetched)
     }
@@ -254,31 +259,4 @@ impl Drop for Flight<'_> {
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Rewrites every value of the header `name` with `rewrite` (`None`: unchanged). A value that
-/// is not text, or whose rewrite is no valid header value, is dropped rather than passed on
-/// unrewritten.
-fn rewrite_header(
-    headers: &mut http::HeaderMap,
-    name: header::HeaderName,
-    rewrite: impl Fn(&str) -> Option<String>,
-) {
-    if !headers.contains_key(&name) {
-        return;
-    }
-    let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
-    headers.remove(&name);
-    for value in values {
-        let kept = match value.to_str() {
-            Ok(text) => match rewrite(text) {
-                Some(rewritten) => HeaderValue::try_from(rewritten).ok(),
-                None => Some(value),
-            },
-            Err(_) => None,
-        };
-        if let Some(v) = kept {
-            headers.append(&name, v);
-        }
-    }
 }

@@ -29,6 +29,9 @@ pub struct Fetched {
     pub budget_wait: Duration,
     /// The body's bytes, held against `server.max_buffered_bytes` while the answer lives.
     pub held: super::Held,
+    /// Headers and body as the shared cache tier keeps them (links at the upstream's base),
+    /// when they differ from `headers` and `body` (this replica's own form).
+    pub neutral: Option<Box<(HeaderMap, Bytes)>>,
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 7.6.1), plus the ones
@@ -272,6 +275,7 @@ pub async fn exchange(
             upstream_time: Duration::ZERO,
             budget_wait: Duration::ZERO,
             held,
+            neutral: None,
         })
     };
     match tokio::time::timeout(timeout, work).await {

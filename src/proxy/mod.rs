@@ -49,7 +49,10 @@ pub struct State {
     /// Unique within the process (never 0): what the metric handle tables are keyed by.
     id: u64,
     clients: Clients,
+    /// Upstream links to `server.public_base_url`: this replica's own form of an answer.
     rewriter: Rewriter,
+    /// Upstream links kept, stripped of `access_token`: the form the shared tier keeps.
+    neutral: Rewriter,
     /// Authorities an absolute-form request target may name.
     own_hosts: Vec<String>,
     /// The `route` label of each route, built once so upstream calls only clone an `Arc`.
@@ -62,6 +65,7 @@ impl State {
     pub fn new(config: Arc<Config>) -> State {
         let clients = Clients::from_config(&config);
         let rewriter = Rewriter::new(&config.upstream.base_url, &config.server.public_base_url);
+        let neutral = Rewriter::neutral(&config.upstream.base_url);
         let mut own_hosts = vec![config.server.listen.to_string()];
         for url in [&config.server.public_base_url, &config.upstream.base_url] {
             if let Some(a) = url
@@ -76,6 +80,7 @@ impl State {
             id: SNAPSHOTS.fetch_add(1, Ordering::Relaxed),
             clients,
             rewriter,
+            neutral,
             own_hosts,
             labels: config
                 .routes
@@ -429,6 +434,7 @@ impl Gateway {
                     read::ToForward {
                         leaks: &leaks,
                         call: make_call,
+                        local: &state.rewriter,
                     },
                     outcome,
                 )

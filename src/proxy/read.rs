@@ -16,7 +16,8 @@ use super::layer::Exchange;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::Gateway;
 use crate::cache::{
-    CachedResponse, Fill, Freshness, Joined, Peer, Progress, Role, Since, StoredResponse, Variant,
+    CachedResponse, Fill, Freshness, Joined, Localize, Peer, Progress, Role, Since, StoredResponse,
+    Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
@@ -60,6 +61,7 @@ impl Answer {
                 upstream_time: std::time::Duration::ZERO,
                 budget_wait: waited,
                 held: super::Held::default(),
+                neutral: None,
             },
             stored: false,
             variant,
@@ -81,6 +83,8 @@ impl Answer {
                 budget_wait: waited,
                 // Clones share one holding: the bytes are counted once.
                 held: f.held.clone(),
+                // Only the call that fetched it stores an answer.
+                neutral: None,
             },
             stored: self.stored,
             variant: self.variant.clone(),
@@ -135,6 +139,8 @@ struct Upstream {
 pub(super) struct ToForward<'a, F> {
     pub leaks: &'a (dyn Fn() -> Result<(), GatewayError> + Sync),
     pub call: F,
+    /// Makes an entry taken from the shared cache tier this replica's own.
+    pub local: &'a dyn Localize,
 }
 
 impl Gateway {
@@ -152,6 +158,7 @@ impl Gateway {
         let ToForward {
             leaks,
             call: client_call,
+            local,
         } = forward;
         let inner = &self.inner;
         let d = directives(headers);
@@ -189,7 +196,7 @@ impl Gateway {
                 // Boxed: the shared tier's future is large and only this rare path needs it;
                 // inline it would make every hit's future (which the layers box) that size.
                 let (entry, looked_up) =
-                    Box::pin(inner.cache.get_shared(&key, headers, &tags)).await;
+                    Box::pin(inner.cache.get_shared(&key, headers, &tags, local)).await;
                 if entry.is_some() {
                     found = entry;
                     shared_hit = true;
@@ -597,6 +604,14 @@ impl Gateway {
                         // The body may be a slice of a much larger read buffer; an exact copy
                         // keeps a long-lived entry from pinning that buffer (once per miss).
                         fetched.body = bytes::Bytes::copy_from_slice(&fetched.body);
+                        // The form the shared tier keeps, when this replica's differs.
+                        let neutral = fetched.neutral.take().map(|neutral| {
+                            let (headers, body) = *neutral;
+                            (
+                                reply::storable_headers(&headers),
+                                bytes::Bytes::copy_from_slice(&body),
+                            )
+                        });
                         let entry = CachedResponse {
                             status: fetched.status,
                             headers: reply::storable_headers(&fetched.headers),
@@ -610,7 +625,7 @@ impl Gateway {
                         gateway
                             .inner
                             .cache
-                            .insert_fetched(key, &call.headers, entry, &since)
+                            .insert_fetched(key, &call.headers, entry, neutral, &since)
                             .await
                     }
                     _ => false,
@@ -638,7 +653,14 @@ impl Gateway {
                     // own callers merged behind this one wait for it too.
                     let waiting = || progress.sent();
                     match cache
-                        .fill_across(&key, &call.headers, &since, patience, waiting)
+                        .fill_across(
+                            &key,
+                            &call.headers,
+                            &since,
+                            patience,
+                            waiting,
+                            &call.state.rewriter,
+                        )
                         .await
                     {
                         Fill::Filled(entry) => {

@@ -4,6 +4,7 @@
 //! answer (the cache stores the result), so it is a byte scan, not a JSON parse.
 
 use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 
 /// What a redacted secret becomes.
 const REDACTED: &[u8] = b"[redacted]";
@@ -51,6 +52,53 @@ impl Rewriter {
             public_json,
             public_json_escaped,
         }
+    }
+
+    /// The rewriter of the form replicas share an answer in: links stay at the upstream's
+    /// base (each replica has a public base of its own) and lose their `access_token`.
+    /// [`Rewriter::localize`] of a replica's own rewriter turns that form into its own.
+    pub fn neutral(upstream_base: &str) -> Rewriter {
+        Rewriter::new(upstream_base, upstream_base)
+    }
+
+    /// An answer in the neutral form (see [`Rewriter::neutral`]: already redacted, its links
+    /// at the upstream's base without `access_token`) as this rewriter's public base gives
+    /// it: the links of body and headers moved there, `Content-Length` (if any) following
+    /// the body. `None` when nothing changes.
+    pub fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)> {
+        let relinked = self.rewrite_links(body).map(Bytes::from);
+        let linking = [header::LOCATION, header::CONTENT_LOCATION, header::LINK];
+        if relinked.is_none() && !linking.iter().any(|name| headers.contains_key(name)) {
+            return None;
+        }
+        let mut moved = headers.clone();
+        self.rewrite_headers(&mut moved);
+        if relinked.is_none() && moved == *headers {
+            return None;
+        }
+        let mut headers = moved;
+        let body = match relinked {
+            Some(body) => {
+                if headers.contains_key(header::CONTENT_LENGTH) {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+                }
+                body
+            }
+            None => body.clone(),
+        };
+        Some((headers, body))
+    }
+
+    /// Rewrites the headers that point somewhere (`Location`, `Content-Location`, every
+    /// target of `Link`): a client following one (paging by `Link`, say) must come back
+    /// through the gateway and never see the real token in it. A value that is not text, or
+    /// whose rewrite is no valid header value, is dropped rather than passed on unrewritten.
+    pub fn rewrite_headers(&self, headers: &mut HeaderMap) {
+        rewrite_header(headers, header::LOCATION, |v| self.rewrite_location(v));
+        rewrite_header(headers, header::CONTENT_LOCATION, |v| {
+            self.rewrite_location(v)
+        });
+        rewrite_header(headers, header::LINK, |v| self.rewrite_link(v));
     }
 
     /// Rewrites upstream links and redacts `secrets`; `None` when nothing changed.
@@ -154,6 +202,38 @@ impl Rewriter {
             None | Some(b'/' | b'?' | b'#' | b'"') => true,
             Some(b'\\') => text.get(after + 1) == Some(&b'/'),
             _ => false,
+        }
+    }
+}
+
+impl crate::cache::Localize for Rewriter {
+    fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)> {
+        Rewriter::localize(self, headers, body)
+    }
+}
+
+/// Rewrites every value of the header `name` with `rewrite` (`None`: unchanged); see
+/// [`Rewriter::rewrite_headers`].
+fn rewrite_header(
+    headers: &mut HeaderMap,
+    name: HeaderName,
+    rewrite: impl Fn(&str) -> Option<String>,
+) {
+    if !headers.contains_key(&name) {
+        return;
+    }
+    let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
+    headers.remove(&name);
+    for value in values {
+        let kept = match value.to_str() {
+            Ok(text) => match rewrite(text) {
+                Some(rewritten) => HeaderValue::try_from(rewritten).ok(),
+                None => Some(value),
+            },
+            Err(_) => None,
+        };
+        if let Some(v) = kept {
+            headers.append(&name, v);
         }
     }
 }
@@ -653,6 +733,60 @@ mod tests {
             r.rewrite_location("https://api.engagor.com.evil.example/"),
             None,
             "expected a look-alike host untouched"
+        );
+    }
+
+    #[test]
+    fn the_neutral_form_localized_is_what_each_replica_would_have_made() {
+        let body = format!(
+            r#"{{"paging":{{"next_url":"{UP}/1/inbox/mentions?access_token={TOKEN}&page_token=p2"}},"esc":"https:\/\/api.engagor.com\/me?access_token=T","echo":"{TOKEN}"}}"#
+        );
+        let body = Bytes::from(body);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::LINK,
+            format!("<{UP}/me?access_token=T&a=1>; rel=next")
+                .parse()
+                .unwrap(),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let neutral = Rewriter::neutral(UP);
+        let shared = neutral
+            .rewrite_body(&body, &[TOKEN])
+            .expect("a neutral rewrite");
+        let text = String::from_utf8_lossy(&shared);
+        assert!(
+            text.contains(&format!("{UP}/1/inbox/mentions?page_token=p2"))
+                && !text.contains("access_token")
+                && !text.contains(TOKEN),
+            "expected upstream links without a token in the neutral form, saw {text}"
+        );
+        let mut shared_headers = headers.clone();
+        neutral.rewrite_headers(&mut shared_headers);
+        for public in ["http://a.example:1", "https://b.example/gw"] {
+            let direct = Rewriter::new(UP, public);
+            let want = direct
+                .rewrite_body(&body, &[TOKEN])
+                .expect("a direct rewrite");
+            let (local_headers, local) = direct
+                .localize(&shared_headers, &shared)
+                .expect("links to move");
+            assert_eq!(local, want, "for {public}");
+            assert_eq!(
+                local_headers[header::LINK],
+                format!("<{public}/me?a=1>; rel=next"),
+                "for {public}"
+            );
+            assert_eq!(
+                local_headers[header::CONTENT_LENGTH],
+                local.len().to_string(),
+                "expected Content-Length to follow the body for {public}"
+            );
+        }
+        let plain = Bytes::from_static(br#"{"id":1}"#);
+        assert!(
+            rewriter().localize(&HeaderMap::new(), &plain).is_none(),
+            "expected nothing to localize without links"
         );
     }
 
