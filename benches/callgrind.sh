@@ -22,9 +22,13 @@
 # With --rss it runs the binary natively instead and reports resident memory per idle
 # connection: N connections that each asked once for the hit and stay open.
 #
+# With --strace it runs the binary natively under `strace -f -c` instead: one wrk run of
+# --duration seconds per connection count (use one count), then the system calls per
+# request wrk completed, by call, from strace's summary (kept in --out as strace.txt).
+#
 # Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
 #                             [--conns "32 512 4096"] [--out DIR] [--rss]
-#                             [--log off|text|json] [--path hit|big|pass]
+#                             [--log off|text|json] [--path hit|big|pass] [--strace]
 # Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
 # target/release/cxgate; build it with `cargo build --release` first).
 set -euo pipefail
@@ -35,6 +39,7 @@ TAIL=3
 CONNS="32 512 4096"
 OUT=""
 RSS=0
+STRACE=0
 LOG=off
 WHAT=hit
 while [ $# -gt 0 ]; do
@@ -45,6 +50,7 @@ while [ $# -gt 0 ]; do
         --conns) CONNS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --rss) RSS=1; shift ;;
+        --strace) STRACE=1; shift ;;
         --log) LOG="$2"; shift 2 ;;
         --path) WHAT="$2"; shift 2 ;;
         -h|--help) sed -n '/^# Usage:/,/^# target/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -171,6 +177,7 @@ PIDS+=($!)
 read -ra EXTRA <<<"${CALLGRIND_ARGS:-}"
 RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${EXTRA[@]}")
 [ "$RSS" = 1 ] && RUNNER=()
+[ "$STRACE" = 1 ] && RUNNER=(strace -f -c -o "$OUT/strace.txt")
 CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn --log-format "$LOG_FORMAT" run \
     --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
 PIDS+=($!); CX=$!
@@ -240,6 +247,25 @@ EOF
         awk -v n="$n" -v b="$before" -v o="$open" \
             'BEGIN {printf "%5d  %14d  %12d  %20.0f\n", n, b, o, (o - b) * 1024 / n}'
     done
+    exit 0
+fi
+
+if [ "$STRACE" = 1 ]; then
+    total=0
+    for n in $CONNS; do
+        wrk -t"$((n < 2 ? 1 : 2))" -c"$n" -d"${DURATION}s" --timeout 60s "$URL" >"$OUT/wrk-$n.txt" 2>&1
+        reqs="$(awk '/requests in/ {print $1}' "$OUT/wrk-$n.txt")"
+        echo "$n connections: $reqs requests in ${DURATION}s under strace"
+        total=$((total + reqs))
+    done
+    # strace writes its summary once the gateway (its child) has exited.
+    kill -TERM "$(ps -o pid= --ppid "$CX")" 2>/dev/null || true
+    wait "$CX" 2>/dev/null || true
+    total=$((total + 2))  # the two warm-up requests
+    echo "syscall  calls  per_request"
+    awk -v r="$total" '$1 ~ /^[0-9.]+$/ && $NF != "total" {
+        printf "%-16s %9d %8.2f\n", $NF, $4, $4 / r }' \
+        "$OUT/strace.txt" | sort -k2 -nr | head -15
     exit 0
 fi
 
