@@ -217,7 +217,7 @@ fn redact(body: &[u8], secrets: &[&str]) -> Option<Vec<u8>> {
     let mut out: Option<Vec<u8>> = None;
     let mut starts = matcher.starts_in(body);
     let (mut copied, mut i) = (0, 0);
-    while let Some(at) = starts.next(body, i) {
+    while let Some(at) = starts.next(&matcher, body, i) {
         if let Some(len) = matcher.match_at(body, at) {
             let out = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
             out.extend_from_slice(&body[copied..at]);
@@ -238,7 +238,7 @@ pub fn carries_secret(text: &[u8], secrets: &[&str]) -> bool {
     let matcher = Matcher::new(secrets);
     let mut starts = matcher.starts_in(text);
     let mut i = 0;
-    while let Some(at) = starts.next(text, i) {
+    while let Some(at) = starts.next(&matcher, text, i) {
         if matcher.match_at(text, at).is_some() {
             return true;
         }
@@ -284,6 +284,8 @@ fn unit_at(text: &[u8], at: usize) -> Option<(u8, usize)> {
 /// byte however many tokens were held.
 struct Matcher<'s> {
     starts: [bool; 256],
+    /// The bytes `starts` holds, each once.
+    start_bytes: Vec<u8>,
     by_prefix: std::collections::HashMap<u64, Vec<&'s [u8]>>,
 }
 
@@ -300,27 +302,39 @@ impl<'s> Matcher<'s> {
         // Longest first, so a secret that contains another is replaced whole.
         secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         secrets.dedup();
+        let mut start_bytes = Vec::new();
+        let mut start = |b: u8| {
+            if !std::mem::replace(&mut starts[usize::from(b)], true) {
+                start_bytes.push(b);
+            }
+        };
         for secret in secrets {
-            starts[secret[0] as usize] = true;
+            start(secret[0]);
             by_prefix
                 .entry(prefix_word(secret))
                 .or_default()
                 .push(secret);
         }
         if !by_prefix.is_empty() {
-            starts[b'%' as usize] = true;
-            starts[b'\\' as usize] = true;
+            start(b'%');
+            start(b'\\');
         }
-        Matcher { starts, by_prefix }
+        Matcher {
+            starts,
+            start_bytes,
+            by_prefix,
+        }
     }
 
     /// The positions in `text` whose byte can start a secret, for a scan that skips to
     /// them instead of trying every position.
     fn starts_in(&self, text: &[u8]) -> Starts {
-        let bytes: Vec<u8> = (0..=255u8)
-            .filter(|&b| self.starts[usize::from(b)])
-            .collect();
-        let groups: Vec<[u8; 3]> = bytes
+        // A header value or a short body: a table load per byte costs less than setting up.
+        if text.len() < SHORT_TEXT {
+            return Starts::Table;
+        }
+        let groups: Vec<[u8; 3]> = self
+            .start_bytes
             .chunks(3)
             .map(|c| [c[0], c[c.len().min(2) - 1], c[c.len() - 1]])
             .collect();
@@ -328,7 +342,7 @@ impl<'s> Matcher<'s> {
             .iter()
             .map(|&[a, b, c]| memchr::memchr3(a, b, c, text))
             .collect();
-        Starts { groups, next }
+        Starts::Groups { groups, next }
     }
 
     /// The length of text a secret takes at `at`, if one starts there.
@@ -352,18 +366,32 @@ impl<'s> Matcher<'s> {
 
 /// Where the bytes that can start a secret occur, found with `memchr3` (SIMD) for up to
 /// three bytes at a time: a body without them costs a fraction of an instruction per byte.
-struct Starts {
-    groups: Vec<[u8; 3]>,
-    /// Per group, its next occurrence at or after the last position asked for.
-    next: Vec<Option<usize>>,
+enum Starts {
+    /// Each byte looked up in [`Matcher`]'s table.
+    Table,
+    Groups {
+        groups: Vec<[u8; 3]>,
+        /// Per group, its next occurrence at or after the last position asked for.
+        next: Vec<Option<usize>>,
+    },
 }
+
+/// Texts shorter than this are scanned by table.
+const SHORT_TEXT: usize = 256;
 
 impl Starts {
     /// The first position at or after `from` (not below the last `from`) holding one of
     /// the bytes.
-    fn next(&mut self, text: &[u8], from: usize) -> Option<usize> {
+    fn next(&mut self, matcher: &Matcher<'_>, text: &[u8], from: usize) -> Option<usize> {
+        let Starts::Groups { groups, next } = self else {
+            let rest = text.get(from..)?;
+            return rest
+                .iter()
+                .position(|&b| matcher.starts[usize::from(b)])
+                .map(|i| from + i);
+        };
         let mut first: Option<usize> = None;
-        for (&[a, b, c], next) in self.groups.iter().zip(&mut self.next) {
+        for (&[a, b, c], next) in groups.iter().zip(next.iter_mut()) {
             if next.is_some_and(|at| at < from) {
                 *next = text
                     .get(from..)
