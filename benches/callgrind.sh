@@ -13,11 +13,22 @@
 # completed. Prints one line per connection count and leaves the dumps for
 # `callgrind_annotate` in --out.
 #
+# --log text|json has the gateway write its access log to a file (one line per request, as
+# `server.access_log = "<file>"` with `--log-format text|json`), so the same run with and
+# without it gives the log's Ir per request. --path picks what wrk asks for: `hit` (the
+# cached 1.5 KB key), `big` (a cached 64 KB body) or `pass` (no route: forwarded upstream
+# every time; use it with --conns 1 and `wrk -t1`, the sequential uncached case).
+#
 # With --rss it runs the binary natively instead and reports resident memory per idle
 # connection: N connections that each asked once for the hit and stay open.
 #
+# With --strace it runs the binary natively under `strace -f -c` instead: one wrk run of
+# --duration seconds per connection count (use one count), then the system calls per
+# request wrk completed, by call, from strace's summary (kept in --out as strace.txt).
+#
 # Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
 #                             [--conns "32 512 4096"] [--out DIR] [--rss]
+#                             [--log off|text|json] [--path hit|big|pass] [--strace]
 # Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
 # target/release/cxgate; build it with `cargo build --release` first).
 set -euo pipefail
@@ -28,6 +39,9 @@ TAIL=3
 CONNS="32 512 4096"
 OUT=""
 RSS=0
+STRACE=0
+LOG=off
+WHAT=hit
 while [ $# -gt 0 ]; do
     case "$1" in
         --duration) DURATION="$2"; shift 2 ;;
@@ -36,10 +50,15 @@ while [ $# -gt 0 ]; do
         --conns) CONNS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --rss) RSS=1; shift ;;
+        --strace) STRACE=1; shift ;;
+        --log) LOG="$2"; shift 2 ;;
+        --path) WHAT="$2"; shift 2 ;;
         -h|--help) sed -n '/^# Usage:/,/^# target/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "callgrind.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+case "$LOG" in off | text | json) ;; *) echo "callgrind.sh: --log is off, text or json" >&2; exit 2 ;; esac
+case "$WHAT" in hit | big | pass) ;; *) echo "callgrind.sh: --path is hit, big or pass" >&2; exit 2 ;; esac
 [ "$DURATION" -gt $((RAMP + TAIL)) ] || { echo "callgrind.sh: --duration must exceed ramp + tail" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -53,7 +72,7 @@ ulimit -n "$(ulimit -Hn)"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cxgate-callgrind.XXXXXX")"
 OUT="${OUT:-$WORK/out}"
-mkdir -p "$OUT" "$WORK/origin"
+mkdir -p "$OUT" "$WORK/origin/static/bench"
 PIDS=()
 cleanup() {
     local status=$? i
@@ -64,7 +83,7 @@ cleanup() {
         kill -KILL "${PIDS[i]}" 2>/dev/null || true
         wait "${PIDS[i]}" 2>/dev/null || true
     done
-    rm -rf "$WORK/origin" "$WORK/cxgate.toml"
+    rm -rf "$WORK/origin" "$WORK/cxgate.toml" "$WORK/access.log"
     exit "$status"
 }
 trap cleanup EXIT
@@ -85,6 +104,13 @@ doc["response"]["bio"] = "x" * (1536 - len(json.dumps(doc, separators=(",", ":")
 print(json.dumps(doc, separators=(",", ":")), end="")
 EOF
 )"
+# The large body (--path big): 64 KB, the same envelope, served from a file.
+python3 - >"$WORK/origin/static/bench/big" <<'EOF'
+import json
+doc = {"meta": {"code": 200}, "response": {"id": 2, "name": "Compare harness", "bio": ""}}
+doc["response"]["bio"] = "y" * (65536 - len(json.dumps(doc, separators=(",", ":"))))
+print(json.dumps(doc, separators=(",", ":")), end="")
+EOF
 NGINX_USER=""
 [ "$(id -u)" = 0 ] && NGINX_USER="user root;"
 cat >"$WORK/origin/nginx.conf" <<EOF
@@ -103,10 +129,16 @@ http {
     server {
         listen 127.0.0.1:$P_ORIGIN;
         location = /bench/hit { return 200 '$BODY'; }
+        location = /bench/pass { return 200 '$BODY'; }
+        location = /bench/big { root $WORK/origin/static; }
     }
 }
 EOF
-# The same gateway config as benches/compare.sh (no access log, a budget no run reaches),
+ACCESS_LOG=off
+LOG_FORMAT=text
+[ "$LOG" != off ] && ACCESS_LOG="$WORK/access.log" && LOG_FORMAT="$LOG"
+# The same gateway config as benches/compare.sh (no access log unless --log, a budget no
+# run reaches),
 # but for header_timeout: under valgrind the gateway is some 50 times slower, and at 4,096
 # connections a connection can wait more than the default 10 s from accept to its first
 # read; closed, it would come back as a reconnect and measure accepts instead of hits.
@@ -115,7 +147,7 @@ cat >"$WORK/cxgate.toml" <<EOF
 listen = "127.0.0.1:$P_CX"
 admin_listen = "127.0.0.1:$P_ADMIN"
 max_concurrency = 8192
-access_log = "off"
+access_log = "$ACCESS_LOG"
 header_timeout = "60s"
 
 [upstream]
@@ -132,6 +164,10 @@ burst = 100000
 [[routes]]
 match = "GET /bench/hit"
 ttl = "1h"
+
+[[routes]]
+match = "GET /bench/big"
+ttl = "1h"
 EOF
 
 nginx -p "$WORK/origin" -c "$WORK/origin/nginx.conf" -g "daemon off; pid $WORK/origin/nginx.pid;" \
@@ -141,7 +177,8 @@ PIDS+=($!)
 read -ra EXTRA <<<"${CALLGRIND_ARGS:-}"
 RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${EXTRA[@]}")
 [ "$RSS" = 1 ] && RUNNER=()
-CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn run \
+[ "$STRACE" = 1 ] && RUNNER=(strace -f -c -o "$OUT/strace.txt")
+CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn --log-format "$LOG_FORMAT" run \
     --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
 PIDS+=($!); CX=$!
 for _ in $(seq 600); do
@@ -149,10 +186,14 @@ for _ in $(seq 600); do
     kill -0 "$CX" 2>/dev/null || { cat "$WORK/cxgate.log" >&2; exit 1; }
     sleep 0.2
 done
-# Warm-up: the first request fills the cache, the second must be a hit.
-curl -s -o /dev/null "http://127.0.0.1:$P_CX/bench/hit"
-curl -s -D - -o /dev/null "http://127.0.0.1:$P_CX/bench/hit" | grep -qi '^cache-status: cxgate; hit' ||
-    { echo "callgrind.sh: the warm-up request was not a hit" >&2; exit 1; }
+# Warm-up: the first request fills the cache, the second must be a hit (or, for `pass`, a
+# forward).
+URL="http://127.0.0.1:$P_CX/bench/$WHAT"
+EXPECT='^cache-status: cxgate; hit'
+[ "$WHAT" = pass ] && EXPECT='^cache-status: cxgate; fwd='
+curl -s -o /dev/null "$URL"
+curl -s -D - -o /dev/null "$URL" | grep -qi "$EXPECT" ||
+    { echo "callgrind.sh: the warm-up request was not what --path $WHAT expects" >&2; exit 1; }
 
 served() {
     curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
@@ -209,10 +250,29 @@ EOF
     exit 0
 fi
 
+if [ "$STRACE" = 1 ]; then
+    total=0
+    for n in $CONNS; do
+        wrk -t"$((n < 2 ? 1 : 2))" -c"$n" -d"${DURATION}s" --timeout 60s "$URL" >"$OUT/wrk-$n.txt" 2>&1
+        reqs="$(awk '/requests in/ {print $1}' "$OUT/wrk-$n.txt")"
+        echo "$n connections: $reqs requests in ${DURATION}s under strace"
+        total=$((total + reqs))
+    done
+    # strace writes its summary once the gateway (its child) has exited.
+    kill -TERM "$(ps -o pid= --ppid "$CX")" 2>/dev/null || true
+    wait "$CX" 2>/dev/null || true
+    total=$((total + 2))  # the two warm-up requests
+    echo "syscall  calls  per_request"
+    awk -v r="$total" '$1 ~ /^[0-9.]+$/ && $NF != "total" {
+        printf "%-16s %9d %8.2f\n", $NF, $4, $4 / r }' \
+        "$OUT/strace.txt" | sort -k2 -nr | head -15
+    exit 0
+fi
+
 echo "conns  ramp_s  wrk_requests  wrk_req/s  Ir_total  Ir/req(whole)  steady_requests  Ir/req(steady)  errors"
 for n in $CONNS; do
     callgrind_control -z "$CX" >/dev/null 2>&1
-    wrk -t2 -c"$n" -d"${DURATION}s" --timeout 60s "http://127.0.0.1:$P_CX/bench/hit" \
+    wrk -t"$((n < 2 ? 1 : 2))" -c"$n" -d"${DURATION}s" --timeout 60s "$URL" \
         >"$OUT/wrk-$n.txt" 2>&1 &
     WRK=$!
     # The connect phase ends when every connection is open (the listen queue overflows at
@@ -239,4 +299,5 @@ for n in $CONNS; do
         printf "%5d  %6d  %12d  %9s  %8.3g  %13.0f  %15d  %14.0f  %6d\n",
             n, ramp, reqs, rps, a + b + c, (a + b + c) / reqs, s, b / s, e }'
 done
+[ "$LOG" != off ] && echo "access log lines: $(wc -l <"$WORK/access.log")" >&2
 echo "dumps: $OUT (callgrind_annotate $OUT/c<N>-steady.out)" >&2

@@ -68,6 +68,12 @@ struct Pending {
     stop: bool,
     /// The writer is writing a batch it took: the log is not flushed until it is done.
     writing: bool,
+    /// The writer waits on `wake` and no one has woken it yet. A notification costs a
+    /// system call even with no thread waiting, so lines only send one when this is set.
+    waiting: bool,
+    /// Callers of [`AccessLog::flush`] waiting on `idle`, which is only notified when
+    /// someone waits on it, for the same reason.
+    flushing: usize,
 }
 
 struct Shared {
@@ -205,11 +211,12 @@ impl AccessLog {
                 shared.dropped.inc();
                 return;
             }
-            let was_empty = pending.batch.is_empty();
             pending.batch.extend_from_slice(&buf);
+            // Only a line that finds the writer waiting wakes it; the lines after it, and
+            // those that come while it writes, ride along in the next batch.
+            let wake = std::mem::take(&mut pending.waiting);
             drop(pending);
-            // Only the first line of a batch wakes the writer; later ones ride along.
-            if was_empty {
+            if wake {
                 shared.wake.notify_one();
             }
         });
@@ -235,10 +242,12 @@ impl AccessLog {
             if left.is_zero() {
                 return;
             }
+            pending.flushing += 1;
             pending = match shared.idle.wait_timeout(pending, left) {
                 Ok((guard, _)) => guard,
                 Err(e) => e.into_inner().0,
             };
+            pending.flushing -= 1;
         }
     }
 }
@@ -262,8 +271,12 @@ fn write_loop(shared: &Shared, mut sink: Box<dyn Sink>) {
     loop {
         let mut pending = shared.lock();
         while pending.batch.is_empty() && !pending.reopen && !pending.stop {
-            shared.idle.notify_all();
+            if pending.flushing > 0 {
+                shared.idle.notify_all();
+            }
+            pending.waiting = true;
             pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
+            pending.waiting = false;
         }
         let reopen = std::mem::take(&mut pending.reopen);
         let stop = pending.stop;
@@ -290,7 +303,7 @@ fn write_loop(shared: &Shared, mut sink: Box<dyn Sink>) {
         }
         let mut pending = shared.lock();
         pending.writing = false;
-        if pending.batch.is_empty() {
+        if pending.batch.is_empty() && pending.flushing > 0 {
             shared.idle.notify_all();
         }
         if stop && pending.batch.is_empty() {
@@ -301,8 +314,24 @@ fn write_loop(shared: &Shared, mut sink: Box<dyn Sink>) {
 
 /// Appends one line, newline included: `timestamp  INFO cxgate::access: request key=value...`
 /// for people, or one JSON object with the same fields.
+///
+/// Each field's separator and name are one literal, values are copied in runs between the
+/// bytes that need escaping, and the timestamp's date and time to the second are formatted
+/// once per second per thread: a line costs a few hundred instructions.
 pub fn format_line(out: &mut Vec<u8>, line: &Line<'_>, now: SystemTime, json: bool) {
     let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    // (human, JSON) spellings of each field's lead-in.
+    let field = |out: &mut Vec<u8>, (human, js): (&[u8], &[u8])| {
+        out.extend_from_slice(if json { js } else { human });
+    };
+    let text = |out: &mut Vec<u8>, name: (&[u8], &[u8]), value: &[u8]| {
+        field(out, name);
+        if json {
+            json_string(out, value);
+        } else {
+            human_value(out, value);
+        }
+    };
     if json {
         out.extend_from_slice(b"{\"timestamp\":\"");
         timestamp(out, since);
@@ -313,46 +342,24 @@ pub fn format_line(out: &mut Vec<u8>, line: &Line<'_>, now: SystemTime, json: bo
         timestamp(out, since);
         out.extend_from_slice(b"  INFO cxgate::access: request");
     }
-    let field = |out: &mut Vec<u8>, name: &str| {
-        if json {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b"\":");
-        } else {
-            out.push(b' ');
-            out.extend_from_slice(name.as_bytes());
-            out.push(b'=');
-        }
-    };
-    let text = |out: &mut Vec<u8>, name: &str, value: &[u8]| {
-        field(out, name);
-        if json {
-            json_string(out, value);
-        } else {
-            human_value(out, value);
-        }
-    };
-    text(out, "request_id", line.request_id);
-    text(out, "client", line.client.as_bytes());
-    text(out, "route", line.route.as_bytes());
-    text(out, "method", line.method.as_bytes());
-    field(out, "status");
+    text(out, (b" request_id=", b",\"request_id\":"), line.request_id);
+    text(out, (b" client=", b",\"client\":"), line.client.as_bytes());
+    text(out, (b" route=", b",\"route\":"), line.route.as_bytes());
+    text(out, (b" method=", b",\"method\":"), line.method.as_bytes());
+    field(out, (b" status=", b",\"status\":"));
     out.extend_from_slice(itoa::Buffer::new().format(line.status).as_bytes());
-    text(out, "cache", line.cache.as_bytes());
-    field(out, "duration_ms");
+    text(out, (b" cache=", b",\"cache\":"), line.cache.as_bytes());
+    field(out, (b" duration_ms=", b",\"duration_ms\":"));
     millis(out, line.duration);
     if let Some(d) = line.upstream {
-        field(out, "upstream_ms");
+        field(out, (b" upstream_ms=", b",\"upstream_ms\":"));
         millis(out, d);
     }
     if let Some(d) = line.budget_wait {
-        field(out, "budget_wait_ms");
+        field(out, (b" budget_wait_ms=", b",\"budget_wait_ms\":"));
         millis(out, d);
     }
-    if json {
-        out.push(b'}');
-    }
-    out.push(b'\n');
+    out.extend_from_slice(if json { b"}\n" } else { b"\n" });
 }
 
 /// Milliseconds to the hundredth, the precision a person reads: `0.91`, `12.05`, `1500.00`.
@@ -364,28 +371,46 @@ fn millis(out: &mut Vec<u8>, d: Duration) {
     out.extend_from_slice(&[b'.', b'0' + frac / 10, b'0' + frac % 10]);
 }
 
+thread_local! {
+    /// The last second [`timestamp`] formatted on this thread, and its text up to the dot:
+    /// `2026-12-02T01:36:54.`.
+    static SECOND: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+}
+
 /// RFC 3339 in UTC to the microsecond, as the other log lines print it.
 fn timestamp(out: &mut Vec<u8>, since_epoch: Duration) {
     let secs = since_epoch.as_secs();
-    let (year, month, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    let mut num = |n: u64, width: usize, after: u8| {
-        let mut digits = [b'0'; 6];
-        let mut n = n;
-        for slot in digits[..width].iter_mut().rev() {
-            *slot = b'0' + (n % 10) as u8;
-            n /= 10;
+    let (last, mut head) = SECOND.get();
+    if last != secs {
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let rem = secs % 86_400;
+        let mut at = 0;
+        for (n, width, after) in [
+            (year as u64, 4, b'-'),
+            (month, 2, b'-'),
+            (day, 2, b'T'),
+            (rem / 3600, 2, b':'),
+            (rem % 3600 / 60, 2, b':'),
+            (rem % 60, 2, b'.'),
+        ] {
+            digits(&mut head[at..at + width], n);
+            head[at + width] = after;
+            at += width + 1;
         }
-        out.extend_from_slice(&digits[..width]);
-        out.push(after);
-    };
-    num(year as u64, 4, b'-');
-    num(month, 2, b'-');
-    num(day, 2, b'T');
-    num(rem / 3600, 2, b':');
-    num(rem % 3600 / 60, 2, b':');
-    num(rem % 60, 2, b'.');
-    num(u64::from(since_epoch.subsec_micros()), 6, b'Z');
+        SECOND.set((secs, head));
+    }
+    let mut micros = [b'Z'; 7];
+    digits(&mut micros[..6], u64::from(since_epoch.subsec_micros()));
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&micros);
+}
+
+/// `n` in decimal, zero-padded to fill `slot` (its lowest digits if it is longer).
+fn digits(slot: &mut [u8], mut n: u64) {
+    for d in slot.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day): Howard Hinnant's `civil_from_days`.
@@ -402,45 +427,72 @@ fn civil_from_days(days: i64) -> (i64, u64, u64) {
     (year, month, day)
 }
 
-/// A value as is when it reads as one word, else quoted with `"` and `\` escaped.
-fn human_value(out: &mut Vec<u8>, value: &[u8]) {
-    let plain = !value.is_empty()
-        && value
-            .iter()
-            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b'=');
-    if plain {
-        out.extend_from_slice(value);
-        return;
+/// A byte that leaves a human value unquoted.
+const WORD: u8 = 1;
+/// A byte copied as it is inside quotes or a JSON string.
+const PASS: u8 = 2;
+
+/// [`WORD`] and [`PASS`] for every byte: one load per byte of a value. Bytes past ASCII pass
+/// (values are UTF-8), control bytes, `"` and `\\` do not, and `=` and space need quotes.
+static CLASS: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        if (matches!(b, b' '..=b'~') || b >= 0x80) && b != b'"' && b != b'\\' {
+            table[i] = PASS;
+            if b.is_ascii_graphic() && b != b'=' {
+                table[i] |= WORD;
+            }
+        }
+        i += 1;
     }
-    out.push(b'"');
-    for &b in value {
-        match b {
-            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
-            b' '..=b'~' | 0x80.. => out.push(b),
-            _ => hex_escape(out, b, b"\\x"),
+    table
+};
+
+/// A value as is when it reads as one word, else quoted with `"` and `\\` escaped.
+fn human_value(out: &mut Vec<u8>, value: &[u8]) {
+    let word = value
+        .iter()
+        .position(|&b| CLASS[usize::from(b)] & WORD == 0);
+    match word {
+        None if !value.is_empty() => out.extend_from_slice(value),
+        // Up to the first byte that needs quotes, the value is all word bytes, which pass.
+        _ => {
+            let (head, rest) = value.split_at(word.unwrap_or(0));
+            out.push(b'"');
+            out.extend_from_slice(head);
+            escaped(out, rest, b"\\x");
+            out.push(b'"');
         }
     }
-    out.push(b'"');
 }
 
 fn json_string(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
-    for &b in value {
-        match b {
-            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
-            // Values are UTF-8 (labels come from the config, ids are ASCII), so bytes past
-            // ASCII pass through; control bytes are escaped and every line stays JSON.
-            0x20..=0x7e | 0x80.. => out.push(b),
-            _ => hex_escape(out, b, b"\\u00"),
-        }
-    }
+    escaped(out, value, b"\\u00");
     out.push(b'"');
 }
 
-fn hex_escape(out: &mut Vec<u8>, b: u8, prefix: &[u8]) {
+/// `value` with `"` and `\\` backslashed and control bytes written as `prefix` and two hex
+/// digits; the runs between them are copied whole.
+fn escaped(out: &mut Vec<u8>, value: &[u8], prefix: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(prefix);
-    out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+    let mut run = 0;
+    for (i, &b) in value.iter().enumerate() {
+        if CLASS[usize::from(b)] & PASS != 0 {
+            continue;
+        }
+        out.extend_from_slice(&value[run..i]);
+        if b == b'"' || b == b'\\' {
+            out.extend_from_slice(&[b'\\', b]);
+        } else {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+        run = i + 1;
+    }
+    out.extend_from_slice(&value[run..]);
 }
 
 #[cfg(test)]

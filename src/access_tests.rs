@@ -196,3 +196,61 @@ fn a_renamed_file_is_left_behind_on_reopen() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn every_byte_is_quoted_and_escaped_as_the_rules_say() {
+    for b in 0..=255u8 {
+        let value = [b'a', b, b'z'];
+        let mut human = Vec::new();
+        human_value(&mut human, &value);
+        let word = b.is_ascii_graphic() && !matches!(b, b'"' | b'\\' | b'=');
+        let inner: Vec<u8> = match b {
+            b'"' | b'\\' => vec![b'\\', b],
+            b' '..=b'~' | 0x80.. => vec![b],
+            _ => format!("\\x{b:02x}").into_bytes(),
+        };
+        let want = if word {
+            value.to_vec()
+        } else {
+            [&b"\"a"[..], &inner, b"z\""].concat()
+        };
+        assert_eq!(human, want, "human value of byte {b:#04x}");
+
+        let mut json = Vec::new();
+        json_string(&mut json, &value);
+        let inner: Vec<u8> = match b {
+            b'"' | b'\\' => vec![b'\\', b],
+            b' '..=b'~' | 0x80.. => vec![b],
+            _ => format!("\\u00{b:02x}").into_bytes(),
+        };
+        assert_eq!(
+            json,
+            [&b"\"a"[..], &inner, b"z\""].concat(),
+            "JSON of byte {b:#04x}"
+        );
+    }
+    let mut empty = Vec::new();
+    human_value(&mut empty, b"");
+    assert_eq!(empty, b"\"\"", "an empty value is quoted");
+}
+
+#[test]
+fn the_second_is_formatted_anew_when_it_changes() {
+    let at = UNIX_EPOCH + Duration::from_secs(1_796_175_414);
+    let mut out = Vec::new();
+    for (step, want) in [
+        (
+            Duration::from_micros(999_999),
+            "2026-12-02T01:36:54.999999Z",
+        ),
+        (
+            Duration::from_micros(1_000_000),
+            "2026-12-02T01:36:55.000000Z",
+        ),
+        (Duration::from_secs(86_400), "2026-12-03T01:36:54.000000Z"),
+    ] {
+        out.clear();
+        timestamp(&mut out, (at + step).duration_since(UNIX_EPOCH).unwrap());
+        assert_eq!(String::from_utf8_lossy(&out), want);
+    }
+}

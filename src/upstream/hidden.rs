@@ -57,9 +57,8 @@ fn has_wide_bom(body: &[u8]) -> bool {
 /// One layer of percent-escapes and JSON escapes undone together; `None` when there is
 /// none. `\uXXXX` becomes the character's UTF-8; invalid escapes stay as they are.
 fn unescaped(text: &[u8]) -> Option<Vec<u8>> {
-    if !text.iter().any(|&b| b == b'%' || b == b'\\') {
-        return None;
-    }
+    // Nothing to undo without a `%` or a `\`.
+    memchr::memchr2(b'%', b'\\', text)?;
     let hex = |b: u8| (b as char).to_digit(16);
     let mut out = Vec::with_capacity(text.len());
     let mut changed = false;

@@ -112,15 +112,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let on = req
+        let done = req
             .extensions()
             .get::<Arc<Exchange>>()
-            .is_some_and(|ex| ex.gateway.inner.access_log.is_on());
-        let done = on.then(|| exchange_of(&req)).flatten().map(|ex| Logged {
-            ex,
-            method: req.method().clone(),
-            started: Instant::now(),
-        });
+            .filter(|ex| ex.gateway.inner.access_log.is_on())
+            .map(|ex| Logged {
+                ex: ex.clone(),
+                method: req.method().clone(),
+                started: Instant::now(),
+            });
         After::new(self.inner.call(req), done)
     }
 }
