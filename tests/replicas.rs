@@ -100,11 +100,39 @@ async fn cluster_with(
 async fn cluster_routed(
     kind: Kind,
     n: usize,
+    sim: SimOptions,
+    budget: &str,
+    trust_ca: bool,
+    cache: &str,
+    routes: &str,
+) -> Option<Cluster> {
+    cluster_full(kind, n, sim, budget, trust_ca, cache, routes, "").await
+}
+
+/// [`cluster_with`], with `more_clients` (`[[clients]]` sections) beside the test client.
+async fn cluster_of(
+    kind: Kind,
+    n: usize,
+    sim: SimOptions,
+    budget: &str,
+    trust_ca: bool,
+    cache: &str,
+    more_clients: &str,
+) -> Option<Cluster> {
+    cluster_full(kind, n, sim, budget, trust_ca, cache, ROUTES, more_clients).await
+}
+
+/// [`cluster_with`] with the route table `routes` and `more_clients` beside the test client.
+#[allow(clippy::too_many_arguments)]
+async fn cluster_full(
+    kind: Kind,
+    n: usize,
     mut sim: SimOptions,
     budget: &str,
     trust_ca: bool,
     cache: &str,
     routes: &str,
+    more_clients: &str,
 ) -> Option<Cluster> {
     let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -118,7 +146,7 @@ async fn cluster_routed(
     let sim = common::spawn_sim(sim).await;
     let base = sim.base_url();
     let prefix = format!("cxt{:08x}", fastrand::u32(..));
-    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]") + more_clients;
     let mut redis_options = format!("redis_cluster = {}\n", kind.is_cluster());
     if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
         redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
@@ -163,6 +191,11 @@ async fn cluster_routed(
 
 impl Cluster {
     async fn send(&self, method: Method, url: String, body: &str) -> Answer {
+        self.send_as(method, url, body, KEY).await
+    }
+
+    /// [`Cluster::send`] with the client key `key`.
+    async fn send_as(&self, method: Method, url: String, body: &str, key: &str) -> Answer {
         // The admin listener takes JSON only (a form is what a cross-site page could send).
         let content_type = if url.contains("/admin/") {
             "application/json"
@@ -172,7 +205,7 @@ impl Cluster {
         let req = Request::builder()
             .method(method)
             .uri(url)
-            .header("authorization", format!("Bearer {KEY}"))
+            .header("authorization", format!("Bearer {key}"))
             .header("content-type", content_type)
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("request");
@@ -191,6 +224,12 @@ impl Cluster {
     async fn get(&self, replica: usize, path: &str) -> Answer {
         let url = format!("http://{}{path}", self.replicas[replica].addr);
         self.send(Method::GET, url, "").await
+    }
+
+    /// A GET on one replica as the client with key `key`.
+    async fn get_as(&self, replica: usize, path: &str, key: &str) -> Answer {
+        let url = format!("http://{}{path}", self.replicas[replica].addr);
+        self.send_as(Method::GET, url, "", key).await
     }
 
     async fn post(&self, replica: usize, path: &str, body: &str) -> Answer {
@@ -2888,6 +2927,111 @@ async fn an_expiry_costs_the_fleet_one_call_not_one_per_replica() {
         (calls(&c, &format!("GET {contact}")), calls(&c, "GET /me")),
         (3, 3),
         "expected one refetch and one refresh for the fleet with a restarted replica in it"
+    );
+    c.stop().await;
+}
+
+/// The key of a client with a one-call share of the budget, and a long `max_wait`.
+const SLOW_KEY: &str = "slow-key-0001";
+/// The key of a client on the global share alone, with a short `max_wait`.
+const FAST_KEY: &str = "fast-key-0001";
+
+/// A read queued for its own client's budget on one replica is not calling upstream, so it
+/// holds no fill lock: the same read on another replica, whose client's budget lets it go
+/// at once, makes the call itself as it would alone (answered as its own stored miss, not
+/// collapsed), and the queued read takes that answer from the shared tier at once instead
+/// of waiting out its queue. One upstream call in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_queued_for_budget_on_one_replica_does_not_hold_back_another() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 300;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let slow = "scopes = [\"read\"]\nlimit = 1\nperiod = \"4s\"\nburst = 1\nmax_wait = \"5s\"";
+    let clients = client_toml("slow", SLOW_KEY, slow)
+        + &client_toml("fast", FAST_KEY, "scopes = [\"read\"]\nmax_wait = \"2s\"");
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster_of(Kind::Plain, 2, sim, budget, true, "shared = true", &clients).await
+    else {
+        return;
+    };
+    let path = "/12345/inbox/contact/slow/31";
+    // The slow client spends its one cell on replica 0: its next call waits about 4 s.
+    let first = c.get_as(0, "/12345/inbox/contact/slow/30", SLOW_KEY).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let spent = Instant::now();
+    let (http, url) = (
+        c.http.clone(),
+        format!("http://{}{path}", c.replicas[0].addr),
+    );
+    let queued = tokio::spawn(async move {
+        let req = Request::builder()
+            .uri(url)
+            .header("authorization", format!("Bearer {SLOW_KEY}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = http.request(req).await.expect("replica 0 answers");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        let answered = spent.elapsed();
+        (
+            Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            },
+            answered,
+        )
+    });
+    // Until the slow read's flight stands on replica 0, queued for its client's budget.
+    let in_flight = || {
+        c.replicas[0]
+            .gateway
+            .upstream_status(&serde_json::Value::Null)["merges_in_flight"]
+            == 1
+    };
+    assert!(
+        eventually(Duration::from_secs(5), in_flight).await,
+        "expected the slow read in flight on replica 0"
+    );
+    let asked = Instant::now();
+    let fast = c.get_as(1, path, FAST_KEY).await;
+    let took = asked.elapsed();
+    let fast_status = fast.header("cache-status").to_string();
+    assert_eq!(fast.status, StatusCode::OK, "{:?}", fast.body);
+    assert!(
+        took < Duration::from_secs(2),
+        "expected the fast read answered on its own budget, as alone (one 300 ms call), not \
+         after the slow read's queue of about 4 s; took {took:?}, Cache-Status {fast_status:?}"
+    );
+    assert_eq!(
+        fast_status, "cxgate; fwd=uri-miss; fwd-status=200; stored",
+        "expected the fast read to say it made the call and stored its answer"
+    );
+    let (slow, answered) = queued.await.expect("slow read task");
+    let slow_status = slow.header("cache-status").to_string();
+    assert_eq!(slow.status, StatusCode::OK, "{:?}", slow.body);
+    assert_eq!(
+        slow.body, fast.body,
+        "expected the slow read served the same answer"
+    );
+    assert!(
+        collapsed_into_shared(&slow_status),
+        "expected the queued slow read collapsed into the fast read's fill, saw {slow_status:?}"
+    );
+    assert!(
+        answered < Duration::from_secs(3),
+        "expected the queued slow read to take the fill once shared, well before its cell \
+         came back about 4 s after it was spent; answered after {answered:?}"
+    );
+    assert_eq!(
+        calls(&c, &format!("GET {path}")),
+        1,
+        "expected one upstream call for both reads"
+    );
+    println!(
+        "fast read on replica 1 answered in {took:?} ({fast_status}); the queued slow read \
+         on replica 0 {answered:?} after its cell was spent ({slow_status})"
     );
     c.stop().await;
 }

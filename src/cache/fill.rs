@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::entry::StoredResponse;
-use super::shared::{Localize, SharedTier};
+use super::shared::{Found, Localize, SharedTier};
 use super::store::{Since, Store};
 
 /// A lock lives this long unless its holder extends it, so a replica that dies mid-fetch
@@ -20,27 +20,46 @@ const EXTEND_EVERY: Duration = Duration::from_millis(500);
 /// How often a waiting replica looks for the shared entry (one `MGET` per key waited for,
 /// not per request: the requests waiting on one replica are merged there first).
 const POLL_EVERY: Duration = Duration::from_millis(10);
+/// How often a miss queued for its budget looks whether another replica started the call:
+/// seldom, as a queue may last seconds, and the queue goes on meanwhile.
+const QUEUED_POLL: Duration = Duration::from_millis(50);
 
-/// How a miss takes part in the replicas' fill of its key.
+/// Where the other replicas' fills of a key leave a miss before it asks its budget.
 #[derive(Debug)]
 pub enum Fill {
-    /// This replica fetches for all: release the lock once the answer is shared.
-    Holder(FillLock),
-    /// Another replica's fetch filled the shared entry; it is in memory now.
+    /// Another replica's call filled the shared entry; it is in memory now.
     Filled(StoredResponse),
+    /// No replica is calling upstream for the key: the miss asks its own budget.
+    Free,
     /// Fetch alone: no shared tier, Redis could not say, or the wait ran out.
+    Alone,
+}
+
+/// What taking the fill lock gives a miss its budget let through.
+#[derive(Debug)]
+pub enum Take {
+    /// This replica calls for all: release the lock once the answer is shared.
+    Holder(FillLock),
+    /// Another replica's answer was shared meanwhile; it is in memory now.
+    Filled(StoredResponse),
+    /// Another replica took the lock first and is calling now: give the budget back and
+    /// wait for its answer ([`Store::await_fill`]).
+    Busy,
+    /// Fetch alone: Redis could not say.
     Alone,
 }
 
 /// The fill lock of one key, held by this replica; dropping it releases it too (in a task).
 ///
-/// The replica whose miss comes first takes a short lock per cache key in Redis (`SET NX
-/// PX`, extended while its fetch runs, deleted once its answer is in the shared tier); the
-/// others poll the shared entry until it appears, and take the lock over when it goes
-/// without one (the holder died and its lock expired, or its answer was not storable). Redis
-/// slow or gone, or a wait that runs out: the caller fetches alone, merged with its own
-/// replica's requests only. Lock keys are cache keys (which never hold a token); their
-/// values are replica ids.
+/// The lock means "this replica is calling upstream for the key": a miss takes it (`SET NX
+/// PX`, extended while its call runs, deleted once its answer is in the shared tier) only
+/// once its budget let it through, never while it queues. A miss that finds it held before
+/// asking its budget, or sees it taken while it queues (giving its queued cells back), or
+/// finds it taken once admitted (giving its cells back), polls the shared entry until it
+/// appears; when the lock goes without one (the holder died and its lock expired, or its
+/// answer was not storable) the miss asks its own budget again. Redis slow or gone, or a
+/// wait that runs out: the caller fetches alone, merged with its own replica's requests
+/// only. Lock keys are cache keys (which never hold a token); their values are replica ids.
 #[derive(Debug)]
 pub struct FillLock {
     tier: SharedTier,
@@ -124,72 +143,140 @@ impl Drop for FillLock {
 }
 
 impl Store {
-    /// For a miss of `key` about to go upstream with `since` from its shared lookup: takes
-    /// the replicas' fill lock, or waits (at most `patience`, calling `waiting` once when it
-    /// starts) for the replica holding it to share its answer, taking the lock over if that
-    /// replica goes without sharing one. [`Fill::Alone`] when `since` has no generations
-    /// (no shared lookup was made, or Redis could not answer it). An entry taken from the
-    /// tier is made this replica's by `local`.
-    pub async fn fill_across(
+    /// The shared tier, when `since` says this miss was looked up there (only such a miss
+    /// merges with other replicas': without a lookup Redis could not answer).
+    fn fill_tier(&self, since: &Since) -> Option<&SharedTier> {
+        self.shared().filter(|_| since.looked_up_shared())
+    }
+
+    /// The shared entry `found` of `key`, taken into memory for a request with
+    /// `req_headers`; `Err(())` when an invalidation ran here since `since` (nothing fetched
+    /// before it may be taken or stored), `Ok(None)` when it is another variant.
+    async fn take_found(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        found: Found,
+        since: &Since,
+        local: &dyn Localize,
+    ) -> Result<Option<StoredResponse>, ()> {
+        if let Some(entry) = self
+            .adopt(key, req_headers, found, since.epoch(), local)
+            .await
+        {
+            return Ok(Some(entry));
+        }
+        if self.epoch() == since.epoch() {
+            Ok(None)
+        } else {
+            Err(())
+        }
+    }
+
+    /// For a miss of `key` about to ask its budget (with `since` from its shared lookup):
+    /// while another replica holds the key's fill lock (it is calling upstream for the key),
+    /// waits for the answer it shares, until `deadline`, calling `waiting` once when it
+    /// starts to wait. [`Fill::Free`] when no replica is calling (or the holder went without
+    /// sharing an answer this request can take): the miss asks its own budget.
+    pub async fn await_fill(
         &self,
         key: &str,
         req_headers: &HeaderMap,
         since: &Since,
-        patience: Duration,
+        deadline: Instant,
         waiting: impl FnOnce(),
         local: &dyn Localize,
     ) -> Fill {
-        let Some(tier) = self.shared().filter(|_| since.looked_up_shared()) else {
+        let Some(tier) = self.fill_tier(since) else {
             return Fill::Alone;
         };
-        let deadline = Instant::now() + patience;
         let lock_key = tier.lock_key(key);
         let mut waiting = Some(waiting);
         loop {
-            match tier.try_lock(key).await {
-                Err(_) => return Fill::Alone,
-                Ok(Some(lock)) => {
-                    // The holder before may have shared its answer between this replica's
-                    // lookup and now: one more look saves a second call.
-                    if let Some((Some(found), _)) = tier.peek(key, &lock_key).await {
-                        if let Some(entry) = self
-                            .adopt(key, req_headers, found, since.epoch(), local)
-                            .await
-                        {
-                            lock.release().await;
-                            return Fill::Filled(entry);
-                        }
-                    }
-                    return Fill::Holder(lock);
+            let Some((found, held)) = tier.peek(key, &lock_key).await else {
+                return Fill::Alone;
+            };
+            if let Some(found) = found {
+                match self.take_found(key, req_headers, found, since, local).await {
+                    Ok(Some(entry)) => return Fill::Filled(entry),
+                    Ok(None) => {}
+                    Err(()) => return Fill::Alone,
                 }
-                Ok(None) => {}
+            }
+            if !held {
+                return Fill::Free;
             }
             if let Some(waiting) = waiting.take() {
                 waiting();
             }
-            loop {
-                if Instant::now() + POLL_EVERY > deadline {
-                    return Fill::Alone;
+            if Instant::now() + POLL_EVERY > deadline {
+                return Fill::Alone;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Resolves, while a miss of `key` queues for its budget, once another replica has
+    /// started calling upstream for the key (it holds the fill lock: `None`, wait for it
+    /// with [`Store::await_fill`]) or its answer is in the shared tier (`Some`, in memory
+    /// now). Looks once per [`QUEUED_POLL`]; never resolves when Redis cannot say.
+    pub async fn fill_started(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        since: &Since,
+        local: &dyn Localize,
+    ) -> Option<StoredResponse> {
+        let Some(tier) = self.fill_tier(since) else {
+            return std::future::pending().await;
+        };
+        let lock_key = tier.lock_key(key);
+        loop {
+            tokio::time::sleep(QUEUED_POLL).await;
+            let Some((found, held)) = tier.peek(key, &lock_key).await else {
+                return std::future::pending().await;
+            };
+            if let Some(found) = found {
+                match self.take_found(key, req_headers, found, since, local).await {
+                    Ok(Some(entry)) => return Some(entry),
+                    Ok(None) => {}
+                    // Nothing taken; the budget wait goes on and decides.
+                    Err(()) => return std::future::pending().await,
                 }
-                tokio::time::sleep(POLL_EVERY).await;
-                let Some((found, held)) = tier.peek(key, &lock_key).await else {
-                    return Fill::Alone;
-                };
-                if let Some(found) = found {
-                    if let Some(entry) = self
-                        .adopt(key, req_headers, found, since.epoch(), local)
-                        .await
+            }
+            if held {
+                return None;
+            }
+        }
+    }
+
+    /// For a miss of `key` its budget let through: takes the fill lock, so the other
+    /// replicas wait for this one's call instead of making their own.
+    pub async fn take_fill(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        since: &Since,
+        local: &dyn Localize,
+    ) -> Take {
+        let Some(tier) = self.fill_tier(since) else {
+            return Take::Alone;
+        };
+        match tier.try_lock(key).await {
+            Err(_) => Take::Alone,
+            Ok(None) => Take::Busy,
+            Ok(Some(lock)) => {
+                // The holder before may have shared its answer between this replica's
+                // lookup and now: one more look saves a second call.
+                if let Some((Some(found), _)) = tier.peek(key, &tier.lock_key(key)).await {
+                    if let Ok(Some(entry)) =
+                        self.take_found(key, req_headers, found, since, local).await
                     {
-                        return Fill::Filled(entry);
-                    }
-                    if self.epoch() != since.epoch() {
-                        // Invalidated here meanwhile: nothing fetched before may be stored.
-                        return Fill::Alone;
+                        lock.release().await;
+                        return Take::Filled(entry);
                     }
                 }
-                if !held {
-                    break;
-                }
+                Take::Holder(lock)
             }
         }
     }

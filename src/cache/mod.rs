@@ -49,7 +49,7 @@ mod tags;
 mod vary;
 
 pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
-pub use fill::{Fill, FillLock, LOCK_TTL};
+pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
 pub use shared::{Generations, Localize, SharedMetrics, SharedTier};

@@ -128,7 +128,7 @@ impl Since {
     }
 
     /// Whether the shared tier's generations were read for this fetch (its lookup reached
-    /// Redis): only then may the fetch be merged with other replicas' (see [`Store::fill_across`]).
+    /// Redis): only then may the fetch be merged with other replicas' (see [`Store::take_fill`]).
     pub fn looked_up_shared(&self) -> bool {
         self.shared.is_some()
     }

@@ -17,7 +17,7 @@ use super::reply::{self, Forward, CACHE_STATUS};
 use super::Gateway;
 use crate::cache::{
     CachedResponse, Fill, Freshness, Joined, Localize, Peer, Progress, Role, Since, StoredResponse,
-    Variant,
+    Take, Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
@@ -68,6 +68,19 @@ impl Answer {
             cached: Some(entry),
             merged: false,
             filled_elsewhere: false,
+        }
+    }
+
+    /// Another replica's answer to the key, `entry` from the shared tier, for a request with
+    /// `request` headers that waited `waited` for budget: its callers answer as collapsed.
+    fn filled_elsewhere(
+        entry: StoredResponse,
+        waited: std::time::Duration,
+        request: &HeaderMap,
+    ) -> Answer {
+        Answer {
+            filled_elsewhere: true,
+            ..Answer::from_cache(entry, waited, request)
         }
     }
 
@@ -524,23 +537,60 @@ impl Gateway {
                         return Ok(Arc::new(answer));
                     }
                 }
+                // A miss looked up in the shared tier is merged with the same miss on the
+                // other replicas: the one whose budget lets it through first takes the key's
+                // fill lock and calls, the others take its answer from Redis (see
+                // `cache::FillLock`). Waiting for that call is bounded as `fill_patience` says.
+                let cache = &gateway.inner.cache;
+                let mut across = rule.is_some() && !no_cache && !no_store;
+                let deadline = Instant::now()
+                    + fill_patience(&call.state.config, &call.client)
+                        .saturating_sub(progress.waited());
                 // A peer is tried once: when it gives nothing this call can use (another
-                // variant, or it ended without a value), the call goes on its own terms.
+                // variant, or it ended without a value), the call goes on its own terms. So
+                // is another replica's call seen while queued: its queue is given up once.
                 let mut tried_peer = false;
+                let mut watched = false;
+                let mut lock = None;
                 let admitted = loop {
-                    let turn = if tried_peer {
-                        Turn::Admitted(gateway.admit_reporting(&call, &progress).await)
-                    } else {
-                        // While queued, a call of the same key that another client's terms
-                        // let go at once may take this flight's place: this one takes its
-                        // answer then, and its queued cells go back (or are burnt when
-                        // others queued behind them, as for any cancelled wait).
-                        tokio::select! {
-                            admitted = gateway.admit_reporting(&call, &progress) => {
-                                Turn::Admitted(admitted)
+                    if across {
+                        // Another replica is calling for the key: its answer, no budget spent.
+                        // Waiting for it is no budget queue: this replica's callers merged
+                        // behind this one wait for it too.
+                        let waiting = || progress.sent();
+                        match cache
+                            .await_fill(
+                                &key,
+                                &call.headers,
+                                &since,
+                                deadline,
+                                waiting,
+                                &call.state.rewriter,
+                            )
+                            .await
+                        {
+                            Fill::Filled(entry) => {
+                                return Ok(Arc::new(Answer::filled_elsewhere(
+                                    entry,
+                                    progress.waited(),
+                                    &call.headers,
+                                )));
                             }
-                            peer = progress.displaced() => Turn::Join(peer),
+                            Fill::Free => {}
+                            Fill::Alone => across = false,
                         }
+                    }
+                    // While queued, a call of the same key that another client's terms let
+                    // go at once may take this flight's place, here or on another replica:
+                    // this one takes its answer then, and its queued cells go back (or are
+                    // burnt when others queued behind them, as for any cancelled wait).
+                    let turn = tokio::select! {
+                        admitted = gateway.admit_reporting(&call, &progress) => {
+                            Turn::Admitted(admitted)
+                        }
+                        peer = progress.displaced(), if !tried_peer => Turn::Join(peer),
+                        started = cache.fill_started(&key, &call.headers, &since, &call.state.rewriter),
+                            if across && !watched => Turn::Elsewhere(started),
                     };
                     let admitted = match turn {
                         Turn::Admitted(admitted) => admitted.map_err(Arc::new)?,
@@ -551,13 +601,24 @@ impl Gateway {
                                 None => continue,
                             }
                         }
+                        Turn::Elsewhere(Some(entry)) => {
+                            return Ok(Arc::new(Answer::filled_elsewhere(
+                                entry,
+                                progress.waited(),
+                                &call.headers,
+                            )));
+                        }
+                        Turn::Elsewhere(None) => {
+                            watched = true;
+                            continue;
+                        }
                     };
                     // While this call queued for budget, another request for the key (one
                     // whose client's terms let it go at once) may have filled the cache: its
                     // entry answers, and the cells go back unspent (not for a client that
                     // said no-cache or no-store: the cache may not answer it).
                     if rule.is_some() && !no_cache && !no_store {
-                        let found = gateway.inner.cache.recheck(&key, &call.headers);
+                        let found = cache.recheck(&key, &call.headers);
                         let now = Instant::now();
                         if let Some(entry) =
                             found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
@@ -569,17 +630,43 @@ impl Gateway {
                     }
                     // Or that request is still on its way upstream: its answer will do, and
                     // the cells go back the same way.
-                    if tried_peer {
-                        break admitted;
-                    }
-                    let Some(peer) = progress.take_place() else {
-                        break admitted;
+                    let peer = if tried_peer {
+                        None
+                    } else {
+                        progress.take_place()
                     };
-                    tried_peer = true;
-                    gateway.inner.budget.refund(&call.client, admitted.ticket);
-                    if let Some(answer) = peer_answer(peer, &call.headers, admitted.waited).await {
-                        return answer;
+                    if let Some(peer) = peer {
+                        tried_peer = true;
+                        gateway.inner.budget.refund(&call.client, admitted.ticket);
+                        if let Some(answer) =
+                            peer_answer(peer, &call.headers, admitted.waited).await
+                        {
+                            return answer;
+                        }
+                        continue;
                     }
+                    // Only now, about to call, the fill lock: another replica that took it
+                    // first is calling already, and its answer will do (the cells go back).
+                    if across {
+                        match cache
+                            .take_fill(&key, &call.headers, &since, &call.state.rewriter)
+                            .await
+                        {
+                            Take::Holder(held) => lock = Some(held),
+                            Take::Filled(entry) => {
+                                gateway.inner.budget.refund(&call.client, admitted.ticket);
+                                let answer =
+                                    Answer::filled_elsewhere(entry, admitted.waited, &call.headers);
+                                return Ok(Arc::new(answer));
+                            }
+                            Take::Busy => {
+                                gateway.inner.budget.refund(&call.client, admitted.ticket);
+                                continue;
+                            }
+                            Take::Alone => {}
+                        }
+                    }
+                    break admitted;
                 };
                 let since = match &rule {
                     Some((_, _, _, tags)) if !no_store => {
@@ -630,6 +717,11 @@ impl Gateway {
                     }
                     _ => false,
                 };
+                // After the answer went to the shared tier, so the waiting replicas find it.
+                // (A call that failed dropped its lock on the way out, releasing it too.)
+                if let Some(lock) = lock {
+                    lock.release().await;
+                }
                 let variant = Variant::of(&fetched.headers, &call.headers);
                 Ok(Arc::new(Answer {
                     fetched,
@@ -640,53 +732,15 @@ impl Gateway {
                     filled_elsewhere: false,
                 }))
             };
-            Box::pin(async move {
-                // A miss that was looked up in the shared tier is merged with the same
-                // miss on the other replicas: one of them fetches, the others take its
-                // answer from Redis (see `cache::Fill`).
-                let mut lock = None;
-                if rule.is_some() && !no_cache && !no_store {
-                    let patience = fill_patience(&call.state.config, &call.client)
-                        .saturating_sub(progress.waited());
-                    let cache = &gateway.inner.cache;
-                    // Waiting for another replica's fill is no budget queue: this replica's
-                    // own callers merged behind this one wait for it too.
-                    let waiting = || progress.sent();
-                    match cache
-                        .fill_across(
-                            &key,
-                            &call.headers,
-                            &since,
-                            patience,
-                            waiting,
-                            &call.state.rewriter,
-                        )
-                        .await
-                    {
-                        Fill::Filled(entry) => {
-                            let mut answer =
-                                Answer::from_cache(entry, progress.waited(), &call.headers);
-                            answer.filled_elsewhere = true;
-                            return Ok(Arc::new(answer));
-                        }
-                        Fill::Holder(held) => lock = Some(held),
-                        Fill::Alone => {}
-                    }
-                }
-                let result = fetch(gateway, call, key, since, rule, progress).await;
-                // After the answer went to the shared tier, so the waiting replicas find it.
-                if let Some(lock) = lock {
-                    lock.release().await;
-                }
-                result
-            })
+            Box::pin(fetch(gateway, call, key, since, rule, progress))
         }
     }
 }
 
-/// How long a miss waits for another replica's fill of its key: no longer than that fill
-/// can take (the holder's budget wait and upstream call, and the lock's expiry if the holder
-/// died), and never so long that its own call would no longer fit in the request timeout.
+/// How long, from its arrival, a miss may wait for other replicas' calls of its key: its own
+/// budget wait, the holder's upstream call and the lock's expiry if the holder died (a
+/// holder never queues: it takes the lock once admitted), and never so long that its own
+/// call would no longer fit in the request timeout.
 fn fill_patience(config: &crate::config::Config, client: &str) -> std::time::Duration {
     let upstream = config.upstream.timeout;
     let longest = max_wait_of(config, client) + upstream + crate::cache::LOCK_TTL;
@@ -724,10 +778,12 @@ fn route_tags(route: Option<(&RouteConfig, &Captures<'_>)>) -> Vec<String> {
 }
 
 /// Where a merged call's budget left it: admitted (or refused), or displaced by a call of
-/// its key already on its way upstream, whose answer it may take.
+/// its key already on its way upstream, here or on another replica, whose answer it may take.
 enum Turn {
     Admitted(Result<crate::budget::Admitted, GatewayError>),
     Join(Peer<Shared>),
+    /// Another replica started the call (`None`: wait for it) or shared its answer.
+    Elsewhere(Option<StoredResponse>),
 }
 
 /// The answer of `peer` (another flight of the same key, sent upstream) for a request with
