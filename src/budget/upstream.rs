@@ -1378,7 +1378,7 @@ mod tests {
     /// The simulator's upstream over many windows: 30 calls per fixed 5 s window, each
     /// window begun by the first call counted after the last one ended, every call counted
     /// up to a second after it is sent (so calls sent late in one window open the next
-    /// before the gateway's own reckoning of it) and answered just after, `Reset` in whole
+    /// before the gateway's own reckoning of it) and answered up to a second after, `Reset` in whole
     /// Unix seconds rounded up, a limit answer's `Reset` left out every other time. The
     /// gateway sends whenever it is let: over a minute no call meets the limit, and the
     /// calls keep going.
@@ -1422,7 +1422,7 @@ mod tests {
                     } else {
                         reset
                     };
-                    counted.push((at + rng.u64(0..20_000_000), seq, left, reset));
+                    counted.push((at + rng.u64(0..=SEC), seq, left, reset));
                 }
                 counted.sort_unstable();
                 while counted.first().is_some_and(|(at, ..)| *at <= now) {
