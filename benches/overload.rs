@@ -6,7 +6,9 @@
 //! on a free loopback port (skipped without one). Prints upstream limit answers, client
 //! 429s and upstream calls per replica; exits 1 if the upstream ever said its limit is
 //! reached. Run: `cargo bench --bench overload`; `OVERLOAD_LIMIT`, `OVERLOAD_WINDOW_SECS`,
-//! `OVERLOAD_LATENCY_MS` and `OVERLOAD_JITTER_MS` set other simulator terms.
+//! `OVERLOAD_LATENCY_MS`, `OVERLOAD_JITTER_MS` and `OVERLOAD_STATUS` (429) set other
+//! simulator terms, `OVERLOAD_SERVICES` the services, `OVERLOAD_REPLICAS=3` runs only the
+//! three replicas.
 
 mod support;
 
@@ -31,21 +33,28 @@ fn main() {
     }
     terms.latency_ms = env("OVERLOAD_LATENCY_MS").unwrap_or(terms.latency_ms);
     terms.jitter_ms = env("OVERLOAD_JITTER_MS").unwrap_or(terms.jitter_ms);
+    if let Some(status) = env("OVERLOAD_STATUS") {
+        terms.limit_status = u16::try_from(status).expect("OVERLOAD_STATUS is a status code");
+    }
+    let services = env("OVERLOAD_SERVICES").map_or(20, |n| n as usize);
+    let only_three = env("OVERLOAD_REPLICAS") == Some(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
     let mut failed = false;
-    let one = rt.block_on(overload_run_with(1, None, 20, run, terms));
-    one.print();
-    for p in one.problems() {
-        println!("  PROBLEM: {p}");
-        failed = true;
+    if !only_three {
+        let one = rt.block_on(overload_run_with(1, None, services, run, terms));
+        one.print();
+        for p in one.problems() {
+            println!("  PROBLEM: {p}");
+            failed = true;
+        }
     }
     match RedisServer::start_or_skip("the three-replica overload run") {
         Some(redis) => {
-            let three = rt.block_on(overload_run_with(3, Some(&redis), 20, run, terms));
+            let three = rt.block_on(overload_run_with(3, Some(&redis), services, run, terms));
             three.print();
             for p in three.problems() {
                 println!("  PROBLEM: {p}");

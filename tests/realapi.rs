@@ -573,6 +573,7 @@ async fn jittered_overload(replicas: usize) {
         window: Duration::from_secs(3),
         latency_ms: 10,
         jitter_ms: 250,
+        ..Default::default()
     };
     let run = Duration::from_secs(10);
     let report =

@@ -486,7 +486,8 @@ impl Budget {
         self.inner.landed.notify_waiters();
         let now = self.inner.clock.nanos();
         self.share_upstream_pause(now);
-        self.share_upstream_answer(limited, headers, u64::from(ticket.cost.get()));
+        let booked = matches!(ticket.booked, Booked::Shared { .. });
+        self.share_upstream_answer(limited, headers, u64::from(ticket.cost.get()), booked);
         limited
     }
 
@@ -529,7 +530,8 @@ impl Budget {
         self.ledger().upstream.done(ticket.seq);
         self.inner.landed.notify_waiters();
         let probe = matches!(ticket.booked, Booked::Shared { probe: true, .. });
-        self.share_call_failed(u64::from(ticket.cost.get()), probe);
+        let booked = matches!(ticket.booked, Booked::Shared { .. });
+        self.share_call_failed(u64::from(ticket.cost.get()), booked, probe);
     }
 
     /// Ends an upstream pause now, here and (with Redis) on every replica. Returns whether

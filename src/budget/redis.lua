@@ -101,6 +101,15 @@ if mode == 'seen' then
   local cur = allowance()
   local ttl = redis.call('PTTL', KEYS[4])
   if cur ~= nil and ttl > 0 then
+    -- The first report of a window the replicas assumed (KEYS[10]: when it began, see the
+    -- take): the upstream began it when it counted its first call, perhaps one sent before
+    -- the assumption, so the reset it names replaces the assumed one, earlier or later.
+    local assumed = tonumber(redis.call('GET', KEYS[10]))
+    if assumed ~= nil and reset_ms > 0 and now + reset_ms * 1000 > assumed + 1500000 then
+      redis.call('SET', KEYS[4], math.min(cur, remaining), 'PX', reset_ms)
+      redis.call('DEL', KEYS[10])
+      return {0}
+    end
     if reset_ms == 0 or math.abs(ttl - reset_ms) < 1500 then
       if remaining < cur then redis.call('SET', KEYS[4], remaining, 'KEEPTTL') end
       if reset_ms > ttl then redis.call('PEXPIRE', KEYS[4], reset_ms) end
@@ -112,11 +121,13 @@ if mode == 'seen' then
   -- A window the replicas know nothing of yet: this report opens it.
   if reset_ms == 0 then reset_ms = tonumber(ARGV[5]) end
   redis.call('SET', KEYS[4], remaining, 'PX', reset_ms)
+  redis.call('DEL', KEYS[10])
   return {0}
 end
 if mode == 'done' then
-  local cost = tonumber(ARGV[2])
-  land(cost)
+  -- The cells it had in the shared flight (0: booked elsewhere), and its cost.
+  land(tonumber(ARGV[2]))
+  local cost = tonumber(ARGV[5]) or tonumber(ARGV[2])
   -- A call that failed teaches nothing: the next one learns, on whichever replica.
   redis.call('DEL', KEYS[7])
   -- Sent (ARGV[3]), it may have been counted: it comes off the window's count.
@@ -145,7 +156,7 @@ if mode == 'resume' then
   if pause ~= nil and pause > now then n = 1 end
   local allow = allowance()
   if allow ~= nil and allow - out() < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
-  redis.call('DEL', KEYS[3], KEYS[4], KEYS[9])
+  redis.call('DEL', KEYS[3], KEYS[4], KEYS[9], KEYS[10])
   local e = resumes() + 1
   redis.call('SET', KEYS[6], string.format('%.0f', e))
   return {n, e}
@@ -193,7 +204,9 @@ end
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
 -- not book the client), max wait, debt owed from a spell on the local fallback, and the
 -- longest pause a stored one may still have left (all in µs); then the upstream's learnt
--- limit (0: none) and window (ms), and how long a probe may be out (µs).
+-- limit (0: none) and window (ms), how long a probe may be out (µs), and from a replica
+-- back from its fallback what it knows of the upstream's window: the count left (-1:
+-- nothing), the ms to its reset, and how many ms ago it was assumed (-1: it was named).
 local cost = tonumber(ARGV[2])
 local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -221,12 +234,23 @@ if limit == 0 then
   local l, w = string.match(redis.call('GET', KEYS[8]) or '', '^(%d+):(%d+)$')
   if l then limit, window_ms = tonumber(l), tonumber(w) end
 end
-if allow == nil and limit > 0 and window_ms > 0 then
+local seed_left, seed_ms = tonumber(ARGV[13]) or -1, tonumber(ARGV[14]) or 0
+if allow == nil and seed_left >= 0 and seed_ms > 0 then
+  -- Redis lost the count (restarted empty) while this replica kept obeying it alone: the
+  -- window goes on from what it knows, not from a full allowance.
+  allow = seed_left
+  redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', seed_ms)
+  local since = tonumber(ARGV[15]) or -1
+  if since >= 0 then
+    redis.call('SET', KEYS[10], string.format('%.0f', now - since * 1000), 'PX', seed_ms)
+  end
+elseif allow == nil and limit > 0 and window_ms > 0 then
   -- The count's window ended (its key expired at the reset): the new one holds the learnt
   -- limit (less the calls still out on every replica, as always), never what the shares
   -- alone allow, until a report of the new window replaces it.
   allow = limit
   redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
+  redis.call('SET', KEYS[10], string.format('%.0f', now), 'PX', window_ms)
 end
 local o = out()
 if allow ~= nil and allow - o < cost then

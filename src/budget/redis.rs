@@ -29,7 +29,8 @@ use crate::replicas::{Redis, Unavailable};
 /// its reset), the cells in flight on all replicas, the resume count (one more each time an
 /// operator ends the pause, so every replica can tell its own copy of a pause was ended),
 /// the marker of a replica's learning call out, the mark that some replica learnt (with
-/// the limit and window it learnt), and the blind pause's probe (due, or out until when).
+/// the limit and window it learnt), the blind pause's probe (due, or out until when), and
+/// when the window the replicas assumed began (while the upstream has named none of it).
 /// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
 /// the past.
 const LUA: &str = include_str!("redis.lua");
@@ -161,6 +162,16 @@ impl Shared {
             ask.window_ms.to_string(),
             PROBE_MARK.as_micros().to_string(),
         ];
+        let ms = |ns: u64| (ns / 1_000_000).to_string();
+        let seed = match ask.seed {
+            Some((left, reset_in, since)) => [
+                left.to_string(),
+                ms(reset_in),
+                since.map_or("-1".into(), ms),
+            ],
+            None => ["-1".into(), "0".into(), "-1".into()],
+        };
+        let args: Vec<String> = args.into_iter().chain(seed).collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
         if reply.is_none() {
@@ -169,7 +180,7 @@ impl Shared {
         reply
     }
 
-    fn keys(&self, client: &str) -> [String; 9] {
+    fn keys(&self, client: &str) -> [String; 10] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
@@ -180,6 +191,7 @@ impl Shared {
             self.redis.key("budget:learning"),
             self.redis.key("budget:learned"),
             self.redis.key("budget:probe"),
+            self.redis.key("budget:assumed"),
         ]
     }
 
@@ -275,10 +287,11 @@ impl Shared {
             return;
         };
         // `return` takes the client's TAT first and the global one second.
-        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned, probe] =
+        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned, probe, assumed] =
             self.keys(client);
         let keys = [
             client_key, global_key, pause, left, in_flight, resumes, learning, learned, probe,
+            assumed,
         ];
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
@@ -377,10 +390,14 @@ struct Ask {
     /// a new window holds once the shared count's window has ended.
     limit: u64,
     window_ms: u64,
+    /// Back from the fallback: what this replica knows of the upstream's window (count
+    /// left, time to its reset, and since when it was assumed, in ns), to seed a shared
+    /// count Redis lost.
+    seed: Option<(u64, u64, Option<u64>)>,
 }
 
 impl Ask {
-    fn new(ledger: &Ledger, client: &str, cost: NonZeroU32) -> Ask {
+    fn new(ledger: &Ledger, client: &str, cost: NonZeroU32, returned: bool, now: u64) -> Ask {
         let (max_wait, hold) = ledger.terms(client);
         let own = ledger
             .clients
@@ -396,6 +413,10 @@ impl Ask {
             longest_us: ledger.upstream.longest() / 1000,
             limit: ledger.upstream.limit().unwrap_or(0),
             window_ms: ledger.upstream.window_learnt().map_or(0, |w| w / 1_000_000),
+            // This call is already out here, and the script counts it out there.
+            seed: returned
+                .then(|| ledger.upstream.known_window(now, u64::from(cost.get())))
+                .flatten(),
         }
     }
 }
@@ -560,6 +581,7 @@ impl Budget {
         // The upstream's flight is taken here, under the lock that checks it, so no two
         // calls both go as the one sent to learn what the upstream has left.
         let mut owed = 0;
+        let mut returned = false;
         let mut looked_shared = false;
         // Whether Redis said this replica sends the call that learns the upstream's count.
         let mut claimed = false;
@@ -570,7 +592,10 @@ impl Budget {
             let mut learn_first = false;
             let probe_at = {
                 let mut ledger = self.ledger();
-                owed += shared.come_back(&mut ledger, arrived);
+                if let Some(debt) = shared.come_back(&mut ledger, arrived) {
+                    owed += debt;
+                    returned = true;
+                }
                 let now = clock.nanos();
                 let left = ledger
                     .terms(client)
@@ -593,7 +618,7 @@ impl Budget {
                         if !learn_first {
                             let seq = ledger.upstream.spend(hold.cost);
                             hold.spent = Some(seq);
-                            break (Ask::new(&ledger, client, cost), seq);
+                            break (Ask::new(&ledger, client, cost, returned, now), seq);
                         }
                     }
                 }
@@ -827,12 +852,14 @@ impl Budget {
     }
 
     /// After an upstream answer to a call of `cost` cells: the call leaves the shared
-    /// flight, and what the upstream says remains becomes the allowance of every replica.
+    /// flight (if it was `booked` there, not on the fallback), and what the upstream says
+    /// remains becomes the allowance of every replica.
     pub(super) fn share_upstream_answer(
         &self,
         limited: bool,
         headers: &http::HeaderMap,
         cost: u64,
+        booked: bool,
     ) {
         let Some(shared) = &self.inner.shared else {
             return;
@@ -872,10 +899,11 @@ impl Budget {
             }
         };
         let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
+        let landed = if booked { cost } else { 0 };
         shared.tell(
             "seen",
             vec![
-                cost.to_string(),
+                landed.to_string(),
                 remaining.to_string(),
                 reset_ms.to_string(),
                 blind_ms.to_string(),
@@ -887,12 +915,15 @@ impl Budget {
         );
     }
 
-    /// A call that ended without an answer leaves the shared flight, and the count (it may
-    /// have been counted); if it was the probe after a blind pause, the next call is.
-    pub(super) fn share_call_failed(&self, cost: u64, probe: bool) {
+    /// A call that ended without an answer leaves the shared flight (if it was `booked`
+    /// there), and the count (it may have been counted); if it was the probe after a blind
+    /// pause, the next call is.
+    pub(super) fn share_call_failed(&self, cost: u64, booked: bool, probe: bool) {
         if let Some(shared) = &self.inner.shared {
             let probe = u8::from(probe).to_string();
-            shared.tell("done", vec![cost.to_string(), "1".into(), probe]);
+            let landed = if booked { cost } else { 0 };
+            let args = vec![landed.to_string(), "1".into(), probe, cost.to_string()];
+            shared.tell("done", args);
         }
     }
 
@@ -1493,6 +1524,125 @@ mod tests {
         assert!(
             refused.retry_after <= Duration::from_secs(3600),
             "expected at most the hour's window, not ten days: {refused:?}"
+        );
+    }
+
+    /// A window the replicas assumed when the last one named ended is a guess: the upstream
+    /// begins its next window when it counts that window's first call (perhaps one sent
+    /// before the guess), so the first report naming a later reset sets the count, even one
+    /// naming a reset well before the assumed one, which is no older news.
+    #[tokio::test]
+    async fn the_first_report_of_an_assumed_window_sets_its_count() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RB8").await;
+        let shared = budget.inner.shared.as_ref().expect("a shared budget");
+        let keys = shared.keys("other");
+        // No count in Redis, a learnt limit of 10 and window of 6 s: the window is assumed.
+        let take: Vec<String> = [
+            "1",
+            "100",
+            "30",
+            "0",
+            "0",
+            "0",
+            "0",
+            "3600000000",
+            "10",
+            "6000",
+            "30000000",
+            "-1",
+            "0",
+            "-1",
+        ]
+        .map(String::from)
+        .to_vec();
+        let went = run_script(&redis, &keys, "take", &take)
+            .await
+            .expect("take");
+        assert_eq!(
+            went.first(),
+            Some(&0),
+            "expected the call to go, saw {went:?}"
+        );
+        // Its answer: 4 left of this window, which the upstream says resets in 3 s.
+        let seen: Vec<String> = ["1", "4", "3000", "60000", "1", "0", "10", "6000"]
+            .map(String::from)
+            .to_vec();
+        run_script(&redis, &keys, "seen", &seen)
+            .await
+            .expect("seen");
+        let peek = run_script(&redis, &keys, "peek", &["3600000000".to_string()])
+            .await
+            .expect("peek");
+        assert_eq!(
+            peek.get(3),
+            Some(&4),
+            "expected the report's 4 in force, not the assumed 10, saw {peek:?}"
+        );
+        let ttl: i64 = redis
+            .run("test", |mut conn| {
+                let key = keys[3].clone();
+                async move { redis::cmd("PTTL").arg(key).query_async(&mut conn).await }
+            })
+            .await
+            .expect("PTTL");
+        assert!(
+            (1..=3000).contains(&ttl),
+            "expected the count to end at the reset named, in 3 s, saw {ttl} ms"
+        );
+    }
+
+    /// Redis lost: each replica obeys what it knew of the upstream's window, its part of
+    /// the count (here half of 9 each); Redis back empty: the first replica back seeds the
+    /// shared count from what it knows (9 less its 4 calls out), not from the full limit,
+    /// so the other replica gets only what is left.
+    #[tokio::test]
+    async fn an_outage_keeps_the_upstreams_window_and_seeds_redis_back() {
+        let Some(mut server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        let budgets = replicas(&server, "CXGATE_T_RB9", spec(300, 1000, 30, 0), 2).await;
+        let mut told = http::HeaderMap::new();
+        told.insert("x-ratelimit-limit", http::HeaderValue::from_static("30"));
+        told.insert("x-ratelimit-remaining", http::HeaderValue::from_static("9"));
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("60"));
+        for b in &budgets {
+            b.observe_upstream(http::StatusCode::OK, &told);
+        }
+        let (a, b) = (&budgets[0], &budgets[1]);
+        server.stop();
+        let mut kept = Vec::new();
+        for _ in 0..12 {
+            if let Ok(admitted) = a.admit("other", n(1)).await {
+                kept.push(admitted);
+            }
+        }
+        assert_eq!(
+            kept.len(),
+            4,
+            "expected a's half of the 9 left on its own while Redis is gone"
+        );
+        server.restart();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let up = |b: &Budget| b.inner.shared.as_ref().is_some_and(|s| s.redis.is_up());
+        while !(up(a) && up(b)) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(up(a) && up(b), "expected Redis seen back within 5 s");
+        kept.push(a.admit("other", n(1)).await.expect("a's first call back"));
+        let mut on_b = 0;
+        while on_b < 12 {
+            match b.admit("other", n(1)).await {
+                Ok(admitted) => kept.push(admitted),
+                Err(_) => break,
+            }
+            on_b += 1;
+        }
+        assert_eq!(
+            on_b, 4,
+            "expected b to get the 9 less a's 5 calls out, not a fresh window"
         );
     }
 

@@ -33,6 +33,9 @@ const SAME_WINDOW: u64 = 1_500_000_000;
 struct Allowance {
     low: u64,
     reset: u64,
+    /// Set for a window this side assumed when the last one named ended (at this time):
+    /// its bounds are a guess until the upstream names them.
+    assumed_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -120,6 +123,9 @@ pub(crate) struct Upstream {
     alarms: u64,
     /// Contradictory rate fields have been logged once.
     warned_nonsense: bool,
+    /// How many processes share the count this side knows (0 or 1: this one alone): a
+    /// replica on its fallback, cut off from the others, spends only its part of it.
+    parts: u64,
 }
 
 impl Upstream {
@@ -165,16 +171,48 @@ impl Upstream {
         (self.learned_window > 0).then_some(self.learned_window)
     }
 
-    /// The blind pause (a minute, or the window if shorter), in nanoseconds.
+    /// The blind pause, in nanoseconds: a minute, or the upstream's window if shorter: the
+    /// one its resets have shown, or until one has, the configured period (`budget.period`,
+    /// the operator's word for that window). A count spent in a window renews when it
+    /// ends, so waiting longer would only leave calls unsent.
     pub(crate) fn blind(&self) -> u64 {
-        nanos(BLIND_PAUSE).min(self.longest())
+        let window = match (self.learned_window, self.window) {
+            (0, 0) => self.longest(),
+            (0, configured) => configured,
+            _ => self.longest(),
+        };
+        nanos(BLIND_PAUSE).min(window)
     }
 
     /// Calls the upstream still allows before its reset: the lowest `Remaining` of the
     /// window less every call out, those sent before the report too (the upstream may have
     /// counted them after it).
     pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
-        self.current(now).map(|a| a.low.saturating_sub(self.out()))
+        self.current(now)
+            .map(|a| self.part(a.low).saturating_sub(self.out()))
+    }
+
+    /// Sets how many processes spend the upstream's count without seeing each other's
+    /// calls (`budget.replicas` while Redis is gone; 1 otherwise): each may then have out
+    /// only its part of the lowest `Remaining` it saw, in its window and the next ones.
+    pub(crate) fn set_parts(&mut self, parts: u32) {
+        self.parts = u64::from(parts);
+    }
+
+    /// This process's part of a count of `low`.
+    fn part(&self, low: u64) -> u64 {
+        low / self.parts.max(1)
+    }
+
+    /// What this side knows of the upstream's current window, for a shared count that has
+    /// been lost (Redis back empty): the lowest `Remaining` less the calls out but `mine`
+    /// (none of them is in the new shared flight), the time to its reset, and for a window
+    /// assumed after the last one named, how long ago it began.
+    pub(crate) fn known_window(&self, now: u64, mine: u64) -> Option<(u64, u64, Option<u64>)> {
+        let a = self.current(now)?;
+        let since = a.assumed_from.map(|from| now.saturating_sub(from));
+        let out = self.out().saturating_sub(mine);
+        Some((a.low.saturating_sub(out), a.reset - now, since))
     }
 
     /// The cells of every call out.
@@ -184,7 +222,8 @@ impl Upstream {
 
     /// The count in force at `now`. Once its reset has passed, a new window is full: the
     /// learnt `X-RateLimit-Limit` (less the calls still out, as always: the upstream may
-    /// count them in the new window), until the window after, one learnt window later.
+    /// count them in the new window), until the window after, one learnt window later (or,
+    /// while no reset has been named, one configured period later).
     /// Never the shares alone, which may be set above the upstream's limit. Without a
     /// learnt limit the shares pace the new window.
     fn current(&self, now: u64) -> Option<Allowance> {
@@ -193,15 +232,23 @@ impl Upstream {
             return Some(a);
         }
         let limit = self.limit?;
+        // The window the upstream's resets showed, else the operator's word for it (the
+        // configured period): the `X-RateLimit-Reset` clients get names its end.
         let window = if self.learned_window > 0 {
             self.learned_window
+        } else if self.window > 0 {
+            self.window
         } else {
             self.longest()
         }
         .max(1);
         let windows = (now - a.reset) / window + 1;
         let reset = a.reset.saturating_add(windows.saturating_mul(window));
-        Some(Allowance { low: limit, reset })
+        Some(Allowance {
+            low: limit,
+            reset,
+            assumed_from: Some(reset - window),
+        })
     }
 
     /// Makes [`Upstream::current`] the allowance, remembering where an assumed window began.
@@ -284,7 +331,9 @@ impl Upstream {
             // Only what the upstream said is left (no call of ours out) is too little: wait
             // for its reset. A count our own calls used up waits for their answers instead,
             // and with none out (they failed unanswered) one call goes to ask.
-            Some(a) if a.low < cost && a.low > 0 && self.flying.is_empty() => Some(a.reset - now),
+            Some(a) if self.part(a.low) < cost && a.low > 0 && self.flying.is_empty() => {
+                Some(a.reset - now)
+            }
             _ => None,
         }
     }
@@ -435,7 +484,7 @@ impl Upstream {
                 (None, None) => {
                     self.probe = Probe::Due;
                     self.blind_from = self.next_seq;
-                    at(now, BLIND_PAUSE, longest)
+                    now.saturating_add(self.blind())
                 }
             };
             if probe_out {
@@ -461,18 +510,35 @@ impl Upstream {
             return;
         };
         let live = self.current(now);
+        let named = reset.is_some();
         let reset = match (reset, live) {
             (Some(reset), _) => reset,
             // The reset header is sometimes left out: the count still holds, in the window
             // already known, or else for the time a client would assume.
             (None, Some(a)) => a.reset,
-            (None, None) => at(now, BLIND_PAUSE, longest),
+            (None, None) => now.saturating_add(self.blind()),
         };
         // Within a window the count is the lowest report: calls are counted in another
         // order than they were sent and answered, so a higher one is older news. The
         // window ends at the latest reset named for it (a whole-second `Reset` read at
         // different moments names it a little differently), never before.
         let allowance = match live {
+            // The first report of the window after the one that ended: the upstream began it
+            // when its first call was counted (perhaps one sent before this side assumed
+            // it), so the reset it names replaces the assumed one, earlier or later.
+            Some(Allowance {
+                low,
+                assumed_from: Some(from),
+                ..
+            }) if named && reset > from.saturating_add(SAME_WINDOW) => Allowance {
+                low: if alone && fresh {
+                    remaining
+                } else {
+                    low.min(remaining)
+                },
+                reset,
+                assumed_from: None,
+            },
             Some(a) if a.reset.abs_diff(reset) < SAME_WINDOW => {
                 // A call sent alone and answered before any later one knows the count.
                 let low = if alone && fresh {
@@ -483,6 +549,7 @@ impl Upstream {
                 Allowance {
                     low,
                     reset: a.reset.max(reset),
+                    assumed_from: a.assumed_from,
                 }
             }
             // Counted in a window before the one in force: it says nothing of this one.
@@ -493,6 +560,7 @@ impl Upstream {
             _ => Allowance {
                 low: remaining,
                 reset,
+                assumed_from: None,
             },
         };
         // What the calls out leave is not the upstream's word: no pause.
@@ -1303,6 +1371,89 @@ mod tests {
                 (used, up.paused_for(0).is_some()),
                 (limit, true),
                 "seed {seed}: expected the whole limit used, then the upstream's 0 obeyed"
+            );
+        }
+    }
+
+    /// The simulator's upstream over many windows: 30 calls per fixed 5 s window, each
+    /// window begun by the first call counted after the last one ended, every call counted
+    /// up to a second after it is sent (so calls sent late in one window open the next
+    /// before the gateway's own reckoning of it) and answered up to a second after, `Reset` in whole
+    /// Unix seconds rounded up, a limit answer's `Reset` left out every other time. The
+    /// gateway sends whenever it is let: over a minute no call meets the limit, and the
+    /// calls keep going.
+    #[test]
+    fn calls_counted_late_across_window_starts_never_pass_the_limit() {
+        const LIMIT: u64 = 30;
+        const PERIOD: u64 = 5 * SEC;
+        // Wall time at budget clock 0, off a whole second so rounding up matters.
+        let base = UNIX_EPOCH + Duration::from_millis(1_704_067_200_400);
+        for seed in 0..40 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut up = Upstream::default();
+            // (counted at, seq), and (answered at, seq, remaining or None over the limit,
+            // reset as the upstream names it).
+            let mut sent: Vec<(u64, u64)> = Vec::new();
+            let mut counted: Vec<(u64, u64, Option<u64>, u64)> = Vec::new();
+            let (mut start, mut used, mut refused) = (None::<u64>, 0, 0u64);
+            let (mut calls, mut over) = (0u64, 0u64);
+            let mut now = 0;
+            while now < 60 * SEC {
+                sent.sort_unstable();
+                while sent.first().is_some_and(|(at, _)| *at <= now) {
+                    let (at, seq) = sent.remove(0);
+                    if start.is_none_or(|s| at >= s + PERIOD) {
+                        (start, used, refused) = (Some(at), 0, 0);
+                    }
+                    let end = start.expect("a window") + PERIOD;
+                    let wall = base + Duration::from_nanos(end);
+                    let unix = wall.duration_since(UNIX_EPOCH).expect("after 1970");
+                    let reset = unix.as_secs() + u64::from(unix.subsec_nanos() > 0);
+                    let left = (used < LIMIT).then(|| {
+                        used += 1;
+                        LIMIT - used
+                    });
+                    if left.is_none() {
+                        over += 1;
+                        refused += 1;
+                    }
+                    let reset = if left.is_none() && refused % 2 == 0 {
+                        0
+                    } else {
+                        reset
+                    };
+                    counted.push((at + rng.u64(0..=SEC), seq, left, reset));
+                }
+                counted.sort_unstable();
+                while counted.first().is_some_and(|(at, ..)| *at <= now) {
+                    let (_, seq, left, reset) = counted.remove(0);
+                    let mut fields = vec![
+                        ("x-ratelimit-limit", LIMIT.to_string()),
+                        ("x-ratelimit-remaining", left.unwrap_or(0).to_string()),
+                    ];
+                    if reset > 0 {
+                        fields.push(("x-ratelimit-reset", reset.to_string()));
+                    }
+                    let wall = base + Duration::from_nanos(now);
+                    up.read(left.is_none(), &headers(&fields), Some(seq), now, wall);
+                }
+                for _ in 0..3 {
+                    if up.blocked(1, now).is_some() || up.waits_for_landing(1, now) {
+                        break;
+                    }
+                    let seq = up.spend(1);
+                    calls += 1;
+                    sent.push((now + rng.u64(0..=SEC), seq));
+                }
+                now += 10_000_000;
+            }
+            assert_eq!(
+                over, 0,
+                "seed {seed}: expected no limit answer, saw {over} in {calls} calls"
+            );
+            assert!(
+                calls >= LIMIT * 12 * 6 / 10,
+                "seed {seed}: expected most of the 12 windows' calls used, saw {calls}"
             );
         }
     }

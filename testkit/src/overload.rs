@@ -24,14 +24,16 @@ use cxgate::sim::SimOptions;
 pub const UPSTREAM_LIMIT: u32 = 60;
 pub const WINDOW: Duration = Duration::from_secs(6);
 
-/// The simulator's terms for one run: its limit per fixed window (whole seconds) and the
-/// latency (plus a random jitter up to `jitter_ms`) before it counts and answers each call.
+/// The simulator's terms for one run: its limit per fixed window (whole seconds), the
+/// latency (plus a random jitter up to `jitter_ms`) before it counts and answers each call,
+/// and the status of its limit answers (400 as the real API, or 429 with `Retry-After`).
 #[derive(Debug, Clone, Copy)]
 pub struct Terms {
     pub limit: u32,
     pub window: Duration,
     pub latency_ms: u64,
     pub jitter_ms: u64,
+    pub limit_status: u16,
 }
 
 impl Default for Terms {
@@ -41,6 +43,7 @@ impl Default for Terms {
             window: WINDOW,
             latency_ms: 20,
             jitter_ms: 30,
+            limit_status: 400,
         }
     }
 }
@@ -82,9 +85,13 @@ impl OverloadReport {
         let rate = f64::from(limit) / window.as_secs_f64();
         println!(
             "overload run: {} replica(s), {} services, upstream {limit}/{window:?} (fixed \
-             windows, 400 rate_limit_reached over it, latency {} ms + up to {} ms), gateway \
+             windows, {} rate_limit_reached over it, latency {} ms + up to {} ms), gateway \
              budget 2x that",
-            self.replicas, self.services, self.terms.latency_ms, self.terms.jitter_ms
+            self.replicas,
+            self.services,
+            self.terms.limit_status,
+            self.terms.latency_ms,
+            self.terms.jitter_ms
         );
         println!(
             "  elapsed {secs:.1} s, sent {} ({:.1}/s offered = {:.1}x the upstream's {rate:.1}/s)",
@@ -165,6 +172,7 @@ pub async fn overload_run_with(
                 .parse()
                 .expect("valid rate limit"),
         ),
+        rate_limit_status: terms.limit_status,
         access_tokens: vec![ACCESS.to_string()],
         refresh_tokens: vec![REFRESH.to_string()],
         client_secret: CLIENT_SECRET.to_string(),

@@ -1,7 +1,8 @@
 //! The shared budget's fallback, for when Redis is slow or gone: the first failed call (or
-//! the health probe) moves this replica to its local ledger with every share divided by
-//! `budget.replicas`, from the shared debt it last mirrored, so an outage opens no fresh
-//! burst; when Redis answers again, the debt run up alone goes back with the next admission.
+//! the health probe) moves this replica to its local ledger with every share, and the
+//! upstream's count, divided by `budget.replicas`, from the shared debt it last mirrored, so
+//! an outage opens no fresh burst; when Redis answers again, the debt run up alone goes back
+//! with the next admission (and what it knows of the upstream's window, if Redis lost it).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -11,18 +12,20 @@ use super::super::{Admitted, Budget, Rejected};
 use super::Shared;
 
 impl Shared {
-    /// Leaves the fallback if it is in force: the ledger gets the full spec back, and the
-    /// debt this replica ran up alone (in shared microseconds) is returned for the script.
-    pub(super) fn come_back(&self, ledger: &mut Ledger, now: u64) -> u64 {
+    /// Leaves the fallback if it is in force: the ledger gets the full spec back (and the
+    /// upstream's whole count), and the debt this replica ran up alone (in shared
+    /// microseconds) is returned for the script; `None` when it was not on the fallback.
+    pub(super) fn come_back(&self, ledger: &mut Ledger, now: u64) -> Option<u64> {
         if !self.local.load(Ordering::Acquire) {
-            return 0;
+            return None;
         }
         let known = self.base.load(Ordering::Acquire).max(now);
         let alone = ledger.global.tat().saturating_sub(known);
         ledger.reconfigure(self.full());
+        ledger.upstream.set_parts(1);
         self.local.store(false, Ordering::Release);
         tracing::info!("budget: back on the shared Redis budget");
-        alone / u64::from(self.replicas.get()) / 1000
+        Some(alone / u64::from(self.replicas.get()) / 1000)
     }
 }
 
@@ -41,6 +44,8 @@ impl Budget {
             if !shared.local.load(Ordering::Acquire) {
                 shared.base.store(ledger.global.tat(), Ordering::Release);
                 ledger.reconfigure(shared.divided());
+                // The upstream's count too: the other replicas spend it unseen.
+                ledger.upstream.set_parts(shared.replicas.get());
                 shared.local.store(true, Ordering::Release);
                 tracing::warn!(
                     replicas = shared.replicas.get(),

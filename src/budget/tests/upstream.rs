@@ -214,9 +214,9 @@ async fn a_constant_remaining_keeps_calls_going() {
 const LIMIT_BODY: &[u8] = br#"{"error":"rate_limit_reached"}"#;
 
 /// A budget whose upstream said stop without saying for how long, at 0: the blind pause
-/// runs to 60 s, when one probe goes.
+/// runs to 60 s (the period is an hour, as the real API's window), when one probe goes.
 async fn blind_paused(max_wait_ms: u64) -> Budget {
-    let b = budget(spec(share(100, 1000, 100), max_wait_ms, vec![]));
+    let b = budget(spec(share(100, 3_600_000, 100), max_wait_ms, vec![]));
     let first = b.admit("c", n(1)).await.expect("a first call");
     let limited = b.observe_answer(
         StatusCode::BAD_REQUEST,
@@ -362,7 +362,7 @@ async fn jittered_answers_never_meet_the_upstreams_limit() {
 /// it: only the probe's answer says the upstream takes calls again.
 #[tokio::test(start_paused = true)]
 async fn a_late_answer_to_an_older_call_does_not_lift_a_blind_pause() {
-    let b = budget(spec(share(100, 1000, 100), 1000, vec![]));
+    let b = budget(spec(share(100, 3_600_000, 100), 1000, vec![]));
     let only = |left: &'static str| {
         let mut h = HeaderMap::new();
         h.insert("x-ratelimit-remaining", HeaderValue::from_static(left));
@@ -389,5 +389,79 @@ async fn a_late_answer_to_an_older_call_does_not_lift_a_blind_pause() {
             })
         ),
         "expected the next call refused by the upstream's pause, saw {refused:?}"
+    );
+}
+
+/// `X-RateLimit-Limit` and `-Remaining` with no reset, as the real API sometimes sends.
+fn unreset(left: &'static str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("x-ratelimit-limit", HeaderValue::from_static("30"));
+    h.insert("x-ratelimit-remaining", HeaderValue::from_static(left));
+    h
+}
+
+/// A budget of `period_ms` whose upstream counted 5 left, then said stop naming no reset.
+async fn limited_without_reset(period_ms: u64) -> Budget {
+    let b = budget(spec(share(100, period_ms, 100), 5000, vec![]));
+    let first = b.admit("c", n(1)).await.expect("a first call");
+    b.observe_answer(StatusCode::OK, &unreset("5"), b"", first.ticket);
+    let second = b.admit("c", n(1)).await.expect("a second call");
+    let limited = b.observe_answer(
+        StatusCode::BAD_REQUEST,
+        &HeaderMap::new(),
+        LIMIT_BODY,
+        second.ticket,
+    );
+    assert!(limited, "expected the API's 400 read as the limit");
+    b
+}
+
+/// The `X-RateLimit-Reset` a client of `b` gets now, in seconds from now.
+fn reset_shown(b: &Budget) -> u64 {
+    let [_, _, reset] = b.api_headers("c", None);
+    let reset: u64 = reset
+        .to_str()
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .expect("a whole Unix second");
+    let now = std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    reset.saturating_sub(now)
+}
+
+/// With `budget.period` at 3 s (the operator's word for the upstream's window) and no
+/// reset ever named, the blind pause after a limit answer lasts those 3 s, not a minute:
+/// the count renews when the window ends, and one probe then asks.
+#[tokio::test(start_paused = true)]
+async fn the_blind_pause_is_no_longer_than_the_configured_period() {
+    let b = limited_without_reset(3000).await;
+    assert_eq!(
+        b.paused_for(),
+        Some(Duration::from_secs(3)),
+        "expected the blind pause cut to the 3 s period"
+    );
+    advance(Duration::from_secs(3)).await;
+    let probe = b.admit("c", n(1)).await;
+    assert!(probe.is_ok(), "expected the probe at 3 s, saw {probe:?}");
+}
+
+/// After a blind pause whose probe was answered without a reset, the `X-RateLimit-Reset`
+/// clients get names the end of the window assumed from the configured period (5 min
+/// here), never an hour no one named.
+#[tokio::test(start_paused = true)]
+async fn after_a_blind_pause_the_reset_shown_is_within_the_configured_period() {
+    let b = limited_without_reset(300_000).await;
+    advance(Duration::from_secs(60)).await;
+    let probe = b
+        .admit("c", n(1))
+        .await
+        .expect("the probe after the minute");
+    b.observe_answer(StatusCode::OK, &unreset("20"), b"", probe.ticket);
+    let shown = reset_shown(&b);
+    assert!(
+        (1..=301).contains(&shown),
+        "expected a reset within the 5 min period, saw {shown} s from now"
     );
 }
