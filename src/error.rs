@@ -30,6 +30,9 @@ pub enum GatewayError {
     Forbidden(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// The route costs more budget cells than a burst holds: no wait could admit the call.
+    #[error("{0}")]
+    TooCostly(crate::budget::TooCostly),
     #[error("rate limited: retry in {}s", retry_after_secs(*retry_after))]
     RateLimited {
         retry_after: Duration,
@@ -115,7 +118,9 @@ impl GatewayError {
     /// The HTTP status and the CX Social `error_type`.
     pub fn kind(&self) -> (StatusCode, &'static str) {
         match self {
-            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::BadRequest(_) | GatewayError::TooCostly(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),

@@ -244,6 +244,11 @@ if cu > 0 then
   c = bounded(KEYS[2], ci * cu + max_wait)
   cw = math.max(earliest(c, cost, ci, cu) - now, 0)
 end
+-- A cost above a share's usable burst could only be booked as debt past it, locking every
+-- caller out until it drained: nothing is booked, and the refusal says when the share is
+-- next full. Replicas refuse such a cost before asking; this guards terms that disagree.
+if cu > 0 and cost > cu then return {2, math.max(c - now, 0)} end
+if cost > gu then return {1, math.max(g - now, 0)} end
 if math.max(gw, cw) > max_wait then
   if cw >= gw then return {2, cw} end
   return {1, gw}

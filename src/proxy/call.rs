@@ -54,6 +54,8 @@ impl Gateway {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
         let queued = || progress.queued();
+        let fits = self.inner.budget.fits(&call.client, call.cost);
+        fits.map_err(GatewayError::TooCostly)?;
         match self
             .inner
             .budget

@@ -824,6 +824,7 @@ fn cache_control_forbids(headers: &HeaderMap) -> bool {
 fn clone_error(e: &GatewayError) -> GatewayError {
     match e {
         GatewayError::BadRequest(m) => GatewayError::BadRequest(m),
+        GatewayError::TooCostly(c) => GatewayError::TooCostly(*c),
         GatewayError::Unauthorized(m) => GatewayError::Unauthorized(m),
         GatewayError::NotFound(m) => GatewayError::NotFound(m),
         GatewayError::Forbidden(m) => GatewayError::Forbidden(m.clone()),
