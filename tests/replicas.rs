@@ -1558,6 +1558,60 @@ async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
     c.stop().await;
 }
 
+/// A record claiming to be written in the future (so that it would outrank every later
+/// `cxgate token init`) is not trusted, nor is one that says nothing of its expiry over a
+/// valid token that does: neither is adopted, and the replicas keep serving on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_record_from_the_future_or_without_expiry_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let future = serde_json::json!({
+        "version": 80,
+        "by": "operator",
+        "written_at": 4_102_444_800_000_u64,
+        "token": {"access_token": "future-access", "refresh_token": "future-refresh", "expires_at": "2099-01-01T00:00:00Z"},
+    });
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token"))
+        .arg(future.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write the token record");
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected a record written in 2100 not adopted"
+        );
+    }
+    set_record(
+        &c,
+        81,
+        serde_json::json!({"access_token": "ageless-access", "refresh_token": "ageless-refresh"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected a record without expires_at not adopted over a valid token"
+        );
+        let answer = c.get(i, "/me/permissions").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected it to keep serving on its own token"
+        );
+    }
+    c.stop().await;
+}
+
 /// One replica's `/metrics` value of `name` once it equals `want`, polled for at most
 /// `limit`; the last value seen otherwise.
 async fn metric_becomes(
