@@ -1415,6 +1415,51 @@ async fn values_read_from_redis_are_bounded() {
     c.stop().await;
 }
 
+/// A count of calls in flight no share could have booked (a tampered `budget:in_flight`
+/// of a hundred million) is not believed: the replicas go on admitting rather than answer
+/// 429 until the key expires five minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_count_of_calls_in_flight_is_not_believed() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 600\nperiod = \"1m\"\nburst = 20";
+    let sim = SimOptions {
+        rate_limit: Some("1000/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let Some(c) = cluster(2, sim, budget).await else {
+        return;
+    };
+    // The first answer teaches the replicas what the upstream has left.
+    let first = c.get(0, "/12345/inbox/mentions?flight=0").await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "expected the first call through"
+    );
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:in_flight"))
+        .arg("100000000")
+        .arg("PX")
+        .arg(300_000)
+        .query_async(&mut redis)
+        .await
+        .expect("write a tampered count of calls in flight");
+    for i in 0..2 {
+        let answer = c
+            .get(i, &format!("/12345/inbox/mentions?flight={}", i + 1))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected the call admitted despite the tampered count, saw \
+             Retry-After {:?}",
+            answer.header("retry-after")
+        );
+    }
+    c.stop().await;
+}
+
 /// `POST /admin/budget/resume` on one replica ends the pause on every replica (the shared
 /// record and each replica's own copy), and `/admin/status` shows the pause in force on a
 /// replica that only holds it through Redis, with where it comes from.

@@ -229,6 +229,14 @@ if allow == nil and limit > 0 and window_ms > 0 then
   redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
 end
 local o = out()
+-- Calls in flight never outnumber the cells the global share could book while the count
+-- lives (its burst and the key's five minutes): a larger count, or one below zero, is a
+-- stray or tampered key, not believed. It goes (said once, in Redis's log) and counts anew.
+if o < 0 or o > gu + math.ceil(300000000 / gi) then
+  redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
+  redis.call('DEL', KEYS[5])
+  o = 0
+end
 if allow ~= nil and allow - o < cost then
   local ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask
