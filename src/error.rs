@@ -37,6 +37,10 @@ pub enum GatewayError {
     RateLimited {
         retry_after: Duration,
         reason: &'static str,
+        /// The upstream's own answer that said its limit is reached (a 429, or the API's
+        /// 400 `rate_limit_reached`), for `Cache-Status`'s `fwd-status`; `None` when no
+        /// call went (the budget refused it).
+        upstream_status: Option<StatusCode>,
     },
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(#[source] Unreachable),
@@ -236,6 +240,7 @@ mod tests {
         let e = GatewayError::RateLimited {
             retry_after: Duration::from_millis(1200),
             reason: "global",
+            upstream_status: None,
         };
         let resp = e.response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);

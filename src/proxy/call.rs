@@ -69,6 +69,7 @@ impl Gateway {
             Err(rejected) => Err(GatewayError::RateLimited {
                 retry_after: rejected.retry_after,
                 reason: rejected.budget.label(),
+                upstream_status: None,
             }),
         }
     }
@@ -131,6 +132,7 @@ impl Gateway {
             return Err(GatewayError::RateLimited {
                 retry_after: pause,
                 reason: "upstream",
+                upstream_status: Some(fetched.status),
             });
         }
         let rewriter = &call.state.rewriter;

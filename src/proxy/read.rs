@@ -832,9 +832,11 @@ fn clone_error(e: &GatewayError) -> GatewayError {
         GatewayError::RateLimited {
             retry_after,
             reason,
+            upstream_status,
         } => GatewayError::RateLimited {
             retry_after: *retry_after,
             reason,
+            upstream_status: *upstream_status,
         },
         GatewayError::UpstreamUnreachable(m) => GatewayError::UpstreamUnreachable(m.clone()),
         GatewayError::UpstreamTimeout(d) => GatewayError::UpstreamTimeout(*d),

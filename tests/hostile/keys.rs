@@ -573,6 +573,52 @@ async fn raw_upstream(
     (base, count, task)
 }
 
+/// An upstream status past 599 (hyper reads any three digits) is no answer: 502 in the
+/// envelope, as nginx answers an invalid status line. An upstream 429 becomes the
+/// gateway's 429, whose `Cache-Status` names it as any forwarded status is named.
+#[tokio::test]
+async fn odd_statuses_and_upstream_429s_are_answered_for_what_they_are() {
+    let (base, count, upstream) = raw_upstream(
+        b"HTTP/1.1 999 Odd\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        Duration::ZERO,
+    )
+    .await;
+    let env = keyed_gateway(&base, "").await;
+    let answer = env.get("/me/permissions").await;
+    assert_eq!(answer.status, 502, "expected 999 refused, saw {answer:?}");
+    assert_eq!(
+        answer.json()["error"],
+        "upstream_unreachable",
+        "expected the envelope"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "expected one upstream call"
+    );
+    env.stop().await;
+    upstream.abort();
+
+    let (base, _, upstream) = raw_upstream(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        Duration::ZERO,
+    )
+    .await;
+    let env = keyed_gateway(&base, "").await;
+    let answer = env.get("/me/permissions").await;
+    assert_eq!(
+        answer.status, 429,
+        "expected the upstream's 429, saw {answer:?}"
+    );
+    let status = answer.header("cache-status");
+    assert!(
+        status.contains("; fwd-status=429"),
+        "expected Cache-Status to name the upstream's 429, saw {status:?}"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
 /// An upstream announcing more than `max_buffered_bytes` is refused with 503 `overloaded`
 /// by its `Content-Length`, before a byte of it is read; one announcing more than the
 /// answer bound (64 MiB) but less than the pool, with 502 at once.
