@@ -265,6 +265,28 @@ mod tests {
         assert_eq!(v["error_description"], "account 7 not allowed", "saw {v}");
     }
 
+    /// A call costing more than a burst can never be admitted: 400, saying so, never a
+    /// 429 that a retry could not cure.
+    #[tokio::test]
+    async fn a_call_above_the_burst_is_a_bad_request_saying_why() {
+        let e = GatewayError::TooCostly(crate::budget::TooCostly {
+            cost: 1_000_000,
+            burst: 20,
+            budget: crate::budget::Which::Global,
+        });
+        let resp = e.response();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "bad_request", "saw {v}");
+        let said = v["error_description"].as_str().unwrap_or_default();
+        assert!(
+            said.contains("1000000") && said.contains("global budget's burst of 20"),
+            "expected the cost and the burst named, saw {said:?}"
+        );
+    }
+
     #[test]
     fn an_unreachable_upstream_and_a_missing_token_keep_their_causes() {
         use std::error::Error;

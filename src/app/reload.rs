@@ -104,14 +104,16 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
         }
     }
     if let Some(path) = &cfg.token.file {
+        // Only a file `inspect` accepts is read again: a FIFO must never be opened.
         match crate::token::inspect_file(path) {
-            Ok(Some(warning)) => warnings.push(format!("token.file: {warning}")),
-            Ok(None) => {}
+            Ok(open) => {
+                let unsendable = crate::token::unsendable_warning(path);
+                for warning in open.into_iter().chain(unsendable) {
+                    warnings.push(format!("token.file: {warning}"));
+                }
+            }
             Err(e) => problems.push(format!("token.file: {e}")),
         }
-        warnings.extend(
-            crate::token::unsendable_warning(path).map(|warning| format!("token.file: {warning}")),
-        );
     }
     (problems, warnings)
 }

@@ -161,8 +161,8 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
 
 /// What `run` warns about the token in the file at `path`, if anything, for `check` to say
 /// the same: an access token that cannot be sent upstream leaves the gateway not ready
-/// until a refresh or a corrected file replaces it. `None` also for a file `inspect`
-/// refuses (that is its problem to report).
+/// until a refresh or a corrected file replaces it. Call it only on a file [`inspect`]
+/// accepted (it opens the file, which must not be a FIFO); `None` for one it cannot decode.
 pub fn unsendable_warning(path: &Path) -> Option<String> {
     let record = decode(&read_capped(path).ok()?, path).ok()?;
     if sendable(record.access.expose()) {
