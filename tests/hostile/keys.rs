@@ -324,7 +324,9 @@ async fn bodies_read_another_way_upstream_are_refused() {
     // OTHER in base64.
     let b64 = "YjNSb1pYSXRhMlY1TFdadmNpMWhibTkwYUdWeUxXTnNhV1Z1ZEE9PQ==";
     let mp = "multipart/form-data; boundary=XyZ";
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>)> = vec![
+    // What each case is, its headers and its body.
+    type Body = (&'static str, Vec<(&'static str, &'static str)>, Vec<u8>);
+    let cases: Vec<Body> = vec![
         (
             "text/plain then application/json",
             vec![
