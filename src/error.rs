@@ -30,10 +30,17 @@ pub enum GatewayError {
     Forbidden(String),
     #[error("request body larger than {limit} bytes")]
     PayloadTooLarge { limit: u64 },
+    /// The route costs more budget cells than a burst holds: no wait could admit the call.
+    #[error("{0}")]
+    TooCostly(crate::budget::TooCostly),
     #[error("rate limited: retry in {}s", retry_after_secs(*retry_after))]
     RateLimited {
         retry_after: Duration,
         reason: &'static str,
+        /// The upstream's own answer that said its limit is reached (a 429, or the API's
+        /// 400 `rate_limit_reached`), for `Cache-Status`'s `fwd-status`; `None` when no
+        /// call went (the budget refused it).
+        upstream_status: Option<StatusCode>,
     },
     #[error("upstream unreachable: {0}")]
     UpstreamUnreachable(#[source] Unreachable),
@@ -115,7 +122,9 @@ impl GatewayError {
     /// The HTTP status and the CX Social `error_type`.
     pub fn kind(&self) -> (StatusCode, &'static str) {
         match self {
-            GatewayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            GatewayError::BadRequest(_) | GatewayError::TooCostly(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
             GatewayError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             GatewayError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             GatewayError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -231,6 +240,7 @@ mod tests {
         let e = GatewayError::RateLimited {
             retry_after: Duration::from_millis(1200),
             reason: "global",
+            upstream_status: None,
         };
         let resp = e.response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -253,6 +263,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["error"], "forbidden", "saw {v}");
         assert_eq!(v["error_description"], "account 7 not allowed", "saw {v}");
+    }
+
+    /// A call costing more than a burst can never be admitted: 400, saying so, never a
+    /// 429 that a retry could not cure.
+    #[tokio::test]
+    async fn a_call_above_the_burst_is_a_bad_request_saying_why() {
+        let e = GatewayError::TooCostly(crate::budget::TooCostly {
+            cost: 1_000_000,
+            burst: 20,
+            budget: crate::budget::Which::Global,
+        });
+        let resp = e.response();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(resp.headers().get(header::RETRY_AFTER).is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "bad_request", "saw {v}");
+        let said = v["error_description"].as_str().unwrap_or_default();
+        assert!(
+            said.contains("1000000") && said.contains("global budget's burst of 20"),
+            "expected the cost and the burst named, saw {said:?}"
+        );
     }
 
     #[test]

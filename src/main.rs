@@ -140,6 +140,16 @@ async fn dispatch(command: Command, json: bool) -> ExitCode {
             Ok(mut cfg) => {
                 cfg.server.access_log_json = json;
                 let secrets = cxgate::Secrets::from_env(&cfg);
+                // What `check` refuses about the files the config names (a TLS pair, a CA
+                // file, the access log, the token file) is an invalid configuration here
+                // too: exit 2, with the same lines, before anything starts.
+                let (problems, _) = cxgate::app::reload::preflight(&cfg, &secrets);
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("{problem}");
+                    }
+                    return ExitCode::from(2);
+                }
                 finish(cxgate::run(cfg, Some(config), secrets).await)
             }
             Err(e) => invalid(&e),

@@ -564,3 +564,130 @@ fn redis_settings_run_refuses_are_refused_by_check_and_exit_2() {
         "expected the scheme found and the accepted ones named, no password, saw:\n{stderr}"
     );
 }
+
+/// `cxgate check` or `run` on `config` with `env` set; the exit code and stderr. A `run`
+/// that starts anyway is killed after 10 s and reported as no exit code.
+fn exit_of(command: &str, config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let dir = common::temp_dir("cli-exit");
+    let path = dir.join("cxgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = Command::new(BIN)
+        .args([command, "--config", path.to_str().expect("utf-8")])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = false;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().expect("output");
+    let _ = std::fs::remove_dir_all(&dir);
+    let code = if killed { None } else { out.status.code() };
+    (code, text(&out.stderr))
+}
+
+/// What `check` refuses about the files a config names is an invalid configuration for
+/// `run` too: both exit 2, naming the key.
+#[test]
+fn run_exits_2_for_every_file_check_refuses() {
+    let dir = common::temp_dir("cli-files");
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").expect("write garbage");
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let cases = [
+        (
+            "a missing TLS pair",
+            MINIMAL.replace(
+                "[upstream]",
+                &format!(
+                    "[server.tls]\ncert_file = \"{0}/no-cert.pem\"\nkey_file = \"{0}/no-key.pem\"\n[upstream]",
+                    dir.display()
+                ),
+            ) + token,
+            "server.tls",
+        ),
+        (
+            "a garbage ca_file",
+            format!("{MINIMAL}ca_file = \"{}\"\n{token}", garbage.display()),
+            "upstream.ca_file",
+        ),
+        (
+            "a directory as access_log",
+            MINIMAL.replace(
+                "[upstream]",
+                &format!("access_log = \"{}\"\n[upstream]", dir.display()),
+            ) + token,
+            "server.access_log",
+        ),
+        (
+            "a missing token directory",
+            format!(
+                "{MINIMAL}[token]\nfile = \"{}/no-such-dir/token.json\"\n",
+                dir.display()
+            ),
+            "token.file",
+        ),
+    ];
+    for (what, config, key) in cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2) && stderr.contains(key),
+                "{what}: expected `{command}` to exit 2 naming {key}, saw {code:?}:\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An admin token that could only work through Basic (spaces around it, a non-ASCII
+/// byte) is refused by `check` and `run`; a token file whose access token cannot be sent
+/// gets from `check` the warning `run` gives (exit 0: `run` starts, not ready); and the
+/// permission warning says what an open file holds.
+#[cfg(unix)]
+#[test]
+fn check_says_what_run_would_of_admin_and_access_tokens() {
+    use std::os::unix::fs::PermissionsExt;
+    let env_token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let admin = MINIMAL.replace(
+        "[upstream]",
+        "admin_token_env = \"CXGATE_TEST_ADMIN\"\n[upstream]",
+    ) + env_token;
+    for value in [" padded ", "t\u{f6}ken"] {
+        for command in ["check", "run"] {
+            let env = [("CXGATE_TEST_TOKEN", "tok"), ("CXGATE_TEST_ADMIN", value)];
+            let (code, stderr) = exit_of(command, &admin, &env);
+            assert!(
+                code == Some(2) && stderr.contains("server.admin_token_env"),
+                "admin token {value:?}: expected `{command}` to exit 2 naming the key, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+    let dir = common::temp_dir("cli-token-space");
+    let path = dir.join("token.json");
+    std::fs::write(&path, "{\"access_token\":\"two words\"}").expect("write token");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n", path.display());
+    let (code, stderr) = exit_of("check", &config, &[]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        code == Some(0)
+            && stderr.contains("warning: token.file")
+            && stderr.contains("cannot be sent upstream"),
+        "expected exit 0 with a warning that the token cannot be sent, saw {code:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("it holds the access token:") && !stderr.contains("refresh token"),
+        "expected the permission warning to say the file holds an access token only, \
+         saw:\n{stderr}"
+    );
+}

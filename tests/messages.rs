@@ -190,9 +190,10 @@ fn a_missing_token_file_says_to_run_token_init() {
         ),
     )
     .expect("write config");
+    // `check` refuses it as an invalid configuration, so `run` exits 2 as well.
     let out = cxgate(&["run", "--config", path.to_str().unwrap()], &[]);
     let (_, err) = text(&out);
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, saw {out:?}");
+    assert_eq!(out.status.code(), Some(2), "expected exit 2, saw {out:?}");
     assert!(
         err.contains("absent.json") && err.contains("cxgate token init --config"),
         "expected the missing file named and `cxgate token init` suggested, saw:\n{err}"

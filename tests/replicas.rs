@@ -1473,6 +1473,51 @@ async fn values_read_from_redis_are_bounded() {
     c.stop().await;
 }
 
+/// A count of calls in flight no share could have booked (a tampered `budget:in_flight`
+/// of a hundred million) is not believed: the replicas go on admitting rather than answer
+/// 429 until the key expires five minutes later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_implausible_count_of_calls_in_flight_is_not_believed() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 600\nperiod = \"1m\"\nburst = 20";
+    let sim = SimOptions {
+        rate_limit: Some("1000/1h".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let Some(c) = cluster(2, sim, budget).await else {
+        return;
+    };
+    // The first answer teaches the replicas what the upstream has left.
+    let first = c.get(0, "/12345/inbox/mentions?flight=0").await;
+    assert_eq!(
+        first.status,
+        StatusCode::OK,
+        "expected the first call through"
+    );
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "budget:in_flight"))
+        .arg("100000000")
+        .arg("PX")
+        .arg(300_000)
+        .query_async(&mut redis)
+        .await
+        .expect("write a tampered count of calls in flight");
+    for i in 0..2 {
+        let answer = c
+            .get(i, &format!("/12345/inbox/mentions?flight={}", i + 1))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected the call admitted despite the tampered count, saw \
+             Retry-After {:?}",
+            answer.header("retry-after")
+        );
+    }
+    c.stop().await;
+}
+
 /// `POST /admin/budget/resume` on one replica ends the pause on every replica (the shared
 /// record and each replica's own copy), and `/admin/status` shows the pause in force on a
 /// replica that only holds it through Redis, with where it comes from.
@@ -1612,6 +1657,60 @@ async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
                 "replica {i}: expected it to keep serving on its own token after a record {what}"
             );
         }
+    }
+    c.stop().await;
+}
+
+/// A record claiming to be written in the future (so that it would outrank every later
+/// `cxgate token init`) is not trusted, nor is one that says nothing of its expiry over a
+/// valid token that does: neither is adopted, and the replicas keep serving on their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_record_from_the_future_or_without_expiry_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let future = serde_json::json!({
+        "version": 80,
+        "by": "operator",
+        "written_at": 4_102_444_800_000_u64,
+        "token": {"access_token": "future-access", "refresh_token": "future-refresh", "expires_at": "2099-01-01T00:00:00Z"},
+    });
+    let () = redis::cmd("SET")
+        .arg(key(&c, "token"))
+        .arg(future.to_string())
+        .query_async(&mut redis)
+        .await
+        .expect("write the token record");
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected a record written in 2100 not adopted"
+        );
+    }
+    set_record(
+        &c,
+        81,
+        serde_json::json!({"access_token": "ageless-access", "refresh_token": "ageless-refresh"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            token_file(&c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected a record without expires_at not adopted over a valid token"
+        );
+        let answer = c.get(i, "/me/permissions").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected it to keep serving on its own token"
+        );
     }
     c.stop().await;
 }

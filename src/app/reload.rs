@@ -38,11 +38,17 @@ impl Live {
     }
 }
 
-/// The admin token `server.admin_token_env` names; start and reload refuse alike when the
-/// variable is missing or empty.
+/// The admin token `server.admin_token_env` names; start, reload and `check` refuse alike
+/// when the variable is missing or empty, or holds anything but visible ASCII: a token
+/// with spaces around it or a non-ASCII byte could not be sent as `Bearer` (a client trims
+/// or cannot encode it) and would only ever work through Basic.
 pub fn admin_token(cfg: &Config, secrets: &Secrets) -> Result<Option<Secret>, String> {
     match &cfg.server.admin_token_env {
         Some(name) => match secrets.get(name) {
+            Some(token) if !token.expose().bytes().all(|b| b.is_ascii_graphic()) => Err(format!(
+                "server.admin_token_env: ${name} must hold visible ASCII characters only \
+                     (no space, tab, control or non-ASCII byte, also not around it)"
+            )),
             Some(token) => Ok(Some(token.clone())),
             None => Err(format!("server.admin_token_env: ${name} is not set")),
         },
@@ -58,6 +64,15 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
+    // An unset variable is said apart (`check` names it; `run` and reload refuse it).
+    let admin_set = cfg
+        .server
+        .admin_token_env
+        .as_ref()
+        .is_some_and(|name| secrets.get(name).is_some());
+    if let (true, Err(e)) = (admin_set, admin_token(cfg, secrets)) {
+        problems.push(e);
+    }
     if let Some(tls) = &cfg.server.tls {
         if let Err(e) = Certs::load(&tls.cert_file, &tls.key_file) {
             problems.push(format!("server.tls: {e}"));
@@ -89,9 +104,14 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
         }
     }
     if let Some(path) = &cfg.token.file {
+        // Only a file `inspect` accepts is read again: a FIFO must never be opened.
         match crate::token::inspect_file(path) {
-            Ok(Some(warning)) => warnings.push(format!("token.file: {warning}")),
-            Ok(None) => {}
+            Ok(open) => {
+                let unsendable = crate::token::unsendable_warning(path);
+                for warning in open.into_iter().chain(unsendable) {
+                    warnings.push(format!("token.file: {warning}"));
+                }
+            }
             Err(e) => problems.push(format!("token.file: {e}")),
         }
     }

@@ -124,8 +124,29 @@ impl Gcra {
         self.burst.saturating_sub(hold).max(1)
     }
 
-    /// Earliest time `n` cells can be taken. A cost above the usable burst waits for a full
-    /// bucket and then runs into debt, rather than never being admitted.
+    /// Whether `n` cells fit in the burst usable with `hold` cells kept back. A cost that
+    /// does not fit is never reserved: booking it would run the share into debt past its
+    /// burst, locking every caller out for as long as the excess takes to drain.
+    pub(crate) fn fits(&self, n: NonZeroU32, hold: u32) -> bool {
+        n.get() <= self.usable(hold)
+    }
+
+    /// Nanoseconds the usable burst (with `hold` kept back) takes to refill from empty.
+    pub(crate) fn refill(&self, hold: u32) -> u64 {
+        u64::from(self.usable(hold)).saturating_mul(self.t)
+    }
+
+    /// Cuts debt this share's terms could never have booked (carried over from older terms
+    /// by a reload): at most a full burst past a reservation `span` ns ahead of `now`.
+    pub(crate) fn bound(&mut self, now: u64, span: u64) {
+        let most = now
+            .saturating_add(span)
+            .saturating_add(u64::from(self.burst).saturating_mul(self.t));
+        self.tat = self.tat.min(most);
+    }
+
+    /// Earliest time `n` cells can be taken; callers check [`Gcra::fits`] first (a cost
+    /// above the usable burst would wait for a full bucket and then run into debt).
     fn earliest(&self, n: NonZeroU32, hold: u32) -> u64 {
         let usable = self.usable(hold);
         let spare = u64::from(usable - n.get().min(usable));
@@ -334,20 +355,30 @@ mod tests {
     }
 
     #[test]
-    fn cost_above_burst_waits_for_a_full_bucket() {
-        let mut g = Gcra::new(&share(10, 1000, 2));
-        g.reserve(n(1), 0, 0);
-        assert_eq!(
-            g.wait(n(5), 0, 0),
-            100 * MS,
-            "expected to wait until the bucket is full"
+    fn a_cost_fits_only_within_the_usable_burst() {
+        let g = Gcra::new(&share(10, 1000, 5));
+        assert!(g.fits(n(5), 0), "expected the whole burst to fit");
+        assert!(!g.fits(n(6), 0), "expected one cell past the burst refused");
+        assert!(
+            !g.fits(n(5), 1),
+            "expected a held cell out of a cost's reach"
         );
-        let slot = g.reserve(n(5), 0, 0);
-        assert_eq!(slot.at, 100 * MS, "expected the slot at the full bucket");
         assert_eq!(
-            g.wait(n(1), 0, 100 * MS),
+            g.refill(1),
             400 * MS,
-            "expected 5 cells of debt, one within burst"
+            "expected 4 usable cells to take 400 ms"
+        );
+    }
+
+    #[test]
+    fn bound_cuts_debt_past_a_burst_and_a_wait() {
+        let mut g = Gcra::new(&share(10, 1000, 2));
+        g.mirror(3_600_000 * MS);
+        g.bound(0, 500 * MS);
+        assert_eq!(
+            g.wait(n(1), 0, 0),
+            600 * MS,
+            "expected the debt cut to 500 ms + 2 cells, one of them usable after 100 ms"
         );
     }
 

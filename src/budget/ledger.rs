@@ -180,6 +180,7 @@ impl Ledger {
         now: u64,
     ) -> Result<Step, Refusal> {
         let (max_wait, hold) = self.terms(client);
+        self.fits(client, cost, hold)?;
         let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
         if let Some(later) = self.probe_within(max_wait, now) {
             return Ok(Step::Wait(later));
@@ -230,6 +231,9 @@ impl Ledger {
         now: u64,
     ) -> Result<Crossed, Refusal> {
         let (max_wait, hold) = self.terms(client);
+        if !self.global.fits(cost, hold) {
+            return Err(self.too_costly_now(Which::Global, hold));
+        }
         let left = max_wait.saturating_sub(now.saturating_sub(arrived));
         if let Some(later) = self.probe_within(left, now) {
             return Ok(Crossed::Wait(later));
@@ -246,6 +250,51 @@ impl Ledger {
             return Ok(Crossed::Wait(Later::Landing));
         }
         Ok(Crossed::Go(self.grant(cost, hold, now)))
+    }
+
+    /// Refuses a cost the shares in force could only book as debt past their burst (see
+    /// `Gcra::fits`). The configuration refuses such costs, and `Budget::fits` answers them
+    /// first, so this is met only on terms smaller than configured (a replica on its divided
+    /// fallback share): the refusal names the share and asks to come back once a whole burst
+    /// has refilled, when Redis may be back.
+    fn fits(&self, client: &str, cost: NonZeroU32, hold: u32) -> Result<(), Refusal> {
+        let own = self.clients.get(client).and_then(|c| c.share.as_ref());
+        if let Some((_, own)) = own.filter(|(_, g)| !g.fits(cost, 0)) {
+            return Err(Refusal {
+                which: Which::Client,
+                wait: own.refill(0),
+            });
+        }
+        if !self.global.fits(cost, hold) {
+            return Err(self.too_costly_now(Which::Global, hold));
+        }
+        Ok(())
+    }
+
+    fn too_costly_now(&self, which: Which, hold: u32) -> Refusal {
+        Refusal {
+            which,
+            wait: self.global.refill(hold),
+        }
+    }
+
+    /// Cuts every share's debt to what its terms could have booked: a reload to smaller
+    /// terms (or a cost booked before costs were bounded) must not leave callers locked out
+    /// by cells the new terms could never have lent.
+    pub(crate) fn bound_debt(&mut self, now: u64) {
+        let longest = self
+            .clients
+            .values()
+            .filter_map(|c| c.max_wait)
+            .fold(self.max_wait, Duration::max);
+        self.global.bound(now, nanos(longest));
+        let max_wait = self.max_wait;
+        for client in self.clients.values_mut() {
+            let wait = nanos(client.max_wait.unwrap_or(max_wait));
+            if let Some((_, gcra)) = client.share.as_mut() {
+                gcra.bound(now, wait);
+            }
+        }
     }
 
     /// `Later::At` the blind pause's end when its probe is due within `left` nanoseconds: a

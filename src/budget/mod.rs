@@ -145,6 +145,79 @@ impl Rejected {
     }
 }
 
+/// A call whose cost is more cells than a share it must pass holds in one burst: no wait
+/// can admit it (booking it would lock every caller out until the excess drained).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this route costs {cost} budget cells per call, more than the {} budget's burst of \
+     {burst} usable by this client, so no call to it can ever be admitted; the route's cost \
+     must be lowered in the gateway's configuration",
+    budget.label()
+)]
+pub struct TooCostly {
+    pub cost: u32,
+    /// The cells the refusing share lets this client take at once.
+    pub burst: u32,
+    pub budget: Which,
+}
+
+/// The cells of the global burst a client of `priority` may take at once: all of it, or
+/// for a batch client what `batch_reserve` leaves (at least one).
+pub fn global_usable(global: &Share, batch_reserve: f64, priority: Priority) -> u32 {
+    let burst = global.burst.get();
+    match priority {
+        Priority::Interactive => burst,
+        Priority::Batch => burst
+            .saturating_sub(ledger::reserve_cells(burst, batch_reserve))
+            .max(1),
+    }
+}
+
+/// The largest cost one call may have under the configured terms, per client: the smaller
+/// of its own share's burst and the part of the global burst it may take.
+#[derive(Debug)]
+struct Caps {
+    /// A caller without a `[[clients]]` entry (anonymous): the whole global burst.
+    anyone: (u32, Which),
+    clients: std::collections::HashMap<String, (u32, Which)>,
+}
+
+impl Caps {
+    fn of(spec: &BudgetSpec) -> Caps {
+        let clients = spec
+            .clients
+            .iter()
+            .map(|c| {
+                let global = (
+                    global_usable(&spec.global, spec.batch_reserve, c.priority),
+                    Which::Global,
+                );
+                let cap = match c.share {
+                    Some(own) if own.burst.get() < global.0 => (own.burst.get(), Which::Client),
+                    _ => global,
+                };
+                (c.name.clone(), cap)
+            })
+            .collect();
+        Caps {
+            anyone: (spec.global.burst.get(), Which::Global),
+            clients,
+        }
+    }
+
+    fn check(&self, client: &str, cost: NonZeroU32) -> Result<(), TooCostly> {
+        let (burst, budget) = self.clients.get(client).copied().unwrap_or(self.anyone);
+        if cost.get() > burst {
+            return Err(TooCostly {
+                cost: cost.get(),
+                burst,
+                budget,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The budget handle; clones share one state.
 #[derive(Clone)]
 pub struct Budget {
@@ -154,6 +227,8 @@ pub struct Budget {
 struct Inner {
     clock: TokioClock,
     ledger: Mutex<Ledger>,
+    /// The largest cost a call may have under the configured terms (see [`Budget::fits`]).
+    caps: Mutex<Caps>,
     metrics: Metrics,
     /// `budget.backend = "redis"`: admissions go to the shared budget (see `redis`).
     shared: Option<redis::Shared>,
@@ -230,6 +305,7 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
+                caps: Mutex::new(Caps::of(&spec)),
                 ledger: Mutex::new(Ledger::new(spec)),
                 metrics: Metrics::register(registry)?,
                 shared: None,
@@ -261,6 +337,7 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
+                caps: Mutex::new(Caps::of(&spec)),
                 ledger: Mutex::new(Ledger::new(spec.clone())),
                 metrics: Metrics::register(registry)?,
                 shared: Some(redis::Shared::new(redis, replicas, spec)),
@@ -271,11 +348,30 @@ impl Budget {
 
     /// Applies a new configuration in place. What was spent stays spent (global and surviving
     /// clients' shares), and an upstream pause goes on, so a reload cannot open a burst.
+    /// Debt the new terms could never have booked (a burst cut from 50 to 10, say) is cut to
+    /// what they allow, so no caller stays locked out by the old terms.
     pub fn reload(&self, spec: BudgetSpec) {
+        *self.caps() = Caps::of(&spec);
+        let mut ledger = self.ledger();
         match &self.inner.shared {
-            Some(shared) => shared.reconfigure(&mut self.ledger(), spec),
-            None => self.ledger().reconfigure(spec),
+            Some(shared) => shared.reconfigure(&mut ledger, spec),
+            None => ledger.reconfigure(spec),
         }
+        ledger.bound_debt(self.inner.clock.nanos());
+    }
+
+    /// Whether one call of `client` costing `cost` cells could ever be admitted under the
+    /// configured terms: a cost above the burst of a share it must pass never can. The
+    /// configuration refuses such costs; this is the same rule where the call is made.
+    pub fn fits(&self, client: &str, cost: NonZeroU32) -> Result<(), TooCostly> {
+        self.caps().check(client, cost)
+    }
+
+    fn caps(&self) -> MutexGuard<'_, Caps> {
+        self.inner
+            .caps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits for `cost` cells for one upstream call of `client`, or refuses at once when the

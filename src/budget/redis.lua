@@ -253,6 +253,14 @@ elseif allow == nil and limit > 0 and window_ms > 0 then
   redis.call('SET', KEYS[10], string.format('%.0f', now), 'PX', window_ms)
 end
 local o = out()
+-- Calls in flight never outnumber the cells the global share could book while the count
+-- lives (its burst and the key's five minutes): a larger count, or one below zero, is a
+-- stray or tampered key, not believed. It goes (said once, in Redis's log) and counts anew.
+if o < 0 or o > gu + math.ceil(300000000 / gi) then
+  redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
+  redis.call('DEL', KEYS[5])
+  o = 0
+end
 if allow ~= nil and allow - o < cost then
   local ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask
@@ -268,6 +276,11 @@ if cu > 0 then
   c = bounded(KEYS[2], ci * cu + max_wait)
   cw = math.max(earliest(c, cost, ci, cu) - now, 0)
 end
+-- A cost above a share's usable burst could only be booked as debt past it, locking every
+-- caller out until it drained: nothing is booked, and the refusal says when the share is
+-- next full. Replicas refuse such a cost before asking; this guards terms that disagree.
+if cu > 0 and cost > cu then return {2, math.max(c - now, 0)} end
+if cost > gu then return {1, math.max(g - now, 0)} end
 if math.max(gw, cw) > max_wait then
   if cw >= gw then return {2, cw} end
   return {1, gw}

@@ -371,6 +371,41 @@ mod tests {
         );
     }
 
+    /// A cost above a burst it must pass could only be booked as debt: refused, naming the
+    /// smallest such burst (the global one, a batch client's part of it, a client's own).
+    #[test]
+    fn a_route_cost_must_fit_in_every_burst_it_passes() {
+        let key = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8";
+        let budget = "[budget]\nlimit=600\nperiod=\"1m\"\nburst=20\nbatch_reserve=0.5\n";
+        let route = |cost: u32| format!("[[routes]]\nmatch=\"GET /me/accounts\"\ncost={cost}\n");
+        let p = problems(&format!("{BASE}{budget}{}", route(1_000_000)));
+        assert!(
+            p.len() == 1
+                && p[0].starts_with(
+                    "routes[0].cost: 1000000 is more than the 20 cells of budget.burst"
+                ),
+            "expected the global burst named, saw {p:?}"
+        );
+        assert!(
+            problems(&format!("{BASE}{budget}{}", route(20))).is_empty(),
+            "expected a cost of the whole burst accepted"
+        );
+        let batch = format!("[[clients]]\nname=\"b\"\nkey_sha256=\"{key}\"\npriority=\"batch\"\n");
+        let p = problems(&format!("{BASE}{budget}{batch}{}", route(11)));
+        assert!(
+            p.len() == 1 && p[0].contains("10 cells of budget.burst less budget.batch_reserve"),
+            "expected the batch client's part named, saw {p:?}"
+        );
+        let own = format!(
+            "[[clients]]\nname=\"s\"\nkey_sha256=\"{key}\"\nlimit=60\nperiod=\"1m\"\nburst=4\n"
+        );
+        let p = problems(&format!("{BASE}{budget}{own}{}", route(5)));
+        assert!(
+            p.len() == 1 && p[0].contains("4 cells of clients[0].burst"),
+            "expected the client's own burst named, saw {p:?}"
+        );
+    }
+
     #[test]
     fn anonymous_mode_needs_loopback_or_consent() {
         let p = problems(&format!("{BASE}[server]\nlisten = \"0.0.0.0:8080\"\n"));

@@ -512,6 +512,12 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    for (i, r) in raw.routes.iter().enumerate() {
+        if let Some(cost) = r.cost.and_then(|c| u32::try_from(c).ok()) {
+            cost_fits(&mut p, i, cost, &global, batch_reserve, &clients);
+        }
+    }
+
     if p.0.is_empty() {
         Ok(Config {
             server,
@@ -524,6 +530,58 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         })
     } else {
         Err(p.0)
+    }
+}
+
+/// A route's cost must fit in the smallest burst a call to it may have to pass: the global
+/// burst (less the interactive reserve for a batch client) and every client's own share,
+/// since any client may call any route. A cost above it could only be booked as debt, which
+/// would lock every caller out until it drained; the message names that burst.
+fn cost_fits(
+    p: &mut Problems,
+    i: usize,
+    cost: u32,
+    global: &Share,
+    batch_reserve: f64,
+    clients: &[ClientConfig],
+) {
+    let as_budget = crate::budget::Share {
+        limit: global.limit,
+        period: global.period,
+        burst: global.burst,
+    };
+    let mut smallest = (global.burst.get(), "budget.burst".to_string());
+    for (k, c) in clients.iter().enumerate() {
+        let priority = match c.priority {
+            Priority::Interactive => crate::budget::Priority::Interactive,
+            Priority::Batch => crate::budget::Priority::Batch,
+        };
+        let usable = crate::budget::global_usable(&as_budget, batch_reserve, priority);
+        if usable < smallest.0 {
+            smallest = (
+                usable,
+                format!(
+                    "budget.burst less budget.batch_reserve, what batch client {:?} may take",
+                    c.name
+                ),
+            );
+        }
+        if let Some(own) = c.share.filter(|s| s.burst.get() < smallest.0) {
+            smallest = (
+                own.burst.get(),
+                format!("clients[{k}].burst, client {:?}'s own share", c.name),
+            );
+        }
+    }
+    let (burst, what) = smallest;
+    if cost > burst {
+        p.add(
+            format!("routes[{i}].cost"),
+            format!(
+                "{cost} is more than the {burst} cells of {what}: one call must fit in one \
+                 burst, or it could never be admitted"
+            ),
+        );
     }
 }
 

@@ -54,6 +54,8 @@ impl Gateway {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
         let queued = || progress.queued();
+        let fits = self.inner.budget.fits(&call.client, call.cost);
+        fits.map_err(GatewayError::TooCostly)?;
         match self
             .inner
             .budget
@@ -67,6 +69,7 @@ impl Gateway {
             Err(rejected) => Err(GatewayError::RateLimited {
                 retry_after: rejected.retry_after,
                 reason: rejected.budget.label(),
+                upstream_status: None,
             }),
         }
     }
@@ -129,6 +132,7 @@ impl Gateway {
             return Err(GatewayError::RateLimited {
                 retry_after: pause,
                 reason: "upstream",
+                upstream_status: Some(fetched.status),
             });
         }
         // First the form every replica shares (links kept at the upstream's base, without

@@ -253,6 +253,14 @@ pub async fn exchange(
                     Unreachable::caused(format!("answer body failed: {e}"), e).into()
                 }
             })?;
+        if parts.status.as_u16() > 599 {
+            // HTTP status codes end at 599; hyper reads any three digits. Such an answer is
+            // no answer to pass on, as nginx refuses an invalid status line.
+            return Err(GatewayError::unreachable(format!(
+                "the upstream answered with status {}, outside 100-599",
+                parts.status.as_u16()
+            )));
+        }
         if parts.status.is_informational() {
             // hyper hands on a 101 (and nothing else 1xx) as if final: no client asked to
             // switch protocols, so this is no answer.

@@ -307,6 +307,7 @@ impl Gateway {
             ));
         }
         request::one_authorization(&parts.headers)?;
+        request::one_content_type(&parts.headers)?;
         let header_key = client_key(&parts.headers, None);
         let query_keys = query.map(request::query_keys).unwrap_or_default();
         let mut body = Some(body);
@@ -396,7 +397,7 @@ impl Gateway {
                 .any(|(_, v)| scan.in_value(v.as_bytes()));
             if in_headers
                 || scan.in_value(&body)
-                || (request::is_json_body(&parts.headers) && scan.in_json(&body))
+                || scan.in_json(request::without_bom(&body))
                 || query.is_some_and(|q| scan.in_value(q.as_bytes()))
                 || path
                     .split('/')
@@ -465,6 +466,7 @@ impl Gateway {
         let (path, query) = (&*target.path, target.query.as_deref());
         if request::announces_body(&parts.headers)
             || request::one_authorization(&parts.headers).is_err()
+            || request::one_content_type(&parts.headers).is_err()
         {
             return None;
         }

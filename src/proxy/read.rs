@@ -902,6 +902,7 @@ fn cache_control_forbids(headers: &HeaderMap) -> bool {
 fn clone_error(e: &GatewayError) -> GatewayError {
     match e {
         GatewayError::BadRequest(m) => GatewayError::BadRequest(m),
+        GatewayError::TooCostly(c) => GatewayError::TooCostly(*c),
         GatewayError::Unauthorized(m) => GatewayError::Unauthorized(m),
         GatewayError::NotFound(m) => GatewayError::NotFound(m),
         GatewayError::Forbidden(m) => GatewayError::Forbidden(m.clone()),
@@ -909,9 +910,11 @@ fn clone_error(e: &GatewayError) -> GatewayError {
         GatewayError::RateLimited {
             retry_after,
             reason,
+            upstream_status,
         } => GatewayError::RateLimited {
             retry_after: *retry_after,
             reason,
+            upstream_status: *upstream_status,
         },
         GatewayError::UpstreamUnreachable(m) => GatewayError::UpstreamUnreachable(m.clone()),
         GatewayError::UpstreamTimeout(d) => GatewayError::UpstreamTimeout(*d),

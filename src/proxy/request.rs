@@ -192,6 +192,23 @@ pub fn one_authorization(headers: &HeaderMap) -> Result<(), GatewayError> {
     Ok(())
 }
 
+/// Refuses a request with more than one `Content-Type` header: the gateway would read the
+/// body by the first and the upstream might by another (a key JSON-escaped under a
+/// `text/plain` that comes first), so none is guessed.
+pub fn one_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
+    if headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(GatewayError::BadRequest(
+            "the request carries more than one Content-Type header",
+        ));
+    }
+    Ok(())
+}
+
 /// Every value of a key parameter in the query (see [`is_key_name`]).
 pub fn query_keys(query: &str) -> Vec<Cow<'_, str>> {
     query
@@ -282,6 +299,12 @@ pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, Gate
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    if may_read_as_json(headers) && !utf8_text(&body) {
+        return Err(GatewayError::BadRequest(
+            "a JSON request body (or one without a Content-Type) must be UTF-8 text: \
+             UTF-16, UTF-32 and NUL bytes cannot be checked for keys",
+        ));
+    }
     let media = content_type
         .split(';')
         .next()
@@ -302,6 +325,23 @@ pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, Gate
             keys: Vec::new(),
         }),
     }
+}
+
+/// Whether the upstream might read this request's body as JSON: its `Content-Type` names
+/// `json` anywhere (`text/json`, `application/x-json`, a list such as `text/plain,
+/// application/json`), or JavaScript, or there is none (a server may then guess).
+fn may_read_as_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return true;
+    };
+    let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
+    value.trim().is_empty() || value.contains("json") || value.contains("javascript")
+}
+
+/// UTF-8 with no NUL byte: JSON text never holds a raw NUL, and UTF-16 or UTF-32 text of
+/// ASCII characters (with or without a byte-order mark) always does or is not UTF-8.
+fn utf8_text(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_ok() && !body.contains(&0)
 }
 
 /// `application/json` and the `+json` media types.
@@ -380,9 +420,10 @@ impl<'de> serde::Deserialize<'de> for Members {
     }
 }
 
-/// Whether the request says its body is JSON (`application/json`, `application/*+json`).
-pub fn is_json_body(headers: &HeaderMap) -> bool {
-    media_type(headers).is_some_and(|m| is_json(&m))
+/// `body` without a leading UTF-8 byte-order mark, which lenient JSON readers skip: every
+/// body is read as JSON by the last check whatever its type says, since the upstream may.
+pub fn without_bom(body: &[u8]) -> &[u8] {
+    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
 /// The request's media type, lower-cased, without parameters.
@@ -497,6 +538,38 @@ fn part_names(head: &[u8]) -> Vec<String> {
     names
 }
 
+/// Why a multipart part cannot be checked for keys as sent, if it cannot: a
+/// `Content-Transfer-Encoding` other than `7bit`, `8bit` or `binary` (quoted-printable and
+/// base64 hide every byte), or text in a charset other than UTF-8 (UTF-16 and the like).
+fn unscannable_part(head: &[u8]) -> Option<&'static str> {
+    let text = String::from_utf8_lossy(head);
+    for line in text.split("\r\n") {
+        let Some((field, value)) = line.split_once(':') else {
+            continue;
+        };
+        let field = field.trim();
+        if field.eq_ignore_ascii_case("content-transfer-encoding") {
+            let coding = value.trim().to_ascii_lowercase();
+            if !matches!(coding.as_str(), "7bit" | "8bit" | "binary") {
+                return Some(
+                    "a multipart part may not have a Content-Transfer-Encoding other than \
+                     7bit, 8bit or binary: it cannot be checked for keys",
+                );
+            }
+        }
+        if field.eq_ignore_ascii_case("content-type") {
+            let charset = param(value, "charset").map(|c| c.trim().to_ascii_lowercase());
+            if charset.is_some_and(|c| !matches!(c.as_str(), "utf-8" | "utf8" | "us-ascii")) {
+                return Some(
+                    "a multipart part's charset must be UTF-8 (or US-ASCII): other text \
+                     cannot be checked for keys",
+                );
+            }
+        }
+    }
+    None
+}
+
 fn take_multipart_keys(body: Bytes, boundary: &[u8]) -> Result<BodyKeys, GatewayError> {
     let unreadable = GatewayError::BadRequest("the multipart body could not be read");
     if boundary.is_empty() {
@@ -527,7 +600,11 @@ fn take_multipart_keys(body: Bytes, boundary: &[u8]) -> Result<BodyKeys, Gateway
         let Some(head_end) = find_bytes(part, b"\r\n\r\n", 0) else {
             return Err(unreadable);
         };
-        let names = part_names(&part[..head_end]);
+        let head = &part[..head_end];
+        if let Some(refused) = unscannable_part(head) {
+            return Err(GatewayError::BadRequest(refused));
+        }
+        let names = part_names(head);
         if names.iter().any(|n| is_key_name(n.as_bytes())) {
             let value = &part[head_end + 4..];
             keys.push(String::from_utf8_lossy(value).trim().to_string());

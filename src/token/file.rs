@@ -137,20 +137,43 @@ pub fn inspect(path: &Path) -> Result<Option<String>, TokenError> {
             path: path.to_path_buf(),
         });
     }
-    decode(&read_capped(path)?, path)?;
+    let record = decode(&read_capped(path)?, path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
+            let holds = if record.refresh.is_some() {
+                "the access and refresh tokens"
+            } else {
+                "the access token"
+            };
             return Ok(Some(format!(
-                "{} is readable by other users (mode {mode:03o}); it holds the refresh token: \
-                 chmod 600 it",
+                "{} is readable by other users (mode {mode:03o}); it holds {holds}: chmod 600 it",
                 path.display()
             )));
         }
     }
+    #[cfg(not(unix))]
+    let _ = record;
     Ok(None)
+}
+
+/// What `run` warns about the token in the file at `path`, if anything, for `check` to say
+/// the same: an access token that cannot be sent upstream leaves the gateway not ready
+/// until a refresh or a corrected file replaces it. Call it only on a file [`inspect`]
+/// accepted (it opens the file, which must not be a FIFO); `None` for one it cannot decode.
+pub fn unsendable_warning(path: &Path) -> Option<String> {
+    let record = decode(&read_capped(path).ok()?, path).ok()?;
+    if sendable(record.access.expose()) {
+        return None;
+    }
+    Some(format!(
+        "the access token in {} cannot be sent upstream (longer than {MAX_TOKEN_BYTES} bytes, \
+         or holding spaces, tabs, controls or non-ASCII): `cxgate run` starts but reports not \
+         ready and answers 503 until a refresh or a corrected file replaces it",
+        path.display()
+    ))
 }
 
 /// Whether `token` can travel upstream as is: visible ASCII only, as RFC 6750 tokens are

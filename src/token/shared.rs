@@ -33,6 +33,15 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// up to 2^53, so a record beyond it (a tampered one; honest writers count up by one) is
 /// refused rather than counted on, and no version ever wraps.
 const MAX_VERSION: u64 = (1 << 53) - 1;
+/// How far ahead of this replica's clock a time read from a record or a token file may lie
+/// and still be believed (replicas' clocks differ by less): a later `written_at` or
+/// `initialised_at` is a tampered or broken one, and would outrank every honest repair.
+pub(crate) const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Whether `at` lies further ahead of `now` than [`CLOCK_SKEW`].
+pub(crate) fn from_the_future(at: Option<SystemTime>, now: SystemTime) -> bool {
+    at.is_some_and(|at| at > now + CLOCK_SKEW)
+}
 
 /// Replaces the record: as the lock holder (ARGV[2] = its id), or with no lock held when
 /// the stored version is still ARGV[3].
@@ -345,6 +354,12 @@ fn refused(
 ) -> Option<&'static str> {
     if st.version > MAX_VERSION {
         return Some("its version is beyond what a record can count");
+    }
+    if from_the_future(st.written_at, now) {
+        return Some("its written_at lies in the future: the record is not trusted");
+    }
+    if mine_usable && st.record.expires_at.is_none() && mine.expires_at.is_some() {
+        return Some("it says nothing of when it expires and this replica's valid token does");
     }
     if mine_usable && st.record.expires_at.is_some_and(|at| at <= now) {
         return Some("it has already expired and this replica's token is valid");
@@ -690,11 +705,25 @@ impl Inner {
                 // afterwards it would push a bad record back over an operator's repair.
                 // An operator's `cxgate token init` after the record was written is a repair:
                 // it wins whatever the expiries say (the record may hold a dead token).
+                // Times from the future are believed from neither side: a record claiming
+                // one is refused by `adopt` (and never outranks the file), a file claiming
+                // one repairs nothing.
                 let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
-                let repaired = matches!(
-                    (record.initialised_at, st.written_at),
-                    (Some(init), Some(written)) if init > written
-                );
+                let now = SystemTime::now();
+                let repaired = !from_the_future(record.initialised_at, now)
+                    && (from_the_future(st.written_at, now)
+                        || matches!(
+                            (record.initialised_at, st.written_at),
+                            (Some(init), Some(written)) if init > written
+                        ));
+                if from_the_future(st.written_at, now)
+                    && shared.refused.swap(st.version, Ordering::AcqRel) != st.version
+                {
+                    warn!(
+                        version = st.version,
+                        "shared token record not trusted: its written_at lies in the future"
+                    );
+                }
                 let ours_newer = shared.unshared.load(Ordering::Acquire)
                     || (first_meeting
                         && (repaired || later(record.expires_at, st.record.expires_at)));

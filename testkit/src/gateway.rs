@@ -112,13 +112,23 @@ impl Env {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Answer {
+        self.send_bytes(method, url, headers, Bytes::from(body.to_string()))
+            .await
+    }
+
+    /// [`Env::send`] with a body of any bytes (UTF-16 text, say).
+    pub async fn send_bytes(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Answer {
         let mut req = Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("request");
+        let req = req.body(Full::new(body)).expect("request");
         let resp = tokio::time::timeout(Duration::from_secs(20), self.http.request(req))
             .await
             .expect("gateway answered within 20 s")

@@ -291,6 +291,150 @@ async fn another_clients_key_is_never_forwarded() {
     upstream.abort();
 }
 
+/// Bodies the gateway would read otherwise than the upstream may: two `Content-Type`
+/// headers, JSON under types that do not say `application/json` (or no type at all), JSON
+/// in UTF-16 or UTF-32, multipart parts hidden by a transfer encoding or another charset.
+/// Each carries another client's key escaped so that only a decoder finds it: 400, nothing
+/// upstream. The same JSON as UTF-8 under a plain type is refused too, and a harmless one
+/// passes.
+#[tokio::test]
+async fn bodies_read_another_way_upstream_are_refused() {
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let url = env.url("/me/permissions");
+    let json = format!(r#"{{"note":"\u0062{}"}}"#, &OTHER[1..]);
+    let plain = format!(r#"{{"note":"{OTHER}"}}"#);
+    let utf16le: Vec<u8> = plain.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let utf16bom: Vec<u8> = [0xFF, 0xFE].into_iter().chain(utf16le.clone()).collect();
+    let utf32: Vec<u8> = plain
+        .chars()
+        .flat_map(|c| (c as u32).to_le_bytes())
+        .collect();
+    let part = |head: &str, value: &[u8]| -> Vec<u8> {
+        [
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n{head}\r\n\r\n")
+                .as_bytes(),
+            value,
+            b"\r\n--XyZ--\r\n",
+        ]
+        .concat()
+    };
+    let qp: String = OTHER.bytes().map(|b| format!("={b:02X}")).collect();
+    // OTHER in base64.
+    let b64 = "YjNSb1pYSXRhMlY1TFdadmNpMWhibTkwYUdWeUxXTnNhV1Z1ZEE9PQ==";
+    let mp = "multipart/form-data; boundary=XyZ";
+    // What each case is, its headers and its body.
+    type Body = (&'static str, Vec<(&'static str, &'static str)>, Vec<u8>);
+    let cases: Vec<Body> = vec![
+        (
+            "text/plain then application/json",
+            vec![
+                ("content-type", "text/plain"),
+                ("content-type", "application/json"),
+            ],
+            json.clone().into(),
+        ),
+        (
+            "text/json",
+            vec![("content-type", "text/json")],
+            json.clone().into(),
+        ),
+        (
+            "application/x-json",
+            vec![("content-type", "application/x-json")],
+            json.clone().into(),
+        ),
+        (
+            "text/javascript",
+            vec![("content-type", "text/javascript")],
+            json.clone().into(),
+        ),
+        (
+            "a list of types",
+            vec![("content-type", "text/plain, application/json")],
+            json.clone().into(),
+        ),
+        (
+            "text/plain",
+            vec![("content-type", "text/plain")],
+            json.clone().into(),
+        ),
+        ("no type", vec![], json.clone().into()),
+        (
+            "UTF-16LE JSON",
+            vec![("content-type", "application/json")],
+            utf16le,
+        ),
+        (
+            "UTF-16 JSON with a BOM",
+            vec![("content-type", "application/json; charset=utf-16")],
+            utf16bom,
+        ),
+        (
+            "UTF-32LE JSON",
+            vec![("content-type", "application/json")],
+            utf32,
+        ),
+        (
+            "a quoted-printable part",
+            vec![("content-type", mp)],
+            part("Content-Transfer-Encoding: quoted-printable", qp.as_bytes()),
+        ),
+        (
+            "a base64 part",
+            vec![("content-type", mp)],
+            part("Content-Transfer-Encoding: base64", b64.as_bytes()),
+        ),
+        (
+            "a UTF-16LE part",
+            vec![("content-type", mp)],
+            part(
+                "Content-Type: text/plain; charset=utf-16le",
+                &OTHER
+                    .encode_utf16()
+                    .flat_map(u16::to_le_bytes)
+                    .collect::<Vec<u8>>(),
+            ),
+        ),
+    ];
+    for (what, headers, body) in cases {
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend(headers);
+        let answer = env.send_bytes(Method::POST, &url, &all, body.into()).await;
+        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
+        assert_eq!(
+            answer.json()["error"],
+            "bad_request",
+            "{what}: expected the envelope"
+        );
+        let got = taken(&seen);
+        assert!(
+            got.is_empty(),
+            "{what}: expected nothing upstream, saw {}",
+            got.len()
+        );
+    }
+    let all = [
+        ("authorization", auth.as_str()),
+        ("content-type", "text/json"),
+    ];
+    let answer = env
+        .send(Method::POST, &url, &all, r#"{"note":"hello"}"#)
+        .await;
+    assert_eq!(
+        answer.status, 200,
+        "expected a harmless body passed, saw {answer:?}"
+    );
+    assert_eq!(
+        taken(&seen).len(),
+        1,
+        "expected the harmless write forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
 /// Two `Authorization` headers, even with one key, are 400; so are a header and an
 /// `access_token` with different keys.
 #[tokio::test]
@@ -429,6 +573,52 @@ async fn raw_upstream(
         }
     });
     (base, count, task)
+}
+
+/// An upstream status past 599 (hyper reads any three digits) is no answer: 502 in the
+/// envelope, as nginx answers an invalid status line. An upstream 429 becomes the
+/// gateway's 429, whose `Cache-Status` names it as any forwarded status is named.
+#[tokio::test]
+async fn odd_statuses_and_upstream_429s_are_answered_for_what_they_are() {
+    let (base, count, upstream) = raw_upstream(
+        b"HTTP/1.1 999 Odd\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        Duration::ZERO,
+    )
+    .await;
+    let env = keyed_gateway(&base, "").await;
+    let answer = env.get("/me/permissions").await;
+    assert_eq!(answer.status, 502, "expected 999 refused, saw {answer:?}");
+    assert_eq!(
+        answer.json()["error"],
+        "upstream_unreachable",
+        "expected the envelope"
+    );
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "expected one upstream call"
+    );
+    env.stop().await;
+    upstream.abort();
+
+    let (base, _, upstream) = raw_upstream(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 30\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+        Duration::ZERO,
+    )
+    .await;
+    let env = keyed_gateway(&base, "").await;
+    let answer = env.get("/me/permissions").await;
+    assert_eq!(
+        answer.status, 429,
+        "expected the upstream's 429, saw {answer:?}"
+    );
+    let status = answer.header("cache-status");
+    assert!(
+        status.contains("; fwd-status=429"),
+        "expected Cache-Status to name the upstream's 429, saw {status:?}"
+    );
+    env.stop().await;
+    upstream.abort();
 }
 
 /// An upstream announcing more than `max_buffered_bytes` is refused with 503 `overloaded`

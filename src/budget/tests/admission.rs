@@ -346,3 +346,69 @@ async fn a_caller_that_waited_elsewhere_has_only_the_rest_of_its_max_wait() {
     );
     assert_eq!(admitted.waited, Duration::from_millis(2000));
 }
+
+/// A cost above a burst could only be booked as debt, locking every caller out until it
+/// drained (a million cells at 10 a second: 28 hours). It is refused and books nothing.
+#[tokio::test(start_paused = true)]
+async fn a_cost_above_the_burst_is_refused_and_books_nothing() {
+    let clients = vec![
+        client("own", Some(share(60, 60_000, 4)), Priority::Interactive),
+        client("bulk", None, Priority::Batch),
+    ];
+    let mut s = spec(share(600, 60_000, 20), 2000, clients);
+    s.batch_reserve = 0.5;
+    let b = budget(s);
+    let too_costly = |budget, burst| {
+        Err(TooCostly {
+            cost: 1_000_000,
+            burst,
+            budget,
+        })
+    };
+    assert_eq!(
+        b.fits("anyone", n(1_000_000)),
+        too_costly(Which::Global, 20)
+    );
+    assert_eq!(b.fits("bulk", n(1_000_000)), too_costly(Which::Global, 10));
+    assert_eq!(b.fits("own", n(1_000_000)), too_costly(Which::Client, 4));
+    assert_eq!(
+        b.fits("anyone", n(20)),
+        Ok(()),
+        "expected the whole burst to fit"
+    );
+    for who in ["anyone", "bulk", "own"] {
+        let refused = b.admit(who, n(1_000_000)).await;
+        assert!(
+            refused.is_err(),
+            "expected {who}'s call refused, saw {refused:?}"
+        );
+    }
+    assert_eq!(
+        global_left(&b),
+        20,
+        "expected nothing booked on the global share"
+    );
+    let next = b.admit("other", n(1)).await.map(|a| a.waited);
+    assert_eq!(
+        next,
+        Ok(Duration::ZERO),
+        "expected the next caller admitted at once"
+    );
+}
+
+/// A reload to a smaller burst cuts the debt the old terms booked to what the new ones
+/// could have: at most a full new burst past the longest wait.
+#[tokio::test(start_paused = true)]
+async fn a_reload_cuts_debt_the_new_terms_could_not_have_booked() {
+    let b = budget(spec(share(600, 60_000, 50), 2000, vec![]));
+    b.admit("c", n(50))
+        .await
+        .expect("expected the whole burst admitted");
+    b.reload(spec(share(600, 60_000, 5), 2000, vec![]));
+    let refused = b.admit("c", n(1)).await.map_err(|r| r.retry_after);
+    assert_eq!(
+        refused,
+        Err(Duration::from_millis(2100)),
+        "expected the debt cut to 2 s + 5 cells (one usable 400 ms before), not 5 s"
+    );
+}

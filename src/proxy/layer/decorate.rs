@@ -56,9 +56,21 @@ impl Finish for CacheStatusDone {
             "bypass" => Some("cxgate; fwd=bypass"),
             _ => None,
         };
+        // An upstream answer the gateway stands in for (its limit answer) is named as any
+        // forwarded answer is, by its status.
+        let forwarded = resp.extensions().get::<super::rescue::Forwarded>().copied();
         let headers = resp.headers_mut();
         if let Some(fwd) = fwd.filter(|_| !headers.contains_key(&CACHE_STATUS)) {
-            headers.insert(CACHE_STATUS.clone(), HeaderValue::from_static(fwd));
+            let value = match forwarded {
+                Some(super::rescue::Forwarded(status)) => {
+                    // `fwd-status` right after `fwd`, as on the answers the upstream made.
+                    let (kind, rest) = fwd.split_at(fwd.find("; collapsed").unwrap_or(fwd.len()));
+                    let text = format!("{kind}; fwd-status={}{rest}", status.as_u16());
+                    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(fwd))
+                }
+                None => HeaderValue::from_static(fwd),
+            };
+            headers.insert(CACHE_STATUS.clone(), value);
         }
     }
 }

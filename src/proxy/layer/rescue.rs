@@ -18,10 +18,22 @@ use crate::error::{Body, GatewayError};
 #[derive(Clone, Debug)]
 pub struct Failure(pub String);
 
+/// The status of the upstream answer a gateway error stands in for (its limit answer,
+/// turned into the gateway's 429), in the answer's extensions for `Cache-Status`.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarded(pub http::StatusCode);
+
 /// The answer for `e`, with its reason attached as a [`Failure`].
 pub fn rescue(e: &GatewayError) -> Response<Body> {
     let mut resp = e.response();
     resp.extensions_mut().insert(Failure(e.to_string()));
+    if let GatewayError::RateLimited {
+        upstream_status: Some(status),
+        ..
+    } = e
+    {
+        resp.extensions_mut().insert(Forwarded(*status));
+    }
     resp
 }
 
