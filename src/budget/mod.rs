@@ -737,14 +737,26 @@ pub fn limit_reached(status: StatusCode, body: &[u8]) -> bool {
         return false;
     }
     #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow, default)]
+        error_type: Option<std::borrow::Cow<'a, str>>,
+    }
+    #[derive(serde::Deserialize)]
     struct Said<'a> {
         #[serde(borrow, default)]
         error: Option<std::borrow::Cow<'a, str>>,
+        #[serde(borrow, default)]
+        meta: Option<Meta<'a>>,
     }
-    serde_json::from_slice::<Said<'_>>(body)
-        .ok()
-        .and_then(|s| s.error)
-        .is_some_and(|e| e == "rate_limit_reached")
+    let Ok(said) = serde_json::from_slice::<Said<'_>>(body) else {
+        return false;
+    };
+    // The top-level `error` the clients read, or the envelope's `meta.error_type` the API
+    // may answer with alone; in any letter case.
+    let named = |e: Option<&std::borrow::Cow<'_, str>>| {
+        e.is_some_and(|e| e.eq_ignore_ascii_case("rate_limit_reached"))
+    };
+    named(said.error.as_ref()) || named(said.meta.as_ref().and_then(|m| m.error_type.as_ref()))
 }
 
 /// What an `admit` in progress has reserved; given back on drop unless the request was

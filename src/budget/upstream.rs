@@ -444,7 +444,11 @@ impl Upstream {
         if let Some(limit) = limit {
             self.limit = Some(limit);
         }
-        let reset_in = reset_value.and_then(|v| until_reset(v, wall));
+        // A reset of 0 seconds from now names no time, as one already past does: followed,
+        // a `Remaining: 0` with it would pause for nothing and send every call into the limit.
+        let reset_in = reset_value
+            .and_then(|v| until_reset(v, wall))
+            .filter(|d| !d.is_zero());
         if let Some(d) = reset_in {
             // A reset further off than any window we know of (the configured one, else the
             // real API's hour) is not a window: it would pause for that long.
@@ -897,6 +901,30 @@ mod tests {
             up.waits_for_landing(1, 60 * SEC),
             "expected the others to wait for the probe's answer"
         );
+    }
+
+    #[test]
+    fn a_reset_of_zero_seconds_is_no_reset_and_starts_the_blind_pause() {
+        for zero in ["0", " 0 "] {
+            let mut up = Upstream::default();
+            let h = headers(&[
+                ("x-ratelimit-remaining", "0".into()),
+                ("x-ratelimit-reset", zero.into()),
+            ]);
+            up.observe(StatusCode::OK, &h, 0, wall());
+            assert_eq!(
+                up.paused_for(0),
+                Some(60 * SEC),
+                "expected Remaining 0 with Reset {zero:?} to start the blind minute"
+            );
+            let mut up = Upstream::default();
+            up.observe(StatusCode::TOO_MANY_REQUESTS, &h, 0, wall());
+            assert_eq!(
+                up.paused_for(0),
+                Some(60 * SEC),
+                "expected a 429 with Reset {zero:?} to start the blind minute"
+            );
+        }
     }
 
     #[test]

@@ -465,3 +465,35 @@ async fn after_a_blind_pause_the_reset_shown_is_within_the_configured_period() {
         "expected a reset within the 5 min period, saw {shown} s from now"
     );
 }
+
+#[test]
+fn the_limit_answer_is_known_in_the_envelope_and_in_any_case() {
+    let bad = StatusCode::BAD_REQUEST;
+    for body in [
+        r#"{"error":"rate_limit_reached"}"#,
+        r#"{"error":"RATE_LIMIT_REACHED"}"#,
+        r#"{"meta":{"code":400,"error_type":"rate_limit_reached"}}"#,
+        r#"{"meta":{"code":400,"error_type":"Rate_Limit_Reached","error_message":"m"}}"#,
+    ] {
+        assert!(
+            limit_reached(bad, body.as_bytes()),
+            "expected {body} read as the upstream's limit"
+        );
+    }
+    for body in [
+        r#"{"error":"invalid_request"}"#,
+        r#"{"meta":{"code":400,"error_type":"invalid_request"}}"#,
+        r#"{"error_description":"rate_limit_reached"}"#,
+        "rate_limit_reached",
+    ] {
+        assert!(
+            !limit_reached(bad, body.as_bytes()),
+            "expected {body} read as the client's own fault"
+        );
+    }
+    let ok = br#"{"error":"rate_limit_reached"}"#;
+    assert!(
+        !limit_reached(StatusCode::OK, ok),
+        "expected a 200 never read as the limit"
+    );
+}
