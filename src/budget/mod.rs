@@ -728,12 +728,14 @@ impl Budget {
 
 /// Whether an upstream answer says its rate limit is reached: a 429, or the real API's own
 /// form, HTTP 400 with a top-level `"error": "rate_limit_reached"` (the API's clients expect
-/// it may later adopt 429, so both count).
+/// it may later adopt 429, so both count). The whole body is read, however long: it is
+/// already held (bounded by the upstream body limit), and the fields the API names may come
+/// after any padding.
 pub fn limit_reached(status: StatusCode, body: &[u8]) -> bool {
     if status == StatusCode::TOO_MANY_REQUESTS {
         return true;
     }
-    if status != StatusCode::BAD_REQUEST || body.len() > 64 * 1024 {
+    if status != StatusCode::BAD_REQUEST {
         return false;
     }
     #[derive(serde::Deserialize)]

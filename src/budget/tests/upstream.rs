@@ -491,6 +491,17 @@ fn the_limit_answer_is_known_in_the_envelope_and_in_any_case() {
             "expected {body} read as the client's own fault"
         );
     }
+    // However long the answer: an outside test padded it past 64 KiB and every call went on
+    // into the limit, each 400 passed to a client as its own fault.
+    let pad = "x".repeat(300_000);
+    let long = format!(
+        r#"{{"meta":{{"error_type":"rate_limit_reached"}},"pad":"{pad}","error":"rate_limit_reached"}}"#
+    );
+    assert!(
+        limit_reached(bad, long.as_bytes()),
+        "expected a {} byte limit answer read as the limit",
+        long.len()
+    );
     let ok = br#"{"error":"rate_limit_reached"}"#;
     assert!(
         !limit_reached(StatusCode::OK, ok),
