@@ -2740,6 +2740,96 @@ async fn a_reload_that_changes_routes_retires_shared_entries() {
     c.stop().await;
 }
 
+/// Reads `path` on a replica until its body holds `text` (at most 1 s: a write through
+/// another replica reaches this one's memory by message); the last answer's
+/// `Cache-Status` and body.
+async fn eventually_shows(c: &Cluster, replica: usize, path: &str, text: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let answer = c.get(replica, path).await;
+        let body = String::from_utf8_lossy(&answer.body).into_owned();
+        if body.contains(text) || Instant::now() >= deadline {
+            return (answer.header("cache-status").to_string(), body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `path` on a replica until it is a hit there (at most 1 s).
+async fn eventually_cached(c: &Cluster, replica: usize, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = c
+            .get(replica, path)
+            .await
+            .header("cache-status")
+            .to_string();
+        if status.contains("hit") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {path} cached on replica {replica}, saw {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A rolling reload that renames a tag: replica 1 runs the new route table, replica 0 still
+/// the old. A write through either drops what both stored under their own tag names (in
+/// Redis and in each replica's memory), so neither serves the contact as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_rolling_reload_drops_what_either_table_tagged() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/42";
+    for r in 0..2 {
+        assert_eq!(c.get(r, contact).await.status, StatusCode::OK);
+    }
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let renamed = text.replace("contact:{account_id}", "person:{account_id}");
+    assert_eq!(
+        renamed.matches("person:").count(),
+        2,
+        "expected the contact tag renamed in its read and its write route"
+    );
+    std::fs::write(&path, renamed).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected only replica 1 reloaded, saw {:?}",
+        reloaded.body
+    );
+    for (writer, note) in [(1, "through-the-new-table"), (0, "through-the-old-table")] {
+        for r in 0..2 {
+            eventually_cached(&c, r, contact).await;
+        }
+        let updates = format!("updates=%7B%22note%22%3A%22{note}%22%7D");
+        let written = c.post(writer, contact, &updates).await;
+        assert!(
+            written.status.is_success(),
+            "expected the write through replica {writer} to succeed, saw {}",
+            written.status
+        );
+        // Replica 1 reads first: it fetches and shares its answer under its table's tags,
+        // and replica 0 takes that entry, so the next write through replica 0 must drop an
+        // entry its own table did not tag, in its own memory too.
+        for r in [1, 0] {
+            let (status, body) = eventually_shows(&c, r, contact, note).await;
+            assert!(
+                body.contains(note),
+                "expected replica {r} to show the write through replica {writer} ({note}), \
+                 saw {status:?} with {body}"
+            );
+        }
+    }
+    c.stop().await;
+}
+
 /// `n` reads of `path` sent at once, alternating over the replicas, each in its own task.
 fn spawn_reads(c: &Cluster, path: &str, n: usize) -> Vec<tokio::task::JoinHandle<Answer>> {
     (0..n)
