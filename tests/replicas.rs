@@ -2830,6 +2830,45 @@ async fn a_write_during_a_rolling_reload_drops_what_either_table_tagged() {
     c.stop().await;
 }
 
+/// A shared entry another cxgate version wrote in another format (`cxg1`) is passed over:
+/// the read fetches, the entry is never served, and the lookup counts as `other_format`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_of_another_format_is_passed_over_and_counted() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(1, SimOptions::default()).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    redis::cmd("SET")
+        .arg(key(&c, "cache:entry:GET /me"))
+        .arg(b"cxg1 an entry of the first format".as_slice())
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("store an entry of the first format");
+    let read = c.get(0, "/me").await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(
+        read.header("cache-status").contains("fwd=uri-miss"),
+        "expected the old entry passed over and /me fetched, saw {:?}",
+        read.header("cache-status")
+    );
+    assert_eq!(calls(&c, "GET /me"), 1, "expected one upstream call");
+    let counted = c
+        .metric(
+            0,
+            "cxgate_cache_shared_lookups_total{result=\"other_format\"}",
+        )
+        .await;
+    assert_eq!(
+        counted,
+        Some(1.0),
+        "expected the lookup counted as other_format"
+    );
+    c.stop().await;
+}
+
 /// `n` reads of `path` sent at once, alternating over the replicas, each in its own task.
 fn spawn_reads(c: &Cluster, path: &str, n: usize) -> Vec<tokio::task::JoinHandle<Answer>> {
     (0..n)
