@@ -17,6 +17,9 @@ use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+mod tables;
+pub use tables::{Current, Table};
+
 /// The health probe: a script (what every admission runs) that writes the probe key
 /// (KEYS[1], for ARGV[1] ms) and publishes to `{<prefix>}:probe` (ARGV[2], which no
 /// replica listens on) -- the rights the budget, the token and the invalidations need.
@@ -279,6 +282,9 @@ struct Inner {
     pending: Mutex<Vec<Invalidation>>,
     /// Run before each publication (see [`Redis::remove_before_publishing`]).
     remove: std::sync::OnceLock<Remove>,
+    /// Whether the last announcement of the route table found more tables live than the
+    /// list keeps (said once; see `tables`).
+    tables_over: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -633,6 +639,7 @@ impl Redis {
                 errors,
                 pending: Mutex::new(Vec::new()),
                 remove: std::sync::OnceLock::new(),
+                tables_over: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
             }),
         };

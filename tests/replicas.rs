@@ -1262,6 +1262,24 @@ fn files_hold(c: &Cluster, access: &str) -> bool {
     (0..c.dirs.len()).all(|i| token_file(c, i)["access_token"] == access)
 }
 
+/// Every replica kept its own token after `what` (a record it must not adopt, say): its
+/// token file holds [`ACCESS`] and `/me/permissions` answers 200 there.
+async fn assert_keeps_own_token(c: &Cluster, what: &str) {
+    for i in 0..c.replicas.len() {
+        assert_eq!(
+            token_file(c, i)["access_token"].as_str(),
+            Some(ACCESS),
+            "replica {i}: expected its own token in its file after {what}"
+        );
+        let answer = c.get(i, "/me/permissions").await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "replica {i}: expected it to serve on its own token after {what}, saw {answer:?}"
+        );
+    }
+}
+
 /// A tampered record is checked before it is adopted; a record without a refresh token
 /// never reaches a token file that has one; the previous file is kept beside the new one;
 /// and an operator's corrected record is not pushed back out by a replica holding the bad.
@@ -1303,17 +1321,7 @@ async fn a_tampered_token_record_is_checked_and_a_repair_sticks() {
     )
     .await;
     tokio::time::sleep(WATCHES).await;
-    assert_eq!(
-        token_file(&c, 0)["access_token"].as_str(),
-        Some(ACCESS),
-        "expected a record with CR/LF in its access token refused"
-    );
-    let answer = c.get(0, "/me/permissions").await;
-    assert_eq!(
-        answer.status,
-        StatusCode::OK,
-        "expected replicas still serving"
-    );
+    assert_keeps_own_token(&c, "a record with CR/LF in its access token").await;
 
     // A well-formed record cannot be told from a real one, so it is adopted, and the
     // previous file is kept beside the new one.
@@ -1644,19 +1652,7 @@ async fn an_expired_sooner_or_uncountable_token_record_is_not_adopted() {
         )
         .await;
         tokio::time::sleep(WATCHES).await;
-        for i in 0..2 {
-            assert_eq!(
-                token_file(&c, i)["access_token"].as_str(),
-                Some(ACCESS),
-                "replica {i}: expected a record {what} not adopted over the valid token"
-            );
-            let answer = c.get(i, "/me/permissions").await;
-            assert_eq!(
-                answer.status,
-                StatusCode::OK,
-                "replica {i}: expected it to keep serving on its own token after a record {what}"
-            );
-        }
+        assert_keeps_own_token(&c, &format!("a record {what}")).await;
     }
     c.stop().await;
 }
@@ -1685,13 +1681,7 @@ async fn a_token_record_from_the_future_or_without_expiry_is_not_adopted() {
         .await
         .expect("write the token record");
     tokio::time::sleep(WATCHES).await;
-    for i in 0..2 {
-        assert_eq!(
-            token_file(&c, i)["access_token"].as_str(),
-            Some(ACCESS),
-            "replica {i}: expected a record written in 2100 not adopted"
-        );
-    }
+    assert_keeps_own_token(&c, "a record written in 2100").await;
     set_record(
         &c,
         81,
@@ -1699,19 +1689,7 @@ async fn a_token_record_from_the_future_or_without_expiry_is_not_adopted() {
     )
     .await;
     tokio::time::sleep(WATCHES).await;
-    for i in 0..2 {
-        assert_eq!(
-            token_file(&c, i)["access_token"].as_str(),
-            Some(ACCESS),
-            "replica {i}: expected a record without expires_at not adopted over a valid token"
-        );
-        let answer = c.get(i, "/me/permissions").await;
-        assert_eq!(
-            answer.status,
-            StatusCode::OK,
-            "replica {i}: expected it to keep serving on its own token"
-        );
-    }
+    assert_keeps_own_token(&c, "a record without expires_at").await;
     c.stop().await;
 }
 
@@ -1906,12 +1884,8 @@ async fn an_oversized_token_record_is_not_adopted() {
     for (version, token, what) in cases {
         set_record(&c, version, token).await;
         tokio::time::sleep(WATCHES).await;
+        assert_keeps_own_token(&c, &format!("a record with {what}")).await;
         for i in 0..2 {
-            assert_eq!(
-                token_file(&c, i)["access_token"].as_str(),
-                Some(ACCESS),
-                "replica {i}: expected a record with {what} not adopted"
-            );
             cxgate::token::inspect_file(&c.dirs[i].join("token.json"))
                 .expect("expected the token file to stay one a restart loads");
             let ready = c.admin(i, Method::GET, "/readyz", "").await;
@@ -1919,12 +1893,6 @@ async fn an_oversized_token_record_is_not_adopted() {
                 ready.status,
                 StatusCode::OK,
                 "replica {i}: expected ready on its own token after a record with {what}"
-            );
-            let answer = c.get(i, "/me/permissions").await;
-            assert_eq!(
-                answer.status,
-                StatusCode::OK,
-                "replica {i}: expected to keep serving after a record with {what}"
             );
         }
     }
@@ -2736,6 +2704,135 @@ async fn a_reload_that_changes_routes_retires_shared_entries() {
         other.header("cache-status").contains("fwd=uri-miss"),
         "expected the entry stored under the old rules not served, saw {:?}",
         other.header("cache-status")
+    );
+    c.stop().await;
+}
+
+/// Reads `path` on a replica until its body holds `text` (at most 1 s: a write through
+/// another replica reaches this one's memory by message); the last answer's
+/// `Cache-Status` and body.
+async fn eventually_shows(c: &Cluster, replica: usize, path: &str, text: &str) -> (String, String) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let answer = c.get(replica, path).await;
+        let body = String::from_utf8_lossy(&answer.body).into_owned();
+        if body.contains(text) || Instant::now() >= deadline {
+            return (answer.header("cache-status").to_string(), body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads `path` on a replica until it is a hit there (at most 1 s).
+async fn eventually_cached(c: &Cluster, replica: usize, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let status = c
+            .get(replica, path)
+            .await
+            .header("cache-status")
+            .to_string();
+        if status.contains("hit") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {path} cached on replica {replica}, saw {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A rolling reload that renames a tag: replica 1 runs the new route table, replica 0 still
+/// the old. A write through either drops what both stored under their own tag names (in
+/// Redis and in each replica's memory), so neither serves the contact as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_during_a_rolling_reload_drops_what_either_table_tagged() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/42";
+    for r in 0..2 {
+        assert_eq!(c.get(r, contact).await.status, StatusCode::OK);
+    }
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let renamed = text.replace("contact:{account_id}", "person:{account_id}");
+    assert_eq!(
+        renamed.matches("person:").count(),
+        2,
+        "expected the contact tag renamed in its read and its write route"
+    );
+    std::fs::write(&path, renamed).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected only replica 1 reloaded, saw {:?}",
+        reloaded.body
+    );
+    for (writer, note) in [(1, "through-the-new-table"), (0, "through-the-old-table")] {
+        for r in 0..2 {
+            eventually_cached(&c, r, contact).await;
+        }
+        let updates = format!("updates=%7B%22note%22%3A%22{note}%22%7D");
+        let written = c.post(writer, contact, &updates).await;
+        assert!(
+            written.status.is_success(),
+            "expected the write through replica {writer} to succeed, saw {}",
+            written.status
+        );
+        // Replica 1 reads first: it fetches and shares its answer under its table's tags,
+        // and replica 0 takes that entry, so the next write through replica 0 must drop an
+        // entry its own table did not tag, in its own memory too.
+        for r in [1, 0] {
+            let (status, body) = eventually_shows(&c, r, contact, note).await;
+            assert!(
+                body.contains(note),
+                "expected replica {r} to show the write through replica {writer} ({note}), \
+                 saw {status:?} with {body}"
+            );
+        }
+    }
+    c.stop().await;
+}
+
+/// A shared entry another cxgate version wrote in another format (`cxg1`) is passed over:
+/// the read fetches, the entry is never served, and the lookup counts as `other_format`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_of_another_format_is_passed_over_and_counted() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(1, SimOptions::default()).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    redis::cmd("SET")
+        .arg(key(&c, "cache:entry:GET /me"))
+        .arg(b"cxg1 an entry of the first format".as_slice())
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("store an entry of the first format");
+    let read = c.get(0, "/me").await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert!(
+        read.header("cache-status").contains("fwd=uri-miss"),
+        "expected the old entry passed over and /me fetched, saw {:?}",
+        read.header("cache-status")
+    );
+    assert_eq!(calls(&c, "GET /me"), 1, "expected one upstream call");
+    let counted = c
+        .metric(
+            0,
+            "cxgate_cache_shared_lookups_total{result=\"other_format\"}",
+        )
+        .await;
+    assert_eq!(
+        counted,
+        Some(1.0),
+        "expected the lookup counted as other_format"
     );
     c.stop().await;
 }

@@ -253,7 +253,7 @@ pub async fn start(
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }
-        gateway.share_invalidations(redis.clone());
+        gateway.share_invalidations(redis.clone()).await;
         redis
             .spawn_subscriber(apply_invalidations(gateway.cache().clone()))
             .await;

@@ -198,6 +198,18 @@ pub async fn reload(
         }
     }
 
+    // The other replicas learn the new table before this one serves by it: from then on
+    // their writes also drop what it stores under it (see `proxy::announced`).
+    if let Some(redis) = gateway.replicas() {
+        if let Err(e) = redis.announce_table(&crate::proxy::announced(&next)).await {
+            tracing::warn!(error = %e, "reload: the new route table could not be announced");
+            notes.push(format!(
+                "routes: the new table could not be announced to the other replicas ({e}); \
+                 retried every 10 s, and until then their writes may miss what this replica \
+                 caches under it"
+            ));
+        }
+    }
     let next = Arc::new(next);
     gateway.swap(next.clone());
     // Cached bodies carry their links rewritten to the public base URL: a new base makes

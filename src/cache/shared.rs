@@ -63,12 +63,14 @@ const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 /// the format: `cxg2` entries hold the neutral form (see [`Localize`]).
 const MAGIC: &[u8; 4] = b"cxg2";
 
-/// Led the entries of the first format, whose links named the writing replica's own base:
-/// they are passed over (a miss, overwritten by the next fill), never served.
-const OLD_MAGIC: &[u8; 4] = b"cxg1";
+/// What leads an entry of any format (`cxg` and a digit): `cxg1` led the first, whose
+/// links named the writing replica's own base. Another version's entries are passed over
+/// (a miss, overwritten by the next fill), never read: during a rolling upgrade across a
+/// format change each version fills and serves its own, and the others' expire.
+const FORMAT_PREFIX: &[u8; 3] = b"cxg";
 
-/// Why [`decode`] refuses an entry of the first format.
-const OLD_FORMAT: &str = "an entry of an older format";
+/// Why [`decode`] refuses an entry of another format than [`MAGIC`]'s.
+const OTHER_FORMAT: &str = "an entry of another format";
 
 /// How a replica takes an entry from the shared tier into its own form. Replicas may have
 /// different public bases, so the tier keeps every answer in one form none of them serves
@@ -109,6 +111,8 @@ pub struct SharedTier {
     max_entry_bytes: usize,
     lookups: IntCounterVec,
     writes: IntCounterVec,
+    /// Whether the log said once that entries of another format are passed over.
+    told_format: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -143,7 +147,8 @@ impl SharedMetrics {
         let lookups = IntCounterVec::new(
             Opts::new(
                 "cxgate_cache_shared_lookups_total",
-                "Memory misses looked up in the shared cache tier, by result (hit, miss, error).",
+                "Memory misses looked up in the shared cache tier, by result (hit, miss, \
+                 other_format: an entry of another cxgate version passed over, error).",
             ),
             &["result"],
         )?;
@@ -157,7 +162,7 @@ impl SharedMetrics {
         )?;
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(writes.clone()))?;
-        for result in ["hit", "miss", "error"] {
+        for result in ["hit", "miss", "other_format", "error"] {
             lookups.with_label_values(&[result]);
         }
         for result in ["stored", "invalidated", "too_large", "error"] {
@@ -176,6 +181,7 @@ impl SharedTier {
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
             lookups: metrics.lookups,
             writes: metrics.writes,
+            told_format: std::sync::Arc::default(),
         }
     }
 
@@ -208,9 +214,21 @@ impl SharedTier {
                 // Written before the last full purge: gone for every reader.
                 (written_under == generations.global).then_some(found)
             }
-            Some(Err(OLD_FORMAT)) => {
-                tracing::debug!(key, "passing over a shared cache entry of an older format");
-                None
+            Some(Err(OTHER_FORMAT)) => {
+                if !self
+                    .told_format
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::info!(
+                        key,
+                        "passing over shared cache entries of another format (another cxgate \
+                         version wrote them, as in a rolling upgrade): each version fills and \
+                         serves its own, the others' expire; counted in \
+                         cxgate_cache_shared_lookups_total{{result=\"other_format\"}}"
+                    );
+                }
+                self.lookups.with_label_values(&["other_format"]).inc();
+                return Some((None, generations));
             }
             Some(Err(why)) => {
                 tracing::warn!(why, "ignoring an unreadable shared cache entry");
@@ -496,7 +514,9 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
     let text = |b: Bytes| String::from_utf8(b.to_vec()).map_err(|_| "text that is not UTF-8");
     match take(&mut at, 4)?.as_ref() {
         magic if magic == MAGIC => {}
-        magic if magic == OLD_MAGIC => return Err(OLD_FORMAT),
+        [c, x, g, digit] if [*c, *x, *g] == *FORMAT_PREFIX && digit.is_ascii_digit() => {
+            return Err(OTHER_FORMAT)
+        }
         _ => return Err("not a cxgate entry"),
     }
     let n = usize::from(take(&mut at, 2)?.get_u16_le());
@@ -623,9 +643,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_entry_of_the_older_format_is_told_apart_and_not_read() {
-        let mut old = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
-        old[..4].copy_from_slice(OLD_MAGIC);
-        assert_eq!(decode(&old).err(), Some(OLD_FORMAT));
+    async fn entries_of_other_formats_are_told_apart_and_not_read() {
+        for magic in [b"cxg1", b"cxg3"] {
+            let mut other = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+            other[..4].copy_from_slice(magic);
+            assert_eq!(
+                decode(&other).err(),
+                Some(OTHER_FORMAT),
+                "expected {magic:?} passed over as another format"
+            );
+        }
     }
 }

@@ -18,6 +18,7 @@
 mod checked;
 mod raw;
 pub mod route;
+mod rules;
 mod schema;
 mod units;
 mod validate;
@@ -27,6 +28,7 @@ use std::path::Path;
 
 pub use checked::*;
 pub use route::Captures;
+pub use rules::{longest_entry_life, WriteRules};
 #[cfg(test)]
 pub(crate) use schema::TABLES;
 pub use units::{parse_duration, parse_size};

@@ -285,6 +285,19 @@ impl TagTemplate {
     }
 }
 
+/// The template as written: what [`TagTemplate::parse`] reads back.
+impl fmt::Display for TagTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in &self.parts {
+            match part {
+                TagPart::Text(t) => f.write_str(t)?,
+                TagPart::Capture(c) => write!(f, "{{{c}}}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -11,6 +11,7 @@ mod read;
 mod recent;
 mod reply;
 mod request;
+mod tables;
 
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
@@ -18,6 +19,7 @@ pub use leak::KeyScan;
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
 };
+pub use tables::announced;
 
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -29,7 +31,7 @@ use tokio::sync::Semaphore;
 use crate::auth::{self, Clients};
 use crate::budget::Budget;
 use crate::cache::{Merger, Store};
-use crate::config::{Captures, Config, RouteConfig};
+use crate::config::{Captures, Config, RouteConfig, WriteRules};
 use crate::error::{Body, GatewayError};
 use crate::metrics::RequestMetrics;
 use crate::token::TokenManager;
@@ -59,6 +61,8 @@ pub struct State {
     labels: Vec<Arc<str>>,
     /// The `route` label of unmatched requests.
     other: Arc<str>,
+    /// What the routes say writes invalidate, in the form other replicas read.
+    rules: WriteRules,
 }
 
 impl State {
@@ -88,6 +92,7 @@ impl State {
                 .map(|r| Arc::from(r.match_text.as_str()))
                 .collect(),
             other: Arc::from("other"),
+            rules: WriteRules::of(&config),
             config,
         }
     }
@@ -128,6 +133,8 @@ struct Inner {
     last_upstream_status: AtomicU16,
     /// With several replicas: where purges and invalidations are published for the others.
     replicas: std::sync::OnceLock<crate::replicas::Redis>,
+    /// The other replicas' route tables, read from Redis for writes.
+    peers: tables::Peers,
     /// `max_concurrency` permits, one set for the process: a reload resizes it rather than
     /// making a new one, so repeated reloads never multiply the limit.
     in_flight: Arc<Semaphore>,
@@ -155,6 +162,7 @@ impl Gateway {
                 metrics: parts.metrics,
                 last_upstream_status: AtomicU16::new(0),
                 replicas: std::sync::OnceLock::new(),
+                peers: tables::Peers::default(),
                 in_flight: Arc::new(Semaphore::new(permits)),
                 buffers,
                 recent_errors: recent::RecentErrors::default(),
@@ -162,9 +170,26 @@ impl Gateway {
         }
     }
 
-    /// Publishes every later purge and write invalidation to the other replicas.
-    pub fn share_invalidations(&self, redis: crate::replicas::Redis) {
+    /// Publishes every later purge and write invalidation to the other replicas, and
+    /// announces the route table in force to them (now, and again while it runs), so their
+    /// writes drop what this replica stores under it (see `tables`).
+    pub async fn share_invalidations(&self, redis: crate::replicas::Redis) {
+        if let Err(e) = redis.announce_table(&self.table()).await {
+            tracing::warn!(error = %e, "the route table could not be announced yet; retried every 10 s");
+        }
+        let gateway = self.clone();
+        redis.spawn_announcer(Arc::new(move || gateway.table()));
         let _ = self.inner.replicas.set(redis);
+    }
+
+    /// The route table in force, as the other replicas are told of it.
+    pub fn table(&self) -> crate::replicas::Table {
+        announced(&self.state().config)
+    }
+
+    /// The shared Redis, with several replicas.
+    pub fn replicas(&self) -> Option<&crate::replicas::Redis> {
+        self.inner.replicas.get()
     }
 
     /// The shared Redis as `/admin/status` shows it (`{"backend": "local"}` without one).
@@ -446,7 +471,7 @@ impl Gateway {
         //    of the pipeline, and kept inline it would be copied along with every cache hit's.
         leaks()?;
         let _permit = self.upstream_permit()?;
-        Box::pin(self.write(make_call(), rule, outcome)).await
+        Box::pin(self.write(make_call(), rule, path, outcome)).await
     }
 
     /// A fresh hit, answered without entering the async pipeline: the steps of
@@ -496,23 +521,37 @@ impl Gateway {
 
     /// Budget, token, upstream once; then invalidate before answering, so a read right after
     /// the write never sees the old data.
+    /// With other replicas, the tags are those of every route table they run (see `tables`).
     async fn write(
         &self,
         call: Call,
         rule: Option<(&RouteConfig, &Captures<'_>)>,
+        path: &str,
         outcome: &Exchange,
     ) -> Result<Response<Body>, GatewayError> {
         outcome.set_cache("bypass");
-        let tags: Vec<String> = rule
+        let own: Vec<String> = rule
             .map(|(r, caps)| r.invalidates.iter().map(|t| t.fill(caps)).collect())
             .unwrap_or_default();
+        let path = path.to_string();
         // A write runs to its end in a task of its own: once it may have reached the
         // upstream, a client hanging up (or its request timing out) must not leave it half
         // done, its invalidations unapplied and the cache serving what it replaced.
         let gateway = self.clone();
         let fetched = tokio::spawn(async move {
             let fetched = gateway.call(&call).await?;
-            if fetched.status.is_success() && !tags.is_empty() {
+            if !fetched.status.is_success() {
+                return Ok(fetched);
+            }
+            let tags = match gateway.inner.replicas.get() {
+                Some(redis) => {
+                    let (state, method) = (&call.state, &call.method);
+                    let peers = &gateway.inner.peers;
+                    peers.tags(redis, &state.rules, own, method, &path).await
+                }
+                None => own,
+            };
+            if !tags.is_empty() {
                 gateway.inner.cache.invalidate_tags(&tags).await;
                 gateway
                     .publish_invalidation(crate::replicas::Invalidation::Tags(tags))

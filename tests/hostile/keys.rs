@@ -109,6 +109,23 @@ async fn a_key_in_x_request_id_is_replaced_never_forwarded() {
     upstream.abort();
 }
 
+/// The check every refusal case of this file shares: `answer` to the case `what` is the
+/// 400 error envelope, and nothing reached the upstream logging into `seen`.
+fn assert_refused_unsent(what: &str, answer: &common::Answer, seen: &common::Log) {
+    assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
+    assert_eq!(
+        answer.json()["error"],
+        "bad_request",
+        "{what}: expected the error envelope, saw {answer:?}"
+    );
+    let got = taken(seen);
+    assert!(
+        got.is_empty(),
+        "{what}: expected nothing upstream, saw {} requests",
+        got.len()
+    );
+}
+
 /// One request that must be refused: what it shows, method, target, headers, body.
 type Case = (
     &'static str,
@@ -257,18 +274,7 @@ async fn another_clients_key_is_never_forwarded() {
         let mut all = vec![("authorization", auth.as_str())];
         all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
         let answer = env.send(method, &env.url(&target), &all, &body).await;
-        let got = taken(&seen);
-        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
-        assert_eq!(
-            answer.json()["error"],
-            "bad_request",
-            "{what}: expected the error envelope"
-        );
-        assert!(
-            got.is_empty(),
-            "{what}: expected nothing upstream, saw {} requests",
-            got.len()
-        );
+        assert_refused_unsent(what, &answer, &seen);
     }
     let answer = env
         .send(
@@ -402,18 +408,7 @@ async fn bodies_read_another_way_upstream_are_refused() {
         let mut all = vec![("authorization", auth.as_str())];
         all.extend(headers);
         let answer = env.send_bytes(Method::POST, &url, &all, body.into()).await;
-        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
-        assert_eq!(
-            answer.json()["error"],
-            "bad_request",
-            "{what}: expected the envelope"
-        );
-        let got = taken(&seen);
-        assert!(
-            got.is_empty(),
-            "{what}: expected nothing upstream, saw {}",
-            got.len()
-        );
+        assert_refused_unsent(what, &answer, &seen);
     }
     let all = [
         ("authorization", auth.as_str()),
@@ -476,8 +471,7 @@ async fn two_authorizations_are_refused() {
         ),
     ] {
         let answer = env.send(Method::GET, &target, &headers, "").await;
-        assert_eq!(answer.status, 400, "{what}: expected 400, saw {answer:?}");
-        assert!(taken(&seen).is_empty(), "{what}: expected nothing upstream");
+        assert_refused_unsent(what, &answer, &seen);
     }
     env.stop().await;
     upstream.abort();
