@@ -1316,8 +1316,9 @@ mod tests {
             budget.observe_answer(http::StatusCode::OK, &told, b"", first.ticket);
         }
         let _held = a.admit("other", n(1)).await.expect("a call left out");
-        // Both windows (the shared count's key and each ledger's) end after a second.
-        tokio::time::sleep(Duration::from_millis(1600)).await;
+        // Both windows (the shared count's key and each ledger's) end with the second named,
+        // two seconds after the answer.
+        tokio::time::sleep(Duration::from_millis(2600)).await;
         let mut kept = Vec::new();
         for i in 0..2 {
             let admitted = a.admit("other", n(1)).await;
@@ -1398,7 +1399,8 @@ mod tests {
             "x-ratelimit-remaining",
             http::HeaderValue::from_static("40"),
         );
-        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("2"));
+        // A window that ends by 2 s: the blind pause is cut to it.
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("1"));
         for b in &budgets {
             b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
             let first = b.admit("other", n(1)).await.expect("a first call");

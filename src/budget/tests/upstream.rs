@@ -307,7 +307,8 @@ async fn a_caller_whose_wait_ends_before_the_probe_is_refused_with_the_pause_lef
 #[tokio::test(start_paused = true)]
 async fn a_new_window_admits_no_more_than_the_learnt_limit() {
     let b = budget(spec(share(100, 1000, 100), 0, vec![]));
-    let mut h = remaining("9", "10");
+    // Reset 9 s from now, rounded down: the window ends by 10 s.
+    let mut h = remaining("9", "9");
     h.insert("x-ratelimit-limit", HeaderValue::from_static("10"));
     let first = b.admit("c", n(1)).await.expect("a first call");
     b.observe_answer(StatusCode::OK, &h, b"", first.ticket);
@@ -495,5 +496,101 @@ fn the_limit_answer_is_known_in_the_envelope_and_in_any_case() {
     assert!(
         !limit_reached(StatusCode::OK, ok),
         "expected a 200 never read as the limit"
+    );
+}
+
+/// An upstream whose window really ends 5.6 s after its limit answer, which says
+/// `X-RateLimit-Reset: 5` (whole seconds, rounded down, as the real API gives it): no call
+/// is let through before 5.6 s, calls go again within the second after the one named, and
+/// no refusal's `Retry-After` names a time before the gateway sends again.
+#[tokio::test(start_paused = true)]
+async fn a_whole_second_reset_is_never_trusted_to_end_early() {
+    let b = budget(spec(share(100, 3_600_000, 100), 0, vec![]));
+    let started = tokio::time::Instant::now();
+    let first = b.admit("c", n(1)).await.expect("a first call");
+    let mut h = remaining("0", "5");
+    h.insert("x-ratelimit-limit", HeaderValue::from_static("30"));
+    let limited = b.observe_answer(StatusCode::BAD_REQUEST, &h, LIMIT_BODY, first.ticket);
+    assert!(limited, "expected the API's 400 read as the limit");
+    let real_end = Duration::from_millis(5600);
+    let mut earliest_promised = Duration::MAX;
+    let resumed = loop {
+        advance(Duration::from_millis(100)).await;
+        let at = started.elapsed();
+        assert!(
+            at < Duration::from_secs(10),
+            "expected calls to go again, still refused at {at:?}"
+        );
+        match b.admit("c", n(1)).await {
+            Ok(_) => break at,
+            Err(r) => {
+                let back = at + Duration::from_secs(r.retry_after_secs());
+                earliest_promised = earliest_promised.min(back);
+            }
+        }
+    };
+    assert!(
+        resumed >= real_end,
+        "expected no call before the window's real end at {real_end:?}, saw one at {resumed:?}"
+    );
+    assert!(
+        resumed <= real_end + Duration::from_secs(1),
+        "expected calls again within the second after the one named, saw {resumed:?}"
+    );
+    assert!(
+        earliest_promised >= resumed,
+        "expected no Retry-After naming a time before calls go again ({resumed:?}), saw one \
+         for {earliest_promised:?}"
+    );
+}
+
+/// The same through Redis: a replica reads the limit answer saying `Reset: 1`, and the
+/// other replica is refused until the end of that second, 2 s after the answer, not one.
+#[tokio::test]
+async fn a_whole_second_reset_shared_through_redis_holds_to_the_end_of_that_second() {
+    use cxgate_testkit::redis::RedisServer;
+    let Some(server) = RedisServer::start_or_skip("this Redis budget test") else {
+        return;
+    };
+    const ENV: &str = "CXGATE_T_WHOLE_SECOND";
+    std::env::set_var(ENV, server.url());
+    let prefix = format!("t{:08x}", fastrand::u32(..));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let registry = Registry::new();
+        let redis = crate::replicas::Redis::connect(ENV, &prefix, &registry)
+            .await
+            .expect("a Redis handle");
+        let spec = spec(share(100, 3_600_000, 100), 0, vec![]);
+        let b = Budget::new_shared(spec, &registry, redis, n(2)).expect("a shared budget");
+        answered_once(&b);
+        replicas.push(b);
+    }
+    let first = replicas[0].admit("c", n(1)).await.expect("a first call");
+    let told = std::time::Instant::now();
+    let limited = replicas[0].observe_answer(
+        StatusCode::BAD_REQUEST,
+        &remaining("0", "1"),
+        LIMIT_BODY,
+        first.ticket,
+    );
+    assert!(limited, "expected the API's 400 read as the limit");
+    let refused = loop {
+        match replicas[1].admit("c", n(1)).await {
+            Err(r) if r.budget == Which::Upstream => break r,
+            other => {
+                assert!(
+                    told.elapsed() < Duration::from_secs(5),
+                    "expected the other replica paused by Redis, saw {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let until = told.elapsed() + refused.retry_after;
+    assert!(
+        until >= Duration::from_millis(1500),
+        "expected the shared pause to run to the end of the second named (2 s), saw it end \
+         {until:?} after the answer"
     );
 }
