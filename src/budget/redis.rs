@@ -986,7 +986,7 @@ fn header_u64(headers: &http::HeaderMap, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::{BudgetSpec, Priority};
+    use crate::budget::{BudgetSpec, Priority, Refused};
     use cxgate_testkit::redis::RedisServer as Server;
 
     fn n(v: u32) -> NonZeroU32 {
@@ -1040,7 +1040,7 @@ mod tests {
             set.spawn(async move {
                 match b.admit(client, NonZeroU32::MIN).await {
                     Ok(_) => Ok(started.elapsed()),
-                    Err(r) => Err(r.budget),
+                    Err(r) => Err(r.later().budget),
                 }
             });
         }
@@ -1263,7 +1263,7 @@ mod tests {
             .await
             .expect_err("expected the third refused while two are out");
         assert!(
-            refused.retry_after <= Duration::from_secs(1),
+            refused.later().retry_after <= Duration::from_secs(1),
             "expected a Retry-After of a second, saw {refused:?}"
         );
         let status = budget.status_now().await;
@@ -1421,10 +1421,10 @@ mod tests {
         assert!(
             matches!(
                 refused,
-                Err(Rejected {
+                Err(Refused::Later(Rejected {
                     budget: Which::Upstream,
                     ..
-                })
+                }))
             ),
             "expected the other replica paused too, saw {refused:?}"
         );
@@ -1524,7 +1524,7 @@ mod tests {
             .await
             .expect_err("expected a dry allowance to refuse");
         assert!(
-            refused.retry_after <= Duration::from_secs(3600),
+            refused.later().retry_after <= Duration::from_secs(3600),
             "expected at most the hour's window, not ten days: {refused:?}"
         );
     }

@@ -13,6 +13,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::forward::{self, Fetched};
 use super::{Gateway, State};
+use crate::budget::Refused;
 use crate::error::{GatewayError, Unreachable};
 use crate::token::TokenError;
 use crate::upstream::hidden::hides_secret;
@@ -54,8 +55,6 @@ impl Gateway {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
         let queued = || progress.queued();
-        let fits = self.inner.budget.fits(&call.client, call.cost);
-        fits.map_err(GatewayError::TooCostly)?;
         match self
             .inner
             .budget
@@ -66,11 +65,12 @@ impl Gateway {
                 progress.sent();
                 Ok(admitted)
             }
-            Err(rejected) => Err(GatewayError::RateLimited {
+            Err(Refused::Later(rejected)) => Err(GatewayError::RateLimited {
                 retry_after: rejected.retry_after,
                 reason: rejected.budget.label(),
                 upstream_status: None,
             }),
+            Err(Refused::Never(too_costly)) => Err(GatewayError::TooCostly(too_costly)),
         }
     }
 

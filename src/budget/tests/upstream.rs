@@ -21,17 +21,17 @@ async fn too_many_requests_pauses_everything_for_retry_after() {
         Some(Duration::from_secs(5)),
         "expected a 5 s pause"
     );
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(5),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         b.admit("c", n(1)).await,
         want,
         "expected an immediate upstream refusal"
     );
     advance(Duration::from_millis(4900)).await;
-    let refused = b.admit("c", n(1)).await.map_err(|r| r.retry_after);
+    let refused = b.admit("c", n(1)).await.map_err(|r| r.later().retry_after);
     let want = Err(Duration::from_millis(100));
     assert_eq!(refused, want, "expected 100 ms left at 4.9 s");
     advance(Duration::from_millis(100)).await;
@@ -59,10 +59,10 @@ async fn a_small_remaining_used_up_by_calls_out_waits_for_them_never_pauses() {
     }
     // The third waits its max_wait (1 s) for one of the two to land, then gets a short
     // Retry-After: the upstream never said 0, so nothing pauses for the hour.
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(1),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         b.admit("c", n(1)).await,
         want,
@@ -101,10 +101,10 @@ async fn a_429_during_the_wait_refuses_the_sleeper() {
     h.insert("retry-after", HeaderValue::from_static("10"));
     b.observe_upstream(StatusCode::TOO_MANY_REQUESTS, &h);
     let got = sleeper.await.expect("admit task does not panic");
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(9),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         got, want,
         "expected the sleeper refused at 1 s with 9 s of pause left"
@@ -143,7 +143,11 @@ async fn a_cold_start_sends_one_call_and_lets_its_answer_set_the_allowance() {
     while let Some(got) = burst.join_next().await {
         match got.expect("admit task does not panic") {
             Ok(_) => admitted += 1,
-            Err(r) => assert_eq!(r.budget, Which::Upstream, "expected the upstream's word"),
+            Err(r) => assert_eq!(
+                r.later().budget,
+                Which::Upstream,
+                "expected the upstream's word"
+            ),
         }
     }
     assert_eq!(
@@ -187,7 +191,7 @@ async fn the_first_answer_not_coming_refuses_within_max_wait() {
     let started = tokio::time::Instant::now();
     let got = b.admit("c", n(1)).await;
     assert_eq!(
-        got.map_err(|r| r.budget),
+        got.map_err(|r| r.later().budget),
         Err(Which::Upstream),
         "expected a refusal once max_wait has passed"
     );
@@ -228,7 +232,7 @@ async fn blind_paused(max_wait_ms: u64) -> Budget {
     b
 }
 
-fn two_waiting(b: &Budget) -> tokio::task::JoinSet<Result<Admitted, Rejected>> {
+fn two_waiting(b: &Budget) -> tokio::task::JoinSet<Result<Admitted, Refused>> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..2 {
         let b = b.clone();
@@ -282,10 +286,10 @@ async fn a_refused_probe_refuses_its_waiters_with_the_new_pause() {
     let other = other.expect("the admission does not panic");
     assert_eq!(
         other,
-        Err(Rejected {
+        Err(Refused::Later(Rejected {
             retry_after: Duration::from_secs(60),
             budget: Which::Upstream,
-        }),
+        })),
         "expected the waiter refused with the fresh blind minute"
     );
 }
@@ -296,10 +300,10 @@ async fn a_caller_whose_wait_ends_before_the_probe_is_refused_with_the_pause_lef
     advance(Duration::from_secs(50)).await;
     assert_eq!(
         b.admit("c", n(1)).await,
-        Err(Rejected {
+        Err(Refused::Later(Rejected {
             retry_after: Duration::from_secs(10),
             budget: Which::Upstream,
-        }),
+        })),
         "expected a caller that cannot wait 10 s refused at once"
     );
 }
@@ -384,10 +388,10 @@ async fn a_late_answer_to_an_older_call_does_not_lift_a_blind_pause() {
     assert!(
         matches!(
             refused,
-            Err(Rejected {
+            Err(Refused::Later(Rejected {
                 budget: Which::Upstream,
                 ..
-            })
+            }))
         ),
         "expected the next call refused by the upstream's pause, saw {refused:?}"
     );
@@ -524,7 +528,7 @@ async fn a_whole_second_reset_is_never_trusted_to_end_early() {
         match b.admit("c", n(1)).await {
             Ok(_) => break at,
             Err(r) => {
-                let back = at + Duration::from_secs(r.retry_after_secs());
+                let back = at + Duration::from_secs(r.later().retry_after_secs());
                 earliest_promised = earliest_promised.min(back);
             }
         }
@@ -577,7 +581,7 @@ async fn a_whole_second_reset_shared_through_redis_holds_to_the_end_of_that_seco
     assert!(limited, "expected the API's 400 read as the limit");
     let refused = loop {
         match replicas[1].admit("c", n(1)).await {
-            Err(r) if r.budget == Which::Upstream => break r,
+            Err(Refused::Later(r)) if r.budget == Which::Upstream => break r,
             other => {
                 assert!(
                     told.elapsed() < Duration::from_secs(5),
