@@ -180,7 +180,6 @@ impl Ledger {
         now: u64,
     ) -> Result<Step, Refusal> {
         let (max_wait, hold) = self.terms(client);
-        self.fits(client, cost, hold)?;
         let max_wait = max_wait.saturating_sub(now.saturating_sub(arrived));
         if let Some(later) = self.probe_within(max_wait, now) {
             return Ok(Step::Wait(later));
@@ -253,11 +252,12 @@ impl Ledger {
     }
 
     /// Refuses a cost the shares in force could only book as debt past their burst (see
-    /// `Gcra::fits`). The configuration refuses such costs, and `Budget::fits` answers them
-    /// first, so this is met only on terms smaller than configured (a replica on its divided
-    /// fallback share): the refusal names the share and asks to come back once a whole burst
-    /// has refilled, when Redis may be back.
-    fn fits(&self, client: &str, cost: NonZeroU32, hold: u32) -> Result<(), Refusal> {
+    /// `Gcra::fits`). `Budget::admit` refuses such costs under the configured terms before
+    /// the ledger is asked, so this is only for terms smaller than configured (a replica on
+    /// its divided fallback share): the refusal names the share and asks to come back once
+    /// a whole burst has refilled, when Redis may be back.
+    pub(crate) fn fits(&self, client: &str, cost: NonZeroU32) -> Result<(), Refusal> {
+        let (_, hold) = self.terms(client);
         let own = self.clients.get(client).and_then(|c| c.share.as_ref());
         if let Some((_, own)) = own.filter(|(_, g)| !g.fits(cost, 0)) {
             return Err(Refusal {

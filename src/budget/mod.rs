@@ -6,9 +6,11 @@
 //! ```no_run
 //! # async fn demo(budget: cxgate::budget::Budget) {
 //! use std::num::NonZeroU32;
+//! use cxgate::budget::Refused;
 //! match budget.admit("crm-sync", NonZeroU32::MIN).await {
 //!     Ok(admitted) => { /* call the upstream, then budget.observe_upstream(status, &headers) */ }
-//!     Err(refused) => { /* 429 with Retry-After: refused.retry_after_secs() */ }
+//!     Err(Refused::Later(r)) => { /* 429 with Retry-After: r.retry_after_secs() */ }
+//!     Err(Refused::Never(too_costly)) => { /* 400: no wait can admit this cost */ }
 //! }
 //! # }
 //! ```
@@ -161,6 +163,27 @@ pub struct TooCostly {
     pub budget: Which,
 }
 
+/// Why [`Budget::admit`] let a call through neither now nor within its wait: not yet (the
+/// proxy's 429 with `Retry-After`), or never, whatever the wait (the proxy's 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error(transparent)]
+    Later(#[from] Rejected),
+    #[error(transparent)]
+    Never(#[from] TooCostly),
+}
+
+impl Refused {
+    /// The refusal for now, which a test of a cost that fits expects.
+    #[cfg(test)]
+    pub(crate) fn later(self) -> Rejected {
+        match self {
+            Refused::Later(r) => r,
+            Refused::Never(c) => panic!("expected a refusal for now, saw {c:?}"),
+        }
+    }
+}
+
 /// The cells of the global burst a client of `priority` may take at once: all of it, or
 /// for a batch client what `batch_reserve` leaves (at least one).
 pub fn global_usable(global: &Share, batch_reserve: f64, priority: Priority) -> u32 {
@@ -227,7 +250,8 @@ pub struct Budget {
 struct Inner {
     clock: TokioClock,
     ledger: Mutex<Ledger>,
-    /// The largest cost a call may have under the configured terms (see [`Budget::fits`]).
+    /// The largest cost a call may have under the configured terms, the one check that
+    /// refuses a cost no wait can admit (see [`Budget::admit`]).
     caps: Mutex<Caps>,
     metrics: Metrics,
     /// `budget.backend = "redis"`: admissions go to the shared budget (see `redis`).
@@ -360,13 +384,6 @@ impl Budget {
         ledger.bound_debt(self.inner.clock.nanos());
     }
 
-    /// Whether one call of `client` costing `cost` cells could ever be admitted under the
-    /// configured terms: a cost above the burst of a share it must pass never can. The
-    /// configuration refuses such costs; this is the same rule where the call is made.
-    pub fn fits(&self, client: &str, cost: NonZeroU32) -> Result<(), TooCostly> {
-        self.caps().check(client, cost)
-    }
-
     fn caps(&self) -> MutexGuard<'_, Caps> {
         self.inner
             .caps
@@ -375,9 +392,13 @@ impl Budget {
     }
 
     /// Waits for `cost` cells for one upstream call of `client`, or refuses at once when the
-    /// wait would exceed the client's `max_wait` or the upstream has paused us. Dropping the
-    /// future while it waits gives its cells back where nothing queued behind them.
-    pub async fn admit(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Rejected> {
+    /// wait would exceed the client's `max_wait` or the upstream has paused us
+    /// ([`Refused::Later`]). A cost above the burst of a share the call must pass is refused
+    /// as [`Refused::Never`], booking nothing: no wait could admit it, and booking it would
+    /// lock every caller out until the excess drained (the configuration refuses such costs;
+    /// this is the same rule where the call is made). Dropping the future while it waits
+    /// gives its cells back where nothing queued behind them.
+    pub async fn admit(&self, client: &str, cost: NonZeroU32) -> Result<Admitted, Refused> {
         self.admit_within(client, cost, Duration::ZERO).await
     }
 
@@ -390,7 +411,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: Duration,
-    ) -> Result<Admitted, Rejected> {
+    ) -> Result<Admitted, Refused> {
         self.admit_noting(client, cost, waited, &|| {}).await
     }
 
@@ -403,15 +424,17 @@ impl Budget {
         cost: NonZeroU32,
         waited: Duration,
         queued: &(dyn Fn() + Sync),
-    ) -> Result<Admitted, Rejected> {
+    ) -> Result<Admitted, Refused> {
+        self.caps().check(client, cost)?;
         let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
-        match &self.inner.shared {
+        let admitted = match &self.inner.shared {
             Some(shared) => {
                 self.admit_shared(shared, client, cost, waited, queued)
                     .await
             }
             None => self.admit_local(client, cost, waited, queued).await,
-        }
+        };
+        admitted.map_err(Refused::Later)
     }
 
     /// [`Budget::admit_within`] on this process's own ledger.
@@ -423,6 +446,13 @@ impl Budget {
         queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
+        if self.inner.shared.is_some() {
+            // On Redis's fallback the ledger holds every share divided by the replicas: a
+            // cost the configured terms admit may be past a divided burst, and waits for
+            // Redis to come back.
+            let fits = self.ledger().fits(client, cost);
+            fits.map_err(|r| self.refuse(client, r))?;
+        }
         let now = clock.nanos();
         let arrived = now.saturating_sub(waited);
         let mut hold = Hold {

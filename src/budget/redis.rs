@@ -986,7 +986,7 @@ fn header_u64(headers: &http::HeaderMap, name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::{BudgetSpec, Priority};
+    use crate::budget::{BudgetSpec, Priority, Refused};
     use cxgate_testkit::redis::RedisServer as Server;
 
     fn n(v: u32) -> NonZeroU32 {
@@ -1040,7 +1040,7 @@ mod tests {
             set.spawn(async move {
                 match b.admit(client, NonZeroU32::MIN).await {
                     Ok(_) => Ok(started.elapsed()),
-                    Err(r) => Err(r.budget),
+                    Err(r) => Err(r.later().budget),
                 }
             });
         }
@@ -1263,7 +1263,7 @@ mod tests {
             .await
             .expect_err("expected the third refused while two are out");
         assert!(
-            refused.retry_after <= Duration::from_secs(1),
+            refused.later().retry_after <= Duration::from_secs(1),
             "expected a Retry-After of a second, saw {refused:?}"
         );
         let status = budget.status_now().await;
@@ -1316,8 +1316,9 @@ mod tests {
             budget.observe_answer(http::StatusCode::OK, &told, b"", first.ticket);
         }
         let _held = a.admit("other", n(1)).await.expect("a call left out");
-        // Both windows (the shared count's key and each ledger's) end after a second.
-        tokio::time::sleep(Duration::from_millis(1600)).await;
+        // Both windows (the shared count's key and each ledger's) end with the second named,
+        // two seconds after the answer.
+        tokio::time::sleep(Duration::from_millis(2600)).await;
         let mut kept = Vec::new();
         for i in 0..2 {
             let admitted = a.admit("other", n(1)).await;
@@ -1398,7 +1399,8 @@ mod tests {
             "x-ratelimit-remaining",
             http::HeaderValue::from_static("40"),
         );
-        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("2"));
+        // A window that ends by 2 s: the blind pause is cut to it.
+        told.insert("x-ratelimit-reset", http::HeaderValue::from_static("1"));
         for b in &budgets {
             b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
             let first = b.admit("other", n(1)).await.expect("a first call");
@@ -1419,10 +1421,10 @@ mod tests {
         assert!(
             matches!(
                 refused,
-                Err(Rejected {
+                Err(Refused::Later(Rejected {
                     budget: Which::Upstream,
                     ..
-                })
+                }))
             ),
             "expected the other replica paused too, saw {refused:?}"
         );
@@ -1522,7 +1524,7 @@ mod tests {
             .await
             .expect_err("expected a dry allowance to refuse");
         assert!(
-            refused.retry_after <= Duration::from_secs(3600),
+            refused.later().retry_after <= Duration::from_secs(3600),
             "expected at most the hour's window, not ten days: {refused:?}"
         );
     }

@@ -22,6 +22,10 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(24 * 3600);
 /// Unix time they would be in 2001, never a future reset.
 const DELTA_RESET_BELOW: u64 = 1_000_000_000;
 
+/// The margin a `Reset` given in whole seconds takes: it is read as the end of the second it
+/// names (see `until_reset`).
+const WHOLE_SECOND: Duration = Duration::from_secs(1);
+
 /// Two reset times closer than this name the same window: a `Reset` in whole seconds, read
 /// at different moments, lands on slightly different instants of the budget clock.
 const SAME_WINDOW: u64 = 1_500_000_000;
@@ -86,7 +90,8 @@ struct Rolled {
 /// not make the count unknown again: the window that starts then holds the learnt limit,
 /// less the calls still out, and no more, whatever the shares allow.
 /// Times are nanoseconds on the budget's clock; wall-clock values (`Reset`, HTTP dates) are
-/// turned into that clock once, when they arrive.
+/// turned into that clock once, when they arrive, a `Reset` (whole seconds, rounded down) as
+/// the end of the second it names.
 #[derive(Debug, Default)]
 pub(crate) struct Upstream {
     pause_until: Option<u64>,
@@ -446,6 +451,7 @@ impl Upstream {
         }
         // A reset of 0 seconds from now names no time, as one already past does: followed,
         // a `Remaining: 0` with it would pause for nothing and send every call into the limit.
+        // Any other is read as the end of the second it names (see `until_reset`).
         let reset_in = reset_value
             .and_then(|v| until_reset(v, wall))
             .filter(|d| !d.is_zero());
@@ -605,12 +611,18 @@ pub(crate) fn named_reset(headers: &HeaderMap, wall: SystemTime) -> Option<Optio
     Some(until_reset(value, wall).filter(|d| !d.is_zero()))
 }
 
-/// Time from `wall` until a `Reset` value; `None` when it lies in the past.
+/// Time from `wall` until the end of the second a `Reset` value names; `None` when that has
+/// passed. The upstream gives its reset in whole seconds, rounded down: its window really
+/// ends anywhere in the second named, so a call sent within that second may still be
+/// counted in the old window and refused. A reset of 0 seconds from now names no time.
 fn until_reset(value: u64, wall: SystemTime) -> Option<Duration> {
-    if value < DELTA_RESET_BELOW {
-        return Some(Duration::from_secs(value));
+    if value == 0 {
+        return None;
     }
-    (UNIX_EPOCH + Duration::from_secs(value))
+    if value < DELTA_RESET_BELOW {
+        return Some(Duration::from_secs(value) + WHOLE_SECOND);
+    }
+    (UNIX_EPOCH + Duration::from_secs(value) + WHOLE_SECOND)
         .duration_since(wall)
         .ok()
 }
@@ -687,8 +699,10 @@ mod tests {
         map
     }
 
+    /// The `X-RateLimit-Reset` (Unix seconds) of a window that ends `secs` after `wall()`:
+    /// the second before, as a reset is read as the end of the second it names.
     fn reset_in(secs: u64) -> (&'static str, String) {
-        ("x-ratelimit-reset", (1_704_067_200 + secs).to_string())
+        ("x-ratelimit-reset", (1_704_067_200 + secs - 1).to_string())
     }
 
     #[test]
@@ -883,8 +897,8 @@ mod tests {
         up.observe(StatusCode::OK, &h, 0, wall());
         assert_eq!(
             up.paused_for(0),
-            Some(20 * SEC),
-            "expected Reset 20 read as 20 s ahead"
+            Some(21 * SEC),
+            "expected Reset 20 read as seconds ahead, to the end of the 20th (rounded down)"
         );
         let mut up = Upstream::default();
         let past = ("x-ratelimit-reset", "1704067100".to_string());
@@ -1125,7 +1139,8 @@ mod tests {
                 ("x-ratelimit-reset", reset.to_string()),
             ])
         };
-        up.read(false, &h(9, 10), Some(first), 0, wall());
+        // Reset 9 s from now, rounded down: the window ends by 10 s.
+        up.read(false, &h(9, 9), Some(first), 0, wall());
         let late: Vec<u64> = (0..3).map(|_| up.spend(1)).collect();
         // The window resets with three calls still out.
         let now = 10 * SEC;
@@ -1482,6 +1497,57 @@ mod tests {
             assert!(
                 calls >= LIMIT * 12 * 6 / 10,
                 "seed {seed}: expected most of the 12 windows' calls used, saw {calls}"
+            );
+        }
+    }
+
+    /// The real API gives `X-RateLimit-Reset` in whole seconds, rounded down: a window that
+    /// really ends 5.6 s from now is said to end in 5 s (or at the Unix second it ends in).
+    /// Neither the pause after a limit answer nor the new window's count may begin before
+    /// 5.6 s, and both begin within the second after the one named.
+    #[test]
+    fn a_reset_in_whole_seconds_is_read_as_the_end_of_that_second() {
+        // Budget clock 0 is 0.2 s past a whole wall second; the window ends at 5.6 s.
+        let base = wall() + Duration::from_millis(200);
+        let real_end = 5_600_000_000;
+        let epoch = (1_704_067_200 + 5).to_string();
+        for reset in ["5".to_string(), epoch] {
+            let h = |left: &str| {
+                headers(&[
+                    ("x-ratelimit-limit", "3".into()),
+                    ("x-ratelimit-remaining", left.into()),
+                    ("x-ratelimit-reset", reset.clone()),
+                ])
+            };
+            let mut up = Upstream::default();
+            let first = up.spend(1);
+            up.read(true, &h("0"), Some(first), 0, base);
+            assert!(
+                up.blocked(1, real_end - 1).is_some(),
+                "Reset {reset}: expected the limit answer's pause to last past 5.6 s, saw                  it end at {:?} ns",
+                up.paused_for(0)
+            );
+            assert_eq!(
+                up.blocked(1, real_end + SEC),
+                None,
+                "Reset {reset}: expected the pause over within the second after the one named"
+            );
+
+            let mut up = Upstream::default();
+            let first = up.spend(1);
+            up.read(false, &h("2"), Some(first), 0, base);
+            // Two calls out use up the window; the next window's count must wait for 5.6 s.
+            let _out = (up.spend(1), up.spend(1));
+            assert_eq!(
+                up.allowance(real_end - 1),
+                Some(0),
+                "Reset {reset}: expected no new window's count before 5.6 s"
+            );
+            assert_eq!(
+                up.allowance(real_end + SEC),
+                Some(1),
+                "Reset {reset}: expected the new window (3 less the 2 out) within the second \
+                 after the one named"
             );
         }
     }

@@ -13,6 +13,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 
 use super::forward::{self, Fetched};
 use super::{Gateway, State};
+use crate::budget::Refused;
 use crate::error::{GatewayError, Unreachable};
 use crate::token::TokenError;
 use crate::upstream::hidden::hides_secret;
@@ -54,8 +55,6 @@ impl Gateway {
         // A caller that already waited on another client's merged call queues only for what
         // is left of its own max_wait.
         let queued = || progress.queued();
-        let fits = self.inner.budget.fits(&call.client, call.cost);
-        fits.map_err(GatewayError::TooCostly)?;
         match self
             .inner
             .budget
@@ -66,11 +65,12 @@ impl Gateway {
                 progress.sent();
                 Ok(admitted)
             }
-            Err(rejected) => Err(GatewayError::RateLimited {
+            Err(Refused::Later(rejected)) => Err(GatewayError::RateLimited {
                 retry_after: rejected.retry_after,
                 reason: rejected.budget.label(),
                 upstream_status: None,
             }),
+            Err(Refused::Never(too_costly)) => Err(GatewayError::TooCostly(too_costly)),
         }
     }
 
@@ -135,13 +135,20 @@ impl Gateway {
                 upstream_status: Some(fetched.status),
             });
         }
-        // First the form every replica shares (links kept at the upstream's base, without
-        // `access_token`; tokens redacted), then this replica's own (links at its public
-        // base), made from it the way a replica makes an entry from the shared tier its own.
-        let neutral = &call.state.neutral;
+        // With a shared tier, first the form every replica shares (links kept at the
+        // upstream's base, without `access_token`; tokens redacted), then this replica's own
+        // (links at its public base), made from it the way a replica makes an entry from the
+        // shared tier its own. Without one, nothing needs the neutral form: this replica's
+        // own is made in one pass, to the same bytes.
+        let shared = inner.cache.shared().is_some();
+        let first = if shared {
+            &call.state.neutral
+        } else {
+            &call.state.rewriter
+        };
         let secrets = inner.token.secrets();
         let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
-        if let Some(body) = neutral.rewrite_body(&fetched.body, &exposed) {
+        if let Some(body) = first.rewrite_body(&fetched.body, &exposed) {
             fetched.body = body;
         }
         // What redaction could not replace (a token under layers of escapes, or in UTF-16)
@@ -153,7 +160,7 @@ impl Gateway {
             )
             .into());
         }
-        neutral.rewrite_headers(&mut fetched.headers);
+        first.rewrite_headers(&mut fetched.headers);
         // Any other header that carries a held token in any spelling (an echoed
         // Authorization, a `Link` or `Content-Location` with the token in its query), or
         // is named after one, is dropped: rewriting arbitrary header syntax is guesswork,
@@ -176,6 +183,9 @@ impl Gateway {
         for name in leaking {
             fetched.headers.remove(name);
         }
+        if !shared {
+            return Ok(fetched);
+        }
         if let Some((headers, body)) = call
             .state
             .rewriter
@@ -183,10 +193,8 @@ impl Gateway {
         {
             let headers = std::mem::replace(&mut fetched.headers, headers);
             let body = std::mem::replace(&mut fetched.body, body);
-            // Kept only for a shared tier to store.
-            if inner.cache.shared().is_some() {
-                fetched.neutral = Some(Box::new((headers, body)));
-            }
+            // Kept for the shared tier to store.
+            fetched.neutral = Some(Box::new((headers, body)));
         }
         Ok(fetched)
     }

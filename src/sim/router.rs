@@ -175,7 +175,7 @@ async fn api_call(
                 reply::set_header(
                     &mut r,
                     "x-ratelimit-reset",
-                    whole_seconds(now + quota.reset_in),
+                    (now + quota.reset_in).as_secs(),
                 );
             }
             if sim.limit_status == StatusCode::TOO_MANY_REQUESTS {
@@ -202,17 +202,16 @@ fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// The rate fields of an allowed call. `X-RateLimit-Reset` is the Unix second the window
+/// ends in, rounded down, as the real API gives it: the window really ends up to a second
+/// after the time it names. (`Retry-After`, a wait, is rounded up.)
 fn rate_headers(reply: &mut Reply, quota: Quota) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     reply::set_header(reply, "x-ratelimit-limit", quota.limit);
     reply::set_header(reply, "x-ratelimit-remaining", quota.remaining);
-    reply::set_header(
-        reply,
-        "x-ratelimit-reset",
-        whole_seconds(now + quota.reset_in),
-    );
+    reply::set_header(reply, "x-ratelimit-reset", (now + quota.reset_in).as_secs());
 }
 
 /// `http://host[:port]` as the caller addressed us, so absolute links work through any

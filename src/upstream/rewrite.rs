@@ -818,6 +818,9 @@ mod tests {
         );
     }
 
+    /// The proxy takes either route: with a shared tier, the neutral form then this
+    /// replica's own; without one, the direct rewrite in one pass. Both must give the
+    /// same bytes and headers.
     #[test]
     fn the_neutral_form_localized_is_what_each_replica_would_have_made() {
         let body = format!(
@@ -830,6 +833,16 @@ mod tests {
             format!("<{UP}/me?access_token=T&a=1>; rel=next")
                 .parse()
                 .unwrap(),
+        );
+        headers.insert(
+            header::LOCATION,
+            format!("/1/inbox/mentions?access_token={TOKEN}&page=2")
+                .parse()
+                .unwrap(),
+        );
+        headers.insert(
+            header::CONTENT_LOCATION,
+            format!("{UP}/1/inbox/mentions?page=2").parse().unwrap(),
         );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let neutral = Rewriter::neutral(UP);
@@ -863,6 +876,21 @@ mod tests {
                 local_headers[header::CONTENT_LENGTH],
                 local.len().to_string(),
                 "expected Content-Length to follow the body for {public}"
+            );
+            let mut one_pass = headers.clone();
+            direct.rewrite_headers(&mut one_pass);
+            let mut two_pass = local_headers.clone();
+            for h in [&mut one_pass, &mut two_pass] {
+                h.remove(header::CONTENT_LENGTH);
+            }
+            assert_eq!(
+                one_pass, two_pass,
+                "expected the one-pass headers to be the localized neutral ones for {public}"
+            );
+            assert_eq!(
+                one_pass[header::LOCATION],
+                "/1/inbox/mentions?page=2",
+                "expected the token gone from a relative Location for {public}"
             );
         }
         let plain = Bytes::from_static(br#"{"id":1}"#);

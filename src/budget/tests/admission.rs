@@ -26,7 +26,7 @@ async fn concurrent_admits_never_exceed_the_burst() {
         match task.await.expect("admit task does not panic") {
             Ok(_) => admitted += 1,
             Err(r) => assert_eq!(
-                r.budget,
+                r.later().budget,
                 Which::Global,
                 "expected global refusals, saw {r:?}"
             ),
@@ -92,10 +92,10 @@ async fn batch_cannot_take_the_interactive_reserve() {
     assert!(
         matches!(
             refused,
-            Err(Rejected {
+            Err(Refused::Later(Rejected {
                 budget: Which::Global,
                 ..
-            })
+            }))
         ),
         "expected the 9th batch call refused by the reserve, saw {refused:?}"
     );
@@ -182,7 +182,7 @@ async fn refuses_at_once_when_the_wait_exceeds_max_wait() {
     };
     assert_eq!(
         refused,
-        Err(want),
+        Err(want.into()),
         "expected the 300 ms the fifth call needs"
     );
     assert_eq!(
@@ -211,10 +211,10 @@ async fn a_refusal_by_one_share_spends_nothing_of_the_other() {
     assert!(
         matches!(
             refused,
-            Err(Rejected {
+            Err(Refused::Later(Rejected {
                 budget: Which::Client,
                 ..
-            })
+            }))
         ),
         "expected a's own share to refuse, saw {refused:?}"
     );
@@ -249,10 +249,10 @@ async fn a_late_global_refusal_gives_the_client_cell_back() {
     });
     tokio::task::yield_now().await;
     let refused = late.await.expect("admit task does not panic");
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(1),
         budget: Which::Global,
-    });
+    }));
     assert_eq!(
         refused, want,
         "expected a refused at 1 s by the global queue"
@@ -303,7 +303,7 @@ async fn cost_spends_that_many_cells() {
         2,
         "expected 2 cells left after a cost of 3"
     );
-    let refused = b.admit("c", n(3)).await.map_err(|r| r.retry_after);
+    let refused = b.admit("c", n(3)).await.map_err(|r| r.later().retry_after);
     assert_eq!(
         refused,
         Err(Duration::from_millis(100)),
@@ -331,7 +331,7 @@ async fn a_caller_that_waited_elsewhere_has_only_the_rest_of_its_max_wait() {
         .admit_within("ui", n(1), Duration::from_millis(1500))
         .await;
     assert!(
-        matches!(refused, Err(ref r) if r.budget == Which::Client),
+        matches!(refused, Err(Refused::Later(ref r)) if r.budget == Which::Client),
         "expected a caller that waited 1.5 s already refused (2 s > the 0.5 s left), saw {refused:?}"
     );
     let started = tokio::time::Instant::now();
@@ -358,29 +358,22 @@ async fn a_cost_above_the_burst_is_refused_and_books_nothing() {
     let mut s = spec(share(600, 60_000, 20), 2000, clients);
     s.batch_reserve = 0.5;
     let b = budget(s);
-    let too_costly = |budget, burst| {
-        Err(TooCostly {
+    let never = |budget, burst| {
+        Err(Refused::Never(TooCostly {
             cost: 1_000_000,
             burst,
             budget,
-        })
+        }))
     };
-    assert_eq!(
-        b.fits("anyone", n(1_000_000)),
-        too_costly(Which::Global, 20)
-    );
-    assert_eq!(b.fits("bulk", n(1_000_000)), too_costly(Which::Global, 10));
-    assert_eq!(b.fits("own", n(1_000_000)), too_costly(Which::Client, 4));
-    assert_eq!(
-        b.fits("anyone", n(20)),
-        Ok(()),
-        "expected the whole burst to fit"
-    );
-    for who in ["anyone", "bulk", "own"] {
-        let refused = b.admit(who, n(1_000_000)).await;
-        assert!(
-            refused.is_err(),
-            "expected {who}'s call refused, saw {refused:?}"
+    for (who, want) in [
+        ("anyone", never(Which::Global, 20)),
+        ("bulk", never(Which::Global, 10)),
+        ("own", never(Which::Client, 4)),
+    ] {
+        let refused = b.admit(who, n(1_000_000)).await.map(|a| a.waited);
+        assert_eq!(
+            refused, want,
+            "expected {who}'s call refused as never fitting"
         );
     }
     assert_eq!(
@@ -388,11 +381,11 @@ async fn a_cost_above_the_burst_is_refused_and_books_nothing() {
         20,
         "expected nothing booked on the global share"
     );
-    let next = b.admit("other", n(1)).await.map(|a| a.waited);
+    let next = b.admit("other", n(20)).await.map(|a| a.waited);
     assert_eq!(
         next,
         Ok(Duration::ZERO),
-        "expected the next caller admitted at once"
+        "expected the next caller's whole burst admitted at once"
     );
 }
 
@@ -405,7 +398,7 @@ async fn a_reload_cuts_debt_the_new_terms_could_not_have_booked() {
         .await
         .expect("expected the whole burst admitted");
     b.reload(spec(share(600, 60_000, 5), 2000, vec![]));
-    let refused = b.admit("c", n(1)).await.map_err(|r| r.retry_after);
+    let refused = b.admit("c", n(1)).await.map_err(|r| r.later().retry_after);
     assert_eq!(
         refused,
         Err(Duration::from_millis(2100)),

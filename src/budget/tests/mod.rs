@@ -159,6 +159,7 @@ pub(crate) async fn drive(
                     }
                     Err(r) => {
                         let pause = r
+                            .later()
                             .retry_after
                             .clamp(Duration::from_millis(10), Duration::from_secs(1));
                         tokio::time::sleep(pause).await;

@@ -21,17 +21,17 @@ async fn too_many_requests_pauses_everything_for_retry_after() {
         Some(Duration::from_secs(5)),
         "expected a 5 s pause"
     );
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(5),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         b.admit("c", n(1)).await,
         want,
         "expected an immediate upstream refusal"
     );
     advance(Duration::from_millis(4900)).await;
-    let refused = b.admit("c", n(1)).await.map_err(|r| r.retry_after);
+    let refused = b.admit("c", n(1)).await.map_err(|r| r.later().retry_after);
     let want = Err(Duration::from_millis(100));
     assert_eq!(refused, want, "expected 100 ms left at 4.9 s");
     advance(Duration::from_millis(100)).await;
@@ -59,10 +59,10 @@ async fn a_small_remaining_used_up_by_calls_out_waits_for_them_never_pauses() {
     }
     // The third waits its max_wait (1 s) for one of the two to land, then gets a short
     // Retry-After: the upstream never said 0, so nothing pauses for the hour.
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(1),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         b.admit("c", n(1)).await,
         want,
@@ -101,10 +101,10 @@ async fn a_429_during_the_wait_refuses_the_sleeper() {
     h.insert("retry-after", HeaderValue::from_static("10"));
     b.observe_upstream(StatusCode::TOO_MANY_REQUESTS, &h);
     let got = sleeper.await.expect("admit task does not panic");
-    let want = Err(Rejected {
+    let want = Err(Refused::Later(Rejected {
         retry_after: Duration::from_secs(9),
         budget: Which::Upstream,
-    });
+    }));
     assert_eq!(
         got, want,
         "expected the sleeper refused at 1 s with 9 s of pause left"
@@ -143,7 +143,11 @@ async fn a_cold_start_sends_one_call_and_lets_its_answer_set_the_allowance() {
     while let Some(got) = burst.join_next().await {
         match got.expect("admit task does not panic") {
             Ok(_) => admitted += 1,
-            Err(r) => assert_eq!(r.budget, Which::Upstream, "expected the upstream's word"),
+            Err(r) => assert_eq!(
+                r.later().budget,
+                Which::Upstream,
+                "expected the upstream's word"
+            ),
         }
     }
     assert_eq!(
@@ -187,7 +191,7 @@ async fn the_first_answer_not_coming_refuses_within_max_wait() {
     let started = tokio::time::Instant::now();
     let got = b.admit("c", n(1)).await;
     assert_eq!(
-        got.map_err(|r| r.budget),
+        got.map_err(|r| r.later().budget),
         Err(Which::Upstream),
         "expected a refusal once max_wait has passed"
     );
@@ -228,7 +232,7 @@ async fn blind_paused(max_wait_ms: u64) -> Budget {
     b
 }
 
-fn two_waiting(b: &Budget) -> tokio::task::JoinSet<Result<Admitted, Rejected>> {
+fn two_waiting(b: &Budget) -> tokio::task::JoinSet<Result<Admitted, Refused>> {
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..2 {
         let b = b.clone();
@@ -282,10 +286,10 @@ async fn a_refused_probe_refuses_its_waiters_with_the_new_pause() {
     let other = other.expect("the admission does not panic");
     assert_eq!(
         other,
-        Err(Rejected {
+        Err(Refused::Later(Rejected {
             retry_after: Duration::from_secs(60),
             budget: Which::Upstream,
-        }),
+        })),
         "expected the waiter refused with the fresh blind minute"
     );
 }
@@ -296,10 +300,10 @@ async fn a_caller_whose_wait_ends_before_the_probe_is_refused_with_the_pause_lef
     advance(Duration::from_secs(50)).await;
     assert_eq!(
         b.admit("c", n(1)).await,
-        Err(Rejected {
+        Err(Refused::Later(Rejected {
             retry_after: Duration::from_secs(10),
             budget: Which::Upstream,
-        }),
+        })),
         "expected a caller that cannot wait 10 s refused at once"
     );
 }
@@ -307,7 +311,8 @@ async fn a_caller_whose_wait_ends_before_the_probe_is_refused_with_the_pause_lef
 #[tokio::test(start_paused = true)]
 async fn a_new_window_admits_no_more_than_the_learnt_limit() {
     let b = budget(spec(share(100, 1000, 100), 0, vec![]));
-    let mut h = remaining("9", "10");
+    // Reset 9 s from now, rounded down: the window ends by 10 s.
+    let mut h = remaining("9", "9");
     h.insert("x-ratelimit-limit", HeaderValue::from_static("10"));
     let first = b.admit("c", n(1)).await.expect("a first call");
     b.observe_answer(StatusCode::OK, &h, b"", first.ticket);
@@ -383,10 +388,10 @@ async fn a_late_answer_to_an_older_call_does_not_lift_a_blind_pause() {
     assert!(
         matches!(
             refused,
-            Err(Rejected {
+            Err(Refused::Later(Rejected {
                 budget: Which::Upstream,
                 ..
-            })
+            }))
         ),
         "expected the next call refused by the upstream's pause, saw {refused:?}"
     );
@@ -506,5 +511,101 @@ fn the_limit_answer_is_known_in_the_envelope_and_in_any_case() {
     assert!(
         !limit_reached(StatusCode::OK, ok),
         "expected a 200 never read as the limit"
+    );
+}
+
+/// An upstream whose window really ends 5.6 s after its limit answer, which says
+/// `X-RateLimit-Reset: 5` (whole seconds, rounded down, as the real API gives it): no call
+/// is let through before 5.6 s, calls go again within the second after the one named, and
+/// no refusal's `Retry-After` names a time before the gateway sends again.
+#[tokio::test(start_paused = true)]
+async fn a_whole_second_reset_is_never_trusted_to_end_early() {
+    let b = budget(spec(share(100, 3_600_000, 100), 0, vec![]));
+    let started = tokio::time::Instant::now();
+    let first = b.admit("c", n(1)).await.expect("a first call");
+    let mut h = remaining("0", "5");
+    h.insert("x-ratelimit-limit", HeaderValue::from_static("30"));
+    let limited = b.observe_answer(StatusCode::BAD_REQUEST, &h, LIMIT_BODY, first.ticket);
+    assert!(limited, "expected the API's 400 read as the limit");
+    let real_end = Duration::from_millis(5600);
+    let mut earliest_promised = Duration::MAX;
+    let resumed = loop {
+        advance(Duration::from_millis(100)).await;
+        let at = started.elapsed();
+        assert!(
+            at < Duration::from_secs(10),
+            "expected calls to go again, still refused at {at:?}"
+        );
+        match b.admit("c", n(1)).await {
+            Ok(_) => break at,
+            Err(r) => {
+                let back = at + Duration::from_secs(r.later().retry_after_secs());
+                earliest_promised = earliest_promised.min(back);
+            }
+        }
+    };
+    assert!(
+        resumed >= real_end,
+        "expected no call before the window's real end at {real_end:?}, saw one at {resumed:?}"
+    );
+    assert!(
+        resumed <= real_end + Duration::from_secs(1),
+        "expected calls again within the second after the one named, saw {resumed:?}"
+    );
+    assert!(
+        earliest_promised >= resumed,
+        "expected no Retry-After naming a time before calls go again ({resumed:?}), saw one \
+         for {earliest_promised:?}"
+    );
+}
+
+/// The same through Redis: a replica reads the limit answer saying `Reset: 1`, and the
+/// other replica is refused until the end of that second, 2 s after the answer, not one.
+#[tokio::test]
+async fn a_whole_second_reset_shared_through_redis_holds_to_the_end_of_that_second() {
+    use cxgate_testkit::redis::RedisServer;
+    let Some(server) = RedisServer::start_or_skip("this Redis budget test") else {
+        return;
+    };
+    const ENV: &str = "CXGATE_T_WHOLE_SECOND";
+    std::env::set_var(ENV, server.url());
+    let prefix = format!("t{:08x}", fastrand::u32(..));
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let registry = Registry::new();
+        let redis = crate::replicas::Redis::connect(ENV, &prefix, &registry)
+            .await
+            .expect("a Redis handle");
+        let spec = spec(share(100, 3_600_000, 100), 0, vec![]);
+        let b = Budget::new_shared(spec, &registry, redis, n(2)).expect("a shared budget");
+        answered_once(&b);
+        replicas.push(b);
+    }
+    let first = replicas[0].admit("c", n(1)).await.expect("a first call");
+    let told = std::time::Instant::now();
+    let limited = replicas[0].observe_answer(
+        StatusCode::BAD_REQUEST,
+        &remaining("0", "1"),
+        LIMIT_BODY,
+        first.ticket,
+    );
+    assert!(limited, "expected the API's 400 read as the limit");
+    let refused = loop {
+        match replicas[1].admit("c", n(1)).await {
+            Err(Refused::Later(r)) if r.budget == Which::Upstream => break r,
+            other => {
+                assert!(
+                    told.elapsed() < Duration::from_secs(5),
+                    "expected the other replica paused by Redis, saw {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let until = told.elapsed() + refused.retry_after;
+    assert!(
+        until >= Duration::from_millis(1500),
+        "expected the shared pause to run to the end of the second named (2 s), saw it end \
+         {until:?} after the answer"
     );
 }
