@@ -20,8 +20,11 @@ pub(crate) struct TokenRecord {
     pub refresh: Option<Secret>,
     pub expires_at: Option<SystemTime>,
     pub scope: Option<String>,
-    /// When `cxgate token init` wrote this token (the file's `initialised_at`): an
-    /// operator's repair. A shared record written before it does not replace it at start.
+    /// The token's epoch (the file's `initialised_at`): when the operator's repair it
+    /// descends from was made (`cxgate token init`, or a token file taken on reload).
+    /// Refreshes and adoptions keep it, so the replicas compare lineages by it: a record of
+    /// a newer epoch replaces a replica's token whatever their expiries, and no replica
+    /// offers a token of an older epoch over it (see `shared`). `None` is the oldest.
     pub initialised_at: Option<SystemTime>,
     /// The file was written from the shared record and the upstream has not accepted its
     /// token since (the file's `adopted_unconfirmed`): after a restart a tampered record's

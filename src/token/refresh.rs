@@ -159,12 +159,13 @@ impl Inner {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };
-        let (spent, scope, generation) = {
+        let (spent, scope, epoch, generation) = {
             let state = self.lock();
             let record = &state.record;
             (
                 record.refresh.clone(),
                 record.scope.clone(),
+                record.initialised_at,
                 state.generation,
             )
         };
@@ -202,7 +203,8 @@ impl Inner {
             refresh: granted.refresh.or(Some(spent)),
             expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
             scope: granted.scope.or(scope),
-            initialised_at: None,
+            // A refresh continues the lineage: its epoch stays the operator's last repair.
+            initialised_at: epoch,
             adopted: false,
         };
         let (mut saved, mut stamp) = (true, None);
@@ -328,6 +330,22 @@ impl Inner {
             && record.expires_at == state.record.expires_at
         {
             return Ok(None);
+        }
+        // An operator's repair starts a new epoch that every replica adopts (see `shared`):
+        // the file's `initialised_at` when `token init` wrote it after the epoch held, else
+        // now (a file written by hand, or one claiming a time from the future).
+        let mut record = record;
+        let wall = SystemTime::now();
+        let held = state
+            .record
+            .initialised_at
+            .filter(|at| !super::shared::from_the_future(Some(*at), wall));
+        if record
+            .initialised_at
+            .is_none_or(|at| Some(at) <= held || super::shared::from_the_future(Some(at), wall))
+        {
+            record.initialised_at =
+                Some(wall.max(held.map_or(wall, |h| h + Duration::from_millis(1))));
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
