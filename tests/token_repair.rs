@@ -223,6 +223,19 @@ async fn version_once_stored(p: &Pair) -> u64 {
 
 /// Runs `cxgate token init` for replica `i` with the given variables (expiry in seconds).
 async fn token_init(p: &Pair, i: usize, access: &str, refresh: &str, expires_in: u64) {
+    try_token_init(p, i, access, refresh, expires_in)
+        .await
+        .expect("token init writes the file");
+}
+
+/// [`token_init`], with its outcome.
+async fn try_token_init(
+    p: &Pair,
+    i: usize,
+    access: &str,
+    refresh: &str,
+    expires_in: u64,
+) -> Result<PathBuf, cxgate::StartError> {
     let cfg = cxgate::config::load(&p.dirs[i].join("cxgate.toml")).expect("config");
     std::env::set_var("CX_ACCESS_TOKEN", access);
     std::env::set_var("CX_REFRESH_TOKEN", refresh);
@@ -231,7 +244,7 @@ async fn token_init(p: &Pair, i: usize, access: &str, refresh: &str, expires_in:
     for name in ["CX_ACCESS_TOKEN", "CX_REFRESH_TOKEN", "CX_EXPIRES_IN"] {
         std::env::remove_var(name);
     }
-    written.expect("token init writes the file");
+    written
 }
 
 /// The outside tester's `tok_repair.sh`: a planted record with a token the upstream still
@@ -375,6 +388,76 @@ async fn a_record_from_before_a_repair_or_stamped_in_the_future_is_not_adopted()
         p.record().await["token"]["access_token"],
         ACCESS,
         "expected the repaired token offered back over the older record"
+    );
+    p.stop().await;
+}
+
+/// A gateway key never travels upstream: a shared record whose access token is a client's
+/// key is not adopted (however well-formed), `cxgate token init` refuses one, and a token
+/// file holding one is not taken on reload (the held token stays, and `notes` say why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_key_is_never_taken_as_the_upstream_token() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    let version = version_once_stored(&p).await;
+    p.set_record(
+        version + 1,
+        serde_json::json!({"access_token": KEY, "refresh_token": PLANTED_REFRESH,
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            p.file(i)["access_token"],
+            ACCESS,
+            "replica {i}: expected a record holding the client's key not adopted"
+        );
+        assert_eq!(
+            p.serves(i, &format!("key{i}")).await,
+            StatusCode::OK,
+            "replica {i}: expected it serving on its own token"
+        );
+    }
+
+    let refused = try_token_init(&p, 0, KEY, REFRESH, 3600).await;
+    let message = refused.as_ref().err().map(ToString::to_string);
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("gateway key")),
+        "expected token init to refuse a client's key as the token, saw {refused:?}"
+    );
+    assert_eq!(
+        p.file(0)["access_token"],
+        ACCESS,
+        "expected the token file untouched by the refused token init"
+    );
+
+    // Written by hand, then a reload: not taken.
+    let hand = serde_json::json!({"access_token": KEY, "refresh_token": REFRESH,
+                                  "expires_at": "2098-01-01T00:00:00Z"});
+    std::fs::write(p.dirs[1].join("token.json"), hand.to_string()).expect("write token file");
+    let (status, body) = p.reload(1).await;
+    assert!(
+        status == StatusCode::OK && body.contains("gateway key"),
+        "expected the reload to say the file's token is a client's key, saw {status} {body}"
+    );
+    assert_eq!(
+        p.serves(1, "after-reload").await,
+        StatusCode::OK,
+        "expected replica 1 serving on the token it held"
+    );
+    tokio::time::sleep(WATCHES).await;
+    let record = p.record().await;
+    assert_eq!(
+        (record["version"].as_u64(), record["by"].as_str()),
+        (Some(version + 1), Some("tamper")),
+        "expected no replica to write a record after the refusals (the planted one stays, \
+         refused), saw {}",
+        record["version"]
     );
     p.stop().await;
 }

@@ -189,6 +189,22 @@ pub(crate) fn sendable(token: &str) -> bool {
         && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Whether `token`'s SHA-256 is one of `digests` (the clients' `key_sha256`).
+pub(crate) fn is_one_of(token: &Secret, digests: &[[u8; 32]]) -> bool {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
+    digests.iter().any(|d| d.as_slice() == digest.as_ref())
+}
+
+/// Whether the token file at `path` holds one of `digests` as its access token, for
+/// `check` and a reload to refuse what `run` refuses. Call it only on a file [`inspect`]
+/// accepted; false for one it cannot decode.
+pub fn holds_client_key(path: &Path, digests: &[[u8; 32]]) -> bool {
+    read_capped(path)
+        .ok()
+        .and_then(|bytes| decode(&bytes, path).ok())
+        .is_some_and(|record| is_one_of(&record.access, digests))
+}
+
 /// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes
 /// (a signed one a few hundred); a longer one would push the upstream request's head past
 /// what servers take (431), so it is treated as unsendable wherever it comes from.

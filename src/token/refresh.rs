@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     /// Wakes the refresher when a token is installed from elsewhere (a reload), so a token
     /// that must be refreshed at once is not left until the refresher's next look.
     pub wake: tokio::sync::Notify,
+    /// The SHA-256 digests of the clients' gateway keys: no token equal to one is taken
+    /// from a token file or the shared record, since it would carry a key upstream.
+    pub client_keys: std::sync::RwLock<Vec<[u8; 32]>>,
 }
 
 impl ExpirySource for Inner {
@@ -66,6 +69,15 @@ impl Inner {
     /// leave the fields half-updated (they are assigned after all fallible work is done).
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `token` is one of the clients' gateway keys.
+    pub fn is_client_key(&self, token: &Secret) -> bool {
+        let keys = self
+            .client_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        super::file::is_one_of(token, &keys)
     }
 
     /// Whether a refresh can be attempted at all (OAuth configured and a refresh token).
@@ -316,6 +328,11 @@ impl Inner {
             return Ok(None);
         };
         let (record, stamp) = file::read_stamped(path).await?;
+        if self.is_client_key(&record.access) {
+            return Err(TokenError::ClientKey {
+                what: format!("token file {}", path.display()),
+            });
+        }
         let now = Instant::now();
         let mut state = self.lock();
         // During a refresh the file is about to change anyway; look again next time.

@@ -639,7 +639,12 @@ impl Inner {
             (state.record.clone(), usable(&state) && !state.adopted)
         };
         let seen = shared.seen.load(Ordering::Acquire);
-        if let Some(reason) = refused(&st, &mine, mine_usable, seen, SystemTime::now()) {
+        let reason = if self.is_client_key(&st.record.access) {
+            Some("its access token is a client's gateway key, which never travels upstream")
+        } else {
+            refused(&st, &mine, mine_usable, seen, SystemTime::now())
+        };
+        if let Some(reason) = reason {
             if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
                 warn!(
                     version = st.version,
