@@ -132,6 +132,11 @@ pub fn token_settings(cfg: &Config) -> token::TokenSettings {
     }
 }
 
+/// The SHA-256 digests of the configured clients' keys: what must never travel upstream.
+pub(crate) fn client_keys(cfg: &Config) -> Vec<[u8; 32]> {
+    cfg.clients.iter().map(|c| c.key_sha256).collect()
+}
+
 /// How [`start`] runs the gateway, beyond its configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -203,6 +208,8 @@ pub async fn start(
     let lookup = |name: &str| secrets.lookup(name);
     let token =
         token::TokenManager::load(token_settings(&cfg), http.clone(), &registry, &lookup).await?;
+    // Before the token is shared: no record holding a client's key is adopted.
+    token.set_client_keys(client_keys(&cfg))?;
     if let Some(redis) = &redis {
         token.share_through(redis.clone()).await;
     }
@@ -423,6 +430,17 @@ pub async fn token_init(
     let settings = token_settings(cfg);
     let secrets = Secrets::from_env(cfg);
     let lookup = |name: &str| secrets.lookup(name);
+    // A client's key pasted as the CX Social token would be sent upstream on every call.
+    if code.is_none() {
+        let pasted = lookup(token::ACCESS_TOKEN_VAR)
+            .is_some_and(|t| client_keys(cfg).contains(&crate::auth::sha256(t.as_bytes())));
+        if pasted {
+            return Err(token::TokenError::ClientKey {
+                what: format!("${}", token::ACCESS_TOKEN_VAR),
+            }
+            .into());
+        }
+    }
     match code {
         None => Ok(token::init_from_lookup(&settings, &lookup).await?),
         Some(code) => {

@@ -106,6 +106,14 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
     if let Some(path) = &cfg.token.file {
         // Only a file `inspect` accepts is read again: a FIFO must never be opened.
         match crate::token::inspect_file(path) {
+            Ok(_) if crate::token::holds_client_key(path, &super::client_keys(cfg)) => {
+                problems.push(format!(
+                    "token.file: {}",
+                    crate::token::TokenError::ClientKey {
+                        what: format!("token file {}", path.display())
+                    }
+                ));
+            }
             Ok(open) => {
                 let unsendable = crate::token::unsendable_warning(path);
                 for warning in open.into_iter().chain(unsendable) {
@@ -156,6 +164,13 @@ pub async fn reload(
     );
     if !problems.is_empty() {
         return Err(problems);
+    }
+    // A client added with the upstream token as its key would send a key upstream.
+    if let Err(e) = gateway.token().set_client_keys(super::client_keys(&next)) {
+        let _ = gateway
+            .token()
+            .set_client_keys(super::client_keys(&current));
+        return Err(vec![format!("clients: {e}")]);
     }
     let mut notes = keep_restart_only(&current, &mut next);
     let admin_token = admin_token(&next, &secrets).map_err(|e| vec![e])?;

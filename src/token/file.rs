@@ -20,8 +20,11 @@ pub(crate) struct TokenRecord {
     pub refresh: Option<Secret>,
     pub expires_at: Option<SystemTime>,
     pub scope: Option<String>,
-    /// When `cxgate token init` wrote this token (the file's `initialised_at`): an
-    /// operator's repair. A shared record written before it does not replace it at start.
+    /// The token's epoch (the file's `initialised_at`): when the operator's repair it
+    /// descends from was made (`cxgate token init`, or a token file taken on reload).
+    /// Refreshes and adoptions keep it, so the replicas compare lineages by it: a record of
+    /// a newer epoch replaces a replica's token whatever their expiries, and no replica
+    /// offers a token of an older epoch over it (see `shared`). `None` is the oldest.
     pub initialised_at: Option<SystemTime>,
     /// The file was written from the shared record and the upstream has not accepted its
     /// token since (the file's `adopted_unconfirmed`): after a restart a tampered record's
@@ -184,6 +187,22 @@ pub(crate) fn sendable(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= MAX_TOKEN_BYTES
         && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether `token`'s SHA-256 is one of `digests` (the clients' `key_sha256`).
+pub(crate) fn is_one_of(token: &Secret, digests: &[[u8; 32]]) -> bool {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
+    digests.iter().any(|d| d.as_slice() == digest.as_ref())
+}
+
+/// Whether the token file at `path` holds one of `digests` as its access token, for
+/// `check` and a reload to refuse what `run` refuses. Call it only on a file [`inspect`]
+/// accepted; false for one it cannot decode.
+pub fn holds_client_key(path: &Path, digests: &[[u8; 32]]) -> bool {
+    read_capped(path)
+        .ok()
+        .and_then(|bytes| decode(&bytes, path).ok())
+        .is_some_and(|record| is_one_of(&record.access, digests))
 }
 
 /// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes

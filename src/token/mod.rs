@@ -37,6 +37,7 @@ use std::time::Duration;
 use serde_json::json;
 
 pub use error::TokenError;
+pub use file::holds_client_key;
 pub use file::inspect as inspect_file;
 /// Whether a token can travel upstream in `Authorization` as is (visible ASCII only, as
 /// RFC 6750 tokens are): the one test readiness, token loading and the request path share.
@@ -180,6 +181,7 @@ impl TokenManager {
             metrics: None,
             shared: std::sync::OnceLock::new(),
             wake: tokio::sync::Notify::new(),
+            client_keys: std::sync::RwLock::new(Vec::new()),
         };
         let mut registered = Ok(());
         let inner = match registry {
@@ -279,6 +281,28 @@ impl TokenManager {
     /// and the token held stays. Does nothing for a static token.
     pub async fn reread_file(&self) -> Result<Option<u64>, TokenError> {
         self.inner.reread_file().await
+    }
+
+    /// Sets the SHA-256 digests of the clients' gateway keys (at start, before
+    /// [`TokenManager::share_through`], and on reload): a token equal to one is never taken
+    /// from the token file or the shared record. Err when the token held is one of them
+    /// (the keys are set all the same): it must not be sent upstream.
+    pub fn set_client_keys(&self, keys: Vec<[u8; 32]>) -> Result<(), TokenError> {
+        *self
+            .inner
+            .client_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
+        let held = self.inner.lock().record.access.clone();
+        if self.inner.is_client_key(&held) {
+            return Err(TokenError::ClientKey {
+                what: match &self.inner.source {
+                    Source::File(path) => format!("token file {}", path.display()),
+                    Source::Env => "token.access_token_env".to_string(),
+                },
+            });
+        }
+        Ok(())
     }
 
     /// Starts the background refresher (ends at once for a static token).

@@ -46,6 +46,9 @@ pub(crate) struct Inner {
     /// Wakes the refresher when a token is installed from elsewhere (a reload), so a token
     /// that must be refreshed at once is not left until the refresher's next look.
     pub wake: tokio::sync::Notify,
+    /// The SHA-256 digests of the clients' gateway keys: no token equal to one is taken
+    /// from a token file or the shared record, since it would carry a key upstream.
+    pub client_keys: std::sync::RwLock<Vec<[u8; 32]>>,
 }
 
 impl ExpirySource for Inner {
@@ -66,6 +69,15 @@ impl Inner {
     /// leave the fields half-updated (they are assigned after all fallible work is done).
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `token` is one of the clients' gateway keys.
+    pub fn is_client_key(&self, token: &Secret) -> bool {
+        let keys = self
+            .client_keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        super::file::is_one_of(token, &keys)
     }
 
     /// Whether a refresh can be attempted at all (OAuth configured and a refresh token).
@@ -159,12 +171,13 @@ impl Inner {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };
-        let (spent, scope, generation) = {
+        let (spent, scope, epoch, generation) = {
             let state = self.lock();
             let record = &state.record;
             (
                 record.refresh.clone(),
                 record.scope.clone(),
+                record.initialised_at,
                 state.generation,
             )
         };
@@ -202,7 +215,8 @@ impl Inner {
             refresh: granted.refresh.or(Some(spent)),
             expires_at: granted.expires_in.and_then(|d| wall.checked_add(d)),
             scope: granted.scope.or(scope),
-            initialised_at: None,
+            // A refresh continues the lineage: its epoch stays the operator's last repair.
+            initialised_at: epoch,
             adopted: false,
         };
         let (mut saved, mut stamp) = (true, None);
@@ -314,6 +328,11 @@ impl Inner {
             return Ok(None);
         };
         let (record, stamp) = file::read_stamped(path).await?;
+        if self.is_client_key(&record.access) {
+            return Err(TokenError::ClientKey {
+                what: format!("token file {}", path.display()),
+            });
+        }
         let now = Instant::now();
         let mut state = self.lock();
         // During a refresh the file is about to change anyway; look again next time.
@@ -328,6 +347,22 @@ impl Inner {
             && record.expires_at == state.record.expires_at
         {
             return Ok(None);
+        }
+        // An operator's repair starts a new epoch that every replica adopts (see `shared`):
+        // the file's `initialised_at` when `token init` wrote it after the epoch held, else
+        // now (a file written by hand, or one claiming a time from the future).
+        let mut record = record;
+        let wall = SystemTime::now();
+        let held = state
+            .record
+            .initialised_at
+            .filter(|at| !super::shared::from_the_future(Some(*at), wall));
+        if record
+            .initialised_at
+            .is_none_or(|at| Some(at) <= held || super::shared::from_the_future(Some(at), wall))
+        {
+            record.initialised_at =
+                Some(wall.max(held.map_or(wall, |h| h + Duration::from_millis(1))));
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);

@@ -43,6 +43,15 @@ pub(crate) fn from_the_future(at: Option<SystemTime>, now: SystemTime) -> bool {
     at.is_some_and(|at| at > now + CLOCK_SKEW)
 }
 
+/// A token's epoch as this replica believes it (see `TokenRecord::initialised_at`): one
+/// from the future counts as none. `None` orders before every time, so a token that no
+/// repair ever stamped is of the oldest epoch.
+fn epoch(record: &TokenRecord, now: SystemTime) -> Option<SystemTime> {
+    record
+        .initialised_at
+        .filter(|at| !from_the_future(Some(*at), now))
+}
+
 /// Replaces the record: as the lock holder (ARGV[2] = its id), or with no lock held when
 /// the stored version is still ARGV[3].
 static PUT: LazyLock<Script> = LazyLock::new(|| {
@@ -358,13 +367,27 @@ fn refused(
     if from_the_future(st.written_at, now) {
         return Some("its written_at lies in the future: the record is not trusted");
     }
+    if from_the_future(st.record.initialised_at, now) {
+        return Some("its initialised_at lies in the future: the record is not trusted");
+    }
+    // An operator's repair starts a newer epoch, which replaces a working token whatever
+    // the expiries say (the token it repairs may well expire later); a record from before
+    // the repair this replica's working token descends from never replaces it.
+    let (theirs, ours) = (st.record.initialised_at, epoch(mine, now));
+    if mine_usable && theirs < ours {
+        return Some(
+            "it is older than the operator's repair this replica's valid token comes from \
+             (its initialised_at is earlier)",
+        );
+    }
+    let repair = theirs > ours;
     if mine_usable && st.record.expires_at.is_none() && mine.expires_at.is_some() {
         return Some("it says nothing of when it expires and this replica's valid token does");
     }
     if mine_usable && st.record.expires_at.is_some_and(|at| at <= now) {
         return Some("it has already expired and this replica's token is valid");
     }
-    if mine_usable && later(mine.expires_at, st.record.expires_at) {
+    if mine_usable && !repair && later(mine.expires_at, st.record.expires_at) {
         return Some("it expires sooner than this replica's valid token");
     }
     if !file::sendable(st.record.access.expose()) {
@@ -431,27 +454,34 @@ impl Inner {
     }
 
     /// Whether a record holds another token that may replace this replica's: one that
-    /// expires no sooner, or any when this replica's own came from the record and the
-    /// upstream has not taken it (a restored record expires sooner than a tampered one).
+    /// expires no sooner, one of a newer epoch (an operator's repair), or any when this
+    /// replica's own came from the record and the upstream has not taken it (a restored
+    /// record expires sooner than a tampered one).
     fn worth_adopting(&self, st: &Stored) -> bool {
         let state = self.lock();
+        let now = SystemTime::now();
         st.record.access != state.record.access
-            && (state.adopted || !later(state.record.expires_at, st.record.expires_at))
+            && (state.adopted
+                || !later(state.record.expires_at, st.record.expires_at)
+                || epoch(&st.record, now) > epoch(&state.record, now))
     }
 
     async fn refresh_holding_lock(&self, shared: &SharedToken) -> Result<(), TokenError> {
         // Another replica may have written its record between our read and our lock.
-        let version = match shared.read().await {
+        let (version, stored_epoch) = match shared.read().await {
             Ok(Some(st)) if self.worth_adopting(&st) => {
-                let version = st.version;
+                let (version, at) = (st.version, epoch(&st.record, SystemTime::now()));
                 if self.adopt(shared, st).await {
                     shared.release().await;
                     return Ok(());
                 }
-                Some(version)
+                (Some(version), at)
             }
-            Ok(st) => st.map(|s| s.version),
-            Err(_) => None,
+            Ok(st) => (
+                st.as_ref().map(|s| s.version),
+                st.and_then(|s| epoch(&s.record, SystemTime::now())),
+            ),
+            Err(_) => (None, None),
         };
         // A refresh token another replica already had refused is not presented again: this
         // replica needs re-authorisation as much as that one did.
@@ -491,9 +521,12 @@ impl Inner {
         if result.is_ok() {
             let record = self.lock().record.clone();
             let next = next_version(version.unwrap_or(shared.seen.load(Ordering::Acquire)));
+            // A token of an older epoch than the record's (one this replica would not
+            // adopt: no refresh token, say) is not written over an operator's repair.
+            let older = stored_epoch > epoch(&record, SystemTime::now());
             let put = match next {
-                Some(next) => shared.put(next, &record, true, 0).await,
-                None => Ok(false),
+                Some(next) if !older => shared.put(next, &record, true, 0).await,
+                _ => Ok(false),
             };
             match put {
                 Ok(true) => shared.unshared.store(false, Ordering::Release),
@@ -606,7 +639,12 @@ impl Inner {
             (state.record.clone(), usable(&state) && !state.adopted)
         };
         let seen = shared.seen.load(Ordering::Acquire);
-        if let Some(reason) = refused(&st, &mine, mine_usable, seen, SystemTime::now()) {
+        let reason = if self.is_client_key(&st.record.access) {
+            Some("its access token is a client's gateway key, which never travels upstream")
+        } else {
+            refused(&st, &mine, mine_usable, seen, SystemTime::now())
+        };
+        if let Some(reason) = reason {
             if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
                 warn!(
                     version = st.version,
@@ -698,35 +736,57 @@ impl Inner {
             Some(st) if st.record.access == record.access => {
                 shared.seen.store(st.version, Ordering::Release);
                 shared.unshared.store(false, Ordering::Release);
+                // The same token stamped with a newer epoch (a reload took a token file
+                // written by hand, and stamped it in memory only): its refreshes carry it on.
+                let now = SystemTime::now();
+                if epoch(&st.record, now) > epoch(&record, now) {
+                    let mut state = self.lock();
+                    if state.record.access == st.record.access {
+                        state.record.initialised_at = st.record.initialised_at;
+                    }
+                }
             }
             Some(st) => {
-                // Only a token the others have not seen is offered over the record. Comparing
-                // expiries is for the first meeting alone (a replica started on a fresh file):
-                // afterwards it would push a bad record back over an operator's repair.
-                // An operator's `cxgate token init` after the record was written is a repair:
-                // it wins whatever the expiries say (the record may hold a dead token).
+                // Epochs decide first (see `TokenRecord::initialised_at`): a record of a
+                // newer one is an operator's repair, adopted and never pushed back out; a
+                // token of a newer one than the record's is a repair the others have not
+                // got, offered. A token this replica adopted and the upstream has not taken
+                // is never offered: it may be the tampered record's.
+                // Within one epoch only a token the others have not seen is offered over
+                // the record (refreshed alone while Redis was away). Comparing expiries is
+                // for the first meeting alone (a replica started on a fresh file):
+                // afterwards it would push a bad record back over a repair.
                 // Times from the future are believed from neither side: a record claiming
                 // one is refused by `adopt` (and never outranks the file), a file claiming
                 // one repairs nothing.
                 let first_meeting = shared.seen.load(Ordering::Acquire) == 0;
                 let now = SystemTime::now();
-                let repaired = !from_the_future(record.initialised_at, now)
-                    && (from_the_future(st.written_at, now)
-                        || matches!(
-                            (record.initialised_at, st.written_at),
-                            (Some(init), Some(written)) if init > written
-                        ));
-                if from_the_future(st.written_at, now)
+                if (from_the_future(st.written_at, now)
+                    || from_the_future(st.record.initialised_at, now))
                     && shared.refused.swap(st.version, Ordering::AcqRel) != st.version
                 {
                     warn!(
                         version = st.version,
-                        "shared token record not trusted: its written_at lies in the future"
+                        "shared token record not trusted: its written_at or initialised_at \
+                         lies in the future"
                     );
                 }
-                let ours_newer = shared.unshared.load(Ordering::Acquire)
-                    || (first_meeting
-                        && (repaired || later(record.expires_at, st.record.expires_at)));
+                let adopted = self.lock().adopted;
+                let ours = epoch(&record, now);
+                let theirs = epoch(&st.record, now);
+                let ours_newer = !adopted
+                    && match ours.cmp(&theirs) {
+                        // A repair the upstream refused is no repair: not offered (the
+                        // others may be falling back from it).
+                        std::cmp::Ordering::Greater => usable(&self.lock()),
+                        std::cmp::Ordering::Less => false,
+                        std::cmp::Ordering::Equal => {
+                            shared.unshared.load(Ordering::Acquire)
+                                || (first_meeting
+                                    && (from_the_future(st.written_at, now)
+                                        || later(record.expires_at, st.record.expires_at)))
+                        }
+                    };
                 let next = next_version(st.version);
                 if !ours_newer {
                     self.adopt(shared, st).await;

@@ -1,0 +1,463 @@
+//! An operator's repair of the shared token across two real replicas and their own
+//! `redis-server` (a free loopback port, stopped by its process id): `cxgate token init` on
+//! one replica and a reload start a new epoch that every replica adopts, whatever the
+//! expiries say, and no replica pushes the token it held before back over it, not even
+//! after a restart. And a record whose token is a client's gateway key is never adopted.
+//! Without `redis-server` on PATH the tests skip loudly, except under `CI=true`.
+//! The tests take a lock: they set the `CX_*` variables `token init` reads.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
+
+use common::redis_server::{Kind, RedisServer};
+use common::{client_toml, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
+use cxgate::sim::{SimHandle, SimOptions};
+use cxgate::Running;
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A token the upstream accepts as well as [`ACCESS`]: the planted record's, so a replica
+/// that adopts it keeps working and holds it as a valid token.
+const PLANTED: &str = "planted-access-0001";
+const PLANTED_REFRESH: &str = "planted-refresh-0001";
+
+/// Longer than the replicas' one-second watch of the record, twice over.
+const WATCHES: Duration = Duration::from_millis(2500);
+
+struct Pair {
+    sim: SimHandle,
+    redis: RedisServer,
+    replicas: Vec<Running>,
+    dirs: Vec<PathBuf>,
+    prefix: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A simulator accepting [`ACCESS`] and [`PLANTED`], a Redis and two replicas.
+async fn pair() -> Option<Pair> {
+    let redis = RedisServer::start_kind_or_skip(Kind::Plain, "the token repair tests")?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
+    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    let sim = SimOptions {
+        access_tokens: vec![ACCESS.to_string(), PLANTED.to_string()],
+        refresh_tokens: vec![REFRESH.to_string(), PLANTED_REFRESH.to_string()],
+        client_secret: CLIENT_SECRET.to_string(),
+        ..SimOptions::default()
+    };
+    let ttl = sim.token_ttl;
+    let sim = common::spawn_sim(sim).await;
+    let base = sim.base_url();
+    let prefix = format!("cxr{:08x}", fastrand::u32(..));
+    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let (mut replicas, mut dirs) = (Vec::new(), Vec::new());
+    for i in 0..2 {
+        let dir = common::temp_dir(&format!("repair-{i}"));
+        let token_file = dir.join("token.json");
+        cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, ttl).expect("token file");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"1s\"\n\
+             [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
+             [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
+             [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+             [budget]\nlimit = 100000\nperiod = \"1s\"\nburst = 10000\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = 2\n\
+             {clients}\n{ROUTES}\n",
+            token_file.display()
+        );
+        let path = dir.join("cxgate.toml");
+        std::fs::write(&path, &text).expect("write config");
+        let cfg = cxgate::config::load(&path).expect("a valid config");
+        replicas.push(
+            cxgate::start(cfg, Some(path), cxgate::Options::default())
+                .await
+                .expect("replica starts"),
+        );
+        dirs.push(dir);
+    }
+    Some(Pair {
+        sim,
+        redis,
+        replicas,
+        dirs,
+        prefix,
+        http: Client::builder(TokioExecutor::new()).build_http(),
+    })
+}
+
+impl Pair {
+    async fn send(&self, method: Method, url: String) -> (StatusCode, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {KEY}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.http.request(req))
+            .await
+            .expect("expected an answer within 10 s")
+            .expect("expected the replica to answer");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn get(&self, i: usize, path: &str) -> (StatusCode, String) {
+        let url = format!("http://{}{path}", self.replicas[i].addr);
+        self.send(Method::GET, url).await
+    }
+
+    async fn reload(&self, i: usize) -> (StatusCode, String) {
+        let url = format!("http://{}/admin/reload", self.replicas[i].admin_addr);
+        self.send(Method::POST, url).await
+    }
+
+    fn file(&self, i: usize) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.dirs[i].join("token.json")).expect("token file");
+        serde_json::from_str(&text).expect("token file JSON")
+    }
+
+    fn files_hold(&self, access: &str) -> bool {
+        (0..2).all(|i| self.file(i)["access_token"] == access)
+    }
+
+    async fn conn(&self) -> cxgate::replicas::Conn {
+        cxgate::replicas::Options::default()
+            .open(&self.redis.url())
+            .await
+            .expect("connect to the test redis-server")
+    }
+
+    async fn record(&self) -> serde_json::Value {
+        let mut redis = self.conn().await;
+        let text: Option<String> = redis::cmd("GET")
+            .arg(format!("{{{}}}:token", self.prefix))
+            .query_async(&mut redis)
+            .await
+            .expect("read the token record");
+        text.map_or(serde_json::Value::Null, |t| {
+            serde_json::from_str(&t).expect("record JSON")
+        })
+    }
+
+    async fn set_record(&self, version: u64, token: serde_json::Value) {
+        let mut redis = self.conn().await;
+        let record = serde_json::json!({"version": version, "by": "tamper", "token": token});
+        let () = redis::cmd("SET")
+            .arg(format!("{{{}}}:token", self.prefix))
+            .arg(record.to_string())
+            .query_async(&mut redis)
+            .await
+            .expect("write the token record");
+    }
+
+    /// The status of one uncached call through replica `i`.
+    async fn serves(&self, i: usize, tag: &str) -> StatusCode {
+        self.get(i, &format!("/12345/inbox/contact/twitter/{tag}"))
+            .await
+            .0
+    }
+
+    /// Stops replica `i` and starts it again on the same files.
+    async fn restart(&mut self, i: usize) {
+        let old = self.replicas.remove(i);
+        old.shutdown();
+        old.stopped().await;
+        let path = self.dirs[i].join("cxgate.toml");
+        let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
+        let again = cxgate::start(cfg, Some(path), cxgate::Options::default())
+            .await
+            .expect("replica starts again");
+        self.replicas.insert(i, again);
+    }
+
+    async fn stop(self) {
+        for r in &self.replicas {
+            r.shutdown();
+        }
+        for r in self.replicas {
+            r.stopped().await;
+        }
+        self.sim.shutdown().await;
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        drop(self.redis);
+    }
+}
+
+/// Polls `done` every 50 ms for up to `limit`; true once it holds.
+async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+/// The version of the record once one exists (each replica creates or adopts it at start).
+async fn version_once_stored(p: &Pair) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = p.record().await["version"].as_u64() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "expected a token record stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `cxgate token init` for replica `i` with the given variables (expiry in seconds).
+async fn token_init(p: &Pair, i: usize, access: &str, refresh: &str, expires_in: u64) {
+    try_token_init(p, i, access, refresh, expires_in)
+        .await
+        .expect("token init writes the file");
+}
+
+/// [`token_init`], with its outcome.
+async fn try_token_init(
+    p: &Pair,
+    i: usize,
+    access: &str,
+    refresh: &str,
+    expires_in: u64,
+) -> Result<PathBuf, cxgate::StartError> {
+    let cfg = cxgate::config::load(&p.dirs[i].join("cxgate.toml")).expect("config");
+    std::env::set_var("CX_ACCESS_TOKEN", access);
+    std::env::set_var("CX_REFRESH_TOKEN", refresh);
+    std::env::set_var("CX_EXPIRES_IN", expires_in.to_string());
+    let written = cxgate::token_init(&cfg, None, None).await;
+    for name in ["CX_ACCESS_TOKEN", "CX_REFRESH_TOKEN", "CX_EXPIRES_IN"] {
+        std::env::remove_var(name);
+    }
+    written
+}
+
+/// The outside tester's `tok_repair.sh`: a planted record with a token the upstream still
+/// accepts, a far expiry and a higher version is adopted by both replicas; the operator
+/// repairs replica 0 with `token init` (an expiry an hour away, sooner than the planted
+/// one) and reloads it. Replica 1 must take the repair although its planted token expires
+/// later, and a restart of replica 1 must not push the planted token back over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_token_init_and_reload_win_on_every_replica_and_survive_a_restart() {
+    let _one = SERIAL.lock().await;
+    let Some(mut p) = pair().await else {
+        return;
+    };
+    let version = version_once_stored(&p).await;
+    p.set_record(
+        version + 1,
+        serde_json::json!({"access_token": PLANTED, "refresh_token": PLANTED_REFRESH,
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || p.files_hold(PLANTED)).await,
+        "expected the planted record adopted by both replicas (the setup of this test): {} {}",
+        p.file(0),
+        p.file(1)
+    );
+    // The upstream takes the planted token: each replica now holds it as a working token.
+    for i in 0..2 {
+        assert_eq!(p.serves(i, &format!("planted{i}")).await, StatusCode::OK);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || (0..2)
+            .all(|i| p.file(i).get("adopted_unconfirmed").is_none()))
+        .await,
+        "expected the planted token confirmed upstream on both replicas (setup)"
+    );
+
+    token_init(&p, 0, ACCESS, REFRESH, 3600).await;
+    let (status, body) = p.reload(0).await;
+    assert_eq!(status, StatusCode::OK, "reload of replica 0: {body}");
+    let repaired = eventually(Duration::from_secs(10), || p.files_hold(ACCESS)).await;
+    assert!(
+        repaired,
+        "expected the operator's repair adopted by both replicas although the planted token \
+         expires later, saw files {} and {}; record {}",
+        p.file(0)["access_token"],
+        p.file(1)["access_token"],
+        p.record().await["token"]["access_token"]
+    );
+    assert_eq!(
+        p.record().await["token"]["access_token"],
+        ACCESS,
+        "expected the repair in the record"
+    );
+
+    p.restart(1).await;
+    tokio::time::sleep(WATCHES).await;
+    let record = p.record().await;
+    assert_eq!(
+        record["token"]["access_token"], ACCESS,
+        "expected the repair to stay in the record after replica 1 restarted, saw version {} \
+         holding {}",
+        record["version"], record["token"]["access_token"]
+    );
+    for i in 0..2 {
+        assert_eq!(
+            p.file(i)["access_token"],
+            ACCESS,
+            "replica {i}: expected the repaired token in its file after the restart"
+        );
+        assert_eq!(
+            p.serves(i, &format!("repaired{i}")).await,
+            StatusCode::OK,
+            "replica {i}: expected it serving on the repaired token"
+        );
+    }
+    // The planted token's previous file is kept beside: the repair replaced it, not lost it.
+    let prev = std::fs::read_to_string(p.dirs[1].join("token.json.prev")).unwrap_or_default();
+    assert!(
+        prev.contains(PLANTED),
+        "replica 1: expected the token it held before the repair kept in token.json.prev"
+    );
+    p.stop().await;
+}
+
+/// A record of a newer epoch is still checked: one whose `initialised_at` lies in the
+/// future (it would outrank every later repair) is not adopted, nor is an older-epoch
+/// record over a repaired token, however much later it expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_from_before_a_repair_or_stamped_in_the_future_is_not_adopted() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    let version = version_once_stored(&p).await;
+    p.set_record(
+        version + 1,
+        serde_json::json!({"access_token": PLANTED, "refresh_token": PLANTED_REFRESH,
+                           "expires_at": "2098-01-01T00:00:00Z",
+                           "initialised_at": "2097-01-01T00:00:00.000Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    assert!(
+        p.files_hold(ACCESS),
+        "expected a record stamped with an epoch in 2097 not adopted, saw {} {}",
+        p.file(0),
+        p.file(1)
+    );
+    // The operator's repair on replica 0, taken by both.
+    token_init(&p, 0, ACCESS, REFRESH, 3600).await;
+    let (status, body) = p.reload(0).await;
+    assert_eq!(status, StatusCode::OK, "reload of replica 0: {body}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.record().await["token"].get("initialised_at").is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        p.record().await["token"].get("initialised_at").is_some(),
+        "expected the repair's epoch in the record: {}",
+        p.record().await
+    );
+    // Replica 1 held the same token already: it takes the epoch with the next watch.
+    tokio::time::sleep(WATCHES).await;
+    // A record without an epoch (from before the repair), later expiry, higher version.
+    let version = p.record().await["version"].as_u64().expect("version");
+    p.set_record(
+        version + 1,
+        serde_json::json!({"access_token": PLANTED, "refresh_token": PLANTED_REFRESH,
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    assert!(
+        p.files_hold(ACCESS),
+        "expected a record from before the repair not adopted over it, saw {} {}",
+        p.file(0)["access_token"],
+        p.file(1)["access_token"]
+    );
+    assert_eq!(
+        p.record().await["token"]["access_token"],
+        ACCESS,
+        "expected the repaired token offered back over the older record"
+    );
+    p.stop().await;
+}
+
+/// A gateway key never travels upstream: a shared record whose access token is a client's
+/// key is not adopted (however well-formed), `cxgate token init` refuses one, and a token
+/// file holding one is not taken on reload (the held token stays, and `notes` say why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_key_is_never_taken_as_the_upstream_token() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    let version = version_once_stored(&p).await;
+    p.set_record(
+        version + 1,
+        serde_json::json!({"access_token": KEY, "refresh_token": PLANTED_REFRESH,
+                           "expires_at": "2098-01-01T00:00:00Z"}),
+    )
+    .await;
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert_eq!(
+            p.file(i)["access_token"],
+            ACCESS,
+            "replica {i}: expected a record holding the client's key not adopted"
+        );
+        assert_eq!(
+            p.serves(i, &format!("key{i}")).await,
+            StatusCode::OK,
+            "replica {i}: expected it serving on its own token"
+        );
+    }
+
+    let refused = try_token_init(&p, 0, KEY, REFRESH, 3600).await;
+    let message = refused.as_ref().err().map(ToString::to_string);
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("gateway key")),
+        "expected token init to refuse a client's key as the token, saw {refused:?}"
+    );
+    assert_eq!(
+        p.file(0)["access_token"],
+        ACCESS,
+        "expected the token file untouched by the refused token init"
+    );
+
+    // Written by hand, then a reload: not taken.
+    let hand = serde_json::json!({"access_token": KEY, "refresh_token": REFRESH,
+                                  "expires_at": "2098-01-01T00:00:00Z"});
+    std::fs::write(p.dirs[1].join("token.json"), hand.to_string()).expect("write token file");
+    let (status, body) = p.reload(1).await;
+    assert!(
+        status == StatusCode::OK && body.contains("gateway key"),
+        "expected the reload to say the file's token is a client's key, saw {status} {body}"
+    );
+    assert_eq!(
+        p.serves(1, "after-reload").await,
+        StatusCode::OK,
+        "expected replica 1 serving on the token it held"
+    );
+    tokio::time::sleep(WATCHES).await;
+    let record = p.record().await;
+    assert_eq!(
+        (record["version"].as_u64(), record["by"].as_str()),
+        (Some(version + 1), Some("tamper")),
+        "expected no replica to write a record after the refusals (the planted one stays, \
+         refused), saw {}",
+        record["version"]
+    );
+    p.stop().await;
+}
