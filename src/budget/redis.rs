@@ -548,7 +548,7 @@ impl Budget {
         waited: u64,
         queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
-        if !shared.redis.is_up() {
+        if !shared.redis.is_prompt() {
             return self
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
@@ -952,7 +952,7 @@ impl Budget {
     /// Ends this replica's copy of the pause if an operator resumed since it last looked;
     /// returns what Redis holds (`None`: not shared, or Redis did not answer).
     async fn sync_resumes(&self, shared: &Shared) -> Option<SharedPause> {
-        if !shared.redis.is_up() {
+        if !shared.redis.is_prompt() {
             return None;
         }
         let longest_us = self.ledger().upstream.longest() / 1000;
