@@ -176,6 +176,21 @@ struct Why {
     /// Fetched before, within its ttl, not invalidated: the shared tier held it.
     shared: u64,
     writes: u64,
+    /// The reads above by route: contacts, mention lists, `/me` and accounts, the rest.
+    by_route: [u64; 4],
+}
+
+/// Where [`Why::by_route`] counts a read of `path`.
+fn route_of(path: &str) -> usize {
+    if path.contains("/inbox/contact/") {
+        0
+    } else if path.contains("/inbox/mentions") {
+        1
+    } else if path.starts_with("/me") {
+        2
+    } else {
+        3
+    }
 }
 
 impl Trace {
@@ -193,6 +208,7 @@ impl Trace {
                 if g != gateway || at < from || at >= to {
                     continue;
                 }
+                why.by_route[route_of(path)] += 1;
                 // Fetches are pushed as answers land, so the ones before are earlier.
                 let Some(&(last, _, stored)) = i.checked_sub(1).map(|j| &fetches[j]) else {
                     if first_refused.get(path.as_str()).is_some_and(|&t| t < at) {
@@ -968,7 +984,8 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
     for (g, w) in why.iter().enumerate() {
         println!(
             "    replica {g}{}: new {}, refused earlier {}, after a write {}, not stored {}, past \
-             ttl {}, in the shared tier {}, writes {}",
+             ttl {}, in the shared tier {}, writes {}; reads by route: contacts {}, mentions \
+             {}, /me and accounts {}, other {}",
             if g == 0 { " (restarted)" } else { "" },
             w.new,
             w.refused_before,
@@ -976,7 +993,11 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
             w.unstored,
             w.expired,
             w.shared,
-            w.writes
+            w.writes,
+            w.by_route[0],
+            w.by_route[1],
+            w.by_route[2],
+            w.by_route[3]
         );
     }
     // The same window for the whole fleet: what the restarted replica's figure is a third

@@ -1,6 +1,7 @@
 //! Several replicas behind one load balancer: the one Redis handle the budget, the token
-//! and the cache wiring share, its health (every call bounded, down at the first failure so
-//! losing Redis costs requests nothing), and the channel that carries cache invalidations.
+//! and the cache wiring share, its health (every call bounded; down at a refused connection,
+//! an error or a failed probe, so losing Redis costs requests nothing, but not at one slow
+//! answer), and the channel that carries cache invalidations.
 //! It imports nothing of the gateway; README "The Redis link, the shared token and
 //! invalidations, in detail" says how each part behaves.
 
@@ -56,9 +57,23 @@ return 0
     )
 });
 
-/// Bound on one Redis round trip. Redis answers in well under a millisecond on a healthy
-/// network; anything slower than this is treated as an outage rather than queued behind.
+/// Bound on one Redis round trip of the budget, the token and the invalidation channel,
+/// which run on every admission: Redis answers in well under a millisecond on a healthy
+/// network, and past this bound the caller takes its local fallback for that call.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Bound on a shared cache tier call on the request path (a lookup, the fill lock, a wait
+/// for another replica's fill): giving up there costs an upstream call, the one thing the
+/// tier exists to save, so a slow Redis is waited for longer and costs latency instead.
+pub const PATIENT_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Bound on a call made off the request path (a fetched answer written to the shared tier):
+/// it lands when a slow Redis catches up, and the client is not kept waiting for it.
+pub const BACKGROUND_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls that time out in a row mark Redis down only once there are this many of them...
+const SLOW_STRIKES: u32 = 3;
+/// ...and they span this long with no call answered between: one slow answer on a busy
+/// machine is latency, not an outage. A refused or dropped connection, an error Redis sends,
+/// or a failed probe marks it down at once.
+const SLOW_FOR: Duration = Duration::from_secs(1);
 /// How often a healthy Redis is pinged, so the gauge turns 0 even while no request runs.
 const PROBE_WHILE_UP: Duration = Duration::from_secs(1);
 /// How often an unreachable Redis is tried again: recovery is noticed within this.
@@ -93,12 +108,27 @@ struct Message {
 pub enum Unavailable {
     #[error("Redis is unreachable (waiting for the probe to see it back)")]
     Down,
+    /// Refused to a call of [`CALL_TIMEOUT`] only (see [`Redis::is_prompt`]).
+    #[error("Redis answers slower than {CALL_TIMEOUT:?} (waiting for the probe to see it prompt)")]
+    Slow,
     #[error("Redis did not answer within {0:?}")]
     Timeout(Duration),
     /// Shown by [`shown_error`] only: the text Redis (or a proxy in front of it) sends may
     /// quote the command's arguments, which can hold the token record.
     #[error("Redis: {}", shown_error(.0))]
     Command(#[source] redis::RedisError),
+}
+
+impl Unavailable {
+    /// Redis was asked and did not answer in time (this side's bound, or the cluster
+    /// client's): it may answer the next call, unlike a Redis marked down or one that refused.
+    pub fn is_slow(&self) -> bool {
+        match self {
+            Unavailable::Timeout(_) | Unavailable::Slow => true,
+            Unavailable::Command(err) => err.is_timeout(),
+            Unavailable::Down => false,
+        }
+    }
 }
 
 /// What may be shown of a Redis error (logs, `/admin/status`): its category and, for an
@@ -273,6 +303,13 @@ struct Inner {
     /// Unique per process start: tells our own messages and locks from other replicas'.
     id: String,
     up: AtomicBool,
+    /// The current run of timed-out calls with no answer between: when it began and how
+    /// many (see [`SLOW_STRIKES`]); `slowing` says there is one without taking the lock.
+    slow: Mutex<Option<(tokio::time::Instant, u32)>>,
+    slowing: AtomicBool,
+    /// No call has timed out since the probe last saw an answer within [`CALL_TIMEOUT`]
+    /// (see [`Redis::is_prompt`]).
+    prompt: AtomicBool,
     /// The invalidation channel is subscribed and carries messages (see [`subscribe`]).
     listening: AtomicBool,
     /// Since when Redis is up or down, and why it last failed (shown by [`Redis::status`]).
@@ -400,7 +437,9 @@ impl Options {
             .collect::<Vec<_>>();
         let mut builder = ClusterClientBuilder::new(infos)
             .connection_timeout(CALL_TIMEOUT * 2)
-            .response_timeout(CALL_TIMEOUT)
+            // Each call has its own bound on this side; the client's must not cut the
+            // longest of them short.
+            .response_timeout(BACKGROUND_CALL_TIMEOUT)
             .retries(1)
             .min_retry_wait(10)
             .max_retry_wait(50);
@@ -629,6 +668,9 @@ impl Redis {
                 // Assumed up until the first call says otherwise, so the start-up probe
                 // below is an ordinary call.
                 up: AtomicBool::new(true),
+                slow: Mutex::new(None),
+                slowing: AtomicBool::new(false),
+                prompt: AtomicBool::new(true),
                 listening: AtomicBool::new(true),
                 health: Mutex::new(Health {
                     since: std::time::SystemTime::now(),
@@ -668,6 +710,16 @@ impl Redis {
         self.inner.up.load(Ordering::Acquire)
     }
 
+    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, the token,
+    /// publications) are attempted: Redis is up, and no call has timed out since the probe
+    /// last saw it answer within that bound. Past a timeout those callers stay on their
+    /// local fallback until the probe (every 250 ms meanwhile) sees Redis prompt again,
+    /// rather than switch back and forth at every call of a Redis that answers sometimes
+    /// in time; the shared cache tier, whose calls have longer bounds, goes on using it.
+    pub fn is_prompt(&self) -> bool {
+        self.is_up() && self.inner.prompt.load(Ordering::Acquire)
+    }
+
     /// Takes the lock `key` with `value` for `ttl` (`SET NX PX`): true when taken, false when
     /// another holds it.
     pub async fn try_lock(
@@ -676,10 +728,11 @@ impl Redis {
         key: &str,
         value: &str,
         ttl: Duration,
+        bound: Duration,
     ) -> Result<bool, Unavailable> {
         let (k, v) = (key.to_owned(), value.to_owned());
         let set: Option<String> = self
-            .run(op, |mut c| async move {
+            .run_within(op, bound, |mut c| async move {
                 redis::cmd("SET")
                     .arg(&k)
                     .arg(&v)
@@ -701,10 +754,11 @@ impl Redis {
         key: &str,
         value: &str,
         ttl: Duration,
+        bound: Duration,
     ) -> bool {
         let (k, v) = (key.to_owned(), value.to_owned());
         let kept = self
-            .run(op, |mut c| async move {
+            .run_within(op, bound, |mut c| async move {
                 EXTEND_LOCK
                     .key(&k)
                     .arg(&v)
@@ -718,10 +772,10 @@ impl Redis {
 
     /// Deletes the lock `key` if it still holds `value` (a lock that expired and was taken
     /// by another stays theirs).
-    pub async fn release_lock(&self, op: &'static str, key: &str, value: &str) {
+    pub async fn release_lock(&self, op: &'static str, key: &str, value: &str, bound: Duration) {
         let (k, v) = (key.to_owned(), value.to_owned());
         let _ = self
-            .run(op, |mut c| async move {
+            .run_within(op, bound, |mut c| async move {
                 RELEASE_LOCK
                     .key(&k)
                     .arg(&v)
@@ -731,9 +785,28 @@ impl Redis {
             .await;
     }
 
-    /// Runs one Redis exchange on the shared connection, bounded by [`CALL_TIMEOUT`]. Any
-    /// failure marks Redis down; while it is down nothing is sent.
+    /// Runs one Redis exchange on the shared connection, bounded by [`CALL_TIMEOUT`], as
+    /// [`Redis::run_within`] does; not sent while Redis is not prompt ([`Redis::is_prompt`]).
     pub async fn run<T, F, Fut>(&self, op: &'static str, exchange: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.is_up() && !self.is_prompt() {
+            return Err(Unavailable::Slow);
+        }
+        self.run_within(op, CALL_TIMEOUT, exchange).await
+    }
+
+    /// Runs one Redis exchange on the shared connection, bounded by `bound`. A failure marks
+    /// Redis down, except a timeout, which does so only as part of a run of them with no
+    /// answer between ([`SLOW_STRIKES`], [`SLOW_FOR`]); while it is down nothing is sent.
+    pub async fn run_within<T, F, Fut>(
+        &self,
+        op: &'static str,
+        bound: Duration,
+        exchange: F,
+    ) -> Result<T, Unavailable>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -741,13 +814,16 @@ impl Redis {
         let Some(conn) = self.inner.link.conn().filter(|_| self.is_up()) else {
             return Err(Unavailable::Down);
         };
-        let result = match tokio::time::timeout(CALL_TIMEOUT, exchange(conn)).await {
-            Ok(Ok(value)) => return Ok(value),
+        let result = match tokio::time::timeout(bound, exchange(conn)).await {
+            Ok(Ok(value)) => {
+                self.inner.answered();
+                return Ok(value);
+            }
             Ok(Err(err)) => Unavailable::Command(err),
-            Err(_) => Unavailable::Timeout(CALL_TIMEOUT),
+            Err(_) => Unavailable::Timeout(bound),
         };
         self.inner.errors.with_label_values(&[op]).inc();
-        self.inner.set_up(false, Some(&result));
+        self.inner.failed(&result);
         Err(result)
     }
 
@@ -778,8 +854,15 @@ impl Redis {
 
     /// One health check: marks Redis up or down and, when up, sends what is pending.
     async fn probe_once(&self) {
+        let asked = tokio::time::Instant::now();
         match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.check()).await {
             Ok(Ok(())) => {
+                self.inner.answered();
+                if asked.elapsed() <= CALL_TIMEOUT
+                    && !self.inner.prompt.swap(true, Ordering::AcqRel)
+                {
+                    tracing::info!("Redis answers promptly again: shared budget and token resume");
+                }
                 if !self.is_up() {
                     self.inner.set_up(true, None);
                 }
@@ -797,8 +880,10 @@ impl Redis {
         }
     }
 
-    /// Tells the other replicas to drop what this one just dropped. Waits at most one call
-    /// timeout; while Redis is down the message is kept and sent when it returns.
+    /// Tells the other replicas to drop what this one just dropped. Waits at most
+    /// [`PATIENT_CALL_TIMEOUT`]: a write's invalidation is worth that much latency on a slow
+    /// Redis; while Redis is down (or the call times out) the message is kept and sent when
+    /// the probe sees it back.
     pub async fn publish(&self, what: Invalidation) {
         if let Err(what) = self.try_publish(what).await {
             self.keep_pending(what);
@@ -826,7 +911,7 @@ impl Redis {
         };
         let channel = self.key("invalidate");
         let sent = self
-            .run("publish", |mut c| async move {
+            .run_within("publish", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 redis::cmd("PUBLISH")
                     .arg(&channel)
                     .arg(&text)
@@ -933,11 +1018,48 @@ impl Inner {
         };
         let mut call = PROBE.key(hash_tagged(&self.prefix, &format!("probe:{}", self.id)));
         call.arg(10_000).arg(hash_tagged(&self.prefix, "probe"));
-        let answer = call.invoke_async::<redis::Value>(&mut conn);
-        match tokio::time::timeout(CALL_TIMEOUT, answer).await {
-            Ok(answer) => answer.map(|_| ()).map_err(failed),
-            Err(_) => Err(Unavailable::Timeout(CALL_TIMEOUT)),
+        // Bounded by the caller's probe bound, not a call's: a Redis slower than a call's
+        // bound but answering within the probe's is slow, not down.
+        call.invoke_async::<redis::Value>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    /// A call was answered: any run of timeouts is over.
+    fn answered(&self) {
+        if self.slowing.load(Ordering::Acquire) {
+            self.slowing.store(false, Ordering::Release);
+            *self.slow.lock().unwrap_or_else(PoisonError::into_inner) = None;
         }
+    }
+
+    /// A call failed with `why`: Redis is down now, unless `why` is a timeout in a run of
+    /// them still too short to call an outage (it is recorded as the last error then).
+    fn failed(&self, why: &Unavailable) {
+        if why.is_slow() {
+            if self.prompt.swap(false, Ordering::AcqRel) {
+                tracing::warn!(
+                    error = %why,
+                    "Redis answered slower than its call bound: the budget and the token use \
+                     their local fallback until it answers promptly again; the shared cache \
+                     tier waits longer for it"
+                );
+            }
+            let now = tokio::time::Instant::now();
+            let mut slow = self.slow.lock().unwrap_or_else(PoisonError::into_inner);
+            let (since, count) = slow.get_or_insert((now, 0));
+            *count += 1;
+            self.slowing.store(true, Ordering::Release);
+            if *count < SLOW_STRIKES || now.duration_since(*since) < SLOW_FOR {
+                drop(slow);
+                let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+                health.last_error = Some(why.to_string());
+                return;
+            }
+            *slow = None;
+        }
+        self.set_up(false, Some(why));
     }
 
     fn set_up(&self, up: bool, why: Option<&Unavailable>) {
@@ -1009,7 +1131,9 @@ fn unique_seed() -> u64 {
 async fn probe(inner: std::sync::Weak<Inner>) {
     loop {
         let every = match inner.upgrade() {
-            Some(i) if i.up.load(Ordering::Acquire) => PROBE_WHILE_UP,
+            Some(i) if i.up.load(Ordering::Acquire) && i.prompt.load(Ordering::Acquire) => {
+                PROBE_WHILE_UP
+            }
             Some(_) => PROBE_WHILE_DOWN,
             None => return,
         };
@@ -1411,6 +1535,127 @@ mod tests {
                 "expected op={op} at 0, saw {ops:?}"
             );
         }
+        redis.stop();
+    }
+
+    /// A fake Redis that answers as [`answers_everything`] does, each answer `delay` ms
+    /// late (read at each command, so a test can slow it down and speed it up).
+    async fn slow_redis(delay: Arc<std::sync::atomic::AtomicU64>) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let port = listener.local_addr().expect("address").port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(head)) = lines.next_line().await {
+                        let n: usize = head.trim_start_matches('*').parse().unwrap_or(0);
+                        let mut words = Vec::new();
+                        for _ in 0..n {
+                            let _len = lines.next_line().await;
+                            match lines.next_line().await {
+                                Ok(Some(word)) => words.push(word),
+                                _ => return,
+                            }
+                        }
+                        let late = delay.load(Ordering::Acquire);
+                        tokio::time::sleep(Duration::from_millis(late)).await;
+                        let answer = answers_everything(&words);
+                        if write.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    /// One answer slower than the call bound is a timeout for that call, not an outage:
+    /// Redis stays up (the caller falls back for that call alone). A Redis that answers
+    /// nothing within the probe's bound is down, and is up again once it answers.
+    #[tokio::test]
+    async fn one_slow_answer_does_not_mark_redis_down() {
+        let delay = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let port = slow_redis(delay.clone()).await;
+        let registry = Registry::new();
+        let redis = connect_to(port, &registry).await;
+        assert!(redis.is_up(), "expected the fake Redis up at start");
+        delay.store(300, Ordering::Release);
+        let slow = redis
+            .run("cache", |mut c| async move {
+                redis::cmd("GET")
+                    .arg("k")
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await;
+        assert!(
+            matches!(slow, Err(Unavailable::Timeout(_))),
+            "expected the 300 ms answer past the 100 ms bound, saw {slow:?}"
+        );
+        assert!(
+            redis.is_up() && gauge(&registry) == Some(1.0),
+            "expected one slow answer to leave Redis up, saw up={} gauge={:?}",
+            redis.is_up(),
+            gauge(&registry)
+        );
+        // The budget's and the token's short calls wait for the probe to see it prompt.
+        let short = redis
+            .run("budget", |mut c| async move {
+                redis::cmd("GET")
+                    .arg("k")
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await;
+        assert!(
+            !redis.is_prompt() && matches!(short, Err(Unavailable::Slow)),
+            "expected short calls held back after a timeout, saw {short:?}"
+        );
+        let patient = redis
+            .run_within("cache", BACKGROUND_CALL_TIMEOUT, |mut c| async move {
+                redis::cmd("GET")
+                    .arg("k")
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await;
+        assert!(
+            patient.is_ok() && redis.is_up(),
+            "expected a call with a longer bound answered, saw {patient:?}"
+        );
+        // Slower than the probe's bound: gone, as far as any caller can tell.
+        delay.store(3_000, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+        while redis.is_up() && tokio::time::Instant::now() < deadline {
+            let _ = redis
+                .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                    redis::cmd("GET")
+                        .arg("k")
+                        .query_async::<Option<String>>(&mut c)
+                        .await
+                })
+                .await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !redis.is_up(),
+            "expected a Redis that answers nothing within a second marked down"
+        );
+        delay.store(0, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !redis.is_prompt() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            redis.is_up() && redis.is_prompt(),
+            "expected Redis up and prompt again once it answers at once"
+        );
         redis.stop();
     }
 

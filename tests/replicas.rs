@@ -3334,6 +3334,102 @@ async fn redis_lost_while_waiting_for_a_fill_means_fetching_alone() {
     c.stop().await;
 }
 
+/// Keeps the test Redis paused (`CLIENT PAUSE`) `ms` at a time, back to back, from a
+/// connection of its own until `stop` is set: every call waits up to `ms` for its answer,
+/// as on a machine too loaded to run Redis promptly.
+fn keep_pausing(
+    c: &Cluster,
+    ms: u64,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<u64> {
+    let options = options(&c.redis);
+    let url = c.redis.url();
+    tokio::spawn(async move {
+        let mut redis = options.open(&url).await.expect("connect to pause Redis");
+        let mut pauses = 0;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let paused: redis::RedisResult<()> = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(ms)
+                .query_async(&mut redis)
+                .await;
+            if paused.is_ok() {
+                pauses += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        pauses
+    })
+}
+
+/// A Redis slower than the 100 ms call bound (paused 200 ms at a time, back to back) costs
+/// the replicas latency, not upstream calls: cold reads of a key spread over three replicas
+/// make one upstream call, every read is answered, each replica then answers the key from
+/// memory, and no replica counts Redis as down meanwhile. (One slow answer used to mark
+/// Redis down for the replica, whose fetches then stayed in its memory only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_costs_latency_not_upstream_calls() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 300;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let Some(c) = shared_cluster(3, sim).await else {
+        return;
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pausing = keep_pausing(&c, 200, stop.clone());
+    let mut seen = Vec::new();
+    for round in 0..3 {
+        let path = format!("/12345/inbox/contact/slow/{}", 40 + round);
+        let answers = concurrent_reads(&c, &path, 30).await;
+        for (i, a) in answers.iter().enumerate() {
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "expected round {round} read {i} answered on a slow Redis, saw {} {:?}",
+                a.status,
+                a.body
+            );
+        }
+        // Then once more on each replica, one after another.
+        for replica in 0..3 {
+            let a = c.get(replica, &path).await;
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "expected the later read on replica {replica} answered, saw {} {:?}",
+                a.status,
+                a.body
+            );
+        }
+        let statuses: Vec<String> = answers
+            .iter()
+            .map(|a| a.header("cache-status").to_string())
+            .collect();
+        seen.push((calls(&c, &format!("GET {path}")), statuses));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let pauses = pausing.await.expect("pausing task");
+    assert!(
+        pauses >= 3,
+        "expected Redis kept paused, saw {pauses} pauses"
+    );
+    for (round, (made, statuses)) in seen.iter().enumerate() {
+        assert_eq!(
+            *made, 1,
+            "expected round {round}'s 33 reads over three replicas to make one upstream call \
+             on a slow Redis, saw {made}; Cache-Status: {statuses:?}"
+        );
+    }
+    let down: Vec<Option<f64>> =
+        futures_all(&c, "cxgate_cache_shared_lookups_total{result=\"error\"}").await;
+    assert!(
+        down.iter().all(|v| *v == Some(0.0)),
+        "expected no shared lookup given up on a slow Redis, saw {down:?}"
+    );
+    c.stop().await;
+}
+
 /// Redis killed by its process id under load on three replicas with the shared cache tier,
 /// then started again on its port: no client sees an error, every replica shows the
 /// fallback (`cxgate_redis_up` 0, shared lookups counted as errors) and keeps answering from

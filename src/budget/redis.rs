@@ -548,7 +548,7 @@ impl Budget {
         waited: u64,
         queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
-        if !shared.redis.is_up() {
+        if !shared.redis.is_prompt() {
             return self
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
@@ -653,6 +653,9 @@ impl Budget {
             .max_wait
             .saturating_sub(clock.nanos().saturating_sub(arrived));
         let Some(mut reply) = shared.take(&ask, true, left, owed).await else {
+            // The call spent in the ledger's upstream flight goes back first: left there, the
+            // local admission would wait for it to land, and it never goes.
+            drop(hold);
             return self
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
@@ -672,6 +675,7 @@ impl Budget {
                 None => {
                     // The client's cells stay booked in Redis: spent, not lost.
                     hold.own = None;
+                    drop(hold);
                     return self
                         .admit_fallback(shared, client, cost, waited, queued)
                         .await;
@@ -948,7 +952,7 @@ impl Budget {
     /// Ends this replica's copy of the pause if an operator resumed since it last looked;
     /// returns what Redis holds (`None`: not shared, or Redis did not answer).
     async fn sync_resumes(&self, shared: &Shared) -> Option<SharedPause> {
-        if !shared.redis.is_up() {
+        if !shared.redis.is_prompt() {
             return None;
         }
         let longest_us = self.ledger().upstream.longest() / 1000;
@@ -1646,6 +1650,43 @@ mod tests {
             on_b, 4,
             "expected b to get the 9 less a's 5 calls out, not a fresh window"
         );
+    }
+
+    /// A cold budget (nothing known of the upstream's count) whose Redis answers after the
+    /// call bound (paused from a connection of its own) falls back to its local share and
+    /// admits there: the call its shared attempt had put in the ledger's upstream flight
+    /// goes back first, so the local admission does not wait, until `max_wait` and a
+    /// refusal, for that call to land when it never went.
+    #[tokio::test]
+    async fn a_shared_admission_past_its_bound_falls_back_without_waiting_for_itself() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        std::env::set_var("CXGATE_T_RB_SLOW", server.url());
+        let registry = prometheus::Registry::new();
+        let prefix = format!("t{:08x}", fastrand::u32(..));
+        let redis = Redis::connect("CXGATE_T_RB_SLOW", &prefix, &registry)
+            .await
+            .expect("redis handle");
+        let budget = Budget::new_shared(spec(300, 1000, 30, 1500), &registry, redis.clone(), n(3))
+            .expect("budget");
+        let mut pauser = crate::replicas::Options::default()
+            .open(&server.url())
+            .await
+            .expect("a second connection");
+        let paused: Result<(), _> = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(400)
+            .query_async(&mut pauser)
+            .await;
+        paused.expect("CLIENT PAUSE");
+        let admitted = budget.admit("other", NonZeroU32::MIN).await;
+        assert!(
+            admitted.is_ok(),
+            "expected the admission taken on the local share, saw {:?}",
+            admitted.err().map(|r| r.budget)
+        );
+        redis.stop();
     }
 
     /// With Redis gone every admission still gets an answer, on the divided share; when

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::entry::StoredResponse;
 use super::shared::{Found, Localize, SharedTier};
 use super::store::{Since, Store};
+use crate::replicas::{Unavailable, PATIENT_CALL_TIMEOUT};
 
 /// A lock lives this long unless its holder extends it, so a replica that dies mid-fetch
 /// holds the others back for at most this.
@@ -57,9 +58,10 @@ pub enum Take {
 /// asking its budget, or sees it taken while it queues (giving its queued cells back), or
 /// finds it taken once admitted (giving its cells back), polls the shared entry until it
 /// appears; when the lock goes without one (the holder died and its lock expired, or its
-/// answer was not storable) the miss asks its own budget again. Redis slow or gone, or a
-/// wait that runs out: the caller fetches alone, merged with its own replica's requests
-/// only. Lock keys are cache keys (which never hold a token); their values are replica ids.
+/// answer was not storable) the miss asks its own budget again. Redis gone, a call slower
+/// than [`PATIENT_CALL_TIMEOUT`] to take the lock, or a wait that runs out: the caller
+/// fetches alone, merged with its own replica's requests only. A waiter whose look timed
+/// out looks again until its deadline: a slow Redis costs it time, not a call. Lock keys are cache keys (which never hold a token); their values are replica ids.
 #[derive(Debug)]
 pub struct FillLock {
     tier: SharedTier,
@@ -76,16 +78,31 @@ impl SharedTier {
 
     /// Takes the fill lock of `key`: `Some` when taken, `None` when another holds it, an
     /// error when Redis cannot say.
-    async fn try_lock(&self, key: &str) -> Result<Option<FillLock>, crate::replicas::Unavailable> {
+    async fn try_lock(&self, key: &str) -> Result<Option<FillLock>, Unavailable> {
         let lock = self.lock_key(key);
         // The replica's id, and a random part that tells its fills of one key apart.
         let value = format!("{}:{:016x}", self.redis().id(), fastrand::u64(..));
-        if !self
+        let taken = self
             .redis()
-            .try_lock("cache", &lock, &value, LOCK_TTL)
-            .await?
-        {
-            return Ok(None);
+            .try_lock("cache", &lock, &value, LOCK_TTL, PATIENT_CALL_TIMEOUT)
+            .await;
+        match taken {
+            Ok(true) => {}
+            Ok(false) => return Ok(None),
+            Err(why) => {
+                // A slow Redis may still take it after this side gave up: a release sent
+                // after it on the same connection deletes it then, so no one waits for a
+                // lock nobody holds.
+                if why.is_slow() {
+                    let tier = self.clone();
+                    tokio::spawn(async move {
+                        tier.redis()
+                            .release_lock("cache", &lock, &value, PATIENT_CALL_TIMEOUT)
+                            .await;
+                    });
+                }
+                return Err(why);
+            }
         }
         let keeper = tokio::spawn(keep(self.clone(), lock.clone(), value.clone()));
         Ok(Some(FillLock {
@@ -104,7 +121,7 @@ async fn keep(tier: SharedTier, lock: String, value: String) {
         tokio::time::sleep(EXTEND_EVERY).await;
         if !tier
             .redis()
-            .extend_lock("cache", &lock, &value, LOCK_TTL)
+            .extend_lock("cache", &lock, &value, LOCK_TTL, PATIENT_CALL_TIMEOUT)
             .await
         {
             // Lost (Redis away, or it expired under a stalled holder): another replica may
@@ -122,7 +139,7 @@ impl FillLock {
         self.released = true;
         self.tier
             .redis()
-            .release_lock("cache", &self.lock, &self.value)
+            .release_lock("cache", &self.lock, &self.value, PATIENT_CALL_TIMEOUT)
             .await;
     }
 }
@@ -137,7 +154,11 @@ impl Drop for FillLock {
         // others wait for its expiry.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (tier, lock, value) = (self.tier.clone(), self.lock.clone(), self.value.clone());
-            runtime.spawn(async move { tier.redis().release_lock("cache", &lock, &value).await });
+            runtime.spawn(async move {
+                tier.redis()
+                    .release_lock("cache", &lock, &value, PATIENT_CALL_TIMEOUT)
+                    .await;
+            });
         }
     }
 }
@@ -193,8 +214,11 @@ impl Store {
         let lock_key = tier.lock_key(key);
         let mut waiting = Some(waiting);
         loop {
-            let Some((found, held)) = tier.peek(key, &lock_key).await else {
-                return Fill::Alone;
+            let (found, held) = match tier.peek(key, &lock_key).await {
+                Ok(seen) => seen,
+                // Slow, not gone: look again until the deadline rather than fetch alone.
+                Err(why) if why.is_slow() && tier.redis().is_up() => (None, true),
+                Err(_) => return Fill::Alone,
             };
             if let Some(found) = found {
                 match self.take_found(key, req_headers, found, since, local).await {
@@ -233,8 +257,10 @@ impl Store {
         let lock_key = tier.lock_key(key);
         loop {
             tokio::time::sleep(QUEUED_POLL).await;
-            let Some((found, held)) = tier.peek(key, &lock_key).await else {
-                return std::future::pending().await;
+            let (found, held) = match tier.peek(key, &lock_key).await {
+                Ok(seen) => seen,
+                Err(why) if why.is_slow() && tier.redis().is_up() => continue,
+                Err(_) => return std::future::pending().await,
             };
             if let Some(found) = found {
                 match self.take_found(key, req_headers, found, since, local).await {
@@ -268,7 +294,7 @@ impl Store {
             Ok(Some(lock)) => {
                 // The holder before may have shared its answer between this replica's
                 // lookup and now: one more look saves a second call.
-                if let Some((Some(found), _)) = tier.peek(key, &tier.lock_key(key)).await {
+                if let Ok((Some(found), _)) = tier.peek(key, &tier.lock_key(key)).await {
                     if let Ok(Some(entry)) =
                         self.take_found(key, req_headers, found, since, local).await
                     {

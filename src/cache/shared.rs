@@ -10,8 +10,11 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::time::Instant;
 
 use super::entry::CachedResponse;
+use super::fill::FillLock;
 use super::key::normalize_path;
-use crate::replicas::{Invalidation, Redis, Unavailable};
+use crate::replicas::{
+    Invalidation, Redis, Unavailable, BACKGROUND_CALL_TIMEOUT, CALL_TIMEOUT, PATIENT_CALL_TIMEOUT,
+};
 
 /// Stores an entry only when no generation it was looked up under has moved since
 /// (KEYS: the entry, the global generation, n group generations, n group sets; ARGV: the
@@ -59,6 +62,10 @@ return removed
 /// so no write looked up before the bump can see the generation vanish and pass.
 const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 
+/// Writes to the tier in flight at once, at most: on a Redis slow enough to hold them all
+/// for their bound, further answers stay in their replica's memory rather than pile up.
+const WRITES_IN_FLIGHT: usize = 128;
+
 /// Leads every stored entry; anything else under an entry key is not read. The digit is
 /// the format: `cxg2` entries hold the neutral form (see [`Localize`]).
 const MAGIC: &[u8; 4] = b"cxg2";
@@ -104,11 +111,15 @@ pub struct Found {
 /// `MGET`); an answer fetched upstream is written for every replica by a script that first
 /// checks those generations. Invalidations bump them, so a read in flight elsewhere across a
 /// write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
-/// and any failure means "memory only": the caller falls back, never waits longer.
+/// and any failure means "memory only": the caller falls back, never waits longer. Calls on
+/// the request path are bounded by [`PATIENT_CALL_TIMEOUT`], since giving up on a slow Redis
+/// costs an upstream call; a fetched answer is written off the request path
+/// ([`SharedTier::write_behind`]), so it lands when a slow Redis catches up.
 #[derive(Clone)]
 pub struct SharedTier {
     redis: Redis,
     max_entry_bytes: usize,
+    writing: std::sync::Arc<tokio::sync::Semaphore>,
     lookups: IntCounterVec,
     writes: IntCounterVec,
     /// Whether the log said once that entries of another format are passed over.
@@ -179,6 +190,7 @@ impl SharedTier {
         SharedTier {
             redis,
             max_entry_bytes: usize::try_from(max_entry_bytes).unwrap_or(usize::MAX),
+            writing: std::sync::Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT)),
             lookups: metrics.lookups,
             writes: metrics.writes,
             told_format: std::sync::Arc::default(),
@@ -248,12 +260,20 @@ impl SharedTier {
 
     /// In one `MGET`: the entry under primary key `key` if it is fresh and was written
     /// since the last full purge, and whether the Redis key `lock` exists. Not counted as a
-    /// lookup: a replica waiting for another's fill polls with it. `None` when Redis cannot
-    /// say.
-    pub(super) async fn peek(&self, key: &str, lock: &str) -> Option<(Option<Found>, bool)> {
+    /// lookup: a replica waiting for another's fill polls with it. An error when Redis
+    /// cannot say (see [`Unavailable::is_slow`] for one that may answer the next look).
+    pub(super) async fn peek(
+        &self,
+        key: &str,
+        lock: &str,
+    ) -> Result<(Option<Found>, bool), Unavailable> {
         let keys = vec![self.entry_key(key), self.global_key(), lock.to_string()];
         let mut values = self.mget(keys).await?;
-        let (entry, global, held) = (values.next()?, values.next()?, values.next()?);
+        let (entry, global, held) = (
+            values.next().flatten(),
+            values.next().flatten(),
+            values.next().flatten(),
+        );
         let global = generation(global);
         let found = entry
             .and_then(|e| decode(&e).ok())
@@ -265,7 +285,7 @@ impl SharedTier {
                     super::entry::Freshness::Fresh { .. }
                 )
             });
-        Some((found, held.is_some()))
+        Ok((found, held.is_some()))
     }
 
     /// The generations alone, for a fetch that was not preceded by a lookup (a background
@@ -288,7 +308,7 @@ impl SharedTier {
         }
         keys.push(self.global_key());
         keys.extend(groups.iter().map(|g| self.generation_key(g)));
-        let mut values = self.mget(keys).await?;
+        let mut values = self.mget(keys).await.ok()?;
         let entry = if with_entry {
             values.next().flatten()
         } else {
@@ -302,21 +322,29 @@ impl SharedTier {
         Some((entry, generations))
     }
 
-    /// One `MGET` of `keys`: their values in order, `None` when Redis cannot say (down,
-    /// slow, or an answer of the wrong length).
-    async fn mget(&self, keys: Vec<String>) -> Option<std::vec::IntoIter<Option<Vec<u8>>>> {
+    /// One `MGET` of `keys`: their values in order; an error when Redis cannot say (down,
+    /// slow, refusing, or an answer of the wrong length).
+    async fn mget(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<std::vec::IntoIter<Option<Vec<u8>>>, Unavailable> {
         let expected = keys.len();
-        self.redis
-            .run("cache", |mut c| async move {
+        let values = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 redis::cmd("MGET")
                     .arg(&keys)
                     .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
                     .await
             })
-            .await
-            .ok()
-            .filter(|v| v.len() == expected)
-            .map(Vec::into_iter)
+            .await?;
+        if values.len() != expected {
+            return Err(Unavailable::Command(redis::RedisError::from((
+                redis::ErrorKind::UnexpectedReturnType,
+                "MGET answered another count of values than it was asked",
+            ))));
+        }
+        Ok(values.into_iter())
     }
 
     /// Writes `value` (stored under `storage_key` for primary key `key`, in the neutral form
@@ -357,7 +385,7 @@ impl SharedTier {
         args.extend(since.groups.iter().map(|(_, gen)| gen.clone().into_bytes()));
         let stored = self
             .redis
-            .run("cache", |mut c| async move {
+            .run_within("cache", BACKGROUND_CALL_TIMEOUT, |mut c| async move {
                 let mut call = WRITE.prepare_invoke();
                 for k in &keys {
                     call.key(k);
@@ -376,6 +404,43 @@ impl SharedTier {
         self.writes.with_label_values(&[result]).inc();
     }
 
+    /// [`SharedTier::write`] in a task of its own, then `lock` (this replica's fill of the
+    /// key) released, waited for here up to [`CALL_TIMEOUT`]: on a healthy Redis the entry
+    /// is there for every replica before the client has its answer, and on a slow one the
+    /// client does not wait for it, while the replicas waiting on the lock find the entry
+    /// once it has landed. With [`WRITES_IN_FLIGHT`] writes already out the answer stays in
+    /// this replica's memory (counted as an error).
+    pub(super) async fn write_behind(
+        &self,
+        key: String,
+        storage_key: String,
+        value: CachedResponse,
+        since: Generations,
+        lock: Option<FillLock>,
+    ) {
+        let Ok(permit) = self.writing.clone().try_acquire_owned() else {
+            self.writes.with_label_values(&["error"]).inc();
+            tracing::debug!(
+                key,
+                "shared cache writes backed up: this answer stays in memory"
+            );
+            if let Some(lock) = lock {
+                tokio::spawn(lock.release());
+            }
+            return;
+        };
+        let tier = self.clone();
+        let written = tokio::spawn(async move {
+            tier.write(&key, &storage_key, &value, &since).await;
+            drop(permit);
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+        });
+        // Past the bound the task goes on by itself (a timeout drops the handle, not the task).
+        let _ = tokio::time::timeout(CALL_TIMEOUT, written).await;
+    }
+
     /// Removes what `what` names from the shared tier: a tag's or a path's entries (bumping
     /// their generations), or every entry (bumping the global generation, which retires
     /// every entry written before it). Returns how many entries were deleted (0 for all).
@@ -387,7 +452,7 @@ impl SharedTier {
                 let global = self.global_key();
                 return self
                     .redis
-                    .run("cache", |mut c| async move {
+                    .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
                         redis::cmd("INCRBY")
                             .arg(&global)
                             .arg(1)
@@ -407,7 +472,7 @@ impl SharedTier {
             .collect();
         let kept = GENERATION_KEPT.as_millis().to_string();
         self.redis
-            .run("cache", |mut c| async move {
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 let mut call = INVALIDATE.prepare_invoke();
                 for k in &keys {
                     call.key(k);

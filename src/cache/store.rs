@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, Freshness, StoredResponse};
+use super::fill::FillLock;
 use super::key::normalize_path;
 use super::shared::{Found, Generations, Localize, SharedTier};
 use super::stats::Gauges;
@@ -488,7 +489,10 @@ impl Store {
     /// there, in the shared tier when `since` carries its generations (the write is refused
     /// there if an invalidation on any replica moved them). `neutral`: the answer's headers
     /// and body in the form the tier keeps, when they differ from `value`'s (this replica's
-    /// own form; see [`Localize`]). Returns whether memory took it.
+    /// own form; see [`Localize`]). The shared write waits here at most the short call bound
+    /// and goes on off the request path (see [`SharedTier::write_behind`]), and `lock`,
+    /// this replica's fill lock of the key, is released once it is done (at once when
+    /// nothing is written). Returns whether memory took it.
     pub async fn insert_fetched(
         &self,
         key: String,
@@ -496,11 +500,16 @@ impl Store {
         value: CachedResponse,
         neutral: Option<(HeaderMap, Bytes)>,
         since: &Since,
+        lock: Option<FillLock>,
     ) -> bool {
         let Some((tier, generations)) = self.inner.shared.get().zip(since.shared.as_ref()) else {
-            return self
+            let stored = self
                 .insert_since(key, req_headers, value, since.epoch)
                 .await;
+            if let Some(lock) = lock {
+                lock.release().await;
+            }
+            return stored;
         };
         let storage_key = match Vary::of(&value.headers) {
             Vary::Headers(names) => variant_key(&key, &names, req_headers),
@@ -515,7 +524,10 @@ impl Store {
             .insert_since(key.clone(), req_headers, value, since.epoch)
             .await;
         if stored {
-            tier.write(&key, &storage_key, &shared, generations).await;
+            tier.write_behind(key, storage_key, shared, generations.clone(), lock)
+                .await;
+        } else if let Some(lock) = lock {
+            lock.release().await;
         }
         stored
     }

@@ -712,13 +712,14 @@ impl Gateway {
                         gateway
                             .inner
                             .cache
-                            .insert_fetched(key, &call.headers, entry, neutral, &since)
+                            .insert_fetched(key, &call.headers, entry, neutral, &since, lock.take())
                             .await
                     }
                     _ => false,
                 };
-                // After the answer went to the shared tier, so the waiting replicas find it.
-                // (A call that failed dropped its lock on the way out, releasing it too.)
+                // Not stored: nothing for the waiting replicas to find, so they go on their
+                // own now. (A stored answer's lock is released once it is in the shared tier;
+                // a call that failed dropped its lock on the way out, releasing it too.)
                 if let Some(lock) = lock {
                     lock.release().await;
                 }

@@ -16,7 +16,7 @@ use super::error::TokenError;
 use super::file::{self, TokenRecord};
 use super::refresh::Inner;
 use super::state::{to_instant, Source};
-use crate::replicas::{Redis, Unavailable};
+use crate::replicas::{Redis, Unavailable, CALL_TIMEOUT};
 
 /// The lock lives this long unless its holder extends it, so a replica that dies mid-refresh
 /// blocks the others for at most this.
@@ -236,7 +236,13 @@ impl SharedToken {
     async fn try_lock(&self) -> Result<bool, Unavailable> {
         let taken = self
             .redis
-            .try_lock("token", &self.lock_key, self.redis.id(), LOCK_TTL)
+            .try_lock(
+                "token",
+                &self.lock_key,
+                self.redis.id(),
+                LOCK_TTL,
+                CALL_TIMEOUT,
+            )
             .await?;
         if !taken {
             self.bound_lock().await;
@@ -284,7 +290,10 @@ impl SharedToken {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LOCK_EXTEND_EVERY).await;
-                if !redis.extend_lock("token", &key, redis.id(), LOCK_TTL).await {
+                if !redis
+                    .extend_lock("token", &key, redis.id(), LOCK_TTL, CALL_TIMEOUT)
+                    .await
+                {
                     warn!(
                         "token refresh lock could not be extended; another replica may refresh too"
                     );
@@ -296,7 +305,7 @@ impl SharedToken {
 
     async fn release(&self) {
         self.redis
-            .release_lock("token", &self.lock_key, self.redis.id())
+            .release_lock("token", &self.lock_key, self.redis.id(), CALL_TIMEOUT)
             .await;
     }
 }
@@ -808,7 +817,7 @@ impl Inner {
 pub(crate) async fn watch(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
-        let up = inner.shared.get().is_some_and(|s| s.redis.is_up());
+        let up = inner.shared.get().is_some_and(|s| s.redis.is_prompt());
         if up {
             inner.reconcile().await;
         }
