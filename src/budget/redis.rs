@@ -248,7 +248,11 @@ impl Shared {
             .into_iter()
             .chain(args)
             .chain(seed)
-            .chain([heard, back.apart.to_string()])
+            .chain([
+                heard,
+                back.apart.to_string(),
+                u8::from(back.rebase).to_string(),
+            ])
             .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
@@ -713,6 +717,7 @@ impl Budget {
                 if let Some(more) = shared.come_back(&mut ledger, arrived) {
                     back.owed += more.owed;
                     back.apart += more.apart;
+                    back.rebase = true;
                 }
                 let now = clock.nanos();
                 let left = ledger

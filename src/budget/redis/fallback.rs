@@ -21,6 +21,9 @@ pub(super) struct Return {
     /// The cells it sent alone that have been answered since: counted by the upstream,
     /// unseen by the others.
     pub(super) apart: u64,
+    /// Its record of calls out is to be based again: the calls it sent alone that are
+    /// still out were never booked there.
+    pub(super) rebase: bool,
 }
 
 impl Shared {
@@ -39,6 +42,7 @@ impl Shared {
         Some(Return {
             owed: alone / u64::from(self.replicas.get()) / 1000,
             apart,
+            rebase: true,
         })
     }
 }
