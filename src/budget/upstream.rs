@@ -316,6 +316,8 @@ impl Upstream {
         let was = self.pause_until.is_some() || self.allowance.is_some_and(|a| a.low <= out);
         self.pause_until = None;
         self.allowance = None;
+        // The shared count mirrored goes too: seeded again, it would start the same pause.
+        self.mirror = None;
         self.probe = Probe::None;
         was
     }
