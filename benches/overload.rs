@@ -8,7 +8,7 @@
 //! reached. Run: `cargo bench --bench overload`; `OVERLOAD_LIMIT`, `OVERLOAD_WINDOW_SECS`,
 //! `OVERLOAD_LATENCY_MS`, `OVERLOAD_JITTER_MS` and `OVERLOAD_STATUS` (429) set other
 //! simulator terms, `OVERLOAD_SERVICES` the services, `OVERLOAD_REPLICAS=3` runs only the
-//! three replicas.
+//! three replicas, `OVERLOAD_FLUSH_EVERY_MS` flushes their Redis (`FLUSHALL`) that often.
 
 mod support;
 
@@ -32,6 +32,7 @@ fn main() {
         terms.window = Duration::from_secs(window);
     }
     terms.latency_ms = env("OVERLOAD_LATENCY_MS").unwrap_or(terms.latency_ms);
+    terms.flush_every = env("OVERLOAD_FLUSH_EVERY_MS").map(Duration::from_millis);
     terms.jitter_ms = env("OVERLOAD_JITTER_MS").unwrap_or(terms.jitter_ms);
     if let Some(status) = env("OVERLOAD_STATUS") {
         terms.limit_status = u16::try_from(status).expect("OVERLOAD_STATUS is a status code");

@@ -223,6 +223,7 @@ pub async fn start(
         )?,
         None => budget::Budget::new(proxy::budget_spec(&cfg), &registry)?,
     };
+    budget.set_call_deadline(cfg.upstream.timeout);
     let access_log = access::AccessLog::open(
         &effective_access_log(&cfg.server.access_log),
         cfg.server.access_log_json,

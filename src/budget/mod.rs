@@ -351,7 +351,8 @@ impl Budget {
     }
 
     /// Like [`Budget::new`], with one budget shared by every replica through `redis`; while
-    /// Redis is unreachable this replica keeps `1 / replicas` of every share locally.
+    /// Redis is unreachable this replica keeps `1 / replicas` of every share locally, and
+    /// its part of the upstream's count left.
     pub fn new_shared(
         spec: BudgetSpec,
         registry: &Registry,
@@ -368,6 +369,16 @@ impl Budget {
                 landed: tokio::sync::Notify::new(),
             }),
         })
+    }
+
+    /// Names the upstream timeout (`upstream.timeout`), the longest a call admitted here is
+    /// out: with Redis, this replica's record of its calls out lasts that long past its
+    /// last word (and a little more), so the calls of a replica that dies with calls out
+    /// stop counting against the others about one timeout later. No effect without Redis.
+    pub fn set_call_deadline(&self, deadline: Duration) {
+        if let Some(shared) = &self.inner.shared {
+            shared.set_call_deadline(deadline);
+        }
     }
 
     /// Applies a new configuration in place. What was spent stays spent (global and surviving
@@ -613,7 +624,8 @@ impl Budget {
         let now = self.inner.clock.nanos();
         self.share_upstream_pause(now);
         let booked = matches!(ticket.booked, Booked::Shared { .. });
-        self.share_upstream_answer(limited, headers, u64::from(ticket.cost.get()), booked);
+        let about = Some((ticket.seq, booked, u64::from(ticket.cost.get())));
+        self.share_upstream_answer(limited, headers, about);
         limited
     }
 
@@ -639,10 +651,17 @@ impl Budget {
                     .give_back(client, own, Some(global), Some(ticket.seq));
             }
             Booked::Shared { own, global, probe } => {
-                self.ledger().upstream.give_back(ticket.seq);
+                let word = {
+                    let mut ledger = self.ledger();
+                    ledger.upstream.give_back(ticket.seq);
+                    let now = self.inner.clock.nanos();
+                    let about = Some((ticket.seq, true, u64::from(ticket.cost.get())));
+                    let shared = self.inner.shared.as_ref();
+                    shared.map(|s| s.word(&ledger, now, about))
+                };
                 self.unmirror(client, own, Some(global));
-                if let Some(shared) = &self.inner.shared {
-                    shared.refund(client, own, global, ticket.cost, probe);
+                if let (Some(shared), Some(word)) = (&self.inner.shared, word) {
+                    shared.refund(client, own, global, ticket.cost, probe, word);
                 }
             }
             Booked::Nothing => self.ledger().upstream.give_back(ticket.seq),
@@ -657,7 +676,8 @@ impl Budget {
         self.inner.landed.notify_waiters();
         let probe = matches!(ticket.booked, Booked::Shared { probe: true, .. });
         let booked = matches!(ticket.booked, Booked::Shared { .. });
-        self.share_call_failed(u64::from(ticket.cost.get()), booked, probe);
+        let cost = u64::from(ticket.cost.get());
+        self.share_call_failed(cost, probe, Some((ticket.seq, booked, cost)));
     }
 
     /// Ends an upstream pause now, here and (with Redis) on every replica. Returns whether

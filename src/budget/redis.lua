@@ -25,6 +25,13 @@ local function earliest(tat, cost, interval, usable)
 end
 
 local mode = ARGV[1]
+-- The modes a replica sends about its own calls carry its word (see `word` below) in
+-- ARGV[2..10]; their own arguments follow, read as P[2], P[3], ...
+local P = ARGV
+if mode == 'take' or mode == 'seen' or mode == 'done' or mode == 'return' or mode == 'refund' then
+  P = {}
+  for i = 11, #ARGV do P[i - 9] = ARGV[i] end
+end
 -- The shared allowance, if it holds a whole count; anything else (a stray or tampered key:
 -- "abc", "1e9", more digits than a count has) is absent, and deleted so the next report
 -- sets it afresh.
@@ -37,13 +44,85 @@ local function allowance()
   end
   return tonumber(raw)
 end
-local function land(cost)
-  local n = (tonumber(redis.call('GET', KEYS[5])) or 0) - cost
-  if n > 0 then redis.call('SET', KEYS[5], n, 'PX', 300000) else redis.call('DEL', KEYS[5]) end
-  return math.max(n, 0)
+-- KEYS[5]: every replica's calls out, one record per replica,
+-- "id,until,word,cells,base;": until when (µs) its lease holds, the number of the word that
+-- based it, its cells out, and the first call number (the replica's own sequence) that
+-- base does not count. A record is based on the replica's own count (its ledger knows its
+-- calls out, those sent on the fallback too) when there is none; after that each call
+-- booked adds its cells and each call ending takes them off, in the same script run as
+-- its booking or its report, so a call is never out of the flight before its report is in
+-- the count. Every word renews the lease, so a lost key is whole again at each replica's
+-- next word, and a replica gone (killed) says no more: its cells leave when its lease
+-- ends, about one upstream timeout later. A key that does not parse, or is longer than a
+-- fleet's records can be, is a stray or tampered key: it goes, and each replica's next
+-- word bases its record again.
+local function flights()
+  local raw = redis.call('GET', KEYS[5])
+  local t = {}
+  if not raw then return t end
+  if #raw > 4096 then
+    redis.call('DEL', KEYS[5])
+    return t
+  end
+  for id, u, w, c, b in string.gmatch(raw, '(%w+),(%d+),(%d+),(%d+),(%d+);') do
+    u, w, c, b = tonumber(u), tonumber(w), tonumber(c), tonumber(b)
+    if u > now and u <= now + 3600000000 then t[id] = {u, w, c, b} end
+  end
+  return t
 end
-local function out()
-  return tonumber(redis.call('GET', KEYS[5])) or 0
+local function store_flights(t)
+  local parts, last = {}, now
+  for id, r in pairs(t) do
+    parts[#parts + 1] = string.format('%s,%.0f,%.0f,%.0f,%.0f;', id, r[1], r[2], r[3], r[4])
+    if r[1] > last then last = r[1] end
+  end
+  if #parts == 0 then
+    redis.call('DEL', KEYS[5])
+    return
+  end
+  redis.call('SET', KEYS[5], table.concat(parts), 'PX', math.floor((last - now) / 1000) + 1)
+end
+local function out(t)
+  local o = 0
+  for _, r in pairs(t or flights()) do o = o + r[3] end
+  return o
+end
+local lease = math.min(math.max(tonumber(ARGV[5]) or 0, 1000000), 3600000000)
+-- The word of the replica ARGV[2], its number ARGV[3] (later words have higher ones): its
+-- ARGV[4] cells out, the lease ARGV[5] µs, the cells ARGV[6] it last knew out on the
+-- others, its next call number ARGV[7]; then the call it is about, if any: its number
+-- ARGV[8] (-1: none), whether a take booked it here ARGV[9], its cells ARGV[10]. Returns
+-- the replica's record. When the others' records are gone while this replica knew of
+-- calls out on them (Redis lost the key), those calls stay out on a record of their own,
+-- "lost", for 2 s (at most the lease): by then they have been answered or their replicas
+-- have based their records again.
+local call = tonumber(ARGV[8]) or -1
+local function word(t, leaving)
+  local id, w = ARGV[2], tonumber(ARGV[3]) or 0
+  if not string.match(id or '', '^%w+$') or #id < 8 or #id > 40 then return nil end
+  local r = t[id]
+  if r == nil then
+    r = {now + lease, w, math.max(tonumber(ARGV[4]) or 0, 0), math.max(tonumber(ARGV[7]) or 0, 0)}
+    t[id] = r
+    local others = math.max(tonumber(ARGV[6]) or 0, 0)
+    local known = false
+    for k, _ in pairs(t) do
+      if k ~= id then known = true end
+    end
+    if others > 0 and not known then t.lost = {now + math.min(lease, 2000000), 0, others, 0} end
+    return r
+  end
+  r[1] = now + lease
+  -- A call ending after the word that based the record: its cells come off if that base
+  -- counted it (sent before) or its take added them.
+  if leaving and w > r[2] and call >= 0 and (call < r[4] or tonumber(ARGV[9]) == 1) then
+    r[3] = math.max(r[3] - math.max(tonumber(ARGV[10]) or 0, 0), 0)
+  end
+  return r
+end
+local function say(leaving)
+  local t = flights()
+  if word(t, leaving) then store_flights(t) end
 end
 -- The blind pause's probe: absent (none), 0 (due: the next call to go is the probe), or
 -- until when (µs) the probe taken is out, while every other call waits.
@@ -61,14 +140,14 @@ if mode == 'learning' then
   return {2, redis.call('PTTL', KEYS[7])}
 end
 if mode == 'seen' then
-  land(tonumber(ARGV[2]))
+  say(true)
   -- An answer ends any replica's learning call; one that is no limit answer teaches every
   -- replica (even without a count: the shares pace then), with the limit and window it
   -- showed, for a replica that has not seen them yet.
   redis.call('DEL', KEYS[7])
-  local answered = tonumber(ARGV[6]) == 1
+  local answered = tonumber(P[6]) == 1
   if answered then
-    local limit, window = tonumber(ARGV[8]) or 0, tonumber(ARGV[9]) or 0
+    local limit, window = tonumber(P[8]) or 0, tonumber(P[9]) or 0
     if limit > 0 and window > 0 then
       redis.call('SET', KEYS[8], limit .. ':' .. window, 'PX', 3600000)
     elseif redis.call('EXISTS', KEYS[8]) == 0 then
@@ -77,10 +156,10 @@ if mode == 'seen' then
   end
   -- remaining: -1 when the answer had none; reset_ms: 0 when it named no reset, -1 when
   -- the reset it named has passed (it was counted in a window already over).
-  local remaining, reset_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local remaining, reset_ms = tonumber(P[3]), tonumber(P[4])
   -- A blind pause (a limit answer naming no time) ends in one probe across the replicas;
   -- a refusal while one is due keeps it due; any other answer ends the probing.
-  if tonumber(ARGV[7]) == 1 then
+  if tonumber(P[7]) == 1 then
     probe_due(reset_ms)
   elseif answered then
     redis.call('DEL', KEYS[9])
@@ -119,24 +198,24 @@ if mode == 'seen' then
     if reset_ms < ttl then return {0} end
   end
   -- A window the replicas know nothing of yet: this report opens it.
-  if reset_ms == 0 then reset_ms = tonumber(ARGV[5]) end
+  if reset_ms == 0 then reset_ms = tonumber(P[5]) end
   redis.call('SET', KEYS[4], remaining, 'PX', reset_ms)
   redis.call('DEL', KEYS[10])
   return {0}
 end
 if mode == 'done' then
-  -- The cells it had in the shared flight (0: booked elsewhere), and its cost.
-  land(tonumber(ARGV[2]))
-  local cost = tonumber(ARGV[5]) or tonumber(ARGV[2])
+  -- The word is about the call; P[2] is unused, P[5] the call's cost.
+  say(true)
+  local cost = tonumber(P[5]) or 0
   -- A call that failed teaches nothing: the next one learns, on whichever replica.
   redis.call('DEL', KEYS[7])
-  -- Sent (ARGV[3]), it may have been counted: it comes off the window's count.
+  -- Sent (P[3]), it may have been counted: it comes off the window's count.
   local cur = allowance()
-  if tonumber(ARGV[3]) == 1 and cur ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
+  if tonumber(P[3]) == 1 and cur ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
     redis.call('SET', KEYS[4], math.max(cur - cost, 0), 'KEEPTTL')
   end
-  -- The probe (ARGV[4]) ended unanswered: the next call is the probe.
-  if tonumber(ARGV[4]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
+  -- The probe (P[4]) ended unanswered: the next call is the probe.
+  if tonumber(P[4]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
     redis.call('SET', KEYS[9], '0', 'KEEPTTL')
   end
   return {0}
@@ -185,16 +264,17 @@ if mode == 'peek' then
 end
 if mode == 'return' or mode == 'refund' then
   for i = 1, 2 do
-    local after, before = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+    local after, before = tonumber(P[2 * i]), tonumber(P[2 * i + 1])
     if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
       if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
     end
   end
+  -- An admitted call that was not sent (refund) leaves the flight: what may go is the
+  -- count less the calls out.
+  say(mode == 'refund')
   if mode == 'refund' then
-    -- An admitted call that was not sent: it leaves the flight (what may go is the count
-    -- less the calls out), and if it was the probe, the next call is.
-    land(tonumber(ARGV[6]))
-    if tonumber(ARGV[7]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
+    -- If it was the probe, the next call is.
+    if tonumber(P[7]) == 1 and redis.call('EXISTS', KEYS[9]) == 1 then
       redis.call('SET', KEYS[9], '0', 'KEEPTTL')
     end
   end
@@ -204,69 +284,107 @@ end
 -- take: cost, global interval and usable cells, client interval and usable cells (0 = do
 -- not book the client), max wait, debt owed from a spell on the local fallback, and the
 -- longest pause a stored one may still have left (all in µs); then the upstream's learnt
--- limit (0: none) and window (ms), how long a probe may be out (µs), and from a replica
--- back from its fallback what it knows of the upstream's window: the count left (-1:
--- nothing), the ms to its reset, and how many ms ago it was assumed (-1: it was named).
-local cost = tonumber(ARGV[2])
-local gi, gu = tonumber(ARGV[3]), tonumber(ARGV[4])
-local ci, cu = tonumber(ARGV[5]), tonumber(ARGV[6])
-local max_wait = tonumber(ARGV[7])
-local owed = tonumber(ARGV[8])
+-- limit (0: none) and window (ms), how long a probe may be out (µs); what this replica
+-- knows of the upstream's window: the count left (-1: nothing), the ms to its reset, and
+-- how many ms ago it was assumed (-1: it was named); the resume count it has acted on; and
+-- the cells it spent while cut off from Redis that have been answered since (once, on
+-- its first take back). Its word is about this call, counted out here once booked (unless
+-- the record's base counts it already). Every answer ends with the shared count (-1: none), the ms to its end and
+-- the cells out on every replica, which the replica mirrors.
+local cost = tonumber(P[2])
+local gi, gu = tonumber(P[3]), tonumber(P[4])
+local ci, cu = tonumber(P[5]), tonumber(P[6])
+local max_wait = tonumber(P[7])
+local owed = tonumber(P[8])
+local longest = tonumber(P[9])
 if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
+
+local t = flights()
+-- Back from the fallback (P[18]): its record is based again, on a count that has the calls
+-- it sent alone that are still out.
+if tonumber(P[18]) == 1 then t[ARGV[2]] = nil end
+local mine = word(t, false)
+local allow = allowance()
+local ttl = -2
+if allow ~= nil then ttl = redis.call('PTTL', KEYS[4]) end
+-- The replica's knowledge of the window, unless an operator has ended the pause (and the
+-- count with it) since it last looked: then it knows of a count that is gone for good.
+local seed_left, seed_ms = tonumber(P[13]) or -1, tonumber(P[14]) or 0
+local since = tonumber(P[15]) or -1
+local apart = math.max(tonumber(P[17]) or 0, 0)
+local heard = (tonumber(P[16]) or 0) >= resumes()
+seed_ms = math.min(seed_ms, math.floor(longest / 1000))
+if heard and seed_left >= 0 and seed_ms > 0 then
+  if allow == nil or ttl <= 0 then
+    -- The shared count is gone (Redis restarted or flushed, the key evicted or deleted)
+    -- while this replica knows of a window not yet ended: the window goes on from what it
+    -- knows, never from a full allowance, and never unlimited.
+    allow = seed_left
+    ttl = seed_ms
+    redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', seed_ms)
+    if since >= 0 then
+      redis.call('SET', KEYS[10], string.format('%.0f', now - since * 1000), 'PX', seed_ms)
+    end
+  end
+end
+if allow ~= nil and apart > 0 and ttl > 0 then
+  -- Calls this replica made alone were counted upstream without the others knowing.
+  allow = math.max(allow - apart, 0)
+  redis.call('SET', KEYS[4], string.format('%.0f', allow), 'KEEPTTL')
+end
+-- Calls in flight never outnumber the cells the global share could book over two leases
+-- (a call out lasts at most one): a larger count is a stray or tampered key, not
+-- believed. It goes (said once, in Redis's log), and each replica states its count again.
+local o = out(t)
+if o > gu + math.ceil(2 * lease / gi) then
+  redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
+  t = {}
+  mine = word(t, false)
+  o = out(t)
+end
+store_flights(t)
+local function reply(r)
+  for i = #r + 1, 8 do r[i] = 0 end
+  local shown, left_ms = -1, 0
+  if allow ~= nil and ttl > 0 then shown, left_ms = allow, ttl end
+  r[9], r[10], r[11] = shown, left_ms, o
+  return r
+end
 
 local pause = tonumber(redis.call('GET', KEYS[3]))
 if pause ~= nil and pause > now then
-  local longest = tonumber(ARGV[9])
   if pause > now + longest then
     pause = now + longest
     store(KEYS[3], pause)
   end
-  return {3, pause - now}
+  return reply({3, pause - now})
 end
 
 local probe = tonumber(redis.call('GET', KEYS[9]))
-if probe ~= nil and probe > now then return {3, math.min(probe - now, 1000000)} end
+if probe ~= nil and probe > now then return reply({3, math.min(probe - now, 1000000)}) end
 
-local allow = allowance()
-local limit, window_ms = tonumber(ARGV[10]) or 0, tonumber(ARGV[11]) or 0
+local limit, window_ms = tonumber(P[10]) or 0, tonumber(P[11]) or 0
 if limit == 0 then
   -- Not learnt here yet: what another replica learnt.
   local l, w = string.match(redis.call('GET', KEYS[8]) or '', '^(%d+):(%d+)$')
   if l then limit, window_ms = tonumber(l), tonumber(w) end
 end
-local seed_left, seed_ms = tonumber(ARGV[13]) or -1, tonumber(ARGV[14]) or 0
-if allow == nil and seed_left >= 0 and seed_ms > 0 then
-  -- Redis lost the count (restarted empty) while this replica kept obeying it alone: the
-  -- window goes on from what it knows, not from a full allowance.
-  allow = seed_left
-  redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', seed_ms)
-  local since = tonumber(ARGV[15]) or -1
-  if since >= 0 then
-    redis.call('SET', KEYS[10], string.format('%.0f', now - since * 1000), 'PX', seed_ms)
-  end
-elseif allow == nil and limit > 0 and window_ms > 0 then
-  -- The count's window ended (its key expired at the reset): the new one holds the learnt
-  -- limit (less the calls still out on every replica, as always), never what the shares
-  -- alone allow, until a report of the new window replaces it.
+if allow == nil and limit > 0 and window_ms > 0 then
+  -- The count's window ended (its key expired at the reset) and this replica knows of no
+  -- later one: the new one holds the learnt limit (less the calls still out on every
+  -- replica, as always), never what the shares alone allow, until a report of the new
+  -- window replaces it.
   allow = limit
+  ttl = window_ms
   redis.call('SET', KEYS[4], string.format('%.0f', allow), 'PX', window_ms)
   redis.call('SET', KEYS[10], string.format('%.0f', now), 'PX', window_ms)
 end
-local o = out()
--- Calls in flight never outnumber the cells the global share could book while the count
--- lives (its burst and the key's five minutes): a larger count, or one below zero, is a
--- stray or tampered key, not believed. It goes (said once, in Redis's log) and counts anew.
-if o < 0 or o > gu + math.ceil(300000000 / gi) then
-  redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
-  redis.call('DEL', KEYS[5])
-  o = 0
-end
 if allow ~= nil and allow - o < cost then
-  local ttl = redis.call('PTTL', KEYS[4])
+  ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask
   -- again in a second rather than at the reset.
-  if ttl > 0 and o > 0 then return {3, math.min(ttl * 1000, 1000000)} end
-  if ttl > 0 then return {3, math.min(ttl * 1000, tonumber(ARGV[9]))} end
+  if ttl > 0 and o > 0 then return reply({3, math.min(ttl * 1000, 1000000)}) end
+  if ttl > 0 then return reply({3, math.min(ttl * 1000, longest)}) end
 end
 
 local g = bounded(KEYS[1], gi * gu + max_wait + owed)
@@ -279,27 +397,31 @@ end
 -- A cost above a share's usable burst could only be booked as debt past it, locking every
 -- caller out until it drained: nothing is booked, and the refusal says when the share is
 -- next full. Replicas refuse such a cost before asking; this guards terms that disagree.
-if cu > 0 and cost > cu then return {2, math.max(c - now, 0)} end
-if cost > gu then return {1, math.max(g - now, 0)} end
+if cu > 0 and cost > cu then return reply({2, math.max(c - now, 0)}) end
+if cost > gu then return reply({1, math.max(g - now, 0)}) end
 if math.max(gw, cw) > max_wait then
-  if cw >= gw then return {2, cw} end
-  return {1, gw}
+  if cw >= gw then return reply({2, cw}) end
+  return reply({1, gw})
 end
 local c_after = 0
 if cu > 0 then
   c_after = math.max(c, now + cw) + cost * ci
   store(KEYS[2], c_after)
-  if cw > 0 then return {4, cw, c, c_after, 0, 0, now} end
+  if cw > 0 then return reply({4, cw, c, c_after, 0, 0, now}) end
 end
 local g_after = math.max(g, now + gw) + cost * gi
 store(KEYS[1], g_after)
-redis.call('INCRBY', KEYS[5], cost)
-redis.call('PEXPIRE', KEYS[5], 300000)
+-- Booked: this call is out, on this replica's record (unless its base counts it).
+if mine ~= nil and call >= mine[4] then
+  mine[3] = mine[3] + cost
+  o = o + cost
+  store_flights(t)
+end
 -- The probe due after a blind pause: this call is it, every other waits for its answer.
 local probing = 0
 if probe ~= nil then
-  local claim = tonumber(ARGV[12])
+  local claim = tonumber(P[12])
   redis.call('SET', KEYS[9], string.format('%.0f', now + claim), 'PX', math.floor(claim / 1000) + 3600000)
   probing = 1
 end
-return {0, gw, c, c_after, g, g_after, now, probing}
+return reply({0, gw, c, c_after, g, g_after, now, probing})

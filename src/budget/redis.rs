@@ -14,8 +14,10 @@ mod fallback;
 
 use super::gcra::quota;
 use super::ledger::{Ledger, Refusal};
+use super::upstream::Seed;
 use super::{Admitted, Budget, BudgetSpec, ClientSpec, Rejected, Share, Ticket, Which};
 use crate::replicas::{Redis, Unavailable};
+use fallback::Return;
 
 /// The one script. Modes: `take` (book, or refuse), `return` (give back a booking nothing
 /// was booked after), `refund` (the same for an admitted call that was not sent, which also
@@ -26,7 +28,8 @@ use crate::replicas::{Redis, Unavailable};
 /// are in force, for a paused replica and `/admin/status`), `learning` (whether this
 /// replica is to send the one call that learns the upstream's count). KEYS: the global TAT,
 /// the client's TAT, the pause deadline, the upstream's allowance (cells left, expiring at
-/// its reset), the cells in flight on all replicas, the resume count (one more each time an
+/// its reset), the cells in flight on every replica (one leased record per replica, see
+/// [`Word`]), the resume count (one more each time an
 /// operator ends the pause, so every replica can tell its own copy of a pause was ended),
 /// the marker of a replica's learning call out, the mark that some replica learnt (with
 /// the limit and window it learnt), the blind pause's probe (due, or out until when), and
@@ -47,6 +50,14 @@ const PROBE_MARK: Duration = Duration::from_secs(30);
 
 /// How often a replica waiting for another's learning call asks Redis again.
 const LEARNING_POLL: Duration = Duration::from_millis(25);
+
+/// How long past the upstream timeout a replica's record of its calls out outlives its
+/// last word: a call out ends within the timeout (and the token's wait before it), so a
+/// replica killed with calls out stops holding the others' allowance soon after.
+const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// The upstream timeout assumed until [`Budget::set_call_deadline`] names the configured one.
+const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The shared budget's word to a replica that knows nothing of the upstream's count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +108,28 @@ pub(crate) struct Shared {
     /// The shared resume count this replica has acted on: a different count in Redis means
     /// an operator ended the pause (on any replica), so this replica's copy of it ends too.
     resumes_seen: std::sync::Arc<AtomicU64>,
+    /// This replica's name on its record of calls out (letters and digits).
+    id: String,
+    /// The number of this replica's next word, so Redis keeps only the newest.
+    words: AtomicU64,
+    /// How long its record outlives its last word, in µs.
+    lease_us: AtomicU64,
 }
+
+/// A replica's word on its own calls out, sent with every script run about them: its id,
+/// the word's number (taken with the count, under the ledger lock, so numbers order the
+/// words), its cells out, how long its record holds without another word, the cells it
+/// last knew out on the other replicas, the number its next call takes, and the call the
+/// run is about (its number, whether a take booked it in Redis, its cost). A record Redis
+/// lost is based again on the count of the replica's next word (the others' calls it knew
+/// of held out a moment, until they have based theirs), and a replica that says no more
+/// (killed) holds nothing past its lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Word([String; 9]);
+
+/// The call a [`Word`] is about: its sequence number, whether a take booked it in Redis,
+/// and its cost.
+pub(super) type About = Option<(u64, bool, u64)>;
 
 /// The pause and the dry allowance Redis holds, as every replica sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,14 +145,45 @@ pub(crate) struct SharedPause {
 impl Shared {
     pub(crate) fn new(redis: Redis, replicas: NonZeroU32, spec: BudgetSpec) -> Shared {
         Shared {
-            redis,
             replicas,
             full: Mutex::new(spec),
             local: AtomicBool::new(false),
             base: AtomicU64::new(0),
             pushed_pause: AtomicU64::new(0),
             resumes_seen: std::sync::Arc::new(AtomicU64::new(0)),
+            id: redis
+                .id()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect(),
+            words: AtomicU64::new(1),
+            lease_us: AtomicU64::new(lease_us(DEFAULT_CALL_DEADLINE)),
+            redis,
         }
+    }
+
+    /// This replica's word about the call `about`, taken under the ledger lock once the
+    /// ledger shows the call's event (spent, or ended), at `now` (budget clock).
+    pub(super) fn word(&self, ledger: &Ledger, now: u64, about: About) -> Word {
+        let (call, booked, cost) = match about {
+            Some((seq, booked, cost)) => (seq.to_string(), u8::from(booked), cost),
+            None => ("-1".to_string(), 0, 0),
+        };
+        Word([
+            self.id.clone(),
+            self.words.fetch_add(1, Ordering::AcqRel).to_string(),
+            ledger.upstream.out().to_string(),
+            self.lease_us.load(Ordering::Acquire).to_string(),
+            ledger.upstream.others_out(now).to_string(),
+            ledger.upstream.next_seq().to_string(),
+            call,
+            booked.to_string(),
+            cost.to_string(),
+        ])
+    }
+
+    pub(super) fn set_call_deadline(&self, deadline: Duration) {
+        self.lease_us.store(lease_us(deadline), Ordering::Release);
     }
 
     fn full(&self) -> BudgetSpec {
@@ -146,9 +209,17 @@ impl Shared {
     }
 
     /// Books on Redis. `None`: Redis failed or answered nonsense; the caller falls back.
-    async fn take(&self, ask: &Ask, book_own: bool, max_wait: u64, owed: u64) -> Option<Reply> {
+    async fn take(
+        &self,
+        ask: &Ask,
+        book_own: bool,
+        max_wait: u64,
+        back: Return,
+        word: Word,
+    ) -> Option<(Reply, Stated)> {
         let own = ask.own.filter(|_| book_own);
         let keys = self.keys(&ask.client);
+        let owed = back.owed;
         let args = [
             ask.cost.to_string(),
             ask.global.interval_us.to_string(),
@@ -164,20 +235,31 @@ impl Shared {
         ];
         let ms = |ns: u64| (ns / 1_000_000).to_string();
         let seed = match ask.seed {
-            Some((left, reset_in, since)) => [
-                left.to_string(),
-                ms(reset_in),
-                since.map_or("-1".into(), ms),
+            Some(seed) => [
+                seed.left.to_string(),
+                ms(seed.reset_in),
+                seed.since.map_or("-1".into(), ms),
             ],
             None => ["-1".into(), "0".into(), "-1".into()],
         };
-        let args: Vec<String> = args.into_iter().chain(seed).collect();
+        let heard = self.resumes_seen.load(Ordering::Acquire).to_string();
+        let args: Vec<String> = word
+            .0
+            .into_iter()
+            .chain(args)
+            .chain(seed)
+            .chain([
+                heard,
+                back.apart.to_string(),
+                u8::from(back.rebase).to_string(),
+            ])
+            .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         let reply = Reply::parse(&raw);
         if reply.is_none() {
             tracing::error!(?raw, "budget: unexpected answer from the Redis script");
         }
-        reply
+        Some((reply?, Stated::parse(&raw)))
     }
 
     fn keys(&self, client: &str) -> [String; 10] {
@@ -243,10 +325,11 @@ impl Shared {
     /// Runs one of the script's bookkeeping modes in the background (best effort: it runs
     /// on the answer path, and a lost one only leaves the shared allowance more cautious or
     /// lets the next answer correct it).
-    fn tell(&self, mode: &'static str, args: Vec<String>) {
+    fn tell(&self, mode: &'static str, word: Word, args: Vec<String>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let args: Vec<String> = word.0.into_iter().chain(args).collect();
         let keys = self.keys("-");
         let redis = self.redis.clone();
         runtime.spawn(async move {
@@ -256,8 +339,8 @@ impl Shared {
 
     /// Gives back bookings nothing was booked after (best effort, in the background: it
     /// runs from `Drop`, and a lost give-back only wastes cells, never exceeds a share).
-    fn give_back(&self, client: &str, own: Option<Booked>, global: Option<Booked>) {
-        self.hand_back(client, own, global, None);
+    fn give_back(&self, client: &str, own: Option<Booked>, global: Option<Booked>, word: Word) {
+        self.hand_back(client, own, global, None, word);
     }
 
     /// Gives back what an admitted call of `cost` booked, as [`Shared::give_back`] does, and
@@ -270,8 +353,9 @@ impl Shared {
         global: Booked,
         cost: NonZeroU32,
         probe: bool,
+        word: Word,
     ) {
-        self.hand_back(client, own, Some(global), Some((cost, probe)));
+        self.hand_back(client, own, Some(global), Some((cost, probe)), word);
     }
 
     /// `return` (or, with the call's cost and whether it was the probe, `refund`) in the
@@ -282,6 +366,7 @@ impl Shared {
         own: Option<Booked>,
         global: Option<Booked>,
         refund: Option<(NonZeroU32, bool)>,
+        word: Word,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -299,6 +384,7 @@ impl Shared {
         let mode = if refund.is_some() { "refund" } else { "return" };
         let (cost, probe) = refund.map_or((0, false), |(c, p)| (c.get(), p));
         let args = [oa, ob, ga, gb, i64::from(cost), i64::from(probe)].map(|v| v.to_string());
+        let args: Vec<String> = word.0.into_iter().chain(args).collect();
         let redis = self.redis.clone();
         runtime.spawn(async move {
             let _ = run_script(&redis, &keys, mode, &args).await;
@@ -331,6 +417,11 @@ impl Shared {
             }
         });
     }
+}
+
+/// A record's lease for calls out that end within `deadline`, in µs.
+fn lease_us(deadline: Duration) -> u64 {
+    u64::try_from((deadline + LEASE_MARGIN).as_micros()).unwrap_or(u64::MAX)
 }
 
 /// What one replica may spend alone: every share divided by the replica count (at least
@@ -390,14 +481,13 @@ struct Ask {
     /// a new window holds once the shared count's window has ended.
     limit: u64,
     window_ms: u64,
-    /// Back from the fallback: what this replica knows of the upstream's window (count
-    /// left, time to its reset, and since when it was assumed, in ns), to seed a shared
-    /// count Redis lost.
-    seed: Option<(u64, u64, Option<u64>)>,
+    /// What this replica knows of the upstream's window, to seed a shared count Redis
+    /// lost.
+    seed: Option<Seed>,
 }
 
 impl Ask {
-    fn new(ledger: &Ledger, client: &str, cost: NonZeroU32, returned: bool, now: u64) -> Ask {
+    fn new(ledger: &Ledger, client: &str, cost: NonZeroU32, now: u64) -> Ask {
         let (max_wait, hold) = ledger.terms(client);
         let own = ledger
             .clients
@@ -413,10 +503,7 @@ impl Ask {
             longest_us: ledger.upstream.longest() / 1000,
             limit: ledger.upstream.limit().unwrap_or(0),
             window_ms: ledger.upstream.window_learnt().map_or(0, |w| w / 1_000_000),
-            // This call is already out here, and the script counts it out there.
-            seed: returned
-                .then(|| ledger.upstream.known_window(now, u64::from(cost.get())))
-                .flatten(),
+            seed: ledger.upstream.seed(now),
         }
     }
 }
@@ -430,6 +517,26 @@ pub(super) struct Booked {
     /// when it did not: giving the booking back restores the mirror too, while it still
     /// shows this booking last.
     mirrored: u64,
+}
+
+/// What every take's answer ends with: the shared count (`None`: none), the ms to its end,
+/// and the cells out on every replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Stated {
+    low: Option<u64>,
+    ends_ms: u64,
+    out: u64,
+}
+
+impl Stated {
+    fn parse(raw: &[i64]) -> Stated {
+        let at = |i: usize| raw.get(i).copied().unwrap_or(-1);
+        Stated {
+            low: u64::try_from(at(8)).ok(),
+            ends_ms: u64::try_from(at(9)).unwrap_or(0),
+            out: u64::try_from(at(10)).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,19 +627,35 @@ impl Hold<'_> {
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
-        if self.own.is_some() || self.global.is_some() {
+        let booked = self.own.is_some() || self.global.is_some();
+        if booked {
             self.budget.unmirror(self.client, self.own, self.global);
-            self.shared.give_back(self.client, self.own, self.global);
         }
-        if let Some(seq) = self.spent {
-            self.budget.ledger().upstream.give_back(seq);
+        let (returned, ended) = {
+            let mut ledger = self.budget.ledger();
+            if let Some(seq) = self.spent {
+                ledger.upstream.give_back(seq);
+            }
+            let now = self.budget.inner.clock.nanos();
+            let ended = self
+                .spent
+                .map(|seq| (seq, self.global.is_some(), self.cost));
+            (
+                self.shared.word(&ledger, now, None),
+                self.shared.word(&ledger, now, ended),
+            )
+        };
+        if booked {
+            self.shared
+                .give_back(self.client, self.own, self.global, returned);
+        }
+        if self.spent.is_some() {
             self.budget.inner.landed.notify_waiters();
-            // Out of the shared flight if it was booked there, and either way no longer a
-            // learning call the other replicas wait for.
-            let booked = if self.global.is_some() { self.cost } else { 0 };
+            // Out of the shared flight (the word says so), and no longer a learning call
+            // the other replicas wait for.
             let probe = u8::from(self.probe).to_string();
             self.shared
-                .tell("done", vec![booked.to_string(), "0".into(), probe]);
+                .tell("done", ended, vec!["0".into(), "0".into(), probe]);
         }
     }
 }
@@ -580,21 +703,21 @@ impl Budget {
         };
         // The upstream's flight is taken here, under the lock that checks it, so no two
         // calls both go as the one sent to learn what the upstream has left.
-        let mut owed = 0;
-        let mut returned = false;
+        let mut back = Return::default();
         let mut looked_shared = false;
         // Whether Redis said this replica sends the call that learns the upstream's count.
         let mut claimed = false;
-        let (ask, seq) = loop {
+        let (ask, seq, word) = loop {
             let landed = self.inner.landed.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
             let mut learn_first = false;
             let probe_at = {
                 let mut ledger = self.ledger();
-                if let Some(debt) = shared.come_back(&mut ledger, arrived) {
-                    owed += debt;
-                    returned = true;
+                if let Some(more) = shared.come_back(&mut ledger, arrived) {
+                    back.owed += more.owed;
+                    back.apart += more.apart;
+                    back.rebase = true;
                 }
                 let now = clock.nanos();
                 let left = ledger
@@ -618,7 +741,9 @@ impl Budget {
                         if !learn_first {
                             let seq = ledger.upstream.spend(hold.cost);
                             hold.spent = Some(seq);
-                            break (Ask::new(&ledger, client, cost, returned, now), seq);
+                            let about = Some((seq, false, hold.cost));
+                            let word = shared.word(&ledger, now, about);
+                            break (Ask::new(&ledger, client, cost, now), seq, word);
                         }
                     }
                 }
@@ -652,7 +777,7 @@ impl Budget {
         let left = ask
             .max_wait
             .saturating_sub(clock.nanos().saturating_sub(arrived));
-        let Some(mut reply) = shared.take(&ask, true, left, owed).await else {
+        let Some((mut reply, stated)) = shared.take(&ask, true, left, back, word).await else {
             // The call spent in the ledger's upstream flight goes back first: left there, the
             // local admission would wait for it to land, and it never goes.
             drop(hold);
@@ -660,6 +785,7 @@ impl Budget {
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
         };
+        self.mirror_count(stated);
         if let Reply::Queue { wait, own, now } = reply {
             let (_, mirrored) = self.mirror(client, now, None, Some(own.after));
             hold.own = Some(Booked {
@@ -670,8 +796,14 @@ impl Budget {
             tokio::time::sleep(Duration::from_micros(wait)).await;
             let elapsed = clock.nanos().saturating_sub(arrived);
             let left = ask.max_wait.saturating_sub(elapsed);
-            reply = match shared.take(&ask, false, left, 0).await {
-                Some(r) => r,
+            let about = Some((seq, false, hold.cost));
+            let word = shared.word(&self.ledger(), clock.nanos(), about);
+            let again = shared.take(&ask, false, left, Return::default(), word);
+            reply = match again.await {
+                Some((r, stated)) => {
+                    self.mirror_count(stated);
+                    r
+                }
                 None => {
                     // The client's cells stay booked in Redis: spent, not lost.
                     hold.own = None;
@@ -768,6 +900,15 @@ impl Budget {
         Ok(())
     }
 
+    /// Keeps what a take said of the shared count, for a count Redis may lose later.
+    fn mirror_count(&self, stated: Stated) {
+        let now = self.inner.clock.nanos();
+        let ends_in = stated.ends_ms.saturating_mul(1_000_000);
+        self.ledger()
+            .upstream
+            .mirror(stated.low, ends_in, stated.out, now);
+    }
+
     /// Copies the TATs the script returned into the local ledger, for headers and status;
     /// returns the global and own TATs the ledger took (`None` for a share not mirrored).
     fn mirror(
@@ -855,24 +996,23 @@ impl Budget {
         self.refuse(client, Refusal { which, wait })
     }
 
-    /// After an upstream answer to a call of `cost` cells: the call leaves the shared
-    /// flight (if it was `booked` there, not on the fallback), and what the upstream says
-    /// remains becomes the allowance of every replica.
+    /// After an upstream answer: this replica's word on its calls out (the answered one
+    /// has left), and what the upstream says remains becomes the allowance of every replica.
     pub(super) fn share_upstream_answer(
         &self,
         limited: bool,
         headers: &http::HeaderMap,
-        cost: u64,
-        booked: bool,
+        about: About,
     ) {
         let Some(shared) = &self.inner.shared else {
             return;
         };
         let now = self.inner.clock.nanos();
         let wall = std::time::SystemTime::now();
-        let (remaining, reset_ms, blind_ms, blind, limit, window_ms) = {
+        let (word, (remaining, reset_ms, blind_ms, blind, limit, window_ms)) = {
             let ledger = self.ledger();
             let up = &ledger.upstream;
+            let word = shared.word(&ledger, now, about);
             let remaining = header_u64(headers, "x-ratelimit-remaining");
             let remaining = if limited { Some(0) } else { remaining };
             // This answer's own reset, so a report of a window already over is told apart.
@@ -897,17 +1037,23 @@ impl Budget {
                 let paused_ms = paused.map_or(0, |p| p.div_ceil(1_000_000));
                 let remaining = paused.map(|_| 0);
                 let paused_ms = i64::try_from(paused_ms).unwrap_or(i64::MAX);
-                (remaining, paused_ms, blind_ms, blind, limit, window_ms)
+                (
+                    word,
+                    (remaining, paused_ms, blind_ms, blind, limit, window_ms),
+                )
             } else {
-                (remaining, reset_ms, blind_ms, blind, limit, window_ms)
+                (
+                    word,
+                    (remaining, reset_ms, blind_ms, blind, limit, window_ms),
+                )
             }
         };
         let remaining = remaining.map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX));
-        let landed = if booked { cost } else { 0 };
         shared.tell(
             "seen",
+            word,
             vec![
-                landed.to_string(),
+                "0".into(),
                 remaining.to_string(),
                 reset_ms.to_string(),
                 blind_ms.to_string(),
@@ -922,12 +1068,15 @@ impl Budget {
     /// A call that ended without an answer leaves the shared flight (if it was `booked`
     /// there), and the count (it may have been counted); if it was the probe after a blind
     /// pause, the next call is.
-    pub(super) fn share_call_failed(&self, cost: u64, booked: bool, probe: bool) {
+    pub(super) fn share_call_failed(&self, cost: u64, probe: bool, about: About) {
         if let Some(shared) = &self.inner.shared {
             let probe = u8::from(probe).to_string();
-            let landed = if booked { cost } else { 0 };
-            let args = vec![landed.to_string(), "1".into(), probe, cost.to_string()];
-            shared.tell("done", args);
+            let ledger = self.ledger();
+            let now = self.inner.clock.nanos();
+            let word = shared.word(&ledger, now, about);
+            drop(ledger);
+            let args = vec!["0".into(), "1".into(), probe, cost.to_string()];
+            shared.tell("done", word, args);
         }
     }
 
@@ -992,6 +1141,8 @@ mod tests {
     use super::*;
     use crate::budget::{BudgetSpec, Priority, Refused};
     use cxgate_testkit::redis::RedisServer as Server;
+
+    mod faults;
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("positive")
@@ -1547,6 +1698,15 @@ mod tests {
         let keys = shared.keys("other");
         // No count in Redis, a learnt limit of 10 and window of 6 s: the window is assumed.
         let take: Vec<String> = [
+            "testreplica1",
+            "1",
+            "0",
+            "3000000",
+            "0",
+            "0",
+            "-1",
+            "0",
+            "0",
             "1",
             "100",
             "30",
@@ -1561,6 +1721,8 @@ mod tests {
             "-1",
             "0",
             "-1",
+            "0",
+            "0",
         ]
         .map(String::from)
         .to_vec();
@@ -1573,9 +1735,27 @@ mod tests {
             "expected the call to go, saw {went:?}"
         );
         // Its answer: 4 left of this window, which the upstream says resets in 3 s.
-        let seen: Vec<String> = ["1", "4", "3000", "60000", "1", "0", "10", "6000"]
-            .map(String::from)
-            .to_vec();
+        let seen: Vec<String> = [
+            "testreplica1",
+            "2",
+            "0",
+            "3000000",
+            "0",
+            "0",
+            "-1",
+            "0",
+            "0",
+            "1",
+            "4",
+            "3000",
+            "60000",
+            "1",
+            "0",
+            "10",
+            "6000",
+        ]
+        .map(String::from)
+        .to_vec();
         run_script(&redis, &keys, "seen", &seen)
             .await
             .expect("seen");
@@ -1684,7 +1864,7 @@ mod tests {
         assert!(
             admitted.is_ok(),
             "expected the admission taken on the local share, saw {:?}",
-            admitted.err().map(|r| r.budget)
+            admitted.err().map(|r| r.later().budget)
         );
         redis.stop();
     }

@@ -8,6 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 
+mod mirror;
+
+pub(crate) use mirror::Seed;
+
 /// The limit is spent but the upstream did not say for how long: wait this long (the public
 /// clients assume about a minute), then send one probe.
 const BLIND_PAUSE: Duration = Duration::from_secs(60);
@@ -131,6 +135,12 @@ pub(crate) struct Upstream {
     /// How many processes share the count this side knows (0 or 1: this one alone): a
     /// replica on its fallback, cut off from the others, spends only its part of it.
     parts: u64,
+    /// What the shared budget last said of the window (see `mirror`).
+    mirror: Option<mirror::Mirror>,
+    /// While cut off from the other replicas: this one's part of what was left.
+    fence: Option<mirror::Fence>,
+    /// Cells sent while cut off (and not given back), for the shared count on return.
+    apart: u64,
 }
 
 impl Upstream {
@@ -193,15 +203,13 @@ impl Upstream {
     /// window less every call out, those sent before the report too (the upstream may have
     /// counted them after it).
     pub(crate) fn allowance(&self, now: u64) -> Option<u64> {
-        self.current(now)
-            .map(|a| self.part(a.low).saturating_sub(self.out()))
-    }
-
-    /// Sets how many processes spend the upstream's count without seeing each other's
-    /// calls (`budget.replicas` while Redis is gone; 1 otherwise): each may then have out
-    /// only its part of the lowest `Remaining` it saw, in its window and the next ones.
-    pub(crate) fn set_parts(&mut self, parts: u32) {
-        self.parts = u64::from(parts);
+        let counted = self
+            .current(now)
+            .map(|a| self.part(a.low).saturating_sub(self.out()));
+        match (counted, self.fenced(now)) {
+            (Some(c), Some(f)) => Some(c.min(f)),
+            (c, f) => c.or(f),
+        }
     }
 
     /// This process's part of a count of `low`.
@@ -209,19 +217,13 @@ impl Upstream {
         low / self.parts.max(1)
     }
 
-    /// What this side knows of the upstream's current window, for a shared count that has
-    /// been lost (Redis back empty): the lowest `Remaining` less the calls out but `mine`
-    /// (none of them is in the new shared flight), the time to its reset, and for a window
-    /// assumed after the last one named, how long ago it began.
-    pub(crate) fn known_window(&self, now: u64, mine: u64) -> Option<(u64, u64, Option<u64>)> {
-        let a = self.current(now)?;
-        let since = a.assumed_from.map(|from| now.saturating_sub(from));
-        let out = self.out().saturating_sub(mine);
-        Some((a.low.saturating_sub(out), a.reset - now, since))
+    /// The sequence number the next admitted call takes.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
     }
 
     /// The cells of every call out.
-    fn out(&self) -> u64 {
+    pub(crate) fn out(&self) -> u64 {
         self.flying.values().sum()
     }
 
@@ -319,6 +321,8 @@ impl Upstream {
         let was = self.pause_until.is_some() || self.allowance.is_some_and(|a| a.low <= out);
         self.pause_until = None;
         self.allowance = None;
+        // The shared count mirrored goes too: seeded again, it would start the same pause.
+        self.mirror = None;
         self.probe = Probe::None;
         was
     }
@@ -332,6 +336,15 @@ impl Upstream {
         // With a probe due, the next call spent is the probe (see `spend`), and the others
         // wait for its answer (`waits_for_landing`).
         self.roll(now);
+        self.renew_fence(now);
+        if self.fenced(now).is_some_and(|left| left < cost) {
+            // This replica's part while cut off is spent: the window's end renews it, and
+            // calls of its own out only wait for their answers (which renew nothing).
+            if self.flying.is_empty() {
+                return self.fence.map(|f| f.reset.saturating_sub(now).max(1));
+            }
+            return None;
+        }
         match self.allowance {
             // Only what the upstream said is left (no call of ours out) is too little: wait
             // for its reset. A count our own calls used up waits for their answers instead,
@@ -354,6 +367,7 @@ impl Upstream {
             self.alone = Some(seq);
         }
         self.flying.insert(seq, cost);
+        self.fence_spend(cost);
         if self.probe == Probe::Due && self.pause_until.is_none() {
             self.probe = Probe::Out(seq);
         }
@@ -362,7 +376,8 @@ impl Upstream {
 
     /// Call `seq` never went: its cells leave the flight, back to the allowance.
     pub(crate) fn give_back(&mut self, seq: u64) {
-        if self.flying.remove(&seq).is_some() {
+        if let Some(cost) = self.flying.remove(&seq) {
+            self.fence_give_back(seq, cost);
             self.probe_ended(seq);
         }
     }

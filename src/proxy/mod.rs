@@ -229,6 +229,7 @@ impl Gateway {
             .buffers
             .set_body_limit(config.server.max_body_bytes);
         self.inner.budget.reload(budget_spec(&config));
+        self.inner.budget.set_call_deadline(config.upstream.timeout);
         prime_metrics(&config, &self.inner.metrics, &self.inner.budget);
         let next = Arc::new(State::new(config));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;

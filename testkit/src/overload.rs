@@ -34,6 +34,9 @@ pub struct Terms {
     pub latency_ms: u64,
     pub jitter_ms: u64,
     pub limit_status: u16,
+    /// With replicas: a `FLUSHALL` of their Redis this often (no disconnect, so no replica
+    /// sees an outage), as a lost or evicted shared state.
+    pub flush_every: Option<Duration>,
 }
 
 impl Default for Terms {
@@ -44,6 +47,7 @@ impl Default for Terms {
             latency_ms: 20,
             jitter_ms: 30,
             limit_status: 400,
+            flush_every: None,
         }
     }
 }
@@ -70,6 +74,8 @@ pub struct OverloadReport {
     pub upstream_limit_answers: u64,
     /// Upstream calls per replica, from each replica's `cxgate_upstream_requests_total`.
     pub per_replica: Vec<u64>,
+    /// `FLUSHALL`s of the replicas' Redis during the run (see [`Terms::flush_every`]).
+    pub flushes: u64,
 }
 
 impl OverloadReport {
@@ -110,6 +116,12 @@ impl OverloadReport {
              {}), other {} {:?}",
             self.per_replica, self.ok, self.client_429, self.bare_429, self.other, self.other_seen
         );
+        if let Some(every) = self.terms.flush_every {
+            println!(
+                "  Redis flushed (FLUSHALL) every {every:?}: {} times",
+                self.flushes
+            );
+        }
     }
 
     /// What the run must show.
@@ -238,6 +250,10 @@ pub async fn overload_run_with(
     let tick = Duration::from_secs_f64(services as f64 / offered);
     let ticks = (run.as_secs_f64() / tick.as_secs_f64()) as u64;
     let started = tokio::time::Instant::now();
+    let flusher = match (redis, terms.flush_every) {
+        (Some(redis), Some(every)) if replicas > 1 => Some(spawn_flusher(redis.port, every)),
+        _ => None,
+    };
     let mut drivers = tokio::task::JoinSet::new();
     for s in 0..services {
         let (http, addrs) = (http.clone(), addrs.clone());
@@ -294,6 +310,7 @@ pub async fn overload_run_with(
         upstream_calls: 0,
         upstream_limit_answers: 0,
         per_replica: Vec::new(),
+        flushes: 0,
     };
     while let Some(done) = drivers.join_next().await {
         for (status, bare) in done.expect("service task") {
@@ -312,6 +329,10 @@ pub async fn overload_run_with(
         }
     }
     report.elapsed = started.elapsed();
+    if let Some((task, count)) = flusher {
+        task.abort();
+        report.flushes = count.load(std::sync::atomic::Ordering::Relaxed);
+    }
     let stats = sim.stats();
     report.upstream_calls = stats["requests_total"].as_u64().unwrap_or(0);
     report.upstream_limit_answers = stats["rate_limited"].as_u64().unwrap_or(0);
@@ -329,4 +350,36 @@ pub async fn overload_run_with(
         let _ = std::fs::remove_dir_all(dir);
     }
     report
+}
+
+/// `FLUSHALL` on the Redis at `port` every `every` (by `redis-cli`, as an operator would),
+/// counting those that succeeded.
+fn spawn_flusher(
+    port: u16,
+    every: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = count.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let flushed = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("redis-cli")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "FLUSHALL"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .await
+            .unwrap_or(false);
+            if flushed {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    (task, count)
 }

@@ -1,8 +1,10 @@
 //! The shared budget's fallback, for when Redis is slow or gone: the first failed call (or
-//! the health probe) moves this replica to its local ledger with every share, and the
-//! upstream's count, divided by `budget.replicas`, from the shared debt it last mirrored, so
-//! an outage opens no fresh burst; when Redis answers again, the debt run up alone goes back
-//! with the next admission (and what it knows of the upstream's window, if Redis lost it).
+//! the health probe) moves this replica to its local ledger with every share divided by
+//! `budget.replicas`, from the shared debt it last mirrored, so an outage opens no fresh
+//! burst; of the upstream's count it may send only its part of what was free when the cut
+//! began (every call it sends meanwhile comes off it). When Redis answers again, the debt
+//! run up alone and the calls answered while apart go back with the next admission, with
+//! what it knows of the upstream's window, if Redis lost it.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -11,21 +13,37 @@ use super::super::ledger::Ledger;
 use super::super::{Admitted, Budget, Rejected};
 use super::Shared;
 
+/// What a replica back from its fallback hands the shared budget with its first take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Return {
+    /// The debt it ran up alone, in shared microseconds.
+    pub(super) owed: u64,
+    /// The cells it sent alone that have been answered since: counted by the upstream,
+    /// unseen by the others.
+    pub(super) apart: u64,
+    /// Its record of calls out is to be based again: the calls it sent alone that are
+    /// still out were never booked there.
+    pub(super) rebase: bool,
+}
+
 impl Shared {
     /// Leaves the fallback if it is in force: the ledger gets the full spec back (and the
-    /// upstream's whole count), and the debt this replica ran up alone (in shared
-    /// microseconds) is returned for the script; `None` when it was not on the fallback.
-    pub(super) fn come_back(&self, ledger: &mut Ledger, now: u64) -> Option<u64> {
+    /// upstream's whole count); `None` when it was not on the fallback.
+    pub(super) fn come_back(&self, ledger: &mut Ledger, now: u64) -> Option<Return> {
         if !self.local.load(Ordering::Acquire) {
             return None;
         }
         let known = self.base.load(Ordering::Acquire).max(now);
         let alone = ledger.global.tat().saturating_sub(known);
         ledger.reconfigure(self.full());
-        ledger.upstream.set_parts(1);
+        let apart = ledger.upstream.fence_lifted();
         self.local.store(false, Ordering::Release);
         tracing::info!("budget: back on the shared Redis budget");
-        Some(alone / u64::from(self.replicas.get()) / 1000)
+        Some(Return {
+            owed: alone / u64::from(self.replicas.get()) / 1000,
+            apart,
+            rebase: true,
+        })
     }
 }
 
@@ -45,12 +63,14 @@ impl Budget {
                 shared.base.store(ledger.global.tat(), Ordering::Release);
                 ledger.reconfigure(shared.divided());
                 // The upstream's count too: the other replicas spend it unseen.
-                ledger.upstream.set_parts(shared.replicas.get());
+                let now = self.inner.clock.nanos();
+                ledger.upstream.fence_off(shared.replicas.get(), now);
                 shared.local.store(true, Ordering::Release);
                 tracing::warn!(
                     replicas = shared.replicas.get(),
                     "budget: Redis unreachable; admitting on this replica's local share \
-                     (limit / replicas) until it returns"
+                     (limit / replicas, and its part of the upstream's count left) until it \
+                     returns"
                 );
             }
         }
