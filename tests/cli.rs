@@ -691,3 +691,78 @@ fn check_says_what_run_would_of_admin_and_access_tokens() {
          saw:\n{stderr}"
     );
 }
+
+/// `cxgate check` or `run` on the config at `path`, as [`exit_of`] does.
+fn exit_of_path(command: &str, path: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args([command, "--config", path.to_str().expect("utf-8")])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = false;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().expect("output");
+    let code = if killed { None } else { out.status.code() };
+    (code, text(&out.stderr))
+}
+
+/// A FIFO named as the access log, the CA file, the TLS pair or the config itself is
+/// refused by `check` and `run` alike (exit 2, naming the key) without being opened in a
+/// way that waits for its other end: before, both waited forever.
+#[cfg(unix)]
+#[test]
+fn check_and_run_refuse_a_fifo_in_any_file_setting_at_once() {
+    let dir = common::temp_dir("cli-fifo");
+    let fifo = dir.join("setting.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "expected mkfifo to work");
+    let f = fifo.display();
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let cases = [
+        (
+            "server.access_log",
+            MINIMAL.replace("[upstream]", &format!("access_log = \"{f}\"\n[upstream]")) + token,
+        ),
+        (
+            "upstream.ca_file",
+            format!("{MINIMAL}ca_file = \"{f}\"\n{token}"),
+        ),
+        (
+            "server.tls",
+            MINIMAL.replace(
+                "[upstream]",
+                &format!("[server.tls]\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n[upstream]"),
+            ) + token,
+        ),
+    ];
+    let path = dir.join("cxgate.toml");
+    for (key, config) in cases {
+        std::fs::write(&path, config).expect("write config");
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of_path(command, &path, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2) && stderr.contains(key) && stderr.contains("FIFO"),
+                "{key}: expected `{command}` to exit 2 naming it and the FIFO, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+    for command in ["check", "run"] {
+        let (code, stderr) = exit_of_path(command, &fifo, &[]);
+        assert!(
+            code == Some(2) && stderr.contains("cannot read config file") && stderr.contains("FIFO"),
+            "a FIFO as the config: expected `{command}` to exit 2 saying so, saw {code:?}:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -131,16 +131,24 @@ pub async fn reload(
             "this gateway was started without a config file; nothing to reload".into(),
         ]);
     };
-    let mut next = crate::config::load(path).map_err(|e| e.lines())?;
+    // Reading the files blocks (a slow disk, a network mount), so it runs off the runtime's
+    // workers: a reload must never stall the listeners or `/healthz`.
+    let owned = path.to_path_buf();
+    let (mut next, secrets, problems) = tokio::task::spawn_blocking(move || {
+        let next = crate::config::load(&owned).map_err(|e| e.lines())?;
+        let secrets = Secrets::from_env(&next);
+        let (problems, _) = preflight(&next, &secrets);
+        Ok::<_, Vec<String>>((next, secrets, problems))
+    })
+    .await
+    .map_err(|e| vec![format!("reload: reading the files failed: {e}")])??;
     let current = gateway.state().config.clone();
-    let secrets = Secrets::from_env(&next);
 
     // Everything that can fail is tried before anything is applied. A file `cxgate run`
     // would refuse is refused here too, restart-only settings included: a reload must not
     // answer "restart to apply it" for a file the restart cannot start on. A token file
     // that cannot be read is the exception while it is the running one: the held token
     // stays (see below).
-    let (problems, _) = preflight(&next, &secrets);
     let same_file = next.token.file == current.token.file;
     let mut problems: Vec<String> = problems
         .into_iter()
@@ -160,8 +168,10 @@ pub async fn reload(
     let mut notes = keep_restart_only(&current, &mut next);
     let admin_token = admin_token(&next, &secrets).map_err(|e| vec![e])?;
     if let (Some(certs), Some(tls)) = (&live.certs, &next.server.tls) {
-        certs
-            .reload(&tls.cert_file, &tls.key_file)
+        let (certs, tls) = (certs.clone(), tls.clone());
+        tokio::task::spawn_blocking(move || certs.reload(&tls.cert_file, &tls.key_file))
+            .await
+            .map_err(|e| vec![format!("server.tls: {e}")])?
             .map_err(|e| vec![format!("server.tls: {e}")])?;
     }
     *live.admin_token.write().unwrap_or_else(|e| e.into_inner()) = admin_token;
