@@ -766,3 +766,50 @@ fn check_and_run_refuse_a_fifo_in_any_file_setting_at_once() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A variable the file names that is not set: `run` cannot start without it, so `check`
+/// refuses it too and `run` exits 2 as for any invalid configuration, both naming the key.
+#[test]
+fn check_and_run_refuse_an_unset_variable_alike() {
+    let dir = common::temp_dir("cli-unset");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, "a", "r", Duration::from_secs(3600))
+        .expect("token file");
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let cases = [
+        (
+            "server.admin_token_env",
+            MINIMAL.replace(
+                "[upstream]",
+                "admin_token_env = \"CXGATE_TEST_NEVER_SET_ADMIN\"\n[upstream]",
+            ) + token,
+        ),
+        (
+            "budget.redis_url_env",
+            format!(
+                "{MINIMAL}{token}[budget]\nbackend = \"redis\"\n\
+                 redis_url_env = \"CXGATE_TEST_NEVER_SET_REDIS\"\n"
+            ),
+        ),
+        (
+            "token.oauth.client_secret_env",
+            format!(
+                "{MINIMAL}[token]\nfile = \"{}\"\n[token.oauth]\n\
+                 token_url = \"http://127.0.0.1:1/oauth/access_token/\"\nclient_id = \"x\"\n\
+                 client_secret_env = \"CXGATE_TEST_NEVER_SET_SECRET\"\n",
+                token_file.display()
+            ),
+        ),
+    ];
+    for (key, config) in cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2) && stderr.contains(key) && stderr.contains("is not set"),
+                "{key}: expected `{command}` to exit 2 saying it is not set, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -62,9 +62,15 @@ pub fn admin_token(cfg: &Config, secrets: &Secrets) -> Result<Option<Secret>, St
 /// Returns the problems, then warnings that do not refuse.
 pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    // An unset variable is said apart (`check` names it; `run` and reload refuse it).
+    // A variable the file names must be set, as `run` needs each one: `check`, `run` and
+    // reload refuse alike when one is not (`run` would otherwise stop later, with exit 1).
+    let mut problems: Vec<String> = secrets
+        .unset(cfg)
+        .into_iter()
+        .map(|(key, name)| format!("{key}: ${name} is not set"))
+        .collect();
+    // The unset admin token is named above; here only a value that is set but unusable.
     let admin_set = cfg
         .server
         .admin_token_env
@@ -150,18 +156,10 @@ pub async fn reload(
     // that cannot be read is the exception while it is the running one: the held token
     // stays (see below).
     let same_file = next.token.file == current.token.file;
-    let mut problems: Vec<String> = problems
+    let problems: Vec<String> = problems
         .into_iter()
         .filter(|p| !(same_file && p.starts_with("token.file:")))
         .collect();
-    // The variables the file names must be set, as `run` needs them: the environment a
-    // reload reads is the one a restart of this process would have.
-    problems.extend(
-        secrets
-            .unset(&next)
-            .into_iter()
-            .map(|(key, name)| format!("{key}: ${name} is not set")),
-    );
     if !problems.is_empty() {
         return Err(problems);
     }
