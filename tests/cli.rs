@@ -813,3 +813,51 @@ fn check_and_run_refuse_an_unset_variable_alike() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A token file whose access token has expired, with nothing to refresh it (no refresh
+/// token, or no `[token.oauth]`): `run` starts on it but is never ready, so `check` warns
+/// (exit 0, as for an unsendable token); with both, `run` refreshes it and nothing is said.
+#[test]
+fn check_warns_about_an_expired_token_that_cannot_be_refreshed() {
+    let dir = common::temp_dir("cli-token-expired");
+    let path = dir.join("token.json");
+    let oauth = "[token.oauth]\ntoken_url = \"http://127.0.0.1:1/oauth/access_token/\"\n\
+                 client_id = \"x\"\nclient_secret_env = \"CXGATE_TEST_SECRET\"\n";
+    let expired = "\"expires_at\":\"2020-01-01T00:00:00Z\"";
+    for (what, record, extra, warned) in [
+        (
+            "no refresh token",
+            format!("{{\"access_token\":\"a\",{expired}}}"),
+            "",
+            true,
+        ),
+        (
+            "no [token.oauth]",
+            format!("{{\"access_token\":\"a\",\"refresh_token\":\"r\",{expired}}}"),
+            "",
+            true,
+        ),
+        (
+            "a refresh token and [token.oauth]",
+            format!("{{\"access_token\":\"a\",\"refresh_token\":\"r\",{expired}}}"),
+            oauth,
+            false,
+        ),
+    ] {
+        std::fs::write(&path, record).expect("write the token file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n{extra}", path.display());
+        let (code, stderr) = exit_of("check", &config, &[("CXGATE_TEST_SECRET", "s")]);
+        let says = stderr.contains("warning: token.file") && stderr.contains("has expired");
+        assert!(
+            code == Some(0) && says == warned,
+            "{what}: expected exit 0 {} an expiry warning, saw {code:?}:\n{stderr}",
+            if warned { "with" } else { "without" }
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

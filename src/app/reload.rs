@@ -114,7 +114,8 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
         match crate::token::inspect_file(path) {
             Ok(open) => {
                 let unsendable = crate::token::unsendable_warning(path);
-                for warning in open.into_iter().chain(unsendable) {
+                let expired = crate::token::expired_warning(path, cfg.token.oauth.is_some());
+                for warning in open.into_iter().chain(unsendable).chain(expired) {
                     warnings.push(format!("token.file: {warning}"));
                 }
             }
