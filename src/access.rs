@@ -4,7 +4,7 @@
 //! (`cxgate_access_log_dropped_total`). [`AccessLog`] says how the batch works.
 
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -44,9 +44,11 @@ struct FileSink {
     file: File,
 }
 
-/// Opens `path` for appending, creating it; what `cxgate check` tries too.
+/// Opens `path` for appending, creating it; what `cxgate check` tries too. A FIFO or a
+/// socket is refused without waiting for its reader; a character device (`/dev/null`) is
+/// a log like a file.
 pub fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    crate::config::files::open_append(path)
 }
 
 impl Sink for FileSink {

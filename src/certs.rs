@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -70,8 +70,11 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError
             source,
         }
     };
-    let certs = CertificateDer::pem_file_iter(cert_file)
-        .map_err(pem_err(cert_file))?
+    // Read through `config::files`: a FIFO in either setting must not hang a reload.
+    let read = |path: &Path| {
+        crate::config::files::read(path).map_err(|e| pem_err(path)(pem::Error::Io(e)))
+    };
+    let certs = CertificateDer::pem_slice_iter(&read(cert_file)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(pem_err(cert_file))?;
     if certs.is_empty() {
@@ -80,7 +83,7 @@ fn read_pair(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, TlsError
             cert_file.display()
         ))));
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(pem_err(key_file))?;
+    let key = PrivateKeyDer::from_pem_slice(&read(key_file)?).map_err(pem_err(key_file))?;
     Ok(CertifiedKey::from_der(
         certs,
         key,

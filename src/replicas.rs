@@ -386,7 +386,7 @@ impl Options {
             path: path.display().to_string(),
             why,
         };
-        let text = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let text = crate::config::files::read(path).map_err(|e| bad(e.to_string()))?;
         let found = rustls::pki_types::pem::PemObject::pem_slice_iter(&text)
             .collect::<Result<Vec<rustls::pki_types::CertificateDer<'_>>, _>>()
             .map_err(|e| bad(format!("not PEM certificates: {e}")))?;

@@ -54,7 +54,7 @@ impl Secrets {
     }
 
     /// The variables `cfg` names that are unset or empty here, each with its key:
-    /// `cxgate check` warns about them, since `cxgate run` will need them.
+    /// `check`, `run` and reload refuse each one, since `run` cannot start without it.
     pub fn unset<'a>(&self, cfg: &'a Config) -> Vec<(&'static str, &'a str)> {
         cfg.env_names()
             .into_iter()

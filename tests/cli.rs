@@ -691,3 +691,173 @@ fn check_says_what_run_would_of_admin_and_access_tokens() {
          saw:\n{stderr}"
     );
 }
+
+/// `cxgate check` or `run` on the config at `path`, as [`exit_of`] does.
+fn exit_of_path(command: &str, path: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args([command, "--config", path.to_str().expect("utf-8")])
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cxgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut killed = false;
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let out = child.wait_with_output().expect("output");
+    let code = if killed { None } else { out.status.code() };
+    (code, text(&out.stderr))
+}
+
+/// A FIFO named as the access log, the CA file, the TLS pair or the config itself is
+/// refused by `check` and `run` alike (exit 2, naming the key) without being opened in a
+/// way that waits for its other end: before, both waited forever.
+#[cfg(unix)]
+#[test]
+fn check_and_run_refuse_a_fifo_in_any_file_setting_at_once() {
+    let dir = common::temp_dir("cli-fifo");
+    let fifo = dir.join("setting.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "expected mkfifo to work");
+    let f = fifo.display();
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let cases = [
+        (
+            "server.access_log",
+            MINIMAL.replace("[upstream]", &format!("access_log = \"{f}\"\n[upstream]")) + token,
+        ),
+        (
+            "upstream.ca_file",
+            format!("{MINIMAL}ca_file = \"{f}\"\n{token}"),
+        ),
+        (
+            "server.tls",
+            MINIMAL.replace(
+                "[upstream]",
+                &format!("[server.tls]\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n[upstream]"),
+            ) + token,
+        ),
+    ];
+    let path = dir.join("cxgate.toml");
+    for (key, config) in cases {
+        std::fs::write(&path, config).expect("write config");
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of_path(command, &path, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2) && stderr.contains(key) && stderr.contains("FIFO"),
+                "{key}: expected `{command}` to exit 2 naming it and the FIFO, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+    for command in ["check", "run"] {
+        let (code, stderr) = exit_of_path(command, &fifo, &[]);
+        assert!(
+            code == Some(2) && stderr.contains("cannot read config file") && stderr.contains("FIFO"),
+            "a FIFO as the config: expected `{command}` to exit 2 saying so, saw {code:?}:\n{stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A variable the file names that is not set: `run` cannot start without it, so `check`
+/// refuses it too and `run` exits 2 as for any invalid configuration, both naming the key.
+#[test]
+fn check_and_run_refuse_an_unset_variable_alike() {
+    let dir = common::temp_dir("cli-unset");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, "a", "r", Duration::from_secs(3600))
+        .expect("token file");
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    let cases = [
+        (
+            "server.admin_token_env",
+            MINIMAL.replace(
+                "[upstream]",
+                "admin_token_env = \"CXGATE_TEST_NEVER_SET_ADMIN\"\n[upstream]",
+            ) + token,
+        ),
+        (
+            "budget.redis_url_env",
+            format!(
+                "{MINIMAL}{token}[budget]\nbackend = \"redis\"\n\
+                 redis_url_env = \"CXGATE_TEST_NEVER_SET_REDIS\"\n"
+            ),
+        ),
+        (
+            "token.oauth.client_secret_env",
+            format!(
+                "{MINIMAL}[token]\nfile = \"{}\"\n[token.oauth]\n\
+                 token_url = \"http://127.0.0.1:1/oauth/access_token/\"\nclient_id = \"x\"\n\
+                 client_secret_env = \"CXGATE_TEST_NEVER_SET_SECRET\"\n",
+                token_file.display()
+            ),
+        ),
+    ];
+    for (key, config) in cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2) && stderr.contains(key) && stderr.contains("is not set"),
+                "{key}: expected `{command}` to exit 2 saying it is not set, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A token file whose access token has expired, with nothing to refresh it (no refresh
+/// token, or no `[token.oauth]`): `run` starts on it but is never ready, so `check` warns
+/// (exit 0, as for an unsendable token); with both, `run` refreshes it and nothing is said.
+#[test]
+fn check_warns_about_an_expired_token_that_cannot_be_refreshed() {
+    let dir = common::temp_dir("cli-token-expired");
+    let path = dir.join("token.json");
+    let oauth = "[token.oauth]\ntoken_url = \"http://127.0.0.1:1/oauth/access_token/\"\n\
+                 client_id = \"x\"\nclient_secret_env = \"CXGATE_TEST_SECRET\"\n";
+    let expired = "\"expires_at\":\"2020-01-01T00:00:00Z\"";
+    for (what, record, extra, warned) in [
+        (
+            "no refresh token",
+            format!("{{\"access_token\":\"a\",{expired}}}"),
+            "",
+            true,
+        ),
+        (
+            "no [token.oauth]",
+            format!("{{\"access_token\":\"a\",\"refresh_token\":\"r\",{expired}}}"),
+            "",
+            true,
+        ),
+        (
+            "a refresh token and [token.oauth]",
+            format!("{{\"access_token\":\"a\",\"refresh_token\":\"r\",{expired}}}"),
+            oauth,
+            false,
+        ),
+    ] {
+        std::fs::write(&path, record).expect("write the token file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        let config = format!("{MINIMAL}[token]\nfile = \"{}\"\n{extra}", path.display());
+        let (code, stderr) = exit_of("check", &config, &[("CXGATE_TEST_SECRET", "s")]);
+        let says = stderr.contains("warning: token.file") && stderr.contains("has expired");
+        assert!(
+            code == Some(0) && says == warned,
+            "{what}: expected exit 0 {} an expiry warning, saw {code:?}:\n{stderr}",
+            if warned { "with" } else { "without" }
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -102,7 +102,7 @@ fn a_toml_syntax_error_names_the_file_and_line() {
 }
 
 #[test]
-fn check_names_each_unset_environment_variable_and_summarises_in_the_files_spelling() {
+fn check_refuses_each_unset_environment_variable_and_summarises_in_the_files_spelling() {
     // check refuses a missing token file as run does: this one exists.
     let token = common::temp_dir("msg-env-token").join("token.json");
     cxgate::demo::write_token_file(&token, "a", "r", std::time::Duration::from_secs(3600))
@@ -129,25 +129,40 @@ ttl = \"10m\"
 "
         .replace("TOKEN_FILE", token.to_str().unwrap()),
     );
+    // `run` refuses to start without them, so `check` refuses too: exit 2, a line each.
     let out = cxgate(&["check", "--config", path.to_str().unwrap()], &[]);
-    let (stdout, _) = text(&out);
+    let (stdout, err) = text(&out);
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "expected a valid file, saw {out:?}"
+        Some(2),
+        "expected the unset variables refused, saw {out:?}"
     );
     for line in [
-        "  server.admin_token_env: $CXGATE_MSG_UNSET_ADMIN is not set",
-        "  token.oauth.client_secret_env: $CXGATE_MSG_UNSET_SECRET is not set",
+        "server.admin_token_env: $CXGATE_MSG_UNSET_ADMIN is not set",
+        "token.oauth.client_secret_env: $CXGATE_MSG_UNSET_SECRET is not set",
     ] {
         assert!(
-            stdout.lines().any(|l| l == line),
-            "expected {line:?} in check's output, saw:\n{stdout}"
+            err.lines().any(|l| l == line),
+            "expected {line:?} in check's errors, saw:\n{err}"
         );
     }
     assert!(
         !stdout.lines().any(|l| l.ends_with(": valid")),
-        "expected no bare \"valid\" while variables are unset, saw:\n{stdout}"
+        "expected no \"valid\" while variables are unset, saw:\n{stdout}"
+    );
+
+    let set = cxgate(
+        &["check", "--config", path.to_str().unwrap()],
+        &[
+            ("CXGATE_MSG_UNSET_ADMIN", "x"),
+            ("CXGATE_MSG_UNSET_SECRET", "y"),
+        ],
+    );
+    let (stdout, _) = text(&set);
+    assert!(
+        set.status.code() == Some(0)
+            && stdout.lines().next() == Some(&format!("{}: valid", path.display())),
+        "expected a plain \"valid\" once every variable is set, saw {set:?}:\n{stdout}"
     );
     for spelled in ["backend=local", "priority=batch", "ttl=10m", "swr=0s"] {
         assert!(
@@ -161,19 +176,6 @@ ttl = \"10m\"
             "expected no Rust spelling {rust:?} in the summary, saw:\n{stdout}"
         );
     }
-
-    let set = cxgate(
-        &["check", "--config", path.to_str().unwrap()],
-        &[
-            ("CXGATE_MSG_UNSET_ADMIN", "x"),
-            ("CXGATE_MSG_UNSET_SECRET", "y"),
-        ],
-    );
-    let (stdout, _) = text(&set);
-    assert!(
-        stdout.lines().next() == Some(&format!("{}: valid", path.display())),
-        "expected a plain \"valid\" once every variable is set, saw:\n{stdout}"
-    );
 }
 
 #[test]

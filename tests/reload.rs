@@ -1223,3 +1223,99 @@ async fn a_reload_refuses_a_new_token_file_or_variable_run_would_refuse() {
     assert_reloaded(&admin_reload(&env).await, "the good file again");
     env.stop().await;
 }
+
+/// Opens `fifo` read-write (which never blocks on Linux) for a second, so an open blocked
+/// on its other end returns: a test that found a hang can then fail instead of stalling.
+#[cfg(unix)]
+fn release(fifo: &Path) {
+    let fifo = fifo.to_path_buf();
+    std::thread::spawn(move || {
+        let end = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo);
+        std::thread::sleep(Duration::from_secs(1));
+        drop(end);
+    });
+}
+
+/// A file setting (or the config file itself) naming a FIFO is refused at once with 400:
+/// nothing waits for the FIFO's other end, so the reload answers and `/healthz` and the
+/// client listener keep answering. Workers are threads here, so a hang fails the timeout.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refuses_a_fifo_in_any_file_setting_without_hanging() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let fifo = env.dir.join("setting.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|s| s.success()), "expected mkfifo to work");
+    let f = fifo.display();
+    let cases = [
+        (
+            "server.access_log",
+            edited(
+                &good,
+                "[server]\n",
+                &format!("[server]\naccess_log = \"{f}\"\n"),
+            ),
+        ),
+        (
+            "upstream.ca_file",
+            edited(
+                &good,
+                "timeout = \"2s\"\n",
+                &format!("timeout = \"2s\"\nca_file = \"{f}\"\n"),
+            ),
+        ),
+        (
+            "server.tls",
+            format!("{good}\n[server.tls]\ncert_file = \"{f}\"\nkey_file = \"{f}\"\n"),
+        ),
+        ("cannot read config file", String::new()),
+    ];
+    for (key, text) in cases {
+        let path = config_path(&env);
+        if text.is_empty() {
+            std::fs::remove_file(&path).expect("remove the config");
+            let made = std::process::Command::new("mkfifo").arg(&path).status();
+            assert!(made.is_ok_and(|s| s.success()), "expected mkfifo to work");
+        } else {
+            write_config(&path, &text);
+        }
+        let fifo = if text.is_empty() { path } else { fifo.clone() };
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(10), admin_reload(&env)).await
+        else {
+            release(&fifo);
+            panic!("{key}: expected the reload to answer, it waited 10 s on the FIFO");
+        };
+        let body = answer.json();
+        let problems = body["problems"].to_string();
+        assert!(
+            answer.status == StatusCode::BAD_REQUEST
+                && problems.contains(key)
+                && problems.contains("FIFO"),
+            "{key}: expected 400 naming the setting and the FIFO, saw {} {body}",
+            answer.status
+        );
+        let health = tokio::time::timeout(
+            Duration::from_secs(5),
+            env.send(Method::GET, &env.admin_url("/healthz"), &[], ""),
+        )
+        .await;
+        assert!(
+            health.as_ref().is_ok_and(|h| h.status == StatusCode::OK),
+            "{key}: expected /healthz to answer 200 after the refused reload, saw {:?}",
+            health.map(|h| h.status)
+        );
+        let me = tokio::time::timeout(Duration::from_secs(5), env.get("/me")).await;
+        assert!(
+            me.as_ref().is_ok_and(|a| a.status == StatusCode::OK),
+            "{key}: expected the client listener to answer /me, saw {:?}",
+            me.map(|a| a.status)
+        );
+    }
+    write_config(&config_path(&env), &good);
+    assert_reloaded(&admin_reload(&env).await, "the good file again");
+    env.stop().await;
+}

@@ -62,9 +62,15 @@ pub fn admin_token(cfg: &Config, secrets: &Secrets) -> Result<Option<Secret>, St
 /// Returns the problems, then warnings that do not refuse.
 pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut problems = Vec::new();
     let mut warnings = Vec::new();
-    // An unset variable is said apart (`check` names it; `run` and reload refuse it).
+    // A variable the file names must be set, as `run` needs each one: `check`, `run` and
+    // reload refuse alike when one is not (`run` would otherwise stop later, with exit 1).
+    let mut problems: Vec<String> = secrets
+        .unset(cfg)
+        .into_iter()
+        .map(|(key, name)| format!("{key}: ${name} is not set"))
+        .collect();
+    // The unset admin token is named above; here only a value that is set but unusable.
     let admin_set = cfg
         .server
         .admin_token_env
@@ -116,7 +122,8 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
             }
             Ok(open) => {
                 let unsendable = crate::token::unsendable_warning(path);
-                for warning in open.into_iter().chain(unsendable) {
+                let expired = crate::token::expired_warning(path, cfg.token.oauth.is_some());
+                for warning in open.into_iter().chain(unsendable).chain(expired) {
                     warnings.push(format!("token.file: {warning}"));
                 }
             }
@@ -139,29 +146,29 @@ pub async fn reload(
             "this gateway was started without a config file; nothing to reload".into(),
         ]);
     };
-    let mut next = crate::config::load(path).map_err(|e| e.lines())?;
+    // Reading the files blocks (a slow disk, a network mount), so it runs off the runtime's
+    // workers: a reload must never stall the listeners or `/healthz`.
+    let owned = path.to_path_buf();
+    let (mut next, secrets, problems) = tokio::task::spawn_blocking(move || {
+        let next = crate::config::load(&owned).map_err(|e| e.lines())?;
+        let secrets = Secrets::from_env(&next);
+        let (problems, _) = preflight(&next, &secrets);
+        Ok::<_, Vec<String>>((next, secrets, problems))
+    })
+    .await
+    .map_err(|e| vec![format!("reload: reading the files failed: {e}")])??;
     let current = gateway.state().config.clone();
-    let secrets = Secrets::from_env(&next);
 
     // Everything that can fail is tried before anything is applied. A file `cxgate run`
     // would refuse is refused here too, restart-only settings included: a reload must not
     // answer "restart to apply it" for a file the restart cannot start on. A token file
     // that cannot be read is the exception while it is the running one: the held token
     // stays (see below).
-    let (problems, _) = preflight(&next, &secrets);
     let same_file = next.token.file == current.token.file;
-    let mut problems: Vec<String> = problems
+    let problems: Vec<String> = problems
         .into_iter()
         .filter(|p| !(same_file && p.starts_with("token.file:")))
         .collect();
-    // The variables the file names must be set, as `run` needs them: the environment a
-    // reload reads is the one a restart of this process would have.
-    problems.extend(
-        secrets
-            .unset(&next)
-            .into_iter()
-            .map(|(key, name)| format!("{key}: ${name} is not set")),
-    );
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -175,8 +182,10 @@ pub async fn reload(
     let mut notes = keep_restart_only(&current, &mut next);
     let admin_token = admin_token(&next, &secrets).map_err(|e| vec![e])?;
     if let (Some(certs), Some(tls)) = (&live.certs, &next.server.tls) {
-        certs
-            .reload(&tls.cert_file, &tls.key_file)
+        let (certs, tls) = (certs.clone(), tls.clone());
+        tokio::task::spawn_blocking(move || certs.reload(&tls.cert_file, &tls.key_file))
+            .await
+            .map_err(|e| vec![format!("server.tls: {e}")])?
             .map_err(|e| vec![format!("server.tls: {e}")])?;
     }
     *live.admin_token.write().unwrap_or_else(|e| e.into_inner()) = admin_token;

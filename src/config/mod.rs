@@ -16,6 +16,7 @@
 //! ```
 
 mod checked;
+pub mod files;
 mod raw;
 pub mod route;
 mod rules;
@@ -193,10 +194,19 @@ fn list<T: serde::de::DeserializeOwned + Default>(
 
 /// Reads, parses and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = files::read(path)
+        .and_then(|bytes| {
+            String::from_utf8(bytes).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "stream did not contain valid UTF-8",
+                )
+            })
+        })
+        .map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
     parse(&text).map_err(|e| match e {
         // A syntax error has no key path: name the file it is in, as compilers do.
         ConfigError::Invalid(mut problems) => {

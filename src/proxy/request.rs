@@ -311,6 +311,12 @@ pub fn take_body_keys(headers: &HeaderMap, body: Bytes) -> Result<BodyKeys, Gate
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    // The scans read ASCII bytes as they are: text in UTF-16 or UTF-32 (declared, or told
+    // by its NUL bytes) hides a key from them, whatever the type, so it is not forwarded.
+    let declared = param(content_type, "charset");
+    if declared.is_some_and(|c| !ascii_compatible(&c)) || (textual(&media) && body.contains(&0)) {
+        return Err(GatewayError::BadRequest(BODY_CHARSET));
+    }
     match media.as_str() {
         "application/x-www-form-urlencoded" => Ok(take_form_keys(body)),
         "multipart/form-data" => {
@@ -336,6 +342,32 @@ fn may_read_as_json(headers: &HeaderMap) -> bool {
     };
     let value = String::from_utf8_lossy(value.as_bytes()).to_ascii_lowercase();
     value.trim().is_empty() || value.contains("json") || value.contains("javascript")
+}
+
+/// The refusal of a body (or a multipart part) whose text the key scans cannot read.
+const BODY_CHARSET: &str = "a request body's charset must be UTF-8 or another ASCII-compatible \
+     one: UTF-16, UTF-32 and NUL bytes in text cannot be checked for keys";
+
+/// A charset in which ASCII (so every key byte) is written as ASCII: the ones clients send
+/// forms and text in. Anything else (UTF-16, UTF-32, UTF-7, EBCDIC) is refused.
+fn ascii_compatible(charset: &str) -> bool {
+    let c = charset.trim().trim_matches('"').to_ascii_lowercase();
+    matches!(
+        c.as_str(),
+        "utf-8" | "utf8" | "us-ascii" | "ascii" | "iso-8859-1" | "latin1" | "windows-1252"
+    ) || c
+        .strip_prefix("iso-8859-")
+        .is_some_and(|n| n.parse::<u8>().is_ok())
+}
+
+/// A media type that is text for its reader (so a NUL byte in it means UTF-16 or UTF-32):
+/// `text/*`, forms, JSON and XML. Multipart is not: its file parts may be binary, and its
+/// text parts' charsets are checked one by one.
+fn textual(media: &str) -> bool {
+    media.starts_with("text/")
+        || media == "application/x-www-form-urlencoded"
+        || media.contains("json")
+        || media.ends_with("xml")
 }
 
 /// UTF-8 with no NUL byte: JSON text never holds a raw NUL, and UTF-16 or UTF-32 text of
@@ -557,14 +589,10 @@ fn unscannable_part(head: &[u8]) -> Option<&'static str> {
                 );
             }
         }
-        if field.eq_ignore_ascii_case("content-type") {
-            let charset = param(value, "charset").map(|c| c.trim().to_ascii_lowercase());
-            if charset.is_some_and(|c| !matches!(c.as_str(), "utf-8" | "utf8" | "us-ascii")) {
-                return Some(
-                    "a multipart part's charset must be UTF-8 (or US-ASCII): other text \
-                     cannot be checked for keys",
-                );
-            }
+        if field.eq_ignore_ascii_case("content-type")
+            && param(value, "charset").is_some_and(|c| !ascii_compatible(&c))
+        {
+            return Some(BODY_CHARSET);
         }
     }
     None

@@ -179,6 +179,29 @@ pub fn unsendable_warning(path: &Path) -> Option<String> {
     ))
 }
 
+/// A warning when the file's access token has expired and the gateway cannot get a new
+/// one (no refresh token in the file, or no `[token.oauth]` to spend it at, which
+/// `can_refresh` says): `cxgate run` starts on it but is never ready.
+pub fn expired_warning(path: &Path, can_refresh: bool) -> Option<String> {
+    let record = decode(&read_capped(path).ok()?, path).ok()?;
+    let expired = record
+        .expires_at
+        .is_some_and(|at| at <= std::time::SystemTime::now());
+    if !expired || (can_refresh && record.refresh.is_some()) {
+        return None;
+    }
+    let why = if record.refresh.is_none() {
+        "it holds no refresh token"
+    } else {
+        "there is no [token.oauth] to refresh it at"
+    };
+    Some(format!(
+        "the access token in {} has expired and {why}: `cxgate run` starts but reports not \
+         ready and answers 503 until a new token replaces it (`cxgate token init`)",
+        path.display()
+    ))
+}
+
 /// Whether `token` can travel upstream as is: visible ASCII only, as RFC 6750 tokens are
 /// (no space, tab, CR, LF, other control or non-ASCII character). `/readyz`, token loading,
 /// the shared record's check and the `Authorization` header builder all use this one test,

@@ -134,12 +134,13 @@ pub fn build_connector(
     }
     if let Some(path) = ca_file {
         let shown = path.display().to_string();
-        let certs = CertificateDer::pem_file_iter(path).map_err(|source| ClientError::CaFile {
+        // Read through `config::files`: a FIFO named here must not hang a reload.
+        let pem = crate::config::files::read(path).map_err(|e| ClientError::CaFile {
             path: shown.clone(),
-            source,
+            source: rustls::pki_types::pem::Error::Io(e),
         })?;
         let mut added = 0usize;
-        for cert in certs {
+        for cert in CertificateDer::pem_slice_iter(&pem) {
             let cert = cert.map_err(|source| ClientError::CaFile {
                 path: shown.clone(),
                 source,

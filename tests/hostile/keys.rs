@@ -843,3 +843,121 @@ async fn tokens_in_layered_encodings_refuse_the_answer() {
     env.stop().await;
     upstream.abort();
 }
+
+/// Text the key scans cannot read, whatever its type: a form or plain text declared UTF-16
+/// or UTF-32 (or sent so with no charset: its NUL bytes tell), carrying another client's
+/// key or the caller's own as the `access_token` field with no other credential. Each is
+/// 400 in the envelope with nothing upstream, as multipart parts and JSON in those
+/// charsets already were; a form in UTF-8 or Latin-1 still passes.
+#[tokio::test]
+async fn text_bodies_in_utf16_or_utf32_are_refused_whatever_their_type() {
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let url = env.url("/me/permissions");
+    let utf16 = |text: &str| -> Vec<u8> {
+        [0xFF, 0xFE]
+            .into_iter()
+            .chain(text.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect()
+    };
+    let utf16le =
+        |text: &str| -> Vec<u8> { text.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let utf32 = |text: &str| -> Vec<u8> {
+        text.chars()
+            .flat_map(|c| (c as u32).to_le_bytes())
+            .collect()
+    };
+    let other = format!("updates={{}}&note={OTHER}");
+    let own = format!("updates={{}}&access_token={KEY}");
+    let form = "application/x-www-form-urlencoded";
+    // What each case is, whether it sends the header key, its type and its body.
+    type Body = (&'static str, bool, &'static str, Vec<u8>);
+    let cases: Vec<Body> = vec![
+        (
+            "a UTF-16 form",
+            true,
+            "application/x-www-form-urlencoded; charset=utf-16",
+            utf16(&other),
+        ),
+        (
+            "a UTF-16LE form",
+            true,
+            "application/x-www-form-urlencoded; charset=UTF-16LE",
+            utf16le(&other),
+        ),
+        (
+            "a UTF-32 form",
+            true,
+            "application/x-www-form-urlencoded; charset=\"utf-32\"",
+            utf32(&other),
+        ),
+        ("a UTF-16 form with no charset", true, form, utf16le(&other)),
+        (
+            "UTF-16 plain text",
+            true,
+            "text/plain; charset=utf-16",
+            utf16(&other),
+        ),
+        (
+            "UTF-16 plain text with no charset",
+            true,
+            "text/plain",
+            utf16le(&other),
+        ),
+        (
+            "UTF-16 under another type",
+            true,
+            "application/octet-stream; charset=utf-16",
+            utf16(&other),
+        ),
+        (
+            "the caller's key as a UTF-16 form field",
+            false,
+            "application/x-www-form-urlencoded; charset=utf-16",
+            utf16(&own),
+        ),
+    ];
+    for (what, with_auth, content_type, body) in cases {
+        let mut headers = vec![("content-type", content_type)];
+        if with_auth {
+            headers.push(("authorization", auth.as_str()));
+        }
+        let answer = env
+            .send_bytes(Method::POST, &url, &headers, body.into())
+            .await;
+        assert!(
+            answer.status == 400 && answer.json()["error"] == "bad_request",
+            "{what}: expected 400 bad_request in the envelope, saw {answer:?}"
+        );
+        let got = taken(&seen);
+        assert!(
+            got.is_empty(),
+            "{what}: expected nothing upstream, saw {}",
+            got.len()
+        );
+    }
+    for content_type in [
+        "application/x-www-form-urlencoded; charset=utf-8",
+        "application/x-www-form-urlencoded; charset=ISO-8859-1",
+    ] {
+        let headers = [
+            ("content-type", content_type),
+            ("authorization", auth.as_str()),
+        ];
+        let answer = env
+            .send(Method::POST, &url, &headers, "updates={}&note=hello")
+            .await;
+        assert_eq!(
+            answer.status, 200,
+            "{content_type}: expected a harmless form passed, saw {answer:?}"
+        );
+        assert_eq!(
+            taken(&seen).len(),
+            1,
+            "{content_type}: expected the write forwarded"
+        );
+    }
+    env.stop().await;
+    upstream.abort();
+}
