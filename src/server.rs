@@ -1,8 +1,9 @@
 //! Listeners: accepting connections, TLS, HTTP/1.1 and HTTP/2, and graceful shutdown (the
-//! accept loop stops, in-flight requests finish, after `grace` the rest is dropped). Each
-//! connection has a watchdog that closes it when it holds resources without using them
-//! ([`Limits`], README "Slow clients, idle connections and memory"); connections run on the
-//! per-core [`Workers`] when `start` asks for them, else on the caller's runtime.
+//! accept loops stop, in-flight requests finish, after `grace` the rest is dropped). Each
+//! connection has a watchdog, a task of its own, that closes it when it holds resources
+//! without using them ([`Limits`], README "Slow clients, idle connections and memory") and
+//! drains it at shutdown; connections run on the per-core [`Workers`], each accepting its
+//! own, when `start` asks for them, else on the caller's runtime.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,13 +14,13 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -93,7 +94,16 @@ struct Watch {
     h2: AtomicBool,
     idle_since: AtomicU64,
     head_since: AtomicU64,
+    /// What the watchdog has told the connection: [`CLOSE`], [`DRAIN`] or nothing yet.
+    told: AtomicU8,
+    /// The connection task's waker, for the watchdog to wake it with what it told.
+    waker: std::sync::Mutex<Option<std::task::Waker>>,
 }
+
+/// The watchdog's word to its connection: close now (a limit ran out).
+const CLOSE: u8 = 1;
+/// The watchdog's word to its connection: the server shuts down, finish what runs and close.
+const DRAIN: u8 = 2;
 
 impl Watch {
     fn new() -> Watch {
@@ -104,6 +114,17 @@ impl Watch {
             h2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NEVER),
+            told: AtomicU8::new(0),
+            waker: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Tells the connection `word` and wakes its task.
+    fn tell(&self, word: u8) {
+        self.told.fetch_or(word, Ordering::AcqRel);
+        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 
@@ -297,6 +318,108 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection's whole task, as its watchdog lets it run: it ends when told [`CLOSE`].
+    ///
+    /// The watchdog runs as a task of its own and tells the connection what it decided
+    /// through the [`Watch`], so a wake-up of the connection polls one atomic for it
+    /// instead of the watchdog's timer and a shutdown signal shared with other
+    /// connections (a lock). With thousands of connections those were cold memory on
+    /// every request.
+    struct Guarded<F> {
+        #[pin]
+        inner: F,
+        watch: Arc<Watch>,
+        registered: bool,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Guarded<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if !*this.registered {
+            // This future is a spawned task's own, so its waker is that task's for good:
+            // stored once, before `told` is read, so a word told after the read wakes it.
+            *this.registered = true;
+            *this.watch.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+        }
+        if this.watch.told.load(Ordering::Acquire) & CLOSE != 0 {
+            return Poll::Ready(());
+        }
+        this.inner.poll(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A hyper connection that starts its graceful shutdown once told [`DRAIN`]: no new
+    /// request on HTTP/1.1 after the one running, GOAWAY on HTTP/2.
+    struct Drained<C> {
+        #[pin]
+        conn: C,
+        watch: Arc<Watch>,
+        draining: bool,
+    }
+}
+
+impl<C> Drained<C> {
+    fn new(conn: C, watch: &Arc<Watch>) -> Drained<C> {
+        Drained {
+            conn,
+            watch: Arc::clone(watch),
+            draining: false,
+        }
+    }
+}
+
+impl<C: GracefulConnection> Future for Drained<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let mut this = self.project();
+        if !*this.draining && this.watch.told.load(Ordering::Acquire) & DRAIN != 0 {
+            *this.draining = true;
+            this.conn.as_mut().graceful_shutdown();
+        }
+        this.conn.poll(cx)
+    }
+}
+
+/// A connection's watchdog, in a task of its own: tells the connection to close when a
+/// limit runs out, and to drain when `shutdown` turns true (the limits still hold then).
+async fn watchdog(
+    watch: Arc<Watch>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+    peer: SocketAddr,
+) {
+    let expired = tokio::select! {
+        biased;
+        why = watch.expired(limits.clone()) => Some(why),
+        // The value's guard is let go here, before the next wait.
+        _ = shutdown.wait_for(|stop| *stop) => None,
+    };
+    let why = match expired {
+        Some(why) => why,
+        None => {
+            watch.tell(DRAIN);
+            watch.expired(limits).await
+        }
+    };
+    tracing::debug!(%peer, why, "connection closed");
+    watch.tell(CLOSE);
+}
+
+/// Aborts a task when dropped: a connection's watchdog ends with its connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -352,14 +475,14 @@ fn builder() -> Builder<TokioExecutor> {
     b
 }
 
-/// Where connections are served: one single-threaded runtime per core, each on a thread of
-/// its own. A connection lives on one of them from accept to close, so its socket events,
-/// its timers and the tasks it spawns never cross threads; under cache hits that saves the
-/// multi-threaded scheduler's hand-offs between workers.
+/// Where connections are served: single-threaded runtimes, each on a thread of its own and
+/// accepting on a listening socket of its own ([`serve`]). A connection lives on the one
+/// that accepted it until it closes, so its socket events, its timers and the tasks it
+/// spawns never cross threads; under cache hits that saves the multi-threaded scheduler's
+/// hand-offs between workers.
 /// Dropping it stops the runtimes, cancelling whatever still runs there.
 pub struct Workers {
     handles: Vec<tokio::runtime::Handle>,
-    next: std::sync::atomic::AtomicUsize,
     _stops: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -395,7 +518,6 @@ impl Workers {
         }
         Ok(Workers {
             handles,
-            next: std::sync::atomic::AtomicUsize::new(0),
             _stops: stops,
         })
     }
@@ -408,22 +530,33 @@ impl Workers {
     pub fn per_core() -> std::io::Result<Workers> {
         Workers::start(2 * std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
+}
 
-    /// The runtime for the next connection, in turn.
-    fn pick(&self) -> &tokio::runtime::Handle {
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        &self.handles[i % self.handles.len()]
-    }
+/// What every accept loop of one listener shares: how connections are served and limited.
+struct Accepting<H> {
+    builder: Builder<TokioExecutor>,
+    tls: Option<TlsAcceptor>,
+    handler: H,
+    /// Places for open connections, shared by all the loops: `max_connections` holds for
+    /// the listener as a whole.
+    open: Arc<Semaphore>,
+    limits: Limits,
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains for at most `grace`.
-/// Connections run on `workers` when given, else on the calling runtime, and are held to
-/// `limits`.
+///
+/// With `workers`, each runtime accepts on a listening socket of its own on the same
+/// address (`SO_REUSEPORT`: the kernel spreads new connections over them, as nginx's
+/// `reuseport` does) and serves what it accepts itself, so a connection is never handed
+/// from the accepting thread to another (a deregistration, a registration and a wake-up
+/// of the other thread each). Without, connections are accepted and served on the calling
+/// runtime. Connections are held to `limits`; at shutdown each is told to drain by its
+/// watchdog, and the drain ends when every connection's place is back.
 pub async fn serve<H, F>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     handler: H,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     grace: Duration,
     workers: Option<Arc<Workers>>,
     limits: Limits,
@@ -431,9 +564,6 @@ pub async fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = Arc::new(builder());
-    let graceful = GracefulShutdown::new();
-    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     if let Some(fds) = descriptor_limit().filter(|fds| *fds < limits.max_connections as u64 + 128) {
         tracing::warn!(
             max_connections = limits.max_connections,
@@ -442,13 +572,87 @@ pub async fn serve<H, F>(
              or lower server.max_connections, or accepts will fail before the limit is reached"
         );
     }
+    let accepting = Arc::new(Accepting {
+        builder: builder(),
+        tls,
+        handler,
+        open: Arc::new(Semaphore::new(
+            limits.max_connections.clamp(1, u32::MAX as usize),
+        )),
+        limits,
+    });
+    // Borrowed: the runtimes must outlive the drain below, as dropping them ends their
+    // connections.
+    match workers.as_deref() {
+        None => accept_loop(listener, Arc::clone(&accepting), shutdown).await,
+        Some(workers) => {
+            let sockets = match one_each(listener, workers.handles.len()) {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    return tracing::error!(error = %e, "cannot open the connection runtimes' listeners")
+                }
+            };
+            let loops: Vec<_> = workers
+                .handles
+                .iter()
+                .zip(sockets)
+                .map(|(runtime, socket)| {
+                    let accepting = Arc::clone(&accepting);
+                    let shutdown = shutdown.clone();
+                    runtime.spawn(async move {
+                        match TcpListener::from_std(socket) {
+                            Ok(listener) => accept_loop(listener, accepting, shutdown).await,
+                            Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+                        }
+                    })
+                })
+                .collect();
+            for one in loops {
+                let _ = one.await;
+            }
+        }
+    }
+    // Every listener is closed. Each connection holds a place until it ends, so all the
+    // places back means all drained.
+    let places = u32::try_from(accepting.limits.max_connections.max(1)).unwrap_or(u32::MAX);
+    let all = accepting.open.acquire_many(places);
+    if tokio::time::timeout(grace, all).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace elapsed with requests still in flight"
+        );
+    }
+    drop(workers);
+}
+
+/// `listener` and `count - 1` more listening sockets on its address, each to be accepted on
+/// by one runtime. [`bind`] set `SO_REUSEPORT` on `listener`, so the others may join it.
+fn one_each(listener: TcpListener, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let addr = listener.local_addr()?;
+    let mut sockets = vec![listener.into_std()?];
+    for _ in 1..count {
+        sockets.push(reuse_port(addr)?.into_std()?);
+    }
+    Ok(sockets)
+}
+
+/// Accepts on `listener` until `shutdown`, serving each connection on this runtime, and
+/// closes it.
+async fn accept_loop<H, F>(
+    listener: TcpListener,
+    accepting: Arc<Accepting<H>>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     loop {
         // A place first, then the connection: past `max_connections` new ones wait in the
         // listen backlog rather than take descriptors the open ones and the admin need.
         let place = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break,
-            place = Arc::clone(&open).acquire_owned() => match place {
+            place = Arc::clone(&accepting.open).acquire_owned() => match place {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
@@ -469,103 +673,88 @@ pub async fn serve<H, F>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let place = Place::new(place, &limits.open);
-        let watch = Arc::new(Watch::new());
-        let service = hyper::service::service_fn({
-            let handler = handler.clone();
-            let watch = Arc::clone(&watch);
-            move |req| {
-                let running = watch.begin();
-                // Boxed: hyper keeps the slot for a connection's request future from accept
-                // to close, so unboxed every idle connection would hold the size of the
-                // gateway's future (kilobytes); boxed, it is held only while a request runs.
-                let fut = Box::pin(handler(req));
-                async move {
-                    let resp = fut.await;
-                    drop(running);
-                    Ok::<_, Infallible>(resp)
-                }
-            }
-        });
-        let runtime = workers.as_deref().map(Workers::pick);
-        let builder = builder.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        let limits = limits.clone();
-        let connection = move |stream: TcpStream| async move {
-            let served = async {
-                match tls {
-                    None => {
-                        let io = TokioIo::new(Watched::new(stream, &watch));
-                        let conn = builder.serve_connection_with_upgrades(io, service);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    }
-                    // Boxed, so that the TLS session's state is no part of a plain
-                    // connection's task, which is sized for the larger of the two branches.
-                    Some(acceptor) => Box::pin(async {
-                        // The handshake runs on the watchdog's clock from accept.
-                        let tls = match acceptor.accept(stream).await {
-                            Ok(tls) => tls,
-                            Err(e) => {
-                                return tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                            }
-                        };
-                        let io = TokioIo::new(Watched::new(tls, &watch));
-                        let conn = builder.serve_connection_with_upgrades(io, service);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    })
-                    .await,
-                }
-            };
-            // `biased`: polled in this order rather than a random one, which would draw a
-            // random number on every poll of the connection; neither branch can starve the
-            // other, as each one's poll is cheap and the first ready one ends the connection.
-            tokio::select! {
-                biased;
-                _ = served => {}
-                why = watch.expired(limits) => tracing::debug!(%peer, why, "connection closed"),
-            }
-            drop(place);
-        };
-        match runtime {
-            None => {
-                tokio::spawn(connection(stream));
-            }
-            Some(runtime) => {
-                // The socket moves to the worker's own reactor: it is registered there, so
-                // its readiness wakes that thread and no other.
-                let std_stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "cannot hand the connection over");
-                        continue;
-                    }
-                };
-                runtime.spawn(async move {
-                    match TcpStream::from_std(std_stream) {
-                        Ok(stream) => connection(stream).await,
-                        Err(e) => {
-                            tracing::warn!(%peer, error = %e, "cannot register the connection")
-                        }
-                    }
-                });
+        let place = Place::new(place, &accepting.limits.open);
+        tokio::spawn(connection(
+            stream,
+            peer,
+            place,
+            Arc::clone(&accepting),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Serves one accepted connection until it ends, its watchdog closes it, or shutdown has
+/// drained it.
+async fn connection<H, F>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    place: Place,
+    accepting: Arc<Accepting<H>>,
+    shutdown: watch::Receiver<bool>,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let watch = Arc::new(Watch::new());
+    let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
+        Arc::clone(&watch),
+        accepting.limits.clone(),
+        shutdown,
+        peer,
+    )));
+    let service = hyper::service::service_fn({
+        let handler = accepting.handler.clone();
+        let watch = Arc::clone(&watch);
+        move |req| {
+            let running = watch.begin();
+            // Boxed: hyper keeps the slot for a connection's request future from accept
+            // to close, so unboxed every idle connection would hold the size of the
+            // gateway's future (kilobytes); boxed, it is held only while a request runs.
+            let fut = Box::pin(handler(req));
+            async move {
+                let resp = fut.await;
+                drop(running);
+                Ok::<_, Infallible>(resp)
             }
         }
+    });
+    let builder = &accepting.builder;
+    let served = async {
+        match &accepting.tls {
+            None => {
+                let io = TokioIo::new(Watched::new(stream, &watch));
+                let conn = builder.serve_connection_with_upgrades(io, service);
+                if let Err(e) = Drained::new(conn, &watch).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            }
+            // Boxed, so that the TLS session's state is no part of a plain
+            // connection's task, which is sized for the larger of the two branches.
+            Some(acceptor) => {
+                Box::pin(async {
+                    // The handshake runs on the watchdog's clock from accept.
+                    let tls = match acceptor.accept(stream).await {
+                        Ok(tls) => tls,
+                        Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    };
+                    let io = TokioIo::new(Watched::new(tls, &watch));
+                    let conn = builder.serve_connection_with_upgrades(io, service);
+                    if let Err(e) = Drained::new(conn, &watch).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                })
+                .await
+            }
+        }
+    };
+    Guarded {
+        inner: served,
+        watch: Arc::clone(&watch),
+        registered: false,
     }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "shutdown grace elapsed with requests still in flight"
-        );
-    }
+    .await;
+    drop(place);
 }
 
 /// The process's soft limit on open descriptors, as `/proc/self/limits` says (Linux).
@@ -575,11 +764,37 @@ fn descriptor_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
+/// Connections the kernel holds for a listener before it is accepted from (`listen`'s
+/// backlog; the kernel caps it at `net.core.somaxconn`, 4,096 by default). std and tokio
+/// ask for 128: when thousands of clients connect at once the queue overflows, and the
+/// handshakes it drops are retried by the clients a second later or more.
+const BACKLOG: u32 = 4096;
+
 /// Binds a listener, with a message that names the address.
+///
+/// The socket has `SO_REUSEPORT`, so that [`serve`] can open one more per connection
+/// runtime on the same address. That option would also let another process of the same
+/// user join the port unnoticed, so the address is first bound without it: a port another
+/// process holds is refused here as before.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    let named =
+        |e: std::io::Error| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let probe = std::net::TcpListener::bind(addr).map_err(named)?;
+    let bound = probe.local_addr().map_err(named)?;
+    drop(probe);
+    reuse_port(bound).map_err(named)
+}
+
+/// A listener on `addr` with `SO_REUSEPORT` and [`BACKLOG`].
+fn reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 #[cfg(test)]
@@ -595,6 +810,158 @@ mod tests {
                 "expected a soft descriptor limit from /proc/self/limits, saw {fds:?}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_listener_holds_hundreds_of_handshakes_not_yet_accepted() {
+        // Clients that connect at once while the accept loops are busy wait in the listen
+        // queue; past its backlog the kernel drops their handshakes, and a client retries
+        // only a second later. 500 connections, none accepted, must all get through.
+        let listener = bind("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("a listener");
+        let addr = listener.local_addr().expect("its address");
+        let connects = (0..500)
+            .map(|_| tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)));
+        let mut open = Vec::new();
+        for connected in futures_join_all(connects).await {
+            if let Ok(Ok(stream)) = connected {
+                open.push(stream);
+            }
+        }
+        assert_eq!(
+            open.len(),
+            500,
+            "expected all 500 connections through the listen queue, saw {}",
+            open.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_port_another_socket_holds_is_refused_though_ours_share_it() {
+        let first = bind("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("a listener");
+        let addr = first.local_addr().expect("its address");
+        let again = bind(addr).await;
+        assert!(
+            again
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
+            "expected a second bind of {addr} refused as in use, saw {again:?}"
+        );
+        let sockets = one_each(first, 3).expect("three sockets on one port");
+        let ports: Vec<u16> = sockets
+            .iter()
+            .map(|s| s.local_addr().expect("an address").port())
+            .collect();
+        assert_eq!(ports, [addr.port(); 3], "expected all three on {addr}");
+    }
+
+    /// Reads one HTTP/1.1 answer's status line and head from `stream`, or `None` at EOF.
+    async fn status_of(stream: &mut TcpStream) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return None,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).into_owned();
+        text.lines().next().map(str::to_string)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_closes_idle_connections_and_lets_a_running_request_finish() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind("127.0.0.1:0".parse().expect("an address"))
+            .await
+            .expect("a listener");
+        let addr = listener.local_addr().expect("its address");
+        let release = Arc::new(tokio::sync::Notify::new());
+        let handler = {
+            let release = Arc::clone(&release);
+            move |req: Request<Incoming>| {
+                let release = Arc::clone(&release);
+                async move {
+                    if req.uri().path() == "/slow" {
+                        release.notified().await;
+                    }
+                    Response::new(Body::from("ok"))
+                }
+            }
+        };
+        let (stop, stopped) = watch::channel(false);
+        let limits = Limits {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 8,
+            open: None,
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            handler,
+            stopped,
+            Duration::from_secs(30),
+            None,
+            limits,
+        ));
+        let ask = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut idle = TcpStream::connect(addr).await.expect("a connection");
+        idle.write_all(ask("/fast").as_bytes())
+            .await
+            .expect("a request");
+        let first = status_of(&mut idle).await;
+        assert_eq!(first.as_deref(), Some("HTTP/1.1 200 OK"));
+        let mut body = [0u8; 2];
+        idle.read_exact(&mut body).await.expect("the body");
+        let mut slow = TcpStream::connect(addr).await.expect("a connection");
+        slow.write_all(ask("/slow").as_bytes())
+            .await
+            .expect("a request");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        stop.send(true).expect("the server listens");
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0))),
+            "expected the idle keep-alive connection closed at shutdown, saw {closed:?}"
+        );
+        assert!(
+            !server.is_finished(),
+            "expected the server draining the slow request"
+        );
+        release.notify_one();
+        let answer = status_of(&mut slow).await;
+        assert_eq!(
+            answer.as_deref(),
+            Some("HTTP/1.1 200 OK"),
+            "expected the running request answered after shutdown began"
+        );
+        // The grace is 30 s: ending within 5 means the drain ended with the last connection.
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server ended once drained, before the grace")
+            .expect("the server task ran");
+    }
+
+    /// Waits for every future, each in a task of its own.
+    async fn futures_join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.expect("the task ran"));
+        }
+        out
     }
 
     /// A future that counts how often it is polled.
