@@ -26,9 +26,17 @@
 # --duration seconds per connection count (use one count), then the system calls per
 # request wrk completed, by call, from strace's summary (kept in --out as strace.txt).
 #
+# With --perf it runs the binary natively and counts, with `perf stat -p` over the steady
+# window of each wrk run (after every connection is open, until --tail seconds before the
+# end), per request the gateway answered in it: system calls (all, and epoll_wait, recvfrom,
+# writev, accept4, epoll_ctl, futex), context switches, CPU migrations and CPU time; and over
+# the whole run the kernel's listen queue overflows (TcpExtListenOverflows, system-wide).
+# Needs `perf` with the syscall tracepoints (Debian's linux-perf, as root).
+#
 # Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
 #                             [--conns "32 512 4096"] [--out DIR] [--rss]
 #                             [--log off|text|json] [--path hit|big|pass] [--strace]
+#                             [--perf]
 # Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
 # target/release/cxgate; build it with `cargo build --release` first).
 set -euo pipefail
@@ -40,6 +48,7 @@ CONNS="32 512 4096"
 OUT=""
 RSS=0
 STRACE=0
+PERF=0
 LOG=off
 WHAT=hit
 while [ $# -gt 0 ]; do
@@ -51,6 +60,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --rss) RSS=1; shift ;;
         --strace) STRACE=1; shift ;;
+        --perf) PERF=1; shift ;;
         --log) LOG="$2"; shift 2 ;;
         --path) WHAT="$2"; shift 2 ;;
         -h|--help) sed -n '/^# Usage:/,/^# target/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -178,6 +188,7 @@ read -ra EXTRA <<<"${CALLGRIND_ARGS:-}"
 RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${EXTRA[@]}")
 [ "$RSS" = 1 ] && RUNNER=()
 [ "$STRACE" = 1 ] && RUNNER=(strace -f -c -o "$OUT/strace.txt")
+[ "$PERF" = 1 ] && RUNNER=()
 CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn --log-format "$LOG_FORMAT" run \
     --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
 PIDS+=($!); CX=$!
@@ -266,6 +277,53 @@ if [ "$STRACE" = 1 ]; then
     awk -v r="$total" '$1 ~ /^[0-9.]+$/ && $NF != "total" {
         printf "%-16s %9d %8.2f\n", $NF, $4, $4 / r }' \
         "$OUT/strace.txt" | sort -k2 -nr | head -15
+    exit 0
+fi
+
+if [ "$PERF" = 1 ]; then
+    command -v perf >/dev/null || { echo "callgrind.sh: perf not found" >&2; exit 2; }
+    EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom
+    EVENTS=$EVENTS,syscalls:sys_enter_writev,syscalls:sys_enter_accept4
+    EVENTS=$EVENTS,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex
+    EVENTS=$EVENTS,context-switches,cpu-migrations,task-clock
+    overflows() { awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) col[$i] = i; h = 1 }
+        else print $col["ListenOverflows"] }' /proc/net/netstat; }
+    echo "conns  steady_requests  req/s  syscalls  epoll_wait  recvfrom  writev  accept4  epoll_ctl  futex  ctx_switches  migrations  cpu_us  listen_overflows  wrk_errors"
+    for n in $CONNS; do
+        o0="$(overflows)"
+        wrk -t"$((n < 2 ? 1 : 2))" -c"$n" -d"${DURATION}s" --timeout 60s "$URL" \
+            >"$OUT/wrk-$n.txt" 2>&1 &
+        WRK=$!
+        ramp_end=$((SECONDS + RAMP))
+        sleep 1
+        while [ "$SECONDS" -lt "$ramp_end" ] && [ "$(open_conns)" -lt "$n" ]; do sleep 0.2; done
+        window=$((DURATION - (SECONDS - ramp_end + RAMP) - TAIL))
+        s0="$(served)"
+        if [ -n "${PERF_RECORD:-}" ]; then
+            # PERF_RECORD=1: a cpu-clock profile of the same window as well, for `perf report
+            # -i $OUT/perf-$n.data --sort dso,sym` (samples at 1 kHz, so ms of CPU).
+            perf record -q -F 1000 -e cpu-clock -p "$CX" -o "$OUT/perf-$n.data" -- sleep "$window" 2>/dev/null &
+            REC=$!
+        fi
+        perf stat -x, -e "$EVENTS" -p "$CX" -o "$OUT/perf-$n.txt" -- sleep "$window"
+        [ -n "${REC:-}" ] && { wait "$REC" || true; }
+        s1="$(served)"
+        wait "$WRK"
+        sleep 2
+        o1="$(overflows)"
+        errors="$(awk '/Non-2xx/ {e += $NF} /Socket errors/ {gsub(",", ""); e += $4 + $6 + $8 + $10}
+            END {print e + 0}' "$OUT/wrk-$n.txt")"
+        awk -F, -v n="$n" -v r="$((s1 - s0))" -v w="$window" -v o="$((o1 - o0))" -v e="$errors" '
+            $3 ~ /sys_enter$/ { v["all"] = $1 } $3 ~ /epoll_wait/ { v["ew"] = $1 }
+            $3 ~ /recvfrom/ { v["rf"] = $1 } $3 ~ /writev/ { v["wv"] = $1 }
+            $3 ~ /accept4/ { v["ac"] = $1 } $3 ~ /epoll_ctl/ { v["ec"] = $1 }
+            $3 ~ /futex/ { v["fx"] = $1 } $3 == "context-switches" { v["cs"] = $1 }
+            $3 == "cpu-migrations" { v["mg"] = $1 } $3 == "task-clock" { v["tc"] = $1 }
+            END { printf "%5d  %15d  %5.0f  %8.3f  %10.3f  %8.3f  %6.3f  %7.4f  %9.4f  %5.3f  %12.4f  %10.4f  %6.2f  %16d  %10d\n",
+                n, r, r / w, v["all"] / r, v["ew"] / r, v["rf"] / r, v["wv"] / r, v["ac"] / r,
+                v["ec"] / r, v["fx"] / r, v["cs"] / r, v["mg"] / r, v["tc"] * 1000 / r, o, e }' \
+            "$OUT/perf-$n.txt"
+    done
     exit 0
 fi
 
