@@ -1352,6 +1352,14 @@ mod tests {
     /// A fake Redis on a free loopback port: answers each command with `answer(words)`
     /// (raw RESP). Stops when the test's runtime ends.
     async fn fake_redis(answer: fn(&[String]) -> String) -> u16 {
+        fake_redis_late(answer, Arc::default()).await
+    }
+
+    /// [`fake_redis`], each answer `delay` ms late (read at each command).
+    async fn fake_redis_late(
+        answer: fn(&[String]) -> String,
+        delay: Arc<std::sync::atomic::AtomicU64>,
+    ) -> u16 {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1359,6 +1367,7 @@ mod tests {
         let port = listener.local_addr().expect("address").port();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                let delay = delay.clone();
                 tokio::spawn(async move {
                     let (read, mut write) = stream.into_split();
                     let mut lines = BufReader::new(read).lines();
@@ -1372,6 +1381,10 @@ mod tests {
                                 Ok(Some(word)) => words.push(word),
                                 _ => return,
                             }
+                        }
+                        let late = delay.load(Ordering::Acquire);
+                        if late > 0 {
+                            tokio::time::sleep(Duration::from_millis(late)).await;
                         }
                         if write.write_all(answer(&words).as_bytes()).await.is_err() {
                             return;
@@ -1541,38 +1554,7 @@ mod tests {
     /// A fake Redis that answers as [`answers_everything`] does, each answer `delay` ms
     /// late (read at each command, so a test can slow it down and speed it up).
     async fn slow_redis(delay: Arc<std::sync::atomic::AtomicU64>) -> u16 {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let port = listener.local_addr().expect("address").port();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let delay = delay.clone();
-                tokio::spawn(async move {
-                    let (read, mut write) = stream.into_split();
-                    let mut lines = BufReader::new(read).lines();
-                    while let Ok(Some(head)) = lines.next_line().await {
-                        let n: usize = head.trim_start_matches('*').parse().unwrap_or(0);
-                        let mut words = Vec::new();
-                        for _ in 0..n {
-                            let _len = lines.next_line().await;
-                            match lines.next_line().await {
-                                Ok(Some(word)) => words.push(word),
-                                _ => return,
-                            }
-                        }
-                        let late = delay.load(Ordering::Acquire);
-                        tokio::time::sleep(Duration::from_millis(late)).await;
-                        let answer = answers_everything(&words);
-                        if write.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        port
+        fake_redis_late(answers_everything, delay).await
     }
 
     /// One answer slower than the call bound is a timeout for that call, not an outage:
