@@ -422,6 +422,48 @@ fn check_refuses_what_could_never_work() {
     );
 }
 
+/// A base URL the parser would take while dropping part of it: a fragment (every request
+/// then went to the base's root, cached under each client's path) or a port past 65535
+/// (every request a 502).
+#[test]
+fn check_refuses_a_base_url_with_a_fragment_or_an_impossible_port() {
+    for (name, base, said) in [
+        (
+            "msg-base-fragment",
+            "http://127.0.0.1:32001#frag",
+            "fragment",
+        ),
+        ("msg-base-port", "http://127.0.0.1:99999", "invalid port"),
+    ] {
+        let path = config(
+            name,
+            &format!(
+                "[upstream]\nbase_url = \"{base}\"\n\
+                 [token]\naccess_token_env = \"CXGATE_MSG_TEST_TOKEN\"\n"
+            ),
+        );
+        let out = cxgate(
+            &["check", "--config", path.to_str().unwrap()],
+            &[("CXGATE_MSG_TEST_TOKEN", "upstream-token")],
+        );
+        let (_, err) = text(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "expected {base} refused, saw {out:?}"
+        );
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "expected the one problem, saw:\n{err}"
+        );
+        assert!(
+            err.starts_with("upstream.base_url:") && err.contains(said),
+            "expected {base} refused naming the {said}, saw:\n{err}"
+        );
+    }
+}
+
 #[test]
 fn one_line_per_real_problem_in_the_files_words() {
     let key = "c48a01f49fd0f2cc404bc3cbbc80e91457a3d41bb429a695243de4c61794155c";

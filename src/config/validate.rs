@@ -88,6 +88,25 @@ impl Problems {
                     self.add(path, "must not have a query string");
                     return None;
                 }
+                // The URL parser drops a fragment without a word, and every request would then
+                // go to the base's root, cached under each client's path.
+                if trimmed.contains('#') {
+                    self.add(path, "must not have a fragment (#...)");
+                    return None;
+                }
+                // The parser reads a port past 65535 as no port at all.
+                let port = uri
+                    .authority()
+                    .and_then(|a| a.as_str().rsplit_once(':'))
+                    .map(|(_, p)| p)
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+                if port.is_some_and(|p| p.parse::<u16>().is_err()) {
+                    self.add(
+                        path,
+                        format!("invalid port in {text:?}: a port is at most 65535"),
+                    );
+                    return None;
+                }
                 if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
                     // It would be printed by check, logged and shown on the status page.
                     self.add(
