@@ -254,3 +254,53 @@ fn the_second_is_formatted_anew_when_it_changes() {
         assert_eq!(String::from_utf8_lossy(&out), want);
     }
 }
+
+/// Counts the batches and the bytes it is handed: a disk that is never slow.
+struct Counting(Arc<Mutex<(usize, usize)>>);
+
+impl Sink for Counting {
+    fn write_batch(&mut self, batch: &[u8]) -> io::Result<()> {
+        let mut seen = self.0.lock().unwrap();
+        seen.0 += 1;
+        seen.1 += batch.len();
+        Ok(())
+    }
+}
+
+#[test]
+fn steady_traffic_is_written_in_a_few_batches_not_one_per_line() {
+    // Lines arriving one at a time, as from a busy gateway: the writer used to take each as
+    // it came (a write, and a wake-up of the writer, per line). It lets them gather instead.
+    let registry = Registry::new();
+    let seen = Arc::new(Mutex::new((0, 0)));
+    let log = AccessLog::with_sink(
+        Box::new(Counting(seen.clone())),
+        DEFAULT_PENDING,
+        false,
+        &registry,
+    )
+    .unwrap();
+    let one = formatted(&line("0123456789abcdef01234567"), false).len();
+    let started = Instant::now();
+    let mut lines = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        log.log(&line("0123456789abcdef01234567"));
+        lines += 1;
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let took = started.elapsed();
+    log.flush(Duration::from_secs(5));
+    let (batches, bytes) = *seen.lock().unwrap();
+    assert_eq!(
+        bytes,
+        lines * one,
+        "expected every line written, saw {bytes} of {} bytes",
+        lines * one
+    );
+    // One batch per linger over the run, plus the first line's and the flush's.
+    let most = (took.as_millis() / LINGER.as_millis()) as usize + 3;
+    assert!(
+        batches <= most,
+        "expected at most {most} batches for {lines} lines over {took:?}, saw {batches}"
+    );
+}
