@@ -189,7 +189,12 @@ impl Workers {
                     match runtime {
                         Ok(rt) => {
                             let _ = ready.send(Ok(rt.handle().clone()));
-                            let _ = rt.block_on(stopped);
+                            let _ = rt.block_on(async {
+                                let anchor = tokio::spawn(anchor());
+                                let stopped = stopped.await;
+                                anchor.abort();
+                                stopped
+                            });
                         }
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -215,6 +220,26 @@ impl Workers {
     /// at 108% with one per core (benches/README.md).
     pub fn per_core() -> std::io::Result<Workers> {
         Workers::start(2 * std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// How often a connection runtime's [`anchor`] timer fires.
+const ANCHOR_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`ANCHOR_EVERY`] on the runtime it runs on, for as long as it
+/// runs.
+///
+/// tokio's timer driver wakes its runtime (a `write` to the runtime's eventfd, then one
+/// more `epoll_wait`) whenever a timer is set sooner than the soonest one the runtime had
+/// when it last went to sleep, even from the runtime's own thread, which is awake. An
+/// uncached request sets two: the request timeout (`server.request_timeout`, 30 s) and the
+/// upstream exchange's (`upstream.timeout`, 20 s). With nothing sooner on the runtime (no
+/// connection, or watchdogs that look again only every `header_timeout`, when that is 20 s
+/// or more) each cost such a wake-up: two `write`s per request (benches/README.md). With
+/// this timer always sooner, they cost none, for one timer fire per runtime per second.
+async fn anchor() {
+    loop {
+        tokio::time::sleep(ANCHOR_EVERY).await;
     }
 }
 
@@ -537,6 +562,48 @@ mod tests {
             .map(|s| s.local_addr().expect("an address").port())
             .collect();
         assert_eq!(ports, [addr.port(); 3], "expected all three on {addr}");
+    }
+
+    /// Write-type system calls this thread has made (`/proc/thread-self/io`, Linux).
+    fn writes_of_this_thread() -> Option<u64> {
+        let io = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+        let line = io.lines().find(|l| l.starts_with("syscw:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn a_request_timer_set_on_a_connection_runtime_wakes_nothing() {
+        if writes_of_this_thread().is_none() {
+            return;
+        }
+        let workers = Workers::start(1).expect("a connection runtime");
+        let counted = workers.handles[0].spawn(async {
+            // Asleep once, so the runtime knows its soonest timer as it would between
+            // requests.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let before = writes_of_this_thread();
+            for _ in 0..50 {
+                // What an uncached request does: set a timer of many seconds and drop it
+                // when the answer comes first.
+                let timer = tokio::time::sleep(Duration::from_secs(30));
+                tokio::pin!(timer);
+                std::future::poll_fn(|cx| {
+                    let _ = timer.as_mut().poll(cx);
+                    std::task::Poll::Ready(())
+                })
+                .await;
+            }
+            Some(writes_of_this_thread()? - before?)
+        });
+        let writes = counted
+            .await
+            .expect("the task ran")
+            .expect("the counts are readable");
+        assert!(
+            writes < 5,
+            "expected 50 timers of 30 s to cost (almost) no eventfd write on their runtime, \
+             saw {writes} writes"
+        );
     }
 
     /// Reads one HTTP/1.1 answer's status line and head from `stream`, or `None` at EOF.
