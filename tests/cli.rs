@@ -958,3 +958,38 @@ fn check_refuses_what_run_refuses_before_serving() {
     }
     drop(busy);
 }
+
+/// A base URL the gateway cannot forward under, or one that is the gateway itself, is
+/// refused by `check` and `run` alike (exit 2, naming `upstream.base_url` and why).
+#[test]
+fn check_and_run_refuse_a_base_url_that_loops_or_leaves_its_path() {
+    let (port, admin) = (common::free_port(), common::free_port());
+    let server =
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n");
+    let cases = [
+        ("http://127.0.0.1:1/_sim".to_string(), "/_sim"),
+        ("http://127.0.0.1:1/x/_sim/".to_string(), "/_sim"),
+        ("http://127.0.0.1:1/a/../b".to_string(), "dot segment"),
+        ("http://127.0.0.1:1/a/./b".to_string(), "dot segment"),
+        ("http://127.0.0.1:1/a%2Fb".to_string(), "encoded slash"),
+        (format!("http://127.0.0.1:{port}"), "server.listen"),
+        (format!("http://localhost:{admin}/"), "server.admin_listen"),
+    ];
+    for (base, says) in cases {
+        let config = format!(
+            "{server}[upstream]\nbase_url = \"{base}\"\n\
+             [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n"
+        );
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with("upstream.base_url:")
+                    && stderr.contains(says),
+                "{base}: expected `{command}` to exit 2 with one line naming upstream.base_url \
+                 and {says:?}, saw {code:?}:\n{stderr}"
+            );
+        }
+    }
+}
