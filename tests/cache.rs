@@ -1243,3 +1243,46 @@ async fn hits_keep_what_clients_read_and_regenerate_the_rest() {
 
     env.stop().await;
 }
+
+/// A 206 is a part of an answer: passed on as it came, never stored (the next read of the
+/// key would be served the fragment as the whole answer), and `Cache-Status` says so.
+/// `Range` itself never goes upstream: a client that sends it gets the whole answer.
+#[tokio::test]
+async fn a_partial_answer_is_passed_on_but_never_stored() {
+    let partial = common::Reply::ok()
+        .status(206)
+        .header("content-range", "bytes 0-9/100");
+    let (upstream, seen, task) = common::static_upstream(partial).await;
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let env =
+        common::start_custom(SimOptions::default(), "", Some(&upstream), &clients, ROUTES).await;
+    for round in ["first", "second"] {
+        let answer = get_with(&env, "/me", &[("range", "bytes=0-9")]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::PARTIAL_CONTENT,
+            "{round} read: expected the upstream's 206 passed on, saw {}",
+            answer.status
+        );
+        assert_eq!(
+            answer.header("cache-status"),
+            "cxgate; fwd=uri-miss; fwd-status=206",
+            "{round} read: expected a miss that was not stored"
+        );
+    }
+    let got = common::taken(&seen);
+    assert_eq!(
+        got.len(),
+        2,
+        "expected both reads upstream (nothing stored), saw {}",
+        got.len()
+    );
+    assert!(
+        got.iter()
+            .all(|s| !s.headers.contains_key("range") && !s.headers.contains_key("if-range")),
+        "expected neither Range nor If-Range forwarded, saw {:?}",
+        got.iter().map(|s| &s.headers).collect::<Vec<_>>()
+    );
+    env.stop().await;
+    task.abort();
+}

@@ -682,7 +682,10 @@ impl Gateway {
                     .send_admitted(&call, admitted)
                     .await
                     .map_err(Arc::new)?;
+                // A 206 is a part of the answer, never the answer: a later read of the key
+                // would be served a fragment as if it were whole.
                 let storable = fetched.status.is_success()
+                    && fetched.status != StatusCode::PARTIAL_CONTENT
                     && !no_store
                     && !sets_cookie(&fetched.headers)
                     && !cache_control_forbids(&fetched.headers);
