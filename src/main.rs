@@ -168,6 +168,11 @@ async fn dispatch(command: Command, json: bool) -> ExitCode {
                     }
                     return ExitCode::from(2);
                 }
+                // And what `run` refuses only once it starts (a port taken, the token),
+                // tried the way `run` tries it: the same message and exit code.
+                if let Err(e) = cxgate::app::probe(&cfg, &secrets).await {
+                    return finish(Err(e));
+                }
                 println!("{}: valid", config.display());
                 println!("{}", cfg.summary());
                 ExitCode::SUCCESS
@@ -246,8 +251,9 @@ fn finish(result: Result<(), cxgate::StartError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(cxgate::StartError::Config(e)) => invalid(&e),
-        // A wrong Redis URL or CA file is an invalid configuration, as `check` says.
-        Err(e @ cxgate::StartError::Replicas(_)) if e.is_setting() => {
+        // A wrong Redis URL or CA file, or a client's key as the token, is an invalid
+        // configuration, as `check` says.
+        Err(e) if e.is_setting() => {
             eprintln!("cxgate: {e}");
             ExitCode::from(2)
         }

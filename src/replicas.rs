@@ -262,6 +262,11 @@ pub fn check_settings(
     if !options.cluster && clients.len() != 1 {
         return Err(SetupError::SeveralUrls(url_env.to_string()));
     }
+    // A cluster's seeds must agree (one password, one user, one database): start builds
+    // the cluster client from them and refuses what it refuses.
+    if options.cluster {
+        options.cluster_client(url).map_err(|e| e.in_env(url_env))?;
+    }
     Ok(())
 }
 
@@ -1662,6 +1667,32 @@ mod tests {
         assert!(
             check_settings("U", None, &missing).is_err(),
             "expected a missing CA file refused without a URL"
+        );
+    }
+
+    /// Cluster seeds that disagree on the password: start cannot build the cluster client,
+    /// so `check` (which builds it the same way) refuses them too, naming the variable.
+    #[tokio::test]
+    async fn cluster_seeds_start_refuses_are_refused_by_check() {
+        let urls = "redis://:one@127.0.0.1:1,redis://:two@127.0.0.1:2";
+        let cluster = Options {
+            ca_file: None,
+            cluster: true,
+        };
+        let registry = Registry::new();
+        let started = Redis::connect_with("U", Some(urls), "cx", &cluster, &registry).await;
+        let start = started.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            start.contains("different password"),
+            "expected start to refuse seeds with two passwords, saw {start:?}"
+        );
+        let checked = check_settings("U", Some(urls), &cluster)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(
+            checked, start,
+            "expected check to refuse them as start does"
         );
     }
 }

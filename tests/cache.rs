@@ -1243,3 +1243,96 @@ async fn hits_keep_what_clients_read_and_regenerate_the_rest() {
 
     env.stop().await;
 }
+
+/// A 206 is a part of an answer: passed on as it came, never stored (the next read of the
+/// key would be served the fragment as the whole answer), and `Cache-Status` says so.
+/// `Range` itself never goes upstream: a client that sends it gets the whole answer.
+#[tokio::test]
+async fn a_partial_answer_is_passed_on_but_never_stored() {
+    let partial = common::Reply::ok()
+        .status(206)
+        .header("content-range", "bytes 0-9/100");
+    let (upstream, seen, task) = common::static_upstream(partial).await;
+    let clients = common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
+    let env =
+        common::start_custom(SimOptions::default(), "", Some(&upstream), &clients, ROUTES).await;
+    for round in ["first", "second"] {
+        let answer = get_with(&env, "/me", &[("range", "bytes=0-9")]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::PARTIAL_CONTENT,
+            "{round} read: expected the upstream's 206 passed on, saw {}",
+            answer.status
+        );
+        assert_eq!(
+            answer.header("cache-status"),
+            "cxgate; fwd=uri-miss; fwd-status=206",
+            "{round} read: expected a miss that was not stored"
+        );
+    }
+    let got = common::taken(&seen);
+    assert_eq!(
+        got.len(),
+        2,
+        "expected both reads upstream (nothing stored), saw {}",
+        got.len()
+    );
+    assert!(
+        got.iter()
+            .all(|s| !s.headers.contains_key("range") && !s.headers.contains_key("if-range")),
+        "expected neither Range nor If-Range forwarded, saw {:?}",
+        got.iter().map(|s| &s.headers).collect::<Vec<_>>()
+    );
+    env.stop().await;
+    task.abort();
+}
+
+/// A client's `Cache-Control: max-age=0` takes no stored answer (RFC 9111 5.2.1.1): a
+/// refetch, as for `no-cache`; `max-age=N` takes a hit only while its `Age` is at most N;
+/// `Pragma: no-cache` refetches when no `Cache-Control` is sent (RFC 9111 5.4).
+#[tokio::test(start_paused = true)]
+async fn a_clients_max_age_and_pragma_are_honoured() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    assert_stored(&env.get("/me").await, "/me, first read");
+    let refetch = |headers: &'static [(&'static str, &'static str)], calls: u64| {
+        let env = &env;
+        async move {
+            let answer = get_with(env, "/me", headers).await;
+            assert_eq!(answer.status, StatusCode::OK, "{headers:?}: expected 200");
+            assert_eq!(
+                answer.header("cache-status"),
+                "cxgate; fwd=request; fwd-status=200; stored",
+                "{headers:?}: expected a refetch the client asked for"
+            );
+            let upstream = env.upstream_count("GET /me");
+            assert_eq!(
+                upstream, calls,
+                "{headers:?}: expected {calls} upstream calls, saw {upstream}"
+            );
+        }
+    };
+    refetch(&[("cache-control", "max-age=0")], 2).await;
+    refetch(&[("cache-control", "no-transform, MAX-AGE=\"0\"")], 3).await;
+    refetch(&[("pragma", "no-cache")], 4).await;
+    // With Cache-Control present, Pragma is not read.
+    let hit = get_with(
+        &env,
+        "/me",
+        &[("pragma", "no-cache"), ("cache-control", "max-age=60")],
+    )
+    .await;
+    assert_hit(&hit, "Pragma beside Cache-Control: max-age=60");
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let young = get_with(&env, "/me", &[("cache-control", "max-age=5")]).await;
+    assert_hit(&young, "max-age=5 at Age 5");
+    assert_eq!(young.header("age"), "5", "expected Age 5 on the hit");
+    refetch(&[("cache-control", "max-age=4")], 5).await;
+    // The refetch stored a new answer: young enough again.
+    assert_hit(
+        &get_with(&env, "/me", &[("cache-control", "max-age=4")]).await,
+        "max-age=4 after the refetch",
+    );
+    assert_hit(&env.get("/me").await, "a plain read after the refetches");
+    env.stop().await;
+}

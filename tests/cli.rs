@@ -117,12 +117,23 @@ fn check_accepts_the_shipped_production_config() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/cxgate.toml"))
             .expect("read shipped config");
     assert!(shipped.contains("\"/var/lib/cxgate/token.json\""));
+    // And on ports of its own: `check` binds both listeners as `run` would, and 8080 or
+    // 9090 may be taken on a test host.
     let path = dir.join("cxgate.toml");
-    std::fs::write(
-        &path,
-        shipped.replace("/var/lib/cxgate/token.json", token.to_str().expect("utf-8")),
-    )
-    .expect("write config");
+    let moved = shipped
+        .replace("/var/lib/cxgate/token.json", token.to_str().expect("utf-8"))
+        .replacen("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:0\"", 1)
+        .replacen(
+            "admin_listen = \"127.0.0.1:9090\"",
+            "admin_listen = \"127.0.0.1:0\"",
+            1,
+        );
+    assert!(
+        moved.contains("\nlisten = \"127.0.0.1:0\"")
+            && moved.contains("admin_listen = \"127.0.0.1:0\""),
+        "expected the shipped listeners moved to free ports"
+    );
+    std::fs::write(&path, moved).expect("write config");
     // With the variables the file names set, as on a host that is ready to run it (an unset
     // one adds a line per variable, which another test covers).
     let out = Command::new(BIN)
@@ -860,4 +871,125 @@ fn check_warns_about_an_expired_token_that_cannot_be_refreshed() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `run` refuses once it starts, before it serves, `check` refuses with the same
+/// message and exit code: a port taken (the client listener, plain or TLS, and the admin
+/// one), an address that is not on this host, and a client's gateway key as the static
+/// token. Before, `check` said "valid" (exit 0) for each.
+#[test]
+fn check_refuses_what_run_refuses_before_serving() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let taken = busy.local_addr().expect("addr").to_string();
+    let tls_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+    let tls = format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        tls_dir.join("cert.pem").display(),
+        tls_dir.join("key.pem").display()
+    );
+    let config = |listen: &str, admin: &str, server: &str, rest: &str| {
+        format!(
+            "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\n{server}\
+             [upstream]\nbase_url = \"http://127.0.0.1:1\"\n\
+             [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n{rest}"
+        )
+    };
+    let client = format!(
+        "[[clients]]\nname = \"app\"\nkey_sha256 = \"{}\"\nscopes = [\"read\"]\n",
+        cxgate::auth::sha256_hex(KEY.as_bytes())
+    );
+    let any = "127.0.0.1:0";
+    let cases = [
+        (
+            "the client port taken",
+            config(&taken, any, "", ""),
+            "tok",
+            1,
+            "server.listen",
+        ),
+        (
+            "the TLS port taken",
+            config(&taken, any, &tls, ""),
+            "tok",
+            1,
+            "server.listen",
+        ),
+        (
+            "the admin port taken",
+            config(any, &taken, "", ""),
+            "tok",
+            1,
+            "server.admin_listen",
+        ),
+        (
+            "an address not on this host (TEST-NET-1)",
+            config("192.0.2.1:8080", any, "allow_anonymous = true\n", ""),
+            "tok",
+            1,
+            "not on this host",
+        ),
+        (
+            "a client's key as the static token",
+            config(any, any, "", &client),
+            KEY,
+            2,
+            "token.access_token_env",
+        ),
+    ];
+    for (what, config, token, code, says) in cases {
+        let mut said = Vec::new();
+        for command in ["check", "run"] {
+            let (got, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", token)]);
+            let line = stderr
+                .lines()
+                .find(|l| l.starts_with("cxgate: "))
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                got == Some(code) && line.contains(says),
+                "{what}: expected `{command}` to exit {code} saying {says:?}, saw {got:?}:\n{stderr}"
+            );
+            said.push(line);
+        }
+        assert_eq!(
+            said[0], said[1],
+            "{what}: expected `check` to say what `run` says"
+        );
+    }
+    drop(busy);
+}
+
+/// A base URL the gateway cannot forward under, or one that is the gateway itself, is
+/// refused by `check` and `run` alike (exit 2, naming `upstream.base_url` and why).
+#[test]
+fn check_and_run_refuse_a_base_url_that_loops_or_leaves_its_path() {
+    let (port, admin) = (common::free_port(), common::free_port());
+    let server =
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n");
+    let cases = [
+        ("http://127.0.0.1:1/_sim".to_string(), "/_sim"),
+        ("http://127.0.0.1:1/x/_sim/".to_string(), "/_sim"),
+        ("http://127.0.0.1:1/a/../b".to_string(), "dot segment"),
+        ("http://127.0.0.1:1/a/./b".to_string(), "dot segment"),
+        ("http://127.0.0.1:1/a%2Fb".to_string(), "encoded slash"),
+        (format!("http://127.0.0.1:{port}"), "server.listen"),
+        (format!("http://localhost:{admin}/"), "server.admin_listen"),
+    ];
+    for (base, says) in cases {
+        let config = format!(
+            "{server}[upstream]\nbase_url = \"{base}\"\n\
+             [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n"
+        );
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with("upstream.base_url:")
+                    && stderr.contains(says),
+                "{base}: expected `{command}` to exit 2 with one line naming upstream.base_url \
+                 and {says:?}, saw {code:?}:\n{stderr}"
+            );
+        }
+    }
 }

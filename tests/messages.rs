@@ -112,6 +112,8 @@ fn check_refuses_each_unset_environment_variable_and_summarises_in_the_files_spe
         &"[upstream]
 base_url = \"https://api.engagor.com\"
 [server]
+listen = \"127.0.0.1:0\"
+admin_listen = \"127.0.0.1:0\"
 admin_token_env = \"CXGATE_MSG_UNSET_ADMIN\"
 [token]
 file = \"TOKEN_FILE\"
@@ -528,7 +530,7 @@ fn check_summary_spells_durations_and_sizes_compactly() {
     let path = config(
         "msg-spell",
         &format!(
-            "{BASE}[server]\nrequest_timeout = \"2500ms\"\nidle_timeout = \"90s\"\nmax_body_bytes = \"2MiB\"\n\
+            "{BASE}[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"2500ms\"\nidle_timeout = \"90s\"\nmax_body_bytes = \"2MiB\"\n\
              [[routes]]\nmatch = \"GET /me\"\nttl = \"1d\"\n"
         ),
     );

@@ -1319,3 +1319,55 @@ async fn a_reload_refuses_a_fifo_in_any_file_setting_without_hanging() {
     assert_reloaded(&admin_reload(&env).await, "the good file again");
     env.stop().await;
 }
+
+/// A base URL the gateway cannot forward under (the simulator's `/_sim` controls, a dot
+/// segment, an encoded slash) is refused by a reload as by `check`: 400 naming
+/// `upstream.base_url` with the reason, and the running configuration stays. Before, the
+/// reload was taken with a note that the change needs a restart, which would then refuse.
+#[tokio::test]
+async fn a_reload_refuses_a_base_url_the_gateway_cannot_forward_under() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let base = good
+        .lines()
+        .find(|l| l.trim_start().starts_with("base_url"))
+        .expect("the harness writes upstream.base_url")
+        .to_string();
+    for (path, says) in [
+        ("/_sim", "/_sim"),
+        ("/a/../b", "dot segment"),
+        ("/a%2Fb", "encoded slash"),
+    ] {
+        let bad = edited(
+            &good,
+            &base,
+            &format!("{}{path}\"", base.trim_end_matches('"')),
+        );
+        write_config(&config_path(&env), &bad);
+        let answer = admin_reload(&env).await;
+        let body = answer.json();
+        let problems: Vec<String> = body["problems"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            answer.status == 400
+                && problems.len() == 1
+                && problems[0].starts_with("upstream.base_url:")
+                && problems[0].contains(says),
+            "{path}: expected 400 with the one problem naming upstream.base_url and {says:?}, \
+             saw {} {body}",
+            answer.status
+        );
+        let still = env.get("/me").await;
+        assert_eq!(
+            still.status, 200,
+            "{path}: expected the old base still in use, saw {still:?}"
+        );
+    }
+    env.stop().await;
+}

@@ -68,6 +68,10 @@ impl StartError {
         match self {
             StartError::Config(_) => true,
             StartError::Replicas(e) => e.is_setting(),
+            // A client's key where the CX Social token goes is a wrong value of a variable
+            // the file names, as an unset one is: the token file that holds one is refused
+            // by `check` and `run` with exit 2 too.
+            StartError::Token(token::TokenError::ClientKey { .. }) => true,
             _ => false,
         }
     }
@@ -170,12 +174,7 @@ pub async fn start(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let started = Instant::now();
     let secrets = options.secrets.unwrap_or_else(|| Secrets::from_env(&cfg));
-    let listener = server::bind(cfg.server.listen)
-        .await
-        .map_err(|e| listen_error(e, "server.listen", "--listen"))?;
-    let admin_listener = server::bind(cfg.server.admin_listen)
-        .await
-        .map_err(|e| listen_error(e, "server.admin_listen", "--admin-listen"))?;
+    let (listener, admin_listener) = bind_listeners(&cfg).await?;
     let addr = listener.local_addr().map_err(StartError::Listen)?;
     let admin_addr = admin_listener.local_addr().map_err(StartError::Listen)?;
     // With port 0 the default public base URL names a port nobody listens on: use the real one.
@@ -205,11 +204,7 @@ pub async fn start(
         }
         _ => None,
     };
-    let lookup = |name: &str| secrets.lookup(name);
-    let token =
-        token::TokenManager::load(token_settings(&cfg), http.clone(), &registry, &lookup).await?;
-    // Before the token is shared: no record holding a client's key is adopted.
-    token.set_client_keys(client_keys(&cfg))?;
+    let token = load_token(&cfg, http.clone(), &registry, &secrets).await?;
     if let Some(redis) = &redis {
         token.share_through(redis.clone()).await;
     }
@@ -239,11 +234,7 @@ pub async fn start(
         metrics: metrics::RequestMetrics::register(&registry)?,
     };
     let recent = parts.metrics.recent.clone();
-    let certs = match &cfg.server.tls {
-        Some(t) => Some(certs::Certs::load(&t.cert_file, &t.key_file)?),
-        None => None,
-    };
-    let tls = certs.as_ref().map(certs::Certs::acceptor).transpose()?;
+    let (certs, tls) = tls_acceptor(&cfg)?;
     let admin_token = reload::admin_token(&cfg, &secrets).map_err(StartError::AdminToken)?;
     let live = reload::Live::new(admin_token, certs);
     let grace = cfg.server.shutdown_grace;
@@ -317,6 +308,73 @@ pub async fn start(
         replicas: redis,
         live,
     })
+}
+
+/// What [`start`] refuses before it serves, tried without serving anything: both listeners
+/// are bound and let go at once, the TLS pair and the admin token are taken, and the token
+/// is loaded and held against the clients' keys, each by the function `start` itself calls.
+/// `cxgate check` runs it after [`reload::preflight`], so it refuses what `run` refuses,
+/// with the same error (and so the same message and exit code). Nothing is written, no
+/// Redis is asked and no upstream is called.
+pub async fn probe(cfg: &Config, secrets: &Secrets) -> Result<(), StartError> {
+    use tracing::instrument::WithSubscriber;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let listeners = bind_listeners(cfg).await?;
+    tls_acceptor(cfg)?;
+    reload::admin_token(cfg, secrets).map_err(StartError::AdminToken)?;
+    let http = upstream::build_client(
+        cfg.upstream.ca_file.as_deref(),
+        cfg.upstream.connect_timeout,
+    )?;
+    // The token's own log lines are `run`'s to say: `check` prints its warnings itself.
+    let registry = metrics::new_registry();
+    load_token(cfg, http, &registry, secrets)
+        .with_subscriber(tracing::subscriber::NoSubscriber::default())
+        .await?;
+    drop(listeners);
+    Ok(())
+}
+
+/// Binds the client listener (plain or TLS) and the admin listener, in that order; a
+/// port taken, an address not on this host or a port needing privileges is refused with
+/// the key that names it.
+async fn bind_listeners(
+    cfg: &Config,
+) -> Result<(tokio::net::TcpListener, tokio::net::TcpListener), StartError> {
+    let listener = server::bind(cfg.server.listen)
+        .await
+        .map_err(|e| listen_error(e, "server.listen", "--listen"))?;
+    let admin_listener = server::bind(cfg.server.admin_listen)
+        .await
+        .map_err(|e| listen_error(e, "server.admin_listen", "--admin-listen"))?;
+    Ok((listener, admin_listener))
+}
+
+/// The certificate pair of `[server.tls]` and the acceptor serving it, if TLS is on.
+fn tls_acceptor(
+    cfg: &Config,
+) -> Result<(Option<Arc<certs::Certs>>, Option<tokio_rustls::TlsAcceptor>), StartError> {
+    let certs = match &cfg.server.tls {
+        Some(t) => Some(certs::Certs::load(&t.cert_file, &t.key_file)?),
+        None => None,
+    };
+    let tls = certs.as_ref().map(certs::Certs::acceptor).transpose()?;
+    Ok((certs, tls))
+}
+
+/// Loads the upstream token and refuses one that must never be sent: every refusal of
+/// the token `run` makes before serving belongs here, since `check` runs this too. The
+/// clients' keys are set before the token is shared, so no record holding one is adopted.
+async fn load_token(
+    cfg: &Config,
+    http: upstream::HttpClient,
+    registry: &prometheus::Registry,
+    secrets: &Secrets,
+) -> Result<token::TokenManager, StartError> {
+    let lookup = |name: &str| secrets.lookup(name);
+    let token = token::TokenManager::load(token_settings(cfg), http, registry, &lookup).await?;
+    token.set_client_keys(client_keys(cfg))?;
+    Ok(token)
 }
 
 /// On stderr the access lines keep to the log level like every other line (`info` shows

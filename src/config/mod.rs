@@ -21,6 +21,7 @@ mod raw;
 pub mod route;
 mod rules;
 mod schema;
+mod target;
 mod units;
 mod validate;
 

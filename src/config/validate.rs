@@ -305,10 +305,22 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             );
             (String::new(), http::Uri::default())
         }
-        Some(text) => match p.base_url("upstream.base_url", text) {
-            Some(uri) => (text.trim_end_matches('/').to_string(), uri),
-            None => (String::new(), http::Uri::default()),
-        },
+        Some(text) => {
+            let own = [
+                ("server.listen", listen),
+                ("server.admin_listen", admin_listen),
+            ];
+            match p.base_url("upstream.base_url", text) {
+                Some(uri) => match super::target::problem(&uri, &own) {
+                    Some(why) => {
+                        p.add("upstream.base_url", why);
+                        (String::new(), http::Uri::default())
+                    }
+                    None => (text.trim_end_matches('/').to_string(), uri),
+                },
+                None => (String::new(), http::Uri::default()),
+            }
+        }
     };
     let upstream = UpstreamConfig {
         base_url,

@@ -85,13 +85,14 @@ const FORWARDED: &[HeaderName] = &[
 /// Conditional-request headers: forwarded as they came. A cacheable read's call is made
 /// without them (the read path takes them out and answers them from the answer it got,
 /// see [`conditional`]): its answer is shared with every merged caller and stored for
-/// later ones, so it must not depend on one client's validators.
+/// later ones, so it must not depend on one client's validators. `Range` never goes
+/// upstream (every answer is whole, and one stored serves every later read), so neither
+/// does `If-Range`, which means nothing without it (RFC 9110 13.1.5).
 pub(super) const CONDITIONAL: &[HeaderName] = &[
     header::IF_MATCH,
     header::IF_NONE_MATCH,
     header::IF_MODIFIED_SINCE,
     header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
 ];
 
 /// Whether a client request header goes upstream. `Content-Length` is written by the
@@ -104,8 +105,7 @@ pub(super) fn forwarded(name: &HeaderName) -> bool {
 /// nginx and Varnish answer them: `If-None-Match` (weak comparison, `*` matches any)
 /// and, without it, `If-Modified-Since` equal to the answer's `Last-Modified` give `304`;
 /// an `If-Match` that names none of the answer's tags (strong comparison) gives `412`.
-/// `If-Unmodified-Since` and `If-Range` are not evaluated on such reads (the full answer
-/// is sent). `None`: answer as usual.
+/// `If-Unmodified-Since` is not evaluated on such reads (the full answer is sent). `None`: answer as usual.
 pub(super) fn conditional(request: &HeaderMap, answer: &HeaderMap) -> Option<StatusCode> {
     // Most requests ask nothing: then no answer header needs reading.
     let asks = [

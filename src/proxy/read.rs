@@ -108,28 +108,61 @@ impl Answer {
     }
 }
 
-/// The client's cache directives.
+/// The client's cache directives (RFC 9111 5.2.1).
 #[derive(Debug, Default, Clone, Copy)]
 struct Directives {
+    /// `no-cache`, `max-age=0`, or `Pragma: no-cache` without `Cache-Control`: refetch.
     no_cache: bool,
     no_store: bool,
+    /// `max-age=N` (N above 0): a stored answer older than N seconds is not taken.
+    max_age: Option<u64>,
+}
+
+impl Directives {
+    /// The client will not take a stored answer this old (its `Age` past `max-age`).
+    fn refuses_age(&self, age: std::time::Duration) -> bool {
+        self.max_age.is_some_and(|most| age.as_secs() > most)
+    }
 }
 
 fn directives(headers: &HeaderMap) -> Directives {
     let mut d = Directives::default();
+    let mut max_age: Option<u64> = None;
     for value in headers.get_all(header::CACHE_CONTROL) {
         for part in value.to_str().unwrap_or("").split(',') {
-            match part.trim().to_ascii_lowercase().as_str() {
-                "no-cache" => d.no_cache = true,
-                "no-store" => d.no_store = true,
+            let part = part.trim().to_ascii_lowercase();
+            let (name, argument) = match part.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument.trim().trim_matches('"'))),
+                None => (part.as_str(), None),
+            };
+            match (name, argument) {
+                ("no-cache", _) => d.no_cache = true,
+                ("no-store", _) => d.no_store = true,
+                // Delta-seconds past what fits are as good as forever (RFC 9111 1.2.2); a
+                // value that is no number says nothing. The strictest of several counts.
+                ("max-age", Some(n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    let n = n.parse::<u64>().unwrap_or(u64::MAX);
+                    max_age = Some(max_age.map_or(n, |m| m.min(n)));
+                }
                 _ => {}
             }
         }
     }
-    if headers
-        .get(header::PRAGMA)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
-    {
+    // An answer no older than 0 s is one fetched for this request: the same as no-cache.
+    match max_age {
+        Some(0) => d.no_cache = true,
+        other => d.max_age = other,
+    }
+    // `Pragma` counts only without `Cache-Control` (RFC 9111 5.4).
+    let pragma = || {
+        headers.get_all(header::PRAGMA).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case("no-cache"))
+        })
+    };
+    if !headers.contains_key(header::CACHE_CONTROL) && pragma() {
         d.no_cache = true;
     }
     d
@@ -141,6 +174,8 @@ struct Upstream {
     directives: Directives,
     /// The route has a ttl and the client did not say `no-store`.
     cacheable: bool,
+    /// A stored answer was there but the client's `max-age` refused it.
+    too_old: bool,
     /// An entry past its ttl that stale-if-error still allows.
     stale_fallback: Option<StoredResponse>,
     /// What the shared tier's lookup found the fetch must carry, when one was made.
@@ -200,11 +235,14 @@ impl Gateway {
         };
 
         let mut since = None;
+        let mut too_old = false;
         if ttl.is_some() && !d.no_cache {
             let mut found = inner.cache.get(&key, headers).await;
             let mut shared_hit = false;
-            // Nothing fresh in memory: the shared tier may hold what another replica fetched.
-            if inner.cache.shared().is_some() && !found.as_ref().is_some_and(is_fresh) {
+            // Nothing fresh in memory (or nothing young enough for the client's `max-age`):
+            // the shared tier may hold what another replica fetched.
+            let usable = |e: &StoredResponse| is_fresh(e) && !d.refuses_age(e.age(Instant::now()));
+            if inner.cache.shared().is_some() && !found.as_ref().is_some_and(usable) {
                 let tags = route_tags(route);
                 // Boxed: the shared tier's future is large and only this rare path needs it;
                 // inline it would make every hit's future (which the layers box) that size.
@@ -215,6 +253,14 @@ impl Gateway {
                     shared_hit = true;
                 }
                 since = Some(looked_up);
+            }
+            // Older than the client's `max-age` allows: refetched as for no-cache.
+            if found
+                .as_ref()
+                .is_some_and(|e| d.refuses_age(e.age(Instant::now())))
+            {
+                found = None;
+                too_old = true;
             }
             if let Some(entry) = found {
                 let now = Instant::now();
@@ -246,6 +292,7 @@ impl Gateway {
             key,
             directives: d,
             cacheable: ttl.is_some(),
+            too_old,
             stale_fallback,
             since,
         };
@@ -272,6 +319,9 @@ impl Gateway {
         let key = crate::cache::cache_key(&Method::GET, path, query);
         let now = Instant::now();
         let (entry, remaining) = self.inner.cache.get_fresh(&key, headers, now)?;
+        if d.refuses_age(entry.age(now)) {
+            return None;
+        }
         Some(hit(&entry, now, remaining, false, headers, outcome))
     }
 
@@ -292,10 +342,11 @@ impl Gateway {
             key,
             directives: d,
             cacheable,
+            too_old,
             stale_fallback,
             since,
         } = upstream;
-        let fwd = match (cacheable, d.no_cache) {
+        let fwd = match (cacheable, d.no_cache || too_old) {
             (false, _) => Forward::Bypass,
             (true, true) => Forward::Request,
             (true, false) => Forward::Miss,
@@ -509,7 +560,10 @@ impl Gateway {
                 (ttl, r.stale_while_revalidate, r.stale_if_error, tags)
             })
         });
-        let Directives { no_cache, no_store } = directives(&call.headers);
+        let d = directives(&call.headers);
+        let Directives {
+            no_cache, no_store, ..
+        } = d;
         move |progress: Progress<Shared>| -> Fetch {
             let progress = match arrived {
                 Some(at) => progress.since(at),
@@ -531,6 +585,7 @@ impl Gateway {
                         .cache
                         .recheck(&key, &call.headers)
                         .filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                        .filter(|e| !d.refuses_age(e.age(now)))
                     {
                         let answer =
                             Answer::from_cache(entry, std::time::Duration::ZERO, &call.headers);
@@ -542,7 +597,9 @@ impl Gateway {
                 // fill lock and calls, the others take its answer from Redis (see
                 // `cache::FillLock`). Waiting for that call is bounded as `fill_patience` says.
                 let cache = &gateway.inner.cache;
-                let mut across = rule.is_some() && !no_cache && !no_store;
+                // Not for a client's `max-age`: another replica's entry would need its age
+                // checked at each step, and such reads are rare; they merge here alone.
+                let mut across = rule.is_some() && !no_cache && !no_store && d.max_age.is_none();
                 let deadline = Instant::now()
                     + fill_patience(&call.state.config, &call.client)
                         .saturating_sub(progress.waited());
@@ -620,8 +677,9 @@ impl Gateway {
                     if rule.is_some() && !no_cache && !no_store {
                         let found = cache.recheck(&key, &call.headers);
                         let now = Instant::now();
-                        if let Some(entry) =
-                            found.filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                        if let Some(entry) = found
+                            .filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
+                            .filter(|e| !d.refuses_age(e.age(now)))
                         {
                             gateway.inner.budget.refund(&call.client, admitted.ticket);
                             let answer = Answer::from_cache(entry, admitted.waited, &call.headers);
@@ -682,7 +740,10 @@ impl Gateway {
                     .send_admitted(&call, admitted)
                     .await
                     .map_err(Arc::new)?;
+                // A 206 is a part of the answer, never the answer: a later read of the key
+                // would be served a fragment as if it were whole.
                 let storable = fetched.status.is_success()
+                    && fetched.status != StatusCode::PARTIAL_CONTENT
                     && !no_store
                     && !sets_cookie(&fetched.headers)
                     && !cache_control_forbids(&fetched.headers);
