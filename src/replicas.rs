@@ -1557,6 +1557,25 @@ mod tests {
         fake_redis_late(answers_everything, delay).await
     }
 
+    /// One `GET k` as `op`: through [`Redis::run`] (bounded by [`CALL_TIMEOUT`], held back
+    /// while Redis is not prompt) when `bound` is `None`, else [`Redis::run_within`] `bound`.
+    async fn get_k(
+        redis: &Redis,
+        op: &'static str,
+        bound: Option<Duration>,
+    ) -> Result<Option<String>, Unavailable> {
+        let get = |mut c: Conn| async move {
+            redis::cmd("GET")
+                .arg("k")
+                .query_async::<Option<String>>(&mut c)
+                .await
+        };
+        match bound {
+            None => redis.run(op, get).await,
+            Some(bound) => redis.run_within(op, bound, get).await,
+        }
+    }
+
     /// One answer slower than the call bound is a timeout for that call, not an outage:
     /// Redis stays up (the caller falls back for that call alone). A Redis that answers
     /// nothing within the probe's bound is down, and is up again once it answers.
@@ -1568,14 +1587,7 @@ mod tests {
         let redis = connect_to(port, &registry).await;
         assert!(redis.is_up(), "expected the fake Redis up at start");
         delay.store(300, Ordering::Release);
-        let slow = redis
-            .run("cache", |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        let slow = get_k(&redis, "cache", None).await;
         assert!(
             matches!(slow, Err(Unavailable::Timeout(_))),
             "expected the 300 ms answer past the 100 ms bound, saw {slow:?}"
@@ -1587,26 +1599,12 @@ mod tests {
             gauge(&registry)
         );
         // The budget's and the token's short calls wait for the probe to see it prompt.
-        let short = redis
-            .run("budget", |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        let short = get_k(&redis, "budget", None).await;
         assert!(
             !redis.is_prompt() && matches!(short, Err(Unavailable::Slow)),
             "expected short calls held back after a timeout, saw {short:?}"
         );
-        let patient = redis
-            .run_within("cache", BACKGROUND_CALL_TIMEOUT, |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        let patient = get_k(&redis, "cache", Some(BACKGROUND_CALL_TIMEOUT)).await;
         assert!(
             patient.is_ok() && redis.is_up(),
             "expected a call with a longer bound answered, saw {patient:?}"
@@ -1615,14 +1613,7 @@ mod tests {
         delay.store(3_000, Ordering::Release);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         while redis.is_up() && tokio::time::Instant::now() < deadline {
-            let _ = redis
-                .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                    redis::cmd("GET")
-                        .arg("k")
-                        .query_async::<Option<String>>(&mut c)
-                        .await
-                })
-                .await;
+            let _ = get_k(&redis, "cache", Some(PATIENT_CALL_TIMEOUT)).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(
