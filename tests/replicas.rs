@@ -208,10 +208,24 @@ async fn shared_budget_suite(kind: Kind) {
     let calls = c.upstream_total() - before;
     let allowance = f64::from(burst) + f64::from(limit) / period_s as f64 * elapsed;
     let accuracy = calls as f64 / allowance;
+    // Each Redis call past its bound (or failed) may have put its replica on its divided
+    // local ledger for a while: on a machine at load 10 and more, runs that missed the
+    // bounds below had 11 to 115 of them across the replicas, runs with none met them
+    // exactly. Shown, so a miss says whether it was the fallback's.
+    let mut errors = Vec::new();
+    for i in 0..c.replicas.len() {
+        let text = c.admin(i, Method::GET, "/metrics", "").await;
+        let text = String::from_utf8_lossy(&text.body).into_owned();
+        errors.push(cxgate_testkit::metrics::sum(
+            &text,
+            "cxgate_redis_errors_total",
+        ));
+    }
+    let errors = format!("Redis calls failed or past their bound, per replica: {errors:?}");
     println!(
         "three replicas, shared budget {limit}/{period_s}s burst {burst}: {calls} upstream calls \
          in {elapsed:.2} s vs allowance {allowance:.1} (accuracy {:.2} %); answered 200: {ok}, \
-         429: {refused}, other: {other}",
+         429: {refused}, other: {other}; {errors}",
         accuracy * 100.0
     );
     let up: Vec<Option<f64>> = futures_all(&c, "cxgate_redis_up").await;
@@ -227,11 +241,11 @@ async fn shared_budget_suite(kind: Kind) {
     // One cell of slack: the allowance is continuous, the calls are whole.
     assert!(
         calls as f64 <= allowance + 1.0,
-        "expected at most {allowance:.1} upstream calls, saw {calls}"
+        "expected at most {allowance:.1} upstream calls, saw {calls} ({errors})"
     );
     assert!(
         accuracy >= 0.98,
-        "expected at least 98 % of the allowance {allowance:.1} used, saw {calls}"
+        "expected at least 98 % of the allowance {allowance:.1} used, saw {calls} ({errors})"
     );
     match Arc::try_unwrap(c) {
         Ok(c) => c.stop().await,
