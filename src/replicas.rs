@@ -57,7 +57,7 @@ return 0
     )
 });
 
-/// Bound on one Redis round trip of the budget, the token and the invalidation channel,
+/// Bound on one Redis round trip of the budget and the invalidation channel,
 /// which run on every admission: Redis answers in well under a millisecond on a healthy
 /// network, and past this bound the caller takes its local fallback for that call.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -710,12 +710,13 @@ impl Redis {
         self.inner.up.load(Ordering::Acquire)
     }
 
-    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, the token,
-    /// publications) are attempted: Redis is up, and no call has timed out since the probe
+    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, publications)
+    /// are attempted: Redis is up, and no call has timed out since the probe
     /// last saw it answer within that bound. Past a timeout those callers stay on their
     /// local fallback until the probe (every 250 ms meanwhile) sees Redis prompt again,
     /// rather than switch back and forth at every call of a Redis that answers sometimes
-    /// in time; the shared cache tier, whose calls have longer bounds, goes on using it.
+    /// in time; the shared cache tier and the token's refresh, whose calls have longer
+    /// bounds, go on using it (the token's watch of the record waits for it to be prompt).
     pub fn is_prompt(&self) -> bool {
         self.is_up() && self.inner.prompt.load(Ordering::Acquire)
     }
@@ -1041,9 +1042,9 @@ impl Inner {
             if self.prompt.swap(false, Ordering::AcqRel) {
                 tracing::warn!(
                     error = %why,
-                    "Redis answered slower than its call bound: the budget and the token use \
-                     their local fallback until it answers promptly again; the shared cache \
-                     tier waits longer for it"
+                    "Redis answered slower than its call bound: the budget uses its local \
+                     fallback until it answers promptly again; the shared cache tier and the \
+                     token wait longer for it"
                 );
             }
             let now = tokio::time::Instant::now();
@@ -1598,7 +1599,7 @@ mod tests {
             redis.is_up(),
             gauge(&registry)
         );
-        // The budget's and the token's short calls wait for the probe to see it prompt.
+        // The budget's short calls wait for the probe to see it prompt.
         let short = get_k(&redis, "budget", None).await;
         assert!(
             !redis.is_prompt() && matches!(short, Err(Unavailable::Slow)),
