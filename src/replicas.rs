@@ -57,7 +57,7 @@ return 0
     )
 });
 
-/// Bound on one Redis round trip of the budget, the token and the invalidation channel,
+/// Bound on one Redis round trip of the budget and the invalidation channel,
 /// which run on every admission: Redis answers in well under a millisecond on a healthy
 /// network, and past this bound the caller takes its local fallback for that call.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
@@ -715,12 +715,13 @@ impl Redis {
         self.inner.up.load(Ordering::Acquire)
     }
 
-    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, the token,
-    /// publications) are attempted: Redis is up, and no call has timed out since the probe
+    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, publications)
+    /// are attempted: Redis is up, and no call has timed out since the probe
     /// last saw it answer within that bound. Past a timeout those callers stay on their
     /// local fallback until the probe (every 250 ms meanwhile) sees Redis prompt again,
     /// rather than switch back and forth at every call of a Redis that answers sometimes
-    /// in time; the shared cache tier, whose calls have longer bounds, goes on using it.
+    /// in time; the shared cache tier and the token's refresh, whose calls have longer
+    /// bounds, go on using it (the token's watch of the record waits for it to be prompt).
     pub fn is_prompt(&self) -> bool {
         self.is_up() && self.inner.prompt.load(Ordering::Acquire)
     }
@@ -1046,9 +1047,9 @@ impl Inner {
             if self.prompt.swap(false, Ordering::AcqRel) {
                 tracing::warn!(
                     error = %why,
-                    "Redis answered slower than its call bound: the budget and the token use \
-                     their local fallback until it answers promptly again; the shared cache \
-                     tier waits longer for it"
+                    "Redis answered slower than its call bound: the budget uses its local \
+                     fallback until it answers promptly again; the shared cache tier and the \
+                     token wait longer for it"
                 );
             }
             let now = tokio::time::Instant::now();
@@ -1562,6 +1563,25 @@ mod tests {
         fake_redis_late(answers_everything, delay).await
     }
 
+    /// One `GET k` as `op`: through [`Redis::run`] (bounded by [`CALL_TIMEOUT`], held back
+    /// while Redis is not prompt) when `bound` is `None`, else [`Redis::run_within`] `bound`.
+    async fn get_k(
+        redis: &Redis,
+        op: &'static str,
+        bound: Option<Duration>,
+    ) -> Result<Option<String>, Unavailable> {
+        let get = |mut c: Conn| async move {
+            redis::cmd("GET")
+                .arg("k")
+                .query_async::<Option<String>>(&mut c)
+                .await
+        };
+        match bound {
+            None => redis.run(op, get).await,
+            Some(bound) => redis.run_within(op, bound, get).await,
+        }
+    }
+
     /// One answer slower than the call bound is a timeout for that call, not an outage:
     /// Redis stays up (the caller falls back for that call alone). A Redis that answers
     /// nothing within the probe's bound is down, and is up again once it answers.
@@ -1573,14 +1593,7 @@ mod tests {
         let redis = connect_to(port, &registry).await;
         assert!(redis.is_up(), "expected the fake Redis up at start");
         delay.store(300, Ordering::Release);
-        let slow = redis
-            .run("cache", |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        let slow = get_k(&redis, "cache", None).await;
         assert!(
             matches!(slow, Err(Unavailable::Timeout(_))),
             "expected the 300 ms answer past the 100 ms bound, saw {slow:?}"
@@ -1591,27 +1604,13 @@ mod tests {
             redis.is_up(),
             gauge(&registry)
         );
-        // The budget's and the token's short calls wait for the probe to see it prompt.
-        let short = redis
-            .run("budget", |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        // The budget's short calls wait for the probe to see it prompt.
+        let short = get_k(&redis, "budget", None).await;
         assert!(
             !redis.is_prompt() && matches!(short, Err(Unavailable::Slow)),
             "expected short calls held back after a timeout, saw {short:?}"
         );
-        let patient = redis
-            .run_within("cache", BACKGROUND_CALL_TIMEOUT, |mut c| async move {
-                redis::cmd("GET")
-                    .arg("k")
-                    .query_async::<Option<String>>(&mut c)
-                    .await
-            })
-            .await;
+        let patient = get_k(&redis, "cache", Some(BACKGROUND_CALL_TIMEOUT)).await;
         assert!(
             patient.is_ok() && redis.is_up(),
             "expected a call with a longer bound answered, saw {patient:?}"
@@ -1620,14 +1619,7 @@ mod tests {
         delay.store(3_000, Ordering::Release);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
         while redis.is_up() && tokio::time::Instant::now() < deadline {
-            let _ = redis
-                .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                    redis::cmd("GET")
-                        .arg("k")
-                        .query_async::<Option<String>>(&mut c)
-                        .await
-                })
-                .await;
+            let _ = get_k(&redis, "cache", Some(PATIENT_CALL_TIMEOUT)).await;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(

@@ -16,15 +16,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use common::redis_server::{Kind, RedisServer};
-use common::{client_toml, Answer, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
-use cxgate::sim::{SimHandle, SimOptions};
-use cxgate::Running;
+use common::replicas::{start_replicas, Replicas, Setup};
+use common::{client_toml, Answer, ACCESS, KEY, REFRESH, ROUTES};
+use cxgate::sim::SimOptions;
 
 /// One test at a time (see the module docs).
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -39,26 +36,16 @@ async fn conn(redis: &RedisServer) -> cxgate::replicas::Conn {
 }
 
 fn options(redis: &RedisServer) -> cxgate::replicas::Options {
-    cxgate::replicas::Options {
-        ca_file: redis.ca_file(),
-        cluster: redis.kind().is_cluster(),
-    }
+    common::replicas::redis_options(redis)
 }
 
 /// A key of the test deployment, as the replicas name it (one cluster hash slot).
 fn key(c: &Cluster, suffix: &str) -> String {
-    format!("{{{}}}:{suffix}", c.prefix)
+    c.key(suffix)
 }
 
-/// A simulator, a Redis and `n` replicas in front of both.
-struct Cluster {
-    sim: SimHandle,
-    redis: RedisServer,
-    replicas: Vec<Running>,
-    dirs: Vec<PathBuf>,
-    prefix: String,
-    http: Client<HttpConnector, Full<Bytes>>,
-}
+/// A simulator, a Redis and `n` replicas in front of both (`common::replicas`).
+type Cluster = Replicas;
 
 /// Starts the cluster; `budget` holds the `[budget]` lines other than the backend ones.
 async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
@@ -67,126 +54,30 @@ async fn cluster(n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
 
 /// [`cluster`] on a Redis of `kind` (TLS, ACL user, Redis Cluster).
 async fn cluster_on(kind: Kind, n: usize, sim: SimOptions, budget: &str) -> Option<Cluster> {
-    cluster_with(kind, n, sim, budget, true, "").await
+    start_replicas(Setup {
+        kind,
+        sim,
+        budget,
+        ..Setup::new(n)
+    })
+    .await
 }
 
 /// [`cluster`] with the shared cache tier on (`cache.shared = true`) and a budget that never
 /// refuses, so every upstream call the tests count is a cache decision.
 async fn shared_cluster(n: usize, sim: SimOptions) -> Option<Cluster> {
-    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    cluster_with(Kind::Plain, n, sim, budget, true, "shared = true").await
+    shared_cluster_routed(n, sim, ROUTES).await
 }
 
 /// [`shared_cluster`] with the route table `routes` in place of [`ROUTES`].
 async fn shared_cluster_routed(n: usize, sim: SimOptions, routes: &str) -> Option<Cluster> {
-    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    cluster_routed(Kind::Plain, n, sim, budget, true, "shared = true", routes).await
-}
-
-/// [`cluster_on`]; `trust_ca: false` leaves out `budget.redis_ca_file` (a wrong certificate);
-/// `cache` holds the `[cache]` lines.
-async fn cluster_with(
-    kind: Kind,
-    n: usize,
-    sim: SimOptions,
-    budget: &str,
-    trust_ca: bool,
-    cache: &str,
-) -> Option<Cluster> {
-    cluster_routed(kind, n, sim, budget, trust_ca, cache, ROUTES).await
-}
-
-/// [`cluster_with`] with the route table `routes`.
-async fn cluster_routed(
-    kind: Kind,
-    n: usize,
-    sim: SimOptions,
-    budget: &str,
-    trust_ca: bool,
-    cache: &str,
-    routes: &str,
-) -> Option<Cluster> {
-    cluster_full(kind, n, sim, budget, trust_ca, cache, routes, "").await
-}
-
-/// [`cluster_with`], with `more_clients` (`[[clients]]` sections) beside the test client.
-async fn cluster_of(
-    kind: Kind,
-    n: usize,
-    sim: SimOptions,
-    budget: &str,
-    trust_ca: bool,
-    cache: &str,
-    more_clients: &str,
-) -> Option<Cluster> {
-    cluster_full(kind, n, sim, budget, trust_ca, cache, ROUTES, more_clients).await
-}
-
-/// [`cluster_with`] with the route table `routes` and `more_clients` beside the test client.
-#[allow(clippy::too_many_arguments)]
-async fn cluster_full(
-    kind: Kind,
-    n: usize,
-    mut sim: SimOptions,
-    budget: &str,
-    trust_ca: bool,
-    cache: &str,
-    routes: &str,
-    more_clients: &str,
-) -> Option<Cluster> {
-    let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
-    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
-    std::env::set_var(&url_env, redis.url());
-    sim.access_tokens = vec![ACCESS.to_string()];
-    sim.refresh_tokens = vec![REFRESH.to_string()];
-    sim.client_secret = CLIENT_SECRET.to_string();
-    let ttl = sim.token_ttl;
-    let sim = common::spawn_sim(sim).await;
-    let base = sim.base_url();
-    let prefix = format!("cxt{:08x}", fastrand::u32(..));
-    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]") + more_clients;
-    let mut redis_options = format!("redis_cluster = {}\n", kind.is_cluster());
-    if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
-        redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
-    }
-    let mut replicas = Vec::new();
-    let mut dirs = Vec::new();
-    for i in 0..n {
-        let dir = common::temp_dir(&format!("replica-{i}"));
-        // Every replica starts from a copy of the same token file, as an operator would.
-        let token_file = dir.join("token.json");
-        cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, ttl).expect("token file");
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"1s\"\n\
-             [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
-             [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
-             [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-             [cache]\n{cache}\n\
-             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
-             {clients}\n{routes}\n",
-            token_file.display()
-        );
-        let path = dir.join("cxgate.toml");
-        std::fs::write(&path, &text).expect("write config");
-        let cfg = cxgate::config::load(&path)
-            .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}\n{text}", e.lines()));
-        replicas.push(
-            cxgate::start(cfg, Some(path), cxgate::Options::with_workers())
-                .await
-                .expect("replica starts"),
-        );
-        dirs.push(dir);
-    }
-    Some(Cluster {
+    start_replicas(Setup {
         sim,
-        redis,
-        replicas,
-        dirs,
-        prefix,
-        http: Client::builder(TokioExecutor::new()).build_http(),
+        cache: "shared = true",
+        routes,
+        ..Setup::new(n)
     })
+    .await
 }
 
 impl Cluster {
@@ -252,36 +143,8 @@ impl Cluster {
             .and_then(|v| v.parse().ok())
     }
 
-    /// Stops replica `i` (drained, as on SIGTERM) and starts it again on the same file: its
-    /// memory cache starts empty.
-    async fn restart_replica(&mut self, i: usize) {
-        let old = self.replicas.remove(i);
-        old.shutdown();
-        old.stopped().await;
-        let path = self.dirs[i].join("cxgate.toml");
-        let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
-        let again = cxgate::start(cfg, Some(path), cxgate::Options::with_workers())
-            .await
-            .expect("replica starts again");
-        self.replicas.insert(i, again);
-    }
-
     fn upstream_total(&self) -> u64 {
         self.sim.stats()["requests_total"].as_u64().unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        for r in &self.replicas {
-            r.shutdown();
-        }
-        for r in self.replicas {
-            r.stopped().await;
-        }
-        self.sim.shutdown().await;
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        drop(self.redis);
     }
 }
 
@@ -345,10 +208,24 @@ async fn shared_budget_suite(kind: Kind) {
     let calls = c.upstream_total() - before;
     let allowance = f64::from(burst) + f64::from(limit) / period_s as f64 * elapsed;
     let accuracy = calls as f64 / allowance;
+    // Each Redis call past its bound (or failed) may have put its replica on its divided
+    // local ledger for a while: on a machine at load 10 and more, runs that missed the
+    // bounds below had 11 to 115 of them across the replicas, runs with none met them
+    // exactly. Shown, so a miss says whether it was the fallback's.
+    let mut errors = Vec::new();
+    for i in 0..c.replicas.len() {
+        let text = c.admin(i, Method::GET, "/metrics", "").await;
+        let text = String::from_utf8_lossy(&text.body).into_owned();
+        errors.push(cxgate_testkit::metrics::sum(
+            &text,
+            "cxgate_redis_errors_total",
+        ));
+    }
+    let errors = format!("Redis calls failed or past their bound, per replica: {errors:?}");
     println!(
         "three replicas, shared budget {limit}/{period_s}s burst {burst}: {calls} upstream calls \
          in {elapsed:.2} s vs allowance {allowance:.1} (accuracy {:.2} %); answered 200: {ok}, \
-         429: {refused}, other: {other}",
+         429: {refused}, other: {other}; {errors}",
         accuracy * 100.0
     );
     let up: Vec<Option<f64>> = futures_all(&c, "cxgate_redis_up").await;
@@ -364,11 +241,11 @@ async fn shared_budget_suite(kind: Kind) {
     // One cell of slack: the allowance is continuous, the calls are whole.
     assert!(
         calls as f64 <= allowance + 1.0,
-        "expected at most {allowance:.1} upstream calls, saw {calls}"
+        "expected at most {allowance:.1} upstream calls, saw {calls} ({errors})"
     );
     assert!(
         accuracy >= 0.98,
-        "expected at least 98 % of the allowance {allowance:.1} used, saw {calls}"
+        "expected at least 98 % of the allowance {allowance:.1} used, saw {calls} ({errors})"
     );
     match Arc::try_unwrap(c) {
         Ok(c) => c.stop().await,
@@ -1004,7 +881,13 @@ async fn the_redis_user_and_password_never_show_in_logs_metrics_or_status() {
 async fn a_redis_certificate_that_does_not_verify_means_the_local_fallback() {
     let _one = SERIAL.lock().await;
     let budget = "limit = 1000\nperiod = \"1s\"\nburst = 100";
-    let Some(c) = cluster_with(Kind::Tls, 2, SimOptions::default(), budget, false, "").await else {
+    let setup = Setup {
+        kind: Kind::Tls,
+        budget,
+        trust_ca: false,
+        ..Setup::new(2)
+    };
+    let Some(c) = start_replicas(setup).await else {
         return;
     };
     for r in 0..2 {
@@ -3147,8 +3030,14 @@ async fn a_read_queued_for_budget_on_one_replica_does_not_hold_back_another() {
     let clients = client_toml("slow", SLOW_KEY, slow)
         + &client_toml("fast", FAST_KEY, "scopes = [\"read\"]\nmax_wait = \"2s\"");
     let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
-    let Some(c) = cluster_of(Kind::Plain, 2, sim, budget, true, "shared = true", &clients).await
-    else {
+    let setup = Setup {
+        sim,
+        budget,
+        cache: "shared = true",
+        more_clients: &clients,
+        ..Setup::new(2)
+    };
+    let Some(c) = start_replicas(setup).await else {
         return;
     };
     let path = "/12345/inbox/contact/slow/31";
@@ -3360,6 +3249,85 @@ fn keep_pausing(
         }
         pauses
     })
+}
+
+/// A Redis that answers late (paused 200 ms at a time, back to back: past the 100 ms bound
+/// that moves the budget to its local share, within the 500 ms the token waits) does not
+/// make a replica refresh the shared token alone. With refresh tokens that rotate on every
+/// use, a refresh alone presents the refresh token another replica's refresh already spent:
+/// the endpoint refuses it and the replica answers 503 until it adopts the others' token.
+/// Under load 13-15 the Redis Cluster variant of the rotating-token suite saw exactly that
+/// in two runs of three (2 refused reuses, 12 and 75 answers 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_redis_does_not_make_a_replica_refresh_the_token_alone() {
+    let _one = SERIAL.lock().await;
+    let sim = SimOptions {
+        token_ttl: Duration::from_secs(3),
+        ..SimOptions::default()
+    };
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(3, sim, budget).await else {
+        return;
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pausing = keep_pausing(&c, 150, stop.clone());
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut i = 0u64;
+    let mut other = None;
+    while started.elapsed() < Duration::from_secs(12) {
+        let a = c
+            .get((i % 3) as usize, &format!("/12345/inbox/contact/late/{i}"))
+            .await;
+        *statuses.entry(a.status.as_u16()).or_insert(0u64) += 1;
+        if a.status != StatusCode::OK && other.is_none() {
+            other = Some(String::from_utf8_lossy(&a.body).into_owned());
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let pauses = pausing.await.expect("pausing task");
+    let stats = c.sim.stats();
+    let refreshes = stats["token_refreshes"].as_u64().unwrap_or(0);
+    let reused = stats["refresh_reuse_rejected"].as_u64().unwrap_or(0);
+    println!(
+        "12 s of 3-second rotating tokens on three replicas, Redis paused {pauses} times for \
+         150 ms: {refreshes} refreshes, {reused} refused reuses, answers {statuses:?}, first \
+         other {other:?}"
+    );
+    assert!(
+        pauses >= 10,
+        "expected Redis paused throughout, saw {pauses} pauses"
+    );
+    let mut failed = Vec::new();
+    for r in 0..3 {
+        let text = c.admin(r, Method::GET, "/metrics", "").await;
+        let text = String::from_utf8_lossy(&text.body).into_owned();
+        let errors = text
+            .lines()
+            .find(|l| l.starts_with("cxgate_token_refreshes_total{result=\"error\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        failed.push(errors.unwrap_or(0.0));
+    }
+    assert_eq!(
+        reused, 0,
+        "expected no refresh token presented twice: a late Redis made a replica refresh alone \
+         (answers {statuses:?})"
+    );
+    assert!(
+        failed.iter().all(|n| *n == 0.0),
+        "expected no failed refresh on any replica, saw {failed:?}"
+    );
+    // Not asserted: every answer 200. A refresh that waits for a Redis paused half the time
+    // can outlast the 1 s lead these 3-second tokens get (`refresh_before`), and requests
+    // in that gap are answered 503 `token_unavailable` (13 to 18 of ~170 here, against 94
+    // when a replica refreshed alone and was refused).
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) > 0,
+        "expected answers, saw {statuses:?}"
+    );
+    c.stop().await;
 }
 
 /// A Redis slower than the 100 ms call bound (paused 200 ms at a time, back to back) costs

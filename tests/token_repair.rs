@@ -14,15 +14,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use common::redis_server::{Kind, RedisServer};
-use common::{client_toml, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV};
-use cxgate::sim::{SimHandle, SimOptions};
-use cxgate::Running;
+use common::replicas::{start_replicas, Replicas, Setup};
+use common::{ACCESS, KEY, REFRESH};
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -34,65 +29,19 @@ const PLANTED_REFRESH: &str = "planted-refresh-0001";
 /// Longer than the replicas' one-second watch of the record, twice over.
 const WATCHES: Duration = Duration::from_millis(2500);
 
-struct Pair {
-    sim: SimHandle,
-    redis: RedisServer,
-    replicas: Vec<Running>,
-    dirs: Vec<PathBuf>,
-    prefix: String,
-    http: Client<HttpConnector, Full<Bytes>>,
-}
+/// A simulator, a Redis and two replicas in front of both (`common::replicas`).
+type Pair = Replicas;
 
 /// A simulator accepting [`ACCESS`] and [`PLANTED`], a Redis and two replicas.
 async fn pair() -> Option<Pair> {
-    let redis = RedisServer::start_kind_or_skip(Kind::Plain, "the token repair tests")?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
-    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
-    std::env::set_var(&url_env, redis.url());
-    let sim = SimOptions {
-        access_tokens: vec![ACCESS.to_string(), PLANTED.to_string()],
-        refresh_tokens: vec![REFRESH.to_string(), PLANTED_REFRESH.to_string()],
-        client_secret: CLIENT_SECRET.to_string(),
-        ..SimOptions::default()
-    };
-    let ttl = sim.token_ttl;
-    let sim = common::spawn_sim(sim).await;
-    let base = sim.base_url();
-    let prefix = format!("cxr{:08x}", fastrand::u32(..));
-    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]");
-    let (mut replicas, mut dirs) = (Vec::new(), Vec::new());
-    for i in 0..2 {
-        let dir = common::temp_dir(&format!("repair-{i}"));
-        let token_file = dir.join("token.json");
-        cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, ttl).expect("token file");
-        let text = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"1s\"\n\
-             [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
-             [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
-             [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
-             [budget]\nlimit = 100000\nperiod = \"1s\"\nburst = 10000\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = 2\n\
-             {clients}\n{ROUTES}\n",
-            token_file.display()
-        );
-        let path = dir.join("cxgate.toml");
-        std::fs::write(&path, &text).expect("write config");
-        let cfg = cxgate::config::load(&path).expect("a valid config");
-        replicas.push(
-            cxgate::start(cfg, Some(path), cxgate::Options::default())
-                .await
-                .expect("replica starts"),
-        );
-        dirs.push(dir);
-    }
-    Some(Pair {
-        sim,
-        redis,
-        replicas,
-        dirs,
-        prefix,
-        http: Client::builder(TokioExecutor::new()).build_http(),
+    start_replicas(Setup {
+        also_accepted: vec![(PLANTED, PLANTED_REFRESH)],
+        workers: false,
+        prefix: "cxr",
+        dir: "repair",
+        ..Setup::new(2)
     })
+    .await
 }
 
 impl Pair {
@@ -132,17 +81,10 @@ impl Pair {
         (0..2).all(|i| self.file(i)["access_token"] == access)
     }
 
-    async fn conn(&self) -> cxgate::replicas::Conn {
-        cxgate::replicas::Options::default()
-            .open(&self.redis.url())
-            .await
-            .expect("connect to the test redis-server")
-    }
-
     async fn record(&self) -> serde_json::Value {
         let mut redis = self.conn().await;
         let text: Option<String> = redis::cmd("GET")
-            .arg(format!("{{{}}}:token", self.prefix))
+            .arg(self.key("token"))
             .query_async(&mut redis)
             .await
             .expect("read the token record");
@@ -155,7 +97,7 @@ impl Pair {
         let mut redis = self.conn().await;
         let record = serde_json::json!({"version": version, "by": "tamper", "token": token});
         let () = redis::cmd("SET")
-            .arg(format!("{{{}}}:token", self.prefix))
+            .arg(self.key("token"))
             .arg(record.to_string())
             .query_async(&mut redis)
             .await
@@ -167,33 +109,6 @@ impl Pair {
         self.get(i, &format!("/12345/inbox/contact/twitter/{tag}"))
             .await
             .0
-    }
-
-    /// Stops replica `i` and starts it again on the same files.
-    async fn restart(&mut self, i: usize) {
-        let old = self.replicas.remove(i);
-        old.shutdown();
-        old.stopped().await;
-        let path = self.dirs[i].join("cxgate.toml");
-        let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
-        let again = cxgate::start(cfg, Some(path), cxgate::Options::default())
-            .await
-            .expect("replica starts again");
-        self.replicas.insert(i, again);
-    }
-
-    async fn stop(self) {
-        for r in &self.replicas {
-            r.shutdown();
-        }
-        for r in self.replicas {
-            r.stopped().await;
-        }
-        self.sim.shutdown().await;
-        for d in &self.dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        drop(self.redis);
     }
 }
 
@@ -300,7 +215,7 @@ async fn an_operators_token_init_and_reload_win_on_every_replica_and_survive_a_r
         "expected the repair in the record"
     );
 
-    p.restart(1).await;
+    p.restart_replica(1).await;
     tokio::time::sleep(WATCHES).await;
     let record = p.record().await;
     assert_eq!(

@@ -16,7 +16,15 @@ use super::error::TokenError;
 use super::file::{self, TokenRecord};
 use super::refresh::Inner;
 use super::state::{to_instant, Source};
-use crate::replicas::{Redis, Unavailable, CALL_TIMEOUT};
+use crate::replicas::{Redis, Unavailable, PATIENT_CALL_TIMEOUT};
+
+/// Bound on each Redis call of the shared token, past the budget's [`crate::replicas::CALL_TIMEOUT`]
+/// and not held back while Redis is merely slow ([`Redis::is_prompt`]): a refresh that gives
+/// up on a late Redis refreshes alone, and with refresh tokens that rotate on every use it
+/// then presents one another replica already spent, which the endpoint refuses (503s until
+/// the record is adopted). Refreshes are rare and off the request path, so they wait
+/// instead; only a Redis that is down, or slower than this, means refreshing alone.
+const PATIENT: Duration = PATIENT_CALL_TIMEOUT;
 
 /// The lock lives this long unless its holder extends it, so a replica that dies mid-refresh
 /// blocks the others for at most this.
@@ -120,7 +128,7 @@ impl SharedToken {
         let key = self.record_key.clone();
         let text: Option<String> = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("GET").arg(&key).query_async(&mut c).await
             })
             .await?;
@@ -187,7 +195,7 @@ impl SharedToken {
         let owner = if holder { self.redis.id() } else { "" }.to_string();
         let written: i64 = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 PUT.key(&keys[0])
                     .key(&keys[1])
                     .arg(&text)
@@ -208,7 +216,7 @@ impl SharedToken {
         let key = self.refused_key.clone();
         let stored: Result<Option<String>, _> = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("GET").arg(&key).query_async(&mut c).await
             })
             .await;
@@ -221,7 +229,7 @@ impl SharedToken {
         let (key, value) = (self.refused_key.clone(), digest(refresh));
         let _: Result<(), _> = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("SET")
                     .arg(&key)
                     .arg(&value)
@@ -236,13 +244,7 @@ impl SharedToken {
     async fn try_lock(&self) -> Result<bool, Unavailable> {
         let taken = self
             .redis
-            .try_lock(
-                "token",
-                &self.lock_key,
-                self.redis.id(),
-                LOCK_TTL,
-                CALL_TIMEOUT,
-            )
+            .try_lock("token", &self.lock_key, self.redis.id(), LOCK_TTL, PATIENT)
             .await?;
         if !taken {
             self.bound_lock().await;
@@ -257,7 +259,7 @@ impl SharedToken {
         let key = self.lock_key.clone();
         let ttl: Result<i64, _> = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("PTTL").arg(&key).query_async(&mut c).await
             })
             .await;
@@ -268,7 +270,7 @@ impl SharedToken {
         let key = self.lock_key.clone();
         let bounded: Result<i64, _> = self
             .redis
-            .run("token", |mut c| async move {
+            .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("PEXPIRE")
                     .arg(&key)
                     .arg(millis(LOCK_TTL))
@@ -291,7 +293,7 @@ impl SharedToken {
             loop {
                 tokio::time::sleep(LOCK_EXTEND_EVERY).await;
                 if !redis
-                    .extend_lock("token", &key, redis.id(), LOCK_TTL, CALL_TIMEOUT)
+                    .extend_lock("token", &key, redis.id(), LOCK_TTL, PATIENT)
                     .await
                 {
                     warn!(
@@ -305,7 +307,7 @@ impl SharedToken {
 
     async fn release(&self) {
         self.redis
-            .release_lock("token", &self.lock_key, self.redis.id(), CALL_TIMEOUT)
+            .release_lock("token", &self.lock_key, self.redis.id(), PATIENT)
             .await;
     }
 }

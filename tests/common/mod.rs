@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod process;
+pub mod replicas;
 
 pub use cxgate_testkit::gateway::*;
 pub use cxgate_testkit::http::*;

@@ -1,0 +1,217 @@
+//! Gateway replicas in this process in front of one simulator, sharing one `redis-server`
+//! (budget, token, and the cache tier when asked for), for the suites that test the replicas
+//! together (`replicas`, `token_repair`). The Redis is the test's own, on a free loopback
+//! port, stopped by its process id with the [`Replicas`]; `None` when `redis-server` is not
+//! on PATH (outside CI).
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use cxgate::sim::{SimHandle, SimOptions};
+use cxgate::Running;
+use cxgate_testkit::gateway::{
+    client_toml, spawn_sim, temp_dir, ACCESS, CLIENT_SECRET, KEY, REFRESH, ROUTES, SECRET_ENV,
+};
+use cxgate_testkit::redis::{Kind, RedisServer};
+
+/// What [`start_replicas`] starts; [`Setup::new`] gives the defaults the suites share.
+pub struct Setup<'a> {
+    pub kind: Kind,
+    pub n: usize,
+    /// The simulator's options; it accepts [`ACCESS`] and [`REFRESH`] (and
+    /// [`Setup::also_accepted`]) from the shared client secret, whatever these say.
+    pub sim: SimOptions,
+    /// Tokens the simulator accepts beside [`ACCESS`] and [`REFRESH`]: (access, refresh).
+    pub also_accepted: Vec<(&'a str, &'a str)>,
+    /// The `[budget]` lines other than the backend ones.
+    pub budget: &'a str,
+    /// With a TLS Redis: whether `budget.redis_ca_file` names the test CA (false: a
+    /// certificate the replicas cannot verify).
+    pub trust_ca: bool,
+    /// The `[cache]` lines.
+    pub cache: &'a str,
+    pub routes: &'a str,
+    /// `[[clients]]` sections beside the test client ([`KEY`], read and write).
+    pub more_clients: &'a str,
+    /// Per-core connection runtimes, as `cxgate run` serves (see [`cxgate::Options`]).
+    pub workers: bool,
+    /// What the deployment's key prefix starts with (a random suffix follows).
+    pub prefix: &'a str,
+    /// What the replicas' directories are named after (`{dir}-{i}`).
+    pub dir: &'a str,
+}
+
+impl<'a> Setup<'a> {
+    /// `n` replicas on a plain Redis, the shipped routes, a budget that never refuses, no
+    /// shared cache tier, per-core runtimes.
+    pub fn new(n: usize) -> Setup<'a> {
+        Setup {
+            kind: Kind::Plain,
+            n,
+            sim: SimOptions::default(),
+            also_accepted: Vec::new(),
+            budget: "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+            trust_ca: true,
+            cache: "",
+            routes: ROUTES,
+            more_clients: "",
+            workers: true,
+            prefix: "cxt",
+            dir: "replica",
+        }
+    }
+}
+
+/// A simulator, a Redis and the replicas in front of both.
+pub struct Replicas {
+    pub sim: SimHandle,
+    pub redis: RedisServer,
+    pub replicas: Vec<Running>,
+    /// Each replica's directory: its `cxgate.toml` and `token.json`.
+    pub dirs: Vec<PathBuf>,
+    /// The deployment's key prefix (`budget.key_prefix`).
+    pub prefix: String,
+    pub http: Client<HttpConnector, Full<Bytes>>,
+    workers: bool,
+}
+
+/// Starts what `setup` describes; `None` (the test skips) without `redis-server`.
+pub async fn start_replicas(setup: Setup<'_>) -> Option<Replicas> {
+    let Setup {
+        kind,
+        n,
+        mut sim,
+        also_accepted,
+        budget,
+        trust_ca,
+        cache,
+        routes,
+        more_clients,
+        workers,
+        prefix,
+        dir,
+    } = setup;
+    let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    std::env::set_var(SECRET_ENV, CLIENT_SECRET);
+    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    sim.access_tokens = vec![ACCESS.to_string()];
+    sim.refresh_tokens = vec![REFRESH.to_string()];
+    for (access, refresh) in also_accepted {
+        sim.access_tokens.push(access.to_string());
+        sim.refresh_tokens.push(refresh.to_string());
+    }
+    sim.client_secret = CLIENT_SECRET.to_string();
+    let ttl = sim.token_ttl;
+    let sim = spawn_sim(sim).await;
+    let base = sim.base_url();
+    let prefix = format!("{prefix}{:08x}", fastrand::u32(..));
+    let clients = client_toml("test", KEY, "scopes = [\"read\", \"write\"]") + more_clients;
+    let mut redis_options = format!("redis_cluster = {}\n", kind.is_cluster());
+    if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
+        redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
+    }
+    let mut replicas = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..n {
+        let dir = temp_dir(&format!("{dir}-{i}"));
+        // Every replica starts from a copy of the same token file, as an operator would.
+        let token_file = dir.join("token.json");
+        cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, ttl).expect("token file");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_timeout = \"5s\"\nshutdown_grace = \"1s\"\n\
+             [upstream]\nbase_url = \"{base}\"\nconnect_timeout = \"1s\"\ntimeout = \"2s\"\n\
+             [token]\nfile = \"{}\"\nrefresh_before = \"1s\"\n\
+             [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{SECRET_ENV}\"\n\
+             [cache]\n{cache}\n\
+             [budget]\n{budget}\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\nreplicas = {n}\n{redis_options}\
+             {clients}\n{routes}\n",
+            token_file.display()
+        );
+        let path = dir.join("cxgate.toml");
+        std::fs::write(&path, &text).expect("write config");
+        let cfg = cxgate::config::load(&path)
+            .unwrap_or_else(|e| panic!("expected a valid config, saw {:?}\n{text}", e.lines()));
+        replicas.push(
+            cxgate::start(cfg, Some(path), options(workers))
+                .await
+                .expect("replica starts"),
+        );
+        dirs.push(dir);
+    }
+    Some(Replicas {
+        sim,
+        redis,
+        replicas,
+        dirs,
+        prefix,
+        http: Client::builder(TokioExecutor::new()).build_http(),
+        workers,
+    })
+}
+
+fn options(workers: bool) -> cxgate::Options {
+    cxgate::Options {
+        workers,
+        ..cxgate::Options::default()
+    }
+}
+
+impl Replicas {
+    /// A key of the test deployment, as the replicas name it (one cluster hash slot).
+    pub fn key(&self, suffix: &str) -> String {
+        format!("{{{}}}:{suffix}", self.prefix)
+    }
+
+    /// A direct connection to the test Redis (TLS, ACL user or cluster as the replicas use
+    /// it), to look at what the replicas stored or to plant what they should find.
+    pub async fn conn(&self) -> cxgate::replicas::Conn {
+        redis_options(&self.redis)
+            .open(&self.redis.url())
+            .await
+            .expect("connect to the test redis-server")
+    }
+
+    /// Stops replica `i` (drained, as on SIGTERM) and starts it again on the same files:
+    /// its memory cache starts empty.
+    pub async fn restart_replica(&mut self, i: usize) {
+        let old = self.replicas.remove(i);
+        old.shutdown();
+        old.stopped().await;
+        let path = self.dirs[i].join("cxgate.toml");
+        let cfg = cxgate::config::load(&path).expect("the replica's config still loads");
+        let again = cxgate::start(cfg, Some(path), options(self.workers))
+            .await
+            .expect("replica starts again");
+        self.replicas.insert(i, again);
+    }
+
+    /// Stops every replica, the simulator and the Redis; removes the directories.
+    pub async fn stop(self) {
+        for r in &self.replicas {
+            r.shutdown();
+        }
+        for r in self.replicas {
+            r.stopped().await;
+        }
+        self.sim.shutdown().await;
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        drop(self.redis);
+    }
+}
+
+/// How the replicas reach `redis` (its CA, cluster mode), for a connection of the test's own.
+pub fn redis_options(redis: &RedisServer) -> cxgate::replicas::Options {
+    cxgate::replicas::Options {
+        ca_file: redis.ca_file(),
+        cluster: redis.kind().is_cluster(),
+    }
+}
