@@ -170,8 +170,13 @@ async fn dispatch(command: Command, json: bool) -> ExitCode {
                 }
                 // And what `run` refuses only once it starts (a port taken, the token),
                 // tried the way `run` tries it: the same message and exit code.
-                if let Err(e) = cxgate::app::probe(&cfg, &secrets).await {
-                    return finish(Err(e));
+                match cxgate::app::probe(&cfg, &secrets).await {
+                    Ok(warnings) => {
+                        for warning in &warnings {
+                            eprintln!("warning: {warning}");
+                        }
+                    }
+                    Err(e) => return finish(Err(e)),
                 }
                 println!("{}: valid", config.display());
                 println!("{}", cfg.summary());

@@ -940,6 +940,20 @@ fn check_refuses_what_run_refuses_before_serving() {
         let mut said = Vec::new();
         for command in ["check", "run"] {
             let (got, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", token)]);
+            if command == "check" && what.contains("port taken") {
+                // A port held now is the machine's state, not the file's (the usual holder
+                // is the running gateway the file is checked for): `check` warns, naming
+                // the key, and passes; `run` refuses below.
+                assert!(
+                    got == Some(0)
+                        && stderr
+                            .lines()
+                            .any(|l| l.starts_with("warning: ") && l.contains(says)),
+                    "{what}: expected `check` to pass with a warning naming {says:?}, saw \
+                     {got:?}:\n{stderr}"
+                );
+                continue;
+            }
             let line = stderr
                 .lines()
                 .find(|l| l.starts_with("cxgate: "))
@@ -951,10 +965,12 @@ fn check_refuses_what_run_refuses_before_serving() {
             );
             said.push(line);
         }
-        assert_eq!(
-            said[0], said[1],
-            "{what}: expected `check` to say what `run` says"
-        );
+        if said.len() == 2 {
+            assert_eq!(
+                said[0], said[1],
+                "{what}: expected `check` to say what `run` says"
+            );
+        }
     }
     drop(busy);
 }

@@ -311,15 +311,36 @@ pub async fn start(
 }
 
 /// What [`start`] refuses before it serves, tried without serving anything: both listeners
-/// are bound and let go at once, the TLS pair and the admin token are taken, and the token
+/// are bound (by [`server::bind`], as `start` binds them) and let go at once, the TLS pair and the admin token are taken, and the token
 /// is loaded and held against the clients' keys, each by the function `start` itself calls.
 /// `cxgate check` runs it after [`reload::preflight`], so it refuses what `run` refuses,
 /// with the same error (and so the same message and exit code). Nothing is written, no
 /// Redis is asked and no upstream is called.
-pub async fn probe(cfg: &Config, secrets: &Secrets) -> Result<(), StartError> {
+///
+/// A port another process holds now is a warning, not a refusal: it is the state of the
+/// machine, not of the file, and the usual holder is the running gateway the file is
+/// checked for (`cxgate check && kill -HUP`, as with `nginx -t`).
+pub async fn probe(cfg: &Config, secrets: &Secrets) -> Result<Vec<String>, StartError> {
     use tracing::instrument::WithSubscriber;
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let listeners = bind_listeners(cfg).await?;
+    let mut warnings = Vec::new();
+    for (addr, key, flag) in [
+        (cfg.server.listen, "server.listen", "--listen"),
+        (
+            cfg.server.admin_listen,
+            "server.admin_listen",
+            "--admin-listen",
+        ),
+    ] {
+        match server::bind(addr).await {
+            Ok(listener) => drop(listener),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => warnings.push(format!(
+                "{key}: {addr} is in use now, so `run` cannot start while it is (if a running \
+                 cxgate holds it, apply this file with a reload instead)"
+            )),
+            Err(e) => return Err(listen_error(e, key, flag)),
+        }
+    }
     tls_acceptor(cfg)?;
     reload::admin_token(cfg, secrets).map_err(StartError::AdminToken)?;
     let http = upstream::build_client(
@@ -331,8 +352,7 @@ pub async fn probe(cfg: &Config, secrets: &Secrets) -> Result<(), StartError> {
     load_token(cfg, http, &registry, secrets)
         .with_subscriber(tracing::subscriber::NoSubscriber::default())
         .await?;
-    drop(listeners);
-    Ok(())
+    Ok(warnings)
 }
 
 /// Binds the client listener (plain or TLS) and the admin listener, in that order; a
