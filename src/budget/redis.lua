@@ -325,6 +325,12 @@ if heard and seed_left >= 0 and seed_ms > 0 then
     if since >= 0 then
       redis.call('SET', KEYS[10], string.format('%.0f', now - since * 1000), 'PX', seed_ms)
     end
+  elseif seed_left < allow and math.abs(ttl - seed_ms) < 1500 then
+    -- Within one window the count only goes down: a higher one (Redis restored from an
+    -- older snapshot, a key set back by hand) is older news than this replica's. It keeps
+    -- its lower count and writes it back; a later window (a later end) may be higher.
+    allow = seed_left
+    redis.call('SET', KEYS[4], string.format('%.0f', allow), 'KEEPTTL')
   end
 end
 if allow ~= nil and apart > 0 and ttl > 0 then

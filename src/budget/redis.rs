@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     words: AtomicU64,
     /// How long its record outlives its last word, in µs.
     lease_us: AtomicU64,
+    /// What this replica brought back from its fallback and has yet to hand Redis.
+    back: Mutex<Return>,
 }
 
 /// A replica's word on its own calls out, sent with every script run about them: its id,
@@ -158,6 +160,7 @@ impl Shared {
                 .collect(),
             words: AtomicU64::new(1),
             lease_us: AtomicU64::new(lease_us(DEFAULT_CALL_DEADLINE)),
+            back: Mutex::new(Return::default()),
             redis,
         }
     }
@@ -180,6 +183,19 @@ impl Shared {
             booked.to_string(),
             cost.to_string(),
         ])
+    }
+
+    /// Keeps `more` for the next take to hand Redis.
+    fn hand_over(&self, more: Return) {
+        self.back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(more);
+    }
+
+    /// What the next take hands Redis (and no other take).
+    fn handed_over(&self) -> Return {
+        std::mem::take(&mut *self.back.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub(super) fn set_call_deadline(&self, deadline: Duration) {
@@ -703,7 +719,6 @@ impl Budget {
         };
         // The upstream's flight is taken here, under the lock that checks it, so no two
         // calls both go as the one sent to learn what the upstream has left.
-        let mut back = Return::default();
         let mut looked_shared = false;
         // Whether Redis said this replica sends the call that learns the upstream's count.
         let mut claimed = false;
@@ -715,9 +730,7 @@ impl Budget {
             let probe_at = {
                 let mut ledger = self.ledger();
                 if let Some(more) = shared.come_back(&mut ledger, arrived) {
-                    back.owed += more.owed;
-                    back.apart += more.apart;
-                    back.rebase = true;
+                    shared.hand_over(more);
                 }
                 let now = clock.nanos();
                 let left = ledger
@@ -777,7 +790,12 @@ impl Budget {
         let left = ask
             .max_wait
             .saturating_sub(clock.nanos().saturating_sub(arrived));
+        // What this replica brought back from its fallback goes with one take, and is kept
+        // for the next one if this take fails: lost, the calls it sent alone would be lost
+        // to the others.
+        let back = shared.handed_over();
         let Some((mut reply, stated)) = shared.take(&ask, true, left, back, word).await else {
+            shared.hand_over(back);
             // The call spent in the ledger's upstream flight goes back first: left there, the
             // local admission would wait for it to land, and it never goes.
             drop(hold);

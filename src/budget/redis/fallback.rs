@@ -26,6 +26,15 @@ pub(super) struct Return {
     pub(super) rebase: bool,
 }
 
+impl Return {
+    /// `more` on top of what is still to be handed over (a take that carried it failed).
+    pub(super) fn add(&mut self, more: Return) {
+        self.owed += more.owed;
+        self.apart += more.apart;
+        self.rebase |= more.rebase;
+    }
+}
+
 impl Shared {
     /// Leaves the fallback if it is in force: the ledger gets the full spec back (and the
     /// upstream's whole count); `None` when it was not on the fallback.
