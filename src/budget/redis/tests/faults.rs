@@ -33,7 +33,7 @@ async fn shared_keys_lost_without_a_disconnect_never_meet_the_upstreams_limit() 
     };
     let budgets = replicas(&server, "CXGATE_T_RF1", spec(40, 3000, 10, 500), 3).await;
     let upstream = Arc::new(Windowed::new(20, Duration::from_secs(3), 250));
-    let doomed: Vec<String> = ["budget:upstream_left", "budget:in_flight", "budget:flights"]
+    let doomed: Vec<String> = ["budget:upstream_left", "budget:in_flight"]
         .iter()
         .map(|s| key(&budgets[0], s))
         .collect();
@@ -180,7 +180,7 @@ async fn a_junk_or_implausible_record_of_calls_out_is_reset() {
         return;
     };
     let (budget, redis) = shared_budget(&server, spec(300, 1000, 30, 0), "CXGATE_T_RF4").await;
-    let flights = key(&budget, "budget:flights");
+    let flights = key(&budget, "budget:in_flight");
     let mut conn = direct(&server).await;
     let (secs, micros): (u64, u64) = ::redis::cmd("TIME")
         .query_async(&mut conn)
