@@ -3844,3 +3844,51 @@ async fn junk_in_the_list_of_route_tables_is_dropped_and_writes_still_invalidate
     }
     c.stop().await;
 }
+
+/// A fill lock planted with no expiry, or with one far past a lock's lease (no replica
+/// sets either), counts as expired: the first miss that looks at it deletes it, every read
+/// is answered (none waits out its `max_wait` behind it and is refused), and no lock is
+/// left without a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_fill_lock_without_expiry_counts_as_expired() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    for (path, expiry) in [
+        ("/12345/inbox/contact/twitter/planted-1", None),
+        ("/12345/inbox/contact/twitter/planted-2", Some(3_600_000)),
+    ] {
+        let lock = key(&c, &format!("cache:lock:GET {path}"));
+        let mut set = redis::cmd("SET");
+        set.arg(&lock).arg("planted:0");
+        if let Some(px) = expiry {
+            set.arg("PX").arg(px);
+        }
+        set.query_async::<()>(&mut redis)
+            .await
+            .expect("plant a fill lock");
+        let answers = concurrent_reads(&c, path, 6).await;
+        for (i, a) in answers.iter().enumerate() {
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "{path}: expected read {i} answered, saw {} {:?}",
+                a.status,
+                a.body
+            );
+        }
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&lock)
+            .query_async(&mut redis)
+            .await
+            .expect("PTTL of the lock");
+        let lease = i64::try_from(cxgate::cache::LOCK_TTL.as_millis()).expect("lease in ms");
+        assert!(
+            ttl == -2 || (0..=lease).contains(&ttl),
+            "{path}: expected the planted lock gone or within its {lease} ms lease, saw PTTL {ttl}"
+        );
+    }
+    c.stop().await;
+}
