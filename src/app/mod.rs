@@ -259,6 +259,9 @@ pub async fn start(
                 config.cache.shared_max_entry_bytes,
                 shared_metrics,
             );
+            // Loaded before the first lookup: on a slow Redis a lookup that also had to
+            // load its script (three round trips, not one) would run past its bound.
+            tier.load_scripts().await;
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }

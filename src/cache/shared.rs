@@ -367,6 +367,21 @@ impl SharedTier {
         Some((entry, generations))
     }
 
+    /// Loads the read script into Redis (`SCRIPT LOAD`), so a lookup's `EVALSHA` finds it:
+    /// one round trip, as the `MGET` it replaced. Failing costs nothing but that: the first
+    /// lookup loads it then (and so after a Redis restart, which empties its script cache).
+    pub async fn load_scripts(&self) {
+        let loaded = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                READ.prepare_invoke().load_async(&mut c).await
+            })
+            .await;
+        if let Err(e) = loaded {
+            tracing::debug!(error = %e, "the shared tier's read script could not be loaded yet");
+        }
+    }
+
     /// One call reading `keys`, each within its bound in `bounds` (a value over it reads as
     /// missing), and then, with `lock`, whether that fill lock is held (see [`READ`]): the
     /// values in order, the lock's last. An error when Redis cannot say (down, slow,
