@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 mod tables;
-pub use tables::{Current, Table};
+pub use tables::{Current, Table, MAX_LIST_BYTES};
 
 /// The health probe: a script (what every admission runs) that writes the probe key
 /// (KEYS[1], for ARGV[1] ms) and publishes to `{<prefix>}:probe` (ARGV[2], which no
@@ -327,6 +327,8 @@ struct Inner {
     /// Whether the last announcement of the route table found more tables live than the
     /// list keeps (said once; see `tables`).
     tables_over: AtomicBool,
+    /// Whether the last read of the list of tables found junk in it (said once).
+    tables_junk: AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -687,6 +689,7 @@ impl Redis {
                 pending: Mutex::new(Vec::new()),
                 remove: std::sync::OnceLock::new(),
                 tables_over: AtomicBool::new(false),
+                tables_junk: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
             }),
         };

@@ -3738,3 +3738,125 @@ async fn an_adopted_token_accepted_upstream_is_unmarked_in_the_token_file() {
     );
     c.stop().await;
 }
+
+/// 100 KB of junk in the list of route tables the replicas announce (`{prefix}:tables`)
+/// costs nothing: the list is read only within its bound, so no script holds Redis up, no
+/// replica marks Redis down, a write through one replica still drops what the other
+/// stored, and the next announcement writes the list clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_in_the_list_of_route_tables_is_dropped_and_writes_still_invalidate() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/43";
+    let list_key = key(&c, "tables");
+    let mut redis = conn(&c.redis).await;
+    let list: Option<String> = redis::cmd("GET")
+        .arg(&list_key)
+        .query_async(&mut redis)
+        .await
+        .expect("read the list of tables");
+    let list = list.expect("expected the replicas' route table announced");
+    let junk = format!("{list}{}", "x".repeat(100 * 1024));
+    redis::cmd("SET")
+        .arg(&list_key)
+        .arg(&junk)
+        .arg("PX")
+        .arg(600_000)
+        .query_async::<()>(&mut redis)
+        .await
+        .expect("plant junk in the list of tables");
+    for r in 0..2 {
+        assert_eq!(c.get(r, contact).await.status, StatusCode::OK);
+        eventually_cached(&c, r, contact).await;
+    }
+    let written = c
+        .post(0, contact, "updates=%7B%22note%22%3A%22after-junk%22%7D")
+        .await;
+    assert!(
+        written.status.is_success(),
+        "expected the write to succeed, saw {}",
+        written.status
+    );
+    for r in [1, 0] {
+        let (status, body) = eventually_shows(&c, r, contact, "after-junk").await;
+        assert!(
+            body.contains("after-junk"),
+            "expected replica {r} to show the write despite the junk, saw {status:?} with {body}"
+        );
+    }
+    for r in 0..2 {
+        assert_eq!(
+            c.metric(r, "cxgate_redis_up").await,
+            Some(1.0),
+            "replica {r}: expected Redis still counted up with junk in the list of tables"
+        );
+    }
+    // Announcements come every 10 s: the next one leaves a list within its bound.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let size: usize = redis::cmd("STRLEN")
+            .arg(&list_key)
+            .query_async(&mut redis)
+            .await
+            .expect("STRLEN of the list");
+        if size <= cxgate::replicas::MAX_LIST_BYTES {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected the next announcement to write the list clean, still {size} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.stop().await;
+}
+
+/// A fill lock planted with no expiry, or with one far past a lock's lease (no replica
+/// sets either), counts as expired: the first miss that looks at it deletes it, every read
+/// is answered (none waits out its `max_wait` behind it and is refused), and no lock is
+/// left without a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_fill_lock_without_expiry_counts_as_expired() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    for (path, expiry) in [
+        ("/12345/inbox/contact/twitter/planted-1", None),
+        ("/12345/inbox/contact/twitter/planted-2", Some(3_600_000)),
+    ] {
+        let lock = key(&c, &format!("cache:lock:GET {path}"));
+        let mut set = redis::cmd("SET");
+        set.arg(&lock).arg("planted:0");
+        if let Some(px) = expiry {
+            set.arg("PX").arg(px);
+        }
+        set.query_async::<()>(&mut redis)
+            .await
+            .expect("plant a fill lock");
+        let answers = concurrent_reads(&c, path, 6).await;
+        for (i, a) in answers.iter().enumerate() {
+            assert_eq!(
+                a.status,
+                StatusCode::OK,
+                "{path}: expected read {i} answered, saw {} {:?}",
+                a.status,
+                a.body
+            );
+        }
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&lock)
+            .query_async(&mut redis)
+            .await
+            .expect("PTTL of the lock");
+        let lease = i64::try_from(cxgate::cache::LOCK_TTL.as_millis()).expect("lease in ms");
+        assert!(
+            ttl == -2 || (0..=lease).contains(&ttl),
+            "{path}: expected the planted lock gone or within its {lease} ms lease, saw PTTL {ttl}"
+        );
+    }
+    c.stop().await;
+}

@@ -376,3 +376,47 @@ async fn a_clients_key_is_never_taken_as_the_upstream_token() {
     );
     p.stop().await;
 }
+
+/// A shared record whose token only holds a client's key (`KEY.x`, `x=KEY`,
+/// `Bearer%20KEY`, percent-encoded, or as the refresh token the replicas would send to the
+/// OAuth endpoint) is refused as one that is the key: no replica adopts it, each serves on
+/// its own token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_token_holds_a_clients_key_is_never_adopted() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    let mut version = version_once_stored(&p).await;
+    let percent: String = KEY.bytes().map(|b| format!("%{b:02X}")).collect();
+    let records = [
+        (format!("{KEY}.x"), PLANTED_REFRESH.to_string()),
+        (format!("x={KEY}"), PLANTED_REFRESH.to_string()),
+        (format!("Bearer%20{KEY}"), PLANTED_REFRESH.to_string()),
+        (percent, PLANTED_REFRESH.to_string()),
+        (PLANTED.to_string(), KEY.to_string()),
+    ];
+    for (access, refresh) in &records {
+        version += 1;
+        p.set_record(
+            version,
+            serde_json::json!({"access_token": access, "refresh_token": refresh,
+                               "expires_at": "2098-01-01T00:00:00Z"}),
+        )
+        .await;
+        tokio::time::sleep(WATCHES).await;
+        for i in 0..2 {
+            assert_eq!(
+                p.file(i)["access_token"],
+                ACCESS,
+                "replica {i}: expected the record ({access:?}, {refresh:?}) not adopted"
+            );
+            assert_eq!(
+                p.serves(i, &format!("holds{version}-{i}")).await,
+                StatusCode::OK,
+                "replica {i}: expected it serving on its own token"
+            );
+        }
+    }
+    p.stop().await;
+}

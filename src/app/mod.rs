@@ -133,6 +133,7 @@ pub fn token_settings(cfg: &Config) -> token::TokenSettings {
                 config::OAuthMethod::Get => token::OAuthMethod::Get,
             },
         }),
+        client_keys: client_keys(cfg),
     }
 }
 
@@ -249,6 +250,9 @@ pub async fn start(
                 config.cache.shared_max_entry_bytes,
                 shared_metrics,
             );
+            // Loaded before the first lookup: on a slow Redis a lookup that also had to
+            // load its script (three round trips, not one) would run past its bound.
+            tier.load_scripts().await;
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }
@@ -509,17 +513,8 @@ pub async fn token_init(
     let settings = token_settings(cfg);
     let secrets = Secrets::from_env(cfg);
     let lookup = |name: &str| secrets.lookup(name);
-    // A client's key pasted as the CX Social token would be sent upstream on every call.
-    if code.is_none() {
-        let pasted = lookup(token::ACCESS_TOKEN_VAR)
-            .is_some_and(|t| client_keys(cfg).contains(&crate::auth::sha256(t.as_bytes())));
-        if pasted {
-            return Err(token::TokenError::ClientKey {
-                what: format!("${}", token::ACCESS_TOKEN_VAR),
-            }
-            .into());
-        }
-    }
+    // A client's key pasted into the CX Social token is refused by `token` itself
+    // (`settings.client_keys`), as it is from every other source.
     match code {
         None => Ok(token::init_from_lookup(&settings, &lookup).await?),
         Some(code) => {

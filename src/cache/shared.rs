@@ -58,6 +58,46 @@ return removed
     )
 });
 
+/// Reads values each within its bound (KEYS: the values' keys, then optionally a fill lock;
+/// ARGV: how many values, each one's longest length in bytes, then the lock's lease in ms):
+/// `STRLEN` first, so a value over its bound (or of another type) is never read and answers
+/// as missing. The lock answers `'1'` while held; one planted with no expiry or with one
+/// past the lease (no replica sets such a lock: a holder sets and extends it to the lease)
+/// is treated as expired and deleted, so it holds nobody back: waiting it out would spend
+/// the waiting request's whole `max_wait`, and the budget would then refuse it.
+static READ: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+  local value = false
+  local size = redis.pcall('STRLEN', KEYS[i])
+  if type(size) == 'number' and size <= tonumber(ARGV[1 + i]) then
+    value = redis.call('GET', KEYS[i])
+  end
+  out[i] = value
+end
+if #KEYS > n then
+  local lock, lease = KEYS[n + 1], tonumber(ARGV[n + 2])
+  local ttl = redis.call('PTTL', lock)
+  local held = false
+  if ttl == -1 or ttl > lease then
+    redis.call('DEL', lock)
+  elseif ttl > 0 then
+    held = '1'
+  end
+  out[n + 1] = held
+end
+return out
+",
+    )
+});
+
+/// The longest generation read: a counter's decimal digits (a longer value is junk and
+/// reads as missing, which only makes a write look stale and be refused).
+const MAX_GENERATION_BYTES: usize = 32;
+
 /// How long a group's generation outlives its last bump: far longer than any fetch takes,
 /// so no write looked up before the bump can see the generation vanish and pass.
 const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
@@ -267,8 +307,9 @@ impl SharedTier {
         key: &str,
         lock: &str,
     ) -> Result<(Option<Found>, bool), Unavailable> {
-        let keys = vec![self.entry_key(key), self.global_key(), lock.to_string()];
-        let mut values = self.mget(keys).await?;
+        let keys = vec![self.entry_key(key), self.global_key()];
+        let bounds = [self.max_entry_bytes, MAX_GENERATION_BYTES];
+        let mut values = self.bounded_get(keys, &bounds, Some(lock)).await?;
         let (entry, global, held) = (
             values.next().flatten(),
             values.next().flatten(),
@@ -308,7 +349,11 @@ impl SharedTier {
         }
         keys.push(self.global_key());
         keys.extend(groups.iter().map(|g| self.generation_key(g)));
-        let mut values = self.mget(keys).await.ok()?;
+        let mut bounds = vec![MAX_GENERATION_BYTES; keys.len()];
+        if with_entry {
+            bounds[0] = self.max_entry_bytes;
+        }
+        let mut values = self.bounded_get(keys, &bounds, None).await.ok()?;
         let entry = if with_entry {
             values.next().flatten()
         } else {
@@ -322,26 +367,56 @@ impl SharedTier {
         Some((entry, generations))
     }
 
-    /// One `MGET` of `keys`: their values in order; an error when Redis cannot say (down,
-    /// slow, refusing, or an answer of the wrong length).
-    async fn mget(
+    /// Loads the read script into Redis (`SCRIPT LOAD`), so a lookup's `EVALSHA` finds it:
+    /// one round trip, as the `MGET` it replaced. Failing costs nothing but that: the first
+    /// lookup loads it then (and so after a Redis restart, which empties its script cache).
+    pub async fn load_scripts(&self) {
+        let loaded = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                READ.prepare_invoke().load_async(&mut c).await
+            })
+            .await;
+        if let Err(e) = loaded {
+            tracing::debug!(error = %e, "the shared tier's read script could not be loaded yet");
+        }
+    }
+
+    /// One call reading `keys`, each within its bound in `bounds` (a value over it reads as
+    /// missing), and then, with `lock`, whether that fill lock is held (see [`READ`]): the
+    /// values in order, the lock's last. An error when Redis cannot say (down, slow,
+    /// refusing, or an answer of the wrong length).
+    async fn bounded_get(
         &self,
         keys: Vec<String>,
+        bounds: &[usize],
+        lock: Option<&str>,
     ) -> Result<std::vec::IntoIter<Option<Vec<u8>>>, Unavailable> {
-        let expected = keys.len();
+        let expected = keys.len() + usize::from(lock.is_some());
+        let mut args = vec![keys.len().to_string()];
+        args.extend(bounds.iter().map(ToString::to_string));
+        let mut keys = keys;
+        if let Some(lock) = lock {
+            keys.push(lock.to_string());
+            args.push(super::fill::LOCK_TTL.as_millis().to_string());
+        }
         let values = self
             .redis
             .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
-                    .await
+                let mut call = READ.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                for a in &args {
+                    call.arg(a);
+                }
+                call.invoke_async::<Vec<Option<Vec<u8>>>>(&mut c).await
             })
             .await?;
         if values.len() != expected {
             return Err(Unavailable::Command(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "MGET answered another count of values than it was asked",
+                "the read script answered another count of values than it was asked",
             ))));
         }
         Ok(values.into_iter())

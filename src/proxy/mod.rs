@@ -6,16 +6,15 @@ mod buffers;
 mod call;
 mod forward;
 mod layer;
-mod leak;
 mod read;
 mod recent;
 mod reply;
 mod request;
 mod tables;
 
+pub use crate::leak::KeyScan;
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
-pub use leak::KeyScan;
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
 };
@@ -415,15 +414,14 @@ impl Gateway {
         // before anything is forwarded: a cache hit forwards nothing and skips the scan (and
         // a hit for a query holding a key cannot exist, since its miss was refused).
         let leaks = || -> Result<(), GatewayError> {
-            let scan = leak::KeyScan::new(&state.clients, key);
+            let scan = KeyScan::new(&state.clients, key);
             let in_headers = parts
                 .headers
                 .iter()
                 .filter(|(name, _)| forward::forwarded(name))
                 .any(|(_, v)| scan.in_value(v.as_bytes()));
             if in_headers
-                || scan.in_value(&body)
-                || scan.in_json(request::without_bom(&body))
+                || scan.in_body(&body)
                 || query.is_some_and(|q| scan.in_value(q.as_bytes()))
                 || path
                     .split('/')

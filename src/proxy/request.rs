@@ -452,12 +452,6 @@ impl<'de> serde::Deserialize<'de> for Members {
     }
 }
 
-/// `body` without a leading UTF-8 byte-order mark, which lenient JSON readers skip: every
-/// body is read as JSON by the last check whatever its type says, since the upstream may.
-pub fn without_bom(body: &[u8]) -> &[u8] {
-    body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
-}
-
 /// The request's media type, lower-cased, without parameters.
 fn media_type(headers: &HeaderMap) -> Option<String> {
     headers
@@ -692,42 +686,6 @@ pub fn announces_body(headers: &HeaderMap) -> bool {
             .any(|v| v.as_bytes().iter().any(|&b| b != b'0'))
 }
 
-/// Whether `key` still appears in `text`, each byte raw or percent-encoded (either hex
-/// case): the last check that no spelling the parsers above do not know carries the
-/// caller's key upstream. A configured key is matched whatever its length.
-pub fn carries_key(text: &[u8], key: &str) -> bool {
-    let key = key.as_bytes();
-    if key.is_empty() {
-        return false;
-    }
-    let hex = |b: u8| (b as char).to_digit(16);
-    let unit = |at: usize| -> Option<(u8, usize)> {
-        let first = *text.get(at)?;
-        if first == b'%' {
-            let hi = text.get(at + 1).and_then(|&b| hex(b));
-            let lo = text.get(at + 2).and_then(|&b| hex(b));
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                return Some(((hi * 16 + lo) as u8, 3));
-            }
-        }
-        Some((first, 1))
-    };
-    let matches_at = |at: usize| {
-        let mut pos = at;
-        for &want in key {
-            match unit(pos) {
-                Some((b, len)) if b == want => pos += len,
-                Some(_) if text[pos] == want => pos += 1,
-                _ => return false,
-            }
-        }
-        true
-    };
-    (0..text.len())
-        .filter(|&i| text[i] == key[0] || text[i] == b'%')
-        .any(matches_at)
-}
-
 /// The query spellings of a method override: Laravel's and Symfony's `_method`, and the
 /// override headers as a query parameter, with hyphens or (as PHP's `$_SERVER` spells
 /// headers) underscores.
@@ -790,6 +748,7 @@ pub fn strip_access_token(query: Option<&str>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::leak::carries_key;
 
     fn parts(method: Method, uri: &str) -> Parts {
         http::Request::builder()

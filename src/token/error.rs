@@ -68,11 +68,13 @@ pub enum TokenError {
          the new code (and the same --redirect-uri it was issued for)"
     )]
     CodeRefused,
-    /// A gateway key would travel upstream as the token (an operator pasted a client's key
-    /// where the CX Social token goes, or a tampered record carries one).
+    /// A gateway key would travel upstream in the token (an operator pasted a client's key
+    /// where the CX Social token goes, or a tampered record or an answer carries one, whole
+    /// or as a part).
     #[error(
-        "{what}: its access token is a client's gateway key (its SHA-256 is a \
-         clients[].key_sha256); a gateway key never travels upstream: put the CX Social token there"
+        "{what}: its access or refresh token holds a client's gateway key (it or a part of it \
+         has the SHA-256 of a clients[].key_sha256); a gateway key never travels upstream: put \
+         the CX Social token there"
     )]
     ClientKey { what: String },
     #[error("token_url is not a valid http(s) URL")]

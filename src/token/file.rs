@@ -212,20 +212,31 @@ pub(crate) fn sendable(token: &str) -> bool {
         && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Whether `token`'s SHA-256 is one of `digests` (the clients' `key_sha256`).
-pub(crate) fn is_one_of(token: &Secret, digests: &[[u8; 32]]) -> bool {
-    let digest = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
-    digests.iter().any(|d| d.as_slice() == digest.as_ref())
+/// Whether `token` holds one of `digests` (the clients' `key_sha256`): is one, or holds
+/// one in any spelling the request side's scan finds (`KEY.x`, `x=KEY`, percent-encoded).
+/// The one scan of everything that leaves the gateway, so a token is judged as a request is.
+pub(crate) fn holds_key(token: &Secret, digests: &[[u8; 32]]) -> bool {
+    crate::leak::KeyScan::new(digests, None).in_value(token.expose().as_bytes())
 }
 
-/// Whether the token file at `path` holds one of `digests` as its access token, for
-/// `check` and a reload to refuse what `run` refuses. Call it only on a file [`inspect`]
-/// accepted; false for one it cannot decode.
+/// Whether `record` would send one of `digests` upstream: its access token (as
+/// `Authorization`) or its refresh token (to the OAuth endpoint) holds one.
+pub(crate) fn record_holds_key(record: &TokenRecord, digests: &[[u8; 32]]) -> bool {
+    holds_key(&record.access, digests)
+        || record
+            .refresh
+            .as_ref()
+            .is_some_and(|refresh| holds_key(refresh, digests))
+}
+
+/// Whether the token file at `path` holds one of `digests` in its access or refresh token,
+/// for `check` and a reload to refuse what `run` refuses. Call it only on a file
+/// [`inspect`] accepted; false for one it cannot decode.
 pub fn holds_client_key(path: &Path, digests: &[[u8; 32]]) -> bool {
     read_capped(path)
         .ok()
         .and_then(|bytes| decode(&bytes, path).ok())
-        .is_some_and(|record| is_one_of(&record.access, digests))
+        .is_some_and(|record| record_holds_key(&record, digests))
 }
 
 /// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes

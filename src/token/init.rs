@@ -49,6 +49,12 @@ pub async fn init_from_lookup(
         initialised_at: Some(SystemTime::now()),
         adopted: false,
     };
+    // A client's key pasted into the CX Social token would be sent upstream on every call.
+    if file::record_holds_key(&record, &settings.client_keys) {
+        return Err(TokenError::ClientKey {
+            what: format!("${ACCESS_TOKEN_VAR} or ${REFRESH_TOKEN_VAR}"),
+        });
+    }
     make_parent(&path)?;
     file::persist(&path, &record).await?;
     tracing::info!(path = %path.display(), "token file written");
@@ -120,6 +126,11 @@ pub(crate) async fn init_from_code_with(
         initialised_at: Some(SystemTime::now()),
         adopted: false,
     };
+    if file::record_holds_key(&record, &settings.client_keys) {
+        return Err(TokenError::ClientKey {
+            what: "the token endpoint's answer to the code".to_string(),
+        });
+    }
     file::persist(&path, &record).await?;
     tracing::info!(path = %path.display(), "token file written from an authorisation code");
     Ok(path)

@@ -64,6 +64,10 @@ pub struct TokenSettings {
     pub refresh_before: Duration,
     /// Without it the token is never refreshed.
     pub oauth: Option<OAuthSettings>,
+    /// The SHA-256 digests of the clients' gateway keys (`clients[].key_sha256`): no token
+    /// holding one is written by `cxgate token init` (a running manager takes its own from
+    /// [`TokenManager::set_client_keys`]).
+    pub client_keys: Vec<[u8; 32]>,
 }
 
 /// The OAuth token endpoint (filled from `[token.oauth]`).
@@ -293,8 +297,8 @@ impl TokenManager {
             .client_keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = keys;
-        let held = self.inner.lock().record.access.clone();
-        if self.inner.is_client_key(&held) {
+        let held = self.inner.lock().record.clone();
+        if self.inner.holds_client_key(&held) {
             return Err(TokenError::ClientKey {
                 what: match &self.inner.source {
                     Source::File(path) => format!("token file {}", path.display()),

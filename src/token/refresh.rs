@@ -46,8 +46,9 @@ pub(crate) struct Inner {
     /// Wakes the refresher when a token is installed from elsewhere (a reload), so a token
     /// that must be refreshed at once is not left until the refresher's next look.
     pub wake: tokio::sync::Notify,
-    /// The SHA-256 digests of the clients' gateway keys: no token equal to one is taken
-    /// from a token file or the shared record, since it would carry a key upstream.
+    /// The SHA-256 digests of the clients' gateway keys: no token holding one is taken
+    /// from a token file, the OAuth endpoint or the shared record, since it would carry a
+    /// key upstream.
     pub client_keys: std::sync::RwLock<Vec<[u8; 32]>>,
 }
 
@@ -71,13 +72,13 @@ impl Inner {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Whether `token` is one of the clients' gateway keys.
-    pub fn is_client_key(&self, token: &Secret) -> bool {
+    /// Whether `record`'s access or refresh token holds one of the clients' gateway keys.
+    pub fn holds_client_key(&self, record: &TokenRecord) -> bool {
         let keys = self
             .client_keys
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        super::file::is_one_of(token, &keys)
+        file::record_holds_key(record, &keys)
     }
 
     /// Whether a refresh can be attempted at all (OAuth configured and a refresh token).
@@ -219,6 +220,17 @@ impl Inner {
             initialised_at: epoch,
             adopted: false,
         };
+        // The old refresh token is spent, but an answer holding a gateway key must not be
+        // used or kept: sending it would hand a client's key to the upstream.
+        if self.holds_client_key(&record) {
+            self.count(false);
+            self.lock().failures += 1;
+            let err = TokenError::ClientKey {
+                what: format!("the token endpoint's answer (generation {generation})"),
+            };
+            error!(generation, error = %err, "refreshed token not taken");
+            return Err(err);
+        }
         let (mut saved, mut stamp) = (true, None);
         if let Source::File(path) = &self.source {
             match file::persist(path, &record).await {
@@ -328,7 +340,7 @@ impl Inner {
             return Ok(None);
         };
         let (record, stamp) = file::read_stamped(path).await?;
-        if self.is_client_key(&record.access) {
+        if self.holds_client_key(&record) {
             return Err(TokenError::ClientKey {
                 what: format!("token file {}", path.display()),
             });

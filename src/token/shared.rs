@@ -650,8 +650,8 @@ impl Inner {
             (state.record.clone(), usable(&state) && !state.adopted)
         };
         let seen = shared.seen.load(Ordering::Acquire);
-        let reason = if self.is_client_key(&st.record.access) {
-            Some("its access token is a client's gateway key, which never travels upstream")
+        let reason = if self.holds_client_key(&st.record) {
+            Some("its access or refresh token holds a client's gateway key, which never travels upstream")
         } else {
             refused(&st, &mine, mine_usable, seen, SystemTime::now())
         };

@@ -49,6 +49,7 @@ pub const ACL_USER: &str = "cxgate-app";
 const ACL_COMMANDS: &[&str] = &[
     "+ping",
     "+get",
+    "+strlen",
     "+set",
     "+del",
     "+exists",

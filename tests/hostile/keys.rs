@@ -961,3 +961,98 @@ async fn text_bodies_in_utf16_or_utf32_are_refused_whatever_their_type() {
     env.stop().await;
     upstream.abort();
 }
+
+/// Bodies that are not text hold a key as UTF-16 (either byte order, BOM or not, at an
+/// even or odd offset behind binary bytes, percent-encoded inside): octet streams, images,
+/// PDFs and bodies with no type. The rule has no exception for a type ("a gateway key
+/// never travels upstream in any place"), so each is 400 in the envelope with nothing
+/// upstream; the same binary body without a key still passes.
+#[tokio::test]
+async fn binary_bodies_holding_a_key_in_utf16_are_refused() {
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let url = env.url("/me/permissions");
+    let utf16 = |text: &str, little: bool, bom: bool| -> Vec<u8> {
+        bom.then_some(0xFEFF_u16)
+            .into_iter()
+            .chain(text.encode_utf16())
+            .flat_map(|u| {
+                if little {
+                    u.to_le_bytes()
+                } else {
+                    u.to_be_bytes()
+                }
+            })
+            .collect()
+    };
+    let png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR".as_slice();
+    let behind = |head: &[u8], body: Vec<u8>| -> Vec<u8> { [head, &body, b"\x00\xff"].concat() };
+    let encoded = format!("note={}", percent_all(OTHER));
+    // What each case is, its type and its body.
+    type Body = (&'static str, Option<&'static str>, Vec<u8>);
+    let cases: Vec<Body> = vec![
+        (
+            "UTF-16LE with a BOM, octet-stream",
+            Some("application/octet-stream"),
+            utf16(OTHER, true, true),
+        ),
+        (
+            "UTF-16BE with a BOM, octet-stream",
+            Some("application/octet-stream"),
+            utf16(OTHER, false, true),
+        ),
+        (
+            "UTF-16LE, no BOM, image/png",
+            Some("image/png"),
+            behind(png, utf16(OTHER, true, false)),
+        ),
+        (
+            "UTF-16BE, no BOM, at an odd offset, image/jpeg",
+            Some("image/jpeg"),
+            behind(b"\xff\xd8\xff", utf16(OTHER, false, false)),
+        ),
+        (
+            "UTF-16LE percent-encoded, application/pdf",
+            Some("application/pdf"),
+            behind(b"%PDF-1.7\n", utf16(&encoded, true, false)),
+        ),
+        (
+            "the caller's own key in UTF-16BE, no type",
+            None,
+            utf16(&format!("access_token={KEY}"), false, false),
+        ),
+        (
+            "a short key in UTF-16LE, application/zip",
+            Some("application/zip"),
+            behind(b"PK\x03\x04", utf16(&format!("k={SHORT}"), true, false)),
+        ),
+    ];
+    for (what, content_type, body) in cases {
+        let mut headers = vec![("authorization", auth.as_str())];
+        headers.extend(content_type.map(|t| ("content-type", t)));
+        let answer = env
+            .send_bytes(Method::POST, &url, &headers, body.into())
+            .await;
+        assert_refused_unsent(what, &answer, &seen);
+    }
+    let harmless = behind(png, utf16("a picture of a cat", true, false));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "image/png"),
+    ];
+    let answer = env
+        .send_bytes(Method::POST, &url, &headers, harmless.into())
+        .await;
+    assert_eq!(
+        answer.status, 200,
+        "expected a binary body without a key passed, saw {answer:?}"
+    );
+    assert_eq!(
+        taken(&seen).len(),
+        1,
+        "expected the harmless write forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}

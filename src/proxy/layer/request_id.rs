@@ -10,7 +10,7 @@ use tower::Service;
 
 use super::{exchange_of, plain_layer, After, Exchange, Finish};
 use crate::error::Body;
-use crate::proxy::leak::KeyScan;
+use crate::leak::KeyScan;
 use crate::proxy::request::client_key;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -104,6 +104,7 @@ impl TokenServer {
             access_token_env: None,
             refresh_before,
             oauth: Some(self.oauth(OAuthMethod::Post)),
+            client_keys: Vec::new(),
         }
     }
 }

@@ -20,6 +20,7 @@ async fn a_token_file_is_loaded_and_reported_without_secrets() {
         access_token_env: None,
         refresh_before: 10 * MINUTE,
         oauth: None,
+        client_keys: Vec::new(),
     };
     let registry = prometheus::Registry::new();
     let tokens = manager(settings, &registry).await;
@@ -85,6 +86,7 @@ async fn a_static_token_from_the_environment_is_never_refreshed() {
         access_token_env: Some("MY_STATIC_TOKEN".to_string()),
         refresh_before: 10 * MINUTE,
         oauth: None,
+        client_keys: Vec::new(),
     };
     let env = |name: &str| (name == "MY_STATIC_TOKEN").then(|| "static-token-value".to_string());
     let registry = prometheus::Registry::new();

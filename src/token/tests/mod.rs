@@ -75,6 +75,7 @@ pub(crate) fn tokens_settings_without_source() -> TokenSettings {
         access_token_env: None,
         refresh_before: MINUTE,
         oauth: None,
+        client_keys: Vec::new(),
     }
 }
 
