@@ -3770,3 +3770,84 @@ async fn an_adopted_token_accepted_upstream_is_unmarked_in_the_token_file() {
     );
     c.stop().await;
 }
+
+/// A write answered on one replica has been applied by every other replica before the
+/// client has the answer: a read sent to another replica right after it never serves the
+/// copy that replica held in memory, over many rounds (each writer in turn, both readers).
+/// The writers count the publications as acknowledged. The readers are kept busy with
+/// unrelated invalidations published just before each write, which widens the moment
+/// between a message's arrival and its application that an unacknowledged write would race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_another_replica_right_after_a_write_never_sees_the_old_data() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(3, SimOptions::default()).await else {
+        return;
+    };
+    let rounds = 30;
+    let mut stale = Vec::new();
+    for round in 0..rounds {
+        let contact = format!("/12345/inbox/contact/facebook/{}", 1000 + round);
+        for r in 0..3 {
+            eventually_cached(&c, r, &contact).await;
+        }
+        let note = format!("round-{round}-written");
+        let writer = round % 3;
+        // The other replicas busy with a run of unrelated invalidations (as under a burst of
+        // writes elsewhere), so theirs of this write is applied a moment after it arrives.
+        let mut flood = redis::pipe();
+        for i in 0..300 {
+            let message = serde_json::json!({"from": "elsewhere", "what": {"tags": [format!("flood:{round}:{i}")]}});
+            flood
+                .cmd("PUBLISH")
+                .arg(key(&c, "invalidate"))
+                .arg(message.to_string())
+                .ignore();
+        }
+        let mut redis = conn(&c.redis).await;
+        let () = flood
+            .query_async(&mut redis)
+            .await
+            .expect("publish the unrelated invalidations");
+        let written = c
+            .post(
+                writer,
+                &contact,
+                &format!("updates=%7B%22note%22%3A%22{note}%22%7D"),
+            )
+            .await;
+        assert!(
+            written.status.is_success(),
+            "expected the write of round {round} to succeed, saw {}",
+            written.status
+        );
+        for reader in (0..3).filter(|r| *r != writer) {
+            let read = c.get(reader, &contact).await;
+            if !String::from_utf8_lossy(&read.body).contains(&note) {
+                stale.push((round, reader, read.header("cache-status").to_string()));
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "expected no read right after a write to show the old contact, saw {} of {} \
+         (round, reader, Cache-Status): {stale:?}",
+        stale.len(),
+        rounds * 2
+    );
+    let mut acknowledged = 0.0;
+    for r in 0..3 {
+        acknowledged += c
+            .metric(
+                r,
+                "cxgate_redis_invalidations_total{result=\"acknowledged\"}",
+            )
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(
+        acknowledged >= rounds as f64,
+        "expected every write's invalidation acknowledged by the other replicas, saw \
+         {acknowledged} of {rounds}"
+    );
+    c.stop().await;
+}
