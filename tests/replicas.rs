@@ -3851,3 +3851,46 @@ async fn a_read_on_another_replica_right_after_a_write_never_sees_the_old_data()
     );
     c.stop().await;
 }
+
+/// A replica whose table gives a route a shorter ttl than the replica that shared an entry
+/// does not serve that entry past its own ttl: it fetches anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_is_served_no_longer_than_the_readers_own_ttl() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let shorter = text.replace("ttl = \"5m\"\nstale_if_error = \"30m\"", "ttl = \"1s\"");
+    assert_ne!(shorter, text, "expected the contact route's ttl shortened");
+    std::fs::write(&path, shorter).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected replica 1 reloaded"
+    );
+    let contact = "/12345/inbox/contact/twitter/77";
+    let first = c.get(0, contact).await;
+    assert!(
+        first.header("cache-status").contains("stored"),
+        "expected replica 0 to fetch and store, saw {:?}",
+        first.header("cache-status")
+    );
+    // Past replica 1's own ttl (1 s), well within replica 0's (5 min).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = calls(&c, &format!("GET {contact}"));
+    let read = c.get(1, contact).await;
+    let status = read.header("cache-status").to_string();
+    assert!(
+        !status.contains("hit"),
+        "expected replica 1 not to serve the shared entry past its own 1 s ttl, saw {status:?}"
+    );
+    assert_eq!(
+        calls(&c, &format!("GET {contact}")),
+        before + 1,
+        "expected replica 1 to fetch the contact anew"
+    );
+    c.stop().await;
+}
