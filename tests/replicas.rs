@@ -3894,3 +3894,60 @@ async fn a_shared_entry_is_served_no_longer_than_the_readers_own_ttl() {
     );
     c.stop().await;
 }
+
+/// A purge by tag on a replica whose table renamed the tag drops the entries the other
+/// table tagged for the same resource too: in Redis, in the other replica's memory, and in
+/// its own memory, where the entry it took from Redis carries the other table's tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_by_tag_drops_what_another_table_tagged_for_the_same_resource() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let renamed = text.replace("contact:{account_id}", "contactv2:{account_id}");
+    assert_eq!(
+        renamed.matches("contactv2:").count(),
+        2,
+        "expected the tag renamed"
+    );
+    std::fs::write(&path, renamed).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected replica 1 reloaded"
+    );
+    let contact = "/12345/inbox/contact/twitter/91";
+    assert_eq!(c.get(0, contact).await.status, StatusCode::OK);
+    for r in 0..2 {
+        eventually_cached(&c, r, contact).await;
+    }
+    let purged = c
+        .admin(
+            1,
+            Method::POST,
+            "/admin/purge",
+            r#"{"tags":["contactv2:12345/twitter/91"]}"#,
+        )
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    let body: serde_json::Value = serde_json::from_slice(&purged.body).expect("JSON");
+    assert!(
+        body["purged"].as_u64() >= Some(1),
+        "expected the purge to count replica 1's own copy, saw {body}"
+    );
+    assert!(
+        shared_entry(&c, contact).await.is_none(),
+        "expected the shared entry, tagged by replica 0's table, deleted"
+    );
+    for r in 0..2 {
+        let status = c.get(r, contact).await.header("cache-status").to_string();
+        assert!(
+            !status.contains("hit") || status.contains("detail=shared"),
+            "expected replica {r} to have dropped its copy, saw {status:?}"
+        );
+    }
+    c.stop().await;
+}
