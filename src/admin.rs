@@ -250,6 +250,7 @@ impl Admin {
                 tags.iter().map(|t| t.as_str().map(String::from)).collect();
             match tags {
                 Some(tags) => {
+                    let tags = self.gateway.purge_tags(tags).await;
                     let n = cache.invalidate_tags(&tags).await;
                     shared = Invalidation::Tags(tags);
                     n

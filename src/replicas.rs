@@ -18,6 +18,7 @@ use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
+mod acks;
 mod tables;
 pub use tables::{Current, Table, MAX_LIST_BYTES};
 
@@ -101,6 +102,10 @@ struct Message {
     /// The publishing replica, which has already applied the invalidation itself.
     from: String,
     what: Invalidation,
+    /// Asks each replica that applies it to say so on the publisher's channel (see
+    /// `acks`); absent from the subscription check and from older versions' messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ack: Option<u64>,
 }
 
 /// Why a Redis call did not happen or did not succeed.
@@ -324,6 +329,8 @@ struct Inner {
     pending: Mutex<Vec<Invalidation>>,
     /// Run before each publication (see [`Redis::remove_before_publishing`]).
     remove: std::sync::OnceLock<Remove>,
+    /// Publications waiting for the other replicas to say they applied them.
+    acks: acks::Acks,
     /// Whether the last announcement of the route table found more tables live than the
     /// list keeps (said once; see `tables`).
     tables_over: AtomicBool,
@@ -662,6 +669,7 @@ impl Redis {
         for op in OPS {
             errors.with_label_values(&[op]);
         }
+        let acks = acks::Acks::register(registry)?;
         let redis = Redis {
             inner: Arc::new(Inner {
                 link,
@@ -688,6 +696,7 @@ impl Redis {
                 errors,
                 pending: Mutex::new(Vec::new()),
                 remove: std::sync::OnceLock::new(),
+                acks,
                 tables_over: AtomicBool::new(false),
                 tables_junk: AtomicBool::new(false),
                 tasks: Mutex::new(Vec::new()),
@@ -889,12 +898,14 @@ impl Redis {
         }
     }
 
-    /// Tells the other replicas to drop what this one just dropped. Waits at most
-    /// [`PATIENT_CALL_TIMEOUT`]: a write's invalidation is worth that much latency on a slow
-    /// Redis; while Redis is down (or the call times out) the message is kept and sent when
-    /// the probe sees it back.
+    /// Tells the other replicas to drop what this one just dropped, and waits until each
+    /// replica the message reached says it did (see `acks`). Waits at most
+    /// [`PATIENT_CALL_TIMEOUT`] for the publication and as long again for the answers: a
+    /// write's invalidation is worth that much latency on a slow Redis; while Redis is down
+    /// (or the call times out) the message is kept and sent when the probe sees it back.
     pub async fn publish(&self, what: Invalidation) {
         if let Err(what) = self.try_publish(what).await {
+            self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
             self.keep_pending(what);
         }
     }
@@ -911,14 +922,19 @@ impl Redis {
                 return Err(what);
             }
         }
+        let mut waiter = self.inner.acks.waiter();
         let message = Message {
             from: self.inner.id.clone(),
             what,
+            ack: Some(waiter.id),
         };
         let Ok(text) = serde_json::to_string(&message) else {
             return Ok(());
         };
         let channel = self.key("invalidate");
+        // Whether this replica's own subscription is among those PUBLISH counts: it hears
+        // its own message and does not answer it.
+        let hears_itself = self.inner.listening.load(Ordering::Acquire);
         let sent = self
             .run_within("publish", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 redis::cmd("PUBLISH")
@@ -928,7 +944,20 @@ impl Redis {
                     .await
             })
             .await;
-        sent.map(|_| ()).map_err(|_| message.what)
+        let reached = sent.map_err(|_| message.what)?;
+        let others = usize::try_from(reached - i64::from(hears_itself)).unwrap_or(0);
+        if others == 0 {
+            self.inner.acks.count("alone", 0, PATIENT_CALL_TIMEOUT);
+            return Ok(());
+        }
+        let missing = waiter.missing(others, PATIENT_CALL_TIMEOUT).await;
+        let result = if missing == 0 {
+            "acknowledged"
+        } else {
+            "unacknowledged"
+        };
+        self.inner.acks.count(result, missing, PATIENT_CALL_TIMEOUT);
+        Ok(())
     }
 
     fn keep_pending(&self, what: Invalidation) {
@@ -1163,6 +1192,7 @@ async fn probe(inner: std::sync::Weak<Inner>) {
 async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     let channel = redis.key("invalidate");
+    let acks = ack_channel(&redis, &redis.inner.id);
     // The first subscription at start has missed nothing; any later one may have.
     let mut first = true;
     let mut attempt = 0;
@@ -1171,7 +1201,7 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
         attempt += 1;
         let connected = tokio::time::timeout(Duration::from_secs(1), async {
             let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
+            pubsub.subscribe(&[&channel, &acks]).await?;
             Ok::<_, redis::RedisError>(pubsub.into_on_message())
         })
         .await;
@@ -1202,14 +1232,7 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
                 first = false;
                 redis.inner.set_listening(true, None);
                 while let Some(msg) = next(&mut messages).await {
-                    let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes())
-                    else {
-                        tracing::warn!("ignoring an unreadable invalidation message");
-                        continue;
-                    };
-                    if message.from != redis.inner.id && !is_check(&message.what) {
-                        apply(message.what).await;
-                    }
+                    take(&redis, &msg, &apply).await;
                 }
                 redis
                     .inner
@@ -1239,6 +1262,7 @@ where
     let own = Message {
         from: redis.inner.id.clone(),
         what: Invalidation::Tags(Vec::new()),
+        ack: None,
     };
     let Ok(text) = serde_json::to_string(&own) else {
         return false;
@@ -1256,18 +1280,69 @@ where
             let Some(msg) = msg else {
                 return false;
             };
-            let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes()) else {
-                continue;
-            };
-            if message.from == redis.inner.id {
+            if take(redis, &msg, apply).await == Heard::Own {
                 return true;
-            }
-            if !is_check(&message.what) {
-                apply(message.what).await;
             }
         }
     }
     false
+}
+
+/// The channel on which the replica of id `id` hears that others applied its invalidations.
+fn ack_channel(redis: &Redis, id: &str) -> String {
+    redis.key(&format!("ack:{id}"))
+}
+
+/// What [`take`] heard.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard {
+    /// A message this replica published itself (nothing to apply).
+    Own,
+    Other,
+}
+
+/// One message heard on the subscription: an acknowledgement of this replica's
+/// publications is handed to its waiter; another replica's invalidation is applied and then,
+/// when it asks for it, acknowledged on that replica's channel (sent off this task, so the
+/// next message is not held up by the round trip).
+async fn take(redis: &Redis, msg: &redis::Msg, apply: &Apply) -> Heard {
+    let payload = msg.get_payload_bytes();
+    if msg.get_channel_name() != redis.key("invalidate") {
+        match serde_json::from_slice::<acks::Ack>(payload) {
+            Ok(ack) => redis.inner.acks.heard(&ack),
+            Err(_) => tracing::warn!("ignoring an unreadable invalidation acknowledgement"),
+        }
+        return Heard::Other;
+    }
+    let Ok(message) = serde_json::from_slice::<Message>(payload) else {
+        tracing::warn!("ignoring an unreadable invalidation message");
+        return Heard::Other;
+    };
+    if message.from == redis.inner.id {
+        return Heard::Own;
+    }
+    if !is_check(&message.what) {
+        apply(message.what).await;
+    }
+    if let Some(id) = message.ack {
+        let ack = acks::Ack {
+            id,
+            from: redis.inner.id.clone(),
+        };
+        let (Ok(text), Some(mut conn)) = (serde_json::to_string(&ack), redis.inner.link.conn())
+        else {
+            return Heard::Other;
+        };
+        let channel = ack_channel(redis, &message.from);
+        // Sent whether or not this replica counts Redis as up: it just heard from it.
+        tokio::spawn(async move {
+            let mut cmd = redis::cmd("PUBLISH");
+            cmd.arg(&channel).arg(&text);
+            let sent = cmd.query_async::<i64>(&mut conn);
+            let _ = tokio::time::timeout(PATIENT_CALL_TIMEOUT, sent).await;
+        });
+    }
+    Heard::Other
 }
 
 /// The next item of a stream, without pulling in a stream-combinator crate.

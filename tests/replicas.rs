@@ -3860,3 +3860,184 @@ async fn a_planted_fill_lock_without_expiry_counts_as_expired() {
     }
     c.stop().await;
 }
+
+/// A write answered on one replica has been applied by every other replica before the
+/// client has the answer: a read sent to another replica right after it never serves the
+/// copy that replica held in memory, over many rounds (each writer in turn, both readers).
+/// The writers count the publications as acknowledged. The readers are kept busy with
+/// unrelated invalidations published just before each write, which widens the moment
+/// between a message's arrival and its application that an unacknowledged write would race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_another_replica_right_after_a_write_never_sees_the_old_data() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(3, SimOptions::default()).await else {
+        return;
+    };
+    let rounds = 30;
+    let mut stale = Vec::new();
+    for round in 0..rounds {
+        let contact = format!("/12345/inbox/contact/facebook/{}", 1000 + round);
+        for r in 0..3 {
+            eventually_cached(&c, r, &contact).await;
+        }
+        let note = format!("round-{round}-written");
+        let writer = round % 3;
+        // The other replicas busy with a run of unrelated invalidations (as under a burst of
+        // writes elsewhere), so theirs of this write is applied a moment after it arrives.
+        let mut flood = redis::pipe();
+        for i in 0..300 {
+            let message = serde_json::json!({"from": "elsewhere", "what": {"tags": [format!("flood:{round}:{i}")]}});
+            flood
+                .cmd("PUBLISH")
+                .arg(key(&c, "invalidate"))
+                .arg(message.to_string())
+                .ignore();
+        }
+        let mut redis = conn(&c.redis).await;
+        let () = flood
+            .query_async(&mut redis)
+            .await
+            .expect("publish the unrelated invalidations");
+        let written = c
+            .post(
+                writer,
+                &contact,
+                &format!("updates=%7B%22note%22%3A%22{note}%22%7D"),
+            )
+            .await;
+        assert!(
+            written.status.is_success(),
+            "expected the write of round {round} to succeed, saw {}",
+            written.status
+        );
+        for reader in (0..3).filter(|r| *r != writer) {
+            let read = c.get(reader, &contact).await;
+            if !String::from_utf8_lossy(&read.body).contains(&note) {
+                stale.push((round, reader, read.header("cache-status").to_string()));
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "expected no read right after a write to show the old contact, saw {} of {} \
+         (round, reader, Cache-Status): {stale:?}",
+        stale.len(),
+        rounds * 2
+    );
+    let mut acknowledged = 0.0;
+    for r in 0..3 {
+        acknowledged += c
+            .metric(
+                r,
+                "cxgate_redis_invalidations_total{result=\"acknowledged\"}",
+            )
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(
+        acknowledged >= rounds as f64,
+        "expected every write's invalidation acknowledged by the other replicas, saw \
+         {acknowledged} of {rounds}"
+    );
+    c.stop().await;
+}
+
+/// A replica whose table gives a route a shorter ttl than the replica that shared an entry
+/// does not serve that entry past its own ttl: it fetches anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_is_served_no_longer_than_the_readers_own_ttl() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let shorter = text.replace("ttl = \"5m\"\nstale_if_error = \"30m\"", "ttl = \"1s\"");
+    assert_ne!(shorter, text, "expected the contact route's ttl shortened");
+    std::fs::write(&path, shorter).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected replica 1 reloaded"
+    );
+    let contact = "/12345/inbox/contact/twitter/77";
+    let first = c.get(0, contact).await;
+    assert!(
+        first.header("cache-status").contains("stored"),
+        "expected replica 0 to fetch and store, saw {:?}",
+        first.header("cache-status")
+    );
+    // Past replica 1's own ttl (1 s), well within replica 0's (5 min).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = calls(&c, &format!("GET {contact}"));
+    let read = c.get(1, contact).await;
+    let status = read.header("cache-status").to_string();
+    assert!(
+        !status.contains("hit"),
+        "expected replica 1 not to serve the shared entry past its own 1 s ttl, saw {status:?}"
+    );
+    assert_eq!(
+        calls(&c, &format!("GET {contact}")),
+        before + 1,
+        "expected replica 1 to fetch the contact anew"
+    );
+    c.stop().await;
+}
+
+/// A purge by tag on a replica whose table renamed the tag drops the entries the other
+/// table tagged for the same resource too: in Redis, in the other replica's memory, and in
+/// its own memory, where the entry it took from Redis carries the other table's tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_by_tag_drops_what_another_table_tagged_for_the_same_resource() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let renamed = text.replace("contact:{account_id}", "contactv2:{account_id}");
+    assert_eq!(
+        renamed.matches("contactv2:").count(),
+        2,
+        "expected the tag renamed"
+    );
+    std::fs::write(&path, renamed).expect("write config");
+    let reloaded = c.admin(1, Method::POST, "/admin/reload", "").await;
+    assert_eq!(
+        reloaded.status,
+        StatusCode::OK,
+        "expected replica 1 reloaded"
+    );
+    let contact = "/12345/inbox/contact/twitter/91";
+    assert_eq!(c.get(0, contact).await.status, StatusCode::OK);
+    for r in 0..2 {
+        eventually_cached(&c, r, contact).await;
+    }
+    let purged = c
+        .admin(
+            1,
+            Method::POST,
+            "/admin/purge",
+            r#"{"tags":["contactv2:12345/twitter/91"]}"#,
+        )
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    let body: serde_json::Value = serde_json::from_slice(&purged.body).expect("JSON");
+    assert!(
+        body["purged"].as_u64() >= Some(1),
+        "expected the purge to count replica 1's own copy, saw {body}"
+    );
+    assert!(
+        shared_entry(&c, contact).await.is_none(),
+        "expected the shared entry, tagged by replica 0's table, deleted"
+    );
+    for r in 0..2 {
+        let status = c.get(r, contact).await.header("cache-status").to_string();
+        assert!(
+            !status.contains("hit") || status.contains("detail=shared"),
+            "expected replica {r} to have dropped its copy, saw {status:?}"
+        );
+    }
+    c.stop().await;
+}

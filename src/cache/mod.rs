@@ -52,6 +52,6 @@ pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
 pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
-pub use shared::{Generations, Localize, SharedMetrics, SharedTier};
+pub use shared::{Generations, Localize, Routed, SharedMetrics, SharedTier, Windows};
 pub use store::{Since, Store};
 pub use vary::Variant;

@@ -126,6 +126,47 @@ const OTHER_FORMAT: &str = "an entry of another format";
 pub trait Localize: Sync {
     /// `headers` and `body` as this replica serves them; `None` when they stay as they are.
     fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)>;
+
+    /// This replica's own windows for the entry (its route's): a replica whose table says
+    /// less than the writer's serves and keeps the entry no longer than its own say.
+    fn windows(&self) -> Option<Windows> {
+        None
+    }
+}
+
+/// A route's ttl and stale windows, as one replica's table gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
+
+impl Windows {
+    /// `value`'s windows cut to these where these are shorter.
+    pub fn cut(&self, value: &mut CachedResponse) {
+        value.ttl = value.ttl.min(self.ttl);
+        value.stale_while_revalidate = value
+            .stale_while_revalidate
+            .min(self.stale_while_revalidate);
+        value.stale_if_error = value.stale_if_error.min(self.stale_if_error);
+    }
+}
+
+/// A [`Localize`] with the route's own [`Windows`]: what a read hands the store.
+pub struct Routed<'a> {
+    pub local: &'a dyn Localize,
+    pub windows: Windows,
+}
+
+impl Localize for Routed<'_> {
+    fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)> {
+        self.local.localize(headers, body)
+    }
+
+    fn windows(&self) -> Option<Windows> {
+        Some(self.windows)
+    }
 }
 
 /// The generations an entry was looked up under: the global one (bumped by a full purge) and

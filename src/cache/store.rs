@@ -460,6 +460,12 @@ impl Store {
             return None;
         }
         let mut value = found.value;
+        if let Some(own) = local.windows() {
+            own.cut(&mut value);
+            if !value.freshness(tokio::time::Instant::now()).is_usable() {
+                return None;
+            }
+        }
         if let Some((headers, body)) = local.localize(&value.headers, &value.body) {
             value.headers = headers;
             value.body = body;

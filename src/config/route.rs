@@ -285,6 +285,58 @@ impl TagTemplate {
     }
 }
 
+impl TagTemplate {
+    /// The captures `tag` was filled with, if this template can have made it: each one path
+    /// segment (not empty, no `/`), the same value wherever a name repeats. Two captures
+    /// with no text between cannot be told apart, so such a template never matches.
+    pub fn unfill(&self, tag: &str) -> Option<Vec<(String, String)>> {
+        let mut rest = tag;
+        let mut values: Vec<(String, String)> = Vec::new();
+        let mut parts = self.parts.iter().peekable();
+        while let Some(part) = parts.next() {
+            match part {
+                TagPart::Text(t) => rest = rest.strip_prefix(t.as_str())?,
+                TagPart::Capture(name) => {
+                    let end = match parts.peek() {
+                        Some(TagPart::Text(t)) => rest.find(t.as_str())?,
+                        Some(TagPart::Capture(_)) => return None,
+                        None => rest.len(),
+                    };
+                    let value = &rest[..end];
+                    if value.is_empty() || value.contains('/') {
+                        return None;
+                    }
+                    match values.iter().find(|(n, _)| n == name) {
+                        Some((_, seen)) if seen != value => return None,
+                        Some(_) => {}
+                        None => values.push((name.clone(), value.to_string())),
+                    }
+                    rest = &rest[end..];
+                }
+            }
+        }
+        rest.is_empty().then_some(values)
+    }
+}
+
+impl PathTemplate {
+    /// The path these captures make; `None` when one of the template's is not among them.
+    pub fn fill(&self, values: &[(String, String)]) -> Option<String> {
+        let mut out = String::new();
+        for segment in &self.segments {
+            out.push('/');
+            match segment {
+                Segment::Literal(l) => out.push_str(l),
+                Segment::Capture(n) => out.push_str(&values.iter().find(|(k, _)| k == n)?.1),
+            }
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        Some(out)
+    }
+}
+
 /// The template as written: what [`TagTemplate::parse`] reads back.
 impl fmt::Display for TagTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -329,6 +381,36 @@ mod tests {
         assert_eq!(first.segment_from("account_id", "/1/inbox"), None);
         let any = PathTemplate::parse("/{service}/x/{account_id}").expect("template");
         assert_eq!(any.segment_from("account_id", "/abc/X/7"), Some("/7"));
+    }
+
+    #[test]
+    fn a_filled_tag_gives_back_its_captures_and_path() {
+        let path = PathTemplate::parse("/{account_id}/inbox/contact/{service}/{id}").unwrap();
+        let tag = TagTemplate::parse("contact:{account_id}/{service}/{id}", &path).unwrap();
+        let caps = tag
+            .unfill("contact:12345/twitter/42")
+            .expect("expected a match");
+        assert_eq!(
+            path.fill(&caps).as_deref(),
+            Some("/12345/inbox/contact/twitter/42")
+        );
+        for other in [
+            "contactv2:12345/twitter/42",
+            "contact:12345/twitter",
+            "contact:1/a/b/c",
+        ] {
+            assert!(
+                tag.unfill(other).is_none(),
+                "expected {other:?} not matched"
+            );
+        }
+        let partial = TagTemplate::parse("account:{account_id}", &path).unwrap();
+        let caps = partial.unfill("account:12345").expect("expected a match");
+        assert_eq!(
+            path.fill(&caps),
+            None,
+            "expected no path without every capture"
+        );
     }
 
     use super::*;

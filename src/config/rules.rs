@@ -109,6 +109,21 @@ impl WriteRules {
         &self.name
     }
 
+    /// The writes (method and path) of these rules that would invalidate `tag`: what a
+    /// purge of that tag stands for, to find the tags other tables give the same writes.
+    pub fn writes_naming(&self, tag: &str) -> Vec<(Method, String)> {
+        let mut writes = Vec::new();
+        for r in &self.routes {
+            for t in &r.invalidates {
+                let Some(path) = t.unfill(tag).and_then(|caps| r.path.fill(&caps)) else {
+                    continue;
+                };
+                writes.push((r.method.clone().unwrap_or(Method::POST), path));
+            }
+        }
+        writes
+    }
+
     /// The tags a successful write `method path` invalidates under these rules: those of
     /// the first route that matches it, as the table's own lookup finds it.
     pub fn tags(&self, method: &Method, path: &str) -> Vec<String> {

@@ -199,6 +199,33 @@ impl Gateway {
         }
     }
 
+    /// What a purge of `tags` drops on every replica: these, and for each write of this
+    /// replica's table that would invalidate one of them, the tags every other live table
+    /// names for that write (as for a write; see `tables`): a table that renamed a tag
+    /// still has its entries of the same resource purged. A table's write naming several
+    /// tags has them all dropped: an entry too many, never one kept.
+    pub async fn purge_tags(&self, tags: Vec<String>) -> Vec<String> {
+        let Some(redis) = self.inner.replicas.get() else {
+            return tags;
+        };
+        let state = self.state();
+        let mut all = tags.clone();
+        for tag in &tags {
+            for (method, path) in state.rules.writes_naming(tag) {
+                let peers = &self.inner.peers;
+                for t in peers
+                    .tags(redis, &state.rules, Vec::new(), &method, &path)
+                    .await
+                {
+                    if !all.contains(&t) {
+                        all.push(t);
+                    }
+                }
+            }
+        }
+        all
+    }
+
     /// Tells the other replicas (if any) to drop what this one just dropped.
     pub async fn publish_invalidation(&self, what: crate::replicas::Invalidation) {
         if let Some(redis) = self.inner.replicas.get() {

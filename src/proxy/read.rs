@@ -244,10 +244,18 @@ impl Gateway {
             let usable = |e: &StoredResponse| is_fresh(e) && !d.refuses_age(e.age(Instant::now()));
             if inner.cache.shared().is_some() && !found.as_ref().is_some_and(usable) {
                 let tags = route_tags(route);
+                let routed = crate::cache::Routed {
+                    local,
+                    windows: route.map_or(NO_WINDOWS, |(r, _)| crate::cache::Windows {
+                        ttl: r.ttl.unwrap_or_default(),
+                        stale_while_revalidate: r.stale_while_revalidate,
+                        stale_if_error: r.stale_if_error,
+                    }),
+                };
                 // Boxed: the shared tier's future is large and only this rare path needs it;
                 // inline it would make every hit's future (which the layers box) that size.
                 let (entry, looked_up) =
-                    Box::pin(inner.cache.get_shared(&key, headers, &tags, local)).await;
+                    Box::pin(inner.cache.get_shared(&key, headers, &tags, &routed)).await;
                 if entry.is_some() {
                     found = entry;
                     shared_hit = true;
@@ -600,6 +608,16 @@ impl Gateway {
                 // Not for a client's `max-age`: another replica's entry would need its age
                 // checked at each step, and such reads are rare; they merge here alone.
                 let mut across = rule.is_some() && !no_cache && !no_store && d.max_age.is_none();
+                // Another replica's answer is held to this replica's own windows.
+                let windows = rule.as_ref().map_or(NO_WINDOWS, |r| crate::cache::Windows {
+                    ttl: r.0,
+                    stale_while_revalidate: r.1,
+                    stale_if_error: r.2,
+                });
+                let routed = crate::cache::Routed {
+                    local: &call.state.rewriter,
+                    windows,
+                };
                 let deadline = Instant::now()
                     + fill_patience(&call.state.config, &call.client)
                         .saturating_sub(progress.waited());
@@ -616,14 +634,7 @@ impl Gateway {
                         // behind this one wait for it too.
                         let waiting = || progress.sent();
                         match cache
-                            .await_fill(
-                                &key,
-                                &call.headers,
-                                &since,
-                                deadline,
-                                waiting,
-                                &call.state.rewriter,
-                            )
+                            .await_fill(&key, &call.headers, &since, deadline, waiting, &routed)
                             .await
                         {
                             Fill::Filled(entry) => {
@@ -646,7 +657,7 @@ impl Gateway {
                             Turn::Admitted(admitted)
                         }
                         peer = progress.displaced(), if !tried_peer => Turn::Join(peer),
-                        started = cache.fill_started(&key, &call.headers, &since, &call.state.rewriter),
+                        started = cache.fill_started(&key, &call.headers, &since, &routed),
                             if across && !watched => Turn::Elsewhere(started),
                     };
                     let admitted = match turn {
@@ -706,10 +717,7 @@ impl Gateway {
                     // Only now, about to call, the fill lock: another replica that took it
                     // first is calling already, and its answer will do (the cells go back).
                     if across {
-                        match cache
-                            .take_fill(&key, &call.headers, &since, &call.state.rewriter)
-                            .await
-                        {
+                        match cache.take_fill(&key, &call.headers, &since, &routed).await {
                             Take::Holder(held) => lock = Some(held),
                             Take::Filled(entry) => {
                                 gateway.inner.budget.refund(&call.client, admitted.ticket);
@@ -874,6 +882,13 @@ async fn peer_answer(
         Err(e) => Some(Err(e)),
     }
 }
+
+/// The windows of a read no route caches: nothing another replica shared is kept for it.
+const NO_WINDOWS: crate::cache::Windows = crate::cache::Windows {
+    ttl: std::time::Duration::ZERO,
+    stale_while_revalidate: std::time::Duration::ZERO,
+    stale_if_error: std::time::Duration::ZERO,
+};
 
 /// A cacheable route's rule for one request: ttl, the two stale windows, its tags.
 type Rule = (
