@@ -380,7 +380,14 @@ fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
             let dropped = match what {
                 replicas::Invalidation::Tags(tags) => cache.invalidate_tags(&tags).await,
                 replicas::Invalidation::Path(path) => cache.purge_path(&path).await,
-                replicas::Invalidation::All => cache.purge_all().await,
+                replicas::Invalidation::All => {
+                    // Its new global generation, learnt before anything else is read: an
+                    // entry it retired stays retired here should Redis lose the counter.
+                    if let Some(tier) = cache.shared() {
+                        tier.learn_global().await;
+                    }
+                    cache.purge_all().await
+                }
             };
             tracing::debug!(dropped, "invalidation from another replica applied");
         })

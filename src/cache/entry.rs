@@ -42,6 +42,12 @@ fn stored_header(status: StatusCode, name: &HeaderName) -> bool {
     !NOT_STORED.contains(&name)
 }
 
+/// Whether the gateway stores an upstream answer of `status`: only a success (2xx). The
+/// shared tier refuses an entry of any other status, whoever wrote it.
+pub fn stored_status(status: StatusCode) -> bool {
+    status.is_success()
+}
+
 /// One cached upstream answer, as the gateway builds it for [`crate::cache::Store::insert`].
 #[derive(Debug, Clone)]
 pub struct CachedResponse {

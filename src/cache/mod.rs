@@ -48,10 +48,10 @@ mod store;
 mod tags;
 mod vary;
 
-pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
+pub use entry::{stored_status, CachedResponse, Freshness, StoredResponse, Timing};
 pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
-pub use shared::{Generations, Localize, SharedMetrics, SharedTier};
+pub use shared::{Generations, Localize, SharedMetrics, SharedTier, Windows};
 pub use store::{Since, Store};
 pub use vary::Variant;

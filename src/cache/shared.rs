@@ -16,21 +16,72 @@ use crate::replicas::{
     Invalidation, Redis, Unavailable, BACKGROUND_CALL_TIMEOUT, CALL_TIMEOUT, PATIENT_CALL_TIMEOUT,
 };
 
+/// The Lua helpers every script below starts with: a generation counter read as a number
+/// (`nil` for a key of another type or anything but a plain count: tampered, to be
+/// replaced), and a generation as the text a write compares (`nil` for another type).
+const LUA_COUNTS: &str = r"
+local function count(k)
+  local v = redis.pcall('GET', k)
+  if v == false then return 0 end
+  if type(v) ~= 'string' or not string.match(v, '^%d+$') or #v > 15 then return nil end
+  return tonumber(v)
+end
+local function text(k)
+  local v = redis.pcall('GET', k)
+  if v == false then return '0' end
+  if type(v) ~= 'string' then return nil end
+  return v
+end
+";
+
+/// A script: [`LUA_COUNTS`] and `body`.
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{LUA_COUNTS}{body}"))
+}
+
+/// Reads an entry and the keys beside it as `MGET` would, but bounded (KEYS[1]: the entry,
+/// KEYS[2]: the global generation, then the other keys; ARGV[1]: the largest entry read, in
+/// bytes). Answers the entry (nil when absent, over the bound or of another type), then its
+/// size when it was not read (`-1` for another type), then every other key's value: nil
+/// when absent or of another type, except the global generation, which is `""` when it is
+/// of another type, so the reader can replace it. An entry over the bound is never read:
+/// one planted value the size of Redis's memory costs a `STRLEN`, not a transfer.
+static READ: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    script(
+        r"
+local out = {false, false}
+local size = redis.pcall('STRLEN', KEYS[1])
+if type(size) ~= 'number' then out[2] = '-1'
+elseif size > tonumber(ARGV[1]) then out[2] = tostring(size)
+elseif size > 0 then out[1] = redis.call('GET', KEYS[1]) end
+for i = 2, #KEYS do
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) == 'table' then v = false; if i == 2 then v = '' end end
+  out[#out + 1] = v
+end
+return out
+",
+    )
+});
+
 /// Stores an entry only when no generation it was looked up under has moved since
 /// (KEYS: the entry, the global generation, n group generations, n group sets; ARGV: the
 /// entry, its expiry in ms, then the expected generations in the same order), and records it
-/// in its groups' sets, which live at least as long as it does.
+/// in its groups' sets, which live at least as long as it does. A generation of another type
+/// than a string refuses the write; a set of another type is replaced.
 static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+    script(
         r"
 local n = (#KEYS - 2) / 2
 for i = 0, n do
-  if (redis.call('GET', KEYS[2 + i]) or '0') ~= ARGV[3 + i] then return 0 end
+  if text(KEYS[2 + i]) ~= ARGV[3 + i] then return 0 end
 end
 local px = tonumber(ARGV[2])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
 for i = 1, n do
   local set = KEYS[2 + n + i]
+  local t = redis.call('TYPE', set).ok
+  if t ~= 'set' and t ~= 'none' then redis.call('DEL', set) end
   redis.call('SADD', set, KEYS[1])
   if redis.call('PTTL', set) < px then redis.call('PEXPIRE', set, px) end
 end
@@ -40,20 +91,66 @@ return 1
 });
 
 /// Bumps each group's generation and deletes its entries (KEYS: generation and set, in
-/// pairs; ARGV[1]: how long a generation is kept, in ms); returns the entries deleted.
+/// pairs; ARGV[1]: how long a generation is kept, in ms; ARGV[2]: what every entry key of
+/// this deployment starts with). Only a set's members that are this deployment's entry keys
+/// are deleted: a set is a list anyone with access to Redis may have added any key to. A
+/// generation or a set of the wrong type is replaced. Answers the entries deleted and the
+/// keys replaced.
 static INVALIDATE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+    script(
         r"
-local removed = 0
+local removed, replaced = 0, 0
+local prefix = ARGV[2]
 for i = 1, #KEYS, 2 do
-  redis.call('INCRBY', KEYS[i], 1)
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
-  for _, entry in ipairs(redis.call('SMEMBERS', KEYS[i + 1])) do
-    removed = removed + redis.call('DEL', entry)
+  local gen = count(KEYS[i])
+  if gen == nil then gen = 0; replaced = replaced + 1 end
+  redis.call('SET', KEYS[i], string.format('%d', gen + 1), 'PX', ARGV[1])
+  local t = redis.call('TYPE', KEYS[i + 1]).ok
+  if t == 'set' then
+    for _, entry in ipairs(redis.call('SMEMBERS', KEYS[i + 1])) do
+      if string.sub(entry, 1, #prefix) == prefix then
+        removed = removed + redis.call('DEL', entry)
+      end
+    end
+  elseif t ~= 'none' then
+    replaced = replaced + 1
   end
   redis.call('DEL', KEYS[i + 1])
 end
-return removed
+return {removed, replaced}
+",
+    )
+});
+
+/// Bumps the global generation (KEYS[1]) past both what it holds and ARGV[1], the highest
+/// this replica has seen: a lost or reset counter never takes a purge back. A key of another
+/// type, or not a count, is replaced. Answers the new generation and 1 when it replaced one.
+static BUMP_ALL: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    script(
+        r"
+local gen, replaced = count(KEYS[1]), 0
+if gen == nil then gen = 0; replaced = 1 end
+local floor = tonumber(ARGV[1])
+if gen < floor then gen = floor end
+redis.call('SET', KEYS[1], string.format('%d', gen + 1))
+return {gen + 1, replaced}
+",
+    )
+});
+
+/// Raises the global generation (KEYS[1]) to ARGV[1] when it holds less (it was lost,
+/// evicted or reset) or something that is not a count; answers the generation it holds now
+/// and 1 when it had to be set.
+static RAISE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    script(
+        r"
+local gen = count(KEYS[1])
+local floor = tonumber(ARGV[1])
+if gen == nil or gen < floor then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return {floor, 1}
+end
+return {gen, 0}
 ",
     )
 });
@@ -67,17 +164,37 @@ const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 const WRITES_IN_FLIGHT: usize = 128;
 
 /// Leads every stored entry; anything else under an entry key is not read. The digit is
-/// the format: `cxg2` entries hold the neutral form (see [`Localize`]).
-const MAGIC: &[u8; 4] = b"cxg2";
+/// the format: `cxg3` entries hold the neutral form (see [`Localize`]) and their body's
+/// length.
+const MAGIC: &[u8; 4] = b"cxg3";
 
 /// What leads an entry of any format (`cxg` and a digit): `cxg1` led the first, whose
-/// links named the writing replica's own base. Another version's entries are passed over
-/// (a miss, overwritten by the next fill), never read: during a rolling upgrade across a
-/// format change each version fills and serves its own, and the others' expire.
+/// links named the writing replica's own base; `cxg2` did not carry its body's length.
+/// Another version's entries are passed over (a miss, overwritten by the next fill), never
+/// read: during a rolling upgrade across a format change each version fills and serves its
+/// own, and the others' expire.
 const FORMAT_PREFIX: &[u8; 3] = b"cxg";
 
 /// Why [`decode`] refuses an entry of another format than [`MAGIC`]'s.
 const OTHER_FORMAT: &str = "an entry of another format";
+
+/// How far ahead of this replica's clock an entry's fetched time may be and still be read
+/// (as fetched now): replicas' clocks differ by that much at most where NTP runs. Past it
+/// the entry is refused: an entry stamped in the future would never age.
+const CLOCK_SKEW: Duration = Duration::from_secs(2);
+
+/// How often, at most, the log says that unreadable or implausible shared entries were
+/// passed over (each is counted in `cxgate_cache_shared_lookups_total{result="invalid"}`).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The reading replica's route's windows: the most an entry read from the tier may claim,
+/// whatever its writer (or anyone else who can write to Redis) put in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
 
 /// How a replica takes an entry from the shared tier into its own form. Replicas may have
 /// different public bases, so the tier keeps every answer in one form none of them serves
@@ -94,8 +211,10 @@ pub trait Localize: Sync {
 /// stored; one written before it is in the group's set, and the invalidation deletes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generations {
-    global: String,
+    global: u64,
     groups: Vec<(String, String)>,
+    /// The route's windows at the lookup: what an entry read later for it may claim.
+    bounds: Windows,
 }
 
 /// One entry read from the shared tier, as the memory store takes it.
@@ -124,6 +243,16 @@ pub struct SharedTier {
     writes: IntCounterVec,
     /// Whether the log said once that entries of another format are passed over.
     told_format: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The highest global generation this replica has seen (read, bumped, or heard of): a
+    /// generation only goes forward, so an entry written before a purge stays retired when
+    /// Redis loses or resets the counter, and the counter is put back (see [`RAISE`]).
+    highest: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the log said that the global generation went back (until it is seen whole).
+    told_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the log last said an invalid entry was passed over ([`WARN_EVERY`]), in
+    /// milliseconds since the tier was made, plus one (0: never).
+    told_invalid: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    made: Instant,
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -159,7 +288,9 @@ impl SharedMetrics {
             Opts::new(
                 "cxgate_cache_shared_lookups_total",
                 "Memory misses looked up in the shared cache tier, by result (hit, miss, \
-                 other_format: an entry of another cxgate version passed over, error).",
+                 other_format: an entry of another cxgate version passed over, invalid: an \
+                 unreadable, implausible or oversized entry passed over, error; filled: \
+                 misses answered afterwards from another replica's fill).",
             ),
             &["result"],
         )?;
@@ -173,7 +304,7 @@ impl SharedMetrics {
         )?;
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(writes.clone()))?;
-        for result in ["hit", "miss", "other_format", "error"] {
+        for result in ["hit", "miss", "other_format", "invalid", "error", "filled"] {
             lookups.with_label_values(&[result]);
         }
         for result in ["stored", "invalidated", "too_large", "error"] {
@@ -194,6 +325,10 @@ impl SharedTier {
             lookups: metrics.lookups,
             writes: metrics.writes,
             told_format: std::sync::Arc::default(),
+            highest: std::sync::Arc::default(),
+            told_behind: std::sync::Arc::default(),
+            told_invalid: std::sync::Arc::default(),
+            made: Instant::now(),
         }
     }
 
@@ -214,38 +349,55 @@ impl SharedTier {
     }
 
     /// The entry under primary key `key` and the generations of its groups (`tags` and its
-    /// path), read at once. `None` when Redis is down, slow or refuses: memory only then.
-    pub async fn lookup(&self, key: &str, tags: &[String]) -> Option<(Option<Found>, Generations)> {
-        let Some((entry, generations)) = self.read(key, tags, true).await else {
+    /// path), read at once; the entry claims no more than `bounds`, the route's windows.
+    /// `None` when Redis is down, slow or refuses: memory only then.
+    pub async fn lookup(
+        &self,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Option<(Option<Found>, Generations)> {
+        let Some((entry, generations)) = self.read(key, tags, true, bounds).await else {
             self.lookups.with_label_values(&["error"]).inc();
             return None;
         };
-        let found = match entry.map(|e| decode(&e)) {
-            None => None,
-            Some(Ok((written_under, found))) => {
-                // Written before the last full purge: gone for every reader.
-                (written_under == generations.global).then_some(found)
-            }
-            Some(Err(OTHER_FORMAT)) => {
-                if !self
-                    .told_format
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
-                    tracing::info!(
-                        key,
-                        "passing over shared cache entries of another format (another cxgate \
-                         version wrote them, as in a rolling upgrade): each version fills and \
-                         serves its own, the others' expire; counted in \
-                         cxgate_cache_shared_lookups_total{{result=\"other_format\"}}"
-                    );
-                }
-                self.lookups.with_label_values(&["other_format"]).inc();
+        let found = match entry {
+            Entry::Absent => None,
+            Entry::Oversized(size) => {
+                let why = if size == "-1" {
+                    "a key of another type than a string".to_string()
+                } else {
+                    format!("{size} bytes, over cache.shared_max_entry_bytes")
+                };
+                self.invalid(key, &why);
                 return Some((None, generations));
             }
-            Some(Err(why)) => {
-                tracing::warn!(why, "ignoring an unreadable shared cache entry");
-                None
-            }
+            Entry::Read(blob) => match decode(&blob, &bounds) {
+                // Written before the last full purge: gone for every reader.
+                Ok((written_under, found)) => {
+                    (written_under == generations.global).then_some(found)
+                }
+                Err(OTHER_FORMAT) => {
+                    if !self
+                        .told_format
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::info!(
+                            key,
+                            "passing over shared cache entries of another format (another \
+                             cxgate version wrote them, as in a rolling upgrade): each version \
+                             fills and serves its own, the others' expire; counted in \
+                             cxgate_cache_shared_lookups_total{{result=\"other_format\"}}"
+                        );
+                    }
+                    self.lookups.with_label_values(&["other_format"]).inc();
+                    return Some((None, generations));
+                }
+                Err(why) => {
+                    self.invalid(key, why);
+                    return Some((None, generations));
+                }
+            },
         };
         let usable = found.filter(|f| f.value.freshness(Instant::now()).is_usable());
         let result = if usable.is_some() { "hit" } else { "miss" };
@@ -253,98 +405,208 @@ impl SharedTier {
         Some((usable, generations))
     }
 
+    /// Counts an entry of `key` passed over as invalid, and says so at most once per
+    /// [`WARN_EVERY`].
+    fn invalid(&self, key: &str, why: &str) {
+        use std::sync::atomic::Ordering;
+        self.lookups.with_label_values(&["invalid"]).inc();
+        let now = u64::try_from(self.made.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.told_invalid.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .told_invalid
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                key,
+                why,
+                "passing over an invalid shared cache entry (damaged, or written by someone \
+                 else than a replica): the key is fetched again and the entry overwritten; \
+                 counted in cxgate_cache_shared_lookups_total{{result=\"invalid\"}}"
+            );
+        }
+    }
+
+    /// Counts a miss looked up here that another replica's fill then answered.
+    pub(super) fn count_filled(&self) {
+        self.lookups.with_label_values(&["filled"]).inc();
+    }
+
     /// The Redis handle, for the fill lock kept beside the entries (see `fill`).
     pub(super) fn redis(&self) -> &Redis {
         &self.redis
     }
 
-    /// In one `MGET`: the entry under primary key `key` if it is fresh and was written
-    /// since the last full purge, and whether the Redis key `lock` exists. Not counted as a
-    /// lookup: a replica waiting for another's fill polls with it. An error when Redis
-    /// cannot say (see [`Unavailable::is_slow`] for one that may answer the next look).
+    /// In one call: the entry under primary key `key` if it is fresh, was written since the
+    /// last full purge and claims no more than `since`'s bounds, and whether the Redis key
+    /// `lock` exists. Not counted as a lookup: a replica waiting for another's fill polls
+    /// with it. An error when Redis cannot say (see [`Unavailable::is_slow`] for one that
+    /// may answer the next look).
     pub(super) async fn peek(
         &self,
         key: &str,
         lock: &str,
+        since: &Generations,
     ) -> Result<(Option<Found>, bool), Unavailable> {
         let keys = vec![self.entry_key(key), self.global_key(), lock.to_string()];
-        let mut values = self.mget(keys).await?;
-        let (entry, global, held) = (
-            values.next().flatten(),
-            values.next().flatten(),
-            values.next().flatten(),
-        );
-        let global = generation(global);
-        let found = entry
-            .and_then(|e| decode(&e).ok())
-            .filter(|(written_under, _)| *written_under == global)
-            .map(|(_, found)| found)
-            .filter(|f| {
-                matches!(
-                    f.value.freshness(Instant::now()),
-                    super::entry::Freshness::Fresh { .. }
-                )
-            });
+        let (entry, mut values) = self.read_bounded(keys).await?;
+        let (global, held) = (values.next().flatten(), values.next().flatten());
+        let global = self.seen_global(global);
+        let found = match entry {
+            Entry::Read(blob) => decode(&blob, &since.bounds).ok(),
+            _ => None,
+        }
+        .filter(|(written_under, _)| *written_under == global)
+        .map(|(_, found)| found)
+        .filter(|f| {
+            matches!(
+                f.value.freshness(Instant::now()),
+                super::entry::Freshness::Fresh { .. }
+            )
+        });
         Ok((found, held.is_some()))
     }
 
     /// The generations alone, for a fetch that was not preceded by a lookup (a background
     /// revalidation); `None` when Redis cannot say.
-    pub async fn generations(&self, key: &str, tags: &[String]) -> Option<Generations> {
-        self.read(key, tags, false).await.map(|(_, g)| g)
+    pub async fn generations(
+        &self,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Option<Generations> {
+        self.read(key, tags, false, bounds).await.map(|(_, g)| g)
     }
 
-    /// One `MGET`: the entry (when `with_entry`), the global generation and the groups'.
+    /// One call: the entry (when `with_entry`), the global generation and the groups'.
     async fn read(
         &self,
         key: &str,
         tags: &[String],
         with_entry: bool,
-    ) -> Option<(Option<Vec<u8>>, Generations)> {
+        bounds: Windows,
+    ) -> Option<(Entry, Generations)> {
         let groups = groups(key, tags);
         let mut keys = Vec::with_capacity(groups.len() + 2);
-        if with_entry {
-            keys.push(self.entry_key(key));
-        }
+        // Without an entry to read, the script reads a key no entry is stored under.
+        keys.push(if with_entry {
+            self.entry_key(key)
+        } else {
+            self.redis.key("cache:no-entry")
+        });
         keys.push(self.global_key());
         keys.extend(groups.iter().map(|g| self.generation_key(g)));
-        let mut values = self.mget(keys).await.ok()?;
-        let entry = if with_entry {
-            values.next().flatten()
-        } else {
-            None
-        };
-        let global = generation(values.next().flatten());
+        let (entry, mut values) = self.read_bounded(keys).await.ok()?;
+        let global = self.seen_global(values.next().flatten());
         let generations = Generations {
             global,
             groups: groups.into_iter().zip(values.map(generation)).collect(),
+            bounds,
         };
         Some((entry, generations))
     }
 
-    /// One `MGET` of `keys`: their values in order; an error when Redis cannot say (down,
-    /// slow, refusing, or an answer of the wrong length).
-    async fn mget(
+    /// One [`READ`] of `keys` (the entry, the global generation, then others): the entry,
+    /// then the others' values in order; an error when Redis cannot say (down, slow,
+    /// refusing, or an answer of the wrong length).
+    async fn read_bounded(
         &self,
         keys: Vec<String>,
-    ) -> Result<std::vec::IntoIter<Option<Vec<u8>>>, Unavailable> {
-        let expected = keys.len();
+    ) -> Result<(Entry, std::vec::IntoIter<Option<Vec<u8>>>), Unavailable> {
+        let expected = keys.len() + 1;
+        let max = self.max_entry_bytes.to_string();
         let values = self
             .redis
             .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                redis::cmd("MGET")
-                    .arg(&keys)
-                    .query_async::<Vec<Option<Vec<u8>>>>(&mut c)
+                let mut call = READ.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                call.arg(&max)
+                    .invoke_async::<Vec<Option<Vec<u8>>>>(&mut c)
                     .await
             })
             .await?;
         if values.len() != expected {
             return Err(Unavailable::Command(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "MGET answered another count of values than it was asked",
+                "the shared cache read answered another count of values than it was asked",
             ))));
         }
-        Ok(values.into_iter())
+        let mut values = values.into_iter();
+        let entry = match (values.next().flatten(), values.next().flatten()) {
+            (Some(blob), _) => Entry::Read(blob),
+            (None, Some(size)) => Entry::Oversized(String::from_utf8_lossy(&size).into_owned()),
+            (None, None) => Entry::Absent,
+        };
+        Ok((entry, values))
+    }
+
+    /// The global generation as it counts here: what Redis holds (`raw`; absent is 0), or
+    /// the highest this replica has seen when Redis holds less or something that is not a
+    /// count (the key was lost, evicted, reset or overwritten). Then Redis is put back to
+    /// that, in the background, and the log says so once per such incident.
+    fn seen_global(&self, raw: Option<Vec<u8>>) -> u64 {
+        use std::sync::atomic::Ordering;
+        let observed = match raw {
+            None => Some(0),
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .filter(|t| !t.is_empty() && t.len() <= 15 && t.bytes().all(|c| c.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok()),
+        };
+        let highest = self
+            .highest
+            .fetch_max(observed.unwrap_or(0), Ordering::AcqRel)
+            .max(observed.unwrap_or(0));
+        if observed == Some(highest) {
+            self.told_behind.store(false, Ordering::Relaxed);
+            return highest;
+        }
+        if !self.told_behind.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                highest,
+                seen = observed.map_or_else(|| "not a count".to_string(), |g| g.to_string()),
+                "the shared cache's global generation went back (lost, evicted or overwritten \
+                 in Redis): entries purged before stay retired, and Redis is set back to the \
+                 highest generation this replica has seen"
+            );
+        }
+        let tier = self.clone();
+        tokio::spawn(async move {
+            let _ = tier.raise_global(highest).await;
+        });
+        highest
+    }
+
+    /// Runs [`RAISE`] with `floor`: the generation Redis holds afterwards, remembered here.
+    async fn raise_global(&self, floor: u64) -> Result<u64, Unavailable> {
+        let global = self.global_key();
+        let (now, _set): (u64, u64) = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                RAISE
+                    .key(&global)
+                    .arg(floor)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
+            })
+            .await?;
+        self.highest
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        Ok(now)
+    }
+
+    /// Learns the global generation from Redis (after another replica's full purge, whose
+    /// bump this replica did not see), putting it back there if it went behind what this
+    /// replica had seen: a purge heard of is never undone by a lost key.
+    pub async fn learn_global(&self) {
+        let highest = self.highest.load(std::sync::atomic::Ordering::Acquire);
+        let _ = self.raise_global(highest).await;
     }
 
     /// Writes `value` (stored under `storage_key` for primary key `key`, in the neutral form
@@ -366,7 +628,8 @@ impl SharedTier {
             self.writes.with_label_values(&["invalidated"]).inc();
             return;
         }
-        let Some(blob) = encode(storage_key, value, &since.global, self.max_entry_bytes) else {
+        let global = since.global.to_string();
+        let Some(blob) = encode(storage_key, value, &global, self.max_entry_bytes) else {
             self.writes.with_label_values(&["too_large"]).inc();
             return;
         };
@@ -381,7 +644,7 @@ impl SharedTier {
         keys.extend(since.groups.iter().map(|(g, _)| self.generation_key(g)));
         keys.extend(since.groups.iter().map(|(g, _)| self.set_key(g)));
         let mut args: Vec<Vec<u8>> = vec![blob, left.to_string().into_bytes()];
-        args.push(since.global.clone().into_bytes());
+        args.push(global.into_bytes());
         args.extend(since.groups.iter().map(|(_, gen)| gen.clone().into_bytes()));
         let stored = self
             .redis
@@ -448,20 +711,7 @@ impl SharedTier {
         let groups: Vec<String> = match what {
             Invalidation::Tags(tags) => tags.iter().map(|t| format!("tag:{t}")).collect(),
             Invalidation::Path(path) => vec![format!("path:{}", normalize_path(path))],
-            Invalidation::All => {
-                let global = self.global_key();
-                return self
-                    .redis
-                    .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                        redis::cmd("INCRBY")
-                            .arg(&global)
-                            .arg(1)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await
-                    .map(|_| 0);
-            }
+            Invalidation::All => return self.bump_global().await.map(|_| 0),
         };
         if groups.is_empty() {
             return Ok(0);
@@ -471,16 +721,65 @@ impl SharedTier {
             .flat_map(|g| [self.generation_key(g), self.set_key(g)])
             .collect();
         let kept = GENERATION_KEPT.as_millis().to_string();
-        self.redis
+        let entries = self.entry_key("");
+        let (removed, replaced): (u64, u64) = self
+            .redis
             .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 let mut call = INVALIDATE.prepare_invoke();
                 for k in &keys {
                     call.key(k);
                 }
-                call.arg(&kept).invoke_async::<u64>(&mut c).await
+                call.arg(&kept)
+                    .arg(&entries)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
             })
-            .await
+            .await?;
+        if replaced > 0 {
+            tracing::warn!(
+                replaced,
+                ?what,
+                "replaced shared cache generations or sets of the wrong type in Redis (written \
+                 by someone else than a replica)"
+            );
+        }
+        Ok(removed)
     }
+
+    /// Bumps the global generation past both Redis's and the highest seen here (see
+    /// [`BUMP_ALL`]); the new one is remembered.
+    async fn bump_global(&self) -> Result<u64, Unavailable> {
+        let global = self.global_key();
+        let floor = self.highest.load(std::sync::atomic::Ordering::Acquire);
+        let (now, replaced): (u64, u64) = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                BUMP_ALL
+                    .key(&global)
+                    .arg(floor)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
+            })
+            .await?;
+        self.highest
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        if replaced > 0 {
+            tracing::warn!(
+                generation = now,
+                "replaced the shared cache's global generation in Redis: it held something \
+                 else than a count (written by someone else than a replica)"
+            );
+        }
+        Ok(now)
+    }
+}
+
+/// What [`READ`] found under an entry key.
+enum Entry {
+    Absent,
+    /// Over the bound (its size in bytes, or `-1` for a key of another type): not read.
+    Oversized(String),
+    Read(Vec<u8>),
 }
 
 /// Milliseconds since the Unix epoch of `at` (tokio's clock), by the wall clock now: what
@@ -494,15 +793,19 @@ fn wall_millis(at: Instant) -> i64 {
 }
 
 /// The instant on tokio's clock that is as old as wall-clock `millis` is now; an entry
-/// stamped ahead of this replica's clock counts as just stored.
-fn local_instant(millis: i64) -> Instant {
+/// stamped ahead of this replica's clock by up to [`CLOCK_SKEW`] counts as just stored,
+/// one stamped further ahead is refused (`None`): it would never age.
+fn local_instant(millis: i64) -> Option<Instant> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let stamped = Duration::from_millis(u64::try_from(millis).unwrap_or(0));
+    let stamped = Duration::from_millis(u64::try_from(millis).ok()?);
+    if stamped > now + CLOCK_SKEW {
+        return None;
+    }
     let age = now.saturating_sub(stamped);
     let here = Instant::now();
-    here.checked_sub(age).unwrap_or(here)
+    Some(here.checked_sub(age).unwrap_or(here))
 }
 
 fn millis(d: Duration) -> u32 {
@@ -511,7 +814,7 @@ fn millis(d: Duration) -> u32 {
 
 /// The entry as stored in Redis: [`MAGIC`], the global generation it was written under,
 /// stored-at (Unix ms), the three windows (ms), the status, then the storage key, the tags,
-/// the headers (each length-prefixed) and the body. What the memory entry keeps, nothing
+/// the headers (each length-prefixed), the body's length and the body. What the memory entry keeps, nothing
 /// more, in the neutral form ([`Localize`]): its headers are the stored ones, so no token
 /// or cookie is in it. `None` when it would exceed `max` bytes.
 fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -> Option<Vec<u8>> {
@@ -531,6 +834,7 @@ fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -
             .iter()
             .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
             .sum::<usize>()
+        + 4
         + value.body.len();
     if size > max {
         return None;
@@ -562,13 +866,17 @@ fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -
         out.put_u32_le(u32::try_from(v.len()).ok()?);
         out.put_slice(v.as_bytes());
     }
+    out.put_u32_le(u32::try_from(value.body.len()).ok()?);
     out.put_slice(&value.body);
     Some(out)
 }
 
 /// Reads what [`encode`] wrote, checking every part (anyone who may write to Redis may write
-/// anything there): the global generation it was written under, and the entry.
-fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
+/// anything there): the global generation it was written under, and the entry. Refused: a
+/// status the gateway does not store, a body of another length than the entry says, a
+/// fetched time in the future; windows longer than `bounds` (the reading route's) are cut
+/// to them, so no entry outlives what the route allows.
+fn decode(blob: &[u8], bounds: &Windows) -> Result<(u64, Found), &'static str> {
     let mut at = Bytes::copy_from_slice(blob);
     let take = |at: &mut Bytes, n: usize| -> Result<Bytes, &'static str> {
         if at.remaining() < n {
@@ -586,12 +894,23 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
     }
     let n = usize::from(take(&mut at, 2)?.get_u16_le());
     let global = text(take(&mut at, n)?)?;
+    let global = Some(global.as_str())
+        .filter(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|g| g.parse::<u64>().ok())
+        .ok_or("a generation that is not a count")?;
     let stored_millis = take(&mut at, 8)?.get_i64_le();
+    let stored_at = local_instant(stored_millis).ok_or("a fetched time in the future")?;
     let mut windows = take(&mut at, 12)?;
-    let mut window = || Duration::from_millis(u64::from(windows.get_u32_le()));
-    let (ttl, swr, sie) = (window(), window(), window());
+    let mut window =
+        |bound: Duration| Duration::from_millis(u64::from(windows.get_u32_le())).min(bound);
+    let ttl = window(bounds.ttl);
+    let swr = window(bounds.stale_while_revalidate);
+    let sie = window(bounds.stale_if_error);
     let status =
         StatusCode::from_u16(take(&mut at, 2)?.get_u16_le()).map_err(|_| "invalid status")?;
+    if !super::entry::stored_status(status) {
+        return Err("a status the gateway does not store");
+    }
     let n = take(&mut at, 4)?.get_u32_le() as usize;
     let storage_key = text(take(&mut at, n)?)?;
     let count = take(&mut at, 2)?.get_u16_le();
@@ -610,12 +929,19 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
             HeaderValue::from_maybe_shared(take(&mut at, n)?).map_err(|_| "invalid header")?;
         headers.append(name, value);
     }
+    let length = take(&mut at, 4)?.get_u32_le() as usize;
+    if at.remaining() != length {
+        return Err("a body of another length than the entry says");
+    }
+    if status == StatusCode::NO_CONTENT && length > 0 {
+        return Err("a 204 with a body");
+    }
     let value = CachedResponse {
         status,
         headers,
         body: at,
         tags: tags.into_boxed_slice(),
-        stored_at: local_instant(stored_millis),
+        stored_at,
         ttl,
         stale_while_revalidate: swr,
         stale_if_error: sie,
@@ -651,13 +977,20 @@ mod tests {
         }
     }
 
+    /// Windows longer than any test entry's: nothing is cut.
+    const WIDE: Windows = Windows {
+        ttl: Duration::from_secs(86_400),
+        stale_while_revalidate: Duration::from_secs(86_400),
+        stale_if_error: Duration::from_secs(86_400),
+    };
+
     #[tokio::test]
     async fn an_entry_survives_the_round_trip_with_its_age() {
         let mut e = entry();
         e.stored_at = Instant::now() - Duration::from_secs(30);
         let blob = encode("GET /me", &e, "4", 1 << 20).expect("encodes");
-        let (global, found) = decode(&blob).expect("decodes");
-        assert_eq!(global, "4");
+        let (global, found) = decode(&blob, &WIDE).expect("decodes");
+        assert_eq!(global, 4);
         assert_eq!(found.storage_key, "GET /me");
         let v = found.value;
         assert_eq!((v.status, &v.body, &v.tags), (e.status, &e.body, &e.tags));
@@ -695,28 +1028,125 @@ mod tests {
     #[tokio::test]
     async fn damaged_entries_are_refused_not_trusted() {
         let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
-        // Every cut before the body (the last 8 bytes) leaves a part unreadable.
-        for cut in [0, 3, 10, 40, blob.len() - 9] {
+        // Every cut leaves a part unreadable, the body's last byte too.
+        for cut in [0, 3, 10, 40, blob.len() - 9, blob.len() - 1] {
             assert!(
-                decode(&blob[..cut]).is_err(),
+                decode(&blob[..cut], &WIDE).is_err(),
                 "expected a cut at {cut} refused"
             );
         }
         let mut wrong = blob.clone();
         wrong[0] = b'x';
-        assert_eq!(decode(&wrong).err(), Some("not a cxgate entry"));
+        assert_eq!(decode(&wrong, &WIDE).err(), Some("not a cxgate entry"));
     }
 
     #[tokio::test]
     async fn entries_of_other_formats_are_told_apart_and_not_read() {
-        for magic in [b"cxg1", b"cxg3"] {
+        for magic in [b"cxg1", b"cxg2", b"cxg4"] {
             let mut other = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
             other[..4].copy_from_slice(magic);
             assert_eq!(
-                decode(&other).err(),
+                decode(&other, &WIDE).err(),
                 Some(OTHER_FORMAT),
                 "expected {magic:?} passed over as another format"
             );
         }
+    }
+
+    /// Where the fields after the generation start in an encoded entry of generation `g`.
+    fn stamp_at(global: &str) -> usize {
+        4 + 2 + global.len()
+    }
+
+    #[tokio::test]
+    async fn an_entry_claims_no_more_than_the_route_allows() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let route = Windows {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(2),
+            stale_if_error: Duration::ZERO,
+        };
+        let (_, found) = decode(&blob, &route).expect("decodes");
+        let v = found.value;
+        assert_eq!(
+            (v.ttl, v.stale_while_revalidate, v.stale_if_error),
+            (
+                route.ttl,
+                route.stale_while_revalidate,
+                route.stale_if_error
+            ),
+            "expected the entry's windows (600 s, 60 s, 3600 s) cut to the route's"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_fetched_in_the_future_is_refused_and_a_near_one_is_just_fetched() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let at = stamp_at("0");
+        let now = i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("millis");
+        let mut far = blob.clone();
+        far[at..at + 8].copy_from_slice(&(now + 10 * 365 * 86_400_000).to_le_bytes());
+        assert_eq!(
+            decode(&far, &WIDE).err(),
+            Some("a fetched time in the future")
+        );
+        let mut near = blob.clone();
+        near[at..at + 8].copy_from_slice(&(now + 500).to_le_bytes());
+        let (_, found) = decode(&near, &WIDE).expect("a stamp within the skew decodes");
+        assert_eq!(found.value.age(Instant::now()), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn only_statuses_the_gateway_stores_are_read() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let at = stamp_at("0") + 8 + 12;
+        for (status, read) in [(200u16, true), (203, true), (500, false), (302, false)]
+            .into_iter()
+            .chain([(304, false), (101, false), (999, false), (204, false)])
+        {
+            let mut planted = blob.clone();
+            planted[at..at + 2].copy_from_slice(&status.to_le_bytes());
+            assert_eq!(
+                decode(&planted, &WIDE).is_ok(),
+                read,
+                "status {status}: expected read {read}, saw {:?}",
+                decode(&planted, &WIDE).err()
+            );
+        }
+        // A 204 the gateway stored has no body: that one is read.
+        let mut empty = entry();
+        empty.status = StatusCode::NO_CONTENT;
+        empty.body = Bytes::new();
+        let blob = encode("GET /me", &empty, "0", 1 << 20).expect("encodes");
+        assert!(decode(&blob, &WIDE).is_ok(), "expected an empty 204 read");
+    }
+
+    #[tokio::test]
+    async fn a_body_of_another_length_than_the_entry_says_is_refused() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let mut longer = blob.clone();
+        longer.push(b' ');
+        for (what, planted) in [("cut", &blob[..blob.len() - 1]), ("longer", &longer[..])] {
+            assert_eq!(
+                decode(planted, &WIDE).err(),
+                Some("a body of another length than the entry says"),
+                "expected a body {what} by one byte refused"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generation_that_is_not_a_count_is_refused() {
+        let blob = encode("GET /me", &entry(), "x1", 1 << 20).expect("encodes");
+        assert_eq!(
+            decode(&blob, &WIDE).err(),
+            Some("a generation that is not a count")
+        );
     }
 }

@@ -22,7 +22,7 @@ use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, Freshness, StoredResponse};
 use super::fill::FillLock;
 use super::key::normalize_path;
-use super::shared::{Found, Generations, Localize, SharedTier};
+use super::shared::{Found, Generations, Localize, SharedTier, Windows};
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
@@ -132,6 +132,11 @@ impl Since {
     /// Redis): only then may the fetch be merged with other replicas' (see [`Store::take_fill`]).
     pub fn looked_up_shared(&self) -> bool {
         self.shared.is_some()
+    }
+
+    /// The shared tier's generations read for this fetch, if any.
+    pub(super) fn generations(&self) -> Option<&Generations> {
+        self.shared.as_ref()
     }
 }
 
@@ -414,19 +419,20 @@ impl Store {
     /// Without a tier, or with Redis unreachable, no entry and the epoch alone: the answer is
     /// then stored in memory only. An entry of another `Vary` variant than `req_headers`
     /// select is not used; nor is one that an invalidation on this replica overtook while it
-    /// was read.
+    /// was read. The entry claims no more than `bounds`, the route's windows.
     pub async fn get_shared(
         &self,
         key: &str,
         req_headers: &HeaderMap,
         tags: &[String],
+        bounds: Windows,
         local: &dyn Localize,
     ) -> (Option<StoredResponse>, Since) {
         let mut since = self.since();
         let Some(tier) = self.inner.shared.get() else {
             return (None, since);
         };
-        let Some((found, generations)) = tier.lookup(key, tags).await else {
+        let Some((found, generations)) = tier.lookup(key, tags, bounds).await else {
             return (None, since);
         };
         since.shared = Some(generations);
@@ -474,11 +480,18 @@ impl Store {
     }
 
     /// `since` with the shared tier's generations read now, if it has none yet and a tier is
-    /// attached: for a fetch about to ask the upstream that no lookup preceded.
-    pub async fn with_generations(&self, since: Since, key: &str, tags: &[String]) -> Since {
+    /// attached: for a fetch about to ask the upstream that no lookup preceded (`bounds`:
+    /// the route's windows).
+    pub async fn with_generations(
+        &self,
+        since: Since,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Since {
         match (self.inner.shared.get(), &since.shared) {
             (Some(tier), None) => Since {
-                shared: tier.generations(key, tags).await,
+                shared: tier.generations(key, tags, bounds).await,
                 ..since
             },
             _ => since,

@@ -206,10 +206,11 @@ impl Gateway {
             // Nothing fresh in memory: the shared tier may hold what another replica fetched.
             if inner.cache.shared().is_some() && !found.as_ref().is_some_and(is_fresh) {
                 let tags = route_tags(route);
+                let bounds = route_windows(route);
                 // Boxed: the shared tier's future is large and only this rare path needs it;
                 // inline it would make every hit's future (which the layers box) that size.
                 let (entry, looked_up) =
-                    Box::pin(inner.cache.get_shared(&key, headers, &tags, local)).await;
+                    Box::pin(inner.cache.get_shared(&key, headers, &tags, bounds, local)).await;
                 if entry.is_some() {
                     found = entry;
                     shared_hit = true;
@@ -669,11 +670,16 @@ impl Gateway {
                     break admitted;
                 };
                 let since = match &rule {
-                    Some((_, _, _, tags)) if !no_store => {
+                    Some((ttl, swr, sie, tags)) if !no_store => {
+                        let bounds = crate::cache::Windows {
+                            ttl: *ttl,
+                            stale_while_revalidate: *swr,
+                            stale_if_error: *sie,
+                        };
                         gateway
                             .inner
                             .cache
-                            .with_generations(since, &key, tags)
+                            .with_generations(since, &key, tags, bounds)
                             .await
                     }
                     _ => since,
@@ -682,7 +688,7 @@ impl Gateway {
                     .send_admitted(&call, admitted)
                     .await
                     .map_err(Arc::new)?;
-                let storable = fetched.status.is_success()
+                let storable = crate::cache::stored_status(fetched.status)
                     && !no_store
                     && !sets_cookie(&fetched.headers)
                     && !cache_control_forbids(&fetched.headers);
@@ -772,6 +778,17 @@ fn is_fresh(entry: &StoredResponse) -> bool {
 }
 
 /// The route's tags for this request (its captures filled in).
+/// The route's windows: the most an entry read from the shared tier for it may claim (none
+/// without a route or a ttl, which no shared lookup has).
+fn route_windows(route: Option<(&RouteConfig, &Captures<'_>)>) -> crate::cache::Windows {
+    let route = route.map(|(r, _)| r);
+    crate::cache::Windows {
+        ttl: route.and_then(|r| r.ttl).unwrap_or_default(),
+        stale_while_revalidate: route.map(|r| r.stale_while_revalidate).unwrap_or_default(),
+        stale_if_error: route.map(|r| r.stale_if_error).unwrap_or_default(),
+    }
+}
+
 fn route_tags(route: Option<(&RouteConfig, &Captures<'_>)>) -> Vec<String> {
     route.map_or_else(Vec::new, |(r, caps)| {
         r.tags.iter().map(|t| t.fill(caps)).collect()
