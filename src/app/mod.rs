@@ -258,6 +258,7 @@ pub async fn start(
                 config.cache.shared_max_entry_bytes,
                 shared_metrics,
             );
+            tier.preload().await;
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }

@@ -18,7 +18,7 @@ use crate::replicas::{Unavailable, PATIENT_CALL_TIMEOUT};
 pub const LOCK_TTL: Duration = Duration::from_secs(2);
 /// The holder extends its lock this often while its fetch runs.
 const EXTEND_EVERY: Duration = Duration::from_millis(500);
-/// How often a waiting replica looks for the shared entry (one `MGET` per key waited for,
+/// How often a waiting replica looks for the shared entry (one read per key waited for,
 /// not per request: the requests waiting on one replica are merged there first).
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often a miss queued for its budget looks whether another replica started the call:

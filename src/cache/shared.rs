@@ -227,7 +227,7 @@ pub struct Found {
 /// The shared tier of one replica. Cheap to clone.
 ///
 /// A miss in memory reads Redis once (the entry and the generations that guard it, one
-/// `MGET`); an answer fetched upstream is written for every replica by a script that first
+/// [`READ`] call); an answer fetched upstream is written for every replica by a script that first
 /// checks those generations. Invalidations bump them, so a read in flight elsewhere across a
 /// write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
 /// and any failure means "memory only": the caller falls back, never waits longer. Calls on
@@ -249,6 +249,9 @@ pub struct SharedTier {
     highest: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Whether the log said that the global generation went back (until it is seen whole).
     told_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A [`RAISE`] is on its way: the reads that see the generation behind meanwhile do not
+    /// send one each.
+    raising: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// When the log last said an invalid entry was passed over ([`WARN_EVERY`]), in
     /// milliseconds since the tier was made, plus one (0: never).
     told_invalid: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -327,9 +330,26 @@ impl SharedTier {
             told_format: std::sync::Arc::default(),
             highest: std::sync::Arc::default(),
             told_behind: std::sync::Arc::default(),
+            raising: std::sync::Arc::default(),
             told_invalid: std::sync::Arc::default(),
             made: Instant::now(),
         }
+    }
+
+    /// Loads the tier's scripts into Redis, so the first lookups do not each pay the three
+    /// round trips of a script Redis does not know yet (`NOSCRIPT`, load, call again): on a
+    /// slow Redis those overran the lookup's bound. A failure is left to the calls, which
+    /// load a script themselves when Redis lost it (a restart).
+    pub async fn preload(&self) {
+        let _ = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                for script in [&*READ, &*WRITE, &*INVALIDATE, &*BUMP_ALL, &*RAISE] {
+                    script.prepare_invoke().load_async(&mut c).await?;
+                }
+                Ok(())
+            })
+            .await;
     }
 
     fn entry_key(&self, key: &str) -> String {
@@ -576,10 +596,13 @@ impl SharedTier {
                  highest generation this replica has seen"
             );
         }
-        let tier = self.clone();
-        tokio::spawn(async move {
-            let _ = tier.raise_global(highest).await;
-        });
+        if !self.raising.swap(true, Ordering::AcqRel) {
+            let tier = self.clone();
+            tokio::spawn(async move {
+                let _ = tier.raise_global(highest).await;
+                tier.raising.store(false, Ordering::Release);
+            });
+        }
         highest
     }
 
