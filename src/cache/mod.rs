@@ -41,6 +41,7 @@ mod deadlines;
 mod entry;
 mod fill;
 mod key;
+mod lua;
 mod merge;
 mod shared;
 mod stats;
