@@ -2262,7 +2262,7 @@ async fn replicas_with_different_public_bases_share_pages_with_their_own_links()
     );
 
     // An entry of the format before: replica 0's links, under the old marker.
-    let old = replaced(&replaced(entry, "cxg2", "cxg1"), &upstream, &base0);
+    let old = replaced(&replaced(entry, "cxg3", "cxg1"), &upstream, &base0);
     let mut redis = conn(&c.redis).await;
     let () = redis::cmd("SET")
         .arg(entry_key)
@@ -2849,6 +2849,16 @@ async fn identical_misses_on_two_replicas_make_one_upstream_call() {
     assert!(
         statuses.iter().any(|s| collapsed_into_shared(s)),
         "expected the waiting replica's reads collapsed into the shared fill, saw {statuses:?}"
+    );
+    // The waiting replica's lookup found nothing, and the fill answered it: told apart.
+    let mut filled = 0.0;
+    for replica in 0..2 {
+        let name = "cxgate_cache_shared_lookups_total{result=\"filled\"}";
+        filled += c.metric(replica, name).await.unwrap_or(0.0);
+    }
+    assert!(
+        filled >= 1.0,
+        "expected the misses answered by the other replica's fill counted as filled, saw {filled}"
     );
     let held = lock_seen.expect("expected the fill lock held while the fetch ran");
     assert!(
@@ -4046,5 +4056,305 @@ async fn a_purge_by_tag_drops_what_another_table_tagged_for_the_same_resource() 
             "expected replica {r} to have dropped its copy, saw {status:?}"
         );
     }
+    c.stop().await;
+}
+
+/// Where an entry's fetched time (Unix ms, then its three windows and its status) starts in
+/// the shared tier's encoding: after the marker and the global generation it was written under.
+fn stamp_at(entry: &[u8]) -> usize {
+    6 + usize::from(u16::from_le_bytes([entry[4], entry[5]]))
+}
+
+/// Now on the wall clock, in Unix milliseconds.
+fn unix_millis() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    i64::try_from(now.as_millis()).expect("millis")
+}
+
+/// Fills `path` through replica 0 and returns its shared entry as Redis holds it.
+async fn filled(c: &Cluster, path: &str) -> Vec<u8> {
+    let answer = c.get(0, path).await;
+    assert_eq!(answer.status, StatusCode::OK, "expected {path} answered");
+    shared_entry(c, path)
+        .await
+        .unwrap_or_else(|| panic!("expected {path} in the shared tier"))
+}
+
+/// Stores `value` under `path`'s shared entry key, with no Redis expiry.
+async fn plant(c: &Cluster, path: &str, value: &[u8]) {
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("SET")
+        .arg(key(c, &format!("cache:entry:GET {path}")))
+        .arg(value)
+        .query_async(&mut redis)
+        .await
+        .expect("plant a shared entry");
+}
+
+/// Reads `path` on replica 1 (whose memory does not hold it) and expects it fetched anew,
+/// not served from what was planted in Redis: `what` says what was planted. What it saw
+/// otherwise, so one run shows every case that fails.
+async fn refetched(c: &Cluster, path: &str, what: &str) -> Result<(), String> {
+    let before = calls(c, "GET /me");
+    let read = c.get(1, path).await;
+    let status = read.header("cache-status").to_string();
+    if read.status != StatusCode::OK || !status.contains("fwd=uri-miss") {
+        return Err(format!(
+            "{what}: expected the planted entry passed over and {path} fetched, saw {} {status:?}",
+            read.status
+        ));
+    }
+    let after = calls(c, "GET /me");
+    if after != before + 1 {
+        return Err(format!(
+            "{what}: expected one upstream call, saw {}",
+            after - before
+        ));
+    }
+    Ok(())
+}
+
+/// What the shared tier reads from Redis is bounded as an upstream answer is: an entry's
+/// windows are cut to the reading route's (a ttl of 2^32-1 ms on a 10-minute route), one
+/// fetched in the future (which would never age) is refused, and so are a status the gateway
+/// never stores, a body cut short by a byte, and an entry over `shared_max_entry_bytes`
+/// (never read: Redis measures it first). Each is counted as invalid, and Redis stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_read_from_the_shared_tier_are_bounded_and_checked() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let mut failed = Vec::new();
+    // Fetched two hours ago with every window at its most: a route of 10 min + 1 h is over.
+    let path = "/me?case=windows";
+    let mut entry = filled(&c, path).await;
+    let at = stamp_at(&entry);
+    entry[at..at + 8].copy_from_slice(&(unix_millis() - 2 * 3_600_000).to_le_bytes());
+    for window in 0..3 {
+        let w = at + 8 + 4 * window;
+        entry[w..w + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    }
+    plant(&c, path, &entry).await;
+    failed.extend(refetched(&c, path, "windows of 2^32-1 ms").await.err());
+
+    let path = "/me?case=future";
+    let mut entry = filled(&c, path).await;
+    let at = stamp_at(&entry);
+    let future = unix_millis() + 10 * 365 * 86_400_000;
+    entry[at..at + 8].copy_from_slice(&future.to_le_bytes());
+    plant(&c, path, &entry).await;
+    failed.extend(
+        refetched(&c, path, "a fetched time ten years ahead")
+            .await
+            .err(),
+    );
+
+    let path = "/me?case=cut";
+    let entry = filled(&c, path).await;
+    plant(&c, path, &entry[..entry.len() - 1]).await;
+    failed.extend(refetched(&c, path, "a body cut by one byte").await.err());
+
+    let path = "/me?case=huge";
+    let mut entry = filled(&c, path).await;
+    entry.extend(std::iter::repeat_n(b' ', 2 << 20));
+    plant(&c, path, &entry).await;
+    failed.extend(refetched(&c, path, "an entry of 2 MiB").await.err());
+
+    // 101 last: a gateway that served it left the connection hanging.
+    for status in [500u16, 302, 304, 999, 101] {
+        if status == 101 {
+            eprintln!("failed before the 101 case: {failed:#?}");
+        }
+        let path = format!("/me?case=status{status}");
+        let mut entry = filled(&c, &path).await;
+        let at = stamp_at(&entry) + 8 + 12;
+        entry[at..at + 2].copy_from_slice(&status.to_le_bytes());
+        plant(&c, &path, &entry).await;
+        let what = format!("status {status}");
+        failed.extend(refetched(&c, &path, &what).await.err());
+    }
+
+    let invalid = c
+        .metric(1, "cxgate_cache_shared_lookups_total{result=\"invalid\"}")
+        .await;
+    if invalid != Some(8.0) {
+        failed.push(format!(
+            "expected every planted entry but the one with long windows counted invalid (8), \
+             saw {invalid:?}"
+        ));
+    }
+    let up = c.metric(1, "cxgate_redis_up").await;
+    if up != Some(1.0) {
+        failed.push(format!("expected Redis up on replica 1, saw {up:?}"));
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    c.stop().await;
+}
+
+/// A purge or a write deletes only the entries of its groups: a key that is not one of this
+/// deployment's entries, added to a group's set in Redis, is left alone (another prefix's
+/// key, the budget's, the generation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_delete_only_this_deployments_entries_whatever_a_set_lists() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(1, SimOptions::default()).await else {
+        return;
+    };
+    filled(&c, "/me").await;
+    let victims = [
+        "{other}:precious".to_string(),
+        "unrelated".to_string(),
+        key(&c, "budget:planted"),
+        key(&c, "cache:gen"),
+        key(&c, "cache:entryish"),
+    ];
+    let mut redis = conn(&c.redis).await;
+    for victim in &victims {
+        let () = redis::cmd("SET")
+            .arg(victim)
+            .arg("7")
+            .query_async(&mut redis)
+            .await
+            .expect("plant a key");
+        let _: i64 = redis::cmd("SADD")
+            .arg(key(&c, "cache:set:tag:me"))
+            .arg(victim)
+            .query_async(&mut redis)
+            .await
+            .expect("list it in the tag's set");
+    }
+    let purged = c
+        .admin(0, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    assert!(
+        shared_entry(&c, "/me").await.is_none(),
+        "expected the tag's own entry deleted"
+    );
+    for victim in &victims {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(victim)
+            .query_async(&mut redis)
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 1, "expected {victim} left alone by the purge");
+    }
+    c.stop().await;
+}
+
+/// A purge of everything stays done when Redis loses the global generation afterwards:
+/// neither the replica that purged nor one that heard of it serves an entry written before
+/// it, and the generation is put back in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_purge_is_not_undone_by_losing_the_generation() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    // One path per replica to read afterwards: the first read fetches and shares anew.
+    filled(&c, "/me").await;
+    filled(&c, "/me/accounts").await;
+    assert!(c.get(1, "/me").await.header("cache-status").contains("hit"));
+    let purged = c
+        .admin(0, Method::POST, "/admin/purge", r#"{"all":true}"#)
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    // Replica 1 heard of it once its memory is empty (it learns the generation first).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.metric(1, "cxgate_cache_entries").await != Some(0.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        shared_entry(&c, "/me").await.is_some(),
+        "expected the purged entry still in Redis (retired by generation)"
+    );
+    let mut redis = conn(&c.redis).await;
+    let gen = key(&c, "cache:gen");
+    let _: i64 = redis::cmd("DEL")
+        .arg(&gen)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    for (replica, path) in [(1, "/me"), (0, "/me/accounts")] {
+        let read = c.get(replica, path).await;
+        assert!(
+            read.header("cache-status").contains("fwd=uri-miss"),
+            "expected replica {replica} not to serve the purged entry of {path}, saw {:?}",
+            read.header("cache-status")
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut back: Option<String> = None;
+    while Instant::now() < deadline {
+        back = redis::cmd("GET")
+            .arg(&gen)
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        if back.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        back.as_deref(),
+        Some("1"),
+        "expected the generation put back"
+    );
+    c.stop().await;
+}
+
+/// A global generation of the wrong type in Redis (a hash) is replaced by the next purge of
+/// everything, which counts no Redis error: the replica stays on Redis, and the purge holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_of_the_wrong_type_is_replaced_not_an_outage() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let gen = key(&c, "cache:gen");
+    let _: i64 = redis::cmd("HSET")
+        .arg(&gen)
+        .arg("a")
+        .arg("b")
+        .query_async(&mut redis)
+        .await
+        .expect("HSET");
+    // Shared or not (its write may race the generation's repair), it is in memory.
+    assert_eq!(c.get(0, "/me").await.status, StatusCode::OK);
+    let purged = c
+        .admin(0, Method::POST, "/admin/purge", r#"{"all":true}"#)
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "expected the purge accepted");
+    // Probes run every 250 ms while Redis is marked down: a few of them.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(&gen)
+        .query_async(&mut redis)
+        .await
+        .expect("TYPE");
+    assert_eq!(
+        kind, "string",
+        "expected the generation replaced by a count"
+    );
+    for replica in 0..2 {
+        assert_eq!(
+            c.metric(replica, "cxgate_redis_errors_total{op=\"cache\"}")
+                .await,
+            Some(0.0),
+            "expected no Redis error on replica {replica}"
+        );
+        assert_eq!(c.metric(replica, "cxgate_redis_up").await, Some(1.0));
+    }
+    let read = c.get(1, "/me").await;
+    assert!(
+        read.header("cache-status").contains("fwd=uri-miss"),
+        "expected the purged entry not served, saw {:?}",
+        read.header("cache-status")
+    );
     c.stop().await;
 }

@@ -252,7 +252,7 @@ pub async fn start(
             );
             // Loaded before the first lookup: on a slow Redis a lookup that also had to
             // load its script (three round trips, not one) would run past its bound.
-            tier.load_scripts().await;
+            tier.preload().await;
             gateway.cache().attach_shared(tier.clone());
             redis.remove_before_publishing(remove_shared(tier));
         }
@@ -462,7 +462,14 @@ fn apply_invalidations(cache: cache::Store) -> replicas::Apply {
             let dropped = match what {
                 replicas::Invalidation::Tags(tags) => cache.invalidate_tags(&tags).await,
                 replicas::Invalidation::Path(path) => cache.purge_path(&path).await,
-                replicas::Invalidation::All => cache.purge_all().await,
+                replicas::Invalidation::All => {
+                    // Its new global generation, learnt before anything else is read: an
+                    // entry it retired stays retired here should Redis lose the counter.
+                    if let Some(tier) = cache.shared() {
+                        tier.learn_global().await;
+                    }
+                    cache.purge_all().await
+                }
             };
             tracing::debug!(dropped, "invalidation from another replica applied");
         })

@@ -42,6 +42,14 @@ fn stored_header(status: StatusCode, name: &HeaderName) -> bool {
     !NOT_STORED.contains(&name)
 }
 
+/// Whether the gateway stores an upstream answer of `status`: only a success (2xx), and
+/// never a 206, which is a part of the answer: a later read of the key would be served a
+/// fragment as if it were whole. The shared tier refuses an entry of any other status,
+/// whoever wrote it.
+pub fn stored_status(status: StatusCode) -> bool {
+    status.is_success() && status != StatusCode::PARTIAL_CONTENT
+}
+
 /// One cached upstream answer, as the gateway builds it for [`crate::cache::Store::insert`].
 #[derive(Debug, Clone)]
 pub struct CachedResponse {

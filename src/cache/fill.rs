@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::entry::StoredResponse;
-use super::shared::{Found, Localize, SharedTier};
+use super::shared::{Found, Generations, Localize, SharedTier};
 use super::store::{Since, Store};
 use crate::replicas::{Unavailable, PATIENT_CALL_TIMEOUT};
 
@@ -18,7 +18,7 @@ use crate::replicas::{Unavailable, PATIENT_CALL_TIMEOUT};
 pub const LOCK_TTL: Duration = Duration::from_secs(2);
 /// The holder extends its lock this often while its fetch runs.
 const EXTEND_EVERY: Duration = Duration::from_millis(500);
-/// How often a waiting replica looks for the shared entry (one `MGET` per key waited for,
+/// How often a waiting replica looks for the shared entry (one read per key waited for,
 /// not per request: the requests waiting on one replica are merged there first).
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often a miss queued for its budget looks whether another replica started the call:
@@ -166,8 +166,8 @@ impl Drop for FillLock {
 impl Store {
     /// The shared tier, when `since` says this miss was looked up there (only such a miss
     /// merges with other replicas': without a lookup Redis could not answer).
-    fn fill_tier(&self, since: &Since) -> Option<&SharedTier> {
-        self.shared().filter(|_| since.looked_up_shared())
+    fn fill_tier<'a>(&'a self, since: &'a Since) -> Option<(&'a SharedTier, &'a Generations)> {
+        self.shared().zip(since.generations())
     }
 
     /// The shared entry `found` of `key`, taken into memory for a request with
@@ -208,13 +208,13 @@ impl Store {
         waiting: impl FnOnce(),
         local: &dyn Localize,
     ) -> Fill {
-        let Some(tier) = self.fill_tier(since) else {
+        let Some((tier, generations)) = self.fill_tier(since) else {
             return Fill::Alone;
         };
         let lock_key = tier.lock_key(key);
         let mut waiting = Some(waiting);
         loop {
-            let (found, held) = match tier.peek(key, &lock_key).await {
+            let (found, held) = match tier.peek(key, &lock_key, generations).await {
                 Ok(seen) => seen,
                 // Slow, not gone: look again until the deadline rather than fetch alone.
                 Err(why) if why.is_slow() && tier.redis().is_up() => (None, true),
@@ -222,7 +222,10 @@ impl Store {
             };
             if let Some(found) = found {
                 match self.take_found(key, req_headers, found, since, local).await {
-                    Ok(Some(entry)) => return Fill::Filled(entry),
+                    Ok(Some(entry)) => {
+                        tier.count_filled();
+                        return Fill::Filled(entry);
+                    }
                     Ok(None) => {}
                     Err(()) => return Fill::Alone,
                 }
@@ -251,20 +254,23 @@ impl Store {
         since: &Since,
         local: &dyn Localize,
     ) -> Option<StoredResponse> {
-        let Some(tier) = self.fill_tier(since) else {
+        let Some((tier, generations)) = self.fill_tier(since) else {
             return std::future::pending().await;
         };
         let lock_key = tier.lock_key(key);
         loop {
             tokio::time::sleep(QUEUED_POLL).await;
-            let (found, held) = match tier.peek(key, &lock_key).await {
+            let (found, held) = match tier.peek(key, &lock_key, generations).await {
                 Ok(seen) => seen,
                 Err(why) if why.is_slow() && tier.redis().is_up() => continue,
                 Err(_) => return std::future::pending().await,
             };
             if let Some(found) = found {
                 match self.take_found(key, req_headers, found, since, local).await {
-                    Ok(Some(entry)) => return Some(entry),
+                    Ok(Some(entry)) => {
+                        tier.count_filled();
+                        return Some(entry);
+                    }
                     Ok(None) => {}
                     // Nothing taken; the budget wait goes on and decides.
                     Err(()) => return std::future::pending().await,
@@ -285,7 +291,7 @@ impl Store {
         since: &Since,
         local: &dyn Localize,
     ) -> Take {
-        let Some(tier) = self.fill_tier(since) else {
+        let Some((tier, generations)) = self.fill_tier(since) else {
             return Take::Alone;
         };
         match tier.try_lock(key).await {
@@ -294,10 +300,12 @@ impl Store {
             Ok(Some(lock)) => {
                 // The holder before may have shared its answer between this replica's
                 // lookup and now: one more look saves a second call.
-                if let Ok((Some(found), _)) = tier.peek(key, &tier.lock_key(key)).await {
+                if let Ok((Some(found), _)) = tier.peek(key, &tier.lock_key(key), generations).await
+                {
                     if let Ok(Some(entry)) =
                         self.take_found(key, req_headers, found, since, local).await
                     {
+                        tier.count_filled();
                         lock.release().await;
                         return Take::Filled(entry);
                     }

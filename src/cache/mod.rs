@@ -41,6 +41,7 @@ mod deadlines;
 mod entry;
 mod fill;
 mod key;
+mod lua;
 mod merge;
 mod shared;
 mod stats;
@@ -48,7 +49,7 @@ mod store;
 mod tags;
 mod vary;
 
-pub use entry::{CachedResponse, Freshness, StoredResponse, Timing};
+pub use entry::{stored_status, CachedResponse, Freshness, StoredResponse, Timing};
 pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};

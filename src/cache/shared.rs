@@ -12,90 +12,14 @@ use tokio::time::Instant;
 use super::entry::CachedResponse;
 use super::fill::FillLock;
 use super::key::normalize_path;
+use super::lua::{BUMP_ALL, INVALIDATE, RAISE, READ, WRITE};
 use crate::replicas::{
     Invalidation, Redis, Unavailable, BACKGROUND_CALL_TIMEOUT, CALL_TIMEOUT, PATIENT_CALL_TIMEOUT,
 };
 
-/// Stores an entry only when no generation it was looked up under has moved since
-/// (KEYS: the entry, the global generation, n group generations, n group sets; ARGV: the
-/// entry, its expiry in ms, then the expected generations in the same order), and records it
-/// in its groups' sets, which live at least as long as it does.
-static WRITE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local n = (#KEYS - 2) / 2
-for i = 0, n do
-  if (redis.call('GET', KEYS[2 + i]) or '0') ~= ARGV[3 + i] then return 0 end
-end
-local px = tonumber(ARGV[2])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
-for i = 1, n do
-  local set = KEYS[2 + n + i]
-  redis.call('SADD', set, KEYS[1])
-  if redis.call('PTTL', set) < px then redis.call('PEXPIRE', set, px) end
-end
-return 1
-",
-    )
-});
-
-/// Bumps each group's generation and deletes its entries (KEYS: generation and set, in
-/// pairs; ARGV[1]: how long a generation is kept, in ms); returns the entries deleted.
-static INVALIDATE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local removed = 0
-for i = 1, #KEYS, 2 do
-  redis.call('INCRBY', KEYS[i], 1)
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
-  for _, entry in ipairs(redis.call('SMEMBERS', KEYS[i + 1])) do
-    removed = removed + redis.call('DEL', entry)
-  end
-  redis.call('DEL', KEYS[i + 1])
-end
-return removed
-",
-    )
-});
-
-/// Reads values each within its bound (KEYS: the values' keys, then optionally a fill lock;
-/// ARGV: how many values, each one's longest length in bytes, then the lock's lease in ms):
-/// `STRLEN` first, so a value over its bound (or of another type) is never read and answers
-/// as missing. The lock answers `'1'` while held; one planted with no expiry or with one
-/// past the lease (no replica sets such a lock: a holder sets and extends it to the lease)
-/// is treated as expired and deleted, so it holds nobody back: waiting it out would spend
-/// the waiting request's whole `max_wait`, and the budget would then refuse it.
-static READ: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local n = tonumber(ARGV[1])
-local out = {}
-for i = 1, n do
-  local value = false
-  local size = redis.pcall('STRLEN', KEYS[i])
-  if type(size) == 'number' and size <= tonumber(ARGV[1 + i]) then
-    value = redis.call('GET', KEYS[i])
-  end
-  out[i] = value
-end
-if #KEYS > n then
-  local lock, lease = KEYS[n + 1], tonumber(ARGV[n + 2])
-  local ttl = redis.call('PTTL', lock)
-  local held = false
-  if ttl == -1 or ttl > lease then
-    redis.call('DEL', lock)
-  elseif ttl > 0 then
-    held = '1'
-  end
-  out[n + 1] = held
-end
-return out
-",
-    )
-});
-
 /// The longest generation read: a counter's decimal digits (a longer value is junk and
-/// reads as missing, which only makes a write look stale and be refused).
+/// reads as missing, which only makes a write look stale and be refused; the global one
+/// reads as not a count, and is replaced).
 const MAX_GENERATION_BYTES: usize = 32;
 
 /// How long a group's generation outlives its last bump: far longer than any fetch takes,
@@ -107,17 +31,37 @@ const GENERATION_KEPT: Duration = Duration::from_secs(24 * 3600);
 const WRITES_IN_FLIGHT: usize = 128;
 
 /// Leads every stored entry; anything else under an entry key is not read. The digit is
-/// the format: `cxg2` entries hold the neutral form (see [`Localize`]).
-const MAGIC: &[u8; 4] = b"cxg2";
+/// the format: `cxg3` entries hold the neutral form (see [`Localize`]) and their body's
+/// length.
+const MAGIC: &[u8; 4] = b"cxg3";
 
 /// What leads an entry of any format (`cxg` and a digit): `cxg1` led the first, whose
-/// links named the writing replica's own base. Another version's entries are passed over
-/// (a miss, overwritten by the next fill), never read: during a rolling upgrade across a
-/// format change each version fills and serves its own, and the others' expire.
+/// links named the writing replica's own base; `cxg2` did not carry its body's length.
+/// Another version's entries are passed over (a miss, overwritten by the next fill), never
+/// read: during a rolling upgrade across a format change each version fills and serves its
+/// own, and the others' expire.
 const FORMAT_PREFIX: &[u8; 3] = b"cxg";
 
 /// Why [`decode`] refuses an entry of another format than [`MAGIC`]'s.
 const OTHER_FORMAT: &str = "an entry of another format";
+
+/// How far ahead of this replica's clock an entry's fetched time may be and still be read
+/// (as fetched now): replicas' clocks differ by that much at most where NTP runs. Past it
+/// the entry is refused: an entry stamped in the future would never age.
+const CLOCK_SKEW: Duration = Duration::from_secs(2);
+
+/// How often, at most, the log says that unreadable or implausible shared entries were
+/// passed over (each is counted in `cxgate_cache_shared_lookups_total{result="invalid"}`).
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The reading replica's route's windows: the most an entry read from the tier may claim,
+/// whatever its writer (or anyone else who can write to Redis) put in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Windows {
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+}
 
 /// How a replica takes an entry from the shared tier into its own form. Replicas may have
 /// different public bases, so the tier keeps every answer in one form none of them serves
@@ -126,34 +70,13 @@ const OTHER_FORMAT: &str = "an entry of another format";
 pub trait Localize: Sync {
     /// `headers` and `body` as this replica serves them; `None` when they stay as they are.
     fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)>;
-
-    /// This replica's own windows for the entry (its route's): a replica whose table says
-    /// less than the writer's serves and keeps the entry no longer than its own say.
-    fn windows(&self) -> Option<Windows> {
-        None
-    }
 }
 
-/// A route's ttl and stale windows, as one replica's table gives them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Windows {
-    pub ttl: Duration,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
-}
-
-impl Windows {
-    /// `value`'s windows cut to these where these are shorter.
-    pub fn cut(&self, value: &mut CachedResponse) {
-        value.ttl = value.ttl.min(self.ttl);
-        value.stale_while_revalidate = value
-            .stale_while_revalidate
-            .min(self.stale_while_revalidate);
-        value.stale_if_error = value.stale_if_error.min(self.stale_if_error);
-    }
-}
-
-/// A [`Localize`] with the route's own [`Windows`]: what a read hands the store.
+/// A [`Localize`] with the reading route's own [`Windows`]: what a read hands the store.
+/// The windows bound what an entry read from the tier may claim: [`decode`] cuts an
+/// entry's to them (on the lookup, and on each look of a fill wait, through the
+/// [`Generations`] the lookup read), so a replica whose table says less than the
+/// writer's serves and keeps the entry no longer than its own say.
 pub struct Routed<'a> {
     pub local: &'a dyn Localize,
     pub windows: Windows,
@@ -163,10 +86,6 @@ impl Localize for Routed<'_> {
     fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)> {
         self.local.localize(headers, body)
     }
-
-    fn windows(&self) -> Option<Windows> {
-        Some(self.windows)
-    }
 }
 
 /// The generations an entry was looked up under: the global one (bumped by a full purge) and
@@ -175,8 +94,10 @@ impl Localize for Routed<'_> {
 /// stored; one written before it is in the group's set, and the invalidation deletes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generations {
-    global: String,
+    global: u64,
     groups: Vec<(String, String)>,
+    /// The route's windows at the lookup: what an entry read later for it may claim.
+    bounds: Windows,
 }
 
 /// One entry read from the shared tier, as the memory store takes it.
@@ -189,7 +110,7 @@ pub struct Found {
 /// The shared tier of one replica. Cheap to clone.
 ///
 /// A miss in memory reads Redis once (the entry and the generations that guard it, one
-/// `MGET`); an answer fetched upstream is written for every replica by a script that first
+/// [`READ`] call); an answer fetched upstream is written for every replica by a script that first
 /// checks those generations. Invalidations bump them, so a read in flight elsewhere across a
 /// write or purge is never stored (see [`Generations`]). Every call is one bounded Redis call
 /// and any failure means "memory only": the caller falls back, never waits longer. Calls on
@@ -205,6 +126,19 @@ pub struct SharedTier {
     writes: IntCounterVec,
     /// Whether the log said once that entries of another format are passed over.
     told_format: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The highest global generation this replica has seen (read, bumped, or heard of): a
+    /// generation only goes forward, so an entry written before a purge stays retired when
+    /// Redis loses or resets the counter, and the counter is put back (see [`RAISE`]).
+    highest: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the log said that the global generation went back (until it is seen whole).
+    told_behind: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A [`RAISE`] is on its way: the reads that see the generation behind meanwhile do not
+    /// send one each.
+    raising: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// When the log last said an invalid entry was passed over ([`WARN_EVERY`]), in
+    /// milliseconds since the tier was made, plus one (0: never).
+    told_invalid: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    made: Instant,
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -240,7 +174,9 @@ impl SharedMetrics {
             Opts::new(
                 "cxgate_cache_shared_lookups_total",
                 "Memory misses looked up in the shared cache tier, by result (hit, miss, \
-                 other_format: an entry of another cxgate version passed over, error).",
+                 other_format: an entry of another cxgate version passed over, invalid: an \
+                 unreadable, implausible or oversized entry passed over, error; filled: \
+                 misses answered afterwards from another replica's fill).",
             ),
             &["result"],
         )?;
@@ -254,7 +190,7 @@ impl SharedMetrics {
         )?;
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(writes.clone()))?;
-        for result in ["hit", "miss", "other_format", "error"] {
+        for result in ["hit", "miss", "other_format", "invalid", "error", "filled"] {
             lookups.with_label_values(&[result]);
         }
         for result in ["stored", "invalidated", "too_large", "error"] {
@@ -275,7 +211,28 @@ impl SharedTier {
             lookups: metrics.lookups,
             writes: metrics.writes,
             told_format: std::sync::Arc::default(),
+            highest: std::sync::Arc::default(),
+            told_behind: std::sync::Arc::default(),
+            raising: std::sync::Arc::default(),
+            told_invalid: std::sync::Arc::default(),
+            made: Instant::now(),
         }
+    }
+
+    /// Loads the tier's scripts into Redis, so the first lookups do not each pay the three
+    /// round trips of a script Redis does not know yet (`NOSCRIPT`, load, call again): on a
+    /// slow Redis those overran the lookup's bound. A failure is left to the calls, which
+    /// load a script themselves when Redis lost it (a restart).
+    pub async fn preload(&self) {
+        let _ = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                for script in [&*READ, &*WRITE, &*INVALIDATE, &*BUMP_ALL, &*RAISE] {
+                    script.prepare_invoke().load_async(&mut c).await?;
+                }
+                Ok(())
+            })
+            .await;
     }
 
     fn entry_key(&self, key: &str) -> String {
@@ -295,38 +252,55 @@ impl SharedTier {
     }
 
     /// The entry under primary key `key` and the generations of its groups (`tags` and its
-    /// path), read at once. `None` when Redis is down, slow or refuses: memory only then.
-    pub async fn lookup(&self, key: &str, tags: &[String]) -> Option<(Option<Found>, Generations)> {
-        let Some((entry, generations)) = self.read(key, tags, true).await else {
+    /// path), read at once; the entry claims no more than `bounds`, the route's windows.
+    /// `None` when Redis is down, slow or refuses: memory only then.
+    pub async fn lookup(
+        &self,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Option<(Option<Found>, Generations)> {
+        let Some((entry, generations)) = self.read(key, tags, true, bounds).await else {
             self.lookups.with_label_values(&["error"]).inc();
             return None;
         };
-        let found = match entry.map(|e| decode(&e)) {
-            None => None,
-            Some(Ok((written_under, found))) => {
-                // Written before the last full purge: gone for every reader.
-                (written_under == generations.global).then_some(found)
-            }
-            Some(Err(OTHER_FORMAT)) => {
-                if !self
-                    .told_format
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
-                    tracing::info!(
-                        key,
-                        "passing over shared cache entries of another format (another cxgate \
-                         version wrote them, as in a rolling upgrade): each version fills and \
-                         serves its own, the others' expire; counted in \
-                         cxgate_cache_shared_lookups_total{{result=\"other_format\"}}"
-                    );
-                }
-                self.lookups.with_label_values(&["other_format"]).inc();
+        let found = match entry {
+            Entry::Absent => None,
+            Entry::Oversized(size) => {
+                let why = if size == "-1" {
+                    "a key of another type than a string".to_string()
+                } else {
+                    format!("{size} bytes, over cache.shared_max_entry_bytes")
+                };
+                self.invalid(key, &why);
                 return Some((None, generations));
             }
-            Some(Err(why)) => {
-                tracing::warn!(why, "ignoring an unreadable shared cache entry");
-                None
-            }
+            Entry::Read(blob) => match decode(&blob, &bounds) {
+                // Written before the last full purge: gone for every reader.
+                Ok((written_under, found)) => {
+                    (written_under == generations.global).then_some(found)
+                }
+                Err(OTHER_FORMAT) => {
+                    if !self
+                        .told_format
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::info!(
+                            key,
+                            "passing over shared cache entries of another format (another \
+                             cxgate version wrote them, as in a rolling upgrade): each version \
+                             fills and serves its own, the others' expire; counted in \
+                             cxgate_cache_shared_lookups_total{{result=\"other_format\"}}"
+                        );
+                    }
+                    self.lookups.with_label_values(&["other_format"]).inc();
+                    return Some((None, generations));
+                }
+                Err(why) => {
+                    self.invalid(key, why);
+                    return Some((None, generations));
+                }
+            },
         };
         let usable = found.filter(|f| f.value.freshness(Instant::now()).is_usable());
         let result = if usable.is_some() { "hit" } else { "miss" };
@@ -334,108 +308,127 @@ impl SharedTier {
         Some((usable, generations))
     }
 
+    /// Counts an entry of `key` passed over as invalid, and says so at most once per
+    /// [`WARN_EVERY`].
+    fn invalid(&self, key: &str, why: &str) {
+        use std::sync::atomic::Ordering;
+        self.lookups.with_label_values(&["invalid"]).inc();
+        let now = u64::try_from(self.made.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.told_invalid.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
+        if due
+            && self
+                .told_invalid
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                key,
+                why,
+                "passing over an invalid shared cache entry (damaged, or written by someone \
+                 else than a replica): the key is fetched again and the entry overwritten; \
+                 counted in cxgate_cache_shared_lookups_total{{result=\"invalid\"}}"
+            );
+        }
+    }
+
+    /// Counts a miss looked up here that another replica's fill then answered.
+    pub(super) fn count_filled(&self) {
+        self.lookups.with_label_values(&["filled"]).inc();
+    }
+
     /// The Redis handle, for the fill lock kept beside the entries (see `fill`).
     pub(super) fn redis(&self) -> &Redis {
         &self.redis
     }
 
-    /// In one `MGET`: the entry under primary key `key` if it is fresh and was written
-    /// since the last full purge, and whether the Redis key `lock` exists. Not counted as a
-    /// lookup: a replica waiting for another's fill polls with it. An error when Redis
-    /// cannot say (see [`Unavailable::is_slow`] for one that may answer the next look).
+    /// In one call: the entry under primary key `key` if it is fresh, was written since the
+    /// last full purge and claims no more than `since`'s bounds, and whether the Redis key
+    /// `lock` exists. Not counted as a lookup: a replica waiting for another's fill polls
+    /// with it. An error when Redis cannot say (see [`Unavailable::is_slow`] for one that
+    /// may answer the next look).
     pub(super) async fn peek(
         &self,
         key: &str,
         lock: &str,
+        since: &Generations,
     ) -> Result<(Option<Found>, bool), Unavailable> {
         let keys = vec![self.entry_key(key), self.global_key()];
-        let bounds = [self.max_entry_bytes, MAX_GENERATION_BYTES];
-        let mut values = self.bounded_get(keys, &bounds, Some(lock)).await?;
-        let (entry, global, held) = (
-            values.next().flatten(),
-            values.next().flatten(),
-            values.next().flatten(),
-        );
-        let global = generation(global);
-        let found = entry
-            .and_then(|e| decode(&e).ok())
-            .filter(|(written_under, _)| *written_under == global)
-            .map(|(_, found)| found)
-            .filter(|f| {
-                matches!(
-                    f.value.freshness(Instant::now()),
-                    super::entry::Freshness::Fresh { .. }
-                )
-            });
+        let (entry, mut values) = self.read_bounded(keys, Some(lock)).await?;
+        let (global, held) = (values.next().flatten(), values.next().flatten());
+        let global = self.seen_global(global);
+        let found = match entry {
+            Entry::Read(blob) => decode(&blob, &since.bounds).ok(),
+            _ => None,
+        }
+        .filter(|(written_under, _)| *written_under == global)
+        .map(|(_, found)| found)
+        .filter(|f| {
+            matches!(
+                f.value.freshness(Instant::now()),
+                super::entry::Freshness::Fresh { .. }
+            )
+        });
         Ok((found, held.is_some()))
     }
 
     /// The generations alone, for a fetch that was not preceded by a lookup (a background
     /// revalidation); `None` when Redis cannot say.
-    pub async fn generations(&self, key: &str, tags: &[String]) -> Option<Generations> {
-        self.read(key, tags, false).await.map(|(_, g)| g)
+    pub async fn generations(
+        &self,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Option<Generations> {
+        self.read(key, tags, false, bounds).await.map(|(_, g)| g)
     }
 
-    /// One `MGET`: the entry (when `with_entry`), the global generation and the groups'.
+    /// One call: the entry (when `with_entry`), the global generation and the groups'.
     async fn read(
         &self,
         key: &str,
         tags: &[String],
         with_entry: bool,
-    ) -> Option<(Option<Vec<u8>>, Generations)> {
+        bounds: Windows,
+    ) -> Option<(Entry, Generations)> {
         let groups = groups(key, tags);
         let mut keys = Vec::with_capacity(groups.len() + 2);
-        if with_entry {
-            keys.push(self.entry_key(key));
-        }
+        // Without an entry to read, the script reads a key no entry is stored under.
+        keys.push(if with_entry {
+            self.entry_key(key)
+        } else {
+            self.redis.key("cache:no-entry")
+        });
         keys.push(self.global_key());
         keys.extend(groups.iter().map(|g| self.generation_key(g)));
-        let mut bounds = vec![MAX_GENERATION_BYTES; keys.len()];
-        if with_entry {
-            bounds[0] = self.max_entry_bytes;
-        }
-        let mut values = self.bounded_get(keys, &bounds, None).await.ok()?;
-        let entry = if with_entry {
-            values.next().flatten()
-        } else {
-            None
-        };
-        let global = generation(values.next().flatten());
+        let (entry, mut values) = self.read_bounded(keys, None).await.ok()?;
+        let global = self.seen_global(values.next().flatten());
         let generations = Generations {
             global,
             groups: groups.into_iter().zip(values.map(generation)).collect(),
+            bounds,
         };
         Some((entry, generations))
     }
 
-    /// Loads the read script into Redis (`SCRIPT LOAD`), so a lookup's `EVALSHA` finds it:
-    /// one round trip, as the `MGET` it replaced. Failing costs nothing but that: the first
-    /// lookup loads it then (and so after a Redis restart, which empties its script cache).
-    pub async fn load_scripts(&self) {
-        let loaded = self
-            .redis
-            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                READ.prepare_invoke().load_async(&mut c).await
-            })
-            .await;
-        if let Err(e) = loaded {
-            tracing::debug!(error = %e, "the shared tier's read script could not be loaded yet");
-        }
-    }
-
-    /// One call reading `keys`, each within its bound in `bounds` (a value over it reads as
-    /// missing), and then, with `lock`, whether that fill lock is held (see [`READ`]): the
-    /// values in order, the lock's last. An error when Redis cannot say (down, slow,
-    /// refusing, or an answer of the wrong length).
-    async fn bounded_get(
+    /// One [`READ`] of `keys` (the entry, the global generation, then generations), each
+    /// generation within [`MAX_GENERATION_BYTES`], and then, with `lock`, whether that fill
+    /// lock is held (a lock planted with no expiry or one past the lease is deleted and
+    /// answers as not held: see [`READ`]): the entry, then the others' values in order, the
+    /// lock's last. An error when Redis cannot say (down, slow, refusing, or an answer of
+    /// the wrong length).
+    async fn read_bounded(
         &self,
         keys: Vec<String>,
-        bounds: &[usize],
         lock: Option<&str>,
-    ) -> Result<std::vec::IntoIter<Option<Vec<u8>>>, Unavailable> {
-        let expected = keys.len() + usize::from(lock.is_some());
-        let mut args = vec![keys.len().to_string()];
-        args.extend(bounds.iter().map(ToString::to_string));
+    ) -> Result<(Entry, std::vec::IntoIter<Option<Vec<u8>>>), Unavailable> {
+        let expected = keys.len() + 1 + usize::from(lock.is_some());
+        let mut args = vec![
+            self.max_entry_bytes.to_string(),
+            MAX_GENERATION_BYTES.to_string(),
+        ];
         let mut keys = keys;
         if let Some(lock) = lock {
             keys.push(lock.to_string());
@@ -457,10 +450,82 @@ impl SharedTier {
         if values.len() != expected {
             return Err(Unavailable::Command(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
-                "the read script answered another count of values than it was asked",
+                "the shared cache read answered another count of values than it was asked",
             ))));
         }
-        Ok(values.into_iter())
+        let mut values = values.into_iter();
+        let entry = match (values.next().flatten(), values.next().flatten()) {
+            (Some(blob), _) => Entry::Read(blob),
+            (None, Some(size)) => Entry::Oversized(String::from_utf8_lossy(&size).into_owned()),
+            (None, None) => Entry::Absent,
+        };
+        Ok((entry, values))
+    }
+
+    /// The global generation as it counts here: what Redis holds (`raw`; absent is 0), or
+    /// the highest this replica has seen when Redis holds less or something that is not a
+    /// count (the key was lost, evicted, reset or overwritten). Then Redis is put back to
+    /// that, in the background, and the log says so once per such incident.
+    fn seen_global(&self, raw: Option<Vec<u8>>) -> u64 {
+        use std::sync::atomic::Ordering;
+        let observed = match raw {
+            None => Some(0),
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .filter(|t| !t.is_empty() && t.len() <= 15 && t.bytes().all(|c| c.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok()),
+        };
+        let highest = self
+            .highest
+            .fetch_max(observed.unwrap_or(0), Ordering::AcqRel)
+            .max(observed.unwrap_or(0));
+        if observed == Some(highest) {
+            self.told_behind.store(false, Ordering::Relaxed);
+            return highest;
+        }
+        if !self.told_behind.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                highest,
+                seen = observed.map_or_else(|| "not a count".to_string(), |g| g.to_string()),
+                "the shared cache's global generation went back (lost, evicted or overwritten \
+                 in Redis): entries purged before stay retired, and Redis is set back to the \
+                 highest generation this replica has seen"
+            );
+        }
+        if !self.raising.swap(true, Ordering::AcqRel) {
+            let tier = self.clone();
+            tokio::spawn(async move {
+                let _ = tier.raise_global(highest).await;
+                tier.raising.store(false, Ordering::Release);
+            });
+        }
+        highest
+    }
+
+    /// Runs [`RAISE`] with `floor`: the generation Redis holds afterwards, remembered here.
+    async fn raise_global(&self, floor: u64) -> Result<u64, Unavailable> {
+        let global = self.global_key();
+        let (now, _set): (u64, u64) = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                RAISE
+                    .key(&global)
+                    .arg(floor)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
+            })
+            .await?;
+        self.highest
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        Ok(now)
+    }
+
+    /// Learns the global generation from Redis (after another replica's full purge, whose
+    /// bump this replica did not see), putting it back there if it went behind what this
+    /// replica had seen: a purge heard of is never undone by a lost key.
+    pub async fn learn_global(&self) {
+        let highest = self.highest.load(std::sync::atomic::Ordering::Acquire);
+        let _ = self.raise_global(highest).await;
     }
 
     /// Writes `value` (stored under `storage_key` for primary key `key`, in the neutral form
@@ -482,7 +547,8 @@ impl SharedTier {
             self.writes.with_label_values(&["invalidated"]).inc();
             return;
         }
-        let Some(blob) = encode(storage_key, value, &since.global, self.max_entry_bytes) else {
+        let global = since.global.to_string();
+        let Some(blob) = encode(storage_key, value, &global, self.max_entry_bytes) else {
             self.writes.with_label_values(&["too_large"]).inc();
             return;
         };
@@ -497,7 +563,7 @@ impl SharedTier {
         keys.extend(since.groups.iter().map(|(g, _)| self.generation_key(g)));
         keys.extend(since.groups.iter().map(|(g, _)| self.set_key(g)));
         let mut args: Vec<Vec<u8>> = vec![blob, left.to_string().into_bytes()];
-        args.push(since.global.clone().into_bytes());
+        args.push(global.into_bytes());
         args.extend(since.groups.iter().map(|(_, gen)| gen.clone().into_bytes()));
         let stored = self
             .redis
@@ -564,20 +630,7 @@ impl SharedTier {
         let groups: Vec<String> = match what {
             Invalidation::Tags(tags) => tags.iter().map(|t| format!("tag:{t}")).collect(),
             Invalidation::Path(path) => vec![format!("path:{}", normalize_path(path))],
-            Invalidation::All => {
-                let global = self.global_key();
-                return self
-                    .redis
-                    .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                        redis::cmd("INCRBY")
-                            .arg(&global)
-                            .arg(1)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await
-                    .map(|_| 0);
-            }
+            Invalidation::All => return self.bump_global().await.map(|_| 0),
         };
         if groups.is_empty() {
             return Ok(0);
@@ -587,16 +640,65 @@ impl SharedTier {
             .flat_map(|g| [self.generation_key(g), self.set_key(g)])
             .collect();
         let kept = GENERATION_KEPT.as_millis().to_string();
-        self.redis
+        let entries = self.entry_key("");
+        let (removed, replaced): (u64, u64) = self
+            .redis
             .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
                 let mut call = INVALIDATE.prepare_invoke();
                 for k in &keys {
                     call.key(k);
                 }
-                call.arg(&kept).invoke_async::<u64>(&mut c).await
+                call.arg(&kept)
+                    .arg(&entries)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
             })
-            .await
+            .await?;
+        if replaced > 0 {
+            tracing::warn!(
+                replaced,
+                ?what,
+                "replaced shared cache generations or sets of the wrong type in Redis (written \
+                 by someone else than a replica)"
+            );
+        }
+        Ok(removed)
     }
+
+    /// Bumps the global generation past both Redis's and the highest seen here (see
+    /// [`BUMP_ALL`]); the new one is remembered.
+    async fn bump_global(&self) -> Result<u64, Unavailable> {
+        let global = self.global_key();
+        let floor = self.highest.load(std::sync::atomic::Ordering::Acquire);
+        let (now, replaced): (u64, u64) = self
+            .redis
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                BUMP_ALL
+                    .key(&global)
+                    .arg(floor)
+                    .invoke_async::<(u64, u64)>(&mut c)
+                    .await
+            })
+            .await?;
+        self.highest
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        if replaced > 0 {
+            tracing::warn!(
+                generation = now,
+                "replaced the shared cache's global generation in Redis: it held something \
+                 else than a count (written by someone else than a replica)"
+            );
+        }
+        Ok(now)
+    }
+}
+
+/// What [`READ`] found under an entry key.
+enum Entry {
+    Absent,
+    /// Over the bound (its size in bytes, or `-1` for a key of another type): not read.
+    Oversized(String),
+    Read(Vec<u8>),
 }
 
 /// Milliseconds since the Unix epoch of `at` (tokio's clock), by the wall clock now: what
@@ -610,15 +712,19 @@ fn wall_millis(at: Instant) -> i64 {
 }
 
 /// The instant on tokio's clock that is as old as wall-clock `millis` is now; an entry
-/// stamped ahead of this replica's clock counts as just stored.
-fn local_instant(millis: i64) -> Instant {
+/// stamped ahead of this replica's clock by up to [`CLOCK_SKEW`] counts as just stored,
+/// one stamped further ahead is refused (`None`): it would never age.
+fn local_instant(millis: i64) -> Option<Instant> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let stamped = Duration::from_millis(u64::try_from(millis).unwrap_or(0));
+    let stamped = Duration::from_millis(u64::try_from(millis).ok()?);
+    if stamped > now + CLOCK_SKEW {
+        return None;
+    }
     let age = now.saturating_sub(stamped);
     let here = Instant::now();
-    here.checked_sub(age).unwrap_or(here)
+    Some(here.checked_sub(age).unwrap_or(here))
 }
 
 fn millis(d: Duration) -> u32 {
@@ -627,7 +733,7 @@ fn millis(d: Duration) -> u32 {
 
 /// The entry as stored in Redis: [`MAGIC`], the global generation it was written under,
 /// stored-at (Unix ms), the three windows (ms), the status, then the storage key, the tags,
-/// the headers (each length-prefixed) and the body. What the memory entry keeps, nothing
+/// the headers (each length-prefixed), the body's length and the body. What the memory entry keeps, nothing
 /// more, in the neutral form ([`Localize`]): its headers are the stored ones, so no token
 /// or cookie is in it. `None` when it would exceed `max` bytes.
 fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -> Option<Vec<u8>> {
@@ -647,6 +753,7 @@ fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -
             .iter()
             .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
             .sum::<usize>()
+        + 4
         + value.body.len();
     if size > max {
         return None;
@@ -678,13 +785,17 @@ fn encode(storage_key: &str, value: &CachedResponse, global: &str, max: usize) -
         out.put_u32_le(u32::try_from(v.len()).ok()?);
         out.put_slice(v.as_bytes());
     }
+    out.put_u32_le(u32::try_from(value.body.len()).ok()?);
     out.put_slice(&value.body);
     Some(out)
 }
 
 /// Reads what [`encode`] wrote, checking every part (anyone who may write to Redis may write
-/// anything there): the global generation it was written under, and the entry.
-fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
+/// anything there): the global generation it was written under, and the entry. Refused: a
+/// status the gateway does not store, a body of another length than the entry says, a
+/// fetched time in the future; windows longer than `bounds` (the reading route's) are cut
+/// to them, so no entry outlives what the route allows.
+fn decode(blob: &[u8], bounds: &Windows) -> Result<(u64, Found), &'static str> {
     let mut at = Bytes::copy_from_slice(blob);
     let take = |at: &mut Bytes, n: usize| -> Result<Bytes, &'static str> {
         if at.remaining() < n {
@@ -702,12 +813,23 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
     }
     let n = usize::from(take(&mut at, 2)?.get_u16_le());
     let global = text(take(&mut at, n)?)?;
+    let global = Some(global.as_str())
+        .filter(|g| !g.is_empty() && g.bytes().all(|c| c.is_ascii_digit()))
+        .and_then(|g| g.parse::<u64>().ok())
+        .ok_or("a generation that is not a count")?;
     let stored_millis = take(&mut at, 8)?.get_i64_le();
+    let stored_at = local_instant(stored_millis).ok_or("a fetched time in the future")?;
     let mut windows = take(&mut at, 12)?;
-    let mut window = || Duration::from_millis(u64::from(windows.get_u32_le()));
-    let (ttl, swr, sie) = (window(), window(), window());
+    let mut window =
+        |bound: Duration| Duration::from_millis(u64::from(windows.get_u32_le())).min(bound);
+    let ttl = window(bounds.ttl);
+    let swr = window(bounds.stale_while_revalidate);
+    let sie = window(bounds.stale_if_error);
     let status =
         StatusCode::from_u16(take(&mut at, 2)?.get_u16_le()).map_err(|_| "invalid status")?;
+    if !super::entry::stored_status(status) {
+        return Err("a status the gateway does not store");
+    }
     let n = take(&mut at, 4)?.get_u32_le() as usize;
     let storage_key = text(take(&mut at, n)?)?;
     let count = take(&mut at, 2)?.get_u16_le();
@@ -726,12 +848,19 @@ fn decode(blob: &[u8]) -> Result<(String, Found), &'static str> {
             HeaderValue::from_maybe_shared(take(&mut at, n)?).map_err(|_| "invalid header")?;
         headers.append(name, value);
     }
+    let length = take(&mut at, 4)?.get_u32_le() as usize;
+    if at.remaining() != length {
+        return Err("a body of another length than the entry says");
+    }
+    if status == StatusCode::NO_CONTENT && length > 0 {
+        return Err("a 204 with a body");
+    }
     let value = CachedResponse {
         status,
         headers,
         body: at,
         tags: tags.into_boxed_slice(),
-        stored_at: local_instant(stored_millis),
+        stored_at,
         ttl,
         stale_while_revalidate: swr,
         stale_if_error: sie,
@@ -767,13 +896,20 @@ mod tests {
         }
     }
 
+    /// Windows longer than any test entry's: nothing is cut.
+    const WIDE: Windows = Windows {
+        ttl: Duration::from_secs(86_400),
+        stale_while_revalidate: Duration::from_secs(86_400),
+        stale_if_error: Duration::from_secs(86_400),
+    };
+
     #[tokio::test]
     async fn an_entry_survives_the_round_trip_with_its_age() {
         let mut e = entry();
         e.stored_at = Instant::now() - Duration::from_secs(30);
         let blob = encode("GET /me", &e, "4", 1 << 20).expect("encodes");
-        let (global, found) = decode(&blob).expect("decodes");
-        assert_eq!(global, "4");
+        let (global, found) = decode(&blob, &WIDE).expect("decodes");
+        assert_eq!(global, 4);
         assert_eq!(found.storage_key, "GET /me");
         let v = found.value;
         assert_eq!((v.status, &v.body, &v.tags), (e.status, &e.body, &e.tags));
@@ -811,28 +947,125 @@ mod tests {
     #[tokio::test]
     async fn damaged_entries_are_refused_not_trusted() {
         let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
-        // Every cut before the body (the last 8 bytes) leaves a part unreadable.
-        for cut in [0, 3, 10, 40, blob.len() - 9] {
+        // Every cut leaves a part unreadable, the body's last byte too.
+        for cut in [0, 3, 10, 40, blob.len() - 9, blob.len() - 1] {
             assert!(
-                decode(&blob[..cut]).is_err(),
+                decode(&blob[..cut], &WIDE).is_err(),
                 "expected a cut at {cut} refused"
             );
         }
         let mut wrong = blob.clone();
         wrong[0] = b'x';
-        assert_eq!(decode(&wrong).err(), Some("not a cxgate entry"));
+        assert_eq!(decode(&wrong, &WIDE).err(), Some("not a cxgate entry"));
     }
 
     #[tokio::test]
     async fn entries_of_other_formats_are_told_apart_and_not_read() {
-        for magic in [b"cxg1", b"cxg3"] {
+        for magic in [b"cxg1", b"cxg2", b"cxg4"] {
             let mut other = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
             other[..4].copy_from_slice(magic);
             assert_eq!(
-                decode(&other).err(),
+                decode(&other, &WIDE).err(),
                 Some(OTHER_FORMAT),
                 "expected {magic:?} passed over as another format"
             );
         }
+    }
+
+    /// Where the fields after the generation start in an encoded entry of generation `g`.
+    fn stamp_at(global: &str) -> usize {
+        4 + 2 + global.len()
+    }
+
+    #[tokio::test]
+    async fn an_entry_claims_no_more_than_the_route_allows() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let route = Windows {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(2),
+            stale_if_error: Duration::ZERO,
+        };
+        let (_, found) = decode(&blob, &route).expect("decodes");
+        let v = found.value;
+        assert_eq!(
+            (v.ttl, v.stale_while_revalidate, v.stale_if_error),
+            (
+                route.ttl,
+                route.stale_while_revalidate,
+                route.stale_if_error
+            ),
+            "expected the entry's windows (600 s, 60 s, 3600 s) cut to the route's"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_fetched_in_the_future_is_refused_and_a_near_one_is_just_fetched() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let at = stamp_at("0");
+        let now = i64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .expect("clock")
+                .as_millis(),
+        )
+        .expect("millis");
+        let mut far = blob.clone();
+        far[at..at + 8].copy_from_slice(&(now + 10 * 365 * 86_400_000).to_le_bytes());
+        assert_eq!(
+            decode(&far, &WIDE).err(),
+            Some("a fetched time in the future")
+        );
+        let mut near = blob.clone();
+        near[at..at + 8].copy_from_slice(&(now + 500).to_le_bytes());
+        let (_, found) = decode(&near, &WIDE).expect("a stamp within the skew decodes");
+        assert_eq!(found.value.age(Instant::now()), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn only_statuses_the_gateway_stores_are_read() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let at = stamp_at("0") + 8 + 12;
+        for (status, read) in [(200u16, true), (203, true), (500, false), (302, false)]
+            .into_iter()
+            .chain([(304, false), (101, false), (999, false), (204, false)])
+        {
+            let mut planted = blob.clone();
+            planted[at..at + 2].copy_from_slice(&status.to_le_bytes());
+            assert_eq!(
+                decode(&planted, &WIDE).is_ok(),
+                read,
+                "status {status}: expected read {read}, saw {:?}",
+                decode(&planted, &WIDE).err()
+            );
+        }
+        // A 204 the gateway stored has no body: that one is read.
+        let mut empty = entry();
+        empty.status = StatusCode::NO_CONTENT;
+        empty.body = Bytes::new();
+        let blob = encode("GET /me", &empty, "0", 1 << 20).expect("encodes");
+        assert!(decode(&blob, &WIDE).is_ok(), "expected an empty 204 read");
+    }
+
+    #[tokio::test]
+    async fn a_body_of_another_length_than_the_entry_says_is_refused() {
+        let blob = encode("GET /me", &entry(), "0", 1 << 20).expect("encodes");
+        let mut longer = blob.clone();
+        longer.push(b' ');
+        for (what, planted) in [("cut", &blob[..blob.len() - 1]), ("longer", &longer[..])] {
+            assert_eq!(
+                decode(planted, &WIDE).err(),
+                Some("a body of another length than the entry says"),
+                "expected a body {what} by one byte refused"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_generation_that_is_not_a_count_is_refused() {
+        let blob = encode("GET /me", &entry(), "x1", 1 << 20).expect("encodes");
+        assert_eq!(
+            decode(&blob, &WIDE).err(),
+            Some("a generation that is not a count")
+        );
     }
 }

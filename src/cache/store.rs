@@ -22,7 +22,7 @@ use super::deadlines::Deadlines;
 use super::entry::{CachedResponse, Freshness, StoredResponse};
 use super::fill::FillLock;
 use super::key::normalize_path;
-use super::shared::{Found, Generations, Localize, SharedTier};
+use super::shared::{Found, Generations, Localize, Routed, SharedTier, Windows};
 use super::stats::Gauges;
 use super::tags::{Removed, TagIndex};
 use super::vary::{variant_key, Vary};
@@ -132,6 +132,11 @@ impl Since {
     /// Redis): only then may the fetch be merged with other replicas' (see [`Store::take_fill`]).
     pub fn looked_up_shared(&self) -> bool {
         self.shared.is_some()
+    }
+
+    /// The shared tier's generations read for this fetch, if any.
+    pub(super) fn generations(&self) -> Option<&Generations> {
+        self.shared.as_ref()
     }
 }
 
@@ -409,24 +414,25 @@ impl Store {
     }
 
     /// After memory had nothing fresh for `key`: the shared tier's entry for it, stored in
-    /// memory first (in this replica's form, made by `local`), and what a fetch must carry
+    /// memory first (in this replica's form), and what a fetch must carry
     /// if the entry does not do (its generations, for the tags `tags` and the key's path).
     /// Without a tier, or with Redis unreachable, no entry and the epoch alone: the answer is
     /// then stored in memory only. An entry of another `Vary` variant than `req_headers`
     /// select is not used; nor is one that an invalidation on this replica overtook while it
-    /// was read.
+    /// was read. The entry claims no more than `routed`'s windows, the route's (its form is
+    /// made by `routed` too).
     pub async fn get_shared(
         &self,
         key: &str,
         req_headers: &HeaderMap,
         tags: &[String],
-        local: &dyn Localize,
+        routed: &Routed<'_>,
     ) -> (Option<StoredResponse>, Since) {
         let mut since = self.since();
         let Some(tier) = self.inner.shared.get() else {
             return (None, since);
         };
-        let Some((found, generations)) = tier.lookup(key, tags).await else {
+        let Some((found, generations)) = tier.lookup(key, tags, routed.windows).await else {
             return (None, since);
         };
         since.shared = Some(generations);
@@ -434,7 +440,7 @@ impl Store {
             return (None, since);
         };
         let adopted = self
-            .adopt(key, req_headers, found, since.epoch, local)
+            .adopt(key, req_headers, found, since.epoch, routed)
             .await;
         (adopted, since)
     }
@@ -460,12 +466,6 @@ impl Store {
             return None;
         }
         let mut value = found.value;
-        if let Some(own) = local.windows() {
-            own.cut(&mut value);
-            if !value.freshness(tokio::time::Instant::now()).is_usable() {
-                return None;
-            }
-        }
         if let Some((headers, body)) = local.localize(&value.headers, &value.body) {
             value.headers = headers;
             value.body = body;
@@ -480,11 +480,18 @@ impl Store {
     }
 
     /// `since` with the shared tier's generations read now, if it has none yet and a tier is
-    /// attached: for a fetch about to ask the upstream that no lookup preceded.
-    pub async fn with_generations(&self, since: Since, key: &str, tags: &[String]) -> Since {
+    /// attached: for a fetch about to ask the upstream that no lookup preceded (`bounds`:
+    /// the route's windows).
+    pub async fn with_generations(
+        &self,
+        since: Since,
+        key: &str,
+        tags: &[String],
+        bounds: Windows,
+    ) -> Since {
         match (self.inner.shared.get(), &since.shared) {
             (Some(tier), None) => Since {
-                shared: tier.generations(key, tags).await,
+                shared: tier.generations(key, tags, bounds).await,
                 ..since
             },
             _ => since,

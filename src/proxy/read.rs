@@ -739,7 +739,7 @@ impl Gateway {
                         gateway
                             .inner
                             .cache
-                            .with_generations(since, &key, tags)
+                            .with_generations(since, &key, tags, routed.windows)
                             .await
                     }
                     _ => since,
@@ -748,10 +748,7 @@ impl Gateway {
                     .send_admitted(&call, admitted)
                     .await
                     .map_err(Arc::new)?;
-                // A 206 is a part of the answer, never the answer: a later read of the key
-                // would be served a fragment as if it were whole.
-                let storable = fetched.status.is_success()
-                    && fetched.status != StatusCode::PARTIAL_CONTENT
+                let storable = crate::cache::stored_status(fetched.status)
                     && !no_store
                     && !sets_cookie(&fetched.headers)
                     && !cache_control_forbids(&fetched.headers);
