@@ -65,7 +65,7 @@ const MAX_SPAN: usize = 8;
 /// the README suggests are. Values are read raw and percent-decoded up to `MAX_LAYERS`
 /// times, each layer also with `+` read as a space the way form decoding does
 /// (`note=see+KEY+now`); JSON bodies also once parsed, escapes undone; bodies of any type
-/// also as UTF-16 (either byte order, either alignment, BOM or not). The work is bounded:
+/// also as UTF-16 and UTF-32 (either byte order, every alignment, BOM or not). The work is bounded:
 /// each token is cut at most `MAX_SPAN` times per start, each byte of a value is hashed a
 /// small constant number of times per layer, and values are bounded by the body and head
 /// limits.
@@ -91,7 +91,8 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
 
     /// Whether a request body of any content type holds a key: its bytes as they are
     /// ([`KeyScan::in_value`]), as JSON ([`KeyScan::in_json`]), and, when it holds a zero
-    /// byte at all (UTF-16 text of ASCII does), each UTF-16 reading of it. Only writes
+    /// byte at all (UTF-16 or UTF-32 text of ASCII does), each UTF-16 and UTF-32 reading of
+    /// it. Only writes
     /// carry a body, so reads never pay for this.
     pub fn in_body(&self, body: &[u8]) -> bool {
         if self.in_value(body) || self.in_json(without_bom(body)) {
@@ -100,9 +101,7 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
         if !body.contains(&0) {
             return false;
         }
-        utf16_views(body)
-            .iter()
-            .any(|view| self.in_value(view) || self.in_json(view))
+        wide_views(body).any(|view| self.in_value(&view) || self.in_json(&view))
     }
 
     /// Whether a JSON document holds a key in any string or member name once unescaped
@@ -153,21 +152,22 @@ pub fn without_bom(body: &[u8]) -> &[u8] {
     body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body)
 }
 
-/// The ASCII a body holds as UTF-16: for each byte order and each alignment, one byte per
-/// code unit, the unit's ASCII character where it is one and a space (no key byte) where it
-/// is not, so a BOM, a non-ASCII character or a binary neighbour only ends a token.
-fn utf16_views(body: &[u8]) -> [Vec<u8>; 4] {
-    let view = |start: usize, little: bool| -> Vec<u8> {
+/// The ASCII a body holds as UTF-16 or UTF-32: for each unit width, byte order and
+/// alignment, one byte per code unit, the unit's ASCII character where it is one and a
+/// space (no key byte) where it is not, so a BOM, a non-ASCII character or a binary
+/// neighbour only ends a token.
+fn wide_views(body: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let view = move |width: usize, start: usize, little: bool| -> Vec<u8> {
         body.get(start..)
             .unwrap_or_default()
-            .chunks_exact(2)
+            .chunks_exact(width)
             .map(|unit| {
-                let (low, high) = if little {
-                    (unit[0], unit[1])
+                let (low, rest) = if little {
+                    (unit[0], &unit[1..])
                 } else {
-                    (unit[1], unit[0])
+                    (unit[width - 1], &unit[..width - 1])
                 };
-                if high == 0 && low != 0 && low.is_ascii() {
+                if low != 0 && low.is_ascii() && rest.iter().all(|&b| b == 0) {
                     low
                 } else {
                     b' '
@@ -175,7 +175,9 @@ fn utf16_views(body: &[u8]) -> [Vec<u8>; 4] {
             })
             .collect()
     };
-    [view(0, true), view(1, true), view(0, false), view(1, false)]
+    [2usize, 4].into_iter().flat_map(move |width| {
+        (0..width).flat_map(move |start| [true, false].map(|little| view(width, start, little)))
+    })
 }
 
 /// `text` with each `+` a space, as form decoding reads it.
@@ -375,12 +377,20 @@ mod tests {
                 b"\xff",
             ]
             .concat(),
+            utf32(OTHER, true, true),
+            utf32(&format!("note {OTHER}"), false, false),
+            [b"\x89PNG\x00".as_slice(), &utf32(OTHER, true, false)].concat(),
+            [b"%PDF\x01\x02\x03".as_slice(), &utf32(OTHER, false, true)].concat(),
         ] {
             assert!(
                 scan.in_body(&body),
-                "expected the key found in the UTF-16 body {body:?}"
+                "expected the key found in the UTF-16 or UTF-32 body {body:?}"
             );
         }
+        assert!(
+            !scan.in_body(&utf32("nothing to see here", false, true)),
+            "expected no key in a UTF-32 body without one"
+        );
         assert!(
             !scan.in_body(&utf16("nothing to see here", true, true)),
             "expected no key in a UTF-16 body without one"
@@ -402,6 +412,20 @@ mod tests {
                     u.to_le_bytes()
                 } else {
                     u.to_be_bytes()
+                }
+            })
+            .collect()
+    }
+
+    /// `text` as UTF-32, little- or big-endian, with or without a byte order mark.
+    fn utf32(text: &str, little: bool, bom: bool) -> Vec<u8> {
+        let units = bom.then_some('\u{FEFF}').into_iter().chain(text.chars());
+        units
+            .flat_map(|c| {
+                if little {
+                    u32::from(c).to_le_bytes()
+                } else {
+                    u32::from(c).to_be_bytes()
                 }
             })
             .collect()

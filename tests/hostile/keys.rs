@@ -962,13 +962,13 @@ async fn text_bodies_in_utf16_or_utf32_are_refused_whatever_their_type() {
     upstream.abort();
 }
 
-/// Bodies that are not text hold a key as UTF-16 (either byte order, BOM or not, at an
+/// Bodies that are not text hold a key as UTF-16 or UTF-32 (either byte order, BOM or not, at an
 /// even or odd offset behind binary bytes, percent-encoded inside): octet streams, images,
 /// PDFs and bodies with no type. The rule has no exception for a type ("a gateway key
 /// never travels upstream in any place"), so each is 400 in the envelope with nothing
 /// upstream; the same binary body without a key still passes.
 #[tokio::test]
-async fn binary_bodies_holding_a_key_in_utf16_are_refused() {
+async fn binary_bodies_holding_a_key_in_utf16_or_utf32_are_refused() {
     let (base, seen, upstream) = static_upstream(Reply::ok()).await;
     let env = keyed_gateway(&base, "").await;
     let auth = format!("Bearer {KEY}");
@@ -982,6 +982,19 @@ async fn binary_bodies_holding_a_key_in_utf16_are_refused() {
                     u.to_le_bytes()
                 } else {
                     u.to_be_bytes()
+                }
+            })
+            .collect()
+    };
+    let utf32 = |text: &str, little: bool, bom: bool| -> Vec<u8> {
+        bom.then_some('\u{FEFF}')
+            .into_iter()
+            .chain(text.chars())
+            .flat_map(|c| {
+                if little {
+                    u32::from(c).to_le_bytes()
+                } else {
+                    u32::from(c).to_be_bytes()
                 }
             })
             .collect()
@@ -1026,6 +1039,16 @@ async fn binary_bodies_holding_a_key_in_utf16_are_refused() {
             "a short key in UTF-16LE, application/zip",
             Some("application/zip"),
             behind(b"PK\x03\x04", utf16(&format!("k={SHORT}"), true, false)),
+        ),
+        (
+            "UTF-32LE, no BOM, octet-stream",
+            Some("application/octet-stream"),
+            utf32(&format!("note {OTHER}"), true, false),
+        ),
+        (
+            "the caller's own key in UTF-32BE with a BOM, behind PNG bytes",
+            Some("image/png"),
+            behind(png, utf32(&format!("note {KEY}"), false, true)),
         ),
     ];
     for (what, content_type, body) in cases {
