@@ -504,11 +504,22 @@ impl SharedTier {
 
     /// Runs [`RAISE`] with `floor`: the generation Redis holds afterwards, remembered here.
     async fn raise_global(&self, floor: u64) -> Result<u64, Unavailable> {
+        let (now, _set) = self.move_global(&RAISE, floor).await?;
+        Ok(now)
+    }
+
+    /// Runs `script` (one of [`RAISE`] and [`BUMP_ALL`]) on the global generation with
+    /// `floor`: the generation Redis holds afterwards, remembered here, and the script's flag.
+    async fn move_global(
+        &self,
+        script: &'static redis::Script,
+        floor: u64,
+    ) -> Result<(u64, u64), Unavailable> {
         let global = self.global_key();
-        let (now, _set): (u64, u64) = self
+        let (now, flag): (u64, u64) = self
             .redis
             .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                RAISE
+                script
                     .key(&global)
                     .arg(floor)
                     .invoke_async::<(u64, u64)>(&mut c)
@@ -517,7 +528,7 @@ impl SharedTier {
             .await?;
         self.highest
             .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
-        Ok(now)
+        Ok((now, flag))
     }
 
     /// Learns the global generation from Redis (after another replica's full purge, whose
@@ -668,20 +679,8 @@ impl SharedTier {
     /// Bumps the global generation past both Redis's and the highest seen here (see
     /// [`BUMP_ALL`]); the new one is remembered.
     async fn bump_global(&self) -> Result<u64, Unavailable> {
-        let global = self.global_key();
         let floor = self.highest.load(std::sync::atomic::Ordering::Acquire);
-        let (now, replaced): (u64, u64) = self
-            .redis
-            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                BUMP_ALL
-                    .key(&global)
-                    .arg(floor)
-                    .invoke_async::<(u64, u64)>(&mut c)
-                    .await
-            })
-            .await?;
-        self.highest
-            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        let (now, replaced) = self.move_global(&BUMP_ALL, floor).await?;
         if replaced > 0 {
             tracing::warn!(
                 generation = now,
