@@ -78,7 +78,7 @@ async fn run_script(
     args: &[String],
 ) -> Result<Vec<i64>, Unavailable> {
     redis
-        .run("budget", |mut conn| async move {
+        .run_budget(|mut conn| async move {
             let mut call = SCRIPT.prepare_invoke();
             for key in keys {
                 call.key(key);
@@ -687,7 +687,7 @@ impl Budget {
         waited: u64,
         queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
-        if !shared.redis.is_prompt() {
+        if !shared.redis.is_up() {
             return self
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
@@ -1119,7 +1119,7 @@ impl Budget {
     /// Ends this replica's copy of the pause if an operator resumed since it last looked;
     /// returns what Redis holds (`None`: not shared, or Redis did not answer).
     async fn sync_resumes(&self, shared: &Shared) -> Option<SharedPause> {
-        if !shared.redis.is_prompt() {
+        if !shared.redis.is_up() {
             return None;
         }
         let longest_us = self.ledger().upstream.longest() / 1000;
@@ -1850,9 +1850,9 @@ mod tests {
         );
     }
 
-    /// A cold budget (nothing known of the upstream's count) whose Redis answers after the
-    /// call bound (paused from a connection of its own) falls back to its local share and
-    /// admits there: the call its shared attempt had put in the ledger's upstream flight
+    /// A cold budget (nothing known of the upstream's count) whose Redis answers nothing
+    /// within the budget's bound (paused from a connection of its own for longer) falls
+    /// back to its local share and admits there: the call its shared attempt had put in the ledger's upstream flight
     /// goes back first, so the local admission does not wait, until `max_wait` and a
     /// refusal, for that call to land when it never went.
     #[tokio::test]
@@ -1874,7 +1874,7 @@ mod tests {
             .expect("a second connection");
         let paused: Result<(), _> = ::redis::cmd("CLIENT")
             .arg("PAUSE")
-            .arg(400)
+            .arg(1500)
             .query_async(&mut pauser)
             .await;
         paused.expect("CLIENT PAUSE");
