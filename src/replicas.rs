@@ -62,6 +62,13 @@ return 0
 /// which run on every admission: Redis answers in well under a millisecond on a healthy
 /// network, and past this bound the caller takes its local fallback for that call.
 pub const CALL_TIMEOUT: Duration = Duration::from_millis(100);
+/// Bound on one run of the budget's script. An answer later than [`CALL_TIMEOUT`] is
+/// latency, not an outage, and the script it answers has run in Redis, booked where every
+/// replica sees it: a replica that gave up on it and admitted on its local share instead
+/// would spend that share on top of what the shared count lets the others spend. So the
+/// budget waits for the answer, and only a Redis that answers nothing within this (the
+/// probe's bound too) counts as down, which moves the replica to its local share.
+pub const BUDGET_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on a shared cache tier call on the request path (a lookup, the fill lock, a wait
 /// for another replica's fill): giving up there costs an upstream call, the one thing the
 /// tier exists to save, so a slow Redis is waited for longer and costs latency instead.
@@ -727,13 +734,14 @@ impl Redis {
         self.inner.up.load(Ordering::Acquire)
     }
 
-    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: the budget, publications)
-    /// are attempted: Redis is up, and no call has timed out since the probe
+    /// Whether calls bounded by [`CALL_TIMEOUT`] ([`Redis::run`]: publications, the route
+    /// tables) are attempted: Redis is up, and no call has timed out since the probe
     /// last saw it answer within that bound. Past a timeout those callers stay on their
     /// local fallback until the probe (every 250 ms meanwhile) sees Redis prompt again,
     /// rather than switch back and forth at every call of a Redis that answers sometimes
     /// in time; the shared cache tier and the token's refresh, whose calls have longer
-    /// bounds, go on using it (the token's watch of the record waits for it to be prompt).
+    /// bounds, go on using it (the token's watch of the record waits for it to be prompt),
+    /// and so does the budget ([`Redis::run_budget`]), which waits for a late answer.
     pub fn is_prompt(&self) -> bool {
         self.is_up() && self.inner.prompt.load(Ordering::Acquire)
     }
@@ -814,6 +822,38 @@ impl Redis {
             return Err(Unavailable::Slow);
         }
         self.run_within(op, CALL_TIMEOUT, exchange).await
+    }
+
+    /// Runs one exchange of the shared budget, bounded by [`BUDGET_CALL_TIMEOUT`] and sent
+    /// whenever Redis is up, prompt or not: a late answer is an answer. No answer within
+    /// the bound marks Redis down at once, as a probe unanswered that long does; any other
+    /// failure counts as in [`Redis::run_within`].
+    pub async fn run_budget<T, F, Fut>(&self, exchange: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(conn) = self.inner.link.conn().filter(|_| self.is_up()) else {
+            return Err(Unavailable::Down);
+        };
+        let why = match tokio::time::timeout(BUDGET_CALL_TIMEOUT, exchange(conn)).await {
+            Ok(Ok(value)) => {
+                self.inner.answered();
+                return Ok(value);
+            }
+            Ok(Err(err)) => {
+                let why = Unavailable::Command(err);
+                self.inner.failed(&why);
+                why
+            }
+            Err(_) => {
+                let why = Unavailable::Timeout(BUDGET_CALL_TIMEOUT);
+                self.inner.set_up(false, Some(&why));
+                why
+            }
+        };
+        self.inner.errors.with_label_values(&["budget"]).inc();
+        Err(why)
     }
 
     /// Runs one Redis exchange on the shared connection, bounded by `bound`. A failure marks
@@ -1682,8 +1722,8 @@ mod tests {
             redis.is_up(),
             gauge(&registry)
         );
-        // The budget's short calls wait for the probe to see it prompt.
-        let short = get_k(&redis, "budget", None).await;
+        // Short calls (publications) wait for the probe to see it prompt.
+        let short = get_k(&redis, "publish", None).await;
         assert!(
             !redis.is_prompt() && matches!(short, Err(Unavailable::Slow)),
             "expected short calls held back after a timeout, saw {short:?}"

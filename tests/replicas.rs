@@ -155,12 +155,53 @@ async fn three_replicas_share_one_budget() {
     shared_budget_suite(Kind::Plain).await;
 }
 
+/// One replica's Redis answers late, 150 to 300 ms (past the 100 ms call bound, far within
+/// a second), for half a second in every second, while the other two reach it at once: the
+/// three replicas still spend one budget, never more. The late replica used to take its
+/// local share (limit / replicas) at each late answer until the probe saw Redis prompt
+/// again, on top of what the shared count let the others spend, and the debt it handed
+/// back on return was cut off by the others' next bookings: 213 and 215 upstream calls
+/// against an allowance of 200. At least 90 % of the allowance is used: on a loaded
+/// machine an answer may still come more than a second late, which rightly moves the
+/// replica to its local share for a while (spending less, never more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_redis_on_one_replica_never_lets_the_replicas_overspend() {
+    let lateness = Lateness {
+        late: |spell| Duration::from_millis(150 + 50 * (spell % 4)),
+        late_for: Duration::from_millis(500),
+        prompt_for: Duration::from_millis(500),
+    };
+    shared_budget_run(Kind::Plain, Some(lateness), 0.9).await;
+}
+
 async fn shared_budget_suite(kind: Kind) {
+    shared_budget_run(kind, None, 0.98).await;
+}
+
+/// How [`shared_budget_run`] makes replica 0's Redis late: spells of `late_for` (spell `i`
+/// late by `late(i)`) after `prompt_for` each, while one more fits in the run.
+#[derive(Clone, Copy)]
+struct Lateness {
+    late: fn(u64) -> Duration,
+    late_for: Duration,
+    prompt_for: Duration,
+}
+
+/// [`shared_budget_suite`], with replica 0's Redis late as `lateness` says, and at least
+/// `accuracy_floor` of the allowance used.
+async fn shared_budget_run(kind: Kind, lateness: Option<Lateness>, accuracy_floor: f64) {
     let _one = SERIAL.lock().await;
     let (limit, period_s, burst) = (200u32, 10u64, 20u32);
     let budget =
         format!("limit = {limit}\nperiod = \"{period_s}s\"\nburst = {burst}\nmax_wait = \"1s\"");
-    let Some(c) = cluster_on(kind, 3, SimOptions::default(), &budget).await else {
+    let Some(c) = start_replicas(Setup {
+        kind,
+        budget: &budget,
+        slow: lateness.map(|_| 0),
+        ..Setup::new(3)
+    })
+    .await
+    else {
         return;
     };
     let c = Arc::new(c);
@@ -168,11 +209,26 @@ async fn shared_budget_suite(kind: Kind) {
     let run = Duration::from_secs(8);
     let tick = Duration::from_millis(30);
     let started = Instant::now();
+    let lateness = lateness.map(|l| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let link = c.slow_link.as_ref().expect("the slow replica's link");
+            let mut spell = 0u64;
+            while started.elapsed() + l.prompt_for + l.late_for <= run {
+                tokio::time::sleep(l.prompt_for).await;
+                link.set_delay((l.late)(spell));
+                tokio::time::sleep(l.late_for).await;
+                link.set_delay(Duration::ZERO);
+                spell += 1;
+            }
+            (spell, link.held())
+        })
+    });
     let mut drivers = tokio::task::JoinSet::new();
     // Two senders per replica, each firing a distinct uncached read every tick without
     // waiting for earlier answers: about 200 requests/s offered against a budget of 20/s,
     // ten times over, yet light enough that a busy machine does not starve the replicas'
-    // Redis calls past their bound (which would rightly fall back to local budgets).
+    // Redis calls for a second (which would rightly fall back to local budgets).
     for sender in 0..6usize {
         let c = c.clone();
         drivers.spawn(async move {
@@ -207,6 +263,14 @@ async fn shared_budget_suite(kind: Kind) {
     let elapsed = started.elapsed().as_secs_f64();
     let calls = c.upstream_total() - before;
     let allowance = f64::from(burst) + f64::from(limit) / period_s as f64 * elapsed;
+    if let Some(lateness) = lateness {
+        let (spells, held) = lateness.await.expect("lateness task");
+        println!("replica 0's Redis late in {spells} spells, {held} writes held back");
+        assert!(
+            spells >= 3 && held >= 5,
+            "expected replica 0's Redis late throughout, saw {spells} spells and {held} writes held"
+        );
+    }
     let accuracy = calls as f64 / allowance;
     // Each Redis call past its bound (or failed) may have put its replica on its divided
     // local ledger for a while: on a machine at load 10 and more, runs that missed the
@@ -220,6 +284,18 @@ async fn shared_budget_suite(kind: Kind) {
             &text,
             "cxgate_redis_errors_total",
         ));
+        // Which calls, and how often Redis was seen down.
+        let ops: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("cxgate_redis_errors_total{") && !l.ends_with(" 0"))
+            .map(|l| {
+                l.trim_start_matches("cxgate_redis_errors_total")
+                    .to_string()
+            })
+            .collect();
+        if !ops.is_empty() {
+            println!("replica {i}: Redis errors {ops:?}");
+        }
     }
     let errors = format!("Redis calls failed or past their bound, per replica: {errors:?}");
     println!(
@@ -244,8 +320,9 @@ async fn shared_budget_suite(kind: Kind) {
         "expected at most {allowance:.1} upstream calls, saw {calls} ({errors})"
     );
     assert!(
-        accuracy >= 0.98,
-        "expected at least 98 % of the allowance {allowance:.1} used, saw {calls} ({errors})"
+        accuracy >= accuracy_floor,
+        "expected at least {:.0} % of the allowance {allowance:.1} used, saw {calls} ({errors})",
+        accuracy_floor * 100.0
     );
     match Arc::try_unwrap(c) {
         Ok(c) => c.stop().await,

@@ -393,7 +393,11 @@ if allow ~= nil and allow - o < cost then
   if ttl > 0 then return reply({3, math.min(ttl * 1000, longest)}) end
 end
 
-local g = bounded(KEYS[1], gi * gu + max_wait + owed)
+-- The global state may also hold the debt replicas back from their fallbacks handed over
+-- (each at most its part of a burst and a wait, so all of them at most one more): cut back
+-- to one span, as it was, the next booking would forgive the calls they sent alone while
+-- the others spent the shared count.
+local g = bounded(KEYS[1], 2 * (gi * gu + max_wait) + owed)
 local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
 local c, cw = now, 0
 if cu > 0 then

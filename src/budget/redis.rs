@@ -78,7 +78,7 @@ async fn run_script(
     args: &[String],
 ) -> Result<Vec<i64>, Unavailable> {
     redis
-        .run("budget", |mut conn| async move {
+        .run_budget(|mut conn| async move {
             let mut call = SCRIPT.prepare_invoke();
             for key in keys {
                 call.key(key);
@@ -687,7 +687,7 @@ impl Budget {
         waited: u64,
         queued: &(dyn Fn() + Sync),
     ) -> Result<Admitted, Rejected> {
-        if !shared.redis.is_prompt() {
+        if !shared.redis.is_up() {
             return self
                 .admit_fallback(shared, client, cost, waited, queued)
                 .await;
@@ -1119,7 +1119,7 @@ impl Budget {
     /// Ends this replica's copy of the pause if an operator resumed since it last looked;
     /// returns what Redis holds (`None`: not shared, or Redis did not answer).
     async fn sync_resumes(&self, shared: &Shared) -> Option<SharedPause> {
-        if !shared.redis.is_prompt() {
+        if !shared.redis.is_up() {
             return None;
         }
         let longest_us = self.ledger().upstream.longest() / 1000;
@@ -1526,6 +1526,54 @@ mod tests {
         out
     }
 
+    /// One replica on its local share while the other spends the shared count (Redis gone
+    /// for it alone): back on Redis, it hands over the call it sent alone, and the debt
+    /// stays in the shared state for the other replica's next bookings too, which used to
+    /// cut it back to one burst and forgive it (the other replica then waited 10 s, one
+    /// cell, not 20 s: the call sent alone went on top of the shared budget).
+    #[tokio::test]
+    async fn what_a_replica_spent_alone_is_not_forgiven_by_the_others_bookings() {
+        let Some(server) = Server::start_or_skip("this Redis budget test") else {
+            return;
+        };
+        // 4 calls per 40 s, all at once: a cell every 10 s; alone, 2 per 40 s.
+        let budgets = replicas(&server, "CXGATE_T_RB10", spec(4, 40_000, 4, 0), 2).await;
+        for b in &budgets {
+            b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+        }
+        let (a, b) = (&budgets[0], &budgets[1]);
+        let shared = a.inner.shared.as_ref().expect("a shared budget");
+        let mut kept = Vec::new();
+        kept.push(
+            a.admit_fallback(shared, "other", n(1), 0, &|| {})
+                .await
+                .expect("a's call on its local share"),
+        );
+        for i in 0..4 {
+            match b.admit("other", n(1)).await {
+                Ok(admitted) => kept.push(admitted),
+                Err(r) => panic!("expected b's call {i} of the shared burst, saw {r:?}"),
+            }
+        }
+        // a is back: its take hands over its call alone (and is refused, the burst spent).
+        let back = a.admit("other", n(1)).await;
+        assert!(
+            back.is_err() && !shared.local.load(Ordering::Acquire),
+            "expected a back on the shared budget and refused, saw {back:?}"
+        );
+        let wait = b
+            .admit("other", n(1))
+            .await
+            .expect_err("expected b refused")
+            .later()
+            .retry_after;
+        assert!(
+            wait >= Duration::from_secs(15),
+            "expected b to wait for two cells (its burst and a's call alone), about 20 s, \
+             saw {wait:?}"
+        );
+    }
+
     /// Two and three replicas, 20 services calling as fast as they are let, an upstream of
     /// 20 calls per 3 s window that counts and answers each call after up to 250 ms: over
     /// several windows no call meets the upstream's limit, and the calls keep going.
@@ -1850,9 +1898,9 @@ mod tests {
         );
     }
 
-    /// A cold budget (nothing known of the upstream's count) whose Redis answers after the
-    /// call bound (paused from a connection of its own) falls back to its local share and
-    /// admits there: the call its shared attempt had put in the ledger's upstream flight
+    /// A cold budget (nothing known of the upstream's count) whose Redis answers nothing
+    /// within the budget's bound (paused from a connection of its own for longer) falls
+    /// back to its local share and admits there: the call its shared attempt had put in the ledger's upstream flight
     /// goes back first, so the local admission does not wait, until `max_wait` and a
     /// refusal, for that call to land when it never went.
     #[tokio::test]
@@ -1874,7 +1922,7 @@ mod tests {
             .expect("a second connection");
         let paused: Result<(), _> = ::redis::cmd("CLIENT")
             .arg("PAUSE")
-            .arg(400)
+            .arg(1500)
             .query_async(&mut pauser)
             .await;
         paused.expect("CLIENT PAUSE");

@@ -5,6 +5,9 @@
 //! on PATH (outside CI).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -44,6 +47,9 @@ pub struct Setup<'a> {
     pub prefix: &'a str,
     /// What the replicas' directories are named after (`{dir}-{i}`).
     pub dir: &'a str,
+    /// The replica (if any) that reaches a plain Redis through a [`SlowLink`] of its own,
+    /// which the test can make late while the others reach Redis directly.
+    pub slow: Option<usize>,
 }
 
 impl<'a> Setup<'a> {
@@ -63,6 +69,7 @@ impl<'a> Setup<'a> {
             workers: true,
             prefix: "cxt",
             dir: "replica",
+            slow: None,
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct Replicas {
     /// The deployment's key prefix (`budget.key_prefix`).
     pub prefix: String,
     pub http: Client<HttpConnector, Full<Bytes>>,
+    /// The link of [`Setup::slow`]'s replica.
+    pub slow_link: Option<SlowLink>,
     workers: bool,
 }
 
@@ -95,6 +104,7 @@ pub async fn start_replicas(setup: Setup<'_>) -> Option<Replicas> {
         workers,
         prefix,
         dir,
+        slow,
     } = setup;
     let redis = RedisServer::start_kind_or_skip(kind, "the replica tests")?;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -117,9 +127,21 @@ pub async fn start_replicas(setup: Setup<'_>) -> Option<Replicas> {
     if let Some(ca) = redis.ca_file().filter(|_| trust_ca) {
         redis_options.push_str(&format!("redis_ca_file = \"{}\"\n", ca.display()));
     }
+    let slow_link = slow.map(|_| {
+        assert_eq!(kind, Kind::Plain, "a slow link is a plain TCP relay");
+        SlowLink::start(redis.ports()[0])
+    });
     let mut replicas = Vec::new();
     let mut dirs = Vec::new();
     for i in 0..n {
+        let url_env = match &slow_link {
+            Some(link) if slow == Some(i) => {
+                let env = format!("CXGATE_TEST_REDIS_URL_{}", link.port);
+                std::env::set_var(&env, format!("redis://127.0.0.1:{}/", link.port));
+                env
+            }
+            _ => url_env.clone(),
+        };
         let dir = temp_dir(&format!("{dir}-{i}"));
         // Every replica starts from a copy of the same token file, as an operator would.
         let token_file = dir.join("token.json");
@@ -152,6 +174,7 @@ pub async fn start_replicas(setup: Setup<'_>) -> Option<Replicas> {
         dirs,
         prefix,
         http: Client::builder(TokioExecutor::new()).build_http(),
+        slow_link,
         workers,
     })
 }
@@ -214,4 +237,104 @@ pub fn redis_options(redis: &RedisServer) -> cxgate::replicas::Options {
         ca_file: redis.ca_file(),
         cluster: redis.kind().is_cluster(),
     }
+}
+
+/// A TCP relay to a local Redis that holds back what the client sends by a delay the test
+/// sets (and changes) at any moment, in order: a Redis that answers late on this one
+/// replica's connections only, as on a loaded host or a slow network path, while it answers
+/// the others at once.
+pub struct SlowLink {
+    pub port: u16,
+    delay_ms: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
+}
+
+impl SlowLink {
+    /// Listens on a free loopback port and relays each connection to `to`.
+    pub fn start(to: u16) -> SlowLink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a relay port");
+        listener.set_nonblocking(true).expect("non-blocking relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let held = Arc::new(AtomicU64::new(0));
+        let (delay, count) = (delay_ms.clone(), held.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (delay, count) = (delay.clone(), count.clone());
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
+                        relay(client, server, delay, count).await;
+                    }
+                });
+            }
+        });
+        SlowLink {
+            port,
+            delay_ms,
+            held,
+        }
+    }
+
+    /// Holds back from now on each chunk the client sends by `by` (zero: none).
+    pub fn set_delay(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(ms, Ordering::Release);
+    }
+
+    /// How many chunks have been held back so far.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// Relays one connection: the server's bytes at once, the client's each held until its
+/// arrival plus the delay in force then (later chunks never overtake earlier ones).
+async fn relay(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    delay: Arc<AtomicU64>,
+    held: Arc<AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let ms = delay.load(Ordering::Acquire);
+                    if ms > 0 {
+                        held.fetch_add(1, Ordering::AcqRel);
+                    }
+                    let due = tokio::time::Instant::now() + Duration::from_millis(ms);
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if server_write.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let back = async move {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(
+        async {
+            tokio::join!(reader, writer);
+        },
+        back
+    );
 }
