@@ -242,6 +242,68 @@ impl Trace {
     }
 }
 
+/// The client 429s of a window, as the clients saw them: by route, and for a read, what
+/// became of its key (to tell a refusal the cache or another request's call could have
+/// answered from one no call did).
+#[derive(Debug, Default, Clone, Copy)]
+struct Refusals {
+    /// Reads by route (see [`route_of`]), and writes.
+    by_route: [u64; 4],
+    writes: u64,
+    /// A fetch of the key was answered within 3 s after the refusal: another request's
+    /// call (queued for budget, or on its way) that the refused read could have taken.
+    fetched_soon: u64,
+    /// The key had been fetched and stored within its ttl before: a hit refused.
+    cached_before: u64,
+    /// The key was fetched later in the window, not within 3 s.
+    fetched_later: u64,
+    /// No fetch of the key in the window after the refusal.
+    never: u64,
+}
+
+impl Trace {
+    /// The client 429s of `[from, to)`, sorted as [`Refusals`] says.
+    fn refusals(&self, from: Instant, to: Instant) -> Refusals {
+        let mut r = Refusals::default();
+        let soon = Duration::from_secs(3);
+        for (at, _, path) in &self.refused {
+            if *at < from || *at >= to {
+                continue;
+            }
+            let Some(path) = path else {
+                r.writes += 1;
+                continue;
+            };
+            r.by_route[route_of(path)] += 1;
+            let fetches = self.fetched.get(path).map(Vec::as_slice).unwrap_or(&[]);
+            let cached = fetches.iter().any(|&(t, _, stored)| {
+                stored
+                    && t < *at
+                    && at.duration_since(t) < ttl_of(path)
+                    && !self
+                        .invalidated
+                        .get(path)
+                        .is_some_and(|w| w.iter().any(|&w| w > t && w <= *at))
+            });
+            let next = fetches
+                .iter()
+                .map(|f| f.0)
+                .filter(|t| t > at && *t < to)
+                .min();
+            if cached {
+                r.cached_before += 1;
+            } else if next.is_some_and(|t| t.duration_since(*at) <= soon) {
+                r.fetched_soon += 1;
+            } else if next.is_some() {
+                r.fetched_later += 1;
+            } else {
+                r.never += 1;
+            }
+        }
+        r
+    }
+}
+
 /// The gateways the fleet sends to, in turn.
 struct Balancer {
     http: Http,
@@ -537,6 +599,18 @@ impl Gateway {
         }
     }
 
+    /// This process's `cxgate_budget_rejections_total` by budget: global, client, upstream.
+    async fn rejections(&self, http: &Http) -> [u64; 3] {
+        let text = support::metrics::scrape(http, &format!("127.0.0.1:{}", self.admin)).await;
+        ["global", "client", "upstream"].map(|budget| {
+            let label = format!("budget=\"{budget}\"");
+            text.lines()
+                .filter(|l| l.starts_with("cxgate_budget_rejections_total{") && l.contains(&label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        })
+    }
+
     /// Upstream calls this process made since it started (`cxgate_upstream_requests_total`).
     async fn upstream_calls(&self, http: &Http) -> u64 {
         let text = support::metrics::scrape(http, &format!("127.0.0.1:{}", self.admin)).await;
@@ -830,6 +904,8 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
     });
     let refused_one = refusals_by_time(&lb.trace(), 1, started);
     let why_one = lb.trace().why(0, started, Instant::now());
+    let sorted_one = lb.trace().refusals(started, Instant::now());
+    let rejections_one = one[0].rejections(&http).await;
     let mut other_seen = lb.tally.other_seen.lock().expect("seen").clone();
     for g in &mut one {
         g.stop();
@@ -847,9 +923,14 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
     let counts = lb.tally.counts();
     let (calls, limited) = upstream(&sim);
     let mut cold = Vec::new();
+    let mut rejections_three = [0; 3];
     for g in &three {
         cold.push(g.upstream_calls(&http).await);
+        for (sum, n) in rejections_three.iter_mut().zip(g.rejections(&http).await) {
+            *sum += n;
+        }
     }
+    let sorted_three = lb.trace().refusals(started, started + period);
     rows.push(Row {
         setup: "three replicas",
         secs: started.elapsed().as_secs_f64(),
@@ -952,6 +1033,26 @@ async fn run(bin: PathBuf, period: Duration) -> bool {
         period.as_secs_f64()
     );
     println!("  one gateway's calls by why (see below): {why_one:?}");
+    for (setup, sorted, rejections) in [
+        ("one gateway", sorted_one, rejections_one),
+        ("three replicas", sorted_three, rejections_three),
+    ] {
+        println!(
+            "  {setup}, client 429s: reads of contacts {}, mentions {}, /me and accounts {}, \
+             other {}, writes {}; the read's key: fetched by another call within 3 s {}, \
+             cached (stored within its ttl) before {}, fetched later {}, not fetched {}; \
+             budget rejections (global, client, upstream) {rejections:?}",
+            sorted.by_route[0],
+            sorted.by_route[1],
+            sorted.by_route[2],
+            sorted.by_route[3],
+            sorted.writes,
+            sorted.fetched_soon,
+            sorted.cached_before,
+            sorted.fetched_later,
+            sorted.never,
+        );
+    }
     print_refusals("one gateway", &refused_one);
     print_refusals("three replicas", &refused_three);
     let restart_errors =

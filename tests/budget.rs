@@ -1319,3 +1319,58 @@ async fn a_merged_read_shows_its_returned_cell_on_a_budget_shared_through_redis(
     );
     stop(env).await;
 }
+
+// A read merged behind a leader queued for the global budget, whose own admission is
+// refused (the queue behind the leader is longer than its max_wait), takes the leader's
+// answer once the leader's slot comes within its own max_wait: it is not answered 429 for
+// a call the gateway makes for its key anyway (on tokio's clock).
+#[tokio::test(start_paused = true)]
+async fn a_follower_refused_alone_takes_the_answer_of_a_leader_queued_within_its_max_wait() {
+    let budget = "[budget]\nlimit = 1\nperiod = \"1s\"\nburst = 1\nmax_wait = \"2s\"\n";
+    let env = Arc::new(
+        common::start_with(
+            SimOptions::default(),
+            &client_toml("alpha", ACCOUNT, "scopes = [\"read\"]"),
+            &format!("{budget}{ROUTES}"),
+        )
+        .await,
+    );
+    assert_ok(&env.get_as(ACCOUNT, &contact(1)).await, "the first read");
+    // contact 2 queues for the next cell (about 1 s away) and contact 3 for the one after
+    // (about 2 s away): the global queue is then as long as a max_wait.
+    let mut queued = JoinSet::new();
+    for n in [2, 3] {
+        let env = env.clone();
+        queued.spawn(async move { (n, env.get_as(ACCOUNT, &contact(n)).await) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Alone, a read now would wait about 3 s (past its 2 s) and is refused at once...
+    let alone = env.get_as(ACCOUNT, &contact(4)).await;
+    assert_gateway_429(&alone, "a read of a path no call is queued for");
+    // ... but merged behind contact 2's leader, whose cell comes in under a second, it
+    // need not be.
+    let asked = Instant::now();
+    let follower = env.get_as(ACCOUNT, &contact(2)).await;
+    let took = asked.elapsed();
+    assert_ok(
+        &follower,
+        "the read merged behind contact 2's queued leader",
+    );
+    assert!(
+        follower.header("cache-status").contains("collapsed") && took < Duration::from_secs(2),
+        "expected the follower answered with the leader's call (collapsed) once its cell \
+         came, under a second; saw Cache-Status {:?} after {took:?}",
+        follower.header("cache-status")
+    );
+    while let Some(done) = queued.join_next().await {
+        let (n, answer) = done.expect("queued read");
+        assert_ok(&answer, &format!("the queued read of contact {n}"));
+    }
+    assert_eq!(
+        env.upstream_count(&format!("GET {}", contact(2))),
+        1,
+        "expected one upstream call for contact 2"
+    );
+    stop(env).await;
+}

@@ -4435,3 +4435,83 @@ async fn a_generation_of_the_wrong_type_is_replaced_not_an_outage() {
     );
     c.stop().await;
 }
+
+/// A read its shared budget refuses on one replica (the global queue is longer than its
+/// max_wait) while the same read queues on another replica, whose cell comes within the
+/// refused read's max_wait, takes that replica's fill from the shared tier: it is not
+/// answered 429 for a read the fleet fetches anyway. One upstream call for the key; a read
+/// of a key no replica is fetching is still refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_refused_on_one_replica_takes_the_fill_of_one_queued_on_another() {
+    let _one = SERIAL.lock().await;
+    let mut sim = SimOptions::default();
+    sim.faults.latency_ms = 200;
+    sim.faults.path_prefix = Some("/12345/inbox/contact/slow/".to_string());
+    let setup = Setup {
+        sim,
+        budget: "limit = 1\nperiod = \"1s\"\nburst = 1\nmax_wait = \"2s\"",
+        cache: "shared = true",
+        ..Setup::new(2)
+    };
+    let Some(c) = start_replicas(setup).await else {
+        return;
+    };
+    let first = c.get_as(0, "/12345/inbox/contact/slow/40", KEY).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    // On replica 0, contact 41 queues for the next cell (about 1 s away) and contact 42 for
+    // the one after (about 2 s away): the shared queue is then as long as a max_wait.
+    let path = "/12345/inbox/contact/slow/41";
+    let mut queued = Vec::new();
+    for n in [41, 42] {
+        let (http, url) = (
+            c.http.clone(),
+            format!("http://{}/12345/inbox/contact/slow/{n}", c.replicas[0].addr),
+        );
+        queued.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(url)
+                .header("authorization", format!("Bearer {KEY}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let resp = http.request(req).await.expect("replica 0 answers");
+            resp.status()
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Alone, a read on replica 1 now waits past its 2 s and is refused at once...
+    let alone = c.get_as(1, "/12345/inbox/contact/slow/43", KEY).await;
+    assert_eq!(
+        alone.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected a read of a key no replica fetches refused, saw {} {:?}",
+        alone.status,
+        alone.body
+    );
+    // ... but the read replica 0 has queued is answered with replica 0's fill.
+    let asked = Instant::now();
+    let taken = c.get_as(1, path, KEY).await;
+    let took = asked.elapsed();
+    let status = taken.header("cache-status").to_string();
+    assert_eq!(
+        taken.status,
+        StatusCode::OK,
+        "expected the read queued on replica 0 answered on replica 1 too, saw {} {:?} after \
+         {took:?}",
+        taken.status,
+        taken.body
+    );
+    assert!(
+        collapsed_into_shared(&status),
+        "expected replica 1's read collapsed into replica 0's fill, saw {status:?}"
+    );
+    for q in queued {
+        assert_eq!(q.await.expect("queued read"), StatusCode::OK);
+    }
+    assert_eq!(
+        calls(&c, &format!("GET {path}")),
+        1,
+        "expected one upstream call for {path}"
+    );
+    c.stop().await;
+}

@@ -402,6 +402,14 @@ impl Budget {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The longest an admission of `client` waits before it is let through or refused,
+    /// counted from its arrival: its `max_wait`, or the grace a call sent to learn the
+    /// upstream's count is always granted, if longer.
+    pub fn longest_wait(&self, client: &str) -> Duration {
+        let (max_wait, _) = self.ledger().terms(client);
+        Duration::from_nanos(max_wait).max(LEARNING_GRACE)
+    }
+
     /// Waits for `cost` cells for one upstream call of `client`, or refuses at once when the
     /// wait would exceed the client's `max_wait` or the upstream has paused us
     /// ([`Refused::Later`]). A cost above the burst of a share the call must pass is refused

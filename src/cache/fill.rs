@@ -76,6 +76,12 @@ impl SharedTier {
         self.redis().key(&format!("cache:lock:{key}"))
     }
 
+    /// The note that a miss of `key` queues for budget on some replica (see
+    /// [`Store::note_queued`]).
+    fn queued_key(&self, key: &str) -> String {
+        self.redis().key(&format!("cache:queued:{key}"))
+    }
+
     /// Takes the fill lock of `key`: `Some` when taken, `None` when another holds it, an
     /// error when Redis cannot say.
     async fn try_lock(&self, key: &str) -> Result<Option<FillLock>, Unavailable> {
@@ -279,6 +285,77 @@ impl Store {
             if held {
                 return None;
             }
+        }
+    }
+
+    /// Notes in Redis that a miss of `key` (with `since` from its shared lookup) queues for
+    /// budget on this replica, and that its budget decides by `by` at the latest: past its
+    /// queue then (and calling, under the fill lock) or refused. The note (`SET NX PX`)
+    /// lasts until `by`; the first queued miss's stands. A miss another replica's budget
+    /// refuses meanwhile waits for this one's call ([`Store::await_queued_fill`]) rather
+    /// than answer 429 for a read the fleet is about to fetch anyway.
+    pub async fn note_queued(&self, key: &str, since: &Since, by: Instant) {
+        let Some((tier, _)) = self.fill_tier(since) else {
+            return;
+        };
+        let ttl = by.saturating_duration_since(Instant::now());
+        if ttl < Duration::from_millis(1) {
+            return;
+        }
+        let queued = tier.queued_key(key);
+        let value = tier.redis().id().to_owned();
+        let _ = tier
+            .redis()
+            .try_lock("cache", &queued, &value, ttl, PATIENT_CALL_TIMEOUT)
+            .await;
+    }
+
+    /// For a miss of `key` its own budget refused: while a miss of the key is noted as
+    /// queued on a replica ([`Store::note_queued`]), waits until `budget_deadline` (when
+    /// this miss's own `max_wait` ends) for that one to be let through, and then for its
+    /// call's answer under the fill lock until `fill_deadline`; the shared entry, in memory
+    /// now, or `None` when no such call comes (the refusal stands).
+    pub async fn await_queued_fill(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        since: &Since,
+        budget_deadline: Instant,
+        fill_deadline: Instant,
+        local: &dyn Localize,
+    ) -> Option<StoredResponse> {
+        let (tier, generations) = self.fill_tier(since)?;
+        let queued = tier.queued_key(key);
+        loop {
+            let (found, noted) = match tier.peek(key, &queued, generations).await {
+                Ok(seen) => seen,
+                Err(why) if why.is_slow() && tier.redis().is_up() => (None, true),
+                Err(_) => return None,
+            };
+            if let Some(found) = found {
+                match self.take_found(key, req_headers, found, since, local).await {
+                    Ok(Some(entry)) => {
+                        tier.count_filled();
+                        return Some(entry);
+                    }
+                    Ok(None) => return None,
+                    Err(()) => return None,
+                }
+            }
+            // Noted no more (let through, or refused), or this miss's wait is over: what
+            // is left is a call under the fill lock, if one runs.
+            if !noted || Instant::now() + POLL_EVERY > budget_deadline {
+                break;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+        let deadline = fill_deadline.max(budget_deadline);
+        match self
+            .await_fill(key, req_headers, since, deadline, || {}, local)
+            .await
+        {
+            Fill::Filled(entry) => Some(entry),
+            Fill::Free | Fill::Alone => None,
         }
     }
 

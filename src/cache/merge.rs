@@ -26,8 +26,8 @@ pub struct MergeError;
 enum Stage {
     /// Its budget has not decided yet (it may not even have been scheduled).
     Deciding,
-    /// Its budget made it wait.
-    Queued,
+    /// Its budget made it wait; by this time (if known) it is past its queue or refused.
+    Queued(Option<tokio::time::Instant>),
     /// Past its queue, on its way upstream.
     Sent,
 }
@@ -201,13 +201,37 @@ impl<V> Progress<V> {
 
     /// The fetch's budget made it wait: followers start counting their patience.
     pub fn queued(&self) {
+        self.queued_until(None);
+    }
+
+    /// [`Progress::queued`] for a fetch whose budget decides by `by` at the latest (its
+    /// caller's `max_wait` from its arrival): past its queue then, or refused. A follower
+    /// whose own budget refuses it may wait for such a leader (see [`Behind`]).
+    pub fn queued_until(&self, by: Option<tokio::time::Instant>) {
         self.stage.send_if_modified(|stage| {
             let was = *stage == Stage::Deciding;
             if was {
-                *stage = Stage::Queued;
+                *stage = Stage::Queued(by);
             }
             was
         });
+    }
+
+    /// Resolves once the fetch's budget has decided: the time it decides by at the latest
+    /// when it made the fetch wait (see [`Progress::queued_until`]), `None` when it let it
+    /// through at once or did not say.
+    pub async fn queued_by(&self) -> Option<tokio::time::Instant> {
+        let mut stage = self.stage.subscribe();
+        let decided = stage.wait_for(|s| *s != Stage::Deciding).await.ok()?;
+        match *decided {
+            Stage::Queued(by) => by,
+            Stage::Deciding | Stage::Sent => None,
+        }
+    }
+
+    /// When the caller this fetch runs for arrived, if known.
+    pub fn arrived(&self) -> Option<tokio::time::Instant> {
+        self.since
     }
 
     /// The fetch is past its queue and on its way upstream: its rivals still queued take
@@ -309,8 +333,43 @@ pub enum Joined<V, B> {
     Led(V),
     /// It followed: the leader's value, and its own fetch, unrun.
     Followed(V, B),
-    /// The leader was still queued after the patience: its own fetch, unrun.
-    Impatient(B),
+    /// The leader was still queued after the patience: its own fetch, unrun, and the
+    /// leader's flight, whose value it may still take (when its own budget refuses it).
+    Impatient(B, Behind<V>),
+}
+
+/// The queued flight a caller left to run its fetch on its own terms: still joined (it
+/// counts as waiting for it), so that caller can take its value after all.
+pub struct Behind<V> {
+    outcome: watch::Receiver<Outcome<V>>,
+    stage: watch::Receiver<Stage>,
+    _waiting: Option<Waiting<V>>,
+}
+
+impl<V: Clone> Behind<V> {
+    /// Whether the flight's value comes without waiting on its budget past `deadline`: it
+    /// has its value, or is past its queue, or its budget decides by then.
+    pub fn due_by(&self, deadline: tokio::time::Instant) -> bool {
+        if self.outcome.borrow().is_some() {
+            return true;
+        }
+        match *self.stage.borrow() {
+            Stage::Sent => true,
+            Stage::Queued(by) => by.is_some_and(|by| by <= deadline),
+            Stage::Deciding => false,
+        }
+    }
+
+    /// The flight's value (`MergeError` if it ended without one).
+    pub async fn value(mut self) -> Result<V, MergeError> {
+        wait(&mut self.outcome).await
+    }
+}
+
+impl<V> std::fmt::Debug for Behind<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Behind").finish_non_exhaustive()
+    }
 }
 
 /// What joining a flight gives a caller: its watches, its role, and (for a fetch that runs
@@ -431,7 +490,12 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
         };
         let done = seat.outcome.borrow().is_some();
         if queued && !done {
-            return Ok(Joined::Impatient(build));
+            let behind = Behind {
+                outcome: seat.outcome,
+                stage: seat.stage,
+                _waiting: seat._waiting,
+            };
+            return Ok(Joined::Impatient(build, behind));
         }
         Ok(Joined::Followed(wait(&mut seat.outcome).await?, build))
     }

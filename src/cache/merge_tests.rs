@@ -232,7 +232,7 @@ fn kind<V, B>(joined: &Joined<V, B>) -> &'static str {
     match joined {
         Joined::Led(_) => "Led",
         Joined::Followed(..) => "Followed",
-        Joined::Impatient(_) => "Impatient",
+        Joined::Impatient(..) => "Impatient",
     }
 }
 
@@ -262,7 +262,7 @@ async fn a_patient_follower_gets_its_fetch_back_while_the_leader_is_queued() {
         .expect("joined");
     let waited = asked.elapsed();
     let own = match joined {
-        Joined::Impatient(own) => own,
+        Joined::Impatient(own, _) => own,
         other => panic!(
             "expected the follower's own fetch back, saw {}",
             kind(&other)
@@ -497,7 +497,7 @@ async fn a_follower_gone_its_own_way_takes_the_value_of_a_leader_let_through_fir
         )
         .await
         .expect("joined");
-    let Joined::Impatient(own) = joined else {
+    let Joined::Impatient(own, _) = joined else {
         panic!(
             "expected the follower's own fetch back at once, saw {}",
             kind(&joined)

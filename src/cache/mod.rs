@@ -52,7 +52,7 @@ mod vary;
 pub use entry::{stored_status, CachedResponse, Freshness, StoredResponse, Timing};
 pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
-pub use merge::{Joined, MergeError, Merger, Peer, Progress, Role};
+pub use merge::{Behind, Joined, MergeError, Merger, Peer, Progress, Role};
 pub use shared::{Generations, Localize, Routed, SharedMetrics, SharedTier, Windows};
 pub use store::{Since, Store};
 pub use vary::Variant;

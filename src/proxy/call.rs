@@ -53,8 +53,12 @@ impl Gateway {
         progress: &crate::cache::Progress<V>,
     ) -> Result<crate::budget::Admitted, GatewayError> {
         // A caller that already waited on another client's merged call queues only for what
-        // is left of its own max_wait.
-        let queued = || progress.queued();
+        // is left of its own max_wait. Followers that leave the queued flight learn by when
+        // it is decided, at the latest.
+        let by = progress
+            .arrived()
+            .map(|at| at + self.inner.budget.longest_wait(&call.client));
+        let queued = || progress.queued_until(by);
         match self
             .inner
             .budget

@@ -381,6 +381,7 @@ impl Gateway {
             }
         }
         let call = upstream_get(&make_call);
+        let client = call.client.clone();
         // A follower's own terms: behind a flight still queued for another client's budget
         // it asks its own budget at once, as it would alone, and the first of the two past
         // its queue answers both (see `Merger::run_own`); a leader's refusal is not its
@@ -441,7 +442,31 @@ impl Gateway {
                 (own_terms(own).await, Role::Leader)
             }
             Ok(Joined::Followed(v, _)) => (v, Role::Follower),
-            Ok(Joined::Impatient(own)) => (own_terms(own).await, Role::Leader),
+            Ok(Joined::Impatient(own, behind)) => {
+                let mine = own_terms(own).await;
+                // Refused alone, it still takes the answer of the flight it left when that
+                // one's budget decides within this read's own wait: a 429 then would refuse
+                // a read the gateway answers within its max_wait anyway.
+                let deadline = arrived + inner.budget.longest_wait(&client);
+                let by_a_share = matches!(&mine, Err(e) if refused_by_a_share(e));
+                if by_a_share && behind.due_by(deadline) {
+                    match behind.value().await {
+                        Ok(Ok(answer))
+                            if answer
+                                .variant
+                                .serves(&Variant::of(&answer.fetched.headers, headers)) =>
+                        {
+                            (Ok(answer), Role::Follower)
+                        }
+                        Ok(theirs) if !refused_by_budget(&theirs) && theirs.is_err() => {
+                            (theirs, Role::Follower)
+                        }
+                        _ => (mine, Role::Leader),
+                    }
+                } else {
+                    (mine, Role::Leader)
+                }
+            }
             Err(e) => (unreachable(e), Role::Leader),
         };
         let elsewhere = value
@@ -652,15 +677,49 @@ impl Gateway {
                     // go at once may take this flight's place, here or on another replica:
                     // this one takes its answer then, and its queued cells go back (or are
                     // burnt when others queued behind them, as for any cancelled wait).
+                    // A miss its budget makes wait says so in Redis, so the same miss
+                    // refused on another replica waits for this one's call (see below).
+                    let note = async {
+                        if let Some(by) = progress.queued_by().await {
+                            cache.note_queued(&key, &since, by).await;
+                        }
+                        std::future::pending::<()>().await
+                    };
                     let turn = tokio::select! {
                         admitted = gateway.admit_reporting(&call, &progress) => {
                             Turn::Admitted(admitted)
                         }
+                        () = note, if across => unreachable!("the note never resolves"),
                         peer = progress.displaced(), if !tried_peer => Turn::Join(peer),
                         started = cache.fill_started(&key, &call.headers, &since, &routed),
                             if across && !watched => Turn::Elsewhere(started),
                     };
                     let admitted = match turn {
+                        // Refused by its budget while the same miss queues on a replica
+                        // whose budget decides within this one's max_wait: that call's
+                        // answer, not a 429 for a read the fleet fetches anyway.
+                        Turn::Admitted(Err(refused)) if across && refused_by_a_share(&refused) => {
+                            let budget_deadline = progress.arrived().unwrap_or_else(Instant::now)
+                                + gateway.inner.budget.longest_wait(&call.client);
+                            let filled = cache
+                                .await_queued_fill(
+                                    &key,
+                                    &call.headers,
+                                    &since,
+                                    budget_deadline,
+                                    deadline,
+                                    &routed,
+                                )
+                                .await;
+                            return match filled {
+                                Some(entry) => Ok(Arc::new(Answer::filled_elsewhere(
+                                    entry,
+                                    progress.waited(),
+                                    &call.headers,
+                                ))),
+                                None => Err(Arc::new(refused)),
+                            };
+                        }
                         Turn::Admitted(admitted) => admitted.map_err(Arc::new)?,
                         Turn::Join(peer) => {
                             tried_peer = true;
@@ -886,6 +945,12 @@ const NO_WINDOWS: crate::cache::Windows = crate::cache::Windows {
     stale_while_revalidate: std::time::Duration::ZERO,
     stale_if_error: std::time::Duration::ZERO,
 };
+
+/// Refused by a share of the budget (global or the client's own), not for an upstream
+/// pause: a call queued for the same key then still goes within its wait.
+fn refused_by_a_share(e: &GatewayError) -> bool {
+    matches!(e, GatewayError::RateLimited { reason, upstream_status: None, .. } if *reason != crate::budget::Which::Upstream.label())
+}
 
 /// A cacheable route's rule for one request: ttl, the two stale windows, its tags.
 type Rule = (
