@@ -235,6 +235,24 @@ fn key_scan(c: &mut Criterion) {
             assert!(!found);
         })
     });
+    // Every client has called, so every key is known in full: each is searched in its
+    // base64 and hex spellings too (8 substring searches per key and value).
+    for i in 0..20 {
+        let key = format!("client-key-number-{i:02}-abcdefgh");
+        clients.authenticate(Some(&key)).expect("a configured key");
+    }
+    c.bench_function(
+        "key_scan/headers + query + 1 KB JSON body, 20 keys known",
+        |b| {
+            b.iter(|| {
+                let found = headers.iter().any(|h| scan.in_value(black_box(h)))
+                    || scan.in_value(black_box(query))
+                    || scan.in_value(black_box(body.as_bytes()))
+                    || scan.in_json(black_box(body.as_bytes()));
+                assert!(!found);
+            })
+        },
+    );
 }
 
 criterion_group! {

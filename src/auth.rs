@@ -83,6 +83,8 @@ struct Entry {
     client: Client,
     /// The key that was seen to hash to `hash`, once one has been.
     proven: OnceLock<Box<[u8]>>,
+    /// Its base64 and hex spellings, made on the first key scan after it was proven.
+    spelled: OnceLock<crate::leak::Spellings>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -113,6 +115,7 @@ impl Clients {
                     hash: c.key_sha256,
                     client: Client::from_config(c, i + 1),
                     proven: OnceLock::new(),
+                    spelled: OnceLock::new(),
                 })
                 .collect(),
             anonymous: Client::anonymous(),
@@ -125,6 +128,21 @@ impl Clients {
     /// is compared.
     pub fn is_some_key(&self, candidate: &[u8]) -> bool {
         !self.hashes.is_empty() && self.hashes.contains(&sha256(candidate))
+    }
+
+    /// The [`crate::leak::Spellings`] of every key a client has authenticated with, other
+    /// than `except`: only those are known in full (the configuration holds digests).
+    pub fn proven_spellings<'a>(
+        &'a self,
+        except: Option<&'a [u8]>,
+    ) -> impl Iterator<Item = &'a crate::leak::Spellings> + 'a {
+        self.entries.iter().filter_map(move |e| {
+            let key = e.proven.get()?;
+            if except.is_some_and(|x| same_secret(x, key)) {
+                return None;
+            }
+            Some(e.spelled.get_or_init(|| crate::leak::Spellings::of(key)))
+        })
     }
 
     /// Anonymous mode: no clients configured.

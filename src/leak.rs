@@ -16,6 +16,12 @@ pub trait KeySet {
     fn holds(&self, candidate: &[u8]) -> bool;
     /// No key at all (anonymous mode): nothing to search for.
     fn is_empty(&self) -> bool;
+    /// Whether `text` holds a [`Spellings`] of a key known in full (not only by its
+    /// digest), other than `except`.
+    fn spelled_in(&self, text: &[u8], except: Option<&[u8]>) -> bool {
+        let _ = (text, except);
+        false
+    }
 }
 
 impl KeySet for Clients {
@@ -26,6 +32,84 @@ impl KeySet for Clients {
     fn is_empty(&self) -> bool {
         self.is_open()
     }
+
+    /// Every key a client has authenticated with (this configuration's), spelled.
+    fn spelled_in(&self, text: &[u8], except: Option<&[u8]>) -> bool {
+        self.proven_spellings(except).any(|s| s.in_text(text))
+    }
+}
+
+/// The spellings of one key that a reader could decode back to it: base64 in the standard
+/// and the URL-safe alphabet, for each of the three alignments the key may have inside the
+/// encoded bytes (so whether it starts the encoded text or sits inside a longer one, with
+/// padding or without: only the characters that the key's bytes alone decide are searched),
+/// and hex in lower and upper case. Each is a substring search (SIMD `memmem`), so a
+/// value costs one pass per spelling: at most 8 per key known in full.
+pub struct Spellings(Vec<memchr::memmem::Finder<'static>>);
+
+impl Spellings {
+    /// The spellings of `key`; none for a key shorter than [`MIN_SPELLED_KEY`].
+    pub fn of(key: &[u8]) -> Spellings {
+        let mut found: Vec<Vec<u8>> = Vec::new();
+        if key.len() >= MIN_SPELLED_KEY {
+            for align in 0..3 {
+                let standard = base64_inner(key, align);
+                let url_safe: Vec<u8> = standard
+                    .iter()
+                    .map(|&c| match c {
+                        b'+' => b'-',
+                        b'/' => b'_',
+                        c => c,
+                    })
+                    .collect();
+                found.push(standard);
+                found.push(url_safe);
+            }
+            let hex = |digits: &[u8; 16]| -> Vec<u8> {
+                key.iter()
+                    .flat_map(|&b| [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]])
+                    .collect()
+            };
+            found.push(hex(b"0123456789abcdef"));
+            found.push(hex(b"0123456789ABCDEF"));
+        }
+        found.sort();
+        found.dedup();
+        Spellings(
+            found
+                .iter()
+                .map(|p| memchr::memmem::Finder::new(p).into_owned())
+                .collect(),
+        )
+    }
+
+    /// Whether `text` holds one of the spellings.
+    pub fn in_text(&self, text: &[u8]) -> bool {
+        self.0.iter().any(|f| f.find(text).is_some())
+    }
+}
+
+/// The base64 characters (standard alphabet) that `key`'s bytes alone decide when the key
+/// starts `align` bytes (0 to 2) into a 3-byte group of the encoded data: the characters
+/// around them also depend on the bytes before and after the key.
+fn base64_inner(key: &[u8], align: usize) -> Vec<u8> {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let data: Vec<u8> = std::iter::repeat_n(0, align)
+        .chain(key.iter().copied())
+        .collect();
+    let bits = data.len() * 8;
+    // Character i holds bits [6i, 6i + 6): it is the key's alone when those lie within
+    // the key's bits [8 align, bits).
+    let first = (8 * align).div_ceil(6);
+    let end = bits / 6;
+    (first..end)
+        .map(|i| {
+            let at = 6 * i;
+            let (byte, shift) = (at / 8, at % 8);
+            let word = u16::from(data[byte]) << 8 | u16::from(*data.get(byte + 1).unwrap_or(&0));
+            ALPHABET[usize::from((word >> (10 - shift)) & 63)]
+        })
+        .collect()
 }
 
 impl KeySet for [[u8; 32]] {
@@ -44,8 +128,14 @@ impl KeySet for [[u8; 32]] {
 pub const MIN_KEY: usize = 4;
 /// Longer runs are not keys anyone types or generates.
 pub const MAX_KEY: usize = 256;
-/// Percent-decodings tried after the raw bytes.
-const MAX_LAYERS: usize = 2;
+/// Percent-decodings tried after the raw bytes, at most: decoding stops earlier at a
+/// fixpoint (no escape left, or one more decoding changes nothing). Eight layers are more
+/// than any reader undoes by accident; a value encoded deeper is refused by nothing here,
+/// but no reader decodes it back either without meaning to.
+const MAX_LAYERS: usize = 8;
+/// Keys shorter than this are not searched in their base64 and hex spellings: the
+/// spelling of a shorter one is short enough to turn up by chance in ordinary text.
+pub const MIN_SPELLED_KEY: usize = 8;
 /// How many punctuation cuts one candidate may span: a key holding more of `- . _ ~ + / =`
 /// than one less than this is found only as a whole token, not inside a longer one.
 const MAX_SPAN: usize = 8;
@@ -72,6 +162,8 @@ const MAX_SPAN: usize = 8;
 pub struct KeyScan<'a, K: KeySet + ?Sized = Clients> {
     keys: &'a K,
     own: Option<&'a str>,
+    /// The caller's key spelled, made on the first value scanned.
+    own_spelled: std::sync::OnceLock<Spellings>,
 }
 
 impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
@@ -81,12 +173,24 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
         KeyScan {
             keys,
             own: own.filter(|k| !k.is_empty()),
+            own_spelled: std::sync::OnceLock::new(),
         }
     }
 
     /// Whether `text` holds the caller's key or any configured key.
     pub fn in_value(&self, text: &[u8]) -> bool {
         self.own.is_some_and(|k| carries_key(text, k)) || self.hashed_in(text)
+    }
+
+    /// Whether `text` (one layer of a value) holds the base64 or hex [`Spellings`] of the
+    /// caller's key or of another key known in full.
+    fn spelled_in(&self, text: &[u8]) -> bool {
+        let own = self.own.map(str::as_bytes);
+        own.is_some_and(|k| {
+            self.own_spelled
+                .get_or_init(|| Spellings::of(k))
+                .in_text(text)
+        }) || self.keys.spelled_in(text, own)
     }
 
     /// Whether a request body of any content type holds a key: its bytes as they are
@@ -127,7 +231,7 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
         }
         let mut layer = Cow::Borrowed(text);
         for depth in 0..=MAX_LAYERS {
-            if self.key_token_in(&layer) {
+            if self.key_token_in(&layer) || self.spelled_in(&layer) {
                 return true;
             }
             // `+` is a key byte and a form's space: read both ways.
@@ -137,7 +241,12 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
             if depth == MAX_LAYERS || !layer.contains(&b'%') {
                 break;
             }
-            layer = Cow::Owned(percent_decoded(&layer));
+            let next = percent_decoded(&layer);
+            // A fixpoint: `%` left only in escapes that are none (`100%`, `%zz`).
+            if next.len() == layer.len() {
+                break;
+            }
+            layer = Cow::Owned(next);
         }
         false
     }

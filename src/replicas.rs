@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 mod acks;
+mod repairs;
 mod tables;
 pub use tables::{Current, Table, MAX_LIST_BYTES};
 
@@ -42,7 +43,7 @@ return 1
 static EXTEND_LOCK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 ",
     )
@@ -52,7 +53,7 @@ return 0
 static RELEASE_LOCK: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ",
     )
@@ -132,6 +133,12 @@ pub enum Unavailable {
 }
 
 impl Unavailable {
+    /// Redis answered that a key holds another type than the command reads (`WRONGTYPE`):
+    /// the key is wrong, not Redis.
+    pub fn is_wrong_type(&self) -> bool {
+        matches!(self, Unavailable::Command(err) if err.code() == Some("WRONGTYPE"))
+    }
+
     /// Redis was asked and did not answer in time (this side's bound, or the cluster
     /// client's): it may answer the next call, unlike a Redis marked down or one that refused.
     pub fn is_slow(&self) -> bool {
@@ -343,6 +350,8 @@ struct Inner {
     tables_over: AtomicBool,
     /// Whether the last read of the list of tables found junk in it (said once).
     tables_junk: AtomicBool,
+    /// Values read that no replica writes, repaired (see `repairs`).
+    repairs: repairs::Repairs,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -677,6 +686,7 @@ impl Redis {
             errors.with_label_values(&[op]);
         }
         let acks = acks::Acks::register(registry)?;
+        let repairs = repairs::Repairs::register(registry)?;
         let redis = Redis {
             inner: Arc::new(Inner {
                 link,
@@ -706,6 +716,7 @@ impl Redis {
                 acks,
                 tables_over: AtomicBool::new(false),
                 tables_junk: AtomicBool::new(false),
+                repairs,
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -722,6 +733,16 @@ impl Redis {
     /// keys live on one node and one script may touch several of them.
     pub fn key(&self, suffix: &str) -> String {
         hash_tagged(&self.inner.prefix, suffix)
+    }
+
+    /// Counts a value read from `key` (a key of this deployment) that no replica writes,
+    /// which the caller has cut back, dropped or replaced, in
+    /// `cxgate_redis_repairs_total{key}`, and says so once per incident: `what` names what
+    /// was found and what was done about it.
+    pub fn repaired(&self, key: &str, what: &str) {
+        let prefix = hash_tagged(&self.inner.prefix, "");
+        let suffix = key.strip_prefix(prefix.as_str()).unwrap_or(key);
+        self.inner.repairs.note(repairs::label(suffix), key, what);
     }
 
     /// This replica's unique id (lock values, message senders).
@@ -843,7 +864,13 @@ impl Redis {
             }
             Ok(Err(err)) => {
                 let why = Unavailable::Command(err);
-                self.inner.failed(&why);
+                if why.is_wrong_type() {
+                    // The script replaces a key of the wrong type itself; one that still
+                    // comes back is the key's fault, not Redis's (as in `run_within`).
+                    self.inner.answered();
+                } else {
+                    self.inner.failed(&why);
+                }
                 why
             }
             Err(_) => {
@@ -881,6 +908,22 @@ impl Redis {
             Err(_) => Unavailable::Timeout(bound),
         };
         self.inner.errors.with_label_values(&[op]).inc();
+        if result.is_wrong_type() {
+            // Redis answered: a key holds another type than the string written to it
+            // (planted, or left by something else). Not an outage: the caller falls back for
+            // this call, and replaces the key where it owns it.
+            self.inner.answered();
+            self.inner.repairs.note(
+                "other",
+                op,
+                &format!(
+                    "a key read for {op} holds another type than the string the gateway \
+                     writes (WRONGTYPE); this call fell back as if Redis were away, Redis \
+                     is not down"
+                ),
+            );
+            return Err(result);
+        }
         self.inner.failed(&result);
         Err(result)
     }

@@ -1336,3 +1336,70 @@ async fn a_clients_max_age_and_pragma_are_honoured() {
     assert_hit(&env.get("/me").await, "a plain read after the refetches");
     env.stop().await;
 }
+
+/// A client's `Cache-Control: min-fresh=N` takes a stored answer only while it stays fresh
+/// N more seconds (RFC 9111 5.2.1.3), else refetches; `max-stale[=N]` takes a stale one as
+/// it is, stale by at most N seconds (RFC 9111 5.2.1.2), where without it the read would
+/// go upstream.
+#[tokio::test(start_paused = true)]
+async fn a_clients_min_fresh_and_max_stale_are_honoured() {
+    // Minutes pass on the paused clock: the client's pooled connection must outlive them.
+    let env = common::start_custom(
+        SimOptions::default(),
+        "idle_timeout = \"1h\"",
+        None,
+        &common::client_toml("test", KEY, "scopes = [\"read\", \"write\"]"),
+        ROUTES,
+    )
+    .await;
+    assert_stored(&env.get("/me").await, "/me, first read");
+    // The ttl is 10 minutes: 5 minutes in, 300 s of freshness are left.
+    tokio::time::advance(Duration::from_secs(300)).await;
+    let enough = get_with(&env, "/me", &[("cache-control", "min-fresh=299")]).await;
+    assert_hit(&enough, "min-fresh=299 with 300 s left");
+    assert_eq!(
+        env.upstream_count("GET /me"),
+        1,
+        "expected the hit to call nothing"
+    );
+    let short = get_with(&env, "/me", &[("cache-control", "min-fresh=301")]).await;
+    assert_eq!(
+        short.header("cache-status"),
+        "cxgate; fwd=request; fwd-status=200; stored",
+        "min-fresh=301 with 300 s left: expected a refetch"
+    );
+    assert_eq!(env.upstream_count("GET /me"), 2, "expected one refetch");
+    // The refetched answer has its whole ttl ahead.
+    assert_hit(
+        &get_with(&env, "/me", &[("cache-control", "min-fresh=301")]).await,
+        "min-fresh=301 after the refetch",
+    );
+    env.stop().await;
+
+    let env = common::start(SimOptions::default(), SHORT_TTL_ROUTES).await;
+    assert_stored(&env.get("/me/accounts").await, "/me/accounts, first read");
+    // Stale by 5 s, no stale-while-revalidate: a plain read would go upstream.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    for ask in [
+        "max-stale=10",
+        "max-stale",
+        "no-transform, MAX-STALE=\"60\"",
+    ] {
+        let stale = get_with(&env, "/me/accounts", &[("cache-control", ask)]).await;
+        assert_stale(&stale, ask);
+        assert_eq!(
+            env.upstream_count("GET /me/accounts"),
+            1,
+            "{ask}: expected the stale answer taken as it is"
+        );
+    }
+    let strict = get_with(&env, "/me/accounts", &[("cache-control", "max-stale=2")]).await;
+    assert_eq!(strict.status, StatusCode::OK, "max-stale=2: expected 200");
+    assert_eq!(
+        env.upstream_count("GET /me/accounts"),
+        2,
+        "max-stale=2 stale by 5 s: expected a refetch, saw Cache-Status {:?}",
+        strict.header("cache-status")
+    );
+    env.stop().await;
+}

@@ -1009,3 +1009,70 @@ fn check_and_run_refuse_a_base_url_that_loops_or_leaves_its_path() {
         }
     }
 }
+
+/// `token.oauth.token_url` at the gateway's own listener or admin listener is refused by
+/// `check` and `run` alike, as `upstream.base_url` is (exit 2, one line naming the key):
+/// every refresh would ask the gateway itself, which hands out no tokens.
+#[test]
+fn check_and_run_refuse_a_token_url_that_is_the_gateway_itself() {
+    let (port, admin) = (common::free_port(), common::free_port());
+    let dir = common::temp_dir("cli-token-url");
+    let token_file = dir.join("token.json");
+    for (url, says) in [
+        (
+            format!("http://127.0.0.1:{port}/oauth/access_token/"),
+            "server.listen",
+        ),
+        (
+            format!("http://localhost:{admin}/oauth/access_token/"),
+            "server.admin_listen",
+        ),
+    ] {
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             [upstream]\nbase_url = \"https://api.engagor.com\"\n\
+             [token]\nfile = \"{}\"\n\
+             [token.oauth]\ntoken_url = \"{url}\"\nclient_id = \"c\"\nclient_secret_env = \"CXGATE_TEST_SECRET\"\n",
+            token_file.display()
+        );
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_SECRET", "s")]);
+            assert!(
+                code == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with("token.oauth.token_url:")
+                    && stderr.contains(says)
+                    && stderr.contains("gateway itself"),
+                "{url}: expected `{command}` to exit 2 with one line naming \
+                 token.oauth.token_url and {says:?}, saw {code:?}:\n{stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `cxgate check` prints what `run` warns about an environment token on loading it (one
+/// that cannot be sent upstream), and still accepts the file, as `run` starts on it.
+#[test]
+fn check_prints_the_warnings_run_logs_for_an_environment_token() {
+    let (port, admin) = (common::free_port(), common::free_port());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+         [upstream]\nbase_url = \"https://api.engagor.com\"\n\
+         [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n"
+    );
+    let (code, stderr) = exit_of("check", &config, &[("CXGATE_TEST_TOKEN", "has a space")]);
+    assert!(
+        code == Some(0)
+            && stderr.contains("warning: token.access_token_env:")
+            && stderr.contains("$CXGATE_TEST_TOKEN")
+            && stderr.contains("cannot be sent upstream"),
+        "expected check to pass with a warning about the token in $CXGATE_TEST_TOKEN, saw \
+         {code:?}:\n{stderr}"
+    );
+    let (code, stderr) = exit_of("check", &config, &[("CXGATE_TEST_TOKEN", "sendable-token")]);
+    assert!(
+        code == Some(0) && !stderr.contains("warning"),
+        "expected no warning for a sendable token, saw {code:?}:\n{stderr}"
+    );
+}

@@ -107,6 +107,11 @@ const FAMILIES: &[Family] = &[
         labels: &["result"],
     },
     Family {
+        name: "cxgate_redis_repairs_total",
+        kind: Kind::Counter,
+        labels: &["key"],
+    },
+    Family {
         name: "cxgate_build_info",
         kind: Kind::Gauge,
         labels: &["version"],

@@ -213,7 +213,11 @@ async fn the_redis_metrics_are_on_the_first_scrape() {
     let clients = common::client_toml("crm", common::KEY, "scopes = [\"read\"]");
     let env = common::start_with(SimOptions::default(), &clients, &budget).await;
     let scrape = env.metrics().await;
-    for name in ["cxgate_redis_up", "cxgate_redis_errors_total"] {
+    for name in [
+        "cxgate_redis_up",
+        "cxgate_redis_errors_total",
+        "cxgate_redis_repairs_total",
+    ] {
         assert!(
             scrape.contains(&format!("# TYPE {name} ")),
             "expected {name} on the first scrape with the redis backend; it is absent"
@@ -221,6 +225,9 @@ async fn the_redis_metrics_are_on_the_first_scrape() {
     }
     for op in ["budget", "cache", "token", "publish", "ping"] {
         expect_zero(&scrape, "cxgate_redis_errors_total", &[("op", op)]);
+    }
+    for key in ["budget:global", "budget:pause", "token", "tables", "other"] {
+        expect_zero(&scrape, "cxgate_redis_repairs_total", &[("key", key)]);
     }
     env.stop().await;
     drop(redis);

@@ -1371,3 +1371,55 @@ async fn a_reload_refuses_a_base_url_the_gateway_cannot_forward_under() {
     }
     env.stop().await;
 }
+
+/// A reload refuses `token.oauth.token_url` at the gateway's own admin listener, as `check`
+/// and `run` do: 400 naming the key, and the running configuration stays.
+#[tokio::test]
+async fn a_reload_refuses_a_token_url_that_is_the_gateway_itself() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    let url = good
+        .lines()
+        .find(|l| l.trim_start().starts_with("token_url"))
+        .expect("the harness writes token.oauth.token_url")
+        .to_string();
+    let (listen, admin) = (env.gw.addr, env.gw.admin_addr);
+    let bad = edited(
+        &edited(
+            &edited(
+                &good,
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{listen}\""),
+            ),
+            "admin_listen = \"127.0.0.1:0\"",
+            &format!("admin_listen = \"{admin}\""),
+        ),
+        &url,
+        &format!("token_url = \"http://{admin}/oauth/access_token/\""),
+    );
+    write_config(&config_path(&env), &bad);
+    let answer = admin_reload(&env).await;
+    let body = answer.json();
+    let problems: Vec<String> = body["problems"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        answer.status == 400
+            && problems.len() == 1
+            && problems[0].starts_with("token.oauth.token_url:")
+            && problems[0].contains("server.admin_listen"),
+        "expected 400 with the one problem naming token.oauth.token_url, saw {} {body}",
+        answer.status
+    );
+    assert_eq!(
+        env.get("/me").await.status,
+        200,
+        "expected the gateway still serving"
+    );
+    env.stop().await;
+}

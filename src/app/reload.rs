@@ -130,6 +130,16 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
             Err(e) => problems.push(format!("token.file: {e}")),
         }
     }
+    // The file takes precedence; without one, the token is the variable's value, and what
+    // `run` warns about it on loading is said here too.
+    if let (None, Some(name)) = (&cfg.token.file, &cfg.token.access_token_env) {
+        let value = secrets.lookup(name).unwrap_or_default();
+        if !value.is_empty() {
+            if let Some(warning) = crate::token::unsendable_env_warning(name, &value) {
+                warnings.push(format!("token.access_token_env: {warning}"));
+            }
+        }
+    }
     (problems, warnings)
 }
 

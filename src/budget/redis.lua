@@ -1,8 +1,46 @@
+-- What this run found wrong in the keys it read, for the replica to say (a warning per
+-- incident, `cxgate_redis_repairs_total`): bit i-1 of `fixed` for KEYS[i] holding a value
+-- no replica writes (cut back to its bound, or dropped), of `wrong` for KEYS[i] holding
+-- another type than a string (a list, a hash: deleted, so this run and every later one
+-- goes on as if it were absent). Every answer ends with both, after its own values.
+local fixed, wrong = 0, 0
+local function main()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 
+local slot = {}
+for i, k in ipairs(KEYS) do slot[k] = i end
+local function flag(mask, key)
+  return bit.bor(mask, bit.lshift(1, (slot[key] or 1) - 1))
+end
+-- KEYS[i] as stored: a string or nil. One of another type is no state of ours (a stray or
+-- tampered key); reading it would fail the whole run, and every run after it.
+local function read(key)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' then
+    redis.call('DEL', key)
+    wrong = flag(wrong, key)
+    return nil
+  end
+  if not v then return nil end
+  return v
+end
+-- KEYS[i] as a number, or nil; text that is no number is dropped.
+local function number(key)
+  local raw = read(key)
+  if raw == nil then return nil end
+  local v = tonumber(raw)
+  -- Lua reads "inf" and "nan" as numbers too: neither is a time or a count.
+  if v ~= nil and (v ~= v or v == math.huge or v == -math.huge) then v = nil end
+  if v == nil then
+    redis.call('DEL', key)
+    fixed = flag(fixed, key)
+  end
+  return v
+end
+
 local function load(key)
-  local v = tonumber(redis.call('GET', key))
+  local v = number(key)
   if v == nil or v < now then return now end
   return v
 end
@@ -17,6 +55,7 @@ local function bounded(key, span)
   if v > now + span then
     v = now + span
     store(key, v)
+    fixed = flag(fixed, key)
   end
   return v
 end
@@ -36,10 +75,11 @@ end
 -- "abc", "1e9", more digits than a count has) is absent, and deleted so the next report
 -- sets it afresh.
 local function allowance()
-  local raw = redis.call('GET', KEYS[4])
+  local raw = read(KEYS[4])
   if not raw then return nil end
   if not string.match(raw, '^%d+$') or #raw > 15 then
     redis.call('DEL', KEYS[4])
+    fixed = flag(fixed, KEYS[4])
     return nil
   end
   return tonumber(raw)
@@ -57,16 +97,26 @@ end
 -- fleet's records can be, is a stray or tampered key: it goes, and each replica's next
 -- word bases its record again.
 local function flights()
-  local raw = redis.call('GET', KEYS[5])
+  local raw = read(KEYS[5])
   local t = {}
   if not raw then return t end
   if #raw > 4096 then
     redis.call('DEL', KEYS[5])
+    fixed = flag(fixed, KEYS[5])
     return t
   end
+  local kept = 0
   for id, u, w, c, b in string.gmatch(raw, '(%w+),(%d+),(%d+),(%d+),(%d+);') do
     u, w, c, b = tonumber(u), tonumber(w), tonumber(c), tonumber(b)
-    if u > now and u <= now + 3600000000 then t[id] = {u, w, c, b} end
+    if u <= now + 3600000000 then
+      kept = kept + 1
+      if u > now then t[id] = {u, w, c, b} end
+    end
+  end
+  -- Text no record explains, or a lease past any replica's: dropped (the next store
+  -- writes the records kept).
+  if string.len((string.gsub(raw, '%w+,%d+,%d+,%d+,%d+;', ''))) > 0 or kept < select(2, string.gsub(raw, ';', ';')) then
+    fixed = flag(fixed, KEYS[5])
   end
   return t
 end
@@ -124,6 +174,17 @@ local function say(leaving)
   local t = flights()
   if word(t, leaving) then store_flights(t) end
 end
+-- The mark that some replica learnt the upstream's count: '1', or the limit and window it
+-- learnt; anything else is dropped.
+local function learnt()
+  local v = read(KEYS[8])
+  if v ~= nil and v ~= '1' and not string.match(v, '^%d+:%d+$') then
+    redis.call('DEL', KEYS[8])
+    fixed = flag(fixed, KEYS[8])
+    return nil
+  end
+  return v
+end
 -- The blind pause's probe: absent (none), 0 (due: the next call to go is the probe), or
 -- until when (µs) the probe taken is out, while every other call waits.
 local function probe_due(ttl_ms)
@@ -135,7 +196,14 @@ if mode == 'learning' then
   -- its own for ARGV[2] ms, or until an answer or a failure), or another replica's is out
   -- (2, and how long its marker lasts).
   if allowance() ~= nil and redis.call('PTTL', KEYS[4]) > 0 then return {1} end
-  if redis.call('EXISTS', KEYS[8]) == 1 then return {1} end
+  if learnt() ~= nil then return {1} end
+  -- A marker with no expiry, or a longer one than any replica sets, is no replica's: it
+  -- would hold every replica's first call back for good.
+  local held = redis.call('PTTL', KEYS[7])
+  if held == -1 or held > tonumber(ARGV[2]) then
+    redis.call('DEL', KEYS[7])
+    fixed = flag(fixed, KEYS[7])
+  end
   if redis.call('SET', KEYS[7], '1', 'NX', 'PX', tonumber(ARGV[2])) then return {0} end
   return {2, redis.call('PTTL', KEYS[7])}
 end
@@ -150,7 +218,7 @@ if mode == 'seen' then
     local limit, window = tonumber(P[8]) or 0, tonumber(P[9]) or 0
     if limit > 0 and window > 0 then
       redis.call('SET', KEYS[8], limit .. ':' .. window, 'PX', 3600000)
-    elseif redis.call('EXISTS', KEYS[8]) == 0 then
+    elseif learnt() == nil then
       redis.call('SET', KEYS[8], '1', 'PX', 3600000)
     end
   end
@@ -183,7 +251,7 @@ if mode == 'seen' then
     -- The first report of a window the replicas assumed (KEYS[10]: when it began, see the
     -- take): the upstream began it when it counted its first call, perhaps one sent before
     -- the assumption, so the reset it names replaces the assumed one, earlier or later.
-    local assumed = tonumber(redis.call('GET', KEYS[10]))
+    local assumed = number(KEYS[10])
     if assumed ~= nil and reset_ms > 0 and now + reset_ms * 1000 > assumed + 1500000 then
       redis.call('SET', KEYS[4], math.min(cur, remaining), 'PX', reset_ms)
       redis.call('DEL', KEYS[10])
@@ -223,15 +291,19 @@ end
 -- The resume count; anything but a small whole number (a stray or tampered key) counts
 -- from 0 again, which every replica also takes as "resumed".
 local function resumes()
-  local e = tonumber(redis.call('GET', KEYS[6]))
-  if e == nil or e < 0 or e >= 1e15 or e ~= math.floor(e) then return 0 end
+  local e = number(KEYS[6])
+  if e == nil then return 0 end
+  if e < 0 or e >= 1e15 or e ~= math.floor(e) then
+    fixed = flag(fixed, KEYS[6])
+    return 0
+  end
   return e
 end
 if mode == 'resume' then
   -- Whether a pause was in force: a pause ahead, or an allowance used up that has yet to
   -- renew. Keys holding anything else (garbage, a pause past) are deleted all the same.
   local n = 0
-  local pause = tonumber(redis.call('GET', KEYS[3]))
+  local pause = number(KEYS[3])
   if pause ~= nil and pause > now then n = 1 end
   local allow = allowance()
   if allow ~= nil and allow - out() < 1 and redis.call('PTTL', KEYS[4]) > 0 then n = 1 end
@@ -248,8 +320,16 @@ end
 if mode == 'peek' then
   local longest = tonumber(ARGV[2])
   local left, dry = 0, 0
-  local pause = tonumber(redis.call('GET', KEYS[3]))
-  if pause ~= nil and pause > now then left = math.min(pause - now, longest) end
+  local pause = number(KEYS[3])
+  if pause ~= nil and pause > now then
+    -- Cut back and stored as a take cuts it, so it is one repair, not one per look.
+    if pause > now + longest then
+      pause = now + longest
+      store(KEYS[3], pause)
+      fixed = flag(fixed, KEYS[3])
+    end
+    left = pause - now
+  end
   local allow = allowance()
   local shown = -1
   if allow ~= nil then
@@ -265,7 +345,7 @@ end
 if mode == 'return' or mode == 'refund' then
   for i = 1, 2 do
     local after, before = tonumber(P[2 * i]), tonumber(P[2 * i + 1])
-    if after > 0 and tonumber(redis.call('GET', KEYS[i])) == after then
+    if after > 0 and number(KEYS[i]) == after then
       if before > now then store(KEYS[i], before) else redis.call('DEL', KEYS[i]) end
     end
   end
@@ -344,6 +424,7 @@ end
 local o = out(t)
 if o > gu + math.ceil(2 * lease / gi) then
   redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
+  fixed = flag(fixed, KEYS[5])
   t = {}
   mine = word(t, false)
   o = out(t)
@@ -357,22 +438,31 @@ local function reply(r)
   return r
 end
 
-local pause = tonumber(redis.call('GET', KEYS[3]))
+local pause = number(KEYS[3])
 if pause ~= nil and pause > now then
   if pause > now + longest then
     pause = now + longest
     store(KEYS[3], pause)
+    fixed = flag(fixed, KEYS[3])
   end
   return reply({3, pause - now})
 end
 
-local probe = tonumber(redis.call('GET', KEYS[9]))
+local probe = number(KEYS[9])
+-- A probe out longer than any replica claims one for is no replica's: it holds the calls
+-- no longer than a claim would.
+local claim = tonumber(P[12]) or 0
+if probe ~= nil and probe > now + math.max(claim, 1000000) then
+  probe = now + math.max(claim, 1000000)
+  redis.call('SET', KEYS[9], string.format('%.0f', probe), 'PX', math.floor(claim / 1000) + 3600000)
+  fixed = flag(fixed, KEYS[9])
+end
 if probe ~= nil and probe > now then return reply({3, math.min(probe - now, 1000000)}) end
 
 local limit, window_ms = tonumber(P[10]) or 0, tonumber(P[11]) or 0
 if limit == 0 then
   -- Not learnt here yet: what another replica learnt.
-  local l, w = string.match(redis.call('GET', KEYS[8]) or '', '^(%d+):(%d+)$')
+  local l, w = string.match(learnt() or '', '^(%d+):(%d+)$')
   if l then limit, window_ms = tonumber(l), tonumber(w) end
 end
 if allow == nil and limit > 0 and window_ms > 0 then
@@ -435,3 +525,8 @@ if probe ~= nil then
   probing = 1
 end
 return reply({0, gw, c, c_after, g, g_after, now, probing})
+end
+local r = main()
+r[#r + 1] = fixed
+r[#r + 1] = wrong
+return r

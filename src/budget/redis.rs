@@ -71,13 +71,15 @@ enum Learning {
 }
 
 /// Runs the script in `mode` on `keys` with `args`: the one place a call is marshalled.
+/// Every answer ends with what the run repaired (see [`report_repairs`]), which is said
+/// here and taken off: the caller gets the mode's own answer.
 async fn run_script(
     redis: &Redis,
     keys: &[String],
     mode: &str,
     args: &[String],
 ) -> Result<Vec<i64>, Unavailable> {
-    redis
+    let mut raw: Vec<i64> = redis
         .run_budget(|mut conn| async move {
             let mut call = SCRIPT.prepare_invoke();
             for key in keys {
@@ -89,7 +91,37 @@ async fn run_script(
             }
             call.invoke_async(&mut conn).await
         })
-        .await
+        .await?;
+    if raw.len() >= 2 {
+        let wrong = raw.pop().unwrap_or(0);
+        let fixed = raw.pop().unwrap_or(0);
+        report_repairs(redis, keys, fixed, wrong);
+    }
+    Ok(raw)
+}
+
+/// Says what a script run found in `keys` that no replica writes: bit `i` of `fixed` for
+/// `keys[i]` holding a value out of bounds or unreadable (cut back to the bound the shares
+/// and the upstream's window allow, or dropped), of `wrong` for one of another type than
+/// a string (deleted, and the run went on as if it were absent).
+fn report_repairs(redis: &Redis, keys: &[String], fixed: i64, wrong: i64) {
+    for (i, key) in keys.iter().enumerate().take(63) {
+        let bit = 1i64 << i;
+        if wrong & bit != 0 {
+            redis.repaired(
+                key,
+                "the key holds another type than the string the budget writes (WRONGTYPE); \
+                 it was deleted and the shared budget goes on as if it were absent",
+            );
+        } else if fixed & bit != 0 {
+            redis.repaired(
+                key,
+                "the budget state there is beyond what any replica books (further ahead than \
+                 the shares or the upstream's window allow, or not a number); it was cut \
+                 back to that bound or dropped",
+            );
+        }
+    }
 }
 
 /// The shared backend's state inside a [`Budget`].

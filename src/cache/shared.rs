@@ -50,10 +50,6 @@ const OTHER_FORMAT: &str = "an entry of another format";
 /// the entry is refused: an entry stamped in the future would never age.
 const CLOCK_SKEW: Duration = Duration::from_secs(2);
 
-/// How often, at most, the log says that unreadable or implausible shared entries were
-/// passed over (each is counted in `cxgate_cache_shared_lookups_total{result="invalid"}`).
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
 /// The reading replica's route's windows: the most an entry read from the tier may claim,
 /// whatever its writer (or anyone else who can write to Redis) put in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +131,6 @@ pub struct SharedTier {
     /// A [`RAISE`] is on its way: the reads that see the generation behind meanwhile do not
     /// send one each.
     raising: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// When the log last said an invalid entry was passed over ([`WARN_EVERY`]), in
-    /// milliseconds since the tier was made, plus one (0: never).
-    told_invalid: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    made: Instant,
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -214,8 +206,6 @@ impl SharedTier {
             highest: std::sync::Arc::default(),
             told_behind: std::sync::Arc::default(),
             raising: std::sync::Arc::default(),
-            told_invalid: std::sync::Arc::default(),
-            made: Instant::now(),
         }
     }
 
@@ -308,30 +298,18 @@ impl SharedTier {
         Some((usable, generations))
     }
 
-    /// Counts an entry of `key` passed over as invalid, and says so at most once per
-    /// [`WARN_EVERY`].
+    /// Counts an entry of `key` passed over as invalid (also as a repair of the key: it is
+    /// fetched again and overwritten), and says so once per incident.
     fn invalid(&self, key: &str, why: &str) {
-        use std::sync::atomic::Ordering;
         self.lookups.with_label_values(&["invalid"]).inc();
-        let now = u64::try_from(self.made.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .saturating_add(1);
-        let last = self.told_invalid.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
-        if due
-            && self
-                .told_invalid
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::warn!(
-                key,
-                why,
-                "passing over an invalid shared cache entry (damaged, or written by someone \
-                 else than a replica): the key is fetched again and the entry overwritten; \
-                 counted in cxgate_cache_shared_lookups_total{{result=\"invalid\"}}"
-            );
-        }
+        self.redis.repaired(
+            &self.entry_key(key),
+            &format!(
+                "passing over an invalid shared cache entry ({why}: damaged, or written by \
+                 someone else than a replica): the key is fetched again and the entry \
+                 overwritten; counted in cxgate_cache_shared_lookups_total{{result=\"invalid\"}}"
+            ),
+        );
     }
 
     /// Counts a miss looked up here that another replica's fill then answered.
@@ -666,11 +644,12 @@ impl SharedTier {
             })
             .await?;
         if replaced > 0 {
-            tracing::warn!(
-                replaced,
-                ?what,
-                "replaced shared cache generations or sets of the wrong type in Redis (written \
-                 by someone else than a replica)"
+            self.redis.repaired(
+                &self.global_key(),
+                &format!(
+                    "replaced {replaced} shared cache generations or sets of the wrong type in \
+                     Redis (written by someone else than a replica) invalidating {what:?}"
+                ),
             );
         }
         Ok(removed)
@@ -682,10 +661,12 @@ impl SharedTier {
         let floor = self.highest.load(std::sync::atomic::Ordering::Acquire);
         let (now, replaced) = self.move_global(&BUMP_ALL, floor).await?;
         if replaced > 0 {
-            tracing::warn!(
-                generation = now,
-                "replaced the shared cache's global generation in Redis: it held something \
-                 else than a count (written by someone else than a replica)"
+            self.redis.repaired(
+                &self.global_key(),
+                &format!(
+                    "replaced the shared cache's global generation in Redis (now {now}): it \
+                     held something else than a count (written by someone else than a replica)"
+                ),
             );
         }
         Ok(now)

@@ -12,7 +12,28 @@ pub(super) fn problem(base: &http::Uri, listeners: &[(&str, SocketAddr)]) -> Opt
     if let Some(why) = path_problem(base.path()) {
         return Some(why.to_string());
     }
-    own_address(base, listeners)
+    own_address(base, listeners).map(|listen| {
+        format!(
+            "points at this gateway's own {listen}: every request would call the gateway \
+             itself; point it at the CX Social API (e.g. \"https://api.engagor.com\")"
+        )
+    })
+}
+
+/// Why the gateway cannot ask `token_url` for tokens, if it cannot: it is one of the
+/// gateway's own `listeners` (found as for the base URL), which would answer every refresh
+/// itself, never with a token.
+pub(super) fn token_url_problem(
+    token_url: &http::Uri,
+    listeners: &[(&str, SocketAddr)],
+) -> Option<String> {
+    own_address(token_url, listeners).map(|listen| {
+        format!(
+            "points at this gateway's own {listen}: every token refresh would ask the \
+             gateway itself, which hands out no tokens; point it at the CX Social OAuth \
+             endpoint (e.g. \"https://app.engagor.com/oauth/access_token/\")"
+        )
+    })
 }
 
 /// Why `path` (the base URL's) cannot prefix every forwarded path, if it cannot.
@@ -68,8 +89,8 @@ fn percent_decoded(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The listener `base` would reach, as a refusal, when its host is an IP literal or
-/// `localhost` and one of `listeners` serves that address and port. Port 0 listeners are
+/// The listener `base` would reach (its key and address), when its host is an IP literal
+/// or `localhost` and one of `listeners` serves that address and port. Port 0 listeners are
 /// skipped: their port is only known once bound.
 fn own_address(base: &http::Uri, listeners: &[(&str, SocketAddr)]) -> Option<String> {
     let host = base.host()?;
@@ -91,10 +112,7 @@ fn own_address(base: &http::Uri, listeners: &[(&str, SocketAddr)]) -> Option<Str
             continue;
         }
         if ips.iter().any(|ip| serves(listen.ip(), *ip)) {
-            return Some(format!(
-                "points at this gateway's own {key} ({listen}): every request would call the \
-                 gateway itself; point it at the CX Social API (e.g. \"https://api.engagor.com\")"
-            ));
+            return Some(format!("{key} ({listen})"));
         }
     }
     None

@@ -367,7 +367,15 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             .token_url
             .clone()
             .unwrap_or_else(|| "https://app.engagor.com/oauth/access_token/".into());
-        p.base_url("token.oauth.token_url", &token_url);
+        if let Some(uri) = p.base_url("token.oauth.token_url", &token_url) {
+            let own = [
+                ("server.listen", listen),
+                ("server.admin_listen", admin_listen),
+            ];
+            if let Some(why) = super::target::token_url_problem(&uri, &own) {
+                p.add("token.oauth.token_url", why);
+            }
+        }
         if o.client_id.as_deref().is_none_or(str::is_empty) {
             p.add("token.oauth.client_id", "required with [token.oauth]");
         }

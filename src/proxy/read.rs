@@ -6,6 +6,7 @@
 //! within stale-if-error stands in when the call fails, times out or finds no budget.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{header, HeaderMap, Method, Response, StatusCode};
 use tokio::time::Instant;
@@ -116,13 +117,42 @@ struct Directives {
     no_store: bool,
     /// `max-age=N` (N above 0): a stored answer older than N seconds is not taken.
     max_age: Option<u64>,
+    /// `min-fresh=N`: a stored answer is taken only while it stays fresh at least N more
+    /// seconds (RFC 9111 5.2.1.3); a stale one not at all.
+    min_fresh: Option<u64>,
+    /// `max-stale[=N]`: a stale stored answer is taken as it is, stale by at most N
+    /// seconds (`None` inside: by any time) (RFC 9111 5.2.1.2).
+    max_stale: Option<Option<u64>>,
 }
 
 impl Directives {
-    /// The client will not take a stored answer this old (its `Age` past `max-age`).
-    fn refuses_age(&self, age: std::time::Duration) -> bool {
-        self.max_age.is_some_and(|most| age.as_secs() > most)
+    /// The client will not take `entry`: older than its `max-age`, or fresh for less than
+    /// its `min-fresh`.
+    fn refuses(&self, entry: &StoredResponse, now: Instant) -> bool {
+        let too_old = self
+            .max_age
+            .is_some_and(|most| entry.age(now).as_secs() > most);
+        let too_short = self
+            .min_fresh
+            .is_some_and(|least| match entry.freshness(now) {
+                Freshness::Fresh { remaining } => remaining < Duration::from_secs(least),
+                Freshness::Stale { .. } => true,
+            });
+        too_old || too_short
     }
+
+    /// The client takes an answer stale by `past` as it is (`max-stale`).
+    fn takes_stale(&self, past: Duration) -> bool {
+        self.max_stale
+            .is_some_and(|most| most.is_none_or(|most| past.as_secs() <= most))
+    }
+}
+
+/// A directive's delta-seconds (RFC 9111 1.2.2): `None` for anything but digits; past
+/// what fits, as good as forever.
+fn delta_seconds(argument: Option<&str>) -> Option<u64> {
+    let n = argument.filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))?;
+    Some(n.parse::<u64>().unwrap_or(u64::MAX))
 }
 
 fn directives(headers: &HeaderMap) -> Directives {
@@ -140,9 +170,25 @@ fn directives(headers: &HeaderMap) -> Directives {
                 ("no-store", _) => d.no_store = true,
                 // Delta-seconds past what fits are as good as forever (RFC 9111 1.2.2); a
                 // value that is no number says nothing. The strictest of several counts.
-                ("max-age", Some(n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-                    let n = n.parse::<u64>().unwrap_or(u64::MAX);
-                    max_age = Some(max_age.map_or(n, |m| m.min(n)));
+                ("max-age", n) => {
+                    if let Some(n) = delta_seconds(n) {
+                        max_age = Some(max_age.map_or(n, |m| m.min(n)));
+                    }
+                }
+                ("min-fresh", n) => {
+                    if let Some(n) = delta_seconds(n) {
+                        d.min_fresh = Some(d.min_fresh.map_or(n, |m| m.max(n)));
+                    }
+                }
+                // Without a value: stale by any time. Several: the strictest.
+                ("max-stale", None) => d.max_stale = Some(d.max_stale.unwrap_or(None)),
+                ("max-stale", n) => {
+                    if let Some(n) = delta_seconds(n) {
+                        d.max_stale = Some(Some(match d.max_stale {
+                            Some(Some(m)) => m.min(n),
+                            _ => n,
+                        }));
+                    }
                 }
                 _ => {}
             }
@@ -241,7 +287,7 @@ impl Gateway {
             let mut shared_hit = false;
             // Nothing fresh in memory (or nothing young enough for the client's `max-age`):
             // the shared tier may hold what another replica fetched.
-            let usable = |e: &StoredResponse| is_fresh(e) && !d.refuses_age(e.age(Instant::now()));
+            let usable = |e: &StoredResponse| is_fresh(e) && !d.refuses(e, Instant::now());
             if inner.cache.shared().is_some() && !found.as_ref().is_some_and(usable) {
                 let tags = route_tags(route);
                 let routed = crate::cache::Routed {
@@ -262,11 +308,9 @@ impl Gateway {
                 }
                 since = Some(looked_up);
             }
-            // Older than the client's `max-age` allows: refetched as for no-cache.
-            if found
-                .as_ref()
-                .is_some_and(|e| d.refuses_age(e.age(Instant::now())))
-            {
+            // Older than the client's `max-age` allows, or not fresh for its `min-fresh`:
+            // refetched as for no-cache.
+            if found.as_ref().is_some_and(|e| d.refuses(e, Instant::now())) {
                 found = None;
                 too_old = true;
             }
@@ -286,6 +330,12 @@ impl Gateway {
                         outcome.set_cache("stale");
                         let since = since.unwrap_or_else(|| inner.cache.since());
                         self.revalidate(key, since, route, upstream_get(&make_call));
+                        let resp = reply::from_entry(&entry, entry.age(now), Err(past));
+                        return Ok(answered(resp));
+                    }
+                    // Stale, and the client takes it so (`max-stale`): as it is.
+                    Freshness::Stale { past, .. } if d.takes_stale(past) => {
+                        outcome.set_cache("stale");
                         let resp = reply::from_entry(&entry, entry.age(now), Err(past));
                         return Ok(answered(resp));
                     }
@@ -327,7 +377,7 @@ impl Gateway {
         let key = crate::cache::cache_key(&Method::GET, path, query);
         let now = Instant::now();
         let (entry, remaining) = self.inner.cache.get_fresh(&key, headers, now)?;
-        if d.refuses_age(entry.age(now)) {
+        if d.refuses(&entry, now) {
             return None;
         }
         Some(hit(&entry, now, remaining, false, headers, outcome))
@@ -618,7 +668,7 @@ impl Gateway {
                         .cache
                         .recheck(&key, &call.headers)
                         .filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
-                        .filter(|e| !d.refuses_age(e.age(now)))
+                        .filter(|e| !d.refuses(e, now))
                     {
                         let answer =
                             Answer::from_cache(entry, std::time::Duration::ZERO, &call.headers);
@@ -632,7 +682,11 @@ impl Gateway {
                 let cache = &gateway.inner.cache;
                 // Not for a client's `max-age`: another replica's entry would need its age
                 // checked at each step, and such reads are rare; they merge here alone.
-                let mut across = rule.is_some() && !no_cache && !no_store && d.max_age.is_none();
+                let mut across = rule.is_some()
+                    && !no_cache
+                    && !no_store
+                    && d.max_age.is_none()
+                    && d.min_fresh.is_none();
                 // Another replica's answer is held to this replica's own windows.
                 let windows = rule.as_ref().map_or(NO_WINDOWS, |r| crate::cache::Windows {
                     ttl: r.0,
@@ -749,7 +803,7 @@ impl Gateway {
                         let now = Instant::now();
                         if let Some(entry) = found
                             .filter(|e| matches!(e.freshness(now), Freshness::Fresh { .. }))
-                            .filter(|e| !d.refuses_age(e.age(now)))
+                            .filter(|e| !d.refuses(e, now))
                         {
                             gateway.inner.budget.refund(&call.client, admitted.ticket);
                             let answer = Answer::from_cache(entry, admitted.waited, &call.headers);

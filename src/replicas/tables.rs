@@ -250,12 +250,13 @@ impl Redis {
     fn saw_junk(&self, junk: i64) {
         if junk > 0 {
             if !self.inner.tables_junk.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    junk,
-                    key = %self.tables_key(),
-                    "the list of route tables in Redis holds lines no replica wrote (too long, \
-                     malformed, or ending too far ahead): they are ignored, and the next \
-                     announcement writes the list clean"
+                self.repaired(
+                    &self.tables_key(),
+                    &format!(
+                        "the list of route tables in Redis holds {junk} lines no replica wrote \
+                         (too long, malformed, or ending too far ahead): they are ignored, and \
+                         the next announcement writes the list clean"
+                    ),
                 );
             }
         } else {

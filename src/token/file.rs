@@ -179,6 +179,20 @@ pub fn unsendable_warning(path: &Path) -> Option<String> {
     ))
 }
 
+/// The warning `cxgate run` logs when the access token in `$name` (`token.access_token_env`,
+/// which holds `value`) cannot be sent upstream, for `cxgate check` to print too.
+pub fn unsendable_env_warning(name: &str, value: &str) -> Option<String> {
+    if sendable(value) {
+        return None;
+    }
+    Some(format!(
+        "the access token in ${name} cannot be sent upstream (longer than {MAX_TOKEN_BYTES} \
+         bytes, or holding spaces, tabs, controls or non-ASCII): `cxgate run` starts but \
+         reports not ready and answers 503 until a new token replaces it (an environment \
+         token is never refreshed)"
+    ))
+}
+
 /// A warning when the file's access token has expired and the gateway cannot get a new
 /// one (no refresh token in the file, or no `[token.oauth]` to spend it at, which
 /// `can_refresh` says): `cxgate run` starts on it but is never ready.

@@ -42,7 +42,7 @@ pub use file::inspect as inspect_file;
 /// Whether a token can travel upstream in `Authorization` as is (visible ASCII only, as
 /// RFC 6750 tokens are): the one test readiness, token loading and the request path share.
 pub(crate) use file::sendable;
-pub use file::{expired_warning, unsendable_warning};
+pub use file::{expired_warning, unsendable_env_warning, unsendable_warning};
 pub use init::{
     init_from_code, init_from_lookup, ACCESS_TOKEN_VAR, EXPIRES_IN_VAR, REFRESH_TOKEN_VAR,
 };

@@ -126,12 +126,33 @@ impl SharedToken {
 
     async fn read(&self) -> Result<Option<Stored>, Unavailable> {
         let key = self.record_key.clone();
-        let text: Option<String> = self
+        let text: Result<Option<String>, Unavailable> = self
             .redis
             .run_within("token", PATIENT, |mut c| async move {
                 ::redis::cmd("GET").arg(&key).query_async(&mut c).await
             })
-            .await?;
+            .await;
+        let text = match text {
+            // Another type than the record's string is no record: it goes, so the next
+            // write (this replica's token, offered as after Redis restarted empty) puts the
+            // record back; meanwhile there is none.
+            Err(err) if err.is_wrong_type() => {
+                let key = self.record_key.clone();
+                let _: Result<i64, _> = self
+                    .redis
+                    .run_within("token", PATIENT, |mut c| async move {
+                        ::redis::cmd("DEL").arg(&key).query_async(&mut c).await
+                    })
+                    .await;
+                self.redis.repaired(
+                    &self.record_key,
+                    "the shared token record holds another type than a string (WRONGTYPE); \
+                     it was deleted, and this replica's token is offered in its place",
+                );
+                return Ok(None);
+            }
+            other => other?,
+        };
         let Some(text) = text else {
             return Ok(None);
         };
@@ -159,7 +180,10 @@ impl SharedToken {
         // is seen again: the watcher reads every second.
         let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
         if parsed.is_none() && !was_unreadable {
-            warn!(key = %self.record_key, "shared token record is unreadable; it will be replaced");
+            self.redis.repaired(
+                &self.record_key,
+                "the shared token record is unreadable; it will be replaced",
+            );
         }
         Ok(parsed)
     }
@@ -279,9 +303,9 @@ impl SharedToken {
             })
             .await;
         if matches!(bounded, Ok(1)) {
-            warn!(
-                key = %self.lock_key,
-                "token refresh lock had no bounded expiry; it now expires like any holder's"
+            self.redis.repaired(
+                &self.lock_key,
+                "the token refresh lock had no bounded expiry; it now expires like any holder's",
             );
         }
     }
@@ -510,7 +534,8 @@ impl Inner {
                     state.reauth = true;
                 }
                 warn!(
-                    "re-authorisation needed: another replica's refresh with this refresh token                      was refused (invalid_grant); authorise again and run `cxgate token init`"
+                    "re-authorisation needed: another replica's refresh with this refresh token \
+                     was refused (invalid_grant); authorise again and run `cxgate token init`"
                 );
                 shared.release().await;
                 return Err(TokenError::InvalidGrant);

@@ -1079,3 +1079,143 @@ async fn binary_bodies_holding_a_key_in_utf16_or_utf32_are_refused() {
     env.stop().await;
     upstream.abort();
 }
+
+/// `data` in base64: the standard or the URL-safe alphabet, padded or not.
+fn base64(data: &[u8], url_safe: bool, padded: bool) -> String {
+    let alphabet: &[u8; 64] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+        if padded {
+            out.push_str(&"=".repeat(3 - chunk.len()));
+        }
+    }
+    out
+}
+
+/// A client's own key under three (and up to eight) layers of percent-encoding, and a
+/// known key in base64 (either alphabet, each of the three byte alignments inside a longer
+/// encoded text, padded or not) or hex (either case) in a body, are refused and reach
+/// nothing: a reader upstream decodes them back to the key. Another client's key is
+/// searched so once that client has called (the gateway then knows it in full). The same
+/// encodings of text without a key pass.
+#[tokio::test]
+async fn keys_deeply_percent_encoded_or_in_base64_or_hex_are_refused() {
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let env = keyed_gateway(&base, "").await;
+    // The other client calls once: its key is now known in full.
+    let theirs = format!("Bearer {OTHER}");
+    let proven = env
+        .send(
+            Method::GET,
+            &env.url("/me/permissions"),
+            &[("authorization", &theirs)],
+            "",
+        )
+        .await;
+    assert_eq!(
+        proven.status, 200,
+        "expected the other client's read, saw {proven:?}"
+    );
+    // Its read reached the upstream; from here on nothing may but the harmless write.
+    taken(&seen);
+    let auth = format!("Bearer {KEY}");
+    let url = env.url("/me/permissions");
+    let deeper = |text: &str| text.replace('%', "%25");
+    let three = deeper(&deeper(&percent_all(KEY)));
+    let eight = (0..7).fold(percent_all(KEY), |t, _| deeper(&t));
+    for (what, target) in [
+        ("three layers in the query", format!("{url}?note={three}")),
+        ("eight layers in the query", format!("{url}?note={eight}")),
+    ] {
+        let answer = env
+            .send(Method::GET, &target, &[("authorization", &auth)], "")
+            .await;
+        assert_refused_unsent(what, &answer, &seen);
+    }
+    let form = format!("note={three}");
+    let answer = env
+        .send(
+            Method::POST,
+            &url,
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            &form,
+        )
+        .await;
+    assert_refused_unsent("three layers in a form", &answer, &seen);
+
+    let mut bodies: Vec<(String, String)> = Vec::new();
+    for key in [KEY, OTHER] {
+        for prefix in ["", "a", "ab"] {
+            let text = format!("{prefix}{key} and more after it");
+            for url_safe in [false, true] {
+                for padded in [false, true] {
+                    bodies.push((
+                        format!(
+                            "{key} base64 after {prefix:?}, url-safe {url_safe}, padded {padded}"
+                        ),
+                        format!("payload={}", base64(text.as_bytes(), url_safe, padded)),
+                    ));
+                }
+            }
+        }
+        // At the very end of the encoded text, padding and all.
+        bodies.push((
+            format!("{key} base64 alone"),
+            base64(key.as_bytes(), false, true),
+        ));
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        bodies.push((
+            format!("{key} in lower-case hex"),
+            format!("blob {hex} end"),
+        ));
+        bodies.push((format!("{key} in upper-case hex"), hex.to_uppercase()));
+    }
+    for (what, body) in &bodies {
+        let answer = env
+            .send(
+                Method::POST,
+                &url,
+                &[("authorization", &auth), ("content-type", "text/plain")],
+                body,
+            )
+            .await;
+        assert_refused_unsent(what, &answer, &seen);
+    }
+    // The same encodings of a text without a key pass.
+    let harmless = base64(b"nothing to see here, just a note", false, true);
+    let answer = env
+        .send(
+            Method::POST,
+            &url,
+            &[("authorization", &auth), ("content-type", "text/plain")],
+            &format!("payload={harmless} hex 6e6f7468696e67"),
+        )
+        .await;
+    assert_eq!(
+        answer.status, 200,
+        "expected a harmless body passed, saw {answer:?}"
+    );
+    assert_eq!(
+        taken(&seen).len(),
+        1,
+        "expected only the harmless write forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}
