@@ -418,6 +418,18 @@ async fn invalidation_suite(kind: Kind) {
             );
         }
     }
+    // Each publisher waited for the listed replicas, wherever they subscribed (on a
+    // cluster, other nodes than the one that took the message): none went out "alone".
+    for r in [0, 1] {
+        let ack = "cxgate_redis_invalidations_total{result=\"acknowledged\"}";
+        let alone = "cxgate_redis_invalidations_total{result=\"alone\"}";
+        let (acked, alone) = (counted(&c, r, ack).await, counted(&c, r, alone).await);
+        assert!(
+            acked >= 1.0 && alone == 0.0,
+            "expected replica {r}'s invalidation acknowledged by the others, not published \
+             alone; saw acknowledged {acked}, alone {alone}"
+        );
+    }
     c.stop().await;
 }
 
