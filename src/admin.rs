@@ -202,6 +202,10 @@ impl Admin {
             "upstream": self.gateway.upstream_status(&budget),
             "budget": budget,
             "cache": self.gateway.cache().stats_json(),
+            "shared_cache": match self.gateway.cache().shared() {
+                Some(tier) => tier.status(),
+                None => json!({"enabled": false}),
+            },
             "redis": self.gateway.redis_status(),
             "recent_errors": self.gateway.recent_errors(),
         })
@@ -265,9 +269,17 @@ impl Admin {
                 "expected {\"tags\":[...]}, {\"path\":\"/me\"} or {\"all\":true}",
             ));
         };
-        tracing::info!(purged, "admin purge");
-        self.gateway.publish_invalidation(shared).await;
-        Ok(json_response(StatusCode::OK, json!({ "purged": purged })))
+        let all = shared == Invalidation::All;
+        let published = self.gateway.publish_invalidation(shared).await;
+        let answer = purge_answer(purged, all, cache.shared().is_some(), published.as_ref());
+        tracing::info!(
+            purged,
+            shared = %answer["shared"],
+            shared_purged = %answer["shared_purged"],
+            invalidation = %answer["invalidation"],
+            "admin purge"
+        );
+        Ok(json_response(StatusCode::OK, answer))
     }
 
     async fn reload(&self) -> Result<Response<Body>, AdminError> {
@@ -288,6 +300,37 @@ impl Admin {
             }
         }
     }
+}
+
+/// What `POST /admin/purge` answers: `purged`, the entries dropped from this replica's
+/// memory; `shared`, what became of the shared cache tier's (`off` without one, `removed`
+/// with `shared_purged` entries deleted there, `retired` for `{"all":true}`, which retires
+/// every entry at once by the generation and counts none, `queued` while Redis does not
+/// answer: applied when it is back); `invalidation`, how the other replicas took it (a
+/// `cxgate_redis_invalidations_total` result, or `local` without replicas).
+fn purge_answer(
+    purged: u64,
+    all: bool,
+    tier: bool,
+    published: Option<&crate::replicas::Published>,
+) -> Value {
+    let queued = published.is_some_and(|p| p.result == "queued");
+    let shared = match (tier, queued, all) {
+        (false, _, _) => "off",
+        (true, true, _) => "queued",
+        (true, false, true) => "retired",
+        (true, false, false) => "removed",
+    };
+    let shared_purged = match shared {
+        "removed" => published.and_then(|p| p.shared_removed),
+        _ => None,
+    };
+    json!({
+        "purged": purged,
+        "shared": shared,
+        "shared_purged": shared_purged,
+        "invalidation": published.map_or("local", |p| p.result),
+    })
 }
 
 /// The `Host` a request names (the `:authority` over HTTP/2), if any.

@@ -5,9 +5,10 @@
 //! It imports nothing of the gateway; README "The Redis link, the shared token and
 //! invalidations, in detail" says how each part behaves.
 
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 mod acks;
+mod members;
 mod repairs;
 mod tables;
 pub use tables::{Current, Table, MAX_LIST_BYTES};
@@ -28,12 +30,16 @@ pub use tables::{Current, Table, MAX_LIST_BYTES};
 /// replica listens on) -- the rights the budget, the token and the invalidations need.
 /// A user refused any of them makes the probe fail, so Redis stays marked down instead of
 /// flapping between up (a plain SET works) and down (the next script or publication fails).
+/// It answers where the count of invalidations stands (KEYS[2], see `members`), so a
+/// replica notices within a probe or two that its subscription stopped carrying them.
 static PROBE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 redis.call('PUBLISH', ARGV[2], '')
-return 1
+local seq = redis.pcall('GET', KEYS[2])
+if type(seq) == 'string' and #seq <= 40 then return seq end
+return false
 ",
     )
 });
@@ -94,6 +100,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(250);
 /// Failed publications kept for later; beyond this one "drop everything" replaces them.
 const PENDING_LIMIT: usize = 256;
+/// A replica that has not heard a publication this long after the probe saw it made takes
+/// its subscription for stalled: it resubscribes and replays what it missed.
+const STALL_AFTER: Duration = Duration::from_secs(1);
+/// Messages (sender and id) remembered as applied, so one sent twice (a queued invalidation
+/// sent again after a frozen Redis ran the first late, or replayed) is applied once.
+const APPLIED_KEPT: usize = 4096;
 
 /// What a purge or a write removed; applied by every replica to its own cache.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +124,24 @@ struct Message {
     what: Invalidation,
     /// Asks each replica that applies it to say so on the publisher's channel (see
     /// `acks`); absent from the subscription check and from older versions' messages.
+    /// A queued invalidation keeps its id when it is sent again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ack: Option<u64>,
+    /// Its number in the count of publications and that count's epoch, added by the
+    /// publishing script (see `members`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<String>,
+}
+
+/// How a publication went: its `cxgate_redis_invalidations_total` result, and how many
+/// shared cache entries its removal there deleted (`None` when it did not run: no tier,
+/// or queued).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub result: &'static str,
+    pub shared_removed: Option<u64>,
 }
 
 /// Why a Redis call did not happen or did not succeed.
@@ -305,13 +333,18 @@ pub type Apply =
     Arc<dyn Fn(Invalidation) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Removes what an invalidation names from state kept in Redis itself (the shared cache
-/// tier), before it is published; an error keeps the invalidation queued like a failed
-/// publication, so it is applied there too once Redis is back.
+/// tier), before it is published, answering how many entries it deleted; an error keeps
+/// the invalidation queued like a failed publication, so it is applied there too once
+/// Redis is back.
 pub type Remove = Arc<
-    dyn Fn(Invalidation) -> Pin<Box<dyn Future<Output = Result<(), Unavailable>> + Send>>
+    dyn Fn(Invalidation) -> Pin<Box<dyn Future<Output = Result<u64, Unavailable>> + Send>>
         + Send
         + Sync,
 >;
+
+/// Messages applied lately by sender and id: a set to look them up, and their order to
+/// forget the oldest.
+type Applied = (HashSet<(String, u64)>, VecDeque<(String, u64)>);
 
 /// The shared Redis handle; clones share one connection and one health state.
 #[derive(Clone)]
@@ -340,7 +373,19 @@ struct Inner {
     health: Mutex<Health>,
     gauge: IntGauge,
     errors: IntCounterVec,
-    pending: Mutex<Vec<Invalidation>>,
+    /// Publications that failed, each with the id it was first published under.
+    pending: Mutex<Vec<(Invalidation, u64)>>,
+    /// Other replicas listed as listening at this replica's last heartbeat (see `members`).
+    others_live: AtomicUsize,
+    /// The highest publication this replica heard or replayed (see `members`).
+    heard: Mutex<Option<members::Position>>,
+    /// The oldest publication the probe saw made that this replica has not heard yet, and
+    /// when the probe first saw it.
+    lag: Mutex<Option<(members::Position, tokio::time::Instant)>>,
+    /// Tells the subscriber its subscription stalled (see [`STALL_AFTER`]).
+    stalled: tokio::sync::Notify,
+    /// Messages applied lately, by sender and id (see [`APPLIED_KEPT`]).
+    applied: Mutex<Applied>,
     /// Run before each publication (see [`Redis::remove_before_publishing`]).
     remove: std::sync::OnceLock<Remove>,
     /// Publications waiting for the other replicas to say they applied them.
@@ -712,6 +757,11 @@ impl Redis {
                 gauge,
                 errors,
                 pending: Mutex::new(Vec::new()),
+                others_live: AtomicUsize::new(0),
+                heard: Mutex::new(None),
+                lag: Mutex::new(None),
+                stalled: tokio::sync::Notify::new(),
+                applied: Mutex::new((HashSet::new(), VecDeque::new())),
                 remove: std::sync::OnceLock::new(),
                 acks,
                 tables_over: AtomicBool::new(false),
@@ -937,6 +987,8 @@ impl Redis {
             .health
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let heard = lock(&self.inner.heard).as_ref().map(|(_, seq)| *seq);
+        let pending = lock(&self.inner.pending).len();
         serde_json::json!({
             "backend": "redis",
             "cluster": matches!(self.inner.link, Link::Cluster { .. }),
@@ -945,6 +997,10 @@ impl Redis {
             "invalidations_heard": self.inner.listening.load(Ordering::Acquire),
             "channel_error": health.channel_error,
             "last_error": health.last_error,
+            "other_replicas_listening": self.inner.others_live.load(Ordering::Relaxed),
+            "invalidations_published": self.inner.acks.totals(),
+            "invalidations_queued": pending,
+            "last_invalidation_heard": heard,
         })
     }
 
@@ -957,8 +1013,9 @@ impl Redis {
     async fn probe_once(&self) {
         let asked = tokio::time::Instant::now();
         match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.check()).await {
-            Ok(Ok(())) => {
+            Ok(Ok(position)) => {
                 self.inner.answered();
+                self.inner.watch_lag(position);
                 if asked.elapsed() <= CALL_TIMEOUT
                     && !self.inner.prompt.swap(true, Ordering::AcqRel)
                 {
@@ -982,14 +1039,23 @@ impl Redis {
     }
 
     /// Tells the other replicas to drop what this one just dropped, and waits until each
-    /// replica the message reached says it did (see `acks`). Waits at most
-    /// [`PATIENT_CALL_TIMEOUT`] for the publication and as long again for the answers: a
-    /// write's invalidation is worth that much latency on a slow Redis; while Redis is down
-    /// (or the call times out) the message is kept and sent when the probe sees it back.
-    pub async fn publish(&self, what: Invalidation) {
-        if let Err(what) = self.try_publish(what).await {
-            self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
-            self.keep_pending(what);
+    /// replica listed as listening when the message went out says it did (see `acks` and
+    /// `members`). Waits at most [`PATIENT_CALL_TIMEOUT`] for the publication and as long
+    /// again for the answers: a write's invalidation is worth that much latency on a slow
+    /// Redis; while Redis is down (or the call times out) the message is kept, with its id,
+    /// and sent when the probe sees Redis back.
+    pub async fn publish(&self, what: Invalidation) -> Published {
+        let id = self.inner.acks.next_id();
+        match self.try_publish(what, id).await {
+            Ok(published) => published,
+            Err(what) => {
+                self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
+                self.keep_pending(what, id);
+                Published {
+                    result: "queued",
+                    shared_removed: None,
+                }
+            }
         }
     }
 
@@ -999,79 +1065,84 @@ impl Redis {
         let _ = self.inner.remove.set(remove);
     }
 
-    async fn try_publish(&self, what: Invalidation) -> Result<(), Invalidation> {
+    /// One attempt at publishing `what` as message `id`; gives it back when Redis did not
+    /// take it (the shared tier's removal or the publication failed).
+    async fn try_publish(&self, what: Invalidation, id: u64) -> Result<Published, Invalidation> {
+        let mut shared_removed = None;
         if let Some(remove) = self.inner.remove.get() {
-            if remove(what.clone()).await.is_err() {
-                return Err(what);
+            match remove(what.clone()).await {
+                Ok(n) => shared_removed = Some(n),
+                Err(_) => return Err(what),
             }
         }
-        let mut waiter = self.inner.acks.waiter();
+        let mut waiter = self.inner.acks.waiter_for(id);
         let message = Message {
             from: self.inner.id.clone(),
             what,
-            ack: Some(waiter.id),
+            ack: Some(id),
+            seq: None,
+            epoch: None,
         };
-        let Ok(text) = serde_json::to_string(&message) else {
-            return Ok(());
+        let head = match serde_json::to_string(&message) {
+            Ok(text) if text.ends_with('}') => text[..text.len() - 1].to_string(),
+            _ => {
+                return Ok(Published {
+                    result: "alone",
+                    shared_removed,
+                })
+            }
         };
-        let channel = self.key("invalidate");
-        // Whether this replica's own subscription is among those PUBLISH counts: it hears
-        // its own message and does not answer it.
-        let hears_itself = self.inner.listening.load(Ordering::Acquire);
-        let sent = self
-            .run_within("publish", PATIENT_CALL_TIMEOUT, |mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(&text)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
-        let reached = sent.map_err(|_| message.what)?;
-        let others = usize::try_from(reached - i64::from(hears_itself)).unwrap_or(0);
-        if others == 0 {
+        let published = match self.publish_numbered(head).await {
+            Ok(published) => published,
+            Err(_) => return Err(message.what),
+        };
+        let result = if published.others.is_empty() {
             self.inner.acks.count("alone", 0, PATIENT_CALL_TIMEOUT);
-            return Ok(());
-        }
-        let missing = waiter.missing(others, PATIENT_CALL_TIMEOUT).await;
-        let result = if missing == 0 {
-            "acknowledged"
+            "alone"
         } else {
-            "unacknowledged"
+            let missing = waiter
+                .missing(&published.others, PATIENT_CALL_TIMEOUT)
+                .await;
+            let result = if missing == 0 {
+                "acknowledged"
+            } else {
+                "unacknowledged"
+            };
+            self.inner.acks.count(result, missing, PATIENT_CALL_TIMEOUT);
+            result
         };
-        self.inner.acks.count(result, missing, PATIENT_CALL_TIMEOUT);
-        Ok(())
+        Ok(Published {
+            result,
+            shared_removed,
+        })
     }
 
-    fn keep_pending(&self, what: Invalidation) {
-        let mut pending = self
-            .inner
-            .pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+    fn keep_pending(&self, what: Invalidation, id: u64) {
+        let mut pending = lock(&self.inner.pending);
         if pending.len() >= PENDING_LIMIT || what == Invalidation::All {
+            // "Drop everything" covers what was queued: it goes out as the newest message.
+            let id = if what == Invalidation::All {
+                id
+            } else {
+                self.inner.acks.next_id()
+            };
             pending.clear();
-            pending.push(Invalidation::All);
-        } else if pending.first() != Some(&Invalidation::All) {
-            pending.push(what);
+            pending.push((Invalidation::All, id));
+        } else if pending.first().map(|(w, _)| w) != Some(&Invalidation::All) {
+            pending.push((what, id));
         }
     }
 
-    /// Sends what could not be published while Redis was down.
+    /// Sends what could not be published while Redis was down, each message under the id
+    /// it was first published with.
     async fn flush_pending(&self) {
-        let pending = std::mem::take(
-            &mut *self
-                .inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let pending = std::mem::take(&mut *lock(&self.inner.pending));
         let mut left = pending.into_iter();
-        while let Some(what) = left.next() {
-            if let Err(what) = self.try_publish(what).await {
-                self.keep_pending(what);
-                for rest in left.by_ref() {
-                    self.keep_pending(rest);
+        while let Some((what, id)) = left.next() {
+            if let Err(what) = self.try_publish(what, id).await {
+                self.keep_pending(what, id);
+                for (rest, id) in left.by_ref() {
+                    self.keep_pending(rest, id);
                 }
             }
         }
@@ -1121,7 +1192,7 @@ impl Inner {
     /// flip this replica between the shared and the local budget on every request. On a
     /// cluster the key's slot also picks the node that matters: the one holding this
     /// deployment's keys.
-    async fn check(&self) -> Result<(), Unavailable> {
+    async fn check(&self) -> Result<Option<members::Position>, Unavailable> {
         let failed = |e| Unavailable::Command(e);
         let mut conn = match &self.link {
             Link::Single { conn, .. } => Conn::Single(conn.clone()),
@@ -1138,13 +1209,77 @@ impl Inner {
             }
         };
         let mut call = PROBE.key(hash_tagged(&self.prefix, &format!("probe:{}", self.id)));
-        call.arg(10_000).arg(hash_tagged(&self.prefix, "probe"));
+        call.key(hash_tagged(&self.prefix, "invalidate:seq"))
+            .arg(10_000)
+            .arg(hash_tagged(&self.prefix, "probe"));
         // Bounded by the caller's probe bound, not a call's: a Redis slower than a call's
         // bound but answering within the probe's is slow, not down.
-        call.invoke_async::<redis::Value>(&mut conn)
+        let answer = call
+            .invoke_async::<redis::Value>(&mut conn)
             .await
-            .map(|_| ())
-            .map_err(failed)
+            .map_err(failed)?;
+        Ok(match answer {
+            redis::Value::BulkString(raw) => members::parse_position(&raw),
+            _ => None,
+        })
+    }
+
+    /// Compares where the count of invalidations stands (`now`, as the probe read it) with
+    /// what this replica heard: a publication the probe saw and the subscription has not
+    /// carried [`STALL_AFTER`] later means the subscription stalled (a connection dropped
+    /// without a word); the subscriber is told to resubscribe and replay.
+    fn watch_lag(&self, now: Option<members::Position>) {
+        let mut lag = lock(&self.lag);
+        let heard = lock(&self.heard).clone();
+        let (Some(now), Some((epoch, seq)), true) =
+            (now, heard, self.listening.load(Ordering::Acquire))
+        else {
+            *lag = None;
+            return;
+        };
+        let covers = |p: &members::Position| p.0 == epoch && p.1 <= seq;
+        match &*lag {
+            Some((behind, since)) if !covers(behind) => {
+                if since.elapsed() >= STALL_AFTER {
+                    tracing::warn!(
+                        heard = seq,
+                        published = behind.1,
+                        "the invalidation channel carried no message for a publication made \
+                         over a second ago: resubscribing, and replaying what was missed"
+                    );
+                    *lag = None;
+                    self.stalled.notify_one();
+                }
+            }
+            _ if covers(&now) => *lag = None,
+            _ => *lag = Some((now, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Whether the message `id` from `from` is applied for the first time (remembered).
+    fn first_time(&self, from: &str, id: u64) -> bool {
+        let mut applied = lock(&self.applied);
+        let (seen, order) = &mut *applied;
+        let key = (from.to_string(), id);
+        if !seen.insert(key.clone()) {
+            return false;
+        }
+        order.push_back(key);
+        if order.len() > APPLIED_KEPT {
+            if let Some(old) = order.pop_front() {
+                seen.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Raises what this replica heard to `at` (same epoch), or moves to `at`'s epoch.
+    fn heard_up_to(&self, at: &members::Position) {
+        let mut heard = lock(&self.heard);
+        match &*heard {
+            Some((epoch, seq)) if *epoch == at.0 && *seq >= at.1 => {}
+            _ => *heard = Some(at.clone()),
+        }
     }
 
     /// A call was answered: any run of timeouts is over.
@@ -1235,6 +1370,12 @@ impl Inner {
     }
 }
 
+/// A lock whose holder may have panicked: each update is one assignment, so what it holds
+/// is whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The one key builder (see [`Redis::key`]).
 fn hash_tagged(prefix: &str, suffix: &str) -> String {
     format!("{{{prefix}}}:{suffix}")
@@ -1270,8 +1411,9 @@ async fn probe(inner: std::sync::Weak<Inner>) {
 /// this replica's own message came back on it ([`hear_own`]): a SUBSCRIBE that a user
 /// without rights on the channel is refused does not always show as an error, and a replica
 /// that believed it listens would serve what the others invalidated. Until it hears, the
-/// replica is on its own as when Redis is gone: `cxgate_redis_up` 0, one warning, and its
-/// cache dropped once the channel works.
+/// replica is on its own as when Redis is gone: `cxgate_redis_up` 0, one warning, and what
+/// it missed replayed (or its cache dropped) once the channel works ([`catch_up`]). While
+/// it listens it says so in the registry of live replicas every [`members::JOIN_EVERY`].
 async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Sender<()>) {
     let mut ready = Some(ready);
     let channel = redis.key("invalidate");
@@ -1305,21 +1447,36 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
         }
         match heard {
             Ok(mut messages) => {
-                if !first {
-                    tracing::info!(
-                        "invalidation channel back: dropping this replica's cache, since \
-                         invalidations sent meanwhile were missed"
-                    );
-                    apply(Invalidation::All).await;
+                if first {
+                    if let Some(now) = redis.position().await {
+                        redis.inner.heard_up_to(&now);
+                    }
+                } else {
+                    catch_up(&redis, &apply).await;
                 }
                 first = false;
                 redis.inner.set_listening(true, None);
-                while let Some(msg) = next(&mut messages).await {
-                    take(&redis, &msg, &apply).await;
-                }
-                redis
-                    .inner
-                    .set_listening(false, Some("subscription lost; resubscribing".to_string()));
+                let mut beat = tokio::time::interval(members::JOIN_EVERY);
+                beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let why = loop {
+                    tokio::select! {
+                        msg = next(&mut messages) => match msg {
+                            Some(msg) => {
+                                take(&redis, &msg, &apply).await;
+                            }
+                            None => break "subscription lost; resubscribing",
+                        },
+                        _ = beat.tick() => {
+                            let redis = redis.clone();
+                            tokio::spawn(async move { let _ = redis.join().await; });
+                        }
+                        () = redis.inner.stalled.notified() => {
+                            break "subscription stalled (a publication was not heard); \
+                                   resubscribing"
+                        }
+                    }
+                };
+                redis.inner.set_listening(false, Some(why.to_string()));
             }
             Err(why) => {
                 first = false;
@@ -1328,6 +1485,72 @@ async fn subscribe(redis: Redis, apply: Apply, ready: tokio::sync::oneshot::Send
         }
         tokio::time::sleep(RESUBSCRIBE_AFTER).await;
     }
+}
+
+/// After a subscription came back: replays the publications made since the last one this
+/// replica heard, from the copies Redis keeps (see `members`), or drops the whole cache
+/// when it cannot tell what it missed (too many, expired copies, a count that was lost and
+/// started again, or Redis not answering).
+async fn catch_up(redis: &Redis, apply: &Apply) {
+    let since = lock(&redis.inner.heard).clone();
+    let missed = match &since {
+        Some(since) => redis.missed(since).await.ok(),
+        None => None,
+    };
+    let copies = match missed {
+        Some(members::Missed::Copies(now, copies)) => Some((now, copies)),
+        Some(members::Missed::Unknown(now)) => {
+            *lock(&redis.inner.heard) = Some(now.unwrap_or_else(members::nothing_published));
+            None
+        }
+        None => None,
+    };
+    let Some((now, copies)) = copies else {
+        tracing::info!(
+            "invalidation channel back: dropping this replica's cache, since what was \
+             published meanwhile cannot be told"
+        );
+        apply(Invalidation::All).await;
+        return;
+    };
+    let mut messages = Vec::with_capacity(copies.len());
+    for copy in copies {
+        match copy.and_then(|c| serde_json::from_slice::<Message>(&c).ok()) {
+            Some(message) => messages.push(message),
+            None => {
+                tracing::info!(
+                    "invalidation channel back: dropping this replica's cache, since a \
+                     message published meanwhile is no longer kept"
+                );
+                apply(Invalidation::All).await;
+                redis.inner.heard_up_to(&now);
+                return;
+            }
+        }
+    }
+    let replayed = messages.len();
+    for message in messages {
+        applies(redis, message, apply).await;
+    }
+    redis.inner.heard_up_to(&now);
+    tracing::info!(
+        replayed,
+        "invalidation channel back: replayed what was published meanwhile"
+    );
+}
+
+/// Applies another replica's message unless it was applied before (same sender and id).
+async fn applies(redis: &Redis, message: Message, apply: &Apply) -> bool {
+    if message.from == redis.inner.id || is_check(&message.what) {
+        return false;
+    }
+    if let Some(id) = message.ack {
+        if !redis.inner.first_time(&message.from, id) {
+            return false;
+        }
+    }
+    apply(message.what).await;
+    true
 }
 
 /// The empty invalidation [`hear_own`] sends: nothing to apply (applying it would still
@@ -1346,6 +1569,8 @@ where
         from: redis.inner.id.clone(),
         what: Invalidation::Tags(Vec::new()),
         ack: None,
+        seq: None,
+        epoch: None,
     };
     let Ok(text) = serde_json::to_string(&own) else {
         return false;
@@ -1401,13 +1626,26 @@ async fn take(redis: &Redis, msg: &redis::Msg, apply: &Apply) -> Heard {
         tracing::warn!("ignoring an unreadable invalidation message");
         return Heard::Other;
     };
+    if let (Some(seq), Some(epoch)) = (message.seq, &message.epoch) {
+        // Numbers come in order: one skipped was missed, and is replayed first.
+        let before = lock(&redis.inner.heard).clone();
+        let skipped = before
+            .as_ref()
+            .is_some_and(|(e, last)| (e == epoch || e.is_empty()) && seq > last.saturating_add(1));
+        let moved = before
+            .as_ref()
+            .is_some_and(|(e, _)| !e.is_empty() && e != epoch);
+        if skipped || moved {
+            catch_up(redis, apply).await;
+        }
+        redis.inner.heard_up_to(&(epoch.clone(), seq));
+    }
     if message.from == redis.inner.id {
         return Heard::Own;
     }
-    if !is_check(&message.what) {
-        apply(message.what).await;
-    }
-    if let Some(id) = message.ack {
+    let (from, ack) = (message.from.clone(), message.ack);
+    applies(redis, message, apply).await;
+    if let Some(id) = ack {
         let ack = acks::Ack {
             id,
             from: redis.inner.id.clone(),
@@ -1416,7 +1654,7 @@ async fn take(redis: &Redis, msg: &redis::Msg, apply: &Apply) -> Heard {
         else {
             return Heard::Other;
         };
-        let channel = ack_channel(redis, &message.from);
+        let channel = ack_channel(redis, &from);
         // Sent whether or not this replica counts Redis as up: it just heard from it.
         tokio::spawn(async move {
             let mut cmd = redis::cmd("PUBLISH");

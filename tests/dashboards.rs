@@ -112,6 +112,21 @@ const FAMILIES: &[Family] = &[
         labels: &["key"],
     },
     Family {
+        name: "cxgate_redis_up",
+        kind: Kind::Gauge,
+        labels: &[],
+    },
+    Family {
+        name: "cxgate_redis_errors_total",
+        kind: Kind::Counter,
+        labels: &["op"],
+    },
+    Family {
+        name: "cxgate_redis_invalidations_total",
+        kind: Kind::Counter,
+        labels: &["result"],
+    },
+    Family {
         name: "cxgate_build_info",
         kind: Kind::Gauge,
         labels: &["version"],
@@ -138,8 +153,16 @@ const LABEL_VALUES: &[(&str, &[&str])] = &[
             "stored",
             "invalidated",
             "too_large",
+            "other_format",
+            "invalid",
+            "filled",
+            "acknowledged",
+            "unacknowledged",
+            "alone",
+            "queued",
         ],
     ),
+    ("op", &["budget", "cache", "ping", "publish", "token"]),
     ("kind", &["429", "rate_limit_reached"]),
 ];
 
@@ -702,6 +725,48 @@ fn dashboard_queries_use_only_contract_metrics() {
         problems.is_empty(),
         "dashboard problems:\n{}",
         problems.join("\n")
+    );
+}
+
+/// Every family the gateway exports is on some panel: a metric added for operators (the
+/// invalidations' acknowledgements, the shared Redis's health) that no panel shows is
+/// one nobody looks at.
+#[test]
+fn every_exported_family_is_on_the_dashboard() {
+    let dash = dashboard();
+    let mut shown = BTreeSet::new();
+    for (_, expr) in queries(&dash) {
+        if let Ok(scan) = scan(&expr) {
+            shown.extend(scan.selectors.into_iter().map(|s| s.metric));
+        }
+    }
+    let missing: Vec<&str> = FAMILIES
+        .iter()
+        .filter(|f| {
+            !shown
+                .iter()
+                .any(|m| m == f.name || (f.kind == Kind::Histogram && m.starts_with(f.name)))
+        })
+        .map(|f| f.name)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "expected every exported family on a panel, missing: {missing:?}"
+    );
+}
+
+/// The alert on unacknowledged invalidations exists and reads their counter.
+#[test]
+fn unacknowledged_invalidations_have_an_alert() {
+    let text = std::fs::read_to_string(root().join("dashboards/alerts.yml")).expect("alerts");
+    let at = text
+        .find("alert: CxgateInvalidationsUnacknowledged")
+        .expect("expected an alert CxgateInvalidationsUnacknowledged in dashboards/alerts.yml");
+    let rule = &text[at..];
+    let rule = &rule[..rule[1..].find("- alert:").map_or(rule.len(), |i| i + 1)];
+    assert!(
+        rule.contains("cxgate_redis_invalidations_total{result=\"unacknowledged\"}"),
+        "expected the alert to read the unacknowledged invalidations, saw:\n{rule}"
     );
 }
 

@@ -495,6 +495,18 @@ async fn invalidation_suite(kind: Kind) {
             );
         }
     }
+    // Each publisher waited for the listed replicas, wherever they subscribed (on a
+    // cluster, other nodes than the one that took the message): none went out "alone".
+    for r in [0, 1] {
+        let ack = "cxgate_redis_invalidations_total{result=\"acknowledged\"}";
+        let alone = "cxgate_redis_invalidations_total{result=\"alone\"}";
+        let (acked, alone) = (counted(&c, r, ack).await, counted(&c, r, alone).await);
+        assert!(
+            acked >= 1.0 && alone == 0.0,
+            "expected replica {r}'s invalidation acknowledged by the others, not published \
+             alone; saw acknowledged {acked}, alone {alone}"
+        );
+    }
     c.stop().await;
 }
 
@@ -4512,6 +4524,394 @@ async fn a_read_refused_on_one_replica_takes_the_fill_of_one_queued_on_another()
         calls(&c, &format!("GET {path}")),
         1,
         "expected one upstream call for {path}"
+    );
+    c.stop().await;
+}
+
+/// A metric's value on one replica, 0 when absent.
+async fn counted(c: &Cluster, replica: usize, series: &str) -> f64 {
+    c.metric(replica, series).await.unwrap_or(0.0)
+}
+
+/// Writes a note to `path` through `replica`; the write must succeed.
+async fn write_note(c: &Cluster, replica: usize, path: &str, note: &str) {
+    let written = c
+        .post(
+            replica,
+            path,
+            &format!("updates=%7B%22note%22%3A%22{note}%22%7D"),
+        )
+        .await;
+    assert!(
+        written.status.is_success(),
+        "expected the write of {note} through replica {replica} to succeed, saw {}",
+        written.status
+    );
+}
+
+/// A write waits for the replicas that are listening, not for what PUBLISH counts: a
+/// `redis-cli SUBSCRIBE` left open on the channel (or a replica of a version that never
+/// acknowledges) is not waited for, so every write is acknowledged at once; a replica the
+/// registry lists that does not answer (one killed without leaving) is counted as not
+/// acknowledging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stray_subscriber_on_the_channel_is_not_waited_for() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = cluster(
+        2,
+        SimOptions::default(),
+        "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+    )
+    .await
+    else {
+        return;
+    };
+    // Another client on the invalidation channel, as `redis-cli SUBSCRIBE` would be.
+    let client = redis::Client::open(c.redis.url()).expect("client");
+    let mut stray = client.get_async_pubsub().await.expect("pubsub");
+    stray
+        .subscribe(key(&c, "invalidate"))
+        .await
+        .expect("subscribe the stray client");
+    let writes = 5;
+    let started = Instant::now();
+    for i in 0..writes {
+        write_note(
+            &c,
+            0,
+            "/12345/inbox/contact/twitter/77",
+            &format!("stray-{i}"),
+        )
+        .await;
+    }
+    let took = started.elapsed();
+    let ack = "cxgate_redis_invalidations_total{result=\"acknowledged\"}";
+    let unack = "cxgate_redis_invalidations_total{result=\"unacknowledged\"}";
+    let (acknowledged, unacknowledged) = (counted(&c, 0, ack).await, counted(&c, 0, unack).await);
+    assert!(
+        acknowledged == writes as f64 && unacknowledged == 0.0,
+        "expected all {writes} writes acknowledged by the one other replica, the stray \
+         subscriber not waited for; saw acknowledged {acknowledged}, unacknowledged \
+         {unacknowledged} (the writes took {took:?})"
+    );
+    // A replica the registry lists but that never answers is waited for, and counted.
+    let now_ms = redis_now_us(&c).await / 1000;
+    let mut redis = conn(&c.redis).await;
+    let list: Option<String> = redis::cmd("GET")
+        .arg(key(&c, "replicas"))
+        .query_async(&mut redis)
+        .await
+        .expect("read the registry");
+    let listed = list.unwrap_or_default();
+    assert_eq!(
+        listed.lines().count(),
+        2,
+        "expected both replicas in the registry, saw {listed:?}"
+    );
+    let () = redis::cmd("SET")
+        .arg(key(&c, "replicas"))
+        .arg(format!("{listed}ghost-1 {}\n", now_ms + 8_000))
+        .query_async(&mut redis)
+        .await
+        .expect("plant a silent replica");
+    write_note(&c, 0, "/12345/inbox/contact/twitter/77", "ghost").await;
+    let unacknowledged = counted(&c, 0, unack).await;
+    assert_eq!(
+        unacknowledged, 1.0,
+        "expected the write counted as unacknowledged by the listed replica that never answers"
+    );
+    drop(stray);
+    c.stop().await;
+}
+
+/// What an operator sees of the shared tier: `POST /admin/purge` says how many shared
+/// entries it deleted beside this replica's own, and `/admin/status` (and the status
+/// page) has a section for the tier with its lookups and writes by result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_and_status_report_the_shared_tier() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let first = c.get(0, "/me").await;
+    assert_eq!(first.status, StatusCode::OK, "expected /me answered");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while shared_entry(&c, "/me").await.is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shared = c.get(1, "/me").await;
+    assert!(
+        shared.header("cache-status").contains("detail=shared"),
+        "expected replica 1 to answer /me from the shared tier, saw {:?}",
+        shared.header("cache-status")
+    );
+    let status = c.admin(1, Method::GET, "/admin/status", "").await;
+    let status: serde_json::Value = serde_json::from_slice(&status.body).expect("status JSON");
+    let tier = &status["shared_cache"];
+    assert!(
+        tier["enabled"] == true
+            && tier["redis_reachable"] == true
+            && tier["lookups"]["hit"].as_u64() >= Some(1)
+            && tier["writes"].is_object(),
+        "expected a shared_cache section with the hit counted, saw {tier}"
+    );
+    let page = c.admin(1, Method::GET, "/", "").await;
+    let page = String::from_utf8_lossy(&page.body);
+    assert!(
+        page.contains("Shared cache tier") && page.contains("shared_cache"),
+        "expected the status page to show the shared tier"
+    );
+    // Replica 0 holds /me in memory and in Redis; replica 1 too, now. Purge on 1.
+    let purged = c
+        .admin(1, Method::POST, "/admin/purge", r#"{"tags":["me"]}"#)
+        .await;
+    let answer: serde_json::Value = serde_json::from_slice(&purged.body).expect("purge JSON");
+    assert!(
+        answer["purged"] == 1 && answer["shared"] == "removed" && answer["shared_purged"] == 1,
+        "expected one entry purged from memory and one from the shared tier, saw {answer}"
+    );
+    assert!(
+        shared_entry(&c, "/me").await.is_none(),
+        "expected the shared entry gone"
+    );
+    let all = c
+        .admin(0, Method::POST, "/admin/purge", r#"{"all":true}"#)
+        .await;
+    let answer: serde_json::Value = serde_json::from_slice(&all.body).expect("purge JSON");
+    assert!(
+        answer["shared"] == "retired" && answer["shared_purged"].is_null(),
+        "expected a full purge to retire the shared tier without a count, saw {answer}"
+    );
+    c.stop().await;
+}
+
+/// A frozen Redis (`CLIENT PAUSE`): a write is answered with its invalidation queued; the
+/// other replica serves its memory copy meanwhile, and once Redis answers again the
+/// queued invalidation reaches it, under the id it was first published with (counted as
+/// acknowledged when sent again), and its next read shows the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_while_redis_is_frozen_reaches_the_others_when_it_answers() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = cluster(
+        2,
+        SimOptions::default(),
+        "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+    )
+    .await
+    else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/88";
+    eventually_cached(&c, 1, contact).await;
+    let mut redis = conn(&c.redis).await;
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3_000)
+        .arg("ALL")
+        .query_async(&mut redis)
+        .await
+        .expect("pause the test redis-server");
+    write_note(&c, 0, contact, "frozen").await;
+    let queued = counted(&c, 0, "cxgate_redis_invalidations_total{result=\"queued\"}").await;
+    assert_eq!(queued, 1.0, "expected the write's invalidation queued");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = String::from_utf8_lossy(&c.get(1, contact).await.body).into_owned();
+        if body.contains("frozen") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("frozen"),
+        "expected replica 1 to show the write once Redis answers, saw {body}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ack = "cxgate_redis_invalidations_total{result=\"acknowledged\"}";
+    while counted(&c, 0, ack).await < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        counted(&c, 0, ack).await,
+        1.0,
+        "expected the queued invalidation acknowledged once sent again"
+    );
+    c.stop().await;
+}
+
+/// The subscriptions killed (`CLIENT KILL TYPE pubsub`) and a write made while they come
+/// back: the other replica replays what it missed from the copies Redis keeps, so it drops
+/// the written contact and keeps what no write touched, rather than its whole cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_subscription_replays_what_it_missed_and_keeps_the_rest() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = cluster(
+        2,
+        SimOptions::default(),
+        "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+    )
+    .await
+    else {
+        return;
+    };
+    let contact = "/12345/inbox/contact/twitter/99";
+    eventually_cached(&c, 1, contact).await;
+    eventually_cached(&c, 1, "/me").await;
+    let mut redis = conn(&c.redis).await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .expect("kill the subscriptions");
+    assert!(
+        killed >= 2,
+        "expected both replicas' subscriptions killed, saw {killed}"
+    );
+    write_note(&c, 0, contact, "missed").await;
+    let (status, body) = eventually_shows(&c, 1, contact, "missed").await;
+    assert!(
+        body.contains("missed"),
+        "expected replica 1 to drop the written contact, saw {status:?} {body}"
+    );
+    // Back to listening (cxgate_redis_up 1), and /me still held.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted(&c, 1, "cxgate_redis_up").await < 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let me = c.get(1, "/me").await;
+    assert!(
+        me.header("cache-status").contains("hit"),
+        "expected replica 1 to keep /me, which no write touched, saw {:?}",
+        me.header("cache-status")
+    );
+    c.stop().await;
+}
+
+/// A TCP proxy in front of the Redis on `target`: its port, and a switch. Once switched,
+/// the subscriptions (connections that sent `SUBSCRIBE`) open at that moment carry nothing
+/// more either way and stay open, as a connection a firewall or NAT dropped without a
+/// word; every other connection, and those made later, pass. Stops with the test's runtime.
+async fn silencing_proxy(target: u16) -> (u16, impl Fn()) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let port = listener.local_addr().expect("proxy address").port();
+    // Connections are numbered from 1; those numbered below `silence` are silenced.
+    let silence = Arc::new(AtomicU64::new(0));
+    let made = Arc::new(AtomicU64::new(0));
+    let (silenced, counter) = (silence.clone(), made.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let number = counter.fetch_add(1, Ordering::AcqRel) + 1;
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                continue;
+            };
+            let pubsub = Arc::new(AtomicBool::new(false));
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let quiet = {
+                let (silence, pubsub) = (silenced.clone(), pubsub.clone());
+                move || pubsub.load(Ordering::Acquire) && number < silence.load(Ordering::Acquire)
+            };
+            let (up_quiet, down_quiet) = (quiet.clone(), quiet);
+            let marks = pubsub.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = client_read.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n]
+                        .windows(9)
+                        .any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE"))
+                    {
+                        marks.store(true, Ordering::Release);
+                    }
+                    if !up_quiet() && server_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = server_read.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if !down_quiet() && client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let switch = move || silence.store(made.load(Ordering::Acquire) + 1, Ordering::Release);
+    (port, switch)
+}
+
+/// A subscription that stops carrying messages while its connection stays open (dropped
+/// by a firewall without a word): the replica notices from the probe that a publication
+/// was made that it did not hear, resubscribes and replays it, so a write through another
+/// replica reaches it within seconds, not once the connection times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_subscription_is_noticed_and_what_it_missed_replayed() {
+    let _one = SERIAL.lock().await;
+    let Some(mut c) = cluster(
+        2,
+        SimOptions::default(),
+        "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+    )
+    .await
+    else {
+        return;
+    };
+    // Replica 1 reaches Redis through the proxy.
+    let (port, silence) = silencing_proxy(c.redis.port).await;
+    let env = format!("CXGATE_TEST_REDIS_PROXY_{port}");
+    std::env::set_var(&env, format!("redis://127.0.0.1:{port}/"));
+    let path = c.dirs[1].join("cxgate.toml");
+    let text = std::fs::read_to_string(&path).expect("read the config");
+    let direct = format!("redis_url_env = \"CXGATE_TEST_REDIS_URL_{}\"", c.redis.port);
+    assert!(
+        text.contains(&direct),
+        "expected the config to name {direct}"
+    );
+    std::fs::write(
+        &path,
+        text.replace(&direct, &format!("redis_url_env = \"{env}\"")),
+    )
+    .expect("write the config");
+    c.restart_replica(1).await;
+    let contact = "/12345/inbox/contact/twitter/111";
+    eventually_cached(&c, 1, contact).await;
+    eventually_cached(&c, 1, "/me").await;
+    // Replica 1's subscription goes quiet; its commands still pass.
+    silence();
+    write_note(&c, 0, contact, "unheard").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut body = String::new();
+    while Instant::now() < deadline {
+        body = String::from_utf8_lossy(&c.get(1, contact).await.body).into_owned();
+        if body.contains("unheard") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("unheard"),
+        "expected replica 1 to notice its silent subscription and drop the written contact \
+         within 10 s, saw {body}"
+    );
+    let me = c.get(1, "/me").await;
+    assert!(
+        me.header("cache-status").contains("hit"),
+        "expected replica 1 to keep /me, which no write touched, saw {:?}",
+        me.header("cache-status")
     );
     c.stop().await;
 }

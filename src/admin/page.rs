@@ -159,6 +159,7 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
     };
     let errors = status["recent_errors"].as_array().map_or(0, Vec::len);
     let redis = shared_redis(&status["redis"]);
+    let tier = shared_tier(&status["shared_cache"]);
     let cards = [
         (
             "Requests/s",
@@ -191,6 +192,7 @@ fn glance(out: &mut String, status: &Value, now: &Now) {
         ("Token expires", expires, refresh.1, refresh.0),
         ("Upstream pause", pause.1.clone(), String::new(), pause.0),
         ("Shared Redis", redis.1, redis.2, redis.0),
+        ("Shared cache tier", tier.1, tier.2, tier.0),
         (
             "Recent errors",
             errors.to_string(),
@@ -237,6 +239,38 @@ fn shared_redis(redis: &Value) -> (&'static str, String, String) {
             "unreachable: local fallback".to_string(),
             format!("{since}; last error: {}", text(&redis["last_error"])),
         ),
+    }
+}
+
+/// The shared cache tier card: class, hit share of its lookups, and what else it did.
+fn shared_tier(tier: &Value) -> (&'static str, String, String) {
+    if tier["enabled"] != Value::Bool(true) {
+        return ("", "off".to_string(), "cache.shared = false".to_string());
+    }
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let lookups = &tier["lookups"];
+    let asked: u64 = ["hit", "miss", "other_format", "invalid", "error"]
+        .iter()
+        .map(|r| n(&lookups[*r]))
+        .sum();
+    let hits = n(&lookups["hit"]);
+    let big = match asked {
+        0 => "no lookup yet".to_string(),
+        _ => format!("{:.1} % hits", hits as f64 * 100.0 / asked as f64),
+    };
+    let small = format!(
+        "{hits} hits of {asked} lookups, {} errors; {} answers stored",
+        n(&lookups["error"]),
+        n(&tier["writes"]["stored"])
+    );
+    let class = if tier["redis_reachable"] == Value::Bool(true) {
+        "ok"
+    } else {
+        "bad"
+    };
+    match tier["last_error"].as_str() {
+        Some(why) if class == "bad" => (class, big, format!("{small}; last error: {why}")),
+        _ => (class, big, small),
     }
 }
 

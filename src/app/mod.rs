@@ -109,6 +109,8 @@ impl Running {
         self.refresher.abort();
         self.sweeper.abort();
         if let Some(redis) = &self.replicas {
+            // Out of the registry first, so no other replica's write waits for this one.
+            redis.leave().await;
             redis.stop();
         }
         // The lines of the last requests, before the process exits.
@@ -484,7 +486,7 @@ fn remove_shared(tier: cache::SharedTier) -> replicas::Remove {
         Box::pin(async move {
             let removed = tier.invalidate(&what).await?;
             tracing::debug!(removed, "invalidation applied to the shared cache tier");
-            Ok(())
+            Ok(removed)
         })
     })
 }

@@ -131,6 +131,8 @@ pub struct SharedTier {
     /// A [`RAISE`] is on its way: the reads that see the generation behind meanwhile do not
     /// send one each.
     raising: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The last call that failed: when, and why (as [`Unavailable`] shows it).
+    last_error: std::sync::Arc<std::sync::Mutex<Option<(SystemTime, String)>>>,
 }
 
 impl std::fmt::Debug for SharedTier {
@@ -149,6 +151,11 @@ fn groups(key: &str, tags: &[String]) -> Vec<String> {
     }
     groups
 }
+
+/// Every `cxgate_cache_shared_lookups_total` result.
+const LOOKUP_RESULTS: &[&str] = &["hit", "miss", "other_format", "invalid", "error", "filled"];
+/// Every `cxgate_cache_shared_writes_total` result.
+const WRITE_RESULTS: &[&str] = &["stored", "invalidated", "too_large", "error"];
 
 /// The shared tier's counters, `cxgate_cache_shared_lookups_total{result}` and
 /// `cxgate_cache_shared_writes_total{result}`: registered on every gateway, every result at 0,
@@ -182,10 +189,10 @@ impl SharedMetrics {
         )?;
         registry.register(Box::new(lookups.clone()))?;
         registry.register(Box::new(writes.clone()))?;
-        for result in ["hit", "miss", "other_format", "invalid", "error", "filled"] {
+        for result in LOOKUP_RESULTS {
             lookups.with_label_values(&[result]);
         }
-        for result in ["stored", "invalidated", "too_large", "error"] {
+        for result in WRITE_RESULTS {
             writes.with_label_values(&[result]);
         }
         Ok(SharedMetrics { lookups, writes })
@@ -206,7 +213,48 @@ impl SharedTier {
             highest: std::sync::Arc::default(),
             told_behind: std::sync::Arc::default(),
             raising: std::sync::Arc::default(),
+            last_error: std::sync::Arc::default(),
         }
+    }
+
+    /// What `/admin/status` shows of the tier: on, whether Redis answers, the lookups and
+    /// writes by result (as the metrics count them), the entry bound, and the last failed
+    /// call. How many entries and bytes Redis holds is not shown: only a scan of the
+    /// keyspace could tell, which no replica runs.
+    pub fn status(&self) -> serde_json::Value {
+        let by_result = |counter: &IntCounterVec, results: &[&str]| {
+            results
+                .iter()
+                .map(|r| {
+                    let n = counter.with_label_values(&[r]).get();
+                    (r.to_string(), serde_json::Value::from(n))
+                })
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        serde_json::json!({
+            "enabled": true,
+            "redis_reachable": self.redis.is_up(),
+            "max_entry_bytes": self.max_entry_bytes,
+            "lookups": by_result(&self.lookups, LOOKUP_RESULTS),
+            "writes": by_result(&self.writes, WRITE_RESULTS),
+            "last_error": last.as_ref().map(|(_, why)| why.clone()),
+            "last_error_at": last
+                .map(|(at, _)| humantime::format_rfc3339_seconds(at).to_string()),
+        })
+    }
+
+    /// Remembers a failed call for [`SharedTier::status`].
+    fn failed(&self, why: &Unavailable) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((SystemTime::now(), why.to_string()));
     }
 
     /// Loads the tier's scripts into Redis, so the first lookups do not each pay the three
@@ -424,7 +472,8 @@ impl SharedTier {
                 }
                 call.invoke_async::<Vec<Option<Vec<u8>>>>(&mut c).await
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.failed(e))?;
         if values.len() != expected {
             return Err(Unavailable::Command(redis::RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
@@ -570,7 +619,10 @@ impl SharedTier {
         let result = match stored {
             Ok(1) => "stored",
             Ok(_) => "invalidated",
-            Err(_) => "error",
+            Err(e) => {
+                self.failed(&e);
+                "error"
+            }
         };
         self.writes.with_label_values(&[result]).inc();
     }
@@ -642,7 +694,8 @@ impl SharedTier {
                     .invoke_async::<(u64, u64)>(&mut c)
                     .await
             })
-            .await?;
+            .await
+            .inspect_err(|e| self.failed(e))?;
         if replaced > 0 {
             self.redis.repaired(
                 &self.global_key(),

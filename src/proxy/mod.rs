@@ -226,11 +226,14 @@ impl Gateway {
         all
     }
 
-    /// Tells the other replicas (if any) to drop what this one just dropped.
-    pub async fn publish_invalidation(&self, what: crate::replicas::Invalidation) {
-        if let Some(redis) = self.inner.replicas.get() {
-            redis.publish(what).await;
-        }
+    /// Tells the other replicas (if any) to drop what this one just dropped; how it went
+    /// (`None` without replicas).
+    pub async fn publish_invalidation(
+        &self,
+        what: crate::replicas::Invalidation,
+    ) -> Option<crate::replicas::Published> {
+        let redis = self.inner.replicas.get()?;
+        Some(redis.publish(what).await)
     }
 
     /// The current configuration snapshot.

@@ -2,11 +2,14 @@
 //! replicas only once each replica its message reached said it dropped its copies. The
 //! message carries an id; every replica that applies it answers on the writer's own channel
 //! (`{<prefix>}:ack:<replica id>`), which the writer's subscriber hears and hands to the
-//! [`Waiter`] of that id. The writer waits for as many answers as PUBLISH said it reached
-//! (less itself), within a bound: a replica that does not answer in time is counted, and the
-//! first of a run of them is logged.
+//! [`Waiter`] of that id. The writer waits for an answer from each replica the registry of
+//! live replicas names (see `members`), each counted once by its id, within a bound: a
+//! replica that does not answer in time is counted, and the first of a run of them is
+//! logged. Not PUBLISH's count of receivers: that counts any other client subscribed to the
+//! channel (a `redis-cli SUBSCRIBE` left open), only the receivers of the node that took the
+//! message on a Redis Cluster, and replicas of a version that does not answer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -29,7 +32,7 @@ pub(super) struct Ack {
 /// The publications of this replica waiting for acknowledgements, and their counter.
 pub(super) struct Acks {
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<()>>>,
+    waiting: Mutex<HashMap<u64, mpsc::UnboundedSender<String>>>,
     results: IntCounterVec,
     /// In a run of publications some replica did not acknowledge (said once per run).
     missing: AtomicBool,
@@ -58,10 +61,17 @@ impl Acks {
         })
     }
 
-    /// A new id whose acknowledgements are kept until the waiter is dropped: made before
-    /// the message is published, since an answer may come back before PUBLISH returns.
-    pub(super) fn waiter(&self) -> Waiter<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+    /// A new id, for a message published later ([`Acks::waiter_for`]).
+    pub(super) fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A waiter for message `id`, whose acknowledgements are kept until it is dropped: made
+    /// before the message is published, since an answer may come back before the
+    /// publication returns. A queued invalidation sent again keeps the id it
+    /// was first published with, so a replica that applied the first (a publication a
+    /// frozen Redis ran late) does not apply it twice, and still answers.
+    pub(super) fn waiter_for(&self, id: u64) -> Waiter<'_> {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.waiting).insert(id, tx);
         Waiter { acks: self, id, rx }
@@ -71,8 +81,21 @@ impl Acks {
     /// any more (it came after the bound) is dropped.
     pub(super) fn heard(&self, ack: &Ack) {
         if let Some(tx) = lock(&self.waiting).get(&ack.id) {
-            let _ = tx.send(());
+            let _ = tx.send(ack.from.clone());
         }
+    }
+
+    /// Each result's count so far, for `/admin/status`.
+    pub(super) fn totals(&self) -> serde_json::Map<String, serde_json::Value> {
+        RESULTS
+            .iter()
+            .map(|r| {
+                (
+                    r.to_string(),
+                    self.results.with_label_values(&[r]).get().into(),
+                )
+            })
+            .collect()
     }
 
     /// Counts one publication's `result` (one of [`RESULTS`]) and says when a run of
@@ -99,20 +122,27 @@ impl Acks {
 pub(super) struct Waiter<'a> {
     acks: &'a Acks,
     pub id: u64,
-    rx: mpsc::UnboundedReceiver<()>,
+    rx: mpsc::UnboundedReceiver<String>,
 }
 
 impl Waiter<'_> {
-    /// Waits until `n` acknowledgements came, for at most `bound`; how many are missing.
-    pub(super) async fn missing(&mut self, n: usize, bound: Duration) -> usize {
-        let mut heard = 0;
+    /// Waits until each replica of `expected` (ids) acknowledged, for at most `bound`; how
+    /// many of them did not. A replica answering twice counts once, and one not expected
+    /// (it joined after the registry was read) counts for none.
+    pub(super) async fn missing(&mut self, expected: &[String], bound: Duration) -> usize {
+        let mut left: HashSet<&str> = expected.iter().map(String::as_str).collect();
         let _ = tokio::time::timeout(bound, async {
-            while heard < n && self.rx.recv().await.is_some() {
-                heard += 1;
+            while !left.is_empty() {
+                match self.rx.recv().await {
+                    Some(from) => {
+                        left.remove(from.as_str());
+                    }
+                    None => return,
+                }
             }
         })
         .await;
-        n.saturating_sub(heard)
+        left.len()
     }
 }
 
@@ -134,21 +164,25 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_waiter_counts_what_came_within_its_bound() {
         let acks = Acks::register(&Registry::new()).expect("register");
-        let mut waiter = acks.waiter();
-        let ack = Ack {
-            id: waiter.id,
-            from: "peer".to_string(),
-        };
-        acks.heard(&ack);
-        acks.heard(&ack);
-        assert_eq!(waiter.missing(2, Duration::from_millis(500)).await, 0);
-        acks.heard(&ack);
-        assert_eq!(
-            waiter.missing(3, Duration::from_millis(500)).await,
-            2,
-            "expected one of three more heard"
-        );
+        let mut waiter = acks.waiter_for(acks.next_id());
         let id = waiter.id;
+        let from = |name: &str| Ack {
+            id,
+            from: name.to_string(),
+        };
+        let peers = ["a".to_string(), "b".to_string()];
+        acks.heard(&from("a"));
+        acks.heard(&from("b"));
+        assert_eq!(waiter.missing(&peers, Duration::from_millis(500)).await, 0);
+        // The same replica twice, and one nobody expects, are not the other's answer.
+        acks.heard(&from("a"));
+        acks.heard(&from("a"));
+        acks.heard(&from("stranger"));
+        assert_eq!(
+            waiter.missing(&peers, Duration::from_millis(500)).await,
+            1,
+            "expected b missing however often a answered"
+        );
         drop(waiter);
         assert!(
             lock(&acks.waiting).get(&id).is_none(),
