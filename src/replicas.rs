@@ -1161,7 +1161,8 @@ impl Redis {
         let _ = tokio::time::timeout(Duration::from_secs(3), listening).await;
     }
 
-    fn remember(&self, task: JoinHandle<()>) {
+    /// Keeps `task` with the link's own, so [`Redis::stop`] ends it too.
+    pub(crate) fn remember(&self, task: JoinHandle<()>) {
         self.inner
             .tasks
             .lock()

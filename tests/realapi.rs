@@ -688,3 +688,175 @@ async fn a_refusal_on_the_shared_budget_says_nothing_is_left() {
     other.stopped().await;
     env.stop().await;
 }
+
+/// What a service sees of the pauses, and when the upstream really took calls again.
+struct Pauses {
+    /// (when a 429 arrived, its Retry-After in seconds), from every service.
+    refusals: Vec<(Duration, u64)>,
+    /// When the upstream took a call again after refusing one (another user's polls).
+    reopened: Vec<Duration>,
+    /// When that user's spending of a window's rest was refused: the window was empty.
+    closed: Vec<Duration>,
+}
+
+/// Six services hammer the gateways at `addrs` (in turn) with misses for 14 s while another
+/// user of the token asks the simulator at `sim` directly whether it takes calls again, and
+/// two seconds after it does, spends what is left of the window.
+async fn pauses_against_reopenings(addrs: Vec<std::net::SocketAddr>, sim: String) -> Pauses {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let http: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let get = move |url: String, token: &'static str| {
+        let http = http.clone();
+        async move {
+            let req = http::Request::builder()
+                .uri(url)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let answer = http.request(req).await.expect("an answer");
+            let (parts, body) = answer.into_parts();
+            let body = body.collect().await.expect("body").to_bytes();
+            Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            }
+        }
+    };
+    let start = Instant::now();
+    let run = Duration::from_secs(14);
+    let refusals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut services = tokio::task::JoinSet::new();
+    for s in 0..6 {
+        let (refusals, get, addr) = (refusals.clone(), get.clone(), addrs[s % addrs.len()]);
+        services.spawn(async move {
+            let mut n = s * 100_000;
+            while start.elapsed() < run {
+                let a = get(format!("http://{addr}{}", contact(n)), KEY).await;
+                n += 1;
+                if a.status == StatusCode::TOO_MANY_REQUESTS {
+                    let secs = assert_api_429(&a, "a service's refusal");
+                    refusals
+                        .lock()
+                        .expect("refusals")
+                        .push((start.elapsed(), secs));
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        });
+    }
+    let (mut reopened, mut closed) = (Vec::new(), Vec::new());
+    while start.elapsed() < run + Duration::from_secs(6) {
+        // Asked every 50 ms while refused.
+        let a = get(format!("{sim}/me"), ACCESS).await;
+        if a.status != StatusCode::OK {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        reopened.push(start.elapsed());
+        // Two seconds into the window it spends what the gateways left of it: their next
+        // call is refused, by the API's 400 that names no reset every other time.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for _ in 0..40 {
+            if get(format!("{sim}/me"), ACCESS).await.status != StatusCode::OK {
+                closed.push(start.elapsed());
+                break;
+            }
+        }
+    }
+    while let Some(done) = services.join_next().await {
+        done.expect("service task");
+    }
+    let refusals = refusals.lock().expect("refusals").clone();
+    Pauses {
+        refusals,
+        reopened,
+        closed,
+    }
+}
+
+/// A client told to wait for a pause's end (a Retry-After of 2 s or more) and waiting
+/// exactly that comes back after the upstream took calls again, and at most 2 s after:
+/// the upstream's whole-second `Reset` leaves its window's end unknown within a second,
+/// and a whole-second `Retry-After` rounds up within another.
+fn assert_retry_after_true(p: &Pauses, what: &str) {
+    assert!(
+        p.reopened.len() >= 2 && p.refusals.iter().any(|(_, s)| *s >= 2),
+        "{what}: expected pauses, saw {} refusals and reopenings {:?}",
+        p.refusals.len(),
+        p.reopened
+    );
+    let (mut worst, mut checked) = (Duration::ZERO, 0);
+    for (at, secs) in p.refusals.iter().filter(|(_, s)| *s >= 2) {
+        let back = *at + Duration::from_secs(*secs);
+        // Refused while the upstream took calls (reopened, and not emptied since, with a
+        // moment's grace for the news of its emptying): the client waits for nothing.
+        let last_open = p.reopened.iter().rev().find(|o| *o < at);
+        let grace = *at + Duration::from_millis(200);
+        let last_closed = p.closed.iter().rev().find(|c| **c < grace);
+        if let Some(open) = last_open.filter(|o| last_closed.is_none_or(|c| c < *o)) {
+            eprintln!("{what}: refused at {at:?} with Retry-After {secs}, the upstream open since {open:?}");
+            worst = worst.max(back - *at);
+            checked += 1;
+            continue;
+        }
+        let Some(open) = p.reopened.iter().find(|o| *o > at) else {
+            continue;
+        };
+        assert!(
+            back + Duration::from_millis(100) >= *open,
+            "{what}: refused at {at:?} with Retry-After {secs}: back at {back:?}, before the \
+             upstream took calls again at {open:?}"
+        );
+        worst = worst.max(back.saturating_sub(*open));
+        checked += 1;
+    }
+    eprintln!(
+        "{what}: {checked} pause refusals, the latest back {worst:?} after the upstream reopened"
+    );
+    assert!(
+        worst <= Duration::from_millis(2100),
+        "{what}: expected a client waiting its Retry-After back within 2 s of the upstream \
+         taking calls again, saw one {worst:?} after"
+    );
+}
+
+/// The gateways' own budget spends about half of each window; another user of the token
+/// spends the rest, so their next call meets the API's 400, naming its reset or not.
+const HALF_WINDOW_BUDGET: &str = "limit = 3\nperiod = \"1s\"\nburst = 3\nmax_wait = \"0s\"\n";
+
+/// Services hammering one gateway over three short windows: every Retry-After a pause
+/// gives is true, the upstream open when the client comes back and not long before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waits_its_retry_after_finds_the_upstream_just_open() {
+    let sim = SimOptions {
+        rate_limit: Some("20/4s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    let budget = format!("[budget]\n{HALF_WINDOW_BUDGET}{ROUTES}");
+    let env = common::start(sim, &budget).await;
+    let p = pauses_against_reopenings(vec![env.gw.addr], env.sim.base_url()).await;
+    assert_retry_after_true(&p, "one process");
+    env.stop().await;
+}
+
+/// The same through three replicas sharing the pause in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_retry_after_finds_the_upstream_just_open() {
+    let mut setup = common::replicas::Setup::new(3);
+    setup.sim = SimOptions {
+        rate_limit: Some("20/4s".parse().expect("valid rate limit")),
+        ..SimOptions::default()
+    };
+    setup.budget = HALF_WINDOW_BUDGET;
+    let Some(c) = common::replicas::start_replicas(setup).await else {
+        return;
+    };
+    let addrs = c.replicas.iter().map(|r| r.addr).collect();
+    let p = pauses_against_reopenings(addrs, c.sim.base_url()).await;
+    assert_retry_after_true(&p, "three replicas");
+    c.stop().await;
+}

@@ -359,7 +359,7 @@ impl Budget {
         redis: crate::replicas::Redis,
         replicas: NonZeroU32,
     ) -> Result<Budget, prometheus::Error> {
-        Ok(Budget {
+        let budget = Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
                 caps: Mutex::new(Caps::of(&spec)),
@@ -368,13 +368,16 @@ impl Budget {
                 shared: Some(redis::Shared::new(redis, replicas, spec)),
                 landed: tokio::sync::Notify::new(),
             }),
-        })
+        };
+        redis::Shared::spawn_beat(&budget);
+        Ok(budget)
     }
 
     /// Names the upstream timeout (`upstream.timeout`), the longest a call admitted here is
-    /// out: with Redis, this replica's record of its calls out lasts that long past its
-    /// last word (and a little more), so the calls of a replica that dies with calls out
-    /// stop counting against the others about one timeout later. No effect without Redis.
+    /// out: with Redis, what bounds a believable count of calls in flight. (The record of
+    /// a replica's calls out lasts a few seconds past its last word whatever the timeout:
+    /// a replica with calls out renews it every second, so the calls of one that dies with
+    /// calls out stop counting against the others seconds later.) No effect without Redis.
     pub fn set_call_deadline(&self, deadline: Duration) {
         if let Some(shared) = &self.inner.shared {
             shared.set_call_deadline(deadline);

@@ -59,6 +59,17 @@ local function bounded(key, span)
   end
   return v
 end
+-- The upstream pause (KEYS[3]) until `untl`: a later end than the pause in force lengthens
+-- it (a later window, a longer Retry-After); one naming the same end (within 1.5 s) keeps
+-- the earlier of the two, since every end a replica reads is at or after the upstream's
+-- real one and a later one is the same end read late (or pushed late); an earlier end
+-- never shortens it (an old answer).
+local function pause_to(untl)
+  local cur = tonumber(redis.call('GET', KEYS[3]))
+  if cur == nil or cur <= now or untl > cur + 1500000 or (untl < cur and cur - untl < 1500000) then
+    store(KEYS[3], untl)
+  end
+end
 local function earliest(tat, cost, interval, usable)
   return tat - (usable - math.min(cost, usable)) * interval
 end
@@ -67,7 +78,8 @@ local mode = ARGV[1]
 -- The modes a replica sends about its own calls carry its word (see `word` below) in
 -- ARGV[2..10]; their own arguments follow, read as P[2], P[3], ...
 local P = ARGV
-if mode == 'take' or mode == 'seen' or mode == 'done' or mode == 'return' or mode == 'refund' then
+if mode == 'take' or mode == 'seen' or mode == 'done' or mode == 'return' or mode == 'refund'
+  or mode == 'beat' then
   P = {}
   for i = 11, #ARGV do P[i - 9] = ARGV[i] end
 end
@@ -91,11 +103,14 @@ end
 -- calls out, those sent on the fallback too) when there is none; after that each call
 -- booked adds its cells and each call ending takes them off, in the same script run as
 -- its booking or its report, so a call is never out of the flight before its report is in
--- the count. Every word renews the lease, so a lost key is whole again at each replica's
--- next word, and a replica gone (killed) says no more: its cells leave when its lease
--- ends, about one upstream timeout later. A key that does not parse, or is longer than a
--- fleet's records can be, is a stray or tampered key: it goes, and each replica's next
--- word bases its record again.
+-- the count. Every word renews the lease (a few seconds; a replica with calls out beats
+-- every second), so a lost key is whole again at each replica's next word, and a replica
+-- gone (killed) says no more: its cells leave when its lease ends, seconds later. A
+-- record whose lease ends before the one its replica last saw it given is older than the
+-- replica's word (Redis restored from an older snapshot or append-only file, the key set
+-- back by hand): it counts calls that have long landed, and the replica bases it again. A
+-- key that does not parse, or is longer than a fleet's records can be, is a stray or
+-- tampered key: it goes, and each replica's next word bases its record again.
 local function flights()
   local raw = read(KEYS[5])
   local t = {}
@@ -145,12 +160,18 @@ local lease = math.min(math.max(tonumber(ARGV[5]) or 0, 1000000), 3600000000)
 -- the replica's record. When the others' records are gone while this replica knew of
 -- calls out on them (Redis lost the key), those calls stay out on a record of their own,
 -- "lost", for 2 s (at most the lease): by then they have been answered or their replicas
--- have based their records again.
+-- have based their records again. `seen` is the lease end this replica was last given
+-- (0: none known): a record ending before it was set back, and is based again.
 local call = tonumber(ARGV[8]) or -1
-local function word(t, leaving)
+local function word(t, leaving, seen)
   local id, w = ARGV[2], tonumber(ARGV[3]) or 0
   if not string.match(id or '', '^%w+$') or #id < 8 or #id > 40 then return nil end
   local r = t[id]
+  local set_back = r ~= nil and (seen or 0) > 0 and r[1] < seen
+  if set_back then
+    r = nil
+    t[id] = nil
+  end
   if r == nil then
     r = {now + lease, w, math.max(tonumber(ARGV[4]) or 0, 0), math.max(tonumber(ARGV[7]) or 0, 0)}
     t[id] = r
@@ -159,7 +180,7 @@ local function word(t, leaving)
     for k, _ in pairs(t) do
       if k ~= id then known = true end
     end
-    if others > 0 and not known then t.lost = {now + math.min(lease, 2000000), 0, others, 0} end
+    if others > 0 and not known and not set_back then t.lost = {now + math.min(lease, 2000000), 0, others, 0} end
     return r
   end
   r[1] = now + lease
@@ -237,14 +258,12 @@ if mode == 'seen' then
   if remaining < 0 or reset_ms < 0 then return {0} end
   -- The upstream itself said stop: the pause every replica obeys. A 0 reached only by
   -- calls still out is no pause (see the take below).
-  if remaining == 0 and reset_ms > 0 then
-    local untl = now + reset_ms * 1000
-    if untl > load(KEYS[3]) then store(KEYS[3], untl) end
-  end
+  if remaining == 0 and reset_ms > 0 then pause_to(now + reset_ms * 1000) end
   -- KEYS[4] is the lowest Remaining reported in the upstream's window: calls are counted
   -- in another order than they were sent and answered, so a higher report is older news.
   -- What may go is that less every call out (KEYS[5]), those sent before the report too.
-  -- The key expires at the latest reset named for the window, never before.
+  -- The key expires at the latest reset named for the window, never before: a report of the
+-- window answered late must find it, not open a window of its own.
   local cur = allowance()
   local ttl = redis.call('PTTL', KEYS[4])
   if cur ~= nil and ttl > 0 then
@@ -270,6 +289,15 @@ if mode == 'seen' then
   redis.call('SET', KEYS[4], remaining, 'PX', reset_ms)
   redis.call('DEL', KEYS[10])
   return {0}
+end
+if mode == 'beat' then
+  -- A replica with calls out (or whose record still counts some) renews its lease (P[2]:
+  -- the lease end it was last given), and learns the new end and its cells counted.
+  local t = flights()
+  local r = word(t, false, tonumber(P[2]) or 0)
+  if r == nil then return {0, 0} end
+  store_flights(t)
+  return {r[1], r[3]}
 end
 if mode == 'done' then
   -- The word is about the call; P[2] is unused, P[5] the call's cost.
@@ -313,8 +341,7 @@ if mode == 'resume' then
   return {n, e}
 end
 if mode == 'pause' then
-  local untl = now + tonumber(ARGV[2])
-  if untl > load(KEYS[3]) then store(KEYS[3], untl) end
+  pause_to(now + tonumber(ARGV[2]))
   return {0, resumes()}
 end
 if mode == 'peek' then
@@ -368,9 +395,11 @@ end
 -- knows of the upstream's window: the count left (-1: nothing), the ms to its reset, and
 -- how many ms ago it was assumed (-1: it was named); the resume count it has acted on; and
 -- the cells it spent while cut off from Redis that have been answered since (once, on
--- its first take back). Its word is about this call, counted out here once booked (unless
--- the record's base counts it already). Every answer ends with the shared count (-1: none), the ms to its end and
--- the cells out on every replica, which the replica mirrors.
+-- its first take back), whether its record is to be based again, the lease end it was last
+-- given (0: none) and how long a call may be out (µs). Its word is about this call,
+-- counted out here once booked (unless the record's base counts it already). Every answer
+-- ends with the shared count (-1: none), the ms to its end and the cells out on every
+-- replica, which the replica mirrors, and its record's lease end and cells.
 local cost = tonumber(P[2])
 local gi, gu = tonumber(P[3]), tonumber(P[4])
 local ci, cu = tonumber(P[5]), tonumber(P[6])
@@ -383,7 +412,7 @@ local t = flights()
 -- Back from the fallback (P[18]): its record is based again, on a count that has the calls
 -- it sent alone that are still out.
 if tonumber(P[18]) == 1 then t[ARGV[2]] = nil end
-local mine = word(t, false)
+local mine = word(t, false, tonumber(P[19]) or 0)
 local allow = allowance()
 local ttl = -2
 if allow ~= nil then ttl = redis.call('PTTL', KEYS[4]) end
@@ -418,11 +447,12 @@ if allow ~= nil and apart > 0 and ttl > 0 then
   allow = math.max(allow - apart, 0)
   redis.call('SET', KEYS[4], string.format('%.0f', allow), 'KEEPTTL')
 end
--- Calls in flight never outnumber the cells the global share could book over two leases
--- (a call out lasts at most one): a larger count is a stray or tampered key, not
--- believed. It goes (said once, in Redis's log), and each replica states its count again.
+-- Calls in flight never outnumber the cells the global share could book over twice the
+-- longest a call may be out: a larger count is a stray or tampered key, not believed. It
+-- goes (said once, in Redis's log), and each replica states its count again.
 local o = out(t)
-if o > gu + math.ceil(2 * lease / gi) then
+local out_for = math.max(tonumber(P[20]) or lease, lease)
+if o > gu + math.ceil(2 * out_for / gi) then
   redis.log(redis.LOG_WARNING, 'cxgate: ' .. KEYS[5] .. ' held an implausible count of calls in flight (' .. tostring(o) .. '); reset')
   fixed = flag(fixed, KEYS[5])
   t = {}
@@ -434,7 +464,8 @@ local function reply(r)
   for i = #r + 1, 8 do r[i] = 0 end
   local shown, left_ms = -1, 0
   if allow ~= nil and ttl > 0 then shown, left_ms = allow, ttl end
-  r[9], r[10], r[11] = shown, left_ms, o
+  r[9], r[10], r[11], r[12], r[13] = shown, left_ms, o, 0, 0
+  if mine ~= nil then r[12], r[13] = mine[1], mine[3] end
   return r
 end
 

@@ -51,10 +51,17 @@ const PROBE_MARK: Duration = Duration::from_secs(30);
 /// How often a replica waiting for another's learning call asks Redis again.
 const LEARNING_POLL: Duration = Duration::from_millis(25);
 
-/// How long past the upstream timeout a replica's record of its calls out outlives its
-/// last word: a call out ends within the timeout (and the token's wait before it), so a
-/// replica killed with calls out stops holding the others' allowance soon after.
+/// How long past the upstream timeout a call admitted here may still be out (the token's
+/// wait before it): what bounds a believable count of calls in flight.
 const LEASE_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long a replica's record of its calls out outlives its last word. A replica with
+/// calls out renews it every [`BEAT`], so one killed with calls out stops holding the
+/// others' allowance within this, however long its calls could have lasted.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// How often a replica with calls out renews its record's lease.
+const BEAT: Duration = Duration::from_secs(1);
 
 /// The upstream timeout assumed until [`Budget::set_call_deadline`] names the configured one.
 const DEFAULT_CALL_DEADLINE: Duration = Duration::from_secs(30);
@@ -144,8 +151,17 @@ pub(crate) struct Shared {
     id: String,
     /// The number of this replica's next word, so Redis keeps only the newest.
     words: AtomicU64,
-    /// How long its record outlives its last word, in µs.
-    lease_us: AtomicU64,
+    /// How long a call admitted here may be out, in µs (the upstream timeout and a margin).
+    out_for_us: AtomicU64,
+    /// The lease end (Redis clock, µs) Redis last gave this replica's record: a record
+    /// ending before it was set back (Redis restored from an older snapshot).
+    lease_end: AtomicU64,
+    /// The cells Redis last said this replica's record counts: while any, the beat goes
+    /// on (a report lost with a killed connection leaves its call counted out there, as
+    /// the count it would have lowered never was).
+    counted: AtomicU64,
+    /// Wakes the beat (see [`BEAT`]) when a call goes out.
+    beat: std::sync::Arc<tokio::sync::Notify>,
     /// What this replica brought back from its fallback and has yet to hand Redis.
     back: Mutex<Return>,
 }
@@ -191,7 +207,10 @@ impl Shared {
                 .filter(char::is_ascii_alphanumeric)
                 .collect(),
             words: AtomicU64::new(1),
-            lease_us: AtomicU64::new(lease_us(DEFAULT_CALL_DEADLINE)),
+            out_for_us: AtomicU64::new(lease_us(DEFAULT_CALL_DEADLINE)),
+            lease_end: AtomicU64::new(0),
+            counted: AtomicU64::new(0),
+            beat: std::sync::Arc::new(tokio::sync::Notify::new()),
             back: Mutex::new(Return::default()),
             redis,
         }
@@ -204,11 +223,15 @@ impl Shared {
             Some((seq, booked, cost)) => (seq.to_string(), u8::from(booked), cost),
             None => ("-1".to_string(), 0, 0),
         };
+        let out = ledger.upstream.out();
+        if out > 0 {
+            self.beat.notify_one();
+        }
         Word([
             self.id.clone(),
             self.words.fetch_add(1, Ordering::AcqRel).to_string(),
-            ledger.upstream.out().to_string(),
-            self.lease_us.load(Ordering::Acquire).to_string(),
+            out.to_string(),
+            LEASE.as_micros().to_string(),
             ledger.upstream.others_out(now).to_string(),
             ledger.upstream.next_seq().to_string(),
             call,
@@ -231,7 +254,71 @@ impl Shared {
     }
 
     pub(super) fn set_call_deadline(&self, deadline: Duration) {
-        self.lease_us.store(lease_us(deadline), Ordering::Release);
+        self.out_for_us.store(lease_us(deadline), Ordering::Release);
+    }
+
+    /// Keeps the latest lease end Redis gave this replica's record, and the cells it counts.
+    fn leased_until(&self, end: i64, cells: Option<i64>) {
+        if let Ok(end) = u64::try_from(end) {
+            self.lease_end.fetch_max(end, Ordering::AcqRel);
+        }
+        if let Some(cells) = cells {
+            let cells = u64::try_from(cells).unwrap_or(0);
+            self.counted.store(cells, Ordering::Release);
+            if cells > 0 {
+                self.beat.notify_one();
+            }
+        }
+    }
+
+    /// Renews this replica's lease while it has calls out (or Redis counts some on its
+    /// record), every [`BEAT`]: a replica killed
+    /// with calls out stops holding the others' allowance within [`LEASE`]. Ends with the
+    /// budget, or when the link stops.
+    pub(super) fn spawn_beat(budget: &Budget) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Some(wake) = budget.inner.shared.as_ref().map(|s| s.beat.clone()) else {
+            return;
+        };
+        let weak = std::sync::Arc::downgrade(&budget.inner);
+        let redis = budget.inner.shared.as_ref().map(|s| s.redis.clone());
+        let task = runtime.spawn(async move {
+            loop {
+                let Some(budget) = weak.upgrade().map(|inner| Budget { inner }) else {
+                    return;
+                };
+                let Some(shared) = budget.inner.shared.as_ref() else {
+                    return;
+                };
+                let word = {
+                    let ledger = budget.ledger();
+                    let counted = shared.counted.load(Ordering::Acquire) > 0;
+                    ((ledger.upstream.out() > 0 || counted) && shared.redis.is_prompt())
+                        .then(|| shared.word(&ledger, budget.inner.clock.nanos(), None))
+                };
+                let Some(word) = word else {
+                    drop(budget);
+                    wake.notified().await;
+                    continue;
+                };
+                let keys = shared.keys("-");
+                let seen = shared.lease_end.load(Ordering::Acquire).to_string();
+                let args: Vec<String> = word.0.into_iter().chain([seen]).collect();
+                if let Ok(answer) = run_script(&shared.redis, &keys, "beat", &args).await {
+                    if let Some(&end) = answer.first() {
+                        shared.leased_until(end, answer.get(1).copied());
+                    }
+                }
+                drop(budget);
+                tokio::time::sleep(BEAT).await;
+            }
+        });
+        // Stopped with the link's own tasks (at shutdown).
+        if let Some(redis) = redis {
+            redis.remember(task);
+        }
     }
 
     fn full(&self) -> BudgetSpec {
@@ -300,9 +387,14 @@ impl Shared {
                 heard,
                 back.apart.to_string(),
                 u8::from(back.rebase).to_string(),
+                self.lease_end.load(Ordering::Acquire).to_string(),
+                self.out_for_us.load(Ordering::Acquire).to_string(),
             ])
             .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
+        if let Some(&end) = raw.get(11) {
+            self.leased_until(end, raw.get(12).copied());
+        }
         let reply = Reply::parse(&raw);
         if reply.is_none() {
             tracing::error!(?raw, "budget: unexpected answer from the Redis script");
@@ -446,8 +538,9 @@ impl Shared {
         };
         let until = now.saturating_add(left);
         // Pauses are whole seconds or more; a millisecond of tolerance avoids re-pushing
-        // the same deadline seen through two answers.
-        if until <= self.pushed_pause.load(Ordering::Acquire) + 1_000_000 {
+        // the same deadline seen through two answers. An earlier one is pushed too: the
+        // same end read sooner after the upstream named it (the script keeps the earlier).
+        if until.abs_diff(self.pushed_pause.load(Ordering::Acquire)) <= 1_000_000 {
             return;
         }
         self.pushed_pause.store(until, Ordering::Release);
@@ -467,7 +560,14 @@ impl Shared {
     }
 }
 
-/// A record's lease for calls out that end within `deadline`, in µs.
+impl Drop for Shared {
+    /// The beat waiting for a call to go out ends: there is no budget left to renew.
+    fn drop(&mut self) {
+        self.beat.notify_one();
+    }
+}
+
+/// How long a call that ends within `deadline` may be out, in µs.
 fn lease_us(deadline: Duration) -> u64 {
     u64::try_from((deadline + LEASE_MARGIN).as_micros()).unwrap_or(u64::MAX)
 }

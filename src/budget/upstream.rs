@@ -86,9 +86,11 @@ struct Rolled {
 /// lowers the count, except one from a call sent while none other was out and answered
 /// before any later-sent call (it counts everything before it); a call that fails
 /// unanswered comes off the count (it may have been counted); the count shown is the
-/// latest-sent call's report; a window ends at the latest reset named for it, never
+/// latest-sent call's report; a window ends at the earliest reset named for it (each is at
+/// or after the real end), never
 /// before, and a report of an earlier window says nothing of the current one; a report
 /// only ever lengthens a pause (a late answer to an old request must not lift a fresh one),
+/// or names the same end sooner after it was named (within 1.5 s: the earlier is kept),
 /// except the probe's own answer; while the probe is out the others wait for it; no pause is
 /// longer than the upstream's window (the longest reset it has named). A reset passing does
 /// not make the count unknown again: the window that starts then holds the learnt limit,
@@ -509,7 +511,11 @@ impl Upstream {
                 (None, None) => {
                     self.probe = Probe::Due;
                     self.blind_from = self.next_seq;
-                    now.saturating_add(self.blind())
+                    // The limit of a window whose end the upstream named (a pause to it, or
+                    // its count) renews then: waiting the blind minute (a whole window when
+                    // the window is shorter) from now would hold calls past it.
+                    self.named_end(now)
+                        .unwrap_or_else(|| now.saturating_add(self.blind()))
                 }
             };
             if probe_out {
@@ -518,7 +524,7 @@ impl Upstream {
                 self.blind_from = self.next_seq;
                 self.pause_until = None;
             }
-            self.alarm(until);
+            self.alarm(until, now);
             return;
         }
         if self.probe != Probe::None {
@@ -545,8 +551,9 @@ impl Upstream {
         };
         // Within a window the count is the lowest report: calls are counted in another
         // order than they were sent and answered, so a higher one is older news. The
-        // window ends at the latest reset named for it (a whole-second `Reset` read at
-        // different moments names it a little differently), never before.
+        // window ends at the earliest reset named for it (a whole-second `Reset` read at
+        // different moments names it a little differently, and each reading, the end of
+        // the second it names, is at or after the real end: a later one was read late).
         let allowance = match live {
             // The first report of the window after the one that ended: the upstream began it
             // when its first call was counted (perhaps one sent before this side assumed
@@ -573,7 +580,7 @@ impl Upstream {
                 };
                 Allowance {
                     low,
-                    reset: a.reset.max(reset),
+                    reset: a.reset.min(reset),
                     assumed_from: a.assumed_from,
                 }
             }
@@ -592,13 +599,32 @@ impl Upstream {
         self.allowance = Some(allowance);
     }
 
-    fn alarm(&mut self, until: u64) {
+    fn alarm(&mut self, until: u64, now: u64) {
         self.alarms += 1;
-        self.pause_at_least(until);
+        self.pause_to(until, now);
     }
 
-    fn pause_at_least(&mut self, until: u64) {
-        self.pause_until = Some(self.pause_until.map_or(until, |p| p.max(until)));
+    /// Pauses until `until`: a later end than the pause in force lengthens it (a later
+    /// window, or a longer `Retry-After`); one naming the same end (within [`SAME_WINDOW`])
+    /// keeps the earlier of the two, since every end read is at or after the upstream's
+    /// real one (a whole-second `Reset` is read as the end of its second) and a later one
+    /// is the same end read late; an earlier end never shortens it (an old answer).
+    fn pause_to(&mut self, until: u64, now: u64) {
+        self.pause_until = Some(match self.pause_until.filter(|p| *p > now) {
+            Some(p) if p.abs_diff(until) < SAME_WINDOW => p.min(until),
+            Some(p) => p.max(until),
+            None => until,
+        });
+    }
+
+    /// The end of the current window, as the upstream named it, while it lies ahead: the
+    /// pause in force, or the count's reset (not a window this side assumed).
+    fn named_end(&self, now: u64) -> Option<u64> {
+        self.pause_until.filter(|p| *p > now).or_else(|| {
+            self.allowance
+                .filter(|a| a.assumed_from.is_none() && a.reset > now)
+                .map(|a| a.reset)
+        })
     }
 }
 
