@@ -186,16 +186,11 @@ async fn an_operators_token_init_and_reload_win_on_every_replica_and_survive_a_r
         p.file(0),
         p.file(1)
     );
-    // The upstream takes the planted token: each replica now holds it as a working token.
+    // The upstream takes the planted token: each replica now holds it as a working token
+    // (its refresh token unproven, so the files keep the mark).
     for i in 0..2 {
         assert_eq!(p.serves(i, &format!("planted{i}")).await, StatusCode::OK);
     }
-    assert!(
-        eventually(Duration::from_secs(5), || (0..2)
-            .all(|i| p.file(i).get("adopted_unconfirmed").is_none()))
-        .await,
-        "expected the planted token confirmed upstream on both replicas (setup)"
-    );
 
     token_init(&p, 0, ACCESS, REFRESH, 3600).await;
     let (status, body) = p.reload(0).await;
@@ -236,11 +231,11 @@ async fn an_operators_token_init_and_reload_win_on_every_replica_and_survive_a_r
             "replica {i}: expected it serving on the repaired token"
         );
     }
-    // The planted token's previous file is kept beside: the repair replaced it, not lost it.
+    // `.prev` keeps the last proven file throughout: never a copy of a record.
     let prev = std::fs::read_to_string(p.dirs[1].join("token.json.prev")).unwrap_or_default();
     assert!(
-        prev.contains(PLANTED),
-        "replica 1: expected the token it held before the repair kept in token.json.prev"
+        prev.contains(REFRESH) && !prev.contains(PLANTED) && !prev.contains("adopted_unconfirmed"),
+        "replica 1: expected its proven token file kept in token.json.prev, saw {prev}"
     );
     p.stop().await;
 }
@@ -419,4 +414,316 @@ async fn a_record_whose_token_holds_a_clients_key_is_never_adopted() {
         }
     }
     p.stop().await;
+}
+
+/// A planted refresh token the token endpoint does not know.
+const BOGUS_REFRESH: &str = "bogus-refresh-planted";
+
+/// One upstream 401 for the next API call (the next request through replica `i`).
+fn one_401(p: &Pair) {
+    p.sim.set_faults(cxgate::sim::Faults {
+        force_401: Some(cxgate::sim::Force401 { count: 1 }),
+        ..cxgate::sim::Faults::default()
+    });
+}
+
+impl Pair {
+    fn text(&self, i: usize, name: &str) -> String {
+        std::fs::read_to_string(self.dirs[i].join(name)).unwrap_or_default()
+    }
+
+    /// Refresh tokens presented a second time, as the simulator counts them.
+    fn reused(&self) -> u64 {
+        self.sim.stats()["refresh_reuse_rejected"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    async fn ready(&self, i: usize) -> (StatusCode, String) {
+        let url = format!("http://{}/readyz", self.replicas[i].admin_addr);
+        self.send(Method::GET, url).await
+    }
+
+    /// Plants a record the upstream's API takes ([`PLANTED`]) with a refresh token its
+    /// token endpoint does not know, and waits until both replicas serve on it.
+    async fn plant_bogus_refresh_token(&self) {
+        let version = self.record().await["version"]
+            .as_u64()
+            .expect("a record version");
+        self.set_record(
+            version + 1,
+            serde_json::json!({"access_token": PLANTED, "refresh_token": BOGUS_REFRESH,
+                               "expires_at": "2098-01-01T00:00:00Z"}),
+        )
+        .await;
+        assert!(
+            eventually(Duration::from_secs(10), || self.files_hold(PLANTED)).await,
+            "expected the planted record adopted by both replicas (the setup of this test): \
+             {} {}",
+            self.file(0),
+            self.file(1)
+        );
+        for i in 0..2 {
+            assert_eq!(
+                self.serves(i, &format!("planted-{version}-{i}")).await,
+                StatusCode::OK,
+                "replica {i}: expected the planted access token taken upstream (setup)"
+            );
+        }
+    }
+
+    /// One upstream 401 on replica `i`: it must refresh, and the request must still be
+    /// served, the replica ready.
+    async fn survives_a_401(&self, i: usize, tag: &str) {
+        one_401(self);
+        let status = self.serves(i, tag).await;
+        let ready = self.ready(i).await;
+        assert!(
+            status == StatusCode::OK && ready.0 == StatusCode::OK,
+            "replica {i}: expected the request after one upstream 401 served and the replica \
+             ready (its working refresh token kept), saw {status} and /readyz {ready:?}; \
+             token.json {}, .prev {}; record {}; refresh tokens presented twice: {}",
+            self.text(i, "token.json"),
+            self.text(i, "token.json.prev"),
+            self.record().await,
+            self.reused()
+        );
+    }
+}
+
+/// The outside tester's F2: a record whose access token the upstream takes but whose
+/// refresh token is bogus, with a higher version, is adopted, and calls with it succeed.
+/// That proves the access token only: each replica's working refresh token stays in its
+/// token file or `.prev` (never an unconfirmed copy of the record), and when an upstream
+/// 401 makes it refresh, the endpoint's `invalid_grant` for the planted refresh token
+/// sends it back to the refresh token it proved, which it then refreshes with, with no
+/// refresh token ever presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_a_bogus_refresh_token_never_costs_the_working_one() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    version_once_stored(&p).await;
+    for i in 0..2 {
+        assert_eq!(p.serves(i, &format!("own{i}")).await, StatusCode::OK);
+    }
+    p.plant_bogus_refresh_token().await;
+    // Longer than a confirmation's rewrite of the file takes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..2 {
+        let (file, prev) = (p.text(i, "token.json"), p.text(i, "token.json.prev"));
+        assert!(
+            file.contains(REFRESH) || prev.contains(REFRESH),
+            "replica {i}: expected its working refresh token kept in token.json or \
+             token.json.prev after calls with the planted access token, saw {file} and {prev}"
+        );
+        assert!(
+            !prev.contains(BOGUS_REFRESH),
+            "replica {i}: expected .prev to keep the last proven file, not a copy of the \
+             record, saw {prev}"
+        );
+    }
+    p.survives_a_401(0, "after-401-0").await;
+    p.survives_a_401(1, "after-401-1").await;
+    // The refresh token the replicas went back to works: the next refresh spends it.
+    let refreshes = p.sim.stats()["token_refreshes"].as_u64().unwrap_or(0);
+    p.survives_a_401(0, "after-second-401").await;
+    assert!(
+        p.sim.stats()["token_refreshes"].as_u64().unwrap_or(0) > refreshes,
+        "expected a refresh with the restored refresh token"
+    );
+    assert_eq!(p.reused(), 0, "expected no refresh token presented twice");
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert!(
+            !p.text(i, "token.json").contains(BOGUS_REFRESH),
+            "replica {i}: expected the planted refresh token gone from its file"
+        );
+        assert_eq!(p.serves(i, &format!("end{i}")).await, StatusCode::OK);
+    }
+    assert_eq!(p.reused(), 0, "expected no refresh token presented twice");
+    p.stop().await;
+}
+
+/// With several replicas a replica's proven refresh token is soon rotated away by another
+/// replica's refresh: it holds the other's token, adopted. When a planted record's refresh
+/// token is refused, the replica takes the refresh token it held before the record (another
+/// replica's, never presented since), not one a replica already spent, and the replica
+/// whose proven refresh token that spent in turn takes the record it published: both keep
+/// serving, and no refresh token is presented twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_bogus_refresh_token_no_rotated_refresh_token_is_presented_again() {
+    let _one = SERIAL.lock().await;
+    let Some(p) = pair().await else {
+        return;
+    };
+    version_once_stored(&p).await;
+    // Replica 0 refreshes (spending REFRESH); replica 1 adopts its record.
+    one_401(&p);
+    assert_eq!(p.serves(0, "rotate").await, StatusCode::OK);
+    let rotated = eventually(Duration::from_secs(10), || {
+        let access = p.file(0)["access_token"].clone();
+        access != ACCESS && p.file(1)["access_token"] == access
+    })
+    .await;
+    assert!(
+        rotated,
+        "expected replica 1 to adopt replica 0's refreshed token (setup): {} {}",
+        p.file(0),
+        p.file(1)
+    );
+    assert_eq!(p.serves(1, "adopted").await, StatusCode::OK);
+    p.plant_bogus_refresh_token().await;
+    p.survives_a_401(1, "after-401-1").await;
+    p.survives_a_401(0, "after-401-0").await;
+    // And the refresh tokens they went back to are live ones: the next refreshes work.
+    p.survives_a_401(0, "again-0").await;
+    p.survives_a_401(1, "again-1").await;
+    assert_eq!(
+        p.reused(),
+        0,
+        "expected no rotated refresh token presented again"
+    );
+    tokio::time::sleep(WATCHES).await;
+    for i in 0..2 {
+        assert!(
+            !p.text(i, "token.json").contains(BOGUS_REFRESH),
+            "replica {i}: expected the planted refresh token gone from its file"
+        );
+        assert_eq!(p.serves(i, &format!("end{i}")).await, StatusCode::OK);
+        assert_eq!(p.ready(i).await.0, StatusCode::OK, "replica {i} ready");
+    }
+    p.stop().await;
+}
+
+/// The outside tester's F5: warnings about bad shared records are per incident, not
+/// throttled by time. The real binary, its own Redis: a record with version 2^64 - 1 is
+/// warned about once while it stays; after an operator's corrected record is adopted, the
+/// same bad record written again is a new incident and warned about at once, and so is a
+/// different bad record following it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_record_is_warned_about_once_per_incident() {
+    let _one = SERIAL.lock().await;
+    let Some(redis) =
+        cxgate_testkit::redis::RedisServer::start_or_skip("the shared record warning test")
+    else {
+        return;
+    };
+    std::env::set_var(common::SECRET_ENV, common::CLIENT_SECRET);
+    let url_env = format!("CXGATE_TEST_REDIS_URL_{}", redis.port);
+    std::env::set_var(&url_env, redis.url());
+    let sim = common::spawn_sim(cxgate::sim::SimOptions {
+        access_tokens: vec![ACCESS.to_string(), PLANTED.to_string()],
+        refresh_tokens: vec![REFRESH.to_string(), PLANTED_REFRESH.to_string()],
+        client_secret: common::CLIENT_SECRET.to_string(),
+        ..cxgate::sim::SimOptions::default()
+    })
+    .await;
+    let base = sim.base_url();
+    let dir = common::temp_dir("warn-incident");
+    let token_file = dir.join("token.json");
+    cxgate::demo::write_token_file(&token_file, ACCESS, REFRESH, Duration::from_secs(3600))
+        .expect("token file");
+    let prefix = format!("cxw{:08x}", fastrand::u32(..));
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [upstream]\nbase_url = \"{base}\"\n\
+         [token]\nfile = \"{}\"\n\
+         [token.oauth]\ntoken_url = \"{base}/oauth/access_token/\"\nclient_id = \"sim-client\"\nclient_secret_env = \"{}\"\n\
+         [budget]\nlimit = 100000\nperiod = \"1s\"\nburst = 10000\nbackend = \"redis\"\nredis_url_env = \"{url_env}\"\nkey_prefix = \"{prefix}\"\n\
+         {}\n",
+        token_file.display(),
+        common::SECRET_ENV,
+        common::client_toml("test", KEY, "scopes = [\"read\"]"),
+    );
+    let path = dir.join("cxgate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let proc = common::Proc::spawn(&["run", "--config", path.to_str().expect("utf-8")], &dir);
+    let mut conn = common::replicas::redis_options(&redis)
+        .open(&redis.url())
+        .await
+        .expect("connect to the test redis-server");
+    let key = format!("{{{prefix}}}:token");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stored = loop {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("read the record");
+        if let Some(text) = text {
+            break serde_json::from_str::<serde_json::Value>(&text).expect("record JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected the gateway to store its token record:\n{}",
+            proc.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let epoch = stored["token"]["initialised_at"].clone();
+    let version = stored["version"].as_u64().expect("version");
+    let record = |version: u64, access: &str, refresh: &str| {
+        let mut token = serde_json::json!({"access_token": access, "refresh_token": refresh,
+                                           "expires_at": "2098-01-01T00:00:00Z"});
+        if !epoch.is_null() {
+            token["initialised_at"] = epoch.clone();
+        }
+        serde_json::json!({"version": version, "by": "operator", "token": token}).to_string()
+    };
+    let set = |text: String| {
+        let mut conn = conn.clone();
+        let key = key.clone();
+        async move {
+            let () = redis::cmd("SET")
+                .arg(&key)
+                .arg(text)
+                .query_async(&mut conn)
+                .await
+                .expect("write the record");
+        }
+    };
+    let warnings = || proc.output().matches("beyond what a record").count();
+    let adoptions = || {
+        proc.output()
+            .matches("using the token another replica refreshed")
+            .count()
+    };
+    let uncountable = record(u64::MAX, "planted-hv", "planted-hv-refresh");
+
+    set(uncountable.clone()).await;
+    assert!(
+        eventually(Duration::from_secs(10), || warnings() == 1).await,
+        "expected the first uncountable record warned about:\n{}",
+        proc.output()
+    );
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(warnings(), 1, "expected one warning while the record stays");
+
+    set(record(version + 1, PLANTED, PLANTED_REFRESH)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || adoptions() == 1).await,
+        "expected the operator's corrected record adopted (setup):\n{}",
+        proc.output()
+    );
+    set(uncountable).await;
+    assert!(
+        eventually(Duration::from_secs(10), || warnings() == 2).await,
+        "expected the same bad record, written again after a good one was adopted, warned \
+         about as a new incident, saw {} warning(s):\n{}",
+        warnings(),
+        proc.output()
+    );
+    set(record(u64::MAX, "planted-hv-2", "planted-hv-refresh-2")).await;
+    assert!(
+        eventually(Duration::from_secs(10), || warnings() == 3).await,
+        "expected a different bad record warned about at once, saw {} warning(s)",
+        warnings()
+    );
+    tokio::time::sleep(WATCHES).await;
+    assert_eq!(warnings(), 3, "expected one warning while the record stays");
+    drop(proc);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,9 +26,12 @@ pub(crate) struct TokenRecord {
     /// a newer epoch replaces a replica's token whatever their expiries, and no replica
     /// offers a token of an older epoch over it (see `shared`). `None` is the oldest.
     pub initialised_at: Option<SystemTime>,
-    /// The file was written from the shared record and the upstream has not accepted its
-    /// token since (the file's `adopted_unconfirmed`): after a restart a tampered record's
-    /// token, refused with its refresh token, still falls back to `.prev`.
+    /// The file was written from the shared record and this replica has not refreshed with
+    /// its refresh token since (the file's `adopted_unconfirmed`): an access token the
+    /// upstream accepts proves nothing of the refresh token, so the mark stays until a
+    /// refresh replaces the file. While it is marked, `.prev` keeps the last file that was
+    /// not (the last proven refresh token), and a refresh with the record's refresh token
+    /// that the endpoint refuses falls back to it, after a restart too.
     pub adopted: bool,
 }
 
@@ -382,6 +385,11 @@ fn keep_previous(path: &Path, next: &[u8]) -> io::Result<()> {
     }
     let old = fs::read(path)?;
     if old == next || old.is_empty() {
+        return Ok(());
+    }
+    // A file written from the shared record holds a refresh token this replica never
+    // proved: `.prev` keeps the last one it did (never an unconfirmed copy).
+    if decode(&old, path).is_ok_and(|r| r.adopted) {
         return Ok(());
     }
     write_atomic(&previous_path(path), &old)

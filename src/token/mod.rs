@@ -272,10 +272,12 @@ impl TokenManager {
             state.refused_generation = 0;
             state.refused_retry_at = None;
         }
-        if state.trusted_generation != generation || state.adopted {
+        // Its access token only: a token taken from the shared record keeps its mark in the
+        // token file, and `.prev` the last proven file, until a refresh proves its refresh
+        // token (an accepted call says nothing of that one).
+        if state.proven_generation != generation || state.adopted {
             state.trust();
         }
-        self.inner.unmark_file(&mut state);
     }
 
     /// Reads the token file again and adopts its token when someone replaced it since this

@@ -270,48 +270,6 @@ impl Inner {
         Ok(())
     }
 
-    /// The upstream accepted a token whose file still says it came from the shared record
-    /// unaccepted: rewrites the file without the mark, or a restart would take a working
-    /// token for a suspect one. The write holds the flight slot, so no refresh writes the
-    /// file meanwhile (a refresh asked for then gets the token held).
-    pub(crate) fn unmark_file(self: &Arc<Self>, state: &mut State) {
-        if !state.record.adopted || state.adopted || state.flight.is_some() {
-            return;
-        }
-        let Source::File(path) = &self.source else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (tx, rx) = watch::channel(None);
-        state.flight = Some(rx);
-        let (path, generation) = (path.clone(), state.generation);
-        let record = TokenRecord {
-            adopted: false,
-            ..state.record.clone()
-        };
-        let inner = Arc::clone(self);
-        runtime.spawn(async move {
-            let written = file::persist(&path, &record).await;
-            {
-                let mut state = inner.lock();
-                state.flight = None;
-                match written {
-                    Ok(stamp) if state.generation == generation => {
-                        state.record.adopted = false;
-                        state.file_stamp = Some(stamp);
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        warn!(generation, error = %err, "token file could not be rewritten")
-                    }
-                }
-            }
-            tx.send_replace(Some(Ok(())));
-        });
-    }
-
     fn count(&self, ok: bool) {
         if let Some(metrics) = &self.metrics {
             if ok {
@@ -378,6 +336,9 @@ impl Inner {
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
+        // An operator's file holds a refresh token as a `token init` does (one copied from
+        // another replica's marked file stays unproven).
+        state.prove();
         // Taken as a restart would take it: a token that cannot be sent is refreshed at once,
         // however recently the one before it was refreshed.
         state.refreshed_at = None;

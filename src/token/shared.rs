@@ -41,6 +41,10 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// up to 2^53, so a record beyond it (a tampered one; honest writers count up by one) is
 /// refused rather than counted on, and no version ever wraps.
 const MAX_VERSION: u64 = (1 << 53) - 1;
+/// How long a presented refresh token is remembered as spent: longer than any replica holds
+/// a proven refresh token unused while the others rotate theirs (a fallback to one spent
+/// earlier than this is still refused by the endpoint, and never offered on).
+const SPENT_TTL: Duration = Duration::from_secs(30 * 86_400);
 /// How far ahead of this replica's clock a time read from a record or a token file may lie
 /// and still be believed (replicas' clocks differ by less): a later `written_at` or
 /// `initialised_at` is a tampered or broken one, and would outrank every honest repair.
@@ -89,6 +93,8 @@ struct Stored {
     record: TokenRecord,
     /// When the record was written (its `written_at`, Unix milliseconds), if it says.
     written_at: Option<SystemTime>,
+    /// A digest of the record's text (never 0): tells one bad record from another.
+    fingerprint: u64,
 }
 
 /// The Redis side of a shared token; one per [`Inner`].
@@ -104,8 +110,15 @@ pub(crate) struct SharedToken {
     /// This replica's token is one the others have not seen (refreshed alone while Redis
     /// was away, or put in its token file by an operator): offer it.
     pub(crate) unshared: AtomicBool,
-    /// The last record version refused, so a bad record is warned about once, not per poll.
-    refused: AtomicU64,
+    /// `<prefix>:token:spent:<digest>`: a refresh token some replica's refresh spent (kept
+    /// [`SPENT_TTL`]): no replica presents one again, a fallback included.
+    spent_prefix: String,
+    /// Digests of refresh tokens presented while Redis was away, marked spent once it is back.
+    spent_alone: std::sync::Mutex<Vec<String>>,
+    /// The fingerprint of the bad record last warned about (0: none since a good one), so a
+    /// bad record is warned about once per incident, not per poll: a good record adopted,
+    /// written or matching this replica's token ends the incident.
+    warned: AtomicU64,
     /// The record read last was unreadable (warned once per spell).
     unreadable: AtomicBool,
 }
@@ -116,10 +129,12 @@ impl SharedToken {
             record_key: redis.key("token"),
             lock_key: redis.key("token:lock"),
             refused_key: redis.key("token:refused"),
+            spent_prefix: redis.key("token:spent"),
             redis,
             seen: AtomicU64::new(0),
             unshared: AtomicBool::new(false),
-            refused: AtomicU64::new(0),
+            spent_alone: std::sync::Mutex::new(Vec::new()),
+            warned: AtomicU64::new(0),
             unreadable: AtomicBool::new(false),
         }
     }
@@ -159,6 +174,12 @@ impl SharedToken {
         // A record larger than a token file may be is not one (and could not be written to
         // this replica's file): it is unreadable, so it is never adopted.
         let fits = text.len() as u64 <= file::MAX_FILE_BYTES;
+        let fingerprint = {
+            let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&d.as_ref()[..8]);
+            u64::from_le_bytes(first).max(1)
+        };
         let parsed = fits.then(|| {
             serde_json::from_str::<Value>(&text).ok().and_then(|v| {
                 let version = v.get("version")?.as_u64()?;
@@ -172,6 +193,7 @@ impl SharedToken {
                     version,
                     record,
                     written_at,
+                    fingerprint,
                 })
             })
         });
@@ -231,8 +253,88 @@ impl SharedToken {
             .await?;
         if written == 1 {
             self.seen.store(version, Ordering::Release);
+            self.incident_over();
         }
         Ok(written == 1)
+    }
+
+    /// Whether `st` is a bad record not warned about yet in this incident (and notes it).
+    fn first_warning(&self, st: &Stored) -> bool {
+        self.warned.swap(st.fingerprint, Ordering::AcqRel) != st.fingerprint
+    }
+
+    /// A good record is in place: the next bad one is a new incident, warned about at once.
+    fn incident_over(&self) {
+        self.warned.store(0, Ordering::Release);
+    }
+
+    /// Notes that this replica's refresh with `refresh` succeeded: the endpoint consumed it
+    /// (before the new record is stored, so no replica reads the record and not the note).
+    async fn mark_spent(&self, refresh: &super::Secret) {
+        if !self.note_spent(&digest(refresh)).await {
+            self.spent_while_away(refresh);
+        }
+    }
+
+    /// Sets `<prefix>:token:spent:<digest>`; false when Redis did not take it.
+    async fn note_spent(&self, digest: &str) -> bool {
+        let key = format!("{}:{digest}", self.spent_prefix);
+        let noted: Result<(), _> = self
+            .redis
+            .run_within("token", PATIENT, |mut c| async move {
+                ::redis::cmd("SET")
+                    .arg(&key)
+                    .arg(1)
+                    .arg("EX")
+                    .arg(SPENT_TTL.as_secs())
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        noted.is_ok()
+    }
+
+    /// Remembers `refresh`, presented while Redis was away, to be marked spent on return.
+    fn spent_while_away(&self, refresh: &super::Secret) {
+        let mut alone = self
+            .spent_alone
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if alone.len() >= 16 {
+            alone.remove(0);
+        }
+        alone.push(digest(refresh));
+    }
+
+    /// Marks what was presented while Redis was away (see [`SharedToken::spent_while_away`]).
+    async fn mark_spent_while_away(&self) {
+        let pending: Vec<String> = std::mem::take(
+            &mut *self
+                .spent_alone
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for (i, d) in pending.iter().enumerate() {
+            if !self.note_spent(d).await {
+                self.spent_alone
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .extend(pending[i..].iter().cloned());
+                return;
+            }
+        }
+    }
+
+    /// Whether a replica's refresh spent `refresh`; `None` when Redis does not say.
+    async fn was_spent(&self, refresh: &super::Secret) -> Option<bool> {
+        let key = format!("{}:{}", self.spent_prefix, digest(refresh));
+        let found: Result<i64, _> = self
+            .redis
+            .run_within("token", PATIENT, |mut c| async move {
+                ::redis::cmd("EXISTS").arg(&key).query_async(&mut c).await
+            })
+            .await;
+        found.ok().map(|n| n > 0)
     }
 
     /// Whether the token endpoint already refused `refresh` (for any replica).
@@ -379,6 +481,7 @@ fn next_version(version: u64) -> Option<u64> {
 /// working, whatever their expiries).
 fn usable(state: &super::state::State) -> bool {
     !state.reauth
+        && !state.refresh_dead()
         && state.refused == 0
         && super::state::current_of(state).is_ok_and(|c| file::sendable(c.access.expose()))
 }
@@ -524,9 +627,9 @@ impl Inner {
         if let Some(spent) = &spent {
             if shared.was_refused(spent).await {
                 self.lock().bury(spent);
-                if self.fall_back(shared, version).await {
+                if let Some(outcome) = self.recover(shared, version).await {
                     shared.release().await;
-                    return Ok(());
+                    return outcome;
                 }
                 {
                     let mut state = self.lock();
@@ -540,17 +643,46 @@ impl Inner {
                 shared.release().await;
                 return Err(TokenError::InvalidGrant);
             }
+            // Another replica's refresh already spent it: presenting it again would be a
+            // reuse. That refresh's record is the successor, whatever its expiry says (it
+            // is stored to the second, so it can look older than this replica's token).
+            if shared.was_spent(spent).await == Some(true) {
+                self.lock().bury(spent);
+                if let Some(outcome) = self.take_successor(shared, spent).await {
+                    shared.release().await;
+                    return outcome;
+                }
+                if let Some(outcome) = self.recover(shared, version).await {
+                    shared.release().await;
+                    return outcome;
+                }
+                {
+                    let mut state = self.lock();
+                    state.failures += 1;
+                    state.reauth = true;
+                }
+                warn!(
+                    "re-authorisation needed: another replica already refreshed with this \
+                     refresh token and its token could not be taken from the shared record; \
+                     authorise again and run `cxgate token init`"
+                );
+                shared.release().await;
+                return Err(TokenError::InvalidGrant);
+            }
         }
         let keeper = shared.spawn_keeper();
         let result = self.refresh_local().await;
         keeper.abort();
+        if let (Ok(()), Some(spent)) = (&result, &spent) {
+            shared.mark_spent(spent).await;
+        }
         if let (Err(err), Some(spent)) = (&result, &spent) {
             // Recorded before the lock goes, so the next holder sees it.
             if err.needs_reauthorisation() {
                 shared.mark_refused(spent).await;
-                if self.fall_back(shared, version).await {
+                if let Some(outcome) = self.recover(shared, version).await {
                     shared.release().await;
-                    return Ok(());
+                    return outcome;
                 }
             }
         }
@@ -579,64 +711,201 @@ impl Inner {
     /// Redis is unreachable: refresh as a single gateway would, and remember to offer it.
     async fn refresh_alone(&self, shared: &SharedToken) -> Result<(), TokenError> {
         warn!("shared token store unreachable; refreshing from this replica's own token file");
+        let spent = self.lock().record.refresh.clone();
         let result = self.refresh_local().await;
         if result.is_ok() {
+            if let Some(spent) = &spent {
+                shared.spent_while_away(spent);
+            }
             shared.unshared.store(true, Ordering::Release);
         }
         result
     }
 
-    /// The token adopted from the shared record was refused upstream and so was its
-    /// refresh token: the record was bad (written by someone with access to Redis, not by
-    /// a replica). Goes back to the last pair this replica knew to work (in memory, else the
-    /// token file's `.prev`), restores it to the file, and offers it as the next version so
-    /// the other replicas recover too. Called holding the refresh lock; false when there
-    /// is nothing to go back to, or the token held was not adopted (a fallback that fails in
-    /// turn is a real re-authorisation).
-    async fn fall_back(&self, shared: &SharedToken, version: Option<u64>) -> bool {
-        let (rejected, trusted, dead) = {
+    /// The refresh token held was spent by another replica's refresh: takes the record
+    /// stored when it holds another refresh token (`None` when it does not, or is refused).
+    async fn take_successor(
+        &self,
+        shared: &SharedToken,
+        spent: &super::Secret,
+    ) -> Option<Result<(), TokenError>> {
+        let st = shared.read().await.ok()??;
+        if st.record.refresh.as_ref() == Some(spent) {
+            return None;
+        }
+        let version = st.version;
+        if !self.adopt(shared, st).await {
+            return None;
+        }
+        info!(
+            version,
+            "the refresh token held was already spent by another replica's refresh: took \
+             the token that refresh stored instead of presenting it again"
+        );
+        Some(Ok(()))
+    }
+
+    /// The token endpoint refused (`invalid_grant`) the refresh token held, and it came from
+    /// the shared record (the token file's mark): a record anyone with access to Redis can
+    /// write, and an access token the upstream took proves nothing of its refresh token.
+    /// Goes back to a pair held before it whose refresh token no replica has presented since
+    /// (a rotated refresh token presented twice is refused, and an endpoint that detects
+    /// reuse may revoke the whole grant, the others' newer tokens with it): the ones other
+    /// replicas' records brought since this replica's last refresh, newest first, then the
+    /// last one it proved ([`State::proven`](super::state::State), else the token file's
+    /// `.prev`). Failing that, takes the record now stored when it holds another refresh
+    /// token (a replica recovered first). Called holding the refresh lock; `None` when the
+    /// refresh token held was this replica's own, or nothing is left to go back to (a real
+    /// re-authorisation).
+    async fn recover(
+        &self,
+        shared: &SharedToken,
+        version: Option<u64>,
+    ) -> Option<Result<(), TokenError>> {
+        let (rejected, mut candidates, marked) = {
             let state = self.lock();
-            if !state.adopted {
-                return false;
-            }
+            let mut candidates: Vec<(TokenRecord, bool)> = state
+                .superseded
+                .iter()
+                .rev()
+                .map(|r| (r.clone(), false))
+                .collect();
+            candidates.extend(state.proven.clone().map(|r| (r, true)));
             (
                 state.record.access.clone(),
-                state.trusted.clone(),
-                state.dead.clone(),
+                candidates,
+                state.record.adopted,
             )
         };
-        let fits = |r: &TokenRecord| {
-            r.access != rejected
-                && file::sendable(r.access.expose())
-                && r.refresh
-                    .as_ref()
-                    .is_some_and(|t| file::sendable(t.expose()) && !dead.contains(t))
-        };
+        if !marked {
+            return None;
+        }
         let Source::File(path) = &self.source else {
-            return false;
+            return None;
         };
-        let record = match trusted.filter(|r| fits(r)) {
-            Some(record) => record,
-            None => match file::read_stamped(&file::previous_path(path)).await {
-                Ok((record, _)) if fits(&record) => record,
-                _ => return false,
-            },
+        if !candidates.iter().any(|(_, proven)| *proven) {
+            if let Ok((record, _)) = file::read_stamped(&file::previous_path(path)).await {
+                if !record.adopted {
+                    candidates.push((record, true));
+                }
+            }
+        }
+        let mut passed_over = 0;
+        for (record, proven) in candidates {
+            let Some(refresh) = record.refresh.clone() else {
+                continue;
+            };
+            let usable = {
+                let state = self.lock();
+                file::sendable(record.access.expose())
+                    && file::sendable(refresh.expose())
+                    && !state.dead.contains(&refresh)
+            };
+            if !usable {
+                continue;
+            }
+            // Never presented on a guess: a Redis that does not say counts as spent.
+            if shared.was_spent(&refresh).await != Some(false) {
+                passed_over += 1;
+                continue;
+            }
+            match self
+                .restore(shared, version, record, proven, &rejected)
+                .await
+            {
+                Err(err) if err.needs_reauthorisation() => continue,
+                outcome => return Some(outcome),
+            }
+        }
+        if passed_over > 0 {
+            warn!(
+                passed_over,
+                "the refresh token held came from the shared record and was refused \
+                 (invalid_grant); refresh tokens held before it were presented since by a \
+                 replica's refresh, so they are not presented again"
+            );
+        }
+        let dead = self.lock().dead.clone();
+        match shared.read().await {
+            Ok(Some(st))
+                if st.record.access != rejected
+                    && st
+                        .record
+                        .refresh
+                        .as_ref()
+                        .is_some_and(|r| !dead.contains(r)) =>
+            {
+                let version = st.version;
+                if self.adopt(shared, st).await {
+                    warn!(
+                        version,
+                        "the refresh token held came from the shared record and was refused \
+                         (invalid_grant); took the newer record another replica stored"
+                    );
+                    return Some(Ok(()));
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Installs `record`, a pair held before the refused one, and offers it as the next
+    /// version so the other replicas recover too. A refresh token this replica never used
+    /// (another replica's record) is refreshed with at once, so only a proven one is ever
+    /// installed untried; so is a proven one whose access token is the one just refused or
+    /// has expired (a replayed request must not carry it again). The proven pair installed
+    /// as is goes to the token file first; a refreshed one reaches it through the refresh.
+    async fn restore(
+        &self,
+        shared: &SharedToken,
+        version: Option<u64>,
+        record: TokenRecord,
+        proven: bool,
+        rejected: &super::Secret,
+    ) -> Result<(), TokenError> {
+        let Source::File(path) = &self.source else {
+            return Err(TokenError::NotRefreshable);
         };
         let record = TokenRecord {
             adopted: false,
             ..record
         };
-        let stamp = match file::persist(path, &record).await {
-            Ok(stamp) => Some(stamp),
-            Err(err) => {
-                warn!(error = %err, "restored token could not be saved to the token file");
-                None
-            }
-        };
         let now = Instant::now();
-        let generation = {
+        let expires = record.expires_at.map(|at| to_instant(at, now));
+        let expired = expires.is_some_and(|at| at <= now);
+        let refresh_now = !proven || record.access == *rejected || expired;
+        let rejected_version = version.unwrap_or(shared.seen.load(Ordering::Acquire));
+        if refresh_now {
+            {
+                let mut state = self.lock();
+                state.replace(record.clone(), expires, now);
+                state.refreshed_at = Some(now);
+            }
+            let Some(refresh) = &record.refresh else {
+                return Err(TokenError::NotRefreshable);
+            };
+            let keeper = shared.spawn_keeper();
+            let refreshed = self.refresh_local().await;
+            keeper.abort();
+            if refreshed.is_ok() {
+                shared.mark_spent(refresh).await;
+            }
+            if let Err(err) = refreshed {
+                if err.needs_reauthorisation() {
+                    shared.mark_refused(refresh).await;
+                }
+                return Err(err);
+            }
+        } else {
+            let stamp = match file::persist(path, &record).await {
+                Ok(stamp) => Some(stamp),
+                Err(err) => {
+                    warn!(error = %err, "restored token could not be saved to the token file");
+                    None
+                }
+            };
             let mut state = self.lock();
-            let expires = record.expires_at.map(|at| to_instant(at, now));
             state.replace(record.clone(), expires, now);
             state.refreshed_at = Some(now);
             state.unsaved = stamp.is_none();
@@ -644,44 +913,53 @@ impl Inner {
                 state.file_stamp = stamp;
             }
             state.trust();
-            state.generation
+        }
+        let (offer, generation) = {
+            let state = self.lock();
+            (state.record.clone(), state.generation)
         };
-        let rejected_version = version.unwrap_or(shared.seen.load(Ordering::Acquire));
         let put = match next_version(rejected_version) {
-            Some(next) => shared.put(next, &record, true, 0).await,
+            Some(next) => shared.put(next, &offer, true, 0).await,
             None => Ok(false),
         };
         let offered = matches!(put, Ok(true));
         shared.unshared.store(!offered, Ordering::Release);
-        shared.refused.store(rejected_version, Ordering::Release);
         warn!(
             version = rejected_version,
             generation,
             offered,
-            "shared token record rejected: the upstream refused its token and the token \
-             endpoint its refresh token; back to this replica's last working token, offered \
-             to the other replicas"
+            refreshed = refresh_now,
+            "shared token record rejected: the token endpoint refused its refresh token \
+             (invalid_grant); back to a refresh token this replica held before it, which no \
+             replica presented since, offered to the other replicas"
         );
-        true
+        Ok(())
     }
 
     /// Installs another replica's token: own token file first, then memory. A record that
     /// fails [`refused`] is left alone (and said so once per version).
     async fn adopt(&self, shared: &SharedToken, st: Stored) -> bool {
-        let (mine, mine_usable) = {
+        let (mine, mine_usable, dead) = {
             let state = self.lock();
             // A token taken from the record that the upstream has not accepted yet does not
             // outrank a record expiring sooner: it may be the tampered one a replica replaced.
-            (state.record.clone(), usable(&state) && !state.adopted)
+            let dead = st
+                .record
+                .refresh
+                .as_ref()
+                .is_some_and(|r| state.dead.contains(r));
+            (state.record.clone(), usable(&state) && !state.adopted, dead)
         };
         let seen = shared.seen.load(Ordering::Acquire);
         let reason = if self.holds_client_key(&st.record) {
             Some("its access or refresh token holds a client's gateway key, which never travels upstream")
+        } else if dead {
+            Some("its refresh token was refused by the token endpoint or spent already")
         } else {
             refused(&st, &mine, mine_usable, seen, SystemTime::now())
         };
         if let Some(reason) = reason {
-            if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
+            if shared.first_warning(&st) {
                 warn!(
                     version = st.version,
                     reason, "shared token record not adopted"
@@ -706,13 +984,32 @@ impl Inner {
         let now = Instant::now();
         let mut state = self.lock();
         shared.seen.store(st.version, Ordering::Release);
+        shared.incident_over();
         if state.record.access == record.access {
-            // The file now holds the mark: the next acceptance upstream rewrites it.
+            // The file now holds the record, marked: memory holds its refresh token too.
             if let Some(stamp) = stamp {
+                state.supersede(&record);
+                state.record.refresh = record.refresh;
                 state.record.adopted = true;
                 state.file_stamp = Some(stamp);
             }
             return true;
+        }
+        state.supersede(&record);
+        // The refresh token held is replaced by one this replica has not used: say so when
+        // it was the proven one (once per switch, not at every adoption), and where it stays.
+        let proven_refresh = state.proven.as_ref().and_then(|p| p.refresh.clone());
+        if proven_refresh.is_some()
+            && state.record.refresh == proven_refresh
+            && record.refresh != proven_refresh
+        {
+            info!(
+                version = st.version,
+                "the refresh token held is replaced by the shared record's, which this replica \
+                 has not used yet: the last one it proved stays in memory and in the token \
+                 file's .prev until a refresh with the new one succeeds, and is gone back to \
+                 should the token endpoint refuse the new one"
+            );
         }
         let expires = record.expires_at.map(|at| to_instant(at, now));
         state.replace(record, expires, now);
@@ -743,6 +1040,7 @@ impl Inner {
         let Ok(stored) = shared.read().await else {
             return;
         };
+        shared.mark_spent_while_away().await;
         let (record, flying) = {
             let state = self.lock();
             (state.record.clone(), state.flight.is_some())
@@ -761,7 +1059,7 @@ impl Inner {
                 }
             }
             Some(st) if st.version > MAX_VERSION => {
-                if shared.refused.swap(st.version, Ordering::AcqRel) != st.version {
+                if shared.first_warning(&st) {
                     warn!(
                         version = st.version,
                         "shared token record not adopted: its version is beyond what a record \
@@ -772,6 +1070,7 @@ impl Inner {
             Some(st) if st.record.access == record.access => {
                 shared.seen.store(st.version, Ordering::Release);
                 shared.unshared.store(false, Ordering::Release);
+                shared.incident_over();
                 // The same token stamped with a newer epoch (a reload took a token file
                 // written by hand, and stamped it in memory only): its refreshes carry it on.
                 let now = SystemTime::now();
@@ -799,7 +1098,7 @@ impl Inner {
                 let now = SystemTime::now();
                 if (from_the_future(st.written_at, now)
                     || from_the_future(st.record.initialised_at, now))
-                    && shared.refused.swap(st.version, Ordering::AcqRel) != st.version
+                    && shared.first_warning(&st)
                 {
                     warn!(
                         version = st.version,

@@ -63,15 +63,24 @@ pub(crate) struct State {
     pub file_stamp: Option<Stamp>,
     /// The refresh in progress, if any; its waiters share its outcome.
     pub flight: Option<watch::Receiver<Option<Outcome>>>,
-    /// The last token pair known to work: one the upstream accepted, or one fresh from
-    /// this replica's own refresh. A shared record that turns out bad falls back to it.
-    pub trusted: Option<TokenRecord>,
-    /// The generation `trusted` was taken from (so a call accepted does not copy it again).
-    pub trusted_generation: u64,
+    /// The last token pair whose refresh token this replica knows to work: fresh from its
+    /// own refresh, restored by a fallback, or loaded from a token file that did not come
+    /// from the shared record (`cxgate token init`, a file taken on reload). An access token
+    /// the upstream accepts proves the access token only, so a record taken from Redis never
+    /// becomes this until this replica's refresh with its refresh token succeeds: a refresh
+    /// with an adopted refresh token that the endpoint refuses falls back to it.
+    pub proven: Option<TokenRecord>,
+    /// The generation `proven` was taken from (so a call accepted does not copy it again).
+    pub proven_generation: u64,
+    /// Token pairs held since `proven` and replaced by a record adopted from Redis, newest
+    /// last (a few): another replica's refresh products this replica never presented,
+    /// tried (newest first) before `proven` when a later record's refresh token is refused.
+    pub superseded: Vec<TokenRecord>,
     /// The token held came from the shared record and the upstream has not accepted it yet
-    /// (the token file's mark, `record.adopted`, says so across a restart).
+    /// (a restart on a file marked `record.adopted` starts so).
     pub adopted: bool,
-    /// Refresh tokens the token endpoint refused to this replica: never restored.
+    /// Refresh tokens the token endpoint refused to this replica, or another replica's
+    /// refresh spent: never restored, and a record holding one is not adopted.
     pub dead: Vec<Secret>,
 }
 
@@ -79,6 +88,7 @@ impl State {
     pub fn new(record: TokenRecord, now: Instant) -> State {
         let expires = record.expires_at.map(|at| to_instant(at, now));
         let adopted = record.adopted;
+        let proven = (!record.adopted).then(|| record.clone());
         State {
             record,
             expires,
@@ -98,11 +108,41 @@ impl State {
             unsaved: false,
             file_stamp: None,
             flight: None,
-            trusted: None,
-            trusted_generation: 0,
+            proven_generation: if proven.is_some() { 1 } else { 0 },
+            proven,
+            superseded: Vec::new(),
             adopted,
             dead: Vec::new(),
         }
+    }
+
+    /// Whether the refresh token held is one the token endpoint refused to this replica.
+    pub fn refresh_dead(&self) -> bool {
+        self.record
+            .refresh
+            .as_ref()
+            .is_some_and(|r| self.dead.contains(r))
+    }
+
+    /// Keeps the pair held before a record from Redis replaces it (see `superseded`).
+    pub fn supersede(&mut self, incoming: &TokenRecord) {
+        if self.record.refresh.is_none()
+            || self.record.refresh == incoming.refresh
+            || self
+                .superseded
+                .iter()
+                .any(|r| r.refresh == self.record.refresh)
+            || self
+                .proven
+                .as_ref()
+                .is_some_and(|p| p.refresh == self.record.refresh)
+        {
+            return;
+        }
+        if self.superseded.len() >= 4 {
+            self.superseded.remove(0);
+        }
+        self.superseded.push(self.record.clone());
     }
 
     /// Installs a new token as the next generation.
@@ -123,14 +163,22 @@ impl State {
         self.adopted = self.record.adopted;
     }
 
-    /// Trusts the token held now (the upstream took it, or the token endpoint just gave it).
-    /// A mark in the token file stays until the file is rewritten without it.
+    /// The upstream took the token held now, or the token endpoint just gave it: its access
+    /// token is no longer in doubt. Its refresh token is proven only when the record did not
+    /// come from the shared record ([`State::prove`]).
     pub fn trust(&mut self) {
-        if self.trusted_generation != self.generation {
-            self.trusted = Some(self.record.clone());
-            self.trusted_generation = self.generation;
-        }
         self.adopted = false;
+        self.prove();
+    }
+
+    /// Keeps the token held as the proven pair, unless it came from the shared record
+    /// (`record.adopted`: its refresh token was never spent by this replica).
+    pub fn prove(&mut self) {
+        if !self.record.adopted && self.proven_generation != self.generation {
+            self.proven = Some(self.record.clone());
+            self.proven_generation = self.generation;
+            self.superseded.clear();
+        }
     }
 
     /// Remembers a refresh token the token endpoint refused (a few: one per incident).
@@ -142,12 +190,14 @@ impl State {
             self.dead.push(refresh.clone());
         }
         if self
-            .trusted
+            .proven
             .as_ref()
             .is_some_and(|t| t.refresh.as_ref() == Some(refresh))
         {
-            self.trusted = None;
+            self.proven = None;
         }
+        self.superseded
+            .retain(|r| r.refresh.as_ref() != Some(refresh));
     }
 }
 
