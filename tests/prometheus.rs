@@ -50,10 +50,13 @@ const VARIABLES: &[(&str, &str)] = &[
 /// Metrics whose panels may rightly show nothing here: no token refresh happens during the
 /// run (the token is valid for an hour), and the cache is far below `max_bytes`, so nothing
 /// is evicted. Both series are exported from the start today (a zero), but the traffic of
-/// this test does not make them move, so only their query syntax is asserted.
+/// this test does not make them move, so only their query syntax is asserted. The gateway
+/// here runs alone, without Redis, so the shared tier's hit ratio is 0/0 (tests/replicas.rs
+/// drives the shared tier and its metrics with a real Redis).
 const MAY_BE_EMPTY: &[&str] = &[
     "cxgate_token_refreshes_total",
     "cxgate_cache_evictions_total",
+    "cxgate_cache_shared_lookups_total",
 ];
 
 /// Which part of the gateway a panel shows, read from the metrics its queries use. The order
@@ -61,11 +64,12 @@ const MAY_BE_EMPTY: &[&str] = &[
 /// request metrics.
 fn group_of(exprs: &[String]) -> Option<&'static str> {
     let all = exprs.join(" ");
-    let groups: [(&str, &[&str]); 6] = [
+    let groups: [(&str, &[&str]); 7] = [
         ("process", &["process_"]),
         ("token", &["cxgate_token_"]),
         ("budget", &["cxgate_budget_"]),
         ("upstream", &["cxgate_upstream_"]),
+        ("redis", &["cxgate_redis_"]),
         ("cache", &["cxgate_cache_", "cxgate_coalesced_"]),
         (
             "traffic",
@@ -78,7 +82,9 @@ fn group_of(exprs: &[String]) -> Option<&'static str> {
         .map(|(group, _)| *group)
 }
 
-const GROUPS: [&str; 6] = ["traffic", "cache", "upstream", "budget", "token", "process"];
+const GROUPS: [&str; 7] = [
+    "traffic", "cache", "upstream", "budget", "token", "process", "redis",
+];
 
 /// Whether `prometheus` can run. Missing it is a failure in CI and a loud skip elsewhere.
 fn prometheus_present() -> bool {
