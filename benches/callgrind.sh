@@ -29,14 +29,20 @@
 # With --perf it runs the binary natively and counts, with `perf stat -p` over the steady
 # window of each wrk run (after every connection is open, until --tail seconds before the
 # end), per request the gateway answered in it: system calls (all, and epoll_wait, recvfrom,
-# writev, accept4, epoll_ctl, futex), context switches, CPU migrations and CPU time; and over
+# writev, accept4, epoll_ctl, futex, write), context switches, CPU migrations and CPU time; and over
 # the whole run the kernel's listen queue overflows (TcpExtListenOverflows, system-wide).
 # Needs `perf` with the syscall tracepoints (Debian's linux-perf, as root).
+#
+# With --nginx (with --perf or --strace only) the same counts are made of an nginx
+# proxy_cache in front of the same origin instead of cxgate: compare.sh's caching nginx
+# (`worker_processes auto`, `access_log` off, or to a file with --log text), its requests
+# counted by `stub_status`, its workers' system calls by `perf stat` over the master and
+# workers. The bar cxgate's own counts are read against.
 #
 # Usage: benches/callgrind.sh [--duration SECONDS] [--ramp SECONDS] [--tail SECONDS]
 #                             [--conns "32 512 4096"] [--out DIR] [--rss]
 #                             [--log off|text|json] [--path hit|big|pass] [--strace]
-#                             [--perf]
+#                             [--perf] [--nginx]
 # Needs valgrind, nginx, wrk, curl, python3. CXGATE_BIN names the binary (default
 # target/release/cxgate; build it with `cargo build --release` first).
 set -euo pipefail
@@ -49,6 +55,7 @@ OUT=""
 RSS=0
 STRACE=0
 PERF=0
+NGINX=0
 LOG=off
 WHAT=hit
 while [ $# -gt 0 ]; do
@@ -61,6 +68,7 @@ while [ $# -gt 0 ]; do
         --rss) RSS=1; shift ;;
         --strace) STRACE=1; shift ;;
         --perf) PERF=1; shift ;;
+        --nginx) NGINX=1; shift ;;
         --log) LOG="$2"; shift 2 ;;
         --path) WHAT="$2"; shift 2 ;;
         -h|--help) sed -n '/^# Usage:/,/^# target/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -69,6 +77,8 @@ while [ $# -gt 0 ]; do
 done
 case "$LOG" in off | text | json) ;; *) echo "callgrind.sh: --log is off, text or json" >&2; exit 2 ;; esac
 case "$WHAT" in hit | big | pass) ;; *) echo "callgrind.sh: --path is hit, big or pass" >&2; exit 2 ;; esac
+[ "$NGINX" = 0 ] || [ "$PERF" = 1 ] || [ "$STRACE" = 1 ] ||
+    { echo "callgrind.sh: --nginx goes with --perf or --strace" >&2; exit 2; }
 [ "$DURATION" -gt $((RAMP + TAIL)) ] || { echo "callgrind.sh: --duration must exceed ramp + tail" >&2; exit 2; }
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -189,11 +199,65 @@ RUNNER=(valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" "${E
 [ "$RSS" = 1 ] && RUNNER=()
 [ "$STRACE" = 1 ] && RUNNER=(strace -f -c -o "$OUT/strace.txt")
 [ "$PERF" = 1 ] && RUNNER=()
-CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn --log-format "$LOG_FORMAT" run \
-    --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
-PIDS+=($!); CX=$!
+if [ "$NGINX" = 1 ]; then
+    # compare.sh's caching nginx, with `stub_status` on the admin port for the request count.
+    mkdir -p "$WORK/nginx/cache"
+    NGINX_LOG=off
+    [ "$LOG" != off ] && NGINX_LOG="$WORK/access.log"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+$NGINX_USER
+worker_processes auto;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+worker_rlimit_nofile 20000;
+http {
+    access_log $NGINX_LOG;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    keepalive_requests 100000000;
+    proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=bench:16m max_size=256m
+                     inactive=2h use_temp_path=off;
+    upstream origin {
+        server 127.0.0.1:$P_ORIGIN;
+        keepalive 64;
+    }
+    server {
+        listen 127.0.0.1:$P_ADMIN;
+        access_log off;
+        location = /status { stub_status; }
+    }
+    server {
+        listen 127.0.0.1:$P_CX;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Authorization "Bearer callgrind-token";
+        location = /bench/pass { proxy_pass http://origin; }
+        location / {
+            proxy_pass http://origin;
+            proxy_cache bench;
+            proxy_cache_valid 200 1h;
+            proxy_cache_lock on;
+            proxy_ignore_headers Cache-Control Expires Set-Cookie Vary X-Accel-Expires;
+            add_header X-Cache \$upstream_cache_status;
+        }
+    }
+}
+EOF
+    "${RUNNER[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" \
+        -g "daemon off; pid $WORK/nginx/nginx.pid;" >"$WORK/cxgate.log" 2>&1 &
+    PIDS+=($!); CX=$!
+    HEALTH="http://127.0.0.1:$P_ADMIN/status"
+else
+    CXGATE_CALLGRIND_TOKEN=callgrind-token "${RUNNER[@]}" "$BIN" --log-level warn --log-format "$LOG_FORMAT" run \
+        --config "$WORK/cxgate.toml" >"$WORK/cxgate.log" 2>&1 &
+    PIDS+=($!); CX=$!
+    HEALTH="http://127.0.0.1:$P_ADMIN/healthz"
+fi
 for _ in $(seq 600); do
-    curl -s -o /dev/null "http://127.0.0.1:$P_ADMIN/healthz" && break
+    curl -s -o /dev/null "$HEALTH" && break
     kill -0 "$CX" 2>/dev/null || { cat "$WORK/cxgate.log" >&2; exit 1; }
     sleep 0.2
 done
@@ -202,15 +266,26 @@ done
 URL="http://127.0.0.1:$P_CX/bench/$WHAT"
 EXPECT='^cache-status: cxgate; hit'
 [ "$WHAT" = pass ] && EXPECT='^cache-status: cxgate; fwd='
+[ "$NGINX" = 1 ] && EXPECT='^x-cache: hit'
+[ "$NGINX" = 1 ] && [ "$WHAT" = pass ] && EXPECT='^HTTP/1.1 200'
 curl -s -o /dev/null "$URL"
 curl -s -D - -o /dev/null "$URL" | grep -qi "$EXPECT" ||
     { echo "callgrind.sh: the warm-up request was not what --path $WHAT expects" >&2; exit 1; }
 
 served() {
+    if [ "$NGINX" = 1 ]; then
+        # stub_status: the third number of its third line is requests; less this one.
+        curl -s "$HEALTH" | awk 'NR == 3 {printf "%d\n", $3 - 1}'
+        return
+    fi
     curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
         awk '/^cxgate_requests_total\{/ {n += $NF} END {printf "%d\n", n}'
 }
 open_conns() {
+    if [ "$NGINX" = 1 ]; then
+        curl -s "$HEALTH" | awk '/^Active connections:/ {printf "%d\n", $3 - 1}'
+        return
+    fi
     curl -s "http://127.0.0.1:$P_ADMIN/metrics" |
         awk '/^cxgate_connections_open\{listener="client"\}/ {printf "%d\n", $NF}'
 }
@@ -284,11 +359,14 @@ if [ "$PERF" = 1 ]; then
     command -v perf >/dev/null || { echo "callgrind.sh: perf not found" >&2; exit 2; }
     EVENTS=raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom
     EVENTS=$EVENTS,syscalls:sys_enter_writev,syscalls:sys_enter_accept4
-    EVENTS=$EVENTS,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex
+    EVENTS=$EVENTS,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex,syscalls:sys_enter_write
     EVENTS=$EVENTS,context-switches,cpu-migrations,task-clock
     overflows() { awk '/^TcpExt:/ { if (!h) { for (i = 1; i <= NF; i++) col[$i] = i; h = 1 }
         else print $col["ListenOverflows"] }' /proc/net/netstat; }
-    echo "conns  steady_requests  req/s  syscalls  epoll_wait  recvfrom  writev  accept4  epoll_ctl  futex  ctx_switches  migrations  cpu_us  listen_overflows  wrk_errors"
+    # nginx: the master and its workers.
+    TARGET="$CX"
+    [ "$NGINX" = 1 ] && TARGET="$(echo "$CX" $(ps -o pid= --ppid "$CX") | tr -s ' ' ',')"
+    echo "conns  steady_requests  req/s  syscalls  epoll_wait  recvfrom  writev  accept4  epoll_ctl  futex  write  ctx_switches  migrations  cpu_us  listen_overflows  wrk_errors"
     for n in $CONNS; do
         o0="$(overflows)"
         wrk -t"$((n < 2 ? 1 : 2))" -c"$n" -d"${DURATION}s" --timeout 60s "$URL" \
@@ -302,10 +380,10 @@ if [ "$PERF" = 1 ]; then
         if [ -n "${PERF_RECORD:-}" ]; then
             # PERF_RECORD=1: a cpu-clock profile of the same window as well, for `perf report
             # -i $OUT/perf-$n.data --sort dso,sym` (samples at 1 kHz, so ms of CPU).
-            perf record -q -F 1000 -e cpu-clock -p "$CX" -o "$OUT/perf-$n.data" -- sleep "$window" 2>/dev/null &
+            perf record -q -F 1000 -e cpu-clock -p "$TARGET" -o "$OUT/perf-$n.data" -- sleep "$window" 2>/dev/null &
             REC=$!
         fi
-        perf stat -x, -e "$EVENTS" -p "$CX" -o "$OUT/perf-$n.txt" -- sleep "$window"
+        perf stat -x, -e "$EVENTS" -p "$TARGET" -o "$OUT/perf-$n.txt" -- sleep "$window"
         [ -n "${REC:-}" ] && { wait "$REC" || true; }
         s1="$(served)"
         wait "$WRK"
@@ -317,11 +395,12 @@ if [ "$PERF" = 1 ]; then
             $3 ~ /sys_enter$/ { v["all"] = $1 } $3 ~ /epoll_wait/ { v["ew"] = $1 }
             $3 ~ /recvfrom/ { v["rf"] = $1 } $3 ~ /writev/ { v["wv"] = $1 }
             $3 ~ /accept4/ { v["ac"] = $1 } $3 ~ /epoll_ctl/ { v["ec"] = $1 }
-            $3 ~ /futex/ { v["fx"] = $1 } $3 == "context-switches" { v["cs"] = $1 }
+            $3 ~ /futex/ { v["fx"] = $1 } $3 ~ /sys_enter_write$/ { v["wr"] = $1 }
+            $3 == "context-switches" { v["cs"] = $1 }
             $3 == "cpu-migrations" { v["mg"] = $1 } $3 == "task-clock" { v["tc"] = $1 }
-            END { printf "%5d  %15d  %5.0f  %8.3f  %10.3f  %8.3f  %6.3f  %7.4f  %9.4f  %5.3f  %12.4f  %10.4f  %6.2f  %16d  %10d\n",
+            END { printf "%5d  %15d  %5.0f  %8.3f  %10.3f  %8.3f  %6.3f  %7.4f  %9.4f  %5.3f  %5.3f  %12.4f  %10.4f  %6.2f  %16d  %10d\n",
                 n, r, r / w, v["all"] / r, v["ew"] / r, v["rf"] / r, v["wv"] / r, v["ac"] / r,
-                v["ec"] / r, v["fx"] / r, v["cs"] / r, v["mg"] / r, v["tc"] * 1000 / r, o, e }' \
+                v["ec"] / r, v["fx"] / r, v["wr"] / r, v["cs"] / r, v["mg"] / r, v["tc"] * 1000 / r, o, e }' \
             "$OUT/perf-$n.txt"
     done
     exit 0

@@ -26,6 +26,7 @@ mod upstream;
 mod tests;
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -250,6 +251,12 @@ pub struct Budget {
 struct Inner {
     clock: TokioClock,
     ledger: Mutex<Ledger>,
+    /// Unique in the process, never reused: what a thread's cached rate-limit fields
+    /// ([`Budget::answer_headers`]) name the budget by.
+    id: u64,
+    /// Bumped each time the ledger is let go by anything that may have changed it, so
+    /// fields cached from it are known to be current.
+    version: AtomicU64,
     /// The largest cost a call may have under the configured terms, the one check that
     /// refuses a cost no wait can admit (see [`Budget::admit`]).
     caps: Mutex<Caps>,
@@ -329,6 +336,8 @@ impl Budget {
         Ok(Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
+                id: BUDGETS.fetch_add(1, Ordering::Relaxed),
+                version: AtomicU64::new(0),
                 caps: Mutex::new(Caps::of(&spec)),
                 ledger: Mutex::new(Ledger::new(spec)),
                 metrics: Metrics::register(registry)?,
@@ -362,6 +371,8 @@ impl Budget {
         let budget = Budget {
             inner: Arc::new(Inner {
                 clock: TokioClock::new(),
+                id: BUDGETS.fetch_add(1, Ordering::Relaxed),
+                version: AtomicU64::new(0),
                 caps: Mutex::new(Caps::of(&spec)),
                 ledger: Mutex::new(Ledger::new(spec.clone())),
                 metrics: Metrics::register(registry)?,
@@ -779,11 +790,50 @@ impl Budget {
     /// The ledger, even if a panic elsewhere poisoned the mutex: every ledger method keeps the
     /// state consistent between statements (plain saturating arithmetic), so refusing all
     /// traffic forever would be worse than going on.
-    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+    ///
+    /// Letting it go counts as a change (see [`Inner::version`]), whatever was done with it.
+    fn ledger(&self) -> Changing<'_> {
+        Changing {
+            guard: self.peek(),
+            version: &self.inner.version,
+        }
+    }
+
+    /// The ledger, to be read only: letting it go changes no version.
+    fn peek(&self) -> MutexGuard<'_, Ledger> {
         self.inner
             .ledger
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Numbers the budgets of the process ([`Inner::id`]).
+static BUDGETS: AtomicU64 = AtomicU64::new(1);
+
+/// The ledger as [`Budget::ledger`] hands it out: the lock, and a new version when let go.
+struct Changing<'a> {
+    guard: MutexGuard<'a, Ledger>,
+    version: &'a AtomicU64,
+}
+
+impl std::ops::Deref for Changing<'_> {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Changing<'_> {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        &mut self.guard
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: a reader that then sees this version sees the change too.
+        self.version.fetch_add(1, Ordering::Release);
     }
 }
 

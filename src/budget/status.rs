@@ -2,6 +2,7 @@
 //! budget part of `/admin/status`, read from the shares without spending; [`view`] says
 //! which share a client is shown.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -50,6 +51,18 @@ fn view<'a>(ledger: &'a Ledger, client: &str, now: u64) -> View<'a> {
     }
 }
 
+/// The rate-limit fields a thread made last ([`Budget::answer_headers`]).
+struct Answer {
+    /// Budget id, ledger version, budget clock and wall clock in milliseconds.
+    key: (u64, u64, u64, u64),
+    client: Box<str>,
+    fields: [HeaderValue; 5],
+}
+
+thread_local! {
+    static ANSWER: std::cell::RefCell<Option<Answer>> = const { std::cell::RefCell::new(None) };
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -77,7 +90,7 @@ impl Budget {
     pub fn headers(&self, client: &str, refused: Option<Duration>) -> (HeaderValue, HeaderValue) {
         let now = self.inner.clock.nanos();
         let (name, policy, remaining, next) = {
-            let ledger = self.ledger();
+            let ledger = self.peek();
             let v = view(&ledger, client, now);
             let mut remaining = v.available;
             let mut next = v.next_cell;
@@ -108,7 +121,7 @@ impl Budget {
     pub fn api_headers(&self, client: &str, refused: Option<Duration>) -> [HeaderValue; 3] {
         let now = self.inner.clock.nanos();
         let (limit, remaining, next) = {
-            let ledger = self.ledger();
+            let ledger = self.peek();
             let v = view(&ledger, client, now);
             let mut limit = u64::from(v.share.limit.get());
             let mut remaining = u64::from(v.available);
@@ -146,6 +159,46 @@ impl Budget {
         ]
     }
 
+    /// What [`Budget::headers`] and [`Budget::api_headers`] say for `client` on an answer that
+    /// refuses nothing: `[RateLimit-Policy, RateLimit, X-RateLimit-Limit,
+    /// X-RateLimit-Remaining, X-RateLimit-Reset]`.
+    ///
+    /// Every cache hit carries them, and computing them took the ledger's lock twice (one
+    /// lock for the whole process, so its line moved between the cores on every hit) and
+    /// five fresh header values. Each thread keeps the last fields it made, and hands out
+    /// copies of them for as long as nothing could make them differ: the same budget and
+    /// client, no change to the ledger since ([`Inner::version`]), and the same millisecond
+    /// on both clocks they are read from (the budget's, and the wall clock for the reset).
+    pub fn answer_headers(&self, client: &str) -> [HeaderValue; 5] {
+        let tick = self.inner.clock.nanos() / 1_000_000;
+        let wall = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Read before the fields are made: a change after it bumps it past what is stored.
+        let version = self.inner.version.load(Ordering::Acquire);
+        let key = (self.inner.id, version, tick, wall);
+        let cached = ANSWER.with(|last| {
+            let last = last.borrow();
+            last.as_ref()
+                .filter(|c| c.key == key && &*c.client == client)
+                .map(|c| c.fields.clone())
+        });
+        if let Some(fields) = cached {
+            return fields;
+        }
+        let (policy, state) = self.headers(client, None);
+        let [limit, remaining, reset] = self.api_headers(client, None);
+        let fields = [policy, state, limit, remaining, reset];
+        ANSWER.with(|last| {
+            *last.borrow_mut() = Some(Answer {
+                key,
+                client: client.into(),
+                fields: fields.clone(),
+            });
+        });
+        fields
+    }
+
     /// `(RateLimit-Policy, RateLimit, X-RateLimit-Reset)` for a refusal that tells `client`
     /// to retry in `retry_after`: every field says the same thing (nothing remains until
     /// then), whichever part of the budget refused, and wherever this replica learnt of it
@@ -157,7 +210,7 @@ impl Budget {
     ) -> (HeaderValue, HeaderValue, HeaderValue) {
         let now = self.inner.clock.nanos();
         let (name, policy) = {
-            let ledger = self.ledger();
+            let ledger = self.peek();
             let v = view(&ledger, client, now);
             (v.name, v.policy.clone())
         };
@@ -175,7 +228,7 @@ impl Budget {
     /// any other name that was refused), and what the upstream last said.
     pub fn status_json(&self) -> Value {
         let now = self.inner.clock.nanos();
-        let ledger = self.ledger();
+        let ledger = self.peek();
         let mut global = share_json(&ledger.global_share, ledger.global.available(0, now));
         global["rejections"] = json!(ledger.global_rejections);
         global["max_wait_s"] = json!(ledger.max_wait.as_secs_f64());

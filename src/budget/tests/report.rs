@@ -259,3 +259,48 @@ async fn a_client_removed_by_reload_leaves_the_status() {
         "expected crm kept, saw {s}"
     );
 }
+
+/// [`Budget::answer_headers`] as computed afresh: the two field sets it stands for.
+fn fresh_fields(b: &Budget, client: &str) -> [HeaderValue; 5] {
+    let (policy, state) = b.headers(client, None);
+    let [limit, remaining, reset] = b.api_headers(client, None);
+    [policy, state, limit, remaining, reset]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_threads_copy_of_the_fields_never_outlives_a_change_of_the_ledger() {
+    let clients = vec![client(
+        "crm",
+        Some(share(100, 60_000, 10)),
+        Priority::Interactive,
+    )];
+    let b = budget(spec(share(1000, 3_600_000, 50), 0, clients));
+    let first = b.answer_headers("crm");
+    assert_eq!(first, fresh_fields(&b, "crm"));
+    assert_eq!(first[1], "\"client\";r=10;t=0", "saw {first:?}");
+    // Admissions, an upstream pause and another client's fields, with the clock standing
+    // still: each is seen by the very next answer, never the copy made before it.
+    b.admit("crm", n(1)).await.expect("expected crm admitted");
+    let after = b.answer_headers("crm");
+    assert_eq!(after[1], "\"client\";r=9;t=1", "saw {after:?}");
+    assert_eq!(after, fresh_fields(&b, "crm"));
+    let global = b.answer_headers("anonymous");
+    assert_eq!(global[0], "\"global\";q=1000;w=3600", "saw {global:?}");
+    assert_eq!(global, fresh_fields(&b, "anonymous"));
+    let mut h = HeaderMap::new();
+    h.insert("retry-after", HeaderValue::from_static("5"));
+    b.observe_upstream(StatusCode::TOO_MANY_REQUESTS, &h);
+    let paused = b.answer_headers("crm");
+    assert_eq!(paused[1], "\"client\";r=0;t=5", "saw {paused:?}");
+    assert_eq!(paused[3], "0", "saw {paused:?}");
+    // Time moving on moves the fields on.
+    tokio::time::advance(Duration::from_secs(6)).await;
+    let later = b.answer_headers("crm");
+    assert_eq!(later, fresh_fields(&b, "crm"));
+    assert_ne!(later[1], paused[1], "expected the pause over after 6 s");
+    // Another budget on the same thread never gets this one's copy.
+    let other = budget(spec(share(7, 3_600_000, 3), 0, Vec::new()));
+    let theirs = other.answer_headers("anonymous");
+    assert_eq!(theirs[0], "\"global\";q=7;w=3600", "saw {theirs:?}");
+    assert_eq!(theirs, fresh_fields(&other, "anonymous"));
+}

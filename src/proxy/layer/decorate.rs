@@ -145,30 +145,51 @@ impl Finish for RateLimitDone {
         // until then, on this replica's view and on the upstream's.
         let refusal =
             retry_after.map(|secs| budget.refusal_headers(client_label, Duration::from_secs(secs)));
-        if outcome.cache != "none" || refused {
-            let (policy, current) = match &refusal {
-                Some((policy, current, _)) => (policy.clone(), current.clone()),
-                None => budget.headers(client_label, None),
-            };
-            let headers = resp.headers_mut();
-            headers.insert(RATELIMIT_POLICY.clone(), policy);
-            headers.insert(RATELIMIT.clone(), current);
-        }
         let client = ex
             .client(&outcome)
             .or_else(|| self.presented.and_then(|n| ex.state.clients.by_ordinal(n)));
-        if let Some(client) = client {
-            // The API's own fields, for client code written against the API (named in the
-            // README): on every answer to a known client, 429s included.
-            let [limit, remaining, reset] = budget.api_headers(&client.name, None);
-            let (remaining, reset) = match &refusal {
-                Some((_, _, reset)) => (HeaderValue::from_static("0"), reset.clone()),
-                None => (remaining, reset),
-            };
-            let headers = resp.headers_mut();
-            headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
-            headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
-            headers.insert(X_RATELIMIT_RESET.clone(), reset);
+        let live = outcome.cache != "none" || refused;
+        let headers = resp.headers_mut();
+        match &refusal {
+            Some((policy, current, reset)) => {
+                headers.insert(RATELIMIT_POLICY.clone(), policy.clone());
+                headers.insert(RATELIMIT.clone(), current.clone());
+                if let Some(client) = client {
+                    // The API's own fields, for client code written against the API (named
+                    // in the README): on every answer to a known client, 429s included.
+                    let [limit, _, _] = budget.api_headers(&client.name, None);
+                    headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+                    headers.insert(X_RATELIMIT_REMAINING.clone(), HeaderValue::from_static("0"));
+                    headers.insert(X_RATELIMIT_RESET.clone(), reset.clone());
+                }
+            }
+            // Every hit comes here: the fields are the thread's copies while they hold.
+            None if live => {
+                let [policy, current, limit, remaining, reset] =
+                    budget.answer_headers(client_label);
+                headers.insert(RATELIMIT_POLICY.clone(), policy);
+                headers.insert(RATELIMIT.clone(), current);
+                if let Some(client) = client {
+                    // `client_label` is this client's name once it is authenticated; a
+                    // client only presented (refused before authentication) is another's.
+                    let [limit, remaining, reset] = if *client.name == *client_label {
+                        [limit, remaining, reset]
+                    } else {
+                        budget.api_headers(&client.name, None)
+                    };
+                    headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+                    headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+                    headers.insert(X_RATELIMIT_RESET.clone(), reset);
+                }
+            }
+            None => {
+                if let Some(client) = client {
+                    let [limit, remaining, reset] = budget.api_headers(&client.name, None);
+                    headers.insert(X_RATELIMIT_LIMIT.clone(), limit);
+                    headers.insert(X_RATELIMIT_REMAINING.clone(), remaining);
+                    headers.insert(X_RATELIMIT_RESET.clone(), reset);
+                }
+            }
         }
     }
 }
