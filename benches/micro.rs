@@ -235,6 +235,47 @@ fn key_scan(c: &mut Criterion) {
             assert!(!found);
         })
     });
+    // Forwarded write bodies as the proxy scans them (`in_body`): a 4 KiB form whose
+    // `updates` field is percent-encoded JSON written by PHP (`\/` in its URLs), and a
+    // 64 KiB JSON body of replies with the escapes JSON text has (`\n`, `\"`, `\/`).
+    let note = |i: usize| {
+        format!(
+            r#"{{"id":{i},"note":"see https:\/\/example.com\/a\/{i} \"done\"\n","tags":["x","y"]}}"#
+        )
+    };
+    let mut json = String::new();
+    let mut i = 0;
+    while json.len() < 3 << 10 {
+        json.push_str(&note(i));
+        i += 1;
+    }
+    let form: String = format!(
+        "status=open&updates={}",
+        json.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    );
+    let form = &form[..form.len().min(4 << 10)];
+    let mut big = String::from("{\"items\":[");
+    let mut i = 0;
+    while big.len() < 64 << 10 {
+        big.push_str(&note(i));
+        big.push(',');
+        i += 1;
+    }
+    big.push_str("{}]}");
+    assert!(serde_json::from_str::<serde_json::Value>(&big).is_ok());
+    c.bench_function("key_scan/4 KiB form body with JSON in a field", |b| {
+        b.iter(|| assert!(!scan.in_body(black_box(form.as_bytes()))))
+    });
+    c.bench_function("key_scan/64 KiB JSON body", |b| {
+        b.iter(|| assert!(!scan.in_body(black_box(big.as_bytes()))))
+    });
     // Every client has called, so every key is known in full: each is searched in its
     // base64 and hex spellings too (8 substring searches per key and value).
     for i in 0..20 {

@@ -155,7 +155,10 @@ const MAX_SPAN: usize = 8;
 /// the README suggests are. Values are read raw and percent-decoded up to `MAX_LAYERS`
 /// times, each layer also with `+` read as a space the way form decoding does
 /// (`note=see+KEY+now`); JSON bodies also once parsed, escapes undone; bodies of any type
-/// also as UTF-16 and UTF-32 (either byte order, every alignment, BOM or not). The work is bounded:
+/// also as UTF-16 and UTF-32 (either byte order, every alignment, BOM or not); every value
+/// also with its JSON string escapes undone along with its percent escapes, in any order
+/// (`in_unescaped`: JSON carried in a form field, part, query value or header).
+/// The work is bounded:
 /// each token is cut at most `MAX_SPAN` times per start, each byte of a value is hashed a
 /// small constant number of times per layer, and values are bounded by the body and head
 /// limits.
@@ -179,6 +182,11 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
 
     /// Whether `text` holds the caller's key or any configured key.
     pub fn in_value(&self, text: &[u8]) -> bool {
+        self.in_text(text) || self.in_unescaped(text)
+    }
+
+    /// [`KeyScan::in_value`] but for JSON escapes: the bytes raw and percent-decoded.
+    fn in_text(&self, text: &[u8]) -> bool {
         self.own.is_some_and(|k| carries_key(text, k)) || self.hashed_in(text)
     }
 
@@ -199,7 +207,7 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
     /// it. Only writes
     /// carry a body, so reads never pay for this.
     pub fn in_body(&self, body: &[u8]) -> bool {
-        if self.in_value(body) || self.in_json(without_bom(body)) {
+        if self.in_body_bytes(body) || self.in_json(without_bom(body)) {
             return true;
         }
         if !body.contains(&0) {
@@ -254,6 +262,130 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
     fn key_token_in(&self, text: &[u8]) -> bool {
         tokens(text).any(|t| candidates(t).any(|c| self.keys.holds(c)))
     }
+
+    /// A body's bytes read as [`KeyScan::in_value`] reads a value, but JSON-unescaped only
+    /// when the body is no JSON document: a JSON body's strings are read unescaped by
+    /// [`KeyScan::in_json`] (and each again by `in_value`), so unescaping its raw bytes too
+    /// would find nothing more and double what every JSON body with an escape costs.
+    fn in_body_bytes(&self, body: &[u8]) -> bool {
+        let json = || serde_json::from_slice::<serde::de::IgnoredAny>(without_bom(body)).is_ok();
+        self.in_text(body) || (!json() && self.in_unescaped(body))
+    }
+
+    /// Whether `text` holds a key once its JSON escapes are undone along with its percent
+    /// escapes, in any order, over up to `MAX_UNESCAPES` passes ([`unescaped_views`]): JSON
+    /// in a form field, a multipart part, a query value or a header, read by an upstream
+    /// that decodes the one and then parses the other (`updates=%7B%22n%22%3A%22a%5C%2Fb`,
+    /// `{"n":"\u0061"}`). Each view is read as [`KeyScan::in_value`] reads a layer.
+    fn in_unescaped(&self, text: &[u8]) -> bool {
+        unescaped_views(text).any(|view| {
+            self.own.is_some_and(|k| carries_key(&view, k))
+                || (!self.keys.is_empty()
+                    && (self.key_token_in(&view)
+                        || (view.contains(&b'+') && self.key_token_in(&plus_as_space(&view)))))
+        })
+    }
+}
+
+/// Passes of [`unescaped`] tried: a form field's JSON takes two (percent, then JSON), a
+/// twice-encoded one or JSON in a JSON string three.
+const MAX_UNESCAPES: usize = 4;
+
+/// The readings of `text` with JSON string escapes undone: each pass of [`unescaped`]
+/// undoes the percent and JSON escapes the previous one left or made (`%5C%2F` is `\/`
+/// after one and `/` after two; `\u0025` is `%` after one), up to `MAX_UNESCAPES` passes
+/// or until nothing is left to undo. Only the readings from the first pass that undid a
+/// JSON escape on are given: the ones before are percent-decodings, which
+/// [`KeyScan::hashed_in`] reads already. A pass is linear and the text shrinks with each,
+/// so the cost is at most `MAX_UNESCAPES` copies, and none for text without `\` or `%`.
+fn unescaped_views(text: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let mut layer = Cow::Borrowed(text);
+    let mut json_seen = false;
+    let mut passes = 0;
+    std::iter::from_fn(move || {
+        while passes < MAX_UNESCAPES {
+            passes += 1;
+            // Nothing left that a pass could undo.
+            memchr::memchr2(b'\\', b'%', &layer)?;
+            let (next, json) = unescaped(&layer)?;
+            layer = Cow::Owned(next);
+            json_seen |= json;
+            if json_seen {
+                return Some(layer.to_vec());
+            }
+        }
+        None
+    })
+}
+
+/// One pass over `text` undoing each percent escape (`%2F`) and each JSON string escape
+/// (`\/`, `\\`, `\"`, `\b`, `\f`, `\n`, `\r`, `\t`, `\u00e9`, a surrogate pair
+/// `\ud83d\ude00` as its one character, a lone surrogate as U+FFFD), wherever they stand
+/// (JSON's quotes are not looked for: a value may be any part of a document). What the
+/// pass decodes is not read again until the next. An invalid escape stays as it is.
+/// `None` when there was nothing to undo; else the text, and whether a JSON escape was
+/// among what was undone.
+fn unescaped(text: &[u8]) -> Option<(Vec<u8>, bool)> {
+    let hex = |at: usize, len: usize| -> Option<u32> {
+        let digits = text.get(at..at + len)?;
+        digits
+            .iter()
+            .try_fold(0u32, |n, &b| Some(n * 16 + (b as char).to_digit(16)?))
+    };
+    let mut out = Vec::with_capacity(text.len());
+    let (mut json, mut percent) = (false, false);
+    let mut i = 0;
+    while i < text.len() {
+        let (byte, next) = (text[i], text.get(i + 1).copied());
+        if byte == b'%' {
+            if let Some(value) = hex(i + 1, 2) {
+                out.push(value as u8);
+                percent = true;
+                i += 3;
+                continue;
+            }
+        }
+        if byte == b'\\' {
+            let simple = match next {
+                Some(b'"') => Some(b'"'),
+                Some(b'\\') => Some(b'\\'),
+                Some(b'/') => Some(b'/'),
+                Some(b'b') => Some(0x08),
+                Some(b'f') => Some(0x0C),
+                Some(b'n') => Some(b'\n'),
+                Some(b'r') => Some(b'\r'),
+                Some(b't') => Some(b'\t'),
+                _ => None,
+            };
+            if let Some(b) = simple {
+                out.push(b);
+                json = true;
+                i += 2;
+                continue;
+            }
+            if let (Some(b'u'), Some(unit)) = (next, hex(i + 2, 4)) {
+                let low = match text.get(i + 6..i + 8) {
+                    Some(b"\\u") => hex(i + 8, 4).filter(|low| (0xDC00..0xE000).contains(low)),
+                    _ => None,
+                };
+                let (c, len) = match (unit, low) {
+                    (0xD800..=0xDBFF, Some(low)) => (
+                        char::from_u32(0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)),
+                        12,
+                    ),
+                    _ => (char::from_u32(unit), 6),
+                };
+                let c = c.unwrap_or(char::REPLACEMENT_CHARACTER);
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                json = true;
+                i += len;
+                continue;
+            }
+        }
+        out.push(byte);
+        i += 1;
+    }
+    (json || percent).then_some((out, json))
 }
 
 /// `body` without a UTF-8 byte order mark.
@@ -545,6 +677,67 @@ mod tests {
             .map(|b| format!("{b:02X}"))
             .collect::<Vec<_>>()
             .join("%")
+    }
+
+    #[test]
+    fn json_escapes_are_undone_with_percent_escapes_in_either_order() {
+        let pass = |text: &str| unescaped(text.as_bytes());
+        assert_eq!(
+            pass(r#"a\/b\\c\"d\n\t\u0041\u00e9"#),
+            Some(("a/b\\c\"d\n\tA\u{e9}".as_bytes().to_vec(), true))
+        );
+        assert_eq!(
+            pass(r"\ud83d\ude00 \ud83d \ude00\u12"),
+            Some(("\u{1F600} \u{FFFD} \u{FFFD}\\u12".as_bytes().to_vec(), true)),
+            "a pair is one character, a lone surrogate U+FFFD, a short escape kept"
+        );
+        assert_eq!(pass("a%2Fb%zz"), Some((b"a/b%zz".to_vec(), false)));
+        assert_eq!(pass(r"plain \x %z"), None, "nothing to undo");
+        let views = |text: &str| -> Vec<String> {
+            unescaped_views(text.as_bytes())
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .collect()
+        };
+        assert_eq!(views("%5C%2F"), ["/"], "percent (hashed_in's), then JSON");
+        assert_eq!(views(r"\u00252F"), ["%2F", "/"], "JSON, then percent");
+        assert_eq!(
+            views("a%2Fb"),
+            Vec::<String>::new(),
+            "percent alone is hashed_in's"
+        );
+        assert_eq!(views("no escapes at all"), Vec::<String>::new());
+        let deep = format!("{}u0041", "\\".repeat(1 << 10));
+        assert_eq!(
+            views(&deep).len(),
+            MAX_UNESCAPES,
+            "expected {MAX_UNESCAPES} passes, no more"
+        );
+
+        let c = clients();
+        let scan = KeyScan::new(&c, Some("own-key-123"));
+        let other: String = OTHER.bytes().map(|b| format!("\\u{b:04x}")).collect();
+        for text in [
+            format!("updates=%7B%22n%22%3A%22{other}%22%7D"),
+            format!("updates={{\"n\":\"\\ud83d\\ude00{other}\"}}"),
+            format!("q=%255Cu005a{}", &OTHER[1..]),
+            r"x=\u006fwn-key-123".to_string(),
+            "x=%5Cu006fwn-key-123".to_string(),
+            format!(r#"{{"a":"{{\"b\":\"{}\"}}"}}"#, other.replace('\\', "\\\\")),
+        ] {
+            assert!(
+                scan.in_value(text.as_bytes()),
+                "expected a key found in {text:?}"
+            );
+        }
+        for text in [
+            r#"{"note":"see https:\/\/example.com\/a \u00e9 done\n"}"#,
+            "updates=%7B%22n%22%3A%22Zm9vYmFy%5C%2F%22%7D",
+        ] {
+            assert!(
+                !scan.in_value(text.as_bytes()),
+                "expected no key in {text:?}"
+            );
+        }
     }
 
     #[test]

@@ -825,6 +825,89 @@ fn check_and_run_refuse_an_unset_variable_alike() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The gateway's own listener written as the upstream client's resolver reads an IPv4
+/// address (inet_aton: one to four parts, decimal, octal with a leading 0, hex with 0x) or
+/// as IPv6 is a loop, refused by `check` and `run` alike; another address in such a
+/// spelling is accepted.
+#[test]
+fn check_and_run_refuse_the_gateways_own_address_in_every_ipv4_spelling() {
+    let (port, admin) = (common::free_port(), common::free_port());
+    let server =
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n");
+    let config = |base: &str| {
+        format!(
+            "{server}[upstream]\nbase_url = \"{base}\"\n\
+             [token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n"
+        )
+    };
+    let cases = [
+        (format!("http://127.1:{port}"), "server.listen"),
+        (format!("http://2130706433:{port}"), "server.listen"),
+        (format!("http://0x7f000001:{port}/"), "server.listen"),
+        (format!("http://0X7F.0.0.1:{port}"), "server.listen"),
+        (format!("http://0177.0.0.01:{port}"), "server.listen"),
+        (format!("http://127.0.1:{admin}"), "server.admin_listen"),
+        (
+            format!("http://017700000001:{admin}"),
+            "server.admin_listen",
+        ),
+        (
+            format!("http://[::ffff:7f00:1]:{admin}"),
+            "server.admin_listen",
+        ),
+    ];
+    for (base, says) in cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config(&base), &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with("upstream.base_url:")
+                    && stderr.contains(says)
+                    && stderr.contains("call the gateway itself"),
+                "{base}: expected `{command}` to exit 2 with one line naming upstream.base_url \
+                 and {says:?}, saw {code:?}:\n{stderr}"
+            );
+        }
+    }
+    for base in [
+        format!("http://0x7f000002:{port}"),
+        format!("http://127.2:{port}"),
+        format!("http://2130706433:{}", port.wrapping_add(1)),
+    ] {
+        let (code, stderr) = exit_of("check", &config(&base), &[("CXGATE_TEST_TOKEN", "tok")]);
+        assert!(
+            code == Some(0) && !stderr.contains("upstream.base_url"),
+            "{base}: expected `check` to accept another address, saw {code:?}:\n{stderr}"
+        );
+    }
+}
+
+/// An upstream timeout or connect timeout of zero would fail every upstream call (504
+/// "did not answer within 0ns"): refused by `check` and `run` alike, as a zero
+/// `server.request_timeout` is.
+#[test]
+fn check_and_run_refuse_a_zero_upstream_timeout() {
+    let token = "[token]\naccess_token_env = \"CXGATE_TEST_TOKEN\"\n";
+    for (key, setting) in [
+        ("upstream.timeout", "timeout = \"0s\""),
+        ("upstream.connect_timeout", "connect_timeout = \"0ms\""),
+    ] {
+        let config = format!("{MINIMAL}{setting}\n{token}");
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(command, &config, &[("CXGATE_TEST_TOKEN", "tok")]);
+            assert!(
+                code == Some(2)
+                    && stderr.lines().count() == 1
+                    && stderr.starts_with(&format!("{key}:"))
+                    && stderr.contains("greater than zero"),
+                "{key}: expected `{command}` to exit 2 with one line naming it, saw \
+                 {code:?}:\n{stderr}"
+            );
+        }
+    }
+}
+
 /// A token file whose access token has expired, with nothing to refresh it (no refresh
 /// token, or no `[token.oauth]`): `run` starts on it but is never ready, so `check` warns
 /// (exit 0, as for an unsendable token); with both, `run` refreshes it and nothing is said.

@@ -689,6 +689,48 @@ async fn a_reload_applies_or_notes_upstream_timeout() {
     env.stop().await;
 }
 
+/// A zero upstream timeout or connect timeout is refused by a reload as by `check` (every
+/// upstream call would fail), and the running values stay: the upstream is still called.
+#[tokio::test]
+async fn a_reload_refuses_a_zero_upstream_timeout() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    let good = current_config(&env);
+    for (key, from, to) in [
+        (
+            "upstream.timeout",
+            "timeout = \"2s\"\n",
+            "timeout = \"0s\"\n",
+        ),
+        (
+            "upstream.connect_timeout",
+            "connect_timeout = \"1s\"\n",
+            "connect_timeout = \"0ms\"\n",
+        ),
+    ] {
+        write_config(&config_path(&env), &edited(&good, from, to));
+        let answer = admin_reload(&env).await;
+        let body = answer.json();
+        let problems: Vec<&str> = body["problems"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|p| p.as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            answer.status == 400
+                && problems.len() == 1
+                && problems[0].starts_with(&format!("{key}:"))
+                && problems[0].contains("greater than zero"),
+            "{key}: expected 400 with the one problem naming it, saw {} {body}",
+            answer.status
+        );
+        let still = env.get("/me/permissions").await;
+        assert_eq!(
+            still.status, 200,
+            "{key}: expected the upstream still called with the old timeouts, saw {still:?}"
+        );
+    }
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_reload_notes_budget_backend_settings_that_need_a_restart() {
     let env = common::start(SimOptions::default(), BIG_BUDGET).await;

@@ -102,10 +102,10 @@ fn own_address(base: &http::Uri, listeners: &[(&str, SocketAddr)]) -> Option<Str
             80
         });
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let ips: Vec<IpAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) if is_localhost(bare) => resolved_localhost(port),
-        Err(_) => return None,
+    let ips: Vec<IpAddr> = match host_address(bare) {
+        Some(ip) => vec![ip],
+        None if is_localhost(bare) => resolved_localhost(port),
+        None => return None,
     };
     for (key, listen) in listeners {
         if listen.port() == 0 || listen.port() != port {
@@ -116,6 +116,51 @@ fn own_address(base: &http::Uri, listeners: &[(&str, SocketAddr)]) -> Option<Str
         }
     }
     None
+}
+
+/// The address a host written as an IP literal names, read as the upstream client reads
+/// it: hyper's connector hands a host that is not a dotted quad or an IPv6 address to the
+/// system resolver, whose numeric parsing is `inet_aton`'s, so `127.1`, `2130706433`,
+/// `0x7f000001` and `0177.0.0.1` are all 127.0.0.1 ([`inet_aton`]). A name: `None`.
+fn host_address(host: &str) -> Option<IpAddr> {
+    host.parse::<IpAddr>()
+        .ok()
+        .or_else(|| inet_aton(host).map(IpAddr::V4))
+}
+
+/// `text` as `inet_aton` reads an IPv4 address: one to four parts split by `.`, each
+/// decimal, octal after a leading `0` or hex after `0x`/`0X`; the last part fills the bytes
+/// the others leave (`a` is 32 bits, `a.b` 8.24, `a.b.c` 8.8.16), every other part is one
+/// byte. Anything else (an empty part, a digit the base lacks, a part too large, a trailing
+/// byte) is no address.
+fn inet_aton(text: &str) -> Option<Ipv4Addr> {
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() > 4 {
+        return None;
+    }
+    let mut values = Vec::with_capacity(parts.len());
+    for part in &parts {
+        let (digits, radix) = match part.as_bytes() {
+            [b'0', b'x' | b'X', rest @ ..] if !rest.is_empty() => (&part[2..], 16),
+            [b'0', _, ..] => (&part[1..], 8),
+            [_, ..] => (*part, 10),
+            [] => return None,
+        };
+        if !digits.bytes().all(|b| (b as char).is_digit(radix)) {
+            return None;
+        }
+        values.push(u32::from_str_radix(digits, radix).ok()?);
+    }
+    let (last, leading) = values.split_last()?;
+    let last_bits = 32 - 8 * leading.len() as u32;
+    if leading.iter().any(|&v| v > 0xFF) || u64::from(*last) >= 1u64 << last_bits {
+        return None;
+    }
+    let address = leading
+        .iter()
+        .enumerate()
+        .fold(*last, |a, (i, &v)| a | v << (24 - 8 * i as u32));
+    Some(Ipv4Addr::from(address))
 }
 
 /// `localhost` and the names under it, which resolve to loopback (RFC 6761).
@@ -227,7 +272,70 @@ mod tests {
         ] {
             assert_eq!(refused(base, &listeners), None, "{base}: expected accepted");
         }
+        for base in [
+            "http://127.1:8080",
+            "http://2130706433:8080",
+            "http://0x7f000001:8080",
+            "http://0177.0.0.1:8080",
+            "http://[::ffff:7f00:1]:8080",
+            "http://127.0.0.1:8080/",
+        ] {
+            let why = refused(base, &listeners).unwrap_or_default();
+            assert!(
+                why.contains("server.listen"),
+                "{base}: expected a loop, saw {why:?}"
+            );
+        }
         let any_port = at("127.0.0.1:0", "127.0.0.1:0");
         assert_eq!(refused("http://127.0.0.1:8080", &any_port), None);
+    }
+
+    #[test]
+    fn ipv4_is_read_in_every_spelling_inet_aton_reads() {
+        let lo = Some(Ipv4Addr::LOCALHOST);
+        for text in [
+            "127.0.0.1",
+            "127.1",
+            "127.0.1",
+            "2130706433",
+            "0x7f000001",
+            "0X7F000001",
+            "0x7f.1",
+            "0177.0.0.1",
+            "0177.0.0.01",
+            "017700000001",
+            "127.0x0.0.1",
+        ] {
+            assert_eq!(inet_aton(text), lo, "{text}");
+        }
+        assert_eq!(inet_aton("0"), Some(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(inet_aton("10.0x10000"), Some(Ipv4Addr::new(10, 1, 0, 0)));
+        assert_eq!(inet_aton("1.2.65535"), Some(Ipv4Addr::new(1, 2, 255, 255)));
+        assert_eq!(inet_aton("4294967295"), Some(Ipv4Addr::BROADCAST));
+        for text in [
+            "",
+            "127.",
+            ".1",
+            "127..1",
+            "1.2.3.4.5",
+            "256.1",
+            "1.2.65536",
+            "4294967296",
+            "08",
+            "0x",
+            "0xg",
+            "1e3",
+            "+1",
+            "127.0.0.1 ",
+            "api.engagor.com",
+            "localhost",
+        ] {
+            assert_eq!(inet_aton(text), None, "{text:?}");
+        }
+        assert_eq!(
+            host_address("::1"),
+            Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            "IPv6 as before"
+        );
     }
 }

@@ -337,6 +337,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         ),
         ca_file: u.ca_file.as_ref().map(PathBuf::from),
     };
+    zero_upstream_timeouts(&mut p, &upstream);
 
     let t = &raw.token;
     match (&t.file, &t.access_token_env) {
@@ -734,6 +735,26 @@ fn client(
             .max_wait
             .as_ref()
             .map(|w| p.duration(&at("max_wait"), Some(w), Duration::ZERO)),
+    }
+}
+
+/// A zero `upstream.timeout` or `upstream.connect_timeout` passes no upstream call at all
+/// (each would end at once, 504 "did not answer within 0ns"): refused, as a zero
+/// `server.request_timeout` is. The other durations that may be zero mean something
+/// there: no wait (`max_wait`), no grace (`shutdown_grace`), a refresh at expiry
+/// (`token.refresh_before`), no caching or no stale answers (a route's `ttl`,
+/// `stale_while_revalidate`, `stale_if_error`); the rest are refused where they are read.
+fn zero_upstream_timeouts(p: &mut Problems, upstream: &UpstreamConfig) {
+    for (path, value) in [
+        ("upstream.connect_timeout", upstream.connect_timeout),
+        ("upstream.timeout", upstream.timeout),
+    ] {
+        if value.is_zero() {
+            p.add(
+                path,
+                "must be greater than zero: every upstream call would time out at once",
+            );
+        }
     }
 }
 

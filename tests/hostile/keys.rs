@@ -430,6 +430,200 @@ async fn bodies_read_another_way_upstream_are_refused() {
     upstream.abort();
 }
 
+/// A fourth client's key with `/` in it, as `head -c 24 /dev/urandom | base64` makes them:
+/// PHP's `json_encode` writes each `/` as `\/`.
+const SLASHED: &str = "Zm9vYmFy/cXV4+YmF6/qwertyUIOP1234";
+
+/// `text` percent-encoded as a form or query value (every byte but `A-Z a-z 0-9 - . _ ~`).
+fn quoted(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `{"note": value}` as PHP's `json_encode` writes it: `/` as `\/`.
+fn php_json(value: &str) -> String {
+    serde_json::json!({ "note": value })
+        .to_string()
+        .replace('/', "\\/")
+}
+
+/// Each byte of `text` as a JSON `\u00XX` escape.
+fn u_escaped(text: &str) -> String {
+    text.bytes().map(|b| format!("\\u{b:04x}")).collect()
+}
+
+/// A key inside JSON that the upstream reads out of a form field (`updates`), a multipart
+/// part, a query value (`facetdefinitions`), a header or a JSON string, with one layer of
+/// JSON escaping (`\/`, `\u00XX`) under the percent-encoding (or over it): 400, nothing
+/// upstream. JSON under a form field with escapes and no key passes.
+#[tokio::test]
+async fn keys_in_json_escapes_inside_forms_parts_queries_and_strings_are_refused() {
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let clients = format!(
+        "{}{}{}",
+        common::client_toml("mine", KEY, "scopes = [\"read\", \"write\"]"),
+        common::client_toml("theirs", OTHER, "scopes = [\"read\"]"),
+        common::client_toml("slashed", SLASHED, "scopes = [\"read\"]"),
+    );
+    let env = common::start_custom(
+        SimOptions::default(),
+        "",
+        Some(&base),
+        &clients,
+        &format!("{ROUTES}\n{}\n", common::BIG_BUDGET),
+    )
+    .await;
+    let auth = format!("Bearer {KEY}");
+    let write = "/12345/inbox/mention/123451/1";
+    let form = "application/x-www-form-urlencoded";
+    let part = |head: &str, value: &str| {
+        format!(
+            "--XyZ\r\nContent-Disposition: form-data; name=\"updates\"\r\n{head}\r\n{value}\r\n\
+             --XyZ--\r\n"
+        )
+    };
+    let mp = "multipart/form-data; boundary=XyZ";
+    let facets = |definitions: &str| {
+        format!(
+            "/12345/insights/facets?topic_ids=123451&facetdefinitions={}",
+            quoted(definitions)
+        )
+    };
+    let nested = serde_json::json!({ "updates": format!(r#"{{"n":"{}"}}"#, u_escaped(SLASHED)) })
+        .to_string();
+    // What each case is, its method and target, its content type and body.
+    type Escaped = (&'static str, Method, String, Option<&'static str>, String);
+    let cases: Vec<Escaped> = vec![
+        (
+            "a form field's JSON with `/` as `\\/`",
+            Method::POST,
+            write.into(),
+            Some(form),
+            format!("updates={}", quoted(&php_json(SLASHED))),
+        ),
+        (
+            "a form field's JSON in \\u escapes",
+            Method::POST,
+            write.into(),
+            Some(form),
+            format!(
+                "updates={}",
+                quoted(&format!(r#"{{"note":"{}"}}"#, u_escaped(OTHER)))
+            ),
+        ),
+        (
+            "the caller's own key in a form field's JSON in \\u escapes",
+            Method::POST,
+            write.into(),
+            Some(form),
+            format!(
+                "updates={}",
+                quoted(&format!(r#"{{"note":"{}"}}"#, u_escaped(KEY)))
+            ),
+        ),
+        (
+            "a form field's JSON percent-encoded twice",
+            Method::POST,
+            write.into(),
+            Some(form),
+            format!("updates={}", quoted(&quoted(&php_json(SLASHED)))),
+        ),
+        (
+            "a multipart part's JSON with `/` as `\\/`",
+            Method::POST,
+            write.into(),
+            Some(mp),
+            part("", &php_json(SLASHED)),
+        ),
+        (
+            "a multipart JSON part in \\u escapes",
+            Method::POST,
+            write.into(),
+            Some(mp),
+            part(
+                "Content-Type: application/json\r\n",
+                &format!(r#"{{"note":"{}"}}"#, u_escaped(OTHER)),
+            ),
+        ),
+        (
+            "a part's JSON holding a percent-encoded `/` as \\u0025",
+            Method::POST,
+            write.into(),
+            Some(mp),
+            part(
+                "",
+                &format!(r#"{{"note":"{}"}}"#, SLASHED.replace('/', "\\u00252F")),
+            ),
+        ),
+        (
+            "a query value's JSON in \\u escapes",
+            Method::GET,
+            facets(&format!(r#"[{{"name":"{}"}}]"#, u_escaped(OTHER))),
+            None,
+            String::new(),
+        ),
+        (
+            "a query value's JSON with `/` as `\\/`",
+            Method::GET,
+            format!("/me/permissions?updates={}", quoted(&php_json(SLASHED))),
+            None,
+            String::new(),
+        ),
+        (
+            "JSON in a JSON string, the inner one in \\u escapes",
+            Method::POST,
+            write.into(),
+            Some("application/json"),
+            nested,
+        ),
+    ];
+    for (what, method, target, content_type, body) in cases {
+        let mut all = vec![("authorization", auth.as_str())];
+        all.extend(content_type.map(|t| ("content-type", t)));
+        let answer = env.send(method, &env.url(&target), &all, &body).await;
+        assert_refused_unsent(what, &answer, &seen);
+    }
+    let escaped_header = SLASHED.replace('/', "\\/");
+    let answer = env
+        .send(
+            Method::GET,
+            &env.url("/me/permissions"),
+            &[("authorization", &auth), ("accept", &escaped_header)],
+            "",
+        )
+        .await;
+    assert_refused_unsent("an Accept header with `/` as `\\/`", &answer, &seen);
+    let harmless = format!(
+        "updates={}",
+        quoted(r#"{"note":"see https:\/\/example.com\/a \u00e9\ud83d\ude00 \"Zm9vYmFy\" done\n"}"#)
+    );
+    let answer = env
+        .send(
+            Method::POST,
+            &env.url(write),
+            &[("authorization", &auth), ("content-type", form)],
+            &harmless,
+        )
+        .await;
+    assert_eq!(
+        answer.status, 200,
+        "expected escaped JSON without a key passed, saw {answer:?}"
+    );
+    assert_eq!(
+        taken(&seen).len(),
+        1,
+        "expected the harmless write forwarded"
+    );
+    env.stop().await;
+    upstream.abort();
+}
+
 /// Two `Authorization` headers, even with one key, are 400; so are a header and an
 /// `access_token` with different keys.
 #[tokio::test]
