@@ -604,6 +604,29 @@ impl Inner {
                 || epoch(&st.record, now) > epoch(&state.record, now))
     }
 
+    /// The held refresh token cannot be presented (`why`): a token pair held before is
+    /// taken back if one still works ([`Inner::recover`]); else this replica needs
+    /// re-authorisation. Releases the refresh lock either way.
+    async fn recover_or_reauthorise(
+        &self,
+        shared: &SharedToken,
+        version: Option<u64>,
+        why: &str,
+    ) -> Result<(), TokenError> {
+        if let Some(outcome) = self.recover(shared, version).await {
+            shared.release().await;
+            return outcome;
+        }
+        {
+            let mut state = self.lock();
+            state.failures += 1;
+            state.reauth = true;
+        }
+        warn!("re-authorisation needed: {why}; authorise again and run `cxgate token init`");
+        shared.release().await;
+        Err(TokenError::InvalidGrant)
+    }
+
     async fn refresh_holding_lock(&self, shared: &SharedToken) -> Result<(), TokenError> {
         // Another replica may have written its record between our read and our lock.
         let (version, stored_epoch) = match shared.read().await {
@@ -627,21 +650,14 @@ impl Inner {
         if let Some(spent) = &spent {
             if shared.was_refused(spent).await {
                 self.lock().bury(spent);
-                if let Some(outcome) = self.recover(shared, version).await {
-                    shared.release().await;
-                    return outcome;
-                }
-                {
-                    let mut state = self.lock();
-                    state.failures += 1;
-                    state.reauth = true;
-                }
-                warn!(
-                    "re-authorisation needed: another replica's refresh with this refresh token \
-                     was refused (invalid_grant); authorise again and run `cxgate token init`"
-                );
-                shared.release().await;
-                return Err(TokenError::InvalidGrant);
+                return self
+                    .recover_or_reauthorise(
+                        shared,
+                        version,
+                        "another replica's refresh with this refresh token was refused \
+                         (invalid_grant)",
+                    )
+                    .await;
             }
             // Another replica's refresh already spent it: presenting it again would be a
             // reuse. That refresh's record is the successor, whatever its expiry says (it
@@ -652,22 +668,14 @@ impl Inner {
                     shared.release().await;
                     return outcome;
                 }
-                if let Some(outcome) = self.recover(shared, version).await {
-                    shared.release().await;
-                    return outcome;
-                }
-                {
-                    let mut state = self.lock();
-                    state.failures += 1;
-                    state.reauth = true;
-                }
-                warn!(
-                    "re-authorisation needed: another replica already refreshed with this \
-                     refresh token and its token could not be taken from the shared record; \
-                     authorise again and run `cxgate token init`"
-                );
-                shared.release().await;
-                return Err(TokenError::InvalidGrant);
+                return self
+                    .recover_or_reauthorise(
+                        shared,
+                        version,
+                        "another replica already refreshed with this refresh token and its \
+                         token could not be taken from the shared record",
+                    )
+                    .await;
             }
         }
         let keeper = shared.spawn_keeper();
