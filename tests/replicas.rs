@@ -4312,6 +4312,52 @@ async fn entries_read_from_the_shared_tier_are_bounded_and_checked() {
     c.stop().await;
 }
 
+/// An entry in Redis that holds the token the replicas hold is none a replica wrote (every
+/// answer is redacted before it is stored), so it is refused as an upstream answer holding
+/// one would be: passed over, counted invalid, fetched anew, and the token never reaches
+/// the client, spelled raw or percent-encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_entry_holding_the_held_token_is_never_served() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = shared_cluster(2, SimOptions::default()).await else {
+        return;
+    };
+    let encoded: String = ACCESS.bytes().map(|b| format!("%{b:02X}")).collect();
+    let mut failed = Vec::new();
+    for (case, spelled) in [("raw", ACCESS.to_string()), ("encoded", encoded)] {
+        let path = format!("/me?case=token-{case}");
+        let mut entry = filled(&c, &path).await;
+        // Same length in place of the end of the body, so the entry stays well formed.
+        let at = entry.len() - spelled.len() - 2;
+        entry[at..at + spelled.len()].copy_from_slice(spelled.as_bytes());
+        plant(&c, &path, &entry).await;
+        let read = c.get(1, &path).await;
+        let body = String::from_utf8_lossy(&read.body);
+        if body.contains(ACCESS) || body.contains(&spelled) {
+            failed.push(format!("{case}: the held token reached the client: {body}"));
+        }
+        let status = read.header("cache-status").to_string();
+        if read.status != StatusCode::OK || !status.contains("fwd=uri-miss") {
+            failed.push(format!(
+                "{case}: expected the planted entry passed over and {path} fetched, saw {} \
+                 {status:?}",
+                read.status
+            ));
+        }
+    }
+    let invalid = c
+        .metric(1, "cxgate_cache_shared_lookups_total{result=\"invalid\"}")
+        .await;
+    // Each look of the read (the lookup, then the fill wait's) counts what it passes over.
+    if invalid.is_none_or(|n| n < 2.0) {
+        failed.push(format!(
+            "expected both planted entries counted invalid, saw {invalid:?}"
+        ));
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+    c.stop().await;
+}
+
 /// A purge or a write deletes only the entries of its groups: a key that is not one of this
 /// deployment's entries, added to a group's set in Redis, is left alone (another prefix's
 /// key, the budget's, the generation).

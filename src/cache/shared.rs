@@ -66,6 +66,13 @@ pub struct Windows {
 pub trait Localize: Sync {
     /// `headers` and `body` as this replica serves them; `None` when they stay as they are.
     fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)>;
+    /// Whether an entry read from the tier must not be served at all: it holds a token
+    /// this replica holds, which no replica writes there (every answer is redacted before
+    /// it is stored), so someone else wrote it.
+    fn refuses(&self, headers: &HeaderMap, body: &Bytes) -> bool {
+        let _ = (headers, body);
+        false
+    }
 }
 
 /// A [`Localize`] with the reading route's own [`Windows`]: what a read hands the store.
@@ -76,11 +83,23 @@ pub trait Localize: Sync {
 pub struct Routed<'a> {
     pub local: &'a dyn Localize,
     pub windows: Windows,
+    /// The tokens this replica holds (access, refresh, the ones it still accepts answers
+    /// for): an entry holding one in any spelling is refused ([`Localize::refuses`]).
+    pub secrets: &'a [&'a str],
 }
 
 impl Localize for Routed<'_> {
     fn localize(&self, headers: &HeaderMap, body: &Bytes) -> Option<(HeaderMap, Bytes)> {
         self.local.localize(headers, body)
+    }
+
+    fn refuses(&self, headers: &HeaderMap, body: &Bytes) -> bool {
+        use crate::upstream::hidden::hides_secret;
+        hides_secret(body, self.secrets)
+            || headers.iter().any(|(name, value)| {
+                hides_secret(value.as_bytes(), self.secrets)
+                    || hides_secret(name.as_str().as_bytes(), self.secrets)
+            })
     }
 }
 
@@ -357,6 +376,15 @@ impl SharedTier {
                  someone else than a replica): the key is fetched again and the entry \
                  overwritten; counted in cxgate_cache_shared_lookups_total{{result=\"invalid\"}}"
             ),
+        );
+    }
+
+    /// Counts an entry of `key` refused because it holds a token this replica holds (see
+    /// [`Localize::refuses`]): invalid, and a repair of the key.
+    pub(super) fn holds_token(&self, key: &str) {
+        self.invalid(
+            key,
+            "it holds a token this gateway holds, which no replica stores",
         );
     }
 

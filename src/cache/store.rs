@@ -465,6 +465,12 @@ impl Store {
         if selected != found.storage_key {
             return None;
         }
+        if local.refuses(&found.value.headers, &found.value.body) {
+            if let Some(tier) = self.inner.shared.get() {
+                tier.holds_token(key);
+            }
+            return None;
+        }
         let mut value = found.value;
         if let Some((headers, body)) = local.localize(&value.headers, &value.body) {
             value.headers = headers;

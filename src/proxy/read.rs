@@ -290,6 +290,8 @@ impl Gateway {
             let usable = |e: &StoredResponse| is_fresh(e) && !d.refuses(e, Instant::now());
             if inner.cache.shared().is_some() && !found.as_ref().is_some_and(usable) {
                 let tags = route_tags(route);
+                let secrets = inner.token.secrets();
+                let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
                 let routed = crate::cache::Routed {
                     local,
                     windows: route.map_or(NO_WINDOWS, |(r, _)| crate::cache::Windows {
@@ -297,6 +299,7 @@ impl Gateway {
                         stale_while_revalidate: r.stale_while_revalidate,
                         stale_if_error: r.stale_if_error,
                     }),
+                    secrets: &exposed,
                 };
                 // Boxed: the shared tier's future is large and only this rare path needs it;
                 // inline it would make every hit's future (which the layers box) that size.
@@ -693,9 +696,12 @@ impl Gateway {
                     stale_while_revalidate: r.1,
                     stale_if_error: r.2,
                 });
+                let secrets = gateway.inner.token.secrets();
+                let exposed: Vec<&str> = secrets.iter().map(|s| s.expose()).collect();
                 let routed = crate::cache::Routed {
                     local: &call.state.rewriter,
                     windows,
+                    secrets: &exposed,
                 };
                 let deadline = Instant::now()
                     + fill_patience(&call.state.config, &call.client)
