@@ -243,6 +243,7 @@ impl Admin {
             .map_err(AdminError::Unreadable)?
             .to_bytes();
         let spec: Value = serde_json::from_slice(&body).map_err(AdminError::Json)?;
+        check_purge(&spec)?;
         let cache = self.gateway.cache();
         // What the other replicas (if any) must drop too.
         let shared;
@@ -299,6 +300,39 @@ impl Admin {
                 Err(AdminError::Reload { problems })
             }
         }
+    }
+}
+
+/// A purge names one thing: `{"all":true}`, `{"tags":[...]}` or `{"path":"/..."}`, and
+/// nothing beside it, so no body is read as less than its sender meant (`{"tags":[..],
+/// "all":true}` purging everything, a `path` with a query purging nothing: a path purge
+/// drops every query of the path already, and the query is not part of what it matches).
+fn check_purge(spec: &Value) -> Result<(), AdminError> {
+    const EXPECTED: &str = "expected exactly one of {\"tags\":[...]}, {\"path\":\"/me\"} \
+                            or {\"all\":true}, and nothing else";
+    let Some(members) = spec.as_object() else {
+        return Err(AdminError::BadPurge(EXPECTED));
+    };
+    if members.len() != 1 {
+        return Err(AdminError::BadPurge(EXPECTED));
+    }
+    match members.iter().next() {
+        Some((name, Value::Bool(true))) if name == "all" => Ok(()),
+        Some((name, Value::Array(_))) if name == "tags" => Ok(()),
+        Some((name, Value::String(path))) if name == "path" => {
+            if !path.starts_with('/') {
+                Err(AdminError::BadPurge(
+                    "a purge path starts with '/' (\"/me\")",
+                ))
+            } else if path.contains(['?', '#']) {
+                Err(AdminError::BadPurge(
+                    "a purge path is the path alone: every query of it is purged with it",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Err(AdminError::BadPurge(EXPECTED)),
     }
 }
 

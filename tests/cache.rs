@@ -920,7 +920,18 @@ async fn admin_purge_by_tag_path_and_all() {
         assert_stored(&env.get(path).await, &format!("{path} after purging all"));
     }
 
-    for bad in ["{not json", "{}", r#"{"tags":[1]}"#] {
+    // Each names less or more than one thing to purge: never read as something else.
+    for bad in [
+        "{not json",
+        "{}",
+        r#"{"tags":[1]}"#,
+        r#"{"path":"me"}"#,
+        r#"{"path":"/me?x=1"}"#,
+        r#"{"tags":["me"],"all":true}"#,
+        r#"{"all":false}"#,
+        r#"{"path":"/me","extra":1}"#,
+        r#"["/me"]"#,
+    ] {
         let a = purge(&env, bad).await;
         assert_eq!(
             a.status,
