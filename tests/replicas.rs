@@ -4990,3 +4990,87 @@ async fn a_silently_dead_subscription_is_noticed_and_what_it_missed_replayed() {
     );
     c.stop().await;
 }
+
+/// A count of invalidations planted past what the replicas number and read (2^64 - 1, or
+/// near it: the next number overflows a `u64`) does not silence the channel: the next
+/// write's publication starts a new epoch, the other replica hears it and no longer serves
+/// what the write replaced, and the repair is counted under `invalidate:seq`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_count_of_invalidations_planted_past_range_starts_a_new_epoch() {
+    let _one = SERIAL.lock().await;
+    let budget = "limit = 100000\nperiod = \"1s\"\nburst = 10000";
+    let Some(c) = cluster(2, SimOptions::default(), budget).await else {
+        return;
+    };
+    let seq_key = key(&c, "invalidate:seq");
+    let mut redis = conn(&c.redis).await;
+    for (round, planted) in ["1 18446744073709551615", "1 18446744073709551000"]
+        .into_iter()
+        .enumerate()
+    {
+        let () = redis::cmd("SET")
+            .arg(&seq_key)
+            .arg(planted)
+            .arg("PX")
+            .arg(600_000)
+            .query_async(&mut redis)
+            .await
+            .expect("plant the count of invalidations");
+        // Whatever the replicas make of the planted count by themselves (a probe reads it)
+        // is over before the contact is cached.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let contact = format!("/12345/inbox/contact/twitter/{}", 880 + round);
+        for r in 0..2 {
+            eventually_cached(&c, r, &contact).await;
+        }
+        let note = format!("after-planted-count-{round}");
+        let written = c
+            .post(
+                0,
+                &contact,
+                &format!("updates=%7B%22note%22%3A%22{note}%22%7D"),
+            )
+            .await;
+        assert!(
+            written.status.is_success(),
+            "expected the write to succeed, saw {}",
+            written.status
+        );
+        let (status, body) = eventually_shows(&c, 1, &contact, &note).await;
+        assert!(
+            body.contains(&note),
+            "round {round} ({planted:?} planted): expected replica 1 to stop serving what the \
+             write on replica 0 replaced, saw {status:?} with {body}"
+        );
+        let now: String = redis::cmd("GET")
+            .arg(&seq_key)
+            .query_async(&mut redis)
+            .await
+            .expect("read the count of invalidations");
+        let count = now.split_once(' ').and_then(|(_, n)| n.parse::<u64>().ok());
+        assert!(
+            count.is_some_and(|n| n <= 1 << 53),
+            "expected the count numbered anew in a new epoch, saw {now:?}"
+        );
+        let repairs = c
+            .metric(0, "cxgate_redis_repairs_total{key=\"invalidate:seq\"}")
+            .await
+            .unwrap_or(0.0);
+        assert!(
+            repairs >= (round + 1) as f64,
+            "round {round}: expected the planted count counted as a repair, saw {repairs}"
+        );
+    }
+    let acknowledged = c
+        .metric(
+            0,
+            "cxgate_redis_invalidations_total{result=\"acknowledged\"}",
+        )
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        acknowledged >= 2.0,
+        "expected both writes' invalidations acknowledged by replica 1, saw {acknowledged}"
+    );
+    c.stop().await;
+}

@@ -49,6 +49,12 @@ const SEQ_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The most missed messages a replica replays; more, and it drops its whole cache.
 pub const MAX_REPLAY: u64 = 1024;
 
+/// The highest number a publication gets (2^53): the scripts count in Lua's doubles, exact
+/// up to here, and every replica reads it as a `u64`. A count found at or past it (only a
+/// value planted in Redis gets there) is treated as lost: the next publication starts a new
+/// epoch, and a count read above it reads as no count.
+pub const MAX_SEQ: u64 = 1 << 53;
+
 /// Reads the registry (KEYS[1]) into `members` ({id, end in ms}): only entries still live
 /// and ending at most `max_ahead` ms from now (one planted years ahead would make every
 /// write wait); a list over `max_bytes` or of another type reads as empty.
@@ -110,14 +116,19 @@ return #others
 /// channel, the message's JSON without its closing brace, the publisher's id, the
 /// registry's bound, the furthest end, the log keys' prefix, how long a copy is kept, how
 /// long the count is kept): numbers it, keeps a copy, publishes it, and returns its number,
-/// the epoch, and the ids of the other replicas listed as listening.
+/// the epoch, whether the count found was unusable ('1': there, but not `<epoch> <count>`
+/// or a count past [`MAX_SEQ`]; a new epoch was started), and the ids of the other
+/// replicas listed as listening.
 static PUBLISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         r#"{READ_MEMBERS}
 local raw = redis.pcall('GET', KEYS[2])
 local epoch, seq
 if type(raw) == 'string' and #raw <= 40 then epoch, seq = string.match(raw, '^(%d+) (%d+)$') end
+if seq and (#seq > 16 or tonumber(seq) >= {MAX_SEQ}) then epoch = nil end
+local repaired = '0'
 if not epoch then
+  if raw then repaired = '1' end
   epoch = t[1] .. string.format('%06d', tonumber(t[2]))
   seq = 0
 end
@@ -127,7 +138,7 @@ redis.call('SET', KEYS[2], epoch .. ' ' .. n, 'PX', ARGV[8])
 local message = ARGV[2] .. ',"seq":' .. n .. ',"epoch":"' .. epoch .. '"}}'
 redis.call('SET', ARGV[6] .. n, message, 'PX', ARGV[7])
 redis.call('PUBLISH', ARGV[1], message)
-local out = {{n, epoch}}
+local out = {{n, epoch, repaired}}
 for _, m in ipairs(read_members(now, tonumber(ARGV[4]), tonumber(ARGV[5]))) do
   if m[1] ~= ARGV[3] then out[#out + 1] = m[1] end
 end
@@ -138,15 +149,17 @@ return out
 
 /// The count of publications (KEYS[1]) and the copies numbered ARGV[2] up to it, at most
 /// ARGV[3] of them (ARGV[1]: the log keys' prefix): the epoch and the count (both false
-/// when there is none), then each copy (false when it expired). None past ARGV[3].
+/// when there is none, or it is past [`MAX_SEQ`]), then each copy (false when it expired).
+/// None past ARGV[3].
 static CATCH_UP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+    redis::Script::new(&format!(
         r"
 local raw = redis.pcall('GET', KEYS[1])
 local epoch, seq
 if type(raw) == 'string' and #raw <= 40 then epoch, seq = string.match(raw, '^(%d+) (%d+)$') end
-if not epoch then return {false, false} end
-local out = {epoch, seq}
+if seq and (#seq > 16 or tonumber(seq) > {MAX_SEQ}) then epoch = nil end
+if not epoch then return {{false, false}} end
+local out = {{epoch, seq}}
 local from, upto = tonumber(ARGV[2]), tonumber(seq)
 if upto - from + 1 > tonumber(ARGV[3]) then return out end
 for i = from, upto do
@@ -155,8 +168,8 @@ for i = from, upto do
   out[#out + 1] = copy
 end
 return out
-",
-    )
+"
+    ))
 });
 
 /// Where the count of publications stands: the epoch (a new one whenever the count was lost
@@ -259,9 +272,19 @@ impl Redis {
                     .await
             })
             .await?;
-        // Its number and epoch, then the others listed.
+        // Its number and epoch, whether the count found was unusable, then the others listed.
+        if answer.get(2).is_some_and(|r| r == "1") {
+            self.repaired(
+                &self.seq_key(),
+                &format!(
+                    "the count of invalidations was not `<epoch> <count>` with a count up to \
+                     {MAX_SEQ}, which the replicas could not number or read: a new epoch was \
+                     started, and every replica drops what it cannot prove fresh"
+                ),
+            );
+        }
         Ok(Published {
-            others: answer.into_iter().skip(2).collect(),
+            others: answer.into_iter().skip(3).collect(),
         })
     }
 
@@ -286,7 +309,8 @@ impl Redis {
         let seq = answer
             .next()
             .and_then(text)
-            .and_then(|n| n.parse::<u64>().ok());
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|n| *n <= MAX_SEQ);
         let (Some(epoch), Some(seq)) = (epoch, seq) else {
             // No count: nothing was published, unless one was there and got lost.
             return Ok(match since.0.is_empty() {
@@ -326,5 +350,29 @@ pub(super) fn parse_position(raw: &[u8]) -> Option<Position> {
     if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some((epoch.to_string(), seq.parse().ok()?))
+    let seq = seq.parse().ok().filter(|n| *n <= MAX_SEQ)?;
+    Some((epoch.to_string(), seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_count_past_what_is_numbered_reads_as_none() {
+        assert_eq!(parse_position(b"17 42"), Some(("17".to_string(), 42)));
+        let top = format!("1 {MAX_SEQ}");
+        assert_eq!(
+            parse_position(top.as_bytes()),
+            Some(("1".to_string(), MAX_SEQ))
+        );
+        for raw in [
+            format!("1 {}", MAX_SEQ + 1),
+            "1 18446744073709551615".to_string(),
+            "1 18446744073709551616".to_string(),
+            "x 1".to_string(),
+        ] {
+            assert_eq!(parse_position(raw.as_bytes()), None, "{raw}");
+        }
+    }
 }

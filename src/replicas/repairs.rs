@@ -33,6 +33,7 @@ pub(super) const KEYS: &[&str] = &[
     "cache:lock",
     "cache:generation",
     "cache:entry",
+    "invalidate:seq",
     "other",
 ];
 
