@@ -145,6 +145,11 @@ impl Clients {
         })
     }
 
+    /// Whether `key` is one a client has authenticated with (see [`Clients::proven_spellings`]).
+    pub fn is_proven(&self, key: &[u8]) -> bool {
+        self.remembered(key).is_some()
+    }
+
     /// Anonymous mode: no clients configured.
     pub fn is_open(&self) -> bool {
         self.entries.is_empty()

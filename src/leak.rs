@@ -22,6 +22,11 @@ pub trait KeySet {
         let _ = (text, except);
         false
     }
+    /// Whether `key` is one of those known in full, whose spellings are kept with it.
+    fn knows(&self, key: &[u8]) -> bool {
+        let _ = key;
+        false
+    }
 }
 
 impl KeySet for Clients {
@@ -36,6 +41,10 @@ impl KeySet for Clients {
     /// Every key a client has authenticated with (this configuration's), spelled.
     fn spelled_in(&self, text: &[u8], except: Option<&[u8]>) -> bool {
         self.proven_spellings(except).any(|s| s.in_text(text))
+    }
+
+    fn knows(&self, key: &[u8]) -> bool {
+        self.is_proven(key)
     }
 }
 
@@ -165,6 +174,9 @@ const MAX_SPAN: usize = 8;
 pub struct KeyScan<'a, K: KeySet + ?Sized = Clients> {
     keys: &'a K,
     own: Option<&'a str>,
+    /// The caller's key when it is not one `keys` knows in full (whose spellings are made
+    /// once and kept with it): only such a key is spelled here, once per scan.
+    own_unknown: Option<&'a [u8]>,
     /// The caller's key spelled, made on the first value scanned.
     own_spelled: std::sync::OnceLock<Spellings>,
 }
@@ -173,9 +185,11 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
     /// A scan for `keys`, and for `own` (the caller's key, also when shorter than
     /// `MIN_KEY`) as a substring.
     pub fn new(keys: &'a K, own: Option<&'a str>) -> KeyScan<'a, K> {
+        let own = own.filter(|k| !k.is_empty());
         KeyScan {
             keys,
-            own: own.filter(|k| !k.is_empty()),
+            own,
+            own_unknown: own.map(str::as_bytes).filter(|k| !keys.knows(k)),
             own_spelled: std::sync::OnceLock::new(),
         }
     }
@@ -192,8 +206,10 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
 
     /// Whether `text` (one layer of a value) holds the base64 or hex [`Spellings`] of the
     /// caller's key or of another key known in full.
+    /// An authenticated caller's key is one of those known in full, searched with the
+    /// others ([`KeySet::spelled_in`]); another is spelled here.
     fn spelled_in(&self, text: &[u8]) -> bool {
-        let own = self.own.map(str::as_bytes);
+        let own = self.own_unknown;
         own.is_some_and(|k| {
             self.own_spelled
                 .get_or_init(|| Spellings::of(k))
