@@ -111,7 +111,7 @@ impl Admin {
                 }
                 self.page().await
             }
-            (Method::GET, "/metrics") => {
+            (Method::GET | Method::HEAD, "/metrics") => {
                 let mut resp = Response::new(Full::new(Bytes::from(crate::metrics::render(
                     &self.registry,
                 ))));
@@ -121,8 +121,10 @@ impl Admin {
                 );
                 resp
             }
-            (Method::GET, "/healthz") => json_response(StatusCode::OK, json!({"status": "ok"})),
-            (Method::GET, "/readyz") => match self.gateway.token().readiness() {
+            (Method::GET | Method::HEAD, "/healthz") => {
+                json_response(StatusCode::OK, json!({"status": "ok"}))
+            }
+            (Method::GET | Method::HEAD, "/readyz") => match self.gateway.token().readiness() {
                 Ok(()) => json_response(StatusCode::OK, json!({"status": "ready"})),
                 Err(reason) => json_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -134,7 +136,7 @@ impl Admin {
                     return Err(AdminError::Unauthorized { page: false });
                 }
                 match (method, p) {
-                    (Method::GET, "/admin/status") => {
+                    (Method::GET | Method::HEAD, "/admin/status") => {
                         json_response(StatusCode::OK, self.status().await)
                     }
                     (Method::POST, "/admin/purge") => self.purge(req).await?,
@@ -147,12 +149,17 @@ impl Admin {
                             json!({"resumed": true, "was_paused": was_paused}),
                         )
                     }
-                    (_, "/admin/status") => return Err(AdminError::WrongMethod("GET")),
+                    (_, "/admin/status") => return Err(AdminError::WrongMethod("GET, HEAD")),
                     (_, "/admin/purge" | "/admin/reload" | "/admin/budget/resume") => {
                         return Err(AdminError::WrongMethod("POST"))
                     }
                     _ => return Err(AdminError::NotFound),
                 }
+            }
+            // The read endpoints answer HEAD as GET (RFC 9110 9.3.2); anything else is the
+            // wrong method, not a missing endpoint.
+            (_, "" | "/metrics" | "/healthz" | "/readyz") => {
+                return Err(AdminError::WrongMethod("GET, HEAD"))
             }
             _ => return Err(AdminError::NotFound),
         })

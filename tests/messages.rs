@@ -705,7 +705,10 @@ async fn admin_wrong_methods_get_405_and_a_failed_reload_is_logged() {
         (http::Method::GET, "/admin/purge", "POST"),
         (http::Method::GET, "/admin/reload", "POST"),
         (http::Method::PUT, "/admin/budget/resume", "POST"),
-        (http::Method::POST, "/admin/status", "GET"),
+        (http::Method::POST, "/admin/status", "GET, HEAD"),
+        (http::Method::POST, "/metrics", "GET, HEAD"),
+        (http::Method::DELETE, "/healthz", "GET, HEAD"),
+        (http::Method::PUT, "/readyz", "GET, HEAD"),
     ] {
         let (status, headers, body) =
             admin_call(method.clone(), &format!("{admin}{endpoint}")).await;
@@ -725,6 +728,16 @@ async fn admin_wrong_methods_get_405_and_a_failed_reload_is_logged() {
             body["error"] == "method_not_allowed" && body["error_description"].is_string(),
             "expected the error envelope, saw {body}"
         );
+    }
+    // HEAD works wherever GET does (RFC 9110 9.3.2): probes and scrapers send it.
+    for endpoint in ["/healthz", "/readyz", "/metrics", "/admin/status"] {
+        let (status, _, body) = admin_call(http::Method::HEAD, &format!("{admin}{endpoint}")).await;
+        assert_eq!(
+            status,
+            http::StatusCode::OK,
+            "expected 200 for HEAD {endpoint}, saw {status} {body}"
+        );
+        assert_eq!(body, serde_json::Value::Null, "HEAD {endpoint} sent a body");
     }
     let (status, _, _) = admin_call(http::Method::GET, &format!("{admin}/admin/nothing")).await;
     assert_eq!(
