@@ -250,6 +250,11 @@ impl Admin {
             .map_err(AdminError::Unreadable)?
             .to_bytes();
         let spec: Value = serde_json::from_slice(&body).map_err(AdminError::Json)?;
+        if !members_unique(&body) {
+            // A JSON object keeps the last of two equal names: `{"tags":["me"],"tags":["x"]}`
+            // would purge `x` alone, silently.
+            return Err(AdminError::BadPurge("a purge body names each member once"));
+        }
         check_purge(&spec)?;
         let cache = self.gateway.cache();
         // What the other replicas (if any) must drop too.
@@ -314,6 +319,29 @@ impl Admin {
 /// nothing beside it, so no body is read as less than its sender meant (`{"tags":[..],
 /// "all":true}` purging everything, a `path` with a query purging nothing: a path purge
 /// drops every query of the path already, and the query is not part of what it matches).
+/// Whether the top-level object of `body` (already parsed as JSON) names no member twice.
+fn members_unique(body: &[u8]) -> bool {
+    struct Names;
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut unique = true;
+            while let Some(name) = map.next_key::<String>()? {
+                unique &= seen.insert(name);
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+            Ok(unique)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // Anything but an object is refused by `check_purge`.
+    serde::Deserializer::deserialize_any(&mut de, Names).unwrap_or(true)
+}
+
 fn check_purge(spec: &Value) -> Result<(), AdminError> {
     const EXPECTED: &str = "expected exactly one of {\"tags\":[...]}, {\"path\":\"/me\"} \
                             or {\"all\":true}, and nothing else";

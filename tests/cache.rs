@@ -931,6 +931,9 @@ async fn admin_purge_by_tag_path_and_all() {
         r#"{"all":false}"#,
         r#"{"path":"/me","extra":1}"#,
         r#"["/me"]"#,
+        // JSON keeps the last of two equal names: this would purge `zzz` alone.
+        r#"{"tags":["me"],"tags":["zzz"]}"#,
+        r#"{"path":"/me","path":"/x"}"#,
     ] {
         let a = purge(&env, bad).await;
         assert_eq!(
