@@ -795,6 +795,16 @@ impl Redis {
         self.inner.repairs.note(repairs::label(suffix), key, what);
     }
 
+    /// [`Redis::repaired`] for a value told apart by `value` (a digest of it): another
+    /// value than the one repaired last is a new incident, said at once.
+    pub fn repaired_value(&self, key: &str, value: u64, what: &str) {
+        let prefix = hash_tagged(&self.inner.prefix, "");
+        let suffix = key.strip_prefix(prefix.as_str()).unwrap_or(key);
+        self.inner
+            .repairs
+            .note_value(repairs::label(suffix), key, Some(value), what);
+    }
+
     /// This replica's unique id (lock values, message senders).
     pub fn id(&self) -> &str {
         &self.inner.id

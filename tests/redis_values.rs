@@ -282,3 +282,84 @@ async fn a_budget_key_of_the_wrong_type_is_replaced_not_called_an_outage() {
         "expected one warning saying the key held the wrong type and was replaced, saw:\n{log}"
     );
 }
+
+impl Setup {
+    async fn set(&self, suffix: &str, value: &str) {
+        let mut redis = self.conn().await;
+        let () = redis::cmd("SET")
+            .arg(self.key(suffix))
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .expect("plant a value");
+    }
+
+    async fn value(&self, suffix: &str) -> Option<String> {
+        let mut redis = self.conn().await;
+        redis::cmd("GET")
+            .arg(self.key(suffix))
+            .query_async(&mut redis)
+            .await
+            .expect("read a value")
+    }
+
+    /// Whether the token record parses as JSON (a replica wrote it).
+    async fn record_readable(&self) -> bool {
+        self.value("token")
+            .await
+            .is_some_and(|t| serde_json::from_str::<serde_json::Value>(&t).is_ok())
+    }
+
+    /// Polls `done` every 50 ms for up to 10 s; true once it holds.
+    async fn eventually(&self, mut done: impl FnMut(&Setup) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        done(self)
+    }
+}
+
+/// The outside tester's M6: a token record that is no JSON is counted and warned about;
+/// after the replica replaced it, the same text planted again (the same incident) is
+/// counted but not warned again, and another text is a new incident, warned at once.
+/// Before, any unreadable record within a minute of the first went unsaid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_record_is_warned_once_per_planted_value() {
+    let Some(s) = Setup::start("redis-values-record").await else {
+        return;
+    };
+    let series = "cxgate_redis_repairs_total{key=\"token\"}";
+    let warned = |s: &Setup| s.lines_with(&["record is unreadable"]).len();
+    for (round, text, warnings) in [
+        (1, "planted A", 1),
+        (2, "planted A", 1),
+        (3, "planted B", 2),
+    ] {
+        s.set("token", text).await;
+        assert!(
+            s.eventually(|s| warned(s) >= warnings).await,
+            "round {round}: expected {warnings} warning(s):\n{}",
+            s.proc.output()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.record_readable().await && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            s.record_readable().await,
+            "round {round}: expected the record replaced"
+        );
+        // Past the watcher's next look, which reads the replaced record.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            s.metric(series).await,
+            Some(f64::from(round)),
+            "round {round}: expected each planted record counted"
+        );
+        assert_eq!(warned(&s), warnings, "round {round}: warnings");
+    }
+}

@@ -119,8 +119,9 @@ pub(crate) struct SharedToken {
     /// bad record is warned about once per incident, not per poll: a good record adopted,
     /// written or matching this replica's token ends the incident.
     warned: AtomicU64,
-    /// The record read last was unreadable (warned once per spell).
-    unreadable: AtomicBool,
+    /// The fingerprint of the record read last when it was unreadable (0: it was not), so
+    /// one planted text is counted once while it stays, and warned once per text.
+    unreadable: AtomicU64,
 }
 
 impl SharedToken {
@@ -135,7 +136,7 @@ impl SharedToken {
             unshared: AtomicBool::new(false),
             spent_alone: std::sync::Mutex::new(Vec::new()),
             warned: AtomicU64::new(0),
-            unreadable: AtomicBool::new(false),
+            unreadable: AtomicU64::new(0),
         }
     }
 
@@ -198,12 +199,15 @@ impl SharedToken {
             })
         });
         let parsed = parsed.flatten();
-        // Only the shape is logged (the text may hold a token), once until a readable record
-        // is seen again: the watcher reads every second.
-        let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
-        if parsed.is_none() && !was_unreadable {
-            self.redis.repaired(
+        // Only the shape is logged (the text may hold a token), once per planted value: the
+        // watcher reads every second, so the same text found again is the same incident,
+        // and another text (planted again after the repair, or changed) a new one.
+        let unreadable = if parsed.is_none() { fingerprint } else { 0 };
+        let before = self.unreadable.swap(unreadable, Ordering::AcqRel);
+        if parsed.is_none() && before != fingerprint {
+            self.redis.repaired_value(
                 &self.record_key,
+                fingerprint,
                 "the shared token record is unreadable; it will be replaced",
             );
         }
@@ -254,6 +258,9 @@ impl SharedToken {
         if written == 1 {
             self.seen.store(version, Ordering::Release);
             self.incident_over();
+            // What was unreadable is replaced: the same text planted again is repaired
+            // (and counted) again, though warned about only once.
+            self.unreadable.store(0, Ordering::Release);
         }
         Ok(written == 1)
     }
