@@ -99,7 +99,7 @@ impl Inner {
     ///   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
     ///   "the endpoint consumed the old refresh token" and "the new one is saved".
     /// - The new token is written to the token file before it is published in memory (see
-    ///   [`Inner::refresh_local`]).
+    ///   [`Inner::exchange`]).
     /// - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
     ///   with the refresh token the first one is spending.
     pub async fn refresh(self: &Arc<Self>, seen: u64, force: bool) -> Result<Current, TokenError> {
@@ -163,12 +163,28 @@ impl Inner {
         }
     }
 
-    /// One exchange: spend the refresh token, save the answer, then publish it.
+    /// [`Inner::exchange`] with nothing to fall back to: an `invalid_grant` means
+    /// re-authorisation, said as the error it is.
+    pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
+        let generation = self.lock().generation;
+        let result = self.exchange().await;
+        if let Err(err) = &result {
+            if err.needs_reauthorisation() {
+                say_reauthorisation(generation);
+            }
+        }
+        result
+    }
+
+    /// One exchange: spend the refresh token, save the answer, then publish it. An
+    /// `invalid_grant` marks the replica as needing re-authorisation but is not said: a
+    /// caller with a fallback (a pair held before) tries it first, and says it only when
+    /// nothing worked ([`say_reauthorisation`]).
     ///
     /// A crash leaves the whole old file or the whole new one; only a crash in the few
     /// milliseconds between the endpoint's answer and the rename leaves the old, already
     /// spent refresh token, which no client of a rotate-once endpoint can avoid.
-    pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
+    pub(crate) async fn exchange(&self) -> Result<(), TokenError> {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };
@@ -195,10 +211,9 @@ impl Inner {
                 if err.needs_reauthorisation() {
                     state.reauth = true;
                     state.bury(&spent);
-                    error!(
+                    info!(
                         generation,
-                        "re-authorisation needed: the token endpoint refused the refresh token \
-                         (invalid_grant); authorise again and run `cxgate token init`"
+                        "the token endpoint refused the refresh token held (invalid_grant)"
                     );
                 } else {
                     let failures = state.failures;
@@ -355,6 +370,15 @@ impl Inner {
         );
         Ok(Some(state.generation))
     }
+}
+
+/// Says that the token endpoint refused the refresh token and nothing else worked.
+pub(crate) fn say_reauthorisation(generation: u64) {
+    error!(
+        generation,
+        "re-authorisation needed: the token endpoint refused the refresh token \
+         (invalid_grant); authorise again and run `cxgate token init`"
+    );
 }
 
 enum Plan {

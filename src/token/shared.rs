@@ -653,7 +653,10 @@ impl Inner {
         };
         // A refresh token another replica already had refused is not presented again: this
         // replica needs re-authorisation as much as that one did.
-        let spent = self.lock().record.refresh.clone();
+        let (spent, generation) = {
+            let state = self.lock();
+            (state.record.refresh.clone(), state.generation)
+        };
         if let Some(spent) = &spent {
             if shared.was_refused(spent).await {
                 self.lock().bury(spent);
@@ -686,7 +689,7 @@ impl Inner {
             }
         }
         let keeper = shared.spawn_keeper();
-        let result = self.refresh_local().await;
+        let result = self.exchange().await;
         keeper.abort();
         if let (Ok(()), Some(spent)) = (&result, &spent) {
             shared.mark_spent(spent).await;
@@ -699,6 +702,7 @@ impl Inner {
                     shared.release().await;
                     return outcome;
                 }
+                super::refresh::say_reauthorisation(generation);
             }
         }
         if result.is_ok() {
@@ -806,7 +810,7 @@ impl Inner {
             }
         }
         let mut passed_over = 0;
-        for (record, proven) in candidates {
+        for (record, _) in candidates {
             let Some(refresh) = record.refresh.clone() else {
                 continue;
             };
@@ -824,10 +828,7 @@ impl Inner {
                 passed_over += 1;
                 continue;
             }
-            match self
-                .restore(shared, version, record, proven, &rejected)
-                .await
-            {
+            match self.restore(shared, version, record).await {
                 Err(err) if err.needs_reauthorisation() => continue,
                 outcome => return Some(outcome),
             }
@@ -865,69 +866,48 @@ impl Inner {
         }
     }
 
-    /// Installs `record`, a pair held before the refused one, and offers it as the next
-    /// version so the other replicas recover too. A refresh token this replica never used
-    /// (another replica's record) is refreshed with at once, so only a proven one is ever
-    /// installed untried; so is a proven one whose access token is the one just refused or
-    /// has expired (a replayed request must not carry it again). The proven pair installed
-    /// as is goes to the token file first; a refreshed one reaches it through the refresh.
+    /// Installs `record`, a pair held before the refused one, refreshes with its refresh
+    /// token at once, and offers the result as the next version so the other replicas
+    /// recover too. Always refreshed, a proven pair too: the caller was refreshing (an
+    /// upstream 401, or a token about to expire), so the access token it held before may be
+    /// refused as well (every access token revoked), and the request waiting on this
+    /// refresh is replayed once, with what this gives it. The new pair reaches the token
+    /// file through the refresh.
     async fn restore(
         &self,
         shared: &SharedToken,
         version: Option<u64>,
         record: TokenRecord,
-        proven: bool,
-        rejected: &super::Secret,
     ) -> Result<(), TokenError> {
-        let Source::File(path) = &self.source else {
+        if !matches!(self.source, Source::File(_)) {
             return Err(TokenError::NotRefreshable);
-        };
+        }
         let record = TokenRecord {
             adopted: false,
             ..record
         };
         let now = Instant::now();
         let expires = record.expires_at.map(|at| to_instant(at, now));
-        let expired = expires.is_some_and(|at| at <= now);
-        let refresh_now = !proven || record.access == *rejected || expired;
         let rejected_version = version.unwrap_or(shared.seen.load(Ordering::Acquire));
-        if refresh_now {
-            {
-                let mut state = self.lock();
-                state.replace(record.clone(), expires, now);
-                state.refreshed_at = Some(now);
-            }
-            let Some(refresh) = &record.refresh else {
-                return Err(TokenError::NotRefreshable);
-            };
-            let keeper = shared.spawn_keeper();
-            let refreshed = self.refresh_local().await;
-            keeper.abort();
-            if refreshed.is_ok() {
-                shared.mark_spent(refresh).await;
-            }
-            if let Err(err) = refreshed {
-                if err.needs_reauthorisation() {
-                    shared.mark_refused(refresh).await;
-                }
-                return Err(err);
-            }
-        } else {
-            let stamp = match file::persist(path, &record).await {
-                Ok(stamp) => Some(stamp),
-                Err(err) => {
-                    warn!(error = %err, "restored token could not be saved to the token file");
-                    None
-                }
-            };
+        {
             let mut state = self.lock();
             state.replace(record.clone(), expires, now);
             state.refreshed_at = Some(now);
-            state.unsaved = stamp.is_none();
-            if stamp.is_some() {
-                state.file_stamp = stamp;
+        }
+        let Some(refresh) = &record.refresh else {
+            return Err(TokenError::NotRefreshable);
+        };
+        let keeper = shared.spawn_keeper();
+        let refreshed = self.exchange().await;
+        keeper.abort();
+        if refreshed.is_ok() {
+            shared.mark_spent(refresh).await;
+        }
+        if let Err(err) = refreshed {
+            if err.needs_reauthorisation() {
+                shared.mark_refused(refresh).await;
             }
-            state.trust();
+            return Err(err);
         }
         let (offer, generation) = {
             let state = self.lock();
@@ -943,7 +923,6 @@ impl Inner {
             version = rejected_version,
             generation,
             offered,
-            refreshed = refresh_now,
             "shared token record rejected: the token endpoint refused its refresh token \
              (invalid_grant); back to a refresh token this replica held before it, which no \
              replica presented since, offered to the other replicas"
