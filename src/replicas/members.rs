@@ -147,6 +147,20 @@ return out
     ))
 });
 
+/// The ids listed in the registry (KEYS[1]) as live now; ARGV: the list's bound in bytes,
+/// the furthest end in ms.
+static LISTED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{READ_MEMBERS}
+local out = {{}}
+for _, m in ipairs(read_members(now, tonumber(ARGV[1]), tonumber(ARGV[2]))) do
+  out[#out + 1] = m[1]
+end
+return out
+"
+    ))
+});
+
 /// The count of publications (KEYS[1]) and the copies numbered ARGV[2] up to it, at most
 /// ARGV[3] of them (ARGV[1]: the log keys' prefix): the epoch and the count (both false
 /// when there is none, or it is past [`MAX_SEQ`]), then each copy (false when it expired).
@@ -237,6 +251,21 @@ impl Redis {
     /// Says in the registry that this replica listens, for [`JOIN_LASTS`].
     pub(super) async fn join(&self) -> Result<(), Unavailable> {
         self.set_membership(JOIN_LASTS).await
+    }
+
+    /// The replicas listed in the registry as listening now (this one included when it
+    /// is), each call under `op` in `cxgate_redis_errors_total`.
+    pub async fn listed(&self, op: &'static str) -> Result<Vec<String>, Unavailable> {
+        let key = self.members_key();
+        self.run_within(op, PATIENT_CALL_TIMEOUT, |mut c| async move {
+            LISTED
+                .key(&key)
+                .arg(MAX_MEMBERS_BYTES)
+                .arg(JOIN_LASTS.as_millis() as u64 * 2)
+                .invoke_async::<Vec<String>>(&mut c)
+                .await
+        })
+        .await
     }
 
     /// Takes this replica out of the registry (at shutdown), so no write waits for it.

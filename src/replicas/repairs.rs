@@ -32,6 +32,8 @@ pub(super) const KEYS: &[&str] = &[
     "budget:assumed",
     "token",
     "token:lock",
+    "token:spent",
+    "token:refused",
     "tables",
     "cache:lock",
     "cache:generation",
@@ -148,6 +150,7 @@ pub(super) fn label(suffix: &str) -> &'static str {
         ("cache:gen", "cache:generation"),
         ("cache:set:", "cache:generation"),
         ("cache:entry:", "cache:entry"),
+        ("token:spent:", "token:spent"),
     ] {
         if suffix.starts_with(start) {
             return k;

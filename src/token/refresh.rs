@@ -115,7 +115,7 @@ impl Inner {
                     if !self.refreshable(&state) {
                         return Err(TokenError::NotRefreshable);
                     }
-                    if state.reauth {
+                    if state.reauth && !state.held_back {
                         return Err(TokenError::InvalidGrant);
                     }
                     if let Some((at, err)) = &state.last_failure {
@@ -210,6 +210,7 @@ impl Inner {
                 state.failures += 1;
                 if err.needs_reauthorisation() {
                     state.reauth = true;
+                    state.held_back = false;
                     state.bury(&spent);
                     info!(
                         generation,
@@ -459,6 +460,14 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 // Woken, the file was just read again (a reload): plan afresh.
                 if !nap(&inner, Instant::now() + FILE_POLL).await {
                     inner.reload_if_changed().await;
+                }
+                // Held back by another replica's marker only: look whether it still stands.
+                let again = {
+                    let state = inner.lock();
+                    (state.reauth && state.held_back).then_some(state.generation)
+                };
+                if let Some(generation) = again {
+                    let _ = inner.refresh(generation, true).await;
                 }
             }
             Plan::RefreshAt { at, generation } => {
