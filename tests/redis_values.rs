@@ -323,6 +323,58 @@ impl Setup {
     }
 }
 
+/// A `budget:learning` marker no replica sets (another value than a replica's, no expiry)
+/// was deleted by the next answer without a word: it is counted under `budget:learning`
+/// and warned about like the other repairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_learning_marker_is_counted_and_said() {
+    let Some(s) = Setup::start("redis-values-learning").await else {
+        return;
+    };
+    assert_eq!(s.read("/me/permissions?first=1").await, StatusCode::OK);
+    s.set("budget:learning", "planted").await;
+    assert_eq!(s.read("/me/permissions?learning=1").await, StatusCode::OK);
+    let series = "cxgate_redis_repairs_total{key=\"budget:learning\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric(series).await != Some(1.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.metric(series).await,
+        Some(1.0),
+        "expected {series} counted"
+    );
+    assert_eq!(
+        s.lines_with(&["budget:learning", "no replica"]).len(),
+        1,
+        "expected one warning naming budget:learning:\n{}",
+        s.proc.output()
+    );
+    assert_eq!(
+        s.value("budget:learning").await,
+        None,
+        "expected it deleted"
+    );
+}
+
+/// A budget value that does not parse is said to be unreadable, not "further ahead" than
+/// anything: the warning says what was found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_budget_value_is_said_unreadable() {
+    let Some(s) = Setup::start("redis-values-garbled").await else {
+        return;
+    };
+    s.set("budget:global", "abc").await;
+    assert_eq!(s.read("/me/permissions?garbled=1").await, StatusCode::OK);
+    let said = s.lines_with(&["budget:global", "no replica writes"]);
+    assert_eq!(said.len(), 1, "expected one warning:\n{}", s.proc.output());
+    assert!(
+        said[0].contains("unreadable") && !said[0].contains("further ahead"),
+        "expected the value called unreadable, saw {}",
+        said[0]
+    );
+}
+
 /// The outside tester's M6: a token record that is no JSON is counted and warned about;
 /// after the replica replaced it, the same text planted again (the same incident) is
 /// counted but not warned again, and another text is a new incident, warned at once.
