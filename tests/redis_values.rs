@@ -323,6 +323,45 @@ impl Setup {
     }
 }
 
+/// The outside tester's M4: a `budget:probe` planted in no form a replica writes (a bare
+/// time ten minutes ahead) refused every miss for 30 s with a `Retry-After` of 1 while
+/// `/admin/status` showed no pause. A probe marker holds calls only while the replica it
+/// names has calls out; this one is dropped, counted under `budget:probe` and said
+/// unreadable, and the miss is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_probe_marker_refuses_no_call() {
+    let Some(s) = Setup::start("redis-values-probe").await else {
+        return;
+    };
+    assert_eq!(s.read("/me/permissions?first=1").await, StatusCode::OK);
+    let ahead = s.redis_now_us().await + 600_000_000;
+    s.set("budget:probe", &ahead.to_string()).await;
+    let status = s.read("/me/permissions?probe=1").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "expected a miss served despite the planted probe marker:\n{}",
+        s.proc.output()
+    );
+    let series = "cxgate_redis_repairs_total{key=\"budget:probe\"}";
+    assert_eq!(
+        s.metric(series).await,
+        Some(1.0),
+        "expected {series} counted"
+    );
+    assert_eq!(
+        s.lines_with(&["budget:probe", "unreadable"]).len(),
+        1,
+        "expected one warning calling the marker unreadable:\n{}",
+        s.proc.output()
+    );
+    // One naming a replica with no calls out is no probe in flight: the next call is the
+    // probe, and it goes.
+    s.set("budget:probe", &format!("{ahead}:nosuchreplica0001"))
+        .await;
+    assert_eq!(s.read("/me/permissions?probe=2").await, StatusCode::OK);
+}
+
 /// A `budget:learning` marker no replica sets (another value than a replica's, no expiry)
 /// was deleted by the next answer without a word: it is counted under `budget:learning`
 /// and warned about like the other repairs.

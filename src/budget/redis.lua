@@ -500,13 +500,36 @@ if pause ~= nil and pause > now then
   return reply({3, pause - now})
 end
 
-local probe = number(KEYS[9])
+-- The blind pause's probe as stored: nil (none), 0 (due), or until when the probe taken
+-- is out. A replica that takes it stores "<until>:<its id>", and the marker holds the
+-- others' calls only while that replica's record counts calls out (the probe is one of
+-- them): one naming a replica with none is due again (the replica is gone, or the answer
+-- was lost), and text in no form a replica writes is dropped (so a planted marker refuses
+-- no call).
+local function probe_state()
+  local raw = read(KEYS[9])
+  if raw == nil then return nil end
+  if raw == '0' then return 0 end
+  local u, id = string.match(raw, '^(%d+):(%w+)$')
+  if u == nil or #u > 20 then
+    redis.call('DEL', KEYS[9])
+    garbled = flag(garbled, KEYS[9])
+    return nil
+  end
+  local r = t[id]
+  if r == nil or r[3] <= 0 then
+    redis.call('SET', KEYS[9], '0', 'KEEPTTL')
+    return 0
+  end
+  return tonumber(u), id
+end
+local probe, prober = probe_state()
 -- A probe out longer than any replica claims one for is no replica's: it holds the calls
 -- no longer than a claim would.
 local claim = tonumber(P[12]) or 0
 if probe ~= nil and probe > now + math.max(claim, 1000000) then
   probe = now + math.max(claim, 1000000)
-  redis.call('SET', KEYS[9], string.format('%.0f', probe), 'PX', math.floor(claim / 1000) + 3600000)
+  redis.call('SET', KEYS[9], string.format('%.0f:%s', probe, prober), 'PX', math.floor(claim / 1000) + 3600000)
   fixed = flag(fixed, KEYS[9])
 end
 if probe ~= nil and probe > now then return reply({3, math.min(probe - now, 1000000)}) end
@@ -573,7 +596,7 @@ end
 local probing = 0
 if probe ~= nil then
   local claim = tonumber(P[12])
-  redis.call('SET', KEYS[9], string.format('%.0f', now + claim), 'PX', math.floor(claim / 1000) + 3600000)
+  redis.call('SET', KEYS[9], string.format('%.0f:%s', now + claim, ARGV[2]), 'PX', math.floor(claim / 1000) + 3600000)
   probing = 1
 end
 return reply({0, gw, c, c_after, g, g_after, now, probing})
