@@ -4708,6 +4708,60 @@ async fn a_stray_subscriber_on_the_channel_is_not_waited_for() {
     c.stop().await;
 }
 
+/// The outside tester's registry finding: `{prefix}:replicas` replaced by a value no
+/// replica writes made every write `alone` (unwaited) until the replicas wrote themselves
+/// in again, up to 2 s later. A publication that finds the registry without its own live
+/// entry waits for the replicas listed at its last heartbeat too: the other replica's
+/// acknowledgement is awaited and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_registry_does_not_make_a_write_go_unwaited() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = cluster(
+        2,
+        SimOptions::default(),
+        "limit = 100000\nperiod = \"1s\"\nburst = 10000",
+    )
+    .await
+    else {
+        return;
+    };
+    let mut redis = conn(&c.redis).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let list: Option<String> = redis::cmd("GET")
+            .arg(key(&c, "replicas"))
+            .query_async(&mut redis)
+            .await
+            .expect("read the registry");
+        if list.unwrap_or_default().lines().count() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected both replicas listed (setup)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One heartbeat of each replica with the other listed.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let () = redis::cmd("SET")
+        .arg(key(&c, "replicas"))
+        .arg("planted")
+        .query_async(&mut redis)
+        .await
+        .expect("plant a registry");
+    write_note(&c, 0, "/12345/inbox/contact/twitter/78", "registry").await;
+    let alone = "cxgate_redis_invalidations_total{result=\"alone\"}";
+    let ack = "cxgate_redis_invalidations_total{result=\"acknowledged\"}";
+    assert_eq!(
+        (counted(&c, 0, alone).await, counted(&c, 0, ack).await),
+        (0.0, 1.0),
+        "expected the write to wait for the other replica's acknowledgement (alone, \
+         acknowledged)"
+    );
+    c.stop().await;
+}
+
 /// What an operator sees of the shared tier: `POST /admin/purge` says how many shared
 /// entries it deleted beside this replica's own, and `/admin/status` (and the status
 /// page) has a section for the tier with its lookups and writes by result.
