@@ -172,12 +172,13 @@ async fn planted_markers_for_a_proven_refresh_token_are_tried_not_believed() {
 
 /// A spent marker whose value names a listed replica is believed (presenting a rotated
 /// refresh token again would be a reuse): the replica needs re-authorisation and says so,
-/// and never presents the token. Deleting the marker recovers: the next request refreshes
-/// and is served. Before, the replica stayed at 503 until `cxgate token init`.
+/// and never presents the token, not even alone while Redis is away and the marker cannot
+/// be looked at. Deleting the marker recovers: the next request refreshes and is served.
+/// Before, the replica stayed at 503 until `cxgate token init`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_marker_from_a_listed_replica_is_believed_and_deleting_it_recovers() {
     let _one = SERIAL.lock().await;
-    let Some(p) = pair().await else {
+    let Some(mut p) = pair().await else {
         return;
     };
     let ids = settled(&p).await;
@@ -200,6 +201,28 @@ async fn a_marker_from_a_listed_replica_is_believed_and_deleting_it_recovers() {
         refreshes,
         "expected the refresh token a listed replica marked spent never presented"
     );
+    // Redis away: the marker cannot be looked at, and the token is not presented alone.
+    p.redis.stop();
+    let up = "cxgate_redis_up";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&p, 0, up).await != Some(0.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        serves(&p, 0, "away").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        p.sim.stats()["token_refreshes"].as_u64().unwrap_or(0),
+        refreshes,
+        "expected the marked refresh token not presented while Redis is away"
+    );
+    p.redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while metric(&p, 0, up).await != Some(1.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut redis = p.conn().await;
     let _: i64 = redis::cmd("DEL")
         .arg(p.key(&key))

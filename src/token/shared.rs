@@ -653,6 +653,11 @@ impl Inner {
 
     /// Redis is unreachable: refresh as a single gateway would, and remember to offer it.
     async fn refresh_alone(&self, shared: &SharedToken) -> Result<(), TokenError> {
+        // Held back by a marker another replica set: without Redis it cannot be looked at
+        // again, and presenting a token a replica spent would be a reuse.
+        if self.lock().held_back {
+            return Err(TokenError::InvalidGrant);
+        }
         warn!("shared token store unreachable; refreshing from this replica's own token file");
         let spent = self.lock().record.refresh.clone();
         let result = self.refresh_local().await;
