@@ -377,6 +377,11 @@ struct Inner {
     pending: Mutex<Vec<(Invalidation, u64)>>,
     /// Other replicas listed as listening at this replica's last heartbeat (see `members`).
     others_live: AtomicUsize,
+    /// This replica's last heartbeat: until when its own entry lasts, and the others then
+    /// listed with the ends of their entries (on tokio's clock). A publication that finds
+    /// the registry without this replica's entry, before that entry's end, found a registry
+    /// that lost live entries: it also waits for these.
+    last_join: Mutex<Option<members::Heartbeat>>,
     /// The highest publication this replica heard or replayed (see `members`).
     heard: Mutex<Option<members::Position>>,
     /// The oldest publication the probe saw made that this replica has not heard yet, and
@@ -758,6 +763,7 @@ impl Redis {
                 errors,
                 pending: Mutex::new(Vec::new()),
                 others_live: AtomicUsize::new(0),
+                last_join: Mutex::new(None),
                 heard: Mutex::new(None),
                 lag: Mutex::new(None),
                 stalled: tokio::sync::Notify::new(),
@@ -793,6 +799,16 @@ impl Redis {
         let prefix = hash_tagged(&self.inner.prefix, "");
         let suffix = key.strip_prefix(prefix.as_str()).unwrap_or(key);
         self.inner.repairs.note(repairs::label(suffix), key, what);
+    }
+
+    /// [`Redis::repaired`] for a value told apart by `value` (a digest of it): another
+    /// value than the one repaired last is a new incident, said at once.
+    pub fn repaired_value(&self, key: &str, value: u64, what: &str) {
+        let prefix = hash_tagged(&self.inner.prefix, "");
+        let suffix = key.strip_prefix(prefix.as_str()).unwrap_or(key);
+        self.inner
+            .repairs
+            .note_value(repairs::label(suffix), key, Some(value), what);
     }
 
     /// This replica's unique id (lock values, message senders).
@@ -1096,13 +1112,12 @@ impl Redis {
             Ok(published) => published,
             Err(_) => return Err(message.what),
         };
-        let result = if published.others.is_empty() {
+        let expected = self.expected(published);
+        let result = if expected.is_empty() {
             self.inner.acks.count("alone", 0, PATIENT_CALL_TIMEOUT);
             "alone"
         } else {
-            let missing = waiter
-                .missing(&published.others, PATIENT_CALL_TIMEOUT)
-                .await;
+            let missing = waiter.missing(&expected, PATIENT_CALL_TIMEOUT).await;
             let result = if missing == 0 {
                 "acknowledged"
             } else {
@@ -1115,6 +1130,40 @@ impl Redis {
             result,
             shared_removed,
         })
+    }
+
+    /// The replicas a publication waits for: those listed when it went out, and when the
+    /// registry had lost this replica's own live entry (Redis emptied, or the key replaced
+    /// by a value no replica wrote), also those listed at this replica's last heartbeat
+    /// whose entries have not ended: a registry no live replica answers for must not make
+    /// a write go unwaited ("alone"). It is written again at once.
+    fn expected(&self, published: members::Published) -> Vec<String> {
+        let mut expected = published.others;
+        if published.listed_self {
+            return expected;
+        }
+        let now = tokio::time::Instant::now();
+        let remembered = match &*lock(&self.inner.last_join) {
+            Some(beat) if beat.own_end > now => beat
+                .others
+                .iter()
+                .filter(|(_, end)| *end > now)
+                .map(|(id, _)| id.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        if !remembered.is_empty() {
+            let redis = self.clone();
+            tokio::spawn(async move {
+                let _ = redis.join().await;
+            });
+        }
+        for id in remembered {
+            if !expected.contains(&id) {
+                expected.push(id);
+            }
+        }
+        expected
     }
 
     fn keep_pending(&self, what: Invalidation, id: u64) {

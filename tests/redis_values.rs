@@ -282,3 +282,175 @@ async fn a_budget_key_of_the_wrong_type_is_replaced_not_called_an_outage() {
         "expected one warning saying the key held the wrong type and was replaced, saw:\n{log}"
     );
 }
+
+impl Setup {
+    async fn set(&self, suffix: &str, value: &str) {
+        let mut redis = self.conn().await;
+        let () = redis::cmd("SET")
+            .arg(self.key(suffix))
+            .arg(value)
+            .query_async(&mut redis)
+            .await
+            .expect("plant a value");
+    }
+
+    async fn value(&self, suffix: &str) -> Option<String> {
+        let mut redis = self.conn().await;
+        redis::cmd("GET")
+            .arg(self.key(suffix))
+            .query_async(&mut redis)
+            .await
+            .expect("read a value")
+    }
+
+    /// Whether the token record parses as JSON (a replica wrote it).
+    async fn record_readable(&self) -> bool {
+        self.value("token")
+            .await
+            .is_some_and(|t| serde_json::from_str::<serde_json::Value>(&t).is_ok())
+    }
+
+    /// Polls `done` every 50 ms for up to 10 s; true once it holds.
+    async fn eventually(&self, mut done: impl FnMut(&Setup) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        done(self)
+    }
+}
+
+/// The outside tester's M4: a `budget:probe` planted in no form a replica writes (a bare
+/// time ten minutes ahead) refused every miss for 30 s with a `Retry-After` of 1 while
+/// `/admin/status` showed no pause. A probe marker holds calls only while the replica it
+/// names has calls out; this one is dropped, counted under `budget:probe` and said
+/// unreadable, and the miss is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_probe_marker_refuses_no_call() {
+    let Some(s) = Setup::start("redis-values-probe").await else {
+        return;
+    };
+    assert_eq!(s.read("/me/permissions?first=1").await, StatusCode::OK);
+    let ahead = s.redis_now_us().await + 600_000_000;
+    s.set("budget:probe", &ahead.to_string()).await;
+    let status = s.read("/me/permissions?probe=1").await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "expected a miss served despite the planted probe marker:\n{}",
+        s.proc.output()
+    );
+    let series = "cxgate_redis_repairs_total{key=\"budget:probe\"}";
+    assert_eq!(
+        s.metric(series).await,
+        Some(1.0),
+        "expected {series} counted"
+    );
+    assert_eq!(
+        s.lines_with(&["budget:probe", "unreadable"]).len(),
+        1,
+        "expected one warning calling the marker unreadable:\n{}",
+        s.proc.output()
+    );
+    // One naming a replica with no calls out is no probe in flight: the next call is the
+    // probe, and it goes.
+    s.set("budget:probe", &format!("{ahead}:nosuchreplica0001"))
+        .await;
+    assert_eq!(s.read("/me/permissions?probe=2").await, StatusCode::OK);
+}
+
+/// A `budget:learning` marker no replica sets (another value than a replica's, no expiry)
+/// was deleted by the next answer without a word: it is counted under `budget:learning`
+/// and warned about like the other repairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_learning_marker_is_counted_and_said() {
+    let Some(s) = Setup::start("redis-values-learning").await else {
+        return;
+    };
+    assert_eq!(s.read("/me/permissions?first=1").await, StatusCode::OK);
+    s.set("budget:learning", "planted").await;
+    assert_eq!(s.read("/me/permissions?learning=1").await, StatusCode::OK);
+    let series = "cxgate_redis_repairs_total{key=\"budget:learning\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.metric(series).await != Some(1.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.metric(series).await,
+        Some(1.0),
+        "expected {series} counted"
+    );
+    assert_eq!(
+        s.lines_with(&["budget:learning", "no replica"]).len(),
+        1,
+        "expected one warning naming budget:learning:\n{}",
+        s.proc.output()
+    );
+    assert_eq!(
+        s.value("budget:learning").await,
+        None,
+        "expected it deleted"
+    );
+}
+
+/// A budget value that does not parse is said to be unreadable, not "further ahead" than
+/// anything: the warning says what was found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unparsable_budget_value_is_said_unreadable() {
+    let Some(s) = Setup::start("redis-values-garbled").await else {
+        return;
+    };
+    s.set("budget:global", "abc").await;
+    assert_eq!(s.read("/me/permissions?garbled=1").await, StatusCode::OK);
+    let said = s.lines_with(&["budget:global", "no replica writes"]);
+    assert_eq!(said.len(), 1, "expected one warning:\n{}", s.proc.output());
+    assert!(
+        said[0].contains("unreadable") && !said[0].contains("further ahead"),
+        "expected the value called unreadable, saw {}",
+        said[0]
+    );
+}
+
+/// The outside tester's M6: a token record that is no JSON is counted and warned about;
+/// after the replica replaced it, the same text planted again (the same incident) is
+/// counted but not warned again, and another text is a new incident, warned at once.
+/// Before, any unreadable record within a minute of the first went unsaid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_record_is_warned_once_per_planted_value() {
+    let Some(s) = Setup::start("redis-values-record").await else {
+        return;
+    };
+    let series = "cxgate_redis_repairs_total{key=\"token\"}";
+    let warned = |s: &Setup| s.lines_with(&["record is unreadable"]).len();
+    for (round, text, warnings) in [
+        (1, "planted A", 1),
+        (2, "planted A", 1),
+        (3, "planted B", 2),
+    ] {
+        s.set("token", text).await;
+        assert!(
+            s.eventually(|s| warned(s) >= warnings).await,
+            "round {round}: expected {warnings} warning(s):\n{}",
+            s.proc.output()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !s.record_readable().await && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            s.record_readable().await,
+            "round {round}: expected the record replaced"
+        );
+        // Past the watcher's next look, which reads the replaced record.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            s.metric(series).await,
+            Some(f64::from(round)),
+            "round {round}: expected each planted record counted"
+        );
+        assert_eq!(warned(&s), warnings, "round {round}: warnings");
+    }
+}

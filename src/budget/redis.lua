@@ -1,9 +1,11 @@
 -- What this run found wrong in the keys it read, for the replica to say (a warning per
 -- incident, `cxgate_redis_repairs_total`): bit i-1 of `fixed` for KEYS[i] holding a value
--- no replica writes (cut back to its bound, or dropped), of `wrong` for KEYS[i] holding
--- another type than a string (a list, a hash: deleted, so this run and every later one
--- goes on as if it were absent). Every answer ends with both, after its own values.
-local fixed, wrong = 0, 0
+-- no replica writes that reads as one but lies past its bound (cut back to it, or a marker
+-- no replica sets, dropped), of `garbled` for KEYS[i] holding text that does not read as
+-- what is stored there at all (dropped), of `wrong` for KEYS[i] holding another type than
+-- a string (a list, a hash: deleted, so this run and every later one goes on as if it were
+-- absent). Every answer ends with the three, after its own values.
+local fixed, garbled, wrong = 0, 0, 0
 local function main()
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -34,7 +36,7 @@ local function number(key)
   if v ~= nil and (v ~= v or v == math.huge or v == -math.huge) then v = nil end
   if v == nil then
     redis.call('DEL', key)
-    fixed = flag(fixed, key)
+    garbled = flag(garbled, key)
   end
   return v
 end
@@ -91,7 +93,7 @@ local function allowance()
   if not raw then return nil end
   if not string.match(raw, '^%d+$') or #raw > 15 then
     redis.call('DEL', KEYS[4])
-    fixed = flag(fixed, KEYS[4])
+    garbled = flag(garbled, KEYS[4])
     return nil
   end
   return tonumber(raw)
@@ -120,9 +122,10 @@ local function flights()
     fixed = flag(fixed, KEYS[5])
     return t
   end
-  local kept = 0
+  local kept, records = 0, 0
   for id, u, w, c, b in string.gmatch(raw, '(%w+),(%d+),(%d+),(%d+),(%d+);') do
     u, w, c, b = tonumber(u), tonumber(w), tonumber(c), tonumber(b)
+    records = records + 1
     if u <= now + 3600000000 then
       kept = kept + 1
       if u > now then t[id] = {u, w, c, b} end
@@ -130,7 +133,9 @@ local function flights()
   end
   -- Text no record explains, or a lease past any replica's: dropped (the next store
   -- writes the records kept).
-  if string.len((string.gsub(raw, '%w+,%d+,%d+,%d+,%d+;', ''))) > 0 or kept < select(2, string.gsub(raw, ';', ';')) then
+  if string.len((string.gsub(raw, '%w+,%d+,%d+,%d+,%d+;', ''))) > 0 then
+    garbled = flag(garbled, KEYS[5])
+  elseif kept < records then
     fixed = flag(fixed, KEYS[5])
   end
   return t
@@ -201,7 +206,7 @@ local function learnt()
   local v = read(KEYS[8])
   if v ~= nil and v ~= '1' and not string.match(v, '^%d+:%d+$') then
     redis.call('DEL', KEYS[8])
-    fixed = flag(fixed, KEYS[8])
+    garbled = flag(garbled, KEYS[8])
     return nil
   end
   return v
@@ -210,6 +215,26 @@ end
 -- until when (µs) the probe taken is out, while every other call waits.
 local function probe_due(ttl_ms)
   redis.call('SET', KEYS[9], '0', 'PX', math.max(ttl_ms, 0) + 3600000)
+end
+-- The longest a replica's learning marker lasts (`LEARNING_MARK` in the replica).
+local LEARNING_MARK_MS = 5000
+-- Whether the learning marker (KEYS[7]) is one no replica sets: another value than '1', no
+-- expiry, or a longer one than any replica sets. Such a marker is flagged (and deleted).
+local function stray_learning(mark_ms)
+  local v = read(KEYS[7])
+  if v == nil then return false end
+  local held = redis.call('PTTL', KEYS[7])
+  if v ~= '1' or held == -1 or held > mark_ms then
+    redis.call('DEL', KEYS[7])
+    fixed = flag(fixed, KEYS[7])
+    return true
+  end
+  return false
+end
+-- An answer or a failure ends the learning call out, whichever replica's it was; a marker
+-- no replica set is said as the repair it is, not taken for one that ended.
+local function end_learning()
+  if not stray_learning(LEARNING_MARK_MS) then redis.call('DEL', KEYS[7]) end
 end
 if mode == 'learning' then
   -- A replica that knows nothing of the upstream's count asks before it sends the call that
@@ -220,11 +245,7 @@ if mode == 'learning' then
   if learnt() ~= nil then return {1} end
   -- A marker with no expiry, or a longer one than any replica sets, is no replica's: it
   -- would hold every replica's first call back for good.
-  local held = redis.call('PTTL', KEYS[7])
-  if held == -1 or held > tonumber(ARGV[2]) then
-    redis.call('DEL', KEYS[7])
-    fixed = flag(fixed, KEYS[7])
-  end
+  stray_learning(tonumber(ARGV[2]))
   if redis.call('SET', KEYS[7], '1', 'NX', 'PX', tonumber(ARGV[2])) then return {0} end
   return {2, redis.call('PTTL', KEYS[7])}
 end
@@ -233,7 +254,7 @@ if mode == 'seen' then
   -- An answer ends any replica's learning call; one that is no limit answer teaches every
   -- replica (even without a count: the shares pace then), with the limit and window it
   -- showed, for a replica that has not seen them yet.
-  redis.call('DEL', KEYS[7])
+  end_learning()
   local answered = tonumber(P[6]) == 1
   if answered then
     local limit, window = tonumber(P[8]) or 0, tonumber(P[9]) or 0
@@ -304,7 +325,7 @@ if mode == 'done' then
   say(true)
   local cost = tonumber(P[5]) or 0
   -- A call that failed teaches nothing: the next one learns, on whichever replica.
-  redis.call('DEL', KEYS[7])
+  end_learning()
   -- Sent (P[3]), it may have been counted: it comes off the window's count.
   local cur = allowance()
   if tonumber(P[3]) == 1 and cur ~= nil and redis.call('PTTL', KEYS[4]) > 0 then
@@ -322,7 +343,7 @@ local function resumes()
   local e = number(KEYS[6])
   if e == nil then return 0 end
   if e < 0 or e >= 1e15 or e ~= math.floor(e) then
-    fixed = flag(fixed, KEYS[6])
+    garbled = flag(garbled, KEYS[6])
     return 0
   end
   return e
@@ -479,13 +500,36 @@ if pause ~= nil and pause > now then
   return reply({3, pause - now})
 end
 
-local probe = number(KEYS[9])
+-- The blind pause's probe as stored: nil (none), 0 (due), or until when the probe taken
+-- is out. A replica that takes it stores "<until>:<its id>", and the marker holds the
+-- others' calls only while that replica's record counts calls out (the probe is one of
+-- them): one naming a replica with none is due again (the replica is gone, or the answer
+-- was lost), and text in no form a replica writes is dropped (so a planted marker refuses
+-- no call).
+local function probe_state()
+  local raw = read(KEYS[9])
+  if raw == nil then return nil end
+  if raw == '0' then return 0 end
+  local u, id = string.match(raw, '^(%d+):(%w+)$')
+  if u == nil or #u > 20 then
+    redis.call('DEL', KEYS[9])
+    garbled = flag(garbled, KEYS[9])
+    return nil
+  end
+  local r = t[id]
+  if r == nil or r[3] <= 0 then
+    redis.call('SET', KEYS[9], '0', 'KEEPTTL')
+    return 0
+  end
+  return tonumber(u), id
+end
+local probe, prober = probe_state()
 -- A probe out longer than any replica claims one for is no replica's: it holds the calls
 -- no longer than a claim would.
 local claim = tonumber(P[12]) or 0
 if probe ~= nil and probe > now + math.max(claim, 1000000) then
   probe = now + math.max(claim, 1000000)
-  redis.call('SET', KEYS[9], string.format('%.0f', probe), 'PX', math.floor(claim / 1000) + 3600000)
+  redis.call('SET', KEYS[9], string.format('%.0f:%s', probe, prober), 'PX', math.floor(claim / 1000) + 3600000)
   fixed = flag(fixed, KEYS[9])
 end
 if probe ~= nil and probe > now then return reply({3, math.min(probe - now, 1000000)}) end
@@ -552,12 +596,13 @@ end
 local probing = 0
 if probe ~= nil then
   local claim = tonumber(P[12])
-  redis.call('SET', KEYS[9], string.format('%.0f', now + claim), 'PX', math.floor(claim / 1000) + 3600000)
+  redis.call('SET', KEYS[9], string.format('%.0f:%s', now + claim, ARGV[2]), 'PX', math.floor(claim / 1000) + 3600000)
   probing = 1
 end
 return reply({0, gw, c, c_after, g, g_after, now, probing})
 end
 local r = main()
 r[#r + 1] = fixed
+r[#r + 1] = garbled
 r[#r + 1] = wrong
 return r

@@ -99,35 +99,61 @@ async fn run_script(
             call.invoke_async(&mut conn).await
         })
         .await?;
-    if raw.len() >= 2 {
+    if raw.len() >= 3 {
         let wrong = raw.pop().unwrap_or(0);
+        let garbled = raw.pop().unwrap_or(0);
         let fixed = raw.pop().unwrap_or(0);
-        report_repairs(redis, keys, fixed, wrong);
+        report_repairs(
+            redis,
+            keys,
+            Found {
+                fixed,
+                garbled,
+                wrong,
+            },
+        );
     }
     Ok(raw)
 }
 
-/// Says what a script run found in `keys` that no replica writes: bit `i` of `fixed` for
-/// `keys[i]` holding a value out of bounds or unreadable (cut back to the bound the shares
-/// and the upstream's window allow, or dropped), of `wrong` for one of another type than
-/// a string (deleted, and the run went on as if it were absent).
-fn report_repairs(redis: &Redis, keys: &[String], fixed: i64, wrong: i64) {
+/// What a script run found in its keys that no replica writes, one bit per key (see the
+/// script's head).
+struct Found {
+    /// A value past its bound (cut back to it), or a marker no replica sets (dropped).
+    fixed: i64,
+    /// Text that does not read as what is stored there at all (dropped).
+    garbled: i64,
+    /// Another type than a string (deleted).
+    wrong: i64,
+}
+
+/// Says what a script run found in `keys` that no replica writes (see [`Found`]), each in
+/// the words that fit it: a value that does not parse is unreadable, not "further ahead".
+fn report_repairs(redis: &Redis, keys: &[String], found: Found) {
     for (i, key) in keys.iter().enumerate().take(63) {
         let bit = 1i64 << i;
-        if wrong & bit != 0 {
-            redis.repaired(
-                key,
-                "the key holds another type than the string the budget writes (WRONGTYPE); \
-                 it was deleted and the shared budget goes on as if it were absent",
-            );
-        } else if fixed & bit != 0 {
-            redis.repaired(
-                key,
-                "the budget state there is beyond what any replica books (further ahead than \
-                 the shares or the upstream's window allow, or not a number); it was cut \
-                 back to that bound or dropped",
-            );
-        }
+        let what = if found.wrong & bit != 0 {
+            "the key holds another type than the string the budget writes (WRONGTYPE); it \
+             was deleted and the shared budget goes on as if it were absent"
+        } else if found.garbled & bit != 0 {
+            "the value there is unreadable (not a number, count or record any replica \
+             writes); it was dropped and the shared budget goes on as if it were absent"
+        } else if found.fixed & bit == 0 {
+            continue;
+        } else if key.ends_with(":budget:learning") {
+            "a learning-call marker no replica sets (another value, no expiry, or a longer \
+             one than any replica sets); it was deleted"
+        } else if key.ends_with(":budget:in_flight") {
+            "the calls in flight there are more, or their leases longer, than any fleet's \
+             replicas hold; the records past the bound were dropped"
+        } else if key.ends_with(":budget:probe") {
+            "the blind pause's probe was marked out for longer than any replica's probe \
+             lasts; it was cut back to that bound"
+        } else {
+            "the budget state there is further ahead than any replica books (past what the \
+             shares or the upstream's window allow); it was cut back to that bound"
+        };
+        redis.repaired(key, what);
     }
 }
 
@@ -1293,6 +1319,15 @@ mod tests {
     use cxgate_testkit::redis::RedisServer as Server;
 
     mod faults;
+
+    #[test]
+    fn the_script_knows_how_long_a_learning_marker_lasts() {
+        let line = format!("local LEARNING_MARK_MS = {}\n", LEARNING_MARK.as_millis());
+        assert!(
+            LUA.contains(&line),
+            "expected the script's bound on a learning marker to be LEARNING_MARK ({line:?})"
+        );
+    }
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("positive")

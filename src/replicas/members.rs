@@ -25,7 +25,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{Redis, Unavailable, PATIENT_CALL_TIMEOUT};
+use super::{lock, Redis, Unavailable, PATIENT_CALL_TIMEOUT};
 
 /// How often a listening replica writes itself into the registry again.
 pub const JOIN_EVERY: Duration = Duration::from_secs(2);
@@ -81,7 +81,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 /// Writes replica ARGV[1] into the registry (KEYS[1]) until ARGV[2] ms from now, or takes
 /// it out (ARGV[2] = 0); ARGV[3]: the list's bound in bytes, ARGV[4]: how many it keeps,
-/// ARGV[5]: the furthest end in ms. Drops what ended; returns how many others are live.
+/// ARGV[5]: the furthest end in ms. Drops what ended; returns the others live, each as its
+/// id and the ms its entry has left.
 static JOIN: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         r"{READ_MEMBERS}
@@ -107,7 +108,12 @@ if #lines == 0 then
 else
   redis.call('SET', KEYS[1], table.concat(lines), 'PX', string.format('%.0f', last - now))
 end
-return #others
+local out = {{}}
+for i = 1, math.min(#others, keep) do
+  out[#out + 1] = others[i][1]
+  out[#out + 1] = string.format('%.0f', others[i][2] - now)
+end
+return out
 "
     ))
 });
@@ -117,8 +123,8 @@ return #others
 /// registry's bound, the furthest end, the log keys' prefix, how long a copy is kept, how
 /// long the count is kept): numbers it, keeps a copy, publishes it, and returns its number,
 /// the epoch, whether the count found was unusable ('1': there, but not `<epoch> <count>`
-/// or a count past [`MAX_SEQ`]; a new epoch was started), and the ids of the other
-/// replicas listed as listening.
+/// or a count past [`MAX_SEQ`]; a new epoch was started), whether the publisher itself was
+/// listed ('1'), and the ids of the other replicas listed as listening.
 static PUBLISH: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(&format!(
         r#"{READ_MEMBERS}
@@ -138,12 +144,26 @@ redis.call('SET', KEYS[2], epoch .. ' ' .. n, 'PX', ARGV[8])
 local message = ARGV[2] .. ',"seq":' .. n .. ',"epoch":"' .. epoch .. '"}}'
 redis.call('SET', ARGV[6] .. n, message, 'PX', ARGV[7])
 redis.call('PUBLISH', ARGV[1], message)
-local out = {{n, epoch, repaired}}
+local out = {{n, epoch, repaired, '0'}}
 for _, m in ipairs(read_members(now, tonumber(ARGV[4]), tonumber(ARGV[5]))) do
-  if m[1] ~= ARGV[3] then out[#out + 1] = m[1] end
+  if m[1] ~= ARGV[3] then out[#out + 1] = m[1] else out[4] = '1' end
 end
 return out
 "#
+    ))
+});
+
+/// The ids listed in the registry (KEYS[1]) as live now; ARGV: the list's bound in bytes,
+/// the furthest end in ms.
+static LISTED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(&format!(
+        r"{READ_MEMBERS}
+local out = {{}}
+for _, m in ipairs(read_members(now, tonumber(ARGV[1]), tonumber(ARGV[2]))) do
+  out[#out + 1] = m[1]
+end
+return out
+"
     ))
 });
 
@@ -183,10 +203,20 @@ pub(super) fn nothing_published() -> Position {
     (String::new(), 0)
 }
 
+/// What this replica's last heartbeat saw: until when its own entry lasts, and the others
+/// listed then with the ends of their entries (on tokio's clock).
+pub(super) struct Heartbeat {
+    pub own_end: tokio::time::Instant,
+    pub others: Vec<(String, tokio::time::Instant)>,
+}
+
 /// One publication as [`PUBLISH`] made it.
 pub(super) struct Published {
     /// The other replicas listed as listening when it went out.
     pub others: Vec<String>,
+    /// Whether the publisher itself was listed then: a registry that lost a live entry
+    /// (emptied, or replaced by a value no replica wrote) names nobody to wait for.
+    pub listed_self: bool,
 }
 
 /// What [`Redis::missed`] found.
@@ -222,14 +252,24 @@ impl Redis {
                     .arg(MAX_MEMBERS_BYTES)
                     .arg(MAX_REPLICAS)
                     .arg(JOIN_LASTS.as_millis() as u64 * 2)
-                    .invoke_async::<i64>(&mut c)
+                    .invoke_async::<Vec<String>>(&mut c)
                     .await
             })
             .await?;
         if lasts > Duration::ZERO {
-            self.inner
-                .others_live
-                .store(usize::try_from(others).unwrap_or(0), Ordering::Relaxed);
+            let now = tokio::time::Instant::now();
+            let live: Vec<(String, tokio::time::Instant)> = others
+                .chunks(2)
+                .filter_map(|pair| {
+                    let left = pair.get(1)?.parse::<u64>().ok()?;
+                    Some((pair[0].clone(), now + Duration::from_millis(left)))
+                })
+                .collect();
+            self.inner.others_live.store(live.len(), Ordering::Relaxed);
+            *lock(&self.inner.last_join) = Some(Heartbeat {
+                own_end: now + lasts,
+                others: live,
+            });
         }
         Ok(())
     }
@@ -237,6 +277,21 @@ impl Redis {
     /// Says in the registry that this replica listens, for [`JOIN_LASTS`].
     pub(super) async fn join(&self) -> Result<(), Unavailable> {
         self.set_membership(JOIN_LASTS).await
+    }
+
+    /// The replicas listed in the registry as listening now (this one included when it
+    /// is), each call under `op` in `cxgate_redis_errors_total`.
+    pub async fn listed(&self, op: &'static str) -> Result<Vec<String>, Unavailable> {
+        let key = self.members_key();
+        self.run_within(op, PATIENT_CALL_TIMEOUT, |mut c| async move {
+            LISTED
+                .key(&key)
+                .arg(MAX_MEMBERS_BYTES)
+                .arg(JOIN_LASTS.as_millis() as u64 * 2)
+                .invoke_async::<Vec<String>>(&mut c)
+                .await
+        })
+        .await
     }
 
     /// Takes this replica out of the registry (at shutdown), so no write waits for it.
@@ -283,8 +338,10 @@ impl Redis {
                 ),
             );
         }
+        let listed_self = answer.get(3).is_some_and(|l| l == "1");
         Ok(Published {
-            others: answer.into_iter().skip(3).collect(),
+            others: answer.into_iter().skip(4).collect(),
+            listed_self,
         })
     }
 

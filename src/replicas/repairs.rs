@@ -5,7 +5,10 @@
 //! (`cxgate_redis_repairs_total{key}`, every key at 0 from the first scrape) and said: one
 //! warning when an incident begins, not one per repair, since a planted value is found
 //! again on every call until it is gone, and a value planted again and again is one
-//! incident for as long as it goes on (with a reminder every [`REMIND`]).
+//! incident for as long as it goes on (with a reminder every [`REMIND`]). Where the site
+//! can tell one planted value from another (a digest of it), a different value begins a
+//! new incident at once: the same one found every second is one incident, another one is
+//! news.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -29,6 +32,8 @@ pub(super) const KEYS: &[&str] = &[
     "budget:assumed",
     "token",
     "token:lock",
+    "token:spent",
+    "token:refused",
     "tables",
     "cache:lock",
     "cache:generation",
@@ -48,6 +53,8 @@ struct Spell {
     warned: Instant,
     /// Repairs since the last warning.
     since: u64,
+    /// The digest of the value repaired last, where the site gave one.
+    value: Option<u64>,
 }
 
 /// The counter and the incidents in progress.
@@ -80,6 +87,18 @@ impl Repairs {
     /// warns with `what` (what was found, and what was done about it) when it begins an
     /// incident or one has gone on for [`REMIND`] since its last warning.
     pub(super) fn note(&self, label: &'static str, key: &str, what: &str) {
+        self.note_value(label, key, None, what);
+    }
+
+    /// [`Repairs::note`] for a value the site can tell apart by `value` (a digest of it):
+    /// a value other than the one repaired last begins a new incident, warned at once.
+    pub(super) fn note_value(
+        &self,
+        label: &'static str,
+        key: &str,
+        value: Option<u64>,
+        what: &str,
+    ) {
         self.counter.with_label_values(&[label]).inc();
         let now = Instant::now();
         let mut spells = self.spells.lock().unwrap_or_else(PoisonError::into_inner);
@@ -90,11 +109,13 @@ impl Repairs {
                 last: now,
                 warned: now,
                 since: 0,
+                value,
             }
         });
-        if now.duration_since(spell.last) > QUIET {
+        if now.duration_since(spell.last) > QUIET || (value.is_some() && spell.value != value) {
             begins = true;
         }
+        spell.value = value;
         let reminds = !begins && now.duration_since(spell.warned) >= REMIND;
         spell.last = now;
         spell.since += 1;
@@ -129,6 +150,7 @@ pub(super) fn label(suffix: &str) -> &'static str {
         ("cache:gen", "cache:generation"),
         ("cache:set:", "cache:generation"),
         ("cache:entry:", "cache:entry"),
+        ("token:spent:", "token:spent"),
     ] {
         if suffix.starts_with(start) {
             return k;
@@ -169,6 +191,20 @@ mod tests {
         repairs.note("budget:global", "{p}:budget:global", "cut back");
         assert_eq!(begun(&repairs), Some(0), "expected a new incident warned");
         assert_eq!(count("budget:pause"), 0);
+        // A value told apart by its digest: the same one again is the same incident, another
+        // one a new incident at once, however soon.
+        repairs.note_value("token", "{p}:token", Some(7), "unreadable");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        repairs.note_value("token", "{p}:token", Some(7), "unreadable");
+        let since = |r: &Repairs| r.spells.lock().unwrap().get("token").map(|s| s.since);
+        assert_eq!(since(&repairs), Some(1), "expected the same value unsaid");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        repairs.note_value("token", "{p}:token", Some(8), "unreadable");
+        assert_eq!(
+            since(&repairs),
+            Some(0),
+            "expected another value warned at once"
+        );
         assert_eq!(label("budget:client:a"), "budget:client");
         assert_eq!(label("budget:pause"), "budget:pause");
         assert_eq!(label("nothing"), "other");

@@ -20,6 +20,7 @@
 mod error;
 mod file;
 mod init;
+mod markers;
 mod metrics;
 mod oauth;
 mod refresh;

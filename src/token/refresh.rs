@@ -99,7 +99,7 @@ impl Inner {
     ///   needs, so a caller that gives up (client hung up, timeout) cannot abort it between
     ///   "the endpoint consumed the old refresh token" and "the new one is saved".
     /// - The new token is written to the token file before it is published in memory (see
-    ///   [`Inner::refresh_local`]).
+    ///   [`Inner::exchange`]).
     /// - Every waiter of a flight gets the flight's outcome; nobody starts a second exchange
     ///   with the refresh token the first one is spending.
     pub async fn refresh(self: &Arc<Self>, seen: u64, force: bool) -> Result<Current, TokenError> {
@@ -115,7 +115,7 @@ impl Inner {
                     if !self.refreshable(&state) {
                         return Err(TokenError::NotRefreshable);
                     }
-                    if state.reauth {
+                    if state.reauth && !state.held_back {
                         return Err(TokenError::InvalidGrant);
                     }
                     if let Some((at, err)) = &state.last_failure {
@@ -163,12 +163,28 @@ impl Inner {
         }
     }
 
-    /// One exchange: spend the refresh token, save the answer, then publish it.
+    /// [`Inner::exchange`] with nothing to fall back to: an `invalid_grant` means
+    /// re-authorisation, said as the error it is.
+    pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
+        let generation = self.lock().generation;
+        let result = self.exchange().await;
+        if let Err(err) = &result {
+            if err.needs_reauthorisation() {
+                say_reauthorisation(generation);
+            }
+        }
+        result
+    }
+
+    /// One exchange: spend the refresh token, save the answer, then publish it. An
+    /// `invalid_grant` marks the replica as needing re-authorisation but is not said: a
+    /// caller with a fallback (a pair held before) tries it first, and says it only when
+    /// nothing worked ([`say_reauthorisation`]).
     ///
     /// A crash leaves the whole old file or the whole new one; only a crash in the few
     /// milliseconds between the endpoint's answer and the rename leaves the old, already
     /// spent refresh token, which no client of a rotate-once endpoint can avoid.
-    pub(crate) async fn refresh_local(&self) -> Result<(), TokenError> {
+    pub(crate) async fn exchange(&self) -> Result<(), TokenError> {
         let (Some(oauth), Some(secret)) = (&self.oauth, &self.client_secret) else {
             return Err(TokenError::NotRefreshable);
         };
@@ -194,11 +210,11 @@ impl Inner {
                 state.failures += 1;
                 if err.needs_reauthorisation() {
                     state.reauth = true;
+                    state.held_back = false;
                     state.bury(&spent);
-                    error!(
+                    info!(
                         generation,
-                        "re-authorisation needed: the token endpoint refused the refresh token \
-                         (invalid_grant); authorise again and run `cxgate token init`"
+                        "the token endpoint refused the refresh token held (invalid_grant)"
                     );
                 } else {
                     let failures = state.failures;
@@ -357,6 +373,15 @@ impl Inner {
     }
 }
 
+/// Says that the token endpoint refused the refresh token and nothing else worked.
+pub(crate) fn say_reauthorisation(generation: u64) {
+    error!(
+        generation,
+        "re-authorisation needed: the token endpoint refused the refresh token \
+         (invalid_grant); authorise again and run `cxgate token init`"
+    );
+}
+
 enum Plan {
     Stop,
     Idle,
@@ -435,6 +460,14 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 // Woken, the file was just read again (a reload): plan afresh.
                 if !nap(&inner, Instant::now() + FILE_POLL).await {
                     inner.reload_if_changed().await;
+                }
+                // Held back by another replica's marker only: look whether it still stands.
+                let again = {
+                    let state = inner.lock();
+                    (state.reauth && state.held_back).then_some(state.generation)
+                };
+                if let Some(generation) = again {
+                    let _ = inner.refresh(generation, true).await;
                 }
             }
             Plan::RefreshAt { at, generation } => {

@@ -24,7 +24,7 @@ use crate::replicas::{Redis, Unavailable, PATIENT_CALL_TIMEOUT};
 /// then presents one another replica already spent, which the endpoint refuses (503s until
 /// the record is adopted). Refreshes are rare and off the request path, so they wait
 /// instead; only a Redis that is down, or slower than this, means refreshing alone.
-const PATIENT: Duration = PATIENT_CALL_TIMEOUT;
+pub(super) const PATIENT: Duration = PATIENT_CALL_TIMEOUT;
 
 /// The lock lives this long unless its holder extends it, so a replica that dies mid-refresh
 /// blocks the others for at most this.
@@ -41,10 +41,10 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// up to 2^53, so a record beyond it (a tampered one; honest writers count up by one) is
 /// refused rather than counted on, and no version ever wraps.
 const MAX_VERSION: u64 = (1 << 53) - 1;
-/// How long a presented refresh token is remembered as spent: longer than any replica holds
-/// a proven refresh token unused while the others rotate theirs (a fallback to one spent
-/// earlier than this is still refused by the endpoint, and never offered on).
-const SPENT_TTL: Duration = Duration::from_secs(30 * 86_400);
+/// How many of the watcher's looks pass between its reads of which replicas are listed
+/// (whose spent and refused markers are believed, see `markers`): well within the time a
+/// replica stays listed, so every live one is seen.
+const LISTED_EVERY: u32 = 4;
 /// How far ahead of this replica's clock a time read from a record or a token file may lie
 /// and still be believed (replicas' clocks differ by less): a later `written_at` or
 /// `initialised_at` is a tampered or broken one, and would outrank every honest repair.
@@ -99,28 +99,31 @@ struct Stored {
 
 /// The Redis side of a shared token; one per [`Inner`].
 pub(crate) struct SharedToken {
-    redis: Redis,
+    pub(super) redis: Redis,
     record_key: String,
     lock_key: String,
     /// `<prefix>:token:refused`: a digest of the last refresh token the token endpoint
-    /// refused, so no replica presents it again.
-    refused_key: String,
+    /// refused, so no replica presents it again (see `markers`).
+    pub(super) refused_key: String,
     /// The record version this replica's token came from or went to (0: none yet).
     seen: AtomicU64,
     /// This replica's token is one the others have not seen (refreshed alone while Redis
     /// was away, or put in its token file by an operator): offer it.
     pub(crate) unshared: AtomicBool,
-    /// `<prefix>:token:spent:<digest>`: a refresh token some replica's refresh spent (kept
-    /// [`SPENT_TTL`]): no replica presents one again, a fallback included.
-    spent_prefix: String,
+    /// `<prefix>:token:spent:<digest>`: a refresh token some replica's refresh spent: no
+    /// replica presents one again, a fallback included (see `markers`).
+    pub(super) spent_prefix: String,
     /// Digests of refresh tokens presented while Redis was away, marked spent once it is back.
-    spent_alone: std::sync::Mutex<Vec<String>>,
+    pub(super) spent_alone: std::sync::Mutex<Vec<String>>,
+    /// The markers this replica set and the writers it saw listed (see `markers`).
+    pub(super) known: super::markers::Known,
     /// The fingerprint of the bad record last warned about (0: none since a good one), so a
     /// bad record is warned about once per incident, not per poll: a good record adopted,
     /// written or matching this replica's token ends the incident.
     warned: AtomicU64,
-    /// The record read last was unreadable (warned once per spell).
-    unreadable: AtomicBool,
+    /// The fingerprint of the record read last when it was unreadable (0: it was not), so
+    /// one planted text is counted once while it stays, and warned once per text.
+    unreadable: AtomicU64,
 }
 
 impl SharedToken {
@@ -134,8 +137,9 @@ impl SharedToken {
             seen: AtomicU64::new(0),
             unshared: AtomicBool::new(false),
             spent_alone: std::sync::Mutex::new(Vec::new()),
+            known: super::markers::Known::default(),
             warned: AtomicU64::new(0),
-            unreadable: AtomicBool::new(false),
+            unreadable: AtomicU64::new(0),
         }
     }
 
@@ -198,12 +202,15 @@ impl SharedToken {
             })
         });
         let parsed = parsed.flatten();
-        // Only the shape is logged (the text may hold a token), once until a readable record
-        // is seen again: the watcher reads every second.
-        let was_unreadable = self.unreadable.swap(parsed.is_none(), Ordering::AcqRel);
-        if parsed.is_none() && !was_unreadable {
-            self.redis.repaired(
+        // Only the shape is logged (the text may hold a token), once per planted value: the
+        // watcher reads every second, so the same text found again is the same incident,
+        // and another text (planted again after the repair, or changed) a new one.
+        let unreadable = if parsed.is_none() { fingerprint } else { 0 };
+        let before = self.unreadable.swap(unreadable, Ordering::AcqRel);
+        if parsed.is_none() && before != fingerprint {
+            self.redis.repaired_value(
                 &self.record_key,
+                fingerprint,
                 "the shared token record is unreadable; it will be replaced",
             );
         }
@@ -254,6 +261,9 @@ impl SharedToken {
         if written == 1 {
             self.seen.store(version, Ordering::Release);
             self.incident_over();
+            // What was unreadable is replaced: the same text planted again is repaired
+            // (and counted) again, though warned about only once.
+            self.unreadable.store(0, Ordering::Release);
         }
         Ok(written == 1)
     }
@@ -266,105 +276,6 @@ impl SharedToken {
     /// A good record is in place: the next bad one is a new incident, warned about at once.
     fn incident_over(&self) {
         self.warned.store(0, Ordering::Release);
-    }
-
-    /// Notes that this replica's refresh with `refresh` succeeded: the endpoint consumed it
-    /// (before the new record is stored, so no replica reads the record and not the note).
-    async fn mark_spent(&self, refresh: &super::Secret) {
-        if !self.note_spent(&digest(refresh)).await {
-            self.spent_while_away(refresh);
-        }
-    }
-
-    /// Sets `<prefix>:token:spent:<digest>`; false when Redis did not take it.
-    async fn note_spent(&self, digest: &str) -> bool {
-        let key = format!("{}:{digest}", self.spent_prefix);
-        let noted: Result<(), _> = self
-            .redis
-            .run_within("token", PATIENT, |mut c| async move {
-                ::redis::cmd("SET")
-                    .arg(&key)
-                    .arg(1)
-                    .arg("EX")
-                    .arg(SPENT_TTL.as_secs())
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
-        noted.is_ok()
-    }
-
-    /// Remembers `refresh`, presented while Redis was away, to be marked spent on return.
-    fn spent_while_away(&self, refresh: &super::Secret) {
-        let mut alone = self
-            .spent_alone
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if alone.len() >= 16 {
-            alone.remove(0);
-        }
-        alone.push(digest(refresh));
-    }
-
-    /// Marks what was presented while Redis was away (see [`SharedToken::spent_while_away`]).
-    async fn mark_spent_while_away(&self) {
-        let pending: Vec<String> = std::mem::take(
-            &mut *self
-                .spent_alone
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        for (i, d) in pending.iter().enumerate() {
-            if !self.note_spent(d).await {
-                self.spent_alone
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .extend(pending[i..].iter().cloned());
-                return;
-            }
-        }
-    }
-
-    /// Whether a replica's refresh spent `refresh`; `None` when Redis does not say.
-    async fn was_spent(&self, refresh: &super::Secret) -> Option<bool> {
-        let key = format!("{}:{}", self.spent_prefix, digest(refresh));
-        let found: Result<i64, _> = self
-            .redis
-            .run_within("token", PATIENT, |mut c| async move {
-                ::redis::cmd("EXISTS").arg(&key).query_async(&mut c).await
-            })
-            .await;
-        found.ok().map(|n| n > 0)
-    }
-
-    /// Whether the token endpoint already refused `refresh` (for any replica).
-    async fn was_refused(&self, refresh: &super::Secret) -> bool {
-        let key = self.refused_key.clone();
-        let stored: Result<Option<String>, _> = self
-            .redis
-            .run_within("token", PATIENT, |mut c| async move {
-                ::redis::cmd("GET").arg(&key).query_async(&mut c).await
-            })
-            .await;
-        matches!(stored, Ok(Some(d)) if d == digest(refresh))
-    }
-
-    /// Records that the token endpoint refused `refresh` (kept a day: a refused refresh
-    /// token never works again, and a new one replaces the record long before).
-    async fn mark_refused(&self, refresh: &super::Secret) {
-        let (key, value) = (self.refused_key.clone(), digest(refresh));
-        let _: Result<(), _> = self
-            .redis
-            .run_within("token", PATIENT, |mut c| async move {
-                ::redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&value)
-                    .arg("EX")
-                    .arg(86_400)
-                    .query_async(&mut c)
-                    .await
-            })
-            .await;
     }
 
     async fn try_lock(&self) -> Result<bool, Unavailable> {
@@ -436,15 +347,6 @@ impl SharedToken {
             .release_lock("token", &self.lock_key, self.redis.id(), PATIENT)
             .await;
     }
-}
-
-/// A hex SHA-256 of a refresh token: enough to recognise it, nothing to present.
-fn digest(token: &super::Secret) -> String {
-    ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 fn millis(d: Duration) -> u64 {
@@ -604,6 +506,14 @@ impl Inner {
                 || epoch(&st.record, now) > epoch(&state.record, now))
     }
 
+    /// Whether `refresh` is the refresh token this replica proved itself (it refreshed
+    /// with it, or `cxgate token init` wrote it) and the endpoint never refused to it.
+    fn proved(&self, refresh: &super::Secret) -> bool {
+        let state = self.lock();
+        !state.dead.contains(refresh)
+            && state.proven.as_ref().and_then(|p| p.refresh.as_ref()) == Some(refresh)
+    }
+
     /// The held refresh token cannot be presented (`why`): a token pair held before is
     /// taken back if one still works ([`Inner::recover`]); else this replica needs
     /// re-authorisation. Releases the refresh lock either way.
@@ -621,8 +531,14 @@ impl Inner {
             let mut state = self.lock();
             state.failures += 1;
             state.reauth = true;
+            // Decided on a marker, not on the endpoint's answer to this replica: a later
+            // refresh looks again, so a marker deleted (or expired) ends it.
+            state.held_back = true;
         }
-        warn!("re-authorisation needed: {why}; authorise again and run `cxgate token init`");
+        warn!(
+            "re-authorisation needed: {why}; authorise again and run `cxgate token init` \
+             (or, if no replica set that marker, delete it)"
+        );
         shared.release().await;
         Err(TokenError::InvalidGrant)
     }
@@ -645,10 +561,21 @@ impl Inner {
             Err(_) => (None, None),
         };
         // A refresh token another replica already had refused is not presented again: this
-        // replica needs re-authorisation as much as that one did.
-        let spent = self.lock().record.refresh.clone();
+        // replica needs re-authorisation as much as that one did. About a refresh token
+        // this replica proved, only a marker from a replica it knows is believed; any other
+        // is put to the test by this one refresh (see `markers`).
+        let (spent, generation) = {
+            let state = self.lock();
+            (state.record.refresh.clone(), state.generation)
+        };
+        let mut doubted = Vec::new();
         if let Some(spent) = &spent {
-            if shared.was_refused(spent).await {
+            let proved = self.proved(spent);
+            let refused_believed = match shared.refused_marker(spent).await.ok().flatten() {
+                Some(marker) => shared.weigh(marker, proved, &mut doubted).await,
+                None => false,
+            };
+            if refused_believed {
                 self.lock().bury(spent);
                 return self
                     .recover_or_reauthorise(
@@ -662,7 +589,11 @@ impl Inner {
             // Another replica's refresh already spent it: presenting it again would be a
             // reuse. That refresh's record is the successor, whatever its expiry says (it
             // is stored to the second, so it can look older than this replica's token).
-            if shared.was_spent(spent).await == Some(true) {
+            let spent_believed = match shared.spent_marker(spent).await.ok().flatten() {
+                Some(marker) => shared.weigh(marker, proved, &mut doubted).await,
+                None => false,
+            };
+            if spent_believed {
                 self.lock().bury(spent);
                 if let Some(outcome) = self.take_successor(shared, spent).await {
                     shared.release().await;
@@ -679,10 +610,13 @@ impl Inner {
             }
         }
         let keeper = shared.spawn_keeper();
-        let result = self.refresh_local().await;
+        let result = self.exchange().await;
         keeper.abort();
         if let (Ok(()), Some(spent)) = (&result, &spent) {
             shared.mark_spent(spent).await;
+            for marker in &doubted {
+                shared.disproved(marker);
+            }
         }
         if let (Err(err), Some(spent)) = (&result, &spent) {
             // Recorded before the lock goes, so the next holder sees it.
@@ -692,6 +626,7 @@ impl Inner {
                     shared.release().await;
                     return outcome;
                 }
+                super::refresh::say_reauthorisation(generation);
             }
         }
         if result.is_ok() {
@@ -718,6 +653,11 @@ impl Inner {
 
     /// Redis is unreachable: refresh as a single gateway would, and remember to offer it.
     async fn refresh_alone(&self, shared: &SharedToken) -> Result<(), TokenError> {
+        // Held back by a marker another replica set: without Redis it cannot be looked at
+        // again, and presenting a token a replica spent would be a reuse.
+        if self.lock().held_back {
+            return Err(TokenError::InvalidGrant);
+        }
         warn!("shared token store unreachable; refreshing from this replica's own token file");
         let spent = self.lock().record.refresh.clone();
         let result = self.refresh_local().await;
@@ -799,7 +739,7 @@ impl Inner {
             }
         }
         let mut passed_over = 0;
-        for (record, proven) in candidates {
+        for (record, _) in candidates {
             let Some(refresh) = record.refresh.clone() else {
                 continue;
             };
@@ -817,10 +757,7 @@ impl Inner {
                 passed_over += 1;
                 continue;
             }
-            match self
-                .restore(shared, version, record, proven, &rejected)
-                .await
-            {
+            match self.restore(shared, version, record).await {
                 Err(err) if err.needs_reauthorisation() => continue,
                 outcome => return Some(outcome),
             }
@@ -858,69 +795,48 @@ impl Inner {
         }
     }
 
-    /// Installs `record`, a pair held before the refused one, and offers it as the next
-    /// version so the other replicas recover too. A refresh token this replica never used
-    /// (another replica's record) is refreshed with at once, so only a proven one is ever
-    /// installed untried; so is a proven one whose access token is the one just refused or
-    /// has expired (a replayed request must not carry it again). The proven pair installed
-    /// as is goes to the token file first; a refreshed one reaches it through the refresh.
+    /// Installs `record`, a pair held before the refused one, refreshes with its refresh
+    /// token at once, and offers the result as the next version so the other replicas
+    /// recover too. Always refreshed, a proven pair too: the caller was refreshing (an
+    /// upstream 401, or a token about to expire), so the access token it held before may be
+    /// refused as well (every access token revoked), and the request waiting on this
+    /// refresh is replayed once, with what this gives it. The new pair reaches the token
+    /// file through the refresh.
     async fn restore(
         &self,
         shared: &SharedToken,
         version: Option<u64>,
         record: TokenRecord,
-        proven: bool,
-        rejected: &super::Secret,
     ) -> Result<(), TokenError> {
-        let Source::File(path) = &self.source else {
+        if !matches!(self.source, Source::File(_)) {
             return Err(TokenError::NotRefreshable);
-        };
+        }
         let record = TokenRecord {
             adopted: false,
             ..record
         };
         let now = Instant::now();
         let expires = record.expires_at.map(|at| to_instant(at, now));
-        let expired = expires.is_some_and(|at| at <= now);
-        let refresh_now = !proven || record.access == *rejected || expired;
         let rejected_version = version.unwrap_or(shared.seen.load(Ordering::Acquire));
-        if refresh_now {
-            {
-                let mut state = self.lock();
-                state.replace(record.clone(), expires, now);
-                state.refreshed_at = Some(now);
-            }
-            let Some(refresh) = &record.refresh else {
-                return Err(TokenError::NotRefreshable);
-            };
-            let keeper = shared.spawn_keeper();
-            let refreshed = self.refresh_local().await;
-            keeper.abort();
-            if refreshed.is_ok() {
-                shared.mark_spent(refresh).await;
-            }
-            if let Err(err) = refreshed {
-                if err.needs_reauthorisation() {
-                    shared.mark_refused(refresh).await;
-                }
-                return Err(err);
-            }
-        } else {
-            let stamp = match file::persist(path, &record).await {
-                Ok(stamp) => Some(stamp),
-                Err(err) => {
-                    warn!(error = %err, "restored token could not be saved to the token file");
-                    None
-                }
-            };
+        {
             let mut state = self.lock();
             state.replace(record.clone(), expires, now);
             state.refreshed_at = Some(now);
-            state.unsaved = stamp.is_none();
-            if stamp.is_some() {
-                state.file_stamp = stamp;
+        }
+        let Some(refresh) = &record.refresh else {
+            return Err(TokenError::NotRefreshable);
+        };
+        let keeper = shared.spawn_keeper();
+        let refreshed = self.exchange().await;
+        keeper.abort();
+        if refreshed.is_ok() {
+            shared.mark_spent(refresh).await;
+        }
+        if let Err(err) = refreshed {
+            if err.needs_reauthorisation() {
+                shared.mark_refused(refresh).await;
             }
-            state.trust();
+            return Err(err);
         }
         let (offer, generation) = {
             let state = self.lock();
@@ -936,7 +852,6 @@ impl Inner {
             version = rejected_version,
             generation,
             offered,
-            refreshed = refresh_now,
             "shared token record rejected: the token endpoint refused its refresh token \
              (invalid_grant); back to a refresh token this replica held before it, which no \
              replica presented since, offered to the other replicas"
@@ -1147,13 +1062,19 @@ impl Inner {
     }
 }
 
-/// The watcher: reconciles with the record every [`WATCH_EVERY`] while Redis is up.
+/// The watcher: reconciles with the record every [`WATCH_EVERY`] while Redis is up, and
+/// every [`LISTED_EVERY`] looks notes which replicas are listed.
 pub(crate) async fn watch(inner: Arc<Inner>) {
+    let mut looks = 0u32;
     loop {
         tokio::time::sleep(WATCH_EVERY).await;
-        let up = inner.shared.get().is_some_and(|s| s.redis.is_prompt());
-        if up {
-            inner.reconcile().await;
+        let Some(shared) = inner.shared.get().filter(|s| s.redis.is_prompt()) else {
+            continue;
+        };
+        inner.reconcile().await;
+        looks = looks.wrapping_add(1);
+        if looks % LISTED_EVERY == 1 {
+            shared.learn_listed().await;
         }
     }
 }

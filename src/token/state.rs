@@ -56,6 +56,10 @@ pub(crate) struct State {
     /// Consecutive failed refreshes.
     pub failures: u64,
     pub reauth: bool,
+    /// `reauth` was decided on another replica's spent or refused marker, not on the token
+    /// endpoint's answer to this replica: a refresh may still look again (and finding the
+    /// marker gone, try), so deleting a marker no replica set recovers.
+    pub held_back: bool,
     pub last_failure: Option<(Instant, Arc<TokenError>)>,
     /// The newest token could not be written to the file.
     pub unsaved: bool,
@@ -104,6 +108,7 @@ impl State {
             lead_warned: 0,
             failures: 0,
             reauth: false,
+            held_back: false,
             last_failure: None,
             unsaved: false,
             file_stamp: None,
@@ -159,6 +164,7 @@ impl State {
         self.generation += 1;
         self.failures = 0;
         self.reauth = false;
+        self.held_back = false;
         self.last_failure = None;
         self.adopted = self.record.adopted;
     }
