@@ -389,6 +389,8 @@ impl Shared {
                 u8::from(back.rebase).to_string(),
                 self.lease_end.load(Ordering::Acquire).to_string(),
                 self.out_for_us.load(Ordering::Acquire).to_string(),
+                (ask.longest_wait / 1000).to_string(),
+                (ask.max_wait / 1000).to_string(),
             ])
             .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
@@ -620,6 +622,9 @@ struct Ask {
     client: String,
     cost: u32,
     max_wait: u64,
+    /// The longest wait any client's terms allow (ns): what bounds the global share's
+    /// bookings ahead, whatever this call has left of its own.
+    longest_wait: u64,
     global: Cells,
     own: Option<Cells>,
     /// The longest pause the upstream's window allows, in µs: no stored pause or expiry
@@ -646,6 +651,7 @@ impl Ask {
             client: client.to_string(),
             cost: cost.get(),
             max_wait,
+            longest_wait: ledger.longest_wait(),
             global: Cells::of(&ledger.global_share, hold),
             own,
             longest_us: ledger.upstream.longest() / 1000,
@@ -1293,6 +1299,7 @@ mod tests {
     use cxgate_testkit::redis::RedisServer as Server;
 
     mod faults;
+    mod queue;
 
     fn n(v: u32) -> NonZeroU32 {
         NonZeroU32::new(v).expect("positive")
