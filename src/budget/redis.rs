@@ -823,7 +823,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
-        queued: &(dyn Fn() + Sync),
+        queued: super::Queued<'_>,
     ) -> Result<Admitted, Rejected> {
         if !shared.redis.is_up() {
             return self
@@ -922,7 +922,7 @@ impl Budget {
                     continue;
                 }
             }
-            queued();
+            queued(None);
             self.await_landing(landed, client, arrived).await?;
         };
         let left = ask
@@ -948,7 +948,7 @@ impl Budget {
                 mirrored: mirrored.unwrap_or(0),
                 ..own
             });
-            queued();
+            queued(None);
             tokio::time::sleep(Duration::from_micros(wait)).await;
             let elapsed = clock.nanos().saturating_sub(arrived);
             let left = ask.max_wait.saturating_sub(elapsed);
@@ -1010,8 +1010,9 @@ impl Budget {
             ledger.upstream.alarms()
         };
         if wait > 0 {
-            queued();
-            tokio::time::sleep(Duration::from_micros(wait)).await;
+            let at = tokio::time::Instant::now() + Duration::from_micros(wait);
+            queued(Some(at));
+            tokio::time::sleep_until(at).await;
         }
         let now = clock.nanos();
         let late_alarm = {
@@ -1684,7 +1685,7 @@ mod tests {
         let shared = a.inner.shared.as_ref().expect("a shared budget");
         let mut kept = Vec::new();
         kept.push(
-            a.admit_fallback(shared, "other", n(1), 0, &|| {})
+            a.admit_fallback(shared, "other", n(1), 0, &|_| {})
                 .await
                 .expect("a's call on its local share"),
         );
