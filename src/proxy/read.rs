@@ -720,6 +720,7 @@ impl Gateway {
                 // is another replica's call seen while queued: its queue is given up once.
                 let mut tried_peer = false;
                 let mut watched = false;
+                let mut followed = false;
                 let mut lock = None;
                 let admitted = loop {
                     if across {
@@ -740,6 +741,31 @@ impl Gateway {
                             }
                             Fill::Free => {}
                             Fill::Alone => across = false,
+                        }
+                    }
+                    // The same miss queued on a replica with its cells booked for a time
+                    // within this one's max_wait: its call, not cells of this one's own (see
+                    // `Store::queued_for`). Told so, this flight's followers that cannot wait
+                    // that long go their own way.
+                    if across && !followed {
+                        followed = true;
+                        let own_deadline = progress.arrived().unwrap_or_else(Instant::now)
+                            + gateway.inner.budget.max_wait(&call.client);
+                        let noted = cache.queued_for(&key, &since).await;
+                        if let Some(at) = noted.filter(|&at| at <= own_deadline) {
+                            progress.booked(at);
+                            let filled = cache
+                                .follow_queued(&key, &call.headers, &since, at, deadline, &routed)
+                                .await;
+                            if let Some(entry) = filled {
+                                return Ok(Arc::new(Answer::filled_elsewhere(
+                                    entry,
+                                    progress.waited(),
+                                    &call.headers,
+                                )));
+                            }
+                            // It came to nothing: this flight is deciding on its own again.
+                            progress.queued_until(Some(own_deadline));
                         }
                     }
                     // While queued, a call of the same key that another client's terms let
