@@ -859,6 +859,26 @@ impl Redis {
         Ok(set.is_some())
     }
 
+    /// How long the lock `key` still holds (`PTTL`): `None` when nobody holds it.
+    pub async fn lock_left(
+        &self,
+        op: &'static str,
+        key: &str,
+        bound: Duration,
+    ) -> Result<Option<Duration>, Unavailable> {
+        let k = key.to_owned();
+        let left: i64 = self
+            .run_within(op, bound, |mut c| async move {
+                redis::cmd("PTTL").arg(&k).query_async(&mut c).await
+            })
+            .await?;
+        // -2: no such key; -1: no expiry, which no lock is written without.
+        Ok(u64::try_from(left)
+            .ok()
+            .filter(|&ms| ms > 0)
+            .map(Duration::from_millis))
+    }
+
     /// Extends the lock `key` for `ttl` if it still holds `value`; false when it does not
     /// (expired and maybe taken by another) or Redis cannot say.
     pub async fn extend_lock(

@@ -1374,3 +1374,51 @@ async fn a_follower_refused_alone_takes_the_answer_of_a_leader_queued_within_its
     );
     stop(env).await;
 }
+
+// A read merged behind a leader whose cell is booked on the global share follows it and
+// books no cell of its own: alone it would go no sooner, and its cell, booked behind the
+// leader's, would only push everyone after it back (and be spent for nothing once the
+// leader's answer came, with others booked behind it).
+#[tokio::test(start_paused = true)]
+async fn a_read_merged_behind_a_booked_leader_books_no_cell_of_its_own() {
+    let budget = "[budget]\nlimit = 1\nperiod = \"1s\"\nburst = 1\nmax_wait = \"2500ms\"\n";
+    let env = Arc::new(common::start(SimOptions::default(), &format!("{budget}{ROUTES}")).await);
+    assert_ok(&env.get(&contact(1)).await, "the first read");
+    let get = |n: usize| {
+        let env = env.clone();
+        tokio::spawn(async move { env.get(&contact(n)).await })
+    };
+    // Contact 2's cell is booked about 1 s ahead; an identical read joins it 100 ms later.
+    let leader = get(2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let follower = get(2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The next cell is then about 2 s ahead, within a 2.5 s max_wait; had the follower
+    // booked one of its own, it would be 3 s ahead, and this read refused.
+    let asked = Instant::now();
+    let other = env.get(&contact(3)).await;
+    assert_ok(&other, "a read of another key queued behind the two");
+    assert!(
+        asked.elapsed() < Duration::from_millis(2300),
+        "expected the read of contact 3 on the cell after the leader's (about 1.8 s), saw \
+         {:?}",
+        asked.elapsed()
+    );
+    let (leader, follower) = (
+        leader.await.expect("leader"),
+        follower.await.expect("follower"),
+    );
+    assert_ok(&leader, "the leader");
+    assert_ok(&follower, "the follower");
+    assert!(
+        follower.header("cache-status").contains("collapsed"),
+        "expected the follower answered with the leader's call, saw Cache-Status {:?}",
+        follower.header("cache-status")
+    );
+    assert_eq!(
+        env.upstream_count(&format!("GET {}", contact(2))),
+        1,
+        "expected one upstream call for contact 2"
+    );
+    stop(env).await;
+}

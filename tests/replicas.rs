@@ -4612,6 +4612,83 @@ async fn a_read_refused_on_one_replica_takes_the_fill_of_one_queued_on_another()
     c.stop().await;
 }
 
+/// A read on one replica whose identical read queues on another, its cell booked on the
+/// shared global share within the first read's max_wait, follows that call (the
+/// `cache:queued:<key>` note) and books no cell of its own: one of its own, behind the
+/// queued one's, would only push the shared queue back and be spent for nothing once the
+/// queued call's answer came. Measured by a third read, of another key, on the same
+/// replica: it fits in its max_wait only behind the two cells actually used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_behind_one_queued_on_another_replica_books_no_cell_of_its_own() {
+    let _one = SERIAL.lock().await;
+    let setup = Setup {
+        budget: "limit = 1\nperiod = \"2s\"\nburst = 1\nmax_wait = \"5s\"",
+        cache: "shared = true",
+        ..Setup::new(2)
+    };
+    let Some(c) = start_replicas(setup).await else {
+        return;
+    };
+    let first = c.get_as(0, "/12345/inbox/contact/twitter/60", KEY).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let get = |replica: usize, n: u32| {
+        let (http, url) = (
+            c.http.clone(),
+            format!(
+                "http://{}/12345/inbox/contact/twitter/{n}",
+                c.replicas[replica].addr
+            ),
+        );
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .uri(url)
+                .header("authorization", format!("Bearer {KEY}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let resp = http.request(req).await.expect("the replica answers");
+            let status = resp.status();
+            let cache = resp
+                .headers()
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            (status, cache)
+        })
+    };
+    // Contact 61 queues on replica 0 for the next cell, about 2 s away; 300 ms later the
+    // same read on replica 1.
+    let queued = get(0, 61);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let behind = get(1, 61);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next cell is then about 3.4 s away, within 5 s; with a cell booked for the read
+    // behind, it would be 5.4 s away, and this read refused at once.
+    let other = c.get_as(1, "/12345/inbox/contact/twitter/62", KEY).await;
+    assert_eq!(
+        other.status,
+        StatusCode::OK,
+        "expected a read of another key on the cell after contact 61's, saw {} {:?}",
+        other.status,
+        other.body
+    );
+    let (status, _) = queued.await.expect("queued read");
+    assert_eq!(status, StatusCode::OK, "the read queued on replica 0");
+    let (status, cache) = behind.await.expect("read behind it");
+    assert_eq!(status, StatusCode::OK, "the read behind it on replica 1");
+    assert!(
+        collapsed_into_shared(&cache),
+        "expected replica 1's read of contact 61 collapsed into replica 0's fill, saw \
+         {cache:?}"
+    );
+    assert_eq!(
+        calls(&c, "GET /12345/inbox/contact/twitter/61"),
+        1,
+        "expected one upstream call for contact 61"
+    );
+    c.stop().await;
+}
+
 /// A metric's value on one replica, 0 when absent.
 async fn counted(c: &Cluster, replica: usize, series: &str) -> f64 {
     c.metric(replica, series).await.unwrap_or(0.0)

@@ -169,6 +169,17 @@ impl Ledger {
         (nanos(max_wait), hold)
     }
 
+    /// The longest wait any client's terms allow (ns): how far ahead the global share may
+    /// be booked, whoever asks.
+    pub(crate) fn longest_wait(&self) -> u64 {
+        let longest = self
+            .clients
+            .values()
+            .filter_map(|c| c.max_wait)
+            .fold(self.max_wait, Duration::max);
+        nanos(longest)
+    }
+
     /// Step 1, at arrival (see the module doc), for a caller that arrived at `arrived`: one
     /// that waited elsewhere until `now` (behind a merged call) may wait only what is left
     /// of its `max_wait`.
@@ -282,12 +293,8 @@ impl Ledger {
     /// terms (or a cost booked before costs were bounded) must not leave callers locked out
     /// by cells the new terms could never have lent.
     pub(crate) fn bound_debt(&mut self, now: u64) {
-        let longest = self
-            .clients
-            .values()
-            .filter_map(|c| c.max_wait)
-            .fold(self.max_wait, Duration::max);
-        self.global.bound(now, nanos(longest));
+        let longest = self.longest_wait();
+        self.global.bound(now, longest);
         let max_wait = self.max_wait;
         for client in self.clients.values_mut() {
             let wait = nanos(client.max_wait.unwrap_or(max_wait));

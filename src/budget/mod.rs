@@ -123,6 +123,13 @@ enum Booked {
     Nothing,
 }
 
+/// Told when an admission makes its call wait: `None` while the budget is still deciding
+/// (the client's own share's queue, a call out that decides what may go), `Some(at)` once
+/// the call's cells are booked on the global share for `at`. A call booked so goes then,
+/// unless the upstream pauses every call first, and goes before any booked after it: a
+/// caller with the same call to make and time to wait for `at` need book nothing itself.
+pub type Queued<'a> = &'a (dyn Fn(Option<tokio::time::Instant>) + Sync);
+
 /// What a refusal asks a caller to wait when the call sent to learn the upstream's count
 /// has not been answered in time.
 const LEARNING_RETRY: Duration = Duration::from_secs(1);
@@ -424,6 +431,11 @@ impl Budget {
         Duration::from_nanos(max_wait).max(LEARNING_GRACE)
     }
 
+    /// `client`'s `max_wait`: the longest its admission waits for a share's cells.
+    pub fn max_wait(&self, client: &str) -> Duration {
+        Duration::from_nanos(self.peek().terms(client).0)
+    }
+
     /// Waits for `cost` cells for one upstream call of `client`, or refuses at once when the
     /// wait would exceed the client's `max_wait` or the upstream has paused us
     /// ([`Refused::Later`]). A cost above the burst of a share the call must pass is refused
@@ -445,18 +457,19 @@ impl Budget {
         cost: NonZeroU32,
         waited: Duration,
     ) -> Result<Admitted, Refused> {
-        self.admit_noting(client, cost, waited, &|| {}).await
+        self.admit_noting(client, cost, waited, &|_| {}).await
     }
 
     /// [`Budget::admit_within`] that calls `queued` when the budget makes the call wait (for
     /// a share's next cell, or for the call sent to learn the upstream's count): until then
-    /// the admission is only being decided, which takes no time of anyone's `max_wait`.
+    /// the admission is only being decided, which takes no time of anyone's `max_wait`. See
+    /// [`Queued`] for what it is told.
     pub async fn admit_noting(
         &self,
         client: &str,
         cost: NonZeroU32,
         waited: Duration,
-        queued: &(dyn Fn() + Sync),
+        queued: Queued<'_>,
     ) -> Result<Admitted, Refused> {
         self.caps().check(client, cost)?;
         let waited = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
@@ -476,7 +489,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
-        queued: &(dyn Fn() + Sync),
+        queued: Queued<'_>,
     ) -> Result<Admitted, Rejected> {
         let clock = self.inner.clock;
         if self.inner.shared.is_some() {
@@ -509,12 +522,12 @@ impl Budget {
                 }
                 Step::Queue { own } => {
                     hold.own = Some(own);
-                    queued();
+                    queued(None);
                     tokio::time::sleep_until(clock.instant(own.at)).await;
                     break self.cross(client, cost, arrived, queued).await?;
                 }
                 Step::Wait(later) => {
-                    queued();
+                    queued(None);
                     self.come_back(later, landed, client, arrived).await?
                 }
             }
@@ -522,7 +535,7 @@ impl Budget {
         hold.global = Some(grant.global);
         hold.upstream = Some(grant.seq);
         if grant.global.at > clock.nanos() {
-            queued();
+            queued(Some(clock.instant(grant.global.at)));
             tokio::time::sleep_until(clock.instant(grant.global.at)).await;
         }
         let now = clock.nanos();
@@ -556,7 +569,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         arrived: u64,
-        queued: &(dyn Fn() + Sync),
+        queued: Queued<'_>,
     ) -> Result<ledger::Grant, Rejected> {
         loop {
             let landed = self.inner.landed.notified();
@@ -567,7 +580,7 @@ impl Budget {
             match crossed.map_err(|r| self.refuse(client, r))? {
                 ledger::Crossed::Go(grant) => return Ok(grant),
                 ledger::Crossed::Wait(later) => {
-                    queued();
+                    queued(None);
                     self.come_back(later, landed, client, arrived).await?
                 }
             }

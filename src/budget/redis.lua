@@ -417,7 +417,10 @@ end
 -- how many ms ago it was assumed (-1: it was named); the resume count it has acted on; and
 -- the cells it spent while cut off from Redis that have been answered since (once, on
 -- its first take back), whether its record is to be based again, the lease end it was last
--- given (0: none) and how long a call may be out (µs). Its word is about this call,
+-- given (0: none) and how long a call may be out (µs); then the longest wait any client's
+-- terms allow and this client's own (µs), which bound what a share may hold booked ahead
+-- (the wait above is what is left of this call's, and bounds only its own booking). Its
+-- word is about this call,
 -- counted out here once booked (unless the record's base counts it already). Every answer
 -- ends with the shared count (-1: none), the ms to its end and the cells out on every
 -- replica, which the replica mirrors, and its record's lease end and cells.
@@ -426,6 +429,9 @@ local gi, gu = tonumber(P[3]), tonumber(P[4])
 local ci, cu = tonumber(P[5]), tonumber(P[6])
 local max_wait = tonumber(P[7])
 local owed = tonumber(P[8])
+-- Older replicas send neither: this call's own wait, as they bound by.
+local longest_wait = math.max(tonumber(P[21]) or max_wait, max_wait)
+local own_wait = math.max(tonumber(P[22]) or max_wait, max_wait)
 local longest = tonumber(P[9])
 if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
 
@@ -561,12 +567,14 @@ end
 -- The global state may also hold the debt replicas back from their fallbacks handed over
 -- (each at most its part of a burst and a wait, so all of them at most one more): cut back
 -- to one span, as it was, the next booking would forgive the calls they sent alone while
--- the others spent the shared count.
-local g = bounded(KEYS[1], 2 * (gi * gu + max_wait) + owed)
+-- the others spent the shared count. The span is the longest any client may book ahead,
+-- not this caller's: bounded by a short wait, a booking would forgive the calls queued
+-- ahead of it by clients that wait longer, and go before them (and past the share).
+local g = bounded(KEYS[1], 2 * (gi * gu + longest_wait) + owed)
 local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
 local c, cw = now, 0
 if cu > 0 then
-  c = bounded(KEYS[2], ci * cu + max_wait)
+  c = bounded(KEYS[2], ci * cu + own_wait)
   cw = math.max(earliest(c, cost, ci, cu) - now, 0)
 end
 -- A cost above a share's usable burst could only be booked as debt past it, locking every

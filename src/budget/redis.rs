@@ -415,6 +415,8 @@ impl Shared {
                 u8::from(back.rebase).to_string(),
                 self.lease_end.load(Ordering::Acquire).to_string(),
                 self.out_for_us.load(Ordering::Acquire).to_string(),
+                (ask.longest_wait / 1000).to_string(),
+                (ask.max_wait / 1000).to_string(),
             ])
             .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
@@ -646,6 +648,9 @@ struct Ask {
     client: String,
     cost: u32,
     max_wait: u64,
+    /// The longest wait any client's terms allow (ns): what bounds the global share's
+    /// bookings ahead, whatever this call has left of its own.
+    longest_wait: u64,
     global: Cells,
     own: Option<Cells>,
     /// The longest pause the upstream's window allows, in µs: no stored pause or expiry
@@ -672,6 +677,7 @@ impl Ask {
             client: client.to_string(),
             cost: cost.get(),
             max_wait,
+            longest_wait: ledger.longest_wait(),
             global: Cells::of(&ledger.global_share, hold),
             own,
             longest_us: ledger.upstream.longest() / 1000,
@@ -843,7 +849,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
-        queued: &(dyn Fn() + Sync),
+        queued: super::Queued<'_>,
     ) -> Result<Admitted, Rejected> {
         if !shared.redis.is_up() {
             return self
@@ -942,7 +948,7 @@ impl Budget {
                     continue;
                 }
             }
-            queued();
+            queued(None);
             self.await_landing(landed, client, arrived).await?;
         };
         let left = ask
@@ -968,7 +974,7 @@ impl Budget {
                 mirrored: mirrored.unwrap_or(0),
                 ..own
             });
-            queued();
+            queued(None);
             tokio::time::sleep(Duration::from_micros(wait)).await;
             let elapsed = clock.nanos().saturating_sub(arrived);
             let left = ask.max_wait.saturating_sub(elapsed);
@@ -1030,8 +1036,9 @@ impl Budget {
             ledger.upstream.alarms()
         };
         if wait > 0 {
-            queued();
-            tokio::time::sleep(Duration::from_micros(wait)).await;
+            let at = tokio::time::Instant::now() + Duration::from_micros(wait);
+            queued(Some(at));
+            tokio::time::sleep_until(at).await;
         }
         let now = clock.nanos();
         let late_alarm = {
@@ -1319,6 +1326,7 @@ mod tests {
     use cxgate_testkit::redis::RedisServer as Server;
 
     mod faults;
+    mod queue;
 
     #[test]
     fn the_script_knows_how_long_a_learning_marker_lasts() {
@@ -1712,7 +1720,7 @@ mod tests {
         let shared = a.inner.shared.as_ref().expect("a shared budget");
         let mut kept = Vec::new();
         kept.push(
-            a.admit_fallback(shared, "other", n(1), 0, &|| {})
+            a.admit_fallback(shared, "other", n(1), 0, &|_| {})
                 .await
                 .expect("a's call on its local share"),
         );

@@ -24,6 +24,9 @@ const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How often a miss queued for its budget looks whether another replica started the call:
 /// seldom, as a queue may last seconds, and the queue goes on meanwhile.
 const QUEUED_POLL: Duration = Duration::from_millis(50);
+/// How long a queued miss's note ([`Store::note_queued`]) stands past the time its cells are
+/// booked for: time for that miss, let through then, to take the fill lock.
+const NOTE_GRACE: Duration = Duration::from_millis(250);
 
 /// Where the other replicas' fills of a key leave a miss before it asks its budget.
 #[derive(Debug)]
@@ -289,25 +292,91 @@ impl Store {
     }
 
     /// Notes in Redis that a miss of `key` (with `since` from its shared lookup) queues for
-    /// budget on this replica, and that its budget decides by `by` at the latest: past its
-    /// queue then (and calling, under the fill lock) or refused. The note (`SET NX PX`)
-    /// lasts until `by`; the first queued miss's stands. A miss another replica's budget
-    /// refuses meanwhile waits for this one's call ([`Store::await_queued_fill`]) rather
-    /// than answer 429 for a read the fleet is about to fetch anyway.
-    pub async fn note_queued(&self, key: &str, since: &Since, by: Instant) {
+    /// budget on this replica with its cells booked on the global share for `at`: it calls
+    /// then, under the fill lock. The note (`SET NX PX`) lasts until `at` and a grace for
+    /// taking the lock; the first queued miss's stands. The same miss on another replica
+    /// whose own wait reaches `at` follows it rather than book cells of its own
+    /// ([`Store::queued_for`]), and one its budget refuses waits for this one's call
+    /// ([`Store::await_queued_fill`]) rather than answer 429 for a read the fleet is about
+    /// to fetch anyway.
+    pub async fn note_queued(&self, key: &str, since: &Since, at: Instant) {
         let Some((tier, _)) = self.fill_tier(since) else {
             return;
         };
-        let ttl = by.saturating_duration_since(Instant::now());
+        let ttl = at.saturating_duration_since(Instant::now());
         if ttl < Duration::from_millis(1) {
             return;
         }
+        let ttl = ttl + NOTE_GRACE;
         let queued = tier.queued_key(key);
         let value = tier.redis().id().to_owned();
         let _ = tier
             .redis()
             .try_lock("cache", &queued, &value, ttl, PATIENT_CALL_TIMEOUT)
             .await;
+    }
+
+    /// For a miss of `key` about to ask its budget (with `since` from its shared lookup):
+    /// the time the same miss noted queued on a replica ([`Store::note_queued`]) has its
+    /// cells booked for, `None` when none is noted (or Redis cannot say). A miss whose own
+    /// `max_wait` reaches it follows that call ([`Store::follow_queued`]): alone it would
+    /// book cells behind that call's, go no sooner, and spend them for nothing once its
+    /// answer came.
+    pub async fn queued_for(&self, key: &str, since: &Since) -> Option<Instant> {
+        let (tier, _) = self.fill_tier(since)?;
+        let left = tier
+            .redis()
+            .lock_left("cache", &tier.queued_key(key), PATIENT_CALL_TIMEOUT)
+            .await
+            .ok()??;
+        Some(Instant::now() + left.saturating_sub(NOTE_GRACE))
+    }
+
+    /// Waits for the answer of the miss of `key` noted queued with its cells booked for
+    /// `at` ([`Store::queued_for`]): its shared entry, or once it holds the fill lock, the
+    /// entry it shares until `fill_deadline`. `None` when nothing comes (it was refused, or
+    /// its answer not shared): the miss asks its own budget.
+    pub async fn follow_queued(
+        &self,
+        key: &str,
+        req_headers: &HeaderMap,
+        since: &Since,
+        at: Instant,
+        fill_deadline: Instant,
+        local: &dyn Localize,
+    ) -> Option<StoredResponse> {
+        let (tier, generations) = self.fill_tier(since)?;
+        let lock_key = tier.lock_key(key);
+        let gone = (at + NOTE_GRACE).min(fill_deadline);
+        loop {
+            let (found, held) = match tier.peek(key, &lock_key, generations).await {
+                Ok(seen) => seen,
+                Err(why) if why.is_slow() && tier.redis().is_up() => (None, false),
+                Err(_) => return None,
+            };
+            if let Some(found) = found {
+                return match self.take_found(key, req_headers, found, since, local).await {
+                    Ok(Some(entry)) => {
+                        tier.count_filled();
+                        Some(entry)
+                    }
+                    Ok(None) | Err(()) => None,
+                };
+            }
+            if held {
+                return match self
+                    .await_fill(key, req_headers, since, fill_deadline, || {}, local)
+                    .await
+                {
+                    Fill::Filled(entry) => Some(entry),
+                    Fill::Free | Fill::Alone => None,
+                };
+            }
+            if Instant::now() + POLL_EVERY > gone {
+                return None;
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
     }
 
     /// For a miss of `key` its own budget refused: while a miss of the key is noted as

@@ -28,6 +28,9 @@ enum Stage {
     Deciding,
     /// Its budget made it wait; by this time (if known) it is past its queue or refused.
     Queued(Option<tokio::time::Instant>),
+    /// Its cells are booked on the global share for this time: it goes then, before any
+    /// call booked after it (see `budget::Queued`).
+    Booked(tokio::time::Instant),
     /// Past its queue, on its way upstream.
     Sent,
 }
@@ -206,10 +209,12 @@ impl<V> Progress<V> {
 
     /// [`Progress::queued`] for a fetch whose budget decides by `by` at the latest (its
     /// caller's `max_wait` from its arrival): past its queue then, or refused. A follower
-    /// whose own budget refuses it may wait for such a leader (see [`Behind`]).
+    /// whose own budget refuses it may wait for such a leader (see [`Behind`]). A fetch
+    /// booked before ([`Progress::booked`]) that queues again (the call it followed came to
+    /// nothing) is queued again.
     pub fn queued_until(&self, by: Option<tokio::time::Instant>) {
         self.stage.send_if_modified(|stage| {
-            let was = *stage == Stage::Deciding;
+            let was = matches!(stage, Stage::Deciding | Stage::Booked(_));
             if was {
                 *stage = Stage::Queued(by);
             }
@@ -217,15 +222,32 @@ impl<V> Progress<V> {
         });
     }
 
-    /// Resolves once the fetch's budget has decided: the time it decides by at the latest
-    /// when it made the fetch wait (see [`Progress::queued_until`]), `None` when it let it
-    /// through at once or did not say.
-    pub async fn queued_by(&self) -> Option<tokio::time::Instant> {
+    /// The fetch's cells are booked on the global share for `at` (or it follows a call
+    /// booked so on another replica): a follower whose own wait reaches `at` follows it
+    /// without booking cells of its own (see [`Merger::run_patient`]).
+    pub fn booked(&self, at: tokio::time::Instant) {
+        self.stage.send_if_modified(|stage| {
+            let was = *stage != Stage::Sent;
+            if was {
+                *stage = Stage::Booked(at);
+            }
+            was
+        });
+    }
+
+    /// Resolves once the fetch's cells are booked on the global share for a time still to
+    /// come: that time (see [`Progress::booked`]), `None` when it went without such a wait.
+    pub async fn booked_for(&self) -> Option<tokio::time::Instant> {
         let mut stage = self.stage.subscribe();
-        let decided = stage.wait_for(|s| *s != Stage::Deciding).await.ok()?;
-        match *decided {
-            Stage::Queued(by) => by,
-            Stage::Deciding | Stage::Sent => None,
+        let ahead = |s: &Stage| match *s {
+            Stage::Booked(at) => at > tokio::time::Instant::now(),
+            Stage::Sent => true,
+            Stage::Deciding | Stage::Queued(_) => false,
+        };
+        let booked = stage.wait_for(ahead).await.ok()?;
+        match *booked {
+            Stage::Booked(at) => Some(at),
+            _ => None,
         }
     }
 
@@ -356,6 +378,7 @@ impl<V: Clone> Behind<V> {
         match *self.stage.borrow() {
             Stage::Sent => true,
             Stage::Queued(by) => by.is_some_and(|by| by <= deadline),
+            Stage::Booked(at) => at <= deadline,
             Stage::Deciding => false,
         }
     }
@@ -460,12 +483,17 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
     /// most `patience` for the leader to report [`Progress::sent`], counted once the
     /// leader's budget has decided: a leader not yet past that instant step (not even
     /// scheduled, say) is waited for whatever the patience, so a burst of identical reads
-    /// makes one call even with a patience of zero.
+    /// makes one call even with a patience of zero. A leader whose cells are booked on the
+    /// global share for no later than `follow_by` ([`Progress::booked`]) is followed
+    /// whatever the patience: alone, the follower would book cells behind the leader's, to
+    /// go no sooner, and those cells would be spent for nothing once the leader's answer
+    /// came (given back only while nobody booked after them, which in a queue is never).
     pub async fn run_patient<B, F>(
         &self,
         key: String,
         build: B,
         patience: std::time::Duration,
+        follow_by: Option<tokio::time::Instant>,
         only_while_wanted: bool,
     ) -> Result<Joined<V, B>, MergeError>
     where
@@ -481,9 +509,15 @@ impl<V: Clone + Send + Sync + 'static> Merger<V> {
         // Each wait also ends when the flight does, sent or not: its value is there to take.
         let stage = &mut seat.stage;
         let decided = stage.wait_for(|s| *s != Stage::Deciding).await.is_ok();
+        let in_time = |s: &Stage| match *s {
+            Stage::Sent => true,
+            Stage::Booked(at) => follow_by.is_some_and(|by| at <= by),
+            Stage::Deciding | Stage::Queued(_) => false,
+        };
         let queued = if decided {
+            // Polled once before the timeout is, so a zero patience still sees the stage.
             let left = patience.saturating_sub(asked.elapsed());
-            let passed = async { stage.wait_for(|s| *s == Stage::Sent).await.map(|_| ()) };
+            let passed = async { stage.wait_for(in_time).await.map(|_| ()) };
             tokio::time::timeout(left, passed).await.is_err()
         } else {
             false

@@ -249,7 +249,7 @@ async fn a_patient_follower_gets_its_fetch_back_while_the_leader_is_queued() {
                 1
             };
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -257,7 +257,7 @@ async fn a_patient_follower_gets_its_fetch_back_while_the_leader_is_queued() {
     let asked = tokio::time::Instant::now();
     let build = |_: Progress<u32>| async { 2 };
     let joined = merger
-        .run_patient("k".into(), build, Duration::from_secs(1), false)
+        .run_patient("k".into(), build, Duration::from_secs(1), None, false)
         .await
         .expect("joined");
     let waited = asked.elapsed();
@@ -298,14 +298,14 @@ async fn a_follower_waits_for_a_leader_that_was_let_through() {
                 7
             };
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
     tokio::task::yield_now().await;
     let build = |_: Progress<u32>| async { 0 };
     let joined = merger
-        .run_patient("k".into(), build, Duration::from_millis(10), false)
+        .run_patient("k".into(), build, Duration::from_millis(10), None, false)
         .await
         .expect("joined");
     assert!(
@@ -331,8 +331,8 @@ async fn a_follower_with_no_patience_still_follows_a_leader_not_yet_scheduled() 
     };
     // Both join before the leader's flight task has run at all: its budget has not
     // decided yet, which takes none of the follower's patience.
-    let leader = merger.run_patient("k".into(), build(&runs, 1), Duration::MAX, false);
-    let follower = merger.run_patient("k".into(), build(&runs, 2), Duration::ZERO, false);
+    let leader = merger.run_patient("k".into(), build(&runs, 1), Duration::MAX, None, false);
+    let follower = merger.run_patient("k".into(), build(&runs, 2), Duration::ZERO, None, false);
     let (leader, follower) = tokio::join!(leader, follower);
     let (leader, follower) = (leader.expect("leader"), follower.expect("follower"));
     assert!(
@@ -362,7 +362,7 @@ async fn a_queued_flight_displaced_by_a_sent_one_takes_its_value() {
                 }
             };
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -384,7 +384,7 @@ async fn a_queued_flight_displaced_by_a_sent_one_takes_its_value() {
     tokio::task::yield_now().await;
     // A newcomer joins the flight on its way upstream, not the queued one.
     let newcomer = merger
-        .run_patient("k".into(), |_| async { 3 }, Duration::ZERO, false)
+        .run_patient("k".into(), |_| async { 3 }, Duration::ZERO, None, false)
         .await
         .expect("newcomer");
     assert!(
@@ -421,7 +421,7 @@ async fn a_flight_let_through_after_another_joins_it() {
                 7
             };
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -480,7 +480,7 @@ async fn a_follower_gone_its_own_way_takes_the_value_of_a_leader_let_through_fir
         let (merger, build) = (merger.clone(), budgeted(&spent, secs(1), secs(1), 1));
         tokio::spawn(async move {
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -493,6 +493,7 @@ async fn a_follower_gone_its_own_way_takes_the_value_of_a_leader_let_through_fir
             "k".into(),
             budgeted(&spent, secs(5), secs(1), 2),
             Duration::ZERO,
+            None,
             false,
         )
         .await
@@ -537,7 +538,7 @@ async fn the_first_flight_past_its_queue_answers_the_queued_leader_and_every_riv
         let (merger, build) = (merger.clone(), budgeted(&spent, secs(10), secs(1), 1));
         tokio::spawn(async move {
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -584,7 +585,7 @@ async fn a_flight_started_beside_one_already_let_through_takes_its_value_at_once
         let (merger, build) = (merger.clone(), budgeted(&spent, Duration::ZERO, secs(1), 1));
         tokio::spawn(async move {
             merger
-                .run_patient("k".into(), build, Duration::MAX, false)
+                .run_patient("k".into(), build, Duration::MAX, None, false)
                 .await
         })
     };
@@ -603,4 +604,96 @@ async fn a_flight_started_beside_one_already_let_through_takes_its_value_at_once
     leader.await.expect("leader task").expect("leader");
     let calls = spent.load(Ordering::SeqCst);
     assert_eq!(calls, 1, "expected one call upstream, saw {calls}");
+}
+
+/// A leader whose cells are booked on the global share for 1 s from now, then sent, and
+/// answering `value` after 100 ms.
+fn booked_leader(
+    value: u32,
+) -> impl FnOnce(Progress<u32>) -> std::pin::Pin<Box<dyn Future<Output = u32> + Send>> {
+    move |progress: Progress<u32>| {
+        Box::pin(async move {
+            let at = tokio::time::Instant::now() + Duration::from_secs(1);
+            progress.booked(at);
+            tokio::time::sleep_until(at).await;
+            progress.sent();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            value
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_whose_wait_reaches_the_leaders_booked_cells_follows_with_no_patience() {
+    let merger = Merger::<u32>::new();
+    let leader = {
+        let merger = merger.clone();
+        tokio::spawn(async move {
+            merger
+                .run_patient("k".into(), booked_leader(1), Duration::MAX, None, false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let own = |runs: &Arc<AtomicUsize>| {
+        let runs = Arc::clone(runs);
+        move |_: Progress<u32>| async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            2
+        }
+    };
+    // Its own wait ends 2 s from now, past the leader's cells (1 s): it follows, its own
+    // fetch unrun, and takes the leader's value when the leader's call ends.
+    let asked = tokio::time::Instant::now();
+    let by = Some(asked + Duration::from_secs(2));
+    let joined = merger
+        .run_patient("k".into(), own(&runs), Duration::ZERO, by, false)
+        .await
+        .expect("joined");
+    assert!(
+        matches!(joined, Joined::Followed(1, _)),
+        "expected the follower to follow the booked leader, saw {}",
+        kind(&joined)
+    );
+    let waited = asked.elapsed();
+    assert_eq!(
+        waited,
+        Duration::from_millis(1100),
+        "expected the answer when the leader's call ended (1 s booked, 100 ms upstream)"
+    );
+    // One that cannot wait so long gets its fetch back at once, to decide on its own terms.
+    let leader_again = {
+        let merger = merger.clone();
+        tokio::spawn(async move {
+            merger
+                .run_patient("j".into(), booked_leader(3), Duration::MAX, None, false)
+                .await
+        })
+    };
+    tokio::task::yield_now().await;
+    let asked = tokio::time::Instant::now();
+    let by = Some(asked + Duration::from_millis(500));
+    let joined = merger
+        .run_patient("j".into(), own(&runs), Duration::ZERO, by, false)
+        .await
+        .expect("joined");
+    assert!(
+        matches!(joined, Joined::Impatient(..)),
+        "expected a follower whose wait ends before the leader's cells to get its fetch \
+         back, saw {}",
+        kind(&joined)
+    );
+    assert_eq!(
+        asked.elapsed(),
+        Duration::ZERO,
+        "expected its fetch back at once"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "expected no own fetch run here"
+    );
+    leader.await.expect("leader task").expect("leader");
+    leader_again.await.expect("leader task").expect("leader");
 }

@@ -58,7 +58,12 @@ impl Gateway {
         let by = progress
             .arrived()
             .map(|at| at + self.inner.budget.longest_wait(&call.client));
-        let queued = || progress.queued_until(by);
+        // Booked on the global share, it goes at that time: followers that can wait so long
+        // follow it rather than book cells of their own.
+        let queued = |booked: Option<tokio::time::Instant>| match booked {
+            Some(at) => progress.booked(at),
+            None => progress.queued_until(by),
+        };
         match self
             .inner
             .budget

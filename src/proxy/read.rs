@@ -439,9 +439,12 @@ impl Gateway {
         // it asks its own budget at once, as it would alone, and the first of the two past
         // its queue answers both (see `Merger::run_own`); a leader's refusal is not its
         // refusal. Its deadline counts from its arrival: whatever it runs itself afterwards
-        // (its own call, or a flight of its own variant) waits only for the rest.
+        // (its own call, or a flight of its own variant) waits only for the rest. Behind a
+        // flight whose cells are booked on the global share for a time within its own
+        // `max_wait` it books nothing and follows: alone it would go no sooner.
         let arrived = tokio::time::Instant::now();
         let patience = std::time::Duration::ZERO;
+        let follow_by = Some(arrived + inner.budget.max_wait(&client));
         let fetch = self.fetch_and_store(key.clone(), since.clone(), route, call, Some(arrived));
         // Labelled before waiting, so a request timeout while waiting still says how the
         // cache took it.
@@ -453,7 +456,13 @@ impl Gateway {
         let mut flight_key = merge_key.clone();
         let mut shared = inner
             .merger
-            .run_patient(merge_key.clone(), fetch, patience, only_while_wanted)
+            .run_patient(
+                merge_key.clone(),
+                fetch,
+                patience,
+                follow_by,
+                only_while_wanted,
+            )
             .await;
         // An answer that varies on a request header serves only the followers that sent
         // what the leader sent: the others merge among themselves, by their own variant.
@@ -469,7 +478,7 @@ impl Gateway {
                 flight_key.clone_from(&own);
                 shared = inner
                     .merger
-                    .run_patient(own, fetch, patience, only_while_wanted)
+                    .run_patient(own, fetch, patience, follow_by, only_while_wanted)
                     .await;
             }
         }
@@ -622,7 +631,7 @@ impl Gateway {
         let merger = self.inner.merger.clone();
         tokio::spawn(async move {
             let _ = merger
-                .run_patient(merge_key, fetch, std::time::Duration::MAX, false)
+                .run_patient(merge_key, fetch, std::time::Duration::MAX, None, false)
                 .await;
         });
     }
@@ -711,6 +720,7 @@ impl Gateway {
                 // is another replica's call seen while queued: its queue is given up once.
                 let mut tried_peer = false;
                 let mut watched = false;
+                let mut followed = false;
                 let mut lock = None;
                 let admitted = loop {
                     if across {
@@ -733,6 +743,31 @@ impl Gateway {
                             Fill::Alone => across = false,
                         }
                     }
+                    // The same miss queued on a replica with its cells booked for a time
+                    // within this one's max_wait: its call, not cells of this one's own (see
+                    // `Store::queued_for`). Told so, this flight's followers that cannot wait
+                    // that long go their own way.
+                    if across && !followed {
+                        followed = true;
+                        let own_deadline = progress.arrived().unwrap_or_else(Instant::now)
+                            + gateway.inner.budget.max_wait(&call.client);
+                        let noted = cache.queued_for(&key, &since).await;
+                        if let Some(at) = noted.filter(|&at| at <= own_deadline) {
+                            progress.booked(at);
+                            let filled = cache
+                                .follow_queued(&key, &call.headers, &since, at, deadline, &routed)
+                                .await;
+                            if let Some(entry) = filled {
+                                return Ok(Arc::new(Answer::filled_elsewhere(
+                                    entry,
+                                    progress.waited(),
+                                    &call.headers,
+                                )));
+                            }
+                            // It came to nothing: this flight is deciding on its own again.
+                            progress.queued_until(Some(own_deadline));
+                        }
+                    }
                     // While queued, a call of the same key that another client's terms let
                     // go at once may take this flight's place, here or on another replica:
                     // this one takes its answer then, and its queued cells go back (or are
@@ -740,8 +775,8 @@ impl Gateway {
                     // A miss its budget makes wait says so in Redis, so the same miss
                     // refused on another replica waits for this one's call (see below).
                     let note = async {
-                        if let Some(by) = progress.queued_by().await {
-                            cache.note_queued(&key, &since, by).await;
+                        if let Some(at) = progress.booked_for().await {
+                            cache.note_queued(&key, &since, at).await;
                         }
                         std::future::pending::<()>().await
                     };

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 
 use super::super::ledger::Ledger;
-use super::super::{Admitted, Budget, Rejected};
+use super::super::{Admitted, Budget, Queued, Rejected};
 use super::Shared;
 
 /// What a replica back from its fallback hands the shared budget with its first take.
@@ -64,7 +64,7 @@ impl Budget {
         client: &str,
         cost: NonZeroU32,
         waited: u64,
-        queued: &(dyn Fn() + Sync),
+        queued: Queued<'_>,
     ) -> Result<Admitted, Rejected> {
         {
             let mut ledger = self.ledger();
