@@ -57,6 +57,10 @@ async fn send(
     }
 }
 
+async fn get(c: &Replicas, i: usize, path: &str) -> Answer {
+    send(c, i, false, Method::GET, path, "").await
+}
+
 /// A GET on replica `i` under load: its status, `None` when nothing came back within 20 s
 /// (a machine loaded past what the test offers may starve a request).
 async fn load_get(c: &Replicas, i: usize, path: &str) -> Option<StatusCode> {
@@ -225,4 +229,76 @@ async fn a_replica_cut_off_alone_hands_back_all_it_spent_alone() {
         Ok(c) => c.stop().await,
         Err(_) => panic!("every task has ended, so nothing else holds the replicas"),
     }
+}
+
+/// Replica 0's connections to Redis go silent (the relay keeps them open and forwards
+/// nothing more, either way) while new ones would be relayed as before: after its budget
+/// call's second it answers on its local share, and then, instead of asking on the silent
+/// connection forever, it dials a new one and is back on the shared budget within
+/// seconds (its answers show the whole limit again, not its part of it). It used to stay
+/// on its local share for as long as the connection stayed open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_to_redis_is_replaced() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = start_replicas(Setup {
+        budget: "limit = 1000\nperiod = \"1s\"\nburst = 1000\nmax_wait = \"1s\"",
+        slow: Some(0),
+        ..Setup::new(2)
+    })
+    .await
+    else {
+        return;
+    };
+    let link = c.slow_link.as_ref().expect("replica 0's link");
+    let shared = get(&c, 0, "/12345/inbox/contact/quiet/0").await;
+    assert_eq!(
+        (shared.status, shared.header("x-ratelimit-limit")),
+        (StatusCode::OK, "1000"),
+        "expected replica 0 on the shared budget of 1000 first"
+    );
+    let dialled = link.connections();
+    let errors = counted(&c, 0, "cxgate_redis_errors_total").await;
+    link.silence_open_connections();
+    let alone = get(&c, 0, "/12345/inbox/contact/quiet/1").await;
+    assert_eq!(
+        (alone.status, alone.header("x-ratelimit-limit")),
+        (StatusCode::OK, "500"),
+        "expected replica 0 answered on its local share (1000 / 2) once its budget call \
+         found no answer"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut n = 2;
+    let back = loop {
+        let answer = get(&c, 0, &format!("/12345/inbox/contact/quiet/{n}")).await;
+        n += 1;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "expected every read answered"
+        );
+        if answer.header("x-ratelimit-limit") == "1000" {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let status = redis_status(&c, 0).await;
+    assert!(
+        back && status["reachable"] == true,
+        "expected replica 0 back on the shared budget within 15 s of its connection going \
+         silent, saw {status}"
+    );
+    assert!(
+        link.connections() > dialled,
+        "expected a new connection dialled to Redis"
+    );
+    let after = counted(&c, 0, "cxgate_redis_errors_total").await;
+    assert!(
+        after > errors,
+        "expected the calls unanswered on the silent connection counted in \
+         cxgate_redis_errors_total ({errors} before, {after} after)"
+    );
+    c.stop().await;
 }
