@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 mod acks;
 mod members;
+mod pending;
 mod repairs;
 mod tables;
 pub use tables::{Current, Table, MAX_LIST_BYTES};
@@ -376,8 +377,11 @@ struct Inner {
     health: Mutex<Health>,
     gauge: IntGauge,
     errors: IntCounterVec,
-    /// Publications that failed, each with the id it was first published under.
-    pending: Mutex<Vec<(Invalidation, u64)>>,
+    /// Publications that failed, each with the id it was first published under, oldest
+    /// first (see `pending`).
+    pending: Mutex<pending::Queue>,
+    /// Wakes the task that sends them (see `pending`).
+    send_pending: Arc<tokio::sync::Notify>,
     /// Other replicas listed as listening at this replica's last heartbeat (see `members`).
     others_live: AtomicUsize,
     /// The highest publication this replica heard or replayed (see `members`).
@@ -817,7 +821,8 @@ impl Redis {
                 }),
                 gauge,
                 errors,
-                pending: Mutex::new(Vec::new()),
+                pending: Mutex::new(pending::Queue::new()),
+                send_pending: Arc::new(tokio::sync::Notify::new()),
                 others_live: AtomicUsize::new(0),
                 heard: Mutex::new(None),
                 lag: Mutex::new(None),
@@ -836,6 +841,7 @@ impl Redis {
         redis.probe_once().await;
         let probe = tokio::spawn(probe(Arc::downgrade(&redis.inner)));
         redis.remember(probe);
+        redis.spawn_sender();
         Ok(redis)
     }
 
@@ -1071,7 +1077,8 @@ impl Redis {
         &self.inner.address
     }
 
-    /// One health check: marks Redis up or down and, when up, sends what is pending.
+    /// One health check: marks Redis up or down and, when up, wakes the sender of what is
+    /// queued (which takes as long as the other replicas take to acknowledge, off the probe).
     async fn probe_once(&self) {
         let asked = tokio::time::Instant::now();
         let number = self.inner.link.number();
@@ -1090,7 +1097,9 @@ impl Redis {
                 if !self.is_up() {
                     self.inner.set_up(true, None);
                 }
-                self.flush_pending().await;
+                if self.has_pending() {
+                    self.inner.send_pending.notify_one();
+                }
             }
             Ok(Err(why)) => {
                 self.inner.errors.with_label_values(&["ping"]).inc();
@@ -1110,19 +1119,24 @@ impl Redis {
     /// `members`). Waits at most [`PATIENT_CALL_TIMEOUT`] for the publication and as long
     /// again for the answers: a write's invalidation is worth that much latency on a slow
     /// Redis; while Redis is down (or the call times out) the message is kept, with its id,
-    /// and sent when the probe sees Redis back.
+    /// and sent when the probe sees Redis back. While older messages still wait to be sent,
+    /// it is queued behind them at once, so the others apply them in the order they were made.
     pub async fn publish(&self, what: Invalidation) -> Published {
         let id = self.inner.acks.next_id();
-        match self.try_publish(what, id).await {
-            Ok(published) => published,
-            Err(what) => {
-                self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
-                self.keep_pending(what, id);
-                Published {
-                    result: "queued",
-                    shared_removed: None,
-                }
+        let what = if self.has_pending() {
+            what
+        } else {
+            match self.try_publish(what, id).await {
+                Ok(published) => return published,
+                Err(what) => what,
             }
+        };
+        self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
+        self.keep_pending(what, id);
+        self.inner.send_pending.notify_one();
+        Published {
+            result: "queued",
+            shared_removed: None,
         }
     }
 
@@ -1182,37 +1196,6 @@ impl Redis {
             result,
             shared_removed,
         })
-    }
-
-    fn keep_pending(&self, what: Invalidation, id: u64) {
-        let mut pending = lock(&self.inner.pending);
-        if pending.len() >= PENDING_LIMIT || what == Invalidation::All {
-            // "Drop everything" covers what was queued: it goes out as the newest message.
-            let id = if what == Invalidation::All {
-                id
-            } else {
-                self.inner.acks.next_id()
-            };
-            pending.clear();
-            pending.push((Invalidation::All, id));
-        } else if pending.first().map(|(w, _)| w) != Some(&Invalidation::All) {
-            pending.push((what, id));
-        }
-    }
-
-    /// Sends what could not be published while Redis was down, each message under the id
-    /// it was first published with.
-    async fn flush_pending(&self) {
-        let pending = std::mem::take(&mut *lock(&self.inner.pending));
-        let mut left = pending.into_iter();
-        while let Some((what, id)) = left.next() {
-            if let Err(what) = self.try_publish(what, id).await {
-                self.keep_pending(what, id);
-                for (rest, id) in left.by_ref() {
-                    self.keep_pending(rest, id);
-                }
-            }
-        }
     }
 
     /// Listens on the invalidation channel and hands every other replica's message to

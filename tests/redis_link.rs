@@ -102,6 +102,12 @@ async fn counted(c: &Replicas, i: usize, series: &str) -> f64 {
     cxgate_testkit::metrics::sum(&String::from_utf8_lossy(&text.body), series)
 }
 
+/// Redis's own clock, in ms.
+async fn redis_now_ms(conn: &mut cxgate::replicas::Conn) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    s * 1000 + us / 1000
+}
+
 /// Three replicas, one budget of 200 calls per 10 s (burst 20, no wait), ten times
 /// over-asked; replica 0 is cut off from Redis alone for 8 s, eight times its burst, while
 /// the other two go on spending the shared count. Over the run the upstream
@@ -299,6 +305,139 @@ async fn a_silent_connection_to_redis_is_replaced() {
         after > errors,
         "expected the calls unanswered on the silent connection counted in \
          cxgate_redis_errors_total ({errors} before, {after} after)"
+    );
+    c.stop().await;
+}
+
+/// The path each invalidation published so far names, in the order they were numbered.
+async fn published_paths(c: &Replicas, conn: &mut cxgate::replicas::Conn) -> Vec<String> {
+    let seq: Option<String> = redis::cmd("GET")
+        .arg(c.key("invalidate:seq"))
+        .query_async(conn)
+        .await
+        .expect("GET the count");
+    let count: u64 = seq
+        .and_then(|s| s.split(' ').nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    let mut paths = Vec::new();
+    for n in 1..=count {
+        let copy: Option<String> = redis::cmd("GET")
+            .arg(c.key(&format!("invalidate:log:{n}")))
+            .query_async(conn)
+            .await
+            .expect("GET a copy");
+        let message: serde_json::Value =
+            serde_json::from_str(&copy.unwrap_or_default()).unwrap_or_default();
+        if let Some(path) = message["what"]["path"].as_str() {
+            paths.push(path.to_string());
+        }
+    }
+    paths
+}
+
+/// Twelve purges made on a replica cut off from Redis are queued; a replica listed as
+/// listening that never acknowledges (killed without leaving) makes each take its 500 ms
+/// when they are sent. They go out in the order they were made, a purge made while they
+/// are still going out goes after them, and the health probe keeps its pace meanwhile
+/// (its key, renewed for 10 s at every probe, never falls below 6 s). They used to be sent
+/// from inside the probe, which stopped for the whole six seconds, and the purge made
+/// meanwhile went out before the older ones still queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_invalidations_go_out_in_order_off_the_probe() {
+    let _one = SERIAL.lock().await;
+    let Some(c) = start_replicas(Setup {
+        slow: Some(0),
+        ..Setup::new(1)
+    })
+    .await
+    else {
+        return;
+    };
+    let link = c.slow_link.as_ref().expect("replica 0's link");
+    let mut conn = c.conn().await;
+    assert!(
+        reachable_within(&c, 0, true, Duration::from_secs(5)).await,
+        "expected the replica on Redis at first"
+    );
+    link.set_cut(true);
+    assert!(
+        reachable_within(&c, 0, false, Duration::from_secs(5)).await,
+        "expected the replica to see Redis gone"
+    );
+    let queued = 12;
+    for i in 0..queued {
+        let body = format!("{{\"path\":\"/q/{i}\"}}");
+        let answer = send(&c, 0, true, Method::POST, "/admin/purge", &body).await;
+        assert_eq!(
+            answer.json()["invalidation"],
+            "queued",
+            "expected purge {i} queued while Redis is away"
+        );
+    }
+    let phantom = format!("phantom0 {}\n", redis_now_ms(&mut conn).await + 19_000);
+    let () = redis::cmd("SET")
+        .arg(c.key("replicas"))
+        .arg(phantom)
+        .query_async(&mut conn)
+        .await
+        .expect("list a replica that never acknowledges");
+    link.set_cut(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while published_paths(&c, &mut conn).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "expected the queued purges sent once Redis is back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = "{\"path\":\"/q/late\"}";
+    let late = send(&c, 0, true, Method::POST, "/admin/purge", body).await;
+    assert_eq!(late.status, StatusCode::OK, "expected the late purge taken");
+    let probe_key = {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(c.key("probe:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        assert_eq!(keys.len(), 1, "expected one probe key, saw {keys:?}");
+        keys[0].clone()
+    };
+    let mut lowest = i64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let paths = loop {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&probe_key)
+            .query_async(&mut conn)
+            .await
+            .expect("PTTL");
+        lowest = lowest.min(ttl);
+        let paths = published_paths(&c, &mut conn).await;
+        if paths.len() > queued || Instant::now() >= deadline {
+            break paths;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut expected: Vec<String> = (0..queued).map(|i| format!("/q/{i}")).collect();
+    expected.push("/q/late".to_string());
+    assert_eq!(
+        paths, expected,
+        "expected every queued purge published once, in order, and the late one after them"
+    );
+    assert!(
+        lowest >= 6_000,
+        "expected the probe to renew its 10 s key at least every 4 s while the queue went \
+         out, saw it down to {lowest} ms"
+    );
+    // The last one leaves the queue once its wait for acknowledgements is over.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = redis_status(&c, 0).await;
+    while status["invalidations_queued"] != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = redis_status(&c, 0).await;
+    }
+    assert_eq!(
+        status["invalidations_queued"], 0,
+        "expected nothing left queued, saw {status}"
     );
     c.stop().await;
 }
