@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 mod acks;
 mod members;
+mod pending;
 mod repairs;
 mod tables;
 pub use tables::{Current, Table, MAX_LIST_BYTES};
@@ -369,12 +370,18 @@ struct Inner {
     prompt: AtomicBool,
     /// The invalidation channel is subscribed and carries messages (see [`subscribe`]).
     listening: AtomicBool,
+    /// The connection was replaced for its silence and no probe has been answered since
+    /// (see [`Inner::redial`]).
+    redialled: AtomicBool,
     /// Since when Redis is up or down, and why it last failed (shown by [`Redis::status`]).
     health: Mutex<Health>,
     gauge: IntGauge,
     errors: IntCounterVec,
-    /// Publications that failed, each with the id it was first published under.
-    pending: Mutex<Vec<(Invalidation, u64)>>,
+    /// Publications that failed, each with the id it was first published under, oldest
+    /// first (see `pending`).
+    pending: Mutex<pending::Queue>,
+    /// Wakes the task that sends them (see `pending`).
+    send_pending: Arc<tokio::sync::Notify>,
     /// Other replicas listed as listening at this replica's last heartbeat (see `members`).
     others_live: AtomicUsize,
     /// This replica's last heartbeat: until when its own entry lasts, and the others then
@@ -620,31 +627,93 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
-/// How [`Inner`] reaches Redis.
+/// How [`Inner`] reaches Redis. Each connection carries its number (one more at every
+/// [`Link::redial`]), so a call that timed out names the connection it waited on, and a
+/// connection is replaced once however many calls timed out on it.
 enum Link {
     Single {
         client: redis::Client,
-        conn: ConnectionManager,
+        conn: Mutex<(u64, ConnectionManager)>,
     },
     /// The cluster connection is made by the probe (it cannot be made lazily); `None` until
     /// the cluster first answers. Pub/sub goes to one seed node at a time: a cluster
     /// forwards every publication to every node.
     Cluster {
         client: Box<ClusterClient>,
-        conn: Mutex<Option<ClusterConnection>>,
+        conn: Mutex<(u64, Option<ClusterConnection>)>,
         seeds: Vec<redis::Client>,
     },
 }
 
+/// How the single-server connection (re)connects. Quick and short-lived: the probe decides
+/// health, and a reconnect stuck in a long backoff would hide a server that is already back.
+/// No response timeout of its own: each call has its bound on this side.
+fn manager_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CALL_TIMEOUT * 2))
+        .set_response_timeout(None)
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(100))
+}
+
 impl Link {
     fn conn(&self) -> Option<Conn> {
+        self.current().map(|(_, conn)| conn)
+    }
+
+    /// The connection calls use now, with its number.
+    fn current(&self) -> Option<(u64, Conn)> {
         match self {
-            Link::Single { conn, .. } => Some(Conn::Single(conn.clone())),
-            Link::Cluster { conn, .. } => conn
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone()
-                .map(Conn::Cluster),
+            Link::Single { conn, .. } => {
+                let (number, conn) = &*lock(conn);
+                Some((*number, Conn::Single(conn.clone())))
+            }
+            Link::Cluster { conn, .. } => {
+                let (number, conn) = &*lock(conn);
+                conn.clone().map(|c| (*number, Conn::Cluster(c)))
+            }
+        }
+    }
+
+    /// The number of the connection calls use now (or the next one made, on a cluster).
+    fn number(&self) -> u64 {
+        match self {
+            Link::Single { conn, .. } => lock(conn).0,
+            Link::Cluster { conn, .. } => lock(conn).0,
+        }
+    }
+
+    /// Replaces connection `used` (a call waited on it for its whole bound with no answer)
+    /// by a new one: a connection that stays open while nothing comes back on it (a relay
+    /// or firewall that stopped forwarding, a server that lost it) is never replaced by the
+    /// client itself, which reconnects only when the connection fails. Calls already
+    /// waiting on the old one keep it until their own bounds. False when `used` was
+    /// replaced already, or a new one cannot be set up.
+    fn redial(&self, used: u64) -> bool {
+        match self {
+            Link::Single { client, conn } => {
+                let mut conn = lock(conn);
+                if conn.0 != used {
+                    return false;
+                }
+                match client.get_connection_manager_lazy(manager_config()) {
+                    Ok(fresh) => {
+                        *conn = (used + 1, fresh);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Link::Cluster { conn, .. } => {
+                let mut conn = lock(conn);
+                if conn.0 != used {
+                    return false;
+                }
+                // The probe makes the next one.
+                *conn = (used + 1, None);
+                true
+            }
         }
     }
 
@@ -690,7 +759,7 @@ impl Redis {
         let link = if options.cluster {
             Link::Cluster {
                 client: Box::new(options.cluster_client(url).map_err(in_env)?),
-                conn: Mutex::new(None),
+                conn: Mutex::new((0, None)),
                 seeds: options.clients(url).map_err(in_env)?,
             }
         } else {
@@ -699,18 +768,13 @@ impl Redis {
                 return Err(SetupError::SeveralUrls(url_env.to_string()));
             }
             let client = clients.remove(0);
-            // Reconnection is quick and short-lived: the probe decides health, and a
-            // reconnect stuck in a long backoff would hide a server that is already back.
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CALL_TIMEOUT * 2))
-                .set_response_timeout(None)
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(100));
             let conn = client
-                .get_connection_manager_lazy(config)
+                .get_connection_manager_lazy(manager_config())
                 .map_err(SetupError::Connection)?;
-            Link::Single { client, conn }
+            Link::Single {
+                client,
+                conn: Mutex::new((0, conn)),
+            }
         };
         let address = redacted_address(url);
         tracing::info!(
@@ -754,6 +818,7 @@ impl Redis {
                 slowing: AtomicBool::new(false),
                 prompt: AtomicBool::new(true),
                 listening: AtomicBool::new(true),
+                redialled: AtomicBool::new(false),
                 health: Mutex::new(Health {
                     since: std::time::SystemTime::now(),
                     last_error: None,
@@ -761,7 +826,8 @@ impl Redis {
                 }),
                 gauge,
                 errors,
-                pending: Mutex::new(Vec::new()),
+                pending: Mutex::new(pending::Queue::new()),
+                send_pending: Arc::new(tokio::sync::Notify::new()),
                 others_live: AtomicUsize::new(0),
                 last_join: Mutex::new(None),
                 heard: Mutex::new(None),
@@ -781,6 +847,7 @@ impl Redis {
         redis.probe_once().await;
         let probe = tokio::spawn(probe(Arc::downgrade(&redis.inner)));
         redis.remember(probe);
+        redis.spawn_sender();
         Ok(redis)
     }
 
@@ -940,7 +1007,7 @@ impl Redis {
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let Some(conn) = self.inner.link.conn().filter(|_| self.is_up()) else {
+        let Some((number, conn)) = self.inner.link.current().filter(|_| self.is_up()) else {
             return Err(Unavailable::Down);
         };
         let why = match tokio::time::timeout(BUDGET_CALL_TIMEOUT, exchange(conn)).await {
@@ -962,6 +1029,7 @@ impl Redis {
             Err(_) => {
                 let why = Unavailable::Timeout(BUDGET_CALL_TIMEOUT);
                 self.inner.set_up(false, Some(&why));
+                self.inner.redial(number);
                 why
             }
         };
@@ -1045,12 +1113,17 @@ impl Redis {
         &self.inner.address
     }
 
-    /// One health check: marks Redis up or down and, when up, sends what is pending.
+    /// One health check: marks Redis up or down and, when up, wakes the sender of what is
+    /// queued (which takes as long as the other replicas take to acknowledge, off the probe).
     async fn probe_once(&self) {
         let asked = tokio::time::Instant::now();
+        let number = self.inner.link.number();
         match tokio::time::timeout(CONNECT_TIMEOUT, self.inner.check()).await {
             Ok(Ok(position)) => {
                 self.inner.answered();
+                if self.inner.redialled.swap(false, Ordering::AcqRel) {
+                    tracing::info!("Redis answers on the new connection");
+                }
                 self.inner.watch_lag(position);
                 if asked.elapsed() <= CALL_TIMEOUT
                     && !self.inner.prompt.swap(true, Ordering::AcqRel)
@@ -1060,7 +1133,9 @@ impl Redis {
                 if !self.is_up() {
                     self.inner.set_up(true, None);
                 }
-                self.flush_pending().await;
+                if self.has_pending() {
+                    self.inner.send_pending.notify_one();
+                }
             }
             Ok(Err(why)) => {
                 self.inner.errors.with_label_values(&["ping"]).inc();
@@ -1070,6 +1145,7 @@ impl Redis {
                 self.inner.errors.with_label_values(&["ping"]).inc();
                 let why = Unavailable::Timeout(CONNECT_TIMEOUT);
                 self.inner.set_up(false, Some(&why));
+                self.inner.redial(number);
             }
         }
     }
@@ -1079,19 +1155,24 @@ impl Redis {
     /// `members`). Waits at most [`PATIENT_CALL_TIMEOUT`] for the publication and as long
     /// again for the answers: a write's invalidation is worth that much latency on a slow
     /// Redis; while Redis is down (or the call times out) the message is kept, with its id,
-    /// and sent when the probe sees Redis back.
+    /// and sent when the probe sees Redis back. While older messages still wait to be sent,
+    /// it is queued behind them at once, so the others apply them in the order they were made.
     pub async fn publish(&self, what: Invalidation) -> Published {
         let id = self.inner.acks.next_id();
-        match self.try_publish(what, id).await {
-            Ok(published) => published,
-            Err(what) => {
-                self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
-                self.keep_pending(what, id);
-                Published {
-                    result: "queued",
-                    shared_removed: None,
-                }
+        let what = if self.has_pending() {
+            what
+        } else {
+            match self.try_publish(what, id).await {
+                Ok(published) => return published,
+                Err(what) => what,
             }
+        };
+        self.inner.acks.count("queued", 0, PATIENT_CALL_TIMEOUT);
+        self.keep_pending(what, id);
+        self.inner.send_pending.notify_one();
+        Published {
+            result: "queued",
+            shared_removed: None,
         }
     }
 
@@ -1186,37 +1267,6 @@ impl Redis {
         expected
     }
 
-    fn keep_pending(&self, what: Invalidation, id: u64) {
-        let mut pending = lock(&self.inner.pending);
-        if pending.len() >= PENDING_LIMIT || what == Invalidation::All {
-            // "Drop everything" covers what was queued: it goes out as the newest message.
-            let id = if what == Invalidation::All {
-                id
-            } else {
-                self.inner.acks.next_id()
-            };
-            pending.clear();
-            pending.push((Invalidation::All, id));
-        } else if pending.first().map(|(w, _)| w) != Some(&Invalidation::All) {
-            pending.push((what, id));
-        }
-    }
-
-    /// Sends what could not be published while Redis was down, each message under the id
-    /// it was first published with.
-    async fn flush_pending(&self) {
-        let pending = std::mem::take(&mut *lock(&self.inner.pending));
-        let mut left = pending.into_iter();
-        while let Some((what, id)) = left.next() {
-            if let Err(what) = self.try_publish(what, id).await {
-                self.keep_pending(what, id);
-                for (rest, id) in left.by_ref() {
-                    self.keep_pending(rest, id);
-                }
-            }
-        }
-    }
-
     /// Listens on the invalidation channel and hands every other replica's message to
     /// `apply`. Reconnects by itself; after a lost subscription it applies
     /// [`Invalidation::All`] (see the module docs). Returns once the first subscription is
@@ -1264,19 +1314,19 @@ impl Inner {
     /// deployment's keys.
     async fn check(&self) -> Result<Option<members::Position>, Unavailable> {
         let failed = |e| Unavailable::Command(e);
-        let mut conn = match &self.link {
-            Link::Single { conn, .. } => Conn::Single(conn.clone()),
-            Link::Cluster { client, conn, .. } => {
-                let current = conn.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                match current {
-                    Some(c) => Conn::Cluster(c),
-                    None => {
-                        let made = client.get_async_connection().await.map_err(failed)?;
-                        *conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(made.clone());
-                        Conn::Cluster(made)
-                    }
+        let mut conn = match (&self.link, self.link.conn()) {
+            (_, Some(conn)) => conn,
+            (Link::Cluster { client, conn, .. }, None) => {
+                let number = self.link.number();
+                let made = client.get_async_connection().await.map_err(failed)?;
+                let mut conn = lock(conn);
+                // Unless it was replaced meanwhile.
+                if conn.0 == number {
+                    conn.1 = Some(made.clone());
                 }
+                Conn::Cluster(made)
             }
+            (Link::Single { .. }, None) => return Err(Unavailable::Down),
         };
         let mut call = PROBE.key(hash_tagged(&self.prefix, &format!("probe:{}", self.id)));
         call.key(hash_tagged(&self.prefix, "invalidate:seq"))
@@ -1349,6 +1399,20 @@ impl Inner {
         match &*heard {
             Some((epoch, seq)) if *epoch == at.0 && *seq >= at.1 => {}
             _ => *heard = Some(at.clone()),
+        }
+    }
+
+    /// A call or probe waited its whole bound (a second) on connection `used` and nothing
+    /// came back: that connection is replaced (see [`Link::redial`]), so the next probe
+    /// asks on a new one and the replica returns to the shared state as soon as Redis
+    /// answers there. Said once until a probe is answered again; each such call is counted
+    /// in `cxgate_redis_errors_total` by its operation (`budget`, `ping`).
+    fn redial(&self, used: u64) {
+        if self.link.redial(used) && !self.redialled.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                "Redis did not answer on its connection within a second: that connection is \
+                 dropped and a new one dialled (the probe tries it every 250 ms)"
+            );
         }
     }
 

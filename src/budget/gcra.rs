@@ -82,6 +82,9 @@ pub(crate) struct Gcra {
     burst: u32,
     /// Theoretical arrival time: the bucket holds its full burst again at `tat`.
     tat: u64,
+    /// Every cell reserved and not given back, as ns of this share's time: what was spent,
+    /// however long ago (the TAT forgets what the time since has paid off).
+    booked: u64,
 }
 
 impl Gcra {
@@ -93,6 +96,7 @@ impl Gcra {
                 .max(1),
             burst: quota.burst_size().get(),
             tat: 0,
+            booked: 0,
         }
     }
 
@@ -100,6 +104,7 @@ impl Gcra {
     /// out a fresh burst the upstream has already seen spent.
     pub(crate) fn carry_over(mut self, old: &Gcra) -> Self {
         self.tat = old.tat;
+        self.booked = old.booked;
         self
     }
 
@@ -110,6 +115,13 @@ impl Gcra {
     /// The theoretical arrival time, for the shared backend's bookkeeping.
     pub(crate) fn tat(&self) -> u64 {
         self.tat
+    }
+
+    /// Everything reserved and not given back so far, in ns of this share's time (each
+    /// cell counts its interval as the share stood when it was reserved): the difference
+    /// between two readings is what was spent between them, even past a full bucket.
+    pub(crate) fn booked(&self) -> u64 {
+        self.booked
     }
 
     /// Takes a TAT decided elsewhere (the shared budget in Redis), so what this share shows
@@ -165,6 +177,7 @@ impl Gcra {
         let before = self.tat;
         let spend = u64::from(n.get()).saturating_mul(self.t);
         self.tat = self.tat.max(at).saturating_add(spend);
+        self.booked = self.booked.saturating_add(spend);
         Slot {
             at,
             before,
@@ -178,6 +191,8 @@ impl Gcra {
     pub(crate) fn give_back(&mut self, slot: Slot) -> bool {
         if self.tat == slot.after {
             self.tat = slot.before;
+            let spent = slot.after.saturating_sub(slot.before.max(slot.at));
+            self.booked = self.booked.saturating_sub(spent);
             true
         } else {
             false
@@ -400,5 +415,21 @@ mod tests {
             100 * MS,
             "expected only the first cell still spent"
         );
+    }
+
+    #[test]
+    fn booked_keeps_what_the_time_since_paid_off() {
+        let mut g = Gcra::new(&share(10, 1000, 1));
+        for i in 0..5 {
+            g.reserve(n(1), 0, i * 1000 * MS);
+        }
+        let last = g.reserve(n(1), 0, 5000 * MS);
+        assert_eq!(
+            g.booked(),
+            600 * MS,
+            "expected six cells of 100 ms booked, though the bucket refilled between them"
+        );
+        assert!(g.give_back(last), "expected the last reservation refunded");
+        assert_eq!(g.booked(), 500 * MS, "expected a refund to leave the count");
     }
 }

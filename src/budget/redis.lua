@@ -417,13 +417,16 @@ end
 -- how many ms ago it was assumed (-1: it was named); the resume count it has acted on; and
 -- the cells it spent while cut off from Redis that have been answered since (once, on
 -- its first take back), whether its record is to be based again, the lease end it was last
--- given (0: none) and how long a call may be out (µs); then the longest wait any client's
+-- given (0: none), how long a call may be out (µs); then the longest wait any client's
 -- terms allow and this client's own (µs), which bound what a share may hold booked ahead
--- (the wait above is what is left of this call's, and bounds only its own booking). Its
--- word is about this call,
--- counted out here once booked (unless the record's base counts it already). Every answer
--- ends with the shared count (-1: none), the ms to its end and the cells out on every
--- replica, which the replica mirrors, and its record's lease end and cells.
+-- (the wait above is what is left of this call's, and bounds only its own booking); then
+-- the global share's period (µs: the most debt replicas back from their fallbacks may have
+-- handed over), and with the debt owed, the part of it still ahead of the replica's clock
+-- and `budget:spent` (KEYS[11]) as it last saw it before its fallback (-1: never). Its word
+-- is about this call, counted out here once booked (unless the record's base counts it
+-- already). Every answer ends with the shared count (-1: none), the ms to its end and the
+-- cells out on every replica, which the replica mirrors, its record's lease end and cells,
+-- and `budget:spent` (-1: none).
 local cost = tonumber(P[2])
 local gi, gu = tonumber(P[3]), tonumber(P[4])
 local ci, cu = tonumber(P[5]), tonumber(P[6])
@@ -433,7 +436,29 @@ local owed = tonumber(P[8])
 local longest_wait = math.max(tonumber(P[21]) or max_wait, max_wait)
 local own_wait = math.max(tonumber(P[22]) or max_wait, max_wait)
 local longest = tonumber(P[9])
-if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
+-- KEYS[11]: the shared time every take booked on the global share (µs), only growing.
+local spent = number(KEYS[11])
+if spent ~= nil and spent < 0 then
+  redis.call('DEL', KEYS[11])
+  fixed = flag(fixed, KEYS[11])
+  spent = nil
+end
+if owed > 0 then
+  -- What it booked alone went on top of what the others booked meanwhile only as far as
+  -- they booked (what they left unbooked was its room), plus its debt still ahead of now:
+  -- it owes no more than that, never more than it booked. A count it cannot compare (lost,
+  -- or never seen) leaves it owing all.
+  local ahead, since = math.max(tonumber(P[24]) or owed, 0), tonumber(P[25]) or -1
+  if since >= 0 and spent ~= nil and spent >= since then
+    owed = math.min(owed, spent - since + ahead)
+  end
+  if owed > 0 then store(KEYS[1], load(KEYS[1]) + owed) end
+end
+local function count_spent(us)
+  spent = (spent or 0) + us
+  redis.call('SET', KEYS[11], string.format('%.0f', spent), 'PX', 86400000)
+end
+if owed > 0 then count_spent(owed) end
 
 local t = flights()
 -- Back from the fallback (P[18]): its record is based again, on a count that has the calls
@@ -493,6 +518,7 @@ local function reply(r)
   if allow ~= nil and ttl > 0 then shown, left_ms = allow, ttl end
   r[9], r[10], r[11], r[12], r[13] = shown, left_ms, o, 0, 0
   if mine ~= nil then r[12], r[13] = mine[1], mine[3] end
+  r[14] = spent or -1
   return r
 end
 
@@ -564,13 +590,15 @@ if allow ~= nil and allow - o < cost then
   if ttl > 0 then return reply({3, math.min(ttl * 1000, longest)}) end
 end
 
--- The global state may also hold the debt replicas back from their fallbacks handed over
--- (each at most its part of a burst and a wait, so all of them at most one more): cut back
--- to one span, as it was, the next booking would forgive the calls they sent alone while
--- the others spent the shared count. The span is the longest any client may book ahead,
--- not this caller's: bounded by a short wait, a booking would forgive the calls queued
--- ahead of it by clients that wait longer, and go before them (and past the share).
-local g = bounded(KEYS[1], 2 * (gi * gu + longest_wait) + owed)
+-- The global state may also hold the debt replicas back from their fallbacks handed over:
+-- every cell each booked alone while the others spent the shared count, at most one period
+-- of it (older cells are out of every window to come). Cut back to one span, as it was,
+-- the next booking would forgive the calls they sent alone. The span is the longest any
+-- client may book ahead, not this caller's: bounded by a short wait, a booking would forgive
+-- the calls queued ahead of it by clients that wait longer, and go before them (and past
+-- the share).
+local room = math.max(tonumber(P[23]) or 0, 0)
+local g = bounded(KEYS[1], 2 * (gi * gu + longest_wait) + math.max(owed, room))
 local gw = math.max(earliest(g, cost, gi, gu) - now, 0)
 local c, cw = now, 0
 if cu > 0 then
@@ -594,6 +622,7 @@ if cu > 0 then
 end
 local g_after = math.max(g, now + gw) + cost * gi
 store(KEYS[1], g_after)
+count_spent(cost * gi)
 -- Booked: this call is out, on this replica's record (unless its base counts it).
 if mine ~= nil and call >= mine[4] then
   mine[3] = mine[3] + cost

@@ -4,7 +4,7 @@
 //! `fallback`; README "How the budget decides" and "Running several replicas" say more.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,9 +32,11 @@ use fallback::Return;
 /// [`Word`]), the resume count (one more each time an
 /// operator ends the pause, so every replica can tell its own copy of a pause was ended),
 /// the marker of a replica's learning call out, the mark that some replica learnt (with
-/// the limit and window it learnt), the blind pause's probe (due, or out until when), and
-/// when the window the replicas assumed began (while the upstream has named none of it).
-/// A TAT at or before now means a full bucket, so keys expire once they hold nothing but
+/// the limit and window it learnt), the blind pause's probe (due, or out until when),
+/// when the window the replicas assumed began (while the upstream has named none of it),
+/// and the shared time every take has booked on the global share so far (only growing: a
+/// replica back from its fallback tells from it what the others booked meanwhile). A TAT
+/// at or before now means a full bucket, so keys expire once they hold nothing but
 /// the past.
 const LUA: &str = include_str!("redis.lua");
 
@@ -166,8 +168,10 @@ pub(crate) struct Shared {
     /// On the local fallback. Flipped only under the ledger lock, together with the
     /// ledger's reconfiguration, so both always agree.
     local: AtomicBool,
-    /// The mirrored global TAT when the fallback began: debt already known to Redis.
-    base: AtomicU64,
+    /// Where the shared budget stood when the fallback began (see `fallback`).
+    cut: Mutex<fallback::Cut>,
+    /// `budget:spent` as the last take answered it (-1: none yet, or Redis had none).
+    spent_seen: AtomicI64,
     /// The end of the last upstream pause pushed to Redis (budget clock), to push each once.
     pushed_pause: AtomicU64,
     /// The shared resume count this replica has acted on: a different count in Redis means
@@ -224,7 +228,8 @@ impl Shared {
             replicas,
             full: Mutex::new(spec),
             local: AtomicBool::new(false),
-            base: AtomicU64::new(0),
+            cut: Mutex::new(fallback::Cut::default()),
+            spent_seen: AtomicI64::new(-1),
             pushed_pause: AtomicU64::new(0),
             resumes_seen: std::sync::Arc::new(AtomicU64::new(0)),
             id: redis
@@ -417,11 +422,17 @@ impl Shared {
                 self.out_for_us.load(Ordering::Acquire).to_string(),
                 (ask.longest_wait / 1000).to_string(),
                 (ask.max_wait / 1000).to_string(),
+                ask.period_us.to_string(),
+                back.ahead.to_string(),
+                back.since.to_string(),
             ])
             .collect();
         let raw = run_script(&self.redis, &keys, "take", &args).await.ok()?;
         if let Some(&end) = raw.get(11) {
             self.leased_until(end, raw.get(12).copied());
+        }
+        if let Some(&spent) = raw.get(13) {
+            self.spent_seen.store(spent.max(-1), Ordering::Release);
         }
         let reply = Reply::parse(&raw);
         if reply.is_none() {
@@ -430,7 +441,7 @@ impl Shared {
         Some((reply?, Stated::parse(&raw)))
     }
 
-    fn keys(&self, client: &str) -> [String; 10] {
+    fn keys(&self, client: &str) -> [String; 11] {
         [
             self.redis.key("budget:global"),
             self.redis.key(&format!("budget:client:{client}")),
@@ -442,6 +453,7 @@ impl Shared {
             self.redis.key("budget:learned"),
             self.redis.key("budget:probe"),
             self.redis.key("budget:assumed"),
+            self.redis.key("budget:spent"),
         ]
     }
 
@@ -540,12 +552,8 @@ impl Shared {
             return;
         };
         // `return` takes the client's TAT first and the global one second.
-        let [global_key, client_key, pause, left, in_flight, resumes, learning, learned, probe, assumed] =
-            self.keys(client);
-        let keys = [
-            client_key, global_key, pause, left, in_flight, resumes, learning, learned, probe,
-            assumed,
-        ];
+        let mut keys = self.keys(client);
+        keys.swap(0, 1);
         let pair = |b: Option<Booked>| b.map_or([0, 0], |b| [b.after, b.before]);
         let [oa, ob] = pair(own);
         let [ga, gb] = pair(global);
@@ -663,6 +671,9 @@ struct Ask {
     /// What this replica knows of the upstream's window, to seed a shared count Redis
     /// lost.
     seed: Option<Seed>,
+    /// The global share's period, in µs: the most debt replicas back from their fallbacks
+    /// may have handed over (see `fallback`).
+    period_us: u64,
 }
 
 impl Ask {
@@ -684,6 +695,7 @@ impl Ask {
             limit: ledger.upstream.limit().unwrap_or(0),
             window_ms: ledger.upstream.window_learnt().map_or(0, |w| w / 1_000_000),
             seed: ledger.upstream.seed(now),
+            period_us: u64::try_from(ledger.global_share.period.as_micros()).unwrap_or(u64::MAX),
         }
     }
 }

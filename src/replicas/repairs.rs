@@ -30,6 +30,7 @@ pub(super) const KEYS: &[&str] = &[
     "budget:learned",
     "budget:probe",
     "budget:assumed",
+    "budget:spent",
     "token",
     "token:lock",
     "token:spent",

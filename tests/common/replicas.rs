@@ -242,11 +242,25 @@ pub fn redis_options(redis: &RedisServer) -> cxgate::replicas::Options {
 /// A TCP relay to a local Redis that holds back what the client sends by a delay the test
 /// sets (and changes) at any moment, in order: a Redis that answers late on this one
 /// replica's connections only, as on a loaded host or a slow network path, while it answers
-/// the others at once.
+/// the others at once. It can also cut the replica off (every connection closed, new ones
+/// closed as they come) and silence the connections open now for good (they stay open
+/// and carry nothing either way, as behind a relay that stopped forwarding), while the
+/// other replicas reach Redis as before.
 pub struct SlowLink {
     pub port: u16,
     delay_ms: Arc<AtomicU64>,
     held: Arc<AtomicU64>,
+    state: tokio::sync::watch::Sender<LinkState>,
+    accepted: Arc<AtomicU64>,
+}
+
+/// What the test asked of the relay's connections.
+#[derive(Debug, Clone, Copy, Default)]
+struct LinkState {
+    /// Every connection closed, new ones closed at once.
+    cut: bool,
+    /// Connections numbered below this carry nothing more, and stay open.
+    silent_below: u64,
 }
 
 impl SlowLink {
@@ -258,13 +272,32 @@ impl SlowLink {
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let delay_ms = Arc::new(AtomicU64::new(0));
         let held = Arc::new(AtomicU64::new(0));
-        let (delay, count) = (delay_ms.clone(), held.clone());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (state, watch) = tokio::sync::watch::channel(LinkState::default());
+        let (delay, count, serials) = (delay_ms.clone(), held.clone(), accepted.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let (delay, count) = (delay.clone(), count.clone());
+                if watch.borrow().cut {
+                    continue;
+                }
+                let serial = serials.fetch_add(1, Ordering::AcqRel);
+                let (delay, count, mut watch) = (delay.clone(), count.clone(), watch.clone());
                 tokio::spawn(async move {
-                    if let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await {
-                        relay(client, server, delay, count).await;
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+                        return;
+                    };
+                    let relayed = relay(client, server, delay, count);
+                    tokio::pin!(relayed);
+                    // Relays until cut, or silenced: then holds both ends open, unread,
+                    // until cut (or the test ends).
+                    let silenced = tokio::select! {
+                        () = &mut relayed => return,
+                        silenced = until(&mut watch, |s| s.cut || serial < s.silent_below) => {
+                            silenced
+                        }
+                    };
+                    if silenced.is_some_and(|s| !s.cut) {
+                        until(&mut watch, |s| s.cut).await;
                     }
                 });
             }
@@ -273,6 +306,8 @@ impl SlowLink {
             port,
             delay_ms,
             held,
+            state,
+            accepted,
         }
     }
 
@@ -286,6 +321,32 @@ impl SlowLink {
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Acquire)
     }
+
+    /// Cuts the replica off (`true`: its connections closed, new ones closed at once) or
+    /// lets it reach Redis again (`false`).
+    pub fn set_cut(&self, cut: bool) {
+        self.state.send_modify(|s| s.cut = cut);
+    }
+
+    /// Every connection open now carries nothing more, either way, and stays open (a relay
+    /// that stopped forwarding); connections made from now on are relayed as before.
+    pub fn silence_open_connections(&self) {
+        let below = self.accepted.load(Ordering::Acquire);
+        self.state.send_modify(|s| s.silent_below = below);
+    }
+
+    /// How many connections the relay has taken so far (the replica's redials among them).
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::Acquire)
+    }
+}
+
+/// Waits until the relay's state meets `done` (`Some` of it), or the link is gone (`None`).
+async fn until(
+    watch: &mut tokio::sync::watch::Receiver<LinkState>,
+    done: impl Fn(&LinkState) -> bool,
+) -> Option<LinkState> {
+    watch.wait_for(|s| done(s)).await.ok().map(|s| *s)
 }
 
 /// Relays one connection: the server's bytes at once, the client's each held until its

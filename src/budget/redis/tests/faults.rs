@@ -2,7 +2,8 @@
 //! a disconnect (FLUSHALL, keys deleted, as eviction does), the server killed and started
 //! again empty, and a replica gone (killed) with calls out. Three replicas drive an
 //! upstream of 20 calls per 3 s window that answers over it with the API's 400
-//! `rate_limit_reached`: none of its answers may say the limit is reached.
+//! `rate_limit_reached`: none of its answers may say the limit is reached. And a replica on
+//! its local share for longer than a burst and a wait hands back all it booked alone.
 
 use std::sync::Arc;
 
@@ -325,5 +326,145 @@ async fn connections_killed_under_load_never_meet_the_upstreams_limit() {
     assert!(
         admitted >= 20 * 3 / 2,
         "expected calls to keep going (at least half of the 3 windows' 20), saw {admitted}"
+    );
+}
+
+/// Runs `alone` on its local share (and `shared` on the shared budget, if any) for
+/// `spell`, each asking every 20 ms; how many `alone` admitted, all kept in `kept`.
+async fn spell_alone(
+    alone: &[&Budget],
+    shared: Option<&Budget>,
+    spell: Duration,
+    kept: &mut Vec<Admitted>,
+) -> u64 {
+    let started = tokio::time::Instant::now();
+    let mut admitted = 0;
+    while started.elapsed() < spell {
+        for budget in alone {
+            let local = budget.inner.shared.as_ref().expect("a shared budget");
+            if let Ok(a) = budget.admit_fallback(local, "other", n(1), 0, &|| {}).await {
+                admitted += 1;
+                kept.push(a);
+            }
+        }
+        if let Some(budget) = shared {
+            while let Ok(a) = budget.admit("other", n(1)).await {
+                kept.push(a);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    admitted
+}
+
+/// One replica on its local share for 1.5 s, far past its burst and wait (200 ms alone),
+/// while the other spends the shared count: back on Redis it hands over every cell it
+/// booked alone, so the other then waits for all of them. It used to hand over only the
+/// debt still ahead of its clock, a cell or two, and the rest went on top of the budget.
+#[tokio::test]
+async fn a_long_spell_alone_hands_back_every_cell_booked_alone() {
+    let Some(server) = Server::start_or_skip("this Redis budget test") else {
+        return;
+    };
+    // 20 calls per 2 s, 2 at once: a cell every 100 ms; alone, one every 200 ms.
+    let budgets = replicas(&server, "CXGATE_T_RB_ALONE", spec(20, 2000, 2, 0), 2).await;
+    for b in &budgets {
+        b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+    }
+    let (a, b) = (&budgets[0], &budgets[1]);
+    let shared = a.inner.shared.as_ref().expect("a shared budget");
+    let mut kept = vec![a.admit("other", n(1)).await.expect("a's shared call first")];
+    let alone = spell_alone(&[a], Some(b), Duration::from_millis(1500), &mut kept).await;
+    // a is back: its first take hands over what it booked alone.
+    if let Ok(admitted) = a.admit("other", n(1)).await {
+        kept.push(admitted);
+    }
+    assert!(
+        !shared.local.load(Ordering::Acquire),
+        "expected a back on the shared budget"
+    );
+    let wait = b
+        .admit("other", n(1))
+        .await
+        .expect_err("expected b refused")
+        .later()
+        .retry_after;
+    let owed = Duration::from_millis(100) * u32::try_from(alone - 2).unwrap_or(0);
+    assert!(
+        alone >= 5 && wait >= owed,
+        "expected b to wait for the {alone} cells a booked alone (at least {owed:?}), saw \
+         {wait:?}"
+    );
+}
+
+/// Both replicas on their local shares for 3 s (Redis gone for both): neither booked on
+/// the shared count meanwhile, so what they booked alone never went on top of anything,
+/// and back on Redis they owe only the debt still ahead of their clocks, not the whole
+/// spell's cells (which would shut both out for as long again).
+#[tokio::test]
+async fn replicas_all_alone_owe_only_their_debt_ahead() {
+    let Some(server) = Server::start_or_skip("this Redis budget test") else {
+        return;
+    };
+    let budgets = replicas(&server, "CXGATE_T_RB_ALL", spec(20, 2000, 2, 0), 2).await;
+    let mut kept = Vec::new();
+    for b in &budgets {
+        b.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+        kept.push(b.admit("other", n(1)).await.expect("a shared call first"));
+    }
+    let (a, b) = (&budgets[0], &budgets[1]);
+    let alone = spell_alone(&[a, b], None, Duration::from_millis(3000), &mut kept).await;
+    for budget in [a, b] {
+        if let Ok(admitted) = budget.admit("other", n(1)).await {
+            kept.push(admitted);
+        }
+    }
+    let wait = match a.admit("other", n(1)).await {
+        Ok(admitted) => {
+            kept.push(admitted);
+            Duration::ZERO
+        }
+        Err(refused) => refused.later().retry_after,
+    };
+    let all = Duration::from_millis(100) * u32::try_from(alone).unwrap_or(0);
+    assert!(
+        alone >= 10 && wait < all / 2,
+        "expected a short wait after both came back, not the {all:?} of the {alone} cells \
+         they booked alone, saw {wait:?}"
+    );
+}
+
+/// An admission that chose the fallback (Redis was down) books only after another
+/// admission came back to Redis and ended the fallback: its booking is still made on the
+/// fallback (entered again), counted as booked alone and handed over, never made on the
+/// full terms beside the shared count unseen. It used to be booked on the full local
+/// ledger, whose mirror of the shared count lags what the others spent: under load, where
+/// budget calls past their second move replicas on and off the fallback many times a
+/// minute, each such booking was a call on top of the budget.
+#[tokio::test]
+async fn a_booking_after_the_fallback_ended_is_still_booked_alone() {
+    let Some(server) = Server::start_or_skip("this Redis budget test") else {
+        return;
+    };
+    let budgets = replicas(&server, "CXGATE_T_RB_RACE", spec(20, 2000, 4, 0), 2).await;
+    let a = &budgets[0];
+    a.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
+    let shared = a.inner.shared.as_ref().expect("a shared budget");
+    let first = a.admit_fallback(shared, "other", n(1), 0, &|| {}).await;
+    assert!(first.is_ok(), "expected a call on the local share");
+    let now = a.inner.clock.nanos();
+    let back = shared.come_back(&mut a.ledger(), now);
+    assert!(back.is_some(), "expected the fallback ended");
+    let late = a.admit_local("other", n(1), 0, &|| {}).await;
+    assert!(
+        late.is_ok() && shared.local.load(Ordering::Acquire),
+        "expected the late booking made on the fallback, entered again"
+    );
+    let again = shared
+        .come_back(&mut a.ledger(), now)
+        .expect("the fallback again");
+    assert!(
+        again.owed > 0,
+        "expected the late booking handed over, saw {again:?}"
     );
 }
