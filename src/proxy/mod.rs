@@ -16,7 +16,8 @@ pub use crate::leak::KeyScan;
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
 pub use request::{
-    check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
+    canonical_path, check_path, check_target, client_key, normalise_escapes, php_name,
+    strip_access_token,
 };
 pub use tables::announced;
 
@@ -615,7 +616,7 @@ struct Target<'p> {
 
 fn target<'p>(parts: &'p http::request::Parts, state: &State) -> Result<Target<'p>, GatewayError> {
     check_target(parts, &state.own_hosts)?;
-    let path = normalise_escapes(parts.uri.path(), true);
+    let path = canonical_path(parts.uri.path())?;
     let query = parts.uri.query().map(|q| normalise_escapes(q, false));
     if is_sim_control(&path) {
         return Err(GatewayError::NotFound(
