@@ -53,6 +53,12 @@ pub enum AdminError {
     Json(#[source] serde_json::Error),
     #[error("{0}")]
     BadPurge(&'static str),
+    /// A purge path no client request may have: it names no entry.
+    #[error(
+        "no request can have this purge path ({0}); name the path as a request does \
+         (\"/me\", \"/12345/inbox/mentions\"): escapes are read as requests read them"
+    )]
+    BadPurgePath(String),
     #[error("configuration invalid; the running configuration stays")]
     Reload { problems: Vec<String> },
 }
@@ -68,6 +74,7 @@ impl Refusal for AdminError {
             AdminError::Unreadable(_)
             | AdminError::Json(_)
             | AdminError::BadPurge(_)
+            | AdminError::BadPurgePath(_)
             | AdminError::Reload { .. } => (StatusCode::BAD_REQUEST, "bad_request"),
         }
     }
@@ -275,8 +282,10 @@ impl Admin {
                 None => return Err(AdminError::BadPurge("tags must be strings")),
             }
         } else if let Some(path) = spec.get("path").and_then(Value::as_str) {
-            shared = Invalidation::Path(path.to_string());
-            cache.purge_path(path).await
+            let path = purge_path(path)?;
+            let purged = cache.purge_path(&path).await;
+            shared = Invalidation::Path(path);
+            purged
         } else {
             return Err(AdminError::BadPurge(
                 "expected {\"tags\":[...]}, {\"path\":\"/me\"} or {\"all\":true}",
@@ -369,6 +378,17 @@ fn check_purge(spec: &Value) -> Result<(), AdminError> {
         }
         _ => Err(AdminError::BadPurge(EXPECTED)),
     }
+}
+
+/// A purge path read as a request's path is read for its cache key
+/// ([`crate::proxy::canonical_path`]: `/m%65` is `/me`), so it drops what a request of that
+/// path is served from; one a request would be refused for (`//me`, `/me;x`, `/0123/x`)
+/// is refused, not answered with nothing purged.
+fn purge_path(path: &str) -> Result<String, AdminError> {
+    let path =
+        crate::proxy::canonical_path(path).map_err(|e| AdminError::BadPurgePath(e.to_string()))?;
+    crate::auth::account_of(&path).map_err(|e| AdminError::BadPurgePath(e.0.to_string()))?;
+    Ok(path.into_owned())
 }
 
 /// What `POST /admin/purge` answers: `purged`, the entries dropped from this replica's

@@ -123,6 +123,35 @@ impl Clients {
         }
     }
 
+    /// The clients of `cfg` (a reload's), each still knowing the key it was proven with
+    /// in `previous` when its `key_sha256` is unchanged: the key still hashes to it, and a
+    /// key known in full stays searched in its spellings wherever no key belongs (a
+    /// forwarded value, a token taken from the token file or the shared record) rather than
+    /// being forgotten until its client calls again.
+    pub fn carried_over(cfg: &Config, previous: &Clients) -> Clients {
+        let clients = Clients::from_config(cfg);
+        for entry in &clients.entries {
+            let proven = previous
+                .entries
+                .iter()
+                .find(|p| p.hash == entry.hash)
+                .and_then(|p| p.proven.get());
+            if let Some(key) = proven {
+                let _ = entry.proven.set(key.clone());
+            }
+        }
+        clients
+    }
+
+    /// No clients at all (anonymous mode): no key to find anywhere.
+    pub fn none() -> Clients {
+        Clients {
+            entries: Vec::new(),
+            anonymous: Client::anonymous(),
+            hashes: std::collections::HashSet::new(),
+        }
+    }
+
     /// Whether `candidate` is some configured client's key. Not constant time: it answers
     /// where a key must not be (a forwarded value), not who is calling, and only a digest
     /// is compared.
@@ -168,8 +197,8 @@ impl Clients {
     /// A presented key is hashed once and compared against every configured hash in constant
     /// time, so neither the timing nor the order of clients leaks a match. Hashing on every
     /// request is the largest part of authenticating, so a key that matched is remembered with
-    /// its client (one key per client, for the life of one configuration snapshot: a reload
-    /// starts empty). Later requests compare the presented key against every remembered key,
+    /// its client (one key per client, for the life of one configuration snapshot; a reload
+    /// keeps it for a client whose `key_sha256` is unchanged: [`Clients::carried_over`]). Later requests compare the presented key against every remembered key,
     /// again in time that does not depend on which matched, and hash only when none does.
     /// Unknown keys are never remembered, so strangers cannot grow the memory.
     pub fn authenticate(&self, key: Option<&str>) -> Result<&Client, AuthError> {

@@ -971,6 +971,47 @@ async fn a_purge_counts_only_what_is_still_stored() {
     env.stop().await;
 }
 
+/// A purge path is read as a request's path is read for its cache key: `/m%65` is the
+/// `/me` a request of `/m%65` is served from, so purging it drops that entry; a path no
+/// request may have (`//me`, `/me;x`, an account spelled `0123`) is a 400 in the CX
+/// Social envelope naming the form, not "0 purged".
+#[tokio::test]
+async fn a_purge_path_is_read_as_the_cache_key_reads_it() {
+    let env = common::start(SimOptions::default(), ROUTES).await;
+    assert_stored(&env.get("/me").await, "/me");
+    assert_hit(&env.get("/m%65").await, "/m%65, the /me entry");
+    let a = purge(&env, r#"{"path":"/m%65"}"#).await;
+    assert_eq!(
+        (a.status, a.json()["purged"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "purge /m%65: expected the /me entry purged, saw {:?}",
+        a.body
+    );
+    assert_stored(&env.get("/me").await, "/me after purging /m%65");
+    for bad in ["//me", "/me;x", "/me/%2e%2e", "/0123/inbox/mentions"] {
+        assert_ne!(
+            env.get(bad).await.status,
+            StatusCode::OK,
+            "{bad}: expected a client request refused"
+        );
+        let a = purge(&env, &format!(r#"{{"path":"{bad}"}}"#)).await;
+        let body = a.json();
+        assert_eq!(
+            (a.status, body["meta"]["error_type"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_request")),
+            "purge {bad}: expected a 400 envelope, saw {:?}",
+            a.body
+        );
+        let message = body["meta"]["error_message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("purge path") && message.contains("\"/me\""),
+            "purge {bad}: expected the message to name the forms, saw {message:?}"
+        );
+    }
+    assert_hit(&env.get("/me").await, "/me after the refused purges");
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn hits_carry_age_and_misses_do_not() {
     let env = common::start(SimOptions::default(), ROUTES).await;

@@ -3,7 +3,8 @@
 //! key, whole or in any spelling the request side's scan finds (`KEY.x`, `x=KEY`,
 //! `Bearer%20KEY`, percent-encoded), is refused from the token file at start, by `cxgate
 //! check` and on reload, from `cxgate token init` (the environment or an authorisation
-//! code's answer) and from a refresh's answer; the upstream never sees it. The shared
+//! code's answer) and from a refresh's answer; the upstream never sees it. A key a client
+//! has authenticated with is also found in its base64 and hex spellings. The shared
 //! Redis record is covered in `token_repair.rs`.
 //! The tests take a lock: they set the `CX_*` variables `token init` reads.
 
@@ -315,6 +316,148 @@ async fn a_refreshed_token_holding_a_key_is_not_taken() {
             status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
             "answer {answer}: expected the gateway serving on the token it held (or 503 once \
              it expired), saw {status} {body}"
+        );
+        assert_eq!(
+            file_access(&token_file),
+            GOOD,
+            "answer {answer}: expected the token file to keep the token held"
+        );
+        assert_key_never_sent(&seen, &format!("answer {answer}"));
+        running.shutdown();
+        running.stopped().await;
+        endpoint.abort();
+        let _ = std::fs::remove_dir_all(config.parent().expect("dir"));
+    }
+    upstream.abort();
+}
+
+/// The tokens holding [`KEY`] only in the spellings a request's scan decodes once the key
+/// is known in full (it authenticated): base64 and hex. Each was taken before from the
+/// token file on reload and from a refresh's answer, and sent upstream as the bearer.
+fn spelling_the_key() -> Vec<String> {
+    vec![
+        common::spellings::base64(KEY),
+        common::spellings::hex(KEY),
+        common::spellings::hex(KEY).to_uppercase(),
+        format!("x.{}", common::spellings::base64(KEY).trim_end_matches('=')),
+    ]
+}
+
+/// Once the key has authenticated, a token file rewritten to hold it in base64 or hex (as
+/// the access or the refresh token) is refused on reload as one holding the key itself,
+/// and the upstream only ever sees the token held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_spelling_a_proven_key_is_refused_on_reload() {
+    let _one = SERIAL.lock().await;
+    let (base, seen, upstream) = static_upstream(Reply::ok()).await;
+    let oauth = format!("{base}/oauth/access_token/");
+    let (config, token_file) = setup("token-keys-spelled", &base, &oauth);
+    let hours = Duration::from_secs(7200);
+    write_token(&token_file, GOOD, GOOD_REFRESH, hours);
+    let cfg = cxgate::config::load(&config).expect("config");
+    let running = cxgate::start(cfg, Some(config.clone()), cxgate::Options::default())
+        .await
+        .expect("the gateway starts on a clean token");
+    let (status, _) = send(Method::GET, format!("http://{}/me", running.addr)).await;
+    assert_eq!(status, StatusCode::OK, "expected the key to authenticate");
+    let mut files: Vec<(String, String)> = spelling_the_key()
+        .into_iter()
+        .map(|t| (t, GOOD_REFRESH.to_string()))
+        .collect();
+    files.push((GOOD.to_string(), common::spellings::base64(KEY)));
+    for (i, (access, refresh)) in files.iter().enumerate() {
+        write_token(&token_file, access, refresh, hours);
+        let (status, body) = send(
+            Method::POST,
+            format!("http://{}/admin/reload", running.admin_addr),
+        )
+        .await;
+        assert!(
+            status == StatusCode::OK && body.contains("gateway key"),
+            "access {access:?}, refresh {refresh:?}: expected the reload to name the gateway \
+             key, saw {status} {body}"
+        );
+        let (status, body) = send(
+            Method::GET,
+            format!("http://{}/12345/inbox/contact/twitter/s{i}", running.addr),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "expected the gateway serving on the token it held, saw {body}"
+        );
+    }
+    let sent = assert_key_never_sent(&seen, "after the reloads");
+    assert!(
+        sent > files.len(),
+        "expected each call forwarded, saw {sent}"
+    );
+    running.shutdown();
+    running.stopped().await;
+    upstream.abort();
+    let _ = std::fs::remove_dir_all(config.parent().expect("dir"));
+}
+
+/// After the key authenticated, an upstream 401 makes the gateway refresh; an answer
+/// whose access or refresh token spells the key in base64 or hex is not taken: the token
+/// file keeps the token held, and no call upstream carries the key's spelling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_answer_spelling_a_proven_key_is_not_taken() {
+    let _one = SERIAL.lock().await;
+    let script: common::Script = std::sync::Arc::new(|seen: &common::Seen| {
+        if seen.target.contains("force401") {
+            Reply::json(r#"{"meta":{"code":401,"error_type":"invalid_token"}}"#).status(401)
+        } else {
+            Reply::ok()
+        }
+    });
+    let (base, seen, upstream) = common::scripted_upstream(script).await;
+    let spelled = common::spellings::base64(KEY);
+    let answers = [
+        serde_json::json!({"access_token": spelled, "refresh_token": "r2", "expires_in": 7200}),
+        serde_json::json!({"access_token": common::spellings::hex(KEY), "refresh_token": "r2",
+                           "expires_in": 7200}),
+        serde_json::json!({"access_token": "cx-access-0002", "refresh_token": spelled,
+                           "expires_in": 7200}),
+    ];
+    for (i, answer) in answers.iter().enumerate() {
+        let (oauth, log, endpoint) = static_upstream(Reply::json(&answer.to_string())).await;
+        let (config, token_file) = setup(&format!("token-keys-spelled-refresh{i}"), &base, &oauth);
+        write_token(&token_file, GOOD, GOOD_REFRESH, Duration::from_secs(7200));
+        let cfg = cxgate::config::load(&config).expect("config");
+        let running = cxgate::start(cfg, Some(config.clone()), cxgate::Options::default())
+            .await
+            .expect("the gateway starts");
+        let (status, _) = send(Method::GET, format!("http://{}/me", running.addr)).await;
+        assert_eq!(status, StatusCode::OK, "expected the key to authenticate");
+        let _ = send(
+            Method::GET,
+            format!("http://{}/12345/force401/{i}", running.addr),
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while log.lock().expect("log").is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !taken(&log).is_empty(),
+            "answer {answer}: expected the 401 to make the gateway refresh"
+        );
+        // A moment for the answer to be taken, were it taken.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (status, body) = send(
+            Method::GET,
+            format!(
+                "http://{}/12345/inbox/contact/twitter/after{i}",
+                running.addr
+            ),
+        )
+        .await;
+        assert!(
+            status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
+            "answer {answer}: expected the gateway serving on the token it held (or 503 \
+             without one), saw {status} {body}"
         );
         assert_eq!(
             file_access(&token_file),

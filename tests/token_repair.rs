@@ -373,9 +373,9 @@ async fn a_clients_key_is_never_taken_as_the_upstream_token() {
 }
 
 /// A shared record whose token only holds a client's key (`KEY.x`, `x=KEY`,
-/// `Bearer%20KEY`, percent-encoded, or as the refresh token the replicas would send to the
-/// OAuth endpoint) is refused as one that is the key: no replica adopts it, each serves on
-/// its own token.
+/// `Bearer%20KEY`, percent-encoded, in base64 or hex once the key has authenticated, or as
+/// the refresh token the replicas would send to the OAuth endpoint) is refused as one
+/// that is the key: no replica adopts it, each serves on its own token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_whose_token_holds_a_clients_key_is_never_adopted() {
     let _one = SERIAL.lock().await;
@@ -390,6 +390,11 @@ async fn a_record_whose_token_holds_a_clients_key_is_never_adopted() {
         (format!("Bearer%20{KEY}"), PLANTED_REFRESH.to_string()),
         (percent, PLANTED_REFRESH.to_string()),
         (PLANTED.to_string(), KEY.to_string()),
+        // By now the key has authenticated on both replicas (each serves above): known in
+        // full, its base64 and hex spellings are the key too.
+        (common::spellings::base64(KEY), PLANTED_REFRESH.to_string()),
+        (common::spellings::hex(KEY), PLANTED_REFRESH.to_string()),
+        (PLANTED.to_string(), common::spellings::base64(KEY)),
     ];
     for (access, refresh) in &records {
         version += 1;

@@ -399,7 +399,7 @@ async fn load_token(
 ) -> Result<token::TokenManager, StartError> {
     let lookup = |name: &str| secrets.lookup(name);
     let token = token::TokenManager::load(token_settings(cfg), http, registry, &lookup).await?;
-    token.set_client_keys(client_keys(cfg))?;
+    token.set_client_keys(Arc::new(crate::auth::Clients::from_config(cfg)))?;
     Ok(token)
 }
 

@@ -112,7 +112,7 @@ pub fn preflight(cfg: &Config, secrets: &Secrets) -> (Vec<String>, Vec<String>) 
     if let Some(path) = &cfg.token.file {
         // Only a file `inspect` accepts is read again: a FIFO must never be opened.
         match crate::token::inspect_file(path) {
-            Ok(_) if crate::token::holds_client_key(path, &super::client_keys(cfg)) => {
+            Ok(_) if crate::token::holds_client_key(path, super::client_keys(cfg).as_slice()) => {
                 problems.push(format!(
                     "token.file: {}",
                     crate::token::TokenError::ClientKey {
@@ -182,21 +182,27 @@ pub async fn reload(
     if !problems.is_empty() {
         return Err(problems);
     }
-    // A client added with the upstream token as its key would send a key upstream.
-    if let Err(e) = gateway.token().set_client_keys(super::client_keys(&next)) {
-        let _ = gateway
-            .token()
-            .set_client_keys(super::client_keys(&current));
-        return Err(vec![format!("clients: {e}")]);
+    // A client added with the upstream token as its key would send a key upstream. The
+    // new clients keep the keys proven under the old ones, so the token file read below
+    // is searched for their spellings too, and the gateway serves by these same clients
+    // once swapped in.
+    let held = gateway.token().clients();
+    let clients = Arc::new(crate::auth::Clients::carried_over(&next, &held));
+    let restore = |problems: Vec<String>| {
+        let _ = gateway.token().set_client_keys(held.clone());
+        problems
+    };
+    if let Err(e) = gateway.token().set_client_keys(clients) {
+        return Err(restore(vec![format!("clients: {e}")]));
     }
     let mut notes = keep_restart_only(&current, &mut next);
-    let admin_token = admin_token(&next, &secrets).map_err(|e| vec![e])?;
+    let admin_token = admin_token(&next, &secrets).map_err(|e| restore(vec![e]))?;
     if let (Some(certs), Some(tls)) = (&live.certs, &next.server.tls) {
         let (certs, tls) = (certs.clone(), tls.clone());
         tokio::task::spawn_blocking(move || certs.reload(&tls.cert_file, &tls.key_file))
             .await
-            .map_err(|e| vec![format!("server.tls: {e}")])?
-            .map_err(|e| vec![format!("server.tls: {e}")])?;
+            .map_err(|e| restore(vec![format!("server.tls: {e}")]))?
+            .map_err(|e| restore(vec![format!("server.tls: {e}")]))?;
     }
     *live.admin_token.write().unwrap_or_else(|e| e.into_inner()) = admin_token;
 

@@ -16,7 +16,8 @@ pub use crate::leak::KeyScan;
 pub use buffers::{Buffers, Held, Party};
 pub use forward::{strip_hop_by_hop, Fetched};
 pub use request::{
-    check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
+    canonical_path, check_path, check_target, client_key, normalise_escapes, php_name,
+    strip_access_token,
 };
 pub use tables::announced;
 
@@ -49,7 +50,9 @@ pub struct State {
     pub config: Arc<Config>,
     /// Unique within the process (never 0): what the metric handle tables are keyed by.
     id: u64,
-    clients: Clients,
+    /// The clients requests authenticate against: the token manager's own set
+    /// ([`TokenManager::clients`]), so a key proven here is searched in every token too.
+    clients: Arc<Clients>,
     /// Upstream links to `server.public_base_url`: this replica's own form of an answer.
     rewriter: Rewriter,
     /// Upstream links kept, stripped of `access_token`: the form the shared tier keeps.
@@ -65,8 +68,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(config: Arc<Config>) -> State {
-        let clients = Clients::from_config(&config);
+    pub fn new(config: Arc<Config>, clients: Arc<Clients>) -> State {
         let rewriter = Rewriter::new(&config.upstream.base_url, &config.server.public_base_url);
         let neutral = Rewriter::neutral(&config.upstream.base_url);
         let mut own_hosts = vec![config.server.listen.to_string()];
@@ -152,7 +154,7 @@ impl Gateway {
         Gateway {
             inner: Arc::new(Inner {
                 access_log: parts.access_log,
-                state: RwLock::new(Arc::new(State::new(config))),
+                state: RwLock::new(Arc::new(State::new(config, parts.token.clients()))),
                 http: parts.http,
                 token: parts.token,
                 cache: parts.cache,
@@ -247,7 +249,8 @@ impl Gateway {
             .clone()
     }
 
-    /// Swaps in a new configuration; requests in flight finish on the old one.
+    /// Swaps in a new configuration, with the clients the token manager holds tokens
+    /// against (a reload sets them first); requests in flight finish on the old one.
     pub fn swap(&self, config: Arc<Config>) {
         let old = self.state().config.server.max_concurrency;
         resize_permits(&self.inner.in_flight, old, config.server.max_concurrency);
@@ -260,7 +263,7 @@ impl Gateway {
         self.inner.budget.reload(budget_spec(&config));
         self.inner.budget.set_call_deadline(config.upstream.timeout);
         prime_metrics(&config, &self.inner.metrics, &self.inner.budget);
-        let next = Arc::new(State::new(config));
+        let next = Arc::new(State::new(config, self.inner.token.clients()));
         *self.inner.state.write().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
@@ -444,7 +447,7 @@ impl Gateway {
         // before anything is forwarded: a cache hit forwards nothing and skips the scan (and
         // a hit for a query holding a key cannot exist, since its miss was refused).
         let leaks = || -> Result<(), GatewayError> {
-            let scan = KeyScan::new(&state.clients, key);
+            let scan = KeyScan::new(&*state.clients, key);
             let in_headers = parts
                 .headers
                 .iter()
@@ -615,7 +618,7 @@ struct Target<'p> {
 
 fn target<'p>(parts: &'p http::request::Parts, state: &State) -> Result<Target<'p>, GatewayError> {
     check_target(parts, &state.own_hosts)?;
-    let path = normalise_escapes(parts.uri.path(), true);
+    let path = canonical_path(parts.uri.path())?;
     let query = parts.uri.query().map(|q| normalise_escapes(q, false));
     if is_sim_control(&path) {
         return Err(GatewayError::NotFound(

@@ -13,8 +13,9 @@ use http::{header, HeaderMap, Method};
 
 use crate::error::GatewayError;
 
-/// Checks the request target: method, form and path. `own_hosts` are the authorities an
-/// absolute-form target may name (the gateway's own and the upstream's).
+/// Checks the request target: method and form (its path is [`canonical_path`]'s).
+/// `own_hosts` are the authorities an absolute-form target may name (the gateway's own and
+/// the upstream's).
 pub fn check_target(parts: &Parts, own_hosts: &[String]) -> Result<(), GatewayError> {
     if parts.method == Method::CONNECT {
         return Err(GatewayError::BadRequest(
@@ -31,7 +32,17 @@ pub fn check_target(parts: &Parts, own_hosts: &[String]) -> Result<(), GatewayEr
             ));
         }
     }
-    check_path(parts.uri.path())
+    Ok(())
+}
+
+/// A request path in its one spelling (escapes of unreserved characters decoded, the rest
+/// upper-cased: [`normalise_escapes`]), which routing, account limits, the cache key and the
+/// upstream all read; or why no client request may have it ([`check_path`]). A purge by
+/// path reads its path here too, so it names the entries a request of that path is served
+/// from, and a path no request can have is refused rather than purging nothing.
+pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, GatewayError> {
+    check_path(path)?;
+    Ok(normalise_escapes(path, true))
 }
 
 /// Decodes percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 6.2.2.2):

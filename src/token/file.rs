@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::TokenError;
 use super::secret::Secret;
+use crate::leak::KeySet;
 
 /// One token as stored on disk.
 #[derive(Debug, Clone)]
@@ -229,31 +230,33 @@ pub(crate) fn sendable(token: &str) -> bool {
         && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Whether `token` holds one of `digests` (the clients' `key_sha256`): is one, or holds
-/// one in any spelling the request side's scan finds (`KEY.x`, `x=KEY`, percent-encoded).
-/// The one scan of everything that leaves the gateway, so a token is judged as a request is.
-pub(crate) fn holds_key(token: &Secret, digests: &[[u8; 32]]) -> bool {
-    crate::leak::KeyScan::new(digests, None).in_value(token.expose().as_bytes())
+/// Whether `token` holds one of `keys` (the clients' keys): is one, or holds one in any
+/// spelling the request side's scan finds (`KEY.x`, `x=KEY`, percent-encoded, and the
+/// base64 and hex of every key a client has proven, when `keys` are the running
+/// gateway's [`crate::auth::Clients`]). The one scan of everything that leaves the
+/// gateway, against the same keys, so a token is judged as a request is.
+pub(crate) fn holds_key<K: KeySet + ?Sized>(token: &Secret, keys: &K) -> bool {
+    crate::leak::KeyScan::new(keys, None).in_value(token.expose().as_bytes())
 }
 
-/// Whether `record` would send one of `digests` upstream: its access token (as
+/// Whether `record` would send one of `keys` upstream: its access token (as
 /// `Authorization`) or its refresh token (to the OAuth endpoint) holds one.
-pub(crate) fn record_holds_key(record: &TokenRecord, digests: &[[u8; 32]]) -> bool {
-    holds_key(&record.access, digests)
+pub(crate) fn record_holds_key<K: KeySet + ?Sized>(record: &TokenRecord, keys: &K) -> bool {
+    holds_key(&record.access, keys)
         || record
             .refresh
             .as_ref()
-            .is_some_and(|refresh| holds_key(refresh, digests))
+            .is_some_and(|refresh| holds_key(refresh, keys))
 }
 
-/// Whether the token file at `path` holds one of `digests` in its access or refresh token,
+/// Whether the token file at `path` holds one of `keys` in its access or refresh token,
 /// for `check` and a reload to refuse what `run` refuses. Call it only on a file
 /// [`inspect`] accepted; false for one it cannot decode.
-pub fn holds_client_key(path: &Path, digests: &[[u8; 32]]) -> bool {
+pub fn holds_client_key<K: KeySet + ?Sized>(path: &Path, keys: &K) -> bool {
     read_capped(path)
         .ok()
         .and_then(|bytes| decode(&bytes, path).ok())
-        .is_some_and(|record| record_holds_key(&record, digests))
+        .is_some_and(|record| record_holds_key(&record, keys))
 }
 
 /// The longest token (access or refresh) the gateway holds. Real ones are tens of bytes

@@ -50,7 +50,7 @@ pub async fn init_from_lookup(
         adopted: false,
     };
     // A client's key pasted into the CX Social token would be sent upstream on every call.
-    if file::record_holds_key(&record, &settings.client_keys) {
+    if file::record_holds_key(&record, settings.client_keys.as_slice()) {
         return Err(TokenError::ClientKey {
             what: format!("${ACCESS_TOKEN_VAR} or ${REFRESH_TOKEN_VAR}"),
         });
@@ -126,7 +126,7 @@ pub(crate) async fn init_from_code_with(
         initialised_at: Some(SystemTime::now()),
         adopted: false,
     };
-    if file::record_holds_key(&record, &settings.client_keys) {
+    if file::record_holds_key(&record, settings.client_keys.as_slice()) {
         return Err(TokenError::ClientKey {
             what: "the token endpoint's answer to the code".to_string(),
         });

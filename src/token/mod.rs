@@ -186,7 +186,7 @@ impl TokenManager {
             metrics: None,
             shared: std::sync::OnceLock::new(),
             wake: tokio::sync::Notify::new(),
-            client_keys: std::sync::RwLock::new(Vec::new()),
+            client_keys: std::sync::RwLock::new(Arc::new(crate::auth::Clients::none())),
         };
         let mut registered = Ok(());
         let inner = match registry {
@@ -290,11 +290,13 @@ impl TokenManager {
         self.inner.reread_file().await
     }
 
-    /// Sets the SHA-256 digests of the clients' gateway keys (at start, before
-    /// [`TokenManager::share_through`], and on reload): a token equal to one is never taken
-    /// from the token file or the shared record. Err when the token held is one of them
-    /// (the keys are set all the same): it must not be sent upstream.
-    pub fn set_client_keys(&self, keys: Vec<[u8; 32]>) -> Result<(), TokenError> {
+    /// Sets the clients whose gateway keys no token may hold (at start, before
+    /// [`TokenManager::share_through`], and on reload): the very set requests authenticate
+    /// against, so a key a client has proven is searched in its base64 and hex spellings
+    /// in every token taken from the token file, the OAuth endpoint or the shared record,
+    /// as in every forwarded request. Err when the token held holds one of them (the keys
+    /// are set all the same): it must not be sent upstream.
+    pub fn set_client_keys(&self, keys: Arc<crate::auth::Clients>) -> Result<(), TokenError> {
         *self
             .inner
             .client_keys
@@ -310,6 +312,12 @@ impl TokenManager {
             });
         }
         Ok(())
+    }
+
+    /// The clients set by [`TokenManager::set_client_keys`]: the gateway authenticates
+    /// requests against these, so a key proven by a request is known here at once.
+    pub fn clients(&self) -> Arc<crate::auth::Clients> {
+        self.inner.clients()
     }
 
     /// Starts the background refresher (ends at once for a static token).

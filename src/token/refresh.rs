@@ -46,10 +46,11 @@ pub(crate) struct Inner {
     /// Wakes the refresher when a token is installed from elsewhere (a reload), so a token
     /// that must be refreshed at once is not left until the refresher's next look.
     pub wake: tokio::sync::Notify,
-    /// The SHA-256 digests of the clients' gateway keys: no token holding one is taken
+    /// The clients' gateway keys, the set the request path searches (their digests, and
+    /// the spellings of every key a client has proven): no token holding one is taken
     /// from a token file, the OAuth endpoint or the shared record, since it would carry a
     /// key upstream.
-    pub client_keys: std::sync::RwLock<Vec<[u8; 32]>>,
+    pub client_keys: std::sync::RwLock<Arc<crate::auth::Clients>>,
 }
 
 impl ExpirySource for Inner {
@@ -74,11 +75,16 @@ impl Inner {
 
     /// Whether `record`'s access or refresh token holds one of the clients' gateway keys.
     pub fn holds_client_key(&self, record: &TokenRecord) -> bool {
-        let keys = self
-            .client_keys
+        let keys = self.clients();
+        file::record_holds_key(record, &*keys)
+    }
+
+    /// The clients' keys tokens are held against (see [`Inner::client_keys`]).
+    pub fn clients(&self) -> Arc<crate::auth::Clients> {
+        self.client_keys
             .read()
-            .unwrap_or_else(PoisonError::into_inner);
-        file::record_holds_key(record, &keys)
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Whether a refresh can be attempted at all (OAuth configured and a refresh token).

@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod replicas;
+pub mod spellings;
 
 pub use cxgate_testkit::gateway::*;
 pub use cxgate_testkit::http::*;

@@ -32,7 +32,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let echo = exchange_of(&req).map(|ex| {
             let key = client_key(req.headers(), req.uri().query());
-            let scan = KeyScan::new(&ex.state.clients, key.as_deref());
+            let scan = KeyScan::new(&*ex.state.clients, key.as_deref());
             ex.set_request_id(request_id(req.headers(), &scan));
             // The rate-limit layer needs the client this key names: read it once, here.
             ex.set_presented(ex.state.clients.authenticate(key.as_deref()).ok());
