@@ -75,6 +75,16 @@ impl Setup {
     }
 
     async fn get(&self, url: &str, key: Option<&str>) -> Option<(StatusCode, Bytes)> {
+        self.get_with_headers(url, key)
+            .await
+            .map(|(status, _, body)| (status, body))
+    }
+
+    async fn get_with_headers(
+        &self,
+        url: &str,
+        key: Option<&str>,
+    ) -> Option<(StatusCode, http::HeaderMap, Bytes)> {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let mut req = Request::get(url);
         if let Some(key) = key {
@@ -86,8 +96,9 @@ impl Setup {
             .ok()?
             .ok()?;
         let status = resp.status();
+        let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some((status, body))
+        Some((status, headers, body))
     }
 
     /// A read through the gateway: its status.
@@ -96,6 +107,14 @@ impl Setup {
         self.get(&url, Some(KEY))
             .await
             .map_or(StatusCode::BAD_GATEWAY, |(s, _)| s)
+    }
+
+    /// `/admin/status`'s `budget.upstream.paused_for_s`, if a pause is shown.
+    async fn paused_for(&self) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/admin/status", self.admin_port);
+        let (_, body) = self.get(&url, None).await?;
+        let status: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        status["budget"]["upstream"]["paused_for_s"].as_f64()
     }
 
     /// The value of the exported series `series` (name and labels exactly), if exported.
@@ -280,5 +299,96 @@ async fn a_budget_key_of_the_wrong_type_is_replaced_not_called_an_outage() {
         said.len(),
         1,
         "expected one warning saying the key held the wrong type and was replaced, saw:\n{log}"
+    );
+}
+
+const REPAIRS_LEFT: &str = "cxgate_redis_repairs_total{key=\"budget:upstream_left\"}";
+
+/// A shared count of 0 planted with a day's expiry (and no pause) held every miss for the
+/// day: `Retry-After` an hour forever, `/admin/status` at `paused_for_s: 3600` never
+/// counting down, the key's expiry untouched, no repair counted or said. A count holds
+/// within the upstream's window only: its expiry is cut to the window's end (counted
+/// once, warned once), `Retry-After` and the status say the same time left and it counts
+/// down; a count planted with no expiry at all (ignored, and kept) is dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_count_past_the_upstreams_window_is_cut_to_it() {
+    let Some(s) = Setup::start("redis-values-left").await else {
+        return;
+    };
+    assert_eq!(s.read("/me/permissions?left=0").await, StatusCode::OK);
+    let mut redis = s.conn().await;
+    let left = s.key("budget:upstream_left");
+    // No expiry at all: no replica's count, and no window's; it goes.
+    let () = redis::cmd("SET")
+        .arg(&left)
+        .arg("0")
+        .query_async(&mut redis)
+        .await
+        .expect("plant a count of 0 with no expiry");
+    assert_eq!(
+        s.read("/me/permissions?left=none").await,
+        StatusCode::OK,
+        "expected a count with no expiry dropped, not obeyed"
+    );
+    assert_eq!(
+        s.metric(REPAIRS_LEFT).await,
+        Some(1.0),
+        "expected the dropped count counted:\n{}",
+        s.proc.output()
+    );
+    let () = redis::cmd("SET")
+        .arg(&left)
+        .arg("0")
+        .arg("PX")
+        .arg(86_400_000u64)
+        .query_async(&mut redis)
+        .await
+        .expect("plant a count of 0 for a day");
+    let url = format!("http://127.0.0.1:{}/me/permissions?left=1", s.port);
+    let (status, headers, _) = s
+        .get_with_headers(&url, Some(KEY))
+        .await
+        .expect("an answer");
+    assert_eq!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "expected the dry count to refuse"
+    );
+    let retry_after: f64 = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("a Retry-After");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&left)
+        .query_async(&mut redis)
+        .await
+        .expect("PTTL");
+    assert!(
+        (0..=3_601_500).contains(&pttl),
+        "expected the day's expiry cut to the hour's window at most, saw {pttl} ms"
+    );
+    assert_eq!(
+        s.metric(REPAIRS_LEFT).await,
+        Some(2.0),
+        "expected the cut counted once:\n{}",
+        s.proc.output()
+    );
+    let first = s.paused_for().await.expect("a pause shown");
+    assert!(
+        (first - retry_after).abs() <= 1.5,
+        "expected the status ({first} s) to say what Retry-After ({retry_after} s) said"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = s.paused_for().await.expect("a pause shown");
+    assert!(
+        second < first,
+        "expected the pause shown to count down, saw {first} s then {second} s"
+    );
+    assert_eq!(
+        s.lines_with(&["budget:upstream_left", "no replica writes"])
+            .len(),
+        1,
+        "expected one warning naming budget:upstream_left:\n{}",
+        s.proc.output()
     );
 }

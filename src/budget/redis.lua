@@ -96,6 +96,28 @@ local function allowance()
   end
   return tonumber(raw)
 end
+-- The shared allowance and the ms to its end, read where a call is admitted or the pause is
+-- shown: a count holds within the upstream's window only (`longest_ms`, the longest a pause
+-- may last), so no replica sets its expiry further out, nor none at all. A later expiry (a
+-- stray or tampered key) is cut to the window's end, one with none is dropped; either
+-- would refuse every call, on every replica, past any window the upstream counts.
+local function windowed(longest_ms)
+  local allow = allowance()
+  if allow == nil then return nil, -2 end
+  local ttl = redis.call('PTTL', KEYS[4])
+  if ttl == -1 then
+    redis.call('DEL', KEYS[4])
+    fixed = flag(fixed, KEYS[4])
+    return nil, -2
+  end
+  -- A replica's reset is rounded up to the ms: 1.5 s of slack, as for ends named twice.
+  if ttl > longest_ms + 1500 then
+    ttl = math.max(longest_ms, 1)
+    redis.call('PEXPIRE', KEYS[4], ttl)
+    fixed = flag(fixed, KEYS[4])
+  end
+  return allow, ttl
+end
 -- KEYS[5]: every replica's calls out, one record per replica,
 -- "id,until,word,cells,base;": until when (µs) its lease holds, the number of the word that
 -- based it, its cells out, and the first call number (the replica's own sequence) that
@@ -357,10 +379,9 @@ if mode == 'peek' then
     end
     left = pause - now
   end
-  local allow = allowance()
+  local allow, ttl = windowed(math.floor(longest / 1000))
   local shown = -1
   if allow ~= nil then
-    local ttl = redis.call('PTTL', KEYS[4])
     if ttl > 0 then
       local o = out()
       shown = math.max(math.floor(allow - o), 0)
@@ -413,9 +434,7 @@ local t = flights()
 -- it sent alone that are still out.
 if tonumber(P[18]) == 1 then t[ARGV[2]] = nil end
 local mine = word(t, false, tonumber(P[19]) or 0)
-local allow = allowance()
-local ttl = -2
-if allow ~= nil then ttl = redis.call('PTTL', KEYS[4]) end
+local allow, ttl = windowed(math.floor(longest / 1000))
 -- The replica's knowledge of the window, unless an operator has ended the pause (and the
 -- count with it) since it last looked: then it knows of a count that is gone for good.
 local seed_left, seed_ms = tonumber(P[13]) or -1, tonumber(P[14]) or 0
@@ -509,8 +528,12 @@ end
 if allow ~= nil and allow - o < cost then
   ttl = redis.call('PTTL', KEYS[4])
   -- Used up by calls still out (on any replica): their answers say what is left, so ask
-  -- again in a second rather than at the reset.
-  if ttl > 0 and o > 0 then return reply({3, math.min(ttl * 1000, 1000000)}) end
+  -- again in a second rather than at the reset. This call is none of them, even when
+  -- its replica's record was based on this word (which counts it): a count run dry with
+  -- nothing else out is refused until the reset, as the status shows it.
+  local others = o
+  if mine ~= nil and call >= 0 and call < mine[4] then others = others - cost end
+  if ttl > 0 and others > 0 then return reply({3, math.min(ttl * 1000, 1000000)}) end
   if ttl > 0 then return reply({3, math.min(ttl * 1000, longest)}) end
 end
 
