@@ -109,6 +109,14 @@ impl Setup {
             .map_or(StatusCode::BAD_GATEWAY, |(s, _)| s)
     }
 
+    /// `/admin/status`'s `budget.upstream.paused_for_s`, if a pause is shown.
+    async fn paused_for(&self) -> Option<f64> {
+        let url = format!("http://127.0.0.1:{}/admin/status", self.admin_port);
+        let (_, body) = self.get(&url, None).await?;
+        let status: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        status["budget"]["upstream"]["paused_for_s"].as_f64()
+    }
+
     /// The value of the exported series `series` (name and labels exactly), if exported.
     async fn metric(&self, series: &str) -> Option<f64> {
         let url = format!("http://127.0.0.1:{}/metrics", self.admin_port);
@@ -537,19 +545,13 @@ async fn a_shared_count_past_the_upstreams_window_is_cut_to_it() {
         "expected the cut counted once:\n{}",
         s.proc.output()
     );
-    let paused = |status: serde_json::Value| status["budget"]["upstream"]["paused_for_s"].as_f64();
-    let status_url = format!("http://127.0.0.1:{}/admin/status", s.admin_port);
-    let status = |url: String| async move {
-        let (_, body) = s.get(&url, None).await.expect("status");
-        serde_json::from_slice::<serde_json::Value>(&body).expect("status JSON")
-    };
-    let first = paused(status(status_url.clone()).await).expect("a pause shown");
+    let first = s.paused_for().await.expect("a pause shown");
     assert!(
         (first - retry_after).abs() <= 1.5,
         "expected the status ({first} s) to say what Retry-After ({retry_after} s) said"
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let second = paused(status(status_url.clone()).await).expect("a pause shown");
+    let second = s.paused_for().await.expect("a pause shown");
     assert!(
         second < first,
         "expected the pause shown to count down, saw {first} s then {second} s"

@@ -342,7 +342,7 @@ async fn spell_alone(
     while started.elapsed() < spell {
         for budget in alone {
             let local = budget.inner.shared.as_ref().expect("a shared budget");
-            if let Ok(a) = budget.admit_fallback(local, "other", n(1), 0, &|| {}).await {
+            if let Ok(a) = budget.admit_fallback(local, "other", n(1), 0, &|_| {}).await {
                 admitted += 1;
                 kept.push(a);
             }
@@ -450,12 +450,12 @@ async fn a_booking_after_the_fallback_ended_is_still_booked_alone() {
     let a = &budgets[0];
     a.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
     let shared = a.inner.shared.as_ref().expect("a shared budget");
-    let first = a.admit_fallback(shared, "other", n(1), 0, &|| {}).await;
+    let first = a.admit_fallback(shared, "other", n(1), 0, &|_| {}).await;
     assert!(first.is_ok(), "expected a call on the local share");
     let now = a.inner.clock.nanos();
     let back = shared.come_back(&mut a.ledger(), now);
     assert!(back.is_some(), "expected the fallback ended");
-    let late = a.admit_local("other", n(1), 0, &|| {}).await;
+    let late = a.admit_local("other", n(1), 0, &|_| {}).await;
     assert!(
         late.is_ok() && shared.local.load(Ordering::Acquire),
         "expected the late booking made on the fallback, entered again"
