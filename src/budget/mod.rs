@@ -513,7 +513,7 @@ impl Budget {
             tokio::pin!(landed);
             landed.as_mut().enable();
             let step = self
-                .booking_ledger()
+                .ledger()
                 .arrive_since(client, cost, arrived, clock.nanos());
             match step.map_err(|r| self.refuse(client, r))? {
                 Step::Go { own, grant } => {
@@ -576,7 +576,7 @@ impl Budget {
             tokio::pin!(landed);
             landed.as_mut().enable();
             let now = self.inner.clock.nanos();
-            let crossed = self.booking_ledger().cross(client, cost, arrived, now);
+            let crossed = self.ledger().cross(client, cost, arrived, now);
             match crossed.map_err(|r| self.refuse(client, r))? {
                 ledger::Crossed::Go(grant) => return Ok(grant),
                 ledger::Crossed::Wait(later) => {
@@ -805,17 +805,6 @@ impl Budget {
     /// traffic forever would be worse than going on.
     ///
     /// Letting it go counts as a change (see [`Inner::version`]), whatever was done with it.
-    /// The ledger for a local booking: with a shared budget, on its fallback, entered again
-    /// if this replica came back to Redis since the admission chose the fallback (see
-    /// `redis::fallback`).
-    fn booking_ledger(&self) -> Changing<'_> {
-        let mut ledger = self.ledger();
-        if let Some(shared) = &self.inner.shared {
-            shared.go_local(&mut ledger, self.inner.clock.nanos());
-        }
-        ledger
-    }
-
     fn ledger(&self) -> Changing<'_> {
         Changing {
             guard: self.peek(),

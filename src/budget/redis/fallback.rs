@@ -104,11 +104,8 @@ impl Shared {
 
 impl Shared {
     /// Puts `ledger` on the fallback (divided terms, the upstream's count fenced) unless it
-    /// is there already, noting where the shared budget stood. Called under the ledger lock
-    /// that books: an admission that chose the fallback while another came back to Redis
-    /// meanwhile enters it again here, so what it books is counted as booked alone, never
-    /// booked on the full terms beside the shared count unseen.
-    pub(in crate::budget) fn go_local(&self, ledger: &mut Ledger, now: u64) {
+    /// is there already, noting where the shared budget stood.
+    pub(super) fn go_local(&self, ledger: &mut Ledger, now: u64) {
         if self.local.load(Ordering::Acquire) {
             return;
         }

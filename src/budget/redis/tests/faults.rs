@@ -433,38 +433,3 @@ async fn replicas_all_alone_owe_only_their_debt_ahead() {
          they booked alone, saw {wait:?}"
     );
 }
-
-/// An admission that chose the fallback (Redis was down) books only after another
-/// admission came back to Redis and ended the fallback: its booking is still made on the
-/// fallback (entered again), counted as booked alone and handed over, never made on the
-/// full terms beside the shared count unseen. It used to be booked on the full local
-/// ledger, whose mirror of the shared count lags what the others spent: under load, where
-/// budget calls past their second move replicas on and off the fallback many times a
-/// minute, each such booking was a call on top of the budget.
-#[tokio::test]
-async fn a_booking_after_the_fallback_ended_is_still_booked_alone() {
-    let Some(server) = Server::start_or_skip("this Redis budget test") else {
-        return;
-    };
-    let budgets = replicas(&server, "CXGATE_T_RB_RACE", spec(20, 2000, 4, 0), 2).await;
-    let a = &budgets[0];
-    a.observe_upstream(http::StatusCode::OK, &http::HeaderMap::new());
-    let shared = a.inner.shared.as_ref().expect("a shared budget");
-    let first = a.admit_fallback(shared, "other", n(1), 0, &|_| {}).await;
-    assert!(first.is_ok(), "expected a call on the local share");
-    let now = a.inner.clock.nanos();
-    let back = shared.come_back(&mut a.ledger(), now);
-    assert!(back.is_some(), "expected the fallback ended");
-    let late = a.admit_local("other", n(1), 0, &|_| {}).await;
-    assert!(
-        late.is_ok() && shared.local.load(Ordering::Acquire),
-        "expected the late booking made on the fallback, entered again"
-    );
-    let again = shared
-        .come_back(&mut a.ledger(), now)
-        .expect("the fallback again");
-    assert!(
-        again.owed > 0,
-        "expected the late booking handed over, saw {again:?}"
-    );
-}
