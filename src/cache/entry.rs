@@ -396,6 +396,17 @@ impl StoredResponse {
         self.u64_at(AT_SERIAL)
     }
 
+    /// Whether `other` is this very block (a clone of the handle), not merely an equal one.
+    pub fn same_block(&self, other: &StoredResponse) -> bool {
+        self.block.heap_ptr() == other.block.heap_ptr()
+    }
+
+    /// The block's address and serial: what tells one stored block from another seen
+    /// before, without holding it (an address alone may be reused once a block is freed).
+    pub fn identity(&self) -> (usize, u64) {
+        (self.block.heap_ptr() as usize, self.serial())
+    }
+
     /// The key it is stored under (a variant key for a varying resource).
     pub fn key(&self) -> &str {
         // `pack` copied a `&str` there, so this never fails.
