@@ -16,6 +16,7 @@ pub mod certs;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod header_number;
 pub mod leak;
 pub mod logging;
 pub mod metrics;

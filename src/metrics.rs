@@ -69,6 +69,11 @@ impl PerSecond {
         self.add_at(self.start.elapsed());
     }
 
+    /// Counts one event at `now`, a reading of the clock the caller already has.
+    pub fn add_now(&self, now: Instant) {
+        self.add_at(now.saturating_duration_since(self.start));
+    }
+
     /// The events per second over the last minute (or since start, when younger).
     pub fn per_second(&self) -> f64 {
         self.per_second_at(self.start.elapsed())
@@ -268,7 +273,19 @@ impl RequestMetrics {
     /// once per thread, snapshot and label set (as many as the series themselves), and the
     /// table starts over when a request of another snapshot (a reload) comes by.
     pub fn record(&self, key: RequestKey, labels: &RequestLabels<'_>, seconds: f64) {
-        self.recent.requests.add();
+        self.record_at(key, labels, seconds, Instant::now());
+    }
+
+    /// [`RequestMetrics::record`] for a request answered at `now`, a reading of the clock
+    /// the caller took anyway.
+    pub fn record_at(
+        &self,
+        key: RequestKey,
+        labels: &RequestLabels<'_>,
+        seconds: f64,
+        now: Instant,
+    ) {
+        self.recent.requests.add_now(now);
         let recorded = RESOLVED.try_with(|resolved| {
             let mut resolved = resolved.borrow_mut();
             if resolved.snapshot != key.snapshot {

@@ -113,6 +113,28 @@ async fn each_request_lands_in_the_file_with_its_fields() {
         text.contains("cxgate_access_log_dropped_total 0"),
         "expected the dropped counter at 0 on /metrics, saw:\n{text}"
     );
+    // The line's duration is the one the histogram observed (one reading of the clock at
+    // the end serves both): the miss is the only request of its series.
+    let sum = text
+        .lines()
+        .find(|l| {
+            l.starts_with("cxgate_request_duration_seconds_sum{")
+                && l.contains("cache=\"miss\"")
+                && l.contains("route=\"GET /me\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("expected the miss's duration sum in:\n{text}"));
+    let logged = seen[0]
+        .split(" duration_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_default();
+    assert_eq!(
+        logged,
+        format!("{:.2}", (sum * 1e5).round() / 100.0),
+        "the miss's line and its histogram observation ({sum} s) differ"
+    );
     env.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

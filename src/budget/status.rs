@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::ledger::Ledger;
 use super::{headers, Budget, Priority, Share};
+use crate::header_number::header_number;
 
 /// One client's view of the share that limits it.
 struct View<'a> {
@@ -153,8 +154,8 @@ impl Budget {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, headers::whole_seconds);
         [
-            HeaderValue::from(limit),
-            HeaderValue::from(remaining),
+            header_number(limit),
+            header_number(remaining),
             HeaderValue::from(reset),
         ]
     }

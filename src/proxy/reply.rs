@@ -9,6 +9,7 @@ use http_body_util::Full;
 
 use crate::cache::StoredResponse;
 use crate::error::Body;
+use crate::header_number::header_number;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
@@ -121,7 +122,7 @@ pub fn from_entry(
     if let Ok(v) = HeaderValue::from_bytes(&text[..len]) {
         headers.insert(CACHE_STATUS.clone(), v);
     }
-    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    headers.insert(header::AGE, header_number(age.as_secs()));
     *resp.headers_mut() = headers;
     resp
 }

@@ -118,6 +118,13 @@ where
 pub struct Exchange {
     pub(super) gateway: Gateway,
     pub(super) state: Arc<State>,
+    /// When the stack took the request: the one clock reading the metrics and the access
+    /// log measure the request's duration from.
+    started: std::time::Instant,
+    /// The request's duration as [`MetricsLayer`] measured it when the answer was made, in
+    /// nanoseconds (`NONE_NS` until then), for the access log outside it: one clock reading
+    /// at the end serves both.
+    took: AtomicU64,
     /// The request id, from [`RequestIdLayer`] until the answer carries it.
     request_id: Mutex<Option<HeaderValue>>,
     /// Client ordinal, route index: `NONE` until known.
@@ -163,10 +170,12 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Exchange {
-    fn new(gateway: Gateway) -> Exchange {
+    fn new(gateway: Gateway, started: std::time::Instant) -> Exchange {
         Exchange {
             state: gateway.state(),
             gateway,
+            started,
+            took: AtomicU64::new(NONE_NS),
             request_id: Mutex::new(None),
             client: AtomicUsize::new(NONE),
             presented: AtomicUsize::new(UNREAD),
@@ -175,6 +184,16 @@ impl Exchange {
             upstream: AtomicU64::new(NONE_NS),
             budget_wait: AtomicU64::new(NONE_NS),
         }
+    }
+
+    /// How long the request took, as measured once its answer was made; `None` before.
+    fn took(&self) -> Option<Duration> {
+        let n = self.took.load(Relaxed);
+        (n != NONE_NS).then(|| Duration::from_nanos(n))
+    }
+
+    fn set_took(&self, took: Duration) {
+        self.took.store(nanos(took), Relaxed);
     }
 
     /// A copy of what is known so far.
@@ -314,7 +333,8 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let exchange = Arc::new(Exchange::new(self.gateway.clone()));
+        let started = std::time::Instant::now();
+        let exchange = Arc::new(Exchange::new(self.gateway.clone(), started));
         req.extensions_mut().insert(exchange);
         self.inner.call(req)
     }

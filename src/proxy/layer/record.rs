@@ -33,7 +33,6 @@ where
         let done = exchange_of(&req).map(|ex| Measured {
             ex,
             method: req.method().clone(),
-            started: Instant::now(),
         });
         After::new(self.inner.call(req), done)
     }
@@ -42,19 +41,19 @@ where
 pub struct Measured {
     ex: Arc<Exchange>,
     method: Method,
-    started: Instant,
 }
 
 impl Finish for Measured {
     fn finish(self, resp: &mut Response<Body>) {
-        let Measured {
-            ex,
-            method,
-            started,
-        } = self;
+        let Measured { ex, method } = self;
         let outcome = ex.outcome();
         let status = resp.status();
-        record(&ex, &outcome, &method, status, started.elapsed());
+        // The request's one reading of the clock at its end: its duration here and in the
+        // access log, and its second in the status page's rate.
+        let now = Instant::now();
+        let took = now.saturating_duration_since(ex.started);
+        ex.set_took(took);
+        record(&ex, &outcome, &method, status, took, now);
         // The gateway's own reason when it answered with an error; the upstream's own
         // failures (5xx, 429) count as errors too, its 4xx are answers.
         let failure = match resp.extensions().get::<Failure>() {
@@ -74,7 +73,14 @@ impl Finish for Measured {
 }
 
 /// `cxgate_requests_total` and `cxgate_request_duration_seconds` for one request.
-fn record(ex: &Exchange, outcome: &Outcome, method: &Method, status: StatusCode, took: Duration) {
+fn record(
+    ex: &Exchange,
+    outcome: &Outcome,
+    method: &Method,
+    status: StatusCode,
+    took: Duration,
+    now: Instant,
+) {
     let key = RequestKey {
         snapshot: ex.state.id,
         // Ordinals start at 0 (`anonymous`): `-` gets a number no client can have.
@@ -94,7 +100,7 @@ fn record(ex: &Exchange, outcome: &Outcome, method: &Method, status: StatusCode,
     ex.gateway
         .inner
         .metrics
-        .record(key, &labels, took.as_secs_f64());
+        .record_at(key, &labels, took.as_secs_f64(), now);
 }
 
 plain_layer!(AccessLogLayer, AccessLog);
@@ -119,7 +125,6 @@ where
             .map(|ex| Logged {
                 ex: ex.clone(),
                 method: req.method().clone(),
-                started: Instant::now(),
             });
         After::new(self.inner.call(req), done)
     }
@@ -128,7 +133,6 @@ where
 pub struct Logged {
     ex: Arc<Exchange>,
     method: Method,
-    started: Instant,
 }
 
 impl Finish for Logged {
@@ -145,7 +149,8 @@ impl Finish for Logged {
             method: self.method.as_str(),
             status: resp.status().as_u16(),
             cache: outcome.cache,
-            duration: self.started.elapsed(),
+            // What the metrics layer inside measured; read anew only in a stack without it.
+            duration: ex.took().unwrap_or_else(|| ex.started.elapsed()),
             upstream: outcome.upstream,
             budget_wait: outcome.budget_wait,
         });
