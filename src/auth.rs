@@ -3,7 +3,8 @@
 //! time that leaks neither which client matched nor where. [`Clients::authenticate`] says how,
 //! and why a matched key is remembered.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use http::Method;
 
@@ -75,6 +76,13 @@ pub struct Clients {
     anonymous: Client,
     /// Every configured key hash, for finding any client's key where none belongs.
     hashes: std::collections::HashSet<[u8; 32]>,
+    /// Candidates hashed and found to be none of `hashes`: most of a key scan is hashing,
+    /// and the same candidates come back request after request.
+    not_keys: OnceLock<crate::leak::NotKeys>,
+    /// How many entries have a proven key; counted after each is set.
+    proven: AtomicUsize,
+    /// The spellings of every proven key, with the `proven` count they were made for.
+    spelled: Mutex<Option<(usize, Arc<crate::leak::Spellings>)>>,
 }
 
 /// One configured client.
@@ -83,8 +91,6 @@ struct Entry {
     client: Client,
     /// The key that was seen to hash to `hash`, once one has been.
     proven: OnceLock<Box<[u8]>>,
-    /// Its base64 and hex spellings, made on the first key scan after it was proven.
-    spelled: OnceLock<crate::leak::Spellings>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -115,11 +121,13 @@ impl Clients {
                     hash: c.key_sha256,
                     client: Client::from_config(c, i + 1),
                     proven: OnceLock::new(),
-                    spelled: OnceLock::new(),
                 })
                 .collect(),
             anonymous: Client::anonymous(),
             hashes: cfg.clients.iter().map(|c| c.key_sha256).collect(),
+            not_keys: OnceLock::new(),
+            proven: AtomicUsize::new(0),
+            spelled: Mutex::new(None),
         }
     }
 
@@ -155,23 +163,41 @@ impl Clients {
     /// Whether `candidate` is some configured client's key. Not constant time: it answers
     /// where a key must not be (a forwarded value), not who is calling, and only a digest
     /// is compared.
+    /// A candidate found to be no key is remembered ([`crate::leak::NotKeys`], its bytes
+    /// in full) and not hashed again while this configuration lasts.
     pub fn is_some_key(&self, candidate: &[u8]) -> bool {
-        !self.hashes.is_empty() && self.hashes.contains(&sha256(candidate))
+        if self.hashes.is_empty() {
+            return false;
+        }
+        let not_keys = self.not_keys.get_or_init(Default::default);
+        if not_keys.holds(candidate) {
+            return false;
+        }
+        let key = self.hashes.contains(&sha256(candidate));
+        if !key {
+            not_keys.record(candidate);
+        }
+        key
     }
 
-    /// The [`crate::leak::Spellings`] of every key a client has authenticated with, other
-    /// than `except`: only those are known in full (the configuration holds digests).
-    pub fn proven_spellings<'a>(
-        &'a self,
-        except: Option<&'a [u8]>,
-    ) -> impl Iterator<Item = &'a crate::leak::Spellings> + 'a {
-        self.entries.iter().filter_map(move |e| {
-            let key = e.proven.get()?;
-            if except.is_some_and(|x| same_secret(x, key)) {
-                return None;
+    /// The [`crate::leak::Spellings`] of every key a client has authenticated with (only
+    /// those are known in full: the configuration holds digests), made once per key proven
+    /// and shared by every scan until the next. `None`: no key proven yet.
+    pub fn proven_spellings(&self) -> Option<Arc<crate::leak::Spellings>> {
+        let proven = self.proven.load(Ordering::Acquire);
+        if proven == 0 {
+            return None;
+        }
+        let mut held = self.spelled.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((made_for, spellings)) = &*held {
+            if *made_for == proven {
+                return Some(spellings.clone());
             }
-            Some(e.spelled.get_or_init(|| crate::leak::Spellings::of(key)))
-        })
+        }
+        let keys = self.entries.iter().filter_map(|e| e.proven.get());
+        let spellings = Arc::new(crate::leak::Spellings::of_all(keys.map(|k| &**k)));
+        *held = Some((proven, spellings.clone()));
+        Some(spellings)
     }
 
     /// Whether `key` is one a client has authenticated with (see [`Clients::proven_spellings`]).
@@ -220,7 +246,9 @@ impl Clients {
         }
         let entry = found.ok_or(AuthError::Unknown)?;
         // A race with another request proving the same key sets it once; either is the key.
-        let _ = entry.proven.set(key.as_bytes().into());
+        if entry.proven.set(key.as_bytes().into()).is_ok() {
+            self.proven.fetch_add(1, Ordering::Release);
+        }
         Ok(&entry.client)
     }
 

@@ -6,8 +6,15 @@
 //! a reader could decode; [`KeyScan`] says how, and why the work stays bounded.
 
 use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
 
 use crate::auth::Clients;
+
+mod memo;
+mod spelled;
+
+pub use memo::NotKeys;
+pub use spelled::Spellings;
 
 /// The configured keys, known only by their SHA-256: the clients of a request, or the
 /// digests the token manager holds.
@@ -16,11 +23,9 @@ pub trait KeySet {
     fn holds(&self, candidate: &[u8]) -> bool;
     /// No key at all (anonymous mode): nothing to search for.
     fn is_empty(&self) -> bool;
-    /// Whether `text` holds a [`Spellings`] of a key known in full (not only by its
-    /// digest), other than `except`.
-    fn spelled_in(&self, text: &[u8], except: Option<&[u8]>) -> bool {
-        let _ = (text, except);
-        false
+    /// The [`Spellings`] of every key known in full (not only by its digest), if any.
+    fn spellings(&self) -> Option<Arc<Spellings>> {
+        None
     }
     /// Whether `key` is one of those known in full, whose spellings are kept with it.
     fn knows(&self, key: &[u8]) -> bool {
@@ -39,86 +44,13 @@ impl KeySet for Clients {
     }
 
     /// Every key a client has authenticated with (this configuration's), spelled.
-    fn spelled_in(&self, text: &[u8], except: Option<&[u8]>) -> bool {
-        self.proven_spellings(except).any(|s| s.in_text(text))
+    fn spellings(&self) -> Option<Arc<Spellings>> {
+        self.proven_spellings()
     }
 
     fn knows(&self, key: &[u8]) -> bool {
         self.is_proven(key)
     }
-}
-
-/// The spellings of one key that a reader could decode back to it: base64 in the standard
-/// and the URL-safe alphabet, for each of the three alignments the key may have inside the
-/// encoded bytes (so whether it starts the encoded text or sits inside a longer one, with
-/// padding or without: only the characters that the key's bytes alone decide are searched),
-/// and hex in lower and upper case. Each is a substring search (SIMD `memmem`), so a
-/// value costs one pass per spelling: at most 8 per key known in full.
-pub struct Spellings(Vec<memchr::memmem::Finder<'static>>);
-
-impl Spellings {
-    /// The spellings of `key`; none for a key shorter than [`MIN_SPELLED_KEY`].
-    pub fn of(key: &[u8]) -> Spellings {
-        let mut found: Vec<Vec<u8>> = Vec::new();
-        if key.len() >= MIN_SPELLED_KEY {
-            for align in 0..3 {
-                let standard = base64_inner(key, align);
-                let url_safe: Vec<u8> = standard
-                    .iter()
-                    .map(|&c| match c {
-                        b'+' => b'-',
-                        b'/' => b'_',
-                        c => c,
-                    })
-                    .collect();
-                found.push(standard);
-                found.push(url_safe);
-            }
-            let hex = |digits: &[u8; 16]| -> Vec<u8> {
-                key.iter()
-                    .flat_map(|&b| [digits[usize::from(b >> 4)], digits[usize::from(b & 15)]])
-                    .collect()
-            };
-            found.push(hex(b"0123456789abcdef"));
-            found.push(hex(b"0123456789ABCDEF"));
-        }
-        found.sort();
-        found.dedup();
-        Spellings(
-            found
-                .iter()
-                .map(|p| memchr::memmem::Finder::new(p).into_owned())
-                .collect(),
-        )
-    }
-
-    /// Whether `text` holds one of the spellings.
-    pub fn in_text(&self, text: &[u8]) -> bool {
-        self.0.iter().any(|f| f.find(text).is_some())
-    }
-}
-
-/// The base64 characters (standard alphabet) that `key`'s bytes alone decide when the key
-/// starts `align` bytes (0 to 2) into a 3-byte group of the encoded data: the characters
-/// around them also depend on the bytes before and after the key.
-fn base64_inner(key: &[u8], align: usize) -> Vec<u8> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let data: Vec<u8> = std::iter::repeat_n(0, align)
-        .chain(key.iter().copied())
-        .collect();
-    let bits = data.len() * 8;
-    // Character i holds bits [6i, 6i + 6): it is the key's alone when those lie within
-    // the key's bits [8 align, bits).
-    let first = (8 * align).div_ceil(6);
-    let end = bits / 6;
-    (first..end)
-        .map(|i| {
-            let at = 6 * i;
-            let (byte, shift) = (at / 8, at % 8);
-            let word = u16::from(data[byte]) << 8 | u16::from(*data.get(byte + 1).unwrap_or(&0));
-            ALPHABET[usize::from((word >> (10 - shift)) & 63)]
-        })
-        .collect()
 }
 
 impl KeySet for [[u8; 32]] {
@@ -178,7 +110,9 @@ pub struct KeyScan<'a, K: KeySet + ?Sized = Clients> {
     /// once and kept with it): only such a key is spelled here, once per scan.
     own_unknown: Option<&'a [u8]>,
     /// The caller's key spelled, made on the first value scanned.
-    own_spelled: std::sync::OnceLock<Spellings>,
+    own_spelled: OnceLock<Spellings>,
+    /// The spellings of the keys `keys` knows in full, fetched on the first value scanned.
+    known: OnceLock<Option<Arc<Spellings>>>,
 }
 
 impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
@@ -190,7 +124,8 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
             keys,
             own,
             own_unknown: own.map(str::as_bytes).filter(|k| !keys.knows(k)),
-            own_spelled: std::sync::OnceLock::new(),
+            own_spelled: OnceLock::new(),
+            known: OnceLock::new(),
         }
     }
 
@@ -207,14 +142,18 @@ impl<'a, K: KeySet + ?Sized> KeyScan<'a, K> {
     /// Whether `text` (one layer of a value) holds the base64 or hex [`Spellings`] of the
     /// caller's key or of another key known in full.
     /// An authenticated caller's key is one of those known in full, searched with the
-    /// others ([`KeySet::spelled_in`]); another is spelled here.
+    /// others in one pass ([`KeySet::spellings`]); another is spelled here.
     fn spelled_in(&self, text: &[u8]) -> bool {
         let own = self.own_unknown;
         own.is_some_and(|k| {
             self.own_spelled
                 .get_or_init(|| Spellings::of(k))
                 .in_text(text)
-        }) || self.keys.spelled_in(text, own)
+        }) || self
+            .known
+            .get_or_init(|| self.keys.spellings())
+            .as_ref()
+            .is_some_and(|s| s.in_text(text))
     }
 
     /// Whether a request body of any content type holds a key: its bytes as they are
