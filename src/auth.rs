@@ -145,7 +145,9 @@ impl Clients {
                 .find(|p| p.hash == entry.hash)
                 .and_then(|p| p.proven.get());
             if let Some(key) = proven {
-                let _ = entry.proven.set(key.clone());
+                if entry.proven.set(key.clone()).is_ok() {
+                    clients.proven.fetch_add(1, Ordering::Release);
+                }
             }
         }
         clients
@@ -157,6 +159,9 @@ impl Clients {
             entries: Vec::new(),
             anonymous: Client::anonymous(),
             hashes: std::collections::HashSet::new(),
+            not_keys: OnceLock::new(),
+            proven: AtomicUsize::new(0),
+            spelled: Mutex::new(None),
         }
     }
 
