@@ -14,7 +14,7 @@ mod tables;
 
 pub use crate::leak::KeyScan;
 pub use buffers::{Buffers, Held, Party};
-pub use forward::{strip_hop_by_hop, Fetched};
+pub use forward::{sent_upstream, strip_hop_by_hop, Fetched};
 pub use request::{
     check_path, check_target, client_key, normalise_escapes, php_name, strip_access_token,
 };
