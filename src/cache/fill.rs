@@ -1,6 +1,7 @@
 //! Fills merged across replicas: identical misses in flight on different replicas make one
 //! upstream call, as [`super::Merger`] makes one within a replica, so scaling out does not
-//! multiply cold fetches. [`FillLock`] says how the lock is taken, waited for and taken over.
+//! multiply cold fetches. [`FillLock`] says how the lock is taken, waited for and taken over;
+//! `super::outcome` what a failed fill leaves for the replicas that waited on it.
 
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::entry::StoredResponse;
+use super::lua::RELEASE_FAILED;
+use super::outcome::{self, Failure, NOTE_TTL};
 use super::shared::{Found, Generations, Localize, SharedTier};
 use super::store::{Since, Store};
 use crate::replicas::{Unavailable, PATIENT_CALL_TIMEOUT};
@@ -37,6 +40,9 @@ pub enum Fill {
     Free,
     /// Fetch alone: no shared tier, Redis could not say, or the wait ran out.
     Alone,
+    /// The other replica's call this miss waited on failed (in this replica's form): the
+    /// miss answers with that, as a merged follower takes its leader's failure.
+    Failed(Failure),
 }
 
 /// What taking the fill lock gives a miss its budget let through.
@@ -60,8 +66,11 @@ pub enum Take {
 /// once its budget let it through, never while it queues. A miss that finds it held before
 /// asking its budget, or sees it taken while it queues (giving its queued cells back), or
 /// finds it taken once admitted (giving its cells back), polls the shared entry until it
-/// appears; when the lock goes without one (the holder died and its lock expired, or its
-/// answer was not storable) the miss asks its own budget again. Redis gone, a call slower
+/// appears. A holder whose call failed releases the lock with a note of the failure, which
+/// the misses that waited on that lock take ([`Fill::Failed`]), as local followers take
+/// their leader's; when the lock goes without either (the holder died and its lock expired,
+/// or its answer was not storable) the misses ask their own budgets at once, and the first
+/// let through takes the lock for the others. Redis gone, a call slower
 /// than [`PATIENT_CALL_TIMEOUT`] to take the lock, or a wait that runs out: the caller
 /// fetches alone, merged with its own replica's requests only. A waiter whose look timed
 /// out looks again until its deadline: a slow Redis costs it time, not a call. Lock keys are cache keys (which never hold a token); their values are replica ids.
@@ -69,6 +78,8 @@ pub enum Take {
 pub struct FillLock {
     tier: SharedTier,
     lock: String,
+    /// Where a failure of this fill is noted for its waiters.
+    note: String,
     value: String,
     keeper: JoinHandle<()>,
     released: bool,
@@ -83,6 +94,51 @@ impl SharedTier {
     /// [`Store::note_queued`]).
     fn queued_key(&self, key: &str) -> String {
         self.redis().key(&format!("cache:queued:{key}"))
+    }
+
+    /// The note a failed fill of `key` leaves for its waiters (see `super::outcome`).
+    fn failed_key(&self, key: &str) -> String {
+        self.redis().key(&format!("cache:failed:{key}"))
+    }
+
+    /// The failure the fill of `key` whose lock held `holder` ended in, in this replica's
+    /// form (`local`); `None` when it left no note of one (or one this replica refuses to
+    /// serve), or Redis cannot say: the miss then takes the fill over.
+    async fn failure_of(&self, key: &str, holder: &[u8], local: &dyn Localize) -> Option<Failure> {
+        let noted = self.failed_key(key);
+        let max = self.max_entry_bytes();
+        let note: Vec<u8> = self
+            .redis()
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                // Bounded: a planted note the size of Redis's memory is never transferred.
+                redis::cmd("GETRANGE")
+                    .arg(&noted)
+                    .arg(0)
+                    .arg(max)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .ok()?;
+        match outcome::decode(&note, holder)? {
+            Failure::Answered {
+                status,
+                headers,
+                body,
+            } => {
+                if local.refuses(&headers, &body) {
+                    self.holds_token(key);
+                    return None;
+                }
+                let (headers, body) = local.localize(&headers, &body).unwrap_or((headers, body));
+                Some(Failure::Answered {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            other => Some(other),
+        }
     }
 
     /// Takes the fill lock of `key`: `Some` when taken, `None` when another holds it, an
@@ -117,6 +173,7 @@ impl SharedTier {
         Ok(Some(FillLock {
             tier: self.clone(),
             lock,
+            note: self.failed_key(key),
             value,
             keeper,
             released: false,
@@ -150,6 +207,38 @@ impl FillLock {
             .redis()
             .release_lock("cache", &self.lock, &self.value, PATIENT_CALL_TIMEOUT)
             .await;
+    }
+
+    /// Lets the waiting replicas go with the failure this fill's call ended in: the lock is
+    /// released and the note left in one step, so each waiter answers with it at once
+    /// rather than call again (see `super::outcome`). A note over the entry bound, or one
+    /// Redis does not take, is no note: the lock is released plainly.
+    pub async fn release_failed(mut self, failure: &Failure) {
+        let Some(note) = outcome::encode(&self.value, failure, self.tier.max_entry_bytes()) else {
+            return self.release().await;
+        };
+        self.keeper.abort();
+        let (lock, noted, value) = (self.lock.clone(), self.note.clone(), self.value.clone());
+        let life = NOTE_TTL.as_millis().to_string();
+        let released = self
+            .tier
+            .redis()
+            .run_within("cache", PATIENT_CALL_TIMEOUT, |mut c| async move {
+                RELEASE_FAILED
+                    .key(&lock)
+                    .key(&noted)
+                    .arg(&value)
+                    .arg(note)
+                    .arg(&life)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if released.is_ok() {
+            self.released = true;
+        } else {
+            self.release().await;
+        }
     }
 }
 
@@ -222,11 +311,16 @@ impl Store {
         };
         let lock_key = tier.lock_key(key);
         let mut waiting = Some(waiting);
+        // The fill last seen holding the lock: its failure, noted as it goes, is this
+        // miss's too.
+        let mut holder: Option<Vec<u8>> = None;
         loop {
             let (found, held) = match tier.peek(key, &lock_key, generations).await {
                 Ok(seen) => seen,
                 // Slow, not gone: look again until the deadline rather than fetch alone.
-                Err(why) if why.is_slow() && tier.redis().is_up() => (None, true),
+                Err(why) if why.is_slow() && tier.redis().is_up() => {
+                    (None, Some(holder.clone().unwrap_or_default()))
+                }
                 Err(_) => return Fill::Alone,
             };
             if let Some(found) = found {
@@ -239,9 +333,15 @@ impl Store {
                     Err(()) => return Fill::Alone,
                 }
             }
-            if !held {
-                return Fill::Free;
+            if let Some(ended) = holder.as_deref().filter(|h| held.as_deref() != Some(*h)) {
+                if let Some(failure) = tier.failure_of(key, ended, local).await {
+                    return Fill::Failed(failure);
+                }
             }
+            let Some(held) = held else {
+                return Fill::Free;
+            };
+            holder = Some(held);
             if let Some(waiting) = waiting.take() {
                 waiting();
             }
@@ -285,7 +385,7 @@ impl Store {
                     Err(()) => return std::future::pending().await,
                 }
             }
-            if held {
+            if held.is_some() {
                 return None;
             }
         }
@@ -398,7 +498,7 @@ impl Store {
         loop {
             let (found, noted) = match tier.peek(key, &queued, generations).await {
                 Ok(seen) => seen,
-                Err(why) if why.is_slow() && tier.redis().is_up() => (None, true),
+                Err(why) if why.is_slow() && tier.redis().is_up() => (None, Some(Vec::new())),
                 Err(_) => return None,
             };
             if let Some(found) = found {
@@ -413,7 +513,7 @@ impl Store {
             }
             // Noted no more (let through, or refused), or this miss's wait is over: what
             // is left is a call under the fill lock, if one runs.
-            if !noted || Instant::now() + POLL_EVERY > budget_deadline {
+            if noted.is_none() || Instant::now() + POLL_EVERY > budget_deadline {
                 break;
             }
             tokio::time::sleep(POLL_EVERY).await;
@@ -424,7 +524,8 @@ impl Store {
             .await
         {
             Fill::Filled(entry) => Some(entry),
-            Fill::Free | Fill::Alone => None,
+            // Its own budget refused this miss: that refusal stands, whatever the call did.
+            Fill::Free | Fill::Alone | Fill::Failed(_) => None,
         }
     }
 

@@ -35,7 +35,7 @@ fn script(body: &str) -> redis::Script {
 /// another type, except the global generation, which is `""` when over its bound or of
 /// another type, so the reader can replace it. A value over its bound is never read
 /// (`STRLEN` first): one planted value the size of Redis's memory costs a `STRLEN`, not a
-/// transfer. Last, with a lock, `'1'` while it is held; one planted with no expiry or with
+/// transfer. Last, with a lock, its value while it is held (`'1'` for one over 256 bytes); one planted with no expiry or with
 /// one past the lease (no replica sets such a lock: a holder sets and extends it to the
 /// lease) is treated as expired and deleted, so it holds nobody back: waiting it out would
 /// spend the waiting request's whole `max_wait`, and the budget would then refuse it.
@@ -67,6 +67,8 @@ if ARGV[3] then
     redis.call('DEL', lock)
   elseif ttl > 0 then
     held = '1'
+    local len = redis.pcall('STRLEN', lock)
+    if type(len) == 'number' and len <= 256 then held = redis.call('GET', lock) end
   end
   out[#out + 1] = held
 end
@@ -165,3 +167,20 @@ return {gen, 0}
 ",
     )
 });
+
+/// Releases a fill lock and leaves, in the same step, the note of the failed call its holder
+/// made (KEYS[1]: the lock, KEYS[2]: the note; ARGV[1]: the lock's value, ARGV[2]: the note,
+/// ARGV[3]: the note's life in ms): only while the lock is still this holder's, so a
+/// replica that waited on it finds the note the moment it sees the lock gone. Answers 1
+/// when released.
+pub(super) static RELEASE_FAILED: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| {
+        script(
+            r"
+if redis.pcall('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+return 1
+",
+        )
+    });

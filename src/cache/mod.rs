@@ -43,6 +43,7 @@ mod fill;
 mod key;
 mod lua;
 mod merge;
+mod outcome;
 mod shared;
 mod stats;
 mod store;
@@ -53,6 +54,7 @@ pub use entry::{stored_status, CachedResponse, Freshness, StoredResponse, Timing
 pub use fill::{Fill, FillLock, Take, LOCK_TTL};
 pub use key::{cache_key, normalize_path};
 pub use merge::{Behind, Joined, MergeError, Merger, Peer, Progress, Role};
+pub use outcome::Failure;
 pub use shared::{Generations, Localize, Routed, SharedMetrics, SharedTier, Windows};
 pub use store::{Since, Store};
 pub use vary::Variant;

@@ -393,14 +393,19 @@ impl SharedTier {
         self.lookups.with_label_values(&["filled"]).inc();
     }
 
+    /// The largest entry read or written, in bytes (a fill's failure note too).
+    pub(super) fn max_entry_bytes(&self) -> usize {
+        self.max_entry_bytes
+    }
+
     /// The Redis handle, for the fill lock kept beside the entries (see `fill`).
     pub(super) fn redis(&self) -> &Redis {
         &self.redis
     }
 
     /// In one call: the entry under primary key `key` if it is fresh, was written since the
-    /// last full purge and claims no more than `since`'s bounds, and whether the Redis key
-    /// `lock` exists. Not counted as a lookup: a replica waiting for another's fill polls
+    /// last full purge and claims no more than `since`'s bounds, and the value of the Redis
+    /// key `lock` while it exists (which fill of the key holds it). Not counted as a lookup: a replica waiting for another's fill polls
     /// with it. An error when Redis cannot say (see [`Unavailable::is_slow`] for one that
     /// may answer the next look).
     pub(super) async fn peek(
@@ -408,7 +413,7 @@ impl SharedTier {
         key: &str,
         lock: &str,
         since: &Generations,
-    ) -> Result<(Option<Found>, bool), Unavailable> {
+    ) -> Result<(Option<Found>, Option<Vec<u8>>), Unavailable> {
         let keys = vec![self.entry_key(key), self.global_key()];
         let (entry, mut values) = self.read_bounded(keys, Some(lock)).await?;
         let (global, held) = (values.next().flatten(), values.next().flatten());
@@ -425,7 +430,7 @@ impl SharedTier {
                 super::entry::Freshness::Fresh { .. }
             )
         });
-        Ok((found, held.is_some()))
+        Ok((found, held))
     }
 
     /// The generations alone, for a fetch that was not preceded by a lookup (a background

@@ -3,7 +3,10 @@
 //! A response with `Vary` is stored under its primary key plus the request's values of the
 //! varied headers; `Vary: *` (or a name that is not a header name) cannot be honoured, so
 //! such a response is not stored at all. Names are lowercased, sorted and deduplicated, so
-//! `Vary: B, a` and `Vary: A, b` select variants the same way.
+//! `Vary: B, a` and `Vary: A, b` select variants the same way. A name the gateway never
+//! sends upstream (`Accept-Encoding`, say: the gateway asks for and reads the answer whole
+//! itself) cannot have changed the upstream's answer, so it selects nothing: one entry
+//! serves every value of it, rather than one entry per client's spelling of it.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -35,7 +38,8 @@ impl Vary {
                 }
                 // from_bytes lowercases, so names compare case-insensitively as HTTP wants.
                 match HeaderName::from_bytes(name.as_bytes()) {
-                    Ok(name) => names.push(name),
+                    Ok(name) if crate::proxy::sent_upstream(&name) => names.push(name),
+                    Ok(_) => {}
                     Err(_) => return Vary::Any,
                 }
             }
@@ -140,10 +144,33 @@ mod tests {
 
     #[test]
     fn vary_lists_are_normalised() {
-        let seen = Vary::of(&headers(&[("vary", b"B, a"), ("vary", b"A,,")]));
-        let names: Arc<[HeaderName]> =
-            vec![HeaderName::from_static("a"), HeaderName::from_static("b")].into();
-        assert_eq!(seen, Vary::Headers(names), "expected [a, b], saw {seen:?}");
+        let seen = Vary::of(&headers(&[
+            ("vary", b"User-Agent, accept"),
+            ("vary", b"Accept,,"),
+        ]));
+        let names: Arc<[HeaderName]> = vec![
+            HeaderName::from_static("accept"),
+            HeaderName::from_static("user-agent"),
+        ]
+        .into();
+        assert_eq!(
+            seen,
+            Vary::Headers(names),
+            "expected [accept, user-agent], saw {seen:?}"
+        );
+    }
+
+    #[test]
+    fn headers_never_sent_upstream_select_no_variant() {
+        let seen = Vary::of(&headers(&[("vary", b"Accept-Encoding, X-Foo")]));
+        assert_eq!(seen, Vary::None, "expected no variants, saw {seen:?}");
+        let seen = Vary::of(&headers(&[("vary", b"Accept-Encoding, Accept-Language")]));
+        let names: Arc<[HeaderName]> = vec![HeaderName::from_static("accept-language")].into();
+        assert_eq!(
+            seen,
+            Vary::Headers(names),
+            "expected [accept-language], saw {seen:?}"
+        );
     }
 
     #[test]

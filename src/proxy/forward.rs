@@ -101,6 +101,13 @@ pub(super) fn forwarded(name: &HeaderName) -> bool {
     FORWARDED.contains(name) || CONDITIONAL.contains(name)
 }
 
+/// Whether a request header named `name` can reach the upstream at all, so can have made
+/// its answer what it is: what a `Vary` naming it may select variants by (see
+/// `crate::cache`).
+pub fn sent_upstream(name: &HeaderName) -> bool {
+    forwarded(name)
+}
+
 /// What a client's conditions make of a `200` the cache holds or a cacheable read got, as
 /// nginx and Varnish answer them: `If-None-Match` (weak comparison, `*` matches any)
 /// and, without it, `If-Modified-Since` equal to the answer's `Last-Modified` give `304`;

@@ -14,7 +14,7 @@ mod tables;
 
 pub use crate::leak::KeyScan;
 pub use buffers::{Buffers, Held, Party};
-pub use forward::{strip_hop_by_hop, Fetched};
+pub use forward::{sent_upstream, strip_hop_by_hop, Fetched};
 pub use request::{
     canonical_path, check_path, check_target, client_key, normalise_escapes, php_name,
     strip_access_token,
@@ -443,27 +443,25 @@ impl Gateway {
         }
         let query = strip_access_token(query);
         let query = query.as_deref();
-        // The caller's key and every other client's, wherever they are left, checked just
-        // before anything is forwarded: a cache hit forwards nothing and skips the scan (and
-        // a hit for a query holding a key cannot exist, since its miss was refused).
+        // The caller's key and every other client's in a header that would be forwarded:
+        // refused before the cache is asked, so the answer never depends on what the cache
+        // holds (headers are not part of the cache key, so a hit would not tell).
+        if key_in_headers(state, key, &parts.headers) {
+            return Err(GatewayError::BadRequest(KEY_ELSEWHERE));
+        }
+        // And wherever else they are left, checked just before anything is forwarded: a
+        // cache hit forwards nothing and skips this scan (a hit for a path or query holding
+        // a key cannot exist, since they are part of its key and its miss was refused; a
+        // read has no body).
         let leaks = || -> Result<(), GatewayError> {
             let scan = KeyScan::new(&*state.clients, key);
-            let in_headers = parts
-                .headers
-                .iter()
-                .filter(|(name, _)| forward::forwarded(name))
-                .any(|(_, v)| scan.in_value(v.as_bytes()));
-            if in_headers
-                || scan.in_body(&body)
+            if scan.in_body(&body)
                 || query.is_some_and(|q| scan.in_value(q.as_bytes()))
                 || path
                     .split('/')
                     .any(|segment| scan.in_value(segment.as_bytes()))
             {
-                return Err(GatewayError::BadRequest(
-                    "a gateway key may only be sent as the bearer token, the access_token \
-                     parameter or the access_token form field, and only the caller's own",
-                ));
+                return Err(GatewayError::BadRequest(KEY_ELSEWHERE));
             }
             Ok(())
         };
@@ -534,7 +532,9 @@ impl Gateway {
         outcome.set_client(client);
         let cfg = &state.config;
         let route = authorise(cfg, client, &parts.method, path, target.account, outcome).ok()?;
-        if query.is_some_and(request::overrides_method) {
+        if query.is_some_and(request::overrides_method)
+            || key_in_headers(state, key, &parts.headers)
+        {
             return None;
         }
         let query = strip_access_token(query);
@@ -823,4 +823,20 @@ fn is_sim_control(path: &str) -> bool {
             .trim_end_matches(['.', ' ', '\t'])
             .eq_ignore_ascii_case("_sim")
     })
+}
+
+/// Why a request carrying a gateway key anywhere else is refused.
+const KEY_ELSEWHERE: &str = "a gateway key may only be sent as the bearer token, the \
+                             access_token parameter or the access_token form field, and only \
+                             the caller's own";
+
+/// Whether a header the gateway forwards upstream holds the caller's key (`own`) or any
+/// client's, in any spelling the scan knows. Asked of every request before its cache
+/// lookup, hits too: the headers' values only, a few hundred bytes for most requests.
+fn key_in_headers(state: &State, own: Option<&str>, headers: &http::HeaderMap) -> bool {
+    let scan = KeyScan::new(&*state.clients, own);
+    headers
+        .iter()
+        .filter(|(name, _)| forward::forwarded(name))
+        .any(|(_, v)| scan.in_value(v.as_bytes()))
 }

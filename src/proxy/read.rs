@@ -17,8 +17,8 @@ use super::layer::Exchange;
 use super::reply::{self, Forward, CACHE_STATUS};
 use super::Gateway;
 use crate::cache::{
-    CachedResponse, Fill, Freshness, Joined, Localize, Peer, Progress, Role, Since, StoredResponse,
-    Take, Variant,
+    CachedResponse, Failure, Fill, Freshness, Joined, Localize, Peer, Progress, Role, Since,
+    StoredResponse, Take, Variant,
 };
 use crate::config::{Captures, RouteConfig};
 use crate::error::{Body, GatewayError};
@@ -739,6 +739,9 @@ impl Gateway {
                                     &call.headers,
                                 )));
                             }
+                            Fill::Failed(failure) => {
+                                return failed_elsewhere(failure, progress.waited(), &call.headers);
+                            }
                             Fill::Free => {}
                             Fill::Alone => across = false,
                         }
@@ -898,10 +901,20 @@ impl Gateway {
                     }
                     _ => since,
                 };
-                let mut fetched = gateway
-                    .send_admitted(&call, admitted)
-                    .await
-                    .map_err(Arc::new)?;
+                let mut fetched = match gateway.send_admitted(&call, admitted).await {
+                    Ok(fetched) => fetched,
+                    Err(e) => {
+                        // The replicas waiting on this call take its failure, rather than
+                        // each call again in turn (any other error releases the lock plainly
+                        // as it drops: each waiter's own terms decide).
+                        if let Some(failure) = failure_of_error(&e) {
+                            if let Some(held) = lock.take() {
+                                held.release_failed(&failure).await;
+                            }
+                        }
+                        return Err(Arc::new(e));
+                    }
+                };
                 let storable = crate::cache::stored_status(fetched.status)
                     && !no_store
                     && !sets_cookie(&fetched.headers)
@@ -937,11 +950,25 @@ impl Gateway {
                     }
                     _ => false,
                 };
-                // Not stored: nothing for the waiting replicas to find, so they go on their
-                // own now. (A stored answer's lock is released once it is in the shared tier;
-                // a call that failed dropped its lock on the way out, releasing it too.)
+                // Not stored: nothing for the waiting replicas to find. An error answer is
+                // theirs too, as it is this replica's followers': it goes with the lock's
+                // release. Otherwise they go on their own now. (A stored answer's lock is
+                // released once it is in the shared tier.)
                 if let Some(lock) = lock {
-                    lock.release().await;
+                    if Failure::noted(fetched.status) {
+                        let (headers, body) = match &fetched.neutral {
+                            Some(neutral) => (&neutral.0, &neutral.1),
+                            None => (&fetched.headers, &fetched.body),
+                        };
+                        let failure = Failure::Answered {
+                            status: fetched.status,
+                            headers: reply::storable_headers(headers),
+                            body: body.clone(),
+                        };
+                        lock.release_failed(&failure).await;
+                    } else {
+                        lock.release().await;
+                    }
                 }
                 let variant = Variant::of(&fetched.headers, &call.headers);
                 Ok(Arc::new(Answer {
@@ -958,14 +985,60 @@ impl Gateway {
     }
 }
 
-/// How long, from its arrival, a miss may wait for other replicas' calls of its key: its own
-/// budget wait, the holder's upstream call and the lock's expiry if the holder died (a
-/// holder never queues: it takes the lock once admitted), and never so long that its own
+/// How long, from its arrival, a miss may wait for other replicas' calls of its key: no
+/// longer than it would have spent alone at most, its own budget wait and an upstream call
+/// (a holder never queues: it takes the lock once admitted, and its call ends within the
+/// upstream timeout, its failure noted for the waiters), and never so long that its own
 /// call would no longer fit in the request timeout.
 fn fill_patience(config: &crate::config::Config, client: &str) -> std::time::Duration {
     let upstream = config.upstream.timeout;
-    let longest = max_wait_of(config, client) + upstream + crate::cache::LOCK_TTL;
+    let longest = max_wait_of(config, client) + upstream;
     longest.min(config.server.request_timeout.saturating_sub(upstream))
+}
+
+/// What a miss answers when the other replica's call it waited on failed (`waited`: how long
+/// it waited, for a request with `request` headers): the same error answer, merged (its
+/// callers answer as collapsed into that call), or the same gateway error.
+fn failed_elsewhere(failure: Failure, waited: std::time::Duration, request: &HeaderMap) -> Shared {
+    match failure {
+        Failure::Answered {
+            status,
+            headers,
+            body,
+        } => {
+            let variant = Variant::of(&headers, request);
+            Ok(Arc::new(Answer {
+                fetched: Fetched {
+                    status,
+                    headers,
+                    body,
+                    upstream_time: std::time::Duration::ZERO,
+                    budget_wait: waited,
+                    held: super::Held::default(),
+                    neutral: None,
+                },
+                stored: false,
+                variant,
+                cached: None,
+                merged: true,
+                filled_elsewhere: false,
+            }))
+        }
+        Failure::TimedOut(after) => Err(Arc::new(GatewayError::UpstreamTimeout(after))),
+        Failure::Unreachable(what) => Err(Arc::new(GatewayError::UpstreamUnreachable(
+            crate::error::Unreachable::new(what),
+        ))),
+    }
+}
+
+/// The failure of a fill's call that its waiting replicas take (see [`Failure`]): a timeout
+/// or an unreachable upstream, what their own calls would meet too.
+fn failure_of_error(e: &GatewayError) -> Option<Failure> {
+    match e {
+        GatewayError::UpstreamTimeout(after) => Some(Failure::TimedOut(*after)),
+        GatewayError::UpstreamUnreachable(why) => Some(Failure::Unreachable(why.to_string())),
+        _ => None,
+    }
 }
 
 /// A fresh entry's answer (`shared`: found in the shared tier), the client's conditions

@@ -1413,3 +1413,48 @@ async fn keys_deeply_percent_encoded_or_in_base64_or_hex_are_refused() {
     env.stop().await;
     upstream.abort();
 }
+
+/// A key in a forwarded header is refused whatever the cache holds: a fresh hit used to
+/// answer 200 for what its miss (and a stale hit) refused with 400, so the answer told
+/// whether the entry was cached. The header scan now runs before the lookup.
+#[tokio::test]
+async fn a_key_in_a_header_is_refused_on_a_fresh_hit_too() {
+    let (base, _seen, upstream) = static_upstream(Reply::ok()).await;
+    let env = keyed_gateway(&base, "").await;
+    let auth = format!("Bearer {KEY}");
+    let url = env.url("/me");
+    let filled = env
+        .send(Method::GET, &url, &[("authorization", &auth)], "")
+        .await;
+    assert_eq!(filled.status, 200, "expected the entry filled");
+    let hit = env
+        .send(Method::GET, &url, &[("authorization", &auth)], "")
+        .await;
+    assert!(
+        hit.header("cache-status").contains("hit"),
+        "expected a fresh hit, saw {:?}",
+        hit.header("cache-status")
+    );
+    for (name, value) in [
+        ("accept-language", OTHER),
+        ("user-agent", OTHER),
+        ("user-agent", KEY),
+    ] {
+        let refused = env
+            .send(
+                Method::GET,
+                &url,
+                &[("authorization", &auth), (name, value)],
+                "",
+            )
+            .await;
+        assert_eq!(
+            refused.status,
+            400,
+            "expected a key in {name} refused on a fresh hit, saw {} {:?}",
+            refused.status,
+            refused.header("cache-status")
+        );
+    }
+    upstream.abort();
+}
