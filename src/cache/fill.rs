@@ -451,7 +451,7 @@ impl Store {
         loop {
             let (found, held) = match tier.peek(key, &lock_key, generations).await {
                 Ok(seen) => seen,
-                Err(why) if why.is_slow() && tier.redis().is_up() => (None, false),
+                Err(why) if why.is_slow() && tier.redis().is_up() => (None, None),
                 Err(_) => return None,
             };
             if let Some(found) = found {
@@ -463,13 +463,14 @@ impl Store {
                     Ok(None) | Err(()) => None,
                 };
             }
-            if held {
+            if held.is_some() {
                 return match self
                     .await_fill(key, req_headers, since, fill_deadline, || {}, local)
                     .await
                 {
                     Fill::Filled(entry) => Some(entry),
-                    Fill::Free | Fill::Alone => None,
+                    // The queued call failed: this miss asks on its own terms, as alone.
+                    Fill::Free | Fill::Alone | Fill::Failed(_) => None,
                 };
             }
             if Instant::now() + POLL_EVERY > gone {

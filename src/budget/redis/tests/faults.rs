@@ -342,7 +342,10 @@ async fn spell_alone(
     while started.elapsed() < spell {
         for budget in alone {
             let local = budget.inner.shared.as_ref().expect("a shared budget");
-            if let Ok(a) = budget.admit_fallback(local, "other", n(1), 0, &|_| {}).await {
+            if let Ok(a) = budget
+                .admit_fallback(local, "other", n(1), 0, &|_| {})
+                .await
+            {
                 admitted += 1;
                 kept.push(a);
             }
